@@ -1,0 +1,91 @@
+//! Vocabulary shared by both kinds: event types, directions, references.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The kind of mailbox activity an event reports.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum EventType {
+    /// A message arrived in a mailbox.
+    #[serde(rename = "message.received")]
+    MessageReceived,
+    /// A mailbox sent a message to an external recipient.
+    #[serde(rename = "message.sent")]
+    MessageSent,
+    /// A message travelled between two internal mailboxes.
+    #[serde(rename = "message.internal")]
+    MessageInternal,
+    /// A message was deleted from a mailbox.
+    #[serde(rename = "message.deleted")]
+    MessageDeleted,
+    /// A folder was created, renamed or removed.
+    #[serde(rename = "folder.changed")]
+    FolderChanged,
+    /// A mailbox's configuration changed (forwarding rules, permissions, ...).
+    #[serde(rename = "mailbox.config_changed")]
+    MailboxConfigChanged,
+    /// A MailboxFilter with a `flag` matched a message.
+    #[serde(rename = "compliance.flagged")]
+    ComplianceFlagged,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 7] = [
+        EventType::MessageReceived,
+        EventType::MessageSent,
+        EventType::MessageInternal,
+        EventType::MessageDeleted,
+        EventType::FolderChanged,
+        EventType::MailboxConfigChanged,
+        EventType::ComplianceFlagged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::MessageReceived => "message.received",
+            EventType::MessageSent => "message.sent",
+            EventType::MessageInternal => "message.internal",
+            EventType::MessageDeleted => "message.deleted",
+            EventType::FolderChanged => "folder.changed",
+            EventType::MailboxConfigChanged => "mailbox.config_changed",
+            EventType::ComplianceFlagged => "compliance.flagged",
+        }
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which way a message travelled, judged against the operator's internal domains.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Direction {
+    /// From outside the organisation to an internal mailbox.
+    Inbound,
+    /// From an internal mailbox to at least one external recipient.
+    Outbound,
+    /// Between internal mailboxes only.
+    Internal,
+}
+
+/// A reference to a Secret in the same namespace as the resource.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretRef {
+    /// Name of the Secret, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A single key of a Secret in the same namespace as the resource.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}

@@ -1,0 +1,342 @@
+//! `WebhookSubscription`: one endpoint and the events it receives.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{EventType, SecretKeyRef, SecretRef};
+
+/// A Go-style duration such as `5s`, `1m30s` or `2h`: CEL that accepts it when positive.
+const POSITIVE_DURATION: &str =
+    "self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) > duration('0s')";
+/// Every entry a duration, zero allowed (`0s` means "immediately" in a retry schedule).
+const DURATION_LIST: &str = "self.all(d, d.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$'))";
+
+/// Delivers every mailbox event that matches to one HTTPS endpoint, signed with the
+/// Standard Webhooks scheme, retried on a schedule until it is accepted.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailhook.io",
+    version = "v1alpha1",
+    kind = "WebhookSubscription",
+    namespaced,
+    shortname = "whs",
+    category = "mailhook",
+    status = "WebhookSubscriptionStatus",
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpointHost"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Healthy","type":"string","jsonPath":".status.conditions[?(@.type==\"Healthy\")].status"}"#,
+    printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.backlog"}"#,
+    printcolumn = r#"{"name":"Delivered","type":"integer","jsonPath":".status.delivered"}"#,
+    printcolumn = r#"{"name":"Last Success","type":"date","jsonPath":".status.lastSuccessTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.eventTypes) && size(self.eventTypes) > 0) || (has(self.filterRefs) && size(self.filterRefs) > 0) || has(self.filterSelector)").message("a subscription needs at least one of eventTypes, filterRefs or filterSelector, otherwise it would receive nothing"))]
+pub struct WebhookSubscriptionSpec {
+    /// Where deliveries go and how to connect.
+    pub endpoint: Endpoint,
+
+    /// How deliveries are signed.
+    pub signing: Signing,
+
+    /// Event types to deliver. Combined with filters, an event must have one of these
+    /// types and match a filter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub event_types: Vec<EventType>,
+
+    /// Names of MailboxFilters in this namespace; an event matching any of them is
+    /// delivered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    pub filter_refs: Vec<String>,
+
+    /// Selects MailboxFilters in this namespace by label, in addition to filterRefs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_selector: Option<LabelSelector>,
+
+    /// What each delivery carries.
+    #[serde(default)]
+    pub payload: Payload,
+
+    /// Retries, limits and ordering.
+    #[serde(default)]
+    pub delivery: Delivery,
+
+    /// Stops deliveries while true; events keep queueing (subject to maxEventAge) and
+    /// are delivered once unpaused.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// The receiving endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.url.startsWith('https://') || (self.allowInsecureHttp && self.url.startsWith('http://'))").message("endpoint.url must start with https:// (plain http:// needs endpoint.allowInsecureHttp: true)"))]
+pub struct Endpoint {
+    /// Absolute URL deliveries are POSTed to, e.g. `https://siem.example.com/hooks/mail`.
+    #[schemars(length(min = 8, max = 2048))]
+    pub url: String,
+
+    /// Allows a plain `http://` URL. Deliveries then cross the network unencrypted;
+    /// use only inside a trusted network.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+
+    /// How long to wait for the endpoint's answer before counting the attempt as failed,
+    /// as a duration such as `10s`.
+    #[serde(default = "default_timeout")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("endpoint.timeout must be a positive duration such as 10s or 1m30s"))]
+    pub timeout: String,
+
+    /// Extra HTTP headers sent with every delivery (for example an API key the receiver
+    /// expects). The Standard Webhooks headers cannot be overridden.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub headers: Vec<EndpointHeader>,
+
+    /// PEM-encoded CA certificates trusted for this endpoint, in addition to the
+    /// system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub ca_bundle: Option<String>,
+
+    /// A Secret of type `kubernetes.io/tls` (keys `tls.crt`, `tls.key`) presented as the
+    /// client certificate, for endpoints that require mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
+}
+
+fn default_timeout() -> String {
+    "10s".to_string()
+}
+
+/// One extra HTTP header. Give either `value` or `valueFrom`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)").message("a header needs exactly one of value or valueFrom"))]
+pub struct EndpointHeader {
+    /// Header name, e.g. `X-Api-Key`.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    )]
+    pub name: String,
+
+    /// A literal value. Prefer valueFrom for anything secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub value: Option<String>,
+
+    /// Takes the value from a key of a Secret in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<SecretKeyRef>,
+}
+
+/// How deliveries are signed (Standard Webhooks).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Signing {
+    /// A Secret in this namespace whose every data value is a signing secret of the form
+    /// `whsec_<base64>`. During rotation put the old and new secrets under two keys: each
+    /// delivery then carries a signature from every one, so receivers can roll over.
+    pub secret_ref: SecretRef,
+}
+
+/// How much of an event a delivery carries.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum PayloadMode {
+    /// Every field, including subject and addresses.
+    #[default]
+    Full,
+    /// Addresses, sizes and types, but no subject and no attachment names.
+    Metadata,
+    /// As full, with every address replaced by a stable keyed pseudonym.
+    Anonymized,
+}
+
+/// What each delivery carries.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Payload {
+    /// `full` (default), `metadata` or `anonymized`.
+    #[serde(default)]
+    pub mode: PayloadMode,
+
+    /// Fields of `data` removed from every delivery, e.g. `subject`, `cc`,
+    /// `attachments`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
+    pub redact: Vec<String>,
+
+    /// Adds a time-limited signed URL to the archived raw message, where the operator
+    /// archived one.
+    #[serde(default)]
+    pub include_raw_message_link: bool,
+}
+
+/// Whether deliveries to one endpoint keep the order of events.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Ordering {
+    /// No ordering: deliveries run concurrently up to `concurrency`.
+    #[default]
+    None,
+    /// Events of one mailbox are delivered one at a time, in order; a failing event
+    /// holds back the later events of its mailbox.
+    PerMailbox,
+}
+
+/// Retries, limits and ordering.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// Delays before each attempt, counted from the previous failure; the first entry
+    /// is the first attempt (`0s` = immediately). An event is dead-lettered once every
+    /// entry is used up. Default: 0s, 5s, 5m, 30m, 2h, 5h, 10h, 10h.
+    #[serde(default = "default_retry_schedule")]
+    #[schemars(length(min = 1, max = 32), inner(length(max = 32)))]
+    #[x_kube(validation = Rule::new(DURATION_LIST).message("every delivery.retrySchedule entry must be a duration such as 0s, 5s, 5m or 2h"))]
+    pub retry_schedule: Vec<String>,
+
+    /// Events older than this are not attempted again and go to the dead letters.
+    #[serde(default = "default_max_event_age")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.maxEventAge must be a positive duration such as 72h"))]
+    pub max_event_age: String,
+
+    /// Most requests per second sent to this endpoint; absent means no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub rate_limit_per_second: Option<u32>,
+
+    /// Most deliveries in flight to this endpoint at once.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 256))]
+    pub concurrency: u32,
+
+    /// `none` (default) or `perMailbox`.
+    #[serde(default)]
+    pub ordering: Ordering,
+
+    /// How long dead-lettered events are kept for replay.
+    #[serde(default = "default_dead_letter_retention")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.deadLetterRetention must be a positive duration such as 168h"))]
+    pub dead_letter_retention: String,
+
+    /// After failing without a single success for this long, the endpoint is disabled
+    /// (Healthy=False, reason EndpointDisabled) until the subscription is edited or
+    /// replayed.
+    #[serde(default = "default_disable_after")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.disableAfter must be a positive duration such as 120h"))]
+    pub disable_after: String,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            retry_schedule: default_retry_schedule(),
+            max_event_age: default_max_event_age(),
+            rate_limit_per_second: None,
+            concurrency: default_concurrency(),
+            ordering: Ordering::None,
+            dead_letter_retention: default_dead_letter_retention(),
+            disable_after: default_disable_after(),
+        }
+    }
+}
+
+fn default_retry_schedule() -> Vec<String> {
+    ["0s", "5s", "5m", "30m", "2h", "5h", "10h", "10h"]
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+fn default_max_event_age() -> String {
+    "72h".to_string()
+}
+fn default_concurrency() -> u32 {
+    4
+}
+fn default_dead_letter_retention() -> String {
+    "168h".to_string()
+}
+fn default_disable_after() -> String {
+    "120h".to_string()
+}
+
+/// The most recent failed delivery attempt.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryFailure {
+    /// When the attempt failed.
+    pub time: Time,
+    /// HTTP status the endpoint answered, when it answered at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// Transport error (connection refused, TLS, timeout) or a short summary.
+    pub message: String,
+}
+
+/// What the operator last observed about a WebhookSubscription.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSubscriptionStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`: the configuration is valid and routed. `Healthy`: the endpoint accepts
+    /// deliveries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// Host (and port) of the endpoint, for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_host: Option<String>,
+
+    /// The delivery shard that owns this subscription.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
+
+    /// Events delivered (accepted with a 2xx).
+    #[serde(default)]
+    pub delivered: u64,
+
+    /// Delivery attempts that failed.
+    #[serde(default)]
+    pub failed_attempts: u64,
+
+    /// Events waiting to be delivered.
+    #[serde(default)]
+    pub backlog: u64,
+
+    /// Events that exhausted their retries or expired, kept for replay.
+    #[serde(default)]
+    pub dead_lettered: u64,
+
+    /// Failed attempts since the last success.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+
+    /// When a delivery last succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_time: Option<Time>,
+
+    /// The most recent failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<DeliveryFailure>,
+
+    /// Median latency of recent successful deliveries, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent_latency_ms: Option<u64>,
+}

@@ -1,0 +1,8 @@
+//! mailhook: a Kubernetes operator that turns mailbox activity into signed, reliable
+//! webhook deliveries. `main.rs` only parses the command line and calls into here.
+
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod metrics;
+pub mod telemetry;

@@ -1,0 +1,17 @@
+use clap::Parser;
+use mailhook::cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crdgen => {
+            print!("{}", mailhook::api::crds_yaml()?);
+            Ok(())
+        }
+        Command::Run(config) => {
+            mailhook::telemetry::init(config.log_format)?;
+            mailhook::cli::run(config).await
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests against a real kube-apiserver and etcd (see tests/testenv). Run them
+//! with tests/run, or after `eval "$(tests/testenv/up)"` with `cargo test`.
+
+mod crd;
+mod support;
