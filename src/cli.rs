@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tracing::info;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::admin::{self, Readiness};
+use crate::controller;
 use crate::metrics::Metrics;
 
 #[derive(Parser, Debug)]
@@ -35,6 +39,15 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
 
+    /// Namespace whose resources the operator serves; repeat for several. All
+    /// namespaces when absent.
+    #[arg(
+        long = "watch-namespace",
+        env = "MAILHOOK_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub watch_namespaces: Vec<String>,
+
     /// Log line format.
     #[arg(long, env = "MAILHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -52,6 +65,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let version = client.apiserver_version().await?;
     info!(apiserver = %version.git_version, "connected to Kubernetes");
 
+    // One signal fans out to every part.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
     let metrics = Metrics::new()?;
     let readiness = Readiness::default();
     let listener = TcpListener::bind(config.http_addr).await?;
@@ -60,10 +82,41 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         listener,
         metrics,
         readiness.clone(),
-        shutdown_signal(),
+        stopped(),
     ));
-    readiness.set_ready(true);
 
+    let scopes: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    let pending = Arc::new(AtomicUsize::new(scopes.len()));
+    let mut controllers = Vec::new();
+    for scope in scopes {
+        info!(
+            namespace = scope.as_deref().unwrap_or("<all>"),
+            "starting controllers"
+        );
+        let (pending, readiness) = (pending.clone(), readiness.clone());
+        controllers.push(tokio::spawn(controller::run(
+            client.clone(),
+            scope,
+            stopped(),
+            move || {
+                if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    readiness.set_ready(true);
+                    info!("caches synced; ready");
+                }
+            },
+        )));
+    }
+
+    shutdown_signal().await;
+    readiness.set_ready(false);
+    let _ = stop_tx.send(true);
+    for c in controllers {
+        c.await?;
+    }
     admin.await??;
     info!("shut down");
     Ok(())

@@ -4,5 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod metrics;
+pub mod route;
 pub mod telemetry;

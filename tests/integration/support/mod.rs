@@ -145,3 +145,99 @@ pub fn kubectl() -> std::process::Command {
     let path = std::env::var("MAILHOOK_KUBECTL").unwrap_or_else(|_| "kubectl".to_string());
     std::process::Command::new(path)
 }
+
+/// The real `mailhook run` binary, serving one namespace, stopped when dropped.
+pub struct Operator {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Operator {
+    pub fn start(ns: &TestNamespace) -> Operator {
+        let log = std::env::temp_dir().join(format!("mailhook-operator-{}.log", ns.name));
+        let out = std::fs::File::create(&log).expect("create operator log");
+        let err = out.try_clone().expect("clone log handle");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
+            .args([
+                "run",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--watch-namespace",
+                &ns.name,
+            ])
+            .env("RUST_LOG", "info,mailhook=debug")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start mailhook run");
+        Operator { child, log }
+    }
+
+    /// The operator's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `get` until `check` holds, for up to 30 s; panics with the last value seen.
+pub async fn eventually<T: std::fmt::Debug, F, Fut>(
+    what: &str,
+    mut get: F,
+    check: impl Fn(&T) -> bool,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = get().await;
+        if check(&value) {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}; last seen: {value:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs kubectl with `args` (and `stdin` if given); returns (success, stdout, stderr).
+pub fn kubectl_run(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = kubectl()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("kubectl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The repository's root, for examples/ and charts/.
+pub fn repo_path(rel: &str) -> String {
+    format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))
+}

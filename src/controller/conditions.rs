@@ -1,0 +1,125 @@
+//! Conditions in Kubernetes convention: one entry per type, `lastTransitionTime` moving
+//! only when `status` changes.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub const READY: &str = "Ready";
+pub const HEALTHY: &str = "Healthy";
+
+/// The desired state of one condition; `set` turns it into a `Condition`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub type_: &'static str,
+    pub status: Status,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::True => "True",
+            Status::False => "False",
+            Status::Unknown => "Unknown",
+        }
+    }
+}
+
+/// Sets `desired` in `conditions`, keeping `lastTransitionTime` when the status is
+/// unchanged. Returns true when the status changed (a transition).
+pub fn set(
+    conditions: &mut Vec<Condition>,
+    desired: Desired,
+    generation: Option<i64>,
+    now: &Time,
+) -> bool {
+    let status = desired.status.as_str();
+    match conditions.iter_mut().find(|c| c.type_ == desired.type_) {
+        Some(existing) => {
+            let transition = existing.status != status;
+            if transition {
+                existing.last_transition_time = now.clone();
+            }
+            existing.status = status.to_string();
+            existing.reason = desired.reason.to_string();
+            existing.message = desired.message;
+            existing.observed_generation = generation;
+            transition
+        }
+        None => {
+            conditions.push(Condition {
+                type_: desired.type_.to_string(),
+                status: status.to_string(),
+                reason: desired.reason.to_string(),
+                message: desired.message,
+                last_transition_time: now.clone(),
+                observed_generation: generation,
+            });
+            true
+        }
+    }
+}
+
+/// The status of the condition of `type_`, if present.
+pub fn status_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> Time {
+        Time(jiff::Timestamp::from_second(secs).expect("valid"))
+    }
+
+    fn ready(status: Status, reason: &'static str) -> Desired {
+        Desired {
+            type_: READY,
+            status,
+            reason,
+            message: format!("{reason} message"),
+        }
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_status_change() {
+        let mut conds = vec![];
+        assert!(set(
+            &mut conds,
+            ready(Status::False, "SecretNotFound"),
+            Some(1),
+            &at(100)
+        ));
+        // Same status, new reason and generation: no transition, time kept.
+        assert!(!set(
+            &mut conds,
+            ready(Status::False, "FilterNotFound"),
+            Some(2),
+            &at(200)
+        ));
+        assert_eq!(conds[0].last_transition_time, at(100));
+        assert_eq!(conds[0].reason, "FilterNotFound");
+        assert_eq!(conds[0].observed_generation, Some(2));
+        // Status flips: time moves.
+        assert!(set(
+            &mut conds,
+            ready(Status::True, "Valid"),
+            Some(2),
+            &at(300)
+        ));
+        assert_eq!(conds[0].last_transition_time, at(300));
+        assert_eq!(conds.len(), 1);
+        assert_eq!(status_of(&conds, READY), Some("True"));
+    }
+}

@@ -1,0 +1,605 @@
+//! WebhookSubscription: dereference (Secrets, filters) → validate (pure) → status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType as K8sEventType;
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, instrument};
+
+use super::conditions::{self, Desired, HEALTHY, READY, Status};
+use super::{Context, Error, write_status};
+use crate::api::{
+    MailboxFilter, WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
+    parse_duration,
+};
+use crate::route::CompiledFilter;
+
+/// Reasons on the `Ready` condition of a WebhookSubscription.
+pub mod reason {
+    pub const VALID: &str = "Valid";
+    pub const PAUSED: &str = "Paused";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const INVALID_SECRET: &str = "InvalidSecret";
+    pub const FILTER_NOT_FOUND: &str = "FilterNotFound";
+    pub const INVALID_FILTER: &str = "InvalidFilter";
+    pub const INVALID_ENDPOINT: &str = "InvalidEndpoint";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const AWAITING_DELIVERY: &str = "AwaitingDelivery";
+}
+
+/// One thing wrong with a subscription, phrased for the person who has to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A signing secret (the decoded `whsec_` key). Debug never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey(pub Vec<u8>);
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey({} bytes)", self.0.len())
+    }
+}
+
+/// A subscription whose references all resolved: what delivery needs.
+#[derive(Debug, Clone)]
+pub struct ValidSubscription {
+    pub endpoint_host: String,
+    pub timeout: Duration,
+    pub signing_keys: Vec<SigningKey>,
+    /// Names of the MailboxFilters it uses (refs and selector), sorted.
+    pub filters: Vec<String>,
+    pub retry_schedule: Vec<Duration>,
+    pub max_event_age: Duration,
+}
+
+/// What a subscription references, fetched from the cluster.
+#[derive(Default)]
+pub struct References<'a> {
+    /// Every Secret the spec names, by name; absent means not found.
+    pub secrets: BTreeMap<String, Secret>,
+    /// Every MailboxFilter in the subscription's namespace.
+    pub filters: Vec<&'a MailboxFilter>,
+}
+
+/// Names of every Secret a spec refers to.
+pub fn referenced_secrets(spec: &WebhookSubscriptionSpec) -> Vec<String> {
+    let mut names = vec![spec.signing.secret_ref.name.clone()];
+    names.extend(
+        spec.endpoint
+            .headers
+            .iter()
+            .filter_map(|h| h.value_from.as_ref().map(|v| v.name.clone())),
+    );
+    names.extend(
+        spec.endpoint
+            .client_cert_secret_ref
+            .as_ref()
+            .map(|r| r.name.clone()),
+    );
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Checks a subscription against what it references. Pure: every problem is returned,
+/// the first one's reason going on the condition.
+pub fn validate(
+    spec: &WebhookSubscriptionSpec,
+    refs: &References<'_>,
+) -> Result<ValidSubscription, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut problem =
+        |reason: &'static str, message: String| problems.push(Problem { reason, message });
+
+    let endpoint_host = match url::Url::parse(&spec.endpoint.url) {
+        Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => {
+            endpoint_host(&url)
+        }
+        Ok(_) | Err(_) => {
+            problem(
+                reason::INVALID_ENDPOINT,
+                format!(
+                    "spec.endpoint.url {:?} is not an absolute http(s) URL with a host; use one such as https://siem.example.com/hooks",
+                    spec.endpoint.url
+                ),
+            );
+            String::new()
+        }
+    };
+
+    let mut duration = |field: &str, text: &str| match parse_duration(text) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            problem(reason::INVALID_SPEC, format!("{field}: {e}"));
+            None
+        }
+    };
+    let timeout = duration("spec.endpoint.timeout", &spec.endpoint.timeout);
+    let max_event_age = duration("spec.delivery.maxEventAge", &spec.delivery.max_event_age);
+    let retry_schedule: Vec<Option<Duration>> = spec
+        .delivery
+        .retry_schedule
+        .iter()
+        .enumerate()
+        .map(|(i, d)| duration(&format!("spec.delivery.retrySchedule[{i}]"), d))
+        .collect();
+    duration(
+        "spec.delivery.deadLetterRetention",
+        &spec.delivery.dead_letter_retention,
+    );
+    duration("spec.delivery.disableAfter", &spec.delivery.disable_after);
+
+    let signing_name = &spec.signing.secret_ref.name;
+    let signing_keys = match refs.secrets.get(signing_name) {
+        None => {
+            problem(
+                reason::SECRET_NOT_FOUND,
+                format!(
+                    "Secret {signing_name:?} (spec.signing.secretRef) does not exist in this namespace; create it with a Standard Webhooks key, e.g. `kubectl create secret generic {signing_name} --from-literal=key=whsec_$(openssl rand -base64 32)`"
+                ),
+            );
+            vec![]
+        }
+        Some(secret) => match signing_keys(secret) {
+            Ok(keys) => keys,
+            Err(message) => {
+                problem(
+                    reason::INVALID_SECRET,
+                    format!("Secret {signing_name:?} (spec.signing.secretRef) {message}"),
+                );
+                vec![]
+            }
+        },
+    };
+
+    for (i, header) in spec.endpoint.headers.iter().enumerate() {
+        if let Some(r) = &header.value_from {
+            let field = format!("spec.endpoint.headers[{i}].valueFrom");
+            match refs.secrets.get(&r.name) {
+                None => problem(
+                    reason::SECRET_NOT_FOUND,
+                    format!(
+                        "Secret {:?} ({field}) does not exist in this namespace; create it or fix the name",
+                        r.name
+                    ),
+                ),
+                Some(s) if secret_value(s, &r.key).is_none() => problem(
+                    reason::INVALID_SECRET,
+                    format!(
+                        "Secret {:?} ({field}) has no key {:?}; add it or fix valueFrom.key",
+                        r.name, r.key
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+
+    if let Some(r) = &spec.endpoint.client_cert_secret_ref {
+        match refs.secrets.get(&r.name) {
+            None => problem(
+                reason::SECRET_NOT_FOUND,
+                format!(
+                    "Secret {:?} (spec.endpoint.clientCertSecretRef) does not exist in this namespace; create a kubernetes.io/tls Secret with tls.crt and tls.key",
+                    r.name
+                ),
+            ),
+            Some(s) => {
+                let missing: Vec<&str> = ["tls.crt", "tls.key"]
+                    .into_iter()
+                    .filter(|k| secret_value(s, k).is_none_or(|v| !v.contains("-----BEGIN")))
+                    .collect();
+                if !missing.is_empty() {
+                    problem(
+                        reason::INVALID_SECRET,
+                        format!(
+                            "Secret {:?} (spec.endpoint.clientCertSecretRef) lacks a PEM {}; it must hold tls.crt and tls.key",
+                            r.name,
+                            missing.join(" and ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    if let Some(bundle) = &spec.endpoint.ca_bundle
+        && !bundle.contains("-----BEGIN CERTIFICATE-----")
+    {
+        problem(
+            reason::INVALID_ENDPOINT,
+            "spec.endpoint.caBundle holds no PEM certificate (-----BEGIN CERTIFICATE-----); paste the CA's PEM text".to_string(),
+        );
+    }
+
+    let mut filters = Vec::new();
+    for name in &spec.filter_refs {
+        match refs.filters.iter().find(|f| &f.name_any() == name) {
+            None => problem(
+                reason::FILTER_NOT_FOUND,
+                format!(
+                    "MailboxFilter {name:?} (spec.filterRefs) does not exist in this namespace; create it or remove the reference"
+                ),
+            ),
+            Some(f) => match CompiledFilter::compile(&f.spec) {
+                Ok(_) => filters.push(name.clone()),
+                Err(e) => problem(
+                    reason::INVALID_FILTER,
+                    format!("MailboxFilter {name:?} is invalid ({e}); fix the filter"),
+                ),
+            },
+        }
+    }
+    if let Some(selector) = &spec.filter_selector {
+        match Selector::try_from(selector.clone()) {
+            Err(e) => problem(
+                reason::INVALID_SPEC,
+                format!("spec.filterSelector is not a valid label selector: {e}"),
+            ),
+            Ok(selector) => {
+                let selected: Vec<&&MailboxFilter> = refs
+                    .filters
+                    .iter()
+                    .filter(|f| selector.matches(f.labels()))
+                    .collect();
+                if selected.is_empty() {
+                    problem(
+                        reason::FILTER_NOT_FOUND,
+                        "spec.filterSelector matches no MailboxFilter in this namespace; label a filter to match it or change the selector".to_string(),
+                    );
+                }
+                for f in selected {
+                    match CompiledFilter::compile(&f.spec) {
+                        Ok(_) => filters.push(f.name_any()),
+                        Err(e) => problem(
+                            reason::INVALID_FILTER,
+                            format!(
+                                "MailboxFilter {:?} (selected by spec.filterSelector) is invalid ({e}); fix the filter",
+                                f.name_any()
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    filters.sort();
+    filters.dedup();
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(ValidSubscription {
+        endpoint_host,
+        timeout: timeout.unwrap_or_default(),
+        signing_keys,
+        filters,
+        retry_schedule: retry_schedule.into_iter().flatten().collect(),
+        max_event_age: max_event_age.unwrap_or_default(),
+    })
+}
+
+fn endpoint_host(url: &url::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone()).ok();
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .cloned()
+}
+
+/// Every value of the Secret must be a `whsec_<base64>` key of 24 to 64 bytes.
+fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
+    let data = secret.data.clone().unwrap_or_default();
+    if data.is_empty() {
+        return Err(
+            "holds no keys; add one such as key=whsec_<base64 of 24 to 64 random bytes>"
+                .to_string(),
+        );
+    }
+    data.iter()
+        .map(|(key, value)| {
+            let text = std::str::from_utf8(&value.0).map_err(|_| format!("key {key:?} is not text"))?;
+            let b64 = text.trim().strip_prefix("whsec_").ok_or_else(|| {
+                format!("key {key:?} is not a Standard Webhooks secret: it must start with whsec_")
+            })?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| format!("key {key:?}: the part after whsec_ is not valid base64"))?;
+            if !(24..=64).contains(&bytes.len()) {
+                return Err(format!(
+                    "key {key:?} decodes to {} bytes; use 24 to 64 random bytes (e.g. openssl rand -base64 32)",
+                    bytes.len()
+                ));
+            }
+            Ok(SigningKey(bytes))
+        })
+        .collect()
+}
+
+/// The status a subscription should have, from its last status and the validation.
+pub fn desired_status(
+    whs: &WebhookSubscription,
+    outcome: &Result<ValidSubscription, Vec<Problem>>,
+    now: &Time,
+) -> WebhookSubscriptionStatus {
+    let generation = whs.metadata.generation;
+    let mut status = whs.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    status.endpoint_host = url::Url::parse(&whs.spec.endpoint.url)
+        .ok()
+        .map(|u| endpoint_host(&u));
+    let ready = match outcome {
+        Err(problems) => {
+            let message = match problems.as_slice() {
+                [one] => one.message.clone(),
+                many => format!(
+                    "{} problems: {}",
+                    many.len(),
+                    many.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ")
+                ),
+            };
+            Desired { type_: READY, status: Status::False, reason: problems[0].reason, message }
+        }
+        Ok(_) if whs.spec.paused => Desired {
+            type_: READY,
+            status: Status::False,
+            reason: reason::PAUSED,
+            message: "Deliveries are paused (spec.paused: true); matching events keep queueing. Set spec.paused to false to resume.".to_string(),
+        },
+        Ok(valid) => Desired {
+            type_: READY,
+            status: Status::True,
+            reason: reason::VALID,
+            message: format!(
+                "Configuration is valid: {} signing key(s), {} filter(s).",
+                valid.signing_keys.len(),
+                valid.filters.len()
+            ),
+        },
+    };
+    conditions::set(&mut status.conditions, ready, generation, now);
+    if conditions::status_of(&status.conditions, HEALTHY).is_none() {
+        conditions::set(
+            &mut status.conditions,
+            Desired {
+                type_: HEALTHY,
+                status: Status::Unknown,
+                reason: reason::AWAITING_DELIVERY,
+                message: "No delivery has been attempted yet.".to_string(),
+            },
+            generation,
+            now,
+        );
+    }
+    status
+}
+
+#[instrument(skip_all, fields(namespace = whs.namespace().unwrap_or_default(), name = whs.name_any()))]
+pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = whs.namespace().ok_or(Error::NotNamespaced)?;
+    // Filters not yet listed would look like FilterNotFound.
+    ctx.filters
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::StoreClosed)?;
+
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut refs = References::default();
+    for name in referenced_secrets(&whs.spec) {
+        if let Some(secret) = secrets_api.get_opt(&name).await.map_err(Error::Kube)? {
+            refs.secrets.insert(name, secret);
+        }
+    }
+    let filters = ctx.filters.state();
+    refs.filters = filters
+        .iter()
+        .filter(|f| f.namespace().as_deref() == Some(&ns))
+        .map(|f| f.as_ref())
+        .collect();
+
+    let outcome = validate(&whs.spec, &refs);
+    let now = Time(jiff::Timestamp::now());
+    let status = desired_status(&whs, &outcome, &now);
+    let was_ready = whs
+        .status
+        .as_ref()
+        .and_then(|s| conditions::status_of(&s.conditions, READY))
+        .map(str::to_string);
+    let ready = conditions::status_of(&status.conditions, READY).map(str::to_string);
+
+    if whs.status.as_ref() != Some(&status) {
+        write_status::<WebhookSubscription>(&ctx.client, &ns, &whs.name_any(), &status).await?;
+    }
+    if was_ready != ready
+        && let Some(c) = status.conditions.iter().find(|c| c.type_ == READY)
+    {
+        info!(ready = c.status, reason = c.reason, "Ready changed");
+        let type_ = if c.status == "True" {
+            K8sEventType::Normal
+        } else {
+            K8sEventType::Warning
+        };
+        ctx.publish(&whs.object_ref(&()), type_, &c.reason, &c.message)
+            .await;
+    }
+    // Periodic re-check catches what no watch reports (e.g. a filter losing a label).
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        Endpoint, EventType, MailboxFilterSpec, MatchCriteria, SecretRef, Signing, SubjectMatch,
+    };
+    use k8s_openapi::ByteString;
+
+    fn spec() -> WebhookSubscriptionSpec {
+        WebhookSubscriptionSpec {
+            endpoint: Endpoint {
+                url: "https://siem.example.com:8443/hooks".into(),
+                allow_insecure_http: false,
+                timeout: "10s".into(),
+                headers: vec![],
+                ca_bundle: None,
+                client_cert_secret_ref: None,
+            },
+            signing: Signing {
+                secret_ref: SecretRef {
+                    name: "signing".into(),
+                },
+            },
+            event_types: vec![EventType::MessageReceived],
+            filter_refs: vec![],
+            filter_selector: None,
+            payload: Default::default(),
+            delivery: Default::default(),
+            paused: false,
+        }
+    }
+
+    fn secret(pairs: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn refs_with_signing<'a>(value: &str) -> References<'a> {
+        References {
+            secrets: [("signing".to_string(), secret(&[("key", value)]))].into(),
+            filters: vec![],
+        }
+    }
+
+    #[test]
+    fn valid_subscription_resolves_keys_and_host() {
+        let v = validate(&spec(), &refs_with_signing(KEY)).expect("valid");
+        assert_eq!(v.endpoint_host, "siem.example.com:8443");
+        assert_eq!(v.signing_keys.len(), 1);
+        assert_eq!(v.signing_keys[0].0.len(), 24);
+        assert_eq!(v.retry_schedule.len(), 8);
+        assert_eq!(v.timeout, Duration::from_secs(10));
+        assert!(
+            !format!("{v:?}").contains("MfKQ"),
+            "Debug must not leak key material"
+        );
+    }
+
+    #[test]
+    fn missing_secret_says_how_to_create_it() {
+        let problems = validate(&spec(), &References::default()).unwrap_err();
+        assert_eq!(problems[0].reason, reason::SECRET_NOT_FOUND);
+        assert!(
+            problems[0]
+                .message
+                .contains("kubectl create secret generic signing")
+        );
+    }
+
+    #[test]
+    fn malformed_keys_are_invalid_secrets() {
+        for (value, hint) in [
+            ("not-a-key", "must start with whsec_"),
+            ("whsec_!!!", "not valid base64"),
+            ("whsec_c2hvcnQ=", "decodes to 5 bytes"),
+        ] {
+            let problems = validate(&spec(), &refs_with_signing(value)).unwrap_err();
+            assert_eq!(problems[0].reason, reason::INVALID_SECRET, "{value}");
+            assert!(
+                problems[0].message.contains(hint),
+                "{}",
+                problems[0].message
+            );
+        }
+    }
+
+    #[test]
+    fn filters_must_exist_and_compile() {
+        let good = MailboxFilter::new("finance", MailboxFilterSpec::default());
+        let bad = MailboxFilter::new(
+            "broken",
+            MailboxFilterSpec {
+                criteria: MatchCriteria {
+                    subject: Some(SubjectMatch {
+                        keywords: vec![],
+                        regex: Some("(".into()),
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let mut s = spec();
+        s.filter_refs = vec!["finance".into(), "missing".into(), "broken".into()];
+        let mut refs = refs_with_signing(KEY);
+        refs.filters = vec![&good, &bad];
+        let problems = validate(&s, &refs).unwrap_err();
+        let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![reason::FILTER_NOT_FOUND, reason::INVALID_FILTER]
+        );
+
+        s.filter_refs = vec!["finance".into()];
+        assert_eq!(validate(&s, &refs).expect("valid").filters, vec!["finance"]);
+    }
+
+    #[test]
+    fn status_reports_first_reason_and_all_problems_and_paused() {
+        let whs = WebhookSubscription::new("siem", spec());
+        let now = Time(jiff::Timestamp::UNIX_EPOCH);
+        let status = desired_status(&whs, &validate(&whs.spec, &References::default()), &now);
+        let ready = &status.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason::SECRET_NOT_FOUND)
+        );
+        assert_eq!(
+            status.endpoint_host.as_deref(),
+            Some("siem.example.com:8443")
+        );
+        assert_eq!(
+            conditions::status_of(&status.conditions, HEALTHY),
+            Some("Unknown")
+        );
+
+        let mut paused = WebhookSubscription::new("siem", spec());
+        paused.spec.paused = true;
+        let status = desired_status(
+            &paused,
+            &validate(&paused.spec, &refs_with_signing(KEY)),
+            &now,
+        );
+        assert_eq!(status.conditions[0].reason, reason::PAUSED);
+    }
+}

@@ -1,0 +1,296 @@
+//! A MailboxFilter compiled once per change: globs and regexes parsed, lists lowered, so
+//! that an invalid filter is reported on its status instead of failing per event.
+
+use regex::Regex;
+use wildmatch::WildMatch;
+
+use crate::api::{Direction, EventType, HeaderMatch, MailboxFilterSpec, MatchCriteria, Severity};
+
+/// Why a filter cannot be compiled: the field at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct FilterError {
+    /// JSON path of the offending field, e.g. `spec.subject.regex`.
+    pub field: String,
+    pub problem: String,
+}
+
+/// Largest compiled regex we accept; keeps a hostile pattern from eating memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct CompiledFilter {
+    pub include: CompiledCriteria,
+    pub exclude: Option<CompiledCriteria>,
+    pub flag: Option<(String, Severity)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledCriteria {
+    pub event_types: Vec<EventType>,
+    pub mailboxes: Vec<WildMatch>,
+    pub senders: Vec<WildMatch>,
+    pub recipients: Vec<WildMatch>,
+    /// Lower-cased, without a leading dot.
+    pub domains: Vec<String>,
+    pub directions: Vec<Direction>,
+    /// Lower-cased.
+    pub subject_keywords: Vec<String>,
+    pub subject_regex: Option<Regex>,
+    pub attachments_present: Option<bool>,
+    pub attachment_content_types: Vec<WildMatch>,
+    /// Lower-cased, without a leading dot.
+    pub attachment_extensions: Vec<String>,
+    pub min_size: Option<u64>,
+    pub max_size: Option<u64>,
+    pub headers: Vec<CompiledHeader>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledHeader {
+    /// Lower-cased.
+    pub name: String,
+    pub value: HeaderValueMatch,
+}
+
+#[derive(Debug, Clone)]
+pub enum HeaderValueMatch {
+    Present,
+    Glob(WildMatch),
+    Regex(Regex),
+}
+
+impl CompiledFilter {
+    pub fn compile(spec: &MailboxFilterSpec) -> Result<CompiledFilter, FilterError> {
+        Ok(CompiledFilter {
+            include: CompiledCriteria::compile(&spec.criteria, "spec")?,
+            exclude: spec
+                .exclude
+                .as_ref()
+                .map(|c| CompiledCriteria::compile(c, "spec.exclude"))
+                .transpose()?,
+            flag: spec.flag.as_ref().map(|f| (f.name.clone(), f.severity)),
+        })
+    }
+}
+
+impl CompiledCriteria {
+    fn compile(c: &MatchCriteria, at: &str) -> Result<CompiledCriteria, FilterError> {
+        let subject = c.subject.as_ref();
+        let attachments = c.attachments.as_ref();
+        let size = c.size.as_ref();
+        if let Some(s) = size
+            && let (Some(min), Some(max)) = (s.min_bytes, s.max_bytes)
+            && min > max
+        {
+            return Err(err(
+                format!("{at}.size"),
+                format!("minBytes ({min}) is greater than maxBytes ({max}); swap them"),
+            ));
+        }
+        Ok(CompiledCriteria {
+            event_types: c.event_types.clone(),
+            mailboxes: globs(&c.mailboxes, &format!("{at}.mailboxes"))?,
+            senders: globs(&c.senders, &format!("{at}.senders"))?,
+            recipients: globs(&c.recipients, &format!("{at}.recipients"))?,
+            domains: domains(&c.domains, &format!("{at}.domains"))?,
+            directions: c.directions.clone(),
+            subject_keywords: subject
+                .map(|s| {
+                    s.keywords
+                        .iter()
+                        .map(|k| k.to_lowercase())
+                        .filter(|k| !k.trim().is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            subject_regex: subject
+                .and_then(|s| s.regex.as_deref())
+                .map(|r| regex(r, &format!("{at}.subject.regex")))
+                .transpose()?,
+            attachments_present: attachments.and_then(|a| a.present),
+            attachment_content_types: attachments
+                .map(|a| globs(&a.content_types, &format!("{at}.attachments.contentTypes")))
+                .transpose()?
+                .unwrap_or_default(),
+            attachment_extensions: attachments
+                .map(|a| {
+                    a.extensions
+                        .iter()
+                        .map(|e| e.trim_start_matches('.').to_lowercase())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            min_size: size.and_then(|s| s.min_bytes),
+            max_size: size.and_then(|s| s.max_bytes),
+            headers: c
+                .headers
+                .iter()
+                .enumerate()
+                .map(|(i, h)| header(h, &format!("{at}.headers[{i}]")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+fn err(field: String, problem: String) -> FilterError {
+    FilterError { field, problem }
+}
+
+fn globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, FilterError> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(err(
+                    format!("{field}[{i}]"),
+                    format!("{p:?} is not a valid pattern: use an address glob without spaces, e.g. *@example.com"),
+                ));
+            }
+            Ok(WildMatch::new_case_insensitive(p))
+        })
+        .collect()
+}
+
+fn domains(list: &[String], field: &str) -> Result<Vec<String>, FilterError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let d = d.trim_start_matches('.').to_lowercase();
+            let valid = !d.is_empty()
+                && d.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+                });
+            if valid {
+                Ok(d)
+            } else {
+                Err(err(
+                    format!("{field}[{i}]"),
+                    format!("{d:?} is not a domain name: give one such as example.com (no @, no wildcards)"),
+                ))
+            }
+        })
+        .collect()
+}
+
+fn regex(pattern: &str, field: &str) -> Result<Regex, FilterError> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| {
+            // The regex crate's message spans several lines; status wants one.
+            let detail = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+            err(
+                field.to_string(),
+                format!("{pattern:?} is not a valid regular expression ({detail}); fix the expression or use subject.keywords"),
+            )
+        })
+}
+
+fn header(h: &HeaderMatch, field: &str) -> Result<CompiledHeader, FilterError> {
+    if !h.name.chars().all(|c| c.is_ascii_graphic() && c != ':') {
+        return Err(err(
+            format!("{field}.name"),
+            format!(
+                "{:?} is not a header name: use printable ASCII without ':'",
+                h.name
+            ),
+        ));
+    }
+    let value = match (&h.value, &h.regex) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                field.to_string(),
+                "give value or regex, not both".to_string(),
+            ));
+        }
+        (Some(v), None) => HeaderValueMatch::Glob(WildMatch::new_case_insensitive(v)),
+        (None, Some(r)) => HeaderValueMatch::Regex(regex(r, &format!("{field}.regex"))?),
+        (None, None) => HeaderValueMatch::Present,
+    };
+    Ok(CompiledHeader {
+        name: h.name.to_lowercase(),
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{SizeRange, SubjectMatch};
+
+    fn spec(criteria: MatchCriteria) -> MailboxFilterSpec {
+        MailboxFilterSpec {
+            criteria,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_filter_compiles_and_lowers_case() {
+        let f = CompiledFilter::compile(&spec(MatchCriteria {
+            domains: vec![".Example.COM".into()],
+            subject: Some(SubjectMatch {
+                keywords: vec!["Invoice".into()],
+                regex: Some("(?i)wire\\s+transfer".into()),
+            }),
+            ..Default::default()
+        }))
+        .expect("compiles");
+        assert_eq!(f.include.domains, vec!["example.com"]);
+        assert_eq!(f.include.subject_keywords, vec!["invoice"]);
+        assert!(f.include.subject_regex.is_some());
+    }
+
+    #[test]
+    fn bad_regex_names_the_field() {
+        let e = CompiledFilter::compile(&spec(MatchCriteria {
+            subject: Some(SubjectMatch {
+                keywords: vec![],
+                regex: Some("([unclosed".into()),
+            }),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.subject.regex");
+        assert!(e.problem.contains("not a valid regular expression"), "{e}");
+        assert!(!e.to_string().contains('\n'), "one line for status: {e}");
+    }
+
+    #[test]
+    fn bad_patterns_in_exclude_are_reported_with_their_path() {
+        let mut s = spec(MatchCriteria::default());
+        s.exclude = Some(MatchCriteria {
+            senders: vec!["no reply@x".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            CompiledFilter::compile(&s).unwrap_err().field,
+            "spec.exclude.senders[0]"
+        );
+        s.exclude = Some(MatchCriteria {
+            domains: vec!["*.example.com".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            CompiledFilter::compile(&s).unwrap_err().field,
+            "spec.exclude.domains[0]"
+        );
+    }
+
+    #[test]
+    fn unordered_size_is_refused_even_if_the_apiserver_let_it_through() {
+        let e = CompiledFilter::compile(&spec(MatchCriteria {
+            size: Some(SizeRange {
+                min_bytes: Some(5),
+                max_bytes: Some(1),
+            }),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.size");
+    }
+}

@@ -1,0 +1,5 @@
+//! Compiled MailboxFilters and the matching of events against them.
+
+mod filter;
+
+pub use filter::{CompiledFilter, FilterError};
