@@ -95,6 +95,24 @@ async fn examples_become_ready_and_printer_columns_fill_in() {
         "{out}"
     );
 
+    // The `mailhook` category lists both kinds.
+    let (ok, out, err) = kubectl_run(&["get", "mailhook", "-n", &ns.name, "-o", "name"], None);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("webhooksubscription.mailhook.io/"))
+            .count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("mailboxfilter.mailhook.io/"))
+            .count(),
+        2,
+        "{out}"
+    );
+
     // Filters list the subscriptions that use them, by name and by selector.
     let mbf = ns.api::<MailboxFilter>();
     let users = |name: &'static str| {
@@ -296,6 +314,25 @@ async fn kubectl_apply_refuses_nonsense_with_clear_messages() {
             "size.minBytes must not be greater than size.maxBytes",
         ),
     ];
+    // A minimal object gets the schema's defaults from the apiserver itself.
+    let minimal =
+        whs("{url: 'https://siem.example.com/hooks'}").replace("name: bad", "name: minimal");
+    let (ok, _, err) = kubectl_run(&["apply", "-f", "-"], Some(&minimal));
+    assert!(ok, "{err}");
+    let (_, schedule, _) = kubectl_run(
+        &[
+            "get",
+            "whs",
+            "minimal",
+            "-n",
+            &ns.name,
+            "-o",
+            "jsonpath={.spec.delivery.retrySchedule}",
+        ],
+        None,
+    );
+    assert_eq!(schedule, r#"["0s","5s","5m","30m","2h","5h","10h","10h"]"#);
+
     for (yaml, expected) in cases {
         let (ok, _, err) = kubectl_run(&["apply", "-f", "-"], Some(&yaml));
         assert!(!ok, "kubectl apply accepted:\n{yaml}");
