@@ -5,6 +5,8 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod event;
 pub mod metrics;
 pub mod route;
+pub mod store;
 pub mod telemetry;

@@ -5,6 +5,7 @@ use regex::Regex;
 use wildmatch::WildMatch;
 
 use crate::api::{Direction, EventType, HeaderMatch, MailboxFilterSpec, MatchCriteria, Severity};
+use crate::event::{MailboxEvent, domain_of};
 
 /// Why a filter cannot be compiled: the field at fault and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +131,122 @@ impl CompiledCriteria {
                 .map(|(i, h)| header(h, &format!("{at}.headers[{i}]")))
                 .collect::<Result<_, _>>()?,
         })
+    }
+}
+
+impl CompiledFilter {
+    /// Whether `event` is selected: it matches the criteria and not the exclusions.
+    pub fn matches(&self, event: &MailboxEvent) -> bool {
+        self.include.matches(event)
+            && !self
+                .exclude
+                .as_ref()
+                .is_some_and(|x| !x.is_empty() && x.matches(event))
+    }
+}
+
+impl CompiledCriteria {
+    /// True when no criterion is given (an empty `exclude` removes nothing).
+    pub fn is_empty(&self) -> bool {
+        self.event_types.is_empty()
+            && self.mailboxes.is_empty()
+            && self.senders.is_empty()
+            && self.recipients.is_empty()
+            && self.domains.is_empty()
+            && self.directions.is_empty()
+            && self.subject_keywords.is_empty()
+            && self.subject_regex.is_none()
+            && self.attachments_present.is_none()
+            && self.attachment_content_types.is_empty()
+            && self.attachment_extensions.is_empty()
+            && self.min_size.is_none()
+            && self.max_size.is_none()
+            && self.headers.is_empty()
+    }
+
+    /// Every criterion given holds (AND); within a list any entry may match (OR).
+    pub fn matches(&self, e: &MailboxEvent) -> bool {
+        let any_glob = |globs: &[WildMatch], value: &str| globs.iter().any(|g| g.matches(value));
+        (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
+            && (self.mailboxes.is_empty() || any_glob(&self.mailboxes, &e.mailbox))
+            && (self.senders.is_empty()
+                || e.from
+                    .as_deref()
+                    .is_some_and(|f| any_glob(&self.senders, f)))
+            && (self.recipients.is_empty() || e.recipients().any(|r| any_glob(&self.recipients, r)))
+            && (self.domains.is_empty() || self.domain_matches(e))
+            && (self.directions.is_empty()
+                || e.direction.is_some_and(|d| self.directions.contains(&d)))
+            && self.subject_matches(e)
+            && self.attachments_match(e)
+            && self
+                .min_size
+                .is_none_or(|min| e.size.is_some_and(|s| s >= min))
+            && self
+                .max_size
+                .is_none_or(|max| e.size.is_some_and(|s| s <= max))
+            && self.headers.iter().all(|h| h.matches(e))
+    }
+
+    fn domain_matches(&self, e: &MailboxEvent) -> bool {
+        let covered = |domain: &str| {
+            self.domains.iter().any(|d| {
+                domain.len() >= d.len()
+                    && domain[domain.len() - d.len()..].eq_ignore_ascii_case(d)
+                    && (domain.len() == d.len()
+                        || domain.as_bytes()[domain.len() - d.len() - 1] == b'.')
+            })
+        };
+        e.from.as_deref().and_then(domain_of).is_some_and(covered)
+            || e.recipients().filter_map(domain_of).any(covered)
+    }
+
+    fn subject_matches(&self, e: &MailboxEvent) -> bool {
+        if self.subject_keywords.is_empty() && self.subject_regex.is_none() {
+            return true;
+        }
+        let Some(subject) = e.subject.as_deref() else {
+            return false;
+        };
+        if let Some(re) = &self.subject_regex
+            && re.is_match(subject)
+        {
+            return true;
+        }
+        if self.subject_keywords.is_empty() {
+            return false;
+        }
+        let lower = subject.to_lowercase();
+        self.subject_keywords
+            .iter()
+            .any(|k| lower.contains(k.as_str()))
+    }
+
+    fn attachments_match(&self, e: &MailboxEvent) -> bool {
+        self.attachments_present
+            .is_none_or(|want| want == !e.attachments.is_empty())
+            && (self.attachment_content_types.is_empty()
+                || e.attachments.iter().any(|a| {
+                    a.content_type
+                        .as_deref()
+                        .is_some_and(|t| self.attachment_content_types.iter().any(|g| g.matches(t)))
+                }))
+            && (self.attachment_extensions.is_empty()
+                || e.attachments.iter().any(|a| {
+                    a.extension()
+                        .is_some_and(|x| self.attachment_extensions.contains(&x))
+                }))
+    }
+}
+
+impl CompiledHeader {
+    fn matches(&self, e: &MailboxEvent) -> bool {
+        match (e.headers.get(&self.name), &self.value) {
+            (None, _) => false,
+            (Some(_), HeaderValueMatch::Present) => true,
+            (Some(v), HeaderValueMatch::Glob(g)) => g.matches(v),
+            (Some(v), HeaderValueMatch::Regex(r)) => r.is_match(v),
+        }
     }
 }
 

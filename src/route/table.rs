@@ -1,0 +1,519 @@
+//! The routing table: every valid subscription and the filters it uses, compiled once per
+//! change and swapped in whole. Routing an event touches only the subscriptions indexed
+//! under its type, and evaluates each filter at most once.
+
+use std::sync::{Arc, RwLock};
+
+use crate::api::EventType;
+use crate::event::{Flag, MailboxEvent, Source};
+
+use super::CompiledFilter;
+
+/// A subscription as the router sees it.
+#[derive(Debug, Clone)]
+pub struct SubscriptionRoute {
+    pub uid: String,
+    pub namespace: String,
+    /// Empty: any type (then filters decide).
+    pub event_types: Vec<EventType>,
+    /// Names of MailboxFilters in `namespace`; empty: no filter condition.
+    pub filters: Vec<String>,
+}
+
+/// A compiled MailboxFilter as the router sees it.
+#[derive(Debug, Clone)]
+pub struct FilterEntry {
+    pub namespace: String,
+    pub name: String,
+    pub compiled: Arc<CompiledFilter>,
+}
+
+struct Route {
+    uid: String,
+    namespace: String,
+    event_types: Vec<EventType>,
+    filters: Vec<usize>,
+}
+
+/// One subscription an event goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub subscription: String,
+    /// The subscription's filters that matched, by name.
+    pub matched_filters: Vec<String>,
+}
+
+/// The outcome of routing one event.
+#[derive(Debug, Default)]
+pub struct Routed {
+    pub targets: Vec<Target>,
+    /// `compliance.flagged` events derived from the event (one per namespace whose
+    /// filters flagged it); route them too.
+    pub flagged: Vec<MailboxEvent>,
+    /// (namespace, name) of every filter that matched, for match counters.
+    pub matched: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+pub struct RoutingTable {
+    routes: Vec<Route>,
+    filters: Vec<FilterEntry>,
+    by_type: [Vec<usize>; EventType::ALL.len()],
+    flagging: Vec<usize>,
+}
+
+fn type_index(t: EventType) -> usize {
+    EventType::ALL.iter().position(|x| *x == t).unwrap_or(0)
+}
+
+impl RoutingTable {
+    pub fn build(subscriptions: Vec<SubscriptionRoute>, filters: Vec<FilterEntry>) -> RoutingTable {
+        let mut table = RoutingTable {
+            filters,
+            ..Default::default()
+        };
+        table.flagging = (0..table.filters.len())
+            .filter(|i| table.filters[*i].compiled.flag.is_some())
+            .collect();
+        for s in subscriptions {
+            let filters: Vec<usize> = s
+                .filters
+                .iter()
+                .filter_map(|name| {
+                    table
+                        .filters
+                        .iter()
+                        .position(|f| f.namespace == s.namespace && &f.name == name)
+                })
+                .collect();
+            // A subscription whose every filter vanished receives nothing rather than everything.
+            if !s.filters.is_empty() && filters.is_empty() {
+                continue;
+            }
+            let index = table.routes.len();
+            let types: &[EventType] = if s.event_types.is_empty() {
+                &EventType::ALL
+            } else {
+                &s.event_types
+            };
+            for t in types {
+                table.by_type[type_index(*t)].push(index);
+            }
+            table.routes.push(Route {
+                uid: s.uid,
+                namespace: s.namespace,
+                event_types: s.event_types,
+                filters,
+            });
+        }
+        table
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    pub fn route(&self, event: &MailboxEvent) -> Routed {
+        let mut routed = Routed::default();
+        // 0 = not evaluated, 1 = no, 2 = yes.
+        let mut memo = vec![0u8; self.filters.len()];
+        let mut eval = |i: usize, routed: &mut Routed| -> bool {
+            if memo[i] == 0 {
+                let hit = self.filters[i].compiled.matches(event);
+                memo[i] = if hit { 2 } else { 1 };
+                if hit {
+                    routed.matched.push((
+                        self.filters[i].namespace.clone(),
+                        self.filters[i].name.clone(),
+                    ));
+                }
+            }
+            memo[i] == 2
+        };
+
+        let flagging_event = event.event_type == EventType::ComplianceFlagged;
+        for &r in &self.by_type[type_index(event.event_type)] {
+            let route = &self.routes[r];
+            if flagging_event {
+                // A flag reaches subscriptions of its own namespace only, and when the
+                // subscription names filters, only flags those filters set.
+                if event.flag_namespace.as_deref() != Some(route.namespace.as_str()) {
+                    continue;
+                }
+                let names: Vec<String> = route
+                    .filters
+                    .iter()
+                    .map(|i| self.filters[*i].name.clone())
+                    .filter(|n| event.flags.iter().any(|f| &f.filter == n))
+                    .collect();
+                if route.filters.is_empty() || !names.is_empty() {
+                    routed.targets.push(Target {
+                        subscription: route.uid.clone(),
+                        matched_filters: names,
+                    });
+                }
+                continue;
+            }
+            if !route.event_types.is_empty() && !route.event_types.contains(&event.event_type) {
+                continue;
+            }
+            if route.filters.is_empty() {
+                routed.targets.push(Target {
+                    subscription: route.uid.clone(),
+                    matched_filters: vec![],
+                });
+                continue;
+            }
+            let mut names = Vec::new();
+            for &f in &route.filters {
+                if eval(f, &mut routed) {
+                    names.push(self.filters[f].name.clone());
+                }
+            }
+            if !names.is_empty() {
+                routed.targets.push(Target {
+                    subscription: route.uid.clone(),
+                    matched_filters: names,
+                });
+            }
+        }
+
+        if !flagging_event && event.source != Source::Router && self.has_flag_subscribers() {
+            let mut by_namespace: Vec<(String, Vec<Flag>)> = Vec::new();
+            for &f in &self.flagging {
+                if !eval(f, &mut routed) {
+                    continue;
+                }
+                let entry = &self.filters[f];
+                let Some((name, severity)) = entry.compiled.flag.clone() else {
+                    continue;
+                };
+                let flag = Flag {
+                    name,
+                    severity,
+                    filter: entry.name.clone(),
+                };
+                match by_namespace
+                    .iter_mut()
+                    .find(|(ns, _)| ns == &entry.namespace)
+                {
+                    Some((_, flags)) => flags.push(flag),
+                    None => by_namespace.push((entry.namespace.clone(), vec![flag])),
+                }
+            }
+            for (namespace, flags) in by_namespace {
+                let mut derived = event.clone();
+                derived.id = MailboxEvent::new_id();
+                derived.event_type = EventType::ComplianceFlagged;
+                derived.source = Source::Router;
+                derived.producer_event_id = None;
+                derived.flagged_event_id = Some(event.id.clone());
+                derived.flag_namespace = Some(namespace);
+                derived.flags = flags;
+                routed.flagged.push(derived);
+            }
+        }
+        routed.matched.sort();
+        routed.matched.dedup();
+        routed
+    }
+
+    fn has_flag_subscribers(&self) -> bool {
+        !self.flagging.is_empty()
+            && !self.by_type[type_index(EventType::ComplianceFlagged)].is_empty()
+    }
+}
+
+/// The current table, replaced whole on every change; routing never waits for a rebuild.
+#[derive(Default)]
+pub struct Router {
+    table: RwLock<Arc<RoutingTable>>,
+}
+
+impl Router {
+    pub fn current(&self) -> Arc<RoutingTable> {
+        match self.table.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn swap(&self, table: RoutingTable) {
+        let table = Arc::new(table);
+        match self.table.write() {
+            Ok(mut t) => *t = table,
+            Err(poisoned) => *poisoned.into_inner() = table,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        AttachmentMatch, ComplianceFlag, Direction, MailboxFilterSpec, MatchCriteria, Severity,
+        SubjectMatch,
+    };
+    use crate::event::Attachment;
+
+    fn event(json: serde_json::Value) -> MailboxEvent {
+        let mut base = serde_json::json!({
+            "id": "evt_1", "type": "message.received", "occurredAt": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z", "source": "http", "mailbox": "alice@finance.example.com",
+            "from": "bob@partner.org", "to": ["alice@finance.example.com"], "direction": "inbound",
+            "subject": "Q3 Invoice attached"
+        });
+        if let (Some(b), Some(o)) = (base.as_object_mut(), json.as_object()) {
+            b.extend(o.clone());
+        }
+        serde_json::from_value(base).expect("event")
+    }
+
+    fn filter(
+        ns: &str,
+        name: &str,
+        criteria: MatchCriteria,
+        exclude: Option<MatchCriteria>,
+    ) -> FilterEntry {
+        let spec = MailboxFilterSpec {
+            criteria,
+            exclude,
+            flag: None,
+        };
+        FilterEntry {
+            namespace: ns.into(),
+            name: name.into(),
+            compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
+        }
+    }
+
+    fn sub(uid: &str, ns: &str, types: &[EventType], filters: &[&str]) -> SubscriptionRoute {
+        SubscriptionRoute {
+            uid: uid.into(),
+            namespace: ns.into(),
+            event_types: types.to_vec(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn targets(table: &RoutingTable, e: &MailboxEvent) -> Vec<String> {
+        table
+            .route(e)
+            .targets
+            .into_iter()
+            .map(|t| t.subscription)
+            .collect()
+    }
+
+    #[test]
+    fn and_across_criteria_or_within_a_list() {
+        let f = filter(
+            "ns",
+            "f",
+            MatchCriteria {
+                mailboxes: vec!["*@finance.example.com".into(), "*@legal.example.com".into()],
+                directions: vec![Direction::Inbound],
+                ..Default::default()
+            },
+            None,
+        );
+        let t = RoutingTable::build(vec![sub("s", "ns", &[], &["f"])], vec![f]);
+        assert_eq!(targets(&t, &event(serde_json::json!({}))), vec!["s"]);
+        assert_eq!(
+            targets(
+                &t,
+                &event(serde_json::json!({"mailbox": "x@legal.example.com"}))
+            ),
+            vec!["s"]
+        );
+        // One criterion fails: no match.
+        assert!(targets(&t, &event(serde_json::json!({"direction": "outbound"}))).is_empty());
+        assert!(
+            targets(
+                &t,
+                &event(serde_json::json!({"mailbox": "x@sales.example.com"}))
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn exclude_removes_and_globs_and_domains_ignore_case() {
+        let f = filter(
+            "ns",
+            "f",
+            MatchCriteria {
+                domains: vec!["Partner.ORG".into()],
+                ..Default::default()
+            },
+            Some(MatchCriteria {
+                senders: vec!["NOREPLY@*".into()],
+                ..Default::default()
+            }),
+        );
+        let t = RoutingTable::build(
+            vec![sub("s", "ns", &[EventType::MessageReceived], &["f"])],
+            vec![f],
+        );
+        assert_eq!(targets(&t, &event(serde_json::json!({}))), vec!["s"]);
+        // Subdomains match a domain; look-alike suffixes do not.
+        assert_eq!(
+            targets(
+                &t,
+                &event(serde_json::json!({"from": "x@mail.partner.org"}))
+            ),
+            vec!["s"]
+        );
+        assert!(
+            targets(
+                &t,
+                &event(serde_json::json!({"from": "x@notpartner.org", "to": []}))
+            )
+            .is_empty()
+        );
+        assert!(
+            targets(
+                &t,
+                &event(serde_json::json!({"from": "noreply@partner.org"}))
+            )
+            .is_empty()
+        );
+        // The subscription's own event types apply too.
+        assert!(targets(&t, &event(serde_json::json!({"type": "message.sent"}))).is_empty());
+    }
+
+    #[test]
+    fn subject_keywords_regex_attachments_and_size() {
+        let f = filter(
+            "ns",
+            "f",
+            MatchCriteria {
+                subject: Some(SubjectMatch {
+                    keywords: vec!["INVOICE".into()],
+                    regex: None,
+                }),
+                attachments: Some(AttachmentMatch {
+                    present: Some(true),
+                    content_types: vec!["application/*".into()],
+                    extensions: vec!["pdf".into()],
+                }),
+                size: Some(crate::api::SizeRange {
+                    min_bytes: Some(100),
+                    max_bytes: None,
+                }),
+                ..Default::default()
+            },
+            None,
+        );
+        let t = RoutingTable::build(vec![sub("s", "ns", &[], &["f"])], vec![f]);
+        let pdf = Attachment {
+            name: Some("Q3.PDF".into()),
+            content_type: Some("application/pdf".into()),
+            size: Some(10),
+            sha256: None,
+        };
+        let with = |v: serde_json::Value| {
+            let mut e = event(v);
+            e.attachments = vec![pdf.clone()];
+            e
+        };
+        assert_eq!(
+            targets(&t, &with(serde_json::json!({"size": 500}))),
+            vec!["s"]
+        );
+        assert!(
+            targets(&t, &with(serde_json::json!({"size": 50}))).is_empty(),
+            "below minBytes"
+        );
+        assert!(
+            targets(
+                &t,
+                &with(serde_json::json!({"size": 500, "subject": "hello"}))
+            )
+            .is_empty()
+        );
+        assert!(
+            targets(&t, &event(serde_json::json!({"size": 500}))).is_empty(),
+            "no attachment"
+        );
+    }
+
+    #[test]
+    fn compliance_flagged_once_per_message_to_its_namespace_only() {
+        let flagged = |ns: &str, name: &str| {
+            let spec = MailboxFilterSpec {
+                criteria: MatchCriteria {
+                    directions: vec![Direction::Inbound],
+                    ..Default::default()
+                },
+                exclude: None,
+                flag: Some(ComplianceFlag {
+                    name: format!("{name}-flag"),
+                    severity: Severity::High,
+                }),
+            };
+            FilterEntry {
+                namespace: ns.into(),
+                name: name.into(),
+                compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
+            }
+        };
+        let t = RoutingTable::build(
+            vec![
+                sub("legal", "ns", &[EventType::ComplianceFlagged], &[]),
+                sub(
+                    "other-ns",
+                    "elsewhere",
+                    &[EventType::ComplianceFlagged],
+                    &[],
+                ),
+                sub("only-a", "ns", &[EventType::ComplianceFlagged], &["a"]),
+            ],
+            vec![flagged("ns", "a"), flagged("ns", "b")],
+        );
+        let message = event(serde_json::json!({}));
+        let routed = t.route(&message);
+        assert!(
+            routed.targets.is_empty(),
+            "nobody subscribed to the message itself"
+        );
+        assert_eq!(
+            routed.flagged.len(),
+            1,
+            "two flags, one namespace: one event"
+        );
+        let flag_event = &routed.flagged[0];
+        assert_eq!(flag_event.flags.len(), 2);
+        assert_eq!(flag_event.flagged_event_id.as_deref(), Some("evt_1"));
+        let to: Vec<Target> = t.route(flag_event).targets;
+        assert_eq!(
+            to.iter()
+                .map(|t| t.subscription.as_str())
+                .collect::<Vec<_>>(),
+            vec!["legal", "only-a"]
+        );
+        assert_eq!(to[1].matched_filters, vec!["a"]);
+        // A derived event never derives another.
+        assert!(t.route(flag_event).flagged.is_empty());
+    }
+
+    #[test]
+    fn only_indexed_types_are_considered_and_filters_evaluated_once() {
+        let f = filter("ns", "f", MatchCriteria::default(), None);
+        let t = RoutingTable::build(
+            vec![
+                sub("a", "ns", &[EventType::MessageSent], &["f"]),
+                sub("b", "ns", &[], &["f"]),
+                sub("c", "ns", &[], &["f"]),
+            ],
+            vec![f],
+        );
+        let routed = t.route(&event(serde_json::json!({})));
+        assert_eq!(routed.targets.len(), 2);
+        assert_eq!(routed.matched, vec![("ns".to_string(), "f".to_string())]);
+    }
+}
