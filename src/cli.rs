@@ -12,7 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::admin::{self, Readiness};
 use crate::controller;
+use crate::delivery::Deliveries;
 use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::source::{
+    self, Pipeline,
+    http::{IngestConfig, Tokens},
+};
+use crate::store::{MemoryStore, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,12 +48,39 @@ pub struct RunConfig {
 
     /// Namespace whose resources the operator serves; repeat for several. All
     /// namespaces when absent.
-    #[arg(
-        long = "watch-namespace",
-        env = "MAILHOOK_WATCH_NAMESPACE",
-        value_delimiter = ','
-    )]
+    #[arg(long = "watch-namespace", env = "MAILHOOK_WATCH_NAMESPACE", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
+
+    /// Address of the HTTP ingest API (POST /v1/events); off when absent.
+    #[arg(long, env = "MAILHOOK_INGEST_ADDR")]
+    pub ingest_addr: Option<SocketAddr>,
+
+    /// File of bearer tokens accepted by the ingest API, one per line (mount a Secret
+    /// here). Re-read every 10 s. Required with --ingest-addr.
+    #[arg(long, env = "MAILHOOK_INGEST_TOKEN_FILE")]
+    pub ingest_token_file: Option<std::path::PathBuf>,
+
+    /// Largest ingest request body, in bytes; larger requests get 413.
+    #[arg(long, env = "MAILHOOK_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub ingest_max_body_bytes: usize,
+
+    /// Most events in one NDJSON batch; more get 413.
+    #[arg(long, env = "MAILHOOK_INGEST_MAX_BATCH_EVENTS", default_value_t = 10_000)]
+    pub ingest_max_batch_events: usize,
+
+    /// Domains whose addresses are internal (for inbound/outbound/internal direction);
+    /// repeat or separate with commas.
+    #[arg(long = "internal-domains", env = "MAILHOOK_INTERNAL_DOMAINS", value_delimiter = ',')]
+    pub internal_domains: Vec<String>,
+
+    /// Number of delivery shards (workers); each subscription lives on one.
+    #[arg(long, env = "MAILHOOK_SHARDS", default_value_t = 4)]
+    pub shards: usize,
+
+    /// File holding the secret from which anonymized payloads derive their pseudonyms.
+    /// Without it a random one is used and pseudonyms change on every restart.
+    #[arg(long, env = "MAILHOOK_PSEUDONYM_KEY_FILE")]
+    pub pseudonym_key_file: Option<std::path::PathBuf>,
 
     /// Log line format.
     #[arg(long, env = "MAILHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -78,12 +112,53 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let listener = TcpListener::bind(config.http_addr).await?;
     info!(addr = %listener.local_addr()?, "admin server listening");
-    let admin = tokio::spawn(admin::serve(
-        listener,
-        metrics,
-        readiness.clone(),
-        stopped(),
-    ));
+    let admin = tokio::spawn(admin::serve(listener, metrics.clone(), readiness.clone(), stopped()));
+
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let deliveries = Deliveries::start(config.shards, store, metrics.clone());
+    let router = Arc::new(Router::default());
+    let matches = Arc::new(controller::MatchCounters::default());
+    let wiring = controller::Wiring {
+        deliveries: deliveries.clone(),
+        router: router.clone(),
+        matches: matches.clone(),
+        metrics: metrics.clone(),
+        pseudonym_secret: pseudonym_secret(config.pseudonym_key_file.as_deref())?,
+    };
+
+    if let Some(addr) = config.ingest_addr {
+        let Some(token_file) = config.ingest_token_file.clone() else {
+            anyhow::bail!("--ingest-addr needs --ingest-token-file: the ingest API never runs without authentication");
+        };
+        let tokens = Tokens::load(token_file.clone())
+            .map_err(|e| anyhow::anyhow!("cannot read ingest tokens from {}: {e}", token_file.display()))?;
+        tokens.clone().watch(std::time::Duration::from_secs(10));
+        let pipeline = Arc::new(Pipeline {
+            deliveries: deliveries.clone(),
+            router,
+            metrics: metrics.clone(),
+            internal_domains: config
+                .internal_domains
+                .iter()
+                .map(|d| d.trim().to_lowercase())
+                .collect(),
+            matches,
+        });
+        let ingest_config = IngestConfig {
+            token_file,
+            max_body_bytes: config.ingest_max_body_bytes,
+            max_batch_events: config.ingest_max_batch_events,
+        };
+        let listener = TcpListener::bind(addr).await?;
+        info!(addr = %listener.local_addr()?, "ingest API listening");
+        let app = source::http::router(&ingest_config, pipeline, tokens, readiness.clone());
+        let stop = stopped();
+        tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(%err, "ingest server failed");
+            }
+        });
+    }
 
     let scopes: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
         vec![None]
@@ -93,14 +168,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let pending = Arc::new(AtomicUsize::new(scopes.len()));
     let mut controllers = Vec::new();
     for scope in scopes {
-        info!(
-            namespace = scope.as_deref().unwrap_or("<all>"),
-            "starting controllers"
-        );
+        info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
         let (pending, readiness) = (pending.clone(), readiness.clone());
         controllers.push(tokio::spawn(controller::run(
             client.clone(),
             scope,
+            wiring.clone(),
             stopped(),
             move || {
                 if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -120,6 +193,32 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     admin.await??;
     info!("shut down");
     Ok(())
+}
+
+fn pseudonym_secret(path: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    match path {
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| anyhow::anyhow!("cannot read --pseudonym-key-file {}: {e}", p.display()))?;
+            if bytes.len() < 16 {
+                anyhow::bail!(
+                    "--pseudonym-key-file {} holds {} bytes; use at least 16 random bytes",
+                    p.display(),
+                    bytes.len()
+                );
+            }
+            Ok(bytes)
+        }
+        None => {
+            tracing::warn!("no --pseudonym-key-file: anonymized payloads use a random key that changes on restart");
+            Ok(uuid::Uuid::new_v4()
+                .as_bytes()
+                .iter()
+                .chain(uuid::Uuid::new_v4().as_bytes())
+                .copied()
+                .collect())
+        }
+    }
 }
 
 /// Resolves on SIGTERM (what the kubelet sends) or Ctrl-C.

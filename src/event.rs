@@ -110,11 +110,7 @@ impl MailboxEvent {
 
     /// Every recipient: To, Cc and Bcc.
     pub fn recipients(&self) -> impl Iterator<Item = &str> {
-        self.to
-            .iter()
-            .chain(&self.cc)
-            .chain(&self.bcc)
-            .map(String::as_str)
+        self.to.iter().chain(&self.cc).chain(&self.bcc).map(String::as_str)
     }
 }
 

@@ -11,6 +11,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(config) => {
             mailhook::telemetry::init(config.log_format)?;
+            // reqwest and kube share one TLS implementation: rustls with ring.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             mailhook::cli::run(config).await
         }
     }

@@ -1,28 +1,151 @@
-//! The Prometheus registry and the metrics the operator exposes on `/metrics`.
+//! The Prometheus registry and the metrics the operator exposes on `/metrics`. Label
+//! values are bounded by the number of subscriptions: never an event, message or address.
 
-use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::time::Duration;
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Every metric of the process, registered in one registry. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    pub events_ingested: IntCounterVec,
+    pub events_routed: IntCounterVec,
+    deliveries: IntCounterVec,
+    delivery_duration: HistogramVec,
+    pub backlog: IntGaugeVec,
+    pub dead_letters: IntGaugeVec,
+    pub endpoint_up: IntGaugeVec,
+    pub endpoint_disabled: IntGaugeVec,
+    pub reconcile_duration: HistogramVec,
+    pub reconcile_errors: IntCounterVec,
 }
+
+const SUBSCRIPTION: &[&str] = &["namespace", "subscription"];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let build_info = IntGaugeVec::new(
-            Opts::new(
-                "mailhook_build_info",
-                "Build information; the value is always 1.",
-            ),
+            Opts::new("mailhook_build_info", "Build information; the value is always 1."),
             &["version"],
         )?;
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build_info))?;
-        Ok(Metrics { registry })
+
+        let m = Metrics {
+            events_ingested: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_events_ingested_total",
+                    "Events received from sources, by source and outcome (accepted, duplicate, rejected).",
+                ),
+                &["source", "outcome"],
+            )?,
+            events_routed: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_events_routed_total",
+                    "Accepted events by whether they matched at least one subscription (matched, unmatched).",
+                ),
+                &["result"],
+            )?,
+            deliveries: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_deliveries_total",
+                    "Delivery attempts by subscription, outcome (success, failure, gone) and HTTP status class.",
+                ),
+                &["namespace", "subscription", "outcome", "status_class"],
+            )?,
+            delivery_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "mailhook_delivery_duration_seconds",
+                    "Time from sending a delivery to the endpoint's answer.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+                SUBSCRIPTION,
+            )?,
+            backlog: IntGaugeVec::new(
+                Opts::new("mailhook_backlog", "Events waiting to be delivered, per subscription."),
+                SUBSCRIPTION,
+            )?,
+            dead_letters: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_dead_letters",
+                    "Events that exhausted their retries or expired, per subscription.",
+                ),
+                SUBSCRIPTION,
+            )?,
+            endpoint_up: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_endpoint_up",
+                    "1 when the last delivery to the endpoint succeeded, 0 when it is failing or disabled.",
+                ),
+                SUBSCRIPTION,
+            )?,
+            endpoint_disabled: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_endpoint_disabled",
+                    "1 when deliveries to the endpoint are stopped (410 Gone or disableAfter).",
+                ),
+                SUBSCRIPTION,
+            )?,
+            reconcile_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "mailhook_reconcile_duration_seconds",
+                    "Time spent reconciling one resource, by kind.",
+                ),
+                &["kind"],
+            )?,
+            reconcile_errors: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_reconcile_errors_total",
+                    "Reconciles that failed and were retried, by kind.",
+                ),
+                &["kind"],
+            )?,
+            registry,
+        };
+        for c in [&m.events_ingested, &m.events_routed, &m.deliveries, &m.reconcile_errors] {
+            m.registry.register(Box::new(c.clone()))?;
+        }
+        for h in [&m.delivery_duration, &m.reconcile_duration] {
+            m.registry.register(Box::new(h.clone()))?;
+        }
+        for g in [&m.backlog, &m.dead_letters, &m.endpoint_up, &m.endpoint_disabled] {
+            m.registry.register(Box::new(g.clone()))?;
+        }
+        Ok(m)
+    }
+
+    pub fn delivery(&self, namespace: &str, subscription: &str, outcome: &str, status_class: &str, took: Duration) {
+        self.deliveries
+            .with_label_values(&[namespace, subscription, outcome, status_class])
+            .inc();
+        self.delivery_duration
+            .with_label_values(&[namespace, subscription])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Drops the series of a deleted subscription, so cardinality follows the resources.
+    pub fn forget_subscription(&self, namespace: &str, subscription: &str) {
+        let labels = [namespace, subscription];
+        for g in [
+            &self.backlog,
+            &self.dead_letters,
+            &self.endpoint_up,
+            &self.endpoint_disabled,
+        ] {
+            let _ = g.remove_label_values(&labels);
+        }
+        let _ = self.delivery_duration.remove_label_values(&labels);
+        for outcome in ["success", "failure", "gone"] {
+            for class in ["2xx", "3xx", "4xx", "5xx", "other", "transport"] {
+                let _ = self
+                    .deliveries
+                    .remove_label_values(&[namespace, subscription, outcome, class]);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -15,9 +15,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         return Err(bad());
     }
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
         let (num, tail) = rest.split_at(num_len);
         let value: f64 = num.parse().map_err(|_| bad())?;
         let (unit_secs, unit_len) = if tail.starts_with("ms") {

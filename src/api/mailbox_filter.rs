@@ -171,9 +171,7 @@ pub struct HeaderMatch {
 }
 
 /// How serious a compliance flag is; receivers use it to triage.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Severity {
     Low,
@@ -188,10 +186,7 @@ pub enum Severity {
 #[serde(rename_all = "camelCase")]
 pub struct ComplianceFlag {
     /// Name of the flag, carried in `compliance.flagged` events, e.g. `external-pdf`.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"))]
     pub name: String,
 
     /// Severity: `low`, `medium` (default), `high` or `critical`.

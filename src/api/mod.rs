@@ -33,9 +33,7 @@ fn kubernetes_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition
             serde_json::Value::Object(map) => {
                 if let Some(serde_json::Value::String(format)) = map.get_mut("format") {
                     match format.as_str() {
-                        "uint8" | "uint16" | "int8" | "int16" | "uint32" => {
-                            *format = "int32".to_string()
-                        }
+                        "uint8" | "uint16" | "int8" | "int16" | "uint32" => *format = "int32".to_string(),
                         "uint64" => *format = "int64".to_string(),
                         _ => {}
                     }
@@ -112,16 +110,9 @@ mod schema_tests {
             let value = serde_json::to_value(&crd).expect("serializes");
             let schema = &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
             for part in ["spec", "status"] {
-                walk(
-                    &format!("{}.{part}", crd.spec.names.kind),
-                    &schema[part],
-                    &mut missing,
-                );
+                walk(&format!("{}.{part}", crd.spec.names.kind), &schema[part], &mut missing);
             }
         }
-        assert!(
-            missing.is_empty(),
-            "fields without a description: {missing:#?}"
-        );
+        assert!(missing.is_empty(), "fields without a description: {missing:#?}");
     }
 }

@@ -119,10 +119,7 @@ fn default_timeout() -> String {
 #[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)").message("a header needs exactly one of value or valueFrom"))]
 pub struct EndpointHeader {
     /// Header name, e.g. `X-Api-Key`.
-    #[schemars(
-        length(min = 1, max = 128),
-        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-    )]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
     pub name: String,
 
     /// A literal value. Prefer valueFrom for anything secret.
@@ -146,9 +143,7 @@ pub struct Signing {
 }
 
 /// How much of an event a delivery carries.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum PayloadMode {
     /// Every field, including subject and addresses.
@@ -181,9 +176,7 @@ pub struct Payload {
 }
 
 /// Whether deliveries to one endpoint keep the order of events.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Ordering {
     /// No ordering: deliveries run concurrently up to `concurrency`.

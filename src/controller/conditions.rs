@@ -34,12 +34,7 @@ impl Status {
 
 /// Sets `desired` in `conditions`, keeping `lastTransitionTime` when the status is
 /// unchanged. Returns true when the status changed (a transition).
-pub fn set(
-    conditions: &mut Vec<Condition>,
-    desired: Desired,
-    generation: Option<i64>,
-    now: &Time,
-) -> bool {
+pub fn set(conditions: &mut Vec<Condition>, desired: Desired, generation: Option<i64>, now: &Time) -> bool {
     let status = desired.status.as_str();
     match conditions.iter_mut().find(|c| c.type_ == desired.type_) {
         Some(existing) => {
@@ -69,10 +64,7 @@ pub fn set(
 
 /// The status of the condition of `type_`, if present.
 pub fn status_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
-    conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.as_str())
+    conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
 }
 
 #[cfg(test)]
@@ -112,12 +104,7 @@ mod tests {
         assert_eq!(conds[0].reason, "FilterNotFound");
         assert_eq!(conds[0].observed_generation, Some(2));
         // Status flips: time moves.
-        assert!(set(
-            &mut conds,
-            ready(Status::True, "Valid"),
-            Some(2),
-            &at(300)
-        ));
+        assert!(set(&mut conds, ready(Status::True, "Valid"), Some(2), &at(300)));
         assert_eq!(conds[0].last_transition_time, at(300));
         assert_eq!(conds.len(), 1);
         assert_eq!(status_of(&conds, READY), Some("True"));

@@ -3,16 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
-use kube::{Resource, ResourceExt};
-use tracing::{info, instrument};
+use tracing::instrument;
 
-use super::conditions::{self, Desired, READY, Status};
-use super::{Context, Error, write_status};
-use crate::api::{MailboxFilter, MailboxFilterStatus, WebhookSubscription};
+use super::conditions::{Desired, READY, Status};
+use super::{Context, Error, FilterState};
+use crate::api::{MailboxFilter, WebhookSubscription};
 use crate::route::CompiledFilter;
 
 pub mod reason {
@@ -33,38 +31,33 @@ pub fn uses(whs: &WebhookSubscription, filter: &MailboxFilter) -> bool {
                 .is_some_and(|s| s.matches(filter.labels())))
 }
 
-/// The status a filter should have. Pure.
-pub fn desired_status(
-    filter: &MailboxFilter,
-    users: Vec<String>,
-    now: &Time,
-) -> MailboxFilterStatus {
-    let generation = filter.metadata.generation;
-    let mut status = filter.status.clone().unwrap_or_default();
-    status.observed_generation = generation;
-    status.subscriptions = users;
-    let ready = match CompiledFilter::compile(&filter.spec) {
-        Ok(_) => Desired {
-            type_: READY,
-            status: Status::True,
-            reason: reason::VALID,
-            message: "Every pattern compiled; the filter is in use for routing.".to_string(),
-        },
-        Err(e) => Desired {
-            type_: READY,
-            status: Status::False,
-            reason: reason::INVALID_PATTERN,
-            message: format!(
-                "{e}. Subscriptions using this filter are not Ready until it is fixed."
-            ),
-        },
-    };
-    conditions::set(&mut status.conditions, ready, generation, now);
-    status
+/// The `Ready` condition of a filter and its compiled form. Pure.
+pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>) {
+    match CompiledFilter::compile(&filter.spec) {
+        Ok(compiled) => (
+            Desired {
+                type_: READY,
+                status: Status::True,
+                reason: reason::VALID,
+                message: "Every pattern compiled; the filter is in use for routing.".to_string(),
+            },
+            Some(Arc::new(compiled)),
+        ),
+        Err(e) => (
+            Desired {
+                type_: READY,
+                status: Status::False,
+                reason: reason::INVALID_PATTERN,
+                message: format!("{e}. Subscriptions using this filter are not Ready until it is fixed."),
+            },
+            None,
+        ),
+    }
 }
 
 #[instrument(skip_all, fields(namespace = filter.namespace().unwrap_or_default(), name = filter.name_any()))]
 pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let ns = filter.namespace().ok_or(Error::NotNamespaced)?;
     ctx.subscriptions
         .wait_until_ready()
@@ -78,28 +71,24 @@ pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<
         .map(|w| w.name_any())
         .collect();
     users.sort();
-
-    let status = desired_status(&filter, users, &Time(jiff::Timestamp::now()));
-    let was_ready = filter
-        .status
-        .as_ref()
-        .and_then(|s| conditions::status_of(&s.conditions, READY))
-        .map(str::to_string);
-    if filter.status.as_ref() != Some(&status) {
-        write_status::<MailboxFilter>(&ctx.client, &ns, &filter.name_any(), &status).await?;
+    let (ready, compiled) = compile(&filter);
+    if let Ok(mut state) = ctx.state.lock() {
+        state.filters.insert(
+            (ns, filter.name_any()),
+            FilterState {
+                generation: filter.metadata.generation,
+                ready,
+                users,
+                compiled,
+            },
+        );
     }
-    if let Some(c) = status.conditions.iter().find(|c| c.type_ == READY)
-        && was_ready.as_deref() != Some(c.status.as_str())
-    {
-        info!(ready = c.status, reason = c.reason, "Ready changed");
-        let type_ = if c.status == "True" {
-            K8sEventType::Normal
-        } else {
-            K8sEventType::Warning
-        };
-        ctx.publish(&filter.object_ref(&()), type_, &c.reason, &c.message)
-            .await;
-    }
+    ctx.rebuild_routes();
+    ctx.status_changed.notify_one();
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&["MailboxFilter"])
+        .observe(started.elapsed().as_secs_f64());
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -120,13 +109,9 @@ mod tests {
                 ..Default::default()
             },
         );
-        let s = desired_status(&f, vec!["siem".into()], &Time(jiff::Timestamp::UNIX_EPOCH));
-        let c = &s.conditions[0];
-        assert_eq!(
-            (c.status.as_str(), c.reason.as_str()),
-            ("False", reason::INVALID_PATTERN)
-        );
-        assert!(c.message.starts_with("spec.domains[0]:"), "{}", c.message);
-        assert_eq!(s.subscriptions, vec!["siem"]);
+        let (ready, compiled) = compile(&f);
+        assert_eq!((ready.status, ready.reason), (Status::False, reason::INVALID_PATTERN));
+        assert!(ready.message.starts_with("spec.domains[0]:"), "{}", ready.message);
+        assert!(compiled.is_none());
     }
 }

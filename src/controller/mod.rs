@@ -3,9 +3,11 @@
 
 pub mod conditions;
 pub mod filter;
+pub mod status;
 pub mod subscription;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -20,6 +22,10 @@ use serde::de::DeserializeOwned;
 use tracing::warn;
 
 use crate::api::{MailboxFilter, WebhookSubscription};
+use crate::delivery::Deliveries;
+use crate::metrics::Metrics;
+use crate::route::{CompiledFilter, FilterEntry, Router, RoutingTable, SubscriptionRoute};
+use conditions::Desired;
 
 /// The one field manager under which the operator writes status (server-side apply).
 pub const FIELD_MANAGER: &str = "mailhook";
@@ -34,23 +40,104 @@ pub enum Error {
     StoreClosed,
 }
 
-/// What both reconcilers share.
+/// What the operator knows of one subscription since its last reconcile.
+#[derive(Clone)]
+pub struct SubscriptionState {
+    pub generation: Option<i64>,
+    pub ready: Desired,
+    pub route: Option<SubscriptionRoute>,
+    pub shard: u32,
+    pub paused: bool,
+}
+
+/// What the operator knows of one filter since its last reconcile.
+#[derive(Clone)]
+pub struct FilterState {
+    pub generation: Option<i64>,
+    pub ready: Desired,
+    pub users: Vec<String>,
+    pub compiled: Option<Arc<CompiledFilter>>,
+}
+
+/// Matches of one filter: how many, and the last one's time.
+pub type MatchCount = (u64, Option<jiff::Timestamp>);
+
+/// Match counts per filter, by (namespace, name).
+#[derive(Default)]
+pub struct MatchCounters {
+    inner: Mutex<HashMap<(String, String), MatchCount>>,
+}
+
+impl MatchCounters {
+    pub fn record(&self, filters: &[(String, String)], at: jiff::Timestamp) {
+        if filters.is_empty() {
+            return;
+        }
+        if let Ok(mut m) = self.inner.lock() {
+            for f in filters {
+                let e = m.entry(f.clone()).or_default();
+                e.0 += 1;
+                e.1 = Some(at);
+            }
+        }
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> MatchCount {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(namespace.to_string(), name.to_string())).copied())
+            .unwrap_or_default()
+    }
+}
+
+/// Keys by (namespace, name).
+type Key = (String, String);
+
+#[derive(Default)]
+pub struct State {
+    pub subscriptions: HashMap<String, SubscriptionState>,
+    pub filters: HashMap<Key, FilterState>,
+}
+
+/// What the reconcilers and the status writer share.
 pub struct Context {
     pub client: Client,
     recorder: Recorder,
     pub subscriptions: Store<WebhookSubscription>,
     pub filters: Store<MailboxFilter>,
+    pub deliveries: Arc<Deliveries>,
+    pub router: Arc<Router>,
+    pub matches: Arc<MatchCounters>,
+    pub metrics: Metrics,
+    pub state: Mutex<State>,
+    /// Wakes the status writer: something changed that should show at once.
+    pub status_changed: Arc<tokio::sync::Notify>,
+    /// Operator-wide secret from which each subscription's pseudonym key is derived.
+    pub pseudonym_secret: Vec<u8>,
 }
 
 impl Context {
+    /// Rebuilds the routing table from the current state and swaps it in.
+    pub fn rebuild_routes(&self) {
+        let Ok(state) = self.state.lock() else { return };
+        let subscriptions = state.subscriptions.values().filter_map(|s| s.route.clone()).collect();
+        let filters = state
+            .filters
+            .iter()
+            .filter_map(|((ns, name), f)| {
+                f.compiled.clone().map(|compiled| FilterEntry {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    compiled,
+                })
+            })
+            .collect();
+        self.router.swap(RoutingTable::build(subscriptions, filters));
+    }
+
     /// Records a Kubernetes Event on `regarding`. Failing to record is logged, not fatal.
-    async fn publish(
-        &self,
-        regarding: &ObjectReference,
-        type_: K8sEventType,
-        reason: &str,
-        note: &str,
-    ) {
+    async fn publish(&self, regarding: &ObjectReference, type_: K8sEventType, reason: &str, note: &str) {
         let event = Event {
             type_,
             reason: reason.to_string(),
@@ -65,12 +152,7 @@ impl Context {
 }
 
 /// Writes `status` to the status subresource with server-side apply.
-async fn write_status<K>(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    status: &impl Serialize,
-) -> Result<(), Error>
+async fn write_status<K>(client: &Client, ns: &str, name: &str, status: &impl Serialize) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -93,10 +175,11 @@ where
     Ok(())
 }
 
-fn error_policy<K>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action
+fn error_policy<K>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action
 where
-    K: ResourceExt,
+    K: Resource<DynamicType = ()>,
 {
+    ctx.metrics.reconcile_errors.with_label_values(&[&K::kind(&())]).inc();
     warn!(name = obj.name_any(), namespace = obj.namespace().unwrap_or_default(), %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -111,10 +194,7 @@ where
     }
 }
 
-fn in_namespace<K: Resource<DynamicType = ()> + Clone>(
-    store: &Store<K>,
-    ns: Option<String>,
-) -> Vec<ObjectRef<K>> {
+fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, ns: Option<String>) -> Vec<ObjectRef<K>> {
     store
         .state()
         .iter()
@@ -123,11 +203,22 @@ fn in_namespace<K: Resource<DynamicType = ()> + Clone>(
         .collect()
 }
 
-/// Runs both controllers over `namespace` (all namespaces when None) until `shutdown`.
-/// `on_ready` is called once both object caches have their initial list.
+/// The parts of the data path the controllers feed.
+#[derive(Clone)]
+pub struct Wiring {
+    pub deliveries: Arc<Deliveries>,
+    pub router: Arc<Router>,
+    pub matches: Arc<MatchCounters>,
+    pub metrics: Metrics,
+    pub pseudonym_secret: Vec<u8>,
+}
+
+/// Runs both controllers and the status writer over `namespace` (all namespaces when
+/// None) until `shutdown`. `on_ready` is called once both object caches are synced.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    wiring: Wiring,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     on_ready: impl FnOnce() + Send + 'static,
 ) {
@@ -147,6 +238,13 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         subscriptions: subscription_store.clone(),
         filters: filter_store.clone(),
+        status_changed: wiring.deliveries.health_changed.clone(),
+        deliveries: wiring.deliveries,
+        router: wiring.router,
+        matches: wiring.matches,
+        metrics: wiring.metrics,
+        pseudonym_secret: wiring.pseudonym_secret,
+        state: Mutex::default(),
     });
 
     // A Secret change re-checks the subscriptions that name it.
@@ -172,22 +270,17 @@ pub async fn run(
     };
 
     let subscriptions = subscriptions
-        .watches(
-            api::<Secret>(&client, ns),
-            config.clone(),
-            move |secret: Secret| {
-                let name = secret.name_any();
-                by_secret
-                    .state()
-                    .iter()
-                    .filter(|w| {
-                        w.namespace() == secret.namespace()
-                            && subscription::referenced_secrets(&w.spec).contains(&name)
-                    })
-                    .map(|w| ObjectRef::from_obj(w.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches(api::<Secret>(&client, ns), config.clone(), move |secret: Secret| {
+            let name = secret.name_any();
+            by_secret
+                .state()
+                .iter()
+                .filter(|w| {
+                    w.namespace() == secret.namespace() && subscription::referenced_secrets(&w.spec).contains(&name)
+                })
+                .map(|w| ObjectRef::from_obj(w.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .watches(
             api::<MailboxFilter>(&client, ns),
             config.clone(),
@@ -203,15 +296,14 @@ pub async fn run(
             move |w: WebhookSubscription| in_namespace(&by_subscription, w.namespace()),
         )
         .graceful_shutdown_on(stop(&shutdown_tx))
-        .run(filter::reconcile, error_policy, ctx)
+        .run(filter::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
+    let writer = status::run(ctx, stop(&shutdown_tx));
 
     let ready = async move {
-        if subscription_store.wait_until_ready().await.is_ok()
-            && filter_store.wait_until_ready().await.is_ok()
-        {
+        if subscription_store.wait_until_ready().await.is_ok() && filter_store.wait_until_ready().await.is_ok() {
             on_ready();
         }
     };
-    tokio::join!(signal, subscriptions, filters, ready);
+    tokio::join!(signal, subscriptions, filters, ready, writer);
 }

@@ -6,20 +6,17 @@ use std::time::Duration;
 
 use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
-use kube::{Api, Resource, ResourceExt};
-use tracing::{info, instrument};
+use kube::{Api, ResourceExt};
+use tracing::{debug, instrument};
 
-use super::conditions::{self, Desired, HEALTHY, READY, Status};
-use super::{Context, Error, write_status};
-use crate::api::{
-    MailboxFilter, WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
-    parse_duration,
-};
-use crate::route::CompiledFilter;
+use super::conditions::{Desired, READY, Status};
+use super::{Context, Error};
+use crate::api::{MailboxFilter, WebhookSubscription, WebhookSubscriptionSpec, parse_duration};
+use crate::delivery::signing::SigningKey;
+use crate::delivery::{DeliveryConfig, client, payload::PayloadConfig, shard_of};
+use crate::route::{CompiledFilter, SubscriptionRoute};
 
 /// Reasons on the `Ready` condition of a WebhookSubscription.
 pub mod reason {
@@ -31,7 +28,6 @@ pub mod reason {
     pub const INVALID_FILTER: &str = "InvalidFilter";
     pub const INVALID_ENDPOINT: &str = "InvalidEndpoint";
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const AWAITING_DELIVERY: &str = "AwaitingDelivery";
 }
 
 /// One thing wrong with a subscription, phrased for the person who has to fix it.
@@ -39,16 +35,6 @@ pub mod reason {
 pub struct Problem {
     pub reason: &'static str,
     pub message: String,
-}
-
-/// A signing secret (the decoded `whsec_` key). Debug never shows the bytes.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SigningKey(pub Vec<u8>);
-
-impl std::fmt::Debug for SigningKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SigningKey({} bytes)", self.0.len())
-    }
 }
 
 /// A subscription whose references all resolved: what delivery needs.
@@ -61,6 +47,9 @@ pub struct ValidSubscription {
     pub filters: Vec<String>,
     pub retry_schedule: Vec<Duration>,
     pub max_event_age: Duration,
+    pub disable_after: Duration,
+    /// Extra headers with values resolved from Secrets.
+    pub headers: Vec<(String, String)>,
 }
 
 /// What a subscription references, fetched from the cluster.
@@ -81,12 +70,7 @@ pub fn referenced_secrets(spec: &WebhookSubscriptionSpec) -> Vec<String> {
             .iter()
             .filter_map(|h| h.value_from.as_ref().map(|v| v.name.clone())),
     );
-    names.extend(
-        spec.endpoint
-            .client_cert_secret_ref
-            .as_ref()
-            .map(|r| r.name.clone()),
-    );
+    names.extend(spec.endpoint.client_cert_secret_ref.as_ref().map(|r| r.name.clone()));
     names.sort();
     names.dedup();
     names
@@ -94,18 +78,12 @@ pub fn referenced_secrets(spec: &WebhookSubscriptionSpec) -> Vec<String> {
 
 /// Checks a subscription against what it references. Pure: every problem is returned,
 /// the first one's reason going on the condition.
-pub fn validate(
-    spec: &WebhookSubscriptionSpec,
-    refs: &References<'_>,
-) -> Result<ValidSubscription, Vec<Problem>> {
+pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result<ValidSubscription, Vec<Problem>> {
     let mut problems = Vec::new();
-    let mut problem =
-        |reason: &'static str, message: String| problems.push(Problem { reason, message });
+    let mut problem = |reason: &'static str, message: String| problems.push(Problem { reason, message });
 
     let endpoint_host = match url::Url::parse(&spec.endpoint.url) {
-        Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => {
-            endpoint_host(&url)
-        }
+        Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => endpoint_host(&url),
         Ok(_) | Err(_) => {
             problem(
                 reason::INVALID_ENDPOINT,
@@ -138,7 +116,7 @@ pub fn validate(
         "spec.delivery.deadLetterRetention",
         &spec.delivery.dead_letter_retention,
     );
-    duration("spec.delivery.disableAfter", &spec.delivery.disable_after);
+    let disable_after = duration("spec.delivery.disableAfter", &spec.delivery.disable_after);
 
     let signing_name = &spec.signing.secret_ref.name;
     let signing_keys = match refs.secrets.get(signing_name) {
@@ -163,7 +141,11 @@ pub fn validate(
         },
     };
 
+    let mut headers = Vec::new();
     for (i, header) in spec.endpoint.headers.iter().enumerate() {
+        if let Some(value) = &header.value {
+            headers.push((header.name.clone(), value.clone()));
+        }
         if let Some(r) = &header.value_from {
             let field = format!("spec.endpoint.headers[{i}].valueFrom");
             match refs.secrets.get(&r.name) {
@@ -174,14 +156,16 @@ pub fn validate(
                         r.name
                     ),
                 ),
-                Some(s) if secret_value(s, &r.key).is_none() => problem(
-                    reason::INVALID_SECRET,
-                    format!(
-                        "Secret {:?} ({field}) has no key {:?}; add it or fix valueFrom.key",
-                        r.name, r.key
+                Some(s) => match secret_value(s, &r.key) {
+                    None => problem(
+                        reason::INVALID_SECRET,
+                        format!(
+                            "Secret {:?} ({field}) has no key {:?}; add it or fix valueFrom.key",
+                            r.name, r.key
+                        ),
                     ),
-                ),
-                Some(_) => {}
+                    Some(v) => headers.push((header.name.clone(), v.trim_end_matches('\n').to_string())),
+                },
             }
         }
     }
@@ -219,7 +203,8 @@ pub fn validate(
     {
         problem(
             reason::INVALID_ENDPOINT,
-            "spec.endpoint.caBundle holds no PEM certificate (-----BEGIN CERTIFICATE-----); paste the CA's PEM text".to_string(),
+            "spec.endpoint.caBundle holds no PEM certificate (-----BEGIN CERTIFICATE-----); paste the CA's PEM text"
+                .to_string(),
         );
     }
 
@@ -248,11 +233,8 @@ pub fn validate(
                 format!("spec.filterSelector is not a valid label selector: {e}"),
             ),
             Ok(selector) => {
-                let selected: Vec<&&MailboxFilter> = refs
-                    .filters
-                    .iter()
-                    .filter(|f| selector.matches(f.labels()))
-                    .collect();
+                let selected: Vec<&&MailboxFilter> =
+                    refs.filters.iter().filter(|f| selector.matches(f.labels())).collect();
                 if selected.is_empty() {
                     problem(
                         reason::FILTER_NOT_FOUND,
@@ -287,6 +269,8 @@ pub fn validate(
         filters,
         retry_schedule: retry_schedule.into_iter().flatten().collect(),
         max_event_age: max_event_age.unwrap_or_default(),
+        disable_after: disable_after.unwrap_or_default(),
+        headers,
     })
 }
 
@@ -302,28 +286,22 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
         return String::from_utf8(v.0.clone()).ok();
     }
-    secret
-        .string_data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .cloned()
+    secret.string_data.as_ref().and_then(|d| d.get(key)).cloned()
 }
 
 /// Every value of the Secret must be a `whsec_<base64>` key of 24 to 64 bytes.
 fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
     let data = secret.data.clone().unwrap_or_default();
     if data.is_empty() {
-        return Err(
-            "holds no keys; add one such as key=whsec_<base64 of 24 to 64 random bytes>"
-                .to_string(),
-        );
+        return Err("holds no keys; add one such as key=whsec_<base64 of 24 to 64 random bytes>".to_string());
     }
     data.iter()
         .map(|(key, value)| {
             let text = std::str::from_utf8(&value.0).map_err(|_| format!("key {key:?} is not text"))?;
-            let b64 = text.trim().strip_prefix("whsec_").ok_or_else(|| {
-                format!("key {key:?} is not a Standard Webhooks secret: it must start with whsec_")
-            })?;
+            let b64 = text
+                .trim()
+                .strip_prefix("whsec_")
+                .ok_or_else(|| format!("key {key:?} is not a Standard Webhooks secret: it must start with whsec_"))?;
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64)
                 .map_err(|_| format!("key {key:?}: the part after whsec_ is not valid base64"))?;
@@ -338,19 +316,9 @@ fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
         .collect()
 }
 
-/// The status a subscription should have, from its last status and the validation.
-pub fn desired_status(
-    whs: &WebhookSubscription,
-    outcome: &Result<ValidSubscription, Vec<Problem>>,
-    now: &Time,
-) -> WebhookSubscriptionStatus {
-    let generation = whs.metadata.generation;
-    let mut status = whs.status.clone().unwrap_or_default();
-    status.observed_generation = generation;
-    status.endpoint_host = url::Url::parse(&whs.spec.endpoint.url)
-        .ok()
-        .map(|u| endpoint_host(&u));
-    let ready = match outcome {
+/// The `Ready` condition for a validation outcome. Pure.
+pub fn ready_condition(spec: &WebhookSubscriptionSpec, outcome: &Result<ValidSubscription, Vec<Problem>>) -> Desired {
+    match outcome {
         Err(problems) => {
             let message = match problems.as_slice() {
                 [one] => one.message.clone(),
@@ -360,9 +328,10 @@ pub fn desired_status(
                     many.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ")
                 ),
             };
-            Desired { type_: READY, status: Status::False, reason: problems[0].reason, message }
+            let reason = problems.first().map_or(reason::INVALID_SPEC, |p| p.reason);
+            Desired { type_: READY, status: Status::False, reason, message }
         }
-        Ok(_) if whs.spec.paused => Desired {
+        Ok(_) if spec.paused => Desired {
             type_: READY,
             status: Status::False,
             reason: reason::PAUSED,
@@ -373,37 +342,60 @@ pub fn desired_status(
             status: Status::True,
             reason: reason::VALID,
             message: format!(
-                "Configuration is valid: {} signing key(s), {} filter(s).",
+                "Configuration is valid and routed: {} signing key(s), {} filter(s).",
                 valid.signing_keys.len(),
                 valid.filters.len()
             ),
         },
-    };
-    conditions::set(&mut status.conditions, ready, generation, now);
-    if conditions::status_of(&status.conditions, HEALTHY).is_none() {
-        conditions::set(
-            &mut status.conditions,
-            Desired {
-                type_: HEALTHY,
-                status: Status::Unknown,
-                reason: reason::AWAITING_DELIVERY,
-                message: "No delivery has been attempted yet.".to_string(),
-            },
-            generation,
-            now,
-        );
     }
-    status
+}
+
+/// The shard-side configuration of a valid subscription.
+fn delivery_config(
+    whs: &WebhookSubscription,
+    uid: &str,
+    valid: &ValidSubscription,
+    pseudonym_secret: &[u8],
+) -> Result<DeliveryConfig, Problem> {
+    let client =
+        client::build(valid.timeout, &valid.headers, whs.spec.endpoint.ca_bundle.as_deref()).map_err(|message| {
+            Problem {
+                reason: reason::INVALID_ENDPOINT,
+                message,
+            }
+        })?;
+    let spec = &whs.spec;
+    Ok(DeliveryConfig {
+        uid: uid.to_string(),
+        namespace: whs.namespace().unwrap_or_default(),
+        name: whs.name_any(),
+        generation: whs.metadata.generation.unwrap_or_default(),
+        url: spec.endpoint.url.clone(),
+        client,
+        timeout: valid.timeout,
+        signing_keys: valid.signing_keys.clone(),
+        retry_schedule: valid.retry_schedule.clone(),
+        max_event_age: valid.max_event_age,
+        disable_after: valid.disable_after,
+        payload: PayloadConfig {
+            mode: spec.payload.mode,
+            redact: spec.payload.redact.clone(),
+            pseudonym_key: crate::delivery::signing::pseudonym(pseudonym_secret, uid).into_bytes(),
+        },
+        concurrency: spec.delivery.concurrency,
+        rate_limit_per_second: spec.delivery.rate_limit_per_second,
+        ordered: spec.delivery.ordering == crate::api::Ordering::PerMailbox,
+        paused: spec.paused,
+    })
 }
 
 #[instrument(skip_all, fields(namespace = whs.namespace().unwrap_or_default(), name = whs.name_any()))]
 pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let ns = whs.namespace().ok_or(Error::NotNamespaced)?;
+    let uid = whs.uid().ok_or(Error::NotNamespaced)?;
     // Filters not yet listed would look like FilterNotFound.
-    ctx.filters
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::StoreClosed)?;
+    ctx.filters.wait_until_ready().await.map_err(|_| Error::StoreClosed)?;
 
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut refs = References::default();
@@ -419,31 +411,50 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         .map(|f| f.as_ref())
         .collect();
 
-    let outcome = validate(&whs.spec, &refs);
-    let now = Time(jiff::Timestamp::now());
-    let status = desired_status(&whs, &outcome, &now);
-    let was_ready = whs
-        .status
-        .as_ref()
-        .and_then(|s| conditions::status_of(&s.conditions, READY))
-        .map(str::to_string);
-    let ready = conditions::status_of(&status.conditions, READY).map(str::to_string);
-
-    if whs.status.as_ref() != Some(&status) {
-        write_status::<WebhookSubscription>(&ctx.client, &ns, &whs.name_any(), &status).await?;
+    let mut outcome = validate(&whs.spec, &refs);
+    let config = match &outcome {
+        Ok(valid) => match delivery_config(&whs, &uid, valid, &ctx.pseudonym_secret) {
+            Ok(c) => Some(c),
+            Err(problem) => {
+                outcome = Err(vec![problem]);
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let route = match (&outcome, &config) {
+        (Ok(valid), Some(_)) => Some(SubscriptionRoute {
+            uid: uid.clone(),
+            namespace: ns.clone(),
+            event_types: whs.spec.event_types.clone(),
+            filters: valid.filters.clone(),
+        }),
+        _ => None,
+    };
+    match config {
+        Some(c) => ctx.deliveries.upsert(c),
+        None => ctx.deliveries.park(&uid),
     }
-    if was_ready != ready
-        && let Some(c) = status.conditions.iter().find(|c| c.type_ == READY)
-    {
-        info!(ready = c.status, reason = c.reason, "Ready changed");
-        let type_ = if c.status == "True" {
-            K8sEventType::Normal
-        } else {
-            K8sEventType::Warning
-        };
-        ctx.publish(&whs.object_ref(&()), type_, &c.reason, &c.message)
-            .await;
+    let ready = ready_condition(&whs.spec, &outcome);
+    debug!(ready = ?ready.status, reason = ready.reason, "validated");
+    if let Ok(mut state) = ctx.state.lock() {
+        state.subscriptions.insert(
+            uid.clone(),
+            super::SubscriptionState {
+                generation: whs.metadata.generation,
+                ready,
+                route,
+                shard: shard_of(&uid, ctx.deliveries.shard_count()) as u32,
+                paused: whs.spec.paused,
+            },
+        );
     }
+    ctx.rebuild_routes();
+    ctx.status_changed.notify_one();
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&["WebhookSubscription"])
+        .observe(started.elapsed().as_secs_f64());
     // Periodic re-check catches what no watch reports (e.g. a filter losing a label).
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -451,9 +462,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{
-        Endpoint, EventType, MailboxFilterSpec, MatchCriteria, SecretRef, Signing, SubjectMatch,
-    };
+    use crate::api::{Endpoint, EventType, MailboxFilterSpec, MatchCriteria, SecretRef, Signing, SubjectMatch};
     use k8s_openapi::ByteString;
 
     fn spec() -> WebhookSubscriptionSpec {
@@ -467,9 +476,7 @@ mod tests {
                 client_cert_secret_ref: None,
             },
             signing: Signing {
-                secret_ref: SecretRef {
-                    name: "signing".into(),
-                },
+                secret_ref: SecretRef { name: "signing".into() },
             },
             event_types: vec![EventType::MessageReceived],
             filter_refs: vec![],
@@ -509,21 +516,14 @@ mod tests {
         assert_eq!(v.signing_keys[0].0.len(), 24);
         assert_eq!(v.retry_schedule.len(), 8);
         assert_eq!(v.timeout, Duration::from_secs(10));
-        assert!(
-            !format!("{v:?}").contains("MfKQ"),
-            "Debug must not leak key material"
-        );
+        assert!(!format!("{v:?}").contains("MfKQ"), "Debug must not leak key material");
     }
 
     #[test]
     fn missing_secret_says_how_to_create_it() {
         let problems = validate(&spec(), &References::default()).unwrap_err();
         assert_eq!(problems[0].reason, reason::SECRET_NOT_FOUND);
-        assert!(
-            problems[0]
-                .message
-                .contains("kubectl create secret generic signing")
-        );
+        assert!(problems[0].message.contains("kubectl create secret generic signing"));
     }
 
     #[test]
@@ -535,11 +535,7 @@ mod tests {
         ] {
             let problems = validate(&spec(), &refs_with_signing(value)).unwrap_err();
             assert_eq!(problems[0].reason, reason::INVALID_SECRET, "{value}");
-            assert!(
-                problems[0].message.contains(hint),
-                "{}",
-                problems[0].message
-            );
+            assert!(problems[0].message.contains(hint), "{}", problems[0].message);
         }
     }
 
@@ -565,41 +561,22 @@ mod tests {
         refs.filters = vec![&good, &bad];
         let problems = validate(&s, &refs).unwrap_err();
         let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
-        assert_eq!(
-            reasons,
-            vec![reason::FILTER_NOT_FOUND, reason::INVALID_FILTER]
-        );
+        assert_eq!(reasons, vec![reason::FILTER_NOT_FOUND, reason::INVALID_FILTER]);
 
         s.filter_refs = vec!["finance".into()];
         assert_eq!(validate(&s, &refs).expect("valid").filters, vec!["finance"]);
     }
 
     #[test]
-    fn status_reports_first_reason_and_all_problems_and_paused() {
-        let whs = WebhookSubscription::new("siem", spec());
-        let now = Time(jiff::Timestamp::UNIX_EPOCH);
-        let status = desired_status(&whs, &validate(&whs.spec, &References::default()), &now);
-        let ready = &status.conditions[0];
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("False", reason::SECRET_NOT_FOUND)
-        );
-        assert_eq!(
-            status.endpoint_host.as_deref(),
-            Some("siem.example.com:8443")
-        );
-        assert_eq!(
-            conditions::status_of(&status.conditions, HEALTHY),
-            Some("Unknown")
-        );
+    fn ready_reports_first_reason_and_paused() {
+        let ready = ready_condition(&spec(), &validate(&spec(), &References::default()));
+        assert_eq!((ready.status, ready.reason), (Status::False, reason::SECRET_NOT_FOUND));
 
-        let mut paused = WebhookSubscription::new("siem", spec());
-        paused.spec.paused = true;
-        let status = desired_status(
-            &paused,
-            &validate(&paused.spec, &refs_with_signing(KEY)),
-            &now,
-        );
-        assert_eq!(status.conditions[0].reason, reason::PAUSED);
+        let mut paused = spec();
+        paused.paused = true;
+        let ready = ready_condition(&paused, &validate(&paused, &refs_with_signing(KEY)));
+        assert_eq!((ready.status, ready.reason), (Status::False, reason::PAUSED));
+        let ready = ready_condition(&spec(), &validate(&spec(), &refs_with_signing(KEY)));
+        assert_eq!((ready.status, ready.reason), (Status::True, reason::VALID));
     }
 }

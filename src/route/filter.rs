@@ -137,11 +137,7 @@ impl CompiledCriteria {
 impl CompiledFilter {
     /// Whether `event` is selected: it matches the criteria and not the exclusions.
     pub fn matches(&self, event: &MailboxEvent) -> bool {
-        self.include.matches(event)
-            && !self
-                .exclude
-                .as_ref()
-                .is_some_and(|x| !x.is_empty() && x.matches(event))
+        self.include.matches(event) && !self.exclude.as_ref().is_some_and(|x| !x.is_empty() && x.matches(event))
     }
 }
 
@@ -169,22 +165,14 @@ impl CompiledCriteria {
         let any_glob = |globs: &[WildMatch], value: &str| globs.iter().any(|g| g.matches(value));
         (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
             && (self.mailboxes.is_empty() || any_glob(&self.mailboxes, &e.mailbox))
-            && (self.senders.is_empty()
-                || e.from
-                    .as_deref()
-                    .is_some_and(|f| any_glob(&self.senders, f)))
+            && (self.senders.is_empty() || e.from.as_deref().is_some_and(|f| any_glob(&self.senders, f)))
             && (self.recipients.is_empty() || e.recipients().any(|r| any_glob(&self.recipients, r)))
             && (self.domains.is_empty() || self.domain_matches(e))
-            && (self.directions.is_empty()
-                || e.direction.is_some_and(|d| self.directions.contains(&d)))
+            && (self.directions.is_empty() || e.direction.is_some_and(|d| self.directions.contains(&d)))
             && self.subject_matches(e)
             && self.attachments_match(e)
-            && self
-                .min_size
-                .is_none_or(|min| e.size.is_some_and(|s| s >= min))
-            && self
-                .max_size
-                .is_none_or(|max| e.size.is_some_and(|s| s <= max))
+            && self.min_size.is_none_or(|min| e.size.is_some_and(|s| s >= min))
+            && self.max_size.is_none_or(|max| e.size.is_some_and(|s| s <= max))
             && self.headers.iter().all(|h| h.matches(e))
     }
 
@@ -193,12 +181,10 @@ impl CompiledCriteria {
             self.domains.iter().any(|d| {
                 domain.len() >= d.len()
                     && domain[domain.len() - d.len()..].eq_ignore_ascii_case(d)
-                    && (domain.len() == d.len()
-                        || domain.as_bytes()[domain.len() - d.len() - 1] == b'.')
+                    && (domain.len() == d.len() || domain.as_bytes()[domain.len() - d.len() - 1] == b'.')
             })
         };
-        e.from.as_deref().and_then(domain_of).is_some_and(covered)
-            || e.recipients().filter_map(domain_of).any(covered)
+        e.from.as_deref().and_then(domain_of).is_some_and(covered) || e.recipients().filter_map(domain_of).any(covered)
     }
 
     fn subject_matches(&self, e: &MailboxEvent) -> bool {
@@ -217,14 +203,12 @@ impl CompiledCriteria {
             return false;
         }
         let lower = subject.to_lowercase();
-        self.subject_keywords
-            .iter()
-            .any(|k| lower.contains(k.as_str()))
+        self.subject_keywords.iter().any(|k| lower.contains(k.as_str()))
     }
 
     fn attachments_match(&self, e: &MailboxEvent) -> bool {
         self.attachments_present
-            .is_none_or(|want| want == !e.attachments.is_empty())
+            .is_none_or(|want| want != e.attachments.is_empty())
             && (self.attachment_content_types.is_empty()
                 || e.attachments.iter().any(|a| {
                     a.content_type
@@ -232,10 +216,9 @@ impl CompiledCriteria {
                         .is_some_and(|t| self.attachment_content_types.iter().any(|g| g.matches(t)))
                 }))
             && (self.attachment_extensions.is_empty()
-                || e.attachments.iter().any(|a| {
-                    a.extension()
-                        .is_some_and(|x| self.attachment_extensions.contains(&x))
-                }))
+                || e.attachments
+                    .iter()
+                    .any(|a| a.extension().is_some_and(|x| self.attachment_extensions.contains(&x))))
     }
 }
 
@@ -277,9 +260,7 @@ fn domains(list: &[String], field: &str) -> Result<Vec<String>, FilterError> {
             let d = d.trim_start_matches('.').to_lowercase();
             let valid = !d.is_empty()
                 && d.split('.').all(|label| {
-                    !label.is_empty()
-                        && label.len() <= 63
-                        && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+                    !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_alphanumeric() || c == '-')
                 });
             if valid {
                 Ok(d)
@@ -311,18 +292,12 @@ fn header(h: &HeaderMatch, field: &str) -> Result<CompiledHeader, FilterError> {
     if !h.name.chars().all(|c| c.is_ascii_graphic() && c != ':') {
         return Err(err(
             format!("{field}.name"),
-            format!(
-                "{:?} is not a header name: use printable ASCII without ':'",
-                h.name
-            ),
+            format!("{:?} is not a header name: use printable ASCII without ':'", h.name),
         ));
     }
     let value = match (&h.value, &h.regex) {
         (Some(_), Some(_)) => {
-            return Err(err(
-                field.to_string(),
-                "give value or regex, not both".to_string(),
-            ));
+            return Err(err(field.to_string(), "give value or regex, not both".to_string()));
         }
         (Some(v), None) => HeaderValueMatch::Glob(WildMatch::new_case_insensitive(v)),
         (None, Some(r)) => HeaderValueMatch::Regex(regex(r, &format!("{field}.regex"))?),

@@ -126,10 +126,9 @@ impl RoutingTable {
                 let hit = self.filters[i].compiled.matches(event);
                 memo[i] = if hit { 2 } else { 1 };
                 if hit {
-                    routed.matched.push((
-                        self.filters[i].namespace.clone(),
-                        self.filters[i].name.clone(),
-                    ));
+                    routed
+                        .matched
+                        .push((self.filters[i].namespace.clone(), self.filters[i].name.clone()));
                 }
             }
             memo[i] == 2
@@ -197,10 +196,7 @@ impl RoutingTable {
                     severity,
                     filter: entry.name.clone(),
                 };
-                match by_namespace
-                    .iter_mut()
-                    .find(|(ns, _)| ns == &entry.namespace)
-                {
+                match by_namespace.iter_mut().find(|(ns, _)| ns == &entry.namespace) {
                     Some((_, flags)) => flags.push(flag),
                     None => by_namespace.push((entry.namespace.clone(), vec![flag])),
                 }
@@ -223,8 +219,7 @@ impl RoutingTable {
     }
 
     fn has_flag_subscribers(&self) -> bool {
-        !self.flagging.is_empty()
-            && !self.by_type[type_index(EventType::ComplianceFlagged)].is_empty()
+        !self.flagging.is_empty() && !self.by_type[type_index(EventType::ComplianceFlagged)].is_empty()
     }
 }
 
@@ -255,8 +250,7 @@ impl Router {
 mod tests {
     use super::*;
     use crate::api::{
-        AttachmentMatch, ComplianceFlag, Direction, MailboxFilterSpec, MatchCriteria, Severity,
-        SubjectMatch,
+        AttachmentMatch, ComplianceFlag, Direction, MailboxFilterSpec, MatchCriteria, Severity, SubjectMatch,
     };
     use crate::event::Attachment;
 
@@ -273,12 +267,7 @@ mod tests {
         serde_json::from_value(base).expect("event")
     }
 
-    fn filter(
-        ns: &str,
-        name: &str,
-        criteria: MatchCriteria,
-        exclude: Option<MatchCriteria>,
-    ) -> FilterEntry {
+    fn filter(ns: &str, name: &str, criteria: MatchCriteria, exclude: Option<MatchCriteria>) -> FilterEntry {
         let spec = MailboxFilterSpec {
             criteria,
             exclude,
@@ -301,12 +290,7 @@ mod tests {
     }
 
     fn targets(table: &RoutingTable, e: &MailboxEvent) -> Vec<String> {
-        table
-            .route(e)
-            .targets
-            .into_iter()
-            .map(|t| t.subscription)
-            .collect()
+        table.route(e).targets.into_iter().map(|t| t.subscription).collect()
     }
 
     #[test]
@@ -324,21 +308,12 @@ mod tests {
         let t = RoutingTable::build(vec![sub("s", "ns", &[], &["f"])], vec![f]);
         assert_eq!(targets(&t, &event(serde_json::json!({}))), vec!["s"]);
         assert_eq!(
-            targets(
-                &t,
-                &event(serde_json::json!({"mailbox": "x@legal.example.com"}))
-            ),
+            targets(&t, &event(serde_json::json!({"mailbox": "x@legal.example.com"}))),
             vec!["s"]
         );
         // One criterion fails: no match.
         assert!(targets(&t, &event(serde_json::json!({"direction": "outbound"}))).is_empty());
-        assert!(
-            targets(
-                &t,
-                &event(serde_json::json!({"mailbox": "x@sales.example.com"}))
-            )
-            .is_empty()
-        );
+        assert!(targets(&t, &event(serde_json::json!({"mailbox": "x@sales.example.com"}))).is_empty());
     }
 
     #[test]
@@ -355,33 +330,15 @@ mod tests {
                 ..Default::default()
             }),
         );
-        let t = RoutingTable::build(
-            vec![sub("s", "ns", &[EventType::MessageReceived], &["f"])],
-            vec![f],
-        );
+        let t = RoutingTable::build(vec![sub("s", "ns", &[EventType::MessageReceived], &["f"])], vec![f]);
         assert_eq!(targets(&t, &event(serde_json::json!({}))), vec!["s"]);
         // Subdomains match a domain; look-alike suffixes do not.
         assert_eq!(
-            targets(
-                &t,
-                &event(serde_json::json!({"from": "x@mail.partner.org"}))
-            ),
+            targets(&t, &event(serde_json::json!({"from": "x@mail.partner.org"}))),
             vec!["s"]
         );
-        assert!(
-            targets(
-                &t,
-                &event(serde_json::json!({"from": "x@notpartner.org", "to": []}))
-            )
-            .is_empty()
-        );
-        assert!(
-            targets(
-                &t,
-                &event(serde_json::json!({"from": "noreply@partner.org"}))
-            )
-            .is_empty()
-        );
+        assert!(targets(&t, &event(serde_json::json!({"from": "x@notpartner.org", "to": []}))).is_empty());
+        assert!(targets(&t, &event(serde_json::json!({"from": "noreply@partner.org"}))).is_empty());
         // The subscription's own event types apply too.
         assert!(targets(&t, &event(serde_json::json!({"type": "message.sent"}))).is_empty());
     }
@@ -421,21 +378,12 @@ mod tests {
             e.attachments = vec![pdf.clone()];
             e
         };
-        assert_eq!(
-            targets(&t, &with(serde_json::json!({"size": 500}))),
-            vec!["s"]
-        );
+        assert_eq!(targets(&t, &with(serde_json::json!({"size": 500}))), vec!["s"]);
         assert!(
             targets(&t, &with(serde_json::json!({"size": 50}))).is_empty(),
             "below minBytes"
         );
-        assert!(
-            targets(
-                &t,
-                &with(serde_json::json!({"size": 500, "subject": "hello"}))
-            )
-            .is_empty()
-        );
+        assert!(targets(&t, &with(serde_json::json!({"size": 500, "subject": "hello"}))).is_empty());
         assert!(
             targets(&t, &event(serde_json::json!({"size": 500}))).is_empty(),
             "no attachment"
@@ -465,35 +413,21 @@ mod tests {
         let t = RoutingTable::build(
             vec![
                 sub("legal", "ns", &[EventType::ComplianceFlagged], &[]),
-                sub(
-                    "other-ns",
-                    "elsewhere",
-                    &[EventType::ComplianceFlagged],
-                    &[],
-                ),
+                sub("other-ns", "elsewhere", &[EventType::ComplianceFlagged], &[]),
                 sub("only-a", "ns", &[EventType::ComplianceFlagged], &["a"]),
             ],
             vec![flagged("ns", "a"), flagged("ns", "b")],
         );
         let message = event(serde_json::json!({}));
         let routed = t.route(&message);
-        assert!(
-            routed.targets.is_empty(),
-            "nobody subscribed to the message itself"
-        );
-        assert_eq!(
-            routed.flagged.len(),
-            1,
-            "two flags, one namespace: one event"
-        );
+        assert!(routed.targets.is_empty(), "nobody subscribed to the message itself");
+        assert_eq!(routed.flagged.len(), 1, "two flags, one namespace: one event");
         let flag_event = &routed.flagged[0];
         assert_eq!(flag_event.flags.len(), 2);
         assert_eq!(flag_event.flagged_event_id.as_deref(), Some("evt_1"));
         let to: Vec<Target> = t.route(flag_event).targets;
         assert_eq!(
-            to.iter()
-                .map(|t| t.subscription.as_str())
-                .collect::<Vec<_>>(),
+            to.iter().map(|t| t.subscription.as_str()).collect::<Vec<_>>(),
             vec!["legal", "only-a"]
         );
         assert_eq!(to[1].matched_filters, vec!["a"]);

@@ -70,10 +70,7 @@ impl Store for MemoryStore {
                 }
                 let id = event.id.clone();
                 inner.events.insert(id.clone(), Arc::new(event));
-                Appended {
-                    id,
-                    duplicate: false,
-                }
+                Appended { id, duplicate: false }
             })
             .collect())
     }
@@ -87,11 +84,7 @@ impl Store for MemoryStore {
         for mut d in deliveries {
             d.seq = inner.next_seq;
             inner.next_seq += 1;
-            inner
-                .queues
-                .entry(d.subscription.clone())
-                .or_default()
-                .insert(d);
+            inner.queues.entry(d.subscription.clone()).or_default().insert(d);
         }
         Ok(())
     }
@@ -108,11 +101,7 @@ impl Store for MemoryStore {
             return Ok(vec![]);
         };
         let seqs: Vec<u64> = if ordered {
-            let mut blocked: HashSet<&str> = q
-                .in_flight
-                .values()
-                .filter_map(|d| d.ordering_key.as_deref())
-                .collect();
+            let mut blocked: HashSet<&str> = q.in_flight.values().filter_map(|d| d.ordering_key.as_deref()).collect();
             let mut picked = Vec::new();
             for d in q.waiting.values() {
                 if picked.len() == max {
@@ -150,12 +139,7 @@ impl Store for MemoryStore {
 
     fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
         let inner = self.inner.lock().ok()?;
-        inner
-            .queues
-            .get(subscription)?
-            .by_time
-            .first()
-            .map(|(t, _)| *t)
+        inner.queues.get(subscription)?.by_time.first().map(|(t, _)| *t)
     }
 
     fn complete(&self, delivery: &PendingDelivery) -> Result<(), StoreError> {
@@ -168,10 +152,7 @@ impl Store for MemoryStore {
 
     fn retry(&self, delivery: PendingDelivery) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
-        let q = inner
-            .queues
-            .entry(delivery.subscription.clone())
-            .or_default();
+        let q = inner.queues.entry(delivery.subscription.clone()).or_default();
         q.in_flight.remove(&delivery.seq);
         q.insert(delivery);
         Ok(())
@@ -179,10 +160,7 @@ impl Store for MemoryStore {
 
     fn dead_letter(&self, delivery: PendingDelivery, reason: String) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
-        let q = inner
-            .queues
-            .entry(delivery.subscription.clone())
-            .or_default();
+        let q = inner.queues.entry(delivery.subscription.clone()).or_default();
         q.in_flight.remove(&delivery.seq);
         q.dead.push((delivery, reason));
         Ok(())
@@ -219,6 +197,7 @@ mod tests {
             not_before: at(not_before),
             accepted_at: at(0),
             ordering_key: key.map(String::from),
+            matched_filters: vec![],
             seq: 0,
         }
     }
@@ -234,10 +213,7 @@ mod tests {
         .expect("enqueue");
         let taken = s.take_due("sub", at(20), 10, false).expect("take");
         assert_eq!(
-            taken
-                .iter()
-                .map(|d| d.event_id.as_str())
-                .collect::<Vec<_>>(),
+            taken.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(),
             vec!["b", "a"]
         );
         assert_eq!(s.counts("sub").backlog, 3, "in flight still counts");
@@ -261,18 +237,11 @@ mod tests {
         .expect("enqueue");
         let taken = s.take_due("sub", at(10), 10, true).expect("take");
         assert_eq!(
-            taken
-                .iter()
-                .map(|d| d.event_id.as_str())
-                .collect::<Vec<_>>(),
+            taken.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(),
             vec!["m2-first"]
         );
         // m2-first in flight: m2-second waits for it.
-        assert!(
-            s.take_due("sub", at(10), 10, true)
-                .expect("take")
-                .is_empty()
-        );
+        assert!(s.take_due("sub", at(10), 10, true).expect("take").is_empty());
         s.complete(&taken[0]).expect("complete");
         let next = s.take_due("sub", at(10), 10, true).expect("take");
         assert_eq!(next[0].event_id, "m2-second");

@@ -38,6 +38,8 @@ pub struct PendingDelivery {
     pub accepted_at: jiff::Timestamp,
     /// Deliveries with the same key are made one at a time, in order (perMailbox).
     pub ordering_key: Option<String>,
+    /// The subscription's filters that matched the event (carried in `data`).
+    pub matched_filters: Vec<String>,
     /// Assigned by the store at enqueue: the order of enqueueing.
     pub seq: u64,
 }

@@ -21,10 +21,7 @@ fn whs_ready(w: &WebhookSubscription) -> Option<(String, String)> {
 }
 
 fn apply_examples(ns: &TestNamespace) {
-    let (ok, _, err) = kubectl_run(
-        &["apply", "-n", &ns.name, "-f", &repo_path("examples")],
-        None,
-    );
+    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", &repo_path("examples")], None);
     assert!(ok, "kubectl apply examples/: {err}");
 }
 
@@ -33,34 +30,18 @@ async fn all_ready(ns: &TestNamespace) {
     let mbf = ns.api::<MailboxFilter>();
     eventually(
         "every example WebhookSubscription Ready=True",
-        || async {
-            whs.list(&ListParams::default())
-                .await
-                .expect("list whs")
-                .items
-        },
-        |items| {
-            items.len() == 3
-                && items
-                    .iter()
-                    .all(|w| whs_ready(w).is_some_and(|(s, _)| s == "True"))
-        },
+        || async { whs.list(&ListParams::default()).await.expect("list whs").items },
+        |items| items.len() == 3 && items.iter().all(|w| whs_ready(w).is_some_and(|(s, _)| s == "True")),
     )
     .await;
     eventually(
         "every example MailboxFilter Ready=True",
-        || async {
-            mbf.list(&ListParams::default())
-                .await
-                .expect("list mbf")
-                .items
-        },
+        || async { mbf.list(&ListParams::default()).await.expect("list mbf").items },
         |items| {
             items.len() == 2
-                && items.iter().all(|f| {
-                    ready_of(f.status.as_ref().map(|s| &s.conditions))
-                        .is_some_and(|(s, _)| s == "True")
-                })
+                && items
+                    .iter()
+                    .all(|f| ready_of(f.status.as_ref().map(|s| &s.conditions)).is_some_and(|(s, _)| s == "True"))
         },
     )
     .await;
@@ -81,11 +62,7 @@ async fn examples_become_ready_and_printer_columns_fill_in() {
         .expect("siem-finance row");
     let cols: Vec<&str> = siem.split_whitespace().collect();
     // NAME ENDPOINT READY HEALTHY BACKLOG DELIVERED [LAST SUCCESS] AGE
-    assert_eq!(
-        &cols[1..6],
-        &["siem.example.com", "True", "Unknown", "0", "0"],
-        "{out}"
-    );
+    assert_eq!(&cols[1..6], &["siem.example.com", "True", "Unknown", "0", "0"], "{out}");
     let legal = out
         .lines()
         .find(|l| l.contains("legal-hold-external-pdf"))
@@ -140,11 +117,7 @@ async fn examples_become_ready_and_printer_columns_fill_in() {
     .await;
 
     // Ready came from the current generation.
-    let w = ns
-        .api::<WebhookSubscription>()
-        .get("siem-finance")
-        .await
-        .expect("get");
+    let w = ns.api::<WebhookSubscription>().get("siem-finance").await.expect("get");
     let status = w.status.expect("status");
     assert_eq!(status.observed_generation, w.metadata.generation);
     assert!(
@@ -158,16 +131,19 @@ async fn examples_become_ready_and_printer_columns_fill_in() {
 #[tokio::test]
 async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_it() {
     let ns = TestNamespace::new("secret-lifecycle").await;
-    let operator = Operator::start(&ns);
+    let _operator = Operator::start(&ns);
     apply_examples(&ns);
     all_ready(&ns).await;
     let whs = ns.api::<WebhookSubscription>();
-    let before = whs
-        .get("siem-finance")
+    let before = whs.get("siem-finance").await.expect("get").status.expect("status");
+    let untouched = whs
+        .get("analytics-metadata")
         .await
         .expect("get")
         .status
         .expect("status");
+    // Conditions carry whole seconds: step past this one so a transition shows.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
     ns.api::<Secret>()
         .delete("siem-signing", &DeleteParams::default())
@@ -195,33 +171,25 @@ async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_
         Some(("True".into(), "Valid".into()))
     );
     // The transition is recorded as a Warning Event on the subscription.
-    let (ok, events, _) = kubectl_run(
-        &[
-            "get",
-            "events",
-            "-n",
-            &ns.name,
-            "--field-selector",
-            "involvedObject.name=siem-finance",
-            "-o",
-            "custom-columns=T:.type,R:.reason",
-        ],
-        None,
-    );
-    assert!(
-        ok && events.contains("Warning") && events.contains("SecretNotFound"),
-        "{events}\n{}",
-        operator.log()
-    );
+    let selector = [
+        "get",
+        "events",
+        "-n",
+        &ns.name,
+        "--field-selector",
+        "involvedObject.name=siem-finance",
+        "-o",
+        "custom-columns=T:.type,R:.reason",
+    ];
+    eventually(
+        "a Warning SecretNotFound Event",
+        || async { kubectl_run(&selector, None) },
+        |(ok, events, _)| *ok && events.contains("Warning") && events.contains("SecretNotFound"),
+    )
+    .await;
 
     let (ok, _, err) = kubectl_run(
-        &[
-            "apply",
-            "-n",
-            &ns.name,
-            "-f",
-            &repo_path("examples/secrets.yaml"),
-        ],
+        &["apply", "-n", &ns.name, "-f", &repo_path("examples/secrets.yaml")],
         None,
     );
     assert!(ok, "{err}");
@@ -242,6 +210,13 @@ async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_
         t(w.status.as_ref().expect("status")),
         "lastTransitionTime moves on a transition"
     );
+    let still = whs
+        .get("analytics-metadata")
+        .await
+        .expect("get")
+        .status
+        .expect("status");
+    assert_eq!(t(&untouched), t(&still), "no transition, no new lastTransitionTime");
 }
 
 #[tokio::test]
@@ -270,10 +245,7 @@ async fn an_invalid_filter_is_reported_on_it_and_on_its_subscribers() {
     let f = eventually(
         "finance-inbound Ready=False/InvalidPattern",
         || async { mbf.get("finance-inbound").await.expect("get") },
-        |f| {
-            ready_of(f.status.as_ref().map(|s| &s.conditions))
-                == Some(("False".into(), "InvalidPattern".into()))
-        },
+        |f| ready_of(f.status.as_ref().map(|s| &s.conditions)) == Some(("False".into(), "InvalidPattern".into())),
     )
     .await;
     let msg = &f.status.expect("status").conditions[0].message;
@@ -315,8 +287,7 @@ async fn kubectl_apply_refuses_nonsense_with_clear_messages() {
         ),
     ];
     // A minimal object gets the schema's defaults from the apiserver itself.
-    let minimal =
-        whs("{url: 'https://siem.example.com/hooks'}").replace("name: bad", "name: minimal");
+    let minimal = whs("{url: 'https://siem.example.com/hooks'}").replace("name: bad", "name: minimal");
     let (ok, _, err) = kubectl_run(&["apply", "-f", "-"], Some(&minimal));
     assert!(ok, "{err}");
     let (_, schedule, _) = kubectl_run(
@@ -352,12 +323,7 @@ async fn kubectl_explain_describes_every_delivery_field() {
     )
     .await
     .1;
-    let fields: Vec<&str> = out
-        .split("FIELDS:")
-        .nth(1)
-        .expect("FIELDS section")
-        .lines()
-        .collect();
+    let fields: Vec<&str> = out.split("FIELDS:").nth(1).expect("FIELDS section").lines().collect();
     let names = [
         "concurrency",
         "deadLetterRetention",

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams, PostParams};
 use mailhook::api::{
-    Endpoint, MailboxFilter, MailboxFilterSpec, MatchCriteria, SecretRef, Signing, SizeRange,
-    WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
+    Endpoint, MailboxFilter, MailboxFilterSpec, MatchCriteria, SecretRef, Signing, SizeRange, WebhookSubscription,
+    WebhookSubscriptionSpec, WebhookSubscriptionStatus,
 };
 use serde_json::json;
 
@@ -85,15 +85,9 @@ async fn crdgen_output_applies_with_kubectl_and_is_established() {
     );
     let applied = String::from_utf8_lossy(&out.stdout);
     assert!(applied.contains("mailboxfilters.mailhook.io"), "{applied}");
-    assert!(
-        applied.contains("webhooksubscriptions.mailhook.io"),
-        "{applied}"
-    );
+    assert!(applied.contains("webhooksubscriptions.mailhook.io"), "{applied}");
 
-    for crd in [
-        "mailboxfilters.mailhook.io",
-        "webhooksubscriptions.mailhook.io",
-    ] {
+    for crd in ["mailboxfilters.mailhook.io", "webhooksubscriptions.mailhook.io"] {
         let out = support::kubectl()
             .args([
                 "get",
@@ -104,11 +98,7 @@ async fn crdgen_output_applies_with_kubectl_and_is_established() {
             ])
             .output()
             .expect("kubectl get crd");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "True",
-            "{crd} is not established"
-        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "True", "{crd} is not established");
     }
 }
 
@@ -163,15 +153,9 @@ async fn custom_resource_and_status_subresource_round_trip() {
     let read_status = read.status.clone().expect("status was stored");
     assert_eq!(read_status.delivered, 42);
     assert_eq!(read_status.backlog, 3);
-    assert_eq!(
-        read_status.endpoint_host.as_deref(),
-        Some("siem.example.com")
-    );
+    assert_eq!(read_status.endpoint_host.as_deref(), Some("siem.example.com"));
     assert_eq!(read_status.conditions[0].type_, "Ready");
-    assert_eq!(
-        read.spec, created.spec,
-        "a status write must not touch spec"
-    );
+    assert_eq!(read.spec, created.spec, "a status write must not touch spec");
     assert_eq!(
         read.metadata.generation, generation,
         "a status write must not bump generation"
@@ -229,12 +213,7 @@ async fn cel_rules_refuse_nonsense_with_clear_messages() {
 
     let mut negative = subscription("negative-timeout", "https://siem.example.com/hooks");
     negative.spec.endpoint.timeout = "-5s".to_string();
-    assert_refused(
-        &whs,
-        &negative,
-        "endpoint.timeout must be a positive duration",
-    )
-    .await;
+    assert_refused(&whs, &negative, "endpoint.timeout must be a positive duration").await;
 
     let mut nothing = subscription("receives-nothing", "https://siem.example.com/hooks");
     nothing.spec.event_types.clear();
@@ -259,10 +238,5 @@ async fn cel_rules_refuse_nonsense_with_clear_messages() {
             ..Default::default()
         },
     );
-    assert_refused(
-        &mbf,
-        &unordered,
-        "size.minBytes must not be greater than size.maxBytes",
-    )
-    .await;
+    assert_refused(&mbf, &unordered, "size.minBytes must not be greater than size.maxBytes").await;
 }

@@ -3,4 +3,5 @@
 
 mod controller;
 mod crd;
+mod delivery;
 mod support;

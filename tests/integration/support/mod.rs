@@ -36,13 +36,9 @@ pub async fn install_crds(client: &Client) {
             let api: Api<CustomResourceDefinition> = Api::all(client.clone());
             for crd in mailhook::api::crds() {
                 let name = crd.metadata.name.clone().expect("CRDs are named");
-                api.patch(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&crd),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+                api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+                    .await
+                    .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
                 tokio::time::timeout(
                     Duration::from_secs(30),
                     await_condition(api.clone(), &name, conditions::is_crd_established()),
@@ -108,10 +104,7 @@ impl Drop for TestNamespace {
         // The test's runtime may be gone or single-threaded: clean up on a thread of our
         // own with a fresh client. Best effort; the control plane is removed at the end.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async move {
@@ -150,32 +143,85 @@ pub fn kubectl() -> std::process::Command {
 pub struct Operator {
     child: std::process::Child,
     log: std::path::PathBuf,
+    token_file: std::path::PathBuf,
+    pub admin: std::net::SocketAddr,
+    pub ingest: std::net::SocketAddr,
+}
+
+/// The bearer token every test operator accepts.
+pub const INGEST_TOKEN: &str = "test-ingest-token";
+
+/// A free loopback port (another process may take it before we bind; tests accept that).
+pub fn free_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
 }
 
 impl Operator {
     pub fn start(ns: &TestNamespace) -> Operator {
+        Operator::start_with(ns, &[])
+    }
+
+    pub fn start_with(ns: &TestNamespace, extra: &[&str]) -> Operator {
         let log = std::env::temp_dir().join(format!("mailhook-operator-{}.log", ns.name));
+        let token_file = std::env::temp_dir().join(format!("mailhook-tokens-{}", ns.name));
+        std::fs::write(&token_file, format!("# test tokens\n{INGEST_TOKEN}\n")).expect("write token file");
         let out = std::fs::File::create(&log).expect("create operator log");
         let err = out.try_clone().expect("clone log handle");
+        let (admin, ingest) = (free_port(), free_port());
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
-            .args([
-                "run",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--watch-namespace",
-                &ns.name,
-            ])
+            .args(["run", "--watch-namespace", &ns.name, "--shards", "2"])
+            .args(["--http-addr", &admin.to_string(), "--ingest-addr", &ingest.to_string()])
+            .arg("--ingest-token-file")
+            .arg(&token_file)
+            .args(extra)
             .env("RUST_LOG", "info,mailhook=debug")
             .stdout(out)
             .stderr(err)
             .spawn()
             .expect("start mailhook run");
-        Operator { child, log }
+        Operator {
+            child,
+            log,
+            token_file,
+            admin,
+            ingest,
+        }
     }
 
     /// The operator's log so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until /readyz answers 200; shows the operator's log if it never does.
+    pub async fn ready(&self) {
+        let url = format!("http://{}/readyz", self.admin);
+        for _ in 0..150 {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("operator not ready after 30s; its log:\n{}", self.log());
+    }
+
+    /// POSTs an NDJSON batch to the ingest API; returns (status, body).
+    pub async fn ingest(&self, events: &[serde_json::Value]) -> (u16, serde_json::Value) {
+        let body: String = events.iter().map(|e| format!("{e}\n")).collect();
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/v1/events", self.ingest))
+            .bearer_auth(INGEST_TOKEN)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .expect("ingest request");
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default(),
+        )
     }
 }
 
@@ -184,15 +230,93 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.token_file);
+    }
+}
+
+/// tests/receiver/receiver.py: verifies every delivery with the `standardwebhooks` PyPI
+/// library and records it.
+pub struct Receiver {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+/// One delivery as the receiver saw it.
+#[derive(serde::Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct Received {
+    pub webhook_id: Option<String>,
+    pub verified: bool,
+    pub answered: u16,
+    pub body: String,
+    /// The `x-` headers it carried (extra endpoint headers).
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_default()
+    }
+}
+
+impl Receiver {
+    pub fn start(secret: &str) -> Receiver {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .arg(repo_path("tests/receiver/receiver.py"))
+            .args(["--secret", secret, "--quiet"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start receiver.py");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("receiver prints its port");
+        let port = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("receiver said {line:?}"));
+        Receiver { child, port }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// From now on, answer deliveries with `status`.
+    pub async fn answer(&self, status: u16) {
+        reqwest::Client::new()
+            .post(self.url("/_mode"))
+            .body(format!(r#"{{"status": {status}}}"#))
+            .send()
+            .await
+            .expect("set receiver mode");
+    }
+
+    pub async fn deliveries(&self) -> Vec<Received> {
+        let text = reqwest::get(self.url("/_deliveries"))
+            .await
+            .expect("receiver")
+            .text()
+            .await
+            .expect("body");
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("delivery record"))
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 /// Polls `get` until `check` holds, for up to 30 s; panics with the last value seen.
-pub async fn eventually<T: std::fmt::Debug, F, Fut>(
-    what: &str,
-    mut get: F,
-    check: impl Fn(&T) -> bool,
-) -> T
+pub async fn eventually<T: std::fmt::Debug, F, Fut>(what: &str, mut get: F, check: impl Fn(&T) -> bool) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,

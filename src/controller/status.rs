@@ -1,0 +1,394 @@
+//! The status writer: the one place that writes status. It composes what the reconcilers
+//! decided (Ready) with what delivery measured (Healthy, counters) and patches the status
+//! subresource at a bounded rate: at once when a condition changes, otherwise at most
+//! every `COUNTER_INTERVAL` per resource, however many events flow.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::events::EventType as K8sEventType;
+use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+use super::conditions::{self, Desired, HEALTHY, READY, Status};
+use super::{Context, FilterState, SubscriptionState, write_status};
+use crate::api::{DeliveryFailure, MailboxFilter, MailboxFilterStatus, WebhookSubscription, WebhookSubscriptionStatus};
+use crate::delivery::health::{HealthClass, HealthSnapshot};
+use crate::store::QueueCounts;
+
+/// Counter-only changes are written at most this often per resource.
+pub const COUNTER_INTERVAL: Duration = Duration::from_secs(3);
+const TICK: Duration = Duration::from_secs(1);
+
+/// Reasons on the `Healthy` condition.
+pub mod reason {
+    pub const AWAITING_DELIVERY: &str = "AwaitingDelivery";
+    pub const ENDPOINT_HEALTHY: &str = "EndpointHealthy";
+    pub const ENDPOINT_FAILING: &str = "EndpointFailing";
+    pub const ENDPOINT_DISABLED: &str = "EndpointDisabled";
+    pub const PAUSED: &str = "Paused";
+}
+
+fn time(t: jiff::Timestamp) -> Time {
+    Time(t)
+}
+
+/// The `Healthy` condition from delivery health. Pure.
+pub fn healthy_condition(health: &HealthSnapshot, paused: bool) -> Desired {
+    let last_error = || {
+        health
+            .last_failure
+            .as_ref()
+            .map(|f| format!("{} at {}", f.message, f.time.strftime("%Y-%m-%dT%H:%M:%SZ")))
+            .unwrap_or_default()
+    };
+    let (status, reason, message) = match health.class() {
+        HealthClass::Disabled => (
+            Status::False,
+            reason::ENDPOINT_DISABLED,
+            format!(
+                "Deliveries stopped: {}. Last error: {}. Events keep queueing; fix the endpoint, then edit the subscription to resume.",
+                health.disabled.as_deref().unwrap_or("disabled"),
+                last_error()
+            ),
+        ),
+        _ if paused => (
+            Status::Unknown,
+            reason::PAUSED,
+            "Deliveries are paused (spec.paused: true).".to_string(),
+        ),
+        HealthClass::Failing => (
+            Status::False,
+            reason::ENDPOINT_FAILING,
+            format!(
+                "{} consecutive failed attempt(s); last: {}. Deliveries are retried on delivery.retrySchedule; check that the endpoint is up and answers 2xx.",
+                health.consecutive_failures,
+                last_error()
+            ),
+        ),
+        HealthClass::Healthy => (
+            Status::True,
+            reason::ENDPOINT_HEALTHY,
+            format!(
+                "The endpoint accepts deliveries (median latency {} ms).",
+                health.latency_p50_ms.unwrap_or_default()
+            ),
+        ),
+        HealthClass::Unknown => (
+            Status::Unknown,
+            reason::AWAITING_DELIVERY,
+            "No delivery has been attempted yet.".to_string(),
+        ),
+    };
+    Desired {
+        type_: HEALTHY,
+        status,
+        reason,
+        message,
+    }
+}
+
+/// A subscription's full status. Pure.
+pub fn subscription_status(
+    whs: &WebhookSubscription,
+    previous: &WebhookSubscriptionStatus,
+    state: &SubscriptionState,
+    health: &HealthSnapshot,
+    counts: QueueCounts,
+    now: &Time,
+) -> WebhookSubscriptionStatus {
+    let mut status = previous.clone();
+    let generation = state.generation;
+    status.observed_generation = generation;
+    conditions::set(&mut status.conditions, state.ready.clone(), generation, now);
+    conditions::set(
+        &mut status.conditions,
+        healthy_condition(health, state.paused),
+        generation,
+        now,
+    );
+    status.endpoint_host = url::Url::parse(&whs.spec.endpoint.url).ok().and_then(|u| {
+        u.host_str()
+            .map(|h| u.port().map_or(h.to_string(), |p| format!("{h}:{p}")))
+    });
+    status.shard = Some(state.shard);
+    status.delivered = health.delivered;
+    status.failed_attempts = health.failed_attempts;
+    status.consecutive_failures = health.consecutive_failures;
+    status.backlog = counts.backlog;
+    status.dead_lettered = counts.dead_lettered;
+    status.last_success_time = health.last_success.map(time).or(status.last_success_time);
+    status.last_failure = health
+        .last_failure
+        .as_ref()
+        .map(|f| DeliveryFailure {
+            time: time(f.time),
+            http_status: f.http_status,
+            message: f.message.clone(),
+        })
+        .or(status.last_failure);
+    status.recent_latency_ms = health.latency_p50_ms.or(status.recent_latency_ms);
+    status
+}
+
+/// A filter's full status. Pure.
+pub fn filter_status(
+    previous: &MailboxFilterStatus,
+    state: &FilterState,
+    matched: super::MatchCount,
+    now: &Time,
+) -> MailboxFilterStatus {
+    let mut status = previous.clone();
+    status.observed_generation = state.generation;
+    conditions::set(&mut status.conditions, state.ready.clone(), state.generation, now);
+    status.subscriptions = state.users.clone();
+    status.matched_messages = matched.0;
+    status.last_match_time = matched.1.map(time).or(status.last_match_time);
+    status
+}
+
+/// The part of status that, when it changes, is written at once.
+fn urgent_key(conditions: &[Condition], generation: Option<i64>) -> Vec<(String, String, String, Option<i64>)> {
+    conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone(), generation))
+        .collect()
+}
+
+struct Written<S> {
+    status: S,
+    at: Instant,
+}
+
+/// Whether to write `desired` now, given what was last written.
+fn due<S: PartialEq>(desired: &S, last: Option<&Written<S>>, urgent: bool) -> bool {
+    match last {
+        None => true,
+        Some(w) if &w.status == desired => false,
+        Some(w) => urgent || w.at.elapsed() >= COUNTER_INTERVAL,
+    }
+}
+
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
+    let mut subscriptions: HashMap<String, Written<WebhookSubscriptionStatus>> = HashMap::new();
+    let mut filters: HashMap<String, Written<MailboxFilterStatus>> = HashMap::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = ctx.status_changed.notified() => {}
+            () = tokio::time::sleep(TICK) => {}
+        }
+        write_subscriptions(&ctx, &mut subscriptions).await;
+        write_filters(&ctx, &mut filters).await;
+    }
+}
+
+async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>) {
+    let now = Time(jiff::Timestamp::now());
+    let store = ctx.deliveries.store().clone();
+    let objects = ctx.subscriptions.state();
+    let states: HashMap<String, SubscriptionState> = match ctx.state.lock() {
+        Ok(s) => s.subscriptions.clone(),
+        Err(_) => return,
+    };
+    for whs in &objects {
+        let Some(uid) = whs.uid() else { continue };
+        let Some(state) = states.get(&uid) else {
+            continue;
+        };
+        let (ns, name) = (whs.namespace().unwrap_or_default(), whs.name_any());
+        let health = ctx.deliveries.health(&uid).unwrap_or_default();
+        let counts = store.counts(&uid);
+        let labels = [ns.as_str(), name.as_str()];
+        ctx.metrics
+            .backlog
+            .with_label_values(&labels)
+            .set(counts.backlog as i64);
+        ctx.metrics
+            .dead_letters
+            .with_label_values(&labels)
+            .set(counts.dead_lettered as i64);
+        ctx.metrics
+            .endpoint_up
+            .with_label_values(&labels)
+            .set(i64::from(health.class() == HealthClass::Healthy));
+        ctx.metrics
+            .endpoint_disabled
+            .with_label_values(&labels)
+            .set(i64::from(health.disabled.is_some()));
+
+        let previous = written
+            .get(&uid)
+            .map(|w| w.status.clone())
+            .or_else(|| whs.status.clone())
+            .unwrap_or_default();
+        let desired = subscription_status(whs, &previous, state, &health, counts, &now);
+        let urgent = urgent_key(&previous.conditions, previous.observed_generation)
+            != urgent_key(&desired.conditions, desired.observed_generation);
+        if !due(&desired, written.get(&uid), urgent) {
+            continue;
+        }
+        if let Err(err) = write_status::<WebhookSubscription>(&ctx.client, &ns, &name, &desired).await {
+            warn!(namespace = ns, name, %err, "cannot write status; will retry");
+            continue;
+        }
+        announce(ctx, whs.as_ref(), &previous.conditions, &desired.conditions).await;
+        written.insert(
+            uid,
+            Written {
+                status: desired,
+                at: Instant::now(),
+            },
+        );
+    }
+    forget_deleted(ctx, &objects, written);
+}
+
+async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<MailboxFilterStatus>>) {
+    let now = Time(jiff::Timestamp::now());
+    let objects = ctx.filters.state();
+    let states: HashMap<(String, String), FilterState> = match ctx.state.lock() {
+        Ok(s) => s.filters.clone(),
+        Err(_) => return,
+    };
+    for filter in &objects {
+        let Some(uid) = filter.uid() else { continue };
+        let (ns, name) = (filter.namespace().unwrap_or_default(), filter.name_any());
+        let Some(state) = states.get(&(ns.clone(), name.clone())) else {
+            continue;
+        };
+        let previous = written
+            .get(&uid)
+            .map(|w| w.status.clone())
+            .or_else(|| filter.status.clone())
+            .unwrap_or_default();
+        let desired = filter_status(&previous, state, ctx.matches.get(&ns, &name), &now);
+        let urgent = urgent_key(&previous.conditions, previous.observed_generation)
+            != urgent_key(&desired.conditions, desired.observed_generation)
+            || previous.subscriptions != desired.subscriptions;
+        if !due(&desired, written.get(&uid), urgent) {
+            continue;
+        }
+        if let Err(err) = write_status::<MailboxFilter>(&ctx.client, &ns, &name, &desired).await {
+            warn!(namespace = ns, name, %err, "cannot write status; will retry");
+            continue;
+        }
+        announce(ctx, filter.as_ref(), &previous.conditions, &desired.conditions).await;
+        written.insert(
+            uid,
+            Written {
+                status: desired,
+                at: Instant::now(),
+            },
+        );
+    }
+    let live: std::collections::HashSet<String> = objects.iter().filter_map(|f| f.uid()).collect();
+    written.retain(|uid, _| live.contains(uid));
+    if let Ok(mut state) = ctx.state.lock() {
+        let names: std::collections::HashSet<(String, String)> = objects
+            .iter()
+            .map(|f| (f.namespace().unwrap_or_default(), f.name_any()))
+            .collect();
+        let before = state.filters.len();
+        state.filters.retain(|k, _| names.contains(k));
+        if state.filters.len() != before {
+            drop(state);
+            ctx.rebuild_routes();
+        }
+    }
+}
+
+/// Drops what the operator keeps for subscriptions that no longer exist.
+fn forget_deleted(
+    ctx: &Context,
+    objects: &[Arc<WebhookSubscription>],
+    written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>,
+) {
+    let live: std::collections::HashSet<String> = objects.iter().filter_map(|w| w.uid()).collect();
+    written.retain(|uid, _| live.contains(uid));
+    let gone: Vec<String> = match ctx.state.lock() {
+        Ok(mut state) => {
+            let gone: Vec<String> = state
+                .subscriptions
+                .keys()
+                .filter(|u| !live.contains(*u))
+                .cloned()
+                .collect();
+            for uid in &gone {
+                state.subscriptions.remove(uid);
+            }
+            gone
+        }
+        Err(_) => return,
+    };
+    if !gone.is_empty() {
+        for uid in &gone {
+            ctx.deliveries.remove(uid);
+        }
+        ctx.rebuild_routes();
+    }
+}
+
+/// Records a Kubernetes Event for every condition whose status changed.
+async fn announce<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, before: &[Condition], after: &[Condition]) {
+    for c in after {
+        if [READY, HEALTHY].contains(&c.type_.as_str())
+            && conditions::status_of(before, &c.type_) != Some(c.status.as_str())
+        {
+            let type_ = if c.status == "False" {
+                K8sEventType::Warning
+            } else {
+                K8sEventType::Normal
+            };
+            ctx.publish(&obj.object_ref(&()), type_, &c.reason, &c.message).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::health::Failure;
+
+    #[test]
+    fn healthy_condition_reasons() {
+        let mut h = HealthSnapshot::default();
+        assert_eq!(healthy_condition(&h, false).reason, reason::AWAITING_DELIVERY);
+        assert_eq!(healthy_condition(&h, true).reason, reason::PAUSED);
+        h.last_success = Some(jiff::Timestamp::UNIX_EPOCH);
+        assert_eq!(healthy_condition(&h, false).status, Status::True);
+        h.consecutive_failures = 2;
+        h.last_failure = Some(Failure {
+            time: jiff::Timestamp::UNIX_EPOCH,
+            http_status: Some(500),
+            message: "HTTP 500".into(),
+        });
+        let failing = healthy_condition(&h, false);
+        assert_eq!(
+            (failing.status, failing.reason),
+            (Status::False, reason::ENDPOINT_FAILING)
+        );
+        assert!(failing.message.contains("HTTP 500"), "{}", failing.message);
+        h.disabled = Some("the endpoint answered 410 Gone".into());
+        assert_eq!(
+            healthy_condition(&h, true).reason,
+            reason::ENDPOINT_DISABLED,
+            "disabled outranks paused"
+        );
+    }
+
+    #[test]
+    fn counter_changes_wait_condition_changes_do_not() {
+        let last = Written {
+            status: 1u32,
+            at: Instant::now(),
+        };
+        assert!(!due(&1, Some(&last), false), "unchanged: nothing to write");
+        assert!(!due(&2, Some(&last), false), "counters only: wait for the interval");
+        assert!(due(&2, Some(&last), true), "a condition changed: write at once");
+        assert!(due(&2, None, false), "never written: write");
+    }
+}

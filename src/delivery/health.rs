@@ -1,0 +1,112 @@
+//! Per-subscription delivery health: what the status writer puts on the resource.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+/// The most recent failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub time: jiff::Timestamp,
+    pub http_status: Option<u16>,
+    pub message: String,
+}
+
+/// Health at one moment. Counters count since this process started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthSnapshot {
+    pub delivered: u64,
+    pub failed_attempts: u64,
+    pub consecutive_failures: u32,
+    pub last_success: Option<jiff::Timestamp>,
+    pub last_failure: Option<Failure>,
+    pub failing_since: Option<jiff::Timestamp>,
+    /// Why deliveries stopped (410 Gone, failing longer than disableAfter).
+    pub disabled: Option<String>,
+    /// Median of recent successful deliveries.
+    pub latency_p50_ms: Option<u64>,
+}
+
+/// The coarse state that, when it changes, is written to status at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthClass {
+    Unknown,
+    Healthy,
+    Failing,
+    Disabled,
+}
+
+impl HealthSnapshot {
+    pub fn class(&self) -> HealthClass {
+        if self.disabled.is_some() {
+            HealthClass::Disabled
+        } else if self.consecutive_failures > 0 {
+            HealthClass::Failing
+        } else if self.last_success.is_some() {
+            HealthClass::Healthy
+        } else {
+            HealthClass::Unknown
+        }
+    }
+}
+
+const LATENCY_WINDOW: usize = 64;
+
+#[derive(Default)]
+pub struct Health {
+    inner: Mutex<(HealthSnapshot, VecDeque<u64>)>,
+}
+
+impl Health {
+    pub fn snapshot(&self) -> HealthSnapshot {
+        self.inner.lock().map(|g| g.0.clone()).unwrap_or_default()
+    }
+
+    /// Records a success; returns true when the health class changed.
+    pub fn success(&self, now: jiff::Timestamp, latency_ms: u64) -> bool {
+        self.update(|s, window| {
+            s.delivered += 1;
+            s.consecutive_failures = 0;
+            s.failing_since = None;
+            s.last_success = Some(now);
+            if window.len() == LATENCY_WINDOW {
+                window.pop_front();
+            }
+            window.push_back(latency_ms);
+            let mut sorted: Vec<u64> = window.iter().copied().collect();
+            sorted.sort_unstable();
+            s.latency_p50_ms = sorted.get(sorted.len() / 2).copied();
+        })
+    }
+
+    /// Records a failed attempt; disables the endpoint when `disable` is given.
+    pub fn failure(&self, failure: Failure, disable: Option<String>) -> bool {
+        self.update(|s, _| {
+            s.failed_attempts += 1;
+            s.consecutive_failures += 1;
+            s.failing_since.get_or_insert(failure.time);
+            s.last_failure = Some(failure);
+            if disable.is_some() {
+                s.disabled = disable;
+            }
+        })
+    }
+
+    /// Lets deliveries flow again (the subscription was edited).
+    pub fn enable(&self) -> bool {
+        self.update(|s, _| {
+            s.disabled = None;
+            s.consecutive_failures = 0;
+            s.failing_since = None;
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut HealthSnapshot, &mut VecDeque<u64>)) -> bool {
+        let Ok(mut guard) = self.inner.lock() else {
+            return false;
+        };
+        let before = guard.0.class();
+        let (snapshot, window) = &mut *guard;
+        f(snapshot, window);
+        before != guard.0.class()
+    }
+}

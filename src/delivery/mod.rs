@@ -1,0 +1,461 @@
+//! Delivery: a fixed set of shards POST signed events to subscribers, retry on each
+//! subscription's schedule, and keep per-subscription health. A subscription lives on
+//! one shard (stable hash of its UID). Queues live behind the `Store` trait.
+
+pub mod client;
+pub mod health;
+pub mod payload;
+pub mod retry;
+pub mod signing;
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::metrics::Metrics;
+use crate::route::Target;
+use crate::store::{PendingDelivery, Store};
+use health::{Failure, Health, HealthSnapshot};
+use payload::PayloadConfig;
+use retry::Next;
+use signing::SigningKey;
+
+/// Everything a shard needs to deliver for one subscription; rebuilt on every change.
+pub struct DeliveryConfig {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub url: String,
+    pub client: reqwest::Client,
+    pub timeout: Duration,
+    pub signing_keys: Vec<SigningKey>,
+    pub retry_schedule: Vec<Duration>,
+    pub max_event_age: Duration,
+    pub disable_after: Duration,
+    pub payload: PayloadConfig,
+    pub concurrency: u32,
+    pub rate_limit_per_second: Option<u32>,
+    pub ordered: bool,
+    pub paused: bool,
+}
+
+struct Subscription {
+    config: Arc<DeliveryConfig>,
+    slots: Arc<Semaphore>,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    health: Arc<Health>,
+}
+
+#[derive(Default)]
+struct Shard {
+    subscriptions: Mutex<HashMap<String, Arc<Subscription>>>,
+    wake: Notify,
+}
+
+/// The delivery side of the operator.
+pub struct Deliveries {
+    shards: Vec<Arc<Shard>>,
+    store: Arc<dyn Store>,
+    health: Mutex<HashMap<String, Arc<Health>>>,
+    metrics: Metrics,
+    /// Notified when a subscription's health class changes: status is written at once.
+    pub health_changed: Arc<Notify>,
+}
+
+/// Stable shard of a subscription UID.
+pub fn shard_of(uid: &str, shards: usize) -> usize {
+    let digest = Sha256::digest(uid.as_bytes());
+    let n = u64::from_be_bytes([
+        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+    ]);
+    (n % shards.max(1) as u64) as usize
+}
+
+impl Deliveries {
+    /// Starts `shards` shard workers; they run until the process ends.
+    pub fn start(shards: usize, store: Arc<dyn Store>, metrics: Metrics) -> Arc<Deliveries> {
+        let deliveries = Arc::new(Deliveries {
+            shards: (0..shards.max(1)).map(|_| Arc::default()).collect(),
+            store,
+            health: Mutex::default(),
+            metrics,
+            health_changed: Arc::default(),
+        });
+        for (i, shard) in deliveries.shards.iter().enumerate() {
+            tokio::spawn(run_shard(deliveries.clone(), shard.clone()).instrument(info_span!("shard", shard = i)));
+        }
+        deliveries
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Adds or replaces a subscription. An edit (new generation) re-enables a disabled
+    /// endpoint.
+    pub fn upsert(&self, config: DeliveryConfig) {
+        let health = self.health_of(&config.uid);
+        let shard = &self.shards[shard_of(&config.uid, self.shards.len())];
+        let Ok(mut subs) = shard.subscriptions.lock() else {
+            return;
+        };
+        if let Some(old) = subs.get(&config.uid)
+            && old.config.generation != config.generation
+            && health.enable()
+        {
+            self.health_changed.notify_one();
+        }
+        // Keep the slots and limiter when their settings did not change, so deliveries in
+        // flight still count against the concurrency limit.
+        let (slots, limiter) = match subs.get(&config.uid) {
+            Some(old)
+                if old.config.concurrency == config.concurrency
+                    && old.config.rate_limit_per_second == config.rate_limit_per_second =>
+            {
+                (old.slots.clone(), old.limiter.clone())
+            }
+            _ => (
+                Arc::new(Semaphore::new(config.concurrency.max(1) as usize)),
+                config
+                    .rate_limit_per_second
+                    .and_then(NonZeroU32::new)
+                    .map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r)))),
+            ),
+        };
+        subs.insert(
+            config.uid.clone(),
+            Arc::new(Subscription {
+                config: Arc::new(config),
+                slots,
+                limiter,
+                health,
+            }),
+        );
+        drop(subs);
+        shard.wake.notify_one();
+    }
+
+    /// Stops delivering for a subscription that is no longer valid; its queue and health
+    /// stay until it is valid again or deleted.
+    pub fn park(&self, uid: &str) {
+        let shard = &self.shards[shard_of(uid, self.shards.len())];
+        if let Ok(mut subs) = shard.subscriptions.lock() {
+            subs.remove(uid);
+        }
+    }
+
+    /// Forgets a deleted subscription.
+    pub fn remove(&self, uid: &str) {
+        let shard = &self.shards[shard_of(uid, self.shards.len())];
+        if let Ok(mut subs) = shard.subscriptions.lock()
+            && let Some(sub) = subs.remove(uid)
+        {
+            self.metrics
+                .forget_subscription(&sub.config.namespace, &sub.config.name);
+        }
+        if let Ok(mut h) = self.health.lock() {
+            h.remove(uid);
+        }
+    }
+
+    /// Queues one delivery per target and wakes their shards.
+    pub fn enqueue(
+        &self,
+        event: &crate::event::MailboxEvent,
+        targets: &[Target],
+    ) -> Result<(), crate::store::StoreError> {
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let now = jiff::Timestamp::now();
+        let pending = targets
+            .iter()
+            .map(|t| PendingDelivery {
+                subscription: t.subscription.clone(),
+                event_id: event.id.clone(),
+                attempts: 0,
+                not_before: now,
+                accepted_at: event.received_at,
+                ordering_key: Some(event.mailbox.clone()),
+                matched_filters: t.matched_filters.clone(),
+                seq: 0,
+            })
+            .collect();
+        self.store.enqueue(pending)?;
+        for t in targets {
+            self.shards[shard_of(&t.subscription, self.shards.len())]
+                .wake
+                .notify_one();
+        }
+        Ok(())
+    }
+
+    pub fn health(&self, uid: &str) -> Option<HealthSnapshot> {
+        self.health.lock().ok()?.get(uid).map(|h| h.snapshot())
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn health_of(&self, uid: &str) -> Arc<Health> {
+        match self.health.lock() {
+            Ok(mut h) => h.entry(uid.to_string()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+}
+
+async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
+    loop {
+        let subs: Vec<Arc<Subscription>> = match shard.subscriptions.lock() {
+            Ok(s) => s.values().cloned().collect(),
+            Err(_) => return,
+        };
+        let now = jiff::Timestamp::now();
+        let mut wake_at = now + Duration::from_secs(1);
+        for sub in subs {
+            let config = &sub.config;
+            if config.paused || sub.health.snapshot().disabled.is_some() {
+                continue;
+            }
+            let free = sub.slots.available_permits();
+            if free > 0 {
+                match deliveries.store.take_due(&config.uid, now, free, config.ordered) {
+                    Ok(batch) => {
+                        for d in batch {
+                            let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            tokio::spawn(deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit));
+                        }
+                    }
+                    Err(err) => {
+                        warn!(%err, subscription = config.name, "cannot read the delivery queue")
+                    }
+                }
+            }
+            if let Some(due) = deliveries.store.next_due(&config.uid) {
+                // A due delivery that is held back (ordering, no free slot) is retried
+                // when a delivery finishes, or after a short pause.
+                wake_at = wake_at.min(due.max(now + Duration::from_millis(100)));
+            }
+        }
+        let sleep = Duration::try_from(wake_at.duration_since(jiff::Timestamp::now())).unwrap_or(Duration::ZERO);
+        tokio::select! {
+            () = shard.wake.notified() => {}
+            () = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+/// What an attempt came to.
+enum Outcome {
+    Delivered {
+        status: u16,
+    },
+    Failed {
+        status: Option<u16>,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    Gone,
+}
+
+fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        Some(_) => "other",
+        None => "transport",
+    }
+}
+
+/// `webhook-id`: stable for one event and one subscription, so retries de-duplicate.
+fn webhook_id(event_id: &str, subscription: &str) -> String {
+    let digest = Sha256::digest(format!("{subscription}/{event_id}").as_bytes());
+    format!(
+        "msg_{}",
+        digest.iter().take(16).map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+async fn deliver(
+    deliveries: Arc<Deliveries>,
+    shard: Arc<Shard>,
+    sub: Arc<Subscription>,
+    mut d: PendingDelivery,
+    _permit: OwnedSemaphorePermit,
+) {
+    let config = &sub.config;
+    let store = &deliveries.store;
+    let event = match store.event(&d.event_id) {
+        Ok(Some(e)) => e,
+        Ok(None) => {
+            let _ = store.dead_letter(d, "the event is no longer in the store".into());
+            return;
+        }
+        Err(err) => {
+            warn!(%err, "cannot read event; will retry");
+            d.not_before = jiff::Timestamp::now() + Duration::from_secs(1);
+            let _ = store.retry(d);
+            return;
+        }
+    };
+    if let Some(limiter) = &sub.limiter {
+        limiter.until_ready().await;
+    }
+
+    let id = webhook_id(&event.id, &config.uid);
+    let body = payload::render(&event, &d.matched_filters, &config.payload);
+    let timestamp = jiff::Timestamp::now().as_second();
+    let signature = signing::signature_header(&config.signing_keys, &id, timestamp, &body);
+    let started = Instant::now();
+    let response = config
+        .client
+        .post(&config.url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    let elapsed = started.elapsed();
+    let now = jiff::Timestamp::now();
+    d.attempts += 1;
+
+    let outcome = match response {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, now));
+            match status {
+                200..=299 => Outcome::Delivered { status },
+                410 => Outcome::Gone,
+                429 | 502 | 503 | 504 => Outcome::Failed {
+                    status: Some(status),
+                    message: format!("HTTP {status}: the endpoint asked to slow down"),
+                    retry_after,
+                },
+                300..=399 => Outcome::Failed {
+                    status: Some(status),
+                    message: format!("HTTP {status}: redirects are not followed; point endpoint.url at the final URL"),
+                    retry_after: None,
+                },
+                _ => Outcome::Failed {
+                    status: Some(status),
+                    message: format!("HTTP {status}"),
+                    retry_after: None,
+                },
+            }
+        }
+        Err(err) => {
+            let message = if err.is_timeout() {
+                format!("no answer within {}s (endpoint.timeout)", config.timeout.as_secs_f32())
+            } else if err.is_connect() {
+                format!("cannot connect: {}", root_cause(&err))
+            } else {
+                format!("request failed: {}", root_cause(&err))
+            };
+            Outcome::Failed {
+                status: None,
+                message,
+                retry_after: None,
+            }
+        }
+    };
+
+    let (outcome_label, status_label, changed) = match outcome {
+        Outcome::Delivered { status } => {
+            let _ = store.complete(&d);
+            let changed = sub.health.success(now, elapsed.as_millis() as u64);
+            ("success", status_class(Some(status)), changed)
+        }
+        Outcome::Gone => {
+            // 410: the receiver asked us to stop. Keep the event; stop the endpoint.
+            let _ = store.retry(d);
+            let changed = sub.health.failure(
+                Failure {
+                    time: now,
+                    http_status: Some(410),
+                    message: "HTTP 410 Gone: the endpoint asked to stop deliveries".into(),
+                },
+                Some("the endpoint answered 410 Gone".into()),
+            );
+            ("gone", "4xx", changed)
+        }
+        Outcome::Failed {
+            status,
+            message,
+            retry_after,
+        } => {
+            debug!(subscription = config.name, %message, attempts = d.attempts, "delivery failed");
+            let snapshot = sub.health.snapshot();
+            let failing_for = snapshot
+                .failing_since
+                .map(|t| now.duration_since(t))
+                .unwrap_or_default();
+            let disable = (failing_for
+                > jiff::SignedDuration::try_from(config.disable_after).unwrap_or(jiff::SignedDuration::MAX))
+            .then(|| {
+                format!(
+                    "failing for longer than delivery.disableAfter ({}s)",
+                    config.disable_after.as_secs()
+                )
+            });
+            let changed = sub.health.failure(
+                Failure {
+                    time: now,
+                    http_status: status,
+                    message: message.clone(),
+                },
+                disable,
+            );
+            match retry::after_failure(
+                &config.retry_schedule,
+                d.attempts,
+                retry_after,
+                d.accepted_at,
+                config.max_event_age,
+                now,
+            ) {
+                Next::RetryAt(at) => {
+                    d.not_before = at;
+                    let _ = store.retry(d);
+                }
+                Next::DeadLetter(reason) => {
+                    let _ = store.dead_letter(d, format!("{reason}; last error: {message}"));
+                }
+            }
+            ("failure", status_class(status), changed)
+        }
+    };
+    deliveries
+        .metrics
+        .delivery(&config.namespace, &config.name, outcome_label, status_label, elapsed);
+    if changed {
+        deliveries.health_changed.notify_one();
+    }
+    shard.wake.notify_one();
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,426 @@
+//! HTTP ingest: `POST /v1/events` takes one JSON event (`application/json`) or an NDJSON
+//! batch (`application/x-ndjson`). A request is accepted whole or refused whole: every
+//! event is checked before any is stored.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{Pipeline, normalize_address};
+use crate::admin::Readiness;
+use crate::api::{Direction, EventType};
+use crate::event::{Attachment, MailboxEvent, Source};
+
+const MAX_ATTACHMENTS: usize = 1000;
+const MAX_RECIPIENTS: usize = 10_000;
+const MAX_TEXT: usize = 16 * 1024;
+
+/// Ingest settings from the command line.
+#[derive(Clone, Debug)]
+pub struct IngestConfig {
+    pub token_file: PathBuf,
+    pub max_body_bytes: usize,
+    pub max_batch_events: usize,
+}
+
+/// Bearer tokens, re-read from their file so a rotated Secret takes effect without restart.
+#[derive(Clone)]
+pub struct Tokens {
+    path: PathBuf,
+    tokens: Arc<RwLock<Vec<String>>>,
+}
+
+impl Tokens {
+    pub fn load(path: PathBuf) -> std::io::Result<Tokens> {
+        let tokens = Tokens {
+            path,
+            tokens: Arc::default(),
+        };
+        tokens.reload()?;
+        Ok(tokens)
+    }
+
+    fn reload(&self) -> std::io::Result<()> {
+        let text = std::fs::read_to_string(&self.path)?;
+        let list: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect();
+        if list.is_empty() {
+            return Err(std::io::Error::other(format!("{} holds no token", self.path.display())));
+        }
+        if let Ok(mut t) = self.tokens.write() {
+            *t = list;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the file every `every`; keeps the old tokens if it cannot.
+    pub fn watch(self, every: Duration) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(err) = self.reload() {
+                    warn!(%err, path = %self.path.display(), "cannot re-read ingest tokens; keeping the previous ones");
+                }
+            }
+        });
+    }
+
+    fn accepts(&self, presented: &str) -> bool {
+        let Ok(tokens) = self.tokens.read() else {
+            return false;
+        };
+        // Compare every token in full so timing tells nothing about a near miss.
+        tokens.iter().fold(false, |found, t| {
+            found | constant_time_eq(t.as_bytes(), presented.as_bytes())
+        })
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Clone)]
+struct IngestState {
+    pipeline: Arc<Pipeline>,
+    tokens: Tokens,
+    readiness: Readiness,
+    max_batch_events: usize,
+}
+
+pub fn router(config: &IngestConfig, pipeline: Arc<Pipeline>, tokens: Tokens, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/v1/events", post(ingest))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(IngestState {
+            pipeline,
+            tokens,
+            readiness,
+            max_batch_events: config.max_batch_events,
+        })
+}
+
+/// The producer's view of one event.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IngestEvent {
+    #[serde(rename = "type")]
+    event_type: EventType,
+    /// When it happened at the mail system; defaults to now.
+    occurred_at: Option<jiff::Timestamp>,
+    /// The producer's unique id for this event; repeats are not delivered again.
+    event_id: Option<String>,
+    mailbox: String,
+    message_id: Option<String>,
+    from: Option<String>,
+    #[serde(default)]
+    to: Vec<String>,
+    #[serde(default)]
+    cc: Vec<String>,
+    #[serde(default)]
+    bcc: Vec<String>,
+    subject: Option<String>,
+    size: Option<u64>,
+    #[serde(default)]
+    attachments: Vec<IngestAttachment>,
+    direction: Option<Direction>,
+    folder: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IngestAttachment {
+    name: Option<String>,
+    content_type: Option<String>,
+    size: Option<u64>,
+    sha256: Option<String>,
+}
+
+/// A refusal: status, message, and the field at fault.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl Refusal {
+    fn bad(field: impl Into<String>, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.message});
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+async fn ingest(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let metrics = state.pipeline.metrics.clone();
+    match accept(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            metrics.events_ingested.with_label_values(&["http", "rejected"]).inc();
+            refusal.into_response()
+        }
+    }
+}
+
+async fn accept(
+    state: &IngestState,
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, Refusal> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if !token.is_some_and(|t| state.tokens.accepts(t)) {
+        return Err(Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing or unknown bearer token: send Authorization: Bearer <token from the ingest token file>"
+                .into(),
+            field: None,
+        });
+    }
+    if !state.readiness.is_ready() {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the operator is starting (caches not yet synced); retry shortly".into(),
+            field: None,
+        });
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let ndjson = match media.as_str() {
+        "application/json" => false,
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
+        _ => {
+            return Err(Refusal {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                message: format!(
+                    "content type {content_type:?} is not accepted: send application/json (one event) or application/x-ndjson (one event per line)"
+                ),
+                field: None,
+            });
+        }
+    };
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Refusal {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: "request body over the ingest size limit; send smaller batches".into(),
+                field: None,
+            }
+        } else {
+            Refusal {
+                status: e.status(),
+                message: e.body_text(),
+                field: None,
+            }
+        }
+    })?;
+
+    let now = jiff::Timestamp::now();
+    let mut events = Vec::new();
+    if ndjson {
+        for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if events.len() == state.max_batch_events {
+                return Err(Refusal {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!("more than {} events in one batch; split it", state.max_batch_events),
+                    field: None,
+                });
+            }
+            let at = format!("line {}", i + 1);
+            events.push(parse(line, &at).and_then(|e| normalize(e, now, &state.pipeline.internal_domains, &at))?);
+        }
+        if events.is_empty() {
+            return Err(Refusal::bad("body", "the batch holds no event"));
+        }
+    } else {
+        events.push(parse(&body, "body").and_then(|e| normalize(e, now, &state.pipeline.internal_domains, "body"))?);
+    }
+
+    let outcomes = state.pipeline.accept(events).map_err(|e| Refusal {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!("cannot store the events ({e}); nothing was accepted, retry"),
+        field: None,
+    })?;
+    let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
+    info!(events = outcomes.len(), duplicates, "ingested");
+    let body = json!({
+        "accepted": outcomes.len() - duplicates,
+        "duplicates": duplicates,
+        "events": outcomes.iter().map(|o| json!({"id": o.id, "duplicate": o.duplicate})).collect::<Vec<_>>(),
+    });
+    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+}
+
+fn parse(bytes: &[u8], at: &str) -> Result<IngestEvent, Refusal> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            at.to_string()
+        } else {
+            format!("{at}: {path}")
+        };
+        Refusal::bad(field.clone(), format!("{field}: {}", e.inner()))
+    })
+}
+
+fn normalize(
+    e: IngestEvent,
+    now: jiff::Timestamp,
+    internal_domains: &[String],
+    at: &str,
+) -> Result<MailboxEvent, Refusal> {
+    let address = |field: &str, value: &str| {
+        normalize_address(value).ok_or_else(|| {
+            Refusal::bad(
+                format!("{at}: {field}"),
+                format!("{at}: {field}: {value:?} is not an email address (local@domain)"),
+            )
+        })
+    };
+    let addresses = |field: &str, list: &[String]| -> Result<Vec<String>, Refusal> {
+        if list.len() > MAX_RECIPIENTS {
+            return Err(Refusal::bad(
+                format!("{at}: {field}"),
+                format!("{at}: {field}: more than {MAX_RECIPIENTS} addresses"),
+            ));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, a)| address(&format!("{field}[{i}]"), a))
+            .collect()
+    };
+    let text = |field: &str, value: Option<String>| -> Result<Option<String>, Refusal> {
+        match value {
+            Some(v) if v.len() > MAX_TEXT => Err(Refusal::bad(
+                format!("{at}: {field}"),
+                format!("{at}: {field}: longer than {MAX_TEXT} bytes"),
+            )),
+            other => Ok(other),
+        }
+    };
+    if let Some(id) = &e.event_id
+        && (id.is_empty() || id.len() > 256)
+    {
+        return Err(Refusal::bad(
+            format!("{at}: eventId"),
+            format!("{at}: eventId: must be 1 to 256 characters"),
+        ));
+    }
+    if e.event_type == EventType::ComplianceFlagged {
+        return Err(Refusal::bad(
+            format!("{at}: type"),
+            format!("{at}: type: compliance.flagged is produced by MailboxFilters, not ingested"),
+        ));
+    }
+    if e.attachments.len() > MAX_ATTACHMENTS {
+        return Err(Refusal::bad(
+            format!("{at}: attachments"),
+            format!("{at}: attachments: more than {MAX_ATTACHMENTS}"),
+        ));
+    }
+    let mailbox = address("mailbox", &e.mailbox)?;
+    let from = e.from.as_deref().map(|f| address("from", f)).transpose()?;
+    let to = addresses("to", &e.to)?;
+    let cc = addresses("cc", &e.cc)?;
+    let bcc = addresses("bcc", &e.bcc)?;
+    let direction = e.direction.or(match e.event_type {
+        EventType::MessageReceived => Some(Direction::Inbound),
+        EventType::MessageSent => Some(Direction::Outbound),
+        EventType::MessageInternal => Some(Direction::Internal),
+        _ => super::direction(
+            from.as_deref(),
+            to.iter().chain(&cc).chain(&bcc).map(String::as_str),
+            internal_domains,
+        ),
+    });
+    Ok(MailboxEvent {
+        id: MailboxEvent::new_id(),
+        event_type: e.event_type,
+        occurred_at: e.occurred_at.unwrap_or(now),
+        received_at: now,
+        source: Source::Http,
+        producer_event_id: e.event_id,
+        mailbox,
+        message_id: text("messageId", e.message_id)?,
+        from,
+        to,
+        cc,
+        bcc,
+        subject: text("subject", e.subject)?,
+        size: e.size,
+        attachments: e
+            .attachments
+            .into_iter()
+            .map(|a| Attachment {
+                name: a.name,
+                content_type: a.content_type.map(|t| t.to_ascii_lowercase()),
+                size: a.size,
+                sha256: a.sha256,
+            })
+            .collect(),
+        direction,
+        folder: text("folder", e.folder)?,
+        headers: e
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect(),
+        flags: vec![],
+        flagged_event_id: None,
+        flag_namespace: None,
+    })
+}

@@ -1,0 +1,468 @@
+//! The data path end to end: the real operator process, a real apiserver, and a real
+//! HTTP receiver that verifies signatures with the `standardwebhooks` PyPI library.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mailhook::api::WebhookSubscription;
+use serde_json::{Value, json};
+
+use crate::support::{Operator, Receiver, TestNamespace, eventually, kubectl_run};
+
+/// A 32-byte key, as `whsec_` + base64.
+const SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
+
+fn apply(ns: &TestNamespace, yaml: &str) {
+    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(yaml));
+    assert!(ok, "kubectl apply failed: {err}\n{yaml}");
+}
+
+fn signing_secret(ns: &TestNamespace) {
+    apply(
+        ns,
+        &format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SECRET}}}\n"),
+    );
+}
+
+/// A subscription to `url` with `extra` YAML appended under spec.
+fn subscription(ns: &TestNamespace, name: &str, url: &str, extra: &str) {
+    signing_secret(ns);
+    apply(
+        ns,
+        &format!(
+            "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: {name}}}\nspec:\n  endpoint: {{url: '{url}', allowInsecureHttp: true, timeout: 5s}}\n  signing: {{secretRef: {{name: signing}}}}\n  eventTypes: [message.received]\n{extra}"
+        ),
+    );
+}
+
+async fn status_of(ns: &TestNamespace, name: &str) -> WebhookSubscription {
+    ns.api::<WebhookSubscription>()
+        .get(name)
+        .await
+        .expect("get subscription")
+}
+
+fn condition(w: &WebhookSubscription, type_: &str) -> Option<(String, String)> {
+    w.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+async fn wait_ready(ns: &TestNamespace, name: &str) {
+    eventually(
+        &format!("{name} Ready=True"),
+        || status_of(ns, name),
+        |w| {
+            condition(w, "Ready").is_some_and(|(s, _)| s == "True")
+                && w.status.as_ref().and_then(|s| s.observed_generation) == w.metadata.generation
+        },
+    )
+    .await;
+}
+
+fn event(i: usize) -> Value {
+    json!({
+        "type": "message.received",
+        "eventId": format!("producer-{i}"),
+        "occurredAt": "2026-11-26T10:00:00Z",
+        "mailbox": format!("user{}@finance.example.com", i % 17),
+        "messageId": format!("<m{i}@partner.org>"),
+        "from": "Sender.Name@Partner.org",
+        "to": [format!("user{}@finance.example.com", i % 17)],
+        "cc": ["auditor@finance.example.com"],
+        "subject": format!("Quarterly merger plan #{i}"),
+        "size": 20_000 + i,
+        "attachments": [{"name": "plan.pdf", "contentType": "application/pdf", "size": 1200, "sha256": "ab12"}],
+        "folder": "Inbox",
+    })
+}
+
+#[tokio::test]
+async fn a_thousand_events_arrive_signed_and_status_counts_them() {
+    let ns = TestNamespace::new("thousand").await;
+    let receiver = Receiver::start(SECRET);
+    let operator = Operator::start(&ns);
+    apply(
+        &ns,
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: siem-token}\nstringData: {token: s3cret-token}\n",
+    );
+    subscription(&ns, "siem", &receiver.url("/hooks"), "  delivery: {concurrency: 16}\n");
+    let header =
+        r#"{"spec":{"endpoint":{"headers":[{"name":"X-Api-Key","valueFrom":{"name":"siem-token","key":"token"}}]}}}"#;
+    let (ok, _, err) = kubectl_run(
+        &["patch", "whs", "siem", "-n", &ns.name, "--type=merge", "-p", header],
+        None,
+    );
+    assert!(ok, "{err}");
+    operator.ready().await;
+    wait_ready(&ns, "siem").await;
+
+    let events: Vec<Value> = (0..1000).map(event).collect();
+    for batch in events.chunks(250) {
+        let (status, body) = operator.ingest(batch).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["accepted"], 250);
+    }
+
+    let got = eventually(
+        "1000 verified deliveries",
+        || receiver.deliveries(),
+        |d| d.iter().filter(|r| r.answered == 200).count() >= 1000,
+    )
+    .await;
+    assert!(
+        got.iter().all(|r| r.verified),
+        "every delivery verifies with the standardwebhooks library"
+    );
+    assert!(
+        got.iter()
+            .all(|r| r.headers.get("x-api-key").map(String::as_str) == Some("s3cret-token")),
+        "the extra header from the Secret rides on every delivery"
+    );
+    let ids: BTreeSet<&str> = got.iter().filter_map(|r| r.webhook_id.as_deref()).collect();
+    assert_eq!(ids.len(), 1000, "one webhook-id per event");
+    let first = got[0].json();
+    assert_eq!(first["type"], "message.received");
+    assert_eq!(
+        first["data"]["from"], "sender.name@partner.org",
+        "addresses are normalized"
+    );
+    assert!(
+        first["data"]["subject"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Quarterly merger plan"))
+    );
+
+    let w = eventually(
+        "status delivered=1000, Healthy=True, backlog=0",
+        || status_of(&ns, "siem"),
+        |w| {
+            w.status.as_ref().is_some_and(|s| s.delivered == 1000 && s.backlog == 0)
+                && condition(w, "Healthy") == Some(("True".into(), "EndpointHealthy".into()))
+        },
+    )
+    .await;
+    let status = w.status.expect("status");
+    assert!(status.last_success_time.is_some() && status.recent_latency_ms.is_some());
+    assert!(status.shard.is_some_and(|s| s < 2));
+
+    let (ok, out, _) = kubectl_run(&["get", "whs", "siem", "-n", &ns.name], None);
+    assert!(ok && out.contains("1000"), "{out}");
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_retried_reported_and_recovers_without_loss() {
+    let ns = TestNamespace::new("recovery").await;
+    let receiver = Receiver::start(SECRET);
+    receiver.answer(500).await;
+    let operator = Operator::start(&ns);
+    subscription(
+        &ns,
+        "flaky",
+        &receiver.url("/hooks"),
+        "  delivery: {retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}\n",
+    );
+    operator.ready().await;
+    wait_ready(&ns, "flaky").await;
+
+    let (status, _) = operator.ingest(&(0..5).map(event).collect::<Vec<_>>()).await;
+    assert_eq!(status, 202);
+
+    let w = eventually(
+        "Healthy=False/EndpointFailing",
+        || status_of(&ns, "flaky"),
+        |w| condition(w, "Healthy") == Some(("False".into(), "EndpointFailing".into())),
+    )
+    .await;
+    let status = w.status.expect("status");
+    let failure = status.last_failure.clone().expect("lastFailure");
+    assert_eq!(failure.http_status, Some(500));
+    assert!(status.consecutive_failures >= 1 && status.backlog == 5, "{status:?}");
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Healthy")
+        .expect("Healthy")
+        .message;
+    assert!(message.contains("HTTP 500"), "{message}");
+
+    // Let every event be retried at least once more, then recover.
+    eventually("retries", || receiver.deliveries(), |d| d.len() >= 10).await;
+    receiver.answer(200).await;
+    eventually(
+        "Healthy=True, delivered=5, backlog=0",
+        || status_of(&ns, "flaky"),
+        |w| {
+            condition(w, "Healthy") == Some(("True".into(), "EndpointHealthy".into()))
+                && w.status.as_ref().is_some_and(|s| s.delivered == 5 && s.backlog == 0)
+        },
+    )
+    .await;
+
+    // Nothing lost, and retries of one event carry one webhook-id.
+    let got = receiver.deliveries().await;
+    let mut by_id: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    for r in &got {
+        assert!(r.verified);
+        by_id
+            .entry(r.webhook_id.clone().expect("webhook-id"))
+            .or_default()
+            .push(r.answered);
+    }
+    assert_eq!(by_id.len(), 5, "{by_id:?}");
+    for (id, answers) in &by_id {
+        assert!(answers.contains(&500) && answers.contains(&200), "{id}: {answers:?}");
+    }
+    let producer_ids: BTreeSet<String> = got
+        .iter()
+        .filter(|r| r.answered == 200)
+        .map(|r| r.json()["data"]["producerEventId"].to_string())
+        .collect();
+    assert_eq!(producer_ids.len(), 5);
+}
+
+#[tokio::test]
+async fn an_endpoint_answering_410_is_disabled_and_left_alone() {
+    let ns = TestNamespace::new("gone").await;
+    let receiver = Receiver::start(SECRET);
+    receiver.answer(410).await;
+    let operator = Operator::start(&ns);
+    subscription(
+        &ns,
+        "retired",
+        &receiver.url("/hooks"),
+        "  delivery: {concurrency: 1, retrySchedule: [0s, 1s, 1s, 1s, 1s]}\n",
+    );
+    operator.ready().await;
+    wait_ready(&ns, "retired").await;
+    let (status, _) = operator.ingest(&(0..3).map(event).collect::<Vec<_>>()).await;
+    assert_eq!(status, 202);
+
+    let w = eventually(
+        "Healthy=False/EndpointDisabled",
+        || status_of(&ns, "retired"),
+        |w| condition(w, "Healthy") == Some(("False".into(), "EndpointDisabled".into())),
+    )
+    .await;
+    assert_eq!(
+        w.status.as_ref().map(|s| s.backlog),
+        Some(3),
+        "events are kept, not dropped"
+    );
+    let attempts = receiver.deliveries().await.len();
+    assert_eq!(attempts, 1, "one attempt, then no more");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        receiver.deliveries().await.len(),
+        attempts,
+        "a disabled endpoint gets no more attempts"
+    );
+    let (ok, events, _) = kubectl_run(
+        &[
+            "get",
+            "events",
+            "-n",
+            &ns.name,
+            "--field-selector",
+            "involvedObject.name=retired",
+            "-o",
+            "custom-columns=R:.reason",
+        ],
+        None,
+    );
+    assert!(ok && events.contains("EndpointDisabled"), "{events}");
+
+    // Editing the subscription re-enables it; the kept events then arrive.
+    receiver.answer(200).await;
+    let (ok, _, err) = kubectl_run(
+        &[
+            "patch",
+            "whs",
+            "retired",
+            "-n",
+            &ns.name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"delivery":{"concurrency":2}}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    eventually(
+        "3 deliveries after re-enable",
+        || receiver.deliveries(),
+        |d| d.iter().filter(|r| r.answered == 200).count() == 3,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn metadata_and_anonymized_payloads_carry_no_subject_and_no_real_address() {
+    let ns = TestNamespace::new("privacy").await;
+    let receiver = Receiver::start(SECRET);
+    let operator = Operator::start(&ns);
+    subscription(
+        &ns,
+        "analytics",
+        &receiver.url("/metadata"),
+        "  payload: {mode: metadata}\n",
+    );
+    subscription(
+        &ns,
+        "research",
+        &receiver.url("/anonymized"),
+        "  payload: {mode: anonymized}\n",
+    );
+    operator.ready().await;
+    wait_ready(&ns, "analytics").await;
+    wait_ready(&ns, "research").await;
+    let (status, _) = operator.ingest(&(0..10).map(event).collect::<Vec<_>>()).await;
+    assert_eq!(status, 202);
+    let got = eventually("20 deliveries", || receiver.deliveries(), |d| d.len() >= 20).await;
+    for r in &got {
+        assert!(r.verified);
+        let body = r.body.to_lowercase();
+        // Pseudonyms keep the domain (anon-…@partner.org); real local parts never appear.
+        for secret in ["merger", "sender.name@", "\"user", "auditor@", "plan.pdf", "<m1@"] {
+            assert!(!body.contains(secret), "a privacy payload leaks {secret:?}: {}", r.body);
+        }
+    }
+    let anonymized: Vec<Value> = got
+        .iter()
+        .map(|r| r.json())
+        .filter(|j| j["data"]["from"].as_str().is_some_and(|f| f.starts_with("anon-")))
+        .collect();
+    assert_eq!(anonymized.len(), 10, "the anonymized subscription gets pseudonyms");
+    let pseudonyms: BTreeSet<&str> = anonymized.iter().filter_map(|j| j["data"]["from"].as_str()).collect();
+    assert_eq!(pseudonyms.len(), 1, "one sender, one stable pseudonym: {pseudonyms:?}");
+    let metadata: Vec<Value> = got
+        .iter()
+        .map(|r| r.json())
+        .filter(|j| j["data"].get("senderDomain").is_some())
+        .collect();
+    assert_eq!(metadata.len(), 10);
+    assert_eq!(metadata[0]["data"]["senderDomain"], "partner.org");
+}
+
+#[tokio::test]
+async fn ingest_refuses_bad_requests_whole_and_deduplicates() {
+    let ns = TestNamespace::new("ingest").await;
+    let receiver = Receiver::start(SECRET);
+    let operator = Operator::start_with(&ns, &["--ingest-max-body-bytes", "65536"]);
+    subscription(&ns, "siem", &receiver.url("/hooks"), "");
+    operator.ready().await;
+    wait_ready(&ns, "siem").await;
+    let url = format!("http://{}/v1/events", operator.ingest);
+    let client = reqwest::Client::new();
+    let post = |token: Option<&str>, content_type: &str, body: String| {
+        let mut r = client.post(&url).header("content-type", content_type).body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let resp = r.send().await.expect("request");
+            let status = resp.status().as_u16();
+            (
+                status,
+                serde_json::from_str::<Value>(&resp.text().await.unwrap_or_default()).unwrap_or_default(),
+            )
+        }
+    };
+    let token = Some(crate::support::INGEST_TOKEN);
+    let one = event(1).to_string();
+
+    assert_eq!(post(None, "application/json", one.clone()).await.0, 401);
+    assert_eq!(post(Some("wrong"), "application/json", one.clone()).await.0, 401);
+    assert_eq!(post(token, "text/plain", one.clone()).await.0, 415);
+    let (status, _) = post(token, "application/x-ndjson", format!("{one}\n").repeat(200)).await;
+    assert_eq!(status, 413, "over --ingest-max-body-bytes");
+
+    // A bad second line refuses the whole batch, naming the field.
+    let mut bad = event(2);
+    bad["to"] = json!(["ok@example.com", "not an address"]);
+    let (status, body) = post(token, "application/x-ndjson", format!("{}\n{bad}\n", event(100))).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["field"], "line 2: to[1]", "{body}");
+    let mut unknown = event(3);
+    unknown["subjet"] = json!("typo");
+    let (status, body) = post(token, "application/json", unknown.to_string()).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("subjet")), "{body}");
+    let (status, body) = post(
+        token,
+        "application/json",
+        r#"{"type": "message.exploded", "mailbox": "a@b.c"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["field"], "body: type", "{body}");
+
+    // Accepted once; the repeat is acknowledged as a duplicate and not delivered again.
+    let (status, body) = post(token, "application/json", one.clone()).await;
+    assert_eq!((status, body["accepted"].as_u64()), (202, Some(1)), "{body}");
+    let (status, body) = post(token, "application/json", one).await;
+    assert_eq!(status, 202);
+    assert_eq!(body["events"][0]["duplicate"], true, "{body}");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let got = receiver.deliveries().await;
+    assert_eq!(got.len(), 1, "one delivery: nothing from refused batches, no duplicate");
+    assert_eq!(got[0].json()["data"]["producerEventId"], "producer-1");
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_count_deliveries() {
+    let ns = TestNamespace::new("metrics").await;
+    let receiver = Receiver::start(SECRET);
+    let operator = Operator::start(&ns);
+    subscription(&ns, "siem", &receiver.url("/hooks"), "");
+    operator.ready().await;
+    wait_ready(&ns, "siem").await;
+    assert_eq!(operator.ingest(&[event(1), event(2)]).await.0, 202);
+    eventually("2 deliveries", || receiver.deliveries(), |d| d.len() == 2).await;
+    let url = format!("http://{}/metrics", operator.admin);
+    let text = eventually(
+        "backlog gauge at 0 after delivery",
+        || async { reqwest::get(&url).await.expect("metrics").text().await.expect("body") },
+        |t: &String| {
+            t.contains(&format!(
+                "mailhook_backlog{{namespace=\"{}\",subscription=\"siem\"}} 0",
+                ns.name
+            ))
+        },
+    )
+    .await;
+    for needle in [
+        "mailhook_events_ingested_total{outcome=\"accepted\",source=\"http\"} 2",
+        "mailhook_deliveries_total{",
+        "mailhook_delivery_duration_seconds_bucket{",
+        "mailhook_endpoint_up{",
+        "mailhook_reconcile_duration_seconds_bucket{kind=\"WebhookSubscription\"",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    assert!(!text.contains("finance.example.com"), "no address in any label");
+
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by tests/setup (Debian package prometheus)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
