@@ -416,11 +416,30 @@ async fn metrics_pass_promtool_and_count_deliveries() {
     let ns = TestNamespace::new("metrics").await;
     let receiver = Receiver::start(SECRET);
     let operator = Operator::start(&ns);
-    subscription(&ns, "siem", &receiver.url("/hooks"), "");
+    apply(
+        &ns,
+        "apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {name: pdfs}\nspec:\n  attachments: {extensions: [pdf]}\n",
+    );
+    subscription(&ns, "siem", &receiver.url("/hooks"), "  filterRefs: [pdfs]\n");
     operator.ready().await;
     wait_ready(&ns, "siem").await;
-    assert_eq!(operator.ingest(&[event(1), event(2)]).await.0, 202);
-    eventually("2 deliveries", || receiver.deliveries(), |d| d.len() == 2).await;
+    let mut no_pdf = event(3);
+    no_pdf["attachments"] = json!([]);
+    assert_eq!(operator.ingest(&[event(1), event(2), no_pdf]).await.0, 202);
+    let got = eventually("2 deliveries", || receiver.deliveries(), |d| d.len() == 2).await;
+    assert_eq!(got[0].json()["data"]["matchedFilters"], json!(["pdfs"]));
+
+    // The filter's status counts what it matched.
+    let filters = ns.api::<mailhook::api::MailboxFilter>();
+    let f = eventually(
+        "pdfs matchedMessages=2",
+        || async { filters.get("pdfs").await.expect("get filter") },
+        |f| f.status.as_ref().is_some_and(|s| s.matched_messages == 2),
+    )
+    .await;
+    let status = f.status.expect("status");
+    assert!(status.last_match_time.is_some());
+    assert_eq!(status.subscriptions, vec!["siem"]);
     let url = format!("http://{}/metrics", operator.admin);
     let text = eventually(
         "backlog gauge at 0 after delivery",
@@ -434,7 +453,8 @@ async fn metrics_pass_promtool_and_count_deliveries() {
     )
     .await;
     for needle in [
-        "mailhook_events_ingested_total{outcome=\"accepted\",source=\"http\"} 2",
+        "mailhook_events_ingested_total{outcome=\"accepted\",source=\"http\"} 3",
+        "mailhook_events_routed_total{result=\"unmatched\"} 1",
         "mailhook_deliveries_total{",
         "mailhook_delivery_duration_seconds_bucket{",
         "mailhook_endpoint_up{",
