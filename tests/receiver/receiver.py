@@ -88,11 +88,16 @@ def make_handler(state, quiet):
                 )
             if verified and status < 300 and not quiet:
                 data = payload.get("data", {})
-                print(
-                    f"verified {payload.get('type'):<20} {data.get('mailbox', data.get('mailboxDomain', '-')):<32} "
-                    f"{(data.get('subject') or '')[:40]!r} filters={data.get('matchedFilters', [])}",
-                    flush=True,
+                who = data.get("mailbox") or data.get("mailboxDomain") or "-"
+                flags = [f["name"] for f in data.get("flags", [])]
+                tags = f"flags={flags}" if flags else f"filters={data.get('matchedFilters', [])}"
+                line = (
+                    f"verified {self.path:<11} {payload.get('type'):<19} {who:<28} "
+                    f"{(data.get('subject') or '')[:34]!r:<36} {tags}\n"
                 )
+                with state.lock:  # one write per line: threads must not interleave
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
             self.reply(status if verified else 401)
 
     return Handler
