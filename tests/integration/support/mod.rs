@@ -227,6 +227,9 @@ impl Operator {
 
 impl Drop for Operator {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- log of the operator under test:\n{}", self.log());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
@@ -315,13 +318,14 @@ impl Drop for Receiver {
     }
 }
 
-/// Polls `get` until `check` holds, for up to 30 s; panics with the last value seen.
+/// Polls `get` until `check` holds, for up to 60 s (a ceiling for a loaded machine, not a speed
+/// assertion); panics with the last value seen.
 pub async fn eventually<T: std::fmt::Debug, F, Fut>(what: &str, mut get: F, check: impl Fn(&T) -> bool) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let value = get().await;
         if check(&value) {
