@@ -19,7 +19,7 @@ use crate::source::{
     self, Pipeline,
     http::{IngestConfig, Tokens},
 };
-use crate::store::{MemoryStore, Store};
+use crate::store::{DurableStore, MemoryStore, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the operator.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
     /// Print the CustomResourceDefinitions as YAML (what crds/ holds).
     Crdgen,
 }
@@ -72,6 +72,11 @@ pub struct RunConfig {
     /// repeat or separate with commas.
     #[arg(long = "internal-domains", env = "MAILHOOK_INTERNAL_DOMAINS", value_delimiter = ',')]
     pub internal_domains: Vec<String>,
+
+    /// Directory of the durable store (a volume in a cluster). Without it events are kept
+    /// in memory only and an acknowledged event is lost if the process dies.
+    #[arg(long, env = "MAILHOOK_STORE_DIR")]
+    pub store_dir: Option<std::path::PathBuf>,
 
     /// Number of delivery shards (workers); each subscription lives on one.
     #[arg(long, env = "MAILHOOK_SHARDS", default_value_t = 4)]
@@ -114,7 +119,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     info!(addr = %listener.local_addr()?, "admin server listening");
     let admin = tokio::spawn(admin::serve(listener, metrics.clone(), readiness.clone(), stopped()));
 
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = match &config.store_dir {
+        Some(dir) => {
+            let store = DurableStore::open(dir)
+                .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", dir.display()))?;
+            info!(dir = %dir.display(), backlog_restored = true, "durable store open");
+            Arc::new(store)
+        }
+        None => {
+            tracing::warn!("no --store-dir: events are kept in memory only and are lost if the process dies");
+            Arc::new(MemoryStore::new())
+        }
+    };
     let deliveries = Deliveries::start(config.shards, store, metrics.clone());
     let router = Arc::new(Router::default());
     let matches = Arc::new(controller::MatchCounters::default());

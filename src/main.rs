@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
             mailhook::telemetry::init(config.log_format)?;
             // reqwest and kube share one TLS implementation: rustls with ring.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            mailhook::cli::run(config).await
+            mailhook::cli::run(*config).await
         }
     }
 }

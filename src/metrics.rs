@@ -17,6 +17,7 @@ pub struct Metrics {
     pub dead_letters: IntGaugeVec,
     pub endpoint_up: IntGaugeVec,
     pub endpoint_disabled: IntGaugeVec,
+    pub store_disk_bytes: prometheus::IntGauge,
     pub reconcile_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
 }
@@ -90,6 +91,10 @@ impl Metrics {
                 ),
                 SUBSCRIPTION,
             )?,
+            store_disk_bytes: prometheus::IntGauge::new(
+                "mailhook_store_disk_bytes",
+                "Bytes the durable store occupies on disk (0 for the in-memory store).",
+            )?,
             reconcile_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "mailhook_reconcile_duration_seconds",
@@ -109,6 +114,7 @@ impl Metrics {
         for c in [&m.events_ingested, &m.events_routed, &m.deliveries, &m.reconcile_errors] {
             m.registry.register(Box::new(c.clone()))?;
         }
+        m.registry.register(Box::new(m.store_disk_bytes.clone()))?;
         for h in [&m.delivery_duration, &m.reconcile_duration] {
             m.registry.register(Box::new(h.clone()))?;
         }

@@ -189,6 +189,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>) {
     let now = Time(jiff::Timestamp::now());
     let store = ctx.deliveries.store().clone();
+    ctx.metrics.store_disk_bytes.set(store.disk_bytes().unwrap_or(0) as i64);
     let objects = ctx.subscriptions.state();
     let states: HashMap<String, SubscriptionState> = match ctx.state.lock() {
         Ok(s) => s.subscriptions.clone(),

@@ -165,36 +165,28 @@ impl Deliveries {
         }
     }
 
-    /// Queues one delivery per target and wakes their shards.
-    pub fn enqueue(
-        &self,
-        event: &crate::event::MailboxEvent,
-        targets: &[Target],
-    ) -> Result<(), crate::store::StoreError> {
-        if targets.is_empty() {
-            return Ok(());
-        }
-        let now = jiff::Timestamp::now();
-        let pending = targets
+    /// The deliveries one event needs, one per target.
+    pub fn pending_for(event: &crate::event::MailboxEvent, targets: &[Target]) -> Vec<PendingDelivery> {
+        targets
             .iter()
             .map(|t| PendingDelivery {
                 subscription: t.subscription.clone(),
                 event_id: event.id.clone(),
                 attempts: 0,
-                not_before: now,
+                not_before: event.received_at,
                 accepted_at: event.received_at,
                 ordering_key: Some(event.mailbox.clone()),
                 matched_filters: t.matched_filters.clone(),
                 seq: 0,
             })
-            .collect();
-        self.store.enqueue(pending)?;
-        for t in targets {
-            self.shards[shard_of(&t.subscription, self.shards.len())]
-                .wake
-                .notify_one();
+            .collect()
+    }
+
+    /// Wakes the shards of these subscriptions: they have new deliveries.
+    pub fn wake<'a>(&self, subscriptions: impl IntoIterator<Item = &'a str>) {
+        for uid in subscriptions {
+            self.shards[shard_of(uid, self.shards.len())].wake.notify_one();
         }
-        Ok(())
     }
 
     pub fn health(&self, uid: &str) -> Option<HealthSnapshot> {

@@ -206,7 +206,11 @@ impl RoutingTable {
                 derived.id = MailboxEvent::new_id();
                 derived.event_type = EventType::ComplianceFlagged;
                 derived.source = Source::Router;
-                derived.producer_event_id = None;
+                // A repeat of the message repeats its flag: both are de-duplicated.
+                derived.producer_event_id = event
+                    .producer_event_id
+                    .as_ref()
+                    .map(|p| format!("{p}#compliance.flagged/{namespace}"));
                 derived.flagged_event_id = Some(event.id.clone());
                 derived.flag_namespace = Some(namespace);
                 derived.flags = flags;

@@ -289,11 +289,19 @@ async fn accept(
         events.push(parse(&body, "body").and_then(|e| normalize(e, now, &state.pipeline.internal_domains, "body"))?);
     }
 
-    let outcomes = state.pipeline.accept(events).map_err(|e| Refusal {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: format!("cannot store the events ({e}); nothing was accepted, retry"),
-        field: None,
-    })?;
+    let pipeline = state.pipeline.clone();
+    let outcomes = tokio::task::spawn_blocking(move || pipeline.accept(events))
+        .await
+        .map_err(|e| Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("the store did not answer ({e}); nothing was accepted, retry"),
+            field: None,
+        })?
+        .map_err(|e| Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("cannot store the events ({e}); nothing was accepted, retry"),
+            field: None,
+        })?;
     let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
     info!(events = outcomes.len(), duplicates, "ingested");
     let body = json!({

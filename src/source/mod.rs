@@ -10,7 +10,7 @@ use crate::delivery::Deliveries;
 use crate::event::{MailboxEvent, domain_of};
 use crate::metrics::Metrics;
 use crate::route::Router;
-use crate::store::{Appended, StoreError};
+use crate::store::{Appended, Ingest, StoreError};
 
 /// Store → route → enqueue, shared by every source.
 pub struct Pipeline {
@@ -24,44 +24,60 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Stores `events`, routes the new ones and queues their deliveries. Returns once
-    /// every delivery is queued.
+    /// Routes `events`, then stores them with their deliveries in one durable write, then
+    /// wakes the shards. Blocks until the write is durable: call it off the async runtime.
     pub fn accept(&self, events: Vec<MailboxEvent>) -> Result<Vec<Appended>, StoreError> {
-        let store = self.deliveries.store();
-        let by_id: Vec<MailboxEvent> = events.clone();
-        let appended = store.append(events)?;
         let table = self.router.current();
-        for (event, outcome) in by_id.iter().zip(&appended) {
-            let source = event.source.as_str();
+        let mut items = Vec::with_capacity(events.len());
+        // (index of the source event in `items`, filters it matched, whether it matched anyone)
+        let mut routing = Vec::with_capacity(events.len());
+        for event in events {
+            let routed = table.route(&event);
+            let source = items.len();
+            routing.push((source, routed.matched, !routed.targets.is_empty()));
+            let deliveries = Deliveries::pending_for(&event, &routed.targets);
+            items.push(Ingest { event, deliveries });
+            for flagged in routed.flagged {
+                let derived = table.route(&flagged);
+                let deliveries = Deliveries::pending_for(&flagged, &derived.targets);
+                items.push(Ingest {
+                    event: flagged,
+                    deliveries,
+                });
+            }
+        }
+        let woken: Vec<String> = items
+            .iter()
+            .flat_map(|i| i.deliveries.iter().map(|d| d.subscription.clone()))
+            .collect();
+        let sources: Vec<(crate::event::Source, jiff::Timestamp)> =
+            items.iter().map(|i| (i.event.source, i.event.received_at)).collect();
+        let stored = self.deliveries.store().ingest(items)?;
+
+        let mut answers = Vec::with_capacity(routing.len());
+        for (index, matched, any) in routing {
+            let outcome = stored[index].clone();
+            let (source, at) = sources[index];
             if outcome.duplicate {
                 self.metrics
                     .events_ingested
-                    .with_label_values(&[source, "duplicate"])
+                    .with_label_values(&[source.as_str(), "duplicate"])
                     .inc();
-                continue;
+            } else {
+                self.metrics
+                    .events_ingested
+                    .with_label_values(&[source.as_str(), "accepted"])
+                    .inc();
+                self.metrics
+                    .events_routed
+                    .with_label_values(&[if any { "matched" } else { "unmatched" }])
+                    .inc();
+                self.matches.record(&matched, at);
             }
-            self.metrics
-                .events_ingested
-                .with_label_values(&[source, "accepted"])
-                .inc();
-            let routed = table.route(event);
-            self.matches.record(&routed.matched, event.received_at);
-            self.metrics
-                .events_routed
-                .with_label_values(&[if routed.targets.is_empty() {
-                    "unmatched"
-                } else {
-                    "matched"
-                }])
-                .inc();
-            self.deliveries.enqueue(event, &routed.targets)?;
-            for flagged in routed.flagged {
-                let derived = table.route(&flagged);
-                store.append(vec![flagged.clone()])?;
-                self.deliveries.enqueue(&flagged, &derived.targets)?;
-            }
+            answers.push(outcome);
         }
-        Ok(appended)
+        self.deliveries.wake(woken.iter().map(String::as_str));
+        Ok(answers)
     }
 }
 

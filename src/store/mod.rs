@@ -1,10 +1,13 @@
 //! The store behind the event log and the delivery queues. The rest of the code knows
 //! only this trait; which backend runs is chosen at start-up.
 
+mod durable;
 mod memory;
+mod queue;
 
 use std::sync::Arc;
 
+pub use durable::DurableStore;
 pub use memory::MemoryStore;
 
 use crate::event::MailboxEvent;
@@ -13,6 +16,15 @@ use crate::event::MailboxEvent;
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    #[error("store I/O: {0}")]
+    Io(String),
+}
+
+/// One new event and the deliveries it needs; stored together or not at all.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    pub event: MailboxEvent,
+    pub deliveries: Vec<PendingDelivery>,
 }
 
 /// What `append` did with one event.
@@ -53,10 +65,10 @@ pub struct QueueCounts {
 }
 
 pub trait Store: Send + Sync + 'static {
-    /// Appends events to the log, de-duplicating by producer event id.
-    fn append(&self, events: Vec<MailboxEvent>) -> Result<Vec<Appended>, StoreError>;
+    /// Stores events with their deliveries, atomically and durably before it returns;
+    /// an event whose producer id was seen before is skipped, deliveries and all.
+    fn ingest(&self, items: Vec<Ingest>) -> Result<Vec<Appended>, StoreError>;
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError>;
-    fn enqueue(&self, deliveries: Vec<PendingDelivery>) -> Result<(), StoreError>;
     /// Takes up to `max` deliveries of `subscription` that are due at `now` and marks
     /// them in flight. With `ordered`, a key with a delivery in flight or not yet due
     /// holds back every later delivery of that key.
@@ -76,4 +88,144 @@ pub trait Store: Send + Sync + 'static {
     /// The delivery will not be tried again; keep it for replay.
     fn dead_letter(&self, delivery: PendingDelivery, reason: String) -> Result<(), StoreError>;
     fn counts(&self, subscription: &str) -> QueueCounts;
+    /// Bytes on disk, for backends that have a disk.
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The behaviour every backend must show; each backend's tests run it.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).expect("valid")
+    }
+
+    pub fn event(id: &str, producer: Option<&str>) -> MailboxEvent {
+        let mut e: MailboxEvent = serde_json::from_value(serde_json::json!({
+            "id": id, "type": "message.received", "occurredAt": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z", "source": "http", "mailbox": "a@b.c",
+        }))
+        .expect("event");
+        e.producer_event_id = producer.map(String::from);
+        e
+    }
+
+    pub fn pending(event: &str, key: Option<&str>, not_before: i64) -> PendingDelivery {
+        PendingDelivery {
+            subscription: "sub".into(),
+            event_id: event.into(),
+            attempts: 0,
+            not_before: at(not_before),
+            accepted_at: at(0),
+            ordering_key: key.map(String::from),
+            matched_filters: vec![],
+            seq: 0,
+        }
+    }
+
+    fn ingest(store: &dyn Store, deliveries: Vec<PendingDelivery>) {
+        let items = deliveries
+            .into_iter()
+            .map(|d| Ingest {
+                event: event(&d.event_id, None),
+                deliveries: vec![d],
+            })
+            .collect();
+        store.ingest(items).expect("ingest");
+    }
+
+    pub fn run(make: &dyn Fn() -> Box<dyn Store>) {
+        unordered_takes_due_in_time_order_and_counts_backlog(make().as_ref());
+        ordered_holds_back_later_events_of_a_busy_or_waiting_key(make().as_ref());
+        producer_ids_deduplicate_with_their_deliveries(make().as_ref());
+    }
+
+    fn unordered_takes_due_in_time_order_and_counts_backlog(s: &dyn Store) {
+        ingest(
+            s,
+            vec![pending("late", None, 50), pending("a", None, 10), pending("b", None, 5)],
+        );
+        let taken = s.take_due("sub", at(20), 10, false).expect("take");
+        assert_eq!(
+            taken.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(),
+            vec!["b", "a"]
+        );
+        assert_eq!(s.counts("sub").backlog, 3, "in flight still counts");
+        s.complete(&taken[0]).expect("complete");
+        let mut again = taken[1].clone();
+        again.not_before = at(30);
+        s.retry(again).expect("retry");
+        assert_eq!(s.next_due("sub"), Some(at(30)));
+        assert_eq!(s.counts("sub").backlog, 2);
+        let late = s.take_due("sub", at(100), 10, false).expect("take");
+        s.dead_letter(late[0].clone(), "test".into()).expect("dead letter");
+        assert_eq!(
+            s.counts("sub"),
+            QueueCounts {
+                backlog: 1,
+                dead_lettered: 1
+            }
+        );
+    }
+
+    fn ordered_holds_back_later_events_of_a_busy_or_waiting_key(s: &dyn Store) {
+        ingest(
+            s,
+            vec![
+                pending("m1-first", Some("m1"), 100), // not due: holds m1 back
+                pending("m1-second", Some("m1"), 0),
+                pending("m2-first", Some("m2"), 0),
+                pending("m2-second", Some("m2"), 0),
+            ],
+        );
+        let taken = s.take_due("sub", at(10), 10, true).expect("take");
+        assert_eq!(
+            taken.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(),
+            vec!["m2-first"]
+        );
+        assert!(
+            s.take_due("sub", at(10), 10, true).expect("take").is_empty(),
+            "m2-second waits for m2-first"
+        );
+        s.complete(&taken[0]).expect("complete");
+        assert_eq!(
+            s.take_due("sub", at(10), 10, true).expect("take")[0].event_id,
+            "m2-second"
+        );
+    }
+
+    fn producer_ids_deduplicate_with_their_deliveries(s: &dyn Store) {
+        let first = s
+            .ingest(vec![Ingest {
+                event: event("evt_1", Some("p-1")),
+                deliveries: vec![pending("evt_1", None, 0)],
+            }])
+            .expect("ingest");
+        let second = s
+            .ingest(vec![Ingest {
+                event: event("evt_2", Some("p-1")),
+                deliveries: vec![pending("evt_2", None, 0)],
+            }])
+            .expect("ingest");
+        assert_eq!(
+            first[0],
+            Appended {
+                id: "evt_1".into(),
+                duplicate: false
+            }
+        );
+        assert_eq!(
+            second[0],
+            Appended {
+                id: "evt_1".into(),
+                duplicate: true
+            }
+        );
+        assert_eq!(s.counts("sub").backlog, 1, "a duplicate queues nothing");
+        assert!(s.event("evt_1").expect("read").is_some());
+        assert!(s.event("evt_2").expect("read").is_none());
+    }
 }
