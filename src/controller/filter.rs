@@ -59,10 +59,7 @@ pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>)
 pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let ns = filter.namespace().ok_or(Error::NotNamespaced)?;
-    ctx.subscriptions
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::StoreClosed)?;
+    super::synced(&ctx.subscriptions).await?;
     let mut users: Vec<String> = ctx
         .subscriptions
         .state()

@@ -27,6 +27,20 @@ use crate::metrics::Metrics;
 use crate::route::{CompiledFilter, FilterEntry, Router, RoutingTable, SubscriptionRoute};
 use conditions::Desired;
 
+/// Waits until `store` has its initial list. kube-runtime's readiness signal keeps only
+/// the last waiter's waker, so several waiters can miss it: poll it again every 100 ms.
+pub async fn synced<K>(store: &Store<K>) -> Result<(), Error>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) = tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            return result.map_err(|_| Error::StoreClosed);
+        }
+    }
+}
+
 /// The one field manager under which the operator writes status (server-side apply).
 pub const FIELD_MANAGER: &str = "mailhook";
 
@@ -118,6 +132,20 @@ pub struct Context {
 }
 
 impl Context {
+    /// Whether every object in the caches has been reconciled at least once.
+    fn all_reconciled(&self) -> bool {
+        let Ok(state) = self.state.lock() else { return false };
+        self.subscriptions
+            .state()
+            .iter()
+            .all(|w| w.uid().is_some_and(|u| state.subscriptions.contains_key(&u)))
+            && self.filters.state().iter().all(|f| {
+                state
+                    .filters
+                    .contains_key(&(f.namespace().unwrap_or_default(), f.name_any()))
+            })
+    }
+
     /// Rebuilds the routing table from the current state and swaps it in.
     pub fn rebuild_routes(&self) {
         let Ok(state) = self.state.lock() else { return };
@@ -298,11 +326,25 @@ pub async fn run(
         .graceful_shutdown_on(stop(&shutdown_tx))
         .run(filter::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
-    let writer = status::run(ctx, stop(&shutdown_tx));
+    let writer = status::run(ctx.clone(), stop(&shutdown_tx));
 
+    // Ready (and ingest open) only once every cached object has been reconciled into the
+    // routing table: an event accepted earlier would be routed to nobody.
+    let routed_ctx = ctx.clone();
+    let ready_stop = stop(&shutdown_tx);
     let ready = async move {
-        if subscription_store.wait_until_ready().await.is_ok() && filter_store.wait_until_ready().await.is_ok() {
+        let wait = async {
+            if synced(&subscription_store).await.is_err() || synced(&filter_store).await.is_err() {
+                return;
+            }
+            while !routed_ctx.all_reconciled() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             on_ready();
+        };
+        tokio::select! {
+            () = wait => {}
+            () = ready_stop => {}
         }
     };
     tokio::join!(signal, subscriptions, filters, ready, writer);

@@ -343,3 +343,16 @@ async fn kubectl_explain_describes_every_delivery_field() {
     }
     assert!(out.contains("Retries, limits and ordering."), "{out}");
 }
+
+#[tokio::test]
+async fn resources_made_before_start_are_reconciled_and_sigterm_stops_cleanly() {
+    let ns = TestNamespace::new("restart").await;
+    apply_examples(&ns);
+    let mut operator = Operator::start(&ns);
+    operator.ready().await;
+    all_ready(&ns).await;
+    let status = operator
+        .terminate(std::time::Duration::from_secs(10))
+        .expect("exits within 10s of SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+}

@@ -4,4 +4,5 @@
 mod controller;
 mod crd;
 mod delivery;
+mod durability;
 mod support;

@@ -142,6 +142,7 @@ pub fn kubectl() -> std::process::Command {
 /// The real `mailhook run` binary, serving one namespace, stopped when dropped.
 pub struct Operator {
     child: std::process::Child,
+    args: Vec<String>,
     log: std::path::PathBuf,
     token_file: std::path::PathBuf,
     pub admin: std::net::SocketAddr,
@@ -166,27 +167,68 @@ impl Operator {
         let log = std::env::temp_dir().join(format!("mailhook-operator-{}.log", ns.name));
         let token_file = std::env::temp_dir().join(format!("mailhook-tokens-{}", ns.name));
         std::fs::write(&token_file, format!("# test tokens\n{INGEST_TOKEN}\n")).expect("write token file");
-        let out = std::fs::File::create(&log).expect("create operator log");
-        let err = out.try_clone().expect("clone log handle");
         let (admin, ingest) = (free_port(), free_port());
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
-            .args(["run", "--watch-namespace", &ns.name, "--shards", "2"])
-            .args(["--http-addr", &admin.to_string(), "--ingest-addr", &ingest.to_string()])
-            .arg("--ingest-token-file")
-            .arg(&token_file)
-            .args(extra)
-            .env("RUST_LOG", "info,mailhook=debug")
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start mailhook run");
+        let mut args: Vec<String> = ["run", "--watch-namespace", &ns.name, "--shards", "2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend([
+            "--http-addr".into(),
+            admin.to_string(),
+            "--ingest-addr".into(),
+            ingest.to_string(),
+        ]);
+        args.extend(["--ingest-token-file".into(), token_file.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Self::spawn(&args, &log, false);
         Operator {
             child,
+            args,
             log,
             token_file,
             admin,
             ingest,
         }
+    }
+
+    fn spawn(args: &[String], log: &std::path::Path, append: bool) -> std::process::Child {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(log)
+            .expect("open operator log");
+        let err = out.try_clone().expect("clone log handle");
+        std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
+            .args(args)
+            .env("RUST_LOG", "info,mailhook=debug")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start mailhook run")
+    }
+
+    /// Sends SIGTERM (what the kubelet sends) and waits up to `within` for the exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// SIGKILL, then start again with the same flags (same ports, same store).
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill(); // SIGKILL: no shutdown code runs
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, &self.log, true);
     }
 
     /// The operator's log so far, for failure messages.
