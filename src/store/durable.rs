@@ -86,9 +86,16 @@ struct Job {
     done: Option<SyncSender<Result<(), String>>>,
 }
 
+/// Events with pending deliveries kept parsed in memory, up to this many; beyond it
+/// deliveries read them from disk.
+const EVENT_CACHE: usize = 100_000;
+
 #[derive(Default)]
 struct State {
     queues: Queues,
+    /// Parsed events that still have pending deliveries (bounded by EVENT_CACHE): fan-out
+    /// and retries do not re-read and re-parse them.
+    cache: HashMap<String, Arc<MailboxEvent>>,
     producer_ids: HashMap<String, String>,
     /// Pending deliveries per event: at zero the event is deleted (dead letters keep it).
     pending_per_event: HashMap<String, u32>,
@@ -269,6 +276,7 @@ impl Store for DurableStore {
         let mut ops = Vec::new();
         let mut out = Vec::with_capacity(items.len());
         let mut queued = Vec::new();
+        let mut cached = Vec::new();
         let mut claimed = Vec::new();
         {
             let mut state = self.lock()?;
@@ -288,6 +296,9 @@ impl Store for DurableStore {
                 }
                 let id = item.event.id.clone();
                 ops.push(Op::PutEvent(id.clone(), json(&item.event)?));
+                if !item.deliveries.is_empty() {
+                    cached.push(Arc::new(item.event));
+                }
                 for mut d in item.deliveries {
                     d.seq = state.queues.reserve_seq();
                     ops.push(Op::PutPending(d.seq, json(&StoredDelivery::from(&d, None))?));
@@ -306,6 +317,11 @@ impl Store for DurableStore {
         }
         // Only what is on disk becomes deliverable.
         let mut state = self.lock()?;
+        for event in cached {
+            if state.cache.len() < EVENT_CACHE {
+                state.cache.insert(event.id.clone(), event);
+            }
+        }
         for d in queued {
             *state.pending_per_event.entry(d.event_id.clone()).or_default() += 1;
             state.queues.restore(d);
@@ -314,6 +330,9 @@ impl Store for DurableStore {
     }
 
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
+        if let Some(e) = self.lock()?.cache.get(id) {
+            return Ok(Some(e.clone()));
+        }
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(EVENTS).map_err(io)?;
         match table.get(id).map_err(io)? {
@@ -345,6 +364,7 @@ impl Store for DurableStore {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     state.pending_per_event.remove(&d.event_id);
+                    state.cache.remove(&d.event_id);
                     ops.push(Op::DeleteEvent(d.event_id.clone()));
                 }
             }
@@ -363,7 +383,17 @@ impl Store for DurableStore {
             Op::DeletePending(d.seq),
             Op::PutDead(d.seq, json(&StoredDelivery::from(&d, Some(reason)))?),
         ];
-        self.lock()?.queues.dead_letter(&d);
+        let mut state = self.lock()?;
+        state.queues.dead_letter(&d);
+        // Dead letters stay on disk for replay; the cache holds only what is pending.
+        if let Some(n) = state.pending_per_event.get_mut(&d.event_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.pending_per_event.remove(&d.event_id);
+                state.cache.remove(&d.event_id);
+            }
+        }
+        drop(state);
         self.send(ops, false)
     }
 

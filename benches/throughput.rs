@@ -1,0 +1,282 @@
+//! Throughput and latency of the data path: HTTP ingest → durable store (fsync'd group
+//! commits) → routing → delivery shards → a loopback HTTP receiver, all in this process.
+//!
+//!   cargo bench --bench throughput            (figures go to BENCHMARKS.md)
+//!
+//! Prints sustained events/s and ingest-to-delivery latency for one subscription and for
+//! fan-out to 100, peak memory (of the whole process: generator, operator parts and
+//! receiver together) and bytes on disk per event. No Kubernetes: the routing table is
+//! built directly, as the controller would.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+
+use mailhook::admin::Readiness;
+use mailhook::api::{EventType, PayloadMode};
+use mailhook::controller::MatchCounters;
+use mailhook::delivery::payload::PayloadConfig;
+use mailhook::delivery::signing::SigningKey;
+use mailhook::delivery::{Deliveries, DeliveryConfig, client};
+use mailhook::metrics::Metrics;
+use mailhook::route::{Router as EventRouter, RoutingTable, SubscriptionRoute};
+use mailhook::source::Pipeline;
+use mailhook::source::http::{IngestConfig, Tokens};
+use mailhook::store::{DurableStore, Store};
+
+#[derive(Default)]
+struct Received {
+    count: AtomicU64,
+    /// Ingest-to-delivery latencies in microseconds.
+    latencies: Mutex<Vec<u64>>,
+}
+
+async fn receive(State(rx): State<Arc<Received>>, body: Bytes) -> &'static str {
+    // The generator stamps each event's send time (µs since the epoch) into its folder.
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+        && let Some(sent) = v["data"]["folder"].as_str().and_then(|f| f.parse::<u64>().ok())
+    {
+        let now = jiff::Timestamp::now().as_microsecond() as u64;
+        if let Ok(mut l) = rx.latencies.lock() {
+            l.push(now.saturating_sub(sent));
+        }
+    }
+    rx.count.fetch_add(1, Ordering::Relaxed);
+    ""
+}
+
+struct Rig {
+    ingest: SocketAddr,
+    received: Arc<Received>,
+    store: Arc<DurableStore>,
+    dir: std::path::PathBuf,
+}
+
+async fn rig(subscriptions: usize) -> Rig {
+    let received = Arc::new(Received::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind receiver");
+    let receiver_addr = listener.local_addr().expect("addr");
+    let app = Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(received.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = std::env::temp_dir().join(format!("mailhook-bench-{}", uuid::Uuid::now_v7().simple()));
+    let store = Arc::new(DurableStore::open(&dir).expect("open store"));
+    let metrics = Metrics::new().expect("metrics");
+    let deliveries = Deliveries::start(4, store.clone() as Arc<dyn Store>, metrics.clone());
+    let router = Arc::new(EventRouter::default());
+    let mut routes = Vec::new();
+    for i in 0..subscriptions {
+        let uid = format!("bench-{i}");
+        deliveries.upsert(DeliveryConfig {
+            uid: uid.clone(),
+            namespace: "bench".into(),
+            name: uid.clone(),
+            generation: 1,
+            url: format!("http://{receiver_addr}/hook"),
+            client: client::build(Duration::from_secs(10), &[], None).expect("client"),
+            timeout: Duration::from_secs(10),
+            signing_keys: vec![SigningKey(vec![7; 32])],
+            retry_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
+            max_event_age: Duration::from_secs(3600),
+            disable_after: Duration::from_secs(3600),
+            payload: PayloadConfig {
+                mode: PayloadMode::Full,
+                redact: vec![],
+                pseudonym_key: vec![1; 16],
+            },
+            concurrency: if subscriptions == 1 { 128 } else { 8 },
+            rate_limit_per_second: None,
+            ordered: false,
+            paused: false,
+        });
+        routes.push(SubscriptionRoute {
+            uid,
+            namespace: "bench".into(),
+            event_types: vec![EventType::MessageReceived],
+            filters: vec![],
+        });
+    }
+    router.swap(RoutingTable::build(routes, vec![]));
+
+    let tokens_file = dir.join("tokens");
+    std::fs::write(&tokens_file, "bench-token\n").expect("tokens");
+    let pipeline = Arc::new(Pipeline {
+        deliveries,
+        router,
+        metrics,
+        internal_domains: vec![],
+        matches: Arc::new(MatchCounters::default()),
+    });
+    let readiness = Readiness::default();
+    readiness.set_ready(true);
+    let config = IngestConfig {
+        token_file: tokens_file.clone(),
+        max_body_bytes: 64 << 20,
+        max_batch_events: 100_000,
+    };
+    let app = mailhook::source::http::router(&config, pipeline, Tokens::load(tokens_file).expect("tokens"), readiness);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind ingest");
+    let ingest = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Rig {
+        ingest,
+        received,
+        store,
+        dir,
+    }
+}
+
+fn batch(start: u64, n: u64) -> String {
+    let sent = jiff::Timestamp::now().as_microsecond();
+    (start..start + n)
+        .map(|i| {
+            format!(
+                r#"{{"type":"message.received","eventId":"bench-{i}","mailbox":"user{m}@finance.example.com","from":"billing@supplier.org","to":["user{m}@finance.example.com"],"subject":"Invoice {i}","size":48213,"folder":"{sent}","attachments":[{{"name":"invoice.pdf","contentType":"application/pdf","size":30211}}]}}"#,
+                m = i % 500
+            ) + "\n"
+        })
+        .collect()
+}
+
+async fn post(client: &reqwest::Client, ingest: SocketAddr, body: String) {
+    let r = client
+        .post(format!("http://{ingest}/v1/events"))
+        .bearer_auth("bench-token")
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap_or_default());
+}
+
+async fn wait_for(rx: &Received, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while rx.count.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} delivered",
+            rx.count.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+/// As fast as the generator can: `events` events in batches of `batch_size` from 4
+/// concurrent posters; events/s counted until the last delivery arrives.
+async fn sustained(subscriptions: usize, events: u64, batch_size: u64) {
+    let rig = rig(subscriptions).await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let posters = 4;
+    let per = events / posters;
+    let mut tasks = Vec::new();
+    for p in 0..posters {
+        let (client, ingest) = (client.clone(), rig.ingest);
+        tasks.push(tokio::spawn(async move {
+            let mut i = p * per;
+            while i < (p + 1) * per {
+                post(&client, ingest, batch(i, batch_size)).await;
+                i += batch_size;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("poster");
+    }
+    let ingested = started.elapsed();
+    let expected = per * posters * subscriptions as u64;
+    wait_for(&rig.received, expected).await;
+    let took = started.elapsed();
+    let mut lat = rig.received.latencies.lock().expect("lock").clone();
+    lat.sort_unstable();
+    println!(
+        "sustained, {subscriptions} subscription(s): {} events ingested in {:.2}s ({:.0} events/s accepted); {expected} deliveries in {:.2}s = {:.0} events/s end to end, {:.0} deliveries/s; latency under saturation p50 {:.1} ms p99 {:.1} ms; store file {:.1} MiB ({:.0} bytes/event)",
+        per * posters,
+        ingested.as_secs_f64(),
+        (per * posters) as f64 / ingested.as_secs_f64(),
+        took.as_secs_f64(),
+        (per * posters) as f64 / took.as_secs_f64(),
+        expected as f64 / took.as_secs_f64(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        rig.store.disk_bytes() as f64 / (1 << 20) as f64,
+        rig.store.disk_bytes() as f64 / (per * posters) as f64,
+    );
+    drop(rig.store);
+    let _ = std::fs::remove_dir_all(rig.dir);
+}
+
+/// A steady `rate` events/s for `seconds`, in batches every 10 ms: the latency a
+/// producer sees when the operator is not saturated.
+async fn steady(subscriptions: usize, rate: u64, seconds: u64) {
+    let rig = rig(subscriptions).await;
+    let client = reqwest::Client::new();
+    let per_tick = rate / 100;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0;
+    for _ in 0..seconds * 100 {
+        tick.tick().await;
+        let (client, ingest, start) = (client.clone(), rig.ingest, sent);
+        tokio::spawn(async move { post(&client, ingest, batch(start, per_tick)).await });
+        sent += per_tick;
+    }
+    wait_for(&rig.received, sent * subscriptions as u64).await;
+    let mut lat = rig.received.latencies.lock().expect("lock").clone();
+    lat.sort_unstable();
+    println!(
+        "steady {rate} events/s for {seconds}s, {subscriptions} subscription(s): ingest-to-delivery p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} deliveries)",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0),
+        lat.len()
+    );
+    drop(rig.store);
+    let _ = std::fs::remove_dir_all(rig.dir);
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        println!(
+            "mailhook data-path benchmark ({} cores)",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        steady(1, 2_000, 5).await;
+        sustained(1, 100_000, 500).await;
+        sustained(100, 2_000, 100).await;
+        steady(100, 200, 5).await;
+    });
+    println!("peak RSS of the whole benchmark process: {:.0} MiB", peak_rss_mib());
+}
