@@ -115,6 +115,7 @@ async fn rig(subscriptions: usize) -> Rig {
         metrics,
         internal_domains: vec![],
         matches: Arc::new(MatchCounters::default()),
+        limits: Default::default(),
     });
     let readiness = Readiness::default();
     readiness.set_ready(true);

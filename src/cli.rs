@@ -78,6 +78,15 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_STORE_DIR")]
     pub store_dir: Option<std::path::PathBuf>,
 
+    /// Refuse new events (HTTP 429) while this many deliveries wait, over every
+    /// subscription. No limit when absent.
+    #[arg(long, env = "MAILHOOK_MAX_BACKLOG")]
+    pub max_backlog: Option<u64>,
+
+    /// Refuse new events (HTTP 429) while the store occupies this many bytes on disk.
+    #[arg(long, env = "MAILHOOK_MAX_STORE_BYTES")]
+    pub max_store_bytes: Option<u64>,
+
     /// Number of delivery shards (workers); each subscription lives on one.
     #[arg(long, env = "MAILHOOK_SHARDS", default_value_t = 4)]
     pub shards: usize,
@@ -159,6 +168,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .map(|d| d.trim().to_lowercase())
                 .collect(),
             matches,
+            limits: source::Limits {
+                max_backlog: config.max_backlog,
+                max_store_bytes: config.max_store_bytes,
+            },
         });
         let ingest_config = IngestConfig {
             token_file,

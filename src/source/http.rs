@@ -182,6 +182,11 @@ impl IntoResponse for Refusal {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -200,7 +205,9 @@ async fn ingest(
     match accept(&state, &headers, body).await {
         Ok(response) => response,
         Err(refusal) => {
-            metrics.events_ingested.with_label_values(&["http", "rejected"]).inc();
+            if refusal.status != StatusCode::TOO_MANY_REQUESTS {
+                metrics.events_ingested.with_label_values(&["http", "rejected"]).inc();
+            }
             refusal.into_response()
         }
     }
@@ -228,6 +235,19 @@ async fn accept(
         return Err(Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: "the operator is starting (caches not yet synced); retry shortly".into(),
+            field: None,
+        });
+    }
+    if let Some(reason) = state.pipeline.overloaded() {
+        state
+            .pipeline
+            .metrics
+            .events_ingested
+            .with_label_values(&["http", "throttled"])
+            .inc();
+        return Err(Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("{reason}; nothing was accepted, retry after the Retry-After delay"),
             field: None,
         });
     }

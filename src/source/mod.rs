@@ -21,6 +21,39 @@ pub struct Pipeline {
     pub internal_domains: Vec<String>,
     /// Per-filter match counters, read by the status writer.
     pub matches: Arc<crate::controller::MatchCounters>,
+    pub limits: Limits,
+}
+
+/// When sources refuse new events instead of letting the backlog or the disk grow.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// Most deliveries waiting or in flight, over every subscription.
+    pub max_backlog: Option<u64>,
+    /// Most bytes the store may occupy on disk.
+    pub max_store_bytes: Option<u64>,
+}
+
+impl Pipeline {
+    /// Why new events are refused right now, if they are.
+    pub fn overloaded(&self) -> Option<String> {
+        let store = self.deliveries.store();
+        if let Some(max) = self.limits.max_backlog {
+            let backlog = store.total_backlog();
+            if backlog >= max {
+                return Some(format!(
+                    "the delivery backlog ({backlog}) is at its limit (--max-backlog {max})"
+                ));
+            }
+        }
+        if let (Some(max), Some(bytes)) = (self.limits.max_store_bytes, store.disk_bytes())
+            && bytes >= max
+        {
+            return Some(format!(
+                "the store ({bytes} bytes) is at its limit (--max-store-bytes {max})"
+            ));
+        }
+        None
+    }
 }
 
 impl Pipeline {

@@ -397,6 +397,10 @@ impl Store for DurableStore {
         self.send(ops, false)
     }
 
+    fn total_backlog(&self) -> u64 {
+        self.state.lock().map(|s| s.queues.total_backlog()).unwrap_or(0)
+    }
+
     fn counts(&self, subscription: &str) -> QueueCounts {
         self.state
             .lock()

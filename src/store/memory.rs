@@ -93,6 +93,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn total_backlog(&self) -> u64 {
+        self.inner.lock().map(|s| s.queues.total_backlog()).unwrap_or(0)
+    }
+
     fn counts(&self, subscription: &str) -> QueueCounts {
         self.inner
             .lock()

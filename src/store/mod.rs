@@ -88,6 +88,8 @@ pub trait Store: Send + Sync + 'static {
     /// The delivery will not be tried again; keep it for replay.
     fn dead_letter(&self, delivery: PendingDelivery, reason: String) -> Result<(), StoreError>;
     fn counts(&self, subscription: &str) -> QueueCounts;
+    /// Deliveries waiting or in flight, over every subscription.
+    fn total_backlog(&self) -> u64;
     /// Bytes on disk, for backends that have a disk.
     fn disk_bytes(&self) -> Option<u64> {
         None

@@ -130,6 +130,14 @@ impl Queues {
         q.dead += 1;
     }
 
+    /// Deliveries waiting or in flight, over every subscription.
+    pub fn total_backlog(&self) -> u64 {
+        self.queues
+            .values()
+            .map(|q| (q.waiting.len() + q.in_flight.len()) as u64)
+            .sum()
+    }
+
     pub fn counts(&self, subscription: &str) -> QueueCounts {
         self.queues
             .get(subscription)

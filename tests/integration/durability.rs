@@ -216,3 +216,64 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     drop(operator);
     let _ = std::fs::remove_dir_all(store);
 }
+
+#[tokio::test]
+async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
+    let ns = TestNamespace::new("backpressure").await;
+    let receiver = Receiver::start(SECRET);
+    receiver.answer(503).await;
+    let operator = Operator::start_with(&ns, &["--max-backlog", "10"]);
+    setup(
+        &ns,
+        &receiver.url("/hooks"),
+        "{retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}",
+    );
+    operator.ready().await;
+    wait_routed(&ns).await;
+    let client = reqwest::Client::new();
+    let first: Vec<String> = (0..10).map(|i| format!("bp-{i}")).collect();
+    assert!(
+        post(&client, operator.ingest, &first).await,
+        "up to the limit is accepted"
+    );
+
+    let refused = client
+        .post(format!("http://{}/v1/events", operator.ingest))
+        .bearer_auth(INGEST_TOKEN)
+        .header("content-type", "application/json")
+        .body(event("bp-over").to_string())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let metrics = reqwest::get(format!("http://{}/metrics", operator.admin))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains(r#"mailhook_events_ingested_total{outcome="throttled",source="http"} 1"#),
+        "{metrics}"
+    );
+
+    receiver.answer(200).await;
+    eventually(
+        "backlog drained",
+        || whs(&ns),
+        |w| w.status.as_ref().is_some_and(|s| s.backlog == 0 && s.delivered == 10),
+    )
+    .await;
+    assert!(
+        post(&client, operator.ingest, &["bp-over".to_string()]).await,
+        "accepted again once drained"
+    );
+    let got = eventually(
+        "11 deliveries",
+        || receiver.deliveries(),
+        |d| d.iter().filter(|r| r.answered == 200).count() == 11,
+    )
+    .await;
+    assert!(got.iter().all(|r| r.verified));
+}
