@@ -163,6 +163,9 @@ impl Deliveries {
         if let Ok(mut h) = self.health.lock() {
             h.remove(uid);
         }
+        if let Err(err) = self.store.forget_subscription(uid) {
+            warn!(%err, "cannot drop the queue of a deleted subscription");
+        }
     }
 
     /// The deliveries one event needs, one per target.

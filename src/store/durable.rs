@@ -79,6 +79,8 @@ enum Op {
     PutPending(u64, Vec<u8>),
     DeletePending(u64),
     PutDead(u64, Vec<u8>),
+    /// Removes every dead letter of a subscription (a scan: deletions are rare).
+    DeleteDeadOf(String),
 }
 
 struct Job {
@@ -265,6 +267,13 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
                 Op::PutDead(seq, bytes) => {
                     dead.insert(*seq, bytes.as_slice()).map_err(io)?;
                 }
+                Op::DeleteDeadOf(subscription) => {
+                    dead.retain(|_, bytes| {
+                        serde_json::from_slice::<StoredDelivery>(bytes)
+                            .map_or(true, |d| &d.subscription != subscription)
+                    })
+                    .map_err(io)?;
+                }
             }
         }
     }
@@ -395,6 +404,26 @@ impl Store for DurableStore {
         }
         drop(state);
         self.send(ops, false)
+    }
+
+    fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
+        let mut ops: Vec<Op> = Vec::new();
+        {
+            let mut state = self.lock()?;
+            for d in state.queues.forget(subscription) {
+                ops.push(Op::DeletePending(d.seq));
+                if let Some(n) = state.pending_per_event.get_mut(&d.event_id) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        state.pending_per_event.remove(&d.event_id);
+                        state.cache.remove(&d.event_id);
+                        ops.push(Op::DeleteEvent(d.event_id.clone()));
+                    }
+                }
+            }
+        }
+        ops.push(Op::DeleteDeadOf(subscription.to_string()));
+        self.send(ops, true)
     }
 
     fn total_backlog(&self) -> u64 {

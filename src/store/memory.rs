@@ -93,6 +93,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        inner.queues.forget(subscription);
+        inner.dead.retain(|(d, _)| d.subscription != subscription);
+        Ok(())
+    }
+
     fn total_backlog(&self) -> u64 {
         self.inner.lock().map(|s| s.queues.total_backlog()).unwrap_or(0)
     }

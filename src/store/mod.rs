@@ -90,6 +90,8 @@ pub trait Store: Send + Sync + 'static {
     fn counts(&self, subscription: &str) -> QueueCounts;
     /// Deliveries waiting or in flight, over every subscription.
     fn total_backlog(&self) -> u64;
+    /// Drops every delivery and dead letter of a deleted subscription.
+    fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError>;
     /// Bytes on disk, for backends that have a disk.
     fn disk_bytes(&self) -> Option<u64> {
         None
@@ -143,6 +145,20 @@ pub(crate) mod conformance {
         unordered_takes_due_in_time_order_and_counts_backlog(make().as_ref());
         ordered_holds_back_later_events_of_a_busy_or_waiting_key(make().as_ref());
         producer_ids_deduplicate_with_their_deliveries(make().as_ref());
+        a_forgotten_subscription_leaves_nothing_behind(make().as_ref());
+    }
+
+    fn a_forgotten_subscription_leaves_nothing_behind(s: &dyn Store) {
+        ingest(s, vec![pending("a", None, 0), pending("b", None, 0)]);
+        let mut other = pending("c", None, 0);
+        other.subscription = "other".into();
+        ingest(s, vec![other]);
+        let taken = s.take_due("sub", at(10), 1, false).expect("take");
+        s.dead_letter(taken[0].clone(), "test".into()).expect("dead letter");
+        s.forget_subscription("sub").expect("forget");
+        assert_eq!(s.counts("sub"), QueueCounts::default());
+        assert_eq!(s.counts("other").backlog, 1, "other subscriptions keep theirs");
+        assert!(s.take_due("sub", at(10), 10, false).expect("take").is_empty());
     }
 
     fn unordered_takes_due_in_time_order_and_counts_backlog(s: &dyn Store) {

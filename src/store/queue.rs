@@ -130,6 +130,14 @@ impl Queues {
         q.dead += 1;
     }
 
+    /// Removes a subscription's queue; returns the deliveries it held.
+    pub fn forget(&mut self, subscription: &str) -> Vec<PendingDelivery> {
+        self.queues
+            .remove(subscription)
+            .map(|q| q.waiting.into_values().chain(q.in_flight.into_values()).collect())
+            .unwrap_or_default()
+    }
+
     /// Deliveries waiting or in flight, over every subscription.
     pub fn total_backlog(&self) -> u64 {
         self.queues
