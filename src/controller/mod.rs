@@ -58,6 +58,8 @@ pub enum Error {
 #[derive(Clone)]
 pub struct SubscriptionState {
     pub generation: Option<i64>,
+    /// Host (and port) of the endpoint, for the status column; None if the URL is unusable.
+    pub endpoint_host: Option<String>,
     pub ready: Desired,
     pub route: Option<SubscriptionRoute>,
     pub shard: u32,

@@ -92,7 +92,6 @@ pub fn healthy_condition(health: &HealthSnapshot, paused: bool) -> Desired {
 
 /// A subscription's full status. Pure.
 pub fn subscription_status(
-    whs: &WebhookSubscription,
     previous: &WebhookSubscriptionStatus,
     state: &SubscriptionState,
     health: &HealthSnapshot,
@@ -109,10 +108,7 @@ pub fn subscription_status(
         generation,
         now,
     );
-    status.endpoint_host = url::Url::parse(&whs.spec.endpoint.url).ok().and_then(|u| {
-        u.host_str()
-            .map(|h| u.port().map_or(h.to_string(), |p| format!("{h}:{p}")))
-    });
+    status.endpoint_host = state.endpoint_host.clone();
     status.shard = Some(state.shard);
     status.delivered = health.delivered;
     status.failed_attempts = health.failed_attempts;
@@ -226,7 +222,7 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             .map(|w| w.status.clone())
             .or_else(|| whs.status.clone())
             .unwrap_or_default();
-        let desired = subscription_status(whs, &previous, state, &health, counts, &now);
+        let desired = subscription_status(&previous, state, &health, counts, &now);
         let urgent = urgent_key(&previous.conditions, previous.observed_generation)
             != urgent_key(&desired.conditions, desired.observed_generation);
         if !due(&desired, written.get(&uid), urgent) {

@@ -274,7 +274,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
     })
 }
 
-fn endpoint_host(url: &url::Url) -> String {
+pub fn endpoint_host(url: &url::Url) -> String {
     match (url.host_str(), url.port()) {
         (Some(host), Some(port)) => format!("{host}:{port}"),
         (Some(host), None) => host.to_string(),
@@ -442,6 +442,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
             uid.clone(),
             super::SubscriptionState {
                 generation: whs.metadata.generation,
+                endpoint_host: url::Url::parse(&whs.spec.endpoint.url).ok().map(|u| endpoint_host(&u)),
                 ready,
                 route,
                 shard: shard_of(&uid, ctx.deliveries.shard_count()) as u32,

@@ -109,14 +109,6 @@ impl RoutingTable {
         table
     }
 
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
-
     pub fn route(&self, event: &MailboxEvent) -> Routed {
         let mut routed = Routed::default();
         // 0 = not evaluated, 1 = no, 2 = yes.

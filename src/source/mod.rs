@@ -3,6 +3,7 @@
 
 pub mod http;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::api::Direction;
@@ -62,12 +63,17 @@ impl Pipeline {
     pub fn accept(&self, events: Vec<MailboxEvent>) -> Result<Vec<Appended>, StoreError> {
         let table = self.router.current();
         let mut items = Vec::with_capacity(events.len());
-        // (index of the source event in `items`, filters it matched, whether it matched anyone)
+        // Per source event: its index in `items`, the filters it matched, whether anyone gets it.
         let mut routing = Vec::with_capacity(events.len());
         for event in events {
             let routed = table.route(&event);
-            let source = items.len();
-            routing.push((source, routed.matched, !routed.targets.is_empty()));
+            routing.push((
+                items.len(),
+                routed.matched,
+                !routed.targets.is_empty(),
+                event.source,
+                event.received_at,
+            ));
             let deliveries = Deliveries::pending_for(&event, &routed.targets);
             items.push(Ingest { event, deliveries });
             for flagged in routed.flagged {
@@ -79,18 +85,19 @@ impl Pipeline {
                 });
             }
         }
-        let woken: Vec<String> = items
+        // One wake per subscription, not per delivery.
+        let woken: BTreeSet<String> = items
             .iter()
-            .flat_map(|i| i.deliveries.iter().map(|d| d.subscription.clone()))
+            .flat_map(|i| i.deliveries.iter().map(|d| d.subscription.as_str()))
+            .collect::<BTreeSet<&str>>()
+            .into_iter()
+            .map(String::from)
             .collect();
-        let sources: Vec<(crate::event::Source, jiff::Timestamp)> =
-            items.iter().map(|i| (i.event.source, i.event.received_at)).collect();
         let stored = self.deliveries.store().ingest(items)?;
 
         let mut answers = Vec::with_capacity(routing.len());
-        for (index, matched, any) in routing {
+        for (index, matched, any, source, at) in routing {
             let outcome = stored[index].clone();
-            let (source, at) = sources[index];
             if outcome.duplicate {
                 self.metrics
                     .events_ingested

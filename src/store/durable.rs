@@ -132,6 +132,24 @@ fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(io)
 }
 
+impl State {
+    /// One pending delivery of `event_id` is gone (delivered, dead-lettered or dropped).
+    /// Returns true when it was the event's last: the event leaves the cache and the
+    /// caller decides whether it also leaves the disk.
+    fn release(&mut self, event_id: &str) -> bool {
+        let Some(n) = self.pending_per_event.get_mut(event_id) else {
+            return false;
+        };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return false;
+        }
+        self.pending_per_event.remove(event_id);
+        self.cache.remove(event_id);
+        true
+    }
+}
+
 impl DurableStore {
     /// Opens (or creates) the store in `dir` and loads the queues from it: deliveries
     /// that were in flight at a crash are waiting again, on their old schedule.
@@ -369,13 +387,8 @@ impl Store for DurableStore {
         {
             let mut state = self.lock()?;
             state.queues.complete(d);
-            if let Some(n) = state.pending_per_event.get_mut(&d.event_id) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    state.pending_per_event.remove(&d.event_id);
-                    state.cache.remove(&d.event_id);
-                    ops.push(Op::DeleteEvent(d.event_id.clone()));
-                }
+            if state.release(&d.event_id) {
+                ops.push(Op::DeleteEvent(d.event_id.clone()));
             }
         }
         self.send(ops, false)
@@ -394,14 +407,8 @@ impl Store for DurableStore {
         ];
         let mut state = self.lock()?;
         state.queues.dead_letter(&d);
-        // Dead letters stay on disk for replay; the cache holds only what is pending.
-        if let Some(n) = state.pending_per_event.get_mut(&d.event_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                state.pending_per_event.remove(&d.event_id);
-                state.cache.remove(&d.event_id);
-            }
-        }
+        // Dead letters keep their event on disk for replay; only the cache lets go.
+        state.release(&d.event_id);
         drop(state);
         self.send(ops, false)
     }
@@ -412,13 +419,8 @@ impl Store for DurableStore {
             let mut state = self.lock()?;
             for d in state.queues.forget(subscription) {
                 ops.push(Op::DeletePending(d.seq));
-                if let Some(n) = state.pending_per_event.get_mut(&d.event_id) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        state.pending_per_event.remove(&d.event_id);
-                        state.cache.remove(&d.event_id);
-                        ops.push(Op::DeleteEvent(d.event_id.clone()));
-                    }
+                if state.release(&d.event_id) {
+                    ops.push(Op::DeleteEvent(d.event_id.clone()));
                 }
             }
         }
