@@ -375,7 +375,10 @@ async fn deliver(
 
     let (outcome_label, status_label, changed) = match outcome {
         Outcome::Delivered { status } => {
-            let _ = store.complete(&d);
+            // Still holding the delivery slot: the completion is durable before the slot frees.
+            if let Err(err) = async { store.complete(&d)?.wait().await }.await {
+                warn!(%err, "cannot record a completed delivery; it may be made again");
+            }
             let changed = sub.health.success(now, elapsed.as_millis() as u64);
             ("success", status_class(Some(status)), changed)
         }

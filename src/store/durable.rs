@@ -2,9 +2,10 @@
 //!
 //! Every write goes through one committer thread, which takes all the writes waiting at
 //! that moment into one transaction and one fsync (group commit): durability costs one
-//! sync per batch, not per event. `ingest` returns only after its commit; completions,
-//! retries and dead letters are queued behind it without waiting (a completion lost in a
-//! crash means that delivery is made again: at least once).
+//! sync per batch, not per event. `ingest` returns only after its commit, `complete` hands
+//! back a `Durable` to await;
+//! retries and dead letters are queued without waiting (one lost in a crash only means an
+//! earlier or extra attempt).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 
 use super::queue::Queues;
-use super::{Appended, Ingest, PendingDelivery, QueueCounts, Store, StoreError};
+use super::{Appended, Durable, Ingest, PendingDelivery, QueueCounts, Store, StoreError};
 use crate::event::MailboxEvent;
 
 const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
@@ -83,9 +84,16 @@ enum Op {
     DeleteDeadOf(String),
 }
 
+/// Who hears that a job's commit finished.
+enum Reply {
+    None,
+    Blocking(SyncSender<Result<(), String>>),
+    Async(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
 struct Job {
     ops: Vec<Op>,
-    done: Option<SyncSender<Result<(), String>>>,
+    done: Reply,
 }
 
 /// Events with pending deliveries kept parsed in memory, up to this many; beyond it
@@ -212,27 +220,26 @@ impl DurableStore {
             .map_err(|_| StoreError::Unavailable("store state lock poisoned".into()))
     }
 
-    fn send(&self, ops: Vec<Op>, wait: bool) -> Result<(), StoreError> {
-        let (done, result) = if wait {
-            let (tx, rx) = sync_channel(1);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
+    fn submit(&self, ops: Vec<Op>, done: Reply) -> Result<(), StoreError> {
         self.writer
             .lock()
             .map_err(|_| StoreError::Unavailable("store writer lock poisoned".into()))?
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
             .send(Job { ops, done })
-            .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?;
-        match result {
-            Some(rx) => rx
-                .recv()
-                .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
-                .map_err(StoreError::Io),
-            None => Ok(()),
+            .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))
+    }
+
+    /// Queues `ops`; with `wait`, blocks until they are committed.
+    fn send(&self, ops: Vec<Op>, wait: bool) -> Result<(), StoreError> {
+        if !wait {
+            return self.submit(ops, Reply::None);
         }
+        let (tx, rx) = sync_channel(1);
+        self.submit(ops, Reply::Blocking(tx))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
+            .map_err(StoreError::Io)
     }
 }
 
@@ -250,8 +257,14 @@ fn commit_loop(db: &Database, rx: &Receiver<Job>) {
             tracing::error!(%err, "store commit failed");
         }
         for job in jobs {
-            if let Some(done) = job.done {
-                let _ = done.send(result.clone());
+            match job.done {
+                Reply::None => {}
+                Reply::Blocking(tx) => {
+                    let _ = tx.send(result.clone());
+                }
+                Reply::Async(tx) => {
+                    let _ = tx.send(result.clone());
+                }
             }
         }
     }
@@ -382,7 +395,7 @@ impl Store for DurableStore {
         self.state.lock().ok()?.queues.next_due(subscription)
     }
 
-    fn complete(&self, d: &PendingDelivery) -> Result<(), StoreError> {
+    fn complete(&self, d: &PendingDelivery) -> Result<Durable, StoreError> {
         let mut ops = vec![Op::DeletePending(d.seq)];
         {
             let mut state = self.lock()?;
@@ -391,7 +404,11 @@ impl Store for DurableStore {
                 ops.push(Op::DeleteEvent(d.event_id.clone()));
             }
         }
-        self.send(ops, false)
+        // The caller awaits the group commit: a delivery counts as in flight until its
+        // completion is on disk, so a crash re-delivers only what was in flight.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(ops, Reply::Async(tx))?;
+        Ok(Durable(Some(rx)))
     }
 
     fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {

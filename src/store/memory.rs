@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::queue::Queues;
-use super::{Appended, Ingest, PendingDelivery, QueueCounts, Store, StoreError};
+use super::{Appended, Durable, Ingest, PendingDelivery, QueueCounts, Store, StoreError};
 use crate::event::MailboxEvent;
 
 #[derive(Default)]
@@ -76,9 +76,9 @@ impl Store for MemoryStore {
         self.inner.lock().ok()?.queues.next_due(subscription)
     }
 
-    fn complete(&self, delivery: &PendingDelivery) -> Result<(), StoreError> {
+    fn complete(&self, delivery: &PendingDelivery) -> Result<Durable, StoreError> {
         self.lock()?.queues.complete(delivery);
-        Ok(())
+        Ok(Durable::now())
     }
 
     fn retry(&self, delivery: PendingDelivery) -> Result<(), StoreError> {

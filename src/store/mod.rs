@@ -20,6 +20,26 @@ pub enum StoreError {
     Io(String),
 }
 
+/// Resolves once a write is on disk.
+pub struct Durable(Option<tokio::sync::oneshot::Receiver<Result<(), String>>>);
+
+impl Durable {
+    /// Already durable (or nothing to persist).
+    pub fn now() -> Durable {
+        Durable(None)
+    }
+
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx
+                .await
+                .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
+                .map_err(StoreError::Io),
+        }
+    }
+}
+
 /// One new event and the deliveries it needs; stored together or not at all.
 #[derive(Debug, Clone)]
 pub struct Ingest {
@@ -81,8 +101,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<PendingDelivery>, StoreError>;
     /// The earliest `not_before` among waiting deliveries of `subscription`.
     fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp>;
-    /// The delivery succeeded: forget it.
-    fn complete(&self, delivery: &PendingDelivery) -> Result<(), StoreError>;
+    /// The delivery succeeded: forget it. Await the returned `Durable` to know it is on
+    /// disk (a delivery counts as in flight until then).
+    fn complete(&self, delivery: &PendingDelivery) -> Result<Durable, StoreError>;
     /// The delivery failed and will be tried again at its (updated) `not_before`.
     fn retry(&self, delivery: PendingDelivery) -> Result<(), StoreError>;
     /// The delivery will not be tried again; keep it for replay.
