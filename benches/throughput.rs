@@ -19,6 +19,7 @@ use axum::extract::State;
 
 use mailhook::admin::Readiness;
 use mailhook::api::{EventType, PayloadMode};
+use mailhook::auth::Tokens;
 use mailhook::controller::MatchCounters;
 use mailhook::delivery::payload::PayloadConfig;
 use mailhook::delivery::signing::SigningKey;
@@ -26,7 +27,7 @@ use mailhook::delivery::{Deliveries, DeliveryConfig, client};
 use mailhook::metrics::Metrics;
 use mailhook::route::{Router as EventRouter, RoutingTable, SubscriptionRoute};
 use mailhook::source::Pipeline;
-use mailhook::source::http::{IngestConfig, Tokens};
+use mailhook::source::http::IngestConfig;
 use mailhook::store::{DurableStore, Store};
 
 #[derive(Default)]
@@ -71,7 +72,7 @@ async fn rig(subscriptions: usize) -> Rig {
     let dir = std::env::temp_dir().join(format!("mailhook-bench-{}", uuid::Uuid::now_v7().simple()));
     let store = Arc::new(DurableStore::open(&dir).expect("open store"));
     let metrics = Metrics::new().expect("metrics");
-    let deliveries = Deliveries::start(4, store.clone() as Arc<dyn Store>, metrics.clone());
+    let deliveries = Deliveries::start(4, store.clone() as Arc<dyn Store>, metrics.clone(), Default::default());
     let router = Arc::new(EventRouter::default());
     let mut routes = Vec::new();
     for i in 0..subscriptions {
@@ -87,6 +88,7 @@ async fn rig(subscriptions: usize) -> Rig {
             signing_keys: vec![SigningKey(vec![7; 32])],
             retry_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
             max_event_age: Duration::from_secs(3600),
+            dead_letter_retention: Duration::from_secs(3600),
             disable_after: Duration::from_secs(3600),
             payload: PayloadConfig {
                 mode: PayloadMode::Full,

@@ -10,16 +10,16 @@ use tracing::info;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::admin::{self, Readiness};
+use crate::admin::client::{ListArgs, ReplayArgs};
+use crate::admin::{self, Readiness, history::History};
+use crate::api::parse_duration;
+use crate::auth::Tokens;
 use crate::controller;
-use crate::delivery::Deliveries;
+use crate::delivery::{Deliveries, Housekeeping};
 use crate::metrics::Metrics;
 use crate::route::Router;
-use crate::source::{
-    self, Pipeline,
-    http::{IngestConfig, Tokens},
-};
-use crate::store::{DurableStore, MemoryStore, Store};
+use crate::source::{self, Pipeline, http::IngestConfig};
+use crate::store::{DurableStore, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,6 +38,17 @@ pub enum Command {
     Run(Box<RunConfig>),
     /// Print the CustomResourceDefinitions as YAML (what crds/ holds).
     Crdgen,
+    /// List a subscription's delivery attempts, newest first (asks a running operator).
+    Attempts(ListArgs),
+    /// List a subscription's dead letters, newest first (asks a running operator).
+    DeadLetters(ListArgs),
+    /// Queue a subscription's dead letters for delivery again (asks a running operator).
+    Replay(ReplayArgs),
+}
+
+/// A Go-style duration flag (`72h`, `30s`).
+fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -87,6 +98,28 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_MAX_STORE_BYTES")]
     pub max_store_bytes: Option<u64>,
 
+    /// Delivery attempts older than this leave the audit log.
+    #[arg(long, env = "MAILHOOK_ATTEMPT_RETENTION", default_value = "72h", value_parser = duration_arg)]
+    pub attempt_retention: std::time::Duration,
+
+    /// Most delivery attempts kept per subscription (the newest); bounds the audit log's
+    /// disk use whatever the event rate.
+    #[arg(long, env = "MAILHOOK_MAX_ATTEMPTS_PER_SUBSCRIPTION", default_value_t = 10_000)]
+    pub max_attempts_per_subscription: u64,
+
+    /// How long an event's producer id (`producerEventId`) de-duplicates later events.
+    #[arg(long, env = "MAILHOOK_DEDUP_WINDOW", default_value = "24h", value_parser = duration_arg)]
+    pub dedup_window: std::time::Duration,
+
+    /// How often expiry (maxEventAge) and retention purges run.
+    #[arg(long, env = "MAILHOOK_HOUSEKEEPING_INTERVAL", default_value = "30s", value_parser = duration_arg)]
+    pub housekeeping_interval: std::time::Duration,
+
+    /// File of bearer tokens for the history API on the admin port (attempts, dead
+    /// letters, replay), one per line; the API is off without it.
+    #[arg(long, env = "MAILHOOK_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+
     /// Number of delivery shards (workers); each subscription lives on one.
     #[arg(long, env = "MAILHOOK_SHARDS", default_value_t = 4)]
     pub shards: usize,
@@ -125,8 +158,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new()?;
     let readiness = Readiness::default();
     let listener = TcpListener::bind(config.http_addr).await?;
-    info!(addr = %listener.local_addr()?, "admin server listening");
-    let admin = tokio::spawn(admin::serve(listener, metrics.clone(), readiness.clone(), stopped()));
 
     let store: Arc<dyn Store> = match &config.store_dir {
         Some(dir) => {
@@ -137,17 +168,50 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         None => {
             tracing::warn!("no --store-dir: events are kept in memory only and are lost if the process dies");
-            Arc::new(MemoryStore::new())
+            Arc::new(DurableStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?)
         }
     };
-    let deliveries = Deliveries::start(config.shards, store, metrics.clone());
+    let housekeeping = Housekeeping {
+        interval: config.housekeeping_interval,
+        attempt_retention: config.attempt_retention,
+        max_attempts: config.max_attempts_per_subscription,
+        dedup_window: config.dedup_window,
+    };
+    let deliveries = Deliveries::start(config.shards, store, metrics.clone(), housekeeping);
     let router = Arc::new(Router::default());
     let matches = Arc::new(controller::MatchCounters::default());
+    let directory = Arc::new(controller::Directory::default());
+
+    let admin_tokens = match &config.admin_token_file {
+        Some(path) => {
+            let tokens = Tokens::load(path.clone())
+                .map_err(|e| anyhow::anyhow!("cannot read admin tokens from {}: {e}", path.display()))?;
+            tokens.clone().watch(std::time::Duration::from_secs(10));
+            Some(tokens)
+        }
+        None => {
+            info!("no --admin-token-file: the history API (attempts, dead letters, replay) is off");
+            None
+        }
+    };
+    let history = History {
+        deliveries: deliveries.clone(),
+        directory: directory.clone(),
+        tokens: admin_tokens,
+    };
+    info!(addr = %listener.local_addr()?, "admin server listening");
+    let admin = tokio::spawn(admin::serve(
+        listener,
+        admin::router(metrics.clone(), readiness.clone(), history),
+        stopped(),
+    ));
+
     let wiring = controller::Wiring {
         deliveries: deliveries.clone(),
         router: router.clone(),
         matches: matches.clone(),
         metrics: metrics.clone(),
+        directory,
         pseudonym_secret: pseudonym_secret(config.pseudonym_key_file.as_deref())?,
     };
 

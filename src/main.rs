@@ -1,5 +1,12 @@
 use clap::Parser;
+use mailhook::admin::client::Request;
 use mailhook::cli::{Cli, Command};
+
+async fn history(request: Request) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    print!("{}", mailhook::admin::client::run(request).await?);
+    Ok(())
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -9,6 +16,9 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", mailhook::api::crds_yaml()?);
             Ok(())
         }
+        Command::Attempts(args) => history(Request::Attempts(args)).await,
+        Command::DeadLetters(args) => history(Request::DeadLetters(args)).await,
+        Command::Replay(args) => history(Request::Replay(args)).await,
         Command::Run(config) => {
             mailhook::telemetry::init(config.log_format)?;
             // reqwest and kube share one TLS implementation: rustls with ring.

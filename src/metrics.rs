@@ -18,6 +18,8 @@ pub struct Metrics {
     pub endpoint_up: IntGaugeVec,
     pub endpoint_disabled: IntGaugeVec,
     pub store_disk_bytes: prometheus::IntGauge,
+    pub store_purged: IntCounterVec,
+    pub replayed: IntCounterVec,
     pub reconcile_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
 }
@@ -95,6 +97,20 @@ impl Metrics {
                 "mailhook_store_disk_bytes",
                 "Bytes the durable store occupies on disk (0 for the in-memory store).",
             )?,
+            store_purged: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_store_purged_total",
+                    "Records deleted by retention, by kind (dead_letter, attempt, producer_id).",
+                ),
+                &["kind"],
+            )?,
+            replayed: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_dead_letters_replayed_total",
+                    "Dead letters queued again by a replay, per subscription.",
+                ),
+                SUBSCRIPTION,
+            )?,
             reconcile_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "mailhook_reconcile_duration_seconds",
@@ -111,7 +127,14 @@ impl Metrics {
             )?,
             registry,
         };
-        for c in [&m.events_ingested, &m.events_routed, &m.deliveries, &m.reconcile_errors] {
+        for c in [
+            &m.events_ingested,
+            &m.events_routed,
+            &m.deliveries,
+            &m.reconcile_errors,
+            &m.store_purged,
+            &m.replayed,
+        ] {
             m.registry.register(Box::new(c.clone()))?;
         }
         m.registry.register(Box::new(m.store_disk_bytes.clone()))?;
@@ -145,6 +168,7 @@ impl Metrics {
             let _ = g.remove_label_values(&labels);
         }
         let _ = self.delivery_duration.remove_label_values(&labels);
+        let _ = self.replayed.remove_label_values(&labels);
         for outcome in ["success", "failure", "gone"] {
             for class in ["2xx", "3xx", "4xx", "5xx", "other", "transport"] {
                 let _ = self

@@ -35,6 +35,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
+/// A lower time bound given either as an RFC 3339 time or as a duration back from `now`
+/// (`2h` = the last two hours).
+pub fn parse_since(text: &str, now: jiff::Timestamp) -> Result<jiff::Timestamp, String> {
+    if let Ok(t) = text.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    let age = parse_duration(text)
+        .map_err(|_| format!("{text:?} is neither an RFC 3339 time (2026-11-26T08:00:00Z) nor a duration (2h, 30m)"))?;
+    Ok(jiff::SignedDuration::try_from(age)
+        .ok()
+        .and_then(|age| now.checked_sub(age).ok())
+        .unwrap_or(jiff::Timestamp::MIN))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +68,19 @@ mod tests {
         for bad in ["", "10", "-5s", "5 s", "5d", "s", "1..2s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn since_is_a_time_or_a_duration_back_from_now() {
+        let now: jiff::Timestamp = "2026-11-26T12:00:00Z".parse().expect("time");
+        assert_eq!(
+            parse_since("2h", now),
+            Ok("2026-11-26T10:00:00Z".parse().expect("time"))
+        );
+        assert_eq!(
+            parse_since("2026-11-01T00:00:00Z", now),
+            Ok("2026-11-01T00:00:00Z".parse().expect("time"))
+        );
+        assert!(parse_since("yesterday", now).unwrap_err().contains("RFC 3339"));
     }
 }

@@ -6,7 +6,7 @@ mod mailbox_filter;
 mod webhook_subscription;
 
 pub use common::*;
-pub use duration::{DurationError, parse_duration};
+pub use duration::{DurationError, parse_duration, parse_since};
 pub use mailbox_filter::*;
 pub use webhook_subscription::*;
 

@@ -280,6 +280,32 @@ pub struct DeliveryFailure {
     pub message: String,
 }
 
+/// Annotation whose every new value asks the operator to replay the subscription's dead
+/// letters once (`kubectl annotate --overwrite webhooksubscription/NAME
+/// mailhook.io/replay-requested-at="$(date -u +%FT%TZ)"`).
+pub const REPLAY_REQUESTED_AT: &str = "mailhook.io/replay-requested-at";
+/// Optional bound on that replay: only dead letters given up since this time (RFC 3339)
+/// or within this duration (`2h`).
+pub const REPLAY_SINCE: &str = "mailhook.io/replay-since";
+
+/// The outcome of the last replay requested with the `mailhook.io/replay-requested-at`
+/// annotation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayStatus {
+    /// The annotation value this replay answered; a new value requests another replay.
+    pub requested_at: String,
+    /// When the operator handled the request.
+    pub handled_at: Time,
+    /// Dead letters queued again for delivery.
+    pub replayed: u64,
+    /// Only dead letters given up at or after this time were replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// What happened, for a person.
+    pub message: String,
+}
+
 /// What the operator last observed about a WebhookSubscription.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -332,4 +358,8 @@ pub struct WebhookSubscriptionStatus {
     /// Median latency of recent successful deliveries, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recent_latency_ms: Option<u64>,
+
+    /// The last dead-letter replay requested through the annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_replay: Option<ReplayStatus>,
 }

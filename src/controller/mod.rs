@@ -7,7 +7,7 @@ pub mod status;
 pub mod subscription;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -52,6 +52,8 @@ pub enum Error {
     NotNamespaced,
     #[error("the object cache shut down")]
     StoreClosed,
+    #[error("cannot replay dead letters: {0}")]
+    Replay(String),
 }
 
 /// What the operator knows of one subscription since its last reconcile.
@@ -64,6 +66,8 @@ pub struct SubscriptionState {
     pub route: Option<SubscriptionRoute>,
     pub shard: u32,
     pub paused: bool,
+    /// The last replay handled through the annotation (this process's, or None).
+    pub last_replay: Option<crate::api::ReplayStatus>,
 }
 
 /// What the operator knows of one filter since its last reconcile.
@@ -110,6 +114,32 @@ impl MatchCounters {
 /// Keys by (namespace, name).
 type Key = (String, String);
 
+/// The UID of every subscription by (namespace, name), for lookups by name.
+#[derive(Default)]
+pub struct Directory(RwLock<HashMap<Key, String>>);
+
+impl Directory {
+    pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.0
+            .read()
+            .ok()?
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    fn set(&self, namespace: &str, name: &str, uid: &str) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert((namespace.to_string(), name.to_string()), uid.to_string());
+        }
+    }
+
+    fn forget(&self, uids: &[String]) {
+        if let Ok(mut m) = self.0.write() {
+            m.retain(|_, uid| !uids.contains(uid));
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct State {
     pub subscriptions: HashMap<String, SubscriptionState>,
@@ -126,6 +156,7 @@ pub struct Context {
     pub router: Arc<Router>,
     pub matches: Arc<MatchCounters>,
     pub metrics: Metrics,
+    pub directory: Arc<Directory>,
     pub state: Mutex<State>,
     /// Wakes the status writer: something changed that should show at once.
     pub status_changed: Arc<tokio::sync::Notify>,
@@ -240,6 +271,7 @@ pub struct Wiring {
     pub router: Arc<Router>,
     pub matches: Arc<MatchCounters>,
     pub metrics: Metrics,
+    pub directory: Arc<Directory>,
     pub pseudonym_secret: Vec<u8>,
 }
 
@@ -273,6 +305,7 @@ pub async fn run(
         router: wiring.router,
         matches: wiring.matches,
         metrics: wiring.metrics,
+        directory: wiring.directory,
         pseudonym_secret: wiring.pseudonym_secret,
         state: Mutex::default(),
     });

@@ -126,6 +126,9 @@ pub fn subscription_status(
         })
         .or(status.last_failure);
     status.recent_latency_ms = health.latency_p50_ms.or(status.recent_latency_ms);
+    if state.last_replay.is_some() {
+        status.last_replay = state.last_replay.clone();
+    }
     status
 }
 
@@ -224,7 +227,8 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             .unwrap_or_default();
         let desired = subscription_status(&previous, state, &health, counts, &now);
         let urgent = urgent_key(&previous.conditions, previous.observed_generation)
-            != urgent_key(&desired.conditions, desired.observed_generation);
+            != urgent_key(&desired.conditions, desired.observed_generation)
+            || previous.last_replay != desired.last_replay;
         if !due(&desired, written.get(&uid), urgent) {
             continue;
         }
@@ -317,6 +321,7 @@ fn forget_deleted(
             for uid in &gone {
                 state.subscriptions.remove(uid);
             }
+            ctx.directory.forget(&gone);
             gone
         }
         Err(_) => return,

@@ -6,14 +6,19 @@ use std::time::Duration;
 
 use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
+use kube::Resource;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType as K8sEventType;
 use kube::{Api, ResourceExt};
-use tracing::{debug, instrument};
+use tracing::{debug, info, instrument};
 
 use super::conditions::{Desired, READY, Status};
 use super::{Context, Error};
-use crate::api::{MailboxFilter, WebhookSubscription, WebhookSubscriptionSpec, parse_duration};
+use crate::api::{
+    MailboxFilter, REPLAY_REQUESTED_AT, REPLAY_SINCE, ReplayStatus, WebhookSubscription, WebhookSubscriptionSpec,
+    parse_duration, parse_since,
+};
 use crate::delivery::signing::SigningKey;
 use crate::delivery::{DeliveryConfig, client, payload::PayloadConfig, shard_of};
 use crate::route::{CompiledFilter, SubscriptionRoute};
@@ -47,6 +52,7 @@ pub struct ValidSubscription {
     pub filters: Vec<String>,
     pub retry_schedule: Vec<Duration>,
     pub max_event_age: Duration,
+    pub dead_letter_retention: Duration,
     pub disable_after: Duration,
     /// Extra headers with values resolved from Secrets.
     pub headers: Vec<(String, String)>,
@@ -112,7 +118,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
         .enumerate()
         .map(|(i, d)| duration(&format!("spec.delivery.retrySchedule[{i}]"), d))
         .collect();
-    duration(
+    let dead_letter_retention = duration(
         "spec.delivery.deadLetterRetention",
         &spec.delivery.dead_letter_retention,
     );
@@ -269,6 +275,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
         filters,
         retry_schedule: retry_schedule.into_iter().flatten().collect(),
         max_event_age: max_event_age.unwrap_or_default(),
+        dead_letter_retention: dead_letter_retention.unwrap_or_default(),
         disable_after: disable_after.unwrap_or_default(),
         headers,
     })
@@ -376,6 +383,7 @@ fn delivery_config(
         signing_keys: valid.signing_keys.clone(),
         retry_schedule: valid.retry_schedule.clone(),
         max_event_age: valid.max_event_age,
+        dead_letter_retention: valid.dead_letter_retention,
         disable_after: valid.disable_after,
         payload: PayloadConfig {
             mode: spec.payload.mode,
@@ -386,6 +394,84 @@ fn delivery_config(
         rate_limit_per_second: spec.delivery.rate_limit_per_second,
         ordered: spec.delivery.ordering == crate::api::Ordering::PerMailbox,
         paused: spec.paused,
+    })
+}
+
+/// A replay asked for through the annotations and not handled yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRequest {
+    pub token: String,
+    /// The lower bound, or why the `mailhook.io/replay-since` value is unusable.
+    pub since: Result<Option<jiff::Timestamp>, String>,
+}
+
+/// Whether the annotations ask for a replay that `handled` (the last token answered)
+/// has not answered yet. Pure.
+pub fn replay_request(
+    annotations: &BTreeMap<String, String>,
+    handled: Option<&str>,
+    now: jiff::Timestamp,
+) -> Option<ReplayRequest> {
+    let token = annotations.get(REPLAY_REQUESTED_AT)?;
+    if token.is_empty() || handled == Some(token.as_str()) {
+        return None;
+    }
+    let since = match annotations.get(REPLAY_SINCE) {
+        None => Ok(None),
+        Some(text) => parse_since(text, now)
+            .map(Some)
+            .map_err(|e| format!("annotation {REPLAY_SINCE}: {e}")),
+    };
+    Some(ReplayRequest {
+        token: token.clone(),
+        since,
+    })
+}
+
+/// Carries out a replay request; the outcome goes on status and in an Event.
+async fn replay(
+    ctx: &Context,
+    whs: &WebhookSubscription,
+    uid: &str,
+    request: ReplayRequest,
+) -> Result<ReplayStatus, Error> {
+    let now = jiff::Timestamp::now();
+    let (replayed, since, message, ok) = match request.since {
+        Err(problem) => (0, None, format!("Nothing replayed: {problem}."), false),
+        Ok(since) => {
+            let deliveries = ctx.deliveries.clone();
+            let id = uid.to_string();
+            let from = since.unwrap_or(jiff::Timestamp::MIN);
+            let n = tokio::task::spawn_blocking(move || deliveries.replay(&id, from))
+                .await
+                .map_err(|e| Error::Replay(e.to_string()))?
+                .map_err(|e| Error::Replay(e.to_string()))?;
+            let bound = since.map(|s| format!(" given up since {s}")).unwrap_or_default();
+            (
+                n,
+                since,
+                format!("Queued {n} dead letter(s){bound} for delivery again."),
+                true,
+            )
+        }
+    };
+    info!(
+        token = request.token,
+        replayed, "dead-letter replay requested by annotation"
+    );
+    let kind = if ok {
+        K8sEventType::Normal
+    } else {
+        K8sEventType::Warning
+    };
+    let reason = if ok { "Replayed" } else { "ReplayRefused" };
+    ctx.publish(&whs.object_ref(&()), kind, reason, &message).await;
+    Ok(ReplayStatus {
+        requested_at: request.token,
+        handled_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+        replayed,
+        since: since.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+        message,
     })
 }
 
@@ -437,6 +523,20 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
     }
     let ready = ready_condition(&whs.spec, &outcome);
     debug!(ready = ?ready.status, reason = ready.reason, "validated");
+    ctx.directory.set(&ns, &whs.name_any(), &uid);
+
+    let mut last_replay = ctx
+        .state
+        .lock()
+        .ok()
+        .and_then(|s| s.subscriptions.get(&uid).and_then(|s| s.last_replay.clone()));
+    let handled = last_replay
+        .as_ref()
+        .or(whs.status.as_ref().and_then(|s| s.last_replay.as_ref()))
+        .map(|r| r.requested_at.clone());
+    if let Some(request) = replay_request(whs.annotations(), handled.as_deref(), jiff::Timestamp::now()) {
+        last_replay = Some(replay(&ctx, &whs, &uid, request).await?);
+    }
     if let Ok(mut state) = ctx.state.lock() {
         state.subscriptions.insert(
             uid.clone(),
@@ -447,6 +547,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
                 route,
                 shard: shard_of(&uid, ctx.deliveries.shard_count()) as u32,
                 paused: whs.spec.paused,
+                last_replay,
             },
         );
     }

@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::route::Target;
-use crate::store::{PendingDelivery, Store};
+use crate::store::{Attempt, PendingDelivery, Retention, Store, StoreError};
 use health::{Failure, Health, HealthSnapshot};
 use payload::PayloadConfig;
 use retry::Next;
@@ -38,6 +38,7 @@ pub struct DeliveryConfig {
     pub signing_keys: Vec<SigningKey>,
     pub retry_schedule: Vec<Duration>,
     pub max_event_age: Duration,
+    pub dead_letter_retention: Duration,
     pub disable_after: Duration,
     pub payload: PayloadConfig,
     pub concurrency: u32,
@@ -57,6 +58,30 @@ struct Subscription {
 struct Shard {
     subscriptions: Mutex<HashMap<String, Arc<Subscription>>>,
     wake: Notify,
+}
+
+/// Operator-wide retention of delivery history, applied by the housekeeping loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Housekeeping {
+    /// How often expiry and purges run.
+    pub interval: Duration,
+    /// Attempts older than this leave the audit log.
+    pub attempt_retention: Duration,
+    /// Most attempts kept per subscription (the newest).
+    pub max_attempts: u64,
+    /// How long a producer event id de-duplicates.
+    pub dedup_window: Duration,
+}
+
+impl Default for Housekeeping {
+    fn default() -> Self {
+        Housekeeping {
+            interval: Duration::from_secs(30),
+            attempt_retention: Duration::from_secs(72 * 3600),
+            max_attempts: 10_000,
+            dedup_window: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// The delivery side of the operator.
@@ -79,8 +104,14 @@ pub fn shard_of(uid: &str, shards: usize) -> usize {
 }
 
 impl Deliveries {
-    /// Starts `shards` shard workers; they run until the process ends.
-    pub fn start(shards: usize, store: Arc<dyn Store>, metrics: Metrics) -> Arc<Deliveries> {
+    /// Starts `shards` shard workers and the housekeeping loop; they run until the
+    /// process ends.
+    pub fn start(
+        shards: usize,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        housekeeping: Housekeeping,
+    ) -> Arc<Deliveries> {
         let deliveries = Arc::new(Deliveries {
             shards: (0..shards.max(1)).map(|_| Arc::default()).collect(),
             store,
@@ -91,7 +122,35 @@ impl Deliveries {
         for (i, shard) in deliveries.shards.iter().enumerate() {
             tokio::spawn(run_shard(deliveries.clone(), shard.clone()).instrument(info_span!("shard", shard = i)));
         }
+        tokio::spawn(run_housekeeping(deliveries.clone(), housekeeping).instrument(info_span!("housekeeping")));
         deliveries
+    }
+
+    /// Queues again the subscription's dead letters given up at or after `since`.
+    pub fn replay(&self, uid: &str, since: jiff::Timestamp) -> Result<u64, StoreError> {
+        let n = self.store.replay(uid, since, jiff::Timestamp::now())?;
+        if let Some(sub) = self.subscription(uid) {
+            self.metrics
+                .replayed
+                .with_label_values(&[&sub.config.namespace, &sub.config.name])
+                .inc_by(n);
+        }
+        self.wake([uid]);
+        self.health_changed.notify_one();
+        Ok(n)
+    }
+
+    fn subscription(&self, uid: &str) -> Option<Arc<Subscription>> {
+        let shard = &self.shards[shard_of(uid, self.shards.len())];
+        shard.subscriptions.lock().ok()?.get(uid).cloned()
+    }
+
+    fn configs(&self) -> Vec<Arc<DeliveryConfig>> {
+        self.shards
+            .iter()
+            .filter_map(|s| s.subscriptions.lock().ok())
+            .flat_map(|subs| subs.values().map(|s| s.config.clone()).collect::<Vec<_>>())
+            .collect()
     }
 
     pub fn shard_count(&self) -> usize {
@@ -251,6 +310,63 @@ async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
     }
 }
 
+fn since(now: jiff::Timestamp, age: Duration) -> jiff::Timestamp {
+    jiff::SignedDuration::try_from(age)
+        .ok()
+        .and_then(|age| now.checked_sub(age).ok())
+        .unwrap_or(jiff::Timestamp::MIN)
+}
+
+/// Expires deliveries past their subscription's `maxEventAge` (also while the endpoint is
+/// paused or disabled) and purges history past its retention, every `interval`.
+async fn run_housekeeping(deliveries: Arc<Deliveries>, settings: Housekeeping) {
+    loop {
+        tokio::time::sleep(settings.interval).await;
+        let d = deliveries.clone();
+        // The store's purges wait for commits: off the async workers.
+        match tokio::task::spawn_blocking(move || housekeep(&d, settings)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(%err, "housekeeping failed; will retry"),
+            Err(err) => warn!(%err, "housekeeping stopped unexpectedly; will retry"),
+        }
+    }
+}
+
+fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), StoreError> {
+    let store = &deliveries.store;
+    let now = jiff::Timestamp::now();
+    let purged = &deliveries.metrics.store_purged;
+    for config in deliveries.configs() {
+        let reason = format!(
+            "older than delivery.maxEventAge ({}s) before it could be delivered",
+            config.max_event_age.as_secs()
+        );
+        let expired = store.expire(&config.uid, since(now, config.max_event_age), &reason)?;
+        if expired > 0 {
+            warn!(
+                subscription = config.name,
+                namespace = config.namespace,
+                expired,
+                "events expired undelivered; they are dead letters now"
+            );
+            deliveries.health_changed.notify_one();
+        }
+        let p = store.purge(
+            &config.uid,
+            Retention {
+                dead_letters_before: since(now, config.dead_letter_retention),
+                attempts_before: since(now, settings.attempt_retention),
+                max_attempts: settings.max_attempts,
+            },
+        )?;
+        purged.with_label_values(&["dead_letter"]).inc_by(p.dead_letters);
+        purged.with_label_values(&["attempt"]).inc_by(p.attempts);
+    }
+    let producers = store.purge_producer_ids(since(now, settings.dedup_window))?;
+    purged.with_label_values(&["producer_id"]).inc_by(producers);
+    Ok(())
+}
+
 /// What an attempt came to.
 enum Outcome {
     Delivered {
@@ -328,6 +444,15 @@ async fn deliver(
     let elapsed = started.elapsed();
     let now = jiff::Timestamp::now();
     d.attempts += 1;
+    let mut attempt = Attempt {
+        subscription: d.subscription.clone(),
+        event_id: d.event_id.clone(),
+        attempt: d.attempts,
+        at: now,
+        http_status: None,
+        error: None,
+        latency_ms: elapsed.as_millis() as u64,
+    };
 
     let outcome = match response {
         Ok(r) => {
@@ -372,6 +497,22 @@ async fn deliver(
             }
         }
     };
+
+    match &outcome {
+        Outcome::Delivered { status } => attempt.http_status = Some(*status),
+        Outcome::Gone => {
+            attempt.http_status = Some(410);
+            attempt.error = Some("HTTP 410 Gone".into());
+        }
+        Outcome::Failed { status, message, .. } => {
+            attempt.http_status = *status;
+            attempt.error = Some(message.clone());
+        }
+    }
+    // Queued before the completion below, so it is on disk no later than it.
+    if let Err(err) = store.record_attempt(attempt) {
+        warn!(%err, "cannot log a delivery attempt");
+    }
 
     let (outcome_label, status_label, changed) = match outcome {
         Outcome::Delivered { status } => {

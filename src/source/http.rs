@@ -4,8 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -15,11 +14,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{Pipeline, normalize_address};
 use crate::admin::Readiness;
 use crate::api::{Direction, EventType};
+use crate::auth::Tokens;
 use crate::event::{Attachment, MailboxEvent, Source};
 
 const MAX_ATTACHMENTS: usize = 1000;
@@ -32,67 +32,6 @@ pub struct IngestConfig {
     pub token_file: PathBuf,
     pub max_body_bytes: usize,
     pub max_batch_events: usize,
-}
-
-/// Bearer tokens, re-read from their file so a rotated Secret takes effect without restart.
-#[derive(Clone)]
-pub struct Tokens {
-    path: PathBuf,
-    tokens: Arc<RwLock<Vec<String>>>,
-}
-
-impl Tokens {
-    pub fn load(path: PathBuf) -> std::io::Result<Tokens> {
-        let tokens = Tokens {
-            path,
-            tokens: Arc::default(),
-        };
-        tokens.reload()?;
-        Ok(tokens)
-    }
-
-    fn reload(&self) -> std::io::Result<()> {
-        let text = std::fs::read_to_string(&self.path)?;
-        let list: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(String::from)
-            .collect();
-        if list.is_empty() {
-            return Err(std::io::Error::other(format!("{} holds no token", self.path.display())));
-        }
-        if let Ok(mut t) = self.tokens.write() {
-            *t = list;
-        }
-        Ok(())
-    }
-
-    /// Re-reads the file every `every`; keeps the old tokens if it cannot.
-    pub fn watch(self, every: Duration) {
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(err) = self.reload() {
-                    warn!(%err, path = %self.path.display(), "cannot re-read ingest tokens; keeping the previous ones");
-                }
-            }
-        });
-    }
-
-    fn accepts(&self, presented: &str) -> bool {
-        let Ok(tokens) = self.tokens.read() else {
-            return false;
-        };
-        // Compare every token in full so timing tells nothing about a near miss.
-        tokens.iter().fold(false, |found, t| {
-            found | constant_time_eq(t.as_bytes(), presented.as_bytes())
-        })
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Clone)]
@@ -218,12 +157,7 @@ async fn accept(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, Refusal> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if !token.is_some_and(|t| state.tokens.accepts(t)) {
+    if !state.tokens.accepts_request(headers) {
         return Err(Refusal {
             status: StatusCode::UNAUTHORIZED,
             message: "missing or unknown bearer token: send Authorization: Bearer <token from the ingest token file>"

@@ -1,28 +1,37 @@
-//! The durable store: redb on `--store-dir`, with the delivery queues indexed in memory.
+//! The store: redb, on `--store-dir` (durable) or in memory, with the delivery queues
+//! indexed in memory.
 //!
 //! Every write goes through one committer thread, which takes all the writes waiting at
 //! that moment into one transaction and one fsync (group commit): durability costs one
-//! sync per batch, not per event. `ingest` returns only after its commit, `complete` hands
-//! back a `Durable` to await;
-//! retries and dead letters are queued without waiting (one lost in a crash only means an
-//! earlier or extra attempt).
+//! sync per batch, not per event. `ingest` and `replay` return only after their commit,
+//! `complete` hands back a `Durable` to await; retries, dead letters and attempts are
+//! queued without waiting (one lost in a crash only means an earlier or extra attempt).
+//!
+//! An event stays on disk while a pending delivery or a dead letter refers to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::backends::InMemoryBackend;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::queue::Queues;
-use super::{Appended, Durable, Ingest, PendingDelivery, QueueCounts, Store, StoreError};
+use super::queue::{Dead, Queues};
+use super::{
+    Appended, Attempt, DeadLetter, Durable, Ingest, PendingDelivery, Purged, QueueCounts, Retention, Store, StoreError,
+};
 use crate::event::MailboxEvent;
 
 const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
-const PRODUCER_IDS: TableDefinition<&str, &str> = TableDefinition::new("producer_ids");
+/// Producer event id → (event id, unix seconds first seen).
+const PRODUCERS: TableDefinition<&str, (&str, i64)> = TableDefinition::new("producers");
 const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// (subscription, unix nanoseconds) → attempt: one subscription's log is one key range,
+/// in time order.
+const ATTEMPTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("attempts");
 
 /// Most writes one transaction takes; keeps a commit's latency bounded under load.
 const MAX_JOBS_PER_COMMIT: usize = 4096;
@@ -43,10 +52,13 @@ struct StoredDelivery {
     /// Dead letters only: why it was given up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// Dead letters only: when it was given up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dead_at: Option<jiff::Timestamp>,
 }
 
 impl StoredDelivery {
-    fn from(d: &PendingDelivery, reason: Option<String>) -> StoredDelivery {
+    fn from(d: &PendingDelivery) -> StoredDelivery {
         StoredDelivery {
             subscription: d.subscription.clone(),
             event_id: d.event_id.clone(),
@@ -55,7 +67,8 @@ impl StoredDelivery {
             accepted_at: d.accepted_at,
             ordering_key: d.ordering_key.clone(),
             matched_filters: d.matched_filters.clone(),
-            reason,
+            reason: None,
+            dead_at: None,
         }
     }
 
@@ -76,12 +89,16 @@ impl StoredDelivery {
 enum Op {
     PutEvent(String, Vec<u8>),
     DeleteEvent(String),
-    PutProducer(String, String),
+    PutProducer(String, String, i64),
+    DeleteProducer(String),
     PutPending(u64, Vec<u8>),
     DeletePending(u64),
     PutDead(u64, Vec<u8>),
-    /// Removes every dead letter of a subscription (a scan: deletions are rare).
-    DeleteDeadOf(String),
+    DeleteDead(u64),
+    PutAttempt(String, u64, Vec<u8>),
+    /// Deletes the subscription's oldest `n` attempts.
+    TrimAttempts(String, u64),
+    DeleteAttemptsOf(String),
 }
 
 /// Who hears that a job's commit finished.
@@ -100,6 +117,13 @@ struct Job {
 /// deliveries read them from disk.
 const EVENT_CACHE: usize = 100_000;
 
+/// What refers to one stored event.
+#[derive(Default, Clone, Copy)]
+struct Refs {
+    pending: u32,
+    dead: u32,
+}
+
 #[derive(Default)]
 struct State {
     queues: Queues,
@@ -107,8 +131,57 @@ struct State {
     /// and retries do not re-read and re-parse them.
     cache: HashMap<String, Arc<MailboxEvent>>,
     producer_ids: HashMap<String, String>,
-    /// Pending deliveries per event: at zero the event is deleted (dead letters keep it).
-    pending_per_event: HashMap<String, u32>,
+    /// Producer ids in the order first seen (the order they expire in).
+    producer_order: VecDeque<(jiff::Timestamp, String)>,
+    refs: HashMap<String, Refs>,
+    /// Attempts logged per subscription.
+    attempts: HashMap<String, u64>,
+    /// Key of the last attempt logged: keys only grow.
+    last_attempt_key: u64,
+}
+
+/// Which reference to an event went away.
+#[derive(Clone, Copy)]
+enum Ref {
+    Pending,
+    Dead,
+}
+
+impl State {
+    /// One reference to `event_id` is gone. Returns true when it was the last, so the
+    /// event leaves the disk. The cache lets go with the last pending delivery.
+    fn release(&mut self, event_id: &str, which: Ref) -> bool {
+        let Some(r) = self.refs.get_mut(event_id) else {
+            return false;
+        };
+        match which {
+            Ref::Pending => r.pending = r.pending.saturating_sub(1),
+            Ref::Dead => r.dead = r.dead.saturating_sub(1),
+        }
+        let r = *r;
+        if r.pending == 0 {
+            self.cache.remove(event_id);
+        }
+        if r.pending == 0 && r.dead == 0 {
+            self.refs.remove(event_id);
+            return true;
+        }
+        false
+    }
+
+    fn hold(&mut self, event_id: &str, which: Ref) {
+        let r = self.refs.entry(event_id.to_string()).or_default();
+        match which {
+            Ref::Pending => r.pending += 1,
+            Ref::Dead => r.dead += 1,
+        }
+    }
+
+    fn attempt_key(&mut self, at: jiff::Timestamp) -> u64 {
+        let nanos = u64::try_from(at.as_nanosecond()).unwrap_or(0);
+        self.last_attempt_key = nanos.max(self.last_attempt_key + 1);
+        self.last_attempt_key
+    }
 }
 
 pub struct DurableStore {
@@ -117,7 +190,8 @@ pub struct DurableStore {
     /// None once dropped: closing the channel stops the commit thread.
     writer: Mutex<Option<Sender<Job>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    path: PathBuf,
+    /// None in memory.
+    path: Option<PathBuf>,
 }
 
 impl Drop for DurableStore {
@@ -140,22 +214,8 @@ fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(io)
 }
 
-impl State {
-    /// One pending delivery of `event_id` is gone (delivered, dead-lettered or dropped).
-    /// Returns true when it was the event's last: the event leaves the cache and the
-    /// caller decides whether it also leaves the disk.
-    fn release(&mut self, event_id: &str) -> bool {
-        let Some(n) = self.pending_per_event.get_mut(event_id) else {
-            return false;
-        };
-        *n = n.saturating_sub(1);
-        if *n > 0 {
-            return false;
-        }
-        self.pending_per_event.remove(event_id);
-        self.cache.remove(event_id);
-        true
-    }
+fn nanos(t: jiff::Timestamp) -> u64 {
+    u64::try_from(t.as_nanosecond()).unwrap_or(0)
 }
 
 impl DurableStore {
@@ -164,36 +224,30 @@ impl DurableStore {
     pub fn open(dir: &Path) -> Result<DurableStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join("mailhook.redb");
-        let db = Arc::new(Database::create(&path).map_err(io)?);
+        let db = Database::create(&path).map_err(io)?;
+        DurableStore::start(db, Some(path))
+    }
+
+    /// A store that lives in memory only: lost when the process ends.
+    pub fn in_memory() -> Result<DurableStore, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(InMemoryBackend::new())
+            .map_err(io)?;
+        DurableStore::start(db, None)
+    }
+
+    fn start(db: Database, path: Option<PathBuf>) -> Result<DurableStore, StoreError> {
+        let db = Arc::new(db);
         {
             let txn = db.begin_write().map_err(io)?;
             txn.open_table(EVENTS).map_err(io)?;
-            txn.open_table(PRODUCER_IDS).map_err(io)?;
+            txn.open_table(PRODUCERS).map_err(io)?;
             txn.open_table(PENDING).map_err(io)?;
             txn.open_table(DEAD).map_err(io)?;
+            txn.open_table(ATTEMPTS).map_err(io)?;
             txn.commit().map_err(io)?;
         }
-        let mut state = State::default();
-        {
-            let txn = db.begin_read().map_err(io)?;
-            for row in txn.open_table(PENDING).map_err(io)?.iter().map_err(io)? {
-                let (seq, bytes) = row.map_err(io)?;
-                let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
-                *state.pending_per_event.entry(stored.event_id.clone()).or_default() += 1;
-                state.queues.restore(stored.into_pending(seq.value()));
-            }
-            for row in txn.open_table(DEAD).map_err(io)?.iter().map_err(io)? {
-                let (seq, bytes) = row.map_err(io)?;
-                let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
-                state.queues.restore_dead(&stored.subscription, seq.value());
-            }
-            for row in txn.open_table(PRODUCER_IDS).map_err(io)?.iter().map_err(io)? {
-                let (producer, event) = row.map_err(io)?;
-                state
-                    .producer_ids
-                    .insert(producer.value().to_string(), event.value().to_string());
-            }
-        }
+        let state = load(&db)?;
         let (tx, rx) = channel();
         let writer_db = db.clone();
         let committer = std::thread::Builder::new()
@@ -211,7 +265,10 @@ impl DurableStore {
 
     /// Bytes the store occupies on disk.
     pub fn disk_bytes(&self) -> u64 {
-        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+        self.path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len())
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
@@ -241,6 +298,85 @@ impl DurableStore {
             .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
             .map_err(StoreError::Io)
     }
+
+    /// Waits until every write queued before it is committed, so a read sees them.
+    fn flush(&self) -> Result<(), StoreError> {
+        self.send(Vec::new(), true)
+    }
+
+    /// Reads stored deliveries from `table` by seq.
+    fn read_deliveries(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(table).map_err(io)?;
+        let mut out = Vec::new();
+        for seq in seqs {
+            if let Some(bytes) = t.get(seq).map_err(io)? {
+                out.push((seq, serde_json::from_slice(bytes.value()).map_err(io)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves deliveries to the dead letters (state and ops), releasing their pending refs.
+    fn bury(&self, state: &mut State, deliveries: Vec<PendingDelivery>, reason: &str) -> Result<Vec<Op>, StoreError> {
+        let now = jiff::Timestamp::now();
+        let mut ops = Vec::with_capacity(deliveries.len() * 2);
+        for d in deliveries {
+            let mut stored = StoredDelivery::from(&d);
+            stored.reason = Some(reason.to_string());
+            stored.dead_at = Some(now);
+            ops.push(Op::DeletePending(d.seq));
+            ops.push(Op::PutDead(d.seq, json(&stored)?));
+            state.queues.dead_letter(&d, now);
+            state.hold(&d.event_id, Ref::Dead);
+            state.release(&d.event_id, Ref::Pending);
+        }
+        Ok(ops)
+    }
+}
+
+/// Rebuilds the in-memory indexes from the tables.
+fn load(db: &Database) -> Result<State, StoreError> {
+    let mut state = State::default();
+    let txn = db.begin_read().map_err(io)?;
+    for row in txn.open_table(PENDING).map_err(io)?.iter().map_err(io)? {
+        let (seq, bytes) = row.map_err(io)?;
+        let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
+        state.hold(&stored.event_id, Ref::Pending);
+        state.queues.restore(stored.into_pending(seq.value()));
+    }
+    for row in txn.open_table(DEAD).map_err(io)?.iter().map_err(io)? {
+        let (seq, bytes) = row.map_err(io)?;
+        let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
+        state.hold(&stored.event_id, Ref::Dead);
+        let dead = Dead {
+            at: stored.dead_at.unwrap_or(stored.not_before),
+            event_id: stored.event_id,
+        };
+        state.queues.restore_dead(&stored.subscription, seq.value(), dead);
+    }
+    let mut producers = Vec::new();
+    for row in txn.open_table(PRODUCERS).map_err(io)?.iter().map_err(io)? {
+        let (producer, value) = row.map_err(io)?;
+        let (event, at) = value.value();
+        let at = jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let producer = producer.value().to_string();
+        state.producer_ids.insert(producer.clone(), event.to_string());
+        producers.push((at, producer));
+    }
+    producers.sort();
+    state.producer_order = producers.into();
+    for row in txn.open_table(ATTEMPTS).map_err(io)?.iter().map_err(io)? {
+        let (key, _) = row.map_err(io)?;
+        let (subscription, at) = key.value();
+        *state.attempts.entry(subscription.to_string()).or_default() += 1;
+        state.last_attempt_key = state.last_attempt_key.max(at);
+    }
+    Ok(state)
 }
 
 fn commit_loop(db: &Database, rx: &Receiver<Job>) {
@@ -275,9 +411,10 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
     txn.set_durability(Durability::Immediate).map_err(io)?;
     {
         let mut events = txn.open_table(EVENTS).map_err(io)?;
-        let mut producers = txn.open_table(PRODUCER_IDS).map_err(io)?;
+        let mut producers = txn.open_table(PRODUCERS).map_err(io)?;
         let mut pending = txn.open_table(PENDING).map_err(io)?;
         let mut dead = txn.open_table(DEAD).map_err(io)?;
+        let mut attempts = txn.open_table(ATTEMPTS).map_err(io)?;
         for op in jobs.iter().flat_map(|j| &j.ops) {
             match op {
                 Op::PutEvent(id, bytes) => {
@@ -286,8 +423,11 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
                 Op::DeleteEvent(id) => {
                     events.remove(id.as_str()).map_err(io)?;
                 }
-                Op::PutProducer(p, id) => {
-                    producers.insert(p.as_str(), id.as_str()).map_err(io)?;
+                Op::PutProducer(p, id, at) => {
+                    producers.insert(p.as_str(), (id.as_str(), *at)).map_err(io)?;
+                }
+                Op::DeleteProducer(p) => {
+                    producers.remove(p.as_str()).map_err(io)?;
                 }
                 Op::PutPending(seq, bytes) => {
                     pending.insert(*seq, bytes.as_slice()).map_err(io)?;
@@ -298,12 +438,30 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
                 Op::PutDead(seq, bytes) => {
                     dead.insert(*seq, bytes.as_slice()).map_err(io)?;
                 }
-                Op::DeleteDeadOf(subscription) => {
-                    dead.retain(|_, bytes| {
-                        serde_json::from_slice::<StoredDelivery>(bytes)
-                            .map_or(true, |d| &d.subscription != subscription)
-                    })
-                    .map_err(io)?;
+                Op::DeleteDead(seq) => {
+                    dead.remove(*seq).map_err(io)?;
+                }
+                Op::PutAttempt(subscription, key, bytes) => {
+                    attempts
+                        .insert((subscription.as_str(), *key), bytes.as_slice())
+                        .map_err(io)?;
+                }
+                Op::TrimAttempts(subscription, n) => {
+                    let mut left = *n;
+                    let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
+                    attempts
+                        .retain_in(range, |_, _| {
+                            if left == 0 {
+                                return true;
+                            }
+                            left -= 1;
+                            false
+                        })
+                        .map_err(io)?;
+                }
+                Op::DeleteAttemptsOf(subscription) => {
+                    let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
+                    attempts.retain_in(range, |_, _| false).map_err(io)?;
                 }
             }
         }
@@ -318,6 +476,7 @@ impl Store for DurableStore {
         let mut queued = Vec::new();
         let mut cached = Vec::new();
         let mut claimed = Vec::new();
+        let now = jiff::Timestamp::now();
         {
             let mut state = self.lock()?;
             for item in items {
@@ -331,17 +490,20 @@ impl Store for DurableStore {
                     }
                     // Claimed now, so a concurrent duplicate sees it; released if the commit fails.
                     state.producer_ids.insert(pid.clone(), item.event.id.clone());
+                    state.producer_order.push_back((now, pid.clone()));
                     claimed.push(pid.clone());
-                    ops.push(Op::PutProducer(pid.clone(), item.event.id.clone()));
+                    ops.push(Op::PutProducer(pid.clone(), item.event.id.clone(), now.as_second()));
                 }
                 let id = item.event.id.clone();
-                ops.push(Op::PutEvent(id.clone(), json(&item.event)?));
+                // An event nobody subscribed to is done at once: nothing to keep but its
+                // producer id.
                 if !item.deliveries.is_empty() {
+                    ops.push(Op::PutEvent(id.clone(), json(&item.event)?));
                     cached.push(Arc::new(item.event));
                 }
                 for mut d in item.deliveries {
                     d.seq = state.queues.reserve_seq();
-                    ops.push(Op::PutPending(d.seq, json(&StoredDelivery::from(&d, None))?));
+                    ops.push(Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?));
                     queued.push(d);
                 }
                 out.push(Appended { id, duplicate: false });
@@ -363,7 +525,7 @@ impl Store for DurableStore {
             }
         }
         for d in queued {
-            *state.pending_per_event.entry(d.event_id.clone()).or_default() += 1;
+            state.hold(&d.event_id, Ref::Pending);
             state.queues.restore(d);
         }
         Ok(out)
@@ -400,7 +562,7 @@ impl Store for DurableStore {
         {
             let mut state = self.lock()?;
             state.queues.complete(d);
-            if state.release(&d.event_id) {
+            if state.release(&d.event_id, Ref::Pending) {
                 ops.push(Op::DeleteEvent(d.event_id.clone()));
             }
         }
@@ -412,36 +574,200 @@ impl Store for DurableStore {
     }
 
     fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {
-        let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d, None))?);
+        let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
         self.lock()?.queues.retry(d);
         self.send(vec![op], false)
     }
 
     fn dead_letter(&self, d: PendingDelivery, reason: String) -> Result<(), StoreError> {
-        let ops = vec![
-            Op::DeletePending(d.seq),
-            Op::PutDead(d.seq, json(&StoredDelivery::from(&d, Some(reason)))?),
-        ];
         let mut state = self.lock()?;
-        state.queues.dead_letter(&d);
-        // Dead letters keep their event on disk for replay; only the cache lets go.
-        state.release(&d.event_id);
+        let ops = self.bury(&mut state, vec![d], &reason)?;
         drop(state);
         self.send(ops, false)
+    }
+
+    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
+        let bytes = json(&attempt)?;
+        let key = {
+            let mut state = self.lock()?;
+            *state.attempts.entry(attempt.subscription.clone()).or_default() += 1;
+            state.attempt_key(attempt.at)
+        };
+        self.send(vec![Op::PutAttempt(attempt.subscription, key, bytes)], false)
+    }
+
+    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
+        self.flush()?;
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(ATTEMPTS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table
+            .range((subscription, nanos(since))..=(subscription, u64::MAX))
+            .map_err(io)?
+            .rev()
+            .take(limit)
+        {
+            let (_, bytes) = row.map_err(io)?;
+            let mut attempt: Attempt = serde_json::from_slice(bytes.value()).map_err(io)?;
+            attempt.subscription = subscription.to_string();
+            out.push(attempt);
+        }
+        Ok(out)
+    }
+
+    fn dead_letters(
+        &self,
+        subscription: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.flush()?;
+        let mut seqs: Vec<(u64, Dead)> = self.lock()?.queues.dead(subscription, since, true);
+        seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
+        seqs.truncate(limit);
+        let stored = self.read_deliveries(DEAD, seqs.into_iter().map(|(s, _)| s))?;
+        Ok(stored
+            .into_iter()
+            .map(|(_, d)| DeadLetter {
+                dead_at: d.dead_at.unwrap_or(d.not_before),
+                reason: d.reason.unwrap_or_default(),
+                event_id: d.event_id,
+                attempts: d.attempts,
+                accepted_at: d.accepted_at,
+            })
+            .collect())
+    }
+
+    fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
+        self.flush()?;
+        let seqs: Vec<u64> = self
+            .lock()?
+            .queues
+            .dead(subscription, since, true)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let stored = self.read_deliveries(DEAD, seqs)?;
+        let mut ops = Vec::with_capacity(stored.len() * 2);
+        let mut replayed = Vec::with_capacity(stored.len());
+        for (seq, mut d) in stored {
+            d.attempts = 0;
+            d.not_before = now;
+            // The event's age starts again: replaying is a decision to deliver it.
+            d.accepted_at = now;
+            d.reason = None;
+            d.dead_at = None;
+            ops.push(Op::DeleteDead(seq));
+            ops.push(Op::PutPending(seq, json(&d)?));
+            replayed.push(d.into_pending(seq));
+        }
+        // On disk first, so a replay never shows deliveries a crash could lose.
+        self.send(ops, true)?;
+        let mut state = self.lock()?;
+        let mut n = 0;
+        for d in replayed {
+            // A purge or forget may have run meanwhile: replay only what is still dead.
+            if state.queues.remove_dead(subscription, d.seq).is_none() {
+                continue;
+            }
+            state.hold(&d.event_id, Ref::Pending);
+            state.release(&d.event_id, Ref::Dead);
+            state.queues.restore(d);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn expire(&self, subscription: &str, accepted_before: jiff::Timestamp, reason: &str) -> Result<u64, StoreError> {
+        let mut state = self.lock()?;
+        let expired = state.queues.waiting_accepted_before(subscription, accepted_before);
+        let n = expired.len() as u64;
+        if n == 0 {
+            return Ok(0);
+        }
+        let ops = self.bury(&mut state, expired, reason)?;
+        drop(state);
+        self.send(ops, false)?;
+        Ok(n)
+    }
+
+    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
+        self.flush()?;
+        let mut ops = Vec::new();
+        let mut purged = Purged::default();
+        // Attempts: the expired ones plus any beyond the cap are the oldest `n` in the range.
+        let expired = {
+            let txn = self.db.begin_read().map_err(io)?;
+            let table = txn.open_table(ATTEMPTS).map_err(io)?;
+            table
+                .range((subscription, 0u64)..(subscription, nanos(retention.attempts_before)))
+                .map_err(io)?
+                .count() as u64
+        };
+        let mut state = self.lock()?;
+        let logged = state.attempts.get(subscription).copied().unwrap_or(0);
+        let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
+        purged.attempts = (expired + over).min(logged);
+        if purged.attempts > 0 {
+            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
+            if let Some(n) = state.attempts.get_mut(subscription) {
+                *n -= purged.attempts;
+            }
+        }
+        for (seq, dead) in state.queues.dead(subscription, retention.dead_letters_before, false) {
+            state.queues.remove_dead(subscription, seq);
+            ops.push(Op::DeleteDead(seq));
+            if state.release(&dead.event_id, Ref::Dead) {
+                ops.push(Op::DeleteEvent(dead.event_id));
+            }
+            purged.dead_letters += 1;
+        }
+        drop(state);
+        if !ops.is_empty() {
+            self.send(ops, false)?;
+        }
+        Ok(purged)
+    }
+
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        let mut ops = Vec::new();
+        {
+            let mut state = self.lock()?;
+            while state.producer_order.front().is_some_and(|(at, _)| *at < before) {
+                let Some((_, pid)) = state.producer_order.pop_front() else {
+                    break;
+                };
+                state.producer_ids.remove(&pid);
+                ops.push(Op::DeleteProducer(pid));
+            }
+        }
+        let n = ops.len() as u64;
+        if n > 0 {
+            self.send(ops, false)?;
+        }
+        Ok(n)
     }
 
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
         let mut ops: Vec<Op> = Vec::new();
         {
             let mut state = self.lock()?;
-            for d in state.queues.forget(subscription) {
+            let (pending, dead) = state.queues.forget(subscription);
+            for d in pending {
                 ops.push(Op::DeletePending(d.seq));
-                if state.release(&d.event_id) {
+                if state.release(&d.event_id, Ref::Pending) {
                     ops.push(Op::DeleteEvent(d.event_id.clone()));
                 }
             }
+            for (seq, d) in dead {
+                ops.push(Op::DeleteDead(seq));
+                if state.release(&d.event_id, Ref::Dead) {
+                    ops.push(Op::DeleteEvent(d.event_id));
+                }
+            }
+            state.attempts.remove(subscription);
         }
-        ops.push(Op::DeleteDeadOf(subscription.to_string()));
+        ops.push(Op::DeleteAttemptsOf(subscription.to_string()));
         self.send(ops, true)
     }
 
@@ -456,8 +782,13 @@ impl Store for DurableStore {
             .unwrap_or_default()
     }
 
+    fn event_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        txn.open_table(EVENTS).map_err(io)?.len().map_err(io)
+    }
+
     fn disk_bytes(&self) -> Option<u64> {
-        Some(DurableStore::disk_bytes(self))
+        self.path.as_ref().map(|_| DurableStore::disk_bytes(self))
     }
 }
 
@@ -465,6 +796,11 @@ impl Store for DurableStore {
 mod tests {
     use super::*;
     use crate::store::conformance;
+
+    #[test]
+    fn conforms_in_memory() {
+        conformance::run(&|| Box::new(DurableStore::in_memory().expect("in memory")));
+    }
 
     #[test]
     fn conforms() {

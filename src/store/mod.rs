@@ -2,13 +2,13 @@
 //! only this trait; which backend runs is chosen at start-up.
 
 mod durable;
-mod memory;
 mod queue;
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 pub use durable::DurableStore;
-pub use memory::MemoryStore;
 
 use crate::event::MailboxEvent;
 
@@ -84,6 +84,55 @@ pub struct QueueCounts {
     pub dead_lettered: u64,
 }
 
+/// One delivery attempt, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    /// Subscription UID (the log is kept per subscription, so it is not stored twice).
+    #[serde(skip)]
+    pub subscription: String,
+    pub event_id: String,
+    /// 1 for the first attempt of a delivery.
+    pub attempt: u32,
+    pub at: jiff::Timestamp,
+    /// The endpoint's answer; absent when the request got none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// Why the attempt failed (transport error or non-2xx answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub latency_ms: u64,
+}
+
+/// A delivery that was given up, kept for replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub event_id: String,
+    pub attempts: u32,
+    pub accepted_at: jiff::Timestamp,
+    pub dead_at: jiff::Timestamp,
+    pub reason: String,
+}
+
+/// How long a subscription's history is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Dead letters given up before this are deleted.
+    pub dead_letters_before: jiff::Timestamp,
+    /// Attempts made before this are deleted.
+    pub attempts_before: jiff::Timestamp,
+    /// At most this many attempts are kept (the newest).
+    pub max_attempts: u64,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub dead_letters: u64,
+    pub attempts: u64,
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Stores events with their deliveries, atomically and durably before it returns;
     /// an event whose producer id was seen before is skipped, deliveries and all.
@@ -108,11 +157,35 @@ pub trait Store: Send + Sync + 'static {
     fn retry(&self, delivery: PendingDelivery) -> Result<(), StoreError>;
     /// The delivery will not be tried again; keep it for replay.
     fn dead_letter(&self, delivery: PendingDelivery, reason: String) -> Result<(), StoreError>;
+    /// Adds an attempt to the subscription's audit log; it is committed no later than a
+    /// completion recorded after it.
+    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError>;
+    /// The subscription's attempts made at or after `since`, newest first.
+    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError>;
+    /// The subscription's dead letters given up at or after `since`, newest first.
+    fn dead_letters(
+        &self,
+        subscription: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Queues again every dead letter given up at or after `since`, due at `now` with a
+    /// fresh attempt count and age; returns how many. Durable when it returns.
+    fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError>;
+    /// Moves waiting deliveries accepted before `accepted_before` to the dead letters.
+    fn expire(&self, subscription: &str, accepted_before: jiff::Timestamp, reason: &str) -> Result<u64, StoreError>;
+    /// Deletes dead letters and attempts older than `retention` allows.
+    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError>;
+    /// Forgets producer event ids first seen before `before`: a later event with one of
+    /// them is new again.
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
     fn counts(&self, subscription: &str) -> QueueCounts;
     /// Deliveries waiting or in flight, over every subscription.
     fn total_backlog(&self) -> u64;
-    /// Drops every delivery and dead letter of a deleted subscription.
+    /// Drops every delivery, dead letter and attempt of a deleted subscription.
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError>;
+    /// Events stored, for tests and figures.
+    fn event_count(&self) -> Result<u64, StoreError>;
     /// Bytes on disk, for backends that have a disk.
     fn disk_bytes(&self) -> Option<u64> {
         None
@@ -167,6 +240,142 @@ pub(crate) mod conformance {
         ordered_holds_back_later_events_of_a_busy_or_waiting_key(make().as_ref());
         producer_ids_deduplicate_with_their_deliveries(make().as_ref());
         a_forgotten_subscription_leaves_nothing_behind(make().as_ref());
+        dead_letters_are_listed_replayed_and_purged_with_their_events(make().as_ref());
+        attempts_are_logged_newest_first_and_purged_by_age_and_count(make().as_ref());
+        waiting_deliveries_past_their_age_become_dead_letters(make().as_ref());
+        producer_ids_expire(make().as_ref());
+    }
+
+    fn attempt(at_s: i64, n: u32) -> Attempt {
+        Attempt {
+            subscription: "sub".into(),
+            event_id: format!("e{n}"),
+            attempt: n,
+            at: at(at_s),
+            http_status: Some(500),
+            error: Some("HTTP 500".into()),
+            latency_ms: 3,
+        }
+    }
+
+    fn dead_letters_are_listed_replayed_and_purged_with_their_events(s: &dyn Store) {
+        ingest(s, vec![pending("a", None, 0), pending("b", None, 0)]);
+        for d in s.take_due("sub", at(10), 10, false).expect("take") {
+            s.dead_letter(d, "gave up".into()).expect("dead letter");
+        }
+        let dead = s.dead_letters("sub", at(0), 10).expect("list");
+        assert_eq!(dead.len(), 2);
+        assert_eq!(dead[0].reason, "gave up");
+        assert!(
+            s.dead_letters("sub", jiff::Timestamp::MAX, 10)
+                .expect("list")
+                .is_empty()
+        );
+        assert_eq!(s.dead_letters("sub", at(0), 1).expect("list").len(), 1, "limit");
+
+        let now = jiff::Timestamp::now();
+        assert_eq!(s.replay("sub", at(0), now).expect("replay"), 2);
+        assert_eq!(
+            s.counts("sub"),
+            QueueCounts {
+                backlog: 2,
+                dead_lettered: 0
+            }
+        );
+        let again = s.take_due("sub", now, 10, false).expect("take");
+        assert_eq!(again.len(), 2, "replayed deliveries are due at once");
+        assert!(again.iter().all(|d| d.attempts == 0 && d.accepted_at == now));
+        assert!(
+            s.event("a").expect("read").is_some(),
+            "the event was kept for the replay"
+        );
+
+        for d in again {
+            s.dead_letter(d, "gave up again".into()).expect("dead letter");
+        }
+        let retention = Retention {
+            dead_letters_before: jiff::Timestamp::MAX,
+            attempts_before: at(0),
+            max_attempts: 10,
+        };
+        assert_eq!(s.purge("sub", retention).expect("purge").dead_letters, 2);
+        assert_eq!(s.counts("sub"), QueueCounts::default());
+        s.ingest(vec![]).expect("flush");
+        assert_eq!(
+            s.event_count().expect("count"),
+            0,
+            "events go with their last dead letter"
+        );
+    }
+
+    fn attempts_are_logged_newest_first_and_purged_by_age_and_count(s: &dyn Store) {
+        for i in 1..=5 {
+            s.record_attempt(attempt(i64::from(i) * 10, i)).expect("record");
+        }
+        s.ingest(vec![]).expect("flush");
+        let all = s.attempts("sub", at(0), 100).expect("list");
+        assert_eq!(all.iter().map(|a| a.attempt).collect::<Vec<_>>(), vec![5, 4, 3, 2, 1]);
+        assert_eq!(all[0], attempt(50, 5));
+        assert_eq!(s.attempts("sub", at(30), 100).expect("list").len(), 3, "since");
+        assert!(s.attempts("other", at(0), 100).expect("list").is_empty());
+
+        // Age: the two before t=25 go; count: of the three left, keep two.
+        let retention = Retention {
+            dead_letters_before: at(0),
+            attempts_before: at(25),
+            max_attempts: 2,
+        };
+        assert_eq!(s.purge("sub", retention).expect("purge").attempts, 3);
+        s.ingest(vec![]).expect("flush");
+        let left = s.attempts("sub", at(0), 100).expect("list");
+        assert_eq!(left.iter().map(|a| a.attempt).collect::<Vec<_>>(), vec![5, 4]);
+        assert_eq!(
+            s.purge("sub", retention).expect("purge"),
+            Purged::default(),
+            "nothing more"
+        );
+
+        s.forget_subscription("sub").expect("forget");
+        assert!(s.attempts("sub", at(0), 100).expect("list").is_empty());
+    }
+
+    fn waiting_deliveries_past_their_age_become_dead_letters(s: &dyn Store) {
+        let mut old = pending("old", None, 0);
+        old.accepted_at = at(5);
+        let mut new = pending("new", None, 0);
+        new.accepted_at = at(50);
+        ingest(s, vec![old, new]);
+        assert_eq!(s.expire("sub", at(10), "older than maxEventAge").expect("expire"), 1);
+        assert_eq!(
+            s.counts("sub"),
+            QueueCounts {
+                backlog: 1,
+                dead_lettered: 1
+            }
+        );
+        assert_eq!(s.dead_letters("sub", at(0), 10).expect("list")[0].event_id, "old");
+    }
+
+    fn producer_ids_expire(s: &dyn Store) {
+        let first = Ingest {
+            event: event("evt_1", Some("p-1")),
+            deliveries: vec![],
+        };
+        assert!(!s.ingest(vec![first]).expect("ingest")[0].duplicate);
+        assert_eq!(
+            s.purge_producer_ids(at(0)).expect("purge"),
+            0,
+            "younger than the window"
+        );
+        assert_eq!(s.purge_producer_ids(jiff::Timestamp::MAX).expect("purge"), 1);
+        let again = Ingest {
+            event: event("evt_2", Some("p-1")),
+            deliveries: vec![],
+        };
+        assert!(
+            !s.ingest(vec![again]).expect("ingest")[0].duplicate,
+            "new again after the window"
+        );
     }
 
     fn a_forgotten_subscription_leaves_nothing_behind(s: &dyn Store) {

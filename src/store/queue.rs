@@ -19,7 +19,15 @@ struct Queue {
     /// (not_before, seq) of every waiting delivery, for unordered take.
     by_time: BTreeSet<(jiff::Timestamp, u64)>,
     in_flight: HashMap<u64, PendingDelivery>,
-    dead: u64,
+    /// Dead letters by seq: the event and when it was given up (the rest is on disk).
+    dead: BTreeMap<u64, Dead>,
+}
+
+/// The index entry of one dead letter.
+#[derive(Debug, Clone)]
+pub struct Dead {
+    pub event_id: String,
+    pub at: jiff::Timestamp,
 }
 
 impl Queue {
@@ -41,24 +49,19 @@ impl Queues {
         self.next_seq - 1
     }
 
-    /// Gives `d` the next sequence number and queues it.
-    pub fn push(&mut self, mut d: PendingDelivery) -> u64 {
-        d.seq = self.next_seq;
-        self.next_seq += 1;
-        let seq = d.seq;
-        self.queues.entry(d.subscription.clone()).or_default().insert(d);
-        seq
-    }
-
     /// Queues `d` with the sequence number it already has (loading from disk).
     pub fn restore(&mut self, d: PendingDelivery) {
         self.next_seq = self.next_seq.max(d.seq + 1);
         self.queues.entry(d.subscription.clone()).or_default().insert(d);
     }
 
-    pub fn restore_dead(&mut self, subscription: &str, seq: u64) {
+    pub fn restore_dead(&mut self, subscription: &str, seq: u64, dead: Dead) {
         self.next_seq = self.next_seq.max(seq + 1);
-        self.queues.entry(subscription.to_string()).or_default().dead += 1;
+        self.queues
+            .entry(subscription.to_string())
+            .or_default()
+            .dead
+            .insert(seq, dead);
     }
 
     pub fn take_due(
@@ -124,17 +127,58 @@ impl Queues {
         q.insert(d);
     }
 
-    pub fn dead_letter(&mut self, d: &PendingDelivery) {
+    /// Moves an in-flight (or waiting) delivery to the dead letters.
+    pub fn dead_letter(&mut self, d: &PendingDelivery, at: jiff::Timestamp) {
         let q = self.queues.entry(d.subscription.clone()).or_default();
-        q.in_flight.remove(&d.seq);
-        q.dead += 1;
+        if q.in_flight.remove(&d.seq).is_none() {
+            q.remove_waiting(d.seq);
+        }
+        q.dead.insert(
+            d.seq,
+            Dead {
+                event_id: d.event_id.clone(),
+                at,
+            },
+        );
     }
 
-    /// Removes a subscription's queue; returns the deliveries it held.
-    pub fn forget(&mut self, subscription: &str) -> Vec<PendingDelivery> {
+    /// Waiting (not in flight) deliveries accepted before `cutoff`.
+    pub fn waiting_accepted_before(&self, subscription: &str, cutoff: jiff::Timestamp) -> Vec<PendingDelivery> {
+        self.queues
+            .get(subscription)
+            .map(|q| q.waiting.values().filter(|d| d.accepted_at < cutoff).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Dead letters given up at or after `since` (with `newer`) or before it, by seq.
+    pub fn dead(&self, subscription: &str, since: jiff::Timestamp, newer: bool) -> Vec<(u64, Dead)> {
+        self.queues
+            .get(subscription)
+            .map(|q| {
+                q.dead
+                    .iter()
+                    .filter(|(_, d)| (d.at >= since) == newer)
+                    .map(|(s, d)| (*s, d.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes a dead letter from the index (replayed or purged).
+    pub fn remove_dead(&mut self, subscription: &str, seq: u64) -> Option<Dead> {
+        self.queues.get_mut(subscription)?.dead.remove(&seq)
+    }
+
+    /// Removes a subscription's queue; returns the deliveries and dead letters it held.
+    pub fn forget(&mut self, subscription: &str) -> (Vec<PendingDelivery>, Vec<(u64, Dead)>) {
         self.queues
             .remove(subscription)
-            .map(|q| q.waiting.into_values().chain(q.in_flight.into_values()).collect())
+            .map(|q| {
+                (
+                    q.waiting.into_values().chain(q.in_flight.into_values()).collect(),
+                    q.dead.into_iter().collect(),
+                )
+            })
             .unwrap_or_default()
     }
 
@@ -151,7 +195,7 @@ impl Queues {
             .get(subscription)
             .map(|q| QueueCounts {
                 backlog: (q.waiting.len() + q.in_flight.len()) as u64,
-                dead_lettered: q.dead,
+                dead_lettered: q.dead.len() as u64,
             })
             .unwrap_or_default()
     }

@@ -5,4 +5,5 @@ mod controller;
 mod crd;
 mod delivery;
 mod durability;
+mod history;
 mod support;

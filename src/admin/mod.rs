@@ -1,5 +1,9 @@
-//! The admin server: `/metrics`, `/healthz` (the process is alive) and `/readyz` (the
-//! operator has started its parts and can do its job).
+//! The admin server: `/metrics`, `/healthz` (the process is alive), `/readyz` (the
+//! operator has started its parts and can do its job), and with a token file the
+//! authenticated history API under `/v1/` that the `mailhook` subcommands call.
+
+pub mod client;
+pub mod history;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,24 +37,22 @@ struct AdminState {
     readiness: Readiness,
 }
 
-pub fn router(metrics: Metrics, readiness: Readiness) -> Router {
+pub fn router(metrics: Metrics, readiness: Readiness, history: history::History) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(AdminState { metrics, readiness })
+        .merge(history::router(history))
 }
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    metrics: Metrics,
-    readiness: Readiness,
+    app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, readiness))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

@@ -1,0 +1,205 @@
+//! The history API on the admin port: a subscription's delivery attempts and dead
+//! letters, and replaying them. Every route needs `Authorization: Bearer <token>` from
+//! `--admin-token-file`; without that flag the API is off.
+//!
+//! - `GET  /v1/subscriptions/{namespace}/{name}/attempts?since=&limit=`
+//! - `GET  /v1/subscriptions/{namespace}/{name}/dead-letters?since=&limit=`
+//! - `POST /v1/subscriptions/{namespace}/{name}/replay?since=`
+//!
+//! `since` is an RFC 3339 time or a duration back from now (`2h`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::info;
+
+use crate::api::parse_since;
+use crate::auth::Tokens;
+use crate::controller::Directory;
+use crate::delivery::Deliveries;
+use crate::store::{Attempt, DeadLetter};
+
+/// Most records one listing returns.
+pub const MAX_LIMIT: usize = 10_000;
+const DEFAULT_LIMIT: usize = 100;
+
+/// What the history API reads and acts on.
+#[derive(Clone)]
+pub struct History {
+    pub deliveries: Arc<Deliveries>,
+    pub directory: Arc<Directory>,
+    /// None: the API is off.
+    pub tokens: Option<Tokens>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The subscription a response is about.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct AttemptList {
+    pub subscription: SubscriptionRef,
+    pub items: Vec<Attempt>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct DeadLetterList {
+    pub subscription: SubscriptionRef,
+    pub items: Vec<DeadLetter>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Replayed {
+    pub subscription: SubscriptionRef,
+    pub replayed: u64,
+}
+
+pub fn router(history: History) -> Router {
+    Router::new()
+        .route("/v1/subscriptions/{namespace}/{name}/attempts", get(attempts))
+        .route("/v1/subscriptions/{namespace}/{name}/dead-letters", get(dead_letters))
+        .route("/v1/subscriptions/{namespace}/{name}/replay", post(replay))
+        .with_state(history)
+}
+
+/// A refused request: its status and a message for the person at the CLI.
+struct Refusal(StatusCode, String);
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal(status, message.into())
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (self.0, axum::Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Authenticates, resolves the subscription and the bounds.
+fn resolve(
+    history: &History,
+    headers: &HeaderMap,
+    namespace: String,
+    name: String,
+    params: Params,
+) -> Result<(SubscriptionRef, jiff::Timestamp, usize), Refusal> {
+    let Some(tokens) = &history.tokens else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "the history API is off: start the operator with --admin-token-file",
+        ));
+    };
+    if !tokens.accepts_request(headers) {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown bearer token: send Authorization: Bearer <token from --admin-token-file>",
+        ));
+    }
+    let since = match params.since.as_deref() {
+        None => jiff::Timestamp::MIN,
+        Some(text) => parse_since(text, jiff::Timestamp::now())
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("since: {e}")))?,
+    };
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!("limit: {limit} is out of range; use 1 to {MAX_LIMIT}"),
+        ));
+    }
+    let Some(uid) = history.directory.uid(&namespace, &name) else {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            format!("no WebhookSubscription {namespace}/{name} is served by this operator"),
+        ));
+    };
+    Ok((SubscriptionRef { namespace, name, uid }, since, limit))
+}
+
+fn query(params: Result<Query<Params>, axum::extract::rejection::QueryRejection>) -> Result<Params, Refusal> {
+    params.map(|Query(p)| p).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            format!("{e}; the parameters are since and limit"),
+        )
+    })
+}
+
+/// Runs a store call off the async workers (the store may wait for a commit).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Refusal> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(err)) => Err(refuse(StatusCode::SERVICE_UNAVAILABLE, err.to_string())),
+        Err(err) => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+    }
+}
+
+async fn attempts(
+    State(history): State<History>,
+    Path((namespace, name)): Path<(String, String)>,
+    params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<axum::Json<AttemptList>, Refusal> {
+    let (subscription, since, limit) = resolve(&history, &headers, namespace, name, query(params)?)?;
+    let store = history.deliveries.store().clone();
+    let uid = subscription.uid.clone();
+    let items = blocking(move || store.attempts(&uid, since, limit)).await?;
+    Ok(axum::Json(AttemptList { subscription, items }))
+}
+
+async fn dead_letters(
+    State(history): State<History>,
+    Path((namespace, name)): Path<(String, String)>,
+    params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<axum::Json<DeadLetterList>, Refusal> {
+    let (subscription, since, limit) = resolve(&history, &headers, namespace, name, query(params)?)?;
+    let store = history.deliveries.store().clone();
+    let uid = subscription.uid.clone();
+    let items = blocking(move || store.dead_letters(&uid, since, limit)).await?;
+    Ok(axum::Json(DeadLetterList { subscription, items }))
+}
+
+async fn replay(
+    State(history): State<History>,
+    Path((namespace, name)): Path<(String, String)>,
+    params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Replayed>, Refusal> {
+    let (subscription, since, _) = resolve(&history, &headers, namespace, name, query(params)?)?;
+    let deliveries = history.deliveries.clone();
+    let uid = subscription.uid.clone();
+    let replayed = blocking(move || deliveries.replay(&uid, since)).await?;
+    info!(
+        namespace = subscription.namespace,
+        name = subscription.name,
+        replayed,
+        "dead-letter replay requested over the admin API"
+    );
+    Ok(axum::Json(Replayed { subscription, replayed }))
+}

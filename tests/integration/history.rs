@@ -1,0 +1,255 @@
+//! Dead letters and the attempt log: replay by annotation and by the `mailhook` CLI over
+//! the authenticated admin API, expiry by maxEventAge, and purge by retention.
+
+use std::time::Duration;
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::ListParams;
+use mailhook::api::WebhookSubscription;
+use serde_json::{Value, json};
+
+use crate::support::{Operator, Receiver, TestNamespace, eventually, kubectl_run};
+
+const SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
+const ADMIN_TOKEN: &str = "test-admin-token";
+
+fn setup(ns: &TestNamespace, url: &str, extra: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SECRET}}}\n---\n\
+         apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: siem}}\nspec:\n  \
+         endpoint: {{url: '{url}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+         eventTypes: [message.received]\n{extra}"
+    );
+    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}");
+}
+
+fn event(id: &str) -> Value {
+    json!({"type": "message.received", "eventId": id, "mailbox": "alice@finance.example.com",
+           "from": "x@partner.org", "to": ["alice@finance.example.com"], "subject": "s"})
+}
+
+async fn whs(ns: &TestNamespace) -> WebhookSubscription {
+    ns.api::<WebhookSubscription>().get("siem").await.expect("get")
+}
+
+fn token_file(ns: &TestNamespace, token: &str) -> String {
+    let path = std::env::temp_dir().join(format!("mailhook-admin-token-{}-{}", ns.name, token.len()));
+    std::fs::write(&path, format!("{token}\n")).expect("write token file");
+    path.display().to_string()
+}
+
+/// Runs the real `mailhook` CLI; returns (success, stdout, stderr).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
+        .args(args)
+        .output()
+        .expect("run mailhook");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn counts(w: &WebhookSubscription) -> (u64, u64, u64) {
+    w.status
+        .as_ref()
+        .map_or((0, 0, 0), |s| (s.backlog, s.dead_lettered, s.delivered))
+}
+
+#[tokio::test]
+async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() {
+    let ns = TestNamespace::new("replay").await;
+    let store = std::env::temp_dir().join(format!("mailhook-store-{}", ns.name));
+    let tokens = token_file(&ns, ADMIN_TOKEN);
+    let receiver = Receiver::start(SECRET);
+    receiver.answer(500).await;
+    let operator = Operator::start_with(
+        &ns,
+        &[
+            "--store-dir",
+            &store.display().to_string(),
+            "--admin-token-file",
+            &tokens,
+        ],
+    );
+    setup(&ns, &receiver.url("/hooks"), "  delivery: {retrySchedule: [0s, 0s]}\n");
+    operator.ready().await;
+    eventually(
+        "siem Ready",
+        || whs(&ns),
+        |w| {
+            w.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        },
+    )
+    .await;
+    let (status, body) = operator.ingest(&[event("dl-1"), event("dl-2")]).await;
+    assert_eq!(status, 202, "{body}");
+    eventually("two dead letters on status", || whs(&ns), |w| counts(w) == (0, 2, 0)).await;
+
+    let admin = format!("http://{}", operator.admin);
+    let target = format!("{}/siem", ns.name);
+    let base = ["--admin-url", admin.as_str(), "--token-file", tokens.as_str()];
+
+    let (ok, out, err) = cli(&[&["dead-letters", target.as_str(), "-o", "json"][..], &base[..]].concat());
+    assert!(ok, "{err}");
+    let dead: Vec<Value> = serde_json::from_str(&out).expect("json");
+    assert_eq!(dead.len(), 2, "{out}");
+    assert!(
+        dead.iter().all(|d| d["attempts"] == 2
+            && d["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("retries exhausted") && r.contains("HTTP 500"))),
+        "{out}"
+    );
+
+    let (ok, out, err) = cli(&[&["attempts", target.as_str(), "--since", "1h"][..], &base[..]].concat());
+    assert!(ok, "{err}");
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "two attempts per event, newest first:\n{out}");
+    assert!(
+        rows.iter().all(|r| r.contains(" 500 ") && r.contains("HTTP 500")),
+        "{out}"
+    );
+
+    // Authentication: a wrong token is refused with 401, and nothing is replayed.
+    let wrong = token_file(&ns, "not-the-token");
+    let (ok, _, err) = cli(&["replay", &target, "--admin-url", &admin, "--token-file", &wrong]);
+    assert!(!ok && err.contains("401"), "{err}");
+    let (ok, _, err) = cli(&[&["replay", "no-such-namespace/siem"][..], &base[..]].concat());
+    assert!(
+        !ok && err.contains("404") && err.contains("no WebhookSubscription"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&[&["attempts", target.as_str(), "--since", "yesterday"][..], &base[..]].concat());
+    assert!(!ok && err.contains("400") && err.contains("RFC 3339"), "{err}");
+    assert_eq!(counts(&whs(&ns).await).1, 2);
+
+    // The Kubernetes way: a new annotation value replays once; the outcome goes on status.
+    receiver.answer(200).await;
+    let (ok, _, err) = kubectl_run(
+        &[
+            "annotate",
+            "-n",
+            &ns.name,
+            "webhooksubscription/siem",
+            "mailhook.io/replay-requested-at=first",
+            "mailhook.io/replay-since=1h",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let w = eventually(
+        "replayed and delivered",
+        || whs(&ns),
+        |w| {
+            counts(w) == (0, 0, 2)
+                && w.status
+                    .as_ref()
+                    .and_then(|s| s.last_replay.as_ref())
+                    .is_some_and(|r| r.requested_at == "first")
+        },
+    )
+    .await;
+    let replay = w.status.and_then(|s| s.last_replay).expect("lastReplay");
+    assert_eq!(replay.replayed, 2);
+    assert!(
+        replay.since.is_some() && replay.message.contains("Queued 2"),
+        "{replay:?}"
+    );
+    let events = ns
+        .api::<Event>()
+        .list(&ListParams::default())
+        .await
+        .expect("list events");
+    assert!(
+        events.items.iter().any(|e| e.reason.as_deref() == Some("Replayed")),
+        "a Replayed Event is recorded"
+    );
+
+    // A third event dies; the CLI replays it.
+    receiver.answer(500).await;
+    assert_eq!(operator.ingest(&[event("dl-3")]).await.0, 202);
+    eventually("a new dead letter", || whs(&ns), |w| counts(w).1 == 1).await;
+    receiver.answer(200).await;
+    let (ok, out, err) = cli(&[&["replay", target.as_str(), "--since", "1h"][..], &base[..]].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains("1 dead letter(s) queued"), "{out}");
+    eventually("all three delivered", || whs(&ns), |w| counts(w) == (0, 0, 3)).await;
+
+    let got = receiver.deliveries().await;
+    let mut ok_ids: Vec<String> = got
+        .iter()
+        .filter(|r| r.answered == 200 && r.verified)
+        .filter_map(|r| r.json()["data"]["producerEventId"].as_str().map(String::from))
+        .collect();
+    ok_ids.sort();
+    assert_eq!(
+        ok_ids,
+        ["dl-1", "dl-2", "dl-3"],
+        "each replayed event is delivered once"
+    );
+    drop(operator);
+    let _ = std::fs::remove_dir_all(store);
+}
+
+#[tokio::test]
+async fn the_history_api_is_off_without_a_token_file() {
+    let ns = TestNamespace::new("history-off").await;
+    let operator = Operator::start(&ns);
+    operator.ready().await;
+    let r = reqwest::get(format!(
+        "http://{}/v1/subscriptions/{}/siem/dead-letters",
+        operator.admin, ns.name
+    ))
+    .await
+    .expect("request");
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.text().await.expect("body").contains("--admin-token-file"));
+}
+
+#[tokio::test]
+async fn undelivered_events_expire_by_max_event_age_then_go_by_dead_letter_retention() {
+    let ns = TestNamespace::new("expiry").await;
+    let receiver = Receiver::start(SECRET);
+    let operator = Operator::start_with(&ns, &["--housekeeping-interval", "1s"]);
+    // Paused: nothing is attempted, so only expiry can end the delivery.
+    setup(
+        &ns,
+        &receiver.url("/hooks"),
+        "  paused: true\n  delivery: {maxEventAge: 2s, deadLetterRetention: 8s}\n",
+    );
+    operator.ready().await;
+    eventually(
+        "siem reconciled",
+        || whs(&ns),
+        |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty()),
+    )
+    .await;
+    assert_eq!(operator.ingest(&[event("old-1")]).await.0, 202);
+    eventually("expired to a dead letter", || whs(&ns), |w| counts(w) == (0, 1, 0)).await;
+    eventually(
+        "purged after deadLetterRetention",
+        || whs(&ns),
+        |w| counts(w) == (0, 0, 0),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        receiver.deliveries().await.is_empty(),
+        "a paused subscription sends nothing"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", operator.admin))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains(r#"mailhook_store_purged_total{kind="dead_letter"} 1"#),
+        "{metrics}"
+    );
+}
