@@ -1,4 +1,9 @@
 use clap::Parser;
+
+// The data path allocates per delivery on many threads; glibc malloc cost ~18% of the
+// benchmark's CPU (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use mailhook::admin::client::Request;
 use mailhook::cli::{Cli, Command};
 

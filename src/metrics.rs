@@ -147,6 +147,20 @@ impl Metrics {
         Ok(m)
     }
 
+    /// The series a successful delivery updates, resolved once per subscription (label
+    /// lookups hash every label on every call).
+    pub fn success_series(
+        &self,
+        namespace: &str,
+        subscription: &str,
+    ) -> (prometheus::IntCounter, prometheus::Histogram) {
+        (
+            self.deliveries
+                .with_label_values(&[namespace, subscription, "success", "2xx"]),
+            self.delivery_duration.with_label_values(&[namespace, subscription]),
+        )
+    }
+
     pub fn delivery(&self, namespace: &str, subscription: &str, outcome: &str, status_class: &str, took: Duration) {
         self.deliveries
             .with_label_values(&[namespace, subscription, outcome, status_class])

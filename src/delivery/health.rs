@@ -58,7 +58,24 @@ pub struct Health {
 
 impl Health {
     pub fn snapshot(&self) -> HealthSnapshot {
-        self.inner.lock().map(|g| g.0.clone()).unwrap_or_default()
+        let Ok(guard) = self.inner.lock() else {
+            return HealthSnapshot::default();
+        };
+        let mut snapshot = guard.0.clone();
+        let mut sorted: Vec<u64> = guard.1.iter().copied().collect();
+        sorted.sort_unstable();
+        snapshot.latency_p50_ms = sorted.get(sorted.len() / 2).copied();
+        snapshot
+    }
+
+    /// Whether deliveries are stopped; cheaper than a snapshot, for the shard loop.
+    pub fn is_disabled(&self) -> bool {
+        self.inner.lock().map(|g| g.0.disabled.is_some()).unwrap_or(false)
+    }
+
+    /// When the current run of failures began, if failing.
+    pub fn failing_since(&self) -> Option<jiff::Timestamp> {
+        self.inner.lock().ok().and_then(|g| g.0.failing_since)
     }
 
     /// Records a success; returns true when the health class changed.
@@ -72,9 +89,6 @@ impl Health {
                 window.pop_front();
             }
             window.push_back(latency_ms);
-            let mut sorted: Vec<u64> = window.iter().copied().collect();
-            sorted.sort_unstable();
-            s.latency_p50_ms = sorted.get(sorted.len() / 2).copied();
         })
     }
 

@@ -49,6 +49,10 @@ pub struct DeliveryConfig {
 
 struct Subscription {
     config: Arc<DeliveryConfig>,
+    /// `config.url`, parsed once.
+    url: reqwest::Url,
+    /// Metric series of a 2xx delivery, resolved once.
+    success: (prometheus::IntCounter, prometheus::Histogram),
     slots: Arc<Semaphore>,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     health: Arc<Health>,
@@ -188,9 +192,20 @@ impl Deliveries {
                     .map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r)))),
             ),
         };
+        let Ok(url) = reqwest::Url::parse(&config.url) else {
+            // Validation refuses such URLs before they get here.
+            warn!(
+                subscription = config.name,
+                "endpoint URL does not parse; not delivering"
+            );
+            return;
+        };
+        let success = self.metrics.success_series(&config.namespace, &config.name);
         subs.insert(
             config.uid.clone(),
             Arc::new(Subscription {
+                url,
+                success,
                 config: Arc::new(config),
                 slots,
                 limiter,
@@ -277,7 +292,7 @@ async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
         let mut wake_at = now + Duration::from_secs(1);
         for sub in subs {
             let config = &sub.config;
-            if config.paused || sub.health.snapshot().disabled.is_some() {
+            if config.paused || sub.health.is_disabled() {
                 continue;
             }
             let free = sub.slots.available_permits();
@@ -393,12 +408,21 @@ fn status_class(status: Option<u16>) -> &'static str {
 
 /// `webhook-id`: stable for one event and one subscription, so retries de-duplicate.
 fn webhook_id(event_id: &str, subscription: &str) -> String {
-    let digest = Sha256::digest(format!("{subscription}/{event_id}").as_bytes());
-    format!(
-        "msg_{}",
-        digest.iter().take(16).map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    let mut hasher = Sha256::new();
+    hasher.update(subscription.as_bytes());
+    hasher.update(b"/");
+    hasher.update(event_id.as_bytes());
+    let digest = hasher.finalize();
+    let mut id = String::with_capacity(36);
+    id.push_str("msg_");
+    for b in &digest[..16] {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    id
 }
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 async fn deliver(
     deliveries: Arc<Deliveries>,
@@ -433,7 +457,7 @@ async fn deliver(
     let started = Instant::now();
     let response = config
         .client
-        .post(&config.url)
+        .post(sub.url.clone())
         .header("content-type", "application/json")
         .header("webhook-id", &id)
         .header("webhook-timestamp", timestamp.to_string())
@@ -542,9 +566,9 @@ async fn deliver(
             retry_after,
         } => {
             debug!(subscription = config.name, %message, attempts = d.attempts, "delivery failed");
-            let snapshot = sub.health.snapshot();
-            let failing_for = snapshot
-                .failing_since
+            let failing_for = sub
+                .health
+                .failing_since()
                 .map(|t| now.duration_since(t))
                 .unwrap_or_default();
             let disable = (failing_for
@@ -582,9 +606,14 @@ async fn deliver(
             ("failure", status_class(status), changed)
         }
     };
-    deliveries
-        .metrics
-        .delivery(&config.namespace, &config.name, outcome_label, status_label, elapsed);
+    if status_label == "2xx" && outcome_label == "success" {
+        sub.success.0.inc();
+        sub.success.1.observe(elapsed.as_secs_f64());
+    } else {
+        deliveries
+            .metrics
+            .delivery(&config.namespace, &config.name, outcome_label, status_label, elapsed);
+    }
     if changed {
         deliveries.health_changed.notify_one();
     }
@@ -597,4 +626,21 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         cause = next;
     }
     cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Receivers de-duplicate by `webhook-id`: it must not change between versions.
+    #[test]
+    fn webhook_id_is_stable() {
+        let digest = Sha256::digest(b"sub-uid/evt_1");
+        let expected = format!(
+            "msg_{}",
+            digest.iter().take(16).map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        assert_eq!(webhook_id("evt_1", "sub-uid"), expected);
+        assert_eq!(expected.len(), 36);
+    }
 }

@@ -1,10 +1,11 @@
 //! The JSON body of a delivery: `{"type", "timestamp", "data"}`, shaped by the
 //! subscription's payload mode and redactions.
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
-use crate::api::PayloadMode;
-use crate::event::{MailboxEvent, domain_of};
+use crate::api::{Direction, EventType, PayloadMode};
+use crate::event::{Attachment, Flag, MailboxEvent, domain_of};
 
 use super::signing::pseudonym;
 
@@ -19,84 +20,177 @@ pub struct PayloadConfig {
     pub pseudonym_key: Vec<u8>,
 }
 
+/// The delivery body: typed and borrowed from the event, so rendering costs one
+/// serialization and no intermediate JSON tree.
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    event_type: EventType,
+    timestamp: String,
+    data: Data<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Data<'a> {
+    event_id: &'a str,
+    source: &'a str,
+    occurred_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    direction: Option<Direction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    folder: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    producer_event_id: Option<&'a str>,
+    matched_filters: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flags: Option<&'a [Flag]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flagged_event_id: Option<&'a str>,
+    #[serde(flatten)]
+    view: View<'a>,
+}
+
+/// What each payload mode shows of the people and the content.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum View<'a> {
+    #[serde(rename_all = "camelCase")]
+    Full {
+        mailbox: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<&'a str>,
+        to: &'a [String],
+        cc: &'a [String],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subject: Option<&'a str>,
+        attachments: &'a [Attachment],
+    },
+    #[serde(rename_all = "camelCase")]
+    Anonymized {
+        mailbox: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        to: Vec<String>,
+        cc: Vec<String>,
+        attachments: Vec<Unnamed<'a>>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Metadata {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mailbox_domain: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sender_domain: Option<&'a str>,
+        recipient_domains: Vec<&'a str>,
+        recipient_count: usize,
+        attachments: Vec<Unnamed<'a>>,
+    },
+}
+
+/// An attachment without its name (names can identify people and deals).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Unnamed<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<&'a str>,
+}
+
+fn unnamed(event: &MailboxEvent) -> Vec<Unnamed<'_>> {
+    event
+        .attachments
+        .iter()
+        .map(|a| Unnamed {
+            content_type: a.content_type.as_deref(),
+            size: a.size,
+            sha256: a.sha256.as_deref(),
+        })
+        .collect()
+}
+
 pub fn render(event: &MailboxEvent, matched_filters: &[String], cfg: &PayloadConfig) -> Vec<u8> {
-    let mut data = Map::new();
-    let mut put = |k: &str, v: Value| {
-        if !v.is_null() {
-            data.insert(k.to_string(), v);
-        }
+    let anon = |a: &str| {
+        format!(
+            "anon-{}@{}",
+            pseudonym(&cfg.pseudonym_key, a),
+            domain_of(a).unwrap_or("invalid")
+        )
     };
-    put("eventId", json!(event.id));
-    put("source", json!(event.source.as_str()));
-    put("occurredAt", json!(event.occurred_at.to_string()));
-    put("direction", json!(event.direction));
-    put("folder", json!(event.folder));
-    put("size", json!(event.size));
-    put("producerEventId", json!(event.producer_event_id));
-    put("matchedFilters", json!(matched_filters));
-    if !event.flags.is_empty() {
-        put("flags", json!(event.flags));
-        put("flaggedEventId", json!(event.flagged_event_id));
-    }
-    match cfg.mode {
-        PayloadMode::Full => {
-            put("mailbox", json!(event.mailbox));
-            put("messageId", json!(event.message_id));
-            put("from", json!(event.from));
-            put("to", json!(event.to));
-            put("cc", json!(event.cc));
-            put("subject", json!(event.subject));
-            put("attachments", json!(event.attachments));
-        }
-        PayloadMode::Anonymized => {
-            let anon = |a: &str| {
-                format!(
-                    "anon-{}@{}",
-                    pseudonym(&cfg.pseudonym_key, a),
-                    domain_of(a).unwrap_or("invalid")
-                )
-            };
-            put("mailbox", json!(anon(&event.mailbox)));
-            put("from", json!(event.from.as_deref().map(anon)));
-            put("to", json!(event.to.iter().map(|a| anon(a)).collect::<Vec<_>>()));
-            put("cc", json!(event.cc.iter().map(|a| anon(a)).collect::<Vec<_>>()));
-            put("attachments", attachments_without_names(event));
-        }
+    let view = match cfg.mode {
+        PayloadMode::Full => View::Full {
+            mailbox: &event.mailbox,
+            message_id: event.message_id.as_deref(),
+            from: event.from.as_deref(),
+            to: &event.to,
+            cc: &event.cc,
+            subject: event.subject.as_deref(),
+            attachments: &event.attachments,
+        },
+        PayloadMode::Anonymized => View::Anonymized {
+            mailbox: anon(&event.mailbox),
+            from: event.from.as_deref().map(anon),
+            to: event.to.iter().map(|a| anon(a)).collect(),
+            cc: event.cc.iter().map(|a| anon(a)).collect(),
+            attachments: unnamed(event),
+        },
         PayloadMode::Metadata => {
-            put("mailboxDomain", json!(domain_of(&event.mailbox)));
-            put("senderDomain", json!(event.from.as_deref().and_then(domain_of)));
             let mut domains: Vec<&str> = event.to.iter().chain(&event.cc).filter_map(|a| domain_of(a)).collect();
             domains.sort_unstable();
             domains.dedup();
-            put("recipientDomains", json!(domains));
-            put("recipientCount", json!(event.to.len() + event.cc.len()));
-            put("attachments", attachments_without_names(event));
+            View::Metadata {
+                mailbox_domain: domain_of(&event.mailbox),
+                sender_domain: event.from.as_deref().and_then(domain_of),
+                recipient_domains: domains,
+                recipient_count: event.to.len() + event.cc.len(),
+                attachments: unnamed(event),
+            }
+        }
+    };
+    let body = Body {
+        event_type: event.event_type,
+        timestamp: event.occurred_at.to_string(),
+        data: Data {
+            event_id: &event.id,
+            source: event.source.as_str(),
+            occurred_at: event.occurred_at.to_string(),
+            direction: event.direction,
+            folder: event.folder.as_deref(),
+            size: event.size,
+            producer_event_id: event.producer_event_id.as_deref(),
+            matched_filters,
+            flags: (!event.flags.is_empty()).then_some(event.flags.as_slice()),
+            flagged_event_id: if event.flags.is_empty() {
+                None
+            } else {
+                event.flagged_event_id.as_deref()
+            },
+            view,
+        },
+    };
+    if cfg.redact.is_empty() {
+        return serde_json::to_vec(&body).unwrap_or_default();
+    }
+    // Redaction is by field name: go through a JSON tree only when there is some.
+    let mut tree = serde_json::to_value(&body).unwrap_or(Value::Null);
+    if let Some(data) = tree.get_mut("data").and_then(Value::as_object_mut) {
+        for field in &cfg.redact {
+            data.remove(field);
         }
     }
-    for field in &cfg.redact {
-        data.remove(field);
-    }
-    let body = json!({
-        "type": event.event_type,
-        "timestamp": event.occurred_at.to_string(),
-        "data": data,
-    });
-    serde_json::to_vec(&body).unwrap_or_default()
-}
-
-fn attachments_without_names(event: &MailboxEvent) -> Value {
-    json!(
-        event
-            .attachments
-            .iter()
-            .map(|a| json!({"contentType": a.content_type, "size": a.size, "sha256": a.sha256}))
-            .collect::<Vec<_>>()
-    )
+    serde_json::to_vec(&tree).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn event() -> MailboxEvent {
         serde_json::from_value(json!({
@@ -119,6 +213,26 @@ mod tests {
 
     fn text(mode: PayloadMode) -> String {
         String::from_utf8(render(&event(), &["f".into()], &cfg(mode))).expect("utf8")
+    }
+
+    #[test]
+    fn full_payload_shape() {
+        let body: Value =
+            serde_json::from_slice(&render(&event(), &["f".into()], &cfg(PayloadMode::Full))).expect("json");
+        assert_eq!(
+            body,
+            json!({
+                "type": "message.received",
+                "timestamp": "2026-01-01T00:00:00Z",
+                "data": {
+                    "eventId": "evt_1", "source": "http", "occurredAt": "2026-01-01T00:00:00Z",
+                    "matchedFilters": ["f"], "mailbox": "alice@finance.example.com",
+                    "from": "bob@partner.org", "to": ["alice@finance.example.com"],
+                    "cc": ["carol@partner.org"], "subject": "Merger plans",
+                    "attachments": [{"name": "plans-alice.pdf", "contentType": "application/pdf", "size": 10}]
+                }
+            })
+        );
     }
 
     #[test]
