@@ -24,6 +24,14 @@ impl Tokens {
         Ok(tokens)
     }
 
+    /// Tokens known already, also re-read from `path` once it exists.
+    pub fn with(path: PathBuf, tokens: Vec<String>) -> Tokens {
+        Tokens {
+            path,
+            tokens: Arc::new(RwLock::new(tokens)),
+        }
+    }
+
     fn reload(&self) -> std::io::Result<()> {
         let text = std::fs::read_to_string(&self.path)?;
         let list: Vec<String> = text
@@ -46,8 +54,15 @@ impl Tokens {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(err) = self.reload() {
-                    warn!(%err, path = %self.path.display(), "cannot re-read tokens; keeping the previous ones");
+                match self.reload() {
+                    Ok(()) => {}
+                    // Expected while a generated token's Secret is not yet mounted.
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        tracing::debug!(%err, path = %self.path.display(), "no token file yet; keeping the current tokens");
+                    }
+                    Err(err) => {
+                        warn!(%err, path = %self.path.display(), "cannot re-read tokens; keeping the previous ones");
+                    }
                 }
             }
         });
@@ -76,6 +91,63 @@ impl Tokens {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token in Secret `name` of the operator's namespace ($POD_NAMESPACE, else the
+/// client's default), key `token`; creates the Secret with a random token if it is absent.
+pub async fn ensure_token_secret(client: &kube::Client, name: &str) -> anyhow::Result<String> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string());
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let read = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("token"))
+            .and_then(|t| String::from_utf8(t.0.clone()).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    };
+    if let Some(existing) = api.get_opt(name).await? {
+        return read(&existing).ok_or_else(|| {
+            anyhow::anyhow!("Secret {namespace}/{name} has no non-empty `token` key; add one or delete the Secret")
+        });
+    }
+    let token = random_token();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "mailhook"},
+        },
+        "stringData": {"token": token},
+    }))?;
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(namespace, name, "created the ingest token Secret");
+            Ok(token)
+        }
+        // Another replica (or a restart) won the race: use its token.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = api.get(name).await?;
+            read(&existing).ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{name} has no `token` key"))
+        }
+        Err(err) => Err(anyhow::anyhow!(
+            "cannot create the ingest token Secret {namespace}/{name}: {err}"
+        )),
+    }
+}
+
+/// 32 random bytes, URL-safe base64.
+fn random_token() -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = uuid::Uuid::new_v4()
+        .as_bytes()
+        .iter()
+        .chain(uuid::Uuid::new_v4().as_bytes())
+        .copied()
+        .collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]

@@ -71,6 +71,13 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_INGEST_TOKEN_FILE")]
     pub ingest_token_file: Option<std::path::PathBuf>,
 
+    /// Secret (in the operator's namespace, $POD_NAMESPACE) that holds the ingest token
+    /// under `token`: when --ingest-token-file is absent or empty the operator reads the
+    /// token from it, or creates it with a random token. This is how the Helm chart gets a
+    /// token without rendering a random value (GitOps tools re-render every sync).
+    #[arg(long, env = "MAILHOOK_INGEST_TOKEN_SECRET")]
+    pub ingest_token_secret: Option<String>,
+
     /// Largest ingest request body, in bytes; larger requests get 413.
     #[arg(long, env = "MAILHOOK_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub ingest_max_body_bytes: usize,
@@ -219,8 +226,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let Some(token_file) = config.ingest_token_file.clone() else {
             anyhow::bail!("--ingest-addr needs --ingest-token-file: the ingest API never runs without authentication");
         };
-        let tokens = Tokens::load(token_file.clone())
-            .map_err(|e| anyhow::anyhow!("cannot read ingest tokens from {}: {e}", token_file.display()))?;
+        let tokens = match (Tokens::load(token_file.clone()), &config.ingest_token_secret) {
+            (Ok(tokens), _) => tokens,
+            (Err(err), None) => anyhow::bail!("cannot read ingest tokens from {}: {err}", token_file.display()),
+            (Err(err), Some(secret)) => {
+                info!(file = %token_file.display(), %err, secret, "no ingest token file yet; using the token Secret");
+                let token = crate::auth::ensure_token_secret(&client, secret).await?;
+                Tokens::with(token_file.clone(), vec![token])
+            }
+        };
         tokens.clone().watch(std::time::Duration::from_secs(10));
         let pipeline = Arc::new(Pipeline {
             deliveries: deliveries.clone(),

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub endpoint_up: IntGaugeVec,
     pub endpoint_disabled: IntGaugeVec,
     pub store_disk_bytes: prometheus::IntGauge,
+    pub ready: prometheus::IntGauge,
     pub store_purged: IntCounterVec,
     pub replayed: IntCounterVec,
     pub reconcile_duration: HistogramVec,
@@ -97,6 +98,10 @@ impl Metrics {
                 "mailhook_store_disk_bytes",
                 "Bytes the durable store occupies on disk (0 for the in-memory store).",
             )?,
+            ready: prometheus::IntGauge::new(
+                "mailhook_ready",
+                "1 when the operator is ready (caches synced, every resource reconciled), as /readyz.",
+            )?,
             store_purged: IntCounterVec::new(
                 Opts::new(
                     "mailhook_store_purged_total",
@@ -138,6 +143,7 @@ impl Metrics {
             m.registry.register(Box::new(c.clone()))?;
         }
         m.registry.register(Box::new(m.store_disk_bytes.clone()))?;
+        m.registry.register(Box::new(m.ready.clone()))?;
         for h in [&m.delivery_duration, &m.reconcile_duration] {
             m.registry.register(Box::new(h.clone()))?;
         }

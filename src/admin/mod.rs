@@ -64,6 +64,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
+    state.metrics.ready.set(i64::from(state.readiness.is_ready()));
     match state.metrics.render() {
         Ok(body) => (
             StatusCode::OK,

@@ -76,6 +76,10 @@ mod tests {
             generated == checked_in,
             "crds/mailhook.io.yaml is stale: run `cargo run -- crdgen > crds/mailhook.io.yaml`"
         );
+        assert!(
+            include_str!("../../charts/mailhook/files/crds.yaml") == checked_in,
+            "the Helm chart's CRDs differ from crds/: run `cp crds/mailhook.io.yaml charts/mailhook/files/crds.yaml`"
+        );
     }
 }
 

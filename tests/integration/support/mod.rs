@@ -163,7 +163,37 @@ impl Operator {
         Operator::start_with(ns, &[])
     }
 
+    /// Starts `mailhook run`; when another process took one of the free ports meanwhile
+    /// (parallel tests), starts again on new ones.
     pub fn start_with(ns: &TestNamespace, extra: &[&str]) -> Operator {
+        for _ in 0..5 {
+            let mut operator = Self::try_start(ns, extra);
+            if operator.wait_listening() {
+                return operator;
+            }
+        }
+        panic!("the operator could not bind its ports five times in a row");
+    }
+
+    /// Waits until both ports are bound; false if the process exited because a port was taken.
+    fn wait_listening(&mut self) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if self.log().contains("ingest API listening") {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                if self.log().contains("Address already in use") {
+                    return false;
+                }
+                panic!("the operator exited at start; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    fn try_start(ns: &TestNamespace, extra: &[&str]) -> Operator {
         let log = std::env::temp_dir().join(format!("mailhook-operator-{}.log", ns.name));
         let token_file = std::env::temp_dir().join(format!("mailhook-tokens-{}", ns.name));
         std::fs::write(&token_file, format!("# test tokens\n{INGEST_TOKEN}\n")).expect("write token file");
