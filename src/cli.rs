@@ -78,6 +78,31 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_INGEST_TOKEN_SECRET")]
     pub ingest_token_secret: Option<String>,
 
+    /// Address of the SMTP journal receiver (journal reports and plain copies); off when
+    /// absent.
+    #[arg(long, env = "MAILHOOK_SMTP_ADDR")]
+    pub smtp_addr: Option<SocketAddr>,
+
+    /// Host name in the SMTP greeting.
+    #[arg(long, env = "MAILHOOK_SMTP_HOSTNAME", default_value = "mailhook")]
+    pub smtp_hostname: String,
+
+    /// Largest message the SMTP receiver takes (announced as SIZE); larger get 552.
+    #[arg(long, env = "MAILHOOK_SMTP_MAX_MESSAGE_BYTES", default_value_t = 25 * 1024 * 1024)]
+    pub smtp_max_message_bytes: usize,
+
+    /// Most envelope recipients per message; more get 452.
+    #[arg(long, env = "MAILHOOK_SMTP_MAX_RECIPIENTS", default_value_t = 100)]
+    pub smtp_max_recipients: usize,
+
+    /// Most SMTP connections at once; more get 421.
+    #[arg(long, env = "MAILHOOK_SMTP_MAX_CONNECTIONS", default_value_t = 100)]
+    pub smtp_max_connections: usize,
+
+    /// An SMTP connection silent this long is closed (421).
+    #[arg(long, env = "MAILHOOK_SMTP_IDLE_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
+    pub smtp_idle_timeout: std::time::Duration,
+
     /// Largest ingest request body, in bytes; larger requests get 413.
     #[arg(long, env = "MAILHOOK_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub ingest_max_body_bytes: usize,
@@ -222,6 +247,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         pseudonym_secret: pseudonym_secret(config.pseudonym_key_file.as_deref())?,
     };
 
+    let pipeline = Arc::new(Pipeline {
+        deliveries: deliveries.clone(),
+        router,
+        metrics: metrics.clone(),
+        internal_domains: config
+            .internal_domains
+            .iter()
+            .map(|d| d.trim().to_lowercase())
+            .collect(),
+        matches,
+        limits: source::Limits {
+            max_backlog: config.max_backlog,
+            max_store_bytes: config.max_store_bytes,
+        },
+    });
+
     if let Some(addr) = config.ingest_addr {
         let Some(token_file) = config.ingest_token_file.clone() else {
             anyhow::bail!("--ingest-addr needs --ingest-token-file: the ingest API never runs without authentication");
@@ -236,21 +277,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
         };
         tokens.clone().watch(std::time::Duration::from_secs(10));
-        let pipeline = Arc::new(Pipeline {
-            deliveries: deliveries.clone(),
-            router,
-            metrics: metrics.clone(),
-            internal_domains: config
-                .internal_domains
-                .iter()
-                .map(|d| d.trim().to_lowercase())
-                .collect(),
-            matches,
-            limits: source::Limits {
-                max_backlog: config.max_backlog,
-                max_store_bytes: config.max_store_bytes,
-            },
-        });
         let ingest_config = IngestConfig {
             token_file,
             max_body_bytes: config.ingest_max_body_bytes,
@@ -258,13 +284,32 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         };
         let listener = TcpListener::bind(addr).await?;
         info!(addr = %listener.local_addr()?, "ingest API listening");
-        let app = source::http::router(&ingest_config, pipeline, tokens, readiness.clone());
+        let app = source::http::router(&ingest_config, pipeline.clone(), tokens, readiness.clone());
         let stop = stopped();
         tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
                 tracing::error!(%err, "ingest server failed");
             }
         });
+    }
+
+    if let Some(addr) = config.smtp_addr {
+        let listener = TcpListener::bind(addr).await?;
+        info!(addr = %listener.local_addr()?, "SMTP journal receiver listening");
+        let smtp = source::smtp::SmtpConfig {
+            hostname: config.smtp_hostname.clone(),
+            max_message_bytes: config.smtp_max_message_bytes,
+            max_recipients: config.smtp_max_recipients,
+            max_connections: config.smtp_max_connections,
+            idle_timeout: config.smtp_idle_timeout,
+        };
+        tokio::spawn(source::smtp::serve(
+            listener,
+            smtp,
+            pipeline.clone(),
+            readiness.clone(),
+            stopped(),
+        ));
     }
 
     let scopes: Vec<Option<String>> = if config.watch_namespaces.is_empty() {

@@ -2,6 +2,8 @@
 //! them, routes them and queues their deliveries before the source answers.
 
 pub mod http;
+pub mod journal;
+pub mod smtp;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -6,4 +6,5 @@ mod crd;
 mod delivery;
 mod durability;
 mod history;
+mod smtp;
 mod support;

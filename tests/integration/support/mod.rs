@@ -178,8 +178,14 @@ impl Operator {
     /// Waits until both ports are bound; false if the process exited because a port was taken.
     fn wait_listening(&mut self) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // The last listener the operator opens.
+        let last = if self.args.iter().any(|a| a == "--smtp-addr") {
+            "SMTP journal receiver listening"
+        } else {
+            "ingest API listening"
+        };
         while std::time::Instant::now() < deadline {
-            if self.log().contains("ingest API listening") {
+            if self.log().contains(last) {
                 return true;
             }
             if let Ok(Some(_)) = self.child.try_wait() {

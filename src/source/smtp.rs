@@ -1,0 +1,396 @@
+//! The SMTP journal receiver (RFC 5321): mail systems send journal reports or plain
+//! copies here; each message becomes events through the same pipeline as HTTP ingest.
+//! `250` is answered only once the events are durable.
+//!
+//! Replies: `552 5.3.4` over `--smtp-max-message-bytes` (also announced as SIZE), `452`
+//! under backpressure or too many recipients, `554 5.6.0` with the reason for mail that is
+//! neither a journal report nor a usable copy, `451 4.3.0` when the store fails, `500`
+//! for a command line longer than 512 bytes, `421` when busy, not ready or idle too long.
+//! STARTTLS and AUTH are not offered yet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::Pipeline;
+use super::journal::{self, Envelope};
+use crate::admin::Readiness;
+
+/// SMTP listener settings (flags of `mailhook run`).
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    /// Name in the greeting and the EHLO answer.
+    pub hostname: String,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Longest command line (RFC 5321 §4.5.3.1.4: 512 octets with CRLF).
+const MAX_COMMAND_LINE: usize = 512;
+/// Longest text line taken in DATA. RFC 5321 says 1000; real journals exceed it, so the
+/// bound only protects memory.
+const MAX_DATA_LINE: usize = 1 << 20;
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    config: SmtpConfig,
+    pipeline: Arc<Pipeline>,
+    readiness: Readiness,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let config = Arc::new(config);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    warn!(%err, "cannot accept an SMTP connection");
+                    continue;
+                }
+            },
+        };
+        let (config, pipeline, readiness) = (config.clone(), pipeline.clone(), readiness.clone());
+        let permit = slots.clone().try_acquire_owned();
+        tokio::spawn(
+            async move {
+                let mut session = Session::new(stream, &config);
+                let result = match permit {
+                    Err(_) => session.reply("421 4.7.0 Too many connections; try again later").await,
+                    Ok(_permit) if !readiness.is_ready() => {
+                        session.reply("421 4.3.2 Not ready yet; try again later").await
+                    }
+                    Ok(_permit) => session.run(&config, &pipeline).await,
+                };
+                if let Err(err) = result {
+                    debug!(%err, "SMTP connection ended");
+                }
+            }
+            .instrument(info_span!("smtp", %peer)),
+        );
+    }
+}
+
+/// What reading one line gave.
+enum Line {
+    Text(Vec<u8>),
+    TooLong,
+    Closed,
+}
+
+struct Session {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    idle: Duration,
+}
+
+#[derive(Default)]
+struct Transaction {
+    mail_from: Option<String>,
+    rcpt_to: Vec<String>,
+}
+
+impl Session {
+    fn new(stream: TcpStream, config: &SmtpConfig) -> Session {
+        let (read, writer) = stream.into_split();
+        Session {
+            reader: BufReader::new(read),
+            writer,
+            idle: config.idle_timeout,
+        }
+    }
+
+    async fn reply(&mut self, text: &str) -> std::io::Result<()> {
+        self.writer.write_all(text.as_bytes()).await?;
+        self.writer.write_all(b"\r\n").await?;
+        self.writer.flush().await
+    }
+
+    /// Reads one line (with its line ending) of at most `max` bytes; a longer one is read
+    /// to its end and dropped.
+    async fn line(&mut self, max: usize) -> std::io::Result<Line> {
+        let mut buf = Vec::new();
+        let mut too_long = false;
+        loop {
+            let chunk = match tokio::time::timeout(self.idle, self.reader.fill_buf()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    let _ = self.reply("421 4.4.2 Idle too long; closing").await;
+                    return Ok(Line::Closed);
+                }
+            };
+            if chunk.is_empty() {
+                return Ok(Line::Closed);
+            }
+            let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (chunk.len(), false),
+            };
+            if !too_long {
+                if buf.len() + take > max {
+                    too_long = true;
+                    buf = Vec::new();
+                } else {
+                    buf.extend_from_slice(&chunk[..take]);
+                }
+            }
+            self.reader.consume(take);
+            if done {
+                return Ok(if too_long { Line::TooLong } else { Line::Text(buf) });
+            }
+        }
+    }
+
+    async fn run(&mut self, config: &SmtpConfig, pipeline: &Arc<Pipeline>) -> std::io::Result<()> {
+        self.reply(&format!("220 {} mailhook ESMTP ready", config.hostname))
+            .await?;
+        let mut tx = Transaction::default();
+        let mut greeted = false;
+        loop {
+            let line = match self.line(MAX_COMMAND_LINE).await? {
+                Line::Closed => return Ok(()),
+                Line::TooLong => {
+                    self.reply("500 5.5.2 Line too long (512 bytes at most)").await?;
+                    continue;
+                }
+                Line::Text(t) => t,
+            };
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\r', '\n']);
+            let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
+            match verb.to_ascii_uppercase().as_str() {
+                "EHLO" => {
+                    tx = Transaction::default();
+                    greeted = true;
+                    let answer = format!(
+                        "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES",
+                        config.hostname, config.max_message_bytes
+                    );
+                    self.reply(&answer).await?;
+                }
+                "HELO" => {
+                    tx = Transaction::default();
+                    greeted = true;
+                    self.reply(&format!("250 {}", config.hostname)).await?;
+                }
+                "MAIL" => {
+                    if !greeted {
+                        self.reply("503 5.5.1 Say EHLO first").await?;
+                    } else if tx.mail_from.is_some() {
+                        self.reply("503 5.5.1 Nested MAIL command").await?;
+                    } else if let Some(reason) = pipeline.overloaded() {
+                        pipeline
+                            .metrics
+                            .events_ingested
+                            .with_label_values(&["smtp", "throttled"])
+                            .inc();
+                        self.reply(&format!(
+                            "452 4.3.1 Insufficient system storage: {reason}; try again later"
+                        ))
+                        .await?;
+                    } else {
+                        match mail_from(arg, config.max_message_bytes) {
+                            Ok(from) => {
+                                tx.mail_from = Some(from);
+                                self.reply("250 2.1.0 OK").await?;
+                            }
+                            Err(reply) => self.reply(reply).await?,
+                        }
+                    }
+                }
+                "RCPT" => {
+                    if tx.mail_from.is_none() {
+                        self.reply("503 5.5.1 Need MAIL first").await?;
+                    } else if tx.rcpt_to.len() >= config.max_recipients {
+                        self.reply("452 4.5.3 Too many recipients").await?;
+                    } else {
+                        match path(arg, "TO:") {
+                            Some(rcpt) if super::normalize_address(&rcpt).is_some() => {
+                                tx.rcpt_to.push(rcpt);
+                                self.reply("250 2.1.5 OK").await?;
+                            }
+                            _ => self.reply("501 5.1.3 Bad recipient address syntax").await?,
+                        }
+                    }
+                }
+                "DATA" => {
+                    if tx.rcpt_to.is_empty() {
+                        self.reply("503 5.5.1 Need RCPT first").await?;
+                        continue;
+                    }
+                    self.reply("354 End data with <CR><LF>.<CR><LF>").await?;
+                    let Some(body) = self.data(config.max_message_bytes).await? else {
+                        // The client went away mid-message: nothing is stored.
+                        return Ok(());
+                    };
+                    let envelope = Envelope {
+                        mail_from: tx.mail_from.take().filter(|f| !f.is_empty()),
+                        rcpt_to: std::mem::take(&mut tx.rcpt_to),
+                    };
+                    let answer = match body {
+                        Err(size) => {
+                            pipeline
+                                .metrics
+                                .events_ingested
+                                .with_label_values(&["smtp", "rejected"])
+                                .inc();
+                            format!(
+                                "552 5.3.4 Message too big ({size}+ bytes; at most {})",
+                                config.max_message_bytes
+                            )
+                        }
+                        Ok(raw) => deliver(raw, envelope, pipeline.clone()).await,
+                    };
+                    self.reply(&answer).await?;
+                }
+                "RSET" => {
+                    tx = Transaction::default();
+                    self.reply("250 2.0.0 OK").await?;
+                }
+                "NOOP" => self.reply("250 2.0.0 OK").await?,
+                "VRFY" => self.reply("252 2.5.2 Cannot verify; send the message").await?,
+                "HELP" => self.reply("214 2.0.0 See RFC 5321").await?,
+                "QUIT" => {
+                    self.reply("221 2.0.0 Bye").await?;
+                    return Ok(());
+                }
+                "STARTTLS" | "AUTH" => self.reply("502 5.5.1 Not offered").await?,
+                _ => self.reply("500 5.5.1 Command unrecognized").await?,
+            }
+        }
+    }
+
+    /// Reads the message up to the lone dot, undoing dot-stuffing. `None` if the client
+    /// went away; `Err(size)` when it was larger than `max` (read to its end regardless).
+    async fn data(&mut self, max: usize) -> std::io::Result<Option<Result<Vec<u8>, usize>>> {
+        let mut body = Vec::new();
+        let mut size = 0usize;
+        loop {
+            let line = match self.line(MAX_DATA_LINE).await? {
+                Line::Closed => return Ok(None),
+                Line::TooLong => {
+                    size += MAX_DATA_LINE;
+                    continue;
+                }
+                Line::Text(t) => t,
+            };
+            if line == b".\r\n" || line == b".\n" {
+                return Ok(Some(if size > max { Err(size) } else { Ok(body) }));
+            }
+            let line = line.strip_prefix(b".").unwrap_or(&line);
+            size += line.len();
+            if size <= max {
+                body.extend_from_slice(line);
+            } else {
+                body = Vec::new();
+            }
+        }
+    }
+}
+
+/// Parses the message into events and stores them (off the async workers: parsing a
+/// large message and the durable write both block); the reply to send.
+async fn deliver(raw: Vec<u8>, envelope: Envelope, pipeline: Arc<Pipeline>) -> String {
+    if let Some(reason) = pipeline.overloaded() {
+        pipeline
+            .metrics
+            .events_ingested
+            .with_label_values(&["smtp", "throttled"])
+            .inc();
+        return format!("452 4.3.1 Insufficient system storage: {reason}; try again later");
+    }
+    tokio::task::spawn_blocking(move || record(&raw, &envelope, &pipeline))
+        .await
+        .unwrap_or_else(|err| {
+            warn!(%err, "recording a journaled message stopped unexpectedly");
+            "451 4.3.0 Cannot store the message right now; try again later".into()
+        })
+}
+
+fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
+    let events = match journal::parse(raw, envelope, &pipeline.internal_domains, jiff::Timestamp::now()) {
+        Ok(events) => events,
+        Err(err) => {
+            pipeline
+                .metrics
+                .events_ingested
+                .with_label_values(&["smtp", "rejected"])
+                .inc();
+            info!(%err, size = raw.len(), "refused a message that is neither a journal report nor a usable copy");
+            return format!("554 5.6.0 Cannot record this message: {err}");
+        }
+    };
+    if events.is_empty() {
+        return "250 2.0.0 OK: no internal mailbox involved; nothing recorded".into();
+    }
+    let n = events.len();
+    match pipeline.accept(events) {
+        Ok(stored) => {
+            let duplicates = stored.iter().filter(|s| s.duplicate).count();
+            info!(events = n, duplicates, "journaled message recorded");
+            let ids: Vec<&str> = stored.iter().map(|s| s.id.as_str()).collect();
+            format!("250 2.0.0 OK: recorded as {}", ids.join(" "))
+        }
+        Err(err) => {
+            warn!(%err, "cannot store a journaled message; the sender will retry");
+            "451 4.3.0 Cannot store the message right now; try again later".into()
+        }
+    }
+}
+
+/// `FROM:<path> [SIZE=n] [BODY=...]`: the reverse path (empty for bounces) or the reply.
+fn mail_from(arg: &str, max: usize) -> Result<String, &'static str> {
+    let from = path(arg, "FROM:").ok_or("501 5.1.7 Bad sender address syntax")?;
+    let declared = arg
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case("SIZE"))
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    if declared.is_some_and(|s| s > max) {
+        return Err("552 5.3.4 Message size exceeds the fixed limit");
+    }
+    if !from.is_empty() && super::normalize_address(&from).is_none() {
+        return Err("501 5.1.7 Bad sender address syntax");
+    }
+    Ok(from)
+}
+
+/// The address inside `<...>` after `prefix` (case-insensitive), e.g. `TO:<a@b.c>`.
+fn path(arg: &str, prefix: &str) -> Option<String> {
+    let arg = arg.trim_start();
+    if arg.len() < prefix.len() || !arg[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = arg[prefix.len()..].trim_start();
+    let rest = rest.strip_prefix('<')?;
+    let end = rest.find('>')?;
+    Some(rest[..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_size_parameters() {
+        assert_eq!(path("FROM:<a@b.com> SIZE=10", "FROM:").as_deref(), Some("a@b.com"));
+        assert_eq!(path("from: <>", "FROM:").as_deref(), Some(""));
+        assert_eq!(path("TO:a@b.com", "TO:"), None);
+        assert_eq!(mail_from("FROM:<a@b.com> SIZE=100", 1000), Ok("a@b.com".into()));
+        assert_eq!(
+            mail_from("FROM:<a@b.com> SIZE=5000", 1000),
+            Err("552 5.3.4 Message size exceeds the fixed limit")
+        );
+        assert!(mail_from("FROM:<not an address>", 1000).is_err());
+    }
+}

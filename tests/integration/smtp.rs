@@ -1,0 +1,496 @@
+//! The SMTP journal receiver with real mail software: `swaks` sends journal reports and
+//! plain copies, a real Postfix relays a message to it, and bad input gets the documented
+//! replies while the listener keeps serving.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Operator, Receiver, TestNamespace, eventually, free_port, kubectl_run, repo_path};
+
+const SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
+
+fn setup(ns: &TestNamespace, url: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SECRET}}}\n---\n\
+         apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: external-pdf}}\nspec:\n  \
+         directions: [inbound]\n  attachments: {{extensions: [pdf]}}\n  flag: {{name: external-pdf, severity: high}}\n---\n\
+         apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: archive}}\nspec:\n  \
+         endpoint: {{url: '{url}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+         eventTypes: [message.received, message.sent, compliance.flagged]\n"
+    );
+    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}");
+}
+
+/// Runs swaks against `server`; returns (exit success, transcript).
+fn swaks(server: std::net::SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("swaks")
+        .args([
+            "--server",
+            &server.ip().to_string(),
+            "--port",
+            &server.port().to_string(),
+        ])
+        .args(["--timeout", "20"])
+        .args(args)
+        .output()
+        .expect("run swaks (Debian package swaks; tests/setup installs it)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn ready(operator: &Operator, ns: &TestNamespace) {
+    operator.ready().await;
+    eventually(
+        "archive Ready",
+        || async {
+            ns.api::<mailhook::api::WebhookSubscription>()
+                .get("archive")
+                .await
+                .expect("get")
+        },
+        |w| {
+            w.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        },
+    )
+    .await;
+}
+
+fn delivered(got: &[crate::support::Received], kind: &str) -> Vec<Value> {
+    got.iter()
+        .filter(|r| r.verified && r.answered == 200)
+        .map(|r| r.json())
+        .filter(|j| j["type"] == kind)
+        .collect()
+}
+
+/// Sends raw SMTP lines and returns what the server answered.
+fn raw_session(addr: std::net::SocketAddr, lines: &[&str], close_early: bool) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut out = String::new();
+    let mut buf = [0u8; 4096];
+    let mut read = |s: &mut std::net::TcpStream, out: &mut String| {
+        if let Ok(n) = s.read(&mut buf) {
+            out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    read(&mut s, &mut out);
+    for l in lines {
+        s.write_all(format!("{l}\r\n").as_bytes()).expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        read(&mut s, &mut out);
+    }
+    if close_early {
+        drop(s);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_right_reply() {
+    let ns = TestNamespace::new("smtp").await;
+    let receiver = Receiver::start(SECRET);
+    let smtp = free_port();
+    let operator = Operator::start_with(
+        &ns,
+        &[
+            "--smtp-addr",
+            &smtp.to_string(),
+            "--internal-domains",
+            "contoso.com",
+            "--smtp-max-message-bytes",
+            "20000",
+            "--smtp-max-recipients",
+            "3",
+        ],
+    );
+    setup(&ns, &receiver.url("/hooks"));
+    ready(&operator, &ns).await;
+
+    // An Exchange journal report: four internal recipients (To, Cc, Bcc, a list member).
+    let report = repo_path("tests/fixtures/journal/inbound-report.eml");
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "journal@contoso.com",
+            "--to",
+            "archive@journal.example.net",
+            "--data",
+            &report,
+        ],
+    );
+    assert!(ok && out.contains("250 2.0.0 OK: recorded as evt_"), "{out}");
+    let got = eventually(
+        "4 message.received + 4 compliance.flagged",
+        || receiver.deliveries(),
+        |d| delivered(d, "message.received").len() == 4 && delivered(d, "compliance.flagged").len() == 4,
+    )
+    .await;
+    let received = delivered(&got, "message.received");
+    let mut mailboxes: Vec<&str> = received.iter().filter_map(|j| j["data"]["mailbox"].as_str()).collect();
+    mailboxes.sort_unstable();
+    assert_eq!(
+        mailboxes,
+        [
+            "alice@contoso.com",
+            "bob@contoso.com",
+            "carol@contoso.com",
+            "dan@contoso.com"
+        ]
+    );
+    let alice = received
+        .iter()
+        .find(|j| j["data"]["mailbox"] == "alice@contoso.com")
+        .expect("alice");
+    assert_eq!(alice["data"]["from"], "billing@fabrikam.com");
+    assert_eq!(alice["data"]["subject"], "Rechnung Nr. 4711 – fällig");
+    assert_eq!(alice["data"]["source"], "smtp");
+    assert_eq!(alice["data"]["attachments"][0]["name"], "invoice-4711.pdf");
+    assert_eq!(alice["data"]["attachments"][0]["size"], 39);
+    assert_eq!(
+        alice["data"]["attachments"][0]["sha256"],
+        sha256_hex(b"%PDF-1.4 invoice 4711 fake pdf content\n")
+    );
+    assert!(alice["data"].get("bcc").is_none(), "Bcc is never delivered");
+
+    // The same report again (the journal retried): acknowledged, not delivered twice.
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "journal@contoso.com",
+            "--to",
+            "archive@journal.example.net",
+            "--data",
+            &report,
+        ],
+    );
+    assert!(ok && out.contains("250 2.0.0"), "{out}");
+
+    // A plain copy to a journaled mailbox.
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "x@fabrikam.com",
+            "--to",
+            "erin@contoso.com",
+            "--header",
+            "Subject: plain copy",
+            "--body",
+            "hello",
+        ],
+    );
+    assert!(ok, "{out}");
+    eventually(
+        "the plain copy as message.received for erin",
+        || receiver.deliveries(),
+        |d| {
+            delivered(d, "message.received")
+                .iter()
+                .any(|j| j["data"]["mailbox"] == "erin@contoso.com" && j["data"]["subject"] == "plain copy")
+        },
+    )
+    .await;
+
+    // Bad input: each gets its reply, and nothing is half-stored.
+    let broken = repo_path("tests/fixtures/journal/report-without-original.eml");
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "j@contoso.com",
+            "--to",
+            "a@journal.example.net",
+            "--data",
+            &broken,
+        ],
+    );
+    assert!(
+        !ok && out.contains("554 5.6.0") && out.contains("message/rfc822"),
+        "{out}"
+    );
+    let big = "x".repeat(30_000);
+    let (ok, out) = swaks(
+        smtp,
+        &["--from", "x@fabrikam.com", "--to", "erin@contoso.com", "--body", &big],
+    );
+    assert!(!ok && out.contains("552 5.3.4"), "{out}");
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "x@fabrikam.com",
+            "--to",
+            "a@contoso.com,b@contoso.com,c@contoso.com,d@contoso.com",
+        ],
+    );
+    // The fourth recipient is refused (452, retry later); the message goes to the first three.
+    assert!(
+        ok && out.contains("452 4.5.3") && out.contains("250 2.0.0 OK: recorded"),
+        "{out}"
+    );
+    let long = format!("NOOP {}", "y".repeat(600));
+    let answers = raw_session(smtp, &["EHLO test", &long, "DATA", "QUIT"], false);
+    assert!(
+        answers.contains("500 5.5.2") && answers.contains("503 5.5.1"),
+        "{answers}"
+    );
+    // Truncated: the client goes away in the middle of DATA.
+    let answers = raw_session(
+        smtp,
+        &[
+            "EHLO test",
+            "MAIL FROM:<x@fabrikam.com>",
+            "RCPT TO:<frank@contoso.com>",
+            "DATA",
+            "Subject: cut",
+            "",
+        ],
+        true,
+    );
+    assert!(answers.contains("354"), "{answers}");
+
+    // Still serving after all that.
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "x@fabrikam.com",
+            "--to",
+            "gina@contoso.com",
+            "--header",
+            "Subject: after",
+            "--body",
+            "ok",
+        ],
+    );
+    assert!(ok, "{out}");
+    let got = eventually(
+        "the last message delivered",
+        || receiver.deliveries(),
+        |d| {
+            delivered(d, "message.received")
+                .iter()
+                .any(|j| j["data"]["mailbox"] == "gina@contoso.com")
+        },
+    )
+    .await;
+    let received = delivered(&got, "message.received");
+    assert_eq!(
+        received.len(),
+        9,
+        "4 from the report (once), erin, a/b/c (d refused), gina; nothing from bad input"
+    );
+    assert!(!received.iter().any(|j| j["data"]["mailbox"] == "frank@contoso.com"));
+    let metrics = reqwest::get(format!("http://{}/metrics", operator.admin))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains(r#"mailhook_events_ingested_total{outcome="rejected",source="smtp"} 2"#),
+        "{metrics}"
+    );
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_relayed_by_postfix_arrives_as_message_received_and_is_flagged() {
+    let Some(postfix) = Postfix::start_relaying_to("contoso.com", free_port()) else {
+        panic!("Postfix could not start (Debian package postfix; tests/setup installs it)");
+    };
+    let ns = TestNamespace::new("postfix").await;
+    let receiver = Receiver::start(SECRET);
+    let operator = Operator::start_with(
+        &ns,
+        &[
+            "--smtp-addr",
+            &postfix.next_hop.to_string(),
+            "--internal-domains",
+            "contoso.com",
+        ],
+    );
+    setup(&ns, &receiver.url("/hooks"));
+    ready(&operator, &ns).await;
+
+    let attachment = std::env::temp_dir().join(format!("mailhook-{}-contract.pdf", ns.name));
+    let pdf = b"%PDF-1.4 contract relayed by postfix\n".repeat(200);
+    std::fs::write(&attachment, &pdf).expect("attachment");
+    let (ok, out) = swaks(
+        postfix.listen,
+        &[
+            "--from",
+            "sales@fabrikam.com",
+            "--to",
+            "alice@contoso.com",
+            "--header",
+            "Subject: =?utf-8?q?Vertrag_=C3=BCber_Lizenzen?=",
+            "--body",
+            "Please find the contract attached.",
+            "--attach-type",
+            "application/pdf",
+            "--attach-name",
+            "contract.pdf",
+            "--attach",
+            &format!("@{}", attachment.display()),
+        ],
+    );
+    assert!(ok && out.contains("250"), "Postfix took the message:\n{out}");
+    let got = eventually(
+        "message.received and compliance.flagged via Postfix",
+        || receiver.deliveries(),
+        |d| !delivered(d, "message.received").is_empty() && !delivered(d, "compliance.flagged").is_empty(),
+    )
+    .await;
+    let event = &delivered(&got, "message.received")[0];
+    let data = &event["data"];
+    assert_eq!(data["mailbox"], "alice@contoso.com");
+    assert_eq!(data["from"], "sales@fabrikam.com");
+    assert_eq!(data["to"], serde_json::json!(["alice@contoso.com"]));
+    assert_eq!(data["subject"], "Vertrag über Lizenzen");
+    assert!(data["size"].as_u64().is_some_and(|s| s > pdf.len() as u64), "{data}");
+    assert_eq!(data["attachments"][0]["name"], "contract.pdf");
+    assert_eq!(data["attachments"][0]["contentType"], "application/pdf");
+    assert_eq!(data["attachments"][0]["size"], pdf.len());
+    assert_eq!(data["attachments"][0]["sha256"], sha256_hex(&pdf));
+    let flagged = &delivered(&got, "compliance.flagged")[0];
+    assert_eq!(flagged["data"]["flags"][0]["name"], "external-pdf");
+    assert!(
+        postfix.log().contains("status=sent"),
+        "Postfix relayed it:\n{}",
+        postfix.log()
+    );
+    let _ = std::fs::remove_file(attachment);
+}
+
+/// A real Postfix instance in a temporary config and queue directory, relaying one domain
+/// to `next_hop`; stopped when dropped.
+struct Postfix {
+    dir: std::path::PathBuf,
+    listen: std::net::SocketAddr,
+    next_hop: std::net::SocketAddr,
+}
+
+impl Postfix {
+    fn start_relaying_to(domain: &str, next_hop: std::net::SocketAddr) -> Option<Postfix> {
+        let dir = std::env::temp_dir().join(format!("mailhook-postfix-{}", uuid::Uuid::now_v7().simple()));
+        // Postfix checks ownership: the queue is root's, the data directory its own user's.
+        std::fs::create_dir_all(dir.join("spool")).ok()?;
+        std::fs::create_dir_all(dir.join("data")).ok()?;
+        std::process::Command::new("chown")
+            .arg("postfix")
+            .arg(dir.join("data"))
+            .status()
+            .ok()?;
+        let listen = free_port();
+        let d = dir.display();
+        let main_cf = format!(
+            "compatibility_level = 3.6\n\
+             queue_directory = {d}/spool\n\
+             data_directory = {d}/data\n\
+             mail_owner = postfix\n\
+             setgid_group = postdrop\n\
+             inet_interfaces = 127.0.0.1\n\
+             inet_protocols = ipv4\n\
+             myhostname = relay.test\n\
+             mydestination =\n\
+             relay_domains = {domain}\n\
+             transport_maps = inline:{{{domain}=smtp:[{}]:{}}}\n\
+             smtp_dns_support_level = disabled\n\
+             mynetworks = 127.0.0.0/8\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject\n\
+             alias_maps =\n\
+             alias_database =\n\
+             local_recipient_maps =\n\
+             smtputf8_enable = no\n\
+             maillog_file = {d}/maillog\n\
+             maillog_file_prefixes = {d}\n",
+            next_hop.ip(),
+            next_hop.port()
+        );
+        let master_cf = format!(
+            "{listen} inet n - n - - smtpd\n\
+             pickup unix n - n 60 1 pickup\n\
+             cleanup unix n - n - 0 cleanup\n\
+             qmgr unix n - n 300 1 qmgr\n\
+             rewrite unix - - n - - trivial-rewrite\n\
+             bounce unix - - n - 0 bounce\n\
+             defer unix - - n - 0 bounce\n\
+             trace unix - - n - 0 bounce\n\
+             verify unix - - n - 1 verify\n\
+             flush unix n - n 1000? 0 flush\n\
+             proxymap unix - - n - - proxymap\n\
+             smtp unix - - n - - smtp\n\
+             relay unix - - n - - smtp\n\
+             showq unix n - n - - showq\n\
+             error unix - - n - - error\n\
+             retry unix - - n - - error\n\
+             discard unix - - n - - discard\n\
+             local unix - n n - - local\n\
+             anvil unix - - n - 1 anvil\n\
+             scache unix - - n - 1 scache\n\
+             postlog unix-dgram n - n - 1 postlogd\n"
+        );
+        std::fs::write(dir.join("main.cf"), main_cf).ok()?;
+        std::fs::write(dir.join("master.cf"), master_cf).ok()?;
+        let run = |args: &[&str]| {
+            std::process::Command::new("postfix")
+                .arg("-c")
+                .arg(&dir)
+                .args(args)
+                .output()
+                .ok()
+        };
+        let started = run(&["start"])?;
+        if !started.status.success() {
+            eprintln!(
+                "postfix start failed: {}{}",
+                String::from_utf8_lossy(&started.stdout),
+                String::from_utf8_lossy(&started.stderr)
+            );
+            return None;
+        }
+        let postfix = Postfix { dir, listen, next_hop };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(listen).is_ok() {
+                return Some(postfix);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("postfix never listened on {listen}; its log:\n{}", postfix.log());
+        None
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("postfix")
+            .arg("-c")
+            .arg(&self.dir)
+            .arg("stop")
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
