@@ -103,6 +103,15 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_SMTP_IDLE_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
     pub smtp_idle_timeout: std::time::Duration,
 
+    /// PEM certificate chain offered with STARTTLS (mount a kubernetes.io/tls Secret);
+    /// STARTTLS is not offered without it.
+    #[arg(long, env = "MAILHOOK_SMTP_TLS_CERT_FILE")]
+    pub smtp_tls_cert_file: Option<std::path::PathBuf>,
+
+    /// PEM private key of --smtp-tls-cert-file.
+    #[arg(long, env = "MAILHOOK_SMTP_TLS_KEY_FILE")]
+    pub smtp_tls_key_file: Option<std::path::PathBuf>,
+
     /// Largest ingest request body, in bytes; larger requests get 413.
     #[arg(long, env = "MAILHOOK_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub ingest_max_body_bytes: usize,
@@ -302,6 +311,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_recipients: config.smtp_max_recipients,
             max_connections: config.smtp_max_connections,
             idle_timeout: config.smtp_idle_timeout,
+            tls: match (&config.smtp_tls_cert_file, &config.smtp_tls_key_file) {
+                (Some(cert), Some(key)) => Some(source::smtp::tls_config(cert, key)?),
+                (None, None) => None,
+                _ => anyhow::bail!("--smtp-tls-cert-file and --smtp-tls-key-file go together"),
+            },
         };
         tokio::spawn(source::smtp::serve(
             listener,

@@ -34,6 +34,8 @@ pub struct Envelope {
 pub enum JournalError {
     #[error("the message is not parseable MIME")]
     NotMime,
+    #[error("the MIME parser failed on this message (malformed multipart structure)")]
+    ParserFailed,
     #[error("the journal report has no message/rfc822 part holding the original message")]
     NoOriginal,
     #[error("the journal report names no Sender")]
@@ -193,12 +195,18 @@ pub fn parse(
     internal: &[String],
     now: jiff::Timestamp,
 ) -> Result<Vec<MailboxEvent>, JournalError> {
-    let message = MessageParser::default().parse(raw).ok_or(JournalError::NotMime)?;
-    if message.header_raw("X-MS-Journal-Report").is_some() {
-        journal_report(&message, internal, now)
-    } else {
-        plain_copy(&message, raw.len() as u64, envelope, internal, now)
-    }
+    // mail-parser 0.11 panics on some malformed multiparts (found by tests/fuzz; the
+    // input is tests/fixtures/journal/fuzz-mail-parser-panic.eml): such mail is refused
+    // like any other unusable message instead of failing the SMTP transaction with 451.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let message = MessageParser::default().parse(raw).ok_or(JournalError::NotMime)?;
+        if message.header_raw("X-MS-Journal-Report").is_some() {
+            journal_report(&message, internal, now)
+        } else {
+            plain_copy(&message, raw.len() as u64, envelope, internal, now)
+        }
+    }))
+    .unwrap_or(Err(JournalError::ParserFailed))
 }
 
 fn journal_report(
@@ -422,6 +430,11 @@ mod tests {
         );
         let no_rcpt = parse(b"From: a@b.com\r\n\r\nx", &Envelope::default(), &internal(), now());
         assert_eq!(no_rcpt, Err(JournalError::NoRecipients));
+    }
+
+    #[test]
+    fn a_message_that_makes_the_mime_parser_panic_is_refused() {
+        assert_eq!(journal("fuzz-mail-parser-panic.eml"), Err(JournalError::ParserFailed));
     }
 
     #[test]

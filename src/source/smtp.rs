@@ -6,13 +6,13 @@
 //! under backpressure or too many recipients, `554 5.6.0` with the reason for mail that is
 //! neither a journal report nor a usable copy, `451 4.3.0` when the store fails, `500`
 //! for a command line longer than 512 bytes, `421` when busy, not ready or idle too long.
-//! STARTTLS and AUTH are not offered yet.
+//! STARTTLS (RFC 3207) is offered when a certificate is configured; AUTH is not offered yet.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -29,7 +29,30 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// Offered as STARTTLS when set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// Loads a PEM certificate chain and private key for STARTTLS (TLS 1.2 and 1.3 only).
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("cannot read the SMTP certificate {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("cannot read the SMTP private key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| anyhow::anyhow!("the SMTP certificate and key do not fit: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// A connection before or after STARTTLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Longest command line (RFC 5321 §4.5.3.1.4: 512 octets with CRLF).
 const MAX_COMMAND_LINE: usize = 512;
@@ -63,7 +86,7 @@ pub async fn serve(
         let permit = slots.clone().try_acquire_owned();
         tokio::spawn(
             async move {
-                let mut session = Session::new(stream, &config);
+                let mut session = Session::new(Box::new(stream), &config);
                 let result = match permit {
                     Err(_) => session.reply("421 4.7.0 Too many connections; try again later").await,
                     Ok(_permit) if !readiness.is_ready() => {
@@ -88,9 +111,9 @@ enum Line {
 }
 
 struct Session {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    io: BufReader<Box<dyn Stream>>,
     idle: Duration,
+    tls: bool,
 }
 
 #[derive(Default)]
@@ -100,19 +123,31 @@ struct Transaction {
 }
 
 impl Session {
-    fn new(stream: TcpStream, config: &SmtpConfig) -> Session {
-        let (read, writer) = stream.into_split();
+    fn new(stream: Box<dyn Stream>, config: &SmtpConfig) -> Session {
         Session {
-            reader: BufReader::new(read),
-            writer,
+            io: BufReader::new(stream),
             idle: config.idle_timeout,
+            tls: false,
         }
     }
 
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        self.writer.write_all(text.as_bytes()).await?;
-        self.writer.write_all(b"\r\n").await?;
-        self.writer.flush().await
+        let w = self.io.get_mut();
+        w.write_all(text.as_bytes()).await?;
+        w.write_all(b"\r\n").await?;
+        w.flush().await
+    }
+
+    /// RFC 3207: after `220`, the TLS handshake; the session starts over, and anything the
+    /// client pipelined before the handshake is discarded.
+    async fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> std::io::Result<()> {
+        self.reply("220 2.0.0 Ready to start TLS").await?;
+        let placeholder: Box<dyn Stream> = Box::new(tokio::io::duplex(1).0);
+        let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
+        let tls = tokio_rustls::TlsAcceptor::from(config).accept(plain).await?;
+        self.io = BufReader::new(Box::new(tls));
+        self.tls = true;
+        Ok(())
     }
 
     /// Reads one line (with its line ending) of at most `max` bytes; a longer one is read
@@ -121,7 +156,7 @@ impl Session {
         let mut buf = Vec::new();
         let mut too_long = false;
         loop {
-            let chunk = match tokio::time::timeout(self.idle, self.reader.fill_buf()).await {
+            let chunk = match tokio::time::timeout(self.idle, self.io.fill_buf()).await {
                 Ok(r) => r?,
                 Err(_) => {
                     let _ = self.reply("421 4.4.2 Idle too long; closing").await;
@@ -143,7 +178,7 @@ impl Session {
                     buf.extend_from_slice(&chunk[..take]);
                 }
             }
-            self.reader.consume(take);
+            self.io.consume(take);
             if done {
                 return Ok(if too_long { Line::TooLong } else { Line::Text(buf) });
             }
@@ -171,8 +206,13 @@ impl Session {
                 "EHLO" => {
                     tx = Transaction::default();
                     greeted = true;
+                    let starttls = if config.tls.is_some() && !self.tls {
+                        "250-STARTTLS\r\n"
+                    } else {
+                        ""
+                    };
                     let answer = format!(
-                        "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES",
+                        "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n{starttls}250 ENHANCEDSTATUSCODES",
                         config.hostname, config.max_message_bytes
                     );
                     self.reply(&answer).await?;
@@ -263,7 +303,16 @@ impl Session {
                     self.reply("221 2.0.0 Bye").await?;
                     return Ok(());
                 }
-                "STARTTLS" | "AUTH" => self.reply("502 5.5.1 Not offered").await?,
+                "STARTTLS" => match (&config.tls, self.tls) {
+                    (Some(tls), false) => {
+                        self.start_tls(tls.clone()).await?;
+                        tx = Transaction::default();
+                        greeted = false;
+                    }
+                    (Some(_), true) => self.reply("503 5.5.1 TLS already active").await?,
+                    (None, _) => self.reply("502 5.5.1 STARTTLS not offered").await?,
+                },
+                "AUTH" => self.reply("502 5.5.1 AUTH not offered").await?,
                 _ => self.reply("500 5.5.1 Command unrecognized").await?,
             }
         }

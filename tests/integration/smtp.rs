@@ -307,6 +307,87 @@ async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_ri
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_is_offered_with_a_certificate_and_mail_flows_over_it() {
+    let ns = TestNamespace::new("smtp-tls").await;
+    let dir = std::env::temp_dir().join(format!("mailhook-{}-tls", ns.name));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            "/CN=mailhook.test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let receiver = Receiver::start(SECRET);
+    let smtp = free_port();
+    let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let operator = Operator::start_with(
+        &ns,
+        &[
+            "--smtp-addr",
+            &smtp.to_string(),
+            "--internal-domains",
+            "contoso.com",
+            "--smtp-tls-cert-file",
+            &cert_arg,
+            "--smtp-tls-key-file",
+            &key_arg,
+        ],
+    );
+    setup(&ns, &receiver.url("/hooks"));
+    ready(&operator, &ns).await;
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--tls",
+            "--from",
+            "x@fabrikam.com",
+            "--to",
+            "erin@contoso.com",
+            "--header",
+            "Subject: over tls",
+            "--body",
+            "secret",
+        ],
+    );
+    assert!(
+        ok && out.contains("250-STARTTLS") && out.contains("TLS started"),
+        "{out}"
+    );
+    assert!(out.contains("250 2.0.0 OK: recorded"), "{out}");
+    eventually(
+        "the message sent over TLS delivered",
+        || receiver.deliveries(),
+        |d| {
+            delivered(d, "message.received")
+                .iter()
+                .any(|j| j["data"]["subject"] == "over tls")
+        },
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
