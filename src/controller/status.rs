@@ -21,6 +21,17 @@ use crate::store::QueueCounts;
 /// Counter-only changes are written at most this often per resource.
 pub const COUNTER_INTERVAL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_secs(1);
+/// One status write or Event may take this long; a stuck request must not stall the
+/// status of every other resource (the kube client's own read timeout is minutes).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `call` bounded by CALL_TIMEOUT.
+async fn bounded<T>(what: &str, call: impl std::future::Future<Output = Result<T, super::Error>>) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("{what} took longer than {}s", CALL_TIMEOUT.as_secs())),
+    }
+}
 
 /// Reasons on the `Healthy` condition.
 pub mod reason {
@@ -232,7 +243,12 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
         if !due(&desired, written.get(&uid), urgent) {
             continue;
         }
-        if let Err(err) = write_status::<WebhookSubscription>(&ctx.client, &ns, &name, &desired).await {
+        if let Err(err) = bounded(
+            "status write",
+            write_status::<WebhookSubscription>(&ctx.client, &ns, &name, &desired),
+        )
+        .await
+        {
             warn!(namespace = ns, name, %err, "cannot write status; will retry");
             continue;
         }
@@ -273,7 +289,12 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
         if !due(&desired, written.get(&uid), urgent) {
             continue;
         }
-        if let Err(err) = write_status::<MailboxFilter>(&ctx.client, &ns, &name, &desired).await {
+        if let Err(err) = bounded(
+            "status write",
+            write_status::<MailboxFilter>(&ctx.client, &ns, &name, &desired),
+        )
+        .await
+        {
             warn!(namespace = ns, name, %err, "cannot write status; will retry");
             continue;
         }
@@ -345,7 +366,15 @@ async fn announce<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, before:
             } else {
                 K8sEventType::Normal
             };
-            ctx.publish(&obj.object_ref(&()), type_, &c.reason, &c.message).await;
+            let regarding = obj.object_ref(&());
+            let event = ctx.publish(&regarding, type_, &c.reason, &c.message);
+            if tokio::time::timeout(CALL_TIMEOUT, event).await.is_err() {
+                warn!(
+                    reason = c.reason,
+                    "recording an Event took longer than {}s; skipped",
+                    CALL_TIMEOUT.as_secs()
+                );
+            }
         }
     }
 }
