@@ -261,7 +261,7 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             },
         );
     }
-    forget_deleted(ctx, &objects, written);
+    forget_deleted(ctx, written);
 }
 
 async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<MailboxFilterStatus>>) {
@@ -307,6 +307,9 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
             },
         );
     }
+    // A fresh snapshot, not `objects`: a filter created and reconciled while the writes
+    // above awaited is live, and must not be dropped from the routing table.
+    let objects = ctx.filters.state();
     let live: std::collections::HashSet<String> = objects.iter().filter_map(|f| f.uid()).collect();
     written.retain(|uid, _| live.contains(uid));
     if let Ok(mut state) = ctx.state.lock() {
@@ -324,12 +327,11 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
 }
 
 /// Drops what the operator keeps for subscriptions that no longer exist.
-fn forget_deleted(
-    ctx: &Context,
-    objects: &[Arc<WebhookSubscription>],
-    written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>,
-) {
-    let live: std::collections::HashSet<String> = objects.iter().filter_map(|w| w.uid()).collect();
+fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>) {
+    // A fresh snapshot: one taken before the status writes awaited would miss a subscription
+    // created and reconciled meanwhile, and "forget" it — its deliveries, queue and status
+    // gone until its next reconcile (CI caught this as a subscription that never got status).
+    let live: std::collections::HashSet<String> = ctx.subscriptions.state().iter().filter_map(|w| w.uid()).collect();
     written.retain(|uid, _| live.contains(uid));
     let gone: Vec<String> = match ctx.state.lock() {
         Ok(mut state) => {
