@@ -14,6 +14,13 @@ pub struct Tokens {
     tokens: Arc<RwLock<Vec<String>>>,
 }
 
+impl std::fmt::Debug for Tokens {
+    /// Never shows a token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({})", self.path.display())
+    }
+}
+
 impl Tokens {
     pub fn load(path: PathBuf) -> std::io::Result<Tokens> {
         let tokens = Tokens {
@@ -76,6 +83,11 @@ impl Tokens {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .is_some_and(|t| self.accepts(t))
+    }
+
+    /// Whether `presented` is one of the tokens (compared in constant time).
+    pub fn accepts_token(&self, presented: &str) -> bool {
+        self.accepts(presented)
     }
 
     fn accepts(&self, presented: &str) -> bool {

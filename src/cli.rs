@@ -108,6 +108,11 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_SMTP_TLS_CERT_FILE")]
     pub smtp_tls_cert_file: Option<std::path::PathBuf>,
 
+    /// File of tokens, one per line: when set, SMTP senders must STARTTLS and AUTH PLAIN
+    /// with one of them as the password (any user name).
+    #[arg(long, env = "MAILHOOK_SMTP_AUTH_TOKEN_FILE")]
+    pub smtp_auth_token_file: Option<std::path::PathBuf>,
+
     /// PEM private key of --smtp-tls-cert-file.
     #[arg(long, env = "MAILHOOK_SMTP_TLS_KEY_FILE")]
     pub smtp_tls_key_file: Option<std::path::PathBuf>,
@@ -311,6 +316,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_recipients: config.smtp_max_recipients,
             max_connections: config.smtp_max_connections,
             idle_timeout: config.smtp_idle_timeout,
+            auth: match (&config.smtp_auth_token_file, &config.smtp_tls_cert_file) {
+                (None, _) => None,
+                (Some(_), None) => {
+                    anyhow::bail!(
+                        "--smtp-auth-token-file needs --smtp-tls-cert-file: passwords never cross the wire unencrypted"
+                    )
+                }
+                (Some(path), Some(_)) => {
+                    let tokens = Tokens::load(path.clone())
+                        .map_err(|e| anyhow::anyhow!("cannot read SMTP tokens from {}: {e}", path.display()))?;
+                    tokens.clone().watch(std::time::Duration::from_secs(10));
+                    Some(tokens)
+                }
+            },
             tls: match (&config.smtp_tls_cert_file, &config.smtp_tls_key_file) {
                 (Some(cert), Some(key)) => Some(source::smtp::tls_config(cert, key)?),
                 (None, None) => None,

@@ -6,7 +6,9 @@
 //! under backpressure or too many recipients, `554 5.6.0` with the reason for mail that is
 //! neither a journal report nor a usable copy, `451 4.3.0` when the store fails, `500`
 //! for a command line longer than 512 bytes, `421` when busy, not ready or idle too long.
-//! STARTTLS (RFC 3207) is offered when a certificate is configured; AUTH is not offered yet.
+//! STARTTLS (RFC 3207) is offered when a certificate is configured. With a token file, AUTH
+//! PLAIN (RFC 4954) is offered after STARTTLS only, and MAIL needs it (`530`); the password
+//! must be one of the tokens (any user name), a wrong one gets `535`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,8 @@ pub struct SmtpConfig {
     pub idle_timeout: Duration,
     /// Offered as STARTTLS when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// When set, senders must AUTH PLAIN with one of these tokens as the password.
+    pub auth: Option<crate::auth::Tokens>,
 }
 
 /// Loads a PEM certificate chain and private key for STARTTLS (TLS 1.2 and 1.3 only).
@@ -114,6 +118,7 @@ struct Session {
     io: BufReader<Box<dyn Stream>>,
     idle: Duration,
     tls: bool,
+    authenticated: bool,
 }
 
 #[derive(Default)]
@@ -128,6 +133,7 @@ impl Session {
             io: BufReader::new(stream),
             idle: config.idle_timeout,
             tls: false,
+            authenticated: false,
         }
     }
 
@@ -211,8 +217,13 @@ impl Session {
                     } else {
                         ""
                     };
+                    let auth = if config.auth.is_some() && self.tls && !self.authenticated {
+                        "250-AUTH PLAIN\r\n"
+                    } else {
+                        ""
+                    };
                     let answer = format!(
-                        "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n{starttls}250 ENHANCEDSTATUSCODES",
+                        "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n{starttls}{auth}250 ENHANCEDSTATUSCODES",
                         config.hostname, config.max_message_bytes
                     );
                     self.reply(&answer).await?;
@@ -225,6 +236,9 @@ impl Session {
                 "MAIL" => {
                     if !greeted {
                         self.reply("503 5.5.1 Say EHLO first").await?;
+                    } else if config.auth.is_some() && !self.authenticated {
+                        self.reply("530 5.7.0 Authentication required (STARTTLS, then AUTH PLAIN)")
+                            .await?;
                     } else if tx.mail_from.is_some() {
                         self.reply("503 5.5.1 Nested MAIL command").await?;
                     } else if let Some(reason) = pipeline.overloaded() {
@@ -312,7 +326,39 @@ impl Session {
                     (Some(_), true) => self.reply("503 5.5.1 TLS already active").await?,
                     (None, _) => self.reply("502 5.5.1 STARTTLS not offered").await?,
                 },
-                "AUTH" => self.reply("502 5.5.1 AUTH not offered").await?,
+                "AUTH" => match &config.auth {
+                    None => self.reply("502 5.5.1 AUTH not offered").await?,
+                    Some(_) if !self.tls => self.reply("538 5.7.11 Encryption required: STARTTLS first").await?,
+                    Some(_) if self.authenticated => self.reply("503 5.5.1 Already authenticated").await?,
+                    Some(tokens) => {
+                        let (mechanism, initial) = arg.split_once(' ').unwrap_or((arg, ""));
+                        if !mechanism.eq_ignore_ascii_case("PLAIN") {
+                            self.reply("504 5.5.4 Only AUTH PLAIN is offered").await?;
+                            continue;
+                        }
+                        let response = if initial.is_empty() {
+                            self.reply("334 ").await?;
+                            match self.line(MAX_COMMAND_LINE).await? {
+                                Line::Text(t) => String::from_utf8_lossy(&t).trim().to_string(),
+                                Line::TooLong => String::new(),
+                                Line::Closed => return Ok(()),
+                            }
+                        } else {
+                            initial.trim().to_string()
+                        };
+                        if plain_password(&response).is_some_and(|p| tokens.accepts_token(&p)) {
+                            self.authenticated = true;
+                            self.reply("235 2.7.0 Authentication successful").await?;
+                        } else {
+                            pipeline
+                                .metrics
+                                .events_ingested
+                                .with_label_values(&["smtp", "rejected"])
+                                .inc();
+                            self.reply("535 5.7.8 Authentication credentials invalid").await?;
+                        }
+                    }
+                },
                 _ => self.reply("500 5.5.1 Command unrecognized").await?,
             }
         }
@@ -396,6 +442,15 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
     }
 }
 
+/// The password of an AUTH PLAIN response (`base64(authzid \0 authcid \0 password)`).
+fn plain_password(response: &str) -> Option<String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(response).ok()?;
+    let mut parts = bytes.split(|b| *b == 0);
+    let (_authz, _authc, password) = (parts.next()?, parts.next()?, parts.next()?);
+    String::from_utf8(password.to_vec()).ok()
+}
+
 /// `FROM:<path> [SIZE=n] [BODY=...]`: the reverse path (empty for bounces) or the reply.
 fn mail_from(arg: &str, max: usize) -> Result<String, &'static str> {
     let from = path(arg, "FROM:").ok_or("501 5.1.7 Bad sender address syntax")?;
@@ -429,6 +484,15 @@ fn path(arg: &str, prefix: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_plain_responses() {
+        use base64::Engine;
+        let encode = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(plain_password(&encode(b"\0relay\0secret")).as_deref(), Some("secret"));
+        assert_eq!(plain_password(&encode(b"no separators")), None);
+        assert_eq!(plain_password("not base64!"), None);
+    }
 
     #[test]
     fn paths_and_size_parameters() {

@@ -308,7 +308,7 @@ async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_ri
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn starttls_is_offered_with_a_certificate_and_mail_flows_over_it() {
+async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
     let ns = TestNamespace::new("smtp-tls").await;
     let dir = std::env::temp_dir().join(format!("mailhook-{}-tls", ns.name));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -341,6 +341,9 @@ async fn starttls_is_offered_with_a_certificate_and_mail_flows_over_it() {
     let receiver = Receiver::start(SECRET);
     let smtp = free_port();
     let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let tokens = dir.join("smtp-tokens");
+    std::fs::write(&tokens, "relay-secret\n").expect("tokens");
+    let token_arg = tokens.display().to_string();
     let operator = Operator::start_with(
         &ns,
         &[
@@ -352,14 +355,40 @@ async fn starttls_is_offered_with_a_certificate_and_mail_flows_over_it() {
             &cert_arg,
             "--smtp-tls-key-file",
             &key_arg,
+            "--smtp-auth-token-file",
+            &token_arg,
         ],
     );
     setup(&ns, &receiver.url("/hooks"));
     ready(&operator, &ns).await;
+    // Without AUTH, mail is refused; with a wrong password too.
+    let (ok, out) = swaks(smtp, &["--tls", "--from", "x@fabrikam.com", "--to", "erin@contoso.com"]);
+    assert!(!ok && out.contains("530 5.7.0"), "{out}");
     let (ok, out) = swaks(
         smtp,
         &[
             "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "relay",
+            "--auth-password",
+            "wrong",
+            "--to",
+            "erin@contoso.com",
+        ],
+    );
+    assert!(!ok && out.contains("535 5.7.8"), "{out}");
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "relay",
+            "--auth-password",
+            "relay-secret",
             "--from",
             "x@fabrikam.com",
             "--to",
@@ -371,7 +400,7 @@ async fn starttls_is_offered_with_a_certificate_and_mail_flows_over_it() {
         ],
     );
     assert!(
-        ok && out.contains("250-STARTTLS") && out.contains("TLS started"),
+        ok && out.contains("250-STARTTLS") && out.contains("TLS started") && out.contains("235 2.7.0"),
         "{out}"
     );
     assert!(out.contains("250 2.0.0 OK: recorded"), "{out}");
