@@ -372,10 +372,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     shutdown_signal().await;
     readiness.set_ready(false);
     let _ = stop_tx.send(true);
-    for c in controllers {
-        c.await?;
+    // Bounded: a controller stuck in a watch (e.g. every list refused with 403) must not
+    // keep the pod in Terminating until the kubelet's SIGKILL. Deliveries in flight are
+    // durable either way (a completion is committed before its slot frees).
+    let stopping = async {
+        for c in controllers {
+            c.await?;
+        }
+        admin.await??;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), stopping).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("parts still running 10 s after SIGTERM; exiting anyway"),
     }
-    admin.await??;
     info!("shut down");
     Ok(())
 }
