@@ -86,11 +86,7 @@ impl Tokens {
     }
 
     /// Whether `presented` is one of the tokens (compared in constant time).
-    pub fn accepts_token(&self, presented: &str) -> bool {
-        self.accepts(presented)
-    }
-
-    fn accepts(&self, presented: &str) -> bool {
+    pub fn accepts(&self, presented: &str) -> bool {
         let Ok(tokens) = self.tokens.read() else {
             return false;
         };

@@ -18,9 +18,9 @@
 use mail_parser::{Message, MessageParser, MimeHeaders};
 use sha2::{Digest, Sha256};
 
-use super::{direction, normalize_address};
+use super::{direction, is_internal, normalize_address};
 use crate::api::{Direction, EventType};
-use crate::event::{Attachment, MailboxEvent, Source, domain_of};
+use crate::event::{Attachment, MailboxEvent, Source};
 
 /// The SMTP envelope of one message.
 #[derive(Debug, Clone, Default)]
@@ -131,10 +131,6 @@ fn event_type(direction: Option<Direction>) -> EventType {
     }
 }
 
-fn is_internal(address: &str, internal: &[String]) -> bool {
-    domain_of(address).is_some_and(|d| internal.iter().any(|i| d == i || d.ends_with(&format!(".{i}"))))
-}
-
 /// The message's facts, shared by every event made from it.
 struct Facts {
     from: Option<String>,
@@ -146,6 +142,16 @@ struct Facts {
     size: u64,
     occurred_at: Option<jiff::Timestamp>,
     attachments: Vec<Attachment>,
+}
+
+impl Facts {
+    fn recipients(&self) -> impl Iterator<Item = &str> {
+        self.to.iter().chain(&self.cc).chain(&self.bcc).map(String::as_str)
+    }
+
+    fn direction(&self, internal: &[String]) -> Option<Direction> {
+        direction(self.from.as_deref(), self.recipients(), internal)
+    }
 }
 
 fn event(
@@ -239,23 +245,15 @@ fn journal_report(
         cc: env.cc,
         bcc: env.bcc,
     };
-    let recipients: Vec<&str> = facts
-        .to
-        .iter()
-        .chain(&facts.cc)
-        .chain(&facts.bcc)
-        .map(String::as_str)
-        .collect();
-    let dir = direction(Some(&from), recipients.iter().copied(), internal);
+    let dir = facts.direction(internal);
     let kind = event_type(dir);
     if kind != EventType::MessageReceived {
         // Sent on behalf of someone: the event belongs to that mailbox.
         let mailbox = env.on_behalf_of.unwrap_or(from);
         return Ok(vec![event(&facts, mailbox, kind, dir, now)]);
     }
-    let mut mailboxes: Vec<&str> = recipients
-        .iter()
-        .copied()
+    let mut mailboxes: Vec<&str> = facts
+        .recipients()
         .filter(|r| internal.is_empty() || is_internal(r, internal))
         .collect();
     mailboxes.sort_unstable();
@@ -301,14 +299,7 @@ fn plain_copy(
         occurred_at: occurred_at(message),
         attachments: attachments(message),
     };
-    let recipients: Vec<&str> = facts
-        .to
-        .iter()
-        .chain(&facts.cc)
-        .chain(&facts.bcc)
-        .map(String::as_str)
-        .collect();
-    let dir = direction(Some(&from), recipients.iter().copied(), internal);
+    let dir = facts.direction(internal);
     Ok(mailboxes
         .into_iter()
         .map(|mailbox| {

@@ -137,6 +137,11 @@ pub fn normalize_address(value: &str) -> Option<String> {
     ok.then(|| v.to_lowercase())
 }
 
+/// Whether `address` is in one of the `internal` domains or their subdomains.
+pub fn is_internal(address: &str, internal: &[String]) -> bool {
+    domain_of(address).is_some_and(|d| internal.iter().any(|i| d == i || d.ends_with(&format!(".{i}"))))
+}
+
 /// Direction from the internal domains: internal sender and recipients → internal,
 /// internal sender → outbound, otherwise inbound. None when nothing is configured.
 pub fn direction<'a>(
@@ -147,10 +152,8 @@ pub fn direction<'a>(
     if internal.is_empty() {
         return None;
     }
-    let is_internal =
-        |a: &str| domain_of(a).is_some_and(|d| internal.iter().any(|i| d == i || d.ends_with(&format!(".{i}"))));
-    let from_internal = from.is_some_and(is_internal);
-    let all_internal = recipients.into_iter().all(is_internal);
+    let from_internal = from.is_some_and(|a| is_internal(a, internal));
+    let all_internal = recipients.into_iter().all(|a| is_internal(a, internal));
     Some(match (from_internal, all_internal) {
         (true, true) => Direction::Internal,
         (true, false) => Direction::Outbound,

@@ -242,11 +242,7 @@ impl Session {
                     } else if tx.mail_from.is_some() {
                         self.reply("503 5.5.1 Nested MAIL command").await?;
                     } else if let Some(reason) = pipeline.overloaded() {
-                        pipeline
-                            .metrics
-                            .events_ingested
-                            .with_label_values(&["smtp", "throttled"])
-                            .inc();
+                        count(pipeline, "throttled");
                         self.reply(&format!(
                             "452 4.3.1 Insufficient system storage: {reason}; try again later"
                         ))
@@ -292,11 +288,7 @@ impl Session {
                     };
                     let answer = match body {
                         Err(size) => {
-                            pipeline
-                                .metrics
-                                .events_ingested
-                                .with_label_values(&["smtp", "rejected"])
-                                .inc();
+                            count(pipeline, "rejected");
                             format!(
                                 "552 5.3.4 Message too big ({size}+ bytes; at most {})",
                                 config.max_message_bytes
@@ -346,15 +338,11 @@ impl Session {
                         } else {
                             initial.trim().to_string()
                         };
-                        if plain_password(&response).is_some_and(|p| tokens.accepts_token(&p)) {
+                        if plain_password(&response).is_some_and(|p| tokens.accepts(&p)) {
                             self.authenticated = true;
                             self.reply("235 2.7.0 Authentication successful").await?;
                         } else {
-                            pipeline
-                                .metrics
-                                .events_ingested
-                                .with_label_values(&["smtp", "rejected"])
-                                .inc();
+                            count(pipeline, "rejected");
                             self.reply("535 5.7.8 Authentication credentials invalid").await?;
                         }
                     }
@@ -396,11 +384,7 @@ impl Session {
 /// large message and the durable write both block); the reply to send.
 async fn deliver(raw: Vec<u8>, envelope: Envelope, pipeline: Arc<Pipeline>) -> String {
     if let Some(reason) = pipeline.overloaded() {
-        pipeline
-            .metrics
-            .events_ingested
-            .with_label_values(&["smtp", "throttled"])
-            .inc();
+        count(&pipeline, "throttled");
         return format!("452 4.3.1 Insufficient system storage: {reason}; try again later");
     }
     tokio::task::spawn_blocking(move || record(&raw, &envelope, &pipeline))
@@ -415,11 +399,7 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
     let events = match journal::parse(raw, envelope, &pipeline.internal_domains, jiff::Timestamp::now()) {
         Ok(events) => events,
         Err(err) => {
-            pipeline
-                .metrics
-                .events_ingested
-                .with_label_values(&["smtp", "rejected"])
-                .inc();
+            count(pipeline, "rejected");
             info!(%err, size = raw.len(), "refused a message that is neither a journal report nor a usable copy");
             return format!("554 5.6.0 Cannot record this message: {err}");
         }
@@ -440,6 +420,15 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
             "451 4.3.0 Cannot store the message right now; try again later".into()
         }
     }
+}
+
+/// Counts a message outcome that the pipeline does not count itself (refusals).
+fn count(pipeline: &Pipeline, outcome: &str) {
+    pipeline
+        .metrics
+        .events_ingested
+        .with_label_values(&["smtp", outcome])
+        .inc();
 }
 
 /// The password of an AUTH PLAIN response (`base64(authzid \0 authcid \0 password)`).

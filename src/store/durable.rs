@@ -590,7 +590,13 @@ impl Store for DurableStore {
         let bytes = json(&attempt)?;
         let key = {
             let mut state = self.lock()?;
-            *state.attempts.entry(attempt.subscription.clone()).or_default() += 1;
+            // Per delivery: no key allocation once the subscription has a count.
+            match state.attempts.get_mut(&attempt.subscription) {
+                Some(n) => *n += 1,
+                None => {
+                    state.attempts.insert(attempt.subscription.clone(), 1);
+                }
+            }
             state.attempt_key(attempt.at)
         };
         self.send(vec![Op::PutAttempt(attempt.subscription, key, bytes)], false)
@@ -692,10 +698,12 @@ impl Store for DurableStore {
     }
 
     fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
-        self.flush()?;
         let mut ops = Vec::new();
         let mut purged = Purged::default();
         // Attempts: the expired ones plus any beyond the cap are the oldest `n` in the range.
+        // No flush first (it would cost a commit per subscription per round): attempts still
+        // queued are the newest, so at worst an expired one waits for the next round, and the
+        // trim runs after them in commit order.
         let expired = {
             let txn = self.db.begin_read().map_err(io)?;
             let table = txn.open_table(ATTEMPTS).map_err(io)?;

@@ -6,31 +6,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailhook::api::WebhookSubscription;
-use serde_json::{Value, json};
 
-use crate::support::{INGEST_TOKEN, Operator, Receiver, TestNamespace, eventually, kubectl_run};
+use crate::support::{
+    INGEST_TOKEN, Operator, Receiver, SIEM_SECRET, TestNamespace, apply_siem, eventually, siem, siem_event,
+};
 
-const SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
 const CONCURRENCY: usize = 8;
 
 fn setup(ns: &TestNamespace, url: &str, delivery: &str) {
-    let yaml = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SECRET}}}\n---\n\
-         apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: siem}}\nspec:\n  \
-         endpoint: {{url: '{url}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
-         eventTypes: [message.received]\n  delivery: {delivery}\n"
-    );
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
-    assert!(ok, "{err}");
-}
-
-fn event(id: &str) -> Value {
-    json!({"type": "message.received", "eventId": id, "mailbox": "alice@finance.example.com",
-           "from": "x@partner.org", "to": ["alice@finance.example.com"], "subject": "s"})
-}
-
-async fn whs(ns: &TestNamespace) -> WebhookSubscription {
-    ns.api::<WebhookSubscription>().get("siem").await.expect("get")
+    apply_siem(ns, url, &format!("  delivery: {delivery}\n"));
 }
 
 fn healthy(w: &WebhookSubscription) -> Option<String> {
@@ -45,7 +29,7 @@ fn healthy(w: &WebhookSubscription) -> Option<String> {
 async fn wait_routed(ns: &TestNamespace) {
     eventually(
         "siem Ready=True",
-        || whs(ns),
+        || siem(ns),
         |w| {
             w.status
                 .as_ref()
@@ -57,7 +41,7 @@ async fn wait_routed(ns: &TestNamespace) {
 
 /// POSTs one batch; the ids come back only if the operator answered 202.
 async fn post(client: &reqwest::Client, ingest: std::net::SocketAddr, ids: &[String]) -> bool {
-    let body: String = ids.iter().map(|id| format!("{}\n", event(id))).collect();
+    let body: String = ids.iter().map(|id| format!("{}\n", siem_event(id))).collect();
     let sent = client
         .post(format!("http://{ingest}/v1/events"))
         .bearer_auth(INGEST_TOKEN)
@@ -73,7 +57,7 @@ async fn post(client: &reqwest::Client, ingest: std::net::SocketAddr, ids: &[Str
 async fn every_acknowledged_event_survives_sigkill_under_load() {
     let ns = TestNamespace::new("crash").await;
     let store = std::env::temp_dir().join(format!("mailhook-store-{}", ns.name));
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     let mut operator = Operator::start_with(&ns, &["--store-dir", &store.display().to_string()]);
     setup(
         &ns,
@@ -160,7 +144,7 @@ async fn every_acknowledged_event_survives_sigkill_under_load() {
 async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     let ns = TestNamespace::new("outage").await;
     let store = std::env::temp_dir().join(format!("mailhook-store-{}", ns.name));
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(503).await;
     let mut operator = Operator::start_with(&ns, &["--store-dir", &store.display().to_string()]);
     setup(
@@ -176,7 +160,7 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     assert!(post(&client, operator.ingest, &first).await);
     eventually(
         "EndpointFailing, backlog 30",
-        || whs(&ns),
+        || siem(&ns),
         |w| healthy(w).as_deref() == Some("EndpointFailing") && w.status.as_ref().is_some_and(|s| s.backlog == 30),
     )
     .await;
@@ -188,7 +172,7 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     assert!(post(&client, operator.ingest, &second).await);
     let w = eventually(
         "backlog grows to 60",
-        || whs(&ns),
+        || siem(&ns),
         |w| w.status.as_ref().is_some_and(|s| s.backlog == 60),
     )
     .await;
@@ -198,7 +182,7 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     receiver.answer(200).await;
     eventually(
         "Healthy, backlog drained, 60 delivered",
-        || whs(&ns),
+        || siem(&ns),
         |w| {
             healthy(w).as_deref() == Some("EndpointHealthy")
                 && w.status.as_ref().is_some_and(|s| s.backlog == 0 && s.delivered == 60)
@@ -220,7 +204,7 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
 #[tokio::test]
 async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
     let ns = TestNamespace::new("backpressure").await;
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(503).await;
     let operator = Operator::start_with(&ns, &["--max-backlog", "10"]);
     setup(
@@ -241,18 +225,13 @@ async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
         .post(format!("http://{}/v1/events", operator.ingest))
         .bearer_auth(INGEST_TOKEN)
         .header("content-type", "application/json")
-        .body(event("bp-over").to_string())
+        .body(siem_event("bp-over").to_string())
         .send()
         .await
         .expect("request");
     assert_eq!(refused.status().as_u16(), 429);
     assert!(refused.headers().contains_key("retry-after"));
-    let metrics = reqwest::get(format!("http://{}/metrics", operator.admin))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = operator.metrics().await;
     assert!(
         metrics.contains(r#"mailhook_events_ingested_total{outcome="throttled",source="http"} 1"#),
         "{metrics}"
@@ -261,7 +240,7 @@ async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
     receiver.answer(200).await;
     eventually(
         "backlog drained",
-        || whs(&ns),
+        || siem(&ns),
         |w| w.status.as_ref().is_some_and(|s| s.backlog == 0 && s.delivered == 10),
     )
     .await;

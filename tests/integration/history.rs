@@ -6,32 +6,13 @@ use std::time::Duration;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use mailhook::api::WebhookSubscription;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::support::{Operator, Receiver, TestNamespace, eventually, kubectl_run};
+use crate::support::{
+    Operator, Receiver, SIEM_SECRET, TestNamespace, apply_siem, eventually, kubectl_run, siem, siem_event,
+};
 
-const SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
 const ADMIN_TOKEN: &str = "test-admin-token";
-
-fn setup(ns: &TestNamespace, url: &str, extra: &str) {
-    let yaml = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SECRET}}}\n---\n\
-         apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: siem}}\nspec:\n  \
-         endpoint: {{url: '{url}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
-         eventTypes: [message.received]\n{extra}"
-    );
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
-    assert!(ok, "{err}");
-}
-
-fn event(id: &str) -> Value {
-    json!({"type": "message.received", "eventId": id, "mailbox": "alice@finance.example.com",
-           "from": "x@partner.org", "to": ["alice@finance.example.com"], "subject": "s"})
-}
-
-async fn whs(ns: &TestNamespace) -> WebhookSubscription {
-    ns.api::<WebhookSubscription>().get("siem").await.expect("get")
-}
 
 fn token_file(ns: &TestNamespace, token: &str) -> String {
     let path = std::env::temp_dir().join(format!("mailhook-admin-token-{}-{}", ns.name, token.len()));
@@ -63,7 +44,7 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
     let ns = TestNamespace::new("replay").await;
     let store = std::env::temp_dir().join(format!("mailhook-store-{}", ns.name));
     let tokens = token_file(&ns, ADMIN_TOKEN);
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(500).await;
     let operator = Operator::start_with(
         &ns,
@@ -74,11 +55,11 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
             &tokens,
         ],
     );
-    setup(&ns, &receiver.url("/hooks"), "  delivery: {retrySchedule: [0s, 0s]}\n");
+    apply_siem(&ns, &receiver.url("/hooks"), "  delivery: {retrySchedule: [0s, 0s]}\n");
     operator.ready().await;
     eventually(
         "siem Ready",
-        || whs(&ns),
+        || siem(&ns),
         |w| {
             w.status
                 .as_ref()
@@ -86,9 +67,9 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
         },
     )
     .await;
-    let (status, body) = operator.ingest(&[event("dl-1"), event("dl-2")]).await;
+    let (status, body) = operator.ingest(&[siem_event("dl-1"), siem_event("dl-2")]).await;
     assert_eq!(status, 202, "{body}");
-    eventually("two dead letters on status", || whs(&ns), |w| counts(w) == (0, 2, 0)).await;
+    eventually("two dead letters on status", || siem(&ns), |w| counts(w) == (0, 2, 0)).await;
 
     let admin = format!("http://{}", operator.admin);
     let target = format!("{}/siem", ns.name);
@@ -126,7 +107,7 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
     );
     let (ok, _, err) = cli(&[&["attempts", target.as_str(), "--since", "yesterday"][..], &base[..]].concat());
     assert!(!ok && err.contains("400") && err.contains("RFC 3339"), "{err}");
-    assert_eq!(counts(&whs(&ns).await).1, 2);
+    assert_eq!(counts(&siem(&ns).await).1, 2);
 
     // The Kubernetes way: a new annotation value replays once; the outcome goes on status.
     receiver.answer(200).await;
@@ -144,7 +125,7 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
     assert!(ok, "{err}");
     let w = eventually(
         "replayed and delivered",
-        || whs(&ns),
+        || siem(&ns),
         |w| {
             counts(w) == (0, 0, 2)
                 && w.status
@@ -172,13 +153,13 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
 
     // A third event dies; the CLI replays it.
     receiver.answer(500).await;
-    assert_eq!(operator.ingest(&[event("dl-3")]).await.0, 202);
-    eventually("a new dead letter", || whs(&ns), |w| counts(w).1 == 1).await;
+    assert_eq!(operator.ingest(&[siem_event("dl-3")]).await.0, 202);
+    eventually("a new dead letter", || siem(&ns), |w| counts(w).1 == 1).await;
     receiver.answer(200).await;
     let (ok, out, err) = cli(&[&["replay", target.as_str(), "--since", "1h"][..], &base[..]].concat());
     assert!(ok, "{err}");
     assert!(out.contains("1 dead letter(s) queued"), "{out}");
-    eventually("all three delivered", || whs(&ns), |w| counts(w) == (0, 0, 3)).await;
+    eventually("all three delivered", || siem(&ns), |w| counts(w) == (0, 0, 3)).await;
 
     let got = receiver.deliveries().await;
     let mut ok_ids: Vec<String> = got
@@ -214,10 +195,10 @@ async fn the_history_api_is_off_without_a_token_file() {
 #[tokio::test]
 async fn undelivered_events_expire_by_max_event_age_then_go_by_dead_letter_retention() {
     let ns = TestNamespace::new("expiry").await;
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     let operator = Operator::start_with(&ns, &["--housekeeping-interval", "1s"]);
     // Paused: nothing is attempted, so only expiry can end the delivery.
-    setup(
+    apply_siem(
         &ns,
         &receiver.url("/hooks"),
         "  paused: true\n  delivery: {maxEventAge: 2s, deadLetterRetention: 8s}\n",
@@ -225,15 +206,15 @@ async fn undelivered_events_expire_by_max_event_age_then_go_by_dead_letter_reten
     operator.ready().await;
     eventually(
         "siem reconciled",
-        || whs(&ns),
+        || siem(&ns),
         |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty()),
     )
     .await;
-    assert_eq!(operator.ingest(&[event("old-1")]).await.0, 202);
-    eventually("expired to a dead letter", || whs(&ns), |w| counts(w) == (0, 1, 0)).await;
+    assert_eq!(operator.ingest(&[siem_event("old-1")]).await.0, 202);
+    eventually("expired to a dead letter", || siem(&ns), |w| counts(w) == (0, 1, 0)).await;
     eventually(
         "purged after deadLetterRetention",
-        || whs(&ns),
+        || siem(&ns),
         |w| counts(w) == (0, 0, 0),
     )
     .await;
@@ -242,12 +223,7 @@ async fn undelivered_events_expire_by_max_event_age_then_go_by_dead_letter_reten
         receiver.deliveries().await.is_empty(),
         "a paused subscription sends nothing"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", operator.admin))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = operator.metrics().await;
     assert!(
         metrics.contains(r#"mailhook_store_purged_total{kind="dead_letter"} 1"#),
         "{metrics}"

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::support::{Operator, Receiver, TestNamespace, eventually, free_port, kubectl_run, repo_path};
 
-const SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
+const SECRET: &str = crate::support::SIEM_SECRET;
 
 fn setup(ns: &TestNamespace, url: &str) {
     let yaml = format!(
@@ -295,12 +295,7 @@ async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_ri
         "4 from the report (once), erin, a/b/c (d refused), gina; nothing from bad input"
     );
     assert!(!received.iter().any(|j| j["data"]["mailbox"] == "frank@contoso.com"));
-    let metrics = reqwest::get(format!("http://{}/metrics", operator.admin))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = operator.metrics().await;
     assert!(
         metrics.contains(r#"mailhook_events_ingested_total{outcome="rejected",source="smtp"} 2"#),
         "{metrics}"

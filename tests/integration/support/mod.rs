@@ -284,6 +284,16 @@ impl Operator {
         panic!("operator not ready after 30s; its log:\n{}", self.log());
     }
 
+    /// The Prometheus exposition from the admin port.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body")
+    }
+
     /// POSTs an NDJSON batch to the ingest API; returns (status, body).
     pub async fn ingest(&self, events: &[serde_json::Value]) -> (u16, serde_json::Value) {
         let body: String = events.iter().map(|e| format!("{e}\n")).collect();
@@ -446,4 +456,34 @@ pub fn kubectl_run(args: &[&str], stdin: Option<&str>) -> (bool, String, String)
 /// The repository's root, for examples/ and charts/.
 pub fn repo_path(rel: &str) -> String {
     format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The signing secret of the `siem` fixture subscription.
+pub const SIEM_SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
+
+/// Applies Secret `signing` and WebhookSubscription `siem` (message.received to `url`);
+/// `spec_extra` holds further spec lines, indented two spaces.
+pub fn apply_siem(ns: &TestNamespace, url: &str, spec_extra: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SIEM_SECRET}}}\n---\n\
+         apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: siem}}\nspec:\n  \
+         endpoint: {{url: '{url}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+         eventTypes: [message.received]\n{spec_extra}"
+    );
+    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}");
+}
+
+/// An ingest event for the `siem` subscription, with producer id `id`.
+pub fn siem_event(id: &str) -> serde_json::Value {
+    serde_json::json!({"type": "message.received", "eventId": id, "mailbox": "alice@finance.example.com",
+           "from": "x@partner.org", "to": ["alice@finance.example.com"], "subject": "s"})
+}
+
+/// The `siem` subscription as it is now.
+pub async fn siem(ns: &TestNamespace) -> mailhook::api::WebhookSubscription {
+    ns.api::<mailhook::api::WebhookSubscription>()
+        .get("siem")
+        .await
+        .expect("get")
 }
