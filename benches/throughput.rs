@@ -104,6 +104,7 @@ async fn rig(subscriptions: usize) -> Rig {
                 mode: PayloadMode::Full,
                 redact: vec![],
                 pseudonym_key: vec![1; 16],
+                raw_links: None,
             },
             concurrency: if subscriptions == 1 {
                 std::env::var("BENCH_CONCURRENCY")
@@ -135,6 +136,7 @@ async fn rig(subscriptions: usize) -> Rig {
         internal_domains: vec![],
         matches: Arc::new(MatchCounters::default()),
         limits: Default::default(),
+        archive: false,
     });
     let readiness = Readiness::default();
     readiness.set_ready(true);

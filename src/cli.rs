@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::admin::client::{ListArgs, ReplayArgs};
 use crate::admin::{self, Readiness, history::History};
 use crate::api::parse_duration;
+use crate::archive;
 use crate::auth::Tokens;
 use crate::controller;
 use crate::delivery::{Deliveries, Housekeeping};
@@ -157,6 +158,22 @@ pub struct RunConfig {
     #[arg(long, env = "MAILHOOK_DEDUP_WINDOW", default_value = "24h", value_parser = duration_arg)]
     pub dedup_window: std::time::Duration,
 
+    /// How long raw journaled messages are archived for subscriptions that ask for links
+    /// to them (`payload.includeRawMessageLink`); `0s` turns the archive off.
+    #[arg(long, env = "MAILHOOK_RAW_MESSAGE_RETENTION", default_value = "168h", value_parser = duration_arg)]
+    pub raw_message_retention: std::time::Duration,
+
+    /// How long a raw message link in a delivery stays valid (each attempt gets a fresh
+    /// one).
+    #[arg(long, env = "MAILHOOK_RAW_MESSAGE_LINK_TTL", default_value = "1h", value_parser = duration_arg)]
+    pub raw_message_link_ttl: std::time::Duration,
+
+    /// Where receivers reach the operator's HTTP port (--http-addr), e.g.
+    /// `https://mailhook.example.com`; raw message links start with it. Defaults to
+    /// `http://` and the listening address, which suits only local runs.
+    #[arg(long, env = "MAILHOOK_PUBLIC_URL")]
+    pub public_url: Option<url::Url>,
+
     /// How often expiry (maxEventAge) and retention purges run.
     #[arg(long, env = "MAILHOOK_HOUSEKEEPING_INTERVAL", default_value = "30s", value_parser = duration_arg)]
     pub housekeeping_interval: std::time::Duration,
@@ -222,7 +239,36 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         attempt_retention: config.attempt_retention,
         max_attempts: config.max_attempts_per_subscription,
         dedup_window: config.dedup_window,
+        raw_message_retention: config.raw_message_retention,
     };
+    let raw_links = if config.raw_message_retention.is_zero() {
+        info!("--raw-message-retention is 0s: raw messages are not archived and deliveries carry no links to them");
+        None
+    } else {
+        let key = store
+            .secret(archive::KEY_NAME)
+            .map_err(|e| anyhow::anyhow!("cannot read the raw message link key from the store: {e}"))?;
+        let base = match &config.public_url {
+            Some(url) => url.to_string(),
+            None => {
+                let addr = listener.local_addr()?;
+                let host = if addr.ip().is_unspecified() {
+                    std::net::IpAddr::from([127, 0, 0, 1])
+                } else {
+                    addr.ip()
+                };
+                let base = format!("http://{}", std::net::SocketAddr::new(host, addr.port()));
+                info!(%base, "no --public-url: raw message links point at the local HTTP port");
+                base
+            }
+        };
+        Some(Arc::new(archive::RawLinks::new(
+            key,
+            &base,
+            config.raw_message_link_ttl,
+        )))
+    };
+    let archive_store = store.clone();
     let deliveries = Deliveries::start(config.shards, store, metrics.clone(), housekeeping);
     let router = Arc::new(Router::default());
     let matches = Arc::new(controller::MatchCounters::default());
@@ -248,7 +294,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     info!(addr = %listener.local_addr()?, "admin server listening");
     let admin = tokio::spawn(admin::serve(
         listener,
-        admin::router(metrics.clone(), readiness.clone(), history),
+        admin::router(
+            metrics.clone(),
+            readiness.clone(),
+            history,
+            raw_links.clone(),
+            archive_store,
+        ),
         stopped(),
     ));
 
@@ -259,6 +311,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         directory,
         pseudonym_secret: pseudonym_secret(config.pseudonym_key_file.as_deref())?,
+        raw_links: raw_links.clone(),
     };
 
     let pipeline = Arc::new(Pipeline {
@@ -275,6 +328,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_backlog: config.max_backlog,
             max_store_bytes: config.max_store_bytes,
         },
+        archive: raw_links.is_some(),
     });
 
     if let Some(addr) = config.ingest_addr {

@@ -105,6 +105,9 @@ pub struct MailboxEvent {
     /// Namespace of the filters that flagged it (compliance.flagged only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flag_namespace: Option<String>,
+    /// SHA-256 (hex) of the raw message archived with the event, if one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_message: Option<String>,
 }
 
 impl MailboxEvent {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod cli;
 pub mod controller;

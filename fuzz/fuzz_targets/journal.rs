@@ -23,9 +23,10 @@ fuzz_target!(
             rcpt_to: vec!["alice@contoso.com".into()],
         };
         let internal = vec!["contoso.com".to_string()];
-        if let Ok(events) = parse(data, &envelope, &internal, jiff::Timestamp::UNIX_EPOCH) {
-            for e in events {
+        if let Ok(journaled) = parse(data, &envelope, &internal, jiff::Timestamp::UNIX_EPOCH) {
+            for e in journaled.events {
                 assert!(!e.mailbox.is_empty());
+                assert_eq!(e.raw_message.as_deref(), Some(journaled.original.sha256.as_str()));
             }
         }
     }

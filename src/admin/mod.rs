@@ -16,7 +16,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::archive::RawLinks;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Whether the operator is ready to serve; shared by the parts that decide it.
 #[derive(Clone, Default)]
@@ -37,13 +39,23 @@ struct AdminState {
     readiness: Readiness,
 }
 
-pub fn router(metrics: Metrics, readiness: Readiness, history: history::History) -> Router {
-    Router::new()
+pub fn router(
+    metrics: Metrics,
+    readiness: Readiness,
+    history: history::History,
+    raw_links: Option<Arc<RawLinks>>,
+    store: Arc<dyn Store>,
+) -> Router {
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(AdminState { metrics, readiness })
-        .merge(history::router(history))
+        .merge(history::router(history));
+    match raw_links {
+        Some(links) => app.merge(crate::archive::router(links, store)),
+        None => app,
+    }
 }
 
 /// Serves until `shutdown` resolves.

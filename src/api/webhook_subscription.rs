@@ -158,6 +158,7 @@ pub enum PayloadMode {
 /// What each delivery carries.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.includeRawMessageLink) || !self.includeRawMessageLink || !has(self.mode) || self.mode == 'full'").message("payload.includeRawMessageLink needs payload.mode full: the raw message shows everything the metadata and anonymized modes hide"))]
 pub struct Payload {
     /// `full` (default), `metadata` or `anonymized`.
     #[serde(default)]
@@ -169,8 +170,9 @@ pub struct Payload {
     #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
     pub redact: Vec<String>,
 
-    /// Adds a time-limited signed URL to the archived raw message, where the operator
-    /// archived one.
+    /// Adds `data.rawMessage` (a time-limited signed URL to the archived raw message,
+    /// its SHA-256 and size) to events made from journaled mail. Needs mode `full`; the
+    /// operator keeps raw messages only for subscriptions that set this.
     #[serde(default)]
     pub include_raw_message_link: bool,
 }

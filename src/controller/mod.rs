@@ -162,6 +162,8 @@ pub struct Context {
     pub status_changed: Arc<tokio::sync::Notify>,
     /// Operator-wide secret from which each subscription's pseudonym key is derived.
     pub pseudonym_secret: Vec<u8>,
+    /// Signs raw message links; None when the archive is off.
+    pub raw_links: Option<Arc<crate::archive::RawLinks>>,
 }
 
 impl Context {
@@ -273,6 +275,7 @@ pub struct Wiring {
     pub metrics: Metrics,
     pub directory: Arc<Directory>,
     pub pseudonym_secret: Vec<u8>,
+    pub raw_links: Option<Arc<crate::archive::RawLinks>>,
 }
 
 /// Runs both controllers and the status writer over `namespace` (all namespaces when
@@ -307,6 +310,7 @@ pub async fn run(
         metrics: wiring.metrics,
         directory: wiring.directory,
         pseudonym_secret: wiring.pseudonym_secret,
+        raw_links: wiring.raw_links,
         state: Mutex::default(),
     });
 

@@ -363,6 +363,7 @@ fn delivery_config(
     uid: &str,
     valid: &ValidSubscription,
     pseudonym_secret: &[u8],
+    raw_links: Option<&Arc<crate::archive::RawLinks>>,
 ) -> Result<DeliveryConfig, Problem> {
     let client =
         client::build(valid.timeout, &valid.headers, whs.spec.endpoint.ca_bundle.as_deref()).map_err(|message| {
@@ -389,6 +390,7 @@ fn delivery_config(
             mode: spec.payload.mode,
             redact: spec.payload.redact.clone(),
             pseudonym_key: crate::delivery::signing::pseudonym(pseudonym_secret, uid).into_bytes(),
+            raw_links: raw_links.filter(|_| spec.payload.include_raw_message_link).cloned(),
         },
         concurrency: spec.delivery.concurrency,
         rate_limit_per_second: spec.delivery.rate_limit_per_second,
@@ -499,7 +501,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
 
     let mut outcome = validate(&whs.spec, &refs);
     let config = match &outcome {
-        Ok(valid) => match delivery_config(&whs, &uid, valid, &ctx.pseudonym_secret) {
+        Ok(valid) => match delivery_config(&whs, &uid, valid, &ctx.pseudonym_secret, ctx.raw_links.as_ref()) {
             Ok(c) => Some(c),
             Err(problem) => {
                 outcome = Err(vec![problem]);

@@ -75,6 +75,8 @@ pub struct Housekeeping {
     pub max_attempts: u64,
     /// How long a producer event id de-duplicates.
     pub dedup_window: Duration,
+    /// How long raw messages stay archived.
+    pub raw_message_retention: Duration,
 }
 
 impl Default for Housekeeping {
@@ -84,6 +86,7 @@ impl Default for Housekeeping {
             attempt_retention: Duration::from_secs(72 * 3600),
             max_attempts: 10_000,
             dedup_window: Duration::from_secs(24 * 3600),
+            raw_message_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -142,6 +145,12 @@ impl Deliveries {
         self.wake([uid]);
         self.health_changed.notify_one();
         Ok(n)
+    }
+
+    /// Whether the subscription's deliveries carry links to archived raw messages.
+    pub fn wants_raw_message(&self, uid: &str) -> bool {
+        self.subscription(uid)
+            .is_some_and(|s| s.config.payload.raw_links.is_some())
     }
 
     fn subscription(&self, uid: &str) -> Option<Arc<Subscription>> {
@@ -379,6 +388,8 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), Stor
     }
     let producers = store.purge_producer_ids(since(now, settings.dedup_window))?;
     purged.with_label_values(&["producer_id"]).inc_by(producers);
+    let raw = store.purge_raw_messages(since(now, settings.raw_message_retention))?;
+    purged.with_label_values(&["raw_message"]).inc_by(raw);
     Ok(())
 }
 

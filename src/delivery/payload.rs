@@ -1,10 +1,13 @@
 //! The JSON body of a delivery: `{"type", "timestamp", "data"}`, shaped by the
 //! subscription's payload mode and redactions.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::api::{Direction, EventType, PayloadMode};
+use crate::archive::{Link, RawLinks};
 use crate::event::{Attachment, Flag, MailboxEvent, domain_of};
 
 use super::signing::pseudonym;
@@ -18,6 +21,9 @@ pub struct PayloadConfig {
     /// Key for anonymized addresses; per subscription, so pseudonyms do not correlate
     /// across receivers.
     pub pseudonym_key: Vec<u8>,
+    /// Signs links to archived raw messages when the subscription asks for them
+    /// (`payload.includeRawMessageLink`).
+    pub raw_links: Option<Arc<RawLinks>>,
 }
 
 /// The delivery body: typed and borrowed from the event, so rendering costs one
@@ -51,6 +57,19 @@ struct Data<'a> {
     flagged_event_id: Option<&'a str>,
     #[serde(flatten)]
     view: View<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_message: Option<RawRef<'a>>,
+}
+
+/// Where to fetch the archived raw message, and how to check it is the one.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRef<'a> {
+    #[serde(flatten)]
+    link: Link,
+    sha256: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
 }
 
 /// What each payload mode shows of the people and the content.
@@ -172,6 +191,14 @@ pub fn render(event: &MailboxEvent, matched_filters: &[String], cfg: &PayloadCon
                 event.flagged_event_id.as_deref()
             },
             view,
+            raw_message: match (&cfg.raw_links, &event.raw_message) {
+                (Some(links), Some(sha256)) => Some(RawRef {
+                    link: links.link(sha256, jiff::Timestamp::now()),
+                    sha256,
+                    size: event.size,
+                }),
+                _ => None,
+            },
         },
     };
     if cfg.redact.is_empty() {
@@ -208,6 +235,7 @@ mod tests {
             mode,
             redact: vec![],
             pseudonym_key: b"key".to_vec(),
+            raw_links: None,
         }
     }
 

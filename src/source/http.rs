@@ -384,5 +384,6 @@ fn normalize(
         flags: vec![],
         flagged_event_id: None,
         flag_namespace: None,
+        raw_message: None,
     })
 }

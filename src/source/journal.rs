@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use super::{direction, is_internal, normalize_address};
 use crate::api::{Direction, EventType};
 use crate::event::{Attachment, MailboxEvent, Source};
+use crate::store::RawMessage;
 
 /// The SMTP envelope of one message.
 #[derive(Debug, Clone, Default)]
@@ -142,6 +143,8 @@ struct Facts {
     size: u64,
     occurred_at: Option<jiff::Timestamp>,
     attachments: Vec<Attachment>,
+    /// SHA-256 of the message as archived.
+    sha256: String,
 }
 
 impl Facts {
@@ -185,6 +188,7 @@ fn event(
         flags: vec![],
         flagged_event_id: None,
         flag_namespace: None,
+        raw_message: Some(facts.sha256.clone()),
     }
 }
 
@@ -194,13 +198,21 @@ fn occurred_at(message: &Message<'_>) -> Option<jiff::Timestamp> {
         .and_then(|d| jiff::Timestamp::from_second(d.to_timestamp()).ok())
 }
 
+/// The events made from one journaled message, and the message itself (for a journal
+/// report: the original it carries), which the events refer to by its SHA-256.
+#[derive(Debug)]
+pub struct Journaled {
+    pub events: Vec<MailboxEvent>,
+    pub original: RawMessage,
+}
+
 /// Turns one journaled message into events.
 pub fn parse(
     raw: &[u8],
     envelope: &Envelope,
     internal: &[String],
     now: jiff::Timestamp,
-) -> Result<Vec<MailboxEvent>, JournalError> {
+) -> Result<Journaled, JournalError> {
     // mail-parser 0.11 panics on some malformed multiparts (found by tests/fuzz; the
     // input is tests/fixtures/journal/fuzz-mail-parser-panic.eml): such mail is refused
     // like any other unusable message instead of failing the SMTP transaction with 451.
@@ -209,17 +221,13 @@ pub fn parse(
         if message.header_raw("X-MS-Journal-Report").is_some() {
             journal_report(&message, internal, now)
         } else {
-            plain_copy(&message, raw.len() as u64, envelope, internal, now)
+            plain_copy(&message, raw, envelope, internal, now)
         }
     }))
     .unwrap_or(Err(JournalError::ParserFailed))
 }
 
-fn journal_report(
-    report: &Message<'_>,
-    internal: &[String],
-    now: jiff::Timestamp,
-) -> Result<Vec<MailboxEvent>, JournalError> {
+fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestamp) -> Result<Journaled, JournalError> {
     let text = report.body_text(0).unwrap_or_default();
     let env = read_report(&text)?;
     let original_part = report
@@ -231,7 +239,9 @@ fn journal_report(
     if env.to.is_empty() && env.cc.is_empty() && env.bcc.is_empty() {
         return Err(JournalError::NoRecipients);
     }
+    let raw = RawMessage::new(original.raw_message().to_vec());
     let facts = Facts {
+        sha256: raw.sha256.clone(),
         from: Some(from.clone()),
         subject: original.subject().map(String::from).or(env.subject.clone()),
         message_id: env
@@ -250,7 +260,10 @@ fn journal_report(
     if kind != EventType::MessageReceived {
         // Sent on behalf of someone: the event belongs to that mailbox.
         let mailbox = env.on_behalf_of.unwrap_or(from);
-        return Ok(vec![event(&facts, mailbox, kind, dir, now)]);
+        return Ok(Journaled {
+            events: vec![event(&facts, mailbox, kind, dir, now)],
+            original: raw,
+        });
     }
     let mut mailboxes: Vec<&str> = facts
         .recipients()
@@ -258,19 +271,20 @@ fn journal_report(
         .collect();
     mailboxes.sort_unstable();
     mailboxes.dedup();
-    Ok(mailboxes
+    let events = mailboxes
         .into_iter()
         .map(|m| event(&facts, m.to_string(), kind, dir, now))
-        .collect())
+        .collect();
+    Ok(Journaled { events, original: raw })
 }
 
 fn plain_copy(
     message: &Message<'_>,
-    size: u64,
+    raw: &[u8],
     envelope: &Envelope,
     internal: &[String],
     now: jiff::Timestamp,
-) -> Result<Vec<MailboxEvent>, JournalError> {
+) -> Result<Journaled, JournalError> {
     let from = header_addresses(message.from())
         .into_iter()
         .next()
@@ -288,19 +302,21 @@ fn plain_copy(
         .filter(|m| !to.contains(m) && !cc.contains(m) && **m != from)
         .cloned()
         .collect();
+    let raw = RawMessage::new(raw.to_vec());
     let facts = Facts {
+        sha256: raw.sha256.clone(),
         from: Some(from.clone()),
         to,
         cc,
         bcc,
         subject: message.subject().map(String::from),
         message_id: message.message_id().map(|id| format!("<{id}>")),
-        size,
+        size: raw.bytes.len() as u64,
         occurred_at: occurred_at(message),
         attachments: attachments(message),
     };
     let dir = facts.direction(internal);
-    Ok(mailboxes
+    let events = mailboxes
         .into_iter()
         .map(|mailbox| {
             // The sender's own copy is a sent message whatever the domains say.
@@ -311,7 +327,8 @@ fn plain_copy(
             };
             event(&facts, mailbox, kind, dir, now)
         })
-        .collect())
+        .collect();
+    Ok(Journaled { events, original: raw })
 }
 
 #[cfg(test)]
@@ -335,7 +352,7 @@ mod tests {
             mail_from: Some("journal@contoso.com".into()),
             rcpt_to: vec!["archive@journal.example.net".into()],
         };
-        parse(&fixture(name), &envelope, &internal(), now())
+        parse(&fixture(name), &envelope, &internal(), now()).map(|j| j.events)
     }
 
     #[test]
@@ -402,7 +419,13 @@ mod tests {
             rcpt_to: vec!["Alice@Contoso.com".into()],
         };
         let raw = b"From: Partner <x@fabrikam.com>\r\nTo: alice@contoso.com\r\nSubject: hi\r\nMessage-ID: <p1@fabrikam.com>\r\n\r\nhello\r\n";
-        let events = parse(raw, &envelope, &internal(), now()).expect("parse");
+        let journaled = parse(raw, &envelope, &internal(), now()).expect("parse");
+        assert_eq!(journaled.original.bytes, raw, "a plain copy is archived whole");
+        let events = journaled.events;
+        assert_eq!(
+            events[0].raw_message.as_deref(),
+            Some(journaled.original.sha256.as_str())
+        );
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].mailbox, "alice@contoso.com");
         assert_eq!(events[0].event_type, EventType::MessageReceived);
@@ -414,12 +437,12 @@ mod tests {
     fn broken_reports_are_refused_with_a_reason() {
         assert_eq!(journal("report-without-original.eml"), Err(JournalError::NoOriginal));
         let raw = b"X-MS-Journal-Report:\r\nContent-Type: text/plain\r\n\r\nSubject: x\r\n";
-        let e = parse(raw, &Envelope::default(), &internal(), now());
+        let e = parse(raw, &Envelope::default(), &internal(), now()).map(|j| j.events);
         assert!(
             matches!(e, Err(JournalError::NoOriginal | JournalError::NoSender)),
             "{e:?}"
         );
-        let no_rcpt = parse(b"From: a@b.com\r\n\r\nx", &Envelope::default(), &internal(), now());
+        let no_rcpt = parse(b"From: a@b.com\r\n\r\nx", &Envelope::default(), &internal(), now()).map(|j| j.events);
         assert_eq!(no_rcpt, Err(JournalError::NoRecipients));
     }
 

@@ -13,7 +13,7 @@ use crate::delivery::Deliveries;
 use crate::event::{MailboxEvent, domain_of};
 use crate::metrics::Metrics;
 use crate::route::Router;
-use crate::store::{Appended, Ingest, StoreError};
+use crate::store::{Appended, Ingest, RawMessage, StoreError};
 
 /// Store → route → enqueue, shared by every source.
 pub struct Pipeline {
@@ -25,6 +25,9 @@ pub struct Pipeline {
     /// Per-filter match counters, read by the status writer.
     pub matches: Arc<crate::controller::MatchCounters>,
     pub limits: Limits,
+    /// Whether raw messages are archived for subscriptions that ask for links to them
+    /// (`--raw-message-retention` above zero).
+    pub archive: bool,
 }
 
 /// When sources refuse new events instead of letting the backlog or the disk grow.
@@ -63,6 +66,22 @@ impl Pipeline {
     /// Routes `events`, then stores them with their deliveries in one durable write, then
     /// wakes the shards. Blocks until the write is durable: call it off the async runtime.
     pub fn accept(&self, events: Vec<MailboxEvent>) -> Result<Vec<Appended>, StoreError> {
+        self.accept_archived(events, None)
+    }
+
+    /// As `accept`, for events made from one raw message (they refer to it by its
+    /// SHA-256): the message is archived in the same write when a subscription that gets
+    /// one of the events asks for raw message links, and otherwise not kept at all.
+    pub fn accept_archived(
+        &self,
+        mut events: Vec<MailboxEvent>,
+        raw: Option<RawMessage>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        if raw.is_none() || !self.archive {
+            for e in &mut events {
+                e.raw_message = None;
+            }
+        }
         let table = self.router.current();
         let mut items = Vec::with_capacity(events.len());
         // Per source event: its index in `items`, the filters it matched, whether anyone gets it.
@@ -95,7 +114,18 @@ impl Pipeline {
             .into_iter()
             .map(String::from)
             .collect();
-        let stored = self.deliveries.store().ingest(items)?;
+        let wanted = raw.filter(|_| {
+            items
+                .iter()
+                .flat_map(|i| &i.deliveries)
+                .any(|d| self.deliveries.wants_raw_message(&d.subscription))
+        });
+        if wanted.is_none() {
+            for item in &mut items {
+                item.event.raw_message = None;
+            }
+        }
+        let stored = self.deliveries.store().ingest_archived(items, wanted)?;
 
         let mut answers = Vec::with_capacity(routing.len());
         for (index, matched, any, source, at) in routing {

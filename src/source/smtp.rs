@@ -396,8 +396,8 @@ async fn deliver(raw: Vec<u8>, envelope: Envelope, pipeline: Arc<Pipeline>) -> S
 }
 
 fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
-    let events = match journal::parse(raw, envelope, &pipeline.internal_domains, jiff::Timestamp::now()) {
-        Ok(events) => events,
+    let (events, original) = match journal::parse(raw, envelope, &pipeline.internal_domains, jiff::Timestamp::now()) {
+        Ok(j) => (j.events, j.original),
         Err(err) => {
             count(pipeline, "rejected");
             info!(%err, size = raw.len(), "refused a message that is neither a journal report nor a usable copy");
@@ -408,7 +408,7 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
         return "250 2.0.0 OK: no internal mailbox involved; nothing recorded".into();
     }
     let n = events.len();
-    match pipeline.accept(events) {
+    match pipeline.accept_archived(events, Some(original)) {
         Ok(stored) => {
             let duplicates = stored.iter().filter(|s| s.duplicate).count();
             info!(events = n, duplicates, "journaled message recorded");

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::queue::{Dead, Queues};
 use super::{
-    Appended, Attempt, DeadLetter, Durable, Ingest, PendingDelivery, Purged, QueueCounts, Retention, Store, StoreError,
+    Appended, Attempt, DeadLetter, Durable, Ingest, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store,
+    StoreError,
 };
 use crate::event::MailboxEvent;
 
@@ -32,6 +33,10 @@ const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// (subscription, unix nanoseconds) → attempt: one subscription's log is one key range,
 /// in time order.
 const ATTEMPTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("attempts");
+/// Raw message SHA-256 (hex) → (unix seconds archived, message bytes).
+const RAW: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("raw_messages");
+/// Secrets kept with the data (name → 32 bytes).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Most writes one transaction takes; keeps a commit's latency bounded under load.
 const MAX_JOBS_PER_COMMIT: usize = 4096;
@@ -99,6 +104,8 @@ enum Op {
     /// Deletes the subscription's oldest `n` attempts.
     TrimAttempts(String, u64),
     DeleteAttemptsOf(String),
+    PutRaw(String, i64, Vec<u8>),
+    DeleteRaw(String),
 }
 
 /// Who hears that a job's commit finished.
@@ -245,6 +252,8 @@ impl DurableStore {
             txn.open_table(PENDING).map_err(io)?;
             txn.open_table(DEAD).map_err(io)?;
             txn.open_table(ATTEMPTS).map_err(io)?;
+            txn.open_table(RAW).map_err(io)?;
+            txn.open_table(META).map_err(io)?;
             txn.commit().map_err(io)?;
         }
         let state = load(&db)?;
@@ -415,6 +424,7 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
         let mut pending = txn.open_table(PENDING).map_err(io)?;
         let mut dead = txn.open_table(DEAD).map_err(io)?;
         let mut attempts = txn.open_table(ATTEMPTS).map_err(io)?;
+        let mut raw = txn.open_table(RAW).map_err(io)?;
         for op in jobs.iter().flat_map(|j| &j.ops) {
             match op {
                 Op::PutEvent(id, bytes) => {
@@ -463,6 +473,12 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
                     let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
                     attempts.retain_in(range, |_, _| false).map_err(io)?;
                 }
+                Op::PutRaw(sha256, at, bytes) => {
+                    raw.insert(sha256.as_str(), (*at, bytes.as_slice())).map_err(io)?;
+                }
+                Op::DeleteRaw(sha256) => {
+                    raw.remove(sha256.as_str()).map_err(io)?;
+                }
             }
         }
     }
@@ -470,8 +486,9 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
 }
 
 impl Store for DurableStore {
-    fn ingest(&self, items: Vec<Ingest>) -> Result<Vec<Appended>, StoreError> {
+    fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
         let mut ops = Vec::new();
+        let mut archive = false;
         let mut out = Vec::with_capacity(items.len());
         let mut queued = Vec::new();
         let mut cached = Vec::new();
@@ -498,6 +515,7 @@ impl Store for DurableStore {
                 // An event nobody subscribed to is done at once: nothing to keep but its
                 // producer id.
                 if !item.deliveries.is_empty() {
+                    archive |= item.event.raw_message.is_some();
                     ops.push(Op::PutEvent(id.clone(), json(&item.event)?));
                     cached.push(Arc::new(item.event));
                 }
@@ -508,6 +526,9 @@ impl Store for DurableStore {
                 }
                 out.push(Appended { id, duplicate: false });
             }
+        }
+        if let Some(raw) = raw.filter(|_| archive) {
+            ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
         if let Err(err) = self.send(ops, true) {
             if let Ok(mut state) = self.lock() {
@@ -529,6 +550,60 @@ impl Store for DurableStore {
             state.queues.restore(d);
         }
         Ok(out)
+    }
+
+    fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(RAW).map_err(io)?;
+        Ok(table.get(sha256).map_err(io)?.map(|v| {
+            let (at, bytes) = v.value();
+            (
+                jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+                bytes.to_vec(),
+            )
+        }))
+    }
+
+    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        let old: Vec<String> = {
+            let txn = self.db.begin_read().map_err(io)?;
+            let table = txn.open_table(RAW).map_err(io)?;
+            let mut old = Vec::new();
+            for row in table.iter().map_err(io)? {
+                let (key, value) = row.map_err(io)?;
+                if value.value().0 < before.as_second() {
+                    old.push(key.value().to_string());
+                }
+            }
+            old
+        };
+        let n = old.len() as u64;
+        if n > 0 {
+            self.send(old.into_iter().map(Op::DeleteRaw).collect(), true)?;
+        }
+        Ok(n)
+    }
+
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        let key = {
+            let mut table = txn.open_table(META).map_err(io)?;
+            let existing = table
+                .get(name)
+                .map_err(io)?
+                .and_then(|v| <[u8; 32]>::try_from(v.value()).ok());
+            match existing {
+                Some(key) => key,
+                None => {
+                    let key = crate::auth::random_bytes();
+                    table.insert(name, key.as_slice()).map_err(io)?;
+                    key
+                }
+            }
+        };
+        txn.commit().map_err(io)?;
+        Ok(key)
     }
 
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
@@ -826,8 +901,9 @@ mod tests {
     #[test]
     fn survives_a_reopen_with_in_flight_deliveries_waiting_again() {
         let dir = std::env::temp_dir().join(format!("mailhook-store-test-{}", uuid::Uuid::now_v7().simple()));
-        {
+        let key = {
             let s = DurableStore::open(&dir).expect("open");
+            let key = s.secret("links").expect("secret");
             s.ingest(vec![Ingest {
                 event: conformance::event("evt_1", Some("p-1")),
                 deliveries: vec![
@@ -842,8 +918,14 @@ mod tests {
             s.dead_letter(dead.remove(0), "gave up".into()).expect("dead letter");
             // A later write waits for the ones queued before it.
             s.ingest(vec![]).expect("flush");
-        }
+            key
+        };
         let s = DurableStore::open(&dir).expect("reopen");
+        assert_eq!(
+            s.secret("links").expect("secret"),
+            key,
+            "links signed before a restart stay valid"
+        );
         assert_eq!(
             s.counts("sub"),
             QueueCounts {

@@ -47,6 +47,23 @@ pub struct Ingest {
     pub deliveries: Vec<PendingDelivery>,
 }
 
+/// A raw message kept beside the events made from it, under its SHA-256 (hex): the same
+/// message journaled twice is kept once.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub sha256: String,
+    pub bytes: Vec<u8>,
+}
+
+impl RawMessage {
+    pub fn new(bytes: Vec<u8>) -> RawMessage {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(&bytes);
+        let sha256 = digest.iter().map(|b| format!("{b:02x}")).collect();
+        RawMessage { sha256, bytes }
+    }
+}
+
 /// What `append` did with one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
@@ -136,7 +153,19 @@ pub struct Purged {
 pub trait Store: Send + Sync + 'static {
     /// Stores events with their deliveries, atomically and durably before it returns;
     /// an event whose producer id was seen before is skipped, deliveries and all.
-    fn ingest(&self, items: Vec<Ingest>) -> Result<Vec<Appended>, StoreError>;
+    fn ingest(&self, items: Vec<Ingest>) -> Result<Vec<Appended>, StoreError> {
+        self.ingest_archived(items, None)
+    }
+    /// As `ingest`, archiving `raw` in the same write when a stored event refers to it
+    /// (`MailboxEvent::raw_message`).
+    fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError>;
+    /// An archived raw message by its SHA-256, with when it was archived.
+    fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError>;
+    /// Deletes raw messages archived before `before`; returns how many.
+    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
+    /// A 32-byte secret kept with the data (created on first use), so what it signs stays
+    /// valid across restarts and dies with the store.
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError>;
     /// Takes up to `max` deliveries of `subscription` that are due at `now` and marks
     /// them in flight. With `ordered`, a key with a delivery in flight or not yet due
@@ -244,6 +273,8 @@ pub(crate) mod conformance {
         attempts_are_logged_newest_first_and_purged_by_age_and_count(make().as_ref());
         waiting_deliveries_past_their_age_become_dead_letters(make().as_ref());
         producer_ids_expire(make().as_ref());
+        raw_messages_are_archived_with_their_events_only_and_purged_by_age(make().as_ref());
+        secrets_are_created_once(make().as_ref());
     }
 
     fn attempt(at_s: i64, n: u32) -> Attempt {
@@ -354,6 +385,34 @@ pub(crate) mod conformance {
             }
         );
         assert_eq!(s.dead_letters("sub", at(0), 10).expect("list")[0].event_id, "old");
+    }
+
+    fn raw_messages_are_archived_with_their_events_only_and_purged_by_age(s: &dyn Store) {
+        let raw = RawMessage::new(b"From: a@b.c\r\n\r\nhello\r\n".to_vec());
+        let with_raw = |id: &str, deliveries: Vec<PendingDelivery>| {
+            let mut e = event(id, None);
+            e.raw_message = Some(raw.sha256.clone());
+            Ingest { event: e, deliveries }
+        };
+        // Nobody gets the event: nothing is kept, raw message included.
+        s.ingest_archived(vec![with_raw("e0", vec![])], Some(raw.clone()))
+            .expect("ingest");
+        assert_eq!(s.raw_message(&raw.sha256).expect("read"), None);
+        s.ingest_archived(vec![with_raw("e1", vec![pending("e1", None, 0)])], Some(raw.clone()))
+            .expect("ingest");
+        let (at, bytes) = s.raw_message(&raw.sha256).expect("read").expect("archived");
+        assert_eq!(bytes, raw.bytes);
+        assert_eq!(s.purge_raw_messages(at).expect("purge"), 0, "not older than itself");
+        let later = at.checked_add(jiff::SignedDuration::from_secs(1)).expect("time");
+        assert_eq!(s.purge_raw_messages(later).expect("purge"), 1);
+        assert_eq!(s.raw_message(&raw.sha256).expect("read"), None);
+    }
+
+    fn secrets_are_created_once(s: &dyn Store) {
+        let a = s.secret("links").expect("secret");
+        assert_eq!(s.secret("links").expect("secret"), a);
+        assert_ne!(s.secret("other").expect("secret"), a);
+        assert_ne!(a, [0; 32]);
     }
 
     fn producer_ids_expire(s: &dyn Store) {

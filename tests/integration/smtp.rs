@@ -599,3 +599,149 @@ impl Drop for Postfix {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A journal report (Exchange envelope format) whose original carries one attachment of
+/// `attachment` bytes.
+fn report_with_attachment(message_id: &str, attachment: &[u8]) -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(attachment);
+    let lines: Vec<&str> = encoded
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ascii"))
+        .collect();
+    format!(
+        "From: Microsoft Outlook <journal@contoso.com>\r\nTo: archive@journal.example.net\r\n\
+         Subject: journal report\r\nMessage-ID: <report-{message_id}>\r\nX-MS-Journal-Report:\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"jb\"\r\n\r\n\
+         --jb\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
+         Sender: designer@fabrikam.com\r\nSubject: =?utf-8?q?Gro=C3=9Fe_Pl=C3=A4ne?=\r\nMessage-Id: <{message_id}>\r\n\
+         To: alice@contoso.com\r\nBcc: carol@contoso.com\r\n\r\n\
+         --jb\r\nContent-Type: message/rfc822\r\n\r\n\
+         From: Designer <designer@fabrikam.com>\r\nTo: alice@contoso.com\r\n\
+         Subject: =?utf-8?q?Gro=C3=9Fe_Pl=C3=A4ne?=\r\nMessage-ID: <{message_id}>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"ob\"\r\n\r\n\
+         --ob\r\nContent-Type: text/plain\r\n\r\nThe plans, attached.\r\n\
+         --ob\r\nContent-Type: application/octet-stream; name=\"plans.cad\"\r\n\
+         Content-Disposition: attachment; filename=\"plans.cad\"\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+         {}\r\n--ob--\r\n\r\n--jb--\r\n",
+        lines.join("\r\n")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when_altered_or_expired() {
+    let ns = TestNamespace::new("smtp-raw").await;
+    let plain = Receiver::start(SECRET);
+    let linked = Receiver::start(SECRET);
+    let smtp = free_port();
+    let operator = Operator::start_with(
+        &ns,
+        &[
+            "--smtp-addr",
+            &smtp.to_string(),
+            "--internal-domains",
+            "contoso.com",
+            "--raw-message-link-ttl",
+            "4s",
+        ],
+    );
+    setup(&ns, &plain.url("/hooks"));
+    let yaml = format!(
+        "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: with-raw}}\nspec:\n  \
+         endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+         eventTypes: [message.received]\n  payload: {{includeRawMessageLink: true}}\n",
+        linked.url("/hooks")
+    );
+    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}");
+    // The raw message shows what metadata and anonymized modes hide: refused together.
+    let refused = yaml.replace("with-raw", "leaky").replace(
+        "{includeRawMessageLink: true}",
+        "{includeRawMessageLink: true, mode: metadata}",
+    );
+    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&refused));
+    assert!(
+        !ok && err.contains("payload.includeRawMessageLink needs payload.mode full"),
+        "{err}"
+    );
+    ready(&operator, &ns).await;
+
+    // 4 MiB of attachment, not compressible, so the message is about 5.4 MB on the wire.
+    let attachment: Vec<u8> = (0u32..4 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = std::env::temp_dir().join(format!("mailhook-{}-large.eml", ns.name));
+    std::fs::write(&file, report_with_attachment("large-1@fabrikam.com", &attachment)).expect("write");
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "journal@contoso.com",
+            "--to",
+            "archive@journal.example.net",
+            "--data",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert!(ok && out.contains("250 2.0.0 OK: recorded"), "{out}");
+    let _ = std::fs::remove_file(&file);
+
+    let got = eventually(
+        "both subscriptions got the large message",
+        || async { (plain.deliveries().await, linked.deliveries().await) },
+        |(p, l)| delivered(p, "message.received").len() == 2 && delivered(l, "message.received").len() == 2,
+    )
+    .await;
+    for e in delivered(&got.0, "message.received") {
+        assert!(e["data"].get("rawMessage").is_none(), "no link unless asked: {e}");
+    }
+    let events = delivered(&got.1, "message.received");
+    let data = &events[0]["data"];
+    assert_eq!(data["subject"], "Große Pläne");
+    assert_eq!(data["attachments"][0]["name"], "plans.cad");
+    assert_eq!(data["attachments"][0]["size"], attachment.len());
+    assert_eq!(data["attachments"][0]["sha256"], sha256_hex(&attachment));
+    let raw = &data["rawMessage"];
+    let url = raw["url"].as_str().expect("rawMessage.url");
+    assert_eq!(
+        raw["sha256"], events[1]["data"]["rawMessage"]["sha256"],
+        "one archive per message"
+    );
+
+    let http = reqwest::Client::new();
+    let response = http.get(url).send().await.expect("fetch raw");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "message/rfc822");
+    let body = response.bytes().await.expect("body");
+    assert_eq!(
+        raw["sha256"],
+        sha256_hex(&body),
+        "the bytes are the ones the link names"
+    );
+    assert_eq!(raw["size"], body.len(), "{raw}");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.starts_with("From: Designer <designer@fabrikam.com>")
+            && text.contains("Message-ID: <large-1@fabrikam.com>"),
+        "the archive holds the original message, not the report"
+    );
+
+    // Altered in any part: refused without a byte of the message.
+    let altered = [
+        url.replace("signature=", "signature=A"),
+        url.replace("expires=", "expires=9"),
+        url.replacen(raw["sha256"].as_str().expect("sha"), &"0".repeat(64), 1),
+        url.split('?').next().expect("path").to_string(),
+    ];
+    for bad in &altered {
+        let r = http.get(bad).send().await.expect("fetch altered");
+        assert_eq!(r.status(), 403, "{bad}");
+    }
+    // Expired: 410 once the link's time is up.
+    let expires: jiff::Timestamp = raw["expiresAt"].as_str().expect("expiresAt").parse().expect("time");
+    let wait = expires.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 1.0;
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    let r = http.get(url).send().await.expect("fetch expired");
+    assert_eq!(r.status(), 410);
+}

@@ -1,0 +1,231 @@
+//! The raw message archive's door: time-limited signed links to archived raw messages,
+//! `{base}/v1/raw-messages/{sha256}?expires={unix s}&signature={base64url HMAC-SHA256}`,
+//! served on the operator's HTTP (admin) port. The link is the credential: it needs no
+//! token, so a receiver can fetch the message it was told about, and nothing else, until
+//! the link expires. The key lives in the store, so links survive a restart and die with
+//! the data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::store::Store;
+
+/// Name of the link key in the store.
+pub const KEY_NAME: &str = "raw-message-links";
+
+/// Signs and checks raw message links.
+pub struct RawLinks {
+    key: [u8; 32],
+    /// Where receivers reach the operator's HTTP port, without a trailing slash.
+    base: String,
+    ttl: Duration,
+}
+
+/// A link as a delivery carries it (`data.rawMessage`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Link {
+    pub url: String,
+    pub expires_at: jiff::Timestamp,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("the link was not signed by this operator or was altered")]
+    BadSignature,
+    #[error("the link expired at {0}; the next delivery attempt or a replay carries a fresh one")]
+    Expired(jiff::Timestamp),
+}
+
+impl std::fmt::Debug for RawLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawLinks")
+            .field("base", &self.base)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawLinks {
+    pub fn new(key: [u8; 32], base: &str, ttl: Duration) -> RawLinks {
+        RawLinks {
+            key,
+            base: base.trim_end_matches('/').to_string(),
+            ttl,
+        }
+    }
+
+    fn mac(&self, sha256: &str, expires: i64) -> Hmac<Sha256> {
+        // A 32-byte key always fits HMAC.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        mac.update(b"mailhook raw message\n");
+        mac.update(sha256.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        mac
+    }
+
+    /// A link to the raw message `sha256`, valid from `now` for the configured time.
+    pub fn link(&self, sha256: &str, now: jiff::Timestamp) -> Link {
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let expires = now.as_second().saturating_add(ttl);
+        let signature = URL_SAFE_NO_PAD.encode(self.mac(sha256, expires).finalize().into_bytes());
+        Link {
+            url: format!(
+                "{}/v1/raw-messages/{sha256}?expires={expires}&signature={signature}",
+                self.base
+            ),
+            expires_at: jiff::Timestamp::from_second(expires).unwrap_or(jiff::Timestamp::MAX),
+        }
+    }
+
+    /// Whether a presented link is one this operator made and still valid. The signature
+    /// is checked first and in constant time: an altered expiry is a bad signature.
+    pub fn verify(&self, sha256: &str, expires: &str, signature: &str, now: jiff::Timestamp) -> Result<(), LinkError> {
+        let expires: i64 = expires.parse().map_err(|_| LinkError::BadSignature)?;
+        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| LinkError::BadSignature)?;
+        self.mac(sha256, expires)
+            .verify_slice(&signature)
+            .map_err(|_| LinkError::BadSignature)?;
+        if now.as_second() >= expires {
+            return Err(LinkError::Expired(
+                jiff::Timestamp::from_second(expires).unwrap_or(jiff::Timestamp::MAX),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct ArchiveState {
+    links: Arc<RawLinks>,
+    store: Arc<dyn Store>,
+}
+
+#[derive(Deserialize)]
+struct LinkQuery {
+    #[serde(default)]
+    expires: String,
+    #[serde(default)]
+    signature: String,
+}
+
+pub fn router(links: Arc<RawLinks>, store: Arc<dyn Store>) -> Router {
+    Router::new()
+        .route("/v1/raw-messages/{sha256}", get(raw_message))
+        .with_state(ArchiveState { links, store })
+}
+
+fn refuse(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn raw_message(
+    State(state): State<ArchiveState>,
+    Path(sha256): Path<String>,
+    Query(q): Query<LinkQuery>,
+) -> Response {
+    match state
+        .links
+        .verify(&sha256, &q.expires, &q.signature, jiff::Timestamp::now())
+    {
+        Ok(()) => {}
+        Err(err @ LinkError::BadSignature) => return refuse(StatusCode::FORBIDDEN, err.to_string()),
+        Err(err @ LinkError::Expired(_)) => return refuse(StatusCode::GONE, err.to_string()),
+    }
+    let store = state.store.clone();
+    let id = sha256.clone();
+    let found = tokio::task::spawn_blocking(move || store.raw_message(&id)).await;
+    match found {
+        Ok(Ok(Some((_, bytes)))) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "message/rfc822".to_string()),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{sha256}.eml\""),
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Ok(Ok(None)) => refuse(
+            StatusCode::NOT_FOUND,
+            "the raw message is no longer archived (past --raw-message-retention)".into(),
+        ),
+        Ok(Err(err)) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the archive: {err}"),
+        ),
+        Err(err) => refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the archive stopped: {err}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> RawLinks {
+        RawLinks::new([7; 32], "https://mailhook.example/", Duration::from_secs(3600))
+    }
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).expect("time")
+    }
+
+    /// Splits a link into (sha256, expires, signature).
+    fn parts(url: &str) -> (String, String, String) {
+        let u = url::Url::parse(url).expect("url");
+        let sha = u.path().rsplit('/').next().expect("path").to_string();
+        let q: std::collections::HashMap<_, _> = u.query_pairs().into_owned().collect();
+        (sha, q["expires"].clone(), q["signature"].clone())
+    }
+
+    #[test]
+    fn a_link_verifies_until_it_expires() {
+        let l = links();
+        let link = l.link("abc", at(1_000));
+        assert!(
+            link.url
+                .starts_with("https://mailhook.example/v1/raw-messages/abc?expires=4600&signature=")
+        );
+        assert_eq!(link.expires_at, at(4_600));
+        let (sha, exp, sig) = parts(&link.url);
+        assert_eq!(l.verify(&sha, &exp, &sig, at(4_599)), Ok(()));
+        assert_eq!(
+            l.verify(&sha, &exp, &sig, at(4_600)),
+            Err(LinkError::Expired(at(4_600)))
+        );
+    }
+
+    #[test]
+    fn an_altered_link_is_refused() {
+        let l = links();
+        let (sha, exp, sig) = parts(&l.link("abc", at(1_000)).url);
+        assert_eq!(l.verify("abd", &exp, &sig, at(1_001)), Err(LinkError::BadSignature));
+        assert_eq!(l.verify(&sha, "999999", &sig, at(1_001)), Err(LinkError::BadSignature));
+        let mut flipped = sig.clone().into_bytes();
+        flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).expect("ascii");
+        assert_eq!(l.verify(&sha, &exp, &flipped, at(1_001)), Err(LinkError::BadSignature));
+        assert_eq!(l.verify(&sha, &exp, "", at(1_001)), Err(LinkError::BadSignature));
+        assert_eq!(l.verify(&sha, "x", &sig, at(1_001)), Err(LinkError::BadSignature));
+        let other = RawLinks::new([8; 32], "https://mailhook.example", Duration::from_secs(3600));
+        assert_eq!(other.verify(&sha, &exp, &sig, at(1_001)), Err(LinkError::BadSignature));
+    }
+}
