@@ -385,7 +385,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 }
             },
             tls: match (&config.smtp_tls_cert_file, &config.smtp_tls_key_file) {
-                (Some(cert), Some(key)) => Some(source::smtp::tls_config(cert, key)?),
+                (Some(cert), Some(key)) => Some(Arc::new(source::smtp::TlsFiles::load(cert, key)?)),
                 (None, None) => None,
                 _ => anyhow::bail!("--smtp-tls-cert-file and --smtp-tls-key-file go together"),
             },

@@ -32,26 +32,80 @@ pub struct SmtpConfig {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     /// Offered as STARTTLS when set.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<TlsFiles>>,
     /// When set, senders must AUTH PLAIN with one of these tokens as the password.
     pub auth: Option<crate::auth::Tokens>,
 }
 
 /// Loads a PEM certificate chain and private key for STARTTLS (TLS 1.2 and 1.3 only).
-pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn tls_config(cert: &[u8], key: &[u8]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("cannot read the SMTP certificate {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| anyhow::anyhow!("cannot read the SMTP private key {}: {e}", key.display()))?;
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("the certificate file is not PEM: {e}"))?;
+    anyhow::ensure!(!chain.is_empty(), "the certificate file holds no certificate");
+    let key =
+        PrivateKeyDer::from_pem_slice(key).map_err(|e| anyhow::anyhow!("the key file holds no private key: {e}"))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| anyhow::anyhow!("the SMTP certificate and key do not fit: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("the certificate and key do not fit: {e}"))?;
     Ok(Arc::new(config))
+}
+
+/// The STARTTLS certificate and key files, re-read at each STARTTLS: a renewed
+/// certificate (cert-manager rewriting the mounted Secret) is served from the next
+/// handshake on, without a restart. A broken pair keeps the last good one.
+pub struct TlsFiles {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    /// The files' bytes and the configuration built from them.
+    current: std::sync::Mutex<(Vec<u8>, Vec<u8>, Arc<rustls::ServerConfig>)>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsFiles {
+    /// Loads the pair; fails when it does not make a usable configuration.
+    pub fn load(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsFiles> {
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
+        let (c, k) = (read(cert)?, read(key)?);
+        let config = tls_config(&c, &k)
+            .map_err(|e| anyhow::anyhow!("SMTP TLS from {} and {}: {e}", cert.display(), key.display()))?;
+        Ok(TlsFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: std::sync::Mutex::new((c, k, config)),
+        })
+    }
+
+    /// The configuration for a handshake starting now.
+    fn config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let mut current = self.current.lock().ok()?;
+        if let (Ok(c), Ok(k)) = (std::fs::read(&self.cert), std::fs::read(&self.key))
+            && (c != current.0 || k != current.1)
+        {
+            match tls_config(&c, &k) {
+                Ok(config) => {
+                    info!(cert = %self.cert.display(), "SMTP TLS certificate changed on disk; serving the new one");
+                    *current = (c, k, config);
+                }
+                // Mid-rotation the two files can briefly disagree: keep serving the old pair.
+                Err(err) => warn!(%err, "SMTP TLS files changed but do not load; keeping the previous certificate"),
+            }
+        }
+        Some(current.2.clone())
+    }
 }
 
 /// A connection before or after STARTTLS.
@@ -137,10 +191,14 @@ impl Session {
         }
     }
 
+    /// Sends one reply in one write: a client that reads the STARTTLS answer with a single
+    /// read (OpenSSL's s_client does) would otherwise take a late CRLF for the TLS handshake.
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
+        let mut line = Vec::with_capacity(text.len() + 2);
+        line.extend_from_slice(text.as_bytes());
+        line.extend_from_slice(b"\r\n");
         let w = self.io.get_mut();
-        w.write_all(text.as_bytes()).await?;
-        w.write_all(b"\r\n").await?;
+        w.write_all(&line).await?;
         w.flush().await
     }
 
@@ -309,9 +367,9 @@ impl Session {
                     self.reply("221 2.0.0 Bye").await?;
                     return Ok(());
                 }
-                "STARTTLS" => match (&config.tls, self.tls) {
+                "STARTTLS" => match (config.tls.as_ref().and_then(|t| t.config()), self.tls) {
                     (Some(tls), false) => {
-                        self.start_tls(tls.clone()).await?;
+                        self.start_tls(tls).await?;
                         tx = Transaction::default();
                         greeted = false;
                     }

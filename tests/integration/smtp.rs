@@ -308,31 +308,7 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
     let dir = std::env::temp_dir().join(format!("mailhook-{}-tls", ns.name));
     std::fs::create_dir_all(&dir).expect("dir");
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .args([
-            "-days",
-            "1",
-            "-subj",
-            "/CN=mailhook.test",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    self_signed(&cert, &key, "mailhook.test");
     let receiver = Receiver::start(SECRET);
     let smtp = free_port();
     let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
@@ -409,7 +385,74 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
         },
     )
     .await;
+
+    // A renewed certificate (as cert-manager rewrites the mounted Secret) is served from
+    // the next STARTTLS on, without a restart; a half-written pair keeps the old one.
+    let served = served_certificate(smtp);
+    assert!(served.contains("CN=mailhook.test"), "{served}");
+    std::fs::write(&cert, "not a certificate").expect("break cert");
+    assert!(
+        served_certificate(smtp).contains("CN=mailhook.test"),
+        "a broken pair keeps the last good one"
+    );
+    let (new_cert, new_key) = (dir.join("new.crt"), dir.join("new.key"));
+    self_signed(&new_cert, &new_key, "mailhook-renewed.test");
+    std::fs::rename(&new_key, &key).expect("rotate key");
+    std::fs::rename(&new_cert, &cert).expect("rotate cert");
+    let served = served_certificate(smtp);
+    assert!(served.contains("CN=mailhook-renewed.test"), "{served}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Writes a self-signed P-256 certificate for 127.0.0.1 and its key.
+fn self_signed(cert: &std::path::Path, key: &std::path::Path, cn: &str) {
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+/// The subject of the certificate the receiver presents after STARTTLS (openssl s_client).
+fn served_certificate(smtp: std::net::SocketAddr) -> String {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-nameopt",
+            "RFC2253",
+            "-starttls",
+            "smtp",
+            "-connect",
+            &smtp.to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
