@@ -93,9 +93,21 @@ async fn rig(subscriptions: usize) -> Rig {
             name: uid.clone(),
             generation: 1,
             url: format!("http://{receiver_addr}/hook"),
-            client: client::build(Duration::from_secs(10), &[], None).expect("client"),
+            client: client::build(client::ClientSettings {
+                timeout: Duration::from_secs(10),
+                headers: &[],
+                ca_bundle: None,
+                identity: None,
+                insecure_skip_verify: false,
+                egress: Arc::new(mailhook::delivery::egress::EgressPolicy {
+                    allow: vec!["127.0.0.0/8".parse().expect("net")],
+                    ..Default::default()
+                }),
+            })
+            .expect("client"),
+            egress: Arc::new(mailhook::delivery::egress::EgressPolicy::default()),
             timeout: Duration::from_secs(10),
-            signing_keys: vec![SigningKey(vec![7; 32])],
+            signing_keys: vec![SigningKey::Hmac(vec![7; 32])],
             retry_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
             max_event_age: Duration::from_secs(3600),
             dead_letter_retention: Duration::from_secs(3600),

@@ -45,6 +45,25 @@ pub enum Command {
     DeadLetters(ListArgs),
     /// Queue a subscription's dead letters for delivery again (asks a running operator).
     Replay(ReplayArgs),
+    /// Print a new signing key for a subscription's signing Secret: `ed25519` prints a
+    /// `whsk_` key on stdout and its `whpk_` public key on stderr; `hmac` a `whsec_` secret.
+    Keygen {
+        #[arg(value_enum, default_value_t = KeyKind::Ed25519)]
+        kind: KeyKind,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Ed25519,
+    Hmac,
+}
+
+/// A CIDR flag; a bare address means just that address.
+fn cidr_arg(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not a CIDR range such as 10.20.0.0/16 or an IP address"))
 }
 
 /// A Go-style duration flag (`72h`, `30s`).
@@ -173,6 +192,30 @@ pub struct RunConfig {
     /// `http://` and the listening address, which suits only local runs.
     #[arg(long, env = "MAILHOOK_PUBLIC_URL")]
     pub public_url: Option<url::Url>,
+
+    /// Addresses deliveries may reach although the egress guard refuses them by default
+    /// (loopback, link-local, private, cluster ranges), as CIDR ranges; repeat or separate
+    /// with commas. Example: the range of an internal SIEM.
+    #[arg(long = "egress-allow", env = "MAILHOOK_EGRESS_ALLOW", value_delimiter = ',', value_parser = cidr_arg)]
+    pub egress_allow: Vec<ipnet::IpNet>,
+
+    /// Addresses deliveries may never reach, whatever else allows them (CIDR ranges).
+    #[arg(long = "egress-deny", env = "MAILHOOK_EGRESS_DENY", value_delimiter = ',', value_parser = cidr_arg)]
+    pub egress_deny: Vec<ipnet::IpNet>,
+
+    /// Host names deliveries may reach whatever they resolve to (except --egress-deny):
+    /// exact names or `*.suffix`.
+    #[arg(
+        long = "egress-allow-host",
+        env = "MAILHOOK_EGRESS_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    pub egress_allow_hosts: Vec<String>,
+
+    /// The cluster's pod and service ranges, refused like private ranges (matters when
+    /// they are public addresses).
+    #[arg(long = "egress-cluster-cidr", env = "MAILHOOK_EGRESS_CLUSTER_CIDR", value_delimiter = ',', value_parser = cidr_arg)]
+    pub egress_cluster_cidrs: Vec<ipnet::IpNet>,
 
     /// How often expiry (maxEventAge) and retention purges run.
     #[arg(long, env = "MAILHOOK_HOUSEKEEPING_INTERVAL", default_value = "30s", value_parser = duration_arg)]
@@ -312,6 +355,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         directory,
         pseudonym_secret: pseudonym_secret(config.pseudonym_key_file.as_deref())?,
         raw_links: raw_links.clone(),
+        egress: Arc::new(crate::delivery::egress::EgressPolicy {
+            allow: config.egress_allow.clone(),
+            deny: config.egress_deny.clone(),
+            allow_hosts: config
+                .egress_allow_hosts
+                .iter()
+                .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            cluster: config.egress_cluster_cidrs.clone(),
+        }),
     };
 
     let pipeline = Arc::new(Pipeline {

@@ -17,6 +17,21 @@ async fn history(request: Request) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Keygen { kind } => {
+            match kind {
+                mailhook::cli::KeyKind::Ed25519 => {
+                    let (secret, public) = mailhook::delivery::signing::generate_ed25519();
+                    println!("{secret}");
+                    eprintln!("public key (receivers verify v1a signatures with it): {public}");
+                }
+                mailhook::cli::KeyKind::Hmac => {
+                    use base64::Engine;
+                    let bytes = mailhook::auth::random_bytes();
+                    println!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(bytes));
+                }
+            }
+            Ok(())
+        }
         Command::Crdgen => {
             print!("{}", mailhook::api::crds_yaml()?);
             Ok(())

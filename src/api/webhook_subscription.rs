@@ -104,9 +104,20 @@ pub struct Endpoint {
     pub ca_bundle: Option<String>,
 
     /// A Secret of type `kubernetes.io/tls` (keys `tls.crt`, `tls.key`) presented as the
-    /// client certificate, for endpoints that require mutual TLS.
+    /// client certificate, for endpoints that require mutual TLS. A change to the Secret
+    /// (a renewed certificate) is picked up without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_secret_ref: Option<SecretRef>,
+
+    /// DANGER: accept any server certificate, so anyone on the network path can read and
+    /// alter deliveries. For a test endpoint only; prefer caBundle. Shown on status and
+    /// in the Ready message while set.
+    #[serde(
+        default,
+        rename = "insecureSkipTLSVerify",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub insecure_skip_tls_verify: bool,
 }
 
 fn default_timeout() -> String {
@@ -324,6 +335,19 @@ pub struct WebhookSubscriptionStatus {
     /// Host (and port) of the endpoint, for display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_host: Option<String>,
+
+    /// Public keys (`whpk_…`) of the ed25519 signing keys: receivers verify `v1a`
+    /// signatures with these, without holding any secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_public_keys: Vec<String>,
+
+    /// True while `endpoint.insecureSkipTLSVerify` turns certificate checks off.
+    #[serde(
+        default,
+        rename = "insecureSkipTLSVerify",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub insecure_skip_tls_verify: bool,
 
     /// The delivery shard that owns this subscription.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -68,6 +68,9 @@ pub struct SubscriptionState {
     pub paused: bool,
     /// The last replay handled through the annotation (this process's, or None).
     pub last_replay: Option<crate::api::ReplayStatus>,
+    /// `whpk_` keys of the ed25519 signing keys.
+    pub signing_public_keys: Vec<String>,
+    pub insecure_skip_tls_verify: bool,
 }
 
 /// What the operator knows of one filter since its last reconcile.
@@ -164,6 +167,8 @@ pub struct Context {
     pub pseudonym_secret: Vec<u8>,
     /// Signs raw message links; None when the archive is off.
     pub raw_links: Option<Arc<crate::archive::RawLinks>>,
+    /// Where deliveries may connect.
+    pub egress: Arc<crate::delivery::egress::EgressPolicy>,
 }
 
 impl Context {
@@ -276,6 +281,7 @@ pub struct Wiring {
     pub directory: Arc<Directory>,
     pub pseudonym_secret: Vec<u8>,
     pub raw_links: Option<Arc<crate::archive::RawLinks>>,
+    pub egress: Arc<crate::delivery::egress::EgressPolicy>,
 }
 
 /// Runs both controllers and the status writer over `namespace` (all namespaces when
@@ -311,6 +317,7 @@ pub async fn run(
         directory: wiring.directory,
         pseudonym_secret: wiring.pseudonym_secret,
         raw_links: wiring.raw_links,
+        egress: wiring.egress,
         state: Mutex::default(),
     });
 

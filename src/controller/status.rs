@@ -120,6 +120,8 @@ pub fn subscription_status(
         now,
     );
     status.endpoint_host = state.endpoint_host.clone();
+    status.signing_public_keys = state.signing_public_keys.clone();
+    status.insecure_skip_tls_verify = state.insecure_skip_tls_verify;
     status.shard = Some(state.shard);
     status.delivered = health.delivered;
     status.failed_attempts = health.failed_attempts;

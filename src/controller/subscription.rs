@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Resource;
 use kube::core::{Selector, SelectorExt};
@@ -33,6 +32,7 @@ pub mod reason {
     pub const INVALID_FILTER: &str = "InvalidFilter";
     pub const INVALID_ENDPOINT: &str = "InvalidEndpoint";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const EGRESS_REFUSED: &str = "EgressRefused";
 }
 
 /// One thing wrong with a subscription, phrased for the person who has to fix it.
@@ -56,6 +56,8 @@ pub struct ValidSubscription {
     pub disable_after: Duration,
     /// Extra headers with values resolved from Secrets.
     pub headers: Vec<(String, String)>,
+    /// PEM certificate chain and key for mutual TLS, from clientCertSecretRef.
+    pub client_identity: Option<Vec<u8>>,
 }
 
 /// What a subscription references, fetched from the cluster.
@@ -176,6 +178,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
         }
     }
 
+    let mut client_identity = None;
     if let Some(r) = &spec.endpoint.client_cert_secret_ref {
         match refs.secrets.get(&r.name) {
             None => problem(
@@ -199,6 +202,8 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
                             missing.join(" and ")
                         ),
                     );
+                } else if let (Some(crt), Some(key)) = (secret_value(s, "tls.crt"), secret_value(s, "tls.key")) {
+                    client_identity = Some(format!("{}\n{}", crt.trim_end(), key).into_bytes());
                 }
             }
         }
@@ -278,6 +283,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
         dead_letter_retention: dead_letter_retention.unwrap_or_default(),
         disable_after: disable_after.unwrap_or_default(),
         headers,
+        client_identity,
     })
 }
 
@@ -296,7 +302,8 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     secret.string_data.as_ref().and_then(|d| d.get(key)).cloned()
 }
 
-/// Every value of the Secret must be a `whsec_<base64>` key of 24 to 64 bytes.
+/// Every value of the Secret must be a signing key: `whsec_<base64>` (HMAC, v1) or
+/// `whsk_<base64>` (ed25519, v1a).
 fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
     let data = secret.data.clone().unwrap_or_default();
     if data.is_empty() {
@@ -305,20 +312,7 @@ fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
     data.iter()
         .map(|(key, value)| {
             let text = std::str::from_utf8(&value.0).map_err(|_| format!("key {key:?} is not text"))?;
-            let b64 = text
-                .trim()
-                .strip_prefix("whsec_")
-                .ok_or_else(|| format!("key {key:?} is not a Standard Webhooks secret: it must start with whsec_"))?;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|_| format!("key {key:?}: the part after whsec_ is not valid base64"))?;
-            if !(24..=64).contains(&bytes.len()) {
-                return Err(format!(
-                    "key {key:?} decodes to {} bytes; use 24 to 64 random bytes (e.g. openssl rand -base64 32)",
-                    bytes.len()
-                ));
-            }
-            Ok(SigningKey(bytes))
+            SigningKey::parse(text).map_err(|e| format!("key {key:?} {e}"))
         })
         .collect()
 }
@@ -349,9 +343,14 @@ pub fn ready_condition(spec: &WebhookSubscriptionSpec, outcome: &Result<ValidSub
             status: Status::True,
             reason: reason::VALID,
             message: format!(
-                "Configuration is valid and routed: {} signing key(s), {} filter(s).",
+                "Configuration is valid and routed: {} signing key(s), {} filter(s).{}",
                 valid.signing_keys.len(),
-                valid.filters.len()
+                valid.filters.len(),
+                if spec.endpoint.insecure_skip_tls_verify {
+                    " WARNING: endpoint.insecureSkipTLSVerify is true: the endpoint's certificate is not checked, so anyone on the network path can read and alter deliveries; set a caBundle instead."
+                } else {
+                    ""
+                }
             ),
         },
     }
@@ -362,16 +361,25 @@ fn delivery_config(
     whs: &WebhookSubscription,
     uid: &str,
     valid: &ValidSubscription,
-    pseudonym_secret: &[u8],
-    raw_links: Option<&Arc<crate::archive::RawLinks>>,
+    ctx: &Context,
 ) -> Result<DeliveryConfig, Problem> {
-    let client =
-        client::build(valid.timeout, &valid.headers, whs.spec.endpoint.ca_bundle.as_deref()).map_err(|message| {
-            Problem {
-                reason: reason::INVALID_ENDPOINT,
-                message,
-            }
-        })?;
+    let client = client::build(client::ClientSettings {
+        timeout: valid.timeout,
+        headers: &valid.headers,
+        ca_bundle: whs.spec.endpoint.ca_bundle.as_deref(),
+        identity: valid.client_identity.as_deref(),
+        insecure_skip_verify: whs.spec.endpoint.insecure_skip_tls_verify,
+        egress: ctx.egress.clone(),
+    })
+    .map_err(|message| Problem {
+        reason: if message.contains("clientCertSecretRef") {
+            reason::INVALID_SECRET
+        } else {
+            reason::INVALID_ENDPOINT
+        },
+        message,
+    })?;
+    let (pseudonym_secret, raw_links) = (&ctx.pseudonym_secret, ctx.raw_links.as_ref());
     let spec = &whs.spec;
     Ok(DeliveryConfig {
         uid: uid.to_string(),
@@ -380,6 +388,7 @@ fn delivery_config(
         generation: whs.metadata.generation.unwrap_or_default(),
         url: spec.endpoint.url.clone(),
         client,
+        egress: ctx.egress.clone(),
         timeout: valid.timeout,
         signing_keys: valid.signing_keys.clone(),
         retry_schedule: valid.retry_schedule.clone(),
@@ -500,8 +509,24 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         .collect();
 
     let mut outcome = validate(&whs.spec, &refs);
+    if outcome.is_ok()
+        && let Ok(url) = url::Url::parse(&whs.spec.endpoint.url)
+    {
+        // Bounded: a slow resolver must not hold up the reconcile loop.
+        let checked = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            crate::delivery::egress::check_host(&ctx.egress, &url),
+        )
+        .await;
+        if let Ok(Err(refused)) = checked {
+            outcome = Err(vec![Problem {
+                reason: reason::EGRESS_REFUSED,
+                message: format!("spec.endpoint.url: {refused}. Deliveries are not attempted."),
+            }]);
+        }
+    }
     let config = match &outcome {
-        Ok(valid) => match delivery_config(&whs, &uid, valid, &ctx.pseudonym_secret, ctx.raw_links.as_ref()) {
+        Ok(valid) => match delivery_config(&whs, &uid, valid, &ctx) {
             Ok(c) => Some(c),
             Err(problem) => {
                 outcome = Err(vec![problem]);
@@ -524,6 +549,10 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         None => ctx.deliveries.park(&uid),
     }
     let ready = ready_condition(&whs.spec, &outcome);
+    let signing_public_keys = outcome
+        .as_ref()
+        .map(|v| v.signing_keys.iter().filter_map(SigningKey::public_key).collect())
+        .unwrap_or_default();
     debug!(ready = ?ready.status, reason = ready.reason, "validated");
     ctx.directory.set(&ns, &whs.name_any(), &uid);
 
@@ -550,6 +579,8 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
                 shard: shard_of(&uid, ctx.deliveries.shard_count()) as u32,
                 paused: whs.spec.paused,
                 last_replay,
+                signing_public_keys,
+                insecure_skip_tls_verify: whs.spec.endpoint.insecure_skip_tls_verify,
             },
         );
     }
@@ -578,6 +609,7 @@ mod tests {
                 headers: vec![],
                 ca_bundle: None,
                 client_cert_secret_ref: None,
+                insecure_skip_tls_verify: false,
             },
             signing: Signing {
                 secret_ref: SecretRef { name: "signing".into() },
@@ -617,7 +649,7 @@ mod tests {
         let v = validate(&spec(), &refs_with_signing(KEY)).expect("valid");
         assert_eq!(v.endpoint_host, "siem.example.com:8443");
         assert_eq!(v.signing_keys.len(), 1);
-        assert_eq!(v.signing_keys[0].0.len(), 24);
+        assert!(matches!(&v.signing_keys[0], SigningKey::Hmac(k) if k.len() == 24));
         assert_eq!(v.retry_schedule.len(), 8);
         assert_eq!(v.timeout, Duration::from_secs(10));
         assert!(!format!("{v:?}").contains("MfKQ"), "Debug must not leak key material");

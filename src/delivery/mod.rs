@@ -3,6 +3,7 @@
 //! one shard (stable hash of its UID). Queues live behind the `Store` trait.
 
 pub mod client;
+pub mod egress;
 pub mod health;
 pub mod payload;
 pub mod retry;
@@ -34,6 +35,9 @@ pub struct DeliveryConfig {
     pub generation: i64,
     pub url: String,
     pub client: reqwest::Client,
+    /// The operator's egress policy (the client's resolver applies it; kept here to
+    /// explain refused redirect targets).
+    pub egress: Arc<egress::EgressPolicy>,
     pub timeout: Duration,
     pub signing_keys: Vec<SigningKey>,
     pub retry_schedule: Vec<Duration>,
@@ -393,6 +397,29 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), Stor
     Ok(())
 }
 
+/// Why a redirect failed the attempt: redirects are never followed, and a target the
+/// egress guard refuses (a redirect to a metadata address is the classic SSRF) says so.
+async fn redirect_message(
+    status: u16,
+    location: Option<&reqwest::header::HeaderValue>,
+    base: &reqwest::Url,
+    policy: &egress::EgressPolicy,
+) -> String {
+    let Some(target) = location.and_then(|l| l.to_str().ok()).and_then(|l| base.join(l).ok()) else {
+        return format!("HTTP {status}: redirects are not followed; point endpoint.url at the final URL");
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(2), egress::check_host(policy, &target))
+        .await
+        .ok()
+        .and_then(Result::err);
+    match refused {
+        Some(e) => format!("HTTP {status}: redirect to {target} not followed; {e}"),
+        None => format!(
+            "HTTP {status}: redirect to {target} not followed (redirects never are); point endpoint.url at the final URL"
+        ),
+    }
+}
+
 /// What an attempt came to.
 enum Outcome {
     Delivered {
@@ -507,7 +534,7 @@ async fn deliver(
                 },
                 300..=399 => Outcome::Failed {
                     status: Some(status),
-                    message: format!("HTTP {status}: redirects are not followed; point endpoint.url at the final URL"),
+                    message: redirect_message(status, r.headers().get("location"), &sub.url, &config.egress).await,
                     retry_after: None,
                 },
                 _ => Outcome::Failed {

@@ -25,6 +25,7 @@ fn subscription(name: &str, url: &str) -> WebhookSubscription {
                 headers: vec![],
                 ca_bundle: None,
                 client_cert_secret_ref: None,
+                insecure_skip_tls_verify: false,
             },
             signing: Signing {
                 secret_ref: SecretRef {

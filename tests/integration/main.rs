@@ -6,5 +6,6 @@ mod crd;
 mod delivery;
 mod durability;
 mod history;
+mod security;
 mod smtp;
 mod support;

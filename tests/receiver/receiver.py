@@ -7,26 +7,76 @@ mailhook's code) and records what it saw. Its behaviour can be switched while it
   POST /_mode   {"status": 500}           answer 500 to deliveries from now on
   POST /_mode   {"status": 410}           answer 410 Gone
   POST /_mode   {"status": 200}           accept again
+  POST /_mode   {"redirect": "http://..."} answer 307 to that location
+  POST /_mode   {"echo": false}           do not echo endpoint verification challenges
   GET  /_deliveries                        every delivery received, as JSON lines
 
-Usage: receiver.py --secret whsec_... [--port 0] [--quiet]
-Prints "listening on PORT" once ready.
+Signatures: with --secret whsec_..., `v1` (HMAC) signatures are verified by the
+off-the-shelf `standardwebhooks` library. With --public-key whpk_..., `v1a` (ed25519)
+signatures are verified instead, with nothing but the public key: no released Standard
+Webhooks library verifies v1a yet (standardwebhooks 1.1.0 skips every version but v1), so
+this follows the specification directly on top of the `cryptography` library's Ed25519.
+
+TLS: --tls-cert/--tls-key serve HTTPS; --client-ca also requires a client certificate
+signed by that CA (mutual TLS). The control endpoints above are then on a separate plain
+HTTP port on 127.0.0.1 (--control-port).
+
+Usage: receiver.py (--secret whsec_... | --public-key whpk_...) [--host 127.0.0.1] [--port 0]
+                   [--tls-cert F --tls-key F [--client-ca F]] [--quiet]
+Prints "listening on PORT" (and " control CPORT" with TLS) once ready.
 """
 
 import argparse
+import base64
 import json
+import ssl
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 
+class Ed25519Webhook:
+    """Standard Webhooks `v1a`: ed25519 over `{webhook-id}.{webhook-timestamp}.{body}`."""
+
+    def __init__(self, public_key, tolerance=300):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        raw = base64.b64decode(public_key.removeprefix("whpk_"))
+        self.key = Ed25519PublicKey.from_public_bytes(raw)
+        self.tolerance = tolerance
+
+    def verify(self, body, headers):
+        from cryptography.exceptions import InvalidSignature
+
+        msg_id, ts = headers.get("webhook-id"), headers.get("webhook-timestamp")
+        signature = headers.get("webhook-signature", "")
+        if not msg_id or not ts:
+            raise WebhookVerificationError("missing webhook-id or webhook-timestamp")
+        if abs(time.time() - int(ts)) > self.tolerance:
+            raise WebhookVerificationError("timestamp outside the tolerance")
+        signed = f"{msg_id}.{ts}.".encode() + body
+        for part in signature.split(" "):
+            version, _, sig = part.partition(",")
+            if version != "v1a":
+                continue
+            try:
+                self.key.verify(base64.b64decode(sig), signed)
+                return json.loads(body)
+            except (InvalidSignature, ValueError):
+                continue
+        raise WebhookVerificationError("no v1a signature verifies with the public key")
+
+
 class State:
-    def __init__(self, secret):
-        self.webhook = Webhook(secret)
+    def __init__(self, secret=None, public_key=None):
+        self.webhook = Ed25519Webhook(public_key) if public_key else Webhook(secret)
         self.lock = threading.Lock()
         self.status = 200
+        self.redirect = None
+        self.echo = True
         self.deliveries = []
 
 
@@ -65,9 +115,21 @@ def make_handler(state, quiet):
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             if self.path == "/_mode":
+                mode = json.loads(body)
                 with state.lock:
-                    state.status = int(json.loads(body)["status"])
+                    state.status = int(mode.get("status", state.status))
+                    state.redirect = mode.get("redirect", state.redirect)
+                    state.echo = bool(mode.get("echo", state.echo))
                 return self.reply(200)
+            if state.redirect:
+                with state.lock:
+                    state.deliveries.append({"webhookId": None, "verified": False, "answered": 307,
+                                             "body": "", "headers": {}})
+                self.send_response(307)
+                self.send_header("Location", state.redirect)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             headers = {k.lower(): v for k, v in self.headers.items()}
             try:
                 payload = state.webhook.verify(body, headers)
@@ -86,6 +148,11 @@ def make_handler(state, quiet):
                         "headers": {k: v for k, v in headers.items() if k.startswith("x-")},
                     }
                 )
+            if verified and payload.get("type") == "endpoint.verification":
+                challenge = payload.get("data", {}).get("challenge", "")
+                if not state.echo:
+                    return self.reply(200, b"{}")
+                return self.reply(200, json.dumps({"challenge": challenge}).encode())
             if verified and status < 300 and not quiet:
                 data = payload.get("data", {})
                 who = data.get("mailbox") or data.get("mailboxDomain") or "-"
@@ -105,13 +172,33 @@ def make_handler(state, quiet):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--secret", required=True)
+    parser.add_argument("--secret")
+    parser.add_argument("--public-key")
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--client-ca")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    state = State(args.secret)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(state, args.quiet))
-    print(f"listening on {server.server_address[1]}", flush=True)
+    if not (args.secret or args.public_key):
+        parser.error("give --secret or --public-key")
+    state = State(args.secret, args.public_key)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(state, args.quiet))
+    if not args.tls_cert:
+        print(f"listening on {server.server_address[1]}", flush=True)
+        server.serve_forever()
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(args.client_ca)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    control = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state, args.quiet))
+    threading.Thread(target=control.serve_forever, daemon=True).start()
+    print(f"listening on {server.server_address[1]} control {control.server_address[1]}", flush=True)
     server.serve_forever()
 
 

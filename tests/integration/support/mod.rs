@@ -215,6 +215,11 @@ impl Operator {
             ingest.to_string(),
         ]);
         args.extend(["--ingest-token-file".into(), token_file.display().to_string()]);
+        // Test receivers listen on loopback, which the egress guard refuses by default; a
+        // test that sets its own egress flags gets only those.
+        if !extra.iter().any(|a| a.starts_with("--egress")) {
+            args.extend(["--egress-allow".into(), "127.0.0.1/32".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Self::spawn(&args, &log, false);
         Operator {
@@ -330,6 +335,10 @@ impl Drop for Operator {
 pub struct Receiver {
     child: std::process::Child,
     pub port: u16,
+    /// Where /_mode and /_deliveries answer (plain HTTP).
+    control: String,
+    /// Where deliveries go, without the path.
+    base: String,
 }
 
 /// One delivery as the receiver saw it.
@@ -351,11 +360,18 @@ impl Received {
 }
 
 impl Receiver {
+    /// A receiver on 127.0.0.1 verifying `v1` signatures with `secret`.
     pub fn start(secret: &str) -> Receiver {
+        Self::start_args(&["--secret", secret])
+    }
+
+    /// A receiver with receiver.py's own flags (--host, --public-key, --tls-cert, ...).
+    pub fn start_args(args: &[&str]) -> Receiver {
         use std::io::BufRead;
         let mut child = std::process::Command::new("python3")
             .arg(repo_path("tests/receiver/receiver.py"))
-            .args(["--secret", secret, "--quiet"])
+            .args(args)
+            .arg("--quiet")
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start receiver.py");
@@ -364,30 +380,56 @@ impl Receiver {
         std::io::BufReader::new(stdout)
             .read_line(&mut line)
             .expect("receiver prints its port");
-        let port = line
-            .trim()
-            .strip_prefix("listening on ")
+        let mut words = line.trim().strip_prefix("listening on ").unwrap_or_default().split(' ');
+        let port: u16 = words
+            .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("receiver said {line:?}"));
-        Receiver { child, port }
+        let control_port: Option<u16> = match (words.next(), words.next()) {
+            (Some("control"), Some(p)) => p.parse().ok(),
+            _ => None,
+        };
+        let flag = |name: &str| {
+            args.iter()
+                .position(|a| *a == name)
+                .and_then(|i| args.get(i + 1))
+                .copied()
+        };
+        let host = flag("--host").unwrap_or("127.0.0.1").to_string();
+        let scheme = if flag("--tls-cert").is_some() { "https" } else { "http" };
+        let control = match control_port {
+            Some(c) => format!("http://127.0.0.1:{c}"),
+            None => format!("http://{host}:{port}"),
+        };
+        Receiver {
+            child,
+            port,
+            control,
+            base: format!("{scheme}://{host}:{port}"),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}{path}", self.base)
     }
 
     /// From now on, answer deliveries with `status`.
     pub async fn answer(&self, status: u16) {
+        self.mode(&format!(r#"{{"status": {status}}}"#)).await;
+    }
+
+    /// Switches the receiver's behaviour (see receiver.py: status, redirect, echo).
+    pub async fn mode(&self, json: &str) {
         reqwest::Client::new()
-            .post(self.url("/_mode"))
-            .body(format!(r#"{{"status": {status}}}"#))
+            .post(format!("{}/_mode", self.control))
+            .body(json.to_string())
             .send()
             .await
             .expect("set receiver mode");
     }
 
     pub async fn deliveries(&self) -> Vec<Received> {
-        let text = reqwest::get(self.url("/_deliveries"))
+        let text = reqwest::get(format!("{}/_deliveries", self.control))
             .await
             .expect("receiver")
             .text()
