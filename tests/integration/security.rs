@@ -124,3 +124,280 @@ async fn the_egress_guard_refuses_internal_targets_and_lets_an_allowlisted_recei
         "not a single request reached the refused receiver"
     );
 }
+
+/// A throwaway PKI made with openssl: a CA, and certificates it signs.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("mailhook-pki-{name}-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pki = Pki { dir };
+        pki.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name} test CA"),
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Issues `<name>.crt`/`<name>.key` for `cn`, with `ext` (e.g. subjectAltName=IP:127.0.0.2).
+    fn issue(&self, name: &str, cn: &str, ext: &str) {
+        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ]);
+        std::fs::write(self.dir.join(format!("{name}.ext")), ext).expect("ext");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &crt,
+        ]);
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).expect("read pki file")
+    }
+
+    /// A kubernetes.io/tls Secret holding `<name>.crt`/`<name>.key`.
+    fn tls_secret(&self, secret: &str, name: &str) -> String {
+        let indent = |pem: String| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {secret}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n",
+            indent(self.read(&format!("{name}.crt"))),
+            indent(self.read(&format!("{name}.key")))
+        )
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_receiver_gets_deliveries_and_a_rotated_client_certificate_keeps_them_flowing() {
+    let ns = TestNamespace::new("mtls").await;
+    let pki = Pki::new("mtls");
+    pki.issue(
+        "server",
+        "receiver",
+        "subjectAltName=IP:127.0.0.2\nextendedKeyUsage=serverAuth\n",
+    );
+    pki.issue("client-a", "mailhook-client-a", "extendedKeyUsage=clientAuth\n");
+    pki.issue("client-b", "mailhook-client-b", "extendedKeyUsage=clientAuth\n");
+    let (crt, key, ca) = (pki.path("server.crt"), pki.path("server.key"), pki.path("ca.crt"));
+    let receiver = Receiver::start_args(&[
+        "--secret",
+        SIEM_SECRET,
+        "--host",
+        "127.0.0.2",
+        "--tls-cert",
+        &crt,
+        "--tls-key",
+        &key,
+        "--client-ca",
+        &ca,
+    ]);
+    let operator = Operator::start_with(&ns, &["--egress-allow", "127.0.0.2/32"]);
+    // Block style for the multi-line CA bundle.
+    let sub = |name: &str, client: &str| {
+        let mut y = format!(
+            "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: {name}}}\nspec:\n  endpoint:\n    url: '{}'\n    caBundle: |",
+            receiver.url("/hooks")
+        );
+        y.push_str(
+            &pki.read("ca.crt")
+                .lines()
+                .map(|l| format!("\n      {l}"))
+                .collect::<String>(),
+        );
+        if !client.is_empty() {
+            y.push_str(&format!("\n    clientCertSecretRef: {{name: {client}}}"));
+        }
+        y.push_str("\n  signing: {secretRef: {name: signing}}\n  eventTypes: [message.received]\n---\n");
+        y
+    };
+    let mut yaml = signing_secret(SIEM_SECRET);
+    yaml.push_str(&pki.tls_secret("client-cert", "client-a"));
+    yaml.push_str(&sub("mutual", "client-cert"));
+    yaml.push_str(&sub("no-client-cert", ""));
+    apply(&ns, &yaml);
+    operator.ready().await;
+    for name in ["mutual", "no-client-cert"] {
+        status_of(&ns, name, |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    }
+
+    assert_eq!(operator.ingest(&[siem_event("mtls-1")]).await.0, 202);
+    let got = eventually(
+        "a delivery over mutual TLS",
+        || receiver.deliveries(),
+        |d| d.iter().any(|r| r.verified && r.answered == 200),
+    )
+    .await;
+    assert!(
+        got.iter()
+            .all(|r| r.client_cert.as_deref() == Some("mailhook-client-a")),
+        "{got:?}"
+    );
+    // The receiver really requires a client certificate: without one the handshake fails.
+    let status = status_of(&ns, "no-client-cert", |s| s["lastFailure"]["message"].is_string()).await;
+    let failure = status["lastFailure"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(status["delivered"] == 0, "{status}");
+
+    // Rotation: the Secret now holds a renewed certificate; no restart.
+    apply(&ns, &pki.tls_secret("client-cert", "client-b"));
+    // Wait until the subscription was rebuilt with the new Secret: a delivery made after it
+    // carries the new certificate.
+    let got = eventually(
+        "deliveries continue with the rotated certificate",
+        || async {
+            let _ = operator
+                .ingest(&[siem_event(&format!("mtls-{}", uuid::Uuid::now_v7().simple()))])
+                .await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            receiver.deliveries().await
+        },
+        |d| {
+            d.iter()
+                .any(|r| r.verified && r.client_cert.as_deref() == Some("mailhook-client-b"))
+        },
+    )
+    .await;
+    assert!(
+        got.iter().all(|r| r.verified && r.answered == 200),
+        "every delivery before and after the rotation was accepted: {got:?}"
+    );
+    assert!(!failure.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_holding_only_the_ed25519_public_key_verifies_every_delivery() {
+    let ns = TestNamespace::new("ed25519").await;
+    let keygen = |kind: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
+            .args(["keygen", kind])
+            .output()
+            .expect("mailhook keygen");
+        assert!(out.status.success());
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
+    };
+    let (secret, told) = keygen("ed25519");
+    assert!(secret.starts_with("whsk_"), "{secret}");
+    let public = told.rsplit(' ').next().expect("public key").to_string();
+    assert!(public.starts_with("whpk_"), "{told}");
+
+    let operator = Operator::start_with(&ns, &[]);
+    let mut yaml = signing_secret(&secret);
+    yaml.push_str(&subscription("siem", "http://127.0.0.1:9/placeholder", ""));
+    apply(&ns, &yaml);
+    operator.ready().await;
+    // Receivers take the key from status: it is public.
+    let status = status_of(&ns, "siem", |s| s["signingPublicKeys"].is_array()).await;
+    assert_eq!(status["signingPublicKeys"], serde_json::json!([public]));
+    let receiver = Receiver::start_args(&["--public-key", &public]);
+    apply(&ns, &subscription("siem", &receiver.url("/hooks"), ""));
+    let port = receiver.port.to_string();
+    status_of(&ns, "siem", |s| {
+        s["endpointHost"].as_str().is_some_and(|h| h.ends_with(&port))
+    })
+    .await;
+
+    let events: Vec<Value> = (0..5).map(|i| siem_event(&format!("ed-{i}"))).collect();
+    assert_eq!(operator.ingest(&events).await.0, 202);
+    let got = eventually(
+        "five deliveries verified with the public key",
+        || receiver.deliveries(),
+        |d| d.iter().filter(|r| r.verified).count() == 5,
+    )
+    .await;
+    assert!(got.iter().all(|r| r.verified), "{got:?}");
+    assert!(
+        got.iter()
+            .all(|r| r.signatures.starts_with("v1a,") && !r.signatures.contains("v1,")),
+        "only v1a signatures: no shared secret exists"
+    );
+
+    // Rotation with overlap: a second key joins the Secret; both sign, both are published,
+    // and the receiver that still holds the first keeps verifying.
+    let (second, _) = keygen("ed25519");
+    apply(
+        &ns,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {secret}, next: {second}}}\n"
+        ),
+    );
+    status_of(&ns, "siem", |s| {
+        s["signingPublicKeys"].as_array().is_some_and(|k| k.len() == 2)
+    })
+    .await;
+    assert_eq!(operator.ingest(&[siem_event("ed-after-rotation")]).await.0, 202);
+    let got = eventually(
+        "a delivery signed by both keys",
+        || receiver.deliveries(),
+        |d| d.iter().any(|r| r.signatures.matches("v1a,").count() == 2),
+    )
+    .await;
+    assert!(got.iter().all(|r| r.verified), "{got:?}");
+}

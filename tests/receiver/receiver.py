@@ -80,6 +80,17 @@ class State:
         self.deliveries = []
 
 
+def client_cert(connection):
+    """The common name of the client certificate presented over mutual TLS, if any."""
+    getpeercert = getattr(connection, "getpeercert", None)
+    cert = getpeercert() if getpeercert else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
 def make_handler(state, quiet):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -146,6 +157,8 @@ def make_handler(state, quiet):
                         "answered": status,
                         "body": body.decode("utf-8", "replace"),
                         "headers": {k: v for k, v in headers.items() if k.startswith("x-")},
+                        "signatures": headers.get("webhook-signature", ""),
+                        "clientCert": client_cert(self.connection),
                     }
                 )
             if verified and payload.get("type") == "endpoint.verification":

@@ -351,6 +351,12 @@ pub struct Received {
     pub body: String,
     /// The `x-` headers it carried (extra endpoint headers).
     pub headers: std::collections::BTreeMap<String, String>,
+    /// The `webhook-signature` header.
+    #[serde(default)]
+    pub signatures: String,
+    /// Common name of the client certificate (mutual TLS).
+    #[serde(default)]
+    pub client_cert: Option<String>,
 }
 
 impl Received {
