@@ -109,6 +109,12 @@ pub struct Endpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_secret_ref: Option<SecretRef>,
 
+    /// Before delivering, require the endpoint to echo a challenge: mailhook POSTs a signed
+    /// `endpoint.verification` event and the endpoint answers `{"challenge": <data.challenge>}`.
+    /// Until it does, Ready is False (EndpointNotVerified) and events queue.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verify: bool,
+
     /// DANGER: accept any server certificate, so anyone on the network path can read and
     /// alter deliveries. For a test endpoint only; prefer caBundle. Shown on status and
     /// in the Ready message while set.

@@ -71,6 +71,8 @@ pub struct SubscriptionState {
     /// `whpk_` keys of the ed25519 signing keys.
     pub signing_public_keys: Vec<String>,
     pub insecure_skip_tls_verify: bool,
+    /// The endpoint URL that echoed the verification challenge (endpoint.verify).
+    pub verified_url: Option<String>,
 }
 
 /// What the operator knows of one filter since its last reconcile.

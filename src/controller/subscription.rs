@@ -33,6 +33,7 @@ pub mod reason {
     pub const INVALID_ENDPOINT: &str = "InvalidEndpoint";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const EGRESS_REFUSED: &str = "EgressRefused";
+    pub const ENDPOINT_NOT_VERIFIED: &str = "EndpointNotVerified";
 }
 
 /// One thing wrong with a subscription, phrased for the person who has to fix it.
@@ -525,7 +526,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
             }]);
         }
     }
-    let config = match &outcome {
+    let mut config = match &outcome {
         Ok(valid) => match delivery_config(&whs, &uid, valid, &ctx) {
             Ok(c) => Some(c),
             Err(problem) => {
@@ -544,11 +545,46 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         }),
         _ => None,
     };
+    // Opt-in endpoint verification: once per URL per process; until then events queue.
+    let previously_verified = ctx
+        .state
+        .lock()
+        .ok()
+        .and_then(|s| s.subscriptions.get(&uid).and_then(|s| s.verified_url.clone()));
+    let mut verified_url = None;
+    let mut not_verified = None;
+    if let Some(c) = config.as_mut().filter(|_| whs.spec.endpoint.verify) {
+        if previously_verified.as_deref() == Some(c.url.as_str()) {
+            verified_url = previously_verified.clone();
+        } else {
+            match crate::delivery::verification::handshake(c).await {
+                Ok(()) => {
+                    info!(url = c.url, "endpoint verified");
+                    verified_url = Some(c.url.clone());
+                }
+                Err(why) => {
+                    c.paused = true;
+                    not_verified = Some(why);
+                }
+            }
+        }
+    }
     match config {
         Some(c) => ctx.deliveries.upsert(c),
         None => ctx.deliveries.park(&uid),
     }
-    let ready = ready_condition(&whs.spec, &outcome);
+    let ready = match &not_verified {
+        Some(why) => Desired {
+            type_: READY,
+            status: Status::False,
+            reason: reason::ENDPOINT_NOT_VERIFIED,
+            message: format!(
+                "{why}. spec.endpoint.verify is set: the endpoint must answer the signed POST of type endpoint.verification with {{\"challenge\": <data.challenge>}}. Events queue meanwhile; retrying every {}s.",
+                VERIFY_RETRY.as_secs()
+            ),
+        },
+        None => ready_condition(&whs.spec, &outcome),
+    };
     let signing_public_keys = outcome
         .as_ref()
         .map(|v| v.signing_keys.iter().filter_map(SigningKey::public_key).collect())
@@ -581,6 +617,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
                 last_replay,
                 signing_public_keys,
                 insecure_skip_tls_verify: whs.spec.endpoint.insecure_skip_tls_verify,
+                verified_url,
             },
         );
     }
@@ -590,9 +627,15 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         .reconcile_duration
         .with_label_values(&["WebhookSubscription"])
         .observe(started.elapsed().as_secs_f64());
+    if not_verified.is_some() {
+        return Ok(Action::requeue(VERIFY_RETRY));
+    }
     // Periodic re-check catches what no watch reports (e.g. a filter losing a label).
     Ok(Action::requeue(Duration::from_secs(300)))
 }
+
+/// How often an endpoint that did not echo the verification challenge is asked again.
+const VERIFY_RETRY: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
@@ -610,6 +653,7 @@ mod tests {
                 ca_bundle: None,
                 client_cert_secret_ref: None,
                 insecure_skip_tls_verify: false,
+                verify: false,
             },
             signing: Signing {
                 secret_ref: SecretRef { name: "signing".into() },

@@ -8,6 +8,7 @@ pub mod health;
 pub mod payload;
 pub mod retry;
 pub mod signing;
+pub mod verification;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;

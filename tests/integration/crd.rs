@@ -26,6 +26,7 @@ fn subscription(name: &str, url: &str) -> WebhookSubscription {
                 ca_bundle: None,
                 client_cert_secret_ref: None,
                 insecure_skip_tls_verify: false,
+                verify: false,
             },
             signing: Signing {
                 secret_ref: SecretRef {

@@ -401,3 +401,54 @@ async fn a_receiver_holding_only_the_ed25519_public_key_verifies_every_delivery(
     .await;
     assert!(got.iter().all(|r| r.verified), "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_does_not_echo_the_challenge_gets_nothing_until_it_does() {
+    let ns = TestNamespace::new("verify").await;
+    let willing = Receiver::start(SIEM_SECRET);
+    let unwilling = Receiver::start(SIEM_SECRET);
+    unwilling.mode(r#"{"echo": false}"#).await;
+    let operator = Operator::start_with(&ns, &[]);
+    let mut yaml = signing_secret(SIEM_SECRET);
+    yaml.push_str(&subscription("willing", &willing.url("/hooks"), ", verify: true"));
+    yaml.push_str(&subscription("unwilling", &unwilling.url("/hooks"), ", verify: true"));
+    apply(&ns, &yaml);
+    operator.ready().await;
+    status_of(&ns, "willing", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    let status = status_of(&ns, "unwilling", |s| ready(s).is_some_and(|r| r.0 == "False")).await;
+    let (_, reason, message) = ready(&status).expect("Ready");
+    assert_eq!(reason, "EndpointNotVerified");
+    assert!(message.contains("did not echo the challenge"), "{message}");
+
+    assert_eq!(operator.ingest(&[siem_event("verify-1")]).await.0, 202);
+    let kinds = |d: &[crate::support::Received]| -> Vec<String> {
+        d.iter()
+            .map(|r| r.json()["type"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    eventually(
+        "the willing endpoint got the event",
+        || willing.deliveries(),
+        |d| kinds(d).contains(&"message.received".to_string()),
+    )
+    .await;
+    let status = status_of(&ns, "unwilling", |s| s["backlog"] == 1).await;
+    assert_eq!(status["delivered"], 0);
+    let seen = unwilling.deliveries().await;
+    assert!(
+        !seen.is_empty() && kinds(&seen).iter().all(|k| k == "endpoint.verification"),
+        "only verification requests, all signed: {:?}",
+        kinds(&seen)
+    );
+    assert!(seen.iter().all(|r| r.verified));
+
+    // Once it echoes, it is verified on the next retry and gets what queued.
+    unwilling.mode(r#"{"echo": true}"#).await;
+    status_of(&ns, "unwilling", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    eventually(
+        "the queued event reached the endpoint once verified",
+        || unwilling.deliveries(),
+        |d| kinds(d).contains(&"message.received".to_string()),
+    )
+    .await;
+}

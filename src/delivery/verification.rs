@@ -1,0 +1,107 @@
+//! Endpoint verification (opt-in, `endpoint.verify`): before a subscription delivers, its
+//! endpoint must prove it wants the traffic by echoing a random challenge, in the spirit
+//! of Microsoft Graph's validationToken handshake. It keeps a namespace user from aiming
+//! someone else's compliance data (or a flood of requests) at a server that never asked
+//! for it.
+//!
+//! The request is signed like any delivery: a POST of
+//! `{"type": "endpoint.verification", "timestamp", "data": {"challenge", "subscription"}}`.
+//! The endpoint answers 2xx with `{"challenge": "<the same value>"}` (or the bare value).
+
+use base64::Engine;
+use serde::Serialize;
+
+use super::{DeliveryConfig, signing, webhook_id};
+
+#[derive(Serialize)]
+struct Challenge<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: String,
+    data: ChallengeData<'a>,
+}
+
+#[derive(Serialize)]
+struct ChallengeData<'a> {
+    challenge: &'a str,
+    /// `namespace/name` of the subscription being verified.
+    subscription: String,
+}
+
+/// Whether `body` echoes `challenge`: as `{"challenge": ...}` or as the bare value.
+pub fn echoes(body: &[u8], challenge: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Echo {
+        challenge: String,
+    }
+    if let Ok(echo) = serde_json::from_slice::<Echo>(body) {
+        return constant_time_eq(echo.challenge.as_bytes(), challenge.as_bytes());
+    }
+    std::str::from_utf8(body).is_ok_and(|t| constant_time_eq(t.trim().as_bytes(), challenge.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Sends the challenge to the endpoint; Ok when it echoed it, else why not, phrased for
+/// the person who runs the endpoint.
+pub async fn handshake(config: &DeliveryConfig) -> Result<(), String> {
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::auth::random_bytes());
+    let now = jiff::Timestamp::now();
+    let body = serde_json::to_vec(&Challenge {
+        kind: "endpoint.verification",
+        timestamp: now.to_string(),
+        data: ChallengeData {
+            challenge: &challenge,
+            subscription: format!("{}/{}", config.namespace, config.name),
+        },
+    })
+    .map_err(|e| format!("cannot build the challenge: {e}"))?;
+    let id = webhook_id(&format!("verification-{challenge}"), &config.uid);
+    let timestamp = now.as_second();
+    let signature = signing::signature_header(&config.signing_keys, &id, timestamp, &body);
+    let response = config
+        .client
+        .post(&config.url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("the verification request failed: {}", super::root_cause(&e)))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!(
+            "the endpoint answered the verification request with HTTP {}",
+            status.as_u16()
+        ));
+    }
+    // The echo is small; a large answer is not one.
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("the verification answer could not be read: {e}"))?;
+    if body.len() <= 4096 && echoes(&body, &challenge) {
+        Ok(())
+    } else {
+        Err("the endpoint answered 2xx but did not echo the challenge".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_challenge_counts_as_an_echo() {
+        assert!(echoes(br#"{"challenge": "abc"}"#, "abc"));
+        assert!(echoes(b"abc\n", "abc"));
+        assert!(!echoes(br#"{"challenge": "abd"}"#, "abc"));
+        assert!(!echoes(b"{}", "abc"));
+        assert!(!echoes(b"", "abc"));
+        assert!(!echoes(b"abcd", "abc"));
+    }
+}
