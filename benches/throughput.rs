@@ -160,6 +160,7 @@ async fn rig(subscriptions: usize) -> Rig {
     let app = mailhook::source::http::router(&config, pipeline, Tokens::load(tokens_file).expect("tokens"), readiness);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind ingest");
     let ingest = listener.local_addr().expect("addr");
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, app).await });
     Rig {
         ingest,

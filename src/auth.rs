@@ -1,8 +1,10 @@
 //! Bearer-token authentication shared by the ingest API and the admin API.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
 use tracing::warn;
@@ -12,6 +14,55 @@ use tracing::warn;
 pub struct Tokens {
     path: PathBuf,
     tokens: Arc<RwLock<Vec<String>>>,
+    failures: Arc<FailureLimit>,
+}
+
+/// What an authentication attempt came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    Accepted,
+    Refused,
+    /// Too many failures from this address lately: refused without looking at the token
+    /// for this long.
+    Locked(Duration),
+}
+
+/// Failed attempts per client address. After `MAX_FAILURES` within `WINDOW` every attempt
+/// from that address is refused until the window ends, so tokens cannot be guessed at
+/// speed; successes never count, so a busy producer is never locked out by its own traffic.
+#[derive(Default)]
+struct FailureLimit {
+    by_peer: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+const MAX_FAILURES: u32 = 10;
+const WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at most; expired entries are dropped first, then the map is cleared
+/// (an attacker with that many addresses is not slowed by a per-address limit anyway).
+const MAX_PEERS: usize = 100_000;
+
+impl FailureLimit {
+    fn locked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
+        let map = self.by_peer.lock().ok()?;
+        let (n, since) = map.get(&peer)?;
+        let left = WINDOW.checked_sub(now.duration_since(*since))?;
+        (*n >= MAX_FAILURES && !left.is_zero()).then_some(left)
+    }
+
+    fn failed(&self, peer: IpAddr, now: Instant) {
+        let Ok(mut map) = self.by_peer.lock() else { return };
+        if map.len() >= MAX_PEERS {
+            map.retain(|_, (_, since)| now.duration_since(*since) < WINDOW);
+            if map.len() >= MAX_PEERS {
+                map.clear();
+            }
+        }
+        let entry = map.entry(peer).or_insert((0, now));
+        if now.duration_since(entry.1) >= WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+    }
 }
 
 impl std::fmt::Debug for Tokens {
@@ -26,6 +77,7 @@ impl Tokens {
         let tokens = Tokens {
             path,
             tokens: Arc::default(),
+            failures: Arc::default(),
         };
         tokens.reload()?;
         Ok(tokens)
@@ -36,6 +88,7 @@ impl Tokens {
         Tokens {
             path,
             tokens: Arc::new(RwLock::new(tokens)),
+            failures: Arc::default(),
         }
     }
 
@@ -77,12 +130,26 @@ impl Tokens {
 
     /// Whether the request carries `Authorization: Bearer <one of the tokens>`.
     pub fn accepts_request(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .is_some_and(|t| self.accepts(t))
+        bearer(headers).is_some_and(|t| self.accepts(t))
+    }
+
+    /// Checks a request's bearer token, counting failures per client address.
+    pub fn check_request(&self, headers: &HeaderMap, peer: IpAddr) -> Auth {
+        self.check(bearer(headers), peer)
+    }
+
+    /// Checks a presented token (None: none presented), counting failures per address.
+    pub fn check(&self, presented: Option<&str>, peer: IpAddr) -> Auth {
+        let now = Instant::now();
+        if let Some(left) = self.failures.locked(peer, now) {
+            return Auth::Locked(left);
+        }
+        if presented.is_some_and(|t| self.accepts(t)) {
+            return Auth::Accepted;
+        }
+        self.failures.failed(peer, now);
+        tracing::info!(%peer, "authentication failed");
+        Auth::Refused
     }
 
     /// Whether `presented` is one of the tokens (compared in constant time).
@@ -97,7 +164,16 @@ impl Tokens {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Equality whose time depends only on the lengths, not on where the bytes differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -168,4 +244,36 @@ pub fn random_bytes() -> [u8; 32] {
         }
     }
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_failures_lock_an_address_out_but_not_others() {
+        let tokens = Tokens::with(PathBuf::from("/nonexistent"), vec!["right".into()]);
+        let (attacker, other) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        for _ in 0..MAX_FAILURES {
+            assert_eq!(tokens.check(Some("wrong"), attacker), Auth::Refused);
+        }
+        assert!(
+            matches!(tokens.check(Some("right"), attacker), Auth::Locked(_)),
+            "even a right guess is refused"
+        );
+        assert_eq!(tokens.check(Some("right"), other), Auth::Accepted);
+        assert_eq!(tokens.check(None, other), Auth::Refused);
+    }
+
+    #[test]
+    fn a_window_later_the_address_may_try_again() {
+        let limit = FailureLimit::default();
+        let peer = IpAddr::from([10, 0, 0, 1]);
+        let start = Instant::now();
+        for _ in 0..MAX_FAILURES {
+            limit.failed(peer, start);
+        }
+        assert!(limit.locked(peer, start).is_some());
+        assert_eq!(limit.locked(peer, start + WINDOW), None);
+    }
 }

@@ -408,6 +408,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let app = source::http::router(&ingest_config, pipeline.clone(), tokens, readiness.clone());
         let stop = stopped();
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
                 tracing::error!(%err, "ingest server failed");
             }

@@ -8,10 +8,11 @@
 //!
 //! `since` is an RFC 3339 time or a duration back from now (`2h`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +21,7 @@ use serde_json::json;
 use tracing::info;
 
 use crate::api::parse_since;
-use crate::auth::Tokens;
+use crate::auth::{Auth, Tokens};
 use crate::controller::Directory;
 use crate::delivery::Deliveries;
 use crate::store::{Attempt, DeadLetter};
@@ -89,6 +90,11 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let mut response = (self.0, axum::Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+        }
         if self.0 == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -102,6 +108,7 @@ impl IntoResponse for Refusal {
 fn resolve(
     history: &History,
     headers: &HeaderMap,
+    peer: std::net::IpAddr,
     namespace: String,
     name: String,
     params: Params,
@@ -112,11 +119,23 @@ fn resolve(
             "the history API is off: start the operator with --admin-token-file",
         ));
     };
-    if !tokens.accepts_request(headers) {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown bearer token: send Authorization: Bearer <token from --admin-token-file>",
-        ));
+    match tokens.check_request(headers, peer) {
+        Auth::Accepted => {}
+        Auth::Refused => {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bearer token: send Authorization: Bearer <token from --admin-token-file>",
+            ));
+        }
+        Auth::Locked(left) => {
+            return Err(refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many failed authentications from this address; try again in {} s",
+                    left.as_secs().max(1)
+                ),
+            ));
+        }
     }
     let since = match params.since.as_deref() {
         None => jiff::Timestamp::MIN,
@@ -163,9 +182,10 @@ async fn attempts(
     State(history): State<History>,
     Path((namespace, name)): Path<(String, String)>,
     params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<axum::Json<AttemptList>, Refusal> {
-    let (subscription, since, limit) = resolve(&history, &headers, namespace, name, query(params)?)?;
+    let (subscription, since, limit) = resolve(&history, &headers, peer.ip(), namespace, name, query(params)?)?;
     let store = history.deliveries.store().clone();
     let uid = subscription.uid.clone();
     let items = blocking(move || store.attempts(&uid, since, limit)).await?;
@@ -176,9 +196,10 @@ async fn dead_letters(
     State(history): State<History>,
     Path((namespace, name)): Path<(String, String)>,
     params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<axum::Json<DeadLetterList>, Refusal> {
-    let (subscription, since, limit) = resolve(&history, &headers, namespace, name, query(params)?)?;
+    let (subscription, since, limit) = resolve(&history, &headers, peer.ip(), namespace, name, query(params)?)?;
     let store = history.deliveries.store().clone();
     let uid = subscription.uid.clone();
     let items = blocking(move || store.dead_letters(&uid, since, limit)).await?;
@@ -189,9 +210,10 @@ async fn replay(
     State(history): State<History>,
     Path((namespace, name)): Path<(String, String)>,
     params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Replayed>, Refusal> {
-    let (subscription, since, _) = resolve(&history, &headers, namespace, name, query(params)?)?;
+    let (subscription, since, _) = resolve(&history, &headers, peer.ip(), namespace, name, query(params)?)?;
     let deliveries = history.deliveries.clone();
     let uid = subscription.uid.clone();
     let replayed = blocking(move || deliveries.replay(&uid, since)).await?;

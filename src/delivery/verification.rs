@@ -12,6 +12,7 @@ use base64::Engine;
 use serde::Serialize;
 
 use super::{DeliveryConfig, signing, webhook_id};
+use crate::auth::constant_time_eq;
 
 #[derive(Serialize)]
 struct Challenge<'a> {
@@ -38,10 +39,6 @@ pub fn echoes(body: &[u8], challenge: &str) -> bool {
         return constant_time_eq(echo.challenge.as_bytes(), challenge.as_bytes());
     }
     std::str::from_utf8(body).is_ok_and(|t| constant_time_eq(t.trim().as_bytes(), challenge.as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Sends the challenge to the endpoint; Ok when it echoed it, else why not, phrased for

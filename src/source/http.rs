@@ -3,12 +3,13 @@
 //! event is checked before any is stored.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -19,7 +20,7 @@ use tracing::info;
 use super::{Pipeline, normalize_address};
 use crate::admin::Readiness;
 use crate::api::{Direction, EventType};
-use crate::auth::Tokens;
+use crate::auth::{Auth, Tokens};
 use crate::event::{Attachment, MailboxEvent, Source};
 
 const MAX_ATTACHMENTS: usize = 1000;
@@ -137,10 +138,40 @@ impl IntoResponse for Refusal {
 
 async fn ingest(
     State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let metrics = state.pipeline.metrics.clone();
+    let refused = |status, message: String| {
+        metrics.events_ingested.with_label_values(&["http", "rejected"]).inc();
+        Refusal {
+            status,
+            message,
+            field: None,
+        }
+    };
+    match state.tokens.check_request(&headers, peer.ip()) {
+        Auth::Accepted => {}
+        Auth::Refused => {
+            return refused(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bearer token: send Authorization: Bearer <token from the ingest token file>".into(),
+            )
+            .into_response();
+        }
+        Auth::Locked(left) => {
+            let mut response = refused(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed authentications from this address; wait before trying again".into(),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, left.as_secs().max(1).into());
+            return response;
+        }
+    }
     match accept(&state, &headers, body).await {
         Ok(response) => response,
         Err(refusal) => {
@@ -157,14 +188,6 @@ async fn accept(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, Refusal> {
-    if !state.tokens.accepts_request(headers) {
-        return Err(Refusal {
-            status: StatusCode::UNAUTHORIZED,
-            message: "missing or unknown bearer token: send Authorization: Bearer <token from the ingest token file>"
-                .into(),
-            field: None,
-        });
-    }
     if !state.readiness.is_ready() {
         return Err(Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::Pipeline;
 use super::journal::{self, Envelope};
 use crate::admin::Readiness;
+use crate::auth::Auth;
 
 /// SMTP listener settings (flags of `mailhook run`).
 #[derive(Debug, Clone)]
@@ -144,7 +145,7 @@ pub async fn serve(
         let permit = slots.clone().try_acquire_owned();
         tokio::spawn(
             async move {
-                let mut session = Session::new(Box::new(stream), &config);
+                let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                 let result = match permit {
                     Err(_) => session.reply("421 4.7.0 Too many connections; try again later").await,
                     Ok(_permit) if !readiness.is_ready() => {
@@ -170,6 +171,8 @@ enum Line {
 
 struct Session {
     io: BufReader<Box<dyn Stream>>,
+    /// The client's address (failed AUTH attempts are counted per address).
+    peer: std::net::IpAddr,
     idle: Duration,
     tls: bool,
     authenticated: bool,
@@ -182,9 +185,10 @@ struct Transaction {
 }
 
 impl Session {
-    fn new(stream: Box<dyn Stream>, config: &SmtpConfig) -> Session {
+    fn new(stream: Box<dyn Stream>, peer: std::net::IpAddr, config: &SmtpConfig) -> Session {
         Session {
             io: BufReader::new(stream),
+            peer,
             idle: config.idle_timeout,
             tls: false,
             authenticated: false,
@@ -396,12 +400,21 @@ impl Session {
                         } else {
                             initial.trim().to_string()
                         };
-                        if plain_password(&response).is_some_and(|p| tokens.accepts(&p)) {
-                            self.authenticated = true;
-                            self.reply("235 2.7.0 Authentication successful").await?;
-                        } else {
-                            count(pipeline, "rejected");
-                            self.reply("535 5.7.8 Authentication credentials invalid").await?;
+                        match tokens.check(plain_password(&response).as_deref(), self.peer) {
+                            Auth::Accepted => {
+                                self.authenticated = true;
+                                self.reply("235 2.7.0 Authentication successful").await?;
+                            }
+                            Auth::Refused => {
+                                count(pipeline, "rejected");
+                                self.reply("535 5.7.8 Authentication credentials invalid").await?;
+                            }
+                            Auth::Locked(_) => {
+                                count(pipeline, "rejected");
+                                self.reply("421 4.7.0 Too many failed authentications; try again later")
+                                    .await?;
+                                return Ok(());
+                            }
                         }
                     }
                 },

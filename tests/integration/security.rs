@@ -452,3 +452,36 @@ async fn an_endpoint_that_does_not_echo_the_challenge_gets_nothing_until_it_does
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_ingest_tokens_locks_the_address_out() {
+    let ns = TestNamespace::new("lockout").await;
+    let operator = Operator::start_with(&ns, &[]);
+    operator.ready().await;
+    let http = reqwest::Client::new();
+    let post = |token: &'static str| {
+        http.post(format!("http://{}/v1/events", operator.ingest))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(siem_event("guess").to_string())
+            .send()
+    };
+    for _ in 0..10 {
+        assert_eq!(post("guess").await.expect("post").status(), 401);
+    }
+    let locked = post("guess").await.expect("post");
+    assert_eq!(locked.status(), 429);
+    let retry: u64 = locked.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    // While locked, even the right token is refused: a correct guess teaches nothing.
+    assert_eq!(post(crate::support::INGEST_TOKEN).await.expect("post").status(), 429);
+    let metrics = operator.metrics().await;
+    assert!(
+        metrics.contains(r#"mailhook_events_ingested_total{outcome="rejected",source="http"} 12"#),
+        "{metrics}"
+    );
+}
