@@ -94,10 +94,11 @@ struct IngestAttachment {
 }
 
 /// A refusal: status, message, and the field at fault.
-struct Refusal {
-    status: StatusCode,
-    message: String,
-    field: Option<String>,
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
 }
 
 impl Refusal {
@@ -242,29 +243,13 @@ async fn accept(
         }
     })?;
 
-    let now = jiff::Timestamp::now();
-    let mut events = Vec::new();
-    if ndjson {
-        for (i, line) in body.split(|b| *b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            if events.len() == state.max_batch_events {
-                return Err(Refusal {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
-                    message: format!("more than {} events in one batch; split it", state.max_batch_events),
-                    field: None,
-                });
-            }
-            let at = format!("line {}", i + 1);
-            events.push(parse(line, &at).and_then(|e| normalize(e, now, &state.pipeline.internal_domains, &at))?);
-        }
-        if events.is_empty() {
-            return Err(Refusal::bad("body", "the batch holds no event"));
-        }
-    } else {
-        events.push(parse(&body, "body").and_then(|e| normalize(e, now, &state.pipeline.internal_domains, "body"))?);
-    }
+    let events = read_events(
+        &body,
+        ndjson,
+        state.max_batch_events,
+        &state.pipeline.internal_domains,
+        jiff::Timestamp::now(),
+    )?;
 
     let pipeline = state.pipeline.clone();
     let outcomes = tokio::task::spawn_blocking(move || pipeline.accept(events))
@@ -287,6 +272,41 @@ async fn accept(
         "events": outcomes.iter().map(|o| json!({"id": o.id, "duplicate": o.duplicate})).collect::<Vec<_>>(),
     });
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+}
+
+/// Reads a request body into events: one JSON event, or NDJSON with at most `max_batch`;
+/// the whole body is refused at the first bad event, naming where. Pure.
+pub fn read_events(
+    body: &[u8],
+    ndjson: bool,
+    max_batch: usize,
+    internal_domains: &[String],
+    now: jiff::Timestamp,
+) -> Result<Vec<MailboxEvent>, Refusal> {
+    if !ndjson {
+        return Ok(vec![
+            parse(body, "body").and_then(|e| normalize(e, now, internal_domains, "body"))?,
+        ]);
+    }
+    let mut events = Vec::new();
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if events.len() == max_batch {
+            return Err(Refusal {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!("more than {max_batch} events in one batch; split it"),
+                field: None,
+            });
+        }
+        let at = format!("line {}", i + 1);
+        events.push(parse(line, &at).and_then(|e| normalize(e, now, internal_domains, &at))?);
+    }
+    if events.is_empty() {
+        return Err(Refusal::bad("body", "the batch holds no event"));
+    }
+    Ok(events)
 }
 
 fn parse(bytes: &[u8], at: &str) -> Result<IngestEvent, Refusal> {
