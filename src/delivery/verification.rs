@@ -29,6 +29,9 @@ struct ChallengeData<'a> {
     subscription: String,
 }
 
+/// Largest verification answer read.
+const MAX_ANSWER: usize = 4096;
+
 /// Whether `body` echoes `challenge`: as `{"challenge": ...}` or as the bare value.
 pub fn echoes(body: &[u8], challenge: &str) -> bool {
     #[derive(serde::Deserialize)]
@@ -76,12 +79,23 @@ pub async fn handshake(config: &DeliveryConfig) -> Result<(), String> {
             status.as_u16()
         ));
     }
-    // The echo is small; a large answer is not one.
-    let body = response
-        .bytes()
+    // The echo is small: read at most MAX_ANSWER bytes, so an endpoint cannot make the
+    // operator buffer an endless answer.
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|e| format!("the verification answer could not be read: {e}"))?;
-    if body.len() <= 4096 && echoes(&body, &challenge) {
+        .map_err(|e| format!("the verification answer could not be read: {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_ANSWER {
+            return Err(format!(
+                "the verification answer is over {MAX_ANSWER} bytes; echo only the challenge"
+            ));
+        }
+    }
+    if echoes(&body, &challenge) {
         Ok(())
     } else {
         Err("the endpoint answered 2xx but did not echo the challenge".into())
