@@ -107,7 +107,11 @@ async fn rig(subscriptions: usize) -> Rig {
             .expect("client"),
             egress: Arc::new(mailhook::delivery::egress::EgressPolicy::default()),
             timeout: Duration::from_secs(10),
-            signing_keys: vec![SigningKey::Hmac(vec![7; 32])],
+            signing_keys: vec![match std::env::var("BENCH_SIGNING").as_deref() {
+                // `v1a` signatures instead of HMAC: what an ed25519 key costs per delivery.
+                Ok("ed25519") => SigningKey::parse(&mailhook::delivery::signing::generate_ed25519().0).expect("key"),
+                _ => SigningKey::Hmac(vec![7; 32]),
+            }],
             retry_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
             max_event_age: Duration::from_secs(3600),
             dead_letter_retention: Duration::from_secs(3600),

@@ -62,6 +62,14 @@ const DEFAULT_DENY: &[(&str, &str)] = &[
     ("64:ff9b:1::/48", "a local-use NAT64 address"),
 ];
 
+/// DEFAULT_DENY parsed once (the ranges are constants; a typo fails the unit tests).
+static DEFAULTS: std::sync::LazyLock<Vec<(IpNet, &'static str)>> = std::sync::LazyLock::new(|| {
+    DEFAULT_DENY
+        .iter()
+        .filter_map(|(net, why)| net.parse().ok().map(|n| (n, *why)))
+        .collect()
+});
+
 impl EgressPolicy {
     /// Whether deliveries may connect to `ip`.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Refused> {
@@ -76,10 +84,8 @@ impl EgressPolicy {
         if self.cluster.iter().any(|n| n.contains(&ip)) {
             return refused("in the cluster's pod or service range (--egress-cluster-cidr)".into());
         }
-        for (net, why) in DEFAULT_DENY {
-            if net.parse::<IpNet>().is_ok_and(|n| n.contains(&ip)) {
-                return refused((*why).to_string());
-            }
+        if let Some((_, why)) = DEFAULTS.iter().find(|(n, _)| n.contains(&ip)) {
+            return refused((*why).to_string());
         }
         if ip == IpAddr::from([255, 255, 255, 255]) {
             return refused("the broadcast address".into());
@@ -235,6 +241,11 @@ mod tests {
         }
         let r = p.check_ip(ip("169.254.169.254")).expect_err("metadata");
         assert!(r.to_string().contains("metadata"), "{r}");
+    }
+
+    #[test]
+    fn every_default_range_parses() {
+        assert_eq!(DEFAULTS.len(), DEFAULT_DENY.len());
     }
 
     #[test]
