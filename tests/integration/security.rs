@@ -258,15 +258,24 @@ async fn an_mtls_receiver_gets_deliveries_and_a_rotated_client_certificate_keeps
     // Block style for the multi-line CA bundle.
     let sub = |name: &str, client: &str| {
         let mut y = format!(
-            "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: {name}}}\nspec:\n  endpoint:\n    url: '{}'\n    caBundle: |",
+            "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: {name}}}\nspec:\n  endpoint:\n    url: '{}'",
             receiver.url("/hooks")
         );
-        y.push_str(
-            &pki.read("ca.crt")
-                .lines()
-                .map(|l| format!("\n      {l}"))
-                .collect::<String>(),
-        );
+        match name {
+            // Certificate checks off, loudly: no CA bundle needed.
+            "unchecked" => y.push_str("\n    insecureSkipTLSVerify: true"),
+            // Neither: the receiver's private CA is unknown to the system roots.
+            "untrusted" => {}
+            _ => {
+                y.push_str("\n    caBundle: |");
+                y.push_str(
+                    &pki.read("ca.crt")
+                        .lines()
+                        .map(|l| format!("\n      {l}"))
+                        .collect::<String>(),
+                );
+            }
+        }
         if !client.is_empty() {
             y.push_str(&format!("\n    clientCertSecretRef: {{name: {client}}}"));
         }
@@ -277,9 +286,11 @@ async fn an_mtls_receiver_gets_deliveries_and_a_rotated_client_certificate_keeps
     yaml.push_str(&pki.tls_secret("client-cert", "client-a"));
     yaml.push_str(&sub("mutual", "client-cert"));
     yaml.push_str(&sub("no-client-cert", ""));
+    yaml.push_str(&sub("unchecked", "client-cert"));
+    yaml.push_str(&sub("untrusted", "client-cert"));
     apply(&ns, &yaml);
     operator.ready().await;
-    for name in ["mutual", "no-client-cert"] {
+    for name in ["mutual", "no-client-cert", "unchecked", "untrusted"] {
         status_of(&ns, name, |s| ready(s).is_some_and(|r| r.0 == "True")).await;
     }
 
@@ -302,6 +313,16 @@ async fn an_mtls_receiver_gets_deliveries_and_a_rotated_client_certificate_keeps
         .unwrap_or_default()
         .to_string();
     assert!(status["delivered"] == 0, "{status}");
+    // Without the CA the certificate is refused; skipping the check works but says so.
+    let status = status_of(&ns, "untrusted", |s| s["lastFailure"]["message"].is_string()).await;
+    assert!(status["delivered"] == 0, "{status}");
+    let status = status_of(&ns, "unchecked", |s| s["delivered"].as_u64().is_some_and(|n| n >= 1)).await;
+    assert_eq!(status["insecureSkipTLSVerify"], true);
+    let (_, _, message) = ready(&status).expect("Ready");
+    assert!(
+        message.contains("WARNING: endpoint.insecureSkipTLSVerify is true"),
+        "{message}"
+    );
 
     // Rotation: the Secret now holds a renewed certificate; no restart.
     apply(&ns, &pki.tls_secret("client-cert", "client-b"));
@@ -400,6 +421,16 @@ async fn a_receiver_holding_only_the_ed25519_public_key_verifies_every_delivery(
     )
     .await;
     assert!(got.iter().all(|r| r.verified), "{got:?}");
+    // Neither key nor message content ever reaches the log.
+    let log = operator.log();
+    assert!(
+        !log.contains(&secret) && !log.contains(&second),
+        "a signing key is in the log"
+    );
+    assert!(
+        !log.contains("alice@finance.example.com"),
+        "a mailbox address is in the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
