@@ -398,6 +398,21 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), Stor
     Ok(())
 }
 
+/// A Standard Webhooks POST of `body` to `url`, signed with every key of the subscription
+/// (deliveries and verification requests alike).
+fn signed_post(config: &DeliveryConfig, url: reqwest::Url, id: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+    let timestamp = jiff::Timestamp::now().as_second();
+    let signature = signing::signature_header(&config.signing_keys, id, timestamp, &body);
+    config
+        .client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+}
+
 /// Why a redirect failed the attempt: redirects are never followed, and a target the
 /// egress guard refuses (a redirect to a metadata address is the classic SSRF) says so.
 async fn redirect_message(
@@ -491,19 +506,8 @@ async fn deliver(
 
     let id = webhook_id(&event.id, &config.uid);
     let body = payload::render(&event, &d.matched_filters, &config.payload);
-    let timestamp = jiff::Timestamp::now().as_second();
-    let signature = signing::signature_header(&config.signing_keys, &id, timestamp, &body);
     let started = Instant::now();
-    let response = config
-        .client
-        .post(sub.url.clone())
-        .header("content-type", "application/json")
-        .header("webhook-id", &id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature)
-        .body(body)
-        .send()
-        .await;
+    let response = signed_post(config, sub.url.clone(), &id, body).send().await;
     let elapsed = started.elapsed();
     let now = jiff::Timestamp::now();
     d.attempts += 1;

@@ -11,7 +11,7 @@
 use base64::Engine;
 use serde::Serialize;
 
-use super::{DeliveryConfig, signing, webhook_id};
+use super::{DeliveryConfig, signed_post, webhook_id};
 use crate::auth::constant_time_eq;
 
 #[derive(Serialize)]
@@ -59,16 +59,8 @@ pub async fn handshake(config: &DeliveryConfig) -> Result<(), String> {
     })
     .map_err(|e| format!("cannot build the challenge: {e}"))?;
     let id = webhook_id(&format!("verification-{challenge}"), &config.uid);
-    let timestamp = now.as_second();
-    let signature = signing::signature_header(&config.signing_keys, &id, timestamp, &body);
-    let response = config
-        .client
-        .post(&config.url)
-        .header("content-type", "application/json")
-        .header("webhook-id", &id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature)
-        .body(body)
+    let url = reqwest::Url::parse(&config.url).map_err(|e| format!("endpoint.url does not parse: {e}"))?;
+    let response = signed_post(config, url, &id, body)
         .send()
         .await
         .map_err(|e| format!("the verification request failed: {}", super::root_cause(&e)))?;

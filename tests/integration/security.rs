@@ -135,23 +135,12 @@ impl Pki {
         let dir = std::env::temp_dir().join(format!("mailhook-pki-{name}-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).expect("dir");
         let pki = Pki { dir };
-        pki.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            &format!("/CN={name} test CA"),
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ]);
+        crate::support::self_signed(
+            &pki.dir.join("ca.crt"),
+            &pki.dir.join("ca.key"),
+            &format!("{name} test CA"),
+            None,
+        );
         pki
     }
 

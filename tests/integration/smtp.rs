@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Operator, Receiver, TestNamespace, eventually, free_port, kubectl_run, repo_path};
+use crate::support::{Operator, Receiver, TestNamespace, eventually, free_port, kubectl_run, repo_path, self_signed};
 
 const SECRET: &str = crate::support::SIEM_SECRET;
 
@@ -308,7 +308,7 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
     let dir = std::env::temp_dir().join(format!("mailhook-{}-tls", ns.name));
     std::fs::create_dir_all(&dir).expect("dir");
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    self_signed(&cert, &key, "mailhook.test");
+    self_signed(&cert, &key, "mailhook.test", Some("IP:127.0.0.1"));
     let receiver = Receiver::start(SECRET);
     let smtp = free_port();
     let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
@@ -396,41 +396,12 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
         "a broken pair keeps the last good one"
     );
     let (new_cert, new_key) = (dir.join("new.crt"), dir.join("new.key"));
-    self_signed(&new_cert, &new_key, "mailhook-renewed.test");
+    self_signed(&new_cert, &new_key, "mailhook-renewed.test", Some("IP:127.0.0.1"));
     std::fs::rename(&new_key, &key).expect("rotate key");
     std::fs::rename(&new_cert, &cert).expect("rotate cert");
     let served = served_certificate(smtp);
     assert!(served.contains("CN=mailhook-renewed.test"), "{served}");
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Writes a self-signed P-256 certificate for 127.0.0.1 and its key.
-fn self_signed(cert: &std::path::Path, key: &std::path::Path, cn: &str) {
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .args([
-            "-days",
-            "1",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(key)
-        .arg("-out")
-        .arg(cert)
-        .output()
-        .expect("openssl");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
 }
 
 /// The subject of the certificate the receiver presents after STARTTLS (openssl s_client).

@@ -535,3 +535,31 @@ pub async fn siem(ns: &TestNamespace) -> mailhook::api::WebhookSubscription {
         .await
         .expect("get")
 }
+
+/// Writes a self-signed P-256 certificate (valid one day) for `cn`, with `san` as its
+/// subjectAltName (e.g. `IP:127.0.0.1`), and its key.
+pub fn self_signed(cert: &std::path::Path, key: &std::path::Path, cn: &str, san: Option<&str>) {
+    let mut command = std::process::Command::new("openssl");
+    command
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", &format!("/CN={cn}")]);
+    if let Some(san) = san {
+        command.args(["-addext", &format!("subjectAltName={san}")]);
+    }
+    let made = command
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
