@@ -91,6 +91,58 @@ pub fn build(settings: ClientSettings<'_>) -> Result<reqwest::Client, String> {
 mod tests {
     use super::*;
 
+    /// The guard sits in the connection path: a host name resolving to loopback is refused
+    /// when the client connects (nothing reaches the listener), and allowed by name it is
+    /// connected to. A real socket counts the connections.
+    #[tokio::test]
+    async fn the_egress_guard_decides_at_connect_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // main() installs the process's crypto provider; a test process has to itself.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        let client = |egress: EgressPolicy| {
+            build(ClientSettings {
+                timeout: Duration::from_secs(5),
+                headers: &[],
+                ca_bundle: None,
+                identity: None,
+                insecure_skip_verify: false,
+                egress: Arc::new(egress),
+            })
+            .expect("client")
+        };
+        let url = format!("http://localhost:{port}/hooks");
+        let err = client(EgressPolicy::default())
+            .post(&url)
+            .send()
+            .await
+            .expect_err("refused");
+        let mut chain = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            chain.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert!(chain.contains("the egress policy refuses localhost"), "{chain}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing reached the listener");
+
+        let allowed = EgressPolicy {
+            allow_hosts: vec!["localhost".into()],
+            ..Default::default()
+        };
+        let _ = client(allowed).post(&url).send().await;
+        assert!(accepted.load(Ordering::SeqCst) >= 1, "allowed by name: connected");
+    }
+
     #[test]
     fn headers_cannot_inject_or_override() {
         assert!(check_header("X-Api-Key", "abc").is_ok());
