@@ -152,7 +152,6 @@ async fn rig(subscriptions: usize) -> Rig {
         internal_domains: vec![],
         matches: Arc::new(MatchCounters::default()),
         limits: Default::default(),
-        archive: false,
     });
     let readiness = Readiness::default();
     readiness.set_ready(true);

@@ -83,6 +83,15 @@ impl Tokens {
         Ok(tokens)
     }
 
+    /// Loads the tokens of `path` and re-reads them every 10 s (a rotated Secret takes
+    /// effect without restart); `what` names them in the error.
+    pub fn load_watched(path: &std::path::Path, what: &str) -> anyhow::Result<Tokens> {
+        let tokens = Tokens::load(path.to_path_buf())
+            .map_err(|e| anyhow::anyhow!("cannot read {what} tokens from {}: {e}", path.display()))?;
+        tokens.clone().watch(Duration::from_secs(10));
+        Ok(tokens)
+    }
+
     /// Tokens known already, also re-read from `path` once it exists.
     pub fn with(path: PathBuf, tokens: Vec<String>) -> Tokens {
         Tokens {

@@ -318,12 +318,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let directory = Arc::new(controller::Directory::default());
 
     let admin_tokens = match &config.admin_token_file {
-        Some(path) => {
-            let tokens = Tokens::load(path.clone())
-                .map_err(|e| anyhow::anyhow!("cannot read admin tokens from {}: {e}", path.display()))?;
-            tokens.clone().watch(std::time::Duration::from_secs(10));
-            Some(tokens)
-        }
+        Some(path) => Some(Tokens::load_watched(path, "admin")?),
         None => {
             info!("no --admin-token-file: the history API (attempts, dead letters, replay) is off");
             None
@@ -381,7 +376,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_backlog: config.max_backlog,
             max_store_bytes: config.max_store_bytes,
         },
-        archive: raw_links.is_some(),
     });
 
     if let Some(addr) = config.ingest_addr {
@@ -431,12 +425,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                         "--smtp-auth-token-file needs --smtp-tls-cert-file: passwords never cross the wire unencrypted"
                     )
                 }
-                (Some(path), Some(_)) => {
-                    let tokens = Tokens::load(path.clone())
-                        .map_err(|e| anyhow::anyhow!("cannot read SMTP tokens from {}: {e}", path.display()))?;
-                    tokens.clone().watch(std::time::Duration::from_secs(10));
-                    Some(tokens)
-                }
+                (Some(path), Some(_)) => Some(Tokens::load_watched(path, "SMTP")?),
             },
             tls: match (&config.smtp_tls_cert_file, &config.smtp_tls_key_file) {
                 (Some(cert), Some(key)) => Some(Arc::new(source::smtp::TlsFiles::load(cert, key)?)),

@@ -25,9 +25,6 @@ pub struct Pipeline {
     /// Per-filter match counters, read by the status writer.
     pub matches: Arc<crate::controller::MatchCounters>,
     pub limits: Limits,
-    /// Whether raw messages are archived for subscriptions that ask for links to them
-    /// (`--raw-message-retention` above zero).
-    pub archive: bool,
 }
 
 /// When sources refuse new events instead of letting the backlog or the disk grow.
@@ -71,17 +68,13 @@ impl Pipeline {
 
     /// As `accept`, for events made from one raw message (they refer to it by its
     /// SHA-256): the message is archived in the same write when a subscription that gets
-    /// one of the events asks for raw message links, and otherwise not kept at all.
+    /// one of the events asks for raw message links (none does while the archive is off),
+    /// and otherwise not kept at all.
     pub fn accept_archived(
         &self,
-        mut events: Vec<MailboxEvent>,
+        events: Vec<MailboxEvent>,
         raw: Option<RawMessage>,
     ) -> Result<Vec<Appended>, StoreError> {
-        if raw.is_none() || !self.archive {
-            for e in &mut events {
-                e.raw_message = None;
-            }
-        }
         let table = self.router.current();
         let mut items = Vec::with_capacity(events.len());
         // Per source event: its index in `items`, the filters it matched, whether anyone gets it.

@@ -303,12 +303,8 @@ impl Session {
                             .await?;
                     } else if tx.mail_from.is_some() {
                         self.reply("503 5.5.1 Nested MAIL command").await?;
-                    } else if let Some(reason) = pipeline.overloaded() {
-                        count(pipeline, "throttled");
-                        self.reply(&format!(
-                            "452 4.3.1 Insufficient system storage: {reason}; try again later"
-                        ))
-                        .await?;
+                    } else if let Some(answer) = backpressure(pipeline) {
+                        self.reply(&answer).await?;
                     } else {
                         match mail_from(arg, config.max_message_bytes) {
                             Ok(from) => {
@@ -454,9 +450,8 @@ impl Session {
 /// Parses the message into events and stores them (off the async workers: parsing a
 /// large message and the durable write both block); the reply to send.
 async fn deliver(raw: Vec<u8>, envelope: Envelope, pipeline: Arc<Pipeline>) -> String {
-    if let Some(reason) = pipeline.overloaded() {
-        count(&pipeline, "throttled");
-        return format!("452 4.3.1 Insufficient system storage: {reason}; try again later");
+    if let Some(answer) = backpressure(&pipeline) {
+        return answer;
     }
     tokio::task::spawn_blocking(move || record(&raw, &envelope, &pipeline))
         .await
@@ -491,6 +486,16 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
             "451 4.3.0 Cannot store the message right now; try again later".into()
         }
     }
+}
+
+/// The 452 answer (counted as throttled) while the pipeline refuses new events: checked at
+/// MAIL, so senders stop early, and again before storing.
+fn backpressure(pipeline: &Pipeline) -> Option<String> {
+    let reason = pipeline.overloaded()?;
+    count(pipeline, "throttled");
+    Some(format!(
+        "452 4.3.1 Insufficient system storage: {reason}; try again later"
+    ))
 }
 
 /// Counts a message outcome that the pipeline does not count itself (refusals).

@@ -35,6 +35,9 @@ const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 const ATTEMPTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("attempts");
 /// Raw message SHA-256 (hex) → (unix seconds archived, message bytes).
 const RAW: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("raw_messages");
+/// (unix seconds archived, SHA-256) of every raw message: retention purges read this
+/// index, never the messages themselves.
+const RAW_BY_AGE: TableDefinition<(i64, &str), ()> = TableDefinition::new("raw_messages_by_age");
 /// Secrets kept with the data (name → 32 bytes).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -105,7 +108,8 @@ enum Op {
     TrimAttempts(String, u64),
     DeleteAttemptsOf(String),
     PutRaw(String, i64, Vec<u8>),
-    DeleteRaw(String),
+    /// (archived at, SHA-256).
+    DeleteRaw(i64, String),
 }
 
 /// Who hears that a job's commit finished.
@@ -253,6 +257,7 @@ impl DurableStore {
             txn.open_table(DEAD).map_err(io)?;
             txn.open_table(ATTEMPTS).map_err(io)?;
             txn.open_table(RAW).map_err(io)?;
+            txn.open_table(RAW_BY_AGE).map_err(io)?;
             txn.open_table(META).map_err(io)?;
             txn.commit().map_err(io)?;
         }
@@ -425,6 +430,7 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
         let mut dead = txn.open_table(DEAD).map_err(io)?;
         let mut attempts = txn.open_table(ATTEMPTS).map_err(io)?;
         let mut raw = txn.open_table(RAW).map_err(io)?;
+        let mut raw_by_age = txn.open_table(RAW_BY_AGE).map_err(io)?;
         for op in jobs.iter().flat_map(|j| &j.ops) {
             match op {
                 Op::PutEvent(id, bytes) => {
@@ -474,10 +480,17 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
                     attempts.retain_in(range, |_, _| false).map_err(io)?;
                 }
                 Op::PutRaw(sha256, at, bytes) => {
-                    raw.insert(sha256.as_str(), (*at, bytes.as_slice())).map_err(io)?;
+                    // Archived again: its age starts over.
+                    if let Some(old) = raw.insert(sha256.as_str(), (*at, bytes.as_slice())).map_err(io)? {
+                        let old_at = old.value().0;
+                        drop(old);
+                        raw_by_age.remove((old_at, sha256.as_str())).map_err(io)?;
+                    }
+                    raw_by_age.insert((*at, sha256.as_str()), ()).map_err(io)?;
                 }
-                Op::DeleteRaw(sha256) => {
+                Op::DeleteRaw(at, sha256) => {
                     raw.remove(sha256.as_str()).map_err(io)?;
+                    raw_by_age.remove((*at, sha256.as_str())).map_err(io)?;
                 }
             }
         }
@@ -565,21 +578,20 @@ impl Store for DurableStore {
     }
 
     fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let old: Vec<String> = {
+        let old: Vec<Op> = {
             let txn = self.db.begin_read().map_err(io)?;
-            let table = txn.open_table(RAW).map_err(io)?;
+            let index = txn.open_table(RAW_BY_AGE).map_err(io)?;
             let mut old = Vec::new();
-            for row in table.iter().map_err(io)? {
-                let (key, value) = row.map_err(io)?;
-                if value.value().0 < before.as_second() {
-                    old.push(key.value().to_string());
-                }
+            for row in index.range((i64::MIN, "")..(before.as_second(), "")).map_err(io)? {
+                let (key, _) = row.map_err(io)?;
+                let (at, sha256) = key.value();
+                old.push(Op::DeleteRaw(at, sha256.to_string()));
             }
             old
         };
         let n = old.len() as u64;
         if n > 0 {
-            self.send(old.into_iter().map(Op::DeleteRaw).collect(), true)?;
+            self.send(old, true)?;
         }
         Ok(n)
     }

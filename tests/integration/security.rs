@@ -59,6 +59,11 @@ async fn the_egress_guard_refuses_internal_targets_and_lets_an_allowlisted_recei
     redirector
         .mode(r#"{"redirect": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"}"#)
         .await;
+    // A redirect to the trap itself: were redirects followed, the trap would see it.
+    let redirector_to_trap = Receiver::start_args(&["--secret", SIEM_SECRET, "--host", "127.0.0.2"]);
+    redirector_to_trap
+        .mode(&format!(r#"{{"redirect": "{}"}}"#, trap.url("/hooks")))
+        .await;
     let operator = Operator::start_with(&ns, &["--egress-allow", "127.0.0.2/32"]);
     let refused = [
         ("loopback", trap.url("/hooks"), "127.0.0.1 is a loopback address"),
@@ -89,6 +94,11 @@ async fn the_egress_guard_refuses_internal_targets_and_lets_an_allowlisted_recei
     }
     yaml.push_str(&subscription("internal", &internal.url("/hooks"), ""));
     yaml.push_str(&subscription("redirected", &redirector.url("/hooks"), ""));
+    yaml.push_str(&subscription(
+        "redirected-to-trap",
+        &redirector_to_trap.url("/hooks"),
+        "",
+    ));
     apply(&ns, &yaml);
     operator.ready().await;
 
@@ -103,6 +113,7 @@ async fn the_egress_guard_refuses_internal_targets_and_lets_an_allowlisted_recei
     }
     status_of(&ns, "internal", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
     status_of(&ns, "redirected", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    status_of(&ns, "redirected-to-trap", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
 
     let (code, body) = operator.ingest(&[siem_event("egress-1")]).await;
     assert_eq!(code, 202, "{body}");
@@ -117,6 +128,13 @@ async fn the_egress_guard_refuses_internal_targets_and_lets_an_allowlisted_recei
     assert!(
         failure.contains("redirect to http://169.254.169.254/latest/meta-data/iam/security-credentials/ not followed")
             && failure.contains("cloud metadata"),
+        "{failure}"
+    );
+    let status = status_of(&ns, "redirected-to-trap", |s| s["lastFailure"]["message"].is_string()).await;
+    let failure = status["lastFailure"]["message"].as_str().unwrap_or_default();
+    assert!(
+        failure.contains(&format!("redirect to {} not followed", trap.url("/hooks")))
+            && failure.contains("127.0.0.1 is a loopback address"),
         "{failure}"
     );
     assert!(

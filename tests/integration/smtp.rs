@@ -47,6 +47,27 @@ fn swaks(server: std::net::SocketAddr, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// swaks sending the message in `data` (a file, or `@file`) as is.
+fn swaks_data(server: std::net::SocketAddr, from: &str, to: &str, data: &str) -> (bool, String) {
+    swaks(server, &["--from", from, "--to", to, "--data", data])
+}
+
+/// swaks sending a short message with `subject` and `body`, plus the flags in `extra`
+/// (TLS, AUTH, attachments).
+fn swaks_mail(
+    server: std::net::SocketAddr,
+    from: &str,
+    to: &str,
+    subject: &str,
+    body: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let header = format!("Subject: {subject}");
+    let mut args = vec!["--from", from, "--to", to, "--header", &header, "--body", body];
+    args.extend_from_slice(extra);
+    swaks(server, &args)
+}
+
 async fn ready(operator: &Operator, ns: &TestNamespace) {
     operator.ready().await;
     eventually(
@@ -120,17 +141,7 @@ async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_ri
 
     // An Exchange journal report: four internal recipients (To, Cc, Bcc, a list member).
     let report = repo_path("tests/fixtures/journal/inbound-report.eml");
-    let (ok, out) = swaks(
-        smtp,
-        &[
-            "--from",
-            "journal@contoso.com",
-            "--to",
-            "archive@journal.example.net",
-            "--data",
-            &report,
-        ],
-    );
+    let (ok, out) = swaks_data(smtp, "journal@contoso.com", "archive@journal.example.net", &report);
     assert!(ok && out.contains("250 2.0.0 OK: recorded as evt_"), "{out}");
     let got = eventually(
         "4 message.received + 4 compliance.flagged",
@@ -166,33 +177,11 @@ async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_ri
     assert!(alice["data"].get("bcc").is_none(), "Bcc is never delivered");
 
     // The same report again (the journal retried): acknowledged, not delivered twice.
-    let (ok, out) = swaks(
-        smtp,
-        &[
-            "--from",
-            "journal@contoso.com",
-            "--to",
-            "archive@journal.example.net",
-            "--data",
-            &report,
-        ],
-    );
+    let (ok, out) = swaks_data(smtp, "journal@contoso.com", "archive@journal.example.net", &report);
     assert!(ok && out.contains("250 2.0.0"), "{out}");
 
     // A plain copy to a journaled mailbox.
-    let (ok, out) = swaks(
-        smtp,
-        &[
-            "--from",
-            "x@fabrikam.com",
-            "--to",
-            "erin@contoso.com",
-            "--header",
-            "Subject: plain copy",
-            "--body",
-            "hello",
-        ],
-    );
+    let (ok, out) = swaks_mail(smtp, "x@fabrikam.com", "erin@contoso.com", "plain copy", "hello", &[]);
     assert!(ok, "{out}");
     eventually(
         "the plain copy as message.received for erin",
@@ -207,17 +196,7 @@ async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_ri
 
     // Bad input: each gets its reply, and nothing is half-stored.
     let broken = repo_path("tests/fixtures/journal/report-without-original.eml");
-    let (ok, out) = swaks(
-        smtp,
-        &[
-            "--from",
-            "j@contoso.com",
-            "--to",
-            "a@journal.example.net",
-            "--data",
-            &broken,
-        ],
-    );
+    let (ok, out) = swaks_data(smtp, "j@contoso.com", "a@journal.example.net", &broken);
     assert!(
         !ok && out.contains("554 5.6.0") && out.contains("message/rfc822"),
         "{out}"
@@ -264,19 +243,7 @@ async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_ri
     assert!(answers.contains("354"), "{answers}");
 
     // Still serving after all that.
-    let (ok, out) = swaks(
-        smtp,
-        &[
-            "--from",
-            "x@fabrikam.com",
-            "--to",
-            "gina@contoso.com",
-            "--header",
-            "Subject: after",
-            "--body",
-            "ok",
-        ],
-    );
+    let (ok, out) = swaks_mail(smtp, "x@fabrikam.com", "gina@contoso.com", "after", "ok", &[]);
     assert!(ok, "{out}");
     let got = eventually(
         "the last message delivered",
@@ -350,8 +317,12 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
         ],
     );
     assert!(!ok && out.contains("535 5.7.8"), "{out}");
-    let (ok, out) = swaks(
+    let (ok, out) = swaks_mail(
         smtp,
+        "x@fabrikam.com",
+        "erin@contoso.com",
+        "over tls",
+        "secret",
         &[
             "--tls",
             "--auth",
@@ -360,14 +331,6 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
             "relay",
             "--auth-password",
             "relay-secret",
-            "--from",
-            "x@fabrikam.com",
-            "--to",
-            "erin@contoso.com",
-            "--header",
-            "Subject: over tls",
-            "--body",
-            "secret",
         ],
     );
     assert!(
@@ -453,17 +416,13 @@ async fn a_message_relayed_by_postfix_arrives_as_message_received_and_is_flagged
     let attachment = std::env::temp_dir().join(format!("mailhook-{}-contract.pdf", ns.name));
     let pdf = b"%PDF-1.4 contract relayed by postfix\n".repeat(200);
     std::fs::write(&attachment, &pdf).expect("attachment");
-    let (ok, out) = swaks(
+    let (ok, out) = swaks_mail(
         postfix.listen,
+        "sales@fabrikam.com",
+        "alice@contoso.com",
+        "=?utf-8?q?Vertrag_=C3=BCber_Lizenzen?=",
+        "Please find the contract attached.",
         &[
-            "--from",
-            "sales@fabrikam.com",
-            "--to",
-            "alice@contoso.com",
-            "--header",
-            "Subject: =?utf-8?q?Vertrag_=C3=BCber_Lizenzen?=",
-            "--body",
-            "Please find the contract attached.",
             "--attach-type",
             "application/pdf",
             "--attach-name",
@@ -687,16 +646,11 @@ async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when
         .collect();
     let file = std::env::temp_dir().join(format!("mailhook-{}-large.eml", ns.name));
     std::fs::write(&file, report_with_attachment("large-1@fabrikam.com", &attachment)).expect("write");
-    let (ok, out) = swaks(
+    let (ok, out) = swaks_data(
         smtp,
-        &[
-            "--from",
-            "journal@contoso.com",
-            "--to",
-            "archive@journal.example.net",
-            "--data",
-            &format!("@{}", file.display()),
-        ],
+        "journal@contoso.com",
+        "archive@journal.example.net",
+        &format!("@{}", file.display()),
     );
     assert!(ok && out.contains("250 2.0.0 OK: recorded"), "{out}");
     let _ = std::fs::remove_file(&file);
