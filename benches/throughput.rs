@@ -114,6 +114,7 @@ async fn rig(subscriptions: usize) -> Rig {
             }],
             retry_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
             max_event_age: Duration::from_secs(3600),
+            max_retry_after: Duration::from_secs(3600),
             dead_letter_retention: Duration::from_secs(3600),
             disable_after: Duration::from_secs(3600),
             payload: PayloadConfig {

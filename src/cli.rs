@@ -8,7 +8,6 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::admin::client::{ListArgs, ReplayArgs};
 use crate::admin::{self, Readiness, history::History};
@@ -447,24 +446,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     } else {
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
-    let pending = Arc::new(AtomicUsize::new(scopes.len()));
-    let mut controllers = Vec::new();
-    for scope in scopes {
-        info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
-        let (pending, readiness) = (pending.clone(), readiness.clone());
-        controllers.push(tokio::spawn(controller::run(
-            client.clone(),
-            scope,
-            wiring.clone(),
-            stopped(),
-            move || {
-                if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    readiness.set_ready(true);
-                    info!("caches synced; ready");
-                }
-            },
-        )));
-    }
+    info!(
+        namespaces = ?scopes.iter().map(|s| s.as_deref().unwrap_or("<all>")).collect::<Vec<_>>(),
+        "starting controllers"
+    );
+    let ready_handle = readiness.clone();
+    let controllers = vec![tokio::spawn(controller::run(
+        client.clone(),
+        scopes,
+        wiring.clone(),
+        stopped(),
+        move || {
+            ready_handle.set_ready(true);
+            info!("caches synced; ready");
+        },
+    ))];
 
     shutdown_signal().await;
     readiness.set_ready(false);

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod delivery;
 pub mod event;
 pub mod metrics;
+pub mod panics;
 pub mod route;
 pub mod source;
 pub mod store;

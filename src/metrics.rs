@@ -18,11 +18,18 @@ pub struct Metrics {
     pub endpoint_up: IntGaugeVec,
     pub endpoint_disabled: IntGaugeVec,
     pub store_disk_bytes: prometheus::IntGauge,
+    /// Deliveries waiting or in flight over every subscription the store holds, including
+    /// any not (or no longer) known to the controllers.
+    pub store_backlog: prometheus::IntGauge,
     pub ready: prometheus::IntGauge,
     pub store_purged: IntCounterVec,
     pub replayed: IntCounterVec,
     pub reconcile_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
+    /// Panics caught on the data path, by component; each is a bug to report.
+    pub panics: IntCounterVec,
+    /// Store writes that failed, by operation.
+    pub store_errors: IntCounterVec,
 }
 
 const SUBSCRIPTION: &[&str] = &["namespace", "subscription"];
@@ -98,6 +105,10 @@ impl Metrics {
                 "mailhook_store_disk_bytes",
                 "Bytes the durable store occupies on disk (0 for the in-memory store).",
             )?,
+            store_backlog: prometheus::IntGauge::new(
+                "mailhook_store_backlog",
+                "Deliveries waiting or in flight in the store, over every subscription (what --max-backlog compares with).",
+            )?,
             ready: prometheus::IntGauge::new(
                 "mailhook_ready",
                 "1 when the operator is ready (caches synced, every resource reconciled), as /readyz.",
@@ -105,7 +116,7 @@ impl Metrics {
             store_purged: IntCounterVec::new(
                 Opts::new(
                     "mailhook_store_purged_total",
-                    "Records deleted by retention, by kind (dead_letter, attempt, producer_id).",
+                    "Records deleted by retention, by kind (dead_letter, attempt, producer_id, raw_message), and the work of deleted subscriptions dropped at start-up (orphaned_subscription, orphaned_delivery).",
                 ),
                 &["kind"],
             )?,
@@ -130,9 +141,25 @@ impl Metrics {
                 ),
                 &["kind"],
             )?,
+            panics: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_panics_total",
+                    "Panics caught on the data path, by component (ingest, smtp, route, delivery, admin); the request got an error and the listener kept serving. Each one is a bug: please report it.",
+                ),
+                &["component"],
+            )?,
+            store_errors: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_store_errors_total",
+                    "Store writes that failed on the delivery path, by operation (retry, dead_letter, complete, attempt, read_event); the delivery stays in flight and is tried again.",
+                ),
+                &["operation"],
+            )?,
             registry,
         };
         for c in [
+            &m.panics,
+            &m.store_errors,
             &m.events_ingested,
             &m.events_routed,
             &m.deliveries,
@@ -143,6 +170,7 @@ impl Metrics {
             m.registry.register(Box::new(c.clone()))?;
         }
         m.registry.register(Box::new(m.store_disk_bytes.clone()))?;
+        m.registry.register(Box::new(m.store_backlog.clone()))?;
         m.registry.register(Box::new(m.ready.clone()))?;
         for h in [&m.delivery_duration, &m.reconcile_duration] {
             m.registry.register(Box::new(h.clone()))?;

@@ -1,26 +1,69 @@
-//! Any bytes as a MailboxFilter spec (JSON, as the API server would hand it over after its
-//! own checks): compiling gives a filter or an error, and matching never panics.
+//! A MailboxFilter spec and an event, both from the fuzzer's bytes, through the routing
+//! table as ingest uses it: compiling gives a filter or an error, and routing never
+//! panics, whatever the addresses, domains, subjects and headers hold (non-ASCII,
+//! malformed, empty).
+//!
+//! Input: the spec as JSON, a NUL byte, then the event's fields separated by newlines:
+//! mailbox, from, to, cc, subject, header value, attachment name, attachment type.
+//! Bytes that are not UTF-8 become U+FFFD, as `String::from_utf8_lossy` makes them.
 #![no_main]
+
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use mailhook::api::MailboxFilterSpec;
-use mailhook::event::MailboxEvent;
-use mailhook::route::CompiledFilter;
+use mailhook::event::{Attachment, MailboxEvent};
+use mailhook::route::{CompiledFilter, FilterEntry, RoutingTable, SubscriptionRoute};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(spec) = serde_json::from_slice::<MailboxFilterSpec>(data) else {
+    let (spec, fields) = match data.iter().position(|b| *b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let Ok(spec) = serde_json::from_slice::<MailboxFilterSpec>(spec) else {
         return;
     };
     let Ok(filter) = CompiledFilter::compile(&spec) else {
         return;
     };
-    let event: MailboxEvent = serde_json::from_value(serde_json::json!({
+    let fields = String::from_utf8_lossy(fields);
+    let mut f = fields.split('\n');
+    let mut next = || f.next().unwrap_or_default().to_string();
+    let mut event: MailboxEvent = serde_json::from_value(serde_json::json!({
         "id": "evt_1", "type": "message.received", "occurredAt": "2026-01-01T00:00:00Z",
         "receivedAt": "2026-01-01T00:00:00Z", "source": "http", "mailbox": "alice@example.com",
-        "from": "x@partner.org", "to": ["alice@example.com"], "subject": "Quarterly numbers",
-        "size": 12345, "direction": "inbound", "headers": {"x-spam": "no"},
-        "attachments": [{"name": "q3.pdf", "contentType": "application/pdf", "size": 100}]
+        "size": 12345, "direction": "inbound",
     }))
     .expect("a valid event");
-    let _ = filter.matches(&event);
+    event.mailbox = next();
+    event.from = Some(next());
+    event.to = vec![next()];
+    event.cc = vec![next()];
+    event.subject = Some(next());
+    event.headers.insert("x-spam".into(), next());
+    event.attachments = vec![Attachment {
+        name: Some(next()),
+        content_type: Some(next()),
+        size: Some(100),
+        sha256: None,
+    }];
+    let compiled = Arc::new(filter);
+    let _ = compiled.matches(&event);
+    let table = RoutingTable::build(
+        vec![SubscriptionRoute {
+            uid: "sub".into(),
+            namespace: "ns".into(),
+            event_types: vec![],
+            filters: vec!["f".into()],
+        }],
+        vec![FilterEntry {
+            namespace: "ns".into(),
+            name: "f".into(),
+            compiled,
+        }],
+    );
+    let routed = table.route(&event);
+    for derived in &routed.flagged {
+        let _ = table.route(derived);
+    }
 });

@@ -46,16 +46,18 @@ pub fn router(
     raw_links: Option<Arc<RawLinks>>,
     store: Arc<dyn Store>,
 ) -> Router {
+    let catch = crate::panics::catch_layer(metrics.clone(), "admin");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(AdminState { metrics, readiness })
         .merge(history::router(history));
-    match raw_links {
+    let app = match raw_links {
         Some(links) => app.merge(crate::archive::router(links, store)),
         None => app,
-    }
+    };
+    app.layer(catch)
 }
 
 /// Serves until `shutdown` resolves.

@@ -19,6 +19,7 @@ use super::common::{Direction, EventType};
     category = "mailhook",
     status = "MailboxFilterStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Stalled","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Stalled\")].status"}"#,
     printcolumn = r#"{"name":"Matched","type":"integer","jsonPath":".status.matchedMessages"}"#,
     printcolumn = r#"{"name":"Flag","type":"string","jsonPath":".spec.flag.name"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#

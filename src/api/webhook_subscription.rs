@@ -26,6 +26,7 @@ const DURATION_LIST: &str = "self.all(d, d.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpointHost"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Healthy","type":"string","jsonPath":".status.conditions[?(@.type==\"Healthy\")].status"}"#,
+    printcolumn = r#"{"name":"Stalled","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Stalled\")].status"}"#,
     printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.backlog"}"#,
     printcolumn = r#"{"name":"Delivered","type":"integer","jsonPath":".status.delivered"}"#,
     printcolumn = r#"{"name":"Last Success","type":"date","jsonPath":".status.lastSuccessTime"}"#,
@@ -211,8 +212,10 @@ pub enum Ordering {
 #[serde(rename_all = "camelCase")]
 pub struct Delivery {
     /// Delays before each attempt, counted from the previous failure; the first entry
-    /// is the first attempt (`0s` = immediately). An event is dead-lettered once every
-    /// entry is used up. Default: 0s, 5s, 5m, 30m, 2h, 5h, 10h, 10h.
+    /// is the first attempt (`0s` = immediately). Each delay is the longest wait: the
+    /// actual one is drawn uniformly below it (full jitter), so endpoints failing together
+    /// are not retried in lock-step. An event is dead-lettered once every entry is used
+    /// up. Default: 0s, 5s, 5m, 30m, 2h, 5h, 10h, 10h.
     #[serde(default = "default_retry_schedule")]
     #[schemars(length(min = 1, max = 32), inner(length(max = 32)))]
     #[x_kube(validation = Rule::new(DURATION_LIST).message("every delivery.retrySchedule entry must be a duration such as 0s, 5s, 5m or 2h"))]
@@ -223,6 +226,14 @@ pub struct Delivery {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.maxEventAge must be a positive duration such as 72h"))]
     pub max_event_age: String,
+
+    /// Longest `Retry-After` honoured: an endpoint answering 429/502/503/504 with a longer
+    /// one is retried after this instead, so a broken or hostile endpoint cannot park
+    /// deliveries for days. Default 1h.
+    #[serde(default = "default_max_retry_after")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.maxRetryAfter must be a positive duration such as 1h"))]
+    pub max_retry_after: String,
 
     /// Most requests per second sent to this endpoint; absent means no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -258,6 +269,7 @@ impl Default for Delivery {
         Delivery {
             retry_schedule: default_retry_schedule(),
             max_event_age: default_max_event_age(),
+            max_retry_after: default_max_retry_after(),
             rate_limit_per_second: None,
             concurrency: default_concurrency(),
             ordering: Ordering::None,
@@ -275,6 +287,9 @@ fn default_retry_schedule() -> Vec<String> {
 }
 fn default_max_event_age() -> String {
     "72h".to_string()
+}
+fn default_max_retry_after() -> String {
+    "1h".to_string()
 }
 fn default_concurrency() -> u32 {
     4

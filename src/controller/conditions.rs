@@ -5,6 +5,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 pub const READY: &str = "Ready";
 pub const HEALTHY: &str = "Healthy";
+/// kstatus "abnormal-true" conditions: present (True) only while they hold, removed
+/// otherwise, so Flux, Argo CD and `kstatus` tell failed from in progress from current.
+pub const STALLED: &str = "Stalled";
+pub const RECONCILING: &str = "Reconciling";
 
 /// The desired state of one condition; `set` turns it into a `Condition`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +63,45 @@ pub fn set(conditions: &mut Vec<Condition>, desired: Desired, generation: Option
             });
             true
         }
+    }
+}
+
+/// Removes the condition of `type_`; true when there was one.
+pub fn remove(conditions: &mut Vec<Condition>, type_: &str) -> bool {
+    let before = conditions.len();
+    conditions.retain(|c| c.type_ != type_);
+    conditions.len() != before
+}
+
+/// What `Ready` means for kstatus readers: `Stalled` when the resource cannot become
+/// ready until someone changes it (`waiting_on_change`), `Reconciling` while it is on its
+/// way (`in_progress`), neither when it is ready or deliberately held (paused). Pure.
+pub fn progress(ready: &Desired, in_progress: bool, waiting_on_change: bool) -> Option<Desired> {
+    let (type_, status) = if in_progress {
+        (RECONCILING, Status::True)
+    } else if waiting_on_change && ready.status == Status::False {
+        (STALLED, Status::True)
+    } else {
+        return None;
+    };
+    Some(Desired {
+        type_,
+        status,
+        reason: ready.reason,
+        message: ready.message.clone(),
+    })
+}
+
+/// Sets the kstatus conditions `progress` decided, removing the other (or both).
+pub fn set_progress(conditions: &mut Vec<Condition>, progress: Option<Desired>, generation: Option<i64>, now: &Time) {
+    let keep = progress.as_ref().map(|p| p.type_);
+    for type_ in [STALLED, RECONCILING] {
+        if keep != Some(type_) {
+            remove(conditions, type_);
+        }
+    }
+    if let Some(p) = progress {
+        set(conditions, p, generation, now);
     }
 }
 

@@ -59,7 +59,7 @@ pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>)
 pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let ns = filter.namespace().ok_or(Error::NotNamespaced)?;
-    super::synced(&ctx.subscriptions).await?;
+    ctx.subscriptions.synced().await?;
     let mut users: Vec<String> = ctx
         .subscriptions
         .state()
@@ -69,6 +69,8 @@ pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<
         .collect();
     users.sort();
     let (ready, compiled) = compile(&filter);
+    // An invalid pattern stays invalid until the filter is edited (which is watched).
+    let stalled = compiled.is_none();
     if let Ok(mut state) = ctx.state.lock() {
         state.filters.insert(
             (ns, filter.name_any()),
@@ -86,6 +88,9 @@ pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<
         .reconcile_duration
         .with_label_values(&["MailboxFilter"])
         .observe(started.elapsed().as_secs_f64());
+    if stalled {
+        return Ok(Action::await_change());
+    }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 

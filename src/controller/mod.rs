@@ -41,6 +41,36 @@ where
     }
 }
 
+/// The object caches of one kind over every watched namespace: one reflector store per
+/// `--watch-namespace` (or one over all namespaces). Everything that decides what exists
+/// (routing, status, garbage collection, readiness) reads the union, so a namespace's
+/// reconcile never drops another namespace's objects.
+pub struct Caches<K: kube::runtime::reflector::Lookup<DynamicType = ()> + Clone + 'static> {
+    stores: Vec<Store<K>>,
+}
+
+impl<K> Caches<K>
+where
+    K: kube::runtime::reflector::Lookup<DynamicType = ()> + Clone + 'static,
+{
+    pub fn new(stores: Vec<Store<K>>) -> Caches<K> {
+        Caches { stores }
+    }
+
+    /// Every cached object, over every watched namespace.
+    pub fn state(&self) -> Vec<Arc<K>> {
+        self.stores.iter().flat_map(Store::state).collect()
+    }
+
+    /// Waits until every store has its initial list.
+    pub async fn synced(&self) -> Result<(), Error> {
+        for store in &self.stores {
+            synced(store).await?;
+        }
+        Ok(())
+    }
+}
+
 /// The one field manager under which the operator writes status (server-side apply).
 pub const FIELD_MANAGER: &str = "mailhook";
 
@@ -107,6 +137,14 @@ impl MatchCounters {
         }
     }
 
+    /// Forgets the counts of filters not in `live` (deleted): a filter created again
+    /// under the same name starts from zero.
+    pub fn retain(&self, live: &std::collections::HashSet<(String, String)>) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.retain(|k, _| live.contains(k));
+        }
+    }
+
     pub fn get(&self, namespace: &str, name: &str) -> MatchCount {
         self.inner
             .lock()
@@ -155,8 +193,8 @@ pub struct State {
 pub struct Context {
     pub client: Client,
     recorder: Recorder,
-    pub subscriptions: Store<WebhookSubscription>,
-    pub filters: Store<MailboxFilter>,
+    pub subscriptions: Caches<WebhookSubscription>,
+    pub filters: Caches<MailboxFilter>,
     pub deliveries: Arc<Deliveries>,
     pub router: Arc<Router>,
     pub matches: Arc<MatchCounters>,
@@ -186,6 +224,23 @@ impl Context {
                     .filters
                     .contains_key(&(f.namespace().unwrap_or_default(), f.name_any()))
             })
+    }
+
+    /// Once the caches are synced: drops the stored work of subscriptions that exist in no
+    /// watched namespace (deleted while the operator was down). A failure is logged and
+    /// left for the next start; it never holds up readiness.
+    async fn drop_orphans(&self) {
+        let live: std::collections::HashSet<String> =
+            self.subscriptions.state().iter().filter_map(|w| w.uid()).collect();
+        let deliveries = self.deliveries.clone();
+        match tokio::task::spawn_blocking(move || deliveries.drop_orphans(&live)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(subscriptions = n, "dropped stored work of deleted subscriptions"),
+            Ok(Err(err)) => {
+                warn!(%err, "cannot drop the stored work of deleted subscriptions; will try at the next start")
+            }
+            Err(err) => warn!(%err, "dropping the stored work of deleted subscriptions stopped unexpectedly"),
+        }
     }
 
     /// Rebuilds the routing table from the current state and swaps it in.
@@ -286,21 +341,30 @@ pub struct Wiring {
     pub egress: Arc<crate::delivery::egress::EgressPolicy>,
 }
 
-/// Runs both controllers and the status writer over `namespace` (all namespaces when
-/// None) until `shutdown`. `on_ready` is called once both object caches are synced.
+/// Runs both controllers for every scope in `scopes` (a namespace, or None for all
+/// namespaces), one status writer and one readiness check over all of them, until
+/// `shutdown`. The scopes share one state and one routing table: a rebuild always holds
+/// every namespace's routes. `on_ready` is called once every cache is synced and every
+/// cached object reconciled.
 pub async fn run(
     client: Client,
-    namespace: Option<String>,
+    scopes: Vec<Option<String>>,
     wiring: Wiring,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     on_ready: impl FnOnce() + Send + 'static,
 ) {
-    let ns = namespace.as_deref();
     let config = watcher::Config::default();
-    let subscriptions = Controller::new(api::<WebhookSubscription>(&client, ns), config.clone());
-    let filters = Controller::new(api::<MailboxFilter>(&client, ns), config.clone());
-    let subscription_store = subscriptions.store();
-    let filter_store = filters.store();
+    let scoped: Vec<_> = scopes
+        .iter()
+        .map(|ns| {
+            let ns = ns.as_deref();
+            (
+                ns.map(String::from),
+                Controller::new(api::<WebhookSubscription>(&client, ns), config.clone()),
+                Controller::new(api::<MailboxFilter>(&client, ns), config.clone()),
+            )
+        })
+        .collect();
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
@@ -309,8 +373,8 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
-        subscriptions: subscription_store.clone(),
-        filters: filter_store.clone(),
+        subscriptions: Caches::new(scoped.iter().map(|(_, s, _)| s.store()).collect()),
+        filters: Caches::new(scoped.iter().map(|(_, _, f)| f.store()).collect()),
         status_changed: wiring.deliveries.health_changed.clone(),
         deliveries: wiring.deliveries,
         router: wiring.router,
@@ -322,13 +386,6 @@ pub async fn run(
         egress: wiring.egress,
         state: Mutex::default(),
     });
-
-    // A Secret change re-checks the subscriptions that name it.
-    let by_secret = subscription_store.clone();
-    // Any filter change re-checks its namespace's subscriptions (refs, selectors, labels).
-    let by_filter = subscription_store.clone();
-    // Any subscription change refreshes its namespace's filters' lists of users.
-    let by_subscription = filter_store.clone();
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let signal = {
@@ -345,35 +402,47 @@ pub async fn run(
         }
     };
 
-    let subscriptions = subscriptions
-        .watches(api::<Secret>(&client, ns), config.clone(), move |secret: Secret| {
-            let name = secret.name_any();
-            by_secret
-                .state()
-                .iter()
-                .filter(|w| {
-                    w.namespace() == secret.namespace() && subscription::referenced_secrets(&w.spec).contains(&name)
-                })
-                .map(|w| ObjectRef::from_obj(w.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .watches(
-            api::<MailboxFilter>(&client, ns),
-            config.clone(),
-            move |f: MailboxFilter| in_namespace(&by_filter, f.namespace()),
-        )
-        .graceful_shutdown_on(stop(&shutdown_tx))
-        .run(subscription::reconcile, error_policy, ctx.clone())
-        .for_each(|_| async {});
-    let filters = filters
-        .watches(
-            api::<WebhookSubscription>(&client, ns),
-            config,
-            move |w: WebhookSubscription| in_namespace(&by_subscription, w.namespace()),
-        )
-        .graceful_shutdown_on(stop(&shutdown_tx))
-        .run(filter::reconcile, error_policy, ctx.clone())
-        .for_each(|_| async {});
+    let mut loops: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
+    for (ns, subscriptions, filters) in scoped {
+        let ns = ns.as_deref();
+        // A Secret change re-checks the subscriptions that name it.
+        let by_secret = subscriptions.store();
+        // Any filter change re-checks its namespace's subscriptions (refs, selectors, labels).
+        let by_filter = subscriptions.store();
+        // Any subscription change refreshes its namespace's filters' lists of users.
+        let by_subscription = filters.store();
+        let subscriptions = subscriptions
+            .watches(api::<Secret>(&client, ns), config.clone(), move |secret: Secret| {
+                let name = secret.name_any();
+                by_secret
+                    .state()
+                    .iter()
+                    .filter(|w| {
+                        w.namespace() == secret.namespace() && subscription::referenced_secrets(&w.spec).contains(&name)
+                    })
+                    .map(|w| ObjectRef::from_obj(w.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+            .watches(
+                api::<MailboxFilter>(&client, ns),
+                config.clone(),
+                move |f: MailboxFilter| in_namespace(&by_filter, f.namespace()),
+            )
+            .graceful_shutdown_on(stop(&shutdown_tx))
+            .run(subscription::reconcile, error_policy, ctx.clone())
+            .for_each(|_| async {});
+        let filters = filters
+            .watches(
+                api::<WebhookSubscription>(&client, ns),
+                config.clone(),
+                move |w: WebhookSubscription| in_namespace(&by_subscription, w.namespace()),
+            )
+            .graceful_shutdown_on(stop(&shutdown_tx))
+            .run(filter::reconcile, error_policy, ctx.clone())
+            .for_each(|_| async {});
+        loops.push(Box::pin(subscriptions));
+        loops.push(Box::pin(filters));
+    }
     let writer = status::run(ctx.clone(), stop(&shutdown_tx));
 
     // Ready (and ingest open) only once every cached object has been reconciled into the
@@ -382,12 +451,13 @@ pub async fn run(
     let ready_stop = stop(&shutdown_tx);
     let ready = async move {
         let wait = async {
-            if synced(&subscription_store).await.is_err() || synced(&filter_store).await.is_err() {
+            if routed_ctx.subscriptions.synced().await.is_err() || routed_ctx.filters.synced().await.is_err() {
                 return;
             }
             while !routed_ctx.all_reconciled() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            routed_ctx.drop_orphans().await;
             on_ready();
         };
         tokio::select! {
@@ -395,5 +465,5 @@ pub async fn run(
             () = ready_stop => {}
         }
     };
-    tokio::join!(signal, subscriptions, filters, ready, writer);
+    tokio::join!(signal, futures::future::join_all(loops), ready, writer);
 }

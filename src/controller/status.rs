@@ -119,6 +119,12 @@ pub fn subscription_status(
         generation,
         now,
     );
+    conditions::set_progress(
+        &mut status.conditions,
+        super::subscription::progress(&state.ready),
+        generation,
+        now,
+    );
     status.endpoint_host = state.endpoint_host.clone();
     status.signing_public_keys = state.signing_public_keys.clone();
     status.insecure_skip_tls_verify = state.insecure_skip_tls_verify;
@@ -155,6 +161,12 @@ pub fn filter_status(
     let mut status = previous.clone();
     status.observed_generation = state.generation;
     conditions::set(&mut status.conditions, state.ready.clone(), state.generation, now);
+    conditions::set_progress(
+        &mut status.conditions,
+        conditions::progress(&state.ready, false, true),
+        state.generation,
+        now,
+    );
     status.subscriptions = state.users.clone();
     status.matched_messages = matched.0;
     status.last_match_time = matched.1.map(time).or(status.last_match_time);
@@ -202,6 +214,7 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
     let now = Time(jiff::Timestamp::now());
     let store = ctx.deliveries.store().clone();
     ctx.metrics.store_disk_bytes.set(store.disk_bytes().unwrap_or(0) as i64);
+    ctx.metrics.store_backlog.set(store.total_backlog() as i64);
     let objects = ctx.subscriptions.state();
     let states: HashMap<String, SubscriptionState> = match ctx.state.lock() {
         Ok(s) => s.subscriptions.clone(),
@@ -321,6 +334,7 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
             .collect();
         let before = state.filters.len();
         state.filters.retain(|k, _| names.contains(k));
+        ctx.matches.retain(&names);
         if state.filters.len() != before {
             drop(state);
             ctx.rebuild_routes();

@@ -12,7 +12,7 @@ use kube::runtime::events::EventType as K8sEventType;
 use kube::{Api, ResourceExt};
 use tracing::{debug, info, instrument};
 
-use super::conditions::{Desired, READY, Status};
+use super::conditions::{self, Desired, READY, Status};
 use super::{Context, Error};
 use crate::api::{
     MailboxFilter, REPLAY_REQUESTED_AT, REPLAY_SINCE, ReplayStatus, WebhookSubscription, WebhookSubscriptionSpec,
@@ -52,6 +52,7 @@ pub struct ValidSubscription {
     /// Names of the MailboxFilters it uses (refs and selector), sorted.
     pub filters: Vec<String>,
     pub retry_schedule: Vec<Duration>,
+    pub max_retry_after: Duration,
     pub max_event_age: Duration,
     pub dead_letter_retention: Duration,
     pub disable_after: Duration,
@@ -114,6 +115,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
     };
     let timeout = duration("spec.endpoint.timeout", &spec.endpoint.timeout);
     let max_event_age = duration("spec.delivery.maxEventAge", &spec.delivery.max_event_age);
+    let max_retry_after = duration("spec.delivery.maxRetryAfter", &spec.delivery.max_retry_after);
     let retry_schedule: Vec<Option<Duration>> = spec
         .delivery
         .retry_schedule
@@ -281,6 +283,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References<'_>) -> Result
         filters,
         retry_schedule: retry_schedule.into_iter().flatten().collect(),
         max_event_age: max_event_age.unwrap_or_default(),
+        max_retry_after: max_retry_after.unwrap_or_default(),
         dead_letter_retention: dead_letter_retention.unwrap_or_default(),
         disable_after: disable_after.unwrap_or_default(),
         headers,
@@ -316,6 +319,17 @@ fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
             SigningKey::parse(text).map_err(|e| format!("key {key:?} {e}"))
         })
         .collect()
+}
+
+/// `Stalled` or `Reconciling` for a subscription's `Ready` (kstatus). Paused is a choice,
+/// not a failure; an unverified endpoint is on its way; every other `Ready=False` waits
+/// for a change to the subscription or what it references. Pure.
+pub fn progress(ready: &Desired) -> Option<Desired> {
+    conditions::progress(
+        ready,
+        ready.reason == reason::ENDPOINT_NOT_VERIFIED,
+        ready.reason != reason::PAUSED,
+    )
 }
 
 /// The `Ready` condition for a validation outcome. Pure.
@@ -394,6 +408,7 @@ fn delivery_config(
         signing_keys: valid.signing_keys.clone(),
         retry_schedule: valid.retry_schedule.clone(),
         max_event_age: valid.max_event_age,
+        max_retry_after: valid.max_retry_after,
         dead_letter_retention: valid.dead_letter_retention,
         disable_after: valid.disable_after,
         payload: PayloadConfig {
@@ -493,7 +508,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
     let ns = whs.namespace().ok_or(Error::NotNamespaced)?;
     let uid = whs.uid().ok_or(Error::NotNamespaced)?;
     // Filters not yet listed would look like FilterNotFound.
-    super::synced(&ctx.filters).await?;
+    ctx.filters.synced().await?;
 
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut refs = References::default();
@@ -590,6 +605,8 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         .map(|v| v.signing_keys.iter().filter_map(SigningKey::public_key).collect())
         .unwrap_or_default();
     debug!(ready = ?ready.status, reason = ready.reason, "validated");
+    let stalled = progress(&ready).is_some_and(|p| p.type_ == conditions::STALLED);
+    let egress_refused = ready.reason == reason::EGRESS_REFUSED;
     ctx.directory.set(&ns, &whs.name_any(), &uid);
 
     let mut last_replay = ctx
@@ -629,6 +646,11 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         .observe(started.elapsed().as_secs_f64());
     if not_verified.is_some() {
         return Ok(Action::requeue(VERIFY_RETRY));
+    }
+    // Stalled: nothing changes until the subscription, a Secret or a filter does, and each
+    // of those is watched. An egress refusal depends on DNS, which is not: re-check it.
+    if stalled && !egress_refused {
+        return Ok(Action::await_change());
     }
     // Periodic re-check catches what no watch reports (e.g. a filter losing a label).
     Ok(Action::requeue(Duration::from_secs(300)))

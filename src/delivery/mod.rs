@@ -43,6 +43,8 @@ pub struct DeliveryConfig {
     pub signing_keys: Vec<SigningKey>,
     pub retry_schedule: Vec<Duration>,
     pub max_event_age: Duration,
+    /// Longest `Retry-After` honoured.
+    pub max_retry_after: Duration,
     pub dead_letter_retention: Duration,
     pub disable_after: Duration,
     pub payload: PayloadConfig,
@@ -256,6 +258,33 @@ impl Deliveries {
         }
     }
 
+    /// Drops what the store holds for subscriptions that are not in `live` (deleted while
+    /// the operator was down): their queues would otherwise count against `--max-backlog`
+    /// forever. Returns how many subscriptions were dropped. Blocks on the store.
+    pub fn drop_orphans(&self, live: &std::collections::HashSet<String>) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for uid in self.store.subscriptions()? {
+            if live.contains(&uid) {
+                continue;
+            }
+            let counts = self.store.counts(&uid);
+            self.store.forget_subscription(&uid)?;
+            warn!(
+                subscription_uid = uid,
+                backlog = counts.backlog,
+                dead_letters = counts.dead_lettered,
+                "dropped the queue, dead letters and attempt log of a subscription that no longer exists"
+            );
+            let purged = &self.metrics.store_purged;
+            purged.with_label_values(&["orphaned_subscription"]).inc();
+            purged
+                .with_label_values(&["orphaned_delivery"])
+                .inc_by(counts.backlog + counts.dead_lettered);
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
     /// The deliveries one event needs, one per target.
     pub fn pending_for(event: &crate::event::MailboxEvent, targets: &[Target]) -> Vec<PendingDelivery> {
         targets
@@ -317,7 +346,13 @@ async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
                             let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
                                 break;
                             };
-                            tokio::spawn(deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit));
+                            tokio::spawn(deliver_guarded(
+                                deliveries.clone(),
+                                shard.clone(),
+                                sub.clone(),
+                                d,
+                                permit,
+                            ));
                         }
                     }
                     Err(err) => {
@@ -478,6 +513,66 @@ fn webhook_id(event_id: &str, subscription: &str) -> String {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// How often a store write on the delivery path is tried before it is given up.
+const STORE_WRITE_TRIES: u32 = 8;
+
+/// Makes one store write of the delivery path (`what`: retry, dead_letter, complete,
+/// attempt, read_event), trying again with backoff (100 ms doubling to 5 s, about 20 s in
+/// all) while it fails: each failure is logged and counted. Given up, the delivery stays in
+/// flight in memory and is due again from disk at the next start — never lost, never
+/// repeated forever.
+async fn store_write<T>(
+    metrics: &Metrics,
+    what: &'static str,
+    subscription: &str,
+    mut write: impl FnMut() -> Result<T, StoreError>,
+) -> Option<T> {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=STORE_WRITE_TRIES {
+        match write() {
+            Ok(v) => return Some(v),
+            Err(err) => {
+                metrics.store_errors.with_label_values(&[what]).inc();
+                if attempt == STORE_WRITE_TRIES {
+                    tracing::error!(
+                        %err, operation = what, subscription, attempts = attempt,
+                        "store write failed; giving up for now: the delivery is due again after a restart"
+                    );
+                    return None;
+                }
+                warn!(%err, operation = what, subscription, attempt, "store write failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    None
+}
+
+/// `deliver`, with a panic (a bug) caught: it is counted, and the delivery goes back to
+/// its queue a minute later instead of staying in flight until the next restart.
+async fn deliver_guarded(
+    deliveries: Arc<Deliveries>,
+    shard: Arc<Shard>,
+    sub: Arc<Subscription>,
+    d: PendingDelivery,
+    permit: OwnedSemaphorePermit,
+) {
+    use futures::FutureExt;
+    let backup = d.clone();
+    let attempt = std::panic::AssertUnwindSafe(deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit));
+    if let Err(payload) = attempt.catch_unwind().await {
+        crate::panics::record(&deliveries.metrics, "delivery", payload.as_ref());
+        let mut d = backup;
+        d.not_before = jiff::Timestamp::now() + Duration::from_secs(60);
+        store_write(&deliveries.metrics, "retry", &sub.config.name, || {
+            deliveries.store.retry(d.clone())
+        })
+        .await;
+        shard.wake.notify_one();
+    }
+}
+
 async fn deliver(
     deliveries: Arc<Deliveries>,
     shard: Arc<Shard>,
@@ -487,16 +582,23 @@ async fn deliver(
 ) {
     let config = &sub.config;
     let store = &deliveries.store;
+    let metrics = &deliveries.metrics;
+    let name = config.name.as_str();
     let event = match store.event(&d.event_id) {
         Ok(Some(e)) => e,
         Ok(None) => {
-            let _ = store.dead_letter(d, "the event is no longer in the store".into());
+            let reason = "the event is no longer in the store";
+            store_write(metrics, "dead_letter", name, || {
+                store.dead_letter(d.clone(), reason.into())
+            })
+            .await;
             return;
         }
         Err(err) => {
-            warn!(%err, "cannot read event; will retry");
+            metrics.store_errors.with_label_values(&["read_event"]).inc();
+            warn!(%err, subscription = name, "cannot read the event; will retry in 1 s");
             d.not_before = jiff::Timestamp::now() + Duration::from_secs(1);
-            let _ = store.retry(d);
+            store_write(metrics, "retry", name, || store.retry(d.clone())).await;
             return;
         }
     };
@@ -577,22 +679,27 @@ async fn deliver(
         }
     }
     // Queued before the completion below, so it is on disk no later than it.
+    // The audit log is not worth holding the delivery up for: one try, counted.
     if let Err(err) = store.record_attempt(attempt) {
-        warn!(%err, "cannot log a delivery attempt");
+        metrics.store_errors.with_label_values(&["attempt"]).inc();
+        warn!(%err, subscription = name, "cannot log a delivery attempt");
     }
 
     let (outcome_label, status_label, changed) = match outcome {
         Outcome::Delivered { status } => {
             // Still holding the delivery slot: the completion is durable before the slot frees.
             if let Err(err) = async { store.complete(&d)?.wait().await }.await {
-                warn!(%err, "cannot record a completed delivery; it may be made again");
+                // Not retried: the completion may be on disk already; if not, the delivery
+                // is made once more after a restart (receivers de-duplicate by webhook-id).
+                metrics.store_errors.with_label_values(&["complete"]).inc();
+                warn!(%err, subscription = name, "cannot record a completed delivery; it may be made again");
             }
             let changed = sub.health.success(now, elapsed.as_millis() as u64);
             ("success", status_class(Some(status)), changed)
         }
         Outcome::Gone => {
             // 410: the receiver asked us to stop. Keep the event; stop the endpoint.
-            let _ = store.retry(d);
+            store_write(metrics, "retry", name, || store.retry(d.clone())).await;
             let changed = sub.health.failure(
                 Failure {
                     time: now,
@@ -630,20 +737,22 @@ async fn deliver(
                 },
                 disable,
             );
-            match retry::after_failure(
-                &config.retry_schedule,
-                d.attempts,
-                retry_after,
-                d.accepted_at,
-                config.max_event_age,
-                now,
-            ) {
+            let policy = retry::Policy {
+                schedule: &config.retry_schedule,
+                max_event_age: config.max_event_age,
+                max_retry_after: config.max_retry_after,
+            };
+            match retry::after_failure(policy, d.attempts, retry_after, d.accepted_at, now, retry::jitter()) {
                 Next::RetryAt(at) => {
                     d.not_before = at;
-                    let _ = store.retry(d);
+                    store_write(metrics, "retry", name, || store.retry(d.clone())).await;
                 }
                 Next::DeadLetter(reason) => {
-                    let _ = store.dead_letter(d, format!("{reason}; last error: {message}"));
+                    let reason = format!("{reason}; last error: {message}");
+                    store_write(metrics, "dead_letter", name, || {
+                        store.dead_letter(d.clone(), reason.clone())
+                    })
+                    .await;
                 }
             }
             ("failure", status_class(status), changed)

@@ -32,7 +32,8 @@ pub struct CompiledCriteria {
     pub mailboxes: Vec<WildMatch>,
     pub senders: Vec<WildMatch>,
     pub recipients: Vec<WildMatch>,
-    /// Lower-cased, without a leading dot.
+    /// In ASCII form (IDNA: lower-cased, internationalized labels as `xn--`), without a
+    /// leading dot, so `bücher.example` and `xn--bcher-kva.example` are one domain.
     pub domains: Vec<String>,
     pub directions: Vec<Direction>,
     /// Lower-cased.
@@ -178,11 +179,8 @@ impl CompiledCriteria {
 
     fn domain_matches(&self, e: &MailboxEvent) -> bool {
         let covered = |domain: &str| {
-            self.domains.iter().any(|d| {
-                domain.len() >= d.len()
-                    && domain[domain.len() - d.len()..].eq_ignore_ascii_case(d)
-                    && (domain.len() == d.len() || domain.as_bytes()[domain.len() - d.len() - 1] == b'.')
-            })
+            let domain = ascii_domain(domain);
+            self.domains.iter().any(|d| covers(d, &domain))
         };
         e.from.as_deref().and_then(domain_of).is_some_and(covered) || e.recipients().filter_map(domain_of).any(covered)
     }
@@ -248,7 +246,8 @@ fn globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, FilterError
                     format!("{p:?} is not a valid pattern: use an address glob without spaces, e.g. *@example.com"),
                 ));
             }
-            Ok(WildMatch::new_case_insensitive(p))
+            // Lower-cased here too: addresses arrive lower-cased (Unicode, not only ASCII).
+            Ok(WildMatch::new_case_insensitive(&p.to_lowercase()))
         })
         .collect()
 }
@@ -262,16 +261,40 @@ fn domains(list: &[String], field: &str) -> Result<Vec<String>, FilterError> {
                 && d.split('.').all(|label| {
                     !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_alphanumeric() || c == '-')
                 });
-            if valid {
-                Ok(d)
-            } else {
-                Err(err(
+            match idna::domain_to_ascii(&d) {
+                Ok(ascii) if valid && !ascii.is_empty() => Ok(ascii),
+                _ => Err(err(
                     format!("{field}[{i}]"),
                     format!("{d:?} is not a domain name: give one such as example.com (no @, no wildcards)"),
-                ))
+                )),
             }
         })
         .collect()
+}
+
+/// A domain in the form filters keep (see `CompiledCriteria::domains`). ASCII domains, the
+/// common case, only need lower-casing; a domain IDNA refuses is compared as lower-cased
+/// Unicode (it then matches no filter domain, which are all ASCII).
+fn ascii_domain(domain: &str) -> std::borrow::Cow<'_, str> {
+    if domain.is_ascii() {
+        if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+            return domain.to_ascii_lowercase().into();
+        }
+        return domain.into();
+    }
+    idna::domain_to_ascii(domain)
+        .map(Into::into)
+        .unwrap_or_else(|_| domain.to_lowercase().into())
+}
+
+/// Whether `domain` is `d` or one of its subdomains. Compares bytes: `d` is ASCII, so a
+/// match ends on a character boundary of `domain` whatever it holds.
+fn covers(d: &str, domain: &str) -> bool {
+    let (domain, d) = (domain.as_bytes(), d.as_bytes());
+    let Some(start) = domain.len().checked_sub(d.len()) else {
+        return false;
+    };
+    domain.get(start..) == Some(d) && (start == 0 || domain.get(start - 1) == Some(&b'.'))
 }
 
 fn regex(pattern: &str, field: &str) -> Result<Regex, FilterError> {

@@ -432,6 +432,84 @@ mod tests {
     }
 
     #[test]
+    fn non_ascii_addresses_domains_and_subjects_match_without_panicking() {
+        let f = |name: &str, criteria: MatchCriteria| filter("ns", name, criteria, None);
+        let subject = |keywords: &[&str], regex: Option<&str>| {
+            Some(SubjectMatch {
+                keywords: keywords.iter().map(|k| k.to_string()).collect(),
+                regex: regex.map(String::from),
+            })
+        };
+        let t = RoutingTable::build(
+            vec![
+                sub("unicode", "ns", &[], &["unicode"]),
+                sub("punycode", "ns", &[], &["punycode"]),
+                sub("ascii", "ns", &[], &["ascii"]),
+                sub("glob", "ns", &[], &["glob"]),
+                sub("words", "ns", &[], &["words"]),
+            ],
+            vec![
+                f(
+                    "unicode",
+                    MatchCriteria {
+                        domains: vec!["Bücher.example".into()],
+                        ..Default::default()
+                    },
+                ),
+                f(
+                    "punycode",
+                    MatchCriteria {
+                        domains: vec!["xn--bcher-kva.example".into()],
+                        ..Default::default()
+                    },
+                ),
+                // One byte shorter than the multi-byte sender's domain: the old suffix slice
+                // cut a character in two here and panicked.
+                f(
+                    "ascii",
+                    MatchCriteria {
+                        domains: vec!["cher.example".into()],
+                        ..Default::default()
+                    },
+                ),
+                f(
+                    "glob",
+                    MatchCriteria {
+                        senders: vec!["JÜRGEN@*".into()],
+                        ..Default::default()
+                    },
+                ),
+                f(
+                    "words",
+                    MatchCriteria {
+                        subject: subject(&["GRÖSSE"], Some("fällig$")),
+                        ..Default::default()
+                    },
+                ),
+            ],
+        );
+        let e = event(serde_json::json!({
+            "from": "jürgen@bücher.example", "to": ["zoë@straße.example"], "mailbox": "zoë@straße.example",
+            "subject": "Rechnung – fällig"
+        }));
+        let mut got = targets(&t, &e);
+        got.sort();
+        assert_eq!(
+            got,
+            vec!["glob", "punycode", "unicode", "words"],
+            "cher.example is not bücher.example"
+        );
+        // A subdomain, in Unicode or ASCII form; an unrelated look-alike is not.
+        let sub_domain = event(serde_json::json!({"from": "x@mail.xn--bcher-kva.example", "to": [], "subject": ""}));
+        let mut got = targets(&t, &sub_domain);
+        got.sort();
+        assert_eq!(got, vec!["punycode", "unicode"]);
+        let odd =
+            event(serde_json::json!({"from": "a@ü", "to": ["@", "ü@", "x@.ü.", "\u{fffd}@\u{fffd}"], "subject": "ü"}));
+        assert!(targets(&t, &odd).is_empty());
+    }
+
+    #[test]
     fn only_indexed_types_are_considered_and_filters_evaluated_once() {
         let f = filter("ns", "f", MatchCriteria::default(), None);
         let t = RoutingTable::build(

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::info;
 
-use super::{Pipeline, normalize_address};
+use super::{AcceptError, Pipeline, normalize_address};
 use crate::admin::Readiness;
 use crate::api::{Direction, EventType};
 use crate::auth::{Auth, Tokens};
@@ -47,6 +47,7 @@ pub fn router(config: &IngestConfig, pipeline: Arc<Pipeline>, tokens: Tokens, re
     Router::new()
         .route("/v1/events", post(ingest))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(crate::panics::catch_layer(pipeline.metrics.clone(), "ingest"))
         .with_state(IngestState {
             pipeline,
             tokens,
@@ -99,6 +100,15 @@ pub struct Refusal {
     pub status: StatusCode,
     pub message: String,
     pub field: Option<String>,
+}
+
+/// A 500 for a bug on our side (a caught panic): nothing of the request was accepted.
+fn internal_error(detail: String) -> Refusal {
+    Refusal {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("{detail}; nothing was accepted"),
+        field: None,
+    }
 }
 
 impl Refusal {
@@ -252,17 +262,34 @@ async fn accept(
     )?;
 
     let pipeline = state.pipeline.clone();
+    let metrics = state.pipeline.metrics.clone();
     let outcomes = tokio::task::spawn_blocking(move || pipeline.accept(events))
         .await
-        .map_err(|e| Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!("the store did not answer ({e}); nothing was accepted, retry"),
-            field: None,
+        .map_err(|e| {
+            if e.is_panic() {
+                metrics.panics.with_label_values(&["ingest"]).inc();
+                return internal_error(format!("{e}"));
+            }
+            Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("the store did not answer ({e}); nothing was accepted, retry"),
+                field: None,
+            }
         })?
-        .map_err(|e| Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!("cannot store the events ({e}); nothing was accepted, retry"),
-            field: None,
+        .map_err(|e| match e {
+            AcceptError::Store(e) => Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("cannot store the events ({e}); nothing was accepted, retry"),
+                field: None,
+            },
+            AcceptError::RoutingPanicked { index, .. } => Refusal {
+                field: Some(if ndjson {
+                    format!("event {} of the batch", index + 1)
+                } else {
+                    "body".into()
+                }),
+                ..internal_error(e.to_string())
+            },
         })?;
     let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
     info!(events = outcomes.len(), duplicates, "ingested");

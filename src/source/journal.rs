@@ -10,10 +10,12 @@
 //! - **Plain copies** (BCC journaling, transport copies): the message itself, delivered
 //!   to the journaled mailbox; the SMTP envelope recipient is that mailbox.
 //!
-//! Which events: a journal report gives `message.received` once per internal recipient
-//! (every recipient when no internal domains are configured), or one `message.sent` /
-//! `message.internal` for the sender's mailbox. A plain copy gives one event per envelope
-//! recipient, for that mailbox.
+//! Which events: a journal report gives one `message.received` per internal recipient
+//! mailbox (To, Cc, Bcc, members of an expanded list; every recipient when no internal
+//! domains are configured) and, when the sender is internal, one `message.sent` /
+//! `message.internal` for the sender's mailbox (or the one it sent on behalf of); the
+//! recipients' events then have direction `internal`. A plain copy gives one event per
+//! envelope recipient, for that mailbox.
 
 use mail_parser::{Message, MessageParser, MimeHeaders};
 use sha2::{Digest, Sha256};
@@ -257,24 +259,35 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
     };
     let dir = facts.direction(internal);
     let kind = event_type(dir);
-    if kind != EventType::MessageReceived {
-        // Sent on behalf of someone: the event belongs to that mailbox.
-        let mailbox = env.on_behalf_of.unwrap_or(from);
-        return Ok(Journaled {
-            events: vec![event(&facts, mailbox, kind, dir, now)],
-            original: raw,
-        });
-    }
+    let mut events = Vec::new();
+    // Sent on behalf of someone: the sender's event belongs to that mailbox.
+    let principal = env.on_behalf_of.unwrap_or(from);
+    let recipient_direction = if kind == EventType::MessageReceived {
+        dir
+    } else {
+        events.push(event(&facts, principal.clone(), kind, dir, now));
+        // From an internal mailbox to an internal one.
+        Some(Direction::Internal)
+    };
+    // Every internal mailbox the message reached gets its own received event (all of them
+    // when no internal domains are configured); they share the message id, so receivers
+    // can group them. The sender's own copy is its sent event.
     let mut mailboxes: Vec<&str> = facts
         .recipients()
         .filter(|r| internal.is_empty() || is_internal(r, internal))
+        .filter(|r| kind == EventType::MessageReceived || (*r != principal && Some(*r) != facts.from.as_deref()))
         .collect();
     mailboxes.sort_unstable();
     mailboxes.dedup();
-    let events = mailboxes
-        .into_iter()
-        .map(|m| event(&facts, m.to_string(), kind, dir, now))
-        .collect();
+    events.extend(mailboxes.into_iter().map(|m| {
+        event(
+            &facts,
+            m.to_string(),
+            EventType::MessageReceived,
+            recipient_direction,
+            now,
+        )
+    }));
     Ok(Journaled { events, original: raw })
 }
 
@@ -405,11 +418,57 @@ mod tests {
     #[test]
     fn outbound_report_on_behalf_of_gives_one_sent_event_for_the_principal() {
         let events = journal("outbound-report.eml").expect("parse");
-        assert_eq!(events.len(), 1);
+        assert_eq!(events.len(), 1, "no internal recipient");
         assert_eq!(events[0].event_type, EventType::MessageSent);
         assert_eq!(events[0].mailbox, "ceo@contoso.com", "On-Behalf-Of");
         assert_eq!(events[0].from.as_deref(), Some("assistant@contoso.com"));
         assert_eq!(events[0].to, ["lawyer@fabrikam.com"]);
+    }
+
+    #[test]
+    fn internal_sender_gives_a_sent_event_and_one_received_event_per_internal_recipient() {
+        let events = journal("internal-report.eml").expect("parse");
+        let got: Vec<(&str, EventType, Option<Direction>)> = events
+            .iter()
+            .map(|e| (e.mailbox.as_str(), e.event_type, e.direction))
+            .collect();
+        let received = |m| (m, EventType::MessageReceived, Some(Direction::Internal));
+        assert_eq!(
+            got,
+            [
+                ("grace@contoso.com", EventType::MessageSent, Some(Direction::Outbound)),
+                received("heidi@contoso.com"),
+                received("ivan@contoso.com"),
+                received("judy@contoso.com"),
+                received("mallory@contoso.com"),
+                received("olivia@contoso.com"),
+            ],
+            "the sender, then To, the expanded list's members, Cc and Bcc; not the external Cc"
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e.message_id.as_deref() == Some("<q3-report@contoso.com>")),
+            "one message id to group them by"
+        );
+        assert_eq!(events[1].subject.as_deref(), Some("Quartalsbericht Q3 – vertraulich"));
+        let producers: std::collections::HashSet<_> = events.iter().map(|e| e.producer_event_id.clone()).collect();
+        assert_eq!(
+            producers.len(),
+            events.len(),
+            "each mailbox's event de-duplicates on its own"
+        );
+        // Only internal recipients: the sender's event is message.internal.
+        let all_internal = parse(
+            &fixture("internal-report.eml"),
+            &Envelope::default(),
+            &["contoso.com".into(), "fabrikam.com".into()],
+            now(),
+        )
+        .expect("parse")
+        .events;
+        assert_eq!(all_internal[0].event_type, EventType::MessageInternal);
+        assert_eq!(all_internal.len(), 7, "the Cc at fabrikam.com is internal now");
     }
 
     #[test]

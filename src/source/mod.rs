@@ -27,6 +27,19 @@ pub struct Pipeline {
     pub limits: Limits,
 }
 
+/// Why the pipeline did not take a set of events; nothing of it was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Routing panicked on one event: a bug in mailhook, not in the input. It is counted in
+    /// `mailhook_panics_total{component="route"}`; other requests are unaffected.
+    #[error(
+        "internal error while routing event {index} of the request (a mailhook bug, counted in mailhook_panics_total; please report it): {message}"
+    )]
+    RoutingPanicked { index: usize, message: String },
+}
+
 /// When sources refuse new events instead of letting the backlog or the disk grow.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
@@ -62,7 +75,7 @@ impl Pipeline {
 impl Pipeline {
     /// Routes `events`, then stores them with their deliveries in one durable write, then
     /// wakes the shards. Blocks until the write is durable: call it off the async runtime.
-    pub fn accept(&self, events: Vec<MailboxEvent>) -> Result<Vec<Appended>, StoreError> {
+    pub fn accept(&self, events: Vec<MailboxEvent>) -> Result<Vec<Appended>, AcceptError> {
         self.accept_archived(events, None)
     }
 
@@ -74,13 +87,21 @@ impl Pipeline {
         &self,
         events: Vec<MailboxEvent>,
         raw: Option<RawMessage>,
-    ) -> Result<Vec<Appended>, StoreError> {
+    ) -> Result<Vec<Appended>, AcceptError> {
         let table = self.router.current();
+        // Routing is pure CPU over user-supplied strings: a panic there is a bug, and must
+        // fail this request only (the listener and other requests go on).
+        let route = |index: usize, event: &MailboxEvent| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| table.route(event))).map_err(|payload| {
+                let message = crate::panics::record(&self.metrics, "route", payload.as_ref());
+                AcceptError::RoutingPanicked { index, message }
+            })
+        };
         let mut items = Vec::with_capacity(events.len());
         // Per source event: its index in `items`, the filters it matched, whether anyone gets it.
         let mut routing = Vec::with_capacity(events.len());
-        for event in events {
-            let routed = table.route(&event);
+        for (index, event) in events.into_iter().enumerate() {
+            let routed = route(index, &event)?;
             routing.push((
                 items.len(),
                 routed.matched,
@@ -91,7 +112,7 @@ impl Pipeline {
             let deliveries = Deliveries::pending_for(&event, &routed.targets);
             items.push(Ingest { event, deliveries });
             for flagged in routed.flagged {
-                let derived = table.route(&flagged);
+                let derived = route(index, &flagged)?;
                 let deliveries = Deliveries::pending_for(&flagged, &derived.targets);
                 items.push(Ingest {
                     event: flagged,

@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::Pipeline;
 use super::journal::{self, Envelope};
+use super::{AcceptError, Pipeline};
 use crate::admin::Readiness;
 use crate::auth::Auth;
 
@@ -110,7 +110,7 @@ impl TlsFiles {
 }
 
 /// A connection before or after STARTTLS.
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Longest command line (RFC 5321 §4.5.3.1.4: 512 octets with CRLF).
@@ -145,13 +145,16 @@ pub async fn serve(
         let permit = slots.clone().try_acquire_owned();
         tokio::spawn(
             async move {
-                let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                 let result = match permit {
-                    Err(_) => session.reply("421 4.7.0 Too many connections; try again later").await,
+                    Err(_) => {
+                        let mut session = Session::new(Box::new(stream), peer.ip(), &config);
+                        session.reply("421 4.7.0 Too many connections; try again later").await
+                    }
                     Ok(_permit) if !readiness.is_ready() => {
+                        let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                         session.reply("421 4.3.2 Not ready yet; try again later").await
                     }
-                    Ok(_permit) => session.run(&config, &pipeline).await,
+                    Ok(_permit) => session(Box::new(stream), peer.ip(), &config, &pipeline).await,
                 };
                 if let Err(err) = result {
                     debug!(%err, "SMTP connection ended");
@@ -159,6 +162,30 @@ pub async fn serve(
             }
             .instrument(info_span!("smtp", %peer)),
         );
+    }
+}
+
+/// Runs one SMTP session on `stream` to its end. A panic inside it (a bug) is caught:
+/// the client gets `421`, the panic is counted, and the listener goes on.
+pub async fn session(
+    stream: Box<dyn Stream>,
+    peer: std::net::IpAddr,
+    config: &SmtpConfig,
+    pipeline: &Arc<Pipeline>,
+) -> std::io::Result<()> {
+    use futures::FutureExt;
+    let mut session = Session::new(stream, peer, config);
+    let outcome = std::panic::AssertUnwindSafe(session.run(config, pipeline))
+        .catch_unwind()
+        .await;
+    match outcome {
+        Ok(result) => result,
+        Err(payload) => {
+            crate::panics::record(&pipeline.metrics, "smtp", payload.as_ref());
+            session
+                .reply("421 4.3.0 Internal error (reported); closing. Nothing of the current message was recorded.")
+                .await
+        }
     }
 }
 
@@ -267,7 +294,12 @@ impl Session {
                 }
                 Line::Text(t) => t,
             };
-            let line = String::from_utf8_lossy(&line);
+            // SMTPUTF8 (RFC 6531): command lines are UTF-8; other bytes are refused, not
+            // replaced (a U+FFFD in an address would pass for a character of it).
+            let Ok(line) = std::str::from_utf8(&line) else {
+                self.reply("501 5.6.7 Command line is not valid UTF-8").await?;
+                continue;
+            };
             let line = line.trim_end_matches(['\r', '\n']);
             let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
             match verb.to_ascii_uppercase().as_str() {
@@ -285,7 +317,7 @@ impl Session {
                         ""
                     };
                     let answer = format!(
-                        "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n{starttls}{auth}250 ENHANCEDSTATUSCODES",
+                        "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n{starttls}{auth}250 ENHANCEDSTATUSCODES",
                         config.hostname, config.max_message_bytes
                     );
                     self.reply(&answer).await?;
@@ -453,11 +485,20 @@ async fn deliver(raw: Vec<u8>, envelope: Envelope, pipeline: Arc<Pipeline>) -> S
     if let Some(answer) = backpressure(&pipeline) {
         return answer;
     }
+    let metrics = pipeline.metrics.clone();
     tokio::task::spawn_blocking(move || record(&raw, &envelope, &pipeline))
         .await
-        .unwrap_or_else(|err| {
-            warn!(%err, "recording a journaled message stopped unexpectedly");
-            "451 4.3.0 Cannot store the message right now; try again later".into()
+        .unwrap_or_else(|err| match err.try_into_panic() {
+            Ok(payload) => {
+                crate::panics::record(&metrics, "smtp", payload.as_ref());
+                count_with(&metrics, "rejected");
+                "451 4.3.0 Internal error while recording this message (a mailhook bug, reported); try again later"
+                    .into()
+            }
+            Err(err) => {
+                warn!(%err, "recording a journaled message stopped unexpectedly");
+                "451 4.3.0 Cannot store the message right now; try again later".into()
+            }
         })
 }
 
@@ -481,7 +522,11 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
             let ids: Vec<&str> = stored.iter().map(|s| s.id.as_str()).collect();
             format!("250 2.0.0 OK: recorded as {}", ids.join(" "))
         }
-        Err(err) => {
+        Err(err @ AcceptError::RoutingPanicked { .. }) => {
+            count(pipeline, "rejected");
+            format!("451 4.3.0 {err}; try again later")
+        }
+        Err(AcceptError::Store(err)) => {
             warn!(%err, "cannot store a journaled message; the sender will retry");
             "451 4.3.0 Cannot store the message right now; try again later".into()
         }
@@ -500,11 +545,11 @@ fn backpressure(pipeline: &Pipeline) -> Option<String> {
 
 /// Counts a message outcome that the pipeline does not count itself (refusals).
 fn count(pipeline: &Pipeline, outcome: &str) {
-    pipeline
-        .metrics
-        .events_ingested
-        .with_label_values(&["smtp", outcome])
-        .inc();
+    count_with(&pipeline.metrics, outcome);
+}
+
+fn count_with(metrics: &crate::metrics::Metrics, outcome: &str) {
+    metrics.events_ingested.with_label_values(&["smtp", outcome]).inc();
 }
 
 /// The password of an AUTH PLAIN response (`base64(authzid \0 authcid \0 password)`).
@@ -535,15 +580,15 @@ fn mail_from(arg: &str, max: usize) -> Result<String, &'static str> {
 }
 
 /// The address inside `<...>` after `prefix` (case-insensitive), e.g. `TO:<a@b.c>`.
+/// Character-boundary safe: `get` refuses an offset inside a multi-byte character.
 fn path(arg: &str, prefix: &str) -> Option<String> {
     let arg = arg.trim_start();
-    if arg.len() < prefix.len() || !arg[..prefix.len()].eq_ignore_ascii_case(prefix) {
+    if !arg.get(..prefix.len())?.eq_ignore_ascii_case(prefix) {
         return None;
     }
-    let rest = arg[prefix.len()..].trim_start();
-    let rest = rest.strip_prefix('<')?;
-    let end = rest.find('>')?;
-    Some(rest[..end].to_string())
+    let rest = arg.get(prefix.len()..)?.trim_start().strip_prefix('<')?;
+    let (address, _) = rest.split_once('>')?;
+    Some(address.to_string())
 }
 
 #[cfg(test)]
@@ -564,6 +609,15 @@ mod tests {
         assert_eq!(path("FROM:<a@b.com> SIZE=10", "FROM:").as_deref(), Some("a@b.com"));
         assert_eq!(path("from: <>", "FROM:").as_deref(), Some(""));
         assert_eq!(path("TO:a@b.com", "TO:"), None);
+        // Multi-byte characters where the prefix or the brackets would be: refused, no panic.
+        assert_eq!(path("é", "FROM:"), None);
+        assert_eq!(path("FRO\u{e9}:<a@b.com>", "FROM:"), None);
+        assert_eq!(path("TO\u{1F600}<a@b.com>", "TO:"), None);
+        assert_eq!(
+            path("TO:<jürgen@bücher.example>", "TO:").as_deref(),
+            Some("jürgen@bücher.example")
+        );
+        assert_eq!(path("TO:<ü", "TO:"), None);
         assert_eq!(mail_from("FROM:<a@b.com> SIZE=100", 1000), Ok("a@b.com".into()));
         assert_eq!(
             mail_from("FROM:<a@b.com> SIZE=5000", 1000),

@@ -866,6 +866,19 @@ impl Store for DurableStore {
         self.send(ops, true)
     }
 
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        let state = self.lock()?;
+        let mut all: Vec<String> = state
+            .queues
+            .subscriptions()
+            .chain(state.attempts.keys().map(String::as_str))
+            .map(String::from)
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    }
+
     fn total_backlog(&self) -> u64 {
         self.state.lock().map(|s| s.queues.total_backlog()).unwrap_or(0)
     }

@@ -211,6 +211,8 @@ pub trait Store: Send + Sync + 'static {
     fn counts(&self, subscription: &str) -> QueueCounts;
     /// Deliveries waiting or in flight, over every subscription.
     fn total_backlog(&self) -> u64;
+    /// Every subscription the store holds deliveries, dead letters or attempts for.
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError>;
     /// Drops every delivery, dead letter and attempt of a deleted subscription.
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError>;
     /// Events stored, for tests and figures.
@@ -444,7 +446,18 @@ pub(crate) mod conformance {
         ingest(s, vec![other]);
         let taken = s.take_due("sub", at(10), 1, false).expect("take");
         s.dead_letter(taken[0].clone(), "test".into()).expect("dead letter");
+        s.record_attempt(attempt(5, 1)).expect("attempt");
+        let mut logged_only = attempt(6, 1);
+        logged_only.subscription = "attempts-only".into();
+        s.record_attempt(logged_only).expect("attempt");
+        assert_eq!(
+            s.subscriptions().expect("subscriptions"),
+            vec!["attempts-only", "other", "sub"],
+            "queues, dead letters and attempt logs all name their subscription"
+        );
         s.forget_subscription("sub").expect("forget");
+        s.forget_subscription("attempts-only").expect("forget");
+        assert_eq!(s.subscriptions().expect("subscriptions"), vec!["other"]);
         assert_eq!(s.counts("sub"), QueueCounts::default());
         assert_eq!(s.counts("other").backlog, 1, "other subscriptions keep theirs");
         assert!(s.take_due("sub", at(10), 10, false).expect("take").is_empty());

@@ -182,6 +182,11 @@ impl Queues {
             .unwrap_or_default()
     }
 
+    /// Every subscription with a queue or dead letters.
+    pub fn subscriptions(&self) -> impl Iterator<Item = &str> {
+        self.queues.keys().map(String::as_str)
+    }
+
     /// Deliveries waiting or in flight, over every subscription.
     pub fn total_backlog(&self) -> u64 {
         self.queues

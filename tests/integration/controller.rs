@@ -20,9 +20,11 @@ fn whs_ready(w: &WebhookSubscription) -> Option<(String, String)> {
     ready_of(w.status.as_ref().map(|s| &s.conditions))
 }
 
+/// `kubectl apply -R`, as a user trying the folder would: the quick start's templates are
+/// not picked up (`all_ready` counts exactly the three examples).
 fn apply_examples(ns: &TestNamespace) {
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", &repo_path("examples")], None);
-    assert!(ok, "kubectl apply examples/: {err}");
+    let (ok, _, err) = kubectl_run(&["apply", "-R", "-n", &ns.name, "-f", &repo_path("examples")], None);
+    assert!(ok, "kubectl apply -R -f examples/: {err}");
 }
 
 async fn all_ready(ns: &TestNamespace) {

@@ -9,3 +9,4 @@ mod history;
 mod security;
 mod smtp;
 mod support;
+mod topology;

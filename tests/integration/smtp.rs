@@ -713,3 +713,143 @@ async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when
     let r = http.get(url).send().await.expect("fetch expired");
     assert_eq!(r.status(), 410);
 }
+
+/// Writes raw bytes (command lines that need not be UTF-8) and returns the replies.
+fn raw_bytes_session(addr: std::net::SocketAddr, lines: &[&[u8]]) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut out = String::new();
+    let mut buf = [0u8; 4096];
+    let mut read = |s: &mut std::net::TcpStream, out: &mut String| {
+        if let Ok(n) = s.read(&mut buf) {
+            out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    read(&mut s, &mut out);
+    for l in lines {
+        s.write_all(l).expect("write");
+        s.write_all(b"\r\n").expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        read(&mut s, &mut out);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_junk_in_mail_and_rcpt_gets_5xx_and_the_listener_goes_on() {
+    let ns = TestNamespace::new("smtp-utf8").await;
+    let receiver = Receiver::start(SECRET);
+    let smtp = free_port();
+    let operator = Operator::start_with(
+        &ns,
+        &["--smtp-addr", &smtp.to_string(), "--internal-domains", "contoso.com"],
+    );
+    setup(&ns, &receiver.url("/hooks"));
+    ready(&operator, &ns).await;
+
+    let replies = raw_bytes_session(
+        smtp,
+        &[
+            b"EHLO junk.example",
+            b"MAIL FROM:\xff\xfe<x@fabrikam.com>",
+            "MAIL FRO\u{e9}:<x@fabrikam.com>".as_bytes(),
+            "MAIL \u{1F600}".as_bytes(),
+            "MAIL FROM:<\u{fc}".as_bytes(),
+            "MAIL FROM:<j\u{fc}rgen@b\u{fc}cher.example>".as_bytes(),
+            "RCPT TO\u{1F600}<erin@contoso.com>".as_bytes(),
+            b"RCPT TO:<erin@contoso.\xc3(com>",
+            "RCPT T\u{d6}:<erin@contoso.com>".as_bytes(),
+            b"QUIT",
+        ],
+    );
+    let codes: Vec<&str> = replies
+        .lines()
+        .filter(|l| !l.starts_with("250-"))
+        .filter_map(|l| l.get(..3))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "220", "250", "501", "501", "501", "501", "250", "501", "501", "501", "221"
+        ],
+        "junk is refused with 5xx; a real UTF-8 address (SMTPUTF8) is taken:\n{replies}"
+    );
+    assert!(replies.contains("250-SMTPUTF8"), "{replies}");
+
+    // The same listener then takes a normal message from swaks, with a non-ASCII subject.
+    let (ok, out) = swaks_mail(
+        smtp,
+        "x@fabrikam.com",
+        "erin@contoso.com",
+        "Grüße aus Köln",
+        "hallo",
+        &[],
+    );
+    assert!(ok && out.contains("250 2.0.0 OK: recorded"), "{out}");
+    eventually(
+        "the normal message delivered",
+        || receiver.deliveries(),
+        |d| {
+            delivered(d, "message.received")
+                .iter()
+                .any(|j| j["data"]["mailbox"] == "erin@contoso.com")
+        },
+    )
+    .await;
+    let metrics = operator.metrics().await;
+    assert!(
+        !metrics.lines().any(|l| l.starts_with("mailhook_panics_total")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_report_from_an_internal_sender_gives_every_internal_mailbox_its_event() {
+    let ns = TestNamespace::new("smtp-internal").await;
+    let receiver = Receiver::start(SECRET);
+    let smtp = free_port();
+    let operator = Operator::start_with(
+        &ns,
+        &["--smtp-addr", &smtp.to_string(), "--internal-domains", "contoso.com"],
+    );
+    setup(&ns, &receiver.url("/hooks"));
+    ready(&operator, &ns).await;
+    let report = repo_path("tests/fixtures/journal/internal-report.eml");
+    let (ok, out) = swaks_data(smtp, "journal@contoso.com", "archive@journal.example.net", &report);
+    assert!(ok && out.contains("250 2.0.0 OK: recorded"), "{out}");
+    let got = eventually(
+        "the sender's event and five received events",
+        || receiver.deliveries(),
+        |d| delivered(d, "message.sent").len() == 1 && delivered(d, "message.received").len() == 5,
+    )
+    .await;
+    let sent = &delivered(&got, "message.sent")[0]["data"];
+    assert_eq!(sent["mailbox"], "grace@contoso.com");
+    assert_eq!(sent["direction"], "outbound");
+    let mut received: Vec<(String, String)> = delivered(&got, "message.received")
+        .iter()
+        .map(|j| {
+            let d = &j["data"];
+            assert_eq!(d["messageId"], "<q3-report@contoso.com>", "one message id for all: {d}");
+            assert_eq!(d["subject"], "Quartalsbericht Q3 – vertraulich");
+            assert!(d.get("bcc").is_none(), "no recipient's event reveals the Bcc list: {d}");
+            (
+                d["mailbox"].as_str().unwrap_or_default().to_string(),
+                d["direction"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    received.sort();
+    let internal = |m: &str| (m.to_string(), "internal".to_string());
+    assert_eq!(
+        received,
+        [
+            internal("heidi@contoso.com"),
+            internal("ivan@contoso.com"),
+            internal("judy@contoso.com"),
+            internal("mallory@contoso.com"),
+            internal("olivia@contoso.com"),
+        ],
+        "To, both members of the expanded list, Cc and Bcc; not the external Cc"
+    );
+}

@@ -267,9 +267,29 @@ impl Operator {
 
     /// SIGKILL, then start again with the same flags (same ports, same store).
     pub fn kill_and_restart(&mut self) {
-        let _ = self.child.kill(); // SIGKILL: no shutdown code runs
+        self.kill();
+        self.restart();
+    }
+
+    /// SIGKILL: no shutdown code runs. `restart` starts it again.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the stopped operator again with the same flags (same ports, same store).
+    pub fn restart(&mut self) {
         self.child = Self::spawn(&self.args, &self.log, true);
+    }
+
+    /// The value of one Prometheus series (`name{labels}` exactly as exposed), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// The operator's log so far, for failure messages.
