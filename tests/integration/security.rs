@@ -457,6 +457,18 @@ async fn an_endpoint_that_does_not_echo_the_challenge_gets_nothing_until_it_does
     let (_, reason, message) = ready(&status).expect("Ready");
     assert_eq!(reason, "EndpointNotVerified");
     assert!(message.contains("did not echo the challenge"), "{message}");
+    // kstatus: on its way (Reconciling), not failed (Stalled).
+    let condition = |s: &Value, t: &str| {
+        s["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == t))
+            .map(|c| (c["status"].clone(), c["reason"].clone()))
+    };
+    assert_eq!(
+        condition(&status, "Reconciling"),
+        Some((Value::from("True"), Value::from("EndpointNotVerified")))
+    );
+    assert_eq!(condition(&status, "Stalled"), None);
 
     assert_eq!(operator.ingest(&[siem_event("verify-1")]).await.0, 202);
     let kinds = |d: &[crate::support::Received]| -> Vec<String> {
@@ -482,7 +494,12 @@ async fn an_endpoint_that_does_not_echo_the_challenge_gets_nothing_until_it_does
 
     // Once it echoes, it is verified on the next retry and gets what queued.
     unwilling.mode(r#"{"echo": true}"#).await;
-    status_of(&ns, "unwilling", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    let status = status_of(&ns, "unwilling", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    assert_eq!(
+        condition(&status, "Reconciling"),
+        None,
+        "verified: no longer reconciling"
+    );
     eventually(
         "the queued event reached the endpoint once verified",
         || unwilling.deliveries(),
