@@ -152,4 +152,35 @@ mod tests {
         assert_eq!(conds.len(), 1);
         assert_eq!(status_of(&conds, READY), Some("True"));
     }
+
+    #[test]
+    fn stalled_and_reconciling_are_present_only_while_true() {
+        let mut conds = vec![];
+        let broken = ready(Status::False, "FilterNotFound");
+        set(&mut conds, broken.clone(), Some(1), &at(100));
+        set_progress(&mut conds, progress(&broken, false, true), Some(1), &at(100));
+        assert_eq!(status_of(&conds, STALLED), Some("True"));
+        assert_eq!(conds[1].reason, "FilterNotFound");
+        assert_eq!(conds[1].message, broken.message, "the same message tells what to fix");
+        // Still broken later: the transition time stays.
+        set_progress(&mut conds, progress(&broken, false, true), Some(2), &at(200));
+        assert_eq!(conds[1].last_transition_time, at(100));
+        // On its way: Reconciling replaces Stalled.
+        let verifying = ready(Status::False, "EndpointNotVerified");
+        set_progress(&mut conds, progress(&verifying, true, true), Some(2), &at(300));
+        assert_eq!(status_of(&conds, STALLED), None);
+        assert_eq!(status_of(&conds, RECONCILING), Some("True"));
+        // Ready, or deliberately held: neither.
+        set_progress(
+            &mut conds,
+            progress(&ready(Status::True, "Valid"), false, true),
+            Some(3),
+            &at(400),
+        );
+        assert_eq!(
+            (status_of(&conds, STALLED), status_of(&conds, RECONCILING)),
+            (None, None)
+        );
+        assert_eq!(progress(&ready(Status::False, "Paused"), false, false), None);
+    }
 }

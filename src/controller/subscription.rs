@@ -770,6 +770,30 @@ mod tests {
     }
 
     #[test]
+    fn invalid_is_stalled_paused_is_not_and_verifying_is_reconciling() {
+        let ready = |reason| Desired {
+            type_: READY,
+            status: Status::False,
+            reason,
+            message: String::new(),
+        };
+        let kind = |reason| progress(&ready(reason)).map(|p| p.type_);
+        for stalled in [
+            reason::SECRET_NOT_FOUND,
+            reason::INVALID_SECRET,
+            reason::FILTER_NOT_FOUND,
+            reason::INVALID_FILTER,
+            reason::INVALID_ENDPOINT,
+            reason::INVALID_SPEC,
+            reason::EGRESS_REFUSED,
+        ] {
+            assert_eq!(kind(stalled), Some(conditions::STALLED), "{stalled}");
+        }
+        assert_eq!(kind(reason::PAUSED), None);
+        assert_eq!(kind(reason::ENDPOINT_NOT_VERIFIED), Some(conditions::RECONCILING));
+    }
+
+    #[test]
     fn ready_reports_first_reason_and_paused() {
         let ready = ready_condition(&spec(), &validate(&spec(), &References::default()));
         assert_eq!((ready.status, ready.reason), (Status::False, reason::SECRET_NOT_FOUND));
