@@ -784,6 +784,37 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
+    /// A failing store write is tried again with backoff and counted each time; one that
+    /// keeps failing is given up (the delivery then waits for a restart), never looped on.
+    #[tokio::test(start_paused = true)]
+    async fn store_writes_are_retried_counted_and_bounded() {
+        let metrics = Metrics::new().expect("metrics");
+        let mut calls = 0;
+        let got = store_write(&metrics, "retry", "siem", || {
+            calls += 1;
+            if calls < 3 {
+                Err(StoreError::Io("disk full".into()))
+            } else {
+                Ok(calls)
+            }
+        })
+        .await;
+        assert_eq!(got, Some(3));
+        assert_eq!(metrics.store_errors.with_label_values(&["retry"]).get(), 2);
+
+        let mut calls = 0;
+        let got: Option<()> = store_write(&metrics, "dead_letter", "siem", || {
+            calls += 1;
+            Err(StoreError::Unavailable("the store's commit thread stopped".into()))
+        })
+        .await;
+        assert_eq!((got, calls), (None, STORE_WRITE_TRIES));
+        assert_eq!(
+            metrics.store_errors.with_label_values(&["dead_letter"]).get(),
+            u64::from(STORE_WRITE_TRIES)
+        );
+    }
+
     /// Receivers de-duplicate by `webhook-id`: it must not change between versions.
     #[test]
     fn webhook_id_is_stable() {
