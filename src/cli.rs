@@ -444,7 +444,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let scopes: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
         vec![None]
     } else {
-        config.watch_namespaces.iter().cloned().map(Some).collect()
+        // A namespace named twice is watched once (two controllers on the same objects
+        // would reconcile them concurrently).
+        let mut namespaces = config.watch_namespaces.clone();
+        namespaces.sort();
+        namespaces.dedup();
+        namespaces.into_iter().map(Some).collect()
     };
     info!(
         namespaces = ?scopes.iter().map(|s| s.as_deref().unwrap_or("<all>")).collect::<Vec<_>>(),

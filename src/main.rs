@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => history(Request::Replay(args)).await,
         Command::Run(config) => {
             mailhook::telemetry::init(config.log_format)?;
+            mailhook::panics::install_hook();
             // reqwest and kube share one TLS implementation: rustls with ring.
             let _ = rustls::crypto::ring::default_provider().install_default();
             mailhook::cli::run(*config).await

@@ -144,14 +144,14 @@ impl Metrics {
             panics: IntCounterVec::new(
                 Opts::new(
                     "mailhook_panics_total",
-                    "Panics caught on the data path, by component (ingest, smtp, route, delivery, admin); the request got an error and the listener kept serving. Each one is a bug: please report it.",
+                    "Panics caught on the data path, by component (ingest, smtp, route, delivery, admin, mail_parser); the request got an error and the listener kept serving. Each one is a bug: please report it.",
                 ),
                 &["component"],
             )?,
             store_errors: IntCounterVec::new(
                 Opts::new(
                     "mailhook_store_errors_total",
-                    "Store writes that failed on the delivery path, by operation (retry, dead_letter, complete, attempt, read_event); the delivery stays in flight and is tried again.",
+                    "Store operations that failed, by operation: commit (a transaction the store could not write), and on the delivery path retry, dead_letter, complete, attempt, read_event, note_subscription. Failed retry/dead_letter writes are tried again with backoff; a delivery whose outcome could not be written is due again after a restart.",
                 ),
                 &["operation"],
             )?,

@@ -59,7 +59,7 @@ pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>)
 pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let ns = filter.namespace().ok_or(Error::NotNamespaced)?;
-    ctx.subscriptions.synced().await?;
+    ctx.subscriptions.synced_for(&ns).await?;
     let mut users: Vec<String> = ctx
         .subscriptions
         .state()

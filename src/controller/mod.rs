@@ -46,26 +46,39 @@ where
 /// (routing, status, garbage collection, readiness) reads the union, so a namespace's
 /// reconcile never drops another namespace's objects.
 pub struct Caches<K: kube::runtime::reflector::Lookup<DynamicType = ()> + Clone + 'static> {
-    stores: Vec<Store<K>>,
+    /// (scope, store): scope None covers every namespace.
+    stores: Vec<(Option<String>, Store<K>)>,
 }
 
 impl<K> Caches<K>
 where
     K: kube::runtime::reflector::Lookup<DynamicType = ()> + Clone + 'static,
 {
-    pub fn new(stores: Vec<Store<K>>) -> Caches<K> {
+    pub fn new(stores: Vec<(Option<String>, Store<K>)>) -> Caches<K> {
         Caches { stores }
     }
 
     /// Every cached object, over every watched namespace.
     pub fn state(&self) -> Vec<Arc<K>> {
-        self.stores.iter().flat_map(Store::state).collect()
+        self.stores.iter().flat_map(|(_, s)| s.state()).collect()
     }
 
     /// Waits until every store has its initial list.
     pub async fn synced(&self) -> Result<(), Error> {
-        for store in &self.stores {
+        for (_, store) in &self.stores {
             synced(store).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the store covering `namespace` has its initial list. A reconcile waits
+    /// for its own namespace only: one namespace whose list never comes (say, a Role
+    /// missing there) must not hold up every other.
+    pub async fn synced_for(&self, namespace: &str) -> Result<(), Error> {
+        for (scope, store) in &self.stores {
+            if scope.as_deref().is_none_or(|s| s == namespace) {
+                synced(store).await?;
+            }
         }
         Ok(())
     }
@@ -209,6 +222,8 @@ pub struct Context {
     pub raw_links: Option<Arc<crate::archive::RawLinks>>,
     /// Where deliveries may connect.
     pub egress: Arc<crate::delivery::egress::EgressPolicy>,
+    /// The watched namespaces; None when all are.
+    watched: Option<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -232,8 +247,8 @@ impl Context {
     async fn drop_orphans(&self) {
         let live: std::collections::HashSet<String> =
             self.subscriptions.state().iter().filter_map(|w| w.uid()).collect();
-        let deliveries = self.deliveries.clone();
-        match tokio::task::spawn_blocking(move || deliveries.drop_orphans(&live)).await {
+        let (deliveries, watched) = (self.deliveries.clone(), self.watched.clone());
+        match tokio::task::spawn_blocking(move || deliveries.drop_orphans(&live, watched.as_ref())).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(subscriptions = n, "dropped stored work of deleted subscriptions"),
             Ok(Err(err)) => {
@@ -373,8 +388,8 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
-        subscriptions: Caches::new(scoped.iter().map(|(_, s, _)| s.store()).collect()),
-        filters: Caches::new(scoped.iter().map(|(_, _, f)| f.store()).collect()),
+        subscriptions: Caches::new(scoped.iter().map(|(ns, s, _)| (ns.clone(), s.store())).collect()),
+        filters: Caches::new(scoped.iter().map(|(ns, _, f)| (ns.clone(), f.store())).collect()),
         status_changed: wiring.deliveries.health_changed.clone(),
         deliveries: wiring.deliveries,
         router: wiring.router,
@@ -385,6 +400,7 @@ pub async fn run(
         raw_links: wiring.raw_links,
         egress: wiring.egress,
         state: Mutex::default(),
+        watched: scopes.iter().cloned().collect::<Option<_>>(),
     });
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);

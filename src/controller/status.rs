@@ -215,6 +215,9 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
     let store = ctx.deliveries.store().clone();
     ctx.metrics.store_disk_bytes.set(store.disk_bytes().unwrap_or(0) as i64);
     ctx.metrics.store_backlog.set(store.total_backlog() as i64);
+    // Commit failures are counted by the store's commit thread; the metric follows it.
+    let failed = ctx.metrics.store_errors.with_label_values(&["commit"]);
+    failed.inc_by(store.commit_failures().saturating_sub(failed.get()));
     let objects = ctx.subscriptions.state();
     let states: HashMap<String, SubscriptionState> = match ctx.state.lock() {
         Ok(s) => s.subscriptions.clone(),

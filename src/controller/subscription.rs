@@ -508,7 +508,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
     let ns = whs.namespace().ok_or(Error::NotNamespaced)?;
     let uid = whs.uid().ok_or(Error::NotNamespaced)?;
     // Filters not yet listed would look like FilterNotFound.
-    ctx.filters.synced().await?;
+    ctx.filters.synced_for(&ns).await?;
 
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut refs = References::default();

@@ -216,6 +216,15 @@ impl Deliveries {
             );
             return;
         };
+        // The store keeps each subscription's namespace, so work of a namespace that is no
+        // longer watched is never taken for a deleted subscription's (`drop_orphans`).
+        if let Err(err) = self.store.note_subscription(&config.uid, &config.namespace) {
+            self.metrics
+                .store_errors
+                .with_label_values(&["note_subscription"])
+                .inc();
+            warn!(%err, subscription = config.name, "cannot record the subscription's namespace in the store");
+        }
         let success = self.metrics.success_series(&config.namespace, &config.name);
         subs.insert(
             config.uid.clone(),
@@ -260,11 +269,31 @@ impl Deliveries {
 
     /// Drops what the store holds for subscriptions that are not in `live` (deleted while
     /// the operator was down): their queues would otherwise count against `--max-backlog`
-    /// forever. Returns how many subscriptions were dropped. Blocks on the store.
-    pub fn drop_orphans(&self, live: &std::collections::HashSet<String>) -> Result<u64, StoreError> {
+    /// forever. With `watched` (the watched namespaces; None = all), only work of
+    /// subscriptions known to be in a watched namespace is dropped: a namespace taken out of
+    /// `--watch-namespace` keeps its queues. Returns how many subscriptions were dropped.
+    /// Blocks on the store.
+    pub fn drop_orphans(
+        &self,
+        live: &std::collections::HashSet<String>,
+        watched: Option<&std::collections::HashSet<String>>,
+    ) -> Result<u64, StoreError> {
         let mut dropped = 0;
-        for uid in self.store.subscriptions()? {
+        for (uid, namespace) in self.store.subscriptions()? {
             if live.contains(&uid) {
+                continue;
+            }
+            let ours = match (watched, namespace.as_deref()) {
+                (None, _) => true,
+                (Some(w), Some(ns)) => w.contains(ns),
+                (Some(_), None) => false,
+            };
+            if !ours {
+                tracing::info!(
+                    subscription_uid = uid,
+                    namespace = namespace.as_deref().unwrap_or("<unknown>"),
+                    "kept the stored work of a subscription outside the watched namespaces"
+                );
                 continue;
             }
             let counts = self.store.counts(&uid);
@@ -561,14 +590,33 @@ async fn deliver_guarded(
     use futures::FutureExt;
     let backup = d.clone();
     let attempt = std::panic::AssertUnwindSafe(deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit));
-    if let Err(payload) = attempt.catch_unwind().await {
-        crate::panics::record(&deliveries.metrics, "delivery", payload.as_ref());
+    if attempt.catch_unwind().await.is_err() {
+        crate::panics::record(&deliveries.metrics, "delivery");
+        // A failed attempt like any other: retried on the schedule (no sooner than a
+        // minute), dead-lettered when it runs out, so a panic that repeats is bounded.
+        let (config, metrics, store) = (&sub.config, &deliveries.metrics, &deliveries.store);
         let mut d = backup;
-        d.not_before = jiff::Timestamp::now() + Duration::from_secs(60);
-        store_write(&deliveries.metrics, "retry", &sub.config.name, || {
-            deliveries.store.retry(d.clone())
-        })
-        .await;
+        d.attempts += 1;
+        let now = jiff::Timestamp::now();
+        let policy = retry::Policy {
+            schedule: &config.retry_schedule,
+            max_event_age: config.max_event_age,
+            max_retry_after: config.max_retry_after,
+        };
+        let floor = Some(Duration::from_secs(60));
+        match retry::after_failure(policy, d.attempts, floor, d.accepted_at, now, retry::jitter()) {
+            Next::RetryAt(at) => {
+                d.not_before = at;
+                store_write(metrics, "retry", &config.name, || store.retry(d.clone())).await;
+            }
+            Next::DeadLetter(reason) => {
+                let reason = format!("{reason}; last error: {}", crate::panics::ANSWER);
+                store_write(metrics, "dead_letter", &config.name, || {
+                    store.dead_letter(d.clone(), reason.clone())
+                })
+                .await;
+            }
+        }
         shard.wake.notify_one();
     }
 }

@@ -267,8 +267,8 @@ async fn accept(
         .await
         .map_err(|e| {
             if e.is_panic() {
-                metrics.panics.with_label_values(&["ingest"]).inc();
-                return internal_error(format!("{e}"));
+                crate::panics::record(&metrics, "ingest");
+                return internal_error(crate::panics::ANSWER.into());
             }
             Refusal {
                 status: StatusCode::SERVICE_UNAVAILABLE,

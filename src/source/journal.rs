@@ -159,13 +159,22 @@ impl Facts {
     }
 }
 
+/// One event of the message, for `mailbox`. Only the sender's event (`sender_view`) lists
+/// the Bcc recipients; a recipient's event names at most that recipient itself, so neither
+/// its delivery nor a filter matching on recipients reveals who else was Bcc'd.
 fn event(
     facts: &Facts,
     mailbox: String,
     event_type: EventType,
     dir: Option<Direction>,
+    sender_view: bool,
     now: jiff::Timestamp,
 ) -> MailboxEvent {
+    let bcc = if sender_view {
+        facts.bcc.clone()
+    } else {
+        facts.bcc.iter().filter(|b| **b == mailbox).cloned().collect()
+    };
     MailboxEvent {
         id: MailboxEvent::new_id(),
         event_type,
@@ -180,7 +189,7 @@ fn event(
         from: facts.from.clone(),
         to: facts.to.clone(),
         cc: facts.cc.clone(),
-        bcc: facts.bcc.clone(),
+        bcc,
         subject: facts.subject.clone(),
         size: Some(facts.size),
         attachments: facts.attachments.clone(),
@@ -265,7 +274,7 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
     let recipient_direction = if kind == EventType::MessageReceived {
         dir
     } else {
-        events.push(event(&facts, principal.clone(), kind, dir, now));
+        events.push(event(&facts, principal.clone(), kind, dir, true, now));
         // From an internal mailbox to an internal one.
         Some(Direction::Internal)
     };
@@ -285,6 +294,7 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
             m.to_string(),
             EventType::MessageReceived,
             recipient_direction,
+            false,
             now,
         )
     }));
@@ -338,7 +348,8 @@ fn plain_copy(
             } else {
                 event_type(dir)
             };
-            event(&facts, mailbox, kind, dir, now)
+            let sender_view = mailbox == from;
+            event(&facts, mailbox, kind, dir, sender_view, now)
         })
         .collect();
     Ok(Journaled { events, original: raw })
@@ -387,7 +398,12 @@ mod tests {
         assert_eq!(e.from.as_deref(), Some("billing@fabrikam.com"));
         assert_eq!(e.to, ["alice@contoso.com", "dan@contoso.com"]);
         assert_eq!(e.cc, ["bob@contoso.com", "partner@fabrikam.com"]);
-        assert_eq!(e.bcc, ["carol@contoso.com"]);
+        assert!(e.bcc.is_empty(), "alice's event does not reveal that carol was Bcc'd");
+        let carol = events
+            .iter()
+            .find(|e| e.mailbox == "carol@contoso.com")
+            .expect("carol's event");
+        assert_eq!(carol.bcc, ["carol@contoso.com"], "carol's own event says she was Bcc'd");
         assert_eq!(
             e.subject.as_deref(),
             Some("Rechnung Nr. 4711 – fällig"),
@@ -452,6 +468,19 @@ mod tests {
             "one message id to group them by"
         );
         assert_eq!(events[1].subject.as_deref(), Some("Quartalsbericht Q3 – vertraulich"));
+        assert_eq!(
+            events[0].bcc,
+            ["olivia@contoso.com"],
+            "the sender's event lists its Bcc"
+        );
+        for e in &events[1..] {
+            let own: &[String] = if e.mailbox == "olivia@contoso.com" {
+                &events[0].bcc
+            } else {
+                &[]
+            };
+            assert_eq!(e.bcc, own, "{}'s event reveals no one else's Bcc", e.mailbox);
+        }
         let producers: std::collections::HashSet<_> = events.iter().map(|e| e.producer_event_id.clone()).collect();
         assert_eq!(
             producers.len(),

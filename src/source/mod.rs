@@ -34,10 +34,8 @@ pub enum AcceptError {
     Store(#[from] StoreError),
     /// Routing panicked on one event: a bug in mailhook, not in the input. It is counted in
     /// `mailhook_panics_total{component="route"}`; other requests are unaffected.
-    #[error(
-        "internal error while routing event {index} of the request (a mailhook bug, counted in mailhook_panics_total; please report it): {message}"
-    )]
-    RoutingPanicked { index: usize, message: String },
+    #[error("{} while routing event {} of the request", crate::panics::ANSWER, .index + 1)]
+    RoutingPanicked { index: usize },
 }
 
 /// When sources refuse new events instead of letting the backlog or the disk grow.
@@ -92,9 +90,9 @@ impl Pipeline {
         // Routing is pure CPU over user-supplied strings: a panic there is a bug, and must
         // fail this request only (the listener and other requests go on).
         let route = |index: usize, event: &MailboxEvent| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| table.route(event))).map_err(|payload| {
-                let message = crate::panics::record(&self.metrics, "route", payload.as_ref());
-                AcceptError::RoutingPanicked { index, message }
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| table.route(event))).map_err(|_| {
+                crate::panics::record(&self.metrics, "route");
+                AcceptError::RoutingPanicked { index }
             })
         };
         let mut items = Vec::with_capacity(events.len());

@@ -180,8 +180,8 @@ pub async fn session(
         .await;
     match outcome {
         Ok(result) => result,
-        Err(payload) => {
-            crate::panics::record(&pipeline.metrics, "smtp", payload.as_ref());
+        Err(_) => {
+            crate::panics::record(&pipeline.metrics, "smtp");
             session
                 .reply("421 4.3.0 Internal error (reported); closing. Nothing of the current message was recorded.")
                 .await
@@ -489,8 +489,8 @@ async fn deliver(raw: Vec<u8>, envelope: Envelope, pipeline: Arc<Pipeline>) -> S
     tokio::task::spawn_blocking(move || record(&raw, &envelope, &pipeline))
         .await
         .unwrap_or_else(|err| match err.try_into_panic() {
-            Ok(payload) => {
-                crate::panics::record(&metrics, "smtp", payload.as_ref());
+            Ok(_) => {
+                crate::panics::record(&metrics, "smtp");
                 count_with(&metrics, "rejected");
                 "451 4.3.0 Internal error while recording this message (a mailhook bug, reported); try again later"
                     .into()
@@ -507,6 +507,10 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
         Ok(j) => (j.events, j.original),
         Err(err) => {
             count(pipeline, "rejected");
+            if err == journal::JournalError::ParserFailed {
+                // mail-parser's own panic, caught by `journal::parse`: counted like ours.
+                pipeline.metrics.panics.with_label_values(&["mail_parser"]).inc();
+            }
             info!(%err, size = raw.len(), "refused a message that is neither a journal report nor a usable copy");
             return format!("554 5.6.0 Cannot record this message: {err}");
         }
@@ -522,9 +526,9 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
             let ids: Vec<&str> = stored.iter().map(|s| s.id.as_str()).collect();
             format!("250 2.0.0 OK: recorded as {}", ids.join(" "))
         }
-        Err(err @ AcceptError::RoutingPanicked { .. }) => {
+        Err(AcceptError::RoutingPanicked { .. }) => {
             count(pipeline, "rejected");
-            format!("451 4.3.0 {err}; try again later")
+            "451 4.3.0 Internal error while routing this message (a mailhook bug, reported); try again later".into()
         }
         Err(AcceptError::Store(err)) => {
             warn!(%err, "cannot store a journaled message; the sender will retry");

@@ -38,6 +38,9 @@ const RAW: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("raw_messa
 /// (unix seconds archived, SHA-256) of every raw message: retention purges read this
 /// index, never the messages themselves.
 const RAW_BY_AGE: TableDefinition<(i64, &str), ()> = TableDefinition::new("raw_messages_by_age");
+/// Subscription UID → its namespace, for every subscription that had deliveries: tells
+/// at start-up which stored work belongs to a watched namespace.
+const SUBSCRIPTIONS: TableDefinition<&str, &str> = TableDefinition::new("subscriptions");
 /// Secrets kept with the data (name → 32 bytes).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -110,6 +113,8 @@ enum Op {
     PutRaw(String, i64, Vec<u8>),
     /// (archived at, SHA-256).
     DeleteRaw(i64, String),
+    PutSubscription(String, String),
+    DeleteSubscription(String),
 }
 
 /// Who hears that a job's commit finished.
@@ -149,6 +154,8 @@ struct State {
     attempts: HashMap<String, u64>,
     /// Key of the last attempt logged: keys only grow.
     last_attempt_key: u64,
+    /// Namespace of each subscription noted (SUBSCRIPTIONS).
+    namespaces: HashMap<String, String>,
 }
 
 /// Which reference to an event went away.
@@ -203,6 +210,8 @@ pub struct DurableStore {
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// None in memory.
     path: Option<PathBuf>,
+    /// Commits that failed (counted by the commit thread; nobody waits for some writes).
+    commit_failures: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for DurableStore {
@@ -259,14 +268,17 @@ impl DurableStore {
             txn.open_table(RAW).map_err(io)?;
             txn.open_table(RAW_BY_AGE).map_err(io)?;
             txn.open_table(META).map_err(io)?;
+            txn.open_table(SUBSCRIPTIONS).map_err(io)?;
             txn.commit().map_err(io)?;
         }
         let state = load(&db)?;
         let (tx, rx) = channel();
         let writer_db = db.clone();
+        let commit_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = commit_failures.clone();
         let committer = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(&writer_db, &rx))
+            .spawn(move || commit_loop(&writer_db, &rx, &failures))
             .map_err(io)?;
         Ok(DurableStore {
             db,
@@ -274,6 +286,7 @@ impl DurableStore {
             writer: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
             path,
+            commit_failures,
         })
     }
 
@@ -338,20 +351,35 @@ impl DurableStore {
     /// Moves deliveries to the dead letters (state and ops), releasing their pending refs.
     fn bury(&self, state: &mut State, deliveries: Vec<PendingDelivery>, reason: &str) -> Result<Vec<Op>, StoreError> {
         let now = jiff::Timestamp::now();
-        let mut ops = Vec::with_capacity(deliveries.len() * 2);
-        for d in deliveries {
-            let mut stored = StoredDelivery::from(&d);
-            stored.reason = Some(reason.to_string());
-            stored.dead_at = Some(now);
-            ops.push(Op::DeletePending(d.seq));
-            ops.push(Op::PutDead(d.seq, json(&stored)?));
-            state.queues.dead_letter(&d, now);
-            state.hold(&d.event_id, Ref::Dead);
-            state.release(&d.event_id, Ref::Pending);
-        }
+        let ops = dead_ops(&deliveries, reason, now)?;
+        bury_in(state, &deliveries, now);
         Ok(ops)
     }
 }
+
+/// The disk writes that make `deliveries` dead letters.
+fn dead_ops(deliveries: &[PendingDelivery], reason: &str, now: jiff::Timestamp) -> Result<Vec<Op>, StoreError> {
+    let mut ops = Vec::with_capacity(deliveries.len() * 2);
+    for d in deliveries {
+        let mut stored = StoredDelivery::from(d);
+        stored.reason = Some(reason.to_string());
+        stored.dead_at = Some(now);
+        ops.push(Op::DeletePending(d.seq));
+        ops.push(Op::PutDead(d.seq, json(&stored)?));
+    }
+    Ok(ops)
+}
+
+/// The in-memory side of `dead_ops`.
+fn bury_in(state: &mut State, deliveries: &[PendingDelivery], now: jiff::Timestamp) {
+    for d in deliveries {
+        state.queues.dead_letter(d, now);
+        state.hold(&d.event_id, Ref::Dead);
+        state.release(&d.event_id, Ref::Pending);
+    }
+}
+
+impl DurableStore {}
 
 /// Rebuilds the in-memory indexes from the tables.
 fn load(db: &Database) -> Result<State, StoreError> {
@@ -384,6 +412,12 @@ fn load(db: &Database) -> Result<State, StoreError> {
     }
     producers.sort();
     state.producer_order = producers.into();
+    for row in txn.open_table(SUBSCRIPTIONS).map_err(io)?.iter().map_err(io)? {
+        let (uid, namespace) = row.map_err(io)?;
+        state
+            .namespaces
+            .insert(uid.value().to_string(), namespace.value().to_string());
+    }
     for row in txn.open_table(ATTEMPTS).map_err(io)?.iter().map_err(io)? {
         let (key, _) = row.map_err(io)?;
         let (subscription, at) = key.value();
@@ -393,7 +427,7 @@ fn load(db: &Database) -> Result<State, StoreError> {
     Ok(state)
 }
 
-fn commit_loop(db: &Database, rx: &Receiver<Job>) {
+fn commit_loop(db: &Database, rx: &Receiver<Job>, failures: &std::sync::atomic::AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_JOBS_PER_COMMIT {
@@ -404,6 +438,7 @@ fn commit_loop(db: &Database, rx: &Receiver<Job>) {
         }
         let result = commit(db, &jobs).map_err(|e| e.to_string());
         if let Err(err) = &result {
+            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(%err, "store commit failed");
         }
         for job in jobs {
@@ -431,6 +466,7 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
         let mut attempts = txn.open_table(ATTEMPTS).map_err(io)?;
         let mut raw = txn.open_table(RAW).map_err(io)?;
         let mut raw_by_age = txn.open_table(RAW_BY_AGE).map_err(io)?;
+        let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(io)?;
         for op in jobs.iter().flat_map(|j| &j.ops) {
             match op {
                 Op::PutEvent(id, bytes) => {
@@ -491,6 +527,12 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
                 Op::DeleteRaw(at, sha256) => {
                     raw.remove(sha256.as_str()).map_err(io)?;
                     raw_by_age.remove((*at, sha256.as_str())).map_err(io)?;
+                }
+                Op::PutSubscription(uid, namespace) => {
+                    subscriptions.insert(uid.as_str(), namespace.as_str()).map_err(io)?;
+                }
+                Op::DeleteSubscription(uid) => {
+                    subscriptions.remove(uid.as_str()).map_err(io)?;
                 }
             }
         }
@@ -660,17 +702,42 @@ impl Store for DurableStore {
         Ok(Durable(Some(rx)))
     }
 
+    // retry and dead_letter queue their disk write before memory changes: on an error
+    // nothing changed (the delivery is still in flight), so the caller may try again
+    // without putting a delivery back twice.
     fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {
         let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
-        self.lock()?.queues.retry(d);
-        self.send(vec![op], false)
+        let mut state = self.lock()?;
+        self.submit(vec![op], Reply::None)?;
+        state.queues.retry(d);
+        Ok(())
     }
 
     fn dead_letter(&self, d: PendingDelivery, reason: String) -> Result<(), StoreError> {
+        let now = jiff::Timestamp::now();
+        let deliveries = [d];
+        let ops = dead_ops(&deliveries, &reason, now)?;
         let mut state = self.lock()?;
-        let ops = self.bury(&mut state, vec![d], &reason)?;
-        drop(state);
-        self.send(ops, false)
+        self.submit(ops, Reply::None)?;
+        bury_in(&mut state, &deliveries, now);
+        Ok(())
+    }
+
+    fn note_subscription(&self, uid: &str, namespace: &str) -> Result<(), StoreError> {
+        let mut state = self.lock()?;
+        if state.namespaces.get(uid).is_some_and(|ns| ns == namespace) {
+            return Ok(());
+        }
+        self.submit(
+            vec![Op::PutSubscription(uid.to_string(), namespace.to_string())],
+            Reply::None,
+        )?;
+        state.namespaces.insert(uid.to_string(), namespace.to_string());
+        Ok(())
+    }
+
+    fn commit_failures(&self) -> u64 {
+        self.commit_failures.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
@@ -861,22 +928,27 @@ impl Store for DurableStore {
                 }
             }
             state.attempts.remove(subscription);
+            state.namespaces.remove(subscription);
         }
         ops.push(Op::DeleteAttemptsOf(subscription.to_string()));
+        ops.push(Op::DeleteSubscription(subscription.to_string()));
         self.send(ops, true)
     }
 
-    fn subscriptions(&self) -> Result<Vec<String>, StoreError> {
+    fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
         let state = self.lock()?;
-        let mut all: Vec<String> = state
+        let mut all: Vec<&str> = state
             .queues
             .subscriptions()
             .chain(state.attempts.keys().map(String::as_str))
-            .map(String::from)
+            .chain(state.namespaces.keys().map(String::as_str))
             .collect();
         all.sort_unstable();
         all.dedup();
-        Ok(all)
+        Ok(all
+            .into_iter()
+            .map(|uid| (uid.to_string(), state.namespaces.get(uid).cloned()))
+            .collect())
     }
 
     fn total_backlog(&self) -> u64 {
@@ -941,6 +1013,7 @@ mod tests {
             assert_eq!(taken.len(), 1, "one in flight when the process dies");
             let mut dead = s.take_due("sub", jiff::Timestamp::now(), 1, false).expect("take");
             s.dead_letter(dead.remove(0), "gave up".into()).expect("dead letter");
+            s.note_subscription("sub", "mail").expect("note");
             // A later write waits for the ones queued before it.
             s.ingest(vec![]).expect("flush");
             key
@@ -950,6 +1023,11 @@ mod tests {
             s.secret("links").expect("secret"),
             key,
             "links signed before a restart stay valid"
+        );
+        assert_eq!(
+            s.subscriptions().expect("subscriptions"),
+            vec![("sub".to_string(), Some("mail".to_string()))],
+            "a subscription's namespace survives a restart"
         );
         assert_eq!(
             s.counts("sub"),

@@ -211,8 +211,16 @@ pub trait Store: Send + Sync + 'static {
     fn counts(&self, subscription: &str) -> QueueCounts;
     /// Deliveries waiting or in flight, over every subscription.
     fn total_backlog(&self) -> u64;
-    /// Every subscription the store holds deliveries, dead letters or attempts for.
-    fn subscriptions(&self) -> Result<Vec<String>, StoreError>;
+    /// Every subscription the store holds deliveries, dead letters or attempts for, with
+    /// its namespace when `note_subscription` recorded it.
+    fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError>;
+    /// Records the namespace of a subscription that is about to get deliveries (kept until
+    /// `forget_subscription`).
+    fn note_subscription(&self, uid: &str, namespace: &str) -> Result<(), StoreError>;
+    /// Commits that failed since start (writes nobody waits for included).
+    fn commit_failures(&self) -> u64 {
+        0
+    }
     /// Drops every delivery, dead letter and attempt of a deleted subscription.
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError>;
     /// Events stored, for tests and figures.
@@ -450,14 +458,22 @@ pub(crate) mod conformance {
         let mut logged_only = attempt(6, 1);
         logged_only.subscription = "attempts-only".into();
         s.record_attempt(logged_only).expect("attempt");
+        s.note_subscription("sub", "mail").expect("note");
+        s.note_subscription("sub", "mail").expect("noting twice is a no-op");
+        let uids = |s: &dyn Store| s.subscriptions().expect("subscriptions");
+        let named = |uid: &str, ns: Option<&str>| (uid.to_string(), ns.map(String::from));
         assert_eq!(
-            s.subscriptions().expect("subscriptions"),
-            vec!["attempts-only", "other", "sub"],
+            uids(s),
+            vec![
+                named("attempts-only", None),
+                named("other", None),
+                named("sub", Some("mail"))
+            ],
             "queues, dead letters and attempt logs all name their subscription"
         );
         s.forget_subscription("sub").expect("forget");
         s.forget_subscription("attempts-only").expect("forget");
-        assert_eq!(s.subscriptions().expect("subscriptions"), vec!["other"]);
+        assert_eq!(uids(s), vec![named("other", None)]);
         assert_eq!(s.counts("sub"), QueueCounts::default());
         assert_eq!(s.counts("other").backlog, 1, "other subscriptions keep theirs");
         assert!(s.take_due("sub", at(10), 10, false).expect("take").is_empty());

@@ -284,7 +284,7 @@ async fn a_subscription_deleted_while_the_operator_is_down_leaves_no_queue() {
 async fn invalid_specs_are_stalled_for_kstatus_readers() {
     let ns = TestNamespace::new("stalled").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let _operator = Operator::start(&ns);
+    let operator = Operator::start(&ns);
     apply(
         &ns,
         &format!(
@@ -331,6 +331,17 @@ async fn invalid_specs_are_stalled_for_kstatus_readers() {
         .position(|h| *h == "STALLED")
         .expect("a STALLED column in -o wide");
     assert_eq!(row.get(stalled), Some(&"True"), "{out}");
+
+    // Stalled waits for a change: no reconcile on a timer meanwhile (errors requeue every 5 s).
+    let reconciles = r#"mailhook_reconcile_duration_seconds_count{kind="WebhookSubscription"}"#;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = operator.metric(reconciles).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        operator.metric(reconciles).await,
+        before,
+        "a stalled subscription is not requeued"
+    );
 
     // Fixed by creating the filter: Stalled goes away, Ready turns True.
     apply(
