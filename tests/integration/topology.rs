@@ -213,34 +213,50 @@ async fn non_ascii_mail_matches_domain_glob_keyword_and_regex_filters() {
 #[tokio::test]
 async fn a_subscription_deleted_while_the_operator_is_down_leaves_no_queue() {
     let ns = TestNamespace::new("orphan").await;
+    // A second namespace, watched at first, then taken out of --watch-namespace: its
+    // subscription still exists, so its queue must be kept.
+    let other = TestNamespace::new("orphan-kept").await;
     let store = std::env::temp_dir().join(format!("mailhook-store-{}", ns.name));
     let _ = std::fs::remove_dir_all(&store);
     let store_arg = store.display().to_string();
     let receiver = Receiver::start(SIEM_SECRET);
-    // --max-backlog 5: an orphaned queue of 5 would refuse every event after the restart.
-    let mut operator = Operator::start_with(&ns, &["--store-dir", &store_arg, "--max-backlog", "5"]);
-    apply_siem(&ns, &receiver.url("/hooks"), "  paused: true\n");
-    eventually(
-        "siem Ready=False/Paused",
-        || siem(&ns),
-        |w| whs_condition(w, "Ready").is_some_and(|(_, r)| r == "Paused"),
-    )
-    .await;
+    // --max-backlog 10: the orphaned queue (5) plus the kept one (5) would refuse every
+    // event after the restart.
+    let mut operator = Operator::start_with(
+        &ns,
+        &[
+            "--watch-namespace",
+            &other.name,
+            "--store-dir",
+            &store_arg,
+            "--max-backlog",
+            "10",
+        ],
+    );
+    for n in [&ns, &other] {
+        apply_siem(n, &receiver.url("/hooks"), "  paused: true\n");
+        eventually(
+            &format!("{}/siem Ready=False/Paused", n.name),
+            || siem(n),
+            |w| whs_condition(w, "Ready").is_some_and(|(_, r)| r == "Paused"),
+        )
+        .await;
+    }
     operator.ready().await;
     let events: Vec<_> = (0..5).map(|i| siem_event(&format!("orphan-{i}"))).collect();
     let (status, body) = operator.ingest(&events).await;
     assert_eq!(status, 202, "{body}");
     eventually(
-        "the store holds 5 waiting deliveries",
+        "the store holds 5 waiting deliveries for each namespace",
         || operator.metric("mailhook_store_backlog"),
-        |v| *v == 5.0,
+        |v| *v == 10.0,
     )
     .await;
 
     operator.kill();
     let (ok, _, err) = kubectl_run(&["delete", "whs", "siem", "-n", &ns.name], None);
     assert!(ok, "{err}");
-    operator.restart();
+    operator.restart_without(&["--watch-namespace", &other.name]);
     operator.ready().await;
     eventually(
         "the orphaned queue is dropped once the caches are synced",
@@ -255,17 +271,18 @@ async fn a_subscription_deleted_while_the_operator_is_down_leaves_no_queue() {
         5.0
     );
     eventually(
-        "the store backlog is 0",
+        "the store keeps only the unwatched namespace's 5",
         || operator.metric("mailhook_store_backlog"),
-        |v| *v == 0.0,
+        |v| *v == 5.0,
     )
     .await;
+    let log = operator.log();
+    assert!(log.contains("no longer exists"), "the drop is logged:\n{log}");
     assert!(
-        operator.log().contains("no longer exists"),
-        "the drop is logged:\n{}",
-        operator.log()
+        log.contains("outside the watched namespaces"),
+        "the kept queue is logged:\n{log}"
     );
-    // The backlog limit counts nothing for it any more: a new subscription gets events.
+    // The backlog limit no longer counts the orphan: a new subscription gets events.
     apply_siem(&ns, &receiver.url("/hooks"), "");
     eventually(
         "the new siem Ready=True",

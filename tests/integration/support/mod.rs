@@ -282,6 +282,15 @@ impl Operator {
         self.child = Self::spawn(&self.args, &self.log, true);
     }
 
+    /// Starts the stopped operator again without the consecutive flags `remove` (e.g.
+    /// `["--watch-namespace", "b"]`).
+    pub fn restart_without(&mut self, remove: &[&str]) {
+        if let Some(at) = self.args.windows(remove.len()).position(|w| w.iter().eq(remove.iter())) {
+            self.args.drain(at..at + remove.len());
+        }
+        self.restart();
+    }
+
     /// The value of one Prometheus series (`name{labels}` exactly as exposed), 0 if absent.
     pub async fn metric(&self, series: &str) -> f64 {
         self.metrics()
