@@ -10,10 +10,12 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use mailhook::api::MailboxFilterSpec;
 use mailhook::event::{Attachment, MailboxEvent};
-use mailhook::route::{CompiledFilter, FilterEntry, RoutingTable, SubscriptionRoute};
+use mailhook::route::CompiledFilter;
 
 fuzz_target!(|data: &[u8]| {
     let (spec, fields) = match data.iter().position(|b| *b == 0) {
@@ -49,19 +51,7 @@ fuzz_target!(|data: &[u8]| {
     }];
     let compiled = Arc::new(filter);
     let _ = compiled.matches(&event);
-    let table = RoutingTable::build(
-        vec![SubscriptionRoute {
-            uid: "sub".into(),
-            namespace: "ns".into(),
-            event_types: vec![],
-            filters: vec!["f".into()],
-        }],
-        vec![FilterEntry {
-            namespace: "ns".into(),
-            name: "f".into(),
-            compiled,
-        }],
-    );
+    let table = common::one_route(compiled);
     let routed = table.route(&event);
     for derived in &routed.flagged {
         let _ = table.route(derived);

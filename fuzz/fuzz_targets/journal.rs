@@ -1,21 +1,15 @@
 //! Any bytes as a journaled message: the parser returns events or a reason, never panics.
 #![no_main]
 
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use mailhook::source::journal::{Envelope, parse};
 
 fuzz_target!(
     init: {
-        // mail-parser 0.11 panics on some malformed multiparts; `parse` catches that and
-        // refuses the message (tests/fixtures/journal/fuzz-mail-parser-panic.eml). Any other
-        // panic is a finding: abort so libFuzzer records the input.
-        std::panic::set_hook(Box::new(|info| {
-            let upstream = info.location().is_some_and(|l| l.file().contains("mail-parser"));
-            if !upstream {
-                eprintln!("{info}");
-                std::process::abort();
-            }
-        }));
+        // mail-parser's known panics are caught by `parse`; any other is a finding.
+        common::abort_on_our_panics();
     },
     |data: &[u8]| {
         let envelope = Envelope {

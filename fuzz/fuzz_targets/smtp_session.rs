@@ -9,10 +9,12 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use mailhook::api::{MailboxFilterSpec, MatchCriteria};
 use mailhook::delivery::{Deliveries, Housekeeping};
-use mailhook::route::{CompiledFilter, FilterEntry, Router, RoutingTable, SubscriptionRoute};
+use mailhook::route::{CompiledFilter, Router};
 use mailhook::source::smtp::{SmtpConfig, session};
 use mailhook::source::{Limits, Pipeline};
 use mailhook::store::DurableStore;
@@ -46,19 +48,9 @@ fn world() -> &'static World {
             flag: None,
         };
         let router = Arc::new(Router::default());
-        router.swap(RoutingTable::build(
-            vec![SubscriptionRoute {
-                uid: "sub".into(),
-                namespace: "ns".into(),
-                event_types: vec![],
-                filters: vec!["f".into()],
-            }],
-            vec![FilterEntry {
-                namespace: "ns".into(),
-                name: "f".into(),
-                compiled: Arc::new(CompiledFilter::compile(&spec).expect("filter")),
-            }],
-        ));
+        router.swap(common::one_route(Arc::new(
+            CompiledFilter::compile(&spec).expect("filter"),
+        )));
         let pipeline = Arc::new(Pipeline {
             deliveries,
             router,
@@ -86,16 +78,9 @@ fn world() -> &'static World {
 
 fuzz_target!(
     init: {
-        // The session catches panics (421) and so does the journal parser for mail-parser's
-        // (554), but libFuzzer must see ours: any panic outside mail-parser aborts, so the
-        // input is recorded as a finding.
-        std::panic::set_hook(Box::new(|info| {
-            let upstream = info.location().is_some_and(|l| l.file().contains("mail-parser"));
-            if !upstream {
-                eprintln!("{info}");
-                std::process::abort();
-            }
-        }));
+        // The session catches panics (421) and the journal parser mail-parser's (554), but
+        // libFuzzer must see ours.
+        common::abort_on_our_panics();
     },
     |data: &[u8]| {
     let w = world();
