@@ -15,6 +15,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -375,13 +376,7 @@ async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
                             let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
                                 break;
                             };
-                            tokio::spawn(deliver_guarded(
-                                deliveries.clone(),
-                                shard.clone(),
-                                sub.clone(),
-                                d,
-                                permit,
-                            ));
+                            tokio::spawn(deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit));
                         }
                     }
                     Err(err) => {
@@ -542,6 +537,66 @@ fn webhook_id(event_id: &str, subscription: &str) -> String {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// One signed POST of the event and what came of it (with its latency and end time).
+async fn attempt_once(
+    config: &DeliveryConfig,
+    url: &reqwest::Url,
+    event: &crate::event::MailboxEvent,
+    matched_filters: &[String],
+) -> (Outcome, Duration, jiff::Timestamp) {
+    let id = webhook_id(&event.id, &config.uid);
+    let body = payload::render(event, matched_filters, &config.payload);
+    let started = Instant::now();
+    let response = signed_post(config, url.clone(), &id, body).send().await;
+    let elapsed = started.elapsed();
+    let now = jiff::Timestamp::now();
+
+    let outcome = match response {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, now));
+            match status {
+                200..=299 => Outcome::Delivered { status },
+                410 => Outcome::Gone,
+                429 | 502 | 503 | 504 => Outcome::Failed {
+                    status: Some(status),
+                    message: format!("HTTP {status}: the endpoint asked to slow down"),
+                    retry_after,
+                },
+                300..=399 => Outcome::Failed {
+                    status: Some(status),
+                    message: redirect_message(status, r.headers().get("location"), url, &config.egress).await,
+                    retry_after: None,
+                },
+                _ => Outcome::Failed {
+                    status: Some(status),
+                    message: format!("HTTP {status}"),
+                    retry_after: None,
+                },
+            }
+        }
+        Err(err) => {
+            let message = if err.is_timeout() {
+                format!("no answer within {}s (endpoint.timeout)", config.timeout.as_secs_f32())
+            } else if err.is_connect() {
+                format!("cannot connect: {}", root_cause(&err))
+            } else {
+                format!("request failed: {}", root_cause(&err))
+            };
+            Outcome::Failed {
+                status: None,
+                message,
+                retry_after: None,
+            }
+        }
+    };
+    (outcome, elapsed, now)
+}
+
 /// How often a store write on the delivery path is tried before it is given up.
 const STORE_WRITE_TRIES: u32 = 8;
 
@@ -578,49 +633,6 @@ async fn store_write<T>(
     None
 }
 
-/// `deliver`, with a panic (a bug) caught: it is counted, and the delivery goes back to
-/// its queue a minute later instead of staying in flight until the next restart.
-async fn deliver_guarded(
-    deliveries: Arc<Deliveries>,
-    shard: Arc<Shard>,
-    sub: Arc<Subscription>,
-    d: PendingDelivery,
-    permit: OwnedSemaphorePermit,
-) {
-    use futures::FutureExt;
-    let backup = d.clone();
-    let attempt = std::panic::AssertUnwindSafe(deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit));
-    if attempt.catch_unwind().await.is_err() {
-        crate::panics::record(&deliveries.metrics, "delivery");
-        // A failed attempt like any other: retried on the schedule (no sooner than a
-        // minute), dead-lettered when it runs out, so a panic that repeats is bounded.
-        let (config, metrics, store) = (&sub.config, &deliveries.metrics, &deliveries.store);
-        let mut d = backup;
-        d.attempts += 1;
-        let now = jiff::Timestamp::now();
-        let policy = retry::Policy {
-            schedule: &config.retry_schedule,
-            max_event_age: config.max_event_age,
-            max_retry_after: config.max_retry_after,
-        };
-        let floor = Some(Duration::from_secs(60));
-        match retry::after_failure(policy, d.attempts, floor, d.accepted_at, now, retry::jitter()) {
-            Next::RetryAt(at) => {
-                d.not_before = at;
-                store_write(metrics, "retry", &config.name, || store.retry(d.clone())).await;
-            }
-            Next::DeadLetter(reason) => {
-                let reason = format!("{reason}; last error: {}", crate::panics::ANSWER);
-                store_write(metrics, "dead_letter", &config.name, || {
-                    store.dead_letter(d.clone(), reason.clone())
-                })
-                .await;
-            }
-        }
-        shard.wake.notify_one();
-    }
-}
-
 async fn deliver(
     deliveries: Arc<Deliveries>,
     shard: Arc<Shard>,
@@ -654,12 +666,21 @@ async fn deliver(
         limiter.until_ready().await;
     }
 
-    let id = webhook_id(&event.id, &config.uid);
-    let body = payload::render(&event, &d.matched_filters, &config.payload);
-    let started = Instant::now();
-    let response = signed_post(config, sub.url.clone(), &id, body).send().await;
-    let elapsed = started.elapsed();
-    let now = jiff::Timestamp::now();
+    // Rendering and the request run on the event's data: a panic there (a bug) is a failed
+    // attempt like any other, retried on the schedule (no sooner than a minute) and in the
+    // end dead-lettered, never a delivery stuck in flight.
+    let tried = std::panic::AssertUnwindSafe(attempt_once(config, &sub.url, &event, &d.matched_filters))
+        .catch_unwind()
+        .await;
+    let (outcome, elapsed, now) = tried.unwrap_or_else(|_| {
+        crate::panics::record(&deliveries.metrics, "delivery");
+        let failed = Outcome::Failed {
+            status: None,
+            message: crate::panics::ANSWER.into(),
+            retry_after: Some(Duration::from_secs(60)),
+        };
+        (failed, Duration::ZERO, jiff::Timestamp::now())
+    });
     d.attempts += 1;
     let mut attempt = Attempt {
         subscription: d.subscription.clone(),
@@ -669,50 +690,6 @@ async fn deliver(
         http_status: None,
         error: None,
         latency_ms: elapsed.as_millis() as u64,
-    };
-
-    let outcome = match response {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            let retry_after = r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry::parse_retry_after(v, now));
-            match status {
-                200..=299 => Outcome::Delivered { status },
-                410 => Outcome::Gone,
-                429 | 502 | 503 | 504 => Outcome::Failed {
-                    status: Some(status),
-                    message: format!("HTTP {status}: the endpoint asked to slow down"),
-                    retry_after,
-                },
-                300..=399 => Outcome::Failed {
-                    status: Some(status),
-                    message: redirect_message(status, r.headers().get("location"), &sub.url, &config.egress).await,
-                    retry_after: None,
-                },
-                _ => Outcome::Failed {
-                    status: Some(status),
-                    message: format!("HTTP {status}"),
-                    retry_after: None,
-                },
-            }
-        }
-        Err(err) => {
-            let message = if err.is_timeout() {
-                format!("no answer within {}s (endpoint.timeout)", config.timeout.as_secs_f32())
-            } else if err.is_connect() {
-                format!("cannot connect: {}", root_cause(&err))
-            } else {
-                format!("request failed: {}", root_cause(&err))
-            };
-            Outcome::Failed {
-                status: None,
-                message,
-                retry_after: None,
-            }
-        }
     };
 
     match &outcome {
