@@ -720,9 +720,10 @@ fn raw_bytes_session(addr: std::net::SocketAddr, lines: &[&[u8]]) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_ascii_junk_in_mail_and_rcpt_gets_5xx_and_the_listener_goes_on() {
-    let ns = TestNamespace::new("smtp-utf8").await;
+/// A namespace with the `archive` subscription, its receiver, and an operator with the
+/// SMTP receiver on (internal domain contoso.com), Ready.
+async fn smtp_receiver(name: &str) -> (TestNamespace, Receiver, std::net::SocketAddr, Operator) {
+    let ns = TestNamespace::new(name).await;
     let receiver = Receiver::start(SECRET);
     let smtp = free_port();
     let operator = Operator::start_with(
@@ -731,6 +732,12 @@ async fn non_ascii_junk_in_mail_and_rcpt_gets_5xx_and_the_listener_goes_on() {
     );
     setup(&ns, &receiver.url("/hooks"));
     ready(&operator, &ns).await;
+    (ns, receiver, smtp, operator)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_junk_in_mail_and_rcpt_gets_5xx_and_the_listener_goes_on() {
+    let (_ns, receiver, smtp, operator) = smtp_receiver("smtp-utf8").await;
 
     let replies = raw_bytes_session(
         smtp,
@@ -790,15 +797,7 @@ async fn non_ascii_junk_in_mail_and_rcpt_gets_5xx_and_the_listener_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_report_from_an_internal_sender_gives_every_internal_mailbox_its_event() {
-    let ns = TestNamespace::new("smtp-internal").await;
-    let receiver = Receiver::start(SECRET);
-    let smtp = free_port();
-    let operator = Operator::start_with(
-        &ns,
-        &["--smtp-addr", &smtp.to_string(), "--internal-domains", "contoso.com"],
-    );
-    setup(&ns, &receiver.url("/hooks"));
-    ready(&operator, &ns).await;
+    let (_ns, receiver, smtp, _operator) = smtp_receiver("smtp-internal").await;
     let report = repo_path("tests/fixtures/journal/internal-report.eml");
     let (ok, out) = swaks_data(smtp, "journal@contoso.com", "archive@journal.example.net", &report);
     assert!(ok && out.contains("250 2.0.0 OK: recorded"), "{out}");
