@@ -1,0 +1,97 @@
+//! Housekeeping: the periodic loop that expires deliveries past `maxEventAge` and purges
+//! history past its retention. Depends on the registry (`super::Deliveries`) and the
+//! `Store` it holds; nothing on the delivery path depends on it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::Deliveries;
+use crate::store::{Retention, StoreError};
+
+/// Operator-wide retention of delivery history, applied by the housekeeping loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Housekeeping {
+    /// How often expiry and purges run.
+    pub interval: Duration,
+    /// Attempts older than this leave the audit log.
+    pub attempt_retention: Duration,
+    /// Most attempts kept per subscription (the newest).
+    pub max_attempts: u64,
+    /// How long a producer event id de-duplicates.
+    pub dedup_window: Duration,
+    /// How long raw messages stay archived.
+    pub raw_message_retention: Duration,
+}
+
+impl Default for Housekeeping {
+    fn default() -> Self {
+        Housekeeping {
+            interval: Duration::from_secs(30),
+            attempt_retention: Duration::from_secs(72 * 3600),
+            max_attempts: 10_000,
+            dedup_window: Duration::from_secs(24 * 3600),
+            raw_message_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+fn since(now: jiff::Timestamp, age: Duration) -> jiff::Timestamp {
+    jiff::SignedDuration::try_from(age)
+        .ok()
+        .and_then(|age| now.checked_sub(age).ok())
+        .unwrap_or(jiff::Timestamp::MIN)
+}
+
+/// Expires deliveries past their subscription's `maxEventAge` (also while the endpoint is
+/// paused or disabled) and purges history past its retention, every `interval`.
+pub(super) async fn run_housekeeping(deliveries: Arc<Deliveries>, settings: Housekeeping) {
+    loop {
+        tokio::time::sleep(settings.interval).await;
+        let d = deliveries.clone();
+        // The store's purges wait for commits: off the async workers.
+        match tokio::task::spawn_blocking(move || housekeep(&d, settings)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(%err, "housekeeping failed; will retry"),
+            Err(err) => warn!(%err, "housekeeping stopped unexpectedly; will retry"),
+        }
+    }
+}
+
+fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), StoreError> {
+    let store = &deliveries.store;
+    let now = jiff::Timestamp::now();
+    let purged = &deliveries.metrics.store_purged;
+    for config in deliveries.configs() {
+        let reason = format!(
+            "older than delivery.maxEventAge ({}s) before it could be delivered",
+            config.max_event_age.as_secs()
+        );
+        let expired = store.expire(&config.uid, since(now, config.max_event_age), &reason)?;
+        if expired > 0 {
+            warn!(
+                subscription = config.name,
+                namespace = config.namespace,
+                expired,
+                "events expired undelivered; they are dead letters now"
+            );
+            deliveries.health_changed.notify_one();
+        }
+        let p = store.purge(
+            &config.uid,
+            Retention {
+                dead_letters_before: since(now, config.dead_letter_retention),
+                attempts_before: since(now, settings.attempt_retention),
+                max_attempts: settings.max_attempts,
+            },
+        )?;
+        purged.with_label_values(&["dead_letter"]).inc_by(p.dead_letters);
+        purged.with_label_values(&["attempt"]).inc_by(p.attempts);
+    }
+    let producers = store.purge_producer_ids(since(now, settings.dedup_window))?;
+    purged.with_label_values(&["producer_id"]).inc_by(producers);
+    let raw = store.purge_raw_messages(since(now, settings.raw_message_retention))?;
+    purged.with_label_values(&["raw_message"]).inc_by(raw);
+    Ok(())
+}
