@@ -1,7 +1,8 @@
 //! One delivery attempt: the signed POST, what its answer means, and recording the outcome
-//! (attempt log, health, retry or dead letter, metrics). Depends on the registry's types
-//! (`super::Deliveries`, the shard's `Subscription`) and the pure helpers beside it
-//! (`payload`, `signing`, `retry`, `health`, `egress`).
+//! (attempt log, health, retry or dead letter, metrics). `classify`, `transport_message` and
+//! `decide` are pure; `attempt_once` and `deliver` do the I/O around them. Depends on the
+//! registry's types (`super::Deliveries`, the shard's `Subscription`) and the helpers
+//! beside it (`payload`, `signing`, `retry`, `health`, `egress`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,6 +63,7 @@ async fn redirect_message(
 }
 
 /// What an attempt came to.
+#[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Delivered {
         status: u16,
@@ -82,6 +84,43 @@ fn status_class(status: Option<u16>) -> &'static str {
         Some(500..=599) => "5xx",
         Some(_) => "other",
         None => "transport",
+    }
+}
+
+/// What an HTTP answer means, from its status and `Retry-After` alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Classified {
+    Done(Outcome),
+    /// 3xx: a failure whose message the caller words (checking the target is async).
+    Redirect,
+}
+
+fn classify(status: u16, retry_after: Option<Duration>) -> Classified {
+    let failed = |message, retry_after| {
+        Classified::Done(Outcome::Failed {
+            status: Some(status),
+            message,
+            retry_after,
+        })
+    };
+    match status {
+        200..=299 => Classified::Done(Outcome::Delivered { status }),
+        410 => Classified::Done(Outcome::Gone),
+        // Only an answer that asks for a pause has its Retry-After honoured.
+        429 | 502 | 503 | 504 => failed(format!("HTTP {status}: the endpoint asked to slow down"), retry_after),
+        300..=399 => Classified::Redirect,
+        _ => failed(format!("HTTP {status}"), None),
+    }
+}
+
+/// Why a request got no answer; `cause` is the error's root cause.
+fn transport_message(is_timeout: bool, is_connect: bool, cause: &str, timeout: Duration) -> String {
+    if is_timeout {
+        format!("no answer within {}s (endpoint.timeout)", timeout.as_secs_f32())
+    } else if is_connect {
+        format!("cannot connect: {cause}")
+    } else {
+        format!("request failed: {cause}")
     }
 }
 
@@ -125,40 +164,20 @@ async fn attempt_once(
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| retry::parse_retry_after(v, now));
-            match status {
-                200..=299 => Outcome::Delivered { status },
-                410 => Outcome::Gone,
-                429 | 502 | 503 | 504 => Outcome::Failed {
-                    status: Some(status),
-                    message: format!("HTTP {status}: the endpoint asked to slow down"),
-                    retry_after,
-                },
-                300..=399 => Outcome::Failed {
+            match classify(status, retry_after) {
+                Classified::Done(outcome) => outcome,
+                Classified::Redirect => Outcome::Failed {
                     status: Some(status),
                     message: redirect_message(status, r.headers().get("location"), url, &config.egress).await,
                     retry_after: None,
                 },
-                _ => Outcome::Failed {
-                    status: Some(status),
-                    message: format!("HTTP {status}"),
-                    retry_after: None,
-                },
             }
         }
-        Err(err) => {
-            let message = if err.is_timeout() {
-                format!("no answer within {}s (endpoint.timeout)", config.timeout.as_secs_f32())
-            } else if err.is_connect() {
-                format!("cannot connect: {}", root_cause(&err))
-            } else {
-                format!("request failed: {}", root_cause(&err))
-            };
-            Outcome::Failed {
-                status: None,
-                message,
-                retry_after: None,
-            }
-        }
+        Err(err) => Outcome::Failed {
+            status: None,
+            message: transport_message(err.is_timeout(), err.is_connect(), &root_cause(&err), config.timeout),
+            retry_after: None,
+        },
     };
     (outcome, elapsed, now)
 }
@@ -197,6 +216,105 @@ async fn store_write<T>(
         }
     }
     None
+}
+
+/// What follows an attempt, from its outcome alone; `deliver` carries it out.
+#[derive(Debug, PartialEq, Eq)]
+struct Decision {
+    /// For the attempt log.
+    http_status: Option<u16>,
+    error: Option<String>,
+    health: HealthUpdate,
+    next: Step,
+    /// Metric labels: outcome, status class.
+    labels: (&'static str, &'static str),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum HealthUpdate {
+    Success,
+    /// The failure, and why the endpoint is disabled now, if it is.
+    Failure(Failure, Option<String>),
+}
+
+/// What becomes of the pending delivery.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Complete,
+    /// 410: queued again as it is; the endpoint is disabled, the event kept.
+    Keep,
+    RetryAt(jiff::Timestamp),
+    DeadLetter(String),
+}
+
+/// `d` has its attempts counted already; `failing_since` is the health's before this
+/// attempt.
+fn decide(
+    outcome: &Outcome,
+    d: &PendingDelivery,
+    now: jiff::Timestamp,
+    failing_since: Option<jiff::Timestamp>,
+    policy: retry::Policy<'_>,
+    disable_after: Duration,
+    jitter: f64,
+) -> Decision {
+    match outcome {
+        Outcome::Delivered { status } => Decision {
+            http_status: Some(*status),
+            error: None,
+            health: HealthUpdate::Success,
+            next: Step::Complete,
+            labels: ("success", status_class(Some(*status))),
+        },
+        // 410: the receiver asked us to stop. Keep the event; stop the endpoint.
+        Outcome::Gone => Decision {
+            http_status: Some(410),
+            error: Some("HTTP 410 Gone".into()),
+            health: HealthUpdate::Failure(
+                Failure {
+                    time: now,
+                    http_status: Some(410),
+                    message: "HTTP 410 Gone: the endpoint asked to stop deliveries".into(),
+                },
+                Some("the endpoint answered 410 Gone".into()),
+            ),
+            next: Step::Keep,
+            labels: ("gone", "4xx"),
+        },
+        Outcome::Failed {
+            status,
+            message,
+            retry_after,
+        } => {
+            let failing_for = failing_since.map(|t| now.duration_since(t)).unwrap_or_default();
+            let disable = (failing_for
+                > jiff::SignedDuration::try_from(disable_after).unwrap_or(jiff::SignedDuration::MAX))
+            .then(|| {
+                format!(
+                    "failing for longer than delivery.disableAfter ({}s)",
+                    disable_after.as_secs()
+                )
+            });
+            let next = match retry::after_failure(policy, d.attempts, *retry_after, d.accepted_at, now, jitter) {
+                Next::RetryAt(at) => Step::RetryAt(at),
+                Next::DeadLetter(reason) => Step::DeadLetter(format!("{reason}; last error: {message}")),
+            };
+            Decision {
+                http_status: *status,
+                error: Some(message.clone()),
+                health: HealthUpdate::Failure(
+                    Failure {
+                        time: now,
+                        http_status: *status,
+                        message: message.clone(),
+                    },
+                    disable,
+                ),
+                next,
+                labels: ("failure", status_class(*status)),
+            }
+        }
+    }
 }
 
 pub(super) async fn deliver(
@@ -248,36 +366,48 @@ pub(super) async fn deliver(
         (failed, Duration::ZERO, jiff::Timestamp::now())
     });
     d.attempts += 1;
-    let mut attempt = Attempt {
+    let policy = retry::Policy {
+        schedule: &config.retry_schedule,
+        max_event_age: config.max_event_age,
+        max_retry_after: config.max_retry_after,
+    };
+    let failing_since = sub.health.failing_since();
+    let decision = decide(
+        &outcome,
+        &d,
+        now,
+        failing_since,
+        policy,
+        config.disable_after,
+        retry::jitter(),
+    );
+    let attempt = Attempt {
         subscription: d.subscription.clone(),
         event_id: d.event_id.clone(),
         attempt: d.attempts,
         at: now,
-        http_status: None,
-        error: None,
+        http_status: decision.http_status,
+        error: decision.error,
         latency_ms: elapsed.as_millis() as u64,
     };
-
-    match &outcome {
-        Outcome::Delivered { status } => attempt.http_status = Some(*status),
-        Outcome::Gone => {
-            attempt.http_status = Some(410);
-            attempt.error = Some("HTTP 410 Gone".into());
-        }
-        Outcome::Failed { status, message, .. } => {
-            attempt.http_status = *status;
-            attempt.error = Some(message.clone());
-        }
-    }
     // Queued before the completion below, so it is on disk no later than it.
     // The audit log is not worth holding the delivery up for: one try, counted.
     if let Err(err) = store.record_attempt(attempt) {
         metrics.store_errors.with_label_values(&["attempt"]).inc();
         warn!(%err, subscription = name, "cannot log a delivery attempt");
     }
+    if let Outcome::Failed { message, .. } = &outcome {
+        debug!(subscription = config.name, %message, attempts = d.attempts, "delivery failed");
+    }
 
-    let (outcome_label, status_label, changed) = match outcome {
-        Outcome::Delivered { status } => {
+    let update_health = |update| match update {
+        HealthUpdate::Success => sub.health.success(now, elapsed.as_millis() as u64),
+        HealthUpdate::Failure(failure, disable) => sub.health.failure(failure, disable),
+    };
+    // Each arm keeps the order of store write and health update that `deliver` always had:
+    // a failure's health (which may disable the endpoint) is set before its retry is queued.
+    let changed = match decision.next {
+        Step::Complete => {
             // Still holding the delivery slot: the completion is durable before the slot frees.
             if let Err(err) = async { store.complete(&d)?.wait().await }.await {
                 // Not retried: the completion may be on disk already; if not, the delivery
@@ -285,70 +415,28 @@ pub(super) async fn deliver(
                 metrics.store_errors.with_label_values(&["complete"]).inc();
                 warn!(%err, subscription = name, "cannot record a completed delivery; it may be made again");
             }
-            let changed = sub.health.success(now, elapsed.as_millis() as u64);
-            ("success", status_class(Some(status)), changed)
+            update_health(decision.health)
         }
-        Outcome::Gone => {
-            // 410: the receiver asked us to stop. Keep the event; stop the endpoint.
+        Step::Keep => {
             store_write(metrics, "retry", name, || store.retry(d.clone())).await;
-            let changed = sub.health.failure(
-                Failure {
-                    time: now,
-                    http_status: Some(410),
-                    message: "HTTP 410 Gone: the endpoint asked to stop deliveries".into(),
-                },
-                Some("the endpoint answered 410 Gone".into()),
-            );
-            ("gone", "4xx", changed)
+            update_health(decision.health)
         }
-        Outcome::Failed {
-            status,
-            message,
-            retry_after,
-        } => {
-            debug!(subscription = config.name, %message, attempts = d.attempts, "delivery failed");
-            let failing_for = sub
-                .health
-                .failing_since()
-                .map(|t| now.duration_since(t))
-                .unwrap_or_default();
-            let disable = (failing_for
-                > jiff::SignedDuration::try_from(config.disable_after).unwrap_or(jiff::SignedDuration::MAX))
-            .then(|| {
-                format!(
-                    "failing for longer than delivery.disableAfter ({}s)",
-                    config.disable_after.as_secs()
-                )
-            });
-            let changed = sub.health.failure(
-                Failure {
-                    time: now,
-                    http_status: status,
-                    message: message.clone(),
-                },
-                disable,
-            );
-            let policy = retry::Policy {
-                schedule: &config.retry_schedule,
-                max_event_age: config.max_event_age,
-                max_retry_after: config.max_retry_after,
-            };
-            match retry::after_failure(policy, d.attempts, retry_after, d.accepted_at, now, retry::jitter()) {
-                Next::RetryAt(at) => {
-                    d.not_before = at;
-                    store_write(metrics, "retry", name, || store.retry(d.clone())).await;
-                }
-                Next::DeadLetter(reason) => {
-                    let reason = format!("{reason}; last error: {message}");
-                    store_write(metrics, "dead_letter", name, || {
-                        store.dead_letter(d.clone(), reason.clone())
-                    })
-                    .await;
-                }
-            }
-            ("failure", status_class(status), changed)
+        Step::RetryAt(at) => {
+            let changed = update_health(decision.health);
+            d.not_before = at;
+            store_write(metrics, "retry", name, || store.retry(d.clone())).await;
+            changed
+        }
+        Step::DeadLetter(reason) => {
+            let changed = update_health(decision.health);
+            store_write(metrics, "dead_letter", name, || {
+                store.dead_letter(d.clone(), reason.clone())
+            })
+            .await;
+            changed
         }
     };
+    let (outcome_label, status_label) = decision.labels;
     if status_label == "2xx" && outcome_label == "success" {
         sub.success.0.inc();
         sub.success.1.observe(elapsed.as_secs_f64());
@@ -374,6 +462,225 @@ pub(super) fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).expect("valid")
+    }
+
+    fn failed(status: Option<u16>, message: &str, retry_after: Option<Duration>) -> Outcome {
+        Outcome::Failed {
+            status,
+            message: message.into(),
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn classifies_every_status_class() {
+        let asked = Some(S(30));
+        for status in [200, 201, 204, 299] {
+            assert_eq!(classify(status, asked), Classified::Done(Outcome::Delivered { status }));
+        }
+        assert_eq!(classify(410, asked), Classified::Done(Outcome::Gone));
+        for status in [429, 502, 503, 504] {
+            let message = format!("HTTP {status}: the endpoint asked to slow down");
+            assert_eq!(
+                classify(status, asked),
+                Classified::Done(failed(Some(status), &message, asked))
+            );
+            assert_eq!(
+                classify(status, None),
+                Classified::Done(failed(Some(status), &message, None))
+            );
+        }
+        for status in [300, 301, 302, 307, 308, 399] {
+            assert_eq!(classify(status, asked), Classified::Redirect);
+        }
+        for status in [100, 199, 400, 404, 409, 411, 428, 430, 500, 501, 505, 599, 600] {
+            assert_eq!(
+                classify(status, asked),
+                Classified::Done(failed(Some(status), &format!("HTTP {status}"), None))
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_is_passed_only_for_429_502_503_504() {
+        for status in 100..=599 {
+            let passed = matches!(
+                classify(status, Some(S(30))),
+                Classified::Done(Outcome::Failed {
+                    retry_after: Some(_),
+                    ..
+                })
+            );
+            assert_eq!(passed, matches!(status, 429 | 502 | 503 | 504), "HTTP {status}");
+        }
+    }
+
+    #[test]
+    fn transport_errors_say_what_happened() {
+        let timed_out = "no answer within 10s (endpoint.timeout)";
+        assert_eq!(transport_message(true, false, "deadline has elapsed", S(10)), timed_out);
+        // A connect that times out is reported as a timeout.
+        assert_eq!(transport_message(true, true, "deadline has elapsed", S(10)), timed_out);
+        assert_eq!(
+            transport_message(true, false, "", Duration::from_millis(2500)),
+            "no answer within 2.5s (endpoint.timeout)"
+        );
+        assert_eq!(
+            transport_message(false, true, "Connection refused (os error 111)", S(10)),
+            "cannot connect: Connection refused (os error 111)"
+        );
+        assert_eq!(
+            transport_message(false, false, "unexpected end of file", S(10)),
+            "request failed: unexpected end of file"
+        );
+    }
+
+    static SCHEDULE: [Duration; 3] = [Duration::ZERO, Duration::from_secs(5), Duration::from_secs(300)];
+
+    fn policy() -> retry::Policy<'static> {
+        retry::Policy {
+            schedule: &SCHEDULE,
+            max_event_age: S(3600),
+            max_retry_after: S(600),
+        }
+    }
+
+    /// A pending delivery after its `attempts`-th attempt, accepted at 0.
+    fn pending(attempts: u32) -> PendingDelivery {
+        PendingDelivery {
+            subscription: "sub-uid".into(),
+            event_id: "evt_1".into(),
+            attempts,
+            not_before: at(0),
+            accepted_at: at(0),
+            ordering_key: None,
+            matched_filters: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    fn disabled(decision: &Decision) -> Option<&str> {
+        match &decision.health {
+            HealthUpdate::Failure(_, disable) => disable.as_deref(),
+            HealthUpdate::Success => None,
+        }
+    }
+
+    #[test]
+    fn a_delivery_completes_and_is_healthy_even_after_long_failing() {
+        let decision = decide(
+            &Outcome::Delivered { status: 204 },
+            &pending(1),
+            at(100_000),
+            Some(at(0)),
+            policy(),
+            S(60),
+            1.0,
+        );
+        assert_eq!(
+            decision,
+            Decision {
+                http_status: Some(204),
+                error: None,
+                health: HealthUpdate::Success,
+                next: Step::Complete,
+                labels: ("success", "2xx"),
+            }
+        );
+    }
+
+    #[test]
+    fn gone_keeps_the_event_and_disables_the_endpoint() {
+        let decision = decide(&Outcome::Gone, &pending(1), at(100), None, policy(), S(3600), 1.0);
+        assert_eq!(
+            decision,
+            Decision {
+                http_status: Some(410),
+                error: Some("HTTP 410 Gone".into()),
+                health: HealthUpdate::Failure(
+                    Failure {
+                        time: at(100),
+                        http_status: Some(410),
+                        message: "HTTP 410 Gone: the endpoint asked to stop deliveries".into(),
+                    },
+                    Some("the endpoint answered 410 Gone".into()),
+                ),
+                next: Step::Keep,
+                labels: ("gone", "4xx"),
+            }
+        );
+    }
+
+    #[test]
+    fn a_failure_is_retried_on_the_schedule_with_retry_after_as_a_floor() {
+        let message = "HTTP 503: the endpoint asked to slow down";
+        let outcome = failed(Some(503), message, Some(S(60)));
+        let decision = decide(&outcome, &pending(1), at(100), None, policy(), S(3600), 1.0);
+        assert_eq!(
+            decision,
+            Decision {
+                http_status: Some(503),
+                error: Some(message.into()),
+                health: HealthUpdate::Failure(
+                    Failure {
+                        time: at(100),
+                        http_status: Some(503),
+                        message: message.into(),
+                    },
+                    None,
+                ),
+                next: Step::RetryAt(at(160)),
+                labels: ("failure", "5xx"),
+            }
+        );
+        // Without Retry-After, the schedule's entry (full jitter of 5 s).
+        let outcome = failed(Some(500), "HTTP 500", None);
+        let decision = decide(&outcome, &pending(1), at(100), None, policy(), S(3600), 1.0);
+        assert_eq!(decision.next, Step::RetryAt(at(105)));
+        assert_eq!(decision.labels, ("failure", "5xx"));
+    }
+
+    #[test]
+    fn a_failure_past_the_schedule_is_a_dead_letter_with_its_last_error() {
+        let outcome = failed(None, "cannot connect: Connection refused", None);
+        let decision = decide(&outcome, &pending(3), at(100), None, policy(), S(3600), 1.0);
+        assert_eq!(
+            decision.next,
+            Step::DeadLetter(
+                "retries exhausted after 3 attempts; last error: cannot connect: Connection refused".into()
+            )
+        );
+        assert_eq!(
+            (decision.http_status, decision.labels),
+            (None, ("failure", "transport"))
+        );
+    }
+
+    #[test]
+    fn failing_longer_than_disable_after_disables() {
+        let outcome = failed(Some(500), "HTTP 500", None);
+        let now = at(3_000);
+        let decide_at = |failing_since, disable_after| {
+            decide(&outcome, &pending(1), now, failing_since, policy(), disable_after, 1.0)
+        };
+        // Not failing before this attempt, or not for longer than disableAfter: not disabled.
+        assert_eq!(disabled(&decide_at(None, S(0))), None);
+        assert_eq!(disabled(&decide_at(Some(at(2_000)), S(1000))), None);
+        assert_eq!(disabled(&decide_at(Some(now), S(0))), None);
+        assert_eq!(
+            disabled(&decide_at(Some(at(1_999)), S(1000))),
+            Some("failing for longer than delivery.disableAfter (1000s)")
+        );
+        // A disableAfter beyond what a timestamp can span never disables.
+        assert_eq!(disabled(&decide_at(Some(at(0)), Duration::MAX)), None);
+        // Disabling does not change what becomes of the delivery.
+        assert_eq!(decide_at(Some(at(0)), S(60)).next, Step::RetryAt(at(3_005)));
+    }
 
     /// A failing store write is tried again with backoff and counted each time; one that
     /// keeps failing is given up (the delivery then waits for a restart), never looped on.
