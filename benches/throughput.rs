@@ -17,10 +17,10 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 
-use mailhook::admin::Readiness;
+use mailhook::handles::Readiness;
 use mailhook::api::{EventType, PayloadMode};
 use mailhook::auth::Tokens;
-use mailhook::controller::MatchCounters;
+use mailhook::handles::MatchCounters;
 use mailhook::delivery::payload::PayloadConfig;
 use mailhook::delivery::signing::SigningKey;
 use mailhook::delivery::{Deliveries, DeliveryConfig, client};
@@ -82,7 +82,26 @@ async fn rig(subscriptions: usize) -> Rig {
     let dir = std::env::temp_dir().join(format!("mailhook-bench-{}", uuid::Uuid::now_v7().simple()));
     let store = Arc::new(DurableStore::open(&dir).expect("open store"));
     let metrics = Metrics::new().expect("metrics");
-    let deliveries = Deliveries::start(4, store.clone() as Arc<dyn Store>, metrics.clone(), Default::default());
+    let lifecycle = mailhook::lifecycle::Lifecycle::new();
+    let deliveries = Deliveries::start(
+        4,
+        store.clone() as Arc<dyn Store>,
+        metrics.clone(),
+        Default::default(),
+        &lifecycle,
+    );
+    let clients = client::Clients::new(Arc::new(mailhook::delivery::egress::EgressPolicy {
+        allow: vec!["127.0.0.0/8".parse().expect("net")],
+        ..Default::default()
+    }));
+    let (shared, headers) = clients
+        .get(&client::ClientSettings {
+            headers: &[],
+            ca_bundle: None,
+            identity: None,
+            insecure_skip_verify: false,
+        })
+        .expect("client");
     let router = Arc::new(EventRouter::default());
     let mut routes = Vec::new();
     for i in 0..subscriptions {
@@ -93,18 +112,8 @@ async fn rig(subscriptions: usize) -> Rig {
             name: uid.clone(),
             generation: 1,
             url: format!("http://{receiver_addr}/hook"),
-            client: client::build(client::ClientSettings {
-                timeout: Duration::from_secs(10),
-                headers: &[],
-                ca_bundle: None,
-                identity: None,
-                insecure_skip_verify: false,
-                egress: Arc::new(mailhook::delivery::egress::EgressPolicy {
-                    allow: vec!["127.0.0.0/8".parse().expect("net")],
-                    ..Default::default()
-                }),
-            })
-            .expect("client"),
+            client: shared.clone(),
+            headers: headers.clone(),
             egress: Arc::new(mailhook::delivery::egress::EgressPolicy::default()),
             timeout: Duration::from_secs(10),
             signing_keys: vec![match std::env::var("BENCH_SIGNING").as_deref() {
@@ -134,6 +143,7 @@ async fn rig(subscriptions: usize) -> Rig {
             rate_limit_per_second: None,
             ordered: false,
             paused: false,
+            verify: false,
         });
         routes.push(SubscriptionRoute {
             uid,
@@ -155,7 +165,7 @@ async fn rig(subscriptions: usize) -> Rig {
         limits: Default::default(),
     });
     let readiness = Readiness::default();
-    readiness.set_ready(true);
+    readiness.part("bench", "").ready();
     let config = IngestConfig {
         token_file: tokens_file.clone(),
         max_body_bytes: 64 << 20,

@@ -1,25 +1,19 @@
-//! The raw message archive's door: time-limited signed links to archived raw messages,
+//! Links to archived raw messages: time-limited and signed,
 //! `{base}/v1/raw-messages/{sha256}?expires={unix s}&signature={base64url HMAC-SHA256}`,
-//! served on the operator's HTTP (admin) port. The link is the credential: it needs no
+//! made by the delivery path and checked by the history API (`history::raw`), which
+//! serves them on the operator's HTTP (admin) port. The link is the credential: it needs no
 //! token, so a receiver can fetch the message it was told about, and nothing else, until
 //! the link expires. The key lives in the store, so links survive a restart and die with
 //! the data.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::Sha256;
 
-use crate::store::Store;
 
 /// Name of the link key in the store.
 pub const KEY_NAME: &str = "raw-message-links";
@@ -107,73 +101,15 @@ impl RawLinks {
     }
 }
 
-#[derive(Clone)]
-struct ArchiveState {
-    links: Arc<RawLinks>,
-    store: Arc<dyn Store>,
-}
-
-#[derive(Deserialize)]
-struct LinkQuery {
-    #[serde(default)]
-    expires: String,
-    #[serde(default)]
-    signature: String,
-}
-
-pub fn router(links: Arc<RawLinks>, store: Arc<dyn Store>) -> Router {
-    Router::new()
-        .route("/v1/raw-messages/{sha256}", get(raw_message))
-        .with_state(ArchiveState { links, store })
-}
-
-fn refuse(status: StatusCode, message: String) -> Response {
-    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
-}
-
-async fn raw_message(
-    State(state): State<ArchiveState>,
-    Path(sha256): Path<String>,
-    Query(q): Query<LinkQuery>,
-) -> Response {
-    match state
-        .links
-        .verify(&sha256, &q.expires, &q.signature, jiff::Timestamp::now())
-    {
-        Ok(()) => {}
-        Err(err @ LinkError::BadSignature) => return refuse(StatusCode::FORBIDDEN, err.to_string()),
-        Err(err @ LinkError::Expired(_)) => return refuse(StatusCode::GONE, err.to_string()),
-    }
-    let store = state.store.clone();
-    let id = sha256.clone();
-    let found = tokio::task::spawn_blocking(move || store.raw_message(&id)).await;
-    match found {
-        Ok(Ok(Some((_, bytes)))) => (
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, "message/rfc822".to_string()),
-                (header::CACHE_CONTROL, "no-store".to_string()),
-                (
-                    header::CONTENT_DISPOSITION,
-                    format!("attachment; filename=\"{sha256}.eml\""),
-                ),
-            ],
-            bytes,
-        )
-            .into_response(),
-        Ok(Ok(None)) => refuse(
-            StatusCode::NOT_FOUND,
-            "the raw message is no longer archived (past --raw-message-retention)".into(),
-        ),
-        Ok(Err(err)) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cannot read the archive: {err}"),
-        ),
-        Err(err) => refuse(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the archive stopped: {err}"),
-        ),
-    }
+/// The base of links when no `--public-url` is given: `http://` and the listening
+/// address, loopback for an unspecified one (suits local runs only).
+pub fn local_base(addr: std::net::SocketAddr) -> String {
+    let host = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", std::net::SocketAddr::new(host, addr.port()))
 }
 
 #[cfg(test)]

@@ -3,10 +3,11 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
+use parking_lot::{Mutex, RwLock};
 use tracing::warn;
 
 /// Bearer tokens, re-read from their file so a rotated Secret takes effect without restart.
@@ -43,14 +44,14 @@ const MAX_PEERS: usize = 100_000;
 
 impl FailureLimit {
     fn locked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
-        let map = self.by_peer.lock().ok()?;
+        let map = self.by_peer.lock();
         let (n, since) = map.get(&peer)?;
         let left = WINDOW.checked_sub(now.duration_since(*since))?;
         (*n >= MAX_FAILURES && !left.is_zero()).then_some(left)
     }
 
     fn failed(&self, peer: IpAddr, now: Instant) {
-        let Ok(mut map) = self.by_peer.lock() else { return };
+        let mut map = self.by_peer.lock();
         if map.len() >= MAX_PEERS {
             map.retain(|_, (_, since)| now.duration_since(*since) < WINDOW);
             if map.len() >= MAX_PEERS {
@@ -83,13 +84,26 @@ impl Tokens {
         Ok(tokens)
     }
 
-    /// Loads the tokens of `path` and re-reads them every 10 s (a rotated Secret takes
-    /// effect without restart); `what` names them in the error.
-    pub fn load_watched(path: &std::path::Path, what: &str) -> anyhow::Result<Tokens> {
-        let tokens = Tokens::load(path.to_path_buf())
-            .map_err(|e| anyhow::anyhow!("cannot read {what} tokens from {}: {e}", path.display()))?;
-        tokens.clone().watch(Duration::from_secs(10));
-        Ok(tokens)
+    /// Loads the tokens of `path`; `what` names them in the error. Run `watch` for a
+    /// rotated Secret to take effect without restart.
+    pub fn load_named(path: &std::path::Path, what: &str) -> anyhow::Result<Tokens> {
+        Tokens::load(path.to_path_buf())
+            .map_err(|e| anyhow::anyhow!("cannot read {what} tokens from {}: {e}", path.display()))
+    }
+
+    /// The ingest API's tokens: those of `file`, or, when it is absent or empty and
+    /// `secret` is set, the token of that Secret (created with a random token if absent)
+    /// — how the Helm chart gets a token without rendering a random value.
+    pub async fn for_ingest(client: &kube::Client, file: &std::path::Path, secret: Option<&str>) -> anyhow::Result<Tokens> {
+        match (Tokens::load(file.to_path_buf()), secret) {
+            (Ok(tokens), _) => Ok(tokens),
+            (Err(err), None) => anyhow::bail!("cannot read ingest tokens from {}: {err}", file.display()),
+            (Err(err), Some(secret)) => {
+                tracing::info!(file = %file.display(), %err, secret, "no ingest token file yet; using the token Secret");
+                let token = ensure_token_secret(client, secret).await?;
+                Ok(Tokens::with(file.to_path_buf(), vec![token]))
+            }
+        }
     }
 
     /// Tokens known already, also re-read from `path` once it exists.
@@ -112,17 +126,21 @@ impl Tokens {
         if list.is_empty() {
             return Err(std::io::Error::other(format!("{} holds no token", self.path.display())));
         }
-        if let Ok(mut t) = self.tokens.write() {
-            *t = list;
-        }
+        *self.tokens.write() = list;
         Ok(())
     }
 
-    /// Re-reads the file every `every`; keeps the old tokens if it cannot.
-    pub fn watch(self, every: Duration) {
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
+    /// How often `watch` re-reads the file.
+    pub const WATCH_INTERVAL: Duration = Duration::from_secs(10);
+
+    /// Re-reads the file every `every` until `stop`; keeps the old tokens if it cannot.
+    pub async fn watch(self, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            {
                 match self.reload() {
                     Ok(()) => {}
                     // Expected while a generated token's Secret is not yet mounted.
@@ -134,7 +152,7 @@ impl Tokens {
                     }
                 }
             }
-        });
+        }
     }
 
     /// Whether the request carries `Authorization: Bearer <one of the tokens>`.
@@ -163,12 +181,10 @@ impl Tokens {
 
     /// Whether `presented` is one of the tokens (compared in constant time).
     pub fn accepts(&self, presented: &str) -> bool {
-        let Ok(tokens) = self.tokens.read() else {
-            return false;
-        };
+        let tokens = self.tokens.read();
         // Compare every token in full so timing tells nothing about a near miss.
         tokens.iter().fold(false, |found, t| {
-            found | constant_time_eq(t.as_bytes(), presented.as_bytes())
+            found | crate::crypto::constant_time_eq(t.as_bytes(), presented.as_bytes())
         })
     }
 }
@@ -179,11 +195,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-}
-
-/// Equality whose time depends only on the lengths, not on where the bytes differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The token in Secret `name` of the operator's namespace ($POD_NAMESPACE, else the
@@ -234,25 +245,7 @@ pub async fn ensure_token_secret(client: &kube::Client, name: &str) -> anyhow::R
 /// 32 random bytes, URL-safe base64.
 fn random_token() -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes())
-}
-
-/// 32 bytes from the operating system's random source.
-pub fn random_bytes() -> [u8; 32] {
-    let mut bytes = [0u8; 32];
-    // Without an OS random source nothing here is safe: fall back to two v4 UUIDs (also
-    // OS randomness, via their own path) rather than to anything predictable.
-    if getrandom::fill(&mut bytes).is_err() {
-        for (i, b) in uuid::Uuid::new_v4()
-            .as_bytes()
-            .iter()
-            .chain(uuid::Uuid::new_v4().as_bytes())
-            .enumerate()
-        {
-            bytes[i] = *b;
-        }
-    }
-    bytes
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::crypto::random_bytes())
 }
 
 #[cfg(test)]

@@ -4,12 +4,12 @@ use clap::Parser;
 // benchmark's CPU (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use mailhook::admin::client::Request;
+use mailhook::history::client::Request;
 use mailhook::cli::{Cli, Command};
 
 async fn history(request: Request) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    print!("{}", mailhook::admin::client::run(request).await?);
+    print!("{}", mailhook::history::client::run(request).await?);
     Ok(())
 }
 
@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 mailhook::cli::KeyKind::Hmac => {
                     use base64::Engine;
-                    let bytes = mailhook::auth::random_bytes();
+                    let bytes = mailhook::crypto::random_bytes();
                     println!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(bytes));
                 }
             }
@@ -40,11 +40,11 @@ async fn main() -> anyhow::Result<()> {
         Command::DeadLetters(args) => history(Request::DeadLetters(args)).await,
         Command::Replay(args) => history(Request::Replay(args)).await,
         Command::Run(config) => {
-            mailhook::telemetry::init(config.log_format)?;
+            mailhook::telemetry::init(config.telemetry.log_format)?;
             mailhook::panics::install_hook();
             // reqwest and kube share one TLS implementation: rustls with ring.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            mailhook::cli::run(*config).await
+            mailhook::app::run(*config).await
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub panics: IntCounterVec,
     /// Store writes that failed, by operation.
     pub store_errors: IntCounterVec,
+    /// Status writes to the apiserver, by kind and outcome.
+    pub status_writes: IntCounterVec,
+    /// Rebuilds of the routing table (many changes at once cost one).
+    pub route_rebuilds: prometheus::IntCounter,
 }
 
 const SUBSCRIPTION: &[&str] = &["namespace", "subscription"];
@@ -155,9 +159,22 @@ impl Metrics {
                 ),
                 &["operation"],
             )?,
+            status_writes: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_status_writes_total",
+                    "Status writes to the Kubernetes API, by kind and outcome (written, failed).",
+                ),
+                &["kind", "outcome"],
+            )?,
+            route_rebuilds: prometheus::IntCounter::new(
+                "mailhook_route_rebuilds_total",
+                "Rebuilds of the routing table; changes arriving together are coalesced into one.",
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.route_rebuilds.clone()))?;
         for c in [
+            &m.status_writes,
             &m.panics,
             &m.store_errors,
             &m.events_ingested,

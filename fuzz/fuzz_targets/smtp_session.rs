@@ -37,7 +37,10 @@ fn world() -> &'static World {
         let metrics = mailhook::metrics::Metrics::new().expect("metrics");
         let store = Arc::new(DurableStore::in_memory().expect("store"));
         let deliveries =
-            runtime.block_on(async { Deliveries::start(1, store, metrics.clone(), Housekeeping::default()) });
+            runtime.block_on(async {
+                let lifecycle = mailhook::lifecycle::Lifecycle::new();
+                Deliveries::start(1, store, metrics.clone(), Housekeeping::default(), &lifecycle)
+            });
         // Mail to one non-ASCII domain is routed and stored; the rest is parsed and dropped.
         let spec = MailboxFilterSpec {
             criteria: MatchCriteria {

@@ -1,37 +1,20 @@
-//! The admin server: `/metrics`, `/healthz` (the process is alive), `/readyz` (the
-//! operator has started its parts and can do its job), and with a token file the
-//! authenticated history API under `/v1/` that the `mailhook` subcommands call.
-
-pub mod client;
-pub mod history;
+//! The admin server: `/metrics`, `/healthz` (the process is alive), `/readyz` (every
+//! part of readiness holds; `?verbose` lists each part and why it does not). Other
+//! routers (the history API) are merged onto its port by the app. Depends on the metrics
+//! registry and the shared handles only.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::archive::RawLinks;
+use crate::handles::Readiness;
 use crate::metrics::Metrics;
-use crate::store::Store;
-
-/// Whether the operator is ready to serve; shared by the parts that decide it.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn set_ready(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
-    }
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
 
 #[derive(Clone)]
 struct AdminState {
@@ -39,25 +22,17 @@ struct AdminState {
     readiness: Readiness,
 }
 
-pub fn router(
-    metrics: Metrics,
-    readiness: Readiness,
-    history: history::History,
-    raw_links: Option<Arc<RawLinks>>,
-    store: Arc<dyn Store>,
-) -> Router {
+/// The admin routes, with `extra` (e.g. the history API) merged in; a panic in any
+/// handler is answered with a 500 and counted.
+pub fn router(metrics: Metrics, readiness: Readiness, extra: Router) -> Router {
     let catch = crate::panics::catch_layer(metrics.clone(), "admin");
-    let app = Router::new()
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(AdminState { metrics, readiness })
-        .merge(history::router(history));
-    let app = match raw_links {
-        Some(links) => app.merge(crate::archive::router(links, store)),
-        None => app,
-    };
-    app.layer(catch)
+        .merge(extra)
+        .layer(catch)
 }
 
 /// Serves until `shutdown` resolves.
@@ -74,12 +49,42 @@ pub async fn serve(
     .await
 }
 
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+#[derive(Deserialize)]
+struct ReadyQuery {
+    verbose: Option<String>,
+}
+
+/// The readiness report, in the style of the Kubernetes apiserver's `/readyz?verbose`:
+/// one `[+]part ok` or `[-]part not ready: why` line per part. Pure.
+pub fn report(parts: &[(&'static str, Option<String>)], ready: bool) -> String {
+    let mut out = String::new();
+    for (name, why) in parts {
+        match why {
+            None => out.push_str(&format!("[+]{name} ok\n")),
+            Some(why) => out.push_str(&format!("[-]{name} not ready: {why}\n")),
+        }
     }
+    out.push_str(if ready { "ready\n" } else { "not ready\n" });
+    out
+}
+
+async fn readyz(State(state): State<AdminState>, Query(query): Query<ReadyQuery>) -> impl IntoResponse {
+    let ready = state.readiness.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    // `?verbose` and `?verbose=1` alike, as the apiserver takes it.
+    let verbose = query.verbose.is_some();
+    let body = if verbose {
+        report(&state.readiness.report(), ready)
+    } else if ready {
+        "ready\n".to_string()
+    } else {
+        "not ready\n".to_string()
+    };
+    (status, body)
 }
 
 async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
@@ -92,5 +97,22 @@ async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
         )
             .into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verbose_report_names_each_part() {
+        let parts = [
+            ("caches", Some("waiting for the initial list of MailboxFilters".to_string())),
+            ("shutdown", None),
+        ];
+        assert_eq!(
+            report(&parts, false),
+            "[-]caches not ready: waiting for the initial list of MailboxFilters\n[+]shutdown ok\nnot ready\n"
+        );
     }
 }

@@ -1,4 +1,6 @@
-//! MailboxFilter: compile → status (Ready, the subscriptions that use it).
+//! MailboxFilter: compile (once per generation) → record. Which subscriptions use a
+//! filter is known from their reconciles; the status writer lists them, so a change to a
+//! subscription never re-runs its filters.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +35,12 @@ pub fn uses(whs: &WebhookSubscription, filter: &MailboxFilter) -> bool {
 
 /// The `Ready` condition of a filter and its compiled form. Pure.
 pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>) {
-    match CompiledFilter::compile(&filter.spec) {
+    condition(CompiledFilter::compile(&filter.spec).map(Arc::new).map_err(|e| e.to_string()))
+}
+
+/// The `Ready` condition for a compile outcome. Pure.
+pub fn condition(compiled: Result<Arc<CompiledFilter>, String>) -> (Desired, Option<Arc<CompiledFilter>>) {
+    match compiled {
         Ok(compiled) => (
             Desired {
                 type_: READY,
@@ -41,7 +48,7 @@ pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>)
                 reason: reason::VALID,
                 message: "Every pattern compiled; the filter is in use for routing.".to_string(),
             },
-            Some(Arc::new(compiled)),
+            Some(compiled),
         ),
         Err(e) => (
             Desired {
@@ -59,31 +66,18 @@ pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>)
 pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let ns = filter.namespace().ok_or(Error::NotNamespaced)?;
-    ctx.subscriptions.synced_for(&ns).await?;
-    let mut users: Vec<String> = ctx
-        .subscriptions
-        .state()
-        .iter()
-        .filter(|w| uses(w, &filter))
-        .map(|w| w.name_any())
-        .collect();
-    users.sort();
-    let (ready, compiled) = compile(&filter);
+    let (ready, compiled) = condition(ctx.compiled(&filter));
     // An invalid pattern stays invalid until the filter is edited (which is watched).
     let stalled = compiled.is_none();
-    if let Ok(mut state) = ctx.state.lock() {
-        state.filters.insert(
-            (ns, filter.name_any()),
-            FilterState {
-                generation: filter.metadata.generation,
-                ready,
-                users,
-                compiled,
-            },
-        );
-    }
-    ctx.rebuild_routes();
-    ctx.status_changed.notify_one();
+    ctx.record_filter(
+        (ns, filter.name_any()),
+        FilterState {
+            generation: filter.metadata.generation,
+            ready,
+            compiled,
+            version: 0,
+        },
+    );
     ctx.metrics
         .reconcile_duration
         .with_label_values(&["MailboxFilter"])

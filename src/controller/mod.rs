@@ -7,15 +7,18 @@ pub mod status;
 pub mod subscription;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType as K8sEventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube_runtime::Predicate;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -23,6 +26,7 @@ use tracing::warn;
 
 use crate::api::{MailboxFilter, WebhookSubscription};
 use crate::delivery::Deliveries;
+use crate::handles::{Directory, MatchCounters, ReadinessPart};
 use crate::metrics::Metrics;
 use crate::route::{CompiledFilter, FilterEntry, Router, RoutingTable, SubscriptionRoute};
 use conditions::Desired;
@@ -87,16 +91,18 @@ where
 /// The one field manager under which the operator writes status (server-side apply).
 pub const FIELD_MANAGER: &str = "mailhook";
 
+/// Why a reconcile failed and is retried (what is wrong with a resource is not an error:
+/// it goes on the resource's status).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[source] kube::Error),
+    #[error("cannot read what the subscription references")]
+    Dereference(#[from] subscription::DereferenceError),
+    #[error("cannot replay dead letters")]
+    Replay(#[from] subscription::ReplayError),
     #[error("object has no namespace")]
     NotNamespaced,
     #[error("the object cache shut down")]
     StoreClosed,
-    #[error("cannot replay dead letters: {0}")]
-    Replay(String),
 }
 
 /// What the operator knows of one subscription since its last reconcile.
@@ -114,8 +120,11 @@ pub struct SubscriptionState {
     /// `whpk_` keys of the ed25519 signing keys.
     pub signing_public_keys: Vec<String>,
     pub insecure_skip_tls_verify: bool,
-    /// The endpoint URL that echoed the verification challenge (endpoint.verify).
-    pub verified_url: Option<String>,
+    /// Names of the MailboxFilters it names or selects that exist (valid or not): each
+    /// filter's status lists the subscriptions using it from these.
+    pub uses: Vec<String>,
+    /// `State::version` when this was recorded.
+    pub version: u64,
 }
 
 /// What the operator knows of one filter since its last reconcile.
@@ -123,84 +132,53 @@ pub struct SubscriptionState {
 pub struct FilterState {
     pub generation: Option<i64>,
     pub ready: Desired,
-    pub users: Vec<String>,
     pub compiled: Option<Arc<CompiledFilter>>,
-}
-
-/// Matches of one filter: how many, and the last one's time.
-pub type MatchCount = (u64, Option<jiff::Timestamp>);
-
-/// Match counts per filter, by (namespace, name).
-#[derive(Default)]
-pub struct MatchCounters {
-    inner: Mutex<HashMap<(String, String), MatchCount>>,
-}
-
-impl MatchCounters {
-    pub fn record(&self, filters: &[(String, String)], at: jiff::Timestamp) {
-        if filters.is_empty() {
-            return;
-        }
-        if let Ok(mut m) = self.inner.lock() {
-            for f in filters {
-                let e = m.entry(f.clone()).or_default();
-                e.0 += 1;
-                e.1 = Some(at);
-            }
-        }
-    }
-
-    /// Forgets the counts of filters not in `live` (deleted): a filter created again
-    /// under the same name starts from zero.
-    pub fn retain(&self, live: &std::collections::HashSet<(String, String)>) {
-        if let Ok(mut m) = self.inner.lock() {
-            m.retain(|k, _| live.contains(k));
-        }
-    }
-
-    pub fn get(&self, namespace: &str, name: &str) -> MatchCount {
-        self.inner
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&(namespace.to_string(), name.to_string())).copied())
-            .unwrap_or_default()
-    }
+    /// `State::version` when this was recorded.
+    pub version: u64,
 }
 
 /// Keys by (namespace, name).
 type Key = (String, String);
 
-/// The UID of every subscription by (namespace, name), for lookups by name.
-#[derive(Default)]
-pub struct Directory(RwLock<HashMap<Key, String>>);
-
-impl Directory {
-    pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
-        self.0
-            .read()
-            .ok()?
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
-    }
-
-    fn set(&self, namespace: &str, name: &str, uid: &str) {
-        if let Ok(mut m) = self.0.write() {
-            m.insert((namespace.to_string(), name.to_string()), uid.to_string());
-        }
-    }
-
-    fn forget(&self, uids: &[String]) {
-        if let Ok(mut m) = self.0.write() {
-            m.retain(|_, uid| !uids.contains(uid));
-        }
-    }
-}
-
 #[derive(Default)]
 pub struct State {
     pub subscriptions: HashMap<String, SubscriptionState>,
     pub filters: HashMap<Key, FilterState>,
+    /// Bumped on every change that the routing table reflects.
+    pub version: u64,
 }
+
+impl State {
+    /// The next version, for a change about to be recorded.
+    fn next_version(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+}
+
+/// The routing table follows `State` through one rebuilder task: many changes arriving
+/// together (a `kubectl apply` of a thousand resources) cost one rebuild, not one each.
+#[derive(Default)]
+pub struct Routes {
+    wake: tokio::sync::Notify,
+    /// The `State::version` the current table was built from.
+    routed: std::sync::atomic::AtomicU64,
+}
+
+/// A change waits this long for others before the table is rebuilt.
+const ROUTES_DEBOUNCE: Duration = Duration::from_millis(20);
+
+impl Routes {
+    /// The version the routing table reflects: status written from a state at or below
+    /// it describes what routing does.
+    pub fn routed(&self) -> u64 {
+        self.routed.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A filter compiled once per generation, shared by its own reconcile and those of the
+/// subscriptions that use it (a thousand subscriptions over one filter compile it once).
+type Compiled = Result<Arc<CompiledFilter>, String>;
 
 /// What the reconcilers and the status writer share.
 pub struct Context {
@@ -214,26 +192,28 @@ pub struct Context {
     pub metrics: Metrics,
     pub directory: Arc<Directory>,
     pub state: Mutex<State>,
+    pub routes: Routes,
+    /// Compiled filters by UID, with the generation compiled.
+    compiled: Mutex<HashMap<String, (Option<i64>, Compiled)>>,
     /// Wakes the status writer: something changed that should show at once.
     pub status_changed: Arc<tokio::sync::Notify>,
-    /// Operator-wide secret from which each subscription's pseudonym key is derived.
-    pub pseudonym_secret: Vec<u8>,
-    /// Signs raw message links; None when the archive is off.
-    pub raw_links: Option<Arc<crate::archive::RawLinks>>,
-    /// Where deliveries may connect.
-    pub egress: Arc<crate::delivery::egress::EgressPolicy>,
+    /// What building a subscription's delivery configuration needs besides the resource.
+    pub build: subscription::BuildSettings,
     /// The watched namespaces; None when all are.
     watched: Option<std::collections::HashSet<String>>,
 }
 
 impl Context {
-    /// Whether every object in the caches has been reconciled at least once.
+    /// Whether every object in the caches has been reconciled at least once, and the
+    /// routing table reflects it.
     fn all_reconciled(&self) -> bool {
-        let Ok(state) = self.state.lock() else { return false };
-        self.subscriptions
-            .state()
-            .iter()
-            .all(|w| w.uid().is_some_and(|u| state.subscriptions.contains_key(&u)))
+        let state = self.state.lock();
+        self.routes.routed() >= state.version
+            && self
+                .subscriptions
+                .state()
+                .iter()
+                .all(|w| w.uid().is_some_and(|u| state.subscriptions.contains_key(&u)))
             && self.filters.state().iter().all(|f| {
                 state
                     .filters
@@ -258,22 +238,80 @@ impl Context {
         }
     }
 
-    /// Rebuilds the routing table from the current state and swaps it in.
-    pub fn rebuild_routes(&self) {
-        let Ok(state) = self.state.lock() else { return };
-        let subscriptions = state.subscriptions.values().filter_map(|s| s.route.clone()).collect();
-        let filters = state
-            .filters
-            .iter()
-            .filter_map(|((ns, name), f)| {
-                f.compiled.clone().map(|compiled| FilterEntry {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    compiled,
+    /// Records what a subscription reconcile decided; the routing table follows.
+    pub fn record_subscription(&self, uid: String, mut state: SubscriptionState) {
+        let mut all = self.state.lock();
+        state.version = all.next_version();
+        all.subscriptions.insert(uid, state);
+        drop(all);
+        self.routes.wake.notify_one();
+    }
+
+    /// Records what a filter reconcile decided; the routing table follows.
+    pub fn record_filter(&self, key: Key, mut state: FilterState) {
+        let mut all = self.state.lock();
+        state.version = all.next_version();
+        all.filters.insert(key, state);
+        drop(all);
+        self.routes.wake.notify_one();
+    }
+
+    /// Forgets subscriptions (by UID) and filters (by key) that no longer exist.
+    fn forget(&self, subscriptions: &[String], filters: &std::collections::HashSet<Key>, live_filters: bool) {
+        let mut all = self.state.lock();
+        let before = (all.subscriptions.len(), all.filters.len());
+        for uid in subscriptions {
+            all.subscriptions.remove(uid);
+        }
+        if live_filters {
+            all.filters.retain(|k, _| filters.contains(k));
+        }
+        if before != (all.subscriptions.len(), all.filters.len()) {
+            all.next_version();
+            drop(all);
+            self.routes.wake.notify_one();
+        }
+    }
+
+    /// The compiled form of `filter`, compiling only when its generation is new.
+    pub fn compiled(&self, filter: &MailboxFilter) -> Compiled {
+        let Some(uid) = filter.uid() else {
+            return CompiledFilter::compile(&filter.spec).map(Arc::new).map_err(|e| e.to_string());
+        };
+        let generation = filter.metadata.generation;
+        if let Some((g, c)) = self.compiled.lock().get(&uid)
+            && *g == generation
+        {
+            return c.clone();
+        }
+        // Compiled outside the lock: a filter of many patterns must not stall the others.
+        let compiled = CompiledFilter::compile(&filter.spec).map(Arc::new).map_err(|e| e.to_string());
+        self.compiled.lock().insert(uid, (generation, compiled.clone()));
+        compiled
+    }
+
+    /// Rebuilds the routing table from the current state and swaps it in; returns the
+    /// version it reflects.
+    fn rebuild_routes(&self) -> u64 {
+        let (version, subscriptions, filters) = {
+            let state = self.state.lock();
+            let subscriptions: Vec<SubscriptionRoute> =
+                state.subscriptions.values().filter_map(|s| s.route.clone()).collect();
+            let filters: Vec<FilterEntry> = state
+                .filters
+                .iter()
+                .filter_map(|((ns, name), f)| {
+                    f.compiled.clone().map(|compiled| FilterEntry {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        compiled,
+                    })
                 })
-            })
-            .collect();
+                .collect();
+            (state.version, subscriptions, filters)
+        };
         self.router.swap(RoutingTable::build(subscriptions, filters));
+        version
     }
 
     /// Records a Kubernetes Event on `regarding`. Failing to record is logged, not fatal.
@@ -291,8 +329,24 @@ impl Context {
     }
 }
 
+/// Keeps the routing table in step with `State`: each wake-up waits a moment for more
+/// changes, then rebuilds once and lets the status writer show what is now routed.
+async fn run_routes(ctx: Arc<Context>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = ctx.routes.wake.notified() => {}
+        }
+        tokio::time::sleep(ROUTES_DEBOUNCE).await;
+        let version = ctx.rebuild_routes();
+        ctx.routes.routed.store(version, std::sync::atomic::Ordering::Release);
+        ctx.metrics.route_rebuilds.inc();
+        ctx.status_changed.notify_one();
+    }
+}
+
 /// Writes `status` to the status subresource with server-side apply.
-async fn write_status<K>(client: &Client, ns: &str, name: &str, status: &impl Serialize) -> Result<(), Error>
+async fn write_status<K>(client: &Client, ns: &str, name: &str, status: &impl Serialize) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -310,8 +364,7 @@ where
         &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
         &kube::api::Patch::Apply(&patch),
     )
-    .await
-    .map_err(Error::Kube)?;
+    .await?;
     Ok(())
 }
 
@@ -320,7 +373,7 @@ where
     K: Resource<DynamicType = ()>,
 {
     ctx.metrics.reconcile_errors.with_label_values(&[&K::kind(&())]).inc();
-    warn!(name = obj.name_any(), namespace = obj.namespace().unwrap_or_default(), %err, "reconcile failed; retrying");
+    warn!(name = obj.name_any(), namespace = obj.namespace().unwrap_or_default(), err = %crate::error_chain(err), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -334,14 +387,65 @@ where
     }
 }
 
-fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, ns: Option<String>) -> Vec<ObjectRef<K>> {
-    store
-        .state()
-        .iter()
-        .filter(|o| o.meta().namespace == ns)
-        .map(|o| ObjectRef::from_obj(o.as_ref()))
-        .collect()
+/// The objects of a watch that matter to others: those whose spec (generation) or labels
+/// changed, and those deleted. Status writes — the operator's own, every few seconds per
+/// resource under traffic — pass through to nobody.
+fn spec_changes<K>(api: Api<K>, config: watcher::Config) -> impl futures::Stream<Item = Result<K, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut seen: HashMap<String, (Option<i64>, u64)> = HashMap::new();
+    let fingerprint = |o: &K| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        o.meta().labels.hash(&mut h);
+        (o.meta().generation, h.finish())
+    };
+    watcher(api, config).default_backoff().filter_map(move |event| {
+        let out = match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                let uid = o.meta().uid.clone().unwrap_or_default();
+                let print = fingerprint(&o);
+                (seen.insert(uid, print) != Some(print)).then_some(Ok(o))
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                seen.remove(o.meta().uid.as_deref().unwrap_or_default());
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(out)
+    })
 }
+
+/// A controller over `api` and the reflector store behind it. Only changes to what a
+/// reconcile reads (`predicate`: generation, and for subscriptions annotations) trigger
+/// one, so status writes do not; managed fields are dropped from the cache (they are
+/// most of an object's size and nothing reads them).
+fn controller<K, P>(api: Api<K>, config: watcher::Config, predicate: P) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    P: kube_runtime::Predicate<K> + Send + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let trigger = watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicate, kube_runtime::PredicateConfig::default());
+    Controller::for_stream(trigger, reader).with_config(
+        kube::runtime::controller::Config::default()
+            .debounce(RECONCILE_DEBOUNCE)
+            .concurrency(RECONCILE_CONCURRENCY),
+    )
+}
+
+/// Requests for the same object within this window are one reconcile.
+const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Reconciles in flight per controller; bounds the requests a burst sends the apiserver.
+const RECONCILE_CONCURRENCY: u16 = 32;
 
 /// The parts of the data path the controllers feed.
 #[derive(Clone)]
@@ -351,32 +455,39 @@ pub struct Wiring {
     pub matches: Arc<MatchCounters>,
     pub metrics: Metrics,
     pub directory: Arc<Directory>,
-    pub pseudonym_secret: Vec<u8>,
-    pub raw_links: Option<Arc<crate::archive::RawLinks>>,
-    pub egress: Arc<crate::delivery::egress::EgressPolicy>,
+    pub build: subscription::BuildSettings,
 }
 
 /// Runs both controllers for every scope in `scopes` (a namespace, or None for all
-/// namespaces), one status writer and one readiness check over all of them, until
-/// `shutdown`. The scopes share one state and one routing table: a rebuild always holds
-/// every namespace's routes. `on_ready` is called once every cache is synced and every
-/// cached object reconciled.
+/// namespaces), the routing table's rebuilder, one status writer and one readiness check
+/// over all of them, until `shutdown`. The scopes share one state and one routing table:
+/// a rebuild always holds every namespace's routes. `ready` turns ready once every cache
+/// is synced, every cached object reconciled and routed.
 pub async fn run(
     client: Client,
     scopes: Vec<Option<String>>,
     wiring: Wiring,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-    on_ready: impl FnOnce() + Send + 'static,
+    shutdown: CancellationToken,
+    ready: ReadinessPart,
 ) {
     let config = watcher::Config::default();
+    let generation_and_annotations = kube_runtime::predicates::generation.combine(kube_runtime::predicates::annotations);
     let scoped: Vec<_> = scopes
         .iter()
         .map(|ns| {
             let ns = ns.as_deref();
             (
                 ns.map(String::from),
-                Controller::new(api::<WebhookSubscription>(&client, ns), config.clone()),
-                Controller::new(api::<MailboxFilter>(&client, ns), config.clone()),
+                controller(
+                    api::<WebhookSubscription>(&client, ns),
+                    config.clone(),
+                    generation_and_annotations,
+                ),
+                controller(
+                    api::<MailboxFilter>(&client, ns),
+                    config.clone(),
+                    kube_runtime::predicates::generation,
+                ),
             )
         })
         .collect();
@@ -396,37 +507,21 @@ pub async fn run(
         matches: wiring.matches,
         metrics: wiring.metrics,
         directory: wiring.directory,
-        pseudonym_secret: wiring.pseudonym_secret,
-        raw_links: wiring.raw_links,
-        egress: wiring.egress,
+        build: wiring.build,
         state: Mutex::default(),
+        routes: Routes::default(),
+        compiled: Mutex::default(),
         watched: scopes.iter().cloned().collect::<Option<_>>(),
     });
-
-    let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
-    let signal = {
-        let tx = shutdown_tx.clone();
-        async move {
-            shutdown.await;
-            let _ = tx.send(());
-        }
-    };
-    let stop = |tx: &tokio::sync::broadcast::Sender<()>| {
-        let mut rx = tx.subscribe();
-        async move {
-            let _ = rx.recv().await;
-        }
-    };
 
     let mut loops: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
     for (ns, subscriptions, filters) in scoped {
         let ns = ns.as_deref();
         // A Secret change re-checks the subscriptions that name it.
         let by_secret = subscriptions.store();
-        // Any filter change re-checks its namespace's subscriptions (refs, selectors, labels).
-        let by_filter = subscriptions.store();
-        // Any subscription change refreshes its namespace's filters' lists of users.
-        let by_subscription = filters.store();
+        // A filter's spec, labels or existence changing re-checks the subscriptions that
+        // name it, select it, or used it before the change.
+        let by_filter = (subscriptions.store(), ctx.clone());
         let subscriptions = subscriptions
             .watches(api::<Secret>(&client, ns), config.clone(), move |secret: Secret| {
                 let name = secret.name_any();
@@ -439,47 +534,59 @@ pub async fn run(
                     .map(|w| ObjectRef::from_obj(w.as_ref()))
                     .collect::<Vec<_>>()
             })
-            .watches(
-                api::<MailboxFilter>(&client, ns),
-                config.clone(),
-                move |f: MailboxFilter| in_namespace(&by_filter, f.namespace()),
+            .watches_stream(
+                spec_changes(api::<MailboxFilter>(&client, ns), config.clone()),
+                move |f: MailboxFilter| {
+                    let (store, ctx) = &by_filter;
+                    let state = ctx.state.lock();
+                    store
+                        .state()
+                        .iter()
+                        .filter(|w| {
+                            let used_before = w
+                                .uid()
+                                .and_then(|u| state.subscriptions.get(&u))
+                                .is_some_and(|s| s.uses.contains(&f.name_any()));
+                            used_before || filter::uses(w, &f)
+                        })
+                        .map(|w| ObjectRef::from_obj(w.as_ref()))
+                        .collect::<Vec<_>>()
+                },
             )
-            .graceful_shutdown_on(stop(&shutdown_tx))
+            .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(subscription::reconcile, error_policy, ctx.clone())
             .for_each(|_| async {});
         let filters = filters
-            .watches(
-                api::<WebhookSubscription>(&client, ns),
-                config.clone(),
-                move |w: WebhookSubscription| in_namespace(&by_subscription, w.namespace()),
-            )
-            .graceful_shutdown_on(stop(&shutdown_tx))
+            .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(filter::reconcile, error_policy, ctx.clone())
             .for_each(|_| async {});
         loops.push(Box::pin(subscriptions));
         loops.push(Box::pin(filters));
     }
-    let writer = status::run(ctx.clone(), stop(&shutdown_tx));
+    let writer = status::run(ctx.clone(), shutdown.clone());
+    let routes = run_routes(ctx.clone(), shutdown.clone());
 
     // Ready (and ingest open) only once every cached object has been reconciled into the
     // routing table: an event accepted earlier would be routed to nobody.
     let routed_ctx = ctx.clone();
-    let ready_stop = stop(&shutdown_tx);
-    let ready = async move {
+    let ready_stop = shutdown.clone();
+    let readiness = async move {
         let wait = async {
             if routed_ctx.subscriptions.synced().await.is_err() || routed_ctx.filters.synced().await.is_err() {
                 return;
             }
+            ready.not_ready("the caches are synced; reconciling every resource into the routing table");
             while !routed_ctx.all_reconciled() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             routed_ctx.drop_orphans().await;
-            on_ready();
+            ready.ready();
+            tracing::info!("caches synced and every resource routed; ready");
         };
         tokio::select! {
             () = wait => {}
-            () = ready_stop => {}
+            () = ready_stop.cancelled() => {}
         }
     };
-    tokio::join!(signal, futures::future::join_all(loops), ready, writer);
+    tokio::join!(futures::future::join_all(loops), readiness, writer, routes);
 }

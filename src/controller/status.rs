@@ -14,7 +14,10 @@ use tracing::warn;
 
 use super::conditions::{self, Desired, HEALTHY, READY, Status};
 use super::{Context, FilterState, SubscriptionState, write_status};
-use crate::api::{DeliveryFailure, MailboxFilter, MailboxFilterStatus, WebhookSubscription, WebhookSubscriptionStatus};
+use crate::handles::MatchCount;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use crate::api::{DeliveryFailure, MailboxFilterStatus, WebhookSubscription, WebhookSubscriptionStatus};
 use crate::delivery::health::{HealthClass, HealthSnapshot};
 use crate::store::QueueCounts;
 
@@ -26,7 +29,7 @@ const TICK: Duration = Duration::from_secs(1);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `call` bounded by CALL_TIMEOUT.
-async fn bounded<T>(what: &str, call: impl std::future::Future<Output = Result<T, super::Error>>) -> Result<T, String> {
+async fn bounded<T>(what: &str, call: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("{what} took longer than {}s", CALL_TIMEOUT.as_secs())),
@@ -112,7 +115,8 @@ pub fn subscription_status(
     let mut status = previous.clone();
     let generation = state.generation;
     status.observed_generation = generation;
-    conditions::set(&mut status.conditions, state.ready.clone(), generation, now);
+    let ready = super::subscription::with_verification(state.ready.clone(), health.verification.as_ref());
+    conditions::set(&mut status.conditions, ready.clone(), generation, now);
     conditions::set(
         &mut status.conditions,
         healthy_condition(health, state.paused),
@@ -121,7 +125,7 @@ pub fn subscription_status(
     );
     conditions::set_progress(
         &mut status.conditions,
-        super::subscription::progress(&state.ready),
+        super::subscription::progress(&ready),
         generation,
         now,
     );
@@ -155,7 +159,8 @@ pub fn subscription_status(
 pub fn filter_status(
     previous: &MailboxFilterStatus,
     state: &FilterState,
-    matched: super::MatchCount,
+    users: Vec<String>,
+    matched: MatchCount,
     now: &Time,
 ) -> MailboxFilterStatus {
     let mut status = previous.clone();
@@ -167,7 +172,7 @@ pub fn filter_status(
         state.generation,
         now,
     );
-    status.subscriptions = state.users.clone();
+    status.subscriptions = users;
     status.matched_messages = matched.0;
     status.last_match_time = matched.1.map(time).or(status.last_match_time);
     status
@@ -195,18 +200,86 @@ fn due<S: PartialEq>(desired: &S, last: Option<&Written<S>>, urgent: bool) -> bo
     }
 }
 
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut subscriptions: HashMap<String, Written<WebhookSubscriptionStatus>> = HashMap::new();
     let mut filters: HashMap<String, Written<MailboxFilterStatus>> = HashMap::new();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => return,
+            () = shutdown.cancelled() => return,
             () = ctx.status_changed.notified() => {}
             () = tokio::time::sleep(TICK) => {}
         }
         write_subscriptions(&ctx, &mut subscriptions).await;
         write_filters(&ctx, &mut filters).await;
+    }
+}
+
+/// Status writes (and their Events) in flight at once: a thousand resources becoming
+/// Ready together take a thousand round trips, which one at a time would take minutes.
+const WRITE_CONCURRENCY: usize = 16;
+
+/// One status to write: the object, where it is, and what to write.
+struct Write<'a, K, S> {
+    object: &'a K,
+    uid: String,
+    ns: String,
+    name: String,
+    previous: Vec<Condition>,
+    desired: S,
+}
+
+/// Writes every status in `writes`, WRITE_CONCURRENCY at a time, and records what was
+/// written. A failure is logged and retried on the next pass.
+async fn write_all<K, S>(ctx: &Context, writes: Vec<Write<'_, K, S>>, written: &mut HashMap<String, Written<S>>)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + HasConditions,
+{
+    let kind = K::kind(&()).to_string();
+    let results: Vec<Option<(String, S)>> = futures::stream::iter(writes)
+        .map(|w| {
+            let kind = kind.as_str();
+            async move {
+                let result = bounded(
+                    "status write",
+                    write_status::<K>(&ctx.client, &w.ns, &w.name, &w.desired),
+                )
+                .await;
+                let outcome = if result.is_ok() { "written" } else { "failed" };
+                ctx.metrics.status_writes.with_label_values(&[kind, outcome]).inc();
+                if let Err(err) = result {
+                    warn!(namespace = w.ns, name = w.name, %err, "cannot write status; will retry");
+                    return None;
+                }
+                announce(ctx, w.object, &w.previous, w.desired.conditions()).await;
+                Some((w.uid, w.desired))
+            }
+        })
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .collect()
+        .await;
+    for (uid, status) in results.into_iter().flatten() {
+        written.insert(uid, Written { status, at: Instant::now() });
+    }
+}
+
+/// Statuses with conditions.
+trait HasConditions {
+    fn conditions(&self) -> &[Condition];
+}
+
+impl HasConditions for WebhookSubscriptionStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+}
+
+impl HasConditions for MailboxFilterStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
     }
 }
 
@@ -219,10 +292,10 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
     let failed = ctx.metrics.store_errors.with_label_values(&["commit"]);
     failed.inc_by(store.commit_failures().saturating_sub(failed.get()));
     let objects = ctx.subscriptions.state();
-    let states: HashMap<String, SubscriptionState> = match ctx.state.lock() {
-        Ok(s) => s.subscriptions.clone(),
-        Err(_) => return,
-    };
+    let states: HashMap<String, SubscriptionState> = ctx.state.lock().subscriptions.clone();
+    // Read after the states: a state at or below it is in the routing table (see Routes).
+    let routed = ctx.routes.routed();
+    let mut writes = Vec::new();
     for whs in &objects {
         let Some(uid) = whs.uid() else { continue };
         let Some(state) = states.get(&uid) else {
@@ -248,6 +321,11 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             .endpoint_disabled
             .with_label_values(&labels)
             .set(i64::from(health.disabled.is_some()));
+        if state.version > routed {
+            // Not routed yet: saying Ready now could send a test (or a person) an event
+            // that nobody routes. The rebuilder wakes this writer once it is.
+            continue;
+        }
 
         let previous = written
             .get(&uid)
@@ -261,38 +339,33 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
         if !due(&desired, written.get(&uid), urgent) {
             continue;
         }
-        if let Err(err) = bounded(
-            "status write",
-            write_status::<WebhookSubscription>(&ctx.client, &ns, &name, &desired),
-        )
-        .await
-        {
-            warn!(namespace = ns, name, %err, "cannot write status; will retry");
-            continue;
-        }
-        announce(ctx, whs.as_ref(), &previous.conditions, &desired.conditions).await;
-        written.insert(
+        writes.push(Write {
+            object: whs.as_ref(),
             uid,
-            Written {
-                status: desired,
-                at: Instant::now(),
-            },
-        );
+            ns,
+            name,
+            previous: previous.conditions,
+            desired,
+        });
     }
+    write_all(ctx, writes, written).await;
     forget_deleted(ctx, written);
 }
 
 async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<MailboxFilterStatus>>) {
     let now = Time(jiff::Timestamp::now());
     let objects = ctx.filters.state();
-    let states: HashMap<(String, String), FilterState> = match ctx.state.lock() {
-        Ok(s) => s.filters.clone(),
-        Err(_) => return,
+    let (states, users) = {
+        let state = ctx.state.lock();
+        (state.filters.clone(), users(&ctx.subscriptions.state(), &state.subscriptions))
     };
+    let routed = ctx.routes.routed();
+    let mut writes = Vec::new();
     for filter in &objects {
         let Some(uid) = filter.uid() else { continue };
         let (ns, name) = (filter.namespace().unwrap_or_default(), filter.name_any());
-        let Some(state) = states.get(&(ns.clone(), name.clone())) else {
+        let key = (ns, name);
+        let Some(state) = states.get(&key).filter(|s| s.version <= routed) else {
             continue;
         };
         let previous = written
@@ -300,49 +373,59 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
             .map(|w| w.status.clone())
             .or_else(|| filter.status.clone())
             .unwrap_or_default();
-        let desired = filter_status(&previous, state, ctx.matches.get(&ns, &name), &now);
+        let using = users.get(&key).cloned().unwrap_or_default();
+        let desired = filter_status(&previous, state, using, ctx.matches.get(&key.0, &key.1), &now);
         let urgent = urgent_key(&previous.conditions, previous.observed_generation)
             != urgent_key(&desired.conditions, desired.observed_generation)
             || previous.subscriptions != desired.subscriptions;
         if !due(&desired, written.get(&uid), urgent) {
             continue;
         }
-        if let Err(err) = bounded(
-            "status write",
-            write_status::<MailboxFilter>(&ctx.client, &ns, &name, &desired),
-        )
-        .await
-        {
-            warn!(namespace = ns, name, %err, "cannot write status; will retry");
-            continue;
-        }
-        announce(ctx, filter.as_ref(), &previous.conditions, &desired.conditions).await;
-        written.insert(
+        let (ns, name) = key;
+        writes.push(Write {
+            object: filter.as_ref(),
             uid,
-            Written {
-                status: desired,
-                at: Instant::now(),
-            },
-        );
+            ns,
+            name,
+            previous: previous.conditions,
+            desired,
+        });
     }
+    write_all(ctx, writes, written).await;
     // A fresh snapshot, not `objects`: a filter created and reconciled while the writes
     // above awaited is live, and must not be dropped from the routing table.
     let objects = ctx.filters.state();
     let live: std::collections::HashSet<String> = objects.iter().filter_map(|f| f.uid()).collect();
     written.retain(|uid, _| live.contains(uid));
-    if let Ok(mut state) = ctx.state.lock() {
-        let names: std::collections::HashSet<(String, String)> = objects
-            .iter()
-            .map(|f| (f.namespace().unwrap_or_default(), f.name_any()))
-            .collect();
-        let before = state.filters.len();
-        state.filters.retain(|k, _| names.contains(k));
-        ctx.matches.retain(&names);
-        if state.filters.len() != before {
-            drop(state);
-            ctx.rebuild_routes();
+    let names: std::collections::HashSet<(String, String)> = objects
+        .iter()
+        .map(|f| (f.namespace().unwrap_or_default(), f.name_any()))
+        .collect();
+    ctx.matches.retain(&names);
+    ctx.forget(&[], &names, true);
+    ctx.compiled.lock().retain(|uid, _| live.contains(uid));
+}
+
+/// The subscriptions using each filter, by (namespace, filter name), sorted: from what
+/// each subscription's reconcile found it names or selects.
+pub fn users(
+    objects: &[Arc<WebhookSubscription>],
+    states: &HashMap<String, SubscriptionState>,
+) -> HashMap<(String, String), Vec<String>> {
+    let mut users: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for whs in objects {
+        let Some(state) = whs.uid().and_then(|u| states.get(&u)) else {
+            continue;
+        };
+        let ns = whs.namespace().unwrap_or_default();
+        for filter in &state.uses {
+            users.entry((ns.clone(), filter.clone())).or_default().push(whs.name_any());
         }
     }
+    for names in users.values_mut() {
+        names.sort();
+    }
+    users
 }
 
 /// Drops what the operator keeps for subscriptions that no longer exist.
@@ -352,27 +435,21 @@ fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSu
     // gone until its next reconcile (CI caught this as a subscription that never got status).
     let live: std::collections::HashSet<String> = ctx.subscriptions.state().iter().filter_map(|w| w.uid()).collect();
     written.retain(|uid, _| live.contains(uid));
-    let gone: Vec<String> = match ctx.state.lock() {
-        Ok(mut state) => {
-            let gone: Vec<String> = state
-                .subscriptions
-                .keys()
-                .filter(|u| !live.contains(*u))
-                .cloned()
-                .collect();
-            for uid in &gone {
-                state.subscriptions.remove(uid);
-            }
-            ctx.directory.forget(&gone);
-            gone
-        }
-        Err(_) => return,
-    };
-    if !gone.is_empty() {
-        for uid in &gone {
-            ctx.deliveries.remove(uid);
-        }
-        ctx.rebuild_routes();
+    let gone: Vec<String> = ctx
+        .state
+        .lock()
+        .subscriptions
+        .keys()
+        .filter(|u| !live.contains(*u))
+        .cloned()
+        .collect();
+    if gone.is_empty() {
+        return;
+    }
+    ctx.forget(&gone, &std::collections::HashSet::new(), false);
+    ctx.directory.forget(&gone);
+    for uid in &gone {
+        ctx.deliveries.remove(uid);
     }
 }
 

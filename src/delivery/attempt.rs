@@ -29,9 +29,13 @@ pub(super) fn signed_post(
 ) -> reqwest::RequestBuilder {
     let timestamp = jiff::Timestamp::now().as_second();
     let signature = signing::signature_header(&config.signing_keys, id, timestamp, &body);
+    // The client is shared by every subscription with the same TLS settings: this
+    // subscription's timeout and extra headers go on its requests.
     config
         .client
         .post(url)
+        .timeout(config.timeout)
+        .headers(config.headers.clone())
         .header("content-type", "application/json")
         .header("webhook-id", id)
         .header("webhook-timestamp", timestamp.to_string())

@@ -1,9 +1,10 @@
-//! The HTTP client of one subscription: timeout, extra headers, trust (system roots plus
-//! the subscription's CA bundle), the client certificate for mutual TLS, and the egress
-//! guard's resolver. Redirects are never followed (a 3xx is a failure) and proxies from
+//! The HTTP clients of subscriptions: trust (system roots plus a subscription's CA bundle),
+//! the client certificate for mutual TLS, and the egress guard's resolver, shared by
+//! every subscription with the same TLS settings; extra headers checked. Redirects are never followed (a 3xx is a failure) and proxies from
 //! the environment are ignored (a proxy would hide the address actually reached).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -24,9 +25,8 @@ const RESERVED: [&str; 9] = [
     "user-agent",
 ];
 
-/// What one subscription's client is built from.
+/// The TLS side of one subscription's client, and its extra headers.
 pub struct ClientSettings<'a> {
-    pub timeout: Duration,
     pub headers: &'a [(String, String)],
     /// PEM CA certificates trusted in addition to the system's roots.
     pub ca_bundle: Option<&'a str>,
@@ -34,7 +34,19 @@ pub struct ClientSettings<'a> {
     pub identity: Option<&'a [u8]>,
     /// Accept any server certificate (`endpoint.insecureSkipTLSVerify`).
     pub insecure_skip_verify: bool,
-    pub egress: Arc<EgressPolicy>,
+}
+
+/// Why a subscription's client cannot be made; each names the field to fix.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("spec.endpoint.headers: {0}")]
+    Header(String),
+    #[error("endpoint.caBundle cannot be read as PEM certificates: {0}")]
+    CaBundle(String),
+    #[error("the client certificate (endpoint.clientCertSecretRef) cannot be used: {0}")]
+    Identity(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Build(String),
 }
 
 /// Checks an extra header: a valid name that mailhook does not set itself, and a value
@@ -54,37 +66,95 @@ pub fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue)
     Ok((header, value))
 }
 
-pub fn build(settings: ClientSettings<'_>) -> Result<reqwest::Client, String> {
+/// The headers a subscription adds to every request.
+pub fn headers(headers: &[(String, String)]) -> Result<HeaderMap, ClientError> {
     let mut map = HeaderMap::new();
-    for (name, value) in settings.headers {
-        let (name, value) = check_header(name, value)?;
+    for (name, value) in headers {
+        let (name, value) = check_header(name, value).map_err(ClientError::Header)?;
         map.insert(name, value);
     }
+    Ok(map)
+}
+
+/// What makes two subscriptions' clients differ. Holds key material: no Debug.
+#[derive(PartialEq, Eq, Hash)]
+struct TlsKey {
+    ca_bundle: Option<String>,
+    identity: Option<Vec<u8>>,
+    insecure_skip_verify: bool,
+}
+
+/// The HTTP clients of every subscription, one per distinct TLS setting. A client holds
+/// the system's root certificates and a connection pool: a thousand subscriptions with
+/// the default trust share one, instead of a thousand copies of both. Timeouts and extra
+/// headers are set per request.
+pub struct Clients {
+    egress: Arc<EgressPolicy>,
+    pool: parking_lot::Mutex<HashMap<TlsKey, Weak<reqwest::Client>>>,
+}
+
+impl Clients {
+    pub fn new(egress: Arc<EgressPolicy>) -> Clients {
+        Clients {
+            egress,
+            pool: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// The client for these settings (shared with every subscription that has the same
+    /// TLS settings), and the checked extra headers.
+    pub fn get(&self, settings: &ClientSettings<'_>) -> Result<(Arc<reqwest::Client>, HeaderMap), ClientError> {
+        let headers = headers(settings.headers)?;
+        let key = TlsKey {
+            ca_bundle: settings.ca_bundle.map(str::to_string),
+            identity: settings.identity.map(<[u8]>::to_vec),
+            insecure_skip_verify: settings.insecure_skip_verify,
+        };
+        let mut pool = self.pool.lock();
+        if let Some(client) = pool.get(&key).and_then(Weak::upgrade) {
+            return Ok((client, headers));
+        }
+        // Clients no subscription holds any more go, so the pool does not grow with edits.
+        pool.retain(|_, c| c.strong_count() > 0);
+        let client = Arc::new(build(settings, self.egress.clone())?);
+        pool.insert(key, Arc::downgrade(&client));
+        Ok((client, headers))
+    }
+
+    /// How many distinct clients are in use.
+    pub fn len(&self) -> usize {
+        self.pool.lock().values().filter(|c| c.strong_count() > 0).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Connecting may take at most this long (the request's own timeout may be shorter).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn build(settings: &ClientSettings<'_>, egress: Arc<EgressPolicy>) -> Result<reqwest::Client, ClientError> {
     let mut builder = reqwest::Client::builder()
-        .timeout(settings.timeout)
-        .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+        .connect_timeout(CONNECT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
-        .dns_resolver(GuardedResolver(settings.egress))
+        .dns_resolver(GuardedResolver(egress))
         .user_agent(concat!("mailhook/", env!("CARGO_PKG_VERSION")))
-        .default_headers(map)
         .tls_version_min(reqwest::tls::Version::TLS_1_2);
     if let Some(pem) = settings.ca_bundle {
-        let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-            .map_err(|e| format!("endpoint.caBundle cannot be read as PEM certificates: {e}"))?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| ClientError::CaBundle(e.to_string()))?;
         builder = builder.tls_certs_merge(certs);
     }
     if let Some(pem) = settings.identity {
-        let identity = reqwest::Identity::from_pem(pem)
-            .map_err(|e| format!("the client certificate (endpoint.clientCertSecretRef) cannot be used: {e}"))?;
+        let identity = reqwest::Identity::from_pem(pem).map_err(|e| ClientError::Identity(e.to_string()))?;
         builder = builder.identity(identity);
     }
     if settings.insecure_skip_verify {
         builder = builder.tls_danger_accept_invalid_certs(true);
     }
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    builder.build().map_err(|e| ClientError::Build(e.to_string()))
 }
 
 #[cfg(test)]
@@ -110,15 +180,13 @@ mod tests {
             }
         });
         let client = |egress: EgressPolicy| {
-            build(ClientSettings {
-                timeout: Duration::from_secs(5),
+            let settings = ClientSettings {
                 headers: &[],
                 ca_bundle: None,
                 identity: None,
                 insecure_skip_verify: false,
-                egress: Arc::new(egress),
-            })
-            .expect("client")
+            };
+            build(&settings, Arc::new(egress)).expect("client")
         };
         let url = format!("http://localhost:{port}/hooks");
         let err = client(EgressPolicy::default())
@@ -156,5 +224,32 @@ mod tests {
         ] {
             assert!(check_header(name, value).is_err(), "{name}: {value:?}");
         }
+    }
+
+    #[test]
+    fn subscriptions_with_the_same_tls_settings_share_one_client() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let clients = Clients::new(Arc::new(EgressPolicy::default()));
+        let plain = |headers: &'static [(String, String)]| ClientSettings {
+            headers,
+            ca_bundle: None,
+            identity: None,
+            insecure_skip_verify: false,
+        };
+        let (a, _) = clients.get(&plain(&[])).expect("client");
+        let (b, _) = clients.get(&plain(&[])).expect("client");
+        assert!(Arc::ptr_eq(&a, &b), "same settings, one client");
+        let mut insecure = plain(&[]);
+        insecure.insecure_skip_verify = true;
+        let (c, _) = clients.get(&insecure).expect("client");
+        assert!(!Arc::ptr_eq(&a, &c), "other TLS settings, another client");
+        assert_eq!(clients.len(), 2);
+        drop(c);
+        assert_eq!(clients.len(), 1, "a client nobody holds is gone");
+        let bad = clients.get(&ClientSettings {
+            ca_bundle: Some("not pem"),
+            ..plain(&[])
+        });
+        assert!(matches!(bad, Err(ClientError::CaBundle(_))), "{:?}", bad.err());
     }
 }

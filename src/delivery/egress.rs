@@ -29,6 +29,22 @@ pub struct EgressPolicy {
     pub cluster: Vec<IpNet>,
 }
 
+impl EgressPolicy {
+    /// The policy from its flags; host names are compared lower-case and without a
+    /// trailing dot, as DNS does.
+    pub fn new(allow: Vec<IpNet>, deny: Vec<IpNet>, allow_hosts: &[String], cluster: Vec<IpNet>) -> EgressPolicy {
+        EgressPolicy {
+            allow,
+            deny,
+            allow_hosts: allow_hosts
+                .iter()
+                .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            cluster,
+        }
+    }
+}
+
 /// Why an address is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{ip} is {why}")]

@@ -1,7 +1,10 @@
 //! Per-subscription delivery health: what the status writer puts on the resource.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
+
+use super::verification::Verification;
 
 /// The most recent failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +27,9 @@ pub struct HealthSnapshot {
     pub disabled: Option<String>,
     /// Median of recent successful deliveries.
     pub latency_p50_ms: Option<u64>,
+    /// The endpoint verification handshake (`endpoint.verify`) of the current URL; None
+    /// when the subscription does not ask for one.
+    pub verification: Option<Verification>,
 }
 
 /// The coarse state that, when it changes, is written to status at once.
@@ -58,9 +64,7 @@ pub struct Health {
 
 impl Health {
     pub fn snapshot(&self) -> HealthSnapshot {
-        let Ok(guard) = self.inner.lock() else {
-            return HealthSnapshot::default();
-        };
+        let guard = self.inner.lock();
         let mut snapshot = guard.0.clone();
         let mut sorted: Vec<u64> = guard.1.iter().copied().collect();
         sorted.sort_unstable();
@@ -70,12 +74,12 @@ impl Health {
 
     /// Whether deliveries are stopped; cheaper than a snapshot, for the shard loop.
     pub fn is_disabled(&self) -> bool {
-        self.inner.lock().map(|g| g.0.disabled.is_some()).unwrap_or(false)
+        self.inner.lock().0.disabled.is_some()
     }
 
     /// When the current run of failures began, if failing.
     pub fn failing_since(&self) -> Option<jiff::Timestamp> {
-        self.inner.lock().ok().and_then(|g| g.0.failing_since)
+        self.inner.lock().0.failing_since
     }
 
     /// Records a success; returns true when the health class changed.
@@ -114,10 +118,26 @@ impl Health {
         })
     }
 
+    /// Records where the verification handshake stands; true when that changed.
+    pub fn set_verification(&self, verification: Option<Verification>) -> bool {
+        let mut guard = self.inner.lock();
+        let changed = guard.0.verification != verification;
+        guard.0.verification = verification;
+        changed
+    }
+
+    /// Whether deliveries wait for the endpoint to be verified.
+    pub fn awaits_verification(&self) -> bool {
+        self.inner
+            .lock()
+            .0
+            .verification
+            .as_ref()
+            .is_some_and(|v| *v != Verification::Verified)
+    }
+
     fn update(&self, f: impl FnOnce(&mut HealthSnapshot, &mut VecDeque<u64>)) -> bool {
-        let Ok(mut guard) = self.inner.lock() else {
-            return false;
-        };
+        let mut guard = self.inner.lock();
         let before = guard.0.class();
         let (snapshot, window) = &mut *guard;
         f(snapshot, window);

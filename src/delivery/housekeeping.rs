@@ -46,9 +46,16 @@ fn since(now: jiff::Timestamp, age: Duration) -> jiff::Timestamp {
 
 /// Expires deliveries past their subscription's `maxEventAge` (also while the endpoint is
 /// paused or disabled) and purges history past its retention, every `interval`.
-pub(super) async fn run_housekeeping(deliveries: Arc<Deliveries>, settings: Housekeeping) {
+pub(super) async fn run_housekeeping(
+    deliveries: Arc<Deliveries>,
+    settings: Housekeeping,
+    stop: tokio_util::sync::CancellationToken,
+) {
     loop {
-        tokio::time::sleep(settings.interval).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(settings.interval) => {}
+        }
         let d = deliveries.clone();
         // The store's purges wait for commits: off the async workers.
         match tokio::task::spawn_blocking(move || housekeep(&d, settings)).await {

@@ -16,14 +16,17 @@ mod shard;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{Instrument, info_span, warn};
 
+use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
 use crate::route::Target;
 use crate::store::{PendingDelivery, Store, StoreError};
@@ -44,7 +47,10 @@ pub struct DeliveryConfig {
     pub name: String,
     pub generation: i64,
     pub url: String,
-    pub client: reqwest::Client,
+    /// Shared by every subscription with the same TLS settings (`client::Clients`).
+    pub client: Arc<reqwest::Client>,
+    /// Extra headers, checked, sent with every request.
+    pub headers: reqwest::header::HeaderMap,
     /// The operator's egress policy (the client's resolver applies it; kept here to
     /// explain refused redirect targets).
     pub egress: Arc<egress::EgressPolicy>,
@@ -61,6 +67,8 @@ pub struct DeliveryConfig {
     pub rate_limit_per_second: Option<u32>,
     pub ordered: bool,
     pub paused: bool,
+    /// The endpoint must echo a challenge before the first delivery (`endpoint.verify`).
+    pub verify: bool,
 }
 
 /// The delivery side of the operator.
@@ -71,6 +79,10 @@ pub struct Deliveries {
     metrics: Metrics,
     /// Notified when a subscription's health class changes: status is written at once.
     pub health_changed: Arc<Notify>,
+    /// Endpoint verification handshakes, by subscription UID.
+    handshakes: Mutex<HashMap<String, verification::Handshake>>,
+    /// Starts delivery attempts and handshakes, so that the drain waits for them.
+    lifecycle: Lifecycle,
 }
 
 /// Stable shard of a subscription UID.
@@ -83,13 +95,14 @@ pub fn shard_of(uid: &str, shards: usize) -> usize {
 }
 
 impl Deliveries {
-    /// Starts `shards` shard workers and the housekeeping loop; they run until the
-    /// process ends.
+    /// Starts `shards` shard workers (delivery stage: on shutdown they take no new work,
+    /// and the attempts in flight finish) and the housekeeping loop (storage stage).
     pub fn start(
         shards: usize,
         store: Arc<dyn Store>,
         metrics: Metrics,
         housekeeping: Housekeeping,
+        lifecycle: &Lifecycle,
     ) -> Arc<Deliveries> {
         let deliveries = Arc::new(Deliveries {
             shards: (0..shards.max(1)).map(|_| Arc::default()).collect(),
@@ -97,11 +110,23 @@ impl Deliveries {
             health: Mutex::default(),
             metrics,
             health_changed: Arc::default(),
+            handshakes: Mutex::default(),
+            lifecycle: lifecycle.clone(),
         });
         for (i, shard) in deliveries.shards.iter().enumerate() {
-            tokio::spawn(run_shard(deliveries.clone(), shard.clone()).instrument(info_span!("shard", shard = i)));
+            let stop = lifecycle.token(Stage::Delivery);
+            lifecycle.spawn(
+                Stage::Delivery,
+                "delivery shard",
+                run_shard(deliveries.clone(), shard.clone(), stop).instrument(info_span!("shard", shard = i)),
+            );
         }
-        tokio::spawn(run_housekeeping(deliveries.clone(), housekeeping).instrument(info_span!("housekeeping")));
+        let stop = lifecycle.token(Stage::Storage);
+        lifecycle.spawn(
+            Stage::Storage,
+            "housekeeping",
+            run_housekeeping(deliveries.clone(), housekeeping, stop).instrument(info_span!("housekeeping")),
+        );
         deliveries
     }
 
@@ -127,14 +152,13 @@ impl Deliveries {
 
     fn subscription(&self, uid: &str) -> Option<Arc<Subscription>> {
         let shard = &self.shards[shard_of(uid, self.shards.len())];
-        shard.subscriptions.lock().ok()?.get(uid).cloned()
+        shard.subscriptions.lock().get(uid).cloned()
     }
 
     fn configs(&self) -> Vec<Arc<DeliveryConfig>> {
         self.shards
             .iter()
-            .filter_map(|s| s.subscriptions.lock().ok())
-            .flat_map(|subs| subs.values().map(|s| s.config.clone()).collect::<Vec<_>>())
+            .flat_map(|s| s.subscriptions.lock().values().map(|s| s.config.clone()).collect::<Vec<_>>())
             .collect()
     }
 
@@ -147,9 +171,8 @@ impl Deliveries {
     pub fn upsert(&self, config: DeliveryConfig) {
         let health = self.health_of(&config.uid);
         let shard = &self.shards[shard_of(&config.uid, self.shards.len())];
-        let Ok(mut subs) = shard.subscriptions.lock() else {
-            return;
-        };
+        self.note_verification(&config, &health);
+        let mut subs = shard.subscriptions.lock();
         if let Some(old) = subs.get(&config.uid)
             && old.config.generation != config.generation
             && health.enable()
@@ -210,23 +233,86 @@ impl Deliveries {
     /// stay until it is valid again or deleted.
     pub fn park(&self, uid: &str) {
         let shard = &self.shards[shard_of(uid, self.shards.len())];
-        if let Ok(mut subs) = shard.subscriptions.lock() {
-            subs.remove(uid);
+        shard.subscriptions.lock().remove(uid);
+    }
+
+    /// On a new configuration: whether its endpoint still needs the handshake (`verify`
+    /// and a URL not verified yet by this process), shown through health.
+    fn note_verification(&self, config: &DeliveryConfig, health: &Health) {
+        let state = {
+            let mut handshakes = self.handshakes.lock();
+            if config.verify {
+                let h = handshakes
+                    .entry(config.uid.clone())
+                    .or_insert_with(|| verification::Handshake::new(&config.url));
+                if h.url != config.url {
+                    *h = verification::Handshake::new(&config.url);
+                }
+                Some(h.state.clone())
+            } else {
+                handshakes.remove(&config.uid);
+                None
+            }
+        };
+        if health.set_verification(state) {
+            self.health_changed.notify_one();
         }
+    }
+
+    /// The shard loop's side of verification: whether `sub` may deliver now; if not,
+    /// starts a handshake when one is due and returns when to look again.
+    fn verified(self: &Arc<Self>, sub: &Arc<Subscription>, shard: &Arc<Shard>) -> Result<(), std::time::Instant> {
+        let config = &sub.config;
+        if !config.verify {
+            return Ok(());
+        }
+        let mut handshakes = self.handshakes.lock();
+        let Some(h) = handshakes.get_mut(&config.uid) else {
+            return Ok(());
+        };
+        if h.state == verification::Verification::Verified {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        if h.in_flight || now < h.next_try {
+            return Err(h.next_try.max(now + Duration::from_millis(100)));
+        }
+        h.in_flight = true;
+        drop(handshakes);
+        let (deliveries, sub, shard) = (self.clone(), sub.clone(), shard.clone());
+        self.lifecycle.spawn_short(Stage::Delivery, "verification handshake", async move {
+            let outcome = verification::handshake(&sub.config).await;
+            let state = match outcome {
+                Ok(()) => {
+                    tracing::info!(url = sub.config.url, "endpoint verified");
+                    verification::Verification::Verified
+                }
+                Err(why) => verification::Verification::Failed(why),
+            };
+            if let Some(h) = deliveries.handshakes.lock().get_mut(&sub.config.uid)
+                && h.url == sub.config.url
+            {
+                h.in_flight = false;
+                h.state = state.clone();
+                h.next_try = std::time::Instant::now() + verification::RETRY;
+            }
+            if sub.health.set_verification(Some(state)) {
+                deliveries.health_changed.notify_one();
+            }
+            shard.wake.notify_one();
+        });
+        Err(now + verification::RETRY)
     }
 
     /// Forgets a deleted subscription.
     pub fn remove(&self, uid: &str) {
         let shard = &self.shards[shard_of(uid, self.shards.len())];
-        if let Ok(mut subs) = shard.subscriptions.lock()
-            && let Some(sub) = subs.remove(uid)
-        {
+        if let Some(sub) = shard.subscriptions.lock().remove(uid) {
             self.metrics
                 .forget_subscription(&sub.config.namespace, &sub.config.name);
         }
-        if let Ok(mut h) = self.health.lock() {
-            h.remove(uid);
-        }
+        self.health.lock().remove(uid);
+        self.handshakes.lock().remove(uid);
         if let Err(err) = self.store.forget_subscription(uid) {
             warn!(%err, "cannot drop the queue of a deleted subscription");
         }
@@ -304,7 +390,7 @@ impl Deliveries {
     }
 
     pub fn health(&self, uid: &str) -> Option<HealthSnapshot> {
-        self.health.lock().ok()?.get(uid).map(|h| h.snapshot())
+        self.health.lock().get(uid).map(|h| h.snapshot())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -312,9 +398,6 @@ impl Deliveries {
     }
 
     fn health_of(&self, uid: &str) -> Arc<Health> {
-        match self.health.lock() {
-            Ok(mut h) => h.entry(uid.to_string()).or_default().clone(),
-            Err(_) => Arc::default(),
-        }
+        self.health.lock().entry(uid.to_string()).or_default().clone()
     }
 }

@@ -3,12 +3,16 @@
 //! (`super::Deliveries`, the store behind it) and `attempt`; owns no policy of its own.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::DefaultDirectRateLimiter;
+use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+use crate::lifecycle::Stage;
 
 use super::health::Health;
 use super::{Deliveries, DeliveryConfig, attempt::deliver};
@@ -30,17 +34,25 @@ pub(super) struct Shard {
     pub(super) wake: Notify,
 }
 
-pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
+/// Takes due deliveries until `stop`; then takes none, and the attempts already started
+/// finish (the lifecycle waits for them up to its deadline).
+pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, stop: CancellationToken) {
     loop {
-        let subs: Vec<Arc<Subscription>> = match shard.subscriptions.lock() {
-            Ok(s) => s.values().cloned().collect(),
-            Err(_) => return,
-        };
+        if stop.is_cancelled() {
+            return;
+        }
+        let subs: Vec<Arc<Subscription>> = shard.subscriptions.lock().values().cloned().collect();
         let now = jiff::Timestamp::now();
         let mut wake_at = now + Duration::from_secs(1);
         for sub in subs {
             let config = &sub.config;
             if config.paused || sub.health.is_disabled() {
+                continue;
+            }
+            // Until the endpoint has echoed the challenge (`endpoint.verify`), events queue.
+            if let Err(again) = deliveries.verified(&sub, &shard) {
+                let wait = again.saturating_duration_since(std::time::Instant::now());
+                wake_at = wake_at.min(now + wait);
                 continue;
             }
             let free = sub.slots.available_permits();
@@ -51,7 +63,11 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
                             let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
                                 break;
                             };
-                            tokio::spawn(deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit));
+                            deliveries.lifecycle.spawn_short(
+                                Stage::Delivery,
+                                "delivery attempt",
+                                deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit),
+                            );
                         }
                     }
                     Err(err) => {
@@ -67,6 +83,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>) {
         }
         let sleep = Duration::try_from(wake_at.duration_since(jiff::Timestamp::now())).unwrap_or(Duration::ZERO);
         tokio::select! {
+            () = stop.cancelled() => return,
             () = shard.wake.notified() => {}
             () = tokio::time::sleep(sleep) => {}
         }

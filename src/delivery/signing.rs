@@ -111,7 +111,7 @@ impl SigningKey {
 
 /// A new ed25519 signing key as `(whsk_…, whpk_…)`.
 pub fn generate_ed25519() -> (String, String) {
-    let seed = crate::auth::random_bytes();
+    let seed = crate::crypto::random_bytes();
     let secret = format!("whsk_{}", STANDARD.encode(seed));
     let public = SigningKey::parse(&secret)
         .ok()
@@ -135,12 +135,30 @@ pub fn pseudonym(key: &[u8], value: &str) -> String {
         return String::new();
     };
     mac.update(value.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::crypto::hex(mac.finalize().into_bytes().get(..8).unwrap_or_default())
+}
+
+/// The operator-wide secret pseudonyms derive from: the file's bytes (at least 16), or,
+/// without a file, a random one that changes on every restart.
+pub fn pseudonym_secret(path: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    match path {
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| anyhow::anyhow!("cannot read --pseudonym-key-file {}: {e}", p.display()))?;
+            if bytes.len() < 16 {
+                anyhow::bail!(
+                    "--pseudonym-key-file {} holds {} bytes; use at least 16 random bytes",
+                    p.display(),
+                    bytes.len()
+                );
+            }
+            Ok(bytes)
+        }
+        None => {
+            tracing::warn!("no --pseudonym-key-file: anonymized payloads use a random key that changes on restart");
+            Ok(crate::crypto::random_bytes().to_vec())
+        }
+    }
 }
 
 #[cfg(test)]

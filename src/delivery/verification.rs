@@ -12,7 +12,41 @@ use base64::Engine;
 use serde::Serialize;
 
 use super::{DeliveryConfig, signed_post, webhook_id};
-use crate::auth::constant_time_eq;
+use crate::crypto::constant_time_eq;
+
+/// Where a subscription's verification handshake stands, for its current URL. The data
+/// path runs it before a subscription's first delivery and, while it fails, every `RETRY`;
+/// the status writer shows it on `Ready`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// Not answered yet.
+    Pending,
+    /// The endpoint did not echo the challenge: why, for the person who runs it.
+    Failed(String),
+    Verified,
+}
+
+/// How often an endpoint that did not echo the challenge is asked again.
+pub const RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The handshake of one subscription: for which URL, where it stands, when to try again.
+pub(super) struct Handshake {
+    pub(super) url: String,
+    pub(super) state: Verification,
+    pub(super) in_flight: bool,
+    pub(super) next_try: std::time::Instant,
+}
+
+impl Handshake {
+    pub(super) fn new(url: &str) -> Handshake {
+        Handshake {
+            url: url.to_string(),
+            state: Verification::Pending,
+            in_flight: false,
+            next_try: std::time::Instant::now(),
+        }
+    }
+}
 
 #[derive(Serialize)]
 struct Challenge<'a> {
@@ -47,7 +81,7 @@ pub fn echoes(body: &[u8], challenge: &str) -> bool {
 /// Sends the challenge to the endpoint; Ok when it echoed it, else why not, phrased for
 /// the person who runs the endpoint.
 pub async fn handshake(config: &DeliveryConfig) -> Result<(), String> {
-    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::auth::random_bytes());
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::crypto::random_bytes());
     let now = jiff::Timestamp::now();
     let body = serde_json::to_vec(&Challenge {
         kind: "endpoint.verification",

@@ -2,7 +2,9 @@
 //! change and swapped in whole. Routing an event touches only the subscriptions indexed
 //! under its type, and evaluates each filter at most once.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use crate::api::EventType;
 use crate::event::{Flag, MailboxEvent, Source};
@@ -227,18 +229,11 @@ pub struct Router {
 
 impl Router {
     pub fn current(&self) -> Arc<RoutingTable> {
-        match self.table.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.table.read().clone()
     }
 
     pub fn swap(&self, table: RoutingTable) {
-        let table = Arc::new(table);
-        match self.table.write() {
-            Ok(mut t) => *t = table,
-            Err(poisoned) => *poisoned.into_inner() = table,
-        }
+        *self.table.write() = Arc::new(table);
     }
 }
 

@@ -18,7 +18,7 @@ use serde_json::json;
 use tracing::info;
 
 use super::{AcceptError, Pipeline, normalize_address};
-use crate::admin::Readiness;
+use crate::handles::Readiness;
 use crate::api::{Direction, EventType};
 use crate::auth::{Auth, Tokens};
 use crate::event::{Attachment, MailboxEvent, Source};

@@ -120,7 +120,7 @@ fn attachments(message: &Message<'_>) -> Vec<Attachment> {
                     None => ct.ctype().to_ascii_lowercase(),
                 }),
                 size: Some(contents.len() as u64),
-                sha256: Some(Sha256::digest(contents).iter().map(|b| format!("{b:02x}")).collect()),
+                sha256: Some(crate::crypto::hex(&Sha256::digest(contents))),
             }
         })
         .collect()

@@ -23,7 +23,7 @@ pub struct Pipeline {
     /// Lower-cased domains that count as internal for direction.
     pub internal_domains: Vec<String>,
     /// Per-filter match counters, read by the status writer.
-    pub matches: Arc<crate::controller::MatchCounters>,
+    pub matches: Arc<crate::handles::MatchCounters>,
     pub limits: Limits,
 }
 
@@ -36,6 +36,11 @@ pub enum AcceptError {
     /// `mailhook_panics_total{component="route"}`; other requests are unaffected.
     #[error("{} while routing event {} of the request", crate::panics::ANSWER, .index + 1)]
     RoutingPanicked { index: usize },
+}
+
+/// The `--internal-domains` as direction compares them: trimmed, lower-case.
+pub fn internal_domains(flags: &[String]) -> Vec<String> {
+    flags.iter().map(|d| d.trim().to_lowercase()).filter(|d| !d.is_empty()).collect()
 }
 
 /// When sources refuse new events instead of letting the backlog or the disk grow.

@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::journal::{self, Envelope};
 use super::{AcceptError, Pipeline};
-use crate::admin::Readiness;
+use crate::handles::Readiness;
 use crate::auth::Auth;
 
 /// SMTP listener settings (flags of `mailhook run`).

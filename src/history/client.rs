@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use serde::de::DeserializeOwned;
 
-use super::history::{AttemptList, DeadLetterList, Replayed};
+use super::{AttemptList, DeadLetterList, Replayed};
 
 #[derive(Args, Debug, Clone)]
 pub struct Target {

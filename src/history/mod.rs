@@ -1,12 +1,17 @@
-//! The history API on the admin port: a subscription's delivery attempts and dead
-//! letters, and replaying them. Every route needs `Authorization: Bearer <token>` from
-//! `--admin-token-file`; without that flag the API is off.
+//! The history API, served on the admin port: a subscription's delivery attempts and
+//! dead letters, and replaying them (`client` is the CLI side of it); and links to
+//! archived raw messages (`raw`). Every route but the signed raw-message links needs
+//! `Authorization: Bearer <token>` from `--admin-token-file`; without that flag that part
+//! is off. Depends on the core (delivery, store, archive) and the shared handles only.
 //!
 //! - `GET  /v1/subscriptions/{namespace}/{name}/attempts?since=&limit=`
 //! - `GET  /v1/subscriptions/{namespace}/{name}/dead-letters?since=&limit=`
 //! - `POST /v1/subscriptions/{namespace}/{name}/replay?since=`
 //!
 //! `since` is an RFC 3339 time or a duration back from now (`2h`).
+
+pub mod client;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +27,7 @@ use tracing::info;
 
 use crate::api::parse_since;
 use crate::auth::{Auth, Tokens};
-use crate::controller::Directory;
+use crate::handles::Directory;
 use crate::delivery::Deliveries;
 use crate::store::{Attempt, DeadLetter};
 
@@ -72,7 +77,17 @@ pub struct Replayed {
     pub replayed: u64,
 }
 
-pub fn router(history: History) -> Router {
+/// Every route of the history API: the token-guarded part, and the raw message links when
+/// the archive is on.
+pub fn router(history: History, raw_links: Option<Arc<crate::archive::RawLinks>>, store: Arc<dyn crate::store::Store>) -> Router {
+    let app = api_router(history);
+    match raw_links {
+        Some(links) => app.merge(raw::router(links, store)),
+        None => app,
+    }
+}
+
+fn api_router(history: History) -> Router {
     Router::new()
         .route("/v1/subscriptions/{namespace}/{name}/attempts", get(attempts))
         .route("/v1/subscriptions/{namespace}/{name}/dead-letters", get(dead_letters))

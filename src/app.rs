@@ -1,0 +1,290 @@
+//! The operator as one process: builds every part from the parsed configuration, starts
+//! each long-running task through the lifecycle, and on SIGTERM stops them in order (a
+//! second signal exits at once). The only module that knows every other; nothing
+//! depends on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::archive::{self, RawLinks};
+use crate::auth::Tokens;
+use crate::cli::RunConfig;
+use crate::controller;
+use crate::delivery::client::Clients;
+use crate::delivery::egress::EgressPolicy;
+use crate::delivery::{Deliveries, Housekeeping};
+use crate::handles::{Directory, MatchCounters, Readiness};
+use crate::history::History;
+use crate::lifecycle::{Lifecycle, Stage};
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::source::{self, Pipeline, http::IngestConfig};
+use crate::store::{DurableStore, Store};
+
+/// Exit code after a second signal cut the drain short (128 + SIGINT, as shells do).
+pub const FORCED_EXIT: i32 = 130;
+
+/// Runs the operator until SIGTERM or Ctrl-C, then drains.
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let version = client.apiserver_version().await?;
+    info!(apiserver = %version.git_version, "connected to Kubernetes");
+
+    let lifecycle = Lifecycle::new();
+    let metrics = Metrics::new()?;
+    let readiness = Readiness::default();
+    let running = readiness.part("shutdown", "starting");
+    let caches = readiness.part("controllers", "waiting for the initial list of every watched resource");
+    let admin_listener = TcpListener::bind(config.admin.http_addr).await?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let store = open_store(&config)?;
+    let raw_links = raw_links(&config, store.as_ref(), admin_addr)?;
+    let housekeeping = Housekeeping {
+        interval: config.store.housekeeping_interval,
+        attempt_retention: config.store.attempt_retention,
+        max_attempts: config.store.max_attempts_per_subscription,
+        dedup_window: config.store.dedup_window,
+        raw_message_retention: config.store.raw_message_retention,
+    };
+    let deliveries = Deliveries::start(
+        config.delivery.shards,
+        store.clone(),
+        metrics.clone(),
+        housekeeping,
+        &lifecycle,
+    );
+    {
+        // The store's last writes are committed once nothing else writes.
+        let (store, stop) = (store.clone(), lifecycle.token(Stage::Storage));
+        lifecycle.spawn(Stage::Storage, "store flush", async move {
+            stop.cancelled().await;
+            match tokio::task::spawn_blocking(move || store.flush()).await {
+                Ok(Ok(())) => info!("store flushed"),
+                Ok(Err(err)) => tracing::error!(%err, "cannot flush the store; the last writes may be lost"),
+                Err(err) => tracing::error!(%err, "flushing the store stopped unexpectedly"),
+            }
+        });
+    }
+    let router = Arc::new(Router::default());
+    let matches = Arc::new(MatchCounters::default());
+    let directory = Arc::new(Directory::default());
+
+    let admin_tokens = match &config.admin.admin_token_file {
+        Some(path) => {
+            let tokens = Tokens::load_named(path, "admin")?;
+            watch_tokens(&lifecycle, tokens.clone());
+            Some(tokens)
+        }
+        None => {
+            info!("no --admin-token-file: the history API (attempts, dead letters, replay) is off");
+            None
+        }
+    };
+    let history = History {
+        deliveries: deliveries.clone(),
+        directory: directory.clone(),
+        tokens: admin_tokens,
+    };
+    let admin = crate::admin::router(
+        metrics.clone(),
+        readiness.clone(),
+        crate::history::router(history, raw_links.clone(), store.clone()),
+    );
+    info!(addr = %admin_addr, "admin server listening");
+    let stop = lifecycle.token(Stage::Admin);
+    lifecycle.spawn(Stage::Admin, "admin server", async move {
+        if let Err(err) = crate::admin::serve(admin_listener, admin, stop.cancelled_owned()).await {
+            tracing::error!(%err, "admin server failed");
+        }
+    });
+
+    let egress = Arc::new(EgressPolicy::new(
+        config.egress.egress_allow.clone(),
+        config.egress.egress_deny.clone(),
+        &config.egress.egress_allow_hosts,
+        config.egress.egress_cluster_cidrs.clone(),
+    ));
+    let wiring = controller::Wiring {
+        deliveries: deliveries.clone(),
+        router: router.clone(),
+        matches: matches.clone(),
+        metrics: metrics.clone(),
+        directory,
+        build: controller::subscription::BuildSettings {
+            pseudonym_secret: crate::delivery::signing::pseudonym_secret(config.delivery.pseudonym_key_file.as_deref())?,
+            raw_links,
+            clients: Arc::new(Clients::new(egress.clone())),
+            egress,
+        },
+    };
+
+    let pipeline = Arc::new(Pipeline {
+        deliveries: deliveries.clone(),
+        router,
+        metrics: metrics.clone(),
+        internal_domains: source::internal_domains(&config.ingest.internal_domains),
+        matches,
+        limits: source::Limits {
+            max_backlog: config.store.max_backlog,
+            max_store_bytes: config.store.max_store_bytes,
+        },
+    });
+
+    if let Some(addr) = config.ingest.ingest_addr {
+        let Some(token_file) = config.ingest.ingest_token_file.clone() else {
+            anyhow::bail!("--ingest-addr needs --ingest-token-file: the ingest API never runs without authentication");
+        };
+        let tokens = Tokens::for_ingest(&client, &token_file, config.ingest.ingest_token_secret.as_deref()).await?;
+        watch_tokens(&lifecycle, tokens.clone());
+        let ingest = IngestConfig {
+            token_file,
+            max_body_bytes: config.ingest.ingest_max_body_bytes,
+            max_batch_events: config.ingest.ingest_max_batch_events,
+        };
+        let listener = TcpListener::bind(addr).await?;
+        info!(addr = %listener.local_addr()?, "ingest API listening");
+        let app = source::http::router(&ingest, pipeline.clone(), tokens, readiness.clone());
+        let stop = lifecycle.token(Stage::Intake);
+        lifecycle.spawn(Stage::Intake, "ingest API", async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            // In-flight requests finish (their events are committed) before this returns.
+            if let Err(err) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(%err, "ingest server failed");
+            }
+        });
+    }
+
+    if let Some(addr) = config.smtp.smtp_addr {
+        let smtp = source::smtp::SmtpConfig {
+            hostname: config.smtp.smtp_hostname.clone(),
+            max_message_bytes: config.smtp.smtp_max_message_bytes,
+            max_recipients: config.smtp.smtp_max_recipients,
+            max_connections: config.smtp.smtp_max_connections,
+            idle_timeout: config.smtp.smtp_idle_timeout,
+            auth: source::smtp::auth_tokens(
+                config.smtp.smtp_auth_token_file.as_deref(),
+                config.smtp.smtp_tls_cert_file.as_deref(),
+            )?,
+            tls: source::smtp::TlsFiles::from_flags(
+                config.smtp.smtp_tls_cert_file.as_deref(),
+                config.smtp.smtp_tls_key_file.as_deref(),
+            )?,
+        };
+        if let Some(tokens) = &smtp.auth {
+            watch_tokens(&lifecycle, tokens.clone());
+        }
+        let listener = TcpListener::bind(addr).await?;
+        info!(addr = %listener.local_addr()?, "SMTP journal receiver listening");
+        let (pipeline, readiness) = (pipeline.clone(), readiness.clone());
+        let (stop, sessions) = (lifecycle.token(Stage::Intake), lifecycle.tracker(Stage::Intake));
+        lifecycle.spawn(Stage::Intake, "SMTP receiver", async move {
+            source::smtp::serve(listener, smtp, pipeline, readiness, stop, sessions).await;
+        });
+    }
+
+    let scopes = scopes(&config.kube.watch_namespaces);
+    info!(
+        namespaces = ?scopes.iter().map(|s| s.as_deref().unwrap_or("<all>")).collect::<Vec<_>>(),
+        "starting controllers"
+    );
+    let stop = lifecycle.token(Stage::Control);
+    lifecycle.spawn(
+        Stage::Control,
+        "controllers",
+        controller::run(client, scopes, wiring, stop, caches),
+    );
+    running.ready();
+
+    crate::lifecycle::signal().await;
+    info!(deadline_s = config.delivery.shutdown_timeout.as_secs(), "shutdown requested; draining");
+    running.not_ready("shutting down");
+    let drain = lifecycle.shutdown(config.delivery.shutdown_timeout);
+    let stopped = tokio::select! {
+        stopped = drain => stopped,
+        () = crate::lifecycle::signal() => {
+            tracing::warn!("second signal: exiting at once; deliveries in flight are due again after the restart");
+            std::process::exit(FORCED_EXIT);
+        }
+    };
+    if stopped.clean() {
+        info!("shut down cleanly: every task stopped");
+    } else {
+        tracing::warn!(left_running = ?stopped.left_running, "shut down at the deadline; tasks were still running");
+    }
+    Ok(())
+}
+
+/// Re-reads a token file for as long as the operator runs.
+fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
+    let stop = lifecycle.token(Stage::Control);
+    lifecycle.spawn(Stage::Control, "token file watcher", tokens.watch(Tokens::WATCH_INTERVAL, stop));
+}
+
+fn open_store(config: &RunConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &config.store.store_dir {
+        Some(dir) => {
+            let store = DurableStore::open(dir)
+                .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", dir.display()))?;
+            info!(dir = %dir.display(), backlog_restored = true, "durable store open");
+            Arc::new(store)
+        }
+        None => {
+            tracing::warn!("no --store-dir: events are kept in memory only and are lost if the process dies");
+            Arc::new(DurableStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?)
+        }
+    })
+}
+
+/// The signer of raw message links, or None when the archive is off.
+fn raw_links(config: &RunConfig, store: &dyn Store, admin: SocketAddr) -> anyhow::Result<Option<Arc<RawLinks>>> {
+    if config.store.raw_message_retention.is_zero() {
+        info!("--raw-message-retention is 0s: raw messages are not archived and deliveries carry no links to them");
+        return Ok(None);
+    }
+    let key = store
+        .secret(archive::KEY_NAME)
+        .map_err(|e| anyhow::anyhow!("cannot read the raw message link key from the store: {e}"))?;
+    let base = match &config.admin.public_url {
+        Some(url) => url.to_string(),
+        None => {
+            let base = archive::local_base(admin);
+            info!(%base, "no --public-url: raw message links point at the local HTTP port");
+            base
+        }
+    };
+    Ok(Some(Arc::new(RawLinks::new(key, &base, config.store.raw_message_link_ttl))))
+}
+
+/// The watch scopes: each namespace once, or None for all namespaces.
+fn scopes(namespaces: &[String]) -> Vec<Option<String>> {
+    if namespaces.is_empty() {
+        return vec![None];
+    }
+    // A namespace named twice is watched once (two controllers on the same objects would
+    // reconcile them concurrently).
+    let mut namespaces = namespaces.to_vec();
+    namespaces.sort();
+    namespaces.dedup();
+    namespaces.into_iter().map(Some).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_are_watched_once_or_all() {
+        assert_eq!(scopes(&[]), vec![None]);
+        assert_eq!(
+            scopes(&["b".into(), "a".into(), "b".into()]),
+            vec![Some("a".to_string()), Some("b".to_string())]
+        );
+    }
+}

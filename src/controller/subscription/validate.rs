@@ -1,0 +1,430 @@
+//! Step 2 of a subscription's reconcile: check it against what it references. Pure: every
+//! problem is returned, phrased for the person who has to fix it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::{Selector, SelectorExt};
+
+use super::dereference::{FilterRef, References};
+use super::reason;
+use crate::api::{WebhookSubscriptionSpec, parse_duration};
+use crate::delivery::signing::SigningKey;
+
+/// One thing wrong with a subscription, phrased for the person who has to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A subscription whose references all resolved: what delivery needs.
+#[derive(Debug, Clone)]
+pub struct ValidSubscription {
+    pub endpoint_host: String,
+    pub timeout: Duration,
+    pub signing_keys: Vec<SigningKey>,
+    /// Names of the MailboxFilters it uses (refs and selector), sorted.
+    pub filters: Vec<String>,
+    pub retry_schedule: Vec<Duration>,
+    pub max_retry_after: Duration,
+    pub max_event_age: Duration,
+    pub dead_letter_retention: Duration,
+    pub disable_after: Duration,
+    /// Extra headers with values resolved from Secrets.
+    pub headers: Vec<(String, String)>,
+    /// PEM certificate chain and key for mutual TLS, from clientCertSecretRef.
+    pub client_identity: Option<Vec<u8>>,
+}
+
+/// Checks a subscription against what it references. Pure: every problem is returned,
+/// the first one's reason going on the condition.
+pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<ValidSubscription, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut problem = |reason: &'static str, message: String| problems.push(Problem { reason, message });
+
+    let endpoint_host = match url::Url::parse(&spec.endpoint.url) {
+        Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => endpoint_host(&url),
+        Ok(_) | Err(_) => {
+            problem(
+                reason::INVALID_ENDPOINT,
+                format!(
+                    "spec.endpoint.url {:?} is not an absolute http(s) URL with a host; use one such as https://siem.example.com/hooks",
+                    spec.endpoint.url
+                ),
+            );
+            String::new()
+        }
+    };
+
+    let mut duration = |field: &str, text: &str| match parse_duration(text) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            problem(reason::INVALID_SPEC, format!("{field}: {e}"));
+            None
+        }
+    };
+    let timeout = duration("spec.endpoint.timeout", &spec.endpoint.timeout);
+    let max_event_age = duration("spec.delivery.maxEventAge", &spec.delivery.max_event_age);
+    let max_retry_after = duration("spec.delivery.maxRetryAfter", &spec.delivery.max_retry_after);
+    let retry_schedule: Vec<Option<Duration>> = spec
+        .delivery
+        .retry_schedule
+        .iter()
+        .enumerate()
+        .map(|(i, d)| duration(&format!("spec.delivery.retrySchedule[{i}]"), d))
+        .collect();
+    let dead_letter_retention = duration(
+        "spec.delivery.deadLetterRetention",
+        &spec.delivery.dead_letter_retention,
+    );
+    let disable_after = duration("spec.delivery.disableAfter", &spec.delivery.disable_after);
+
+    let signing_name = &spec.signing.secret_ref.name;
+    let signing_keys = match refs.secrets.get(signing_name) {
+        None => {
+            problem(
+                reason::SECRET_NOT_FOUND,
+                format!(
+                    "Secret {signing_name:?} (spec.signing.secretRef) does not exist in this namespace; create it with a Standard Webhooks key, e.g. `kubectl create secret generic {signing_name} --from-literal=key=whsec_$(openssl rand -base64 32)`"
+                ),
+            );
+            vec![]
+        }
+        Some(secret) => match signing_keys(secret) {
+            Ok(keys) => keys,
+            Err(message) => {
+                problem(
+                    reason::INVALID_SECRET,
+                    format!("Secret {signing_name:?} (spec.signing.secretRef) {message}"),
+                );
+                vec![]
+            }
+        },
+    };
+
+    let mut headers = Vec::new();
+    for (i, header) in spec.endpoint.headers.iter().enumerate() {
+        if let Some(value) = &header.value {
+            headers.push((header.name.clone(), value.clone()));
+        }
+        if let Some(r) = &header.value_from {
+            let field = format!("spec.endpoint.headers[{i}].valueFrom");
+            match refs.secrets.get(&r.name) {
+                None => problem(
+                    reason::SECRET_NOT_FOUND,
+                    format!(
+                        "Secret {:?} ({field}) does not exist in this namespace; create it or fix the name",
+                        r.name
+                    ),
+                ),
+                Some(s) => match secret_value(s, &r.key) {
+                    None => problem(
+                        reason::INVALID_SECRET,
+                        format!(
+                            "Secret {:?} ({field}) has no key {:?}; add it or fix valueFrom.key",
+                            r.name, r.key
+                        ),
+                    ),
+                    Some(v) => headers.push((header.name.clone(), v.trim_end_matches('\n').to_string())),
+                },
+            }
+        }
+    }
+
+    let mut client_identity = None;
+    if let Some(r) = &spec.endpoint.client_cert_secret_ref {
+        match refs.secrets.get(&r.name) {
+            None => problem(
+                reason::SECRET_NOT_FOUND,
+                format!(
+                    "Secret {:?} (spec.endpoint.clientCertSecretRef) does not exist in this namespace; create a kubernetes.io/tls Secret with tls.crt and tls.key",
+                    r.name
+                ),
+            ),
+            Some(s) => {
+                let missing: Vec<&str> = ["tls.crt", "tls.key"]
+                    .into_iter()
+                    .filter(|k| secret_value(s, k).is_none_or(|v| !v.contains("-----BEGIN")))
+                    .collect();
+                if !missing.is_empty() {
+                    problem(
+                        reason::INVALID_SECRET,
+                        format!(
+                            "Secret {:?} (spec.endpoint.clientCertSecretRef) lacks a PEM {}; it must hold tls.crt and tls.key",
+                            r.name,
+                            missing.join(" and ")
+                        ),
+                    );
+                } else if let (Some(crt), Some(key)) = (secret_value(s, "tls.crt"), secret_value(s, "tls.key")) {
+                    client_identity = Some(format!("{}\n{}", crt.trim_end(), key).into_bytes());
+                }
+            }
+        }
+    }
+
+    if let Some(bundle) = &spec.endpoint.ca_bundle
+        && !bundle.contains("-----BEGIN CERTIFICATE-----")
+    {
+        problem(
+            reason::INVALID_ENDPOINT,
+            "spec.endpoint.caBundle holds no PEM certificate (-----BEGIN CERTIFICATE-----); paste the CA's PEM text"
+                .to_string(),
+        );
+    }
+
+    let mut filters = Vec::new();
+    for name in &spec.filter_refs {
+        match refs.filters.iter().find(|f| &f.name == name) {
+            None => problem(
+                reason::FILTER_NOT_FOUND,
+                format!(
+                    "MailboxFilter {name:?} (spec.filterRefs) does not exist in this namespace; create it or remove the reference"
+                ),
+            ),
+            Some(FilterRef { invalid: Some(e), .. }) => problem(
+                reason::INVALID_FILTER,
+                format!("MailboxFilter {name:?} is invalid ({e}); fix the filter"),
+            ),
+            Some(_) => filters.push(name.clone()),
+        }
+    }
+    if let Some(selector) = &spec.filter_selector {
+        match Selector::try_from(selector.clone()) {
+            Err(e) => problem(
+                reason::INVALID_SPEC,
+                format!("spec.filterSelector is not a valid label selector: {e}"),
+            ),
+            Ok(selector) => {
+                let selected: Vec<&FilterRef> = refs.filters.iter().filter(|f| selector.matches(&f.labels)).collect();
+                if selected.is_empty() {
+                    problem(
+                        reason::FILTER_NOT_FOUND,
+                        "spec.filterSelector matches no MailboxFilter in this namespace; label a filter to match it or change the selector".to_string(),
+                    );
+                }
+                for f in selected {
+                    match &f.invalid {
+                        None => filters.push(f.name.clone()),
+                        Some(e) => problem(
+                            reason::INVALID_FILTER,
+                            format!(
+                                "MailboxFilter {:?} (selected by spec.filterSelector) is invalid ({e}); fix the filter",
+                                f.name
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    filters.sort();
+    filters.dedup();
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    // Checked last: a refused host matters only once nothing else is wrong.
+    if let Some(refused) = &refs.egress_refused {
+        return Err(vec![Problem {
+            reason: reason::EGRESS_REFUSED,
+            message: format!("spec.endpoint.url: {refused}. Deliveries are not attempted."),
+        }]);
+    }
+    Ok(ValidSubscription {
+        endpoint_host,
+        timeout: timeout.unwrap_or_default(),
+        signing_keys,
+        filters,
+        retry_schedule: retry_schedule.into_iter().flatten().collect(),
+        max_event_age: max_event_age.unwrap_or_default(),
+        max_retry_after: max_retry_after.unwrap_or_default(),
+        dead_letter_retention: dead_letter_retention.unwrap_or_default(),
+        disable_after: disable_after.unwrap_or_default(),
+        headers,
+        client_identity,
+    })
+}
+
+pub fn endpoint_host(url: &url::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone()).ok();
+    }
+    secret.string_data.as_ref().and_then(|d| d.get(key)).cloned()
+}
+
+/// Every value of the Secret must be a signing key: `whsec_<base64>` (HMAC, v1) or
+/// `whsk_<base64>` (ed25519, v1a).
+fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
+    let data = secret.data.clone().unwrap_or_default();
+    if data.is_empty() {
+        return Err("holds no keys; add one such as key=whsec_<base64 of 24 to 64 random bytes>".to_string());
+    }
+    data.iter()
+        .map(|(key, value)| {
+            let text = std::str::from_utf8(&value.0).map_err(|_| format!("key {key:?} is not text"))?;
+            SigningKey::parse(text).map_err(|e| format!("key {key:?} {e}"))
+        })
+        .collect()
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Desired, Status, conditions, progress, ready_condition};
+    use super::*;
+    use crate::api::{
+        Endpoint, EventType, MailboxFilter, MailboxFilterSpec, MatchCriteria, SecretRef, Signing, SubjectMatch,
+    };
+    use crate::controller::conditions::READY;
+    use k8s_openapi::ByteString;
+
+    fn spec() -> WebhookSubscriptionSpec {
+        WebhookSubscriptionSpec {
+            endpoint: Endpoint {
+                url: "https://siem.example.com:8443/hooks".into(),
+                allow_insecure_http: false,
+                timeout: "10s".into(),
+                headers: vec![],
+                ca_bundle: None,
+                client_cert_secret_ref: None,
+                insecure_skip_tls_verify: false,
+                verify: false,
+            },
+            signing: Signing {
+                secret_ref: SecretRef { name: "signing".into() },
+            },
+            event_types: vec![EventType::MessageReceived],
+            filter_refs: vec![],
+            filter_selector: None,
+            payload: Default::default(),
+            delivery: Default::default(),
+            paused: false,
+        }
+    }
+
+    fn secret(pairs: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn refs_with_signing(value: &str) -> References {
+        References {
+            secrets: [("signing".to_string(), secret(&[("key", value)]))].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_subscription_resolves_keys_and_host() {
+        let v = validate(&spec(), &refs_with_signing(KEY)).expect("valid");
+        assert_eq!(v.endpoint_host, "siem.example.com:8443");
+        assert_eq!(v.signing_keys.len(), 1);
+        assert!(matches!(&v.signing_keys[0], SigningKey::Hmac(k) if k.len() == 24));
+        assert_eq!(v.retry_schedule.len(), 8);
+        assert_eq!(v.timeout, Duration::from_secs(10));
+        assert!(!format!("{v:?}").contains("MfKQ"), "Debug must not leak key material");
+    }
+
+    #[test]
+    fn missing_secret_says_how_to_create_it() {
+        let problems = validate(&spec(), &References::default()).unwrap_err();
+        assert_eq!(problems[0].reason, reason::SECRET_NOT_FOUND);
+        assert!(problems[0].message.contains("kubectl create secret generic signing"));
+    }
+
+    #[test]
+    fn malformed_keys_are_invalid_secrets() {
+        for (value, hint) in [
+            ("not-a-key", "must start with whsec_"),
+            ("whsec_!!!", "not valid base64"),
+            ("whsec_c2hvcnQ=", "decodes to 5 bytes"),
+        ] {
+            let problems = validate(&spec(), &refs_with_signing(value)).unwrap_err();
+            assert_eq!(problems[0].reason, reason::INVALID_SECRET, "{value}");
+            assert!(problems[0].message.contains(hint), "{}", problems[0].message);
+        }
+    }
+
+    #[test]
+    fn filters_must_exist_and_compile() {
+        let good = MailboxFilter::new("finance", MailboxFilterSpec::default());
+        let bad = MailboxFilter::new(
+            "broken",
+            MailboxFilterSpec {
+                criteria: MatchCriteria {
+                    subject: Some(SubjectMatch {
+                        keywords: vec![],
+                        regex: Some("(".into()),
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let mut s = spec();
+        s.filter_refs = vec!["finance".into(), "missing".into(), "broken".into()];
+        let mut refs = refs_with_signing(KEY);
+        refs.filters = vec![FilterRef::compile(&good), FilterRef::compile(&bad)];
+        let problems = validate(&s, &refs).unwrap_err();
+        let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
+        assert_eq!(reasons, vec![reason::FILTER_NOT_FOUND, reason::INVALID_FILTER]);
+
+        s.filter_refs = vec!["finance".into()];
+        assert_eq!(validate(&s, &refs).expect("valid").filters, vec!["finance"]);
+    }
+
+    #[test]
+    fn invalid_is_stalled_paused_is_not_and_verifying_is_reconciling() {
+        let ready = |reason| Desired {
+            type_: READY,
+            status: Status::False,
+            reason,
+            message: String::new(),
+        };
+        let kind = |reason| progress(&ready(reason)).map(|p| p.type_);
+        for stalled in [
+            reason::SECRET_NOT_FOUND,
+            reason::INVALID_SECRET,
+            reason::FILTER_NOT_FOUND,
+            reason::INVALID_FILTER,
+            reason::INVALID_ENDPOINT,
+            reason::INVALID_SPEC,
+            reason::EGRESS_REFUSED,
+        ] {
+            assert_eq!(kind(stalled), Some(conditions::STALLED), "{stalled}");
+        }
+        assert_eq!(kind(reason::PAUSED), None);
+        assert_eq!(kind(reason::ENDPOINT_NOT_VERIFIED), Some(conditions::RECONCILING));
+    }
+
+    #[test]
+    fn ready_reports_first_reason_and_paused() {
+        let ready = ready_condition(&spec(), &validate(&spec(), &References::default()));
+        assert_eq!((ready.status, ready.reason), (Status::False, reason::SECRET_NOT_FOUND));
+
+        let mut paused = spec();
+        paused.paused = true;
+        let ready = ready_condition(&paused, &validate(&paused, &refs_with_signing(KEY)));
+        assert_eq!((ready.status, ready.reason), (Status::False, reason::PAUSED));
+        let ready = ready_condition(&spec(), &validate(&spec(), &refs_with_signing(KEY)));
+        assert_eq!((ready.status, ready.reason), (Status::True, reason::VALID));
+    }
+}

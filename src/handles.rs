@@ -1,0 +1,151 @@
+//! Shared runtime handles: small pieces of state that several parts read and one part
+//! writes — readiness, per-filter match counters, the subscription directory. They let
+//! the inbound adapters (ingest, SMTP, admin, history) and the controllers share state
+//! without importing each other. Depends on nothing else of the crate.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+/// Whether the operator is ready, composed from named parts (caches synced, not shutting
+/// down, …). Each part says why it is not ready; `/readyz?verbose` lists them all.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    inner: Arc<ReadinessInner>,
+}
+
+#[derive(Default)]
+struct ReadinessInner {
+    /// Part → None when ready, else why not.
+    parts: Mutex<BTreeMap<&'static str, Option<String>>>,
+    /// Every part ready (read on every ingest request: no lock).
+    all: AtomicBool,
+}
+
+/// One named part of readiness; cheap to clone.
+#[derive(Clone)]
+pub struct ReadinessPart {
+    readiness: Readiness,
+    name: &'static str,
+}
+
+impl Readiness {
+    /// Registers a part, not ready for `why` until it says otherwise.
+    pub fn part(&self, name: &'static str, why: impl Into<String>) -> ReadinessPart {
+        self.set(name, Some(why.into()));
+        ReadinessPart {
+            readiness: self.clone(),
+            name,
+        }
+    }
+
+    fn set(&self, name: &'static str, state: Option<String>) {
+        let mut parts = self.inner.parts.lock();
+        parts.insert(name, state);
+        let all = parts.values().all(Option::is_none);
+        self.inner.all.store(all, Ordering::Release);
+    }
+
+    /// Every part is ready (and at least one is registered).
+    pub fn is_ready(&self) -> bool {
+        self.inner.all.load(Ordering::Acquire)
+    }
+
+    /// Every part with why it is not ready (None: ready), by name.
+    pub fn report(&self) -> Vec<(&'static str, Option<String>)> {
+        self.inner.parts.lock().iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+}
+
+impl ReadinessPart {
+    pub fn ready(&self) {
+        self.readiness.set(self.name, None);
+    }
+    pub fn not_ready(&self, why: impl Into<String>) {
+        self.readiness.set(self.name, Some(why.into()));
+    }
+}
+
+/// Matches of one filter: how many, and the last one's time.
+pub type MatchCount = (u64, Option<jiff::Timestamp>);
+
+/// Match counts per filter, by (namespace, name): the routing path counts, the status
+/// writer reads.
+#[derive(Default)]
+pub struct MatchCounters {
+    inner: Mutex<HashMap<(String, String), MatchCount>>,
+}
+
+impl MatchCounters {
+    pub fn record(&self, filters: &[(String, String)], at: jiff::Timestamp) {
+        if filters.is_empty() {
+            return;
+        }
+        let mut m = self.inner.lock();
+        for f in filters {
+            let e = m.entry(f.clone()).or_default();
+            e.0 += 1;
+            e.1 = Some(at);
+        }
+    }
+
+    /// Forgets the counts of filters not in `live` (deleted): a filter created again
+    /// under the same name starts from zero.
+    pub fn retain(&self, live: &HashSet<(String, String)>) {
+        self.inner.lock().retain(|k, _| live.contains(k));
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> MatchCount {
+        self.inner
+            .lock()
+            .get(&(namespace.to_string(), name.to_string()))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// The UID of every subscription by (namespace, name), for lookups by name (the history
+/// API is addressed by name, the store by UID).
+#[derive(Default)]
+pub struct Directory(RwLock<HashMap<(String, String), String>>);
+
+impl Directory {
+    pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.0.read().get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    pub fn set(&self, namespace: &str, name: &str, uid: &str) {
+        self.0
+            .write()
+            .insert((namespace.to_string(), name.to_string()), uid.to_string());
+    }
+
+    pub fn forget(&self, uids: &[String]) {
+        self.0.write().retain(|_, uid| !uids.contains(uid));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_every_part_and_says_why() {
+        let r = Readiness::default();
+        assert!(!r.is_ready(), "nothing registered: not ready");
+        let caches = r.part("caches", "waiting for the initial list");
+        let running = r.part("shutdown", "starting");
+        running.ready();
+        assert!(!r.is_ready());
+        assert_eq!(
+            r.report(),
+            vec![("caches", Some("waiting for the initial list".into())), ("shutdown", None)]
+        );
+        caches.ready();
+        assert!(r.is_ready());
+        running.not_ready("draining");
+        assert!(!r.is_ready());
+    }
+}

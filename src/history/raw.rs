@@ -1,0 +1,86 @@
+//! The raw message door of the history API: `GET /v1/raw-messages/{sha256}` with a link
+//! the delivery path signed (`archive::RawLinks`). The link is the credential: it needs
+//! no token, so a receiver can fetch the message it was told about, and nothing else,
+//! until the link expires. Depends on the archive and the store.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::archive::{LinkError, RawLinks};
+use crate::store::Store;
+
+#[derive(Clone)]
+struct ArchiveState {
+    links: Arc<RawLinks>,
+    store: Arc<dyn Store>,
+}
+
+#[derive(Deserialize)]
+struct LinkQuery {
+    #[serde(default)]
+    expires: String,
+    #[serde(default)]
+    signature: String,
+}
+
+pub fn router(links: Arc<RawLinks>, store: Arc<dyn Store>) -> Router {
+    Router::new()
+        .route("/v1/raw-messages/{sha256}", get(raw_message))
+        .with_state(ArchiveState { links, store })
+}
+
+fn refuse(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn raw_message(
+    State(state): State<ArchiveState>,
+    Path(sha256): Path<String>,
+    Query(q): Query<LinkQuery>,
+) -> Response {
+    match state
+        .links
+        .verify(&sha256, &q.expires, &q.signature, jiff::Timestamp::now())
+    {
+        Ok(()) => {}
+        Err(err @ LinkError::BadSignature) => return refuse(StatusCode::FORBIDDEN, err.to_string()),
+        Err(err @ LinkError::Expired(_)) => return refuse(StatusCode::GONE, err.to_string()),
+    }
+    let store = state.store.clone();
+    let id = sha256.clone();
+    let found = tokio::task::spawn_blocking(move || store.raw_message(&id)).await;
+    match found {
+        Ok(Ok(Some((_, bytes)))) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "message/rfc822".to_string()),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{sha256}.eml\""),
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Ok(Ok(None)) => refuse(
+            StatusCode::NOT_FOUND,
+            "the raw message is no longer archived (past --raw-message-retention)".into(),
+        ),
+        Ok(Err(err)) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the archive: {err}"),
+        ),
+        Err(err) => refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the archive stopped: {err}"),
+        ),
+    }
+}
+
