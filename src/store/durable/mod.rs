@@ -11,7 +11,7 @@
 //!
 //! This file owns `DurableStore` (opening, closing) and its `Store` impl, which ties
 //! the other three together: `schema` (tables and encoding), `committer` (the commit
-//! thread) and `state` (the in-memory indexes).
+//! thread) and `state` (the in-memory indexes). Only this file locks a mutex.
 
 mod committer;
 mod schema;
@@ -19,7 +19,7 @@ mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Sender, channel, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redb::backends::InMemoryBackend;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -33,6 +33,17 @@ use super::{
     StoreError,
 };
 use crate::event::MailboxEvent;
+
+/// Locks a store mutex; a poisoned one is recovered, never reported or skipped.
+///
+/// The rule for `src/store`: every critical section is short code over std collections,
+/// without I/O or callbacks, and can panic only on a counter overflow; even then each
+/// collection stays valid and only memory is stale, which the next start rebuilds from
+/// disk. Failing every later call would stop all deliveries instead. A section that could
+/// panic half-way through an update must return `StoreError::Unavailable` on poison.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 pub struct DurableStore {
     db: Arc<Database>,
@@ -49,10 +60,9 @@ pub struct DurableStore {
 impl Drop for DurableStore {
     /// Lets the commit thread finish what is queued and release the database.
     fn drop(&mut self) {
-        if let Ok(mut w) = self.writer.lock() {
-            w.take();
-        }
-        if let Some(handle) = self.committer.lock().ok().and_then(|mut c| c.take()) {
+        lock(&self.writer).take();
+        let handle = lock(&self.committer).take();
+        if let Some(handle) = handle {
             let _ = handle.join();
         }
     }
@@ -106,16 +116,8 @@ impl DurableStore {
             .map_or(0, |m| m.len())
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
-        self.state
-            .lock()
-            .map_err(|_| StoreError::Unavailable("store state lock poisoned".into()))
-    }
-
     fn submit(&self, ops: Vec<Op>, done: Reply) -> Result<(), StoreError> {
-        self.writer
-            .lock()
-            .map_err(|_| StoreError::Unavailable("store writer lock poisoned".into()))?
+        lock(&self.writer)
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
             .send(Job { ops, done })
@@ -175,7 +177,7 @@ impl Store for DurableStore {
         let mut claimed = Vec::new();
         let now = jiff::Timestamp::now();
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             for item in items {
                 if let Some(pid) = &item.event.producer_event_id {
                     if let Some(existing) = state.producer_ids.get(pid) {
@@ -211,15 +213,14 @@ impl Store for DurableStore {
             ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
         if let Err(err) = self.send(ops, true) {
-            if let Ok(mut state) = self.lock() {
-                for pid in claimed {
-                    state.producer_ids.remove(&pid);
-                }
+            let mut state = lock(&self.state);
+            for pid in claimed {
+                state.producer_ids.remove(&pid);
             }
             return Err(err);
         }
         // Only what is on disk becomes deliverable.
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         for event in cached {
             if state.cache.len() < EVENT_CACHE {
                 state.cache.insert(event.id.clone(), event);
@@ -286,7 +287,7 @@ impl Store for DurableStore {
     }
 
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
-        if let Some(e) = self.lock()?.cache.get(id) {
+        if let Some(e) = lock(&self.state).cache.get(id) {
             return Ok(Some(e.clone()));
         }
         let txn = self.db.begin_read().map_err(io)?;
@@ -304,17 +305,17 @@ impl Store for DurableStore {
         max: usize,
         ordered: bool,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
-        Ok(self.lock()?.queues.take_due(subscription, now, max, ordered))
+        Ok(lock(&self.state).queues.take_due(subscription, now, max, ordered))
     }
 
     fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
-        self.state.lock().ok()?.queues.next_due(subscription)
+        lock(&self.state).queues.next_due(subscription)
     }
 
     fn complete(&self, d: &PendingDelivery) -> Result<Durable, StoreError> {
         let mut ops = vec![Op::DeletePending(d.seq)];
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             state.queues.complete(d);
             if state.release(&d.event_id, Ref::Pending) {
                 ops.push(Op::DeleteEvent(d.event_id.clone()));
@@ -332,7 +333,7 @@ impl Store for DurableStore {
     // without putting a delivery back twice.
     fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {
         let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         self.submit(vec![op], Reply::None)?;
         state.queues.retry(d);
         Ok(())
@@ -342,14 +343,14 @@ impl Store for DurableStore {
         let now = jiff::Timestamp::now();
         let deliveries = [d];
         let ops = dead_ops(&deliveries, &reason, now)?;
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         self.submit(ops, Reply::None)?;
         bury_in(&mut state, &deliveries, now);
         Ok(())
     }
 
     fn note_subscription(&self, uid: &str, namespace: &str) -> Result<(), StoreError> {
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         if state.namespaces.get(uid).is_some_and(|ns| ns == namespace) {
             return Ok(());
         }
@@ -368,7 +369,7 @@ impl Store for DurableStore {
     fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
         let bytes = json(&attempt)?;
         let key = {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             // Per delivery: no key allocation once the subscription has a count.
             match state.attempts.get_mut(&attempt.subscription) {
                 Some(n) => *n += 1,
@@ -407,7 +408,7 @@ impl Store for DurableStore {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         self.flush()?;
-        let mut seqs: Vec<(u64, Dead)> = self.lock()?.queues.dead(subscription, since, true);
+        let mut seqs: Vec<(u64, Dead)> = lock(&self.state).queues.dead(subscription, since, true);
         seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
         seqs.truncate(limit);
         let stored = self.read_deliveries(DEAD, seqs.into_iter().map(|(s, _)| s))?;
@@ -425,8 +426,7 @@ impl Store for DurableStore {
 
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
         self.flush()?;
-        let seqs: Vec<u64> = self
-            .lock()?
+        let seqs: Vec<u64> = lock(&self.state)
             .queues
             .dead(subscription, since, true)
             .into_iter()
@@ -448,7 +448,7 @@ impl Store for DurableStore {
         }
         // On disk first, so a replay never shows deliveries a crash could lose.
         self.send(ops, true)?;
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         let mut n = 0;
         for d in replayed {
             // A purge or forget may have run meanwhile: replay only what is still dead.
@@ -464,7 +464,7 @@ impl Store for DurableStore {
     }
 
     fn expire(&self, subscription: &str, accepted_before: jiff::Timestamp, reason: &str) -> Result<u64, StoreError> {
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         let expired = state.queues.waiting_accepted_before(subscription, accepted_before);
         let n = expired.len() as u64;
         if n == 0 {
@@ -491,7 +491,7 @@ impl Store for DurableStore {
                 .map_err(io)?
                 .count() as u64
         };
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         let logged = state.attempts.get(subscription).copied().unwrap_or(0);
         let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
         purged.attempts = (expired + over).min(logged);
@@ -519,7 +519,7 @@ impl Store for DurableStore {
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
         let mut ops = Vec::new();
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             while state.producer_order.front().is_some_and(|(at, _)| *at < before) {
                 let Some((_, pid)) = state.producer_order.pop_front() else {
                     break;
@@ -538,7 +538,7 @@ impl Store for DurableStore {
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
         let mut ops: Vec<Op> = Vec::new();
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             let (pending, dead) = state.queues.forget(subscription);
             for d in pending {
                 ops.push(Op::DeletePending(d.seq));
@@ -561,7 +561,7 @@ impl Store for DurableStore {
     }
 
     fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
-        let state = self.lock()?;
+        let state = lock(&self.state);
         let mut all: Vec<&str> = state
             .queues
             .subscriptions()
@@ -577,14 +577,11 @@ impl Store for DurableStore {
     }
 
     fn total_backlog(&self) -> u64 {
-        self.state.lock().map(|s| s.queues.total_backlog()).unwrap_or(0)
+        lock(&self.state).queues.total_backlog()
     }
 
     fn counts(&self, subscription: &str) -> QueueCounts {
-        self.state
-            .lock()
-            .map(|s| s.queues.counts(subscription))
-            .unwrap_or_default()
+        lock(&self.state).queues.counts(subscription)
     }
 
     fn event_count(&self) -> Result<u64, StoreError> {
