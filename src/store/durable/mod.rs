@@ -8,198 +8,41 @@
 //! queued without waiting (one lost in a crash only means an earlier or extra attempt).
 //!
 //! An event stays on disk while a pending delivery or a dead letter refers to it.
+//!
+//! This file owns `DurableStore` (opening, closing) and its `Store` impl, which ties
+//! the other three together: `schema` (tables and encoding), `committer` (the commit
+//! thread) and `state` (the in-memory indexes). Only this file locks a mutex.
 
-use std::collections::{HashMap, VecDeque};
+mod committer;
+mod schema;
+mod state;
+
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::{Sender, channel, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redb::backends::InMemoryBackend;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
 
-use super::queue::{Dead, Queues};
+use self::committer::{Job, Op, Reply, commit_loop};
+use self::schema::{ATTEMPTS, DEAD, EVENTS, META, RAW, RAW_BY_AGE, StoredDelivery, create_tables, io, json, nanos};
+use self::state::{EVENT_CACHE, Ref, State, bury_in, dead_ops, load};
+use super::queue::Dead;
 use super::{
     Appended, Attempt, DeadLetter, Durable, Ingest, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store,
     StoreError,
 };
 use crate::event::MailboxEvent;
 
-const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
-/// Producer event id → (event id, unix seconds first seen).
-const PRODUCERS: TableDefinition<&str, (&str, i64)> = TableDefinition::new("producers");
-const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
-const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
-/// (subscription, unix nanoseconds) → attempt: one subscription's log is one key range,
-/// in time order.
-const ATTEMPTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("attempts");
-/// Raw message SHA-256 (hex) → (unix seconds archived, message bytes).
-const RAW: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("raw_messages");
-/// (unix seconds archived, SHA-256) of every raw message: retention purges read this
-/// index, never the messages themselves.
-const RAW_BY_AGE: TableDefinition<(i64, &str), ()> = TableDefinition::new("raw_messages_by_age");
-/// Subscription UID → its namespace, for every subscription that had deliveries: tells
-/// at start-up which stored work belongs to a watched namespace.
-const SUBSCRIPTIONS: TableDefinition<&str, &str> = TableDefinition::new("subscriptions");
-/// Secrets kept with the data (name → 32 bytes).
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-
-/// Most writes one transaction takes; keeps a commit's latency bounded under load.
-const MAX_JOBS_PER_COMMIT: usize = 4096;
-
-/// A delivery as stored on disk.
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct StoredDelivery {
-    subscription: String,
-    event_id: String,
-    attempts: u32,
-    not_before: jiff::Timestamp,
-    accepted_at: jiff::Timestamp,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ordering_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    matched_filters: Vec<String>,
-    /// Dead letters only: why it was given up.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-    /// Dead letters only: when it was given up.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    dead_at: Option<jiff::Timestamp>,
-}
-
-impl StoredDelivery {
-    fn from(d: &PendingDelivery) -> StoredDelivery {
-        StoredDelivery {
-            subscription: d.subscription.clone(),
-            event_id: d.event_id.clone(),
-            attempts: d.attempts,
-            not_before: d.not_before,
-            accepted_at: d.accepted_at,
-            ordering_key: d.ordering_key.clone(),
-            matched_filters: d.matched_filters.clone(),
-            reason: None,
-            dead_at: None,
-        }
-    }
-
-    fn into_pending(self, seq: u64) -> PendingDelivery {
-        PendingDelivery {
-            subscription: self.subscription,
-            event_id: self.event_id,
-            attempts: self.attempts,
-            not_before: self.not_before,
-            accepted_at: self.accepted_at,
-            ordering_key: self.ordering_key,
-            matched_filters: self.matched_filters,
-            seq,
-        }
-    }
-}
-
-enum Op {
-    PutEvent(String, Vec<u8>),
-    DeleteEvent(String),
-    PutProducer(String, String, i64),
-    DeleteProducer(String),
-    PutPending(u64, Vec<u8>),
-    DeletePending(u64),
-    PutDead(u64, Vec<u8>),
-    DeleteDead(u64),
-    PutAttempt(String, u64, Vec<u8>),
-    /// Deletes the subscription's oldest `n` attempts.
-    TrimAttempts(String, u64),
-    DeleteAttemptsOf(String),
-    PutRaw(String, i64, Vec<u8>),
-    /// (archived at, SHA-256).
-    DeleteRaw(i64, String),
-    PutSubscription(String, String),
-    DeleteSubscription(String),
-}
-
-/// Who hears that a job's commit finished.
-enum Reply {
-    None,
-    Blocking(SyncSender<Result<(), String>>),
-    Async(tokio::sync::oneshot::Sender<Result<(), String>>),
-}
-
-struct Job {
-    ops: Vec<Op>,
-    done: Reply,
-}
-
-/// Events with pending deliveries kept parsed in memory, up to this many; beyond it
-/// deliveries read them from disk.
-const EVENT_CACHE: usize = 100_000;
-
-/// What refers to one stored event.
-#[derive(Default, Clone, Copy)]
-struct Refs {
-    pending: u32,
-    dead: u32,
-}
-
-#[derive(Default)]
-struct State {
-    queues: Queues,
-    /// Parsed events that still have pending deliveries (bounded by EVENT_CACHE): fan-out
-    /// and retries do not re-read and re-parse them.
-    cache: HashMap<String, Arc<MailboxEvent>>,
-    producer_ids: HashMap<String, String>,
-    /// Producer ids in the order first seen (the order they expire in).
-    producer_order: VecDeque<(jiff::Timestamp, String)>,
-    refs: HashMap<String, Refs>,
-    /// Attempts logged per subscription.
-    attempts: HashMap<String, u64>,
-    /// Key of the last attempt logged: keys only grow.
-    last_attempt_key: u64,
-    /// Namespace of each subscription noted (SUBSCRIPTIONS).
-    namespaces: HashMap<String, String>,
-}
-
-/// Which reference to an event went away.
-#[derive(Clone, Copy)]
-enum Ref {
-    Pending,
-    Dead,
-}
-
-impl State {
-    /// One reference to `event_id` is gone. Returns true when it was the last, so the
-    /// event leaves the disk. The cache lets go with the last pending delivery.
-    fn release(&mut self, event_id: &str, which: Ref) -> bool {
-        let Some(r) = self.refs.get_mut(event_id) else {
-            return false;
-        };
-        match which {
-            Ref::Pending => r.pending = r.pending.saturating_sub(1),
-            Ref::Dead => r.dead = r.dead.saturating_sub(1),
-        }
-        let r = *r;
-        if r.pending == 0 {
-            self.cache.remove(event_id);
-        }
-        if r.pending == 0 && r.dead == 0 {
-            self.refs.remove(event_id);
-            return true;
-        }
-        false
-    }
-
-    fn hold(&mut self, event_id: &str, which: Ref) {
-        let r = self.refs.entry(event_id.to_string()).or_default();
-        match which {
-            Ref::Pending => r.pending += 1,
-            Ref::Dead => r.dead += 1,
-        }
-    }
-
-    fn attempt_key(&mut self, at: jiff::Timestamp) -> u64 {
-        let nanos = u64::try_from(at.as_nanosecond()).unwrap_or(0);
-        self.last_attempt_key = nanos.max(self.last_attempt_key + 1);
-        self.last_attempt_key
-    }
+/// Locks a store mutex; a poisoned one is recovered, never reported or skipped.
+///
+/// The rule for `src/store`: every critical section is short code over std collections,
+/// without I/O or callbacks, and can panic only on a counter overflow; even then each
+/// collection stays valid and only memory is stale, which the next start rebuilds from
+/// disk. Failing every later call would stop all deliveries instead. A section that could
+/// panic half-way through an update must return `StoreError::Unavailable` on poison.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub struct DurableStore {
@@ -217,25 +60,12 @@ pub struct DurableStore {
 impl Drop for DurableStore {
     /// Lets the commit thread finish what is queued and release the database.
     fn drop(&mut self) {
-        if let Ok(mut w) = self.writer.lock() {
-            w.take();
-        }
-        if let Some(handle) = self.committer.lock().ok().and_then(|mut c| c.take()) {
+        lock(&self.writer).take();
+        let handle = lock(&self.committer).take();
+        if let Some(handle) = handle {
             let _ = handle.join();
         }
     }
-}
-
-fn io(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Io(e.to_string())
-}
-
-fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(io)
-}
-
-fn nanos(t: jiff::Timestamp) -> u64 {
-    u64::try_from(t.as_nanosecond()).unwrap_or(0)
 }
 
 impl DurableStore {
@@ -258,19 +88,7 @@ impl DurableStore {
 
     fn start(db: Database, path: Option<PathBuf>) -> Result<DurableStore, StoreError> {
         let db = Arc::new(db);
-        {
-            let txn = db.begin_write().map_err(io)?;
-            txn.open_table(EVENTS).map_err(io)?;
-            txn.open_table(PRODUCERS).map_err(io)?;
-            txn.open_table(PENDING).map_err(io)?;
-            txn.open_table(DEAD).map_err(io)?;
-            txn.open_table(ATTEMPTS).map_err(io)?;
-            txn.open_table(RAW).map_err(io)?;
-            txn.open_table(RAW_BY_AGE).map_err(io)?;
-            txn.open_table(META).map_err(io)?;
-            txn.open_table(SUBSCRIPTIONS).map_err(io)?;
-            txn.commit().map_err(io)?;
-        }
+        create_tables(&db)?;
         let state = load(&db)?;
         let (tx, rx) = channel();
         let writer_db = db.clone();
@@ -298,16 +116,8 @@ impl DurableStore {
             .map_or(0, |m| m.len())
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
-        self.state
-            .lock()
-            .map_err(|_| StoreError::Unavailable("store state lock poisoned".into()))
-    }
-
     fn submit(&self, ops: Vec<Op>, done: Reply) -> Result<(), StoreError> {
-        self.writer
-            .lock()
-            .map_err(|_| StoreError::Unavailable("store writer lock poisoned".into()))?
+        lock(&self.writer)
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
             .send(Job { ops, done })
@@ -357,189 +167,6 @@ impl DurableStore {
     }
 }
 
-/// The disk writes that make `deliveries` dead letters.
-fn dead_ops(deliveries: &[PendingDelivery], reason: &str, now: jiff::Timestamp) -> Result<Vec<Op>, StoreError> {
-    let mut ops = Vec::with_capacity(deliveries.len() * 2);
-    for d in deliveries {
-        let mut stored = StoredDelivery::from(d);
-        stored.reason = Some(reason.to_string());
-        stored.dead_at = Some(now);
-        ops.push(Op::DeletePending(d.seq));
-        ops.push(Op::PutDead(d.seq, json(&stored)?));
-    }
-    Ok(ops)
-}
-
-/// The in-memory side of `dead_ops`.
-fn bury_in(state: &mut State, deliveries: &[PendingDelivery], now: jiff::Timestamp) {
-    for d in deliveries {
-        state.queues.dead_letter(d, now);
-        state.hold(&d.event_id, Ref::Dead);
-        state.release(&d.event_id, Ref::Pending);
-    }
-}
-
-impl DurableStore {}
-
-/// Rebuilds the in-memory indexes from the tables.
-fn load(db: &Database) -> Result<State, StoreError> {
-    let mut state = State::default();
-    let txn = db.begin_read().map_err(io)?;
-    for row in txn.open_table(PENDING).map_err(io)?.iter().map_err(io)? {
-        let (seq, bytes) = row.map_err(io)?;
-        let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
-        state.hold(&stored.event_id, Ref::Pending);
-        state.queues.restore(stored.into_pending(seq.value()));
-    }
-    for row in txn.open_table(DEAD).map_err(io)?.iter().map_err(io)? {
-        let (seq, bytes) = row.map_err(io)?;
-        let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
-        state.hold(&stored.event_id, Ref::Dead);
-        let dead = Dead {
-            at: stored.dead_at.unwrap_or(stored.not_before),
-            event_id: stored.event_id,
-        };
-        state.queues.restore_dead(&stored.subscription, seq.value(), dead);
-    }
-    let mut producers = Vec::new();
-    for row in txn.open_table(PRODUCERS).map_err(io)?.iter().map_err(io)? {
-        let (producer, value) = row.map_err(io)?;
-        let (event, at) = value.value();
-        let at = jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-        let producer = producer.value().to_string();
-        state.producer_ids.insert(producer.clone(), event.to_string());
-        producers.push((at, producer));
-    }
-    producers.sort();
-    state.producer_order = producers.into();
-    for row in txn.open_table(SUBSCRIPTIONS).map_err(io)?.iter().map_err(io)? {
-        let (uid, namespace) = row.map_err(io)?;
-        state
-            .namespaces
-            .insert(uid.value().to_string(), namespace.value().to_string());
-    }
-    for row in txn.open_table(ATTEMPTS).map_err(io)?.iter().map_err(io)? {
-        let (key, _) = row.map_err(io)?;
-        let (subscription, at) = key.value();
-        *state.attempts.entry(subscription.to_string()).or_default() += 1;
-        state.last_attempt_key = state.last_attempt_key.max(at);
-    }
-    Ok(state)
-}
-
-fn commit_loop(db: &Database, rx: &Receiver<Job>, failures: &std::sync::atomic::AtomicU64) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_JOBS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        let result = commit(db, &jobs).map_err(|e| e.to_string());
-        if let Err(err) = &result {
-            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::error!(%err, "store commit failed");
-        }
-        for job in jobs {
-            match job.done {
-                Reply::None => {}
-                Reply::Blocking(tx) => {
-                    let _ = tx.send(result.clone());
-                }
-                Reply::Async(tx) => {
-                    let _ = tx.send(result.clone());
-                }
-            }
-        }
-    }
-}
-
-fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
-    let mut txn = db.begin_write().map_err(io)?;
-    txn.set_durability(Durability::Immediate).map_err(io)?;
-    {
-        let mut events = txn.open_table(EVENTS).map_err(io)?;
-        let mut producers = txn.open_table(PRODUCERS).map_err(io)?;
-        let mut pending = txn.open_table(PENDING).map_err(io)?;
-        let mut dead = txn.open_table(DEAD).map_err(io)?;
-        let mut attempts = txn.open_table(ATTEMPTS).map_err(io)?;
-        let mut raw = txn.open_table(RAW).map_err(io)?;
-        let mut raw_by_age = txn.open_table(RAW_BY_AGE).map_err(io)?;
-        let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(io)?;
-        for op in jobs.iter().flat_map(|j| &j.ops) {
-            match op {
-                Op::PutEvent(id, bytes) => {
-                    events.insert(id.as_str(), bytes.as_slice()).map_err(io)?;
-                }
-                Op::DeleteEvent(id) => {
-                    events.remove(id.as_str()).map_err(io)?;
-                }
-                Op::PutProducer(p, id, at) => {
-                    producers.insert(p.as_str(), (id.as_str(), *at)).map_err(io)?;
-                }
-                Op::DeleteProducer(p) => {
-                    producers.remove(p.as_str()).map_err(io)?;
-                }
-                Op::PutPending(seq, bytes) => {
-                    pending.insert(*seq, bytes.as_slice()).map_err(io)?;
-                }
-                Op::DeletePending(seq) => {
-                    pending.remove(*seq).map_err(io)?;
-                }
-                Op::PutDead(seq, bytes) => {
-                    dead.insert(*seq, bytes.as_slice()).map_err(io)?;
-                }
-                Op::DeleteDead(seq) => {
-                    dead.remove(*seq).map_err(io)?;
-                }
-                Op::PutAttempt(subscription, key, bytes) => {
-                    attempts
-                        .insert((subscription.as_str(), *key), bytes.as_slice())
-                        .map_err(io)?;
-                }
-                Op::TrimAttempts(subscription, n) => {
-                    let mut left = *n;
-                    let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
-                    attempts
-                        .retain_in(range, |_, _| {
-                            if left == 0 {
-                                return true;
-                            }
-                            left -= 1;
-                            false
-                        })
-                        .map_err(io)?;
-                }
-                Op::DeleteAttemptsOf(subscription) => {
-                    let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
-                    attempts.retain_in(range, |_, _| false).map_err(io)?;
-                }
-                Op::PutRaw(sha256, at, bytes) => {
-                    // Archived again: its age starts over.
-                    if let Some(old) = raw.insert(sha256.as_str(), (*at, bytes.as_slice())).map_err(io)? {
-                        let old_at = old.value().0;
-                        drop(old);
-                        raw_by_age.remove((old_at, sha256.as_str())).map_err(io)?;
-                    }
-                    raw_by_age.insert((*at, sha256.as_str()), ()).map_err(io)?;
-                }
-                Op::DeleteRaw(at, sha256) => {
-                    raw.remove(sha256.as_str()).map_err(io)?;
-                    raw_by_age.remove((*at, sha256.as_str())).map_err(io)?;
-                }
-                Op::PutSubscription(uid, namespace) => {
-                    subscriptions.insert(uid.as_str(), namespace.as_str()).map_err(io)?;
-                }
-                Op::DeleteSubscription(uid) => {
-                    subscriptions.remove(uid.as_str()).map_err(io)?;
-                }
-            }
-        }
-    }
-    txn.commit().map_err(io)
-}
-
 impl Store for DurableStore {
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
         let mut ops = Vec::new();
@@ -550,7 +177,7 @@ impl Store for DurableStore {
         let mut claimed = Vec::new();
         let now = jiff::Timestamp::now();
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             for item in items {
                 if let Some(pid) = &item.event.producer_event_id {
                     if let Some(existing) = state.producer_ids.get(pid) {
@@ -586,15 +213,14 @@ impl Store for DurableStore {
             ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
         if let Err(err) = self.send(ops, true) {
-            if let Ok(mut state) = self.lock() {
-                for pid in claimed {
-                    state.producer_ids.remove(&pid);
-                }
+            let mut state = lock(&self.state);
+            for pid in claimed {
+                state.producer_ids.remove(&pid);
             }
             return Err(err);
         }
         // Only what is on disk becomes deliverable.
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         for event in cached {
             if state.cache.len() < EVENT_CACHE {
                 state.cache.insert(event.id.clone(), event);
@@ -661,7 +287,7 @@ impl Store for DurableStore {
     }
 
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
-        if let Some(e) = self.lock()?.cache.get(id) {
+        if let Some(e) = lock(&self.state).cache.get(id) {
             return Ok(Some(e.clone()));
         }
         let txn = self.db.begin_read().map_err(io)?;
@@ -679,17 +305,17 @@ impl Store for DurableStore {
         max: usize,
         ordered: bool,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
-        Ok(self.lock()?.queues.take_due(subscription, now, max, ordered))
+        Ok(lock(&self.state).queues.take_due(subscription, now, max, ordered))
     }
 
     fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
-        self.state.lock().ok()?.queues.next_due(subscription)
+        lock(&self.state).queues.next_due(subscription)
     }
 
     fn complete(&self, d: &PendingDelivery) -> Result<Durable, StoreError> {
         let mut ops = vec![Op::DeletePending(d.seq)];
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             state.queues.complete(d);
             if state.release(&d.event_id, Ref::Pending) {
                 ops.push(Op::DeleteEvent(d.event_id.clone()));
@@ -707,7 +333,7 @@ impl Store for DurableStore {
     // without putting a delivery back twice.
     fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {
         let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         self.submit(vec![op], Reply::None)?;
         state.queues.retry(d);
         Ok(())
@@ -717,14 +343,14 @@ impl Store for DurableStore {
         let now = jiff::Timestamp::now();
         let deliveries = [d];
         let ops = dead_ops(&deliveries, &reason, now)?;
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         self.submit(ops, Reply::None)?;
         bury_in(&mut state, &deliveries, now);
         Ok(())
     }
 
     fn note_subscription(&self, uid: &str, namespace: &str) -> Result<(), StoreError> {
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         if state.namespaces.get(uid).is_some_and(|ns| ns == namespace) {
             return Ok(());
         }
@@ -743,7 +369,7 @@ impl Store for DurableStore {
     fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
         let bytes = json(&attempt)?;
         let key = {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             // Per delivery: no key allocation once the subscription has a count.
             match state.attempts.get_mut(&attempt.subscription) {
                 Some(n) => *n += 1,
@@ -782,7 +408,7 @@ impl Store for DurableStore {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         self.flush()?;
-        let mut seqs: Vec<(u64, Dead)> = self.lock()?.queues.dead(subscription, since, true);
+        let mut seqs: Vec<(u64, Dead)> = lock(&self.state).queues.dead(subscription, since, true);
         seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
         seqs.truncate(limit);
         let stored = self.read_deliveries(DEAD, seqs.into_iter().map(|(s, _)| s))?;
@@ -800,8 +426,7 @@ impl Store for DurableStore {
 
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
         self.flush()?;
-        let seqs: Vec<u64> = self
-            .lock()?
+        let seqs: Vec<u64> = lock(&self.state)
             .queues
             .dead(subscription, since, true)
             .into_iter()
@@ -823,7 +448,7 @@ impl Store for DurableStore {
         }
         // On disk first, so a replay never shows deliveries a crash could lose.
         self.send(ops, true)?;
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         let mut n = 0;
         for d in replayed {
             // A purge or forget may have run meanwhile: replay only what is still dead.
@@ -839,7 +464,7 @@ impl Store for DurableStore {
     }
 
     fn expire(&self, subscription: &str, accepted_before: jiff::Timestamp, reason: &str) -> Result<u64, StoreError> {
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         let expired = state.queues.waiting_accepted_before(subscription, accepted_before);
         let n = expired.len() as u64;
         if n == 0 {
@@ -866,7 +491,7 @@ impl Store for DurableStore {
                 .map_err(io)?
                 .count() as u64
         };
-        let mut state = self.lock()?;
+        let mut state = lock(&self.state);
         let logged = state.attempts.get(subscription).copied().unwrap_or(0);
         let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
         purged.attempts = (expired + over).min(logged);
@@ -894,7 +519,7 @@ impl Store for DurableStore {
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
         let mut ops = Vec::new();
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             while state.producer_order.front().is_some_and(|(at, _)| *at < before) {
                 let Some((_, pid)) = state.producer_order.pop_front() else {
                     break;
@@ -913,7 +538,7 @@ impl Store for DurableStore {
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
         let mut ops: Vec<Op> = Vec::new();
         {
-            let mut state = self.lock()?;
+            let mut state = lock(&self.state);
             let (pending, dead) = state.queues.forget(subscription);
             for d in pending {
                 ops.push(Op::DeletePending(d.seq));
@@ -936,7 +561,7 @@ impl Store for DurableStore {
     }
 
     fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
-        let state = self.lock()?;
+        let state = lock(&self.state);
         let mut all: Vec<&str> = state
             .queues
             .subscriptions()
@@ -952,14 +577,11 @@ impl Store for DurableStore {
     }
 
     fn total_backlog(&self) -> u64 {
-        self.state.lock().map(|s| s.queues.total_backlog()).unwrap_or(0)
+        lock(&self.state).queues.total_backlog()
     }
 
     fn counts(&self, subscription: &str) -> QueueCounts {
-        self.state
-            .lock()
-            .map(|s| s.queues.counts(subscription))
-            .unwrap_or_default()
+        lock(&self.state).queues.counts(subscription)
     }
 
     fn event_count(&self) -> Result<u64, StoreError> {
