@@ -219,8 +219,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 const WRITE_CONCURRENCY: usize = 16;
 
 /// One status to write: the object, where it is, and what to write.
-struct Write<'a, K, S> {
-    object: &'a K,
+struct Write<K, S> {
+    object: Arc<K>,
     uid: String,
     ns: String,
     name: String,
@@ -228,9 +228,8 @@ struct Write<'a, K, S> {
     desired: S,
 }
 
-/// Writes every status in `writes`, WRITE_CONCURRENCY at a time, and records what was
-/// written. A failure is logged and retried on the next pass.
-async fn write_all<K, S>(ctx: &Context, writes: Vec<Write<'_, K, S>>, written: &mut HashMap<String, Written<S>>)
+/// Writes one status and announces its transitions; what was written, or None.
+async fn write_one<K, S>(ctx: &Context, w: Write<K, S>) -> Option<(String, S)>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -238,31 +237,45 @@ where
         + std::fmt::Debug,
     S: serde::Serialize + HasConditions,
 {
-    let kind = K::kind(&()).to_string();
-    let results: Vec<Option<(String, S)>> = futures::stream::iter(writes)
-        .map(|w| {
-            let kind = kind.as_str();
-            async move {
-                let result = bounded(
-                    "status write",
-                    write_status::<K>(&ctx.client, &w.ns, &w.name, &w.desired),
-                )
-                .await;
-                let outcome = if result.is_ok() { "written" } else { "failed" };
-                ctx.metrics.status_writes.with_label_values(&[kind, outcome]).inc();
-                if let Err(err) = result {
-                    warn!(namespace = w.ns, name = w.name, %err, "cannot write status; will retry");
-                    return None;
-                }
-                announce(ctx, w.object, &w.previous, w.desired.conditions()).await;
-                Some((w.uid, w.desired))
-            }
-        })
-        .buffer_unordered(WRITE_CONCURRENCY)
-        .collect()
-        .await;
-    for (uid, status) in results.into_iter().flatten() {
-        written.insert(uid, Written { status, at: Instant::now() });
+    let result = bounded(
+        "status write",
+        write_status::<K>(&ctx.client, &w.ns, &w.name, &w.desired),
+    )
+    .await;
+    let outcome = if result.is_ok() { "written" } else { "failed" };
+    ctx.metrics
+        .status_writes
+        .with_label_values(&[&K::kind(&()), outcome])
+        .inc();
+    if let Err(err) = result {
+        warn!(namespace = w.ns, name = w.name, %err, "cannot write status; will retry");
+        return None;
+    }
+    announce(ctx, w.object.as_ref(), &w.previous, w.desired.conditions()).await;
+    Some((w.uid, w.desired))
+}
+
+/// Writes every status in `writes`, WRITE_CONCURRENCY at a time, and records what was
+/// written. A failure is logged and retried on the next pass.
+async fn write_all<K, S>(ctx: &Context, writes: Vec<Write<K, S>>, written: &mut HashMap<String, Written<S>>)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + HasConditions,
+{
+    let mut pending = writes.into_iter();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    loop {
+        while in_flight.len() < WRITE_CONCURRENCY {
+            let Some(w) = pending.next() else { break };
+            in_flight.push(write_one(ctx, w));
+        }
+        let Some(done) = in_flight.next().await else { break };
+        if let Some((uid, status)) = done {
+            written.insert(uid, Written { status, at: Instant::now() });
+        }
     }
 }
 
@@ -340,7 +353,7 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             continue;
         }
         writes.push(Write {
-            object: whs.as_ref(),
+            object: whs.clone(),
             uid,
             ns,
             name,
@@ -383,7 +396,7 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
         }
         let (ns, name) = key;
         writes.push(Write {
-            object: filter.as_ref(),
+            object: filter.clone(),
             uid,
             ns,
             name,

@@ -76,6 +76,15 @@ impl std::fmt::Debug for TlsFiles {
 }
 
 impl TlsFiles {
+    /// The pair of `--smtp-tls-cert-file` and `--smtp-tls-key-file`: both or neither.
+    pub fn from_flags(cert: Option<&std::path::Path>, key: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<TlsFiles>>> {
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(Arc::new(TlsFiles::load(cert, key)?))),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("--smtp-tls-cert-file and --smtp-tls-key-file go together"),
+        }
+    }
+
     /// Loads the pair; fails when it does not make a usable configuration.
     pub fn load(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsFiles> {
         let read =
@@ -119,20 +128,40 @@ const MAX_COMMAND_LINE: usize = 512;
 /// bound only protects memory.
 const MAX_DATA_LINE: usize = 1 << 20;
 
-/// Accepts connections until `shutdown`.
+/// How long a session may go on after shutdown began: one finishing its message is let
+/// finish; one still open after this is closed (a sender retries what was not answered).
+const SESSION_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The passwords of `--smtp-auth-token-file`; they need TLS (`--smtp-tls-cert-file`):
+/// passwords never cross the wire unencrypted.
+pub fn auth_tokens(
+    token_file: Option<&std::path::Path>,
+    cert_file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<crate::auth::Tokens>> {
+    match (token_file, cert_file) {
+        (None, _) => Ok(None),
+        (Some(_), None) => anyhow::bail!(
+            "--smtp-auth-token-file needs --smtp-tls-cert-file: passwords never cross the wire unencrypted"
+        ),
+        (Some(path), Some(_)) => crate::auth::Tokens::load_named(path, "SMTP").map(Some),
+    }
+}
+
+/// Accepts connections until `shutdown`; each session runs on `sessions` (the shutdown
+/// waits for them, up to SESSION_GRACE).
 pub async fn serve(
     listener: TcpListener,
     config: SmtpConfig,
     pipeline: Arc<Pipeline>,
     readiness: Readiness,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: tokio_util::sync::CancellationToken,
+    sessions: tokio_util::task::TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let config = Arc::new(config);
-    tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            () = &mut shutdown => return,
+            () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -143,9 +172,11 @@ pub async fn serve(
         };
         let (config, pipeline, readiness) = (config.clone(), pipeline.clone(), readiness.clone());
         let permit = slots.clone().try_acquire_owned();
-        tokio::spawn(
+        let stop = shutdown.clone();
+        sessions.spawn(
             async move {
-                let result = match permit {
+                let run = async {
+                    match permit {
                     Err(_) => {
                         let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                         session.reply("421 4.7.0 Too many connections; try again later").await
@@ -155,6 +186,12 @@ pub async fn serve(
                         session.reply("421 4.3.2 Not ready yet; try again later").await
                     }
                     Ok(_permit) => session(Box::new(stream), peer.ip(), &config, &pipeline).await,
+                    }
+                };
+                tokio::pin!(run);
+                let result = tokio::select! {
+                    r = &mut run => r,
+                    () = stop.cancelled() => tokio::time::timeout(SESSION_GRACE, &mut run).await.unwrap_or(Ok(())),
                 };
                 if let Err(err) = result {
                     debug!(%err, "SMTP connection ended");

@@ -221,6 +221,11 @@ pub trait Store: Send + Sync + 'static {
     fn commit_failures(&self) -> u64 {
         0
     }
+    /// Returns once every write queued so far is durable (at shutdown: the attempts and
+    /// retries that were queued without waiting).
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Drops every delivery, dead letter and attempt of a deleted subscription.
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError>;
     /// Events stored, for tests and figures.

@@ -19,7 +19,9 @@ mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Sender, channel, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use redb::backends::InMemoryBackend;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -34,15 +36,12 @@ use super::{
 };
 use crate::event::MailboxEvent;
 
-/// Locks a store mutex; a poisoned one is recovered, never reported or skipped.
-///
-/// The rule for `src/store`: every critical section is short code over std collections,
-/// without I/O or callbacks, and can panic only on a counter overflow; even then each
-/// collection stays valid and only memory is stale, which the next start rebuilds from
-/// disk. Failing every later call would stop all deliveries instead. A section that could
-/// panic half-way through an update must return `StoreError::Unavailable` on poison.
+/// Locks a store mutex. The crate's rule for locks: parking_lot's, which are never
+/// poisoned — a panic is a bug that is caught and counted where it happens, and every
+/// critical section here is short code over collections that stay valid (what is stale in
+/// memory, the next start rebuilds from disk).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    m.lock()
 }
 
 pub struct DurableStore {
@@ -168,6 +167,11 @@ impl DurableStore {
 }
 
 impl Store for DurableStore {
+    fn flush(&self) -> Result<(), StoreError> {
+        // Jobs commit in order: an empty one that is durable means all before it are.
+        self.send(Vec::new(), true)
+    }
+
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
         let mut ops = Vec::new();
         let mut archive = false;
@@ -276,7 +280,7 @@ impl Store for DurableStore {
             match existing {
                 Some(key) => key,
                 None => {
-                    let key = crate::auth::random_bytes();
+                    let key = crate::crypto::random_bytes();
                     table.insert(name, key.as_slice()).map_err(io)?;
                     key
                 }
@@ -609,10 +613,10 @@ mod tests {
         let dirs: Mutex<Vec<PathBuf>> = Mutex::default();
         conformance::run(&|| {
             let dir = std::env::temp_dir().join(format!("mailhook-store-test-{}", uuid::Uuid::now_v7().simple()));
-            dirs.lock().expect("lock").push(dir.clone());
+            dirs.lock().push(dir.clone());
             Box::new(DurableStore::open(&dir).expect("open"))
         });
-        for d in dirs.into_inner().expect("lock") {
+        for d in dirs.into_inner() {
             let _ = std::fs::remove_dir_all(d);
         }
     }
