@@ -5,35 +5,29 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams};
 use mailhook::api::{MailboxFilter, WebhookSubscription};
 
-use crate::support::{Operator, TestNamespace, eventually, kubectl_run, repo_path};
+use crate::support::{Operator, TestNamespace, apply_path, condition, eventually, kubectl_run, whs};
 
-fn ready_of(
-    conds: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
-) -> Option<(String, String)> {
-    conds?
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-fn whs_ready(w: &WebhookSubscription) -> Option<(String, String)> {
-    ready_of(w.status.as_ref().map(|s| &s.conditions))
-}
-
-/// `kubectl apply -R`, as a user trying the folder would: the quick start's templates are
-/// not picked up (`all_ready` counts exactly the three examples).
-fn apply_examples(ns: &TestNamespace) {
-    let (ok, _, err) = kubectl_run(&["apply", "-R", "-n", &ns.name, "-f", &repo_path("examples")], None);
-    assert!(ok, "kubectl apply -R -f examples/: {err}");
-}
-
+/// Waits until what `apply_path(ns, "examples")` made is Ready: `kubectl apply -R`, as a
+/// user trying the folder would, does not pick up the quick start's templates, so exactly
+/// the three example subscriptions and two filters.
 async fn all_ready(ns: &TestNamespace) {
-    let whs = ns.api::<WebhookSubscription>();
+    let subscriptions = ns.api::<WebhookSubscription>();
     let mbf = ns.api::<MailboxFilter>();
     eventually(
         "every example WebhookSubscription Ready=True",
-        || async { whs.list(&ListParams::default()).await.expect("list whs").items },
-        |items| items.len() == 3 && items.iter().all(|w| whs_ready(w).is_some_and(|(s, _)| s == "True")),
+        || async {
+            subscriptions
+                .list(&ListParams::default())
+                .await
+                .expect("list whs")
+                .items
+        },
+        |items| {
+            items.len() == 3
+                && items
+                    .iter()
+                    .all(|w| condition(w, "Ready").is_some_and(|(s, _)| s == "True"))
+        },
     )
     .await;
     eventually(
@@ -43,7 +37,7 @@ async fn all_ready(ns: &TestNamespace) {
             items.len() == 2
                 && items
                     .iter()
-                    .all(|f| ready_of(f.status.as_ref().map(|s| &s.conditions)).is_some_and(|(s, _)| s == "True"))
+                    .all(|f| condition(f, "Ready").is_some_and(|(s, _)| s == "True"))
         },
     )
     .await;
@@ -52,8 +46,8 @@ async fn all_ready(ns: &TestNamespace) {
 #[tokio::test]
 async fn examples_become_ready_and_printer_columns_fill_in() {
     let ns = TestNamespace::new("examples").await;
-    let _operator = Operator::start(&ns);
-    apply_examples(&ns);
+    let _operator = Operator::start(&ns).await;
+    apply_path(&ns, "examples");
     all_ready(&ns).await;
 
     let (ok, out, err) = kubectl_run(&["get", "whs,mbf", "-n", &ns.name], None);
@@ -119,7 +113,7 @@ async fn examples_become_ready_and_printer_columns_fill_in() {
     .await;
 
     // Ready came from the current generation.
-    let w = ns.api::<WebhookSubscription>().get("siem-finance").await.expect("get");
+    let w = whs(&ns, "siem-finance").await;
     let status = w.status.expect("status");
     assert_eq!(status.observed_generation, w.metadata.generation);
     assert!(
@@ -133,17 +127,11 @@ async fn examples_become_ready_and_printer_columns_fill_in() {
 #[tokio::test]
 async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_it() {
     let ns = TestNamespace::new("secret-lifecycle").await;
-    let _operator = Operator::start(&ns);
-    apply_examples(&ns);
+    let _operator = Operator::start(&ns).await;
+    apply_path(&ns, "examples");
     all_ready(&ns).await;
-    let whs = ns.api::<WebhookSubscription>();
-    let before = whs.get("siem-finance").await.expect("get").status.expect("status");
-    let untouched = whs
-        .get("analytics-metadata")
-        .await
-        .expect("get")
-        .status
-        .expect("status");
+    let before = whs(&ns, "siem-finance").await.status.expect("status");
+    let untouched = whs(&ns, "analytics-metadata").await.status.expect("status");
     // Conditions carry whole seconds: step past this one so a transition shows.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
@@ -153,8 +141,8 @@ async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_
         .expect("delete secret");
     let w = eventually(
         "siem-finance Ready=False/SecretNotFound",
-        || async { whs.get("siem-finance").await.expect("get") },
-        |w| whs_ready(w) == Some(("False".into(), "SecretNotFound".into())),
+        || whs(&ns, "siem-finance"),
+        |w| condition(w, "Ready") == Some(("False".into(), "SecretNotFound".into())),
     )
     .await;
     let ready = w
@@ -169,7 +157,7 @@ async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_
     );
     // Other subscriptions are untouched.
     assert_eq!(
-        whs_ready(&whs.get("analytics-metadata").await.expect("get")),
+        condition(&whs(&ns, "analytics-metadata").await, "Ready"),
         Some(("True".into(), "Valid".into()))
     );
     // The transition is recorded as a Warning Event on the subscription.
@@ -190,15 +178,11 @@ async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_
     )
     .await;
 
-    let (ok, _, err) = kubectl_run(
-        &["apply", "-n", &ns.name, "-f", &repo_path("examples/secrets.yaml")],
-        None,
-    );
-    assert!(ok, "{err}");
+    apply_path(&ns, "examples/secrets.yaml");
     let w = eventually(
         "siem-finance Ready=True again",
-        || async { whs.get("siem-finance").await.expect("get") },
-        |w| whs_ready(w) == Some(("True".into(), "Valid".into())),
+        || whs(&ns, "siem-finance"),
+        |w| condition(w, "Ready") == Some(("True".into(), "Valid".into())),
     )
     .await;
     let t = |s: &mailhook::api::WebhookSubscriptionStatus| {
@@ -212,20 +196,15 @@ async fn deleting_a_referenced_secret_turns_ready_false_and_recreating_restores_
         t(w.status.as_ref().expect("status")),
         "lastTransitionTime moves on a transition"
     );
-    let still = whs
-        .get("analytics-metadata")
-        .await
-        .expect("get")
-        .status
-        .expect("status");
+    let still = whs(&ns, "analytics-metadata").await.status.expect("status");
     assert_eq!(t(&untouched), t(&still), "no transition, no new lastTransitionTime");
 }
 
 #[tokio::test]
 async fn an_invalid_filter_is_reported_on_it_and_on_its_subscribers() {
     let ns = TestNamespace::new("invalid-filter").await;
-    let _operator = Operator::start(&ns);
-    apply_examples(&ns);
+    let _operator = Operator::start(&ns).await;
+    apply_path(&ns, "examples");
     all_ready(&ns).await;
 
     let patch = r#"{"spec":{"subject":{"regex":"(unclosed"}}}"#;
@@ -247,17 +226,16 @@ async fn an_invalid_filter_is_reported_on_it_and_on_its_subscribers() {
     let f = eventually(
         "finance-inbound Ready=False/InvalidPattern",
         || async { mbf.get("finance-inbound").await.expect("get") },
-        |f| ready_of(f.status.as_ref().map(|s| &s.conditions)) == Some(("False".into(), "InvalidPattern".into())),
+        |f| condition(f, "Ready") == Some(("False".into(), "InvalidPattern".into())),
     )
     .await;
     let msg = &f.status.expect("status").conditions[0].message;
     assert!(msg.starts_with("spec.subject.regex:"), "{msg}");
 
-    let whs = ns.api::<WebhookSubscription>();
     eventually(
         "siem-finance Ready=False/InvalidFilter",
-        || async { whs.get("siem-finance").await.expect("get") },
-        |w| whs_ready(w) == Some(("False".into(), "InvalidFilter".into())),
+        || whs(&ns, "siem-finance"),
+        |w| condition(w, "Ready") == Some(("False".into(), "InvalidFilter".into())),
     )
     .await;
 }
@@ -349,9 +327,8 @@ async fn kubectl_explain_describes_every_delivery_field() {
 #[tokio::test]
 async fn resources_made_before_start_are_reconciled_and_sigterm_stops_cleanly() {
     let ns = TestNamespace::new("restart").await;
-    apply_examples(&ns);
-    let mut operator = Operator::start(&ns);
-    operator.ready().await;
+    apply_path(&ns, "examples");
+    let mut operator = Operator::start(&ns).await;
     all_ready(&ns).await;
     let status = operator
         .terminate(std::time::Duration::from_secs(10))

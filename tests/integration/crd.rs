@@ -1,9 +1,6 @@
 //! The CRDs on a real apiserver: they install, serve our types, keep status on its own
 //! subresource, and enforce their CEL rules.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams, PostParams};
 use mailhook::api::{
@@ -49,58 +46,36 @@ fn subscription(name: &str, url: &str) -> WebhookSubscription {
 async fn crdgen_output_applies_with_kubectl_and_is_established() {
     let client = support::client().await;
     support::install_crds(&client).await;
-    let crdgen = Command::new(env!("CARGO_BIN_EXE_mailhook"))
-        .arg("crdgen")
-        .output()
-        .expect("run mailhook crdgen");
-    assert!(
-        crdgen.status.success(),
-        "crdgen failed: {}",
-        String::from_utf8_lossy(&crdgen.stderr)
-    );
+    let (ok, crds, err) = support::mailhook(&["crdgen"]);
+    assert!(ok, "crdgen failed: {err}");
 
-    let mut apply = support::kubectl()
-        .args([
+    let (ok, applied, err) = support::kubectl_run(
+        &[
             "apply",
             "--server-side",
             "--force-conflicts",
             "--field-manager=mailhook-tests",
             "-f",
             "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    apply
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&crdgen.stdout)
-        .expect("write CRDs to kubectl");
-    let out = apply.wait_with_output().expect("kubectl apply");
-    assert!(
-        out.status.success(),
-        "kubectl apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        Some(&crds),
     );
-    let applied = String::from_utf8_lossy(&out.stdout);
+    assert!(ok, "kubectl apply failed: {err}");
     assert!(applied.contains("mailboxfilters.mailhook.io"), "{applied}");
     assert!(applied.contains("webhooksubscriptions.mailhook.io"), "{applied}");
 
     for crd in ["mailboxfilters.mailhook.io", "webhooksubscriptions.mailhook.io"] {
-        let out = support::kubectl()
-            .args([
+        let (_, established, _) = support::kubectl_run(
+            &[
                 "get",
                 "crd",
                 crd,
                 "-o",
                 r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
-            ])
-            .output()
-            .expect("kubectl get crd");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "True", "{crd} is not established");
+            ],
+            None,
+        );
+        assert_eq!(established, "True", "{crd} is not established");
     }
 }
 

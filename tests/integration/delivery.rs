@@ -3,63 +3,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mailhook::api::WebhookSubscription;
 use serde_json::{Value, json};
 
-use crate::support::{Operator, Receiver, TestNamespace, eventually, kubectl_run};
+use crate::support::{
+    Operator, Receiver, SIEM_SECRET, TestNamespace, apply, condition, eventually, kubectl_run, signing_secret,
+    subscription, wait_ready, whs,
+};
 
-/// A 32-byte key, as `whsec_` + base64.
-const SECRET: &str = "whsec_dGVzdC1zaWduaW5nLWtleS1mb3ItbWFpbGhvb2stMzI=";
-
-fn apply(ns: &TestNamespace, yaml: &str) {
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(yaml));
-    assert!(ok, "kubectl apply failed: {err}\n{yaml}");
-}
-
-fn signing_secret(ns: &TestNamespace) {
+/// Applies Secret `signing` and a subscription `name` to `url` (5 s timeout) with `extra`
+/// YAML appended under spec.
+fn subscribe(ns: &TestNamespace, name: &str, url: &str, extra: &str) {
     apply(
         ns,
-        &format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SECRET}}}\n"),
+        &(signing_secret(SIEM_SECRET) + &subscription(name, url, ", timeout: 5s", extra)),
     );
-}
-
-/// A subscription to `url` with `extra` YAML appended under spec.
-fn subscription(ns: &TestNamespace, name: &str, url: &str, extra: &str) {
-    signing_secret(ns);
-    apply(
-        ns,
-        &format!(
-            "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: {name}}}\nspec:\n  endpoint: {{url: '{url}', allowInsecureHttp: true, timeout: 5s}}\n  signing: {{secretRef: {{name: signing}}}}\n  eventTypes: [message.received]\n{extra}"
-        ),
-    );
-}
-
-async fn status_of(ns: &TestNamespace, name: &str) -> WebhookSubscription {
-    ns.api::<WebhookSubscription>()
-        .get(name)
-        .await
-        .expect("get subscription")
-}
-
-fn condition(w: &WebhookSubscription, type_: &str) -> Option<(String, String)> {
-    w.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-async fn wait_ready(ns: &TestNamespace, name: &str) {
-    eventually(
-        &format!("{name} Ready=True"),
-        || status_of(ns, name),
-        |w| {
-            condition(w, "Ready").is_some_and(|(s, _)| s == "True")
-                && w.status.as_ref().and_then(|s| s.observed_generation) == w.metadata.generation
-        },
-    )
-    .await;
 }
 
 fn event(i: usize) -> Value {
@@ -82,13 +39,13 @@ fn event(i: usize) -> Value {
 #[tokio::test]
 async fn a_thousand_events_arrive_signed_and_status_counts_them() {
     let ns = TestNamespace::new("thousand").await;
-    let receiver = Receiver::start(SECRET);
-    let operator = Operator::start(&ns);
+    let receiver = Receiver::start(SIEM_SECRET);
+    let operator = Operator::start(&ns).await;
     apply(
         &ns,
         "apiVersion: v1\nkind: Secret\nmetadata: {name: siem-token}\nstringData: {token: s3cret-token}\n",
     );
-    subscription(&ns, "siem", &receiver.url("/hooks"), "  delivery: {concurrency: 16}\n");
+    subscribe(&ns, "siem", &receiver.url("/hooks"), "  delivery: {concurrency: 16}\n");
     let header =
         r#"{"spec":{"endpoint":{"headers":[{"name":"X-Api-Key","valueFrom":{"name":"siem-token","key":"token"}}]}}}"#;
     let (ok, _, err) = kubectl_run(
@@ -96,7 +53,6 @@ async fn a_thousand_events_arrive_signed_and_status_counts_them() {
         None,
     );
     assert!(ok, "{err}");
-    operator.ready().await;
     wait_ready(&ns, "siem").await;
 
     let events: Vec<Value> = (0..1000).map(event).collect();
@@ -137,7 +93,7 @@ async fn a_thousand_events_arrive_signed_and_status_counts_them() {
 
     let w = eventually(
         "status delivered=1000, Healthy=True, backlog=0",
-        || status_of(&ns, "siem"),
+        || whs(&ns, "siem"),
         |w| {
             w.status.as_ref().is_some_and(|s| s.delivered == 1000 && s.backlog == 0)
                 && condition(w, "Healthy") == Some(("True".into(), "EndpointHealthy".into()))
@@ -155,16 +111,15 @@ async fn a_thousand_events_arrive_signed_and_status_counts_them() {
 #[tokio::test]
 async fn a_failing_endpoint_is_retried_reported_and_recovers_without_loss() {
     let ns = TestNamespace::new("recovery").await;
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(500).await;
-    let operator = Operator::start(&ns);
-    subscription(
+    let operator = Operator::start(&ns).await;
+    subscribe(
         &ns,
         "flaky",
         &receiver.url("/hooks"),
         "  delivery: {retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}\n",
     );
-    operator.ready().await;
     wait_ready(&ns, "flaky").await;
 
     let (status, _) = operator.ingest(&(0..5).map(event).collect::<Vec<_>>()).await;
@@ -172,7 +127,7 @@ async fn a_failing_endpoint_is_retried_reported_and_recovers_without_loss() {
 
     let w = eventually(
         "Healthy=False/EndpointFailing",
-        || status_of(&ns, "flaky"),
+        || whs(&ns, "flaky"),
         |w| condition(w, "Healthy") == Some(("False".into(), "EndpointFailing".into())),
     )
     .await;
@@ -193,7 +148,7 @@ async fn a_failing_endpoint_is_retried_reported_and_recovers_without_loss() {
     receiver.answer(200).await;
     eventually(
         "Healthy=True, delivered=5, backlog=0",
-        || status_of(&ns, "flaky"),
+        || whs(&ns, "flaky"),
         |w| {
             condition(w, "Healthy") == Some(("True".into(), "EndpointHealthy".into()))
                 && w.status.as_ref().is_some_and(|s| s.delivered == 5 && s.backlog == 0)
@@ -226,23 +181,22 @@ async fn a_failing_endpoint_is_retried_reported_and_recovers_without_loss() {
 #[tokio::test]
 async fn an_endpoint_answering_410_is_disabled_and_left_alone() {
     let ns = TestNamespace::new("gone").await;
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(410).await;
-    let operator = Operator::start(&ns);
-    subscription(
+    let operator = Operator::start(&ns).await;
+    subscribe(
         &ns,
         "retired",
         &receiver.url("/hooks"),
         "  delivery: {concurrency: 1, retrySchedule: [0s, 1s, 1s, 1s, 1s]}\n",
     );
-    operator.ready().await;
     wait_ready(&ns, "retired").await;
     let (status, _) = operator.ingest(&(0..3).map(event).collect::<Vec<_>>()).await;
     assert_eq!(status, 202);
 
     let w = eventually(
         "Healthy=False/EndpointDisabled",
-        || status_of(&ns, "retired"),
+        || whs(&ns, "retired"),
         |w| condition(w, "Healthy") == Some(("False".into(), "EndpointDisabled".into())),
     )
     .await;
@@ -301,21 +255,20 @@ async fn an_endpoint_answering_410_is_disabled_and_left_alone() {
 #[tokio::test]
 async fn metadata_and_anonymized_payloads_carry_no_subject_and_no_real_address() {
     let ns = TestNamespace::new("privacy").await;
-    let receiver = Receiver::start(SECRET);
-    let operator = Operator::start(&ns);
-    subscription(
+    let receiver = Receiver::start(SIEM_SECRET);
+    let operator = Operator::start(&ns).await;
+    subscribe(
         &ns,
         "analytics",
         &receiver.url("/metadata"),
         "  payload: {mode: metadata}\n",
     );
-    subscription(
+    subscribe(
         &ns,
         "research",
         &receiver.url("/anonymized"),
         "  payload: {mode: anonymized}\n",
     );
-    operator.ready().await;
     wait_ready(&ns, "analytics").await;
     wait_ready(&ns, "research").await;
     let (status, _) = operator.ingest(&(0..10).map(event).collect::<Vec<_>>()).await;
@@ -349,10 +302,9 @@ async fn metadata_and_anonymized_payloads_carry_no_subject_and_no_real_address()
 #[tokio::test]
 async fn ingest_refuses_bad_requests_whole_and_deduplicates() {
     let ns = TestNamespace::new("ingest").await;
-    let receiver = Receiver::start(SECRET);
-    let operator = Operator::start_with(&ns, &["--ingest-max-body-bytes", "65536"]);
-    subscription(&ns, "siem", &receiver.url("/hooks"), "");
-    operator.ready().await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let operator = Operator::start_with(&ns, &["--ingest-max-body-bytes", "65536"]).await;
+    subscribe(&ns, "siem", &receiver.url("/hooks"), "");
     wait_ready(&ns, "siem").await;
     let url = format!("http://{}/v1/events", operator.ingest);
     let client = reqwest::Client::new();
@@ -414,14 +366,13 @@ async fn ingest_refuses_bad_requests_whole_and_deduplicates() {
 #[tokio::test]
 async fn metrics_pass_promtool_and_count_deliveries() {
     let ns = TestNamespace::new("metrics").await;
-    let receiver = Receiver::start(SECRET);
-    let operator = Operator::start(&ns);
+    let receiver = Receiver::start(SIEM_SECRET);
+    let operator = Operator::start(&ns).await;
     apply(
         &ns,
         "apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {name: pdfs}\nspec:\n  attachments: {extensions: [pdf]}\n",
     );
-    subscription(&ns, "siem", &receiver.url("/hooks"), "  filterRefs: [pdfs]\n");
-    operator.ready().await;
+    subscribe(&ns, "siem", &receiver.url("/hooks"), "  filterRefs: [pdfs]\n");
     wait_ready(&ns, "siem").await;
     let mut no_pdf = event(3);
     no_pdf["attachments"] = json!([]);
@@ -440,10 +391,9 @@ async fn metrics_pass_promtool_and_count_deliveries() {
     let status = f.status.expect("status");
     assert!(status.last_match_time.is_some());
     assert_eq!(status.subscriptions, vec!["siem"]);
-    let url = format!("http://{}/metrics", operator.admin);
     let text = eventually(
         "backlog gauge at 0 after delivery",
-        || async { reqwest::get(&url).await.expect("metrics").text().await.expect("body") },
+        || operator.metrics(),
         |t: &String| {
             t.contains(&format!(
                 "mailhook_backlog{{namespace=\"{}\",subscription=\"siem\"}} 0",
@@ -464,25 +414,10 @@ async fn metrics_pass_promtool_and_count_deliveries() {
     }
     assert!(!text.contains("finance.example.com"), "no address in any label");
 
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is installed by tests/setup (Debian package prometheus)");
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = promtool.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out, err) = crate::support::run(
+        std::process::Command::new("promtool").args(["check", "metrics"]),
+        Some(text.as_bytes()),
+    )
+    .expect("promtool is installed by tests/setup (Debian package prometheus)");
+    assert!(ok, "promtool check metrics: {out}{err}");
 }

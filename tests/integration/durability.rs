@@ -8,35 +8,15 @@ use std::time::Duration;
 use mailhook::api::WebhookSubscription;
 
 use crate::support::{
-    INGEST_TOKEN, Operator, Receiver, SIEM_SECRET, TestNamespace, apply_siem, eventually, siem, siem_event,
+    INGEST_TOKEN, Operator, Received, Receiver, SIEM_SECRET, TestNamespace, apply_siem, condition, eventually,
+    siem_event, wait_ready, whs,
 };
 
 const CONCURRENCY: usize = 8;
 
-fn setup(ns: &TestNamespace, url: &str, delivery: &str) {
-    apply_siem(ns, url, &format!("  delivery: {delivery}\n"));
-}
-
-fn healthy(w: &WebhookSubscription) -> Option<String> {
-    w.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Healthy")
-        .map(|c| c.reason.clone())
-}
-
-async fn wait_routed(ns: &TestNamespace) {
-    eventually(
-        "siem Ready=True",
-        || siem(ns),
-        |w| {
-            w.status
-                .as_ref()
-                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
-    )
-    .await;
+/// Whether the `siem` subscription's Healthy condition has `reason`.
+fn healthy(w: &WebhookSubscription, reason: &str) -> bool {
+    condition(w, "Healthy").is_some_and(|(_, r)| r == reason)
 }
 
 /// POSTs one batch; the ids come back only if the operator answered 202.
@@ -58,14 +38,15 @@ async fn every_acknowledged_event_survives_sigkill_under_load() {
     let ns = TestNamespace::new("crash").await;
     let store = std::env::temp_dir().join(format!("mailhook-store-{}", ns.name));
     let receiver = Receiver::start(SIEM_SECRET);
-    let mut operator = Operator::start_with(&ns, &["--store-dir", &store.display().to_string()]);
-    setup(
+    let mut operator = Operator::start_with(&ns, &["--store-dir", &store.display().to_string()]).await;
+    apply_siem(
         &ns,
         &receiver.url("/hooks"),
-        &format!("{{concurrency: {CONCURRENCY}, retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}}"),
+        &format!(
+            "  delivery: {{concurrency: {CONCURRENCY}, retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}}\n"
+        ),
     );
-    operator.ready().await;
-    wait_routed(&ns).await;
+    wait_ready(&ns, "siem").await;
 
     // Sustained load: batches of 20 from a background task, until told to stop.
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -91,8 +72,7 @@ async fn every_acknowledged_event_survives_sigkill_under_load() {
     const KILLS: usize = 3;
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        operator.kill_and_restart();
-        operator.ready().await;
+        operator.kill_and_restart().await;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -104,10 +84,10 @@ async fn every_acknowledged_event_survives_sigkill_under_load() {
         accepted.len()
     );
 
-    let delivered = |got: &Vec<crate::support::Received>| -> BTreeSet<String> {
+    let delivered = |got: &Vec<Received>| -> BTreeSet<String> {
         got.iter()
             .filter(|r| r.verified && r.answered == 200)
-            .filter_map(|r| r.json()["data"]["producerEventId"].as_str().map(String::from))
+            .filter_map(Received::producer_event_id)
             .collect()
     };
     let got = eventually(
@@ -146,33 +126,31 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     let store = std::env::temp_dir().join(format!("mailhook-store-{}", ns.name));
     let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(503).await;
-    let mut operator = Operator::start_with(&ns, &["--store-dir", &store.display().to_string()]);
-    setup(
+    let mut operator = Operator::start_with(&ns, &["--store-dir", &store.display().to_string()]).await;
+    apply_siem(
         &ns,
         &receiver.url("/hooks"),
-        "{retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}",
+        "  delivery: {retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}\n",
     );
-    operator.ready().await;
-    wait_routed(&ns).await;
+    wait_ready(&ns, "siem").await;
     let client = reqwest::Client::new();
 
     let first: Vec<String> = (0..30).map(|i| format!("outage-a-{i}")).collect();
     assert!(post(&client, operator.ingest, &first).await);
     eventually(
         "EndpointFailing, backlog 30",
-        || siem(&ns),
-        |w| healthy(w).as_deref() == Some("EndpointFailing") && w.status.as_ref().is_some_and(|s| s.backlog == 30),
+        || whs(&ns, "siem"),
+        |w| healthy(w, "EndpointFailing") && w.status.as_ref().is_some_and(|s| s.backlog == 30),
     )
     .await;
 
     // The outage outlasts a restart of the operator; the backlog grows.
-    operator.kill_and_restart();
-    operator.ready().await;
+    operator.kill_and_restart().await;
     let second: Vec<String> = (0..30).map(|i| format!("outage-b-{i}")).collect();
     assert!(post(&client, operator.ingest, &second).await);
     let w = eventually(
         "backlog grows to 60",
-        || siem(&ns),
+        || whs(&ns, "siem"),
         |w| w.status.as_ref().is_some_and(|s| s.backlog == 60),
     )
     .await;
@@ -182,18 +160,15 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     receiver.answer(200).await;
     eventually(
         "Healthy, backlog drained, 60 delivered",
-        || siem(&ns),
-        |w| {
-            healthy(w).as_deref() == Some("EndpointHealthy")
-                && w.status.as_ref().is_some_and(|s| s.backlog == 0 && s.delivered == 60)
-        },
+        || whs(&ns, "siem"),
+        |w| healthy(w, "EndpointHealthy") && w.status.as_ref().is_some_and(|s| s.backlog == 0 && s.delivered == 60),
     )
     .await;
     let got = receiver.deliveries().await;
     let delivered: BTreeSet<String> = got
         .iter()
         .filter(|r| r.answered == 200)
-        .filter_map(|r| r.json()["data"]["producerEventId"].as_str().map(String::from))
+        .filter_map(Received::producer_event_id)
         .collect();
     let expected: BTreeSet<String> = first.into_iter().chain(second).collect();
     assert_eq!(delivered, expected);
@@ -206,14 +181,13 @@ async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
     let ns = TestNamespace::new("backpressure").await;
     let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(503).await;
-    let operator = Operator::start_with(&ns, &["--max-backlog", "10"]);
-    setup(
+    let operator = Operator::start_with(&ns, &["--max-backlog", "10"]).await;
+    apply_siem(
         &ns,
         &receiver.url("/hooks"),
-        "{retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}",
+        "  delivery: {retrySchedule: [0s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]}\n",
     );
-    operator.ready().await;
-    wait_routed(&ns).await;
+    wait_ready(&ns, "siem").await;
     let client = reqwest::Client::new();
     let first: Vec<String> = (0..10).map(|i| format!("bp-{i}")).collect();
     assert!(
@@ -240,7 +214,7 @@ async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
     receiver.answer(200).await;
     eventually(
         "backlog drained",
-        || siem(&ns),
+        || whs(&ns, "siem"),
         |w| w.status.as_ref().is_some_and(|s| s.backlog == 0 && s.delivered == 10),
     )
     .await;

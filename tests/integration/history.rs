@@ -9,7 +9,8 @@ use mailhook::api::WebhookSubscription;
 use serde_json::Value;
 
 use crate::support::{
-    Operator, Receiver, SIEM_SECRET, TestNamespace, apply_siem, eventually, kubectl_run, siem, siem_event,
+    Operator, Receiver, SIEM_SECRET, TestNamespace, apply_siem, eventually, kubectl_run, mailhook, siem_event,
+    wait_ready, whs,
 };
 
 const ADMIN_TOKEN: &str = "test-admin-token";
@@ -18,19 +19,6 @@ fn token_file(ns: &TestNamespace, token: &str) -> String {
     let path = std::env::temp_dir().join(format!("mailhook-admin-token-{}-{}", ns.name, token.len()));
     std::fs::write(&path, format!("{token}\n")).expect("write token file");
     path.display().to_string()
-}
-
-/// Runs the real `mailhook` CLI; returns (success, stdout, stderr).
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
-        .args(args)
-        .output()
-        .expect("run mailhook");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn counts(w: &WebhookSubscription) -> (u64, u64, u64) {
@@ -54,28 +42,24 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
             "--admin-token-file",
             &tokens,
         ],
-    );
-    apply_siem(&ns, &receiver.url("/hooks"), "  delivery: {retrySchedule: [0s, 0s]}\n");
-    operator.ready().await;
-    eventually(
-        "siem Ready",
-        || siem(&ns),
-        |w| {
-            w.status
-                .as_ref()
-                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
     )
     .await;
+    apply_siem(&ns, &receiver.url("/hooks"), "  delivery: {retrySchedule: [0s, 0s]}\n");
+    wait_ready(&ns, "siem").await;
     let (status, body) = operator.ingest(&[siem_event("dl-1"), siem_event("dl-2")]).await;
     assert_eq!(status, 202, "{body}");
-    eventually("two dead letters on status", || siem(&ns), |w| counts(w) == (0, 2, 0)).await;
+    eventually(
+        "two dead letters on status",
+        || whs(&ns, "siem"),
+        |w| counts(w) == (0, 2, 0),
+    )
+    .await;
 
     let admin = format!("http://{}", operator.admin);
     let target = format!("{}/siem", ns.name);
     let base = ["--admin-url", admin.as_str(), "--token-file", tokens.as_str()];
 
-    let (ok, out, err) = cli(&[&["dead-letters", target.as_str(), "-o", "json"][..], &base[..]].concat());
+    let (ok, out, err) = mailhook(&[&["dead-letters", target.as_str(), "-o", "json"][..], &base[..]].concat());
     assert!(ok, "{err}");
     let dead: Vec<Value> = serde_json::from_str(&out).expect("json");
     assert_eq!(dead.len(), 2, "{out}");
@@ -87,7 +71,7 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
         "{out}"
     );
 
-    let (ok, out, err) = cli(&[&["attempts", target.as_str(), "--since", "1h"][..], &base[..]].concat());
+    let (ok, out, err) = mailhook(&[&["attempts", target.as_str(), "--since", "1h"][..], &base[..]].concat());
     assert!(ok, "{err}");
     let rows: Vec<&str> = out.lines().skip(1).collect();
     assert_eq!(rows.len(), 4, "two attempts per event, newest first:\n{out}");
@@ -98,16 +82,16 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
 
     // Authentication: a wrong token is refused with 401, and nothing is replayed.
     let wrong = token_file(&ns, "not-the-token");
-    let (ok, _, err) = cli(&["replay", &target, "--admin-url", &admin, "--token-file", &wrong]);
+    let (ok, _, err) = mailhook(&["replay", &target, "--admin-url", &admin, "--token-file", &wrong]);
     assert!(!ok && err.contains("401"), "{err}");
-    let (ok, _, err) = cli(&[&["replay", "no-such-namespace/siem"][..], &base[..]].concat());
+    let (ok, _, err) = mailhook(&[&["replay", "no-such-namespace/siem"][..], &base[..]].concat());
     assert!(
         !ok && err.contains("404") && err.contains("no WebhookSubscription"),
         "{err}"
     );
-    let (ok, _, err) = cli(&[&["attempts", target.as_str(), "--since", "yesterday"][..], &base[..]].concat());
+    let (ok, _, err) = mailhook(&[&["attempts", target.as_str(), "--since", "yesterday"][..], &base[..]].concat());
     assert!(!ok && err.contains("400") && err.contains("RFC 3339"), "{err}");
-    assert_eq!(counts(&siem(&ns).await).1, 2);
+    assert_eq!(counts(&whs(&ns, "siem").await).1, 2);
 
     // The Kubernetes way: a new annotation value replays once; the outcome goes on status.
     receiver.answer(200).await;
@@ -125,7 +109,7 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
     assert!(ok, "{err}");
     let w = eventually(
         "replayed and delivered",
-        || siem(&ns),
+        || whs(&ns, "siem"),
         |w| {
             counts(w) == (0, 0, 2)
                 && w.status
@@ -154,18 +138,18 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
     // A third event dies; the CLI replays it.
     receiver.answer(500).await;
     assert_eq!(operator.ingest(&[siem_event("dl-3")]).await.0, 202);
-    eventually("a new dead letter", || siem(&ns), |w| counts(w).1 == 1).await;
+    eventually("a new dead letter", || whs(&ns, "siem"), |w| counts(w).1 == 1).await;
     receiver.answer(200).await;
-    let (ok, out, err) = cli(&[&["replay", target.as_str(), "--since", "1h"][..], &base[..]].concat());
+    let (ok, out, err) = mailhook(&[&["replay", target.as_str(), "--since", "1h"][..], &base[..]].concat());
     assert!(ok, "{err}");
     assert!(out.contains("1 dead letter(s) queued"), "{out}");
-    eventually("all three delivered", || siem(&ns), |w| counts(w) == (0, 0, 3)).await;
+    eventually("all three delivered", || whs(&ns, "siem"), |w| counts(w) == (0, 0, 3)).await;
 
     let got = receiver.deliveries().await;
     let mut ok_ids: Vec<String> = got
         .iter()
         .filter(|r| r.answered == 200 && r.verified)
-        .filter_map(|r| r.json()["data"]["producerEventId"].as_str().map(String::from))
+        .filter_map(crate::support::Received::producer_event_id)
         .collect();
     ok_ids.sort();
     assert_eq!(
@@ -180,8 +164,7 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
 #[tokio::test]
 async fn the_history_api_is_off_without_a_token_file() {
     let ns = TestNamespace::new("history-off").await;
-    let operator = Operator::start(&ns);
-    operator.ready().await;
+    let operator = Operator::start(&ns).await;
     let r = reqwest::get(format!(
         "http://{}/v1/subscriptions/{}/siem/dead-letters",
         operator.admin, ns.name
@@ -196,25 +179,29 @@ async fn the_history_api_is_off_without_a_token_file() {
 async fn undelivered_events_expire_by_max_event_age_then_go_by_dead_letter_retention() {
     let ns = TestNamespace::new("expiry").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let operator = Operator::start_with(&ns, &["--housekeeping-interval", "1s"]);
+    let operator = Operator::start_with(&ns, &["--housekeeping-interval", "1s"]).await;
     // Paused: nothing is attempted, so only expiry can end the delivery.
     apply_siem(
         &ns,
         &receiver.url("/hooks"),
         "  paused: true\n  delivery: {maxEventAge: 2s, deadLetterRetention: 8s}\n",
     );
-    operator.ready().await;
     eventually(
         "siem reconciled",
-        || siem(&ns),
+        || whs(&ns, "siem"),
         |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty()),
     )
     .await;
     assert_eq!(operator.ingest(&[siem_event("old-1")]).await.0, 202);
-    eventually("expired to a dead letter", || siem(&ns), |w| counts(w) == (0, 1, 0)).await;
+    eventually(
+        "expired to a dead letter",
+        || whs(&ns, "siem"),
+        |w| counts(w) == (0, 1, 0),
+    )
+    .await;
     eventually(
         "purged after deadLetterRetention",
-        || siem(&ns),
+        || whs(&ns, "siem"),
         |w| counts(w) == (0, 0, 0),
     )
     .await;

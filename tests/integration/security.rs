@@ -4,35 +4,15 @@
 
 use serde_json::Value;
 
-use crate::support::{Operator, Receiver, SIEM_SECRET, TestNamespace, eventually, kubectl_run, siem_event};
+use crate::support::{
+    Operator, Receiver, SIEM_SECRET, TestNamespace, apply, eventually, siem_event, signing_secret, subscription, whs,
+};
 
-/// A subscription to message.received at `url`, signed with the `signing` Secret.
-fn subscription(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: {name}}}\nspec:\n  \
-         endpoint: {{url: '{url}', allowInsecureHttp: true{extra}}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
-         eventTypes: [message.received]\n---\n"
-    )
-}
-
-fn apply(ns: &TestNamespace, yaml: &str) {
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(yaml));
-    assert!(ok, "{err}");
-}
-
-fn signing_secret(value: &str) -> String {
-    format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {value}}}\n---\n")
-}
-
-/// The subscription's status once `check` holds.
+/// The subscription's status, as JSON, once `check` holds.
 async fn status_of(ns: &TestNamespace, name: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let api = ns.api::<mailhook::api::WebhookSubscription>();
     eventually(
         &format!("status of {name}"),
-        || async {
-            let w = api.get(name).await.expect("get");
-            serde_json::to_value(w.status).unwrap_or_default()
-        },
+        || async { serde_json::to_value(whs(ns, name).await.status).unwrap_or_default() },
         check,
     )
     .await
@@ -64,7 +44,7 @@ async fn the_egress_guard_refuses_internal_targets_and_lets_an_allowlisted_recei
     redirector_to_trap
         .mode(&format!(r#"{{"redirect": "{}"}}"#, trap.url("/hooks")))
         .await;
-    let operator = Operator::start_with(&ns, &["--egress-allow", "127.0.0.2/32"]);
+    let operator = Operator::start_with(&ns, &["--egress-allow", "127.0.0.2/32"]).await;
     let refused = [
         ("loopback", trap.url("/hooks"), "127.0.0.1 is a loopback address"),
         (
@@ -90,17 +70,17 @@ async fn the_egress_guard_refuses_internal_targets_and_lets_an_allowlisted_recei
     ];
     let mut yaml = signing_secret(SIEM_SECRET);
     for (name, url, _) in &refused {
-        yaml.push_str(&subscription(name, url, ""));
+        yaml.push_str(&subscription(name, url, "", ""));
     }
-    yaml.push_str(&subscription("internal", &internal.url("/hooks"), ""));
-    yaml.push_str(&subscription("redirected", &redirector.url("/hooks"), ""));
+    yaml.push_str(&subscription("internal", &internal.url("/hooks"), "", ""));
+    yaml.push_str(&subscription("redirected", &redirector.url("/hooks"), "", ""));
     yaml.push_str(&subscription(
         "redirected-to-trap",
         &redirector_to_trap.url("/hooks"),
         "",
+        "",
     ));
     apply(&ns, &yaml);
-    operator.ready().await;
 
     for (name, _, why) in &refused {
         let status = status_of(&ns, name, |s| ready(s).is_some_and(|r| r.0 == "False")).await;
@@ -261,7 +241,7 @@ async fn an_mtls_receiver_gets_deliveries_and_a_rotated_client_certificate_keeps
         "--client-ca",
         &ca,
     ]);
-    let operator = Operator::start_with(&ns, &["--egress-allow", "127.0.0.2/32"]);
+    let operator = Operator::start_with(&ns, &["--egress-allow", "127.0.0.2/32"]).await;
     // Block style for the multi-line CA bundle.
     let sub = |name: &str, client: &str| {
         let mut y = format!(
@@ -296,7 +276,6 @@ async fn an_mtls_receiver_gets_deliveries_and_a_rotated_client_certificate_keeps
     yaml.push_str(&sub("unchecked", "client-cert"));
     yaml.push_str(&sub("untrusted", "client-cert"));
     apply(&ns, &yaml);
-    operator.ready().await;
     for name in ["mutual", "no-client-cert", "unchecked", "untrusted"] {
         status_of(&ns, name, |s| ready(s).is_some_and(|r| r.0 == "True")).await;
     }
@@ -361,31 +340,24 @@ async fn an_mtls_receiver_gets_deliveries_and_a_rotated_client_certificate_keeps
 async fn a_receiver_holding_only_the_ed25519_public_key_verifies_every_delivery() {
     let ns = TestNamespace::new("ed25519").await;
     let keygen = |kind: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
-            .args(["keygen", kind])
-            .output()
-            .expect("mailhook keygen");
-        assert!(out.status.success());
-        (
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        )
+        let (ok, out, err) = crate::support::mailhook(&["keygen", kind]);
+        assert!(ok);
+        (out.trim().to_string(), err.trim().to_string())
     };
     let (secret, told) = keygen("ed25519");
     assert!(secret.starts_with("whsk_"), "{secret}");
     let public = told.rsplit(' ').next().expect("public key").to_string();
     assert!(public.starts_with("whpk_"), "{told}");
 
-    let operator = Operator::start_with(&ns, &[]);
+    let operator = Operator::start(&ns).await;
     let mut yaml = signing_secret(&secret);
-    yaml.push_str(&subscription("siem", "http://127.0.0.1:9/placeholder", ""));
+    yaml.push_str(&subscription("siem", "http://127.0.0.1:9/placeholder", "", ""));
     apply(&ns, &yaml);
-    operator.ready().await;
     // Receivers take the key from status: it is public.
     let status = status_of(&ns, "siem", |s| s["signingPublicKeys"].is_array()).await;
     assert_eq!(status["signingPublicKeys"], serde_json::json!([public]));
     let receiver = Receiver::start_args(&["--public-key", &public]);
-    apply(&ns, &subscription("siem", &receiver.url("/hooks"), ""));
+    apply(&ns, &subscription("siem", &receiver.url("/hooks"), "", ""));
     let port = receiver.port.to_string();
     status_of(&ns, "siem", |s| {
         s["endpointHost"].as_str().is_some_and(|h| h.ends_with(&port))
@@ -446,12 +418,16 @@ async fn an_endpoint_that_does_not_echo_the_challenge_gets_nothing_until_it_does
     let willing = Receiver::start(SIEM_SECRET);
     let unwilling = Receiver::start(SIEM_SECRET);
     unwilling.mode(r#"{"echo": false}"#).await;
-    let operator = Operator::start_with(&ns, &[]);
+    let operator = Operator::start(&ns).await;
     let mut yaml = signing_secret(SIEM_SECRET);
-    yaml.push_str(&subscription("willing", &willing.url("/hooks"), ", verify: true"));
-    yaml.push_str(&subscription("unwilling", &unwilling.url("/hooks"), ", verify: true"));
+    yaml.push_str(&subscription("willing", &willing.url("/hooks"), ", verify: true", ""));
+    yaml.push_str(&subscription(
+        "unwilling",
+        &unwilling.url("/hooks"),
+        ", verify: true",
+        "",
+    ));
     apply(&ns, &yaml);
-    operator.ready().await;
     status_of(&ns, "willing", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
     let status = status_of(&ns, "unwilling", |s| ready(s).is_some_and(|r| r.0 == "False")).await;
     let (_, reason, message) = ready(&status).expect("Ready");
@@ -511,8 +487,7 @@ async fn an_endpoint_that_does_not_echo_the_challenge_gets_nothing_until_it_does
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessing_ingest_tokens_locks_the_address_out() {
     let ns = TestNamespace::new("lockout").await;
-    let operator = Operator::start_with(&ns, &[]);
-    operator.ready().await;
+    let operator = Operator::start(&ns).await;
     let http = reqwest::Client::new();
     let post = |token: &'static str| {
         http.post(format!("http://{}/v1/events", operator.ingest))

@@ -7,21 +7,41 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Operator, Receiver, TestNamespace, eventually, free_port, kubectl_run, repo_path, self_signed};
+use crate::support::{
+    Operator, Received, Receiver, SIEM_SECRET, TestNamespace, apply, eventually, free_port, kubectl_run, repo_path,
+    self_signed, signing_secret, subscription, wait_ready,
+};
 
-const SECRET: &str = crate::support::SIEM_SECRET;
-
-fn setup(ns: &TestNamespace, url: &str) {
+/// Applies the `archive` subscription (message.received, message.sent and
+/// compliance.flagged to `url`) and the `external-pdf` filter that flags inbound PDFs.
+fn apply_archive(ns: &TestNamespace, url: &str) {
     let yaml = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SECRET}}}\n---\n\
-         apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: external-pdf}}\nspec:\n  \
+        "{}apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: external-pdf}}\nspec:\n  \
          directions: [inbound]\n  attachments: {{extensions: [pdf]}}\n  flag: {{name: external-pdf, severity: high}}\n---\n\
          apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: archive}}\nspec:\n  \
          endpoint: {{url: '{url}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
-         eventTypes: [message.received, message.sent, compliance.flagged]\n"
+         eventTypes: [message.received, message.sent, compliance.flagged]\n",
+        signing_secret(SIEM_SECRET)
     );
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
-    assert!(ok, "{err}");
+    apply(ns, &yaml);
+}
+
+/// A namespace with the `archive` subscription, its receiver, and an operator with the
+/// SMTP receiver on a free port (internal domain contoso.com, and the flags `extra`), Ready.
+async fn smtp_receiver(name: &str, extra: &[&str]) -> (TestNamespace, Receiver, std::net::SocketAddr, Operator) {
+    let ns = TestNamespace::new(name).await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let smtp = free_port();
+    let smtp_arg = smtp.to_string();
+    let flags = [
+        &["--smtp-addr", &smtp_arg, "--internal-domains", "contoso.com"][..],
+        extra,
+    ]
+    .concat();
+    let operator = Operator::start_with(&ns, &flags).await;
+    apply_archive(&ns, &receiver.url("/hooks"));
+    wait_ready(&ns, "archive").await;
+    (ns, receiver, smtp, operator)
 }
 
 /// Runs swaks against `server`; returns (exit success, transcript).
@@ -68,26 +88,7 @@ fn swaks_mail(
     swaks(server, &args)
 }
 
-async fn ready(operator: &Operator, ns: &TestNamespace) {
-    operator.ready().await;
-    eventually(
-        "archive Ready",
-        || async {
-            ns.api::<mailhook::api::WebhookSubscription>()
-                .get("archive")
-                .await
-                .expect("get")
-        },
-        |w| {
-            w.status
-                .as_ref()
-                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
-    )
-    .await;
-}
-
-fn delivered(got: &[crate::support::Received], kind: &str) -> Vec<Value> {
+fn delivered(got: &[Received], kind: &str) -> Vec<Value> {
     got.iter()
         .filter(|r| r.verified && r.answered == 200)
         .map(|r| r.json())
@@ -104,24 +105,11 @@ fn raw_session(addr: std::net::SocketAddr, lines: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_reports_and_plain_copies_become_events_and_bad_mail_gets_the_right_reply() {
-    let ns = TestNamespace::new("smtp").await;
-    let receiver = Receiver::start(SECRET);
-    let smtp = free_port();
-    let operator = Operator::start_with(
-        &ns,
-        &[
-            "--smtp-addr",
-            &smtp.to_string(),
-            "--internal-domains",
-            "contoso.com",
-            "--smtp-max-message-bytes",
-            "20000",
-            "--smtp-max-recipients",
-            "3",
-        ],
-    );
-    setup(&ns, &receiver.url("/hooks"));
-    ready(&operator, &ns).await;
+    let (_ns, receiver, smtp, operator) = smtp_receiver(
+        "smtp",
+        &["--smtp-max-message-bytes", "20000", "--smtp-max-recipients", "3"],
+    )
+    .await;
 
     // An Exchange journal report: four internal recipients (To, Cc, Bcc, a list member).
     let report = repo_path("tests/fixtures/journal/inbound-report.eml");
@@ -259,13 +247,13 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
     std::fs::create_dir_all(&dir).expect("dir");
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     self_signed(&cert, &key, "mailhook.test", Some("IP:127.0.0.1"));
-    let receiver = Receiver::start(SECRET);
+    let receiver = Receiver::start(SIEM_SECRET);
     let smtp = free_port();
     let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
     let tokens = dir.join("smtp-tokens");
     std::fs::write(&tokens, "relay-secret\n").expect("tokens");
     let token_arg = tokens.display().to_string();
-    let operator = Operator::start_with(
+    let _operator = Operator::start_with(
         &ns,
         &[
             "--smtp-addr",
@@ -279,9 +267,10 @@ async fn starttls_and_auth_plain_guard_the_receiver_and_mail_flows_over_them() {
             "--smtp-auth-token-file",
             &token_arg,
         ],
-    );
-    setup(&ns, &receiver.url("/hooks"));
-    ready(&operator, &ns).await;
+    )
+    .await;
+    apply_archive(&ns, &receiver.url("/hooks"));
+    wait_ready(&ns, "archive").await;
     // Without AUTH, mail is refused; with a wrong password too.
     let (ok, out) = swaks(smtp, &["--tls", "--from", "x@fabrikam.com", "--to", "erin@contoso.com"]);
     assert!(!ok && out.contains("530 5.7.0"), "{out}");
@@ -383,8 +372,8 @@ async fn a_message_relayed_by_postfix_arrives_as_message_received_and_is_flagged
         panic!("Postfix could not start (Debian package postfix; tests/setup installs it)");
     };
     let ns = TestNamespace::new("postfix").await;
-    let receiver = Receiver::start(SECRET);
-    let operator = Operator::start_with(
+    let receiver = Receiver::start(SIEM_SECRET);
+    let _operator = Operator::start_with(
         &ns,
         &[
             "--smtp-addr",
@@ -392,9 +381,10 @@ async fn a_message_relayed_by_postfix_arrives_as_message_received_and_is_flagged
             "--internal-domains",
             "contoso.com",
         ],
-    );
-    setup(&ns, &receiver.url("/hooks"));
-    ready(&operator, &ns).await;
+    )
+    .await;
+    apply_archive(&ns, &receiver.url("/hooks"));
+    wait_ready(&ns, "archive").await;
 
     let attachment = std::env::temp_dir().join(format!("mailhook-{}-contract.pdf", ns.name));
     let pdf = b"%PDF-1.4 contract relayed by postfix\n".repeat(200);
@@ -587,30 +577,15 @@ fn report_with_attachment(message_id: &str, attachment: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when_altered_or_expired() {
-    let ns = TestNamespace::new("smtp-raw").await;
-    let plain = Receiver::start(SECRET);
-    let linked = Receiver::start(SECRET);
-    let smtp = free_port();
-    let operator = Operator::start_with(
-        &ns,
-        &[
-            "--smtp-addr",
-            &smtp.to_string(),
-            "--internal-domains",
-            "contoso.com",
-            "--raw-message-link-ttl",
-            "4s",
-        ],
+    let (ns, plain, smtp, _operator) = smtp_receiver("smtp-raw", &["--raw-message-link-ttl", "4s"]).await;
+    let linked = Receiver::start(SIEM_SECRET);
+    let yaml = subscription(
+        "with-raw",
+        &linked.url("/hooks"),
+        "",
+        "  payload: {includeRawMessageLink: true}\n",
     );
-    setup(&ns, &plain.url("/hooks"));
-    let yaml = format!(
-        "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: with-raw}}\nspec:\n  \
-         endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
-         eventTypes: [message.received]\n  payload: {{includeRawMessageLink: true}}\n",
-        linked.url("/hooks")
-    );
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(&yaml));
-    assert!(ok, "{err}");
+    apply(&ns, &yaml);
     // The raw message shows what metadata and anonymized modes hide: refused together.
     let refused = yaml.replace("with-raw", "leaky").replace(
         "{includeRawMessageLink: true}",
@@ -621,7 +596,7 @@ async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when
         !ok && err.contains("payload.includeRawMessageLink needs payload.mode full"),
         "{err}"
     );
-    ready(&operator, &ns).await;
+    wait_ready(&ns, "with-raw").await;
 
     // 4 MiB of attachment, not compressible, so the message is about 5.4 MB on the wire.
     let attachment: Vec<u8> = (0u32..4 << 20)
@@ -720,24 +695,9 @@ fn raw_bytes_session(addr: std::net::SocketAddr, lines: &[&[u8]]) -> String {
     out
 }
 
-/// A namespace with the `archive` subscription, its receiver, and an operator with the
-/// SMTP receiver on (internal domain contoso.com), Ready.
-async fn smtp_receiver(name: &str) -> (TestNamespace, Receiver, std::net::SocketAddr, Operator) {
-    let ns = TestNamespace::new(name).await;
-    let receiver = Receiver::start(SECRET);
-    let smtp = free_port();
-    let operator = Operator::start_with(
-        &ns,
-        &["--smtp-addr", &smtp.to_string(), "--internal-domains", "contoso.com"],
-    );
-    setup(&ns, &receiver.url("/hooks"));
-    ready(&operator, &ns).await;
-    (ns, receiver, smtp, operator)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_ascii_junk_in_mail_and_rcpt_gets_5xx_and_the_listener_goes_on() {
-    let (_ns, receiver, smtp, operator) = smtp_receiver("smtp-utf8").await;
+    let (_ns, receiver, smtp, operator) = smtp_receiver("smtp-utf8", &[]).await;
 
     let replies = raw_bytes_session(
         smtp,
@@ -797,7 +757,7 @@ async fn non_ascii_junk_in_mail_and_rcpt_gets_5xx_and_the_listener_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_report_from_an_internal_sender_gives_every_internal_mailbox_its_event() {
-    let (_ns, receiver, smtp, _operator) = smtp_receiver("smtp-internal").await;
+    let (_ns, receiver, smtp, _operator) = smtp_receiver("smtp-internal", &[]).await;
     let report = repo_path("tests/fixtures/journal/internal-report.eml");
     let (ok, out) = swaks_data(smtp, "journal@contoso.com", "archive@journal.example.net", &report);
     assert!(ok && out.contains("250 2.0.0 OK: recorded"), "{out}");

@@ -4,69 +4,34 @@
 
 use std::time::Duration;
 
-use mailhook::api::{MailboxFilter, WebhookSubscription};
+use mailhook::api::MailboxFilter;
 use serde_json::json;
 
 use crate::support::{
-    Operator, Receiver, SIEM_SECRET, TestNamespace, apply_siem, eventually, kubectl_run, siem, siem_event,
+    Operator, Receiver, SIEM_SECRET, TestNamespace, apply, apply_siem, condition, eventually, kubectl_run, siem_event,
+    signing_secret, wait_ready, whs,
 };
-
-fn apply(ns: &TestNamespace, yaml: &str) {
-    let (ok, _, err) = kubectl_run(&["apply", "-n", &ns.name, "-f", "-"], Some(yaml));
-    assert!(ok, "kubectl apply failed: {err}\n{yaml}");
-}
-
-fn condition(
-    conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
-    type_: &str,
-) -> Option<(String, String)> {
-    conditions?
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-fn whs_condition(w: &WebhookSubscription, type_: &str) -> Option<(String, String)> {
-    condition(w.status.as_ref().map(|s| &s.conditions), type_)
-}
-
-async fn whs(ns: &TestNamespace, name: &str) -> WebhookSubscription {
-    ns.api::<WebhookSubscription>()
-        .get(name)
-        .await
-        .expect("get subscription")
-}
-
-async fn wait_ready(ns: &TestNamespace, name: &str) {
-    eventually(
-        &format!("{}/{name} Ready=True at its generation", ns.name),
-        || whs(ns, name),
-        |w| {
-            whs_condition(w, "Ready").is_some_and(|(s, _)| s == "True")
-                && w.status.as_ref().and_then(|s| s.observed_generation) == w.metadata.generation
-        },
-    )
-    .await;
-}
 
 /// A filter on the finance mailboxes with a subject keyword, and a subscription using it.
 fn finance(ns: &TestNamespace, url: &str, keyword: &str) {
     apply(
         ns,
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SIEM_SECRET}}}\n---\n\
-             apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: finance}}\nspec:\n  \
+            "{}apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: finance}}\nspec:\n  \
              mailboxes: ['*@finance.example.com']\n  subject: {{keywords: [{keyword}]}}\n---\n\
              apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: finance}}\nspec:\n  \
              endpoint: {{url: '{url}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
-             filterRefs: [finance]\n"
+             filterRefs: [finance]\n",
+            signing_secret(SIEM_SECRET)
         ),
     );
 }
 
+/// The `siem` fixture's event (to alice@finance.example.com) with `subject`.
 fn finance_event(id: &str, subject: &str) -> serde_json::Value {
-    json!({"type": "message.received", "eventId": id, "mailbox": "alice@finance.example.com",
-           "from": "x@partner.org", "to": ["alice@finance.example.com"], "subject": subject})
+    let mut event = siem_event(id);
+    event["subject"] = json!(subject);
+    event
 }
 
 async fn deliveries_with(receiver: &Receiver, want: usize, what: &str) {
@@ -83,12 +48,11 @@ async fn two_watched_namespaces_route_as_one() {
     let a = TestNamespace::new("ns-a").await;
     let b = TestNamespace::new("ns-b").await;
     let (ra, rb) = (Receiver::start(SIEM_SECRET), Receiver::start(SIEM_SECRET));
-    let operator = Operator::start_with(&a, &["--watch-namespace", &b.name]);
+    let operator = Operator::start_with(&a, &["--watch-namespace", &b.name]).await;
     finance(&a, &ra.url("/a"), "invoice");
     finance(&b, &rb.url("/b"), "invoice");
     wait_ready(&a, "finance").await;
     wait_ready(&b, "finance").await;
-    operator.ready().await;
 
     let (status, body) = operator.ingest(&[finance_event("both-1", "Invoice 1")]).await;
     assert_eq!(status, 202, "{body}");
@@ -143,7 +107,7 @@ async fn two_watched_namespaces_route_as_one() {
 async fn non_ascii_mail_matches_domain_glob_keyword_and_regex_filters() {
     let ns = TestNamespace::new("utf8").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let operator = Operator::start(&ns);
+    let operator = Operator::start(&ns).await;
     let filters = [
         ("domain", "domains: [bücher.example]"),
         ("punycode-domain", "domains: [xn--bcher-kva.example]"),
@@ -158,15 +122,14 @@ async fn non_ascii_mail_matches_domain_glob_keyword_and_regex_filters() {
         ("regex", "subject: {regex: '^Rechnung Nr\\. \\d+ – fällig$'}"),
         ("mailbox", "mailboxes: ['zoë@straße.example']"),
     ];
-    let mut yaml =
-        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SIEM_SECRET}}}\n");
+    let mut yaml = signing_secret(SIEM_SECRET);
     for (name, criteria) in filters {
         yaml.push_str(&format!(
-            "---\napiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: {name}}}\nspec:\n  {criteria}\n"
+            "apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: {name}}}\nspec:\n  {criteria}\n---\n"
         ));
     }
     yaml.push_str(&format!(
-        "---\napiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: siem}}\nspec:\n  \
+        "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: siem}}\nspec:\n  \
          endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
          filterRefs: [{}]\n",
         receiver.url("/hooks"),
@@ -174,7 +137,6 @@ async fn non_ascii_mail_matches_domain_glob_keyword_and_regex_filters() {
     ));
     apply(&ns, &yaml);
     wait_ready(&ns, "siem").await;
-    operator.ready().await;
 
     let event = json!({"type": "message.received", "eventId": "utf8-1", "mailbox": "zoë@straße.example",
         "from": "Jürgen@Bücher.Example", "to": ["zoë@straße.example"], "cc": ["李@例え.テスト"],
@@ -232,17 +194,17 @@ async fn a_subscription_deleted_while_the_operator_is_down_leaves_no_queue() {
             "--max-backlog",
             "10",
         ],
-    );
+    )
+    .await;
     for n in [&ns, &other] {
         apply_siem(n, &receiver.url("/hooks"), "  paused: true\n");
         eventually(
             &format!("{}/siem Ready=False/Paused", n.name),
-            || siem(n),
-            |w| whs_condition(w, "Ready").is_some_and(|(_, r)| r == "Paused"),
+            || whs(n, "siem"),
+            |w| condition(w, "Ready").is_some_and(|(_, r)| r == "Paused"),
         )
         .await;
     }
-    operator.ready().await;
     let events: Vec<_> = (0..5).map(|i| siem_event(&format!("orphan-{i}"))).collect();
     let (status, body) = operator.ingest(&events).await;
     assert_eq!(status, 202, "{body}");
@@ -256,8 +218,7 @@ async fn a_subscription_deleted_while_the_operator_is_down_leaves_no_queue() {
     operator.kill();
     let (ok, _, err) = kubectl_run(&["delete", "whs", "siem", "-n", &ns.name], None);
     assert!(ok, "{err}");
-    operator.restart_without(&["--watch-namespace", &other.name]);
-    operator.ready().await;
+    operator.restart_without(&["--watch-namespace", &other.name]).await;
     eventually(
         "the orphaned queue is dropped once the caches are synced",
         || operator.metric("mailhook_store_purged_total{kind=\"orphaned_subscription\"}"),
@@ -286,8 +247,8 @@ async fn a_subscription_deleted_while_the_operator_is_down_leaves_no_queue() {
     apply_siem(&ns, &receiver.url("/hooks"), "");
     eventually(
         "the new siem Ready=True",
-        || siem(&ns),
-        |w| whs_condition(w, "Ready").is_some_and(|(s, _)| s == "True"),
+        || whs(&ns, "siem"),
+        |w| condition(w, "Ready").is_some_and(|(s, _)| s == "True"),
     )
     .await;
     let (status, body) = operator.ingest(&[siem_event("after-restart")]).await;
@@ -301,16 +262,16 @@ async fn a_subscription_deleted_while_the_operator_is_down_leaves_no_queue() {
 async fn invalid_specs_are_stalled_for_kstatus_readers() {
     let ns = TestNamespace::new("stalled").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let operator = Operator::start(&ns);
+    let operator = Operator::start(&ns).await;
     apply(
         &ns,
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: signing}}\nstringData: {{key: {SIEM_SECRET}}}\n---\n\
-             apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: broken}}\nspec:\n  \
+            "{}apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: broken}}\nspec:\n  \
              endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
              filterRefs: [missing]\n---\n\
              apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: bad-regex}}\nspec:\n  \
              subject: {{regex: '('}}\n",
+            signing_secret(SIEM_SECRET),
             receiver.url("/hooks")
         ),
     );
@@ -330,15 +291,9 @@ async fn invalid_specs_are_stalled_for_kstatus_readers() {
         assert!(ok, "kubectl wait --for=condition=Stalled {object}: {out}{err}");
     }
     let w = whs(&ns, "broken").await;
-    assert_eq!(
-        whs_condition(&w, "Ready"),
-        Some(("False".into(), "FilterNotFound".into()))
-    );
-    assert_eq!(
-        whs_condition(&w, "Stalled"),
-        Some(("True".into(), "FilterNotFound".into()))
-    );
-    assert_eq!(whs_condition(&w, "Reconciling"), None);
+    assert_eq!(condition(&w, "Ready"), Some(("False".into(), "FilterNotFound".into())));
+    assert_eq!(condition(&w, "Stalled"), Some(("True".into(), "FilterNotFound".into())));
+    assert_eq!(condition(&w, "Reconciling"), None);
     let (ok, out, err) = kubectl_run(&["get", "whs", "broken", "-n", &ns.name, "-o", "wide"], None);
     assert!(ok, "{err}");
     let header: Vec<&str> = out.lines().next().unwrap_or_default().split_whitespace().collect();
@@ -367,5 +322,5 @@ async fn invalid_specs_are_stalled_for_kstatus_readers() {
     );
     wait_ready(&ns, "broken").await;
     let w = whs(&ns, "broken").await;
-    assert_eq!(whs_condition(&w, "Stalled"), None, "{:?}", w.status);
+    assert_eq!(condition(&w, "Stalled"), None, "{:?}", w.status);
 }
