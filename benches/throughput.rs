@@ -17,13 +17,13 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 
-use mailhook::handles::Readiness;
 use mailhook::api::{EventType, PayloadMode};
 use mailhook::auth::Tokens;
-use mailhook::handles::MatchCounters;
 use mailhook::delivery::payload::PayloadConfig;
 use mailhook::delivery::signing::SigningKey;
 use mailhook::delivery::{Deliveries, DeliveryConfig, client};
+use mailhook::handles::MatchCounters;
+use mailhook::handles::Readiness;
 use mailhook::metrics::Metrics;
 use mailhook::route::{Router as EventRouter, RoutingTable, SubscriptionRoute};
 use mailhook::source::Pipeline;

@@ -115,7 +115,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         directory,
         build: controller::subscription::BuildSettings {
-            pseudonym_secret: crate::delivery::signing::pseudonym_secret(config.delivery.pseudonym_key_file.as_deref())?,
+            pseudonym_secret: crate::delivery::signing::pseudonym_secret(
+                config.delivery.pseudonym_key_file.as_deref(),
+            )?,
             raw_links,
             clients: Arc::new(Clients::new(egress.clone())),
             egress,
@@ -203,7 +205,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     running.ready();
 
     crate::lifecycle::signal().await;
-    info!(deadline_s = config.delivery.shutdown_timeout.as_secs(), "shutdown requested; draining");
+    info!(
+        deadline_s = config.delivery.shutdown_timeout.as_secs(),
+        "shutdown requested; draining"
+    );
     running.not_ready("shutting down");
     let drain = lifecycle.shutdown(config.delivery.shutdown_timeout);
     let stopped = tokio::select! {
@@ -224,7 +229,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 /// Re-reads a token file for as long as the operator runs.
 fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
     let stop = lifecycle.token(Stage::Control);
-    lifecycle.spawn(Stage::Control, "token file watcher", tokens.watch(Tokens::WATCH_INTERVAL, stop));
+    lifecycle.spawn(
+        Stage::Control,
+        "token file watcher",
+        tokens.watch(Tokens::WATCH_INTERVAL, stop),
+    );
 }
 
 fn open_store(config: &RunConfig) -> anyhow::Result<Arc<dyn Store>> {
@@ -259,7 +268,11 @@ fn raw_links(config: &RunConfig, store: &dyn Store, admin: SocketAddr) -> anyhow
             base
         }
     };
-    Ok(Some(Arc::new(RawLinks::new(key, &base, config.store.raw_message_link_ttl))))
+    Ok(Some(Arc::new(RawLinks::new(
+        key,
+        &base,
+        config.store.raw_message_link_ttl,
+    ))))
 }
 
 /// The watch scopes: each namespace once, or None for all namespaces.

@@ -14,7 +14,6 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
 
-
 /// Name of the link key in the store.
 pub const KEY_NAME: &str = "raw-message-links";
 

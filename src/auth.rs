@@ -94,7 +94,11 @@ impl Tokens {
     /// The ingest API's tokens: those of `file`, or, when it is absent or empty and
     /// `secret` is set, the token of that Secret (created with a random token if absent)
     /// — how the Helm chart gets a token without rendering a random value.
-    pub async fn for_ingest(client: &kube::Client, file: &std::path::Path, secret: Option<&str>) -> anyhow::Result<Tokens> {
+    pub async fn for_ingest(
+        client: &kube::Client,
+        file: &std::path::Path,
+        secret: Option<&str>,
+    ) -> anyhow::Result<Tokens> {
         match (Tokens::load(file.to_path_buf()), secret) {
             (Ok(tokens), _) => Ok(tokens),
             (Err(err), None) => anyhow::bail!("cannot read ingest tokens from {}: {err}", file.display()),

@@ -141,7 +141,10 @@ mod tests {
         assert!(!r.is_ready());
         assert_eq!(
             r.report(),
-            vec![("caches", Some("waiting for the initial list".into())), ("shutdown", None)]
+            vec![
+                ("caches", Some("waiting for the initial list".into())),
+                ("shutdown", None)
+            ]
         );
         caches.ready();
         assert!(r.is_ready());

@@ -2,8 +2,8 @@
 //! webhook deliveries. `main.rs` only parses the command line and calls into here.
 
 pub mod admin;
-pub mod app;
 pub mod api;
+pub mod app;
 pub mod archive;
 pub mod auth;
 pub mod cli;

@@ -4,8 +4,8 @@ use clap::Parser;
 // benchmark's CPU (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use mailhook::history::client::Request;
 use mailhook::cli::{Cli, Command};
+use mailhook::history::client::Request;
 
 async fn history(request: Request) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -107,7 +107,10 @@ mod tests {
     #[test]
     fn the_verbose_report_names_each_part() {
         let parts = [
-            ("caches", Some("waiting for the initial list of MailboxFilters".to_string())),
+            (
+                "caches",
+                Some("waiting for the initial list of MailboxFilters".to_string()),
+            ),
             ("shutdown", None),
         ];
         assert_eq!(

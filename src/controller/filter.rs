@@ -35,7 +35,11 @@ pub fn uses(whs: &WebhookSubscription, filter: &MailboxFilter) -> bool {
 
 /// The `Ready` condition of a filter and its compiled form. Pure.
 pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>) {
-    condition(CompiledFilter::compile(&filter.spec).map(Arc::new).map_err(|e| e.to_string()))
+    condition(
+        CompiledFilter::compile(&filter.spec)
+            .map(Arc::new)
+            .map_err(|e| e.to_string()),
+    )
 }
 
 /// The `Ready` condition for a compile outcome. Pure.

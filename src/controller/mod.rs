@@ -16,12 +16,12 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType as K8sEventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
 use kube_runtime::Predicate;
 use parking_lot::Mutex;
-use tokio_util::sync::CancellationToken;
-use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::api::{MailboxFilter, WebhookSubscription};
@@ -276,7 +276,9 @@ impl Context {
     /// The compiled form of `filter`, compiling only when its generation is new.
     pub fn compiled(&self, filter: &MailboxFilter) -> Compiled {
         let Some(uid) = filter.uid() else {
-            return CompiledFilter::compile(&filter.spec).map(Arc::new).map_err(|e| e.to_string());
+            return CompiledFilter::compile(&filter.spec)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
         };
         let generation = filter.metadata.generation;
         if let Some((g, c)) = self.compiled.lock().get(&uid)
@@ -285,7 +287,9 @@ impl Context {
             return c.clone();
         }
         // Compiled outside the lock: a filter of many patterns must not stall the others.
-        let compiled = CompiledFilter::compile(&filter.spec).map(Arc::new).map_err(|e| e.to_string());
+        let compiled = CompiledFilter::compile(&filter.spec)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         self.compiled.lock().insert(uid, (generation, compiled.clone()));
         compiled
     }
@@ -471,7 +475,8 @@ pub async fn run(
     ready: ReadinessPart,
 ) {
     let config = watcher::Config::default();
-    let generation_and_annotations = kube_runtime::predicates::generation.combine(kube_runtime::predicates::annotations);
+    let generation_and_annotations =
+        kube_runtime::predicates::generation.combine(kube_runtime::predicates::annotations);
     let scoped: Vec<_> = scopes
         .iter()
         .map(|ns| {

@@ -14,12 +14,12 @@ use tracing::warn;
 
 use super::conditions::{self, Desired, HEALTHY, READY, Status};
 use super::{Context, FilterState, SubscriptionState, write_status};
-use crate::handles::MatchCount;
-use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 use crate::api::{DeliveryFailure, MailboxFilterStatus, WebhookSubscription, WebhookSubscriptionStatus};
 use crate::delivery::health::{HealthClass, HealthSnapshot};
+use crate::handles::MatchCount;
 use crate::store::QueueCounts;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 /// Counter-only changes are written at most this often per resource.
 pub const COUNTER_INTERVAL: Duration = Duration::from_secs(3);
@@ -274,7 +274,13 @@ where
         }
         let Some(done) = in_flight.next().await else { break };
         if let Some((uid, status)) = done {
-            written.insert(uid, Written { status, at: Instant::now() });
+            written.insert(
+                uid,
+                Written {
+                    status,
+                    at: Instant::now(),
+                },
+            );
         }
     }
 }
@@ -370,7 +376,10 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
     let objects = ctx.filters.state();
     let (states, users) = {
         let state = ctx.state.lock();
-        (state.filters.clone(), users(&ctx.subscriptions.state(), &state.subscriptions))
+        (
+            state.filters.clone(),
+            users(&ctx.subscriptions.state(), &state.subscriptions),
+        )
     };
     let routed = ctx.routes.routed();
     let mut writes = Vec::new();
@@ -432,7 +441,10 @@ pub fn users(
         };
         let ns = whs.namespace().unwrap_or_default();
         for filter in &state.uses {
-            users.entry((ns.clone(), filter.clone())).or_default().push(whs.name_any());
+            users
+                .entry((ns.clone(), filter.clone()))
+                .or_default()
+                .push(whs.name_any());
         }
     }
     for names in users.values_mut() {

@@ -247,7 +247,7 @@ mod tests {
         drop(c);
         assert_eq!(clients.len(), 1, "a client nobody holds is gone");
         let bad = clients.get(&ClientSettings {
-            ca_bundle: Some("not pem"),
+            ca_bundle: Some("-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n"),
             ..plain(&[])
         });
         assert!(matches!(bad, Err(ClientError::CaBundle(_))), "{:?}", bad.err());

@@ -158,7 +158,13 @@ impl Deliveries {
     fn configs(&self) -> Vec<Arc<DeliveryConfig>> {
         self.shards
             .iter()
-            .flat_map(|s| s.subscriptions.lock().values().map(|s| s.config.clone()).collect::<Vec<_>>())
+            .flat_map(|s| {
+                s.subscriptions
+                    .lock()
+                    .values()
+                    .map(|s| s.config.clone())
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -280,27 +286,28 @@ impl Deliveries {
         h.in_flight = true;
         drop(handshakes);
         let (deliveries, sub, shard) = (self.clone(), sub.clone(), shard.clone());
-        self.lifecycle.spawn_short(Stage::Delivery, "verification handshake", async move {
-            let outcome = verification::handshake(&sub.config).await;
-            let state = match outcome {
-                Ok(()) => {
-                    tracing::info!(url = sub.config.url, "endpoint verified");
-                    verification::Verification::Verified
+        self.lifecycle
+            .spawn_short(Stage::Delivery, "verification handshake", async move {
+                let outcome = verification::handshake(&sub.config).await;
+                let state = match outcome {
+                    Ok(()) => {
+                        tracing::info!(url = sub.config.url, "endpoint verified");
+                        verification::Verification::Verified
+                    }
+                    Err(why) => verification::Verification::Failed(why),
+                };
+                if let Some(h) = deliveries.handshakes.lock().get_mut(&sub.config.uid)
+                    && h.url == sub.config.url
+                {
+                    h.in_flight = false;
+                    h.state = state.clone();
+                    h.next_try = std::time::Instant::now() + verification::RETRY;
                 }
-                Err(why) => verification::Verification::Failed(why),
-            };
-            if let Some(h) = deliveries.handshakes.lock().get_mut(&sub.config.uid)
-                && h.url == sub.config.url
-            {
-                h.in_flight = false;
-                h.state = state.clone();
-                h.next_try = std::time::Instant::now() + verification::RETRY;
-            }
-            if sub.health.set_verification(Some(state)) {
-                deliveries.health_changed.notify_one();
-            }
-            shard.wake.notify_one();
-        });
+                if sub.health.set_verification(Some(state)) {
+                    deliveries.health_changed.notify_one();
+                }
+                shard.wake.notify_one();
+            });
         Err(now + verification::RETRY)
     }
 

@@ -27,8 +27,8 @@ use tracing::info;
 
 use crate::api::parse_since;
 use crate::auth::{Auth, Tokens};
-use crate::handles::Directory;
 use crate::delivery::Deliveries;
+use crate::handles::Directory;
 use crate::store::{Attempt, DeadLetter};
 
 /// Most records one listing returns.
@@ -79,7 +79,11 @@ pub struct Replayed {
 
 /// Every route of the history API: the token-guarded part, and the raw message links when
 /// the archive is on.
-pub fn router(history: History, raw_links: Option<Arc<crate::archive::RawLinks>>, store: Arc<dyn crate::store::Store>) -> Router {
+pub fn router(
+    history: History,
+    raw_links: Option<Arc<crate::archive::RawLinks>>,
+    store: Arc<dyn crate::store::Store>,
+) -> Router {
     let app = api_router(history);
     match raw_links {
         Some(links) => app.merge(raw::router(links, store)),

@@ -18,10 +18,10 @@ use serde_json::json;
 use tracing::info;
 
 use super::{AcceptError, Pipeline, normalize_address};
-use crate::handles::Readiness;
 use crate::api::{Direction, EventType};
 use crate::auth::{Auth, Tokens};
 use crate::event::{Attachment, MailboxEvent, Source};
+use crate::handles::Readiness;
 
 const MAX_ATTACHMENTS: usize = 1000;
 const MAX_RECIPIENTS: usize = 10_000;

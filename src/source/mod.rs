@@ -40,7 +40,11 @@ pub enum AcceptError {
 
 /// The `--internal-domains` as direction compares them: trimmed, lower-case.
 pub fn internal_domains(flags: &[String]) -> Vec<String> {
-    flags.iter().map(|d| d.trim().to_lowercase()).filter(|d| !d.is_empty()).collect()
+    flags
+        .iter()
+        .map(|d| d.trim().to_lowercase())
+        .filter(|d| !d.is_empty())
+        .collect()
 }
 
 /// When sources refuse new events instead of letting the backlog or the disk grow.

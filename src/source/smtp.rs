@@ -20,8 +20,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::journal::{self, Envelope};
 use super::{AcceptError, Pipeline};
-use crate::handles::Readiness;
 use crate::auth::Auth;
+use crate::handles::Readiness;
 
 /// SMTP listener settings (flags of `mailhook run`).
 #[derive(Debug, Clone)]
@@ -77,7 +77,10 @@ impl std::fmt::Debug for TlsFiles {
 
 impl TlsFiles {
     /// The pair of `--smtp-tls-cert-file` and `--smtp-tls-key-file`: both or neither.
-    pub fn from_flags(cert: Option<&std::path::Path>, key: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<TlsFiles>>> {
+    pub fn from_flags(
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<Arc<TlsFiles>>> {
         match (cert, key) {
             (Some(cert), Some(key)) => Ok(Some(Arc::new(TlsFiles::load(cert, key)?))),
             (None, None) => Ok(None),
@@ -177,15 +180,15 @@ pub async fn serve(
             async move {
                 let run = async {
                     match permit {
-                    Err(_) => {
-                        let mut session = Session::new(Box::new(stream), peer.ip(), &config);
-                        session.reply("421 4.7.0 Too many connections; try again later").await
-                    }
-                    Ok(_permit) if !readiness.is_ready() => {
-                        let mut session = Session::new(Box::new(stream), peer.ip(), &config);
-                        session.reply("421 4.3.2 Not ready yet; try again later").await
-                    }
-                    Ok(_permit) => session(Box::new(stream), peer.ip(), &config, &pipeline).await,
+                        Err(_) => {
+                            let mut session = Session::new(Box::new(stream), peer.ip(), &config);
+                            session.reply("421 4.7.0 Too many connections; try again later").await
+                        }
+                        Ok(_permit) if !readiness.is_ready() => {
+                            let mut session = Session::new(Box::new(stream), peer.ip(), &config);
+                            session.reply("421 4.3.2 Not ready yet; try again later").await
+                        }
+                        Ok(_permit) => session(Box::new(stream), peer.ip(), &config, &pipeline).await,
                     }
                 };
                 tokio::pin!(run);

@@ -6,6 +6,7 @@ mod crd;
 mod delivery;
 mod durability;
 mod history;
+mod scale;
 mod security;
 mod smtp;
 mod support;

@@ -31,7 +31,7 @@ fn filter(i: usize) -> MailboxFilter {
 }
 
 fn subscription(i: usize) -> WebhookSubscription {
-    let filters = if i % SELECTING == 0 {
+    let filters = if i.is_multiple_of(SELECTING) {
         serde_json::json!({"filterSelector": {"matchLabels": {"team": format!("t{}", i % 10)}}})
     } else {
         serde_json::json!({"filterRefs": [format!("f-{}", i % FILTERS)]})
@@ -53,7 +53,10 @@ fn subscription(i: usize) -> WebhookSubscription {
     .expect("a WebhookSubscription")
 }
 
-fn ready<K>(objects: &[K], conditions: impl Fn(&K) -> Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>) -> usize {
+fn ready<K>(
+    objects: &[K],
+    conditions: impl Fn(&K) -> Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
+) -> usize {
     objects
         .iter()
         .filter(|o| conditions(o).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
@@ -84,14 +87,19 @@ async fn a_thousand_subscriptions_and_a_hundred_filters_all_become_ready() {
         "stringData": {"key": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
     }))
     .expect("a Secret");
-    secrets.create(&PostParams::default(), &secret).await.expect("create the signing Secret");
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the signing Secret");
 
     let started = Instant::now();
     let (filters, subscriptions) = (ns.api::<MailboxFilter>(), ns.api::<WebhookSubscription>());
     let creates = (0..FILTERS)
         .map(|i| {
             let api = filters.clone();
-            futures::future::Either::Left(async move { api.create(&PostParams::default(), &filter(i)).await.map(|_| ()) })
+            futures::future::Either::Left(
+                async move { api.create(&PostParams::default(), &filter(i)).await.map(|_| ()) },
+            )
         })
         .chain((0..SUBSCRIPTIONS).map(|i| {
             let api = subscriptions.clone();
@@ -110,7 +118,10 @@ async fn a_thousand_subscriptions_and_a_hundred_filters_all_become_ready() {
     let deadline = Instant::now() + Duration::from_secs(300);
     let (mut subs_ready, mut filters_ready) = (0, 0);
     while Instant::now() < deadline {
-        let subs = subscriptions.list(&ListParams::default()).await.expect("list subscriptions");
+        let subs = subscriptions
+            .list(&ListParams::default())
+            .await
+            .expect("list subscriptions");
         let fs = filters.list(&ListParams::default()).await.expect("list filters");
         subs_ready = ready(&subs.items, |w| w.status.as_ref().map(|s| &s.conditions));
         filters_ready = ready(&fs.items, |f| f.status.as_ref().map(|s| &s.conditions));
@@ -152,5 +163,8 @@ async fn a_thousand_subscriptions_and_a_hundred_filters_all_become_ready() {
         1000.0 * series(r#"mailhook_reconcile_duration_seconds_sum{kind="WebhookSubscription"}"#)
             / subscription_reconciles.max(1.0),
     );
-    assert!(subscription_reconciles >= SUBSCRIPTIONS as f64, "every subscription was reconciled");
+    assert!(
+        subscription_reconciles >= SUBSCRIPTIONS as f64,
+        "every subscription was reconciled"
+    );
 }

@@ -107,7 +107,9 @@ pub fn with_verification(ready: Desired, verification: Option<&Verification>) ->
             type_: READY,
             status: Status::Unknown,
             reason: reason::ENDPOINT_NOT_VERIFIED,
-            message: "Sending the verification challenge to the endpoint (spec.endpoint.verify); events queue meanwhile.".to_string(),
+            message:
+                "Sending the verification challenge to the endpoint (spec.endpoint.verify); events queue meanwhile."
+                    .to_string(),
         },
         Some(Verification::Failed(why)) => Desired {
             type_: READY,

@@ -118,7 +118,10 @@ mod tests {
         let bad = annotations(&[(REPLAY_REQUESTED_AT, "t2"), (REPLAY_SINCE, "yesterday-ish")]);
         let request = replay_request(&bad, None, now).expect("requested");
         assert!(
-            request.since.as_ref().is_err_and(|e| e.starts_with("annotation mailhook.io/replay-since")),
+            request
+                .since
+                .as_ref()
+                .is_err_and(|e| e.starts_with("annotation mailhook.io/replay-since")),
             "{:?}",
             request.since
         );

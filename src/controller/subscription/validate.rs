@@ -276,7 +276,6 @@ fn signing_keys(secret: &Secret) -> Result<Vec<SigningKey>, String> {
         .collect()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::super::{Desired, Status, conditions, progress, ready_condition};

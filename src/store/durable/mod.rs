@@ -18,8 +18,8 @@ mod schema;
 mod state;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Sender, channel, sync_channel};
 use std::sync::Arc;
+use std::sync::mpsc::{Sender, channel, sync_channel};
 
 use parking_lot::{Mutex, MutexGuard};
 

@@ -97,13 +97,16 @@ impl Operator {
             .open(log)
             .expect("open operator log");
         let err = out.try_clone().expect("clone log handle");
-        std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
-            .args(args)
-            .env("RUST_LOG", "info,mailhook=debug")
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start mailhook run")
+        // MAILHOOK_BIN runs another build (benchmarks compare commits under one test).
+        std::process::Command::new(
+            std::env::var("MAILHOOK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mailhook").to_string()),
+        )
+        .args(args)
+        .env("RUST_LOG", "info,mailhook=debug")
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("start mailhook run")
     }
 
     /// Waits until the process is ready: `/readyz` on its admin port answers 200, that
@@ -215,6 +218,10 @@ impl Operator {
     }
 
     /// The operator's log so far (all its runs, restarts included).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
