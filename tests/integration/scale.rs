@@ -131,12 +131,6 @@ async fn a_thousand_subscriptions_and_a_hundred_filters_all_become_ready() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let all_ready = started.elapsed();
-    assert_eq!(
-        (subs_ready, filters_ready),
-        (SUBSCRIPTIONS, FILTERS),
-        "not every resource became Ready within 300 s; the operator's log:\n{}",
-        operator.log()
-    );
     // Settled: whatever the burst left queued has run.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss, peak) = memory_mib(operator.pid());
@@ -151,7 +145,7 @@ async fn a_thousand_subscriptions_and_a_hundred_filters_all_become_ready() {
     let subscription_reconciles = series(r#"mailhook_reconcile_duration_seconds_count{kind="WebhookSubscription"}"#);
     let filter_reconciles = series(r#"mailhook_reconcile_duration_seconds_count{kind="MailboxFilter"}"#);
     eprintln!(
-        "scale: {SUBSCRIPTIONS} subscriptions + {FILTERS} filters created in {:.1} s, all Ready after {:.1} s; \
+        "scale: {SUBSCRIPTIONS} subscriptions + {FILTERS} filters created in {:.1} s; {subs_ready} and {filters_ready} Ready after {:.1} s; \
          reconciles per subscription {:.2}, per filter {:.2}; status writes {}; route rebuilds {}; \
          reconcile time per subscription {:.1} ms; RSS idle {idle_rss:.0} MiB, with them {rss:.0} MiB (peak {peak:.0} MiB)",
         applied.as_secs_f64(),
@@ -162,6 +156,12 @@ async fn a_thousand_subscriptions_and_a_hundred_filters_all_become_ready() {
         series("mailhook_route_rebuilds_total"),
         1000.0 * series(r#"mailhook_reconcile_duration_seconds_sum{kind="WebhookSubscription"}"#)
             / subscription_reconciles.max(1.0),
+    );
+    assert_eq!(
+        (subs_ready, filters_ready),
+        (SUBSCRIPTIONS, FILTERS),
+        "not every resource became Ready within 300 s; the operator's log:\n{}",
+        operator.log()
     );
     assert!(
         subscription_reconciles >= SUBSCRIPTIONS as f64,
