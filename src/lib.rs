@@ -33,3 +33,71 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// The module graph this crate keeps (README, "Layout"): checked over the sources, so an
+/// import that breaks it fails `cargo test`, not a review.
+#[cfg(test)]
+mod layout {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Inbound adapters: they may use the core and `handles`, never each other.
+    const ADAPTERS: [&str; 4] = ["source", "admin", "history", "controller"];
+    /// Modules that use nothing else of the crate.
+    const LEAVES: [&str; 6] = ["handles", "lifecycle", "crypto", "telemetry", "api", "metrics"];
+    /// Wiring and the command line may use anything.
+    const TOP: [&str; 4] = ["app", "cli", "main", "lib"];
+
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read src").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let rel = path.strip_prefix(&root).expect("under src");
+                let module = rel
+                    .components()
+                    .next()
+                    .and_then(|c| c.as_os_str().to_str())
+                    .map(|s| s.trim_end_matches(".rs").to_string())
+                    .expect("a module");
+                let text = std::fs::read_to_string(&path).expect("read source");
+                let deps = graph.entry(module.clone()).or_default();
+                for (i, _) in text.match_indices("crate::") {
+                    let name: String = text[i + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && name != module && name != "error_chain" {
+                        deps.insert(name);
+                    }
+                }
+            }
+        }
+        graph
+    }
+
+    #[test]
+    fn dependencies_point_one_way() {
+        let mut broken = Vec::new();
+        for (module, deps) in imports() {
+            if TOP.contains(&module.as_str()) {
+                continue;
+            }
+            for dep in &deps {
+                let adapter_to_adapter = ADAPTERS.contains(&module.as_str()) && ADAPTERS.contains(&dep.as_str());
+                let core_to_adapter = !ADAPTERS.contains(&module.as_str()) && ADAPTERS.contains(&dep.as_str());
+                let leaf_uses = LEAVES.contains(&module.as_str());
+                let uses_top = TOP.contains(&dep.as_str());
+                if adapter_to_adapter || core_to_adapter || leaf_uses || uses_top {
+                    broken.push(format!("{module} -> {dep}"));
+                }
+            }
+        }
+        assert!(broken.is_empty(), "imports against the layout: {broken:?}");
+    }
+}

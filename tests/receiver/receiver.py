@@ -9,6 +9,7 @@ mailhook's code) and records what it saw. Its behaviour can be switched while it
   POST /_mode   {"status": 200}           accept again
   POST /_mode   {"redirect": "http://..."} answer 307 to that location
   POST /_mode   {"echo": false}           do not echo endpoint verification challenges
+  POST /_mode   {"delay": 1.5}            wait this many seconds before answering a delivery
   GET  /_deliveries                        every delivery received, as JSON lines
 
 Signatures: with --secret whsec_..., `v1` (HMAC) signatures are verified by the
@@ -77,6 +78,7 @@ class State:
         self.status = 200
         self.redirect = None
         self.echo = True
+        self.delay = 0.0
         self.deliveries = []
 
 
@@ -131,6 +133,7 @@ def make_handler(state, quiet):
                     state.status = int(mode.get("status", state.status))
                     state.redirect = mode.get("redirect", state.redirect)
                     state.echo = bool(mode.get("echo", state.echo))
+                    state.delay = float(mode.get("delay", state.delay))
                 return self.reply(200)
             if state.redirect:
                 with state.lock:
@@ -141,6 +144,10 @@ def make_handler(state, quiet):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            with state.lock:
+                delay = state.delay
+            if delay > 0:
+                time.sleep(delay)
             headers = {k.lower(): v for k, v in self.headers.items()}
             try:
                 payload = state.webhook.verify(body, headers)

@@ -161,11 +161,21 @@ impl Operator {
         true
     }
 
-    /// Sends SIGTERM (what the kubelet sends) and waits up to `within` for the exit.
-    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    /// Sends SIGTERM without waiting (a second one cuts the drain short).
+    pub fn sigterm(&self) {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
+    }
+
+    /// Sends SIGTERM (what the kubelet sends) and waits up to `within` for the exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.sigterm();
+        self.wait_exit(within)
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -200,7 +210,7 @@ impl Operator {
 
     /// Starts the stopped operator again with its flags (same ports, same store; the log
     /// goes on) and waits until it is ready.
-    async fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.child = Self::spawn(&self.args, &self.log, true);
         if self.wait_ready().await.is_err() {
             panic!("the restarted operator found one of its ports taken");
