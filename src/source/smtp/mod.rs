@@ -9,6 +9,13 @@
 //! STARTTLS (RFC 3207) is offered when a certificate is configured. With a token file, AUTH
 //! PLAIN (RFC 4954) is offered after STARTTLS only, and MAIL needs it (`530`); the password
 //! must be one of the tokens (any user name), a wrong one gets `535`.
+//!
+//! This module owns the session: the connection (STARTTLS included), its state (greeting,
+//! AUTH, the transaction), reading lines and DATA, the limits and every reply. It parses no
+//! command itself: [`command::parse`] does, purely. It depends on the pipeline (`source`),
+//! the journal parser, the AUTH tokens and readiness.
+
+pub mod command;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use self::command::{AuthPlain, Command, CommandError, MAX_COMMAND_LINE, Mail};
 use super::journal::{self, Envelope};
 use super::{AcceptError, Pipeline};
 use crate::auth::Auth;
@@ -125,8 +133,6 @@ impl TlsFiles {
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// Longest command line (RFC 5321 §4.5.3.1.4: 512 octets with CRLF).
-const MAX_COMMAND_LINE: usize = 512;
 /// Longest text line taken in DATA. RFC 5321 says 1000; real journals exceed it, so the
 /// bound only protects memory.
 const MAX_DATA_LINE: usize = 1 << 20;
@@ -329,21 +335,20 @@ impl Session {
             let line = match self.line(MAX_COMMAND_LINE).await? {
                 Line::Closed => return Ok(()),
                 Line::TooLong => {
-                    self.reply("500 5.5.2 Line too long (512 bytes at most)").await?;
+                    self.reply(&CommandError::TooLong.to_string()).await?;
                     continue;
                 }
                 Line::Text(t) => t,
             };
-            // SMTPUTF8 (RFC 6531): command lines are UTF-8; other bytes are refused, not
-            // replaced (a U+FFFD in an address would pass for a character of it).
-            let Ok(line) = std::str::from_utf8(&line) else {
-                self.reply("501 5.6.7 Command line is not valid UTF-8").await?;
-                continue;
+            let command = match command::parse(&line) {
+                Ok(command) => command,
+                Err(err) => {
+                    self.reply(&err.to_string()).await?;
+                    continue;
+                }
             };
-            let line = line.trim_end_matches(['\r', '\n']);
-            let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
-            match verb.to_ascii_uppercase().as_str() {
-                "EHLO" => {
+            match command {
+                Command::Ehlo(_) => {
                     tx = Transaction::default();
                     greeted = true;
                     let starttls = if config.tls.is_some() && !self.tls {
@@ -362,12 +367,12 @@ impl Session {
                     );
                     self.reply(&answer).await?;
                 }
-                "HELO" => {
+                Command::Helo(_) => {
                     tx = Transaction::default();
                     greeted = true;
                     self.reply(&format!("250 {}", config.hostname)).await?;
                 }
-                "MAIL" => {
+                Command::Mail(mail) => {
                     if !greeted {
                         self.reply("503 5.5.1 Say EHLO first").await?;
                     } else if config.auth.is_some() && !self.authenticated {
@@ -378,31 +383,31 @@ impl Session {
                     } else if let Some(answer) = backpressure(pipeline) {
                         self.reply(&answer).await?;
                     } else {
-                        match mail_from(arg, config.max_message_bytes) {
+                        match sender(mail, config.max_message_bytes) {
                             Ok(from) => {
-                                tx.mail_from = Some(from);
+                                tx.mail_from = Some(from.to_string());
                                 self.reply("250 2.1.0 OK").await?;
                             }
-                            Err(reply) => self.reply(reply).await?,
+                            Err(reply) => self.reply(&reply).await?,
                         }
                     }
                 }
-                "RCPT" => {
+                Command::Rcpt { to } => {
                     if tx.mail_from.is_none() {
                         self.reply("503 5.5.1 Need MAIL first").await?;
                     } else if tx.rcpt_to.len() >= config.max_recipients {
                         self.reply("452 4.5.3 Too many recipients").await?;
                     } else {
-                        match path(arg, "TO:") {
-                            Some(rcpt) if super::normalize_address(&rcpt).is_some() => {
-                                tx.rcpt_to.push(rcpt);
+                        match to {
+                            Ok(rcpt) => {
+                                tx.rcpt_to.push(rcpt.to_string());
                                 self.reply("250 2.1.5 OK").await?;
                             }
-                            _ => self.reply("501 5.1.3 Bad recipient address syntax").await?,
+                            Err(err) => self.reply(&err.to_string()).await?,
                         }
                     }
                 }
-                "DATA" => {
+                Command::Data => {
                     if tx.rcpt_to.is_empty() {
                         self.reply("503 5.5.1 Need RCPT first").await?;
                         continue;
@@ -428,18 +433,18 @@ impl Session {
                     };
                     self.reply(&answer).await?;
                 }
-                "RSET" => {
+                Command::Rset => {
                     tx = Transaction::default();
                     self.reply("250 2.0.0 OK").await?;
                 }
-                "NOOP" => self.reply("250 2.0.0 OK").await?,
-                "VRFY" => self.reply("252 2.5.2 Cannot verify; send the message").await?,
-                "HELP" => self.reply("214 2.0.0 See RFC 5321").await?,
-                "QUIT" => {
+                Command::Noop => self.reply("250 2.0.0 OK").await?,
+                Command::Vrfy => self.reply("252 2.5.2 Cannot verify; send the message").await?,
+                Command::Help => self.reply("214 2.0.0 See RFC 5321").await?,
+                Command::Quit => {
                     self.reply("221 2.0.0 Bye").await?;
                     return Ok(());
                 }
-                "STARTTLS" => match (config.tls.as_ref().and_then(|t| t.config()), self.tls) {
+                Command::StartTls => match (config.tls.as_ref().and_then(|t| t.config()), self.tls) {
                     (Some(tls), false) => {
                         self.start_tls(tls).await?;
                         tx = Transaction::default();
@@ -448,27 +453,30 @@ impl Session {
                     (Some(_), true) => self.reply("503 5.5.1 TLS already active").await?,
                     (None, _) => self.reply("502 5.5.1 STARTTLS not offered").await?,
                 },
-                "AUTH" => match &config.auth {
+                Command::Auth(plain) => match &config.auth {
                     None => self.reply("502 5.5.1 AUTH not offered").await?,
                     Some(_) if !self.tls => self.reply("538 5.7.11 Encryption required: STARTTLS first").await?,
                     Some(_) if self.authenticated => self.reply("503 5.5.1 Already authenticated").await?,
                     Some(tokens) => {
-                        let (mechanism, initial) = arg.split_once(' ').unwrap_or((arg, ""));
-                        if !mechanism.eq_ignore_ascii_case("PLAIN") {
-                            self.reply("504 5.5.4 Only AUTH PLAIN is offered").await?;
-                            continue;
-                        }
-                        let response = if initial.is_empty() {
-                            self.reply("334 ").await?;
-                            match self.line(MAX_COMMAND_LINE).await? {
-                                Line::Text(t) => String::from_utf8_lossy(&t).trim().to_string(),
-                                Line::TooLong => String::new(),
-                                Line::Closed => return Ok(()),
+                        let initial = match plain {
+                            Ok(AuthPlain { initial }) => initial,
+                            Err(err) => {
+                                self.reply(&err.to_string()).await?;
+                                continue;
                             }
-                        } else {
-                            initial.trim().to_string()
                         };
-                        match tokens.check(plain_password(&response).as_deref(), self.peer) {
+                        let response = match initial {
+                            Some(initial) => initial.to_string(),
+                            None => {
+                                self.reply("334 ").await?;
+                                match self.line(MAX_COMMAND_LINE).await? {
+                                    Line::Text(t) => String::from_utf8_lossy(&t).trim().to_string(),
+                                    Line::TooLong => String::new(),
+                                    Line::Closed => return Ok(()),
+                                }
+                            }
+                        };
+                        match tokens.check(command::plain_password(&response).as_deref(), self.peer) {
                             Auth::Accepted => {
                                 self.authenticated = true;
                                 self.reply("235 2.7.0 Authentication successful").await?;
@@ -486,7 +494,6 @@ impl Session {
                         }
                     }
                 },
-                _ => self.reply("500 5.5.1 Command unrecognized").await?,
             }
         }
     }
@@ -596,77 +603,44 @@ fn count_with(metrics: &crate::metrics::Metrics, outcome: &str) {
     metrics.events_ingested.with_label_values(&["smtp", outcome]).inc();
 }
 
-/// The password of an AUTH PLAIN response (`base64(authzid \0 authcid \0 password)`).
-fn plain_password(response: &str) -> Option<String> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(response).ok()?;
-    let mut parts = bytes.split(|b| *b == 0);
-    let (_authz, _authc, password) = (parts.next()?, parts.next()?, parts.next()?);
-    String::from_utf8(password.to_vec()).ok()
-}
-
-/// `FROM:<path> [SIZE=n] [BODY=...]`: the reverse path (empty for bounces) or the reply.
-fn mail_from(arg: &str, max: usize) -> Result<String, &'static str> {
-    let from = path(arg, "FROM:").ok_or("501 5.1.7 Bad sender address syntax")?;
-    let declared = arg
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| k.eq_ignore_ascii_case("SIZE"))
-        .and_then(|(_, v)| v.parse::<usize>().ok());
-    if declared.is_some_and(|s| s > max) {
-        return Err("552 5.3.4 Message size exceeds the fixed limit");
+/// The reverse path MAIL may take, or the reply: an oversized SIZE is answered before an
+/// unusable address, as it always was.
+fn sender(mail: Mail<'_>, max: usize) -> Result<&str, String> {
+    if mail.size.is_some_and(|s| s > max) {
+        return Err("552 5.3.4 Message size exceeds the fixed limit".into());
     }
-    if !from.is_empty() && super::normalize_address(&from).is_none() {
-        return Err("501 5.1.7 Bad sender address syntax");
-    }
-    Ok(from)
-}
-
-/// The address inside `<...>` after `prefix` (case-insensitive), e.g. `TO:<a@b.c>`.
-/// Character-boundary safe: `get` refuses an offset inside a multi-byte character.
-fn path(arg: &str, prefix: &str) -> Option<String> {
-    let arg = arg.trim_start();
-    if !arg.get(..prefix.len())?.eq_ignore_ascii_case(prefix) {
-        return None;
-    }
-    let rest = arg.get(prefix.len()..)?.trim_start().strip_prefix('<')?;
-    let (address, _) = rest.split_once('>')?;
-    Some(address.to_string())
+    mail.from.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn auth_plain_responses() {
-        use base64::Engine;
-        let encode = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
-        assert_eq!(plain_password(&encode(b"\0relay\0secret")).as_deref(), Some("secret"));
-        assert_eq!(plain_password(&encode(b"no separators")), None);
-        assert_eq!(plain_password("not base64!"), None);
+    fn mail_from(arg: &str, max: usize) -> Result<String, String> {
+        let line = format!("MAIL {arg}");
+        match command::parse(line.as_bytes()) {
+            Ok(Command::Mail(mail)) => sender(mail, max).map(str::to_string),
+            other => panic!("{line:?} gave {other:?}"),
+        }
     }
 
     #[test]
-    fn paths_and_size_parameters() {
-        assert_eq!(path("FROM:<a@b.com> SIZE=10", "FROM:").as_deref(), Some("a@b.com"));
-        assert_eq!(path("from: <>", "FROM:").as_deref(), Some(""));
-        assert_eq!(path("TO:a@b.com", "TO:"), None);
-        // Multi-byte characters where the prefix or the brackets would be: refused, no panic.
-        assert_eq!(path("é", "FROM:"), None);
-        assert_eq!(path("FRO\u{e9}:<a@b.com>", "FROM:"), None);
-        assert_eq!(path("TO\u{1F600}<a@b.com>", "TO:"), None);
-        assert_eq!(
-            path("TO:<jürgen@bücher.example>", "TO:").as_deref(),
-            Some("jürgen@bücher.example")
-        );
-        assert_eq!(path("TO:<ü", "TO:"), None);
+    fn size_parameters_against_the_limit() {
         assert_eq!(mail_from("FROM:<a@b.com> SIZE=100", 1000), Ok("a@b.com".into()));
         assert_eq!(
             mail_from("FROM:<a@b.com> SIZE=5000", 1000),
-            Err("552 5.3.4 Message size exceeds the fixed limit")
+            Err("552 5.3.4 Message size exceeds the fixed limit".into())
         );
         assert!(mail_from("FROM:<not an address>", 1000).is_err());
+        // The size is answered first, then the address; a malformed path before both.
+        assert_eq!(
+            mail_from("FROM:<not an address> SIZE=5000", 1000),
+            Err("552 5.3.4 Message size exceeds the fixed limit".into())
+        );
+        assert_eq!(
+            mail_from("FROM:not-a-path SIZE=5000", 1000),
+            Err("501 5.1.7 Bad sender address syntax".into())
+        );
+        assert_eq!(mail_from("FROM:<> SIZE=1000", 1000), Ok(String::new()));
     }
 }
