@@ -235,7 +235,10 @@ async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
 async fn send(operator: &Operator, prefix: &str, n: usize) -> BTreeSet<String> {
     let client = reqwest::Client::new();
     let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
-    assert!(post(&client, operator.ingest, &ids).await, "the events were acknowledged");
+    assert!(
+        post(&client, operator.ingest, &ids).await,
+        "the events were acknowledged"
+    );
     ids.into_iter().collect()
 }
 
@@ -260,12 +263,7 @@ async fn sigterm_drains_the_deliveries_in_flight_and_a_restart_delivers_the_rest
     // Each delivery takes a second: at SIGTERM four are in flight and the rest queued.
     receiver.mode(r#"{"delay": 1.0}"#).await;
     let sent = send(&operator, "drain", 40).await;
-    eventually(
-        "deliveries in flight",
-        || receiver.deliveries(),
-        |d| !d.is_empty(),
-    )
-    .await;
+    eventually("deliveries in flight", || receiver.deliveries(), |d| !d.is_empty()).await;
 
     let status = operator
         .terminate(Duration::from_secs(20))
@@ -277,7 +275,10 @@ async fn sigterm_drains_the_deliveries_in_flight_and_a_restart_delivers_the_rest
         "every task (shards, attempts, controllers, committer, servers) ended before the exit:\n{log}"
     );
     let before_restart = answered(&receiver.deliveries().await);
-    assert!(before_restart.len() < sent.len(), "the drain took no new work: {before_restart:?}");
+    assert!(
+        before_restart.len() < sent.len(),
+        "the drain took no new work: {before_restart:?}"
+    );
 
     receiver.mode(r#"{"delay": 0}"#).await;
     operator.restart().await;
@@ -310,7 +311,10 @@ async fn a_second_signal_exits_at_once_and_what_was_in_flight_is_due_after_the_r
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     operator.sigterm();
-    assert!(operator.wait_exit(Duration::from_secs(2)).is_none(), "draining: still running");
+    assert!(
+        operator.wait_exit(Duration::from_secs(2)).is_none(),
+        "draining: still running"
+    );
     let status = operator
         .terminate(Duration::from_secs(5))
         .expect("a second signal exits at once");

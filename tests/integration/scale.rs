@@ -140,7 +140,7 @@ async fn a_thousand_subscriptions_and_a_hundred_filters_all_become_ready() {
             .lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
+            .fold(0.0, |a, b| a + b)
     };
     let subscription_reconciles = series(r#"mailhook_reconcile_duration_seconds_count{kind="WebhookSubscription"}"#);
     let filter_reconciles = series(r#"mailhook_reconcile_duration_seconds_count{kind="MailboxFilter"}"#);
