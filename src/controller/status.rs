@@ -545,4 +545,72 @@ mod tests {
         assert!(due(&2, Some(&last), true), "a condition changed: write at once");
         assert!(due(&2, None, false), "never written: write");
     }
+
+    fn state(ready: Desired) -> SubscriptionState {
+        SubscriptionState {
+            generation: Some(3),
+            endpoint_host: Some("siem.example.com".into()),
+            ready,
+            route: None,
+            shard: 1,
+            paused: false,
+            last_replay: None,
+            signing_public_keys: vec![],
+            insecure_skip_tls_verify: false,
+            uses: vec![],
+            version: 1,
+        }
+    }
+
+    fn valid() -> Desired {
+        Desired {
+            type_: READY,
+            status: Status::True,
+            reason: "Valid",
+            message: "Configuration is valid".into(),
+        }
+    }
+
+    /// Status composes what the reconcile decided with what the data path measured: an
+    /// endpoint that did not echo the challenge is not Ready (and is on its way).
+    #[test]
+    fn subscription_status_shows_verification_counts_and_generation() {
+        let now = Time(jiff::Timestamp::UNIX_EPOCH);
+        let counts = QueueCounts {
+            backlog: 4,
+            dead_lettered: 1,
+        };
+        let mut health = HealthSnapshot {
+            verification: Some(crate::delivery::verification::Verification::Failed(
+                "the endpoint answered 2xx but did not echo the challenge".into(),
+            )),
+            ..Default::default()
+        };
+        let status = subscription_status(&Default::default(), &state(valid()), &health, counts, &now);
+        let ready = status.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "EndpointNotVerified")
+        );
+        assert!(
+            ready.message.contains("did not echo the challenge"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(
+            conditions::status_of(&status.conditions, conditions::RECONCILING),
+            Some("True")
+        );
+        assert_eq!((status.backlog, status.dead_lettered), (4, 1));
+        assert_eq!((status.observed_generation, status.shard), (Some(3), Some(1)));
+
+        health.verification = Some(crate::delivery::verification::Verification::Pending);
+        let status = subscription_status(&status, &state(valid()), &health, counts, &now);
+        assert_eq!(conditions::status_of(&status.conditions, READY), Some("Unknown"));
+
+        health.verification = Some(crate::delivery::verification::Verification::Verified);
+        let status = subscription_status(&status, &state(valid()), &health, counts, &now);
+        assert_eq!(conditions::status_of(&status.conditions, READY), Some("True"));
+        assert_eq!(conditions::status_of(&status.conditions, conditions::RECONCILING), None);
+    }
 }

@@ -135,16 +135,8 @@ pub(super) fn webhook_id(event_id: &str, subscription: &str) -> String {
     hasher.update(b"/");
     hasher.update(event_id.as_bytes());
     let digest = hasher.finalize();
-    let mut id = String::with_capacity(36);
-    id.push_str("msg_");
-    for b in &digest[..16] {
-        id.push(char::from(HEX[usize::from(b >> 4)]));
-        id.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    id
+    format!("msg_{}", crate::crypto::hex(digest.get(..16).unwrap_or_default()))
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// One signed POST of the event and what came of it (with its latency and end time).
 async fn attempt_once(

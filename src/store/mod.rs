@@ -59,7 +59,7 @@ impl RawMessage {
     pub fn new(bytes: Vec<u8>) -> RawMessage {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(&bytes);
-        let sha256 = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = crate::crypto::hex(&digest);
         RawMessage { sha256, bytes }
     }
 }

@@ -330,6 +330,17 @@ async fn resources_made_before_start_are_reconciled_and_sigterm_stops_cleanly() 
     apply_path(&ns, "examples");
     let mut operator = Operator::start(&ns).await;
     all_ready(&ns).await;
+    // Readiness is made of named parts; `?verbose` says which holds.
+    let verbose = reqwest::get(format!("http://{}/readyz?verbose", operator.admin))
+        .await
+        .expect("readyz")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        verbose.contains("[+]controllers ok") && verbose.contains("[+]shutdown ok") && verbose.ends_with("ready\n"),
+        "{verbose}"
+    );
     let status = operator
         .terminate(std::time::Duration::from_secs(10))
         .expect("exits within 10s of SIGTERM");

@@ -71,7 +71,7 @@ pub struct TlsFiles {
     cert: std::path::PathBuf,
     key: std::path::PathBuf,
     /// The files' bytes and the configuration built from them.
-    current: std::sync::Mutex<(Vec<u8>, Vec<u8>, Arc<rustls::ServerConfig>)>,
+    current: parking_lot::Mutex<(Vec<u8>, Vec<u8>, Arc<rustls::ServerConfig>)>,
 }
 
 impl std::fmt::Debug for TlsFiles {
@@ -106,13 +106,13 @@ impl TlsFiles {
         Ok(TlsFiles {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
-            current: std::sync::Mutex::new((c, k, config)),
+            current: parking_lot::Mutex::new((c, k, config)),
         })
     }
 
     /// The configuration for a handshake starting now.
     fn config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        let mut current = self.current.lock().ok()?;
+        let mut current = self.current.lock();
         if let (Ok(c), Ok(k)) = (std::fs::read(&self.cert), std::fs::read(&self.key))
             && (c != current.0 || k != current.1)
         {
