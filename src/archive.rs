@@ -4,7 +4,7 @@
 //! serves them on the operator's HTTP (admin) port. The link is the credential: it needs no
 //! token, so a receiver can fetch the message it was told about, and nothing else, until
 //! the link expires. The key lives in the store, so links survive a restart and die with
-//! the data.
+//! the data. Depends on nothing else of the crate.
 
 use std::time::Duration;
 

@@ -1,4 +1,6 @@
-//! Bearer-token authentication shared by the ingest API and the admin API.
+//! Bearer-token authentication shared by the ingest API, the SMTP receiver and the history
+//! API: token files (re-read while running), lockout after failures, the ingest token
+//! Secret. Depends on `crypto` only.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,5 +1,5 @@
 //! `MailboxEvent`: the one normalized shape every source produces and every other part
-//! (store, router, delivery) consumes.
+//! (store, router, delivery) consumes. Depends on `api` only.
 
 use std::collections::BTreeMap;
 

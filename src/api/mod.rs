@@ -1,4 +1,5 @@
-//! The custom resources of group `mailhook.io`, version `v1alpha1`.
+//! The custom resources of group `mailhook.io`, version `v1alpha1`: their types, schema
+//! and defaults (what `crdgen` prints). Depends on nothing else of the crate.
 
 mod common;
 mod duration;

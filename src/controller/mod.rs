@@ -1,5 +1,7 @@
 //! The controllers: they watch WebhookSubscriptions, MailboxFilters and the Secrets they
-//! reference, validate them, and write conditions. They never block the data path.
+//! reference, validate them, and write conditions. They never block the data path. An
+//! inbound adapter (from Kubernetes): depends on the core and the shared `handles`, never
+//! on another adapter.
 
 pub mod conditions;
 pub mod filter;

@@ -1,6 +1,9 @@
 //! Delivery: a fixed set of shards POST signed events to subscribers, retry on each
 //! subscription's schedule, and keep per-subscription health. A subscription lives on
-//! one shard (stable hash of its UID). Queues live behind the `Store` trait.
+//! one shard (stable hash of its UID). Queues live behind the `Store` trait. This file is
+//! the registry (what each shard delivers for); the core below the inbound adapters:
+//! depends on `store`, `route`, `event`, `archive`, `metrics`, `panics`, `lifecycle` and
+//! `crypto`, never on a source or a controller.
 
 pub mod client;
 pub mod egress;

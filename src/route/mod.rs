@@ -1,4 +1,5 @@
-//! Compiled MailboxFilters and the matching of events against them.
+//! Compiled MailboxFilters and the matching of events against them: the routing table the
+//! sources read and the controllers rebuild. Depends on `api` and `event` only.
 
 mod filter;
 mod table;

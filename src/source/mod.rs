@@ -1,5 +1,7 @@
 //! Sources turn input into `MailboxEvent`s and hand them to the pipeline, which stores
-//! them, routes them and queues their deliveries before the source answers.
+//! them, routes them and queues their deliveries before the source answers. Inbound
+//! adapters: they depend on the core (`store`, `route`, `delivery`, `event`, `api`), `auth`
+//! and the shared `handles`, never on another adapter (admin, history, controller).
 
 pub mod http;
 pub mod journal;

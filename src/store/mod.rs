@@ -1,5 +1,6 @@
 //! The store behind the event log and the delivery queues. The rest of the code knows
-//! only this trait; which backend runs is chosen at start-up.
+//! only this trait; which backend runs is chosen at start-up. Depends on `event` and
+//! `crypto` only.
 
 mod durable;
 mod queue;
