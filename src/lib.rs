@@ -67,15 +67,42 @@ mod layout {
                     .expect("a module");
                 let text = std::fs::read_to_string(&path).expect("read source");
                 let deps = graph.entry(module.clone()).or_default();
-                for (i, _) in text.match_indices("crate::") {
-                    let name: String = text[i + 7..]
+                // Code only: comments may name modules freely.
+                let code: String = text
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("//"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let ident = |s: &str| -> String {
+                    s.trim_start()
                         .chars()
                         .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    if !name.is_empty() && name != module && name != "error_chain" {
-                        deps.insert(name);
+                        .collect()
+                };
+                for (i, _) in code.match_indices("crate::") {
+                    let rest = &code[i + "crate::".len()..];
+                    // `crate::{a, b::c}` names several modules.
+                    let names: Vec<String> = match rest.strip_prefix('{') {
+                        Some(group) => group
+                            .split('}')
+                            .next()
+                            .unwrap_or_default()
+                            .split(',')
+                            .map(ident)
+                            .collect(),
+                        None => vec![ident(rest)],
+                    };
+                    for name in names {
+                        if !name.is_empty() && name != module && name != "error_chain" {
+                            deps.insert(name);
+                        }
                     }
                 }
+                assert!(
+                    !code.contains(concat!("use crate", " as ")),
+                    "{}: an alias of `crate` hides imports from this check",
+                    rel.display()
+                );
             }
         }
         graph

@@ -1,7 +1,7 @@
 //! One lifecycle for every long-running task: each is started here, in a stage, and
 //! tracked; on shutdown the stages stop in order — intake (stop accepting mail and
-//! events), control (controllers, status, watchers), delivery (no new attempts; those in
-//! flight finish until the deadline, the rest stay due in the store), storage (the last
+//! events), delivery (no new attempts; those in flight finish until the deadline, the rest
+//! stay due in the store), control (controllers, status, watchers), storage (the last
 //! writes are committed), admin (metrics and probes answer until the end) — and what is
 //! still running when the deadline passes is named in the log. Depends on nothing else
 //! of the crate.
@@ -21,10 +21,11 @@ use tracing::{info, warn};
 pub enum Stage {
     /// Listeners that take events in: ingest API, SMTP.
     Intake,
+    /// Delivery shards and the attempts they started: stopped right after intake, so the
+    /// drain has the deadline to itself.
+    Delivery,
     /// Controllers, the status writer, the routing table, token and certificate watchers.
     Control,
-    /// Delivery shards and the attempts they started.
-    Delivery,
     /// Housekeeping and the store's last commits.
     Storage,
     /// The admin server: probes and metrics answer while everything else stops.
@@ -33,8 +34,8 @@ pub enum Stage {
 
 const STAGES: [Stage; 5] = [
     Stage::Intake,
-    Stage::Control,
     Stage::Delivery,
+    Stage::Control,
     Stage::Storage,
     Stage::Admin,
 ];
@@ -44,6 +45,24 @@ struct Part {
     tracker: TaskTracker,
     /// Running tasks of this stage by name (a name may run several times).
     running: Arc<Mutex<BTreeMap<&'static str, usize>>>,
+}
+
+/// One running task in its stage's count; counted out when dropped.
+struct Running {
+    map: Arc<Mutex<BTreeMap<&'static str, usize>>>,
+    name: &'static str,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut running = self.map.lock();
+        if let Some(n) = running.get_mut(self.name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(self.name);
+            }
+        }
+    }
 }
 
 /// The least time a stage gets once the deadline has passed.
@@ -66,11 +85,13 @@ impl Default for Lifecycle {
 pub struct Stopped {
     /// Tasks still running when their stage's time ran out, by stage and name.
     pub left_running: Vec<(Stage, &'static str)>,
+    /// Stages whose time ran out (also when what was left had no name).
+    pub timed_out: Vec<Stage>,
 }
 
 impl Stopped {
     pub fn clean(&self) -> bool {
-        self.left_running.is_empty()
+        self.left_running.is_empty() && self.timed_out.is_empty()
     }
 }
 
@@ -125,17 +146,15 @@ impl Lifecycle {
     {
         let part = self.part(stage);
         *part.running.lock().entry(name).or_default() += 1;
-        let running = part.running.clone();
+        let running = Running {
+            map: part.running.clone(),
+            name,
+        };
         let token = part.token.clone();
         part.tracker.spawn(async move {
+            // Counted out when it ends, also by a panic (the guard drops while unwinding).
+            let _running = running;
             task.await;
-            let mut r = running.lock();
-            if let Some(n) = r.get_mut(name) {
-                *n -= 1;
-                if *n == 0 {
-                    r.remove(name);
-                }
-            }
             if long_running && !token.is_cancelled() {
                 warn!(task = name, "a long-running task ended before shutdown");
             }
@@ -167,6 +186,7 @@ impl Lifecycle {
             part.tracker.close();
             let stage_until = until.max(tokio::time::Instant::now() + LATE_GRACE);
             if tokio::time::timeout_at(stage_until, part.tracker.wait()).await.is_err() {
+                stopped.timed_out.push(stage);
                 for (name, _) in part.running.lock().iter() {
                     stopped.left_running.push((stage, name));
                 }
@@ -227,6 +247,7 @@ mod tests {
         let stopped = lifecycle.shutdown(Duration::from_secs(5)).await;
         assert_eq!(*order.lock(), vec![Stage::Intake, Stage::Delivery, Stage::Admin]);
         assert_eq!(stopped.left_running, vec![(Stage::Control, "stuck")]);
+        assert_eq!(stopped.timed_out, vec![Stage::Control]);
         assert!(!stopped.clean());
     }
 

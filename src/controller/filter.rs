@@ -2,6 +2,7 @@
 //! filter is known from their reconciles; the status writer lists them, so a change to a
 //! subscription never re-runs its filters.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use tracing::instrument;
 
 use super::conditions::{Desired, READY, Status};
 use super::{Context, Error, FilterState};
-use crate::api::{MailboxFilter, WebhookSubscription};
+
+use crate::api::{MailboxFilter, WebhookSubscriptionSpec};
 use crate::route::CompiledFilter;
 
 pub mod reason {
@@ -20,17 +22,15 @@ pub mod reason {
     pub const INVALID_PATTERN: &str = "InvalidPattern";
 }
 
-/// Whether `whs` uses `filter`, by name or by label selector.
-pub fn uses(whs: &WebhookSubscription, filter: &MailboxFilter) -> bool {
-    let name = filter.name_any();
-    whs.namespace() == filter.namespace()
-        && (whs.spec.filter_refs.contains(&name)
-            || whs
-                .spec
-                .filter_selector
-                .clone()
-                .and_then(|s| Selector::try_from(s).ok())
-                .is_some_and(|s| s.matches(filter.labels())))
+/// Whether a subscription (of the filter's namespace) uses the filter `name` with
+/// `labels`, by name or by label selector. Pure.
+pub fn uses(spec: &WebhookSubscriptionSpec, name: &str, labels: &BTreeMap<String, String>) -> bool {
+    spec.filter_refs.iter().any(|r| r == name)
+        || spec
+            .filter_selector
+            .clone()
+            .and_then(|s| Selector::try_from(s).ok())
+            .is_some_and(|s| s.matches(labels))
 }
 
 /// The `Ready` condition of a filter and its compiled form. Pure.
@@ -73,15 +73,20 @@ pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<
     let (ready, compiled) = condition(ctx.compiled(&filter));
     // An invalid pattern stays invalid until the filter is edited (which is watched).
     let stalled = compiled.is_none();
-    ctx.record_filter(
-        (ns, filter.name_any()),
+    let (name, labels) = (filter.name_any(), filter.labels().clone());
+    let changed = ctx.record_filter(
+        (ns.clone(), name.clone()),
         FilterState {
             generation: filter.metadata.generation,
             ready,
             compiled,
+            labels: labels.clone(),
             version: 0,
         },
     );
+    if changed {
+        ctx.retrigger_users(&ns, &name, Some(&labels));
+    }
     ctx.metrics
         .reconcile_duration
         .with_label_values(&["MailboxFilter"])

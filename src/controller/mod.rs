@@ -135,6 +135,8 @@ pub struct FilterState {
     pub generation: Option<i64>,
     pub ready: Desired,
     pub compiled: Option<Arc<CompiledFilter>>,
+    /// Its labels (selectors match them).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// `State::version` when this was recorded.
     pub version: u64,
 }
@@ -203,6 +205,11 @@ pub struct Context {
     pub build: subscription::BuildSettings,
     /// The watched namespaces; None when all are.
     watched: Option<std::collections::HashSet<String>>,
+    /// Asks the subscription controller of each scope to reconcile a subscription.
+    retrigger: Vec<(
+        Option<String>,
+        tokio::sync::mpsc::UnboundedSender<ObjectRef<WebhookSubscription>>,
+    )>,
 }
 
 impl Context {
@@ -240,38 +247,115 @@ impl Context {
         }
     }
 
-    /// Records what a subscription reconcile decided; the routing table follows.
+    /// Records what a subscription reconcile decided. The routing table follows when the
+    /// route changed; otherwise (a periodic re-check) only the status writer is woken.
     pub fn record_subscription(&self, uid: String, mut state: SubscriptionState) {
         let mut all = self.state.lock();
-        state.version = all.next_version();
+        let same_route = all
+            .subscriptions
+            .get(&uid)
+            .filter(|old| old.route == state.route)
+            .map(|old| old.version);
+        let rebuild = same_route.is_none();
+        state.version = match same_route {
+            Some(version) => version,
+            None => all.next_version(),
+        };
         all.subscriptions.insert(uid, state);
         drop(all);
-        self.routes.wake.notify_one();
+        self.changed(rebuild);
     }
 
-    /// Records what a filter reconcile decided; the routing table follows.
-    pub fn record_filter(&self, key: Key, mut state: FilterState) {
+    /// Records what a filter reconcile decided; returns whether it changed anything a
+    /// subscription sees (new, compiled anew, labels), which then re-checks its users.
+    pub fn record_filter(&self, key: Key, mut state: FilterState) -> bool {
         let mut all = self.state.lock();
-        state.version = all.next_version();
+        let same = all.filters.get(&key).filter(|old| {
+            old.labels == state.labels
+                && match (&old.compiled, &state.compiled) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+        });
+        let changed = same.is_none();
+        state.version = match same {
+            Some(old) => old.version,
+            None => all.next_version(),
+        };
         all.filters.insert(key, state);
         drop(all);
-        self.routes.wake.notify_one();
+        self.changed(changed);
+        changed
     }
 
-    /// Forgets subscriptions (by UID) and filters (by key) that no longer exist.
+    /// After a change to state: rebuild the routing table (which then wakes the status
+    /// writer), or only wake the status writer.
+    fn changed(&self, rebuild: bool) {
+        if rebuild {
+            self.routes.wake.notify_one();
+        } else {
+            self.status_changed.notify_one();
+        }
+    }
+
+    /// Reconciles again the subscriptions of `namespace` that name or select `filter`, or
+    /// used a filter of that name before: the filter appeared, changed or went away. Sent
+    /// after the filter's cache holds the change, so their reconcile sees it.
+    pub fn retrigger_users(
+        &self,
+        namespace: &str,
+        filter: &str,
+        labels: Option<&std::collections::BTreeMap<String, String>>,
+    ) {
+        let state = self.state.lock();
+        let users: Vec<ObjectRef<WebhookSubscription>> = self
+            .subscriptions
+            .state()
+            .iter()
+            .filter(|w| w.namespace().as_deref() == Some(namespace))
+            .filter(|w| {
+                let used_before = w
+                    .uid()
+                    .and_then(|u| state.subscriptions.get(&u))
+                    .is_some_and(|s| s.uses.iter().any(|f| f == filter));
+                used_before || labels.is_some_and(|l| filter::uses(&w.spec, filter, l))
+            })
+            .map(|w| ObjectRef::from_obj(w.as_ref()))
+            .collect();
+        drop(state);
+        for (scope, tx) in &self.retrigger {
+            if scope.as_deref().is_none_or(|s| s == namespace) {
+                for user in &users {
+                    // Closed only at shutdown, when nothing needs reconciling any more.
+                    let _ = tx.send(user.clone());
+                }
+            }
+        }
+    }
+
+    /// Forgets subscriptions (by UID) and, with `live_filters`, the filters not in
+    /// `filters`; the users of a forgotten filter are reconciled again (FilterNotFound).
     fn forget(&self, subscriptions: &[String], filters: &std::collections::HashSet<Key>, live_filters: bool) {
         let mut all = self.state.lock();
         let before = (all.subscriptions.len(), all.filters.len());
         for uid in subscriptions {
             all.subscriptions.remove(uid);
         }
+        let mut gone = Vec::new();
         if live_filters {
+            gone = all.filters.keys().filter(|k| !filters.contains(*k)).cloned().collect();
             all.filters.retain(|k, _| filters.contains(k));
         }
         if before != (all.subscriptions.len(), all.filters.len()) {
             all.next_version();
             drop(all);
             self.routes.wake.notify_one();
+        } else {
+            drop(all);
+        }
+        for (ns, name) in gone {
+            self.retrigger_users(&ns, &name, None);
         }
     }
 
@@ -393,38 +477,6 @@ where
     }
 }
 
-/// The objects of a watch that matter to others: those whose spec (generation) or labels
-/// changed, and those deleted. Status writes — the operator's own, every few seconds per
-/// resource under traffic — pass through to nobody.
-fn spec_changes<K>(api: Api<K>, config: watcher::Config) -> impl futures::Stream<Item = Result<K, watcher::Error>>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let mut seen: HashMap<String, (Option<i64>, u64)> = HashMap::new();
-    let fingerprint = |o: &K| {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        o.meta().labels.hash(&mut h);
-        (o.meta().generation, h.finish())
-    };
-    watcher(api, config).default_backoff().filter_map(move |event| {
-        let out = match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let uid = o.meta().uid.clone().unwrap_or_default();
-                let print = fingerprint(&o);
-                (seen.insert(uid, print) != Some(print)).then_some(Ok(o))
-            }
-            Ok(watcher::Event::Delete(o)) => {
-                seen.remove(o.meta().uid.as_deref().unwrap_or_default());
-                Some(Ok(o))
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-            Err(e) => Some(Err(e)),
-        };
-        std::future::ready(out)
-    })
-}
-
 /// A controller over `api` and the reflector store behind it. Only changes to what a
 /// reconcile reads (`predicate`: generation, and for subscriptions annotations) trigger
 /// one, so status writes do not; managed fields are dropped from the cache (they are
@@ -490,11 +542,13 @@ pub async fn run(
                     config.clone(),
                     generation_and_annotations,
                 ),
+                // Labels too: a selector may start or stop matching.
                 controller(
                     api::<MailboxFilter>(&client, ns),
                     config.clone(),
-                    kube_runtime::predicates::generation,
+                    kube_runtime::predicates::generation.combine(kube_runtime::predicates::labels),
                 ),
+                tokio::sync::mpsc::unbounded_channel(),
             )
         })
         .collect();
@@ -506,8 +560,12 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
-        subscriptions: Caches::new(scoped.iter().map(|(ns, s, _)| (ns.clone(), s.store())).collect()),
-        filters: Caches::new(scoped.iter().map(|(ns, _, f)| (ns.clone(), f.store())).collect()),
+        subscriptions: Caches::new(scoped.iter().map(|(ns, s, _, _)| (ns.clone(), s.store())).collect()),
+        filters: Caches::new(scoped.iter().map(|(ns, _, f, _)| (ns.clone(), f.store())).collect()),
+        retrigger: scoped
+            .iter()
+            .map(|(ns, _, _, (tx, _))| (ns.clone(), tx.clone()))
+            .collect(),
         status_changed: wiring.deliveries.health_changed.clone(),
         deliveries: wiring.deliveries,
         router: wiring.router,
@@ -522,13 +580,14 @@ pub async fn run(
     });
 
     let mut loops: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
-    for (ns, subscriptions, filters) in scoped {
+    for (ns, subscriptions, filters, (_, retriggered)) in scoped {
         let ns = ns.as_deref();
         // A Secret change re-checks the subscriptions that name it.
         let by_secret = subscriptions.store();
         // A filter's spec, labels or existence changing re-checks the subscriptions that
-        // name it, select it, or used it before the change.
-        let by_filter = (subscriptions.store(), ctx.clone());
+        // name it, select it, or used it: its reconcile asks for them (`retrigger_users`).
+        let retriggered =
+            futures::stream::unfold(retriggered, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
         let subscriptions = subscriptions
             .watches(api::<Secret>(&client, ns), config.clone(), move |secret: Secret| {
                 let name = secret.name_any();
@@ -541,25 +600,7 @@ pub async fn run(
                     .map(|w| ObjectRef::from_obj(w.as_ref()))
                     .collect::<Vec<_>>()
             })
-            .watches_stream(
-                spec_changes(api::<MailboxFilter>(&client, ns), config.clone()),
-                move |f: MailboxFilter| {
-                    let (store, ctx) = &by_filter;
-                    let state = ctx.state.lock();
-                    store
-                        .state()
-                        .iter()
-                        .filter(|w| {
-                            let used_before = w
-                                .uid()
-                                .and_then(|u| state.subscriptions.get(&u))
-                                .is_some_and(|s| s.uses.contains(&f.name_any()));
-                            used_before || filter::uses(w, &f)
-                        })
-                        .map(|w| ObjectRef::from_obj(w.as_ref()))
-                        .collect::<Vec<_>>()
-                },
-            )
+            .reconcile_on(retriggered)
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(subscription::reconcile, error_policy, ctx.clone())
             .for_each(|_| async {});

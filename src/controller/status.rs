@@ -209,8 +209,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             () = ctx.status_changed.notified() => {}
             () = tokio::time::sleep(TICK) => {}
         }
-        write_subscriptions(&ctx, &mut subscriptions).await;
-        write_filters(&ctx, &mut filters).await;
+        // A pass may take many round trips: shutdown does not wait for it.
+        let pass = async {
+            write_subscriptions(&ctx, &mut subscriptions).await;
+            write_filters(&ctx, &mut filters).await;
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = pass => {}
+        }
     }
 }
 
@@ -311,7 +318,10 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
     let failed = ctx.metrics.store_errors.with_label_values(&["commit"]);
     failed.inc_by(store.commit_failures().saturating_sub(failed.get()));
     let objects = ctx.subscriptions.state();
-    let states: HashMap<String, SubscriptionState> = ctx.state.lock().subscriptions.clone();
+    let (states, filters) = {
+        let state = ctx.state.lock();
+        (state.subscriptions.clone(), state.filters.clone())
+    };
     // Read after the states: a state at or below it is in the routing table (see Routes).
     let routed = ctx.routes.routed();
     let mut writes = Vec::new();
@@ -340,9 +350,17 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             .endpoint_disabled
             .with_label_values(&labels)
             .set(i64::from(health.disabled.is_some()));
-        if state.version > routed {
-            // Not routed yet: saying Ready now could send a test (or a person) an event
-            // that nobody routes. The rebuilder wakes this writer once it is.
+        // Not routed yet — the subscription, or a filter it routes through — saying Ready
+        // now could send a test (or a person) an event that nobody routes. The rebuilder
+        // wakes this writer once it is; a filter's reconcile re-checks its users.
+        let filters_routed = state.route.as_ref().is_none_or(|r| {
+            r.filters.iter().all(|f| {
+                filters
+                    .get(&(ns.clone(), f.clone()))
+                    .is_some_and(|f| f.version <= routed && f.compiled.is_some())
+            })
+        });
+        if state.version > routed || !filters_routed {
             continue;
         }
 
@@ -468,13 +486,19 @@ fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSu
         .filter(|u| !live.contains(*u))
         .cloned()
         .collect();
-    if gone.is_empty() {
-        return;
+    if !gone.is_empty() {
+        ctx.forget(&gone, &std::collections::HashSet::new(), false);
+        ctx.directory.forget(&gone);
+        for uid in &gone {
+            ctx.deliveries.remove(uid);
+        }
     }
-    ctx.forget(&gone, &std::collections::HashSet::new(), false);
-    ctx.directory.forget(&gone);
-    for uid in &gone {
-        ctx.deliveries.remove(uid);
+    // A reconcile that failed after handing its subscription to the data path (say, a
+    // replay the store refused) recorded no state: the registry is swept too.
+    for uid in ctx.deliveries.uids() {
+        if !live.contains(&uid) {
+            ctx.deliveries.remove(&uid);
+        }
     }
 }
 

@@ -39,7 +39,7 @@ pub struct ClientSettings<'a> {
 /// Why a subscription's client cannot be made; each names the field to fix.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
-    #[error("spec.endpoint.headers: {0}")]
+    #[error("{0}")]
     Header(String),
     #[error("endpoint.caBundle cannot be read as PEM certificates: {0}")]
     CaBundle(String),

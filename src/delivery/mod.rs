@@ -88,6 +88,12 @@ pub struct Deliveries {
     lifecycle: Lifecycle,
 }
 
+/// A number no earlier handshake had: tells a handshake's result from a stale one.
+fn next_handshake() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Stable shard of a subscription UID.
 pub fn shard_of(uid: &str, shards: usize) -> usize {
     let digest = Sha256::digest(uid.as_bytes());
@@ -168,6 +174,14 @@ impl Deliveries {
                     .map(|s| s.config.clone())
                     .collect::<Vec<_>>()
             })
+            .collect()
+    }
+
+    /// Every subscription the shards deliver for.
+    pub fn uids(&self) -> Vec<String> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.subscriptions.lock().keys().cloned().collect::<Vec<_>>())
             .collect()
     }
 
@@ -253,9 +267,13 @@ impl Deliveries {
             if config.verify {
                 let h = handshakes
                     .entry(config.uid.clone())
-                    .or_insert_with(|| verification::Handshake::new(&config.url));
+                    .or_insert_with(|| verification::Handshake {
+                        attempt: next_handshake(),
+                        ..verification::Handshake::new(&config.url)
+                    });
                 if h.url != config.url {
                     *h = verification::Handshake::new(&config.url);
+                    h.attempt = next_handshake();
                 }
                 Some(h.state.clone())
             } else {
@@ -284,14 +302,24 @@ impl Deliveries {
         }
         let now = std::time::Instant::now();
         if h.in_flight || now < h.next_try {
-            return Err(h.next_try.max(now + Duration::from_millis(100)));
+            // The task wakes the shard when it is done.
+            return Err(h.next_try.max(now + verification::RETRY));
         }
         h.in_flight = true;
+        let attempt = h.attempt;
         drop(handshakes);
         let (deliveries, sub, shard) = (self.clone(), sub.clone(), shard.clone());
         self.lifecycle
             .spawn_short(Stage::Delivery, "verification handshake", async move {
-                let outcome = verification::handshake(&sub.config).await;
+                use futures::FutureExt;
+                // A panic (a bug) is a failed handshake, retried: never one stuck in flight.
+                let outcome = std::panic::AssertUnwindSafe(verification::handshake(&sub.config))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        crate::panics::record(&deliveries.metrics, "delivery");
+                        Err(crate::panics::ANSWER.to_string())
+                    });
                 let state = match outcome {
                     Ok(()) => {
                         tracing::info!(url = sub.config.url, "endpoint verified");
@@ -299,14 +327,18 @@ impl Deliveries {
                     }
                     Err(why) => verification::Verification::Failed(why),
                 };
-                if let Some(h) = deliveries.handshakes.lock().get_mut(&sub.config.uid)
-                    && h.url == sub.config.url
-                {
-                    h.in_flight = false;
-                    h.state = state.clone();
-                    h.next_try = std::time::Instant::now() + verification::RETRY;
-                }
-                if sub.health.set_verification(Some(state)) {
+                // Only the handshake of the current configuration counts: one started for an
+                // earlier URL (or before `verify` was turned off) is dropped.
+                let current = match deliveries.handshakes.lock().get_mut(&sub.config.uid) {
+                    Some(h) if h.attempt == attempt => {
+                        h.in_flight = false;
+                        h.state = state.clone();
+                        h.next_try = std::time::Instant::now() + verification::RETRY;
+                        true
+                    }
+                    _ => false,
+                };
+                if current && sub.health.set_verification(Some(state)) {
                     deliveries.health_changed.notify_one();
                 }
                 shard.wake.notify_one();

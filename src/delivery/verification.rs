@@ -31,6 +31,8 @@ pub const RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The handshake of one subscription: for which URL, where it stands, when to try again.
 pub(super) struct Handshake {
+    /// Which configuration this is (a new URL is a new handshake).
+    pub(super) attempt: u64,
     pub(super) url: String,
     pub(super) state: Verification,
     pub(super) in_flight: bool,
@@ -40,6 +42,7 @@ pub(super) struct Handshake {
 impl Handshake {
     pub(super) fn new(url: &str) -> Handshake {
         Handshake {
+            attempt: 0,
             url: url.to_string(),
             state: Verification::Pending,
             in_flight: false,

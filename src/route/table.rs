@@ -12,7 +12,7 @@ use crate::event::{Flag, MailboxEvent, Source};
 use super::CompiledFilter;
 
 /// A subscription as the router sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionRoute {
     pub uid: String,
     pub namespace: String,
