@@ -226,6 +226,44 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mailhook store migrate | status`: what an admin applying migrations by hand sees.
+pub async fn store(action: crate::cli::StoreAction, database: &crate::cli::DatabaseArgs) -> anyhow::Result<String> {
+    use crate::store::postgres::{self, migrations};
+    let config = postgres::config(
+        &database.store_url,
+        database.store_password_file.as_deref(),
+        database.store_password.as_deref(),
+    )?;
+    let mut client = postgres::connect(&config).await?;
+    let mut out = String::new();
+    if action == crate::cli::StoreAction::Migrate {
+        let ran = migrations::migrate(&mut client).await?;
+        if ran.is_empty() {
+            out.push_str("nothing to apply\n");
+        }
+        for version in ran {
+            out.push_str(&format!("applied migration {version}\n"));
+        }
+    }
+    let status = migrations::status(&client).await?;
+    out.push_str(&format!(
+        "schema version {} (this binary knows up to {})\n",
+        status.current(),
+        status.known
+    ));
+    for a in &status.applied {
+        out.push_str(&format!(
+            "  applied  {:>4}  {:<24} {}\n",
+            a.version, a.name, a.applied_at
+        ));
+    }
+    for (version, name) in &status.pending {
+        out.push_str(&format!("  pending  {version:>4}  {name}\n"));
+    }
+    migrations::check(&status)?;
+    Ok(out)
+}
+
 /// Re-reads a token file for as long as the operator runs.
 fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
     let stop = lifecycle.token(Stage::Control);

@@ -33,12 +33,44 @@ pub enum Command {
     DeadLetters(ListArgs),
     /// Queue a subscription's dead letters for delivery again (asks a running operator).
     Replay(ReplayArgs),
+    /// The PostgreSQL store's schema: `migrate` applies what is missing (the operator also
+    /// does at start), `status` shows where it stands.
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
     /// Print a new signing key for a subscription's signing Secret: `ed25519` prints a
     /// `whsk_` key on stdout and its `whpk_` public key on stderr; `hmac` a `whsec_` secret.
     Keygen {
         #[arg(value_enum, default_value_t = KeyKind::Ed25519)]
         kind: KeyKind,
     },
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreAction {
+    /// Apply the schema migrations this binary has and the database lacks.
+    Migrate,
+    /// Show the applied and pending migrations.
+    Status,
+}
+
+/// Where the PostgreSQL store is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL of the store, e.g. `postgres://mailhook@db.example.com/mailhook`.
+    #[arg(long, env = "MAILHOOK_STORE_URL")]
+    pub store_url: String,
+
+    /// File holding the database password (mount a Secret here), when the URL has none.
+    #[arg(long, env = "MAILHOOK_STORE_PASSWORD_FILE")]
+    pub store_password_file: Option<std::path::PathBuf>,
+
+    /// The database password, when neither the URL nor a file gives it.
+    #[arg(long, env = "MAILHOOK_STORE_PASSWORD", hide_env_values = true)]
+    pub store_password: Option<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

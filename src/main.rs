@@ -32,6 +32,10 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Store { action, database } => {
+            print!("{}", mailhook::app::store(action, &database).await?);
+            Ok(())
+        }
         Command::Crdgen => {
             print!("{}", mailhook::api::crds_yaml()?);
             Ok(())

@@ -3,6 +3,7 @@
 //! `crypto` only.
 
 mod durable;
+pub mod postgres;
 mod queue;
 
 use std::sync::Arc;

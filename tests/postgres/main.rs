@@ -1,0 +1,144 @@
+//! The PostgreSQL store against a real server: a throw-away cluster that `tests/pgenv/up`
+//! started (found through `MAILHOOK_TEST_PG_URL` and `MAILHOOK_TEST_PG_ADMIN_URL`). Each
+//! test gets a database of its own, owned by the operator's role.
+
+use std::process::Command;
+
+use mailhook::store::postgres::{self, migrations};
+
+/// A new, empty database owned by the test role; returns its URL.
+async fn database(test: &str) -> String {
+    let (url, admin) = match (
+        std::env::var("MAILHOOK_TEST_PG_URL"),
+        std::env::var("MAILHOOK_TEST_PG_ADMIN_URL"),
+    ) {
+        (Ok(url), Ok(admin)) => (url, admin),
+        _ => panic!("PostgreSQL tests need a real server: run tests/run, or eval \"$(tests/pgenv/up)\" first"),
+    };
+    let config = postgres::config(&admin, None, None).expect("admin URL");
+    let client = postgres::connect(&config).await.expect("connect as the superuser");
+    let name = format!("{test}_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name} OWNER mailhook"))
+        .await
+        .expect("create the test database");
+    let mut parsed = url::Url::parse(&url).expect("test URL");
+    parsed.set_path(&name);
+    parsed.to_string()
+}
+
+fn mailhook(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailhook"))
+        .args(args)
+        .output()
+        .expect("run mailhook");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once_and_status_says_where_it_stands() {
+    let url = database("migrate").await;
+    let (ok, out, err) = mailhook(&["store", "--store-url", &url, "status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("schema version 0") && out.contains("pending     1  initial"),
+        "{out}"
+    );
+
+    let (ok, out, err) = mailhook(&["store", "--store-url", &url, "migrate"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("applied migration 1"), "{out}");
+    let (ok, out, _) = mailhook(&["store", "--store-url", &url, "migrate"]);
+    assert!(ok && out.contains("nothing to apply"), "{out}");
+
+    let config = postgres::config(&url, None, None).expect("url");
+    let client = postgres::connect(&config).await.expect("connect");
+    let status = migrations::status(&client).await.expect("status");
+    assert_eq!(status.current(), migrations::latest());
+    assert!(status.pending.is_empty());
+    // The schema is there: the tables the store writes.
+    for table in [
+        "events",
+        "producers",
+        "pending",
+        "dead_letters",
+        "attempts",
+        "raw_messages",
+        "subscriptions",
+        "meta",
+    ] {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .expect("query")
+            .get(0);
+        assert!(exists, "table {table}");
+    }
+}
+
+/// Two operators starting at once: both succeed, exactly one applies the migrations, and
+/// the schema is whole (the advisory lock serialises them).
+#[tokio::test]
+async fn two_migrations_at_once_both_succeed_and_one_applies() {
+    let url = database("race").await;
+    for round in 0..3 {
+        let url = if round == 0 {
+            url.clone()
+        } else {
+            database("race").await
+        };
+        let spawn = || {
+            Command::new(env!("CARGO_BIN_EXE_mailhook"))
+                .args(["store", "--store-url", &url, "migrate"])
+                .output()
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(spawn);
+            let b = s.spawn(spawn);
+            (a.join(), b.join())
+        });
+        let outputs: Vec<String> = [a, b]
+            .into_iter()
+            .map(|r| {
+                let out = r.expect("thread").expect("run");
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect();
+        let applied = outputs.iter().filter(|o| o.contains("applied migration 1")).count();
+        assert_eq!(applied, 1, "exactly one applies: {outputs:?}");
+        let config = postgres::config(&url, None, None).expect("url");
+        let client = postgres::connect(&config).await.expect("connect");
+        let versions: i64 = client
+            .query_one("SELECT count(*) FROM schema_migrations", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(versions, migrations::MIGRATIONS.len() as i64);
+    }
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_binary_is_refused_with_what_to_do() {
+    let url = database("newer").await;
+    let (ok, _, err) = mailhook(&["store", "--store-url", &url, "migrate"]);
+    assert!(ok, "{err}");
+    let config = postgres::config(&url, None, None).expect("url");
+    let client = postgres::connect(&config).await.expect("connect");
+    client
+        .execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, 'from the future')",
+            &[&(migrations::latest() + 1)],
+        )
+        .await
+        .expect("insert");
+    for action in ["status", "migrate"] {
+        let (ok, _, err) = mailhook(&["store", "--store-url", &url, action]);
+        assert!(!ok, "{action} must refuse");
+        assert!(err.contains("newer than this binary's"), "{action}: {err}");
+    }
+}
