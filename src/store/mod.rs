@@ -2,7 +2,7 @@
 //! only this trait; which backend runs is chosen at start-up. Depends on `event` and
 //! `crypto` only.
 
-mod durable;
+pub mod durable;
 pub mod postgres;
 mod queue;
 

@@ -1,19 +1,16 @@
 //! The group-commit thread: the disk writes (`Op`) it applies and the loop that takes
 //! every write waiting at that moment into one transaction and one fsync. Depends only
-//! on `schema`; knows nothing of the in-memory state.
+//! on `engine`; knows nothing of the in-memory state.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 
-use redb::{Database, Durability};
-
-use super::schema::{ATTEMPTS, DEAD, EVENTS, PENDING, PRODUCERS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io};
-use crate::store::StoreError;
+use super::engine::Engine;
 
 /// Most writes one transaction takes; keeps a commit's latency bounded under load.
 const MAX_JOBS_PER_COMMIT: usize = 4096;
 
-pub(super) enum Op {
+pub enum Op {
     PutEvent(String, Vec<u8>),
     DeleteEvent(String),
     PutProducer(String, String, i64),
@@ -46,7 +43,7 @@ pub(super) struct Job {
 }
 
 /// Runs until every sender is gone, counting failed commits in `failures`.
-pub(super) fn commit_loop(db: &Database, rx: &Receiver<Job>, failures: &AtomicU64) {
+pub(super) fn commit_loop(engine: &dyn Engine, rx: &Receiver<Job>, failures: &AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_JOBS_PER_COMMIT {
@@ -55,7 +52,8 @@ pub(super) fn commit_loop(db: &Database, rx: &Receiver<Job>, failures: &AtomicU6
                 Err(_) => break,
             }
         }
-        let result = commit(db, &jobs).map_err(|e| e.to_string());
+        let ops: Vec<&Op> = jobs.iter().flat_map(|j| &j.ops).collect();
+        let result = engine.commit(&ops).map_err(|e| e.to_string());
         if let Err(err) = &result {
             failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%err, "store commit failed");
@@ -72,89 +70,4 @@ pub(super) fn commit_loop(db: &Database, rx: &Receiver<Job>, failures: &AtomicU6
             }
         }
     }
-}
-
-fn commit(db: &Database, jobs: &[Job]) -> Result<(), StoreError> {
-    let mut txn = db.begin_write().map_err(io)?;
-    txn.set_durability(Durability::Immediate).map_err(io)?;
-    {
-        let mut events = txn.open_table(EVENTS).map_err(io)?;
-        let mut producers = txn.open_table(PRODUCERS).map_err(io)?;
-        let mut pending = txn.open_table(PENDING).map_err(io)?;
-        let mut dead = txn.open_table(DEAD).map_err(io)?;
-        let mut attempts = txn.open_table(ATTEMPTS).map_err(io)?;
-        let mut raw = txn.open_table(RAW).map_err(io)?;
-        let mut raw_by_age = txn.open_table(RAW_BY_AGE).map_err(io)?;
-        let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(io)?;
-        for op in jobs.iter().flat_map(|j| &j.ops) {
-            match op {
-                Op::PutEvent(id, bytes) => {
-                    events.insert(id.as_str(), bytes.as_slice()).map_err(io)?;
-                }
-                Op::DeleteEvent(id) => {
-                    events.remove(id.as_str()).map_err(io)?;
-                }
-                Op::PutProducer(p, id, at) => {
-                    producers.insert(p.as_str(), (id.as_str(), *at)).map_err(io)?;
-                }
-                Op::DeleteProducer(p) => {
-                    producers.remove(p.as_str()).map_err(io)?;
-                }
-                Op::PutPending(seq, bytes) => {
-                    pending.insert(*seq, bytes.as_slice()).map_err(io)?;
-                }
-                Op::DeletePending(seq) => {
-                    pending.remove(*seq).map_err(io)?;
-                }
-                Op::PutDead(seq, bytes) => {
-                    dead.insert(*seq, bytes.as_slice()).map_err(io)?;
-                }
-                Op::DeleteDead(seq) => {
-                    dead.remove(*seq).map_err(io)?;
-                }
-                Op::PutAttempt(subscription, key, bytes) => {
-                    attempts
-                        .insert((subscription.as_str(), *key), bytes.as_slice())
-                        .map_err(io)?;
-                }
-                Op::TrimAttempts(subscription, n) => {
-                    let mut left = *n;
-                    let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
-                    attempts
-                        .retain_in(range, |_, _| {
-                            if left == 0 {
-                                return true;
-                            }
-                            left -= 1;
-                            false
-                        })
-                        .map_err(io)?;
-                }
-                Op::DeleteAttemptsOf(subscription) => {
-                    let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
-                    attempts.retain_in(range, |_, _| false).map_err(io)?;
-                }
-                Op::PutRaw(sha256, at, bytes) => {
-                    // Archived again: its age starts over.
-                    if let Some(old) = raw.insert(sha256.as_str(), (*at, bytes.as_slice())).map_err(io)? {
-                        let old_at = old.value().0;
-                        drop(old);
-                        raw_by_age.remove((old_at, sha256.as_str())).map_err(io)?;
-                    }
-                    raw_by_age.insert((*at, sha256.as_str()), ()).map_err(io)?;
-                }
-                Op::DeleteRaw(at, sha256) => {
-                    raw.remove(sha256.as_str()).map_err(io)?;
-                    raw_by_age.remove((*at, sha256.as_str())).map_err(io)?;
-                }
-                Op::PutSubscription(uid, namespace) => {
-                    subscriptions.insert(uid.as_str(), namespace.as_str()).map_err(io)?;
-                }
-                Op::DeleteSubscription(uid) => {
-                    subscriptions.remove(uid.as_str()).map_err(io)?;
-                }
-            }
-        }
-    }
-    txn.commit().map_err(io)
 }

@@ -14,6 +14,7 @@
 //! thread) and `state` (the in-memory indexes). Only this file locks a mutex.
 
 mod committer;
+pub mod engine;
 mod schema;
 mod state;
 
@@ -23,12 +24,14 @@ use std::sync::mpsc::{Sender, channel, sync_channel};
 
 use parking_lot::{Mutex, MutexGuard};
 
+use redb::Database;
 use redb::backends::InMemoryBackend;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use self::committer::{Job, Op, Reply, commit_loop};
-use self::schema::{ATTEMPTS, DEAD, EVENTS, META, RAW, RAW_BY_AGE, StoredDelivery, create_tables, io, json, nanos};
-use self::state::{EVENT_CACHE, Ref, State, bury_in, dead_ops, load};
+pub use self::committer::Op;
+use self::committer::{Job, Reply, commit_loop};
+use self::engine::{Engine, Redb};
+use self::schema::{StoredDelivery, create_tables, io, json, nanos};
+use self::state::{EVENT_CACHE, Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
     Appended, Attempt, DeadLetter, Durable, Ingest, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store,
@@ -45,13 +48,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub struct DurableStore {
-    db: Arc<Database>,
+    engine: Arc<dyn Engine>,
     state: Mutex<State>,
     /// None once dropped: closing the channel stops the commit thread.
     writer: Mutex<Option<Sender<Job>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// None in memory.
-    path: Option<PathBuf>,
     /// Commits that failed (counted by the commit thread; nobody waits for some writes).
     commit_failures: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -86,33 +87,33 @@ impl DurableStore {
     }
 
     fn start(db: Database, path: Option<PathBuf>) -> Result<DurableStore, StoreError> {
-        let db = Arc::new(db);
         create_tables(&db)?;
-        let state = load(&db)?;
+        DurableStore::on(Arc::new(Redb { db, path }))
+    }
+
+    /// The store on `engine`: its queues loaded from it, its writes committed by one thread.
+    pub fn on(engine: Arc<dyn Engine>) -> Result<DurableStore, StoreError> {
+        let state = build(engine.load()?)?;
         let (tx, rx) = channel();
-        let writer_db = db.clone();
+        let writer_db = engine.clone();
         let commit_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let failures = commit_failures.clone();
         let committer = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(&writer_db, &rx, &failures))
+            .spawn(move || commit_loop(writer_db.as_ref(), &rx, &failures))
             .map_err(io)?;
         Ok(DurableStore {
-            db,
+            engine,
             state: Mutex::new(state),
             writer: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
-            path,
             commit_failures,
         })
     }
 
-    /// Bytes the store occupies on disk.
+    /// Bytes the store occupies on disk (0 in memory).
     pub fn disk_bytes(&self) -> u64 {
-        self.path
-            .as_ref()
-            .and_then(|p| std::fs::metadata(p).ok())
-            .map_or(0, |m| m.len())
+        self.engine.disk_bytes().unwrap_or(0)
     }
 
     fn submit(&self, ops: Vec<Op>, done: Reply) -> Result<(), StoreError> {
@@ -143,18 +144,15 @@ impl DurableStore {
     /// Reads stored deliveries from `table` by seq.
     fn read_deliveries(
         &self,
-        table: TableDefinition<u64, &[u8]>,
+        table: engine::Deliveries,
         seqs: impl IntoIterator<Item = u64>,
     ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let t = txn.open_table(table).map_err(io)?;
-        let mut out = Vec::new();
-        for seq in seqs {
-            if let Some(bytes) = t.get(seq).map_err(io)? {
-                out.push((seq, serde_json::from_slice(bytes.value()).map_err(io)?));
-            }
-        }
-        Ok(out)
+        let seqs: Vec<u64> = seqs.into_iter().collect();
+        self.engine
+            .deliveries(table, &seqs)?
+            .into_iter()
+            .map(|(seq, bytes)| Ok((seq, serde_json::from_slice(&bytes).map_err(io)?)))
+            .collect()
     }
 
     /// Moves deliveries to the dead letters (state and ops), releasing their pending refs.
@@ -238,29 +236,21 @@ impl Store for DurableStore {
     }
 
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let table = txn.open_table(RAW).map_err(io)?;
-        Ok(table.get(sha256).map_err(io)?.map(|v| {
-            let (at, bytes) = v.value();
+        Ok(self.engine.raw(sha256)?.map(|(at, bytes)| {
             (
                 jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-                bytes.to_vec(),
+                bytes,
             )
         }))
     }
 
     fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let old: Vec<Op> = {
-            let txn = self.db.begin_read().map_err(io)?;
-            let index = txn.open_table(RAW_BY_AGE).map_err(io)?;
-            let mut old = Vec::new();
-            for row in index.range((i64::MIN, "")..(before.as_second(), "")).map_err(io)? {
-                let (key, _) = row.map_err(io)?;
-                let (at, sha256) = key.value();
-                old.push(Op::DeleteRaw(at, sha256.to_string()));
-            }
-            old
-        };
+        let old: Vec<Op> = self
+            .engine
+            .raw_before(before.as_second())?
+            .into_iter()
+            .map(|(at, sha256)| Op::DeleteRaw(at, sha256))
+            .collect();
         let n = old.len() as u64;
         if n > 0 {
             self.send(old, true)?;
@@ -269,36 +259,16 @@ impl Store for DurableStore {
     }
 
     fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
-        txn.set_durability(Durability::Immediate).map_err(io)?;
-        let key = {
-            let mut table = txn.open_table(META).map_err(io)?;
-            let existing = table
-                .get(name)
-                .map_err(io)?
-                .and_then(|v| <[u8; 32]>::try_from(v.value()).ok());
-            match existing {
-                Some(key) => key,
-                None => {
-                    let key = crate::crypto::random_bytes();
-                    table.insert(name, key.as_slice()).map_err(io)?;
-                    key
-                }
-            }
-        };
-        txn.commit().map_err(io)?;
-        Ok(key)
+        self.engine.secret(name)
     }
 
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
         if let Some(e) = lock(&self.state).cache.get(id) {
             return Ok(Some(e.clone()));
         }
-        let txn = self.db.begin_read().map_err(io)?;
-        let table = txn.open_table(EVENTS).map_err(io)?;
-        match table.get(id).map_err(io)? {
+        match self.engine.event(id)? {
             None => Ok(None),
-            Some(bytes) => Ok(Some(Arc::new(serde_json::from_slice(bytes.value()).map_err(io)?))),
+            Some(bytes) => Ok(Some(Arc::new(serde_json::from_slice(&bytes).map_err(io)?))),
         }
     }
 
@@ -388,17 +358,9 @@ impl Store for DurableStore {
 
     fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
         self.flush()?;
-        let txn = self.db.begin_read().map_err(io)?;
-        let table = txn.open_table(ATTEMPTS).map_err(io)?;
         let mut out = Vec::new();
-        for row in table
-            .range((subscription, nanos(since))..=(subscription, u64::MAX))
-            .map_err(io)?
-            .rev()
-            .take(limit)
-        {
-            let (_, bytes) = row.map_err(io)?;
-            let mut attempt: Attempt = serde_json::from_slice(bytes.value()).map_err(io)?;
+        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
+            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
             attempt.subscription = subscription.to_string();
             out.push(attempt);
         }
@@ -415,7 +377,7 @@ impl Store for DurableStore {
         let mut seqs: Vec<(u64, Dead)> = lock(&self.state).queues.dead(subscription, since, true);
         seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
         seqs.truncate(limit);
-        let stored = self.read_deliveries(DEAD, seqs.into_iter().map(|(s, _)| s))?;
+        let stored = self.read_deliveries(engine::Deliveries::Dead, seqs.into_iter().map(|(s, _)| s))?;
         Ok(stored
             .into_iter()
             .map(|(_, d)| DeadLetter {
@@ -436,7 +398,7 @@ impl Store for DurableStore {
             .into_iter()
             .map(|(s, _)| s)
             .collect();
-        let stored = self.read_deliveries(DEAD, seqs)?;
+        let stored = self.read_deliveries(engine::Deliveries::Dead, seqs)?;
         let mut ops = Vec::with_capacity(stored.len() * 2);
         let mut replayed = Vec::with_capacity(stored.len());
         for (seq, mut d) in stored {
@@ -487,14 +449,9 @@ impl Store for DurableStore {
         // No flush first (it would cost a commit per subscription per round): attempts still
         // queued are the newest, so at worst an expired one waits for the next round, and the
         // trim runs after them in commit order.
-        let expired = {
-            let txn = self.db.begin_read().map_err(io)?;
-            let table = txn.open_table(ATTEMPTS).map_err(io)?;
-            table
-                .range((subscription, 0u64)..(subscription, nanos(retention.attempts_before)))
-                .map_err(io)?
-                .count() as u64
-        };
+        let expired = self
+            .engine
+            .attempts_before(subscription, nanos(retention.attempts_before))?;
         let mut state = lock(&self.state);
         let logged = state.attempts.get(subscription).copied().unwrap_or(0);
         let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
@@ -589,12 +546,11 @@ impl Store for DurableStore {
     }
 
     fn event_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
-        txn.open_table(EVENTS).map_err(io)?.len().map_err(io)
+        self.engine.event_count()
     }
 
     fn disk_bytes(&self) -> Option<u64> {
-        self.path.as_ref().map(|_| DurableStore::disk_bytes(self))
+        self.engine.disk_bytes()
     }
 }
 

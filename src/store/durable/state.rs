@@ -6,10 +6,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::committer::Op;
-use super::schema::{ATTEMPTS, DEAD, PENDING, PRODUCERS, SUBSCRIPTIONS, StoredDelivery, io, json};
+use super::engine::Loaded;
+use super::schema::{StoredDelivery, io, json};
 use crate::event::MailboxEvent;
 use crate::store::queue::{Dead, Queues};
 use crate::store::{PendingDelivery, StoreError};
@@ -114,46 +114,35 @@ pub(super) fn bury_in(state: &mut State, deliveries: &[PendingDelivery], now: ji
 }
 
 /// Rebuilds the in-memory indexes from the tables.
-pub(super) fn load(db: &Database) -> Result<State, StoreError> {
+pub(super) fn build(loaded: Loaded) -> Result<State, StoreError> {
     let mut state = State::default();
-    let txn = db.begin_read().map_err(io)?;
-    for row in txn.open_table(PENDING).map_err(io)?.iter().map_err(io)? {
-        let (seq, bytes) = row.map_err(io)?;
-        let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
+    for (seq, bytes) in loaded.pending {
+        let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
         state.hold(&stored.event_id, Ref::Pending);
-        state.queues.restore(stored.into_pending(seq.value()));
+        state.queues.restore(stored.into_pending(seq));
     }
-    for row in txn.open_table(DEAD).map_err(io)?.iter().map_err(io)? {
-        let (seq, bytes) = row.map_err(io)?;
-        let stored: StoredDelivery = serde_json::from_slice(bytes.value()).map_err(io)?;
+    for (seq, bytes) in loaded.dead {
+        let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
         state.hold(&stored.event_id, Ref::Dead);
         let dead = Dead {
             at: stored.dead_at.unwrap_or(stored.not_before),
             event_id: stored.event_id,
         };
-        state.queues.restore_dead(&stored.subscription, seq.value(), dead);
+        state.queues.restore_dead(&stored.subscription, seq, dead);
     }
     let mut producers = Vec::new();
-    for row in txn.open_table(PRODUCERS).map_err(io)?.iter().map_err(io)? {
-        let (producer, value) = row.map_err(io)?;
-        let (event, at) = value.value();
+    for (producer, event, at) in loaded.producers {
         let at = jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-        let producer = producer.value().to_string();
-        state.producer_ids.insert(producer.clone(), event.to_string());
+        state.producer_ids.insert(producer.clone(), event);
         producers.push((at, producer));
     }
     producers.sort();
     state.producer_order = producers.into();
-    for row in txn.open_table(SUBSCRIPTIONS).map_err(io)?.iter().map_err(io)? {
-        let (uid, namespace) = row.map_err(io)?;
-        state
-            .namespaces
-            .insert(uid.value().to_string(), namespace.value().to_string());
+    for (uid, namespace) in loaded.subscriptions {
+        state.namespaces.insert(uid, namespace);
     }
-    for row in txn.open_table(ATTEMPTS).map_err(io)?.iter().map_err(io)? {
-        let (key, _) = row.map_err(io)?;
-        let (subscription, at) = key.value();
-        *state.attempts.entry(subscription.to_string()).or_default() += 1;
+    for (subscription, at) in loaded.attempt_keys {
+        *state.attempts.entry(subscription).or_default() += 1;
         state.last_attempt_key = state.last_attempt_key.max(at);
     }
     Ok(state)

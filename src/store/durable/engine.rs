@@ -1,0 +1,282 @@
+//! What the durable store needs from the database under it: apply one group commit's
+//! writes in one durable transaction, load what the in-memory index is rebuilt from, and
+//! a few reads. `Redb` is the embedded engine; `store::postgres::Postgres` the shared one.
+//! Depends on `schema` (redb's layout) and `committer::Op` only.
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use super::committer::Op;
+use super::schema::{ATTEMPTS, DEAD, EVENTS, META, PENDING, PRODUCERS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io};
+use crate::store::StoreError;
+
+/// The two delivery tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deliveries {
+    Pending,
+    Dead,
+}
+
+/// Everything the in-memory index is rebuilt from at start.
+#[derive(Default)]
+pub struct Loaded {
+    /// (seq, stored delivery JSON), waiting deliveries.
+    pub pending: Vec<(u64, Vec<u8>)>,
+    /// (seq, stored delivery JSON), dead letters.
+    pub dead: Vec<(u64, Vec<u8>)>,
+    /// (producer id, event id, unix seconds first seen).
+    pub producers: Vec<(String, String, i64)>,
+    /// (subscription UID, namespace).
+    pub subscriptions: Vec<(String, String)>,
+    /// (subscription UID, attempt key) of every logged attempt.
+    pub attempt_keys: Vec<(String, u64)>,
+}
+
+pub trait Engine: Send + Sync + 'static {
+    /// Applies `ops`, in order, in one durable transaction.
+    fn commit(&self, ops: &[&Op]) -> Result<(), StoreError>;
+    fn load(&self) -> Result<Loaded, StoreError>;
+    /// An event's JSON.
+    fn event(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn event_count(&self) -> Result<u64, StoreError>;
+    /// Stored deliveries by seq (absent ones skipped).
+    fn deliveries(&self, table: Deliveries, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// An archived raw message: (unix seconds archived, bytes).
+    fn raw(&self, sha256: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
+    /// (archived at, SHA-256) of every raw message archived before `before` (unix s).
+    fn raw_before(&self, before: i64) -> Result<Vec<(i64, String)>, StoreError>;
+    /// The named 32-byte secret, created at random on first use (durably, at once).
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
+    /// A subscription's attempt JSON with keys from `from`, newest first, at most `limit`.
+    fn attempts(&self, subscription: &str, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// How many of a subscription's attempts have keys below `before`.
+    fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError>;
+    /// Bytes the data occupies, when it can tell.
+    fn disk_bytes(&self) -> Option<u64>;
+}
+
+/// The embedded engine: one redb file (or redb's in-memory backend).
+pub struct Redb {
+    pub db: Database,
+    /// None in memory.
+    pub path: Option<std::path::PathBuf>,
+}
+
+impl Engine for Redb {
+    fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(io)?;
+            let mut producers = txn.open_table(PRODUCERS).map_err(io)?;
+            let mut pending = txn.open_table(PENDING).map_err(io)?;
+            let mut dead = txn.open_table(DEAD).map_err(io)?;
+            let mut attempts = txn.open_table(ATTEMPTS).map_err(io)?;
+            let mut raw = txn.open_table(RAW).map_err(io)?;
+            let mut raw_by_age = txn.open_table(RAW_BY_AGE).map_err(io)?;
+            let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(io)?;
+            for op in ops {
+                match op {
+                    Op::PutEvent(id, bytes) => {
+                        events.insert(id.as_str(), bytes.as_slice()).map_err(io)?;
+                    }
+                    Op::DeleteEvent(id) => {
+                        events.remove(id.as_str()).map_err(io)?;
+                    }
+                    Op::PutProducer(p, id, at) => {
+                        producers.insert(p.as_str(), (id.as_str(), *at)).map_err(io)?;
+                    }
+                    Op::DeleteProducer(p) => {
+                        producers.remove(p.as_str()).map_err(io)?;
+                    }
+                    Op::PutPending(seq, bytes) => {
+                        pending.insert(*seq, bytes.as_slice()).map_err(io)?;
+                    }
+                    Op::DeletePending(seq) => {
+                        pending.remove(*seq).map_err(io)?;
+                    }
+                    Op::PutDead(seq, bytes) => {
+                        dead.insert(*seq, bytes.as_slice()).map_err(io)?;
+                    }
+                    Op::DeleteDead(seq) => {
+                        dead.remove(*seq).map_err(io)?;
+                    }
+                    Op::PutAttempt(subscription, key, bytes) => {
+                        attempts
+                            .insert((subscription.as_str(), *key), bytes.as_slice())
+                            .map_err(io)?;
+                    }
+                    Op::TrimAttempts(subscription, n) => {
+                        let mut left = *n;
+                        let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
+                        attempts
+                            .retain_in(range, |_, _| {
+                                if left == 0 {
+                                    return true;
+                                }
+                                left -= 1;
+                                false
+                            })
+                            .map_err(io)?;
+                    }
+                    Op::DeleteAttemptsOf(subscription) => {
+                        let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
+                        attempts.retain_in(range, |_, _| false).map_err(io)?;
+                    }
+                    Op::PutRaw(sha256, at, bytes) => {
+                        // Archived again: its age starts over.
+                        if let Some(old) = raw.insert(sha256.as_str(), (*at, bytes.as_slice())).map_err(io)? {
+                            let old_at = old.value().0;
+                            drop(old);
+                            raw_by_age.remove((old_at, sha256.as_str())).map_err(io)?;
+                        }
+                        raw_by_age.insert((*at, sha256.as_str()), ()).map_err(io)?;
+                    }
+                    Op::DeleteRaw(at, sha256) => {
+                        raw.remove(sha256.as_str()).map_err(io)?;
+                        raw_by_age.remove((*at, sha256.as_str())).map_err(io)?;
+                    }
+                    Op::PutSubscription(uid, namespace) => {
+                        subscriptions.insert(uid.as_str(), namespace.as_str()).map_err(io)?;
+                    }
+                    Op::DeleteSubscription(uid) => {
+                        subscriptions.remove(uid.as_str()).map_err(io)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(io)
+    }
+
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let mut loaded = Loaded::default();
+        let txn = self.db.begin_read().map_err(io)?;
+        for row in txn.open_table(PENDING).map_err(io)?.iter().map_err(io)? {
+            let (seq, bytes) = row.map_err(io)?;
+            loaded.pending.push((seq.value(), bytes.value().to_vec()));
+        }
+        for row in txn.open_table(DEAD).map_err(io)?.iter().map_err(io)? {
+            let (seq, bytes) = row.map_err(io)?;
+            loaded.dead.push((seq.value(), bytes.value().to_vec()));
+        }
+        for row in txn.open_table(PRODUCERS).map_err(io)?.iter().map_err(io)? {
+            let (producer, value) = row.map_err(io)?;
+            let (event, at) = value.value();
+            loaded
+                .producers
+                .push((producer.value().to_string(), event.to_string(), at));
+        }
+        for row in txn.open_table(SUBSCRIPTIONS).map_err(io)?.iter().map_err(io)? {
+            let (uid, namespace) = row.map_err(io)?;
+            loaded
+                .subscriptions
+                .push((uid.value().to_string(), namespace.value().to_string()));
+        }
+        for row in txn.open_table(ATTEMPTS).map_err(io)?.iter().map_err(io)? {
+            let (key, _) = row.map_err(io)?;
+            let (subscription, at) = key.value();
+            loaded.attempt_keys.push((subscription.to_string(), at));
+        }
+        Ok(loaded)
+    }
+
+    fn event(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(EVENTS).map_err(io)?;
+        Ok(table.get(id).map_err(io)?.map(|v| v.value().to_vec()))
+    }
+
+    fn event_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        txn.open_table(EVENTS).map_err(io)?.len().map_err(io)
+    }
+
+    fn deliveries(&self, table: Deliveries, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn
+            .open_table(match table {
+                Deliveries::Pending => PENDING,
+                Deliveries::Dead => DEAD,
+            })
+            .map_err(io)?;
+        let mut out = Vec::new();
+        for seq in seqs {
+            if let Some(bytes) = t.get(*seq).map_err(io)? {
+                out.push((*seq, bytes.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn raw(&self, sha256: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(RAW).map_err(io)?;
+        Ok(table.get(sha256).map_err(io)?.map(|v| {
+            let (at, bytes) = v.value();
+            (at, bytes.to_vec())
+        }))
+    }
+
+    fn raw_before(&self, before: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let index = txn.open_table(RAW_BY_AGE).map_err(io)?;
+        let mut old = Vec::new();
+        for row in index.range((i64::MIN, "")..(before, "")).map_err(io)? {
+            let (key, _) = row.map_err(io)?;
+            let (at, sha256) = key.value();
+            old.push((at, sha256.to_string()));
+        }
+        Ok(old)
+    }
+
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        let key = {
+            let mut table = txn.open_table(META).map_err(io)?;
+            let existing = table
+                .get(name)
+                .map_err(io)?
+                .and_then(|v| <[u8; 32]>::try_from(v.value()).ok());
+            match existing {
+                Some(key) => key,
+                None => {
+                    let key = crate::crypto::random_bytes();
+                    table.insert(name, key.as_slice()).map_err(io)?;
+                    key
+                }
+            }
+        };
+        txn.commit().map_err(io)?;
+        Ok(key)
+    }
+
+    fn attempts(&self, subscription: &str, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(ATTEMPTS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table
+            .range((subscription, from)..=(subscription, u64::MAX))
+            .map_err(io)?
+            .rev()
+            .take(limit)
+        {
+            let (_, bytes) = row.map_err(io)?;
+            out.push(bytes.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(ATTEMPTS).map_err(io)?;
+        Ok(table
+            .range((subscription, 0u64)..(subscription, before))
+            .map_err(io)?
+            .count() as u64)
+    }
+
+    fn disk_bytes(&self) -> Option<u64> {
+        let path = self.path.as_ref()?;
+        Some(std::fs::metadata(path).map_or(0, |m| m.len()))
+    }
+}
