@@ -238,9 +238,10 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// The behaviour every backend must show; each backend's tests run it.
-#[cfg(test)]
-pub(crate) mod conformance {
+/// The behaviour every backend must show; each backend's tests run it (the PostgreSQL
+/// backend's from `tests/postgres`, against a real server). Test support, not API.
+#[doc(hidden)]
+pub mod conformance {
     use super::*;
 
     fn at(s: i64) -> jiff::Timestamp {

@@ -3,8 +3,10 @@
 //! test gets a database of its own, owned by the operator's role.
 
 use std::process::Command;
+use std::sync::Arc;
 
-use mailhook::store::postgres::{self, migrations};
+use mailhook::store::postgres::{self, engine::Postgres, migrations};
+use mailhook::store::{DurableStore, Ingest, QueueCounts, Store, conformance};
 
 /// A new, empty database owned by the test role; returns its URL.
 async fn database(test: &str) -> String {
@@ -141,4 +143,93 @@ async fn a_schema_newer_than_the_binary_is_refused_with_what_to_do() {
         assert!(!ok, "{action} must refuse");
         assert!(err.contains("newer than this binary's"), "{action}: {err}");
     }
+}
+
+/// A migrated, empty database and a store on it; blocking (for the synchronous contract).
+fn fresh_store(test: &str) -> (String, Box<dyn Store>) {
+    let test = test.to_string();
+    let url = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let url = database(&test).await;
+            let config = postgres::config(&url, None, None).expect("url");
+            let mut client = postgres::connect(&config).await.expect("connect");
+            migrations::migrate(&mut client).await.expect("migrate");
+            url
+        })
+    })
+    .join()
+    .expect("setup thread");
+    (url.clone(), open(&url))
+}
+
+fn open(url: &str) -> Box<dyn Store> {
+    let config = postgres::config(url, None, None).expect("url");
+    let engine = Postgres::connect(config).expect("connect the engine");
+    Box::new(DurableStore::on(Arc::new(engine)).expect("open the store"))
+}
+
+/// The store's contract, written once (`store::conformance`), on a real PostgreSQL: the
+/// same cases the redb backend passes.
+#[test]
+fn the_store_contract_holds_on_postgresql() {
+    conformance::run(&|| fresh_store("contract").1);
+}
+
+#[test]
+fn a_restart_finds_what_was_in_flight_waiting_again() {
+    let (url, store) = fresh_store("restart");
+    let key = store.secret("links").expect("secret");
+    store
+        .ingest(vec![Ingest {
+            event: conformance::event("evt_1", Some("p-1")),
+            deliveries: vec![
+                conformance::pending("evt_1", None, 0),
+                conformance::pending("evt_1", None, 0),
+            ],
+        }])
+        .expect("ingest");
+    let taken = store.take_due("sub", jiff::Timestamp::now(), 1, false).expect("take");
+    assert_eq!(taken.len(), 1, "one in flight when the process dies");
+    let mut dead = store.take_due("sub", jiff::Timestamp::now(), 1, false).expect("take");
+    store
+        .dead_letter(dead.remove(0), "gave up".into())
+        .expect("dead letter");
+    store.note_subscription("sub", "mail").expect("note");
+    store.flush().expect("flush");
+    drop(store);
+
+    let store = open(&url);
+    assert_eq!(
+        store.secret("links").expect("secret"),
+        key,
+        "links stay valid across a restart"
+    );
+    assert_eq!(
+        store.subscriptions().expect("subscriptions"),
+        vec![("sub".to_string(), Some("mail".to_string()))]
+    );
+    assert_eq!(
+        store.counts("sub"),
+        QueueCounts {
+            backlog: 1,
+            dead_lettered: 1
+        },
+        "the delivery in flight is waiting again, the dead letter kept"
+    );
+    let again = store.take_due("sub", jiff::Timestamp::now(), 10, false).expect("take");
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        store.event("evt_1").expect("read").map(|e| e.id.clone()),
+        Some("evt_1".to_string())
+    );
+    // The producer id still de-duplicates after the restart.
+    let appended = store
+        .ingest(vec![Ingest {
+            event: conformance::event("evt_2", Some("p-1")),
+            deliveries: vec![conformance::pending("evt_2", None, 0)],
+        }])
+        .expect("ingest");
+    assert!(appended.iter().all(|a| a.duplicate), "{appended:?}");
+    assert!(store.disk_bytes().is_some_and(|b| b > 0), "the database size is known");
 }

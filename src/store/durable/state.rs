@@ -6,7 +6,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-
 use super::committer::Op;
 use super::engine::Loaded;
 use super::schema::{StoredDelivery, io, json};

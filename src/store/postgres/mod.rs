@@ -1,7 +1,9 @@
 //! The PostgreSQL side of the store: connecting (`--store-url`, the password from a file
-//! or `MAILHOOK_STORE_PASSWORD`) and the schema's versioned migrations. Depends on
-//! nothing else of the crate. The `Store` implementation on it is issue #16's next step.
+//! or `MAILHOOK_STORE_PASSWORD`), the schema's versioned migrations, and the engine the
+//! durable store runs on (`engine::Postgres`). Depends on the durable store's engine
+//! interface only.
 
+pub mod engine;
 pub mod migrations;
 
 use std::path::Path;

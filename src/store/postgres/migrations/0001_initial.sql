@@ -1,59 +1,48 @@
--- mailhook store, schema version 1: the same records as the redb backend's tables.
+-- mailhook store, schema version 1: the records of the embedded (redb) store, one table
+-- each, keyed the same way. Bodies are the store's own JSON encoding, kept as bytes.
+-- (Several replicas will claim deliveries by columns of their own: a later version.)
 
--- Events by id, as JSON.
+-- Events by id.
 CREATE TABLE events (
-    id          text PRIMARY KEY,
-    body        jsonb NOT NULL,
-    accepted_at timestamptz NOT NULL DEFAULT now()
+    id   text PRIMARY KEY,
+    body bytea NOT NULL
 );
 
 -- Producer event id -> the event it first produced: de-duplication is this primary key.
 CREATE TABLE producers (
     producer_id text PRIMARY KEY,
     event_id    text NOT NULL,
-    seen_at     timestamptz NOT NULL
+    seen_at     bigint NOT NULL -- unix seconds
 );
 CREATE INDEX producers_by_age ON producers (seen_at);
 
--- Deliveries waiting (per subscription, due time, ordering key, seq).
+-- Deliveries waiting, by seq.
 CREATE TABLE pending (
-    seq          bigint PRIMARY KEY,
-    subscription text NOT NULL,
-    event_id     text NOT NULL,
-    attempts     integer NOT NULL,
-    not_before   timestamptz NOT NULL,
-    accepted_at  timestamptz NOT NULL,
-    ordering_key text,
-    body         jsonb NOT NULL
+    seq  bigint PRIMARY KEY,
+    body bytea NOT NULL
 );
-CREATE INDEX pending_due ON pending (subscription, not_before);
 
--- Dead letters, with why and when they were given up.
+-- Dead letters, by seq (the body says why and when).
 CREATE TABLE dead_letters (
-    seq          bigint PRIMARY KEY,
-    subscription text NOT NULL,
-    event_id     text NOT NULL,
-    dead_at      timestamptz NOT NULL,
-    reason       text NOT NULL,
-    body         jsonb NOT NULL
+    seq  bigint PRIMARY KEY,
+    body bytea NOT NULL
 );
-CREATE INDEX dead_letters_by_subscription ON dead_letters (subscription, dead_at);
 
 -- The attempt log: one subscription's attempts are one key range, in time order.
 CREATE TABLE attempts (
     subscription text NOT NULL,
     at_nanos     bigint NOT NULL,
-    body         jsonb NOT NULL,
+    body         bytea NOT NULL,
     PRIMARY KEY (subscription, at_nanos)
 );
 
 -- Raw messages by SHA-256, with the time archived (retention reads the index only).
 CREATE TABLE raw_messages (
     sha256      text PRIMARY KEY,
-    archived_at timestamptz NOT NULL,
+    archived_at bigint NOT NULL, -- unix seconds
     message     bytea NOT NULL
 );
-CREATE INDEX raw_messages_by_age ON raw_messages (archived_at);
+CREATE INDEX raw_messages_by_age ON raw_messages (archived_at, sha256);
 
 -- Subscription UID -> namespace, for every subscription that had deliveries.
 CREATE TABLE subscriptions (

@@ -1,0 +1,345 @@
+//! The durable store's engine on PostgreSQL: the same records and the same group commit
+//! as on redb (one transaction per batch of waiting writers, its statements pipelined on
+//! one connection), so every store feature keeps its semantics. The store's calls are
+//! synchronous (they come from the commit thread and from blocking sections): one thread
+//! owns the connection and a small runtime, and runs each call to its end in turn.
+
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio_postgres::types::ToSql;
+
+use crate::store::StoreError;
+use crate::store::durable::Op;
+use crate::store::durable::engine::{Deliveries, Engine, Loaded};
+
+type Call = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A statement's parameters, owned (they cross to the connection thread).
+type Params = Vec<Box<dyn ToSql + Send + Sync>>;
+
+/// The connection thread's side: the client, reconnected when it dropped.
+pub struct Connection {
+    runtime: tokio::runtime::Runtime,
+    config: tokio_postgres::Config,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl Connection {
+    /// The runtime and the connected client (connecting again if the last one dropped).
+    fn parts(&mut self) -> Result<(&tokio::runtime::Runtime, &mut tokio_postgres::Client), StoreError> {
+        self.client()?;
+        match self.client.as_mut() {
+            Some(client) => Ok((&self.runtime, client)),
+            None => Err(StoreError::Unavailable("no PostgreSQL connection".into())),
+        }
+    }
+
+    fn client(&mut self) -> Result<&mut tokio_postgres::Client, StoreError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let config = self.config.clone();
+            let client = self
+                .runtime
+                .block_on(async move {
+                    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                    tokio::spawn(async move {
+                        if let Err(err) = connection.await {
+                            tracing::warn!(%err, "the PostgreSQL connection ended");
+                        }
+                    });
+                    Ok::<_, tokio_postgres::Error>(client)
+                })
+                .map_err(unavailable)?;
+            self.client = Some(client);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("no PostgreSQL connection".into()))
+    }
+}
+
+fn unavailable(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL: {}", crate::error_chain(&e)))
+}
+
+/// Keys are unsigned in the store and signed in PostgreSQL; every key the store makes
+/// (counters, nanoseconds since 1970) fits.
+fn signed(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Io(format!("{n} does not fit a PostgreSQL bigint")))
+}
+
+/// The engine: a handle on the connection thread.
+pub struct Postgres {
+    calls: Mutex<SyncSender<Call>>,
+    /// The database size, read at most every second (ingest asks on every request).
+    size: Mutex<Option<(Instant, u64)>>,
+}
+
+impl Postgres {
+    /// Connects (the schema must be migrated: `migrations::migrate`).
+    pub fn connect(config: tokio_postgres::Config) -> Result<Postgres, StoreError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut connection = Connection {
+            runtime,
+            config,
+            client: None,
+        };
+        connection.client()?;
+        let (tx, rx) = sync_channel::<Call>(64);
+        std::thread::Builder::new()
+            .name("store-postgres".into())
+            .spawn(move || serve(connection, rx))
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(Postgres {
+            calls: Mutex::new(tx),
+            size: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on the connection thread and waits for its answer.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = sync_channel(1);
+        let sender = self.calls.lock().clone();
+        sender
+            .send(Box::new(move |c| {
+                let _ = tx.send(f(c));
+            }))
+            .map_err(|_| StoreError::Unavailable("the PostgreSQL connection thread stopped".into()))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("the PostgreSQL connection thread stopped".into()))?
+    }
+
+    fn query(&self, sql: &'static str, params: Params) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.call(move |c| {
+            let (runtime, client) = c.parts()?;
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+            let rows = runtime.block_on(client.query(sql, &refs));
+            rows.map_err(unavailable)
+        })
+    }
+}
+
+fn serve(mut connection: Connection, rx: Receiver<Call>) {
+    while let Ok(call) = rx.recv() {
+        call(&mut connection);
+    }
+}
+
+/// One op as a statement and its parameters.
+fn statement(op: &Op) -> Result<(&'static str, Params), StoreError> {
+    Ok(match op {
+        Op::PutEvent(id, body) => (
+            "INSERT INTO events (id, body) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            vec![Box::new(id.clone()), Box::new(body.clone())],
+        ),
+        Op::DeleteEvent(id) => ("DELETE FROM events WHERE id = $1", vec![Box::new(id.clone())]),
+        Op::PutProducer(p, id, at) => (
+            "INSERT INTO producers (producer_id, event_id, seen_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (producer_id) DO UPDATE SET event_id = excluded.event_id, seen_at = excluded.seen_at",
+            vec![Box::new(p.clone()), Box::new(id.clone()), Box::new(*at)],
+        ),
+        Op::DeleteProducer(p) => (
+            "DELETE FROM producers WHERE producer_id = $1",
+            vec![Box::new(p.clone())],
+        ),
+        Op::PutPending(seq, body) => (
+            "INSERT INTO pending (seq, body) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET body = excluded.body",
+            vec![Box::new(signed(*seq)?), Box::new(body.clone())],
+        ),
+        Op::DeletePending(seq) => ("DELETE FROM pending WHERE seq = $1", vec![Box::new(signed(*seq)?)]),
+        Op::PutDead(seq, body) => (
+            "INSERT INTO dead_letters (seq, body) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET body = excluded.body",
+            vec![Box::new(signed(*seq)?), Box::new(body.clone())],
+        ),
+        Op::DeleteDead(seq) => ("DELETE FROM dead_letters WHERE seq = $1", vec![Box::new(signed(*seq)?)]),
+        Op::PutAttempt(subscription, key, body) => (
+            "INSERT INTO attempts (subscription, at_nanos, body) VALUES ($1, $2, $3) \
+             ON CONFLICT (subscription, at_nanos) DO UPDATE SET body = excluded.body",
+            vec![
+                Box::new(subscription.clone()),
+                Box::new(signed(*key)?),
+                Box::new(body.clone()),
+            ],
+        ),
+        Op::TrimAttempts(subscription, n) => (
+            "DELETE FROM attempts WHERE subscription = $1 AND at_nanos IN \
+             (SELECT at_nanos FROM attempts WHERE subscription = $1 ORDER BY at_nanos LIMIT $2)",
+            vec![Box::new(subscription.clone()), Box::new(signed(*n)?)],
+        ),
+        Op::DeleteAttemptsOf(subscription) => (
+            "DELETE FROM attempts WHERE subscription = $1",
+            vec![Box::new(subscription.clone())],
+        ),
+        Op::PutRaw(sha256, at, message) => (
+            // Archived again: its age starts over.
+            "INSERT INTO raw_messages (sha256, archived_at, message) VALUES ($1, $2, $3) \
+             ON CONFLICT (sha256) DO UPDATE SET archived_at = excluded.archived_at, message = excluded.message",
+            vec![Box::new(sha256.clone()), Box::new(*at), Box::new(message.clone())],
+        ),
+        Op::DeleteRaw(_, sha256) => (
+            "DELETE FROM raw_messages WHERE sha256 = $1",
+            vec![Box::new(sha256.clone())],
+        ),
+        Op::PutSubscription(uid, namespace) => (
+            "INSERT INTO subscriptions (uid, namespace) VALUES ($1, $2) \
+             ON CONFLICT (uid) DO UPDATE SET namespace = excluded.namespace",
+            vec![Box::new(uid.clone()), Box::new(namespace.clone())],
+        ),
+        Op::DeleteSubscription(uid) => ("DELETE FROM subscriptions WHERE uid = $1", vec![Box::new(uid.clone())]),
+    })
+}
+
+fn u64_of(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl Engine for Postgres {
+    fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
+        let statements: Vec<_> = ops.iter().map(|op| statement(op)).collect::<Result<_, _>>()?;
+        self.call(move |c| {
+            let (runtime, client) = c.parts()?;
+            runtime
+                .block_on(async {
+                    let txn = client.transaction().await?;
+                    // Pipelined: sent in order on the one connection, executed in order.
+                    let runs = statements.iter().map(|(sql, params)| {
+                        let refs: Vec<&(dyn ToSql + Sync)> =
+                            params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+                        let txn = &txn;
+                        async move { txn.execute(*sql, &refs).await }
+                    });
+                    futures::future::try_join_all(runs).await?;
+                    txn.commit().await
+                })
+                .map_err(unavailable)
+        })
+    }
+
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let mut loaded = Loaded::default();
+        for r in self.query("SELECT seq, body FROM pending ORDER BY seq", vec![])? {
+            loaded.pending.push((u64_of(r.get(0)), r.get(1)));
+        }
+        for r in self.query("SELECT seq, body FROM dead_letters ORDER BY seq", vec![])? {
+            loaded.dead.push((u64_of(r.get(0)), r.get(1)));
+        }
+        for r in self.query("SELECT producer_id, event_id, seen_at FROM producers", vec![])? {
+            loaded.producers.push((r.get(0), r.get(1), r.get(2)));
+        }
+        for r in self.query("SELECT uid, namespace FROM subscriptions", vec![])? {
+            loaded.subscriptions.push((r.get(0), r.get(1)));
+        }
+        for r in self.query("SELECT subscription, at_nanos FROM attempts", vec![])? {
+            loaded.attempt_keys.push((r.get(0), u64_of(r.get(1))));
+        }
+        Ok(loaded)
+    }
+
+    fn event(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let rows = self.query("SELECT body FROM events WHERE id = $1", vec![Box::new(id.to_string())])?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    fn event_count(&self) -> Result<u64, StoreError> {
+        let rows = self.query("SELECT count(*) FROM events", vec![])?;
+        Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))
+    }
+
+    fn deliveries(&self, table: Deliveries, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let seqs: Vec<i64> = seqs.iter().map(|s| signed(*s)).collect::<Result<_, _>>()?;
+        let sql = match table {
+            Deliveries::Pending => "SELECT seq, body FROM pending WHERE seq = ANY($1) ORDER BY seq",
+            Deliveries::Dead => "SELECT seq, body FROM dead_letters WHERE seq = ANY($1) ORDER BY seq",
+        };
+        // In the order asked for, as the redb engine answers.
+        let mut found: std::collections::HashMap<i64, Vec<u8>> = self
+            .query(sql, vec![Box::new(seqs.clone())])?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(seqs
+            .iter()
+            .filter_map(|s| found.remove(s).map(|b| (u64_of(*s), b)))
+            .collect())
+    }
+
+    fn raw(&self, sha256: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        let rows = self.query(
+            "SELECT archived_at, message FROM raw_messages WHERE sha256 = $1",
+            vec![Box::new(sha256.to_string())],
+        )?;
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+    }
+
+    fn raw_before(&self, before: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT archived_at, sha256 FROM raw_messages WHERE archived_at < $1 ORDER BY archived_at, sha256",
+                vec![Box::new(before)],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let fresh = crate::crypto::random_bytes().to_vec();
+        // Created once: a concurrent first use keeps the one that was inserted first.
+        let rows = self.query(
+            "WITH new AS (INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING value) \
+             SELECT value FROM new UNION ALL SELECT value FROM meta WHERE name = $1 LIMIT 1",
+            vec![Box::new(name.to_string()), Box::new(fresh)],
+        )?;
+        let value: Vec<u8> = rows
+            .first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| StoreError::Io(format!("the secret {name} was neither found nor created")))?;
+        <[u8; 32]>::try_from(value.as_slice())
+            .map_err(|_| StoreError::Io(format!("the secret {name} in the database is not 32 bytes")))
+    }
+
+    fn attempts(&self, subscription: &str, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT body FROM attempts WHERE subscription = $1 AND at_nanos >= $2 ORDER BY at_nanos DESC LIMIT $3",
+                vec![
+                    Box::new(subscription.to_string()),
+                    Box::new(signed(from)?),
+                    Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError> {
+        let rows = self.query(
+            "SELECT count(*) FROM attempts WHERE subscription = $1 AND at_nanos < $2",
+            vec![Box::new(subscription.to_string()), Box::new(signed(before)?)],
+        )?;
+        Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))
+    }
+
+    fn disk_bytes(&self) -> Option<u64> {
+        let mut size = self.size.lock();
+        if let Some((at, bytes)) = *size
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return Some(bytes);
+        }
+        drop(size);
+        let rows = self.query("SELECT pg_database_size(current_database())", vec![]).ok()?;
+        let bytes = rows.first().map(|r| u64_of(r.get(0)))?;
+        size = self.size.lock();
+        *size = Some((Instant::now(), bytes));
+        Some(bytes)
+    }
+}
