@@ -41,7 +41,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin.http_addr).await?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let store = open_store(&config)?;
+    let store = open_store(&config, &metrics).await?;
     let raw_links = raw_links(&config, store.as_ref(), admin_addr)?;
     let housekeeping = Housekeeping {
         interval: config.store.housekeeping_interval,
@@ -274,19 +274,49 @@ fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
     );
 }
 
-fn open_store(config: &RunConfig) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match &config.store.store_dir {
-        Some(dir) => {
+async fn open_store(config: &RunConfig, metrics: &Metrics) -> anyhow::Result<Arc<dyn Store>> {
+    let (kind, store): (&str, Arc<dyn Store>) = match (&config.store.store_dir, &config.store.store_url) {
+        (_, Some(url)) => {
+            use crate::store::postgres::{self, engine::Postgres, migrations};
+            let db = postgres::config(
+                url,
+                config.store.store_password_file.as_deref(),
+                config.store.store_password.as_deref(),
+            )?;
+            let mut client = postgres::connect(&db).await?;
+            let applied = migrations::migrate(&mut client).await?;
+            let status = migrations::status(&client).await?;
+            info!(
+                hosts = ?db.get_hosts(),
+                database = db.get_dbname().unwrap_or_default(),
+                schema = status.current(),
+                ?applied,
+                "PostgreSQL store: schema current"
+            );
+            // The engine and the queue index load from the database: off the async workers.
+            let store = tokio::task::spawn_blocking(move || DurableStore::on(Arc::new(Postgres::connect(db)?)))
+                .await?
+                .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
+            info!(backlog_restored = true, "PostgreSQL store open");
+            ("postgres", Arc::new(store))
+        }
+        (Some(dir), None) => {
             let store = DurableStore::open(dir)
                 .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", dir.display()))?;
             info!(dir = %dir.display(), backlog_restored = true, "durable store open");
-            Arc::new(store)
+            ("redb", Arc::new(store))
         }
-        None => {
-            tracing::warn!("no --store-dir: events are kept in memory only and are lost if the process dies");
-            Arc::new(DurableStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?)
+        (None, None) => {
+            tracing::warn!(
+                "no --store-dir or --store-url: events are kept in memory only and are lost if the process dies"
+            );
+            let store =
+                DurableStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?;
+            ("memory", Arc::new(store))
         }
-    })
+    };
+    metrics.store_kind.with_label_values(&[kind]).set(1);
+    Ok(store)
 }
 
 /// The signer of raw message links, or None when the archive is off.

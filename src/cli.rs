@@ -203,8 +203,21 @@ pub struct SmtpArgs {
 pub struct StoreArgs {
     /// Directory of the durable store (a volume in a cluster). Without it events are kept
     /// in memory only and an acknowledged event is lost if the process dies.
-    #[arg(long, env = "MAILHOOK_STORE_DIR")]
+    #[arg(long, env = "MAILHOOK_STORE_DIR", conflicts_with = "store_url")]
     pub store_dir: Option<std::path::PathBuf>,
+
+    /// PostgreSQL store instead of the embedded one, e.g.
+    /// `postgres://mailhook@db.example.com/mailhook`: the schema is migrated at start.
+    #[arg(long, env = "MAILHOOK_STORE_URL")]
+    pub store_url: Option<String>,
+
+    /// File holding the PostgreSQL password (mount a Secret here), when the URL has none.
+    #[arg(long, env = "MAILHOOK_STORE_PASSWORD_FILE")]
+    pub store_password_file: Option<std::path::PathBuf>,
+
+    /// The PostgreSQL password, when neither the URL nor a file gives it.
+    #[arg(long, env = "MAILHOOK_STORE_PASSWORD", hide_env_values = true)]
+    pub store_password: Option<String>,
 
     /// Refuse new events (HTTP 429) while this many deliveries wait, over every
     /// subscription. No limit when absent.

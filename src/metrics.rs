@@ -19,6 +19,8 @@ pub struct Metrics {
     pub endpoint_up: IntGaugeVec,
     pub endpoint_disabled: IntGaugeVec,
     pub store_disk_bytes: prometheus::IntGauge,
+    /// Which store runs: `redb`, `memory` or `postgres` (the value is 1).
+    pub store_kind: IntGaugeVec,
     /// Deliveries waiting or in flight over every subscription the store holds, including
     /// any not (or no longer) known to the controllers.
     pub store_backlog: prometheus::IntGauge,
@@ -171,9 +173,17 @@ impl Metrics {
                 "mailhook_route_rebuilds_total",
                 "Rebuilds of the routing table; changes arriving together are coalesced into one.",
             )?,
+            store_kind: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_store_info",
+                    "The store the operator runs on, by kind (redb, memory, postgres); the value is always 1.",
+                ),
+                &["kind"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.route_rebuilds.clone()))?;
+        m.registry.register(Box::new(m.store_kind.clone()))?;
         for c in [
             &m.status_writes,
             &m.panics,

@@ -6,6 +6,9 @@ mod crd;
 mod delivery;
 mod durability;
 mod history;
+#[path = "../common/pg.rs"]
+mod pg;
+mod pgstore;
 mod scale;
 mod security;
 mod smtp;

@@ -6,28 +6,11 @@ use std::process::Command;
 use std::sync::Arc;
 
 use mailhook::store::postgres::{self, engine::Postgres, migrations};
-use mailhook::store::{DurableStore, Ingest, QueueCounts, Store, conformance};
 
-/// A new, empty database owned by the test role; returns its URL.
-async fn database(test: &str) -> String {
-    let (url, admin) = match (
-        std::env::var("MAILHOOK_TEST_PG_URL"),
-        std::env::var("MAILHOOK_TEST_PG_ADMIN_URL"),
-    ) {
-        (Ok(url), Ok(admin)) => (url, admin),
-        _ => panic!("PostgreSQL tests need a real server: run tests/run, or eval \"$(tests/pgenv/up)\" first"),
-    };
-    let config = postgres::config(&admin, None, None).expect("admin URL");
-    let client = postgres::connect(&config).await.expect("connect as the superuser");
-    let name = format!("{test}_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name} OWNER mailhook"))
-        .await
-        .expect("create the test database");
-    let mut parsed = url::Url::parse(&url).expect("test URL");
-    parsed.set_path(&name);
-    parsed.to_string()
-}
+#[path = "../common/pg.rs"]
+mod pg;
+use mailhook::store::{DurableStore, Ingest, QueueCounts, Store, conformance};
+use pg::database;
 
 fn mailhook(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mailhook"))
