@@ -80,7 +80,25 @@ async fn rig(subscriptions: usize) -> Rig {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let dir = std::env::temp_dir().join(format!("mailhook-bench-{}", uuid::Uuid::now_v7().simple()));
-    let store = Arc::new(DurableStore::open(&dir).expect("open store"));
+    let store = Arc::new(match std::env::var("BENCH_STORE_URL") {
+        // The same scenarios on the PostgreSQL engine: the database is emptied first.
+        Ok(url) => {
+            use mailhook::store::postgres::{self, engine::Postgres, migrations};
+            std::fs::create_dir_all(&dir).expect("bench directory");
+            let config = postgres::config(&url, None, None).expect("BENCH_STORE_URL");
+            let mut client = postgres::connect(&config).await.expect("connect");
+            migrations::migrate(&mut client).await.expect("migrate");
+            client
+                .batch_execute(
+                    "TRUNCATE events, producers, pending, dead_letters, attempts, raw_messages, subscriptions",
+                )
+                .await
+                .expect("empty the bench database");
+            client.batch_execute("VACUUM").await.expect("vacuum the bench database");
+            DurableStore::on(Arc::new(Postgres::connect(config).expect("engine"))).expect("open store")
+        }
+        Err(_) => DurableStore::open(&dir).expect("open store"),
+    });
     let metrics = Metrics::new().expect("metrics");
     let lifecycle = mailhook::lifecycle::Lifecycle::new();
     let deliveries = Deliveries::start(
@@ -229,8 +247,44 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 /// As fast as the generator can: `events` events in batches of `batch_size` from 4
 /// concurrent posters; events/s counted until the last delivery arrives.
+/// CPU seconds used so far by every process named `postgres` (the server, when the bench
+/// runs on the PostgreSQL store), from /proc.
+fn postgres_cpu_seconds() -> f64 {
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((name, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        if !name.ends_with("(postgres") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split(' ').collect();
+        // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+        for i in [11, 12] {
+            ticks += fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 / 100.0
+}
+
+/// The PostgreSQL server's WAL position in bytes (None without BENCH_STORE_URL).
+async fn wal_bytes() -> Option<u64> {
+    let url = std::env::var("BENCH_STORE_URL").ok()?;
+    let config = mailhook::store::postgres::config(&url, None, None).ok()?;
+    let client = mailhook::store::postgres::connect(&config).await.ok()?;
+    let row = client
+        .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint", &[])
+        .await
+        .ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
+}
+
 async fn sustained(subscriptions: usize, events: u64, batch_size: u64) {
     let rig = rig(subscriptions).await;
+    let (cpu_before, wal_before) = (postgres_cpu_seconds(), wal_bytes().await);
     let client = reqwest::Client::new();
     let started = Instant::now();
     let posters = 4;
@@ -275,6 +329,15 @@ async fn sustained(subscriptions: usize, events: u64, batch_size: u64) {
         rig.store.disk_bytes() as f64 / (1 << 20) as f64,
         rig.store.disk_bytes() as f64 / (per * posters) as f64,
     );
+    if let (Some(before), Some(after)) = (wal_before, wal_bytes().await) {
+        println!(
+            "  on PostgreSQL: server CPU {:.1} s ({:.0} µs per delivered event), WAL {:.1} MiB ({:.0} bytes per delivered event)",
+            postgres_cpu_seconds() - cpu_before,
+            1e6 * (postgres_cpu_seconds() - cpu_before) / expected as f64,
+            after.saturating_sub(before) as f64 / (1 << 20) as f64,
+            after.saturating_sub(before) as f64 / expected as f64,
+        );
+    }
     drop(rig.store);
     let _ = std::fs::remove_dir_all(rig.dir);
 }

@@ -77,23 +77,38 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    /// Connects (the schema must be migrated: `migrations::migrate`).
+    /// Connects (the schema must be migrated: `migrations::migrate`). The runtime and the
+    /// connection are made, used and dropped on the connection thread only, so this may be
+    /// called from anywhere, async code included (it waits for the first connection).
     pub fn connect(config: tokio_postgres::Config) -> Result<Postgres, StoreError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Io(e.to_string()))?;
-        let mut connection = Connection {
-            runtime,
-            config,
-            client: None,
-        };
-        connection.client()?;
         let (tx, rx) = sync_channel::<Call>(64);
+        let (ready_tx, ready_rx) = sync_channel::<Result<(), StoreError>>(1);
         std::thread::Builder::new()
             .name("store-postgres".into())
-            .spawn(move || serve(connection, rx))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(StoreError::Io(e.to_string())));
+                        return;
+                    }
+                };
+                let mut connection = Connection {
+                    runtime,
+                    config,
+                    client: None,
+                };
+                let first = connection.client().map(|_| ());
+                let ok = first.is_ok();
+                let _ = ready_tx.send(first);
+                if ok {
+                    serve(connection, rx);
+                }
+            })
             .map_err(|e| StoreError::Io(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|_| StoreError::Unavailable("the PostgreSQL connection thread stopped".into()))??;
         Ok(Postgres {
             calls: Mutex::new(tx),
             size: Mutex::new(None),
