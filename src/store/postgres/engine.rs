@@ -211,13 +211,223 @@ fn statement(op: &Op) -> Result<(&'static str, Params), StoreError> {
     })
 }
 
+/// The net effect of a batch of writes, by table and key: the last write of a key wins
+/// (a put, or a delete). Range writes (trimming a subscription's attempts) are ordered
+/// against the attempts put before them by flushing those first.
+#[derive(Default)]
+struct Net {
+    events: std::collections::HashMap<String, Option<Vec<u8>>>,
+    producers: std::collections::HashMap<String, Option<(String, i64)>>,
+    pending: std::collections::HashMap<i64, Option<Vec<u8>>>,
+    dead: std::collections::HashMap<i64, Option<Vec<u8>>>,
+    attempts: std::collections::HashMap<(String, i64), Vec<u8>>,
+    raw: std::collections::HashMap<String, Option<(i64, Vec<u8>)>>,
+    subscriptions: std::collections::HashMap<String, Option<String>>,
+}
+
+/// Splits a map of last writes into (put keys and values, deleted keys).
+fn split<K: Clone, V>(map: std::collections::HashMap<K, Option<V>>) -> (Vec<(K, V)>, Vec<K>) {
+    let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+    for (k, v) in map {
+        match v {
+            Some(v) => puts.push((k, v)),
+            None => deletes.push(k),
+        }
+    }
+    (puts, deletes)
+}
+
+impl Net {
+    /// The statements that apply this net effect: per table one delete and one upsert of
+    /// arrays (`unnest`), whatever the number of rows.
+    fn statements(&mut self, out: &mut Vec<(&'static str, Params)>) {
+        let (puts, deletes) = split(std::mem::take(&mut self.events));
+        if !deletes.is_empty() {
+            out.push(("DELETE FROM events WHERE id = ANY($1)", vec![Box::new(deletes)]));
+        }
+        if !puts.is_empty() {
+            let (ids, bodies): (Vec<String>, Vec<Vec<u8>>) = puts.into_iter().unzip();
+            out.push((
+                "INSERT INTO events (id, body) SELECT * FROM unnest($1::text[], $2::bytea[]) \
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                vec![Box::new(ids), Box::new(bodies)],
+            ));
+        }
+        let (puts, deletes) = split(std::mem::take(&mut self.producers));
+        if !deletes.is_empty() {
+            out.push((
+                "DELETE FROM producers WHERE producer_id = ANY($1)",
+                vec![Box::new(deletes)],
+            ));
+        }
+        if !puts.is_empty() {
+            let mut ids = Vec::new();
+            let mut events = Vec::new();
+            let mut at = Vec::new();
+            for (p, (e, a)) in puts {
+                ids.push(p);
+                events.push(e);
+                at.push(a);
+            }
+            out.push((
+                "INSERT INTO producers (producer_id, event_id, seen_at) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+                 ON CONFLICT (producer_id) DO UPDATE SET event_id = excluded.event_id, seen_at = excluded.seen_at",
+                vec![Box::new(ids), Box::new(events), Box::new(at)],
+            ));
+        }
+        for (table, map) in [
+            ("pending", std::mem::take(&mut self.pending)),
+            ("dead_letters", std::mem::take(&mut self.dead)),
+        ] {
+            let (puts, deletes) = split(map);
+            if !deletes.is_empty() {
+                out.push((
+                    if table == "pending" {
+                        "DELETE FROM pending WHERE seq = ANY($1)"
+                    } else {
+                        "DELETE FROM dead_letters WHERE seq = ANY($1)"
+                    },
+                    vec![Box::new(deletes)],
+                ));
+            }
+            if !puts.is_empty() {
+                let (seqs, bodies): (Vec<i64>, Vec<Vec<u8>>) = puts.into_iter().unzip();
+                out.push((
+                    if table == "pending" {
+                        "INSERT INTO pending (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
+                         ON CONFLICT (seq) DO UPDATE SET body = excluded.body"
+                    } else {
+                        "INSERT INTO dead_letters (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
+                         ON CONFLICT (seq) DO UPDATE SET body = excluded.body"
+                    },
+                    vec![Box::new(seqs), Box::new(bodies)],
+                ));
+            }
+        }
+        self.flush_attempts(out);
+        let (puts, deletes) = split(std::mem::take(&mut self.raw));
+        if !deletes.is_empty() {
+            out.push((
+                "DELETE FROM raw_messages WHERE sha256 = ANY($1)",
+                vec![Box::new(deletes)],
+            ));
+        }
+        if !puts.is_empty() {
+            let mut shas = Vec::new();
+            let mut at = Vec::new();
+            let mut messages = Vec::new();
+            for (sha, (a, m)) in puts {
+                shas.push(sha);
+                at.push(a);
+                messages.push(m);
+            }
+            out.push((
+                "INSERT INTO raw_messages (sha256, archived_at, message) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) \
+                 ON CONFLICT (sha256) DO UPDATE SET archived_at = excluded.archived_at, message = excluded.message",
+                vec![Box::new(shas), Box::new(at), Box::new(messages)],
+            ));
+        }
+        let (puts, deletes) = split(std::mem::take(&mut self.subscriptions));
+        if !deletes.is_empty() {
+            out.push(("DELETE FROM subscriptions WHERE uid = ANY($1)", vec![Box::new(deletes)]));
+        }
+        if !puts.is_empty() {
+            let (uids, namespaces): (Vec<String>, Vec<String>) = puts.into_iter().unzip();
+            out.push((
+                "INSERT INTO subscriptions (uid, namespace) SELECT * FROM unnest($1::text[], $2::text[]) \
+                 ON CONFLICT (uid) DO UPDATE SET namespace = excluded.namespace",
+                vec![Box::new(uids), Box::new(namespaces)],
+            ));
+        }
+    }
+
+    fn flush_attempts(&mut self, out: &mut Vec<(&'static str, Params)>) {
+        if self.attempts.is_empty() {
+            return;
+        }
+        let mut subscriptions = Vec::new();
+        let mut keys = Vec::new();
+        let mut bodies = Vec::new();
+        for ((s, k), b) in std::mem::take(&mut self.attempts) {
+            subscriptions.push(s);
+            keys.push(k);
+            bodies.push(b);
+        }
+        out.push((
+            "INSERT INTO attempts (subscription, at_nanos, body) \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) \
+             ON CONFLICT (subscription, at_nanos) DO UPDATE SET body = excluded.body",
+            vec![Box::new(subscriptions), Box::new(keys), Box::new(bodies)],
+        ));
+    }
+}
+
+/// One group commit as a few statements: the net effect per table, with each range write
+/// of the attempt log kept in its place.
+fn batched(ops: &[&Op]) -> Result<Vec<(&'static str, Params)>, StoreError> {
+    let mut net = Net::default();
+    let mut out = Vec::new();
+    for op in ops {
+        match op {
+            Op::PutEvent(id, body) => {
+                net.events.insert(id.clone(), Some(body.clone()));
+            }
+            Op::DeleteEvent(id) => {
+                net.events.insert(id.clone(), None);
+            }
+            Op::PutProducer(p, id, at) => {
+                net.producers.insert(p.clone(), Some((id.clone(), *at)));
+            }
+            Op::DeleteProducer(p) => {
+                net.producers.insert(p.clone(), None);
+            }
+            Op::PutPending(seq, body) => {
+                net.pending.insert(signed(*seq)?, Some(body.clone()));
+            }
+            Op::DeletePending(seq) => {
+                net.pending.insert(signed(*seq)?, None);
+            }
+            Op::PutDead(seq, body) => {
+                net.dead.insert(signed(*seq)?, Some(body.clone()));
+            }
+            Op::DeleteDead(seq) => {
+                net.dead.insert(signed(*seq)?, None);
+            }
+            Op::PutAttempt(subscription, key, body) => {
+                net.attempts.insert((subscription.clone(), signed(*key)?), body.clone());
+            }
+            Op::TrimAttempts(..) | Op::DeleteAttemptsOf(_) => {
+                // Range writes see every attempt put before them, and none after.
+                net.flush_attempts(&mut out);
+                out.push(statement(op)?);
+            }
+            Op::PutRaw(sha256, at, message) => {
+                net.raw.insert(sha256.clone(), Some((*at, message.clone())));
+            }
+            Op::DeleteRaw(_, sha256) => {
+                net.raw.insert(sha256.clone(), None);
+            }
+            Op::PutSubscription(uid, namespace) => {
+                net.subscriptions.insert(uid.clone(), Some(namespace.clone()));
+            }
+            Op::DeleteSubscription(uid) => {
+                net.subscriptions.insert(uid.clone(), None);
+            }
+        }
+    }
+    net.statements(&mut out);
+    Ok(out)
+}
+
 fn u64_of(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
 impl Engine for Postgres {
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
-        let statements: Vec<_> = ops.iter().map(|op| statement(op)).collect::<Result<_, _>>()?;
+        let statements = batched(ops)?;
         self.call(move |c| {
             let (runtime, client) = c.parts()?;
             runtime
