@@ -385,11 +385,11 @@ fn normalize(
         }
     };
     if let Some(id) = &e.event_id
-        && (id.is_empty() || id.len() > 256)
+        && (id.is_empty() || id.len() > 256 || id.chars().any(char::is_control))
     {
         return Err(Refusal::bad(
             format!("{at}: eventId"),
-            format!("{at}: eventId: must be 1 to 256 characters"),
+            format!("{at}: eventId: must be 1 to 256 characters, none of them control characters"),
         ));
     }
     if e.event_type == EventType::ComplianceFlagged {

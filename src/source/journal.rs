@@ -183,7 +183,14 @@ fn event(
         source: Source::Smtp,
         // A journal re-sent by the mail system (or a retried SMTP transaction) is the same
         // event: de-duplicated by message id and mailbox.
-        producer_event_id: facts.message_id.as_ref().map(|id| format!("smtp:{id}:{mailbox}")),
+        // Control characters (a NUL above all, which PostgreSQL's text refuses) are dropped:
+        // a producer id only needs to be the same for the same message.
+        producer_event_id: facts.message_id.as_ref().map(|id| {
+            format!("smtp:{id}:{mailbox}")
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect()
+        }),
         mailbox,
         message_id: facts.message_id.clone(),
         from: facts.from.clone(),

@@ -143,7 +143,12 @@ impl Postgres {
 
 fn serve(mut connection: Connection, rx: Receiver<Call>) {
     while let Ok(call) = rx.recv() {
-        call(&mut connection);
+        // A panic in one call (a bug) fails that call (its answer channel drops), not the
+        // store: the thread goes on serving.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&mut connection))).is_err() {
+            tracing::error!("a PostgreSQL store call panicked; the connection is renewed");
+            connection.client = None;
+        }
     }
 }
 
@@ -429,21 +434,32 @@ impl Engine for Postgres {
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
         let statements = batched(ops)?;
         self.call(move |c| {
-            let (runtime, client) = c.parts()?;
-            runtime
-                .block_on(async {
-                    let txn = client.transaction().await?;
-                    // Pipelined: sent in order on the one connection, executed in order.
-                    let runs = statements.iter().map(|(sql, params)| {
+            // A connection that died while idle fails at BEGIN: nothing was applied, so
+            // connect again and try once more. A failure later rolls back and is reported.
+            for attempt in 0..2 {
+                let (runtime, client) = c.parts()?;
+                let result = runtime.block_on(async {
+                    let txn = match client.transaction().await {
+                        Ok(txn) => txn,
+                        Err(e) => return Err((true, e)),
+                    };
+                    // One after the other: a handful of statements per commit, in order.
+                    for (sql, params) in &statements {
                         let refs: Vec<&(dyn ToSql + Sync)> =
                             params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-                        let txn = &txn;
-                        async move { txn.execute(*sql, &refs).await }
-                    });
-                    futures::future::try_join_all(runs).await?;
-                    txn.commit().await
-                })
-                .map_err(unavailable)
+                        txn.execute(*sql, &refs).await.map_err(|e| (false, e))?;
+                    }
+                    txn.commit().await.map_err(|e| (false, e))
+                });
+                match result {
+                    Ok(()) => return Ok(()),
+                    Err((true, _)) if attempt == 0 => {
+                        c.client = None;
+                    }
+                    Err((_, e)) => return Err(unavailable(e)),
+                }
+            }
+            Err(StoreError::Unavailable("PostgreSQL: cannot begin a transaction".into()))
         })
     }
 
@@ -518,8 +534,10 @@ impl Engine for Postgres {
         let fresh = crate::crypto::random_bytes().to_vec();
         // Created once: a concurrent first use keeps the one that was inserted first.
         let rows = self.query(
-            "WITH new AS (INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING value) \
-             SELECT value FROM new UNION ALL SELECT value FROM meta WHERE name = $1 LIMIT 1",
+            // DO UPDATE (of nothing) rather than DO NOTHING: it returns the row that won,
+            // also when another session inserted it a moment ago.
+            "INSERT INTO meta (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING value",
             vec![Box::new(name.to_string()), Box::new(fresh)],
         )?;
         let value: Vec<u8> = rows

@@ -60,6 +60,12 @@ pub fn config(
         }
     }
     config.application_name("mailhook");
+    // A dead server must not hang the store: give up connecting, and notice a silent peer.
+    config.connect_timeout(std::time::Duration::from_secs(10));
+    config.keepalives(true);
+    config.keepalives_idle(std::time::Duration::from_secs(30));
+    // An acknowledged event is on disk, whatever the server's or role's default.
+    config.options("-c synchronous_commit=on");
     Ok(config)
 }
 
