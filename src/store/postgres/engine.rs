@@ -4,6 +4,7 @@
 //! synchronous (they come from the commit thread and from blocking sections): one thread
 //! owns the connection and a small runtime, and runs each call to its end in turn.
 
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -72,8 +73,8 @@ fn signed(n: u64) -> Result<i64, StoreError> {
 /// The engine: a handle on the connection thread.
 pub struct Postgres {
     calls: Mutex<SyncSender<Call>>,
-    /// The database size, read at most every second (ingest asks on every request).
-    size: Mutex<Option<(Instant, u64)>>,
+    /// The database size and when it was read (or last asked for).
+    size: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 impl Postgres {
@@ -109,10 +110,17 @@ impl Postgres {
         ready_rx
             .recv()
             .map_err(|_| StoreError::Unavailable("the PostgreSQL connection thread stopped".into()))??;
-        Ok(Postgres {
+        let engine = Postgres {
             calls: Mutex::new(tx),
-            size: Mutex::new(None),
-        })
+            size: Arc::new(Mutex::new(None)),
+        };
+        // The first size is read now, so that it is known from the start.
+        let size = engine
+            .query("SELECT pg_database_size(current_database())", vec![])?
+            .first()
+            .map(|r| u64_of(r.get(0)));
+        *engine.size.lock() = size.map(|bytes| (Instant::now(), bytes));
+        Ok(engine)
     }
 
     /// Runs `f` on the connection thread and waits for its answer.
@@ -571,18 +579,26 @@ impl Engine for Postgres {
         Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))
     }
 
+    /// Never waits for the server: ingest asks on every request and the status writer on
+    /// every pass, both from async code. The answer is the size read at most a second
+    /// ago; a stale one asks the connection thread for a new one in the background.
     fn disk_bytes(&self) -> Option<u64> {
         let mut size = self.size.lock();
-        if let Some((at, bytes)) = *size
-            && at.elapsed() < Duration::from_secs(1)
-        {
-            return Some(bytes);
+        let known = size.map(|(_, bytes)| bytes);
+        if size.is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1)) {
+            // Marked fresh now, so one refresh is asked for at a time.
+            *size = Some((Instant::now(), known.unwrap_or(0)));
+            drop(size);
+            let cache = self.size.clone();
+            let refresh: Call = Box::new(move |c| {
+                let Ok((runtime, client)) = c.parts() else { return };
+                let read = runtime.block_on(client.query_one("SELECT pg_database_size(current_database())", &[]));
+                if let Ok(row) = read {
+                    *cache.lock() = Some((Instant::now(), u64_of(row.get(0))));
+                }
+            });
+            let _ = self.calls.lock().try_send(refresh);
         }
-        drop(size);
-        let rows = self.query("SELECT pg_database_size(current_database())", vec![]).ok()?;
-        let bytes = rows.first().map(|r| u64_of(r.get(0)))?;
-        size = self.size.lock();
-        *size = Some((Instant::now(), bytes));
-        Some(bytes)
+        known
     }
 }
