@@ -80,7 +80,7 @@ mod layout {
                         .collect()
                 };
                 for (i, _) in code.match_indices("crate::") {
-                    let rest = &code[i + "crate::".len()..];
+                    let rest = code.get(i + "crate::".len()..).unwrap_or_default();
                     // `crate::{a, b::c}` names several modules.
                     let names: Vec<String> = match rest.strip_prefix('{') {
                         Some(group) => group

@@ -160,67 +160,20 @@ fn serve(mut connection: Connection, rx: Receiver<Call>) {
     }
 }
 
-/// One op as a statement and its parameters.
-fn statement(op: &Op) -> Result<(&'static str, Params), StoreError> {
+/// A range write of the attempt log as a statement (every other write is batched by
+/// `Net`, by table and key).
+fn range_statement(op: &Op) -> Result<Option<(&'static str, Params)>, StoreError> {
     Ok(match op {
-        Op::PutEvent(id, body) => (
-            "INSERT INTO events (id, body) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-            vec![Box::new(id.clone()), Box::new(body.clone())],
-        ),
-        Op::DeleteEvent(id) => ("DELETE FROM events WHERE id = $1", vec![Box::new(id.clone())]),
-        Op::PutProducer(p, id, at) => (
-            "INSERT INTO producers (producer_id, event_id, seen_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (producer_id) DO UPDATE SET event_id = excluded.event_id, seen_at = excluded.seen_at",
-            vec![Box::new(p.clone()), Box::new(id.clone()), Box::new(*at)],
-        ),
-        Op::DeleteProducer(p) => (
-            "DELETE FROM producers WHERE producer_id = $1",
-            vec![Box::new(p.clone())],
-        ),
-        Op::PutPending(seq, body) => (
-            "INSERT INTO pending (seq, body) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET body = excluded.body",
-            vec![Box::new(signed(*seq)?), Box::new(body.clone())],
-        ),
-        Op::DeletePending(seq) => ("DELETE FROM pending WHERE seq = $1", vec![Box::new(signed(*seq)?)]),
-        Op::PutDead(seq, body) => (
-            "INSERT INTO dead_letters (seq, body) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET body = excluded.body",
-            vec![Box::new(signed(*seq)?), Box::new(body.clone())],
-        ),
-        Op::DeleteDead(seq) => ("DELETE FROM dead_letters WHERE seq = $1", vec![Box::new(signed(*seq)?)]),
-        Op::PutAttempt(subscription, key, body) => (
-            "INSERT INTO attempts (subscription, at_nanos, body) VALUES ($1, $2, $3) \
-             ON CONFLICT (subscription, at_nanos) DO UPDATE SET body = excluded.body",
-            vec![
-                Box::new(subscription.clone()),
-                Box::new(signed(*key)?),
-                Box::new(body.clone()),
-            ],
-        ),
-        Op::TrimAttempts(subscription, n) => (
+        Op::TrimAttempts(subscription, n) => Some((
             "DELETE FROM attempts WHERE subscription = $1 AND at_nanos IN \
              (SELECT at_nanos FROM attempts WHERE subscription = $1 ORDER BY at_nanos LIMIT $2)",
             vec![Box::new(subscription.clone()), Box::new(signed(*n)?)],
-        ),
-        Op::DeleteAttemptsOf(subscription) => (
+        )),
+        Op::DeleteAttemptsOf(subscription) => Some((
             "DELETE FROM attempts WHERE subscription = $1",
             vec![Box::new(subscription.clone())],
-        ),
-        Op::PutRaw(sha256, at, message) => (
-            // Archived again: its age starts over.
-            "INSERT INTO raw_messages (sha256, archived_at, message) VALUES ($1, $2, $3) \
-             ON CONFLICT (sha256) DO UPDATE SET archived_at = excluded.archived_at, message = excluded.message",
-            vec![Box::new(sha256.clone()), Box::new(*at), Box::new(message.clone())],
-        ),
-        Op::DeleteRaw(_, sha256) => (
-            "DELETE FROM raw_messages WHERE sha256 = $1",
-            vec![Box::new(sha256.clone())],
-        ),
-        Op::PutSubscription(uid, namespace) => (
-            "INSERT INTO subscriptions (uid, namespace) VALUES ($1, $2) \
-             ON CONFLICT (uid) DO UPDATE SET namespace = excluded.namespace",
-            vec![Box::new(uid.clone()), Box::new(namespace.clone())],
-        ),
-        Op::DeleteSubscription(uid) => ("DELETE FROM subscriptions WHERE uid = $1", vec![Box::new(uid.clone())]),
+        )),
+        _ => None,
     })
 }
 
@@ -414,7 +367,7 @@ fn batched(ops: &[&Op]) -> Result<Vec<(&'static str, Params)>, StoreError> {
             Op::TrimAttempts(..) | Op::DeleteAttemptsOf(_) => {
                 // Range writes see every attempt put before them, and none after.
                 net.flush_attempts(&mut out);
-                out.push(statement(op)?);
+                out.extend(range_statement(op)?);
             }
             Op::PutRaw(sha256, at, message) => {
                 net.raw.insert(sha256.clone(), Some((*at, message.clone())));
