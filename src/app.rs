@@ -16,7 +16,7 @@ use crate::controller;
 use crate::delivery::client::Clients;
 use crate::delivery::egress::EgressPolicy;
 use crate::delivery::{Deliveries, Housekeeping};
-use crate::handles::{Directory, MatchCounters, Readiness};
+use crate::handles::{self, Directory, MatchCounters, Readiness, ReadinessPart};
 use crate::history::History;
 use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
@@ -69,6 +69,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
         });
     }
+    watch_store(&lifecycle, store.clone(), readiness.part(handles::STORE, "opening"), metrics.clone());
     let router = Arc::new(Router::default());
     let matches = Arc::new(MatchCounters::default());
     let directory = Arc::new(Directory::default());
@@ -229,10 +230,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 /// `mailhook store migrate | status`: what an admin applying migrations by hand sees.
 pub async fn store(action: crate::cli::StoreAction, database: &crate::cli::DatabaseArgs) -> anyhow::Result<String> {
     use crate::store::postgres::{self, migrations};
-    let config = postgres::config(
+    let config = postgres::with_ca(
         &database.store_url,
-        database.store_password_file.as_deref(),
-        database.store_password.as_deref(),
+        database.postgres.store_password_file.as_deref(),
+        database.postgres.store_password.as_deref(),
+        database.postgres.store_ca_file.as_deref(),
     )?;
     let mut client = postgres::connect(&config).await?;
     let mut out = String::new();
@@ -278,17 +280,19 @@ async fn open_store(config: &RunConfig, metrics: &Metrics) -> anyhow::Result<Arc
     let (kind, store): (&str, Arc<dyn Store>) = match (&config.store.store_dir, &config.store.store_url) {
         (_, Some(url)) => {
             use crate::store::postgres::{self, engine::Postgres, migrations};
-            let db = postgres::config(
+            let db = postgres::with_ca(
                 url,
-                config.store.store_password_file.as_deref(),
-                config.store.store_password.as_deref(),
+                config.store.postgres.store_password_file.as_deref(),
+                config.store.postgres.store_password.as_deref(),
+                config.store.postgres.store_ca_file.as_deref(),
             )?;
             let mut client = postgres::connect(&db).await?;
             let applied = migrations::migrate(&mut client).await?;
             let status = migrations::status(&client).await?;
             info!(
-                hosts = ?db.get_hosts(),
-                database = db.get_dbname().unwrap_or_default(),
+                hosts = ?db.config.get_hosts(),
+                database = db.config.get_dbname().unwrap_or_default(),
+                tls = db.tls(),
                 schema = status.current(),
                 ?applied,
                 "PostgreSQL store: schema current"
@@ -317,6 +321,41 @@ async fn open_store(config: &RunConfig, metrics: &Metrics) -> anyhow::Result<Arc
     };
     metrics.store_kind.with_label_values(&[kind]).set(1);
     Ok(store)
+}
+
+/// Follows whether the store commits: readiness part `store`, `mailhook_store_up`, a log
+/// line on each change. Polled (cheap: a lock) so that it needs nothing from the store.
+fn watch_store(lifecycle: &Lifecycle, store: Arc<dyn Store>, part: ReadinessPart, metrics: Metrics) {
+    let stop = lifecycle.token(Stage::Admin);
+    lifecycle.spawn(Stage::Admin, "store watch", async move {
+        let mut was: Option<Option<String>> = None;
+        loop {
+            let now = store.unavailable();
+            if was.as_ref() != Some(&now) {
+                match &now {
+                    None => {
+                        part.ready();
+                        metrics.store_up.set(1);
+                        if was.is_some() {
+                            info!("the store commits again: ingest and deliveries resume");
+                        }
+                    }
+                    Some(why) => {
+                        part.not_ready(format!("the store cannot commit: {why}"));
+                        metrics.store_up.set(0);
+                        if was.as_ref().is_none_or(Option::is_none) {
+                            tracing::warn!(%why, "the store cannot commit: ingest answers 503/451 and deliveries pause until it can");
+                        }
+                    }
+                }
+                was = Some(now);
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            }
+        }
+    });
 }
 
 /// The signer of raw message links, or None when the archive is off.

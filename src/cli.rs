@@ -64,13 +64,26 @@ pub struct DatabaseArgs {
     #[arg(long, env = "MAILHOOK_STORE_URL")]
     pub store_url: String,
 
-    /// File holding the database password (mount a Secret here), when the URL has none.
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+}
+
+/// How to reach the PostgreSQL store beyond its URL: the password, the server's CA.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PostgresArgs {
+    /// File holding the PostgreSQL password (mount a Secret here), when the URL has none.
     #[arg(long, env = "MAILHOOK_STORE_PASSWORD_FILE")]
     pub store_password_file: Option<std::path::PathBuf>,
 
-    /// The database password, when neither the URL nor a file gives it.
+    /// The PostgreSQL password, when neither the URL nor a file gives it.
     #[arg(long, env = "MAILHOOK_STORE_PASSWORD", hide_env_values = true)]
     pub store_password: Option<String>,
+
+    /// PEM file of the CA that signed the PostgreSQL server's certificate (with
+    /// `sslmode=verify-full`; the URL's `sslrootcert` works too). Without either, the
+    /// system's trust store is used.
+    #[arg(long, env = "MAILHOOK_STORE_CA_FILE")]
+    pub store_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,13 +224,8 @@ pub struct StoreArgs {
     #[arg(long, env = "MAILHOOK_STORE_URL")]
     pub store_url: Option<String>,
 
-    /// File holding the PostgreSQL password (mount a Secret here), when the URL has none.
-    #[arg(long, env = "MAILHOOK_STORE_PASSWORD_FILE")]
-    pub store_password_file: Option<std::path::PathBuf>,
-
-    /// The PostgreSQL password, when neither the URL nor a file gives it.
-    #[arg(long, env = "MAILHOOK_STORE_PASSWORD", hide_env_values = true)]
-    pub store_password: Option<String>,
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
 
     /// Refuse new events (HTTP 429) while this many deliveries wait, over every
     /// subscription. No limit when absent.

@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
+/// The readiness part that follows the store (not ready while its commits fail).
+pub const STORE: &str = "store";
+
 /// Whether the operator is ready, composed from named parts (caches synced, not shutting
 /// down, …). Each part says why it is not ready; `/readyz?verbose` lists them all.
 #[derive(Clone, Default)]
@@ -51,6 +54,16 @@ impl Readiness {
     /// Every part is ready (and at least one is registered).
     pub fn is_ready(&self) -> bool {
         self.inner.all.load(Ordering::Acquire)
+    }
+
+    /// Every part but `part` is ready: the sources answer a store outage themselves, with
+    /// its reason, and refuse on any other part.
+    pub fn is_ready_apart_from(&self, part: &str) -> bool {
+        self.inner
+            .parts
+            .lock()
+            .iter()
+            .all(|(name, why)| *name == part || why.is_none())
     }
 
     /// Every part with why it is not ready (None: ready), by name.

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub store_disk_bytes: prometheus::IntGauge,
     /// Which store runs: `redb`, `memory` or `postgres` (the value is 1).
     pub store_kind: IntGaugeVec,
+    pub store_up: prometheus::IntGauge,
     /// Deliveries waiting or in flight over every subscription the store holds, including
     /// any not (or no longer) known to the controllers.
     pub store_backlog: prometheus::IntGauge,
@@ -180,8 +181,13 @@ impl Metrics {
                 ),
                 &["kind"],
             )?,
+            store_up: prometheus::IntGauge::new(
+                "mailhook_store_up",
+                "1 while the store commits; 0 while its commits fail (new events refused, deliveries paused).",
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.store_up.clone()))?;
         m.registry.register(Box::new(m.route_rebuilds.clone()))?;
         m.registry.register(Box::new(m.store_kind.clone()))?;
         for c in [

@@ -43,14 +43,16 @@ pub mod reason {
     pub const ENDPOINT_FAILING: &str = "EndpointFailing";
     pub const ENDPOINT_DISABLED: &str = "EndpointDisabled";
     pub const PAUSED: &str = "Paused";
+    pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
 }
 
 fn time(t: jiff::Timestamp) -> Time {
     Time(t)
 }
 
-/// The `Healthy` condition from delivery health. Pure.
-pub fn healthy_condition(health: &HealthSnapshot, paused: bool) -> Desired {
+/// The `Healthy` condition from delivery health and, while the store cannot commit, why
+/// not (`store_down`). Pure.
+pub fn healthy_condition(health: &HealthSnapshot, paused: bool, store_down: Option<&str>) -> Desired {
     let last_error = || {
         health
             .last_failure
@@ -59,6 +61,15 @@ pub fn healthy_condition(health: &HealthSnapshot, paused: bool) -> Desired {
             .unwrap_or_default()
     };
     let (status, reason, message) = match health.class() {
+        // Every delivery waits on it, whatever the endpoint does.
+        _ if store_down.is_some() => (
+            Status::False,
+            reason::STORE_UNAVAILABLE,
+            format!(
+                "Deliveries are paused: the store cannot commit ({}). New events are refused (HTTP 503, SMTP 451) until it can; nothing acknowledged is lost, and deliveries resume by themselves. Check the database (or the store volume).",
+                store_down.unwrap_or_default()
+            ),
+        ),
         HealthClass::Disabled => (
             Status::False,
             reason::ENDPOINT_DISABLED,
@@ -110,6 +121,7 @@ pub fn subscription_status(
     state: &SubscriptionState,
     health: &HealthSnapshot,
     counts: QueueCounts,
+    store_down: Option<&str>,
     now: &Time,
 ) -> WebhookSubscriptionStatus {
     let mut status = previous.clone();
@@ -119,7 +131,7 @@ pub fn subscription_status(
     conditions::set(&mut status.conditions, ready.clone(), generation, now);
     conditions::set(
         &mut status.conditions,
-        healthy_condition(health, state.paused),
+        healthy_condition(health, state.paused, store_down),
         generation,
         now,
     );
@@ -317,6 +329,7 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
     // Commit failures are counted by the store's commit thread; the metric follows it.
     let failed = ctx.metrics.store_errors.with_label_values(&["commit"]);
     failed.inc_by(store.commit_failures().saturating_sub(failed.get()));
+    let store_down = store.unavailable();
     let objects = ctx.subscriptions.state();
     let (states, filters) = {
         let state = ctx.state.lock();
@@ -369,7 +382,7 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             .map(|w| w.status.clone())
             .or_else(|| whs.status.clone())
             .unwrap_or_default();
-        let desired = subscription_status(&previous, state, &health, counts, &now);
+        let desired = subscription_status(&previous, state, &health, counts, store_down.as_deref(), &now);
         let urgent = urgent_key(&previous.conditions, previous.observed_generation)
             != urgent_key(&desired.conditions, desired.observed_generation)
             || previous.last_replay != desired.last_replay;
@@ -534,17 +547,17 @@ mod tests {
     #[test]
     fn healthy_condition_reasons() {
         let mut h = HealthSnapshot::default();
-        assert_eq!(healthy_condition(&h, false).reason, reason::AWAITING_DELIVERY);
-        assert_eq!(healthy_condition(&h, true).reason, reason::PAUSED);
+        assert_eq!(healthy_condition(&h, false, None).reason, reason::AWAITING_DELIVERY);
+        assert_eq!(healthy_condition(&h, true, None).reason, reason::PAUSED);
         h.last_success = Some(jiff::Timestamp::UNIX_EPOCH);
-        assert_eq!(healthy_condition(&h, false).status, Status::True);
+        assert_eq!(healthy_condition(&h, false, None).status, Status::True);
         h.consecutive_failures = 2;
         h.last_failure = Some(Failure {
             time: jiff::Timestamp::UNIX_EPOCH,
             http_status: Some(500),
             message: "HTTP 500".into(),
         });
-        let failing = healthy_condition(&h, false);
+        let failing = healthy_condition(&h, false, None);
         assert_eq!(
             (failing.status, failing.reason),
             (Status::False, reason::ENDPOINT_FAILING)
@@ -552,9 +565,16 @@ mod tests {
         assert!(failing.message.contains("HTTP 500"), "{}", failing.message);
         h.disabled = Some("the endpoint answered 410 Gone".into());
         assert_eq!(
-            healthy_condition(&h, true).reason,
+            healthy_condition(&h, true, None).reason,
             reason::ENDPOINT_DISABLED,
             "disabled outranks paused"
+        );
+        let down = healthy_condition(&h, true, Some("PostgreSQL: connection refused"));
+        assert_eq!((down.status, down.reason), (Status::False, reason::STORE_UNAVAILABLE));
+        assert!(
+            down.message.contains("connection refused") && down.message.contains("resume by themselves"),
+            "says why and what happens next: {}",
+            down.message
         );
     }
 
@@ -610,7 +630,7 @@ mod tests {
             )),
             ..Default::default()
         };
-        let status = subscription_status(&Default::default(), &state(valid()), &health, counts, &now);
+        let status = subscription_status(&Default::default(), &state(valid()), &health, counts, None, &now);
         let ready = status.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -629,11 +649,11 @@ mod tests {
         assert_eq!((status.observed_generation, status.shard), (Some(3), Some(1)));
 
         health.verification = Some(crate::delivery::verification::Verification::Pending);
-        let status = subscription_status(&status, &state(valid()), &health, counts, &now);
+        let status = subscription_status(&status, &state(valid()), &health, counts, None, &now);
         assert_eq!(conditions::status_of(&status.conditions, READY), Some("Unknown"));
 
         health.verification = Some(crate::delivery::verification::Verification::Verified);
-        let status = subscription_status(&status, &state(valid()), &health, counts, &now);
+        let status = subscription_status(&status, &state(valid()), &health, counts, None, &now);
         assert_eq!(conditions::status_of(&status.conditions, READY), Some("True"));
         assert_eq!(conditions::status_of(&status.conditions, conditions::RECONCILING), None);
     }

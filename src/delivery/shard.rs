@@ -41,6 +41,15 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
         if stop.is_cancelled() {
             return;
         }
+        // The store cannot commit: a completion would not be durable, so no new attempts
+        // until it can (those in flight wait for their completion's commit).
+        if deliveries.store.unavailable().is_some() {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
         let subs: Vec<Arc<Subscription>> = shard.subscriptions.lock().values().cloned().collect();
         let now = jiff::Timestamp::now();
         let mut wake_at = now + Duration::from_secs(1);

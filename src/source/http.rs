@@ -199,7 +199,22 @@ async fn accept(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, Refusal> {
-    if !state.readiness.is_ready() {
+    if let Some(reason) = state.pipeline.store_down() {
+        state
+            .pipeline
+            .metrics
+            .events_ingested
+            .with_label_values(&["http", "unavailable"])
+            .inc();
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "the store cannot take events right now ({reason}); nothing was accepted, retry after the Retry-After delay"
+            ),
+            field: None,
+        });
+    }
+    if !state.readiness.is_ready_apart_from(crate::handles::STORE) {
         return Err(Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: "the operator is starting (caches not yet synced); retry shortly".into(),

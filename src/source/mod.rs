@@ -59,6 +59,11 @@ pub struct Limits {
 }
 
 impl Pipeline {
+    /// Why the store cannot take new events right now (its commits fail), if it cannot.
+    pub fn store_down(&self) -> Option<String> {
+        self.deliveries.store().unavailable()
+    }
+
     /// Why new events are refused right now, if they are.
     pub fn overloaded(&self) -> Option<String> {
         let store = self.deliveries.store();

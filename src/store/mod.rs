@@ -223,6 +223,11 @@ pub trait Store: Send + Sync + 'static {
     fn commit_failures(&self) -> u64 {
         0
     }
+    /// Why the store cannot commit right now, if it cannot (the database is down, the disk
+    /// is full): new events are refused, deliveries pause, readiness and status say why.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
     /// Returns once every write queued so far is durable (at shutdown: the attempts and
     /// retries that were queued without waiting).
     fn flush(&self) -> Result<(), StoreError> {

@@ -190,7 +190,9 @@ pub async fn serve(
                             let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                             session.reply("421 4.7.0 Too many connections; try again later").await
                         }
-                        Ok(_permit) if !readiness.is_ready() => {
+                        // Not ready only because the store is down: the session goes on and
+                        // MAIL answers 451, as the sender's queue expects.
+                        Ok(_permit) if !readiness.is_ready_apart_from(crate::handles::STORE) => {
                             let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                             session.reply("421 4.3.2 Not ready yet; try again later").await
                         }
@@ -584,14 +586,31 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
     }
 }
 
-/// The 452 answer (counted as throttled) while the pipeline refuses new events: checked at
-/// MAIL, so senders stop early, and again before storing.
+/// The 451 answer while the store is down (counted as unavailable), or the 452 answer
+/// (counted as throttled) while the pipeline refuses new events: checked at MAIL, so
+/// senders stop early, and again before storing.
 fn backpressure(pipeline: &Pipeline) -> Option<String> {
+    if let Some(reason) = pipeline.store_down() {
+        count(pipeline, "unavailable");
+        return Some(format!(
+            "451 4.3.0 Cannot store messages right now ({}); try again later",
+            one_line(&reason, 200)
+        ));
+    }
     let reason = pipeline.overloaded()?;
     count(pipeline, "throttled");
     Some(format!(
         "452 4.3.1 Insufficient system storage: {reason}; try again later"
     ))
+}
+
+/// `text` fit for one SMTP reply line: control characters (a CR LF would end the reply)
+/// as spaces, at most `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect()
 }
 
 /// Counts a message outcome that the pipeline does not count itself (refusals).

@@ -3,7 +3,10 @@
 //! on `engine`; knows nothing of the in-memory state.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use super::engine::Engine;
 
@@ -37,35 +40,132 @@ pub(super) enum Reply {
     Async(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
+impl Reply {
+    fn send(self, result: Result<(), String>) {
+        match self {
+            Reply::None => {}
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
 pub(super) struct Job {
     pub(super) ops: Vec<Op>,
     pub(super) done: Reply,
+    /// Memory already shows these writes (a completion, a retry, a purge): they must reach
+    /// disk, so a failed commit keeps them and tries again, in order, before anything newer.
+    /// Otherwise (an ingest, a replay) the caller changes memory only once told it worked:
+    /// a failed commit answers it and drops the writes.
+    pub(super) kept: bool,
 }
 
-/// Runs until every sender is gone, counting failed commits in `failures`.
-pub(super) fn commit_loop(engine: &dyn Engine, rx: &Receiver<Job>, failures: &AtomicU64) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
+/// Why the store cannot commit right now (None: it can). Set by the commit thread on a
+/// failed commit, cleared by the next one that succeeds.
+#[derive(Default)]
+pub(super) struct Outage(Mutex<Option<String>>);
+
+impl Outage {
+    pub(super) fn reason(&self) -> Option<String> {
+        self.0.lock().clone()
+    }
+}
+
+/// The first pause between two tries of writes that are owed, doubled up to `RETRY_MAX`.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Runs until every sender is gone, counting failed commits in `failures`. While commits
+/// fail (the database is down, the disk full), writes that memory shows are kept and tried
+/// again every second at most, and writes whose callers wait to change memory are refused
+/// at once — the caller answers 503 rather than hang.
+pub(super) fn commit_loop(engine: &dyn Engine, rx: &Receiver<Job>, failures: &AtomicU64, outage: &Outage) {
+    let mut owed: Vec<Job> = Vec::new();
+    let mut pause = RETRY_MIN;
+    let mut closed = false;
+    loop {
+        let mut jobs = std::mem::take(&mut owed);
+        if jobs.is_empty() && outage.reason().is_none() {
+            match rx.recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => return,
+            }
+        } else {
+            // Down: wait out the pause, taking what comes meanwhile; then try again (with
+            // nothing owed, an empty commit finds out whether the store is back).
+            let until = Instant::now() + pause;
+            while !closed {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(job) if job.kept => jobs.push(job),
+                    Ok(job) => job.done.send(Err(outage.reason().unwrap_or_else(|| "the store is down".into()))),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => closed = true,
+                }
+            }
+        }
         while jobs.len() < MAX_JOBS_PER_COMMIT {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
-                Err(_) => break,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             }
         }
         let ops: Vec<&Op> = jobs.iter().flat_map(|j| &j.ops).collect();
-        let result = engine.commit(&ops).map_err(|e| e.to_string());
-        if let Err(err) = &result {
-            failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%err, "store commit failed");
-        }
-        for job in jobs {
-            match job.done {
-                Reply::None => {}
-                Reply::Blocking(tx) => {
-                    let _ = tx.send(result.clone());
+        match engine.commit(&ops) {
+            Ok(()) => {
+                if outage.0.lock().take().is_some() {
+                    tracing::info!("the store commits again; the writes kept meanwhile are on disk");
                 }
-                Reply::Async(tx) => {
-                    let _ = tx.send(result.clone());
+                pause = RETRY_MIN;
+                for job in jobs {
+                    job.done.send(Ok(()));
+                }
+                if closed {
+                    return;
+                }
+            }
+            Err(err) => {
+                let err = err.to_string();
+                failures.fetch_add(1, Ordering::Relaxed);
+                let first = outage.0.lock().replace(err.clone()).is_none();
+                if first {
+                    tracing::error!(%err, "store commit failed; new events are refused until it commits again");
+                } else {
+                    tracing::debug!(%err, "store commit failed again");
+                }
+                pause = if first { RETRY_MIN } else { (pause * 2).min(RETRY_MAX) };
+                for mut job in jobs {
+                    if !job.kept {
+                        job.done.send(Err(err.clone()));
+                        continue;
+                    }
+                    // A blocked caller is told now (and must not hang); a completion waits
+                    // for the commit that makes it durable.
+                    if matches!(job.done, Reply::Blocking(_)) {
+                        std::mem::replace(&mut job.done, Reply::None).send(Err(format!(
+                            "{err} (kept in memory; written when the store commits again)"
+                        )));
+                    }
+                    owed.push(job);
+                }
+                if closed {
+                    let lost: usize = owed.iter().map(|j| j.ops.len()).sum();
+                    tracing::error!(
+                        %err, writes = lost,
+                        "the store closed while commits fail: writes kept in memory are not on disk; \
+                         the next start redoes them from the last commit (some deliveries are made again)"
+                    );
+                    for job in owed {
+                        job.done.send(Err(err.clone()));
+                    }
+                    return;
                 }
             }
         }

@@ -11,7 +11,8 @@
 //!
 //! This file owns `DurableStore` (opening, closing) and its `Store` impl, which ties
 //! the other three together: `schema` (tables and encoding), `committer` (the commit
-//! thread) and `state` (the in-memory indexes). Only this file locks a mutex.
+//! thread) and `state` (the in-memory indexes). Only this file locks the state (the
+//! commit thread keeps its own outage flag).
 
 mod committer;
 pub mod engine;
@@ -28,7 +29,7 @@ use redb::Database;
 use redb::backends::InMemoryBackend;
 
 pub use self::committer::Op;
-use self::committer::{Job, Reply, commit_loop};
+use self::committer::{Job, Outage, Reply, commit_loop};
 use self::engine::{Engine, Redb};
 use self::schema::{StoredDelivery, create_tables, io, json, nanos};
 use self::state::{EVENT_CACHE, Ref, State, build, bury_in, dead_ops};
@@ -50,6 +51,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct DurableStore {
     engine: Arc<dyn Engine>,
     state: Mutex<State>,
+    /// Why commits fail right now, if they do (the commit thread says).
+    outage: Arc<Outage>,
     /// None once dropped: closing the channel stops the commit thread.
     writer: Mutex<Option<Sender<Job>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -98,12 +101,15 @@ impl DurableStore {
         let writer_db = engine.clone();
         let commit_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let failures = commit_failures.clone();
+        let outage = Arc::new(Outage::default());
+        let down = outage.clone();
         let committer = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(writer_db.as_ref(), &rx, &failures))
+            .spawn(move || commit_loop(writer_db.as_ref(), &rx, &failures, &down))
             .map_err(io)?;
         Ok(DurableStore {
             engine,
+            outage,
             state: Mutex::new(state),
             writer: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
@@ -116,21 +122,29 @@ impl DurableStore {
         self.engine.disk_bytes().unwrap_or(0)
     }
 
-    fn submit(&self, ops: Vec<Op>, done: Reply) -> Result<(), StoreError> {
+    /// Queues `ops` for the commit thread; `kept`: memory shows them already (see `Job`).
+    fn submit(&self, ops: Vec<Op>, done: Reply, kept: bool) -> Result<(), StoreError> {
         lock(&self.writer)
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
-            .send(Job { ops, done })
+            .send(Job { ops, done, kept })
             .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))
     }
 
-    /// Queues `ops`; with `wait`, blocks until they are committed.
+    /// Queues `ops`. Without `wait`, memory shows them already and they are kept until
+    /// committed; with `wait`, blocks until they are committed or refused, and the caller
+    /// changes memory only on success.
     fn send(&self, ops: Vec<Op>, wait: bool) -> Result<(), StoreError> {
         if !wait {
-            return self.submit(ops, Reply::None);
+            return self.submit(ops, Reply::None, true);
         }
+        self.wait_for(ops, false)
+    }
+
+    /// Blocks until `ops` are committed, or their commit failed (`kept`: tried again later).
+    fn wait_for(&self, ops: Vec<Op>, kept: bool) -> Result<(), StoreError> {
         let (tx, rx) = sync_channel(1);
-        self.submit(ops, Reply::Blocking(tx))?;
+        self.submit(ops, Reply::Blocking(tx), kept)?;
         rx.recv()
             .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
             .map_err(StoreError::Io)
@@ -298,7 +312,7 @@ impl Store for DurableStore {
         // The caller awaits the group commit: a delivery counts as in flight until its
         // completion is on disk, so a crash re-delivers only what was in flight.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(ops, Reply::Async(tx))?;
+        self.submit(ops, Reply::Async(tx), true)?;
         Ok(Durable(Some(rx)))
     }
 
@@ -308,7 +322,7 @@ impl Store for DurableStore {
     fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {
         let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
         let mut state = lock(&self.state);
-        self.submit(vec![op], Reply::None)?;
+        self.submit(vec![op], Reply::None, true)?;
         state.queues.retry(d);
         Ok(())
     }
@@ -318,7 +332,7 @@ impl Store for DurableStore {
         let deliveries = [d];
         let ops = dead_ops(&deliveries, &reason, now)?;
         let mut state = lock(&self.state);
-        self.submit(ops, Reply::None)?;
+        self.submit(ops, Reply::None, true)?;
         bury_in(&mut state, &deliveries, now);
         Ok(())
     }
@@ -331,6 +345,7 @@ impl Store for DurableStore {
         self.submit(
             vec![Op::PutSubscription(uid.to_string(), namespace.to_string())],
             Reply::None,
+            true,
         )?;
         state.namespaces.insert(uid.to_string(), namespace.to_string());
         Ok(())
@@ -338,6 +353,10 @@ impl Store for DurableStore {
 
     fn commit_failures(&self) -> u64 {
         self.commit_failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.outage.reason()
     }
 
     fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
@@ -518,7 +537,8 @@ impl Store for DurableStore {
         }
         ops.push(Op::DeleteAttemptsOf(subscription.to_string()));
         ops.push(Op::DeleteSubscription(subscription.to_string()));
-        self.send(ops, true)
+        // Memory has forgotten it already: the deletes are kept until they commit.
+        self.wait_for(ops, true)
     }
 
     fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
@@ -575,6 +595,126 @@ mod tests {
         for d in dirs.into_inner() {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+
+    /// redb whose commits fail while `down` is set (a database that went away).
+    struct Flaky {
+        inner: Redb,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl Engine for Flaky {
+        fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            self.inner.commit(ops)
+        }
+        fn load(&self) -> Result<engine::Loaded, StoreError> {
+            self.inner.load()
+        }
+        fn event(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.event(id)
+        }
+        fn event_count(&self) -> Result<u64, StoreError> {
+            self.inner.event_count()
+        }
+        fn deliveries(&self, table: engine::Deliveries, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+            self.inner.deliveries(table, seqs)
+        }
+        fn raw(&self, sha256: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+            self.inner.raw(sha256)
+        }
+        fn raw_before(&self, before: i64) -> Result<Vec<(i64, String)>, StoreError> {
+            self.inner.raw_before(before)
+        }
+        fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+            self.inner.secret(name)
+        }
+        fn attempts(&self, subscription: &str, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+            self.inner.attempts(subscription, from, limit)
+        }
+        fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError> {
+            self.inner.attempts_before(subscription, before)
+        }
+        fn disk_bytes(&self) -> Option<u64> {
+            None
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_refuses_new_events_keeps_what_memory_shows_and_commits_it_after() {
+        let db = Database::builder()
+            .create_with_backend(InMemoryBackend::new())
+            .expect("in memory");
+        create_tables(&db).expect("tables");
+        let engine = Arc::new(Flaky {
+            inner: Redb { db, path: None },
+            down: std::sync::atomic::AtomicBool::new(false),
+        });
+        let s = DurableStore::on(engine.clone()).expect("store");
+        let one = |id: &str| Ingest {
+            event: conformance::event(id, Some(id)),
+            deliveries: vec![conformance::pending(id, None, 0)],
+        };
+        s.ingest(vec![one("evt_1"), one("evt_2")]).expect("ingest");
+        let mut taken = s.take_due("sub", jiff::Timestamp::now(), 2, false).expect("take");
+        assert_eq!(taken.len(), 2);
+        assert_eq!(s.unavailable(), None);
+
+        engine.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A completion waits for a commit that makes it durable (its slot stays held)...
+        let done = s.complete(&taken[0]).expect("queued");
+        let waiting = tokio::spawn(done.wait());
+        // ... a retry is kept in memory and on its way to disk ...
+        let mut again = taken.remove(1);
+        again.attempts = 1;
+        s.retry(again).expect("queued");
+        // ... and a new event is refused, its producer id free again.
+        let blocking = |f: fn(&DurableStore) -> Result<Vec<Appended>, StoreError>| {
+            let s = &s;
+            std::thread::scope(|t| t.spawn(move || f(s)).join().expect("no panic"))
+        };
+        let refused = blocking(|s| {
+            s.ingest(vec![Ingest {
+                event: conformance::event("evt_3", Some("evt_3")),
+                deliveries: vec![conformance::pending("evt_3", None, 0)],
+            }])
+        });
+        assert!(refused.is_err(), "nothing is acknowledged while the store is down");
+        let why = s.unavailable().expect("the outage is known");
+        assert!(why.contains("connection refused"), "{why}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished(), "the completion is not durable yet");
+        // While down, a refusal comes at once (no commit tried): the caller answers 503.
+        let started = std::time::Instant::now();
+        assert!(blocking(|s| s.ingest(vec![])).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+
+        engine.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the completion commits once the store is back")
+            .expect("task")
+            .expect("durable");
+        assert_eq!(s.unavailable(), None);
+        let loaded = engine.load().expect("load");
+        let pending: Vec<StoredDelivery> = loaded
+            .pending
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).expect("json"))
+            .collect();
+        assert_eq!(pending.len(), 1, "the completion is on disk: one delivery waits");
+        assert_eq!(pending[0].attempts, 1, "and the retry kept meanwhile is on disk too");
+        assert_eq!(engine.event_count().expect("count"), 1, "the completed event is gone");
+        let again = blocking(|s| {
+            s.ingest(vec![Ingest {
+                event: conformance::event("evt_3b", Some("evt_3")),
+                deliveries: vec![],
+            }])
+        })
+        .expect("ingest after the outage");
+        assert!(!again[0].duplicate, "the refused event's producer id was released");
     }
 
     #[test]

@@ -23,7 +23,7 @@ type Params = Vec<Box<dyn ToSql + Send + Sync>>;
 /// The connection thread's side: the client, reconnected when it dropped.
 pub struct Connection {
     runtime: tokio::runtime::Runtime,
-    config: tokio_postgres::Config,
+    database: super::Database,
     client: Option<tokio_postgres::Client>,
 }
 
@@ -39,19 +39,7 @@ impl Connection {
 
     fn client(&mut self) -> Result<&mut tokio_postgres::Client, StoreError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            let config = self.config.clone();
-            let client = self
-                .runtime
-                .block_on(async move {
-                    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-                    tokio::spawn(async move {
-                        if let Err(err) = connection.await {
-                            tracing::warn!(%err, "the PostgreSQL connection ended");
-                        }
-                    });
-                    Ok::<_, tokio_postgres::Error>(client)
-                })
-                .map_err(unavailable)?;
+            let client = self.runtime.block_on(self.database.connect()).map_err(unavailable)?;
             self.client = Some(client);
         }
         self.client
@@ -81,7 +69,7 @@ impl Postgres {
     /// Connects (the schema must be migrated: `migrations::migrate`). The runtime and the
     /// connection are made, used and dropped on the connection thread only, so this may be
     /// called from anywhere, async code included (it waits for the first connection).
-    pub fn connect(config: tokio_postgres::Config) -> Result<Postgres, StoreError> {
+    pub fn connect(database: super::Database) -> Result<Postgres, StoreError> {
         let (tx, rx) = sync_channel::<Call>(64);
         let (ready_tx, ready_rx) = sync_channel::<Result<(), StoreError>>(1);
         std::thread::Builder::new()
@@ -96,7 +84,7 @@ impl Postgres {
                 };
                 let mut connection = Connection {
                     runtime,
-                    config,
+                    database,
                     client: None,
                 };
                 let first = connection.client().map(|_| ());
