@@ -69,7 +69,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
         });
     }
-    watch_store(&lifecycle, store.clone(), readiness.part(handles::STORE, "opening"), metrics.clone());
+    watch_store(
+        &lifecycle,
+        store.clone(),
+        readiness.part(handles::STORE, "opening"),
+        metrics.clone(),
+    );
     let router = Arc::new(Router::default());
     let matches = Arc::new(MatchCounters::default());
     let directory = Arc::new(Directory::default());

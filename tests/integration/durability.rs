@@ -45,7 +45,8 @@ async fn every_acknowledged_event_survives_sigkill_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_event_survives_sigkill_under_load_on_postgresql() {
     let ns = TestNamespace::new("crash-pg").await;
-    let url = crate::pg::database("crash").await;
+    // Over verified TLS: reconnecting after each kill includes the handshake.
+    let url = crate::pg::verified(&crate::pg::database("crash").await);
     survives_sigkills(&ns, &["--store-url", &url]).await;
 }
 

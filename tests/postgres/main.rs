@@ -216,3 +216,147 @@ fn a_restart_finds_what_was_in_flight_waiting_again() {
     assert!(appended.iter().all(|a| a.duplicate), "{appended:?}");
     assert!(store.disk_bytes().is_some_and(|b| b > 0), "the database size is known");
 }
+
+/// Whether the session `client` is on runs over TLS, as the server sees it.
+async fn over_tls(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .expect("pg_stat_ssl")
+        .get(0)
+}
+
+#[tokio::test]
+async fn verify_full_connects_over_tls_and_refuses_a_server_it_cannot_verify() {
+    let url = database("tls").await;
+    let verified = pg::verified(&url);
+    let client = postgres::connect(&postgres::config(&verified, None, None).expect("url"))
+        .await
+        .expect("verify-full against the cluster's CA");
+    assert!(over_tls(&client).await, "the session is encrypted");
+    let plain = postgres::connect(&postgres::config(&url, None, None).expect("url"))
+        .await
+        .expect("plain");
+    assert!(!over_tls(&plain).await, "sslmode absent: plain TCP, as asked");
+
+    // Another CA: the chain does not verify.
+    let other = std::env::temp_dir().join(format!("mailhook-other-ca-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&other).expect("dir");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=other",
+        ])
+        .arg("-keyout")
+        .arg(other.join("key.pem"))
+        .arg("-out")
+        .arg(other.join("ca.pem"))
+        .output()
+        .expect("openssl");
+    assert!(made.status.success());
+    // A CA file with no sslmode is a contradiction, said so.
+    assert!(
+        postgres::with_ca(&url, None, None, Some(&other.join("ca.pem"))).is_err(),
+        "a CA without sslmode=verify-full is refused"
+    );
+    let mut parsed = url::Url::parse(&url).expect("url");
+    parsed.query_pairs_mut().append_pair("sslmode", "verify-full");
+    let wrong = postgres::with_ca(parsed.as_str(), None, None, Some(&other.join("ca.pem"))).expect("config");
+    let err = postgres::connect(&wrong).await.expect_err("an unknown CA must fail");
+    let chain = mailhook::error_chain(&err);
+    assert!(chain.to_lowercase().contains("certificate"), "{chain}");
+
+    // The right CA, the wrong name: the certificate is for 127.0.0.1 only.
+    let mut by_name = url::Url::parse(&verified).expect("url");
+    by_name.set_host(Some("localhost")).expect("host");
+    let err = postgres::connect(&postgres::config(by_name.as_str(), None, None).expect("url"))
+        .await
+        .expect_err("a name the certificate does not carry must fail");
+    let chain = mailhook::error_chain(&err);
+    assert!(chain.to_lowercase().contains("certificate"), "{chain}");
+    let _ = std::fs::remove_dir_all(other);
+
+    // The operator's own subcommand over TLS, with the CA as a flag.
+    let mut flagged = url::Url::parse(&url).expect("url");
+    flagged.query_pairs_mut().append_pair("sslmode", "verify-full");
+    let ca = std::env::var("MAILHOOK_TEST_PG_CA").expect("CA");
+    let (ok, out, err) = mailhook(&[
+        "store",
+        "--store-url",
+        flagged.as_str(),
+        "--store-ca-file",
+        &ca,
+        "migrate",
+    ]);
+    assert!(ok && out.contains("applied migration 1"), "{out}{err}");
+    // A mode that would not check the server is refused, saying what to use.
+    let (ok, _, err) = mailhook(&["store", "--store-url", &format!("{url}?sslmode=require"), "status"]);
+    assert!(!ok && err.contains("verify-full"), "{err}");
+}
+
+/// The store on a server that crashes (`pg_ctl stop -m immediate`) and comes back: new
+/// events are refused while it is down, the writes memory already shows (a completion, a
+/// retry) are kept and reach the database once it is back, over a new connection.
+#[test]
+fn a_crashed_server_refuses_new_events_and_gets_the_kept_writes_once_back() {
+    let cluster = pg::Cluster::start();
+    let url = pg::verified_with(&cluster.url, &cluster.ca);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = postgres::connect(&postgres::config(&url, None, None).expect("url"))
+            .await
+            .expect("connect");
+        migrations::migrate(&mut client).await.expect("migrate");
+    });
+    let store = open(&url);
+    let one = |id: &str| Ingest {
+        event: conformance::event(id, Some(id)),
+        deliveries: vec![conformance::pending(id, None, 0)],
+    };
+    store.ingest(vec![one("evt_1"), one("evt_2")]).expect("ingest");
+    let mut taken = store.take_due("sub", jiff::Timestamp::now(), 2, false).expect("take");
+    assert_eq!(taken.len(), 2);
+
+    cluster.ctl("stop");
+    let refused = store
+        .ingest(vec![one("evt_3")])
+        .expect_err("no server: nothing acknowledged");
+    assert!(refused.to_string().contains("PostgreSQL"), "{refused}");
+    let why = store.unavailable().expect("the outage is known");
+    assert!(why.contains("PostgreSQL"), "{why}");
+    let completion = store.complete(&taken[0]).expect("queued");
+    let mut again = taken.remove(1);
+    again.attempts = 1;
+    store.retry(again).expect("queued");
+
+    cluster.ctl("start");
+    runtime
+        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(30), completion.wait()).await })
+        .expect("the completion commits once the server is back")
+        .expect("durable");
+    assert!(store.unavailable().is_none());
+    assert_eq!(
+        store.event_count().expect("count"),
+        1,
+        "the completed event is gone from the database"
+    );
+    let appended = store.ingest(vec![one("evt_3")]).expect("ingest after the outage");
+    assert!(!appended[0].duplicate, "the refused event's producer id was released");
+    drop(store);
+
+    // What the database holds, read by a fresh store: the retry (attempt 1) and evt_3.
+    let reopened = open(&url);
+    let waiting = reopened
+        .take_due("sub", jiff::Timestamp::now(), 10, false)
+        .expect("take");
+    let mut seen: Vec<(String, u32)> = waiting.iter().map(|d| (d.event_id.clone(), d.attempts)).collect();
+    seen.sort();
+    assert_eq!(seen, vec![("evt_2".to_string(), 1), ("evt_3".to_string(), 0)]);
+}

@@ -101,7 +101,9 @@ pub(super) fn commit_loop(engine: &dyn Engine, rx: &Receiver<Job>, failures: &At
             while !closed {
                 match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
                     Ok(job) if job.kept => jobs.push(job),
-                    Ok(job) => job.done.send(Err(outage.reason().unwrap_or_else(|| "the store is down".into()))),
+                    Ok(job) => job
+                        .done
+                        .send(Err(outage.reason().unwrap_or_else(|| "the store is down".into()))),
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => closed = true,
                 }

@@ -185,11 +185,12 @@ fn tls(root: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, 
             }
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConnectError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConnectError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
@@ -265,8 +266,12 @@ mod tests {
             config("postgres://db/mailhook?sslrootcert=/ca.pem", None, None),
             Err(ConnectError::CaWithoutTls)
         ));
-        let missing = config("postgres://db/mailhook?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", None, None)
-            .expect_err("no such file");
+        let missing = config(
+            "postgres://db/mailhook?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            None,
+            None,
+        )
+        .expect_err("no such file");
         assert!(missing.to_string().contains("/nonexistent/ca.pem"), "{missing}");
     }
 
