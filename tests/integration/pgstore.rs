@@ -270,3 +270,65 @@ async fn postgresql_stopped_under_load_refuses_new_events_pauses_and_resumes_by_
     // so nothing is delivered twice beyond what was in flight.
     assert!(duplicates <= CONCURRENCY, "{duplicates} duplicates");
 }
+
+/// Two operators started at the same moment on one new database: the migrations run under
+/// an advisory lock, so one applies them, the other waits and finds the schema current;
+/// both start, and the schema is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_starting_at_once_on_a_new_database_migrate_it_once() {
+    let (a, b) = (
+        TestNamespace::new("pg-race-a").await,
+        TestNamespace::new("pg-race-b").await,
+    );
+    let url = crate::pg::database("race").await;
+    let flags = ["--store-url", url.as_str()];
+    let (first, second) = tokio::join!(Operator::start_with(&a, &flags), Operator::start_with(&b, &flags));
+    let applied: Vec<bool> = [&first, &second]
+        .iter()
+        .map(|o| {
+            let log = o.log();
+            assert!(log.contains("PostgreSQL store: schema current"), "{log}");
+            log.contains("applied=[1]")
+        })
+        .collect();
+    assert_eq!(
+        applied.iter().filter(|a| **a).count(),
+        1,
+        "exactly one of the two applied the migration: {applied:?}"
+    );
+    let db = mailhook::store::postgres::config(&url, None, None).expect("url");
+    let client = mailhook::store::postgres::connect(&db).await.expect("connect");
+    let status = mailhook::store::postgres::migrations::status(&client)
+        .await
+        .expect("status");
+    assert_eq!(status.current(), mailhook::store::postgres::migrations::latest());
+    assert_eq!(
+        status.applied.len(),
+        mailhook::store::postgres::migrations::MIGRATIONS.len()
+    );
+    // Both work on it: an event through each is stored.
+    for (operator, id) in [(&first, "race-a"), (&second, "race-b")] {
+        let (status, body) = operator.ingest(&[siem_event(id)]).await;
+        assert_eq!(status, 202, "{body}");
+    }
+}
+
+/// `--max-store-bytes` on PostgreSQL reads the database's size (`pg_database_size`): past
+/// the limit, new events get 429 and the size in the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_store_bytes_is_the_database_size_on_postgresql() {
+    let ns = TestNamespace::new("pg-full").await;
+    let url = crate::pg::database("full").await;
+    // An empty database is a few MiB: one MiB is past the limit from the start.
+    let operator = Operator::start_with(&ns, &["--store-url", &url, "--max-store-bytes", "1048576"]).await;
+    let (status, body) = operator.ingest(&[siem_event("too-big")]).await;
+    assert_eq!(status, 429, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("--max-store-bytes 1048576"), "{error}");
+    eventually(
+        "the gauge shows the database size",
+        || operator.metric("mailhook_store_disk_bytes"),
+        |bytes| *bytes > 1_048_576.0,
+    )
+    .await;
+}
