@@ -282,6 +282,33 @@ async fn wal_bytes() -> Option<u64> {
     u64::try_from(row.get::<_, i64>(0)).ok()
 }
 
+/// The store's tables on PostgreSQL with their sizes (heap, indexes and TOAST), largest
+/// first (None without BENCH_STORE_URL).
+async fn table_sizes() -> Option<String> {
+    let url = std::env::var("BENCH_STORE_URL").ok()?;
+    let config = mailhook::store::postgres::config(&url, None, None).ok()?;
+    let client = mailhook::store::postgres::connect(&config).await.ok()?;
+    // Fresh statistics first: the row counts below come from them.
+    client.batch_execute("ANALYZE").await.ok()?;
+    let rows = client
+        .query(
+            "SELECT c.relname::text, pg_total_relation_size(c.oid), c.reltuples::bigint FROM pg_class c \
+             WHERE c.relkind = 'r' AND c.relnamespace = 'public'::regnamespace ORDER BY 2 DESC",
+            &[],
+        )
+        .await
+        .ok()?;
+    Some(
+        rows.iter()
+            .map(|r| {
+                let (name, bytes, tuples): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                format!("{name} {:.1} MiB ({} rows)", bytes as f64 / (1 << 20) as f64, tuples.max(0))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
 async fn sustained(subscriptions: usize, events: u64, batch_size: u64) {
     let rig = rig(subscriptions).await;
     let (cpu_before, wal_before) = (postgres_cpu_seconds(), wal_bytes().await);
@@ -337,6 +364,9 @@ async fn sustained(subscriptions: usize, events: u64, batch_size: u64) {
             after.saturating_sub(before) as f64 / (1 << 20) as f64,
             after.saturating_sub(before) as f64 / expected as f64,
         );
+        if let Some(tables) = table_sizes().await {
+            println!("  tables after the run: {tables}");
+        }
     }
     drop(rig.store);
     let _ = std::fs::remove_dir_all(rig.dir);
