@@ -302,7 +302,11 @@ async fn table_sizes() -> Option<String> {
         rows.iter()
             .map(|r| {
                 let (name, bytes, tuples): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
-                format!("{name} {:.1} MiB ({} rows)", bytes as f64 / (1 << 20) as f64, tuples.max(0))
+                format!(
+                    "{name} {:.1} MiB ({} rows)",
+                    bytes as f64 / (1 << 20) as f64,
+                    tuples.max(0)
+                )
             })
             .collect::<Vec<_>>()
             .join(", "),

@@ -399,7 +399,19 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
         });
     }
     write_all(ctx, writes, written).await;
-    forget_deleted(ctx, written);
+    let removed = forget_deleted(ctx, written);
+    if !removed.is_empty() {
+        // Dropping their stored work is a store write each: off the async workers.
+        let deliveries = ctx.deliveries.clone();
+        let dropped = tokio::task::spawn_blocking(move || {
+            for uid in &removed {
+                deliveries.remove(uid);
+            }
+        });
+        if let Err(err) = dropped.await {
+            tracing::error!(%err, "dropping the work of deleted subscriptions stopped unexpectedly");
+        }
+    }
 }
 
 async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<MailboxFilterStatus>>) {
@@ -484,8 +496,9 @@ pub fn users(
     users
 }
 
-/// Drops what the operator keeps for subscriptions that no longer exist.
-fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>) {
+/// Forgets the status and state of subscriptions that no longer exist; returns the UIDs
+/// whose deliveries and stored work the caller drops (`Deliveries::remove`, which blocks).
+fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>) -> Vec<String> {
     // A fresh snapshot: one taken before the status writes awaited would miss a subscription
     // created and reconciled meanwhile, and "forget" it — its deliveries, queue and status
     // gone until its next reconcile (CI caught this as a subscription that never got status).
@@ -502,17 +515,14 @@ fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSu
     if !gone.is_empty() {
         ctx.forget(&gone, &std::collections::HashSet::new(), false);
         ctx.directory.forget(&gone);
-        for uid in &gone {
-            ctx.deliveries.remove(uid);
-        }
     }
     // A reconcile that failed after handing its subscription to the data path (say, a
     // replay the store refused) recorded no state: the registry is swept too.
-    for uid in ctx.deliveries.uids() {
-        if !live.contains(&uid) {
-            ctx.deliveries.remove(&uid);
-        }
-    }
+    let mut removed = gone;
+    removed.extend(ctx.deliveries.uids().into_iter().filter(|uid| !live.contains(uid)));
+    removed.sort_unstable();
+    removed.dedup();
+    removed
 }
 
 /// Records a Kubernetes Event for every condition whose status changed.

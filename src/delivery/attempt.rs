@@ -324,7 +324,18 @@ pub(super) async fn deliver(
     let store = &deliveries.store;
     let metrics = &deliveries.metrics;
     let name = config.name.as_str();
-    let event = match store.event(&d.event_id) {
+    // A cache miss reads the database (or the file): off the async workers, so a slow or
+    // unreachable server holds up this delivery only.
+    let read = match store.cached_event(&d.event_id) {
+        Some(e) => Ok(Some(e)),
+        None => {
+            let (store, id) = (store.clone(), d.event_id.clone());
+            tokio::task::spawn_blocking(move || store.event(&id))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Io(format!("reading the event stopped: {e}"))))
+        }
+    };
+    let event = match read {
         Ok(Some(e)) => e,
         Ok(None) => {
             let reason = "the event is no longer in the store";

@@ -169,6 +169,11 @@ pub trait Store: Send + Sync + 'static {
     /// valid across restarts and dies with the store.
     fn secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError>;
+    /// The event if it is in memory (no disk or database read): async callers try this
+    /// first and read with `event` off the runtime only when it misses.
+    fn cached_event(&self, _id: &str) -> Option<Arc<MailboxEvent>> {
+        None
+    }
     /// Takes up to `max` deliveries of `subscription` that are due at `now` and marks
     /// them in flight. With `ordered`, a key with a delivery in flight or not yet due
     /// holds back every later delivery of that key.

@@ -276,9 +276,13 @@ impl Store for DurableStore {
         self.engine.secret(name)
     }
 
+    fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
+        lock(&self.state).cache.get(id).cloned()
+    }
+
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
-        if let Some(e) = lock(&self.state).cache.get(id) {
-            return Ok(Some(e.clone()));
+        if let Some(e) = self.cached_event(id) {
+            return Ok(Some(e));
         }
         match self.engine.event(id)? {
             None => Ok(None),
