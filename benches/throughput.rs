@@ -107,6 +107,7 @@ async fn rig(subscriptions: usize) -> Rig {
         metrics.clone(),
         Default::default(),
         &lifecycle,
+        mailhook::handles::Leadership::sole(),
     );
     let clients = client::Clients::new(Arc::new(mailhook::delivery::egress::EgressPolicy {
         allow: vec!["127.0.0.0/8".parse().expect("net")],

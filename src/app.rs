@@ -16,7 +16,7 @@ use crate::controller;
 use crate::delivery::client::Clients;
 use crate::delivery::egress::EgressPolicy;
 use crate::delivery::{Deliveries, Housekeeping};
-use crate::handles::{self, Directory, MatchCounters, Readiness, ReadinessPart};
+use crate::handles::{self, Directory, Leadership, MatchCounters, Readiness, ReadinessPart};
 use crate::history::History;
 use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
@@ -41,7 +41,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin.http_addr).await?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let store = open_store(&config, &metrics).await?;
+    let (store, database) = open_store(&config, &metrics).await?;
+    let identity = replica_name(&config);
+    // With a shared store, the holder of the Lease leads; otherwise this process does.
+    let leadership = match &database {
+        Some(_) => Leadership::default(),
+        None => Leadership::sole(),
+    };
+    metrics.leader.set(i64::from(leadership.is_leader()));
     let raw_links = raw_links(&config, store.as_ref(), admin_addr)?;
     let housekeeping = Housekeeping {
         interval: config.store.housekeeping_interval,
@@ -56,7 +63,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics.clone(),
         housekeeping,
         &lifecycle,
+        leadership.clone(),
     );
+    if let Some(database) = database {
+        start_replica(
+            &lifecycle,
+            &config,
+            &client,
+            Replica {
+                database,
+                identity: identity.clone(),
+                store: store.clone(),
+                deliveries: deliveries.clone(),
+                metrics: metrics.clone(),
+                leadership: leadership.clone(),
+                ready: readiness.part("shards", "joining the replicas that share the store"),
+            },
+        );
+    }
     {
         // The store's last writes are committed once nothing else writes.
         let (store, stop) = (store.clone(), lifecycle.token(Stage::Storage));
@@ -115,6 +139,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.egress.egress_cluster_cidrs.clone(),
     ));
     let wiring = controller::Wiring {
+        leadership: leadership.clone(),
         deliveries: deliveries.clone(),
         router: router.clone(),
         matches: matches.clone(),
@@ -281,7 +306,12 @@ fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
     );
 }
 
-async fn open_store(config: &RunConfig, metrics: &Metrics) -> anyhow::Result<Arc<dyn Store>> {
+/// The store, and when several replicas share it, the database their shard locks live in.
+async fn open_store(
+    config: &RunConfig,
+    metrics: &Metrics,
+) -> anyhow::Result<(Arc<dyn Store>, Option<crate::store::postgres::Database>)> {
+    let mut shared_db = None;
     let (kind, store): (&str, Arc<dyn Store>) = match (&config.store.store_dir, &config.store.store_url) {
         (_, Some(url)) => {
             use crate::store::postgres::{self, engine::Postgres, migrations};
@@ -302,11 +332,32 @@ async fn open_store(config: &RunConfig, metrics: &Metrics) -> anyhow::Result<Arc
                 ?applied,
                 "PostgreSQL store: schema current"
             );
-            // The engine and the queue index load from the database: off the async workers.
-            let store = tokio::task::spawn_blocking(move || DurableStore::on(Arc::new(Postgres::connect(db)?)))
+            let store = if config.store.shared_store {
+                let shards = config.delivery.shards;
+                crate::store::postgres::shared::prepare(&mut client, shards)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot share the PostgreSQL store: {}", crate::error_chain(&e)))?;
+                shared_db = Some(db.clone());
+                let store = tokio::task::spawn_blocking(move || {
+                    let engine = Arc::new(Postgres::connect(db)?);
+                    DurableStore::shared(engine.clone(), engine, shards)
+                })
                 .await?
                 .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
-            info!(backlog_restored = true, "PostgreSQL store open");
+                info!(
+                    shards,
+                    "PostgreSQL store open, shared: this replica delivers the shards it takes"
+                );
+                store
+            } else {
+                // The engine and the queue index load from the database: off the async workers.
+                let store =
+                    tokio::task::spawn_blocking(move || DurableStore::on(Arc::new(Postgres::connect_exclusive(db)?)))
+                        .await?
+                        .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
+                info!(backlog_restored = true, "PostgreSQL store open");
+                store
+            };
             ("postgres", Arc::new(store))
         }
         (Some(dir), None) => {
@@ -325,7 +376,83 @@ async fn open_store(config: &RunConfig, metrics: &Metrics) -> anyhow::Result<Arc
         }
     };
     metrics.store_kind.with_label_values(&[kind]).set(1);
-    Ok(store)
+    Ok((store, shared_db))
+}
+
+/// This replica's name: `--replica-name`, else the pod's, else the host's.
+fn replica_name(config: &RunConfig) -> String {
+    config
+        .store
+        .replica_name
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("mailhook-{}", std::process::id()))
+}
+
+/// The namespace of the leader Lease: the flag, the pod's, the service account's.
+fn lease_namespace(config: &RunConfig) -> String {
+    config
+        .store
+        .leader_lease_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+/// What one replica of a shared store runs besides the rest.
+struct Replica {
+    database: crate::store::postgres::Database,
+    identity: String,
+    store: Arc<dyn Store>,
+    deliveries: Arc<Deliveries>,
+    metrics: Metrics,
+    leadership: Leadership,
+    ready: ReadinessPart,
+}
+
+/// Shard ownership (stops after the deliveries, so their completions land first), the
+/// health publisher and the leader election (stop with the controllers: the Lease is
+/// given up once status writes have stopped).
+fn start_replica(lifecycle: &Lifecycle, config: &RunConfig, client: &kube::Client, r: Replica) {
+    use crate::replica::{health, leader, ownership};
+    let namespace = lease_namespace(config);
+    info!(
+        identity = r.identity,
+        lease = %format!("{namespace}/{}", config.store.leader_lease),
+        "replica of a shared store: shards are shared out, the Lease holder writes status"
+    );
+    let owning = ownership::Ownership {
+        database: r.database,
+        identity: r.identity.clone(),
+        store: r.store,
+        deliveries: r.deliveries.clone(),
+        metrics: r.metrics.clone(),
+        drain: config.delivery.shutdown_timeout,
+    };
+    let (stop, ready) = (lifecycle.token(Stage::Storage), r.ready);
+    lifecycle.spawn(Stage::Storage, "shard ownership", owning.run(stop, ready));
+    let stop = lifecycle.token(Stage::Control);
+    lifecycle.spawn(
+        Stage::Control,
+        "health publisher",
+        health::run(r.deliveries, r.identity.clone(), stop),
+    );
+    let election = leader::Election {
+        api: kube::Api::namespaced(client.clone(), &namespace),
+        name: config.store.leader_lease.clone(),
+        identity: r.identity,
+        leadership: r.leadership,
+        metrics: r.metrics,
+    };
+    let stop = lifecycle.token(Stage::Control);
+    lifecycle.spawn(Stage::Control, "leader election", election.run(stop));
 }
 
 /// Follows whether the store commits: readiness part `store`, `mailhook_store_up`, a log

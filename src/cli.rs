@@ -227,6 +227,26 @@ pub struct StoreArgs {
     #[command(flatten)]
     pub postgres: PostgresArgs,
 
+    /// Several replicas share the PostgreSQL store: every replica takes events in, the
+    /// delivery shards are shared out among the live replicas (one owner per shard at a
+    /// time), and the holder of the leader Lease writes status. Every replica of one
+    /// database must run with it, and with the same `--shards`.
+    #[arg(long, env = "MAILHOOK_SHARED_STORE", requires = "store_url")]
+    pub shared_store: bool,
+
+    /// This replica's name in the shard owners table, the leader Lease and status
+    /// (the pod's name in a cluster). Defaults to `POD_NAME`, else the host name.
+    #[arg(long, env = "MAILHOOK_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+
+    /// The Lease the replicas elect their leader with (in the operator's namespace:
+    /// `POD_NAMESPACE`, or `--leader-lease-namespace`).
+    #[arg(long, env = "MAILHOOK_LEADER_LEASE", default_value = "mailhook-leader")]
+    pub leader_lease: String,
+
+    #[arg(long, env = "MAILHOOK_LEADER_LEASE_NAMESPACE")]
+    pub leader_lease_namespace: Option<String>,
+
     /// Refuse new events (HTTP 429) while this many deliveries wait, over every
     /// subscription. No limit when absent.
     #[arg(long, env = "MAILHOOK_MAX_BACKLOG")]

@@ -9,6 +9,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
+/// Whether this replica leads (writes status and Events, runs store-wide housekeeping);
+/// set by the leader election, read everywhere; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Leadership(Arc<AtomicBool>);
+
+impl Leadership {
+    /// A process that is the only one (no election): always the leader.
+    pub fn sole() -> Leadership {
+        Leadership(Arc::new(AtomicBool::new(true)))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Returns true when that changed it.
+    pub fn set(&self, leader: bool) -> bool {
+        self.0.swap(leader, Ordering::AcqRel) != leader
+    }
+}
+
 /// The readiness part that follows the store (not ready while its commits fail).
 pub const STORE: &str = "store";
 

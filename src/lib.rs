@@ -16,6 +16,7 @@ pub mod history;
 pub mod lifecycle;
 pub mod metrics;
 pub mod panics;
+pub mod replica;
 pub mod route;
 pub mod source;
 pub mod store;

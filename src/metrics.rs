@@ -38,6 +38,15 @@ pub struct Metrics {
     pub status_writes: IntCounterVec,
     /// Rebuilds of the routing table (many changes at once cost one).
     pub route_rebuilds: prometheus::IntCounter,
+    /// Shared store: 1 for each shard this replica owns.
+    pub shard_owned: IntGaugeVec,
+    /// Shared store: shards taken, given back or lost (connection gone), by this replica.
+    pub shard_handovers: IntCounterVec,
+    /// 1 while this replica holds the leader Lease (writes status, runs store-wide housekeeping).
+    pub leader: prometheus::IntGauge,
+    pub leader_transitions: prometheus::IntCounter,
+    /// Shared store: writes the database refused because their shard's claim had moved on.
+    pub fenced_writes: prometheus::IntCounter,
 }
 
 const SUBSCRIPTION: &[&str] = &["namespace", "subscription"];
@@ -185,8 +194,39 @@ impl Metrics {
                 "mailhook_store_up",
                 "1 while the store commits; 0 while its commits fail (new events refused, deliveries paused).",
             )?,
+            shard_owned: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_shard_owned",
+                    "Shared store: 1 for each delivery shard this replica owns (absent otherwise).",
+                ),
+                &["shard"],
+            )?,
+            shard_handovers: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_shard_handovers_total",
+                    "Shared store: shards this replica took (acquired), gave back (released) or lost with its database session (lost).",
+                ),
+                &["direction"],
+            )?,
+            leader: prometheus::IntGauge::new(
+                "mailhook_leader",
+                "1 while this replica holds the leader Lease: it writes status and Events and runs store-wide housekeeping.",
+            )?,
+            leader_transitions: prometheus::IntCounter::new(
+                "mailhook_leader_transitions_total",
+                "Times this replica became or stopped being the leader.",
+            )?,
+            fenced_writes: prometheus::IntCounter::new(
+                "mailhook_fenced_writes_total",
+                "Shared store: delivery writes refused by the database because another replica claimed the shard since.",
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.shard_owned.clone()))?;
+        m.registry.register(Box::new(m.shard_handovers.clone()))?;
+        m.registry.register(Box::new(m.leader.clone()))?;
+        m.registry.register(Box::new(m.leader_transitions.clone()))?;
+        m.registry.register(Box::new(m.fenced_writes.clone()))?;
         m.registry.register(Box::new(m.store_up.clone()))?;
         m.registry.register(Box::new(m.route_rebuilds.clone()))?;
         m.registry.register(Box::new(m.store_kind.clone()))?;

@@ -374,6 +374,11 @@ pub struct WebhookSubscriptionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<u32>,
 
+    /// With several replicas on a shared store: the replica (pod) that delivers this
+    /// subscription's shard, as it last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_owner: Option<String>,
+
     /// Events delivered (accepted with a 2xx).
     #[serde(default)]
     pub delivered: u64,

@@ -187,6 +187,7 @@ type Compiled = Result<Arc<CompiledFilter>, String>;
 /// What the reconcilers and the status writer share.
 pub struct Context {
     pub client: Client,
+    pub leadership: crate::handles::Leadership,
     recorder: Recorder,
     pub subscriptions: Caches<WebhookSubscription>,
     pub filters: Caches<MailboxFilter>,
@@ -508,6 +509,8 @@ const RECONCILE_CONCURRENCY: u16 = 32;
 /// The parts of the data path the controllers feed.
 #[derive(Clone)]
 pub struct Wiring {
+    /// Whether this replica writes status and Events (always, on a store of its own).
+    pub leadership: crate::handles::Leadership,
     pub deliveries: Arc<Deliveries>,
     pub router: Arc<Router>,
     pub matches: Arc<MatchCounters>,
@@ -559,6 +562,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
+        leadership: wiring.leadership,
         recorder: Recorder::new(client.clone(), reporter),
         subscriptions: Caches::new(scoped.iter().map(|(ns, s, _, _)| (ns.clone(), s.store())).collect()),
         filters: Caches::new(scoped.iter().map(|(ns, _, f, _)| (ns.clone(), f.store())).collect()),

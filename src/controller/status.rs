@@ -15,7 +15,7 @@ use tracing::warn;
 use super::conditions::{self, Desired, HEALTHY, READY, Status};
 use super::{Context, FilterState, SubscriptionState, write_status};
 use crate::api::{DeliveryFailure, MailboxFilterStatus, WebhookSubscription, WebhookSubscriptionStatus};
-use crate::delivery::health::{HealthClass, HealthSnapshot};
+use crate::delivery::health::{HealthClass, HealthSnapshot, Published};
 use crate::handles::MatchCount;
 use crate::store::QueueCounts;
 use futures::StreamExt;
@@ -221,6 +221,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             () = ctx.status_changed.notified() => {}
             () = tokio::time::sleep(TICK) => {}
         }
+        // Not the leader: what this replica wrote before says nothing of what the leader
+        // writes now; when it leads again it starts from the resources as they are.
+        if !ctx.leadership.is_leader() {
+            subscriptions.clear();
+            filters.clear();
+        }
         // A pass may take many round trips: shutdown does not wait for it.
         let pass = async {
             write_subscriptions(&ctx, &mut subscriptions).await;
@@ -284,6 +290,10 @@ where
         + std::fmt::Debug,
     S: serde::Serialize + HasConditions,
 {
+    // One writer: with several replicas, the leader.
+    if !ctx.leadership.is_leader() {
+        return;
+    }
     let mut pending = writes.into_iter();
     let mut in_flight = futures::stream::FuturesUnordered::new();
     loop {
@@ -329,7 +339,35 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
     // Commit failures are counted by the store's commit thread; the metric follows it.
     let failed = ctx.metrics.store_errors.with_label_values(&["commit"]);
     failed.inc_by(store.commit_failures().saturating_sub(failed.get()));
+    if let Some(sharing) = store.sharing() {
+        let fenced = &ctx.metrics.fenced_writes;
+        fenced.inc_by(sharing.fenced_writes().saturating_sub(fenced.get()));
+    }
     let store_down = store.unavailable();
+    // Shared store: what every shard's owner published (the leader writes from it).
+    let published = match store.sharing() {
+        None => None,
+        Some(_) => {
+            let s = store.clone();
+            let read = tokio::task::spawn_blocking(move || s.sharing().map(|sh| sh.published_health())).await;
+            match read {
+                Ok(Some(Ok(rows))) => Some(
+                    rows.into_iter()
+                        .filter_map(|row| {
+                            serde_json::from_value::<Published>(row.body)
+                                .ok()
+                                .map(|p| (row.uid, (p, row.owner)))
+                        })
+                        .collect::<HashMap<_, _>>(),
+                ),
+                Ok(Some(Err(err))) => {
+                    warn!(%err, "cannot read the delivery health the replicas published; status waits");
+                    return;
+                }
+                _ => return,
+            }
+        }
+    };
     let objects = ctx.subscriptions.state();
     let (states, filters) = {
         let state = ctx.state.lock();
@@ -344,8 +382,21 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             continue;
         };
         let (ns, name) = (whs.namespace().unwrap_or_default(), whs.name_any());
-        let health = ctx.deliveries.health(&uid).unwrap_or_default();
-        let counts = store.counts(&uid);
+        // A shared store's figures come from the shard's owner, through the store.
+        let (health, counts, owner) = match published.as_ref().and_then(|p| p.get(&uid)) {
+            Some((p, owner)) => (p.snapshot(), p.counts(), Some(owner.clone())),
+            None if published.is_some() => (HealthSnapshot::default(), QueueCounts::default(), None),
+            None => (
+                ctx.deliveries.health(&uid).unwrap_or_default(),
+                store.counts(&uid),
+                None,
+            ),
+        };
+        let replayed = published
+            .as_ref()
+            .and_then(|p| p.get(&uid))
+            .and_then(|(p, _)| p.last_replay.clone())
+            .and_then(|v| serde_json::from_value::<crate::api::ReplayStatus>(v).ok());
         let labels = [ns.as_str(), name.as_str()];
         ctx.metrics
             .backlog
@@ -382,7 +433,13 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             .map(|w| w.status.clone())
             .or_else(|| whs.status.clone())
             .unwrap_or_default();
-        let desired = subscription_status(&previous, state, &health, counts, store_down.as_deref(), &now);
+        let mut desired = subscription_status(&previous, state, &health, counts, store_down.as_deref(), &now);
+        if published.is_some() {
+            desired.shard_owner = owner;
+            if replayed.is_some() {
+                desired.last_replay = replayed;
+            }
+        }
         let urgent = urgent_key(&previous.conditions, previous.observed_generation)
             != urgent_key(&desired.conditions, desired.observed_generation)
             || previous.last_replay != desired.last_replay;

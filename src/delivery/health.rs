@@ -144,3 +144,87 @@ impl Health {
         before != guard.0.class()
     }
 }
+
+/// A subscription's health and queue figures as the owner of its shard publishes them
+/// through a shared store, for the leader to write on the resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Published {
+    pub delivered: u64,
+    pub failed_attempts: u64,
+    pub consecutive_failures: u32,
+    pub last_success: Option<jiff::Timestamp>,
+    pub last_failure_time: Option<jiff::Timestamp>,
+    pub last_failure_status: Option<u16>,
+    pub last_failure_message: Option<String>,
+    pub failing_since: Option<jiff::Timestamp>,
+    pub disabled: Option<String>,
+    pub latency_p50_ms: Option<u64>,
+    pub backlog: u64,
+    pub dead_lettered: u64,
+    pub shard: u32,
+    /// The last dead-letter replay the owner carried out (the API's `ReplayStatus`).
+    pub last_replay: Option<serde_json::Value>,
+}
+
+impl Published {
+    pub fn new(h: &HealthSnapshot, counts: crate::store::QueueCounts, shard: u32) -> Published {
+        Published {
+            delivered: h.delivered,
+            failed_attempts: h.failed_attempts,
+            consecutive_failures: h.consecutive_failures,
+            last_success: h.last_success,
+            last_failure_time: h.last_failure.as_ref().map(|f| f.time),
+            last_failure_status: h.last_failure.as_ref().and_then(|f| f.http_status),
+            last_failure_message: h.last_failure.as_ref().map(|f| f.message.clone()),
+            failing_since: h.failing_since,
+            disabled: h.disabled.clone(),
+            latency_p50_ms: h.latency_p50_ms,
+            backlog: counts.backlog,
+            dead_lettered: counts.dead_lettered,
+            shard,
+            last_replay: None,
+        }
+    }
+
+    pub fn snapshot(&self) -> HealthSnapshot {
+        HealthSnapshot {
+            delivered: self.delivered,
+            failed_attempts: self.failed_attempts,
+            consecutive_failures: self.consecutive_failures,
+            last_success: self.last_success,
+            last_failure: self.last_failure_time.map(|time| Failure {
+                time,
+                http_status: self.last_failure_status,
+                message: self.last_failure_message.clone().unwrap_or_default(),
+            }),
+            failing_since: self.failing_since,
+            disabled: self.disabled.clone(),
+            latency_p50_ms: self.latency_p50_ms,
+            verification: None,
+        }
+    }
+
+    pub fn counts(&self) -> crate::store::QueueCounts {
+        crate::store::QueueCounts {
+            backlog: self.backlog,
+            dead_lettered: self.dead_lettered,
+        }
+    }
+}
+
+impl Health {
+    /// Takes over what the shard's previous owner published, when this replica has
+    /// recorded nothing for the subscription yet: counters go on from there.
+    pub fn seed(&self, p: &Published) {
+        let mut guard = self.inner.lock();
+        let s = &mut guard.0;
+        if s.delivered > 0 || s.failed_attempts > 0 {
+            return;
+        }
+        let verification = s.verification.take();
+        *s = p.snapshot();
+        s.latency_p50_ms = None;
+        s.verification = verification;
+    }
+}

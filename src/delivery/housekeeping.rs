@@ -70,7 +70,12 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), Stor
     let store = &deliveries.store;
     let now = jiff::Timestamp::now();
     let purged = &deliveries.metrics.store_purged;
+    let sharing = store.sharing();
     for config in deliveries.configs() {
+        // A shared store's subscriptions are kept by the owner of their shard.
+        if sharing.is_some_and(|s| !s.owns(crate::store::shard_of(&config.uid, s.shards()) as u32)) {
+            continue;
+        }
         let reason = format!(
             "older than delivery.maxEventAge ({}s) before it could be delivered",
             config.max_event_age.as_secs()
@@ -95,6 +100,14 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), Stor
         )?;
         purged.with_label_values(&["dead_letter"]).inc_by(p.dead_letters);
         purged.with_label_values(&["attempt"]).inc_by(p.attempts);
+    }
+    // The store-wide part runs once: on the leader.
+    if !deliveries.is_leader() {
+        return Ok(());
+    }
+    if let Some(sharing) = sharing {
+        let collected = sharing.collect_events()?;
+        purged.with_label_values(&["event"]).inc_by(collected);
     }
     let producers = store.purge_producer_ids(since(now, settings.dedup_window))?;
     purged.with_label_values(&["producer_id"]).inc_by(producers);

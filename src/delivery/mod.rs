@@ -25,7 +25,6 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use governor::{Quota, RateLimiter};
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{Instrument, info_span, warn};
 
@@ -86,6 +85,12 @@ pub struct Deliveries {
     handshakes: Mutex<HashMap<String, verification::Handshake>>,
     /// Starts delivery attempts and handshakes, so that the drain waits for them.
     lifecycle: Lifecycle,
+    /// Notified when new deliveries were committed here: a shared store claims them now
+    /// rather than at its next poll.
+    pub arrivals: Arc<Notify>,
+    leadership: crate::handles::Leadership,
+    /// The last replay carried out here per subscription, published with its health.
+    replays: Mutex<HashMap<String, serde_json::Value>>,
 }
 
 /// A number no earlier handshake had: tells a handshake's result from a stale one.
@@ -94,14 +99,7 @@ fn next_handshake() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Stable shard of a subscription UID.
-pub fn shard_of(uid: &str, shards: usize) -> usize {
-    let digest = Sha256::digest(uid.as_bytes());
-    let n = u64::from_be_bytes([
-        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
-    ]);
-    (n % shards.max(1) as u64) as usize
-}
+pub use crate::store::shard_of;
 
 impl Deliveries {
     /// Starts `shards` shard workers (delivery stage: on shutdown they take no new work,
@@ -112,9 +110,20 @@ impl Deliveries {
         metrics: Metrics,
         housekeeping: Housekeeping,
         lifecycle: &Lifecycle,
+        leadership: crate::handles::Leadership,
     ) -> Arc<Deliveries> {
         let deliveries = Arc::new(Deliveries {
-            shards: (0..shards.max(1)).map(|_| Arc::default()).collect(),
+            shards: (0..shards.max(1))
+                .map(|index| {
+                    Arc::new(Shard {
+                        index,
+                        ..Shard::default()
+                    })
+                })
+                .collect(),
+            arrivals: Arc::default(),
+            leadership,
+            replays: Mutex::default(),
             store,
             health: Mutex::default(),
             metrics,
@@ -424,11 +433,66 @@ impl Deliveries {
             .collect()
     }
 
-    /// Wakes the shards of these subscriptions: they have new deliveries.
+    /// Wakes the shards of these subscriptions: they have new deliveries. On a shared
+    /// store, the claim of new deliveries too (they reach memory through it).
     pub fn wake<'a>(&self, subscriptions: impl IntoIterator<Item = &'a str>) {
         for uid in subscriptions {
             self.shards[shard_of(uid, self.shards.len())].wake.notify_one();
         }
+        self.arrivals.notify_one();
+    }
+
+    /// Wakes one shard's loop (it was just taken over).
+    pub fn wake_shard(&self, shard: usize) {
+        if let Some(s) = self.shards.get(shard) {
+            s.wake.notify_one();
+        }
+    }
+
+    /// Takes over the health the previous owners of these subscriptions published.
+    pub fn seed_health(&self, rows: &[crate::store::PublishedHealth]) {
+        for row in rows {
+            if let Ok(p) = serde_json::from_value::<health::Published>(row.body.clone()) {
+                self.health_of(&row.uid).seed(&p);
+            }
+        }
+    }
+
+    /// Health and queue figures of every subscription on the shards this replica owns.
+    pub fn published(&self) -> Vec<(String, health::Published)> {
+        let mut out = Vec::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let index = i as u32;
+            if !self.store.sharing().is_none_or(|s| s.owns(index)) {
+                continue;
+            }
+            let uids: Vec<String> = shard.subscriptions.lock().keys().cloned().collect();
+            for uid in uids {
+                let snapshot = self.health(&uid).unwrap_or_default();
+                let counts = self.store.counts(&uid);
+                let mut p = health::Published::new(&snapshot, counts, index);
+                p.last_replay = self.replays.lock().get(&uid).cloned();
+                out.push((uid, p));
+            }
+        }
+        out
+    }
+
+    /// Whether this replica delivers for the subscription (always, on a store of its own).
+    pub fn owns(&self, uid: &str) -> bool {
+        self.store
+            .sharing()
+            .is_none_or(|s| s.owns(shard_of(uid, s.shards()) as u32))
+    }
+
+    /// Notes a replay carried out here (published to the leader with the health).
+    pub fn note_replay(&self, uid: &str, replay: serde_json::Value) {
+        self.replays.lock().insert(uid.to_string(), replay);
+    }
+
+    /// Whether this replica leads (always, on a store of its own).
+    pub fn is_leader(&self) -> bool {
+        self.leadership.is_leader()
     }
 
     pub fn health(&self, uid: &str) -> Option<HealthSnapshot> {

@@ -30,6 +30,7 @@ pub(super) struct Subscription {
 
 #[derive(Default)]
 pub(super) struct Shard {
+    pub(super) index: usize,
     pub(super) subscriptions: Mutex<HashMap<String, Arc<Subscription>>>,
     pub(super) wake: Notify,
 }
@@ -47,6 +48,17 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
+        // On a shared store, another replica delivers a shard this one does not own.
+        if let Some(sharing) = deliveries.store.sharing()
+            && !sharing.owns(shard.index as u32)
+        {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = shard.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
         }

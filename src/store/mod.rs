@@ -22,6 +22,17 @@ pub enum StoreError {
     Io(String),
 }
 
+/// Stable shard of a subscription UID: where its deliveries are made, and in a shared
+/// store which replica's share of the work they are.
+pub fn shard_of(uid: &str, shards: usize) -> usize {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(uid.as_bytes());
+    let n = u64::from_be_bytes([
+        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+    ]);
+    (n % shards.max(1) as u64) as usize
+}
+
 /// Resolves once a write is on disk.
 pub struct Durable(Option<tokio::sync::oneshot::Receiver<Result<(), String>>>);
 
@@ -152,7 +163,59 @@ pub struct Purged {
     pub attempts: u64,
 }
 
+/// A subscription's delivery health as its shard's owner last published it.
+#[derive(Debug, Clone)]
+pub struct PublishedHealth {
+    pub uid: String,
+    /// The replica (pod) that published it.
+    pub owner: String,
+    /// What the owner wrote (the delivery module's encoding).
+    pub body: serde_json::Value,
+}
+
+/// A store several replicas share (PostgreSQL): each replica loads and delivers only the
+/// shards it owns. Ownership itself is decided outside the store (`replica::ownership`);
+/// the store is told, and fences its writes with the epoch of each claim.
+pub trait Sharing: Send + Sync {
+    /// The number of shards the rows are sharded by.
+    fn shards(&self) -> usize;
+    /// Loads a shard's waiting deliveries and dead letters, claiming them under `epoch`
+    /// (writes made by an earlier owner's claim are refused from now on). Returns the
+    /// subscriptions that have work.
+    fn acquire(&self, shard: u32, epoch: u64) -> Result<Vec<String>, StoreError>;
+    /// Lets go of a shard: its waiting work leaves memory; deliveries in flight finish,
+    /// and their writes reach the database only while the claim is still this replica's.
+    fn release(&self, shard: u32);
+    /// Deliveries of the shard in flight here.
+    fn in_flight(&self, shard: u32) -> usize;
+    fn owns(&self, shard: u32) -> bool;
+    /// The shards owned, with the epoch of each claim.
+    fn owned(&self) -> Vec<(u32, u64)>;
+    /// Claims the deliveries committed since (by any replica) for the shards owned;
+    /// returns the subscriptions that got some.
+    fn claim_arrivals(&self) -> Result<Vec<String>, StoreError>;
+    /// Deletes events nothing refers to any more (one replica's last delivery of an event
+    /// cannot know of another's); returns how many.
+    fn collect_events(&self) -> Result<u64, StoreError>;
+    /// Counts the waiting deliveries of every shard (what `total_backlog` answers until the
+    /// next count); returns the count.
+    fn refresh_backlog(&self) -> Result<u64, StoreError>;
+    /// Replaces the published health of `rows`' subscriptions.
+    fn publish_health(&self, owner: &str, rows: Vec<(String, serde_json::Value)>) -> Result<(), StoreError>;
+    /// Every subscription's published health.
+    fn published_health(&self) -> Result<Vec<PublishedHealth>, StoreError>;
+    /// Forgets the published health of subscriptions that are gone.
+    fn forget_health(&self, uids: &[String]) -> Result<(), StoreError>;
+    /// Delivery writes the database refused so far: made under a claim that had moved on.
+    fn fenced_writes(&self) -> u64;
+}
+
 pub trait Store: Send + Sync + 'static {
+    /// Set when several replicas share this store: the part of the work that is this
+    /// replica's is decided outside it.
+    fn sharing(&self) -> Option<&dyn Sharing> {
+        None
+    }
     /// Stores events with their deliveries, atomically and durably before it returns;
     /// an event whose producer id was seen before is skipped, deliveries and all.
     fn ingest(&self, items: Vec<Ingest>) -> Result<Vec<Appended>, StoreError> {

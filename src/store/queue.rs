@@ -182,6 +182,37 @@ impl Queues {
             .unwrap_or_default()
     }
 
+    /// Lets go of a subscription's waiting deliveries and dead letters (its shard moved to
+    /// another replica); those in flight stay until they finish. Returns what was let go.
+    pub fn release(&mut self, subscription: &str) -> (Vec<PendingDelivery>, Vec<(u64, Dead)>) {
+        let Some(q) = self.queues.get_mut(subscription) else {
+            return Default::default();
+        };
+        q.by_time.clear();
+        let waiting = std::mem::take(&mut q.waiting).into_values().collect();
+        let dead = std::mem::take(&mut q.dead).into_iter().collect();
+        if q.in_flight.is_empty() {
+            self.queues.remove(subscription);
+        }
+        (waiting, dead)
+    }
+
+    /// Whether `seq` of `subscription` is known (waiting or in flight).
+    pub fn knows(&self, subscription: &str, seq: u64) -> bool {
+        self.queues
+            .get(subscription)
+            .is_some_and(|q| q.waiting.contains_key(&seq) || q.in_flight.contains_key(&seq))
+    }
+
+    /// Deliveries in flight over the subscriptions `pick` chooses.
+    pub fn in_flight(&self, pick: impl Fn(&str) -> bool) -> usize {
+        self.queues
+            .iter()
+            .filter(|(s, _)| pick(s))
+            .map(|(_, q)| q.in_flight.len())
+            .sum()
+    }
+
     /// Every subscription with a queue or dead letters.
     pub fn subscriptions(&self) -> impl Iterator<Item = &str> {
         self.queues.keys().map(String::as_str)

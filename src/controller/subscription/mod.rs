@@ -184,8 +184,16 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         .as_ref()
         .or(whs.status.as_ref().and_then(|s| s.last_replay.as_ref()))
         .map(|r| r.requested_at.clone());
-    if let Some(request) = replay_request(whs.annotations(), handled.as_deref(), jiff::Timestamp::now()) {
-        last_replay = Some(replay::replay(&ctx, &whs, &uid, request).await?);
+    // On a shared store the dead letters are held by the shard's owner: it replays, and
+    // its outcome reaches status through the health it publishes.
+    if let Some(request) = replay_request(whs.annotations(), handled.as_deref(), jiff::Timestamp::now())
+        && ctx.deliveries.owns(&uid)
+    {
+        let done = replay::replay(&ctx, &whs, &uid, request).await?;
+        if let Ok(value) = serde_json::to_value(&done) {
+            ctx.deliveries.note_replay(&uid, value);
+        }
+        last_replay = Some(done);
     }
 
     let mut uses: Vec<String> = refs.filters.iter().map(|f| f.name.clone()).collect();

@@ -31,6 +31,19 @@ pub enum Op {
     DeleteRaw(i64, String),
     PutSubscription(String, String),
     DeleteSubscription(String),
+    // Shared mode only (PostgreSQL, several replicas): see `store::durable::shared`.
+    /// New events and their deliveries: producer ids de-duplicated by the database, seqs
+    /// from its sequence; the outcome is left in the op's slot once committed.
+    Ingest(Box<super::shared::IngestBatch>),
+    /// A write to a delivery this replica loaded under `epoch`; the database drops it when
+    /// the row was claimed since by another owner.
+    Fenced(u64, u64, super::shared::Fenced),
+    /// A delivery put back as waiting on `shard`, already claimed under `epoch` (a replay).
+    PutClaimed(u64, u64, u32, Vec<u8>),
+    /// Deletes the event unless a delivery or dead letter still refers to it.
+    DeleteEventIfUnused(String),
+    /// Every delivery and dead letter of a subscription, on any replica.
+    DeleteDeliveriesOf(String),
 }
 
 /// Who hears that a job's commit finished.

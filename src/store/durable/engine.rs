@@ -141,6 +141,15 @@ impl Engine for Redb {
                     Op::DeleteSubscription(uid) => {
                         subscriptions.remove(uid.as_str()).map_err(io)?;
                     }
+                    Op::Ingest(_)
+                    | Op::Fenced(..)
+                    | Op::PutClaimed(..)
+                    | Op::DeleteEventIfUnused(_)
+                    | Op::DeleteDeliveriesOf(_) => {
+                        return Err(StoreError::Io(
+                            "a shared-store write reached the embedded store (a bug)".into(),
+                        ));
+                    }
                 }
             }
         }

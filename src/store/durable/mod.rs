@@ -17,6 +17,7 @@
 mod committer;
 pub mod engine;
 mod schema;
+pub mod shared;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,10 @@ pub struct DurableStore {
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Commits that failed (counted by the commit thread; nobody waits for some writes).
     commit_failures: Arc<std::sync::atomic::AtomicU64>,
+    /// Set when several replicas share the database (`shared`).
+    shared: Option<shared::Shared>,
+    /// Shared mode: waiting deliveries over every shard, as last counted.
+    backlog: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for DurableStore {
@@ -97,6 +102,26 @@ impl DurableStore {
     /// The store on `engine`: its queues loaded from it, its writes committed by one thread.
     pub fn on(engine: Arc<dyn Engine>) -> Result<DurableStore, StoreError> {
         let state = build(engine.load()?)?;
+        DurableStore::with(engine, state, None)
+    }
+
+    /// The store on a database several replicas share, sharded `shards` ways: memory
+    /// starts empty and holds the shards this replica is told it owns (`Sharing`).
+    pub fn shared(
+        engine: Arc<dyn Engine>,
+        shared_engine: Arc<dyn shared::SharedEngine>,
+        shards: usize,
+    ) -> Result<DurableStore, StoreError> {
+        let shared = shared::Shared {
+            engine: shared_engine,
+            shards: shards.max(1),
+            owned: Mutex::default(),
+            claims: Mutex::default(),
+        };
+        DurableStore::with(engine, State::default(), Some(shared))
+    }
+
+    fn with(engine: Arc<dyn Engine>, state: State, shared: Option<shared::Shared>) -> Result<DurableStore, StoreError> {
         let (tx, rx) = channel();
         let writer_db = engine.clone();
         let commit_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -114,6 +139,8 @@ impl DurableStore {
             writer: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
             commit_failures,
+            shared,
+            backlog: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -124,6 +151,10 @@ impl DurableStore {
 
     /// Queues `ops` for the commit thread; `kept`: memory shows them already (see `Job`).
     fn submit(&self, ops: Vec<Op>, done: Reply, kept: bool) -> Result<(), StoreError> {
+        let ops = match &self.shared {
+            Some(shared) => shared.fence(ops),
+            None => ops,
+        };
         lock(&self.writer)
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
@@ -155,6 +186,50 @@ impl DurableStore {
         self.send(Vec::new(), true)
     }
 
+    /// Shared mode's ingest: the database de-duplicates producer ids and numbers the
+    /// deliveries; memory learns of them when their shard's owner claims them.
+    fn ingest_shared(
+        &self,
+        shared: &shared::Shared,
+        items: Vec<Ingest>,
+        raw: Option<RawMessage>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let now = jiff::Timestamp::now();
+        let mut archive = false;
+        let mut batch = Vec::with_capacity(items.len());
+        for item in items {
+            let event = if item.deliveries.is_empty() {
+                None
+            } else {
+                archive |= item.event.raw_message.is_some();
+                Some(json(&item.event)?)
+            };
+            let mut deliveries = Vec::with_capacity(item.deliveries.len());
+            for d in &item.deliveries {
+                let shard = i32::try_from(shared.shard(&d.subscription)).unwrap_or(0);
+                deliveries.push((d.subscription.clone(), shard, json(&StoredDelivery::from(d))?));
+            }
+            batch.push(shared::IngestItem {
+                producer: item.event.producer_event_id.clone(),
+                event_id: item.event.id.clone(),
+                event,
+                deliveries,
+            });
+        }
+        let outcome = Arc::new(Mutex::new(None));
+        let ingest = shared::IngestBatch {
+            items: batch,
+            seen_at: now.as_second(),
+            raw: raw.filter(|_| archive).map(|r| (r.sha256, now.as_second(), r.bytes)),
+            outcome: outcome.clone(),
+        };
+        self.send(vec![Op::Ingest(Box::new(ingest))], true)?;
+        outcome
+            .lock()
+            .take()
+            .ok_or_else(|| StoreError::Io("the shared ingest committed without an outcome".into()))
+    }
+
     /// Reads stored deliveries from `table` by seq.
     fn read_deliveries(
         &self,
@@ -184,7 +259,14 @@ impl Store for DurableStore {
         self.send(Vec::new(), true)
     }
 
+    fn sharing(&self) -> Option<&dyn super::Sharing> {
+        self.shared.as_ref().map(|_| self as &dyn super::Sharing)
+    }
+
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return self.ingest_shared(shared, items, raw);
+        }
         let mut ops = Vec::new();
         let mut archive = false;
         let mut out = Vec::with_capacity(items.len());
@@ -327,6 +409,14 @@ impl Store for DurableStore {
         let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
         let mut state = lock(&self.state);
         self.submit(vec![op], Reply::None, true)?;
+        if let Some(shared) = self.shared.as_ref().filter(|s| !s.owns_subscription(&d.subscription)) {
+            // Its shard moved on while it was in flight: the write above (if still ours)
+            // is the last this replica makes to it.
+            shared.claims.lock().remove(&d.seq);
+            state.queues.complete(&d);
+            state.release(&d.event_id, Ref::Pending);
+            return Ok(());
+        }
         state.queues.retry(d);
         Ok(())
     }
@@ -337,6 +427,15 @@ impl Store for DurableStore {
         let ops = dead_ops(&deliveries, &reason, now)?;
         let mut state = lock(&self.state);
         self.submit(ops, Reply::None, true)?;
+        if self
+            .shared
+            .as_ref()
+            .is_some_and(|s| !s.owns_subscription(&deliveries[0].subscription))
+        {
+            state.queues.complete(&deliveries[0]);
+            state.release(&deliveries[0].event_id, Ref::Pending);
+            return Ok(());
+        }
         bury_in(&mut state, &deliveries, now);
         Ok(())
     }
@@ -422,6 +521,17 @@ impl Store for DurableStore {
             .map(|(s, _)| s)
             .collect();
         let stored = self.read_deliveries(engine::Deliveries::Dead, seqs)?;
+        // Shared: back as waiting under this replica's claim (None: the shard is not ours).
+        let claim = match &self.shared {
+            None => None,
+            Some(shared) => {
+                let shard = shared.shard(subscription);
+                match shared.owned.lock().get(&shard) {
+                    Some(epoch) => Some((*epoch, shard)),
+                    None => return Ok(0),
+                }
+            }
+        };
         let mut ops = Vec::with_capacity(stored.len() * 2);
         let mut replayed = Vec::with_capacity(stored.len());
         for (seq, mut d) in stored {
@@ -432,7 +542,10 @@ impl Store for DurableStore {
             d.reason = None;
             d.dead_at = None;
             ops.push(Op::DeleteDead(seq));
-            ops.push(Op::PutPending(seq, json(&d)?));
+            ops.push(match claim {
+                Some((epoch, shard)) => Op::PutClaimed(seq, epoch, shard, json(&d)?),
+                None => Op::PutPending(seq, json(&d)?),
+            });
             replayed.push(d.into_pending(seq));
         }
         // On disk first, so a replay never shows deliveries a crash could lose.
@@ -446,6 +559,9 @@ impl Store for DurableStore {
             }
             state.hold(&d.event_id, Ref::Pending);
             state.release(&d.event_id, Ref::Dead);
+            if let (Some(shared), Some((epoch, _))) = (&self.shared, claim) {
+                shared.claims.lock().insert(d.seq, epoch);
+            }
             state.queues.restore(d);
             n += 1;
         }
@@ -501,6 +617,9 @@ impl Store for DurableStore {
     }
 
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.engine.purge_producers(before.as_second());
+        }
         let mut ops = Vec::new();
         {
             let mut state = lock(&self.state);
@@ -539,6 +658,10 @@ impl Store for DurableStore {
             state.attempts.remove(subscription);
             state.namespaces.remove(subscription);
         }
+        if self.shared.is_some() {
+            // Its work on shards this replica does not own too.
+            ops.push(Op::DeleteDeliveriesOf(subscription.to_string()));
+        }
         ops.push(Op::DeleteAttemptsOf(subscription.to_string()));
         ops.push(Op::DeleteSubscription(subscription.to_string()));
         // Memory has forgotten it already: the deletes are kept until they commit.
@@ -546,6 +669,10 @@ impl Store for DurableStore {
     }
 
     fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        if let Some(shared) = &self.shared {
+            self.flush()?;
+            return shared.engine.subscriptions();
+        }
         let state = lock(&self.state);
         let mut all: Vec<&str> = state
             .queues
@@ -562,6 +689,10 @@ impl Store for DurableStore {
     }
 
     fn total_backlog(&self) -> u64 {
+        if self.shared.is_some() {
+            // Every replica's: backpressure holds for the whole store.
+            return self.backlog.load(std::sync::atomic::Ordering::Relaxed);
+        }
         lock(&self.state).queues.total_backlog()
     }
 
@@ -575,6 +706,184 @@ impl Store for DurableStore {
 
     fn disk_bytes(&self) -> Option<u64> {
         self.engine.disk_bytes()
+    }
+}
+
+impl super::Sharing for DurableStore {
+    fn shards(&self) -> usize {
+        self.shared.as_ref().map_or(1, |s| s.shards)
+    }
+
+    fn acquire(&self, shard: u32, epoch: u64) -> Result<Vec<String>, StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(vec![]);
+        };
+        let claimed = shared.engine.claim_shard(shard, epoch)?;
+        let counts = shared.engine.attempt_counts()?;
+        let mut subscriptions = std::collections::BTreeSet::new();
+        let mut state = lock(&self.state);
+        let mut claims = shared.claims.lock();
+        for (seq, bytes) in claimed.pending {
+            let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
+            claims.insert(seq, epoch);
+            if state.queues.knows(&stored.subscription, seq) {
+                // In flight here from before (the shard came back): it finishes as it is.
+                continue;
+            }
+            state.hold(&stored.event_id, Ref::Pending);
+            subscriptions.insert(stored.subscription.clone());
+            state.queues.restore(stored.into_pending(seq));
+        }
+        for (seq, bytes) in claimed.dead {
+            let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
+            state.hold(&stored.event_id, Ref::Dead);
+            let dead = Dead {
+                at: stored.dead_at.unwrap_or(stored.not_before),
+                event_id: stored.event_id,
+            };
+            state.queues.restore_dead(&stored.subscription, seq, dead);
+        }
+        for (subscription, n, newest) in counts {
+            if shared.shard(&subscription) == shard {
+                state.note_attempts(subscription, n, newest);
+            }
+        }
+        shared.owned.lock().insert(shard, epoch);
+        Ok(subscriptions.into_iter().collect())
+    }
+
+    fn release(&self, shard: u32) {
+        let Some(shared) = &self.shared else { return };
+        shared.owned.lock().remove(&shard);
+        let mut state = lock(&self.state);
+        let mine: Vec<String> = state
+            .queues
+            .subscriptions()
+            .chain(state.attempts.keys().map(String::as_str))
+            .filter(|s| shared.shard(s) == shard)
+            .map(String::from)
+            .collect();
+        let mut claims = shared.claims.lock();
+        for subscription in mine {
+            let (waiting, dead) = state.queues.release(&subscription);
+            for d in waiting {
+                claims.remove(&d.seq);
+                state.release(&d.event_id, Ref::Pending);
+            }
+            for (_, d) in dead {
+                state.release(&d.event_id, Ref::Dead);
+            }
+            state.attempts.remove(&subscription);
+        }
+    }
+
+    fn in_flight(&self, shard: u32) -> usize {
+        let Some(shared) = &self.shared else { return 0 };
+        lock(&self.state).queues.in_flight(|s| shared.shard(s) == shard)
+    }
+
+    fn owns(&self, shard: u32) -> bool {
+        self.shared.as_ref().is_none_or(|s| s.owned.lock().contains_key(&shard))
+    }
+
+    fn owned(&self) -> Vec<(u32, u64)> {
+        let Some(shared) = &self.shared else { return vec![] };
+        let mut owned: Vec<(u32, u64)> = shared.owned.lock().iter().map(|(s, e)| (*s, *e)).collect();
+        owned.sort_unstable();
+        owned
+    }
+
+    fn claim_arrivals(&self) -> Result<Vec<String>, StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(vec![]);
+        };
+        let owned = self.owned();
+        if owned.is_empty() {
+            return Ok(vec![]);
+        }
+        let rows = shared.engine.claim_arrivals(&owned)?;
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut subscriptions = std::collections::BTreeSet::new();
+        let mut uncached = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            let mut claims = shared.claims.lock();
+            for (seq, epoch, bytes) in rows {
+                let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
+                // Let go meanwhile: its next owner claims it again.
+                if !shared.owns_subscription(&stored.subscription) || state.queues.knows(&stored.subscription, seq) {
+                    continue;
+                }
+                claims.insert(seq, epoch);
+                state.hold(&stored.event_id, Ref::Pending);
+                if !state.cache.contains_key(&stored.event_id) {
+                    uncached.push(stored.event_id.clone());
+                }
+                subscriptions.insert(stored.subscription.clone());
+                state.queues.restore(stored.into_pending(seq));
+            }
+        }
+        // Parsed once here for every delivery of the event, not read per delivery.
+        uncached.sort_unstable();
+        uncached.dedup();
+        if !uncached.is_empty() {
+            let events = shared.engine.events(&uncached)?;
+            let mut state = lock(&self.state);
+            for (id, bytes) in events {
+                if state.cache.len() >= EVENT_CACHE {
+                    break;
+                }
+                // Completed meanwhile: nothing to cache it for.
+                if !state.holds(&id) {
+                    continue;
+                }
+                let event: MailboxEvent = serde_json::from_slice(&bytes).map_err(io)?;
+                state.cache.insert(id, Arc::new(event));
+            }
+        }
+        Ok(subscriptions.into_iter().collect())
+    }
+
+    fn refresh_backlog(&self) -> Result<u64, StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.total_backlog());
+        };
+        let n = shared.engine.pending_count()?;
+        self.backlog.store(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn collect_events(&self) -> Result<u64, StoreError> {
+        match &self.shared {
+            Some(shared) => shared.engine.collect_events(),
+            None => Ok(0),
+        }
+    }
+
+    fn publish_health(&self, owner: &str, rows: Vec<(String, serde_json::Value)>) -> Result<(), StoreError> {
+        let Some(shared) = &self.shared else { return Ok(()) };
+        let rows = rows.into_iter().map(|(uid, v)| (uid, v.to_string())).collect();
+        shared.engine.publish_health(owner, rows)
+    }
+
+    fn published_health(&self) -> Result<Vec<super::PublishedHealth>, StoreError> {
+        match &self.shared {
+            Some(shared) => shared.engine.published_health(),
+            None => Ok(vec![]),
+        }
+    }
+
+    fn forget_health(&self, uids: &[String]) -> Result<(), StoreError> {
+        match &self.shared {
+            Some(shared) => shared.engine.forget_health(uids),
+            None => Ok(()),
+        }
+    }
+
+    fn fenced_writes(&self) -> u64 {
+        self.shared.as_ref().map_or(0, |s| s.engine.fenced_writes())
     }
 }
 

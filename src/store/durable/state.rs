@@ -79,6 +79,17 @@ impl State {
         }
     }
 
+    /// Whether a delivery or dead letter refers to the event.
+    pub(super) fn holds(&self, event_id: &str) -> bool {
+        self.refs.contains_key(event_id)
+    }
+
+    /// A subscription's attempt log as loaded when its shard was taken over.
+    pub(super) fn note_attempts(&mut self, subscription: String, n: u64, newest: u64) {
+        self.attempts.insert(subscription, n);
+        self.last_attempt_key = self.last_attempt_key.max(newest);
+    }
+
     pub(super) fn attempt_key(&mut self, at: jiff::Timestamp) -> u64 {
         let nanos = u64::try_from(at.as_nanosecond()).unwrap_or(0);
         self.last_attempt_key = nanos.max(self.last_attempt_key + 1);

@@ -18,13 +18,16 @@ use crate::store::durable::engine::{Deliveries, Engine, Loaded};
 type Call = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A statement's parameters, owned (they cross to the connection thread).
-type Params = Vec<Box<dyn ToSql + Send + Sync>>;
+pub(super) type Params = Vec<Box<dyn ToSql + Send + Sync>>;
 
 /// The connection thread's side: the client, reconnected when it dropped.
 pub struct Connection {
     runtime: tokio::runtime::Runtime,
     database: super::Database,
     client: Option<tokio_postgres::Client>,
+    /// Holds the store-wide lock that says one operator owns this database (taken again
+    /// on every new connection: a reconnect must not let a second owner in).
+    exclusive: bool,
 }
 
 impl Connection {
@@ -40,6 +43,11 @@ impl Connection {
     fn client(&mut self) -> Result<&mut tokio_postgres::Client, StoreError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let client = self.runtime.block_on(self.database.connect()).map_err(unavailable)?;
+            if self.exclusive {
+                self.runtime
+                    .block_on(super::shared::hold_exclusive(&client))
+                    .map_err(|e| StoreError::Unavailable(crate::error_chain(&e)))?;
+            }
             self.client = Some(client);
         }
         self.client
@@ -48,19 +56,21 @@ impl Connection {
     }
 }
 
-fn unavailable(e: tokio_postgres::Error) -> StoreError {
+pub(super) fn unavailable(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(format!("PostgreSQL: {}", crate::error_chain(&e)))
 }
 
 /// Keys are unsigned in the store and signed in PostgreSQL; every key the store makes
 /// (counters, nanoseconds since 1970) fits.
-fn signed(n: u64) -> Result<i64, StoreError> {
+pub(super) fn signed(n: u64) -> Result<i64, StoreError> {
     i64::try_from(n).map_err(|_| StoreError::Io(format!("{n} does not fit a PostgreSQL bigint")))
 }
 
 /// The engine: a handle on the connection thread.
 pub struct Postgres {
     calls: Mutex<SyncSender<Call>>,
+    /// Fenced writes the database refused (their claim had moved on).
+    pub(super) fenced: std::sync::atomic::AtomicU64,
     /// The database size and when it was read (or last asked for).
     size: Arc<Mutex<Option<(Instant, u64)>>>,
 }
@@ -70,6 +80,16 @@ impl Postgres {
     /// connection are made, used and dropped on the connection thread only, so this may be
     /// called from anywhere, async code included (it waits for the first connection).
     pub fn connect(database: super::Database) -> Result<Postgres, StoreError> {
+        Postgres::start(database, false)
+    }
+
+    /// As `connect`, for the single operator of a database: refused while another operator
+    /// (single, or replicas sharing it) uses the database.
+    pub fn connect_exclusive(database: super::Database) -> Result<Postgres, StoreError> {
+        Postgres::start(database, true)
+    }
+
+    fn start(database: super::Database, exclusive: bool) -> Result<Postgres, StoreError> {
         let (tx, rx) = sync_channel::<Call>(64);
         let (ready_tx, ready_rx) = sync_channel::<Result<(), StoreError>>(1);
         std::thread::Builder::new()
@@ -86,6 +106,7 @@ impl Postgres {
                     runtime,
                     database,
                     client: None,
+                    exclusive,
                 };
                 let first = connection.client().map(|_| ());
                 let ok = first.is_ok();
@@ -99,6 +120,7 @@ impl Postgres {
             .recv()
             .map_err(|_| StoreError::Unavailable("the PostgreSQL connection thread stopped".into()))??;
         let engine = Postgres {
+            fenced: std::sync::atomic::AtomicU64::new(0),
             calls: Mutex::new(tx),
             size: Arc::new(Mutex::new(None)),
         };
@@ -127,7 +149,7 @@ impl Postgres {
             .map_err(|_| StoreError::Unavailable("the PostgreSQL connection thread stopped".into()))?
     }
 
-    fn query(&self, sql: &'static str, params: Params) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    pub(super) fn query(&self, sql: &'static str, params: Params) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         self.call(move |c| {
             let (runtime, client) = c.parts()?;
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
@@ -177,6 +199,22 @@ struct Net {
     attempts: std::collections::HashMap<(String, i64), Vec<u8>>,
     raw: std::collections::HashMap<String, Option<(i64, Vec<u8>)>>,
     subscriptions: std::collections::HashMap<String, Option<String>>,
+}
+
+/// The columns a stored delivery's JSON gives its row (the shard is set by shared mode).
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub(super) struct DeliveryKeys {
+    pub(super) subscription: String,
+    pub(super) event_id: String,
+}
+
+impl DeliveryKeys {
+    /// A body the store wrote always parses; anything else keeps empty keys rather than
+    /// failing a commit (the body itself stays as written).
+    pub(super) fn of(body: &[u8]) -> DeliveryKeys {
+        serde_json::from_slice(body).unwrap_or_default()
+    }
 }
 
 /// Splits a map of last writes into (put keys and values, deleted keys).
@@ -246,16 +284,31 @@ impl Net {
                 ));
             }
             if !puts.is_empty() {
-                let (seqs, bodies): (Vec<i64>, Vec<Vec<u8>>) = puts.into_iter().unzip();
+                let (mut seqs, mut bodies, mut subscriptions, mut events) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (seq, body) in puts {
+                    let keys = DeliveryKeys::of(&body);
+                    seqs.push(seq);
+                    subscriptions.push(keys.subscription);
+                    events.push(keys.event_id);
+                    bodies.push(body);
+                }
                 out.push((
                     if table == "pending" {
-                        "INSERT INTO pending (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
+                        "INSERT INTO pending (seq, body, subscription, event_id) \
+                         SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::text[]) \
                          ON CONFLICT (seq) DO UPDATE SET body = excluded.body"
                     } else {
-                        "INSERT INTO dead_letters (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
+                        "INSERT INTO dead_letters (seq, body, subscription, event_id) \
+                         SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::text[]) \
                          ON CONFLICT (seq) DO UPDATE SET body = excluded.body"
                     },
-                    vec![Box::new(seqs), Box::new(bodies)],
+                    vec![
+                        Box::new(seqs),
+                        Box::new(bodies),
+                        Box::new(subscriptions),
+                        Box::new(events),
+                    ],
                 ));
             }
         }
@@ -320,8 +373,12 @@ impl Net {
 
 /// One group commit as a few statements: the net effect per table, with each range write
 /// of the attempt log kept in its place.
-fn batched(ops: &[&Op]) -> Result<Vec<(&'static str, Params)>, StoreError> {
+/// A statement and its parameters.
+pub(super) type Statement = (&'static str, Params);
+
+fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
     let mut net = Net::default();
+    let mut shared = super::shared::SharedWrites::default();
     let mut out = Vec::new();
     for op in ops {
         match op {
@@ -369,20 +426,35 @@ fn batched(ops: &[&Op]) -> Result<Vec<(&'static str, Params)>, StoreError> {
             Op::DeleteSubscription(uid) => {
                 net.subscriptions.insert(uid.clone(), None);
             }
+            Op::Ingest(_) => {} // run first, by `commit` (its statements depend on answers)
+            Op::Fenced(seq, epoch, write) => {
+                shared.fenced(signed(*seq)?, signed(*epoch)?, write);
+            }
+            Op::PutClaimed(seq, epoch, shard, body) => {
+                let shard = i32::try_from(*shard).map_err(|_| StoreError::Io(format!("shard {shard} out of range")))?;
+                shared
+                    .claimed
+                    .push((signed(*seq)?, signed(*epoch)?, shard, body.clone()));
+            }
+            Op::DeleteEventIfUnused(id) => shared.unused_events.push(id.clone()),
+            Op::DeleteDeliveriesOf(uid) => shared.forgotten.push(uid.clone()),
         }
     }
     net.statements(&mut out);
-    Ok(out)
+    shared.statements(&mut out);
+    Ok((out, shared.expected))
 }
 
-fn u64_of(n: i64) -> u64 {
+pub(super) fn u64_of(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
 impl Engine for Postgres {
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
-        let statements = batched(ops)?;
-        self.call(move |c| {
+        let (statements, fenced) = batched(ops)?;
+        let ingests = super::shared::ingests(ops);
+        let answered = ingests.iter().map(|b| b.outcome.clone()).collect::<Vec<_>>();
+        let (outcomes, matched) = self.call(move |c| {
             // A connection that died while idle fails at BEGIN: nothing was applied, so
             // connect again and try once more. A failure later rolls back and is reported.
             for attempt in 0..2 {
@@ -392,16 +464,22 @@ impl Engine for Postgres {
                         Ok(txn) => txn,
                         Err(e) => return Err((true, e)),
                     };
+                    let outcomes = super::shared::ingest(&txn, &ingests).await.map_err(|e| (false, e))?;
+                    let mut matched = 0;
                     // One after the other: a handful of statements per commit, in order.
                     for (sql, params) in &statements {
                         let refs: Vec<&(dyn ToSql + Sync)> =
                             params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-                        txn.execute(*sql, &refs).await.map_err(|e| (false, e))?;
+                        let n = txn.execute(*sql, &refs).await.map_err(|e| (false, e))?;
+                        if *sql == super::shared::FENCED_DELETE || *sql == super::shared::FENCED_UPDATE {
+                            matched += n;
+                        }
                     }
-                    txn.commit().await.map_err(|e| (false, e))
+                    txn.commit().await.map_err(|e| (false, e))?;
+                    Ok((outcomes, matched))
                 });
                 match result {
-                    Ok(()) => return Ok(()),
+                    Ok(done) => return Ok(done),
                     Err((true, _)) if attempt == 0 => {
                         c.client = None;
                     }
@@ -409,7 +487,20 @@ impl Engine for Postgres {
                 }
             }
             Err(StoreError::Unavailable("PostgreSQL: cannot begin a transaction".into()))
-        })
+        })?;
+        let refused = fenced.saturating_sub(matched);
+        if refused > 0 {
+            self.fenced.fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                refused,
+                "delivery writes refused: their shard was taken over by another replica, which delivers them now"
+            );
+        }
+        // Only once committed: an ingest that failed learns nothing.
+        for (slot, outcome) in answered.into_iter().zip(outcomes) {
+            *slot.lock() = Some(outcome);
+        }
+        Ok(())
     }
 
     fn load(&self) -> Result<Loaded, StoreError> {

@@ -7,10 +7,13 @@
 use tokio_postgres::Client;
 
 /// (version, name, SQL), in order. Append only: an applied migration never changes.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (2, "shared", include_str!("migrations/0002_shared.sql")),
+];
 
 /// The advisory lock key every mailhook migration takes ("mailhook" in ASCII, 8 bytes).
-const LOCK_KEY: i64 = 0x6d61_696c_686f_6f6b;
+pub(super) const LOCK_KEY: i64 = 0x6d61_696c_686f_6f6b;
 
 /// The newest schema this binary knows.
 pub fn latest() -> i32 {

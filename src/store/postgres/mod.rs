@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod migrations;
+pub mod shared;
 
 use std::path::Path;
 

@@ -1,0 +1,282 @@
+//! Shard ownership among the replicas sharing a PostgreSQL store. Each replica keeps one
+//! database session holding a member lock and the advisory locks of the shards it owns;
+//! every `TICK` it counts the live members and moves towards its fair share
+//! (`ceil(shards / members)`): it takes free shards while below it, and gives back the
+//! ones above it — first letting their in-flight deliveries finish, then unlocking — so
+//! two replicas never deliver one shard at once. A session that fails loses every shard
+//! here at once (the server frees the locks when it notices the connection gone).
+//!
+//! Depends on the store (its `Sharing` side and the PostgreSQL session) and on delivery
+//! (to wake the shards that got work); nothing depends on it but `app`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::delivery::Deliveries;
+use crate::handles::ReadinessPart;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::postgres::Database;
+use crate::store::postgres::shared::{Session, SharedError};
+
+/// How often a replica looks at the membership and its share.
+pub const TICK: Duration = Duration::from_secs(1);
+/// How often the owned shards are polled for deliveries other replicas committed.
+const ARRIVALS: Duration = Duration::from_millis(50);
+/// One session call may take this long; a slower one counts as a lost session.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the ownership loop needs.
+pub struct Ownership {
+    pub database: Database,
+    /// This replica's name (the pod's): what `shard_owners` and the status show.
+    pub identity: String,
+    pub store: Arc<dyn Store>,
+    pub deliveries: Arc<Deliveries>,
+    pub metrics: Metrics,
+    /// Longest a shard being given back waits for its in-flight deliveries (the longest
+    /// delivery timeout, with a margin); after it, they are abandoned to the next owner.
+    pub drain: Duration,
+}
+
+/// Fair share of `shards` among `members` live replicas.
+pub fn fair_share(shards: usize, members: u64) -> usize {
+    let members = usize::try_from(members.max(1)).unwrap_or(usize::MAX);
+    shards.div_ceil(members)
+}
+
+/// Which of `owned` to give back to come down to `fair`: the highest-numbered ones.
+/// Pure.
+pub fn surplus(owned: &[u32], fair: usize) -> Vec<u32> {
+    let mut owned = owned.to_vec();
+    owned.sort_unstable();
+    owned.split_off(fair.min(owned.len()))
+}
+
+async fn bounded<T>(call: impl std::future::Future<Output = Result<T, SharedError>>) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => r.map_err(|e| crate::error_chain(&e)),
+        Err(_) => Err(format!("the database took longer than {}s", CALL_TIMEOUT.as_secs())),
+    }
+}
+
+impl Ownership {
+    fn sharing(&self) -> &dyn crate::store::Sharing {
+        // `app` starts this loop only on a shared store.
+        self.store
+            .sharing()
+            .unwrap_or_else(|| unreachable!("ownership runs on a shared store only"))
+    }
+
+    /// Runs until `stop`; then lets every shard go at once (after the store's last commits).
+    pub async fn run(self, stop: CancellationToken, ready: ReadinessPart) {
+        let arrivals = tokio::spawn(poll_arrivals(self.store.clone(), self.deliveries.clone(), stop.clone()));
+        loop {
+            ready.not_ready("connecting to the store to take a share of the delivery shards");
+            let session = tokio::select! {
+                () = stop.cancelled() => break,
+                s = bounded(Session::open(&self.database)) => s,
+            };
+            let session = match session {
+                Ok(s) => s,
+                Err(err) => {
+                    warn!(%err, "cannot open the shard session; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(TICK) => continue,
+                    }
+                }
+            };
+            info!(identity = self.identity, "joined the replicas sharing the store");
+            let mut draining: HashMap<u32, Instant> = HashMap::new();
+            let lost = loop {
+                if let Err(err) = self.tick(&session, &mut draining).await {
+                    break err;
+                }
+                ready.ready();
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        self.leave(&session).await;
+                        arrivals.abort();
+                        return;
+                    }
+                    () = tokio::time::sleep(TICK) => {}
+                }
+            };
+            // The locks are gone with the session (or soon will be): nothing here is ours.
+            let owned = self.sharing().owned();
+            warn!(err = %lost, shards = owned.len(), "lost the shard session; its shards are given up at once");
+            for (shard, _) in owned {
+                self.sharing().release(shard);
+                self.metrics.shard_owned.with_label_values(&[&shard.to_string()]).set(0);
+                let _ = self.metrics.shard_owned.remove_label_values(&[&shard.to_string()]);
+                self.metrics.shard_handovers.with_label_values(&["lost"]).inc();
+            }
+        }
+        arrivals.abort();
+    }
+
+    /// One look: membership, give back the surplus, finish drains, take the shortfall.
+    async fn tick(&self, session: &Session, draining: &mut HashMap<u32, Instant>) -> Result<(), String> {
+        if session.is_closed() {
+            return Err("the connection closed".into());
+        }
+        let members = bounded(session.members()).await?;
+        // The backlog over every shard, for `--max-backlog` and the metrics.
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.sharing().map(|s| s.refresh_backlog())).await;
+        let shards = self.sharing().shards();
+        let fair = fair_share(shards, members);
+        let owned: Vec<u32> = self.sharing().owned().into_iter().map(|(s, _)| s).collect();
+        // Shards let go but still locked: held until their deliveries in flight are done.
+        let kept = owned.len() + draining.len();
+        if kept > fair {
+            for shard in surplus(&owned, fair.saturating_sub(draining.len())) {
+                info!(shard, members, fair, "giving a shard back to even out the replicas");
+                self.sharing().release(shard);
+                draining.insert(shard, Instant::now());
+            }
+        }
+        let epochs: HashMap<u32, u64> = bounded(session.owners())
+            .await?
+            .into_iter()
+            .filter(|o| o.owner == self.identity)
+            .map(|o| (o.shard, o.epoch))
+            .collect();
+        for (shard, since) in draining.clone() {
+            let left = self.sharing().in_flight(shard);
+            if left > 0 && since.elapsed() < self.drain {
+                continue;
+            }
+            if left > 0 {
+                warn!(
+                    shard,
+                    in_flight = left,
+                    "giving a shard back with deliveries still in flight; its next owner makes them again"
+                );
+            }
+            // Their completions are committed before the lock goes.
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+            bounded(session.give_back(shard, epochs.get(&shard).copied().unwrap_or(0))).await?;
+            draining.remove(&shard);
+            let _ = self.metrics.shard_owned.remove_label_values(&[&shard.to_string()]);
+            self.metrics.shard_handovers.with_label_values(&["released"]).inc();
+        }
+        let kept = self.sharing().owned().len() + draining.len();
+        if kept >= fair {
+            return Ok(());
+        }
+        let locked = bounded(session.locked()).await?;
+        let mut want = fair - kept;
+        for shard in 0..u32::try_from(shards).unwrap_or(u32::MAX) {
+            if want == 0 {
+                break;
+            }
+            if locked.contains(&shard) {
+                continue;
+            }
+            let Some(epoch) = bounded(session.take(shard, &self.identity)).await? else {
+                continue;
+            };
+            let store = self.store.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                let Some(sharing) = store.sharing() else {
+                    return Ok((vec![], vec![]));
+                };
+                let subscriptions = sharing.acquire(shard, epoch)?;
+                // What the previous owner published: the counters go on from there.
+                let health: Vec<_> = sharing
+                    .published_health()?
+                    .into_iter()
+                    .filter(|h| crate::store::shard_of(&h.uid, sharing.shards()) == shard as usize)
+                    .collect();
+                Ok::<_, crate::store::StoreError>((subscriptions, health))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            match loaded {
+                Ok((subscriptions, health)) => {
+                    info!(shard, epoch, waiting_for = subscriptions.len(), "took a shard");
+                    self.deliveries.seed_health(&health);
+                    self.deliveries.wake(subscriptions.iter().map(String::as_str));
+                    self.deliveries.wake_shard(shard as usize);
+                    self.metrics.shard_owned.with_label_values(&[&shard.to_string()]).set(1);
+                    self.metrics.shard_handovers.with_label_values(&["acquired"]).inc();
+                    want -= 1;
+                }
+                Err(err) => {
+                    // Not loaded: not ours. Given back for another replica (or a later tick).
+                    warn!(shard, %err, "cannot load a shard just taken; giving it back");
+                    self.sharing().release(shard);
+                    bounded(session.give_back(shard, epoch)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Shutdown: the last completions committed, then every lock released at once.
+    async fn leave(&self, session: &Session) {
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        let owned = self.sharing().owned();
+        for (shard, _) in &owned {
+            self.sharing().release(*shard);
+        }
+        match bounded(session.leave(&owned)).await {
+            Ok(()) => info!(shards = owned.len(), "gave every shard back"),
+            Err(err) => warn!(%err, "cannot give the shards back; they are free once the session closes"),
+        }
+    }
+}
+
+/// Claims what other replicas (and this one) committed for the shards owned, and wakes
+/// the shards that got work.
+async fn poll_arrivals(store: Arc<dyn Store>, deliveries: Arc<Deliveries>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = deliveries.arrivals.notified() => {}
+            () = tokio::time::sleep(ARRIVALS) => {}
+        }
+        if store.unavailable().is_some() {
+            continue;
+        }
+        let s = store.clone();
+        let claimed = tokio::task::spawn_blocking(move || s.sharing().map(|sh| sh.claim_arrivals())).await;
+        match claimed {
+            Ok(Some(Ok(subscriptions))) => deliveries.wake(subscriptions.iter().map(String::as_str)),
+            Ok(Some(Err(err))) => tracing::debug!(%err, "cannot claim new deliveries; will retry"),
+            Ok(None) => return,
+            Err(err) => warn!(%err, "claiming new deliveries stopped unexpectedly"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fair_share_covers_every_shard_and_the_surplus_is_the_highest() {
+        assert_eq!(fair_share(32, 1), 32);
+        assert_eq!(fair_share(32, 2), 16);
+        assert_eq!(fair_share(32, 3), 11);
+        assert_eq!(fair_share(32, 0), 32, "no members counted yet: this one");
+        for members in 1..=40u64 {
+            let fair = fair_share(32, members);
+            assert!(fair * members as usize >= 32, "{members} members cover every shard");
+            assert!(
+                fair <= 32 / members as usize + 1,
+                "and none owns more than its share plus one"
+            );
+        }
+        assert_eq!(surplus(&[5, 1, 9, 3], 2), vec![5, 9]);
+        assert_eq!(surplus(&[1, 2], 4), Vec::<u32>::new());
+    }
+}
