@@ -360,3 +360,273 @@ fn a_crashed_server_refuses_new_events_and_gets_the_kept_writes_once_back() {
     seen.sort();
     assert_eq!(seen, vec![("evt_2".to_string(), 1), ("evt_3".to_string(), 0)]);
 }
+
+/// A replica of a shared store that owns every shard (its session holds the locks): the
+/// same contract as a store of one's own, with new deliveries claimed after each ingest
+/// as the ownership loop does.
+struct Sole {
+    store: DurableStore,
+    _session: postgres::shared::Session,
+    _runtime: tokio::runtime::Runtime,
+}
+
+const SHARDS: usize = 4;
+
+/// A migrated, empty database readied for sharing.
+fn shared_database(test: &str, runtime: &tokio::runtime::Runtime) -> (String, postgres::Database) {
+    runtime.block_on(async {
+        let url = database(test).await;
+        let config = postgres::config(&url, None, None).expect("url");
+        let mut client = postgres::connect(&config).await.expect("connect");
+        migrations::migrate(&mut client).await.expect("migrate");
+        postgres::shared::prepare(&mut client, SHARDS).await.expect("prepare");
+        (url, config)
+    })
+}
+
+fn replica(config: &postgres::Database) -> DurableStore {
+    let engine = Arc::new(Postgres::connect(config.clone()).expect("connect the engine"));
+    DurableStore::shared(engine.clone(), engine, SHARDS).expect("open the shared store")
+}
+
+impl Sole {
+    fn new(test: &str) -> Sole {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let (_, config) = shared_database(test, &runtime);
+        let store = replica(&config);
+        let session = runtime.block_on(async {
+            let session = postgres::shared::Session::open(&config).await.expect("session");
+            for shard in 0..SHARDS as u32 {
+                let epoch = session.take(shard, "sole").await.expect("take").expect("free");
+                mailhook::store::Sharing::acquire(&store, shard, epoch).expect("acquire");
+            }
+            session
+        });
+        Sole {
+            store,
+            _session: session,
+            _runtime: runtime,
+        }
+    }
+
+    fn sharing(&self) -> &dyn mailhook::store::Sharing {
+        self.store.sharing().expect("shared")
+    }
+}
+
+impl Store for Sole {
+    fn ingest_archived(
+        &self,
+        items: Vec<Ingest>,
+        raw: Option<mailhook::store::RawMessage>,
+    ) -> Result<Vec<mailhook::store::Appended>, mailhook::store::StoreError> {
+        let out = self.store.ingest_archived(items, raw)?;
+        self.sharing().claim_arrivals()?;
+        Ok(out)
+    }
+    fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, mailhook::store::StoreError> {
+        self.store.raw_message(sha256)
+    }
+    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
+        self.store.purge_raw_messages(before)
+    }
+    fn secret(&self, name: &str) -> Result<[u8; 32], mailhook::store::StoreError> {
+        self.store.secret(name)
+    }
+    fn event(&self, id: &str) -> Result<Option<Arc<mailhook::event::MailboxEvent>>, mailhook::store::StoreError> {
+        self.store.event(id)
+    }
+    fn take_due(
+        &self,
+        subscription: &str,
+        now: jiff::Timestamp,
+        max: usize,
+        ordered: bool,
+    ) -> Result<Vec<mailhook::store::PendingDelivery>, mailhook::store::StoreError> {
+        self.store.take_due(subscription, now, max, ordered)
+    }
+    fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
+        self.store.next_due(subscription)
+    }
+    fn complete(
+        &self,
+        d: &mailhook::store::PendingDelivery,
+    ) -> Result<mailhook::store::Durable, mailhook::store::StoreError> {
+        self.store.complete(d)
+    }
+    fn retry(&self, d: mailhook::store::PendingDelivery) -> Result<(), mailhook::store::StoreError> {
+        self.store.retry(d)
+    }
+    fn dead_letter(&self, d: mailhook::store::PendingDelivery, reason: String) -> Result<(), mailhook::store::StoreError> {
+        self.store.dead_letter(d, reason)
+    }
+    fn record_attempt(&self, a: mailhook::store::Attempt) -> Result<(), mailhook::store::StoreError> {
+        self.store.record_attempt(a)
+    }
+    fn attempts(
+        &self,
+        s: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<mailhook::store::Attempt>, mailhook::store::StoreError> {
+        self.store.attempts(s, since, limit)
+    }
+    fn dead_letters(
+        &self,
+        s: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<mailhook::store::DeadLetter>, mailhook::store::StoreError> {
+        self.store.dead_letters(s, since, limit)
+    }
+    fn replay(&self, s: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
+        self.store.replay(s, since, now)
+    }
+    fn expire(&self, s: &str, before: jiff::Timestamp, reason: &str) -> Result<u64, mailhook::store::StoreError> {
+        self.store.expire(s, before, reason)
+    }
+    fn purge(
+        &self,
+        s: &str,
+        retention: mailhook::store::Retention,
+    ) -> Result<mailhook::store::Purged, mailhook::store::StoreError> {
+        self.store.purge(s, retention)
+    }
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
+        self.store.purge_producer_ids(before)
+    }
+    fn counts(&self, s: &str) -> QueueCounts {
+        self.store.counts(s)
+    }
+    fn total_backlog(&self) -> u64 {
+        self.sharing().refresh_backlog().unwrap_or(0)
+    }
+    fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, mailhook::store::StoreError> {
+        self.store.subscriptions()
+    }
+    fn note_subscription(&self, uid: &str, ns: &str) -> Result<(), mailhook::store::StoreError> {
+        self.store.note_subscription(uid, ns)
+    }
+    fn flush(&self) -> Result<(), mailhook::store::StoreError> {
+        self.store.flush()
+    }
+    fn forget_subscription(&self, s: &str) -> Result<(), mailhook::store::StoreError> {
+        self.store.forget_subscription(s)
+    }
+    fn event_count(&self) -> Result<u64, mailhook::store::StoreError> {
+        self.store.flush()?;
+        self.store.event_count()
+    }
+}
+
+/// The store's contract holds for a replica of a shared store too (owning every shard):
+/// de-duplication, numbering and event lifetimes done by the database instead of memory.
+#[test]
+fn the_store_contract_holds_on_a_shared_store() {
+    conformance::run(&|| Box::new(Sole::new("shared_contract")));
+}
+
+/// Two replicas of one shared store, by hand: either one ingests and producer ids
+/// de-duplicate across them; a shard's owner claims what the other committed; when the
+/// shard moves (the first replica's session is gone), the new owner holds every waiting
+/// delivery, and the old owner's late writes are refused by the database.
+#[test]
+fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
+    use mailhook::store::Sharing;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_, config) = shared_database("fencing", &runtime);
+    let (a, b) = (replica(&config), replica(&config));
+    let shard = mailhook::store::shard_of("sub", SHARDS) as u32;
+    let session_a = runtime.block_on(postgres::shared::Session::open(&config)).expect("session a");
+    let epoch_a = runtime
+        .block_on(session_a.take(shard, "replica-a"))
+        .expect("take")
+        .expect("free");
+    a.acquire(shard, epoch_a).expect("acquire");
+
+    // B takes the events in; A owns the shard.
+    let two = Ingest {
+        event: conformance::event("evt_1", Some("p-1")),
+        deliveries: vec![
+            conformance::pending("evt_1", Some("ada@contoso.com"), 0),
+            conformance::pending("evt_1", Some("ada@contoso.com"), 0),
+        ],
+    };
+    assert!(!b.ingest(vec![two]).expect("ingest on b")[0].duplicate);
+    let again = a
+        .ingest(vec![Ingest {
+            event: conformance::event("evt_1b", Some("p-1")),
+            deliveries: vec![conformance::pending("evt_1b", None, 0)],
+        }])
+        .expect("ingest on a");
+    assert_eq!(
+        (again[0].duplicate, again[0].id.as_str()),
+        (true, "evt_1"),
+        "the producer id B stored de-duplicates on A"
+    );
+    assert!(b.claim_arrivals().expect("claim").is_empty(), "B owns nothing");
+    assert_eq!(a.claim_arrivals().expect("claim"), vec!["sub".to_string()]);
+    let taken = a.take_due("sub", jiff::Timestamp::now(), 10, false).expect("take");
+    assert_eq!(taken.len(), 2, "A delivers what B committed");
+
+    // A's session dies: its lock is free at once, and B takes the shard.
+    drop(session_a);
+    let session_b = runtime.block_on(postgres::shared::Session::open(&config)).expect("session b");
+    let epoch_b = runtime.block_on(async {
+        for _ in 0..50 {
+            if let Some(e) = session_b.take(shard, "replica-b").await.expect("take") {
+                return e;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the shard's lock was never freed");
+    });
+    assert!(epoch_b > epoch_a);
+    b.acquire(shard, epoch_b).expect("acquire");
+    assert_eq!(b.counts("sub").backlog, 2, "B holds both deliveries A had in flight");
+
+    // A does not know yet: its completion and its retry are refused by the database.
+    runtime.block_on(a.complete(&taken[0]).expect("complete").wait()).expect("durable");
+    let mut late = taken[1].clone();
+    late.attempts = 1;
+    a.retry(late).expect("retry");
+    a.flush().expect("flush");
+    assert_eq!(a.fenced_writes(), 2, "both writes made under the old claim were refused");
+    // New work for the shard is B's: A's claim no longer matches the owner row.
+    a.ingest(vec![Ingest {
+        event: conformance::event("evt_2", Some("p-2")),
+        deliveries: vec![conformance::pending("evt_2", None, 0)],
+    }])
+    .expect("ingest");
+    a.release(shard);
+    assert!(a.claim_arrivals().expect("claim").is_empty());
+    assert_eq!(b.claim_arrivals().expect("claim"), vec!["sub".to_string()]);
+    let all = b.take_due("sub", jiff::Timestamp::now(), 10, false).expect("take");
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|d| d.attempts == 0), "A's retry did not land");
+    for d in &all {
+        runtime.block_on(b.complete(d).expect("complete").wait()).expect("durable");
+    }
+    assert_eq!(b.fenced_writes(), 0);
+    assert_eq!(b.refresh_backlog().expect("count"), 0, "nothing waits");
+    assert_eq!(b.event_count().expect("events"), 0, "the events went with their last deliveries");
+}
+
+/// A store owned by one operator and replicas sharing it never run on one database at once.
+#[test]
+fn a_single_owner_and_shared_replicas_exclude_each_other() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_, config) = shared_database("modes", &runtime);
+    let session = runtime.block_on(postgres::shared::Session::open(&config)).expect("session");
+    let refused = Postgres::connect_exclusive(config.clone()).err().expect("refused");
+    assert!(refused.to_string().contains("--shared-store"), "{refused}");
+    drop(session);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sole = Postgres::connect_exclusive(config.clone()).expect("free once the replica left");
+    let refused = runtime
+        .block_on(postgres::shared::Session::open(&config))
+        .err()
+        .expect("refused");
+    assert!(refused.to_string().contains("only owner"), "{refused}");
+    drop(sole);
+}
