@@ -457,7 +457,11 @@ impl Store for Sole {
     fn retry(&self, d: mailhook::store::PendingDelivery) -> Result<(), mailhook::store::StoreError> {
         self.store.retry(d)
     }
-    fn dead_letter(&self, d: mailhook::store::PendingDelivery, reason: String) -> Result<(), mailhook::store::StoreError> {
+    fn dead_letter(
+        &self,
+        d: mailhook::store::PendingDelivery,
+        reason: String,
+    ) -> Result<(), mailhook::store::StoreError> {
         self.store.dead_letter(d, reason)
     }
     fn record_attempt(&self, a: mailhook::store::Attempt) -> Result<(), mailhook::store::StoreError> {
@@ -479,7 +483,12 @@ impl Store for Sole {
     ) -> Result<Vec<mailhook::store::DeadLetter>, mailhook::store::StoreError> {
         self.store.dead_letters(s, since, limit)
     }
-    fn replay(&self, s: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
+    fn replay(
+        &self,
+        s: &str,
+        since: jiff::Timestamp,
+        now: jiff::Timestamp,
+    ) -> Result<u64, mailhook::store::StoreError> {
         self.store.replay(s, since, now)
     }
     fn expire(&self, s: &str, before: jiff::Timestamp, reason: &str) -> Result<u64, mailhook::store::StoreError> {
@@ -537,7 +546,9 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
     let (_, config) = shared_database("fencing", &runtime);
     let (a, b) = (replica(&config), replica(&config));
     let shard = mailhook::store::shard_of("sub", SHARDS) as u32;
-    let session_a = runtime.block_on(postgres::shared::Session::open(&config)).expect("session a");
+    let session_a = runtime
+        .block_on(postgres::shared::Session::open(&config))
+        .expect("session a");
     let epoch_a = runtime
         .block_on(session_a.take(shard, "replica-a"))
         .expect("take")
@@ -571,7 +582,9 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
 
     // A's session dies: its lock is free at once, and B takes the shard.
     drop(session_a);
-    let session_b = runtime.block_on(postgres::shared::Session::open(&config)).expect("session b");
+    let session_b = runtime
+        .block_on(postgres::shared::Session::open(&config))
+        .expect("session b");
     let epoch_b = runtime.block_on(async {
         for _ in 0..50 {
             if let Some(e) = session_b.take(shard, "replica-b").await.expect("take") {
@@ -586,12 +599,18 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
     assert_eq!(b.counts("sub").backlog, 2, "B holds both deliveries A had in flight");
 
     // A does not know yet: its completion and its retry are refused by the database.
-    runtime.block_on(a.complete(&taken[0]).expect("complete").wait()).expect("durable");
+    runtime
+        .block_on(a.complete(&taken[0]).expect("complete").wait())
+        .expect("durable");
     let mut late = taken[1].clone();
     late.attempts = 1;
     a.retry(late).expect("retry");
     a.flush().expect("flush");
-    assert_eq!(a.fenced_writes(), 2, "both writes made under the old claim were refused");
+    assert_eq!(
+        a.fenced_writes(),
+        2,
+        "both writes made under the old claim were refused"
+    );
     // New work for the shard is B's: A's claim no longer matches the owner row.
     a.ingest(vec![Ingest {
         event: conformance::event("evt_2", Some("p-2")),
@@ -605,11 +624,17 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
     assert_eq!(all.len(), 3);
     assert!(all.iter().all(|d| d.attempts == 0), "A's retry did not land");
     for d in &all {
-        runtime.block_on(b.complete(d).expect("complete").wait()).expect("durable");
+        runtime
+            .block_on(b.complete(d).expect("complete").wait())
+            .expect("durable");
     }
     assert_eq!(b.fenced_writes(), 0);
     assert_eq!(b.refresh_backlog().expect("count"), 0, "nothing waits");
-    assert_eq!(b.event_count().expect("events"), 0, "the events went with their last deliveries");
+    assert_eq!(
+        b.event_count().expect("events"),
+        0,
+        "the events went with their last deliveries"
+    );
 }
 
 /// A store owned by one operator and replicas sharing it never run on one database at once.
@@ -617,7 +642,9 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
 fn a_single_owner_and_shared_replicas_exclude_each_other() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (_, config) = shared_database("modes", &runtime);
-    let session = runtime.block_on(postgres::shared::Session::open(&config)).expect("session");
+    let session = runtime
+        .block_on(postgres::shared::Session::open(&config))
+        .expect("session");
     let refused = Postgres::connect_exclusive(config.clone()).err().expect("refused");
     assert!(refused.to_string().contains("--shared-store"), "{refused}");
     drop(session);

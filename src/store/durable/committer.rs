@@ -40,6 +40,8 @@ pub enum Op {
     Fenced(u64, u64, super::shared::Fenced),
     /// A delivery put back as waiting on `shard`, already claimed under `epoch` (a replay).
     PutClaimed(u64, u64, u32, Vec<u8>),
+    /// A dead letter deleted, in order with the shared writes to the same delivery.
+    DropDead(u64),
     /// Deletes the event unless a delivery or dead letter still refers to it.
     DeleteEventIfUnused(String),
     /// Every delivery and dead letter of a subscription, on any replica.

@@ -145,6 +145,7 @@ impl Engine for Redb {
                     | Op::Fenced(..)
                     | Op::PutClaimed(..)
                     | Op::DeleteEventIfUnused(_)
+                    | Op::DropDead(_)
                     | Op::DeleteDeliveriesOf(_) => {
                         return Err(StoreError::Io(
                             "a shared-store write reached the embedded store (a bug)".into(),

@@ -132,6 +132,7 @@ impl Shared {
                     }
                 }
                 Op::DeleteEvent(id) => out.push(Op::DeleteEventIfUnused(id)),
+                Op::DeleteDead(seq) => out.push(Op::DropDead(seq)),
                 other => out.push(other),
             }
         }
@@ -210,7 +211,7 @@ mod tests {
                 Op::Fenced(seq, epoch, Fenced::Bury(_)) => format!("bury {seq}@{epoch}"),
                 Op::Fenced(seq, epoch, Fenced::Update(_)) => format!("update {seq}@{epoch}"),
                 Op::DeleteEventIfUnused(id) => format!("collect {id}"),
-                Op::DeleteDead(seq) => format!("delete dead {seq}"),
+                Op::DropDead(seq) => format!("delete dead {seq}"),
                 _ => "other".into(),
             })
             .collect();

@@ -432,12 +432,11 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             }
             Op::PutClaimed(seq, epoch, shard, body) => {
                 let shard = i32::try_from(*shard).map_err(|_| StoreError::Io(format!("shard {shard} out of range")))?;
-                shared
-                    .claimed
-                    .push((signed(*seq)?, signed(*epoch)?, shard, body.clone()));
+                shared.claimed(signed(*seq)?, signed(*epoch)?, shard, body.clone());
             }
             Op::DeleteEventIfUnused(id) => shared.unused_events.push(id.clone()),
             Op::DeleteDeliveriesOf(uid) => shared.forgotten.push(uid.clone()),
+            Op::DropDead(seq) => shared.drop_dead(signed(*seq)?),
         }
     }
     net.statements(&mut out);
@@ -470,6 +469,12 @@ impl Engine for Postgres {
                     for (sql, params) in &statements {
                         let refs: Vec<&(dyn ToSql + Sync)> =
                             params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+                        if *sql == super::shared::FENCED_COMPLETE {
+                            // Counts what it deleted in its one row.
+                            let row = txn.query_one(*sql, &refs).await.map_err(|e| (false, e))?;
+                            matched += u64_of(row.get(0));
+                            continue;
+                        }
                         let n = txn.execute(*sql, &refs).await.map_err(|e| (false, e))?;
                         if *sql == super::shared::FENCED_DELETE || *sql == super::shared::FENCED_UPDATE {
                             matched += n;

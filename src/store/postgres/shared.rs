@@ -21,21 +21,38 @@ const MEMBER_LOCK: i32 = 0x6d68_0002;
 /// Shared mode holds it shared, a single-owner store exclusively: the two never mix.
 pub const MODE_LOCK: (i32, i32) = (0x6d68_0003, 0);
 
-/// The delivery writes of one group commit, by kind.
+/// The delivery writes of one group commit. Writes to one delivery keep their order: the
+/// k-th write of each delivery goes in round k, and the rounds run in turn (within one,
+/// every delivery appears once, so its statements may run in any order).
 #[derive(Default)]
 pub(super) struct SharedWrites {
-    /// seq -> (epoch, write): the last write of a delivery wins.
-    fenced: HashMap<i64, (i64, FencedKind)>,
-    pub(super) claimed: Vec<(i64, i64, i32, Vec<u8>)>,
+    rounds: Vec<Round>,
+    /// Writes seen per seq in this commit: the round of the next one.
+    seen: HashMap<i64, usize>,
     pub(super) unused_events: Vec<String>,
     pub(super) forgotten: Vec<String>,
     /// Rows the fenced deletes and updates should match (fewer did: refused).
     pub(super) expected: u64,
 }
 
+#[derive(Default)]
+struct Round {
+    fenced: Vec<(i64, i64, FencedKind)>,
+    claimed: Vec<(i64, i64, i32, Vec<u8>)>,
+    dropped_dead: Vec<i64>,
+}
+
 /// The fenced statements, by which the commit counts what they matched.
 pub(super) const FENCED_DELETE: &str = "DELETE FROM pending p USING unnest($1::bigint[], $2::bigint[]) AS x(seq, epoch) \
      WHERE p.seq = x.seq AND p.claim = x.epoch";
+/// A fenced delete of completed deliveries that also counts them, in the same commit.
+pub(super) const FENCED_COMPLETE: &str = "WITH done AS (\
+       DELETE FROM pending p USING unnest($1::bigint[], $2::bigint[]) AS x(seq, epoch) \
+       WHERE p.seq = x.seq AND p.claim = x.epoch RETURNING p.subscription), \
+     counted AS (INSERT INTO subscription_counters (uid, delivered) \
+       SELECT subscription, count(*) FROM done WHERE subscription IS NOT NULL GROUP BY subscription \
+       ON CONFLICT (uid) DO UPDATE SET delivered = subscription_counters.delivered + excluded.delivered) \
+     SELECT count(*) FROM done";
 pub(super) const FENCED_UPDATE: &str = "UPDATE pending p SET body = x.body \
      FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) AS x(seq, epoch, body) \
      WHERE p.seq = x.seq AND p.claim = x.epoch";
@@ -47,22 +64,72 @@ enum FencedKind {
 }
 
 impl SharedWrites {
+    fn round(&mut self, seq: i64) -> &mut Round {
+        let n = self.seen.entry(seq).or_insert(0);
+        let at = *n;
+        *n += 1;
+        if self.rounds.len() <= at {
+            self.rounds.resize_with(at + 1, Round::default);
+        }
+        &mut self.rounds[at]
+    }
+
     pub(super) fn fenced(&mut self, seq: i64, epoch: i64, write: &Fenced) {
         let kind = match write {
             Fenced::Delete => FencedKind::Delete,
             Fenced::Update(b) => FencedKind::Update(b.clone()),
             Fenced::Bury(b) => FencedKind::Bury(b.clone()),
         };
-        self.fenced.insert(seq, (epoch, kind));
+        self.round(seq).fenced.push((seq, epoch, kind));
     }
 
-    /// After the single-owner statements: dead letters before the deletes that make them
-    /// (both matched on the claim), and event deletes last, once their deliveries are gone.
+    pub(super) fn claimed(&mut self, seq: i64, epoch: i64, shard: i32, body: Vec<u8>) {
+        self.round(seq).claimed.push((seq, epoch, shard, body));
+    }
+
+    pub(super) fn drop_dead(&mut self, seq: i64) {
+        self.round(seq).dropped_dead.push(seq);
+    }
+
+    /// After the single-owner statements: the rounds in turn, then what is deleted by
+    /// subscription, and event deletes last, once their deliveries are gone.
     pub(super) fn statements(&mut self, out: &mut Vec<(&'static str, Params)>) {
-        let (mut bury, mut delete, mut update) = (Vec::new(), Vec::new(), Vec::new());
-        for (seq, (epoch, kind)) in std::mem::take(&mut self.fenced) {
+        for round in std::mem::take(&mut self.rounds) {
+            self.expected += round.statements(out);
+        }
+        let forgotten = std::mem::take(&mut self.forgotten);
+        if !forgotten.is_empty() {
+            out.push((
+                "DELETE FROM pending WHERE subscription = ANY($1)",
+                vec![Box::new(forgotten.clone())],
+            ));
+            out.push((
+                "DELETE FROM dead_letters WHERE subscription = ANY($1)",
+                vec![Box::new(forgotten.clone())],
+            ));
+            out.push((
+                "DELETE FROM subscription_health WHERE uid = ANY($1)",
+                vec![Box::new(forgotten.clone())],
+            ));
+            out.push((
+                "DELETE FROM subscription_counters WHERE uid = ANY($1)",
+                vec![Box::new(forgotten)],
+            ));
+        }
+        let unused = std::mem::take(&mut self.unused_events);
+        if !unused.is_empty() {
+            out.push((UNUSED_EVENTS, vec![Box::new(unused)]));
+        }
+    }
+}
+
+impl Round {
+    /// This round's statements; returns the rows its fenced deletes and updates should match.
+    fn statements(self, out: &mut Vec<(&'static str, Params)>) -> u64 {
+        let (mut bury, mut delete, mut done, mut update) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (seq, epoch, kind) in self.fenced {
             match kind {
-                FencedKind::Delete => delete.push((seq, epoch)),
+                FencedKind::Delete => done.push((seq, epoch)),
                 FencedKind::Update(b) => update.push((seq, epoch, b)),
                 FencedKind::Bury(b) => {
                     delete.push((seq, epoch));
@@ -79,6 +146,7 @@ impl SharedWrites {
             }
             vec![Box::new(s), Box::new(e), Box::new(b)]
         };
+        // The dead letter first, from the row its delete then removes (both on the claim).
         if !bury.is_empty() {
             out.push((
                 "INSERT INTO dead_letters (seq, body, subscription, event_id, shard) \
@@ -89,7 +157,11 @@ impl SharedWrites {
                 triple(bury),
             ));
         }
-        self.expected = (delete.len() + update.len()) as u64;
+        let expected = (delete.len() + done.len() + update.len()) as u64;
+        if !done.is_empty() {
+            let (s, e): (Vec<i64>, Vec<i64>) = done.into_iter().unzip();
+            out.push((FENCED_COMPLETE, vec![Box::new(s), Box::new(e)]));
+        }
         if !delete.is_empty() {
             let (s, e): (Vec<i64>, Vec<i64>) = delete.into_iter().unzip();
             out.push((FENCED_DELETE, vec![Box::new(s), Box::new(e)]));
@@ -97,11 +169,16 @@ impl SharedWrites {
         if !update.is_empty() {
             out.push((FENCED_UPDATE, triple(update)));
         }
-        let claimed = std::mem::take(&mut self.claimed);
-        if !claimed.is_empty() {
+        if !self.dropped_dead.is_empty() {
+            out.push((
+                "DELETE FROM dead_letters WHERE seq = ANY($1)",
+                vec![Box::new(self.dropped_dead)],
+            ));
+        }
+        if !self.claimed.is_empty() {
             let (mut s, mut e, mut h, mut b, mut subs, mut events) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for (seq, epoch, shard, body) in claimed {
+            for (seq, epoch, shard, body) in self.claimed {
                 let keys = DeliveryKeys::of(&body);
                 s.push(seq);
                 e.push(epoch);
@@ -122,25 +199,7 @@ impl SharedWrites {
                 vec![Box::new(s), Box::new(e), Box::new(h), Box::new(b), Box::new(subs), Box::new(events)],
             ));
         }
-        let forgotten = std::mem::take(&mut self.forgotten);
-        if !forgotten.is_empty() {
-            out.push((
-                "DELETE FROM pending WHERE subscription = ANY($1)",
-                vec![Box::new(forgotten.clone())],
-            ));
-            out.push((
-                "DELETE FROM dead_letters WHERE subscription = ANY($1)",
-                vec![Box::new(forgotten.clone())],
-            ));
-            out.push((
-                "DELETE FROM subscription_health WHERE uid = ANY($1)",
-                vec![Box::new(forgotten)],
-            ));
-        }
-        let unused = std::mem::take(&mut self.unused_events);
-        if !unused.is_empty() {
-            out.push((UNUSED_EVENTS, vec![Box::new(unused)]));
-        }
+        expected
     }
 }
 
@@ -410,11 +469,19 @@ impl SharedEngine for Postgres {
 
     fn published_health(&self) -> Result<Vec<PublishedHealth>, StoreError> {
         let mut out = Vec::new();
-        for r in self.query("SELECT uid, owner, body::text FROM subscription_health", vec![])? {
+        // `delivered` is the durable count, not the owner's (which a crash loses).
+        for r in self.query(
+            "SELECT h.uid, h.owner, h.body::text, c.delivered FROM subscription_health h \
+             LEFT JOIN subscription_counters c ON c.uid = h.uid",
+            vec![],
+        )? {
             let body: String = r.get(2);
-            let Ok(body) = serde_json::from_str(&body) else {
+            let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&body) else {
                 continue;
             };
+            if let (Some(n), Some(fields)) = (r.get::<_, Option<i64>>(3), body.as_object_mut()) {
+                fields.insert("delivered".into(), serde_json::Value::from(n));
+            }
             out.push(PublishedHealth {
                 uid: r.get(0),
                 owner: r.get(1),
@@ -696,4 +763,47 @@ pub async fn hold_exclusive(client: &tokio_postgres::Client) -> Result<(), Share
         .await?
         .get(0);
     if got { Ok(()) } else { Err(SharedError::InUse) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(w: &mut SharedWrites) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        w.statements(&mut out);
+        out.iter()
+            .map(|(sql, _)| match *sql {
+                s if s == FENCED_COMPLETE => "complete",
+                s if s == FENCED_DELETE => "delete",
+                s if s == FENCED_UPDATE => "update",
+                s if s.starts_with("INSERT INTO dead_letters") => "bury",
+                s if s.starts_with("DELETE FROM dead_letters WHERE seq") => "drop dead",
+                s if s.starts_with("INSERT INTO pending") => "put claimed",
+                s if s.starts_with("DELETE FROM events") => "collect events",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_to_one_delivery_keep_their_order_within_a_commit() {
+        // Buried, then its dead letter purged: the purge comes after the burial.
+        let mut w = SharedWrites::default();
+        w.fenced(1, 7, &Fenced::Bury(b"{}".to_vec()));
+        w.fenced(2, 7, &Fenced::Delete);
+        w.drop_dead(1);
+        w.unused_events.push("evt".into());
+        assert_eq!(
+            kinds(&mut w),
+            ["bury", "complete", "delete", "drop dead", "collect events"]
+        );
+        assert_eq!(w.expected, 2, "the completion and the burial's delete are fenced");
+        // Replayed (dead letter dropped, back as waiting), then buried again.
+        let mut w = SharedWrites::default();
+        w.drop_dead(3);
+        w.claimed(3, 7, 0, b"{}".to_vec());
+        w.fenced(3, 7, &Fenced::Bury(b"{}".to_vec()));
+        assert_eq!(kinds(&mut w), ["drop dead", "put claimed", "bury", "delete"]);
+    }
 }

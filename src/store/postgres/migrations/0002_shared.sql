@@ -54,3 +54,10 @@ CREATE TABLE subscription_health (
     body       jsonb NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Deliveries made, per subscription, counted in the commit that completes them: the
+-- count survives any replica, and a delivery made again after a crash counts once.
+CREATE TABLE subscription_counters (
+    uid       text PRIMARY KEY,
+    delivered bigint NOT NULL DEFAULT 0
+);
