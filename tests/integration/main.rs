@@ -9,6 +9,7 @@ mod history;
 #[path = "../common/pg.rs"]
 mod pg;
 mod pgstore;
+mod replicas;
 mod scale;
 mod security;
 mod smtp;

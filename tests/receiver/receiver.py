@@ -12,6 +12,12 @@ mailhook's code) and records what it saw. Its behaviour can be switched while it
   POST /_mode   {"delay": 1.5}            wait this many seconds before answering a delivery
   GET  /_deliveries                        every delivery received, as JSON lines
 
+Each delivery record says its path and `inFlight`: how many requests to that path were
+being handled when it arrived, itself included (a subscription's concurrency, as the
+endpoint sees it). A request read after its sender had already closed the connection (it
+sat in the socket buffer while the sender was killed) is marked `orphaned` and not
+counted: nobody is delivering it any more.
+
 Signatures: with --secret whsec_..., `v1` (HMAC) signatures are verified by the
 off-the-shelf `standardwebhooks` library. With --public-key whpk_..., `v1a` (ed25519)
 signatures are verified instead, with nothing but the public key: no released Standard
@@ -30,6 +36,7 @@ Prints "listening on PORT" (and " control CPORT" with TLS) once ready.
 import argparse
 import base64
 import json
+import socket
 import ssl
 import sys
 import threading
@@ -80,6 +87,17 @@ class State:
         self.echo = True
         self.delay = 0.0
         self.deliveries = []
+        self.in_flight = {}
+
+
+def peer_gone(connection):
+    """Whether the sender closed the connection before this request was handled."""
+    try:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, ValueError):  # nothing more to read; or TLS (no MSG_PEEK)
+        return False
+    except OSError:
+        return True
 
 
 def client_cert(connection):
@@ -144,8 +162,21 @@ def make_handler(state, quiet):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            orphaned = peer_gone(self.connection)
+            self.arrived = time.monotonic()
             with state.lock:
                 delay = state.delay
+                if not orphaned:
+                    state.in_flight[self.path] = state.in_flight.get(self.path, 0) + 1
+                in_flight = state.in_flight.get(self.path, 0)
+            try:
+                self.deliver(body, delay, in_flight, orphaned)
+            finally:
+                if not orphaned:
+                    with state.lock:
+                        state.in_flight[self.path] -= 1
+
+        def deliver(self, body, delay, in_flight, orphaned):
             if delay > 0:
                 time.sleep(delay)
             headers = {k.lower(): v for k, v in self.headers.items()}
@@ -166,6 +197,11 @@ def make_handler(state, quiet):
                         "headers": {k: v for k, v in headers.items() if k.startswith("x-")},
                         "signatures": headers.get("webhook-signature", ""),
                         "clientCert": client_cert(self.connection),
+                        "path": self.path,
+                        "inFlight": in_flight,
+                        "orphaned": orphaned,
+                        "arrived": self.arrived,
+                        "port": self.client_address[1],
                     }
                 )
             if verified and payload.get("type") == "endpoint.verification":

@@ -56,14 +56,24 @@ impl Operator {
     }
 
     fn spawn_new(ns: &TestNamespace, extra: &[&str]) -> Operator {
-        let log = std::env::temp_dir().join(format!("mailhook-operator-{}.log", ns.name));
-        let token_file = std::env::temp_dir().join(format!("mailhook-tokens-{}", ns.name));
+        // Several operators on one namespace (replicas) each log to a file of their own.
+        let who = extra
+            .iter()
+            .position(|a| *a == "--replica-name")
+            .and_then(|i| extra.get(i + 1))
+            .map(|r| format!("{}-{r}", ns.name))
+            .unwrap_or_else(|| ns.name.clone());
+        let log = std::env::temp_dir().join(format!("mailhook-operator-{who}.log"));
+        let token_file = std::env::temp_dir().join(format!("mailhook-tokens-{who}"));
         std::fs::write(&token_file, format!("# test tokens\n{INGEST_TOKEN}\n")).expect("write token file");
         let (admin, ingest) = (free_port(), free_port());
-        let mut args: Vec<String> = ["run", "--watch-namespace", &ns.name, "--shards", "2"]
+        let mut args: Vec<String> = ["run", "--watch-namespace", &ns.name]
             .iter()
             .map(|s| s.to_string())
             .collect();
+        if !extra.contains(&"--shards") {
+            args.extend(["--shards".into(), "2".into()]);
+        }
         args.extend([
             "--http-addr".into(),
             admin.to_string(),

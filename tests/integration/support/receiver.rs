@@ -29,6 +29,22 @@ pub struct Received {
     /// Common name of the client certificate (mutual TLS).
     #[serde(default)]
     pub client_cert: Option<String>,
+    /// The request path (one per subscription, where tests give each its own).
+    #[serde(default)]
+    pub path: String,
+    /// Requests to that path in progress when this one arrived, itself included (requests
+    /// whose sender was gone before they were read are not counted).
+    #[serde(default)]
+    pub in_flight: u32,
+    /// Read after its sender had closed the connection (the sender was killed).
+    #[serde(default)]
+    pub orphaned: bool,
+    /// When it arrived (the receiver's monotonic clock, seconds).
+    #[serde(default)]
+    pub arrived: f64,
+    /// The sender's TCP port (tells the connections apart).
+    #[serde(default)]
+    pub port: u16,
 }
 
 impl Received {
