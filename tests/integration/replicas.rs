@@ -328,7 +328,7 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
         let orphans = deliveries.iter().filter(|r| r.orphaned).count();
         if most > CONCURRENCY {
             let at = deliveries.iter().find(|r| r.in_flight == most).map_or(0.0, |r| r.arrived);
-            for r in deliveries.iter().filter(|r| (r.arrived - at).abs() < 0.3) {
+            for r in deliveries.iter().filter(|r| (r.arrived - at).abs() < 0.05) {
                 eprintln!(
                     "  {:.3} port {} in_flight {} orphaned {} {:?}",
                     r.arrived - at,

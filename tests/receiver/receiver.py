@@ -170,11 +170,14 @@ def make_handler(state, quiet):
                     state.in_flight[self.path] = state.in_flight.get(self.path, 0) + 1
                 in_flight = state.in_flight.get(self.path, 0)
             try:
-                self.deliver(body, delay, in_flight, orphaned)
+                status, answer = self.deliver(body, delay, in_flight, orphaned)
             finally:
+                # Done before the answer goes out: once the sender has it, it may start the
+                # next request at once.
                 if not orphaned:
                     with state.lock:
                         state.in_flight[self.path] -= 1
+            self.reply(status, answer)
 
         def deliver(self, body, delay, in_flight, orphaned):
             if delay > 0:
@@ -207,8 +210,8 @@ def make_handler(state, quiet):
             if verified and payload.get("type") == "endpoint.verification":
                 challenge = payload.get("data", {}).get("challenge", "")
                 if not state.echo:
-                    return self.reply(200, b"{}")
-                return self.reply(200, json.dumps({"challenge": challenge}).encode())
+                    return 200, b"{}"
+                return 200, json.dumps({"challenge": challenge}).encode()
             if verified and status < 300 and not quiet:
                 data = payload.get("data", {})
                 who = data.get("mailbox") or data.get("mailboxDomain") or "-"
@@ -221,7 +224,7 @@ def make_handler(state, quiet):
                 with state.lock:  # one write per line: threads must not interleave
                     sys.stdout.write(line)
                     sys.stdout.flush()
-            self.reply(status if verified else 401)
+            return (status if verified else 401), b""
 
     return Handler
 
