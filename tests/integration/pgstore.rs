@@ -271,9 +271,10 @@ async fn postgresql_stopped_under_load_refuses_new_events_pauses_and_resumes_by_
     assert!(duplicates <= CONCURRENCY, "{duplicates} duplicates");
 }
 
-/// Two operators started at the same moment on one new database: the migrations run under
+/// Two replicas started at the same moment on one new database: the migrations run under
 /// an advisory lock, so one applies them, the other waits and finds the schema current;
-/// both start, and the schema is whole.
+/// both start, and the schema is whole. An operator that would own the database alone is
+/// then refused, with what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_operators_starting_at_once_on_a_new_database_migrate_it_once() {
     let (a, b) = (
@@ -281,14 +282,15 @@ async fn two_operators_starting_at_once_on_a_new_database_migrate_it_once() {
         TestNamespace::new("pg-race-b").await,
     );
     let url = crate::pg::database("race").await;
-    let flags = ["--store-url", url.as_str()];
-    let (first, second) = tokio::join!(Operator::start_with(&a, &flags), Operator::start_with(&b, &flags));
+    let flags = |name: &'static str| ["--store-url", url.as_str(), "--shared-store", "--replica-name", name];
+    let (fa, fb) = (flags("race-a"), flags("race-b"));
+    let (first, second) = tokio::join!(Operator::start_with(&a, &fa), Operator::start_with(&b, &fb));
     let applied: Vec<bool> = [&first, &second]
         .iter()
         .map(|o| {
             let log = o.log();
             assert!(log.contains("PostgreSQL store: schema current"), "{log}");
-            log.contains("applied=[1]")
+            log.contains("applied=[1, 2]")
         })
         .collect();
     assert_eq!(
@@ -311,6 +313,18 @@ async fn two_operators_starting_at_once_on_a_new_database_migrate_it_once() {
         let (status, body) = operator.ingest(&[siem_event(id)]).await;
         assert_eq!(status, 202, "{body}");
     }
+    // A single owner on a database replicas share would corrupt their work: refused.
+    let (ok, _, err) = crate::support::mailhook(&[
+        "run",
+        "--store-url",
+        &url,
+        "--watch-namespace",
+        &a.name,
+        "--http-addr",
+        &crate::support::free_port().to_string(),
+    ]);
+    assert!(!ok, "a single owner started beside shared replicas");
+    assert!(err.contains("--shared-store"), "{err}");
 }
 
 /// `--max-store-bytes` on PostgreSQL reads the database's size (`pg_database_size`): past

@@ -97,7 +97,12 @@ fn parse(id: &str) -> Option<(usize, usize)> {
 /// Sends a batch (one event per mailbox) every `every`, each to the next replica, until
 /// `stop`; a batch that is not acknowledged goes to the next replica, unchanged (its
 /// producer ids de-duplicate whatever the first one stored). Returns what was acknowledged.
-async fn send(ports: Vec<std::net::SocketAddr>, every: Duration, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<String>>>) {
+async fn send(
+    ports: Vec<std::net::SocketAddr>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -227,10 +232,7 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
         let lost = owned(&replicas[victim]).await;
         let was_leader = replicas[victim].metric("mailhook_leader").await == 1.0;
         let seen = receiver.deliveries().await;
-        let before: HashMap<String, usize> = by_path(&seen)
-            .into_iter()
-            .map(|(p, v)| (p, v.len()))
-            .collect();
+        let before: HashMap<String, usize> = by_path(&seen).into_iter().map(|(p, v)| (p, v.len())).collect();
         let killed = Instant::now();
         replicas[victim].kill();
         let up: Vec<Option<&Operator>> = replicas
@@ -248,9 +250,9 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
             let owners = ownership(up.clone()).await;
             let now = receiver.deliveries().await;
             let got = by_path(&now);
-            let moving = affected.iter().any(|i| {
-                got.get(&path(*i)).map_or(0, Vec::len) <= before.get(&path(*i)).copied().unwrap_or(0)
-            });
+            let moving = affected
+                .iter()
+                .any(|i| got.get(&path(*i)).map_or(0, Vec::len) <= before.get(&path(*i)).copied().unwrap_or(0));
             if settled(&owners, 2) && !moving {
                 break;
             }
@@ -327,7 +329,10 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
             .unwrap_or(0);
         let orphans = deliveries.iter().filter(|r| r.orphaned).count();
         if most > CONCURRENCY {
-            let at = deliveries.iter().find(|r| r.in_flight == most).map_or(0.0, |r| r.arrived);
+            let at = deliveries
+                .iter()
+                .find(|r| r.in_flight == most)
+                .map_or(0.0, |r| r.arrived);
             for r in deliveries.iter().filter(|r| (r.arrived - at).abs() < 0.05) {
                 eprintln!(
                     "  {:.3} port {} in_flight {} orphaned {} {:?}",
@@ -345,7 +350,10 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
         );
         // Each kill can leave at most `concurrency` deliveries made but not recorded.
         let window = victims.len() as u32 * CONCURRENCY;
-        assert!(duplicates <= window as usize, "s{i}: {duplicates} duplicates (window {window})");
+        assert!(
+            duplicates <= window as usize,
+            "s{i}: {duplicates} duplicates (window {window})"
+        );
         eprintln!(
             "s{i}: {} events, {duplicates} duplicates, at most {most} in progress at once ({orphans} read after their sender died)",
             seen.len()
@@ -372,8 +380,78 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
         )
         .await;
         let owner = w.status.and_then(|s| s.shard_owner).unwrap_or_default();
-        assert!(names.contains(&owner.as_str()), "s{i} names its shard's owner: {owner:?}");
+        assert!(
+            names.contains(&owner.as_str()),
+            "s{i} names its shard's owner: {owner:?}"
+        );
     }
     let slowest = failovers.iter().max().copied().unwrap_or_default();
     eprintln!("failover times: {failovers:?} (slowest {slowest:?})");
 }
+
+/// SIGTERM (what the kubelet sends): the replica stops taking events, lets its deliveries
+/// finish, gives its shards and the leader Lease back at once and exits cleanly; the other
+/// replica owns every shard and leads without waiting for anything to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_with_sigterm_hands_its_shards_and_the_lease_over_at_once() {
+    let ns = TestNamespace::new("replicas-term").await;
+    let url = crate::pg::database("replicas_term").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let mut first = start(&url, &ns, "first").await;
+    eventually("the first leads", || leader(vec![Some(&first)]), Option::is_some).await;
+    let second = start(&url, &ns, "second").await;
+    eventually(
+        "the shards are shared out between the two",
+        || ownership(vec![Some(&first), Some(&second)]),
+        |owners| settled(owners, 2) && owners.iter().all(|o| !o.is_empty()),
+    )
+    .await;
+    apply(
+        &ns,
+        &(signing_secret(SIEM_SECRET) + &subscription("s0", &receiver.url(&path(0)), "", "")),
+    );
+    wait_ready(&ns, "s0").await;
+    let events: Vec<serde_json::Value> = (0..50).map(|n| event(n % MAILBOXES, n)).collect();
+    let (status, body) = first.ingest(&events).await;
+    assert_eq!(status, 202, "{body}");
+
+    let asked = Instant::now();
+    let exit = first
+        .terminate(Duration::from_secs(30))
+        .expect("exits within the drain");
+    assert!(exit.success(), "a clean exit: {exit}");
+    let log = first.log();
+    assert!(log.contains("gave every shard back"), "{log}");
+    assert!(log.contains("gave the leader Lease up"), "{log}");
+    let owners = eventually(
+        "the second owns every shard",
+        || ownership(vec![Some(&second)]),
+        |owners| settled(owners, 1),
+    )
+    .await;
+    eventually("the second leads", || leader(vec![Some(&second)]), Option::is_some).await;
+    let took = asked.elapsed();
+    eprintln!(
+        "SIGTERM to the second owning all {} shards and leading: {took:?}",
+        owners[0].len()
+    );
+    assert!(
+        took < crate::replicas::LEASE_DURATION,
+        "handed over at once, not after the Lease expired: {took:?}"
+    );
+    // Whatever the first had not delivered, the second does.
+    eventually(
+        "every event delivered",
+        || receiver.deliveries(),
+        |got| {
+            let ids: BTreeSet<String> = got.iter().filter_map(|r| r.producer_event_id()).collect();
+            events
+                .iter()
+                .all(|e| e["eventId"].as_str().is_some_and(|id| ids.contains(id)))
+        },
+    )
+    .await;
+}
+
+/// The leader Lease's duration (`replica::leader::LEASE_DURATION`).
+const LEASE_DURATION: Duration = mailhook::replica::leader::LEASE_DURATION;
