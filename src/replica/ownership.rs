@@ -134,8 +134,17 @@ impl Ownership {
         let owned: Vec<u32> = self.sharing().owned().into_iter().map(|(s, _)| s).collect();
         // Shards let go but still locked: held until their deliveries in flight are done.
         let kept = owned.len() + draining.len();
-        if kept > fair {
-            for shard in surplus(&owned, fair.saturating_sub(draining.len())) {
+        // Above the share, give the surplus back; at the share while another replica is
+        // below its floor and no shard is free, give one back so it can have it.
+        let holdings = bounded(session.holdings()).await?;
+        let floor = shards / usize::try_from(members.max(1)).unwrap_or(usize::MAX);
+        let starving = holdings.first().is_some_and(|least| (*least as usize) < floor);
+        let mut target = fair;
+        if kept == fair && draining.is_empty() && starving && holdings.iter().sum::<u64>() >= shards as u64 {
+            target = fair.saturating_sub(1);
+        }
+        if kept > target {
+            for shard in surplus(&owned, target.saturating_sub(draining.len())) {
                 info!(shard, members, fair, "giving a shard back to even out the replicas");
                 self.sharing().release(shard);
                 draining.insert(shard, Instant::now());
@@ -168,7 +177,8 @@ impl Ownership {
             self.metrics.shard_handovers.with_label_values(&["released"]).inc();
         }
         let kept = self.sharing().owned().len() + draining.len();
-        if kept >= fair {
+        // A free shard goes to a replica below its floor first.
+        if kept >= fair || (starving && kept >= floor) {
             return Ok(());
         }
         let locked = bounded(session.locked()).await?;

@@ -657,3 +657,25 @@ fn a_single_owner_and_shared_replicas_exclude_each_other() {
     assert!(refused.to_string().contains("only owner"), "{refused}");
     drop(sole);
 }
+
+/// Replicas of two stores on one PostgreSQL server (two databases) do not see each other:
+/// advisory locks are per database, and so are the members and shards counted.
+#[test]
+fn replicas_of_another_database_on_the_server_are_not_counted() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_, one) = shared_database("members_one", &runtime);
+    let (_, two) = shared_database("members_two", &runtime);
+    runtime.block_on(async {
+        let a = postgres::shared::Session::open(&one).await.expect("session");
+        assert!(a.take(0, "a").await.expect("take").is_some());
+        let b = postgres::shared::Session::open(&two).await.expect("session");
+        assert_eq!(b.members().await.expect("members"), 1);
+        assert!(
+            b.locked().await.expect("locked").is_empty(),
+            "shard 0 of the other store"
+        );
+        assert_eq!(b.holdings().await.expect("holdings"), vec![0]);
+        assert_eq!(a.holdings().await.expect("holdings"), vec![1]);
+        assert!(b.take(0, "b").await.expect("take").is_some(), "its own shard 0 is free");
+    });
+}

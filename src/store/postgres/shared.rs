@@ -531,7 +531,7 @@ pub async fn prepare(client: &mut tokio_postgres::Client, shards: usize) -> Resu
     if reshard {
         let others: i64 = txn
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int4::oid \
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = $1::int4::oid \
                  AND objid = 0 AND objsubid = 2 AND granted",
                 &[&MEMBER_LOCK],
             )
@@ -652,7 +652,7 @@ impl Session {
         let n: i64 = self
             .client
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int4::oid \
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = $1::int4::oid \
                  AND objid = 0 AND objsubid = 2 AND granted",
                 &[&MEMBER_LOCK],
             )
@@ -661,12 +661,31 @@ impl Session {
         Ok(u64_of(n))
     }
 
+    /// How many shards each live member holds (members holding none included), the
+    /// smallest first.
+    pub async fn holdings(&self) -> Result<Vec<u64>, SharedError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT m.pid, count(s.objid) FROM pg_locks m \
+                 LEFT JOIN pg_locks s ON s.pid = m.pid AND s.locktype = 'advisory' AND s.database = m.database \
+                   AND s.classid = $2::int4::oid AND s.objsubid = 2 AND s.granted \
+                 WHERE m.locktype = 'advisory' AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND m.classid = $1::int4::oid AND m.objid = 0 \
+                   AND m.objsubid = 2 AND m.granted GROUP BY m.pid",
+                &[&MEMBER_LOCK, &SHARD_LOCKS],
+            )
+            .await?;
+        let mut counts: Vec<u64> = rows.iter().map(|r| u64_of(r.get(1))).collect();
+        counts.sort_unstable();
+        Ok(counts)
+    }
+
     /// Shards some live replica holds the lock of.
     pub async fn locked(&self) -> Result<HashSet<u32>, SharedError> {
         let rows = self
             .client
             .query(
-                "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int4::oid \
+                "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = $1::int4::oid \
                  AND objsubid = 2 AND granted",
                 &[&SHARD_LOCKS],
             )
