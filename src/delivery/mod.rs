@@ -436,10 +436,20 @@ impl Deliveries {
     /// Wakes the shards of these subscriptions: they have new deliveries. On a shared
     /// store, the claim of new deliveries too (they reach memory through it).
     pub fn wake<'a>(&self, subscriptions: impl IntoIterator<Item = &'a str>) {
+        if self.wake_shards(subscriptions) {
+            self.arrivals.notify_one();
+        }
+    }
+
+    /// Wakes the shards of these subscriptions only (the claim of new deliveries woke
+    /// them: waking it again would spin). Returns whether there were any.
+    pub fn wake_shards<'a>(&self, subscriptions: impl IntoIterator<Item = &'a str>) -> bool {
+        let mut any = false;
         for uid in subscriptions {
             self.shards[shard_of(uid, self.shards.len())].wake.notify_one();
+            any = true;
         }
-        self.arrivals.notify_one();
+        any
     }
 
     /// Wakes one shard's loop (it was just taken over).

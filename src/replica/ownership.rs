@@ -213,7 +213,7 @@ impl Ownership {
                 Ok((subscriptions, health)) => {
                     info!(shard, epoch, waiting_for = subscriptions.len(), "took a shard");
                     self.deliveries.seed_health(&health);
-                    self.deliveries.wake(subscriptions.iter().map(String::as_str));
+                    self.deliveries.wake_shards(subscriptions.iter().map(String::as_str));
                     self.deliveries.wake_shard(shard as usize);
                     self.metrics.shard_owned.with_label_values(&[&shard.to_string()]).set(1);
                     self.metrics.shard_handovers.with_label_values(&["acquired"]).inc();
@@ -260,7 +260,9 @@ async fn poll_arrivals(store: Arc<dyn Store>, deliveries: Arc<Deliveries>, stop:
         let s = store.clone();
         let claimed = tokio::task::spawn_blocking(move || s.sharing().map(|sh| sh.claim_arrivals())).await;
         match claimed {
-            Ok(Some(Ok(subscriptions))) => deliveries.wake(subscriptions.iter().map(String::as_str)),
+            Ok(Some(Ok(subscriptions))) => {
+                deliveries.wake_shards(subscriptions.iter().map(String::as_str));
+            }
             Ok(Some(Err(err))) => tracing::debug!(%err, "cannot claim new deliveries; will retry"),
             Ok(None) => return,
             Err(err) => warn!(%err, "claiming new deliveries stopped unexpectedly"),

@@ -455,3 +455,125 @@ async fn a_replica_stopped_with_sigterm_hands_its_shards_and_the_lease_over_at_o
 
 /// The leader Lease's duration (`replica::leader::LEASE_DURATION`).
 const LEASE_DURATION: Duration = mailhook::replica::leader::LEASE_DURATION;
+
+/// Figures, not a check (`cargo test --test integration -- --ignored --nocapture
+/// replicas_figures`): for 1, 2 and 3 replicas on one fresh database, the rate events are
+/// acknowledged and delivered end to end, then what the replicas cost the apiserver and
+/// PostgreSQL while idle. On this machine the replicas, PostgreSQL, the apiserver and the
+/// receiver share two cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: prints figures"]
+async fn replicas_figures() {
+    const EVENTS: usize = 6_000;
+    const SUBS: usize = 2;
+    for n in 1..=3usize {
+        let ns = TestNamespace::new(&format!("replicas-fig{n}")).await;
+        let url = crate::pg::database(&format!("replicas_fig{n}")).await;
+        let receiver = Receiver::start(SIEM_SECRET);
+        let mut replicas = Vec::new();
+        for i in 0..n {
+            replicas.push(start(&url, &ns, &format!("r{i}")).await);
+        }
+        eventually(
+            "the shards are shared out",
+            || ownership(live(&replicas)),
+            |owners| settled(owners, n),
+        )
+        .await;
+        let mut yaml = signing_secret(SIEM_SECRET);
+        for i in 0..SUBS {
+            yaml += &subscription(
+                &format!("s{i}"),
+                &receiver.url(&path(i)),
+                "",
+                "  delivery: {concurrency: 16}\n",
+            );
+        }
+        apply(&ns, &yaml);
+        for i in 0..SUBS {
+            wait_ready(&ns, &format!("s{i}")).await;
+        }
+        // Eight senders, batches of 50, spread over the replicas.
+        let started = Instant::now();
+        let mut senders = Vec::new();
+        for s in 0..8 {
+            let ports: Vec<_> = replicas.iter().map(|r| r.ingest).collect();
+            senders.push(tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                for b in 0..EVENTS / 8 / 50 {
+                    let body: String = (0..50)
+                        .map(|k| format!("{}\n", event(k % MAILBOXES, s * 100_000 + b * 50 + k)))
+                        .collect();
+                    let port = ports[(s + b) % ports.len()];
+                    let answer = client
+                        .post(format!("http://{port}/v1/events"))
+                        .bearer_auth(INGEST_TOKEN)
+                        .header("content-type", "application/x-ndjson")
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("post");
+                    assert_eq!(answer.status().as_u16(), 202);
+                }
+            }));
+        }
+        for s in senders {
+            s.await.expect("sender");
+        }
+        let acked_in = started.elapsed();
+        let want = EVENTS * SUBS;
+        let long = Instant::now() + Duration::from_secs(300);
+        loop {
+            let got = receiver.deliveries().await;
+            if got.iter().filter(|r| r.verified && r.answered == 200).count() >= want || Instant::now() > long {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let delivered_in = started.elapsed();
+        // Idle cost over 20 s: apiserver requests and database transactions.
+        // (every request but watches, those on Leases), whole server.
+        let api = || async {
+            let (_, out, _) = crate::support::kubectl_run(&["get", "--raw", "/metrics"], None);
+            let lines: Vec<(bool, f64)> = out
+                .lines()
+                .filter(|l| l.starts_with("apiserver_request_total{") && !l.contains("verb=\"WATCH\""))
+                .filter_map(|l| {
+                    Some((
+                        l.contains("resource=\"leases\""),
+                        l.rsplit(' ').next()?.parse::<f64>().ok()?,
+                    ))
+                })
+                .collect();
+            (
+                lines.iter().map(|l| l.1).sum::<f64>(),
+                lines.iter().filter(|l| l.0).map(|l| l.1).sum::<f64>(),
+            )
+        };
+        let db = || async {
+            let config = mailhook::store::postgres::config(&url, None, None).expect("url");
+            let client = mailhook::store::postgres::connect(&config).await.expect("connect");
+            let row = client
+                .query_one(
+                    "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+                    &[],
+                )
+                .await
+                .expect("stats");
+            row.get::<_, i64>(0)
+        };
+        let (api0, db0) = (api().await, db().await);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let (api1, db1) = (api().await, db().await);
+        eprintln!(
+            "FIGURES replicas={n}: {EVENTS} events acknowledged in {:.1} s ({:.0} ev/s); {want} deliveries done in {:.1} s ({:.0} deliveries/s); idle: apiserver {:.2} req/s (whole server; {:.2} on Leases), database {:.1} commits/s",
+            acked_in.as_secs_f64(),
+            EVENTS as f64 / acked_in.as_secs_f64(),
+            delivered_in.as_secs_f64(),
+            want as f64 / delivered_in.as_secs_f64(),
+            (api1.0 - api0.0) / 20.0,
+            (api1.1 - api0.1) / 20.0,
+            (db1 - db0) as f64 / 20.0,
+        );
+    }
+}
