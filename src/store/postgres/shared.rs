@@ -204,8 +204,8 @@ impl Round {
 }
 
 const UNUSED_EVENTS: &str = "DELETE FROM events e WHERE e.id = ANY($1) \
-     AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_id = e.id) \
-     AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.id)";
+     AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_id = e.id AND p.shard IS NOT NULL) \
+     AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.id AND d.shard IS NOT NULL)";
 
 /// The shared ingests of a group commit (owned: they cross to the connection thread).
 pub(super) fn ingests(ops: &[&Op]) -> Vec<IngestBatch> {
@@ -382,7 +382,7 @@ impl SharedEngine for Postgres {
             "UPDATE pending p SET claim = o.epoch \
              FROM unnest($1::int4[], $2::bigint[]) AS o(shard, epoch) \
              JOIN shard_owners so ON so.shard = o.shard AND so.epoch = o.epoch \
-             WHERE p.shard = o.shard AND p.claim IS NULL \
+             WHERE p.shard = o.shard AND p.shard IS NOT NULL AND p.claim IS NULL \
              RETURNING p.seq, p.claim, p.body",
             vec![Box::new(shards), Box::new(epochs)],
         )?;
@@ -429,8 +429,8 @@ impl SharedEngine for Postgres {
         let rows = self.query(
             "WITH gone AS (DELETE FROM events e WHERE e.id IN (\
                SELECT v.id FROM events v \
-               WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_id = v.id) \
-                 AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = v.id) \
+               WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_id = v.id AND p.shard IS NOT NULL) \
+                 AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = v.id AND d.shard IS NOT NULL) \
                LIMIT 10000) RETURNING 1) SELECT count(*) FROM gone",
             vec![],
         )?;

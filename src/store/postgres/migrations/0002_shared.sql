@@ -22,12 +22,14 @@ UPDATE dead_letters SET
     subscription = convert_from(body, 'UTF8')::jsonb ->> 'subscription',
     event_id     = convert_from(body, 'UTF8')::jsonb ->> 'eventId';
 
-CREATE INDEX pending_by_shard ON pending (shard, seq);
+-- Partial on `shard IS NOT NULL`: a single-owner operator leaves the shard unset and pays
+-- for none of these (shared mode sets it on every row, and on older rows at its start).
+CREATE INDEX pending_by_shard ON pending (shard, seq) WHERE shard IS NOT NULL;
 -- New rows no replica has loaded yet: what each shard's owner polls for.
-CREATE INDEX pending_unclaimed ON pending (shard) WHERE claim IS NULL;
-CREATE INDEX pending_by_event ON pending (event_id);
-CREATE INDEX dead_letters_by_shard ON dead_letters (shard);
-CREATE INDEX dead_letters_by_event ON dead_letters (event_id);
+CREATE INDEX pending_unclaimed ON pending (shard) WHERE claim IS NULL AND shard IS NOT NULL;
+CREATE INDEX pending_by_event ON pending (event_id) WHERE shard IS NOT NULL;
+CREATE INDEX dead_letters_by_shard ON dead_letters (shard) WHERE shard IS NOT NULL;
+CREATE INDEX dead_letters_by_event ON dead_letters (event_id) WHERE shard IS NOT NULL;
 
 CREATE SEQUENCE delivery_seq;
 SELECT setval('delivery_seq', GREATEST(
