@@ -39,7 +39,14 @@ fn world() -> &'static World {
         let deliveries =
             runtime.block_on(async {
                 let lifecycle = mailhook::lifecycle::Lifecycle::new();
-                Deliveries::start(1, store, metrics.clone(), Housekeeping::default(), &lifecycle)
+                Deliveries::start(
+                    1,
+                    store,
+                    metrics.clone(),
+                    Housekeeping::default(),
+                    &lifecycle,
+                    mailhook::handles::Leadership::sole(),
+                )
             });
         // Mail to one non-ASCII domain is routed and stored; the rest is parsed and dropped.
         let spec = MailboxFilterSpec {
