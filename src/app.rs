@@ -65,13 +65,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &lifecycle,
         leadership.clone(),
     );
-    if let Some(database) = database {
+    if let Some((database, session)) = database {
         start_replica(
             &lifecycle,
             &config,
             &client,
             Replica {
                 database,
+                session,
                 identity: identity.clone(),
                 store: store.clone(),
                 deliveries: deliveries.clone(),
@@ -310,7 +311,13 @@ fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
 async fn open_store(
     config: &RunConfig,
     metrics: &Metrics,
-) -> anyhow::Result<(Arc<dyn Store>, Option<crate::store::postgres::Database>)> {
+) -> anyhow::Result<(
+    Arc<dyn Store>,
+    Option<(
+        crate::store::postgres::Database,
+        crate::store::postgres::shared::Session,
+    )>,
+)> {
     let mut shared_db = None;
     let (kind, store): (&str, Arc<dyn Store>) = match (&config.store.store_dir, &config.store.store_url) {
         (_, Some(url)) => {
@@ -334,10 +341,15 @@ async fn open_store(
             );
             let store = if config.store.shared_store {
                 let shards = config.delivery.shards;
+                // Joined first: it holds the shared lock, so no single owner starts (or runs)
+                // beside this replica, and nothing is changed if one does.
+                let session = crate::store::postgres::shared::Session::open(&db).await.map_err(|e| {
+                    anyhow::anyhow!("cannot join the replicas sharing the store: {}", crate::error_chain(&e))
+                })?;
                 crate::store::postgres::shared::prepare(&mut client, shards)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot share the PostgreSQL store: {}", crate::error_chain(&e)))?;
-                shared_db = Some(db.clone());
+                shared_db = Some((db.clone(), session));
                 let store = tokio::task::spawn_blocking(move || {
                     let engine = Arc::new(Postgres::connect(db)?);
                     DurableStore::shared(engine.clone(), engine, shards)
@@ -409,6 +421,8 @@ fn lease_namespace(config: &RunConfig) -> String {
 /// What one replica of a shared store runs besides the rest.
 struct Replica {
     database: crate::store::postgres::Database,
+    /// The session opened at start (it holds the shared lock); the ownership loop goes on with it.
+    session: crate::store::postgres::shared::Session,
     identity: String,
     store: Arc<dyn Store>,
     deliveries: Arc<Deliveries>,
@@ -437,7 +451,11 @@ fn start_replica(lifecycle: &Lifecycle, config: &RunConfig, client: &kube::Clien
         drain: config.delivery.shutdown_timeout,
     };
     let (stop, ready) = (lifecycle.token(Stage::Storage), r.ready);
-    lifecycle.spawn(Stage::Storage, "shard ownership", owning.run(stop, ready));
+    lifecycle.spawn(
+        Stage::Storage,
+        "shard ownership",
+        owning.run(Some(r.session), stop, ready),
+    );
     let stop = lifecycle.token(Stage::Control);
     lifecycle.spawn(
         Stage::Control,

@@ -262,6 +262,10 @@ where
         + std::fmt::Debug,
     S: serde::Serialize + HasConditions,
 {
+    // Leadership can move during a pass: each write asks again.
+    if !ctx.leadership.is_leader() {
+        return None;
+    }
     let result = bounded(
         "status write",
         write_status::<K>(&ctx.client, &w.ns, &w.name, &w.desired),

@@ -93,8 +93,9 @@ impl Election {
                 spec: Some(self.spec(0, None)),
             };
             // Two creating at once: the apiserver lets one in; the other sees 409.
+            let sent = Instant::now();
             bounded(self.api.create(&PostParams::default(), &lease)).await?;
-            *renewed = Some(Instant::now());
+            *renewed = Some(sent);
             self.became(true, "created the Lease");
             return Ok(());
         };
@@ -104,8 +105,10 @@ impl Election {
         if holder.as_deref() == Some(self.identity.as_str()) {
             lease.spec = Some(self.spec(transitions, spec.acquire_time.clone()));
             // Replace carries the resourceVersion read: a concurrent taker makes this 409.
+            // Counted from before the call: the record may be written at any point of it.
+            let sent = Instant::now();
             bounded(self.api.replace(&self.name, &PostParams::default(), &lease)).await?;
-            *renewed = Some(Instant::now());
+            *renewed = Some(sent);
             self.became(true, "renewed the Lease");
             return Ok(());
         }
@@ -131,8 +134,9 @@ impl Election {
         let expired = observed.as_ref().is_some_and(|o| o.since.elapsed() >= duration);
         if holder.is_none() || expired {
             lease.spec = Some(self.spec(transitions + 1, None));
+            let sent = Instant::now();
             bounded(self.api.replace(&self.name, &PostParams::default(), &lease)).await?;
-            *renewed = Some(Instant::now());
+            *renewed = Some(sent);
             *observed = None;
             let why = match holder {
                 None => "the Lease was free".to_string(),
@@ -148,7 +152,20 @@ impl Election {
         let mut observed = None;
         let mut renewed: Option<Instant> = None;
         loop {
-            if let Err(err) = self.step(&mut observed, &mut renewed).await {
+            // A leader stops at STEP_DOWN after its last renewal, even while a call hangs.
+            let deadline = renewed
+                .filter(|_| self.leadership.is_leader())
+                .map(|r| tokio::time::Instant::from_std(r + STEP_DOWN));
+            let stepped = tokio::select! {
+                r = self.step(&mut observed, &mut renewed) => r,
+                () = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => Err(format!("no renewal for {}s", STEP_DOWN.as_secs())),
+            };
+            if let Err(err) = stepped {
                 tracing::debug!(%err, "leader election step failed");
                 if self.leadership.is_leader() && renewed.is_none_or(|r| r.elapsed() >= STEP_DOWN) {
                     self.became(false, &format!("cannot renew the Lease: {err}"));

@@ -73,13 +73,16 @@ impl Ownership {
     }
 
     /// Runs until `stop`; then lets every shard go at once (after the store's last commits).
-    pub async fn run(self, stop: CancellationToken, ready: ReadinessPart) {
+    pub async fn run(self, mut first: Option<Session>, stop: CancellationToken, ready: ReadinessPart) {
         let arrivals = tokio::spawn(poll_arrivals(self.store.clone(), self.deliveries.clone(), stop.clone()));
         loop {
             ready.not_ready("connecting to the store to take a share of the delivery shards");
-            let session = tokio::select! {
-                () = stop.cancelled() => break,
-                s = bounded(Session::open(&self.database)) => s,
+            let session = match first.take() {
+                Some(s) => Ok(s),
+                None => tokio::select! {
+                    () = stop.cancelled() => break,
+                    s = bounded(Session::open(&self.database)) => s,
+                },
             };
             let session = match session {
                 Ok(s) => s,
@@ -126,9 +129,6 @@ impl Ownership {
             return Err("the connection closed".into());
         }
         let members = bounded(session.members()).await?;
-        // The backlog over every shard, for `--max-backlog` and the metrics.
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.sharing().map(|s| s.refresh_backlog())).await;
         let shards = self.sharing().shards();
         let fair = fair_share(shards, members);
         let owned: Vec<u32> = self.sharing().owned().into_iter().map(|(s, _)| s).collect();
@@ -248,6 +248,10 @@ impl Ownership {
 /// Claims what other replicas (and this one) committed for the shards owned, and wakes
 /// the shards that got work.
 async fn poll_arrivals(store: Arc<dyn Store>, deliveries: Arc<Deliveries>, stop: CancellationToken) {
+    // A claim that failed may have committed without its answer: the rows it claimed are
+    // found again by loading the owned shards anew.
+    let mut reload = false;
+    let mut counted = std::time::Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -257,13 +261,27 @@ async fn poll_arrivals(store: Arc<dyn Store>, deliveries: Arc<Deliveries>, stop:
         if store.unavailable().is_some() {
             continue;
         }
-        let s = store.clone();
-        let claimed = tokio::task::spawn_blocking(move || s.sharing().map(|sh| sh.claim_arrivals())).await;
+        // The backlog over every shard, for `--max-backlog` and the metrics, once a second.
+        if counted.elapsed() >= TICK {
+            counted = std::time::Instant::now();
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.sharing().map(|sh| sh.refresh_backlog())).await;
+        }
+        let (s, again) = (store.clone(), reload);
+        let claimed = tokio::task::spawn_blocking(move || {
+            s.sharing()
+                .map(|sh| if again { sh.reload() } else { sh.claim_arrivals() })
+        })
+        .await;
         match claimed {
             Ok(Some(Ok(subscriptions))) => {
+                reload = false;
                 deliveries.wake_shards(subscriptions.iter().map(String::as_str));
             }
-            Ok(Some(Err(err))) => tracing::debug!(%err, "cannot claim new deliveries; will retry"),
+            Ok(Some(Err(err))) => {
+                reload = true;
+                tracing::debug!(%err, "cannot claim new deliveries; will load the shards again");
+            }
             Ok(None) => return,
             Err(err) => warn!(%err, "claiming new deliveries stopped unexpectedly"),
         }

@@ -194,6 +194,10 @@ pub trait Sharing: Send + Sync {
     /// Claims the deliveries committed since (by any replica) for the shards owned;
     /// returns the subscriptions that got some.
     fn claim_arrivals(&self) -> Result<Vec<String>, StoreError>;
+    /// Loads the owned shards again (their claims kept): after a claim whose answer was
+    /// lost, the rows it claimed would otherwise wait for the next owner. Returns the
+    /// subscriptions with work.
+    fn reload(&self) -> Result<Vec<String>, StoreError>;
     /// Deletes events nothing refers to any more (one replica's last delivery of an event
     /// cannot know of another's); returns how many.
     fn collect_events(&self) -> Result<u64, StoreError>;

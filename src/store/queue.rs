@@ -204,6 +204,11 @@ impl Queues {
             .is_some_and(|q| q.waiting.contains_key(&seq) || q.in_flight.contains_key(&seq))
     }
 
+    /// Whether `seq` is a dead letter of `subscription` here.
+    pub fn knows_dead(&self, subscription: &str, seq: u64) -> bool {
+        self.queues.get(subscription).is_some_and(|q| q.dead.contains_key(&seq))
+    }
+
     /// Deliveries in flight over the subscriptions `pick` chooses.
     pub fn in_flight(&self, pick: impl Fn(&str) -> bool) -> usize {
         self.queues

@@ -709,6 +709,18 @@ impl Store for DurableStore {
     }
 }
 
+/// A stored delivery's JSON; one that does not parse (never written by this store) is
+/// logged and left where it is rather than stopping the load of every other row.
+fn parse_row(seq: u64, bytes: &[u8]) -> Option<StoredDelivery> {
+    match serde_json::from_slice(bytes) {
+        Ok(stored) => Some(stored),
+        Err(err) => {
+            tracing::error!(seq, %err, "a stored delivery does not parse; it is skipped");
+            None
+        }
+    }
+}
+
 impl super::Sharing for DurableStore {
     fn shards(&self) -> usize {
         self.shared.as_ref().map_or(1, |s| s.shards)
@@ -724,7 +736,12 @@ impl super::Sharing for DurableStore {
         let mut state = lock(&self.state);
         let mut claims = shared.claims.lock();
         for (seq, bytes) in claimed.pending {
-            let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
+            let Some(stored) = parse_row(seq, &bytes) else { continue };
+            // Filed under the wrong shard (written by something that did not know the
+            // shards): its own shard's owner loads it, not this one.
+            if shared.shard(&stored.subscription) != shard {
+                continue;
+            }
             claims.insert(seq, epoch);
             if state.queues.knows(&stored.subscription, seq) {
                 // In flight here from before (the shard came back): it finishes as it is.
@@ -735,7 +752,10 @@ impl super::Sharing for DurableStore {
             state.queues.restore(stored.into_pending(seq));
         }
         for (seq, bytes) in claimed.dead {
-            let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
+            let Some(stored) = parse_row(seq, &bytes) else { continue };
+            if shared.shard(&stored.subscription) != shard || state.queues.knows_dead(&stored.subscription, seq) {
+                continue;
+            }
             state.hold(&stored.event_id, Ref::Dead);
             let dead = Dead {
                 at: stored.dead_at.unwrap_or(stored.not_before),
@@ -811,9 +831,14 @@ impl super::Sharing for DurableStore {
             let mut state = lock(&self.state);
             let mut claims = shared.claims.lock();
             for (seq, epoch, bytes) in rows {
-                let stored: StoredDelivery = serde_json::from_slice(&bytes).map_err(io)?;
+                let Some(stored) = parse_row(seq, &bytes) else { continue };
                 // Let go meanwhile: its next owner claims it again.
-                if !shared.owns_subscription(&stored.subscription) || state.queues.knows(&stored.subscription, seq) {
+                if !shared.owns_subscription(&stored.subscription) {
+                    continue;
+                }
+                if state.queues.knows(&stored.subscription, seq) {
+                    // Already here (a replay): its writes go under the claim it has now.
+                    claims.insert(seq, epoch);
                     continue;
                 }
                 claims.insert(seq, epoch);
@@ -844,6 +869,16 @@ impl super::Sharing for DurableStore {
             }
         }
         Ok(subscriptions.into_iter().collect())
+    }
+
+    fn reload(&self) -> Result<Vec<String>, StoreError> {
+        // What is queued reaches the database first, so that what it holds is current.
+        self.flush()?;
+        let mut subscriptions = Vec::new();
+        for (shard, epoch) in self.owned() {
+            subscriptions.extend(self.acquire(shard, epoch)?);
+        }
+        Ok(subscriptions)
     }
 
     fn refresh_backlog(&self) -> Result<u64, StoreError> {

@@ -127,7 +127,10 @@ impl Round {
     /// This round's statements; returns the rows its fenced deletes and updates should match.
     fn statements(self, out: &mut Vec<(&'static str, Params)>) -> u64 {
         let (mut bury, mut delete, mut done, mut update) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (seq, epoch, kind) in self.fenced {
+        let mut fenced = self.fenced;
+        // Rows locked in seq order by every writer: two replicas never wait in a cycle.
+        fenced.sort_unstable_by_key(|f| f.0);
+        for (seq, epoch, kind) in fenced {
             match kind {
                 FencedKind::Delete => done.push((seq, epoch)),
                 FencedKind::Update(b) => update.push((seq, epoch, b)),
@@ -355,9 +358,25 @@ fn rows_of(rows: Vec<tokio_postgres::Row>) -> Vec<(u64, Vec<u8>)> {
 impl SharedEngine for Postgres {
     fn claim_shard(&self, shard: u32, epoch: u64) -> Result<Claimed, StoreError> {
         let shard = i32::try_from(shard).map_err(|_| StoreError::Io(format!("shard {shard} out of range")))?;
+        let epoch = signed(epoch)?;
+        // Only under the shard's current epoch (a replica whose session died while it was
+        // taking the shard must not overwrite the claims of the one that took it since),
+        // and row locks taken in seq order (as every writer does: no deadlock between them).
+        let current = self.query(
+            "SELECT 1 FROM shard_owners WHERE shard = $1 AND epoch = $2",
+            vec![Box::new(shard), Box::new(epoch)],
+        )?;
+        if current.is_empty() {
+            return Err(StoreError::Unavailable(format!(
+                "shard {shard} is no longer this replica's (epoch {epoch} is not current)"
+            )));
+        }
         let pending = self.query(
-            "UPDATE pending SET claim = $2 WHERE shard = $1 RETURNING seq, body",
-            vec![Box::new(shard), Box::new(signed(epoch)?)],
+            "UPDATE pending SET claim = $2 WHERE seq IN (\
+               SELECT seq FROM pending WHERE shard = $1 AND shard IS NOT NULL ORDER BY seq FOR UPDATE) \
+             AND EXISTS (SELECT 1 FROM shard_owners WHERE shard = $1 AND epoch = $2) \
+             RETURNING seq, body",
+            vec![Box::new(shard), Box::new(epoch)],
         )?;
         let dead = self.query(
             "SELECT seq, body FROM dead_letters WHERE shard = $1",
@@ -545,6 +564,12 @@ pub async fn prepare(client: &mut tokio_postgres::Client, shards: usize) -> Resu
         }
     }
     for table in ["pending", "dead_letters"] {
+        // Rows an older single-owner operator wrote without their columns.
+        let fill = format!(
+            "UPDATE {table} SET subscription = convert_from(body, 'UTF8')::jsonb ->> 'subscription', \
+               event_id = convert_from(body, 'UTF8')::jsonb ->> 'eventId' WHERE subscription IS NULL"
+        );
+        txn.execute(fill.as_str(), &[]).await?;
         let select = if reshard {
             format!("SELECT seq, subscription FROM {table}")
         } else {
