@@ -43,6 +43,15 @@ pub struct Ownership {
     pub drain: Duration,
 }
 
+/// How long a replica whose store cannot commit keeps its shards before it gives them
+/// to the replicas that can.
+pub const STORE_DOWN_GIVE_UP: Duration = Duration::from_secs(10);
+
+/// Whether a store down for `down` has been down long enough to step aside. Pure.
+pub fn gives_up(down: Duration) -> bool {
+    down >= STORE_DOWN_GIVE_UP
+}
+
 /// Fair share of `shards` among `members` live replicas.
 pub fn fair_share(shards: usize, members: u64) -> usize {
     let members = usize::try_from(members.max(1)).unwrap_or(usize::MAX);
@@ -74,7 +83,15 @@ impl Ownership {
 
     /// Runs until `stop`; then lets every shard go at once (after the store's last commits).
     pub async fn run(self, mut first: Option<Session>, stop: CancellationToken, ready: ReadinessPart) {
-        let arrivals = tokio::spawn(poll_arrivals(self.store.clone(), self.deliveries.clone(), stop.clone()));
+        // Since when (and why) claiming new deliveries fails: like failing commits, a reason
+        // to step aside.
+        let claims_failing: Arc<parking_lot::Mutex<Option<(Instant, String)>>> = Arc::default();
+        let arrivals = tokio::spawn(poll_arrivals(
+            self.store.clone(),
+            self.deliveries.clone(),
+            stop.clone(),
+            claims_failing.clone(),
+        ));
         loop {
             ready.not_ready("connecting to the store to take a share of the delivery shards");
             let session = match first.take() {
@@ -96,7 +113,26 @@ impl Ownership {
             };
             info!(identity = self.identity, "joined the replicas sharing the store");
             let mut draining: HashMap<u32, Instant> = HashMap::new();
+            let mut down_since: Option<Instant> = None;
             let lost = loop {
+                // Its commits failing for long, this replica cannot deliver its shards (a
+                // completion would not be durable): it steps aside so that replicas that can
+                // commit take them, and joins again once it commits.
+                let failing = claims_failing.lock().clone();
+                match self.store.unavailable().or(failing.as_ref().map(|f| f.1.clone())) {
+                    None => down_since = None,
+                    Some(why) => {
+                        let since = *down_since.get_or_insert(failing.map_or_else(Instant::now, |f| f.0));
+                        if gives_up(since.elapsed()) {
+                            let owned = self.sharing().owned();
+                            let _ = bounded(session.leave(&owned)).await;
+                            break format!(
+                                "the store cannot commit or claim ({why}) for {}s: stepping aside",
+                                since.elapsed().as_secs()
+                            );
+                        }
+                    }
+                }
                 if let Err(err) = self.tick(&session, &mut draining).await {
                     break err;
                 }
@@ -118,6 +154,17 @@ impl Ownership {
                 self.metrics.shard_owned.with_label_values(&[&shard.to_string()]).set(0);
                 let _ = self.metrics.shard_owned.remove_label_values(&[&shard.to_string()]);
                 self.metrics.shard_handovers.with_label_values(&["lost"]).inc();
+            }
+            drop(session);
+            // Join again only once the store commits.
+            while self.store.unavailable().is_some() {
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        arrivals.abort();
+                        return;
+                    }
+                    () = tokio::time::sleep(TICK) => {}
+                }
             }
         }
         arrivals.abort();
@@ -247,7 +294,12 @@ impl Ownership {
 
 /// Claims what other replicas (and this one) committed for the shards owned, and wakes
 /// the shards that got work.
-async fn poll_arrivals(store: Arc<dyn Store>, deliveries: Arc<Deliveries>, stop: CancellationToken) {
+async fn poll_arrivals(
+    store: Arc<dyn Store>,
+    deliveries: Arc<Deliveries>,
+    stop: CancellationToken,
+    failing: Arc<parking_lot::Mutex<Option<(Instant, String)>>>,
+) {
     // A claim that failed may have committed without its answer: the rows it claimed are
     // found again by loading the owned shards anew.
     let mut reload = false;
@@ -276,10 +328,12 @@ async fn poll_arrivals(store: Arc<dyn Store>, deliveries: Arc<Deliveries>, stop:
         match claimed {
             Ok(Some(Ok(subscriptions))) => {
                 reload = false;
+                *failing.lock() = None;
                 deliveries.wake_shards(subscriptions.iter().map(String::as_str));
             }
             Ok(Some(Err(err))) => {
                 reload = true;
+                failing.lock().get_or_insert_with(|| (Instant::now(), err.to_string()));
                 tracing::debug!(%err, "cannot claim new deliveries; will load the shards again");
             }
             Ok(None) => return,
@@ -308,5 +362,6 @@ mod tests {
         }
         assert_eq!(surplus(&[5, 1, 9, 3], 2), vec![5, 9]);
         assert_eq!(surplus(&[1, 2], 4), Vec::<u32>::new());
+        assert!(!gives_up(Duration::from_secs(9)) && gives_up(STORE_DOWN_GIVE_UP));
     }
 }

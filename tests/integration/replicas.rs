@@ -577,3 +577,95 @@ async fn replicas_figures() {
         );
     }
 }
+
+/// A replica whose commits fail while its session lives (here its role may open no new
+/// connection, and its commit connection was cut) steps aside after
+/// `STORE_DOWN_GIVE_UP`: the other replica delivers its shards meanwhile, and it joins
+/// again once it can commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_commit_gives_its_shards_to_one_that_can() {
+    let ns = TestNamespace::new("replicas-down").await;
+    let url = crate::pg::database("replicas_down").await;
+    let admin_url = std::env::var("MAILHOOK_TEST_PG_ADMIN_URL").expect("MAILHOOK_TEST_PG_ADMIN_URL");
+    let admin =
+        mailhook::store::postgres::connect(&mailhook::store::postgres::config(&admin_url, None, None).expect("url"))
+            .await
+            .expect("connect as the superuser");
+    // Replica B logs in as a role of its own (a member of the operator's), so that its
+    // connections can be limited alone.
+    let mut parsed = url::Url::parse(&url).expect("url");
+    let password = parsed.password().unwrap_or_default().to_string();
+    let role = format!("mh_down_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE mailhook"
+        ))
+        .await
+        .expect("role");
+    parsed.set_username(&role).expect("user");
+    let url_b = parsed.to_string();
+
+    let receiver = Receiver::start(SIEM_SECRET);
+    let a = start(&url, &ns, "a").await;
+    let b = start(&url_b, &ns, "b").await;
+    eventually(
+        "the shards are shared out between the two",
+        || ownership(vec![Some(&a), Some(&b)]),
+        |owners| settled(owners, 2) && owners.iter().all(|o| !o.is_empty()),
+    )
+    .await;
+    let mut yaml = signing_secret(SIEM_SECRET);
+    for i in 0..SUBSCRIPTIONS {
+        yaml += &subscription(&format!("s{i}"), &receiver.url(&path(i)), "", "");
+    }
+    apply(&ns, &yaml);
+    for i in 0..SUBSCRIPTIONS {
+        wait_ready(&ns, &format!("s{i}")).await;
+    }
+
+    // B's session stays; its commit connection is cut and may not come back.
+    let db = parsed.path().trim_start_matches('/').to_string();
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} CONNECTION LIMIT 1"))
+        .await
+        .expect("limit");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND datname = $2 \
+             AND application_name <> 'mailhook-shards'",
+            &[&role, &db],
+        )
+        .await
+        .expect("terminate");
+    // Events taken in by A meanwhile reach every subscription, B's shards' included.
+    let events: Vec<serde_json::Value> = (0..24).map(|n| event(n % MAILBOXES, n)).collect();
+    let (status, body) = a.ingest(&events).await;
+    assert_eq!(status, 202, "{body}");
+    let got = eventually(
+        "A delivers every subscription while B cannot commit",
+        || receiver.deliveries(),
+        |got| {
+            let paths = by_path(got);
+            (0..SUBSCRIPTIONS).all(|i| paths.get(&path(i)).is_some_and(|v| v.len() >= events.len()))
+        },
+    )
+    .await;
+    assert!(got.iter().all(|r| r.verified));
+    assert!(
+        b.log().contains("the store cannot commit"),
+        "B says why it stepped aside"
+    );
+    assert_eq!(owned(&a).await.len(), SHARDS, "A owns every shard");
+
+    // B can connect again: it joins and takes its share back.
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .await
+        .expect("unlimit");
+    eventually(
+        "B joins again",
+        || ownership(vec![Some(&a), Some(&b)]),
+        |owners| settled(owners, 2) && owners.iter().all(|o| !o.is_empty()),
+    )
+    .await;
+}
