@@ -679,3 +679,38 @@ fn replicas_of_another_database_on_the_server_are_not_counted() {
         assert!(b.take(0, "b").await.expect("take").is_some(), "its own shard 0 is free");
     });
 }
+
+/// The history API may be asked on any replica: one that does not own a subscription's
+/// shard lists its dead letters from the database.
+#[test]
+fn dead_letters_are_listed_on_a_replica_that_does_not_own_the_shard() {
+    use mailhook::store::Sharing;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_, config) = shared_database("dead_anywhere", &runtime);
+    let (a, b) = (replica(&config), replica(&config));
+    let shard = mailhook::store::shard_of("sub", SHARDS) as u32;
+    let session = runtime
+        .block_on(postgres::shared::Session::open(&config))
+        .expect("session");
+    let epoch = runtime.block_on(session.take(shard, "a")).expect("take").expect("free");
+    a.acquire(shard, epoch).expect("acquire");
+    a.ingest(vec![Ingest {
+        event: conformance::event("evt_1", Some("p-1")),
+        deliveries: vec![conformance::pending("evt_1", None, 0)],
+    }])
+    .expect("ingest");
+    a.claim_arrivals().expect("claim");
+    let mut taken = a.take_due("sub", jiff::Timestamp::now(), 1, false).expect("take");
+    a.dead_letter(taken.remove(0), "410 Gone".into()).expect("dead letter");
+    a.flush().expect("flush");
+    let listed = b
+        .dead_letters("sub", jiff::Timestamp::MIN, 10)
+        .expect("list on the other replica");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].event_id.as_str(), listed[0].reason.as_str()),
+        ("evt_1", "410 Gone")
+    );
+    assert_eq!(a.dead_letters("sub", jiff::Timestamp::MIN, 10).expect("owner").len(), 1);
+    drop(session);
+}

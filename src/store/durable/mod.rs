@@ -496,6 +496,32 @@ impl Store for DurableStore {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         self.flush()?;
+        // Another replica's shard: its dead letters are read from the database.
+        if let Some(shared) = self.shared.as_ref().filter(|s| !s.owns_subscription(subscription)) {
+            let rows = shared
+                .engine
+                .dead_letters_of(shared.shard(subscription), subscription)?;
+            let mut out: Vec<(u64, DeadLetter)> = rows
+                .into_iter()
+                .filter_map(|(seq, bytes)| parse_row(seq, &bytes).map(|d| (seq, d)))
+                .map(|(seq, d)| {
+                    (
+                        seq,
+                        DeadLetter {
+                            dead_at: d.dead_at.unwrap_or(d.not_before),
+                            reason: d.reason.unwrap_or_default(),
+                            event_id: d.event_id,
+                            attempts: d.attempts,
+                            accepted_at: d.accepted_at,
+                        },
+                    )
+                })
+                .filter(|(_, d)| d.dead_at >= since)
+                .collect();
+            out.sort_by(|a, b| b.1.dead_at.cmp(&a.1.dead_at).then(b.0.cmp(&a.0)));
+            out.truncate(limit);
+            return Ok(out.into_iter().map(|(_, d)| d).collect());
+        }
         let mut seqs: Vec<(u64, Dead)> = lock(&self.state).queues.dead(subscription, since, true);
         seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
         seqs.truncate(limit);

@@ -73,6 +73,8 @@ pub trait SharedEngine: Send + Sync + 'static {
     fn publish_health(&self, owner: &str, rows: Vec<(String, String)>) -> Result<(), StoreError>;
     fn published_health(&self) -> Result<Vec<PublishedHealth>, StoreError>;
     fn forget_health(&self, uids: &[String]) -> Result<(), StoreError>;
+    /// A subscription's dead letters on `shard`: (seq, stored JSON).
+    fn dead_letters_of(&self, shard: u32, subscription: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Waiting deliveries over every shard.
     fn pending_count(&self) -> Result<u64, StoreError>;
     /// Fenced writes refused so far.
@@ -175,6 +177,9 @@ mod tests {
         }
         fn forget_health(&self, _: &[String]) -> Result<(), StoreError> {
             Ok(())
+        }
+        fn dead_letters_of(&self, _: u32, _: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+            Ok(vec![])
         }
         fn pending_count(&self) -> Result<u64, StoreError> {
             Ok(0)

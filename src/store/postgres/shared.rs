@@ -521,6 +521,14 @@ impl SharedEngine for Postgres {
         Ok(())
     }
 
+    fn dead_letters_of(&self, shard: u32, subscription: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let shard = i32::try_from(shard).map_err(|_| StoreError::Io(format!("shard {shard} out of range")))?;
+        Ok(rows_of(self.query(
+            "SELECT seq, body FROM dead_letters WHERE shard = $1 AND shard IS NOT NULL AND subscription = $2",
+            vec![Box::new(shard), Box::new(subscription.to_string())],
+        )?))
+    }
+
     fn pending_count(&self) -> Result<u64, StoreError> {
         let rows = self.query("SELECT count(*) FROM pending", vec![])?;
         Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))
