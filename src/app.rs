@@ -346,7 +346,7 @@ async fn open_store(
                 let session = crate::store::postgres::shared::Session::open(&db).await.map_err(|e| {
                     anyhow::anyhow!("cannot join the replicas sharing the store: {}", crate::error_chain(&e))
                 })?;
-                crate::store::postgres::shared::prepare(&mut client, shards)
+                crate::store::postgres::shared::prepare(&mut client, shards, true)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot share the PostgreSQL store: {}", crate::error_chain(&e)))?;
                 shared_db = Some((db.clone(), session));
@@ -391,31 +391,34 @@ async fn open_store(
     Ok((store, shared_db))
 }
 
+/// The first of `candidates` that is set and not blank, trimmed.
+fn first_named(candidates: impl IntoIterator<Item = Option<String>>) -> Option<String> {
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|n| n.trim().to_string())
+        .find(|n| !n.is_empty())
+}
+
 /// This replica's name: `--replica-name`, else the pod's, else the host's.
 fn replica_name(config: &RunConfig) -> String {
-    config
-        .store
-        .replica_name
-        .clone()
-        .or_else(|| std::env::var("POD_NAME").ok())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| format!("mailhook-{}", std::process::id()))
+    first_named([
+        config.store.replica_name.clone(),
+        std::env::var("POD_NAME").ok(),
+        std::env::var("HOSTNAME").ok(),
+        std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
+    ])
+    .unwrap_or_else(|| format!("mailhook-{}", std::process::id()))
 }
 
 /// The namespace of the leader Lease: the flag, the pod's, the service account's.
 fn lease_namespace(config: &RunConfig) -> String {
-    config
-        .store
-        .leader_lease_namespace
-        .clone()
-        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "default".to_string())
+    first_named([
+        config.store.leader_lease_namespace.clone(),
+        std::env::var("POD_NAMESPACE").ok(),
+        std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok(),
+    ])
+    .unwrap_or_else(|| "default".to_string())
 }
 
 /// What one replica of a shared store runs besides the rest.

@@ -235,12 +235,6 @@ impl Context {
     /// watched namespace (deleted while the operator was down). A failure is logged and
     /// left for the next start; it never holds up readiness.
     async fn drop_orphans(&self) {
-        // Shared by several replicas, the database holds work of subscriptions this one's
-        // caches may not show yet (created while it started): deletions are left to the
-        // status writer, which sees them happen.
-        if self.deliveries.store().sharing().is_some() {
-            return;
-        }
         let live: std::collections::HashSet<String> =
             self.subscriptions.state().iter().filter_map(|w| w.uid()).collect();
         let (deliveries, watched) = (self.deliveries.clone(), self.watched.clone());

@@ -262,7 +262,8 @@ where
         + std::fmt::Debug,
     S: serde::Serialize + HasConditions,
 {
-    // Leadership can move during a pass: each write asks again.
+    // One writer: with several replicas, the leader — asked per write, as leadership can
+    // move during a pass.
     if !ctx.leadership.is_leader() {
         return None;
     }
@@ -294,10 +295,6 @@ where
         + std::fmt::Debug,
     S: serde::Serialize + HasConditions,
 {
-    // One writer: with several replicas, the leader.
-    if !ctx.leadership.is_leader() {
-        return;
-    }
     let mut pending = writes.into_iter();
     let mut in_flight = futures::stream::FuturesUnordered::new();
     loop {

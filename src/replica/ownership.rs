@@ -125,7 +125,9 @@ impl Ownership {
                         let since = *down_since.get_or_insert(failing.map_or_else(Instant::now, |f| f.0));
                         if gives_up(since.elapsed()) {
                             let owned = self.sharing().owned();
-                            let _ = bounded(session.leave(&owned)).await;
+                            if let Err(err) = bounded(session.leave(&owned)).await {
+                                warn!(%err, "cannot unlock the shards; they are free once the session closes");
+                            }
                             break format!(
                                 "the store cannot commit or claim ({why}) for {}s: stepping aside",
                                 since.elapsed().as_secs()
@@ -151,9 +153,7 @@ impl Ownership {
             warn!(err = %lost, shards = owned.len(), "lost the shard session; its shards are given up at once");
             for (shard, _) in owned {
                 self.sharing().release(shard);
-                self.metrics.shard_owned.with_label_values(&[&shard.to_string()]).set(0);
-                let _ = self.metrics.shard_owned.remove_label_values(&[&shard.to_string()]);
-                self.metrics.shard_handovers.with_label_values(&["lost"]).inc();
+                self.disown(shard, "lost");
             }
             drop(session);
             // Join again only once the store commits.
@@ -216,12 +216,10 @@ impl Ownership {
                 );
             }
             // Their completions are committed before the lock goes.
-            let store = self.store.clone();
-            let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+            self.flush().await;
             bounded(session.give_back(shard, epochs.get(&shard).copied().unwrap_or(0))).await?;
             draining.remove(&shard);
-            let _ = self.metrics.shard_owned.remove_label_values(&[&shard.to_string()]);
-            self.metrics.shard_handovers.with_label_values(&["released"]).inc();
+            self.disown(shard, "released");
         }
         let kept = self.sharing().owned().len() + draining.len();
         // A free shard goes to a replica below its floor first.
@@ -229,46 +227,57 @@ impl Ownership {
             return Ok(());
         }
         let locked = bounded(session.locked()).await?;
-        let mut want = fair - kept;
+        let want = fair - kept;
+        let mut taken = Vec::new();
         for shard in 0..u32::try_from(shards).unwrap_or(u32::MAX) {
-            if want == 0 {
+            if taken.len() == want {
                 break;
             }
             if locked.contains(&shard) {
                 continue;
             }
-            let Some(epoch) = bounded(session.take(shard, &self.identity)).await? else {
-                continue;
+            if let Some(epoch) = bounded(session.take(shard, &self.identity)).await? {
+                taken.push((shard, epoch));
+            }
+        }
+        if taken.is_empty() {
+            return Ok(());
+        }
+        // Loaded together: one read of the attempt log and of the published health for all.
+        let (store, loading) = (self.store.clone(), taken.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            let Some(sharing) = store.sharing() else {
+                return Ok((vec![], vec![]));
             };
-            let store = self.store.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                let Some(sharing) = store.sharing() else {
-                    return Ok((vec![], vec![]));
-                };
-                let subscriptions = sharing.acquire(shard, epoch)?;
-                // What the previous owner published: the counters go on from there.
-                let health: Vec<_> = sharing
-                    .published_health()?
-                    .into_iter()
-                    .filter(|h| crate::store::shard_of(&h.uid, sharing.shards()) == shard as usize)
-                    .collect();
-                Ok::<_, crate::store::StoreError>((subscriptions, health))
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            match loaded {
-                Ok((subscriptions, health)) => {
-                    info!(shard, epoch, waiting_for = subscriptions.len(), "took a shard");
-                    self.deliveries.seed_health(&health);
-                    self.deliveries.wake_shards(subscriptions.iter().map(String::as_str));
+            let subscriptions = sharing.acquire(&loading)?;
+            // What the previous owners published: the counters go on from there.
+            let health: Vec<_> = sharing
+                .published_health()?
+                .into_iter()
+                .filter(|h| {
+                    let shard = crate::store::shard_of(&h.uid, sharing.shards()) as u32;
+                    loading.iter().any(|(s, _)| *s == shard)
+                })
+                .collect();
+            Ok::<_, crate::store::StoreError>((subscriptions, health))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match loaded {
+            Ok((subscriptions, health)) => {
+                self.deliveries.seed_health(&health);
+                self.deliveries.wake_shards(subscriptions.iter().map(String::as_str));
+                for (shard, epoch) in taken {
+                    info!(shard, epoch, "took a shard");
                     self.deliveries.wake_shard(shard as usize);
                     self.metrics.shard_owned.with_label_values(&[&shard.to_string()]).set(1);
                     self.metrics.shard_handovers.with_label_values(&["acquired"]).inc();
-                    want -= 1;
                 }
-                Err(err) => {
-                    // Not loaded: not ours. Given back for another replica (or a later tick).
-                    warn!(shard, %err, "cannot load a shard just taken; giving it back");
+            }
+            Err(err) => {
+                // Not loaded: not ours. Given back for another replica (or a later tick).
+                warn!(%err, shards = ?taken, "cannot load the shards just taken; giving them back");
+                for (shard, epoch) in taken {
                     self.sharing().release(shard);
                     bounded(session.give_back(shard, epoch)).await?;
                 }
@@ -277,10 +286,31 @@ impl Ownership {
         Ok(())
     }
 
+    /// Commits what is queued (completions above all) before shards are given back; a
+    /// failure is told, and what was not committed is delivered again by the next owner.
+    async fn flush(&self) {
+        let store = self.store.clone();
+        let failed = match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(err) => err.to_string(),
+        };
+        warn!(
+            err = failed,
+            "cannot commit the last writes before giving shards back; their next owner delivers those again"
+        );
+    }
+
+    /// A shard is no longer this replica's: its series goes (absent already is fine), the
+    /// handover is counted.
+    fn disown(&self, shard: u32, direction: &str) {
+        let _ = self.metrics.shard_owned.remove_label_values(&[&shard.to_string()]);
+        self.metrics.shard_handovers.with_label_values(&[direction]).inc();
+    }
+
     /// Shutdown: the last completions committed, then every lock released at once.
     async fn leave(&self, session: &Session) {
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        self.flush().await;
         let owned = self.sharing().owned();
         for (shard, _) in &owned {
             self.sharing().release(*shard);
@@ -317,7 +347,11 @@ async fn poll_arrivals(
         if counted.elapsed() >= TICK {
             counted = std::time::Instant::now();
             let s = store.clone();
-            let _ = tokio::task::spawn_blocking(move || s.sharing().map(|sh| sh.refresh_backlog())).await;
+            if let Ok(Some(Err(err))) =
+                tokio::task::spawn_blocking(move || s.sharing().map(|sh| sh.refresh_backlog())).await
+            {
+                tracing::debug!(%err, "cannot count the backlog; the last count stands");
+            }
         }
         let (s, again) = (store.clone(), reload);
         let claimed = tokio::task::spawn_blocking(move || {

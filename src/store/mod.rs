@@ -179,10 +179,10 @@ pub struct PublishedHealth {
 pub trait Sharing: Send + Sync {
     /// The number of shards the rows are sharded by.
     fn shards(&self) -> usize;
-    /// Loads a shard's waiting deliveries and dead letters, claiming them under `epoch`
-    /// (writes made by an earlier owner's claim are refused from now on). Returns the
-    /// subscriptions that have work.
-    fn acquire(&self, shard: u32, epoch: u64) -> Result<Vec<String>, StoreError>;
+    /// Loads the waiting deliveries and dead letters of the shards `taken` (shard, epoch),
+    /// claiming them under their epochs (writes made by an earlier owner's claim are
+    /// refused from now on). Returns the subscriptions that have work.
+    fn acquire(&self, taken: &[(u32, u64)]) -> Result<Vec<String>, StoreError>;
     /// Lets go of a shard: its waiting work leaves memory; deliveries in flight finish,
     /// and their writes reach the database only while the claim is still this replica's.
     fn release(&self, shard: u32);

@@ -38,8 +38,13 @@ fn flags(url: &str, ns: &TestNamespace, name: &str) -> Vec<String> {
 }
 
 async fn start(url: &str, ns: &TestNamespace, name: &str) -> Operator {
+    start_with(url, ns, name, &[]).await
+}
+
+async fn start_with(url: &str, ns: &TestNamespace, name: &str, extra: &[&str]) -> Operator {
     let flags = flags(url, ns, name);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flags.extend(extra);
     Operator::start_with(ns, &flags).await
 }
 
@@ -233,6 +238,13 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
         let was_leader = replicas[victim].metric("mailhook_leader").await == 1.0;
         let seen = receiver.deliveries().await;
         let before: HashMap<String, usize> = by_path(&seen).into_iter().map(|(p, v)| (p, v.len())).collect();
+        let acquired = r#"mailhook_shard_handovers_total{direction="acquired"}"#;
+        let mut taken_before = 0.0;
+        for (i, r) in replicas.iter().enumerate() {
+            if i != victim {
+                taken_before += r.metric(acquired).await;
+            }
+        }
         let killed = Instant::now();
         replicas[victim].kill();
         let up: Vec<Option<&Operator>> = replicas
@@ -264,6 +276,14 @@ async fn three_replicas_share_the_work_and_survive_kills_without_losing_or_reord
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let took = killed.elapsed();
+        let mut taken_after = 0.0;
+        for r in up.iter().flatten() {
+            taken_after += r.metric(acquired).await;
+        }
+        assert!(
+            taken_after - taken_before >= lost.len() as f64,
+            "the survivors count the handovers: {taken_before} -> {taken_after} for {lost:?}"
+        );
         if was_leader {
             let l = eventually("another replica leads", || leader(up.clone()), Option::is_some).await;
             let led = killed.elapsed();
@@ -397,9 +417,11 @@ async fn a_replica_stopped_with_sigterm_hands_its_shards_and_the_lease_over_at_o
     let ns = TestNamespace::new("replicas-term").await;
     let url = crate::pg::database("replicas_term").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let mut first = start(&url, &ns, "first").await;
+    // Housekeeping often, producer ids kept a second: the store-wide purge shows who runs it.
+    let quick = ["--housekeeping-interval", "1s", "--dedup-window", "1s"];
+    let mut first = start_with(&url, &ns, "first", &quick).await;
     eventually("the first leads", || leader(vec![Some(&first)]), Option::is_some).await;
-    let second = start(&url, &ns, "second").await;
+    let second = start_with(&url, &ns, "second", &quick).await;
     eventually(
         "the shards are shared out between the two",
         || ownership(vec![Some(&first), Some(&second)]),
@@ -414,6 +436,20 @@ async fn a_replica_stopped_with_sigterm_hands_its_shards_and_the_lease_over_at_o
     let events: Vec<serde_json::Value> = (0..50).map(|n| event(n % MAILBOXES, n)).collect();
     let (status, body) = first.ingest(&events).await;
     assert_eq!(status, 202, "{body}");
+    // Store-wide housekeeping runs once, on the leader: it purges the producer ids, the
+    // other replica none.
+    let purged = r#"mailhook_store_purged_total{kind="producer_id"}"#;
+    eventually(
+        "the leader purges the producer ids",
+        || first.metric(purged),
+        |n| *n >= 50.0,
+    )
+    .await;
+    assert_eq!(
+        second.metric(purged).await,
+        0.0,
+        "the other replica ran no store-wide purge"
+    );
 
     let asked = Instant::now();
     let exit = first

@@ -379,7 +379,9 @@ fn shared_database(test: &str, runtime: &tokio::runtime::Runtime) -> (String, po
         let config = postgres::config(&url, None, None).expect("url");
         let mut client = postgres::connect(&config).await.expect("connect");
         migrations::migrate(&mut client).await.expect("migrate");
-        postgres::shared::prepare(&mut client, SHARDS).await.expect("prepare");
+        postgres::shared::prepare(&mut client, SHARDS, false)
+            .await
+            .expect("prepare");
         (url, config)
     })
 }
@@ -396,10 +398,11 @@ impl Sole {
         let store = replica(&config);
         let session = runtime.block_on(async {
             let session = postgres::shared::Session::open(&config).await.expect("session");
+            let mut taken = Vec::new();
             for shard in 0..SHARDS as u32 {
-                let epoch = session.take(shard, "sole").await.expect("take").expect("free");
-                mailhook::store::Sharing::acquire(&store, shard, epoch).expect("acquire");
+                taken.push((shard, session.take(shard, "sole").await.expect("take").expect("free")));
             }
+            mailhook::store::Sharing::acquire(&store, &taken).expect("acquire");
             session
         });
         Sole {
@@ -553,7 +556,7 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
         .block_on(session_a.take(shard, "replica-a"))
         .expect("take")
         .expect("free");
-    a.acquire(shard, epoch_a).expect("acquire");
+    a.acquire(&[(shard, epoch_a)]).expect("acquire");
 
     // B takes the events in; A owns the shard.
     let two = Ingest {
@@ -595,7 +598,7 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
         panic!("the shard's lock was never freed");
     });
     assert!(epoch_b > epoch_a);
-    b.acquire(shard, epoch_b).expect("acquire");
+    b.acquire(&[(shard, epoch_b)]).expect("acquire");
     assert_eq!(b.counts("sub").backlog, 2, "B holds both deliveries A had in flight");
 
     // A does not know yet: its completion and its retry are refused by the database.
@@ -693,7 +696,7 @@ fn dead_letters_are_listed_on_a_replica_that_does_not_own_the_shard() {
         .block_on(postgres::shared::Session::open(&config))
         .expect("session");
     let epoch = runtime.block_on(session.take(shard, "a")).expect("take").expect("free");
-    a.acquire(shard, epoch).expect("acquire");
+    a.acquire(&[(shard, epoch)]).expect("acquire");
     a.ingest(vec![Ingest {
         event: conformance::event("evt_1", Some("p-1")),
         deliveries: vec![conformance::pending("evt_1", None, 0)],
@@ -713,4 +716,27 @@ fn dead_letters_are_listed_on_a_replica_that_does_not_own_the_shard() {
     );
     assert_eq!(a.dead_letters("sub", jiff::Timestamp::MIN, 10).expect("owner").len(), 1);
     drop(session);
+}
+
+/// `--shards` may change while no other replica runs (the rows are re-sharded), and is
+/// refused, saying what to do, while one does — counting the starting replica itself once.
+#[test]
+fn the_shard_count_changes_only_while_no_other_replica_runs() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (url, config) = shared_database("reshard", &runtime);
+    runtime.block_on(async {
+        let mut client = postgres::connect(&postgres::config(&url, None, None).expect("url"))
+            .await
+            .expect("connect");
+        let me = postgres::shared::Session::open(&config).await.expect("session");
+        postgres::shared::prepare(&mut client, SHARDS * 2, true)
+            .await
+            .expect("alone (joined): re-sharded");
+        let other = postgres::shared::Session::open(&config).await.expect("another replica");
+        let refused = postgres::shared::prepare(&mut client, SHARDS, true)
+            .await
+            .expect_err("refused beside another replica");
+        assert!(refused.to_string().contains("same --shards"), "{refused}");
+        drop((me, other));
+    });
 }

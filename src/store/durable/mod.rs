@@ -504,18 +504,7 @@ impl Store for DurableStore {
             let mut out: Vec<(u64, DeadLetter)> = rows
                 .into_iter()
                 .filter_map(|(seq, bytes)| parse_row(seq, &bytes).map(|d| (seq, d)))
-                .map(|(seq, d)| {
-                    (
-                        seq,
-                        DeadLetter {
-                            dead_at: d.dead_at.unwrap_or(d.not_before),
-                            reason: d.reason.unwrap_or_default(),
-                            event_id: d.event_id,
-                            attempts: d.attempts,
-                            accepted_at: d.accepted_at,
-                        },
-                    )
-                })
+                .map(|(seq, d)| (seq, d.into_dead_letter()))
                 .filter(|(_, d)| d.dead_at >= since)
                 .collect();
             out.sort_by(|a, b| b.1.dead_at.cmp(&a.1.dead_at).then(b.0.cmp(&a.0)));
@@ -526,16 +515,7 @@ impl Store for DurableStore {
         seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
         seqs.truncate(limit);
         let stored = self.read_deliveries(engine::Deliveries::Dead, seqs.into_iter().map(|(s, _)| s))?;
-        Ok(stored
-            .into_iter()
-            .map(|(_, d)| DeadLetter {
-                dead_at: d.dead_at.unwrap_or(d.not_before),
-                reason: d.reason.unwrap_or_default(),
-                event_id: d.event_id,
-                attempts: d.attempts,
-                accepted_at: d.accepted_at,
-            })
-            .collect())
+        Ok(stored.into_iter().map(|(_, d)| d.into_dead_letter()).collect())
     }
 
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
@@ -747,18 +727,17 @@ fn parse_row(seq: u64, bytes: &[u8]) -> Option<StoredDelivery> {
     }
 }
 
-impl super::Sharing for DurableStore {
-    fn shards(&self) -> usize {
-        self.shared.as_ref().map_or(1, |s| s.shards)
-    }
-
-    fn acquire(&self, shard: u32, epoch: u64) -> Result<Vec<String>, StoreError> {
-        let Some(shared) = &self.shared else {
-            return Ok(vec![]);
-        };
-        let claimed = shared.engine.claim_shard(shard, epoch)?;
-        let counts = shared.engine.attempt_counts()?;
-        let mut subscriptions = std::collections::BTreeSet::new();
+impl DurableStore {
+    /// Puts a shard's claimed rows in memory under `epoch` and notes it owned.
+    fn load_shard(
+        &self,
+        shared: &shared::Shared,
+        shard: u32,
+        epoch: u64,
+        claimed: shared::Claimed,
+        counts: &[(String, u64, u64)],
+        subscriptions: &mut std::collections::BTreeSet<String>,
+    ) {
         let mut state = lock(&self.state);
         let mut claims = shared.claims.lock();
         for (seq, bytes) in claimed.pending {
@@ -790,11 +769,33 @@ impl super::Sharing for DurableStore {
             state.queues.restore_dead(&stored.subscription, seq, dead);
         }
         for (subscription, n, newest) in counts {
-            if shared.shard(&subscription) == shard {
-                state.note_attempts(subscription, n, newest);
+            if shared.shard(subscription) == shard {
+                state.note_attempts(subscription.clone(), *n, *newest);
             }
         }
         shared.owned.lock().insert(shard, epoch);
+    }
+}
+
+impl super::Sharing for DurableStore {
+    fn shards(&self) -> usize {
+        self.shared.as_ref().map_or(1, |s| s.shards)
+    }
+
+    fn acquire(&self, taken: &[(u32, u64)]) -> Result<Vec<String>, StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(vec![]);
+        };
+        if taken.is_empty() {
+            return Ok(vec![]);
+        }
+        // The attempt log's counts are one read for all the shards taken at once.
+        let counts = shared.engine.attempt_counts()?;
+        let mut subscriptions = std::collections::BTreeSet::new();
+        for &(shard, epoch) in taken {
+            let claimed = shared.engine.claim_shard(shard, epoch)?;
+            self.load_shard(shared, shard, epoch, claimed, &counts, &mut subscriptions);
+        }
         Ok(subscriptions.into_iter().collect())
     }
 
@@ -900,11 +901,7 @@ impl super::Sharing for DurableStore {
     fn reload(&self) -> Result<Vec<String>, StoreError> {
         // What is queued reaches the database first, so that what it holds is current.
         self.flush()?;
-        let mut subscriptions = Vec::new();
-        for (shard, epoch) in self.owned() {
-            subscriptions.extend(self.acquire(shard, epoch)?);
-        }
-        Ok(subscriptions)
+        self.acquire(&self.owned())
     }
 
     fn refresh_backlog(&self) -> Result<u64, StoreError> {

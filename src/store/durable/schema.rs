@@ -63,6 +63,17 @@ pub(super) struct StoredDelivery {
 }
 
 impl StoredDelivery {
+    /// A dead letter as the history API shows it.
+    pub(super) fn into_dead_letter(self) -> crate::store::DeadLetter {
+        crate::store::DeadLetter {
+            dead_at: self.dead_at.unwrap_or(self.not_before),
+            reason: self.reason.unwrap_or_default(),
+            event_id: self.event_id,
+            attempts: self.attempts,
+            accepted_at: self.accepted_at,
+        }
+    }
+
     pub(super) fn from(d: &PendingDelivery) -> StoredDelivery {
         StoredDelivery {
             subscription: d.subscription.clone(),

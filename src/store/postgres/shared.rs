@@ -18,6 +18,10 @@ use crate::store::{Appended, PublishedHealth, StoreError};
 const SHARD_LOCKS: i32 = 0x6d68_0001;
 /// Held in share mode by every live replica: their number is the fair share's divisor.
 const MEMBER_LOCK: i32 = 0x6d68_0002;
+/// Live members of this database's replicas (advisory locks are per database).
+const MEMBERS: &str = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND classid = $1::int4::oid AND objid = 0 AND objsubid = 2 AND granted";
 /// Shared mode holds it shared, a single-owner store exclusively: the two never mix.
 pub const MODE_LOCK: (i32, i32) = (0x6d68_0003, 0);
 
@@ -542,7 +546,9 @@ impl SharedEngine for Postgres {
 /// Readies a database for shared mode at start, under the migration lock: rows written by
 /// a single-owner operator get their shard, and a changed shard count re-shards every row —
 /// refused while other replicas run (they would each own a different split).
-pub async fn prepare(client: &mut tokio_postgres::Client, shards: usize) -> Result<(), SharedError> {
+///
+/// `joined`: the caller's own session is a member already (it is not counted as another).
+pub async fn prepare(client: &mut tokio_postgres::Client, shards: usize, joined: bool) -> Result<(), SharedError> {
     let txn = client.transaction().await?;
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&super::migrations::LOCK_KEY])
         .await?;
@@ -556,15 +562,8 @@ pub async fn prepare(client: &mut tokio_postgres::Client, shards: usize) -> Resu
     let mine = shards.to_string();
     let reshard = recorded.as_deref().is_some_and(|r| r != mine);
     if reshard {
-        let others: i64 = txn
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = $1::int4::oid \
-                 AND objid = 0 AND objsubid = 2 AND granted",
-                &[&MEMBER_LOCK],
-            )
-            .await?
-            .get(0);
-        if others > 0 {
+        let members: i64 = txn.query_one(MEMBERS, &[&MEMBER_LOCK]).await?.get(0);
+        if members > i64::from(joined) {
             return Err(SharedError::ShardCount {
                 recorded: recorded.unwrap_or_default(),
                 mine,
@@ -682,15 +681,7 @@ impl Session {
 
     /// Live replicas (this one included).
     pub async fn members(&self) -> Result<u64, SharedError> {
-        let n: i64 = self
-            .client
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = $1::int4::oid \
-                 AND objid = 0 AND objsubid = 2 AND granted",
-                &[&MEMBER_LOCK],
-            )
-            .await?
-            .get(0);
+        let n: i64 = self.client.query_one(MEMBERS, &[&MEMBER_LOCK]).await?.get(0);
         Ok(u64_of(n))
     }
 
