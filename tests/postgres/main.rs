@@ -740,3 +740,42 @@ fn the_shard_count_changes_only_while_no_other_replica_runs() {
         drop((me, other));
     });
 }
+
+/// A database a single owner used becomes shared: its waiting deliveries get their shard
+/// and columns when the first replica prepares it, and that shard's owner delivers them.
+#[test]
+fn a_single_owners_waiting_deliveries_are_delivered_once_the_store_is_shared() {
+    let (url, single) = fresh_store("to_shared");
+    single
+        .ingest(vec![Ingest {
+            event: conformance::event("evt_1", Some("p-1")),
+            deliveries: vec![conformance::pending("evt_1", None, 0)],
+        }])
+        .expect("ingest");
+    single.flush().expect("flush");
+    drop(single);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let config = postgres::config(&url, None, None).expect("url");
+    let session = runtime.block_on(async {
+        let mut client = postgres::connect(&config).await.expect("connect");
+        postgres::shared::prepare(&mut client, SHARDS, false)
+            .await
+            .expect("prepare");
+        postgres::shared::Session::open(&config).await.expect("session")
+    });
+    let shared = replica(&config);
+    let shard = mailhook::store::shard_of("sub", SHARDS) as u32;
+    let epoch = runtime.block_on(session.take(shard, "r")).expect("take").expect("free");
+    mailhook::store::Sharing::acquire(&shared, &[(shard, epoch)]).expect("acquire");
+    let due = shared.take_due("sub", jiff::Timestamp::now(), 10, false).expect("take");
+    assert_eq!(due.len(), 1, "the single owner's delivery is waiting on its shard");
+    runtime
+        .block_on(shared.complete(&due[0]).expect("complete").wait())
+        .expect("durable");
+    assert_eq!(
+        mailhook::store::Sharing::fenced_writes(&shared),
+        0,
+        "its completion was this replica's to make"
+    );
+    assert_eq!(shared.event_count().expect("events"), 0, "and its event went with it");
+}

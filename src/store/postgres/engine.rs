@@ -284,31 +284,18 @@ impl Net {
                 ));
             }
             if !puts.is_empty() {
-                let (mut seqs, mut bodies, mut subscriptions, mut events) =
-                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for (seq, body) in puts {
-                    let keys = DeliveryKeys::of(&body);
-                    seqs.push(seq);
-                    subscriptions.push(keys.subscription);
-                    events.push(keys.event_id);
-                    bodies.push(body);
-                }
+                // Seq and body only: the shared mode's columns are filled by
+                // `shared::prepare` when a database starts being shared (not per delivery).
+                let (seqs, bodies): (Vec<i64>, Vec<Vec<u8>>) = puts.into_iter().unzip();
                 out.push((
                     if table == "pending" {
-                        "INSERT INTO pending (seq, body, subscription, event_id) \
-                         SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::text[]) \
+                        "INSERT INTO pending (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
                          ON CONFLICT (seq) DO UPDATE SET body = excluded.body"
                     } else {
-                        "INSERT INTO dead_letters (seq, body, subscription, event_id) \
-                         SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::text[]) \
+                        "INSERT INTO dead_letters (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
                          ON CONFLICT (seq) DO UPDATE SET body = excluded.body"
                     },
-                    vec![
-                        Box::new(seqs),
-                        Box::new(bodies),
-                        Box::new(subscriptions),
-                        Box::new(events),
-                    ],
+                    vec![Box::new(seqs), Box::new(bodies)],
                 ));
             }
         }
