@@ -189,6 +189,7 @@ async fn rig(subscriptions: usize) -> Rig {
         token_file: tokens_file.clone(),
         max_body_bytes: 64 << 20,
         max_batch_events: 100_000,
+        dovecot: Default::default(),
     };
     let app = mailhook::source::http::router(&config, pipeline, Tokens::load(tokens_file).expect("tokens"), readiness);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind ingest");

@@ -56,6 +56,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         max_attempts: config.store.max_attempts_per_subscription,
         dedup_window: config.store.dedup_window,
         raw_message_retention: config.store.raw_message_retention,
+        index_retention: config.dovecot.dovecot_index_retention,
     };
     let deliveries = Deliveries::start(
         config.delivery.shards,
@@ -178,6 +179,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             token_file,
             max_body_bytes: config.ingest.ingest_max_body_bytes,
             max_batch_events: config.ingest.ingest_max_batch_events,
+            dovecot: source::dovecot::DovecotConfig {
+                sent_folders: config.dovecot.sent_folders.clone(),
+                trash_folders: config.dovecot.trash_folders.clone(),
+                internal_domains: Vec::new(),
+            },
         };
         let listener = TcpListener::bind(addr).await?;
         info!(addr = %listener.local_addr()?, "ingest API listening");

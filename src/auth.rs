@@ -171,6 +171,13 @@ impl Tokens {
         self.check(bearer(headers), peer)
     }
 
+    /// As `check_request`, also taking the token as the password of HTTP Basic
+    /// credentials (any user name): all that Dovecot's event exporter can send.
+    pub fn check_request_or_basic(&self, headers: &HeaderMap, peer: IpAddr) -> Auth {
+        let basic = basic_password(headers);
+        self.check(bearer(headers).or(basic.as_deref()), peer)
+    }
+
     /// Checks a presented token (None: none presented), counting failures per address.
     pub fn check(&self, presented: Option<&str>, peer: IpAddr) -> Auth {
         let now = Instant::now();
@@ -201,6 +208,20 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
+}
+
+/// The password of `Authorization: Basic base64(user:password)`.
+fn basic_password(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Basic ")?
+        .trim();
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':').map(|(_, password)| password.to_string())
 }
 
 /// The token in Secret `name` of the operator's namespace ($POD_NAMESPACE, else the
@@ -257,6 +278,40 @@ fn random_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_credentials_carry_the_token_as_their_password() {
+        use base64::Engine as _;
+        let tokens = Tokens::with(PathBuf::from("/nonexistent"), vec!["s3cret".into()]);
+        let peer = IpAddr::from([127, 0, 0, 1]);
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, value.parse().expect("header"));
+            h
+        };
+        let basic = |creds: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
+        assert_eq!(
+            tokens.check_request_or_basic(&with(&basic("dovecot:s3cret")), peer),
+            Auth::Accepted
+        );
+        assert_eq!(
+            tokens.check_request_or_basic(&with("Bearer s3cret"), peer),
+            Auth::Accepted
+        );
+        assert_eq!(
+            tokens.check_request_or_basic(&with(&basic("s3cret:x")), peer),
+            Auth::Refused
+        );
+        assert_eq!(
+            tokens.check_request_or_basic(&with("Basic !!not-base64"), peer),
+            Auth::Refused
+        );
+        assert_eq!(
+            tokens.check_request(&with(&basic("dovecot:s3cret")), peer),
+            Auth::Refused,
+            "the ingest API itself takes bearer tokens only"
+        );
+    }
 
     #[test]
     fn repeated_failures_lock_an_address_out_but_not_others() {

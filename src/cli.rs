@@ -114,6 +114,8 @@ pub struct RunConfig {
     pub ingest: IngestArgs,
     #[command(flatten, next_help_heading = "SMTP journal receiver")]
     pub smtp: SmtpArgs,
+    #[command(flatten, next_help_heading = "Dovecot source")]
+    pub dovecot: DovecotArgs,
     #[command(flatten, next_help_heading = "Store")]
     pub store: StoreArgs,
     #[command(flatten, next_help_heading = "Delivery")]
@@ -166,6 +168,60 @@ pub struct IngestArgs {
     /// repeat or separate with commas.
     #[arg(long = "internal-domains", env = "MAILHOOK_INTERNAL_DOMAINS", value_delimiter = ',')]
     pub internal_domains: Vec<String>,
+}
+
+/// The Dovecot source: its routes on the ingest API (`/v1/sources/dovecot`), how
+/// folders are recognised, the mailbox index, and the reconciler that finds what was
+/// missed while mailhook was away.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DovecotArgs {
+    /// Folders where an appended message is a sent one (`message.sent`), ignoring case;
+    /// repeat or separate with commas.
+    #[arg(
+        long = "dovecot-sent-folder",
+        env = "MAILHOOK_DOVECOT_SENT_FOLDERS",
+        value_delimiter = ',',
+        default_value = "Sent,Sent Items,Sent Messages"
+    )]
+    pub sent_folders: Vec<String>,
+
+    /// Folders where a moved message counts as deleted (`message.deleted`, stage soft),
+    /// ignoring case; repeat or separate with commas.
+    #[arg(
+        long = "dovecot-trash-folder",
+        env = "MAILHOOK_DOVECOT_TRASH_FOLDERS",
+        value_delimiter = ',',
+        default_value = "Trash,Deleted Items,Deleted Messages"
+    )]
+    pub trash_folders: Vec<String>,
+
+    /// How long the mailbox index remembers a message (what later deletions and moves
+    /// are named by).
+    #[arg(long, env = "MAILHOOK_DOVECOT_INDEX_RETENTION", default_value = "2160h", value_parser = duration_arg)]
+    pub dovecot_index_retention: std::time::Duration,
+
+    /// IMAP address (host:port) of the Dovecot server: at start the reconciler logs in to
+    /// every mailbox the index knows, as the master user, and reports what changed while
+    /// mailhook was not listening. Off when absent.
+    #[arg(long, env = "MAILHOOK_DOVECOT_IMAP_ADDR")]
+    pub dovecot_imap_addr: Option<String>,
+
+    /// The Dovecot master user the reconciler logs in as (`user*master`).
+    #[arg(long, env = "MAILHOOK_DOVECOT_MASTER_USER", requires = "dovecot_imap_addr")]
+    pub dovecot_master_user: Option<String>,
+
+    /// File holding the master user's password (mount a Secret here).
+    #[arg(
+        long,
+        env = "MAILHOOK_DOVECOT_MASTER_PASSWORD_FILE",
+        requires = "dovecot_master_user"
+    )]
+    pub dovecot_master_password_file: Option<std::path::PathBuf>,
+
+    /// What separates the user from the master user in a login
+    /// (Dovecot's `auth_master_user_separator`).
+    #[arg(long, env = "MAILHOOK_DOVECOT_MASTER_SEPARATOR", default_value = "*")]
+    pub dovecot_master_separator: String,
 }
 
 /// The SMTP journal receiver.

@@ -13,6 +13,8 @@ use crate::api::{Direction, EventType, Severity};
 pub enum Source {
     Http,
     Smtp,
+    /// A Dovecot server's push notifications and exported events, or the reconciler.
+    Dovecot,
     /// Derived by the router (compliance.flagged).
     Router,
 }
@@ -22,6 +24,7 @@ impl Source {
         match self {
             Source::Http => "http",
             Source::Smtp => "smtp",
+            Source::Dovecot => "dovecot",
             Source::Router => "router",
         }
     }
@@ -108,6 +111,104 @@ pub struct MailboxEvent {
     /// SHA-256 (hex) of the raw message archived with the event, if one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_message: Option<String>,
+    /// Who did what inside the mailbox store (sources that see it: Dovecot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<Box<Activity>>,
+}
+
+/// How far a deletion went.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum DeleteStage {
+    /// Marked `\Deleted`, or moved to the trash folder: still recoverable.
+    Soft,
+    /// Expunged: gone from the mailbox.
+    Hard,
+}
+
+/// What happened to a folder (`folder.changed`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum FolderAction {
+    Created,
+    Renamed,
+    Deleted,
+    Subscribed,
+    Unsubscribed,
+}
+
+/// Which part of a mailbox's configuration changed (`mailbox.config_changed`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ConfigKind {
+    /// Sieve scripts: filtering, forwarding and vacation rules.
+    Sieve,
+    /// Access rights granted to other users (IMAP ACL).
+    Acl,
+    /// Mailbox or server metadata (IMAP METADATA).
+    Metadata,
+}
+
+/// A configuration change: what kind, the command, and what it named.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigChange {
+    pub kind: ConfigKind,
+    /// The protocol command, e.g. `PUTSCRIPT`, `SETACTIVE`, `SETACL`, `SETMETADATA`.
+    pub command: String,
+    /// What it changed: the script's name, or the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The command's arguments as the server logged them (e.g. an ACL's identifier and
+    /// rights); shown in `full` payloads only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Who did what inside the mailbox store, as the mail server reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Activity {
+    /// The mailbox user the change was made in.
+    pub user: String,
+    /// Who authenticated, when not the user: an administrator or master user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+    /// True when `authUser` differs from `user` (a master-user or admin session).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin_session: bool,
+    /// The server's service: `imap`, `lmtp`, `lda`, `doveadm`, `managesieve`, `pop3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ip: Option<String>,
+    /// The server's session id (joins with its logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// message.deleted: soft or hard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<DeleteStage>,
+    /// folder.changed: what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<FolderAction>,
+    /// message.moved: the source folder; folder.changed (renamed): the old name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_folder: Option<String>,
+    /// message.flagged / message.unflagged: the flags and keywords set or removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imap_flags: Vec<String>,
+    /// mailbox.config_changed: what changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<ConfigChange>,
+    /// The message's IMAP UID and its folder's UIDVALIDITY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid_validity: Option<u32>,
+    /// Found by the reconciler after a gap, not heard live: the time is when it was found.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciled: bool,
 }
 
 impl MailboxEvent {

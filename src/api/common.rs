@@ -15,13 +15,25 @@ pub enum EventType {
     /// A message travelled between two internal mailboxes.
     #[serde(rename = "message.internal")]
     MessageInternal,
-    /// A message was deleted from a mailbox.
+    /// A message was deleted from a mailbox: `activity.stage` says `soft` (marked
+    /// `\Deleted` or moved to the trash folder) or `hard` (expunged).
     #[serde(rename = "message.deleted")]
     MessageDeleted,
-    /// A folder was created, renamed or removed.
+    /// A message moved from one folder (`activity.previousFolder`) to another (`folder`).
+    #[serde(rename = "message.moved")]
+    MessageMoved,
+    /// Flags or keywords were set on a message (`activity.imapFlags`), e.g. `\Flagged`, `\Seen`.
+    #[serde(rename = "message.flagged")]
+    MessageFlagged,
+    /// Flags or keywords were removed from a message (`activity.imapFlags`).
+    #[serde(rename = "message.unflagged")]
+    MessageUnflagged,
+    /// A folder was created, renamed, deleted, subscribed or unsubscribed
+    /// (`activity.action`; a rename names the old folder in `activity.previousFolder`).
     #[serde(rename = "folder.changed")]
     FolderChanged,
-    /// A mailbox's configuration changed (forwarding rules, permissions, ...).
+    /// A mailbox's configuration changed: Sieve scripts (filtering and forwarding rules),
+    /// access rights (ACLs) or metadata (`activity.change`).
     #[serde(rename = "mailbox.config_changed")]
     MailboxConfigChanged,
     /// A MailboxFilter with a `flag` matched a message.
@@ -30,11 +42,14 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 10] = [
         EventType::MessageReceived,
         EventType::MessageSent,
         EventType::MessageInternal,
         EventType::MessageDeleted,
+        EventType::MessageMoved,
+        EventType::MessageFlagged,
+        EventType::MessageUnflagged,
         EventType::FolderChanged,
         EventType::MailboxConfigChanged,
         EventType::ComplianceFlagged,
@@ -46,6 +61,9 @@ impl EventType {
             EventType::MessageSent => "message.sent",
             EventType::MessageInternal => "message.internal",
             EventType::MessageDeleted => "message.deleted",
+            EventType::MessageMoved => "message.moved",
+            EventType::MessageFlagged => "message.flagged",
+            EventType::MessageUnflagged => "message.unflagged",
             EventType::FolderChanged => "folder.changed",
             EventType::MailboxConfigChanged => "mailbox.config_changed",
             EventType::ComplianceFlagged => "compliance.flagged",

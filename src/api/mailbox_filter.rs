@@ -94,6 +94,19 @@ pub struct MatchCriteria {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub headers: Vec<HeaderMatch>,
+
+    /// Globs over the folder an event concerns, ignoring case, e.g. `Trash` or
+    /// `Projects/*`. A move matches by its destination or its source folder, a rename by
+    /// the new or the old name. Events without a folder never match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 1024)))]
+    pub folders: Vec<String>,
+
+    /// `true` selects only what was done in an administrator's or master user's session
+    /// (someone other than the mailbox's owner logged in); `false` only what the owner did.
+    /// Events that carry no session (journaled or ingested mail) match neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_session: Option<bool>,
 }
 
 /// Conditions on the subject line. When both are given, either may match.

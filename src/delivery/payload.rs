@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::api::{Direction, EventType, PayloadMode};
 use crate::archive::{Link, RawLinks};
-use crate::event::{Attachment, Flag, MailboxEvent, domain_of};
+use crate::event::{Activity, Attachment, ConfigChange, DeleteStage, Flag, FolderAction, MailboxEvent, domain_of};
 
 use super::signing::pseudonym;
 
@@ -58,7 +58,76 @@ struct Data<'a> {
     #[serde(flatten)]
     view: View<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    activity: Option<ActivityView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     raw_message: Option<RawRef<'a>>,
+}
+
+/// Who did what in the mailbox store. `full` shows it all; `anonymized` replaces the
+/// users with pseudonyms; `metadata` keeps their domains; neither shows the client's
+/// address nor a configuration change's arguments (they can name people).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ActivityView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_domain: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth_user: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    admin_session: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_ip: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stage: Option<DeleteStage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<FolderAction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_folder: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    imap_flags: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    change: Option<ConfigChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid_validity: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    reconciled: bool,
+}
+
+fn activity_view<'a>(a: &'a Activity, mode: PayloadMode, anon: &dyn Fn(&str) -> String) -> ActivityView<'a> {
+    let full = mode == PayloadMode::Full;
+    let person = |who: &'a str| match mode {
+        PayloadMode::Full => Some(who.to_string()),
+        PayloadMode::Anonymized => Some(anon(who)),
+        PayloadMode::Metadata => None,
+    };
+    ActivityView {
+        user: person(&a.user),
+        user_domain: (mode == PayloadMode::Metadata).then(|| domain_of(&a.user)).flatten(),
+        auth_user: a.auth_user.as_deref().and_then(person),
+        admin_session: a.admin_session,
+        service: a.service.as_deref(),
+        remote_ip: a.remote_ip.as_deref().filter(|_| full),
+        session: a.session.as_deref(),
+        stage: a.stage,
+        action: a.action,
+        previous_folder: a.previous_folder.as_deref(),
+        imap_flags: &a.imap_flags,
+        change: a.change.as_ref().map(|c| ConfigChange {
+            detail: c.detail.clone().filter(|_| full),
+            ..c.clone()
+        }),
+        uid: a.uid,
+        uid_validity: a.uid_validity,
+        reconciled: a.reconciled,
+    }
 }
 
 /// Where to fetch the archived raw message, and how to check it is the one.
@@ -191,6 +260,7 @@ pub fn render(event: &MailboxEvent, matched_filters: &[String], cfg: &PayloadCon
                 event.flagged_event_id.as_deref()
             },
             view,
+            activity: event.activity.as_deref().map(|a| activity_view(a, cfg.mode, &anon)),
             raw_message: match (&cfg.raw_links, &event.raw_message) {
                 (Some(links), Some(sha256)) => Some(RawRef {
                     link: links.link(sha256, jiff::Timestamp::now()),

@@ -46,6 +46,8 @@ pub struct CompiledCriteria {
     pub min_size: Option<u64>,
     pub max_size: Option<u64>,
     pub headers: Vec<CompiledHeader>,
+    pub folders: Vec<WildMatch>,
+    pub admin_session: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +133,8 @@ impl CompiledCriteria {
                 .enumerate()
                 .map(|(i, h)| header(h, &format!("{at}.headers[{i}]")))
                 .collect::<Result<_, _>>()?,
+            folders: folder_globs(&c.folders, &format!("{at}.folders"))?,
+            admin_session: c.admin_session,
         })
     }
 }
@@ -159,6 +163,8 @@ impl CompiledCriteria {
             && self.min_size.is_none()
             && self.max_size.is_none()
             && self.headers.is_empty()
+            && self.folders.is_empty()
+            && self.admin_session.is_none()
     }
 
     /// Every criterion given holds (AND); within a list any entry may match (OR).
@@ -175,6 +181,19 @@ impl CompiledCriteria {
             && self.min_size.is_none_or(|min| e.size.is_some_and(|s| s >= min))
             && self.max_size.is_none_or(|max| e.size.is_some_and(|s| s <= max))
             && self.headers.iter().all(|h| h.matches(e))
+            && (self.folders.is_empty() || self.folder_matches(e))
+            && self
+                .admin_session
+                .is_none_or(|admin| e.activity.as_ref().is_some_and(|a| a.admin_session == admin))
+    }
+
+    fn folder_matches(&self, e: &MailboxEvent) -> bool {
+        let previous = e.activity.as_ref().and_then(|a| a.previous_folder.as_deref());
+        e.folder
+            .as_deref()
+            .into_iter()
+            .chain(previous)
+            .any(|f| self.folders.iter().any(|g| g.matches(f)))
     }
 
     fn domain_matches(&self, e: &MailboxEvent) -> bool {
@@ -248,6 +267,25 @@ fn globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, FilterError
             }
             // Lower-cased here too: addresses arrive lower-cased (Unicode, not only ASCII).
             Ok(WildMatch::new_case_insensitive(&p.to_lowercase()))
+        })
+        .collect()
+}
+
+/// Folder names may hold spaces ("Sent Items"), unlike addresses.
+fn folder_globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, FilterError> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if p.trim().is_empty() || p.chars().any(char::is_control) {
+                return Err(err(
+                    format!("{field}[{i}]"),
+                    format!(
+                        "{p:?} is not a valid folder pattern: give a folder name or glob, e.g. Trash or Projects/*"
+                    ),
+                ));
+            }
+            Ok(WildMatch::new_case_insensitive(p))
         })
         .collect()
 }
@@ -394,6 +432,39 @@ mod tests {
             CompiledFilter::compile(&s).unwrap_err().field,
             "spec.exclude.domains[0]"
         );
+    }
+
+    #[test]
+    fn folders_and_admin_sessions_select_mailbox_activity() {
+        use crate::event::Activity;
+        let f = CompiledFilter::compile(&spec(MatchCriteria {
+            folders: vec!["Projekte/*".into()],
+            admin_session: Some(true),
+            ..Default::default()
+        }))
+        .expect("compiles");
+        let mut e: MailboxEvent = serde_json::from_value(serde_json::json!({
+            "id": "e", "type": "message.moved", "occurredAt": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z", "source": "dovecot", "mailbox": "a@b.c",
+            "folder": "Archiv",
+        }))
+        .expect("event");
+        assert!(!f.matches(&e), "no session: matches neither true nor false");
+        e.activity = Some(Box::new(Activity {
+            user: "a@b.c".into(),
+            admin_session: true,
+            previous_folder: Some("projekte/Größe".into()),
+            ..Default::default()
+        }));
+        assert!(f.matches(&e), "the source folder of a move counts, ignoring case");
+        e.activity.as_mut().expect("set").admin_session = false;
+        assert!(!f.matches(&e));
+        let bad = CompiledFilter::compile(&spec(MatchCriteria {
+            folders: vec![" ".into()],
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert_eq!(bad.field, "spec.folders[0]");
     }
 
     #[test]

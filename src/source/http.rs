@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::info;
 
+use super::dovecot::{self, DovecotConfig};
 use super::{AcceptError, Pipeline, normalize_address};
 use crate::api::{Direction, EventType};
 use crate::auth::{Auth, Tokens};
@@ -33,6 +34,8 @@ pub struct IngestConfig {
     pub token_file: PathBuf,
     pub max_body_bytes: usize,
     pub max_batch_events: usize,
+    /// The Dovecot source's routes (`/v1/sources/dovecot`).
+    pub dovecot: DovecotConfig,
 }
 
 #[derive(Clone)]
@@ -41,11 +44,34 @@ struct IngestState {
     tokens: Tokens,
     readiness: Readiness,
     max_batch_events: usize,
+    dovecot: Arc<DovecotIntake>,
+}
+
+/// The Dovecot routes' settings, and one lock per group of users: a batch reads the
+/// mailbox index and writes it back, so two batches of one user must not interleave.
+struct DovecotIntake {
+    config: DovecotConfig,
+    locks: [parking_lot::Mutex<()>; USER_LOCKS],
+}
+
+const USER_LOCKS: usize = 64;
+
+impl DovecotIntake {
+    fn lock(&self, user: &str) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user.hash(&mut h);
+        self.locks[(h.finish() % USER_LOCKS as u64) as usize].lock()
+    }
 }
 
 pub fn router(config: &IngestConfig, pipeline: Arc<Pipeline>, tokens: Tokens, readiness: Readiness) -> Router {
+    let mut dovecot = config.dovecot.clone();
+    dovecot.internal_domains = pipeline.internal_domains.clone();
     Router::new()
         .route("/v1/events", post(ingest))
+        .route("/v1/sources/dovecot", post(dovecot_batch))
+        .route("/v1/sources/dovecot/events", post(dovecot_exported))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(crate::panics::catch_layer(pipeline.metrics.clone(), "ingest"))
         .with_state(IngestState {
@@ -53,6 +79,10 @@ pub fn router(config: &IngestConfig, pipeline: Arc<Pipeline>, tokens: Tokens, re
             tokens,
             readiness,
             max_batch_events: config.max_batch_events,
+            dovecot: Arc::new(DovecotIntake {
+                config: dovecot,
+                locks: std::array::from_fn(|_| parking_lot::Mutex::new(())),
+            }),
         })
 }
 
@@ -147,64 +177,49 @@ impl IntoResponse for Refusal {
     }
 }
 
-async fn ingest(
-    State(state): State<IngestState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let metrics = state.pipeline.metrics.clone();
-    let refused = |status, message: String| {
-        metrics.events_ingested.with_label_values(&["http", "rejected"]).inc();
+/// The answer to a request whose credentials are refused, if they are; `basic`: HTTP
+/// Basic credentials carry the token too (Dovecot's event exporter sends nothing else).
+fn refused_credentials(state: &IngestState, headers: &HeaderMap, peer: SocketAddr, basic: bool) -> Option<Response> {
+    let auth = if basic {
+        state.tokens.check_request_or_basic(headers, peer.ip())
+    } else {
+        state.tokens.check_request(headers, peer.ip())
+    };
+    let refused = |status, message: &str| {
         Refusal {
             status,
-            message,
+            message: message.into(),
             field: None,
         }
+        .into_response()
     };
-    match state.tokens.check_request(&headers, peer.ip()) {
-        Auth::Accepted => {}
-        Auth::Refused => {
-            return refused(
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown bearer token: send Authorization: Bearer <token from the ingest token file>".into(),
-            )
-            .into_response();
-        }
+    match auth {
+        Auth::Accepted => None,
+        Auth::Refused => Some(refused(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown bearer token: send Authorization: Bearer <token from the ingest token file>",
+        )),
         Auth::Locked(left) => {
             let mut response = refused(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too many failed authentications from this address; wait before trying again".into(),
-            )
-            .into_response();
+                "too many failed authentications from this address; wait before trying again",
+            );
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, left.as_secs().max(1).into());
-            return response;
-        }
-    }
-    match accept(&state, &headers, body).await {
-        Ok(response) => response,
-        Err(refusal) => {
-            if refusal.status != StatusCode::TOO_MANY_REQUESTS {
-                metrics.events_ingested.with_label_values(&["http", "rejected"]).inc();
-            }
-            refusal.into_response()
+            Some(response)
         }
     }
 }
 
-async fn accept(
-    state: &IngestState,
-    headers: &HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, Refusal> {
+/// Whether new events can be taken now: the store commits, the caches are synced, the
+/// backlog and the disk are under their limits. `source` labels the metrics.
+fn admit(state: &IngestState, source: &str) -> Result<(), Refusal> {
+    let metrics = &state.pipeline.metrics;
     if let Some(reason) = state.pipeline.store_down() {
-        state
-            .pipeline
-            .metrics
+        metrics
             .events_ingested
-            .with_label_values(&["http", "unavailable"])
+            .with_label_values(&[source, "unavailable"])
             .inc();
         return Err(Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -222,37 +237,19 @@ async fn accept(
         });
     }
     if let Some(reason) = state.pipeline.overloaded() {
-        state
-            .pipeline
-            .metrics
-            .events_ingested
-            .with_label_values(&["http", "throttled"])
-            .inc();
+        metrics.events_ingested.with_label_values(&[source, "throttled"]).inc();
         return Err(Refusal {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: format!("{reason}; nothing was accepted, retry after the Retry-After delay"),
             field: None,
         });
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let ndjson = match media.as_str() {
-        "application/json" => false,
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
-        _ => {
-            return Err(Refusal {
-                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                message: format!(
-                    "content type {content_type:?} is not accepted: send application/json (one event) or application/x-ndjson (one event per line)"
-                ),
-                field: None,
-            });
-        }
-    };
-    let body = body.map_err(|e| {
+    Ok(())
+}
+
+/// The body, or the refusal of a body that could not be read (413 over the limit).
+fn body_or_refusal(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Bytes, Refusal> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Refusal {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -266,8 +263,120 @@ async fn accept(
                 field: None,
             }
         }
-    })?;
+    })
+}
 
+/// The media type of a request, lower-cased, without parameters.
+fn media_type(headers: &HeaderMap) -> (String, String) {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    (content_type, media)
+}
+
+/// Runs `work` (store commits) off the async workers; a panic in it is a 500 for this
+/// request only.
+async fn blocking<T: Send + 'static>(
+    state: &IngestState,
+    work: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
+) -> Result<T, Refusal> {
+    let metrics = state.pipeline.metrics.clone();
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        if e.is_panic() {
+            crate::panics::record(&metrics, "ingest");
+            return internal_error(crate::panics::ANSWER.into());
+        }
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("the store did not answer ({e}); nothing was accepted, retry"),
+            field: None,
+        }
+    })?
+}
+
+fn stored_refusal(e: AcceptError, field: impl FnOnce(usize) -> String) -> Refusal {
+    match e {
+        AcceptError::Store(e) => Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("cannot store the events ({e}); nothing was accepted, retry"),
+            field: None,
+        },
+        AcceptError::RoutingPanicked { index, .. } => Refusal {
+            field: Some(field(index)),
+            ..internal_error(e.to_string())
+        },
+    }
+}
+
+fn accepted(outcomes: &[crate::store::Appended]) -> Response {
+    let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
+    let body = json!({
+        "accepted": outcomes.len() - duplicates,
+        "duplicates": duplicates,
+        "events": outcomes.iter().map(|o| json!({"id": o.id, "duplicate": o.duplicate})).collect::<Vec<_>>(),
+    });
+    (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+}
+
+/// Counts a refusal other than throttling as a rejected request of `source` (an
+/// unavailable store counts as both).
+fn counted(state: &IngestState, source: &str, refusal: Refusal) -> Response {
+    if refusal.status != StatusCode::TOO_MANY_REQUESTS {
+        state
+            .pipeline
+            .metrics
+            .events_ingested
+            .with_label_values(&[source, "rejected"])
+            .inc();
+    }
+    refusal.into_response()
+}
+
+async fn ingest(
+    State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    if let Some(response) = refused_credentials(&state, &headers, peer, false) {
+        state
+            .pipeline
+            .metrics
+            .events_ingested
+            .with_label_values(&["http", "rejected"])
+            .inc();
+        return response;
+    }
+    match accept(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(refusal) => counted(&state, "http", refusal),
+    }
+}
+
+async fn accept(
+    state: &IngestState,
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, Refusal> {
+    admit(state, "http")?;
+    let (content_type, media) = media_type(headers);
+    let ndjson = match media.as_str() {
+        "application/json" => false,
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
+        _ => {
+            return Err(Refusal {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                message: format!(
+                    "content type {content_type:?} is not accepted: send application/json (one event) or application/x-ndjson (one event per line)"
+                ),
+                field: None,
+            });
+        }
+    };
+    let body = body_or_refusal(body)?;
     let events = read_events(
         &body,
         ndjson,
@@ -275,45 +384,115 @@ async fn accept(
         &state.pipeline.internal_domains,
         jiff::Timestamp::now(),
     )?;
-
     let pipeline = state.pipeline.clone();
-    let metrics = state.pipeline.metrics.clone();
-    let outcomes = tokio::task::spawn_blocking(move || pipeline.accept(events))
-        .await
-        .map_err(|e| {
-            if e.is_panic() {
-                crate::panics::record(&metrics, "ingest");
-                return internal_error(crate::panics::ANSWER.into());
-            }
-            Refusal {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: format!("the store did not answer ({e}); nothing was accepted, retry"),
-                field: None,
-            }
-        })?
-        .map_err(|e| match e {
-            AcceptError::Store(e) => Refusal {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: format!("cannot store the events ({e}); nothing was accepted, retry"),
-                field: None,
-            },
-            AcceptError::RoutingPanicked { index, .. } => Refusal {
-                field: Some(if ndjson {
+    let outcomes = blocking(state, move || {
+        pipeline.accept(events).map_err(|e| {
+            stored_refusal(e, |index| {
+                if ndjson {
                     format!("event {} of the batch", index + 1)
                 } else {
                     "body".into()
-                }),
-                ..internal_error(e.to_string())
-            },
-        })?;
-    let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
-    info!(events = outcomes.len(), duplicates, "ingested");
-    let body = json!({
-        "accepted": outcomes.len() - duplicates,
-        "duplicates": duplicates,
-        "events": outcomes.iter().map(|o| json!({"id": o.id, "duplicate": o.duplicate})).collect::<Vec<_>>(),
-    });
-    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+                }
+            })
+        })
+    })
+    .await?;
+    info!(
+        events = outcomes.len(),
+        duplicates = outcomes.iter().filter(|o| o.duplicate).count(),
+        "ingested"
+    );
+    Ok(accepted(&outcomes))
+}
+
+/// `POST /v1/sources/dovecot`: one push-notification batch of the Lua script.
+async fn dovecot_batch(
+    State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    if let Some(response) = refused_credentials(&state, &headers, peer, true) {
+        return response;
+    }
+    let work = async {
+        admit(&state, "dovecot")?;
+        json_only(&headers)?;
+        let body = body_or_refusal(body)?;
+        let batch: dovecot::Batch = parse(&body, "body")?;
+        let intake = state.dovecot.clone();
+        let pipeline = state.pipeline.clone();
+        blocking(&state, move || {
+            let _user = intake.lock(&batch.user);
+            let store = pipeline.deliveries.store().clone();
+            let mut failed = None;
+            let mut lookup = |key: &crate::store::MessageKey| match store.indexed_message(key) {
+                Ok(found) => found,
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
+            };
+            let mapped = dovecot::map_batch(batch, &mut lookup, &intake.config, jiff::Timestamp::now())
+                .map_err(|e| Refusal::bad(e.field.clone(), e.to_string()))?;
+            if let Some(e) = failed {
+                return Err(stored_refusal(AcceptError::Store(e), |_| String::new()));
+            }
+            pipeline
+                .accept_indexed(mapped.events, mapped.index)
+                .map_err(|e| stored_refusal(e, |index| format!("event {} of the batch", index + 1)))
+        })
+        .await
+    };
+    match work.await {
+        Ok(outcomes) => accepted(&outcomes),
+        Err(refusal) => counted(&state, "dovecot", refusal),
+    }
+}
+
+/// `POST /v1/sources/dovecot/events`: one event of Dovecot's event exporter. Events that
+/// report no configuration change are acknowledged and dropped.
+async fn dovecot_exported(
+    State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    if let Some(response) = refused_credentials(&state, &headers, peer, true) {
+        return response;
+    }
+    let work = async {
+        admit(&state, "dovecot")?;
+        json_only(&headers)?;
+        let body = body_or_refusal(body)?;
+        let exported: dovecot::Exported = parse(&body, "body")?;
+        let Some(event) = dovecot::map_exported(exported, jiff::Timestamp::now()) else {
+            return Ok(Vec::new());
+        };
+        let pipeline = state.pipeline.clone();
+        blocking(&state, move || {
+            pipeline
+                .accept(vec![event])
+                .map_err(|e| stored_refusal(e, |_| "body".into()))
+        })
+        .await
+    };
+    match work.await {
+        Ok(outcomes) => accepted(&outcomes),
+        Err(refusal) => counted(&state, "dovecot", refusal),
+    }
+}
+
+fn json_only(headers: &HeaderMap) -> Result<(), Refusal> {
+    let (content_type, media) = media_type(headers);
+    if media == "application/json" {
+        return Ok(());
+    }
+    Err(Refusal {
+        status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        message: format!("content type {content_type:?} is not accepted: send application/json"),
+        field: None,
+    })
 }
 
 /// Reads a request body into events: one JSON event, or NDJSON with at most `max_batch`;
@@ -351,7 +530,8 @@ pub fn read_events(
     Ok(events)
 }
 
-fn parse(bytes: &[u8], at: &str) -> Result<IngestEvent, Refusal> {
+/// JSON into `T`, refused with the path of the first bad field (`at`: where the JSON was).
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], at: &str) -> Result<T, Refusal> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -470,5 +650,6 @@ fn normalize(
         flagged_event_id: None,
         flag_namespace: None,
         raw_message: None,
+        activity: None,
     })
 }

@@ -207,6 +207,7 @@ fn event(
         flagged_event_id: None,
         flag_namespace: None,
         raw_message: Some(facts.sha256.clone()),
+        activity: None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! adapters: they depend on the core (`store`, `route`, `delivery`, `event`, `api`), `auth`
 //! and the shared `handles`, never on another adapter (admin, history, controller).
 
+pub mod dovecot;
 pub mod http;
 pub mod journal;
 pub mod smtp;
@@ -15,7 +16,7 @@ use crate::delivery::Deliveries;
 use crate::event::{MailboxEvent, domain_of};
 use crate::metrics::Metrics;
 use crate::route::Router;
-use crate::store::{Appended, Ingest, RawMessage, StoreError};
+use crate::store::{Appended, IndexChange, Ingest, RawMessage, StoreError};
 
 /// Store → route → enqueue, shared by every source.
 pub struct Pipeline {
@@ -102,6 +103,24 @@ impl Pipeline {
         events: Vec<MailboxEvent>,
         raw: Option<RawMessage>,
     ) -> Result<Vec<Appended>, AcceptError> {
+        self.accept_with(events, raw, Vec::new())
+    }
+
+    /// As `accept`, applying `index` changes to the mailbox index in the same commit.
+    pub fn accept_indexed(
+        &self,
+        events: Vec<MailboxEvent>,
+        index: Vec<IndexChange>,
+    ) -> Result<Vec<Appended>, AcceptError> {
+        self.accept_with(events, None, index)
+    }
+
+    fn accept_with(
+        &self,
+        events: Vec<MailboxEvent>,
+        raw: Option<RawMessage>,
+        index: Vec<IndexChange>,
+    ) -> Result<Vec<Appended>, AcceptError> {
         let table = self.router.current();
         // Routing is pure CPU over user-supplied strings: a panic there is a bug, and must
         // fail this request only (the listener and other requests go on).
@@ -153,7 +172,12 @@ impl Pipeline {
                 item.event.raw_message = None;
             }
         }
-        let stored = self.deliveries.store().ingest_archived(items, wanted)?;
+        let store = self.deliveries.store();
+        let stored = if index.is_empty() {
+            store.ingest_archived(items, wanted)?
+        } else {
+            store.ingest_indexed(items, index)?
+        };
 
         let mut answers = Vec::with_capacity(routing.len());
         for (index, matched, any, source, at) in routing {

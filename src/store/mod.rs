@@ -173,6 +173,118 @@ pub struct PublishedHealth {
     pub body: serde_json::Value,
 }
 
+/// A message's place in a mailbox: (user, folder, UIDVALIDITY, UID), as IMAP names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageKey {
+    pub user: String,
+    pub folder: String,
+    pub uid_validity: u32,
+    pub uid: u32,
+}
+
+/// What the mailbox index keeps of one message, so that later changes (a deletion, a
+/// move, a flag) can name it and join with its journaled copy.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexedMessage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    /// Unix seconds it was indexed: retention counts from here.
+    pub seen_at: i64,
+}
+
+/// A change to the mailbox index, stored in the same commit as the events it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexChange {
+    Put(MessageKey, IndexedMessage),
+    Remove(MessageKey),
+    /// The folder exists (kept even while it holds no known message).
+    PutFolder {
+        user: String,
+        folder: String,
+    },
+    /// The folder and every message known in it are gone.
+    RemoveFolder {
+        user: String,
+        folder: String,
+    },
+    /// The folder and its messages now go by another name.
+    RenameFolder {
+        user: String,
+        from: String,
+        to: String,
+    },
+}
+
+/// What the index knows of one user's mailbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexedMailbox {
+    /// Every known folder.
+    pub folders: std::collections::BTreeSet<String>,
+    pub messages: std::collections::BTreeMap<MessageKey, IndexedMessage>,
+}
+
+/// Index keys are bytes that sort by (user, folder, UIDVALIDITY, UID): a NUL after the
+/// user and after the folder (neither may hold one), then both numbers big-endian. A
+/// folder's own entry is its prefix alone. Pure.
+pub mod index_key {
+    use super::MessageKey;
+
+    pub fn user(user: &str) -> Vec<u8> {
+        let mut k = user.as_bytes().to_vec();
+        k.push(0);
+        k
+    }
+
+    pub fn folder(user: &str, folder: &str) -> Vec<u8> {
+        let mut k = self::user(user);
+        k.extend_from_slice(folder.as_bytes());
+        k.push(0);
+        k
+    }
+
+    pub fn message(m: &MessageKey) -> Vec<u8> {
+        let mut k = folder(&m.user, &m.folder);
+        k.extend_from_slice(&m.uid_validity.to_be_bytes());
+        k.extend_from_slice(&m.uid.to_be_bytes());
+        k
+    }
+
+    /// Whether a name can be part of a key.
+    pub fn valid(name: &str) -> bool {
+        !name.is_empty() && !name.contains('\0')
+    }
+
+    /// A key read back: (user, folder, (UIDVALIDITY, UID)); no message for a folder's
+    /// own entry.
+    pub type Parsed = (String, String, Option<(u32, u32)>);
+
+    pub fn parse(key: &[u8]) -> Option<Parsed> {
+        let mut parts = key.splitn(3, |b| *b == 0);
+        let user = std::str::from_utf8(parts.next()?).ok()?.to_string();
+        let folder = std::str::from_utf8(parts.next()?).ok()?.to_string();
+        let rest = parts.next()?;
+        let message = match rest.len() {
+            0 => None,
+            8 => {
+                let (v, u) = rest.split_at(4);
+                Some((
+                    u32::from_be_bytes(v.try_into().ok()?),
+                    u32::from_be_bytes(u.try_into().ok()?),
+                ))
+            }
+            _ => return None,
+        };
+        Some((user, folder, message))
+    }
+}
+
 /// A store several replicas share (PostgreSQL): each replica loads and delivers only the
 /// shards it owns. Ownership itself is decided outside the store (`replica::ownership`);
 /// the store is told, and fences its writes with the epoch of each claim.
@@ -228,6 +340,16 @@ pub trait Store: Send + Sync + 'static {
     /// As `ingest`, archiving `raw` in the same write when a stored event refers to it
     /// (`MailboxEvent::raw_message`).
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError>;
+    /// As `ingest`, applying `index` changes to the mailbox index in the same commit.
+    fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError>;
+    /// What the mailbox index knows of `user`'s mailbox (one folder, or all of them).
+    fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError>;
+    /// One message of the mailbox index.
+    fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError>;
+    /// Every user the mailbox index knows.
+    fn indexed_users(&self) -> Result<Vec<String>, StoreError>;
+    /// Forgets indexed messages indexed before `before`; returns how many.
+    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
     /// An archived raw message by its SHA-256, with when it was archived.
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError>;
     /// Deletes raw messages archived before `before`; returns how many.
@@ -370,6 +492,94 @@ pub mod conformance {
         producer_ids_expire(make().as_ref());
         raw_messages_are_archived_with_their_events_only_and_purged_by_age(make().as_ref());
         secrets_are_created_once(make().as_ref());
+        the_mailbox_index_follows_changes_and_is_purged_by_age(make().as_ref());
+    }
+
+    fn the_mailbox_index_follows_changes_and_is_purged_by_age(s: &dyn Store) {
+        let key = |folder: &str, uid: u32| MessageKey {
+            user: "zoë@example.com".into(),
+            folder: folder.into(),
+            uid_validity: 7,
+            uid,
+        };
+        let msg = |id: &str, seen_at: i64| IndexedMessage {
+            message_id: Some(id.into()),
+            subject: Some("Grüße".into()),
+            seen_at,
+            ..Default::default()
+        };
+        let user = "zoë@example.com";
+        let folder = |f: &str| IndexChange::PutFolder {
+            user: user.into(),
+            folder: f.into(),
+        };
+        let first = s
+            .ingest_indexed(
+                vec![Ingest {
+                    event: event("evt_i1", Some("dovecot:1")),
+                    deliveries: vec![],
+                }],
+                vec![
+                    folder("INBOX"),
+                    folder("Projekte"),
+                    folder("Projekte/Ä"),
+                    IndexChange::Put(key("INBOX", 1), msg("<a@x>", 10)),
+                    IndexChange::Put(key("INBOX", 300), msg("<b@x>", 20)),
+                    IndexChange::Put(key("Projekte", 1), msg("<c@x>", 30)),
+                    IndexChange::Put(key("Projekte/Ä", 2), msg("<d@x>", 40)),
+                ],
+            )
+            .expect("ingest");
+        assert!(!first[0].duplicate);
+        let all = s.indexed(user, None).expect("read");
+        assert_eq!(all.folders.len(), 3);
+        assert_eq!(all.messages.len(), 4);
+        let projekte = s.indexed(user, Some("Projekte")).expect("read");
+        assert_eq!(
+            projekte.messages.keys().cloned().collect::<Vec<_>>(),
+            vec![key("Projekte", 1)],
+            "a folder is not its subfolders"
+        );
+        assert_eq!(s.indexed_users().expect("users"), vec![user.to_string()]);
+        assert_eq!(
+            s.indexed_message(&key("INBOX", 300)).expect("read"),
+            Some(msg("<b@x>", 20))
+        );
+        assert_eq!(s.indexed_message(&key("INBOX", 3)).expect("read"), None);
+
+        s.ingest_indexed(
+            vec![],
+            vec![
+                IndexChange::Remove(key("INBOX", 1)),
+                IndexChange::RenameFolder {
+                    user: user.into(),
+                    from: "Projekte".into(),
+                    to: "Archiv".into(),
+                },
+                IndexChange::RemoveFolder {
+                    user: user.into(),
+                    folder: "Projekte/Ä".into(),
+                },
+            ],
+        )
+        .expect("changes");
+        let all = s.indexed(user, None).expect("read");
+        assert_eq!(
+            all.folders.iter().map(String::as_str).collect::<Vec<_>>(),
+            vec!["Archiv", "INBOX"]
+        );
+        assert_eq!(
+            all.messages.keys().cloned().collect::<Vec<_>>(),
+            vec![key("Archiv", 1), key("INBOX", 300)]
+        );
+        assert_eq!(all.messages[&key("Archiv", 1)], msg("<c@x>", 30));
+
+        assert_eq!(s.purge_index(at(25)).expect("purge"), 1, "the message seen at 20");
+        assert_eq!(s.indexed(user, None).expect("read").messages.len(), 1);
+        assert_eq!(
+            s.indexed("nobody@example.com", None).expect("read"),
+            IndexedMailbox::default()
+        );
     }
 
     fn attempt(at_s: i64, n: u32) -> Attempt {

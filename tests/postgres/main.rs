@@ -427,6 +427,34 @@ impl Store for Sole {
         self.sharing().claim_arrivals()?;
         Ok(out)
     }
+    fn ingest_indexed(
+        &self,
+        items: Vec<Ingest>,
+        index: Vec<mailhook::store::IndexChange>,
+    ) -> Result<Vec<mailhook::store::Appended>, mailhook::store::StoreError> {
+        let out = self.store.ingest_indexed(items, index)?;
+        self.sharing().claim_arrivals()?;
+        Ok(out)
+    }
+    fn indexed(
+        &self,
+        user: &str,
+        folder: Option<&str>,
+    ) -> Result<mailhook::store::IndexedMailbox, mailhook::store::StoreError> {
+        self.store.indexed(user, folder)
+    }
+    fn indexed_message(
+        &self,
+        key: &mailhook::store::MessageKey,
+    ) -> Result<Option<mailhook::store::IndexedMessage>, mailhook::store::StoreError> {
+        self.store.indexed_message(key)
+    }
+    fn indexed_users(&self) -> Result<Vec<String>, mailhook::store::StoreError> {
+        self.store.indexed_users()
+    }
+    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
+        self.store.purge_index(before)
+    }
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, mailhook::store::StoreError> {
         self.store.raw_message(sha256)
     }

@@ -31,6 +31,9 @@ pub enum Op {
     DeleteRaw(i64, String),
     PutSubscription(String, String),
     DeleteSubscription(String),
+    /// Mailbox index entry: (key, user, unix seconds indexed, body).
+    PutIndex(Vec<u8>, String, i64, Vec<u8>),
+    DeleteIndex(Vec<u8>),
     // Shared mode only (PostgreSQL, several replicas): see `store::durable::shared`.
     /// New events and their deliveries: producer ids de-duplicated by the database, seqs
     /// from its sequence; the outcome is left in the op's slot once committed.

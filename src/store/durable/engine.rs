@@ -6,7 +6,9 @@
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::committer::Op;
-use super::schema::{ATTEMPTS, DEAD, EVENTS, META, PENDING, PRODUCERS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io};
+use super::schema::{
+    ATTEMPTS, DEAD, EVENTS, MAILBOX_INDEX, META, PENDING, PRODUCERS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io,
+};
 use crate::store::StoreError;
 
 /// The two delivery tables.
@@ -31,6 +33,9 @@ pub struct Loaded {
     pub attempt_keys: Vec<(String, u64)>,
 }
 
+/// A mailbox index entry: (key, unix seconds indexed, body).
+pub type IndexRow = (Vec<u8>, i64, Vec<u8>);
+
 pub trait Engine: Send + Sync + 'static {
     /// Applies `ops`, in order, in one durable transaction.
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError>;
@@ -52,6 +57,24 @@ pub trait Engine: Send + Sync + 'static {
     fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError>;
     /// Bytes the data occupies, when it can tell.
     fn disk_bytes(&self) -> Option<u64>;
+    /// Mailbox index entries whose key starts with `prefix` (which ends in a NUL, see
+    /// `store::index_key`): (key, unix seconds indexed, body), in key order.
+    fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError>;
+    /// Every user with a mailbox index entry.
+    fn index_users(&self) -> Result<Vec<String>, StoreError>;
+    /// Keys of mailbox index entries indexed before `before` (unix seconds).
+    fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError>;
+}
+
+/// The keys that start with `prefix`, when it ends in a NUL: from the prefix up to the
+/// same bytes with the NUL raised to 1.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    match end.last_mut() {
+        Some(last) => *last = last.saturating_add(1),
+        None => end.push(0xff),
+    }
+    end
 }
 
 /// The embedded engine: one redb file (or redb's in-memory backend).
@@ -74,6 +97,7 @@ impl Engine for Redb {
             let mut raw = txn.open_table(RAW).map_err(io)?;
             let mut raw_by_age = txn.open_table(RAW_BY_AGE).map_err(io)?;
             let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(io)?;
+            let mut index = txn.open_table(MAILBOX_INDEX).map_err(io)?;
             for op in ops {
                 match op {
                     Op::PutEvent(id, bytes) => {
@@ -140,6 +164,12 @@ impl Engine for Redb {
                     }
                     Op::DeleteSubscription(uid) => {
                         subscriptions.remove(uid.as_str()).map_err(io)?;
+                    }
+                    Op::PutIndex(key, _, at, body) => {
+                        index.insert(key.as_slice(), (*at, body.as_slice())).map_err(io)?;
+                    }
+                    Op::DeleteIndex(key) => {
+                        index.remove(key.as_slice()).map_err(io)?;
                     }
                     Op::Ingest(_)
                     | Op::Fenced(..)
@@ -288,5 +318,51 @@ impl Engine for Redb {
     fn disk_bytes(&self) -> Option<u64> {
         let path = self.path.as_ref()?;
         Some(std::fs::metadata(path).map_or(0, |m| m.len()))
+    }
+
+    fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
+        let end = prefix_end(prefix);
+        let mut out = Vec::new();
+        for row in table.range(prefix..end.as_slice()).map_err(io)? {
+            let (key, value) = row.map_err(io)?;
+            let (at, body) = value.value();
+            out.push((key.value().to_vec(), at, body.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn index_users(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
+        let mut users = Vec::new();
+        // One seek per user: past a user's entries to the next one.
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let next = table.range(from.as_slice()..).map_err(io)?.next();
+            let Some(row) = next else { break };
+            let (key, _) = row.map_err(io)?;
+            let key = key.value();
+            let user = key.split(|b| *b == 0).next().unwrap_or_default();
+            users.push(String::from_utf8_lossy(user).into_owned());
+            let mut prefix = user.to_vec();
+            prefix.push(0);
+            from = prefix_end(&prefix);
+        }
+        Ok(users)
+    }
+
+    fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
+        let mut old = Vec::new();
+        for row in table.iter().map_err(io)? {
+            let (key, value) = row.map_err(io)?;
+            if value.value().0 < before {
+                old.push(key.value().to_vec());
+            }
+        }
+        Ok(old)
     }
 }

@@ -20,6 +20,7 @@ mod schema;
 pub mod shared;
 mod state;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Sender, channel, sync_channel};
@@ -36,10 +37,13 @@ use self::schema::{StoredDelivery, create_tables, io, json, nanos};
 use self::state::{EVENT_CACHE, Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
-    Appended, Attempt, DeadLetter, Durable, Ingest, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store,
-    StoreError,
+    Appended, Attempt, DeadLetter, Durable, IndexChange, IndexedMailbox, IndexedMessage, Ingest, MessageKey,
+    PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store, StoreError, index_key,
 };
 use crate::event::MailboxEvent;
+
+/// Mailbox index writes by key: (user, seen at, body), or deleted.
+type IndexNet = BTreeMap<Vec<u8>, Option<(String, i64, Vec<u8>)>>;
 
 /// Locks a store mutex. The crate's rule for locks: parking_lot's, which are never
 /// poisoned — a panic is a bug that is caught and counted where it happens, and every
@@ -193,6 +197,7 @@ impl DurableStore {
         shared: &shared::Shared,
         items: Vec<Ingest>,
         raw: Option<RawMessage>,
+        index: Vec<Op>,
     ) -> Result<Vec<Appended>, StoreError> {
         let now = jiff::Timestamp::now();
         let mut archive = false;
@@ -223,51 +228,27 @@ impl DurableStore {
             raw: raw.filter(|_| archive).map(|r| (r.sha256, now.as_second(), r.bytes)),
             outcome: outcome.clone(),
         };
-        self.send(vec![Op::Ingest(Box::new(ingest))], true)?;
+        let mut ops = vec![Op::Ingest(Box::new(ingest))];
+        ops.extend(index);
+        self.send(ops, true)?;
         outcome
             .lock()
             .take()
             .ok_or_else(|| StoreError::Io("the shared ingest committed without an outcome".into()))
     }
 
-    /// Reads stored deliveries from `table` by seq.
-    fn read_deliveries(
+    /// Ingest, with `extra` writes (the mailbox index) in the same commit.
+    fn ingest_with(
         &self,
-        table: engine::Deliveries,
-        seqs: impl IntoIterator<Item = u64>,
-    ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
-        let seqs: Vec<u64> = seqs.into_iter().collect();
-        self.engine
-            .deliveries(table, &seqs)?
-            .into_iter()
-            .map(|(seq, bytes)| Ok((seq, serde_json::from_slice(&bytes).map_err(io)?)))
-            .collect()
-    }
-
-    /// Moves deliveries to the dead letters (state and ops), releasing their pending refs.
-    fn bury(&self, state: &mut State, deliveries: Vec<PendingDelivery>, reason: &str) -> Result<Vec<Op>, StoreError> {
-        let now = jiff::Timestamp::now();
-        let ops = dead_ops(&deliveries, reason, now)?;
-        bury_in(state, &deliveries, now);
-        Ok(ops)
-    }
-}
-
-impl Store for DurableStore {
-    fn flush(&self) -> Result<(), StoreError> {
-        // Jobs commit in order: an empty one that is durable means all before it are.
-        self.send(Vec::new(), true)
-    }
-
-    fn sharing(&self) -> Option<&dyn super::Sharing> {
-        self.shared.as_ref().map(|_| self as &dyn super::Sharing)
-    }
-
-    fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
+        items: Vec<Ingest>,
+        raw: Option<RawMessage>,
+        extra: Vec<Op>,
+    ) -> Result<Vec<Appended>, StoreError> {
         if let Some(shared) = &self.shared {
-            return self.ingest_shared(shared, items, raw);
+            return self.ingest_shared(shared, items, raw, extra);
         }
         let mut ops = Vec::new();
+
         let mut archive = false;
         let mut out = Vec::with_capacity(items.len());
         let mut queued = Vec::new();
@@ -310,6 +291,7 @@ impl Store for DurableStore {
         if let Some(raw) = raw.filter(|_| archive) {
             ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
+        ops.extend(extra);
         if let Err(err) = self.send(ops, true) {
             let mut state = lock(&self.state);
             for pid in claimed {
@@ -331,6 +313,174 @@ impl Store for DurableStore {
         Ok(out)
     }
 
+    /// The writes that apply `changes` to the mailbox index, net: later changes see
+    /// earlier ones of the same list (a folder renamed after a message was put in it).
+    fn index_ops(&self, changes: Vec<IndexChange>) -> Result<Vec<Op>, StoreError> {
+        // key → (user, seen at, body), or deleted.
+        let mut net: IndexNet = BTreeMap::new();
+        let scan = |net: &IndexNet, prefix: &[u8]| {
+            let mut found: BTreeMap<Vec<u8>, (i64, Vec<u8>)> = BTreeMap::new();
+            for (key, at, body) in self.engine.index_scan(prefix)? {
+                found.insert(key, (at, body));
+            }
+            let end = engine::prefix_end(prefix);
+            for (key, value) in net.range(prefix.to_vec()..end) {
+                match value {
+                    Some((_, at, body)) => found.insert(key.clone(), (*at, body.clone())),
+                    None => found.remove(key),
+                };
+            }
+            Ok::<_, StoreError>(found)
+        };
+        let now = jiff::Timestamp::now().as_second();
+        for change in changes {
+            match change {
+                IndexChange::Put(key, message) => {
+                    if !index_key::valid(&key.user) || !index_key::valid(&key.folder) {
+                        continue;
+                    }
+                    let body = json(&message)?;
+                    net.insert(
+                        index_key::folder(&key.user, &key.folder),
+                        Some((key.user.clone(), now, Vec::new())),
+                    );
+                    net.insert(index_key::message(&key), Some((key.user, message.seen_at, body)));
+                }
+                IndexChange::Remove(key) => {
+                    net.insert(index_key::message(&key), None);
+                }
+                IndexChange::PutFolder { user, folder } => {
+                    if index_key::valid(&user) && index_key::valid(&folder) {
+                        net.insert(index_key::folder(&user, &folder), Some((user, now, Vec::new())));
+                    }
+                }
+                IndexChange::RemoveFolder { user, folder } => {
+                    for key in scan(&net, &index_key::folder(&user, &folder))?.into_keys() {
+                        net.insert(key, None);
+                    }
+                }
+                IndexChange::RenameFolder { user, from, to } => {
+                    if !index_key::valid(&to) {
+                        continue;
+                    }
+                    let old = index_key::folder(&user, &from);
+                    let new = index_key::folder(&user, &to);
+                    for (key, (at, body)) in scan(&net, &old)? {
+                        let mut moved = new.clone();
+                        moved.extend_from_slice(key.get(old.len()..).unwrap_or_default());
+                        net.insert(key, None);
+                        net.insert(moved, Some((user.clone(), at, body)));
+                    }
+                }
+            }
+        }
+        Ok(net
+            .into_iter()
+            .map(|(key, value)| match value {
+                Some((user, at, body)) => Op::PutIndex(key, user, at, body),
+                None => Op::DeleteIndex(key),
+            })
+            .collect())
+    }
+
+    /// Reads stored deliveries from `table` by seq.
+    fn read_deliveries(
+        &self,
+        table: engine::Deliveries,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
+        let seqs: Vec<u64> = seqs.into_iter().collect();
+        self.engine
+            .deliveries(table, &seqs)?
+            .into_iter()
+            .map(|(seq, bytes)| Ok((seq, serde_json::from_slice(&bytes).map_err(io)?)))
+            .collect()
+    }
+
+    /// Moves deliveries to the dead letters (state and ops), releasing their pending refs.
+    fn bury(&self, state: &mut State, deliveries: Vec<PendingDelivery>, reason: &str) -> Result<Vec<Op>, StoreError> {
+        let now = jiff::Timestamp::now();
+        let ops = dead_ops(&deliveries, reason, now)?;
+        bury_in(state, &deliveries, now);
+        Ok(ops)
+    }
+}
+
+impl Store for DurableStore {
+    fn flush(&self) -> Result<(), StoreError> {
+        // Jobs commit in order: an empty one that is durable means all before it are.
+        self.send(Vec::new(), true)
+    }
+
+    fn sharing(&self) -> Option<&dyn super::Sharing> {
+        self.shared.as_ref().map(|_| self as &dyn super::Sharing)
+    }
+
+    fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
+        self.ingest_with(items, raw, Vec::new())
+    }
+
+    fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError> {
+        let ops = self.index_ops(index)?;
+        self.ingest_with(items, None, ops)
+    }
+
+    fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
+        let prefix = match folder {
+            Some(f) => index_key::folder(user, f),
+            None => index_key::user(user),
+        };
+        let mut mailbox = IndexedMailbox::default();
+        for (key, _, body) in self.engine.index_scan(&prefix)? {
+            let Some((user, folder, message)) = index_key::parse(&key) else {
+                continue;
+            };
+            if let Some((uid_validity, uid)) = message {
+                let Ok(indexed) = serde_json::from_slice::<IndexedMessage>(&body) else {
+                    continue;
+                };
+                let key = MessageKey {
+                    user,
+                    folder: folder.clone(),
+                    uid_validity,
+                    uid,
+                };
+                mailbox.messages.insert(key, indexed);
+            }
+            mailbox.folders.insert(folder);
+        }
+        Ok(mailbox)
+    }
+
+    fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
+        let key = index_key::message(key);
+        Ok(self
+            .engine
+            .index_scan(&key)?
+            .into_iter()
+            .find(|(k, _, _)| *k == key)
+            .and_then(|(_, _, body)| serde_json::from_slice(&body).ok()))
+    }
+
+    fn indexed_users(&self) -> Result<Vec<String>, StoreError> {
+        self.engine.index_users()
+    }
+
+    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        // Messages only: a folder's own entry stays while the folder does.
+        let old: Vec<Op> = self
+            .engine
+            .index_before(before.as_second())?
+            .into_iter()
+            .filter(|k| index_key::parse(k).is_some_and(|(_, _, m)| m.is_some()))
+            .map(Op::DeleteIndex)
+            .collect();
+        let n = old.len() as u64;
+        if n > 0 {
+            self.send(old, true)?;
+        }
+        Ok(n)
+    }
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
         Ok(self.engine.raw(sha256)?.map(|(at, bytes)| {
             (
@@ -1010,6 +1160,15 @@ mod tests {
         }
         fn disk_bytes(&self) -> Option<u64> {
             None
+        }
+        fn index_scan(&self, prefix: &[u8]) -> Result<Vec<crate::store::durable::engine::IndexRow>, StoreError> {
+            self.inner.index_scan(prefix)
+        }
+        fn index_users(&self) -> Result<Vec<String>, StoreError> {
+            self.inner.index_users()
+        }
+        fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+            self.inner.index_before(before)
         }
     }
 

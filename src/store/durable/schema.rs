@@ -23,6 +23,8 @@ pub(super) const RAW_BY_AGE: TableDefinition<(i64, &str), ()> = TableDefinition:
 /// Subscription UID → its namespace, for every subscription that had deliveries: tells
 /// at start-up which stored work belongs to a watched namespace.
 pub(super) const SUBSCRIPTIONS: TableDefinition<&str, &str> = TableDefinition::new("subscriptions");
+/// The mailbox index (`store::index_key` layout) → (unix seconds indexed, body).
+pub(super) const MAILBOX_INDEX: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("mailbox_index");
 /// Secrets kept with the data (name → 32 bytes).
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -38,6 +40,7 @@ pub(super) fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(RAW_BY_AGE).map_err(io)?;
     txn.open_table(META).map_err(io)?;
     txn.open_table(SUBSCRIPTIONS).map_err(io)?;
+    txn.open_table(MAILBOX_INDEX).map_err(io)?;
     txn.commit().map_err(io)
 }
 

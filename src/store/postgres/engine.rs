@@ -187,6 +187,9 @@ fn range_statement(op: &Op) -> Result<Option<(&'static str, Params)>, StoreError
     })
 }
 
+/// A mailbox index entry written: (user, seen at, body).
+type IndexPut = (String, i64, Vec<u8>);
+
 /// The net effect of a batch of writes, by table and key: the last write of a key wins
 /// (a put, or a delete). Range writes (trimming a subscription's attempts) are ordered
 /// against the attempts put before them by flushing those first.
@@ -199,6 +202,8 @@ struct Net {
     attempts: std::collections::HashMap<(String, i64), Vec<u8>>,
     raw: std::collections::HashMap<String, Option<(i64, Vec<u8>)>>,
     subscriptions: std::collections::HashMap<String, Option<String>>,
+    /// Mailbox index key → (user, seen at, body), or deleted.
+    index: std::collections::HashMap<Vec<u8>, Option<IndexPut>>,
 }
 
 /// The columns a stored delivery's JSON gives its row (the shard is set by shared mode).
@@ -323,6 +328,29 @@ impl Net {
                 vec![Box::new(shas), Box::new(at), Box::new(messages)],
             ));
         }
+        let (puts, deletes) = split(std::mem::take(&mut self.index));
+        if !deletes.is_empty() {
+            out.push(("DELETE FROM mailbox_index WHERE key = ANY($1)", vec![Box::new(deletes)]));
+        }
+        if !puts.is_empty() {
+            let mut keys = Vec::new();
+            let mut users = Vec::new();
+            let mut at = Vec::new();
+            let mut bodies = Vec::new();
+            for (key, (user, seen, body)) in puts {
+                keys.push(key);
+                users.push(user);
+                at.push(seen);
+                bodies.push(body);
+            }
+            out.push((
+                "INSERT INTO mailbox_index (key, user_name, seen_at, body) \
+                 SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bytea[]) \
+                 ON CONFLICT (key) DO UPDATE SET user_name = excluded.user_name, seen_at = excluded.seen_at, \
+                 body = excluded.body",
+                vec![Box::new(keys), Box::new(users), Box::new(at), Box::new(bodies)],
+            ));
+        }
         let (puts, deletes) = split(std::mem::take(&mut self.subscriptions));
         if !deletes.is_empty() {
             out.push(("DELETE FROM subscriptions WHERE uid = ANY($1)", vec![Box::new(deletes)]));
@@ -412,6 +440,12 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             }
             Op::DeleteSubscription(uid) => {
                 net.subscriptions.insert(uid.clone(), None);
+            }
+            Op::PutIndex(key, user, at, body) => {
+                net.index.insert(key.clone(), Some((user.clone(), *at, body.clone())));
+            }
+            Op::DeleteIndex(key) => {
+                net.index.insert(key.clone(), None);
             }
             Op::Ingest(_) => {} // run first, by `commit` (its statements depend on answers)
             Op::Fenced(seq, epoch, write) => {
@@ -624,5 +658,39 @@ impl Engine for Postgres {
             let _ = self.calls.lock().try_send(refresh);
         }
         known
+    }
+
+    fn index_scan(&self, prefix: &[u8]) -> Result<Vec<crate::store::durable::engine::IndexRow>, StoreError> {
+        let end = crate::store::durable::engine::prefix_end(prefix);
+        Ok(self
+            .query(
+                "SELECT key, seen_at, body FROM mailbox_index WHERE key >= $1 AND key < $2 ORDER BY key",
+                vec![Box::new(prefix.to_vec()), Box::new(end)],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    fn index_users(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT DISTINCT user_name FROM mailbox_index ORDER BY user_name",
+                vec![],
+            )?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT key FROM mailbox_index WHERE seen_at < $1",
+                vec![Box::new(before)],
+            )?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 }

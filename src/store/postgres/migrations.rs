@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "initial", include_str!("migrations/0001_initial.sql")),
     (2, "shared", include_str!("migrations/0002_shared.sql")),
+    (3, "mailbox_index", include_str!("migrations/0003_mailbox_index.sql")),
 ];
 
 /// The advisory lock key every mailhook migration takes ("mailhook" in ASCII, 8 bytes).

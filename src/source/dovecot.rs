@@ -1,0 +1,702 @@
+//! The Dovecot source: what happens inside mailboxes, as a Dovecot server reports it.
+//! Two feeds arrive on the ingest API, with its tokens:
+//!
+//! - `POST /v1/sources/dovecot`: the push-notification batches of the shipped Lua script
+//!   (`examples/dovecot/mailhook.lua`), one per outermost mail transaction (an IMAP MOVE
+//!   is one batch: the append in the destination and the expunge in the source), one JSON
+//!   batch or NDJSON of several (the script's spool, resent).
+//! - `POST /v1/sources/dovecot/events`: Dovecot's event exporter (`transport = http-post`,
+//!   the token as the password of the URL's credentials): configuration changes the
+//!   push notifications never see (ACLs, metadata, Sieve scripts).
+//!
+//! `map_batch` and `map_exported` are pure: what arrived and what the mailbox index knew
+//! become events and index changes, which are stored in one commit.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use super::{is_internal, normalize_address};
+use crate::api::{Direction, EventType};
+use crate::event::{Activity, ConfigChange, ConfigKind, DeleteStage, FolderAction, MailboxEvent, Source};
+use crate::store::{IndexChange, IndexedMessage, MessageKey};
+
+/// The batch format this binary reads; the script sends it as `version`.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Longest text kept from a notification (subjects, folder names, addresses).
+const MAX_TEXT: usize = 16 * 1024;
+/// Most notifications one batch may carry (a MOVE of a whole folder is one batch).
+pub const MAX_NOTIFICATIONS: usize = 100_000;
+
+/// How folders are recognised, and what makes a message internal.
+#[derive(Debug, Clone, Default)]
+pub struct DovecotConfig {
+    /// Folder names where an append is a sent message (compared ignoring case).
+    pub sent_folders: Vec<String>,
+    /// Folder names where a moved message counts as deleted (soft).
+    pub trash_folders: Vec<String>,
+    /// Lower-cased internal domains (direction).
+    pub internal_domains: Vec<String>,
+}
+
+impl DovecotConfig {
+    fn is_sent(&self, folder: &str) -> bool {
+        self.sent_folders.iter().any(|f| f.eq_ignore_ascii_case(folder))
+    }
+
+    fn is_trash(&self, folder: &str) -> bool {
+        self.trash_folders.iter().any(|f| f.eq_ignore_ascii_case(folder))
+    }
+}
+
+/// One transaction group of one session, as the Lua script posts it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Batch {
+    pub version: u32,
+    /// Unique per batch; with each notification's position, the producer id that makes a
+    /// resent batch a duplicate.
+    pub batch: String,
+    /// The mailbox user the changes were made in.
+    pub user: String,
+    /// Who authenticated (a master user or an admin, when not the user).
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub remote_ip: Option<String>,
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Unix seconds when the transaction ended (the server's clock).
+    #[serde(default)]
+    pub at: Option<i64>,
+    pub events: Vec<Notification>,
+}
+
+/// One RFC 5423 notification, flattened by the script (unknown fields are ignored, so a
+/// newer script's additions do not break an older mailhook).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct Notification {
+    /// `MessageNew`, `MessageAppend`, `MessageExpunge`, `MessageTrash`, `MessageRead`,
+    /// `FlagsSet`, `FlagsClear`, `MailboxCreate`, `MailboxDelete`, `MailboxRename`,
+    /// `MailboxSubscribe`, `MailboxUnsubscribe`.
+    pub event: String,
+    #[serde(default)]
+    pub mailbox: Option<String>,
+    /// MailboxRename: the old name.
+    #[serde(default)]
+    pub mailbox_old: Option<String>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub uid_validity: Option<u32>,
+    #[serde(default)]
+    pub message_id: Option<String>,
+    /// Sender address (not the display name).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// First recipient address.
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// System flags set or cleared (FlagsSet / FlagsClear).
+    #[serde(default)]
+    pub flags: Vec<String>,
+    /// Keywords set or cleared.
+    #[serde(default)]
+    pub keywords: Vec<String>,
+}
+
+/// Why a batch was refused whole: the field and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct BatchError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn refuse(field: impl Into<String>, problem: impl Into<String>) -> BatchError {
+    BatchError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// What a batch becomes: events (in the order of the notifications they came from) and
+/// the changes to the mailbox index, stored together.
+#[derive(Debug, Default)]
+pub struct Mapped {
+    pub events: Vec<MailboxEvent>,
+    pub index: Vec<IndexChange>,
+}
+
+/// The mailbox a Dovecot user name stands for: the address, lower-cased, where it is
+/// one; otherwise the name as Dovecot has it, lower-cased.
+pub fn mailbox_of(user: &str) -> String {
+    normalize_address(user).unwrap_or_else(|| user.trim().to_lowercase())
+}
+
+fn clean(text: Option<String>) -> Option<String> {
+    text.map(|t| {
+        let t: String = t.chars().filter(|c| !c.is_control()).collect();
+        match t.char_indices().nth(MAX_TEXT) {
+            Some((cut, _)) => t.get(..cut).unwrap_or_default().to_string(),
+            None => t,
+        }
+    })
+    .filter(|t| !t.is_empty())
+}
+
+/// The flags that tell something: `\Recent` is the server's own bookkeeping (selecting a
+/// folder clears it), never a user's act.
+fn meaningful(flags: &[String], keywords: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = flags
+        .iter()
+        .chain(keywords)
+        .filter(|f| !f.eq_ignore_ascii_case("\\Recent") && !f.trim().is_empty())
+        .filter_map(|f| clean(Some(f.clone())))
+        .collect();
+    out.dedup();
+    out
+}
+
+/// The session's side of every event of a batch.
+struct Session {
+    mailbox: String,
+    activity: Activity,
+    at: jiff::Timestamp,
+    now: jiff::Timestamp,
+    batch: String,
+}
+
+impl Session {
+    fn event(
+        &self,
+        position: usize,
+        event_type: EventType,
+        folder: Option<String>,
+        activity: Activity,
+    ) -> MailboxEvent {
+        MailboxEvent {
+            id: MailboxEvent::new_id(),
+            event_type,
+            occurred_at: self.at,
+            received_at: self.now,
+            source: Source::Dovecot,
+            producer_event_id: Some(format!("dovecot:{}:{position}", self.batch)),
+            mailbox: self.mailbox.clone(),
+            message_id: None,
+            from: None,
+            to: vec![],
+            cc: vec![],
+            bcc: vec![],
+            subject: None,
+            size: None,
+            attachments: vec![],
+            direction: None,
+            folder,
+            headers: Default::default(),
+            flags: vec![],
+            flagged_event_id: None,
+            flag_namespace: None,
+            raw_message: None,
+            activity: Some(Box::new(activity)),
+        }
+    }
+
+    fn activity(&self) -> Activity {
+        self.activity.clone()
+    }
+}
+
+/// A message event's notification, with the message it names.
+struct Placed {
+    position: usize,
+    key: Option<MessageKey>,
+    folder: String,
+    known: Option<IndexedMessage>,
+}
+
+fn with_message(mut event: MailboxEvent, key: Option<&MessageKey>, known: Option<&IndexedMessage>) -> MailboxEvent {
+    if let Some(m) = known {
+        event.message_id = m.message_id.clone();
+        event.subject = m.subject.clone();
+        event.from = m.from.clone();
+        event.to = m.to.clone();
+    }
+    if let (Some(key), Some(activity)) = (key, event.activity.as_mut()) {
+        activity.uid = Some(key.uid);
+        activity.uid_validity = Some(key.uid_validity);
+    }
+    event
+}
+
+/// Maps one batch. `lookup` answers what the index knew of a message before this batch;
+/// messages the batch itself indexes are found without it.
+pub fn map_batch(
+    batch: Batch,
+    lookup: &mut dyn FnMut(&MessageKey) -> Option<IndexedMessage>,
+    cfg: &DovecotConfig,
+    now: jiff::Timestamp,
+) -> Result<Mapped, BatchError> {
+    if batch.version != WIRE_VERSION {
+        return Err(refuse(
+            "version",
+            format!(
+                "batch format version {} is not spoken by this mailhook (it reads version {WIRE_VERSION}); \
+                 install the Lua script shipped with this release",
+                batch.version
+            ),
+        ));
+    }
+    let user = batch.user.trim().to_string();
+    if user.is_empty() || user.len() > 320 || user.chars().any(char::is_control) {
+        return Err(refuse("user", "must be the mailbox user's name, 1 to 320 characters"));
+    }
+    if batch.batch.is_empty() || batch.batch.len() > 200 || batch.batch.chars().any(char::is_control) {
+        return Err(refuse(
+            "batch",
+            "must be 1 to 200 characters, none of them control characters",
+        ));
+    }
+    if batch.events.len() > MAX_NOTIFICATIONS {
+        return Err(refuse(
+            "events",
+            format!("more than {MAX_NOTIFICATIONS} notifications in one batch"),
+        ));
+    }
+    let auth_user = clean(batch.auth_user).filter(|a| *a != user);
+    let session = Session {
+        mailbox: mailbox_of(&user),
+        activity: Activity {
+            user: user.clone(),
+            admin_session: auth_user.is_some(),
+            auth_user,
+            service: clean(batch.service),
+            remote_ip: clean(batch.remote_ip),
+            session: clean(batch.session),
+            ..Default::default()
+        },
+        at: batch
+            .at
+            .and_then(|s| jiff::Timestamp::from_second(s).ok())
+            .unwrap_or(now),
+        now,
+        batch: batch.batch,
+    };
+    let key_of = |n: &Notification, folder: &str| -> Option<MessageKey> {
+        Some(MessageKey {
+            user: user.clone(),
+            folder: folder.to_string(),
+            uid_validity: n.uid_validity?,
+            uid: n.uid?,
+        })
+    };
+
+    let mut out: Vec<(usize, MailboxEvent)> = Vec::new();
+    let mut index = Vec::new();
+    // Messages indexed by this batch, for later notifications of the same batch.
+    let mut indexed: HashMap<MessageKey, IndexedMessage> = HashMap::new();
+    let mut find = |key: &Option<MessageKey>, indexed: &HashMap<MessageKey, IndexedMessage>| {
+        key.as_ref().and_then(|k| indexed.get(k).cloned().or_else(|| lookup(k)))
+    };
+    let mut appends: Vec<Placed> = Vec::new();
+    let mut expunges: Vec<Placed> = Vec::new();
+    let mut soft_deleted: Vec<MessageKey> = Vec::new();
+
+    for (position, n) in batch.events.into_iter().enumerate() {
+        let folder = clean(n.mailbox.clone());
+        let at = |field: &str| format!("events[{position}].{field}");
+        let soft_delete = |out: &mut Vec<(usize, MailboxEvent)>,
+                           soft_deleted: &mut Vec<MessageKey>,
+                           key: Option<MessageKey>,
+                           folder: &str,
+                           known: Option<IndexedMessage>| {
+            if key.as_ref().is_some_and(|k| soft_deleted.contains(k)) {
+                return;
+            }
+            let mut activity = session.activity();
+            activity.stage = Some(DeleteStage::Soft);
+            let event = session.event(position, EventType::MessageDeleted, Some(folder.to_string()), activity);
+            out.push((position, with_message(event, key.as_ref(), known.as_ref())));
+            soft_deleted.extend(key);
+        };
+        match n.event.as_str() {
+            "MessageNew" | "MessageAppend" => {
+                let Some(folder) = folder else {
+                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
+                };
+                let key = key_of(&n, &folder);
+                let message = IndexedMessage {
+                    message_id: clean(n.message_id.clone()),
+                    subject: clean(n.subject.clone()),
+                    from: n.from.as_deref().and_then(normalize_address),
+                    to: n.to.as_deref().and_then(normalize_address).into_iter().collect(),
+                    seen_at: now.as_second(),
+                };
+                if let Some(k) = &key {
+                    indexed.insert(k.clone(), message.clone());
+                    index.push(IndexChange::Put(k.clone(), message.clone()));
+                }
+                if n.event == "MessageAppend" {
+                    appends.push(Placed {
+                        position,
+                        key,
+                        folder,
+                        known: Some(message),
+                    });
+                    continue;
+                }
+                let direction = if message
+                    .from
+                    .as_deref()
+                    .is_some_and(|f| is_internal(f, &cfg.internal_domains))
+                {
+                    Direction::Internal
+                } else {
+                    Direction::Inbound
+                };
+                let mut event = session.event(position, EventType::MessageReceived, Some(folder), session.activity());
+                event.direction = Some(direction);
+                out.push((position, with_message(event, key.as_ref(), Some(&message))));
+            }
+            "MessageExpunge" => {
+                let Some(folder) = folder else {
+                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
+                };
+                let key = key_of(&n, &folder);
+                let known = find(&key, &indexed);
+                if let Some(k) = &key {
+                    indexed.remove(k);
+                    index.push(IndexChange::Remove(k.clone()));
+                }
+                expunges.push(Placed {
+                    position,
+                    key,
+                    folder,
+                    known,
+                });
+            }
+            "MessageTrash" => {
+                let Some(folder) = folder else {
+                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
+                };
+                let key = key_of(&n, &folder);
+                let known = find(&key, &indexed);
+                soft_delete(&mut out, &mut soft_deleted, key, &folder, known);
+            }
+            "FlagsSet" | "FlagsClear" => {
+                let Some(folder) = folder else {
+                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
+                };
+                let key = key_of(&n, &folder);
+                let set = n.event == "FlagsSet";
+                let mut flags = meaningful(&n.flags, &n.keywords);
+                if set && flags.iter().any(|f| f.eq_ignore_ascii_case("\\Deleted")) {
+                    flags.retain(|f| !f.eq_ignore_ascii_case("\\Deleted"));
+                    let known = find(&key, &indexed);
+                    soft_delete(&mut out, &mut soft_deleted, key.clone(), &folder, known);
+                }
+                if flags.is_empty() {
+                    continue;
+                }
+                let known = find(&key, &indexed);
+                let mut activity = session.activity();
+                activity.imap_flags = flags;
+                let kind = if set {
+                    EventType::MessageFlagged
+                } else {
+                    EventType::MessageUnflagged
+                };
+                let event = session.event(position, kind, Some(folder), activity);
+                out.push((position, with_message(event, key.as_ref(), known.as_ref())));
+            }
+            // Reported as FlagsSet \Seen as well: one event for one act.
+            "MessageRead" => {}
+            "MailboxCreate" | "MailboxDelete" | "MailboxRename" | "MailboxSubscribe" | "MailboxUnsubscribe" => {
+                let Some(folder) = folder else {
+                    return Err(refuse(at("mailbox"), "a folder notification names its folder"));
+                };
+                let mut activity = session.activity();
+                activity.action = Some(match n.event.as_str() {
+                    "MailboxCreate" => {
+                        // INBOX always exists for IMAP: the server creating it on first
+                        // delivery is not anyone's act.
+                        if folder.eq_ignore_ascii_case("INBOX") {
+                            continue;
+                        }
+                        index.push(IndexChange::PutFolder {
+                            user: user.clone(),
+                            folder: folder.clone(),
+                        });
+                        FolderAction::Created
+                    }
+                    "MailboxDelete" => {
+                        index.push(IndexChange::RemoveFolder {
+                            user: user.clone(),
+                            folder: folder.clone(),
+                        });
+                        indexed.retain(|k, _| k.folder != folder);
+                        FolderAction::Deleted
+                    }
+                    "MailboxRename" => {
+                        let Some(old) = clean(n.mailbox_old.clone()) else {
+                            return Err(refuse(at("mailboxOld"), "a rename names the old folder"));
+                        };
+                        index.push(IndexChange::RenameFolder {
+                            user: user.clone(),
+                            from: old.clone(),
+                            to: folder.clone(),
+                        });
+                        indexed = indexed
+                            .into_iter()
+                            .map(|(mut k, m)| {
+                                if k.folder == old {
+                                    k.folder = folder.clone();
+                                }
+                                (k, m)
+                            })
+                            .collect();
+                        activity.previous_folder = Some(old);
+                        FolderAction::Renamed
+                    }
+                    "MailboxSubscribe" => FolderAction::Subscribed,
+                    _ => FolderAction::Unsubscribed,
+                });
+                out.push((
+                    position,
+                    session.event(position, EventType::FolderChanged, Some(folder), activity),
+                ));
+            }
+            // A newer server or script may report more: ignored, not refused.
+            _ => {}
+        }
+    }
+
+    // A MOVE is an append in the destination and an expunge in the source, in one batch:
+    // paired by Message-ID, or, for a source message the index never saw, in order.
+    let mut paired: Vec<(usize, usize)> = Vec::new();
+    let mut append_used = vec![false; appends.len()];
+    let mut expunge_used = vec![false; expunges.len()];
+    for (e, expunge) in expunges.iter().enumerate() {
+        let Some(id) = expunge.known.as_ref().and_then(|k| k.message_id.as_deref()) else {
+            continue;
+        };
+        if let Some(a) = appends.iter().enumerate().position(|(a, append)| {
+            !append_used[a]
+                && append.folder != expunge.folder
+                && append.known.as_ref().and_then(|k| k.message_id.as_deref()) == Some(id)
+        }) {
+            append_used[a] = true;
+            expunge_used[e] = true;
+            paired.push((a, e));
+        }
+    }
+    for (e, expunge) in expunges.iter().enumerate() {
+        if expunge_used[e] || expunge.known.as_ref().is_some_and(|k| k.message_id.is_some()) {
+            continue;
+        }
+        if let Some(a) = (0..appends.len()).find(|a| !append_used[*a] && appends[*a].folder != expunge.folder) {
+            append_used[a] = true;
+            expunge_used[e] = true;
+            paired.push((a, e));
+        }
+    }
+    for (a, e) in paired {
+        let (append, expunge) = (&appends[a], &expunges[e]);
+        let mut activity = session.activity();
+        activity.previous_folder = Some(expunge.folder.clone());
+        let kind = if cfg.is_trash(&append.folder) && !cfg.is_trash(&expunge.folder) {
+            activity.stage = Some(DeleteStage::Soft);
+            EventType::MessageDeleted
+        } else {
+            EventType::MessageMoved
+        };
+        // The destination's notification knows the message; the source's index entry
+        // may know more (a recipient list from the delivery).
+        let known = match (&append.known, &expunge.known) {
+            (Some(new), Some(old)) => Some(IndexedMessage {
+                message_id: new.message_id.clone().or_else(|| old.message_id.clone()),
+                subject: new.subject.clone().or_else(|| old.subject.clone()),
+                from: new.from.clone().or_else(|| old.from.clone()),
+                to: if new.to.is_empty() {
+                    old.to.clone()
+                } else {
+                    new.to.clone()
+                },
+                seen_at: new.seen_at,
+            }),
+            (new, old) => new.clone().or_else(|| old.clone()),
+        };
+        let position = append.position.min(expunge.position);
+        let event = session.event(position, kind, Some(append.folder.clone()), activity);
+        out.push((position, with_message(event, append.key.as_ref(), known.as_ref())));
+    }
+    for (a, append) in appends.iter().enumerate() {
+        // A copy or a client's upload to another folder is indexed, not reported.
+        if append_used[a] || !cfg.is_sent(&append.folder) {
+            continue;
+        }
+        let mut event = session.event(
+            append.position,
+            EventType::MessageSent,
+            Some(append.folder.clone()),
+            session.activity(),
+        );
+        let all_internal = append
+            .known
+            .as_ref()
+            .is_some_and(|m| !m.to.is_empty() && m.to.iter().all(|t| is_internal(t, &cfg.internal_domains)));
+        event.direction = Some(if all_internal && !cfg.internal_domains.is_empty() {
+            Direction::Internal
+        } else {
+            Direction::Outbound
+        });
+        out.push((
+            append.position,
+            with_message(event, append.key.as_ref(), append.known.as_ref()),
+        ));
+    }
+    for (e, expunge) in expunges.iter().enumerate() {
+        if expunge_used[e] {
+            continue;
+        }
+        let mut activity = session.activity();
+        activity.stage = Some(DeleteStage::Hard);
+        let event = session.event(
+            expunge.position,
+            EventType::MessageDeleted,
+            Some(expunge.folder.clone()),
+            activity,
+        );
+        out.push((
+            expunge.position,
+            with_message(event, expunge.key.as_ref(), expunge.known.as_ref()),
+        ));
+    }
+    out.sort_by_key(|(position, _)| *position);
+    Ok(Mapped {
+        events: out.into_iter().map(|(_, e)| e).collect(),
+        index,
+    })
+}
+
+/// One event of Dovecot's event exporter (`format = json`).
+#[derive(Debug, Deserialize)]
+pub struct Exported {
+    pub event: String,
+    #[serde(default)]
+    pub start_time: Option<String>,
+    #[serde(default)]
+    pub end_time: Option<String>,
+    #[serde(default)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The configuration change an exported event reports, if it reports one; other events
+/// (the exporter's filter may let more through) are ignored.
+pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
+    let field = |name: &str| clean(e.fields.get(name).and_then(|v| v.as_str()).map(String::from));
+    let command = field("cmd_name")?.to_ascii_uppercase();
+    let args = field("cmd_args");
+    let first_arg = || {
+        args.as_deref()
+            .and_then(|a| a.split_whitespace().next())
+            .map(|a| a.trim_matches('"').to_string())
+    };
+    let (kind, target) = match e.event.as_str() {
+        "imap_command_finished" => {
+            if field("tagged_reply_state").as_deref() != Some("OK") {
+                return None;
+            }
+            match command.as_str() {
+                "SETACL" | "DELETEACL" => (ConfigKind::Acl, first_arg()),
+                "SETMETADATA" => (ConfigKind::Metadata, field("mailbox").or_else(first_arg)),
+                _ => return None,
+            }
+        }
+        "managesieve_command_finished" => {
+            if e.fields.contains_key("error") {
+                return None;
+            }
+            match command.as_str() {
+                "PUTSCRIPT" | "SETACTIVE" | "DELETESCRIPT" | "RENAMESCRIPT" => {
+                    (ConfigKind::Sieve, field("script_name").or_else(first_arg))
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    let user = field("user")?;
+    if user.len() > 320 {
+        return None;
+    }
+    let at = e
+        .end_time
+        .as_deref()
+        .or(e.start_time.as_deref())
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .unwrap_or(now);
+    let session = field("session");
+    let producer = format!(
+        "dovecot-export:{}:{}:{}:{command}",
+        session.as_deref().unwrap_or(""),
+        field("cmd_tag").unwrap_or_default(),
+        e.start_time.as_deref().unwrap_or("")
+    )
+    .chars()
+    .filter(|c| !c.is_control())
+    .collect();
+    let activity = Activity {
+        user: user.clone(),
+        service: Some(
+            match kind {
+                ConfigKind::Sieve => "managesieve",
+                _ => "imap",
+            }
+            .to_string(),
+        ),
+        remote_ip: field("remote_ip"),
+        session,
+        change: Some(ConfigChange {
+            kind,
+            command,
+            target,
+            detail: args,
+        }),
+        ..Default::default()
+    };
+    Some(MailboxEvent {
+        id: MailboxEvent::new_id(),
+        event_type: EventType::MailboxConfigChanged,
+        occurred_at: at,
+        received_at: now,
+        source: Source::Dovecot,
+        producer_event_id: Some(producer),
+        mailbox: mailbox_of(&user),
+        message_id: None,
+        from: None,
+        to: vec![],
+        cc: vec![],
+        bcc: vec![],
+        subject: None,
+        size: None,
+        attachments: vec![],
+        direction: None,
+        folder: None,
+        headers: Default::default(),
+        flags: vec![],
+        flagged_event_id: None,
+        flag_namespace: None,
+        raw_message: None,
+        activity: Some(Box::new(activity)),
+    })
+}
+
+#[cfg(test)]
+mod tests;
