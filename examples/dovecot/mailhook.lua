@@ -208,6 +208,7 @@ function dovecot_lua_notify_begin_txn(user)
     users[user.username] = state
   end
   if state.depth == 0 then
+    state.mail_user = user
     state.service = user.service
     state.remote_ip = user:var_expand("%{rip}")
     state.auth_user = user:var_expand("%{auth_user}")
@@ -264,6 +265,24 @@ local function plain(ctx, ev)
   })
 end
 
+-- A created or renamed folder with its UIDVALIDITY: a folder created again gets a new
+-- one, which tells mailhook one creation from another.
+local function folder(ctx, ev)
+  local uid_validity = nil
+  local ok = pcall(function()
+    local mbox = ctx.state.mail_user:mailbox(ev.mailbox)
+    uid_validity = integer(mbox:status(dovecot.storage.STATUS_UIDVALIDITY).uidvalidity)
+    mbox:free()
+  end)
+  if not ok then uid_validity = nil end
+  table.insert(ctx.events, {
+    event = ev.name,
+    mailbox = ev.mailbox,
+    mailboxOld = ev.mailbox_old,
+    uidValidity = uid_validity,
+  })
+end
+
 dovecot_lua_notify_event_message_new = message
 dovecot_lua_notify_event_message_append = message
 dovecot_lua_notify_event_message_expunge = plain
@@ -271,8 +290,8 @@ dovecot_lua_notify_event_message_trash = plain
 dovecot_lua_notify_event_message_read = plain
 dovecot_lua_notify_event_flags_set = flags
 dovecot_lua_notify_event_flags_clear = flags
-dovecot_lua_notify_event_mailbox_create = plain
+dovecot_lua_notify_event_mailbox_create = folder
 dovecot_lua_notify_event_mailbox_delete = plain
-dovecot_lua_notify_event_mailbox_rename = plain
+dovecot_lua_notify_event_mailbox_rename = folder
 dovecot_lua_notify_event_mailbox_subscribe = plain
 dovecot_lua_notify_event_mailbox_unsubscribe = plain

@@ -213,6 +213,57 @@ impl Session {
     }
 }
 
+/// Which end of a message's life in a folder an event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// It arrived in the folder (delivered, appended, moved in).
+    In,
+    /// It left the folder (expunged).
+    Out,
+}
+
+/// The producer id of an event about a message arriving in or leaving its place: UIDs
+/// are never reused within a UIDVALIDITY, so the live notification, its resent copy from
+/// the script's spool and the reconciler's finding are one event, whichever comes first.
+pub fn message_producer_id(key: &MessageKey, side: Side) -> String {
+    let side = match side {
+        Side::In => "in",
+        Side::Out => "out",
+    };
+    format!(
+        "dovecot:{}:{}:{}:{}:{side}",
+        key.user, key.folder, key.uid_validity, key.uid
+    )
+    .chars()
+    .filter(|c| !c.is_control())
+    .collect()
+}
+
+/// The producer id of a folder's creation or renaming when its UIDVALIDITY is known: a
+/// folder created again gets a new one, so the live notification and the reconciler's
+/// finding are one event. Pure.
+pub fn folder_producer_id(user: &str, folder: &str, uid_validity: u32, action: FolderAction) -> String {
+    let action = match action {
+        FolderAction::Created => "created",
+        FolderAction::Renamed => "renamed",
+        FolderAction::Deleted => "deleted",
+        FolderAction::Subscribed => "subscribed",
+        FolderAction::Unsubscribed => "unsubscribed",
+    };
+    format!("dovecot:{user}:{folder}:{uid_validity}:{action}")
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect()
+}
+
+/// Names the event by its message's place (see `message_producer_id`), when it has one.
+fn placed(mut event: MailboxEvent, key: Option<&MessageKey>, side: Side) -> MailboxEvent {
+    if let Some(key) = key {
+        event.producer_event_id = Some(message_producer_id(key, side));
+    }
+    event
+}
+
 /// A message event's notification, with the message it names.
 struct Placed {
     position: usize,
@@ -362,6 +413,7 @@ pub fn map_batch(
                 };
                 let mut event = session.event(position, EventType::MessageReceived, Some(folder), session.activity());
                 event.direction = Some(direction);
+                let event = placed(event, key.as_ref(), Side::In);
                 out.push((position, with_message(event, key.as_ref(), Some(&message))));
             }
             "MessageExpunge" => {
@@ -432,6 +484,7 @@ pub fn map_batch(
                         index.push(IndexChange::PutFolder {
                             user: user.clone(),
                             folder: folder.clone(),
+                            uid_validity: n.uid_validity,
                         });
                         FolderAction::Created
                     }
@@ -467,10 +520,14 @@ pub fn map_batch(
                     "MailboxSubscribe" => FolderAction::Subscribed,
                     _ => FolderAction::Unsubscribed,
                 });
-                out.push((
-                    position,
-                    session.event(position, EventType::FolderChanged, Some(folder), activity),
-                ));
+                let action = activity.action;
+                let mut event = session.event(position, EventType::FolderChanged, Some(folder.clone()), activity);
+                if let (Some(uid_validity), Some(action @ (FolderAction::Created | FolderAction::Renamed))) =
+                    (n.uid_validity, action)
+                {
+                    event.producer_event_id = Some(folder_producer_id(&user, &folder, uid_validity, action));
+                }
+                out.push((position, event));
             }
             // A newer server or script may report more: ignored, not refused.
             _ => {}
@@ -533,7 +590,11 @@ pub fn map_batch(
             (new, old) => new.clone().or_else(|| old.clone()),
         };
         let position = append.position.min(expunge.position);
-        let event = session.event(position, kind, Some(append.folder.clone()), activity);
+        let event = placed(
+            session.event(position, kind, Some(append.folder.clone()), activity),
+            append.key.as_ref(),
+            Side::In,
+        );
         out.push((position, with_message(event, append.key.as_ref(), known.as_ref())));
     }
     for (a, append) in appends.iter().enumerate() {
@@ -556,6 +617,7 @@ pub fn map_batch(
         } else {
             Direction::Outbound
         });
+        let event = placed(event, append.key.as_ref(), Side::In);
         out.push((
             append.position,
             with_message(event, append.key.as_ref(), append.known.as_ref()),
@@ -567,11 +629,15 @@ pub fn map_batch(
         }
         let mut activity = session.activity();
         activity.stage = Some(DeleteStage::Hard);
-        let event = session.event(
-            expunge.position,
-            EventType::MessageDeleted,
-            Some(expunge.folder.clone()),
-            activity,
+        let event = placed(
+            session.event(
+                expunge.position,
+                EventType::MessageDeleted,
+                Some(expunge.folder.clone()),
+                activity,
+            ),
+            expunge.key.as_ref(),
+            Side::Out,
         );
         out.push((
             expunge.position,

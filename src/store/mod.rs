@@ -204,10 +204,12 @@ pub struct IndexedMessage {
 pub enum IndexChange {
     Put(MessageKey, IndexedMessage),
     Remove(MessageKey),
-    /// The folder exists (kept even while it holds no known message).
+    /// The folder exists (kept even while it holds no known message), with its
+    /// UIDVALIDITY when known.
     PutFolder {
         user: String,
         folder: String,
+        uid_validity: Option<u32>,
     },
     /// The folder and every message known in it are gone.
     RemoveFolder {
@@ -225,9 +227,17 @@ pub enum IndexChange {
 /// What the index knows of one user's mailbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexedMailbox {
-    /// Every known folder.
-    pub folders: std::collections::BTreeSet<String>,
+    /// Every known folder, with its UIDVALIDITY when known.
+    pub folders: std::collections::BTreeMap<String, Option<u32>>,
     pub messages: std::collections::BTreeMap<MessageKey, IndexedMessage>,
+}
+
+/// What the index keeps of a folder.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexedFolder {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid_validity: Option<u32>,
 }
 
 /// Index keys are bytes that sort by (user, folder, UIDVALIDITY, UID): a NUL after the
@@ -512,6 +522,7 @@ pub mod conformance {
         let folder = |f: &str| IndexChange::PutFolder {
             user: user.into(),
             folder: f.into(),
+            uid_validity: (f == "Projekte").then_some(7),
         };
         let first = s
             .ingest_indexed(
@@ -565,8 +576,9 @@ pub mod conformance {
         .expect("changes");
         let all = s.indexed(user, None).expect("read");
         assert_eq!(
-            all.folders.iter().map(String::as_str).collect::<Vec<_>>(),
-            vec!["Archiv", "INBOX"]
+            all.folders.iter().map(|(f, v)| (f.as_str(), *v)).collect::<Vec<_>>(),
+            vec![("Archiv", Some(7)), ("INBOX", Some(7))],
+            "a renamed folder keeps its UIDVALIDITY; a folder known by its messages has theirs"
         );
         assert_eq!(
             all.messages.keys().cloned().collect::<Vec<_>>(),

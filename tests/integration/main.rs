@@ -4,6 +4,7 @@
 mod controller;
 mod crd;
 mod delivery;
+mod dovecot;
 mod durability;
 mod history;
 #[path = "../common/pg.rs"]

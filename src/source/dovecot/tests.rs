@@ -83,7 +83,11 @@ fn a_delivery_is_received_named_and_indexed_and_inbox_creation_is_no_event() {
     assert_eq!(e.from.as_deref(), Some("emile@outside.example"));
     assert_eq!(e.folder.as_deref(), Some("INBOX"));
     assert_eq!(e.direction, Some(Direction::Inbound));
-    assert_eq!(e.producer_event_id.as_deref(), Some("dovecot:sess-1:7:1"));
+    assert_eq!(
+        e.producer_event_id.as_deref(),
+        Some("dovecot:alice@example.test:INBOX:1796444796:1:in"),
+        "named by its place: the reconciler's finding of it is the same event"
+    );
     let a = activity(e);
     assert_eq!((a.uid, a.uid_validity), (Some(1), Some(1796444796)));
     assert_eq!(a.service.as_deref(), Some("lmtp"));
@@ -268,6 +272,10 @@ fn an_append_to_sent_is_sent_mail_and_elsewhere_only_indexed() {
         &[],
     );
     assert_eq!(types(&m), vec!["message.sent"]);
+    assert_eq!(
+        m.events[0].producer_event_id.as_deref(),
+        Some("dovecot:alice@example.test:Sent:3:1:in")
+    );
     assert_eq!(m.events[0].direction, Some(Direction::Outbound));
     assert_eq!(m.events[0].to, vec!["bob@else.example"]);
     assert_eq!(m.index.len(), 2, "both appends are indexed");
@@ -311,7 +319,8 @@ fn folder_changes_carry_their_action_and_move_the_index() {
         vec![
             IndexChange::PutFolder {
                 user: "alice@example.test".into(),
-                folder: "Projekte".into()
+                folder: "Projekte".into(),
+                uid_validity: None,
             },
             IndexChange::RenameFolder {
                 user: "alice@example.test".into(),
@@ -349,11 +358,20 @@ fn a_resent_batch_has_the_same_producer_ids() {
     let events = json!([
         {"event": "MailboxCreate", "mailbox": "A"},
         {"event": "MessageExpunge", "mailbox": "INBOX", "uid": 1, "uidValidity": 5},
+        {"event": "FlagsSet", "mailbox": "INBOX", "uid": 2, "uidValidity": 5, "flags": ["\\Seen"]},
     ]);
     let first = map(batch("alice@example.test", "", "imap", events.clone()), &[]);
     let again = map(batch("alice@example.test", "", "imap", events), &[]);
     let ids = |m: &Mapped| m.events.iter().map(|e| e.producer_event_id.clone()).collect::<Vec<_>>();
     assert_eq!(ids(&first), ids(&again));
+    assert_eq!(
+        ids(&first),
+        vec![
+            Some("dovecot:sess-1:7:0".to_string()),
+            Some("dovecot:alice@example.test:INBOX:5:1:out".to_string()),
+            Some("dovecot:sess-1:7:2".to_string()),
+        ]
+    );
     assert_ne!(first.events[0].id, again.events[0].id);
 }
 

@@ -37,8 +37,8 @@ use self::schema::{StoredDelivery, create_tables, io, json, nanos};
 use self::state::{EVENT_CACHE, Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
-    Appended, Attempt, DeadLetter, Durable, IndexChange, IndexedMailbox, IndexedMessage, Ingest, MessageKey,
-    PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store, StoreError, index_key,
+    Appended, Attempt, DeadLetter, Durable, IndexChange, IndexedFolder, IndexedMailbox, IndexedMessage, Ingest,
+    MessageKey, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store, StoreError, index_key,
 };
 use crate::event::MailboxEvent;
 
@@ -339,19 +339,21 @@ impl DurableStore {
                     if !index_key::valid(&key.user) || !index_key::valid(&key.folder) {
                         continue;
                     }
+                    // The folder is known by its messages: no entry of its own is needed.
                     let body = json(&message)?;
-                    net.insert(
-                        index_key::folder(&key.user, &key.folder),
-                        Some((key.user.clone(), now, Vec::new())),
-                    );
                     net.insert(index_key::message(&key), Some((key.user, message.seen_at, body)));
                 }
                 IndexChange::Remove(key) => {
                     net.insert(index_key::message(&key), None);
                 }
-                IndexChange::PutFolder { user, folder } => {
+                IndexChange::PutFolder {
+                    user,
+                    folder,
+                    uid_validity,
+                } => {
                     if index_key::valid(&user) && index_key::valid(&folder) {
-                        net.insert(index_key::folder(&user, &folder), Some((user, now, Vec::new())));
+                        let marker = json(&IndexedFolder { uid_validity })?;
+                        net.insert(index_key::folder(&user, &folder), Some((user, now, marker)));
                     }
                 }
                 IndexChange::RemoveFolder { user, folder } => {
@@ -435,19 +437,31 @@ impl Store for DurableStore {
             let Some((user, folder, message)) = index_key::parse(&key) else {
                 continue;
             };
-            if let Some((uid_validity, uid)) = message {
-                let Ok(indexed) = serde_json::from_slice::<IndexedMessage>(&body) else {
-                    continue;
-                };
-                let key = MessageKey {
-                    user,
-                    folder: folder.clone(),
-                    uid_validity,
-                    uid,
-                };
-                mailbox.messages.insert(key, indexed);
+            match message {
+                Some((uid_validity, uid)) => {
+                    let Ok(indexed) = serde_json::from_slice::<IndexedMessage>(&body) else {
+                        continue;
+                    };
+                    let key = MessageKey {
+                        user,
+                        folder: folder.clone(),
+                        uid_validity,
+                        uid,
+                    };
+                    mailbox.messages.insert(key, indexed);
+                    let known = mailbox.folders.entry(folder).or_insert(None);
+                    if known.is_none() {
+                        *known = Some(uid_validity);
+                    }
+                }
+                None => {
+                    let marker: IndexedFolder = serde_json::from_slice(&body).unwrap_or_default();
+                    let entry = mailbox.folders.entry(folder).or_insert(None);
+                    if marker.uid_validity.is_some() {
+                        *entry = marker.uid_validity;
+                    }
+                }
             }
-            mailbox.folders.insert(folder);
         }
         Ok(mailbox)
     }

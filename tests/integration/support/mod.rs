@@ -9,10 +9,12 @@
 //! - [`receiver`]: `tests/receiver/receiver.py`, a real webhook receiver that verifies
 //!   signatures with the `standardwebhooks` PyPI package.
 //! - [`fixtures`]: the YAML, events and certificates several tests share.
+//! - [`dovecot`]: a real Dovecot with mailhook's Dovecot source, and a mail user's actions.
 //!
 //! Everything is re-exported here: tests `use crate::support::{...}`.
 
 mod cluster;
+mod dovecot;
 mod fixtures;
 mod operator;
 mod receiver;
@@ -20,6 +22,7 @@ mod receiver;
 use std::time::Duration;
 
 pub use cluster::{TestNamespace, apply, apply_path, client, condition, install_crds, kubectl_run, wait_ready, whs};
+pub use dovecot::Dovecot;
 pub use fixtures::{SIEM_SECRET, apply_siem, self_signed, siem_event, signing_secret, subscription};
 pub use operator::{INGEST_TOKEN, Operator, free_port};
 pub use receiver::{Received, Receiver};

@@ -218,6 +218,12 @@ impl Operator {
         self.restart().await;
     }
 
+    /// Starts the stopped operator again with `extra` flags added; returns once ready.
+    pub async fn restart_with(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self.restart().await;
+    }
+
     /// Starts the stopped operator again with its flags (same ports, same store; the log
     /// goes on) and waits until it is ready.
     pub async fn restart(&mut self) {

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""What a mail user (or an admin) does to a mailbox, against tests/dovecot/env.py's Dovecot,
+with Python's own imaplib and smtplib (LMTP) and a plain ManageSieve exchange.
+
+    act.py --ports '{"imap": P, "lmtp": P, "sieve": P}' ACTION ARGS...
+
+Messages are found by Message-ID (UID SEARCH HEADER Message-ID), so tests name them the
+way events do. Each action logs in, does one thing, and logs out. Actions:
+
+    deliver RCPT MESSAGE-ID SUBJECT FROM      LMTP delivery
+    select USER FOLDER                        SELECT only (clears \\Recent: no event)
+    flag USER FOLDER MESSAGE-ID FLAG          UID STORE +FLAGS
+    unflag USER FOLDER MESSAGE-ID FLAG        UID STORE -FLAGS
+    move USER FROM TO MESSAGE-ID              UID MOVE
+    copy USER FROM TO MESSAGE-ID              UID COPY
+    expunge USER FOLDER MESSAGE-ID            STORE +FLAGS \\Deleted, then UID EXPUNGE
+    append USER FOLDER MESSAGE-ID TO SUBJECT  APPEND (a client saving sent mail)
+    create|delete|subscribe|unsubscribe USER FOLDER
+    rename USER FROM TO
+    setacl USER FOLDER IDENTIFIER RIGHTS
+    setmetadata USER FOLDER ENTRY VALUE
+    putscript USER NAME                       ManageSieve PUTSCRIPT (a forwarding rule)
+    latency USER N                            N rounds of SELECT, FETCH, STORE, NOOP; prints
+                                              per-command latency percentiles (ms) as JSON
+
+USER may be `alice@example.test*mailhook-admin`: the master user's login into alice's mailbox.
+"""
+
+import argparse
+import base64
+import imaplib
+import json
+import smtplib
+import socket
+import statistics
+import time
+
+PASSWORDS = {"alice@example.test": "alicepw", "bob@example.test": "bobpw", "mailhook-admin": "masterpw"}
+
+imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
+imaplib.Commands.setdefault("SETACL", ("AUTH", "SELECTED"))
+imaplib.Commands.setdefault("UID EXPUNGE", ("SELECTED",))
+
+
+def password(user):
+    return PASSWORDS[user.split("*", 1)[1] if "*" in user else user]
+
+
+def imap(ports, user):
+    i = imaplib.IMAP4("127.0.0.1", ports["imap"])
+    i.login(user, password(user))
+    return i
+
+
+def ok(result, what):
+    status, data = result
+    if status != "OK":
+        raise SystemExit(f"{what}: {status} {data}")
+    return data
+
+
+def uid_of(i, folder, message_id):
+    ok(i.select(quote(folder)), f"SELECT {folder}")
+    data = ok(i.uid("SEARCH", None, "HEADER", "Message-ID", quote(message_id)), "UID SEARCH")
+    uids = data[0].split()
+    if len(uids) != 1:
+        raise SystemExit(f"{message_id} in {folder}: {len(uids)} messages")
+    return uids[0].decode()
+
+
+def quote(s):
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def utf7(folder):
+    """IMAP's modified UTF-7 for folder names (RFC 3501 5.1.3)."""
+    out, run = [], []
+
+    def flush():
+        if run:
+            b = base64.b64encode("".join(run).encode("utf-16-be")).decode().rstrip("=").replace("/", ",")
+            out.append("&" + b + "-")
+            run.clear()
+
+    for ch in folder:
+        if " " <= ch <= "~":
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            run.append(ch)
+    flush()
+    return "".join(out)
+
+
+def act(ports, action, args):
+    if action == "deliver":
+        rcpt, message_id, subject, sender = args
+        msg = (
+            f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n"
+            "Date: Sat, 05 Dec 2026 04:00:00 +0000\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "MIME-Version: 1.0\r\n\r\nGrüße\r\n"
+        )
+        # Subject and body in UTF-8 (SMTPUTF8-style): Dovecot stores them as sent.
+        lmtp = smtplib.LMTP("127.0.0.1", ports["lmtp"])
+        lmtp.sendmail(sender, [rcpt], msg.encode("utf-8"))
+        lmtp.quit()
+        return
+    if action == "putscript":
+        user, name = args
+        sieve(ports, user, name, f'require ["copy"];\r\nredirect :copy "archive@outside.example";\r\n')
+        return
+    user = args[0]
+    i = imap(ports, user)
+    try:
+        if action == "select":
+            ok(i.select(quote(utf7(args[1]))), "SELECT")
+        elif action in ("flag", "unflag"):
+            folder, message_id, flag = args[1:]
+            uid = uid_of(i, utf7(folder), message_id)
+            ok(i.uid("STORE", uid, "+FLAGS" if action == "flag" else "-FLAGS", f"({flag})"), "STORE")
+        elif action in ("move", "copy"):
+            source, dest, message_id = args[1:]
+            uid = uid_of(i, utf7(source), message_id)
+            ok(i.uid(action.upper(), uid, quote(utf7(dest))), action.upper())
+        elif action == "expunge":
+            folder, message_id = args[1:]
+            uid = uid_of(i, utf7(folder), message_id)
+            ok(i.uid("STORE", uid, "+FLAGS", "(\\Deleted)"), "STORE")
+            ok(i.uid("EXPUNGE", uid), "UID EXPUNGE")
+        elif action == "append":
+            folder, message_id, to, subject = args[1:]
+            msg = f"From: {user.split('*')[0]}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n\r\nhi\r\n"
+            ok(i.append(quote(utf7(folder)), "(\\Seen)", None, msg.encode("utf-8")), "APPEND")
+        elif action == "create":
+            ok(i.create(quote(utf7(args[1]))), "CREATE")
+        elif action == "delete":
+            ok(i.delete(quote(utf7(args[1]))), "DELETE")
+        elif action == "subscribe":
+            ok(i.subscribe(quote(utf7(args[1]))), "SUBSCRIBE")
+        elif action == "unsubscribe":
+            ok(i.unsubscribe(quote(utf7(args[1]))), "UNSUBSCRIBE")
+        elif action == "rename":
+            ok(i.rename(quote(utf7(args[1])), quote(utf7(args[2]))), "RENAME")
+        elif action == "setacl":
+            folder, identifier, rights = args[1:]
+            ok(i._simple_command("SETACL", quote(utf7(folder)), identifier, rights), "SETACL")
+        elif action == "setmetadata":
+            folder, entry, value = args[1:]
+            ok(i._simple_command("SETMETADATA", quote(utf7(folder)), f"({entry} {quote(value)})"), "SETMETADATA")
+        elif action == "latency":
+            print(json.dumps(latency(i, int(args[1]))))
+        else:
+            raise SystemExit(f"unknown action {action}")
+    finally:
+        try:
+            i.logout()
+        except (imaplib.IMAP4.error, OSError):
+            pass
+
+
+def latency(i, rounds):
+    """Per-command round trips of an IMAP session: what a mail client waits for."""
+    times = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        ok(fn(), name)
+        times.setdefault(name, []).append((time.perf_counter() - start) * 1000)
+
+    ok(i.select("INBOX"), "SELECT")
+    for n in range(rounds):
+        timed("SELECT", lambda: i.select("INBOX"))
+        timed("FETCH", lambda: i.fetch("1:*", "(FLAGS)"))
+        flag = "+FLAGS" if n % 2 == 0 else "-FLAGS"
+        timed("STORE", lambda: i.store("1", flag, "(\\Flagged)"))
+        timed("NOOP", lambda: i.noop())
+
+    def pct(xs, p):
+        xs = sorted(xs)
+        return round(xs[min(len(xs) - 1, int(p / 100 * len(xs)))], 2)
+
+    return {
+        name: {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": round(max(xs), 2), "mean": round(statistics.mean(xs), 2)}
+        for name, xs in times.items()
+    }
+
+
+def sieve(ports, user, name, script):
+    """ManageSieve (RFC 5804) PUTSCRIPT, spoken directly: Python has no client for it."""
+    s = socket.create_connection(("127.0.0.1", ports["sieve"]), timeout=10)
+    f = s.makefile("rwb")
+
+    def answer():
+        while True:
+            line = f.readline()
+            if not line:
+                raise SystemExit("ManageSieve connection closed")
+            if line.startswith((b"OK", b"NO", b"BYE")):
+                if not line.startswith(b"OK"):
+                    raise SystemExit(f"ManageSieve: {line!r}")
+                return
+
+    answer()
+    login = user.split("*")
+    authz, authn = (login[0], login[1]) if len(login) == 2 else ("", user)
+    creds = base64.b64encode(f"{authz}\0{authn}\0{password(user)}".encode()).decode()
+    f.write(f'AUTHENTICATE "PLAIN" "{creds}"\r\n'.encode())
+    f.flush()
+    answer()
+    body = script.encode()
+    f.write(f'PUTSCRIPT "{name}" {{{len(body)}+}}\r\n'.encode() + body + b"\r\n")
+    f.flush()
+    answer()
+    f.write(b"LOGOUT\r\n")
+    f.flush()
+    s.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ports", required=True, help="the JSON env.py up printed")
+    p.add_argument("action")
+    p.add_argument("args", nargs="*")
+    a = p.parse_args()
+    act(json.loads(a.ports), a.action, a.args)
+
+
+if __name__ == "__main__":
+    main()

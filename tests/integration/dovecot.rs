@@ -1,0 +1,415 @@
+//! The Dovecot source against a real Dovecot: the shipped Lua script and event-exporter
+//! configuration (examples/dovecot/) post to the operator while Python's imaplib and LMTP
+//! deliver, flag, move, delete, expunge and manage folders, ACLs, metadata and Sieve
+//! scripts; every action reaches a verifying receiver, through MailboxFilters, as exactly
+//! one event of the right type with the right fields. Then the operator is stopped,
+//! mailboxes change, and after its restart the reconciler reports what it missed.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{
+    Dovecot, INGEST_TOKEN, Operator, Received, Receiver, SIEM_SECRET, TestNamespace, apply, eventually, signing_secret,
+    wait_ready,
+};
+
+const ALICE: &str = "alice@example.test";
+const ADMIN: &str = "alice@example.test*mailhook-admin";
+
+/// Whether `actual` holds everything `expected` says (objects by their keys, recursively).
+fn holds(actual: &Value, expected: &Value) -> bool {
+    match (actual, expected) {
+        (Value::Object(a), Value::Object(e)) => e.iter().all(|(k, v)| a.get(k).is_some_and(|x| holds(x, v))),
+        _ => actual == expected,
+    }
+}
+
+fn verified_at<'a>(got: &'a [Received], path: &str) -> Vec<&'a Received> {
+    got.iter()
+        .filter(|r| r.path == path && r.verified && r.answered == 200)
+        .collect()
+}
+
+/// What the receiver got at one path, checked step by step.
+struct Expectations<'a> {
+    receiver: &'a Receiver,
+    path: &'static str,
+    seen: usize,
+}
+
+impl Expectations<'_> {
+    /// Waits until exactly the `expected` deliveries (type and a subset of the body) have
+    /// arrived since the last check, in any order; returns them.
+    async fn next(&mut self, what: &str, expected: &[Value]) -> Vec<Value> {
+        let want = self.seen + expected.len();
+        let got = eventually(
+            what,
+            || self.receiver.deliveries(),
+            |d| verified_at(d, self.path).len() >= want,
+        )
+        .await;
+        let new: Vec<Value> = verified_at(&got, self.path)
+            .into_iter()
+            .skip(self.seen)
+            .map(Received::json)
+            .collect();
+        assert_eq!(new.len(), expected.len(), "{what}: more events than actions: {new:#?}");
+        let mut left = new.clone();
+        for e in expected {
+            let Some(at) = left.iter().position(|n| holds(n, e)) else {
+                panic!("{what}: no delivery holds {e:#}; got {new:#?}");
+            };
+            left.remove(at);
+        }
+        self.seen = want;
+        new
+    }
+
+    /// After a quiet moment, nothing more than what was checked has arrived.
+    async fn no_more(&self, what: &str) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let got = self.receiver.deliveries().await;
+        let all = verified_at(&got, self.path);
+        assert_eq!(
+            all.len(),
+            self.seen,
+            "{what}: unexpected deliveries: {:#?}",
+            all.iter().skip(self.seen).map(|r| r.json()).collect::<Vec<_>>()
+        );
+    }
+}
+
+fn event(kind: &str, data: Value) -> Value {
+    json!({"type": kind, "data": data})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mailbox_action_in_a_real_dovecot_is_one_event_and_changes_made_while_down_are_reconciled() {
+    let ns = TestNamespace::new("dovecot").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let master_password = std::env::temp_dir().join(format!("mailhook-dovecot-master-{}", ns.name));
+    std::fs::write(&master_password, "masterpw\n").expect("write the master password file");
+    let password_flag = master_password.display().to_string();
+    // The reconciler's flags point at a Dovecot that starts after the operator (its ports
+    // are known then): the first start runs without them.
+    let mut operator = Operator::start_with(&ns, &["--internal-domains", "example.test"]).await;
+    let all_types = "[message.received, message.sent, message.moved, message.deleted, message.flagged, \
+                     message.unflagged, folder.changed, mailbox.config_changed]";
+    apply(
+        &ns,
+        &format!(
+            "{}apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: alice-mailbox}}\nspec:\n  \
+             mailboxes: ['alice@example.test']\n  eventTypes: {all_types}\n---\n\
+             apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: admin-sessions}}\nspec:\n  \
+             adminSession: true\n---\n\
+             apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: soc}}\nspec:\n  \
+             endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+             filterRefs: [alice-mailbox]\n---\n\
+             apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: admin-watch}}\nspec:\n  \
+             endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+             filterRefs: [admin-sessions]\n",
+            signing_secret(SIEM_SECRET),
+            receiver.url("/soc"),
+            receiver.url("/admin"),
+        ),
+    );
+    wait_ready(&ns, "soc").await;
+    wait_ready(&ns, "admin-watch").await;
+    let dovecot = Dovecot::start(operator.ingest, INGEST_TOKEN);
+    let mut soc = Expectations {
+        receiver: &receiver,
+        path: "/soc",
+        seen: 0,
+    };
+    let m1 = "<m1@outside.example>";
+    let m2 = "<m2@outside.example>";
+    let m3 = "<m3@outside.example>";
+
+    // Delivery: the server creating INBOX on the first one is nobody's act (no event).
+    dovecot.act(
+        "deliver",
+        &[ALICE, m1, "Grüße aus Köln", "Émile <emile@outside.example>"],
+    );
+    let got = soc
+        .next(
+            "LMTP delivery",
+            &[event(
+                "message.received",
+                json!({"folder": "INBOX", "messageId": m1, "subject": "Grüße aus Köln",
+                       "from": "emile@outside.example", "mailbox": ALICE, "source": "dovecot", "direction": "inbound",
+                       "activity": {"user": ALICE, "service": "lmtp", "remoteIp": "127.0.0.1"}}),
+            )],
+        )
+        .await;
+    assert!(got[0]["data"]["activity"].get("adminSession").is_none());
+    // Sent and Trash are created by the server on the first login (auto = create).
+    dovecot.act("select", &[ALICE, "INBOX"]);
+    let created = soc
+        .next(
+            "the first login creates Sent and Trash",
+            &[
+                event(
+                    "folder.changed",
+                    json!({"folder": "Sent", "activity": {"action": "created"}}),
+                ),
+                event(
+                    "folder.changed",
+                    json!({"folder": "Trash", "activity": {"action": "created"}}),
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(created.len(), 2);
+    // Selecting again only clears \Recent: nothing.
+    dovecot.act("select", &[ALICE, "INBOX"]);
+
+    dovecot.act("flag", &[ALICE, "INBOX", m1, "\\Flagged"]);
+    soc.next(
+        "flag",
+        &[event(
+            "message.flagged",
+            json!({"messageId": m1, "folder": "INBOX", "subject": "Grüße aus Köln",
+                   "activity": {"imapFlags": ["\\Flagged"], "service": "imap"}}),
+        )],
+    )
+    .await;
+    dovecot.act("unflag", &[ALICE, "INBOX", m1, "\\Flagged"]);
+    soc.next(
+        "unflag",
+        &[event(
+            "message.unflagged",
+            json!({"messageId": m1, "activity": {"imapFlags": ["\\Flagged"]}}),
+        )],
+    )
+    .await;
+
+    let projekte = "Projekte/Größe";
+    dovecot.act("create", &[ALICE, projekte]);
+    soc.next(
+        "create",
+        &[event(
+            "folder.changed",
+            json!({"folder": projekte, "activity": {"action": "created"}}),
+        )],
+    )
+    .await;
+    dovecot.act("subscribe", &[ALICE, projekte]);
+    soc.next(
+        "subscribe",
+        &[event(
+            "folder.changed",
+            json!({"folder": projekte, "activity": {"action": "subscribed"}}),
+        )],
+    )
+    .await;
+    dovecot.act("unsubscribe", &[ALICE, projekte]);
+    soc.next(
+        "unsubscribe",
+        &[event(
+            "folder.changed",
+            json!({"folder": projekte, "activity": {"action": "unsubscribed"}}),
+        )],
+    )
+    .await;
+
+    dovecot.act("move", &[ALICE, "INBOX", projekte, m1]);
+    soc.next(
+        "move",
+        &[event(
+            "message.moved",
+            json!({"messageId": m1, "folder": projekte, "subject": "Grüße aus Köln",
+                   "activity": {"previousFolder": "INBOX"}}),
+        )],
+    )
+    .await;
+
+    dovecot.act("deliver", &[ALICE, m2, "Rechnung 4711", "billing@outside.example"]);
+    soc.next(
+        "second delivery",
+        &[event("message.received", json!({"messageId": m2}))],
+    )
+    .await;
+    dovecot.act("flag", &[ALICE, "INBOX", m2, "\\Deleted"]);
+    soc.next(
+        "\\Deleted",
+        &[event(
+            "message.deleted",
+            json!({"messageId": m2, "folder": "INBOX", "activity": {"stage": "soft"}}),
+        )],
+    )
+    .await;
+    dovecot.act("expunge", &[ALICE, "INBOX", m2]);
+    soc.next(
+        "expunge",
+        &[event(
+            "message.deleted",
+            json!({"messageId": m2, "folder": "INBOX", "subject": "Rechnung 4711", "activity": {"stage": "hard"}}),
+        )],
+    )
+    .await;
+
+    dovecot.act("deliver", &[ALICE, m3, "Newsletter", "news@outside.example"]);
+    soc.next("third delivery", &[event("message.received", json!({"messageId": m3}))])
+        .await;
+    dovecot.act("move", &[ALICE, "INBOX", "Trash", m3]);
+    soc.next(
+        "move to the trash",
+        &[event(
+            "message.deleted",
+            json!({"messageId": m3, "folder": "Trash", "activity": {"stage": "soft", "previousFolder": "INBOX"}}),
+        )],
+    )
+    .await;
+
+    dovecot.act("rename", &[ALICE, projekte, "Archiv"]);
+    soc.next(
+        "rename",
+        &[event(
+            "folder.changed",
+            json!({"folder": "Archiv", "activity": {"action": "renamed", "previousFolder": projekte}}),
+        )],
+    )
+    .await;
+    // A copy is indexed, not reported.
+    dovecot.act("copy", &[ALICE, "Archiv", "INBOX", m1]);
+    dovecot.act(
+        "append",
+        &[ALICE, "Sent", "<s1@example.test>", "bob@else.example", "Angebot"],
+    );
+    soc.next(
+        "a client saving sent mail",
+        &[event(
+            "message.sent",
+            json!({"messageId": "<s1@example.test>", "folder": "Sent", "to": ["bob@else.example"],
+                   "direction": "outbound"}),
+        )],
+    )
+    .await;
+
+    // The master user in alice's mailbox: an admin session, also selected by the
+    // admin-sessions filter.
+    dovecot.act("flag", &[ADMIN, "Archiv", m1, "\\Seen"]);
+    let admin_flag = event(
+        "message.flagged",
+        json!({"messageId": m1, "folder": "Archiv",
+               "activity": {"adminSession": true, "authUser": "mailhook-admin", "user": ALICE}}),
+    );
+    soc.next("a master user's flag", std::slice::from_ref(&admin_flag))
+        .await;
+    let mut admin = Expectations {
+        receiver: &receiver,
+        path: "/admin",
+        seen: 0,
+    };
+    admin.next("the admin-sessions filter", &[admin_flag]).await;
+
+    dovecot.act("setacl", &[ALICE, "INBOX", "bob@example.test", "lr"]);
+    soc.next(
+        "SETACL",
+        &[event(
+            "mailbox.config_changed",
+            json!({"activity": {"change": {"kind": "acl", "command": "SETACL", "target": "INBOX",
+                                           "detail": "INBOX bob@example.test lr"}}}),
+        )],
+    )
+    .await;
+    dovecot.act("setmetadata", &[ALICE, "INBOX", "/private/comment", "vertraulich"]);
+    soc.next(
+        "SETMETADATA",
+        &[event(
+            "mailbox.config_changed",
+            json!({"activity": {"change": {"kind": "metadata", "command": "SETMETADATA", "target": "INBOX"}}}),
+        )],
+    )
+    .await;
+    dovecot.act("putscript", &[ALICE, "forward"]);
+    soc.next(
+        "a Sieve script",
+        &[event(
+            "mailbox.config_changed",
+            json!({"mailbox": ALICE, "activity": {"change": {"kind": "sieve", "command": "PUTSCRIPT", "target": "forward"}}}),
+        )],
+    )
+    .await;
+    dovecot.act("create", &[ALICE, "Leer"]);
+    dovecot.act("delete", &[ALICE, "Leer"]);
+    soc.next(
+        "create and delete",
+        &[
+            event(
+                "folder.changed",
+                json!({"folder": "Leer", "activity": {"action": "created"}}),
+            ),
+            event(
+                "folder.changed",
+                json!({"folder": "Leer", "activity": {"action": "deleted"}}),
+            ),
+        ],
+    )
+    .await;
+    soc.no_more("after every action").await;
+    admin.no_more("admin sessions").await;
+    assert_eq!(dovecot.spooled(ALICE), 0, "mailhook took every batch");
+    assert!(!dovecot.log().contains("Error"), "{}", dovecot.log());
+
+    // mailhook away: what users do meanwhile waits in the script's spool, and the
+    // reconciler finds it in the mailbox.
+    operator.kill();
+    let m4 = "<m4@outside.example>";
+    dovecot.act("deliver", &[ALICE, m4, "Während der Wartung", "emile@outside.example"]);
+    dovecot.act("expunge", &[ALICE, "Trash", m3]);
+    dovecot.act("move", &[ALICE, "Archiv", "INBOX", m1]);
+    dovecot.act("create", &[ALICE, "Offline"]);
+    assert!(
+        dovecot.spooled(ALICE) > 0,
+        "the script spooled what mailhook did not take"
+    );
+    let imap = dovecot.imap().to_string();
+    operator
+        .restart_with(&[
+            "--dovecot-imap-addr",
+            &imap,
+            "--dovecot-master-user",
+            "mailhook-admin",
+            "--dovecot-master-password-file",
+            &password_flag,
+        ])
+        .await;
+    let reconciled = soc
+        .next(
+            "changes made while mailhook was down",
+            &[
+                event(
+                    "message.received",
+                    json!({"messageId": m4, "folder": "INBOX", "subject": "Während der Wartung",
+                           "activity": {"reconciled": true}}),
+                ),
+                event(
+                    "message.deleted",
+                    json!({"messageId": m3, "folder": "Trash", "activity": {"stage": "hard", "reconciled": true}}),
+                ),
+                event(
+                    "message.moved",
+                    json!({"messageId": m1, "folder": "INBOX", "activity": {"previousFolder": "Archiv", "reconciled": true}}),
+                ),
+                event(
+                    "folder.changed",
+                    json!({"folder": "Offline", "activity": {"action": "created", "reconciled": true}}),
+                ),
+            ],
+        )
+        .await;
+    assert!(reconciled.iter().all(|e| e["data"]["source"] == "dovecot"));
+    // The spooled batches, resent with alice's next change, are the same events: not
+    // delivered twice (their ids are the messages' places).
+    dovecot.act("flag", &[ALICE, "INBOX", m4, "\\Flagged"]);
+    soc.next(
+        "the next change, after the spool",
+        &[event("message.flagged", json!({"messageId": m4}))],
+    )
+    .await;
+    eventually("the spool to empty", || async { dovecot.spooled(ALICE) }, |n| *n == 0).await;
+    soc.no_more("after the restart").await;
+    let _ = std::fs::remove_file(&master_password);
+}

@@ -1,0 +1,94 @@
+//! A real Dovecot (tests/dovecot/env.py): IMAP, LMTP and ManageSieve on loopback, with
+//! mailhook's Dovecot source installed as shipped (examples/dovecot/), and what users do
+//! to it (tests/dovecot/act.py, Python's imaplib and LMTP).
+
+use std::net::SocketAddr;
+
+use super::repo_path;
+
+pub struct Dovecot {
+    /// What env.py printed: {"dir", "spool", "imap", "lmtp", "sieve"}.
+    env: serde_json::Value,
+}
+
+impl Dovecot {
+    /// Dovecot posting to the operator whose ingest API is at `ingest`, with `token`.
+    pub fn start(ingest: SocketAddr, token: &str) -> Dovecot {
+        let (ok, out, err) = super::run(
+            std::process::Command::new("python3").args([
+                &repo_path("tests/dovecot/env.py"),
+                "up",
+                "--mailhook",
+                &format!("http://{ingest}"),
+                "--token",
+                token,
+            ]),
+            None,
+        )
+        .expect("run tests/dovecot/env.py (python3; tests/setup installs Dovecot)");
+        assert!(ok, "Dovecot did not start: {err}");
+        Dovecot {
+            env: serde_json::from_str(out.trim()).expect("env.py prints JSON"),
+        }
+    }
+
+    pub fn imap(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port("imap")))
+    }
+
+    fn port(&self, name: &str) -> u16 {
+        self.env[name]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .expect("port")
+    }
+
+    /// Runs one act.py action; panics with its output if it fails. Returns its stdout.
+    pub fn act(&self, action: &str, args: &[&str]) -> String {
+        let (ok, out, err) = super::run(
+            std::process::Command::new("python3")
+                .args([
+                    &repo_path("tests/dovecot/act.py"),
+                    "--ports",
+                    &self.env.to_string(),
+                    action,
+                ])
+                .args(args),
+            None,
+        )
+        .expect("run tests/dovecot/act.py");
+        assert!(
+            ok,
+            "{action} {args:?} failed: {out}{err}\n--- Dovecot's log:\n{}",
+            self.log()
+        );
+        out
+    }
+
+    /// Dovecot's log (errors of the Lua script land here).
+    pub fn log(&self) -> String {
+        let dir = self.env["dir"].as_str().unwrap_or_default();
+        std::fs::read_to_string(format!("{dir}/dovecot.log")).unwrap_or_default()
+    }
+
+    /// The batches waiting in the script's spool for `user`.
+    pub fn spooled(&self, user: &str) -> usize {
+        let spool = self.env["spool"].as_str().unwrap_or_default();
+        std::fs::read_to_string(format!("{spool}/{user}.ndjson"))
+            .map(|s| s.lines().filter(|l| !l.is_empty()).count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- Dovecot's log:\n{}", self.log());
+        }
+        if let Some(dir) = self.env["dir"].as_str() {
+            let _ = std::process::Command::new("python3")
+                .args([&repo_path("tests/dovecot/env.py"), "down", dir])
+                .status();
+        }
+    }
+}
