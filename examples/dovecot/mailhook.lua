@@ -208,7 +208,6 @@ function dovecot_lua_notify_begin_txn(user)
     users[user.username] = state
   end
   if state.depth == 0 then
-    state.mail_user = user
     state.service = user.service
     state.remote_ip = user:var_expand("%{rip}")
     state.auth_user = user:var_expand("%{auth_user}")
@@ -216,11 +215,14 @@ function dovecot_lua_notify_begin_txn(user)
     state.pid = user:var_expand("%{pid}")
   end
   state.depth = state.depth + 1
-  return { state = state, events = {} }
+  -- The mail user object lives in the transaction only: a reference kept past it makes
+  -- Dovecot panic when it frees the user.
+  return { state = state, events = {}, user = user }
 end
 
 function dovecot_lua_notify_end_txn(ctx, success)
   local state = ctx.state
+  ctx.user = nil
   if success then
     for _, e in ipairs(ctx.events) do state.events[#state.events + 1] = e end
   end
@@ -270,7 +272,7 @@ end
 local function folder(ctx, ev)
   local uid_validity = nil
   local ok = pcall(function()
-    local mbox = ctx.state.mail_user:mailbox(ev.mailbox)
+    local mbox = ctx.user:mailbox(ev.mailbox)
     uid_validity = integer(mbox:status(dovecot.storage.STATUS_UIDVALIDITY).uidvalidity)
     mbox:free()
   end)

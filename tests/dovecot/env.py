@@ -96,11 +96,9 @@ namespace inbox {{
   separator = /
   mailbox Sent {{
     special_use = \\Sent
-    auto = create
   }}
   mailbox Trash {{
     special_use = \\Trash
-    auto = create
   }}
 }}
 {listener("imap-login", "imap", ports["imap"])}{listener("lmtp", "lmtp", ports["lmtp"])}{listener("managesieve-login", "sieve", ports["sieve"])}
