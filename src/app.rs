@@ -169,6 +169,26 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         },
     });
 
+    let dovecot_cfg = source::dovecot::DovecotConfig {
+        sent_folders: config.dovecot.sent_folders.clone(),
+        trash_folders: config.dovecot.trash_folders.clone(),
+        internal_domains: pipeline.internal_domains.clone(),
+    };
+    let dovecot_shared = Arc::new(source::dovecot::Shared::default());
+    if let Some(reconciler) = dovecot_reconciler(&config, &dovecot_cfg, &pipeline, &dovecot_shared)? {
+        let (stop, readiness) = (lifecycle.token(Stage::Intake), readiness.clone());
+        lifecycle.spawn(Stage::Intake, "Dovecot reconciler", async move {
+            // Findings are routed like live events: not before every resource is routed.
+            while !readiness.is_ready_apart_from(crate::handles::STORE) {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                }
+            }
+            reconciler.run(stop).await;
+        });
+    }
+
     if let Some(addr) = config.ingest.ingest_addr {
         let Some(token_file) = config.ingest.ingest_token_file.clone() else {
             anyhow::bail!("--ingest-addr needs --ingest-token-file: the ingest API never runs without authentication");
@@ -179,15 +199,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             token_file,
             max_body_bytes: config.ingest.ingest_max_body_bytes,
             max_batch_events: config.ingest.ingest_max_batch_events,
-            dovecot: source::dovecot::DovecotConfig {
-                sent_folders: config.dovecot.sent_folders.clone(),
-                trash_folders: config.dovecot.trash_folders.clone(),
-                internal_domains: Vec::new(),
-            },
+            dovecot: dovecot_cfg.clone(),
         };
         let listener = TcpListener::bind(addr).await?;
         info!(addr = %listener.local_addr()?, "ingest API listening");
-        let app = source::http::router(&ingest, pipeline.clone(), tokens, readiness.clone());
+        let app = source::http::router_with(
+            &ingest,
+            pipeline.clone(),
+            tokens,
+            readiness.clone(),
+            dovecot_shared.clone(),
+        );
         let stop = lifecycle.token(Stage::Intake);
         lifecycle.spawn(Stage::Intake, "ingest API", async move {
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -552,6 +574,46 @@ fn scopes(namespaces: &[String]) -> Vec<Option<String>> {
     namespaces.sort();
     namespaces.dedup();
     namespaces.into_iter().map(Some).collect()
+}
+
+/// The Dovecot reconciler, when `--dovecot-imap-addr` asks for one.
+fn dovecot_reconciler(
+    config: &RunConfig,
+    dovecot: &source::dovecot::DovecotConfig,
+    pipeline: &Arc<Pipeline>,
+    shared: &Arc<source::dovecot::Shared>,
+) -> anyhow::Result<Option<source::dovecot::reconcile::Reconciler>> {
+    let args = &config.dovecot;
+    let Some(addr) = args.dovecot_imap_addr.clone() else {
+        return Ok(None);
+    };
+    let (Some(master_user), Some(password_file)) = (&args.dovecot_master_user, &args.dovecot_master_password_file)
+    else {
+        anyhow::bail!(
+            "--dovecot-imap-addr needs --dovecot-master-user and --dovecot-master-password-file: the reconciler logs in to each mailbox as that master user"
+        );
+    };
+    let password = std::fs::read_to_string(password_file)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read --dovecot-master-password-file {}: {e}",
+                password_file.display()
+            )
+        })?
+        .trim_end_matches(['\n', '\r'])
+        .to_string();
+    info!(%addr, master_user, "Dovecot reconciler on");
+    Ok(Some(source::dovecot::reconcile::Reconciler {
+        config: source::dovecot::reconcile::ReconcilerConfig {
+            addr,
+            master_user: master_user.clone(),
+            master_password: password,
+            separator: args.dovecot_master_separator.clone(),
+        },
+        dovecot: dovecot.clone(),
+        pipeline: pipeline.clone(),
+        shared: shared.clone(),
+    }))
 }
 
 #[cfg(test)]

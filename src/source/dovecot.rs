@@ -485,6 +485,7 @@ pub fn map_batch(
                             user: user.clone(),
                             folder: folder.clone(),
                             uid_validity: n.uid_validity,
+                            uid_next: None,
                         });
                         FolderAction::Created
                     }
@@ -764,5 +765,72 @@ pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
     })
 }
 
+pub mod reconcile;
 #[cfg(test)]
 mod tests;
+
+const USER_LOCKS: usize = 64;
+
+/// What the Dovecot routes and the reconciler share: one lock per group of users (a batch
+/// and a reconcile both read the mailbox index and write it back: one user's must not
+/// interleave), and the users seen live, so the reconciler takes a first look at each.
+pub struct Shared {
+    pub locks: UserLocks,
+    seen: parking_lot::Mutex<std::collections::HashSet<String>>,
+    first_seen: tokio::sync::mpsc::UnboundedSender<String>,
+    first_seen_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Shared {
+            locks: UserLocks::default(),
+            seen: Default::default(),
+            first_seen: tx,
+            first_seen_rx: parking_lot::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Shared {
+    /// Notes that a batch of `user` was stored; the first time, the reconciler hears of it.
+    pub fn seen(&self, user: &str) {
+        if self.seen.lock().insert(user.to_string()) {
+            let _ = self.first_seen.send(user.to_string());
+        }
+    }
+
+    /// The users seen for the first time, once (the reconciler takes it).
+    pub fn first_seen(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        self.first_seen_rx.lock().take()
+    }
+}
+
+/// Locks by user name, hashed into a fixed number: held by the blocking ingest path and
+/// across the reconciler's IMAP calls alike.
+pub struct UserLocks([tokio::sync::Mutex<()>; USER_LOCKS]);
+
+impl Default for UserLocks {
+    fn default() -> Self {
+        UserLocks(std::array::from_fn(|_| tokio::sync::Mutex::new(())))
+    }
+}
+
+impl UserLocks {
+    fn slot(&self, user: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user.hash(&mut h);
+        &self.0[(h.finish() % USER_LOCKS as u64) as usize]
+    }
+
+    /// From a blocking thread (never on the async workers).
+    pub fn blocking(&self, user: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.slot(user).blocking_lock()
+    }
+
+    pub async fn lock(&self, user: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.slot(user).lock().await
+    }
+}

@@ -47,25 +47,26 @@ struct IngestState {
     dovecot: Arc<DovecotIntake>,
 }
 
-/// The Dovecot routes' settings, and one lock per group of users: a batch reads the
-/// mailbox index and writes it back, so two batches of one user must not interleave.
+/// The Dovecot routes' settings and what they share with the reconciler.
 struct DovecotIntake {
     config: DovecotConfig,
-    locks: [parking_lot::Mutex<()>; USER_LOCKS],
-}
-
-const USER_LOCKS: usize = 64;
-
-impl DovecotIntake {
-    fn lock(&self, user: &str) -> parking_lot::MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        user.hash(&mut h);
-        self.locks[(h.finish() % USER_LOCKS as u64) as usize].lock()
-    }
+    shared: Arc<dovecot::Shared>,
 }
 
 pub fn router(config: &IngestConfig, pipeline: Arc<Pipeline>, tokens: Tokens, readiness: Readiness) -> Router {
+    router_with(config, pipeline, tokens, readiness, Arc::default())
+}
+
+/// As `router`, sharing the Dovecot routes' user locks and first sightings with the
+/// Dovecot reconciler.
+pub fn router_with(
+    config: &IngestConfig,
+    pipeline: Arc<Pipeline>,
+    tokens: Tokens,
+    readiness: Readiness,
+    dovecot: Arc<dovecot::Shared>,
+) -> Router {
+    let shared = dovecot;
     let mut dovecot = config.dovecot.clone();
     dovecot.internal_domains = pipeline.internal_domains.clone();
     Router::new()
@@ -81,7 +82,7 @@ pub fn router(config: &IngestConfig, pipeline: Arc<Pipeline>, tokens: Tokens, re
             max_batch_events: config.max_batch_events,
             dovecot: Arc::new(DovecotIntake {
                 config: dovecot,
-                locks: std::array::from_fn(|_| parking_lot::Mutex::new(())),
+                shared,
             }),
         })
 }
@@ -423,7 +424,8 @@ async fn dovecot_batch(
         let intake = state.dovecot.clone();
         let pipeline = state.pipeline.clone();
         blocking(&state, move || {
-            let _user = intake.lock(&batch.user);
+            let user = batch.user.trim().to_string();
+            let _user = intake.shared.locks.blocking(&user);
             let store = pipeline.deliveries.store().clone();
             let mut failed = None;
             let mut lookup = |key: &crate::store::MessageKey| match store.indexed_message(key) {
@@ -438,9 +440,11 @@ async fn dovecot_batch(
             if let Some(e) = failed {
                 return Err(stored_refusal(AcceptError::Store(e), |_| String::new()));
             }
-            pipeline
+            let outcomes = pipeline
                 .accept_indexed(mapped.events, mapped.index)
-                .map_err(|e| stored_refusal(e, |index| format!("event {} of the batch", index + 1)))
+                .map_err(|e| stored_refusal(e, |index| format!("event {} of the batch", index + 1)))?;
+            intake.shared.seen(&user);
+            Ok(outcomes)
         })
         .await
     };

@@ -210,6 +210,9 @@ pub enum IndexChange {
         user: String,
         folder: String,
         uid_validity: Option<u32>,
+        /// Every message below this UID was known when it was written (the reconciler's
+        /// watermark).
+        uid_next: Option<u32>,
     },
     /// The folder and every message known in it are gone.
     RemoveFolder {
@@ -227,8 +230,8 @@ pub enum IndexChange {
 /// What the index knows of one user's mailbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexedMailbox {
-    /// Every known folder, with its UIDVALIDITY when known.
-    pub folders: std::collections::BTreeMap<String, Option<u32>>,
+    /// Every known folder, with what is known of it.
+    pub folders: std::collections::BTreeMap<String, IndexedFolder>,
     pub messages: std::collections::BTreeMap<MessageKey, IndexedMessage>,
 }
 
@@ -238,6 +241,9 @@ pub struct IndexedMailbox {
 pub struct IndexedFolder {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid_validity: Option<u32>,
+    /// The reconciler's watermark: every message below this UID was known when it looked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid_next: Option<u32>,
 }
 
 /// Index keys are bytes that sort by (user, folder, UIDVALIDITY, UID): a NUL after the
@@ -523,6 +529,7 @@ pub mod conformance {
             user: user.into(),
             folder: f.into(),
             uid_validity: (f == "Projekte").then_some(7),
+            uid_next: (f == "Projekte").then_some(2),
         };
         let first = s
             .ingest_indexed(
@@ -576,7 +583,10 @@ pub mod conformance {
         .expect("changes");
         let all = s.indexed(user, None).expect("read");
         assert_eq!(
-            all.folders.iter().map(|(f, v)| (f.as_str(), *v)).collect::<Vec<_>>(),
+            all.folders
+                .iter()
+                .map(|(f, v)| (f.as_str(), v.uid_validity))
+                .collect::<Vec<_>>(),
             vec![("Archiv", Some(7)), ("INBOX", Some(7))],
             "a renamed folder keeps its UIDVALIDITY; a folder known by its messages has theirs"
         );
@@ -585,6 +595,11 @@ pub mod conformance {
             vec![key("Archiv", 1), key("INBOX", 300)]
         );
         assert_eq!(all.messages[&key("Archiv", 1)], msg("<c@x>", 30));
+        assert_eq!(
+            all.folders["Archiv"].uid_next,
+            Some(2),
+            "the watermark moves with the folder"
+        );
 
         assert_eq!(s.purge_index(at(25)).expect("purge"), 1, "the message seen at 20");
         assert_eq!(s.indexed(user, None).expect("read").messages.len(), 1);

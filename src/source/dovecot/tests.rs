@@ -321,6 +321,7 @@ fn folder_changes_carry_their_action_and_move_the_index() {
                 user: "alice@example.test".into(),
                 folder: "Projekte".into(),
                 uid_validity: None,
+                uid_next: None,
             },
             IndexChange::RenameFolder {
                 user: "alice@example.test".into(),

@@ -350,9 +350,10 @@ impl DurableStore {
                     user,
                     folder,
                     uid_validity,
+                    uid_next,
                 } => {
                     if index_key::valid(&user) && index_key::valid(&folder) {
-                        let marker = json(&IndexedFolder { uid_validity })?;
+                        let marker = json(&IndexedFolder { uid_validity, uid_next })?;
                         net.insert(index_key::folder(&user, &folder), Some((user, now, marker)));
                     }
                 }
@@ -449,17 +450,18 @@ impl Store for DurableStore {
                         uid,
                     };
                     mailbox.messages.insert(key, indexed);
-                    let known = mailbox.folders.entry(folder).or_insert(None);
-                    if known.is_none() {
-                        *known = Some(uid_validity);
+                    let known = mailbox.folders.entry(folder).or_default();
+                    if known.uid_validity.is_none() {
+                        known.uid_validity = Some(uid_validity);
                     }
                 }
                 None => {
                     let marker: IndexedFolder = serde_json::from_slice(&body).unwrap_or_default();
-                    let entry = mailbox.folders.entry(folder).or_insert(None);
+                    let entry = mailbox.folders.entry(folder).or_default();
                     if marker.uid_validity.is_some() {
-                        *entry = marker.uid_validity;
+                        entry.uid_validity = marker.uid_validity;
                     }
+                    entry.uid_next = marker.uid_next;
                 }
             }
         }
