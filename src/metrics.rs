@@ -133,7 +133,7 @@ impl Metrics {
             store_purged: IntCounterVec::new(
                 Opts::new(
                     "mailhook_store_purged_total",
-                    "Records deleted by retention, by kind (dead_letter, attempt, producer_id, raw_message; event: events no delivery refers to any more, on a shared store), and the work of deleted subscriptions dropped at start-up (orphaned_subscription, orphaned_delivery).",
+                    "Records deleted by retention, by kind (dead_letter, attempt, producer_id, raw_message, indexed_message; event: events no delivery refers to any more, on a shared store), and the work of deleted subscriptions dropped at start-up (orphaned_subscription, orphaned_delivery).",
                 ),
                 &["kind"],
             )?,

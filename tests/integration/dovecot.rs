@@ -428,3 +428,54 @@ async fn every_mailbox_action_in_a_real_dovecot_is_one_event_and_changes_made_wh
     let _ = std::fs::remove_file(&master_password);
     let _ = std::fs::remove_dir_all(&store);
 }
+
+/// What the script costs an IMAP user: per-command latency of one IMAP session (SELECT,
+/// FETCH, STORE of a flag, NOOP; 200 rounds) against Dovecot without mailhook's source,
+/// with it posting to a running operator (durable store), and with the operator down
+/// (every batch spooled). Prints figures; asserts nothing about time. Run it with
+/// `cargo test --test integration dovecot_imap_latency -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: prints figures (BENCHMARKS.md)"]
+async fn dovecot_imap_latency() {
+    let ns = TestNamespace::new("dovecot-latency").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let store = std::env::temp_dir().join(format!("mailhook-dovecot-bench-{}", ns.name));
+    let mut operator = Operator::start_with(&ns, &["--store-dir", &store.display().to_string()]).await;
+    apply(
+        &ns,
+        &format!(
+            "{}apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: soc}}\nspec:\n  \
+             endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+             eventTypes: [message.flagged, message.unflagged]\n",
+            signing_secret(SIEM_SECRET),
+            receiver.url("/soc"),
+        ),
+    );
+    wait_ready(&ns, "soc").await;
+    let rounds = "200";
+    let run = |dovecot: &Dovecot| -> Value {
+        dovecot.act(
+            "deliver",
+            &[ALICE, "<bench@outside.example>", "Bench", "a@outside.example"],
+        );
+        serde_json::from_str(&dovecot.act("latency", &[ALICE, rounds])).expect("latency JSON")
+    };
+    let plain = Dovecot::start_plain();
+    let without = run(&plain);
+    drop(plain);
+    let dovecot = Dovecot::start(operator.ingest, INGEST_TOKEN);
+    let with = run(&dovecot);
+    operator.kill();
+    let down = run(&dovecot);
+    println!("IMAP per-command latency, ms ({rounds} rounds; p50 / p99 / max):");
+    for command in ["SELECT", "FETCH", "STORE", "NOOP"] {
+        let f = |v: &Value| format!("{} / {} / {}", v[command]["p50"], v[command]["p99"], v[command]["max"]);
+        println!(
+            "  {command:<6}  without the script: {:<22} with it: {:<22} mailhook down (spooled): {}",
+            f(&without),
+            f(&with),
+            f(&down)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&store);
+}

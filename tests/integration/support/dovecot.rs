@@ -14,15 +14,19 @@ pub struct Dovecot {
 impl Dovecot {
     /// Dovecot posting to the operator whose ingest API is at `ingest`, with `token`.
     pub fn start(ingest: SocketAddr, token: &str) -> Dovecot {
+        Self::up(&["--mailhook", &format!("http://{ingest}"), "--token", token])
+    }
+
+    /// Dovecot without mailhook's source (a baseline for figures).
+    pub fn start_plain() -> Dovecot {
+        Self::up(&[])
+    }
+
+    fn up(args: &[&str]) -> Dovecot {
         let (ok, out, err) = super::run(
-            std::process::Command::new("python3").args([
-                &repo_path("tests/dovecot/env.py"),
-                "up",
-                "--mailhook",
-                &format!("http://{ingest}"),
-                "--token",
-                token,
-            ]),
+            std::process::Command::new("python3")
+                .args([&repo_path("tests/dovecot/env.py"), "up"])
+                .args(args),
             None,
         )
         .expect("run tests/dovecot/env.py (python3; tests/setup installs Dovecot)");

@@ -1,0 +1,59 @@
+//! Any bytes as what Dovecot posts (a push-notification batch, an exported event) and as
+//! what the reconciler reads (folder names in modified UTF-7, message headers): events and
+//! index changes or a refusal naming the field, never a panic.
+#![no_main]
+
+use std::collections::HashMap;
+
+use libfuzzer_sys::fuzz_target;
+use mailhook::source::dovecot::reconcile::{decode_folder, encode_folder, parse_headers};
+use mailhook::source::dovecot::{Batch, DovecotConfig, Exported, map_batch, map_exported};
+use mailhook::store::{IndexedMessage, MessageKey};
+
+fuzz_target!(|data: &[u8]| {
+    let cfg = DovecotConfig {
+        sent_folders: vec!["Sent".into()],
+        trash_folders: vec!["Trash".into(), "Papierkorb".into()],
+        internal_domains: vec!["example.test".into()],
+    };
+    let now = jiff::Timestamp::UNIX_EPOCH;
+    if let Ok(batch) = serde_json::from_slice::<Batch>(data) {
+        // The index knows every odd UID, in every folder.
+        let mut known: HashMap<MessageKey, IndexedMessage> = HashMap::new();
+        let mut lookup = |k: &MessageKey| {
+            (k.uid % 2 == 1).then(|| {
+                known
+                    .entry(k.clone())
+                    .or_insert_with(|| IndexedMessage {
+                        message_id: Some(format!("<{}@fuzz>", k.uid)),
+                        ..Default::default()
+                    })
+                    .clone()
+            })
+        };
+        let notifications = batch.events.len();
+        match map_batch(batch, &mut lookup, &cfg, now) {
+            Ok(mapped) => {
+                assert!(mapped.events.len() <= notifications * 2, "at most two events per notification");
+                for e in &mapped.events {
+                    assert!(e.activity.is_some(), "every Dovecot event says who did it");
+                    assert!(e.producer_event_id.as_deref().is_some_and(|p| !p.chars().any(char::is_control)));
+                    assert_eq!(e.mailbox, e.mailbox.to_lowercase());
+                }
+            }
+            Err(e) => assert!(!e.field.is_empty() && !e.problem.is_empty()),
+        }
+    }
+    if let Ok(exported) = serde_json::from_slice::<Exported>(data)
+        && let Some(e) = map_exported(exported, now)
+    {
+        assert!(e.activity.as_ref().is_some_and(|a| a.change.is_some()));
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Some(folder) = decode_folder(text) {
+            assert_eq!(decode_folder(&encode_folder(&folder)).as_deref(), Some(folder.as_str()));
+        }
+        assert_eq!(decode_folder(&encode_folder(text)).as_deref(), Some(text), "every name round-trips");
+    }
+    let _ = parse_headers(data, 0);
+});
