@@ -20,6 +20,10 @@ local client = nil
 -- the notifications of committed transactions not yet sent.
 local users = {}
 local sent_batches = 0
+-- After a POST that got no answer, batches go straight to the spool for a few seconds:
+-- one unreachable mailhook must not make every IMAP command wait for a connect.
+local RETRY_AFTER_SECONDS = 5
+local unreachable_until = 0
 
 local function json_string(s)
   s = tostring(s)
@@ -102,7 +106,16 @@ end
 
 local function http_client(timeout)
   if client == nil then
-    client = dovecot.http.client({ timeout = timeout, max_attempts = 1, user_agent = "mailhook-dovecot/1" })
+    client = dovecot.http.client({
+      request_absolute_timeout_msecs = timeout,
+      request_timeout_msecs = timeout,
+      connect_timeout_msecs = math.min(timeout, 1000),
+      max_attempts = 1,
+      max_connect_attempts = 1,
+      connect_backoff_time_msecs = 100,
+      connect_backoff_max_time_msecs = 1000,
+      user_agent = "mailhook-dovecot/1",
+    })
   end
   return client
 end
@@ -110,6 +123,7 @@ end
 -- true when mailhook took the batch (or refused it for good: a 4xx other than 401, 403,
 -- 408 and 429 means the batch itself is bad, and sending it again would not help).
 local function post(state, body)
+  if os.time() < unreachable_until then return false end
   local rq = http_client(state.timeout):request({ url = state.url, method = "POST" })
   rq:add_header("Content-Type", "application/json")
   rq:add_header("Authorization", "Bearer " .. state.token)
@@ -122,6 +136,7 @@ local function post(state, body)
     return true
   end
   dovecot.i_warning("mailhook did not take a batch: " .. status .. " " .. tostring(response:reason()))
+  if status >= 9000 then unreachable_until = os.time() + RETRY_AFTER_SECONDS end
   return false
 end
 
@@ -247,13 +262,21 @@ local function message(ctx, ev)
 end
 
 local function flags(ctx, ev)
+  local set = flags_of(ev.flags)
+  local keywords = array(ev.keywords_set or ev.keywords_clear or ev.keywords)
+  -- Every SELECT clears \Recent: the server's bookkeeping, nobody's act. Not sent.
+  local meaningful = #keywords > 0
+  for _, f in ipairs(set) do
+    if f ~= "\\Recent" then meaningful = true end
+  end
+  if not meaningful then return end
   table.insert(ctx.events, {
     event = ev.name,
     mailbox = ev.mailbox,
     uid = integer(ev.uid),
     uidValidity = integer(ev.uid_validity),
-    flags = flags_of(ev.flags),
-    keywords = array(ev.keywords_set or ev.keywords_clear or ev.keywords),
+    flags = set,
+    keywords = keywords,
   })
 end
 
@@ -289,7 +312,7 @@ dovecot_lua_notify_event_message_new = message
 dovecot_lua_notify_event_message_append = message
 dovecot_lua_notify_event_message_expunge = plain
 dovecot_lua_notify_event_message_trash = plain
-dovecot_lua_notify_event_message_read = plain
+-- MessageRead is also reported as FlagsSet \Seen: not sent twice.
 dovecot_lua_notify_event_flags_set = flags
 dovecot_lua_notify_event_flags_clear = flags
 dovecot_lua_notify_event_mailbox_create = folder

@@ -440,6 +440,11 @@ async fn dovecot_batch(
             if let Some(e) = failed {
                 return Err(stored_refusal(AcceptError::Store(e), |_| String::new()));
             }
+            // Nothing to store (noise): no commit to wait for.
+            if mapped.events.is_empty() && mapped.index.is_empty() {
+                intake.shared.seen(&user);
+                return Ok(Vec::new());
+            }
             let outcomes = pipeline
                 .accept_indexed(mapped.events, mapped.index)
                 .map_err(|e| stored_refusal(e, |index| format!("event {} of the batch", index + 1)))?;
