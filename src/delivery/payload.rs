@@ -357,6 +357,50 @@ mod tests {
     }
 
     #[test]
+    fn activity_shows_people_and_arguments_in_full_payloads_only() {
+        use crate::event::{Activity, ConfigChange, ConfigKind};
+        let mut e = event();
+        e.activity = Some(Box::new(Activity {
+            user: "alice@finance.example.com".into(),
+            auth_user: Some("admin@finance.example.com".into()),
+            admin_session: true,
+            service: Some("imap".into()),
+            remote_ip: Some("192.0.2.7".into()),
+            change: Some(ConfigChange {
+                kind: ConfigKind::Acl,
+                command: "SETACL".into(),
+                target: Some("INBOX".into()),
+                detail: Some("INBOX bob@partner.org lr".into()),
+            }),
+            reconciled: true,
+            ..Default::default()
+        }));
+        let body = |mode| -> Value { serde_json::from_slice(&render(&e, &[], &cfg(mode))).expect("json") };
+        let full = body(PayloadMode::Full);
+        assert_eq!(full["data"]["activity"]["authUser"], "admin@finance.example.com");
+        assert_eq!(full["data"]["activity"]["remoteIp"], "192.0.2.7");
+        assert_eq!(full["data"]["activity"]["change"]["detail"], "INBOX bob@partner.org lr");
+        assert_eq!(full["data"]["activity"]["reconciled"], true);
+        for mode in [PayloadMode::Metadata, PayloadMode::Anonymized] {
+            let b = body(mode);
+            let t = b.to_string();
+            for secret in ["alice@", "admin@", "192.0.2.7", "bob@"] {
+                assert!(!t.contains(secret), "{mode:?} leaks {secret}: {t}");
+            }
+            assert_eq!(b["data"]["activity"]["adminSession"], true, "{mode:?}");
+            assert_eq!(b["data"]["activity"]["change"]["kind"], "acl", "{mode:?}");
+        }
+        let metadata = body(PayloadMode::Metadata);
+        assert_eq!(metadata["data"]["activity"]["userDomain"], "finance.example.com");
+        let anonymized = body(PayloadMode::Anonymized);
+        assert!(
+            anonymized["data"]["activity"]["user"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("anon-") && u.ends_with("@finance.example.com"))
+        );
+    }
+
+    #[test]
     fn redaction_removes_fields() {
         let mut c = cfg(PayloadMode::Full);
         c.redact = vec!["subject".into(), "cc".into()];
