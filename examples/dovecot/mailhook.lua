@@ -165,6 +165,8 @@ end
 local function resend(state)
   local path = spool_path(state)
   if path == nil then return true end
+  -- Known unreachable: leave the spool as it is (no rewrite per transaction).
+  if os.time() < unreachable_until then return false end
   sent_batches = sent_batches + 1
   local taken = path .. ".sending." .. state.pid .. "." .. sent_batches
   if not os.rename(path, taken) then return true end -- nothing spooled

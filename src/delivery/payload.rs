@@ -115,7 +115,8 @@ fn activity_view<'a>(a: &'a Activity, mode: PayloadMode, anon: &dyn Fn(&str) -> 
         admin_session: a.admin_session,
         service: a.service.as_deref(),
         remote_ip: a.remote_ip.as_deref().filter(|_| full),
-        session: a.session.as_deref(),
+        // A Dovecot session id encodes the client's address.
+        session: a.session.as_deref().filter(|_| full),
         stage: a.stage,
         action: a.action,
         previous_folder: a.previous_folder.as_deref(),
@@ -251,7 +252,11 @@ pub fn render(event: &MailboxEvent, matched_filters: &[String], cfg: &PayloadCon
             direction: event.direction,
             folder: event.folder.as_deref(),
             size: event.size,
-            producer_event_id: event.producer_event_id.as_deref(),
+            // Dovecot's ids name the user and folder (and a batch's, the session).
+            producer_event_id: event
+                .producer_event_id
+                .as_deref()
+                .filter(|_| cfg.mode == PayloadMode::Full || event.source != crate::event::Source::Dovecot),
             matched_filters,
             flags: (!event.flags.is_empty()).then_some(event.flags.as_slice()),
             flagged_event_id: if event.flags.is_empty() {
@@ -360,7 +365,10 @@ mod tests {
     fn activity_shows_people_and_arguments_in_full_payloads_only() {
         use crate::event::{Activity, ConfigChange, ConfigKind};
         let mut e = event();
+        e.source = crate::event::Source::Dovecot;
+        e.producer_event_id = Some("dovecot:alice@finance.example.com:INBOX:5:1:in".into());
         e.activity = Some(Box::new(Activity {
+            session: Some("wmFBEtxh2Jx/AAAB".into()),
             user: "alice@finance.example.com".into(),
             auth_user: Some("admin@finance.example.com".into()),
             admin_session: true,
@@ -384,7 +392,7 @@ mod tests {
         for mode in [PayloadMode::Metadata, PayloadMode::Anonymized] {
             let b = body(mode);
             let t = b.to_string();
-            for secret in ["alice@", "admin@", "192.0.2.7", "bob@"] {
+            for secret in ["alice@", "admin@", "192.0.2.7", "bob@", "wmFBEtxh2Jx"] {
                 assert!(!t.contains(secret), "{mode:?} leaks {secret}: {t}");
             }
             assert_eq!(b["data"]["activity"]["adminSession"], true, "{mode:?}");

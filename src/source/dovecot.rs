@@ -4,7 +4,7 @@
 //! - `POST /v1/sources/dovecot`: the push-notification batches of the shipped Lua script
 //!   (`examples/dovecot/mailhook.lua`), one per outermost mail transaction (an IMAP MOVE
 //!   is one batch: the append in the destination and the expunge in the source), one JSON
-//!   batch or NDJSON of several (the script's spool, resent).
+//!   batch per request (the script resends its spool one batch at a time).
 //! - `POST /v1/sources/dovecot/events`: Dovecot's event exporter (`transport = http-post`,
 //!   the token as the password of the URL's credentials): configuration changes the
 //!   push notifications never see (ACLs, metadata, Sieve scripts).
@@ -357,13 +357,13 @@ pub fn map_batch(
     };
     let mut appends: Vec<Placed> = Vec::new();
     let mut expunges: Vec<Placed> = Vec::new();
-    let mut soft_deleted: Vec<MessageKey> = Vec::new();
+    let mut soft_deleted: std::collections::HashSet<MessageKey> = std::collections::HashSet::new();
 
     for (position, n) in batch.events.into_iter().enumerate() {
         let folder = clean(n.mailbox.clone());
         let at = |field: &str| format!("events[{position}].{field}");
         let soft_delete = |out: &mut Vec<(usize, MailboxEvent)>,
-                           soft_deleted: &mut Vec<MessageKey>,
+                           soft_deleted: &mut std::collections::HashSet<MessageKey>,
                            key: Option<MessageKey>,
                            folder: &str,
                            known: Option<IndexedMessage>| {
@@ -372,7 +372,10 @@ pub fn map_batch(
             }
             let mut activity = session.activity();
             activity.stage = Some(DeleteStage::Soft);
-            let event = session.event(position, EventType::MessageDeleted, Some(folder.to_string()), activity);
+            let mut event = session.event(position, EventType::MessageDeleted, Some(folder.to_string()), activity);
+            // A flag change in the same notification has the notification's id: this one
+            // needs its own.
+            event.producer_event_id = event.producer_event_id.map(|p| format!("{p}:soft"));
             out.push((position, with_message(event, key.as_ref(), known.as_ref())));
             soft_deleted.extend(key);
         };
@@ -540,28 +543,41 @@ pub fn map_batch(
     let mut paired: Vec<(usize, usize)> = Vec::new();
     let mut append_used = vec![false; appends.len()];
     let mut expunge_used = vec![false; expunges.len()];
+    // Appends by Message-ID, in order: a MOVE of a whole folder pairs in linear time.
+    let mut by_id: HashMap<&str, std::collections::VecDeque<usize>> = HashMap::new();
+    for (a, append) in appends.iter().enumerate() {
+        if let Some(id) = append.known.as_ref().and_then(|k| k.message_id.as_deref()) {
+            by_id.entry(id).or_default().push_back(a);
+        }
+    }
     for (e, expunge) in expunges.iter().enumerate() {
         let Some(id) = expunge.known.as_ref().and_then(|k| k.message_id.as_deref()) else {
             continue;
         };
-        if let Some(a) = appends.iter().enumerate().position(|(a, append)| {
-            !append_used[a]
-                && append.folder != expunge.folder
-                && append.known.as_ref().and_then(|k| k.message_id.as_deref()) == Some(id)
-        }) {
+        let Some(queue) = by_id.get_mut(id) else { continue };
+        if let Some(at) = queue.iter().position(|a| appends[*a].folder != expunge.folder)
+            && let Some(a) = queue.remove(at)
+        {
             append_used[a] = true;
             expunge_used[e] = true;
             paired.push((a, e));
         }
     }
+    let mut next_unpaired = 0;
     for (e, expunge) in expunges.iter().enumerate() {
         if expunge_used[e] || expunge.known.as_ref().is_some_and(|k| k.message_id.is_some()) {
             continue;
         }
-        if let Some(a) = (0..appends.len()).find(|a| !append_used[*a] && appends[*a].folder != expunge.folder) {
-            append_used[a] = true;
+        while next_unpaired < appends.len()
+            && (append_used[next_unpaired] || appends[next_unpaired].folder == expunge.folder)
+        {
+            next_unpaired += 1;
+        }
+        if next_unpaired < appends.len() {
+            append_used[next_unpaired] = true;
             expunge_used[e] = true;
-            paired.push((a, e));
+            paired.push((next_unpaired, e));
+            next_unpaired += 1;
         }
     }
     for (a, e) in paired {
@@ -664,17 +680,32 @@ pub struct Exported {
     pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The first argument of an IMAP command line: a quoted string (with `\` escapes) or
+/// an atom. Pure.
+pub fn first_imap_argument(args: &str) -> Option<String> {
+    let args = args.trim_start();
+    let mut chars = args.chars();
+    if chars.next()? != '"' {
+        return args.split_whitespace().next().map(String::from);
+    }
+    let mut out = String::new();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '"' => return Some(out),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
 /// The configuration change an exported event reports, if it reports one; other events
 /// (the exporter's filter may let more through) are ignored.
 pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
     let field = |name: &str| clean(e.fields.get(name).and_then(|v| v.as_str()).map(String::from));
     let command = field("cmd_name")?.to_ascii_uppercase();
     let args = field("cmd_args");
-    let first_arg = || {
-        args.as_deref()
-            .and_then(|a| a.split_whitespace().next())
-            .map(|a| a.trim_matches('"').to_string())
-    };
+    let first_arg = || args.as_deref().and_then(first_imap_argument);
     let (kind, target) = match e.event.as_str() {
         "imap_command_finished" => {
             if field("tagged_reply_state").as_deref() != Some("OK") {
@@ -769,7 +800,8 @@ pub mod reconcile;
 #[cfg(test)]
 mod tests;
 
-const USER_LOCKS: usize = 64;
+/// Per-user locks kept before the idle ones are dropped.
+const KEPT_LOCKS: usize = 4096;
 
 /// What the Dovecot routes and the reconciler share: one lock per group of users (a batch
 /// and a reconcile both read the mailbox index and write it back: one user's must not
@@ -807,30 +839,27 @@ impl Shared {
     }
 }
 
-/// Locks by user name, hashed into a fixed number: held by the blocking ingest path and
-/// across the reconciler's IMAP calls alike.
-pub struct UserLocks([tokio::sync::Mutex<()>; USER_LOCKS]);
-
-impl Default for UserLocks {
-    fn default() -> Self {
-        UserLocks(std::array::from_fn(|_| tokio::sync::Mutex::new(())))
-    }
-}
+/// One lock per user, held by the blocking ingest path and across the reconciler's IMAP
+/// calls alike (a reconcile blocks that user's batches only). Locks nobody holds are
+/// dropped once there are many.
+#[derive(Default)]
+pub struct UserLocks(parking_lot::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>);
 
 impl UserLocks {
-    fn slot(&self, user: &str) -> &tokio::sync::Mutex<()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        user.hash(&mut h);
-        &self.0[(h.finish() % USER_LOCKS as u64) as usize]
+    fn slot(&self, user: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock();
+        if locks.len() >= KEPT_LOCKS {
+            locks.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+        }
+        locks.entry(user.to_string()).or_default().clone()
     }
 
     /// From a blocking thread (never on the async workers).
-    pub fn blocking(&self, user: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        self.slot(user).blocking_lock()
+    pub fn blocking(&self, user: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.slot(user).blocking_lock_owned()
     }
 
-    pub async fn lock(&self, user: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        self.slot(user).lock().await
+    pub async fn lock(&self, user: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.slot(user).lock_owned().await
     }
 }

@@ -564,6 +564,15 @@ pub mod conformance {
             Some(msg("<b@x>", 20))
         );
         assert_eq!(s.indexed_message(&key("INBOX", 3)).expect("read"), None);
+        // A UID whose last byte is 0xff (a range scan ending at "the next key" misses it).
+        s.ingest_indexed(vec![], vec![IndexChange::Put(key("INBOX", 255), msg("<ff@x>", 20))])
+            .expect("put");
+        assert_eq!(
+            s.indexed_message(&key("INBOX", 255)).expect("read"),
+            Some(msg("<ff@x>", 20))
+        );
+        s.ingest_indexed(vec![], vec![IndexChange::Remove(key("INBOX", 255))])
+            .expect("remove");
 
         s.ingest_indexed(
             vec![],

@@ -54,6 +54,9 @@ pub struct FolderNow {
     pub uid_validity: u32,
     pub uid_next: u32,
     pub uids: BTreeSet<u32>,
+    /// Listed but not read (a name that is not modified UTF-7, no UIDVALIDITY): neither
+    /// gone nor new, and nothing in it is judged.
+    pub unreadable: bool,
 }
 
 /// A mailbox as IMAP showed it: folder (UTF-8) → its state.
@@ -87,7 +90,11 @@ pub fn plan(user: &str, now: &Snapshot, index: &IndexedMailbox, indexed_before: 
     };
     let known: BTreeSet<&String> = index.folders.keys().collect();
     let mut gone: Vec<&String> = known.iter().copied().filter(|f| !now.contains_key(*f)).collect();
-    let mut appeared: Vec<&String> = now.keys().filter(|f| !known.contains(f)).collect();
+    let mut appeared: Vec<&String> = now
+        .iter()
+        .filter(|(f, state)| !known.contains(f) && !state.unreadable)
+        .map(|(f, _)| f)
+        .collect();
     // A folder that went while one with its UIDVALIDITY appeared was renamed.
     let mut renames: BTreeMap<String, String> = BTreeMap::new();
     gone.retain(|g| {
@@ -126,12 +133,12 @@ pub fn plan(user: &str, now: &Snapshot, index: &IndexedMailbox, indexed_before: 
         let folder = renames.get(&key.folder).unwrap_or(&key.folder);
         let present = now
             .get(folder)
-            .is_some_and(|f| f.uid_validity == key.uid_validity && f.uids.contains(&key.uid));
+            .is_some_and(|f| f.unreadable || (f.uid_validity == key.uid_validity && f.uids.contains(&key.uid)));
         if !present {
             plan.vanished.push((key.clone(), message.clone()));
         }
     }
-    for (folder, state) in now {
+    for (folder, state) in now.iter().filter(|(_, state)| !state.unreadable) {
         plan.watermarks
             .push((folder.clone(), state.uid_validity, state.uid_next));
         if plan.first_look {
@@ -149,7 +156,8 @@ pub fn plan(user: &str, now: &Snapshot, index: &IndexedMailbox, indexed_before: 
                     .filter(|k| k.folder == *old_name.unwrap_or(folder) && k.uid_validity == state.uid_validity)
                     .map(|k| k.uid.saturating_add(1))
                     .max()
-                    .unwrap_or(u32::MAX)
+                    // Created while mailhook listened and empty since: everything is new.
+                    .unwrap_or(1)
             }),
             // A new folder, or one created again: everything in it is new.
             _ => 1,
@@ -226,6 +234,10 @@ pub fn findings(
         e
     };
     let mut out = Mapped::default();
+    // Before the renames: a vanished message is named by its folder's old name.
+    for (key, _) in &plan.vanished {
+        out.index.push(IndexChange::Remove(key.clone()));
+    }
     for (old, new, v) in &plan.renamed {
         let mut a = activity();
         a.action = Some(FolderAction::Renamed);
@@ -269,7 +281,6 @@ pub fn findings(
     // Moves: a message that left one folder and arrived in another, by Message-ID.
     let mut arrived_used = vec![false; plan.arrived.len()];
     for (key, message) in &plan.vanished {
-        out.index.push(IndexChange::Remove(key.clone()));
         let to = message.message_id.as_deref().and_then(|id| {
             plan.arrived.iter().enumerate().position(|(i, k)| {
                 !arrived_used[i]
@@ -419,6 +430,13 @@ pub enum ReconcileError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// UIDs per UID FETCH.
+const FETCH_CHUNK: usize = 500;
+
+/// A mailbox whose reconcile failed is tried again this often, this many times.
+const RETRY_EVERY: Duration = Duration::from_secs(60);
+const RETRIES: u32 = 10;
+
 /// How long one mailbox's reconcile may take.
 const MAILBOX_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -450,33 +468,62 @@ impl Reconciler {
             mailboxes = users.len(),
             "Dovecot reconciler: looking at the known mailboxes"
         );
+        // Mailboxes whose reconcile failed, with the attempts made.
+        let mut failed: BTreeMap<String, u32> = BTreeMap::new();
         for user in users {
             if stop.is_cancelled() {
                 return;
             }
             self.shared.seen(&user);
-            self.reconcile_logged(&user).await;
+            if !self.reconcile_logged(&user).await {
+                failed.insert(user, 1);
+            }
         }
         let Some(rx) = first_seen.as_mut() else { return };
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        retry.reset();
         loop {
-            let user = tokio::select! {
+            tokio::select! {
                 () = stop.cancelled() => return,
-                user = rx.recv() => match user { Some(u) => u, None => return },
-            };
-            self.reconcile_logged(&user).await;
+                user = rx.recv() => {
+                    let Some(user) = user else { return };
+                    if !self.reconcile_logged(&user).await {
+                        failed.insert(user, 1);
+                    }
+                }
+                _ = retry.tick(), if !failed.is_empty() => {
+                    for (user, attempts) in std::mem::take(&mut failed) {
+                        if !self.reconcile_logged(&user).await && attempts < RETRIES {
+                            failed.insert(user, attempts + 1);
+                        }
+                    }
+                }
+            }
         }
     }
 
-    async fn reconcile_logged(&self, user: &str) {
+    /// Reconciles one mailbox and logs the outcome; false when it failed.
+    async fn reconcile_logged(&self, user: &str) -> bool {
         match tokio::time::timeout(MAILBOX_TIMEOUT, self.reconcile(user)).await {
             Ok(Ok((events, first_look))) => {
                 info!(user, events, first_look, "Dovecot mailbox reconciled");
+                true
             }
-            Ok(Err(err)) => warn!(user, error = crate::error_chain(&err), "Dovecot mailbox not reconciled"),
-            Err(_) => warn!(
-                user,
-                "Dovecot mailbox not reconciled: it took longer than {MAILBOX_TIMEOUT:?}"
-            ),
+            Ok(Err(err)) => {
+                warn!(
+                    user,
+                    error = crate::error_chain(&err),
+                    "Dovecot mailbox not reconciled; will retry"
+                );
+                false
+            }
+            Err(_) => {
+                warn!(
+                    user,
+                    "Dovecot mailbox not reconciled: it took longer than {MAILBOX_TIMEOUT:?}; will retry"
+                );
+                false
+            }
         }
     }
 
@@ -548,10 +595,24 @@ async fn snapshot(session: &mut async_imap::Session<tokio::net::TcpStream>) -> R
     for raw in names {
         let Some(folder) = decode_folder(&raw) else {
             warn!(folder = raw, "a folder name that is not modified UTF-7; skipped");
+            out.insert(
+                raw,
+                FolderNow {
+                    unreadable: true,
+                    ..FolderNow::default()
+                },
+            );
             continue;
         };
         let mailbox = session.examine(&raw).await?;
         let (Some(uid_validity), Some(uid_next)) = (mailbox.uid_validity, mailbox.uid_next) else {
+            out.insert(
+                folder,
+                FolderNow {
+                    unreadable: true,
+                    ..FolderNow::default()
+                },
+            );
             continue;
         };
         let uids = if mailbox.exists == 0 {
@@ -565,6 +626,7 @@ async fn snapshot(session: &mut async_imap::Session<tokio::net::TcpStream>) -> R
                 uid_validity,
                 uid_next,
                 uids,
+                unreadable: false,
             },
         );
     }
@@ -584,12 +646,18 @@ async fn read_headers(
     let now = jiff::Timestamp::now().as_second();
     for (folder, keys) in by_folder {
         session.examine(encode_folder(folder)).await?;
-        let set = keys.iter().map(|k| k.uid.to_string()).collect::<Vec<_>>().join(",");
-        let fetched: Vec<_> = session
-            .uid_fetch(set, "(UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID SUBJECT FROM TO)])")
-            .await?
-            .try_collect()
-            .await?;
+        // A few hundred UIDs per command: a command line stays far below Dovecot's
+        // imap_max_line_length (64 KiB) however many messages arrived.
+        let mut fetched = Vec::new();
+        for chunk in keys.chunks(FETCH_CHUNK) {
+            let set = chunk.iter().map(|k| k.uid.to_string()).collect::<Vec<_>>().join(",");
+            let mut part: Vec<_> = session
+                .uid_fetch(set, "(UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID SUBJECT FROM TO)])")
+                .await?
+                .try_collect()
+                .await?;
+            fetched.append(&mut part);
+        }
         for f in fetched {
             let (Some(uid), Some(bytes)) = (f.uid, f.header().or_else(|| f.body())) else {
                 continue;

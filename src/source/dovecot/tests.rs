@@ -216,6 +216,10 @@ fn deletions_soft_by_flag_or_trash_and_hard_by_expunge() {
         &before,
     );
     assert_eq!(types(&m), vec!["message.deleted", "message.flagged"]);
+    assert_ne!(
+        m.events[0].producer_event_id, m.events[1].producer_event_id,
+        "two events of one notification: neither is the other's duplicate"
+    );
     assert_eq!(activity(&m.events[0]).stage, Some(DeleteStage::Soft));
     assert_eq!(m.events[0].message_id.as_deref(), Some("<m1@x>"));
 
@@ -428,6 +432,12 @@ fn exported_acl_metadata_and_sieve_changes_are_config_changes() {
     assert_eq!(acl.occurred_at.to_string(), "2026-12-05T04:27:24.153597Z");
     let change = activity(&acl).change.clone().expect("change");
     assert_eq!(change.kind, ConfigKind::Acl);
+    assert_eq!(
+        first_imap_argument(r#""Sent Items" bob lr"#).as_deref(),
+        Some("Sent Items")
+    );
+    assert_eq!(first_imap_argument(r#""a\"b" x"#).as_deref(), Some("a\"b"));
+    assert_eq!(first_imap_argument(r#""open"#), None);
     assert_eq!(change.target.as_deref(), Some("INBOX"));
     assert_eq!(change.detail.as_deref(), Some("INBOX bob@example.test lr"));
 

@@ -60,6 +60,8 @@ pub trait Engine: Send + Sync + 'static {
     /// Mailbox index entries whose key starts with `prefix` (which ends in a NUL, see
     /// `store::index_key`): (key, unix seconds indexed, body), in key order.
     fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError>;
+    /// One mailbox index entry's body.
+    fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every user with a mailbox index entry.
     fn index_users(&self) -> Result<Vec<String>, StoreError>;
     /// Keys of mailbox index entries indexed before `before` (unix seconds).
@@ -331,6 +333,12 @@ impl Engine for Redb {
             out.push((key.value().to_vec(), at, body.to_vec()));
         }
         Ok(out)
+    }
+
+    fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
+        Ok(table.get(key).map_err(io)?.map(|v| v.value().1.to_vec()))
     }
 
     fn index_users(&self) -> Result<Vec<String>, StoreError> {

@@ -469,13 +469,10 @@ impl Store for DurableStore {
     }
 
     fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
-        let key = index_key::message(key);
         Ok(self
             .engine
-            .index_scan(&key)?
-            .into_iter()
-            .find(|(k, _, _)| *k == key)
-            .and_then(|(_, _, body)| serde_json::from_slice(&body).ok()))
+            .index_get(&index_key::message(key))?
+            .and_then(|body| serde_json::from_slice(&body).ok()))
     }
 
     fn indexed_users(&self) -> Result<Vec<String>, StoreError> {
@@ -1179,6 +1176,9 @@ mod tests {
         }
         fn index_scan(&self, prefix: &[u8]) -> Result<Vec<crate::store::durable::engine::IndexRow>, StoreError> {
             self.inner.index_scan(prefix)
+        }
+        fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.index_get(key)
         }
         fn index_users(&self) -> Result<Vec<String>, StoreError> {
             self.inner.index_users()

@@ -672,6 +672,16 @@ impl Engine for Postgres {
             .collect())
     }
 
+    fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT body FROM mailbox_index WHERE key = $1",
+                vec![Box::new(key.to_vec())],
+            )?
+            .first()
+            .map(|r| r.get(0)))
+    }
+
     fn index_users(&self) -> Result<Vec<String>, StoreError> {
         Ok(self
             .query(

@@ -25,6 +25,7 @@ fn folder(v: u32, next: u32, uids: &[u32]) -> FolderNow {
         uid_validity: v,
         uid_next: next,
         uids: uids.iter().copied().collect(),
+        unreadable: false,
     }
 }
 
@@ -180,6 +181,49 @@ fn a_folder_known_by_its_messages_counts_what_lies_above_them() {
     assert_eq!(m.events.len(), 1);
     assert_eq!(m.events[0].event_type, EventType::MessageSent);
     assert_eq!(m.events[0].direction, Some(Direction::Outbound));
+}
+
+#[test]
+fn an_unreadable_folder_is_neither_gone_nor_new_and_a_rename_drops_vanished_entries_first() {
+    let mut index = IndexedMailbox::default();
+    index.folders.insert("INBOX".into(), watermarked(5, Some(1)));
+    index.folders.insert("Odd".into(), watermarked(6, Some(1)));
+    index.folders.insert("Alt".into(), watermarked(9, Some(1)));
+    index.folders.insert("Leer".into(), watermarked(10, None));
+    index.messages.insert(key("Odd", 6, 1), message("<odd@x>", 10));
+    index.messages.insert(key("Alt", 9, 1), message("<gone@x>", 10));
+    let now: Snapshot = [
+        ("INBOX".to_string(), folder(5, 1, &[])),
+        (
+            "Odd".to_string(),
+            FolderNow {
+                unreadable: true,
+                ..FolderNow::default()
+            },
+        ),
+        ("Neu".to_string(), folder(9, 2, &[])),
+        ("Leer".to_string(), folder(10, 3, &[1, 2])),
+    ]
+    .into();
+    let p = plan(USER, &now, &index, 100);
+    assert!(p.deleted.is_empty() && p.created.is_empty(), "{p:?}");
+    assert_eq!(p.vanished.len(), 1, "only the message of the renamed folder: {p:?}");
+    assert_eq!(
+        p.arrived,
+        vec![key("Leer", 10, 1), key("Leer", 10, 2)],
+        "a folder created live and empty since: all of it is new"
+    );
+    let m = findings(USER, p, &BTreeMap::new(), &cfg(), jiff::Timestamp::UNIX_EPOCH);
+    let remove = m.index.iter().position(|c| *c == IndexChange::Remove(key("Alt", 9, 1)));
+    let rename = m
+        .index
+        .iter()
+        .position(|c| matches!(c, IndexChange::RenameFolder { .. }));
+    assert!(
+        remove < rename,
+        "removed under the old name before the rename: {:?}",
+        m.index
+    );
 }
 
 #[test]
