@@ -611,7 +611,13 @@ pub mod conformance {
         );
 
         assert_eq!(s.purge_index(at(25)).expect("purge"), 1, "the message seen at 20");
-        assert_eq!(s.indexed(user, None).expect("read").messages.len(), 1);
+        let left = s.indexed(user, None).expect("read");
+        assert_eq!(left.messages.len(), 1);
+        assert_eq!(
+            left.folders["INBOX"].uid_next,
+            Some(301),
+            "the watermark rises past the forgotten message"
+        );
         assert_eq!(
             s.indexed("nobody@example.com", None).expect("read"),
             IndexedMailbox::default()

@@ -480,20 +480,43 @@ impl Store for DurableStore {
     }
 
     fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        // Messages only: a folder's own entry stays while the folder does.
-        let old: Vec<Op> = self
-            .engine
-            .index_before(before.as_second())?
-            .into_iter()
-            .filter(|k| index_key::parse(k).is_some_and(|(_, _, m)| m.is_some()))
-            .map(Op::DeleteIndex)
-            .collect();
-        let n = old.len() as u64;
+        // Messages only: a folder's own entry stays while the folder does, and its
+        // watermark rises past what is forgotten, so the reconciler never takes a purged
+        // message for one that arrived while it was away.
+        let mut ops = Vec::new();
+        let mut watermarks: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
+        for key in self.engine.index_before(before.as_second())? {
+            let Some((user, folder, Some((uid_validity, uid)))) = index_key::parse(&key) else {
+                continue;
+            };
+            let mark = watermarks.entry((user, folder)).or_insert((uid_validity, 0));
+            if mark.0 == uid_validity {
+                mark.1 = mark.1.max(uid.saturating_add(1));
+            }
+            ops.push(Op::DeleteIndex(key));
+        }
+        let n = ops.len() as u64;
+        let now = jiff::Timestamp::now().as_second();
+        for ((user, folder), (uid_validity, above)) in watermarks {
+            let key = index_key::folder(&user, &folder);
+            let mut marker: IndexedFolder = self
+                .engine
+                .index_get(&key)?
+                .and_then(|body| serde_json::from_slice(&body).ok())
+                .unwrap_or_default();
+            if marker.uid_validity.is_some_and(|v| v != uid_validity) {
+                continue;
+            }
+            marker.uid_validity = Some(uid_validity);
+            marker.uid_next = Some(marker.uid_next.unwrap_or(0).max(above));
+            ops.push(Op::PutIndex(key, user, now, json(&marker)?));
+        }
         if n > 0 {
-            self.send(old, true)?;
+            self.send(ops, true)?;
         }
         Ok(n)
     }
+
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
         Ok(self.engine.raw(sha256)?.map(|(at, bytes)| {
             (
