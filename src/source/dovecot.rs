@@ -164,6 +164,48 @@ fn meaningful(flags: &[String], keywords: &[String]) -> Vec<String> {
     out
 }
 
+/// A Dovecot event: what happened, to which mailbox and folder, who did it, under which
+/// producer id; message fields are filled by the caller where known.
+pub(crate) struct Made {
+    pub event_type: EventType,
+    pub mailbox: String,
+    pub folder: Option<String>,
+    pub occurred_at: jiff::Timestamp,
+    pub received_at: jiff::Timestamp,
+    pub producer: String,
+    pub activity: Activity,
+}
+
+impl Made {
+    pub(crate) fn event(self) -> MailboxEvent {
+        MailboxEvent {
+            id: MailboxEvent::new_id(),
+            event_type: self.event_type,
+            occurred_at: self.occurred_at,
+            received_at: self.received_at,
+            source: Source::Dovecot,
+            producer_event_id: Some(self.producer),
+            mailbox: self.mailbox,
+            message_id: None,
+            from: None,
+            to: vec![],
+            cc: vec![],
+            bcc: vec![],
+            subject: None,
+            size: None,
+            attachments: vec![],
+            direction: None,
+            folder: self.folder,
+            headers: Default::default(),
+            flags: vec![],
+            flagged_event_id: None,
+            flag_namespace: None,
+            raw_message: None,
+            activity: Some(Box::new(self.activity)),
+        }
+    }
+}
+
 /// The session's side of every event of a batch.
 struct Session {
     mailbox: String,
@@ -181,31 +223,16 @@ impl Session {
         folder: Option<String>,
         activity: Activity,
     ) -> MailboxEvent {
-        MailboxEvent {
-            id: MailboxEvent::new_id(),
+        Made {
             event_type,
+            mailbox: self.mailbox.clone(),
+            folder,
             occurred_at: self.at,
             received_at: self.now,
-            source: Source::Dovecot,
-            producer_event_id: Some(format!("dovecot:{}:{position}", self.batch)),
-            mailbox: self.mailbox.clone(),
-            message_id: None,
-            from: None,
-            to: vec![],
-            cc: vec![],
-            bcc: vec![],
-            subject: None,
-            size: None,
-            attachments: vec![],
-            direction: None,
-            folder,
-            headers: Default::default(),
-            flags: vec![],
-            flagged_event_id: None,
-            flag_namespace: None,
-            raw_message: None,
-            activity: Some(Box::new(activity)),
+            producer: format!("dovecot:{}:{position}", self.batch),
+            activity,
         }
+        .event()
     }
 
     fn activity(&self) -> Activity {
@@ -769,31 +796,18 @@ pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
         }),
         ..Default::default()
     };
-    Some(MailboxEvent {
-        id: MailboxEvent::new_id(),
-        event_type: EventType::MailboxConfigChanged,
-        occurred_at: at,
-        received_at: now,
-        source: Source::Dovecot,
-        producer_event_id: Some(producer),
-        mailbox: mailbox_of(&user),
-        message_id: None,
-        from: None,
-        to: vec![],
-        cc: vec![],
-        bcc: vec![],
-        subject: None,
-        size: None,
-        attachments: vec![],
-        direction: None,
-        folder: None,
-        headers: Default::default(),
-        flags: vec![],
-        flagged_event_id: None,
-        flag_namespace: None,
-        raw_message: None,
-        activity: Some(Box::new(activity)),
-    })
+    Some(
+        Made {
+            event_type: EventType::MailboxConfigChanged,
+            mailbox: mailbox_of(&user),
+            folder: None,
+            occurred_at: at,
+            received_at: now,
+            producer,
+            activity,
+        }
+        .event(),
+    )
 }
 
 pub mod reconcile;

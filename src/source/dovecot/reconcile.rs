@@ -22,9 +22,11 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use tracing::{info, warn};
 
-use super::{DovecotConfig, Mapped, Shared, Side, folder_producer_id, mailbox_of, message_producer_id};
+use super::{
+    DovecotConfig, Made, Mapped, Shared, Side, folder_producer_id, mailbox_of, message_producer_id, with_message,
+};
 use crate::api::{Direction, EventType};
-use crate::event::{Activity, DeleteStage, FolderAction, MailboxEvent, Source};
+use crate::event::{Activity, DeleteStage, FolderAction};
 use crate::source::{Pipeline, is_internal, normalize_address};
 use crate::store::{IndexChange, IndexedMailbox, IndexedMessage, MessageKey};
 
@@ -190,48 +192,22 @@ pub fn findings(
     now: jiff::Timestamp,
 ) -> Mapped {
     let mailbox = mailbox_of(user);
-    let event = |kind: EventType, folder: Option<String>, activity: Activity, producer: String| MailboxEvent {
-        id: MailboxEvent::new_id(),
-        event_type: kind,
-        occurred_at: now,
-        received_at: now,
-        source: Source::Dovecot,
-        producer_event_id: Some(producer),
-        mailbox: mailbox.clone(),
-        message_id: None,
-        from: None,
-        to: vec![],
-        cc: vec![],
-        bcc: vec![],
-        subject: None,
-        size: None,
-        attachments: vec![],
-        direction: None,
-        folder,
-        headers: Default::default(),
-        flags: vec![],
-        flagged_event_id: None,
-        flag_namespace: None,
-        raw_message: None,
-        activity: Some(Box::new(activity)),
+    let event = |event_type: EventType, folder: Option<String>, activity: Activity, producer: String| {
+        Made {
+            event_type,
+            mailbox: mailbox.clone(),
+            folder,
+            occurred_at: now,
+            received_at: now,
+            producer,
+            activity,
+        }
+        .event()
     };
     let activity = || Activity {
         user: user.to_string(),
         reconciled: true,
         ..Default::default()
-    };
-    let named = |mut e: MailboxEvent, key: &MessageKey, m: Option<&IndexedMessage>| {
-        if let Some(m) = m {
-            e.message_id = m.message_id.clone();
-            e.subject = m.subject.clone();
-            e.from = m.from.clone();
-            e.to = m.to.clone();
-        }
-        if let Some(a) = e.activity.as_mut() {
-            a.uid = Some(key.uid);
-            a.uid_validity = Some(key.uid_validity);
-        }
-        e
     };
     let mut out = Mapped::default();
     // Before the renames: a vanished message is named by its folder's old name.
@@ -301,7 +277,7 @@ pub fn findings(
                     EventType::MessageMoved
                 };
                 let e = event(kind, Some(dest.folder.clone()), a, message_producer_id(dest, Side::In));
-                named(e, dest, headers.get(dest).or(Some(message)))
+                with_message(e, Some(dest), headers.get(dest).or(Some(message)))
             }
             None => {
                 a.stage = Some(DeleteStage::Hard);
@@ -311,7 +287,7 @@ pub fn findings(
                     a,
                     message_producer_id(key, Side::Out),
                 );
-                named(e, key, Some(message))
+                with_message(e, Some(key), Some(message))
             }
         };
         out.events.push(e);
@@ -362,7 +338,7 @@ pub fn findings(
             message_producer_id(key, Side::In),
         );
         e.direction = Some(direction);
-        out.events.push(named(e, key, header));
+        out.events.push(with_message(e, Some(key), header));
     }
     for (folder, uid_validity, uid_next) in plan.watermarks {
         out.index.push(IndexChange::PutFolder {
