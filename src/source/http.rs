@@ -68,7 +68,8 @@ pub fn router_with(
 ) -> Router {
     let shared = dovecot;
     let mut dovecot = config.dovecot.clone();
-    dovecot.internal_domains = pipeline.internal_domains.clone();
+    // Direction is judged against the pipeline's internal domains, like every source's.
+    dovecot.internal_domains.clone_from(&pipeline.internal_domains);
     Router::new()
         .route("/v1/events", post(ingest))
         .route("/v1/sources/dovecot", post(dovecot_batch))
@@ -406,6 +407,43 @@ async fn accept(
     Ok(accepted(&outcomes))
 }
 
+/// A Dovecot route's request: credentials (bearer or Basic), admission, one JSON body
+/// read into `T`; `handle` stores what it says. The answer: 202 with the outcomes, or the
+/// refusal (counted as the dovecot source's).
+async fn dovecot_request<T, F, Fut>(
+    state: IngestState,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    handle: F,
+) -> Response
+where
+    T: serde::de::DeserializeOwned,
+    F: FnOnce(IngestState, T) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<crate::store::Appended>, Refusal>>,
+{
+    if let Some(response) = refused_credentials(&state, &headers, peer, true) {
+        state
+            .pipeline
+            .metrics
+            .events_ingested
+            .with_label_values(&["dovecot", "rejected"])
+            .inc();
+        return response;
+    }
+    let work = async {
+        admit(&state, "dovecot")?;
+        json_only(&headers)?;
+        let body = body_or_refusal(body)?;
+        let request: T = parse(&body, "body")?;
+        handle(state.clone(), request).await
+    };
+    match work.await {
+        Ok(outcomes) => accepted(&outcomes),
+        Err(refusal) => counted(&state, "dovecot", refusal),
+    }
+}
+
 /// `POST /v1/sources/dovecot`: one push-notification batch of the Lua script.
 async fn dovecot_batch(
     State(state): State<IngestState>,
@@ -413,14 +451,7 @@ async fn dovecot_batch(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    if let Some(response) = refused_credentials(&state, &headers, peer, true) {
-        return response;
-    }
-    let work = async {
-        admit(&state, "dovecot")?;
-        json_only(&headers)?;
-        let body = body_or_refusal(body)?;
-        let batch: dovecot::Batch = parse(&body, "body")?;
+    dovecot_request(state, peer, headers, body, |state, batch: dovecot::Batch| async move {
         let intake = state.dovecot.clone();
         let pipeline = state.pipeline.clone();
         blocking(&state, move || {
@@ -452,11 +483,8 @@ async fn dovecot_batch(
             Ok(outcomes)
         })
         .await
-    };
-    match work.await {
-        Ok(outcomes) => accepted(&outcomes),
-        Err(refusal) => counted(&state, "dovecot", refusal),
-    }
+    })
+    .await
 }
 
 /// `POST /v1/sources/dovecot/events`: one event of Dovecot's event exporter. Events that
@@ -467,29 +495,25 @@ async fn dovecot_exported(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    if let Some(response) = refused_credentials(&state, &headers, peer, true) {
-        return response;
-    }
-    let work = async {
-        admit(&state, "dovecot")?;
-        json_only(&headers)?;
-        let body = body_or_refusal(body)?;
-        let exported: dovecot::Exported = parse(&body, "body")?;
-        let Some(event) = dovecot::map_exported(exported, jiff::Timestamp::now()) else {
-            return Ok(Vec::new());
-        };
-        let pipeline = state.pipeline.clone();
-        blocking(&state, move || {
-            pipeline
-                .accept(vec![event])
-                .map_err(|e| stored_refusal(e, |_| "body".into()))
-        })
-        .await
-    };
-    match work.await {
-        Ok(outcomes) => accepted(&outcomes),
-        Err(refusal) => counted(&state, "dovecot", refusal),
-    }
+    dovecot_request(
+        state,
+        peer,
+        headers,
+        body,
+        |state, exported: dovecot::Exported| async move {
+            let Some(event) = dovecot::map_exported(exported, jiff::Timestamp::now()) else {
+                return Ok(Vec::new());
+            };
+            let pipeline = state.pipeline.clone();
+            blocking(&state, move || {
+                pipeline
+                    .accept(vec![event])
+                    .map_err(|e| stored_refusal(e, |_| "body".into()))
+            })
+            .await
+        },
+    )
+    .await
 }
 
 fn json_only(headers: &HeaderMap) -> Result<(), Refusal> {

@@ -479,3 +479,72 @@ async fn dovecot_imap_latency() {
     }
     let _ = std::fs::remove_dir_all(&store);
 }
+
+/// The Dovecot routes answer bad requests with the status and field a person can act on,
+/// and take the token from Basic credentials (all Dovecot's exporter can send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_routes_refuse_bad_requests_naming_the_field() {
+    let ns = TestNamespace::new("dovecot-refusals").await;
+    let operator = Operator::start(&ns).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: &str, auth: Option<(&str, &str)>, bearer: bool| {
+        let mut r = http
+            .post(format!("http://{}{path}", operator.ingest))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        r = match (auth, bearer) {
+            (Some((_, token)), true) => r.bearer_auth(token),
+            (Some((user, token)), false) => r.basic_auth(user, Some(token)),
+            (None, _) => r,
+        };
+        async move {
+            let r = r.send().await.expect("request");
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            (status, serde_json::from_str::<Value>(&text).unwrap_or_default())
+        }
+    };
+    let batch = |version: u32| {
+        json!({"version": version, "batch": "s:1", "user": ALICE, "events": [
+            {"event": "MailboxCreate", "mailbox": "Grüße"}]})
+        .to_string()
+    };
+    let (status, body) = post("/v1/sources/dovecot", &batch(2), Some(("", INGEST_TOKEN)), true).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "version", "{body}");
+    let (status, body) = post(
+        "/v1/sources/dovecot",
+        r#"{"version": 1}"#,
+        Some(("", INGEST_TOKEN)),
+        true,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = post("/v1/sources/dovecot", &batch(1), None, true).await;
+    assert_eq!(status, 401);
+    let (status, body) = post("/v1/sources/dovecot", &batch(1), Some(("dovecot", INGEST_TOKEN)), false).await;
+    assert_eq!(status, 202, "Basic credentials carry the token: {body}");
+    let exported = json!({"event": "imap_command_finished", "fields": {"user": ALICE, "cmd_name": "SELECT",
+                                                                     "tagged_reply_state": "OK"}});
+    let (status, body) = post(
+        "/v1/sources/dovecot/events",
+        &exported.to_string(),
+        Some(("dovecot", INGEST_TOKEN)),
+        false,
+    )
+    .await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(0)),
+        "not a change: taken, nothing stored"
+    );
+    let r = http
+        .post(format!("http://{}/v1/sources/dovecot", operator.ingest))
+        .bearer_auth(INGEST_TOKEN)
+        .header("content-type", "application/x-ndjson")
+        .body(batch(1))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 415);
+}
