@@ -173,6 +173,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         sent_folders: config.dovecot.sent_folders.clone(),
         trash_folders: config.dovecot.trash_folders.clone(),
         internal_domains: pipeline.internal_domains.clone(),
+        separator: Some(config.dovecot.dovecot_hierarchy_separator),
     };
     let dovecot_shared = Arc::new(source::dovecot::Shared::default());
     if let Some(reconciler) = dovecot_reconciler(&config, &dovecot_cfg, &pipeline, &dovecot_shared)? {

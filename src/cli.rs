@@ -195,6 +195,11 @@ pub struct DovecotArgs {
     )]
     pub trash_folders: Vec<String>,
 
+    /// The hierarchy separator of Dovecot's namespace (`separator`; `.` for Maildir++):
+    /// renaming a folder renames its subfolders, and the mailbox index follows.
+    #[arg(long, env = "MAILHOOK_DOVECOT_HIERARCHY_SEPARATOR", default_value_t = '/')]
+    pub dovecot_hierarchy_separator: char,
+
     /// How long the mailbox index remembers a message (what later deletions and moves
     /// are named by).
     #[arg(long, env = "MAILHOOK_DOVECOT_INDEX_RETENTION", default_value = "2160h", value_parser = duration_arg)]

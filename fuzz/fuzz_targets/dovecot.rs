@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         sent_folders: vec!["Sent".into()],
         trash_folders: vec!["Trash".into(), "Papierkorb".into()],
         internal_domains: vec!["example.test".into()],
+        separator: Some('/'),
     };
     let now = jiff::Timestamp::UNIX_EPOCH;
     if let Ok(batch) = serde_json::from_slice::<Batch>(data) {

@@ -38,6 +38,8 @@ pub struct DovecotConfig {
     pub trash_folders: Vec<String>,
     /// Lower-cased internal domains (direction).
     pub internal_domains: Vec<String>,
+    /// The namespace's hierarchy separator: a renamed folder's subfolders are renamed too.
+    pub separator: Option<char>,
 }
 
 impl DovecotConfig {
@@ -535,12 +537,16 @@ pub fn map_batch(
                             user: user.clone(),
                             from: old.clone(),
                             to: folder.clone(),
+                            separator: cfg.separator,
                         });
+                        let child = cfg.separator.map(|sep| format!("{old}{sep}"));
                         indexed = indexed
                             .into_iter()
                             .map(|(mut k, m)| {
                                 if k.folder == old {
                                     k.folder = folder.clone();
+                                } else if let Some(rest) = child.as_deref().and_then(|c| k.folder.strip_prefix(c)) {
+                                    k.folder = format!("{folder}{}{rest}", cfg.separator.unwrap_or('/'));
                                 }
                                 (k, m)
                             })

@@ -219,11 +219,13 @@ pub enum IndexChange {
         user: String,
         folder: String,
     },
-    /// The folder and its messages now go by another name.
+    /// The folder and its messages now go by another name; with the hierarchy
+    /// `separator`, so do its subfolders (`from/x` becomes `to/x`), as IMAP renames them.
     RenameFolder {
         user: String,
         from: String,
         to: String,
+        separator: Option<char>,
     },
 }
 
@@ -582,6 +584,7 @@ pub mod conformance {
                     user: user.into(),
                     from: "Projekte".into(),
                     to: "Archiv".into(),
+                    separator: None,
                 },
                 IndexChange::RemoveFolder {
                     user: user.into(),
@@ -609,6 +612,42 @@ pub mod conformance {
             Some(2),
             "the watermark moves with the folder"
         );
+
+        // A parent renamed with the hierarchy separator takes its subfolders along.
+        s.ingest_indexed(
+            vec![],
+            vec![
+                IndexChange::Put(key("Kunden/Acme", 1), msg("<k@x>", 40)),
+                IndexChange::Put(key("Kunden.Alt", 1), msg("<l@x>", 40)),
+                IndexChange::RenameFolder {
+                    user: user.into(),
+                    from: "Kunden".into(),
+                    to: "Partner".into(),
+                    separator: Some('/'),
+                },
+            ],
+        )
+        .expect("rename a parent");
+        let after = s.indexed(user, None).expect("read");
+        assert!(after.messages.contains_key(&key("Partner/Acme", 1)), "{after:?}");
+        assert!(
+            after.messages.contains_key(&key("Kunden.Alt", 1)),
+            "not a subfolder: another separator"
+        );
+        s.ingest_indexed(
+            vec![],
+            vec![
+                IndexChange::RemoveFolder {
+                    user: user.into(),
+                    folder: "Partner/Acme".into(),
+                },
+                IndexChange::RemoveFolder {
+                    user: user.into(),
+                    folder: "Kunden.Alt".into(),
+                },
+            ],
+        )
+        .expect("clean up");
 
         assert_eq!(s.purge_index(at(25)).expect("purge"), 1, "the message seen at 20");
         let left = s.indexed(user, None).expect("read");

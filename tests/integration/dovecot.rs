@@ -302,6 +302,35 @@ async fn every_mailbox_action_in_a_real_dovecot_is_one_event_and_changes_made_wh
     )
     .await;
 
+    // Renaming a parent renames its subfolders: a message in one is still named after.
+    dovecot.act("create", &[ALICE, "Kunden"]);
+    dovecot.act("create", &[ALICE, "Kunden/Acme"]);
+    dovecot.act("copy", &[ALICE, "Archiv", "Kunden/Acme", m1]);
+    dovecot.act("rename", &[ALICE, "Kunden", "Partner"]);
+    dovecot.act("flag", &[ALICE, "Partner/Acme", m1, "\\Flagged"]);
+    soc.next(
+        "a parent folder renamed, then a flag in its subfolder",
+        &[
+            event(
+                "folder.changed",
+                json!({"folder": "Kunden", "activity": {"action": "created"}}),
+            ),
+            event(
+                "folder.changed",
+                json!({"folder": "Kunden/Acme", "activity": {"action": "created"}}),
+            ),
+            event(
+                "folder.changed",
+                json!({"folder": "Partner", "activity": {"action": "renamed", "previousFolder": "Kunden"}}),
+            ),
+            event(
+                "message.flagged",
+                json!({"folder": "Partner/Acme", "messageId": m1, "subject": "Grüße aus Köln"}),
+            ),
+        ],
+    )
+    .await;
+
     // The master user in alice's mailbox: an admin session, also selected by the
     // admin-sessions filter.
     dovecot.act("flag", &[ADMIN, "Archiv", m1, "\\Seen"]);

@@ -224,10 +224,12 @@ pub fn findings(
             a,
             folder_producer_id(user, new, *v, FolderAction::Renamed),
         ));
+        // Each subfolder keeps its UIDVALIDITY too and is found renamed on its own.
         out.index.push(IndexChange::RenameFolder {
             user: user.to_string(),
             from: old.clone(),
             to: new.clone(),
+            separator: None,
         });
     }
     for (folder, v) in &plan.created {

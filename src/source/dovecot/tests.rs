@@ -9,6 +9,7 @@ fn cfg() -> DovecotConfig {
         sent_folders: vec!["Sent".into()],
         trash_folders: vec!["Trash".into()],
         internal_domains: vec!["example.test".into()],
+        separator: Some('/'),
     }
 }
 
@@ -330,7 +331,8 @@ fn folder_changes_carry_their_action_and_move_the_index() {
             IndexChange::RenameFolder {
                 user: "alice@example.test".into(),
                 from: "Projekte".into(),
-                to: "Archiv".into()
+                to: "Archiv".into(),
+                separator: Some('/'),
             },
             IndexChange::RemoveFolder {
                 user: "alice@example.test".into(),

@@ -362,17 +362,35 @@ impl DurableStore {
                         net.insert(key, None);
                     }
                 }
-                IndexChange::RenameFolder { user, from, to } => {
+                IndexChange::RenameFolder {
+                    user,
+                    from,
+                    to,
+                    separator,
+                } => {
                     if !index_key::valid(&to) {
                         continue;
                     }
-                    let old = index_key::folder(&user, &from);
-                    let new = index_key::folder(&user, &to);
-                    for (key, (at, body)) in scan(&net, &old)? {
-                        let mut moved = new.clone();
-                        moved.extend_from_slice(key.get(old.len()..).unwrap_or_default());
-                        net.insert(key, None);
-                        net.insert(moved, Some((user.clone(), at, body)));
+                    // (prefix scanned, the bytes it becomes): the folder's own entries, and
+                    // with a separator every `from<sep>…` subfolder's (not NUL-ended: the
+                    // rest of the subfolder's name follows).
+                    let mut moves = vec![(index_key::folder(&user, &from), index_key::folder(&user, &to))];
+                    if let Some(sep) = separator {
+                        let child = |name: &str| {
+                            let mut k = index_key::user(&user);
+                            k.extend_from_slice(name.as_bytes());
+                            k.extend_from_slice(sep.to_string().as_bytes());
+                            k
+                        };
+                        moves.push((child(&from), child(&to)));
+                    }
+                    for (old, new) in moves {
+                        for (key, (at, body)) in scan(&net, &old)? {
+                            let mut moved = new.clone();
+                            moved.extend_from_slice(key.get(old.len()..).unwrap_or_default());
+                            net.insert(key, None);
+                            net.insert(moved, Some((user.clone(), at, body)));
+                        }
                     }
                 }
             }

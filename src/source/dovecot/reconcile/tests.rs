@@ -41,6 +41,7 @@ fn cfg() -> DovecotConfig {
         sent_folders: vec!["Sent".into()],
         trash_folders: vec!["Trash".into()],
         internal_domains: vec!["example.test".into()],
+        separator: Some('/'),
     }
 }
 
