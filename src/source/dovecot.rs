@@ -849,6 +849,7 @@ impl Shared {
     /// Notes that a batch of `user` was stored; the first time, the reconciler hears of it.
     pub fn seen(&self, user: &str) {
         if self.seen.lock().insert(user.to_string()) {
+            // Fails only when no reconciler listens (none configured): nothing to do then.
             let _ = self.first_seen.send(user.to_string());
         }
     }

@@ -517,6 +517,7 @@ impl Reconciler {
         let plan = plan(user, &snapshot, &index, indexed_before);
         let first_look = plan.first_look;
         let headers = read_headers(&mut session, &plan.arrived).await?;
+        // What was read is complete; a failed goodbye changes nothing.
         let _ = session.logout().await;
         let mapped = findings(user, plan, &headers, &self.dovecot, jiff::Timestamp::now());
         let events = mapped.events.len();
