@@ -50,6 +50,29 @@ impl DovecotConfig {
     fn is_trash(&self, folder: &str) -> bool {
         self.trash_folders.iter().any(|f| f.eq_ignore_ascii_case(folder))
     }
+
+    /// A delivered message: internal when its sender is.
+    fn received_direction(&self, message: Option<&IndexedMessage>) -> Direction {
+        let from = message.and_then(|m| m.from.as_deref());
+        if from.is_some_and(|f| is_internal(f, &self.internal_domains)) {
+            Direction::Internal
+        } else {
+            Direction::Inbound
+        }
+    }
+
+    /// Sent mail: internal when every known recipient is.
+    fn sent_direction(&self, message: Option<&IndexedMessage>) -> Direction {
+        let to = message.map(|m| m.to.as_slice()).unwrap_or_default();
+        if !self.internal_domains.is_empty()
+            && !to.is_empty()
+            && to.iter().all(|t| is_internal(t, &self.internal_domains))
+        {
+            Direction::Internal
+        } else {
+            Direction::Outbound
+        }
+    }
 }
 
 /// One transaction group of one session, as the Lua script posts it.
@@ -434,15 +457,7 @@ pub fn map_batch(
                     });
                     continue;
                 }
-                let direction = if message
-                    .from
-                    .as_deref()
-                    .is_some_and(|f| is_internal(f, &cfg.internal_domains))
-                {
-                    Direction::Internal
-                } else {
-                    Direction::Inbound
-                };
+                let direction = cfg.received_direction(Some(&message));
                 let mut event = session.event(position, EventType::MessageReceived, Some(folder), session.activity());
                 event.direction = Some(direction);
                 let event = placed(event, key.as_ref(), Side::In);
@@ -658,15 +673,7 @@ pub fn map_batch(
             Some(append.folder.clone()),
             session.activity(),
         );
-        let all_internal = append
-            .known
-            .as_ref()
-            .is_some_and(|m| !m.to.is_empty() && m.to.iter().all(|t| is_internal(t, &cfg.internal_domains)));
-        event.direction = Some(if all_internal && !cfg.internal_domains.is_empty() {
-            Direction::Internal
-        } else {
-            Direction::Outbound
-        });
+        event.direction = Some(cfg.sent_direction(append.known.as_ref()));
         let event = placed(event, append.key.as_ref(), Side::In);
         out.push((
             append.position,
@@ -848,7 +855,10 @@ impl Default for Shared {
 impl Shared {
     /// Notes that a batch of `user` was stored; the first time, the reconciler hears of it.
     pub fn seen(&self, user: &str) {
-        if self.seen.lock().insert(user.to_string()) {
+        let mut seen = self.seen.lock();
+        // Every batch passes here: no allocation once the user is known.
+        if !seen.contains(user) && seen.insert(user.to_string()) {
+            drop(seen);
             // Fails only when no reconciler listens (none configured): nothing to do then.
             let _ = self.first_seen.send(user.to_string());
         }

@@ -25,9 +25,9 @@ use tracing::{info, warn};
 use super::{
     DovecotConfig, Made, Mapped, Shared, Side, folder_producer_id, mailbox_of, message_producer_id, with_message,
 };
-use crate::api::{Direction, EventType};
+use crate::api::EventType;
 use crate::event::{Activity, DeleteStage, FolderAction};
-use crate::source::{Pipeline, is_internal, normalize_address};
+use crate::source::{Pipeline, normalize_address};
 use crate::store::{IndexChange, IndexedMailbox, IndexedMessage, MessageKey};
 
 /// How to reach the Dovecot server.
@@ -305,31 +305,9 @@ pub fn findings(
         // Deliveries land in INBOX; the client saves sent mail to Sent; anything else is
         // a copy or an upload, as the live path sees it.
         let (kind, direction) = if key.folder.eq_ignore_ascii_case("INBOX") {
-            let internal = header
-                .and_then(|h| h.from.as_deref())
-                .is_some_and(|f| is_internal(f, &cfg.internal_domains));
-            (
-                EventType::MessageReceived,
-                if internal {
-                    Direction::Internal
-                } else {
-                    Direction::Inbound
-                },
-            )
+            (EventType::MessageReceived, cfg.received_direction(header))
         } else if cfg.is_sent(&key.folder) {
-            let internal = header.is_some_and(|h| {
-                !cfg.internal_domains.is_empty()
-                    && !h.to.is_empty()
-                    && h.to.iter().all(|t| is_internal(t, &cfg.internal_domains))
-            });
-            (
-                EventType::MessageSent,
-                if internal {
-                    Direction::Internal
-                } else {
-                    Direction::Outbound
-                },
-            )
+            (EventType::MessageSent, cfg.sent_direction(header))
         } else {
             continue;
         };

@@ -1,4 +1,5 @@
 use super::*;
+use crate::api::Direction;
 
 const USER: &str = "alice@example.test";
 
