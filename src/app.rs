@@ -154,6 +154,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             raw_links,
             clients: Arc::new(Clients::new(egress.clone())),
             egress,
+            instance: Arc::from(config.delivery.instance.as_str()),
         },
     };
 

@@ -26,10 +26,12 @@ pub struct RawLinks {
 }
 
 /// A link as a delivery carries it (`data.rawMessage`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Link {
+    /// A signed URL of the raw message (RFC 5322 bytes), valid until `expiresAt`.
     pub url: String,
+    #[schemars(with = "String")]
     pub expires_at: jiff::Timestamp,
 }
 

@@ -27,6 +27,13 @@ pub enum Command {
     Run(Box<RunConfig>),
     /// Print the CustomResourceDefinitions as YAML (what crds/ holds).
     Crdgen,
+    /// Write the JSON Schemas of every delivery's data and the OpenAPI document of the
+    /// deliveries (what schemas/v1 holds).
+    Schemagen {
+        /// Folder to write into.
+        #[arg(long, default_value = "schemas/v1")]
+        out: std::path::PathBuf,
+    },
     /// List a subscription's delivery attempts, newest first (asks a running operator).
     Attempts(ListArgs),
     /// List a subscription's dead letters, newest first (asks a running operator).
@@ -351,6 +358,11 @@ pub struct DeliveryArgs {
     /// Number of delivery shards (workers); each subscription lives on one.
     #[arg(long, env = "MAILHOOK_SHARDS", default_value_t = 4)]
     pub shards: usize,
+
+    /// Names this operator in the `source` of the CloudEvents it sends
+    /// (`/mailhook/<instance>/<journal source>`); the chart sets `<namespace>/<release>`.
+    #[arg(long, env = "MAILHOOK_INSTANCE", default_value = "mailhook")]
+    pub instance: String,
 
     /// File holding the secret from which anonymized payloads derive their pseudonyms.
     /// Without it a random one is used and pseudonyms change on every restart.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{Direction, EventType, Severity};
 
 /// Where an event came from; a metrics label and part of the delivered data.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Source {
     Http,
@@ -30,7 +30,7 @@ impl Source {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Attachment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,7 +53,7 @@ impl Attachment {
 }
 
 /// A compliance flag a MailboxFilter put on a message.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Flag {
     pub name: String,
@@ -114,10 +114,39 @@ pub struct MailboxEvent {
     /// Who did what inside the mailbox store (sources that see it: Dovecot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity: Option<Box<Activity>>,
+    /// Set on the copy of an event sent to a dead-letter sink: why its delivery died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<Box<DeadLetterNote>>,
+}
+
+/// Why a delivery was given up, carried to the dead-letter sink with a copy of its event.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterNote {
+    /// The event as it was first delivered (the copy has an id of its own).
+    pub event_id: String,
+    /// The subscription whose endpoint refused it, as `namespace/name`.
+    pub subscription: String,
+    /// The endpoint that refused it: scheme, host, port and path (no query).
+    pub endpoint: String,
+    /// The `webhook-id` that endpoint was sent.
+    pub webhook_id: String,
+    /// Why it was given up (retries exhausted, too old, ...), with the last error.
+    pub reason: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub dead_lettered_at: jiff::Timestamp,
+    /// Set when the sink is an endpoint (`deadLetterSink.uri`): the copy is delivered
+    /// there by the subscription it died in, instead of to its endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink_uri: Option<String>,
 }
 
 /// How far a deletion went.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum DeleteStage {
     /// Marked `\Deleted`, or moved to the trash folder: still recoverable.
@@ -127,7 +156,7 @@ pub enum DeleteStage {
 }
 
 /// What happened to a folder (`folder.changed`).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum FolderAction {
     Created,
@@ -138,7 +167,7 @@ pub enum FolderAction {
 }
 
 /// Which part of a mailbox's configuration changed (`mailbox.config_changed`).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum ConfigKind {
     /// Sieve scripts: filtering, forwarding and vacation rules.
@@ -150,7 +179,7 @@ pub enum ConfigKind {
 }
 
 /// A configuration change: what kind, the command, and what it named.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigChange {
     pub kind: ConfigKind,

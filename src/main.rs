@@ -40,6 +40,16 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", mailhook::api::crds_yaml()?);
             Ok(())
         }
+        Command::Schemagen { out } => {
+            for (path, text) in mailhook::delivery::schema::files()? {
+                let file = out.join(&path);
+                if let Some(parent) = file.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&file, text)?;
+            }
+            Ok(())
+        }
         Command::Attempts(args) => history(Request::Attempts(args)).await,
         Command::DeadLetters(args) => history(Request::DeadLetters(args)).await,
         Command::Replay(args) => history(Request::Replay(args)).await,

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub leader_transitions: prometheus::IntCounter,
     /// Shared store: writes the database refused because their shard's claim had moved on.
     pub fenced_writes: prometheus::IntCounter,
+    /// Dead-lettered events copied to the subscription's dead-letter sink, by outcome.
+    pub dead_letter_forwards: IntCounterVec,
 }
 
 const SUBSCRIPTION: &[&str] = &["namespace", "subscription"];
@@ -220,6 +222,13 @@ impl Metrics {
                 "mailhook_fenced_writes_total",
                 "Shared store: delivery writes refused by the database because another replica claimed the shard since.",
             )?,
+            dead_letter_forwards: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_dead_letter_forwards_total",
+                    "Dead-lettered events sent on to the subscription's delivery.deadLetterSink, by outcome: queued (a copy is on its way), sink_missing (the sink subscription does not exist or is not valid; the event stays a dead letter).",
+                ),
+                &["namespace", "subscription", "outcome"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.shard_owned.clone()))?;
@@ -231,6 +240,7 @@ impl Metrics {
         m.registry.register(Box::new(m.route_rebuilds.clone()))?;
         m.registry.register(Box::new(m.store_kind.clone()))?;
         for c in [
+            &m.dead_letter_forwards,
             &m.status_writes,
             &m.panics,
             &m.store_errors,
@@ -291,6 +301,11 @@ impl Metrics {
         }
         let _ = self.delivery_duration.remove_label_values(&labels);
         let _ = self.replayed.remove_label_values(&labels);
+        for outcome in ["queued", "sink_missing"] {
+            let _ = self
+                .dead_letter_forwards
+                .remove_label_values(&[namespace, subscription, outcome]);
+        }
         for outcome in ["success", "failure", "gone"] {
             for class in ["2xx", "3xx", "4xx", "5xx", "other", "transport"] {
                 let _ = self

@@ -34,6 +34,7 @@ const DURATION_LIST: &str = "self.all(d, d.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.eventTypes) && size(self.eventTypes) > 0) || (has(self.filterRefs) && size(self.filterRefs) > 0) || has(self.filterSelector)").message("a subscription needs at least one of eventTypes, filterRefs or filterSelector, otherwise it would receive nothing"))]
+#[x_kube(validation = Rule::new("!has(self.delivery) || !has(self.delivery.deadLetterSink) || !has(self.delivery.deadLetterSink.uri) || self.delivery.deadLetterSink.uri.startsWith('https://') || (has(self.endpoint.allowInsecureHttp) && self.endpoint.allowInsecureHttp)").message("delivery.deadLetterSink.uri must start with https:// (plain http:// needs endpoint.allowInsecureHttp: true)"))]
 pub struct WebhookSubscriptionSpec {
     /// Where deliveries go and how to connect.
     pub endpoint: Endpoint,
@@ -193,6 +194,67 @@ pub struct Payload {
     /// operator keeps raw messages only for subscriptions that set this.
     #[serde(default)]
     pub include_raw_message_link: bool,
+
+    /// `standardWebhooks` (default): `{"type", "timestamp", "data"}` as the body.
+    /// `cloudEvents`: a CloudEvents 1.0 event (`io.mailhook.<type>`); the Standard Webhooks
+    /// signature headers are sent with either.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub format: PayloadFormat,
+
+    /// CloudEvents settings, used with `format: cloudEvents`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_events: Option<CloudEventsSettings>,
+
+    /// Encrypts every delivery to the receiver's public key (JWE, ECDH-ES+A256KW with
+    /// A256GCM), so that nothing between mailhook and the receiver can read the mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// The shape of a delivery.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PayloadFormat {
+    /// Standard Webhooks JSON: `{"type", "timestamp", "data"}`.
+    #[default]
+    StandardWebhooks,
+    /// CloudEvents 1.0 over HTTP (binary or structured content mode).
+    CloudEvents,
+}
+
+/// How CloudEvents travel over HTTP.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CloudEventsMode {
+    /// Attributes as `ce-` headers, the body is the event's data (Knative's default).
+    #[default]
+    Binary,
+    /// The whole event as `application/cloudevents+json`.
+    Structured,
+}
+
+/// CloudEvents settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudEventsSettings {
+    /// `binary` (default) or `structured`. Batched deliveries always use the batched
+    /// content mode (`application/cloudevents-batch+json`).
+    #[serde(default)]
+    pub mode: CloudEventsMode,
+}
+
+/// Payload encryption to the receiver's public key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    /// A Secret in this namespace whose every data value is a public JWK (EC P-256) or a
+    /// JWK Set. The value whose key name sorts last is the newest and encrypts: name keys
+    /// by date (`2026-12.jwk`) to rotate. Never put the private key here.
+    pub public_key_secret_ref: SecretRef,
 }
 
 /// Whether deliveries to one endpoint keep the order of events.
@@ -255,6 +317,17 @@ pub struct Delivery {
     #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.deadLetterRetention must be a positive duration such as 168h"))]
     pub dead_letter_retention: String,
 
+    /// Where each dead-lettered event is sent as well, with why it died: another
+    /// WebhookSubscription in this namespace (`ref`) or an endpoint (`uri`, signed and
+    /// connected like this subscription's). Dead letters are still kept for replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_sink: Option<DeadLetterSink>,
+
+    /// Sends several events per request (a JSON array, or a CloudEvents batch), for
+    /// collectors that ingest in bulk. A batch succeeds or is retried whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<Batch>,
+
     /// After failing without a single success for this long, the endpoint is disabled
     /// (Healthy=False, reason EndpointDisabled) until the subscription is edited or
     /// replayed.
@@ -262,6 +335,56 @@ pub struct Delivery {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.disableAfter must be a positive duration such as 120h"))]
     pub disable_after: String,
+}
+
+/// Where dead-lettered events go. Give exactly one of `ref` or `uri`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.ref) != has(self.uri)").message("delivery.deadLetterSink needs exactly one of ref or uri"))]
+#[x_kube(validation = Rule::new("!has(self.uri) || self.uri.startsWith('https://') || self.uri.startsWith('http://')").message("delivery.deadLetterSink.uri must be an http:// or https:// URL (plain http:// also needs endpoint.allowInsecureHttp: true)"))]
+pub struct DeadLetterSink {
+    /// Another WebhookSubscription in this namespace; its endpoint, signing, format and
+    /// encryption are used.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub subscription_ref: Option<SubscriptionRef>,
+    /// An endpoint, reached with this subscription's signing, TLS and payload settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 8, max = 2048))]
+    pub uri: Option<String>,
+}
+
+/// Names a WebhookSubscription in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Several events per request.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Batch {
+    /// Most events in one request.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_events: u32,
+    /// Most bytes of events in one request (before encryption); one event larger than
+    /// this is sent alone. Default 1 MiB.
+    #[serde(default = "default_batch_bytes")]
+    #[schemars(range(min = 1024, max = 16777216))]
+    pub max_bytes: u32,
+    /// Longest an event waits for others to fill its batch. Default 1s.
+    #[serde(default = "default_batch_wait")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.batch.maxWait must be a positive duration such as 1s or 500ms"))]
+    pub max_wait: String,
+}
+
+fn default_batch_bytes() -> u32 {
+    1024 * 1024
+}
+fn default_batch_wait() -> String {
+    "1s".to_string()
 }
 
 impl Default for Delivery {
@@ -274,6 +397,8 @@ impl Default for Delivery {
             concurrency: default_concurrency(),
             ordering: Ordering::None,
             dead_letter_retention: default_dead_letter_retention(),
+            dead_letter_sink: None,
+            batch: None,
             disable_after: default_disable_after(),
         }
     }
@@ -361,6 +486,11 @@ pub struct WebhookSubscriptionStatus {
     /// signatures with these, without holding any secret.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signing_public_keys: Vec<String>,
+
+    /// With `payload.encryption`: the id (`kid`) of the public key deliveries are
+    /// encrypted to now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
 
     /// True while `endpoint.insecureSkipTLSVerify` turns certificate checks off.
     #[serde(

@@ -15,32 +15,32 @@ use tracing::{debug, warn};
 use super::health::Failure;
 use super::retry::Next;
 use super::shard::{Shard, Subscription};
-use super::{Deliveries, DeliveryConfig, egress, payload, retry, signing};
+use super::{Deliveries, DeliveryConfig, egress, payload, retry, signing, wire};
 use crate::metrics::Metrics;
 use crate::store::{Attempt, PendingDelivery, StoreError};
 
-/// A Standard Webhooks POST of `body` to `url`, signed with every key of the subscription
-/// (deliveries and verification requests alike).
-pub(super) fn signed_post(
-    config: &DeliveryConfig,
-    url: reqwest::Url,
-    id: &str,
-    body: Vec<u8>,
-) -> reqwest::RequestBuilder {
+/// A Standard Webhooks POST of `request` to `url`, signed with every key of the
+/// subscription (deliveries and verification requests alike): the signature covers the
+/// body as sent, encrypted or not.
+pub(super) fn signed_post(config: &DeliveryConfig, url: reqwest::Url, request: wire::Request) -> reqwest::RequestBuilder {
     let timestamp = jiff::Timestamp::now().as_second();
-    let signature = signing::signature_header(&config.signing_keys, id, timestamp, &body);
+    let signature = signing::signature_header(&config.signing_keys, &request.id, timestamp, &request.body);
     // The client is shared by every subscription with the same TLS settings: this
     // subscription's timeout and extra headers go on its requests.
-    config
+    let mut builder = config
         .client
         .post(url)
         .timeout(config.timeout)
         .headers(config.headers.clone())
-        .header("content-type", "application/json")
-        .header("webhook-id", id)
+        .header("content-type", request.content_type);
+    for (name, value) in &request.headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    builder
+        .header("webhook-id", request.id)
         .header("webhook-timestamp", timestamp.to_string())
         .header("webhook-signature", signature)
-        .body(body)
+        .body(request.body)
 }
 
 /// Why a redirect failed the attempt: redirects are never followed, and a target the
@@ -138,17 +138,21 @@ pub(super) fn webhook_id(event_id: &str, subscription: &str) -> String {
     format!("msg_{}", crate::crypto::hex(digest.get(..16).unwrap_or_default()))
 }
 
-/// One signed POST of the event and what came of it (with its latency and end time).
-async fn attempt_once(
-    config: &DeliveryConfig,
-    url: &reqwest::Url,
-    event: &crate::event::MailboxEvent,
-    matched_filters: &[String],
-) -> (Outcome, Duration, jiff::Timestamp) {
-    let id = webhook_id(&event.id, &config.uid);
-    let body = payload::render(event, matched_filters, &config.payload);
+/// One signed POST of the events and what came of it (with its latency and end time).
+async fn attempt_once(config: &DeliveryConfig, url: &reqwest::Url, items: &[wire::Item<'_>]) -> (Outcome, Duration, jiff::Timestamp) {
+    let request = match wire::request(&config.wire, &config.payload, items) {
+        Ok(r) => r,
+        Err(err) => {
+            let failed = Outcome::Failed {
+                status: None,
+                message: format!("{err}: {}", root_cause(&err)),
+                retry_after: None,
+            };
+            return (failed, Duration::ZERO, jiff::Timestamp::now());
+        }
+    };
     let started = Instant::now();
-    let response = signed_post(config, url.clone(), &id, body).send().await;
+    let response = signed_post(config, url.clone(), request).send().await;
     let elapsed = started.elapsed();
     let now = jiff::Timestamp::now();
 
@@ -313,56 +317,115 @@ fn decide(
     }
 }
 
+/// Reads the events of `batch`: those found, in order; a delivery whose event is gone is
+/// dead-lettered, one whose read failed is tried again in a second.
+async fn read_events(
+    deliveries: &Deliveries,
+    name: &str,
+    batch: Vec<PendingDelivery>,
+) -> Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>)> {
+    let (store, metrics) = (&deliveries.store, &deliveries.metrics);
+    let mut ready = Vec::with_capacity(batch.len());
+    for mut d in batch {
+        // A cache miss reads the database (or the file): off the async workers, so a slow
+        // or unreachable server holds up this delivery only.
+        let read = match store.cached_event(&d.event_id) {
+            Some(e) => Ok(Some(e)),
+            None => {
+                let (store, id) = (store.clone(), d.event_id.clone());
+                tokio::task::spawn_blocking(move || store.event(&id))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Io(format!("reading the event stopped: {e}"))))
+            }
+        };
+        match read {
+            Ok(Some(e)) => ready.push((d, e)),
+            Ok(None) => {
+                let reason = "the event is no longer in the store";
+                store_write(metrics, "dead_letter", name, || {
+                    store.dead_letter(d.clone(), reason.into())
+                })
+                .await;
+            }
+            Err(err) => {
+                metrics.store_errors.with_label_values(&["read_event"]).inc();
+                warn!(%err, subscription = name, "cannot read the event; will retry in 1 s");
+                d.not_before = jiff::Timestamp::now() + Duration::from_secs(1);
+                store_write(metrics, "retry", name, || store.retry(d.clone())).await;
+            }
+        }
+    }
+    ready
+}
+
+/// Where a delivery of `event` goes: a dead-letter copy for a `deadLetterSink.uri` goes
+/// there, everything else to the endpoint.
+fn target(sub: &Subscription, event: &crate::event::MailboxEvent) -> reqwest::Url {
+    event
+        .dead_letter
+        .as_ref()
+        .and_then(|n| n.sink_uri.as_deref())
+        .and_then(|u| reqwest::Url::parse(u).ok())
+        .unwrap_or_else(|| sub.url.clone())
+}
+
+/// Makes one request of `batch` (one delivery, or several with `delivery.batch`) and
+/// records what came of it for each.
 pub(super) async fn deliver(
     deliveries: Arc<Deliveries>,
     shard: Arc<Shard>,
     sub: Arc<Subscription>,
-    mut d: PendingDelivery,
+    batch: Vec<PendingDelivery>,
     _permit: OwnedSemaphorePermit,
 ) {
     let config = &sub.config;
     let store = &deliveries.store;
     let metrics = &deliveries.metrics;
     let name = config.name.as_str();
-    // A cache miss reads the database (or the file): off the async workers, so a slow or
-    // unreachable server holds up this delivery only.
-    let read = match store.cached_event(&d.event_id) {
-        Some(e) => Ok(Some(e)),
-        None => {
-            let (store, id) = (store.clone(), d.event_id.clone());
-            tokio::task::spawn_blocking(move || store.event(&id))
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Io(format!("reading the event stopped: {e}"))))
-        }
+    let mut ready = read_events(&deliveries, name, batch).await;
+    let Some(url) = ready.first().map(|(_, e)| target(&sub, e)) else {
+        shard.wake.notify_one();
+        return;
     };
-    let event = match read {
-        Ok(Some(e)) => e,
-        Ok(None) => {
-            let reason = "the event is no longer in the store";
-            store_write(metrics, "dead_letter", name, || {
-                store.dead_letter(d.clone(), reason.into())
-            })
-            .await;
-            return;
+    // One request goes to one place: a dead-letter copy for a sink URI is not sent with
+    // events for the endpoint. What does not go now (or does not fit in maxBytes) waits
+    // for the next request, its attempts unchanged.
+    let mut size = 0;
+    let mut keep = 0;
+    for (d, e) in &ready {
+        if target(&sub, e) != url {
+            break;
         }
-        Err(err) => {
-            metrics.store_errors.with_label_values(&["read_event"]).inc();
-            warn!(%err, subscription = name, "cannot read the event; will retry in 1 s");
-            d.not_before = jiff::Timestamp::now() + Duration::from_secs(1);
-            store_write(metrics, "retry", name, || store.retry(d.clone())).await;
-            return;
+        if let Some(batch) = config.batch {
+            size += payload::render_data(e, &d.matched_filters, &config.payload).len() + 1;
+            if keep > 0 && size > batch.max_bytes {
+                break;
+            }
         }
-    };
+        keep += 1;
+    }
+    for (d, _) in ready.split_off(keep.max(1)) {
+        store_write(metrics, "retry", name, || store.retry(d.clone())).await;
+    }
     if let Some(limiter) = &sub.limiter {
         limiter.until_ready().await;
     }
 
-    // Rendering and the request run on the event's data: a panic there (a bug) is a failed
+    let items: Vec<wire::Item<'_>> = ready
+        .iter()
+        .map(|(d, e)| wire::Item {
+            event: e,
+            matched_filters: &d.matched_filters,
+            webhook_id: webhook_id(&e.id, &config.uid),
+        })
+        .collect();
+    // Rendering and the request run on the events' data: a panic there (a bug) is a failed
     // attempt like any other, retried on the schedule (no sooner than a minute) and in the
     // end dead-lettered, never a delivery stuck in flight.
-    let tried = std::panic::AssertUnwindSafe(attempt_once(config, &sub.url, &event, &d.matched_filters))
+    let tried = std::panic::AssertUnwindSafe(attempt_once(config, &url, &items))
         .catch_unwind()
         .await;
+    drop(items);
     let (outcome, elapsed, now) = tried.unwrap_or_else(|_| {
         crate::panics::record(&deliveries.metrics, "delivery");
         let failed = Outcome::Failed {
@@ -372,80 +435,114 @@ pub(super) async fn deliver(
         };
         (failed, Duration::ZERO, jiff::Timestamp::now())
     });
-    d.attempts += 1;
     let policy = retry::Policy {
         schedule: &config.retry_schedule,
         max_event_age: config.max_event_age,
         max_retry_after: config.max_retry_after,
     };
     let failing_since = sub.health.failing_since();
-    let decision = decide(
-        &outcome,
-        &d,
-        now,
-        failing_since,
-        policy,
-        config.disable_after,
-        retry::jitter(),
-    );
-    let attempt = Attempt {
-        subscription: d.subscription.clone(),
-        event_id: d.event_id.clone(),
-        attempt: d.attempts,
-        at: now,
-        http_status: decision.http_status,
-        error: decision.error,
-        latency_ms: elapsed.as_millis() as u64,
-    };
-    // Queued before the completion below, so it is on disk no later than it.
-    // The audit log is not worth holding the delivery up for: one try, counted.
-    if let Err(err) = store.record_attempt(attempt) {
-        metrics.store_errors.with_label_values(&["attempt"]).inc();
-        warn!(%err, subscription = name, "cannot log a delivery attempt");
-    }
     if let Outcome::Failed { message, .. } = &outcome {
-        debug!(subscription = config.name, %message, attempts = d.attempts, "delivery failed");
+        debug!(subscription = config.name, %message, events = ready.len(), "delivery failed");
     }
 
-    let update_health = |update| match update {
-        HealthUpdate::Success => sub.health.success(now, elapsed.as_millis() as u64),
-        HealthUpdate::Failure(failure, disable) => sub.health.failure(failure, disable),
-    };
-    // Each arm keeps the order of store write and health update that `deliver` always had:
-    // a failure's health (which may disable the endpoint) is set before its retry is queued.
-    let changed = match decision.next {
-        Step::Complete => {
-            // Still holding the delivery slot: the completion is durable before the slot frees.
-            if let Err(err) = async { store.complete(&d)?.wait().await }.await {
-                // Not retried: the completion may be on disk already; if not, the delivery
-                // is made once more after a restart (receivers de-duplicate by webhook-id).
-                metrics.store_errors.with_label_values(&["complete"]).inc();
-                warn!(%err, subscription = name, "cannot record a completed delivery; it may be made again");
+    let mut changed = false;
+    let mut completions = Vec::new();
+    let mut labels = ("success", "2xx");
+    let mut delivered = 0;
+    for (i, (mut d, event)) in ready.into_iter().enumerate() {
+        d.attempts += 1;
+        let decision = decide(
+            &outcome,
+            &d,
+            now,
+            failing_since,
+            policy,
+            config.disable_after,
+            retry::jitter(),
+        );
+        labels = decision.labels;
+        let attempt = Attempt {
+            subscription: d.subscription.clone(),
+            event_id: d.event_id.clone(),
+            attempt: d.attempts,
+            at: now,
+            http_status: decision.http_status,
+            error: decision.error.clone(),
+            latency_ms: elapsed.as_millis() as u64,
+        };
+        // Queued before the completion below, so it is on disk no later than it.
+        // The audit log is not worth holding the delivery up for: one try, counted.
+        if let Err(err) = store.record_attempt(attempt) {
+            metrics.store_errors.with_label_values(&["attempt"]).inc();
+            warn!(%err, subscription = name, "cannot log a delivery attempt");
+        }
+        // The request's outcome is one: health follows it once, not once per event.
+        let first = i == 0;
+        let update_health = |update| match update {
+            HealthUpdate::Success => sub.health.success(now, elapsed.as_millis() as u64),
+            HealthUpdate::Failure(failure, disable) => sub.health.failure(failure, disable),
+        };
+        // Each arm keeps the order of store write and health update that `deliver` always
+        // had: a failure's health (which may disable the endpoint) is set before its retry
+        // is queued.
+        match decision.next {
+            Step::Complete => {
+                delivered += 1;
+                match store.complete(&d) {
+                    Ok(durable) => completions.push(durable),
+                    Err(err) => complete_failed(metrics, name, &err),
+                }
+                if first {
+                    changed |= update_health(decision.health);
+                }
             }
-            update_health(decision.health)
+            Step::Keep => {
+                store_write(metrics, "retry", name, || store.retry(d.clone())).await;
+                if first {
+                    changed |= update_health(decision.health);
+                }
+            }
+            Step::RetryAt(at) => {
+                if first {
+                    changed |= update_health(decision.health);
+                }
+                d.not_before = at;
+                store_write(metrics, "retry", name, || store.retry(d.clone())).await;
+            }
+            Step::DeadLetter(reason) => {
+                if first {
+                    changed |= update_health(decision.health);
+                }
+                if config.dead_letter_sink.is_some() && event.dead_letter.is_none() {
+                    let (status, error) = match &outcome {
+                        Outcome::Failed { status, message, .. } => (*status, Some(message.clone())),
+                        Outcome::Gone => (Some(410), Some("HTTP 410 Gone".into())),
+                        Outcome::Delivered { .. } => (None, None),
+                    };
+                    let why = super::dead_letter::Why {
+                        reason: reason.clone(),
+                        attempts: d.attempts,
+                        last_status: status,
+                        last_error: error,
+                    };
+                    deliveries.forward_dead_letter(config, &event, &d, why).await;
+                }
+                store_write(metrics, "dead_letter", name, || {
+                    store.dead_letter(d.clone(), reason.clone())
+                })
+                .await;
+            }
         }
-        Step::Keep => {
-            store_write(metrics, "retry", name, || store.retry(d.clone())).await;
-            update_health(decision.health)
+    }
+    // Still holding the delivery slot: the completions are durable before the slot frees.
+    for durable in completions {
+        if let Err(err) = durable.wait().await {
+            complete_failed(metrics, name, &err);
         }
-        Step::RetryAt(at) => {
-            let changed = update_health(decision.health);
-            d.not_before = at;
-            store_write(metrics, "retry", name, || store.retry(d.clone())).await;
-            changed
-        }
-        Step::DeadLetter(reason) => {
-            let changed = update_health(decision.health);
-            store_write(metrics, "dead_letter", name, || {
-                store.dead_letter(d.clone(), reason.clone())
-            })
-            .await;
-            changed
-        }
-    };
-    let (outcome_label, status_label) = decision.labels;
+    }
+    let (outcome_label, status_label) = labels;
     if status_label == "2xx" && outcome_label == "success" {
-        sub.success.0.inc();
+        sub.success.0.inc_by(delivered);
         sub.success.1.observe(elapsed.as_secs_f64());
     } else {
         deliveries
@@ -456,6 +553,13 @@ pub(super) async fn deliver(
         deliveries.health_changed.notify_one();
     }
     shard.wake.notify_one();
+}
+
+/// Not retried: the completion may be on disk already; if not, the delivery is made once
+/// more after a restart (receivers de-duplicate by webhook-id).
+fn complete_failed(metrics: &Metrics, name: &str, err: &StoreError) {
+    metrics.store_errors.with_label_values(&["complete"]).inc();
+    warn!(%err, subscription = name, "cannot record a completed delivery; it may be made again");
 }
 
 pub(super) fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {

@@ -208,6 +208,7 @@ impl Published {
     pub fn counts(&self) -> crate::store::QueueCounts {
         crate::store::QueueCounts {
             backlog: self.backlog,
+            in_flight: 0,
             dead_lettered: self.dead_lettered,
         }
     }

@@ -7,13 +7,17 @@
 
 pub mod client;
 pub mod egress;
+pub mod encryption;
 pub mod health;
 pub mod payload;
 pub mod retry;
+pub mod schema;
 pub mod signing;
 pub mod verification;
+pub mod wire;
 
 mod attempt;
+mod dead_letter;
 mod housekeeping;
 mod shard;
 
@@ -71,6 +75,29 @@ pub struct DeliveryConfig {
     pub paused: bool,
     /// The endpoint must echo a challenge before the first delivery (`endpoint.verify`).
     pub verify: bool,
+    /// Format, encryption and batching of what is sent.
+    pub wire: wire::WireConfig,
+    /// Several events per request (`delivery.batch`).
+    pub batch: Option<BatchSettings>,
+    /// Where dead-lettered events are sent as well (`delivery.deadLetterSink`).
+    pub dead_letter_sink: Option<Sink>,
+}
+
+/// `delivery.batch`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+/// A dead-letter sink, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// Another WebhookSubscription of the same namespace, by name.
+    Subscription(String),
+    /// An endpoint reached with the dead subscription's own settings.
+    Uri(reqwest::Url),
 }
 
 /// The delivery side of the operator.

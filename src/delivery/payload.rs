@@ -1,8 +1,11 @@
-//! The JSON body of a delivery: `{"type", "timestamp", "data"}`, shaped by the
-//! subscription's payload mode and redactions.
+//! The data of a delivery, shaped by the subscription's payload mode and redactions, and
+//! the Standard Webhooks body around it (`{"type", "timestamp", "data"}`). The types here
+//! are also what the published JSON Schemas are generated from (`mailhook schemagen`), so
+//! the schemas cannot drift from what is sent.
 
 use std::sync::Arc;
 
+use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -26,69 +29,86 @@ pub struct PayloadConfig {
     pub raw_links: Option<Arc<RawLinks>>,
 }
 
-/// The delivery body: typed and borrowed from the event, so rendering costs one
-/// serialization and no intermediate JSON tree.
-#[derive(Serialize)]
-struct Body<'a> {
-    #[serde(rename = "type")]
-    event_type: EventType,
-    timestamp: String,
-    data: Data<'a>,
-}
+/// Fields of `data` that `payload.redact` may not remove: receivers need them to tell
+/// events apart and de-duplicate.
+pub const UNREDACTABLE: [&str; 3] = ["eventId", "source", "occurredAt"];
 
-#[derive(Serialize)]
+/// The `data` of one event, whatever the payload mode; `V` is what the mode shows of the
+/// people and the content. Borrowed from the event: one serialization, no JSON tree.
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-struct Data<'a> {
-    event_id: &'a str,
-    source: &'a str,
-    occurred_at: String,
+pub struct Data<'a, V> {
+    /// mailhook's id of the event (`evt_…`), the same for every subscription.
+    pub event_id: &'a str,
+    /// What reported it: `smtp` (the journal feed), `http` (the ingest API), `dovecot`, or
+    /// `router` (a `compliance.flagged` event derived by MailboxFilters).
+    pub source: &'a str,
+    /// When it happened (RFC 3339).
+    pub occurred_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    direction: Option<Direction>,
+    pub direction: Option<Direction>,
+    /// The folder concerned (IMAP name, UTF-8).
     #[serde(skip_serializing_if = "Option::is_none")]
-    folder: Option<&'a str>,
+    pub folder: Option<&'a str>,
+    /// Size of the message in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
-    size: Option<u64>,
+    pub size: Option<u64>,
+    /// The producer's own id of the event.
     #[serde(skip_serializing_if = "Option::is_none")]
-    producer_event_id: Option<&'a str>,
-    matched_filters: &'a [String],
+    pub producer_event_id: Option<&'a str>,
+    /// The subscription's MailboxFilters that matched the event.
+    pub matched_filters: &'a [String],
+    /// `compliance.flagged`: the flags MailboxFilters put on the message.
     #[serde(skip_serializing_if = "Option::is_none")]
-    flags: Option<&'a [Flag]>,
+    pub flags: Option<&'a [Flag]>,
+    /// `compliance.flagged`: the event of the message that was flagged.
     #[serde(skip_serializing_if = "Option::is_none")]
-    flagged_event_id: Option<&'a str>,
+    pub flagged_event_id: Option<&'a str>,
     #[serde(flatten)]
-    view: View<'a>,
+    pub view: V,
+    /// Who did what in the mailbox store (Dovecot events).
     #[serde(skip_serializing_if = "Option::is_none")]
-    activity: Option<ActivityView<'a>>,
+    pub activity: Option<ActivityView<'a>>,
+    /// `payload.includeRawMessageLink`: where to fetch the archived raw message.
     #[serde(skip_serializing_if = "Option::is_none")]
-    raw_message: Option<RawRef<'a>>,
+    pub raw_message: Option<RawRef<'a>>,
 }
 
 /// Who did what in the mailbox store. `full` shows it all; `anonymized` replaces the
 /// users with pseudonyms; `metadata` keeps their domains; neither shows the client's
 /// address nor a configuration change's arguments (they can name people).
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-struct ActivityView<'a> {
+pub struct ActivityView<'a> {
+    /// The mailbox user (full), or its pseudonym (anonymized); absent in metadata.
     #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<String>,
+    /// Metadata mode: the user's domain.
     #[serde(skip_serializing_if = "Option::is_none")]
     user_domain: Option<&'a str>,
+    /// Who authenticated, when not the user (an administrator or master user).
     #[serde(skip_serializing_if = "Option::is_none")]
     auth_user: Option<String>,
+    /// The change was made by an administrator or master user.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     admin_session: bool,
+    /// The mail server's service: imap, lmtp, pop3, managesieve, doveadm...
     #[serde(skip_serializing_if = "Option::is_none")]
     service: Option<&'a str>,
+    /// The client's address (full mode only).
     #[serde(skip_serializing_if = "Option::is_none")]
     remote_ip: Option<&'a str>,
+    /// The mail server's session id (full mode only: it encodes the client's address).
     #[serde(skip_serializing_if = "Option::is_none")]
     session: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stage: Option<DeleteStage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     action: Option<FolderAction>,
+    /// A move's or rename's previous folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     previous_folder: Option<&'a str>,
+    /// The IMAP flags or keywords set or removed.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     imap_flags: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,6 +117,7 @@ struct ActivityView<'a> {
     uid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     uid_validity: Option<u32>,
+    /// Found by the reconciler (the live notification was missed), not reported live.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     reconciled: bool,
 }
@@ -132,58 +153,65 @@ fn activity_view<'a>(a: &'a Activity, mode: PayloadMode, anon: &dyn Fn(&str) -> 
 }
 
 /// Where to fetch the archived raw message, and how to check it is the one.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-struct RawRef<'a> {
+pub struct RawRef<'a> {
     #[serde(flatten)]
     link: Link,
+    /// SHA-256 (hex) of the raw message.
     sha256: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     size: Option<u64>,
 }
 
-/// What each payload mode shows of the people and the content.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum View<'a> {
-    #[serde(rename_all = "camelCase")]
-    Full {
-        mailbox: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        message_id: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        from: Option<&'a str>,
-        to: &'a [String],
-        cc: &'a [String],
-        #[serde(skip_serializing_if = "Option::is_none")]
-        subject: Option<&'a str>,
-        attachments: &'a [Attachment],
-    },
-    #[serde(rename_all = "camelCase")]
-    Anonymized {
-        mailbox: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        from: Option<String>,
-        to: Vec<String>,
-        cc: Vec<String>,
-        attachments: Vec<Unnamed<'a>>,
-    },
-    #[serde(rename_all = "camelCase")]
-    Metadata {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        mailbox_domain: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        sender_domain: Option<&'a str>,
-        recipient_domains: Vec<&'a str>,
-        recipient_count: usize,
-        attachments: Vec<Unnamed<'a>>,
-    },
+/// `full`: everything, including the subject and addresses.
+#[derive(Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FullView<'a> {
+    /// The mailbox the event concerns.
+    pub mailbox: &'a str,
+    /// The message's Message-ID header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'a str>,
+    pub to: &'a [String],
+    pub cc: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<&'a str>,
+    pub attachments: &'a [Attachment],
+}
+
+/// `anonymized`: as full, with every address a stable keyed pseudonym
+/// (`anon-<hex>@<domain>`), and no subject, Message-ID or attachment names.
+#[derive(Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnonymizedView<'a> {
+    pub mailbox: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub attachments: Vec<Unnamed<'a>>,
+}
+
+/// `metadata`: domains, counts, sizes and types; no address, subject or attachment name.
+#[derive(Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetadataView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mailbox_domain: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_domain: Option<&'a str>,
+    pub recipient_domains: Vec<&'a str>,
+    pub recipient_count: usize,
+    pub attachments: Vec<Unnamed<'a>>,
 }
 
 /// An attachment without its name (names can identify people and deals).
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-struct Unnamed<'a> {
+pub struct Unnamed<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     content_type: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -204,89 +232,186 @@ fn unnamed(event: &MailboxEvent) -> Vec<Unnamed<'_>> {
         .collect()
 }
 
-pub fn render(event: &MailboxEvent, matched_filters: &[String], cfg: &PayloadConfig) -> Vec<u8> {
-    let anon = |a: &str| {
-        format!(
-            "anon-{}@{}",
-            pseudonym(&cfg.pseudonym_key, a),
-            domain_of(a).unwrap_or("invalid")
-        )
-    };
-    let view = match cfg.mode {
-        PayloadMode::Full => View::Full {
-            mailbox: &event.mailbox,
-            message_id: event.message_id.as_deref(),
-            from: event.from.as_deref(),
-            to: &event.to,
-            cc: &event.cc,
-            subject: event.subject.as_deref(),
-            attachments: &event.attachments,
+/// An address as anonymized payloads show it.
+fn anonymize(cfg: &PayloadConfig, address: &str) -> String {
+    format!(
+        "anon-{}@{}",
+        pseudonym(&cfg.pseudonym_key, address),
+        domain_of(address).unwrap_or("invalid")
+    )
+}
+
+/// The mailbox as the subscription's payload mode shows it (a CloudEvent's `subject`);
+/// None in metadata mode, which shows no address.
+pub fn shown_mailbox(event: &MailboxEvent, cfg: &PayloadConfig) -> Option<String> {
+    match cfg.mode {
+        PayloadMode::Full => Some(event.mailbox.clone()),
+        PayloadMode::Anonymized => Some(anonymize(cfg, &event.mailbox)),
+        PayloadMode::Metadata => None,
+    }
+}
+
+/// The common fields of `data` around a mode's view.
+fn data<'a, V>(event: &'a MailboxEvent, matched_filters: &'a [String], cfg: &PayloadConfig, view: V) -> Data<'a, V> {
+    let anon = |a: &str| anonymize(cfg, a);
+    Data {
+        // A dead-letter copy shows the event as it was first delivered.
+        event_id: event.dead_letter.as_ref().map_or(&event.id, |n| &n.event_id),
+        source: event.source.as_str(),
+        occurred_at: event.occurred_at.to_string(),
+        direction: event.direction,
+        folder: event.folder.as_deref(),
+        size: event.size,
+        // Dovecot's ids name the user and folder (and a batch's, the session).
+        producer_event_id: event
+            .producer_event_id
+            .as_deref()
+            .filter(|_| cfg.mode == PayloadMode::Full || event.source != crate::event::Source::Dovecot)
+            .filter(|_| event.dead_letter.is_none()),
+        matched_filters,
+        flags: (!event.flags.is_empty()).then_some(event.flags.as_slice()),
+        flagged_event_id: if event.flags.is_empty() {
+            None
+        } else {
+            event.flagged_event_id.as_deref()
         },
-        PayloadMode::Anonymized => View::Anonymized {
-            mailbox: anon(&event.mailbox),
-            from: event.from.as_deref().map(anon),
-            to: event.to.iter().map(|a| anon(a)).collect(),
-            cc: event.cc.iter().map(|a| anon(a)).collect(),
-            attachments: unnamed(event),
+        view,
+        activity: event.activity.as_deref().map(|a| activity_view(a, cfg.mode, &anon)),
+        raw_message: match (&cfg.raw_links, &event.raw_message) {
+            (Some(links), Some(sha256)) => Some(RawRef {
+                link: links.link(sha256, jiff::Timestamp::now()),
+                sha256,
+                size: event.size,
+            }),
+            _ => None,
         },
+    }
+}
+
+/// Serializes `data`, dropping the redacted fields (through a JSON tree only when there
+/// are some).
+fn finish<T: Serialize>(data: &T, redact: &[String]) -> Vec<u8> {
+    if redact.is_empty() {
+        return serde_json::to_vec(data).unwrap_or_default();
+    }
+    let mut tree = serde_json::to_value(data).unwrap_or(Value::Null);
+    if let Some(fields) = tree.as_object_mut() {
+        for field in redact {
+            fields.remove(field);
+        }
+    }
+    serde_json::to_vec(&tree).unwrap_or_default()
+}
+
+/// The event's `data` as JSON, in the subscription's payload mode.
+pub fn render_data(event: &MailboxEvent, matched_filters: &[String], cfg: &PayloadConfig) -> Vec<u8> {
+    match cfg.mode {
+        PayloadMode::Full => {
+            let view = FullView {
+                mailbox: &event.mailbox,
+                message_id: event.message_id.as_deref(),
+                from: event.from.as_deref(),
+                to: &event.to,
+                cc: &event.cc,
+                subject: event.subject.as_deref(),
+                attachments: &event.attachments,
+            };
+            finish(&data(event, matched_filters, cfg, view), &cfg.redact)
+        }
+        PayloadMode::Anonymized => {
+            let view = AnonymizedView {
+                mailbox: anonymize(cfg, &event.mailbox),
+                from: event.from.as_deref().map(|a| anonymize(cfg, a)),
+                to: event.to.iter().map(|a| anonymize(cfg, a)).collect(),
+                cc: event.cc.iter().map(|a| anonymize(cfg, a)).collect(),
+                attachments: unnamed(event),
+            };
+            finish(&data(event, matched_filters, cfg, view), &cfg.redact)
+        }
         PayloadMode::Metadata => {
             let mut domains: Vec<&str> = event.to.iter().chain(&event.cc).filter_map(|a| domain_of(a)).collect();
             domains.sort_unstable();
             domains.dedup();
-            View::Metadata {
+            let view = MetadataView {
                 mailbox_domain: domain_of(&event.mailbox),
                 sender_domain: event.from.as_deref().and_then(domain_of),
                 recipient_domains: domains,
                 recipient_count: event.to.len() + event.cc.len(),
                 attachments: unnamed(event),
-            }
+            };
+            finish(&data(event, matched_filters, cfg, view), &cfg.redact)
         }
+    }
+}
+
+/// Why a dead-letter sink was sent the event, as Standard Webhooks bodies carry it
+/// (`deadLetter`).
+#[derive(Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterView<'a> {
+    /// The subscription whose endpoint refused the event, as `namespace/name`.
+    pub subscription: &'a str,
+    /// That endpoint: scheme, host, port and path.
+    pub endpoint: &'a str,
+    /// The `webhook-id` that endpoint was sent.
+    pub webhook_id: &'a str,
+    /// Why it was given up.
+    pub reason: &'a str,
+    pub attempts: u32,
+    /// The last HTTP status the endpoint answered, if it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    /// The last error (HTTP status or transport error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<&'a str>,
+    /// When it was given up (RFC 3339).
+    pub dead_lettered_at: String,
+}
+
+impl<'a> DeadLetterView<'a> {
+    pub fn of(note: &'a crate::event::DeadLetterNote) -> DeadLetterView<'a> {
+        DeadLetterView {
+            subscription: &note.subscription,
+            endpoint: &note.endpoint,
+            webhook_id: &note.webhook_id,
+            reason: &note.reason,
+            attempts: note.attempts,
+            last_status: note.last_status,
+            last_error: note.last_error.as_deref(),
+            dead_lettered_at: note.dead_lettered_at.to_string(),
+        }
+    }
+}
+
+/// A Standard Webhooks body: the event type, when it happened, and its data.
+#[derive(Serialize)]
+pub struct Body<'a> {
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub timestamp: String,
+    pub data: &'a serde_json::value::RawValue,
+    #[serde(rename = "deadLetter", skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterView<'a>>,
+}
+
+/// The Standard Webhooks body of one event (what `format: standardWebhooks` sends).
+pub fn render(event: &MailboxEvent, matched_filters: &[String], cfg: &PayloadConfig) -> Vec<u8> {
+    let data = render_data(event, matched_filters, cfg);
+    body(event, &data)
+}
+
+/// The Standard Webhooks body around already rendered `data`.
+pub fn body(event: &MailboxEvent, data: &[u8]) -> Vec<u8> {
+    let Ok(raw) = serde_json::from_slice::<&serde_json::value::RawValue>(data) else {
+        return Vec::new();
     };
     let body = Body {
         event_type: event.event_type,
         timestamp: event.occurred_at.to_string(),
-        data: Data {
-            event_id: &event.id,
-            source: event.source.as_str(),
-            occurred_at: event.occurred_at.to_string(),
-            direction: event.direction,
-            folder: event.folder.as_deref(),
-            size: event.size,
-            // Dovecot's ids name the user and folder (and a batch's, the session).
-            producer_event_id: event
-                .producer_event_id
-                .as_deref()
-                .filter(|_| cfg.mode == PayloadMode::Full || event.source != crate::event::Source::Dovecot),
-            matched_filters,
-            flags: (!event.flags.is_empty()).then_some(event.flags.as_slice()),
-            flagged_event_id: if event.flags.is_empty() {
-                None
-            } else {
-                event.flagged_event_id.as_deref()
-            },
-            view,
-            activity: event.activity.as_deref().map(|a| activity_view(a, cfg.mode, &anon)),
-            raw_message: match (&cfg.raw_links, &event.raw_message) {
-                (Some(links), Some(sha256)) => Some(RawRef {
-                    link: links.link(sha256, jiff::Timestamp::now()),
-                    sha256,
-                    size: event.size,
-                }),
-                _ => None,
-            },
-        },
+        data: raw,
+        dead_letter: event.dead_letter.as_deref().map(DeadLetterView::of),
     };
-    if cfg.redact.is_empty() {
-        return serde_json::to_vec(&body).unwrap_or_default();
-    }
-    // Redaction is by field name: go through a JSON tree only when there is some.
-    let mut tree = serde_json::to_value(&body).unwrap_or(Value::Null);
-    if let Some(data) = tree.get_mut("data").and_then(Value::as_object_mut) {
-        for field in &cfg.redact {
-            data.remove(field);
-        }
-    }
-    serde_json::to_vec(&tree).unwrap_or_default()
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -76,24 +76,57 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 wake_at = wake_at.min(now + wait);
                 continue;
             }
-            let free = sub.slots.available_permits();
-            if free > 0 {
-                match deliveries.store.take_due(&config.uid, now, free, config.ordered) {
-                    Ok(batch) => {
-                        for d in batch {
-                            let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
-                                break;
-                            };
-                            deliveries.lifecycle.spawn_short(
-                                Stage::Delivery,
-                                "delivery attempt",
-                                deliver(deliveries.clone(), shard.clone(), sub.clone(), d, permit),
-                            );
+            // Batched, a request waits until it is full or its oldest event has waited
+            // maxWait; each free slot then carries up to maxEvents.
+            let per_request = config.batch.map_or(1, |b| b.max_events.max(1));
+            let mut free = sub.slots.available_permits();
+            while free > 0 {
+                if let Some(batch) = config.batch {
+                    let due = deliveries.store.next_due(&config.uid);
+                    let counts = deliveries.store.counts(&config.uid);
+                    let waiting = counts.backlog.saturating_sub(counts.in_flight) as usize;
+                    let filled = waiting >= batch.max_events;
+                    let waited = due.is_some_and(|d| d + batch.max_wait <= now);
+                    if !filled && !waited {
+                        if let Some(d) = due {
+                            wake_at = wake_at.min(d + batch.max_wait);
                         }
+                        break;
                     }
+                }
+                let want = if config.batch.is_some() { per_request } else { free };
+                let taken = match deliveries.store.take_due(&config.uid, now, want, config.ordered) {
+                    Ok(taken) => taken,
                     Err(err) => {
-                        warn!(%err, subscription = config.name, "cannot read the delivery queue")
+                        warn!(%err, subscription = config.name, "cannot read the delivery queue");
+                        break;
                     }
+                };
+                if taken.is_empty() {
+                    break;
+                }
+                let requests: Vec<Vec<crate::store::PendingDelivery>> = if config.batch.is_some() {
+                    vec![taken]
+                } else {
+                    taken.into_iter().map(|d| vec![d]).collect()
+                };
+                for request in requests {
+                    let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
+                        // Cannot happen (the slots were counted); never lose what was taken.
+                        for d in request {
+                            let _ = deliveries.store.retry(d);
+                        }
+                        break;
+                    };
+                    free = free.saturating_sub(1);
+                    deliveries.lifecycle.spawn_short(
+                        Stage::Delivery,
+                        "delivery attempt",
+                        deliver(deliveries.clone(), shard.clone(), sub.clone(), request, permit),
+                    );
+                }
+                if config.batch.is_none() {
+                    break;
                 }
             }
             if let Some(due) = deliveries.store.next_due(&config.uid) {

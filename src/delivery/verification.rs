@@ -11,6 +11,7 @@
 use base64::Engine;
 use serde::Serialize;
 
+use super::wire::{self, Format, Request};
 use super::{DeliveryConfig, signed_post, webhook_id};
 use crate::crypto::constant_time_eq;
 
@@ -59,12 +60,17 @@ struct Challenge<'a> {
     data: ChallengeData<'a>,
 }
 
-#[derive(Serialize)]
-struct ChallengeData<'a> {
+/// The `data` of an `endpoint.verification` request.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ChallengeData<'a> {
+    /// Echo this back as `{"challenge": "<value>"}` in a 2xx answer.
     challenge: &'a str,
     /// `namespace/name` of the subscription being verified.
     subscription: String,
 }
+
+/// The event type of the challenge.
+pub const KIND: &str = "endpoint.verification";
 
 /// Largest verification answer read.
 const MAX_ANSWER: usize = 4096;
@@ -86,18 +92,30 @@ pub fn echoes(body: &[u8], challenge: &str) -> bool {
 pub async fn handshake(config: &DeliveryConfig) -> Result<(), String> {
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::crypto::random_bytes());
     let now = jiff::Timestamp::now();
-    let body = serde_json::to_vec(&Challenge {
-        kind: "endpoint.verification",
-        timestamp: now.to_string(),
-        data: ChallengeData {
-            challenge: &challenge,
-            subscription: format!("{}/{}", config.namespace, config.name),
-        },
-    })
-    .map_err(|e| format!("cannot build the challenge: {e}"))?;
+    let data = ChallengeData {
+        challenge: &challenge,
+        subscription: format!("{}/{}", config.namespace, config.name),
+    };
     let id = webhook_id(&format!("verification-{challenge}"), &config.uid);
+    let request = match config.wire.format {
+        Format::StandardWebhooks => Request {
+            id,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: serde_json::to_vec(&Challenge {
+                kind: KIND,
+                timestamp: now.to_string(),
+                data,
+            })
+            .map_err(|e| format!("cannot build the challenge: {e}"))?,
+        },
+        Format::CloudEvents { structured } => {
+            let data = serde_json::to_vec(&data).map_err(|e| format!("cannot build the challenge: {e}"))?;
+            wire::operator_event(&config.wire, id, KIND, now, &data, structured)
+        }
+    };
     let url = reqwest::Url::parse(&config.url).map_err(|e| format!("endpoint.url does not parse: {e}"))?;
-    let response = signed_post(config, url, &id, body)
+    let response = signed_post(config, url, request)
         .send()
         .await
         .map_err(|e| format!("the verification request failed: {}", super::root_cause(&e)))?;

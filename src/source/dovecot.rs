@@ -227,6 +227,7 @@ impl Made {
             flag_namespace: None,
             raw_message: None,
             activity: Some(Box::new(self.activity)),
+            dead_letter: None,
         }
     }
 }

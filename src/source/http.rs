@@ -684,5 +684,6 @@ fn normalize(
         flag_namespace: None,
         raw_message: None,
         activity: None,
+        dead_letter: None,
     })
 }

@@ -208,6 +208,7 @@ fn event(
         flag_namespace: None,
         raw_message: Some(facts.sha256.clone()),
         activity: None,
+        dead_letter: None,
     }
 }
 

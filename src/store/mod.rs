@@ -111,6 +111,8 @@ pub struct PendingDelivery {
 pub struct QueueCounts {
     /// Waiting or in flight.
     pub backlog: u64,
+    /// Of the backlog, in flight.
+    pub in_flight: u64,
     pub dead_lettered: u64,
 }
 
@@ -696,6 +698,7 @@ pub mod conformance {
             s.counts("sub"),
             QueueCounts {
                 backlog: 2,
+                in_flight: 0,
                 dead_lettered: 0
             }
         );
@@ -767,6 +770,7 @@ pub mod conformance {
             s.counts("sub"),
             QueueCounts {
                 backlog: 1,
+                in_flight: 0,
                 dead_lettered: 1
             }
         );
@@ -878,6 +882,7 @@ pub mod conformance {
             s.counts("sub"),
             QueueCounts {
                 backlog: 1,
+                in_flight: 0,
                 dead_lettered: 1
             }
         );

@@ -236,6 +236,7 @@ impl Queues {
             .get(subscription)
             .map(|q| QueueCounts {
                 backlog: (q.waiting.len() + q.in_flight.len()) as u64,
+                in_flight: q.in_flight.len() as u64,
                 dead_lettered: q.dead.len() as u64,
             })
             .unwrap_or_default()

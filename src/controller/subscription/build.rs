@@ -12,6 +12,8 @@ use crate::api::WebhookSubscription;
 use crate::archive::RawLinks;
 use crate::delivery::client::{ClientError, ClientSettings, Clients};
 use crate::delivery::egress::EgressPolicy;
+use crate::api::{CloudEventsMode, PayloadFormat};
+use crate::delivery::wire::{Format, WireConfig};
 use crate::delivery::{DeliveryConfig, payload::PayloadConfig};
 use crate::route::SubscriptionRoute;
 
@@ -26,6 +28,8 @@ pub struct BuildSettings {
     pub egress: Arc<EgressPolicy>,
     /// HTTP clients shared by subscriptions with the same TLS settings.
     pub clients: Arc<Clients>,
+    /// Names this operator in CloudEvents' `source` (`--instance`).
+    pub instance: Arc<str>,
 }
 
 /// A valid subscription made ready for the data path.
@@ -102,6 +106,23 @@ pub fn build(
         ordered: spec.delivery.ordering == crate::api::Ordering::PerMailbox,
         paused: spec.paused,
         verify: spec.endpoint.verify,
+        wire: WireConfig {
+            format: match spec.payload.format {
+                PayloadFormat::StandardWebhooks => Format::StandardWebhooks,
+                PayloadFormat::CloudEvents => Format::CloudEvents {
+                    structured: spec
+                        .payload
+                        .cloud_events
+                        .as_ref()
+                        .is_some_and(|c| c.mode == CloudEventsMode::Structured),
+                },
+            },
+            encryption: valid.encryption.clone(),
+            instance: settings.instance.clone(),
+            batched: valid.batch.is_some(),
+        },
+        batch: valid.batch,
+        dead_letter_sink: valid.dead_letter_sink.clone(),
     };
     let route = SubscriptionRoute {
         uid: uid.to_string(),

@@ -70,6 +70,12 @@ pub fn referenced_secrets(spec: &WebhookSubscriptionSpec) -> Vec<String> {
             .filter_map(|h| h.value_from.as_ref().map(|v| v.name.clone())),
     );
     names.extend(spec.endpoint.client_cert_secret_ref.as_ref().map(|r| r.name.clone()));
+    names.extend(
+        spec.payload
+            .encryption
+            .as_ref()
+            .map(|e| e.public_key_secret_ref.name.clone()),
+    );
     names.sort();
     names.dedup();
     names

@@ -9,7 +9,9 @@ use kube::core::{Selector, SelectorExt};
 use super::dereference::{FilterRef, References};
 use super::reason;
 use crate::api::{WebhookSubscriptionSpec, parse_duration};
+use crate::delivery::encryption::EncryptionKeys;
 use crate::delivery::signing::SigningKey;
+use crate::delivery::{BatchSettings, Sink};
 
 /// One thing wrong with a subscription, phrased for the person who has to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,10 @@ pub struct ValidSubscription {
     pub headers: Vec<(String, String)>,
     /// PEM certificate chain and key for mutual TLS, from clientCertSecretRef.
     pub client_identity: Option<Vec<u8>>,
+    /// The receiver's public keys (`payload.encryption`).
+    pub encryption: Option<EncryptionKeys>,
+    pub batch: Option<BatchSettings>,
+    pub dead_letter_sink: Option<Sink>,
 }
 
 /// Checks a subscription against what it references. Pure: every problem is returned,
@@ -221,6 +227,87 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     filters.sort();
     filters.dedup();
 
+    for field in &spec.payload.redact {
+        if crate::delivery::payload::UNREDACTABLE.contains(&field.as_str()) {
+            problem(
+                reason::INVALID_SPEC,
+                format!(
+                    "spec.payload.redact cannot remove {field:?}: receivers need eventId, source and occurredAt to tell events apart; remove it from the list"
+                ),
+            );
+        }
+    }
+
+    let mut encryption = None;
+    if let Some(e) = &spec.payload.encryption {
+        let name = &e.public_key_secret_ref.name;
+        match refs.secrets.get(name) {
+            None => problem(
+                reason::SECRET_NOT_FOUND,
+                format!(
+                    "Secret {name:?} (spec.payload.encryption.publicKeySecretRef) does not exist in this namespace; create it with the receiver's public JWK, e.g. `kubectl create secret generic {name} --from-file=2026-12.jwk=public.jwk`"
+                ),
+            ),
+            Some(secret) => {
+                let data: std::collections::BTreeMap<String, Vec<u8>> = secret
+                    .data
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
+                match EncryptionKeys::from_secret_data(&data) {
+                    Ok(keys) => encryption = Some(keys),
+                    Err(e) => problem(
+                        reason::INVALID_SECRET,
+                        format!("Secret {name:?} (spec.payload.encryption.publicKeySecretRef): {e}"),
+                    ),
+                }
+            }
+        }
+    }
+
+    let batch = spec.delivery.batch.as_ref().and_then(|b| {
+        let max_wait = match parse_duration(&b.max_wait) {
+            Ok(d) => d,
+            Err(e) => {
+                problem(reason::INVALID_SPEC, format!("spec.delivery.batch.maxWait: {e}"));
+                return None;
+            }
+        };
+        Some(BatchSettings {
+            max_events: b.max_events.clamp(1, 1000) as usize,
+            max_bytes: b.max_bytes.max(1024) as usize,
+            max_wait,
+        })
+    });
+
+    let dead_letter_sink = match &spec.delivery.dead_letter_sink {
+        None => None,
+        Some(sink) => match (&sink.subscription_ref, &sink.uri) {
+            (Some(r), None) => Some(Sink::Subscription(r.name.clone())),
+            (None, Some(uri)) => match url::Url::parse(uri) {
+                Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => Some(Sink::Uri(url)),
+                _ => {
+                    problem(
+                        reason::INVALID_SPEC,
+                        format!(
+                            "spec.delivery.deadLetterSink.uri {uri:?} is not an absolute http(s) URL with a host; use one such as https://dlq.example.com/hooks"
+                        ),
+                    );
+                    None
+                }
+            },
+            _ => {
+                problem(
+                    reason::INVALID_SPEC,
+                    "spec.delivery.deadLetterSink needs exactly one of ref or uri".to_string(),
+                );
+                None
+            }
+        },
+    };
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -243,6 +330,9 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         disable_after: disable_after.unwrap_or_default(),
         headers,
         client_identity,
+        encryption,
+        batch,
+        dead_letter_sink,
     })
 }
 
