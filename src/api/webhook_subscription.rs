@@ -357,6 +357,7 @@ pub struct DeadLetterSink {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionRef {
+    /// The WebhookSubscription's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }

@@ -121,6 +121,8 @@ pub struct SubscriptionState {
     pub last_replay: Option<crate::api::ReplayStatus>,
     /// `whpk_` keys of the ed25519 signing keys.
     pub signing_public_keys: Vec<String>,
+    /// `kid` of the public key deliveries are encrypted to (`payload.encryption`).
+    pub encryption_key_id: Option<String>,
     pub insecure_skip_tls_verify: bool,
     /// Names of the MailboxFilters it names or selects that exist (valid or not): each
     /// filter's status lists the subscriptions using it from these.

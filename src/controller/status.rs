@@ -143,6 +143,7 @@ pub fn subscription_status(
     );
     status.endpoint_host = state.endpoint_host.clone();
     status.signing_public_keys = state.signing_public_keys.clone();
+    status.encryption_key_id = state.encryption_key_id.clone();
     status.insecure_skip_tls_verify = state.insecure_skip_tls_verify;
     status.shard = Some(state.shard);
     status.delivered = health.delivered;
@@ -668,6 +669,7 @@ mod tests {
             paused: false,
             last_replay: None,
             signing_public_keys: vec![],
+            encryption_key_id: None,
             insecure_skip_tls_verify: false,
             uses: vec![],
             version: 1,
@@ -690,6 +692,7 @@ mod tests {
         let now = Time(jiff::Timestamp::UNIX_EPOCH);
         let counts = QueueCounts {
             backlog: 4,
+            in_flight: 0,
             dead_lettered: 1,
         };
         let mut health = HealthSnapshot {

@@ -304,3 +304,216 @@ pub fn operator_event(cfg: &WireConfig, id: String, kind: &str, time: jiff::Time
         body: data.to_vec(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::PayloadMode;
+    use serde_json::{Value, json};
+
+    fn event() -> MailboxEvent {
+        serde_json::from_value(json!({
+            "id": "evt_1", "type": "message.received", "occurredAt": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z", "source": "smtp", "mailbox": "jürgen@bücher.example",
+            "from": "bob@partner.org", "to": ["jürgen@bücher.example"], "subject": "Fusion – vertraulich",
+            "attachments": [{"name": "plan.pdf", "contentType": "application/pdf", "size": 10}]
+        }))
+        .expect("event")
+    }
+
+    fn payload(mode: PayloadMode) -> PayloadConfig {
+        PayloadConfig {
+            mode,
+            redact: vec![],
+            pseudonym_key: b"key".to_vec(),
+            raw_links: None,
+        }
+    }
+
+    fn wire(format: Format, batched: bool) -> WireConfig {
+        WireConfig {
+            format,
+            encryption: None,
+            instance: "mailhook-system/mailhook".into(),
+            batched,
+        }
+    }
+
+    fn keys() -> EncryptionKeys {
+        // A P-256 public key (the curve's generator point): enough to encrypt to.
+        let jwk = json!({"kty": "EC", "crv": "P-256",
+            "x": "axfR8uEsQkf4vOblY6RA8ncDfYEt6zOg9KE5RdiYwpY",
+            "y": "T-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU"});
+        let data = [("2026-12.jwk".to_string(), serde_json::to_vec(&jwk).expect("json"))].into();
+        EncryptionKeys::from_secret_data(&data).expect("keys")
+    }
+
+    fn items<'a>(event: &'a MailboxEvent, filters: &'a [String]) -> Vec<Item<'a>> {
+        vec![Item {
+            event,
+            matched_filters: filters,
+            webhook_id: "msg_1".into(),
+        }]
+    }
+
+    fn header<'a>(r: &'a Request, name: &str) -> Option<&'a str> {
+        r.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn binary_mode_puts_attributes_in_percent_encoded_headers_and_data_in_the_body() {
+        let (e, filters) = (event(), vec!["legal".to_string(), "finance".to_string()]);
+        let r = request(
+            &wire(Format::CloudEvents { structured: false }, false),
+            &payload(PayloadMode::Full),
+            &items(&e, &filters),
+        )
+        .expect("request");
+        assert_eq!(r.id, "msg_1");
+        assert_eq!(r.content_type, "application/json");
+        assert_eq!(header(&r, "ce-specversion"), Some("1.0"));
+        assert_eq!(header(&r, "ce-id"), Some("msg_1"), "the CloudEvents id is the webhook-id");
+        assert_eq!(header(&r, "ce-type"), Some("io.mailhook.message.received"));
+        assert_eq!(header(&r, "ce-source"), Some("/mailhook/mailhook-system/mailhook/smtp"));
+        assert_eq!(header(&r, "ce-subject"), Some("j%C3%BCrgen@b%C3%BCcher.example"));
+        assert_eq!(header(&r, "ce-mailhookfilters"), Some("legal,finance"));
+        assert_eq!(
+            header(&r, "ce-dataschema"),
+            Some("https://mailhook.io/schemas/v1/full/message.received.json")
+        );
+        assert_eq!(header(&r, "ce-datacontenttype"), None, "it travels as content-type");
+        let data: Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(data["subject"], "Fusion – vertraulich");
+        assert_eq!(data["eventId"], "evt_1");
+    }
+
+    #[test]
+    fn structured_mode_is_one_json_event_and_metadata_mode_has_no_subject() {
+        let e = event();
+        let r = request(
+            &wire(Format::CloudEvents { structured: true }, false),
+            &payload(PayloadMode::Metadata),
+            &items(&e, &[]),
+        )
+        .expect("request");
+        assert_eq!(r.content_type, "application/cloudevents+json; charset=utf-8");
+        let ce: Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["datacontenttype"], "application/json");
+        assert_eq!(ce["time"], "2026-01-01T00:00:00Z");
+        assert_eq!(ce["data"]["senderDomain"], "partner.org");
+        assert!(ce.get("subject").is_none(), "metadata mode shows no address: {ce}");
+        assert!(ce.get("mailhookfilters").is_none());
+        assert!(!String::from_utf8_lossy(&r.body).contains("jürgen"));
+    }
+
+    #[test]
+    fn encrypted_requests_show_no_mail_in_clear() {
+        let e = event();
+        let filters = vec!["legal".to_string()];
+        for format in [
+            Format::StandardWebhooks,
+            Format::CloudEvents { structured: false },
+            Format::CloudEvents { structured: true },
+        ] {
+            for batched in [false, true] {
+                let mut cfg = wire(format, batched);
+                cfg.encryption = Some(keys());
+                let r = request(&cfg, &payload(PayloadMode::Full), &items(&e, &filters)).expect("request");
+                let mut seen = String::from_utf8_lossy(&r.body).into_owned();
+                for (name, value) in &r.headers {
+                    seen.push_str(&format!("\n{name}: {value}"));
+                }
+                for secret in ["jürgen", "j%C3%BCrgen", "bücher", "Fusion", "plan.pdf", "bob@", "legal"] {
+                    assert!(!seen.contains(secret), "{format:?} batched={batched} shows {secret}: {seen}");
+                }
+            }
+        }
+        let mut cfg = wire(Format::StandardWebhooks, false);
+        cfg.encryption = Some(keys());
+        let r = request(&cfg, &payload(PayloadMode::Full), &items(&e, &filters)).expect("request");
+        assert_eq!(r.content_type, "application/jose");
+        assert_eq!(r.body.iter().filter(|b| **b == b'.').count(), 4, "JWE compact: five parts");
+    }
+
+    #[test]
+    fn batches_are_arrays_with_an_id_of_their_events() {
+        let (a, mut b) = (event(), event());
+        b.id = "evt_2".into();
+        let batch = vec![
+            Item {
+                event: &a,
+                matched_filters: &[],
+                webhook_id: "msg_a".into(),
+            },
+            Item {
+                event: &b,
+                matched_filters: &[],
+                webhook_id: "msg_b".into(),
+            },
+        ];
+        let r = request(&wire(Format::StandardWebhooks, true), &payload(PayloadMode::Full), &batch).expect("request");
+        let bodies: Vec<Value> = serde_json::from_slice(&r.body).expect("array");
+        assert_eq!(bodies.len(), 2);
+        assert_eq!(bodies[1]["data"]["eventId"], "evt_2");
+        assert_eq!(header(&r, "mailhook-batch-size"), Some("2"));
+        assert_eq!(r.id, batch_id(["msg_a", "msg_b"].into_iter()));
+        assert_ne!(r.id, batch_id(["msg_b", "msg_a"].into_iter()));
+
+        let r = request(
+            &wire(Format::CloudEvents { structured: false }, true),
+            &payload(PayloadMode::Full),
+            &batch,
+        )
+        .expect("request");
+        assert_eq!(r.content_type, "application/cloudevents-batch+json");
+        let events: Vec<Value> = serde_json::from_slice(&r.body).expect("array");
+        assert_eq!(events[0]["id"], "msg_a");
+        assert_eq!(events[1]["data"]["eventId"], "evt_2");
+    }
+
+    #[test]
+    fn a_dead_letter_copy_says_why_in_knative_attributes_and_shows_the_first_event_id() {
+        let mut e = event();
+        e.id = "evt_copy".into();
+        e.dead_letter = Some(Box::new(crate::event::DeadLetterNote {
+            event_id: "evt_1".into(),
+            subscription: "mail/siem".into(),
+            endpoint: "https://siem.example.com/hooks".into(),
+            webhook_id: "msg_first".into(),
+            reason: "retries exhausted after 3 attempts; last error: HTTP 500".into(),
+            attempts: 3,
+            last_status: Some(500),
+            last_error: Some("HTTP 500".into()),
+            dead_lettered_at: "2026-01-01T01:00:00Z".parse().expect("time"),
+            sink_uri: None,
+        }));
+        let r = request(
+            &wire(Format::CloudEvents { structured: false }, false),
+            &payload(PayloadMode::Full),
+            &items(&e, &[]),
+        )
+        .expect("request");
+        assert_eq!(header(&r, "ce-knativeerrorcode"), Some("500"));
+        assert_eq!(header(&r, "ce-knativeerrordest"), Some("https://siem.example.com/hooks"));
+        assert_eq!(header(&r, "ce-knativeerrordata"), Some("SFRUUCA1MDA="));
+        assert_eq!(header(&r, "ce-mailhookattempts"), Some("3"));
+        let data: Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(data["eventId"], "evt_1");
+
+        let r = request(&wire(Format::StandardWebhooks, false), &payload(PayloadMode::Full), &items(&e, &[]))
+            .expect("request");
+        let body: Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(body["deadLetter"]["lastStatus"], 500);
+        assert_eq!(body["deadLetter"]["webhookId"], "msg_first");
+        assert_eq!(body["data"]["eventId"], "evt_1");
+    }
+
+    #[test]
+    fn header_values_encode_what_http_headers_cannot_carry() {
+        assert_eq!(header_value("plain-ASCII_1.0"), "plain-ASCII_1.0");
+        assert_eq!(header_value("a b\"c%d"), "a%20b%22c%25d");
+        assert_eq!(header_value("ü"), "%C3%BC");
+        assert_eq!(header_value("\r\n"), "%0D%0A");
+    }
+}

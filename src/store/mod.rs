@@ -882,7 +882,7 @@ pub mod conformance {
             s.counts("sub"),
             QueueCounts {
                 backlog: 1,
-                in_flight: 0,
+                in_flight: 1,
                 dead_lettered: 1
             }
         );

@@ -209,6 +209,11 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
                 .as_ref()
                 .map(|v| v.signing_keys.iter().filter_map(SigningKey::public_key).collect())
                 .unwrap_or_default(),
+            encryption_key_id: outcome
+                .as_ref()
+                .ok()
+                .and_then(|v| v.encryption.as_ref())
+                .map(|k| k.key_id().to_string()),
             ready,
             route,
             shard: shard_of(&uid, ctx.deliveries.shard_count()) as u32,

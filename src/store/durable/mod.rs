@@ -1342,6 +1342,7 @@ mod tests {
             s.counts("sub"),
             QueueCounts {
                 backlog: 1,
+                in_flight: 0,
                 dead_lettered: 1
             }
         );
