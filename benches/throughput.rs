@@ -21,7 +21,8 @@ use mailhook::api::{EventType, PayloadMode};
 use mailhook::auth::Tokens;
 use mailhook::delivery::payload::PayloadConfig;
 use mailhook::delivery::signing::SigningKey;
-use mailhook::delivery::{Deliveries, DeliveryConfig, client};
+use mailhook::delivery::wire::{Format, WireConfig};
+use mailhook::delivery::{BatchSettings, Deliveries, DeliveryConfig, client};
 use mailhook::handles::MatchCounters;
 use mailhook::handles::Readiness;
 use mailhook::metrics::Metrics;
@@ -43,21 +44,26 @@ struct Received {
 
 async fn receive(State(rx): State<Arc<Received>>, body: Bytes) -> &'static str {
     // The generator stamps each event's send time (µs since the epoch) into its folder;
-    // found by a scan, so the receiver's share of the shared CPU stays small.
+    // found by a scan, so the receiver's share of the shared CPU stays small. A batch
+    // (BENCH_BATCH) carries several: each counts.
     const KEY: &[u8] = br#""folder":""#;
-    let sent = body
-        .windows(KEY.len())
-        .position(|w| w == KEY)
-        .map(|i| &body[i + KEY.len()..])
-        .and_then(|rest| rest.iter().position(|b| *b == b'"').map(|end| &rest[..end]))
-        .and_then(|digits| std::str::from_utf8(digits).ok()?.parse::<u64>().ok());
-    if let Some(sent) = sent {
-        let now = jiff::Timestamp::now().as_microsecond() as u64;
-        if let Ok(mut l) = rx.latencies.lock() {
+    let now = jiff::Timestamp::now().as_microsecond() as u64;
+    let mut rest: &[u8] = &body;
+    let mut events = 0;
+    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[i + KEY.len()..];
+        events += 1;
+        let sent = rest
+            .iter()
+            .position(|b| *b == b'"')
+            .and_then(|end| std::str::from_utf8(&rest[..end]).ok()?.parse::<u64>().ok());
+        if let Some(sent) = sent
+            && let Ok(mut l) = rx.latencies.lock()
+        {
             l.push((sent, now.saturating_sub(sent)));
         }
     }
-    rx.count.fetch_add(1, Ordering::Relaxed);
+    rx.count.fetch_add(events.max(1), Ordering::Relaxed);
     ""
 }
 
@@ -123,6 +129,14 @@ async fn rig(subscriptions: usize) -> Rig {
         .expect("client");
     let router = Arc::new(EventRouter::default());
     let mut routes = Vec::new();
+    let batch = std::env::var("BENCH_BATCH")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .map(|max_events| BatchSettings {
+            max_events,
+            max_bytes: 1 << 20,
+            max_wait: Duration::from_millis(20),
+        });
     for i in 0..subscriptions {
         let uid = format!("bench-{i}");
         deliveries.upsert(DeliveryConfig {
@@ -163,6 +177,15 @@ async fn rig(subscriptions: usize) -> Rig {
             ordered: false,
             paused: false,
             verify: false,
+            wire: WireConfig {
+                format: Format::StandardWebhooks,
+                encryption: None,
+                instance: "bench".into(),
+                batched: batch.is_some(),
+            },
+            // BENCH_BATCH=N: up to N events per request (delivery.batch).
+            batch,
+            dead_letter_sink: None,
         });
         routes.push(SubscriptionRoute {
             uid,

@@ -22,7 +22,11 @@ use crate::store::{Attempt, PendingDelivery, StoreError};
 /// A Standard Webhooks POST of `request` to `url`, signed with every key of the
 /// subscription (deliveries and verification requests alike): the signature covers the
 /// body as sent, encrypted or not.
-pub(super) fn signed_post(config: &DeliveryConfig, url: reqwest::Url, request: wire::Request) -> reqwest::RequestBuilder {
+pub(super) fn signed_post(
+    config: &DeliveryConfig,
+    url: reqwest::Url,
+    request: wire::Request,
+) -> reqwest::RequestBuilder {
     let timestamp = jiff::Timestamp::now().as_second();
     let signature = signing::signature_header(&config.signing_keys, &request.id, timestamp, &request.body);
     // The client is shared by every subscription with the same TLS settings: this
@@ -139,7 +143,11 @@ pub(super) fn webhook_id(event_id: &str, subscription: &str) -> String {
 }
 
 /// One signed POST of the events and what came of it (with its latency and end time).
-async fn attempt_once(config: &DeliveryConfig, url: &reqwest::Url, items: &[wire::Item<'_>]) -> (Outcome, Duration, jiff::Timestamp) {
+async fn attempt_once(
+    config: &DeliveryConfig,
+    url: &reqwest::Url,
+    items: &[wire::Item<'_>],
+) -> (Outcome, Duration, jiff::Timestamp) {
     let request = match wire::request(&config.wire, &config.payload, items) {
         Ok(r) => r,
         Err(err) => {

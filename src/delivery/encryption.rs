@@ -557,20 +557,6 @@ mod tests {
         assert!(error.to_string().contains("add a public JWK"), "{error}");
     }
 
-    // TEMPORARY-INTEROP-BEGIN
-    #[test]
-    #[ignore]
-    fn temporary_interop_encrypt() {
-        let dir = std::path::Path::new("/tmp/i19-interop");
-        let jwk = std::fs::read(dir.join("public.json")).expect("public.json");
-        let data = BTreeMap::from([("receiver.jwk".to_string(), jwk)]);
-        let keys = EncryptionKeys::from_secret_data(&data).expect("keys");
-        println!("kid {}", keys.key_id());
-        let jwe = keys.encrypt(r#"{"type":"message.received","data":{"subject":"caf\u00e9 ☕"}}"#.as_bytes()).expect("encrypt");
-        std::fs::write(dir.join("message.jwe"), jwe).expect("write");
-    }
-    // TEMPORARY-INTEROP-END
-
     #[test]
     fn keys_are_shareable_across_shards() {
         fn assert_send_sync_clone<T: Send + Sync + Clone>() {}

@@ -49,11 +49,15 @@ fn describe(kind: EventType) -> &'static str {
         EventType::MessageReceived => "A message arrived in a mailbox.",
         EventType::MessageSent => "A mailbox sent a message to an external recipient.",
         EventType::MessageInternal => "A message travelled between two internal mailboxes.",
-        EventType::MessageDeleted => "A message was deleted: activity.stage is soft (marked \\Deleted or moved to the trash) or hard (expunged).",
+        EventType::MessageDeleted => {
+            "A message was deleted: activity.stage is soft (marked \\Deleted or moved to the trash) or hard (expunged)."
+        }
         EventType::MessageMoved => "A message moved from activity.previousFolder to folder.",
         EventType::MessageFlagged => "IMAP flags or keywords (activity.imapFlags) were set on a message.",
         EventType::MessageUnflagged => "IMAP flags or keywords (activity.imapFlags) were removed from a message.",
-        EventType::FolderChanged => "A folder was created, renamed, deleted, subscribed or unsubscribed (activity.action).",
+        EventType::FolderChanged => {
+            "A folder was created, renamed, deleted, subscribed or unsubscribed (activity.action)."
+        }
         EventType::MailboxConfigChanged => "Sieve scripts, ACLs or metadata of a mailbox changed (activity.change).",
         EventType::ComplianceFlagged => "MailboxFilters with a flag matched a message (flags, flaggedEventId).",
     }
@@ -191,16 +195,36 @@ fn openapi(mut components: Map<String, Value>) -> Value {
     );
     let mut webhooks = Map::new();
     let common = vec![
-        header("webhook-id", true, "Standard Webhooks message id: stable per event and subscription (a batch's is derived from its events' ids)."),
+        header(
+            "webhook-id",
+            true,
+            "Standard Webhooks message id: stable per event and subscription (a batch's is derived from its events' ids).",
+        ),
         header("webhook-timestamp", true, "Unix seconds when the request was signed."),
-        header("webhook-signature", true, "Space-separated v1,<base64 HMAC-SHA256> and/or v1a,<base64 ed25519> over `{webhook-id}.{webhook-timestamp}.{body}`, the body as sent (encrypted or not)."),
-        header("mailhook-batch-size", false, "delivery.batch: how many events the request carries."),
-        header("ce-specversion", false, "CloudEvents binary mode: 1.0; every other attribute as ce-<name>, values percent-encoded."),
+        header(
+            "webhook-signature",
+            true,
+            "Space-separated v1,<base64 HMAC-SHA256> and/or v1a,<base64 ed25519> over `{webhook-id}.{webhook-timestamp}.{body}`, the body as sent (encrypted or not).",
+        ),
+        header(
+            "mailhook-batch-size",
+            false,
+            "delivery.batch: how many events the request carries.",
+        ),
+        header(
+            "ce-specversion",
+            false,
+            "CloudEvents binary mode: 1.0; every other attribute as ce-<name>, values percent-encoded.",
+        ),
         header("ce-id", false, "CloudEvents binary mode."),
         header("ce-source", false, "CloudEvents binary mode."),
         header("ce-type", false, "CloudEvents binary mode."),
         header("ce-time", false, "CloudEvents binary mode."),
-        header("ce-subject", false, "CloudEvents binary mode (not sent when encrypted)."),
+        header(
+            "ce-subject",
+            false,
+            "CloudEvents binary mode (not sent when encrypted).",
+        ),
         header("ce-dataschema", false, "CloudEvents binary mode."),
     ];
     let mut kinds: Vec<(String, Value)> = EventType::ALL
@@ -232,7 +256,9 @@ fn openapi(mut components: Map<String, Value>) -> Value {
         });
         let description = match EventType::ALL.iter().find(|k| k.as_str() == kind) {
             Some(k) => describe(*k),
-            None => "The endpoint verification challenge (endpoint.verify): answer 2xx with {\"challenge\": <data.challenge>}.",
+            None => {
+                "The endpoint verification challenge (endpoint.verify): answer 2xx with {\"challenge\": <data.challenge>}."
+            }
         };
         webhooks.insert(
             kind.clone(),
@@ -297,7 +323,10 @@ mod tests {
         }
         expected.sort();
         found.sort();
-        assert_eq!(found, expected, "schemas/v1 holds files schemagen does not write: run `cargo run -- schemagen`");
+        assert_eq!(
+            found, expected,
+            "schemas/v1 holds files schemagen does not write: run `cargo run -- schemagen`"
+        );
     }
 
     fn walk(dir: &std::path::Path) -> Vec<String> {
@@ -325,7 +354,15 @@ mod tests {
             .map(|(_, t)| serde_json::from_str::<Value>(t).expect("json"))
             .expect("full/message.received.json");
         let properties = full["properties"].as_object().expect("properties");
-        for field in ["eventId", "subject", "mailbox", "attachments", "activity", "matchedFilters", "rawMessage"] {
+        for field in [
+            "eventId",
+            "subject",
+            "mailbox",
+            "attachments",
+            "activity",
+            "matchedFilters",
+            "rawMessage",
+        ] {
             assert!(properties.contains_key(field), "{field} missing: {properties:?}");
         }
         assert_eq!(full["additionalProperties"], false);

@@ -21,7 +21,9 @@ pub const TYPE_PREFIX: &str = "io.mailhook.";
 pub enum Format {
     StandardWebhooks,
     /// CloudEvents; `structured` for one event per request (batches always are).
-    CloudEvents { structured: bool },
+    CloudEvents {
+        structured: bool,
+    },
 }
 
 /// Everything the wire shape depends on, from the subscription.
@@ -85,7 +87,11 @@ pub fn request(cfg: &WireConfig, payload: &PayloadConfig, items: &[Item<'_>]) ->
                 .iter()
                 .map(|i| payload::render(i.event, i.matched_filters, payload))
                 .collect();
-            let plain = if cfg.batched { json_array(&bodies) } else { bodies.concat() };
+            let plain = if cfg.batched {
+                json_array(&bodies)
+            } else {
+                bodies.concat()
+            };
             Ok(match encrypt(&plain)? {
                 Some(jwe) => Request {
                     id,
@@ -110,7 +116,10 @@ pub fn request(cfg: &WireConfig, payload: &PayloadConfig, items: &[Item<'_>]) ->
                 events.push((attrs, data, sealed));
             }
             if cfg.batched {
-                let bodies: Vec<Vec<u8>> = events.iter().map(|(a, d, s)| structured_json(a, d, s.as_deref())).collect();
+                let bodies: Vec<Vec<u8>> = events
+                    .iter()
+                    .map(|(a, d, s)| structured_json(a, d, s.as_deref()))
+                    .collect();
                 return Ok(Request {
                     id,
                     content_type: "application/cloudevents-batch+json",
@@ -185,14 +194,20 @@ fn attributes(cfg: &WireConfig, payload: &PayloadConfig, item: &Item<'_>, sealed
     let mut attrs = vec![
         ("specversion", "1.0".to_string()),
         ("id", item.webhook_id.clone()),
-        ("source", format!("/mailhook/{}/{}", cfg.instance, event.source.as_str())),
+        (
+            "source",
+            format!("/mailhook/{}/{}", cfg.instance, event.source.as_str()),
+        ),
         ("type", format!("{TYPE_PREFIX}{kind}")),
         ("time", event.occurred_at.to_string()),
         (
             "datacontenttype",
             if sealed { "application/jose" } else { "application/json" }.to_string(),
         ),
-        ("dataschema", format!("{SCHEMA_BASE}/{}/{kind}.json", mode_name(payload))),
+        (
+            "dataschema",
+            format!("{SCHEMA_BASE}/{}/{kind}.json", mode_name(payload)),
+        ),
     ];
     if !sealed {
         if let Some(subject) = payload::shown_mailbox(event, payload) {
@@ -274,7 +289,14 @@ pub fn header_value(value: &str) -> String {
 
 /// A CloudEvent mailhook itself sends (the endpoint verification challenge): never
 /// batched nor encrypted, its data has no mail in it.
-pub fn operator_event(cfg: &WireConfig, id: String, kind: &str, time: jiff::Timestamp, data: &[u8], structured: bool) -> Request {
+pub fn operator_event(
+    cfg: &WireConfig,
+    id: String,
+    kind: &str,
+    time: jiff::Timestamp,
+    data: &[u8],
+    structured: bool,
+) -> Request {
     let attrs = vec![
         ("specversion", "1.0".to_string()),
         ("id", id.clone()),
@@ -372,7 +394,11 @@ mod tests {
         assert_eq!(r.id, "msg_1");
         assert_eq!(r.content_type, "application/json");
         assert_eq!(header(&r, "ce-specversion"), Some("1.0"));
-        assert_eq!(header(&r, "ce-id"), Some("msg_1"), "the CloudEvents id is the webhook-id");
+        assert_eq!(
+            header(&r, "ce-id"),
+            Some("msg_1"),
+            "the CloudEvents id is the webhook-id"
+        );
         assert_eq!(header(&r, "ce-type"), Some("io.mailhook.message.received"));
         assert_eq!(header(&r, "ce-source"), Some("/mailhook/mailhook-system/mailhook/smtp"));
         assert_eq!(header(&r, "ce-subject"), Some("j%C3%BCrgen@b%C3%BCcher.example"));
@@ -425,7 +451,10 @@ mod tests {
                     seen.push_str(&format!("\n{name}: {value}"));
                 }
                 for secret in ["jürgen", "j%C3%BCrgen", "bücher", "Fusion", "plan.pdf", "bob@", "legal"] {
-                    assert!(!seen.contains(secret), "{format:?} batched={batched} shows {secret}: {seen}");
+                    assert!(
+                        !seen.contains(secret),
+                        "{format:?} batched={batched} shows {secret}: {seen}"
+                    );
                 }
             }
         }
@@ -433,7 +462,11 @@ mod tests {
         cfg.encryption = Some(keys());
         let r = request(&cfg, &payload(PayloadMode::Full), &items(&e, &filters)).expect("request");
         assert_eq!(r.content_type, "application/jose");
-        assert_eq!(r.body.iter().filter(|b| **b == b'.').count(), 4, "JWE compact: five parts");
+        assert_eq!(
+            r.body.iter().filter(|b| **b == b'.').count(),
+            4,
+            "JWE compact: five parts"
+        );
     }
 
     #[test]
@@ -452,7 +485,12 @@ mod tests {
                 webhook_id: "msg_b".into(),
             },
         ];
-        let r = request(&wire(Format::StandardWebhooks, true), &payload(PayloadMode::Full), &batch).expect("request");
+        let r = request(
+            &wire(Format::StandardWebhooks, true),
+            &payload(PayloadMode::Full),
+            &batch,
+        )
+        .expect("request");
         let bodies: Vec<Value> = serde_json::from_slice(&r.body).expect("array");
         assert_eq!(bodies.len(), 2);
         assert_eq!(bodies[1]["data"]["eventId"], "evt_2");
@@ -495,14 +533,21 @@ mod tests {
         )
         .expect("request");
         assert_eq!(header(&r, "ce-knativeerrorcode"), Some("500"));
-        assert_eq!(header(&r, "ce-knativeerrordest"), Some("https://siem.example.com/hooks"));
+        assert_eq!(
+            header(&r, "ce-knativeerrordest"),
+            Some("https://siem.example.com/hooks")
+        );
         assert_eq!(header(&r, "ce-knativeerrordata"), Some("SFRUUCA1MDA="));
         assert_eq!(header(&r, "ce-mailhookattempts"), Some("3"));
         let data: Value = serde_json::from_slice(&r.body).expect("json");
         assert_eq!(data["eventId"], "evt_1");
 
-        let r = request(&wire(Format::StandardWebhooks, false), &payload(PayloadMode::Full), &items(&e, &[]))
-            .expect("request");
+        let r = request(
+            &wire(Format::StandardWebhooks, false),
+            &payload(PayloadMode::Full),
+            &items(&e, &[]),
+        )
+        .expect("request");
         let body: Value = serde_json::from_slice(&r.body).expect("json");
         assert_eq!(body["deadLetter"]["lastStatus"], 500);
         assert_eq!(body["deadLetter"]["webhookId"], "msg_first");

@@ -196,6 +196,7 @@ fn a_restart_finds_what_was_in_flight_waiting_again() {
         store.counts("sub"),
         QueueCounts {
             backlog: 1,
+            in_flight: 0,
             dead_lettered: 1
         },
         "the delivery in flight is waiting again, the dead letter kept"
