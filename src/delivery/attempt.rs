@@ -454,6 +454,7 @@ pub(super) async fn deliver(
     }
 
     let mut changed = false;
+    let events = ready.len() as u64;
     let mut completions = Vec::new();
     let mut labels = ("success", "2xx");
     let mut delivered = 0;
@@ -487,8 +488,8 @@ pub(super) async fn deliver(
         // The request's outcome is one: health follows it once, not once per event.
         let first = i == 0;
         let update_health = |update| match update {
-            HealthUpdate::Success => sub.health.success(now, elapsed.as_millis() as u64),
-            HealthUpdate::Failure(failure, disable) => sub.health.failure(failure, disable),
+            HealthUpdate::Success => sub.health.success(now, elapsed.as_millis() as u64, events),
+            HealthUpdate::Failure(failure, disable) => sub.health.failure(failure, disable, events),
         };
         // Each arm keeps the order of store write and health update that `deliver` always
         // had: a failure's health (which may disable the endpoint) is set before its retry

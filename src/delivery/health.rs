@@ -82,10 +82,11 @@ impl Health {
         self.inner.lock().0.failing_since
     }
 
-    /// Records a success; returns true when the health class changed.
-    pub fn success(&self, now: jiff::Timestamp, latency_ms: u64) -> bool {
+    /// Records a successful request of `events` events (several when batched); returns
+    /// true when the health class changed.
+    pub fn success(&self, now: jiff::Timestamp, latency_ms: u64, events: u64) -> bool {
         self.update(|s, window| {
-            s.delivered += 1;
+            s.delivered += events;
             s.consecutive_failures = 0;
             s.failing_since = None;
             s.last_success = Some(now);
@@ -97,9 +98,10 @@ impl Health {
     }
 
     /// Records a failed attempt; disables the endpoint when `disable` is given.
-    pub fn failure(&self, failure: Failure, disable: Option<String>) -> bool {
+    /// `events`: the deliveries the failed request carried, each a failed attempt.
+    pub fn failure(&self, failure: Failure, disable: Option<String>, events: u64) -> bool {
         self.update(|s, _| {
-            s.failed_attempts += 1;
+            s.failed_attempts += events;
             s.consecutive_failures += 1;
             s.failing_since.get_or_insert(failure.time);
             s.last_failure = Some(failure);

@@ -6,6 +6,7 @@ mod crd;
 mod delivery;
 mod dovecot;
 mod durability;
+mod formats;
 mod history;
 #[path = "../common/pg.rs"]
 mod pg;
