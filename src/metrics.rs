@@ -170,7 +170,7 @@ impl Metrics {
             store_errors: IntCounterVec::new(
                 Opts::new(
                     "mailhook_store_errors_total",
-                    "Store operations that failed, by operation: commit (a transaction the store could not write), and on the delivery path retry, dead_letter, complete, attempt, read_event, note_subscription. Failed retry/dead_letter writes are tried again with backoff; a delivery whose outcome could not be written is due again after a restart.",
+                    "Store operations that failed, by operation: commit (a transaction the store could not write), and on the delivery path retry, dead_letter, dead_letter_sink (the copy for delivery.deadLetterSink), complete, attempt, read_event, note_subscription. Failed retry/dead_letter writes are tried again with backoff; a delivery whose outcome could not be written is due again after a restart.",
                 ),
                 &["operation"],
             )?,

@@ -523,6 +523,8 @@ pub(super) async fn deliver(
                     changed |= update_health(decision.health);
                 }
                 if config.dead_letter_sink.is_some() && event.dead_letter.is_none() {
+                    // Copied before the dead letter is written: a crash between the two
+                    // makes the delivery due again, and its copy a duplicate (dropped).
                     let (status, error) = match &outcome {
                         Outcome::Failed { status, message, .. } => (*status, Some(message.clone())),
                         Outcome::Gone => (Some(410), Some("HTTP 410 Gone".into())),

@@ -4,6 +4,7 @@
 //! `DeadLetterNote`, ingested like any other: durable, retried, shared between replicas.
 //! The dead letter itself stays for replay; a copy that dies in turn is not sent on.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::warn;
@@ -13,6 +14,7 @@ use crate::event::{DeadLetterNote, MailboxEvent};
 use crate::store::{Ingest, PendingDelivery};
 
 /// Why a delivery died, as its last attempt saw it.
+#[derive(Clone)]
 pub struct Why {
     pub reason: String,
     pub attempts: u32,
@@ -91,18 +93,22 @@ impl Deliveries {
         })
     }
 
-    /// Queues the copy of a dead-lettered event for the subscription's sink. A sink that
-    /// cannot be reached now (its subscription missing or not valid) is logged and
-    /// counted: the dead letter is kept for replay either way.
-    pub(super) async fn forward_dead_letter(
+    /// Queues the copy of a dead-lettered event for the subscription's sink. Blocks on the
+    /// store. A `ref` naming no subscription this process knows (missing, or not valid) is
+    /// logged and counted: the dead letter is kept for replay either way.
+    pub(super) fn queue_dead_letter_copy(
         &self,
         origin: &DeliveryConfig,
         event: &MailboxEvent,
         d: &PendingDelivery,
         why: Why,
-    ) {
+    ) -> Result<(), crate::store::StoreError> {
+        // Never loops: a copy that dies stays a dead letter.
+        if event.dead_letter.is_some() {
+            return Ok(());
+        }
         let Some(sink) = &origin.dead_letter_sink else {
-            return;
+            return Ok(());
         };
         let (target, sink_uri) = match sink {
             Sink::Uri(url) => (origin.uid.clone(), Some(url.to_string())),
@@ -118,28 +124,37 @@ impl Deliveries {
                         sink = name,
                         "the dead-letter sink subscription does not exist or is not valid; the event stays a dead letter"
                     );
-                    return;
+                    return Ok(());
                 }
             },
         };
         let ingest = copy_for_sink(origin, event, d, why, &target, sink_uri, jiff::Timestamp::now());
-        let store = self.store.clone();
+        self.store.ingest(vec![ingest])?;
+        self.metrics
+            .dead_letter_forwards
+            .with_label_values(&[&origin.namespace, &origin.name, "queued"])
+            .inc();
+        self.wake([target.as_str()]);
+        Ok(())
+    }
+
+    /// `queue_dead_letter_copy` from the delivery path: off the async workers, tried a few
+    /// times with backoff (a duplicate is dropped by its producer id).
+    pub(super) async fn forward_dead_letter(
+        self: &Arc<Self>,
+        origin: &Arc<DeliveryConfig>,
+        event: &Arc<MailboxEvent>,
+        d: &PendingDelivery,
+        why: Why,
+    ) {
         let mut delay = Duration::from_millis(100);
         for tries in 1..=5u32 {
-            let item = ingest.clone();
-            let store = store.clone();
-            let result = tokio::task::spawn_blocking(move || store.ingest(vec![item]))
+            let (this, config, event, d, why) = (self.clone(), origin.clone(), event.clone(), d.clone(), why.clone());
+            let result = tokio::task::spawn_blocking(move || this.queue_dead_letter_copy(&config, &event, &d, why))
                 .await
                 .unwrap_or_else(|e| Err(crate::store::StoreError::Io(format!("the sink copy stopped: {e}"))));
             match result {
-                Ok(_) => {
-                    self.metrics
-                        .dead_letter_forwards
-                        .with_label_values(&[&origin.namespace, &origin.name, "queued"])
-                        .inc();
-                    self.wake([target.as_str()]);
-                    return;
-                }
+                Ok(()) => return,
                 Err(err) if tries < 5 => {
                     warn!(%err, subscription = origin.name, "cannot queue the dead-letter copy; trying again");
                     tokio::time::sleep(delay).await;

@@ -92,14 +92,39 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping, purge_index: bool)
             config.max_event_age.as_secs()
         );
         let expired = store.expire(&config.uid, since(now, config.max_event_age), &reason)?;
-        if expired > 0 {
+        if !expired.is_empty() {
             warn!(
                 subscription = config.name,
                 namespace = config.namespace,
-                expired,
+                expired = expired.len(),
                 "events expired undelivered; they are dead letters now"
             );
             deliveries.health_changed.notify_one();
+        }
+        if config.dead_letter_sink.is_some() {
+            for d in expired {
+                let why = super::dead_letter::Why {
+                    reason: reason.clone(),
+                    attempts: d.attempts,
+                    last_status: None,
+                    last_error: None,
+                };
+                // The dead letter is written already: a copy that cannot be queued now is
+                // logged; the event can still be replayed.
+                let copied = match store.event(&d.event_id) {
+                    Ok(Some(event)) => deliveries.queue_dead_letter_copy(&config, &event, &d, why),
+                    Ok(None) => Ok(()),
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = copied {
+                    deliveries
+                        .metrics
+                        .store_errors
+                        .with_label_values(&["dead_letter_sink"])
+                        .inc();
+                    warn!(%err, subscription = config.name, "cannot queue the dead-letter copy of an expired event");
+                }
+            }
         }
         let p = store.purge(
             &config.uid,

@@ -523,7 +523,12 @@ impl Store for Sole {
     ) -> Result<u64, mailhook::store::StoreError> {
         self.store.replay(s, since, now)
     }
-    fn expire(&self, s: &str, before: jiff::Timestamp, reason: &str) -> Result<u64, mailhook::store::StoreError> {
+    fn expire(
+        &self,
+        s: &str,
+        before: jiff::Timestamp,
+        reason: &str,
+    ) -> Result<Vec<mailhook::store::PendingDelivery>, mailhook::store::StoreError> {
         self.store.expire(s, before, reason)
     }
     fn purge(

@@ -778,17 +778,21 @@ impl Store for DurableStore {
         Ok(n)
     }
 
-    fn expire(&self, subscription: &str, accepted_before: jiff::Timestamp, reason: &str) -> Result<u64, StoreError> {
+    fn expire(
+        &self,
+        subscription: &str,
+        accepted_before: jiff::Timestamp,
+        reason: &str,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
         let mut state = lock(&self.state);
         let expired = state.queues.waiting_accepted_before(subscription, accepted_before);
-        let n = expired.len() as u64;
-        if n == 0 {
-            return Ok(0);
+        if expired.is_empty() {
+            return Ok(expired);
         }
-        let ops = self.bury(&mut state, expired, reason)?;
+        let ops = self.bury(&mut state, expired.clone(), reason)?;
         drop(state);
         self.send(ops, false)?;
-        Ok(n)
+        Ok(expired)
     }
 
     fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
