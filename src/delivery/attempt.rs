@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use super::health::Failure;
 use super::retry::Next;
 use super::shard::{Shard, Subscription};
-use super::{Deliveries, DeliveryConfig, egress, payload, retry, signing, wire};
+use super::{Deliveries, DeliveryConfig, egress, retry, signing, wire};
 use crate::metrics::Metrics;
 use crate::store::{Attempt, PendingDelivery, StoreError};
 
@@ -148,6 +148,16 @@ async fn attempt_once(
     url: &reqwest::Url,
     items: &[wire::Item<'_>],
 ) -> (Outcome, Duration, jiff::Timestamp) {
+    // An IP literal never reaches the guarded resolver: checked here, for the endpoint and
+    // a dead-letter sink alike.
+    if let Err(refused) = config.egress.check_url(url) {
+        let failed = Outcome::Failed {
+            status: None,
+            message: format!("not sent: {refused}"),
+            retry_after: None,
+        };
+        return (failed, Duration::ZERO, jiff::Timestamp::now());
+    }
     let request = match wire::request(&config.wire, &config.payload, items) {
         Ok(r) => r,
         Err(err) => {
@@ -398,20 +408,31 @@ pub(super) async fn deliver(
     // One request goes to one place: a dead-letter copy for a sink URI is not sent with
     // events for the endpoint. What does not go now (or does not fit in maxBytes) waits
     // for the next request, its attempts unchanged.
-    let mut size = 0;
-    let mut keep = 0;
-    for (d, e) in &ready {
-        if target(&sub, e) != url {
-            break;
-        }
-        if let Some(batch) = config.batch {
-            size += payload::render_data(e, &d.matched_filters, &config.payload).len() + 1;
-            if keep > 0 && size > batch.max_bytes {
+    let fits = || {
+        let mut size = 0;
+        let mut keep = 0;
+        for (d, e) in &ready {
+            if target(&sub, e) != url {
                 break;
             }
+            if let Some(batch) = config.batch {
+                let item = wire::Item {
+                    event: e,
+                    matched_filters: &d.matched_filters,
+                    webhook_id: String::new(),
+                };
+                size += wire::item_size(&config.wire, &config.payload, &item);
+                if keep > 0 && size > batch.max_bytes {
+                    break;
+                }
+            }
+            keep += 1;
         }
-        keep += 1;
-    }
+        keep
+    };
+    // Sizing renders the events: a panic there (a bug) sends them one by one, where the
+    // attempt's own guard turns it into a failed attempt.
+    let keep = std::panic::catch_unwind(std::panic::AssertUnwindSafe(fits)).unwrap_or(1);
     for (d, _) in ready.split_off(keep.max(1)) {
         store_write(metrics, "retry", name, || store.retry(d.clone())).await;
     }
@@ -434,7 +455,7 @@ pub(super) async fn deliver(
         .catch_unwind()
         .await;
     drop(items);
-    let (outcome, elapsed, now) = tried.unwrap_or_else(|_| {
+    let (mut outcome, elapsed, now) = tried.unwrap_or_else(|_| {
         crate::panics::record(&deliveries.metrics, "delivery");
         let failed = Outcome::Failed {
             status: None,
@@ -443,6 +464,14 @@ pub(super) async fn deliver(
         };
         (failed, Duration::ZERO, jiff::Timestamp::now())
     });
+    if url != sub.url && outcome == Outcome::Gone {
+        // 410 stops the endpoint, not its dead-letter sink: retried on the schedule.
+        outcome = Outcome::Failed {
+            status: Some(410),
+            message: "HTTP 410 Gone from the dead-letter sink".into(),
+            retry_after: None,
+        };
+    }
     let policy = retry::Policy {
         schedule: &config.retry_schedule,
         max_event_age: config.max_event_age,
@@ -485,8 +514,9 @@ pub(super) async fn deliver(
             metrics.store_errors.with_label_values(&["attempt"]).inc();
             warn!(%err, subscription = name, "cannot log a delivery attempt");
         }
-        // The request's outcome is one: health follows it once, not once per event.
-        let first = i == 0;
+        // The request's outcome is one: health follows it once, not once per event; a
+        // request to a dead-letter sink URI says nothing about the endpoint.
+        let first = i == 0 && url == sub.url;
         let update_health = |update| match update {
             HealthUpdate::Success => sub.health.success(now, elapsed.as_millis() as u64, events),
             HealthUpdate::Failure(failure, disable) => sub.health.failure(failure, disable, events),

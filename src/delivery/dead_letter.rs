@@ -50,8 +50,9 @@ pub fn copy_for_sink(
     let mut copy = event.clone();
     copy.id = MailboxEvent::new_id();
     copy.received_at = now;
-    // Dead-lettered twice (a crash between the copy and the dead letter): one copy.
-    copy.producer_event_id = Some(format!("deadletter:{original}:{target}"));
+    // Dead-lettered twice (a crash between the copy and the dead letter): one copy. A
+    // replay starts the delivery's age again, so dying again after one is a new copy.
+    copy.producer_event_id = Some(format!("deadletter:{original}:{target}:{}", d.accepted_at.as_second()));
     copy.dead_letter = Some(Box::new(DeadLetterNote {
         event_id: event.id.clone(),
         subscription: format!("{}/{}", origin.namespace, origin.name),
@@ -129,12 +130,14 @@ impl Deliveries {
             },
         };
         let ingest = copy_for_sink(origin, event, d, why, &target, sink_uri, jiff::Timestamp::now());
-        self.store.ingest(vec![ingest])?;
-        self.metrics
-            .dead_letter_forwards
-            .with_label_values(&[&origin.namespace, &origin.name, "queued"])
-            .inc();
-        self.wake([target.as_str()]);
+        let appended = self.store.ingest(vec![ingest])?;
+        if appended.iter().any(|a| !a.duplicate) {
+            self.metrics
+                .dead_letter_forwards
+                .with_label_values(&[&origin.namespace, &origin.name, "queued"])
+                .inc();
+            self.wake([target.as_str()]);
+        }
         Ok(())
     }
 

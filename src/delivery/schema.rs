@@ -24,7 +24,10 @@ pub enum SchemaError {
 }
 
 fn root<T: JsonSchema>() -> Result<Value, SchemaError> {
-    let generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+    // What is sent: a field skipped when empty is not required.
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .for_serialize()
+        .into_generator();
     Ok(serde_json::to_value(generator.into_root_schema_for::<T>())?)
 }
 
@@ -189,7 +192,7 @@ fn openapi(mut components: Map<String, Value>) -> Value {
                 "knativeerrordata": {"type": "string", "description": "Dead-letter sink deliveries: base64 of the last error."},
                 "mailhookattempts": {"type": "string", "description": "Dead-letter sink deliveries: attempts made."},
                 "mailhookdeadreason": {"type": "string", "description": "Dead-letter sink deliveries: why the event was given up."},
-                "mailhookdeadsubscription": {"type": "string", "description": "Dead-letter sink deliveries: namespace/name of the subscription it died in."}
+                "mailhookorigin": {"type": "string", "description": "Dead-letter sink deliveries: namespace/name of the subscription it died in."}
             }
         }),
     );

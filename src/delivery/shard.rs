@@ -80,6 +80,8 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             // maxWait; each free slot then carries up to maxEvents.
             let per_request = config.batch.map_or(1, |b| b.max_events.max(1));
             let mut free = sub.slots.available_permits();
+            // Set while a batch waits to fill: the shard sleeps until it is due.
+            let mut filling = false;
             while free > 0 {
                 if let Some(batch) = config.batch {
                     let due = deliveries.store.next_due(&config.uid);
@@ -90,6 +92,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     if !filled && !waited {
                         if let Some(d) = due {
                             wake_at = wake_at.min(d + batch.max_wait);
+                            filling = true;
                         }
                         break;
                     }
@@ -112,11 +115,15 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 };
                 for request in requests {
                     let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
-                        // Cannot happen (the slots were counted); never lose what was taken.
+                        // Only this loop takes slots, so they cannot run out: should it happen,
+                        // what was taken goes back rather than stay in flight.
+                        free = 0;
                         for d in request {
-                            let _ = deliveries.store.retry(d);
+                            if let Err(err) = deliveries.store.retry(d) {
+                                warn!(%err, subscription = config.name, "cannot put a delivery back; it is due again after a restart");
+                            }
                         }
-                        break;
+                        continue;
                     };
                     free = free.saturating_sub(1);
                     deliveries.lifecycle.spawn_short(
@@ -129,7 +136,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     break;
                 }
             }
-            if let Some(due) = deliveries.store.next_due(&config.uid) {
+            if let Some(due) = deliveries.store.next_due(&config.uid).filter(|_| !filling) {
                 // A due delivery that is held back (ordering, no free slot) is retried
                 // when a delivery finishes, or after a short pause.
                 wake_at = wake_at.min(due.max(now + Duration::from_millis(100)));

@@ -162,6 +162,27 @@ pub fn request(cfg: &WireConfig, payload: &PayloadConfig, items: &[Item<'_>]) ->
     }
 }
 
+/// About how many bytes `item` adds to a batch request (`delivery.batch.maxBytes`): its
+/// body or structured event, grown by base64 when encrypted.
+pub fn item_size(cfg: &WireConfig, payload: &PayloadConfig, item: &Item<'_>) -> usize {
+    let plain = match cfg.format {
+        Format::StandardWebhooks => payload::render(item.event, item.matched_filters, payload).len(),
+        Format::CloudEvents { .. } => {
+            let data = payload::render_data(item.event, item.matched_filters, payload);
+            let attrs = attributes(cfg, payload, item, cfg.encryption.is_some());
+            let names: usize = attrs.iter().map(|(n, v)| n.len() + v.len() + 6).sum();
+            data.len() + names + 64
+        }
+    };
+    // A JWE is base64url (4/3) plus its header, key and tag.
+    let sealed = if cfg.encryption.is_some() {
+        plain * 4 / 3 + 320
+    } else {
+        plain
+    };
+    sealed + 1
+}
+
 /// A batch's `webhook-id`: the same for the same events in the same order.
 pub fn batch_id<'a>(ids: impl Iterator<Item = &'a str>) -> String {
     let mut hasher = Sha256::new();
@@ -209,17 +230,19 @@ fn attributes(cfg: &WireConfig, payload: &PayloadConfig, item: &Item<'_>, sealed
             format!("{SCHEMA_BASE}/{}/{kind}.json", mode_name(payload)),
         ),
     ];
-    if !sealed {
-        if let Some(subject) = payload::shown_mailbox(event, payload) {
-            attrs.push(("subject", subject));
-        }
-        if !item.matched_filters.is_empty() {
-            attrs.push(("mailhookfilters", item.matched_filters.join(",")));
-        }
-        if !event.flags.is_empty() {
-            let names: Vec<&str> = event.flags.iter().map(|f| f.name.as_str()).collect();
-            attrs.push(("mailhookflags", names.join(",")));
-        }
+    // What the data hides (encrypted, or redacted), the attributes do not show either.
+    let shown = |field: &str| !sealed && !payload.redact.iter().any(|r| r == field);
+    if shown("mailbox")
+        && let Some(subject) = payload::shown_mailbox(event, payload)
+    {
+        attrs.push(("subject", subject));
+    }
+    if shown("matchedFilters") && !item.matched_filters.is_empty() {
+        attrs.push(("mailhookfilters", item.matched_filters.join(",")));
+    }
+    if shown("flags") && !event.flags.is_empty() {
+        let names: Vec<&str> = event.flags.iter().map(|f| f.name.as_str()).collect();
+        attrs.push(("mailhookflags", names.join(",")));
     }
     if let Some(note) = &event.dead_letter {
         use base64::Engine;
@@ -235,7 +258,7 @@ fn attributes(cfg: &WireConfig, payload: &PayloadConfig, item: &Item<'_>, sealed
         ));
         attrs.push(("mailhookattempts", note.attempts.to_string()));
         attrs.push(("mailhookdeadreason", note.reason.clone()));
-        attrs.push(("mailhookdeadsubscription", note.subscription.clone()));
+        attrs.push(("mailhookorigin", note.subscription.clone()));
     }
     attrs
 }
@@ -552,6 +575,22 @@ mod tests {
         assert_eq!(body["deadLetter"]["lastStatus"], 500);
         assert_eq!(body["deadLetter"]["webhookId"], "msg_first");
         assert_eq!(body["data"]["eventId"], "evt_1");
+    }
+
+    #[test]
+    fn what_the_data_redacts_the_attributes_do_not_show() {
+        let (e, filters) = (event(), vec!["legal".to_string()]);
+        let mut p = payload(PayloadMode::Full);
+        p.redact = vec!["mailbox".into(), "matchedFilters".into()];
+        let r = request(
+            &wire(Format::CloudEvents { structured: false }, false),
+            &p,
+            &items(&e, &filters),
+        )
+        .expect("request");
+        assert_eq!(header(&r, "ce-subject"), None);
+        assert_eq!(header(&r, "ce-mailhookfilters"), None);
+        assert_eq!(header(&r, "ce-type"), Some("io.mailhook.message.received"));
     }
 
     #[test]

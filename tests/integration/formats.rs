@@ -388,7 +388,7 @@ async fn dead_letters_go_to_the_sink_with_why_they_died_and_replay_still_works()
     assert_eq!(attrs["knativeerrorcode"], "500");
     assert_eq!(attrs["knativeerrordest"], failing.url("/by-ref"));
     assert_eq!(attrs["mailhookattempts"], "2");
-    assert_eq!(attrs["mailhookdeadsubscription"], format!("{}/by-ref", ns.name));
+    assert_eq!(attrs["mailhookorigin"], format!("{}/by-ref", ns.name));
     assert!(attrs["mailhookdeadreason"].contains("retries exhausted"), "{attrs:?}");
     assert_eq!(by_ref.events[0].data["subject"], "Übernahme – streng vertraulich #0");
 

@@ -19,7 +19,8 @@ pub struct References {
     pub secrets: BTreeMap<String, Secret>,
     /// The MailboxFilters of the namespace that the spec names or its selector selects.
     pub filters: Vec<FilterRef>,
-    /// Why the egress guard refuses the endpoint's host, if it does.
+    /// Why the egress guard refuses the endpoint's host (or the dead-letter sink's), if it
+    /// does, naming the field.
     pub egress_refused: Option<String>,
 }
 
@@ -124,7 +125,20 @@ pub async fn dereference(ctx: &Context, whs: &WebhookSubscription, ns: &str) -> 
         }
     }
 
-    if let Ok(url) = url::Url::parse(&whs.spec.endpoint.url) {
+    let sink = whs
+        .spec
+        .delivery
+        .dead_letter_sink
+        .as_ref()
+        .and_then(|s| s.uri.as_deref());
+    let urls = [
+        ("spec.endpoint.url", Some(whs.spec.endpoint.url.as_str())),
+        ("spec.delivery.deadLetterSink.uri", sink),
+    ];
+    for (field, url) in urls {
+        let Some(Ok(url)) = url.map(url::Url::parse) else {
+            continue;
+        };
         let checked = tokio::time::timeout(
             RESOLVE_TIMEOUT,
             crate::delivery::egress::check_host(&ctx.build.egress, &url),
@@ -132,7 +146,8 @@ pub async fn dereference(ctx: &Context, whs: &WebhookSubscription, ns: &str) -> 
         .await;
         // A timeout is not a refusal: the data path's resolver checks again at connect.
         if let Ok(Err(refused)) = checked {
-            refs.egress_refused = Some(refused.to_string());
+            refs.egress_refused = Some(format!("{field}: {refused}"));
+            break;
         }
     }
     Ok(refs)

@@ -315,7 +315,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     if let Some(refused) = &refs.egress_refused {
         return Err(vec![Problem {
             reason: reason::EGRESS_REFUSED,
-            message: format!("spec.endpoint.url: {refused}. Deliveries are not attempted."),
+            message: format!("{refused}. Deliveries are not attempted."),
         }]);
     }
     Ok(ValidSubscription {
