@@ -115,10 +115,12 @@ async fn rig(subscriptions: usize) -> Rig {
         &lifecycle,
         mailhook::handles::Leadership::sole(),
     );
-    let clients = client::Clients::new(Arc::new(mailhook::delivery::egress::EgressPolicy {
+    // The receiver is on loopback, which the egress guard refuses unless allowed.
+    let egress = Arc::new(mailhook::delivery::egress::EgressPolicy {
         allow: vec!["127.0.0.0/8".parse().expect("net")],
         ..Default::default()
-    }));
+    });
+    let clients = client::Clients::new(egress.clone());
     let (shared, headers) = clients
         .get(&client::ClientSettings {
             headers: &[],
@@ -147,7 +149,7 @@ async fn rig(subscriptions: usize) -> Rig {
             url: format!("http://{receiver_addr}/hook"),
             client: shared.clone(),
             headers: headers.clone(),
-            egress: Arc::new(mailhook::delivery::egress::EgressPolicy::default()),
+            egress: egress.clone(),
             timeout: Duration::from_secs(10),
             signing_keys: vec![match std::env::var("BENCH_SIGNING").as_deref() {
                 // `v1a` signatures instead of HMAC: what an ed25519 key costs per delivery.

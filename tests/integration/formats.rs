@@ -13,6 +13,24 @@ use crate::support::{
     wait_ready, whs,
 };
 
+/// The published OpenAPI document is valid OpenAPI 3.1 to an off-the-shelf validator, so
+/// receivers' code generators can read it.
+#[test]
+fn the_openapi_document_is_valid_openapi_3_1() {
+    let script = "import json, sys\nfrom openapi_spec_validator import validate\n\
+                  validate(json.load(open(sys.argv[1])))\nprint('valid')\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &crate::support::repo_path("schemas/v1/openapi.json")])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A message for `mailbox`, with a non-ASCII subject, addresses and attachment name.
 fn mail(i: usize, mailbox: &str) -> Value {
     json!({
