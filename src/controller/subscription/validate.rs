@@ -275,6 +275,16 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
                 return None;
             }
         };
+        if max_event_age.is_some_and(|age| max_wait >= age) {
+            problem(
+                reason::INVALID_SPEC,
+                format!(
+                    "spec.delivery.batch.maxWait ({}) is not shorter than spec.delivery.maxEventAge ({}): events would expire waiting for their batch; shorten maxWait",
+                    b.max_wait, spec.delivery.max_event_age
+                ),
+            );
+            return None;
+        }
         Some(BatchSettings {
             max_events: b.max_events.clamp(1, 1000) as usize,
             max_bytes: b.max_bytes.max(1024) as usize,
@@ -430,6 +440,50 @@ mod tests {
         assert_eq!(v.retry_schedule.len(), 8);
         assert_eq!(v.timeout, Duration::from_secs(10));
         assert!(!format!("{v:?}").contains("MfKQ"), "Debug must not leak key material");
+    }
+
+    #[test]
+    fn receiver_settings_are_checked_naming_the_field_and_the_fix() {
+        let mut s = spec();
+        s.payload.redact = vec!["eventId".into()];
+        s.payload.encryption = Some(crate::api::Encryption {
+            public_key_secret_ref: SecretRef { name: "keys".into() },
+        });
+        s.delivery.batch = Some(crate::api::Batch {
+            max_events: 10,
+            max_bytes: 4096,
+            max_wait: "100h".into(),
+        });
+        let problems = validate(&s, &refs_with_signing(KEY)).unwrap_err();
+        let text: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            text.iter()
+                .any(|m| m.contains("spec.payload.redact cannot remove \"eventId\"")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|m| m.contains("spec.payload.encryption.publicKeySecretRef") && m.contains("does not exist")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|m| m.contains("spec.delivery.batch.maxWait")),
+            "{text:?}"
+        );
+
+        // A private key in the Secret is refused.
+        let mut refs = refs_with_signing(KEY);
+        refs.secrets.insert(
+            "keys".into(),
+            secret(&[("2026.jwk", r#"{"kty":"EC","crv":"P-256","x":"a","y":"b","d":"c"}"#)]),
+        );
+        let mut s = spec();
+        s.payload.encryption = Some(crate::api::Encryption {
+            public_key_secret_ref: SecretRef { name: "keys".into() },
+        });
+        let problems = validate(&s, &refs).unwrap_err();
+        assert_eq!(problems[0].reason, reason::INVALID_SECRET);
+        assert!(problems[0].message.contains("private key"), "{}", problems[0].message);
     }
 
     #[test]
