@@ -48,6 +48,10 @@ pub struct CompiledCriteria {
     pub headers: Vec<CompiledHeader>,
     pub folders: Vec<WildMatch>,
     pub admin_session: Option<bool>,
+    /// When every `mailboxes` pattern ends in a literal ASCII domain (`*@example.com`,
+    /// `alice@example.com`): those domains. A matching mailbox has one of them after its
+    /// last `@`, which lets the router skip this filter for mailboxes of other domains.
+    pub mailbox_domains: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +98,7 @@ impl CompiledCriteria {
         }
         Ok(CompiledCriteria {
             event_types: c.event_types.clone(),
+            mailbox_domains: literal_domains(&c.mailboxes),
             mailboxes: globs(&c.mailboxes, &format!("{at}.mailboxes"))?,
             senders: globs(&c.senders, &format!("{at}.senders"))?,
             recipients: globs(&c.recipients, &format!("{at}.recipients"))?,
@@ -252,6 +257,28 @@ impl CompiledHeader {
 
 fn err(field: String, problem: String) -> FilterError {
     FilterError { field, problem }
+}
+
+/// The domains of address patterns that all end in `@<literal ASCII domain>`; None when
+/// one does not (or there are none). Lower-cased as the globs are.
+fn literal_domains(patterns: &[String]) -> Option<Vec<String>> {
+    if patterns.is_empty() {
+        return None;
+    }
+    let mut domains: Vec<String> = patterns
+        .iter()
+        .map(|p| {
+            let (_, domain) = p.rsplit_once('@')?;
+            let literal = !domain.is_empty()
+                && domain
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            literal.then(|| domain.to_ascii_lowercase())
+        })
+        .collect::<Option<_>>()?;
+    domains.sort();
+    domains.dedup();
+    Some(domains)
 }
 
 fn globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, FilterError> {

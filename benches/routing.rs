@@ -1,0 +1,99 @@
+//! Routing cost per event among many MailboxFilters: 100 namespaces × 100 filters (10,000),
+//! 10 subscriptions per namespace each using 10 filters, every filter naming the domain of
+//! its tenant's mailboxes (`*@t<ns>-<f>.example`) — and the same with filters that name no
+//! domain (subject keywords only), which the domain index cannot skip.
+//!
+//!   cargo bench --bench routing
+//!
+//! Prints ns per event (median of 7 rounds of 20,000 events); no assertion (the machine is
+//! shared and noisy: tests/budget.rs holds the deterministic budget).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use mailhook::api::{EventType, MailboxFilterSpec};
+use mailhook::event::MailboxEvent;
+use mailhook::route::{CompiledFilter, FilterEntry, RoutingTable, SubscriptionRoute};
+
+fn table(by_domain: bool) -> RoutingTable {
+    let mut filters = Vec::new();
+    let mut routes = Vec::new();
+    for ns in 0..100 {
+        let namespace = format!("tenant-{ns}");
+        for f in 0..100 {
+            let spec = if by_domain {
+                serde_json::json!({"mailboxes": [format!("*@t{ns}-{f}.example")], "subject": {"keywords": [format!("project-{f}")]}})
+            } else {
+                serde_json::json!({"subject": {"keywords": [format!("project-{ns}-{f}")]}})
+            };
+            let spec: MailboxFilterSpec = serde_json::from_value(spec).expect("filter");
+            filters.push(FilterEntry {
+                namespace: namespace.clone(),
+                name: format!("f{f}"),
+                compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
+            });
+        }
+        for s in 0..10 {
+            routes.push(SubscriptionRoute {
+                uid: format!("uid-{ns}-{s}"),
+                namespace: namespace.clone(),
+                event_types: vec![EventType::MessageReceived],
+                filters: (0..10).map(|k| format!("f{}", s * 10 + k)).collect(),
+            });
+        }
+    }
+    RoutingTable::build(routes, filters)
+}
+
+fn event(i: usize) -> MailboxEvent {
+    serde_json::from_value(serde_json::json!({
+        "id": format!("evt_{i}"), "type": "message.received",
+        "occurredAt": "2026-12-05T08:00:00Z", "receivedAt": "2026-12-05T08:00:00Z", "source": "http",
+        "mailbox": format!("user{}@t{}-{}.example", i % 50, i % 100, (i / 100) % 100),
+        "from": "sender@partner.example", "to": ["someone@finance.example"],
+        "subject": format!("Re: project-{} status", i % 100),
+    }))
+    .expect("event")
+}
+
+fn measure(what: &str, table: &RoutingTable, events: &[MailboxEvent]) {
+    let mut rounds = Vec::new();
+    let mut targets = 0;
+    for _ in 0..7 {
+        let started = Instant::now();
+        for e in events {
+            targets += std::hint::black_box(table.route(e)).targets.len();
+        }
+        rounds.push(started.elapsed().as_nanos() as f64 / events.len() as f64);
+    }
+    rounds.sort_by(f64::total_cmp);
+    println!(
+        "{what}: {:.0} ns per event (median of 7 rounds; min {:.0}, max {:.0}); {:.2} targets per event",
+        rounds[3],
+        rounds[0],
+        rounds[6],
+        targets as f64 / (7 * events.len()) as f64
+    );
+}
+
+fn main() {
+    let events: Vec<MailboxEvent> = (0..20_000).map(event).collect();
+    let started = Instant::now();
+    let indexed = table(true);
+    println!(
+        "built the table of 10,000 domain filters in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    measure("10,000 filters naming their tenant's domain", &indexed, &events);
+    let started = Instant::now();
+    let unindexed = table(false);
+    println!(
+        "built the table of 10,000 subject filters in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    measure(
+        "10,000 filters naming no domain (subject keywords)",
+        &unindexed,
+        &events,
+    );
+}
