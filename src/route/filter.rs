@@ -144,10 +144,37 @@ impl CompiledCriteria {
     }
 }
 
+/// What several filters ask of one event, computed once for all of them (the router
+/// evaluates many filters per event).
+pub struct Prepared<'a> {
+    pub event: &'a MailboxEvent,
+    lower_subject: std::cell::OnceCell<Option<String>>,
+}
+
+impl<'a> Prepared<'a> {
+    pub fn new(event: &'a MailboxEvent) -> Prepared<'a> {
+        Prepared {
+            event,
+            lower_subject: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn lower_subject(&self) -> Option<&str> {
+        self.lower_subject
+            .get_or_init(|| self.event.subject.as_deref().map(str::to_lowercase))
+            .as_deref()
+    }
+}
+
 impl CompiledFilter {
     /// Whether `event` is selected: it matches the criteria and not the exclusions.
     pub fn matches(&self, event: &MailboxEvent) -> bool {
-        self.include.matches(event) && !self.exclude.as_ref().is_some_and(|x| !x.is_empty() && x.matches(event))
+        self.matches_prepared(&Prepared::new(event))
+    }
+
+    /// `matches`, sharing per-event work with other filters evaluated for the same event.
+    pub fn matches_prepared(&self, p: &Prepared<'_>) -> bool {
+        self.include.matches(p) && !self.exclude.as_ref().is_some_and(|x| !x.is_empty() && x.matches(p))
     }
 }
 
@@ -173,7 +200,8 @@ impl CompiledCriteria {
     }
 
     /// Every criterion given holds (AND); within a list any entry may match (OR).
-    pub fn matches(&self, e: &MailboxEvent) -> bool {
+    pub fn matches(&self, p: &Prepared<'_>) -> bool {
+        let e = p.event;
         let any_glob = |globs: &[WildMatch], value: &str| globs.iter().any(|g| g.matches(value));
         (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
             && (self.mailboxes.is_empty() || any_glob(&self.mailboxes, &e.mailbox))
@@ -181,7 +209,7 @@ impl CompiledCriteria {
             && (self.recipients.is_empty() || e.recipients().any(|r| any_glob(&self.recipients, r)))
             && (self.domains.is_empty() || self.domain_matches(e))
             && (self.directions.is_empty() || e.direction.is_some_and(|d| self.directions.contains(&d)))
-            && self.subject_matches(e)
+            && self.subject_matches(p)
             && self.attachments_match(e)
             && self.min_size.is_none_or(|min| e.size.is_some_and(|s| s >= min))
             && self.max_size.is_none_or(|max| e.size.is_some_and(|s| s <= max))
@@ -209,11 +237,11 @@ impl CompiledCriteria {
         e.from.as_deref().and_then(domain_of).is_some_and(covered) || e.recipients().filter_map(domain_of).any(covered)
     }
 
-    fn subject_matches(&self, e: &MailboxEvent) -> bool {
+    fn subject_matches(&self, p: &Prepared<'_>) -> bool {
         if self.subject_keywords.is_empty() && self.subject_regex.is_none() {
             return true;
         }
-        let Some(subject) = e.subject.as_deref() else {
+        let Some(subject) = p.event.subject.as_deref() else {
             return false;
         };
         if let Some(re) = &self.subject_regex
@@ -224,7 +252,7 @@ impl CompiledCriteria {
         if self.subject_keywords.is_empty() {
             return false;
         }
-        let lower = subject.to_lowercase();
+        let lower = p.lower_subject().unwrap_or_default();
         self.subject_keywords.iter().any(|k| lower.contains(k.as_str()))
     }
 

@@ -68,14 +68,65 @@ pub struct RoutingTable {
     flagging: Vec<usize>,
     /// Per filter: (route, position in its filter list) of every route that uses it.
     users: Vec<Vec<(usize, usize)>>,
-    /// Filters used by a route whose `mailboxes` name literal domains, by domain.
-    by_domain: HashMap<String, Vec<usize>>,
-    /// Filters used by a route that any mailbox may match.
-    unindexed: Vec<usize>,
-    /// Every filter used by a route (for mailboxes the index cannot judge).
-    used: Vec<usize>,
+    /// The filters routes use, by the domains of their mailboxes.
+    used: DomainIndex,
+    /// The filters that flag, likewise.
+    flags: DomainIndex,
     /// Per event type, the routes that take every event of it (no filters).
     unfiltered_by_type: [Vec<usize>; EventType::ALL.len()],
+}
+
+/// Filters by the literal domains their `mailboxes` patterns name: only those of an event's
+/// mailbox domain, and those that name none, can match it.
+#[derive(Default)]
+struct DomainIndex {
+    by_domain: HashMap<String, Vec<usize>>,
+    /// Filters any mailbox may match.
+    unindexed: Vec<usize>,
+    /// Every filter, for a mailbox whose domain the index cannot judge.
+    all: Vec<usize>,
+}
+
+impl DomainIndex {
+    fn build(filters: &[FilterEntry], which: impl Iterator<Item = usize>) -> DomainIndex {
+        let mut index = DomainIndex::default();
+        for f in which {
+            index.all.push(f);
+            match &filters[f].compiled.include.mailbox_domains {
+                Some(domains) => {
+                    for d in domains {
+                        index.by_domain.entry(d.clone()).or_default().push(f);
+                    }
+                }
+                None => index.unindexed.push(f),
+            }
+        }
+        index
+    }
+
+    /// The filters that can match a mailbox of `domain` (None: one the index cannot judge).
+    fn candidates<'a>(&'a self, domain: Option<&str>) -> impl Iterator<Item = usize> + 'a {
+        let (first, second): (&[usize], &[usize]) = match domain {
+            Some(d) => (&self.unindexed, self.by_domain.get(d).map_or(&[][..], Vec::as_slice)),
+            None => (&self.all, &[]),
+        };
+        first.iter().chain(second).copied()
+    }
+}
+
+/// The ASCII domain of a mailbox, lower-cased, as the index keys it; None when it has no
+/// `@` or a non-ASCII domain (case-insensitive globs can match those in ways an exact
+/// lookup cannot, e.g. the Kelvin sign and `k`).
+fn index_domain(mailbox: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let (_, domain) = mailbox.rsplit_once('@')?;
+    if !domain.is_ascii() {
+        return None;
+    }
+    Some(if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(domain.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(domain)
+    })
 }
 
 /// Which filters were evaluated for one event and how: a short list for the few an
@@ -140,6 +191,7 @@ impl RoutingTable {
             .iter()
             .enumerate()
             .map(|(i, f)| ((f.namespace.as_str(), f.name.as_str()), i))
+            .rev() // the first of two entries with one name wins, as a search would find it
             .collect();
         let mut routes = Vec::with_capacity(subscriptions.len());
         for s in subscriptions {
@@ -192,20 +244,9 @@ impl RoutingTable {
                 }
             }
         }
-        for (f, users) in table.users.iter().enumerate() {
-            if users.is_empty() {
-                continue;
-            }
-            table.used.push(f);
-            match &table.filters[f].compiled.include.mailbox_domains {
-                Some(domains) => {
-                    for d in domains {
-                        table.by_domain.entry(d.clone()).or_default().push(f);
-                    }
-                }
-                None => table.unindexed.push(f),
-            }
-        }
+        let used = (0..table.filters.len()).filter(|f| !table.users[*f].is_empty());
+        table.used = DomainIndex::build(&table.filters, used);
+        table.flags = DomainIndex::build(&table.filters, table.flagging.iter().copied());
         table
     }
 
@@ -213,11 +254,12 @@ impl RoutingTable {
         let mut routed = Routed::default();
         let mut memo = Memo::Few(Vec::new());
         let count = self.filters.len();
+        let prepared = super::filter::Prepared::new(event);
         let mut eval = |i: usize, routed: &mut Routed| -> bool {
             if let Some(hit) = memo.get(i) {
                 return hit;
             }
-            let hit = self.filters[i].compiled.matches(event);
+            let hit = self.filters[i].compiled.matches_prepared(&prepared);
             memo.set(i, hit, count);
             if hit {
                 routed
@@ -229,6 +271,7 @@ impl RoutingTable {
 
         let flagging_event = event.event_type == EventType::ComplianceFlagged;
         let of_type = &self.by_type[type_index(event.event_type)];
+        let domain = index_domain(&event.mailbox);
         if flagging_event {
             for &r in of_type {
                 let route = &self.routes[r];
@@ -255,21 +298,9 @@ impl RoutingTable {
                 let types = &self.routes[r].event_types;
                 types.is_empty() || types.contains(&event.event_type)
             };
-            // The filters that can match this mailbox: those of its domain and those any
-            // mailbox may match; every used filter when the index cannot judge the domain.
-            let domain = event
-                .mailbox
-                .rsplit_once('@')
-                .map(|(_, d)| d)
-                .filter(|d| d.is_ascii())
-                .map(str::to_ascii_lowercase);
-            let candidates: Box<dyn Iterator<Item = &usize>> = match &domain {
-                Some(d) => Box::new(self.unindexed.iter().chain(self.by_domain.get(d).into_iter().flatten())),
-                None => Box::new(self.used.iter()),
-            };
             // (route, position of the filter in its list) of every filter that matched.
             let mut hits: Vec<(usize, usize)> = Vec::new();
-            for &f in candidates {
+            for f in self.used.candidates(domain.as_deref()) {
                 let users = &self.users[f];
                 if !users.iter().any(|(r, _)| accepts(*r)) || !eval(f, &mut routed) {
                     continue;
@@ -318,7 +349,10 @@ impl RoutingTable {
 
         if !flagging_event && event.source != Source::Router && self.has_flag_subscribers() {
             let mut by_namespace: Vec<(String, Vec<Flag>)> = Vec::new();
-            for &f in &self.flagging {
+            // In filter order, as the flags were always listed.
+            let mut flagging: Vec<usize> = self.flags.candidates(domain.as_deref()).collect();
+            flagging.sort_unstable();
+            for f in flagging {
                 if !eval(f, &mut routed) {
                     continue;
                 }
@@ -399,37 +433,97 @@ mod tests {
         serde_json::from_value(base).expect("event")
     }
 
-    /// Every filter of every route of the event's type: routing as it was before the
-    /// domain index. The index must give the same targets and matches.
-    fn reference(table: &RoutingTable, event: &MailboxEvent) -> (Vec<Target>, Vec<(String, String)>) {
+    /// Targets, matched filters, and the flags of each derived event by namespace.
+    type Expected = (Vec<Target>, Vec<(String, String)>, Vec<(String, Vec<Flag>)>);
+
+    /// Routing as it was before the domain index, from the raw lists the table is built
+    /// from: every filter of every subscription taking the event's type, in list order
+    /// (a type or filter name listed twice counts once; the first filter of a name wins).
+    fn reference(routes: &[SubscriptionRoute], filters: &[FilterEntry], event: &MailboxEvent) -> Expected {
+        let find = |ns: &str, name: &str| filters.iter().find(|f| f.namespace == ns && f.name == name);
         let (mut targets, mut matched) = (Vec::new(), Vec::new());
-        for &r in &table.by_type[type_index(event.event_type)] {
-            let route = &table.routes[r];
-            if route.filters.is_empty() {
+        let flagging_event = event.event_type == EventType::ComplianceFlagged;
+        let mut flag_subscribers = false;
+        for route in routes {
+            let mut names: Vec<&String> = Vec::new();
+            for n in &route.filters {
+                if find(&route.namespace, n).is_some() && !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+            if !route.filters.is_empty() && names.is_empty() {
+                continue;
+            }
+            let takes = |t: EventType| route.event_types.is_empty() || route.event_types.contains(&t);
+            flag_subscribers |= takes(EventType::ComplianceFlagged);
+            if !takes(event.event_type) {
+                continue;
+            }
+            if flagging_event {
+                if event.flag_namespace.as_deref() != Some(route.namespace.as_str()) {
+                    continue;
+                }
+                let flagged: Vec<String> = names
+                    .iter()
+                    .filter(|n| event.flags.iter().any(|f| &f.filter == **n))
+                    .map(|n| (*n).clone())
+                    .collect();
+                if names.is_empty() || !flagged.is_empty() {
+                    targets.push(Target {
+                        subscription: route.uid.clone(),
+                        matched_filters: flagged,
+                    });
+                }
+                continue;
+            }
+            if names.is_empty() {
                 targets.push(Target {
                     subscription: route.uid.clone(),
                     matched_filters: vec![],
                 });
                 continue;
             }
-            let mut names = Vec::new();
-            for &f in &route.filters {
-                let entry = &table.filters[f];
-                if entry.compiled.matches(event) {
-                    names.push(entry.name.clone());
-                    matched.push((entry.namespace.clone(), entry.name.clone()));
+            let mut hit = Vec::new();
+            for n in names {
+                if let Some(f) = find(&route.namespace, n)
+                    && f.compiled.matches(event)
+                {
+                    hit.push(n.clone());
+                    matched.push((f.namespace.clone(), f.name.clone()));
                 }
             }
-            if !names.is_empty() {
+            if !hit.is_empty() {
                 targets.push(Target {
                     subscription: route.uid.clone(),
-                    matched_filters: names,
+                    matched_filters: hit,
                 });
+            }
+        }
+        let mut flagged: Vec<(String, Vec<Flag>)> = Vec::new();
+        let flag_filters = filters.iter().any(|f| f.compiled.flag.is_some());
+        if !flagging_event && event.source != Source::Router && flag_filters && flag_subscribers {
+            for f in filters {
+                let Some((name, severity)) = f.compiled.flag.clone() else {
+                    continue;
+                };
+                if !f.compiled.matches(event) {
+                    continue;
+                }
+                matched.push((f.namespace.clone(), f.name.clone()));
+                let flag = Flag {
+                    name,
+                    severity,
+                    filter: f.name.clone(),
+                };
+                match flagged.iter_mut().find(|(ns, _)| ns == &f.namespace) {
+                    Some((_, flags)) => flags.push(flag),
+                    None => flagged.push((f.namespace.clone(), vec![flag])),
+                }
             }
         }
         matched.sort();
         matched.dedup();
-        (targets, matched)
+        (targets, matched, flagged)
     }
 
     /// A type or filter listed twice in a subscription is one: the event is delivered
@@ -490,11 +584,18 @@ mod tests {
                 serde_json::json!({"mailboxes": [format!("u{j}@d{k}.example"), format!("*@D{j}.Example")]}),
                 serde_json::json!({"mailboxes": ["*@*.example"]}),
                 serde_json::json!({"mailboxes": ["*@bücher.example"]}),
+                serde_json::json!({"mailboxes": ["*@kd1.example"]}),
+                serde_json::json!({"mailboxes": [format!("*@*@d{k}.example"), format!("u{j}@")]}),
+                serde_json::json!({"mailboxes": ["*", format!("*@d{k}.example.")]}),
                 serde_json::json!({"mailboxes": [format!("u{j}@d{k}.exam?le")]}),
                 serde_json::json!({"mailboxes": [format!("*@d{k}.example")], "subject": {"keywords": ["invoice"]}}),
+                serde_json::json!({"mailboxes": [format!("*@d{k}.example")], "exclude": {"mailboxes": [format!("u{j}@*")]}}),
+                serde_json::json!({"exclude": {"mailboxes": [format!("*@d{k}.example")]}}),
                 serde_json::json!({"subject": {"keywords": ["invoice"]}}),
                 serde_json::json!({"senders": ["*@partner.example"]}),
                 serde_json::json!({"eventTypes": ["message.sent"], "mailboxes": [format!("*@d{k}.example")]}),
+                serde_json::json!({"mailboxes": [format!("*@d{k}.example")], "flag": {"name": format!("hold-{j}"), "severity": "high"}}),
+                serde_json::json!({"subject": {"keywords": ["invoice"]}, "flag": {"name": "invoice", "severity": "low"}}),
                 serde_json::json!({}),
             ]
         };
@@ -502,17 +603,20 @@ mod tests {
             EventType::MessageReceived,
             EventType::MessageSent,
             EventType::MessageDeleted,
+            EventType::ComplianceFlagged,
         ];
-        for round in 0..200 {
+        for round in 0..300 {
+            // Some tables have more than Memo::FEW filters, so both memo forms are used.
+            let per_namespace = if round % 5 == 0 { 40 } else { 12 };
             let mut filters = Vec::new();
             for ns in 0..3 {
-                for f in 0..(1 + next(12)) {
+                for f in 0..(1 + next(per_namespace)) {
                     let options = specs(next(4), next(4));
                     let spec: MailboxFilterSpec =
                         serde_json::from_value(options[next(options.len())].clone()).expect("spec");
                     filters.push(FilterEntry {
                         namespace: format!("ns{ns}"),
-                        name: format!("f{f}"),
+                        name: format!("f{}", if next(10) == 0 { 0 } else { f }),
                         compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
                     });
                 }
@@ -522,10 +626,10 @@ mod tests {
                     uid: format!("uid-{i}"),
                     namespace: format!("ns{}", next(3)),
                     event_types: (0..next(3)).map(|_| types[next(types.len())]).collect(),
-                    filters: (0..next(4)).map(|_| format!("f{}", next(14))).collect(),
+                    filters: (0..next(5)).map(|_| format!("f{}", next(per_namespace + 2))).collect(),
                 })
                 .collect();
-            let table = RoutingTable::build(routes, filters);
+            let table = RoutingTable::build(routes.clone(), filters.clone());
             for _ in 0..25 {
                 let (k, j) = (next(4), next(4));
                 let mailbox = [
@@ -535,16 +639,33 @@ mod tests {
                     format!("a@b@d{k}.example"),
                     "postmaster".to_string(),
                     format!("u{j}@d{k}.example."),
-                ][next(6)]
+                    "x@\u{212A}d1.example".to_string(),
+                    format!("jürgen@d{k}.example"),
+                ][next(8)]
                 .clone();
                 let subject = ["Invoice 7", "hello"][next(2)];
                 let from = ["bob@partner.example", "eve@other.example"][next(2)];
                 let mut e = event(serde_json::json!({"mailbox": mailbox, "subject": subject, "from": from}));
                 e.event_type = types[next(types.len())];
+                if e.event_type == EventType::ComplianceFlagged {
+                    e.source = Source::Router;
+                    e.flag_namespace = Some(format!("ns{}", next(3)));
+                    e.flags = vec![Flag {
+                        name: "hold".into(),
+                        severity: Severity::High,
+                        filter: format!("f{}", next(per_namespace)),
+                    }];
+                }
                 let routed = table.route(&e);
-                let (targets, matched) = reference(&table, &e);
+                let (targets, matched, flagged) = reference(&routes, &filters, &e);
                 assert_eq!(routed.targets, targets, "round {round}: {e:?}");
                 assert_eq!(routed.matched, matched, "round {round}: {e:?}");
+                let got: Vec<(String, Vec<Flag>)> = routed
+                    .flagged
+                    .iter()
+                    .map(|d| (d.flag_namespace.clone().unwrap_or_default(), d.flags.clone()))
+                    .collect();
+                assert_eq!(got, flagged, "round {round}: {e:?}");
             }
         }
     }
@@ -574,7 +695,6 @@ mod tests {
     fn targets(table: &RoutingTable, e: &MailboxEvent) -> Vec<String> {
         table.route(e).targets.into_iter().map(|t| t.subscription).collect()
     }
-
     #[test]
     fn and_across_criteria_or_within_a_list() {
         let f = filter(
