@@ -143,11 +143,13 @@ pub(super) fn webhook_id(event_id: &str, subscription: &str) -> String {
 }
 
 /// One signed POST of the events and what came of it (with its latency and end time).
+/// One signed POST of the first `items` that fit the subscription's batch size, what came
+/// of it (with its latency and end time), and how many of `items` it carried.
 async fn attempt_once(
     config: &DeliveryConfig,
     url: &reqwest::Url,
     items: &[wire::Item<'_>],
-) -> (Outcome, Duration, jiff::Timestamp) {
+) -> (Outcome, Duration, jiff::Timestamp, usize) {
     // An IP literal never reaches the guarded resolver: checked here, for the endpoint and
     // a dead-letter sink alike.
     if let Err(refused) = config.egress.check_url(url) {
@@ -156,17 +158,18 @@ async fn attempt_once(
             message: format!("not sent: {refused}"),
             retry_after: None,
         };
-        return (failed, Duration::ZERO, jiff::Timestamp::now());
+        return (failed, Duration::ZERO, jiff::Timestamp::now(), items.len());
     }
-    let request = match wire::request(&config.wire, &config.payload, items) {
-        Ok(r) => r,
+    let max_bytes = config.batch.map_or(usize::MAX, |b| b.max_bytes);
+    let (request, carried) = match wire::build(&config.wire, &config.payload, items, max_bytes) {
+        Ok(built) => built,
         Err(err) => {
             let failed = Outcome::Failed {
                 status: None,
                 message: format!("{err}: {}", root_cause(&err)),
                 retry_after: None,
             };
-            return (failed, Duration::ZERO, jiff::Timestamp::now());
+            return (failed, Duration::ZERO, jiff::Timestamp::now(), items.len());
         }
     };
     let started = Instant::now();
@@ -197,7 +200,7 @@ async fn attempt_once(
             retry_after: None,
         },
     };
-    (outcome, elapsed, now)
+    (outcome, elapsed, now, carried)
 }
 
 /// How often a store write on the delivery path is tried before it is given up.
@@ -406,34 +409,10 @@ pub(super) async fn deliver(
         return;
     };
     // One request goes to one place: a dead-letter copy for a sink URI is not sent with
-    // events for the endpoint. What does not go now (or does not fit in maxBytes) waits
-    // for the next request, its attempts unchanged.
-    let fits = || {
-        let mut size = 0;
-        let mut keep = 0;
-        for (d, e) in &ready {
-            if target(&sub, e) != url {
-                break;
-            }
-            if let Some(batch) = config.batch {
-                let item = wire::Item {
-                    event: e,
-                    matched_filters: &d.matched_filters,
-                    webhook_id: String::new(),
-                };
-                size += wire::item_size(&config.wire, &config.payload, &item);
-                if keep > 0 && size > batch.max_bytes {
-                    break;
-                }
-            }
-            keep += 1;
-        }
-        keep
-    };
-    // Sizing renders the events: a panic there (a bug) sends them one by one, where the
-    // attempt's own guard turns it into a failed attempt.
-    let keep = std::panic::catch_unwind(std::panic::AssertUnwindSafe(fits)).unwrap_or(1);
-    for (d, _) in ready.split_off(keep.max(1)) {
+    // events for the endpoint. What does not go now (nor what does not fit in maxBytes,
+    // below) waits for the next request, its attempts unchanged.
+    let same_target = ready.iter().take_while(|(_, e)| target(&sub, e) == url).count();
+    for (d, _) in ready.split_off(same_target.max(1)) {
         store_write(metrics, "retry", name, || store.retry(d.clone())).await;
     }
     if let Some(limiter) = &sub.limiter {
@@ -455,15 +434,18 @@ pub(super) async fn deliver(
         .catch_unwind()
         .await;
     drop(items);
-    let (mut outcome, elapsed, now) = tried.unwrap_or_else(|_| {
+    let (mut outcome, elapsed, now, carried) = tried.unwrap_or_else(|_| {
         crate::panics::record(&deliveries.metrics, "delivery");
         let failed = Outcome::Failed {
             status: None,
             message: crate::panics::ANSWER.into(),
             retry_after: Some(Duration::from_secs(60)),
         };
-        (failed, Duration::ZERO, jiff::Timestamp::now())
+        (failed, Duration::ZERO, jiff::Timestamp::now(), ready.len())
     });
+    for (d, _) in ready.split_off(carried.clamp(1, ready.len().max(1))) {
+        store_write(metrics, "retry", name, || store.retry(d.clone())).await;
+    }
     if url != sub.url && outcome == Outcome::Gone {
         // 410 stops the endpoint, not its dead-letter sink: retried on the schedule.
         outcome = Outcome::Failed {

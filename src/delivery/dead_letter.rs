@@ -28,6 +28,7 @@ pub fn shown_endpoint(url: &str) -> String {
         Ok(mut u) => {
             u.set_query(None);
             u.set_fragment(None);
+            // Both fail only for URLs that cannot hold credentials, which then have none.
             let _ = u.set_username("");
             let _ = u.set_password(None);
             u.to_string()

@@ -67,120 +67,135 @@ pub enum WireError {
 
 /// The request carrying `items` (one, unless batched).
 pub fn request(cfg: &WireConfig, payload: &PayloadConfig, items: &[Item<'_>]) -> Result<Request, WireError> {
-    let first = items.first().ok_or(WireError::Empty)?;
-    let id = if items.len() == 1 && !cfg.batched {
-        first.webhook_id.clone()
+    build(cfg, payload, items, usize::MAX).map(|(request, _)| request)
+}
+
+/// The request carrying the first of `items` that fit in `max_bytes` (`delivery.batch`;
+/// at least one, and only a batch carries more), and how many it carries. Each event is
+/// rendered once, whether it fits or not.
+pub fn build(
+    cfg: &WireConfig,
+    payload: &PayloadConfig,
+    items: &[Item<'_>],
+    max_bytes: usize,
+) -> Result<(Request, usize), WireError> {
+    let items = if cfg.batched {
+        items
     } else {
-        batch_id(items.iter().map(|i| i.webhook_id.as_str()))
+        items.get(..1).unwrap_or_default()
     };
-    let mut headers = Vec::new();
-    if cfg.batched {
-        headers.push(("mailhook-batch-size".to_string(), items.len().to_string()));
-    }
     let encrypt = |plain: &[u8]| match &cfg.encryption {
         Some(keys) => keys.encrypt(plain).map(Some).map_err(WireError::Encrypt),
         None => Ok(None),
     };
-    match cfg.format {
-        Format::StandardWebhooks => {
-            let bodies: Vec<Vec<u8>> = items
-                .iter()
-                .map(|i| payload::render(i.event, i.matched_filters, payload))
-                .collect();
-            let plain = if cfg.batched {
-                json_array(&bodies)
-            } else {
-                bodies.concat()
-            };
-            Ok(match encrypt(&plain)? {
-                Some(jwe) => Request {
-                    id,
-                    content_type: "application/jose",
-                    headers,
-                    body: jwe.into_bytes(),
-                },
-                None => Request {
-                    id,
-                    content_type: "application/json",
-                    headers,
-                    body: plain,
-                },
-            })
-        }
-        Format::CloudEvents { structured } => {
-            let mut events = Vec::with_capacity(items.len());
-            for item in items {
+    // Each event's share of the body: its Standard Webhooks body, or its structured event.
+    let mut pieces: Vec<Vec<u8>> = Vec::with_capacity(items.len());
+    // An unbatched CloudEvent: its attributes, data and encrypted data (binary mode needs
+    // them apart).
+    let mut single = None;
+    let mut size = 0;
+    for item in items {
+        let piece = match cfg.format {
+            Format::StandardWebhooks => payload::render(item.event, item.matched_filters, payload),
+            Format::CloudEvents { .. } => {
                 let data = payload::render_data(item.event, item.matched_filters, payload);
                 let sealed = encrypt(&data)?;
                 let attrs = attributes(cfg, payload, item, sealed.is_some());
-                events.push((attrs, data, sealed));
-            }
-            if cfg.batched {
-                let bodies: Vec<Vec<u8>> = events
-                    .iter()
-                    .map(|(a, d, s)| structured_json(a, d, s.as_deref()))
-                    .collect();
-                return Ok(Request {
-                    id,
-                    content_type: "application/cloudevents-batch+json",
-                    headers,
-                    body: json_array(&bodies),
-                });
-            }
-            let Some((attrs, data, sealed)) = events.pop() else {
-                return Err(WireError::Empty);
-            };
-            if structured {
-                return Ok(Request {
-                    id,
-                    content_type: "application/cloudevents+json; charset=utf-8",
-                    headers,
-                    body: structured_json(&attrs, &data, sealed.as_deref()),
-                });
-            }
-            for (name, value) in &attrs {
-                // The content type travels as `content-type` in binary mode.
-                if *name != "datacontenttype" {
-                    headers.push((format!("ce-{name}"), header_value(value)));
+                if !cfg.batched {
+                    single = Some((attrs, data, sealed));
+                    break;
                 }
+                structured_json(&attrs, &data, sealed.as_deref())
             }
-            Ok(match sealed {
-                Some(jwe) => Request {
-                    id,
-                    content_type: "application/jose",
-                    headers,
-                    body: jwe.into_bytes(),
-                },
-                None => Request {
-                    id,
-                    content_type: "application/json",
-                    headers,
-                    body: data,
-                },
-            })
+        };
+        // A Standard Webhooks body is encrypted whole, afterwards: count its base64 growth.
+        let grows = cfg.format == Format::StandardWebhooks && cfg.encryption.is_some();
+        let share = if grows { piece.len() * 4 / 3 } else { piece.len() } + 1;
+        if !pieces.is_empty() && size + share > max_bytes {
+            break;
         }
+        size += share;
+        pieces.push(piece);
     }
+    let kept = if single.is_some() { 1 } else { pieces.len() };
+    let sent = items.get(..kept).unwrap_or_default();
+    let first = sent.first().ok_or(WireError::Empty)?;
+    let id = if cfg.batched {
+        batch_id(sent.iter().map(|i| i.webhook_id.as_str()))
+    } else {
+        first.webhook_id.clone()
+    };
+    let mut headers = Vec::new();
+    if cfg.batched {
+        headers.push(("mailhook-batch-size".to_string(), kept.to_string()));
+    }
+    let request = match (cfg.format, single) {
+        (_, Some((attrs, data, sealed))) => {
+            let structured = cfg.format == Format::CloudEvents { structured: true };
+            one_event(id, headers, &attrs, data, sealed, structured)
+        }
+        (Format::StandardWebhooks, None) => {
+            let plain = if cfg.batched {
+                json_array(&pieces)
+            } else {
+                pieces.concat()
+            };
+            let sealed = encrypt(&plain)?;
+            sealed_or_plain(id, headers, sealed, plain)
+        }
+        (Format::CloudEvents { .. }, None) => Request {
+            id,
+            content_type: "application/cloudevents-batch+json",
+            headers,
+            body: json_array(&pieces),
+        },
+    };
+    Ok((request, kept))
 }
 
-/// About how many bytes `item` adds to a batch request (`delivery.batch.maxBytes`): its
-/// body or structured event, grown by base64 when encrypted.
-pub fn item_size(cfg: &WireConfig, payload: &PayloadConfig, item: &Item<'_>) -> usize {
-    let plain = match cfg.format {
-        Format::StandardWebhooks => payload::render(item.event, item.matched_filters, payload).len(),
-        Format::CloudEvents { .. } => {
-            let data = payload::render_data(item.event, item.matched_filters, payload);
-            let attrs = attributes(cfg, payload, item, cfg.encryption.is_some());
-            let names: usize = attrs.iter().map(|(n, v)| n.len() + v.len() + 6).sum();
-            data.len() + names + 64
+/// One CloudEvent: the whole event as JSON (structured), or its attributes as `ce-`
+/// headers and its data as the body (binary).
+fn one_event(
+    id: String,
+    mut headers: Vec<(String, String)>,
+    attrs: &[(&'static str, String)],
+    data: Vec<u8>,
+    sealed: Option<String>,
+    structured: bool,
+) -> Request {
+    if structured {
+        return Request {
+            id,
+            content_type: "application/cloudevents+json; charset=utf-8",
+            headers,
+            body: structured_json(attrs, &data, sealed.as_deref()),
+        };
+    }
+    for (name, value) in attrs {
+        // The content type travels as `content-type` in binary mode.
+        if *name != "datacontenttype" {
+            headers.push((format!("ce-{name}"), header_value(value)));
         }
-    };
-    // A JWE is base64url (4/3) plus its header, key and tag.
-    let sealed = if cfg.encryption.is_some() {
-        plain * 4 / 3 + 320
-    } else {
-        plain
-    };
-    sealed + 1
+    }
+    sealed_or_plain(id, headers, sealed, data)
+}
+
+/// A JWE body when the payload was encrypted, else the JSON itself.
+fn sealed_or_plain(id: String, headers: Vec<(String, String)>, sealed: Option<String>, plain: Vec<u8>) -> Request {
+    match sealed {
+        Some(jwe) => Request {
+            id,
+            content_type: "application/jose",
+            headers,
+            body: jwe.into_bytes(),
+        },
+        None => Request {
+            id,
+            content_type: "application/json",
+            headers,
+            body: plain,
+        },
+    }
 }
 
 /// A batch's `webhook-id`: the same for the same events in the same order.
@@ -320,7 +335,7 @@ pub fn operator_event(
     data: &[u8],
     structured: bool,
 ) -> Request {
-    let attrs = vec![
+    let attrs = [
         ("specversion", "1.0".to_string()),
         ("id", id.clone()),
         ("source", format!("/mailhook/{}/operator", cfg.instance)),
@@ -329,25 +344,7 @@ pub fn operator_event(
         ("datacontenttype", "application/json".to_string()),
         ("dataschema", format!("{SCHEMA_BASE}/{kind}.json")),
     ];
-    if structured {
-        return Request {
-            id,
-            content_type: "application/cloudevents+json; charset=utf-8",
-            headers: Vec::new(),
-            body: structured_json(&attrs, data, None),
-        };
-    }
-    let headers = attrs
-        .iter()
-        .filter(|(name, _)| *name != "datacontenttype")
-        .map(|(name, value)| (format!("ce-{name}"), header_value(value)))
-        .collect();
-    Request {
-        id,
-        content_type: "application/json",
-        headers,
-        body: data.to_vec(),
-    }
+    one_event(id, Vec::new(), &attrs, data.to_vec(), None, structured)
 }
 
 #[cfg(test)]
