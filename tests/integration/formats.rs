@@ -525,3 +525,58 @@ async fn batches_arrive_with_the_configured_sizes_and_verify() {
     .await;
     assert!(w.status.is_some());
 }
+
+/// An event that grows older than maxEventAge undelivered (here: its subscription is
+/// paused) is dead-lettered by housekeeping, and that dead letter reaches the sink too.
+#[tokio::test]
+async fn an_expired_event_goes_to_the_dead_letter_sink_with_its_reason() {
+    let ns = TestNamespace::new("expirysink").await;
+    let sink = Receiver::start(SIEM_SECRET);
+    let operator = Operator::start_with(&ns, &["--housekeeping-interval", "1s"]).await;
+    apply(
+        &ns,
+        &(signing_secret(SIEM_SECRET)
+            + &format!(
+                "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: dlq}}\nspec:\n  \
+                 endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+                 eventTypes: [compliance.flagged]\n---\n",
+                sink.url("/dlq")
+            )
+            + &yaml(
+                "paused",
+                &sink.url("/never"),
+                "",
+                "  paused: true\n  delivery: {maxEventAge: 2s, deadLetterSink: {ref: {name: dlq}}}\n",
+            )),
+    );
+    wait_ready(&ns, "dlq").await;
+    eventually(
+        "paused reconciled",
+        || whs(&ns, "paused"),
+        |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty()),
+    )
+    .await;
+    assert_eq!(operator.ingest(&[mail(0, "ana@finance.example")]).await.0, 202);
+    let got = eventually(
+        "the expired event at the sink",
+        || sink.deliveries(),
+        |d| d.iter().any(|r| r.path == "/dlq"),
+    )
+    .await;
+    assert!(got.iter().all(|r| r.path == "/dlq"), "the paused endpoint got nothing");
+    let copy = &got[0];
+    assert!(copy.verified);
+    let dead = copy.events[0].dead_letter.clone().expect("deadLetter");
+    assert!(
+        dead["reason"].as_str().is_some_and(|r| r.contains("maxEventAge")),
+        "{dead}"
+    );
+    assert_eq!(dead["attempts"], 0);
+    assert_eq!(copy.events[0].data["subject"], "Übernahme – streng vertraulich #0");
+    eventually(
+        "kept for replay as well: deadLettered=1",
+        || whs(&ns, "paused"),
+        |w| w.status.as_ref().is_some_and(|s| s.dead_lettered == 1),
+    )
+    .await;
+}
