@@ -10,53 +10,14 @@
 //! Prints ns per event (median of 7 rounds of 20,000 events); no assertion (the machine is
 //! shared and noisy: tests/budget.rs holds the deterministic budget).
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use mailhook::api::{EventType, MailboxFilterSpec};
 use mailhook::event::MailboxEvent;
-use mailhook::route::{CompiledFilter, FilterEntry, RoutingTable, SubscriptionRoute};
+use mailhook::route::RoutingTable;
 
-#[derive(Clone, Copy, PartialEq)]
-enum Domains {
-    PerFilter,
-    PerTenant,
-    None,
-}
-
-fn table(domains: Domains) -> RoutingTable {
-    let mut filters = Vec::new();
-    let mut routes = Vec::new();
-    for ns in 0..100 {
-        let namespace = format!("tenant-{ns}");
-        for f in 0..100 {
-            let spec = match domains {
-                Domains::PerFilter => {
-                    serde_json::json!({"mailboxes": [format!("*@t{ns}-{f}.example")], "subject": {"keywords": [format!("project-{f}")]}})
-                }
-                Domains::PerTenant => {
-                    serde_json::json!({"mailboxes": [format!("*@t{ns}.example")], "subject": {"keywords": [format!("project-{f}")]}})
-                }
-                Domains::None => serde_json::json!({"subject": {"keywords": [format!("project-{ns}-{f}")]}}),
-            };
-            let spec: MailboxFilterSpec = serde_json::from_value(spec).expect("filter");
-            filters.push(FilterEntry {
-                namespace: namespace.clone(),
-                name: format!("f{f}"),
-                compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
-            });
-        }
-        for s in 0..10 {
-            routes.push(SubscriptionRoute {
-                uid: format!("uid-{ns}-{s}"),
-                namespace: namespace.clone(),
-                event_types: vec![EventType::MessageReceived],
-                filters: (0..10).map(|k| format!("f{}", s * 10 + k)).collect(),
-            });
-        }
-    }
-    RoutingTable::build(routes, filters)
-}
+#[path = "../tests/common/tenants.rs"]
+mod tenants;
+use tenants::{Domains, table};
 
 /// The i-th event: its mailbox in tenant `i % 100`'s domain (of filter `(i / 100) % 100`
 /// when every filter has a domain of its own).

@@ -8,14 +8,15 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::Arc;
 
-use mailhook::api::{EventType, MailboxFilterSpec, PayloadMode};
+use mailhook::api::PayloadMode;
 use mailhook::delivery::payload::PayloadConfig;
 use mailhook::delivery::signing::{self, SigningKey};
 use mailhook::delivery::wire::{self, Format, Item, WireConfig};
 use mailhook::event::MailboxEvent;
-use mailhook::route::{CompiledFilter, FilterEntry, RoutingTable, SubscriptionRoute};
+
+#[path = "common/tenants.rs"]
+mod tenants;
 
 struct Counting;
 
@@ -73,37 +74,6 @@ fn event(mailbox: &str) -> MailboxEvent {
     .expect("event")
 }
 
-/// 100 namespaces × 100 filters, each namespace with 10 subscriptions using 10 of its
-/// filters: what a large tenant-per-namespace installation routes through.
-fn big_table() -> RoutingTable {
-    let mut filters = Vec::new();
-    let mut routes = Vec::new();
-    for ns in 0..100 {
-        let namespace = format!("tenant-{ns}");
-        for f in 0..100 {
-            let spec: MailboxFilterSpec = serde_json::from_value(serde_json::json!({
-                "mailboxes": [format!("*@t{ns}-{f}.example")],
-                "subject": {"keywords": [format!("project-{f}")]},
-            }))
-            .expect("filter");
-            filters.push(FilterEntry {
-                namespace: namespace.clone(),
-                name: format!("f{f}"),
-                compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
-            });
-        }
-        for s in 0..10 {
-            routes.push(SubscriptionRoute {
-                uid: format!("uid-{ns}-{s}"),
-                namespace: namespace.clone(),
-                event_types: vec![EventType::MessageReceived],
-                filters: (0..10).map(|k| format!("f{}", s * 10 + k)).collect(),
-            });
-        }
-    }
-    RoutingTable::build(routes, filters)
-}
-
 fn payload(mode: PayloadMode) -> PayloadConfig {
     PayloadConfig {
         mode,
@@ -130,7 +100,7 @@ const BUDGETS: &[(&str, f64, f64)] = &[
 
 #[test]
 fn per_event_allocations_stay_within_budget() {
-    let table = big_table();
+    let table = tenants::table(tenants::Domains::PerFilter);
     let miss = event("nobody@elsewhere.example");
     let mut hit = event("ceo@t42-7.example");
     hit.subject = Some("Re: project-7 status".into());
