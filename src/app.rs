@@ -156,6 +156,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             egress,
             instance: Arc::from(config.delivery.instance.as_str()),
         },
+        api_budget: controller::ApiBudget {
+            qps: config.kube.kube_api_qps,
+            burst: config.kube.kube_api_burst,
+        },
     };
 
     let pipeline = Arc::new(Pipeline {

@@ -186,6 +186,24 @@ impl Routes {
 /// subscriptions that use it (a thousand subscriptions over one filter compile it once).
 type Compiled = Result<Arc<CompiledFilter>, String>;
 
+/// A token bucket over the API calls the operator sends in bursts (status writes, Events),
+/// like client-go's QPS and burst: a thousand resources changing at once must not flood
+/// the apiserver (which may throttle every client of it, with API Priority and Fairness).
+pub type ApiLimiter = governor::DefaultDirectRateLimiter;
+
+/// `--kube-api-qps` and `--kube-api-burst`.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiBudget {
+    pub qps: std::num::NonZeroU32,
+    pub burst: std::num::NonZeroU32,
+}
+
+impl ApiBudget {
+    fn limiter(self) -> ApiLimiter {
+        governor::RateLimiter::direct(governor::Quota::per_second(self.qps).allow_burst(self.burst))
+    }
+}
+
 /// What the reconcilers and the status writer share.
 pub struct Context {
     pub client: Client,
@@ -206,6 +224,8 @@ pub struct Context {
     pub status_changed: Arc<tokio::sync::Notify>,
     /// What building a subscription's delivery configuration needs besides the resource.
     pub build: subscription::BuildSettings,
+    /// The client-side budget of status writes and Events.
+    api_limiter: ApiLimiter,
     /// The watched namespaces; None when all are.
     watched: Option<std::collections::HashSet<String>>,
     /// Asks the subscription controller of each scope to reconcile a subscription.
@@ -407,8 +427,15 @@ impl Context {
         version
     }
 
-    /// Records a Kubernetes Event on `regarding`. Failing to record is logged, not fatal.
+    /// Records a Kubernetes Event on `regarding`, within the API budget. Failing to record
+    /// is logged, not fatal.
     async fn publish(&self, regarding: &ObjectReference, type_: K8sEventType, reason: &str, note: &str) {
+        self.api_limiter.until_ready().await;
+        self.post_event(regarding, type_, reason, note).await;
+    }
+
+    /// `publish` without waiting for the API budget: the caller has a token.
+    async fn post_event(&self, regarding: &ObjectReference, type_: K8sEventType, reason: &str, note: &str) {
         let event = Event {
             type_,
             reason: reason.to_string(),
@@ -519,6 +546,7 @@ pub struct Wiring {
     pub metrics: Metrics,
     pub directory: Arc<Directory>,
     pub build: subscription::BuildSettings,
+    pub api_budget: ApiBudget,
 }
 
 /// Runs both controllers for every scope in `scopes` (a namespace, or None for all
@@ -579,6 +607,7 @@ pub async fn run(
         metrics: wiring.metrics,
         directory: wiring.directory,
         build: wiring.build,
+        api_limiter: wiring.api_budget.limiter(),
         state: Mutex::default(),
         routes: Routes::default(),
         compiled: Mutex::default(),

@@ -1,9 +1,12 @@
 //! The status writer: the one place that writes status. It composes what the reconcilers
 //! decided (Ready) with what delivery measured (Healthy, counters) and patches the status
 //! subresource at a bounded rate: at once when a condition changes, otherwise at most
-//! every `COUNTER_INTERVAL` per resource, however many events flow.
+//! every `COUNTER_INTERVAL` per resource, however many events flow. Writes run in the
+//! background, `WRITE_CONCURRENCY` at a time and within the client-side API budget
+//! (`ApiLimiter`), condition changes before counter refreshes: a slow write holds up only
+//! its own resource.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,16 +16,18 @@ use kube::{Resource, ResourceExt};
 use tracing::warn;
 
 use super::conditions::{self, Desired, HEALTHY, READY, Status};
-use super::{Context, FilterState, SubscriptionState, write_status};
+use super::{ApiLimiter, Context, FilterState, SubscriptionState, write_status};
 use crate::api::{DeliveryFailure, MailboxFilterStatus, WebhookSubscription, WebhookSubscriptionStatus};
 use crate::delivery::health::{HealthClass, HealthSnapshot, Published};
 use crate::handles::MatchCount;
 use crate::store::QueueCounts;
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Counter-only changes are written at most this often per resource.
-pub const COUNTER_INTERVAL: Duration = Duration::from_secs(3);
+/// Counter-only changes are written at most this often per resource: a thousand busy
+/// subscriptions cost at most 200 writes a second.
+pub const COUNTER_INTERVAL: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_secs(1);
 /// One status write or Event may take this long; a stuck request must not stall the
 /// status of every other resource (the kube client's own read timeout is minutes).
@@ -213,36 +218,158 @@ fn due<S: PartialEq>(desired: &S, last: Option<&Written<S>>, urgent: bool) -> bo
     }
 }
 
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let mut subscriptions: HashMap<String, Written<WebhookSubscriptionStatus>> = HashMap::new();
-    let mut filters: HashMap<String, Written<MailboxFilterStatus>> = HashMap::new();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = ctx.status_changed.notified() => {}
-            () = tokio::time::sleep(TICK) => {}
+/// Status writes (and their Events) in flight at once, across passes: a thousand resources
+/// becoming Ready together take a thousand round trips, which one at a time would take
+/// minutes.
+const WRITE_CONCURRENCY: usize = 16;
+
+/// What one write wrote: the UID and the status, or None.
+type Wrote<S> = Option<Box<(String, S)>>;
+
+/// A finished write, by kind.
+enum Done {
+    Subscription(Wrote<WebhookSubscriptionStatus>),
+    Filter(Wrote<MailboxFilterStatus>),
+}
+
+/// A due write, not started yet: `write` does nothing until spawned.
+struct Job<F> {
+    uid: String,
+    /// A condition, the generation, a filter's users or a replay changed: it goes before
+    /// counter refreshes.
+    urgent: bool,
+    write: F,
+}
+
+type Queued = Job<BoxFuture<'static, Done>>;
+
+/// Due writes in the order to start them: urgent first, otherwise as found. A resource
+/// whose write is still in flight waits for a later pass: two writes of one resource at
+/// once could land out of order.
+fn schedule<F>(jobs: Vec<Job<F>>, in_flight: &HashSet<&str>) -> VecDeque<Job<F>> {
+    let (urgent, counters): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .filter(|j| !in_flight.contains(j.uid.as_str()))
+        .partition(|j| j.urgent);
+    urgent.into_iter().chain(counters).collect()
+}
+
+/// What the writer keeps across passes. Writes run as tasks of their own, so a slow one
+/// holds up only its own resource; dropping the writer (at shutdown) aborts them.
+#[derive(Default)]
+struct Writer {
+    subscriptions: HashMap<String, Written<WebhookSubscriptionStatus>>,
+    filters: HashMap<String, Written<MailboxFilterStatus>>,
+    /// Due writes waiting for a slot; each pass replaces it with what is due then.
+    queue: VecDeque<Queued>,
+    tasks: JoinSet<Done>,
+    /// The resource (UID) each task writes.
+    in_flight: HashMap<tokio::task::Id, String>,
+}
+
+impl Writer {
+    fn in_flight(&self) -> HashSet<&str> {
+        self.in_flight.values().map(String::as_str).collect()
+    }
+
+    /// Starts queued writes while slots are free. A counter refresh starts only with a
+    /// token to spare, taken here (its write does not wait for another): when the budget
+    /// is short, counter refreshes wait and condition changes go first.
+    fn start(&mut self, limiter: &ApiLimiter) {
+        while self.tasks.len() < WRITE_CONCURRENCY {
+            let Some(job) = self.queue.front() else { return };
+            if !job.urgent && limiter.check().is_err() {
+                return;
+            }
+            let Some(job) = self.queue.pop_front() else { return };
+            let task = self.tasks.spawn(job.write);
+            self.in_flight.insert(task.id(), job.uid);
         }
-        // Not the leader: what this replica wrote before says nothing of what the leader
-        // writes now; when it leads again it starts from the resources as they are.
-        if !ctx.leadership.is_leader() {
-            subscriptions.clear();
-            filters.clear();
-        }
-        // A pass may take many round trips: shutdown does not wait for it.
-        let pass = async {
-            write_subscriptions(&ctx, &mut subscriptions).await;
-            write_filters(&ctx, &mut filters).await;
+    }
+
+    /// Frees a finished write's slot and records what it wrote, while this replica leads.
+    fn finish(&mut self, finished: Result<(tokio::task::Id, Done), tokio::task::JoinError>, leader: bool) {
+        let (id, done) = match finished {
+            Ok((id, done)) => (id, Some(done)),
+            Err(err) => {
+                tracing::error!(%err, "a status write stopped unexpectedly; retried on a later pass");
+                (err.id(), None)
+            }
         };
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = pass => {}
+        self.in_flight.remove(&id);
+        let at = Instant::now();
+        match done {
+            Some(Done::Subscription(Some(written))) if leader => {
+                let (uid, status) = *written;
+                self.subscriptions.insert(uid, Written { status, at });
+            }
+            Some(Done::Filter(Some(written))) if leader => {
+                let (uid, status) = *written;
+                self.filters.insert(uid, Written { status, at });
+            }
+            _ => {}
         }
     }
 }
 
-/// Status writes (and their Events) in flight at once: a thousand resources becoming
-/// Ready together take a thousand round trips, which one at a time would take minutes.
-const WRITE_CONCURRENCY: usize = 16;
+/// Writes status until `shutdown`: a pass every TICK or when woken, whatever is in flight;
+/// a write's slot is refilled as soon as it finishes.
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let mut writer = Writer::default();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            Some(finished) = writer.tasks.join_next_with_id() => {
+                writer.finish(finished, ctx.leadership.is_leader());
+                writer.start(&ctx.api_limiter);
+                continue;
+            }
+            () = ctx.status_changed.notified() => {}
+            _ = tick.tick() => {}
+        }
+        // A pass may take round trips to the store: shutdown does not wait for it.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = pass(&ctx, &mut writer) => {}
+        }
+    }
+}
+
+/// One pass: the writes due now replace the queue, and as many start as slots allow.
+async fn pass(ctx: &Arc<Context>, writer: &mut Writer) {
+    // Not the leader: what this replica wrote before says nothing of what the leader
+    // writes now; when it leads again it starts from the resources as they are.
+    let leader = ctx.leadership.is_leader();
+    if !leader {
+        writer.subscriptions.clear();
+        writer.filters.clear();
+    }
+    // Computed all the same: a pass also keeps metrics and drops what was deleted.
+    let mut jobs = subscription_writes(ctx, &mut writer.subscriptions).await;
+    jobs.extend(filter_writes(ctx, &mut writer.filters).await);
+    if !leader {
+        jobs.clear();
+    }
+    writer.queue = schedule(jobs, &writer.in_flight());
+    writer.start(&ctx.api_limiter);
+}
+
+/// A kind whose status the writer writes.
+trait Kind:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl Kind for WebhookSubscription {}
+impl Kind for crate::api::MailboxFilter {}
 
 /// One status to write: the object, where it is, and what to write.
 struct Write<K, S> {
@@ -254,17 +381,30 @@ struct Write<K, S> {
     desired: S,
 }
 
-/// Writes one status and announces its transitions; what was written, or None.
-async fn write_one<K, S>(ctx: &Context, w: Write<K, S>) -> Option<(String, S)>
+/// The job writing `w`: urgent ones wait for a token of their own, counter refreshes are
+/// started with one (`Writer::start`).
+fn job<K: Kind, S>(ctx: &Arc<Context>, w: Write<K, S>, urgent: bool, done: fn(Wrote<S>) -> Done) -> Queued
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    S: serde::Serialize + HasConditions + Send + Sync + 'static,
+{
+    let ctx = ctx.clone();
+    Job {
+        uid: w.uid.clone(),
+        urgent,
+        write: Box::pin(async move { done(write_one(&ctx, w, urgent).await.map(Box::new)) }),
+    }
+}
+
+/// Writes one status and announces its transitions; what was written, or None.
+async fn write_one<K: Kind, S>(ctx: &Context, w: Write<K, S>, wait_for_token: bool) -> Option<(String, S)>
+where
     S: serde::Serialize + HasConditions,
 {
+    if wait_for_token {
+        ctx.api_limiter.until_ready().await;
+    }
     // One writer: with several replicas, the leader — asked per write, as leadership can
-    // move during a pass.
+    // move while a write waits.
     if !ctx.leadership.is_leader() {
         return None;
     }
@@ -286,36 +426,6 @@ where
     Some((w.uid, w.desired))
 }
 
-/// Writes every status in `writes`, WRITE_CONCURRENCY at a time, and records what was
-/// written. A failure is logged and retried on the next pass.
-async fn write_all<K, S>(ctx: &Context, writes: Vec<Write<K, S>>, written: &mut HashMap<String, Written<S>>)
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-    S: serde::Serialize + HasConditions,
-{
-    let mut pending = writes.into_iter();
-    let mut in_flight = futures::stream::FuturesUnordered::new();
-    loop {
-        while in_flight.len() < WRITE_CONCURRENCY {
-            let Some(w) = pending.next() else { break };
-            in_flight.push(write_one(ctx, w));
-        }
-        let Some(done) = in_flight.next().await else { break };
-        if let Some((uid, status)) = done {
-            written.insert(
-                uid,
-                Written {
-                    status,
-                    at: Instant::now(),
-                },
-            );
-        }
-    }
-}
-
 /// Statuses with conditions.
 trait HasConditions {
     fn conditions(&self) -> &[Condition];
@@ -333,7 +443,11 @@ impl HasConditions for MailboxFilterStatus {
     }
 }
 
-async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>) {
+/// The subscriptions' due writes; keeps the metrics and forgets deleted subscriptions.
+async fn subscription_writes(
+    ctx: &Arc<Context>,
+    written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>,
+) -> Vec<Queued> {
     let now = Time(jiff::Timestamp::now());
     let store = ctx.deliveries.store().clone();
     ctx.metrics.store_disk_bytes.set(store.disk_bytes().unwrap_or(0) as i64);
@@ -364,9 +478,9 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
                 ),
                 Ok(Some(Err(err))) => {
                     warn!(%err, "cannot read the delivery health the replicas published; status waits");
-                    return;
+                    return Vec::new();
                 }
-                _ => return,
+                _ => return Vec::new(),
             }
         }
     };
@@ -377,7 +491,7 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
     };
     // Read after the states: a state at or below it is in the routing table (see Routes).
     let routed = ctx.routes.routed();
-    let mut writes = Vec::new();
+    let mut jobs = Vec::new();
     for whs in &objects {
         let Some(uid) = whs.uid() else { continue };
         let Some(state) = states.get(&uid) else {
@@ -448,16 +562,16 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
         if !due(&desired, written.get(&uid), urgent) {
             continue;
         }
-        writes.push(Write {
+        let write = Write {
             object: whs.clone(),
             uid,
             ns,
             name,
             previous: previous.conditions,
             desired,
-        });
+        };
+        jobs.push(job(ctx, write, urgent, Done::Subscription));
     }
-    write_all(ctx, writes, written).await;
     let removed = forget_deleted(ctx, written);
     if !removed.is_empty() {
         // Dropping their stored work is a store write each: off the async workers.
@@ -471,9 +585,11 @@ async fn write_subscriptions(ctx: &Context, written: &mut HashMap<String, Writte
             tracing::error!(%err, "dropping the work of deleted subscriptions stopped unexpectedly");
         }
     }
+    jobs
 }
 
-async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<MailboxFilterStatus>>) {
+/// The filters' due writes; forgets deleted filters.
+async fn filter_writes(ctx: &Arc<Context>, written: &mut HashMap<String, Written<MailboxFilterStatus>>) -> Vec<Queued> {
     let now = Time(jiff::Timestamp::now());
     let objects = ctx.filters.state();
     let (states, users) = {
@@ -484,7 +600,7 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
         )
     };
     let routed = ctx.routes.routed();
-    let mut writes = Vec::new();
+    let mut jobs = Vec::new();
     for filter in &objects {
         let Some(uid) = filter.uid() else { continue };
         let (ns, name) = (filter.namespace().unwrap_or_default(), filter.name_any());
@@ -506,18 +622,18 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
             continue;
         }
         let (ns, name) = key;
-        writes.push(Write {
+        let write = Write {
             object: filter.clone(),
             uid,
             ns,
             name,
             previous: previous.conditions,
             desired,
-        });
+        };
+        jobs.push(job(ctx, write, urgent, Done::Filter));
     }
-    write_all(ctx, writes, written).await;
-    // A fresh snapshot, not `objects`: a filter created and reconciled while the writes
-    // above awaited is live, and must not be dropped from the routing table.
+    // A fresh snapshot, not `objects`: a filter created and reconciled since is live, and
+    // must not be dropped from the routing table.
     let objects = ctx.filters.state();
     let live: std::collections::HashSet<String> = objects.iter().filter_map(|f| f.uid()).collect();
     written.retain(|uid, _| live.contains(uid));
@@ -528,6 +644,7 @@ async fn write_filters(ctx: &Context, written: &mut HashMap<String, Written<Mail
     ctx.matches.retain(&names);
     ctx.forget(&[], &names, true);
     ctx.compiled.lock().retain(|uid, _| live.contains(uid));
+    jobs
 }
 
 /// The subscriptions using each filter, by (namespace, filter name), sorted: from what
@@ -558,8 +675,8 @@ pub fn users(
 /// Forgets the status and state of subscriptions that no longer exist; returns the UIDs
 /// whose deliveries and stored work the caller drops (`Deliveries::remove`, which blocks).
 fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>) -> Vec<String> {
-    // A fresh snapshot: one taken before the status writes awaited would miss a subscription
-    // created and reconciled meanwhile, and "forget" it — its deliveries, queue and status
+    // A fresh snapshot: one taken earlier in the pass would miss a subscription created
+    // and reconciled meanwhile, and "forget" it — its deliveries, queue and status
     // gone until its next reconcile (CI caught this as a subscription that never got status).
     let live: std::collections::HashSet<String> = ctx.subscriptions.state().iter().filter_map(|w| w.uid()).collect();
     written.retain(|uid, _| live.contains(uid));
@@ -596,7 +713,9 @@ async fn announce<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, before:
                 K8sEventType::Normal
             };
             let regarding = obj.object_ref(&());
-            let event = ctx.publish(&regarding, type_, &c.reason, &c.message);
+            // The token first: waiting for one is not the call taking long.
+            ctx.api_limiter.until_ready().await;
+            let event = ctx.post_event(&regarding, type_, &c.reason, &c.message);
             if tokio::time::timeout(CALL_TIMEOUT, event).await.is_err() {
                 warn!(
                     reason = c.reason,
@@ -657,6 +776,134 @@ mod tests {
         assert!(!due(&2, Some(&last), false), "counters only: wait for the interval");
         assert!(due(&2, Some(&last), true), "a condition changed: write at once");
         assert!(due(&2, None, false), "never written: write");
+    }
+
+    #[test]
+    fn counter_changes_are_due_after_the_interval() {
+        let Some(at) = Instant::now().checked_sub(COUNTER_INTERVAL) else {
+            return;
+        };
+        let last = Written { status: 1u32, at };
+        assert!(due(&2, Some(&last), false), "counters only, interval passed: write");
+        assert!(!due(&1, Some(&last), false), "unchanged: nothing to write, however old");
+    }
+
+    fn jobs(specs: &[(&str, bool)]) -> Vec<Job<()>> {
+        specs
+            .iter()
+            .map(|&(uid, urgent)| Job {
+                uid: uid.into(),
+                urgent,
+                write: (),
+            })
+            .collect()
+    }
+
+    fn uids<F>(queue: &VecDeque<Job<F>>) -> Vec<&str> {
+        queue.iter().map(|j| j.uid.as_str()).collect()
+    }
+
+    #[test]
+    fn schedule_puts_condition_changes_first_and_keeps_the_order_found() {
+        let queue = schedule(
+            jobs(&[("a", false), ("b", true), ("c", false), ("d", true)]),
+            &HashSet::new(),
+        );
+        assert_eq!(uids(&queue), ["b", "d", "a", "c"]);
+    }
+
+    #[test]
+    fn schedule_skips_resources_with_a_write_in_flight() {
+        let in_flight = HashSet::from(["b", "c"]);
+        let queue = schedule(
+            jobs(&[("a", false), ("b", true), ("c", false), ("d", true)]),
+            &in_flight,
+        );
+        assert_eq!(uids(&queue), ["d", "a"], "never two writes of one resource at once");
+    }
+
+    fn queued(uid: &str, urgent: bool) -> Queued {
+        Job {
+            uid: uid.into(),
+            urgent,
+            // A write that never finishes: a slot held by a slow call.
+            write: Box::pin(futures::future::pending()),
+        }
+    }
+
+    fn limiter(qps: u32, burst: u32) -> ApiLimiter {
+        let n = |v| std::num::NonZeroU32::new(v).expect("non-zero");
+        super::super::ApiBudget {
+            qps: n(qps),
+            burst: n(burst),
+        }
+        .limiter()
+    }
+
+    #[tokio::test]
+    async fn start_fills_the_free_slots_only() {
+        let mut writer = Writer {
+            queue: (0..WRITE_CONCURRENCY + 4)
+                .map(|i| queued(&i.to_string(), true))
+                .collect(),
+            ..Writer::default()
+        };
+        writer.start(&limiter(1000, 1000));
+        assert_eq!(writer.tasks.len(), WRITE_CONCURRENCY);
+        assert_eq!(writer.in_flight().len(), WRITE_CONCURRENCY);
+        assert_eq!(writer.queue.len(), 4, "the rest wait for a slot");
+        writer.start(&limiter(1000, 1000));
+        assert_eq!(
+            writer.tasks.len(),
+            WRITE_CONCURRENCY,
+            "still full: nothing more started"
+        );
+    }
+
+    #[tokio::test]
+    async fn counter_refreshes_wait_when_the_budget_is_short() {
+        let mut writer = Writer {
+            queue: VecDeque::from([
+                queued("u1", true),
+                queued("u2", true),
+                queued("c1", false),
+                queued("c2", false),
+            ]),
+            ..Writer::default()
+        };
+        let budget = limiter(1, 1);
+        writer.start(&budget);
+        assert_eq!(
+            uids(&writer.queue),
+            ["c2"],
+            "condition changes start (and wait for tokens in their task); one counter refresh takes the spare token"
+        );
+        writer.start(&budget);
+        assert_eq!(
+            uids(&writer.queue),
+            ["c2"],
+            "no token to spare: the counter refresh waits"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_write_frees_its_slot_and_is_recorded_while_leading() {
+        let mut writer = Writer::default();
+        for (uid, leader) in [("a", true), ("b", false)] {
+            let status = MailboxFilterStatus::default();
+            let task = writer
+                .tasks
+                .spawn(async move { Done::Filter(Some(Box::new((uid.to_string(), status)))) });
+            writer.in_flight.insert(task.id(), uid.to_string());
+            let finished = writer.tasks.join_next_with_id().await.expect("a task");
+            writer.finish(finished, leader);
+        }
+        assert!(writer.in_flight.is_empty());
+        assert!(writer.filters.contains_key("a"));
+        assert!(
+            !writer.filters.contains_key("b"),
+            "a replica that does not lead records nothing"
+        );
     }
 
     fn state(ready: Desired) -> SubscriptionState {
