@@ -15,7 +15,7 @@ use crate::store::{PendingDelivery, StoreError};
 
 /// Events with pending deliveries kept parsed in memory, up to this many; beyond it
 /// deliveries read them from disk.
-pub(super) const EVENT_CACHE: usize = 100_000;
+pub(super) const EVENT_CACHE: usize = 10_000;
 
 /// What refers to one stored event.
 #[derive(Default, Clone, Copy)]
