@@ -145,12 +145,12 @@ pub struct KubeArgs {
 
     /// Status writes and Events sent to the Kubernetes API per second, on average
     /// (client-side, like client-go's QPS). Condition changes go before counter refreshes.
-    #[arg(long, env = "MAILHOOK_KUBE_API_QPS", default_value = "50")]
+    #[arg(long, env = "MAILHOOK_KUBE_API_QPS", default_value = "100")]
     pub kube_api_qps: std::num::NonZeroU32,
 
     /// How many of them may go at once after a quiet spell, above --kube-api-qps (like
     /// client-go's burst).
-    #[arg(long, env = "MAILHOOK_KUBE_API_BURST", default_value = "100")]
+    #[arg(long, env = "MAILHOOK_KUBE_API_BURST", default_value = "200")]
     pub kube_api_burst: std::num::NonZeroU32,
 }
 

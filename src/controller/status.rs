@@ -703,34 +703,70 @@ fn forget_deleted(ctx: &Context, written: &mut HashMap<String, Written<WebhookSu
 
 /// Records a Kubernetes Event for every condition whose status changed.
 async fn announce<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, before: &[Condition], after: &[Condition]) {
-    for c in after {
-        if [READY, HEALTHY].contains(&c.type_.as_str())
-            && conditions::status_of(before, &c.type_) != Some(c.status.as_str())
-        {
-            let type_ = if c.status == "False" {
-                K8sEventType::Warning
-            } else {
-                K8sEventType::Normal
-            };
-            let regarding = obj.object_ref(&());
-            // The token first: waiting for one is not the call taking long.
-            ctx.api_limiter.until_ready().await;
-            let event = ctx.post_event(&regarding, type_, &c.reason, &c.message);
-            if tokio::time::timeout(CALL_TIMEOUT, event).await.is_err() {
-                warn!(
-                    reason = c.reason,
-                    "recording an Event took longer than {}s; skipped",
-                    CALL_TIMEOUT.as_secs()
-                );
-            }
+    for c in announced(before, after) {
+        let type_ = if c.status == "False" {
+            K8sEventType::Warning
+        } else {
+            K8sEventType::Normal
+        };
+        let regarding = obj.object_ref(&());
+        // The token first: waiting for one is not the call taking long.
+        ctx.api_limiter.until_ready().await;
+        let event = ctx.post_event(&regarding, type_, &c.reason, &c.message);
+        if tokio::time::timeout(CALL_TIMEOUT, event).await.is_err() {
+            warn!(
+                reason = c.reason,
+                "recording an Event took longer than {}s; skipped",
+                CALL_TIMEOUT.as_secs()
+            );
         }
     }
+}
+
+/// The Ready and Healthy conditions whose status changed, apart from one that first
+/// appears as Unknown (a new subscription awaiting its first delivery): nothing happened
+/// yet, and an Event for it would cost every new resource a call. Pure.
+fn announced<'a>(before: &[Condition], after: &'a [Condition]) -> impl Iterator<Item = &'a Condition> {
+    after.iter().filter(move |c| {
+        let was = conditions::status_of(before, &c.type_);
+        [READY, HEALTHY].contains(&c.type_.as_str())
+            && was != Some(c.status.as_str())
+            && !(was.is_none() && c.status == "Unknown")
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::delivery::health::Failure;
+
+    #[test]
+    fn events_announce_changes_but_not_a_first_unknown() {
+        let cond = |type_: &str, status: &str| Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: "R".into(),
+            message: String::new(),
+            last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+            observed_generation: Some(1),
+        };
+        let names = |before: &[Condition], after: &[Condition]| -> Vec<String> {
+            announced(before, after)
+                .map(|c| format!("{}={}", c.type_, c.status))
+                .collect()
+        };
+        let new = [
+            cond(READY, "True"),
+            cond(HEALTHY, "Unknown"),
+            cond("Reconciling", "False"),
+        ];
+        assert_eq!(names(&[], &new), ["Ready=True"]);
+        let delivered = [cond(READY, "True"), cond(HEALTHY, "True")];
+        assert_eq!(names(&new, &delivered), ["Healthy=True"]);
+        assert!(names(&delivered, &delivered).is_empty());
+        let paused = [cond(READY, "True"), cond(HEALTHY, "Unknown")];
+        assert_eq!(names(&delivered, &paused), ["Healthy=Unknown"]);
+    }
 
     #[test]
     fn healthy_condition_reasons() {
