@@ -11,6 +11,12 @@
 //! the ingest API or SMTP journal reports; without a part it runs scenarios, starting
 //! those processes, the operator, and `wrk` against the receiver for the ceiling.
 //!
+//! Scenarios (BENCHMARKS.md has each one's figures): one-endpoint, one-endpoint-batched,
+//! steady-2k, smtp-journal, fanout-100, failing-10pct, routing-10k, status-writes,
+//! backlog-1m. LOADTEST_SCALE=0.1 shrinks the event counts (a quick check);
+//! LOADTEST_CONCURRENCY sets the one-endpoint scenarios' `delivery.concurrency` (128);
+//! MAILHOOK_BIN runs another build of the operator (before/after in the same run).
+//!
 //! Every event carries its send time (µs since the epoch) in its subject (`#ts…`), so the
 //! receiver measures ingest-to-arrival latency per event, also per second of sending
 //! (disk stalls show as bad seconds, not as a bad average).
@@ -1070,6 +1076,49 @@ async fn one_endpoint(name: &str, events: u64, batch: Option<u32>) {
     rig.done().await;
 }
 
+/// One endpoint at a fixed rate the operator keeps up with: the latency a producer sees,
+/// per second of sending, so the seconds hit by an fsync stall show apart.
+async fn steady(rate: u64, seconds: u64) {
+    println!(
+        "[steady-2k] 1 subscription, {rate} events/s for {seconds} s over HTTP ingest ({} store)",
+        store_name()
+    );
+    let rig = Rig::new("steady-2k", 1).await;
+    let ns = rig.cluster.namespaces.clone();
+    let mut op = Operator::start(&rig.dir, &ns, &[]).await;
+    let spec = serde_json::json!({"delivery": {"concurrency": 128}});
+    rig.cluster
+        .create(vec![(ns[0].clone(), subscription("one", &rig.receiver.url(0), spec))])
+        .await;
+    rig.cluster.wait_ready(Instant::now(), 1, 0).await;
+    let cpu0 = op.proc.cpu_seconds();
+    let t0 = now_us();
+    let args = rig.generate_args(
+        rate * seconds,
+        &[
+            "--ingest".into(),
+            op.ingest.to_string(),
+            "--rate".into(),
+            rate.to_string(),
+        ],
+    );
+    let (_, gen_cpu) = run_generator(args).await;
+    let stats = rig.receiver.wait_for(rate * seconds, Duration::from_secs(120)).await;
+    report(
+        "steady",
+        rate * seconds,
+        stats.ok,
+        elapsed(t0, &stats),
+        &stats,
+        &[("operator", op.proc.cpu_seconds() - cpu0), ("generator", gen_cpu)],
+        0.0,
+    );
+    windows(&stats);
+    println!("    operator peak RSS {:.0} MiB", op.proc.rss_mib().1);
+    op.stop();
+    rig.done().await;
+}
+
 /// The SMTP journal feed: plain journal copies over 4 connections.
 async fn smtp_journal(messages: u64) {
     println!(
@@ -1371,10 +1420,12 @@ async fn backlog(events: u64) {
             );
         }
     }
+    // The receiver notes when the first delivery arrived (it may come before /readyz).
     let first = loop {
         let s = rig.receiver.stats().await;
         if s.first_us > 0 {
-            break started.elapsed();
+            let spawned_us = spawned.as_microsecond() as u64;
+            break Duration::from_micros(s.first_us.saturating_sub(spawned_us));
         }
         if started.elapsed() > Duration::from_secs(300) {
             break Duration::ZERO;
@@ -1389,7 +1440,7 @@ async fn backlog(events: u64) {
         first.as_secs_f64(),
         stats.ok,
         all.as_secs_f64(),
-        stats.ok as f64 / (all - first).as_secs_f64(),
+        stats.ok as f64 / all.saturating_sub(first).as_secs_f64(),
         op.proc.rss_mib().1,
         op.proc.cpu_seconds(),
     );
@@ -1509,6 +1560,9 @@ fn main() {
         }
         if wanted("one-endpoint-batched") {
             one_endpoint("one-endpoint-batched", scale(200_000), Some(50)).await;
+        }
+        if wanted("steady-2k") {
+            steady(2_000, scale(30)).await;
         }
         if wanted("smtp-journal") {
             smtp_journal(scale(5_000)).await;
