@@ -12,8 +12,8 @@
 //! those processes, the operator, and `wrk` against the receiver for the ceiling.
 //!
 //! Scenarios (BENCHMARKS.md has each one's figures): one-endpoint, one-endpoint-batched,
-//! steady-2k, smtp-journal, fanout-100, failing-10pct, routing-10k, status-writes,
-//! backlog-1m. LOADTEST_SCALE=0.1 shrinks the event counts (a quick check);
+//! steady-2k, smtp-journal, fanout-100, fanout-100-batched, failing-10pct, routing-10k,
+//! status-writes, backlog-1m. LOADTEST_SCALE=0.1 shrinks the event counts (a quick check);
 //! LOADTEST_CONCURRENCY sets the one-endpoint scenarios' `delivery.concurrency` (128);
 //! MAILHOOK_BIN runs another build of the operator (before/after in the same run).
 //!
@@ -1167,19 +1167,24 @@ async fn smtp_journal(messages: u64) {
 }
 
 /// 100 subscriptions, each taking every event.
-async fn fanout(events: u64) {
+async fn fanout(name: &str, events: u64, batch: Option<u32>) {
     println!(
-        "[fanout-100] 100 subscriptions each taking every event, {events} events ({} store)",
+        "[{name}] 100 subscriptions each taking every event (default concurrency 4 each{}), {events} events ({} store)",
+        batch.map_or(String::new(), |n| format!(", batches of up to {n}")),
         store_name()
     );
-    let rig = Rig::new("fanout-100", 1).await;
+    let rig = Rig::new(name, 1).await;
     let ns = rig.cluster.namespaces[0].clone();
     let mut op = Operator::start(&rig.dir, &rig.cluster.namespaces, &[]).await;
+    let spec = batch.map_or(
+        serde_json::json!({}),
+        |n| serde_json::json!({"delivery": {"batch": {"maxEvents": n, "maxWait": "20ms"}}}),
+    );
     let subs = (0..100)
         .map(|i| {
             (
                 ns.clone(),
-                subscription(&format!("s-{i}"), &rig.receiver.url(i), serde_json::json!({})),
+                subscription(&format!("s-{i}"), &rig.receiver.url(i), spec.clone()),
             )
         })
         .collect();
@@ -1568,7 +1573,10 @@ fn main() {
             smtp_journal(scale(5_000)).await;
         }
         if wanted("fanout-100") {
-            fanout(scale(5_000)).await;
+            fanout("fanout-100", scale(5_000), None).await;
+        }
+        if wanted("fanout-100-batched") {
+            fanout("fanout-100-batched", scale(5_000), Some(50)).await;
         }
         if wanted("failing-10pct") {
             failing(scale(20_000)).await;

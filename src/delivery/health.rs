@@ -57,6 +57,13 @@ impl HealthSnapshot {
 
 const LATENCY_WINDOW: usize = 64;
 
+/// While an endpoint fails, it gets one request at a time and at most one per this
+/// interval, or per its first retry delay when that is shorter (a probe); the rest of its
+/// backlog waits with its attempts unspent. Without it every due delivery failed in turn,
+/// which took CPU and connections from the healthy endpoints (`failing-10pct` in
+/// BENCHMARKS.md).
+pub const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Default)]
 pub struct Health {
     inner: Mutex<(HealthSnapshot, VecDeque<u64>)>,
@@ -75,6 +82,17 @@ impl Health {
     /// Whether deliveries are stopped; cheaper than a snapshot, for the shard loop.
     pub fn is_disabled(&self) -> bool {
         self.inner.lock().0.disabled.is_some()
+    }
+
+    /// When a failing endpoint may be tried again (one request, see PROBE_INTERVAL);
+    /// `first_retry` is the subscription's first retry delay. None when it is not failing.
+    pub fn probe_at(&self, first_retry: Option<std::time::Duration>) -> Option<jiff::Timestamp> {
+        let guard = self.inner.lock();
+        if guard.0.consecutive_failures == 0 {
+            return None;
+        }
+        let interval = first_retry.map_or(PROBE_INTERVAL, |d| d.min(PROBE_INTERVAL));
+        guard.0.last_failure.as_ref().map(|f| f.time + interval)
     }
 
     /// When the current run of failures began, if failing.
@@ -229,5 +247,37 @@ impl Health {
         *s = p.snapshot();
         s.latency_p50_ms = None;
         s.verification = verification;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn failure(time: jiff::Timestamp) -> Failure {
+        Failure {
+            time,
+            http_status: Some(503),
+            message: "503".into(),
+        }
+    }
+
+    #[test]
+    fn a_failing_endpoint_is_probed_after_the_shorter_of_a_second_and_its_first_retry() {
+        let health = Health::default();
+        let t = jiff::Timestamp::from_second(1_800_000_000).expect("time");
+        assert_eq!(health.probe_at(None), None, "not failing: no probe, all slots");
+        health.failure(failure(t), None, 1);
+        assert_eq!(health.probe_at(None), Some(t + PROBE_INTERVAL));
+        assert_eq!(health.probe_at(Some(Duration::from_secs(30))), Some(t + PROBE_INTERVAL));
+        assert_eq!(
+            health.probe_at(Some(Duration::ZERO)),
+            Some(t),
+            "a 0s schedule retries at once"
+        );
+        health.success(t, 3, 1);
+        assert_eq!(health.probe_at(None), None, "one success lifts it");
     }
 }

@@ -35,6 +35,28 @@ pub(super) struct Shard {
     pub(super) wake: Notify,
 }
 
+/// The slots a subscription may use now: all that are free, or, while its endpoint is
+/// failing, one probe once nothing is in flight and the probe is due (`wake_at` then
+/// comes no later than it). Pure.
+fn probe_slots(
+    free: usize,
+    concurrency: usize,
+    probe_at: Option<jiff::Timestamp>,
+    now: jiff::Timestamp,
+    wake_at: &mut jiff::Timestamp,
+) -> usize {
+    let Some(probe_at) = probe_at else { return free };
+    if free < concurrency {
+        // A request is in flight: its outcome decides (and wakes the shard).
+        return 0;
+    }
+    if probe_at > now {
+        *wake_at = (*wake_at).min(probe_at);
+        return 0;
+    }
+    free.min(1)
+}
+
 /// Takes due deliveries until `stop`; then takes none, and the attempts already started
 /// finish (the lifecycle waits for them up to its deadline).
 pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, stop: CancellationToken) {
@@ -79,7 +101,13 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             // Batched, a request waits until it is full or its oldest event has waited
             // maxWait; each free slot then carries up to maxEvents.
             let per_request = config.batch.map_or(1, |b| b.max_events.max(1));
-            let mut free = sub.slots.available_permits();
+            let mut free = probe_slots(
+                sub.slots.available_permits(),
+                config.concurrency.max(1) as usize,
+                sub.health.probe_at(config.retry_schedule.first().copied()),
+                now,
+                &mut wake_at,
+            );
             // Set while a batch waits to fill: the shard sleeps until it is due.
             let mut filling = false;
             while free > 0 {
@@ -148,5 +176,29 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             () = shard.wake.notified() => {}
             () = tokio::time::sleep(sleep) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_endpoint_gets_one_probe_at_a_time_once_it_is_due() {
+        let now = jiff::Timestamp::from_second(1_800_000_000).expect("time");
+        let later = now + Duration::from_secs(1);
+        let far = now + Duration::from_secs(60);
+        let mut wake = far;
+        // Not failing: every free slot.
+        assert_eq!(probe_slots(3, 4, None, now, &mut wake), 3);
+        assert_eq!(wake, far);
+        // Failing, nothing in flight, probe due: one request.
+        assert_eq!(probe_slots(4, 4, Some(now), now, &mut wake), 1);
+        // Failing with a request in flight: none; its outcome wakes the shard.
+        assert_eq!(probe_slots(3, 4, Some(now), now, &mut wake), 0);
+        assert_eq!(wake, far);
+        // Failing, probe not due yet: none, and the shard wakes for it.
+        assert_eq!(probe_slots(4, 4, Some(later), now, &mut wake), 0);
+        assert_eq!(wake, later);
     }
 }
