@@ -58,11 +58,24 @@ impl HealthSnapshot {
 const LATENCY_WINDOW: usize = 64;
 
 /// While an endpoint fails, it gets one request at a time and at most one per this
-/// interval, or per its first retry delay when that is shorter (a probe); the rest of its
-/// backlog waits with its attempts unspent. Without it every due delivery failed in turn,
-/// which took CPU and connections from the healthy endpoints (`failing-10pct` in
-/// BENCHMARKS.md).
+/// interval (a probe); the rest of its backlog waits with its attempts unspent. Without it
+/// every due delivery failed in turn, which took CPU and connections from the healthy
+/// endpoints (`failing-10pct` in BENCHMARKS.md).
 pub const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The probe interval of a retry schedule: PROBE_INTERVAL, or the schedule's shortest
+/// non-zero wait when that is shorter (who asks for sub-second retries gets them), or none
+/// when every entry is `0s` (still one request at a time). Pure.
+pub fn probe_interval(schedule: &[std::time::Duration]) -> std::time::Duration {
+    if !schedule.is_empty() && schedule.iter().all(|d| d.is_zero()) {
+        return std::time::Duration::ZERO;
+    }
+    schedule
+        .iter()
+        .copied()
+        .filter(|d| !d.is_zero())
+        .fold(PROBE_INTERVAL, std::cmp::Ord::min)
+}
 
 #[derive(Default)]
 pub struct Health {
@@ -84,14 +97,13 @@ impl Health {
         self.inner.lock().0.disabled.is_some()
     }
 
-    /// When a failing endpoint may be tried again (one request, see PROBE_INTERVAL);
-    /// `first_retry` is the subscription's first retry delay. None when it is not failing.
-    pub fn probe_at(&self, first_retry: Option<std::time::Duration>) -> Option<jiff::Timestamp> {
+    /// When a failing endpoint may be tried again (one request; `interval` from
+    /// `probe_interval`); None when it is not failing.
+    pub fn probe_at(&self, interval: std::time::Duration) -> Option<jiff::Timestamp> {
         let guard = self.inner.lock();
         if guard.0.consecutive_failures == 0 {
             return None;
         }
-        let interval = first_retry.map_or(PROBE_INTERVAL, |d| d.min(PROBE_INTERVAL));
         guard.0.last_failure.as_ref().map(|f| f.time + interval)
     }
 
@@ -265,19 +277,31 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_endpoint_is_probed_after_the_shorter_of_a_second_and_its_first_retry() {
+    fn a_failing_endpoint_is_probed_once_its_interval_has_passed() {
         let health = Health::default();
         let t = jiff::Timestamp::from_second(1_800_000_000).expect("time");
-        assert_eq!(health.probe_at(None), None, "not failing: no probe, all slots");
-        health.failure(failure(t), None, 1);
-        assert_eq!(health.probe_at(None), Some(t + PROBE_INTERVAL));
-        assert_eq!(health.probe_at(Some(Duration::from_secs(30))), Some(t + PROBE_INTERVAL));
         assert_eq!(
-            health.probe_at(Some(Duration::ZERO)),
-            Some(t),
-            "a 0s schedule retries at once"
+            health.probe_at(PROBE_INTERVAL),
+            None,
+            "not failing: no probe, all slots"
         );
+        health.failure(failure(t), None, 1);
+        assert_eq!(health.probe_at(PROBE_INTERVAL), Some(t + PROBE_INTERVAL));
+        assert_eq!(health.probe_at(Duration::ZERO), Some(t));
         health.success(t, 3, 1);
-        assert_eq!(health.probe_at(None), None, "one success lifts it");
+        assert_eq!(health.probe_at(PROBE_INTERVAL), None, "one success lifts it");
+    }
+
+    #[test]
+    fn the_probe_interval_is_a_second_unless_the_schedule_asks_for_shorter() {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        // The default schedule starts with 0s: that entry retries one delivery at once, it
+        // does not ask for a failing endpoint to be hammered.
+        assert_eq!(probe_interval(&[s(0), s(5), s(300)]), PROBE_INTERVAL);
+        assert_eq!(probe_interval(&[s(30)]), PROBE_INTERVAL);
+        assert_eq!(probe_interval(&[s(0), ms(100), ms(200)]), ms(100));
+        assert_eq!(probe_interval(&[s(0), s(0)]), Duration::ZERO);
+        assert_eq!(probe_interval(&[]), PROBE_INTERVAL, "no retries: a probe a second");
     }
 }

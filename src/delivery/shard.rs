@@ -104,7 +104,8 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             let mut free = probe_slots(
                 sub.slots.available_permits(),
                 config.concurrency.max(1) as usize,
-                sub.health.probe_at(config.retry_schedule.first().copied()),
+                sub.health
+                    .probe_at(super::health::probe_interval(&config.retry_schedule)),
                 now,
                 &mut wake_at,
             );
