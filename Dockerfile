@@ -1,7 +1,8 @@
 # The operator image the Helm chart runs: mailhook on a minimal non-root base (no shell, no
 # package manager), with the SBOM of what it was built from.
 #
-# Published (multi-arch: both bases are multi-arch, each platform compiles natively):
+# Published (multi-arch: both bases are multi-arch; each platform compiles in its own builder,
+# natively or under emulation; BuildKit skips the unused "prebuilt" stage):
 #   docker buildx build --platform linux/amd64,linux/arm64 \
 #     --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD) \
 #     -t ghcr.io/mailhook/mailhook:0.1.0 .
@@ -29,7 +30,7 @@ COPY crds ./crds
 # Cargo checks that every target in Cargo.toml exists, even when building one.
 COPY tests ./tests
 RUN cargo build --release --locked --bin mailhook \
- && cargo cyclonedx --format json --spec-version 1.5 --target all \
+ && cargo cyclonedx --format json --spec-version 1.5 --target "$(rustc -vV | sed -n 's/^host: //p')" \
  && mkdir /out && cp target/release/mailhook /out/mailhook && cp mailhook.cdx.json /out/sbom.cdx.json
 
 FROM scratch AS prebuilt

@@ -93,7 +93,7 @@ pub fn healthy_condition(health: &HealthSnapshot, paused: bool, store_down: Opti
             Status::False,
             reason::ENDPOINT_FAILING,
             format!(
-                "{} consecutive failed attempt(s); last: {}. Deliveries are retried on delivery.retrySchedule; check that the endpoint is up and answers 2xx.",
+                "{} consecutive failed attempt(s); last: {}. Deliveries are retried on delivery.retrySchedule, one request at a time until one succeeds; check that the endpoint is up and answers 2xx.",
                 health.consecutive_failures,
                 last_error()
             ),

@@ -101,14 +101,23 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             // Batched, a request waits until it is full or its oldest event has waited
             // maxWait; each free slot then carries up to maxEvents.
             let per_request = config.batch.map_or(1, |b| b.max_events.max(1));
+            // A sink URI's dead-letter copies share this queue and are made exactly while the
+            // endpoint fails: limiting the queue to probes would hold them behind it.
+            let probe_at = match config.dead_letter_sink {
+                Some(super::Sink::Uri(_)) => None,
+                _ => sub
+                    .health
+                    .probe_at(super::health::probe_interval(&config.retry_schedule)),
+            };
             let mut free = probe_slots(
                 sub.slots.available_permits(),
                 config.concurrency.max(1) as usize,
-                sub.health
-                    .probe_at(super::health::probe_interval(&config.retry_schedule)),
+                probe_at,
                 now,
                 &mut wake_at,
             );
+            // Held back for a probe: its own wake-up (or a completion) decides, not a poll.
+            let probing = probe_at.is_some() && free == 0;
             // Set while a batch waits to fill: the shard sleeps until it is due.
             let mut filling = false;
             while free > 0 {
@@ -165,7 +174,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     break;
                 }
             }
-            if let Some(due) = deliveries.store.next_due(&config.uid).filter(|_| !filling) {
+            if let Some(due) = deliveries.store.next_due(&config.uid).filter(|_| !filling && !probing) {
                 // A due delivery that is held back (ordering, no free slot) is retried
                 // when a delivery finishes, or after a short pause.
                 wake_at = wake_at.min(due.max(now + Duration::from_millis(100)));
