@@ -780,6 +780,7 @@ mod tests {
             time: jiff::Timestamp::UNIX_EPOCH,
             http_status: Some(500),
             message: "HTTP 500".into(),
+            not_before: None,
         });
         let failing = healthy_condition(&h, false, None);
         assert_eq!(

@@ -296,6 +296,7 @@ fn decide(
                     time: now,
                     http_status: Some(410),
                     message: "HTTP 410 Gone: the endpoint asked to stop deliveries".into(),
+                    not_before: None,
                 },
                 Some("the endpoint answered 410 Gone".into()),
             ),
@@ -328,6 +329,11 @@ fn decide(
                         time: now,
                         http_status: *status,
                         message: message.clone(),
+                        not_before: retry_after.map(|r| {
+                            let r = jiff::SignedDuration::try_from(r.min(policy.max_retry_after))
+                                .unwrap_or(jiff::SignedDuration::MAX);
+                            now.checked_add(r).unwrap_or(jiff::Timestamp::MAX)
+                        }),
                     },
                     disable,
                 ),
@@ -741,6 +747,7 @@ mod tests {
                         time: at(100),
                         http_status: Some(410),
                         message: "HTTP 410 Gone: the endpoint asked to stop deliveries".into(),
+                        not_before: None,
                     },
                     Some("the endpoint answered 410 Gone".into()),
                 ),
@@ -765,6 +772,8 @@ mod tests {
                         time: at(100),
                         http_status: Some(503),
                         message: message.into(),
+                        // No probe before the endpoint's Retry-After either.
+                        not_before: Some(at(160)),
                     },
                     None,
                 ),

@@ -12,6 +12,8 @@ pub struct Failure {
     pub time: jiff::Timestamp,
     pub http_status: Option<u16>,
     pub message: String,
+    /// The endpoint's `Retry-After` (capped by `delivery.maxRetryAfter`): no probe before.
+    pub not_before: Option<jiff::Timestamp>,
 }
 
 /// Health at one moment. Counters count since this process started.
@@ -104,7 +106,11 @@ impl Health {
         if guard.0.consecutive_failures == 0 {
             return None;
         }
-        guard.0.last_failure.as_ref().map(|f| f.time + interval)
+        guard
+            .0
+            .last_failure
+            .as_ref()
+            .map(|f| (f.time + interval).max(f.not_before.unwrap_or(f.time)))
     }
 
     /// When the current run of failures began, if failing.
@@ -229,6 +235,7 @@ impl Published {
                 time,
                 http_status: self.last_failure_status,
                 message: self.last_failure_message.clone().unwrap_or_default(),
+                not_before: None,
             }),
             failing_since: self.failing_since,
             disabled: self.disabled.clone(),
@@ -273,6 +280,7 @@ mod tests {
             time,
             http_status: Some(503),
             message: "503".into(),
+            not_before: None,
         }
     }
 
@@ -288,6 +296,17 @@ mod tests {
         health.failure(failure(t), None, 1);
         assert_eq!(health.probe_at(PROBE_INTERVAL), Some(t + PROBE_INTERVAL));
         assert_eq!(health.probe_at(Duration::ZERO), Some(t));
+        // A Retry-After further out than the interval: no probe before it.
+        let asked = t + Duration::from_secs(60);
+        health.failure(
+            Failure {
+                not_before: Some(asked),
+                ..failure(t)
+            },
+            None,
+            1,
+        );
+        assert_eq!(health.probe_at(PROBE_INTERVAL), Some(asked));
         health.success(t, 3, 1);
         assert_eq!(health.probe_at(PROBE_INTERVAL), None, "one success lifts it");
     }

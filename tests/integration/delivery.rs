@@ -109,6 +109,74 @@ async fn a_thousand_events_arrive_signed_and_status_counts_them() {
 }
 
 #[tokio::test]
+async fn a_failing_endpoint_is_probed_one_request_at_a_time_then_gets_its_backlog() {
+    let ns = TestNamespace::new("probe").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    receiver.answer(500).await;
+    let operator = Operator::start(&ns).await;
+    // The default schedule (0s, 5s, …) and concurrency (4).
+    subscribe(&ns, "down", &receiver.url("/hooks"), "");
+    wait_ready(&ns, "down").await;
+    assert_eq!(operator.ingest(&(0..20).map(event).collect::<Vec<_>>()).await.0, 202);
+
+    eventually("a first failed attempt", || receiver.deliveries(), |d| !d.is_empty()).await;
+    // An upper bound, which a slow machine can only make smaller: the first pass's 4
+    // requests, then a probe a second. Without the probe every event's first attempt and
+    // its 0s retry were sent at once (40).
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let tried = receiver.deliveries().await.len();
+    assert!(tried <= 10, "{tried} requests in ~3 s to a failing endpoint");
+    let w = whs(&ns, "down").await;
+    let healthy = w
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Healthy"))
+        .expect("Healthy");
+    assert!(healthy.message.contains("one request at a time"), "{}", healthy.message);
+
+    // The next probe succeeds and the backlog flows at full concurrency.
+    receiver.answer(200).await;
+    eventually(
+        "delivered=20, backlog=0",
+        || whs(&ns, "down"),
+        |w| w.status.as_ref().is_some_and(|s| s.delivered == 20 && s.backlog == 0),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_endpoints_dead_letters_reach_its_sink_uri_while_it_fails() {
+    // The copies for a sink URI share the failing subscription's queue: the probe limit
+    // must not put them behind it (100 events x 2 attempts at a probe a second would take
+    // over 3 minutes).
+    let ns = TestNamespace::new("sinkuri").await;
+    let failing = Receiver::start(SIEM_SECRET);
+    failing.answer(500).await;
+    let sink = Receiver::start(SIEM_SECRET);
+    let operator = Operator::start(&ns).await;
+    subscribe(
+        &ns,
+        "down",
+        &failing.url("/hooks"),
+        &format!(
+            "  delivery: {{retrySchedule: [0s, 1s], deadLetterSink: {{uri: '{}'}}}}\n",
+            sink.url("/dlq")
+        ),
+    );
+    wait_ready(&ns, "down").await;
+    assert_eq!(operator.ingest(&(0..100).map(event).collect::<Vec<_>>()).await.0, 202);
+    let copies = eventually(
+        "100 dead-letter copies at the sink",
+        || sink.deliveries(),
+        |d| d.len() >= 100,
+    )
+    .await;
+    let ids: BTreeSet<_> = copies.iter().filter_map(|r| r.webhook_id.clone()).collect();
+    assert_eq!(ids.len(), 100, "one copy per event");
+    assert!(copies.iter().all(|r| r.verified));
+}
+
+#[tokio::test]
 async fn a_failing_endpoint_is_retried_reported_and_recovers_without_loss() {
     let ns = TestNamespace::new("recovery").await;
     let receiver = Receiver::start(SIEM_SECRET);
