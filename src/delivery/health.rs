@@ -100,17 +100,18 @@ impl Health {
     }
 
     /// When a failing endpoint may be tried again (one request; `interval` from
-    /// `probe_interval`); None when it is not failing.
-    pub fn probe_at(&self, interval: std::time::Duration) -> Option<jiff::Timestamp> {
+    /// `probe_interval`); None when it is not failing. The wait is measured from the last
+    /// failure but never ends later than that wait from `now`: a failure time ahead of this
+    /// clock (a step back, another replica's clock) must not hold the endpoint for the skew.
+    pub fn probe_at(&self, interval: std::time::Duration, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
         let guard = self.inner.lock();
         if guard.0.consecutive_failures == 0 {
             return None;
         }
-        guard
-            .0
-            .last_failure
-            .as_ref()
-            .map(|f| (f.time + interval).max(f.not_before.unwrap_or(f.time)))
+        guard.0.last_failure.as_ref().map(|f| {
+            let at = (f.time + interval).max(f.not_before.unwrap_or(f.time));
+            at.min(now.checked_add(at.duration_since(f.time)).unwrap_or(at))
+        })
     }
 
     /// When the current run of failures began, if failing.
@@ -289,13 +290,13 @@ mod tests {
         let health = Health::default();
         let t = jiff::Timestamp::from_second(1_800_000_000).expect("time");
         assert_eq!(
-            health.probe_at(PROBE_INTERVAL),
+            health.probe_at(PROBE_INTERVAL, t),
             None,
             "not failing: no probe, all slots"
         );
         health.failure(failure(t), None, 1);
-        assert_eq!(health.probe_at(PROBE_INTERVAL), Some(t + PROBE_INTERVAL));
-        assert_eq!(health.probe_at(Duration::ZERO), Some(t));
+        assert_eq!(health.probe_at(PROBE_INTERVAL, t), Some(t + PROBE_INTERVAL));
+        assert_eq!(health.probe_at(Duration::ZERO, t), Some(t));
         // A Retry-After further out than the interval: no probe before it.
         let asked = t + Duration::from_secs(60);
         health.failure(
@@ -306,9 +307,13 @@ mod tests {
             None,
             1,
         );
-        assert_eq!(health.probe_at(PROBE_INTERVAL), Some(asked));
+        assert_eq!(health.probe_at(PROBE_INTERVAL, t), Some(asked));
+        // A failure stamped an hour ahead of this clock waits the interval, not the hour.
+        let ahead = t + Duration::from_secs(3600);
+        health.failure(failure(ahead), None, 1);
+        assert_eq!(health.probe_at(PROBE_INTERVAL, t), Some(t + PROBE_INTERVAL));
         health.success(t, 3, 1);
-        assert_eq!(health.probe_at(PROBE_INTERVAL), None, "one success lifts it");
+        assert_eq!(health.probe_at(PROBE_INTERVAL, t), None, "one success lifts it");
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 Some(super::Sink::Uri(_)) => None,
                 _ => sub
                     .health
-                    .probe_at(super::health::probe_interval(&config.retry_schedule)),
+                    .probe_at(super::health::probe_interval(&config.retry_schedule), now),
             };
             let mut free = probe_slots(
                 sub.slots.available_permits(),
