@@ -751,6 +751,16 @@ impl Cluster {
                 .await
                 .expect("create the signing Secret");
         }
+        // Every load-test namespace may receive all mail, as an admin would grant it.
+        let grant: mailhook::api::MailboxGrant = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("lt-{prefix}-{}", &run[..6])},
+            "spec": {"namespaces": namespaces, "mailboxes": ["*"], "maxPayloadMode": "full"},
+        }))
+        .expect("grant");
+        Api::<mailhook::api::MailboxGrant>::all(client.clone())
+            .create(&PostParams::default(), &grant)
+            .await
+            .expect("create the MailboxGrant");
         Cluster { client, namespaces }
     }
 

@@ -26,7 +26,7 @@ use mailhook::delivery::{BatchSettings, Deliveries, DeliveryConfig, client};
 use mailhook::handles::MatchCounters;
 use mailhook::handles::Readiness;
 use mailhook::metrics::Metrics;
-use mailhook::route::{Router as EventRouter, RoutingTable, SubscriptionRoute};
+use mailhook::route::{Grants, Router as EventRouter, RoutingTable, SubscriptionRoute};
 use mailhook::source::Pipeline;
 use mailhook::source::http::IngestConfig;
 use mailhook::store::{DurableStore, Store};
@@ -107,6 +107,7 @@ async fn rig(subscriptions: usize) -> Rig {
     });
     let metrics = Metrics::new().expect("metrics");
     let lifecycle = mailhook::lifecycle::Lifecycle::new();
+    let router = Arc::new(EventRouter::default());
     let deliveries = Deliveries::start(
         4,
         store.clone() as Arc<dyn Store>,
@@ -114,6 +115,7 @@ async fn rig(subscriptions: usize) -> Rig {
         Default::default(),
         &lifecycle,
         mailhook::handles::Leadership::sole(),
+        router.clone(),
     );
     // The receiver is on loopback, which the egress guard refuses unless allowed.
     let egress = Arc::new(mailhook::delivery::egress::EgressPolicy {
@@ -129,7 +131,6 @@ async fn rig(subscriptions: usize) -> Rig {
             insecure_skip_verify: false,
         })
         .expect("client");
-    let router = Arc::new(EventRouter::default());
     let mut routes = Vec::new();
     let batch = std::env::var("BENCH_BATCH")
         .ok()
@@ -166,6 +167,7 @@ async fn rig(subscriptions: usize) -> Rig {
                 redact: vec![],
                 pseudonym_key: vec![1; 16],
                 raw_links: None,
+                subscription: "sub".into(),
             },
             concurrency: if subscriptions == 1 {
                 std::env::var("BENCH_CONCURRENCY")
@@ -196,7 +198,7 @@ async fn rig(subscriptions: usize) -> Rig {
             filters: vec![],
         });
     }
-    router.swap(RoutingTable::build(routes, vec![]));
+    router.swap(RoutingTable::build(routes, vec![], Grants::unrestricted(["bench"])));
 
     let tokens_file = dir.join("tokens");
     std::fs::write(&tokens_file, "bench-token\n").expect("tokens");

@@ -58,6 +58,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         raw_message_retention: config.store.raw_message_retention,
         index_retention: config.dovecot.dovecot_index_retention,
     };
+    let router = Arc::new(Router::default());
     let deliveries = Deliveries::start(
         config.delivery.shards,
         store.clone(),
@@ -65,6 +66,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         housekeeping,
         &lifecycle,
         leadership.clone(),
+        router.clone(),
     );
     if let Some((database, session)) = database {
         start_replica(
@@ -101,7 +103,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         readiness.part(handles::STORE, "opening"),
         metrics.clone(),
     );
-    let router = Arc::new(Router::default());
     let matches = Arc::new(MatchCounters::default());
     let directory = Arc::new(Directory::default());
 
@@ -112,19 +113,32 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Some(tokens)
         }
         None => {
-            info!("no --admin-token-file: the history API (attempts, dead letters, replay) is off");
+            info!(
+                "no --admin-token-file: the history API (attempts, dead letters, replay) takes Kubernetes tokens only, each for the namespaces its user may read"
+            );
             None
         }
     };
+    let kubernetes_access = Arc::new(crate::auth::kubernetes::KubernetesAccess::new(client.clone()));
     let history = History {
         deliveries: deliveries.clone(),
         directory: directory.clone(),
         tokens: admin_tokens,
+        kubernetes: Some(kubernetes_access.clone()),
+        failures: Arc::default(),
+    };
+    let scrapers = match config.admin.metrics_auth {
+        crate::cli::MetricsAuth::None => None,
+        crate::cli::MetricsAuth::Kubernetes => {
+            info!("--metrics-auth kubernetes: /metrics answers tokens allowed to get the non-resource URL /metrics");
+            Some(kubernetes_access.clone())
+        }
     };
     let admin = crate::admin::router(
         metrics.clone(),
         readiness.clone(),
-        crate::history::router(history, raw_links.clone(), store.clone()),
+        scrapers,
+        crate::history::router(history, raw_links.clone()),
     );
     info!(addr = %admin_addr, "admin server listening");
     let stop = lifecycle.token(Stage::Admin);
@@ -551,9 +565,22 @@ fn raw_links(config: &RunConfig, store: &dyn Store, admin: SocketAddr) -> anyhow
         info!("--raw-message-retention is 0s: raw messages are not archived and deliveries carry no links to them");
         return Ok(None);
     }
-    let key = store
-        .secret(archive::KEY_NAME)
-        .map_err(|e| anyhow::anyhow!("cannot read the raw message link key from the store: {e}"))?;
+    let key = match &config.store.raw_link_key_file {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --raw-link-key-file {}: {e}", path.display()))?;
+            archive::key_from_file(&bytes).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--raw-link-key-file {} holds {} bytes; use at least 32 random bytes",
+                    path.display(),
+                    bytes.len()
+                )
+            })?
+        }
+        None => store
+            .secret(archive::KEY_NAME)
+            .map_err(|e| anyhow::anyhow!("cannot read the raw message link key from the store: {e}"))?,
+    };
     let base = match &config.admin.public_url {
         Some(url) => url.to_string(),
         None => {

@@ -93,6 +93,15 @@ pub struct PostgresArgs {
     pub store_ca_file: Option<std::path::PathBuf>,
 }
 
+/// Who may scrape `/metrics` (`--metrics-auth`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAuth {
+    /// Anyone who reaches the admin port.
+    None,
+    /// A Kubernetes bearer token allowed to `get` the non-resource URL `/metrics`.
+    Kubernetes,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyKind {
     Ed25519,
@@ -357,6 +366,12 @@ pub struct StoreArgs {
     #[arg(long, env = "MAILHOOK_RAW_MESSAGE_LINK_TTL", default_value = "1h", value_parser = duration_arg)]
     pub raw_message_link_ttl: std::time::Duration,
 
+    /// A file (at least 32 random bytes, e.g. a mounted Secret) whose contents sign raw
+    /// message links instead of the key kept in the store. Replace it and restart to rotate
+    /// the key: every link signed before then is refused.
+    #[arg(long, env = "MAILHOOK_RAW_LINK_KEY_FILE")]
+    pub raw_link_key_file: Option<std::path::PathBuf>,
+
     /// How often expiry (maxEventAge) and retention purges run.
     #[arg(long, env = "MAILHOOK_HOUSEKEEPING_INTERVAL", default_value = "30s", value_parser = duration_arg)]
     pub housekeeping_interval: std::time::Duration,
@@ -425,6 +440,13 @@ pub struct AdminArgs {
     /// letters, replay), one per line; the API is off without it.
     #[arg(long, env = "MAILHOOK_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<std::path::PathBuf>,
+
+    /// Who may scrape `/metrics`, which names every namespace's subscriptions and counts
+    /// their deliveries: `none` (anyone who reaches the port) or `kubernetes` (a bearer
+    /// token whose user may `get` the non-resource URL `/metrics`, checked with a
+    /// TokenReview and a SubjectAccessReview).
+    #[arg(long, env = "MAILHOOK_METRICS_AUTH", value_enum, default_value_t = MetricsAuth::None)]
+    pub metrics_auth: MetricsAuth,
 
     /// Where receivers reach the operator's HTTP port (--http-addr), e.g.
     /// `https://mailhook.example.com`; raw message links start with it. Defaults to

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub ready: prometheus::IntGauge,
     pub store_purged: IntCounterVec,
     pub replayed: IntCounterVec,
+    /// Deliveries withheld at send time because no MailboxGrant covers their event any more.
+    pub not_granted: IntCounterVec,
     pub reconcile_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
     /// Panics caught on the data path, by component; each is a bug to report.
@@ -146,6 +148,13 @@ impl Metrics {
                 ),
                 SUBSCRIPTION,
             )?,
+            not_granted: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_deliveries_not_granted_total",
+                    "Queued deliveries dead-lettered unsent because no MailboxGrant of the subscription's namespace covers their event any more, per subscription.",
+                ),
+                SUBSCRIPTION,
+            )?,
             reconcile_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "mailhook_reconcile_duration_seconds",
@@ -250,6 +259,7 @@ impl Metrics {
             &m.reconcile_errors,
             &m.store_purged,
             &m.replayed,
+            &m.not_granted,
         ] {
             m.registry.register(Box::new(c.clone()))?;
         }
@@ -301,6 +311,7 @@ impl Metrics {
         }
         let _ = self.delivery_duration.remove_label_values(&labels);
         let _ = self.replayed.remove_label_values(&labels);
+        let _ = self.not_granted.remove_label_values(&labels);
         for outcome in ["queued", "sink_missing"] {
             let _ = self
                 .dead_letter_forwards

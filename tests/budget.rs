@@ -14,6 +14,7 @@ use mailhook::delivery::payload::PayloadConfig;
 use mailhook::delivery::signing::{self, SigningKey};
 use mailhook::delivery::wire::{self, Format, Item, WireConfig};
 use mailhook::event::MailboxEvent;
+use mailhook::route::Ceiling;
 
 #[path = "common/tenants.rs"]
 mod tenants;
@@ -80,6 +81,7 @@ fn payload(mode: PayloadMode) -> PayloadConfig {
         redact: vec![],
         pseudonym_key: vec![7; 32],
         raw_links: None,
+        subscription: "sub".into(),
     }
 }
 
@@ -132,6 +134,7 @@ fn per_event_allocations_stay_within_budget() {
                 event: e,
                 matched_filters: &filters,
                 webhook_id: "msg_0123456789abcdef0123456789abcdef".into(),
+                ceiling: Ceiling::NONE,
             })
             .collect();
         sign(wire::request(cfg, p, &items).expect("request"));

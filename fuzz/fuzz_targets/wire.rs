@@ -1,7 +1,9 @@
 //! What a subscription sends, from any event the sources could store and any public keys a
 //! Secret could hold: every format, payload mode and batch shape renders without a panic,
 //! unencrypted bodies are JSON, header values are what HTTP allows, and an encrypted
-//! request never shows the subject in clear. Public keys from Secrets are parsed too.
+//! request never shows the subject in clear, and a `metadata` or `anonymized` request shows
+//! no address, Message-ID or producer id of the event (`delivery::privacy`). Public keys
+//! from Secrets are parsed too.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -10,8 +12,10 @@ use libfuzzer_sys::fuzz_target;
 use mailhook::api::PayloadMode;
 use mailhook::delivery::encryption::EncryptionKeys;
 use mailhook::delivery::payload::PayloadConfig;
+use mailhook::delivery::privacy;
 use mailhook::delivery::wire::{self, Format, Item, WireConfig};
 use mailhook::event::MailboxEvent;
+use mailhook::route::Ceiling;
 
 fuzz_target!(|data: &[u8]| {
     // Secret data: the first line names the key, the rest is its value.
@@ -27,12 +31,33 @@ fuzz_target!(|data: &[u8]| {
     let jwk = br#"{"kty":"EC","crv":"P-256","x":"axfR8uEsQkf4vOblY6RA8ncDfYEt6zOg9KE5RdiYwpY","y":"T-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU"}"#;
     let keys = EncryptionKeys::from_secret_data(&[("k".to_string(), jwk.to_vec())].into()).ok();
     let filters = vec!["f".to_string()];
+    // What a request may show in any mode (ids mailhook made, names the operator's users
+    // chose): an identifier that is also one of these, or part of one, proves nothing.
+    let shown = format!(
+        "{} {} {} {} {}",
+        event.id,
+        serde_json::to_string(&event.flags).unwrap_or_default(),
+        serde_json::to_string(&event.dead_letter).unwrap_or_default(),
+        event.flagged_event_id.as_deref().unwrap_or_default(),
+        event.occurred_at
+    );
+    // Identifiers that could not turn up by chance: an `@`, and a local part with a letter
+    // no pseudonym (hex) has.
+    let identifiers: Vec<&str> = privacy::identifiers(&event)
+        .into_iter()
+        .filter(|id| {
+            id.split_once('@')
+                .is_some_and(|(local, _)| local.chars().last().is_some_and(|c| !c.is_ascii_hexdigit()))
+                && !shown.contains(id)
+        })
+        .collect();
     for mode in [PayloadMode::Full, PayloadMode::Metadata, PayloadMode::Anonymized] {
         let payload = PayloadConfig {
             mode,
             redact: vec![],
             pseudonym_key: b"k".to_vec(),
             raw_links: None,
+            subscription: "sub".into(),
         };
         for format in [
             Format::StandardWebhooks,
@@ -50,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
                     event: &event,
                     matched_filters: &filters,
                     webhook_id: "msg_1".into(),
+                    ceiling: Ceiling::NONE,
                 }];
                 let Ok(request) = wire::request(&cfg, &payload, &items) else {
                     continue;
@@ -66,6 +92,9 @@ fuzz_target!(|data: &[u8]| {
                         "not JSON: {}",
                         String::from_utf8_lossy(&request.body)
                     );
+                    if mode != PayloadMode::Full {
+                        assert_eq!(privacy::exposed(&identifiers, &request), None, "{mode:?} names someone");
+                    }
                     continue;
                 }
                 // Encrypted, the body is a JWE: only base64url and dots, so a subject with any

@@ -1,18 +1,22 @@
 //! The admin server: `/metrics`, `/healthz` (the process is alive), `/readyz` (every
 //! part of readiness holds; `?verbose` lists each part and why it does not). Other
-//! routers (the history API) are merged onto its port by the app. Depends on the metrics
-//! registry and the shared handles only.
+//! routers (the history API) are merged onto its port by the app. With `--metrics-auth
+//! kubernetes`, `/metrics` (which names every namespace's subscriptions) answers only a
+//! bearer token whose user may `get` the non-resource URL `/metrics`, as Prometheus is
+//! allowed to scrape the apiserver. Depends on the metrics registry, `auth` and the
+//! shared handles only.
 
 use std::future::Future;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
+use crate::auth::kubernetes::{Access, Decision, KubernetesAccess};
 use crate::handles::Readiness;
 use crate::metrics::Metrics;
 
@@ -20,17 +24,28 @@ use crate::metrics::Metrics;
 struct AdminState {
     metrics: Metrics,
     readiness: Readiness,
+    /// Who may scrape `/metrics`; None: anyone who reaches the port.
+    scrapers: Option<std::sync::Arc<KubernetesAccess>>,
 }
 
 /// The admin routes, with `extra` (e.g. the history API) merged in; a panic in any
 /// handler is answered with a 500 and counted.
-pub fn router(metrics: Metrics, readiness: Readiness, extra: Router) -> Router {
+pub fn router(
+    metrics: Metrics,
+    readiness: Readiness,
+    scrapers: Option<std::sync::Arc<KubernetesAccess>>,
+    extra: Router,
+) -> Router {
     let catch = crate::panics::catch_layer(metrics.clone(), "admin");
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .with_state(AdminState { metrics, readiness })
+        .with_state(AdminState {
+            metrics,
+            readiness,
+            scrapers,
+        })
         .merge(extra)
         .layer(catch)
 }
@@ -87,7 +102,33 @@ async fn readyz(State(state): State<AdminState>, Query(query): Query<ReadyQuery>
     (status, body)
 }
 
-async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
+async fn metrics_handler(State(state): State<AdminState>, headers: HeaderMap) -> axum::response::Response {
+    if let Some(scrapers) = &state.scrapers {
+        let token = crate::auth::bearer(&headers).filter(|t| !t.is_empty());
+        let decision = match token {
+            None => Ok(Decision::Unauthenticated),
+            Some(token) => scrapers.decide(token, Access::Path("/metrics")).await,
+        };
+        match decision {
+            Ok(Decision::Allowed) => {}
+            Ok(Decision::Unauthenticated) => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "/metrics needs Authorization: Bearer <a Kubernetes token allowed to get the non-resource URL /metrics> (--metrics-auth kubernetes)\n",
+                )
+                    .into_response();
+            }
+            Ok(Decision::Denied(why)) => return (StatusCode::FORBIDDEN, format!("{why}\n")).into_response(),
+            Err(err) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{}\n", crate::error_chain(&err)),
+                )
+                    .into_response();
+            }
+        }
+    }
     state.metrics.ready.set(i64::from(state.readiness.is_ready()));
     match state.metrics.render() {
         Ok(body) => (

@@ -4,11 +4,13 @@
 mod common;
 mod duration;
 mod mailbox_filter;
+mod mailbox_grant;
 mod webhook_subscription;
 
 pub use common::*;
 pub use duration::{DurationError, parse_duration, parse_since};
 pub use mailbox_filter::*;
+pub use mailbox_grant::*;
 pub use webhook_subscription::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -21,6 +23,7 @@ pub const GROUP: &str = "mailhook.io";
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         kubernetes_formats(MailboxFilter::crd()),
+        kubernetes_formats(MailboxGrant::crd()),
         kubernetes_formats(WebhookSubscription::crd()),
     ]
 }

@@ -168,9 +168,11 @@ pub enum PayloadMode {
     /// Every field, including subject and addresses.
     #[default]
     Full,
-    /// Addresses, sizes and types, but no subject and no attachment names.
+    /// Domains, counts, sizes and types: no address, subject, Message-ID, attachment name
+    /// or producer id.
     Metadata,
-    /// As full, with every address replaced by a stable keyed pseudonym.
+    /// Every address replaced by a stable keyed pseudonym; no subject, Message-ID,
+    /// attachment name or producer id.
     Anonymized,
 }
 
@@ -179,7 +181,9 @@ pub enum PayloadMode {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.includeRawMessageLink) || !self.includeRawMessageLink || !has(self.mode) || self.mode == 'full'").message("payload.includeRawMessageLink needs payload.mode full: the raw message shows everything the metadata and anonymized modes hide"))]
 pub struct Payload {
-    /// `full` (default), `metadata` or `anonymized`.
+    /// `full` (default), `metadata` or `anonymized`. The namespace's MailboxGrants set the
+    /// fullest mode allowed (`maxPayloadMode`); an event is never sent fuller than the
+    /// grant that covers its mailbox allows.
     #[serde(default)]
     pub mode: PayloadMode,
 
@@ -190,8 +194,9 @@ pub struct Payload {
     pub redact: Vec<String>,
 
     /// Adds `data.rawMessage` (a time-limited signed URL to the archived raw message,
-    /// its SHA-256 and size) to events made from journaled mail. Needs mode `full`; the
-    /// operator keeps raw messages only for subscriptions that set this.
+    /// its SHA-256 and size) to events made from journaled mail. Needs mode `full` and a
+    /// MailboxGrant with `rawMessageLinks: true`; the operator keeps raw messages only for
+    /// subscriptions that set this.
     #[serde(default)]
     pub include_raw_message_link: bool,
 
@@ -500,6 +505,10 @@ pub struct WebhookSubscriptionStatus {
         skip_serializing_if = "std::ops::Not::not"
     )]
     pub insecure_skip_tls_verify: bool,
+
+    /// The MailboxGrants this subscription receives events through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<String>,
 
     /// The delivery shard that owns this subscription.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,6 +5,7 @@
 
 pub mod conditions;
 pub mod filter;
+pub mod grant;
 pub mod status;
 pub mod subscription;
 
@@ -30,7 +31,7 @@ use crate::api::{MailboxFilter, WebhookSubscription};
 use crate::delivery::Deliveries;
 use crate::handles::{Directory, MatchCounters, ReadinessPart};
 use crate::metrics::Metrics;
-use crate::route::{CompiledFilter, FilterEntry, Router, RoutingTable, SubscriptionRoute};
+use crate::route::{CompiledFilter, CompiledGrant, FilterEntry, Grants, Router, RoutingTable, SubscriptionRoute};
 use conditions::Desired;
 
 /// Waits until `store` has its initial list. kube-runtime's readiness signal keeps only
@@ -127,6 +128,8 @@ pub struct SubscriptionState {
     /// Names of the MailboxFilters it names or selects that exist (valid or not): each
     /// filter's status lists the subscriptions using it from these.
     pub uses: Vec<String>,
+    /// The MailboxGrants it receives through (empty when it is not granted anything).
+    pub grants: Vec<String>,
     /// `State::version` when this was recorded.
     pub version: u64,
 }
@@ -150,6 +153,8 @@ type Key = (String, String);
 pub struct State {
     pub subscriptions: HashMap<String, SubscriptionState>,
     pub filters: HashMap<Key, FilterState>,
+    /// MailboxGrants by name.
+    pub grants: std::collections::BTreeMap<String, grant::GrantState>,
     /// Bumped on every change that the routing table reflects.
     pub version: u64,
 }
@@ -159,6 +164,24 @@ impl State {
     fn next_version(&mut self) -> u64 {
         self.version += 1;
         self.version
+    }
+
+    /// The valid grants that cover `namespace`, by name.
+    pub fn grants_of(&self, namespace: &str) -> Vec<Arc<CompiledGrant>> {
+        self.grants
+            .values()
+            .filter(|g| g.covered.iter().any(|n| n == namespace))
+            .filter_map(|g| g.compiled.clone())
+            .collect()
+    }
+
+    /// Every (covered namespace, grant) pair, as the routing table takes them.
+    fn grants(&self) -> Grants {
+        Grants::build(self.grants.values().flat_map(|g| {
+            g.compiled
+                .iter()
+                .flat_map(move |c| g.covered.iter().map(move |n| (n.clone(), c.clone())))
+        }))
     }
 }
 
@@ -218,6 +241,9 @@ pub struct Context {
     pub directory: Arc<Directory>,
     pub state: Mutex<State>,
     pub routes: Routes,
+    /// True once the grant loop recorded its first complete pass: until then no
+    /// subscription can be judged granted or not.
+    pub grants_synced: tokio::sync::watch::Sender<bool>,
     /// Compiled filters by UID, with the generation compiled.
     compiled: Mutex<HashMap<String, (Option<i64>, Compiled)>>,
     /// Wakes the status writer: something changed that should show at once.
@@ -240,7 +266,8 @@ impl Context {
     /// routing table reflects it.
     fn all_reconciled(&self) -> bool {
         let state = self.state.lock();
-        self.routes.routed() >= state.version
+        *self.grants_synced.borrow()
+            && self.routes.routed() >= state.version
             && self
                 .subscriptions
                 .state()
@@ -320,6 +347,64 @@ impl Context {
         } else {
             self.status_changed.notify_one();
         }
+    }
+
+    /// Records the grants of a pass (every grant that exists); returns the namespaces whose
+    /// grants changed, whose subscriptions are then checked again. A grant whose
+    /// generation, validity and namespaces are unchanged keeps its compiled form, so an
+    /// idle pass changes nothing.
+    pub fn record_grants(
+        &self,
+        mut grants: std::collections::BTreeMap<String, grant::GrantState>,
+    ) -> std::collections::BTreeSet<String> {
+        let mut all = self.state.lock();
+        let mut changed = std::collections::BTreeSet::new();
+        for (name, new) in grants.iter_mut() {
+            match all.grants.get(name) {
+                Some(old)
+                    if old.generation == new.generation
+                        && old.covered == new.covered
+                        && old.compiled.is_some() == new.compiled.is_some() =>
+                {
+                    new.compiled = old.compiled.clone();
+                }
+                old => {
+                    changed.extend(new.covered.iter().cloned());
+                    changed.extend(old.into_iter().flat_map(|o| o.covered.iter().cloned()));
+                }
+            }
+        }
+        for (name, old) in &all.grants {
+            if !grants.contains_key(name) {
+                changed.extend(old.covered.iter().cloned());
+            }
+        }
+        let rebuild = all.grants.len() != grants.len()
+            || all
+                .grants
+                .iter()
+                .zip(grants.iter())
+                .any(|((a, x), (b, y))| a != b || !same_grant(x, y));
+        all.grants = grants;
+        if rebuild {
+            all.next_version();
+        }
+        drop(all);
+        if rebuild {
+            self.routes.wake.notify_one();
+        }
+        changed
+    }
+
+    /// How many subscriptions receive through each grant.
+    pub fn grant_users(&self) -> HashMap<String, u32> {
+        let mut counts = HashMap::new();
+        for s in self.state.lock().subscriptions.values() {
+            for g in &s.grants {
+                *counts.entry(g.clone()).or_default() += 1;
+            }
+        }
+        counts
     }
 
     /// Reconciles again the subscriptions of `namespace` that name or select `filter`, or
@@ -406,7 +491,7 @@ impl Context {
     /// Rebuilds the routing table from the current state and swaps it in; returns the
     /// version it reflects.
     fn rebuild_routes(&self) -> u64 {
-        let (version, subscriptions, filters) = {
+        let (version, subscriptions, filters, grants) = {
             let state = self.state.lock();
             let subscriptions: Vec<SubscriptionRoute> =
                 state.subscriptions.values().filter_map(|s| s.route.clone()).collect();
@@ -421,9 +506,9 @@ impl Context {
                     })
                 })
                 .collect();
-            (state.version, subscriptions, filters)
+            (state.version, subscriptions, filters, state.grants())
         };
-        self.router.swap(RoutingTable::build(subscriptions, filters));
+        self.router.swap(RoutingTable::build(subscriptions, filters, grants));
         version
     }
 
@@ -447,6 +532,16 @@ impl Context {
             warn!(%err, "cannot record Event");
         }
     }
+}
+
+/// Whether two records of one grant route alike.
+fn same_grant(a: &grant::GrantState, b: &grant::GrantState) -> bool {
+    a.covered == b.covered
+        && match (&a.compiled, &b.compiled) {
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+            (None, None) => true,
+            _ => false,
+        }
 }
 
 /// Keeps the routing table in step with `State`: each wake-up waits a moment for more
@@ -610,6 +705,7 @@ pub async fn run(
         api_limiter: wiring.api_budget.limiter(),
         state: Mutex::default(),
         routes: Routes::default(),
+        grants_synced: tokio::sync::watch::Sender::new(false),
         compiled: Mutex::default(),
         watched: scopes.iter().cloned().collect::<Option<_>>(),
     });
@@ -647,6 +743,7 @@ pub async fn run(
         loops.push(Box::pin(filters));
     }
     let writer = status::run(ctx.clone(), shutdown.clone());
+    let grants = grant::run(ctx.clone(), client.clone(), shutdown.clone());
     let routes = run_routes(ctx.clone(), shutdown.clone());
 
     // Ready (and ingest open) only once every cached object has been reconciled into the
@@ -671,5 +768,5 @@ pub async fn run(
             () = ready_stop.cancelled() => {}
         }
     };
-    tokio::join!(futures::future::join_all(loops), readiness, writer, routes);
+    tokio::join!(futures::future::join_all(loops), readiness, writer, routes, grants);
 }

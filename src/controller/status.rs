@@ -150,6 +150,7 @@ pub fn subscription_status(
     status.signing_public_keys = state.signing_public_keys.clone();
     status.encryption_key_id = state.encryption_key_id.clone();
     status.insecure_skip_tls_verify = state.insecure_skip_tls_verify;
+    status.grants = state.grants.clone();
     status.shard = Some(state.shard);
     status.delivered = health.delivered;
     status.failed_attempts = health.failed_attempts;
@@ -956,6 +957,7 @@ mod tests {
             encryption_key_id: None,
             insecure_skip_tls_verify: false,
             uses: vec![],
+            grants: vec![],
             version: 1,
         }
     }

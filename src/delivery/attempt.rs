@@ -17,6 +17,7 @@ use super::retry::Next;
 use super::shard::{Shard, Subscription};
 use super::{Deliveries, DeliveryConfig, egress, retry, signing, wire};
 use crate::metrics::Metrics;
+use crate::route::Ceiling;
 use crate::store::{Attempt, PendingDelivery, StoreError};
 
 /// A Standard Webhooks POST of `request` to `url`, signed with every key of the
@@ -385,6 +386,39 @@ async fn read_events(
     ready
 }
 
+/// Keeps the deliveries of `ready` that the MailboxGrants of the subscription's namespace
+/// still cover, with the most each may show; the others are dead-lettered unsent (a
+/// revoked grant stops what was queued under it; a replay checks again).
+async fn granted(
+    deliveries: &Deliveries,
+    config: &super::DeliveryConfig,
+    ready: Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>)>,
+) -> Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>, Ceiling)> {
+    let table = deliveries.router.current();
+    let mut kept = Vec::with_capacity(ready.len());
+    for (d, e) in ready {
+        match table.grants().ceiling(&config.namespace, &e) {
+            Some(ceiling) => kept.push((d, e, ceiling)),
+            None => {
+                let reason = format!(
+                    "not sent: no MailboxGrant of namespace {} covers this event any more",
+                    config.namespace
+                );
+                deliveries
+                    .metrics
+                    .not_granted
+                    .with_label_values(&[&config.namespace, &config.name])
+                    .inc();
+                store_write(&deliveries.metrics, "dead_letter", &config.name, || {
+                    deliveries.store.dead_letter(d.clone(), reason.clone())
+                })
+                .await;
+            }
+        }
+    }
+    kept
+}
+
 /// Where a delivery of `event` goes: a dead-letter copy for a `deadLetterSink.uri` goes
 /// there, everything else to the endpoint.
 fn target(sub: &Subscription, event: &crate::event::MailboxEvent) -> reqwest::Url {
@@ -409,16 +443,17 @@ pub(super) async fn deliver(
     let store = &deliveries.store;
     let metrics = &deliveries.metrics;
     let name = config.name.as_str();
-    let mut ready = read_events(&deliveries, name, batch).await;
-    let Some(url) = ready.first().map(|(_, e)| target(&sub, e)) else {
+    let read = read_events(&deliveries, name, batch).await;
+    let mut ready = granted(&deliveries, config, read).await;
+    let Some(url) = ready.first().map(|(_, e, _)| target(&sub, e)) else {
         shard.wake.notify_one();
         return;
     };
     // One request goes to one place: a dead-letter copy for a sink URI is not sent with
     // events for the endpoint. What does not go now (nor what does not fit in maxBytes,
     // below) waits for the next request, its attempts unchanged.
-    let same_target = ready.iter().take_while(|(_, e)| target(&sub, e) == url).count();
-    for (d, _) in ready.split_off(same_target.max(1)) {
+    let same_target = ready.iter().take_while(|(_, e, _)| target(&sub, e) == url).count();
+    for (d, _, _) in ready.split_off(same_target.max(1)) {
         store_write(metrics, "retry", name, || store.retry(d.clone())).await;
     }
     if let Some(limiter) = &sub.limiter {
@@ -427,10 +462,11 @@ pub(super) async fn deliver(
 
     let items: Vec<wire::Item<'_>> = ready
         .iter()
-        .map(|(d, e)| wire::Item {
+        .map(|(d, e, ceiling)| wire::Item {
             event: e,
             matched_filters: &d.matched_filters,
             webhook_id: webhook_id(&e.id, &config.uid),
+            ceiling: *ceiling,
         })
         .collect();
     // Rendering and the request run on the events' data: a panic there (a bug) is a failed
@@ -449,7 +485,7 @@ pub(super) async fn deliver(
         };
         (failed, Duration::ZERO, jiff::Timestamp::now(), ready.len())
     });
-    for (d, _) in ready.split_off(carried.clamp(1, ready.len().max(1))) {
+    for (d, _, _) in ready.split_off(carried.clamp(1, ready.len().max(1))) {
         store_write(metrics, "retry", name, || store.retry(d.clone())).await;
     }
     if url != sub.url && outcome == Outcome::Gone {
@@ -475,7 +511,7 @@ pub(super) async fn deliver(
     let mut completions = Vec::new();
     let mut labels = ("success", "2xx");
     let mut delivered = 0;
-    for (i, (mut d, event)) in ready.into_iter().enumerate() {
+    for (i, (mut d, event, _)) in ready.into_iter().enumerate() {
         d.attempts += 1;
         let decision = decide(
             &outcome,

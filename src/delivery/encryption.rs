@@ -326,7 +326,7 @@ fn split_point(point: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn b64(bytes: &[u8]) -> String {
@@ -350,6 +350,13 @@ mod tests {
         (private, jwk)
     }
 
+    /// A receiver's single-use private key and the keys that encrypt to it.
+    pub(crate) fn receiver_keys() -> (EphemeralPrivateKey, EncryptionKeys) {
+        let (private, jwk) = receiver(Some("receiver"));
+        let keys = EncryptionKeys::from_secret_data(&secret(&[("2026-12.jwk", &jwk)])).expect("keys");
+        (private, keys)
+    }
+
     fn secret(entries: &[(&str, &Value)]) -> BTreeMap<String, Vec<u8>> {
         entries
             .iter()
@@ -364,7 +371,7 @@ mod tests {
     }
 
     /// The receiver's side of RFC 7516 §5.2, written independently of `encrypt`.
-    fn decrypt(receiver: EphemeralPrivateKey, jwe: &str) -> Result<(Value, Vec<u8>), &'static str> {
+    pub(crate) fn decrypt(receiver: EphemeralPrivateKey, jwe: &str) -> Result<(Value, Vec<u8>), &'static str> {
         let parts: Vec<&str> = jwe.split('.').collect();
         let [header_b64, wrapped, iv, ciphertext, tag] = parts[..] else {
             return Err("not five parts");

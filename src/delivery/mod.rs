@@ -10,6 +10,7 @@ pub mod egress;
 pub mod encryption;
 pub mod health;
 pub mod payload;
+pub mod privacy;
 pub mod retry;
 pub mod schema;
 pub mod signing;
@@ -118,6 +119,22 @@ pub struct Deliveries {
     leadership: crate::handles::Leadership,
     /// The last replay carried out here per subscription, published with its health.
     replays: Mutex<HashMap<String, serde_json::Value>>,
+    /// The routing table, whose MailboxGrants every delivery is checked against again
+    /// when it is sent: a grant revoked after routing stops what was queued under it.
+    router: Arc<crate::route::Router>,
+}
+
+/// Why a raw message link no longer opens.
+#[derive(Debug, thiserror::Error)]
+pub enum RawLinkRefused {
+    #[error("the subscription this link was issued to no longer exists or no longer asks for raw message links")]
+    Subscription,
+    #[error("the event this link was issued with is no longer stored")]
+    Event,
+    #[error("no MailboxGrant allows this subscription raw messages of this event any more")]
+    Grant,
+    #[error("cannot read the event")]
+    Store(#[source] StoreError),
 }
 
 /// A number no earlier handshake had: tells a handshake's result from a stale one.
@@ -138,6 +155,7 @@ impl Deliveries {
         housekeeping: Housekeeping,
         lifecycle: &Lifecycle,
         leadership: crate::handles::Leadership,
+        router: Arc<crate::route::Router>,
     ) -> Arc<Deliveries> {
         let deliveries = Arc::new(Deliveries {
             shards: (0..shards.max(1))
@@ -151,6 +169,7 @@ impl Deliveries {
             arrivals: Arc::default(),
             leadership,
             replays: Mutex::default(),
+            router,
             store,
             health: Mutex::default(),
             metrics,
@@ -187,6 +206,27 @@ impl Deliveries {
         self.wake([uid]);
         self.health_changed.notify_one();
         Ok(n)
+    }
+
+    /// Whether a raw message link may still be used: its subscription exists and asks for
+    /// links, its event is the one the message was archived for, and a MailboxGrant of the
+    /// subscription's namespace still allows raw messages of that event. Blocks on the store.
+    pub fn raw_link_allowed(&self, to: &crate::archive::LinkTo<'_>) -> Result<(), RawLinkRefused> {
+        let sub = self
+            .subscription(to.subscription)
+            .filter(|s| s.config.payload.raw_links.is_some())
+            .ok_or(RawLinkRefused::Subscription)?;
+        let event = self
+            .store
+            .event(to.event)
+            .map_err(RawLinkRefused::Store)?
+            .filter(|e| e.raw_message.as_deref() == Some(to.sha256))
+            .ok_or(RawLinkRefused::Event)?;
+        let ceiling = self.router.current().grants().ceiling(&sub.config.namespace, &event);
+        if !ceiling.is_some_and(|c| c.raw_links) {
+            return Err(RawLinkRefused::Grant);
+        }
+        Ok(())
     }
 
     /// Whether the subscription's deliveries carry links to archived raw messages.

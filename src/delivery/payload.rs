@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::api::{Direction, EventType, PayloadMode};
-use crate::archive::{Link, RawLinks};
+use crate::archive::{Link, LinkTo, RawLinks};
 use crate::event::{Activity, Attachment, ConfigChange, DeleteStage, Flag, FolderAction, MailboxEvent, domain_of};
 
 use super::signing::pseudonym;
@@ -27,6 +27,25 @@ pub struct PayloadConfig {
     /// Signs links to archived raw messages when the subscription asks for them
     /// (`payload.includeRawMessageLink`).
     pub raw_links: Option<Arc<RawLinks>>,
+    /// The subscription's UID: raw message links name it, and stop working without it.
+    pub subscription: String,
+}
+
+impl PayloadConfig {
+    /// This configuration within `ceiling`: a fuller mode is lowered to it, and raw links
+    /// are dropped unless it allows them. Borrowed when nothing changes.
+    pub fn capped(&self, ceiling: crate::route::Ceiling) -> std::borrow::Cow<'_, PayloadConfig> {
+        let mode = self.mode.at_most(ceiling.mode);
+        let links = ceiling.raw_links && mode == PayloadMode::Full;
+        if mode == self.mode && (links || self.raw_links.is_none()) {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        std::borrow::Cow::Owned(PayloadConfig {
+            mode,
+            raw_links: self.raw_links.clone().filter(|_| links),
+            ..self.clone()
+        })
+    }
 }
 
 /// Fields of `data` that `payload.redact` may not remove: receivers need them to tell
@@ -47,15 +66,18 @@ pub struct Data<'a, V> {
     pub occurred_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direction: Option<Direction>,
-    /// The folder concerned (IMAP name, UTF-8).
+    /// The folder concerned (IMAP name, UTF-8). Outside `full`, a folder whose name holds
+    /// an address (another user's shared folder) is left out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub folder: Option<&'a str>,
     /// Size of the message in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
-    /// The producer's own id of the event.
+    /// The producer's own id of the event (`full`); in the other modes an opaque id
+    /// derived from it per subscription (`pid_…`), since producer ids can name people
+    /// (a journal's holds the Message-ID and the mailbox).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub producer_event_id: Option<&'a str>,
+    pub producer_event_id: Option<std::borrow::Cow<'a, str>>,
     /// The subscription's MailboxFilters that matched the event.
     pub matched_filters: &'a [String],
     /// `compliance.flagged`: the flags MailboxFilters put on the message.
@@ -110,7 +132,7 @@ pub struct ActivityView<'a> {
     previous_folder: Option<&'a str>,
     /// The IMAP flags or keywords set or removed.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    imap_flags: &'a [String],
+    imap_flags: std::borrow::Cow<'a, [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     change: Option<ConfigChange>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,6 +142,13 @@ pub struct ActivityView<'a> {
     /// Found by the reconciler (the live notification was missed), not reported live.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     reconciled: bool,
+}
+
+/// Free text from the mail system as a mode other than `full` may show it: left out when
+/// it holds an address or a Message-ID (both have an `@`), e.g. a shared folder
+/// `Other Users/alice@example.com/INBOX` or a keyword.
+fn impersonal(text: &str, mode: PayloadMode) -> Option<&str> {
+    (mode == PayloadMode::Full || !text.contains('@')).then_some(text)
 }
 
 fn activity_view<'a>(a: &'a Activity, mode: PayloadMode, anon: &dyn Fn(&str) -> String) -> ActivityView<'a> {
@@ -134,16 +163,28 @@ fn activity_view<'a>(a: &'a Activity, mode: PayloadMode, anon: &dyn Fn(&str) -> 
         user_domain: (mode == PayloadMode::Metadata).then(|| domain_of(&a.user)).flatten(),
         auth_user: a.auth_user.as_deref().and_then(person),
         admin_session: a.admin_session,
-        service: a.service.as_deref(),
+        service: a.service.as_deref().and_then(|s| impersonal(s, mode)),
         remote_ip: a.remote_ip.as_deref().filter(|_| full),
         // A Dovecot session id encodes the client's address.
         session: a.session.as_deref().filter(|_| full),
         stage: a.stage,
         action: a.action,
-        previous_folder: a.previous_folder.as_deref(),
-        imap_flags: &a.imap_flags,
+        previous_folder: a.previous_folder.as_deref().and_then(|f| impersonal(f, mode)),
+        imap_flags: if full || a.imap_flags.iter().all(|f| impersonal(f, mode).is_some()) {
+            std::borrow::Cow::Borrowed(&a.imap_flags)
+        } else {
+            std::borrow::Cow::Owned(
+                a.imap_flags
+                    .iter()
+                    .filter(|f| impersonal(f, mode).is_some())
+                    .cloned()
+                    .collect(),
+            )
+        },
         change: a.change.as_ref().map(|c| ConfigChange {
             detail: c.detail.clone().filter(|_| full),
+            target: c.target.clone().filter(|t| impersonal(t, mode).is_some()),
+            command: impersonal(&c.command, mode).unwrap_or("?").to_string(),
             ..c.clone()
         }),
         uid: a.uid,
@@ -220,14 +261,14 @@ pub struct Unnamed<'a> {
     sha256: Option<&'a str>,
 }
 
-fn unnamed(event: &MailboxEvent) -> Vec<Unnamed<'_>> {
+fn unnamed(event: &MailboxEvent, mode: PayloadMode) -> Vec<Unnamed<'_>> {
     event
         .attachments
         .iter()
         .map(|a| Unnamed {
-            content_type: a.content_type.as_deref(),
+            content_type: a.content_type.as_deref().and_then(|t| impersonal(t, mode)),
             size: a.size,
-            sha256: a.sha256.as_deref(),
+            sha256: a.sha256.as_deref().and_then(|t| impersonal(t, mode)),
         })
         .collect()
 }
@@ -260,14 +301,17 @@ fn data<'a, V>(event: &'a MailboxEvent, matched_filters: &'a [String], cfg: &Pay
         source: event.source.as_str(),
         occurred_at: event.occurred_at.to_string(),
         direction: event.direction,
-        folder: event.folder.as_deref(),
+        folder: event.folder.as_deref().and_then(|f| impersonal(f, cfg.mode)),
         size: event.size,
-        // Dovecot's ids name the user and folder (and a batch's, the session).
+        // A dead-letter copy is a new event: the original's id would make receivers drop it.
         producer_event_id: event
             .producer_event_id
             .as_deref()
-            .filter(|_| cfg.mode == PayloadMode::Full || event.source != crate::event::Source::Dovecot)
-            .filter(|_| event.dead_letter.is_none()),
+            .filter(|_| event.dead_letter.is_none())
+            .map(|id| match cfg.mode {
+                PayloadMode::Full => std::borrow::Cow::Borrowed(id),
+                _ => std::borrow::Cow::Owned(format!("pid_{}", pseudonym(&cfg.pseudonym_key, id))),
+            }),
         matched_filters,
         flags: (!event.flags.is_empty()).then_some(event.flags.as_slice()),
         flagged_event_id: if event.flags.is_empty() {
@@ -279,7 +323,14 @@ fn data<'a, V>(event: &'a MailboxEvent, matched_filters: &'a [String], cfg: &Pay
         activity: event.activity.as_deref().map(|a| activity_view(a, cfg.mode, &anon)),
         raw_message: match (&cfg.raw_links, &event.raw_message) {
             (Some(links), Some(sha256)) => Some(RawRef {
-                link: links.link(sha256, jiff::Timestamp::now()),
+                link: links.link(
+                    &LinkTo {
+                        sha256,
+                        subscription: &cfg.subscription,
+                        event: &event.id,
+                    },
+                    jiff::Timestamp::now(),
+                ),
                 sha256,
                 size: event.size,
             }),
@@ -324,7 +375,7 @@ pub fn render_data(event: &MailboxEvent, matched_filters: &[String], cfg: &Paylo
                 from: event.from.as_deref().map(|a| anonymize(cfg, a)),
                 to: event.to.iter().map(|a| anonymize(cfg, a)).collect(),
                 cc: event.cc.iter().map(|a| anonymize(cfg, a)).collect(),
-                attachments: unnamed(event),
+                attachments: unnamed(event, cfg.mode),
             };
             finish(&data(event, matched_filters, cfg, view), &cfg.redact)
         }
@@ -337,7 +388,7 @@ pub fn render_data(event: &MailboxEvent, matched_filters: &[String], cfg: &Paylo
                 sender_domain: event.from.as_deref().and_then(domain_of),
                 recipient_domains: domains,
                 recipient_count: event.to.len() + event.cc.len(),
-                attachments: unnamed(event),
+                attachments: unnamed(event, cfg.mode),
             };
             finish(&data(event, matched_filters, cfg, view), &cfg.redact)
         }
@@ -436,6 +487,7 @@ mod tests {
             redact: vec![],
             pseudonym_key: b"key".to_vec(),
             raw_links: None,
+            subscription: "sub".into(),
         }
     }
 

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::encryption::EncryptionKeys;
 use super::payload::{self, PayloadConfig};
 use crate::event::MailboxEvent;
+use crate::route::Ceiling;
 
 /// Where the published JSON Schemas of `data` live (`schemas/v1/` in the repository).
 pub const SCHEMA_BASE: &str = "https://mailhook.io/schemas/v1";
@@ -44,6 +45,9 @@ pub struct Item<'a> {
     pub matched_filters: &'a [String],
     /// Its `webhook-id` (`attempt::webhook_id`): stable per event and subscription.
     pub webhook_id: String,
+    /// The most the MailboxGrants covering this event let it show, whatever the
+    /// subscription's own payload settings ask for.
+    pub ceiling: Ceiling,
 }
 
 /// A request ready to sign and send.
@@ -95,6 +99,8 @@ pub fn build(
     let mut single = None;
     let mut size = 0;
     for item in items {
+        let payload = payload.capped(item.ceiling);
+        let payload = payload.as_ref();
         let piece = match cfg.format {
             Format::StandardWebhooks => payload::render(item.event, item.matched_filters, payload),
             Format::CloudEvents { .. } => {
@@ -369,6 +375,7 @@ mod tests {
             redact: vec![],
             pseudonym_key: b"key".to_vec(),
             raw_links: None,
+            subscription: "sub".into(),
         }
     }
 
@@ -395,6 +402,7 @@ mod tests {
             event,
             matched_filters: filters,
             webhook_id: "msg_1".into(),
+            ceiling: Ceiling::NONE,
         }]
     }
 
@@ -498,11 +506,13 @@ mod tests {
                 event: &a,
                 matched_filters: &[],
                 webhook_id: "msg_a".into(),
+                ceiling: Ceiling::NONE,
             },
             Item {
                 event: &b,
                 matched_filters: &[],
                 webhook_id: "msg_b".into(),
+                ceiling: Ceiling::NONE,
             },
         ];
         let r = request(

@@ -1,8 +1,11 @@
 //! The history API, served on the admin port: a subscription's delivery attempts and
 //! dead letters, and replaying them (`client` is the CLI side of it); and links to
 //! archived raw messages (`raw`). Every route but the signed raw-message links needs
-//! `Authorization: Bearer <token>` from `--admin-token-file`; without that flag that part
-//! is off. Depends on the core (delivery, store, archive) and the shared handles only.
+//! `Authorization: Bearer <token>`: a token from `--admin-token-file` acts on every
+//! namespace; any other is a Kubernetes token, allowed what its user may do to the
+//! WebhookSubscription in that namespace (`auth::kubernetes`: `get` to list, `patch` to
+//! replay).
+//! Depends on the core (delivery, store, archive) and the shared handles only.
 //!
 //! - `GET  /v1/subscriptions/{namespace}/{name}/attempts?since=&limit=`
 //! - `GET  /v1/subscriptions/{namespace}/{name}/dead-letters?since=&limit=`
@@ -26,7 +29,8 @@ use serde_json::json;
 use tracing::info;
 
 use crate::api::parse_since;
-use crate::auth::{Auth, Tokens};
+use crate::auth::kubernetes::{Access, Decision, KubernetesAccess, Verb};
+use crate::auth::{FailureLimit, Tokens, bearer};
 use crate::delivery::Deliveries;
 use crate::handles::Directory;
 use crate::store::{Attempt, DeadLetter};
@@ -40,8 +44,12 @@ const DEFAULT_LIMIT: usize = 100;
 pub struct History {
     pub deliveries: Arc<Deliveries>,
     pub directory: Arc<Directory>,
-    /// None: the API is off.
+    /// Tokens that act on every namespace (`--admin-token-file`).
     pub tokens: Option<Tokens>,
+    /// Kubernetes tokens, judged per namespace; None: only admin tokens are taken.
+    pub kubernetes: Option<Arc<KubernetesAccess>>,
+    /// Failed authentications per client address, over both kinds of token.
+    pub failures: Arc<FailureLimit>,
 }
 
 #[derive(Deserialize)]
@@ -79,14 +87,11 @@ pub struct Replayed {
 
 /// Every route of the history API: the token-guarded part, and the raw message links when
 /// the archive is on.
-pub fn router(
-    history: History,
-    raw_links: Option<Arc<crate::archive::RawLinks>>,
-    store: Arc<dyn crate::store::Store>,
-) -> Router {
+pub fn router(history: History, raw_links: Option<Arc<crate::archive::RawLinks>>) -> Router {
+    let deliveries = history.deliveries.clone();
     let app = api_router(history);
     match raw_links {
-        Some(links) => app.merge(raw::router(links, store)),
+        Some(links) => app.merge(raw::router(links, deliveries)),
         None => app,
     }
 }
@@ -123,39 +128,67 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Authenticates, resolves the subscription and the bounds.
-fn resolve(
+/// Whether the caller may `verb` the subscription `namespace/name`: an admin token may
+/// anything; a Kubernetes token what its user may do to the resource.
+async fn authorize(
     history: &History,
     headers: &HeaderMap,
     peer: std::net::IpAddr,
-    namespace: String,
-    name: String,
-    params: Params,
-) -> Result<(SubscriptionRef, jiff::Timestamp, usize), Refusal> {
-    let Some(tokens) = &history.tokens else {
+    namespace: &str,
+    name: &str,
+    verb: Verb,
+) -> Result<(), Refusal> {
+    let now = std::time::Instant::now();
+    if let Some(left) = history.failures.locked(peer, now) {
         return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "the history API is off: start the operator with --admin-token-file",
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed authentications from this address; try again in {} s",
+                left.as_secs().max(1)
+            ),
         ));
-    };
-    match tokens.check_request(headers, peer) {
-        Auth::Accepted => {}
-        Auth::Refused => {
-            return Err(refuse(
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown bearer token: send Authorization: Bearer <token from --admin-token-file>",
-            ));
-        }
-        Auth::Locked(left) => {
-            return Err(refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "too many failed authentications from this address; try again in {} s",
-                    left.as_secs().max(1)
-                ),
-            ));
-        }
     }
+    let presented = bearer(headers).filter(|t| !t.is_empty());
+    if let (Some(token), Some(tokens)) = (presented, &history.tokens)
+        && tokens.accepts(token)
+    {
+        return Ok(());
+    }
+    let unauthenticated = || {
+        history.failures.failed(peer, now);
+        tracing::info!(%peer, "history API: authentication failed");
+        refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown bearer token: send Authorization: Bearer <a Kubernetes token allowed to get the WebhookSubscription, or a token from --admin-token-file>",
+        )
+    };
+    let (Some(token), Some(kubernetes)) = (presented, &history.kubernetes) else {
+        return Err(unauthenticated());
+    };
+    match kubernetes
+        .decide(token, Access::Subscription { namespace, name, verb })
+        .await
+    {
+        Ok(Decision::Allowed) => Ok(()),
+        Ok(Decision::Unauthenticated) => Err(unauthenticated()),
+        Ok(Decision::Denied(why)) => Err(refuse(StatusCode::FORBIDDEN, why)),
+        Err(err) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{err}: {}", crate::error_chain(&err)),
+        )),
+    }
+}
+
+/// Authenticates and authorizes, resolves the subscription and the bounds.
+async fn resolve(
+    history: &History,
+    headers: &HeaderMap,
+    peer: std::net::IpAddr,
+    (namespace, name): (String, String),
+    params: Params,
+    verb: Verb,
+) -> Result<(SubscriptionRef, jiff::Timestamp, usize), Refusal> {
+    authorize(history, headers, peer, &namespace, &name, verb).await?;
     let since = match params.since.as_deref() {
         None => jiff::Timestamp::MIN,
         Some(text) => parse_since(text, jiff::Timestamp::now())
@@ -204,7 +237,15 @@ async fn attempts(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<axum::Json<AttemptList>, Refusal> {
-    let (subscription, since, limit) = resolve(&history, &headers, peer.ip(), namespace, name, query(params)?)?;
+    let (subscription, since, limit) = resolve(
+        &history,
+        &headers,
+        peer.ip(),
+        (namespace, name),
+        query(params)?,
+        Verb::Get,
+    )
+    .await?;
     let store = history.deliveries.store().clone();
     let uid = subscription.uid.clone();
     let items = blocking(move || store.attempts(&uid, since, limit)).await?;
@@ -218,7 +259,15 @@ async fn dead_letters(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<axum::Json<DeadLetterList>, Refusal> {
-    let (subscription, since, limit) = resolve(&history, &headers, peer.ip(), namespace, name, query(params)?)?;
+    let (subscription, since, limit) = resolve(
+        &history,
+        &headers,
+        peer.ip(),
+        (namespace, name),
+        query(params)?,
+        Verb::Get,
+    )
+    .await?;
     let store = history.deliveries.store().clone();
     let uid = subscription.uid.clone();
     let items = blocking(move || store.dead_letters(&uid, since, limit)).await?;
@@ -232,7 +281,15 @@ async fn replay(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Replayed>, Refusal> {
-    let (subscription, since, _) = resolve(&history, &headers, peer.ip(), namespace, name, query(params)?)?;
+    let (subscription, since, _) = resolve(
+        &history,
+        &headers,
+        peer.ip(),
+        (namespace, name),
+        query(params)?,
+        Verb::Patch,
+    )
+    .await?;
     let deliveries = history.deliveries.clone();
     let uid = subscription.uid.clone();
     let replayed = blocking(move || deliveries.replay(&uid, since)).await?;

@@ -1,7 +1,8 @@
 //! The raw message door of the history API: `GET /v1/raw-messages/{sha256}` with a link
 //! the delivery path signed (`archive::RawLinks`). The link is the credential: it needs
 //! no token, so a receiver can fetch the message it was told about, and nothing else,
-//! until the link expires. Depends on the archive and the store.
+//! until the link expires or its subscription or grant goes away. Depends on the archive,
+//! the store and the delivery registry.
 
 use std::sync::Arc;
 
@@ -12,27 +13,31 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use crate::archive::{LinkError, RawLinks};
-use crate::store::Store;
+use crate::archive::{LinkError, LinkTo, RawLinks};
+use crate::delivery::{Deliveries, RawLinkRefused};
 
 #[derive(Clone)]
 struct ArchiveState {
     links: Arc<RawLinks>,
-    store: Arc<dyn Store>,
+    deliveries: Arc<Deliveries>,
 }
 
 #[derive(Deserialize)]
 struct LinkQuery {
+    #[serde(default)]
+    subscription: String,
+    #[serde(default)]
+    event: String,
     #[serde(default)]
     expires: String,
     #[serde(default)]
     signature: String,
 }
 
-pub fn router(links: Arc<RawLinks>, store: Arc<dyn Store>) -> Router {
+pub fn router(links: Arc<RawLinks>, deliveries: Arc<Deliveries>) -> Router {
     Router::new()
         .route("/v1/raw-messages/{sha256}", get(raw_message))
-        .with_state(ArchiveState { links, store })
+        .with_state(ArchiveState { links, deliveries })
 }
 
 fn refuse(status: StatusCode, message: String) -> Response {
@@ -44,17 +49,31 @@ async fn raw_message(
     Path(sha256): Path<String>,
     Query(q): Query<LinkQuery>,
 ) -> Response {
+    let to = LinkTo {
+        sha256: &sha256,
+        subscription: &q.subscription,
+        event: &q.event,
+    };
     match state
         .links
-        .verify(&sha256, &q.expires, &q.signature, jiff::Timestamp::now())
+        .verify(&to, &q.expires, &q.signature, jiff::Timestamp::now())
     {
         Ok(()) => {}
         Err(err @ LinkError::BadSignature) => return refuse(StatusCode::FORBIDDEN, err.to_string()),
         Err(err @ LinkError::Expired(_)) => return refuse(StatusCode::GONE, err.to_string()),
     }
-    let store = state.store.clone();
-    let id = sha256.clone();
-    let found = tokio::task::spawn_blocking(move || store.raw_message(&id)).await;
+    let (deliveries, id) = (state.deliveries.clone(), sha256.clone());
+    let (subscription, event) = (q.subscription.clone(), q.event.clone());
+    let found = tokio::task::spawn_blocking(move || {
+        let to = LinkTo {
+            sha256: &id,
+            subscription: &subscription,
+            event: &event,
+        };
+        deliveries.raw_link_allowed(&to)?;
+        deliveries.store().raw_message(&id).map_err(RawLinkRefused::Store)
+    })
+    .await;
     match found {
         Ok(Ok(Some((_, bytes)))) => (
             StatusCode::OK,
@@ -73,10 +92,12 @@ async fn raw_message(
             StatusCode::NOT_FOUND,
             "the raw message is no longer archived (past --raw-message-retention)".into(),
         ),
-        Ok(Err(err)) => refuse(
+        Ok(Err(RawLinkRefused::Store(err))) => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot read the archive: {err}"),
         ),
+        Ok(Err(err @ RawLinkRefused::Grant)) => refuse(StatusCode::FORBIDDEN, err.to_string()),
+        Ok(Err(err)) => refuse(StatusCode::NOT_FOUND, err.to_string()),
         Err(err) => refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("reading the archive stopped: {err}"),

@@ -309,7 +309,7 @@ fn literal_domains(patterns: &[String]) -> Option<Vec<String>> {
     Some(domains)
 }
 
-fn globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, FilterError> {
+pub(super) fn globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, FilterError> {
     patterns
         .iter()
         .enumerate()
@@ -345,7 +345,7 @@ fn folder_globs(patterns: &[String], field: &str) -> Result<Vec<WildMatch>, Filt
         .collect()
 }
 
-fn domains(list: &[String], field: &str) -> Result<Vec<String>, FilterError> {
+pub(super) fn domains(list: &[String], field: &str) -> Result<Vec<String>, FilterError> {
     list.iter()
         .enumerate()
         .map(|(i, d)| {
@@ -368,7 +368,7 @@ fn domains(list: &[String], field: &str) -> Result<Vec<String>, FilterError> {
 /// A domain in the form filters keep (see `CompiledCriteria::domains`). ASCII domains, the
 /// common case, only need lower-casing; a domain IDNA refuses is compared as lower-cased
 /// Unicode (it then matches no filter domain, which are all ASCII).
-fn ascii_domain(domain: &str) -> std::borrow::Cow<'_, str> {
+pub(super) fn ascii_domain(domain: &str) -> std::borrow::Cow<'_, str> {
     if domain.is_ascii() {
         if domain.bytes().any(|b| b.is_ascii_uppercase()) {
             return domain.to_ascii_lowercase().into();
@@ -382,7 +382,7 @@ fn ascii_domain(domain: &str) -> std::borrow::Cow<'_, str> {
 
 /// Whether `domain` is `d` or one of its subdomains. Compares bytes: `d` is ASCII, so a
 /// match ends on a character boundary of `domain` whatever it holds.
-fn covers(d: &str, domain: &str) -> bool {
+pub(super) fn covers(d: &str, domain: &str) -> bool {
     let (domain, d) = (domain.as_bytes(), d.as_bytes());
     let Some(start) = domain.len().checked_sub(d.len()) else {
         return false;

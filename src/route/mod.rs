@@ -1,8 +1,11 @@
 //! Compiled MailboxFilters and the matching of events against them: the routing table the
-//! sources read and the controllers rebuild. Depends on `api` and `event` only.
+//! sources read and the controllers rebuild, with the MailboxGrants that bound what each
+//! namespace may see. Depends on `api` and `event` only.
 
 mod filter;
+mod grant;
 mod table;
 
 pub use filter::{CompiledFilter, FilterError};
+pub use grant::{Ceiling, CompiledGrant, Grants};
 pub use table::{FilterEntry, Routed, Router, RoutingTable, SubscriptionRoute, Target};

@@ -14,6 +14,7 @@ use crate::api::EventType;
 use crate::event::{Flag, MailboxEvent, Source};
 
 use super::CompiledFilter;
+use super::grant::{CeilingMemo, Grants};
 
 /// A subscription as the router sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +75,9 @@ pub struct RoutingTable {
     flags: DomainIndex,
     /// Per event type, the routes that take every event of it (no filters).
     unfiltered_by_type: [Vec<usize>; EventType::ALL.len()],
+    /// What each namespace may see: nothing outside a grant is routed to it or counted
+    /// by its filters.
+    grants: Grants,
 }
 
 /// Filters by the literal domains their `mailboxes` patterns name: only those of an event's
@@ -178,9 +182,10 @@ fn type_index(t: EventType) -> usize {
 }
 
 impl RoutingTable {
-    pub fn build(subscriptions: Vec<SubscriptionRoute>, filters: Vec<FilterEntry>) -> RoutingTable {
+    pub fn build(subscriptions: Vec<SubscriptionRoute>, filters: Vec<FilterEntry>, grants: Grants) -> RoutingTable {
         let mut table = RoutingTable {
             filters,
+            grants,
             ..Default::default()
         };
         table.flagging = (0..table.filters.len())
@@ -250,11 +255,20 @@ impl RoutingTable {
         table
     }
 
-    pub fn route(&self, event: &MailboxEvent) -> Routed {
+    /// The MailboxGrants this table routes under.
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    pub fn route<'t>(&'t self, event: &MailboxEvent) -> Routed {
         let mut routed = Routed::default();
         let mut memo = Memo::Few(Vec::new());
         let count = self.filters.len();
         let prepared = super::filter::Prepared::new(event);
+        // Whether a namespace was granted the event: a subscription is routed, and a
+        // filter evaluated (so counted, or flagging), only within its namespace's grants.
+        let ceilings = std::cell::RefCell::new(CeilingMemo::default());
+        let granted = |namespace: &'t str| ceilings.borrow_mut().granted(&self.grants, namespace, event);
         let mut eval = |i: usize, routed: &mut Routed| -> bool {
             if let Some(hit) = memo.get(i) {
                 return hit;
@@ -277,7 +291,7 @@ impl RoutingTable {
                 let route = &self.routes[r];
                 // A flag reaches subscriptions of its own namespace only, and when the
                 // subscription names filters, only flags those filters set.
-                if event.flag_namespace.as_deref() != Some(route.namespace.as_str()) {
+                if event.flag_namespace.as_deref() != Some(route.namespace.as_str()) || !granted(&route.namespace) {
                     continue;
                 }
                 let names: Vec<String> = route
@@ -295,8 +309,9 @@ impl RoutingTable {
             }
         } else {
             let accepts = |r: usize| {
-                let types = &self.routes[r].event_types;
-                types.is_empty() || types.contains(&event.event_type)
+                let route = &self.routes[r];
+                (route.event_types.is_empty() || route.event_types.contains(&event.event_type))
+                    && granted(&route.namespace)
             };
             // (route, position of the filter in its list) of every filter that matched.
             let mut hits: Vec<(usize, usize)> = Vec::new();
@@ -319,6 +334,9 @@ impl RoutingTable {
                         break;
                     }
                     next_unfiltered.next();
+                    if !granted(&self.routes[u].namespace) {
+                        continue;
+                    }
                     routed.targets.push(Target {
                         subscription: self.routes[u].uid.clone(),
                         matched_filters: vec![],
@@ -353,7 +371,7 @@ impl RoutingTable {
             let mut flagging: Vec<usize> = self.flags.candidates(domain.as_deref()).collect();
             flagging.sort_unstable();
             for f in flagging {
-                if !eval(f, &mut routed) {
+                if !granted(&self.filters[f].namespace) || !eval(f, &mut routed) {
                     continue;
                 }
                 let entry = &self.filters[f];
@@ -419,6 +437,17 @@ mod tests {
         AttachmentMatch, ComplianceFlag, Direction, MailboxFilterSpec, MatchCriteria, Severity, SubjectMatch,
     };
     use crate::event::Attachment;
+
+    /// A table whose every namespace is granted everything (grants have tests of their own).
+    fn build_granted(routes: Vec<SubscriptionRoute>, filters: Vec<FilterEntry>) -> RoutingTable {
+        let namespaces: Vec<String> = routes
+            .iter()
+            .map(|r| r.namespace.clone())
+            .chain(filters.iter().map(|f| f.namespace.clone()))
+            .collect();
+        let grants = Grants::unrestricted(namespaces.iter().map(String::as_str));
+        RoutingTable::build(routes, filters, grants)
+    }
 
     fn event(json: serde_json::Value) -> MailboxEvent {
         let mut base = serde_json::json!({
@@ -531,7 +560,7 @@ mod tests {
     #[test]
     fn a_type_or_filter_listed_twice_routes_once() {
         let spec: MailboxFilterSpec = serde_json::from_value(serde_json::json!({})).expect("spec");
-        let table = RoutingTable::build(
+        let table = build_granted(
             vec![
                 SubscriptionRoute {
                     uid: "twice".into(),
@@ -629,7 +658,7 @@ mod tests {
                     filters: (0..next(5)).map(|_| format!("f{}", next(per_namespace + 2))).collect(),
                 })
                 .collect();
-            let table = RoutingTable::build(routes.clone(), filters.clone());
+            let table = build_granted(routes.clone(), filters.clone());
             for _ in 0..25 {
                 let (k, j) = (next(4), next(4));
                 let mailbox = [
@@ -707,7 +736,7 @@ mod tests {
             },
             None,
         );
-        let t = RoutingTable::build(vec![sub("s", "ns", &[], &["f"])], vec![f]);
+        let t = build_granted(vec![sub("s", "ns", &[], &["f"])], vec![f]);
         assert_eq!(targets(&t, &event(serde_json::json!({}))), vec!["s"]);
         assert_eq!(
             targets(&t, &event(serde_json::json!({"mailbox": "x@legal.example.com"}))),
@@ -732,7 +761,7 @@ mod tests {
                 ..Default::default()
             }),
         );
-        let t = RoutingTable::build(vec![sub("s", "ns", &[EventType::MessageReceived], &["f"])], vec![f]);
+        let t = build_granted(vec![sub("s", "ns", &[EventType::MessageReceived], &["f"])], vec![f]);
         assert_eq!(targets(&t, &event(serde_json::json!({}))), vec!["s"]);
         // Subdomains match a domain; look-alike suffixes do not.
         assert_eq!(
@@ -768,7 +797,7 @@ mod tests {
             },
             None,
         );
-        let t = RoutingTable::build(vec![sub("s", "ns", &[], &["f"])], vec![f]);
+        let t = build_granted(vec![sub("s", "ns", &[], &["f"])], vec![f]);
         let pdf = Attachment {
             name: Some("Q3.PDF".into()),
             content_type: Some("application/pdf".into()),
@@ -812,7 +841,7 @@ mod tests {
                 compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
             }
         };
-        let t = RoutingTable::build(
+        let t = build_granted(
             vec![
                 sub("legal", "ns", &[EventType::ComplianceFlagged], &[]),
                 sub("other-ns", "elsewhere", &[EventType::ComplianceFlagged], &[]),
@@ -846,7 +875,7 @@ mod tests {
                 regex: regex.map(String::from),
             })
         };
-        let t = RoutingTable::build(
+        let t = build_granted(
             vec![
                 sub("unicode", "ns", &[], &["unicode"]),
                 sub("punycode", "ns", &[], &["punycode"]),
@@ -918,7 +947,7 @@ mod tests {
     #[test]
     fn only_indexed_types_are_considered_and_filters_evaluated_once() {
         let f = filter("ns", "f", MatchCriteria::default(), None);
-        let t = RoutingTable::build(
+        let t = build_granted(
             vec![
                 sub("a", "ns", &[EventType::MessageSent], &["f"]),
                 sub("b", "ns", &[], &["f"]),

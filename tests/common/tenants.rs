@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use mailhook::api::{EventType, MailboxFilterSpec};
-use mailhook::route::{CompiledFilter, FilterEntry, RoutingTable, SubscriptionRoute};
+use mailhook::route::{CompiledFilter, FilterEntry, Grants, RoutingTable, SubscriptionRoute};
 
 /// Which domains the filters name in `mailboxes`.
 #[allow(dead_code, reason = "each user takes the tables it needs")]
@@ -50,5 +50,7 @@ pub fn table(domains: Domains) -> RoutingTable {
             });
         }
     }
-    RoutingTable::build(routes, filters)
+    let namespaces: Vec<String> = routes.iter().map(|r| r.namespace.clone()).collect();
+    let grants = Grants::unrestricted(namespaces.iter().map(String::as_str));
+    RoutingTable::build(routes, filters, grants)
 }

@@ -7,6 +7,7 @@ mod delivery;
 mod dovecot;
 mod durability;
 mod formats;
+mod grants;
 mod history;
 #[path = "../common/pg.rs"]
 mod pg;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mailhook::route::{CompiledFilter, FilterEntry, RoutingTable, SubscriptionRoute};
+use mailhook::route::{CompiledFilter, FilterEntry, Grants, RoutingTable, SubscriptionRoute};
 
 /// Aborts on any panic outside mail-parser, so libFuzzer records the input: mail-parser
 /// 0.11 panics on some malformed multiparts, which `journal::parse` catches and refuses
@@ -33,5 +33,6 @@ pub fn one_route(filter: Arc<CompiledFilter>) -> RoutingTable {
             name: "f".into(),
             compiled: filter,
         }],
+        Grants::unrestricted(["ns"]),
     )
 }

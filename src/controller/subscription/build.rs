@@ -100,6 +100,7 @@ pub fn build(
                 .as_ref()
                 .filter(|_| spec.payload.include_raw_message_link)
                 .cloned(),
+            subscription: uid.to_string(),
         },
         concurrency: spec.delivery.concurrency,
         rate_limit_per_second: spec.delivery.rate_limit_per_second,

@@ -28,7 +28,7 @@ use crate::route::SubscriptionRoute;
 pub use build::{BuildError, BuildSettings, Built, build};
 pub use dereference::{DereferenceError, FilterRef, References, dereference, referenced_secrets};
 pub use replay::{ReplayError, ReplayRequest, replay_request};
-pub use validate::{Problem, ValidSubscription, endpoint_host, validate};
+pub use validate::{Problem, ValidSubscription, authorize, endpoint_host, validate};
 
 /// Reasons on the `Ready` condition of a WebhookSubscription.
 pub mod reason {
@@ -42,6 +42,9 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const EGRESS_REFUSED: &str = "EgressRefused";
     pub const ENDPOINT_NOT_VERIFIED: &str = "EndpointNotVerified";
+    /// No MailboxGrant covers the namespace, or the subscription asks for more than its
+    /// grants allow.
+    pub const NOT_GRANTED: &str = "NotGranted";
 }
 
 /// `Stalled` or `Reconciling` for a subscription's `Ready` (kstatus). Paused is a choice,
@@ -156,8 +159,21 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
     let ns = whs.namespace().ok_or(Error::NotNamespaced)?;
     let uid = whs.uid().ok_or(Error::NotNamespaced)?;
 
+    // Until the grants are known, nothing can be judged granted.
+    let mut synced = ctx.grants_synced.subscribe();
+    if synced.wait_for(|s| *s).await.is_err() {
+        return Err(Error::StoreClosed);
+    }
     let refs = dereference(&ctx, &whs, &ns).await?;
     let mut outcome = validate(&whs.spec, &refs);
+    let covering = ctx.state.lock().grants_of(&ns);
+    let mut grants = Vec::new();
+    if outcome.is_ok() {
+        match authorize(&whs.spec, &ns, &covering) {
+            Ok(names) => grants = names,
+            Err(problem) => outcome = Err(vec![problem]),
+        }
+    }
     let built = match &outcome {
         Ok(valid) => match build(&whs, &uid, valid, &ctx.build) {
             Ok(built) => Some(built),
@@ -221,6 +237,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
             last_replay,
             insecure_skip_tls_verify: whs.spec.endpoint.insecure_skip_tls_verify,
             uses,
+            grants,
             version: 0,
         },
     );

@@ -43,6 +43,50 @@ pub struct ValidSubscription {
     pub dead_letter_sink: Option<Sink>,
 }
 
+/// Checks a subscription in `namespace` against the grants that cover that namespace
+/// (by name): what it may receive, and at most how. Returns the names of the grants it
+/// receives through. Pure.
+pub fn authorize(
+    spec: &WebhookSubscriptionSpec,
+    namespace: &str,
+    grants: &[std::sync::Arc<crate::route::CompiledGrant>],
+) -> Result<Vec<String>, Problem> {
+    let not_granted = |message: String| Problem {
+        reason: reason::NOT_GRANTED,
+        message,
+    };
+    let Some(widest) = grants.iter().map(|g| g.ceiling).reduce(crate::route::Ceiling::join) else {
+        return Err(not_granted(format!(
+            "No MailboxGrant covers namespace {namespace}, so this subscription receives nothing. \
+             Mail belongs to the organisation: ask a cluster admin for a MailboxGrant that lists \
+             {namespace} in spec.namespaces (or selects it with spec.namespaceSelector) and names \
+             the mailboxes or domains it may receive (kubectl explain mailboxgrant.spec)."
+        )));
+    };
+    let names = || grants.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ");
+    let asked = spec.payload.mode;
+    if asked.rank() > widest.mode.rank() {
+        return Err(not_granted(format!(
+            "spec.payload.mode: {} is fuller than the MailboxGrants of namespace {namespace} ({}) \
+             allow; the fullest is {}. Set spec.payload.mode to {}, or ask a cluster admin to \
+             raise maxPayloadMode on a grant for {namespace}.",
+            asked.as_str(),
+            names(),
+            widest.mode.as_str(),
+            widest.mode.as_str()
+        )));
+    }
+    if spec.payload.include_raw_message_link && !widest.raw_links {
+        return Err(not_granted(format!(
+            "spec.payload.includeRawMessageLink: no MailboxGrant of namespace {namespace} ({}) \
+             allows raw message links. Remove it, or ask a cluster admin to set \
+             rawMessageLinks: true on a grant for {namespace}.",
+            names()
+        )));
+    }
+    Ok(grants.iter().map(|g| g.name.clone()).collect())
+}
+
 /// Checks a subscription against what it references. Pure: every problem is returned,
 /// the first one's reason going on the condition.
 pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<ValidSubscription, Vec<Problem>> {

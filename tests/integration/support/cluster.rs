@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
-use mailhook::api::{MailboxFilter, WebhookSubscription};
+use mailhook::api::{MailboxFilter, MailboxGrant, WebhookSubscription};
 use tokio::sync::OnceCell;
 
 use super::{eventually, repo_path};
@@ -53,17 +53,55 @@ pub async fn install_crds(client: &Client) {
         .await;
 }
 
-/// A namespace owned by one test. Objects of our kinds in it are deleted and the
-/// namespace finalized when it is dropped (no kube-controller-manager runs here, so
-/// nothing else would finish a namespace deletion).
+/// A namespace owned by one test. Objects of our kinds in it (and its grant) are deleted
+/// and the namespace finalized when it is dropped (no kube-controller-manager runs here,
+/// so nothing else would finish a namespace deletion).
 pub struct TestNamespace {
     pub client: Client,
     pub name: String,
 }
 
 impl TestNamespace {
-    /// A client with the CRDs installed and a fresh namespace named after `test`.
+    /// A fresh namespace named after `test`, granted every mailbox at full payload with
+    /// raw message links (a MailboxGrant named like the namespace): what tests that are
+    /// not about grants run under.
     pub async fn new(test: &str) -> TestNamespace {
+        let ns = TestNamespace::ungranted(test).await;
+        ns.grant(
+            &ns.name,
+            r#"{"mailboxes": ["*"], "maxPayloadMode": "full", "rawMessageLinks": true}"#,
+        )
+        .await;
+        ns
+    }
+
+    /// Applies the MailboxGrant `name` with `spec` (JSON, without `namespaces`, which is
+    /// set to this namespace); deleted with the namespace.
+    pub async fn grant(&self, name: &str, spec: &str) {
+        let mut spec: serde_json::Value = serde_json::from_str(spec).expect("grant spec is JSON");
+        spec["namespaces"] = serde_json::json!([self.name]);
+        let grant = serde_json::json!({
+            "apiVersion": "mailhook.io/v1alpha1", "kind": "MailboxGrant",
+            "metadata": {"name": name, "labels": {"mailhook.io/test-namespace": self.name}},
+            "spec": spec,
+        });
+        Api::<MailboxGrant>::all(self.client.clone())
+            .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&grant))
+            .await
+            .unwrap_or_else(|e| panic!("apply MailboxGrant {name}: {e}"));
+    }
+
+    /// Deletes the MailboxGrant `name`.
+    pub async fn revoke(&self, name: &str) {
+        Api::<MailboxGrant>::all(self.client.clone())
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete MailboxGrant {name}: {e}"));
+    }
+
+    /// A client with the CRDs installed and a fresh namespace named after `test`, which no
+    /// grant covers: its subscriptions receive nothing until the test grants it mail.
+    pub async fn ungranted(test: &str) -> TestNamespace {
         let client = client().await;
         install_crds(&client).await;
         let nanos = std::time::SystemTime::now()
@@ -118,6 +156,10 @@ impl Drop for TestNamespace {
                     .await;
                 let _ = Api::<MailboxFilter>::namespaced(client.clone(), &name)
                     .delete_collection(&dp, &lp)
+                    .await;
+                let by_label = ListParams::default().labels(&format!("mailhook.io/test-namespace={name}"));
+                let _ = Api::<MailboxGrant>::all(client.clone())
+                    .delete_collection(&dp, &by_label)
                     .await;
                 let namespaces: Api<Namespace> = Api::all(client.clone());
                 let _ = namespaces.delete(&name, &dp).await;

@@ -1,6 +1,9 @@
 //! Bearer-token authentication shared by the ingest API, the SMTP receiver and the history
 //! API: token files (re-read while running), lockout after failures, the ingest token
-//! Secret. Depends on `crypto` only.
+//! Secret; and tokens judged by Kubernetes (`kubernetes`: the history API per namespace,
+//! `/metrics`). Depends on `crypto` and `api` only.
+
+pub mod kubernetes;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -34,7 +37,7 @@ pub enum Auth {
 /// from that address is refused until the window ends, so tokens cannot be guessed at
 /// speed; successes never count, so a busy producer is never locked out by its own traffic.
 #[derive(Default)]
-struct FailureLimit {
+pub struct FailureLimit {
     by_peer: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
@@ -45,14 +48,16 @@ const WINDOW: Duration = Duration::from_secs(60);
 const MAX_PEERS: usize = 100_000;
 
 impl FailureLimit {
-    fn locked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
+    /// How long `peer` stays refused, if it is.
+    pub fn locked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
         let map = self.by_peer.lock();
         let (n, since) = map.get(&peer)?;
         let left = WINDOW.checked_sub(now.duration_since(*since))?;
         (*n >= MAX_FAILURES && !left.is_zero()).then_some(left)
     }
 
-    fn failed(&self, peer: IpAddr, now: Instant) {
+    /// Counts a failed attempt of `peer`.
+    pub fn failed(&self, peer: IpAddr, now: Instant) {
         let mut map = self.by_peer.lock();
         if map.len() >= MAX_PEERS {
             map.retain(|_, (_, since)| now.duration_since(*since) < WINDOW);
@@ -202,7 +207,8 @@ impl Tokens {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
