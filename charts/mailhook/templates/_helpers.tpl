@@ -52,3 +52,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "mailhook.ingestTokenSecret" -}}
 {{- default (printf "%s-ingest-token" (include "mailhook.fullname" .)) .Values.ingest.token.existingSecret }}
 {{- end }}
+
+{{/*
+Whether a LabelSelector (dict "selector" SEL "labels" LABELS) matches a set of labels, as
+the apiserver decides it: every matchLabels pair and every matchExpressions requirement
+must hold; an empty selector matches everything. Prints "true" or nothing.
+*/}}
+{{- define "mailhook.selectorMatches" -}}
+{{- $labels := .labels | default dict }}
+{{- $ok := true }}
+{{- range $k, $v := .selector.matchLabels | default dict }}
+{{- if or (not (hasKey $labels $k)) (ne (toString (get $labels $k)) (toString $v)) }}
+{{- $ok = false }}
+{{- end }}
+{{- end }}
+{{- range $e := .selector.matchExpressions | default list }}
+{{- $has := hasKey $labels $e.key }}
+{{- $in := and $has (has (toString (get $labels $e.key)) ($e.values | default list)) }}
+{{- if eq $e.operator "In" }}{{ if not $in }}{{ $ok = false }}{{ end }}
+{{- else if eq $e.operator "NotIn" }}{{ if $in }}{{ $ok = false }}{{ end }}
+{{- else if eq $e.operator "Exists" }}{{ if not $has }}{{ $ok = false }}{{ end }}
+{{- else if eq $e.operator "DoesNotExist" }}{{ if $has }}{{ $ok = false }}{{ end }}
+{{- else }}{{ $ok = false }}
+{{- end }}
+{{- end }}
+{{- if $ok }}true{{ end }}
+{{- end }}
