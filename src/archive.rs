@@ -1,10 +1,12 @@
 //! Links to archived raw messages: time-limited and signed,
-//! `{base}/v1/raw-messages/{sha256}?subscription={uid}&event={id}&expires={unix s}&signature={base64url HMAC-SHA256}`,
+//! `{base}/v1/raw-messages/{sha256}?subscription={uid}&mailbox={address}&type={event type}&expires={unix s}&signature={base64url HMAC-SHA256}`,
 //! made by the delivery path and checked by the history API (`history::raw`), which
 //! serves them on the operator's HTTP (admin) port. The link is the credential: it needs no
 //! token, so a receiver can fetch the message it was told about, and nothing else, until
 //! the link expires — and only while the subscription it names exists and a MailboxGrant
-//! still lets it have raw messages of that event (checked at fetch time). The key lives in
+//! still lets it have raw messages of that mailbox and event type (checked at fetch time:
+//! both are signed into the link, as the event itself may be gone once delivered; the
+//! link goes only to a `full` subscription, which sees the mailbox anyway). The key lives in
 //! the store (links survive a restart and die with the data) or in `--raw-link-key-file`
 //! (replacing the file and restarting rotates it: every older link then fails closed).
 //! Depends on nothing else of the crate.
@@ -28,14 +30,17 @@ pub struct RawLinks {
     ttl: Duration,
 }
 
-/// What a link opens: one archived message, for one subscription, as part of one event.
+/// What a link opens: one archived message, for one subscription, as part of an event of
+/// one mailbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkTo<'a> {
     pub sha256: &'a str,
     /// The UID of the subscription the link was issued to.
     pub subscription: &'a str,
-    /// The event (`evt_…`) whose delivery carried it.
-    pub event: &'a str,
+    /// The mailbox of the event whose delivery carried it.
+    pub mailbox: &'a str,
+    /// That event's type (`message.received`, ...).
+    pub event_type: &'a str,
 }
 
 /// A key for links from a file's bytes (at least 32): their SHA-256, so any length works.
@@ -86,7 +91,7 @@ impl RawLinks {
         // Each part ends with a newline, which none of them can hold: no two links share
         // the signed bytes.
         mac.update(b"mailhook raw message v2\n");
-        for part in [to.sha256, to.subscription, to.event] {
+        for part in [to.sha256, to.subscription, to.mailbox, to.event_type] {
             mac.update(part.as_bytes());
             mac.update(b"\n");
         }
@@ -101,7 +106,8 @@ impl RawLinks {
         let signature = URL_SAFE_NO_PAD.encode(self.mac(to, expires).finalize().into_bytes());
         let query = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("subscription", to.subscription)
-            .append_pair("event", to.event)
+            .append_pair("mailbox", to.mailbox)
+            .append_pair("type", to.event_type)
             .append_pair("expires", &expires.to_string())
             .append_pair("signature", &signature)
             .finish();
@@ -120,7 +126,10 @@ impl RawLinks {
         signature: &str,
         now: jiff::Timestamp,
     ) -> Result<(), LinkError> {
-        if [to.sha256, to.subscription, to.event].iter().any(|p| p.contains('\n')) {
+        if [to.sha256, to.subscription, to.mailbox, to.event_type]
+            .iter()
+            .any(|p| p.contains('\n'))
+        {
             return Err(LinkError::BadSignature);
         }
         let expires: i64 = expires.parse().map_err(|_| LinkError::BadSignature)?;
@@ -163,7 +172,8 @@ mod tests {
     const TO: LinkTo<'static> = LinkTo {
         sha256: "abc",
         subscription: "uid-1",
-        event: "evt_1",
+        mailbox: "zoë@example.com",
+        event_type: "message.received",
     };
 
     /// Splits a link into (sha256, expires, signature), checking it names TO.
@@ -171,7 +181,10 @@ mod tests {
         let u = url::Url::parse(url).expect("url");
         let sha = u.path().rsplit('/').next().expect("path").to_string();
         let q: std::collections::HashMap<_, _> = u.query_pairs().into_owned().collect();
-        assert_eq!((q["subscription"].as_str(), q["event"].as_str()), ("uid-1", "evt_1"));
+        assert_eq!(
+            (q["subscription"].as_str(), q["mailbox"].as_str(), q["type"].as_str()),
+            ("uid-1", "zoë@example.com", "message.received")
+        );
         (sha, q["expires"].clone(), q["signature"].clone())
     }
 
@@ -185,7 +198,7 @@ mod tests {
         let link = l.link(&TO, at(1_000));
         assert!(
             link.url.starts_with(
-                "https://mailhook.example/v1/raw-messages/abc?subscription=uid-1&event=evt_1&expires=4600&signature="
+                "https://mailhook.example/v1/raw-messages/abc?subscription=uid-1&mailbox=zo%C3%AB%40example.com&type=message.received&expires=4600&signature="
             ),
             "{}",
             link.url
@@ -228,11 +241,18 @@ mod tests {
             l.verify(&other_subscription, &exp, &sig, at(1_001)),
             Err(LinkError::BadSignature)
         );
-        let other_event = LinkTo { event: "evt_2", ..TO };
-        assert_eq!(
-            l.verify(&other_event, &exp, &sig, at(1_001)),
-            Err(LinkError::BadSignature)
-        );
+        for other in [
+            LinkTo {
+                mailbox: "ceo@example.com",
+                ..TO
+            },
+            LinkTo {
+                event_type: "message.sent",
+                ..TO
+            },
+        ] {
+            assert_eq!(l.verify(&other, &exp, &sig, at(1_001)), Err(LinkError::BadSignature));
+        }
         let other = RawLinks::new([8; 32], "https://mailhook.example", Duration::from_secs(3600));
         assert_eq!(
             other.verify(&to(&sha), &exp, &sig, at(1_001)),

@@ -437,7 +437,9 @@ pub struct AdminArgs {
     pub http_addr: SocketAddr,
 
     /// File of bearer tokens for the history API on the admin port (attempts, dead
-    /// letters, replay), one per line; the API is off without it.
+    /// letters, replay), one per line, each good for every namespace. Without it the API
+    /// still takes Kubernetes tokens, each for the namespaces whose WebhookSubscriptions
+    /// its user may `get` (and `patch`, to replay).
     #[arg(long, env = "MAILHOOK_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<std::path::PathBuf>,
 

@@ -190,12 +190,8 @@ pub async fn run(ctx: Arc<Context>, client: Client, shutdown: CancellationToken)
             return;
         }
         let mut written: HashMap<String, MailboxGrantStatus> = HashMap::new();
-        let mut logged_ungranted = false;
         loop {
             pass(&ctx, &grants, &namespaces, &mut written).await;
-            if !logged_ungranted {
-                logged_ungranted = log_ungranted(&ctx).await;
-            }
             tokio::select! {
                 () = wake.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -294,10 +290,10 @@ fn retrigger_namespaces(ctx: &Context, namespaces: &BTreeSet<String>) {
     }
 }
 
-/// Once, after the first pass: names the namespaces whose subscriptions no grant covers,
-/// so that an upgrade that stopped them says so in the log. Returns whether it could tell
-/// (every subscription reconciled).
-async fn log_ungranted(ctx: &Context) -> bool {
+/// Once at start, when every subscription is cached and every grant recorded: names the
+/// namespaces whose subscriptions no grant covers, so that an upgrade that stopped them
+/// says so in the log.
+pub fn log_ungranted(ctx: &Context) {
     let objects = ctx.subscriptions.state();
     let mut ungranted: BTreeSet<String> = BTreeSet::new();
     {
@@ -317,7 +313,6 @@ async fn log_ungranted(ctx: &Context) -> bool {
     } else if !objects.is_empty() {
         info!("every namespace with WebhookSubscriptions is covered by a MailboxGrant");
     }
-    true
 }
 
 /// Writes a grant's status with server-side apply (cluster-scoped).

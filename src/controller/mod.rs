@@ -760,6 +760,7 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             routed_ctx.drop_orphans().await;
+            grant::log_ungranted(&routed_ctx);
             ready.ready();
             tracing::info!("caches synced and every resource routed; ready");
         };

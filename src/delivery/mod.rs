@@ -129,12 +129,8 @@ pub struct Deliveries {
 pub enum RawLinkRefused {
     #[error("the subscription this link was issued to no longer exists or no longer asks for raw message links")]
     Subscription,
-    #[error("the event this link was issued with is no longer stored")]
-    Event,
     #[error("no MailboxGrant allows this subscription raw messages of this event any more")]
     Grant,
-    #[error("cannot read the event")]
-    Store(#[source] StoreError),
 }
 
 /// A number no earlier handshake had: tells a handshake's result from a stale one.
@@ -209,20 +205,22 @@ impl Deliveries {
     }
 
     /// Whether a raw message link may still be used: its subscription exists and asks for
-    /// links, its event is the one the message was archived for, and a MailboxGrant of the
-    /// subscription's namespace still allows raw messages of that event. Blocks on the store.
+    /// links, and a MailboxGrant of the subscription's namespace still allows raw messages
+    /// of the link's mailbox and event type.
     pub fn raw_link_allowed(&self, to: &crate::archive::LinkTo<'_>) -> Result<(), RawLinkRefused> {
         let sub = self
             .subscription(to.subscription)
             .filter(|s| s.config.payload.raw_links.is_some())
             .ok_or(RawLinkRefused::Subscription)?;
-        let event = self
-            .store
-            .event(to.event)
-            .map_err(RawLinkRefused::Store)?
-            .filter(|e| e.raw_message.as_deref() == Some(to.sha256))
-            .ok_or(RawLinkRefused::Event)?;
-        let ceiling = self.router.current().grants().ceiling(&sub.config.namespace, &event);
+        let event_type = crate::api::EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == to.event_type)
+            .ok_or(RawLinkRefused::Grant)?;
+        let ceiling = self
+            .router
+            .current()
+            .grants()
+            .ceiling_for(&sub.config.namespace, event_type, to.mailbox);
         if !ceiling.is_some_and(|c| c.raw_links) {
             return Err(RawLinkRefused::Grant);
         }

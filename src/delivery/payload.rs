@@ -327,7 +327,8 @@ fn data<'a, V>(event: &'a MailboxEvent, matched_filters: &'a [String], cfg: &Pay
                     &LinkTo {
                         sha256,
                         subscription: &cfg.subscription,
-                        event: &event.id,
+                        mailbox: &event.mailbox,
+                        event_type: event.event_type.as_str(),
                     },
                     jiff::Timestamp::now(),
                 ),

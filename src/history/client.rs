@@ -20,7 +20,8 @@ pub struct Target {
     #[arg(long, env = "MAILHOOK_ADMIN_URL", default_value = "http://127.0.0.1:8080")]
     pub admin_url: String,
 
-    /// File holding a token the operator accepts (its --admin-token-file).
+    /// File holding a token the operator accepts: one of its --admin-token-file, or a
+    /// Kubernetes token (`kubectl create token …`) whose user may get the subscription.
     #[arg(long, env = "MAILHOOK_ADMIN_TOKEN_FILE")]
     pub token_file: PathBuf,
 }

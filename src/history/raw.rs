@@ -27,7 +27,9 @@ struct LinkQuery {
     #[serde(default)]
     subscription: String,
     #[serde(default)]
-    event: String,
+    mailbox: String,
+    #[serde(default, rename = "type")]
+    event_type: String,
     #[serde(default)]
     expires: String,
     #[serde(default)]
@@ -52,7 +54,8 @@ async fn raw_message(
     let to = LinkTo {
         sha256: &sha256,
         subscription: &q.subscription,
-        event: &q.event,
+        mailbox: &q.mailbox,
+        event_type: &q.event_type,
     };
     match state
         .links
@@ -62,18 +65,15 @@ async fn raw_message(
         Err(err @ LinkError::BadSignature) => return refuse(StatusCode::FORBIDDEN, err.to_string()),
         Err(err @ LinkError::Expired(_)) => return refuse(StatusCode::GONE, err.to_string()),
     }
-    let (deliveries, id) = (state.deliveries.clone(), sha256.clone());
-    let (subscription, event) = (q.subscription.clone(), q.event.clone());
-    let found = tokio::task::spawn_blocking(move || {
-        let to = LinkTo {
-            sha256: &id,
-            subscription: &subscription,
-            event: &event,
+    if let Err(err) = state.deliveries.raw_link_allowed(&to) {
+        let status = match err {
+            RawLinkRefused::Grant => StatusCode::FORBIDDEN,
+            RawLinkRefused::Subscription => StatusCode::NOT_FOUND,
         };
-        deliveries.raw_link_allowed(&to)?;
-        deliveries.store().raw_message(&id).map_err(RawLinkRefused::Store)
-    })
-    .await;
+        return refuse(status, err.to_string());
+    }
+    let (store, id) = (state.deliveries.store().clone(), sha256.clone());
+    let found = tokio::task::spawn_blocking(move || store.raw_message(&id)).await;
     match found {
         Ok(Ok(Some((_, bytes)))) => (
             StatusCode::OK,
@@ -92,12 +92,10 @@ async fn raw_message(
             StatusCode::NOT_FOUND,
             "the raw message is no longer archived (past --raw-message-retention)".into(),
         ),
-        Ok(Err(RawLinkRefused::Store(err))) => refuse(
+        Ok(Err(err)) => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot read the archive: {err}"),
         ),
-        Ok(Err(err @ RawLinkRefused::Grant)) => refuse(StatusCode::FORBIDDEN, err.to_string()),
-        Ok(Err(err)) => refuse(StatusCode::NOT_FOUND, err.to_string()),
         Err(err) => refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("reading the archive stopped: {err}"),

@@ -80,7 +80,7 @@ async fn a_namespace_receives_only_its_granted_mail_and_nothing_without_a_grant(
     );
     apply(
         &b,
-        &(signing_secret(SIEM_SECRET) + &subscription("all", &rb.url("/b"), "", "")),
+        &(signing_secret(SIEM_SECRET) + &subscription("all", &rb.url("/b"), "", "  payload: {mode: metadata}\n")),
     );
     wait_ready(&a, "all").await;
     let message = wait_not_granted(&b, "all").await;
@@ -135,7 +135,7 @@ async fn a_namespace_receives_only_its_granted_mail_and_nothing_without_a_grant(
     let delivered = &accepted(&got_b)[0]["data"];
     assert_eq!(
         delivered["mailboxDomain"], "example.com",
-        "the default ceiling is metadata: {delivered}"
+        "b asks for metadata: {delivered}"
     );
     assert!(
         delivered.get("mailbox").is_none() && delivered.get("subject").is_none(),
@@ -226,8 +226,13 @@ async fn a_revoked_grant_delivers_none_of_its_queued_deliveries() {
     let ns = TestNamespace::ungranted("grant-revoke").await;
     let fin = format!("{}-finance", ns.name);
     let other = format!("{}-other", ns.name);
-    ns.grant(&fin, r#"{"mailboxes": ["*@finance.example"]}"#).await;
-    ns.grant(&other, r#"{"domains": ["other.example"]}"#).await;
+    ns.grant(
+        &fin,
+        r#"{"mailboxes": ["*@finance.example"], "maxPayloadMode": "full"}"#,
+    )
+    .await;
+    ns.grant(&other, r#"{"domains": ["other.example"], "maxPayloadMode": "full"}"#)
+        .await;
     let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(503).await;
     let operator = Operator::start(&ns).await;
@@ -290,7 +295,7 @@ async fn a_revoked_grant_delivers_none_of_its_queued_deliveries() {
         "none of the revoked grant's queue: {} delivered",
         sent.len()
     );
-    assert_eq!(sent[0]["data"]["mailboxDomain"], "other.example");
+    assert_eq!(sent[0]["data"]["mailbox"], "desk@other.example");
     let withheld = operator
         .metric(&format!(
             "mailhook_deliveries_not_granted_total{{namespace=\"{}\",subscription=\"siem\"}}",

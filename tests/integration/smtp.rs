@@ -577,7 +577,7 @@ fn report_with_attachment(message_id: &str, attachment: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when_altered_or_expired() {
-    let (ns, plain, smtp, _operator) = smtp_receiver("smtp-raw", &["--raw-message-link-ttl", "4s"]).await;
+    let (ns, plain, smtp, _operator) = smtp_receiver("smtp-raw", &["--raw-message-link-ttl", "15s"]).await;
     let linked = Receiver::start(SIEM_SECRET);
     let yaml = subscription(
         "with-raw",
@@ -586,6 +586,13 @@ async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when
         "  payload: {includeRawMessageLink: true}\n",
     );
     apply(&ns, &yaml);
+    let other = Receiver::start(SIEM_SECRET);
+    apply(
+        &ns,
+        &yaml
+            .replace("with-raw", "with-raw-2")
+            .replace(&linked.url("/hooks"), &other.url("/hooks")),
+    );
     // The raw message shows what metadata and anonymized modes hide: refused together.
     let refused = yaml.replace("with-raw", "leaky").replace(
         "{includeRawMessageLink: true}",
@@ -614,9 +621,15 @@ async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when
     let _ = std::fs::remove_file(&file);
 
     let got = eventually(
-        "both subscriptions got the large message",
-        || async { (plain.deliveries().await, linked.deliveries().await) },
-        |(p, l)| delivered(p, "message.received").len() == 2 && delivered(l, "message.received").len() == 2,
+        "the subscriptions got the large message",
+        || async {
+            (
+                plain.deliveries().await,
+                linked.deliveries().await,
+                other.deliveries().await,
+            )
+        },
+        |(p, l, o)| [p, l, o].iter().all(|d| delivered(d, "message.received").len() == 2),
     )
     .await;
     for e in delivered(&got.0, "message.received") {
@@ -664,6 +677,30 @@ async fn a_large_journaled_message_is_archived_and_linked_and_its_link_dies_when
         let r = http.get(bad).send().await.expect("fetch altered");
         assert_eq!(r.status(), 403, "{bad}");
     }
+    // A link names the subscription it was issued to: gone with it.
+    let events_2 = delivered(&got.2, "message.received");
+    let url_2 = events_2[0]["data"]["rawMessage"]["url"]
+        .as_str()
+        .expect("second link")
+        .to_string();
+    assert_eq!(http.get(&url_2).send().await.expect("fetch").status(), 200);
+    let (ok, _, err) = kubectl_run(&["delete", "whs", "with-raw-2", "-n", &ns.name], None);
+    assert!(ok, "{err}");
+    eventually(
+        "the deleted subscription's link is refused",
+        || async { http.get(&url_2).send().await.map(|r| r.status().as_u16()).unwrap_or(0) },
+        |s| *s == 404,
+    )
+    .await;
+    // And the grant it was issued under: gone with it (the namespace's only grant).
+    ns.revoke(&ns.name).await;
+    eventually(
+        "the link of a revoked grant is refused",
+        || async { http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) },
+        // 403 while the subscription still asks for links; 404 once it is parked NotGranted.
+        |s| *s == 403 || *s == 404,
+    )
+    .await;
     // Expired: 410 once the link's time is up.
     let expires: jiff::Timestamp = raw["expiresAt"].as_str().expect("expiresAt").parse().expect("time");
     let wait = expires.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 1.0;
