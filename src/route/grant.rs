@@ -147,35 +147,50 @@ impl Grants {
     }
 }
 
-/// Per namespace, the ceiling for one event: routing asks once per namespace, not per
-/// subscription (a short list for the few namespaces an event usually concerns).
+/// Whether each namespace (by its index in the routing table) was granted one event:
+/// routing asks once per namespace, not per subscription — a short list for the few
+/// namespaces an event usually concerns, a table when it concerns many.
 #[derive(Default)]
-pub(super) struct CeilingMemo<'a> {
-    few: Vec<(&'a str, Option<Ceiling>)>,
-    many: HashMap<&'a str, Option<Ceiling>>,
+pub(super) struct GrantMemo {
+    few: Vec<(u32, bool)>,
+    /// Per namespace index: 0 not asked yet, 1 not granted, 2 granted.
+    many: Vec<u8>,
 }
 
-impl<'a> CeilingMemo<'a> {
+impl GrantMemo {
     const FEW: usize = 16;
 
-    pub(super) fn get(&mut self, grants: &Grants, namespace: &'a str, event: &MailboxEvent) -> Option<Ceiling> {
-        if let Some((_, c)) = self.few.iter().find(|(n, _)| *n == namespace) {
-            return *c;
+    pub(super) fn granted(
+        &mut self,
+        grants: &Grants,
+        (index, namespace): (u32, &str),
+        namespaces: usize,
+        event: &MailboxEvent,
+    ) -> bool {
+        if let Some((_, hit)) = self.few.iter().find(|(n, _)| *n == index) {
+            return *hit;
         }
-        if let Some(c) = self.many.get(namespace) {
-            return *c;
+        match self.many.get(index as usize) {
+            Some(1) => return false,
+            Some(2) => return true,
+            _ => {}
         }
-        let c = grants.ceiling(namespace, event);
+        let hit = grants.ceiling(namespace, event).is_some();
         if self.few.len() < Self::FEW {
-            self.few.push((namespace, c));
+            // One allocation for the whole short list, not one per growth step.
+            if self.few.capacity() == 0 {
+                self.few.reserve_exact(Self::FEW);
+            }
+            self.few.push((index, hit));
         } else {
-            self.many.insert(namespace, c);
+            if self.many.is_empty() {
+                self.many = vec![0; namespaces];
+            }
+            if let Some(slot) = self.many.get_mut(index as usize) {
+                *slot = if hit { 2 } else { 1 };
+            }
         }
-        c
-    }
-
-    pub(super) fn granted(&mut self, grants: &Grants, namespace: &'a str, event: &MailboxEvent) -> bool {
-        self.get(grants, namespace, event).is_some()
+        hit
     }
 }
 

@@ -14,7 +14,7 @@ use crate::api::EventType;
 use crate::event::{Flag, MailboxEvent, Source};
 
 use super::CompiledFilter;
-use super::grant::{CeilingMemo, Grants};
+use super::grant::{GrantMemo, Grants};
 
 /// A subscription as the router sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,8 @@ pub struct FilterEntry {
 struct Route {
     uid: String,
     namespace: String,
+    /// Index of `namespace` in the table's `namespaces`.
+    ns: u32,
     event_types: Vec<EventType>,
     filters: Vec<usize>,
 }
@@ -78,6 +80,10 @@ pub struct RoutingTable {
     /// What each namespace may see: nothing outside a grant is routed to it or counted
     /// by its filters.
     grants: Grants,
+    /// Every namespace of a route or filter, once; routes and filters refer to them by index.
+    namespaces: Vec<String>,
+    /// Per filter, the index of its namespace.
+    filter_ns: Vec<u32>,
 }
 
 /// Filters by the literal domains their `mailboxes` patterns name: only those of an event's
@@ -198,6 +204,18 @@ impl RoutingTable {
             .map(|(i, f)| ((f.namespace.as_str(), f.name.as_str()), i))
             .rev() // the first of two entries with one name wins, as a search would find it
             .collect();
+        let mut interned: HashMap<String, u32> = HashMap::new();
+        let mut namespaces: Vec<String> = Vec::new();
+        let mut intern = |namespace: &str| -> u32 {
+            if let Some(&i) = interned.get(namespace) {
+                return i;
+            }
+            let i = namespaces.len() as u32;
+            namespaces.push(namespace.to_string());
+            interned.insert(namespace.to_string(), i);
+            i
+        };
+        let filter_ns: Vec<u32> = table.filters.iter().map(|f| intern(&f.namespace)).collect();
         let mut routes = Vec::with_capacity(subscriptions.len());
         for s in subscriptions {
             let mut filters: Vec<usize> = Vec::with_capacity(s.filters.len());
@@ -227,6 +245,7 @@ impl RoutingTable {
             }
             routes.push(Route {
                 uid: s.uid,
+                ns: intern(&s.namespace),
                 namespace: s.namespace,
                 event_types: s.event_types,
                 filters,
@@ -234,6 +253,8 @@ impl RoutingTable {
         }
         drop(by_name);
         table.routes = routes;
+        table.namespaces = namespaces;
+        table.filter_ns = filter_ns;
         for (t, of_type) in table.by_type.iter().enumerate() {
             table.unfiltered_by_type[t] = of_type
                 .iter()
@@ -260,15 +281,20 @@ impl RoutingTable {
         &self.grants
     }
 
-    pub fn route<'t>(&'t self, event: &MailboxEvent) -> Routed {
+    pub fn route(&self, event: &MailboxEvent) -> Routed {
         let mut routed = Routed::default();
         let mut memo = Memo::Few(Vec::new());
         let count = self.filters.len();
         let prepared = super::filter::Prepared::new(event);
         // Whether a namespace was granted the event: a subscription is routed, and a
         // filter evaluated (so counted, or flagging), only within its namespace's grants.
-        let ceilings = std::cell::RefCell::new(CeilingMemo::default());
-        let granted = |namespace: &'t str| ceilings.borrow_mut().granted(&self.grants, namespace, event);
+        let memo_granted = std::cell::RefCell::new(GrantMemo::default());
+        let granted = |ns: u32| {
+            let name = self.namespaces.get(ns as usize).map_or("", String::as_str);
+            memo_granted
+                .borrow_mut()
+                .granted(&self.grants, (ns, name), self.namespaces.len(), event)
+        };
         let mut eval = |i: usize, routed: &mut Routed| -> bool {
             if let Some(hit) = memo.get(i) {
                 return hit;
@@ -291,7 +317,7 @@ impl RoutingTable {
                 let route = &self.routes[r];
                 // A flag reaches subscriptions of its own namespace only, and when the
                 // subscription names filters, only flags those filters set.
-                if event.flag_namespace.as_deref() != Some(route.namespace.as_str()) || !granted(&route.namespace) {
+                if event.flag_namespace.as_deref() != Some(route.namespace.as_str()) || !granted(route.ns) {
                     continue;
                 }
                 let names: Vec<String> = route
@@ -310,8 +336,7 @@ impl RoutingTable {
         } else {
             let accepts = |r: usize| {
                 let route = &self.routes[r];
-                (route.event_types.is_empty() || route.event_types.contains(&event.event_type))
-                    && granted(&route.namespace)
+                (route.event_types.is_empty() || route.event_types.contains(&event.event_type)) && granted(route.ns)
             };
             // (route, position of the filter in its list) of every filter that matched.
             let mut hits: Vec<(usize, usize)> = Vec::new();
@@ -334,7 +359,7 @@ impl RoutingTable {
                         break;
                     }
                     next_unfiltered.next();
-                    if !granted(&self.routes[u].namespace) {
+                    if !granted(self.routes[u].ns) {
                         continue;
                     }
                     routed.targets.push(Target {
@@ -371,7 +396,7 @@ impl RoutingTable {
             let mut flagging: Vec<usize> = self.flags.candidates(domain.as_deref()).collect();
             flagging.sort_unstable();
             for f in flagging {
-                if !granted(&self.filters[f].namespace) || !eval(f, &mut routed) {
+                if !self.filter_ns.get(f).is_some_and(|ns| granted(*ns)) || !eval(f, &mut routed) {
                     continue;
                 }
                 let entry = &self.filters[f];
