@@ -162,7 +162,7 @@ async fn dead_letters_replay_by_annotation_and_by_the_cli_with_authentication() 
 }
 
 #[tokio::test]
-async fn the_history_api_is_off_without_a_token_file() {
+async fn the_history_api_answers_no_one_without_a_token() {
     let ns = TestNamespace::new("history-off").await;
     let operator = Operator::start(&ns).await;
     let r = reqwest::get(format!(
@@ -171,8 +171,13 @@ async fn the_history_api_is_off_without_a_token_file() {
     ))
     .await
     .expect("request");
-    assert_eq!(r.status().as_u16(), 403);
-    assert!(r.text().await.expect("body").contains("--admin-token-file"));
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let body = r.text().await.expect("body");
+    assert!(
+        body.contains("a Kubernetes token") && body.contains("--admin-token-file"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

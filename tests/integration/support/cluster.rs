@@ -198,8 +198,17 @@ pub fn apply(ns: &TestNamespace, yaml: &str) {
 /// `kubectl apply -R -f <repo>/<rel>` in the test's namespace, as a user applying a file
 /// or a folder of the repository (e.g. `examples`) would.
 pub fn apply_path(ns: &TestNamespace, rel: &str) {
-    let (ok, _, err) = kubectl_run(&["apply", "-R", "-n", &ns.name, "-f", &repo_path(rel)], None);
-    assert!(ok, "kubectl apply -R -f {rel}: {err}");
+    // `examples` holds cluster-scoped MailboxGrants that tests running side by side apply
+    // too: kubectl's get-then-create can lose that race once, and then finds them.
+    let mut tries = 0;
+    loop {
+        let (ok, _, err) = kubectl_run(&["apply", "-R", "-n", &ns.name, "-f", &repo_path(rel)], None);
+        tries += 1;
+        if ok || !(err.contains("AlreadyExists") && tries < 3) {
+            assert!(ok, "kubectl apply -R -f {rel}: {err}");
+            return;
+        }
+    }
 }
 
 /// The WebhookSubscription `name` as it is now.
