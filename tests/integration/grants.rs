@@ -73,7 +73,7 @@ async fn a_namespace_receives_only_its_granted_mail_and_nothing_without_a_grant(
     )
     .await;
     let (ra, rb) = (Receiver::start(SIEM_SECRET), Receiver::start(SIEM_SECRET));
-    let operator = operator_for(&[&a, &b], &[]).await;
+    let mut operator = operator_for(&[&a, &b], &[]).await;
     apply(
         &a,
         &(signing_secret(SIEM_SECRET) + &subscription("all", &ra.url("/a"), "", "")),
@@ -156,6 +156,15 @@ async fn a_namespace_receives_only_its_granted_mail_and_nothing_without_a_grant(
     assert!(
         listed.0 && listed.1.contains(&a.name) && listed.1.contains("*@finance.example"),
         "kubectl get mbg shows the namespaces and mailboxes: {listed:?}"
+    );
+
+    // After an upgrade (a restart) the log names the namespaces left without a grant.
+    operator.kill_and_restart().await;
+    let log = operator.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("no MailboxGrant") && l.contains(&b.name) && !l.contains(&a.name)),
+        "{log}"
     );
 }
 
