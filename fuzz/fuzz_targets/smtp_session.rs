@@ -36,18 +36,19 @@ fn world() -> &'static World {
             .expect("runtime");
         let metrics = mailhook::metrics::Metrics::new().expect("metrics");
         let store = Arc::new(DurableStore::in_memory().expect("store"));
-        let deliveries =
-            runtime.block_on(async {
-                let lifecycle = mailhook::lifecycle::Lifecycle::new();
-                Deliveries::start(
-                    1,
-                    store,
-                    metrics.clone(),
-                    Housekeeping::default(),
-                    &lifecycle,
-                    mailhook::handles::Leadership::sole(),
-                )
-            });
+        let router = Arc::new(Router::default());
+        let deliveries = runtime.block_on(async {
+            let lifecycle = mailhook::lifecycle::Lifecycle::new();
+            Deliveries::start(
+                1,
+                store,
+                metrics.clone(),
+                Housekeeping::default(),
+                &lifecycle,
+                mailhook::handles::Leadership::sole(),
+                router.clone(),
+            )
+        });
         // Mail to one non-ASCII domain is routed and stored; the rest is parsed and dropped.
         let spec = MailboxFilterSpec {
             criteria: MatchCriteria {
@@ -57,7 +58,6 @@ fn world() -> &'static World {
             exclude: None,
             flag: None,
         };
-        let router = Arc::new(Router::default());
         router.swap(common::one_route(Arc::new(
             CompiledFilter::compile(&spec).expect("filter"),
         )));
