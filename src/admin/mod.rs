@@ -26,6 +26,8 @@ struct AdminState {
     readiness: Readiness,
     /// Who may scrape `/metrics`; None: anyone who reaches the port.
     scrapers: Option<std::sync::Arc<KubernetesAccess>>,
+    /// Failed scrapes per client address: unknown tokens cost a TokenReview each.
+    failures: std::sync::Arc<crate::auth::FailureLimit>,
 }
 
 /// The admin routes, with `extra` (e.g. the history API) merged in; a panic in any
@@ -45,6 +47,7 @@ pub fn router(
             metrics,
             readiness,
             scrapers,
+            failures: std::sync::Arc::default(),
         })
         .merge(extra)
         .layer(catch)
@@ -102,8 +105,21 @@ async fn readyz(State(state): State<AdminState>, Query(query): Query<ReadyQuery>
     (status, body)
 }
 
-async fn metrics_handler(State(state): State<AdminState>, headers: HeaderMap) -> axum::response::Response {
+async fn metrics_handler(
+    State(state): State<AdminState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+) -> axum::response::Response {
     if let Some(scrapers) = &state.scrapers {
+        let now = std::time::Instant::now();
+        if let Some(left) = state.failures.locked(peer.ip(), now) {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, left.as_secs().max(1).to_string())],
+                "too many failed authentications from this address\n",
+            )
+                .into_response();
+        }
         let token = crate::auth::bearer(&headers).filter(|t| !t.is_empty());
         let decision = match token {
             None => Ok(Decision::Unauthenticated),
@@ -112,6 +128,7 @@ async fn metrics_handler(State(state): State<AdminState>, headers: HeaderMap) ->
         match decision {
             Ok(Decision::Allowed) => {}
             Ok(Decision::Unauthenticated) => {
+                state.failures.failed(peer.ip(), now);
                 return (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -121,11 +138,8 @@ async fn metrics_handler(State(state): State<AdminState>, headers: HeaderMap) ->
             }
             Ok(Decision::Denied(why)) => return (StatusCode::FORBIDDEN, format!("{why}\n")).into_response(),
             Err(err) => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{}\n", crate::error_chain(&err)),
-                )
-                    .into_response();
+                tracing::warn!(err = %crate::error_chain(&err), "cannot judge a /metrics token");
+                return (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")).into_response();
             }
         }
     }

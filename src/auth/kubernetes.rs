@@ -96,6 +96,11 @@ impl KubernetesAccess {
             return Ok(decision.clone());
         }
         let decision = self.review(token, access).await.map_err(ReviewError)?;
+        // Unknown tokens are not kept: guessing must not fill the cache (callers limit
+        // failures per client address instead).
+        if decision == Decision::Unauthenticated {
+            return Ok(decision);
+        }
         let mut cache = self.cache.lock();
         if cache.len() >= MAX_CACHED {
             cache.retain(|_, (_, at)| now.duration_since(*at) < TTL);

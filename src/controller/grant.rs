@@ -31,6 +31,9 @@ pub mod reason {
 /// What the operator knows of one grant.
 #[derive(Clone, Debug)]
 pub struct GrantState {
+    /// A grant deleted and made again has a new UID (and may have the same generation).
+    pub uid: Option<String>,
+    pub spec: MailboxGrantSpec,
     pub generation: Option<i64>,
     pub ready: Desired,
     /// None while invalid: an invalid grant grants nothing.
@@ -42,7 +45,7 @@ pub struct GrantState {
 /// A grant compiled against the namespaces that exist. Pure.
 pub fn evaluate(
     name: &str,
-    generation: Option<i64>,
+    (uid, generation): (Option<String>, Option<i64>),
     spec: &MailboxGrantSpec,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> GrantState {
@@ -57,6 +60,8 @@ pub fn evaluate(
         (Ok(selector), Ok(compiled)) => (selector, compiled),
         (Err(e), _) | (_, Err(e)) => {
             return GrantState {
+                uid,
+                spec: spec.clone(),
                 generation,
                 ready: Desired {
                     type_: READY,
@@ -80,6 +85,8 @@ pub fn evaluate(
     }
     let covered: Vec<String> = covered.into_iter().collect();
     GrantState {
+        uid,
+        spec: spec.clone(),
         generation,
         ready: Desired {
             type_: READY,
@@ -185,64 +192,83 @@ pub async fn run(ctx: Arc<Context>, client: Client, shutdown: CancellationToken)
                 async {}
             })
     };
+    // Recording and status writing run apart: a revocation must not wait behind status
+    // writes to a slow apiserver.
+    let statuses = Arc::new(tokio::sync::Notify::new());
     let passes = async {
         if super::synced(&grants).await.is_err() || super::synced(&namespaces).await.is_err() {
             return;
         }
-        let mut written: HashMap<String, MailboxGrantStatus> = HashMap::new();
         loop {
-            pass(&ctx, &grants, &namespaces, &mut written).await;
+            pass(&ctx, &grants, &namespaces);
+            statuses.notify_one();
             tokio::select! {
                 () = wake.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
     };
+    let writes = async {
+        let mut written: HashMap<String, MailboxGrantStatus> = HashMap::new();
+        loop {
+            statuses.notified().await;
+            write_statuses(&ctx, &grants, &mut written).await;
+        }
+    };
     tokio::select! {
         () = shutdown.cancelled() => {}
-        () = watch_grants => {}
-        () = watch_namespaces => {}
+        () = watch_grants => tracing::error!("the MailboxGrant watch ended; grants no longer follow changes"),
+        () = watch_namespaces => tracing::error!("the Namespace watch ended; grants no longer follow changes"),
         () = passes => {}
+        () = writes => {}
     }
 }
 
-/// Recompiles every grant, records the changes and writes the statuses that changed.
-async fn pass(
-    ctx: &Arc<Context>,
-    grants: &reflector::Store<MailboxGrant>,
-    namespaces: &reflector::Store<Namespace>,
-    written: &mut HashMap<String, MailboxGrantStatus>,
-) {
+/// Recompiles every grant against the namespaces' labels and records the changes: the
+/// routing table is rebuilt before the subscriptions of the namespaces concerned are
+/// checked again, so neither they nor the send-time check see the old grants.
+fn pass(ctx: &Arc<Context>, grants: &reflector::Store<MailboxGrant>, namespaces: &reflector::Store<Namespace>) {
     let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
         .state()
         .iter()
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
-    let objects = grants.state();
-    let evaluated: BTreeMap<String, GrantState> = objects
+    let evaluated: BTreeMap<String, GrantState> = grants
+        .state()
         .iter()
         .map(|g| {
             let name = g.name_any();
-            let state = evaluate(&name, g.metadata.generation, &g.spec, &labels);
+            let state = evaluate(&name, (g.uid(), g.metadata.generation), &g.spec, &labels);
             (name, state)
         })
         .collect();
-    let changed_namespaces = ctx.record_grants(evaluated.clone());
+    let changed_namespaces = ctx.record_grants(evaluated);
     if !changed_namespaces.is_empty() {
         retrigger_namespaces(ctx, &changed_namespaces);
     }
     ctx.grants_synced.send_replace(true);
+}
 
-    // Status: what each grant covers and how many subscriptions receive through it.
+/// Writes the statuses that changed: what each grant covers and how many subscriptions
+/// receive through it.
+async fn write_statuses(
+    ctx: &Context,
+    grants: &reflector::Store<MailboxGrant>,
+    written: &mut HashMap<String, MailboxGrantStatus>,
+) {
+    let recorded = ctx.state.lock().grants.clone();
     let counts = ctx.grant_users();
     let now = Time(jiff::Timestamp::now());
     let leader = ctx.leadership.is_leader();
     if !leader {
         written.clear();
+        return;
     }
-    for grant in &objects {
+    for grant in grants.state() {
         let name = grant.name_any();
-        let Some(state) = evaluated.get(&name) else { continue };
+        let Some(state) = recorded.get(&name).filter(|s| s.uid == grant.uid()) else {
+            continue;
+        };
         let previous = written
             .get(&name)
             .cloned()
@@ -255,7 +281,7 @@ async fn pass(
             counts.get(&name).copied().unwrap_or(0),
             &now,
         );
-        if !leader || grant.status.as_ref() == Some(&desired) || written.get(&name) == Some(&desired) {
+        if grant.status.as_ref() == Some(&desired) || written.get(&name) == Some(&desired) {
             continue;
         }
         ctx.api_limiter.until_ready().await;
@@ -266,7 +292,7 @@ async fn pass(
             Err(err) => warn!(grant = name, %err, "cannot write MailboxGrant status; will retry"),
         }
     }
-    written.retain(|name, _| evaluated.contains_key(name));
+    written.retain(|name, _| recorded.contains_key(name));
 }
 
 /// Reconciles again every subscription of `namespaces`.
@@ -363,7 +389,7 @@ mod tests {
             max_payload_mode: PayloadMode::Full,
             ..Default::default()
         };
-        let state = evaluate("g", Some(3), &spec, &namespaces());
+        let state = evaluate("g", (None, Some(3)), &spec, &namespaces());
         assert_eq!(state.covered, vec!["a", "c"]);
         assert_eq!(state.ready.status, Status::True);
         let status = grant_status(
@@ -385,7 +411,7 @@ mod tests {
             domains: vec!["no domain".into()],
             ..Default::default()
         };
-        let state = evaluate("g", None, &spec, &namespaces());
+        let state = evaluate("g", (None, None), &spec, &namespaces());
         assert!(state.compiled.is_none());
         assert_eq!(state.ready.reason, reason::INVALID_PATTERN);
         assert!(

@@ -106,7 +106,13 @@ pub enum Error {
     NotNamespaced,
     #[error("the object cache shut down")]
     StoreClosed,
+    #[error("{GRANTS_NOT_LISTED}")]
+    GrantsNotListed,
 }
+
+/// Why nothing can be judged granted yet.
+const GRANTS_NOT_LISTED: &str =
+    "the MailboxGrants and Namespaces are not listed yet (the operator needs list and watch on both, cluster-wide)";
 
 /// What the operator knows of one subscription since its last reconcile.
 #[derive(Clone)]
@@ -350,9 +356,9 @@ impl Context {
     }
 
     /// Records the grants of a pass (every grant that exists); returns the namespaces whose
-    /// grants changed, whose subscriptions are then checked again. A grant whose
-    /// generation, validity and namespaces are unchanged keeps its compiled form, so an
-    /// idle pass changes nothing.
+    /// grants changed, whose subscriptions are then checked again. A grant of the same UID,
+    /// spec and namespaces keeps its compiled form, so an idle pass changes nothing. The
+    /// routing table is rebuilt here, before anyone is told.
     pub fn record_grants(
         &self,
         mut grants: std::collections::BTreeMap<String, grant::GrantState>,
@@ -362,7 +368,8 @@ impl Context {
         for (name, new) in grants.iter_mut() {
             match all.grants.get(name) {
                 Some(old)
-                    if old.generation == new.generation
+                    if old.uid == new.uid
+                        && old.spec == new.spec
                         && old.covered == new.covered
                         && old.compiled.is_some() == new.compiled.is_some() =>
                 {
@@ -391,7 +398,12 @@ impl Context {
         }
         drop(all);
         if rebuild {
-            self.routes.wake.notify_one();
+            let version = self.rebuild_routes();
+            self.routes
+                .routed
+                .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
+            self.metrics.route_rebuilds.inc();
+            self.status_changed.notify_one();
         }
         changed
     }
@@ -554,7 +566,10 @@ async fn run_routes(ctx: Arc<Context>, shutdown: CancellationToken) {
         }
         tokio::time::sleep(ROUTES_DEBOUNCE).await;
         let version = ctx.rebuild_routes();
-        ctx.routes.routed.store(version, std::sync::atomic::Ordering::Release);
+        // A rebuild made meanwhile (by the grant loop) may reflect a later version.
+        ctx.routes
+            .routed
+            .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
         ctx.metrics.route_rebuilds.inc();
         ctx.status_changed.notify_one();
     }
@@ -755,8 +770,12 @@ pub async fn run(
             if routed_ctx.subscriptions.synced().await.is_err() || routed_ctx.filters.synced().await.is_err() {
                 return;
             }
-            ready.not_ready("the caches are synced; reconciling every resource into the routing table");
             while !routed_ctx.all_reconciled() {
+                ready.not_ready(if *routed_ctx.grants_synced.borrow() {
+                    "the caches are synced; reconciling every resource into the routing table"
+                } else {
+                    GRANTS_NOT_LISTED
+                });
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             routed_ctx.drop_orphans().await;

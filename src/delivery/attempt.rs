@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::health::Failure;
 use super::retry::Next;
@@ -388,18 +388,72 @@ async fn read_events(
 
 /// Keeps the deliveries of `ready` that the MailboxGrants of the subscription's namespace
 /// still cover, with the most each may show; the others are dead-lettered unsent (a
-/// revoked grant stops what was queued under it; a replay checks again).
+/// revoked grant stops what was queued under it; a replay checks again). Finding one
+/// withheld means a grant went away: the rest of the queue that is due is swept now, not
+/// one delivery per request slot (a failing endpoint gets one slot a second).
 async fn granted(
     deliveries: &Deliveries,
     config: &super::DeliveryConfig,
     ready: Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>)>,
 ) -> Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>, Ceiling)> {
     let table = deliveries.router.current();
+    let (kept, withheld) = withhold_ungranted(deliveries, config, table.grants(), ready).await;
+    if withheld > 0 {
+        let mut swept = withheld;
+        loop {
+            let due = match deliveries
+                .store
+                .take_due(&config.uid, jiff::Timestamp::now(), SWEEP, config.ordered)
+            {
+                Ok(due) if !due.is_empty() => due,
+                Ok(_) => break,
+                Err(err) => {
+                    // What is left is met one by one as it comes due, as before the sweep.
+                    warn!(%err, subscription = config.name, "cannot read the delivery queue to withhold ungranted deliveries");
+                    break;
+                }
+            };
+            let read = read_events(deliveries, &config.name, due).await;
+            let (granted, withheld) = withhold_ungranted(deliveries, config, table.grants(), read).await;
+            for (d, _, _) in granted {
+                store_write(&deliveries.metrics, "retry", &config.name, || {
+                    deliveries.store.retry(d.clone())
+                })
+                .await;
+            }
+            swept += withheld;
+            if withheld == 0 {
+                break;
+            }
+        }
+        info!(
+            namespace = config.namespace,
+            subscription = config.name,
+            withheld = swept,
+            "queued deliveries no MailboxGrant covers any more were dead-lettered unsent"
+        );
+    }
+    kept
+}
+
+/// Deliveries taken at once by the sweep after a revoked grant.
+const SWEEP: usize = 512;
+
+/// Splits `ready` into what the grants still cover (with its ceiling) and dead-letters the
+/// rest; returns the kept and how many were withheld.
+async fn withhold_ungranted(
+    deliveries: &Deliveries,
+    config: &super::DeliveryConfig,
+    grants: &crate::route::Grants,
+    ready: Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>)>,
+) -> (Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>, Ceiling)>, usize) {
     let mut kept = Vec::with_capacity(ready.len());
+    let mut withheld = 0;
     for (d, e) in ready {
-        match table.grants().ceiling(&config.namespace, &e) {
+        match grants.ceiling(&config.namespace, &e) {
             Some(ceiling) => kept.push((d, e, ceiling)),
             None => {
+                withheld += 1;
                 let reason = format!(
                     "not sent: no MailboxGrant of namespace {} covers this event any more",
                     config.namespace
@@ -416,7 +470,7 @@ async fn granted(
             }
         }
     }
-    kept
+    (kept, withheld)
 }
 
 /// Where a delivery of `event` goes: a dead-letter copy for a `deadLetterSink.uri` goes

@@ -233,6 +233,20 @@ impl Deliveries {
             .is_some_and(|s| s.config.payload.raw_links.is_some())
     }
 
+    /// Whether the subscription gets a link to the raw message of `event`: it asks for
+    /// links and a grant of its namespace allows raw messages of that event.
+    pub fn links_raw_message(
+        &self,
+        uid: &str,
+        event: &crate::event::MailboxEvent,
+        grants: &crate::route::Grants,
+    ) -> bool {
+        self.subscription(uid).is_some_and(|s| {
+            s.config.payload.raw_links.is_some()
+                && grants.ceiling(&s.config.namespace, event).is_some_and(|c| c.raw_links)
+        })
+    }
+
     fn subscription(&self, uid: &str) -> Option<Arc<Subscription>> {
         let shard = &self.shards[shard_of(uid, self.shards.len())];
         shard.subscriptions.lock().get(uid).cloned()

@@ -266,7 +266,12 @@ fn unnamed(event: &MailboxEvent, mode: PayloadMode) -> Vec<Unnamed<'_>> {
         .attachments
         .iter()
         .map(|a| Unnamed {
-            content_type: a.content_type.as_deref().and_then(|t| impersonal(t, mode)),
+            // Its media type only: parameters can carry a file name (`name=`).
+            content_type: a
+                .content_type
+                .as_deref()
+                .map(|t| t.split(';').next().unwrap_or_default().trim())
+                .and_then(|t| impersonal(t, mode)),
             size: a.size,
             sha256: a.sha256.as_deref().and_then(|t| impersonal(t, mode)),
         })
@@ -322,7 +327,8 @@ fn data<'a, V>(event: &'a MailboxEvent, matched_filters: &'a [String], cfg: &Pay
         view,
         activity: event.activity.as_deref().map(|a| activity_view(a, cfg.mode, &anon)),
         raw_message: match (&cfg.raw_links, &event.raw_message) {
-            (Some(links), Some(sha256)) => Some(RawRef {
+            // The raw message shows everything the other modes hide.
+            (Some(links), Some(sha256)) if cfg.mode == PayloadMode::Full => Some(RawRef {
                 link: links.link(
                     &LinkTo {
                         sha256,
@@ -592,5 +598,37 @@ mod tests {
         c.redact = vec!["subject".into(), "cc".into()];
         let t = String::from_utf8(render(&event(), &[], &c)).expect("utf8");
         assert!(!t.contains("Merger plans") && !t.contains("carol@"));
+    }
+
+    #[test]
+    fn a_ceiling_lowers_the_mode_and_drops_raw_links_and_borrows_otherwise() {
+        use crate::route::Ceiling;
+        let mut full = cfg(PayloadMode::Full);
+        full.raw_links = Some(Arc::new(RawLinks::new(
+            [1; 32],
+            "https://m.example",
+            std::time::Duration::from_secs(60),
+        )));
+        assert!(matches!(full.capped(Ceiling::NONE), std::borrow::Cow::Borrowed(_)));
+        let metadata = Ceiling {
+            mode: PayloadMode::Metadata,
+            raw_links: false,
+        };
+        let capped = full.capped(metadata);
+        assert_eq!(capped.mode, PayloadMode::Metadata);
+        assert!(capped.raw_links.is_none());
+        let full_no_links = Ceiling {
+            mode: PayloadMode::Full,
+            raw_links: false,
+        };
+        let capped = full.capped(full_no_links);
+        assert_eq!((capped.mode, capped.raw_links.is_none()), (PayloadMode::Full, true));
+        // A subscription asking for less than the ceiling keeps what it asked for.
+        let anonymized = cfg(PayloadMode::Anonymized);
+        assert!(matches!(
+            anonymized.capped(Ceiling::NONE),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(anonymized.capped(metadata).mode, PayloadMode::Metadata);
     }
 }

@@ -8,7 +8,8 @@ use super::wire::{Request, header_value};
 use crate::event::MailboxEvent;
 
 /// The strings of `event` that name a person or a message: its addresses (mailbox, sender,
-/// recipients, the users of an activity), Message-ID and producer id.
+/// recipients, the users of an activity), Message-ID, producer id, and the arguments of a
+/// configuration change (an ACL names its grantee).
 pub fn identifiers(event: &MailboxEvent) -> Vec<&str> {
     let mut all: Vec<&str> = vec![event.mailbox.as_str()];
     all.extend(event.from.as_deref());
@@ -18,22 +19,25 @@ pub fn identifiers(event: &MailboxEvent) -> Vec<&str> {
     if let Some(a) = &event.activity {
         all.push(&a.user);
         all.extend(a.auth_user.as_deref());
+        all.extend(a.change.as_ref().and_then(|c| c.detail.as_deref()));
     }
     all.retain(|s| !s.is_empty());
     all
 }
 
-/// The first of `identifiers` found in `request`: its body, or a header value as sent
-/// (CloudEvents attributes are percent-encoded there).
+/// The first of `identifiers` found in `request`: its body (also as a URL's query would
+/// encode it), or a header value as sent (CloudEvents attributes are percent-encoded there).
 pub fn exposed<'a>(identifiers: &[&'a str], request: &Request) -> Option<&'a str> {
     let body = String::from_utf8_lossy(&request.body);
     identifiers.iter().copied().find(|id| {
-        let encoded = header_value(id);
+        let in_header = header_value(id);
+        let in_query: String = url::form_urlencoded::byte_serialize(id.as_bytes()).collect();
         body.contains(id)
+            || body.contains(in_query.as_str())
             || request
                 .headers
                 .iter()
-                .any(|(_, v)| v.contains(id) || v.contains(encoded.as_str()))
+                .any(|(_, v)| v.contains(id) || v.contains(in_header.as_str()))
     })
 }
 
@@ -113,7 +117,7 @@ mod tests {
             }],
             flagged_event_id: Some(MailboxEvent::new_id()),
             flag_namespace: Some("ns".into()),
-            raw_message: None,
+            raw_message: Some("ab".repeat(32)),
             activity: Some(Box::new(Activity {
                 user,
                 auth_user: Some(rng.address()),
@@ -158,17 +162,25 @@ mod tests {
     }
 
     /// Every event type from every source, in every hiding mode, format and shape, batched
-    /// or not, encrypted (decrypted again here) or not, and as dead-letter copies — also
-    /// when a grant's ceiling is what lowers a `full` subscription: nothing of
-    /// `identifiers` is in what would be sent.
+    /// (beside an event sent in full) or not, encrypted (decrypted again here) or not, with
+    /// raw message links asked for, and as dead-letter copies — also when a grant's ceiling
+    /// is what lowers a `full` subscription: nothing of `identifiers` is in what would be
+    /// sent.
     #[test]
     fn metadata_and_anonymized_requests_name_no_one() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let filters = vec!["wires".to_string()];
+        let links = std::sync::Arc::new(crate::archive::RawLinks::new(
+            [3; 32],
+            "https://mailhook.example",
+            std::time::Duration::from_secs(60),
+        ));
         let mut checked = 0;
         for event_type in EventType::ALL {
             for source in [Source::Http, Source::Smtp, Source::Dovecot, Source::Router] {
                 let original = event(&mut rng, event_type, source);
+                // Sent in full beside it in a batch: its own addresses may show, not `ev`'s.
+                let companion = event(&mut rng, event_type, source);
                 for ev in [original.clone(), dead_letter_copy(&original)] {
                     let mut ids = identifiers(&ev);
                     ids.extend(identifiers(&original));
@@ -196,7 +208,7 @@ mod tests {
                             mode,
                             redact: vec![],
                             pseudonym_key: b"subscription key".to_vec(),
-                            raw_links: None,
+                            raw_links: Some(links.clone()),
                             subscription: "uid".into(),
                         };
                         for format in [
@@ -212,12 +224,23 @@ mod tests {
                                     instance: "ns/mailhook".into(),
                                     batched,
                                 };
-                                let items = [Item {
+                                let mut items = vec![Item {
                                     event: &ev,
                                     matched_filters: &filters,
                                     webhook_id: "msg_1".into(),
                                     ceiling,
                                 }];
+                                if batched {
+                                    items.insert(
+                                        0,
+                                        Item {
+                                            event: &companion,
+                                            matched_filters: &filters,
+                                            webhook_id: "msg_0".into(),
+                                            ceiling: Ceiling::NONE,
+                                        },
+                                    );
+                                }
                                 let mut request = wire::request(&cfg, &payload, &items).expect("request");
                                 if encrypted {
                                     let jwe = String::from_utf8_lossy(&request.body).to_string();
@@ -225,7 +248,13 @@ mod tests {
                                     let jwe = serde_json::from_str::<serde_json::Value>(&jwe)
                                         .ok()
                                         .and_then(|v| {
-                                            let data = if v.is_array() { &v[0]["data"] } else { &v["data"] };
+                                            let data = match v.as_array() {
+                                                // `ev` is last (the receiver's key opens one JWE).
+                                                Some(all) => {
+                                                    all.last().map_or(&serde_json::Value::Null, |e| &e["data"])
+                                                }
+                                                None => &v["data"],
+                                            };
                                             data.as_str().map(String::from)
                                         })
                                         .unwrap_or(jwe);

@@ -285,11 +285,7 @@ fn attributes(cfg: &WireConfig, payload: &PayloadConfig, item: &Item<'_>, sealed
 }
 
 pub fn mode_name(payload: &PayloadConfig) -> &'static str {
-    match payload.mode {
-        crate::api::PayloadMode::Full => "full",
-        crate::api::PayloadMode::Metadata => "metadata",
-        crate::api::PayloadMode::Anonymized => "anonymized",
-    }
+    payload.mode.as_str()
 }
 
 /// One event in the structured (JSON) format: its attributes and `data`.

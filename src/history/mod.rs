@@ -172,10 +172,10 @@ async fn authorize(
         Ok(Decision::Allowed) => Ok(()),
         Ok(Decision::Unauthenticated) => Err(unauthenticated()),
         Ok(Decision::Denied(why)) => Err(refuse(StatusCode::FORBIDDEN, why)),
-        Err(err) => Err(refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{err}: {}", crate::error_chain(&err)),
-        )),
+        Err(err) => {
+            tracing::warn!(err = %crate::error_chain(&err), "history API: cannot judge a token");
+            Err(refuse(StatusCode::SERVICE_UNAVAILABLE, err.to_string()))
+        }
     }
 }
 

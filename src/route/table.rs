@@ -396,7 +396,15 @@ impl RoutingTable {
             let mut flagging: Vec<usize> = self.flags.candidates(domain.as_deref()).collect();
             flagging.sort_unstable();
             for f in flagging {
-                if !self.filter_ns.get(f).is_some_and(|ns| granted(*ns)) || !eval(f, &mut routed) {
+                // A namespace flags mail it was granted, or whose flags alone it was granted.
+                let may_flag = self.filter_ns.get(f).is_some_and(|&ns| {
+                    granted(ns)
+                        || self
+                            .grants
+                            .ceiling_for(&self.filters[f].namespace, EventType::ComplianceFlagged, &event.mailbox)
+                            .is_some()
+                });
+                if !may_flag || !eval(f, &mut routed) {
                     continue;
                 }
                 let entry = &self.filters[f];
@@ -983,5 +991,122 @@ mod tests {
         let routed = t.route(&event(serde_json::json!({})));
         assert_eq!(routed.targets.len(), 2);
         assert_eq!(routed.matched, vec![("ns".to_string(), "f".to_string())]);
+    }
+}
+
+#[cfg(test)]
+mod grant_tests {
+    use super::*;
+    use crate::api::{ComplianceFlag, MailboxFilterSpec, MailboxGrantSpec, MatchCriteria, PayloadMode, Severity};
+    use crate::route::CompiledGrant;
+
+    fn event(mailbox: &str) -> MailboxEvent {
+        serde_json::from_value(serde_json::json!({
+            "id": "evt_1", "type": "message.received", "occurredAt": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z", "source": "http", "mailbox": mailbox,
+            "from": "x@partner.org", "to": [mailbox], "subject": "wire"
+        }))
+        .expect("event")
+    }
+
+    fn grant(name: &str, mailboxes: &[&str], types: &[EventType]) -> Arc<CompiledGrant> {
+        let spec = MailboxGrantSpec {
+            mailboxes: mailboxes.iter().map(|s| s.to_string()).collect(),
+            event_types: types.to_vec(),
+            max_payload_mode: PayloadMode::Full,
+            ..Default::default()
+        };
+        Arc::new(CompiledGrant::compile(name, &spec).expect("compiles"))
+    }
+
+    fn flagging(ns: &str, name: &str) -> FilterEntry {
+        let spec = MailboxFilterSpec {
+            criteria: MatchCriteria::default(),
+            exclude: None,
+            flag: Some(ComplianceFlag {
+                name: name.into(),
+                severity: Severity::High,
+            }),
+        };
+        FilterEntry {
+            namespace: ns.into(),
+            name: name.into(),
+            compiled: Arc::new(CompiledFilter::compile(&spec).expect("compiles")),
+        }
+    }
+
+    fn route(uid: &str, ns: &str, types: &[EventType], filters: &[&str]) -> SubscriptionRoute {
+        SubscriptionRoute {
+            uid: uid.into(),
+            namespace: ns.into(),
+            event_types: types.to_vec(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Routes, counters and flags stay inside each namespace's grants, also when an
+    /// event concerns more namespaces than the short per-event list holds.
+    #[test]
+    fn nothing_outside_a_grant_is_routed_counted_or_flagged() {
+        let mut routes = Vec::new();
+        let mut filters = Vec::new();
+        let mut pairs = Vec::new();
+        for i in 0..40 {
+            let ns = format!("ns{i}");
+            routes.push(route(&format!("all-{i}"), &ns, &[], &[]));
+            routes.push(route(&format!("filtered-{i}"), &ns, &[], &[&format!("f{i}")]));
+            filters.push(flagging(&ns, &format!("f{i}")));
+            // Even namespaces: finance only; odd ones: nothing; ns39: only flags of anyone.
+            if i % 2 == 0 {
+                pairs.push((ns, grant("finance", &["*@finance.example"], &[])));
+            } else if i == 39 {
+                pairs.push((ns, grant("flags", &["*"], &[EventType::ComplianceFlagged])));
+            }
+        }
+        routes.push(route("flags-39", "ns39", &[EventType::ComplianceFlagged], &[]));
+        let table = RoutingTable::build(routes, filters, Grants::build(pairs));
+
+        let routed = table.route(&event("cfo@finance.example"));
+        let mut targets: Vec<String> = routed.targets.iter().map(|t| t.subscription.clone()).collect();
+        targets.sort();
+        let mut expected: Vec<String> = (0..40)
+            .step_by(2)
+            .flat_map(|i| [format!("all-{i}"), format!("filtered-{i}")])
+            .collect();
+        expected.sort();
+        assert_eq!(targets, expected);
+        let counted: Vec<&str> = routed.matched.iter().map(|(ns, _)| ns.as_str()).collect();
+        assert!(
+            counted.iter().all(|ns| ns
+                .trim_start_matches("ns")
+                .parse::<u32>()
+                .is_ok_and(|i| i % 2 == 0 || i == 39)),
+            "only granted namespaces count: {counted:?}"
+        );
+        let flagged: Vec<&str> = routed
+            .flagged
+            .iter()
+            .filter_map(|f| f.flag_namespace.as_deref())
+            .collect();
+        assert!(
+            flagged.contains(&"ns39"),
+            "a grant of flags alone lets a namespace flag: {flagged:?}"
+        );
+        assert!(
+            !flagged.contains(&"ns1"),
+            "an ungranted namespace flags nothing: {flagged:?}"
+        );
+
+        let other = table.route(&event("ceo@example.com"));
+        assert!(other.targets.is_empty(), "{:?}", other.targets);
+        assert!(other.matched.iter().all(|(ns, _)| ns == "ns39"));
+        // The flag of ns39 reaches its own subscriptions that take flags, nobody else's.
+        let flag = other
+            .flagged
+            .iter()
+            .find(|f| f.flag_namespace.as_deref() == Some("ns39"))
+            .expect("flag");
+        let to: Vec<String> = table.route(flag).targets.into_iter().map(|t| t.subscription).collect();
+        assert_eq!(to, ["all-39", "filtered-39", "flags-39"]);
     }
 }

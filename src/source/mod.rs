@@ -161,11 +161,15 @@ impl Pipeline {
             .into_iter()
             .map(String::from)
             .collect();
+        // Archived only for a subscription that will get a link to it: one that asks, under
+        // a grant that allows raw messages of the event.
         let wanted = raw.filter(|_| {
-            items
-                .iter()
-                .flat_map(|i| &i.deliveries)
-                .any(|d| self.deliveries.wants_raw_message(&d.subscription))
+            items.iter().any(|i| {
+                i.deliveries.iter().any(|d| {
+                    self.deliveries
+                        .links_raw_message(&d.subscription, &i.event, table.grants())
+                })
+            })
         });
         if wanted.is_none() {
             for item in &mut items {

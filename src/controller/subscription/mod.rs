@@ -161,8 +161,10 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
 
     // Until the grants are known, nothing can be judged granted.
     let mut synced = ctx.grants_synced.subscribe();
-    if synced.wait_for(|s| *s).await.is_err() {
-        return Err(Error::StoreClosed);
+    match tokio::time::timeout(Duration::from_secs(30), synced.wait_for(|s| *s)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Err(Error::StoreClosed),
+        Err(_) => return Err(Error::GrantsNotListed),
     }
     let refs = dereference(&ctx, &whs, &ns).await?;
     let mut outcome = validate(&whs.spec, &refs);

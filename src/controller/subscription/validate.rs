@@ -614,4 +614,60 @@ mod tests {
         let ready = ready_condition(&spec(), &validate(&spec(), &refs_with_signing(KEY)));
         assert_eq!((ready.status, ready.reason), (Status::True, reason::VALID));
     }
+
+    fn grant(name: &str, mode: crate::api::PayloadMode, raw: bool) -> std::sync::Arc<crate::route::CompiledGrant> {
+        let spec = crate::api::MailboxGrantSpec {
+            mailboxes: vec!["*".into()],
+            max_payload_mode: mode,
+            raw_message_links: raw,
+            ..Default::default()
+        };
+        std::sync::Arc::new(crate::route::CompiledGrant::compile(name, &spec).expect("compiles"))
+    }
+
+    #[test]
+    fn authorize_names_the_field_that_asks_too_much() {
+        use crate::api::PayloadMode;
+        let none = authorize(&spec(), "team", &[]).expect_err("no grant");
+        assert_eq!(none.reason, reason::NOT_GRANTED);
+        assert!(
+            none.message.contains("No MailboxGrant covers namespace team"),
+            "{}",
+            none.message
+        );
+
+        let metadata = [grant("all", PayloadMode::Metadata, false)];
+        let full = authorize(&spec(), "team", &metadata).expect_err("full asked");
+        assert!(
+            full.message
+                .starts_with("spec.payload.mode: full is fuller than the MailboxGrants of namespace team (all)"),
+            "{}",
+            full.message
+        );
+        let mut asks_metadata = spec();
+        asks_metadata.payload.mode = PayloadMode::Metadata;
+        assert_eq!(
+            authorize(&asks_metadata, "team", &metadata),
+            Ok(vec!["all".to_string()])
+        );
+
+        let both = [
+            grant("all", PayloadMode::Metadata, false),
+            grant("finance", PayloadMode::Full, false),
+        ];
+        assert_eq!(
+            authorize(&spec(), "team", &both),
+            Ok(vec!["all".to_string(), "finance".to_string()]),
+            "one grant allowing full is enough: each event is capped by its own grants"
+        );
+        let mut raw = spec();
+        raw.payload.include_raw_message_link = true;
+        let refused = authorize(&raw, "team", &both).expect_err("no raw links granted");
+        assert!(
+            refused.message.starts_with("spec.payload.includeRawMessageLink"),
+            "{}",
+            refused.message
+        );
+        assert!(authorize(&raw, "team", &[grant("raw", PayloadMode::Full, true)]).is_ok());
+    }
 }
