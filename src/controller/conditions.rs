@@ -36,6 +36,14 @@ impl Status {
     }
 }
 
+/// Sets `Ready` and what it implies of `Stalled`/`Reconciling`, for a resource that is
+/// either valid or waits for an edit (a filter, a grant). Returns whether `Ready` changed.
+pub fn set_ready(conditions: &mut Vec<Condition>, ready: &Desired, generation: Option<i64>, now: &Time) -> bool {
+    let changed = set(conditions, ready.clone(), generation, now);
+    set_progress(conditions, progress(ready, false, true), generation, now);
+    changed
+}
+
 /// Sets `desired` in `conditions`, keeping `lastTransitionTime` when the status is
 /// unchanged. Returns true when the status changed (a transition).
 pub fn set(conditions: &mut Vec<Condition>, desired: Desired, generation: Option<i64>, now: &Time) -> bool {

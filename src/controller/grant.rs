@@ -132,13 +132,7 @@ pub fn grant_status(
 ) -> MailboxGrantStatus {
     let mut status = previous.clone();
     status.observed_generation = state.generation;
-    conditions::set(&mut status.conditions, state.ready.clone(), state.generation, now);
-    conditions::set_progress(
-        &mut status.conditions,
-        conditions::progress(&state.ready, false, true),
-        state.generation,
-        now,
-    );
+    conditions::set_ready(&mut status.conditions, &state.ready, state.generation, now);
     status.covered_namespaces = state.covered.clone();
     status.namespace_summary = summary(state.covered.iter().map(String::as_str));
     status.mailbox_summary = summary(

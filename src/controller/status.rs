@@ -184,13 +184,7 @@ pub fn filter_status(
 ) -> MailboxFilterStatus {
     let mut status = previous.clone();
     status.observed_generation = state.generation;
-    conditions::set(&mut status.conditions, state.ready.clone(), state.generation, now);
-    conditions::set_progress(
-        &mut status.conditions,
-        conditions::progress(&state.ready, false, true),
-        state.generation,
-        now,
-    );
+    conditions::set_ready(&mut status.conditions, &state.ready, state.generation, now);
     status.subscriptions = users;
     status.matched_messages = matched.0;
     status.last_match_time = matched.1.map(time).or(status.last_match_time);
