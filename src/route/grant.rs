@@ -68,6 +68,11 @@ impl CompiledGrant {
         })
     }
 
+    /// Whether the grant covers any of `types` (empty: every type) for some mailbox.
+    pub fn takes_any(&self, types: &[EventType]) -> bool {
+        self.event_types.is_empty() || types.is_empty() || types.iter().any(|t| self.event_types.contains(t))
+    }
+
     /// Whether the grant covers events of `event_type` for `mailbox`.
     pub fn covers(&self, event_type: EventType, mailbox: &str) -> bool {
         if !self.event_types.is_empty() && !self.event_types.contains(&event_type) {

@@ -44,8 +44,8 @@ pub struct ValidSubscription {
 }
 
 /// Checks a subscription in `namespace` against the grants that cover that namespace
-/// (by name): what it may receive, and at most how. Returns the names of the grants it
-/// receives through. Pure.
+/// (by name) and any of the event types it asks for: what it may receive, and at most how.
+/// Returns the names of the grants it receives through. Pure.
 pub fn authorize(
     spec: &WebhookSubscriptionSpec,
     namespace: &str,
@@ -55,12 +55,23 @@ pub fn authorize(
         reason: reason::NOT_GRANTED,
         message,
     };
-    let Some(widest) = grants.iter().map(|g| g.ceiling).reduce(crate::route::Ceiling::join) else {
+    if grants.is_empty() {
         return Err(not_granted(format!(
             "No MailboxGrant covers namespace {namespace}, so this subscription receives nothing. \
              Mail belongs to the organisation: ask a cluster admin for a MailboxGrant that lists \
              {namespace} in spec.namespaces (or selects it with spec.namespaceSelector) and names \
              the mailboxes or domains it may receive (kubectl explain mailboxgrant.spec)."
+        )));
+    }
+    let grants: Vec<&std::sync::Arc<crate::route::CompiledGrant>> =
+        grants.iter().filter(|g| g.takes_any(&spec.event_types)).collect();
+    let Some(widest) = grants.iter().map(|g| g.ceiling).reduce(crate::route::Ceiling::join) else {
+        let asked: Vec<&str> = spec.event_types.iter().map(|t| t.as_str()).collect();
+        return Err(not_granted(format!(
+            "spec.eventTypes: the MailboxGrants of namespace {namespace} grant none of {}, so this \
+             subscription receives nothing. Ask for a granted type, or ask a cluster admin to add \
+             one of these to a grant's eventTypes.",
+            asked.join(", ")
         )));
     };
     let names = || grants.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ");
@@ -669,5 +680,28 @@ mod tests {
             refused.message
         );
         assert!(authorize(&raw, "team", &[grant("raw", PayloadMode::Full, true)]).is_ok());
+
+        // A grant of other event types gives this subscription nothing: not listed, and
+        // alone it is refused naming spec.eventTypes.
+        let flags_only = {
+            let spec = crate::api::MailboxGrantSpec {
+                mailboxes: vec!["*".into()],
+                event_types: vec![crate::api::EventType::ComplianceFlagged],
+                max_payload_mode: PayloadMode::Full,
+                ..Default::default()
+            };
+            std::sync::Arc::new(crate::route::CompiledGrant::compile("flags", &spec).expect("compiles"))
+        };
+        let received = spec(); // asks for message.received
+        let refused = authorize(&received, "team", std::slice::from_ref(&flags_only)).expect_err("other types");
+        assert!(refused.message.starts_with("spec.eventTypes:"), "{}", refused.message);
+        assert_eq!(
+            authorize(
+                &received,
+                "team",
+                &[flags_only, grant("finance", PayloadMode::Full, false)]
+            ),
+            Ok(vec!["finance".to_string()])
+        );
     }
 }
