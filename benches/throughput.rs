@@ -216,9 +216,18 @@ async fn rig(subscriptions: usize) -> Rig {
         token_file: tokens_file.clone(),
         max_body_bytes: 64 << 20,
         max_batch_events: 100_000,
+        body_timeout: std::time::Duration::from_secs(60),
+        max_inflight_body_bytes: 256 << 20,
+        max_requests_per_credential: 1024,
         dovecot: Default::default(),
+        dovecot_tokens: None,
     };
-    let app = mailhook::source::http::router(&config, pipeline, Tokens::load(tokens_file).expect("tokens"), readiness);
+    let app = mailhook::source::http::router(
+        &config,
+        pipeline,
+        Tokens::load(tokens_file, "ingest").expect("tokens"),
+        readiness,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind ingest");
     let ingest = listener.local_addr().expect("addr");
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();

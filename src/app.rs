@@ -27,8 +27,25 @@ use crate::store::{DurableStore, Store};
 /// Exit code after a second signal cut the drain short (128 + SIGINT, as shells do).
 pub const FORCED_EXIT: i32 = 130;
 
+/// Why `run` refuses to start without a store choice: acknowledging events that a restart
+/// loses must be a decision, never a default.
+const NO_STORE: &str = "no store chosen: pass --store-dir DIR (the embedded durable store, on a volume), \
+--store-url postgres://… (PostgreSQL), or --store-memory (tests and demos only: every acknowledged event is \
+lost when the process stops)";
+
+/// Flag combinations refused before anything starts (clap cannot express them).
+fn preflight(config: &RunConfig) -> anyhow::Result<()> {
+    let store = &config.store;
+    anyhow::ensure!(
+        store.store_dir.is_some() || store.store_url.is_some() || store.store_memory,
+        "{NO_STORE}"
+    );
+    Ok(())
+}
+
 /// Runs the operator until SIGTERM or Ctrl-C, then drains.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    preflight(&config)?;
     let client = kube::Client::try_default().await?;
     let version = client.apiserver_version().await?;
     info!(apiserver = %version.git_version, "connected to Kubernetes");
@@ -142,11 +159,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     info!(addr = %admin_addr, "admin server listening");
     let stop = lifecycle.token(Stage::Admin);
-    lifecycle.spawn(Stage::Admin, "admin server", async move {
-        if let Err(err) = crate::admin::serve(admin_listener, admin, stop.cancelled_owned()).await {
-            tracing::error!(%err, "admin server failed");
-        }
-    });
+    // Probes and scrapes are few; the cap keeps a flood of connections from starving them.
+    let bounds = crate::serve::Bounds {
+        max_connections: 256,
+        header_timeout: std::time::Duration::from_secs(10),
+    };
+    let over = metrics.refused.with_label_values(&["admin", "connections"]);
+    lifecycle.spawn(
+        Stage::Admin,
+        "admin server",
+        crate::serve::serve(admin_listener, admin, bounds, stop, over, "admin"),
+    );
 
     let egress = Arc::new(EgressPolicy::new(
         config.egress.egress_allow.clone(),
@@ -215,11 +238,23 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         };
         let tokens = Tokens::for_ingest(&client, &token_file, config.ingest.ingest_token_secret.as_deref()).await?;
         watch_tokens(&lifecycle, tokens.clone());
+        let dovecot_tokens = match &config.dovecot.dovecot_token_file {
+            Some(path) => {
+                let tokens = Tokens::load_named(path, "Dovecot")?;
+                watch_tokens(&lifecycle, tokens.clone());
+                Some(tokens)
+            }
+            None => None,
+        };
         let ingest = IngestConfig {
             token_file,
             max_body_bytes: config.ingest.ingest_max_body_bytes,
             max_batch_events: config.ingest.ingest_max_batch_events,
+            body_timeout: config.ingest.ingest_body_timeout,
+            max_inflight_body_bytes: config.ingest.ingest_max_inflight_bytes,
+            max_requests_per_credential: config.ingest.ingest_max_requests_per_token,
             dovecot: dovecot_cfg.clone(),
+            dovecot_tokens,
         };
         let listener = TcpListener::bind(addr).await?;
         info!(addr = %listener.local_addr()?, "ingest API listening");
@@ -231,16 +266,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             dovecot_shared.clone(),
         );
         let stop = lifecycle.token(Stage::Intake);
-        lifecycle.spawn(Stage::Intake, "ingest API", async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            // In-flight requests finish (their events are committed) before this returns.
-            if let Err(err) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
-                tracing::error!(%err, "ingest server failed");
-            }
-        });
+        let bounds = crate::serve::Bounds {
+            max_connections: config.ingest.ingest_max_connections,
+            header_timeout: config.ingest.ingest_header_timeout,
+        };
+        let over = metrics.refused.with_label_values(&["ingest", "connections"]);
+        // In-flight requests finish (their events are committed) before this returns.
+        lifecycle.spawn(
+            Stage::Intake,
+            "ingest API",
+            crate::serve::serve(listener, app, bounds, stop, over, "ingest"),
+        );
     }
 
     if let Some(addr) = config.smtp.smtp_addr {
@@ -249,7 +285,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_message_bytes: config.smtp.smtp_max_message_bytes,
             max_recipients: config.smtp.smtp_max_recipients,
             max_connections: config.smtp.smtp_max_connections,
+            max_connections_per_address: config.smtp.smtp_max_connections_per_address,
             idle_timeout: config.smtp.smtp_idle_timeout,
+            handshake_timeout: config.smtp.smtp_handshake_timeout,
+            session_timeout: config.smtp.smtp_session_timeout,
             auth: source::smtp::auth_tokens(
                 config.smtp.smtp_auth_token_file.as_deref(),
                 config.smtp.smtp_tls_cert_file.as_deref(),
@@ -426,9 +465,10 @@ async fn open_store(
             info!(dir = %dir.display(), backlog_restored = true, "durable store open");
             ("redb", Arc::new(store))
         }
+        (None, None) if !config.store.store_memory => anyhow::bail!("{NO_STORE}"),
         (None, None) => {
             tracing::warn!(
-                "no --store-dir or --store-url: events are kept in memory only and are lost if the process dies"
+                "--store-memory: events are kept in memory only; every event acknowledged is lost when the process stops"
             );
             let store =
                 DurableStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?;

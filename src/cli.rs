@@ -170,8 +170,10 @@ pub struct IngestArgs {
     #[arg(long, env = "MAILHOOK_INGEST_ADDR")]
     pub ingest_addr: Option<SocketAddr>,
 
-    /// File of bearer tokens accepted by the ingest API, one per line (mount a Secret
-    /// here). Re-read every 10 s. Required with --ingest-addr.
+    /// File of bearer tokens accepted by the ingest API (`/v1/events` only), one per line as
+    /// `TOKEN` or `NAME TOKEN` (mount a Secret here). A producer's event ids de-duplicate
+    /// within its credential's name; bare tokens are all named `ingest`. Re-read every
+    /// 10 s. Required with --ingest-addr.
     #[arg(long, env = "MAILHOOK_INGEST_TOKEN_FILE")]
     pub ingest_token_file: Option<std::path::PathBuf>,
 
@@ -189,6 +191,30 @@ pub struct IngestArgs {
     /// Most events in one NDJSON batch; more get 413.
     #[arg(long, env = "MAILHOOK_INGEST_MAX_BATCH_EVENTS", default_value_t = 10_000)]
     pub ingest_max_batch_events: usize,
+
+    /// Most connections open at once on the ingest port; more are closed at accept.
+    #[arg(long, env = "MAILHOOK_INGEST_MAX_CONNECTIONS", default_value_t = 512)]
+    pub ingest_max_connections: usize,
+
+    /// A request's headers must arrive within this long (also how long an idle kept-alive
+    /// connection stays open).
+    #[arg(long, env = "MAILHOOK_INGEST_HEADER_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
+    pub ingest_header_timeout: std::time::Duration,
+
+    /// A request's body must arrive within this long of its headers; slower ones get 408.
+    #[arg(long, env = "MAILHOOK_INGEST_BODY_TIMEOUT", default_value = "60s", value_parser = duration_arg)]
+    pub ingest_body_timeout: std::time::Duration,
+
+    /// Bytes of request bodies read or processed at once over every producer (each request
+    /// reserves its Content-Length); more get 503 with Retry-After. Bounds the ingest API's
+    /// memory: keep it well under the pod's memory limit.
+    #[arg(long, env = "MAILHOOK_INGEST_MAX_INFLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub ingest_max_inflight_bytes: usize,
+
+    /// Requests one credential (a named token, see --ingest-token-file) may have in flight
+    /// at once; more get 429.
+    #[arg(long, env = "MAILHOOK_INGEST_MAX_REQUESTS_PER_TOKEN", default_value_t = 64)]
+    pub ingest_max_requests_per_token: usize,
 
     /// Domains whose addresses are internal (for inbound/outbound/internal direction);
     /// repeat or separate with commas.
@@ -253,6 +279,13 @@ pub struct DovecotArgs {
     /// (Dovecot's `auth_master_user_separator`).
     #[arg(long, env = "MAILHOOK_DOVECOT_MASTER_SEPARATOR", default_value = "*")]
     pub dovecot_master_separator: String,
+
+    /// File of tokens for the Dovecot routes of the ingest API (`/v1/sources/dovecot`,
+    /// `/v1/sources/dovecot/events`), as bearer tokens or HTTP Basic passwords, one per
+    /// line as `TOKEN` or `NAME TOKEN`. They are refused on `/v1/events`, and ingest tokens
+    /// here. Without it the Dovecot routes answer 401.
+    #[arg(long, env = "MAILHOOK_DOVECOT_TOKEN_FILE")]
+    pub dovecot_token_file: Option<std::path::PathBuf>,
 }
 
 /// The SMTP journal receiver.
@@ -279,9 +312,24 @@ pub struct SmtpArgs {
     #[arg(long, env = "MAILHOOK_SMTP_MAX_CONNECTIONS", default_value_t = 100)]
     pub smtp_max_connections: usize,
 
+    /// Most SMTP connections from one client address at once; more get 421. Postfix opens
+    /// up to 20 per destination by default.
+    #[arg(long, env = "MAILHOOK_SMTP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 20)]
+    pub smtp_max_connections_per_address: usize,
+
     /// An SMTP connection silent this long is closed (421).
     #[arg(long, env = "MAILHOOK_SMTP_IDLE_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
     pub smtp_idle_timeout: std::time::Duration,
+
+    /// A session must have its first MAIL accepted (after STARTTLS and AUTH) within this
+    /// long of connecting, or it is closed (421) and its slot freed.
+    #[arg(long, env = "MAILHOOK_SMTP_HANDSHAKE_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
+    pub smtp_handshake_timeout: std::time::Duration,
+
+    /// A session is closed (421) this long after it connected, mid-message or not; the
+    /// sender retries what was not answered 250.
+    #[arg(long, env = "MAILHOOK_SMTP_SESSION_TIMEOUT", default_value = "30m", value_parser = duration_arg)]
+    pub smtp_session_timeout: std::time::Duration,
 
     /// PEM certificate chain offered with STARTTLS (mount a kubernetes.io/tls Secret);
     /// STARTTLS is not offered without it.
@@ -301,10 +349,15 @@ pub struct SmtpArgs {
 /// The store: where events and queues live, backpressure, and how long history is kept.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// Directory of the durable store (a volume in a cluster). Without it events are kept
-    /// in memory only and an acknowledged event is lost if the process dies.
-    #[arg(long, env = "MAILHOOK_STORE_DIR", conflicts_with = "store_url")]
+    /// Directory of the durable store (a volume in a cluster). One of --store-dir,
+    /// --store-url and --store-memory is required.
+    #[arg(long, env = "MAILHOOK_STORE_DIR", conflicts_with_all = ["store_url", "store_memory"])]
     pub store_dir: Option<std::path::PathBuf>,
+
+    /// Keep events in memory only, for tests and demos: an acknowledged event is lost when
+    /// the process stops. Logged as non-durable at start.
+    #[arg(long, env = "MAILHOOK_STORE_MEMORY", conflicts_with = "store_url")]
+    pub store_memory: bool,
 
     /// PostgreSQL store instead of the embedded one, e.g.
     /// `postgres://mailhook@db.example.com/mailhook`: the schema is migrated at start.

@@ -117,6 +117,27 @@ pub struct MailboxEvent {
     /// Set on the copy of an event sent to a dead-letter sink: why its delivery died.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<Box<DeadLetterNote>>,
+    /// Whose `producer_event_id` it is, beside the source: the ingest credential's name for
+    /// HTTP events, the journaled message's SHA-256 for SMTP ones. Only read at ingest, to
+    /// de-duplicate (see [`MailboxEvent::dedup_key`]); never stored or sent.
+    #[serde(skip)]
+    pub producer_scope: Option<String>,
+}
+
+impl MailboxEvent {
+    /// What de-duplicates this event: its producer id within its source and scope, so a
+    /// producer can repeat only its own events — an HTTP producer cannot pre-empt a
+    /// journaled message or another credential's event, and a sender choosing a Message-ID
+    /// cannot pre-empt a different message carrying the same one.
+    pub fn dedup_key(&self) -> Option<String> {
+        let id = self.producer_event_id.as_deref()?;
+        // Journal ids are built from a Message-ID the sender chose: bound to the content.
+        let scope = match self.source {
+            Source::Smtp => self.raw_message.as_deref().or(self.producer_scope.as_deref()),
+            _ => self.producer_scope.as_deref(),
+        };
+        Some(format!("{}:{}:{id}", self.source.as_str(), scope.unwrap_or("")))
+    }
 }
 
 /// Why a delivery was given up, carried to the dead-letter sink with a copy of its event.

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod panics;
 pub mod replica;
 pub mod route;
+pub mod serve;
 pub mod source;
 pub mod store;
 pub mod telemetry;
@@ -44,7 +45,7 @@ mod layout {
     /// Inbound adapters: they may use the core and `handles`, never each other.
     const ADAPTERS: [&str; 4] = ["source", "admin", "history", "controller"];
     /// Modules that use nothing else of the crate.
-    const LEAVES: [&str; 6] = ["handles", "lifecycle", "crypto", "telemetry", "api", "metrics"];
+    const LEAVES: [&str; 7] = ["handles", "lifecycle", "crypto", "telemetry", "api", "metrics", "serve"];
     /// Wiring and the command line may use anything.
     const TOP: [&str; 4] = ["app", "cli", "main", "lib"];
 

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     /// Panics caught on the data path, by component; each is a bug to report.
     pub panics: IntCounterVec,
+    /// Connections and requests turned away by a listener's bounds.
+    pub refused: IntCounterVec,
     /// Store writes that failed, by operation.
     pub store_errors: IntCounterVec,
     /// Status writes to the apiserver, by kind and outcome.
@@ -176,6 +178,13 @@ impl Metrics {
                 ),
                 &["component"],
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_listener_refused_total",
+                    "Connections and requests a listener turned away to stay within its bounds, by listener (ingest, admin, smtp) and reason: connections (--*-max-connections open already), header_timeout, body_timeout, body_budget (too many request bodies in flight), token_concurrency (one credential's requests at once), handshake_timeout (SMTP before MAIL), session_timeout, line_too_long.",
+                ),
+                &["listener", "reason"],
+            )?,
             store_errors: IntCounterVec::new(
                 Opts::new(
                     "mailhook_store_errors_total",
@@ -252,6 +261,7 @@ impl Metrics {
             &m.dead_letter_forwards,
             &m.status_writes,
             &m.panics,
+            &m.refused,
             &m.store_errors,
             &m.events_ingested,
             &m.events_routed,

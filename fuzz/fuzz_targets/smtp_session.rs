@@ -74,7 +74,10 @@ fn world() -> &'static World {
             max_message_bytes: 64 * 1024,
             max_recipients: 8,
             max_connections: 1,
+            max_connections_per_address: 1,
             idle_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(2),
             tls: None,
             auth: None,
         };

@@ -6,15 +6,12 @@
 //! allowed to scrape the apiserver. Depends on the metrics registry, `auth` and the
 //! shared handles only.
 
-use std::future::Future;
-
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Deserialize;
-use tokio::net::TcpListener;
 
 use crate::auth::kubernetes::{Access, Decision, KubernetesAccess};
 use crate::handles::Readiness;
@@ -51,20 +48,6 @@ pub fn router(
         })
         .merge(extra)
         .layer(catch)
-}
-
-/// Serves until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
 }
 
 #[derive(Deserialize)]

@@ -16,26 +16,43 @@ use parking_lot::{Mutex, RwLock};
 use tracing::warn;
 
 /// Bearer tokens, re-read from their file so a rotated Secret takes effect without restart.
+///
+/// Each line of the file is `TOKEN` or `NAME TOKEN`. The name is the credential's: what
+/// producer ids are scoped by and what per-credential limits count, so rotating a secret
+/// under the same name changes neither. A bare token is named after the file's purpose
+/// (`ingest`, `dovecot`, ...): every bare token of one file is one credential.
 #[derive(Clone)]
 pub struct Tokens {
     path: PathBuf,
-    tokens: Arc<RwLock<Vec<String>>>,
+    /// The name of bare tokens.
+    default_name: Arc<str>,
+    tokens: Arc<RwLock<Vec<Credential>>>,
     failures: Arc<FailureLimit>,
 }
 
+/// One token and the name of the credential it belongs to.
+struct Credential {
+    name: Arc<str>,
+    secret: String,
+}
+
 /// What an authentication attempt came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
-    Accepted,
+    /// A known token, of the credential named here.
+    Accepted(Arc<str>),
     Refused,
-    /// Too many failures from this address lately: refused without looking at the token
-    /// for this long.
+    /// Too many wrong tokens from this address lately: a wrong token is answered as
+    /// locked for this long. A right one is still accepted.
     Locked(Duration),
 }
 
-/// Failed attempts per client address. After `MAX_FAILURES` within `WINDOW` every attempt
-/// from that address is refused until the window ends, so tokens cannot be guessed at
-/// speed; successes never count, so a busy producer is never locked out by its own traffic.
+/// Wrong tokens per client address. After `MAX_FAILURES` within `WINDOW` a wrong token from
+/// that address is answered as locked until the window ends. Requests that present no
+/// token do not count, and a right token is accepted even from a locked address: clients
+/// behind one SNAT address, an Ingress or a shared mail host share the counter, and one
+/// of them sending garbage must not lock the others out. Guessing is not what stops an
+/// attacker — tokens are long and random, and a short one is warned about at load.
 #[derive(Default)]
 pub struct FailureLimit {
     by_peer: Mutex<HashMap<IpAddr, (u32, Instant)>>,
@@ -80,10 +97,15 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
+/// Tokens shorter than this are warned about: the lockout does not protect them.
+const SHORT_TOKEN: usize = 20;
+
 impl Tokens {
-    pub fn load(path: PathBuf) -> std::io::Result<Tokens> {
+    /// Loads the tokens of `path`; bare tokens are named `default_name`.
+    pub fn load(path: PathBuf, default_name: &str) -> std::io::Result<Tokens> {
         let tokens = Tokens {
             path,
+            default_name: default_name.into(),
             tokens: Arc::default(),
             failures: Arc::default(),
         };
@@ -91,10 +113,10 @@ impl Tokens {
         Ok(tokens)
     }
 
-    /// Loads the tokens of `path`; `what` names them in the error. Run `watch` for a
-    /// rotated Secret to take effect without restart.
+    /// Loads the tokens of `path`; `what` names them in the error and names bare tokens.
+    /// Run `watch` for a rotated Secret to take effect without restart.
     pub fn load_named(path: &std::path::Path, what: &str) -> anyhow::Result<Tokens> {
-        Tokens::load(path.to_path_buf())
+        Tokens::load(path.to_path_buf(), &what.to_ascii_lowercase())
             .map_err(|e| anyhow::anyhow!("cannot read {what} tokens from {}: {e}", path.display()))
     }
 
@@ -106,21 +128,31 @@ impl Tokens {
         file: &std::path::Path,
         secret: Option<&str>,
     ) -> anyhow::Result<Tokens> {
-        match (Tokens::load(file.to_path_buf()), secret) {
+        match (Tokens::load(file.to_path_buf(), "ingest"), secret) {
             (Ok(tokens), _) => Ok(tokens),
             (Err(err), None) => anyhow::bail!("cannot read ingest tokens from {}: {err}", file.display()),
             (Err(err), Some(secret)) => {
                 tracing::info!(file = %file.display(), %err, secret, "no ingest token file yet; using the token Secret");
                 let token = ensure_token_secret(client, secret).await?;
-                Ok(Tokens::with(file.to_path_buf(), vec![token]))
+                Ok(Tokens::with(file.to_path_buf(), "ingest", vec![token]))
             }
         }
     }
 
-    /// Tokens known already, also re-read from `path` once it exists.
-    pub fn with(path: PathBuf, tokens: Vec<String>) -> Tokens {
+    /// Bare tokens known already (named `default_name`), also re-read from `path` once it
+    /// exists.
+    pub fn with(path: PathBuf, default_name: &str, tokens: Vec<String>) -> Tokens {
+        let default_name: Arc<str> = default_name.into();
+        let tokens = tokens
+            .into_iter()
+            .map(|secret| Credential {
+                name: default_name.clone(),
+                secret,
+            })
+            .collect();
         Tokens {
             path,
+            default_name,
             tokens: Arc::new(RwLock::new(tokens)),
             failures: Arc::default(),
         }
@@ -128,14 +160,14 @@ impl Tokens {
 
     fn reload(&self) -> std::io::Result<()> {
         let text = std::fs::read_to_string(&self.path)?;
-        let list: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(String::from)
-            .collect();
+        let list = parse_tokens(&text, &self.default_name)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", self.path.display())))?;
         if list.is_empty() {
             return Err(std::io::Error::other(format!("{} holds no token", self.path.display())));
+        }
+        for c in list.iter().filter(|c| c.secret.len() < SHORT_TOKEN) {
+            warn!(path = %self.path.display(), credential = %c.name,
+                "a token shorter than {SHORT_TOKEN} characters can be guessed; use 32 random bytes (openssl rand -base64 32)");
         }
         *self.tokens.write() = list;
         Ok(())
@@ -183,28 +215,90 @@ impl Tokens {
         self.check(bearer(headers).or(basic.as_deref()), peer)
     }
 
-    /// Checks a presented token (None: none presented), counting failures per address.
+    /// Checks a presented token (None: none presented). Only wrong tokens count against
+    /// the address, and only they are answered as locked (see [`FailureLimit`]).
     pub fn check(&self, presented: Option<&str>, peer: IpAddr) -> Auth {
+        let Some(presented) = presented else {
+            return Auth::Refused;
+        };
+        if let Some(name) = self.credential(presented) {
+            return Auth::Accepted(name);
+        }
         let now = Instant::now();
         if let Some(left) = self.failures.locked(peer, now) {
             return Auth::Locked(left);
         }
-        if presented.is_some_and(|t| self.accepts(t)) {
-            return Auth::Accepted;
-        }
         self.failures.failed(peer, now);
-        tracing::info!(%peer, "authentication failed");
+        tracing::info!(%peer, "authentication failed: unknown token");
         Auth::Refused
     }
 
     /// Whether `presented` is one of the tokens (compared in constant time).
     pub fn accepts(&self, presented: &str) -> bool {
+        self.credential(presented).is_some()
+    }
+
+    /// The credential `presented` belongs to, if any. Every token is compared in full, so
+    /// timing tells nothing about a near miss.
+    fn credential(&self, presented: &str) -> Option<Arc<str>> {
         let tokens = self.tokens.read();
-        // Compare every token in full so timing tells nothing about a near miss.
-        tokens.iter().fold(false, |found, t| {
-            found | crate::crypto::constant_time_eq(t.as_bytes(), presented.as_bytes())
+        tokens.iter().fold(None, |found, c| {
+            let same = crate::crypto::constant_time_eq(c.secret.as_bytes(), presented.as_bytes());
+            if same && found.is_none() {
+                Some(c.name.clone())
+            } else {
+                found
+            }
         })
     }
+}
+
+/// Why a token file cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("line {line}: expected `TOKEN` or `NAME TOKEN`, found {words} words")]
+    Shape { line: usize, words: usize },
+    #[error("line {line}: credential name {name:?}: use 1 to 63 letters, digits, `.`, `_` or `-`")]
+    BadName { line: usize, name: String },
+}
+
+/// The credentials of a token file: `TOKEN` or `NAME TOKEN` per line, `#` comments.
+fn parse_tokens(text: &str, default_name: &Arc<str>) -> Result<Vec<Credential>, TokenFileError> {
+    let mut list = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (name, secret) = match words.as_slice() {
+            [secret] => (default_name.clone(), *secret),
+            [name, secret] => {
+                let valid = (1..=63).contains(&name.len())
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                if !valid {
+                    return Err(TokenFileError::BadName {
+                        line: i + 1,
+                        name: (*name).to_string(),
+                    });
+                }
+                (Arc::from(*name), *secret)
+            }
+            other => {
+                return Err(TokenFileError::Shape {
+                    line: i + 1,
+                    words: other.len(),
+                });
+            }
+        };
+        list.push(Credential {
+            name,
+            secret: secret.to_string(),
+        });
+    }
+    Ok(list)
 }
 
 /// The token of `Authorization: Bearer <token>`.
@@ -288,7 +382,8 @@ mod tests {
     #[test]
     fn basic_credentials_carry_the_token_as_their_password() {
         use base64::Engine as _;
-        let tokens = Tokens::with(PathBuf::from("/nonexistent"), vec!["s3cret".into()]);
+        let tokens = Tokens::with(PathBuf::from("/nonexistent"), "dovecot", vec!["s3cret".into()]);
+        let accepted = Auth::Accepted("dovecot".into());
         let peer = IpAddr::from([127, 0, 0, 1]);
         let with = |value: &str| {
             let mut h = HeaderMap::new();
@@ -298,12 +393,9 @@ mod tests {
         let basic = |creds: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
         assert_eq!(
             tokens.check_request_or_basic(&with(&basic("dovecot:s3cret")), peer),
-            Auth::Accepted
+            accepted
         );
-        assert_eq!(
-            tokens.check_request_or_basic(&with("Bearer s3cret"), peer),
-            Auth::Accepted
-        );
+        assert_eq!(tokens.check_request_or_basic(&with("Bearer s3cret"), peer), accepted);
         assert_eq!(
             tokens.check_request_or_basic(&with(&basic("s3cret:x")), peer),
             Auth::Refused
@@ -320,18 +412,47 @@ mod tests {
     }
 
     #[test]
-    fn repeated_failures_lock_an_address_out_but_not_others() {
-        let tokens = Tokens::with(PathBuf::from("/nonexistent"), vec!["right".into()]);
-        let (attacker, other) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+    fn wrong_tokens_lock_an_address_out_of_guessing_but_not_its_good_producer() {
+        let tokens = Tokens::with(PathBuf::from("/nonexistent"), "ingest", vec!["right".into()]);
+        let (shared, other) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        for _ in 0..MAX_FAILURES * 3 {
+            assert_eq!(tokens.check(None, shared), Auth::Refused, "no token: never counted");
+        }
+        assert_eq!(tokens.check(Some("right"), shared), Auth::Accepted("ingest".into()));
         for _ in 0..MAX_FAILURES {
-            assert_eq!(tokens.check(Some("wrong"), attacker), Auth::Refused);
+            assert_eq!(tokens.check(Some("wrong"), shared), Auth::Refused);
         }
         assert!(
-            matches!(tokens.check(Some("right"), attacker), Auth::Locked(_)),
-            "even a right guess is refused"
+            matches!(tokens.check(Some("wrong"), shared), Auth::Locked(_)),
+            "a wrong token from the address is answered as locked"
         );
-        assert_eq!(tokens.check(Some("right"), other), Auth::Accepted);
-        assert_eq!(tokens.check(None, other), Auth::Refused);
+        assert_eq!(
+            tokens.check(Some("right"), shared),
+            Auth::Accepted("ingest".into()),
+            "the good producer behind the same address goes on"
+        );
+        assert_eq!(tokens.check(Some("wrong"), other), Auth::Refused);
+    }
+
+    #[test]
+    fn token_files_name_their_credentials() {
+        let default: Arc<str> = "ingest".into();
+        let list = parse_tokens("# comment\nbare-token\nsiem-a  token-a\n\n", &default).expect("parse");
+        let names: Vec<(&str, &str)> = list.iter().map(|c| (&*c.name, c.secret.as_str())).collect();
+        assert_eq!(names, [("ingest", "bare-token"), ("siem-a", "token-a")]);
+        assert_eq!(
+            parse_tokens("a b c", &default).err(),
+            Some(TokenFileError::Shape { line: 1, words: 3 })
+        );
+        assert!(matches!(
+            parse_tokens("bad/name token", &default),
+            Err(TokenFileError::BadName { line: 1, .. })
+        ));
+        let tokens = Tokens::with(PathBuf::from("/nonexistent"), "ingest", vec![]);
+        *tokens.tokens.write() = list;
+        let peer = IpAddr::from([10, 0, 0, 1]);
+        assert_eq!(tokens.check(Some("token-a"), peer), Auth::Accepted("siem-a".into()));
+        assert_eq!(tokens.check(Some("bare-token"), peer), Auth::Accepted("ingest".into()));
     }
 
     #[test]

@@ -138,6 +138,7 @@ mod tests {
                 ..Default::default()
             })),
             dead_letter: None,
+            producer_scope: None,
         }
     }
 

@@ -228,6 +228,7 @@ impl Made {
             raw_message: None,
             activity: Some(Box::new(self.activity)),
             dead_letter: None,
+            producer_scope: None,
         }
     }
 }

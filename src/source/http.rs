@@ -1,6 +1,12 @@
 //! HTTP ingest: `POST /v1/events` takes one JSON event (`application/json`) or an NDJSON
 //! batch (`application/x-ndjson`). A request is accepted whole or refused whole: every
 //! event is checked before any is stored.
+//!
+//! Every route checks the credentials before reading a byte of the body, then holds a
+//! share of the in-flight body budget and one of its credential's request slots while it
+//! reads the body within a deadline: an unauthenticated client costs a header, and no
+//! producer can take more than its share. The ingest API and the Dovecot routes take
+//! tokens of their own files; a token of one is refused by the other.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -34,8 +40,18 @@ pub struct IngestConfig {
     pub token_file: PathBuf,
     pub max_body_bytes: usize,
     pub max_batch_events: usize,
+    /// A request's body must arrive within this long of its headers (408 otherwise).
+    pub body_timeout: std::time::Duration,
+    /// Request bodies being read or processed at once, over every client, in bytes: a
+    /// request reserves its Content-Length (the body limit without one); 503 when full.
+    pub max_inflight_body_bytes: usize,
+    /// Requests of one credential at once; 429 beyond.
+    pub max_requests_per_credential: usize,
     /// The Dovecot source's routes (`/v1/sources/dovecot`).
     pub dovecot: DovecotConfig,
+    /// The Dovecot routes' own tokens (`--dovecot-token-file`); without them those routes
+    /// answer 401 to everyone.
+    pub dovecot_tokens: Option<Tokens>,
 }
 
 #[derive(Clone)]
@@ -45,12 +61,34 @@ struct IngestState {
     readiness: Readiness,
     max_batch_events: usize,
     dovecot: Arc<DovecotIntake>,
+    limits: Arc<RequestLimits>,
+}
+
+/// What bounds the requests of authenticated producers.
+struct RequestLimits {
+    max_body_bytes: usize,
+    body_timeout: std::time::Duration,
+    /// Bytes of body in flight, in KiB permits.
+    body_budget: Arc<tokio::sync::Semaphore>,
+    budget_kib: usize,
+    per_credential: usize,
+    /// Request slots per credential name.
+    credentials: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// What a request holds while it is served: its share of the body budget and its
+/// credential's slot.
+struct Admitted {
+    credential: Arc<str>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The Dovecot routes' settings and what they share with the reconciler.
 struct DovecotIntake {
     config: DovecotConfig,
     shared: Arc<dovecot::Shared>,
+    tokens: Option<Tokens>,
 }
 
 pub fn router(config: &IngestConfig, pipeline: Arc<Pipeline>, tokens: Tokens, readiness: Readiness) -> Router {
@@ -84,7 +122,9 @@ pub fn router_with(
             dovecot: Arc::new(DovecotIntake {
                 config: dovecot,
                 shared,
+                tokens: config.dovecot_tokens.clone(),
             }),
+            limits: Arc::new(RequestLimits::new(config)),
         })
 }
 
@@ -179,14 +219,27 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The answer to a request whose credentials are refused, if they are; `basic`: HTTP
-/// Basic credentials carry the token too (Dovecot's event exporter sends nothing else).
-fn refused_credentials(state: &IngestState, headers: &HeaderMap, peer: SocketAddr, basic: bool) -> Option<Response> {
-    let auth = if basic {
-        state.tokens.check_request_or_basic(headers, peer.ip())
-    } else {
-        state.tokens.check_request(headers, peer.ip())
-    };
+/// Which tokens a route takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `/v1/events`: the ingest tokens, as bearer tokens.
+    Ingest,
+    /// The Dovecot routes: the Dovecot tokens, as bearer tokens or HTTP Basic passwords
+    /// (Dovecot's event exporter sends nothing else).
+    Dovecot,
+}
+
+impl Route {
+    fn source(self) -> &'static str {
+        match self {
+            Route::Ingest => "http",
+            Route::Dovecot => "dovecot",
+        }
+    }
+}
+
+/// The credential of a request, or the answer refusing it. Nothing of the body is read.
+fn credential(state: &IngestState, headers: &HeaderMap, peer: SocketAddr, route: Route) -> Result<Arc<str>, Response> {
     let refused = |status, message: &str| {
         Refusal {
             status,
@@ -195,23 +248,173 @@ fn refused_credentials(state: &IngestState, headers: &HeaderMap, peer: SocketAdd
         }
         .into_response()
     };
+    let auth = match route {
+        Route::Ingest => state.tokens.check_request(headers, peer.ip()),
+        Route::Dovecot => match &state.dovecot.tokens {
+            Some(tokens) => tokens.check_request_or_basic(headers, peer.ip()),
+            None => {
+                return Err(refused(
+                    StatusCode::UNAUTHORIZED,
+                    "the Dovecot routes take only the tokens of --dovecot-token-file, which this operator was not given",
+                ));
+            }
+        },
+    };
     match auth {
-        Auth::Accepted => None,
-        Auth::Refused => Some(refused(
+        Auth::Accepted(name) => Ok(name),
+        Auth::Refused => Err(refused(
             StatusCode::UNAUTHORIZED,
-            "missing or unknown bearer token: send Authorization: Bearer <token from the ingest token file>",
+            match route {
+                Route::Ingest => {
+                    "missing or unknown bearer token: send Authorization: Bearer <a token of the ingest token file>"
+                }
+                Route::Dovecot => {
+                    "missing or unknown token: send a token of the Dovecot token file as a bearer token or a Basic password"
+                }
+            },
         )),
         Auth::Locked(left) => {
             let mut response = refused(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too many failed authentications from this address; wait before trying again",
+                "too many unknown tokens from this address; wait before trying again",
             );
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, left.as_secs().max(1).into());
-            Some(response)
+            Err(response)
         }
     }
+}
+
+impl RequestLimits {
+    fn new(config: &IngestConfig) -> RequestLimits {
+        // At least one largest body fits, whatever the flags say.
+        let budget_kib = config.max_inflight_body_bytes.max(config.max_body_bytes).div_ceil(1024);
+        RequestLimits {
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+            body_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
+            budget_kib,
+            per_credential: config.max_requests_per_credential.max(1),
+            credentials: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// A slot of `credential` and the body budget this request may use, or the refusal
+    /// (413 for a body announced over the limit, 429 for a credential at its limit, 503 for
+    /// a full budget).
+    fn admit(&self, credential: Arc<str>, headers: &HeaderMap) -> Result<Admitted, (Refusal, &'static str)> {
+        let announced = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if announced.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err((too_large(), "body_too_large"));
+        }
+        let slots = {
+            let mut map = self.credentials.lock();
+            map.entry(credential.clone())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_credential)))
+                .clone()
+        };
+        let slot = slots.try_acquire_owned().map_err(|_| {
+            (
+                Refusal {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: format!(
+                        "credential {credential:?} already has {} requests in flight; wait for answers before sending more",
+                        self.per_credential
+                    ),
+                    field: None,
+                },
+                "token_concurrency",
+            )
+        })?;
+        let bytes = announced.map_or(self.max_body_bytes, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let kib = u32::try_from(bytes.div_ceil(1024).clamp(1, self.budget_kib)).unwrap_or(u32::MAX);
+        let budget = self.body_budget.clone().try_acquire_many_owned(kib).map_err(|_| {
+            (
+                Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message:
+                        "too many request bodies in flight; nothing was accepted, retry after the Retry-After delay"
+                            .into(),
+                    field: None,
+                },
+                "body_budget",
+            )
+        })?;
+        Ok(Admitted {
+            credential,
+            _slot: slot,
+            _budget: budget,
+        })
+    }
+
+    /// The body, read within the deadline and the size limit.
+    async fn read(&self, body: Body) -> Result<Bytes, (Refusal, &'static str)> {
+        match tokio::time::timeout(self.body_timeout, axum::body::to_bytes(body, self.max_body_bytes)).await {
+            Err(_) => Err((
+                Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    message: format!(
+                        "the request body did not arrive within {} s; nothing was accepted",
+                        self.body_timeout.as_secs()
+                    ),
+                    field: None,
+                },
+                "body_timeout",
+            )),
+            Ok(Err(e)) => {
+                // `to_bytes` names the limit only in its error's text.
+                if crate::error_chain(&e).contains("length limit") {
+                    Err((too_large(), "body_too_large"))
+                } else {
+                    Err((
+                        Refusal {
+                            status: StatusCode::BAD_REQUEST,
+                            message: format!("cannot read the request body: {}", crate::error_chain(&e)),
+                            field: None,
+                        },
+                        "body_unreadable",
+                    ))
+                }
+            }
+            Ok(Ok(bytes)) => Ok(bytes),
+        }
+    }
+}
+
+fn too_large() -> Refusal {
+    Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: "request body over the ingest size limit; send smaller batches".into(),
+        field: None,
+    }
+}
+
+/// Authenticates, admits and reads one request: its credential, what it holds while
+/// served, and its body; or the answer (counted as `route`'s rejection, and as a listener
+/// refusal when a bound refused it).
+async fn authenticated_body(
+    state: &IngestState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Body,
+    route: Route,
+) -> Result<(Admitted, Bytes), Response> {
+    let metrics = &state.pipeline.metrics;
+    let source = route.source();
+    let name = credential(state, headers, peer, route).inspect_err(|_| {
+        metrics.events_ingested.with_label_values(&[source, "rejected"]).inc();
+    })?;
+    let refuse = |(refusal, reason): (Refusal, &'static str)| {
+        metrics.refused.with_label_values(&["ingest", reason]).inc();
+        counted(state, source, refusal)
+    };
+    let admitted = state.limits.admit(name, headers).map_err(refuse)?;
+    let bytes = state.limits.read(body).await.map_err(refuse)?;
+    Ok((admitted, bytes))
 }
 
 /// Whether new events can be taken now: the store commits, the caches are synced, the
@@ -247,25 +450,6 @@ fn admit(state: &IngestState, source: &str) -> Result<(), Refusal> {
         });
     }
     Ok(())
-}
-
-/// The body, or the refusal of a body that could not be read (413 over the limit).
-fn body_or_refusal(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Bytes, Refusal> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Refusal {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: "request body over the ingest size limit; send smaller batches".into(),
-                field: None,
-            }
-        } else {
-            Refusal {
-                status: e.status(),
-                message: e.body_text(),
-                field: None,
-            }
-        }
-    })
 }
 
 /// The media type of a request, lower-cased, without parameters.
@@ -341,18 +525,13 @@ async fn ingest(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Response {
-    if let Some(response) = refused_credentials(&state, &headers, peer, false) {
-        state
-            .pipeline
-            .metrics
-            .events_ingested
-            .with_label_values(&["http", "rejected"])
-            .inc();
-        return response;
-    }
-    match accept(&state, &headers, body).await {
+    let (admitted, body) = match authenticated_body(&state, peer, &headers, body, Route::Ingest).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    match accept(&state, &headers, &admitted, body).await {
         Ok(response) => response,
         Err(refusal) => counted(&state, "http", refusal),
     }
@@ -361,7 +540,8 @@ async fn ingest(
 async fn accept(
     state: &IngestState,
     headers: &HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    admitted: &Admitted,
+    body: Bytes,
 ) -> Result<Response, Refusal> {
     admit(state, "http")?;
     let (content_type, media) = media_type(headers);
@@ -378,14 +558,19 @@ async fn accept(
             });
         }
     };
-    let body = body_or_refusal(body)?;
-    let events = read_events(
+    let mut events = read_events(
         &body,
         ndjson,
         state.max_batch_events,
         &state.pipeline.internal_domains,
         jiff::Timestamp::now(),
     )?;
+    drop(body);
+    // A producer's ids de-duplicate among its own events only: no other producer, source
+    // or sender can pre-empt them.
+    for e in &mut events {
+        e.producer_scope = Some(admitted.credential.to_string());
+    }
     let pipeline = state.pipeline.clone();
     let outcomes = blocking(state, move || {
         pipeline.accept(events).map_err(|e| {
@@ -402,19 +587,20 @@ async fn accept(
     info!(
         events = outcomes.len(),
         duplicates = outcomes.iter().filter(|o| o.duplicate).count(),
+        credential = %admitted.credential,
         "ingested"
     );
     Ok(accepted(&outcomes))
 }
 
-/// A Dovecot route's request: credentials (bearer or Basic), admission, one JSON body
-/// read into `T`; `handle` stores what it says. The answer: 202 with the outcomes, or the
-/// refusal (counted as the dovecot source's).
+/// A Dovecot route's request: credentials (bearer or Basic) before the body, admission,
+/// one JSON body read into `T`; `handle` stores what it says. The answer: 202 with the
+/// outcomes, or the refusal (counted as the dovecot source's).
 async fn dovecot_request<T, F, Fut>(
     state: IngestState,
     peer: SocketAddr,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
     handle: F,
 ) -> Response
 where
@@ -422,20 +608,15 @@ where
     F: FnOnce(IngestState, T) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<crate::store::Appended>, Refusal>>,
 {
-    if let Some(response) = refused_credentials(&state, &headers, peer, true) {
-        state
-            .pipeline
-            .metrics
-            .events_ingested
-            .with_label_values(&["dovecot", "rejected"])
-            .inc();
-        return response;
-    }
+    let (_admitted, body) = match authenticated_body(&state, peer, &headers, body, Route::Dovecot).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
     let work = async {
         admit(&state, "dovecot")?;
         json_only(&headers)?;
-        let body = body_or_refusal(body)?;
         let request: T = parse(&body, "body")?;
+        drop(body);
         handle(state.clone(), request).await
     };
     match work.await {
@@ -449,7 +630,7 @@ async fn dovecot_batch(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Response {
     dovecot_request(state, peer, headers, body, |state, batch: dovecot::Batch| async move {
         let intake = state.dovecot.clone();
@@ -493,7 +674,7 @@ async fn dovecot_exported(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Response {
     dovecot_request(
         state,
@@ -685,5 +866,6 @@ fn normalize(
         raw_message: None,
         activity: None,
         dead_letter: None,
+        producer_scope: None,
     })
 }

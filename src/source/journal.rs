@@ -209,6 +209,7 @@ fn event(
         raw_message: Some(facts.sha256.clone()),
         activity: None,
         dead_letter: None,
+        producer_scope: None,
     }
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Dovecot, INGEST_TOKEN, Operator, Received, Receiver, SIEM_SECRET, TestNamespace, apply, eventually, signing_secret,
-    wait_ready,
+    DOVECOT_TOKEN, Dovecot, INGEST_TOKEN, Operator, Received, Receiver, SIEM_SECRET, TestNamespace, apply, eventually,
+    signing_secret, wait_ready,
 };
 
 const ALICE: &str = "alice@example.test";
@@ -119,7 +119,7 @@ async fn every_mailbox_action_in_a_real_dovecot_is_one_event_and_changes_made_wh
     );
     wait_ready(&ns, "soc").await;
     wait_ready(&ns, "admin-watch").await;
-    let dovecot = Dovecot::start(operator.ingest, INGEST_TOKEN);
+    let dovecot = Dovecot::start(operator.ingest, DOVECOT_TOKEN);
     // The reconciler takes a first look at each mailbox when its first batch arrives.
     let imap = dovecot.imap().to_string();
     operator.kill();
@@ -492,7 +492,7 @@ async fn dovecot_imap_latency() {
     let plain = Dovecot::start_plain();
     let without = run(&plain);
     drop(plain);
-    let dovecot = Dovecot::start(operator.ingest, INGEST_TOKEN);
+    let dovecot = Dovecot::start(operator.ingest, DOVECOT_TOKEN);
     let with = run(&dovecot);
     operator.kill();
     let down = run(&dovecot);
@@ -538,27 +538,54 @@ async fn dovecot_routes_refuse_bad_requests_naming_the_field() {
             {"event": "MailboxCreate", "mailbox": "Grüße"}]})
         .to_string()
     };
-    let (status, body) = post("/v1/sources/dovecot", &batch(2), Some(("", INGEST_TOKEN)), true).await;
+    // Each route takes its own source's tokens: the ingest token is refused here, the
+    // Dovecot token on /v1/events, both before the body is read.
+    let (status, body) = post("/v1/sources/dovecot", &batch(1), Some(("", INGEST_TOKEN)), true).await;
+    assert_eq!(status, 401, "the ingest token on a Dovecot route: {body}");
+    let (status, body) = post(
+        "/v1/sources/dovecot/events",
+        "{}",
+        Some(("dovecot", INGEST_TOKEN)),
+        false,
+    )
+    .await;
+    assert_eq!(status, 401, "the ingest token on the exporter route: {body}");
+    let r = http
+        .post(format!("http://{}/v1/events", operator.ingest))
+        .bearer_auth(DOVECOT_TOKEN)
+        .header("content-type", "application/json")
+        .body(json!({"type": "message.received", "mailbox": ALICE}).to_string())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 401, "the Dovecot token on /v1/events");
+    let (status, body) = post("/v1/sources/dovecot", &batch(2), Some(("", DOVECOT_TOKEN)), true).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["field"], "version", "{body}");
     let (status, body) = post(
         "/v1/sources/dovecot",
         r#"{"version": 1}"#,
-        Some(("", INGEST_TOKEN)),
+        Some(("", DOVECOT_TOKEN)),
         true,
     )
     .await;
     assert_eq!(status, 400, "{body}");
     let (status, _) = post("/v1/sources/dovecot", &batch(1), None, true).await;
     assert_eq!(status, 401);
-    let (status, body) = post("/v1/sources/dovecot", &batch(1), Some(("dovecot", INGEST_TOKEN)), false).await;
+    let (status, body) = post(
+        "/v1/sources/dovecot",
+        &batch(1),
+        Some(("dovecot", DOVECOT_TOKEN)),
+        false,
+    )
+    .await;
     assert_eq!(status, 202, "Basic credentials carry the token: {body}");
     let exported = json!({"event": "imap_command_finished", "fields": {"user": ALICE, "cmd_name": "SELECT",
                                                                      "tagged_reply_state": "OK"}});
     let (status, body) = post(
         "/v1/sources/dovecot/events",
         &exported.to_string(),
-        Some(("dovecot", INGEST_TOKEN)),
+        Some(("dovecot", DOVECOT_TOKEN)),
         false,
     )
     .await;
@@ -569,7 +596,7 @@ async fn dovecot_routes_refuse_bad_requests_naming_the_field() {
     );
     let r = http
         .post(format!("http://{}/v1/sources/dovecot", operator.ingest))
-        .bearer_auth(INGEST_TOKEN)
+        .bearer_auth(DOVECOT_TOKEN)
         .header("content-type", "application/x-ndjson")
         .body(batch(1))
         .send()

@@ -5,7 +5,15 @@
 //! Replies: `552 5.3.4` over `--smtp-max-message-bytes` (also announced as SIZE), `452`
 //! under backpressure or too many recipients, `554 5.6.0` with the reason for mail that is
 //! neither a journal report nor a usable copy, `451 4.3.0` when the store fails, `500`
-//! for a command line longer than 512 bytes, `421` when busy, not ready or idle too long.
+//! for a command line longer than 512 bytes, `500 5.5.2` for a message with a line over
+//! 1 MiB (nothing of it is recorded), `421` when busy, not ready, idle too long, or past a
+//! deadline.
+//!
+//! Bounds: `--smtp-max-connections` sessions at once and `--smtp-max-connections-per-address`
+//! from one client address; a session must reach its first MAIL within
+//! `--smtp-handshake-timeout` (STARTTLS and AUTH included; a TLS handshake alone within
+//! 10 s) and end within `--smtp-session-timeout`; each read waits at most
+//! `--smtp-idle-timeout`. A client that stalls loses its slot, whatever it stalls on.
 //! STARTTLS (RFC 3207) is offered when a certificate is configured. With a token file, AUTH
 //! PLAIN (RFC 4954) is offered after STARTTLS only, and MAIL needs it (`530`); the password
 //! must be one of the tokens (any user name), a wrong one gets `535`.
@@ -39,7 +47,13 @@ pub struct SmtpConfig {
     pub max_message_bytes: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// Sessions from one client address at once.
+    pub max_connections_per_address: usize,
     pub idle_timeout: Duration,
+    /// From connect to the first accepted MAIL.
+    pub handshake_timeout: Duration,
+    /// From connect to the end of the session.
+    pub session_timeout: Duration,
     /// Offered as STARTTLS when set.
     pub tls: Option<Arc<TlsFiles>>,
     /// When set, senders must AUTH PLAIN with one of these tokens as the password.
@@ -134,8 +148,12 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Longest text line taken in DATA. RFC 5321 says 1000; real journals exceed it, so the
-/// bound only protects memory.
+/// bound only protects memory. A message with a longer line is refused whole: dropping the
+/// line would archive a message that is not the one sent.
 const MAX_DATA_LINE: usize = 1 << 20;
+
+/// How long a TLS handshake may take after `220 Ready to start TLS`.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a session may go on after shutdown began: one finishing its message is let
 /// finish; one still open after this is closed (a sender retries what was not answered).
@@ -156,6 +174,42 @@ pub fn auth_tokens(
     }
 }
 
+/// Sessions per client address, for `--smtp-max-connections-per-address`.
+#[derive(Default)]
+struct PerAddress {
+    open: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One session's place in [`PerAddress`], given back when dropped.
+struct AddressSlot {
+    of: Arc<PerAddress>,
+    peer: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, peer: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut open = self.open.lock();
+        let n = open.entry(peer).or_insert(0);
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { of: self.clone(), peer })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock();
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`; each session runs on `sessions` (the shutdown
 /// waits for them, up to SESSION_GRACE).
 pub async fn serve(
@@ -167,6 +221,7 @@ pub async fn serve(
     sessions: tokio_util::task::TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
     let config = Arc::new(config);
     loop {
         let (stream, peer) = tokio::select! {
@@ -174,29 +229,41 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
+                    // Out of file descriptors, typically: wait instead of spinning.
                     warn!(%err, "cannot accept an SMTP connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let (config, pipeline, readiness) = (config.clone(), pipeline.clone(), readiness.clone());
+        let address = per_address.take(peer.ip(), config.max_connections_per_address);
         let permit = slots.clone().try_acquire_owned();
         let stop = shutdown.clone();
         sessions.spawn(
             async move {
+                let refused = |reason| pipeline.metrics.refused.with_label_values(&["smtp", reason]).inc();
                 let run = async {
-                    match permit {
-                        Err(_) => {
+                    match (permit, address) {
+                        (Err(_), _) => {
+                            refused("connections");
                             let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                             session.reply("421 4.7.0 Too many connections; try again later").await
                         }
+                        (Ok(_), None) => {
+                            refused("connections_per_address");
+                            let mut session = Session::new(Box::new(stream), peer.ip(), &config);
+                            session
+                                .reply("421 4.7.0 Too many connections from your address; try again later")
+                                .await
+                        }
                         // Not ready only because the store is down: the session goes on and
                         // MAIL answers 451, as the sender's queue expects.
-                        Ok(_permit) if !readiness.is_ready_apart_from(crate::handles::STORE) => {
+                        (Ok(_permit), Some(_address)) if !readiness.is_ready_apart_from(crate::handles::STORE) => {
                             let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                             session.reply("421 4.3.2 Not ready yet; try again later").await
                         }
-                        Ok(_permit) => session(Box::new(stream), peer.ip(), &config, &pipeline).await,
+                        (Ok(_permit), Some(_address)) => session(Box::new(stream), peer.ip(), &config, &pipeline).await,
                     }
                 };
                 tokio::pin!(run);
@@ -242,6 +309,19 @@ enum Line {
     Text(Vec<u8>),
     TooLong,
     Closed,
+    /// The idle timeout or the deadline passed; `421` was sent.
+    TimedOut,
+}
+
+/// What reading a message gave.
+enum Data {
+    Message(Vec<u8>),
+    /// Over the size limit, at least this many bytes.
+    TooBig(usize),
+    /// A line over MAX_DATA_LINE.
+    LineTooLong,
+    /// The client went away, or a timeout closed the session.
+    Gone,
 }
 
 struct Session {
@@ -249,6 +329,12 @@ struct Session {
     /// The client's address (failed AUTH attempts are counted per address).
     peer: std::net::IpAddr,
     idle: Duration,
+    /// Until the first MAIL: the handshake deadline; then the session's.
+    deadline: tokio::time::Instant,
+    /// The session's own deadline.
+    session_deadline: tokio::time::Instant,
+    /// Whether a MAIL was accepted yet (the handshake deadline is over).
+    transacted: bool,
     tls: bool,
     authenticated: bool,
 }
@@ -261,13 +347,24 @@ struct Transaction {
 
 impl Session {
     fn new(stream: Box<dyn Stream>, peer: std::net::IpAddr, config: &SmtpConfig) -> Session {
+        let now = tokio::time::Instant::now();
+        let session_deadline = now + config.session_timeout;
         Session {
             io: BufReader::new(stream),
             peer,
             idle: config.idle_timeout,
+            deadline: (now + config.handshake_timeout).min(session_deadline),
+            session_deadline,
+            transacted: false,
             tls: false,
             authenticated: false,
         }
+    }
+
+    /// A MAIL was accepted: from now on only the session deadline applies.
+    fn transacting(&mut self) {
+        self.transacted = true;
+        self.deadline = self.session_deadline;
     }
 
     /// Sends one reply in one write: a client that reads the STARTTLS answer with a single
@@ -287,7 +384,15 @@ impl Session {
         self.reply("220 2.0.0 Ready to start TLS").await?;
         let placeholder: Box<dyn Stream> = Box::new(tokio::io::duplex(1).0);
         let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
-        let tls = tokio_rustls::TlsAcceptor::from(config).accept(plain).await?;
+        let within = TLS_HANDSHAKE_TIMEOUT.min(self.deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(plain);
+        // A client that never completes the handshake must not keep its slot.
+        let tls = tokio::time::timeout(within, accept).await.map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the TLS handshake did not complete in time",
+            )
+        })??;
         self.io = BufReader::new(Box::new(tls));
         self.tls = true;
         Ok(())
@@ -299,11 +404,22 @@ impl Session {
         let mut buf = Vec::new();
         let mut too_long = false;
         loop {
-            let chunk = match tokio::time::timeout(self.idle, self.io.fill_buf()).await {
+            let now = tokio::time::Instant::now();
+            let until = (now + self.idle).min(self.deadline);
+            let chunk = match tokio::time::timeout_at(until, self.io.fill_buf()).await {
                 Ok(r) => r?,
                 Err(_) => {
-                    let _ = self.reply("421 4.4.2 Idle too long; closing").await;
-                    return Ok(Line::Closed);
+                    let why = if until < now + self.idle {
+                        if self.transacted {
+                            "421 4.4.2 Session too long; closing (send the rest in a new session)"
+                        } else {
+                            "421 4.4.2 No transaction started in time; closing"
+                        }
+                    } else {
+                        "421 4.4.2 Idle too long; closing"
+                    };
+                    let _ = self.reply(why).await;
+                    return Ok(Line::TimedOut);
                 }
             };
             if chunk.is_empty() {
@@ -336,6 +452,17 @@ impl Session {
         loop {
             let line = match self.line(MAX_COMMAND_LINE).await? {
                 Line::Closed => return Ok(()),
+                Line::TimedOut => {
+                    count_refused(
+                        pipeline,
+                        if self.transacted {
+                            "session_timeout"
+                        } else {
+                            "handshake_timeout"
+                        },
+                    );
+                    return Ok(());
+                }
                 Line::TooLong => {
                     self.reply(&CommandError::TooLong.to_string()).await?;
                     continue;
@@ -388,6 +515,7 @@ impl Session {
                         match sender(mail, config.max_message_bytes) {
                             Ok(from) => {
                                 tx.mail_from = Some(from.to_string());
+                                self.transacting();
                                 self.reply("250 2.1.0 OK").await?;
                             }
                             Err(reply) => self.reply(&reply).await?,
@@ -415,23 +543,29 @@ impl Session {
                         continue;
                     }
                     self.reply("354 End data with <CR><LF>.<CR><LF>").await?;
-                    let Some(body) = self.data(config.max_message_bytes).await? else {
-                        // The client went away mid-message: nothing is stored.
-                        return Ok(());
-                    };
+                    let body = self.data(config.max_message_bytes).await?;
                     let envelope = Envelope {
                         mail_from: tx.mail_from.take().filter(|f| !f.is_empty()),
                         rcpt_to: std::mem::take(&mut tx.rcpt_to),
                     };
                     let answer = match body {
-                        Err(size) => {
+                        // The client went away or ran out of time mid-message: nothing is stored.
+                        Data::Gone => return Ok(()),
+                        Data::TooBig(size) => {
                             count(pipeline, "rejected");
                             format!(
                                 "552 5.3.4 Message too big ({size}+ bytes; at most {})",
                                 config.max_message_bytes
                             )
                         }
-                        Ok(raw) => deliver(raw, envelope, pipeline.clone()).await,
+                        Data::LineTooLong => {
+                            count(pipeline, "rejected");
+                            count_refused(pipeline, "line_too_long");
+                            format!(
+                                "500 5.5.2 Line too long: a line of the message is over {MAX_DATA_LINE} bytes; nothing was recorded"
+                            )
+                        }
+                        Data::Message(raw) => deliver(raw, envelope, pipeline.clone()).await,
                     };
                     self.reply(&answer).await?;
                 }
@@ -474,12 +608,12 @@ impl Session {
                                 match self.line(MAX_COMMAND_LINE).await? {
                                     Line::Text(t) => String::from_utf8_lossy(&t).trim().to_string(),
                                     Line::TooLong => String::new(),
-                                    Line::Closed => return Ok(()),
+                                    Line::Closed | Line::TimedOut => return Ok(()),
                                 }
                             }
                         };
                         match tokens.check(command::plain_password(&response).as_deref(), self.peer) {
-                            Auth::Accepted => {
+                            Auth::Accepted(_) => {
                                 self.authenticated = true;
                                 self.reply("235 2.7.0 Authentication successful").await?;
                             }
@@ -500,26 +634,35 @@ impl Session {
         }
     }
 
-    /// Reads the message up to the lone dot, undoing dot-stuffing. `None` if the client
-    /// went away; `Err(size)` when it was larger than `max` (read to its end regardless).
-    async fn data(&mut self, max: usize) -> std::io::Result<Option<Result<Vec<u8>, usize>>> {
+    /// Reads the message up to the lone dot, undoing dot-stuffing. Read to its end even
+    /// when over `max` or holding an overlong line, so the session can go on.
+    async fn data(&mut self, max: usize) -> std::io::Result<Data> {
         let mut body = Vec::new();
         let mut size = 0usize;
+        let mut line_too_long = false;
         loop {
             let line = match self.line(MAX_DATA_LINE).await? {
-                Line::Closed => return Ok(None),
+                Line::Closed | Line::TimedOut => return Ok(Data::Gone),
                 Line::TooLong => {
-                    size += MAX_DATA_LINE;
+                    line_too_long = true;
+                    size = size.saturating_add(MAX_DATA_LINE);
+                    body = Vec::new();
                     continue;
                 }
                 Line::Text(t) => t,
             };
             if line == b".\r\n" || line == b".\n" {
-                return Ok(Some(if size > max { Err(size) } else { Ok(body) }));
+                return Ok(if line_too_long {
+                    Data::LineTooLong
+                } else if size > max {
+                    Data::TooBig(size)
+                } else {
+                    Data::Message(body)
+                });
             }
             let line = line.strip_prefix(b".").unwrap_or(&line);
-            size += line.len();
-            if size <= max {
+            size = size.saturating_add(line.len());
+            if size <= max && !line_too_long {
                 body.extend_from_slice(line);
             } else {
                 body = Vec::new();
@@ -611,6 +754,11 @@ fn one_line(text: &str, max: usize) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(max)
         .collect()
+}
+
+/// Counts a session the listener's bounds ended.
+fn count_refused(pipeline: &Pipeline, reason: &str) {
+    pipeline.metrics.refused.with_label_values(&["smtp", reason]).inc();
 }
 
 /// Counts a message outcome that the pipeline does not count itself (refusals).

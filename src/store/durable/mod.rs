@@ -222,7 +222,7 @@ impl DurableStore {
                 deliveries.push((d.subscription.clone(), shard, json(&StoredDelivery::from(d))?));
             }
             batch.push(shared::IngestItem {
-                producer: item.event.producer_event_id.clone(),
+                producer: item.event.dedup_key(),
                 event_id: item.event.id.clone(),
                 event,
                 deliveries,
@@ -265,7 +265,7 @@ impl DurableStore {
         {
             let mut state = lock(&self.state);
             for item in items {
-                if let Some(pid) = &item.event.producer_event_id {
+                if let Some(pid) = &item.event.dedup_key() {
                     if let Some(existing) = state.producer_ids.get(pid) {
                         out.push(Appended {
                             id: existing.clone(),

@@ -24,7 +24,7 @@ use std::time::Duration;
 pub use cluster::{TestNamespace, apply, apply_path, client, condition, install_crds, kubectl_run, wait_ready, whs};
 pub use dovecot::Dovecot;
 pub use fixtures::{SIEM_SECRET, apply_siem, self_signed, siem_event, signing_secret, subscription};
-pub use operator::{INGEST_TOKEN, Operator, free_port};
+pub use operator::{DOVECOT_TOKEN, INGEST_TOKEN, Operator, free_port};
 pub use receiver::{Received, Receiver};
 
 /// Polls `get` until `check` holds, for up to 60 s (a ceiling for a loaded machine, not a speed

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use super::TestNamespace;
 
-/// The bearer token every test operator accepts.
+/// The bearer token every test operator accepts on `/v1/events`.
 pub const INGEST_TOKEN: &str = "test-ingest-token";
+/// The token every test operator accepts on the Dovecot routes (and only there).
+pub const DOVECOT_TOKEN: &str = "test-dovecot-token";
 
 /// A free loopback port (another process may take it before we bind; tests accept that).
 pub fn free_port() -> SocketAddr {
@@ -66,6 +68,8 @@ impl Operator {
         let log = std::env::temp_dir().join(format!("mailhook-operator-{who}.log"));
         let token_file = std::env::temp_dir().join(format!("mailhook-tokens-{who}"));
         std::fs::write(&token_file, format!("# test tokens\n{INGEST_TOKEN}\n")).expect("write token file");
+        let dovecot_tokens = std::env::temp_dir().join(format!("mailhook-dovecot-tokens-{who}"));
+        std::fs::write(&dovecot_tokens, format!("dovecot-test {DOVECOT_TOKEN}\n")).expect("write token file");
         let (admin, ingest) = (free_port(), free_port());
         let mut args: Vec<String> = ["run", "--watch-namespace", &ns.name]
             .iter()
@@ -81,10 +85,15 @@ impl Operator {
             ingest.to_string(),
         ]);
         args.extend(["--ingest-token-file".into(), token_file.display().to_string()]);
+        args.extend(["--dovecot-token-file".into(), dovecot_tokens.display().to_string()]);
         // Test receivers listen on loopback, which the egress guard refuses by default; a
         // test that sets its own egress flags gets only those.
         if !extra.iter().any(|a| a.starts_with("--egress")) {
             args.extend(["--egress-allow".into(), "127.0.0.1/32".into()]);
+        }
+        // Tests that restart with work on disk choose a store; the rest keep it in memory.
+        if !extra.iter().any(|a| *a == "--store-dir" || *a == "--store-url") {
+            args.push("--store-memory".into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Self::spawn(&args, &log, false);
