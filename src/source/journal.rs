@@ -16,6 +16,16 @@
 //! `message.internal` for the sender's mailbox (or the one it sent on behalf of); the
 //! recipients' events then have direction `internal`. A plain copy gives one event per
 //! envelope recipient, for that mailbox.
+//!
+//! What each event shows: the sender's event lists every recipient of the envelope; a
+//! recipient's event shows what its recipient saw — the To and Cc of the message's header
+//! (not the members a list was expanded to), at most [`MAX_LISTED`] of each, and Bcc only
+//! if it is itself. Cost is linear in the recipients: events are made on demand, a chunk
+//! at a time ([`Journaled::chunks`]), a report lists at most [`MAX_REPORT_RECIPIENTS`], and
+//! what one message may expand to is bounded ([`MAX_EXPANSION_BYTES`]): a report that
+//! would exceed it is refused with the figures, never half-recorded.
+
+use std::collections::HashSet;
 
 use mail_parser::{Message, MessageParser, MimeHeaders};
 use sha2::{Digest, Sha256};
@@ -24,6 +34,25 @@ use super::{direction, is_internal, normalize_address};
 use crate::api::{Direction, EventType};
 use crate::event::{Attachment, MailboxEvent, Source};
 use crate::store::RawMessage;
+
+/// Recipient lines (`To`, `Cc`, `Bcc`, `Recipient`) a journal report may list. An
+/// all-staff mail of a large organisation fits; more is refused (`552`).
+pub const MAX_REPORT_RECIPIENTS: usize = 50_000;
+
+/// Addresses of the header's To (and of its Cc) listed in a recipient's event; the
+/// recipient itself is kept when it is among them.
+pub const MAX_LISTED: usize = 32;
+
+/// Attachments listed in an event; a message with more lists the first ones.
+pub const MAX_ATTACHMENTS: usize = 100;
+
+/// Longest subject, Message-ID or attachment name kept, in bytes (RFC 5322's line limit);
+/// longer ones are cut at a character boundary.
+pub const MAX_TEXT: usize = 998;
+
+/// What the events of one message may take in all, as stored (JSON): events × the size of
+/// one. A report over it is refused with `552` and the figures.
+pub const MAX_EXPANSION_BYTES: usize = 256 * 1024 * 1024;
 
 /// The SMTP envelope of one message.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +76,35 @@ pub enum JournalError {
     NoRecipients,
     #[error("{field}: {value:?} is not an email address")]
     BadAddress { field: String, value: String },
+    #[error("the journal report lists more than {max} recipients")]
+    TooManyRecipients { max: usize },
+    #[error(
+        "the message would make {events} events of about {each} bytes each ({} MiB), over the {} MiB one message may expand to",
+        .events * .each / (1024 * 1024), MAX_EXPANSION_BYTES / (1024 * 1024)
+    )]
+    TooLarge { events: usize, each: usize },
+}
+
+impl JournalError {
+    /// Whether the message is refused for its size (`552`) rather than its form (`554`).
+    pub fn is_size(&self) -> bool {
+        matches!(
+            self,
+            JournalError::TooManyRecipients { .. } | JournalError::TooLarge { .. }
+        )
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// What the report's envelope part says.
@@ -77,6 +135,7 @@ fn address(field: &str, value: &str) -> Result<String, JournalError> {
 /// Reads the `Field: value` lines of a journal report's envelope part.
 fn read_report(text: &str) -> Result<ReportEnvelope, JournalError> {
     let mut env = ReportEnvelope::default();
+    let mut recipients = 0usize;
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
@@ -85,10 +144,19 @@ fn read_report(text: &str) -> Result<ReportEnvelope, JournalError> {
         if value.is_empty() {
             continue;
         }
-        match key.trim().to_ascii_lowercase().as_str() {
+        let key = key.trim().to_ascii_lowercase();
+        if matches!(key.as_str(), "to" | "recipient" | "cc" | "bcc") {
+            recipients += 1;
+            if recipients > MAX_REPORT_RECIPIENTS {
+                return Err(JournalError::TooManyRecipients {
+                    max: MAX_REPORT_RECIPIENTS,
+                });
+            }
+        }
+        match key.as_str() {
             "sender" => env.sender = Some(address("Sender", value)?),
-            "subject" => env.subject = Some(value.to_string()),
-            "message-id" => env.message_id = Some(value.to_string()),
+            "subject" => env.subject = Some(bounded(value.to_string(), MAX_TEXT)),
+            "message-id" => env.message_id = Some(bounded(value.to_string(), MAX_TEXT)),
             "on-behalf-of" => env.on_behalf_of = Some(address("On-Behalf-Of", value)?),
             "to" | "recipient" => env.to.push(address("To", value)?),
             "cc" => env.cc.push(address("Cc", value)?),
@@ -111,10 +179,11 @@ fn header_addresses(list: Option<&mail_parser::Address<'_>>) -> Vec<String> {
 fn attachments(message: &Message<'_>) -> Vec<Attachment> {
     message
         .attachments()
+        .take(MAX_ATTACHMENTS)
         .map(|part| {
             let contents = part.contents();
             Attachment {
-                name: part.attachment_name().map(String::from),
+                name: part.attachment_name().map(|n| bounded(n.to_string(), MAX_TEXT)),
                 content_type: part.content_type().map(|ct| match ct.subtype() {
                     Some(sub) => format!("{}/{}", ct.ctype(), sub).to_ascii_lowercase(),
                     None => ct.ctype().to_ascii_lowercase(),
@@ -137,9 +206,14 @@ fn event_type(direction: Option<Direction>) -> EventType {
 /// The message's facts, shared by every event made from it.
 struct Facts {
     from: Option<String>,
+    /// Every recipient of the envelope: the sender's view.
     to: Vec<String>,
     cc: Vec<String>,
     bcc: Vec<String>,
+    /// What a recipient saw: the header's To and Cc, at most MAX_LISTED of each.
+    seen_to: Vec<String>,
+    seen_cc: Vec<String>,
+    bcc_set: HashSet<String>,
     subject: Option<String>,
     message_id: Option<String>,
     size: u64,
@@ -159,30 +233,58 @@ impl Facts {
     }
 }
 
-/// One event of the message, for `mailbox`. Only the sender's event (`sender_view`) lists
-/// the Bcc recipients; a recipient's event names at most that recipient itself, so neither
-/// its delivery nor a filter matching on recipients reveals who else was Bcc'd.
-fn event(
-    facts: &Facts,
+/// At most MAX_LISTED of `list`, `mailbox` among them when it is in `list`.
+fn listed_for(list: &[String], mailbox: &str) -> Vec<String> {
+    if list.len() <= MAX_LISTED {
+        return list.to_vec();
+    }
+    let mut out: Vec<String> = list.iter().take(MAX_LISTED).cloned().collect();
+    if !out.iter().any(|a| a == mailbox) && list.iter().any(|a| a == mailbox) {
+        out.pop();
+        out.push(mailbox.to_string());
+    }
+    out
+}
+
+/// One event to make: for whom, of what kind, seen how.
+#[derive(Debug, Clone)]
+struct Planned {
     mailbox: String,
     event_type: EventType,
-    dir: Option<Direction>,
+    direction: Option<Direction>,
     sender_view: bool,
-    now: jiff::Timestamp,
-) -> MailboxEvent {
-    let bcc = if sender_view {
-        facts.bcc.clone()
+}
+
+/// One event of the message, for `mailbox`. Only the sender's event (`sender_view`) lists
+/// the envelope's recipients and its Bcc; a recipient's event shows the header's To and Cc
+/// and at most the recipient itself as Bcc, so neither its delivery nor a filter matching
+/// on recipients reveals who else was Bcc'd or who a list was expanded to.
+fn event(facts: &Facts, planned: &Planned, now: jiff::Timestamp) -> MailboxEvent {
+    let mailbox = planned.mailbox.clone();
+    let (to, cc, bcc) = if planned.sender_view {
+        (facts.to.clone(), facts.cc.clone(), facts.bcc.clone())
     } else {
-        facts.bcc.iter().filter(|b| **b == mailbox).cloned().collect()
+        let bcc = if facts.bcc_set.contains(&mailbox) {
+            vec![mailbox.clone()]
+        } else {
+            Vec::new()
+        };
+        (
+            listed_for(&facts.seen_to, &mailbox),
+            listed_for(&facts.seen_cc, &mailbox),
+            bcc,
+        )
     };
     MailboxEvent {
         id: MailboxEvent::new_id(),
-        event_type,
+        event_type: planned.event_type,
         occurred_at: facts.occurred_at.unwrap_or(now),
         received_at: now,
         source: Source::Smtp,
         // A journal re-sent by the mail system (or a retried SMTP transaction) is the same
-        // event: de-duplicated by message id and mailbox.
+        // event: de-duplicated by message id and mailbox, within the message's digest
+        // (`raw_message`, see `MailboxEvent::dedup_key`), so another message reusing the
+        // Message-ID is not taken for it.
         // Control characters (a NUL above all, which PostgreSQL's text refuses) are dropped:
         // a producer id only needs to be the same for the same message.
         producer_event_id: facts.message_id.as_ref().map(|id| {
@@ -194,13 +296,13 @@ fn event(
         mailbox,
         message_id: facts.message_id.clone(),
         from: facts.from.clone(),
-        to: facts.to.clone(),
-        cc: facts.cc.clone(),
+        to,
+        cc,
         bcc,
         subject: facts.subject.clone(),
         size: Some(facts.size),
         attachments: facts.attachments.clone(),
-        direction: dir,
+        direction: planned.direction,
         folder: None,
         headers: Default::default(),
         flags: vec![],
@@ -219,12 +321,61 @@ fn occurred_at(message: &Message<'_>) -> Option<jiff::Timestamp> {
         .and_then(|d| jiff::Timestamp::from_second(d.to_timestamp()).ok())
 }
 
-/// The events made from one journaled message, and the message itself (for a journal
-/// report: the original it carries), which the events refer to by its SHA-256.
-#[derive(Debug)]
+/// What one journaled message gives: its events, made on demand, and the message itself
+/// (for a journal report: the original it carries), which the events refer to by its
+/// SHA-256.
 pub struct Journaled {
-    pub events: Vec<MailboxEvent>,
     pub original: RawMessage,
+    facts: Facts,
+    plan: Vec<Planned>,
+    now: jiff::Timestamp,
+}
+
+impl std::fmt::Debug for Journaled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journaled")
+            .field("sha256", &self.original.sha256)
+            .field("events", &self.plan.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Journaled {
+    /// How many events the message gives.
+    pub fn len(&self) -> usize {
+        self.plan.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plan.is_empty()
+    }
+
+    /// Every event, made now.
+    pub fn events(&self) -> Vec<MailboxEvent> {
+        self.plan.iter().map(|p| event(&self.facts, p, self.now)).collect()
+    }
+
+    /// The events, `size` at a time: what a caller holds at once stays bounded however
+    /// many recipients the message had.
+    pub fn chunks(&self, size: usize) -> impl Iterator<Item = Vec<MailboxEvent>> + '_ {
+        self.plan
+            .chunks(size.max(1))
+            .map(|chunk| chunk.iter().map(|p| event(&self.facts, p, self.now)).collect())
+    }
+
+    /// Refuses a message whose events would take more than MAX_EXPANSION_BYTES in all.
+    fn bounded(self) -> Result<Journaled, JournalError> {
+        // Recipients' events are alike in size; the sender's is one.
+        let Some(sample) = self.plan.iter().find(|p| !p.sender_view).or(self.plan.first()) else {
+            return Ok(self);
+        };
+        let each = serde_json::to_vec(&event(&self.facts, sample, self.now)).map_or(0, |v| v.len());
+        let events = self.plan.len();
+        if events.saturating_mul(each) > MAX_EXPANSION_BYTES {
+            return Err(JournalError::TooLarge { events, each });
+        }
+        Ok(self)
+    }
 }
 
 /// Turns one journaled message into events.
@@ -261,30 +412,46 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
         return Err(JournalError::NoRecipients);
     }
     let raw = RawMessage::new(original.raw_message().to_vec());
+    let seen = |list| {
+        let mut all = header_addresses(list);
+        all.truncate(MAX_REPORT_RECIPIENTS);
+        all
+    };
     let facts = Facts {
         sha256: raw.sha256.clone(),
         from: Some(from.clone()),
-        subject: original.subject().map(String::from).or(env.subject.clone()),
+        subject: original
+            .subject()
+            .map(|s| bounded(s.to_string(), MAX_TEXT))
+            .or(env.subject.clone()),
         message_id: env
             .message_id
             .clone()
-            .or_else(|| original.message_id().map(|id| format!("<{id}>"))),
+            .or_else(|| original.message_id().map(|id| bounded(format!("<{id}>"), MAX_TEXT))),
         size: original.raw_message().len() as u64,
         occurred_at: occurred_at(original),
         attachments: attachments(original),
+        seen_to: seen(original.to()),
+        seen_cc: seen(original.cc()),
+        bcc_set: env.bcc.iter().cloned().collect(),
         to: env.to,
         cc: env.cc,
         bcc: env.bcc,
     };
     let dir = facts.direction(internal);
     let kind = event_type(dir);
-    let mut events = Vec::new();
+    let mut plan = Vec::new();
     // Sent on behalf of someone: the sender's event belongs to that mailbox.
     let principal = env.on_behalf_of.unwrap_or(from);
     let recipient_direction = if kind == EventType::MessageReceived {
         dir
     } else {
-        events.push(event(&facts, principal.clone(), kind, dir, true, now));
+        plan.push(Planned {
+            mailbox: principal.clone(),
+            event_type: kind,
+            direction: dir,
+            sender_view: true,
+        });
         // From an internal mailbox to an internal one.
         Some(Direction::Internal)
     };
@@ -298,17 +465,19 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
         .collect();
     mailboxes.sort_unstable();
     mailboxes.dedup();
-    events.extend(mailboxes.into_iter().map(|m| {
-        event(
-            &facts,
-            m.to_string(),
-            EventType::MessageReceived,
-            recipient_direction,
-            false,
-            now,
-        )
+    plan.extend(mailboxes.into_iter().map(|m| Planned {
+        mailbox: m.to_string(),
+        event_type: EventType::MessageReceived,
+        direction: recipient_direction,
+        sender_view: false,
     }));
-    Ok(Journaled { events, original: raw })
+    Journaled {
+        original: raw,
+        facts,
+        plan,
+        now,
+    }
+    .bounded()
 }
 
 fn plain_copy(
@@ -323,33 +492,39 @@ fn plain_copy(
         .next()
         .or_else(|| envelope.mail_from.as_deref().and_then(normalize_address))
         .ok_or(JournalError::NoSender)?;
-    let to = header_addresses(message.to());
-    let cc = header_addresses(message.cc());
+    let mut to = header_addresses(message.to());
+    let mut cc = header_addresses(message.cc());
+    to.truncate(MAX_REPORT_RECIPIENTS);
+    cc.truncate(MAX_REPORT_RECIPIENTS);
     let mailboxes: Vec<String> = envelope.rcpt_to.iter().filter_map(|r| normalize_address(r)).collect();
     if mailboxes.is_empty() {
         return Err(JournalError::NoRecipients);
     }
     // Envelope recipients the headers do not show were Bcc'd (or are journal copies).
-    let bcc = mailboxes
+    let shown: HashSet<&String> = to.iter().chain(&cc).collect();
+    let bcc: Vec<String> = mailboxes
         .iter()
-        .filter(|m| !to.contains(m) && !cc.contains(m) && **m != from)
+        .filter(|m| !shown.contains(m) && **m != from)
         .cloned()
         .collect();
     let raw = RawMessage::new(raw.to_vec());
     let facts = Facts {
         sha256: raw.sha256.clone(),
         from: Some(from.clone()),
+        seen_to: to.clone(),
+        seen_cc: cc.clone(),
+        bcc_set: bcc.iter().cloned().collect(),
         to,
         cc,
         bcc,
-        subject: message.subject().map(String::from),
-        message_id: message.message_id().map(|id| format!("<{id}>")),
+        subject: message.subject().map(|s| bounded(s.to_string(), MAX_TEXT)),
+        message_id: message.message_id().map(|id| bounded(format!("<{id}>"), MAX_TEXT)),
         size: raw.bytes.len() as u64,
         occurred_at: occurred_at(message),
         attachments: attachments(message),
     };
     let dir = facts.direction(internal);
-    let events = mailboxes
+    let plan = mailboxes
         .into_iter()
         .map(|mailbox| {
             // The sender's own copy is a sent message whatever the domains say.
@@ -358,11 +533,21 @@ fn plain_copy(
             } else {
                 event_type(dir)
             };
-            let sender_view = mailbox == from;
-            event(&facts, mailbox, kind, dir, sender_view, now)
+            Planned {
+                sender_view: mailbox == from,
+                mailbox,
+                event_type: kind,
+                direction: dir,
+            }
         })
         .collect();
-    Ok(Journaled { events, original: raw })
+    Journaled {
+        original: raw,
+        facts,
+        plan,
+        now,
+    }
+    .bounded()
 }
 
 #[cfg(test)]
@@ -386,7 +571,7 @@ mod tests {
             mail_from: Some("journal@contoso.com".into()),
             rcpt_to: vec!["archive@journal.example.net".into()],
         };
-        parse(&fixture(name), &envelope, &internal(), now()).map(|j| j.events)
+        parse(&fixture(name), &envelope, &internal(), now()).map(|j| j.events())
     }
 
     #[test]
@@ -406,7 +591,11 @@ mod tests {
         let e = &events[0];
         assert_eq!(e.event_type, EventType::MessageReceived);
         assert_eq!(e.from.as_deref(), Some("billing@fabrikam.com"));
-        assert_eq!(e.to, ["alice@contoso.com", "dan@contoso.com"]);
+        assert_eq!(
+            e.to,
+            ["alice@contoso.com", "finance-team@contoso.com"],
+            "what alice saw: the header's To, not who the list was expanded to"
+        );
         assert_eq!(e.cc, ["bob@contoso.com", "partner@fabrikam.com"]);
         assert!(e.bcc.is_empty(), "alice's event does not reveal that carol was Bcc'd");
         let carol = events
@@ -505,7 +694,7 @@ mod tests {
             now(),
         )
         .expect("parse")
-        .events;
+        .events();
         assert_eq!(all_internal[0].event_type, EventType::MessageInternal);
         assert_eq!(all_internal.len(), 7, "the Cc at fabrikam.com is internal now");
     }
@@ -519,7 +708,7 @@ mod tests {
         let raw = b"From: Partner <x@fabrikam.com>\r\nTo: alice@contoso.com\r\nSubject: hi\r\nMessage-ID: <p1@fabrikam.com>\r\n\r\nhello\r\n";
         let journaled = parse(raw, &envelope, &internal(), now()).expect("parse");
         assert_eq!(journaled.original.bytes, raw, "a plain copy is archived whole");
-        let events = journaled.events;
+        let events = journaled.events();
         assert_eq!(
             events[0].raw_message.as_deref(),
             Some(journaled.original.sha256.as_str())
@@ -535,18 +724,135 @@ mod tests {
     fn broken_reports_are_refused_with_a_reason() {
         assert_eq!(journal("report-without-original.eml"), Err(JournalError::NoOriginal));
         let raw = b"X-MS-Journal-Report:\r\nContent-Type: text/plain\r\n\r\nSubject: x\r\n";
-        let e = parse(raw, &Envelope::default(), &internal(), now()).map(|j| j.events);
+        let e = parse(raw, &Envelope::default(), &internal(), now()).map(|j| j.events());
         assert!(
             matches!(e, Err(JournalError::NoOriginal | JournalError::NoSender)),
             "{e:?}"
         );
-        let no_rcpt = parse(b"From: a@b.com\r\n\r\nx", &Envelope::default(), &internal(), now()).map(|j| j.events);
+        let no_rcpt = parse(b"From: a@b.com\r\n\r\nx", &Envelope::default(), &internal(), now()).map(|j| j.events());
         assert_eq!(no_rcpt, Err(JournalError::NoRecipients));
     }
 
     #[test]
     fn a_message_that_makes_the_mime_parser_panic_is_refused() {
         assert_eq!(journal("fuzz-mail-parser-panic.eml"), Err(JournalError::ParserFailed));
+    }
+
+    /// An all-staff report: `n` internal recipients by expansion of one list, the header
+    /// showing the list and `shown` explicit addresses.
+    fn all_staff(n: usize, shown: usize, body: &str) -> Vec<u8> {
+        let mut report = String::from(
+            "X-MS-Journal-Report:\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nSender: ceo@contoso.com\r\nMessage-Id: <memo@contoso.com>\r\n",
+        );
+        for i in 0..n {
+            report.push_str(&format!("To: staff{i}@contoso.com, Expanded: all@contoso.com\r\n"));
+        }
+        let header_to: Vec<String> = std::iter::once("all@contoso.com".to_string())
+            .chain((0..shown).map(|i| format!("staff{i}@contoso.com")))
+            .collect();
+        report.push_str(&format!(
+            "\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nFrom: ceo@contoso.com\r\nTo: {}\r\nSubject: memo\r\nMessage-ID: <memo@contoso.com>\r\n\r\n{body}\r\n--b--\r\n",
+            header_to.join(", ")
+        ));
+        report.into_bytes()
+    }
+
+    #[test]
+    fn a_report_to_thousands_costs_linear_in_its_recipients() {
+        let j = parse(
+            &all_staff(5000, 200, "all hands"),
+            &Envelope::default(),
+            &internal(),
+            now(),
+        )
+        .expect("parse");
+        assert_eq!(j.len(), 5001, "the sender's event and one per recipient");
+        let events = j.events();
+        let sender = &events[0];
+        assert_eq!(sender.to.len(), 5000, "the sender's event lists the envelope");
+        let listed: usize = events[1..].iter().map(|e| e.to.len() + e.cc.len() + e.bcc.len()).sum();
+        assert!(
+            listed <= 5000 * MAX_LISTED,
+            "recipients' events list a bounded view: {listed} addresses"
+        );
+        let staff7 = events
+            .iter()
+            .find(|e| e.mailbox == "staff7@contoso.com")
+            .expect("staff7");
+        assert!(
+            staff7.to.contains(&"all@contoso.com".to_string()),
+            "what the header showed"
+        );
+        assert!(
+            staff7.to.contains(&"staff7@contoso.com".to_string()),
+            "itself, when shown"
+        );
+        let staff4000 = events
+            .iter()
+            .find(|e| e.mailbox == "staff4000@contoso.com")
+            .expect("staff4000");
+        assert!(
+            !staff4000.to.contains(&"staff4000@contoso.com".to_string()),
+            "not shown in the header: not listed"
+        );
+        assert_eq!(
+            j.chunks(1000).map(|c| c.len()).collect::<Vec<_>>(),
+            [1000, 1000, 1000, 1000, 1000, 1]
+        );
+    }
+
+    #[test]
+    fn reports_over_the_bounds_are_refused_as_too_large() {
+        let over = parse(
+            &all_staff(MAX_REPORT_RECIPIENTS + 1, 0, "x"),
+            &Envelope::default(),
+            &internal(),
+            now(),
+        );
+        assert_eq!(
+            over.err(),
+            Some(JournalError::TooManyRecipients {
+                max: MAX_REPORT_RECIPIENTS
+            })
+        );
+        // Few recipients but large events: what one message may expand to is bounded too.
+        let attachments: String = (0..MAX_ATTACHMENTS)
+            .map(|i| format!("--p\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"{}{i}.bin\"\r\n\r\nx\r\n", "n".repeat(900)))
+            .collect();
+        let body = format!("Content-Type: multipart/mixed; boundary=\"p\"\r\n\r\n{attachments}--p--");
+        let raw = all_staff(MAX_REPORT_RECIPIENTS, 0, "").into_iter().collect::<Vec<u8>>();
+        let raw = String::from_utf8(raw).expect("utf-8").replace(
+            "Subject: memo\r\nMessage-ID: <memo@contoso.com>\r\n\r\n",
+            &format!("Subject: memo\r\nMessage-ID: <memo@contoso.com>\r\n{body}"),
+        );
+        let e = parse(raw.as_bytes(), &Envelope::default(), &internal(), now()).err();
+        assert!(matches!(e, Some(JournalError::TooLarge { .. })), "{e:?}");
+        assert!(e.is_some_and(|e| e.is_size()));
+    }
+
+    #[test]
+    fn one_message_id_on_two_messages_gives_two_events_and_a_repeat_gives_one() {
+        let envelope = Envelope {
+            mail_from: Some("x@fabrikam.com".into()),
+            rcpt_to: vec!["alice@contoso.com".into()],
+        };
+        let mail = |body: &str| {
+            format!(
+                "From: x@fabrikam.com\r\nTo: alice@contoso.com\r\nMessage-ID: <same@fabrikam.com>\r\n\r\n{body}\r\n"
+            )
+        };
+        let key = |raw: String| {
+            parse(raw.as_bytes(), &envelope, &internal(), now())
+                .expect("parse")
+                .events()[0]
+                .dedup_key()
+        };
+        assert_ne!(key(mail("harmless")), key(mail("wire 250k to the new account")));
+        assert_eq!(
+            key(mail("harmless")),
+            key(mail("harmless")),
+            "a retried message is the same event"
+        );
     }
 
     #[test]

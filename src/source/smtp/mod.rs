@@ -694,9 +694,17 @@ async fn deliver(raw: Vec<u8>, envelope: Envelope, pipeline: Arc<Pipeline>) -> S
         })
 }
 
+/// Events committed at once for one message: what is held in memory at a time, however
+/// many recipients a journal report lists. A retry after a failure part-way is safe: what
+/// was committed is de-duplicated by its producer ids.
+const COMMIT_CHUNK: usize = 1000;
+
+/// Ids listed in the 250 reply; a larger message's reply gives the count.
+const REPLY_IDS: usize = 16;
+
 fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
-    let (events, original) = match journal::parse(raw, envelope, &pipeline.internal_domains, jiff::Timestamp::now()) {
-        Ok(j) => (j.events, j.original),
+    let journaled = match journal::parse(raw, envelope, &pipeline.internal_domains, jiff::Timestamp::now()) {
+        Ok(j) => j,
         Err(err) => {
             count(pipeline, "rejected");
             if err == journal::JournalError::ParserFailed {
@@ -704,28 +712,42 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
                 pipeline.metrics.panics.with_label_values(&["mail_parser"]).inc();
             }
             info!(%err, size = raw.len(), "refused a message that is neither a journal report nor a usable copy");
-            return format!("554 5.6.0 Cannot record this message: {err}");
+            let code = if err.is_size() { "552 5.3.4" } else { "554 5.6.0" };
+            return format!("{code} Cannot record this message: {}", one_line(&err.to_string(), 400));
         }
     };
-    if events.is_empty() {
+    if journaled.is_empty() {
         return "250 2.0.0 OK: no internal mailbox involved; nothing recorded".into();
     }
-    let n = events.len();
-    match pipeline.accept_archived(events, Some(original)) {
-        Ok(stored) => {
-            let duplicates = stored.iter().filter(|s| s.duplicate).count();
-            info!(events = n, duplicates, "journaled message recorded");
-            let ids: Vec<&str> = stored.iter().map(|s| s.id.as_str()).collect();
-            format!("250 2.0.0 OK: recorded as {}", ids.join(" "))
+    let n = journaled.len();
+    let (mut duplicates, mut ids) = (0usize, Vec::new());
+    for chunk in journaled.chunks(COMMIT_CHUNK) {
+        match pipeline.accept_archived(chunk, Some(journaled.original.clone())) {
+            Ok(stored) => {
+                duplicates += stored.iter().filter(|s| s.duplicate).count();
+                ids.extend(
+                    stored
+                        .into_iter()
+                        .take(REPLY_IDS.saturating_sub(ids.len()))
+                        .map(|s| s.id),
+                );
+            }
+            Err(AcceptError::RoutingPanicked { .. }) => {
+                count(pipeline, "rejected");
+                return "451 4.3.0 Internal error while routing this message (a mailhook bug, reported); try again later"
+                    .into();
+            }
+            Err(AcceptError::Store(err)) => {
+                warn!(%err, "cannot store a journaled message; the sender will retry");
+                return "451 4.3.0 Cannot store the message right now; try again later".into();
+            }
         }
-        Err(AcceptError::RoutingPanicked { .. }) => {
-            count(pipeline, "rejected");
-            "451 4.3.0 Internal error while routing this message (a mailhook bug, reported); try again later".into()
-        }
-        Err(AcceptError::Store(err)) => {
-            warn!(%err, "cannot store a journaled message; the sender will retry");
-            "451 4.3.0 Cannot store the message right now; try again later".into()
-        }
+    }
+    info!(events = n, duplicates, "journaled message recorded");
+    if n <= REPLY_IDS {
+        format!("250 2.0.0 OK: recorded as {}", ids.join(" "))
+    } else {
+        format!("250 2.0.0 OK: recorded as {n} events ({} ...)", ids.join(" "))
     }
 }
 
