@@ -405,16 +405,47 @@ async fn authenticated_body(
 ) -> Result<(Admitted, Bytes), Response> {
     let metrics = &state.pipeline.metrics;
     let source = route.source();
-    let name = credential(state, headers, peer, route).inspect_err(|_| {
-        metrics.events_ingested.with_label_values(&[source, "rejected"]).inc();
-    })?;
+    let name = match credential(state, headers, peer, route) {
+        Ok(name) => name,
+        Err(response) => {
+            metrics.events_ingested.with_label_values(&[source, "rejected"]).inc();
+            drain(body).await;
+            return Err(response);
+        }
+    };
     let refuse = |(refusal, reason): (Refusal, &'static str)| {
         metrics.refused.with_label_values(&["ingest", reason]).inc();
         counted(state, source, refusal)
     };
-    let admitted = state.limits.admit(name, headers).map_err(refuse)?;
+    let admitted = match state.limits.admit(name, headers) {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            drain(body).await;
+            return Err(refuse(refused));
+        }
+    };
     let bytes = state.limits.read(body).await.map_err(refuse)?;
     Ok((admitted, bytes))
+}
+
+/// Reads and discards a little of a refused request's body before the answer: a client
+/// still sending when the connection closes on unread data gets a reset instead of the
+/// answer. Nothing is kept, and the bounds cap what a refused client can cost.
+async fn drain(body: Body) {
+    use futures::StreamExt as _;
+    const DRAIN_BYTES: usize = 1 << 20;
+    const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+    let mut stream = body.into_data_stream();
+    let mut read = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len();
+            if read >= DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Whether new events can be taken now: the store commits, the caches are synced, the
