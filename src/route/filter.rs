@@ -531,7 +531,9 @@ fn regex(pattern: &str, field: &str, meter: &mut Meter) -> Result<Regex, FilterE
             let detail = text.lines().last().unwrap_or_default().trim().to_string();
             return Err(err(
                 field.to_string(),
-                format!("{pattern:?} is not a valid regular expression ({detail}); fix the expression or use subject.keywords"),
+                format!(
+                    "{pattern:?} is not a valid regular expression ({detail}); fix the expression or use subject.keywords"
+                ),
             ));
         }
     };
@@ -718,13 +720,19 @@ mod tests {
         // subject, headers[0..1] of spec, then exclude's headers[0] is the 4th, [1] the 5th.
         assert_eq!(e.field, "spec.exclude.headers[1].regex");
         assert!(e.problem.contains("5 regular expressions"), "{e}");
-        assert!(e.problem.contains("limit of 4 per filter (--filter-max-regexes)"), "{e}");
+        assert!(
+            e.problem.contains("limit of 4 per filter (--filter-max-regexes)"),
+            "{e}"
+        );
         // Even an invalid pattern past the limit is not compiled: the count is reported.
         let mut s = regexes(3, 2);
         if let Some(x) = s.exclude.as_mut() {
             x.headers[1].regex = Some("([unclosed".into());
         }
-        assert_eq!(CompiledFilter::compile_within(&s, budget).unwrap_err().kind, Problem::OverBudget);
+        assert_eq!(
+            CompiledFilter::compile_within(&s, budget).unwrap_err().kind,
+            Problem::OverBudget
+        );
     }
 
     #[test]
@@ -742,8 +750,15 @@ mod tests {
             ..Default::default()
         });
         let e = CompiledFilter::compile_within(&s, budget).unwrap_err();
-        assert_eq!((e.kind, e.field.as_str()), (Problem::OverBudget, "spec.headers[0].regex"));
-        assert!(e.problem.contains("limit of 65536 bytes per regex (--filter-max-regex-bytes)"), "{e}");
+        assert_eq!(
+            (e.kind, e.field.as_str()),
+            (Problem::OverBudget, "spec.headers[0].regex")
+        );
+        assert!(
+            e.problem
+                .contains("limit of 65536 bytes per regex (--filter-max-regex-bytes)"),
+            "{e}"
+        );
         assert!(!e.to_string().contains('\n'), "one line for status: {e}");
         // The same expression over ASCII fits.
         let mut ascii = s.clone();
@@ -777,7 +792,10 @@ mod tests {
             ..Default::default()
         };
         let e = CompiledFilter::compile_within(&s, short).unwrap_err();
-        assert_eq!((e.kind, e.field.as_str()), (Problem::OverBudget, "spec.headers[1].regex"));
+        assert_eq!(
+            (e.kind, e.field.as_str()),
+            (Problem::OverBudget, "spec.headers[1].regex")
+        );
         assert!(e.problem.contains("(--filter-max-compiled-bytes)"), "{e}");
     }
 
