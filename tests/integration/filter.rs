@@ -85,13 +85,10 @@ async fn filters_over_budget_are_refused_by_name_and_the_rest_still_route() {
         .ingest(&[event("e-1", "Invoice 42"), event("e-2", "lunch")])
         .await;
     assert_eq!(status, 202);
-    let got = eventually("one delivery to siem", || receiver.deliveries(), |d| !d.is_empty()).await;
+    eventually("a delivery to siem", || receiver.deliveries(), |d| !d.is_empty()).await;
+    // A moment for any wrong delivery to arrive too.
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let got = if got.len() == 1 {
-        receiver.deliveries().await
-    } else {
-        got
-    };
+    let got = receiver.deliveries().await;
     assert_eq!(got.len(), 1, "only the invoice, only to siem: {got:?}");
     assert_eq!(got[0].json()["data"]["producerEventId"], "e-1");
 
