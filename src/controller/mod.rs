@@ -522,7 +522,7 @@ impl Context {
     }
 
     async fn compile_off(&self, filter: &MailboxFilter) -> Compiled {
-        // Closed never: without a permit it would only compile beside more others.
+        // The semaphore is never closed; without a permit the compile would still be right.
         let _permit = self.compiling.acquire().await.ok();
         let (spec, budget) = (filter.spec.clone(), self.filter_budget);
         tokio::task::spawn_blocking(move || CompiledFilter::compile_within(&spec, budget).map(Arc::new))
