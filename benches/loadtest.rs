@@ -1373,7 +1373,13 @@ async fn backlog(events: u64) {
     );
     let rig = Rig::new("backlog-1m", 1).await;
     let ns = rig.cluster.namespaces[0].clone();
-    let mut op = Operator::start(&rig.dir, &rig.cluster.namespaces, &[]).await;
+    // A thousand filters in one namespace: above the default count.
+    let mut op = Operator::start(
+        &rig.dir,
+        &rig.cluster.namespaces,
+        &["--filter-max-per-namespace", "1000"],
+    )
+    .await;
     let (idle, _) = op.proc.rss_mib();
     let filters = (0..1000)
         .map(|d| (ns.clone(), filter(&format!("f-{d}"), d, serde_json::json!({}), false)))

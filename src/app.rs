@@ -197,6 +197,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             qps: config.kube.kube_api_qps,
             burst: config.kube.kube_api_burst,
         },
+        filter_budget: crate::route::FilterBudget {
+            max_regexes: config.filters.filter_max_regexes,
+            max_regex_bytes: config.filters.filter_max_regex_bytes,
+            max_compiled_bytes: config.filters.filter_max_compiled_bytes,
+            max_per_namespace: config.filters.filter_max_per_namespace,
+        },
     };
 
     let pipeline = Arc::new(Pipeline {

@@ -126,6 +126,8 @@ fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
 pub struct RunConfig {
     #[command(flatten, next_help_heading = "Kubernetes")]
     pub kube: KubeArgs,
+    #[command(flatten, next_help_heading = "MailboxFilters")]
+    pub filters: FilterArgs,
     #[command(flatten, next_help_heading = "Ingest API")]
     pub ingest: IngestArgs,
     #[command(flatten, next_help_heading = "SMTP journal receiver")]
@@ -516,4 +518,29 @@ pub struct TelemetryArgs {
     /// Log line format.
     #[arg(long, env = "MAILHOOK_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
+}
+
+/// What one MailboxFilter may cost. A filter over a limit is Ready=False/OverBudget and
+/// matches nothing; each is judged on its own spec, except the count per namespace.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FilterArgs {
+    /// Most regular expressions in one filter (subject.regex and headers[].regex,
+    /// exclude included).
+    #[arg(long, env = "MAILHOOK_FILTER_MAX_REGEXES", default_value_t = crate::route::FilterBudget::default().max_regexes)]
+    pub filter_max_regexes: usize,
+
+    /// Largest compiled size of one regular expression, in bytes (and of the matching
+    /// cache it may grow).
+    #[arg(long, env = "MAILHOOK_FILTER_MAX_REGEX_BYTES", default_value_t = crate::route::FilterBudget::default().max_regex_bytes)]
+    pub filter_max_regex_bytes: usize,
+
+    /// Most memory one filter's compiled regular expressions take together, in bytes. A
+    /// namespace's filters take at most this times --filter-max-per-namespace.
+    #[arg(long, env = "MAILHOOK_FILTER_MAX_COMPILED_BYTES", default_value_t = crate::route::FilterBudget::default().max_compiled_bytes)]
+    pub filter_max_compiled_bytes: usize,
+
+    /// Most MailboxFilters per namespace: the newest beyond it (by creationTimestamp, then
+    /// name) are refused without being compiled.
+    #[arg(long, env = "MAILHOOK_FILTER_MAX_PER_NAMESPACE", default_value_t = crate::route::FilterBudget::default().max_per_namespace)]
+    pub filter_max_per_namespace: usize,
 }

@@ -15,11 +15,20 @@ use super::conditions::{Desired, READY, Status};
 use super::{Context, Error, FilterState};
 
 use crate::api::{MailboxFilter, WebhookSubscriptionSpec};
-use crate::route::CompiledFilter;
+use crate::route::{CompiledFilter, FilterError, Problem};
 
 pub mod reason {
     pub const VALID: &str = "Valid";
     pub const INVALID_PATTERN: &str = "InvalidPattern";
+    /// Valid, but over a limit of `mailhook run` (`--filter-max-*`).
+    pub const OVER_BUDGET: &str = "OverBudget";
+}
+
+/// Why a filter beyond its namespace's count is refused, and what to do. Pure.
+pub fn over_count_message(position: usize, total: usize, limit: usize) -> String {
+    format!(
+        "metadata.creationTimestamp: this is MailboxFilter {position} of {total} in the namespace by age (creationTimestamp, then name), beyond the limit of {limit} per namespace (--filter-max-per-namespace); delete or merge filters no longer needed"
+    )
 }
 
 /// Whether a subscription (of the filter's namespace) uses the filter `name` with
@@ -35,15 +44,11 @@ pub fn uses(spec: &WebhookSubscriptionSpec, name: &str, labels: &BTreeMap<String
 
 /// The `Ready` condition of a filter and its compiled form. Pure.
 pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>) {
-    condition(
-        CompiledFilter::compile(&filter.spec)
-            .map(Arc::new)
-            .map_err(|e| e.to_string()),
-    )
+    condition(CompiledFilter::compile(&filter.spec).map(Arc::new))
 }
 
 /// The `Ready` condition for a compile outcome. Pure.
-pub fn condition(compiled: Result<Arc<CompiledFilter>, String>) -> (Desired, Option<Arc<CompiledFilter>>) {
+pub fn condition(compiled: Result<Arc<CompiledFilter>, FilterError>) -> (Desired, Option<Arc<CompiledFilter>>) {
     match compiled {
         Ok(compiled) => (
             Desired {
@@ -54,6 +59,7 @@ pub fn condition(compiled: Result<Arc<CompiledFilter>, String>) -> (Desired, Opt
             },
             Some(compiled),
         ),
+        Err(e) if e.kind == Problem::OverBudget => (over_budget(e.to_string()), None),
         Err(e) => (
             Desired {
                 type_: READY,
@@ -66,12 +72,30 @@ pub fn condition(compiled: Result<Arc<CompiledFilter>, String>) -> (Desired, Opt
     }
 }
 
+/// `Ready=False/OverBudget` with `why` (field, limit, what to do). Pure.
+pub fn over_budget(why: String) -> Desired {
+    Desired {
+        type_: READY,
+        status: Status::False,
+        reason: reason::OVER_BUDGET,
+        message: format!(
+            "{why}. The filter is not used for routing and matches nothing until it is within the limits; subscriptions using it are not Ready."
+        ),
+    }
+}
+
 #[instrument(skip_all, fields(namespace = filter.namespace().unwrap_or_default(), name = filter.name_any()))]
 pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let ns = filter.namespace().ok_or(Error::NotNamespaced)?;
-    let (ready, compiled) = condition(ctx.compiled(&filter));
-    // An invalid pattern stays invalid until the filter is edited (which is watched).
+    // Counted first: a filter beyond the namespace's count is never compiled.
+    let counted_out = ctx.counted_out(&filter);
+    let (ready, compiled) = match &counted_out {
+        Some(why) => (over_budget(why.clone()), None),
+        None => condition(ctx.compiled(&filter).await),
+    };
+    // An invalid pattern stays invalid until the filter is edited (which is watched); one
+    // beyond the count is reconciled again when an older one goes (`recheck_counts`).
     let stalled = compiled.is_none();
     let (name, labels) = (filter.name_any(), filter.labels().clone());
     let changed = ctx.record_filter(
@@ -80,6 +104,7 @@ pub async fn reconcile(filter: Arc<MailboxFilter>, ctx: Arc<Context>) -> Result<
             generation: filter.metadata.generation,
             ready,
             compiled,
+            counted_out: counted_out.is_some(),
             labels: labels.clone(),
             version: 0,
         },
@@ -118,5 +143,43 @@ mod tests {
         assert_eq!((ready.status, ready.reason), (Status::False, reason::INVALID_PATTERN));
         assert!(ready.message.starts_with("spec.domains[0]:"), "{}", ready.message);
         assert!(compiled.is_none());
+    }
+
+    #[test]
+    fn over_budget_is_its_own_reason_and_says_the_filter_matches_nothing() {
+        let f = MailboxFilter::new(
+            "f",
+            MailboxFilterSpec {
+                criteria: MatchCriteria {
+                    headers: (0..20)
+                        .map(|i| crate::api::HeaderMatch {
+                            name: format!("X-{i}"),
+                            regex: Some("a+".into()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let (ready, compiled) = compile(&f);
+        assert_eq!((ready.status, ready.reason), (Status::False, reason::OVER_BUDGET));
+        assert!(
+            ready.message.starts_with("spec.headers[16].regex:"),
+            "{}",
+            ready.message
+        );
+        assert!(ready.message.contains("--filter-max-regexes"), "{}", ready.message);
+        assert!(ready.message.contains("matches nothing"), "{}", ready.message);
+        assert!(compiled.is_none());
+        // Stalled too: only an edit brings it back.
+        let progress = super::super::conditions::progress(&ready, false, true);
+        assert_eq!(progress.map(|p| p.type_), Some(super::super::conditions::STALLED));
+        let count = over_count_message(101, 120, 100);
+        assert!(
+            count.contains("101 of 120") && count.contains("--filter-max-per-namespace"),
+            "{count}"
+        );
     }
 }

@@ -31,7 +31,10 @@ use crate::api::{MailboxFilter, WebhookSubscription};
 use crate::delivery::Deliveries;
 use crate::handles::{Directory, MatchCounters, ReadinessPart};
 use crate::metrics::Metrics;
-use crate::route::{CompiledFilter, CompiledGrant, FilterEntry, Grants, Router, RoutingTable, SubscriptionRoute};
+use crate::route::{
+    CompiledFilter, CompiledGrant, FilterBudget, FilterEntry, FilterError, Grants, Router, RoutingTable,
+    SubscriptionRoute,
+};
 use conditions::Desired;
 
 /// Waits until `store` has its initial list. kube-runtime's readiness signal keeps only
@@ -146,6 +149,8 @@ pub struct FilterState {
     pub generation: Option<i64>,
     pub ready: Desired,
     pub compiled: Option<Arc<CompiledFilter>>,
+    /// Refused, uncompiled, as one of the newest beyond `--filter-max-per-namespace`.
+    pub counted_out: bool,
     /// Its labels (selectors match them).
     pub labels: std::collections::BTreeMap<String, String>,
     /// `State::version` when this was recorded.
@@ -213,7 +218,14 @@ impl Routes {
 
 /// A filter compiled once per generation, shared by its own reconcile and those of the
 /// subscriptions that use it (a thousand subscriptions over one filter compile it once).
-type Compiled = Result<Arc<CompiledFilter>, String>;
+pub type Compiled = Result<Arc<CompiledFilter>, FilterError>;
+
+/// One filter generation's compile, filled by the first reconcile that asks.
+type CompileCell = Arc<tokio::sync::OnceCell<Compiled>>;
+
+/// Filters compiled at once, on blocking threads: a burst of big filters keeps the rest
+/// of the blocking pool (store I/O) free.
+const COMPILE_CONCURRENCY: usize = 2;
 
 /// A token bucket over the API calls the operator sends in bursts (status writes, Events),
 /// like client-go's QPS and burst: a thousand resources changing at once must not flood
@@ -250,8 +262,12 @@ pub struct Context {
     /// True once the grant loop recorded its first complete pass: until then no
     /// subscription can be judged granted or not.
     pub grants_synced: tokio::sync::watch::Sender<bool>,
-    /// Compiled filters by UID, with the generation compiled.
-    compiled: Mutex<HashMap<String, (Option<i64>, Compiled)>>,
+    /// Compiled filters by UID, with the generation compiled; the cell is filled once,
+    /// however many reconciles ask for it meanwhile.
+    compiled: Mutex<HashMap<String, (Option<i64>, CompileCell)>>,
+    /// Permits to compile (`COMPILE_CONCURRENCY`).
+    compiling: tokio::sync::Semaphore,
+    pub filter_budget: FilterBudget,
     /// Wakes the status writer: something changed that should show at once.
     pub status_changed: Arc<tokio::sync::Notify>,
     /// What building a subscription's delivery configuration needs besides the resource.
@@ -264,6 +280,11 @@ pub struct Context {
     retrigger: Vec<(
         Option<String>,
         tokio::sync::mpsc::UnboundedSender<ObjectRef<WebhookSubscription>>,
+    )>,
+    /// Likewise for filters, whose place in their namespace's count changed.
+    filter_retrigger: Vec<(
+        Option<String>,
+        tokio::sync::mpsc::UnboundedSender<ObjectRef<MailboxFilter>>,
     )>,
 }
 
@@ -479,30 +500,121 @@ impl Context {
         }
     }
 
-    /// The compiled form of `filter`, compiling only when its generation is new.
-    pub fn compiled(&self, filter: &MailboxFilter) -> Compiled {
+    /// The compiled form of `filter`, compiling (on a blocking thread, never on the
+    /// reconcile's) only when its UID or generation is new.
+    pub async fn compiled(&self, filter: &MailboxFilter) -> Compiled {
         let Some(uid) = filter.uid() else {
-            return CompiledFilter::compile(&filter.spec)
-                .map(Arc::new)
-                .map_err(|e| e.to_string());
+            return self.compile_off(filter).await;
         };
         let generation = filter.metadata.generation;
-        if let Some((g, c)) = self.compiled.lock().get(&uid)
-            && *g == generation
-        {
-            return c.clone();
+        let cell = {
+            let mut cache = self.compiled.lock();
+            match cache.get(&uid) {
+                Some((g, cell)) if *g == generation => cell.clone(),
+                _ => {
+                    let cell = Arc::new(tokio::sync::OnceCell::new());
+                    cache.insert(uid, (generation, cell.clone()));
+                    cell
+                }
+            }
+        };
+        cell.get_or_init(|| self.compile_off(filter)).await.clone()
+    }
+
+    async fn compile_off(&self, filter: &MailboxFilter) -> Compiled {
+        // The semaphore is never closed; without a permit the compile would still be right.
+        let _permit = self.compiling.acquire().await.ok();
+        let (spec, budget) = (filter.spec.clone(), self.filter_budget);
+        tokio::task::spawn_blocking(move || CompiledFilter::compile_within(&spec, budget).map(Arc::new))
+            .await
+            .unwrap_or_else(|e| {
+                Err(FilterError {
+                    field: "spec".to_string(),
+                    problem: format!("compiling the filter stopped unexpectedly ({e}); edit it to try again"),
+                    kind: crate::route::Problem::Invalid,
+                })
+            })
+    }
+
+    /// Drops the compiled forms of filters whose UID is not in `live`.
+    fn forget_compiled(&self, live: &std::collections::HashSet<String>) {
+        self.compiled.lock().retain(|uid, _| live.contains(uid));
+    }
+
+    /// Why `filter` is refused for the namespace's count: it is not among the oldest
+    /// `--filter-max-per-namespace` (by creationTimestamp, then name). Counted from the
+    /// cache, without compiling anything.
+    pub fn counted_out(&self, filter: &MailboxFilter) -> Option<String> {
+        let ns = filter.namespace();
+        let key = age_key(filter);
+        let (mut older, mut total) = (0usize, 0usize);
+        for f in self.filters.state() {
+            if f.namespace() != ns {
+                continue;
+            }
+            total += 1;
+            if age_key(&f) < key {
+                older += 1;
+            }
         }
-        // Compiled outside the lock: a filter of many patterns must not stall the others.
-        let compiled = CompiledFilter::compile(&filter.spec)
-            .map(Arc::new)
-            .map_err(|e| e.to_string());
-        self.compiled.lock().insert(uid, (generation, compiled.clone()));
-        compiled
+        let limit = self.filter_budget.max_per_namespace;
+        (older >= limit).then(|| filter::over_count_message(older + 1, total, limit))
+    }
+
+    /// What a subscription using `filter` is told is wrong with it, if anything.
+    pub async fn filter_problem(&self, filter: &MailboxFilter) -> Option<String> {
+        match self.counted_out(filter) {
+            Some(why) => Some(why),
+            None => self.compiled(filter).await.err().map(|e| e.to_string()),
+        }
+    }
+
+    /// The filters beyond their namespace's count (`counted_out`), all at once.
+    fn over_count(&self) -> std::collections::HashSet<Key> {
+        let mut by_ns: HashMap<String, Vec<Arc<MailboxFilter>>> = HashMap::new();
+        for f in self.filters.state() {
+            by_ns.entry(f.namespace().unwrap_or_default()).or_default().push(f);
+        }
+        let limit = self.filter_budget.max_per_namespace;
+        let mut over = std::collections::HashSet::new();
+        for (ns, mut filters) in by_ns {
+            if filters.len() <= limit {
+                continue;
+            }
+            filters.sort_by_cached_key(|f| age_key(f));
+            over.extend(filters.iter().skip(limit).map(|f| (ns.clone(), f.name_any())));
+        }
+        over
+    }
+
+    /// Reconciles again the filters whose recorded count decision no longer holds (one
+    /// older went away, or a newer one sorts before it).
+    fn recheck_counts(&self, over: &std::collections::HashSet<Key>) {
+        let stale: Vec<Key> = {
+            let state = self.state.lock();
+            state
+                .filters
+                .iter()
+                .filter(|(key, f)| f.counted_out != over.contains(*key))
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        for (ns, name) in stale {
+            for (scope, tx) in &self.filter_retrigger {
+                if scope.as_deref().is_none_or(|s| s == ns) {
+                    // Closed only at shutdown, when nothing needs reconciling any more.
+                    let _ = tx.send(ObjectRef::new(&name).within(&ns));
+                }
+            }
+        }
     }
 
     /// Rebuilds the routing table from the current state and swaps it in; returns the
     /// version it reflects.
     fn rebuild_routes(&self) -> u64 {
+        // Decided from the cache here too: a filter that a newer-created one outranks
+        // leaves routing at once, before its own reconcile records it.
+        let over = self.over_count();
         let (version, subscriptions, filters, grants) = {
             let state = self.state.lock();
             let subscriptions: Vec<SubscriptionRoute> =
@@ -510,6 +622,7 @@ impl Context {
             let filters: Vec<FilterEntry> = state
                 .filters
                 .iter()
+                .filter(|(key, _)| !over.contains(*key))
                 .filter_map(|((ns, name), f)| {
                     f.compiled.clone().map(|compiled| FilterEntry {
                         namespace: ns.clone(),
@@ -521,6 +634,7 @@ impl Context {
             (state.version, subscriptions, filters, state.grants())
         };
         self.router.swap(RoutingTable::build(subscriptions, filters, grants));
+        self.recheck_counts(&over);
         version
     }
 
@@ -544,6 +658,11 @@ impl Context {
             warn!(%err, "cannot record Event");
         }
     }
+}
+
+/// A filter's place in its namespace's count: older first, by name at the same second.
+fn age_key(f: &MailboxFilter) -> (Option<jiff::Timestamp>, String) {
+    (f.metadata.creation_timestamp.as_ref().map(|t| t.0), f.name_any())
 }
 
 /// Whether two records of one grant route alike.
@@ -657,6 +776,7 @@ pub struct Wiring {
     pub directory: Arc<Directory>,
     pub build: subscription::BuildSettings,
     pub api_budget: ApiBudget,
+    pub filter_budget: FilterBudget,
 }
 
 /// Runs both controllers for every scope in `scopes` (a namespace, or None for all
@@ -692,6 +812,7 @@ pub async fn run(
                     kube_runtime::predicates::generation.combine(kube_runtime::predicates::labels),
                 ),
                 tokio::sync::mpsc::unbounded_channel(),
+                tokio::sync::mpsc::unbounded_channel(),
             )
         })
         .collect();
@@ -704,11 +825,15 @@ pub async fn run(
         client: client.clone(),
         leadership: wiring.leadership,
         recorder: Recorder::new(client.clone(), reporter),
-        subscriptions: Caches::new(scoped.iter().map(|(ns, s, _, _)| (ns.clone(), s.store())).collect()),
-        filters: Caches::new(scoped.iter().map(|(ns, _, f, _)| (ns.clone(), f.store())).collect()),
+        subscriptions: Caches::new(scoped.iter().map(|(ns, s, _, _, _)| (ns.clone(), s.store())).collect()),
+        filters: Caches::new(scoped.iter().map(|(ns, _, f, _, _)| (ns.clone(), f.store())).collect()),
         retrigger: scoped
             .iter()
-            .map(|(ns, _, _, (tx, _))| (ns.clone(), tx.clone()))
+            .map(|(ns, _, _, (tx, _), _)| (ns.clone(), tx.clone()))
+            .collect(),
+        filter_retrigger: scoped
+            .iter()
+            .map(|(ns, _, _, _, (tx, _))| (ns.clone(), tx.clone()))
             .collect(),
         status_changed: wiring.deliveries.health_changed.clone(),
         deliveries: wiring.deliveries,
@@ -722,11 +847,13 @@ pub async fn run(
         routes: Routes::default(),
         grants_synced: tokio::sync::watch::Sender::new(false),
         compiled: Mutex::default(),
+        compiling: tokio::sync::Semaphore::new(COMPILE_CONCURRENCY),
+        filter_budget: wiring.filter_budget,
         watched: scopes.iter().cloned().collect::<Option<_>>(),
     });
 
     let mut loops: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
-    for (ns, subscriptions, filters, (_, retriggered)) in scoped {
+    for (ns, subscriptions, filters, (_, retriggered), (_, filters_retriggered)) in scoped {
         let ns = ns.as_deref();
         // A Secret change re-checks the subscriptions that name it.
         let by_secret = subscriptions.store();
@@ -750,7 +877,13 @@ pub async fn run(
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(subscription::reconcile, error_policy, ctx.clone())
             .for_each(|_| async {});
+        let filters_retriggered =
+            futures::stream::unfold(
+                filters_retriggered,
+                |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+            );
         let filters = filters
+            .reconcile_on(filters_retriggered)
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(filter::reconcile, error_policy, ctx.clone())
             .for_each(|_| async {});

@@ -632,6 +632,7 @@ async fn filter_writes(ctx: &Arc<Context>, written: &mut HashMap<String, Written
     let objects = ctx.filters.state();
     let live: std::collections::HashSet<String> = objects.iter().filter_map(|f| f.uid()).collect();
     written.retain(|uid, _| live.contains(uid));
+    ctx.forget_compiled(&live);
     let names: std::collections::HashSet<(String, String)> = objects
         .iter()
         .map(|f| (f.namespace().unwrap_or_default(), f.name_any()))

@@ -1,7 +1,7 @@
 //! A MailboxFilter compiled once per change: globs and regexes parsed, lists lowered, so
 //! that an invalid filter is reported on its status instead of failing per event.
 
-use regex::Regex;
+use regex_automata::meta::Regex;
 use wildmatch::WildMatch;
 
 use crate::api::{Direction, EventType, HeaderMatch, MailboxFilterSpec, MatchCriteria, Severity};
@@ -14,10 +14,66 @@ pub struct FilterError {
     /// JSON path of the offending field, e.g. `spec.subject.regex`.
     pub field: String,
     pub problem: String,
+    pub kind: Problem,
 }
 
-/// Largest compiled regex we accept; keeps a hostile pattern from eating memory.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// What kind of fault a `FilterError` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// Not a valid pattern, domain, header name or range.
+    Invalid,
+    /// Valid, but over a `FilterBudget` limit.
+    OverBudget,
+}
+
+/// What one MailboxFilter may cost to compile and keep (flags of `mailhook run`). Each
+/// filter is judged on its own spec, so its validity never depends on its neighbours;
+/// the memory of a namespace is bounded by `max_per_namespace * max_compiled_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterBudget {
+    /// Regular expressions per filter (subject and header regexes, exclude included).
+    pub max_regexes: usize,
+    /// Compiled size of one regex, and the lazy DFA cache it may grow per search.
+    pub max_regex_bytes: usize,
+    /// Memory a filter's compiled regexes take together.
+    pub max_compiled_bytes: usize,
+    /// Filters per namespace; the newest beyond it are refused.
+    pub max_per_namespace: usize,
+}
+
+impl Default for FilterBudget {
+    fn default() -> FilterBudget {
+        FilterBudget {
+            max_regexes: 16,
+            max_regex_bytes: 256 * 1024,
+            max_compiled_bytes: 1024 * 1024,
+            max_per_namespace: 100,
+        }
+    }
+}
+
+/// The longest part of a subject or header value that filters look at: matching cost
+/// stays bounded whatever a message carries (a longer value is matched by its start).
+pub const MAX_MATCHED_TEXT: usize = 16 * 1024;
+
+/// `text` cut to at most `MAX_MATCHED_TEXT` bytes, on a character boundary.
+pub fn matched_part(text: &str) -> &str {
+    if text.len() <= MAX_MATCHED_TEXT {
+        return text;
+    }
+    let mut end = MAX_MATCHED_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default()
+}
+
+/// The regex budget as compilation spends it.
+struct Meter {
+    budget: FilterBudget,
+    /// Heap bytes of the regexes compiled so far.
+    used: usize,
+}
 
 #[derive(Debug, Clone)]
 pub struct CompiledFilter {
@@ -69,21 +125,62 @@ pub enum HeaderValueMatch {
 }
 
 impl CompiledFilter {
+    /// Compiles within the default budget.
     pub fn compile(spec: &MailboxFilterSpec) -> Result<CompiledFilter, FilterError> {
+        CompiledFilter::compile_within(spec, FilterBudget::default())
+    }
+
+    /// Compiles `spec`, refusing it (`Problem::OverBudget`) past any limit of `budget`
+    /// but the per-namespace count, which is not the spec's. Can take a while: callers
+    /// on an async runtime run it on a blocking thread.
+    pub fn compile_within(spec: &MailboxFilterSpec, budget: FilterBudget) -> Result<CompiledFilter, FilterError> {
+        // Counted before anything is compiled: an over-long list costs nothing.
+        let regexes = regex_fields(spec);
+        if let Some((field, _)) = regexes.get(budget.max_regexes) {
+            return Err(over_budget(
+                field.clone(),
+                format!(
+                    "the filter has {} regular expressions (subject.regex and headers[].regex, exclude included), more than the limit of {} per filter (--filter-max-regexes); combine them with | or use subject.keywords and header value globs",
+                    regexes.len(),
+                    budget.max_regexes
+                ),
+            ));
+        }
+        let mut meter = Meter { budget, used: 0 };
         Ok(CompiledFilter {
-            include: CompiledCriteria::compile(&spec.criteria, "spec")?,
+            include: CompiledCriteria::compile(&spec.criteria, "spec", &mut meter)?,
             exclude: spec
                 .exclude
                 .as_ref()
-                .map(|c| CompiledCriteria::compile(c, "spec.exclude"))
+                .map(|c| CompiledCriteria::compile(c, "spec.exclude", &mut meter))
                 .transpose()?,
             flag: spec.flag.as_ref().map(|f| (f.name.clone(), f.severity)),
         })
     }
 }
 
+/// Every regex of `spec` with its field, in the order they are compiled.
+fn regex_fields(spec: &MailboxFilterSpec) -> Vec<(String, &str)> {
+    fn add<'a>(out: &mut Vec<(String, &'a str)>, c: &'a MatchCriteria, at: &str) {
+        if let Some(r) = c.subject.as_ref().and_then(|s| s.regex.as_deref()) {
+            out.push((format!("{at}.subject.regex"), r));
+        }
+        for (i, h) in c.headers.iter().enumerate() {
+            if let Some(r) = h.regex.as_deref() {
+                out.push((format!("{at}.headers[{i}].regex"), r));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    add(&mut out, &spec.criteria, "spec");
+    if let Some(x) = &spec.exclude {
+        add(&mut out, x, "spec.exclude");
+    }
+    out
+}
+
 impl CompiledCriteria {
-    fn compile(c: &MatchCriteria, at: &str) -> Result<CompiledCriteria, FilterError> {
+    fn compile(c: &MatchCriteria, at: &str, meter: &mut Meter) -> Result<CompiledCriteria, FilterError> {
         let subject = c.subject.as_ref();
         let attachments = c.attachments.as_ref();
         let size = c.size.as_ref();
@@ -115,7 +212,7 @@ impl CompiledCriteria {
                 .unwrap_or_default(),
             subject_regex: subject
                 .and_then(|s| s.regex.as_deref())
-                .map(|r| regex(r, &format!("{at}.subject.regex")))
+                .map(|r| regex(r, &format!("{at}.subject.regex"), meter))
                 .transpose()?,
             attachments_present: attachments.and_then(|a| a.present),
             attachment_content_types: attachments
@@ -136,7 +233,7 @@ impl CompiledCriteria {
                 .headers
                 .iter()
                 .enumerate()
-                .map(|(i, h)| header(h, &format!("{at}.headers[{i}]")))
+                .map(|(i, h)| header(h, &format!("{at}.headers[{i}]"), meter))
                 .collect::<Result<_, _>>()?,
             folders: folder_globs(&c.folders, &format!("{at}.folders"))?,
             admin_session: c.admin_session,
@@ -161,7 +258,7 @@ impl<'a> Prepared<'a> {
 
     fn lower_subject(&self) -> Option<&str> {
         self.lower_subject
-            .get_or_init(|| self.event.subject.as_deref().map(str::to_lowercase))
+            .get_or_init(|| self.event.subject.as_deref().map(|s| matched_part(s).to_lowercase()))
             .as_deref()
     }
 }
@@ -241,7 +338,7 @@ impl CompiledCriteria {
         if self.subject_keywords.is_empty() && self.subject_regex.is_none() {
             return true;
         }
-        let Some(subject) = p.event.subject.as_deref() else {
+        let Some(subject) = p.event.subject.as_deref().map(matched_part) else {
             return false;
         };
         if let Some(re) = &self.subject_regex
@@ -274,7 +371,7 @@ impl CompiledCriteria {
 
 impl CompiledHeader {
     fn matches(&self, e: &MailboxEvent) -> bool {
-        match (e.headers.get(&self.name), &self.value) {
+        match (e.headers.get(&self.name).map(|v| matched_part(v)), &self.value) {
             (None, _) => false,
             (Some(_), HeaderValueMatch::Present) => true,
             (Some(v), HeaderValueMatch::Glob(g)) => g.matches(v),
@@ -284,7 +381,19 @@ impl CompiledHeader {
 }
 
 fn err(field: String, problem: String) -> FilterError {
-    FilterError { field, problem }
+    FilterError {
+        field,
+        problem,
+        kind: Problem::Invalid,
+    }
+}
+
+fn over_budget(field: String, problem: String) -> FilterError {
+    FilterError {
+        field,
+        problem,
+        kind: Problem::OverBudget,
+    }
 }
 
 /// The domains of address patterns that all end in `@<literal ASCII domain>`; None when
@@ -390,21 +499,58 @@ pub(super) fn covers(d: &str, domain: &str) -> bool {
     domain.get(start..) == Some(d) && (start == 0 || domain.get(start - 1) == Some(&b'.'))
 }
 
-fn regex(pattern: &str, field: &str) -> Result<Regex, FilterError> {
-    regex::RegexBuilder::new(pattern)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| {
-            // The regex crate's message spans several lines; status wants one.
-            let detail = e.to_string().lines().last().unwrap_or_default().trim().to_string();
-            err(
+/// Compiles one regex as `regex::Regex` would (leftmost-first, UTF-8), within the
+/// budget: its own size limit, then what the filter's regexes take together.
+fn regex(pattern: &str, field: &str, meter: &mut Meter) -> Result<Regex, FilterError> {
+    use regex_automata::{MatchKind, meta, util::syntax};
+    let limit = meter.budget.max_regex_bytes;
+    let config = meta::Config::new()
+        .match_kind(MatchKind::LeftmostFirst)
+        .utf8_empty(true)
+        .nfa_size_limit(Some(limit))
+        .onepass_size_limit(Some(limit))
+        .dfa_size_limit(Some(limit))
+        .hybrid_cache_capacity(limit);
+    let built = meta::Builder::new()
+        .configure(config)
+        .syntax(syntax::Config::new().utf8(true))
+        .build(pattern);
+    let re = match built {
+        Ok(re) => re,
+        Err(e) if e.size_limit().is_some() => {
+            return Err(over_budget(
                 field.to_string(),
-                format!("{pattern:?} is not a valid regular expression ({detail}); fix the expression or use subject.keywords"),
-            )
-        })
+                format!(
+                    "the expression compiles to more than the limit of {limit} bytes per regex (--filter-max-regex-bytes); simplify it: fewer or smaller counted repetitions ({{n}}), ASCII classes such as (?-u:\\w) instead of Unicode ones, or subject.keywords"
+                ),
+            ));
+        }
+        Err(e) => {
+            // The syntax error's message spans several lines; status wants one.
+            let text = e.syntax_error().map_or_else(|| e.to_string(), ToString::to_string);
+            let detail = text.lines().last().unwrap_or_default().trim().to_string();
+            return Err(err(
+                field.to_string(),
+                format!(
+                    "{pattern:?} is not a valid regular expression ({detail}); fix the expression or use subject.keywords"
+                ),
+            ));
+        }
+    };
+    meter.used = meter.used.saturating_add(re.memory_usage());
+    if meter.used > meter.budget.max_compiled_bytes {
+        return Err(over_budget(
+            field.to_string(),
+            format!(
+                "with this expression the filter's regular expressions take {} bytes compiled, more than the limit of {} per filter (--filter-max-compiled-bytes); simplify them or split the filter",
+                meter.used, meter.budget.max_compiled_bytes
+            ),
+        ));
+    }
+    Ok(re)
 }
 
-fn header(h: &HeaderMatch, field: &str) -> Result<CompiledHeader, FilterError> {
+fn header(h: &HeaderMatch, field: &str, meter: &mut Meter) -> Result<CompiledHeader, FilterError> {
     if !h.name.chars().all(|c| c.is_ascii_graphic() && c != ':') {
         return Err(err(
             format!("{field}.name"),
@@ -416,7 +562,7 @@ fn header(h: &HeaderMatch, field: &str) -> Result<CompiledHeader, FilterError> {
             return Err(err(field.to_string(), "give value or regex, not both".to_string()));
         }
         (Some(v), None) => HeaderValueMatch::Glob(WildMatch::new_case_insensitive(v)),
-        (None, Some(r)) => HeaderValueMatch::Regex(regex(r, &format!("{field}.regex"))?),
+        (None, Some(r)) => HeaderValueMatch::Regex(regex(r, &format!("{field}.regex"), meter)?),
         (None, None) => HeaderValueMatch::Present,
     };
     Ok(CompiledHeader {
@@ -533,5 +679,172 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(e.field, "spec.size");
+    }
+
+    fn regexes(n: usize, exclude: usize) -> MailboxFilterSpec {
+        let headers = |n: usize| {
+            (0..n)
+                .map(|i| HeaderMatch {
+                    name: format!("X-H{i}"),
+                    regex: Some(format!("^v{i}$")),
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>()
+        };
+        MailboxFilterSpec {
+            criteria: MatchCriteria {
+                subject: Some(SubjectMatch {
+                    keywords: vec![],
+                    regex: Some("invoice".into()),
+                }),
+                headers: headers(n.saturating_sub(1)),
+                ..Default::default()
+            },
+            exclude: (exclude > 0).then(|| MatchCriteria {
+                headers: headers(exclude),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn regex_count_is_checked_before_compiling_and_names_the_first_one_over() {
+        let budget = FilterBudget {
+            max_regexes: 4,
+            ..Default::default()
+        };
+        assert!(CompiledFilter::compile_within(&regexes(4, 0), budget).is_ok());
+        let e = CompiledFilter::compile_within(&regexes(3, 2), budget).unwrap_err();
+        assert_eq!(e.kind, Problem::OverBudget);
+        // subject, headers[0..1] of spec, then exclude's headers[0] is the 4th, [1] the 5th.
+        assert_eq!(e.field, "spec.exclude.headers[1].regex");
+        assert!(e.problem.contains("5 regular expressions"), "{e}");
+        assert!(
+            e.problem.contains("limit of 4 per filter (--filter-max-regexes)"),
+            "{e}"
+        );
+        // Even an invalid pattern past the limit is not compiled: the count is reported.
+        let mut s = regexes(3, 2);
+        if let Some(x) = s.exclude.as_mut() {
+            x.headers[1].regex = Some("([unclosed".into());
+        }
+        assert_eq!(
+            CompiledFilter::compile_within(&s, budget).unwrap_err().kind,
+            Problem::OverBudget
+        );
+    }
+
+    #[test]
+    fn a_regex_over_its_size_limit_is_over_budget_not_invalid() {
+        let budget = FilterBudget {
+            max_regex_bytes: 64 * 1024,
+            ..Default::default()
+        };
+        let s = spec(MatchCriteria {
+            headers: vec![HeaderMatch {
+                name: "X-Tag".into(),
+                regex: Some(r"\w{1,200}".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let e = CompiledFilter::compile_within(&s, budget).unwrap_err();
+        assert_eq!(
+            (e.kind, e.field.as_str()),
+            (Problem::OverBudget, "spec.headers[0].regex")
+        );
+        assert!(
+            e.problem
+                .contains("limit of 65536 bytes per regex (--filter-max-regex-bytes)"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains('\n'), "one line for status: {e}");
+        // The same expression over ASCII fits.
+        let mut ascii = s.clone();
+        ascii.criteria.headers[0].regex = Some(r"(?-u:\w){1,200}".into());
+        assert!(CompiledFilter::compile_within(&ascii, budget).is_ok());
+    }
+
+    #[test]
+    fn regexes_together_are_held_to_the_compiled_bytes_limit() {
+        let s = regexes(3, 0);
+        let used: usize = {
+            let f = CompiledFilter::compile_within(&s, FilterBudget::default()).expect("compiles");
+            let headers: usize = f
+                .include
+                .headers
+                .iter()
+                .map(|h| match &h.value {
+                    HeaderValueMatch::Regex(r) => r.memory_usage(),
+                    _ => 0,
+                })
+                .sum();
+            headers + f.include.subject_regex.as_ref().map_or(0, Regex::memory_usage)
+        };
+        let fits = FilterBudget {
+            max_compiled_bytes: used,
+            ..Default::default()
+        };
+        assert!(CompiledFilter::compile_within(&s, fits).is_ok());
+        let short = FilterBudget {
+            max_compiled_bytes: used - 1,
+            ..Default::default()
+        };
+        let e = CompiledFilter::compile_within(&s, short).unwrap_err();
+        assert_eq!(
+            (e.kind, e.field.as_str()),
+            (Problem::OverBudget, "spec.headers[1].regex")
+        );
+        assert!(e.problem.contains("(--filter-max-compiled-bytes)"), "{e}");
+    }
+
+    #[test]
+    fn typical_expressions_fit_the_default_budget() {
+        let budget = FilterBudget::default();
+        for re in [
+            "(?i)wire\\s+transfer",
+            "(?i)^(re|fwd?):\\s*invoice\\s+#?\\d{4,10}",
+            "^[A-Z]{2}\\d{2}[A-Z0-9]{10,30}$",
+            "(?i)\\b(urgent|confidential|vertraulich)\\b",
+        ] {
+            let s = spec(MatchCriteria {
+                subject: Some(SubjectMatch {
+                    keywords: vec![],
+                    regex: Some(re.into()),
+                }),
+                ..Default::default()
+            });
+            assert!(CompiledFilter::compile_within(&s, budget).is_ok(), "{re}");
+        }
+        // Sixteen of them, as the count allows.
+        let many = regexes(budget.max_regexes, 0);
+        assert!(CompiledFilter::compile_within(&many, budget).is_ok());
+    }
+
+    #[test]
+    fn only_the_start_of_long_subjects_and_header_values_is_matched() {
+        let f = CompiledFilter::compile(&spec(MatchCriteria {
+            subject: Some(SubjectMatch {
+                keywords: vec!["tail".into()],
+                regex: Some("end$".into()),
+            }),
+            ..Default::default()
+        }))
+        .expect("compiles");
+        let mut e: MailboxEvent = serde_json::from_value(serde_json::json!({
+            "id": "e", "type": "message.received", "occurredAt": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z", "source": "http", "mailbox": "a@b.c",
+        }))
+        .expect("event");
+        e.subject = Some(format!("{} tail end", "ä".repeat(MAX_MATCHED_TEXT)));
+        assert!(!f.matches(&e), "past the first {MAX_MATCHED_TEXT} bytes");
+        e.subject = Some("short tail".into());
+        assert!(f.matches(&e));
+        let cut = matched_part("äää");
+        assert_eq!(cut, "äää");
+        let long = "ä".repeat(MAX_MATCHED_TEXT);
+        assert!(matched_part(&long).len() <= MAX_MATCHED_TEXT);
+        assert!(matched_part(&long).len() >= MAX_MATCHED_TEXT - 1);
     }
 }

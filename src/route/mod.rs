@@ -6,6 +6,6 @@ mod filter;
 mod grant;
 mod table;
 
-pub use filter::{CompiledFilter, FilterError};
+pub use filter::{CompiledFilter, FilterBudget, FilterError, MAX_MATCHED_TEXT, Problem};
 pub use grant::{Ceiling, CompiledGrant, Grants};
 pub use table::{FilterEntry, Routed, Router, RoutingTable, SubscriptionRoute, Target};

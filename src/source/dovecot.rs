@@ -405,8 +405,8 @@ pub fn map_batch(
     let mut out: Vec<(usize, MailboxEvent)> = Vec::new();
     let mut index = Vec::new();
     // Messages indexed by this batch, for later notifications of the same batch.
-    let mut indexed: HashMap<MessageKey, IndexedMessage> = HashMap::new();
-    let mut find = |key: &Option<MessageKey>, indexed: &HashMap<MessageKey, IndexedMessage>| {
+    let mut indexed = batch_index::BatchIndex::new(cfg.separator);
+    let mut find = |key: &Option<MessageKey>, indexed: &batch_index::BatchIndex| {
         key.as_ref().and_then(|k| indexed.get(k).cloned().or_else(|| lookup(k)))
     };
     let mut appends: Vec<Placed> = Vec::new();
@@ -447,7 +447,7 @@ pub fn map_batch(
                     seen_at: now.as_second(),
                 };
                 if let Some(k) = &key {
-                    indexed.insert(k.clone(), message.clone());
+                    indexed.insert(k, message.clone());
                     index.push(IndexChange::Put(k.clone(), message.clone()));
                 }
                 if n.event == "MessageAppend" {
@@ -543,7 +543,7 @@ pub fn map_batch(
                             user: user.clone(),
                             folder: folder.clone(),
                         });
-                        indexed.retain(|k, _| k.folder != folder);
+                        indexed.clear_folder(&folder);
                         FolderAction::Deleted
                     }
                     "MailboxRename" => {
@@ -556,18 +556,9 @@ pub fn map_batch(
                             to: folder.clone(),
                             separator: cfg.separator,
                         });
-                        let child = cfg.separator.map(|sep| format!("{old}{sep}"));
-                        indexed = indexed
-                            .into_iter()
-                            .map(|(mut k, m)| {
-                                if k.folder == old {
-                                    k.folder = folder.clone();
-                                } else if let Some(rest) = child.as_deref().and_then(|c| k.folder.strip_prefix(c)) {
-                                    k.folder = format!("{folder}{}{rest}", cfg.separator.unwrap_or('/'));
-                                }
-                                (k, m)
-                            })
-                            .collect();
+                        if let Err(e) = indexed.rename(&old, &folder) {
+                            return Err(refuse(at("mailboxOld"), format!("{e}; send them in smaller batches")));
+                        }
                         activity.previous_folder = Some(old);
                         FolderAction::Renamed
                     }
@@ -825,6 +816,7 @@ pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
     )
 }
 
+mod batch_index;
 pub mod reconcile;
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ mod crd;
 mod delivery;
 mod dovecot;
 mod durability;
+mod filter;
 mod formats;
 mod grants;
 mod history;

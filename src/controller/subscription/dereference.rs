@@ -118,7 +118,7 @@ pub async fn dereference(ctx: &Context, whs: &WebhookSubscription, ns: &str) -> 
         let named = whs.spec.filter_refs.contains(&name);
         if named || selector.as_ref().is_some_and(|s| s.matches(f.labels())) {
             refs.filters.push(FilterRef {
-                invalid: ctx.compiled(&f).err(),
+                invalid: ctx.filter_problem(&f).await,
                 labels: f.labels().clone(),
                 name,
             });
