@@ -330,7 +330,7 @@ impl Transport {
         if has(&caps, "LOGINDISABLED") {
             let hint = match self.security {
                 Security::Plaintext => {
-                    ": Dovecot takes a password in clear only with disable_plaintext_auth = no; use TLS (--dovecot-imap-tls starttls or implicit) instead"
+                    ": Dovecot takes a password in clear only with disable_plaintext_auth = no and ssl not required; use TLS (--dovecot-imap-tls starttls or implicit) instead"
                 }
                 _ => "",
             };
@@ -367,20 +367,26 @@ impl Transport {
     }
 
     async fn handshake(&self, tls: &TlsClient, tcp: TcpStream) -> Result<ImapStream, ConnectError> {
-        // A plain IMAP port answers a ClientHello with its greeting, which is no TLS record.
-        let hint = match self.security {
-            Security::Implicit(_) => " (a plain IMAP port needs --dovecot-imap-tls starttls)",
-            _ => "",
-        };
         let stream = self
             .step("TLS handshake", "", tls.connector.connect(tls.server_name.clone(), tcp))
             .await?
-            .map_err(|source| ConnectError::Tls {
-                addr: self.addr.clone(),
-                server_name: tls.server_name(),
-                trust: tls.trust.clone(),
-                hint,
-                source,
+            .map_err(|source| {
+                // A plain IMAP port answers a ClientHello with its greeting: no TLS record.
+                let not_tls = source
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>())
+                    .is_some_and(|e| matches!(e, rustls::Error::InvalidMessage(_)));
+                let hint = match self.security {
+                    Security::Implicit(_) if not_tls => " (a plain IMAP port needs --dovecot-imap-tls starttls)",
+                    _ => "",
+                };
+                ConnectError::Tls {
+                    addr: self.addr.clone(),
+                    server_name: tls.server_name(),
+                    trust: tls.trust.clone(),
+                    hint,
+                    source,
+                }
             })?;
         Ok(ImapStream::Tls(Box::new(stream)))
     }

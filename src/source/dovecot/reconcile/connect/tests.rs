@@ -91,6 +91,17 @@ async fn a_server_that_never_answers_the_handshake_times_out() {
 }
 
 #[tokio::test]
+async fn implicit_tls_to_a_plain_imap_port_suggests_starttls() {
+    let addr = fake_server(Some("* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n"), "").await;
+    let err = transport(&addr, Security::Implicit(tls(&addr)))
+        .connect()
+        .await
+        .expect_err("no TLS");
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err:?}");
+    assert!(err.to_string().contains("--dovecot-imap-tls starttls"), "{err}");
+}
+
+#[tokio::test]
 async fn a_silent_server_spoken_to_in_plain_suggests_implicit_tls() {
     let addr = fake_server(None, "").await;
     let err = transport(&addr, Security::StartTls(tls(&addr)))
