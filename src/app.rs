@@ -681,10 +681,38 @@ fn dovecot_reconciler(
         })?
         .trim_end_matches(['\n', '\r'])
         .to_string();
-    info!(%addr, master_user, "Dovecot reconciler on");
+    use source::dovecot::reconcile::connect::{ImapTls, STEP_TIMEOUT, Security, TlsClient, Transport};
+    let tls = |addr: &str| {
+        TlsClient::new(
+            addr,
+            args.dovecot_imap_ca_file.as_deref(),
+            args.dovecot_imap_server_name.as_deref(),
+        )
+    };
+    let security = match args.dovecot_imap_tls {
+        ImapTls::StartTls => Security::StartTls(tls(&addr)?),
+        ImapTls::Implicit => Security::Implicit(tls(&addr)?),
+        ImapTls::None => {
+            if args.dovecot_imap_ca_file.is_some() || args.dovecot_imap_server_name.is_some() {
+                anyhow::bail!(
+                    "--dovecot-imap-ca-file and --dovecot-imap-server-name are for TLS, and --dovecot-imap-tls none turns it off"
+                );
+            }
+            tracing::warn!(
+                %addr,
+                "--dovecot-imap-tls none: the Dovecot master password, which opens every mailbox, crosses the network in clear"
+            );
+            Security::Plaintext
+        }
+    };
+    info!(%addr, master_user, tls = ?args.dovecot_imap_tls, "Dovecot reconciler on");
     Ok(Some(source::dovecot::reconcile::Reconciler {
         config: source::dovecot::reconcile::ReconcilerConfig {
-            addr,
+            transport: Transport {
+                addr,
+                security,
+                timeout: STEP_TIMEOUT,
+            },
             master_user: master_user.clone(),
             master_password: password,
             separator: args.dovecot_master_separator.clone(),

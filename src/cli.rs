@@ -288,6 +288,22 @@ pub struct DovecotArgs {
     /// here. Without it the Dovecot routes answer 401.
     #[arg(long, env = "MAILHOOK_DOVECOT_TOKEN_FILE")]
     pub dovecot_token_file: Option<std::path::PathBuf>,
+
+    /// TLS of the reconciler's IMAP connection: `starttls` (plain IMAP port, TLS before
+    /// LOGIN; a server without STARTTLS is refused), `implicit` (IMAPS port) or `none`
+    /// (the master password, which opens every mailbox, crosses the network in clear).
+    #[arg(long, env = "MAILHOOK_DOVECOT_IMAP_TLS", value_enum, default_value_t = Default::default())]
+    pub dovecot_imap_tls: crate::source::dovecot::reconcile::connect::ImapTls,
+
+    /// PEM file of the CA(s) that signed the Dovecot server's certificate; without it
+    /// the system's trust store is used.
+    #[arg(long, env = "MAILHOOK_DOVECOT_IMAP_CA_FILE", requires = "dovecot_imap_addr")]
+    pub dovecot_imap_ca_file: Option<std::path::PathBuf>,
+
+    /// The name the Dovecot server's certificate must carry, when it is not the host of
+    /// --dovecot-imap-addr (e.g. an IP address or a Service name the certificate lacks).
+    #[arg(long, env = "MAILHOOK_DOVECOT_IMAP_SERVER_NAME", requires = "dovecot_imap_addr")]
+    pub dovecot_imap_server_name: Option<String>,
 }
 
 /// The SMTP journal receiver.

@@ -32,6 +32,7 @@ import imaplib
 import json
 import smtplib
 import socket
+import ssl
 import statistics
 import time
 
@@ -47,7 +48,10 @@ def password(user):
 
 
 def imap(ports, user):
-    i = imaplib.IMAP4("127.0.0.1", ports["imap"])
+    i = imaplib.IMAP4(ports.get("host", "127.0.0.1"), ports["imap"])
+    if ports.get("ca"):
+        # env.py --tls: no login without TLS.
+        i.starttls(ssl.create_default_context(cafile=ports["ca"]))
     i.login(user, password(user))
     return i
 
@@ -101,7 +105,7 @@ def act(ports, action, args):
             "MIME-Version: 1.0\r\n\r\nGrüße\r\n"
         )
         # Subject and body in UTF-8 (SMTPUTF8-style): Dovecot stores them as sent.
-        lmtp = smtplib.LMTP("127.0.0.1", ports["lmtp"])
+        lmtp = smtplib.LMTP(ports.get("host", "127.0.0.1"), ports["lmtp"])
         lmtp.sendmail(sender, [rcpt], msg.encode("utf-8"))
         lmtp.quit()
         return
@@ -187,7 +191,7 @@ def latency(i, rounds):
 
 def sieve(ports, user, name, script):
     """ManageSieve (RFC 5804) PUTSCRIPT, spoken directly: Python has no client for it."""
-    s = socket.create_connection(("127.0.0.1", ports["sieve"]), timeout=10)
+    s = socket.create_connection((ports.get("host", "127.0.0.1"), ports["sieve"]), timeout=10)
     f = s.makefile("rwb")
 
     def answer():

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     DOVECOT_TOKEN, Dovecot, INGEST_TOKEN, Operator, Received, Receiver, SIEM_SECRET, TestNamespace, apply, eventually,
-    signing_secret, wait_ready,
+    free_port, self_signed, signing_secret, wait_ready,
 };
 
 const ALICE: &str = "alice@example.test";
@@ -131,8 +131,15 @@ async fn every_mailbox_action_in_a_real_dovecot_is_one_event_and_changes_made_wh
             "mailhook-admin",
             "--dovecot-master-password-file",
             &password_flag,
+            // This Dovecot speaks no TLS: plaintext by name, with a warning.
+            "--dovecot-imap-tls",
+            "none",
         ])
         .await;
+    assert!(
+        operator.log().contains("crosses the network in clear"),
+        "no warning about the plaintext master password"
+    );
     let mut soc = Expectations {
         receiver: &receiver,
         path: "/soc",
@@ -456,6 +463,271 @@ async fn every_mailbox_action_in_a_real_dovecot_is_one_event_and_changes_made_wh
     soc.no_more("after the restart").await;
     let _ = std::fs::remove_file(&master_password);
     let _ = std::fs::remove_dir_all(&store);
+}
+
+/// The flags that point the reconciler at `addr` as the test master user.
+fn reconciler_flags<'a>(addr: &'a str, password_file: &'a str) -> [&'a str; 6] {
+    [
+        "--dovecot-imap-addr",
+        addr,
+        "--dovecot-master-user",
+        "mailhook-admin",
+        "--dovecot-master-password-file",
+        password_file,
+    ]
+}
+
+/// An operator with a durable store, alice's mailbox routed to /soc, and a Dovecot
+/// posting to it (with TLS required, or none).
+async fn operator_and_dovecot(ns: &TestNamespace, receiver: &Receiver, store: &str, tls: bool) -> (Operator, Dovecot) {
+    let operator = Operator::start_with(ns, &["--internal-domains", "example.test", "--store-dir", store]).await;
+    apply(
+        ns,
+        &format!(
+            "{}apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: alice-mailbox}}\nspec:\n  \
+             mailboxes: ['alice@example.test']\n  eventTypes: [message.received, folder.changed]\n---\n\
+             apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: soc}}\nspec:\n  \
+             endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+             filterRefs: [alice-mailbox]\n",
+            signing_secret(SIEM_SECRET),
+            receiver.url("/soc"),
+        ),
+    );
+    wait_ready(ns, "soc").await;
+    let dovecot = if tls {
+        Dovecot::start_tls(operator.ingest, DOVECOT_TOKEN)
+    } else {
+        Dovecot::start(operator.ingest, DOVECOT_TOKEN)
+    };
+    (operator, dovecot)
+}
+
+/// The reconciler against a Dovecot that requires TLS (env.py --tls: LOGINDISABLED
+/// without it): STARTTLS by default and implicit TLS reconcile what changed while
+/// mailhook was down; a certificate its CA did not sign is refused with the CA named;
+/// plaintext is refused by the server, and contradicting flags by `mailhook run` itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_reaches_dovecot_over_tls_and_checks_its_certificate() {
+    let ns = TestNamespace::new("dovecot-tls").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let tmp = std::env::temp_dir();
+    let password_file = tmp.join(format!("mailhook-dovecot-master-{}", ns.name));
+    std::fs::write(&password_file, "masterpw\n").expect("write the master password file");
+    let password_flag = password_file.display().to_string();
+    let store = tmp.join(format!("mailhook-dovecot-store-{}", ns.name));
+    let store_flag = store.display().to_string();
+    let (mut operator, dovecot) = operator_and_dovecot(&ns, &receiver, &store_flag, true).await;
+    let (imap, imaps, ca) = (dovecot.imap().to_string(), dovecot.imaps().to_string(), dovecot.ca());
+    operator.kill();
+    // No --dovecot-imap-tls: STARTTLS.
+    let mut flags = reconciler_flags(&imap, &password_flag).to_vec();
+    flags.extend(["--dovecot-imap-ca-file", &ca]);
+    operator.restart_with(&flags).await;
+    let mut soc = Expectations {
+        receiver: &receiver,
+        path: "/soc",
+        seen: 0,
+    };
+    let reconciled = |log: &String| log.matches("Dovecot mailbox reconciled").count();
+
+    // The first batch of alice: the reconciler's first look.
+    dovecot.act(
+        "deliver",
+        &[ALICE, "<t1@outside.example>", "Live", "emile@outside.example"],
+    );
+    soc.next(
+        "a live delivery",
+        &[event("message.received", json!({"messageId": "<t1@outside.example>"}))],
+    )
+    .await;
+    eventually(
+        "the first look over STARTTLS",
+        || async { operator.log() },
+        |l| reconciled(l) >= 1,
+    )
+    .await;
+
+    operator.kill();
+    dovecot.act(
+        "deliver",
+        &[ALICE, "<t2@outside.example>", "Verpasst", "emile@outside.example"],
+    );
+    dovecot.act("create", &[ALICE, "Offline"]);
+    operator.restart().await;
+    soc.next(
+        "changes found over STARTTLS",
+        &[
+            event(
+                "message.received",
+                json!({"messageId": "<t2@outside.example>", "activity": {"reconciled": true}}),
+            ),
+            event(
+                "folder.changed",
+                json!({"folder": "Offline", "activity": {"action": "created", "reconciled": true}}),
+            ),
+        ],
+    )
+    .await;
+
+    operator.kill();
+    operator.set_flag("--dovecot-imap-addr", &imaps);
+    operator.set_flag("--dovecot-imap-tls", "implicit");
+    dovecot.act(
+        "deliver",
+        &[ALICE, "<t3@outside.example>", "Implizit", "emile@outside.example"],
+    );
+    operator.restart().await;
+    soc.next(
+        "changes found over implicit TLS",
+        &[event(
+            "message.received",
+            json!({"messageId": "<t3@outside.example>", "activity": {"reconciled": true}}),
+        )],
+    )
+    .await;
+
+    // A CA that did not sign the server's certificate.
+    operator.kill();
+    let (wrong_ca, wrong_key) = (
+        tmp.join(format!("mailhook-wrong-ca-{}.pem", ns.name)),
+        tmp.join(format!("mailhook-wrong-ca-{}.key", ns.name)),
+    );
+    self_signed(&wrong_ca, &wrong_key, "not the Dovecot CA", None);
+    let wrong_flag = wrong_ca.display().to_string();
+    operator.set_flag("--dovecot-imap-ca-file", &wrong_flag);
+    dovecot.act(
+        "deliver",
+        &[ALICE, "<t4@outside.example>", "Nie", "emile@outside.example"],
+    );
+    operator.restart().await;
+    let log = eventually(
+        "the certificate refused against the wrong CA",
+        || async { operator.log() },
+        |l| l.contains(&format!("checked against the CA file {wrong_flag}")),
+    )
+    .await;
+    assert!(log.contains("UnknownIssuer"), "{log}");
+    // No CA file: the system's roots do not know the test CA either.
+    operator.kill();
+    operator.restart_without(&["--dovecot-imap-ca-file", &wrong_flag]).await;
+    let log = eventually(
+        "the certificate refused against the system's roots",
+        || async { operator.log() },
+        |l| l.contains("checked against the system's trusted CAs"),
+    )
+    .await;
+    assert!(log.contains("--dovecot-imap-ca-file"), "{log}");
+
+    // Plaintext by name: this Dovecot announces LOGINDISABLED, so LOGIN is not sent.
+    operator.kill();
+    operator.set_flag("--dovecot-imap-addr", &imap);
+    operator.set_flag("--dovecot-imap-tls", "none");
+    operator.restart().await;
+    eventually(
+        "plaintext LOGIN refused",
+        || async { operator.log() },
+        |l| l.contains("refuses LOGIN on this connection (LOGINDISABLED)"),
+    )
+    .await;
+    assert!(operator.log().contains("crosses the network in clear"));
+    soc.no_more("while the reconciler was refused").await;
+
+    // A CA file with TLS off is a contradiction: `mailhook run` stops at start.
+    operator.kill();
+    let (admin, ingest) = (free_port().to_string(), free_port().to_string());
+    let mut args = vec![
+        "run",
+        "--watch-namespace",
+        &ns.name,
+        "--http-addr",
+        &admin,
+        "--ingest-addr",
+        &ingest,
+        "--dovecot-imap-tls",
+        "none",
+        "--dovecot-imap-ca-file",
+        &ca,
+    ];
+    args.extend(reconciler_flags(&imap, &password_flag));
+    let (ok, out, err) = exits_within(&args, Duration::from_secs(60));
+    assert!(!ok, "mailhook run accepted a CA file with TLS off: {out}{err}");
+    assert!(format!("{out}{err}").contains("--dovecot-imap-tls none"), "{out}{err}");
+    let _ = std::fs::remove_file(&password_file);
+    let _ = std::fs::remove_file(&wrong_ca);
+    let _ = std::fs::remove_file(&wrong_key);
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+/// A Dovecot without TLS, and the reconciler left at its default (STARTTLS): it refuses
+/// to send the master password and says which flag would allow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_does_not_fall_back_to_plaintext() {
+    let ns = TestNamespace::new("dovecot-plain").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let tmp = std::env::temp_dir();
+    let password_file = tmp.join(format!("mailhook-dovecot-master-{}", ns.name));
+    std::fs::write(&password_file, "masterpw\n").expect("write the master password file");
+    let password_flag = password_file.display().to_string();
+    let store = tmp.join(format!("mailhook-dovecot-store-{}", ns.name));
+    let store_flag = store.display().to_string();
+    let (mut operator, dovecot) = operator_and_dovecot(&ns, &receiver, &store_flag, false).await;
+    let imap = dovecot.imap().to_string();
+    operator.kill();
+    operator.restart_with(&reconciler_flags(&imap, &password_flag)).await;
+    let mut soc = Expectations {
+        receiver: &receiver,
+        path: "/soc",
+        seen: 0,
+    };
+    dovecot.act(
+        "deliver",
+        &[ALICE, "<p1@outside.example>", "Klartext", "emile@outside.example"],
+    );
+    soc.next(
+        "a live delivery",
+        &[event("message.received", json!({"messageId": "<p1@outside.example>"}))],
+    )
+    .await;
+    let log = eventually(
+        "the first look refused",
+        || async { operator.log() },
+        |l| l.contains("does not offer STARTTLS"),
+    )
+    .await;
+    assert!(log.contains("--dovecot-imap-tls none"), "{log}");
+    assert!(!log.contains("Dovecot mailbox reconciled"), "{log}");
+    assert!(!dovecot.log().contains("mailhook-admin"), "{}", dovecot.log());
+    let _ = std::fs::remove_file(&password_file);
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+/// Runs `mailhook` with `args`, expecting it to exit within `within`; returns (success,
+/// stdout, stderr). Panics (and kills it) if it does not.
+fn exits_within(args: &[&str], within: Duration) -> (bool, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start mailhook");
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().expect("wait for mailhook").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("mailhook's output");
+            panic!(
+                "mailhook {args:?} still runs after {within:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("mailhook's output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// What the script costs an IMAP user: per-command latency of one IMAP session (SELECT,

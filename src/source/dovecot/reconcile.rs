@@ -13,6 +13,9 @@
 //! `VANISHED (EARLIER)` unparsed, so expunges are found by comparing UID sets, which costs
 //! one UID SEARCH per folder and needs no mod-sequence kept between runs.
 //!
+//! The master password opens every mailbox, so the connection is TLS (STARTTLS or
+//! implicit, see `connect`) unless plaintext was asked for by name.
+//!
 //! `plan` and `findings` are pure; `Reconciler::run` does the I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,11 +33,13 @@ use crate::event::{Activity, DeleteStage, FolderAction};
 use crate::source::{Pipeline, normalize_address};
 use crate::store::{IndexChange, IndexedMailbox, IndexedMessage, MessageKey};
 
+pub mod connect;
+
 /// How to reach the Dovecot server.
 #[derive(Clone)]
 pub struct ReconcilerConfig {
-    /// IMAP address, host:port (plain IMAP: a loopback or in-cluster address).
-    pub addr: String,
+    /// IMAP address (host:port) and its TLS.
+    pub transport: connect::Transport,
     pub master_user: String,
     pub master_password: String,
     /// Dovecot's `auth_master_user_separator`.
@@ -44,7 +49,7 @@ pub struct ReconcilerConfig {
 impl std::fmt::Debug for ReconcilerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReconcilerConfig")
-            .field("addr", &self.addr)
+            .field("transport", &self.transport)
             .field("master_user", &self.master_user)
             .finish_non_exhaustive()
     }
@@ -362,14 +367,8 @@ pub fn decode_folder(name: &str) -> Option<String> {
 /// Why a reconcile of one mailbox failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("cannot reach the Dovecot IMAP server at {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the IMAP server did not answer within {0:?}")]
-    Timeout(Duration),
+    #[error(transparent)]
+    Connect(#[from] connect::ConnectError),
     #[error("IMAP")]
     Imap(#[from] async_imap::error::Error),
     #[error("the master user's login into {user} was refused")]
@@ -385,6 +384,8 @@ pub enum ReconcileError {
     #[error("a blocking task stopped")]
     Join(#[from] tokio::task::JoinError),
 }
+
+type Session = async_imap::Session<connect::ImapStream>;
 
 /// UIDs per UID FETCH.
 const FETCH_CHUNK: usize = 500;
@@ -504,24 +505,18 @@ impl Reconciler {
         Ok((events, first_look))
     }
 
-    async fn login(&self, user: &str) -> Result<async_imap::Session<tokio::net::TcpStream>, ReconcileError> {
-        let connect = tokio::net::TcpStream::connect(&self.config.addr);
-        let tcp = tokio::time::timeout(Duration::from_secs(10), connect)
-            .await
-            .map_err(|_| ReconcileError::Timeout(Duration::from_secs(10)))?
-            .map_err(|source| ReconcileError::Connect {
-                addr: self.config.addr.clone(),
-                source,
-            })?;
-        let mut client = async_imap::Client::new(tcp);
-        client.read_response().await.map_err(|source| ReconcileError::Connect {
-            addr: self.config.addr.clone(),
-            source,
-        })?;
+    async fn login(&self, user: &str) -> Result<Session, ReconcileError> {
+        let client = self.config.transport.connect().await?;
         let login = format!("{user}{}{}", self.config.separator, self.config.master_user);
-        client
-            .login(login, &self.config.master_password)
+        let transport = &self.config.transport;
+        tokio::time::timeout(transport.timeout, client.login(login, &self.config.master_password))
             .await
+            .map_err(|_| connect::ConnectError::Timeout {
+                addr: transport.addr.clone(),
+                step: "answer to LOGIN",
+                after: transport.timeout,
+                hint: "",
+            })?
             .map_err(|(source, _)| ReconcileError::Login {
                 user: user.to_string(),
                 source,
@@ -530,7 +525,7 @@ impl Reconciler {
 }
 
 /// LIST, then per selectable folder EXAMINE and UID SEARCH ALL.
-async fn snapshot(session: &mut async_imap::Session<tokio::net::TcpStream>) -> Result<Snapshot, ReconcileError> {
+async fn snapshot(session: &mut Session) -> Result<Snapshot, ReconcileError> {
     use async_imap::types::NameAttribute;
     let names: Vec<String> = session
         .list(Some(""), Some("*"))
@@ -592,7 +587,7 @@ async fn snapshot(session: &mut async_imap::Session<tokio::net::TcpStream>) -> R
 
 /// Message-ID, Subject, From and To of the arrived messages, folder by folder.
 async fn read_headers(
-    session: &mut async_imap::Session<tokio::net::TcpStream>,
+    session: &mut Session,
     arrived: &[MessageKey],
 ) -> Result<BTreeMap<MessageKey, IndexedMessage>, ReconcileError> {
     let mut by_folder: BTreeMap<&str, Vec<&MessageKey>> = BTreeMap::new();

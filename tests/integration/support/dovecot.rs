@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use super::repo_path;
 
 pub struct Dovecot {
-    /// What env.py printed: {"dir", "spool", "imap", "lmtp", "sieve"}.
+    /// What env.py printed: {"dir", "spool", "host", "imap", "lmtp", "sieve"}, with TLS
+    /// also "imaps" and "ca".
     env: serde_json::Value,
 }
 
@@ -15,6 +16,12 @@ impl Dovecot {
     /// Dovecot posting to the operator whose ingest API is at `ingest`, with `token`.
     pub fn start(ingest: SocketAddr, token: &str) -> Dovecot {
         Self::up(&["--mailhook", &format!("http://{ingest}"), "--token", token])
+    }
+
+    /// [`Dovecot::start`] with TLS required: a test CA, STARTTLS on `imap`, implicit TLS
+    /// on `imaps` (env.py --tls).
+    pub fn start_tls(ingest: SocketAddr, token: &str) -> Dovecot {
+        Self::up(&["--mailhook", &format!("http://{ingest}"), "--token", token, "--tls"])
     }
 
     /// Dovecot without mailhook's source (a baseline for figures).
@@ -37,7 +44,25 @@ impl Dovecot {
     }
 
     pub fn imap(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port("imap")))
+        SocketAddr::new(self.host(), self.port("imap"))
+    }
+
+    /// The implicit-TLS listener ([`Dovecot::start_tls`] only).
+    pub fn imaps(&self) -> SocketAddr {
+        SocketAddr::new(self.host(), self.port("imaps"))
+    }
+
+    /// The PEM file of the CA that signed the server's certificate ([`Dovecot::start_tls`]
+    /// only).
+    pub fn ca(&self) -> String {
+        self.env["ca"].as_str().expect("a TLS Dovecot").to_string()
+    }
+
+    fn host(&self) -> std::net::IpAddr {
+        self.env["host"]
+            .as_str()
+            .and_then(|h| h.parse().ok())
+            .expect("env.py names its host")
     }
 
     fn port(&self, name: &str) -> u16 {

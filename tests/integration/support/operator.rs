@@ -227,6 +227,14 @@ impl Operator {
         self.restart().await;
     }
 
+    /// Sets `flag` to `value` for the next (re)start: replaces its value, or adds it.
+    pub fn set_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(at) if at + 1 < self.args.len() => self.args[at + 1] = value.to_string(),
+            _ => self.args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+
     /// Starts the stopped operator again with `extra` flags added; returns once ready.
     pub async fn restart_with(&mut self, extra: &[&str]) {
         self.args.extend(extra.iter().map(|s| s.to_string()));
