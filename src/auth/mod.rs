@@ -262,6 +262,13 @@ pub enum TokenFileError {
     BadName { line: usize, name: String },
 }
 
+/// The credentials of a token file as (name, token) pairs; bare tokens are named
+/// `default_name`. What `Tokens` reads, for tests and fuzzing.
+pub fn parse_token_file(text: &str, default_name: &str) -> Result<Vec<(String, String)>, TokenFileError> {
+    let list = parse_tokens(text, &Arc::from(default_name))?;
+    Ok(list.into_iter().map(|c| (c.name.to_string(), c.secret)).collect())
+}
+
 /// The credentials of a token file: `TOKEN` or `NAME TOKEN` per line, `#` comments.
 fn parse_tokens(text: &str, default_name: &Arc<str>) -> Result<Vec<Credential>, TokenFileError> {
     let mut list = Vec::new();

@@ -531,3 +531,14 @@ async fn guessing_ingest_tokens_locks_the_address_out_of_guessing_only() {
         "{metrics}"
     );
 }
+
+/// Acknowledging events that a restart loses must be chosen, never a default: `run`
+/// without a store choice exits at once, naming the three choices.
+#[test]
+fn run_without_a_store_choice_refuses_to_start() {
+    let (ok, _, err) = crate::support::mailhook(&["run", "--http-addr", "127.0.0.1:0"]);
+    assert!(!ok, "started without a store");
+    for flag in ["--store-dir", "--store-url", "--store-memory"] {
+        assert!(err.contains(flag), "{flag} not named: {err}");
+    }
+}
