@@ -413,6 +413,11 @@ async fn authenticated_body(
             return Err(response);
         }
     };
+    // Store, caches, backlog: refused before the body too.
+    if let Err(refusal) = admit(state, source) {
+        drain(body).await;
+        return Err(counted(state, source, refusal));
+    }
     let refuse = |(refusal, reason): (Refusal, &'static str)| {
         metrics.refused.with_label_values(&["ingest", reason]).inc();
         counted(state, source, refusal)
@@ -574,7 +579,6 @@ async fn accept(
     admitted: &Admitted,
     body: Bytes,
 ) -> Result<Response, Refusal> {
-    admit(state, "http")?;
     let (content_type, media) = media_type(headers);
     let ndjson = match media.as_str() {
         "application/json" => false,
@@ -644,7 +648,6 @@ where
         Err(response) => return response,
     };
     let work = async {
-        admit(&state, "dovecot")?;
         json_only(&headers)?;
         let request: T = parse(&body, "body")?;
         drop(body);
