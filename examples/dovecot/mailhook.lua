@@ -9,7 +9,9 @@
 --
 -- Settings (plugin section of dovecot.conf):
 --   mailhook_url         http://mailhook-ingest.mailhook-system:8080/v1/sources/dovecot
---   mailhook_token       an ingest token (or `<` + a file holding it)
+--   mailhook_token       a token of mailhook's Dovecot token file (--dovecot-token-file),
+--                        or `<` + a file holding it; ingest tokens are refused. The mail
+--                        users can read it, and it is good for the Dovecot routes only
 --   mailhook_spool_dir   directory writable by the mail users (optional; without it a
 --                        batch mailhook did not take is logged and dropped)
 --   mailhook_timeout_ms  how long one POST may take (default 3000): the IMAP or LMTP

@@ -226,7 +226,7 @@ def main():
     sub = p.add_subparsers(dest="command", required=True)
     u = sub.add_parser("up")
     u.add_argument("--mailhook", help="mailhook's ingest base URL, e.g. http://127.0.0.1:8080")
-    u.add_argument("--token", default="", help="an ingest token of that mailhook")
+    u.add_argument("--token", default="", help="a token of that mailhook's Dovecot token file (--dovecot-token-file)")
     u.add_argument("--tls", action="store_true", help="TLS required, a test CA, an implicit-TLS listener")
     u.set_defaults(func=up)
     dn = sub.add_parser("down")
