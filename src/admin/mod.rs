@@ -95,7 +95,11 @@ async fn metrics_handler(
 ) -> axum::response::Response {
     if let Some(scrapers) = &state.scrapers {
         let now = std::time::Instant::now();
-        if let Some(left) = state.failures.locked(peer.ip(), now) {
+        let token = crate::auth::bearer(&headers).filter(|t| !t.is_empty());
+        // Without a token nothing is asked of the apiserver: not counted, never locked.
+        if token.is_some()
+            && let Some(left) = state.failures.locked(peer.ip(), now)
+        {
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 [(header::RETRY_AFTER, left.as_secs().max(1).to_string())],
@@ -103,7 +107,6 @@ async fn metrics_handler(
             )
                 .into_response();
         }
-        let token = crate::auth::bearer(&headers).filter(|t| !t.is_empty());
         let decision = match token {
             None => Ok(Decision::Unauthenticated),
             Some(token) => scrapers.decide(token, Access::Path("/metrics")).await,
@@ -111,7 +114,9 @@ async fn metrics_handler(
         match decision {
             Ok(Decision::Allowed) => {}
             Ok(Decision::Unauthenticated) => {
-                state.failures.failed(peer.ip(), now);
+                if token.is_some() {
+                    state.failures.failed(peer.ip(), now);
+                }
                 return (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],

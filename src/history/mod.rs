@@ -139,6 +139,29 @@ async fn authorize(
     verb: Verb,
 ) -> Result<(), Refusal> {
     let now = std::time::Instant::now();
+    let presented = bearer(headers).filter(|t| !t.is_empty());
+    // An admin token is checked before the lockout (it costs nothing), so clients sharing
+    // an address with a guesser keep working; requests without a token are not counted.
+    if let (Some(token), Some(tokens)) = (presented, &history.tokens)
+        && tokens.accepts(token)
+    {
+        return Ok(());
+    }
+    let unauthenticated = |counted: bool| {
+        if counted {
+            history.failures.failed(peer, now);
+        }
+        tracing::info!(%peer, "history API: authentication failed");
+        refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown bearer token: send Authorization: Bearer <a Kubernetes token allowed to get the WebhookSubscription, or a token from --admin-token-file>",
+        )
+    };
+    let Some(token) = presented else {
+        return Err(unauthenticated(false));
+    };
+    // Each Kubernetes token costs a TokenReview: an address that sent many unknown ones
+    // waits before the apiserver is asked again.
     if let Some(left) = history.failures.locked(peer, now) {
         return Err(refuse(
             StatusCode::TOO_MANY_REQUESTS,
@@ -148,29 +171,15 @@ async fn authorize(
             ),
         ));
     }
-    let presented = bearer(headers).filter(|t| !t.is_empty());
-    if let (Some(token), Some(tokens)) = (presented, &history.tokens)
-        && tokens.accepts(token)
-    {
-        return Ok(());
-    }
-    let unauthenticated = || {
-        history.failures.failed(peer, now);
-        tracing::info!(%peer, "history API: authentication failed");
-        refuse(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown bearer token: send Authorization: Bearer <a Kubernetes token allowed to get the WebhookSubscription, or a token from --admin-token-file>",
-        )
-    };
-    let (Some(token), Some(kubernetes)) = (presented, &history.kubernetes) else {
-        return Err(unauthenticated());
+    let Some(kubernetes) = &history.kubernetes else {
+        return Err(unauthenticated(true));
     };
     match kubernetes
         .decide(token, Access::Subscription { namespace, name, verb })
         .await
     {
         Ok(Decision::Allowed) => Ok(()),
-        Ok(Decision::Unauthenticated) => Err(unauthenticated()),
+        Ok(Decision::Unauthenticated) => Err(unauthenticated(true)),
         Ok(Decision::Denied(why)) => Err(refuse(StatusCode::FORBIDDEN, why)),
         Err(err) => {
             tracing::warn!(err = %crate::error_chain(&err), "history API: cannot judge a token");
