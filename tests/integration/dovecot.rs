@@ -643,6 +643,7 @@ async fn the_reconciler_reaches_dovecot_over_tls_and_checks_its_certificate() {
         &admin,
         "--ingest-addr",
         &ingest,
+        "--store-memory",
         "--dovecot-imap-tls",
         "none",
         "--dovecot-imap-ca-file",
