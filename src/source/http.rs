@@ -239,14 +239,21 @@ impl Route {
 }
 
 /// The credential of a request, or the answer refusing it. Nothing of the body is read.
-fn credential(state: &IngestState, headers: &HeaderMap, peer: SocketAddr, route: Route) -> Result<Arc<str>, Response> {
+fn credential(
+    state: &IngestState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    route: Route,
+) -> Result<Arc<str>, Box<Response>> {
     let refused = |status, message: &str| {
-        Refusal {
-            status,
-            message: message.into(),
-            field: None,
-        }
-        .into_response()
+        Box::new(
+            Refusal {
+                status,
+                message: message.into(),
+                field: None,
+            }
+            .into_response(),
+        )
     };
     let auth = match route {
         Route::Ingest => state.tokens.check_request(headers, peer.ip()),
@@ -410,7 +417,7 @@ async fn authenticated_body(
         Err(response) => {
             metrics.events_ingested.with_label_values(&[source, "rejected"]).inc();
             drain(body).await;
-            return Err(response);
+            return Err(*response);
         }
     };
     // Store, caches, backlog: refused before the body too.
