@@ -239,6 +239,10 @@ impl Route {
 }
 
 /// The credential of a request, or the answer refusing it. Nothing of the body is read.
+#[allow(
+    clippy::result_large_err,
+    reason = "the refusal is the response itself, built once per refused request"
+)]
 fn credential(state: &IngestState, headers: &HeaderMap, peer: SocketAddr, route: Route) -> Result<Arc<str>, Response> {
     let refused = |status, message: &str| {
         Refusal {
