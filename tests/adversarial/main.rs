@@ -639,6 +639,27 @@ struct Ctx {
 struct Report {
     figures: String,
     good: GoodTally,
+    /// The attack's own checks that failed (kept, not panicked, so its figures print).
+    failed: Vec<String>,
+}
+
+/// `assert!` that records the failure in `failed` instead of panicking.
+macro_rules! check {
+    ($failed:expr, $cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            $failed.push(format!($($arg)+));
+        }
+    };
+}
+
+/// `assert_eq!` that records the failure in `failed` instead of panicking.
+macro_rules! check_eq {
+    ($failed:expr, $left:expr, $right:expr, $($arg:tt)+) => {
+        let (left, right) = (&$left, &$right);
+        if left != right {
+            $failed.push(format!("{}: {left:?} != {right:?}", format!($($arg)+)));
+        }
+    };
 }
 
 struct Outcome {
@@ -671,7 +692,10 @@ where
     let result = std::panic::AssertUnwindSafe(attack).catch_unwind().await;
     let mut failures = Vec::new();
     let (figures, good) = match result {
-        Ok(r) => (r.figures, r.good),
+        Ok(r) => {
+            failures.extend(r.failed);
+            (r.figures, r.good)
+        }
         Err(e) => {
             failures.push(panic_text(&*e));
             (String::new(), GoodTally::default())
@@ -737,6 +761,7 @@ where
 
 /// 1. Unauthenticated connections announcing 8 MiB bodies and trickling bytes.
 async fn unauth_big_bodies(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let (n, waves) = if ctx.full { (450, 5) } else { (300, 1) };
     let counts: Counts = Arc::default();
     let ingest = ctx.good.ingest;
@@ -777,17 +802,20 @@ async fn unauth_big_bodies(ctx: &Ctx) -> Report {
         }
     }
     let c = counts.lock().clone();
-    assert_eq!(
+    check_eq!(
+        failed,
         c.get("401").copied().unwrap_or(0),
         n * waves,
         "every one gets 401: {c:?}"
     );
-    assert_eq!(
+    check_eq!(
+        failed,
         c.get("closed").copied().unwrap_or(0),
         n * waves,
         "every one is closed: {c:?}"
     );
     Report {
+        failed,
         figures: format!("{n}x{waves} connections: {}", show(&counts)),
         good,
     }
@@ -804,6 +832,7 @@ fn merge(into: &mut GoodTally, g: GoodTally) {
 
 /// 2. Slowloris: headers a byte at a time, reconnecting when closed.
 async fn slowloris(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     // Short: under the listener's cap (512); full: twice it.
     let n = if ctx.full { 1024 } else { 400 };
     let counts: Counts = Arc::default();
@@ -861,11 +890,13 @@ async fn slowloris(ctx: &Ctx) -> Report {
         t.await.expect("attack task");
     }
     let c = counts.lock().clone();
-    assert!(
+    check!(
+        failed,
         c.get("closed_by_header_timeout").copied().unwrap_or(0) >= n,
         "the header timeout closes the slow connections: {c:?}"
     );
     Report {
+        failed,
         figures: format!("{n} slow clients: {}", show(&counts)),
         good,
     }
@@ -873,6 +904,7 @@ async fn slowloris(ctx: &Ctx) -> Report {
 
 /// 3. One credential floods large bodies, trickled and fast.
 async fn credential_flood(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let (n, seconds) = if ctx.full { (300, 30) } else { (100, 10) };
     let counts: Counts = Arc::default();
     let stop = CancellationToken::new();
@@ -960,12 +992,18 @@ async fn credential_flood(ctx: &Ctx) -> Report {
         .filter(|(k, _)| k.ends_with("_429") || k.ends_with("_503"))
         .map(|(_, v)| v)
         .sum();
-    assert!(refused > 0, "the attacker's credential is refused (429/503): {c:?}");
-    assert!(
+    check!(
+        failed,
+        refused > 0,
+        "the attacker's credential is refused (429/503): {c:?}"
+    );
+    check!(
+        failed,
         !c.keys().any(|k| k.ends_with("_202")),
         "garbage is never accepted: {c:?}"
     );
     Report {
+        failed,
         figures: format!("{n} attacker connections for {seconds} s: {}", show(&counts)),
         good,
     }
@@ -973,6 +1011,7 @@ async fn credential_flood(ctx: &Ctx) -> Report {
 
 /// 4. No tokens and wrong tokens from 127.0.0.1, the good producer from the same address.
 async fn lockout(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let n = if ctx.full { 500 } else { 50 };
     let counts: Counts = Arc::default();
     let http = reqwest::Client::builder()
@@ -1009,17 +1048,20 @@ async fn lockout(ctx: &Ctx) -> Report {
     let g = ctx.good.produce("lockout-mta", 0, 1, Duration::ZERO, 1).await;
     merge(&mut good, g);
     let c = counts.lock().clone();
-    assert_eq!(
+    check_eq!(
+        failed,
         c.get("no_token_401").copied().unwrap_or(0),
         n,
         "requests without a token are 401, never locked: {c:?}"
     );
-    assert!(
+    check!(
+        failed,
         c.get("wrong_token_429").copied().unwrap_or(0) > 0,
         "wrong tokens lock the address: {c:?}"
     );
-    assert_eq!(good.refusals, 0, "the good producer is never refused");
+    check_eq!(failed, good.refusals, 0, "the good producer is never refused");
     Report {
+        failed,
         figures: show(&counts),
         good,
     }
@@ -1027,6 +1069,7 @@ async fn lockout(ctx: &Ctx) -> Report {
 
 /// 5. SMTP connections from 127.0.0.2 stalled after STARTTLS or idle after EHLO.
 async fn smtp_stall(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let (n, waves) = if ctx.full { (100, 3) } else { (100, 1) };
     let smtp = ctx.good.smtp;
     let counts: Counts = Arc::default();
@@ -1092,20 +1135,25 @@ async fn smtp_stall(ctx: &Ctx) -> Report {
     let served = c.get("starttls_served").copied().unwrap_or(0) + c.get("idle_served").copied().unwrap_or(0);
     let closed =
         c.get("starttls_closed_by_server").copied().unwrap_or(0) + c.get("idle_closed_by_server").copied().unwrap_or(0);
-    assert!(
+    check!(
+        failed,
         served <= 20 * waves,
         "at most 20 connections of one address are served: {c:?}"
     );
-    assert!(
+    check!(
+        failed,
         c.get("starttls_served").copied().unwrap_or(0) > 0,
         "some STARTTLS stalls were served: {c:?}"
     );
-    assert_eq!(
-        closed, served,
+    check_eq!(
+        failed,
+        closed,
+        served,
         "every stalled connection is closed by the server: {c:?}"
     );
-    assert_eq!(greeted, 20, "the freed slots take new connections");
+    check_eq!(failed, greeted, 20, "the freed slots take new connections");
     Report {
+        failed,
         figures: format!("{n}x{waves} from 127.0.0.2: {} fresh_greeted={greeted}", show(&counts)),
         good,
     }
@@ -1113,6 +1161,7 @@ async fn smtp_stall(ctx: &Ctx) -> Report {
 
 /// 6. A 2 MiB line in DATA, then a good message in the same session.
 async fn smtp_long_line(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let sessions = if ctx.full { 20 } else { 1 };
     let smtp = ctx.good.smtp;
     let counts: Counts = Arc::default();
@@ -1158,12 +1207,14 @@ async fn smtp_long_line(ctx: &Ctx) -> Report {
         t.await.expect("attack session");
     }
     let c = counts.lock().clone();
-    assert_eq!(
+    check_eq!(
+        failed,
         c.get("long_line_500 5.5.2").copied().unwrap_or(0),
         sessions,
         "2 MiB lines get 500 5.5.2: {c:?}"
     );
-    assert_eq!(
+    check_eq!(
+        failed,
         c.get("next_250").copied().unwrap_or(0),
         sessions,
         "the session goes on: {c:?}"
@@ -1172,6 +1223,7 @@ async fn smtp_long_line(ctx: &Ctx) -> Report {
     good.expect
         .extend((0..sessions).map(|k| (format!("longline{k}@contoso.com"), 1)));
     Report {
+        failed,
         figures: show(&counts),
         good,
     }
@@ -1179,6 +1231,7 @@ async fn smtp_long_line(ctx: &Ctx) -> Report {
 
 /// 7. One journal report of one message to thousands of internal recipients.
 async fn journal_fanout(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let n = if ctx.full { 50_000 } else { 5_000 };
     let mut report = String::from(
         "From: journal@contoso.com\r\nTo: archive@journal.example.net\r\nSubject: journal\r\nMessage-ID: <journal-allstaff@contoso.com>\r\nX-MS-Journal-Report:\r\nMIME-Version: 1.0\r\n\
@@ -1240,27 +1293,30 @@ async fn journal_fanout(ctx: &Ctx) -> Report {
         if accepted { "250".to_string() } else { reply.clone() }
     );
     if ctx.full {
-        assert!(
+        check!(
+            failed,
             accepted || out.contains("552"),
             "accepted or refused with 552: {}",
             out.lines().rev().take(8).collect::<Vec<_>>().join(" | ")
         );
     } else {
-        assert!(
+        check!(
+            failed,
             accepted,
             "the report is accepted: {}",
             out.lines().rev().take(8).collect::<Vec<_>>().join(" | ")
         );
     }
     if accepted {
-        assert_eq!(distinct, n, "one event per recipient mailbox ({figures})");
-        assert_eq!(delivered, n, "no more than one per mailbox ({figures})");
+        check_eq!(failed, distinct, n, "one event per recipient mailbox ({figures})");
+        check_eq!(failed, delivered, n, "no more than one per mailbox ({figures})");
     }
-    Report { figures, good }
+    Report { figures, good, failed }
 }
 
 /// 8. One Message-ID on two messages; a repeat; an HTTP event posing as a journal id.
 async fn message_id_collision(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let smtp = ctx.good.smtp;
     let plain = |to: &str, mid: &str, subject: &str, body: &str| {
         format!(
@@ -1318,20 +1374,23 @@ async fn message_id_collision(ctx: &Ctx) -> Report {
         "alice (A, B, A again): {} events; carol (decoy HTTP id, then the mail): subjects {carol_subjects:?}",
         alice_events.len()
     );
-    assert_eq!(
+    check_eq!(
+        failed,
         alice_events.len(),
         2,
         "two messages with one Message-ID are two events, a repeat is none ({figures})"
     );
-    assert!(
+    check!(
+        failed,
         carol_subjects.contains(&"real".to_string()) && carol_subjects.contains(&"decoy".to_string()),
         "the HTTP event does not suppress the journal event ({figures})"
     );
-    Report { figures, good }
+    Report { figures, good, failed }
 }
 
 /// 9. `mailhook run` without a store flag.
 async fn no_store_flag(ctx: &Ctx) -> Report {
+    let mut failed: Vec<String> = Vec::new();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailhook"))
         .args(["run", "--watch-namespace", &ctx.ns])
         .args(["--http-addr", &free_port().to_string()])
@@ -1357,11 +1416,12 @@ async fn no_store_flag(ctx: &Ctx) -> Report {
         .filter(|f| stderr.contains(f))
         .collect();
     let figures = format!("exit {status}, stderr names {named:?}");
-    assert!(!status.success(), "{figures}: {stderr}");
-    assert_eq!(named.len(), 3, "{figures}: {stderr}");
+    check!(failed, !status.success(), "{figures}: {stderr}");
+    check_eq!(failed, named.len(), 3, "{figures}: {stderr}");
     Report {
         figures,
         good: GoodTally::default(),
+        failed,
     }
 }
 
