@@ -505,7 +505,7 @@ impl Good {
                 "--to",
                 "archive@journal.example.net",
                 "--data",
-                &file.display().to_string(),
+                &format!("@{}", file.display()),
             ],
         )
         .await;
@@ -1169,7 +1169,9 @@ async fn smtp_long_line(ctx: &Ctx) -> Report {
     for k in 0..sessions {
         let counts = counts.clone();
         tasks.push(tokio::spawn(async move {
-            let s = TcpStream::connect(smtp).await.expect("connect");
+            // From 127.0.0.3: the full form's 20 sessions would take all of 127.0.0.1's slots
+            // (per-address cap) from the good MTA.
+            let s = connect_from("127.0.0.3", smtp).await.expect("connect");
             let mut r = BufReader::new(s);
             assert!(smtp_reply(&mut r).await.expect("greeting").starts_with("220"));
             smtp_cmd(&mut r, "EHLO attacker").await.expect("EHLO");
@@ -1254,7 +1256,7 @@ async fn journal_fanout(ctx: &Ctx) -> Report {
             "--to",
             "archive@journal.example.net",
             "--data",
-            &file.display().to_string(),
+            &format!("@{}", file.display()),
         ],
     )
     .await;
@@ -1334,7 +1336,7 @@ async fn message_id_collision(ctx: &Ctx) -> Report {
                 "--to",
                 to,
                 "--data",
-                &file.display().to_string(),
+                &format!("@{}", file.display()),
             ],
         )
         .await;
