@@ -162,6 +162,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Probes and scrapes are few; the cap keeps a flood of connections from starving them.
     let bounds = crate::serve::Bounds {
         max_connections: 256,
+        max_per_address: 128,
         header_timeout: std::time::Duration::from_secs(10),
     };
     let over = metrics.refused.with_label_values(&["admin", "connections"]);
@@ -274,6 +275,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let stop = lifecycle.token(Stage::Intake);
         let bounds = crate::serve::Bounds {
             max_connections: config.ingest.ingest_max_connections,
+            max_per_address: config.ingest.ingest_max_connections_per_address,
             header_timeout: config.ingest.ingest_header_timeout,
         };
         let over = metrics.refused.with_label_values(&["ingest", "connections"]);

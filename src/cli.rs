@@ -198,6 +198,12 @@ pub struct IngestArgs {
     #[arg(long, env = "MAILHOOK_INGEST_MAX_CONNECTIONS", default_value_t = 512)]
     pub ingest_max_connections: usize,
 
+    /// Most connections open at once from one client address on the ingest port; more are
+    /// closed at accept. Behind an Ingress or a load balancer that does not keep the
+    /// client's address, raise it to --ingest-max-connections.
+    #[arg(long, env = "MAILHOOK_INGEST_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256)]
+    pub ingest_max_connections_per_address: usize,
+
     /// A request's headers must arrive within this long (also how long an idle kept-alive
     /// connection stays open).
     #[arg(long, env = "MAILHOOK_INGEST_HEADER_TIMEOUT", default_value = "10s", value_parser = duration_arg)]

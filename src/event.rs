@@ -118,8 +118,9 @@ pub struct MailboxEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<Box<DeadLetterNote>>,
     /// Whose `producer_event_id` it is, beside the source: the ingest credential's name for
-    /// HTTP events, the journaled message's SHA-256 for SMTP ones. Only read at ingest, to
-    /// de-duplicate (see [`MailboxEvent::dedup_key`]); never stored or sent.
+    /// HTTP events, the journaled message's SHA-256 for SMTP ones (whose ids are built from
+    /// a Message-ID the sender chose). Only read at ingest, to de-duplicate (see
+    /// [`MailboxEvent::dedup_key`]); never stored or sent.
     #[serde(skip)]
     pub producer_scope: Option<String>,
 }
@@ -131,12 +132,8 @@ impl MailboxEvent {
     /// cannot pre-empt a different message carrying the same one.
     pub fn dedup_key(&self) -> Option<String> {
         let id = self.producer_event_id.as_deref()?;
-        // Journal ids are built from a Message-ID the sender chose: bound to the content.
-        let scope = match self.source {
-            Source::Smtp => self.raw_message.as_deref().or(self.producer_scope.as_deref()),
-            _ => self.producer_scope.as_deref(),
-        };
-        Some(format!("{}:{}:{id}", self.source.as_str(), scope.unwrap_or("")))
+        let scope = self.producer_scope.as_deref().unwrap_or("");
+        Some(format!("{}:{scope}:{id}", self.source.as_str()))
     }
 }
 

@@ -181,7 +181,7 @@ impl Metrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     "mailhook_listener_refused_total",
-                    "Connections and requests a listener turned away to stay within its bounds, by listener (ingest, admin, smtp) and reason: connections (--*-max-connections open already), connections_per_address (SMTP), body_timeout, body_too_large, body_unreadable, body_budget (too many request bodies in flight), token_concurrency (one credential's requests at once), handshake_timeout (SMTP before MAIL), session_timeout, line_too_long. Connections closed by the header timeout are not counted.",
+                    "Connections and requests a listener turned away to stay within its bounds, by listener (ingest, admin, smtp) and reason: connections (--*-max-connections open already), connections_per_address (SMTP), body_timeout, body_too_large, body_unreadable, body_budget (too many request bodies in flight), token_concurrency (one credential's requests at once), token_bytes (one credential's quarter of the body budget), handshake_timeout (SMTP before MAIL), session_timeout, line_too_long. Connections closed by the header timeout are not counted.",
                 ),
                 &["listener", "reason"],
             )?,

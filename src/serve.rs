@@ -1,5 +1,7 @@
 //! Serves an axum `Router` on a TCP listener within bounds a client cannot get around:
-//! at most `max_connections` at once (more are closed at accept, before anything is read),
+//! at most `max_connections` at once and `max_per_address` from one client address (more
+//! are closed at accept, before anything is read: one flooding address leaves room for
+//! the others),
 //! a request's headers within `header_timeout` (also how long a kept-alive connection may
 //! sit idle), and on shutdown the requests in flight finish before `serve` returns.
 //! `axum::serve` has no connection cap and no header timeout, which lets slow clients hold
@@ -23,6 +25,8 @@ use tracing::{debug, warn};
 pub struct Bounds {
     /// Connections open at once; one more is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_per_address: usize,
     /// From a connection's start (or its previous response) to a request's complete headers.
     pub header_timeout: Duration,
 }
@@ -39,6 +43,7 @@ pub async fn serve(
     name: &'static str,
 ) {
     let slots = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
     let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -53,7 +58,10 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let (Ok(permit), Some(address)) = (
+            slots.clone().try_acquire_owned(),
+            per_address.take(peer.ip(), bounds.max_per_address),
+        ) else {
             over_capacity.inc();
             debug!(%peer, listener = name, "too many connections; closed at accept");
             drop(stream);
@@ -61,7 +69,7 @@ pub async fn serve(
         };
         let (app, stop) = (app.clone(), stop.clone());
         connections.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, address);
             let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 app.clone().oneshot(request.map(axum::body::Body::new))
@@ -87,4 +95,64 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Connections per client address, counted while they are open.
+#[derive(Default)]
+pub struct PerAddress {
+    open: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection's place in [`PerAddress`], given back when dropped.
+pub struct AddressSlot {
+    of: Arc<PerAddress>,
+    peer: std::net::IpAddr,
+}
+
+impl PerAddress {
+    /// A place for one more connection of `peer`, if it has fewer than `max` open.
+    pub fn take(self: &Arc<Self>, peer: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut open = self.open.lock();
+        let n = open.entry(peer).or_insert(0);
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { of: self.clone(), peer })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock();
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_at_its_limit_leaves_room_for_others_and_gets_it_back() {
+        let per = Arc::new(PerAddress::default());
+        let (a, b) = (
+            std::net::IpAddr::from([10, 0, 0, 1]),
+            std::net::IpAddr::from([10, 0, 0, 2]),
+        );
+        let held: Vec<_> = (0..3).map(|_| per.take(a, 3).expect("under the limit")).collect();
+        assert!(per.take(a, 3).is_none());
+        assert!(per.take(b, 3).is_some());
+        drop(held);
+        assert!(per.take(a, 3).is_some());
+        assert!(
+            per.open.lock().get(&a).is_some_and(|n| *n == 1),
+            "the dropped ones were given back"
+        );
+    }
 }

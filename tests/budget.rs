@@ -5,6 +5,8 @@
 //! deterministic, so a budget a little above today's figure fails on a real regression
 //! (a clone per filter, a JSON tree per payload) and never on a busy machine. The figures
 //! are printed (`cargo test --test budget -- --nocapture`) and kept in BENCHMARKS.md.
+//! The same allocator follows the bytes live at once, for what one message may cost: a
+//! journal report's peak memory must grow linearly in its recipients.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -24,6 +26,10 @@ struct Counting;
 thread_local! {
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
     static BYTES: Cell<u64> = const { Cell::new(0) };
+    /// Bytes allocated on this thread and not yet freed (may go below zero when another
+    /// thread frees what this one allocated), and the most seen since `reset_peak`.
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+    static PEAK: Cell<i64> = const { Cell::new(0) };
 }
 
 // SAFETY: forwards to the system allocator; only counts on the side.
@@ -34,11 +40,13 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        live(-(layout.size() as i64));
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         note(new_size);
+        live(-(layout.size() as i64));
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -48,6 +56,23 @@ fn note(size: usize) {
     // A thread-local access can itself fail during thread teardown: then do not count.
     let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
     let _ = BYTES.try_with(|b| b.set(b.get() + size as u64));
+    live(size as i64);
+}
+
+fn live(delta: i64) {
+    let _ = LIVE.try_with(|l| {
+        let now = l.get() + delta;
+        l.set(now);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+    });
+}
+
+/// The most bytes live at once on this thread while `work` ran, above what was live before.
+fn peak_during(work: impl FnOnce()) -> u64 {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    work();
+    (PEAK.with(Cell::get) - base).max(0) as u64
 }
 
 #[global_allocator]
@@ -179,4 +204,61 @@ fn per_event_allocations_stay_within_budget() {
         "over budget (a regression, or raise the budget with the reason):\n{}",
         over.join("\n")
     );
+}
+
+/// An Exchange journal report of one all-staff message: `n` internal recipients (a list
+/// expanded), the header showing the list and 200 addresses.
+fn all_staff_report(n: usize) -> Vec<u8> {
+    let mut report = String::from(
+        "X-MS-Journal-Report:\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nSender: ceo@contoso.com\r\nMessage-Id: <memo@contoso.com>\r\n",
+    );
+    for i in 0..n {
+        report.push_str(&format!("To: staff{i}@contoso.com, Expanded: all@contoso.com\r\n"));
+    }
+    let shown: Vec<String> = std::iter::once("all@contoso.com".to_string())
+        .chain((0..200).map(|i| format!("staff{i}@contoso.com")))
+        .collect();
+    report.push_str(&format!(
+        "\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nFrom: ceo@contoso.com\r\nTo: {}\r\nSubject: all hands\r\nMessage-ID: <memo@contoso.com>\r\n\r\nsee you there\r\n--b--\r\n",
+        shown.join(", ")
+    ));
+    report.into_bytes()
+}
+
+/// What the SMTP receiver holds for one journal report: the parsed report, then its events
+/// a commit chunk at a time, each serialized as the store does. Before events were made on
+/// demand with bounded lists, each of n events carried all n recipients: n² addresses.
+#[test]
+fn a_journal_report_costs_memory_linear_in_its_recipients() {
+    use mailhook::source::journal::{Envelope, parse};
+    let internal = vec!["contoso.com".to_string()];
+    let now: jiff::Timestamp = "2026-12-05T08:00:00Z".parse().expect("time");
+    let mut peaks = Vec::new();
+    for n in [1_000usize, 5_000, 20_000] {
+        let raw = all_staff_report(n);
+        let peak = peak_during(|| {
+            let journaled = parse(&raw, &Envelope::default(), &internal, now).expect("parse");
+            assert_eq!(journaled.len(), n + 1);
+            for chunk in journaled.chunks(1000) {
+                let stored: usize = chunk.iter().map(|e| serde_json::to_vec(e).expect("json").len()).sum();
+                assert!(stored > 0);
+            }
+        });
+        println!(
+            "journal report to {n:>6} recipients: peak {:>6.1} MiB live ({:.0} bytes per recipient; the report itself {:.1} MiB)",
+            peak as f64 / (1 << 20) as f64,
+            peak as f64 / n as f64,
+            raw.len() as f64 / (1 << 20) as f64
+        );
+        peaks.push((n, peak));
+    }
+    let (n0, p0) = peaks[0];
+    let (n2, p2) = peaks[2];
+    // Linear: 20× the recipients may cost at most ~twice 20× the memory (a chunk of
+    // events is a fixed cost); quadratic would be 400×.
+    assert!(
+        p2 as f64 / p0 as f64 <= 2.0 * (n2 / n0) as f64,
+        "peak grew from {p0} to {p2} bytes for {n0} → {n2} recipients"
+    );
+    assert!(p2 / n2 as u64 <= 4096, "{} bytes per recipient", p2 / n2 as u64);
 }

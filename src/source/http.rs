@@ -70,10 +70,18 @@ struct RequestLimits {
     body_timeout: std::time::Duration,
     /// Bytes of body in flight, in KiB permits.
     body_budget: Arc<tokio::sync::Semaphore>,
-    budget_kib: usize,
     per_credential: usize,
-    /// Request slots per credential name.
-    credentials: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
+    /// What one credential may hold of the body budget, in KiB: a quarter, so one producer
+    /// sending slowly cannot take it all from the others.
+    share_kib: usize,
+    /// Request slots and body-budget share per credential name.
+    credentials: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<CredentialLimits>>>,
+}
+
+/// One credential's request slots and its share of the body budget (KiB).
+struct CredentialLimits {
+    slots: Arc<tokio::sync::Semaphore>,
+    share: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a request holds while it is served: its share of the body budget and its
@@ -81,6 +89,7 @@ struct RequestLimits {
 struct Admitted {
     credential: Arc<str>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _share: tokio::sync::OwnedSemaphorePermit,
     _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -301,8 +310,8 @@ impl RequestLimits {
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
-            budget_kib,
             per_credential: config.max_requests_per_credential.max(1),
+            share_kib: (budget_kib / 4).max(config.max_body_bytes.div_ceil(1024)).max(1),
             credentials: parking_lot::Mutex::default(),
         }
     }
@@ -318,13 +327,18 @@ impl RequestLimits {
         if announced.is_some_and(|n| n > self.max_body_bytes as u64) {
             return Err((too_large(), "body_too_large"));
         }
-        let slots = {
+        let limits = {
             let mut map = self.credentials.lock();
             map.entry(credential.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_credential)))
+                .or_insert_with(|| {
+                    Arc::new(CredentialLimits {
+                        slots: Arc::new(tokio::sync::Semaphore::new(self.per_credential)),
+                        share: Arc::new(tokio::sync::Semaphore::new(self.share_kib)),
+                    })
+                })
                 .clone()
         };
-        let slot = slots.try_acquire_owned().map_err(|_| {
+        let slot = limits.slots.clone().try_acquire_owned().map_err(|_| {
             (
                 Refusal {
                     status: StatusCode::TOO_MANY_REQUESTS,
@@ -338,7 +352,20 @@ impl RequestLimits {
             )
         })?;
         let bytes = announced.map_or(self.max_body_bytes, |n| usize::try_from(n).unwrap_or(usize::MAX));
-        let kib = u32::try_from(bytes.div_ceil(1024).clamp(1, self.budget_kib)).unwrap_or(u32::MAX);
+        let kib = u32::try_from(bytes.div_ceil(1024).clamp(1, self.share_kib)).unwrap_or(u32::MAX);
+        let share = limits.share.clone().try_acquire_many_owned(kib).map_err(|_| {
+            (
+                Refusal {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: format!(
+                        "credential {credential:?} already has {} MiB of request bodies in flight (a quarter of --ingest-max-inflight-bytes); wait for answers before sending more",
+                        self.share_kib / 1024
+                    ),
+                    field: None,
+                },
+                "token_bytes",
+            )
+        })?;
         let budget = self.body_budget.clone().try_acquire_many_owned(kib).map_err(|_| {
             (
                 Refusal {
@@ -354,6 +381,7 @@ impl RequestLimits {
         Ok(Admitted {
             credential,
             _slot: slot,
+            _share: share,
             _budget: budget,
         })
     }

@@ -174,42 +174,6 @@ pub fn auth_tokens(
     }
 }
 
-/// Sessions per client address, for `--smtp-max-connections-per-address`.
-#[derive(Default)]
-struct PerAddress {
-    open: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// One session's place in [`PerAddress`], given back when dropped.
-struct AddressSlot {
-    of: Arc<PerAddress>,
-    peer: std::net::IpAddr,
-}
-
-impl PerAddress {
-    fn take(self: &Arc<Self>, peer: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
-        let mut open = self.open.lock();
-        let n = open.entry(peer).or_insert(0);
-        if *n >= max.max(1) {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot { of: self.clone(), peer })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self.of.open.lock();
-        if let Some(n) = open.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.peer);
-            }
-        }
-    }
-}
-
 /// Accepts connections until `shutdown`; each session runs on `sessions` (the shutdown
 /// waits for them, up to SESSION_GRACE).
 pub async fn serve(
@@ -221,7 +185,7 @@ pub async fn serve(
     sessions: tokio_util::task::TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let per_address = Arc::new(PerAddress::default());
+    let per_address = Arc::new(crate::serve::PerAddress::default());
     let config = Arc::new(config);
     loop {
         let (stream, peer) = tokio::select! {
