@@ -149,10 +149,16 @@ mod tests {
         assert!(per.take(a, 3).is_none());
         assert!(per.take(b, 3).is_some());
         drop(held);
-        assert!(per.take(a, 3).is_some());
+        let again = per.take(a, 3);
+        assert!(again.is_some());
         assert!(
             per.open.lock().get(&a).is_some_and(|n| *n == 1),
             "the dropped ones were given back"
+        );
+        drop(again);
+        assert!(
+            per.open.lock().is_empty(),
+            "no entry kept for an address without connections"
         );
     }
 }
