@@ -906,7 +906,9 @@ async fn slowloris(ctx: &Ctx) -> Report {
     let c = counts.lock().clone();
     check!(
         failed,
-        c.get("closed_by_header_timeout").copied().unwrap_or(0) >= n,
+        // Served ones (at most 256 from one address at a time) are closed by the timeout;
+        // the rest at accept.
+        c.get("closed_by_header_timeout").copied().unwrap_or(0) >= n.min(256),
         "the header timeout closes the slow connections: {c:?}"
     );
     Report {
