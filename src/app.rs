@@ -164,12 +164,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         max_connections: 256,
         max_per_address: 128,
         header_timeout: std::time::Duration::from_secs(10),
+        write_timeout: std::time::Duration::from_secs(30),
     };
-    let over = metrics.refused.with_label_values(&["admin", "connections"]);
+    let refused = metrics.refused.clone();
     lifecycle.spawn(
         Stage::Admin,
         "admin server",
-        crate::serve::serve(admin_listener, admin, bounds, stop, over, "admin"),
+        crate::serve::serve(admin_listener, admin, bounds, stop, refused, "admin"),
     );
 
     let egress = Arc::new(EgressPolicy::new(
@@ -251,7 +252,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 watch_tokens(&lifecycle, tokens.clone());
                 Some(tokens)
             }
-            None => None,
+            // Said at start: Dovecot servers set up with the ingest token are refused now.
+            None if config.dovecot.dovecot_imap_addr.is_some() => {
+                tracing::warn!(
+                    "no --dovecot-token-file: the Dovecot routes answer 401, so Dovecot's push notifications and exported events are refused; give the Dovecot servers a token of their own file (the ingest token is refused there)"
+                );
+                None
+            }
+            None => {
+                info!("no --dovecot-token-file: the Dovecot routes (/v1/sources/dovecot) answer 401");
+                None
+            }
         };
         let ingest = IngestConfig {
             token_file,
@@ -277,13 +288,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_connections: config.ingest.ingest_max_connections,
             max_per_address: config.ingest.ingest_max_connections_per_address,
             header_timeout: config.ingest.ingest_header_timeout,
+            write_timeout: std::time::Duration::from_secs(30),
         };
-        let over = metrics.refused.with_label_values(&["ingest", "connections"]);
+        let refused = metrics.refused.clone();
         // In-flight requests finish (their events are committed) before this returns.
         lifecycle.spawn(
             Stage::Intake,
             "ingest API",
-            crate::serve::serve(listener, app, bounds, stop, over, "ingest"),
+            crate::serve::serve(listener, app, bounds, stop, refused, "ingest"),
         );
     }
 

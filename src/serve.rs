@@ -7,12 +7,16 @@
 //! `axum::serve` has no connection cap and no header timeout, which lets slow clients hold
 //! sockets and memory for ever. Uses nothing else of the crate.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -29,17 +33,20 @@ pub struct Bounds {
     pub max_per_address: usize,
     /// From a connection's start (or its previous response) to a request's complete headers.
     pub header_timeout: Duration,
+    /// How long writing an answer may make no progress: a client that stops reading loses
+    /// the connection instead of holding it.
+    pub write_timeout: Duration,
 }
 
 /// Serves `app` until `stop`; `ConnectInfo<SocketAddr>` is available to handlers as with
-/// `into_make_service_with_connect_info`. `name` labels the log lines; `over_capacity`
-/// counts connections closed at accept.
+/// `into_make_service_with_connect_info`. `name` labels the log lines and `refused`
+/// (`[name, reason]`) the connections closed at accept.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     bounds: Bounds,
     stop: CancellationToken,
-    over_capacity: prometheus::IntCounter,
+    refused: prometheus::IntCounterVec,
     name: &'static str,
 ) {
     let slots = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
@@ -58,12 +65,15 @@ pub async fn serve(
                 }
             },
         };
-        let (Ok(permit), Some(address)) = (
-            slots.clone().try_acquire_owned(),
-            per_address.take(peer.ip(), bounds.max_per_address),
-        ) else {
-            over_capacity.inc();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refused.with_label_values(&[name, "connections"]).inc();
             debug!(%peer, listener = name, "too many connections; closed at accept");
+            drop(stream);
+            continue;
+        };
+        let Some(address) = per_address.take(peer.ip(), bounds.max_per_address) else {
+            refused.with_label_values(&[name, "connections_per_address"]).inc();
+            debug!(%peer, listener = name, "too many connections from this address; closed at accept");
             drop(stream);
             continue;
         };
@@ -79,7 +89,8 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(bounds.header_timeout)
                 .keep_alive(true);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let io = WriteDeadline::new(stream, bounds.write_timeout);
+            let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
             let result = tokio::select! {
                 r = connection.as_mut() => r,
@@ -95,6 +106,76 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// A connection whose writes may not stall longer than `limit`.
+struct WriteDeadline<T> {
+    io: T,
+    limit: Duration,
+    /// Since when a write has been waiting, as a timer.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(io: T, limit: Duration) -> WriteDeadline<T> {
+        WriteDeadline {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write answered `Pending`: pending still, or an error once the
+    /// stall has lasted `limit`.
+    fn stall(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let limit = self.limit;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading its answer",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                this.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.stall(cx).map(Err),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Ready(r) => {
+                this.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.stall(cx).map(Err),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_shutdown(cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => this.stall(cx).map(Err),
+        }
+    }
 }
 
 /// Connections per client address, counted while they are open.
@@ -137,6 +218,16 @@ impl Drop for AddressSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_makes_no_progress_fails_after_the_limit() {
+        use tokio::io::AsyncWriteExt as _;
+        // A peer that never reads: the pipe fills and writes wait.
+        let (near, _far) = tokio::io::duplex(64);
+        let mut io = WriteDeadline::new(near, Duration::from_secs(30));
+        let err = io.write_all(&[0; 4096]).await.expect_err("a stalled write must end");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
 
     #[test]
     fn an_address_at_its_limit_leaves_room_for_others_and_gets_it_back() {

@@ -28,7 +28,13 @@ pub struct Tokens {
     default_name: Arc<str>,
     tokens: Arc<RwLock<Vec<Credential>>>,
     failures: Arc<FailureLimit>,
+    /// Credentials that authenticated from each address while it was not locked: still
+    /// accepted from it while it is.
+    proven: Arc<Mutex<HashMap<IpAddr, Vec<Arc<str>>>>>,
 }
+
+/// Credentials remembered per address (more are not, and wait out a lock like others).
+const PROVEN_PER_PEER: usize = 8;
 
 /// One token and the name of the credential it belongs to.
 struct Credential {
@@ -42,17 +48,17 @@ pub enum Auth {
     /// A known token, of the credential named here.
     Accepted(Arc<str>),
     Refused,
-    /// Too many wrong tokens from this address lately: a wrong token is answered as
-    /// locked for this long. A right one is still accepted.
+    /// Too many wrong tokens from this address lately: refused for this long, unless the
+    /// token is of a credential that authenticated from this address before the lock.
     Locked(Duration),
 }
 
-/// Wrong tokens per client address. After `MAX_FAILURES` within `WINDOW` a wrong token from
-/// that address is answered as locked until the window ends. Requests that present no
-/// token do not count, and a right token is accepted even from a locked address: clients
-/// behind one SNAT address, an Ingress or a shared mail host share the counter, and one
-/// of them sending garbage must not lock the others out. Guessing is not what stops an
-/// attacker — tokens are long and random, and a short one is warned about at load.
+/// Wrong tokens per client address. After `MAX_FAILURES` within `WINDOW` the address is
+/// locked until the window ends: every token is answered as locked — a right guess
+/// teaches nothing — except those of credentials that authenticated from the address
+/// before (see `Tokens::check`). Requests that present no token do not count. So clients
+/// behind one SNAT address, an Ingress or a shared mail host that share the counter with a
+/// guesser keep working, and the guesser learns nothing while locked.
 #[derive(Default)]
 pub struct FailureLimit {
     by_peer: Mutex<HashMap<IpAddr, (u32, Instant)>>,
@@ -108,6 +114,7 @@ impl Tokens {
             default_name: default_name.into(),
             tokens: Arc::default(),
             failures: Arc::default(),
+            proven: Arc::default(),
         };
         tokens.reload()?;
         Ok(tokens)
@@ -155,6 +162,7 @@ impl Tokens {
             default_name,
             tokens: Arc::new(RwLock::new(tokens)),
             failures: Arc::default(),
+            proven: Arc::default(),
         }
     }
 
@@ -165,11 +173,20 @@ impl Tokens {
         if list.is_empty() {
             return Err(std::io::Error::other(format!("{} holds no token", self.path.display())));
         }
-        for c in list.iter().filter(|c| c.secret.len() < SHORT_TOKEN) {
-            warn!(path = %self.path.display(), credential = %c.name,
-                "a token shorter than {SHORT_TOKEN} characters can be guessed; use 32 random bytes (openssl rand -base64 32)");
+        let mut current = self.tokens.write();
+        let changed = current.len() != list.len()
+            || current
+                .iter()
+                .zip(&list)
+                .any(|(a, b)| a.name != b.name || a.secret != b.secret);
+        // Re-read every few seconds: warn when the file changed, not at every read.
+        if changed {
+            for c in list.iter().filter(|c| c.secret.len() < SHORT_TOKEN) {
+                warn!(path = %self.path.display(), credential = %c.name,
+                    "a token shorter than {SHORT_TOKEN} characters can be guessed; use 32 random bytes (openssl rand -base64 32)");
+            }
         }
-        *self.tokens.write() = list;
+        *current = list;
         Ok(())
     }
 
@@ -221,16 +238,49 @@ impl Tokens {
         let Some(presented) = presented else {
             return Auth::Refused;
         };
-        if let Some(name) = self.credential(presented) {
-            return Auth::Accepted(name);
-        }
         let now = Instant::now();
-        if let Some(left) = self.failures.locked(peer, now) {
-            return Auth::Locked(left);
+        let found = self.credential(presented);
+        match (self.failures.locked(peer, now), found) {
+            (None, Some(name)) => {
+                self.proved(peer, &name);
+                Auth::Accepted(name)
+            }
+            (Some(left), Some(name)) => {
+                let proven = self.proven.lock().get(&peer).is_some_and(|names| names.contains(&name));
+                if proven {
+                    Auth::Accepted(name)
+                } else {
+                    Auth::Locked(left)
+                }
+            }
+            (Some(left), None) => Auth::Locked(left),
+            (None, None) => {
+                self.failures.failed(peer, now);
+                tracing::info!(%peer, "authentication failed: unknown token");
+                Auth::Refused
+            }
         }
-        self.failures.failed(peer, now);
-        tracing::info!(%peer, "authentication failed: unknown token");
-        Auth::Refused
+    }
+
+    /// Remembers that `name` authenticated from `peer` while it was not locked.
+    fn proved(&self, peer: IpAddr, name: &Arc<str>) {
+        let mut proven = self.proven.lock();
+        if proven.len() >= MAX_PEERS && !proven.contains_key(&peer) {
+            proven.clear();
+        }
+        let names = proven.entry(peer).or_default();
+        if !names.contains(name) && names.len() < PROVEN_PER_PEER {
+            names.push(name.clone());
+        }
+    }
+
+    /// How many credential names the file has.
+    pub fn names(&self) -> usize {
+        let tokens = self.tokens.read();
+        let mut names: Vec<&str> = tokens.iter().map(|c| &*c.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.len()
     }
 
     /// Whether `presented` is one of the tokens (compared in constant time).
@@ -425,6 +475,7 @@ mod tests {
         for _ in 0..MAX_FAILURES * 3 {
             assert_eq!(tokens.check(None, shared), Auth::Refused, "no token: never counted");
         }
+        // The good producer authenticated from the address before any guess.
         assert_eq!(tokens.check(Some("right"), shared), Auth::Accepted("ingest".into()));
         for _ in 0..MAX_FAILURES {
             assert_eq!(tokens.check(Some("wrong"), shared), Auth::Refused);
@@ -439,6 +490,11 @@ mod tests {
             "the good producer behind the same address goes on"
         );
         assert_eq!(tokens.check(Some("wrong"), other), Auth::Refused);
+        // A guesser that finds the right token while locked learns nothing from it.
+        for _ in 1..MAX_FAILURES {
+            assert_eq!(tokens.check(Some("wrong"), other), Auth::Refused);
+        }
+        assert!(matches!(tokens.check(Some("right"), other), Auth::Locked(_)));
     }
 
     #[test]

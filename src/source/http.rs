@@ -71,17 +71,30 @@ struct RequestLimits {
     /// Bytes of body in flight, in KiB permits.
     body_budget: Arc<tokio::sync::Semaphore>,
     per_credential: usize,
-    /// What one credential may hold of the body budget, in KiB: a quarter, so one producer
-    /// sending slowly cannot take it all from the others.
-    share_kib: usize,
-    /// Request slots and body-budget share per credential name.
+    budget_kib: usize,
+    max_body_kib: usize,
+    /// Request slots and body-budget use per credential name.
     credentials: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<CredentialLimits>>>,
 }
 
-/// One credential's request slots and its share of the body budget (KiB).
+/// One credential's request slots and the body budget it holds (KiB).
 struct CredentialLimits {
     slots: Arc<tokio::sync::Semaphore>,
-    share: Arc<tokio::sync::Semaphore>,
+    held_kib: std::sync::atomic::AtomicUsize,
+}
+
+/// A credential's part of the body budget, given back when dropped.
+struct Share {
+    of: Arc<CredentialLimits>,
+    kib: usize,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.of
+            .held_kib
+            .fetch_sub(self.kib, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// What a request holds while it is served: its share of the body budget and its
@@ -89,7 +102,7 @@ struct CredentialLimits {
 struct Admitted {
     credential: Arc<str>,
     _slot: tokio::sync::OwnedSemaphorePermit,
-    _share: tokio::sync::OwnedSemaphorePermit,
+    _share: Share,
     _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -311,7 +324,8 @@ impl RequestLimits {
             body_timeout: config.body_timeout,
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
             per_credential: config.max_requests_per_credential.max(1),
-            share_kib: (budget_kib / 4).max(config.max_body_bytes.div_ceil(1024)).max(1),
+            budget_kib,
+            max_body_kib: config.max_body_bytes.div_ceil(1024).max(1),
             credentials: parking_lot::Mutex::default(),
         }
     }
@@ -319,7 +333,21 @@ impl RequestLimits {
     /// A slot of `credential` and the body budget this request may use, or the refusal
     /// (413 for a body announced over the limit, 429 for a credential at its limit, 503 for
     /// a full budget).
-    fn admit(&self, credential: Arc<str>, headers: &HeaderMap) -> Result<Admitted, (Refusal, &'static str)> {
+    /// What one credential may hold of the body budget, in KiB, when `names` credentials
+    /// are configured: an equal part, at most all of it and at least a quarter — so one
+    /// producer sending slowly cannot take it all from three others — and never less than
+    /// one largest body.
+    fn share_kib(&self, names: usize) -> usize {
+        (self.budget_kib / names.clamp(1, 4)).max(self.max_body_kib)
+    }
+
+    /// `names`: how many credentials are configured (see `share_kib`).
+    fn admit(
+        &self,
+        credential: Arc<str>,
+        headers: &HeaderMap,
+        names: usize,
+    ) -> Result<Admitted, (Refusal, &'static str)> {
         let announced = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -333,7 +361,7 @@ impl RequestLimits {
                 .or_insert_with(|| {
                     Arc::new(CredentialLimits {
                         slots: Arc::new(tokio::sync::Semaphore::new(self.per_credential)),
-                        share: Arc::new(tokio::sync::Semaphore::new(self.share_kib)),
+                        held_kib: std::sync::atomic::AtomicUsize::new(0),
                     })
                 })
                 .clone()
@@ -352,21 +380,31 @@ impl RequestLimits {
             )
         })?;
         let bytes = announced.map_or(self.max_body_bytes, |n| usize::try_from(n).unwrap_or(usize::MAX));
-        let kib = u32::try_from(bytes.div_ceil(1024).clamp(1, self.share_kib)).unwrap_or(u32::MAX);
-        let share = limits.share.clone().try_acquire_many_owned(kib).map_err(|_| {
-            (
+        let share_kib = self.share_kib(names);
+        let kib = bytes.div_ceil(1024).clamp(1, share_kib);
+        let taken = limits.held_kib.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |held| (held + kib <= share_kib).then_some(held + kib),
+        );
+        if taken.is_err() {
+            return Err((
                 Refusal {
                     status: StatusCode::TOO_MANY_REQUESTS,
                     message: format!(
-                        "credential {credential:?} already has {} MiB of request bodies in flight (a quarter of --ingest-max-inflight-bytes); wait for answers before sending more",
-                        self.share_kib / 1024
+                        "credential {credential:?} already has its share of --ingest-max-inflight-bytes ({share_kib} KiB) in request bodies in flight; wait for answers before sending more"
                     ),
                     field: None,
                 },
                 "token_bytes",
-            )
-        })?;
-        let budget = self.body_budget.clone().try_acquire_many_owned(kib).map_err(|_| {
+            ));
+        }
+        let share = Share {
+            of: limits.clone(),
+            kib,
+        };
+        let budget = u32::try_from(kib).unwrap_or(u32::MAX);
+        let budget = self.body_budget.clone().try_acquire_many_owned(budget).map_err(|_| {
             (
                 Refusal {
                     status: StatusCode::SERVICE_UNAVAILABLE,
@@ -444,23 +482,24 @@ async fn authenticated_body(
         Ok(name) => name,
         Err(response) => {
             metrics.events_ingested.with_label_values(&[source, "rejected"]).inc();
-            drain(body).await;
+            drain(headers, body).await;
             return Err(*response);
         }
     };
     // Store, caches, backlog: refused before the body too.
     if let Err(refusal) = admit(state, source) {
-        drain(body).await;
+        drain(headers, body).await;
         return Err(counted(state, source, refusal));
     }
     let refuse = |(refusal, reason): (Refusal, &'static str)| {
         metrics.refused.with_label_values(&["ingest", reason]).inc();
         counted(state, source, refusal)
     };
-    let admitted = match state.limits.admit(name, headers) {
+    let names = state.tokens.names() + state.dovecot.tokens.as_ref().map_or(0, Tokens::names);
+    let admitted = match state.limits.admit(name, headers, names) {
         Ok(admitted) => admitted,
         Err(refused) => {
-            drain(body).await;
+            drain(headers, body).await;
             return Err(refuse(refused));
         }
     };
@@ -471,8 +510,19 @@ async fn authenticated_body(
 /// Reads and discards a little of a refused request's body before the answer: a client
 /// still sending when the connection closes on unread data gets a reset instead of the
 /// answer. Nothing is kept, and the bounds cap what a refused client can cost.
-async fn drain(body: Body) {
+async fn drain(headers: &HeaderMap, body: Body) {
     use futures::StreamExt as _;
+    // Reading would invite the body: hyper answers `100 Continue` to a client that waits
+    // for it, and a large announced body is not worth reading; the connection is closed.
+    let expects = headers.get(header::EXPECT).is_some();
+    let large = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 1 << 20);
+    if expects || large {
+        return;
+    }
     const DRAIN_BYTES: usize = 1 << 20;
     const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
     let mut stream = body.into_data_stream();
@@ -535,12 +585,19 @@ fn media_type(headers: &HeaderMap) -> (String, String) {
 }
 
 /// Runs `work` (store commits) off the async workers; a panic in it is a 500 for this
-/// request only.
+/// request only. The work holds the request's admission (`held`) until it ends: a client
+/// that hangs up does not give back its slot and budget while its events are still being
+/// stored.
 async fn blocking<T: Send + 'static>(
     state: &IngestState,
+    held: Arc<Admitted>,
     work: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
 ) -> Result<T, Refusal> {
     let metrics = state.pipeline.metrics.clone();
+    let work = move || {
+        let _held = held;
+        work()
+    };
     tokio::task::spawn_blocking(work).await.map_err(|e| {
         if e.is_panic() {
             crate::panics::record(&metrics, "ingest");
@@ -602,7 +659,7 @@ async fn ingest(
         Ok(read) => read,
         Err(response) => return response,
     };
-    match accept(&state, &headers, &admitted, body).await {
+    match accept(&state, &headers, Arc::new(admitted), body).await {
         Ok(response) => response,
         Err(refusal) => counted(&state, "http", refusal),
     }
@@ -611,7 +668,7 @@ async fn ingest(
 async fn accept(
     state: &IngestState,
     headers: &HeaderMap,
-    admitted: &Admitted,
+    admitted: Arc<Admitted>,
     body: Bytes,
 ) -> Result<Response, Refusal> {
     let (content_type, media) = media_type(headers);
@@ -642,7 +699,7 @@ async fn accept(
         e.producer_scope = Some(admitted.credential.to_string());
     }
     let pipeline = state.pipeline.clone();
-    let outcomes = blocking(state, move || {
+    let outcomes = blocking(state, admitted.clone(), move || {
         pipeline.accept(events).map_err(|e| {
             stored_refusal(e, |index| {
                 if ndjson {
@@ -675,10 +732,10 @@ async fn dovecot_request<T, F, Fut>(
 ) -> Response
 where
     T: serde::de::DeserializeOwned,
-    F: FnOnce(IngestState, T) -> Fut,
+    F: FnOnce(IngestState, T, Arc<Admitted>) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<crate::store::Appended>, Refusal>>,
 {
-    let (_admitted, body) = match authenticated_body(&state, peer, &headers, body, Route::Dovecot).await {
+    let (admitted, body) = match authenticated_body(&state, peer, &headers, body, Route::Dovecot).await {
         Ok(read) => read,
         Err(response) => return response,
     };
@@ -686,7 +743,7 @@ where
         json_only(&headers)?;
         let request: T = parse(&body, "body")?;
         drop(body);
-        handle(state.clone(), request).await
+        handle(state.clone(), request, Arc::new(admitted)).await
     };
     match work.await {
         Ok(outcomes) => accepted(&outcomes),
@@ -701,39 +758,45 @@ async fn dovecot_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    dovecot_request(state, peer, headers, body, |state, batch: dovecot::Batch| async move {
-        let intake = state.dovecot.clone();
-        let pipeline = state.pipeline.clone();
-        blocking(&state, move || {
-            let user = batch.user.trim().to_string();
-            let _user = intake.shared.locks.blocking(&user);
-            let store = pipeline.deliveries.store().clone();
-            let mut failed = None;
-            let mut lookup = |key: &crate::store::MessageKey| match store.indexed_message(key) {
-                Ok(found) => found,
-                Err(e) => {
-                    failed = Some(e);
-                    None
+    dovecot_request(
+        state,
+        peer,
+        headers,
+        body,
+        |state, batch: dovecot::Batch, held| async move {
+            let intake = state.dovecot.clone();
+            let pipeline = state.pipeline.clone();
+            blocking(&state, held, move || {
+                let user = batch.user.trim().to_string();
+                let _user = intake.shared.locks.blocking(&user);
+                let store = pipeline.deliveries.store().clone();
+                let mut failed = None;
+                let mut lookup = |key: &crate::store::MessageKey| match store.indexed_message(key) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        failed = Some(e);
+                        None
+                    }
+                };
+                let mapped = dovecot::map_batch(batch, &mut lookup, &intake.config, jiff::Timestamp::now())
+                    .map_err(|e| Refusal::bad(e.field.clone(), e.to_string()))?;
+                if let Some(e) = failed {
+                    return Err(stored_refusal(AcceptError::Store(e), |_| String::new()));
                 }
-            };
-            let mapped = dovecot::map_batch(batch, &mut lookup, &intake.config, jiff::Timestamp::now())
-                .map_err(|e| Refusal::bad(e.field.clone(), e.to_string()))?;
-            if let Some(e) = failed {
-                return Err(stored_refusal(AcceptError::Store(e), |_| String::new()));
-            }
-            // Nothing to store (noise): no commit to wait for.
-            if mapped.events.is_empty() && mapped.index.is_empty() {
+                // Nothing to store (noise): no commit to wait for.
+                if mapped.events.is_empty() && mapped.index.is_empty() {
+                    intake.shared.seen(&user);
+                    return Ok(Vec::new());
+                }
+                let outcomes = pipeline
+                    .accept_indexed(mapped.events, mapped.index)
+                    .map_err(|e| stored_refusal(e, |index| format!("event {} of the batch", index + 1)))?;
                 intake.shared.seen(&user);
-                return Ok(Vec::new());
-            }
-            let outcomes = pipeline
-                .accept_indexed(mapped.events, mapped.index)
-                .map_err(|e| stored_refusal(e, |index| format!("event {} of the batch", index + 1)))?;
-            intake.shared.seen(&user);
-            Ok(outcomes)
-        })
-        .await
-    })
+                Ok(outcomes)
+            })
+            .await
+        },
+    )
     .await
 }
 
@@ -750,12 +813,12 @@ async fn dovecot_exported(
         peer,
         headers,
         body,
-        |state, exported: dovecot::Exported| async move {
+        |state, exported: dovecot::Exported, held| async move {
             let Some(event) = dovecot::map_exported(exported, jiff::Timestamp::now()) else {
                 return Ok(Vec::new());
             };
             let pipeline = state.pipeline.clone();
-            blocking(&state, move || {
+            blocking(&state, held, move || {
                 pipeline
                     .accept(vec![event])
                     .map_err(|e| stored_refusal(e, |_| "body".into()))
@@ -937,4 +1000,95 @@ fn normalize(
         dead_letter: None,
         producer_scope: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(budget_mib: usize, body_mib: usize, per_credential: usize) -> RequestLimits {
+        RequestLimits::new(&IngestConfig {
+            token_file: PathBuf::from("/nonexistent"),
+            max_body_bytes: body_mib << 20,
+            max_batch_events: 10,
+            body_timeout: std::time::Duration::from_secs(1),
+            max_inflight_body_bytes: budget_mib << 20,
+            max_requests_per_credential: per_credential,
+            dovecot: DovecotConfig::default(),
+            dovecot_tokens: None,
+        })
+    }
+
+    fn announcing(bytes: usize) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, bytes.into());
+        h
+    }
+
+    fn reason<T>(r: Result<T, (Refusal, &'static str)>) -> Option<(u16, &'static str)> {
+        r.err().map(|(refusal, reason)| (refusal.status.as_u16(), reason))
+    }
+
+    #[test]
+    fn a_body_announced_over_the_limit_is_refused_before_anything_is_held() {
+        let l = limits(64, 8, 4);
+        assert_eq!(
+            reason(l.admit("a".into(), &announcing(9 << 20), 1)),
+            Some((413, "body_too_large"))
+        );
+        let held: Vec<_> = (0..4)
+            .map(|_| l.admit("a".into(), &announcing(1024), 1).expect("admitted"))
+            .collect();
+        assert_eq!(held.len(), 4, "nothing was held by the refused request");
+    }
+
+    #[test]
+    fn one_credential_has_its_slots_and_its_share_of_the_budget() {
+        let l = limits(64, 8, 3);
+        // Four credentials configured: each may hold a quarter (16 MiB) of the budget.
+        let a: Vec<_> = (0..2)
+            .map(|_| l.admit("a".into(), &announcing(8 << 20), 4).expect("within a's share"))
+            .collect();
+        assert_eq!(
+            reason(l.admit("a".into(), &announcing(1024), 4)),
+            Some((429, "token_bytes"))
+        );
+        // The others still have room.
+        let b = l.admit("b".into(), &announcing(8 << 20), 4).expect("b");
+        drop(a);
+        let small: Vec<_> = (0..3)
+            .map(|_| l.admit("a".into(), &announcing(1024), 4).expect("a's slots"))
+            .collect();
+        assert_eq!(
+            reason(l.admit("a".into(), &announcing(1024), 4)),
+            Some((429, "token_concurrency"))
+        );
+        drop((b, small));
+    }
+
+    #[test]
+    fn with_one_credential_configured_it_may_use_the_whole_budget_and_then_everyone_waits() {
+        let l = limits(16, 4, 100);
+        // Without Content-Length a request reserves the body limit.
+        let held: Vec<_> = (0..4)
+            .map(|_| {
+                l.admit("ingest".into(), &HeaderMap::new(), 1)
+                    .expect("within the budget")
+            })
+            .collect();
+        assert_eq!(
+            reason(l.admit("ingest".into(), &HeaderMap::new(), 1)),
+            Some((429, "token_bytes"))
+        );
+        assert_eq!(
+            reason(l.admit("other".into(), &announcing(1024), 1)),
+            Some((503, "body_budget")),
+            "the budget over every credential is full"
+        );
+        drop(held);
+        assert!(
+            l.admit("other".into(), &announcing(1024), 1).is_ok(),
+            "given back when dropped"
+        );
+    }
 }

@@ -210,9 +210,12 @@ struct Facts {
     to: Vec<String>,
     cc: Vec<String>,
     bcc: Vec<String>,
-    /// What a recipient saw: the header's To and Cc, at most MAX_LISTED of each.
+    /// What a recipient saw: the header's To and Cc (the first MAX_LISTED of each are
+    /// listed), and the same as sets, to find a recipient among them in constant time.
     seen_to: Vec<String>,
     seen_cc: Vec<String>,
+    seen_to_set: HashSet<String>,
+    seen_cc_set: HashSet<String>,
     bcc_set: HashSet<String>,
     subject: Option<String>,
     message_id: Option<String>,
@@ -224,6 +227,13 @@ struct Facts {
 }
 
 impl Facts {
+    /// Fills the sets of what recipients saw.
+    fn indexed(mut self) -> Facts {
+        self.seen_to_set = self.seen_to.iter().cloned().collect();
+        self.seen_cc_set = self.seen_cc.iter().cloned().collect();
+        self
+    }
+
     fn recipients(&self) -> impl Iterator<Item = &str> {
         self.to.iter().chain(&self.cc).chain(&self.bcc).map(String::as_str)
     }
@@ -233,13 +243,14 @@ impl Facts {
     }
 }
 
-/// At most MAX_LISTED of `list`, `mailbox` among them when it is in `list`.
-fn listed_for(list: &[String], mailbox: &str) -> Vec<String> {
+/// At most MAX_LISTED of `list`, `mailbox` among them when it is in `list` (`set`: the
+/// same addresses): constant work per recipient, whatever the list's length.
+fn listed_for(list: &[String], set: &HashSet<String>, mailbox: &str) -> Vec<String> {
     if list.len() <= MAX_LISTED {
         return list.to_vec();
     }
     let mut out: Vec<String> = list.iter().take(MAX_LISTED).cloned().collect();
-    if !out.iter().any(|a| a == mailbox) && list.iter().any(|a| a == mailbox) {
+    if set.contains(mailbox) && !out.iter().any(|a| a == mailbox) {
         out.pop();
         out.push(mailbox.to_string());
     }
@@ -270,8 +281,8 @@ fn event(facts: &Facts, planned: &Planned, now: jiff::Timestamp) -> MailboxEvent
             Vec::new()
         };
         (
-            listed_for(&facts.seen_to, &mailbox),
-            listed_for(&facts.seen_cc, &mailbox),
+            listed_for(&facts.seen_to, &facts.seen_to_set, &mailbox),
+            listed_for(&facts.seen_cc, &facts.seen_cc_set, &mailbox),
             bcc,
         )
     };
@@ -287,12 +298,17 @@ fn event(facts: &Facts, planned: &Planned, now: jiff::Timestamp) -> MailboxEvent
         // Message-ID is not taken for it.
         // Control characters (a NUL above all, which PostgreSQL's text refuses) are dropped:
         // a producer id only needs to be the same for the same message.
-        producer_event_id: facts.message_id.as_ref().map(|id| {
-            format!("smtp:{id}:{mailbox}")
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect()
-        }),
+        // Without a Message-ID the digest names the message, so a retry after a failure
+        // part-way (chunks already committed) is de-duplicated too.
+        producer_event_id: Some(
+            format!(
+                "smtp:{}:{mailbox}",
+                facts.message_id.as_deref().unwrap_or(&facts.sha256)
+            )
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect(),
+        ),
         mailbox,
         message_id: facts.message_id.clone(),
         from: facts.from.clone(),
@@ -332,6 +348,22 @@ pub struct Journaled {
     now: jiff::Timestamp,
 }
 
+/// The events of one message, made on demand (see [`Journaled::into_parts`]).
+pub struct EventPlan {
+    facts: Facts,
+    plan: Vec<Planned>,
+    now: jiff::Timestamp,
+}
+
+impl EventPlan {
+    /// The events, `size` at a time.
+    pub fn chunks(&self, size: usize) -> impl Iterator<Item = Vec<MailboxEvent>> + '_ {
+        self.plan
+            .chunks(size.max(1))
+            .map(|chunk| chunk.iter().map(|p| event(&self.facts, p, self.now)).collect())
+    }
+}
+
 impl std::fmt::Debug for Journaled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Journaled")
@@ -362,6 +394,19 @@ impl Journaled {
         self.plan
             .chunks(size.max(1))
             .map(|chunk| chunk.iter().map(|p| event(&self.facts, p, self.now)).collect())
+    }
+
+    /// The events still to make, and the message, apart: the message can then go to the
+    /// store once while the events are made a chunk at a time.
+    pub fn into_parts(self) -> (EventPlan, RawMessage) {
+        (
+            EventPlan {
+                facts: self.facts,
+                plan: self.plan,
+                now: self.now,
+            },
+            self.original,
+        )
     }
 
     /// Refuses a message whose events would take more than MAX_EXPANSION_BYTES in all.
@@ -432,6 +477,8 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
         size: original.raw_message().len() as u64,
         occurred_at: occurred_at(original),
         attachments: attachments(original),
+        seen_to_set: HashSet::new(),
+        seen_cc_set: HashSet::new(),
         seen_to: seen(original.to()),
         seen_cc: seen(original.cc()),
         bcc_set: env.bcc.iter().cloned().collect(),
@@ -474,7 +521,7 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
     }));
     Journaled {
         original: raw,
-        facts,
+        facts: facts.indexed(),
         plan,
         now,
     }
@@ -512,6 +559,8 @@ fn plain_copy(
     let facts = Facts {
         sha256: raw.sha256.clone(),
         from: Some(from.clone()),
+        seen_to_set: HashSet::new(),
+        seen_cc_set: HashSet::new(),
         seen_to: to.clone(),
         seen_cc: cc.clone(),
         bcc_set: bcc.iter().cloned().collect(),
@@ -544,7 +593,7 @@ fn plain_copy(
         .collect();
     Journaled {
         original: raw,
-        facts,
+        facts: facts.indexed(),
         plan,
         now,
     }

@@ -50,6 +50,23 @@ pub fn internal_domains(flags: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// A raw message on its way to the archive, and whether it is there already: the events of
+/// a large message are committed in chunks, and the message is written once.
+#[derive(Debug)]
+pub struct RawArchive {
+    message: Option<RawMessage>,
+    archived: bool,
+}
+
+impl RawArchive {
+    pub fn new(message: Option<RawMessage>) -> RawArchive {
+        RawArchive {
+            message,
+            archived: false,
+        }
+    }
+}
+
 /// When sources refuse new events instead of letting the backlog or the disk grow.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
@@ -103,7 +120,18 @@ impl Pipeline {
         events: Vec<MailboxEvent>,
         raw: Option<RawMessage>,
     ) -> Result<Vec<Appended>, AcceptError> {
-        self.accept_with(events, raw, Vec::new())
+        self.accept_with(events, &mut RawArchive::new(raw), Vec::new())
+    }
+
+    /// As `accept_archived`, for one of several chunks of events made from one message:
+    /// the message is written once, with the first chunk that needs it, and the later
+    /// chunks refer to it.
+    pub fn accept_chunk(
+        &self,
+        events: Vec<MailboxEvent>,
+        archive: &mut RawArchive,
+    ) -> Result<Vec<Appended>, AcceptError> {
+        self.accept_with(events, archive, Vec::new())
     }
 
     /// As `accept`, applying `index` changes to the mailbox index in the same commit.
@@ -112,13 +140,13 @@ impl Pipeline {
         events: Vec<MailboxEvent>,
         index: Vec<IndexChange>,
     ) -> Result<Vec<Appended>, AcceptError> {
-        self.accept_with(events, None, index)
+        self.accept_with(events, &mut RawArchive::new(None), index)
     }
 
     fn accept_with(
         &self,
         events: Vec<MailboxEvent>,
-        raw: Option<RawMessage>,
+        raw: &mut RawArchive,
         index: Vec<IndexChange>,
     ) -> Result<Vec<Appended>, AcceptError> {
         let table = self.router.current();
@@ -163,25 +191,28 @@ impl Pipeline {
             .collect();
         // Archived only for a subscription that will get a link to it: one that asks, under
         // a grant that allows raw messages of the event.
-        let wanted = raw.filter(|_| {
-            items.iter().any(|i| {
+        let wants = (raw.message.is_some() || raw.archived)
+            && items.iter().any(|i| {
                 i.deliveries.iter().any(|d| {
                     self.deliveries
                         .links_raw_message(&d.subscription, &i.event, table.grants())
                 })
-            })
-        });
-        if wanted.is_none() {
+            });
+        let wanted = if wants { raw.message.take() } else { None };
+        // Events refer to the message only where it is (or is now being) archived.
+        if !wants {
             for item in &mut items {
                 item.event.raw_message = None;
             }
         }
         let store = self.deliveries.store();
+        let archiving = wanted.is_some();
         let stored = if index.is_empty() {
             store.ingest_archived(items, wanted)?
         } else {
             store.ingest_indexed(items, index)?
         };
+        raw.archived |= archiving;
 
         let mut answers = Vec::with_capacity(routing.len());
         for (index, matched, any, source, at) in routing {

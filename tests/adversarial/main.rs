@@ -25,8 +25,9 @@
 //!    full speed: it gets 429/503/408/400, the good credential keeps getting 202 (it retries
 //!    a 503/429 after Retry-After as a well-behaved producer does; refusals are printed).
 //! 4. `lockout`: from 127.0.0.1, requests without a token (always 401, never counted) and
-//!    with wrong tokens (401, then 429 once locked); the good producer from the same
-//!    address gets 202 at its first try, every time.
+//!    with wrong tokens (401, then 429 once locked); the good producer, which authenticated
+//!    from the same address before, gets 202 at its first try, every time; a valid token
+//!    that never authenticated from there (a right guess) gets 429.
 //! 5. `smtp-stall`: 100 connections from 127.0.0.2 that say EHLO and STARTTLS and then
 //!    nothing, or EHLO and idle: at most `--smtp-max-connections-per-address` (20) are
 //!    served, the MTA from 127.0.0.1 keeps getting 250, every stalled connection is closed
@@ -1063,7 +1064,24 @@ async fn lockout(ctx: &Ctx) -> Report {
     }
     let g = ctx.good.produce("lockout-mta", 0, 1, Duration::ZERO, 1).await;
     merge(&mut good, g);
+    // A right guess from the locked address teaches nothing: a valid token that never
+    // authenticated from here (the attacker's own, used from 127.0.0.5 only) is refused.
+    let guessed = http
+        .post(&url)
+        .bearer_auth(ATTACKER_TOKEN)
+        .header("content-type", "application/json")
+        .body(json!({"type": "message.received", "mailbox": "guess@contoso.com"}).to_string())
+        .send()
+        .await
+        .expect("request with a guessed token");
+    bump(&counts, format!("right_guess_{}", guessed.status().as_u16()));
     let c = counts.lock().clone();
+    check_eq!(
+        failed,
+        c.get("right_guess_429").copied().unwrap_or(0),
+        1,
+        "a right guess from the locked address is answered as locked: {c:?}"
+    );
     check_eq!(
         failed,
         c.get("no_token_401").copied().unwrap_or(0),

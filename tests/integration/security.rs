@@ -496,6 +496,8 @@ async fn guessing_ingest_tokens_locks_the_address_out_of_guessing_only() {
             .body(siem_event("guess").to_string())
             .send()
     };
+    // The good producer behind this address (SNAT, an Ingress) authenticated before.
+    assert_eq!(post(crate::support::INGEST_TOKEN).await.expect("post").status(), 202);
     for _ in 0..10 {
         assert_eq!(post("guess").await.expect("post").status(), 401);
     }
@@ -508,7 +510,7 @@ async fn guessing_ingest_tokens_locks_the_address_out_of_guessing_only() {
         .expect("seconds");
     assert!((1..=60).contains(&retry), "{retry}");
     // The lockout is a lever only against guessers: requests without a token never count,
-    // and the good producer behind the same address (SNAT, an Ingress) goes on.
+    // and the good producer that authenticated from the address before the lock goes on.
     for _ in 0..30 {
         let r = http
             .post(format!("http://{}/v1/events", operator.ingest))

@@ -227,7 +227,17 @@ pub async fn serve(
                             let mut session = Session::new(Box::new(stream), peer.ip(), &config);
                             session.reply("421 4.3.2 Not ready yet; try again later").await
                         }
-                        (Ok(_permit), Some(_address)) => session(Box::new(stream), peer.ip(), &config, &pipeline).await,
+                        // However the client stalls (reading, writing, or in the TLS
+                        // handshake), the slot is back at the session deadline.
+                        (Ok(_permit), Some(_address)) => {
+                            let whole = config.session_timeout + SESSION_GRACE;
+                            tokio::time::timeout(whole, session(Box::new(stream), peer.ip(), &config, &pipeline))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    refused("session_timeout");
+                                    Ok(())
+                                })
+                        }
                     }
                 };
                 tokio::pin!(run);
@@ -297,7 +307,7 @@ struct Session {
     deadline: tokio::time::Instant,
     /// The session's own deadline.
     session_deadline: tokio::time::Instant,
-    /// Whether a MAIL was accepted yet (the handshake deadline is over).
+    /// Whether a transaction is open (a MAIL accepted, not yet answered or reset).
     transacted: bool,
     tls: bool,
     authenticated: bool,
@@ -325,21 +335,40 @@ impl Session {
         }
     }
 
-    /// A MAIL was accepted: from now on only the session deadline applies.
+    /// A MAIL was accepted: while the transaction is open only the session deadline
+    /// applies.
     fn transacting(&mut self) {
         self.transacted = true;
         self.deadline = self.session_deadline;
     }
 
+    /// The transaction ended (answered, or reset): the next MAIL must come within the
+    /// handshake deadline again, so one MAIL does not buy a session-long slot.
+    fn between_transactions(&mut self, handshake: Duration) {
+        self.transacted = false;
+        self.deadline = (tokio::time::Instant::now() + handshake).min(self.session_deadline);
+    }
+
     /// Sends one reply in one write: a client that reads the STARTTLS answer with a single
     /// read (OpenSSL's s_client does) would otherwise take a late CRLF for the TLS handshake.
+    /// A client that stops reading its answers gets the same deadlines as one that stops
+    /// writing.
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
         let mut line = Vec::with_capacity(text.len() + 2);
         line.extend_from_slice(text.as_bytes());
         line.extend_from_slice(b"\r\n");
+        let until = (tokio::time::Instant::now() + self.idle).min(self.session_deadline);
         let w = self.io.get_mut();
-        w.write_all(&line).await?;
-        w.flush().await
+        let write = async {
+            w.write_all(&line).await?;
+            w.flush().await
+        };
+        tokio::time::timeout_at(until, write).await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))
+        })
     }
 
     /// RFC 3207: after `220`, the TLS handshake; the session starts over, and anything the
@@ -531,10 +560,12 @@ impl Session {
                         }
                         Data::Message(raw) => deliver(raw, envelope, pipeline.clone()).await,
                     };
+                    self.between_transactions(config.handshake_timeout);
                     self.reply(&answer).await?;
                 }
                 Command::Rset => {
                     tx = Transaction::default();
+                    self.between_transactions(config.handshake_timeout);
                     self.reply("250 2.0.0 OK").await?;
                 }
                 Command::Noop => self.reply("250 2.0.0 OK").await?,
@@ -685,8 +716,10 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
     }
     let n = journaled.len();
     let (mut duplicates, mut ids) = (0usize, Vec::new());
-    for chunk in journaled.chunks(COMMIT_CHUNK) {
-        match pipeline.accept_archived(chunk, Some(journaled.original.clone())) {
+    let (plan, original) = journaled.into_parts();
+    let mut archive = super::RawArchive::new(Some(original));
+    for chunk in plan.chunks(COMMIT_CHUNK) {
+        match pipeline.accept_chunk(chunk, &mut archive) {
             Ok(stored) => {
                 duplicates += stored.iter().filter(|s| s.duplicate).count();
                 ids.extend(
