@@ -347,3 +347,128 @@ async fn a_second_signal_exits_at_once_and_what_was_in_flight_is_due_after_the_r
     drop(operator);
     let _ = std::fs::remove_dir_all(store);
 }
+
+/// Unmounts a test's tmpfs when dropped (lazily: a process may still hold a file).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount(args: &[&str]) -> bool {
+    std::process::Command::new("mount")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The store's volume fills up (a size-limited tmpfs, as a PVC fills) while the receiver is
+/// down: ingest answers 503 naming the store and the process stays up; once the volume is
+/// grown in place and the receiver is back, every acknowledged event is delivered and new
+/// ones are taken — without a restart. (redb refuses every transaction after one failed
+/// write until its file is opened again; the store does that by itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_volume_refuses_new_events_and_delivers_every_acknowledged_one_once_grown() {
+    let ns = TestNamespace::new("full-volume").await;
+    let dir = std::env::temp_dir().join(format!("mailhook-volume-{}", ns.name));
+    std::fs::create_dir_all(&dir).expect("mount point");
+    let path = dir.display().to_string();
+    assert!(
+        mount(&["-t", "tmpfs", "-o", "size=4m", "tmpfs", &path]),
+        "mounting a tmpfs at {path} needs root (CI runs as root)"
+    );
+    let _mounted = Mounted(dir.clone());
+    let receiver = Receiver::start(SIEM_SECRET);
+    receiver.answer(503).await;
+    let store = dir.join("store").display().to_string();
+    let operator = Operator::start_with(&ns, &["--store-dir", &store]).await;
+    // Retries every 2 s for as long as the test needs: nothing reaches the dead letters.
+    let schedule = vec!["2s"; 32].join(", ");
+    apply_siem(
+        &ns,
+        &receiver.url("/hooks"),
+        &format!("  delivery: {{retrySchedule: [{schedule}]}}\n"),
+    );
+    wait_ready(&ns, "siem").await;
+
+    let client = reqwest::Client::new();
+    let subject = "x".repeat(12 * 1024);
+    let mut accepted = BTreeSet::new();
+    let mut refused = None;
+    for batch in 0..400 {
+        let ids: Vec<String> = (0..20).map(|i| format!("vol-{batch}-{i}")).collect();
+        let body: String = ids
+            .iter()
+            .map(|id| {
+                let mut e = siem_event(id);
+                e["subject"] = subject.clone().into();
+                format!("{e}\n")
+            })
+            .collect();
+        let r = client
+            .post(format!("http://{}/v1/events", operator.ingest))
+            .bearer_auth(INGEST_TOKEN)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        match r.status().as_u16() {
+            202 => accepted.extend(ids),
+            status => {
+                refused = Some((status, r.text().await.unwrap_or_default()));
+                break;
+            }
+        }
+    }
+    let (status, answer) = refused.expect("the 4 MiB volume never filled");
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("store"), "the answer names the store: {answer}");
+    assert!(
+        !accepted.is_empty(),
+        "some events were taken before the volume was full"
+    );
+    eventually(
+        "the store reported down",
+        || operator.metrics(),
+        |m| m.contains("mailhook_store_up 0"),
+    )
+    .await;
+
+    // The volume is grown in place, the receiver comes back: no restart.
+    assert!(mount(&["-o", "remount,size=256m", &path]), "remount");
+    receiver.answer(200).await;
+    let delivered = |got: &Vec<Received>| -> BTreeSet<String> {
+        got.iter()
+            .filter(|r| r.verified && r.answered == 200)
+            .filter_map(Received::producer_event_id)
+            .collect()
+    };
+    eventually(
+        "every acknowledged event delivered after the volume was grown",
+        || async {
+            let got = receiver.deliveries().await;
+            accepted
+                .difference(&delivered(&got))
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+        },
+        |missing| missing.is_empty(),
+    )
+    .await;
+    assert!(
+        post(&client, operator.ingest, &["vol-after".to_string()]).await,
+        "new events are taken again"
+    );
+    assert!(
+        operator.log().contains("store file opened again"),
+        "the store reopened its file by itself"
+    );
+    eprintln!(
+        "full volume: {} events acknowledged before it filled, all delivered after",
+        accepted.len()
+    );
+}

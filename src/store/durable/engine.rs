@@ -81,14 +81,49 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// The embedded engine: one redb file (or redb's in-memory backend).
 pub struct Redb {
-    pub db: Database,
+    /// None only while the file is being opened again.
+    db: parking_lot::RwLock<Option<Database>>,
     /// None in memory.
     pub path: Option<std::path::PathBuf>,
+    /// A write failed: after one failed write redb refuses every later transaction until
+    /// the file is opened again ("Previous I/O error occurred"), so the next commit reopens
+    /// it first. A volume that filled up and was grown then works again without a restart.
+    broken: std::sync::atomic::AtomicBool,
 }
 
-impl Engine for Redb {
-    fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
+impl Redb {
+    pub fn new(db: Database, path: Option<std::path::PathBuf>) -> Redb {
+        Redb {
+            db: parking_lot::RwLock::new(Some(db)),
+            path,
+            broken: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The open database, for one transaction.
+    fn db(&self) -> Result<parking_lot::MappedRwLockReadGuard<'_, Database>, StoreError> {
+        parking_lot::RwLockReadGuard::try_map(self.db.read(), Option::as_ref)
+            .map_err(|_| StoreError::Io("the store file is being opened again".into()))
+    }
+
+    /// Closes the file and opens it again (no-op in memory).
+    fn reopen(&self) -> Result<(), StoreError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut db = self.db.write();
+        // Dropped first: redb locks the file while a Database holds it.
+        *db = None;
+        *db = Some(Database::create(path).map_err(io)?);
+        self.broken.store(false, std::sync::atomic::Ordering::Release);
+        tracing::info!(path = %path.display(), "store file opened again after a failed write");
+        Ok(())
+    }
+
+    fn write(&self, ops: &[&Op]) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(io)?;
+
         txn.set_durability(Durability::Immediate).map_err(io)?;
         {
             let mut events = txn.open_table(EVENTS).map_err(io)?;
@@ -188,10 +223,23 @@ impl Engine for Redb {
         }
         txn.commit().map_err(io)
     }
+}
+
+impl Engine for Redb {
+    fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
+        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let result = self.write(ops);
+        if result.is_err() {
+            self.broken.store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
+    }
 
     fn load(&self) -> Result<Loaded, StoreError> {
         let mut loaded = Loaded::default();
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         for row in txn.open_table(PENDING).map_err(io)?.iter().map_err(io)? {
             let (seq, bytes) = row.map_err(io)?;
             loaded.pending.push((seq.value(), bytes.value().to_vec()));
@@ -222,18 +270,18 @@ impl Engine for Redb {
     }
 
     fn event(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(EVENTS).map_err(io)?;
         Ok(table.get(id).map_err(io)?.map(|v| v.value().to_vec()))
     }
 
     fn event_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         txn.open_table(EVENTS).map_err(io)?.len().map_err(io)
     }
 
     fn deliveries(&self, table: Deliveries, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let t = txn
             .open_table(match table {
                 Deliveries::Pending => PENDING,
@@ -250,7 +298,7 @@ impl Engine for Redb {
     }
 
     fn raw(&self, sha256: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(RAW).map_err(io)?;
         Ok(table.get(sha256).map_err(io)?.map(|v| {
             let (at, bytes) = v.value();
@@ -259,7 +307,7 @@ impl Engine for Redb {
     }
 
     fn raw_before(&self, before: i64) -> Result<Vec<(i64, String)>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let index = txn.open_table(RAW_BY_AGE).map_err(io)?;
         let mut old = Vec::new();
         for row in index.range((i64::MIN, "")..(before, "")).map_err(io)? {
@@ -271,7 +319,7 @@ impl Engine for Redb {
     }
 
     fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
+        let mut txn = self.db()?.begin_write().map_err(io)?;
         txn.set_durability(Durability::Immediate).map_err(io)?;
         let key = {
             let mut table = txn.open_table(META).map_err(io)?;
@@ -293,7 +341,7 @@ impl Engine for Redb {
     }
 
     fn attempts(&self, subscription: &str, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(ATTEMPTS).map_err(io)?;
         let mut out = Vec::new();
         for row in table
@@ -309,7 +357,7 @@ impl Engine for Redb {
     }
 
     fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(ATTEMPTS).map_err(io)?;
         Ok(table
             .range((subscription, 0u64)..(subscription, before))
@@ -323,7 +371,7 @@ impl Engine for Redb {
     }
 
     fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
         let end = prefix_end(prefix);
         let mut out = Vec::new();
@@ -336,13 +384,13 @@ impl Engine for Redb {
     }
 
     fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
         Ok(table.get(key).map_err(io)?.map(|v| v.value().1.to_vec()))
     }
 
     fn index_users(&self) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
         let mut users = Vec::new();
         // One seek per user: past a user's entries to the next one.
@@ -362,7 +410,7 @@ impl Engine for Redb {
     }
 
     fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
         let mut old = Vec::new();
         for row in table.iter().map_err(io)? {

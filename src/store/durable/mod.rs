@@ -107,7 +107,7 @@ impl DurableStore {
 
     fn start(db: Database, path: Option<PathBuf>) -> Result<DurableStore, StoreError> {
         create_tables(&db)?;
-        DurableStore::on(Arc::new(Redb { db, path }))
+        DurableStore::on(Arc::new(Redb::new(db, path)))
     }
 
     /// The store on `engine`: its queues loaded from it, its writes committed by one thread.
@@ -1247,7 +1247,7 @@ mod tests {
             .expect("in memory");
         create_tables(&db).expect("tables");
         let engine = Arc::new(Flaky {
-            inner: Redb { db, path: None },
+            inner: Redb::new(db, None),
             down: std::sync::atomic::AtomicBool::new(false),
         });
         let s = DurableStore::on(engine.clone()).expect("store");
