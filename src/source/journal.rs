@@ -409,8 +409,24 @@ impl Journaled {
         )
     }
 
-    /// Refuses a message whose events would take more than MAX_EXPANSION_BYTES in all.
-    fn bounded(self) -> Result<Journaled, JournalError> {
+    /// The message and its events, or the refusal of a message whose events would take
+    /// more than MAX_EXPANSION_BYTES in all.
+    fn bounded(
+        original: RawMessage,
+        facts: Facts,
+        plan: Vec<Planned>,
+        now: jiff::Timestamp,
+    ) -> Result<Journaled, JournalError> {
+        let journaled = Journaled {
+            original,
+            facts: facts.indexed(),
+            plan,
+            now,
+        };
+        journaled.within_expansion()
+    }
+
+    fn within_expansion(self) -> Result<Journaled, JournalError> {
         // Recipients' events are alike in size; the sender's is one.
         let Some(sample) = self.plan.iter().find(|p| !p.sender_view).or(self.plan.first()) else {
             return Ok(self);
@@ -519,13 +535,7 @@ fn journal_report(report: &Message<'_>, internal: &[String], now: jiff::Timestam
         direction: recipient_direction,
         sender_view: false,
     }));
-    Journaled {
-        original: raw,
-        facts: facts.indexed(),
-        plan,
-        now,
-    }
-    .bounded()
+    Journaled::bounded(raw, facts, plan, now)
 }
 
 fn plain_copy(
@@ -591,13 +601,7 @@ fn plain_copy(
             }
         })
         .collect();
-    Journaled {
-        original: raw,
-        facts: facts.indexed(),
-        plan,
-        now,
-    }
-    .bounded()
+    Journaled::bounded(raw, facts, plan, now)
 }
 
 #[cfg(test)]
