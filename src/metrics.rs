@@ -19,6 +19,9 @@ pub struct Metrics {
     pub endpoint_up: IntGaugeVec,
     pub endpoint_disabled: IntGaugeVec,
     pub store_disk_bytes: prometheus::IntGauge,
+    /// The store's volume: size and bytes available (embedded store only).
+    pub store_volume_bytes: prometheus::IntGauge,
+    pub store_volume_available_bytes: prometheus::IntGauge,
     /// Which store runs: `redb`, `memory` or `postgres` (the value is 1).
     pub store_kind: IntGaugeVec,
     pub store_up: prometheus::IntGauge,
@@ -123,6 +126,14 @@ impl Metrics {
                     "1 when deliveries to the endpoint are stopped (410 Gone or disableAfter).",
                 ),
                 SUBSCRIPTION,
+            )?,
+            store_volume_bytes: prometheus::IntGauge::new(
+                "mailhook_store_volume_bytes",
+                "Size of the volume the embedded store lives on (--store-dir); 0 for PostgreSQL or in memory.",
+            )?,
+            store_volume_available_bytes: prometheus::IntGauge::new(
+                "mailhook_store_volume_available_bytes",
+                "Bytes still available on the store's volume (--store-dir). When it reaches 0, new events are refused (503, SMTP 451) and deliveries pause until space is back.",
             )?,
             store_disk_bytes: prometheus::IntGauge::new(
                 "mailhook_store_disk_bytes",
@@ -274,6 +285,8 @@ impl Metrics {
             m.registry.register(Box::new(c.clone()))?;
         }
         m.registry.register(Box::new(m.store_disk_bytes.clone()))?;
+        m.registry.register(Box::new(m.store_volume_bytes.clone()))?;
+        m.registry.register(Box::new(m.store_volume_available_bytes.clone()))?;
         m.registry.register(Box::new(m.store_backlog.clone()))?;
         m.registry.register(Box::new(m.ready.clone()))?;
         for h in [&m.delivery_duration, &m.reconcile_duration] {

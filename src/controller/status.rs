@@ -446,6 +446,10 @@ async fn subscription_writes(
     let now = Time(jiff::Timestamp::now());
     let store = ctx.deliveries.store().clone();
     ctx.metrics.store_disk_bytes.set(store.disk_bytes().unwrap_or(0) as i64);
+    let (size, available) = store.volume().unwrap_or((0, 0));
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    ctx.metrics.store_volume_bytes.set(gauge(size));
+    ctx.metrics.store_volume_available_bytes.set(gauge(available));
     ctx.metrics.store_backlog.set(store.total_backlog() as i64);
     // Commit failures are counted by the store's commit thread; the metric follows it.
     let failed = ctx.metrics.store_errors.with_label_values(&["commit"]);

@@ -461,6 +461,11 @@ pub trait Store: Send + Sync + 'static {
     fn disk_bytes(&self) -> Option<u64> {
         None
     }
+    /// The store's volume as (size, bytes available), for backends on a local volume: how
+    /// full it is before it is full.
+    fn volume(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// The behaviour every backend must show; each backend's tests run it (the PostgreSQL

@@ -437,6 +437,14 @@ async fn a_full_volume_refuses_new_events_and_delivers_every_acknowledged_one_on
     )
     .await;
 
+    let metrics = eventually(
+        "the volume's size in the metrics",
+        || operator.metrics(),
+        |m| m.contains("mailhook_store_volume_bytes 4194304"),
+    )
+    .await;
+    assert!(metrics.contains("mailhook_store_volume_available_bytes"), "{metrics}");
+
     // The volume is grown in place, the receiver comes back: no restart.
     assert!(mount(&["-o", "remount,size=256m", &path]), "remount");
     receiver.answer(200).await;
@@ -467,6 +475,12 @@ async fn a_full_volume_refuses_new_events_and_delivers_every_acknowledged_one_on
         operator.log().contains("store file opened again"),
         "the store reopened its file by itself"
     );
+    eventually(
+        "the grown volume in the metrics",
+        || operator.metrics(),
+        |m| m.contains("mailhook_store_volume_bytes 268435456"),
+    )
+    .await;
     eprintln!(
         "full volume: {} events acknowledged before it filled, all delivered after",
         accepted.len()

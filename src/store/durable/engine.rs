@@ -57,6 +57,10 @@ pub trait Engine: Send + Sync + 'static {
     fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError>;
     /// Bytes the data occupies, when it can tell.
     fn disk_bytes(&self) -> Option<u64>;
+    /// The store's volume: (size, bytes available), for backends on a local volume.
+    fn volume(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Mailbox index entries whose key starts with `prefix` (which ends in a NUL, see
     /// `store::index_key`): (key, unix seconds indexed, body), in key order.
     fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError>;
@@ -78,6 +82,10 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     end
 }
+
+/// redb's page cache. Its default (1 GiB) let the operator's memory grow with the store
+/// file, i.e. with the backlog; the OS page cache keeps recently used pages anyway.
+pub(super) const REDB_CACHE_BYTES: usize = 32 << 20;
 
 /// The embedded engine: one redb file (or redb's in-memory backend).
 pub struct Redb {
@@ -114,7 +122,12 @@ impl Redb {
         let mut db = self.db.write();
         // Dropped first: redb locks the file while a Database holds it.
         *db = None;
-        *db = Some(Database::create(path).map_err(io)?);
+        *db = Some(
+            Database::builder()
+                .set_cache_size(REDB_CACHE_BYTES)
+                .create(path)
+                .map_err(io)?,
+        );
         self.broken.store(false, std::sync::atomic::Ordering::Release);
         tracing::info!(path = %path.display(), "store file opened again after a failed write");
         Ok(())
@@ -368,6 +381,12 @@ impl Engine for Redb {
     fn disk_bytes(&self) -> Option<u64> {
         let path = self.path.as_ref()?;
         Some(std::fs::metadata(path).map_or(0, |m| m.len()))
+    }
+
+    fn volume(&self) -> Option<(u64, u64)> {
+        let stat = rustix::fs::statvfs(self.path.as_ref()?).ok()?;
+        let block = stat.f_frsize;
+        Some((stat.f_blocks.saturating_mul(block), stat.f_bavail.saturating_mul(block)))
     }
 
     fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError> {

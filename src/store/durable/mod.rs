@@ -80,10 +80,6 @@ impl Drop for DurableStore {
     }
 }
 
-/// redb's page cache. Its default (1 GiB) let the operator's memory grow with the store
-/// file, i.e. with the backlog; the OS page cache keeps recently used pages anyway.
-const REDB_CACHE_BYTES: usize = 32 << 20;
-
 impl DurableStore {
     /// Opens (or creates) the store in `dir` and loads the queues from it: deliveries
     /// that were in flight at a crash are waiting again, on their old schedule.
@@ -91,7 +87,7 @@ impl DurableStore {
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join("mailhook.redb");
         let db = Database::builder()
-            .set_cache_size(REDB_CACHE_BYTES)
+            .set_cache_size(engine::REDB_CACHE_BYTES)
             .create(&path)
             .map_err(io)?;
         DurableStore::start(db, Some(path))
@@ -927,6 +923,10 @@ impl Store for DurableStore {
 
     fn disk_bytes(&self) -> Option<u64> {
         self.engine.disk_bytes()
+    }
+
+    fn volume(&self) -> Option<(u64, u64)> {
+        self.engine.volume()
     }
 }
 
