@@ -133,7 +133,7 @@ impl Metrics {
             )?,
             store_volume_available_bytes: prometheus::IntGauge::new(
                 "mailhook_store_volume_available_bytes",
-                "Bytes still available on the store's volume (--store-dir). When it reaches 0, new events are refused (503, SMTP 451) and deliveries pause until space is back.",
+                "Bytes still available on the store's volume (--store-dir). When it reaches 0, new events are refused (HTTP 507 with Retry-After, SMTP 452) and deliveries pause until space is back.",
             )?,
             store_disk_bytes: prometheus::IntGauge::new(
                 "mailhook_store_disk_bytes",

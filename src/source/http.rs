@@ -237,6 +237,12 @@ impl IntoResponse for Refusal {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
+        // A full volume: space comes back when someone grows it or deliveries drain.
+        if self.status == StatusCode::INSUFFICIENT_STORAGE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+        }
         response
     }
 }
@@ -547,8 +553,13 @@ fn admit(state: &IngestState, source: &str) -> Result<(), Refusal> {
             .events_ingested
             .with_label_values(&[source, "unavailable"])
             .inc();
+        let status = if Pipeline::out_of_space(&reason) {
+            StatusCode::INSUFFICIENT_STORAGE
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         return Err(Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            status,
             message: format!(
                 "the store cannot take events right now ({reason}); nothing was accepted, retry after the Retry-After delay"
             ),
@@ -614,7 +625,11 @@ async fn blocking<T: Send + 'static>(
 fn stored_refusal(e: AcceptError, field: impl FnOnce(usize) -> String) -> Refusal {
     match e {
         AcceptError::Store(e) => Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            status: if Pipeline::out_of_space(&e.to_string()) {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
             message: format!("cannot store the events ({e}); nothing was accepted, retry"),
             field: None,
         },

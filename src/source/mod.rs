@@ -82,6 +82,13 @@ impl Pipeline {
         self.deliveries.store().unavailable()
     }
 
+    /// Whether the store's commits fail for want of space (a full volume): answered as
+    /// such (HTTP 507, SMTP 452) rather than as an outage.
+    pub fn out_of_space(reason: &str) -> bool {
+        // ENOSPC as the OS words it, with or without its number.
+        reason.contains("No space left on device") || reason.contains("os error 28")
+    }
+
     /// Why new events are refused right now, if they are.
     pub fn overloaded(&self) -> Option<String> {
         let store = self.deliveries.store();

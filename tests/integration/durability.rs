@@ -365,7 +365,7 @@ fn mount(args: &[&str]) -> bool {
 }
 
 /// The store's volume fills up (a size-limited tmpfs, as a PVC fills) while the receiver is
-/// down: ingest answers 503 naming the store and the process stays up; once the volume is
+/// down: ingest answers 507 naming the store and the process stays up; once the volume is
 /// grown in place and the receiver is back, every acknowledged event is delivered and new
 /// ones are taken — without a restart. (redb refuses every transaction after one failed
 /// write until its file is opened again; the store does that by itself.)
@@ -424,7 +424,7 @@ async fn a_full_volume_refuses_new_events_and_delivers_every_acknowledged_one_on
         }
     }
     let (status, answer) = refused.expect("the 4 MiB volume never filled");
-    assert_eq!(status, 503, "{answer}");
+    assert_eq!(status, 507, "a full volume is Insufficient Storage: {answer}");
     assert!(answer.contains("store"), "the answer names the store: {answer}");
     assert!(
         !accepted.is_empty(),

@@ -736,6 +736,9 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
             }
             Err(AcceptError::Store(err)) => {
                 warn!(%err, "cannot store a journaled message; the sender will retry");
+                if Pipeline::out_of_space(&err.to_string()) {
+                    return "452 4.3.1 Insufficient system storage; try again later".into();
+                }
                 return "451 4.3.0 Cannot store the message right now; try again later".into();
             }
         }
@@ -748,16 +751,19 @@ fn record(raw: &[u8], envelope: &Envelope, pipeline: &Pipeline) -> String {
     }
 }
 
-/// The 451 answer while the store is down (counted as unavailable), or the 452 answer
+/// The 451 answer while the store is down (452 when its volume is full; counted as
+/// unavailable), or the 452 answer
 /// (counted as throttled) while the pipeline refuses new events: checked at MAIL, so
 /// senders stop early, and again before storing.
 fn backpressure(pipeline: &Pipeline) -> Option<String> {
     if let Some(reason) = pipeline.store_down() {
         count(pipeline, "unavailable");
-        return Some(format!(
-            "451 4.3.0 Cannot store messages right now ({}); try again later",
-            one_line(&reason, 200)
-        ));
+        let code = if Pipeline::out_of_space(&reason) {
+            "452 4.3.1 Insufficient system storage"
+        } else {
+            "451 4.3.0 Cannot store messages right now"
+        };
+        return Some(format!("{code} ({}); try again later", one_line(&reason, 200)));
     }
     let reason = pipeline.overloaded()?;
     count(pipeline, "throttled");
