@@ -71,7 +71,7 @@ pub fn healthy_condition(health: &HealthSnapshot, paused: bool, store_down: Opti
             Status::False,
             reason::STORE_UNAVAILABLE,
             format!(
-                "Deliveries are paused: the store cannot commit ({}). New events are refused (HTTP 503, SMTP 451) until it can; nothing acknowledged is lost, and deliveries resume by themselves. Check the database (or the store volume).",
+                "Deliveries are paused: the store cannot commit ({}). New events are refused (HTTP 503, SMTP 451; 507 and 452 when its volume is full) until it can; nothing acknowledged is lost, and deliveries resume by themselves. Check the database (or the store volume).",
                 store_down.unwrap_or_default()
             ),
         ),
