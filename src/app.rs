@@ -164,7 +164,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         max_connections: 256,
         max_per_address: 128,
         header_timeout: std::time::Duration::from_secs(10),
-        write_timeout: std::time::Duration::from_secs(30),
+        write_timeout: crate::serve::WRITE_TIMEOUT,
     };
     let refused = metrics.refused.clone();
     lifecycle.spawn(
@@ -288,7 +288,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_connections: config.ingest.ingest_max_connections,
             max_per_address: config.ingest.ingest_max_connections_per_address,
             header_timeout: config.ingest.ingest_header_timeout,
-            write_timeout: std::time::Duration::from_secs(30),
+            write_timeout: crate::serve::WRITE_TIMEOUT,
         };
         let refused = metrics.refused.clone();
         // In-flight requests finish (their events are committed) before this returns.

@@ -24,6 +24,9 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, warn};
 
+/// How long writing an answer may make no progress, on every listener served here.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {

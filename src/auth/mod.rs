@@ -27,6 +27,8 @@ pub struct Tokens {
     /// The name of bare tokens.
     default_name: Arc<str>,
     tokens: Arc<RwLock<Vec<Credential>>>,
+    /// Distinct credential names among `tokens`.
+    names: Arc<std::sync::atomic::AtomicUsize>,
     failures: Arc<FailureLimit>,
     /// Credentials that authenticated from each address while it was not locked: still
     /// accepted from it while it is.
@@ -113,6 +115,7 @@ impl Tokens {
             path,
             default_name: default_name.into(),
             tokens: Arc::default(),
+            names: Arc::default(),
             failures: Arc::default(),
             proven: Arc::default(),
         };
@@ -156,11 +159,13 @@ impl Tokens {
                 name: default_name.clone(),
                 secret,
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let names = Arc::new(std::sync::atomic::AtomicUsize::new(distinct_names(&tokens)));
         Tokens {
             path,
             default_name,
             tokens: Arc::new(RwLock::new(tokens)),
+            names,
             failures: Arc::default(),
             proven: Arc::default(),
         }
@@ -186,6 +191,8 @@ impl Tokens {
                     "a token shorter than {SHORT_TOKEN} characters can be guessed; use 32 random bytes (openssl rand -base64 32)");
             }
         }
+        self.names
+            .store(distinct_names(&list), std::sync::atomic::Ordering::Relaxed);
         *current = list;
         Ok(())
     }
@@ -274,13 +281,9 @@ impl Tokens {
         }
     }
 
-    /// How many credential names the file has.
+    /// How many credential names the file has (counted when it is read, not per request).
     pub fn names(&self) -> usize {
-        let tokens = self.tokens.read();
-        let mut names: Vec<&str> = tokens.iter().map(|c| &*c.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        names.len()
+        self.names.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `presented` is one of the tokens (compared in constant time).
@@ -301,6 +304,13 @@ impl Tokens {
             }
         })
     }
+}
+
+fn distinct_names(list: &[Credential]) -> usize {
+    let mut names: Vec<&str> = list.iter().map(|c| &*c.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.len()
 }
 
 /// Why a token file cannot be used.
