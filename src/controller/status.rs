@@ -979,6 +979,7 @@ mod tests {
             backlog: 4,
             in_flight: 0,
             dead_lettered: 1,
+            ..Default::default()
         };
         let mut health = HealthSnapshot {
             verification: Some(crate::delivery::verification::Verification::Failed(

@@ -250,6 +250,7 @@ impl Published {
             backlog: self.backlog,
             in_flight: 0,
             dead_lettered: self.dead_lettered,
+            ..Default::default()
         }
     }
 }

@@ -114,6 +114,39 @@ pub struct QueueCounts {
     /// Of the backlog, in flight.
     pub in_flight: u64,
     pub dead_lettered: u64,
+    /// Bytes of the events the backlog holds (each delivery counts its event's stored size).
+    pub bytes: u64,
+    /// When the oldest delivery of the backlog was accepted (its queue's head).
+    pub oldest_accepted: Option<jiff::Timestamp>,
+    /// Deliveries sent straight to the dead letters since start because the backlog was at
+    /// its cap (`BacklogCap`).
+    pub overflowed: u64,
+}
+
+/// The most a subscription's backlog may hold (`delivery.maxBacklog`): a new delivery past
+/// either figure goes straight to the dead letters, so one subscriber's backlog never
+/// makes ingest refuse another's mail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BacklogCap {
+    pub events: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+impl BacklogCap {
+    /// Why a backlog of `counts` takes no new delivery, if it takes none.
+    pub fn full(&self, counts: &QueueCounts) -> Option<String> {
+        if let Some(max) = self.events.filter(|max| counts.backlog >= *max) {
+            return Some(format!(
+                "the subscription's backlog is at delivery.maxBacklog.events ({max}); raise it or let the endpoint catch up, then replay"
+            ));
+        }
+        if let Some(max) = self.bytes.filter(|max| counts.bytes >= *max) {
+            return Some(format!(
+                "the subscription's backlog is at delivery.maxBacklog.bytes ({max}); raise it or let the endpoint catch up, then replay"
+            ));
+        }
+        None
+    }
 }
 
 /// One delivery attempt, as the audit log keeps it.
@@ -431,6 +464,9 @@ pub trait Store: Send + Sync + 'static {
     /// them is new again.
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
     fn counts(&self, subscription: &str) -> QueueCounts;
+    /// Sets (or lifts, with None) the cap on a subscription's backlog, applied to the
+    /// deliveries ingested from now on.
+    fn limit_backlog(&self, subscription: &str, cap: Option<BacklogCap>);
     /// Deliveries waiting or in flight, over every subscription.
     fn total_backlog(&self) -> u64;
     /// Every subscription the store holds deliveries, dead letters or attempts for, with
@@ -710,7 +746,8 @@ pub mod conformance {
             QueueCounts {
                 backlog: 2,
                 in_flight: 0,
-                dead_lettered: 0
+                dead_lettered: 0,
+                ..Default::default()
             }
         );
         let again = s.take_due("sub", now, 10, false).expect("take");
@@ -785,7 +822,8 @@ pub mod conformance {
             QueueCounts {
                 backlog: 1,
                 in_flight: 0,
-                dead_lettered: 1
+                dead_lettered: 1,
+                ..Default::default()
             }
         );
         assert_eq!(s.dead_letters("sub", at(0), 10).expect("list")[0].event_id, "old");
@@ -897,7 +935,8 @@ pub mod conformance {
             QueueCounts {
                 backlog: 1,
                 in_flight: 1,
-                dead_lettered: 1
+                dead_lettered: 1,
+                ..Default::default()
             }
         );
     }

@@ -238,6 +238,7 @@ impl Queues {
                 backlog: (q.waiting.len() + q.in_flight.len()) as u64,
                 in_flight: q.in_flight.len() as u64,
                 dead_lettered: q.dead.len() as u64,
+                ..Default::default()
             })
             .unwrap_or_default()
     }

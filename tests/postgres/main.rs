@@ -197,7 +197,8 @@ fn a_restart_finds_what_was_in_flight_waiting_again() {
         QueueCounts {
             backlog: 1,
             in_flight: 0,
-            dead_lettered: 1
+            dead_lettered: 1,
+            ..Default::default()
         },
         "the delivery in flight is waiting again, the dead letter kept"
     );
@@ -543,6 +544,9 @@ impl Store for Sole {
     }
     fn counts(&self, s: &str) -> QueueCounts {
         self.store.counts(s)
+    }
+    fn limit_backlog(&self, s: &str, cap: Option<mailhook::store::BacklogCap>) {
+        self.store.limit_backlog(s, cap)
     }
     fn total_backlog(&self) -> u64 {
         self.sharing().refresh_backlog().unwrap_or(0)

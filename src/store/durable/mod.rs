@@ -917,6 +917,14 @@ impl Store for DurableStore {
         lock(&self.state).queues.counts(subscription)
     }
 
+    fn limit_backlog(&self, subscription: &str, cap: Option<super::BacklogCap>) {
+        let mut state = lock(&self.state);
+        match cap {
+            Some(cap) => state.caps.insert(subscription.to_string(), cap),
+            None => state.caps.remove(subscription),
+        };
+    }
+
     fn event_count(&self) -> Result<u64, StoreError> {
         self.engine.event_count()
     }
@@ -1354,7 +1362,8 @@ mod tests {
             QueueCounts {
                 backlog: 1,
                 in_flight: 0,
-                dead_lettered: 1
+                dead_lettered: 1,
+                ..Default::default()
             }
         );
         assert_eq!(

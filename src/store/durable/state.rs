@@ -40,6 +40,8 @@ pub(super) struct State {
     last_attempt_key: u64,
     /// Namespace of each subscription noted (SUBSCRIPTIONS).
     pub(super) namespaces: HashMap<String, String>,
+    /// Each subscription's cap on its backlog, when it has one.
+    pub(super) caps: HashMap<String, crate::store::BacklogCap>,
 }
 
 /// Which reference to an event went away.
