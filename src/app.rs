@@ -22,7 +22,7 @@ use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::source::{self, Pipeline, http::IngestConfig};
-use crate::store::{DurableStore, Store};
+use crate::store::{DurableStore, PagedStore, Store};
 
 /// Exit code after a second signal cut the drain short (128 + SIGINT, as shells do).
 pub const FORCED_EXIT: i32 = 130;
@@ -480,9 +480,9 @@ async fn open_store(
             ("postgres", Arc::new(store))
         }
         (Some(dir), None) => {
-            let store = DurableStore::open(dir)
+            let store = PagedStore::open(dir)
                 .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", dir.display()))?;
-            info!(dir = %dir.display(), backlog_restored = true, "durable store open");
+            info!(dir = %dir.display(), "durable store open (queues are read from it as they are delivered)");
             ("redb", Arc::new(store))
         }
         (None, None) if !config.store.store_memory => anyhow::bail!("{NO_STORE}"),
@@ -491,7 +491,7 @@ async fn open_store(
                 "--store-memory: events are kept in memory only; every event acknowledged is lost when the process stops"
             );
             let store =
-                DurableStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?;
+                PagedStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?;
             ("memory", Arc::new(store))
         }
     };

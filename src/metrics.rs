@@ -22,6 +22,8 @@ pub struct Metrics {
     /// The store's volume: size and bytes available (embedded store only).
     pub store_volume_bytes: prometheus::IntGauge,
     pub store_volume_available_bytes: prometheus::IntGauge,
+    /// Queued deliveries read from the store since start (paged queues only).
+    pub store_queue_rows_read: prometheus::IntGauge,
     /// Which store runs: `redb`, `memory` or `postgres` (the value is 1).
     pub store_kind: IntGaugeVec,
     pub store_up: prometheus::IntGauge,
@@ -134,6 +136,10 @@ impl Metrics {
             store_volume_available_bytes: prometheus::IntGauge::new(
                 "mailhook_store_volume_available_bytes",
                 "Bytes still available on the store's volume (--store-dir). When it reaches 0, new events are refused (HTTP 507 with Retry-After, SMTP 452) and deliveries pause until space is back.",
+            )?,
+            store_queue_rows_read: prometheus::IntGauge::new(
+                "mailhook_store_queue_rows_read_total",
+                "Queued deliveries read from the embedded store since start. Memory holds a window of each subscription's queue and reads the rest as it is delivered, so right after a start this counts queue heads, not the backlog.",
             )?,
             store_disk_bytes: prometheus::IntGauge::new(
                 "mailhook_store_disk_bytes",
@@ -286,6 +292,7 @@ impl Metrics {
         }
         m.registry.register(Box::new(m.store_disk_bytes.clone()))?;
         m.registry.register(Box::new(m.store_volume_bytes.clone()))?;
+        m.registry.register(Box::new(m.store_queue_rows_read.clone()))?;
         m.registry.register(Box::new(m.store_volume_available_bytes.clone()))?;
         m.registry.register(Box::new(m.store_backlog.clone()))?;
         m.registry.register(Box::new(m.ready.clone()))?;

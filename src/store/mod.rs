@@ -3,6 +3,7 @@
 //! `crypto` only.
 
 pub mod durable;
+pub mod paged;
 pub mod postgres;
 mod queue;
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use durable::DurableStore;
+pub use paged::PagedStore;
 
 use crate::event::MailboxEvent;
 
@@ -502,6 +504,11 @@ pub trait Store: Send + Sync + 'static {
     fn volume(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Queued deliveries read from the store since start, for backends that page their
+    /// queues (a start reads each queue's head only, not the backlog).
+    fn rows_read_at_start(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The behaviour every backend must show; each backend's tests run it (the PostgreSQL
@@ -522,6 +529,11 @@ pub mod conformance {
         .expect("event");
         e.producer_event_id = producer.map(String::from);
         e
+    }
+
+    /// (backlog, in flight, dead letters): what every backend counts alike.
+    fn figures(c: QueueCounts) -> (u64, u64, u64) {
+        (c.backlog, c.in_flight, c.dead_lettered)
     }
 
     pub fn pending(event: &str, key: Option<&str>, not_before: i64) -> PendingDelivery {
@@ -741,15 +753,7 @@ pub mod conformance {
 
         let now = jiff::Timestamp::now();
         assert_eq!(s.replay("sub", at(0), now).expect("replay"), 2);
-        assert_eq!(
-            s.counts("sub"),
-            QueueCounts {
-                backlog: 2,
-                in_flight: 0,
-                dead_lettered: 0,
-                ..Default::default()
-            }
-        );
+        assert_eq!(figures(s.counts("sub")), (2, 0, 0));
         let again = s.take_due("sub", now, 10, false).expect("take");
         assert_eq!(again.len(), 2, "replayed deliveries are due at once");
         assert!(again.iter().all(|d| d.attempts == 0 && d.accepted_at == now));
@@ -767,7 +771,7 @@ pub mod conformance {
             max_attempts: 10,
         };
         assert_eq!(s.purge("sub", retention).expect("purge").dead_letters, 2);
-        assert_eq!(s.counts("sub"), QueueCounts::default());
+        assert_eq!(figures(s.counts("sub")), (0, 0, 0));
         s.ingest(vec![]).expect("flush");
         assert_eq!(
             s.event_count().expect("count"),
@@ -817,15 +821,7 @@ pub mod conformance {
             s.expire("sub", at(10), "older than maxEventAge").expect("expire").len(),
             1
         );
-        assert_eq!(
-            s.counts("sub"),
-            QueueCounts {
-                backlog: 1,
-                in_flight: 0,
-                dead_lettered: 1,
-                ..Default::default()
-            }
-        );
+        assert_eq!(figures(s.counts("sub")), (1, 0, 1));
         assert_eq!(s.dead_letters("sub", at(0), 10).expect("list")[0].event_id, "old");
     }
 
@@ -906,7 +902,7 @@ pub mod conformance {
         s.forget_subscription("sub").expect("forget");
         s.forget_subscription("attempts-only").expect("forget");
         assert_eq!(uids(s), vec![named("other", None)]);
-        assert_eq!(s.counts("sub"), QueueCounts::default());
+        assert_eq!(figures(s.counts("sub")), (0, 0, 0));
         assert_eq!(s.counts("other").backlog, 1, "other subscriptions keep theirs");
         assert!(s.take_due("sub", at(10), 10, false).expect("take").is_empty());
     }
@@ -930,15 +926,7 @@ pub mod conformance {
         assert_eq!(s.counts("sub").backlog, 2);
         let late = s.take_due("sub", at(100), 10, false).expect("take");
         s.dead_letter(late[0].clone(), "test".into()).expect("dead letter");
-        assert_eq!(
-            s.counts("sub"),
-            QueueCounts {
-                backlog: 1,
-                in_flight: 1,
-                dead_lettered: 1,
-                ..Default::default()
-            }
-        );
+        assert_eq!(figures(s.counts("sub")), (1, 1, 1));
     }
 
     fn ordered_holds_back_later_events_of_a_busy_or_waiting_key(s: &dyn Store) {

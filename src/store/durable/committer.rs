@@ -49,10 +49,48 @@ pub enum Op {
     DeleteEventIfUnused(String),
     /// Every delivery and dead letter of a subscription, on any replica.
     DeleteDeliveriesOf(String),
+    // The paged store's writes (`store::paged`, on redb): queues and dead letters kept by
+    // subscription, events counted by what refers to them.
+    /// An event and how many deliveries refer to it.
+    PutCountedEvent(String, Vec<u8>, u32),
+    /// One delivery or dead letter of the event is gone: the event goes with the last.
+    ReleaseEvent(String),
+    /// A delivery queued, or queued again (`old_due`: where it was).
+    Enqueue(Box<Queued>),
+    /// A queued delivery gone (delivered, moved to the dead letters).
+    Dequeue {
+        subscription: String,
+        seq: u64,
+        due: u64,
+    },
+    /// A dead letter: (subscription, seq, given up at in unix nanoseconds, stored JSON).
+    Bury(String, u64, u64, Vec<u8>),
+    /// A dead letter gone (replayed or purged): (subscription, seq, given up at).
+    Unbury(String, u64, u64),
+    /// Changes a subscription's queue figures: (queued, bytes, dead letters).
+    Stats(String, i64, i64, i64),
+    /// Every queued delivery, dead letter and figure of a subscription, their events released.
+    ForgetQueue(String),
+    /// A producer id with its age index: (producer id, event id, unix seconds).
+    PutAgedProducer(String, String, i64),
+    /// A producer id and its age index entry: (producer id, unix seconds).
+    DeleteAgedProducer(String, i64),
+    /// The next seq to hand out, when higher than the stored one.
+    NextSeq(u64),
+}
+
+/// A delivery queued by the paged store.
+pub struct Queued {
+    pub subscription: String,
+    pub seq: u64,
+    /// Due time, unix nanoseconds.
+    pub due: u64,
+    pub old_due: Option<u64>,
+    pub body: Vec<u8>,
 }
 
 /// Who hears that a job's commit finished.
-pub(super) enum Reply {
+pub(crate) enum Reply {
     None,
     Blocking(SyncSender<Result<(), String>>),
     Async(tokio::sync::oneshot::Sender<Result<(), String>>),
@@ -72,23 +110,26 @@ impl Reply {
     }
 }
 
-pub(super) struct Job {
-    pub(super) ops: Vec<Op>,
-    pub(super) done: Reply,
+pub(crate) struct Job {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) done: Reply,
     /// Memory already shows these writes (a completion, a retry, a purge): they must reach
     /// disk, so a failed commit keeps them and tries again, in order, before anything newer.
     /// Otherwise (an ingest, a replay) the caller changes memory only once told it worked:
     /// a failed commit answers it and drops the writes.
-    pub(super) kept: bool,
+    pub(crate) kept: bool,
+    /// Its place in the order of writes (0: nobody counts it); `commit_loop` publishes the
+    /// newest committed one.
+    pub(crate) generation: u64,
 }
 
 /// Why the store cannot commit right now (None: it can). Set by the commit thread on a
 /// failed commit, cleared by the next one that succeeds.
 #[derive(Default)]
-pub(super) struct Outage(Mutex<Option<String>>);
+pub(crate) struct Outage(Mutex<Option<String>>);
 
 impl Outage {
-    pub(super) fn reason(&self) -> Option<String> {
+    pub(crate) fn reason(&self) -> Option<String> {
         self.0.lock().clone()
     }
 }
@@ -101,7 +142,13 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// fail (the database is down, the disk full), writes that memory shows are kept and tried
 /// again every second at most, and writes whose callers wait to change memory are refused
 /// at once — the caller answers 503 rather than hang.
-pub(super) fn commit_loop(engine: &dyn Engine, rx: &Receiver<Job>, failures: &AtomicU64, outage: &Outage) {
+pub(crate) fn commit_loop(
+    engine: &dyn Engine,
+    rx: &Receiver<Job>,
+    failures: &AtomicU64,
+    outage: &Outage,
+    committed: &AtomicU64,
+) {
     let mut owed: Vec<Job> = Vec::new();
     let mut pause = RETRY_MIN;
     let mut closed = false;
@@ -144,6 +191,9 @@ pub(super) fn commit_loop(engine: &dyn Engine, rx: &Receiver<Job>, failures: &At
                     tracing::info!("the store commits again; the writes kept meanwhile are on disk");
                 }
                 pause = RETRY_MIN;
+                if let Some(newest) = jobs.iter().map(|j| j.generation).max() {
+                    committed.fetch_max(newest, Ordering::AcqRel);
+                }
                 for job in jobs {
                     job.done.send(Ok(()));
                 }

@@ -7,7 +7,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 
 use super::committer::Op;
 use super::schema::{
-    ATTEMPTS, DEAD, EVENTS, MAILBOX_INDEX, META, PENDING, PRODUCERS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io,
+    ATTEMPTS, DEAD, DEAD_BY_TIME, DEAD_QUEUE, EVENT_REFS, EVENTS, MAILBOX_INDEX, META, PENDING, PRODUCERS,
+    PRODUCERS_BY_AGE, QUEUE, QUEUE_DUE, QUEUE_STATS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io,
 };
 use crate::store::StoreError;
 
@@ -85,7 +86,7 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// redb's page cache. Its default (1 GiB) let the operator's memory grow with the store
 /// file, i.e. with the backlog; the OS page cache keeps recently used pages anyway.
-pub(super) const REDB_CACHE_BYTES: usize = 32 << 20;
+pub(crate) const REDB_CACHE_BYTES: usize = 32 << 20;
 
 /// The embedded engine: one redb file (or redb's in-memory backend).
 pub struct Redb {
@@ -148,6 +149,18 @@ impl Redb {
             let mut raw_by_age = txn.open_table(RAW_BY_AGE).map_err(io)?;
             let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(io)?;
             let mut index = txn.open_table(MAILBOX_INDEX).map_err(io)?;
+            let mut paged = Paged {
+                queue: txn.open_table(QUEUE).map_err(io)?,
+                due: txn.open_table(QUEUE_DUE).map_err(io)?,
+                dead: txn.open_table(DEAD_QUEUE).map_err(io)?,
+                dead_by_time: txn.open_table(DEAD_BY_TIME).map_err(io)?,
+                refs: txn.open_table(EVENT_REFS).map_err(io)?,
+                producers_by_age: txn.open_table(PRODUCERS_BY_AGE).map_err(io)?,
+                stats: std::collections::HashMap::new(),
+                released: std::collections::HashMap::new(),
+                next_seq: None,
+                forgotten: Vec::new(),
+            };
             for op in ops {
                 match op {
                     Op::PutEvent(id, bytes) => {
@@ -221,6 +234,65 @@ impl Redb {
                     Op::DeleteIndex(key) => {
                         index.remove(key.as_slice()).map_err(io)?;
                     }
+                    Op::PutCountedEvent(id, bytes, n) => {
+                        events.insert(id.as_str(), bytes.as_slice()).map_err(io)?;
+                        paged.refs.insert(id.as_str(), *n).map_err(io)?;
+                    }
+                    Op::ReleaseEvent(id) => *paged.released.entry(id.clone()).or_default() += 1,
+                    Op::Enqueue(q) => {
+                        if let Some(old) = q.old_due {
+                            paged.due.remove((q.subscription.as_str(), old, q.seq)).map_err(io)?;
+                        }
+                        paged
+                            .queue
+                            .insert((q.subscription.as_str(), q.seq), q.body.as_slice())
+                            .map_err(io)?;
+                        paged
+                            .due
+                            .insert((q.subscription.as_str(), q.due, q.seq), ())
+                            .map_err(io)?;
+                        paged.seq(q.seq);
+                    }
+                    Op::Dequeue { subscription, seq, due } => {
+                        paged.queue.remove((subscription.as_str(), *seq)).map_err(io)?;
+                        paged.due.remove((subscription.as_str(), *due, *seq)).map_err(io)?;
+                    }
+                    Op::Bury(subscription, seq, at, body) => {
+                        paged
+                            .dead
+                            .insert((subscription.as_str(), *seq), body.as_slice())
+                            .map_err(io)?;
+                        paged
+                            .dead_by_time
+                            .insert((subscription.as_str(), *at, *seq), ())
+                            .map_err(io)?;
+                        paged.seq(*seq);
+                    }
+                    Op::Unbury(subscription, seq, at) => {
+                        paged.dead.remove((subscription.as_str(), *seq)).map_err(io)?;
+                        paged
+                            .dead_by_time
+                            .remove((subscription.as_str(), *at, *seq))
+                            .map_err(io)?;
+                    }
+                    Op::Stats(subscription, queued, bytes, dead) => {
+                        let s = paged.stats.entry(subscription.clone()).or_default();
+                        s.0 += queued;
+                        s.1 += bytes;
+                        s.2 += dead;
+                    }
+                    Op::ForgetQueue(subscription) => {
+                        paged.forget(subscription)?;
+                    }
+                    Op::PutAgedProducer(p, id, at) => {
+                        producers.insert(p.as_str(), (id.as_str(), *at)).map_err(io)?;
+                        paged.producers_by_age.insert((*at, p.as_str()), ()).map_err(io)?;
+                    }
+                    Op::DeleteAgedProducer(p, at) => {
+                        producers.remove(p.as_str()).map_err(io)?;
+                        paged.producers_by_age.remove((*at, p.as_str())).map_err(io)?;
+                    }
+                    Op::NextSeq(n) => paged.seq(n.saturating_sub(1)),
                     Op::Ingest(_)
                     | Op::Fenced(..)
                     | Op::PutClaimed(..)
@@ -233,8 +305,114 @@ impl Redb {
                     }
                 }
             }
+            paged.finish(&mut events)?;
+            if let Some(next) = paged.next_seq {
+                let mut meta = txn.open_table(META).map_err(io)?;
+                let stored = meta
+                    .get(NEXT_SEQ)
+                    .map_err(io)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                    .map_or(0, u64::from_be_bytes);
+                if next > stored {
+                    meta.insert(NEXT_SEQ, next.to_be_bytes().as_slice()).map_err(io)?;
+                }
+            }
+            let mut stats = txn.open_table(QUEUE_STATS).map_err(io)?;
+            for subscription in &paged.forgotten {
+                stats.remove(subscription.as_str()).map_err(io)?;
+            }
+            for (subscription, (queued, bytes, dead)) in paged.stats {
+                let (q, b, d) = stats
+                    .get(subscription.as_str())
+                    .map_err(io)?
+                    .map_or((0, 0, 0), |v| v.value());
+                let add = |v: u64, by: i64| u64::try_from(i128::from(v) + i128::from(by)).unwrap_or(0);
+                let row = (add(q, queued), add(b, bytes), add(d, dead));
+                if row == (0, 0, 0) {
+                    stats.remove(subscription.as_str()).map_err(io)?;
+                } else {
+                    stats.insert(subscription.as_str(), row).map_err(io)?;
+                }
+            }
         }
         txn.commit().map_err(io)
+    }
+}
+
+/// The META key of the next seq the paged store hands out.
+const NEXT_SEQ: &str = "next_seq";
+
+type Table<'t, K, V> = redb::Table<'t, K, V>;
+
+/// The paged store's tables within one write, and what the write accumulates.
+struct Paged<'t> {
+    queue: Table<'t, (&'static str, u64), &'static [u8]>,
+    due: Table<'t, (&'static str, u64, u64), ()>,
+    dead: Table<'t, (&'static str, u64), &'static [u8]>,
+    dead_by_time: Table<'t, (&'static str, u64, u64), ()>,
+    refs: Table<'t, &'static str, u32>,
+    producers_by_age: Table<'t, (i64, &'static str), ()>,
+    stats: std::collections::HashMap<String, (i64, i64, i64)>,
+    /// References released per event.
+    released: std::collections::HashMap<String, u32>,
+    next_seq: Option<u64>,
+    /// Subscriptions whose figures were dropped.
+    forgotten: Vec<String>,
+}
+
+/// The event a stored delivery refers to.
+#[derive(serde::Deserialize, Default)]
+struct EventOf {
+    #[serde(rename = "eventId", default)]
+    event_id: String,
+}
+
+impl Paged<'_> {
+    fn seq(&mut self, seq: u64) {
+        self.next_seq = Some(self.next_seq.unwrap_or(0).max(seq + 1));
+    }
+
+    /// Drops a subscription's queue and dead letters, releasing their events.
+    fn forget(&mut self, subscription: &str) -> Result<(), StoreError> {
+        let range = (subscription, 0u64)..=(subscription, u64::MAX);
+        let mut events = Vec::new();
+        for table in [&mut self.queue, &mut self.dead] {
+            for row in table.range(range.clone()).map_err(io)? {
+                let (_, body) = row.map_err(io)?;
+                let of: EventOf = serde_json::from_slice(body.value()).unwrap_or_default();
+                events.push(of.event_id);
+            }
+            table.retain_in(range.clone(), |_, _| false).map_err(io)?;
+        }
+        let timed = (subscription, 0u64, 0u64)..=(subscription, u64::MAX, u64::MAX);
+        self.due.retain_in(timed.clone(), |_, _| false).map_err(io)?;
+        self.dead_by_time.retain_in(timed, |_, _| false).map_err(io)?;
+        for id in events {
+            *self.released.entry(id).or_default() += 1;
+        }
+        // Its figures go; changes after this in the same write count from nothing.
+        self.stats.remove(subscription);
+        self.forgotten.push(subscription.to_string());
+        Ok(())
+    }
+
+    /// Applies the released references: an event nothing refers to any more is deleted.
+    fn finish(&mut self, events: &mut Table<'_, &'static str, &'static [u8]>) -> Result<(), StoreError> {
+        for (id, n) in std::mem::take(&mut self.released) {
+            let left = self
+                .refs
+                .get(id.as_str())
+                .map_err(io)?
+                .map_or(0, |v| v.value())
+                .saturating_sub(n);
+            if left == 0 {
+                self.refs.remove(id.as_str()).map_err(io)?;
+                events.remove(id.as_str()).map_err(io)?;
+            } else {
+                self.refs.insert(id.as_str(), left).map_err(io)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -439,5 +617,279 @@ impl Engine for Redb {
             }
         }
         Ok(old)
+    }
+}
+
+/// A page of a queue: ((due, seq) or (0, seq), stored JSON).
+pub(crate) type QueueRow = ((u64, u64), Vec<u8>);
+
+/// A queue's figures as stored: (deliveries queued, bytes of their events, dead letters).
+pub(crate) type QueueFigures = (u64, u64, u64);
+
+/// The paged store's reads (`store::paged`).
+impl Redb {
+    /// Up to `limit` queued deliveries of `subscription` after `after`: by seq when
+    /// `ordered`, else by (due, seq).
+    pub(crate) fn queue_page(
+        &self,
+        subscription: &str,
+        ordered: bool,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<QueueRow>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let queue = txn.open_table(QUEUE).map_err(io)?;
+        let mut out = Vec::new();
+        if ordered {
+            let from = after.map_or(0, |a| a.1.saturating_add(1));
+            if after.is_some_and(|a| a.1 == u64::MAX) {
+                return Ok(out);
+            }
+            for row in queue
+                .range((subscription, from)..=(subscription, u64::MAX))
+                .map_err(io)?
+                .take(limit)
+            {
+                let (key, body) = row.map_err(io)?;
+                out.push(((0, key.value().1), body.value().to_vec()));
+            }
+            return Ok(out);
+        }
+        let due = txn.open_table(QUEUE_DUE).map_err(io)?;
+        let range = match after {
+            None => due.range((subscription, 0u64, 0u64)..=(subscription, u64::MAX, u64::MAX)),
+            Some((d, s)) => {
+                // Strictly after (d, s).
+                let (d, s) = match s.checked_add(1) {
+                    Some(s) => (d, s),
+                    None => match d.checked_add(1) {
+                        Some(d) => (d, 0),
+                        None => return Ok(out),
+                    },
+                };
+                due.range((subscription, d, s)..=(subscription, u64::MAX, u64::MAX))
+            }
+        }
+        .map_err(io)?;
+        for row in range.take(limit) {
+            let (key, _) = row.map_err(io)?;
+            let (_, d, seq) = key.value();
+            if let Some(body) = queue.get((subscription, seq)).map_err(io)? {
+                out.push(((d, seq), body.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first queued delivery of `subscription` in the order of acceptance.
+    pub(crate) fn queue_head(&self, subscription: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .queue_page(subscription, true, None, 1)?
+            .into_iter()
+            .next()
+            .map(|(_, body)| body))
+    }
+
+    /// Dead letters of `subscription` given up in `from..to` (unix nanoseconds): (given up
+    /// at, seq, stored JSON), oldest first or newest first, at most `limit`.
+    pub(crate) fn dead_range(
+        &self,
+        subscription: &str,
+        from: u64,
+        to: u64,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let index = txn.open_table(DEAD_BY_TIME).map_err(io)?;
+        let dead = txn.open_table(DEAD_QUEUE).map_err(io)?;
+        let range = index
+            .range((subscription, from, 0u64)..(subscription, to, 0u64))
+            .map_err(io)?;
+        let keys: Vec<(u64, u64)> = if newest_first {
+            range
+                .rev()
+                .take(limit)
+                .map(|r| r.map(|(k, _)| (k.value().1, k.value().2)))
+                .collect::<Result<_, _>>()
+                .map_err(io)?
+        } else {
+            range
+                .take(limit)
+                .map(|r| r.map(|(k, _)| (k.value().1, k.value().2)))
+                .collect::<Result<_, _>>()
+                .map_err(io)?
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for (at, seq) in keys {
+            if let Some(body) = dead.get((subscription, seq)).map_err(io)? {
+                out.push((at, seq, body.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The event ids of the producer ids known: (producer id, event id).
+    pub(crate) fn producers(&self, ids: &[&str]) -> Result<Vec<(String, String)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(PRODUCERS).map_err(io)?;
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(v) = table.get(*id).map_err(io)? {
+                out.push(((*id).to_string(), v.value().0.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// (unix seconds, producer id) of producer ids first seen before `before`, oldest first.
+    pub(crate) fn producers_before(&self, before: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let index = txn.open_table(PRODUCERS_BY_AGE).map_err(io)?;
+        let mut out = Vec::new();
+        for row in index.range((i64::MIN, "")..(before, "")).map_err(io)?.take(limit) {
+            let (key, _) = row.map_err(io)?;
+            let (at, id) = key.value();
+            out.push((at, id.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Every subscription's queue figures: (queued, bytes, dead letters).
+    pub(crate) fn queue_stats(&self) -> Result<Vec<(String, QueueFigures)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(QUEUE_STATS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// The next seq to hand out.
+    pub(crate) fn next_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let meta = txn.open_table(META).map_err(io)?;
+        Ok(meta
+            .get(NEXT_SEQ)
+            .map_err(io)?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Every subscription with an attempt log (one seek per subscription).
+    pub(crate) fn attempt_subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(ATTEMPTS).map_err(io)?;
+        let mut out: Vec<String> = Vec::new();
+        let mut from = String::new();
+        loop {
+            let next = table.range((from.as_str(), 0u64)..).map_err(io)?.next();
+            let Some(row) = next else { break };
+            let (key, _) = row.map_err(io)?;
+            let subscription = key.value().0.to_string();
+            // The smallest string after every "subscription…" key is subscription + "\0".
+            from = format!("{subscription}\0");
+            out.push(subscription);
+        }
+        Ok(out)
+    }
+
+    /// Subscription UID → namespace, as noted.
+    pub(crate) fn namespaces(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(SUBSCRIPTIONS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            out.push((k.value().to_string(), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Moves what an older release kept (deliveries and dead letters by seq, producer ids
+    /// without their age index) into the paged tables, in one transaction. Returns the
+    /// rows moved (0 when there was nothing to move).
+    pub(crate) fn migrate_legacy(&self) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        let mut moved = 0u64;
+        {
+            let mut pending = txn.open_table(PENDING).map_err(io)?;
+            let mut dead = txn.open_table(DEAD).map_err(io)?;
+            if pending.is_empty().map_err(io)? && dead.is_empty().map_err(io)? {
+                let producers = txn.open_table(PRODUCERS).map_err(io)?;
+                let by_age = txn.open_table(PRODUCERS_BY_AGE).map_err(io)?;
+                if producers.len().map_err(io)? == by_age.len().map_err(io)? {
+                    return Ok(0);
+                }
+            }
+            let mut queue = txn.open_table(QUEUE).map_err(io)?;
+            let mut due = txn.open_table(QUEUE_DUE).map_err(io)?;
+            let mut dead_queue = txn.open_table(DEAD_QUEUE).map_err(io)?;
+            let mut dead_by_time = txn.open_table(DEAD_BY_TIME).map_err(io)?;
+            let mut refs = txn.open_table(EVENT_REFS).map_err(io)?;
+            let mut stats_table = txn.open_table(QUEUE_STATS).map_err(io)?;
+            let mut stats: std::collections::HashMap<String, (u64, u64, u64)> = std::collections::HashMap::new();
+            let mut counts: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+            let mut next = 0u64;
+            for (is_dead, table) in [(false, &mut pending), (true, &mut dead)] {
+                for row in table.iter().map_err(io)? {
+                    let (seq, body) = row.map_err(io)?;
+                    let seq = seq.value();
+                    let Ok(stored) = serde_json::from_slice::<super::schema::StoredDelivery>(body.value()) else {
+                        tracing::error!(seq, "a stored delivery does not parse; it is left behind");
+                        continue;
+                    };
+                    next = next.max(seq + 1);
+                    *counts.entry(stored.event_id.clone()).or_default() += 1;
+                    let sub = stored.subscription.as_str();
+                    let s = stats.entry(stored.subscription.clone()).or_default();
+                    if is_dead {
+                        let at = super::schema::nanos(stored.dead_at.unwrap_or(stored.not_before));
+                        dead_queue.insert((sub, seq), body.value()).map_err(io)?;
+                        dead_by_time.insert((sub, at, seq), ()).map_err(io)?;
+                        s.2 += 1;
+                    } else {
+                        queue.insert((sub, seq), body.value()).map_err(io)?;
+                        due.insert((sub, super::schema::nanos(stored.not_before), seq), ())
+                            .map_err(io)?;
+                        s.0 += 1;
+                    }
+                    moved += 1;
+                }
+                table.retain(|_, _| false).map_err(io)?;
+            }
+            for (id, n) in counts {
+                let old = refs.get(id.as_str()).map_err(io)?.map_or(0, |v| v.value());
+                refs.insert(id.as_str(), old + n).map_err(io)?;
+            }
+            for (sub, (q, b, d)) in stats {
+                let (oq, ob, od) = stats_table
+                    .get(sub.as_str())
+                    .map_err(io)?
+                    .map_or((0, 0, 0), |v| v.value());
+                stats_table.insert(sub.as_str(), (oq + q, ob + b, od + d)).map_err(io)?;
+            }
+            let producers = txn.open_table(PRODUCERS).map_err(io)?;
+            let mut by_age = txn.open_table(PRODUCERS_BY_AGE).map_err(io)?;
+            for row in producers.iter().map_err(io)? {
+                let (p, v) = row.map_err(io)?;
+                by_age.insert((v.value().1, p.value()), ()).map_err(io)?;
+            }
+            let mut meta = txn.open_table(META).map_err(io)?;
+            let stored = meta
+                .get(NEXT_SEQ)
+                .map_err(io)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map_or(0, u64::from_be_bytes);
+            if next > stored {
+                meta.insert(NEXT_SEQ, next.to_be_bytes().as_slice()).map_err(io)?;
+            }
+        }
+        txn.commit().map_err(io)?;
+        Ok(moved)
     }
 }

@@ -14,9 +14,9 @@
 //! thread) and `state` (the in-memory indexes). Only this file locks the state (the
 //! commit thread keeps its own outage flag).
 
-mod committer;
+pub(crate) mod committer;
 pub mod engine;
-mod schema;
+pub(crate) mod schema;
 pub mod shared;
 mod state;
 
@@ -137,7 +137,10 @@ impl DurableStore {
         let down = outage.clone();
         let committer = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(writer_db.as_ref(), &rx, &failures, &down))
+            .spawn(move || {
+                let committed = std::sync::atomic::AtomicU64::new(0);
+                commit_loop(writer_db.as_ref(), &rx, &failures, &down, &committed)
+            })
             .map_err(io)?;
         Ok(DurableStore {
             engine,
@@ -165,7 +168,12 @@ impl DurableStore {
         lock(&self.writer)
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
-            .send(Job { ops, done, kept })
+            .send(Job {
+                ops,
+                done,
+                kept,
+                generation: 0,
+            })
             .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))
     }
 
@@ -316,95 +324,8 @@ impl DurableStore {
         Ok(out)
     }
 
-    /// The writes that apply `changes` to the mailbox index, net: later changes see
-    /// earlier ones of the same list (a folder renamed after a message was put in it).
     fn index_ops(&self, changes: Vec<IndexChange>) -> Result<Vec<Op>, StoreError> {
-        // key → (user, seen at, body), or deleted.
-        let mut net: IndexNet = BTreeMap::new();
-        let scan = |net: &IndexNet, prefix: &[u8]| {
-            let mut found: BTreeMap<Vec<u8>, (i64, Vec<u8>)> = BTreeMap::new();
-            for (key, at, body) in self.engine.index_scan(prefix)? {
-                found.insert(key, (at, body));
-            }
-            let end = engine::prefix_end(prefix);
-            for (key, value) in net.range(prefix.to_vec()..end) {
-                match value {
-                    Some((_, at, body)) => found.insert(key.clone(), (*at, body.clone())),
-                    None => found.remove(key),
-                };
-            }
-            Ok::<_, StoreError>(found)
-        };
-        let now = jiff::Timestamp::now().as_second();
-        for change in changes {
-            match change {
-                IndexChange::Put(key, message) => {
-                    if !index_key::valid(&key.user) || !index_key::valid(&key.folder) {
-                        continue;
-                    }
-                    // The folder is known by its messages: no entry of its own is needed.
-                    let body = json(&message)?;
-                    net.insert(index_key::message(&key), Some((key.user, message.seen_at, body)));
-                }
-                IndexChange::Remove(key) => {
-                    net.insert(index_key::message(&key), None);
-                }
-                IndexChange::PutFolder {
-                    user,
-                    folder,
-                    uid_validity,
-                    uid_next,
-                } => {
-                    if index_key::valid(&user) && index_key::valid(&folder) {
-                        let marker = json(&IndexedFolder { uid_validity, uid_next })?;
-                        net.insert(index_key::folder(&user, &folder), Some((user, now, marker)));
-                    }
-                }
-                IndexChange::RemoveFolder { user, folder } => {
-                    for key in scan(&net, &index_key::folder(&user, &folder))?.into_keys() {
-                        net.insert(key, None);
-                    }
-                }
-                IndexChange::RenameFolder {
-                    user,
-                    from,
-                    to,
-                    separator,
-                } => {
-                    if !index_key::valid(&to) {
-                        continue;
-                    }
-                    // (prefix scanned, the bytes it becomes): the folder's own entries, and
-                    // with a separator every `from<sep>…` subfolder's (not NUL-ended: the
-                    // rest of the subfolder's name follows).
-                    let mut moves = vec![(index_key::folder(&user, &from), index_key::folder(&user, &to))];
-                    if let Some(sep) = separator {
-                        let child = |name: &str| {
-                            let mut k = index_key::user(&user);
-                            k.extend_from_slice(name.as_bytes());
-                            k.extend_from_slice(sep.to_string().as_bytes());
-                            k
-                        };
-                        moves.push((child(&from), child(&to)));
-                    }
-                    for (old, new) in moves {
-                        for (key, (at, body)) in scan(&net, &old)? {
-                            let mut moved = new.clone();
-                            moved.extend_from_slice(key.get(old.len()..).unwrap_or_default());
-                            net.insert(key, None);
-                            net.insert(moved, Some((user.clone(), at, body)));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(net
-            .into_iter()
-            .map(|(key, value)| match value {
-                Some((user, at, body)) => Op::PutIndex(key, user, at, body),
-                None => Op::DeleteIndex(key),
-            })
-            .collect())
+        index_ops(self.engine.as_ref(), changes)
     }
 
     /// Reads stored deliveries from `table` by seq.
@@ -450,43 +371,7 @@ impl Store for DurableStore {
     }
 
     fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
-        let prefix = match folder {
-            Some(f) => index_key::folder(user, f),
-            None => index_key::user(user),
-        };
-        let mut mailbox = IndexedMailbox::default();
-        for (key, _, body) in self.engine.index_scan(&prefix)? {
-            let Some((user, folder, message)) = index_key::parse(&key) else {
-                continue;
-            };
-            match message {
-                Some((uid_validity, uid)) => {
-                    let Ok(indexed) = serde_json::from_slice::<IndexedMessage>(&body) else {
-                        continue;
-                    };
-                    let key = MessageKey {
-                        user,
-                        folder: folder.clone(),
-                        uid_validity,
-                        uid,
-                    };
-                    mailbox.messages.insert(key, indexed);
-                    let known = mailbox.folders.entry(folder).or_default();
-                    if known.uid_validity.is_none() {
-                        known.uid_validity = Some(uid_validity);
-                    }
-                }
-                None => {
-                    let marker: IndexedFolder = serde_json::from_slice(&body).unwrap_or_default();
-                    let entry = mailbox.folders.entry(folder).or_default();
-                    if marker.uid_validity.is_some() {
-                        entry.uid_validity = marker.uid_validity;
-                    }
-                    entry.uid_next = marker.uid_next;
-                }
-            }
-        }
-        Ok(mailbox)
+        indexed(self.engine.as_ref(), user, folder)
     }
 
     fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
@@ -501,37 +386,7 @@ impl Store for DurableStore {
     }
 
     fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        // Messages only: a folder's own entry stays while the folder does, and its
-        // watermark rises past what is forgotten, so the reconciler never takes a purged
-        // message for one that arrived while it was away.
-        let mut ops = Vec::new();
-        let mut watermarks: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
-        for key in self.engine.index_before(before.as_second())? {
-            let Some((user, folder, Some((uid_validity, uid)))) = index_key::parse(&key) else {
-                continue;
-            };
-            let mark = watermarks.entry((user, folder)).or_insert((uid_validity, 0));
-            if mark.0 == uid_validity {
-                mark.1 = mark.1.max(uid.saturating_add(1));
-            }
-            ops.push(Op::DeleteIndex(key));
-        }
-        let n = ops.len() as u64;
-        let now = jiff::Timestamp::now().as_second();
-        for ((user, folder), (uid_validity, above)) in watermarks {
-            let key = index_key::folder(&user, &folder);
-            let mut marker: IndexedFolder = self
-                .engine
-                .index_get(&key)?
-                .and_then(|body| serde_json::from_slice(&body).ok())
-                .unwrap_or_default();
-            if marker.uid_validity.is_some_and(|v| v != uid_validity) {
-                continue;
-            }
-            marker.uid_validity = Some(uid_validity);
-            marker.uid_next = Some(marker.uid_next.unwrap_or(0).max(above));
-            ops.push(Op::PutIndex(key, user, now, json(&marker)?));
-        }
+        let (ops, n) = purge_index_ops(self.engine.as_ref(), before)?;
         if n > 0 {
             self.send(ops, true)?;
         }
@@ -936,6 +791,173 @@ impl Store for DurableStore {
     fn volume(&self) -> Option<(u64, u64)> {
         self.engine.volume()
     }
+}
+
+/// The writes that apply `changes` to the mailbox index, net: later changes see
+/// earlier ones of the same list (a folder renamed after a message was put in it).
+pub(crate) fn index_ops(engine: &dyn Engine, changes: Vec<IndexChange>) -> Result<Vec<Op>, StoreError> {
+    // key → (user, seen at, body), or deleted.
+    let mut net: IndexNet = BTreeMap::new();
+    let scan = |net: &IndexNet, prefix: &[u8]| {
+        let mut found: BTreeMap<Vec<u8>, (i64, Vec<u8>)> = BTreeMap::new();
+        for (key, at, body) in engine.index_scan(prefix)? {
+            found.insert(key, (at, body));
+        }
+        let end = engine::prefix_end(prefix);
+        for (key, value) in net.range(prefix.to_vec()..end) {
+            match value {
+                Some((_, at, body)) => found.insert(key.clone(), (*at, body.clone())),
+                None => found.remove(key),
+            };
+        }
+        Ok::<_, StoreError>(found)
+    };
+    let now = jiff::Timestamp::now().as_second();
+    for change in changes {
+        match change {
+            IndexChange::Put(key, message) => {
+                if !index_key::valid(&key.user) || !index_key::valid(&key.folder) {
+                    continue;
+                }
+                // The folder is known by its messages: no entry of its own is needed.
+                let body = json(&message)?;
+                net.insert(index_key::message(&key), Some((key.user, message.seen_at, body)));
+            }
+            IndexChange::Remove(key) => {
+                net.insert(index_key::message(&key), None);
+            }
+            IndexChange::PutFolder {
+                user,
+                folder,
+                uid_validity,
+                uid_next,
+            } => {
+                if index_key::valid(&user) && index_key::valid(&folder) {
+                    let marker = json(&IndexedFolder { uid_validity, uid_next })?;
+                    net.insert(index_key::folder(&user, &folder), Some((user, now, marker)));
+                }
+            }
+            IndexChange::RemoveFolder { user, folder } => {
+                for key in scan(&net, &index_key::folder(&user, &folder))?.into_keys() {
+                    net.insert(key, None);
+                }
+            }
+            IndexChange::RenameFolder {
+                user,
+                from,
+                to,
+                separator,
+            } => {
+                if !index_key::valid(&to) {
+                    continue;
+                }
+                // (prefix scanned, the bytes it becomes): the folder's own entries, and
+                // with a separator every `from<sep>…` subfolder's (not NUL-ended: the
+                // rest of the subfolder's name follows).
+                let mut moves = vec![(index_key::folder(&user, &from), index_key::folder(&user, &to))];
+                if let Some(sep) = separator {
+                    let child = |name: &str| {
+                        let mut k = index_key::user(&user);
+                        k.extend_from_slice(name.as_bytes());
+                        k.extend_from_slice(sep.to_string().as_bytes());
+                        k
+                    };
+                    moves.push((child(&from), child(&to)));
+                }
+                for (old, new) in moves {
+                    for (key, (at, body)) in scan(&net, &old)? {
+                        let mut moved = new.clone();
+                        moved.extend_from_slice(key.get(old.len()..).unwrap_or_default());
+                        net.insert(key, None);
+                        net.insert(moved, Some((user.clone(), at, body)));
+                    }
+                }
+            }
+        }
+    }
+    Ok(net
+        .into_iter()
+        .map(|(key, value)| match value {
+            Some((user, at, body)) => Op::PutIndex(key, user, at, body),
+            None => Op::DeleteIndex(key),
+        })
+        .collect())
+}
+
+/// What the mailbox index knows of `user`'s mailbox (one folder, or all of them).
+pub(crate) fn indexed(engine: &dyn Engine, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
+    let prefix = match folder {
+        Some(f) => index_key::folder(user, f),
+        None => index_key::user(user),
+    };
+    let mut mailbox = IndexedMailbox::default();
+    for (key, _, body) in engine.index_scan(&prefix)? {
+        let Some((user, folder, message)) = index_key::parse(&key) else {
+            continue;
+        };
+        match message {
+            Some((uid_validity, uid)) => {
+                let Ok(indexed) = serde_json::from_slice::<IndexedMessage>(&body) else {
+                    continue;
+                };
+                let key = MessageKey {
+                    user,
+                    folder: folder.clone(),
+                    uid_validity,
+                    uid,
+                };
+                mailbox.messages.insert(key, indexed);
+                let known = mailbox.folders.entry(folder).or_default();
+                if known.uid_validity.is_none() {
+                    known.uid_validity = Some(uid_validity);
+                }
+            }
+            None => {
+                let marker: IndexedFolder = serde_json::from_slice(&body).unwrap_or_default();
+                let entry = mailbox.folders.entry(folder).or_default();
+                if marker.uid_validity.is_some() {
+                    entry.uid_validity = marker.uid_validity;
+                }
+                entry.uid_next = marker.uid_next;
+            }
+        }
+    }
+    Ok(mailbox)
+}
+
+/// The writes that forget indexed messages indexed before `before`, and how many.
+pub(crate) fn purge_index_ops(engine: &dyn Engine, before: jiff::Timestamp) -> Result<(Vec<Op>, u64), StoreError> {
+    // Messages only: a folder's own entry stays while the folder does, and its
+    // watermark rises past what is forgotten, so the reconciler never takes a purged
+    // message for one that arrived while it was away.
+    let mut ops = Vec::new();
+    let mut watermarks: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
+    for key in engine.index_before(before.as_second())? {
+        let Some((user, folder, Some((uid_validity, uid)))) = index_key::parse(&key) else {
+            continue;
+        };
+        let mark = watermarks.entry((user, folder)).or_insert((uid_validity, 0));
+        if mark.0 == uid_validity {
+            mark.1 = mark.1.max(uid.saturating_add(1));
+        }
+        ops.push(Op::DeleteIndex(key));
+    }
+    let n = ops.len() as u64;
+    let now = jiff::Timestamp::now().as_second();
+    for ((user, folder), (uid_validity, above)) in watermarks {
+        let key = index_key::folder(&user, &folder);
+        let mut marker: IndexedFolder = engine
+            .index_get(&key)?
+            .and_then(|body| serde_json::from_slice(&body).ok())
+            .unwrap_or_default();
+        if marker.uid_validity.is_some_and(|v| v != uid_validity) {
+            continue;
+        }
+        marker.uid_validity = Some(uid_validity);
+        marker.uid_next = Some(marker.uid_next.unwrap_or(0).max(above));
+        ops.push(Op::PutIndex(key, user, now, json(&marker)?));
+    }
+    Ok((ops, n))
 }
 
 /// A stored delivery's JSON; one that does not parse (never written by this store) is

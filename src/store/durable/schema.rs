@@ -25,11 +25,27 @@ pub(super) const RAW_BY_AGE: TableDefinition<(i64, &str), ()> = TableDefinition:
 pub(super) const SUBSCRIPTIONS: TableDefinition<&str, &str> = TableDefinition::new("subscriptions");
 /// The mailbox index (`store::index_key` layout) → (unix seconds indexed, body).
 pub(super) const MAILBOX_INDEX: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("mailbox_index");
+/// The paged store's queues: (subscription, seq) → stored delivery. One subscription's
+/// queue is one key range in the order of acceptance.
+pub(crate) const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+/// (subscription, due time in unix nanoseconds, seq) of every queued delivery: an
+/// unordered queue is read in this order.
+pub(crate) const QUEUE_DUE: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("queue_due");
+/// (subscription, seq) → dead letter.
+pub(crate) const DEAD_QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_queue");
+/// (subscription, given up at in unix nanoseconds, seq) of every dead letter.
+pub(crate) const DEAD_BY_TIME: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("dead_by_time");
+/// Event id → deliveries and dead letters that still refer to it (the event goes with the last).
+pub(crate) const EVENT_REFS: TableDefinition<&str, u32> = TableDefinition::new("event_refs");
+/// (unix seconds first seen, producer id) of every producer id, for its expiry.
+pub(crate) const PRODUCERS_BY_AGE: TableDefinition<(i64, &str), ()> = TableDefinition::new("producers_by_age");
+/// Subscription → (deliveries queued, bytes of their events, dead letters).
+pub(crate) const QUEUE_STATS: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("queue_stats");
 /// Secrets kept with the data (name → 32 bytes).
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Creates every table that does not exist yet, so reads never meet a missing one.
-pub(super) fn create_tables(db: &Database) -> Result<(), StoreError> {
+pub(crate) fn create_tables(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io)?;
     txn.open_table(EVENTS).map_err(io)?;
     txn.open_table(PRODUCERS).map_err(io)?;
@@ -41,33 +57,47 @@ pub(super) fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(META).map_err(io)?;
     txn.open_table(SUBSCRIPTIONS).map_err(io)?;
     txn.open_table(MAILBOX_INDEX).map_err(io)?;
+    txn.open_table(QUEUE).map_err(io)?;
+    txn.open_table(QUEUE_DUE).map_err(io)?;
+    txn.open_table(DEAD_QUEUE).map_err(io)?;
+    txn.open_table(DEAD_BY_TIME).map_err(io)?;
+    txn.open_table(EVENT_REFS).map_err(io)?;
+    txn.open_table(PRODUCERS_BY_AGE).map_err(io)?;
+    txn.open_table(QUEUE_STATS).map_err(io)?;
     txn.commit().map_err(io)
 }
 
 /// A delivery as stored on disk.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct StoredDelivery {
-    pub(super) subscription: String,
-    pub(super) event_id: String,
-    pub(super) attempts: u32,
-    pub(super) not_before: jiff::Timestamp,
-    pub(super) accepted_at: jiff::Timestamp,
+pub(crate) struct StoredDelivery {
+    pub(crate) subscription: String,
+    pub(crate) event_id: String,
+    pub(crate) attempts: u32,
+    pub(crate) not_before: jiff::Timestamp,
+    pub(crate) accepted_at: jiff::Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) ordering_key: Option<String>,
+    pub(crate) ordering_key: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(super) matched_filters: Vec<String>,
+    pub(crate) matched_filters: Vec<String>,
     /// Dead letters only: why it was given up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// Dead letters only: when it was given up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) dead_at: Option<jiff::Timestamp>,
+    pub(crate) dead_at: Option<jiff::Timestamp>,
+    /// Bytes of its event (the paged store's backlog counts them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) size: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl StoredDelivery {
     /// A dead letter as the history API shows it.
-    pub(super) fn into_dead_letter(self) -> crate::store::DeadLetter {
+    pub(crate) fn into_dead_letter(self) -> crate::store::DeadLetter {
         crate::store::DeadLetter {
             dead_at: self.dead_at.unwrap_or(self.not_before),
             reason: self.reason.unwrap_or_default(),
@@ -77,7 +107,7 @@ impl StoredDelivery {
         }
     }
 
-    pub(super) fn from(d: &PendingDelivery) -> StoredDelivery {
+    pub(crate) fn from(d: &PendingDelivery) -> StoredDelivery {
         StoredDelivery {
             subscription: d.subscription.clone(),
             event_id: d.event_id.clone(),
@@ -88,10 +118,11 @@ impl StoredDelivery {
             matched_filters: d.matched_filters.clone(),
             reason: None,
             dead_at: None,
+            size: 0,
         }
     }
 
-    pub(super) fn into_pending(self, seq: u64) -> PendingDelivery {
+    pub(crate) fn into_pending(self, seq: u64) -> PendingDelivery {
         PendingDelivery {
             subscription: self.subscription,
             event_id: self.event_id,
@@ -105,15 +136,22 @@ impl StoredDelivery {
     }
 }
 
-pub(super) fn io(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-pub(super) fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(io)
 }
 
 /// A timestamp as an ATTEMPTS key part.
-pub(super) fn nanos(t: jiff::Timestamp) -> u64 {
-    u64::try_from(t.as_nanosecond()).unwrap_or(0)
+/// Saturating: before 1970 is 0, past what 64 bits hold (year 2554) is `u64::MAX`, so a
+/// range bound of `Timestamp::MAX` still ends after every key.
+pub(crate) fn nanos(t: jiff::Timestamp) -> u64 {
+    let n = t.as_nanosecond();
+    if n <= 0 {
+        0
+    } else {
+        u64::try_from(n).unwrap_or(u64::MAX)
+    }
 }

@@ -93,7 +93,7 @@ impl State {
     }
 
     pub(super) fn attempt_key(&mut self, at: jiff::Timestamp) -> u64 {
-        let nanos = u64::try_from(at.as_nanosecond()).unwrap_or(0);
+        let nanos = super::schema::nanos(at);
         self.last_attempt_key = nanos.max(self.last_attempt_key + 1);
         self.last_attempt_key
     }

@@ -458,6 +458,21 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             Op::DeleteEventIfUnused(id) => shared.unused_events.push(id.clone()),
             Op::DeleteDeliveriesOf(uid) => shared.forgotten.push(uid.clone()),
             Op::DropDead(seq) => shared.drop_dead(signed(*seq)?),
+            Op::PutCountedEvent(..)
+            | Op::ReleaseEvent(_)
+            | Op::Enqueue(_)
+            | Op::Dequeue { .. }
+            | Op::Bury(..)
+            | Op::Unbury(..)
+            | Op::Stats(..)
+            | Op::ForgetQueue(_)
+            | Op::PutAgedProducer(..)
+            | Op::DeleteAgedProducer(..)
+            | Op::NextSeq(_) => {
+                return Err(StoreError::Io(
+                    "a write of the embedded store's paged queues reached PostgreSQL (a bug)".into(),
+                ));
+            }
         }
     }
     net.statements(&mut out);

@@ -1,0 +1,1099 @@
+//! The embedded store with its queues on disk: each subscription's deliveries and dead
+//! letters are key ranges of redb tables, and memory keeps only a bounded window of each
+//! queue (`window`), the deliveries in flight, and per-subscription figures. Memory does
+//! not grow with the backlog, and a start reads each queue's head only when its shard
+//! first asks for work.
+//!
+//! Writes go through the same group-commit thread as the durable store (`durable::
+//! committer`); every write carries a generation, and the thread publishes the newest one
+//! committed, so a read of the disk knows which of memory's changes it may not show yet.
+//! Producer ids and event references live on disk too (one read per ingested producer id).
+
+pub mod window;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Sender, channel, sync_channel};
+
+use parking_lot::Mutex;
+use redb::Database;
+use redb::backends::InMemoryBackend;
+
+use self::window::{Key, Queued, Window, nanos};
+use super::durable::committer::{self, Job, Op, Outage, Reply, commit_loop};
+use super::durable::engine::{Engine, REDB_CACHE_BYTES, Redb};
+use super::durable::schema::{StoredDelivery, create_tables, io, json};
+use super::{
+    Appended, Attempt, BacklogCap, DeadLetter, Durable, IndexChange, IndexedMailbox, IndexedMessage, Ingest,
+    MessageKey, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store, StoreError,
+};
+use crate::event::MailboxEvent;
+
+/// Parsed events kept in memory, newest first out last (FIFO): fan-out and retries of
+/// recent events do not re-read them.
+const EVENT_CACHE: usize = 10_000;
+
+/// Most rows one call of a sweep (expiry, purge, replay) handles; the next call goes on.
+const SWEEP: usize = 10_000;
+
+/// How long a queue's oldest acceptance time is reused before it is read again.
+const OLDEST_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Per-subscription figures, as on disk (`QUEUE_STATS`) plus what memory counts.
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    queued: u64,
+    bytes: u64,
+    dead: u64,
+    overflowed: u64,
+    /// (read at, oldest accepted).
+    oldest: Option<(std::time::Instant, Option<jiff::Timestamp>)>,
+}
+
+#[derive(Default)]
+struct State {
+    windows: HashMap<String, Window>,
+    figures: HashMap<String, Figures>,
+    caps: HashMap<String, BacklogCap>,
+    namespaces: HashMap<String, String>,
+    cache: HashMap<String, Arc<MailboxEvent>>,
+    cache_order: VecDeque<String>,
+    /// Producer ids of ingests not committed yet → their event id.
+    claiming: HashMap<String, String>,
+    next_seq: u64,
+    last_attempt_key: u64,
+}
+
+impl State {
+    fn cache(&mut self, event: Arc<MailboxEvent>) {
+        if self.cache.contains_key(&event.id) {
+            return;
+        }
+        while self.cache.len() >= EVENT_CACHE {
+            let Some(old) = self.cache_order.pop_front() else { break };
+            self.cache.remove(&old);
+        }
+        self.cache_order.push_back(event.id.clone());
+        self.cache.insert(event.id.clone(), event);
+    }
+
+    fn attempt_key(&mut self, at: jiff::Timestamp) -> u64 {
+        self.last_attempt_key = nanos(at).max(self.last_attempt_key + 1);
+        self.last_attempt_key
+    }
+}
+
+pub struct PagedStore {
+    engine: Arc<Redb>,
+    state: Mutex<State>,
+    outage: Arc<Outage>,
+    writer: Mutex<Option<(Sender<Job>, u64)>>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    commit_failures: Arc<AtomicU64>,
+    committed: Arc<AtomicU64>,
+    /// Queued deliveries read from the disk since start.
+    rows_read: AtomicU64,
+}
+
+impl Drop for PagedStore {
+    fn drop(&mut self) {
+        self.writer.lock().take();
+        if let Some(handle) = self.committer.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl PagedStore {
+    /// Opens (or creates) the store in `dir`. What an older release kept in memory-indexed
+    /// tables is moved into the paged ones first (once).
+    pub fn open(dir: &Path) -> Result<PagedStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join("mailhook.redb");
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(&path)
+            .map_err(io)?;
+        PagedStore::start(db, Some(path))
+    }
+
+    /// A store in memory only: lost when the process ends.
+    pub fn in_memory() -> Result<PagedStore, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(InMemoryBackend::new())
+            .map_err(io)?;
+        PagedStore::start(db, None)
+    }
+
+    fn start(db: Database, path: Option<std::path::PathBuf>) -> Result<PagedStore, StoreError> {
+        create_tables(&db)?;
+        let engine = Arc::new(Redb::new(db, path));
+        let moved = engine.migrate_legacy()?;
+        if moved > 0 {
+            tracing::info!(
+                rows = moved,
+                "moved the queues of an older release into the paged tables"
+            );
+        }
+        let mut state = State {
+            next_seq: engine.next_seq()?,
+            ..State::default()
+        };
+        for (uid, (queued, bytes, dead)) in engine.queue_stats()? {
+            state.figures.insert(
+                uid,
+                Figures {
+                    queued,
+                    bytes,
+                    dead,
+                    ..Figures::default()
+                },
+            );
+        }
+        state.namespaces = engine.namespaces()?.into_iter().collect();
+        let (tx, rx) = channel();
+        let commit_failures = Arc::new(AtomicU64::new(0));
+        let committed = Arc::new(AtomicU64::new(0));
+        let outage = Arc::new(Outage::default());
+        let (failures, down, done, writer_db) = (
+            commit_failures.clone(),
+            outage.clone(),
+            committed.clone(),
+            engine.clone(),
+        );
+        let committer = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || commit_loop(writer_db.as_ref(), &rx, &failures, &down, &done))
+            .map_err(io)?;
+        Ok(PagedStore {
+            engine,
+            state: Mutex::new(state),
+            outage,
+            writer: Mutex::new(Some((tx, 0))),
+            committer: Mutex::new(Some(committer)),
+            commit_failures,
+            committed,
+            rows_read: AtomicU64::new(0),
+        })
+    }
+
+    /// Queued deliveries read from the disk since start (a start reads queue heads only).
+    pub fn rows_read(&self) -> u64 {
+        self.rows_read.load(Ordering::Relaxed)
+    }
+
+    /// Queues `ops` for the commit thread; returns the write's generation.
+    fn submit(&self, ops: Vec<Op>, done: Reply, kept: bool) -> Result<u64, StoreError> {
+        let mut writer = self.writer.lock();
+        let (tx, last) = writer
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        *last += 1;
+        let generation = *last;
+        tx.send(Job {
+            ops,
+            done,
+            kept,
+            generation,
+        })
+        .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?;
+        Ok(generation)
+    }
+
+    /// Blocks until `ops` are committed (`kept`: memory shows them already).
+    fn wait_for(&self, ops: Vec<Op>, kept: bool) -> Result<(), StoreError> {
+        let (tx, rx) = sync_channel(1);
+        self.submit(ops, Reply::Blocking(tx), kept)?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
+            .map_err(StoreError::Io)
+    }
+
+    /// Waits until every write queued so far is committed, when one is not yet.
+    fn settle(&self) -> Result<(), StoreError> {
+        let last = self.writer.lock().as_ref().map_or(0, |(_, last)| *last);
+        if self.committed() >= last {
+            return Ok(());
+        }
+        self.wait_for(Vec::new(), false)
+    }
+
+    fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// The page reader a window uses.
+    fn page<'a>(&'a self, subscription: &'a str) -> impl FnMut(bool, Option<Key>, usize) -> window::PageRows + 'a {
+        move |ordered, after, limit| {
+            let rows = self.engine.queue_page(subscription, ordered, after, limit)?;
+            self.rows_read.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            let mut out = Vec::with_capacity(rows.len());
+            for ((due, seq), body) in rows {
+                let Ok(stored) = serde_json::from_slice::<StoredDelivery>(&body) else {
+                    tracing::error!(seq, subscription, "a stored delivery does not parse; it is skipped");
+                    continue;
+                };
+                let key = if ordered { (0, seq) } else { (due, seq) };
+                let size = stored.size;
+                out.push((
+                    key,
+                    Queued {
+                        delivery: stored.into_pending(seq),
+                        size,
+                        written: 0,
+                    },
+                ));
+            }
+            Ok(out)
+        }
+    }
+
+    /// The writes that make `d` a dead letter (`queued`: it was a queued delivery).
+    fn bury_ops(
+        d: &PendingDelivery,
+        size: u64,
+        reason: &str,
+        at: jiff::Timestamp,
+        queued: bool,
+    ) -> Result<Vec<Op>, StoreError> {
+        let mut stored = StoredDelivery::from(d);
+        stored.reason = Some(reason.to_string());
+        stored.dead_at = Some(at);
+        stored.size = size;
+        let mut ops = Vec::with_capacity(3);
+        if queued {
+            ops.push(Op::Dequeue {
+                subscription: d.subscription.clone(),
+                seq: d.seq,
+                due: nanos(d.not_before),
+            });
+        }
+        ops.push(Op::Bury(d.subscription.clone(), d.seq, nanos(at), json(&stored)?));
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
+        ops.push(if queued {
+            Op::Stats(d.subscription.clone(), -1, -size, 1)
+        } else {
+            Op::Stats(d.subscription.clone(), 0, 0, 1)
+        });
+        Ok(ops)
+    }
+
+    fn ingest_with(
+        &self,
+        items: Vec<Ingest>,
+        raw: Option<RawMessage>,
+        extra: Vec<Op>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let now = jiff::Timestamp::now();
+        // Producer ids: claimed in memory first (a concurrent duplicate sees the claim), then
+        // looked up on disk (a claim is dropped only once its commit is readable).
+        let mut out: Vec<Option<Appended>> = Vec::with_capacity(items.len());
+        let mut claimed = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for item in &items {
+                let Some(pid) = item.event.dedup_key() else {
+                    out.push(None);
+                    continue;
+                };
+                if let Some(existing) = state.claiming.get(&pid) {
+                    out.push(Some(Appended {
+                        id: existing.clone(),
+                        duplicate: true,
+                    }));
+                    continue;
+                }
+                state.claiming.insert(pid.clone(), item.event.id.clone());
+                claimed.push(pid);
+                out.push(None);
+            }
+        }
+        let release = |claimed: &[String]| {
+            let mut state = self.state.lock();
+            for pid in claimed {
+                state.claiming.remove(pid);
+            }
+        };
+        let known: HashMap<String, String> = match self
+            .engine
+            .producers(&claimed.iter().map(String::as_str).collect::<Vec<_>>())
+        {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(err) => {
+                release(&claimed);
+                return Err(err);
+            }
+        };
+        let mut ops = Vec::new();
+        let mut archive = false;
+        let mut queued: Vec<Queued> = Vec::new();
+        let mut cached = Vec::new();
+        let mut figures: HashMap<String, (i64, i64, i64, u64)> = HashMap::new();
+        let prepared = (|| -> Result<(), StoreError> {
+            let mut state = self.state.lock();
+            for (item, slot) in items.into_iter().zip(out.iter_mut()) {
+                if slot.is_some() {
+                    continue;
+                }
+                let pid = item.event.dedup_key();
+                if let Some(existing) = pid.as_ref().and_then(|p| known.get(p)) {
+                    *slot = Some(Appended {
+                        id: existing.clone(),
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                if let Some(pid) = pid {
+                    ops.push(Op::PutAgedProducer(pid, item.event.id.clone(), now.as_second()));
+                }
+                let id = item.event.id.clone();
+                *slot = Some(Appended {
+                    id: id.clone(),
+                    duplicate: false,
+                });
+                if item.deliveries.is_empty() {
+                    continue;
+                }
+                archive |= item.event.raw_message.is_some();
+                let body = json(&item.event)?;
+                let size = body.len() as u64;
+                ops.push(Op::PutCountedEvent(
+                    id.clone(),
+                    body,
+                    u32::try_from(item.deliveries.len()).unwrap_or(u32::MAX),
+                ));
+                for mut d in item.deliveries {
+                    d.seq = state.next_seq;
+                    state.next_seq += 1;
+                    let sub = d.subscription.clone();
+                    let pending = figures.entry(sub.clone()).or_default();
+                    let current = state.figures.get(&sub).copied().unwrap_or_default();
+                    let counts = QueueCounts {
+                        backlog: current.queued.saturating_add_signed(pending.0),
+                        bytes: current.bytes.saturating_add_signed(pending.1),
+                        ..QueueCounts::default()
+                    };
+                    let full = state.caps.get(&sub).and_then(|cap| cap.full(&counts));
+                    let size_i = i64::try_from(size).unwrap_or(i64::MAX);
+                    if let Some(reason) = full {
+                        ops.extend(Self::bury_ops(&d, size, &reason, now, false)?);
+                        pending.2 += 1;
+                        pending.3 += 1;
+                        continue;
+                    }
+                    let mut stored = StoredDelivery::from(&d);
+                    stored.size = size;
+                    ops.push(Op::Enqueue(Box::new(committer::Queued {
+                        subscription: sub.clone(),
+                        seq: d.seq,
+                        due: nanos(d.not_before),
+                        old_due: None,
+                        body: json(&stored)?,
+                    })));
+                    ops.push(Op::Stats(sub, 1, size_i, 0));
+                    pending.0 += 1;
+                    pending.1 += size_i;
+                    queued.push(Queued {
+                        delivery: d,
+                        size,
+                        written: 0,
+                    });
+                }
+                cached.push(Arc::new(item.event));
+            }
+            ops.push(Op::NextSeq(state.next_seq));
+            Ok(())
+        })();
+        if let Err(err) = prepared {
+            release(&claimed);
+            return Err(err);
+        }
+        if let Some(raw) = raw.filter(|_| archive) {
+            ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
+        }
+        ops.extend(extra);
+        let committed = self.wait_for(ops, false);
+        let mut state = self.state.lock();
+        for pid in &claimed {
+            state.claiming.remove(pid);
+        }
+        committed?;
+        for (sub, (q, b, d, overflowed)) in figures {
+            let f = state.figures.entry(sub).or_default();
+            f.queued = f.queued.saturating_add_signed(q);
+            f.bytes = f.bytes.saturating_add_signed(b);
+            f.dead = f.dead.saturating_add_signed(d);
+            f.overflowed += overflowed;
+            if f.oldest.is_some_and(|(_, o)| o.is_none()) {
+                f.oldest = None;
+            }
+        }
+        for event in cached {
+            state.cache(event);
+        }
+        for q in queued {
+            if let Some(w) = state.windows.get_mut(&q.delivery.subscription) {
+                w.insert(q);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| Appended {
+                    id: String::new(),
+                    duplicate: true,
+                })
+            })
+            .collect())
+    }
+}
+
+impl Store for PagedStore {
+    fn flush(&self) -> Result<(), StoreError> {
+        self.wait_for(Vec::new(), false)
+    }
+
+    fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
+        self.ingest_with(items, raw, Vec::new())
+    }
+
+    fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError> {
+        let ops = super::durable::index_ops(self.engine.as_ref(), index)?;
+        self.ingest_with(items, None, ops)
+    }
+
+    fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
+        super::durable::indexed(self.engine.as_ref(), user, folder)
+    }
+
+    fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
+        Ok(self
+            .engine
+            .index_get(&super::index_key::message(key))?
+            .and_then(|body| serde_json::from_slice(&body).ok()))
+    }
+
+    fn indexed_users(&self) -> Result<Vec<String>, StoreError> {
+        self.engine.index_users()
+    }
+
+    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        let (ops, n) = super::durable::purge_index_ops(self.engine.as_ref(), before)?;
+        if n > 0 {
+            self.wait_for(ops, false)?;
+        }
+        Ok(n)
+    }
+
+    fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
+        Ok(self.engine.raw(sha256)?.map(|(at, bytes)| {
+            (
+                jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+                bytes,
+            )
+        }))
+    }
+
+    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        let old: Vec<Op> = self
+            .engine
+            .raw_before(before.as_second())?
+            .into_iter()
+            .map(|(at, sha256)| Op::DeleteRaw(at, sha256))
+            .collect();
+        let n = old.len() as u64;
+        if n > 0 {
+            self.wait_for(old, false)?;
+        }
+        Ok(n)
+    }
+
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        self.engine.secret(name)
+    }
+
+    fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
+        self.state.lock().cache.get(id).cloned()
+    }
+
+    fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
+        if let Some(e) = self.cached_event(id) {
+            return Ok(Some(e));
+        }
+        match self.engine.event(id)? {
+            None => Ok(None),
+            Some(bytes) => {
+                let event = Arc::new(serde_json::from_slice::<MailboxEvent>(&bytes).map_err(io)?);
+                self.state.lock().cache(event.clone());
+                Ok(Some(event))
+            }
+        }
+    }
+
+    fn take_due(
+        &self,
+        subscription: &str,
+        now: jiff::Timestamp,
+        max: usize,
+        ordered: bool,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        let committed = self.committed();
+        let mut page = self.page(subscription);
+        let mut state = self.state.lock();
+        if state.figures.get(subscription).is_none_or(|f| f.queued == 0) && !state.windows.contains_key(subscription) {
+            return Ok(vec![]);
+        }
+        let window = state.windows.entry(subscription.to_string()).or_default();
+        window.take_due(&mut page, committed, now, max, ordered)
+    }
+
+    fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
+        let state = self.state.lock();
+        match state.windows.get(subscription) {
+            Some(w) => w.next_due(),
+            // Not read yet: something may be due now; the first take reads the head.
+            None => state
+                .figures
+                .get(subscription)
+                .filter(|f| f.queued > 0)
+                .map(|_| jiff::Timestamp::UNIX_EPOCH),
+        }
+    }
+
+    fn complete(&self, d: &PendingDelivery) -> Result<Durable, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut state = self.state.lock();
+        let size = state
+            .windows
+            .get(&d.subscription)
+            .and_then(|w| w.in_flight(d.seq))
+            .map_or(0, |q| q.size);
+        let ops = vec![
+            Op::Dequeue {
+                subscription: d.subscription.clone(),
+                seq: d.seq,
+                due: nanos(
+                    state
+                        .windows
+                        .get(&d.subscription)
+                        .and_then(|w| w.in_flight(d.seq))
+                        .map_or(d.not_before, |q| q.delivery.not_before),
+                ),
+            },
+            Op::ReleaseEvent(d.event_id.clone()),
+            Op::Stats(d.subscription.clone(), -1, -i64::try_from(size).unwrap_or(i64::MAX), 0),
+        ];
+        let generation = self.submit(ops, Reply::Async(tx), true)?;
+        if let Some(w) = state.windows.get_mut(&d.subscription) {
+            w.finish(d.seq, generation);
+        }
+        let f = state.figures.entry(d.subscription.clone()).or_default();
+        f.queued = f.queued.saturating_sub(1);
+        f.bytes = f.bytes.saturating_sub(size);
+        f.oldest = None;
+        Ok(Durable(Some(rx)))
+    }
+
+    fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {
+        let mut state = self.state.lock();
+        let Some(old) = state
+            .windows
+            .get(&d.subscription)
+            .and_then(|w| w.in_flight(d.seq))
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let mut stored = StoredDelivery::from(&d);
+        stored.size = old.size;
+        let op = Op::Enqueue(Box::new(committer::Queued {
+            subscription: d.subscription.clone(),
+            seq: d.seq,
+            due: nanos(d.not_before),
+            old_due: Some(nanos(old.delivery.not_before)),
+            body: json(&stored)?,
+        }));
+        let generation = self.submit(vec![op], Reply::None, true)?;
+        if let Some(w) = state.windows.get_mut(&d.subscription) {
+            w.requeue(d, generation);
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, d: PendingDelivery, reason: String) -> Result<(), StoreError> {
+        let now = jiff::Timestamp::now();
+        let mut state = self.state.lock();
+        let (size, due) = state
+            .windows
+            .get(&d.subscription)
+            .and_then(|w| w.in_flight(d.seq))
+            .map_or((0, d.not_before), |q| (q.size, q.delivery.not_before));
+        let mut current = d.clone();
+        current.not_before = due;
+        let mut ops = Self::bury_ops(&current, size, &reason, now, true)?;
+        // The stored dead letter keeps the attempts made.
+        if let Some(Op::Bury(_, _, _, body)) = ops.get_mut(1) {
+            let mut stored = StoredDelivery::from(&d);
+            stored.reason = Some(reason.clone());
+            stored.dead_at = Some(now);
+            stored.size = size;
+            *body = json(&stored)?;
+        }
+        let generation = self.submit(ops, Reply::None, true)?;
+        if let Some(w) = state.windows.get_mut(&d.subscription) {
+            w.finish(d.seq, generation);
+        }
+        let f = state.figures.entry(d.subscription.clone()).or_default();
+        f.queued = f.queued.saturating_sub(1);
+        f.bytes = f.bytes.saturating_sub(size);
+        f.dead += 1;
+        f.oldest = None;
+        Ok(())
+    }
+
+    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
+        let bytes = json(&attempt)?;
+        let key = self.state.lock().attempt_key(attempt.at);
+        self.submit(
+            vec![Op::PutAttempt(attempt.subscription, key, bytes)],
+            Reply::None,
+            true,
+        )?;
+        Ok(())
+    }
+
+    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
+        self.settle()?;
+        let mut out = Vec::new();
+        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
+            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
+            attempt.subscription = subscription.to_string();
+            out.push(attempt);
+        }
+        Ok(out)
+    }
+
+    fn dead_letters(
+        &self,
+        subscription: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.settle()?;
+        let rows = self
+            .engine
+            .dead_range(subscription, nanos(since), u64::MAX, true, limit)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, _, body)| serde_json::from_slice::<StoredDelivery>(&body).ok())
+            .map(StoredDelivery::into_dead_letter)
+            .collect())
+    }
+
+    fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
+        self.settle()?;
+        let mut n = 0u64;
+        // Page by page, oldest first; each page durable before it shows in memory.
+        let mut from = nanos(since);
+        loop {
+            let rows = self.engine.dead_range(subscription, from, u64::MAX, false, 1_000)?;
+            let Some(&(last_at, _, _)) = rows.last() else { break };
+            let more = rows.len() == 1_000;
+            let mut ops = Vec::with_capacity(rows.len() * 3);
+            let mut replayed = Vec::with_capacity(rows.len());
+            let mut bytes = 0i64;
+            {
+                let mut state = self.state.lock();
+                for (at, seq, body) in rows {
+                    let Ok(mut stored) = serde_json::from_slice::<StoredDelivery>(&body) else {
+                        continue;
+                    };
+                    ops.push(Op::Unbury(subscription.to_string(), seq, at));
+                    stored.attempts = 0;
+                    stored.not_before = now;
+                    // The event's age starts again: replaying is a decision to deliver it.
+                    stored.accepted_at = now;
+                    stored.reason = None;
+                    stored.dead_at = None;
+                    let new_seq = state.next_seq;
+                    state.next_seq += 1;
+                    bytes += i64::try_from(stored.size).unwrap_or(0);
+                    ops.push(Op::Enqueue(Box::new(committer::Queued {
+                        subscription: subscription.to_string(),
+                        seq: new_seq,
+                        due: nanos(now),
+                        old_due: None,
+                        body: json(&stored)?,
+                    })));
+                    let size = stored.size;
+                    replayed.push(Queued {
+                        delivery: stored.into_pending(new_seq),
+                        size,
+                        written: 0,
+                    });
+                }
+                ops.push(Op::NextSeq(state.next_seq));
+            }
+            let count = replayed.len() as i64;
+            ops.push(Op::Stats(subscription.to_string(), count, bytes, -count));
+            self.wait_for(ops, false)?;
+            let mut state = self.state.lock();
+            let f = state.figures.entry(subscription.to_string()).or_default();
+            f.queued += count as u64;
+            f.bytes = f.bytes.saturating_add_signed(bytes);
+            f.dead = f.dead.saturating_sub(count as u64);
+            f.oldest = None;
+            if let Some(w) = state.windows.get_mut(subscription) {
+                for q in replayed {
+                    w.insert(q);
+                }
+            }
+            n += count as u64;
+            if !more {
+                break;
+            }
+            from = last_at;
+        }
+        Ok(n)
+    }
+
+    fn expire(
+        &self,
+        subscription: &str,
+        accepted_before: jiff::Timestamp,
+        reason: &str,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        let now = jiff::Timestamp::now();
+        let committed = self.committed();
+        // In the order of acceptance from the head, until one is young enough.
+        let rows = self.engine.queue_page(subscription, true, None, SWEEP)?;
+        let mut state = self.state.lock();
+        let window = state.windows.get(subscription);
+        let mut expired = Vec::new();
+        let mut ops = Vec::new();
+        let mut bytes = 0u64;
+        for ((_, seq), body) in rows {
+            let Ok(stored) = serde_json::from_slice::<StoredDelivery>(&body) else {
+                continue;
+            };
+            if stored.accepted_at >= accepted_before {
+                break;
+            }
+            if window.is_some_and(|w| w.busy(seq, committed)) {
+                continue;
+            }
+            let size = stored.size;
+            let d = stored.into_pending(seq);
+            ops.extend(Self::bury_ops(&d, size, reason, now, true)?);
+            bytes += size;
+            expired.push(d);
+        }
+        if expired.is_empty() {
+            return Ok(expired);
+        }
+        let generation = self.submit(ops, Reply::None, true)?;
+        let seqs: HashSet<u64> = expired.iter().map(|d| d.seq).collect();
+        if let Some(w) = state.windows.get_mut(subscription) {
+            w.remove_waiting(&seqs, generation);
+        }
+        let f = state.figures.entry(subscription.to_string()).or_default();
+        f.queued = f.queued.saturating_sub(expired.len() as u64);
+        f.bytes = f.bytes.saturating_sub(bytes);
+        f.dead += expired.len() as u64;
+        f.oldest = None;
+        Ok(expired)
+    }
+
+    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
+        // Reads below see every write queued before (a dead letter just made).
+        self.settle()?;
+        let mut ops = Vec::new();
+        let mut purged = Purged::default();
+        let expired = self
+            .engine
+            .attempts_before(subscription, nanos(retention.attempts_before))?;
+        let logged = self.engine.attempts_before(subscription, u64::MAX)?;
+        let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
+        purged.attempts = (expired + over).min(logged);
+        if purged.attempts > 0 {
+            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
+        }
+        let old = self
+            .engine
+            .dead_range(subscription, 0, nanos(retention.dead_letters_before), false, SWEEP)?;
+        for (at, seq, body) in &old {
+            ops.push(Op::Unbury(subscription.to_string(), *seq, *at));
+            if let Ok(stored) = serde_json::from_slice::<StoredDelivery>(body) {
+                ops.push(Op::ReleaseEvent(stored.event_id));
+            }
+        }
+        purged.dead_letters = old.len() as u64;
+        if purged.dead_letters > 0 {
+            let n = i64::try_from(purged.dead_letters).unwrap_or(i64::MAX);
+            ops.push(Op::Stats(subscription.to_string(), 0, 0, -n));
+        }
+        if !ops.is_empty() {
+            self.wait_for(ops, false)?;
+            let mut state = self.state.lock();
+            let f = state.figures.entry(subscription.to_string()).or_default();
+            f.dead = f.dead.saturating_sub(purged.dead_letters);
+        }
+        Ok(purged)
+    }
+
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        let mut n = 0;
+        loop {
+            let old = self.engine.producers_before(before.as_second(), SWEEP)?;
+            if old.is_empty() {
+                break;
+            }
+            let more = old.len() == SWEEP;
+            n += old.len() as u64;
+            let ops = old.into_iter().map(|(at, p)| Op::DeleteAgedProducer(p, at)).collect();
+            self.wait_for(ops, false)?;
+            if !more {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    fn counts(&self, subscription: &str) -> QueueCounts {
+        let mut state = self.state.lock();
+        let in_flight = state
+            .windows
+            .get(subscription)
+            .map_or(0, |w| w.in_flight_count() as u64);
+        let Some(f) = state.figures.get(subscription).copied() else {
+            return QueueCounts {
+                in_flight,
+                ..QueueCounts::default()
+            };
+        };
+        let oldest = match f.oldest {
+            Some((at, oldest)) if at.elapsed() < OLDEST_TTL => oldest,
+            _ if f.queued == 0 => None,
+            _ => {
+                let oldest = self
+                    .engine
+                    .queue_head(subscription)
+                    .ok()
+                    .flatten()
+                    .and_then(|body| serde_json::from_slice::<StoredDelivery>(&body).ok())
+                    .map(|s| s.accepted_at);
+                if let Some(f) = state.figures.get_mut(subscription) {
+                    f.oldest = Some((std::time::Instant::now(), oldest));
+                }
+                oldest
+            }
+        };
+        QueueCounts {
+            backlog: f.queued,
+            in_flight,
+            dead_lettered: f.dead,
+            bytes: f.bytes,
+            oldest_accepted: oldest,
+            overflowed: f.overflowed,
+        }
+    }
+
+    fn limit_backlog(&self, subscription: &str, cap: Option<BacklogCap>) {
+        let mut state = self.state.lock();
+        match cap {
+            Some(cap) => state.caps.insert(subscription.to_string(), cap),
+            None => state.caps.remove(subscription),
+        };
+    }
+
+    fn total_backlog(&self) -> u64 {
+        self.state.lock().figures.values().map(|f| f.queued).sum()
+    }
+
+    fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        self.settle()?;
+        let logged = self.engine.attempt_subscriptions()?;
+        let state = self.state.lock();
+        let mut all: Vec<&str> = state
+            .figures
+            .iter()
+            .filter(|(_, f)| f.queued > 0 || f.dead > 0)
+            .map(|(s, _)| s.as_str())
+            .chain(logged.iter().map(String::as_str))
+            .chain(state.namespaces.keys().map(String::as_str))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        Ok(all
+            .into_iter()
+            .map(|uid| (uid.to_string(), state.namespaces.get(uid).cloned()))
+            .collect())
+    }
+
+    fn note_subscription(&self, uid: &str, namespace: &str) -> Result<(), StoreError> {
+        let mut state = self.state.lock();
+        if state.namespaces.get(uid).is_some_and(|ns| ns == namespace) {
+            return Ok(());
+        }
+        self.submit(
+            vec![Op::PutSubscription(uid.to_string(), namespace.to_string())],
+            Reply::None,
+            true,
+        )?;
+        state.namespaces.insert(uid.to_string(), namespace.to_string());
+        Ok(())
+    }
+
+    fn commit_failures(&self) -> u64 {
+        self.commit_failures.load(Ordering::Relaxed)
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.outage.reason()
+    }
+
+    fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
+        {
+            let mut state = self.state.lock();
+            state.windows.remove(subscription);
+            state.figures.remove(subscription);
+            state.namespaces.remove(subscription);
+            state.caps.remove(subscription);
+        }
+        self.wait_for(
+            vec![
+                Op::ForgetQueue(subscription.to_string()),
+                Op::DeleteAttemptsOf(subscription.to_string()),
+                Op::DeleteSubscription(subscription.to_string()),
+            ],
+            true,
+        )
+    }
+
+    fn event_count(&self) -> Result<u64, StoreError> {
+        self.engine.event_count()
+    }
+
+    fn disk_bytes(&self) -> Option<u64> {
+        self.engine.disk_bytes()
+    }
+
+    fn volume(&self) -> Option<(u64, u64)> {
+        self.engine.volume()
+    }
+
+    fn rows_read_at_start(&self) -> Option<u64> {
+        Some(self.rows_read())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    #[test]
+    fn conforms_in_memory() {
+        conformance::run(&|| Box::new(PagedStore::in_memory().expect("in memory")));
+    }
+
+    #[test]
+    fn conforms_on_disk() {
+        let dirs: Mutex<Vec<std::path::PathBuf>> = Mutex::default();
+        conformance::run(&|| {
+            let dir = std::env::temp_dir().join(format!("mailhook-paged-test-{}", uuid::Uuid::now_v7().simple()));
+            dirs.lock().push(dir.clone());
+            Box::new(PagedStore::open(&dir).expect("open"))
+        });
+        for d in dirs.into_inner() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[test]
+    fn a_restart_reads_queue_heads_only_and_delivers_everything_once() {
+        let dir = std::env::temp_dir().join(format!("mailhook-paged-test-{}", uuid::Uuid::now_v7().simple()));
+        let n = 20_000u64;
+        {
+            let s = PagedStore::open(&dir).expect("open");
+            let items: Vec<Ingest> = (0..n)
+                .map(|i| {
+                    let id = format!("e{i}");
+                    Ingest {
+                        event: conformance::event(&id, Some(&id)),
+                        deliveries: vec![conformance::pending(&id, None, 0)],
+                    }
+                })
+                .collect();
+            for chunk in items.chunks(1_000) {
+                s.ingest(chunk.to_vec()).expect("ingest");
+            }
+            assert_eq!(s.counts("sub").backlog, n);
+            // Killed with one page in flight.
+            let taken = s.take_due("sub", jiff::Timestamp::now(), 100, false).expect("take");
+            assert_eq!(taken.len(), 100);
+        }
+        let s = PagedStore::open(&dir).expect("reopen");
+        assert_eq!(
+            s.counts("sub").backlog,
+            n,
+            "the figures survive without reading the queue"
+        );
+        assert_eq!(s.rows_read(), 0, "nothing of the queue is read before a take");
+        let first = s.take_due("sub", jiff::Timestamp::now(), 1, false).expect("take");
+        assert_eq!(s.rows_read(), window::WINDOW as u64, "a window, not the backlog");
+        let mut seen: HashSet<String> = first.iter().map(|d| d.event_id.clone()).collect();
+        for d in &first {
+            drop(s.complete(d).expect("complete"));
+        }
+        loop {
+            let taken = s.take_due("sub", jiff::Timestamp::now(), 500, false).expect("take");
+            if taken.is_empty() {
+                break;
+            }
+            for d in taken {
+                assert!(seen.insert(d.event_id.clone()), "{} twice", d.event_id);
+                drop(s.complete(&d).expect("complete"));
+            }
+        }
+        assert_eq!(seen.len() as u64, n);
+        s.flush().expect("flush");
+        assert_eq!(s.counts("sub").backlog, 0);
+        assert_eq!(
+            s.event_count().expect("count"),
+            0,
+            "every event left with its last delivery"
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_subscription_at_its_cap_dead_letters_its_new_deliveries_and_only_its_own() {
+        let s = PagedStore::in_memory().expect("store");
+        s.limit_backlog(
+            "sub",
+            Some(BacklogCap {
+                events: Some(2),
+                bytes: None,
+            }),
+        );
+        for i in 0..5 {
+            let id = format!("e{i}");
+            let mut other = conformance::pending(&id, None, 0);
+            other.subscription = "other".into();
+            s.ingest(vec![Ingest {
+                event: conformance::event(&id, None),
+                deliveries: vec![conformance::pending(&id, None, 0), other],
+            }])
+            .expect("ingest");
+        }
+        let capped = s.counts("sub");
+        assert_eq!((capped.backlog, capped.dead_lettered, capped.overflowed), (2, 3, 3));
+        assert_eq!(s.counts("other").backlog, 5, "the other subscription gets all");
+        let dead = s.dead_letters("sub", jiff::Timestamp::UNIX_EPOCH, 10).expect("dead");
+        assert!(dead[0].reason.contains("delivery.maxBacklog"), "{}", dead[0].reason);
+    }
+}

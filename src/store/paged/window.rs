@@ -1,0 +1,444 @@
+//! One subscription's queue as memory holds it: a bounded window over the queue on disk,
+//! what is in flight, and the writes not yet committed that a read of the disk must not
+//! undo. Pure: it reads the disk only through the `Page` callback it is given.
+//!
+//! Two orders, as the subscription asks: unordered queues are read by (due time, seq) so
+//! that a retried delivery moves behind the ones due before it; ordered (perMailbox) queues
+//! are read by seq, the order of acceptance, so a retried head holds its key back.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::store::PendingDelivery;
+
+/// A delivery's place in its queue: (due time in unix nanoseconds, seq) unordered, (0, seq)
+/// ordered.
+pub type Key = (u64, u64);
+
+/// Deliveries memory keeps per queue before it stops reading ahead; the window is topped up
+/// when it falls to half of this.
+pub const WINDOW: usize = 256;
+
+/// How far an ordered window may grow past `WINDOW` while every delivery in it waits on a
+/// busy key (the keys ahead of the blocked ones must be found).
+const ORDERED_REACH: usize = 8 * WINDOW;
+
+/// Reads up to `limit` queued deliveries after `after` in the window's order: (key, the
+/// delivery, its event's stored size).
+pub type Page<'a> = dyn FnMut(bool, Option<Key>, usize) -> PageRows + 'a;
+
+/// What a page read returns.
+pub type PageRows = Result<Vec<(Key, Queued)>, crate::store::StoreError>;
+
+/// A delivery with what the store keeps beside it.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub delivery: PendingDelivery,
+    /// Bytes of its event (what `QueueCounts::bytes` counts).
+    pub size: u64,
+    /// Generation of the write that put it here (0: read from the disk).
+    pub written: u64,
+}
+
+/// A write the disk may not show yet.
+#[derive(Debug, Clone)]
+enum Unsettled {
+    /// Gone (delivered, dead-lettered): a read that still sees the row skips it.
+    Gone,
+    /// Due again later, outside the window: a read that still sees the old row skips it, and
+    /// one that passes its new place takes it from here.
+    Moved(Queued),
+}
+
+pub(crate) use crate::store::durable::schema::nanos;
+
+pub fn key_of(d: &PendingDelivery, ordered: bool) -> Key {
+    if ordered {
+        (0, d.seq)
+    } else {
+        (nanos(d.not_before), d.seq)
+    }
+}
+
+#[derive(Default)]
+pub struct Window {
+    ordered: bool,
+    waiting: BTreeMap<Key, Queued>,
+    in_flight: HashMap<u64, Queued>,
+    /// Every waiting delivery up to this key is in `waiting` (None: nothing read yet).
+    cursor: Option<Key>,
+    /// The last read reached the end: every waiting delivery is in memory.
+    exhausted: bool,
+    /// Writes not yet known to be committed, by seq, with their generation.
+    unsettled: HashMap<u64, (u64, Unsettled)>,
+    /// Rows read from the disk, since start.
+    pub rows_read: u64,
+}
+
+impl Window {
+    /// Whether `key` falls where memory holds every waiting delivery.
+    fn covers(&self, key: Key) -> bool {
+        self.exhausted || self.cursor.is_some_and(|c| key <= c)
+    }
+
+    /// A delivery newly waiting (committed when `written` is 0 or below the committed
+    /// generation): kept if the window covers its place, else left to a later read.
+    pub fn insert(&mut self, q: Queued) {
+        let key = key_of(&q.delivery, self.ordered);
+        if self.covers(key) {
+            self.waiting.insert(key, q);
+            self.trim();
+        } else if q.written > 0 {
+            self.unsettled.insert(q.delivery.seq, (q.written, Unsettled::Moved(q)));
+        }
+    }
+
+    /// Keeps the window bounded: beyond twice its size, the latest deliveries leave memory
+    /// (the disk has them; an uncommitted one is kept aside until it is committed).
+    fn trim(&mut self) {
+        while self.waiting.len() > 2 * WINDOW {
+            let Some((key, q)) = self.waiting.pop_last() else { break };
+            self.exhausted = false;
+            self.cursor = self.waiting.last_key_value().map(|(k, _)| *k).or(Some((0, 0)));
+            if q.written > 0 {
+                self.unsettled.insert(key.1, (q.written, Unsettled::Moved(q)));
+            }
+        }
+    }
+
+    /// Forgets writes the disk shows by now (`committed`: the newest committed generation).
+    fn settle(&mut self, committed: u64) {
+        self.unsettled.retain(|_, (written, _)| *written > committed);
+    }
+
+    /// Reads the disk after the cursor until the window holds `WINDOW` deliveries (or `reach`).
+    fn fill(&mut self, page: &mut Page<'_>, committed: u64, reach: usize) -> Result<(), crate::store::StoreError> {
+        self.settle(committed);
+        while !self.exhausted && self.waiting.len() < reach {
+            let want = reach - self.waiting.len();
+            let rows = page(self.ordered, self.cursor, want.max(32))?;
+            self.rows_read += rows.len() as u64;
+            if rows.len() < want.max(32) {
+                self.exhausted = true;
+            }
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            let last = *last;
+            for (key, q) in rows {
+                let seq = key.1;
+                if self.in_flight.contains_key(&seq) || self.unsettled.contains_key(&seq) {
+                    continue;
+                }
+                self.waiting.insert(key, q);
+            }
+            self.cursor = Some(self.cursor.map_or(last, |c| c.max(last)));
+        }
+        // Moved deliveries whose new place the read passed before their write was committed.
+        let passed: Vec<u64> = self
+            .unsettled
+            .iter()
+            .filter_map(|(seq, (_, u))| match u {
+                Unsettled::Moved(q) if self.covers(key_of(&q.delivery, self.ordered)) => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        for seq in passed {
+            if let Some((written, Unsettled::Moved(q))) = self.unsettled.remove(&seq) {
+                let key = key_of(&q.delivery, self.ordered);
+                self.waiting.insert(key, Queued { written, ..q });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts over in the other order (the subscription's ordering changed).
+    fn reorder(&mut self, ordered: bool) {
+        if self.ordered == ordered && (self.cursor.is_some() || self.exhausted) {
+            return;
+        }
+        self.ordered = ordered;
+        self.cursor = None;
+        self.exhausted = false;
+        // What waits unsettled moves with the window; the rest is read again.
+        let waiting = std::mem::take(&mut self.waiting);
+        for (_, q) in waiting {
+            if q.written > 0 {
+                self.unsettled.insert(q.delivery.seq, (q.written, Unsettled::Moved(q)));
+            }
+        }
+    }
+
+    /// Takes up to `max` deliveries due at `now` and marks them in flight. Ordered: a key
+    /// with a delivery in flight or not yet due holds back every later one of that key.
+    pub fn take_due(
+        &mut self,
+        page: &mut Page<'_>,
+        committed: u64,
+        now: jiff::Timestamp,
+        max: usize,
+        ordered: bool,
+    ) -> Result<Vec<PendingDelivery>, crate::store::StoreError> {
+        self.reorder(ordered);
+        if self.waiting.len() < WINDOW / 2 || (self.cursor.is_none() && !self.exhausted) {
+            self.fill(page, committed, WINDOW)?;
+        }
+        let mut reach = WINDOW;
+        loop {
+            let picked = self.pick(now, max);
+            let short = picked.len() < max;
+            let mut taken = Vec::with_capacity(picked.len());
+            for key in picked {
+                if let Some(q) = self.waiting.remove(&key) {
+                    taken.push(q.delivery.clone());
+                    self.in_flight.insert(key.1, q);
+                }
+            }
+            // Ordered, every delivery in memory may wait on a busy key while later keys
+            // are due: read further, within bounds.
+            if !taken.is_empty() || !short || !self.ordered || self.exhausted || reach >= ORDERED_REACH {
+                return Ok(taken);
+            }
+            reach = (reach * 2).min(ORDERED_REACH);
+            let before = self.waiting.len();
+            self.fill(page, committed, before + reach)?;
+            if self.waiting.len() == before {
+                return Ok(taken);
+            }
+        }
+    }
+
+    fn pick(&self, now: jiff::Timestamp, max: usize) -> Vec<Key> {
+        if !self.ordered {
+            let now = nanos(now);
+            return self
+                .waiting
+                .keys()
+                .take_while(|(due, _)| *due <= now)
+                .take(max)
+                .copied()
+                .collect();
+        }
+        let mut blocked: HashSet<&str> = self
+            .in_flight
+            .values()
+            .filter_map(|q| q.delivery.ordering_key.as_deref())
+            .collect();
+        let mut picked = Vec::new();
+        for (key, q) in &self.waiting {
+            if picked.len() == max {
+                break;
+            }
+            let d = &q.delivery;
+            let k = d.ordering_key.as_deref();
+            if k.is_some_and(|k| blocked.contains(k)) {
+                continue;
+            }
+            if let Some(k) = k {
+                blocked.insert(k);
+            }
+            if d.not_before <= now {
+                picked.push(*key);
+            }
+        }
+        picked
+    }
+
+    /// The earliest due time among the waiting deliveries memory holds (unordered: the
+    /// queue's earliest; ordered: of the window).
+    pub fn next_due(&self) -> Option<jiff::Timestamp> {
+        let due = if self.ordered {
+            self.waiting.values().map(|q| nanos(q.delivery.not_before)).min()?
+        } else {
+            self.waiting.keys().next()?.0
+        };
+        jiff::Timestamp::from_nanosecond(i128::from(due)).ok()
+    }
+
+    /// An in-flight delivery is done (delivered or given up) by the write of `written`.
+    pub fn finish(&mut self, seq: u64, written: u64) -> Option<Queued> {
+        let q = self.in_flight.remove(&seq)?;
+        self.unsettled.insert(seq, (written, Unsettled::Gone));
+        Some(q)
+    }
+
+    /// An in-flight delivery is due again (its `not_before` moved) by the write of `written`.
+    pub fn requeue(&mut self, d: PendingDelivery, written: u64) -> Option<Queued> {
+        let old = self.in_flight.remove(&d.seq)?;
+        let q = Queued {
+            delivery: d,
+            size: old.size,
+            written,
+        };
+        self.insert(q);
+        Some(old)
+    }
+
+    /// Removes waiting deliveries by seq (expired, replayed elsewhere), by the write of `written`.
+    pub fn remove_waiting(&mut self, seqs: &HashSet<u64>, written: u64) {
+        self.waiting.retain(|_, q| !seqs.contains(&q.delivery.seq));
+        for seq in seqs {
+            self.unsettled.insert(*seq, (written, Unsettled::Gone));
+        }
+    }
+
+    /// The in-flight delivery with `seq`, if any.
+    pub fn in_flight(&self, seq: u64) -> Option<&Queued> {
+        self.in_flight.get(&seq)
+    }
+
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether a read must skip the delivery with `seq` (in flight, or changed by a write
+    /// the disk may not show yet).
+    pub fn busy(&self, seq: u64, committed: u64) -> bool {
+        self.in_flight.contains_key(&seq) || self.unsettled.get(&seq).is_some_and(|(w, _)| *w > committed)
+    }
+
+    /// Deliveries memory holds (waiting, in flight, set aside).
+    pub fn held(&self) -> usize {
+        self.waiting.len() + self.in_flight.len() + self.unsettled.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).expect("time")
+    }
+
+    fn d(seq: u64, due: i64, key: Option<&str>) -> PendingDelivery {
+        PendingDelivery {
+            subscription: "s".into(),
+            event_id: format!("e{seq}"),
+            attempts: 0,
+            not_before: at(due),
+            accepted_at: at(0),
+            ordering_key: key.map(String::from),
+            matched_filters: vec![],
+            seq,
+        }
+    }
+
+    /// A queue on "disk": (seq → delivery), read in either order.
+    struct Disk(BTreeMap<u64, PendingDelivery>);
+
+    impl Disk {
+        fn page(&self, ordered: bool, after: Option<Key>, limit: usize) -> Vec<(Key, Queued)> {
+            let mut rows: Vec<(Key, Queued)> = self
+                .0
+                .values()
+                .map(|d| {
+                    (
+                        key_of(d, ordered),
+                        Queued {
+                            delivery: d.clone(),
+                            size: 10,
+                            written: 0,
+                        },
+                    )
+                })
+                .filter(|(k, _)| after.is_none_or(|a| *k > a))
+                .collect();
+            rows.sort_by_key(|(k, _)| *k);
+            rows.truncate(limit);
+            rows
+        }
+    }
+
+    #[test]
+    fn a_large_queue_is_read_a_window_at_a_time_and_drained_whole() {
+        let disk = Disk((0..10_000).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let mut seen = 0;
+        loop {
+            let taken = w.take_due(&mut page, 1, at(1), 50, false).expect("take");
+            if taken.is_empty() {
+                break;
+            }
+            assert!(w.held() <= 3 * WINDOW, "memory stays bounded: {}", w.held());
+            for t in taken {
+                assert_eq!(t.seq, seen, "in order");
+                seen += 1;
+                // Completed, and the disk shows it at once (committed generation 1).
+                w.finish(t.seq, 1);
+            }
+        }
+        assert_eq!(seen, 10_000);
+    }
+
+    #[test]
+    fn a_retry_moves_behind_what_is_due_before_it_and_comes_back_when_due() {
+        let mut disk = Disk((0..1_000).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let first = {
+            let mut page = |o, a, l| Ok(disk.page(o, a, l));
+            w.take_due(&mut page, 0, at(1), 1, false).expect("take")
+        };
+        assert_eq!(first[0].seq, 0);
+        // Retried far in the future: written as generation 5, not yet committed.
+        let mut again = first[0].clone();
+        again.not_before = at(1_000);
+        w.requeue(again.clone(), 5);
+        // The disk still has the old row; reads skip it until generation 5 is committed.
+        let mut delivered = vec![];
+        loop {
+            let taken = {
+                let mut page = |o, a, l| Ok(disk.page(o, a, l));
+                w.take_due(&mut page, 4, at(1), 100, false).expect("take")
+            };
+            if taken.is_empty() {
+                break;
+            }
+            for t in taken {
+                delivered.push(t.seq);
+                disk.0.remove(&t.seq);
+                w.finish(t.seq, 6);
+            }
+        }
+        assert_eq!(delivered.len(), 999, "everything else, and not seq 0 twice");
+        assert!(!delivered.contains(&0));
+        // Now committed (the row moved on disk too), and due.
+        disk.0.insert(0, again);
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let taken = w.take_due(&mut page, 6, at(2_000), 100, false).expect("take");
+        assert_eq!(taken.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn ordered_a_busy_key_holds_back_its_later_deliveries_even_beyond_the_window() {
+        // 600 deliveries of key "a" then one of key "b": "b" is found although the window
+        // is full of "a"s waiting for the first.
+        let mut map: BTreeMap<u64, PendingDelivery> = (0..600).map(|s| (s, d(s, 0, Some("a")))).collect();
+        map.insert(600, d(600, 0, Some("b")));
+        let disk = Disk(map);
+        let mut w = Window::default();
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let taken = w.take_due(&mut page, 0, at(1), 10, true).expect("take");
+        assert_eq!(taken.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![0]);
+        let taken = w.take_due(&mut page, 0, at(1), 10, true).expect("take");
+        assert_eq!(taken.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![600]);
+        assert!(w.take_due(&mut page, 0, at(1), 10, true).expect("take").is_empty());
+    }
+
+    #[test]
+    fn new_deliveries_past_the_window_are_left_on_disk() {
+        let disk = Disk((0..1_000).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        w.take_due(&mut page, 0, at(1), 1, false).expect("take");
+        let before = w.held();
+        for s in 1_000..2_000 {
+            w.insert(Queued {
+                delivery: d(s, 0, None),
+                size: 1,
+                written: 0,
+            });
+        }
+        assert_eq!(w.held(), before, "committed and beyond the cursor: read later");
+    }
+}
