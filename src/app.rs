@@ -467,17 +467,17 @@ async fn open_store(
                     shards,
                     "PostgreSQL store open, shared: this replica delivers the shards it takes"
                 );
-                store
+                Arc::new(store) as Arc<dyn Store>
             } else {
                 // The engine and the queue index load from the database: off the async workers.
                 let store =
-                    tokio::task::spawn_blocking(move || DurableStore::on(Arc::new(Postgres::connect_exclusive(db)?)))
+                    tokio::task::spawn_blocking(move || PagedStore::on(Arc::new(Postgres::connect_exclusive(db)?)))
                         .await?
                         .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
-                info!(backlog_restored = true, "PostgreSQL store open");
-                store
+                info!("PostgreSQL store open (queues are read from it as they are delivered)");
+                Arc::new(store) as Arc<dyn Store>
             };
-            ("postgres", Arc::new(store))
+            ("postgres", store)
         }
         (Some(dir), None) => {
             let store = PagedStore::open(dir)

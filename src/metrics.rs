@@ -23,7 +23,7 @@ pub struct Metrics {
     pub store_volume_bytes: prometheus::IntGauge,
     pub store_volume_available_bytes: prometheus::IntGauge,
     /// Queued deliveries read from the store since start (paged queues only).
-    pub store_queue_rows_read: prometheus::IntGauge,
+    pub store_queue_rows_read: prometheus::IntCounter,
     /// Which store runs: `redb`, `memory` or `postgres` (the value is 1).
     pub store_kind: IntGaugeVec,
     pub store_up: prometheus::IntGauge,
@@ -137,7 +137,7 @@ impl Metrics {
                 "mailhook_store_volume_available_bytes",
                 "Bytes still available on the store's volume (--store-dir). When it reaches 0, new events are refused (HTTP 507 with Retry-After, SMTP 452) and deliveries pause until space is back.",
             )?,
-            store_queue_rows_read: prometheus::IntGauge::new(
+            store_queue_rows_read: prometheus::IntCounter::new(
                 "mailhook_store_queue_rows_read_total",
                 "Queued deliveries read from the embedded store since start. Memory holds a window of each subscription's queue and reads the rest as it is delivered, so right after a start this counts queue heads, not the backlog.",
             )?,

@@ -450,8 +450,10 @@ async fn subscription_writes(
     let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     ctx.metrics.store_volume_bytes.set(gauge(size));
     ctx.metrics.store_volume_available_bytes.set(gauge(available));
-    if let Some(read) = store.rows_read_at_start() {
-        ctx.metrics.store_queue_rows_read.set(gauge(read));
+    if let Some(read) = store.queue_rows_read() {
+        // Counted by the store; the metric follows it.
+        let counter = &ctx.metrics.store_queue_rows_read;
+        counter.inc_by(read.saturating_sub(counter.get()));
     }
     ctx.metrics.store_backlog.set(store.total_backlog() as i64);
     // Commit failures are counted by the store's commit thread; the metric follows it.

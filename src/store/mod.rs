@@ -506,7 +506,7 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Queued deliveries read from the store since start, for backends that page their
     /// queues (a start reads each queue's head only, not the backlog).
-    fn rows_read_at_start(&self) -> Option<u64> {
+    fn queue_rows_read(&self) -> Option<u64> {
         None
     }
 }

@@ -626,7 +626,96 @@ pub(crate) type QueueRow = ((u64, u64), Vec<u8>);
 /// A queue's figures as stored: (deliveries queued, bytes of their events, dead letters).
 pub(crate) type QueueFigures = (u64, u64, u64);
 
-/// The paged store's reads (`store::paged`).
+/// What the paged store (`store::paged`) needs from the database beyond `Engine`: its
+/// queues, dead letters, producer ids and figures read a page at a time.
+pub trait PagedEngine: Engine {
+    /// Up to `limit` queued deliveries of `subscription` after `after`: by seq when
+    /// `ordered` (key (0, seq)), else by (due, seq).
+    fn queue_page(
+        &self,
+        subscription: &str,
+        ordered: bool,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<QueueRow>, StoreError>;
+    /// Dead letters of `subscription` given up in `from..to` (unix nanoseconds): (given up
+    /// at, seq, stored JSON), oldest or newest first, at most `limit`.
+    fn dead_range(
+        &self,
+        subscription: &str,
+        from: u64,
+        to: u64,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError>;
+    /// (producer id, event id) of the producer ids known among `ids`.
+    fn producers(&self, ids: &[&str]) -> Result<Vec<(String, String)>, StoreError>;
+    /// (unix seconds, producer id) of producer ids first seen before `before`, oldest first.
+    fn producers_before(&self, before: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError>;
+    /// Every subscription's queue figures.
+    fn queue_stats(&self) -> Result<Vec<(String, QueueFigures)>, StoreError>;
+    /// The next seq to hand out.
+    fn next_seq(&self) -> Result<u64, StoreError>;
+    /// Every subscription with an attempt log.
+    fn attempt_subscriptions(&self) -> Result<Vec<String>, StoreError>;
+    /// Subscription UID → namespace, as noted.
+    fn namespaces(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Moves what the memory-indexed layout kept into the paged one; returns rows moved.
+    fn migrate_legacy(&self) -> Result<u64, StoreError>;
+    /// The first queued delivery of `subscription` in the order of acceptance.
+    fn queue_head(&self, subscription: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .queue_page(subscription, true, None, 1)?
+            .into_iter()
+            .next()
+            .map(|(_, body)| body))
+    }
+}
+
+impl PagedEngine for Redb {
+    fn queue_page(
+        &self,
+        subscription: &str,
+        ordered: bool,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<QueueRow>, StoreError> {
+        Redb::queue_page(self, subscription, ordered, after, limit)
+    }
+    fn dead_range(
+        &self,
+        subscription: &str,
+        from: u64,
+        to: u64,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
+        Redb::dead_range(self, subscription, from, to, newest_first, limit)
+    }
+    fn producers(&self, ids: &[&str]) -> Result<Vec<(String, String)>, StoreError> {
+        Redb::producers(self, ids)
+    }
+    fn producers_before(&self, before: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        Redb::producers_before(self, before, limit)
+    }
+    fn queue_stats(&self) -> Result<Vec<(String, QueueFigures)>, StoreError> {
+        Redb::queue_stats(self)
+    }
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        Redb::next_seq(self)
+    }
+    fn attempt_subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        Redb::attempt_subscriptions(self)
+    }
+    fn namespaces(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Redb::namespaces(self)
+    }
+    fn migrate_legacy(&self) -> Result<u64, StoreError> {
+        Redb::migrate_legacy(self)
+    }
+}
+
+/// The paged store's reads on redb.
 impl Redb {
     /// Up to `limit` queued deliveries of `subscription` after `after`: by seq when
     /// `ordered`, else by (due, seq).
@@ -679,15 +768,6 @@ impl Redb {
             }
         }
         Ok(out)
-    }
-
-    /// The first queued delivery of `subscription` in the order of acceptance.
-    pub(crate) fn queue_head(&self, subscription: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .queue_page(subscription, true, None, 1)?
-            .into_iter()
-            .next()
-            .map(|(_, body)| body))
     }
 
     /// Dead letters of `subscription` given up in `from..to` (unix nanoseconds): (given up

@@ -23,7 +23,7 @@ use redb::backends::InMemoryBackend;
 
 use self::window::{Key, Queued, Window, nanos};
 use super::durable::committer::{self, Job, Op, Outage, Reply, commit_loop};
-use super::durable::engine::{Engine, REDB_CACHE_BYTES, Redb};
+use super::durable::engine::{Engine, PagedEngine, REDB_CACHE_BYTES, Redb};
 use super::durable::schema::{StoredDelivery, create_tables, io, json};
 use super::{
     Appended, Attempt, BacklogCap, DeadLetter, Durable, IndexChange, IndexedMailbox, IndexedMessage, Ingest,
@@ -86,7 +86,7 @@ impl State {
 }
 
 pub struct PagedStore {
-    engine: Arc<Redb>,
+    engine: Arc<dyn PagedEngine>,
     state: Mutex<State>,
     outage: Arc<Outage>,
     writer: Mutex<Option<(Sender<Job>, u64)>>,
@@ -129,7 +129,11 @@ impl PagedStore {
 
     fn start(db: Database, path: Option<std::path::PathBuf>) -> Result<PagedStore, StoreError> {
         create_tables(&db)?;
-        let engine = Arc::new(Redb::new(db, path));
+        PagedStore::on(Arc::new(Redb::new(db, path)))
+    }
+
+    /// The store on `engine` (redb, or a PostgreSQL database one operator owns).
+    pub fn on(engine: Arc<dyn PagedEngine>) -> Result<PagedStore, StoreError> {
         let moved = engine.migrate_legacy()?;
         if moved > 0 {
             tracing::info!(
@@ -165,7 +169,10 @@ impl PagedStore {
         );
         let committer = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(writer_db.as_ref(), &rx, &failures, &down, &done))
+            .spawn(move || {
+                let engine: &dyn Engine = writer_db.as_ref();
+                commit_loop(engine, &rx, &failures, &down, &done)
+            })
             .map_err(io)?;
         Ok(PagedStore {
             engine,
@@ -323,6 +330,11 @@ impl PagedStore {
             Ok(rows) => rows.into_iter().collect(),
             Err(err) => {
                 release(&claimed);
+                // The database may be gone: a write lets the commit thread find out, so
+                // readiness and status say so (and it says when it is back).
+                if let Err(down) = self.wait_for(Vec::new(), false) {
+                    return Err(down);
+                }
                 return Err(err);
             }
         };
@@ -460,12 +472,12 @@ impl Store for PagedStore {
     }
 
     fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError> {
-        let ops = super::durable::index_ops(self.engine.as_ref(), index)?;
+        let ops = super::durable::index_ops(self.engine.as_ref() as &dyn Engine, index)?;
         self.ingest_with(items, None, ops)
     }
 
     fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
-        super::durable::indexed(self.engine.as_ref(), user, folder)
+        super::durable::indexed(self.engine.as_ref() as &dyn Engine, user, folder)
     }
 
     fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
@@ -480,7 +492,7 @@ impl Store for PagedStore {
     }
 
     fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let (ops, n) = super::durable::purge_index_ops(self.engine.as_ref(), before)?;
+        let (ops, n) = super::durable::purge_index_ops(self.engine.as_ref() as &dyn Engine, before)?;
         if n > 0 {
             self.wait_for(ops, false)?;
         }
@@ -984,7 +996,7 @@ impl Store for PagedStore {
         self.engine.volume()
     }
 
-    fn rows_read_at_start(&self) -> Option<u64> {
+    fn queue_rows_read(&self) -> Option<u64> {
         Some(self.rows_read())
     }
 }
@@ -1067,6 +1079,63 @@ mod tests {
             "every event left with its last delivery"
         );
         drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_store_an_older_release_left_is_moved_into_the_paged_tables_once() {
+        let dir = std::env::temp_dir().join(format!("mailhook-paged-test-{}", uuid::Uuid::now_v7().simple()));
+        {
+            let legacy = crate::store::DurableStore::open(&dir).expect("open");
+            let items: Vec<Ingest> = (0..300)
+                .map(|i| {
+                    let id = format!("e{i}");
+                    Ingest {
+                        event: conformance::event(&id, Some(&id)),
+                        deliveries: vec![conformance::pending(&id, Some("k"), 0)],
+                    }
+                })
+                .collect();
+            legacy.ingest(items).expect("ingest");
+            let mut dead = legacy.take_due("sub", jiff::Timestamp::now(), 1, true).expect("take");
+            legacy.dead_letter(dead.remove(0), "gave up".into()).expect("dead");
+            legacy.flush().expect("flush");
+        }
+        let s = PagedStore::open(&dir).expect("open paged");
+        let c = s.counts("sub");
+        assert_eq!((c.backlog, c.dead_lettered), (299, 1));
+        // Ordered: one at a time, in acceptance order.
+        let mut order = vec![];
+        loop {
+            let taken = s.take_due("sub", jiff::Timestamp::now(), 10, true).expect("take");
+            if taken.is_empty() {
+                break;
+            }
+            assert_eq!(taken.len(), 1, "a busy key holds the rest back");
+            for d in taken {
+                order.push(d.seq);
+                drop(s.complete(&d).expect("complete"));
+            }
+        }
+        assert_eq!(order.len(), 299);
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "in order");
+        let dup = s
+            .ingest(vec![Ingest {
+                event: conformance::event("x", Some("e5")),
+                deliveries: vec![],
+            }])
+            .expect("ingest");
+        assert!(dup[0].duplicate, "producer ids carried over");
+        assert_eq!(
+            s.dead_letters("sub", jiff::Timestamp::UNIX_EPOCH, 10)
+                .expect("dead")
+                .len(),
+            1
+        );
+        drop(s);
+        let again = PagedStore::open(&dir).expect("reopen");
+        assert_eq!(again.counts("sub").dead_lettered, 1, "moved once");
+        drop(again);
         let _ = std::fs::remove_dir_all(dir);
     }
 

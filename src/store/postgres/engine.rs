@@ -393,6 +393,7 @@ pub(super) type Statement = (&'static str, Params);
 
 fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
     let mut net = Net::default();
+    let mut paged = PagedWrites::default();
     let mut shared = super::shared::SharedWrites::default();
     let mut out = Vec::new();
     for op in ops {
@@ -458,26 +459,233 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             Op::DeleteEventIfUnused(id) => shared.unused_events.push(id.clone()),
             Op::DeleteDeliveriesOf(uid) => shared.forgotten.push(uid.clone()),
             Op::DropDead(seq) => shared.drop_dead(signed(*seq)?),
-            Op::PutCountedEvent(..)
-            | Op::ReleaseEvent(_)
-            | Op::Enqueue(_)
-            | Op::Dequeue { .. }
-            | Op::Bury(..)
-            | Op::Unbury(..)
-            | Op::Stats(..)
-            | Op::ForgetQueue(_)
-            | Op::PutAgedProducer(..)
-            | Op::DeleteAgedProducer(..)
-            | Op::NextSeq(_) => {
-                return Err(StoreError::Io(
-                    "a write of the embedded store's paged queues reached PostgreSQL (a bug)".into(),
-                ));
+            Op::PutCountedEvent(id, body, n) => {
+                paged
+                    .events
+                    .insert(id.clone(), (body.clone(), i32::try_from(*n).unwrap_or(i32::MAX)));
             }
+            Op::ReleaseEvent(id) => *paged.released.entry(id.clone()).or_default() += 1,
+            Op::Enqueue(q) => {
+                let event = DeliveryKeys::of(&q.body).event_id;
+                paged.queue.insert(
+                    (q.subscription.clone(), signed(q.seq)?),
+                    Some((clamp(q.due), event, q.body.clone())),
+                );
+                paged.seq(q.seq);
+            }
+            Op::Dequeue { subscription, seq, .. } => {
+                paged.queue.insert((subscription.clone(), signed(*seq)?), None);
+            }
+            Op::Bury(subscription, seq, at, body) => {
+                let event = DeliveryKeys::of(body).event_id;
+                paged.dead.insert(
+                    (subscription.clone(), signed(*seq)?),
+                    Some((clamp(*at), event, body.clone())),
+                );
+                paged.seq(*seq);
+            }
+            Op::Unbury(subscription, seq, _) => {
+                paged.dead.insert((subscription.clone(), signed(*seq)?), None);
+            }
+            Op::Stats(subscription, queued, bytes, dead) => {
+                let s = paged.stats.entry(subscription.clone()).or_default();
+                s.0 += queued;
+                s.1 += bytes;
+                s.2 += dead;
+            }
+            Op::ForgetQueue(subscription) => {
+                paged.stats.remove(subscription);
+                paged.queue.retain(|(s, _), _| s != subscription);
+                paged.dead.retain(|(s, _), _| s != subscription);
+                paged.forgotten.push(subscription.clone());
+            }
+            Op::PutAgedProducer(p, id, at) => {
+                net.producers.insert(p.clone(), Some((id.clone(), *at)));
+            }
+            Op::DeleteAgedProducer(p, _) => {
+                net.producers.insert(p.clone(), None);
+            }
+            Op::NextSeq(n) => paged.seq(n.saturating_sub(1)),
         }
     }
     net.statements(&mut out);
+    paged.statements(&mut out);
     shared.statements(&mut out);
     Ok((out, shared.expected))
+}
+
+/// Unix nanoseconds as a bigint (the store's keys stay below 2^63 until the year 2262;
+/// a bound past that is the largest bigint).
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A queued delivery or dead letter written: (due or given-up time, event id, body), or
+/// deleted.
+type PagedRow = Option<(i64, String, Vec<u8>)>;
+
+/// The paged store's writes of one commit, net by key.
+#[derive(Default)]
+struct PagedWrites {
+    /// Events with their reference counts.
+    events: std::collections::HashMap<String, (Vec<u8>, i32)>,
+    released: std::collections::HashMap<String, i32>,
+    queue: std::collections::HashMap<(String, i64), PagedRow>,
+    dead: std::collections::HashMap<(String, i64), PagedRow>,
+    stats: std::collections::HashMap<String, (i64, i64, i64)>,
+    forgotten: Vec<String>,
+    next_seq: Option<u64>,
+}
+
+impl PagedWrites {
+    fn seq(&mut self, seq: u64) {
+        self.next_seq = Some(self.next_seq.unwrap_or(0).max(seq + 1));
+    }
+
+    fn statements(self, out: &mut Vec<(&'static str, Params)>) {
+        if !self.events.is_empty() {
+            let mut ids = Vec::new();
+            let mut bodies = Vec::new();
+            let mut refs = Vec::new();
+            for (id, (body, n)) in self.events {
+                ids.push(id);
+                bodies.push(body);
+                refs.push(n);
+            }
+            out.push((
+                "INSERT INTO events (id, body, refs) SELECT * FROM unnest($1::text[], $2::bytea[], $3::int[]) \
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body, refs = events.refs + excluded.refs",
+                vec![Box::new(ids), Box::new(bodies), Box::new(refs)],
+            ));
+        }
+        // A forgotten subscription's rows release their events before they go.
+        let mut released: Vec<String> = Vec::new();
+        if !self.forgotten.is_empty() {
+            out.push((
+                "UPDATE events e SET refs = e.refs - c.n FROM ( \
+                   SELECT event_id, count(*)::int AS n FROM ( \
+                     SELECT event_id FROM queue WHERE subscription = ANY($1) \
+                     UNION ALL SELECT event_id FROM dead_queue WHERE subscription = ANY($1)) r \
+                   GROUP BY event_id) c WHERE e.id = c.event_id",
+                vec![Box::new(self.forgotten.clone())],
+            ));
+            out.push((
+                "DELETE FROM events WHERE refs <= 0 AND id IN ( \
+                   SELECT event_id FROM queue WHERE subscription = ANY($1) \
+                   UNION SELECT event_id FROM dead_queue WHERE subscription = ANY($1))",
+                vec![Box::new(self.forgotten.clone())],
+            ));
+            out.push((
+                "DELETE FROM queue WHERE subscription = ANY($1)",
+                vec![Box::new(self.forgotten.clone())],
+            ));
+            out.push((
+                "DELETE FROM dead_queue WHERE subscription = ANY($1)",
+                vec![Box::new(self.forgotten.clone())],
+            ));
+            out.push((
+                "DELETE FROM queue_stats WHERE uid = ANY($1)",
+                vec![Box::new(self.forgotten)],
+            ));
+        }
+        for (table, rows) in [("queue", self.queue), ("dead_queue", self.dead)] {
+            let (mut del_s, mut del_q) = (Vec::new(), Vec::new());
+            let (mut put_s, mut put_q, mut put_t, mut put_e, mut put_b) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((subscription, seq), row) in rows {
+                match row {
+                    None => {
+                        del_s.push(subscription);
+                        del_q.push(seq);
+                    }
+                    Some((t, e, b)) => {
+                        put_s.push(subscription);
+                        put_q.push(seq);
+                        put_t.push(t);
+                        put_e.push(e);
+                        put_b.push(b);
+                    }
+                }
+            }
+            if !del_s.is_empty() {
+                out.push((
+                    if table == "queue" {
+                        "DELETE FROM queue q USING unnest($1::text[], $2::bigint[]) AS x(s, q) \
+                         WHERE q.subscription = x.s AND q.seq = x.q"
+                    } else {
+                        "DELETE FROM dead_queue q USING unnest($1::text[], $2::bigint[]) AS x(s, q) \
+                         WHERE q.subscription = x.s AND q.seq = x.q"
+                    },
+                    vec![Box::new(del_s), Box::new(del_q)],
+                ));
+            }
+            if !put_s.is_empty() {
+                out.push((
+                    if table == "queue" {
+                        "INSERT INTO queue (subscription, seq, due, event_id, body) \
+                         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[]) \
+                         ON CONFLICT (subscription, seq) DO UPDATE SET due = excluded.due, body = excluded.body"
+                    } else {
+                        "INSERT INTO dead_queue (subscription, seq, dead_at, event_id, body) \
+                         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[]) \
+                         ON CONFLICT (subscription, seq) DO UPDATE SET dead_at = excluded.dead_at, body = excluded.body"
+                    },
+                    vec![
+                        Box::new(put_s),
+                        Box::new(put_q),
+                        Box::new(put_t),
+                        Box::new(put_e),
+                        Box::new(put_b),
+                    ],
+                ));
+            }
+        }
+        if !self.released.is_empty() {
+            let (ids, counts): (Vec<String>, Vec<i32>) = self.released.into_iter().unzip();
+            released.extend(ids.iter().cloned());
+            out.push((
+                "UPDATE events e SET refs = e.refs - x.n FROM unnest($1::text[], $2::int[]) AS x(id, n) \
+                 WHERE e.id = x.id",
+                vec![Box::new(ids), Box::new(counts)],
+            ));
+            out.push((
+                "DELETE FROM events WHERE id = ANY($1) AND refs <= 0",
+                vec![Box::new(released)],
+            ));
+        }
+        if !self.stats.is_empty() {
+            let mut uids = Vec::new();
+            let (mut q, mut b, mut d) = (Vec::new(), Vec::new(), Vec::new());
+            for (uid, (dq, db, dd)) in self.stats {
+                uids.push(uid);
+                q.push(dq);
+                b.push(db);
+                d.push(dd);
+            }
+            out.push((
+                "INSERT INTO queue_stats (uid, queued, bytes, dead) SELECT u, 0, 0, 0 FROM unnest($1::text[]) AS u \
+                 ON CONFLICT (uid) DO NOTHING",
+                vec![Box::new(uids.clone())],
+            ));
+            out.push((
+                "UPDATE queue_stats s SET queued = GREATEST(s.queued + x.q, 0), bytes = GREATEST(s.bytes + x.b, 0), \
+                 dead = GREATEST(s.dead + x.d, 0) \
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS x(u, q, b, d) WHERE s.uid = x.u",
+                vec![Box::new(uids.clone()), Box::new(q), Box::new(b), Box::new(d)],
+            ));
+            out.push((
+                "DELETE FROM queue_stats WHERE uid = ANY($1) AND queued = 0 AND bytes = 0 AND dead = 0",
+                vec![Box::new(uids)],
+            ));
+        }
+        if let Some(next) = self.next_seq {
+            out.push((
+                "INSERT INTO store_counters (name, value) VALUES ('next_seq', $1) \
+                 ON CONFLICT (name) DO UPDATE SET value = GREATEST(store_counters.value, excluded.value)",
+                vec![Box::new(clamp(next))],
+            ));
+        }
+    }
 }
 
 pub(super) fn u64_of(n: i64) -> u64 {
@@ -635,7 +843,7 @@ impl Engine for Postgres {
                 "SELECT body FROM attempts WHERE subscription = $1 AND at_nanos >= $2 ORDER BY at_nanos DESC LIMIT $3",
                 vec![
                     Box::new(subscription.to_string()),
-                    Box::new(signed(from)?),
+                    Box::new(clamp(from)),
                     Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
                 ],
             )?
@@ -647,7 +855,7 @@ impl Engine for Postgres {
     fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError> {
         let rows = self.query(
             "SELECT count(*) FROM attempts WHERE subscription = $1 AND at_nanos < $2",
-            vec![Box::new(subscription.to_string()), Box::new(signed(before)?)],
+            vec![Box::new(subscription.to_string()), Box::new(clamp(before))],
         )?;
         Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))
     }
@@ -717,5 +925,145 @@ impl Engine for Postgres {
             .into_iter()
             .map(|r| r.get(0))
             .collect())
+    }
+}
+
+impl crate::store::durable::engine::PagedEngine for Postgres {
+    fn queue_page(
+        &self,
+        subscription: &str,
+        ordered: bool,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::durable::engine::QueueRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (due, seq) = after.map_or((-1, -1), |(d, s)| (clamp(d), clamp(s)));
+        let rows = if ordered {
+            self.query(
+                "SELECT seq, due, body FROM queue WHERE subscription = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                vec![Box::new(subscription.to_string()), Box::new(seq), Box::new(limit)],
+            )?
+        } else {
+            self.query(
+                "SELECT seq, due, body FROM queue WHERE subscription = $1 AND (due, seq) > ($2, $3) \
+                 ORDER BY due, seq LIMIT $4",
+                vec![
+                    Box::new(subscription.to_string()),
+                    Box::new(due),
+                    Box::new(seq),
+                    Box::new(limit),
+                ],
+            )?
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let seq = u64_of(r.get(0));
+                let key = if ordered { (0, seq) } else { (u64_of(r.get(1)), seq) };
+                (key, r.get(2))
+            })
+            .collect())
+    }
+
+    fn dead_range(
+        &self,
+        subscription: &str,
+        from: u64,
+        to: u64,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
+        let params: Params = vec![
+            Box::new(subscription.to_string()),
+            Box::new(clamp(from)),
+            Box::new(clamp(to)),
+            Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        let rows = if newest_first {
+            self.query(
+                "SELECT dead_at, seq, body FROM dead_queue WHERE subscription = $1 AND dead_at >= $2 AND dead_at < $3 \
+                 ORDER BY dead_at DESC, seq DESC LIMIT $4",
+                params,
+            )?
+        } else {
+            self.query(
+                "SELECT dead_at, seq, body FROM dead_queue WHERE subscription = $1 AND dead_at >= $2 AND dead_at < $3 \
+                 ORDER BY dead_at, seq LIMIT $4",
+                params,
+            )?
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| (u64_of(r.get(0)), u64_of(r.get(1)), r.get(2)))
+            .collect())
+    }
+
+    fn producers(&self, ids: &[&str]) -> Result<Vec<(String, String)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let ids: Vec<String> = ids.iter().map(|s| (*s).to_string()).collect();
+        Ok(self
+            .query(
+                "SELECT producer_id, event_id FROM producers WHERE producer_id = ANY($1)",
+                vec![Box::new(ids)],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    fn producers_before(&self, before: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT seen_at, producer_id FROM producers WHERE seen_at < $1 ORDER BY seen_at LIMIT $2",
+                vec![Box::new(before), Box::new(i64::try_from(limit).unwrap_or(i64::MAX))],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    fn queue_stats(&self) -> Result<Vec<(String, crate::store::durable::engine::QueueFigures)>, StoreError> {
+        Ok(self
+            .query("SELECT uid, queued, bytes, dead FROM queue_stats", vec![])?
+            .into_iter()
+            .map(|r| (r.get(0), (u64_of(r.get(1)), u64_of(r.get(2)), u64_of(r.get(3)))))
+            .collect())
+    }
+
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .query("SELECT value FROM store_counters WHERE name = 'next_seq'", vec![])?
+            .first()
+            .map_or(0, |r| u64_of(r.get(0))))
+    }
+
+    fn attempt_subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .query("SELECT DISTINCT subscription FROM attempts", vec![])?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn namespaces(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self
+            .query("SELECT uid, namespace FROM subscriptions", vec![])?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    fn migrate_legacy(&self) -> Result<u64, StoreError> {
+        self.call(|c| {
+            let (runtime, client) = c.parts()?;
+            runtime.block_on(async {
+                let txn = client.transaction().await.map_err(unavailable)?;
+                let moved = super::shared::to_paged(&txn).await.map_err(unavailable)?;
+                txn.commit().await.map_err(unavailable)?;
+                Ok(moved)
+            })
+        })
     }
 }

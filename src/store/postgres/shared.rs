@@ -570,6 +570,8 @@ pub async fn prepare(client: &mut tokio_postgres::Client, shards: usize, joined:
             });
         }
     }
+    // What a single-owner operator queued in the paged tables comes back to the shared ones.
+    to_shared(&txn).await?;
     for table in ["pending", "dead_letters"] {
         // Rows an older single-owner operator wrote without their columns.
         let fill = format!(
@@ -614,6 +616,70 @@ pub async fn prepare(client: &mut tokio_postgres::Client, shards: usize, joined:
     .await?;
     txn.commit().await?;
     Ok(())
+}
+
+/// Moves the shared layout's rows (`pending`, `dead_letters`) into the paged one (`queue`,
+/// `dead_queue`, event references, figures) for a database one operator owns; returns the
+/// rows moved. Run at that operator's start, in `txn`.
+pub(super) async fn to_paged(txn: &tokio_postgres::Transaction<'_>) -> Result<u64, tokio_postgres::Error> {
+    let json = "convert_from(body, 'UTF8')::jsonb";
+    let moved_queue = txn
+        .execute(
+            &format!(
+                "INSERT INTO queue (subscription, seq, due, event_id, body) \
+                 SELECT {json} ->> 'subscription', seq, \
+                   (extract(epoch FROM ({json} ->> 'notBefore')::timestamptz) * 1000000000)::bigint, \
+                   {json} ->> 'eventId', body FROM pending \
+                 ON CONFLICT (subscription, seq) DO NOTHING"
+            ),
+            &[],
+        )
+        .await?;
+    let moved_dead = txn
+        .execute(
+            &format!(
+                "INSERT INTO dead_queue (subscription, seq, dead_at, event_id, body) \
+                 SELECT {json} ->> 'subscription', seq, \
+                   (extract(epoch FROM COALESCE({json} ->> 'deadAt', {json} ->> 'notBefore')::timestamptz) * 1000000000)::bigint, \
+                   {json} ->> 'eventId', body FROM dead_letters \
+                 ON CONFLICT (subscription, seq) DO NOTHING"
+            ),
+            &[],
+        )
+        .await?;
+    if moved_queue + moved_dead == 0 {
+        return Ok(0);
+    }
+    txn.batch_execute(
+        "UPDATE events e SET refs = c.n FROM ( \
+           SELECT event_id, count(*)::int AS n FROM ( \
+             SELECT event_id FROM queue UNION ALL SELECT event_id FROM dead_queue) r GROUP BY event_id) c \
+         WHERE e.id = c.event_id; \
+         INSERT INTO queue_stats (uid, queued, bytes, dead) \
+           SELECT s, sum(q), 0, sum(d) FROM ( \
+             SELECT subscription AS s, 1 AS q, 0 AS d FROM queue \
+             UNION ALL SELECT subscription, 0, 1 FROM dead_queue) r GROUP BY s \
+         ON CONFLICT (uid) DO UPDATE SET queued = excluded.queued, dead = excluded.dead; \
+         INSERT INTO store_counters (name, value) SELECT 'next_seq', GREATEST( \
+           (SELECT COALESCE(max(seq), 0) FROM queue), (SELECT COALESCE(max(seq), 0) FROM dead_queue)) + 1 \
+         ON CONFLICT (name) DO UPDATE SET value = GREATEST(store_counters.value, excluded.value); \
+         DELETE FROM pending; DELETE FROM dead_letters;",
+    )
+    .await?;
+    Ok(moved_queue + moved_dead)
+}
+
+/// The reverse of `to_paged`, when a database an operator owned alone starts being shared.
+async fn to_shared(txn: &tokio_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    txn.batch_execute(
+        "INSERT INTO pending (seq, body, subscription, event_id) \
+           SELECT seq, body, subscription, event_id FROM queue ON CONFLICT (seq) DO NOTHING; \
+         INSERT INTO dead_letters (seq, body, subscription, event_id) \
+           SELECT seq, body, subscription, event_id FROM dead_queue ON CONFLICT (seq) DO NOTHING; \
+         DELETE FROM queue; DELETE FROM dead_queue; DELETE FROM queue_stats; \
+         UPDATE events SET refs = 0 WHERE refs <> 0;",
+    )
+    .await
 }
 
 #[derive(Debug, thiserror::Error)]
