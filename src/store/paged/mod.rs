@@ -332,9 +332,7 @@ impl PagedStore {
                 release(&claimed);
                 // The database may be gone: a write lets the commit thread find out, so
                 // readiness and status say so (and it says when it is back).
-                if let Err(down) = self.wait_for(Vec::new(), false) {
-                    return Err(down);
-                }
+                self.wait_for(Vec::new(), false)?;
                 return Err(err);
             }
         };
