@@ -107,8 +107,6 @@ async fn one_subscription_at_its_max_backlog_while_another_keeps_being_accepted_
     ] {
         assert!(message.contains(part), "{part:?} in {message}");
     }
-    let status = w.status.as_ref().expect("status");
-    assert!(status.oldest_pending_time.is_some(), "{status:?}");
     let labels = |name: &str| format!(r#"{{namespace="{}",subscription="{name}"}}"#, ns.name);
     assert_eq!(
         operator
@@ -123,13 +121,19 @@ async fn one_subscription_at_its_max_backlog_while_another_keeps_being_accepted_
         0.0
     );
 
-    // What the store's cap does: five wait, fifteen are dead letters naming the cap.
-    eventually(
+    // What the store does with the cap: five wait, fifteen are dead letters naming it; the
+    // backlog's size and age are on status.
+    let w = eventually(
         "full: a backlog of 5 and 15 dead letters",
         || whs(&ns, "full"),
         |w| counts(w) == (5, 15, 0),
     )
     .await;
+    let status = w.status.as_ref().expect("status");
+    assert!(
+        status.backlog_bytes > 0 && status.oldest_pending_time.is_some(),
+        "{status:?}"
+    );
     let target = format!("{}/full", ns.name);
     let admin = format!("http://{}", operator.admin);
     let (ok, out, err) = mailhook(&[

@@ -226,14 +226,9 @@ async fn the_deprecated_max_backlog_caps_the_backlog_instead_of_refusing_and_los
     assert!(!metrics.contains(r#"outcome="throttled""#), "{metrics}");
 
     let w = eventually(
-        "the backlog at its cap (10) and the event past it dead-lettered",
+        "Healthy=False/BacklogFull",
         || whs(&ns, "siem"),
-        |w| {
-            healthy(w, "BacklogFull")
-                && w.status
-                    .as_ref()
-                    .is_some_and(|s| s.backlog == 10 && s.dead_lettered == 1)
-        },
+        |w| healthy(w, "BacklogFull"),
     )
     .await;
     let (_, message) = w
@@ -243,6 +238,16 @@ async fn the_deprecated_max_backlog_caps_the_backlog_instead_of_refusing_and_los
         .map(|c| (c.reason.clone(), c.message.clone()))
         .expect("Healthy");
     assert!(message.contains("delivery.maxBacklog.events (10)"), "{message}");
+    eventually(
+        "the backlog at its cap (10) and the event past it dead-lettered",
+        || whs(&ns, "siem"),
+        |w| {
+            w.status
+                .as_ref()
+                .is_some_and(|s| s.backlog == 10 && s.dead_lettered == 1)
+        },
+    )
+    .await;
     let labels = format!(r#"{{namespace="{}",subscription="siem"}}"#, ns.name);
     assert_eq!(
         operator
