@@ -190,6 +190,7 @@ async fn rig(subscriptions: usize) -> Rig {
             // BENCH_BATCH=N: up to N events per request (delivery.batch).
             batch,
             dead_letter_sink: None,
+            max_backlog: None,
         });
         routes.push(SubscriptionRoute {
             uid,

@@ -179,6 +179,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &config.egress.egress_allow_hosts,
         config.egress.egress_cluster_cidrs.clone(),
     ));
+    let (default_backlog, deprecated) = config.default_backlog_cap();
+    if let Some(warning) = deprecated {
+        tracing::warn!("{warning}");
+    }
     let wiring = controller::Wiring {
         leadership: leadership.clone(),
         deliveries: deliveries.clone(),
@@ -194,6 +198,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             clients: Arc::new(Clients::new(egress.clone())),
             egress,
             instance: Arc::from(config.delivery.instance.as_str()),
+            default_backlog,
         },
         api_budget: controller::ApiBudget {
             qps: config.kube.kube_api_qps,
@@ -214,7 +219,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         internal_domains: source::internal_domains(&config.ingest.internal_domains),
         matches,
         limits: source::Limits {
-            max_backlog: config.store.max_backlog,
             max_store_bytes: config.store.max_store_bytes,
         },
     });

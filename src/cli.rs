@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::api::parse_duration;
+use crate::api::{parse_bytes, parse_duration};
 use crate::history::client::{ListArgs, ReplayArgs};
+use crate::store::BacklogCap;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -118,6 +119,36 @@ fn cidr_arg(text: &str) -> Result<ipnet::IpNet, String> {
 /// A Go-style duration flag (`72h`, `30s`).
 fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
     parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// A byte count flag, as a Kubernetes quantity (`2Gi`, `500M`).
+fn bytes_arg(text: &str) -> Result<u64, String> {
+    parse_bytes(text).map_err(|e| e.to_string())
+}
+
+/// `--default-max-backlog-events` when none is given.
+pub const DEFAULT_MAX_BACKLOG_EVENTS: u64 = 1_000_000;
+
+impl RunConfig {
+    /// The backlog cap of a subscription that sets none, from `--default-max-backlog-*`
+    /// and the deprecated `--max-backlog`; with the warning to log when that was given.
+    pub fn default_backlog_cap(&self) -> (BacklogCap, Option<String>) {
+        let (new, old) = (self.delivery.default_max_backlog_events, self.store.max_backlog);
+        let events = new.or(old).unwrap_or(DEFAULT_MAX_BACKLOG_EVENTS);
+        let warning = old.map(|n| match new {
+            Some(_) => format!(
+                "--max-backlog {n} is deprecated and ignored: --default-max-backlog-events is given. Ingest no longer refuses mail for a full backlog; drop --max-backlog"
+            ),
+            None => format!(
+                "--max-backlog {n} is deprecated: ingest no longer refuses mail for a full backlog. It now caps each subscription's backlog at {n} events (new events past it go to that subscription's dead letters), as --default-max-backlog-events {n} does; use that flag, or delivery.maxBacklog per subscription"
+            ),
+        });
+        let cap = BacklogCap {
+            events: Some(events).filter(|n| *n > 0),
+            bytes: self.delivery.default_max_backlog_bytes,
+        };
+        (cap, warning)
+    }
 }
 
 /// The configuration of `mailhook run`, grouped by the part it configures. Every flag
@@ -411,12 +442,16 @@ pub struct StoreArgs {
     #[arg(long, env = "MAILHOOK_LEADER_LEASE_NAMESPACE")]
     pub leader_lease_namespace: Option<String>,
 
-    /// Refuse new events (HTTP 429) while this many deliveries wait, over every
-    /// subscription. No limit when absent.
+    /// Deprecated: a full backlog no longer makes ingest refuse anyone's mail. Taken as
+    /// `--default-max-backlog-events` (each subscription's own cap), which wins when both
+    /// are given; a warning at start says so.
     #[arg(long, env = "MAILHOOK_MAX_BACKLOG")]
     pub max_backlog: Option<u64>,
 
-    /// Refuse new events (HTTP 429) while the store occupies this many bytes on disk.
+    /// Guards the store's volume: new events are refused (HTTP 429 with Retry-After, SMTP
+    /// 452) while the store occupies this many bytes (the file on redb, the database on
+    /// PostgreSQL). Set it below the volume's size; a subscriber's backlog is capped on its
+    /// own by `delivery.maxBacklog`. No limit when absent.
     #[arg(long, env = "MAILHOOK_MAX_STORE_BYTES")]
     pub max_store_bytes: Option<u64>,
 
@@ -470,6 +505,21 @@ pub struct DeliveryArgs {
     /// Without it a random one is used and pseudonyms change on every restart.
     #[arg(long, env = "MAILHOOK_PSEUDONYM_KEY_FILE")]
     pub pseudonym_key_file: Option<std::path::PathBuf>,
+
+    /// The backlog cap of each subscription whose `delivery.maxBacklog` sets no `events`:
+    /// once that many of its events wait or are in flight, its new events go straight to
+    /// its dead letters, so one subscriber's outage never makes ingest refuse mail. Default
+    /// 1000000, so that no backlog grows without bound unless someone chose it: 0 turns
+    /// the default cap off.
+    #[arg(long, env = "MAILHOOK_DEFAULT_MAX_BACKLOG_EVENTS")]
+    pub default_max_backlog_events: Option<u64>,
+
+    /// The backlog cap in bytes of each subscription whose `delivery.maxBacklog` sets no
+    /// `bytes`, as a quantity such as `2Gi`. Unset by default: events differ in size with
+    /// the mail, so a bytes figure fits a volume only when chosen for it, and
+    /// `--max-store-bytes` already guards the volume as a whole.
+    #[arg(long, env = "MAILHOOK_DEFAULT_MAX_BACKLOG_BYTES", value_parser = bytes_arg)]
+    pub default_max_backlog_bytes: Option<u64>,
 
     /// On SIGTERM: how long deliveries in flight may take to finish before the process
     /// exits anyway (those left are due again after the restart). Keep it below the
@@ -565,4 +615,79 @@ pub struct FilterArgs {
     /// name) are refused without being compiled.
     #[arg(long, env = "MAILHOOK_FILTER_MAX_PER_NAMESPACE", default_value_t = crate::route::FilterBudget::default().max_per_namespace)]
     pub filter_max_per_namespace: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunConfig, clap::Error> {
+        let argv = ["mailhook", "run"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(config) => Ok(*config),
+            _ => unreachable!("the run subcommand"),
+        }
+    }
+
+    fn cap(args: &[&str]) -> (BacklogCap, Option<String>) {
+        run(args).expect("flags parse").default_backlog_cap()
+    }
+
+    #[test]
+    fn the_default_backlog_cap_is_a_million_events_and_no_bytes() {
+        let (c, warning) = cap(&[]);
+        assert_eq!(
+            c,
+            BacklogCap {
+                events: Some(1_000_000),
+                bytes: None
+            }
+        );
+        assert_eq!(warning, None);
+        let (c, _) = cap(&[
+            "--default-max-backlog-events",
+            "500",
+            "--default-max-backlog-bytes",
+            "2Gi",
+        ]);
+        assert_eq!(
+            c,
+            BacklogCap {
+                events: Some(500),
+                bytes: Some(2 << 30)
+            }
+        );
+        assert_eq!(
+            cap(&["--default-max-backlog-events", "0"]).0.events,
+            None,
+            "0: no default cap"
+        );
+    }
+
+    #[test]
+    fn the_deprecated_max_backlog_sets_the_events_default_and_says_so() {
+        let (c, warning) = cap(&["--max-backlog", "10"]);
+        assert_eq!(c.events, Some(10));
+        let warning = warning.expect("a warning");
+        assert!(
+            warning.contains("deprecated")
+                && warning.contains("no longer refuses")
+                && warning.contains("--default-max-backlog-events 10"),
+            "{warning}"
+        );
+        let (c, warning) = cap(&["--max-backlog", "10", "--default-max-backlog-events", "20"]);
+        assert_eq!(c.events, Some(20), "the new flag wins");
+        assert!(warning.is_some_and(|w| w.contains("ignored")));
+    }
+
+    #[test]
+    fn a_malformed_bytes_default_names_the_flag() {
+        let err = run(&["--default-max-backlog-bytes", "2GB"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("--default-max-backlog-bytes") && err.contains("not a quantity of bytes"),
+            "{err}"
+        );
+    }
 }

@@ -15,6 +15,11 @@ pub struct Metrics {
     deliveries: IntCounterVec,
     delivery_duration: HistogramVec,
     pub backlog: IntGaugeVec,
+    pub backlog_bytes: IntGaugeVec,
+    pub backlog_oldest_age: IntGaugeVec,
+    /// 1 while the subscription's backlog is at its cap (status: Healthy=False/BacklogFull).
+    pub backlog_full: IntGaugeVec,
+    pub backlog_overflowed: IntCounterVec,
     pub dead_letters: IntGaugeVec,
     pub endpoint_up: IntGaugeVec,
     pub endpoint_disabled: IntGaugeVec,
@@ -108,6 +113,34 @@ impl Metrics {
                 Opts::new("mailhook_backlog", "Events waiting to be delivered, per subscription."),
                 SUBSCRIPTION,
             )?,
+            backlog_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_backlog_bytes",
+                    "Bytes of the events waiting to be delivered, per subscription (what delivery.maxBacklog.bytes caps).",
+                ),
+                SUBSCRIPTION,
+            )?,
+            backlog_oldest_age: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_backlog_oldest_age_seconds",
+                    "Seconds since the oldest event still waiting to be delivered was accepted, per subscription; 0 when none waits.",
+                ),
+                SUBSCRIPTION,
+            )?,
+            backlog_full: IntGaugeVec::new(
+                Opts::new(
+                    "mailhook_backlog_full",
+                    "1 while the subscription's backlog is at its delivery.maxBacklog: its new events go straight to its dead letters (status Healthy=False, reason BacklogFull).",
+                ),
+                SUBSCRIPTION,
+            )?,
+            backlog_overflowed: IntCounterVec::new(
+                Opts::new(
+                    "mailhook_backlog_overflowed_total",
+                    "Deliveries sent straight to the dead letters because the subscription's backlog was at its delivery.maxBacklog, per subscription.",
+                ),
+                SUBSCRIPTION,
+            )?,
             dead_letters: IntGaugeVec::new(
                 Opts::new(
                     "mailhook_dead_letters",
@@ -147,7 +180,7 @@ impl Metrics {
             )?,
             store_backlog: prometheus::IntGauge::new(
                 "mailhook_store_backlog",
-                "Deliveries waiting or in flight in the store, over every subscription (what --max-backlog compares with).",
+                "Deliveries waiting or in flight in the store, over every subscription, including any not (or no longer) known to the controllers.",
             )?,
             ready: prometheus::IntGauge::new(
                 "mailhook_ready",
@@ -287,6 +320,7 @@ impl Metrics {
             &m.store_purged,
             &m.replayed,
             &m.not_granted,
+            &m.backlog_overflowed,
         ] {
             m.registry.register(Box::new(c.clone()))?;
         }
@@ -299,7 +333,15 @@ impl Metrics {
         for h in [&m.delivery_duration, &m.reconcile_duration] {
             m.registry.register(Box::new(h.clone()))?;
         }
-        for g in [&m.backlog, &m.dead_letters, &m.endpoint_up, &m.endpoint_disabled] {
+        for g in [
+            &m.backlog,
+            &m.backlog_bytes,
+            &m.backlog_oldest_age,
+            &m.backlog_full,
+            &m.dead_letters,
+            &m.endpoint_up,
+            &m.endpoint_disabled,
+        ] {
             m.registry.register(Box::new(g.clone()))?;
         }
         Ok(m)
@@ -333,12 +375,16 @@ impl Metrics {
         let labels = [namespace, subscription];
         for g in [
             &self.backlog,
+            &self.backlog_bytes,
+            &self.backlog_oldest_age,
+            &self.backlog_full,
             &self.dead_letters,
             &self.endpoint_up,
             &self.endpoint_disabled,
         ] {
             let _ = g.remove_label_values(&labels);
         }
+        let _ = self.backlog_overflowed.remove_label_values(&labels);
         let _ = self.delivery_duration.remove_label_values(&labels);
         let _ = self.replayed.remove_label_values(&labels);
         let _ = self.not_granted.remove_label_values(&labels);

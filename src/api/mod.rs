@@ -5,12 +5,14 @@ mod common;
 mod duration;
 mod mailbox_filter;
 mod mailbox_grant;
+mod quantity;
 mod webhook_subscription;
 
 pub use common::*;
 pub use duration::{DurationError, parse_duration, parse_since};
 pub use mailbox_filter::*;
 pub use mailbox_grant::*;
+pub use quantity::{QUANTITY_PATTERN, QuantityError, parse_bytes};
 pub use webhook_subscription::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -11,6 +11,8 @@ const POSITIVE_DURATION: &str =
     "self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) > duration('0s')";
 /// Every entry a duration, zero allowed (`0s` means "immediately" in a retry schedule).
 const DURATION_LIST: &str = "self.all(d, d.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$'))";
+/// `maxBacklog.bytes`: a positive quantity (`super::QUANTITY_PATTERN`, not zero).
+const BACKLOG_BYTES: &str = "!has(self.bytes) || (self.bytes.matches('^[0-9]+(\\\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$') && !self.bytes.matches('^[0.]+[a-zA-Z]*$'))";
 
 /// Delivers every mailbox event that matches to one HTTPS endpoint, signed with the
 /// Standard Webhooks scheme, retried on a schedule until it is accepted.
@@ -340,6 +342,30 @@ pub struct Delivery {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(POSITIVE_DURATION).message("delivery.disableAfter must be a positive duration such as 120h"))]
     pub disable_after: String,
+
+    /// The most this subscription's backlog (events waiting or in flight) may hold. Once
+    /// it is full, new events for this subscription go straight to its dead letters
+    /// (reason naming delivery.maxBacklog) instead of waiting; ingest never refuses mail
+    /// for it, and other subscriptions are not affected. Each figure left out takes the
+    /// operator's default (`--default-max-backlog-events`, `--default-max-backlog-bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_backlog: Option<MaxBacklog>,
+}
+
+/// A cap on one subscription's backlog; a figure left out takes the operator's default.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(BACKLOG_BYTES).message("delivery.maxBacklog.bytes must be a positive quantity of bytes such as 512Mi, 2Gi or 500M (suffixes Ki, Mi, Gi, Ti, k, M, G, T)"))]
+pub struct MaxBacklog {
+    /// Most events waiting or in flight, at least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub events: Option<u64>,
+
+    /// Most bytes of events waiting or in flight, as a quantity such as `512Mi` or `2Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub bytes: Option<String>,
 }
 
 /// Where dead-lettered events go. Give exactly one of `ref` or `uri`.
@@ -406,6 +432,7 @@ impl Default for Delivery {
             dead_letter_sink: None,
             batch: None,
             disable_after: default_disable_after(),
+            max_backlog: None,
         }
     }
 }
@@ -531,7 +558,16 @@ pub struct WebhookSubscriptionStatus {
     #[serde(default)]
     pub backlog: u64,
 
-    /// Events that exhausted their retries or expired, kept for replay.
+    /// Bytes of the events waiting to be delivered (what delivery.maxBacklog.bytes caps).
+    #[serde(default)]
+    pub backlog_bytes: u64,
+
+    /// When the oldest event still waiting was accepted; absent while nothing waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_time: Option<Time>,
+
+    /// Events that exhausted their retries, expired, or found the backlog full
+    /// (delivery.maxBacklog), kept for replay.
     #[serde(default)]
     pub dead_lettered: u64,
 

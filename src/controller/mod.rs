@@ -139,6 +139,8 @@ pub struct SubscriptionState {
     pub uses: Vec<String>,
     /// The MailboxGrants it receives through (empty when it is not granted anything).
     pub grants: Vec<String>,
+    /// The cap on its backlog the data path was given (None: no cap, or not valid).
+    pub backlog_cap: Option<crate::store::BacklogCap>,
     /// `State::version` when this was recorded.
     pub version: u64,
 }

@@ -20,7 +20,7 @@ use super::{ApiLimiter, Context, FilterState, SubscriptionState, write_status};
 use crate::api::{DeliveryFailure, MailboxFilterStatus, WebhookSubscription, WebhookSubscriptionStatus};
 use crate::delivery::health::{HealthClass, HealthSnapshot, Published};
 use crate::handles::MatchCount;
-use crate::store::QueueCounts;
+use crate::store::{BacklogCap, QueueCounts};
 use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -49,21 +49,61 @@ pub mod reason {
     pub const ENDPOINT_DISABLED: &str = "EndpointDisabled";
     pub const PAUSED: &str = "Paused";
     pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
+    pub const BACKLOG_FULL: &str = "BacklogFull";
 }
 
 fn time(t: jiff::Timestamp) -> Time {
     Time(t)
 }
 
-/// The `Healthy` condition from delivery health and, while the store cannot commit, why
-/// not (`store_down`). Pure.
-pub fn healthy_condition(health: &HealthSnapshot, paused: bool, store_down: Option<&str>) -> Desired {
+/// The figure of `cap` the backlog `counts` is at, named for a person, if any. Once full
+/// (`was_full`) it stays so until the backlog is below nine tenths of that figure: a
+/// backlog hovering at its cap must not flip the condition with every event. Pure.
+pub fn backlog_full(cap: Option<&BacklogCap>, counts: &QueueCounts, was_full: bool) -> Option<String> {
+    let cap = cap?;
+    let reached = |max: u64, n: u64| n >= if was_full { max - max / 10 } else { max };
+    if let Some(max) = cap.events.filter(|max| reached(*max, counts.backlog)) {
+        return Some(format!("delivery.maxBacklog.events ({max})"));
+    }
+    if let Some(max) = cap.bytes.filter(|max| reached(*max, counts.bytes)) {
+        return Some(format!("delivery.maxBacklog.bytes ({max} bytes)"));
+    }
+    None
+}
+
+/// The `Healthy` condition from delivery health, whether the backlog is at its cap
+/// (`full`: the figure reached, from `backlog_full`) and, while the store cannot commit,
+/// why not (`store_down`). Pure.
+pub fn healthy_condition(
+    health: &HealthSnapshot,
+    paused: bool,
+    full: Option<&str>,
+    store_down: Option<&str>,
+) -> Desired {
     let last_error = || {
         health
             .last_failure
             .as_ref()
             .map(|f| format!("{} at {}", f.message, f.time.strftime("%Y-%m-%dT%H:%M:%SZ")))
             .unwrap_or_default()
+    };
+    // Why the backlog does not drain, for the BacklogFull message.
+    let cause = || match health.class() {
+        HealthClass::Disabled => format!(
+            "Deliveries stopped: {}; last error: {}.",
+            health.disabled.as_deref().unwrap_or("disabled"),
+            last_error()
+        ),
+        _ if paused => "Deliveries are paused (spec.paused: true).".to_string(),
+        HealthClass::Failing => format!(
+            "The endpoint is failing ({} consecutive failed attempt(s); last: {}).",
+            health.consecutive_failures,
+            last_error()
+        ),
+        HealthClass::Healthy | HealthClass::Unknown => {
+            "The endpoint takes events more slowly than they arrive (see delivery.concurrency and rateLimitPerSecond)."
+                .to_string()
+        }
     };
     let (status, reason, message) = match health.class() {
         // Every delivery waits on it, whatever the endpoint does.
@@ -73,6 +113,16 @@ pub fn healthy_condition(health: &HealthSnapshot, paused: bool, store_down: Opti
             format!(
                 "Deliveries are paused: the store cannot commit ({}). New events are refused (HTTP 503, SMTP 451; 507 and 452 when its volume is full) until it can; nothing acknowledged is lost, and deliveries resume by themselves. Check the database (or the store volume).",
                 store_down.unwrap_or_default()
+            ),
+        ),
+        // Said before the endpoint's state, which it includes: events are being set aside.
+        _ if full.is_some() => (
+            Status::False,
+            reason::BACKLOG_FULL,
+            format!(
+                "The backlog is at {}: new events for this subscription go straight to its dead letters instead of waiting (other subscriptions are not affected). {} Fix the endpoint or raise delivery.maxBacklog, then replay the dead letters (annotation mailhook.io/replay-requested-at).",
+                full.unwrap_or_default(),
+                cause()
             ),
         ),
         HealthClass::Disabled => (
@@ -134,9 +184,14 @@ pub fn subscription_status(
     status.observed_generation = generation;
     let ready = super::subscription::with_verification(state.ready.clone(), health.verification.as_ref());
     conditions::set(&mut status.conditions, ready.clone(), generation, now);
+    let was_full = previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == HEALTHY && c.reason == reason::BACKLOG_FULL);
+    let full = backlog_full(state.backlog_cap.as_ref(), &counts, was_full);
     conditions::set(
         &mut status.conditions,
-        healthy_condition(health, state.paused, store_down),
+        healthy_condition(health, state.paused, full.as_deref(), store_down),
         generation,
         now,
     );
@@ -156,6 +211,9 @@ pub fn subscription_status(
     status.failed_attempts = health.failed_attempts;
     status.consecutive_failures = health.consecutive_failures;
     status.backlog = counts.backlog;
+    status.backlog_bytes = counts.bytes;
+    // A time, not an age: status changes when the head of the queue does, not every second.
+    status.oldest_pending_time = counts.oldest_accepted.map(time);
     status.dead_lettered = counts.dead_lettered;
     status.last_success_time = health.last_success.map(time).or(status.last_success_time);
     status.last_failure = health
@@ -527,6 +585,17 @@ async fn subscription_writes(
             .with_label_values(&labels)
             .set(counts.dead_lettered as i64);
         ctx.metrics
+            .backlog_bytes
+            .with_label_values(&labels)
+            .set(gauge(counts.bytes));
+        let age = counts
+            .oldest_accepted
+            .map_or(0, |t| now.0.duration_since(t).as_secs().max(0));
+        ctx.metrics.backlog_oldest_age.with_label_values(&labels).set(age);
+        // The store counts since it started; the counter follows it.
+        let overflowed = ctx.metrics.backlog_overflowed.with_label_values(&labels);
+        overflowed.inc_by(counts.overflowed.saturating_sub(overflowed.get()));
+        ctx.metrics
             .endpoint_up
             .with_label_values(&labels)
             .set(i64::from(health.class() == HealthClass::Healthy));
@@ -554,6 +623,11 @@ async fn subscription_writes(
             .or_else(|| whs.status.clone())
             .unwrap_or_default();
         let mut desired = subscription_status(&previous, state, &health, counts, store_down.as_deref(), &now);
+        let full = desired
+            .conditions
+            .iter()
+            .any(|c| c.type_ == HEALTHY && c.reason == reason::BACKLOG_FULL);
+        ctx.metrics.backlog_full.with_label_values(&labels).set(i64::from(full));
         if published.is_some() {
             desired.shard_owner = owner;
             if replayed.is_some() {
@@ -776,10 +850,13 @@ mod tests {
     #[test]
     fn healthy_condition_reasons() {
         let mut h = HealthSnapshot::default();
-        assert_eq!(healthy_condition(&h, false, None).reason, reason::AWAITING_DELIVERY);
-        assert_eq!(healthy_condition(&h, true, None).reason, reason::PAUSED);
+        assert_eq!(
+            healthy_condition(&h, false, None, None).reason,
+            reason::AWAITING_DELIVERY
+        );
+        assert_eq!(healthy_condition(&h, true, None, None).reason, reason::PAUSED);
         h.last_success = Some(jiff::Timestamp::UNIX_EPOCH);
-        assert_eq!(healthy_condition(&h, false, None).status, Status::True);
+        assert_eq!(healthy_condition(&h, false, None, None).status, Status::True);
         h.consecutive_failures = 2;
         h.last_failure = Some(Failure {
             time: jiff::Timestamp::UNIX_EPOCH,
@@ -787,7 +864,7 @@ mod tests {
             message: "HTTP 500".into(),
             not_before: None,
         });
-        let failing = healthy_condition(&h, false, None);
+        let failing = healthy_condition(&h, false, None, None);
         assert_eq!(
             (failing.status, failing.reason),
             (Status::False, reason::ENDPOINT_FAILING)
@@ -795,17 +872,125 @@ mod tests {
         assert!(failing.message.contains("HTTP 500"), "{}", failing.message);
         h.disabled = Some("the endpoint answered 410 Gone".into());
         assert_eq!(
-            healthy_condition(&h, true, None).reason,
+            healthy_condition(&h, true, None, None).reason,
             reason::ENDPOINT_DISABLED,
             "disabled outranks paused"
         );
-        let down = healthy_condition(&h, true, Some("PostgreSQL: connection refused"));
+        let down = healthy_condition(&h, true, None, Some("PostgreSQL: connection refused"));
         assert_eq!((down.status, down.reason), (Status::False, reason::STORE_UNAVAILABLE));
         assert!(
             down.message.contains("connection refused") && down.message.contains("resume by themselves"),
             "says why and what happens next: {}",
             down.message
         );
+    }
+
+    #[test]
+    fn a_full_backlog_stays_full_until_below_nine_tenths_of_its_cap() {
+        let cap = BacklogCap {
+            events: Some(100),
+            bytes: Some(1000),
+        };
+        let counts = |backlog, bytes| QueueCounts {
+            backlog,
+            bytes,
+            ..Default::default()
+        };
+        assert_eq!(backlog_full(None, &counts(u64::MAX, u64::MAX), false), None, "no cap");
+        assert_eq!(backlog_full(Some(&cap), &counts(99, 999), false), None);
+        assert_eq!(
+            backlog_full(Some(&cap), &counts(100, 0), false).as_deref(),
+            Some("delivery.maxBacklog.events (100)")
+        );
+        assert_eq!(
+            backlog_full(Some(&cap), &counts(1, 1000), false).as_deref(),
+            Some("delivery.maxBacklog.bytes (1000 bytes)")
+        );
+        // Once full, a backlog just under the cap is still full; below 90% it is not.
+        assert!(backlog_full(Some(&cap), &counts(99, 0), true).is_some());
+        assert!(backlog_full(Some(&cap), &counts(90, 0), true).is_some());
+        assert_eq!(backlog_full(Some(&cap), &counts(89, 899), true), None);
+        let tiny = BacklogCap {
+            events: Some(5),
+            bytes: None,
+        };
+        assert_eq!(
+            backlog_full(Some(&tiny), &counts(4, 0), true),
+            None,
+            "a cap of 5 leaves at 4"
+        );
+    }
+
+    /// BacklogFull says what happens to new events and what to do, with why the backlog
+    /// does not drain; its transition time stays while it remains full.
+    #[test]
+    fn a_backlog_at_its_cap_is_unhealthy_with_what_to_do() {
+        let mut h = HealthSnapshot {
+            consecutive_failures: 3,
+            last_failure: Some(Failure {
+                time: jiff::Timestamp::UNIX_EPOCH,
+                http_status: Some(503),
+                message: "HTTP 503".into(),
+                not_before: None,
+            }),
+            ..Default::default()
+        };
+        let full = healthy_condition(&h, false, Some("delivery.maxBacklog.events (5)"), None);
+        assert_eq!((full.status, full.reason), (Status::False, reason::BACKLOG_FULL));
+        for part in [
+            "delivery.maxBacklog.events (5)",
+            "go straight to its dead letters",
+            "HTTP 503",
+            "raise delivery.maxBacklog",
+            "replay",
+        ] {
+            assert!(full.message.contains(part), "{part:?} in {}", full.message);
+        }
+        assert!(
+            healthy_condition(&h, true, Some("x"), None)
+                .message
+                .contains("spec.paused"),
+            "paused is the cause"
+        );
+        assert_eq!(
+            healthy_condition(&h, false, Some("x"), Some("disk full")).reason,
+            reason::STORE_UNAVAILABLE,
+            "the store outage outranks it"
+        );
+
+        let mut state = state(valid());
+        state.backlog_cap = Some(BacklogCap {
+            events: Some(5),
+            bytes: None,
+        });
+        let at = |s: i64| Time(jiff::Timestamp::from_second(s).expect("time"));
+        let counts = |backlog| QueueCounts {
+            backlog,
+            bytes: backlog * 100,
+            oldest_accepted: Some(jiff::Timestamp::UNIX_EPOCH),
+            ..Default::default()
+        };
+        let first = subscription_status(&Default::default(), &state, &h, counts(5), None, &at(10));
+        let healthy = first.conditions.iter().find(|c| c.type_ == HEALTHY).expect("Healthy");
+        assert_eq!(healthy.reason, reason::BACKLOG_FULL);
+        assert_eq!((first.backlog, first.backlog_bytes), (5, 500));
+        assert_eq!(
+            first.oldest_pending_time,
+            Some(at(0)),
+            "when it was accepted, not an age"
+        );
+        h.consecutive_failures = 4;
+        let later = subscription_status(&first, &state, &h, counts(5), None, &at(20));
+        let again = later.conditions.iter().find(|c| c.type_ == HEALTHY).expect("Healthy");
+        assert_eq!(again.last_transition_time, at(10), "no transition while it stays full");
+        let drained = subscription_status(&later, &state, &h, QueueCounts::default(), None, &at(30));
+        let failing = drained.conditions.iter().find(|c| c.type_ == HEALTHY).expect("Healthy");
+        assert_eq!(
+            (failing.reason.as_str(), &failing.last_transition_time),
+            (reason::ENDPOINT_FAILING, &at(10)),
+            "still False, for the endpoint now"
+        );
+        assert_eq!(drained.oldest_pending_time, None, "nothing waits");
     }
 
     #[test]
@@ -962,6 +1147,7 @@ mod tests {
             insecure_skip_tls_verify: false,
             uses: vec![],
             grants: vec![],
+            backlog_cap: None,
             version: 1,
         }
     }

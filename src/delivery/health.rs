@@ -201,6 +201,12 @@ pub struct Published {
     pub latency_p50_ms: Option<u64>,
     pub backlog: u64,
     pub dead_lettered: u64,
+    /// Bytes of the backlog's events.
+    pub backlog_bytes: u64,
+    /// When the oldest delivery of the backlog was accepted.
+    pub oldest_accepted: Option<jiff::Timestamp>,
+    /// Deliveries dead-lettered at a full backlog, since the owner started.
+    pub overflowed: u64,
     pub shard: u32,
     /// The last dead-letter replay the owner carried out (the API's `ReplayStatus`).
     pub last_replay: Option<serde_json::Value>,
@@ -221,6 +227,9 @@ impl Published {
             latency_p50_ms: h.latency_p50_ms,
             backlog: counts.backlog,
             dead_lettered: counts.dead_lettered,
+            backlog_bytes: counts.bytes,
+            oldest_accepted: counts.oldest_accepted,
+            overflowed: counts.overflowed,
             shard,
             last_replay: None,
         }
@@ -250,7 +259,9 @@ impl Published {
             backlog: self.backlog,
             in_flight: 0,
             dead_lettered: self.dead_lettered,
-            ..Default::default()
+            bytes: self.backlog_bytes,
+            oldest_accepted: self.oldest_accepted,
+            overflowed: self.overflowed,
         }
     }
 }

@@ -36,7 +36,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
 use crate::route::Target;
-use crate::store::{PendingDelivery, Store, StoreError};
+use crate::store::{BacklogCap, PendingDelivery, Store, StoreError};
 use health::{Health, HealthSnapshot};
 pub use housekeeping::Housekeeping;
 use housekeeping::run_housekeeping;
@@ -82,6 +82,19 @@ pub struct DeliveryConfig {
     pub batch: Option<BatchSettings>,
     /// Where dead-lettered events are sent as well (`delivery.deadLetterSink`).
     pub dead_letter_sink: Option<Sink>,
+    /// The most its backlog may hold (`delivery.maxBacklog` over the operator's default);
+    /// None: no cap.
+    pub max_backlog: Option<BacklogCap>,
+}
+
+/// The cap a subscription's backlog gets: each figure its spec sets, otherwise the
+/// operator's default; None when neither gives any. Pure.
+pub fn backlog_cap(spec: BacklogCap, default: BacklogCap) -> Option<BacklogCap> {
+    let cap = BacklogCap {
+        events: spec.events.or(default.events),
+        bytes: spec.bytes.or(default.bytes),
+    };
+    (cap.events.is_some() || cap.bytes.is_some()).then_some(cap)
 }
 
 /// `delivery.batch`, parsed.
@@ -315,6 +328,8 @@ impl Deliveries {
             );
             return;
         };
+        // Before the route that brings it events: the store caps what it queues at ingest.
+        self.store.limit_backlog(&config.uid, config.max_backlog);
         // The store keeps each subscription's namespace, so work of a namespace that is no
         // longer watched is never taken for a deleted subscription's (`drop_orphans`).
         if let Err(err) = self.store.note_subscription(&config.uid, &config.namespace) {
@@ -443,13 +458,14 @@ impl Deliveries {
         }
         self.health.lock().remove(uid);
         self.handshakes.lock().remove(uid);
+        self.store.limit_backlog(uid, None);
         if let Err(err) = self.store.forget_subscription(uid) {
             warn!(%err, "cannot drop the queue of a deleted subscription");
         }
     }
 
     /// Drops what the store holds for subscriptions that are not in `live` (deleted while
-    /// the operator was down): their queues would otherwise count against `--max-backlog`
+    /// the operator was down): their queues would otherwise hold their events on disk
     /// forever. With `watched` (the watched namespaces; None = all), only work of
     /// subscriptions known to be in a watched namespace is dropped: a namespace taken out of
     /// `--watch-namespace` keeps its queues. Returns how many subscriptions were dropped.
@@ -600,5 +616,40 @@ impl Deliveries {
 
     fn health_of(&self, uid: &str) -> Arc<Health> {
         self.health.lock().entry(uid.to_string()).or_default().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_overrides_the_default_figure_by_figure() {
+        let cap = |events, bytes| BacklogCap { events, bytes };
+        let default = cap(Some(1_000_000), None);
+        assert_eq!(
+            backlog_cap(BacklogCap::default(), default),
+            Some(default),
+            "no maxBacklog: the default"
+        );
+        assert_eq!(backlog_cap(cap(Some(5), None), default), Some(cap(Some(5), None)));
+        assert_eq!(
+            backlog_cap(cap(None, Some(2 << 30)), default),
+            Some(cap(Some(1_000_000), Some(2 << 30))),
+            "bytes from the spec, events from the default"
+        );
+        assert_eq!(
+            backlog_cap(cap(Some(7), Some(1024)), cap(Some(1), Some(1))),
+            Some(cap(Some(7), Some(1024)))
+        );
+        assert_eq!(
+            backlog_cap(cap(None, Some(512)), cap(None, Some(4096))),
+            Some(cap(None, Some(512)))
+        );
+        assert_eq!(
+            backlog_cap(BacklogCap::default(), BacklogCap::default()),
+            None,
+            "neither: no cap"
+        );
     }
 }

@@ -343,7 +343,7 @@ async fn poll_arrivals(
         if store.unavailable().is_some() {
             continue;
         }
-        // The backlog over every shard, for `--max-backlog` and the metrics, once a second.
+        // The backlog over every shard, for the metrics, once a second.
         if counted.elapsed() >= TICK {
             counted = std::time::Instant::now();
             let s = store.clone();

@@ -492,7 +492,7 @@ async fn authenticated_body(
             return Err(*response);
         }
     };
-    // Store, caches, backlog: refused before the body too.
+    // Store, caches, the store's size: refused before the body too.
     if let Err(refusal) = admit(state, source) {
         drain(headers, body).await;
         return Err(counted(state, source, refusal));
@@ -545,7 +545,7 @@ async fn drain(headers: &HeaderMap, body: Body) {
 }
 
 /// Whether new events can be taken now: the store commits, the caches are synced, the
-/// backlog and the disk are under their limits. `source` labels the metrics.
+/// store is under `--max-store-bytes` (a subscription's full backlog refuses nothing). `source` labels the metrics.
 fn admit(state: &IngestState, source: &str) -> Result<(), Refusal> {
     let metrics = &state.pipeline.metrics;
     if let Some(reason) = state.pipeline.store_down() {

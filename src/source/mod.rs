@@ -67,11 +67,11 @@ impl RawArchive {
     }
 }
 
-/// When sources refuse new events instead of letting the backlog or the disk grow.
+/// When sources refuse new events instead of letting the store's volume fill. A
+/// subscription's backlog never refuses anything: past its `delivery.maxBacklog` the store
+/// dead-letters that subscription's new deliveries.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
-    /// Most deliveries waiting or in flight, over every subscription.
-    pub max_backlog: Option<u64>,
     /// Most bytes the store may occupy on disk.
     pub max_store_bytes: Option<u64>,
 }
@@ -92,14 +92,6 @@ impl Pipeline {
     /// Why new events are refused right now, if they are.
     pub fn overloaded(&self) -> Option<String> {
         let store = self.deliveries.store();
-        if let Some(max) = self.limits.max_backlog {
-            let backlog = store.total_backlog();
-            if backlog >= max {
-                return Some(format!(
-                    "the delivery backlog ({backlog}) is at its limit (--max-backlog {max})"
-                ));
-            }
-        }
         if let (Some(max), Some(bytes)) = (self.limits.max_store_bytes, store.disk_bytes())
             && bytes >= max
         {

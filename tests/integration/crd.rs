@@ -4,8 +4,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams, PostParams};
 use mailhook::api::{
-    Endpoint, MailboxFilter, MailboxFilterSpec, MatchCriteria, SecretRef, Signing, SizeRange, WebhookSubscription,
-    WebhookSubscriptionSpec, WebhookSubscriptionStatus,
+    Endpoint, MailboxFilter, MailboxFilterSpec, MatchCriteria, MaxBacklog, SecretRef, Signing, SizeRange,
+    WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
 };
 use serde_json::json;
 
@@ -200,6 +200,36 @@ async fn cel_rules_refuse_nonsense_with_clear_messages() {
         "needs at least one of eventTypes, filterRefs or filterSelector",
     )
     .await;
+
+    // delivery.maxBacklog: a positive count, a quantity of bytes; each refusal names it.
+    let capped = |name: &str, events: Option<u64>, bytes: Option<&str>| {
+        let mut w = subscription(name, "https://siem.example.com/hooks");
+        w.spec.delivery.max_backlog = Some(MaxBacklog {
+            events,
+            bytes: bytes.map(String::from),
+        });
+        w
+    };
+    let quantity = "delivery.maxBacklog.bytes must be a positive quantity of bytes such as 512Mi, 2Gi or 500M";
+    assert_refused(&whs, &capped("bad-bytes", Some(5), Some("2GB")), quantity).await;
+    assert_refused(&whs, &capped("zero-bytes", None, Some("0Gi")), quantity).await;
+    assert_refused(
+        &whs,
+        &capped("zero-events", Some(0), None),
+        "spec.delivery.maxBacklog.events",
+    )
+    .await;
+    let ok = whs
+        .create(&PostParams::default(), &capped("capped", Some(5), Some("1.5Gi")))
+        .await
+        .expect("a cap of 5 events and 1.5Gi is accepted");
+    assert_eq!(
+        ok.spec.delivery.max_backlog,
+        Some(MaxBacklog {
+            events: Some(5),
+            bytes: Some("1.5Gi".into())
+        })
+    );
 
     let mbf = ns.api::<MailboxFilter>();
     let unordered = MailboxFilter::new(

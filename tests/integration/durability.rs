@@ -191,12 +191,21 @@ async fn a_long_outage_is_told_on_status_and_every_event_arrives_after() {
     let _ = std::fs::remove_dir_all(store);
 }
 
+/// The deprecated `--max-backlog` no longer refuses ingest: it caps each subscription's
+/// backlog. The event past the cap is accepted (202, nothing throttled) and goes to the
+/// subscription's dead letters; nothing is lost: a replay delivers it once the endpoint is
+/// back.
 #[tokio::test]
-async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
+async fn the_deprecated_max_backlog_caps_the_backlog_instead_of_refusing_and_loses_nothing() {
     let ns = TestNamespace::new("backpressure").await;
     let receiver = Receiver::start(SIEM_SECRET);
     receiver.answer(503).await;
     let operator = Operator::start_with(&ns, &["--max-backlog", "10"]).await;
+    let log = operator.log();
+    assert!(
+        log.contains("--max-backlog 10 is deprecated") && log.contains("caps each subscription's backlog at 10 events"),
+        "the start says what the flag does now:\n{log}"
+    );
     apply_siem(
         &ns,
         &receiver.url("/hooks"),
@@ -207,23 +216,44 @@ async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
     let first: Vec<String> = (0..10).map(|i| format!("bp-{i}")).collect();
     assert!(
         post(&client, operator.ingest, &first).await,
-        "up to the limit is accepted"
+        "up to the cap is accepted"
     );
-
-    let refused = client
-        .post(format!("http://{}/v1/events", operator.ingest))
-        .bearer_auth(INGEST_TOKEN)
-        .header("content-type", "application/json")
-        .body(siem_event("bp-over").to_string())
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(refused.status().as_u16(), 429);
-    assert!(refused.headers().contains_key("retry-after"));
-    let metrics = operator.metrics().await;
     assert!(
-        metrics.contains(r#"mailhook_events_ingested_total{outcome="throttled",source="http"} 1"#),
-        "{metrics}"
+        post(&client, operator.ingest, &["bp-over".to_string()]).await,
+        "past the cap is accepted too: a full backlog refuses nothing"
+    );
+    let metrics = operator.metrics().await;
+    assert!(!metrics.contains(r#"outcome="throttled""#), "{metrics}");
+
+    let w = eventually(
+        "Healthy=False/BacklogFull",
+        || whs(&ns, "siem"),
+        |w| healthy(w, "BacklogFull"),
+    )
+    .await;
+    let (_, message) = w
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Healthy"))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .expect("Healthy");
+    assert!(message.contains("delivery.maxBacklog.events (10)"), "{message}");
+    eventually(
+        "the backlog at its cap (10) and the event past it dead-lettered",
+        || whs(&ns, "siem"),
+        |w| {
+            w.status
+                .as_ref()
+                .is_some_and(|s| s.backlog == 10 && s.dead_lettered == 1)
+        },
+    )
+    .await;
+    let labels = format!(r#"{{namespace="{}",subscription="siem"}}"#, ns.name);
+    assert_eq!(
+        operator
+            .metric(&format!("mailhook_backlog_overflowed_total{labels}"))
+            .await,
+        1.0
     );
 
     receiver.answer(200).await;
@@ -233,17 +263,30 @@ async fn a_full_backlog_refuses_new_events_with_429_and_loses_nothing() {
         |w| w.status.as_ref().is_some_and(|s| s.backlog == 0 && s.delivered == 10),
     )
     .await;
-    assert!(
-        post(&client, operator.ingest, &["bp-over".to_string()]).await,
-        "accepted again once drained"
+    let (ok, _, err) = crate::support::kubectl_run(
+        &[
+            "annotate",
+            "-n",
+            &ns.name,
+            "webhooksubscription/siem",
+            "mailhook.io/replay-requested-at=after-the-outage",
+        ],
+        None,
     );
+    assert!(ok, "{err}");
     let got = eventually(
-        "11 deliveries",
+        "11 deliveries, the dead-lettered one replayed",
         || receiver.deliveries(),
         |d| d.iter().filter(|r| r.answered == 200).count() == 11,
     )
     .await;
     assert!(got.iter().all(|r| r.verified));
+    let delivered: BTreeSet<String> = got
+        .iter()
+        .filter(|r| r.answered == 200)
+        .filter_map(Received::producer_event_id)
+        .collect();
+    assert!(delivered.contains("bp-over"), "{delivered:?}");
 }
 
 /// Sends `n` events (ids `{prefix}-{i}`), each acknowledged.

@@ -14,8 +14,9 @@ use crate::archive::RawLinks;
 use crate::delivery::client::{ClientError, ClientSettings, Clients};
 use crate::delivery::egress::EgressPolicy;
 use crate::delivery::wire::{Format, WireConfig};
-use crate::delivery::{DeliveryConfig, payload::PayloadConfig};
+use crate::delivery::{DeliveryConfig, backlog_cap, payload::PayloadConfig};
 use crate::route::SubscriptionRoute;
+use crate::store::BacklogCap;
 
 /// What building needs besides the subscription: operator-wide settings.
 #[derive(Clone)]
@@ -30,6 +31,9 @@ pub struct BuildSettings {
     pub clients: Arc<Clients>,
     /// Names this operator in CloudEvents' `source` (`--instance`).
     pub instance: Arc<str>,
+    /// The backlog cap of a subscription whose `delivery.maxBacklog` leaves a figure out
+    /// (`--default-max-backlog-events`, `--default-max-backlog-bytes`).
+    pub default_backlog: BacklogCap,
 }
 
 /// A valid subscription made ready for the data path.
@@ -124,6 +128,7 @@ pub fn build(
         },
         batch: valid.batch,
         dead_letter_sink: valid.dead_letter_sink.clone(),
+        max_backlog: backlog_cap(valid.max_backlog, settings.default_backlog),
     };
     let route = SubscriptionRoute {
         uid: uid.to_string(),

@@ -190,6 +190,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
     debug!(ready = ?ready.status, reason = ready.reason, "validated");
 
     ctx.directory.set(&ns, &whs.name_any(), &uid);
+    let backlog_cap = built.as_ref().and_then(|b| b.config.max_backlog);
     let route = apply(&ctx, &uid, built);
 
     let mut last_replay = ctx
@@ -240,6 +241,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
             insecure_skip_tls_verify: whs.spec.endpoint.insecure_skip_tls_verify,
             uses,
             grants,
+            backlog_cap,
             version: 0,
         },
     );

@@ -8,10 +8,11 @@ use kube::core::{Selector, SelectorExt};
 
 use super::dereference::{FilterRef, References};
 use super::reason;
-use crate::api::{WebhookSubscriptionSpec, parse_duration};
+use crate::api::{WebhookSubscriptionSpec, parse_bytes, parse_duration};
 use crate::delivery::encryption::EncryptionKeys;
 use crate::delivery::signing::SigningKey;
 use crate::delivery::{BatchSettings, Sink};
+use crate::store::BacklogCap;
 
 /// One thing wrong with a subscription, phrased for the person who has to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,9 @@ pub struct ValidSubscription {
     pub encryption: Option<EncryptionKeys>,
     pub batch: Option<BatchSettings>,
     pub dead_letter_sink: Option<Sink>,
+    /// `delivery.maxBacklog` as the spec gives it: a figure left out is None here and takes
+    /// the operator's default when built.
+    pub max_backlog: BacklogCap,
 }
 
 /// Checks a subscription in `namespace` against the grants that cover that namespace
@@ -373,6 +377,29 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         },
     };
 
+    let max_backlog = spec.delivery.max_backlog.as_ref().map_or(BacklogCap::default(), |m| {
+        // The CRD refuses 0 and malformed quantities; an apiserver without its rules must
+        // not turn them into a cap that dead-letters every event.
+        if m.events == Some(0) {
+            problem(
+                reason::INVALID_SPEC,
+                "spec.delivery.maxBacklog.events must be at least 1; leave it out for the operator's default"
+                    .to_string(),
+            );
+        }
+        let bytes = m.bytes.as_deref().and_then(|text| match parse_bytes(text) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                problem(reason::INVALID_SPEC, format!("spec.delivery.maxBacklog.bytes: {e}"));
+                None
+            }
+        });
+        BacklogCap {
+            events: m.events.filter(|n| *n > 0),
+            bytes,
+        }
+    });
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -398,6 +425,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         encryption,
         batch,
         dead_letter_sink,
+        max_backlog,
     })
 }
 
@@ -495,6 +523,46 @@ mod tests {
         assert_eq!(v.retry_schedule.len(), 8);
         assert_eq!(v.timeout, Duration::from_secs(10));
         assert!(!format!("{v:?}").contains("MfKQ"), "Debug must not leak key material");
+    }
+
+    #[test]
+    fn max_backlog_is_parsed_and_a_bad_one_names_the_field() {
+        let v = validate(&spec(), &refs_with_signing(KEY)).expect("valid");
+        assert_eq!(
+            v.max_backlog,
+            BacklogCap::default(),
+            "absent: both figures from the default"
+        );
+        let mut s = spec();
+        s.delivery.max_backlog = Some(crate::api::MaxBacklog {
+            events: None,
+            bytes: Some("2Gi".into()),
+        });
+        let v = validate(&s, &refs_with_signing(KEY)).expect("valid");
+        assert_eq!(
+            v.max_backlog,
+            BacklogCap {
+                events: None,
+                bytes: Some(2 << 30)
+            }
+        );
+        s.delivery.max_backlog = Some(crate::api::MaxBacklog {
+            events: Some(0),
+            bytes: Some("2GB".into()),
+        });
+        let problems = validate(&s, &refs_with_signing(KEY)).unwrap_err();
+        let text: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            text.iter()
+                .any(|m| m.starts_with("spec.delivery.maxBacklog.events must be at least 1")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|m| m.starts_with("spec.delivery.maxBacklog.bytes: \"2GB\" is not a quantity of bytes")),
+            "{text:?}"
+        );
+        assert!(problems.iter().all(|p| p.reason == reason::INVALID_SPEC));
     }
 
     #[test]
