@@ -416,8 +416,21 @@ impl Paged<'_> {
     }
 }
 
+/// Free space below which an empty commit (the commit thread's probe while commits fail)
+/// counts as failing: on a full volume redb commits nothing without error, and the store
+/// would look back while every real write still fails.
+const PROBE_SPACE: u64 = 256 << 10;
+
 impl Engine for Redb {
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
+        if ops.is_empty()
+            && let Some((_, available)) = self.volume()
+            && available < PROBE_SPACE
+        {
+            return Err(StoreError::Io(format!(
+                "No space left on device: {available} bytes free on the store's volume"
+            )));
+        }
         if self.broken.load(std::sync::atomic::Ordering::Acquire) {
             self.reopen()?;
         }
