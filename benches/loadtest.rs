@@ -9,13 +9,26 @@
 //! The same executable plays every part: `loadtest receiver …` answers deliveries (2xx at
 //! once, or 503 for the endpoints told to fail) and `loadtest generate …` posts events to
 //! the ingest API or SMTP journal reports; without a part it runs scenarios, starting
-//! those processes, the operator, and `wrk` against the receiver for the ceiling.
+//! those processes, the operator, and `wrk` for the ceilings.
 //!
-//! Scenarios (BENCHMARKS.md has each one's figures): one-endpoint, one-endpoint-batched,
-//! steady-2k, smtp-journal, fanout-100, fanout-100-batched, failing-10pct, routing-10k,
-//! status-writes, backlog-1m. LOADTEST_SCALE=0.1 shrinks the event counts (a quick check);
+//! Ceilings: `wrk -t1 -c64 -d10s` posting a 347-byte delivery body with the three Standard
+//! Webhooks headers (webhook-id, webhook-timestamp, webhook-signature) to the axum receiver
+//! and to Debian's nginx (`nginx-light`, one worker, `return 204`, on loopback; tests/setup
+//! installs it), in the same run as the scenario they are compared with.
+//!
+//! Scenarios (BENCHMARKS.md has each one's figures): ceiling (both ceilings alone),
+//! one-endpoint, one-endpoint-batched, steady-2k, smtp-journal, fanout-100,
+//! fanout-100-batched, failing-10pct, routing-10k, status-writes, drain (drain-unbatched
+//! and drain-batched: a paused subscription to nginx with 200,000 events queued, resumed),
+//! backlog (alias backlog-1m). LOADTEST_SCALE=0.1 shrinks the event counts (a quick check);
 //! LOADTEST_CONCURRENCY sets the one-endpoint scenarios' `delivery.concurrency` (128);
-//! MAILHOOK_BIN runs another build of the operator (before/after in the same run).
+//! LOADTEST_BACKLOG_EVENTS sets backlog's size (default 1,000,000 × LOADTEST_SCALE);
+//! LOADTEST_MEMORY_LIMIT_MIB runs the operator in a cgroup v1 memory cgroup of that limit
+//! (root; the cgroup's peak and OOM kills are printed); MAILHOOK_BIN runs another build of
+//! the operator (before/after in the same run).
+//!
+//!   cargo bench --bench loadtest -- ceiling drain
+//!   LOADTEST_BACKLOG_EVENTS=10000000 LOADTEST_MEMORY_LIMIT_MIB=256 cargo bench --bench loadtest -- backlog
 //!
 //! Every event carries its send time (µs since the epoch) in its subject (`#ts…`), so the
 //! receiver measures ingest-to-arrival latency per event, also per second of sending
@@ -40,6 +53,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use mailhook::api::{MailboxFilter, WebhookSubscription};
+
+#[allow(dead_code)]
+#[path = "../tests/common/cgroup.rs"]
+mod cgroup;
+use cgroup::Cgroup;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -504,35 +522,39 @@ impl Receiver {
     }
 }
 
-/// The ceiling: `wrk` POSTing a typical delivery body to the same receiver.
-fn ceiling(receiver: &Receiver, dir: &Path) -> f64 {
-    let body = event_line(
-        &GenerateArgs {
-            ingest: None,
-            smtp: None,
-            token: String::new(),
-            events: 1,
-            batch: 1,
-            posters: 1,
-            rate: None,
-            domains: 1,
-            id_prefix: "ceiling".into(),
-        },
-        0,
-        0,
-    )
-    .replace("#ts0", "");
+/// The body of one delivery as the operator sends it (a Standard Webhooks JSON event,
+/// unbatched), padded to exactly 347 bytes: what every ceiling posts.
+fn ceiling_body() -> String {
+    const LEN: usize = 347;
+    let (head, tail) = (
+        r#"{"type":"message.received","timestamp":"2026-12-06T10:00:00Z","data":{"eventId":"evt_01jf0v9k3m8q2r5t7w9y1z3b5d","source":"http","occurredAt":"2026-12-06T10:00:00Z","direction":"inbound","size":48213,"producerEventId":"ceiling-0","matchedFilters":[],"mailbox":"user0@dept0.example.com","from":"billing@supplier.org","subject":"Invoice 0"#,
+        r#""}}"#,
+    );
+    let pad = LEN.saturating_sub(head.len() + tail.len());
+    format!("{head}{}{tail}", " ".repeat(pad))
+}
+
+/// A wrk script POSTing [`ceiling_body`] with the three Standard Webhooks headers
+/// (`webhook-id`, `webhook-timestamp`, `webhook-signature`), as a delivery arrives.
+fn wrk_script(dir: &Path) -> PathBuf {
     let script = dir.join("post.lua");
     let lua = format!(
-        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"webhook-id\"] = \"msg_0\"\nwrk.headers[\"webhook-signature\"] = \"v1,{sig}\"\nwrk.body = [[{body}]]\n",
-        sig = "A".repeat(44),
-        body = body.trim()
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"webhook-id\"] = \"msg_2bM0hQ1lV9yY7kqXc8T0fZ3pD4e\"\nwrk.headers[\"webhook-timestamp\"] = \"1796551200\"\nwrk.headers[\"webhook-signature\"] = \"v1,{sig}\"\nwrk.body = [[{body}]]\n",
+        sig = "K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=",
+        body = ceiling_body()
     );
     std::fs::write(&script, lua).expect("write the wrk script");
+    script
+}
+
+/// Requests/s of `wrk -t1 -c64 -d10s` with [`wrk_script`] against `url`; 0 when wrk is
+/// missing.
+fn wrk_ceiling(url: &str, dir: &Path) -> f64 {
+    let script = wrk_script(dir);
     let out = Command::new("wrk")
-        .args(["-t1", "-c64", "-d5s", "-s"])
+        .args(["-t1", "-c64", "-d10s", "-s"])
         .arg(&script)
-        .arg(receiver.url(0))
+        .arg(url)
         .output();
     let out = match out {
         Ok(o) => String::from_utf8_lossy(&o.stdout).to_string(),
@@ -547,6 +569,159 @@ fn ceiling(receiver: &Receiver, dir: &Path) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The ceiling of the axum receiver (this harness's `receiver` process).
+fn ceiling(receiver: &Receiver, dir: &Path) -> f64 {
+    wrk_ceiling(&receiver.url(0), dir)
+}
+
+// ---------------------------------------------------------------- nginx, a C receiver
+
+/// Debian's nginx (`nginx-light`) as a receiver: one worker, `return 204` for every request,
+/// on loopback, each request logged (`$uri`, the `mailhook-batch-size` header, `$msec`) to
+/// count the deliveries and find the last one. Stopped (SIGTERM) when dropped.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    /// How far the access log has been read, and what it held so far.
+    read: u64,
+    partial: String,
+    pub counted: Counted,
+}
+
+/// What the access log shows of the deliveries (`/hooks/…` requests).
+#[derive(Default, Debug, Clone, Copy)]
+struct Counted {
+    requests: u64,
+    events: u64,
+    /// When the last one was answered (seconds since the epoch).
+    last: f64,
+}
+
+impl Nginx {
+    /// Starts nginx in `dir`; None (said why) when there is no nginx.
+    async fn start(dir: &Path) -> Option<Nginx> {
+        let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nginx");
+        let root = dir.join("nginx");
+        std::fs::create_dir_all(&root).expect("nginx directory");
+        let addr = free_port();
+        let log = root.join("access.log");
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\npid {root}/nginx.pid;\nerror_log {root}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n\
+             \x20 keepalive_requests 1000000;\n\
+             \x20 log_format hooks '$uri $http_mailhook_batch_size $msec';\n\
+             \x20 access_log {log} hooks buffer=256k flush=100ms;\n\
+             \x20 server {{\n    listen {addr};\n    location / {{ return 204; }}\n  }}\n}}\n",
+            root = root.display(),
+            log = log.display(),
+        );
+        let path = root.join("nginx.conf");
+        std::fs::write(&path, conf).expect("write nginx.conf");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&root)
+            .arg("-e")
+            .arg(root.join("error.log"))
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                println!("  !! nginx did not start ({e}); tests/setup installs nginx-light");
+                return None;
+            }
+        };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Some(Nginx {
+                    child,
+                    addr,
+                    log,
+                    read: 0,
+                    partial: String::new(),
+                    counted: Counted::default(),
+                });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let err = std::fs::read_to_string(root.join("error.log")).unwrap_or_default();
+                println!("  !! nginx exited ({status}): {err}");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        println!("  !! nginx does not listen on {addr}");
+        None
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The ceiling: wrk against `/ceiling` (not counted as deliveries).
+    fn ceiling(&self, dir: &Path) -> f64 {
+        wrk_ceiling(&self.url("/ceiling"), dir)
+    }
+
+    /// Reads what the access log gained; the deliveries so far.
+    fn count(&mut self) -> Counted {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(&self.log) else {
+            return self.counted;
+        };
+        let mut text = String::new();
+        if file.seek(SeekFrom::Start(self.read)).is_err() || file.read_to_string(&mut text).is_err() {
+            return self.counted;
+        }
+        self.read += text.len() as u64;
+        let text = std::mem::take(&mut self.partial) + &text;
+        let (complete, rest) = text.rsplit_once('\n').unwrap_or(("", &text));
+        self.partial = rest.to_string();
+        for line in complete.lines() {
+            let mut fields = line.split(' ');
+            let (Some(uri), Some(batch), Some(msec)) = (fields.next(), fields.next(), fields.next()) else {
+                continue;
+            };
+            if !uri.starts_with("/hooks/") {
+                continue;
+            }
+            self.counted.requests += 1;
+            self.counted.events += batch.parse::<u64>().unwrap_or(1);
+            self.counted.last = self.counted.last.max(msec.parse().unwrap_or(0.0));
+        }
+        self.counted
+    }
+
+    /// CPU seconds of the master and its worker.
+    fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        cpu_seconds(pid)
+            + children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .map(cpu_seconds)
+                .sum::<f64>()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // TERM: the master stops its worker (a SIGKILLed master would leave it running).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
 struct Operator {
     proc: Proc,
     args: Vec<String>,
@@ -554,6 +729,20 @@ struct Operator {
     admin: SocketAddr,
     ingest: SocketAddr,
     smtp: SocketAddr,
+    /// How long a start may take to be ready before the run is given up.
+    ready_within: Duration,
+    /// LOADTEST_MEMORY_LIMIT_MIB: the memory cgroup the operator runs in (every start of
+    /// it), as a kubelet applies a pod's limit. Dropped after `proc`.
+    cgroup: Option<Cgroup>,
+}
+
+/// LOADTEST_MEMORY_LIMIT_MIB, in bytes.
+fn memory_limit() -> Option<u64> {
+    let mib = std::env::var("LOADTEST_MEMORY_LIMIT_MIB").ok()?;
+    let mib: u64 = mib
+        .parse()
+        .unwrap_or_else(|_| panic!("LOADTEST_MEMORY_LIMIT_MIB={mib} is not a number"));
+    Some(mib << 20)
 }
 
 const TOKEN: &str = "loadtest-token";
@@ -586,19 +775,57 @@ impl Operator {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.join("operator.log");
+        let cgroup = memory_limit().map(|limit| {
+            static STARTS: AtomicU64 = AtomicU64::new(0);
+            let name = format!(
+                "mailhook-loadtest-{}-{}",
+                std::process::id(),
+                STARTS.fetch_add(1, Ordering::Relaxed)
+            );
+            if let Some(why) = Cgroup::unavailable() {
+                panic!("LOADTEST_MEMORY_LIMIT_MIB is set but no memory cgroup can be made: {why}");
+            }
+            Cgroup::create(&name, limit)
+        });
         let mut op = Operator {
-            proc: Self::spawn(&args, &log),
+            proc: Self::spawn(&args, &log, cgroup.as_ref()),
             args,
             log,
             admin,
             ingest,
             smtp,
+            ready_within: Duration::from_secs(300),
+            cgroup,
         };
         op.wait_ready().await;
+        if let Some(c) = &op.cgroup {
+            println!(
+                "  operator in memory cgroup {} (limit {} MiB)",
+                c.path.display(),
+                c.read_u64("memory.limit_in_bytes") >> 20
+            );
+        }
         op
     }
 
-    fn spawn(args: &[String], log: &Path) -> Proc {
+    /// The cgroup's figures when the operator runs in one (LOADTEST_MEMORY_LIMIT_MIB):
+    /// its peak (page cache of the store's files included, as the kernel charges it) and
+    /// the OOM kills it recorded; empty otherwise.
+    fn cgroup_figures(&self) -> String {
+        let Some(c) = &self.cgroup else {
+            return String::new();
+        };
+        format!(
+            "; cgroup limit {} MiB: peak {:.0} MiB (rss now {:.0}, page cache {:.0}), oom_kill {}",
+            c.read_u64("memory.limit_in_bytes") >> 20,
+            c.peak() as f64 / 1048576.0,
+            c.stat("total_rss") as f64 / 1048576.0,
+            c.stat("total_cache") as f64 / 1048576.0,
+            c.oom_kills().map_or("?".to_string(), |n| n.to_string())
+        )
+    }
+
+    fn spawn(args: &[String], log: &Path, cgroup: Option<&Cgroup>) -> Proc {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -606,7 +833,16 @@ impl Operator {
             .expect("operator log");
         let err = out.try_clone().expect("log handle");
         let bin = std::env::var("MAILHOOK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mailhook").to_string());
-        let child = Command::new(bin)
+        // In a cgroup: a shell moves itself in, then execs the operator.
+        let mut command = match cgroup {
+            Some(c) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c").arg(c.script()).arg(bin);
+                sh
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(out)
@@ -630,8 +866,9 @@ impl Operator {
                 return started.elapsed();
             }
             assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "the operator was not ready in 300 s"
+                started.elapsed() < self.ready_within,
+                "the operator was not ready in {} s",
+                self.ready_within.as_secs()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -647,10 +884,16 @@ impl Operator {
 
     /// Starts again with the same flags and store.
     fn restart(&mut self) {
-        self.proc = Self::spawn(&self.args, &self.log);
+        self.proc = Self::spawn(&self.args, &self.log, self.cgroup.as_ref());
     }
 
+    /// The sum of every series of `name`; 0 when it is not exposed.
     async fn metric(&self, name: &str) -> f64 {
+        self.metric_opt(name).await.unwrap_or(0.0)
+    }
+
+    /// The sum of every series of `name`, or None when the operator does not expose it.
+    async fn metric_opt(&self, name: &str) -> Option<f64> {
         let text = reqwest::get(format!("http://{}/metrics", self.admin))
             .await
             .ok()
@@ -663,12 +906,15 @@ impl Operator {
     }
 }
 
-/// The sum of every series of `name` (with any labels) in a Prometheus exposition.
-fn sum_series(text: &str, name: &str) -> f64 {
-    text.lines()
+/// The sum of every series of `name` (with any labels) in a Prometheus exposition; None
+/// when there is none.
+fn sum_series(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 fn generator(args: &[String]) -> Child {
@@ -979,17 +1225,26 @@ fn elapsed(t0: u64, stats: &Stats) -> f64 {
     stats.last_us.saturating_sub(t0) as f64 / 1e6
 }
 
-/// Prints the end-to-end figures of one measured phase.
-fn report(label: &str, events: u64, deliveries: u64, took: f64, stats: &Stats, cpu: &[(&str, f64)], ceiling: f64) {
+/// Prints the end-to-end figures of one measured phase; the ratio to each ceiling given
+/// (receiver name, requests/s).
+fn report(
+    label: &str,
+    events: u64,
+    deliveries: u64,
+    took: f64,
+    stats: &Stats,
+    cpu: &[(&str, f64)],
+    ceilings: &[(&str, f64)],
+) {
     let per_s = events as f64 / took;
+    let ratios: String = ceilings
+        .iter()
+        .filter(|(_, c)| *c > 0.0)
+        .map(|(who, c)| format!("; {who} ceiling {c:.0} req/s, ratio {:.2}", per_s / c))
+        .collect();
     println!(
-        "  {label}: {events} events, {deliveries} deliveries in {took:.2} s = {per_s:.0} events/s end to end, {:.0} deliveries/s{}",
+        "  {label}: {events} events, {deliveries} deliveries in {took:.2} s = {per_s:.0} events/s end to end, {:.0} deliveries/s{ratios}",
         deliveries as f64 / took,
-        if ceiling > 0.0 {
-            format!("; ceiling {ceiling:.0} req/s, ratio {:.2}", per_s / ceiling)
-        } else {
-            String::new()
-        }
     );
     println!(
         "    ingest→arrival p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -1030,6 +1285,14 @@ async fn one_endpoint(name: &str, events: u64, batch: Option<u32>) {
     );
     let rig = Rig::new(name, 1).await;
     let ceiling = ceiling(&rig.receiver, &rig.dir);
+    // The same request against a C receiver (nginx, one worker, `return 204`).
+    let nginx_ceiling = match Nginx::start(&rig.dir).await {
+        Some(nginx) => nginx.ceiling(&rig.dir),
+        None => 0.0,
+    };
+    println!(
+        "  ceilings (wrk -t1 -c64 -d10s, a 347-byte delivery with the Standard Webhooks headers): axum receiver {ceiling:.0} req/s, nginx {nginx_ceiling:.0} req/s"
+    );
     rig.receiver.post("_reset").await;
     let ns = rig.cluster.namespaces.clone();
     let mut op = Operator::start(&rig.dir, &ns, &[]).await;
@@ -1074,7 +1337,7 @@ async fn one_endpoint(name: &str, events: u64, batch: Option<u32>) {
             ("receiver", rig.receiver.proc.cpu_seconds() - cpu0.1),
             ("kube-apiserver", cpu_seconds_named("kube-apiserver") - cpu0.2),
         ],
-        ceiling,
+        &[("axum", ceiling), ("nginx", nginx_ceiling)],
     );
     let (rss, peak) = op.proc.rss_mib();
     println!(
@@ -1121,7 +1384,7 @@ async fn steady(rate: u64, seconds: u64) {
         elapsed(t0, &stats),
         &stats,
         &[("operator", op.proc.cpu_seconds() - cpu0), ("generator", gen_cpu)],
-        0.0,
+        &[],
     );
     windows(&stats);
     println!("    operator peak RSS {:.0} MiB", op.proc.rss_mib().1);
@@ -1165,7 +1428,7 @@ async fn smtp_journal(messages: u64) {
             ("generator", gen_cpu),
             ("receiver", rig.receiver.proc.cpu_seconds() - cpu0.1),
         ],
-        0.0,
+        &[],
     );
     println!(
         "    SMTP accepted {:.0} messages/s; operator peak RSS {:.0} MiB",
@@ -1219,7 +1482,7 @@ async fn fanout(name: &str, events: u64, batch: Option<u32>) {
             ("generator", gen_cpu),
             ("receiver", rig.receiver.proc.cpu_seconds() - cpu0.1),
         ],
-        0.0,
+        &[],
     );
     println!("    operator peak RSS {:.0} MiB", op.proc.rss_mib().1);
     op.stop();
@@ -1283,7 +1546,7 @@ async fn failing(events: u64) {
             elapsed(t0, &stats),
             &stats,
             &[("operator", op.proc.cpu_seconds() - cpu0), ("generator", gen_cpu)],
-            0.0,
+            &[],
         );
         println!(
             "    failed attempts answered: {}; operator RSS {:.0} MiB (peak {:.0})",
@@ -1352,7 +1615,7 @@ async fn routing(events: u64) {
         elapsed(t0, &stats),
         &stats,
         &[("operator", cpu), ("generator", gen_cpu)],
-        0.0,
+        &[],
     );
     println!(
         "    operator CPU per event {:.0} µs (routing among 10,000 filters included); peak RSS {:.0} MiB",
@@ -1365,13 +1628,18 @@ async fn routing(events: u64) {
 
 /// 1,000 paused subscriptions (one filter each) and `events` events queued for them; the
 /// operator's memory idle and with the backlog; then a restart with the backlog pending
-/// (unpaused while the operator is down): time to ready, to the first delivery, to all.
+/// (unpaused while the operator is down): time to ready, to the first delivery, to all,
+/// and how many queued rows the start read (`mailhook_store_rows_read_at_start`).
 async fn backlog(events: u64) {
     println!(
-        "[backlog-1m] 1,000 paused subscriptions with one filter each, {events} events queued; restart with them pending ({} store)",
-        store_name()
+        "[backlog] 1,000 paused subscriptions with one filter each, {events} events queued; restart with them pending ({} store{})",
+        store_name(),
+        memory_limit().map_or(String::new(), |l| format!(
+            ", operator in a {} MiB memory cgroup",
+            l >> 20
+        ))
     );
-    let rig = Rig::new("backlog-1m", 1).await;
+    let rig = Rig::new("backlog", 1).await;
     let ns = rig.cluster.namespaces[0].clone();
     // A thousand filters in one namespace: above the default count.
     let mut op = Operator::start(
@@ -1380,6 +1648,8 @@ async fn backlog(events: u64) {
         &["--filter-max-per-namespace", "1000"],
     )
     .await;
+    // A start that reads the whole backlog takes long at 10,000,000; a ceiling only.
+    op.ready_within = Duration::from_secs(300.max(events / 10_000));
     let (idle, _) = op.proc.rss_mib();
     let filters = (0..1000)
         .map(|d| (ns.clone(), filter(&format!("f-{d}"), d, serde_json::json!({}), false)))
@@ -1412,9 +1682,10 @@ async fn backlog(events: u64) {
     let backlog = op.metric("mailhook_store_backlog").await;
     let disk = op.metric("mailhook_store_disk_bytes").await;
     println!(
-        "  ingested {events} events at {:.0} events/s; operator RSS idle {idle:.0} MiB, with 1,000 subscriptions {with_subs:.0} MiB, with {backlog:.0} deliveries queued {with_backlog:.0} MiB (peak {peak:.0} MiB); store {:.0} MiB on disk",
+        "  ingested {events} events at {:.0} events/s; operator RSS idle {idle:.0} MiB, with 1,000 subscriptions {with_subs:.0} MiB, with {backlog:.0} deliveries queued {with_backlog:.0} MiB (peak {peak:.0} MiB); store {:.0} MiB on disk{}",
         generated.sent as f64 / generated.seconds,
-        disk / 1048576.0
+        disk / 1048576.0,
+        op.cgroup_figures()
     );
     op.stop();
     rig.cluster.pause_all(false).await;
@@ -1424,6 +1695,8 @@ async fn backlog(events: u64) {
     let spawned = jiff::Timestamp::now();
     op.restart();
     let ready = op.wait_ready().await;
+    let rows = op.metric_opt("mailhook_store_rows_read_at_start").await;
+    let (rss_ready, _) = op.proc.rss_mib();
     // Where the start went, from the operator's own log lines.
     let log = std::fs::read_to_string(&op.log).unwrap_or_default();
     for line in log.get(log_before..).unwrap_or("").lines() {
@@ -1453,19 +1726,139 @@ async fn backlog(events: u64) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let stats = rig.receiver.wait_for(events, Duration::from_secs(540)).await;
+    let stats = rig
+        .receiver
+        .wait_for(events, Duration::from_secs(540.max(events / 1_000)))
+        .await;
     let all = started.elapsed();
     println!(
-        "  restart with {backlog:.0} pending: ready after {:.2} s, first delivery after {:.2} s, all {} delivered after {:.1} s ({:.0} events/s); operator peak RSS while draining {:.0} MiB, CPU {:.1} s",
+        "  restart with {backlog:.0} pending: ready after {:.2} s (RSS then {rss_ready:.0} MiB; mailhook_store_rows_read_at_start {}), first delivery after {:.2} s, all {} delivered after {:.1} s ({:.0} events/s from the first delivery); operator peak RSS while draining {:.0} MiB, CPU {:.1} s{}",
         ready.as_secs_f64(),
+        rows.map_or("not exposed".to_string(), |r| format!("{r:.0}")),
         first.as_secs_f64(),
         stats.ok,
         all.as_secs_f64(),
         stats.ok as f64 / all.saturating_sub(first).as_secs_f64(),
         op.proc.rss_mib().1,
         op.proc.cpu_seconds(),
+        op.cgroup_figures()
     );
     op.stop();
+    rig.done().await;
+}
+
+/// The ceilings alone: the same request (a 347-byte delivery with the Standard Webhooks
+/// headers, `wrk -t1 -c64 -d10s`) against the axum receiver and against nginx.
+async fn ceilings() {
+    println!(
+        "[ceiling] wrk -t1 -c64 -d10s, a 347-byte delivery body with webhook-id, webhook-timestamp and webhook-signature"
+    );
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("mailhook-loadtest-ceiling-{}", &run[..8]));
+    std::fs::create_dir_all(&dir).expect("working directory");
+    let receiver = Receiver::start().await;
+    let axum = ceiling(&receiver, &dir);
+    let (nginx, cpu) = match Nginx::start(&dir).await {
+        Some(nginx) => {
+            let before = nginx.cpu_seconds();
+            let c = nginx.ceiling(&dir);
+            (c, nginx.cpu_seconds() - before)
+        }
+        None => (0.0, 0.0),
+    };
+    println!(
+        "  axum receiver (this harness's receiver process) {axum:.0} req/s; nginx-light (1 worker, return 204, each request logged) {nginx:.0} req/s, nginx CPU {cpu:.1} s of the 10"
+    );
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One subscription whose endpoint is nginx (`return 204`): `events` events queued while it
+/// is paused, then resumed. From the resume to the last delivery nginx logged: events/s
+/// and its ratio to nginx's own ceiling (measured in the same run), the operator's peak
+/// RSS. Unbatched with `delivery.concurrency` 64, or batched (`batch.maxEvents`).
+async fn drain(name: &str, events: u64, batch: Option<u32>) {
+    println!(
+        "[{name}] 1 subscription to nginx (1 worker, return 204), {events} events queued while paused, then resumed; delivery.concurrency 64{} ({} store)",
+        batch.map_or(String::new(), |n| format!(", batches of up to {n} (maxWait 20ms)")),
+        store_name()
+    );
+    let rig = Rig::new(name, 1).await;
+    let Some(mut nginx) = Nginx::start(&rig.dir).await else {
+        rig.done().await;
+        return;
+    };
+    let ceiling = nginx.ceiling(&rig.dir);
+    let ns = rig.cluster.namespaces.clone();
+    let mut op = Operator::start(&rig.dir, &ns, &[]).await;
+    let mut delivery = serde_json::json!({"concurrency": 64});
+    if let Some(n) = batch {
+        delivery["batch"] = serde_json::json!({"maxEvents": n, "maxWait": "20ms"});
+    }
+    let spec = serde_json::json!({"delivery": delivery, "paused": true});
+    rig.cluster
+        .create(vec![(
+            ns[0].clone(),
+            subscription("drain", &nginx.url("/hooks/0"), spec),
+        )])
+        .await;
+    rig.cluster.wait_ready(Instant::now(), 1, 0).await;
+    let (idle, _) = op.proc.rss_mib();
+    let args = rig.generate_args(
+        events,
+        &["--ingest".into(), op.ingest.to_string(), "--batch".into(), "500".into()],
+    );
+    let (generated, _) = run_generator(args).await;
+    // Every event is queued (the gauge follows the store every few seconds).
+    let queued_by = Instant::now() + Duration::from_secs(60);
+    while op.metric("mailhook_store_backlog").await < events as f64 && Instant::now() < queued_by {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let queued = op.metric("mailhook_store_backlog").await;
+    let (with_backlog, _) = op.proc.rss_mib();
+    let cpu0 = (op.proc.cpu_seconds(), nginx.cpu_seconds());
+    let resumed = jiff::Timestamp::now().as_microsecond() as f64 / 1e6;
+    let resumed_at = Instant::now();
+    rig.cluster.pause_all(false).await;
+    let within = Duration::from_secs(300.max(events / 500));
+    let counted = loop {
+        let c = nginx.count();
+        if c.events >= events || resumed_at.elapsed() > within {
+            if c.events < events {
+                println!(
+                    "  !! only {} of {events} events reached nginx within {} s",
+                    c.events,
+                    within.as_secs()
+                );
+            }
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let cpu = (op.proc.cpu_seconds() - cpu0.0, nginx.cpu_seconds() - cpu0.1);
+    let took = counted.last - resumed;
+    let per_s = counted.events as f64 / took;
+    let requests_per_s = counted.requests as f64 / took;
+    println!(
+        "  nginx ceiling {ceiling:.0} req/s (wrk -t1 -c64 -d10s, a 347-byte delivery with the Standard Webhooks headers, same run)"
+    );
+    println!(
+        "  drain: {} events in {} requests, {took:.2} s from resume to the last delivery = {per_s:.0} events/s, {requests_per_s:.0} requests/s; ratio to the nginx ceiling {:.2} (events), {:.2} (requests)",
+        counted.events,
+        counted.requests,
+        per_s / ceiling,
+        requests_per_s / ceiling
+    );
+    println!(
+        "    queued {queued:.0} (ingest accepted {:.0} events/s); operator RSS idle {idle:.0} MiB, with the backlog {with_backlog:.0} MiB, peak (VmHWM) {:.0} MiB; CPU s while draining: operator {:.1}, nginx {:.1}{}",
+        generated.sent as f64 / generated.seconds,
+        op.proc.rss_mib().1,
+        cpu.0,
+        cpu.1,
+        op.cgroup_figures()
+    );
+    op.stop();
+    drop(nginx);
     rig.done().await;
 }
 
@@ -1535,7 +1928,7 @@ async fn status_writes(seconds: u64) {
             ("kube-apiserver", cpu_seconds_named("kube-apiserver") - cpu0.1),
             ("etcd", cpu_seconds_named("etcd") - cpu0.2),
         ],
-        0.0,
+        &[],
     );
     windows(&stats);
     let (subs, filters, events) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
@@ -1576,6 +1969,9 @@ fn main() {
                 .and_then(|s| s.parse::<f64>().ok())
                 .map_or(n, |f| (n as f64 * f) as u64)
         };
+        if wanted("ceiling") {
+            ceilings().await;
+        }
         if wanted("one-endpoint") {
             one_endpoint("one-endpoint", scale(200_000), None).await;
         }
@@ -1603,8 +1999,24 @@ fn main() {
         if wanted("status-writes") {
             status_writes(scale(60)).await;
         }
-        if wanted("backlog-1m") {
-            backlog(scale(1_000_000)).await;
+        if wanted("drain") || wanted("drain-unbatched") {
+            drain("drain-unbatched", scale(200_000), None).await;
+        }
+        if wanted("drain") || wanted("drain-batched") {
+            drain("drain-batched", scale(200_000), Some(50)).await;
+        }
+        if wanted("backlog") || wanted("backlog-1m") {
+            // LOADTEST_BACKLOG_EVENTS sets the size outright (10,000,000 for the paged
+            // store's figures); otherwise 1,000,000 times LOADTEST_SCALE.
+            let events = std::env::var("LOADTEST_BACKLOG_EVENTS")
+                .ok()
+                .map(|v| {
+                    v.replace('_', "")
+                        .parse::<u64>()
+                        .unwrap_or_else(|_| panic!("LOADTEST_BACKLOG_EVENTS={v} is not a number"))
+                })
+                .unwrap_or_else(|| scale(1_000_000));
+            backlog(events).await;
         }
     });
 }

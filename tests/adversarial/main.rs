@@ -48,6 +48,9 @@
 //! The operator is a test (debug) build; figures are for that build. Timings are printed,
 //! never asserted; the ceilings on waits only stop a hung run.
 
+#[allow(dead_code)]
+#[path = "../common/cgroup.rs"]
+mod cgroup;
 #[allow(dead_code, unused_imports)]
 #[path = "../integration/support/mod.rs"]
 mod support;
@@ -71,6 +74,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use cgroup::Cgroup;
 use support::{SIEM_SECRET, TestNamespace, apply, free_port, self_signed, signing_secret, subscription, wait_ready};
 
 const GOOD_TOKEN: &str = "good-producer-token-0123456789abcdef";
@@ -80,71 +84,6 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 fn full() -> bool {
     std::env::var_os("ADVERSARIAL_FULL").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-// ---------------------------------------------------------------------------------------
-// The memory cgroup.
-
-/// A cgroup v1 memory cgroup with a 1 GiB limit, removed when dropped.
-struct Cgroup {
-    path: PathBuf,
-}
-
-impl Cgroup {
-    fn create(name: &str) -> Cgroup {
-        let path = Path::new("/sys/fs/cgroup/memory").join(name);
-        if let Err(e) = std::fs::create_dir(&path) {
-            panic!(
-                "cannot create the memory cgroup {}: {e} (the adversarial suite needs root and the cgroup v1 memory controller)",
-                path.display()
-            );
-        }
-        let cgroup = Cgroup { path };
-        cgroup.write("memory.limit_in_bytes", &LIMIT_BYTES.to_string());
-        let limit = cgroup.read_u64("memory.limit_in_bytes");
-        assert_eq!(limit, LIMIT_BYTES, "the cgroup's limit was not applied");
-        cgroup
-    }
-
-    fn write(&self, file: &str, value: &str) {
-        std::fs::write(self.path.join(file), value)
-            .unwrap_or_else(|e| panic!("write {value} to {}/{file}: {e}", self.path.display()));
-    }
-
-    fn read_u64(&self, file: &str) -> u64 {
-        let text = std::fs::read_to_string(self.path.join(file))
-            .unwrap_or_else(|e| panic!("read {}/{file}: {e}", self.path.display()));
-        text.trim().parse().expect("a number")
-    }
-
-    fn peak(&self) -> u64 {
-        self.read_u64("memory.max_usage_in_bytes")
-    }
-
-    /// Starts a new peak measurement (cgroup v1 resets the maximum on a write).
-    fn reset_peak(&self) {
-        self.write("memory.max_usage_in_bytes", "0");
-    }
-
-    fn oom_kills(&self) -> u64 {
-        let text = std::fs::read_to_string(self.path.join("memory.oom_control")).expect("read memory.oom_control");
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .unwrap_or_else(|| panic!("memory.oom_control has no oom_kill line: {text}"))
-            .trim()
-            .parse()
-            .expect("oom_kill is a number")
-    }
-
-    fn script(&self) -> String {
-        format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", self.path.display())
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -720,7 +659,10 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let peak_mib = ctx.cgroup.peak() as f64 / MIB;
-    let oom_kills = ctx.cgroup.oom_kills();
+    let oom_kills = ctx
+        .cgroup
+        .oom_kills()
+        .expect("memory.oom_control has an oom_kill line (kernel 4.13+)");
     let (alive, rss_mib) = {
         let mut op = ctx.op.lock();
         (op.alive(), op.rss_mib())
@@ -1474,7 +1416,7 @@ fn main() {
     let t0 = Instant::now();
     let outcomes = rt.block_on(async {
         let full = full();
-        let cgroup = Cgroup::create(&format!("mailhook-adversarial-{}", std::process::id()));
+        let cgroup = Cgroup::create(&format!("mailhook-adversarial-{}", std::process::id()), LIMIT_BYTES);
         let dir = std::env::temp_dir().join(format!("mailhook-adversarial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("work dir");
         let ns = TestNamespace::new("adversarial").await;
