@@ -1629,7 +1629,7 @@ async fn routing(events: u64) {
 /// 1,000 paused subscriptions (one filter each) and `events` events queued for them; the
 /// operator's memory idle and with the backlog; then a restart with the backlog pending
 /// (unpaused while the operator is down): time to ready, to the first delivery, to all,
-/// and how many queued rows the start read (`mailhook_store_rows_read_at_start`).
+/// and how many queued rows the start read (`mailhook_store_queue_rows_read_total`).
 async fn backlog(events: u64) {
     println!(
         "[backlog] 1,000 paused subscriptions with one filter each, {events} events queued; restart with them pending ({} store{})",
@@ -1695,7 +1695,7 @@ async fn backlog(events: u64) {
     let spawned = jiff::Timestamp::now();
     op.restart();
     let ready = op.wait_ready().await;
-    let rows = op.metric_opt("mailhook_store_rows_read_at_start").await;
+    let rows = op.metric_opt("mailhook_store_queue_rows_read_total").await;
     let (rss_ready, _) = op.proc.rss_mib();
     // Where the start went, from the operator's own log lines.
     let log = std::fs::read_to_string(&op.log).unwrap_or_default();
@@ -1732,7 +1732,7 @@ async fn backlog(events: u64) {
         .await;
     let all = started.elapsed();
     println!(
-        "  restart with {backlog:.0} pending: ready after {:.2} s (RSS then {rss_ready:.0} MiB; mailhook_store_rows_read_at_start {}), first delivery after {:.2} s, all {} delivered after {:.1} s ({:.0} events/s from the first delivery); operator peak RSS while draining {:.0} MiB, CPU {:.1} s{}",
+        "  restart with {backlog:.0} pending: ready after {:.2} s (RSS then {rss_ready:.0} MiB; mailhook_store_queue_rows_read_total {}), first delivery after {:.2} s, all {} delivered after {:.1} s ({:.0} events/s from the first delivery); operator peak RSS while draining {:.0} MiB, CPU {:.1} s{}",
         ready.as_secs_f64(),
         rows.map_or("not exposed".to_string(), |r| format!("{r:.0}")),
         first.as_secs_f64(),

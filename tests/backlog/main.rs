@@ -7,7 +7,7 @@
 //!
 //! 1. every acknowledged event reaches r2 while r1's backlog grows to N queued deliveries;
 //! 2. the operator is SIGKILLed and started again in the same cgroup on the same store;
-//! 3. `mailhook_store_rows_read_at_start` (rows of queued deliveries the store read between
+//! 3. `mailhook_store_queue_rows_read_total` (rows of queued deliveries the store read between
 //!    the start and the first `/readyz` 200) is at most 10% of N: a restart reads each
 //!    queue's head, not the backlog;
 //! 4. r1's receiver recovers (204) and receives every acknowledged event exactly once
@@ -69,7 +69,7 @@ const TOKEN: &str = "backlog-ingest-token-0123456789abcdef";
 const BATCH: usize = 500;
 const POSTERS: usize = 4;
 const MIB: f64 = 1024.0 * 1024.0;
-/// `mailhook_store_rows_read_at_start` may be at most this share of the backlog.
+/// `mailhook_store_queue_rows_read_total` may be at most this share of the backlog.
 const HEAD_SHARE: f64 = 0.10;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -799,17 +799,17 @@ async fn run_store(kind: StoreKind, events: usize, limit: u64) -> Outcome {
         };
         // 3. What the start read.
         let metrics = op.metrics().await;
-        let rows = series(&metrics, "mailhook_store_rows_read_at_start", &[]);
+        let rows = series(&metrics, "mailhook_store_queue_rows_read_total", &[]);
         let (rss_ready, _) = op.memory_mib();
         lines.push(format!(
-            "restart (SIGKILL, same store and cgroup): ready after {:.2} s with RSS {rss_ready:.1} MiB; mailhook_store_rows_read_at_start {}",
+            "restart (SIGKILL, same store and cgroup): ready after {:.2} s with RSS {rss_ready:.1} MiB; mailhook_store_queue_rows_read_total {}",
             ready.as_secs_f64(),
             rows.map_or("absent".into(), |r| format!("{r:.0}"))
         ));
         let most = (HEAD_SHARE * want as f64).floor();
         match rows {
             None => failed.push(
-                "mailhook_store_rows_read_at_start is not exposed: the store does not report what its start read (the paged delivery queues have not landed)".into(),
+                "mailhook_store_queue_rows_read_total is not exposed: the store does not report what its start read (the paged delivery queues have not landed)".into(),
             ),
             Some(r) => check!(
                 failed,
