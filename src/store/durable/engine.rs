@@ -240,22 +240,31 @@ impl Redb {
                     }
                     Op::ReleaseEvent(id) => *paged.released.entry(id.clone()).or_default() += 1,
                     Op::Enqueue(q) => {
-                        if let Some(old) = q.old_due {
-                            paged.due.remove((q.subscription.as_str(), old, q.seq)).map_err(io)?;
-                        }
-                        paged
+                        // Queued again: its old place in the due index goes, wherever the
+                        // row on disk says it was.
+                        let old = paged
                             .queue
                             .insert((q.subscription.as_str(), q.seq), q.body.as_slice())
-                            .map_err(io)?;
+                            .map_err(io)?
+                            .map(|v| due_of(v.value()));
+                        if let Some(old) = old {
+                            paged.due.remove((q.subscription.as_str(), old, q.seq)).map_err(io)?;
+                        }
                         paged
                             .due
                             .insert((q.subscription.as_str(), q.due, q.seq), ())
                             .map_err(io)?;
                         paged.seq(q.seq);
                     }
-                    Op::Dequeue { subscription, seq, due } => {
-                        paged.queue.remove((subscription.as_str(), *seq)).map_err(io)?;
-                        paged.due.remove((subscription.as_str(), *due, *seq)).map_err(io)?;
+                    Op::Dequeue { subscription, seq, .. } => {
+                        let removed = paged
+                            .queue
+                            .remove((subscription.as_str(), *seq))
+                            .map_err(io)?
+                            .map(|v| due_of(v.value()));
+                        if let Some(due) = removed {
+                            paged.due.remove((subscription.as_str(), due, *seq)).map_err(io)?;
+                        }
                     }
                     Op::Bury(subscription, seq, at, body) => {
                         paged
@@ -358,6 +367,16 @@ struct Paged<'t> {
     next_seq: Option<u64>,
     /// Subscriptions whose figures were dropped.
     forgotten: Vec<String>,
+}
+
+/// Where a stored delivery is in its queue's due index (unix nanoseconds of `notBefore`).
+fn due_of(body: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Due {
+        #[serde(rename = "notBefore")]
+        not_before: jiff::Timestamp,
+    }
+    serde_json::from_slice::<Due>(body).map_or(0, |d| super::schema::nanos(d.not_before))
 }
 
 /// The event a stored delivery refers to.
@@ -776,9 +795,10 @@ impl Redb {
         for row in range.take(limit) {
             let (key, _) = row.map_err(io)?;
             let (_, d, seq) = key.value();
-            if let Some(body) = queue.get((subscription, seq)).map_err(io)? {
-                out.push(((d, seq), body.value().to_vec()));
-            }
+            // An index entry without its row (never written so by this store) reads as an
+            // empty body: skipped by the reader, but counted, so a page is never short.
+            let body = queue.get((subscription, seq)).map_err(io)?.map(|b| b.value().to_vec());
+            out.push(((d, seq), body.unwrap_or_default()));
         }
         Ok(out)
     }
@@ -928,12 +948,14 @@ impl Redb {
             let mut stats: std::collections::HashMap<String, (u64, u64, u64)> = std::collections::HashMap::new();
             let mut counts: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
             let mut next = 0u64;
+            let mut kept = std::collections::HashSet::new();
             for (is_dead, table) in [(false, &mut pending), (true, &mut dead)] {
                 for row in table.iter().map_err(io)? {
                     let (seq, body) = row.map_err(io)?;
                     let seq = seq.value();
                     let Ok(stored) = serde_json::from_slice::<super::schema::StoredDelivery>(body.value()) else {
-                        tracing::error!(seq, "a stored delivery does not parse; it is left behind");
+                        tracing::error!(seq, "a stored delivery does not parse; it is left where it is");
+                        kept.insert(seq);
                         continue;
                     };
                     next = next.max(seq + 1);
@@ -953,7 +975,7 @@ impl Redb {
                     }
                     moved += 1;
                 }
-                table.retain(|_, _| false).map_err(io)?;
+                table.retain(|seq, _| kept.contains(&seq)).map_err(io)?;
             }
             for (id, n) in counts {
                 let old = refs.get(id.as_str()).map_err(io)?.map_or(0, |v| v.value());

@@ -62,6 +62,9 @@ struct State {
     cache_order: VecDeque<String>,
     /// Producer ids of ingests not committed yet → their event id.
     claiming: HashMap<String, String>,
+    /// Seqs an ingest or replay is writing: a read of the disk leaves them to it (it puts
+    /// them in the window once committed).
+    incoming: HashSet<u64>,
     next_seq: u64,
     last_attempt_key: u64,
 }
@@ -95,6 +98,9 @@ pub struct PagedStore {
     committed: Arc<AtomicU64>,
     /// Queued deliveries read from the disk since start.
     rows_read: AtomicU64,
+    /// Replays, purges and expiries of dead letters and queues run one at a time: each
+    /// reads rows and then changes them.
+    sweeps: Mutex<()>,
 }
 
 impl Drop for PagedStore {
@@ -183,6 +189,7 @@ impl PagedStore {
             commit_failures,
             committed,
             rows_read: AtomicU64::new(0),
+            sweeps: Mutex::new(()),
         })
     }
 
@@ -238,19 +245,20 @@ impl PagedStore {
             self.rows_read.fetch_add(rows.len() as u64, Ordering::Relaxed);
             let mut out = Vec::with_capacity(rows.len());
             for ((due, seq), body) in rows {
+                let key = if ordered { (0, seq) } else { (due, seq) };
                 let Ok(stored) = serde_json::from_slice::<StoredDelivery>(&body) else {
                     tracing::error!(seq, subscription, "a stored delivery does not parse; it is skipped");
+                    out.push((key, None));
                     continue;
                 };
-                let key = if ordered { (0, seq) } else { (due, seq) };
                 let size = stored.size;
                 out.push((
                     key,
-                    Queued {
+                    Some(Queued {
                         delivery: stored.into_pending(seq),
                         size,
                         written: 0,
-                    },
+                    }),
                 ));
             }
             Ok(out)
@@ -377,6 +385,7 @@ impl PagedStore {
                 for mut d in item.deliveries {
                     d.seq = state.next_seq;
                     state.next_seq += 1;
+                    state.incoming.insert(d.seq);
                     let sub = d.subscription.clone();
                     let pending = figures.entry(sub.clone()).or_default();
                     let current = state.figures.get(&sub).copied().unwrap_or_default();
@@ -416,7 +425,14 @@ impl PagedStore {
             ops.push(Op::NextSeq(state.next_seq));
             Ok(())
         })();
+        let forget_incoming = |queued: &[Queued]| {
+            let mut state = self.state.lock();
+            for q in queued {
+                state.incoming.remove(&q.delivery.seq);
+            }
+        };
         if let Err(err) = prepared {
+            forget_incoming(&queued);
             release(&claimed);
             return Err(err);
         }
@@ -429,7 +445,12 @@ impl PagedStore {
         for pid in &claimed {
             state.claiming.remove(pid);
         }
-        committed?;
+        if let Err(err) = committed {
+            for q in &queued {
+                state.incoming.remove(&q.delivery.seq);
+            }
+            return Err(err);
+        }
         for (sub, (q, b, d, overflowed)) in figures {
             let f = state.figures.entry(sub).or_default();
             f.queued = f.queued.saturating_add_signed(q);
@@ -444,6 +465,7 @@ impl PagedStore {
             state.cache(event);
         }
         for q in queued {
+            state.incoming.remove(&q.delivery.seq);
             if let Some(w) = state.windows.get_mut(&q.delivery.subscription) {
                 w.insert(q);
             }
@@ -552,11 +574,9 @@ impl Store for PagedStore {
         let committed = self.committed();
         let mut page = self.page(subscription);
         let mut state = self.state.lock();
-        if state.figures.get(subscription).is_none_or(|f| f.queued == 0) && !state.windows.contains_key(subscription) {
-            return Ok(vec![]);
-        }
-        let window = state.windows.entry(subscription.to_string()).or_default();
-        window.take_due(&mut page, committed, now, max, ordered)
+        let State { windows, incoming, .. } = &mut *state;
+        let window = windows.entry(subscription.to_string()).or_default();
+        window.take_due(&mut page, committed, incoming, now, max, ordered)
     }
 
     fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
@@ -573,24 +593,23 @@ impl Store for PagedStore {
     }
 
     fn complete(&self, d: &PendingDelivery) -> Result<Durable, StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let mut state = self.state.lock();
-        let size = state
+        // Not in flight here: its subscription was forgotten meanwhile (its rows and their
+        // event references went with it), so there is nothing left to write.
+        let Some(size) = state
             .windows
             .get(&d.subscription)
             .and_then(|w| w.in_flight(d.seq))
-            .map_or(0, |q| q.size);
+            .map(|q| q.size)
+        else {
+            return Ok(Durable::now());
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let ops = vec![
             Op::Dequeue {
                 subscription: d.subscription.clone(),
                 seq: d.seq,
-                due: nanos(
-                    state
-                        .windows
-                        .get(&d.subscription)
-                        .and_then(|w| w.in_flight(d.seq))
-                        .map_or(d.not_before, |q| q.delivery.not_before),
-                ),
+                due: nanos(d.not_before),
             },
             Op::ReleaseEvent(d.event_id.clone()),
             Op::Stats(d.subscription.clone(), -1, -i64::try_from(size).unwrap_or(i64::MAX), 0),
@@ -635,11 +654,15 @@ impl Store for PagedStore {
     fn dead_letter(&self, d: PendingDelivery, reason: String) -> Result<(), StoreError> {
         let now = jiff::Timestamp::now();
         let mut state = self.state.lock();
-        let (size, due) = state
+        // Not in flight here: its subscription was forgotten meanwhile; nothing to keep.
+        let Some((size, due)) = state
             .windows
             .get(&d.subscription)
             .and_then(|w| w.in_flight(d.seq))
-            .map_or((0, d.not_before), |q| (q.size, q.delivery.not_before));
+            .map(|q| (q.size, q.delivery.not_before))
+        else {
+            return Ok(());
+        };
         let mut current = d.clone();
         current.not_before = due;
         let mut ops = Self::bury_ops(&current, size, &reason, now, true)?;
@@ -703,6 +726,7 @@ impl Store for PagedStore {
     }
 
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
+        let _sweep = self.sweeps.lock();
         self.settle()?;
         let mut n = 0u64;
         // Page by page, oldest first; each page durable before it shows in memory.
@@ -729,6 +753,7 @@ impl Store for PagedStore {
                     stored.dead_at = None;
                     let new_seq = state.next_seq;
                     state.next_seq += 1;
+                    state.incoming.insert(new_seq);
                     bytes += i64::try_from(stored.size).unwrap_or(0);
                     ops.push(Op::Enqueue(Box::new(committer::Queued {
                         subscription: subscription.to_string(),
@@ -748,8 +773,12 @@ impl Store for PagedStore {
             }
             let count = replayed.len() as i64;
             ops.push(Op::Stats(subscription.to_string(), count, bytes, -count));
-            self.wait_for(ops, false)?;
+            let written = self.wait_for(ops, false);
             let mut state = self.state.lock();
+            for q in &replayed {
+                state.incoming.remove(&q.delivery.seq);
+            }
+            written?;
             let f = state.figures.entry(subscription.to_string()).or_default();
             f.queued += count as u64;
             f.bytes = f.bytes.saturating_add_signed(bytes);
@@ -775,48 +804,67 @@ impl Store for PagedStore {
         accepted_before: jiff::Timestamp,
         reason: &str,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
+        let _sweep = self.sweeps.lock();
         let now = jiff::Timestamp::now();
-        let committed = self.committed();
-        // In the order of acceptance from the head, until one is young enough.
-        let rows = self.engine.queue_page(subscription, true, None, SWEEP)?;
-        let mut state = self.state.lock();
-        let window = state.windows.get(subscription);
         let mut expired = Vec::new();
-        let mut ops = Vec::new();
-        let mut bytes = 0u64;
-        for ((_, seq), body) in rows {
-            let Ok(stored) = serde_json::from_slice::<StoredDelivery>(&body) else {
-                continue;
-            };
-            if stored.accepted_at >= accepted_before {
+        let mut after = None;
+        // In the order of acceptance from the head, a page at a time under the lock (so no
+        // completion or retry slips between the read and the write), until one is young
+        // enough.
+        while expired.len() < SWEEP {
+            let mut state = self.state.lock();
+            let committed = self.committed();
+            let rows = self.engine.queue_page(subscription, true, after, 1_000)?;
+            let full = rows.len() == 1_000;
+            let State { windows, figures, .. } = &mut *state;
+            let window = windows.entry(subscription.to_string()).or_default();
+            let mut ops = Vec::new();
+            let mut page = Vec::new();
+            let mut bytes = 0u64;
+            let mut young = false;
+            for (key, body) in rows {
+                after = Some(key);
+                let Ok(stored) = serde_json::from_slice::<StoredDelivery>(&body) else {
+                    continue;
+                };
+                if stored.accepted_at >= accepted_before {
+                    young = true;
+                    break;
+                }
+                let seq = key.1;
+                if window.busy(seq, committed) {
+                    continue;
+                }
+                // Memory's copy is the newest (a retry committed since the read is in it).
+                let size = stored.size;
+                let d = match window.waiting(seq) {
+                    Some(q) => q.delivery.clone(),
+                    None => stored.into_pending(seq),
+                };
+                ops.extend(Self::bury_ops(&d, size, reason, now, true)?);
+                bytes += size;
+                page.push(d);
+            }
+            if !page.is_empty() {
+                let generation = self.submit(ops, Reply::None, true)?;
+                let seqs: HashSet<u64> = page.iter().map(|d| d.seq).collect();
+                window.remove_waiting(&seqs, generation);
+                let f = figures.entry(subscription.to_string()).or_default();
+                f.queued = f.queued.saturating_sub(page.len() as u64);
+                f.bytes = f.bytes.saturating_sub(bytes);
+                f.dead += page.len() as u64;
+                f.oldest = None;
+                expired.extend(page);
+            }
+            if young || !full {
                 break;
             }
-            if window.is_some_and(|w| w.busy(seq, committed)) {
-                continue;
-            }
-            let size = stored.size;
-            let d = stored.into_pending(seq);
-            ops.extend(Self::bury_ops(&d, size, reason, now, true)?);
-            bytes += size;
-            expired.push(d);
         }
-        if expired.is_empty() {
-            return Ok(expired);
-        }
-        let generation = self.submit(ops, Reply::None, true)?;
-        let seqs: HashSet<u64> = expired.iter().map(|d| d.seq).collect();
-        if let Some(w) = state.windows.get_mut(subscription) {
-            w.remove_waiting(&seqs, generation);
-        }
-        let f = state.figures.entry(subscription.to_string()).or_default();
-        f.queued = f.queued.saturating_sub(expired.len() as u64);
-        f.bytes = f.bytes.saturating_sub(bytes);
-        f.dead += expired.len() as u64;
-        f.oldest = None;
         Ok(expired)
     }
 
     fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
+        let _sweep = self.sweeps.lock();
         // Reads below see every write queued before (a dead letter just made).
         self.settle()?;
         let mut ops = Vec::new();
@@ -1162,5 +1210,98 @@ mod tests {
         assert_eq!(s.counts("other").backlog, 5, "the other subscription gets all");
         let dead = s.dead_letters("sub", jiff::Timestamp::UNIX_EPOCH, 10).expect("dead");
         assert!(dead[0].reason.contains("delivery.maxBacklog"), "{}", dead[0].reason);
+    }
+
+    #[test]
+    fn a_delivery_finished_after_its_subscription_was_forgotten_writes_nothing() {
+        let s = PagedStore::in_memory().expect("store");
+        let mut other = conformance::pending("e1", None, 0);
+        other.subscription = "other".into();
+        s.ingest(vec![Ingest {
+            event: conformance::event("e1", None),
+            deliveries: vec![conformance::pending("e1", None, 0), other],
+        }])
+        .expect("ingest");
+        s.ingest(vec![Ingest {
+            event: conformance::event("e2", None),
+            deliveries: vec![conformance::pending("e2", None, 0)],
+        }])
+        .expect("ingest");
+        let taken = s.take_due("sub", jiff::Timestamp::now(), 10, false).expect("take");
+        assert_eq!(taken.len(), 2);
+        s.forget_subscription("sub").expect("forget");
+        drop(s.complete(&taken[0]).expect("complete"));
+        s.dead_letter(taken[1].clone(), "gave up".into()).expect("dead letter");
+        s.flush().expect("flush");
+        assert_eq!(s.counts("other").backlog, 1);
+        assert_eq!(
+            s.event_count().expect("count"),
+            1,
+            "the other subscription's event stays"
+        );
+        assert!(
+            s.dead_letters("sub", jiff::Timestamp::UNIX_EPOCH, 10)
+                .expect("dead")
+                .is_empty()
+        );
+        assert!(
+            s.subscriptions()
+                .expect("subscriptions")
+                .iter()
+                .all(|(uid, _)| uid != "sub"),
+            "nothing brings the forgotten subscription back"
+        );
+    }
+
+    #[test]
+    fn two_replays_at_once_queue_each_dead_letter_once() {
+        let s = Arc::new(PagedStore::in_memory().expect("store"));
+        let items: Vec<Ingest> = (0..2_000)
+            .map(|i| {
+                let id = format!("e{i}");
+                Ingest {
+                    event: conformance::event(&id, None),
+                    deliveries: vec![conformance::pending(&id, None, 0)],
+                }
+            })
+            .collect();
+        s.ingest(items).expect("ingest");
+        loop {
+            let taken = s.take_due("sub", jiff::Timestamp::now(), 500, false).expect("take");
+            if taken.is_empty() {
+                break;
+            }
+            for d in taken {
+                s.dead_letter(d, "gave up".into()).expect("dead letter");
+            }
+        }
+        s.flush().expect("flush");
+        let now = jiff::Timestamp::now();
+        let (a, b) = (s.clone(), s.clone());
+        let one = std::thread::spawn(move || a.replay("sub", jiff::Timestamp::UNIX_EPOCH, now).expect("replay"));
+        let two = std::thread::spawn(move || b.replay("sub", jiff::Timestamp::UNIX_EPOCH, now).expect("replay"));
+        let n = one.join().expect("thread") + two.join().expect("thread");
+        assert_eq!(n, 2_000);
+        let c = s.counts("sub");
+        assert_eq!((c.backlog, c.dead_lettered), (2_000, 0));
+        let mut delivered = 0;
+        loop {
+            let taken = s.take_due("sub", jiff::Timestamp::now(), 500, false).expect("take");
+            if taken.is_empty() {
+                break;
+            }
+            for d in taken {
+                assert!(
+                    s.event(&d.event_id).expect("read").is_some(),
+                    "{} lost its event",
+                    d.event_id
+                );
+                drop(s.complete(&d).expect("complete"));
+                delivered += 1;
+            }
+        }
+        assert_eq!(delivered, 2_000);
+        s.flush().expect("flush");
+        assert_eq!(s.event_count().expect("count"), 0);
     }
 }

@@ -22,12 +22,13 @@ pub const WINDOW: usize = 256;
 /// busy key (the keys ahead of the blocked ones must be found).
 const ORDERED_REACH: usize = 8 * WINDOW;
 
-/// Reads up to `limit` queued deliveries after `after` in the window's order: (key, the
-/// delivery, its event's stored size).
+/// Reads up to `limit` queued deliveries after `after` in the window's order: each row's
+/// key and the delivery (None for a row that cannot be read: skipped, but counted, so a
+/// short page still means the end).
 pub type Page<'a> = dyn FnMut(bool, Option<Key>, usize) -> PageRows + 'a;
 
 /// What a page read returns.
-pub type PageRows = Result<Vec<(Key, Queued)>, crate::store::StoreError>;
+pub type PageRows = Result<Vec<(Key, Option<Queued>)>, crate::store::StoreError>;
 
 /// A delivery with what the store keeps beside it.
 #[derive(Debug, Clone)]
@@ -46,7 +47,7 @@ enum Unsettled {
     Gone,
     /// Due again later, outside the window: a read that still sees the old row skips it, and
     /// one that passes its new place takes it from here.
-    Moved(Queued),
+    Moved(Box<Queued>),
 }
 
 pub(crate) use crate::store::durable::schema::nanos;
@@ -83,12 +84,16 @@ impl Window {
     /// A delivery newly waiting (committed when `written` is 0 or below the committed
     /// generation): kept if the window covers its place, else left to a later read.
     pub fn insert(&mut self, q: Queued) {
+        let seq = q.delivery.seq;
+        if self.in_flight.contains_key(&seq) {
+            return;
+        }
         let key = key_of(&q.delivery, self.ordered);
         if self.covers(key) {
             self.waiting.insert(key, q);
             self.trim();
         } else if q.written > 0 {
-            self.unsettled.insert(q.delivery.seq, (q.written, Unsettled::Moved(q)));
+            self.unsettled.insert(seq, (q.written, Unsettled::Moved(Box::new(q))));
         }
     }
 
@@ -100,24 +105,53 @@ impl Window {
             self.exhausted = false;
             self.cursor = self.waiting.last_key_value().map(|(k, _)| *k).or(Some((0, 0)));
             if q.written > 0 {
-                self.unsettled.insert(key.1, (q.written, Unsettled::Moved(q)));
+                self.unsettled.insert(key.1, (q.written, Unsettled::Moved(Box::new(q))));
             }
         }
     }
 
     /// Forgets writes the disk shows by now (`committed`: the newest committed generation).
-    fn settle(&mut self, committed: u64) {
-        self.unsettled.retain(|_, (written, _)| *written > committed);
+    /// A moved delivery whose new place the window covers comes back to `waiting`.
+    pub fn settle(&mut self, committed: u64) {
+        if self.unsettled.is_empty() {
+            return;
+        }
+        let ordered = self.ordered;
+        let exhausted = self.exhausted;
+        let cursor = self.cursor;
+        let covers = |key: Key| exhausted || cursor.is_some_and(|c| key <= c);
+        let mut back = Vec::new();
+        self.unsettled.retain(|_, (written, u)| {
+            if *written > committed {
+                return true;
+            }
+            if let Unsettled::Moved(q) = u
+                && covers(key_of(&q.delivery, ordered))
+            {
+                back.push(q.as_ref().clone());
+            }
+            false
+        });
+        for q in back {
+            let key = key_of(&q.delivery, ordered);
+            self.waiting.insert(key, Queued { written: 0, ..q });
+        }
     }
 
     /// Reads the disk after the cursor until the window holds `WINDOW` deliveries (or `reach`).
-    fn fill(&mut self, page: &mut Page<'_>, committed: u64, reach: usize) -> Result<(), crate::store::StoreError> {
+    fn fill(
+        &mut self,
+        page: &mut Page<'_>,
+        committed: u64,
+        incoming: &HashSet<u64>,
+        reach: usize,
+    ) -> Result<(), crate::store::StoreError> {
         self.settle(committed);
         while !self.exhausted && self.waiting.len() < reach {
-            let want = reach - self.waiting.len();
-            let rows = page(self.ordered, self.cursor, want.max(32))?;
+            let want = (reach - self.waiting.len()).max(32);
+            let rows = page(self.ordered, self.cursor, want)?;
             self.rows_read += rows.len() as u64;
-            if rows.len() < want.max(32) {
+            if rows.len() < want {
                 self.exhausted = true;
             }
             let Some((last, _)) = rows.last() else {
@@ -126,10 +160,14 @@ impl Window {
             let last = *last;
             for (key, q) in rows {
                 let seq = key.1;
-                if self.in_flight.contains_key(&seq) || self.unsettled.contains_key(&seq) {
+                // In flight, changed by a write not yet committed, or being written by an
+                // ingest or replay that puts it here itself once committed.
+                if self.in_flight.contains_key(&seq) || self.unsettled.contains_key(&seq) || incoming.contains(&seq) {
                     continue;
                 }
-                self.waiting.insert(key, q);
+                if let Some(q) = q {
+                    self.waiting.insert(key, q);
+                }
             }
             self.cursor = Some(self.cursor.map_or(last, |c| c.max(last)));
         }
@@ -145,7 +183,7 @@ impl Window {
         for seq in passed {
             if let Some((written, Unsettled::Moved(q))) = self.unsettled.remove(&seq) {
                 let key = key_of(&q.delivery, self.ordered);
-                self.waiting.insert(key, Queued { written, ..q });
+                self.waiting.insert(key, Queued { written, ..*q });
             }
         }
         Ok(())
@@ -163,7 +201,8 @@ impl Window {
         let waiting = std::mem::take(&mut self.waiting);
         for (_, q) in waiting {
             if q.written > 0 {
-                self.unsettled.insert(q.delivery.seq, (q.written, Unsettled::Moved(q)));
+                self.unsettled
+                    .insert(q.delivery.seq, (q.written, Unsettled::Moved(Box::new(q))));
             }
         }
     }
@@ -174,13 +213,15 @@ impl Window {
         &mut self,
         page: &mut Page<'_>,
         committed: u64,
+        incoming: &HashSet<u64>,
         now: jiff::Timestamp,
         max: usize,
         ordered: bool,
     ) -> Result<Vec<PendingDelivery>, crate::store::StoreError> {
         self.reorder(ordered);
+        self.settle(committed);
         if self.waiting.len() < WINDOW / 2 || (self.cursor.is_none() && !self.exhausted) {
-            self.fill(page, committed, WINDOW)?;
+            self.fill(page, committed, incoming, WINDOW)?;
         }
         let mut reach = WINDOW;
         loop {
@@ -195,12 +236,13 @@ impl Window {
             }
             // Ordered, every delivery in memory may wait on a busy key while later keys
             // are due: read further, within bounds.
-            if !taken.is_empty() || !short || !self.ordered || self.exhausted || reach >= ORDERED_REACH {
+            // Bounded: past ORDERED_REACH, keys behind a busy one wait for it.
+            if !taken.is_empty() || !short || !self.ordered || self.exhausted || self.waiting.len() >= ORDERED_REACH {
                 return Ok(taken);
             }
             reach = (reach * 2).min(ORDERED_REACH);
             let before = self.waiting.len();
-            self.fill(page, committed, before + reach)?;
+            self.fill(page, committed, incoming, reach.max(before + 1))?;
             if self.waiting.len() == before {
                 return Ok(taken);
             }
@@ -246,6 +288,10 @@ impl Window {
     /// The earliest due time among the waiting deliveries memory holds (unordered: the
     /// queue's earliest; ordered: of the window).
     pub fn next_due(&self) -> Option<jiff::Timestamp> {
+        if self.waiting.is_empty() && !self.exhausted {
+            // More on disk than memory shows: the next take reads it.
+            return Some(jiff::Timestamp::UNIX_EPOCH);
+        }
         let due = if self.ordered {
             self.waiting.values().map(|q| nanos(q.delivery.not_before)).min()?
         } else {
@@ -293,7 +339,17 @@ impl Window {
     /// Whether a read must skip the delivery with `seq` (in flight, or changed by a write
     /// the disk may not show yet).
     pub fn busy(&self, seq: u64, committed: u64) -> bool {
-        self.in_flight.contains_key(&seq) || self.unsettled.get(&seq).is_some_and(|(w, _)| *w > committed)
+        self.in_flight.contains_key(&seq)
+            || self.unsettled.get(&seq).is_some_and(|(w, _)| *w > committed)
+            || self
+                .waiting
+                .values()
+                .any(|q| q.delivery.seq == seq && q.written > committed)
+    }
+
+    /// The waiting delivery with `seq`, if memory holds it.
+    pub fn waiting(&self, seq: u64) -> Option<&Queued> {
+        self.waiting.values().find(|q| q.delivery.seq == seq)
     }
 
     /// Deliveries memory holds (waiting, in flight, set aside).
@@ -327,18 +383,18 @@ mod tests {
     struct Disk(BTreeMap<u64, PendingDelivery>);
 
     impl Disk {
-        fn page(&self, ordered: bool, after: Option<Key>, limit: usize) -> Vec<(Key, Queued)> {
-            let mut rows: Vec<(Key, Queued)> = self
+        fn page(&self, ordered: bool, after: Option<Key>, limit: usize) -> Vec<(Key, Option<Queued>)> {
+            let mut rows: Vec<(Key, Option<Queued>)> = self
                 .0
                 .values()
                 .map(|d| {
                     (
                         key_of(d, ordered),
-                        Queued {
+                        Some(Queued {
                             delivery: d.clone(),
                             size: 10,
                             written: 0,
-                        },
+                        }),
                     )
                 })
                 .filter(|(k, _)| after.is_none_or(|a| *k > a))
@@ -356,7 +412,9 @@ mod tests {
         let mut page = |o, a, l| Ok(disk.page(o, a, l));
         let mut seen = 0;
         loop {
-            let taken = w.take_due(&mut page, 1, at(1), 50, false).expect("take");
+            let taken = w
+                .take_due(&mut page, 1, &HashSet::new(), at(1), 50, false)
+                .expect("take");
             if taken.is_empty() {
                 break;
             }
@@ -377,7 +435,8 @@ mod tests {
         let mut w = Window::default();
         let first = {
             let mut page = |o, a, l| Ok(disk.page(o, a, l));
-            w.take_due(&mut page, 0, at(1), 1, false).expect("take")
+            w.take_due(&mut page, 0, &HashSet::new(), at(1), 1, false)
+                .expect("take")
         };
         assert_eq!(first[0].seq, 0);
         // Retried far in the future: written as generation 5, not yet committed.
@@ -389,7 +448,8 @@ mod tests {
         loop {
             let taken = {
                 let mut page = |o, a, l| Ok(disk.page(o, a, l));
-                w.take_due(&mut page, 4, at(1), 100, false).expect("take")
+                w.take_due(&mut page, 4, &HashSet::new(), at(1), 100, false)
+                    .expect("take")
             };
             if taken.is_empty() {
                 break;
@@ -405,7 +465,9 @@ mod tests {
         // Now committed (the row moved on disk too), and due.
         disk.0.insert(0, again);
         let mut page = |o, a, l| Ok(disk.page(o, a, l));
-        let taken = w.take_due(&mut page, 6, at(2_000), 100, false).expect("take");
+        let taken = w
+            .take_due(&mut page, 6, &HashSet::new(), at(2_000), 100, false)
+            .expect("take");
         assert_eq!(taken.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![0]);
     }
 
@@ -418,11 +480,19 @@ mod tests {
         let disk = Disk(map);
         let mut w = Window::default();
         let mut page = |o, a, l| Ok(disk.page(o, a, l));
-        let taken = w.take_due(&mut page, 0, at(1), 10, true).expect("take");
+        let taken = w
+            .take_due(&mut page, 0, &HashSet::new(), at(1), 10, true)
+            .expect("take");
         assert_eq!(taken.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![0]);
-        let taken = w.take_due(&mut page, 0, at(1), 10, true).expect("take");
+        let taken = w
+            .take_due(&mut page, 0, &HashSet::new(), at(1), 10, true)
+            .expect("take");
         assert_eq!(taken.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![600]);
-        assert!(w.take_due(&mut page, 0, at(1), 10, true).expect("take").is_empty());
+        assert!(
+            w.take_due(&mut page, 0, &HashSet::new(), at(1), 10, true)
+                .expect("take")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -430,7 +500,8 @@ mod tests {
         let disk = Disk((0..1_000).map(|s| (s, d(s, 0, None))).collect());
         let mut w = Window::default();
         let mut page = |o, a, l| Ok(disk.page(o, a, l));
-        w.take_due(&mut page, 0, at(1), 1, false).expect("take");
+        w.take_due(&mut page, 0, &HashSet::new(), at(1), 1, false)
+            .expect("take");
         let before = w.held();
         for s in 1_000..2_000 {
             w.insert(Queued {
@@ -440,5 +511,113 @@ mod tests {
             });
         }
         assert_eq!(w.held(), before, "committed and beyond the cursor: read later");
+    }
+
+    #[test]
+    fn a_delivery_being_ingested_is_left_to_the_ingest_and_handed_out_once() {
+        let mut disk = Disk((0..300).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        {
+            let mut page = |o, a, l| Ok(disk.page(o, a, l));
+            for t in w
+                .take_due(&mut page, 0, &HashSet::new(), at(10), 200, false)
+                .expect("take")
+            {
+                w.finish(t.seq, 1);
+            }
+        }
+        for s in 0..200 {
+            disk.0.remove(&s);
+        }
+        // Seq 300 is committed, and its ingest has not put it in the window yet.
+        disk.0.insert(300, d(300, 1, None));
+        let incoming = HashSet::from([300]);
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let taken = w.take_due(&mut page, 1, &incoming, at(10), 1_000, false).expect("take");
+        assert!(taken.iter().all(|t| t.seq != 300), "left to the ingest");
+        w.insert(Queued {
+            delivery: d(300, 1, None),
+            size: 1,
+            written: 0,
+        });
+        let taken = w
+            .take_due(&mut page, 1, &HashSet::new(), at(10), 1_000, false)
+            .expect("take");
+        assert_eq!(taken.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![300]);
+        w.insert(Queued {
+            delivery: d(300, 1, None),
+            size: 1,
+            written: 0,
+        });
+        let again = w
+            .take_due(&mut page, 1, &HashSet::new(), at(10), 1_000, false)
+            .expect("take");
+        assert!(again.is_empty(), "in flight: not handed out again");
+    }
+
+    #[test]
+    fn committed_writes_are_forgotten_without_a_refill() {
+        let disk = Disk((0..200).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        w.take_due(&mut page, 0, &HashSet::new(), at(10), 1, false)
+            .expect("take");
+        let mut next = 200;
+        for g in 1..20_000u64 {
+            for t in w
+                .take_due(&mut page, g, &HashSet::new(), at(10), 1, false)
+                .expect("take")
+            {
+                w.finish(t.seq, g);
+            }
+            w.insert(Queued {
+                delivery: d(next, 0, None),
+                size: 1,
+                written: 0,
+            });
+            next += 1;
+        }
+        assert!(w.held() <= 3 * WINDOW, "held {}", w.held());
+    }
+
+    #[test]
+    fn an_ordered_window_behind_one_busy_key_stays_bounded() {
+        let disk = Disk((0..50_000).map(|s| (s, d(s, 0, Some("a")))).collect());
+        let mut w = Window::default();
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        assert_eq!(
+            w.take_due(&mut page, 0, &HashSet::new(), at(10), 1, true)
+                .expect("take")
+                .len(),
+            1
+        );
+        for _ in 0..20 {
+            assert!(
+                w.take_due(&mut page, 0, &HashSet::new(), at(10), 1, true)
+                    .expect("take")
+                    .is_empty()
+            );
+        }
+        assert!(w.held() <= ORDERED_REACH + WINDOW, "held {}", w.held());
+    }
+
+    #[test]
+    fn an_emptied_window_with_more_on_disk_says_something_is_due() {
+        let disk = Disk((0..300).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        assert_eq!(
+            w.take_due(&mut page, 0, &HashSet::new(), at(10), 128, false)
+                .expect("take")
+                .len(),
+            128
+        );
+        assert_eq!(
+            w.take_due(&mut page, 0, &HashSet::new(), at(10), 128, false)
+                .expect("take")
+                .len(),
+            128
+        );
+        assert!(w.next_due().is_some(), "44 still queued on disk");
     }
 }

@@ -494,10 +494,14 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
                 s.2 += dead;
             }
             Op::ForgetQueue(subscription) => {
-                paged.stats.remove(subscription);
-                paged.queue.retain(|(s, _), _| s != subscription);
-                paged.dead.retain(|(s, _), _| s != subscription);
-                paged.forgotten.push(subscription.clone());
+                // A barrier: the writes before it reach the tables first, so that it
+                // releases exactly the rows there are.
+                std::mem::take(&mut paged).statements(&mut out);
+                PagedWrites {
+                    forgotten: vec![subscription.clone()],
+                    ..PagedWrites::default()
+                }
+                .statements(&mut out);
             }
             Op::PutAgedProducer(p, id, at) => {
                 net.producers.insert(p.clone(), Some((id.clone(), *at)));

@@ -628,7 +628,7 @@ pub(super) async fn to_paged(txn: &tokio_postgres::Transaction<'_>) -> Result<u6
             &format!(
                 "INSERT INTO queue (subscription, seq, due, event_id, body) \
                  SELECT {json} ->> 'subscription', seq, \
-                   (extract(epoch FROM ({json} ->> 'notBefore')::timestamptz) * 1000000000)::bigint, \
+                   (LEAST(GREATEST(extract(epoch FROM ({json} ->> 'notBefore')::timestamptz), 0), 9e9) * 1000000000)::bigint, \
                    {json} ->> 'eventId', body FROM pending \
                  ON CONFLICT (subscription, seq) DO NOTHING"
             ),
@@ -640,7 +640,7 @@ pub(super) async fn to_paged(txn: &tokio_postgres::Transaction<'_>) -> Result<u6
             &format!(
                 "INSERT INTO dead_queue (subscription, seq, dead_at, event_id, body) \
                  SELECT {json} ->> 'subscription', seq, \
-                   (extract(epoch FROM COALESCE({json} ->> 'deadAt', {json} ->> 'notBefore')::timestamptz) * 1000000000)::bigint, \
+                   (LEAST(GREATEST(extract(epoch FROM COALESCE({json} ->> 'deadAt', {json} ->> 'notBefore')::timestamptz), 0), 9e9) * 1000000000)::bigint, \
                    {json} ->> 'eventId', body FROM dead_letters \
                  ON CONFLICT (subscription, seq) DO NOTHING"
             ),
