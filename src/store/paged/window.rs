@@ -562,8 +562,7 @@ mod tests {
         let mut page = |o, a, l| Ok(disk.page(o, a, l));
         w.take_due(&mut page, 0, &HashSet::new(), at(10), 1, false)
             .expect("take");
-        let mut next = 200;
-        for g in 1..20_000u64 {
+        for (next, g) in (200..).zip(1..20_000u64) {
             for t in w
                 .take_due(&mut page, g, &HashSet::new(), at(10), 1, false)
                 .expect("take")
@@ -575,7 +574,6 @@ mod tests {
                 size: 1,
                 written: 0,
             });
-            next += 1;
         }
         assert!(w.held() <= 3 * WINDOW, "held {}", w.held());
     }
