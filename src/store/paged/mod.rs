@@ -1305,3 +1305,64 @@ mod tests {
         assert_eq!(s.event_count().expect("count"), 0);
     }
 }
+
+#[cfg(test)]
+mod open_cost {
+    use super::*;
+    use crate::store::conformance;
+
+    #[test]
+    #[ignore]
+    fn redb_open_after_an_unclean_stop() {
+        let n: u64 = std::env::var("OPEN_COST_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        if let Ok(dir) = std::env::var("OPEN_COST_CHILD") {
+            let s = PagedStore::open(std::path::Path::new(&dir)).expect("open");
+            for start in (0..n).step_by(2_000) {
+                let items: Vec<Ingest> = (start..(start + 2_000).min(n))
+                    .map(|i| {
+                        let id = format!("e{i}");
+                        Ingest {
+                            event: conformance::event(&id, Some(&id)),
+                            deliveries: vec![conformance::pending(&id, None, 0)],
+                        }
+                    })
+                    .collect();
+                s.ingest(items).expect("ingest");
+            }
+            s.flush().expect("flush");
+            // As a SIGKILL leaves it: no clean close.
+            std::process::abort();
+        }
+        let dir = std::env::temp_dir().join(format!("mailhook-open-cost-{}", uuid::Uuid::now_v7().simple()));
+        let status = std::process::Command::new(std::env::current_exe().expect("exe"))
+            .args([
+                "--ignored",
+                "--exact",
+                "store::paged::open_cost::redb_open_after_an_unclean_stop",
+            ])
+            .env("OPEN_COST_CHILD", &dir)
+            .status()
+            .expect("child");
+        assert!(!status.success(), "the child aborts");
+        let size = std::fs::metadata(dir.join("mailhook.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let started = std::time::Instant::now();
+        let s = PagedStore::open(&dir).expect("reopen");
+        let unclean = started.elapsed();
+        assert_eq!(s.counts("sub").backlog, n);
+        drop(s);
+        let started = std::time::Instant::now();
+        let s = PagedStore::open(&dir).expect("reopen");
+        let clean = started.elapsed();
+        drop(s);
+        eprintln!(
+            "{n} events, file {} MiB: open after an unclean stop {unclean:?}, after a clean one {clean:?}",
+            size >> 20
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
