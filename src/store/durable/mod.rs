@@ -394,21 +394,11 @@ impl Store for DurableStore {
     }
 
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
-        Ok(self.engine.raw(sha256)?.map(|(at, bytes)| {
-            (
-                jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-                bytes,
-            )
-        }))
+        raw_message(self.engine.as_ref(), sha256)
     }
 
     fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let old: Vec<Op> = self
-            .engine
-            .raw_before(before.as_second())?
-            .into_iter()
-            .map(|(at, sha256)| Op::DeleteRaw(at, sha256))
-            .collect();
+        let old = purge_raw_ops(self.engine.as_ref(), before)?;
         let n = old.len() as u64;
         if n > 0 {
             self.send(old, true)?;
@@ -958,6 +948,25 @@ pub(crate) fn purge_index_ops(engine: &dyn Engine, before: jiff::Timestamp) -> R
         ops.push(Op::PutIndex(key, user, now, json(&marker)?));
     }
     Ok((ops, n))
+}
+
+/// An archived raw message with when it was archived.
+pub(crate) fn raw_message(engine: &dyn Engine, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
+    Ok(engine.raw(sha256)?.map(|(at, bytes)| {
+        (
+            jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+            bytes,
+        )
+    }))
+}
+
+/// The writes that delete raw messages archived before `before`.
+pub(crate) fn purge_raw_ops(engine: &dyn Engine, before: jiff::Timestamp) -> Result<Vec<Op>, StoreError> {
+    Ok(engine
+        .raw_before(before.as_second())?
+        .into_iter()
+        .map(|(at, sha256)| Op::DeleteRaw(at, sha256))
+        .collect())
 }
 
 /// A stored delivery's JSON; one that does not parse (never written by this store) is

@@ -520,21 +520,11 @@ impl Store for PagedStore {
     }
 
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
-        Ok(self.engine.raw(sha256)?.map(|(at, bytes)| {
-            (
-                jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-                bytes,
-            )
-        }))
+        super::durable::raw_message(self.engine.as_ref() as &dyn Engine, sha256)
     }
 
     fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let old: Vec<Op> = self
-            .engine
-            .raw_before(before.as_second())?
-            .into_iter()
-            .map(|(at, sha256)| Op::DeleteRaw(at, sha256))
-            .collect();
+        let old = super::durable::purge_raw_ops(self.engine.as_ref() as &dyn Engine, before)?;
         let n = old.len() as u64;
         if n > 0 {
             self.wait_for(old, false)?;
