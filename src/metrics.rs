@@ -168,7 +168,7 @@ impl Metrics {
             )?,
             store_volume_available_bytes: prometheus::IntGauge::new(
                 "mailhook_store_volume_available_bytes",
-                "Bytes still available on the store's volume (--store-dir). When it reaches 0, new events are refused (HTTP 507 with Retry-After, SMTP 452) and deliveries pause until space is back.",
+                "Bytes still available on the store's volume (--store-dir). When a write fails for want of space, new events are refused (HTTP 507 with Retry-After, SMTP 452) until the volume has room again; deliveries go on.",
             )?,
             store_queue_rows_read: prometheus::IntCounter::new(
                 "mailhook_store_queue_rows_read_total",
@@ -262,7 +262,7 @@ impl Metrics {
             )?,
             store_up: prometheus::IntGauge::new(
                 "mailhook_store_up",
-                "1 while the store commits; 0 while its commits fail (new events refused, deliveries paused).",
+                "1 while the store takes new events; 0 while its commits fail (new events refused, deliveries paused) or its volume has no room for new events (refused; deliveries go on).",
             )?,
             shard_owned: IntGaugeVec::new(
                 Opts::new(

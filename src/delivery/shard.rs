@@ -66,7 +66,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
         }
         // The store cannot commit: a completion would not be durable, so no new attempts
         // until it can (those in flight wait for their completion's commit).
-        if deliveries.store.unavailable().is_some() {
+        if deliveries.store.commits_fail().is_some() {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}

@@ -85,8 +85,7 @@ impl Pipeline {
     /// Whether the store's commits fail for want of space (a full volume): answered as
     /// such (HTTP 507, SMTP 452) rather than as an outage.
     pub fn out_of_space(reason: &str) -> bool {
-        // ENOSPC as the OS words it, with or without its number.
-        reason.contains("No space left on device") || reason.contains("os error 28")
+        crate::store::out_of_space(reason)
     }
 
     /// Why new events are refused right now, if they are.

@@ -24,6 +24,12 @@ pub enum StoreError {
     Io(String),
 }
 
+/// Whether a store error says the volume is full (ENOSPC as the OS words it, with or
+/// without its number, or a quota).
+pub fn out_of_space(reason: &str) -> bool {
+    reason.contains("No space left on device") || reason.contains("os error 28") || reason.contains("os error 122")
+}
+
 /// Stable shard of a subscription UID: where its deliveries are made, and in a shared
 /// store which replica's share of the work they are.
 pub fn shard_of(uid: &str, shards: usize) -> usize {
@@ -485,6 +491,12 @@ pub trait Store: Send + Sync + 'static {
     /// is full): new events are refused, deliveries pause, readiness and status say why.
     fn unavailable(&self) -> Option<String> {
         None
+    }
+    /// Why the store's commits fail, if they do: deliveries pause, since a completion would
+    /// not be durable. Unlike `unavailable`, not while only the volume is too full for new
+    /// events (writes of deliveries still go through, and free space as they drain).
+    fn commits_fail(&self) -> Option<String> {
+        self.unavailable()
     }
     /// Returns once every write queued so far is durable (at shutdown: the attempts and
     /// retries that were queued without waiting).

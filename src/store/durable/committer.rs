@@ -79,6 +79,28 @@ pub enum Op {
     NextSeq(u64),
 }
 
+impl Op {
+    /// About how many bytes it writes: what a probe must be able to write before the store
+    /// counts as back after a failed commit.
+    fn weight(&self) -> usize {
+        match self {
+            Op::PutEvent(id, b) | Op::PutCountedEvent(id, b, _) => id.len() + b.len(),
+            Op::PutPending(_, b) | Op::PutDead(_, b) | Op::PutClaimed(_, _, _, b) => 8 + b.len(),
+            Op::PutAttempt(s, _, b) | Op::PutRaw(s, _, b) | Op::Bury(s, _, _, b) => s.len() + 16 + b.len(),
+            Op::PutIndex(k, u, _, b) => k.len() + u.len() + b.len(),
+            Op::Enqueue(q) => q.subscription.len() + q.body.len() + 32,
+            Op::Ingest(_) | Op::Fenced(..) => 1024,
+            _ => 64,
+        }
+    }
+}
+
+/// Fewest bytes a probe writes: a write of one page would pass where a real batch fails.
+const PROBE_MIN_BYTES: usize = 64 << 10;
+
+/// Most bytes a probe writes (a failed batch can hold a 256 MiB message's events).
+const PROBE_MAX_BYTES: usize = 8 << 20;
+
 /// A delivery queued by the paged store.
 pub struct Queued {
     pub subscription: String,
@@ -123,14 +145,73 @@ pub(crate) struct Job {
     pub(crate) generation: u64,
 }
 
-/// Why the store cannot commit right now (None: it can). Set by the commit thread on a
-/// failed commit, cleared by the next one that succeeds.
+/// Why the store refuses new events right now (None: it takes them). Set by the commit
+/// thread: `failing` on a failed commit, cleared by the next one that succeeds; `full`
+/// while the volume has no room for new events, though writes memory shows may still go
+/// through (into pages the file already holds), so deliveries keep draining.
 #[derive(Default)]
-pub(crate) struct Outage(Mutex<Option<String>>);
+pub(crate) struct Outage {
+    failing: Mutex<Option<String>>,
+    full: Mutex<Option<String>>,
+}
 
 impl Outage {
+    /// Why new events are refused: commits fail, or the volume is full.
     pub(crate) fn reason(&self) -> Option<String> {
-        self.0.lock().clone()
+        self.failing.lock().clone().or_else(|| self.full.lock().clone())
+    }
+
+    /// Why commits fail, if they do: deliveries pause (a completion would not be durable).
+    pub(crate) fn failing(&self) -> Option<String> {
+        self.failing.lock().clone()
+    }
+}
+
+/// How long new events stay refused after a commit failed for want of space when the
+/// volume has not grown meanwhile: then a probe tries again, so that space deliveries freed
+/// inside the store file is used. (Each failed write costs a reopen of the file.)
+const FULL_RETRY: Duration = Duration::from_secs(30);
+
+/// A commit failed for want of space. Writes into pages the file already holds may still
+/// go through, so a probe alone would say "back" while every new event fails again, and
+/// the store would flap between up and down on a volume that stays full.
+struct Full {
+    /// Bytes free on the volume then (None: the backend does not say).
+    available: Option<u64>,
+    /// About what the failed write needed.
+    needed: u64,
+    since: Instant,
+}
+
+impl Full {
+    fn new(engine: &dyn Engine, needed: usize) -> Full {
+        Full {
+            available: engine.volume().map(|(_, available)| available),
+            needed: needed as u64,
+            since: Instant::now(),
+        }
+    }
+
+    /// Ok once new events may be tried again: the volume has `needed` more bytes free than
+    /// when the write failed, or `FULL_RETRY` has passed. Otherwise why not, worded as the
+    /// out-of-space error it is (ingest answers 507 / SMTP 452 on it).
+    fn room(&self, volume: Option<(u64, u64)>) -> Result<(), String> {
+        let waited = self.since.elapsed();
+        if waited >= FULL_RETRY {
+            return Ok(());
+        }
+        let again = FULL_RETRY.saturating_sub(waited).as_secs().max(1);
+        match (self.available, volume) {
+            (Some(then), Some((_, now))) if now >= then.saturating_add(self.needed) => Ok(()),
+            (_, Some((_, now))) => Err(format!(
+                "No space left on device: {now} bytes free on the store's volume; new events are \
+                 taken again once ~{} bytes more are free (grow the volume), or tried again in {again} s",
+                self.needed
+            )),
+            (_, None) => Err(format!(
+                "No space left on device: new events are tried again in {again} s"
+            )),
+        }
     }
 }
 
@@ -152,16 +233,27 @@ pub(crate) fn commit_loop(
     let mut owed: Vec<Job> = Vec::new();
     let mut pause = RETRY_MIN;
     let mut closed = false;
+    // How much the failed commit wrote: with nothing owed, a probe of that size says
+    // whether the store is back (an empty commit succeeds on a volume that is still full).
+    let mut probe_bytes = PROBE_MIN_BYTES;
+    let mut full: Option<Full> = None;
     loop {
         let mut jobs = std::mem::take(&mut owed);
-        if jobs.is_empty() && outage.reason().is_none() {
-            match rx.recv() {
+        let failing = outage.failing().is_some();
+        if jobs.is_empty() && !failing {
+            // While the volume is full, wake every second to see whether it has room.
+            let job = match full {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(_) => rx.recv_timeout(RETRY_MAX),
+            };
+            match job {
                 Ok(job) => jobs.push(job),
-                Err(_) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-        } else {
+        } else if failing {
             // Down: wait out the pause, taking what comes meanwhile; then try again (with
-            // nothing owed, an empty commit finds out whether the store is back).
+            // nothing owed, a probe finds out whether the store is back).
             let until = Instant::now() + pause;
             while !closed {
                 match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
@@ -184,11 +276,58 @@ pub(crate) fn commit_loop(
                 }
             }
         }
+        // A full volume: new events wait until it has room (and a write of the size that
+        // failed goes through), writes memory shows go on.
+        if let Some(f) = &full
+            && !failing
+        {
+            let room = f.room(engine.volume()).and_then(|()| {
+                engine.probe(probe_bytes).map_err(|e| {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    e.to_string()
+                })
+            });
+            match room {
+                Ok(()) => {
+                    full = None;
+                    probe_bytes = PROBE_MIN_BYTES;
+                    *outage.full.lock() = None;
+                    tracing::info!("the store's volume has room again: new events are taken");
+                }
+                Err(why) => {
+                    if f.since.elapsed() >= FULL_RETRY {
+                        // Tried and still full: wait again.
+                        full = Some(Full::new(engine, probe_bytes));
+                    }
+                    *outage.full.lock() = Some(why.clone());
+                    jobs.retain_mut(|job| {
+                        if !job.kept {
+                            std::mem::replace(&mut job.done, Reply::None).send(Err(why.clone()));
+                        }
+                        job.kept
+                    });
+                }
+            }
+        }
         let ops: Vec<&Op> = jobs.iter().flat_map(|j| &j.ops).collect();
-        match engine.commit(&ops) {
+        let result = if ops.is_empty() && failing {
+            engine.probe(probe_bytes)
+        } else if jobs.is_empty() {
+            // Woken to look at a full volume, with nothing to write.
+            if closed {
+                return;
+            }
+            continue;
+        } else {
+            engine.commit(&ops)
+        };
+        match result {
             Ok(()) => {
-                if outage.0.lock().take().is_some() {
+                if outage.failing.lock().take().is_some() {
                     tracing::info!("the store commits again; the writes kept meanwhile are on disk");
+                }
+                if full.is_none() {
+                    probe_bytes = PROBE_MIN_BYTES;
                 }
                 pause = RETRY_MIN;
                 if let Some(newest) = jobs.iter().map(|j| j.generation).max() {
@@ -204,7 +343,14 @@ pub(crate) fn commit_loop(
             Err(err) => {
                 let err = err.to_string();
                 failures.fetch_add(1, Ordering::Relaxed);
-                let first = outage.0.lock().replace(err.clone()).is_none();
+                let weight: usize = ops.iter().map(|op| op.weight()).sum();
+                // Twice: a B-tree write takes more pages than its payload.
+                probe_bytes = probe_bytes.max(weight.saturating_mul(2).min(PROBE_MAX_BYTES));
+                if crate::store::out_of_space(&err) && full.is_none() {
+                    full = Some(Full::new(engine, probe_bytes));
+                    *outage.full.lock() = Some(err.clone());
+                }
+                let first = outage.failing.lock().replace(err.clone()).is_none();
                 if first {
                     tracing::error!(%err, "store commit failed; new events are refused until it commits again");
                 } else {
@@ -239,5 +385,30 @@ pub(crate) fn commit_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_volume_takes_new_events_again_once_grown_or_after_a_while() {
+        let full = Full {
+            available: Some(1_000),
+            needed: 500_000,
+            since: Instant::now(),
+        };
+        let why = full.room(Some((4 << 20, 1_000))).expect_err("still full");
+        assert!(crate::store::out_of_space(&why), "answered as a full volume: {why}");
+        assert!(why.contains("grow the volume"), "{why}");
+        assert!(full.room(Some((4 << 20, 400_000))).is_err(), "not enough freed yet");
+        assert!(full.room(Some((256 << 20, 250 << 20))).is_ok(), "grown");
+        assert!(full.room(None).is_err(), "no figure: wait out the retry");
+        let old = Full {
+            since: Instant::now().checked_sub(FULL_RETRY).expect("clock"),
+            ..full
+        };
+        assert!(old.room(Some((4 << 20, 0))).is_ok(), "tried again after FULL_RETRY");
     }
 }

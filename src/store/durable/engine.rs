@@ -40,6 +40,13 @@ pub type IndexRow = (Vec<u8>, i64, Vec<u8>);
 pub trait Engine: Send + Sync + 'static {
     /// Applies `ops`, in order, in one durable transaction.
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError>;
+    /// Whether a commit of about `bytes` would go through now: what the commit thread asks,
+    /// with nothing else to write, while commits fail. An empty commit is not enough where
+    /// it needs no new space (redb on a full volume writes nothing and succeeds).
+    fn probe(&self, bytes: usize) -> Result<(), StoreError> {
+        let _ = bytes;
+        self.commit(&[])
+    }
     fn load(&self) -> Result<Loaded, StoreError>;
     /// An event's JSON.
     fn event(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -435,25 +442,44 @@ impl Paged<'_> {
     }
 }
 
-/// Free space below which an empty commit (the commit thread's probe while commits fail)
-/// counts as failing: on a full volume redb commits nothing without error, and the store
-/// would look back while every real write still fails.
-const PROBE_SPACE: u64 = 256 << 10;
+/// The META key a probe writes and deletes.
+const PROBE_KEY: &str = "probe";
 
 impl Engine for Redb {
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
-        if ops.is_empty()
-            && let Some((_, available)) = self.volume()
-            && available < PROBE_SPACE
-        {
-            return Err(StoreError::Io(format!(
-                "No space left on device: {available} bytes free on the store's volume"
-            )));
-        }
         if self.broken.load(std::sync::atomic::Ordering::Acquire) {
             self.reopen()?;
         }
         let result = self.write(ops);
+        if result.is_err() {
+            self.broken.store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
+    }
+
+    /// Commits `bytes`, then deletes them in a second commit: redb takes the pages (growing
+    /// the file) as a real write of that size would, so a volume still too full fails here
+    /// rather than on the next event. (Written and deleted in one transaction, the pages
+    /// would never reach the file.)
+    fn probe(&self, bytes: usize) -> Result<(), StoreError> {
+        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let put = |value: Option<&[u8]>| -> Result<(), StoreError> {
+            let db = self.db()?;
+            let mut txn = db.begin_write().map_err(io)?;
+            txn.set_durability(Durability::Immediate).map_err(io)?;
+            {
+                let mut meta = txn.open_table(META).map_err(io)?;
+                match value {
+                    Some(v) => meta.insert(PROBE_KEY, v).map(|_| ()),
+                    None => meta.remove(PROBE_KEY).map(|_| ()),
+                }
+                .map_err(io)?;
+            }
+            txn.commit().map_err(io)
+        };
+        let result = put(Some(vec![0xa5u8; bytes].as_slice())).and_then(|()| put(None));
         if result.is_err() {
             self.broken.store(true, std::sync::atomic::Ordering::Release);
         }

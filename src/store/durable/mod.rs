@@ -514,6 +514,10 @@ impl Store for DurableStore {
         self.outage.reason()
     }
 
+    fn commits_fail(&self) -> Option<String> {
+        self.outage.failing()
+    }
+
     fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
         let bytes = json(&attempt)?;
         let key = {
@@ -1226,6 +1230,8 @@ mod tests {
     struct Flaky {
         inner: Redb,
         down: std::sync::atomic::AtomicBool,
+        /// The size of each probe the commit thread made.
+        probes: Mutex<Vec<usize>>,
     }
 
     impl Engine for Flaky {
@@ -1234,6 +1240,13 @@ mod tests {
                 return Err(StoreError::Unavailable("connection refused".into()));
             }
             self.inner.commit(ops)
+        }
+        fn probe(&self, bytes: usize) -> Result<(), StoreError> {
+            self.probes.lock().push(bytes);
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            self.inner.probe(bytes)
         }
         fn load(&self) -> Result<engine::Loaded, StoreError> {
             self.inner.load()
@@ -1288,6 +1301,7 @@ mod tests {
         let engine = Arc::new(Flaky {
             inner: Redb::new(db, None),
             down: std::sync::atomic::AtomicBool::new(false),
+            probes: Mutex::default(),
         });
         let s = DurableStore::on(engine.clone()).expect("store");
         let one = |id: &str| Ingest {
@@ -1352,6 +1366,47 @@ mod tests {
         })
         .expect("ingest after the outage");
         assert!(!again[0].duplicate, "the refused event's producer id was released");
+    }
+
+    /// On a full volume an empty commit succeeds (redb writes only its header), so the
+    /// store would look back while every event still fails: the probe writes as much as
+    /// the commit that failed. (A full volume is also gated on its free space: see
+    /// `committer::Full` and the integration test that fills a tmpfs.)
+    #[test]
+    fn while_down_the_probe_writes_as_much_as_the_failed_commit() {
+        let db = Database::builder()
+            .create_with_backend(InMemoryBackend::new())
+            .expect("in memory");
+        create_tables(&db).expect("tables");
+        let engine = Arc::new(Flaky {
+            inner: Redb::new(db, None),
+            down: std::sync::atomic::AtomicBool::new(true),
+            probes: Mutex::default(),
+        });
+        let s = DurableStore::on(engine.clone()).expect("store");
+        let mut event = conformance::event("evt_big", Some("evt_big"));
+        event.subject = Some("x".repeat(300 << 10));
+        let refused = s.ingest(vec![Ingest {
+            event,
+            deliveries: vec![conformance::pending("evt_big", None, 0)],
+        }]);
+        assert!(refused.is_err(), "the database is down");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while engine.probes.lock().is_empty() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let probes = engine.probes.lock().clone();
+        assert!(
+            probes.first().is_some_and(|&n| n >= 300 << 10),
+            "the probe is at least the failed commit's size: {probes:?}"
+        );
+        assert!(s.unavailable().is_some(), "still down while probes fail");
+        engine.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while s.unavailable().is_some() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(s.unavailable(), None, "a probe that goes through ends the outage");
     }
 
     #[test]

@@ -1002,6 +1002,10 @@ impl Store for PagedStore {
         self.outage.reason()
     }
 
+    fn commits_fail(&self) -> Option<String> {
+        self.outage.failing()
+    }
+
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
         {
             let mut state = self.state.lock();
