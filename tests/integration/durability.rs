@@ -542,6 +542,14 @@ async fn a_full_volume_refuses_new_events_and_delivers_every_acknowledged_one_on
     )
     .await;
     assert!(
+        dir.join("store/space-reserve").exists(),
+        "the space reserve released while full is held again"
+    );
+    assert!(
+        operator.log().contains("released its space reserve"),
+        "the reserve was given to the deliveries while full"
+    );
+    assert!(
         operator.log().contains("store file opened again"),
         "the store reopened its file by itself"
     );

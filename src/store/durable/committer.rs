@@ -237,6 +237,9 @@ pub(crate) fn commit_loop(
     // whether the store is back (an empty commit succeeds on a volume that is still full).
     let mut probe_bytes = PROBE_MIN_BYTES;
     let mut full: Option<Full> = None;
+    if let Err(err) = engine.restore_reserve() {
+        tracing::warn!(%err, "the store's volume has no room for its space reserve: a full volume may stop deliveries too");
+    }
     loop {
         let mut jobs = std::mem::take(&mut owed);
         let failing = outage.failing().is_some();
@@ -277,34 +280,43 @@ pub(crate) fn commit_loop(
             }
         }
         // A full volume: new events wait until it has room (and a write of the size that
-        // failed goes through), writes memory shows go on.
+        // failed goes through); writes memory shows go on.
         if let Some(f) = &full
             && !failing
         {
-            let room = f.room(engine.volume()).and_then(|()| {
-                engine.probe(probe_bytes).map_err(|e| {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    e.to_string()
-                })
-            });
-            match room {
+            // Err((why, whether a probe failed)).
+            let verdict = match f.room(engine.volume()) {
+                Err(why) => Err((why, false)),
+                // The reserve first: new events only once deliveries have room again.
+                Ok(()) => engine
+                    .restore_reserve()
+                    .and_then(|()| engine.probe(probe_bytes))
+                    .map_err(|e| {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        (e.to_string(), true)
+                    }),
+            };
+            match verdict {
                 Ok(()) => {
                     full = None;
                     probe_bytes = PROBE_MIN_BYTES;
                     *outage.full.lock() = None;
                     tracing::info!("the store's volume has room again: new events are taken");
                 }
-                Err(why) => {
-                    if f.since.elapsed() >= FULL_RETRY {
-                        // Tried and still full: wait again.
+                Err((why, probed)) => {
+                    if probed {
+                        // Room was expected and the probe failed: wait for more from here.
                         full = Some(Full::new(engine, probe_bytes));
                     }
                     *outage.full.lock() = Some(why.clone());
+                    // New events are refused; writes memory shows and barriers (a flush:
+                    // no writes of its own) go on.
                     jobs.retain_mut(|job| {
-                        if !job.kept {
+                        let refused = !job.kept && !job.ops.is_empty();
+                        if refused {
                             std::mem::replace(&mut job.done, Reply::None).send(Err(why.clone()));
                         }
-                        job.kept
+                        !refused
                     });
                 }
             }
@@ -347,6 +359,9 @@ pub(crate) fn commit_loop(
                 // Twice: a B-tree write takes more pages than its payload.
                 probe_bytes = probe_bytes.max(weight.saturating_mul(2).min(PROBE_MAX_BYTES));
                 if crate::store::out_of_space(&err) && full.is_none() {
+                    // Room for deliveries to finish; new events wait (the volume's free
+                    // space now counts the reserve, so `Full` asks for more than that).
+                    engine.release_reserve();
                     full = Some(Full::new(engine, probe_bytes));
                     *outage.full.lock() = Some(err.clone());
                 }

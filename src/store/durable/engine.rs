@@ -69,6 +69,17 @@ pub trait Engine: Send + Sync + 'static {
     fn volume(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Gives back the space held in reserve on the volume (true if there was some): when a
+    /// write fails for want of space, deliveries still need room to record that they are
+    /// done — redb writes every change to new pages before it frees the old ones.
+    fn release_reserve(&self) -> bool {
+        false
+    }
+    /// Holds the reserve again (at start, and before new events are taken after the volume
+    /// was full); fails while there is no room for it.
+    fn restore_reserve(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Mailbox index entries whose key starts with `prefix` (which ends in a NUL, see
     /// `store::index_key`): (key, unix seconds indexed, body), in key order.
     fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError>;
@@ -107,7 +118,17 @@ pub struct Redb {
     broken: std::sync::atomic::AtomicBool,
 }
 
+/// The space reserve on the store's volume: 1/128 of it, 1 to 16 MiB (a commit of a few
+/// thousand finished deliveries needs a few MiB of new pages).
+const RESERVE_MIN: u64 = 1 << 20;
+const RESERVE_MAX: u64 = 16 << 20;
+
 impl Redb {
+    /// The file holding the space reserve, beside the store file.
+    fn reserve_path(&self) -> Option<std::path::PathBuf> {
+        Some(self.path.as_ref()?.with_file_name("space-reserve"))
+    }
+
     pub fn new(db: Database, path: Option<std::path::PathBuf>) -> Redb {
         Redb {
             db: parking_lot::RwLock::new(Some(db)),
@@ -623,6 +644,47 @@ impl Engine for Redb {
         let stat = rustix::fs::statvfs(self.path.as_ref()?).ok()?;
         let block = stat.f_frsize;
         Some((stat.f_blocks.saturating_mul(block), stat.f_bavail.saturating_mul(block)))
+    }
+
+    fn release_reserve(&self) -> bool {
+        let Some(path) = self.reserve_path() else {
+            return false;
+        };
+        let released = std::fs::remove_file(&path).is_ok();
+        if released {
+            tracing::warn!(path = %path.display(), "the store's volume is full: released its space reserve so that deliveries can finish");
+        }
+        released
+    }
+
+    fn restore_reserve(&self) -> Result<(), StoreError> {
+        use std::io::Write;
+        let (Some(path), Some((size, _))) = (self.reserve_path(), self.volume()) else {
+            return Ok(());
+        };
+        let want = (size / 128).clamp(RESERVE_MIN, RESERVE_MAX);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == want) {
+            return Ok(());
+        }
+        // Written out, not a sparse set_len: the blocks must be taken now.
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&path)?;
+            let chunk = vec![0u8; 64 << 10];
+            let mut left = want;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                file.write_all(chunk.get(..n).unwrap_or_default())?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&path);
+            StoreError::Io(format!(
+                "cannot hold the space reserve {} ({want} bytes): {e}",
+                path.display()
+            ))
+        })
     }
 
     fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError> {
