@@ -565,7 +565,10 @@ impl Store for PagedStore {
         let mut page = self.page(subscription);
         let mut state = self.state.lock();
         let State { windows, incoming, .. } = &mut *state;
+        let size = window::size_for(windows.len() + usize::from(!windows.contains_key(subscription)));
         let window = windows.entry(subscription.to_string()).or_default();
+        // Never less than one take needs (a batch over the concurrency).
+        window.resize(size.max(max.min(window::WINDOW)));
         window.take_due(&mut page, committed, incoming, now, max, ordered)
     }
 

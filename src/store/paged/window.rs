@@ -15,12 +15,24 @@ use crate::store::PendingDelivery;
 pub type Key = (u64, u64);
 
 /// Deliveries memory keeps per queue before it stops reading ahead; the window is topped up
-/// when it falls to half of this.
+/// when it falls to half of this. With many queues each keeps less (`size_for`).
 pub const WINDOW: usize = 256;
 
-/// How far an ordered window may grow past `WINDOW` while every delivery in it waits on a
-/// busy key (the keys ahead of the blocked ones must be found).
-const ORDERED_REACH: usize = 8 * WINDOW;
+/// Deliveries every window together reads ahead: 1,000 subscriptions with a backlog hold
+/// 32 each, not 256 (which took ~200 MiB).
+pub const WINDOW_BUDGET: usize = 32_768;
+
+/// Fewest a window reads ahead, however many queues there are.
+pub const WINDOW_MIN: usize = 16;
+
+/// How far an ordered window may grow past its size (times it) while every delivery in it
+/// waits on a busy key (the keys ahead of the blocked ones must be found).
+const ORDERED_REACH: usize = 8;
+
+/// A window's size when `queues` windows share the budget.
+pub fn size_for(queues: usize) -> usize {
+    (WINDOW_BUDGET / queues.max(1)).clamp(WINDOW_MIN, WINDOW)
+}
 
 /// Reads up to `limit` queued deliveries after `after` in the window's order: each row's
 /// key and the delivery (None for a row that cannot be read: skipped, but counted, so a
@@ -73,9 +85,21 @@ pub struct Window {
     unsettled: HashMap<u64, (u64, Unsettled)>,
     /// Rows read from the disk, since start.
     pub rows_read: u64,
+    /// How many deliveries it reads ahead (0: `WINDOW`).
+    size: usize,
 }
 
 impl Window {
+    /// Sets how many deliveries it reads ahead (see `size_for`); a smaller window trims.
+    pub fn resize(&mut self, size: usize) {
+        self.size = size;
+        self.trim();
+    }
+
+    fn size(&self) -> usize {
+        if self.size == 0 { WINDOW } else { self.size }
+    }
+
     /// Whether `key` falls where memory holds every waiting delivery.
     fn covers(&self, key: Key) -> bool {
         self.exhausted || self.cursor.is_some_and(|c| key <= c)
@@ -100,7 +124,7 @@ impl Window {
     /// Keeps the window bounded: beyond twice its size, the latest deliveries leave memory
     /// (the disk has them; an uncommitted one is kept aside until it is committed).
     fn trim(&mut self) {
-        while self.waiting.len() > 2 * WINDOW {
+        while self.waiting.len() > 2 * self.size() {
             let Some((key, q)) = self.waiting.pop_last() else { break };
             self.exhausted = false;
             self.cursor = self.waiting.last_key_value().map(|(k, _)| *k).or(Some((0, 0)));
@@ -220,10 +244,12 @@ impl Window {
     ) -> Result<Vec<PendingDelivery>, crate::store::StoreError> {
         self.reorder(ordered);
         self.settle(committed);
-        if self.waiting.len() < WINDOW / 2 || (self.cursor.is_none() && !self.exhausted) {
-            self.fill(page, committed, incoming, WINDOW)?;
+        let size = self.size();
+        let furthest = ORDERED_REACH * size;
+        if self.waiting.len() < size / 2 || (self.cursor.is_none() && !self.exhausted) {
+            self.fill(page, committed, incoming, size)?;
         }
-        let mut reach = WINDOW;
+        let mut reach = size;
         loop {
             let picked = self.pick(now, max);
             let short = picked.len() < max;
@@ -237,10 +263,10 @@ impl Window {
             // Ordered, every delivery in memory may wait on a busy key while later keys
             // are due: read further, within bounds.
             // Bounded: past ORDERED_REACH, keys behind a busy one wait for it.
-            if !taken.is_empty() || !short || !self.ordered || self.exhausted || self.waiting.len() >= ORDERED_REACH {
+            if !taken.is_empty() || !short || !self.ordered || self.exhausted || self.waiting.len() >= furthest {
                 return Ok(taken);
             }
-            reach = (reach * 2).min(ORDERED_REACH);
+            reach = (reach * 2).min(furthest);
             let before = self.waiting.len();
             self.fill(page, committed, incoming, reach.max(before + 1))?;
             if self.waiting.len() == before {
@@ -361,6 +387,14 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_queues_share_one_read_ahead_budget() {
+        assert_eq!(size_for(1), WINDOW);
+        assert_eq!(size_for(128), WINDOW);
+        assert_eq!(size_for(1_000), 32);
+        assert_eq!(size_for(100_000), WINDOW_MIN);
+    }
 
     fn at(s: i64) -> jiff::Timestamp {
         jiff::Timestamp::from_second(s).expect("time")
@@ -596,7 +630,7 @@ mod tests {
                     .is_empty()
             );
         }
-        assert!(w.held() <= ORDERED_REACH + WINDOW, "held {}", w.held());
+        assert!(w.held() <= ORDERED_REACH * WINDOW + WINDOW, "held {}", w.held());
     }
 
     #[test]
