@@ -1234,6 +1234,21 @@ mod tests {
         probes: Mutex<Vec<usize>>,
     }
 
+    impl Flaky {
+        /// On redb in memory, down from the start or not.
+        fn new(down: bool) -> Arc<Flaky> {
+            let db = Database::builder()
+                .create_with_backend(InMemoryBackend::new())
+                .expect("in memory");
+            create_tables(&db).expect("tables");
+            Arc::new(Flaky {
+                inner: Redb::new(db, None),
+                down: std::sync::atomic::AtomicBool::new(down),
+                probes: Mutex::default(),
+            })
+        }
+    }
+
     impl Engine for Flaky {
         fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1294,15 +1309,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outage_refuses_new_events_keeps_what_memory_shows_and_commits_it_after() {
-        let db = Database::builder()
-            .create_with_backend(InMemoryBackend::new())
-            .expect("in memory");
-        create_tables(&db).expect("tables");
-        let engine = Arc::new(Flaky {
-            inner: Redb::new(db, None),
-            down: std::sync::atomic::AtomicBool::new(false),
-            probes: Mutex::default(),
-        });
+        let engine = Flaky::new(false);
         let s = DurableStore::on(engine.clone()).expect("store");
         let one = |id: &str| Ingest {
             event: conformance::event(id, Some(id)),
@@ -1374,15 +1381,7 @@ mod tests {
     /// `committer::Full` and the integration test that fills a tmpfs.)
     #[test]
     fn while_down_the_probe_writes_as_much_as_the_failed_commit() {
-        let db = Database::builder()
-            .create_with_backend(InMemoryBackend::new())
-            .expect("in memory");
-        create_tables(&db).expect("tables");
-        let engine = Arc::new(Flaky {
-            inner: Redb::new(db, None),
-            down: std::sync::atomic::AtomicBool::new(true),
-            probes: Mutex::default(),
-        });
+        let engine = Flaky::new(true);
         let s = DurableStore::on(engine.clone()).expect("store");
         let mut event = conformance::event("evt_big", Some("evt_big"));
         event.subject = Some("x".repeat(300 << 10));
