@@ -119,7 +119,7 @@ impl Ownership {
                 // completion would not be durable): it steps aside so that replicas that can
                 // commit take them, and joins again once it commits.
                 let failing = claims_failing.lock().clone();
-                match self.store.unavailable().or(failing.as_ref().map(|f| f.1.clone())) {
+                match self.store.commits_fail().or(failing.as_ref().map(|f| f.1.clone())) {
                     None => down_since = None,
                     Some(why) => {
                         let since = *down_since.get_or_insert(failing.map_or_else(Instant::now, |f| f.0));
@@ -157,7 +157,7 @@ impl Ownership {
             }
             drop(session);
             // Join again only once the store commits.
-            while self.store.unavailable().is_some() {
+            while self.store.commits_fail().is_some() {
                 tokio::select! {
                     () = stop.cancelled() => {
                         arrivals.abort();

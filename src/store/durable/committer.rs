@@ -80,6 +80,22 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether it stores something new (an event, a raw message, an index entry): what a
+    /// full volume refuses, while deletes and the writes of deliveries go on.
+    fn adds_data(&self) -> bool {
+        matches!(
+            self,
+            Op::PutEvent(..)
+                | Op::PutCountedEvent(..)
+                | Op::Ingest(_)
+                | Op::PutRaw(..)
+                | Op::PutIndex(..)
+                | Op::PutClaimed(..)
+                | Op::PutProducer(..)
+                | Op::PutAgedProducer(..)
+        )
+    }
+
     /// About how many bytes it writes: what a probe must be able to write before the store
     /// counts as back after a failed commit.
     fn weight(&self) -> usize {
@@ -168,8 +184,9 @@ impl Outage {
 }
 
 /// How long new events stay refused after a commit failed for want of space when the
-/// volume has not grown meanwhile: then a probe tries again, so that space deliveries freed
-/// inside the store file is used. (Each failed write costs a reopen of the file.)
+/// volume has not grown meanwhile: then the reserve is taken again and a probe tries, so
+/// space freed on the volume by other means is noticed. (Each failed write costs a reopen
+/// of the file.)
 const FULL_RETRY: Duration = Duration::from_secs(30);
 
 /// A commit failed for want of space. Writes into pages the file already holds may still
@@ -305,14 +322,16 @@ pub(crate) fn commit_loop(
                 }
                 Err((why, probed)) => {
                     if probed {
-                        // Room was expected and the probe failed: wait for more from here.
+                        // Room was expected and the probe failed: the reserve goes back to
+                        // the deliveries, and the wait for room starts again from here.
+                        engine.release_reserve();
                         full = Some(Full::new(engine, probe_bytes));
                     }
                     *outage.full.lock() = Some(why.clone());
-                    // New events are refused; writes memory shows and barriers (a flush:
-                    // no writes of its own) go on.
+                    // New events are refused; writes memory shows, purges (they free
+                    // space) and barriers (a flush: no writes of its own) go on.
                     jobs.retain_mut(|job| {
-                        let refused = !job.kept && !job.ops.is_empty();
+                        let refused = !job.kept && job.ops.iter().any(Op::adds_data);
                         if refused {
                             std::mem::replace(&mut job.done, Reply::None).send(Err(why.clone()));
                         }
@@ -323,7 +342,9 @@ pub(crate) fn commit_loop(
         }
         let ops: Vec<&Op> = jobs.iter().flat_map(|j| &j.ops).collect();
         let result = if ops.is_empty() && failing {
-            engine.probe(probe_bytes)
+            // While the volume is full, only whether writes memory shows go through: the
+            // size new events need is the full check's.
+            engine.probe(if full.is_some() { PROBE_MIN_BYTES } else { probe_bytes })
         } else if jobs.is_empty() {
             // Woken to look at a full volume, with nothing to write.
             if closed {
@@ -358,12 +379,14 @@ pub(crate) fn commit_loop(
                 let weight: usize = ops.iter().map(|op| op.weight()).sum();
                 // Twice: a B-tree write takes more pages than its payload.
                 probe_bytes = probe_bytes.max(weight.saturating_mul(2).min(PROBE_MAX_BYTES));
-                if crate::store::out_of_space(&err) && full.is_none() {
+                if crate::store::out_of_space(&err) {
                     // Room for deliveries to finish; new events wait (the volume's free
                     // space now counts the reserve, so `Full` asks for more than that).
                     engine.release_reserve();
-                    full = Some(Full::new(engine, probe_bytes));
-                    *outage.full.lock() = Some(err.clone());
+                    if full.is_none() {
+                        full = Some(Full::new(engine, probe_bytes));
+                        *outage.full.lock() = Some(err.clone());
+                    }
                 }
                 let first = outage.failing.lock().replace(err.clone()).is_none();
                 if first {

@@ -25,9 +25,9 @@ pub const WINDOW_BUDGET: usize = 32_768;
 /// Fewest a window reads ahead, however many queues there are.
 pub const WINDOW_MIN: usize = 16;
 
-/// How far an ordered window may grow past its size (times it) while every delivery in it
-/// waits on a busy key (the keys ahead of the blocked ones must be found).
-const ORDERED_REACH: usize = 8;
+/// How far an ordered window may grow while every delivery in it waits on a busy key (the
+/// keys ahead of the blocked ones must be found), whatever its size.
+const ORDERED_REACH: usize = 8 * WINDOW;
 
 /// A window's size when `queues` windows share the budget.
 pub fn size_for(queues: usize) -> usize {
@@ -90,10 +90,10 @@ pub struct Window {
 }
 
 impl Window {
-    /// Sets how many deliveries it reads ahead (see `size_for`); a smaller window trims.
+    /// Sets how many deliveries it reads ahead (see `size_for`). What it holds already stays
+    /// (trimming here would read an ordered window's reach again at every take).
     pub fn resize(&mut self, size: usize) {
         self.size = size;
-        self.trim();
     }
 
     fn size(&self) -> usize {
@@ -245,7 +245,7 @@ impl Window {
         self.reorder(ordered);
         self.settle(committed);
         let size = self.size();
-        let furthest = ORDERED_REACH * size;
+        let furthest = ORDERED_REACH.max(size);
         if self.waiting.len() < size / 2 || (self.cursor.is_none() && !self.exhausted) {
             self.fill(page, committed, incoming, size)?;
         }
@@ -630,7 +630,7 @@ mod tests {
                     .is_empty()
             );
         }
-        assert!(w.held() <= ORDERED_REACH * WINDOW + WINDOW, "held {}", w.held());
+        assert!(w.held() <= ORDERED_REACH + WINDOW, "held {}", w.held());
     }
 
     #[test]
