@@ -43,8 +43,7 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether a commit of about `bytes` would go through now: what the commit thread asks,
     /// with nothing else to write, while commits fail. An empty commit is not enough where
     /// it needs no new space (redb on a full volume writes nothing and succeeds).
-    fn probe(&self, bytes: usize) -> Result<(), StoreError> {
-        let _ = bytes;
+    fn probe(&self, _bytes: usize) -> Result<(), StoreError> {
         self.commit(&[])
     }
     fn load(&self) -> Result<Loaded, StoreError>;
