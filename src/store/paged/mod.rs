@@ -1047,6 +1047,18 @@ impl Store for PagedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Events `e{i}` for each i, each with one delivery to `sub`.
+    pub(super) fn one_delivery_each(ids: std::ops::Range<u64>) -> Vec<Ingest> {
+        ids.map(|i| {
+            let id = format!("e{i}");
+            Ingest {
+                event: conformance::event(&id, Some(&id)),
+                deliveries: vec![conformance::pending(&id, None, 0)],
+            }
+        })
+        .collect()
+    }
     use crate::store::conformance;
 
     #[test]
@@ -1073,15 +1085,7 @@ mod tests {
         let n = 20_000u64;
         {
             let s = PagedStore::open(&dir).expect("open");
-            let items: Vec<Ingest> = (0..n)
-                .map(|i| {
-                    let id = format!("e{i}");
-                    Ingest {
-                        event: conformance::event(&id, Some(&id)),
-                        deliveries: vec![conformance::pending(&id, None, 0)],
-                    }
-                })
-                .collect();
+            let items = one_delivery_each(0..n);
             for chunk in items.chunks(1_000) {
                 s.ingest(chunk.to_vec()).expect("ingest");
             }
@@ -1306,7 +1310,6 @@ mod tests {
 #[cfg(test)]
 mod open_cost {
     use super::*;
-    use crate::store::conformance;
 
     #[test]
     #[ignore]
@@ -1318,16 +1321,8 @@ mod open_cost {
         if let Ok(dir) = std::env::var("OPEN_COST_CHILD") {
             let s = PagedStore::open(std::path::Path::new(&dir)).expect("open");
             for start in (0..n).step_by(2_000) {
-                let items: Vec<Ingest> = (start..(start + 2_000).min(n))
-                    .map(|i| {
-                        let id = format!("e{i}");
-                        Ingest {
-                            event: conformance::event(&id, Some(&id)),
-                            deliveries: vec![conformance::pending(&id, None, 0)],
-                        }
-                    })
-                    .collect();
-                s.ingest(items).expect("ingest");
+                s.ingest(super::tests::one_delivery_each(start..(start + 2_000).min(n)))
+                    .expect("ingest");
             }
             s.flush().expect("flush");
             // As a SIGKILL leaves it: no clean close.
