@@ -161,6 +161,19 @@ impl Redb {
         Ok(())
     }
 
+    /// Runs a write transaction, reopening the file first when the last write failed (and
+    /// marking it so when this one fails).
+    fn writing(&self, write: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let result = write();
+        if result.is_err() {
+            self.broken.store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
+    }
+
     fn write(&self, ops: &[&Op]) -> Result<(), StoreError> {
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(io)?;
@@ -467,14 +480,7 @@ const PROBE_KEY: &str = "probe";
 
 impl Engine for Redb {
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
-        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
-            self.reopen()?;
-        }
-        let result = self.write(ops);
-        if result.is_err() {
-            self.broken.store(true, std::sync::atomic::Ordering::Release);
-        }
-        result
+        self.writing(|| self.write(ops))
     }
 
     /// Commits `bytes`, then deletes them in a second commit: redb takes the pages (growing
@@ -482,9 +488,6 @@ impl Engine for Redb {
     /// rather than on the next event. (Written and deleted in one transaction, the pages
     /// would never reach the file.)
     fn probe(&self, bytes: usize) -> Result<(), StoreError> {
-        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
-            self.reopen()?;
-        }
         let put = |value: Option<&[u8]>| -> Result<(), StoreError> {
             let db = self.db()?;
             let mut txn = db.begin_write().map_err(io)?;
@@ -499,11 +502,7 @@ impl Engine for Redb {
             }
             txn.commit().map_err(io)
         };
-        let result = put(Some(vec![0xa5u8; bytes].as_slice())).and_then(|()| put(None));
-        if result.is_err() {
-            self.broken.store(true, std::sync::atomic::Ordering::Release);
-        }
-        result
+        self.writing(|| put(Some(vec![0xa5u8; bytes].as_slice())).and_then(|()| put(None)))
     }
 
     fn load(&self) -> Result<Loaded, StoreError> {
