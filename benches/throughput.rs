@@ -109,7 +109,10 @@ async fn rig(subscriptions: usize) -> Rig {
     let lifecycle = mailhook::lifecycle::Lifecycle::new();
     let router = Arc::new(EventRouter::default());
     let deliveries = Deliveries::start(
-        4,
+        mailhook::delivery::Capacity {
+            shards: 4,
+            max_in_flight: 512,
+        },
         store.clone() as Arc<dyn Store>,
         metrics.clone(),
         Default::default(),

@@ -15,7 +15,7 @@ use crate::cli::RunConfig;
 use crate::controller;
 use crate::delivery::client::Clients;
 use crate::delivery::egress::EgressPolicy;
-use crate::delivery::{Deliveries, Housekeeping};
+use crate::delivery::{Capacity, Deliveries, Housekeeping};
 use crate::handles::{self, Directory, Leadership, MatchCounters, Readiness, ReadinessPart};
 use crate::history::History;
 use crate::lifecycle::{Lifecycle, Stage};
@@ -77,7 +77,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let router = Arc::new(Router::default());
     let deliveries = Deliveries::start(
-        config.delivery.shards,
+        Capacity {
+            shards: config.delivery.shards,
+            max_in_flight: config.delivery.max_deliveries_in_flight as usize,
+        },
         store.clone(),
         metrics.clone(),
         housekeeping,

@@ -496,6 +496,13 @@ pub struct DeliveryArgs {
     #[arg(long, env = "MAILHOOK_SHARDS", default_value_t = 4)]
     pub shards: usize,
 
+    /// The most delivery requests in flight at once over every subscription (a batch is
+    /// one). Each holds its events, its body and a connection: this bounds what many
+    /// subscriptions draining together cost in memory. Subscriptions waiting for a slot
+    /// take turns; each still has its own `delivery.concurrency`.
+    #[arg(long, env = "MAILHOOK_MAX_DELIVERIES_IN_FLIGHT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_deliveries_in_flight: u32,
+
     /// Names this operator in the `source` of the CloudEvents it sends
     /// (`/mailhook/<instance>/<journal source>`); the chart sets `<namespace>/<release>`.
     #[arg(long, env = "MAILHOOK_INSTANCE", default_value = "mailhook")]

@@ -2,6 +2,7 @@ use clap::Parser;
 
 // The data path allocates per delivery on many threads; glibc malloc cost ~18% of the
 // benchmark's CPU (BENCHMARKS.md).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use mailhook::cli::{Cli, Command};

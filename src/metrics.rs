@@ -63,6 +63,9 @@ pub struct Metrics {
     pub fenced_writes: prometheus::IntCounter,
     /// Dead-lettered events copied to the subscription's dead-letter sink, by outcome.
     pub dead_letter_forwards: IntCounterVec,
+    /// Delivery requests in flight over every subscription, and the process-wide cap on them.
+    pub requests_in_flight: prometheus::IntGauge,
+    pub requests_in_flight_limit: prometheus::IntGauge,
 }
 
 const SUBSCRIPTION: &[&str] = &["namespace", "subscription"];
@@ -297,8 +300,18 @@ impl Metrics {
                 ),
                 &["namespace", "subscription", "outcome"],
             )?,
+            requests_in_flight: prometheus::IntGauge::new(
+                "mailhook_delivery_requests_in_flight",
+                "Delivery requests in flight over every subscription (a batch is one request).",
+            )?,
+            requests_in_flight_limit: prometheus::IntGauge::new(
+                "mailhook_delivery_requests_in_flight_limit",
+                "The most delivery requests in flight at once over every subscription (--max-deliveries-in-flight); while the first metric is at it, subscriptions take turns for free slots.",
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.requests_in_flight.clone()))?;
+        m.registry.register(Box::new(m.requests_in_flight_limit.clone()))?;
         m.registry.register(Box::new(m.shard_owned.clone()))?;
         m.registry.register(Box::new(m.shard_handovers.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;

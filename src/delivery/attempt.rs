@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
 use super::health::Failure;
@@ -491,7 +490,7 @@ pub(super) async fn deliver(
     shard: Arc<Shard>,
     sub: Arc<Subscription>,
     batch: Vec<PendingDelivery>,
-    _permit: OwnedSemaphorePermit,
+    _slot: super::shard::Slot,
 ) {
     let config = &sub.config;
     let store = &deliveries.store;

@@ -105,6 +105,13 @@ pub struct BatchSettings {
     pub max_wait: Duration,
 }
 
+/// How much delivers at once: shard workers, and requests in flight over all of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub shards: usize,
+    pub max_in_flight: usize,
+}
+
 /// A dead-letter sink, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sink {
@@ -135,6 +142,10 @@ pub struct Deliveries {
     /// The routing table, whose MailboxGrants every delivery is checked against again
     /// when it is sent: a grant revoked after routing stops what was queued under it.
     router: Arc<crate::route::Router>,
+    /// Process-wide request slots (`--max-deliveries-in-flight`): what many subscriptions
+    /// draining at once hold in memory is bounded by this, not by their number. Waiting
+    /// shards are served in turn (tokio's semaphore is fair).
+    in_flight: Arc<Semaphore>,
 }
 
 /// Why a raw message link no longer opens.
@@ -155,10 +166,10 @@ fn next_handshake() -> u64 {
 pub use crate::store::shard_of;
 
 impl Deliveries {
-    /// Starts `shards` shard workers (delivery stage: on shutdown they take no new work,
+    /// Starts `capacity.shards` shard workers (delivery stage: on shutdown they take no new work,
     /// and the attempts in flight finish) and the housekeeping loop (storage stage).
     pub fn start(
-        shards: usize,
+        capacity: Capacity,
         store: Arc<dyn Store>,
         metrics: Metrics,
         housekeeping: Housekeeping,
@@ -167,7 +178,7 @@ impl Deliveries {
         router: Arc<crate::route::Router>,
     ) -> Arc<Deliveries> {
         let deliveries = Arc::new(Deliveries {
-            shards: (0..shards.max(1))
+            shards: (0..capacity.shards.max(1))
                 .map(|index| {
                     Arc::new(Shard {
                         index,
@@ -185,7 +196,12 @@ impl Deliveries {
             health_changed: Arc::default(),
             handshakes: Mutex::default(),
             lifecycle: lifecycle.clone(),
+            in_flight: Arc::new(Semaphore::new(capacity.max_in_flight.max(1))),
         });
+        deliveries
+            .metrics
+            .requests_in_flight_limit
+            .set(capacity.max_in_flight.max(1) as i64);
         for (i, shard) in deliveries.shards.iter().enumerate() {
             let stop = lifecycle.token(Stage::Delivery);
             lifecycle.spawn(

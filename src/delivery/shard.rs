@@ -1,14 +1,16 @@
 //! A shard: the subscriptions that hash to it and the loop that takes their due
-//! deliveries and spawns one `attempt::deliver` per free slot. Depends on the registry
+//! deliveries and spawns one `attempt::deliver` per free slot — a slot of the subscription
+//! (`delivery.concurrency`) and one of the process (`--max-deliveries-in-flight`, shared by
+//! every shard, handed out in turn while they run short). Depends on the registry
 //! (`super::Deliveries`, the store behind it) and `attempt`; owns no policy of its own.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use governor::DefaultDirectRateLimiter;
 use parking_lot::Mutex;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -28,10 +30,65 @@ pub(super) struct Subscription {
     pub(super) health: Arc<Health>,
 }
 
+/// A request's place: one of its subscription's slots and one of the process's, given
+/// back (and uncounted) when the attempt ends, however it ends.
+pub(super) struct Slot {
+    _subscription: OwnedSemaphorePermit,
+    _process: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl Slot {
+    fn new(subscription: OwnedSemaphorePermit, process: OwnedSemaphorePermit, gauge: &prometheus::IntGauge) -> Slot {
+        gauge.inc();
+        Slot {
+            _subscription: subscription,
+            _process: process,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Process-wide slots for up to `need` requests: `reserved` (one the shard waited for)
+/// first, then what is free now, without waiting.
+fn process_slots(
+    slots: &Arc<Semaphore>,
+    reserved: &mut Option<OwnedSemaphorePermit>,
+    need: usize,
+) -> Vec<OwnedSemaphorePermit> {
+    let mut got: Vec<OwnedSemaphorePermit> = reserved.take().into_iter().collect();
+    while got.len() < need {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            break;
+        };
+        got.push(permit);
+    }
+    got
+}
+
+/// The order in which a round visits the shard's subscriptions (`subs` sorted by UID):
+/// from `first` on, wrapping around, so that when process-wide slots run out the one left
+/// waiting goes first next time — not, every round, the same ones. `first` may be gone
+/// since: its successor starts. Pure.
+fn in_turn<T>(mut subs: Vec<(String, T)>, first: Option<&str>) -> Vec<(String, T)> {
+    if let Some(first) = first {
+        let at = subs.partition_point(|(uid, _)| uid.as_str() < first);
+        subs.rotate_left(at);
+    }
+    subs
+}
+
 #[derive(Default)]
 pub(super) struct Shard {
     pub(super) index: usize,
-    pub(super) subscriptions: Mutex<HashMap<String, Arc<Subscription>>>,
+    /// By UID: sorted, so a round can start where the last one stopped.
+    pub(super) subscriptions: Mutex<BTreeMap<String, Arc<Subscription>>>,
     pub(super) wake: Notify,
 }
 
@@ -60,6 +117,10 @@ fn probe_slots(
 /// Takes due deliveries until `stop`; then takes none, and the attempts already started
 /// finish (the lifecycle waits for them up to its deadline).
 pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, stop: CancellationToken) {
+    // Where the next round starts when process-wide slots ran out, and the slot this shard
+    // waited its turn for.
+    let mut first: Option<String> = None;
+    let mut reserved: Option<OwnedSemaphorePermit> = None;
     loop {
         if stop.is_cancelled() {
             return;
@@ -84,16 +145,28 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             }
             continue;
         }
-        let subs: Vec<Arc<Subscription>> = shard.subscriptions.lock().values().cloned().collect();
+        let subs: Vec<(String, Arc<Subscription>)> = shard
+            .subscriptions
+            .lock()
+            .iter()
+            .map(|(uid, sub)| (uid.clone(), sub.clone()))
+            .collect();
+        let subs = in_turn(subs, first.take().as_deref());
         let now = jiff::Timestamp::now();
         let mut wake_at = now + Duration::from_secs(1);
-        for sub in subs {
+        // Set when a subscription with due work found no process-wide slot: the shard then
+        // waits for one, in turn with the other shards.
+        let mut starved = false;
+        for (at, (_, sub)) in subs.iter().enumerate() {
+            if starved {
+                break;
+            }
             let config = &sub.config;
             if config.paused || sub.health.is_disabled() {
                 continue;
             }
             // Until the endpoint has echoed the challenge (`endpoint.verify`), events queue.
-            if let Err(again) = deliveries.verified(&sub, &shard) {
+            if let Err(again) = deliveries.verified(sub, &shard) {
                 let wait = again.saturating_duration_since(std::time::Instant::now());
                 wake_at = wake_at.min(now + wait);
                 continue;
@@ -135,7 +208,23 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                         break;
                     }
                 }
-                let want = if config.batch.is_some() { per_request } else { free };
+                let need = if config.batch.is_some() { 1 } else { free };
+                let mut process = process_slots(&deliveries.in_flight, &mut reserved, need);
+                if process.len() < need && deliveries.store.next_due(&config.uid).is_some_and(|due| due <= now) {
+                    // Out of process-wide slots with work due: the next round starts here,
+                    // or with the next subscription if this one got some.
+                    starved = true;
+                    let next = if process.is_empty() { at } else { at + 1 };
+                    first = subs.get(next % subs.len().max(1)).map(|(uid, _)| uid.clone());
+                }
+                if process.is_empty() {
+                    break;
+                }
+                let want = if config.batch.is_some() {
+                    per_request
+                } else {
+                    process.len()
+                };
                 let taken = match deliveries.store.take_due(&config.uid, now, want, config.ordered) {
                     Ok(taken) => taken,
                     Err(err) => {
@@ -152,7 +241,8 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     taken.into_iter().map(|d| vec![d]).collect()
                 };
                 for request in requests {
-                    let Ok(permit) = sub.slots.clone().try_acquire_owned() else {
+                    // One process slot per request was taken above (a batch is one request).
+                    let (Some(process), Ok(permit)) = (process.pop(), sub.slots.clone().try_acquire_owned()) else {
                         // Only this loop takes slots, so they cannot run out: should it happen,
                         // what was taken goes back rather than stay in flight.
                         free = 0;
@@ -167,10 +257,16 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     deliveries.lifecycle.spawn_short(
                         Stage::Delivery,
                         "delivery attempt",
-                        deliver(deliveries.clone(), shard.clone(), sub.clone(), request, permit),
+                        deliver(
+                            deliveries.clone(),
+                            shard.clone(),
+                            sub.clone(),
+                            request,
+                            Slot::new(permit, process, &deliveries.metrics.requests_in_flight),
+                        ),
                     );
                 }
-                if config.batch.is_none() {
+                if config.batch.is_none() || starved {
                     break;
                 }
             }
@@ -180,6 +276,17 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 wake_at = wake_at.min(due.max(now + Duration::from_millis(100)));
             }
         }
+        if starved {
+            // A process-wide slot is waited for in turn (first come, first served across
+            // shards) and kept for the next round, which starts where this one stopped.
+            tokio::select! {
+                () = stop.cancelled() => return,
+                permit = deliveries.in_flight.clone().acquire_owned() => reserved = permit.ok(),
+            }
+            continue;
+        }
+        // Not needed after all (its work was gone): back for the other shards.
+        reserved = None;
         let sleep = Duration::try_from(wake_at.duration_since(jiff::Timestamp::now())).unwrap_or(Duration::ZERO);
         tokio::select! {
             () = stop.cancelled() => return,
@@ -192,6 +299,40 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_starts_with_the_subscription_left_waiting() {
+        let subs = |uids: &[&str]| uids.iter().map(|u| (u.to_string(), ())).collect::<Vec<_>>();
+        let order = |v: Vec<(String, ())>| v.into_iter().map(|(u, _)| u).collect::<Vec<_>>();
+        assert_eq!(order(in_turn(subs(&["a", "b", "c"]), None)), ["a", "b", "c"]);
+        assert_eq!(order(in_turn(subs(&["a", "b", "c"]), Some("b"))), ["b", "c", "a"]);
+        assert_eq!(
+            order(in_turn(subs(&["a", "c", "d"]), Some("b"))),
+            ["c", "d", "a"],
+            "b is gone: its successor"
+        );
+        assert_eq!(
+            order(in_turn(subs(&["a", "b"]), Some("z"))),
+            ["a", "b"],
+            "past the end: from the start"
+        );
+        assert!(in_turn(subs(&[]), Some("a")).is_empty());
+    }
+
+    #[test]
+    fn process_slots_take_the_reserved_one_first_and_never_wait() {
+        let slots = Arc::new(Semaphore::new(3));
+        let mut reserved = slots.clone().try_acquire_owned().ok();
+        let got = process_slots(&slots, &mut reserved, 5);
+        assert_eq!(got.len(), 3, "the reserved one and the two free");
+        assert!(reserved.is_none());
+        assert!(
+            process_slots(&slots, &mut reserved, 1).is_empty(),
+            "none free: none, at once"
+        );
+        drop(got);
+        assert_eq!(process_slots(&slots, &mut reserved, 2).len(), 2, "no more than asked");
+    }
 
     #[test]
     fn a_failing_endpoint_gets_one_probe_at_a_time_once_it_is_due() {

@@ -489,3 +489,63 @@ async fn metrics_pass_promtool_and_count_deliveries() {
     .expect("promtool is installed by tests/setup (Debian package prometheus)");
     assert!(ok, "promtool check metrics: {out}{err}");
 }
+
+/// `--max-deliveries-in-flight` bounds requests over every subscription: six
+/// subscriptions (concurrency 4 each) drain into one slow receiver with at most three
+/// requests open at any moment, and they take turns — every one has had a delivery before
+/// any has had five — instead of the first one taking every slot that frees. One shard, so
+/// the turns are exact: between shards, slots go to waiting shards in turn (tokio's fair
+/// semaphore), so a subscription's share also depends on how many others its shard holds.
+#[tokio::test]
+async fn subscriptions_take_turns_for_the_process_wide_request_slots() {
+    let ns = TestNamespace::new("inflight").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    receiver.mode(r#"{"delay": 0.3}"#).await;
+    let operator = Operator::start_with(&ns, &["--max-deliveries-in-flight", "3", "--shards", "1"]).await;
+    let names: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    let mut yaml = signing_secret(SIEM_SECRET);
+    for name in &names {
+        let header = format!(", headers: [{{name: X-Subscription, value: {name}}}]");
+        yaml += &subscription(name, &receiver.url("/slow"), &header, "  delivery: {concurrency: 4}\n");
+    }
+    apply(&ns, &yaml);
+    for name in &names {
+        wait_ready(&ns, name).await;
+    }
+    assert_eq!(operator.metric("mailhook_delivery_requests_in_flight_limit").await, 3.0);
+    let (status, body) = operator.ingest(&(0..8).map(event).collect::<Vec<_>>()).await;
+    assert_eq!(status, 202, "{body}");
+
+    let got = eventually(
+        "8 deliveries for each of the 6 subscriptions",
+        || receiver.deliveries(),
+        |d| d.iter().filter(|r| r.answered == 200).count() >= 48,
+    )
+    .await;
+    let most = got.iter().map(|r| r.in_flight).max().unwrap_or(0);
+    assert!(most <= 3, "at most 3 requests open at once, saw {most}");
+    assert!(most >= 2, "the slots are used in parallel, saw at most {most}");
+    let mut arrived: Vec<&crate::support::Received> = got.iter().filter(|r| r.answered == 200).collect();
+    arrived.sort_by(|a, b| a.arrived.total_cmp(&b.arrived));
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut fifth_before_all_first = None;
+    for (n, r) in arrived.iter().enumerate() {
+        let sub = r.headers.get("x-subscription").map_or("?", String::as_str);
+        let count = counts.entry(sub).or_default();
+        *count += 1;
+        if *count == 5 && counts.len() < names.len() && fifth_before_all_first.is_none() {
+            fifth_before_all_first = Some(format!(
+                "{sub}'s fifth (delivery {n}) came before any for {} others",
+                names.len() - counts.len()
+            ));
+        }
+    }
+    assert_eq!(fifth_before_all_first, None, "taking turns: {counts:?}");
+    assert!(counts.values().all(|c| *c == 8), "8 each: {counts:?}");
+    eventually(
+        "no request in flight once drained",
+        || operator.metric("mailhook_delivery_requests_in_flight"),
+        |v| *v == 0.0,
+    )
+    .await;
+}
