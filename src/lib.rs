@@ -14,6 +14,7 @@ pub mod event;
 pub mod handles;
 pub mod history;
 pub mod lifecycle;
+pub mod memory;
 pub mod metrics;
 pub mod panics;
 pub mod replica;
@@ -45,7 +46,16 @@ mod layout {
     /// Inbound adapters: they may use the core and `handles`, never each other.
     const ADAPTERS: [&str; 4] = ["source", "admin", "history", "controller"];
     /// Modules that use nothing else of the crate.
-    const LEAVES: [&str; 7] = ["handles", "lifecycle", "crypto", "telemetry", "api", "metrics", "serve"];
+    const LEAVES: [&str; 8] = [
+        "handles",
+        "lifecycle",
+        "crypto",
+        "telemetry",
+        "api",
+        "metrics",
+        "serve",
+        "memory",
+    ];
     /// Wiring and the command line may use anything.
     const TOP: [&str; 4] = ["app", "cli", "main", "lib"];
 

@@ -24,6 +24,18 @@ pub enum StoreError {
     Io(String),
 }
 
+/// How many parsed events a store keeps in memory, oldest out first: fan-out and retries
+/// of recent events do not read them again. One per KiB of a sixteenth of the memory limit,
+/// 1,000 to 10,000 (an event costs ~450 bytes, more with long subjects and address lists).
+pub fn event_cache() -> usize {
+    crate::memory::share(crate::memory::limit(), 16 << 10, 1_000, 10_000) as usize
+}
+
+/// The embedded store's page cache, in bytes (sized from the memory limit too).
+pub fn page_cache_bytes() -> usize {
+    durable::engine::redb_cache_bytes()
+}
+
 /// Whether a store error says the volume is full (ENOSPC as the OS words it, with or
 /// without its number, or a quota).
 pub fn out_of_space(reason: &str) -> bool {

@@ -101,9 +101,13 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end
 }
 
-/// redb's page cache. Its default (1 GiB) let the operator's memory grow with the store
-/// file, i.e. with the backlog; the OS page cache keeps recently used pages anyway.
-pub(crate) const REDB_CACHE_BYTES: usize = 32 << 20;
+/// redb's page cache: an eighth of the memory limit, 4 to 32 MiB (32 without a limit). Its
+/// default (1 GiB) let the operator's memory grow with the store file, i.e. with the
+/// backlog; the OS page cache keeps recently used pages anyway. Under a 64 MiB limit 32 MiB
+/// of it (what an ingest burst fills) was half of what the pod may use.
+pub(crate) fn redb_cache_bytes() -> usize {
+    crate::memory::share(crate::memory::limit(), 8, 4 << 20, 32 << 20) as usize
+}
 
 /// The embedded engine: one redb file (or redb's in-memory backend).
 pub struct Redb {
@@ -152,7 +156,7 @@ impl Redb {
         *db = None;
         *db = Some(
             Database::builder()
-                .set_cache_size(REDB_CACHE_BYTES)
+                .set_cache_size(redb_cache_bytes())
                 .create(path)
                 .map_err(io)?,
         );

@@ -34,7 +34,7 @@ pub use self::committer::Op;
 use self::committer::{Job, Outage, Reply, commit_loop};
 use self::engine::{Engine, Redb};
 use self::schema::{StoredDelivery, create_tables, io, json, nanos};
-use self::state::{EVENT_CACHE, Ref, State, build, bury_in, dead_ops};
+use self::state::{Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
     Appended, Attempt, DeadLetter, Durable, IndexChange, IndexedFolder, IndexedMailbox, IndexedMessage, Ingest,
@@ -87,7 +87,7 @@ impl DurableStore {
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join("mailhook.redb");
         let db = Database::builder()
-            .set_cache_size(engine::REDB_CACHE_BYTES)
+            .set_cache_size(engine::redb_cache_bytes())
             .create(&path)
             .map_err(io)?;
         DurableStore::start(db, Some(path))
@@ -313,7 +313,7 @@ impl DurableStore {
         // Only what is on disk becomes deliverable.
         let mut state = lock(&self.state);
         for event in cached {
-            if state.cache.len() < EVENT_CACHE {
+            if state.cache.len() < super::event_cache() {
                 state.cache.insert(event.id.clone(), event);
             }
         }
@@ -1142,7 +1142,7 @@ impl super::Sharing for DurableStore {
             let events = shared.engine.events(&uncached)?;
             let mut state = lock(&self.state);
             for (id, bytes) in events {
-                if state.cache.len() >= EVENT_CACHE {
+                if state.cache.len() >= super::event_cache() {
                     break;
                 }
                 // Completed meanwhile: nothing to cache it for.

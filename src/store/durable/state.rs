@@ -13,10 +13,6 @@ use crate::event::MailboxEvent;
 use crate::store::queue::{Dead, Queues};
 use crate::store::{PendingDelivery, StoreError};
 
-/// Events with pending deliveries kept parsed in memory, up to this many; beyond it
-/// deliveries read them from disk.
-pub(super) const EVENT_CACHE: usize = 10_000;
-
 /// What refers to one stored event.
 #[derive(Default, Clone, Copy)]
 struct Refs {
@@ -27,7 +23,7 @@ struct Refs {
 #[derive(Default)]
 pub(super) struct State {
     pub(super) queues: Queues,
-    /// Parsed events that still have pending deliveries (bounded by EVENT_CACHE): fan-out
+    /// Parsed events that still have pending deliveries (bounded by `store::event_cache`): fan-out
     /// and retries do not re-read and re-parse them.
     pub(super) cache: HashMap<String, Arc<MailboxEvent>>,
     pub(super) producer_ids: HashMap<String, String>,

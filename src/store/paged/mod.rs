@@ -23,17 +23,13 @@ use redb::backends::InMemoryBackend;
 
 use self::window::{Key, Queued, Window, nanos};
 use super::durable::committer::{self, Job, Op, Outage, Reply, commit_loop};
-use super::durable::engine::{Engine, PagedEngine, REDB_CACHE_BYTES, Redb};
+use super::durable::engine::{Engine, PagedEngine, Redb, redb_cache_bytes};
 use super::durable::schema::{StoredDelivery, create_tables, io, json};
 use super::{
     Appended, Attempt, BacklogCap, DeadLetter, Durable, IndexChange, IndexedMailbox, IndexedMessage, Ingest,
     MessageKey, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store, StoreError,
 };
 use crate::event::MailboxEvent;
-
-/// Parsed events kept in memory, newest first out last (FIFO): fan-out and retries of
-/// recent events do not re-read them.
-const EVENT_CACHE: usize = 10_000;
 
 /// Most rows one call of a sweep (expiry, purge, replay) handles; the next call goes on.
 const SWEEP: usize = 10_000;
@@ -74,7 +70,7 @@ impl State {
         if self.cache.contains_key(&event.id) {
             return;
         }
-        while self.cache.len() >= EVENT_CACHE {
+        while self.cache.len() >= super::event_cache() {
             let Some(old) = self.cache_order.pop_front() else { break };
             self.cache.remove(&old);
         }
@@ -119,7 +115,7 @@ impl PagedStore {
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join("mailhook.redb");
         let db = Database::builder()
-            .set_cache_size(REDB_CACHE_BYTES)
+            .set_cache_size(redb_cache_bytes())
             .create(&path)
             .map_err(io)?;
         PagedStore::start(db, Some(path))
