@@ -9,10 +9,16 @@ use std::sync::OnceLock;
 /// Limits at or above this mean "none" (cgroup v1 writes ~2^63 for unlimited).
 const UNLIMITED: u64 = 1 << 60;
 
-/// The process's memory limit in bytes, if it has one.
+/// The process's memory limit in bytes, if it has one: `MAILHOOK_MEMORY_LIMIT` (bytes;
+/// for runtimes that hide the cgroup, e.g. set from the Downward API's `limits.memory`),
+/// else the cgroup's.
 pub fn limit() -> Option<u64> {
     static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
     *LIMIT.get_or_init(|| {
+        let set = std::env::var("MAILHOOK_MEMORY_LIMIT").ok();
+        if let Some(bytes) = set.and_then(|v| v.trim().parse::<u64>().ok()) {
+            return (bytes < UNLIMITED).then_some(bytes);
+        }
         let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         from_cgroup(&cgroups, |path| std::fs::read_to_string(path).ok())
     })
