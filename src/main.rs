@@ -40,10 +40,18 @@ fn with_allocator_env() {
     eprintln!("note: could not restart with the allocator's settings ({err}); going on without them");
 }
 
+/// Threads for blocking work (store reads and commits waiting for their fsync). Tokio's
+/// default, 512, let an ingest burst start ~50, each with its own allocator heap: 124 MiB
+/// of anonymous memory for a heap of ~35 MiB (BENCHMARKS.md, the backlog test). Store
+/// calls wait for the committer thread, never for each other, so a small pool queues work
+/// instead of deadlocking.
+const BLOCKING_THREADS: usize = 8;
+
 fn main() -> anyhow::Result<()> {
     with_allocator_env();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()?
         .block_on(run())
 }

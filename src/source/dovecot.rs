@@ -879,11 +879,6 @@ impl UserLocks {
         locks.entry(user.to_string()).or_default().clone()
     }
 
-    /// From a blocking thread (never on the async workers).
-    pub fn blocking(&self, user: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        self.slot(user).blocking_lock_owned()
-    }
-
     pub async fn lock(&self, user: &str) -> tokio::sync::OwnedMutexGuard<()> {
         self.slot(user).lock_owned().await
     }

@@ -781,9 +781,13 @@ async fn dovecot_batch(
         |state, batch: dovecot::Batch, held| async move {
             let intake = state.dovecot.clone();
             let pipeline = state.pipeline.clone();
+            let user = batch.user.trim().to_string();
+            // Taken here, not on the blocking thread: the reconciler holds this lock while
+            // it waits for a blocking thread, so blocking threads parked on it could take
+            // the whole (bounded) pool and never be freed.
+            let user_lock = intake.shared.locks.lock(&user).await;
             blocking(&state, held, move || {
-                let user = batch.user.trim().to_string();
-                let _user = intake.shared.locks.blocking(&user);
+                let _user = user_lock;
                 let store = pipeline.deliveries.store().clone();
                 let mut failed = None;
                 let mut lookup = |key: &crate::store::MessageKey| match store.indexed_message(key) {
