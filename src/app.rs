@@ -433,6 +433,12 @@ async fn open_store(
     )>,
 )> {
     let mut shared_db = None;
+    info!(
+        memory_limit_mib = crate::memory::limit().map(|l| l >> 20),
+        page_cache_mib = crate::store::page_cache_bytes() >> 20,
+        events_cached = crate::store::event_cache(),
+        "caches sized from the memory limit (the page cache applies to the embedded store)"
+    );
     let (kind, store): (&str, Arc<dyn Store>) = match (&config.store.store_dir, &config.store.store_url) {
         (_, Some(url)) => {
             use crate::store::postgres::{self, engine::Postgres, migrations};
@@ -487,12 +493,6 @@ async fn open_store(
             ("postgres", store)
         }
         (Some(dir), None) => {
-            info!(
-                memory_limit_mib = crate::memory::limit().map(|l| l >> 20),
-                page_cache_mib = crate::store::page_cache_bytes() >> 20,
-                events_cached = crate::store::event_cache(),
-                "store caches sized from the memory limit"
-            );
             let store = PagedStore::open(dir)
                 .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", dir.display()))?;
             info!(dir = %dir.display(), "durable store open (queues are read from it as they are delivered)");

@@ -15,9 +15,14 @@ const UNLIMITED: u64 = 1 << 60;
 pub fn limit() -> Option<u64> {
     static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
     *LIMIT.get_or_init(|| {
-        let set = std::env::var("MAILHOOK_MEMORY_LIMIT").ok();
-        if let Some(bytes) = set.and_then(|v| v.trim().parse::<u64>().ok()) {
-            return (bytes < UNLIMITED).then_some(bytes);
+        if let Ok(set) = std::env::var("MAILHOOK_MEMORY_LIMIT") {
+            match set.trim().parse::<u64>() {
+                Ok(bytes) => return (bytes < UNLIMITED).then_some(bytes),
+                Err(_) => tracing::warn!(
+                    value = set,
+                    "MAILHOOK_MEMORY_LIMIT is not a number of bytes (e.g. 268435456); using the cgroup's limit"
+                ),
+            }
         }
         let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         from_cgroup(&cgroups, |path| std::fs::read_to_string(path).ok())

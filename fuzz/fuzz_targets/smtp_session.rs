@@ -40,7 +40,10 @@ fn world() -> &'static World {
         let deliveries = runtime.block_on(async {
             let lifecycle = mailhook::lifecycle::Lifecycle::new();
             Deliveries::start(
-                1,
+                mailhook::delivery::Capacity {
+                    shards: 1,
+                    max_in_flight: 512,
+                },
                 store,
                 metrics.clone(),
                 Housekeeping::default(),

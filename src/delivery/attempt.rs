@@ -490,7 +490,7 @@ pub(super) async fn deliver(
     shard: Arc<Shard>,
     sub: Arc<Subscription>,
     batch: Vec<PendingDelivery>,
-    _slot: super::shard::Slot,
+    slot: super::shard::Slot,
 ) {
     let config = &sub.config;
     let store = &deliveries.store;
@@ -499,6 +499,7 @@ pub(super) async fn deliver(
     let read = read_events(&deliveries, name, batch).await;
     let mut ready = granted(&deliveries, config, read).await;
     let Some(url) = ready.first().map(|(_, e, _)| target(&sub, e)) else {
+        drop(slot);
         shard.wake.notify_one();
         return;
     };
@@ -670,6 +671,8 @@ pub(super) async fn deliver(
     if changed {
         deliveries.health_changed.notify_one();
     }
+    // Free before the wake-up, so the shard finds the slot free.
+    drop(slot);
     shard.wake.notify_one();
 }
 

@@ -84,6 +84,11 @@ fn in_turn<T>(mut subs: Vec<(String, T)>, first: Option<&str>) -> Vec<(String, T
     subs
 }
 
+/// The UID of the subscription at `at` in this round's order (wrapping), to start the next.
+fn turn_after<T>(subs: &[(String, T)], at: usize) -> Option<String> {
+    subs.get(at.checked_rem(subs.len())?).map(|(uid, _)| uid.clone())
+}
+
 #[derive(Default)]
 pub(super) struct Shard {
     pub(super) index: usize,
@@ -128,6 +133,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
         // The store cannot commit: a completion would not be durable, so no new attempts
         // until it can (those in flight wait for their completion's commit).
         if deliveries.store.commits_fail().is_some() {
+            reserved = None;
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -138,6 +144,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
         if let Some(sharing) = deliveries.store.sharing()
             && !sharing.owns(shard.index as u32)
         {
+            reserved = None;
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = shard.wake.notified() => {}
@@ -193,6 +200,8 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             let probing = probe_at.is_some() && free == 0;
             // Set while a batch waits to fill: the shard sleeps until it is due.
             let mut filling = false;
+            // Whether this subscription sent a request in this round (its turn is used).
+            let mut sent = false;
             while free > 0 {
                 if let Some(batch) = config.batch {
                     let due = deliveries.store.next_due(&config.uid);
@@ -208,23 +217,22 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                         break;
                     }
                 }
-                let need = if config.batch.is_some() { 1 } else { free };
-                let mut process = process_slots(&deliveries.in_flight, &mut reserved, need);
-                if process.len() < need && deliveries.store.next_due(&config.uid).is_some_and(|due| due <= now) {
-                    // Out of process-wide slots with work due: the next round starts here,
-                    // or with the next subscription if this one got some.
-                    starved = true;
-                    let next = if process.is_empty() { at } else { at + 1 };
-                    first = subs.get(next % subs.len().max(1)).map(|(uid, _)| uid.clone());
-                }
-                if process.is_empty() {
+                // Nothing due (or only held back, e.g. behind a mailbox's request in
+                // flight): no slot is taken, and the shard sleeps as usual.
+                if deliveries.store.next_due(&config.uid).is_none_or(|due| due > now) {
                     break;
                 }
-                let want = if config.batch.is_some() {
-                    per_request
-                } else {
-                    process.len()
-                };
+                let need = if config.batch.is_some() { 1 } else { free };
+                let mut process = process_slots(&deliveries.in_flight, &mut reserved, need);
+                if process.is_empty() {
+                    // Out of process-wide slots with work due: the next round starts here,
+                    // or with the next subscription if this one already sent in this one.
+                    starved = true;
+                    first = turn_after(&subs, if sent { at + 1 } else { at });
+                    break;
+                }
+                let got = process.len();
+                let want = if config.batch.is_some() { per_request } else { got };
                 let taken = match deliveries.store.take_due(&config.uid, now, want, config.ordered) {
                     Ok(taken) => taken,
                     Err(err) => {
@@ -235,6 +243,12 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 if taken.is_empty() {
                     break;
                 }
+                // Unbatched: every slot got was used, fewer than were free here, and more
+                // is due: the slots ran short, and the next subscription goes first.
+                let short = config.batch.is_none()
+                    && got < need
+                    && taken.len() == got
+                    && deliveries.store.next_due(&config.uid).is_some_and(|due| due <= now);
                 let requests: Vec<Vec<crate::store::PendingDelivery>> = if config.batch.is_some() {
                     vec![taken]
                 } else {
@@ -254,6 +268,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                         continue;
                     };
                     free = free.saturating_sub(1);
+                    sent = true;
                     deliveries.lifecycle.spawn_short(
                         Stage::Delivery,
                         "delivery attempt",
@@ -266,7 +281,11 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                         ),
                     );
                 }
-                if config.batch.is_none() || starved {
+                if short {
+                    starved = true;
+                    first = turn_after(&subs, at + 1);
+                }
+                if config.batch.is_none() {
                     break;
                 }
             }

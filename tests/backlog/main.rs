@@ -21,7 +21,7 @@
 //! `MAILHOOK_TEST_PG_URL` is set (`tests/pgenv/up`), on PostgreSQL too.
 //!
 //!   eval "$(tests/testenv/up)"; eval "$(tests/pgenv/up)"
-//!   cargo test --test backlog                       # short form: 200,000 events, 256 MiB
+//!   cargo test --test backlog                       # short form: 200,000 events, 64 MiB
 //!                                                   # (PostgreSQL: 100,000; BACKLOG_PG_EVENTS)
 //!   cargo test --test backlog -- redb               # one store (redb or postgres)
 //!   BACKLOG_EVENTS=2000000 BACKLOG_LIMIT_MIB=256 cargo test --release --test backlog  # full form
@@ -919,7 +919,7 @@ fn main() {
     // unbatched drain runs at ~1,400 events/s in the test build, so 200,000 would take four
     // minutes. Half as many keep it near two, still far beyond any head the start may read.
     let pg_events = env_u64("BACKLOG_PG_EVENTS", env_u64("BACKLOG_EVENTS", 100_000)) as usize;
-    let limit_mib = env_u64("BACKLOG_LIMIT_MIB", 256);
+    let limit_mib = env_u64("BACKLOG_LIMIT_MIB", 64);
     let limit = limit_mib << 20;
     // `cargo test --test backlog -- redb`: the stores named; all when none is.
     let names: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

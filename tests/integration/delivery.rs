@@ -498,7 +498,22 @@ async fn metrics_pass_promtool_and_count_deliveries() {
 /// semaphore), so a subscription's share also depends on how many others its shard holds.
 #[tokio::test]
 async fn subscriptions_take_turns_for_the_process_wide_request_slots() {
-    let ns = TestNamespace::new("inflight").await;
+    take_turns("inflight", "  delivery: {concurrency: 4}\n").await;
+}
+
+/// The same with batched subscriptions (one event per request, so the counts match): a
+/// batch that took a slot has had its turn too.
+#[tokio::test]
+async fn batched_subscriptions_take_turns_for_the_process_wide_request_slots() {
+    take_turns(
+        "inflight-batched",
+        "  delivery: {concurrency: 4, batch: {maxEvents: 1, maxWait: 1s}}\n",
+    )
+    .await;
+}
+
+async fn take_turns(prefix: &str, delivery: &str) {
+    let ns = TestNamespace::new(prefix).await;
     let receiver = Receiver::start(SIEM_SECRET);
     receiver.mode(r#"{"delay": 0.3}"#).await;
     let operator = Operator::start_with(&ns, &["--max-deliveries-in-flight", "3", "--shards", "1"]).await;
@@ -506,7 +521,7 @@ async fn subscriptions_take_turns_for_the_process_wide_request_slots() {
     let mut yaml = signing_secret(SIEM_SECRET);
     for name in &names {
         let header = format!(", headers: [{{name: X-Subscription, value: {name}}}]");
-        yaml += &subscription(name, &receiver.url("/slow"), &header, "  delivery: {concurrency: 4}\n");
+        yaml += &subscription(name, &receiver.url("/slow"), &header, delivery);
     }
     apply(&ns, &yaml);
     for name in &names {
