@@ -510,9 +510,6 @@ pub(super) async fn deliver(
     for (d, _, _) in ready.split_off(same_target.max(1)) {
         store_write(metrics, "retry", name, || store.retry(d.clone())).await;
     }
-    if let Some(limiter) = &sub.limiter {
-        limiter.until_ready().await;
-    }
 
     let items: Vec<wire::Item<'_>> = ready
         .iter()

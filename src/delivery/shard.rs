@@ -84,6 +84,31 @@ fn in_turn<T>(mut subs: Vec<(String, T)>, first: Option<&str>) -> Vec<(String, T
     subs
 }
 
+/// How many of `want` requests the subscription's rate limit (`rateLimitPerSecond`, which
+/// counts requests) lets go now, each taking its token; when it holds some back, `wake_at`
+/// comes no later than the next token.
+fn rate_allowed(
+    limiter: Option<&DefaultDirectRateLimiter>,
+    want: usize,
+    now: jiff::Timestamp,
+    wake_at: &mut jiff::Timestamp,
+) -> usize {
+    use governor::clock::{Clock, DefaultClock};
+    let Some(limiter) = limiter else { return want };
+    let mut allowed = 0;
+    while allowed < want {
+        match limiter.check() {
+            Ok(()) => allowed += 1,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                *wake_at = (*wake_at).min(now + wait);
+                break;
+            }
+        }
+    }
+    allowed
+}
+
 /// The UID of the subscription at `at` in this round's order (wrapping), to start the next.
 fn turn_after<T>(subs: &[(String, T)], at: usize) -> Option<String> {
     subs.get(at.checked_rem(subs.len())?).map(|(uid, _)| uid.clone())
@@ -231,6 +256,14 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     first = turn_after(&subs, if sent { at + 1 } else { at });
                     break;
                 }
+                let slots_short = process.len() < need;
+                // The rate limit is applied here, not in the attempt: a request waiting for
+                // its turn would hold a process slot all the while.
+                let allowed = rate_allowed(sub.limiter.as_deref(), process.len(), now, &mut wake_at);
+                if allowed == 0 {
+                    break;
+                }
+                process.truncate(allowed);
                 let got = process.len();
                 let want = if config.batch.is_some() { per_request } else { got };
                 let taken = match deliveries.store.take_due(&config.uid, now, want, config.ordered) {
@@ -246,7 +279,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 // Unbatched: every slot got was used, fewer than were free here, and more
                 // is due: the slots ran short, and the next subscription goes first.
                 let short = config.batch.is_none()
-                    && got < need
+                    && slots_short
                     && taken.len() == got
                     && deliveries.store.next_due(&config.uid).is_some_and(|due| due <= now);
                 let requests: Vec<Vec<crate::store::PendingDelivery>> = if config.batch.is_some() {
@@ -336,6 +369,24 @@ mod tests {
             "past the end: from the start"
         );
         assert!(in_turn(subs(&[]), Some("a")).is_empty());
+    }
+
+    #[test]
+    fn the_rate_limit_lets_its_burst_go_then_names_when_to_look_again() {
+        use governor::{Quota, RateLimiter};
+        let now = jiff::Timestamp::from_second(1_800_000_000).expect("time");
+        let far = now + Duration::from_secs(60);
+        let mut wake = far;
+        assert_eq!(rate_allowed(None, 7, now, &mut wake), 7, "no limit");
+        let limiter = RateLimiter::direct(Quota::per_second(std::num::NonZeroU32::MIN.saturating_add(1)));
+        assert_eq!(rate_allowed(Some(&limiter), 5, now, &mut wake), 2, "a burst of 2");
+        assert!(
+            wake > now && wake <= now + Duration::from_secs(1),
+            "the next token: {wake}"
+        );
+        let mut again = far;
+        assert_eq!(rate_allowed(Some(&limiter), 1, now, &mut again), 0, "none left");
+        assert!(again < far);
     }
 
     #[test]

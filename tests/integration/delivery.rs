@@ -564,3 +564,41 @@ async fn take_turns(prefix: &str, delivery: &str) {
     )
     .await;
 }
+
+/// `rateLimitPerSecond` counts requests: with 2 per second (a burst of 2), no stretch of the
+/// arrivals holds more than 2 + 2 × its length in seconds, however many slots are free —
+/// and every event still arrives.
+#[tokio::test]
+async fn the_rate_limit_spaces_requests_and_delivers_everything() {
+    let ns = TestNamespace::new("ratelimit").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let operator = Operator::start(&ns).await;
+    subscribe(
+        &ns,
+        "limited",
+        &receiver.url("/limited"),
+        "  delivery: {concurrency: 4, rateLimitPerSecond: 2}\n",
+    );
+    wait_ready(&ns, "limited").await;
+    let (status, body) = operator.ingest(&(0..8).map(event).collect::<Vec<_>>()).await;
+    assert_eq!(status, 202, "{body}");
+    let got = eventually(
+        "8 deliveries",
+        || receiver.deliveries(),
+        |d| d.iter().filter(|r| r.answered == 200).count() >= 8,
+    )
+    .await;
+    let mut times: Vec<f64> = got.iter().filter(|r| r.answered == 200).map(|r| r.arrived).collect();
+    times.sort_by(f64::total_cmp);
+    for i in 0..times.len() {
+        for j in i..times.len() {
+            let requests = (j - i + 1) as f64;
+            let span = times[j] - times[i];
+            // 50 ms of slack for when the receiver notes an arrival.
+            assert!(
+                requests <= 2.0 + 2.0 * (span + 0.05),
+                "{requests} requests within {span:.3} s: more than the limit allows ({times:?})"
+            );
+        }
+    }
+}
