@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use governor::{Quota, RateLimiter};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{Instrument, info_span, warn};
 
@@ -333,7 +332,7 @@ impl Deliveries {
                 config
                     .rate_limit_per_second
                     .and_then(NonZeroU32::new)
-                    .map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r)))),
+                    .map(|r| Arc::new(shard::RateBucket::new(r, std::time::Instant::now()))),
             ),
         };
         let Ok(url) = reqwest::Url::parse(&config.url) else {

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::DefaultDirectRateLimiter;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +25,7 @@ pub(super) struct Subscription {
     /// Metric series of a 2xx delivery, resolved once.
     pub(super) success: (prometheus::IntCounter, prometheus::Histogram),
     pub(super) slots: Arc<Semaphore>,
-    pub(super) limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    pub(super) limiter: Option<Arc<RateBucket>>,
     pub(super) health: Arc<Health>,
 }
 
@@ -84,29 +83,48 @@ fn in_turn<T>(mut subs: Vec<(String, T)>, first: Option<&str>) -> Vec<(String, T
     subs
 }
 
-/// How many of `want` requests the subscription's rate limit (`rateLimitPerSecond`, which
-/// counts requests) lets go now, each taking its token; when it holds some back, `wake_at`
-/// comes no later than the next token.
-fn rate_allowed(
-    limiter: Option<&DefaultDirectRateLimiter>,
-    want: usize,
-    now: jiff::Timestamp,
-    wake_at: &mut jiff::Timestamp,
-) -> usize {
-    use governor::clock::{Clock, DefaultClock};
-    let Some(limiter) = limiter else { return want };
-    let mut allowed = 0;
-    while allowed < want {
-        match limiter.check() {
-            Ok(()) => allowed += 1,
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                *wake_at = (*wake_at).min(now + wait);
-                break;
-            }
+/// A subscription's `rateLimitPerSecond` (it counts requests): a bucket of up to one
+/// second's tokens, refilled continuously. Written here rather than taken from `governor`
+/// because the shard must know how many requests may go *before* it takes them from the
+/// queue and their slots (governor's limiter can only take): a request waiting for its
+/// token would hold a process-wide slot, and tokens taken for deliveries that turn out not
+/// to be takeable would be lost.
+pub(super) struct RateBucket {
+    per_second: f64,
+    /// (tokens, when they were counted).
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl RateBucket {
+    pub(super) fn new(per_second: std::num::NonZeroU32, now: std::time::Instant) -> RateBucket {
+        let per_second = f64::from(per_second.get());
+        RateBucket {
+            per_second,
+            state: Mutex::new((per_second, now)),
         }
     }
-    allowed
+
+    fn refilled(&self, state: &mut (f64, std::time::Instant), now: std::time::Instant) {
+        let elapsed = now.saturating_duration_since(state.1).as_secs_f64();
+        state.0 = (state.0 + elapsed * self.per_second).min(self.per_second);
+        state.1 = state.1.max(now);
+    }
+
+    /// Whole tokens at `now`, and when the next one comes if there is none.
+    fn available(&self, now: std::time::Instant) -> (usize, Duration) {
+        let mut state = self.state.lock();
+        self.refilled(&mut state, now);
+        let whole = state.0.max(0.0).floor() as usize;
+        let next = Duration::from_secs_f64(((1.0 - state.0) / self.per_second).max(0.0));
+        (whole, next)
+    }
+
+    /// Spends a token per request sent.
+    fn spend(&self, requests: usize, now: std::time::Instant) {
+        let mut state = self.state.lock();
+        self.refilled(&mut state, now);
+        state.0 -= requests as f64;
+    }
 }
 
 /// The UID of the subscription at `at` in this round's order (wrapping), to start the next.
@@ -185,6 +203,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             .collect();
         let subs = in_turn(subs, first.take().as_deref());
         let now = jiff::Timestamp::now();
+        let clock = std::time::Instant::now();
         let mut wake_at = now + Duration::from_secs(1);
         // Set when a subscription with due work found no process-wide slot: the shard then
         // waits for one, in turn with the other shards.
@@ -227,6 +246,8 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             let mut filling = false;
             // Whether this subscription sent a request in this round (its turn is used).
             let mut sent = false;
+            // Set when its rate limit holds due work back: the shard wakes for the token.
+            let mut rate_limited = false;
             while free > 0 {
                 if let Some(batch) = config.batch {
                     let due = deliveries.store.next_due(&config.uid);
@@ -247,7 +268,20 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 if deliveries.store.next_due(&config.uid).is_none_or(|due| due > now) {
                     break;
                 }
-                let need = if config.batch.is_some() { 1 } else { free };
+                // The rate limit first: a request that may not go yet takes no slot.
+                let tokens = match &sub.limiter {
+                    Some(bucket) => {
+                        let (tokens, next) = bucket.available(clock);
+                        if tokens == 0 {
+                            rate_limited = true;
+                            wake_at = wake_at.min(now + next);
+                            break;
+                        }
+                        tokens
+                    }
+                    None => usize::MAX,
+                };
+                let need = (if config.batch.is_some() { 1 } else { free }).min(tokens);
                 let mut process = process_slots(&deliveries.in_flight, &mut reserved, need);
                 if process.is_empty() {
                     // Out of process-wide slots with work due: the next round starts here,
@@ -257,23 +291,21 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     break;
                 }
                 let slots_short = process.len() < need;
-                // The rate limit is applied here, not in the attempt: a request waiting for
-                // its turn would hold a process slot all the while.
-                let allowed = rate_allowed(sub.limiter.as_deref(), process.len(), now, &mut wake_at);
-                if allowed == 0 {
-                    break;
-                }
-                process.truncate(allowed);
                 let got = process.len();
                 let want = if config.batch.is_some() { per_request } else { got };
                 let taken = match deliveries.store.take_due(&config.uid, now, want, config.ordered) {
                     Ok(taken) => taken,
                     Err(err) => {
                         warn!(%err, subscription = config.name, "cannot read the delivery queue");
+                        // One slot is kept for the round's next subscription: the shard may
+                        // have waited its turn for it.
+                        reserved = process.pop();
                         break;
                     }
                 };
                 if taken.is_empty() {
+                    // Due but held back (e.g. behind its mailbox's request in flight).
+                    reserved = process.pop();
                     break;
                 }
                 // Unbatched: every slot got was used, fewer than were free here, and more
@@ -287,6 +319,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                 } else {
                     taken.into_iter().map(|d| vec![d]).collect()
                 };
+                let mut sent_now = 0;
                 for request in requests {
                     // One process slot per request was taken above (a batch is one request).
                     let (Some(process), Ok(permit)) = (process.pop(), sub.slots.clone().try_acquire_owned()) else {
@@ -302,6 +335,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     };
                     free = free.saturating_sub(1);
                     sent = true;
+                    sent_now += 1;
                     deliveries.lifecycle.spawn_short(
                         Stage::Delivery,
                         "delivery attempt",
@@ -314,6 +348,9 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                         ),
                     );
                 }
+                if let Some(bucket) = &sub.limiter {
+                    bucket.spend(sent_now, clock);
+                }
                 if short {
                     starved = true;
                     first = turn_after(&subs, at + 1);
@@ -322,7 +359,11 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     break;
                 }
             }
-            if let Some(due) = deliveries.store.next_due(&config.uid).filter(|_| !filling && !probing) {
+            if let Some(due) = deliveries
+                .store
+                .next_due(&config.uid)
+                .filter(|_| !filling && !probing && !rate_limited)
+            {
                 // A due delivery that is held back (ordering, no free slot) is retried
                 // when a delivery finishes, or after a short pause.
                 wake_at = wake_at.min(due.max(now + Duration::from_millis(100)));
@@ -372,21 +413,27 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_limit_lets_its_burst_go_then_names_when_to_look_again() {
-        use governor::{Quota, RateLimiter};
-        let now = jiff::Timestamp::from_second(1_800_000_000).expect("time");
-        let far = now + Duration::from_secs(60);
-        let mut wake = far;
-        assert_eq!(rate_allowed(None, 7, now, &mut wake), 7, "no limit");
-        let limiter = RateLimiter::direct(Quota::per_second(std::num::NonZeroU32::MIN.saturating_add(1)));
-        assert_eq!(rate_allowed(Some(&limiter), 5, now, &mut wake), 2, "a burst of 2");
-        assert!(
-            wake > now && wake <= now + Duration::from_secs(1),
-            "the next token: {wake}"
+    fn the_rate_bucket_lets_a_second_s_worth_go_then_refills() {
+        let start = std::time::Instant::now();
+        let two = std::num::NonZeroU32::MIN.saturating_add(1);
+        let bucket = RateBucket::new(two, start);
+        assert_eq!(bucket.available(start).0, 2, "a full second's worth at first");
+        bucket.spend(2, start);
+        let (tokens, next) = bucket.available(start);
+        assert_eq!(tokens, 0);
+        assert_eq!(next, Duration::from_millis(500), "the next token in 1/rate");
+        let later = start + Duration::from_millis(750);
+        assert_eq!(bucket.available(later).0, 1);
+        assert_eq!(
+            bucket.available(start + Duration::from_secs(60)).0,
+            2,
+            "never more than the burst"
         );
-        let mut again = far;
-        assert_eq!(rate_allowed(Some(&limiter), 1, now, &mut again), 0, "none left");
-        assert!(again < far);
+        // Asking takes nothing.
+        assert_eq!(bucket.available(start + Duration::from_secs(60)).0, 2);
+        // A clock read earlier than the last one counts as no time passed.
+        bucket.spend(2, start + Duration::from_secs(60));
+        assert_eq!(bucket.available(start).0, 0);
     }
 
     #[test]
