@@ -75,9 +75,9 @@ fn process_slots(
 /// from `first` on, wrapping around, so that when process-wide slots run out the one left
 /// waiting goes first next time — not, every round, the same ones. `first` may be gone
 /// since: its successor starts. Pure.
-fn in_turn<T>(mut subs: Vec<(String, T)>, first: Option<&str>) -> Vec<(String, T)> {
+fn in_turn<T>(mut subs: Vec<T>, first: Option<&str>, uid: impl Fn(&T) -> &str) -> Vec<T> {
     if let Some(first) = first {
-        let at = subs.partition_point(|(uid, _)| uid.as_str() < first);
+        let at = subs.partition_point(|s| uid(s) < first);
         subs.rotate_left(at);
     }
     subs
@@ -128,8 +128,8 @@ impl RateBucket {
 }
 
 /// The UID of the subscription at `at` in this round's order (wrapping), to start the next.
-fn turn_after<T>(subs: &[(String, T)], at: usize) -> Option<String> {
-    subs.get(at.checked_rem(subs.len())?).map(|(uid, _)| uid.clone())
+fn turn_after(subs: &[Arc<Subscription>], at: usize) -> Option<String> {
+    subs.get(at.checked_rem(subs.len())?).map(|s| s.config.uid.clone())
 }
 
 #[derive(Default)]
@@ -195,20 +195,16 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
             }
             continue;
         }
-        let subs: Vec<(String, Arc<Subscription>)> = shard
-            .subscriptions
-            .lock()
-            .iter()
-            .map(|(uid, sub)| (uid.clone(), sub.clone()))
-            .collect();
-        let subs = in_turn(subs, first.take().as_deref());
+        // By UID (the map's key is the subscription's UID).
+        let subs: Vec<Arc<Subscription>> = shard.subscriptions.lock().values().cloned().collect();
+        let subs = in_turn(subs, first.take().as_deref(), |s| s.config.uid.as_str());
         let now = jiff::Timestamp::now();
         let clock = std::time::Instant::now();
         let mut wake_at = now + Duration::from_secs(1);
         // Set when a subscription with due work found no process-wide slot: the shard then
         // waits for one, in turn with the other shards.
         let mut starved = false;
-        for (at, (_, sub)) in subs.iter().enumerate() {
+        for (at, sub) in subs.iter().enumerate() {
             if starved {
                 break;
             }
@@ -395,8 +391,9 @@ mod tests {
 
     #[test]
     fn a_round_starts_with_the_subscription_left_waiting() {
-        let subs = |uids: &[&str]| uids.iter().map(|u| (u.to_string(), ())).collect::<Vec<_>>();
-        let order = |v: Vec<(String, ())>| v.into_iter().map(|(u, _)| u).collect::<Vec<_>>();
+        let subs = |uids: &[&str]| uids.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        let in_turn = |subs: Vec<String>, first: Option<&str>| in_turn(subs, first, |s| s.as_str());
+        let order = |v: Vec<String>| v;
         assert_eq!(order(in_turn(subs(&["a", "b", "c"]), None)), ["a", "b", "c"]);
         assert_eq!(order(in_turn(subs(&["a", "b", "c"]), Some("b"))), ["b", "c", "a"]);
         assert_eq!(
