@@ -393,16 +393,15 @@ mod tests {
     fn a_round_starts_with_the_subscription_left_waiting() {
         let subs = |uids: &[&str]| uids.iter().map(|u| u.to_string()).collect::<Vec<_>>();
         let in_turn = |subs: Vec<String>, first: Option<&str>| in_turn(subs, first, |s| s.as_str());
-        let order = |v: Vec<String>| v;
-        assert_eq!(order(in_turn(subs(&["a", "b", "c"]), None)), ["a", "b", "c"]);
-        assert_eq!(order(in_turn(subs(&["a", "b", "c"]), Some("b"))), ["b", "c", "a"]);
+        assert_eq!(in_turn(subs(&["a", "b", "c"]), None), ["a", "b", "c"]);
+        assert_eq!(in_turn(subs(&["a", "b", "c"]), Some("b")), ["b", "c", "a"]);
         assert_eq!(
-            order(in_turn(subs(&["a", "c", "d"]), Some("b"))),
+            in_turn(subs(&["a", "c", "d"]), Some("b")),
             ["c", "d", "a"],
             "b is gone: its successor"
         );
         assert_eq!(
-            order(in_turn(subs(&["a", "b"]), Some("z"))),
+            in_turn(subs(&["a", "b"]), Some("z")),
             ["a", "b"],
             "past the end: from the start"
         );
