@@ -456,11 +456,13 @@ impl Context {
             .subscriptions
             .state()
             .iter()
-            .filter(|w| w.namespace().as_deref() == Some(namespace))
+            .filter(|w| w.metadata.namespace.as_deref() == Some(namespace))
             .filter(|w| {
                 let used_before = w
-                    .uid()
-                    .and_then(|u| state.subscriptions.get(&u))
+                    .metadata
+                    .uid
+                    .as_deref()
+                    .and_then(|u| state.subscriptions.get(u))
                     .is_some_and(|s| s.uses.iter().any(|f| f == filter));
                 used_before || labels.is_some_and(|l| filter::uses(&w.spec, filter, l))
             })
@@ -547,15 +549,16 @@ impl Context {
     /// `--filter-max-per-namespace` (by creationTimestamp, then name). Counted from the
     /// cache, without compiling anything.
     pub fn counted_out(&self, filter: &MailboxFilter) -> Option<String> {
-        let ns = filter.namespace();
-        let key = age_key(filter);
+        // Called once per filter and per subscription's filter: compared in place, no copies.
+        let ns = filter.metadata.namespace.as_deref();
+        let key = age_ref(filter);
         let (mut older, mut total) = (0usize, 0usize);
         for f in self.filters.state() {
-            if f.namespace() != ns {
+            if f.metadata.namespace.as_deref() != ns {
                 continue;
             }
             total += 1;
-            if age_key(&f) < key {
+            if age_ref(&f) < key {
                 older += 1;
             }
         }
@@ -665,6 +668,14 @@ impl Context {
 /// A filter's place in its namespace's count: older first, by name at the same second.
 fn age_key(f: &MailboxFilter) -> (Option<jiff::Timestamp>, String) {
     (f.metadata.creation_timestamp.as_ref().map(|t| t.0), f.name_any())
+}
+
+/// `age_key` without copying the name.
+fn age_ref(f: &MailboxFilter) -> (Option<jiff::Timestamp>, &str) {
+    (
+        f.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        f.metadata.name.as_deref().unwrap_or_default(),
+    )
 }
 
 /// Whether two records of one grant route alike.
@@ -916,6 +927,7 @@ pub async fn run(
             routed_ctx.drop_orphans().await;
             grant::log_ungranted(&routed_ctx);
             ready.ready();
+            routed_ctx.deliveries.warmed_up();
             tracing::info!("caches synced and every resource routed; ready");
         };
         tokio::select! {
@@ -923,5 +935,23 @@ pub async fn run(
             () = ready_stop.cancelled() => {}
         }
     };
-    tokio::join!(futures::future::join_all(loops), readiness, writer, routes, grants);
+    // Each part a task of its own: in one task, every wake-up of any part polled all of
+    // them, and the reconcilers (which run inside their controller's stream) shared one
+    // core with the status writer's passes.
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in loops {
+        tasks.spawn(l);
+    }
+    tasks.spawn(readiness);
+    tasks.spawn(writer);
+    tasks.spawn(routes);
+    tasks.spawn(grants);
+    while let Some(done) = tasks.join_next().await {
+        // A panic goes on up as it did when the parts were joined in one task.
+        if let Err(err) = done
+            && err.is_panic()
+        {
+            std::panic::resume_unwind(err.into_panic());
+        }
+    }
 }

@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 /// subscriptions cost at most 200 writes a second.
 pub const COUNTER_INTERVAL: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_secs(1);
+/// Passes start at least this far apart, however often the writer is woken.
+const PASS_SPACING: Duration = Duration::from_millis(250);
 /// One status write or Event may take this long; a stuck request must not stall the
 /// status of every other resource (the kube client's own read timeout is minutes).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -371,6 +373,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut writer = Writer::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_pass: Option<Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -382,6 +385,23 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             () = ctx.status_changed.notified() => {}
             _ = tick.tick() => {}
         }
+        // A pass looks at every resource: a burst of wake-ups (a thousand subscriptions'
+        // first deliveries after a start) makes one pass per PASS_SPACING, not one each.
+        if let Some(next) = last_pass.map(|at| at + PASS_SPACING) {
+            let until = tokio::time::sleep_until(next.into());
+            tokio::pin!(until);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    Some(finished) = writer.tasks.join_next_with_id() => {
+                        writer.finish(finished, ctx.leadership.is_leader());
+                        writer.start(&ctx.api_limiter);
+                    }
+                    () = &mut until => break,
+                }
+            }
+        }
+        last_pass = Some(Instant::now());
         // A pass may take round trips to the store: shutdown does not wait for it.
         tokio::select! {
             () = shutdown.cancelled() => return,

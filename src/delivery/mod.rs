@@ -145,7 +145,15 @@ pub struct Deliveries {
     /// draining at once hold in memory is bounded by this, not by their number. Waiting
     /// shards are served in turn (tokio's semaphore is fair).
     in_flight: Arc<Semaphore>,
+    /// The request slots held back while the operator starts (`warmed_up`).
+    warmup: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
+
+/// Requests in flight, over every subscription, until the controllers have reconciled
+/// every resource (or WARMUP_GRACE has passed): queued work starts going out at once, but
+/// a large backlog's drain does not take the cores the start needs to become ready.
+const WARMUP_IN_FLIGHT: usize = 4;
+const WARMUP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why a raw message link no longer opens.
 #[derive(Debug, thiserror::Error)]
@@ -196,7 +204,21 @@ impl Deliveries {
             handshakes: Mutex::default(),
             lifecycle: lifecycle.clone(),
             in_flight: Arc::new(Semaphore::new(capacity.max_in_flight.max(1))),
+            warmup: Mutex::default(),
         });
+        let held = capacity.max_in_flight.saturating_sub(WARMUP_IN_FLIGHT);
+        if let Ok(held) = u32::try_from(held)
+            && held > 0
+        {
+            *deliveries.warmup.lock() = deliveries.in_flight.clone().try_acquire_many_owned(held).ok();
+            let weak = Arc::downgrade(&deliveries);
+            tokio::spawn(async move {
+                tokio::time::sleep(WARMUP_GRACE).await;
+                if let Some(d) = weak.upgrade() {
+                    d.warmed_up();
+                }
+            });
+        }
         deliveries
             .metrics
             .requests_in_flight_limit
@@ -216,6 +238,14 @@ impl Deliveries {
             run_housekeeping(deliveries.clone(), housekeeping, stop).instrument(info_span!("housekeeping")),
         );
         deliveries
+    }
+
+    /// The start is over (every resource reconciled): deliveries may use every request
+    /// slot. Idempotent.
+    pub fn warmed_up(&self) {
+        if self.warmup.lock().take().is_some() {
+            tracing::debug!("started: deliveries use every request slot");
+        }
     }
 
     /// Queues again the subscription's dead letters given up at or after `since`.

@@ -111,7 +111,7 @@ pub async fn dereference(ctx: &Context, whs: &WebhookSubscription, ns: &str) -> 
         .clone()
         .and_then(|s| Selector::try_from(s).ok());
     for f in ctx.filters.state() {
-        if f.namespace().as_deref() != Some(ns) {
+        if f.metadata.namespace.as_deref() != Some(ns) {
             continue;
         }
         let name = f.name_any();
