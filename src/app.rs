@@ -548,7 +548,7 @@ struct Replica {
     /// The session opened at start (it holds the shared lock); the ownership loop goes on with it.
     session: crate::store::postgres::shared::Session,
     identity: String,
-    store: Arc<dyn Store>,
+    store: Arc<dyn crate::store::Backend>,
     deliveries: Arc<Deliveries>,
     metrics: Metrics,
     leadership: Leadership,
@@ -599,7 +599,7 @@ fn start_replica(lifecycle: &Lifecycle, config: &RunConfig, client: &kube::Clien
 
 /// Follows whether the store commits: readiness part `store`, `mailhook_store_up`, a log
 /// line on each change. Polled (cheap: a lock) so that it needs nothing from the store.
-fn watch_store(lifecycle: &Lifecycle, store: Arc<dyn Store>, part: ReadinessPart, metrics: Metrics) {
+fn watch_store(lifecycle: &Lifecycle, store: Arc<dyn crate::store::Backend>, part: ReadinessPart, metrics: Metrics) {
     let stop = lifecycle.token(Stage::Admin);
     lifecycle.spawn(Stage::Admin, "store watch", async move {
         let mut was: Option<Option<String>> = None;
@@ -633,7 +633,11 @@ fn watch_store(lifecycle: &Lifecycle, store: Arc<dyn Store>, part: ReadinessPart
 }
 
 /// The signer of raw message links, or None when the archive is off.
-fn raw_links(config: &RunConfig, store: &dyn Store, admin: SocketAddr) -> anyhow::Result<Option<Arc<RawLinks>>> {
+fn raw_links(
+    config: &RunConfig,
+    store: &dyn crate::store::Backend,
+    admin: SocketAddr,
+) -> anyhow::Result<Option<Arc<RawLinks>>> {
     if config.store.raw_message_retention.is_zero() {
         info!("--raw-message-retention is 0s: raw messages are not archived and deliveries carry no links to them");
         return Ok(None);

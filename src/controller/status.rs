@@ -522,18 +522,18 @@ async fn subscription_writes(
     written: &mut HashMap<String, Written<WebhookSubscriptionStatus>>,
 ) -> Vec<Queued> {
     let now = Time(jiff::Timestamp::now());
-    let store = ctx.deliveries.store().clone();
+    let (queues, store) = (ctx.deliveries.queues(), ctx.deliveries.backend());
     ctx.metrics.store_disk_bytes.set(store.disk_bytes().unwrap_or(0) as i64);
     let (size, available) = store.volume().unwrap_or((0, 0));
     let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     ctx.metrics.store_volume_bytes.set(gauge(size));
     ctx.metrics.store_volume_available_bytes.set(gauge(available));
-    if let Some(read) = store.queue_rows_read() {
+    if let Some(read) = queues.queue_rows_read() {
         // Counted by the store; the metric follows it.
         let counter = &ctx.metrics.store_queue_rows_read;
         counter.inc_by(read.saturating_sub(counter.get()));
     }
-    ctx.metrics.store_backlog.set(store.total_backlog() as i64);
+    ctx.metrics.store_backlog.set(queues.total_backlog() as i64);
     // Commit failures are counted by the store's commit thread; the metric follows it.
     let failed = ctx.metrics.store_errors.with_label_values(&["commit"]);
     failed.inc_by(store.commit_failures().saturating_sub(failed.get()));
@@ -586,7 +586,7 @@ async fn subscription_writes(
             None if published.is_some() => (HealthSnapshot::default(), QueueCounts::default(), None),
             None => (
                 ctx.deliveries.health(&uid).unwrap_or_default(),
-                store.counts(&uid),
+                queues.counts(&uid),
                 None,
             ),
         };

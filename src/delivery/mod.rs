@@ -1,8 +1,8 @@
 //! Delivery: a fixed set of shards POST signed events to subscribers, retry on each
 //! subscription's schedule, and keep per-subscription health. A subscription lives on
-//! one shard (stable hash of its UID). Queues live behind the `Store` trait. This file is
-//! the registry (what each shard delivers for); the core below the inbound adapters:
-//! depends on `store`, `route`, `event`, `archive`, `metrics`, `panics`, `lifecycle` and
+//! one shard (stable hash of its UID). Queues live in the store (`store::Queue`); the
+//! store's other parts are handed from here to the code that uses each. This file is the
+//! registry (what each shard delivers for); the core below the inbound adapters: depends on `store`, `route`, `event`, `archive`, `metrics`, `panics`, `lifecycle` and
 //! `crypto`, never on a source or a controller.
 
 pub mod client;
@@ -35,7 +35,9 @@ use tracing::{Instrument, info_span, warn};
 use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
 use crate::route::Target;
-use crate::store::{BacklogCap, PendingDelivery, Store, StoreError};
+use crate::store::{
+    Archive, Backend, BacklogCap, EventLog, History, MailboxIndex, PendingDelivery, Queue, Store, StoreError,
+};
 use health::{Health, HealthSnapshot};
 pub use housekeeping::Housekeeping;
 use housekeeping::run_housekeeping;
@@ -655,8 +657,37 @@ impl Deliveries {
         self.health.lock().get(uid).map(|h| h.snapshot())
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    // The store's parts, for the code outside delivery that uses one: each sees only
+    // what it uses.
+
+    /// Where the sources store events.
+    pub fn events(&self) -> Arc<dyn EventLog> {
+        self.store.clone()
+    }
+
+    /// The mailbox index (IMAP reconciler, Dovecot push, journal).
+    pub fn index(&self) -> Arc<dyn MailboxIndex> {
+        self.store.clone()
+    }
+
+    /// The archive of raw messages.
+    pub fn archive(&self) -> Arc<dyn Archive> {
+        self.store.clone()
+    }
+
+    /// The attempt log and dead letters.
+    pub fn history(&self) -> Arc<dyn History> {
+        self.store.clone()
+    }
+
+    /// The queues' figures (counts, backlog, rows read), for status and metrics.
+    pub fn queues(&self) -> Arc<dyn Queue> {
+        self.store.clone()
+    }
+
+    /// The backend: whether it commits, how full it is, whether replicas share it.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        self.store.clone()
     }
 
     fn health_of(&self, uid: &str) -> Arc<Health> {
@@ -667,6 +698,43 @@ impl Deliveries {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn started(max_in_flight: usize) -> Arc<Deliveries> {
+        let store = crate::store::PagedStore::in_memory().unwrap_or_else(|e| panic!("store: {e}"));
+        Deliveries::start(
+            Capacity {
+                shards: 1,
+                max_in_flight,
+            },
+            Arc::new(store),
+            Metrics::new().unwrap_or_else(|e| panic!("metrics: {e}")),
+            Housekeeping::default(),
+            &Lifecycle::new(),
+            crate::handles::Leadership::default(),
+            Arc::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn deliveries_hold_to_a_few_requests_until_the_start_is_over() {
+        let d = started(512);
+        assert_eq!(d.in_flight.available_permits(), WARMUP_IN_FLIGHT, "while starting");
+        d.warmed_up();
+        assert_eq!(d.in_flight.available_permits(), 512, "started: every slot");
+        d.warmed_up();
+        assert_eq!(d.in_flight.available_permits(), 512, "idempotent");
+        // A limit below the start's share is the limit from the start.
+        assert_eq!(started(3).in_flight.available_permits(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_that_never_ends_holds_the_slots_back_for_the_grace_period_only() {
+        let d = started(512);
+        tokio::time::sleep(WARMUP_GRACE - std::time::Duration::from_secs(1)).await;
+        assert_eq!(d.in_flight.available_permits(), WARMUP_IN_FLIGHT);
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert_eq!(d.in_flight.available_permits(), 512);
+    }
 
     #[test]
     fn the_spec_overrides_the_default_figure_by_figure() {

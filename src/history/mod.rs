@@ -255,7 +255,7 @@ async fn attempts(
         Verb::Get,
     )
     .await?;
-    let store = history.deliveries.store().clone();
+    let store = history.deliveries.history();
     let uid = subscription.uid.clone();
     let items = blocking(move || store.attempts(&uid, since, limit)).await?;
     Ok(axum::Json(AttemptList { subscription, items }))
@@ -277,7 +277,7 @@ async fn dead_letters(
         Verb::Get,
     )
     .await?;
-    let store = history.deliveries.store().clone();
+    let store = history.deliveries.history();
     let uid = subscription.uid.clone();
     let items = blocking(move || store.dead_letters(&uid, since, limit)).await?;
     Ok(axum::Json(DeadLetterList { subscription, items }))

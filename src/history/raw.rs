@@ -72,7 +72,7 @@ async fn raw_message(
         };
         return refuse(status, err.to_string());
     }
-    let (store, id) = (state.deliveries.store().clone(), sha256.clone());
+    let (store, id) = (state.deliveries.archive(), sha256.clone());
     let found = tokio::task::spawn_blocking(move || store.raw_message(&id)).await;
     match found {
         Ok(Ok(Some((_, bytes)))) => (

@@ -40,7 +40,7 @@ pub async fn run(deliveries: Arc<Deliveries>, identity: String, stop: Cancellati
             .collect();
         let (d, who) = (deliveries.clone(), identity.clone());
         let written = tokio::task::spawn_blocking(move || {
-            d.store()
+            d.backend()
                 .sharing()
                 .map(|s| s.publish_health(&who, rows))
                 .unwrap_or(Ok(()))

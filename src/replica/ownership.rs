@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::delivery::Deliveries;
 use crate::handles::ReadinessPart;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::Backend;
 use crate::store::postgres::Database;
 use crate::store::postgres::shared::{Session, SharedError};
 
@@ -35,7 +35,7 @@ pub struct Ownership {
     pub database: Database,
     /// This replica's name (the pod's): what `shard_owners` and the status show.
     pub identity: String,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn Backend>,
     pub deliveries: Arc<Deliveries>,
     pub metrics: Metrics,
     /// Longest a shard being given back waits for its in-flight deliveries (the longest
@@ -325,7 +325,7 @@ impl Ownership {
 /// Claims what other replicas (and this one) committed for the shards owned, and wakes
 /// the shards that got work.
 async fn poll_arrivals(
-    store: Arc<dyn Store>,
+    store: Arc<dyn Backend>,
     deliveries: Arc<Deliveries>,
     stop: CancellationToken,
     failing: Arc<parking_lot::Mutex<Option<(Instant, String)>>>,

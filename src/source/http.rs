@@ -788,7 +788,7 @@ async fn dovecot_batch(
             let user_lock = intake.shared.locks.lock(&user).await;
             blocking(&state, held, move || {
                 let _user = user_lock;
-                let store = pipeline.deliveries.store().clone();
+                let store = pipeline.deliveries.index();
                 let mut failed = None;
                 let mut lookup = |key: &crate::store::MessageKey| match store.indexed_message(key) {
                     Ok(found) => found,

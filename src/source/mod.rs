@@ -79,7 +79,7 @@ pub struct Limits {
 impl Pipeline {
     /// Why the store cannot take new events right now (its commits fail), if it cannot.
     pub fn store_down(&self) -> Option<String> {
-        self.deliveries.store().unavailable()
+        self.deliveries.backend().unavailable()
     }
 
     /// Whether the store's commits fail for want of space (a full volume): answered as
@@ -90,7 +90,7 @@ impl Pipeline {
 
     /// Why new events are refused right now, if they are.
     pub fn overloaded(&self) -> Option<String> {
-        let store = self.deliveries.store();
+        let store = self.deliveries.backend();
         if let (Some(max), Some(bytes)) = (self.limits.max_store_bytes, store.disk_bytes())
             && bytes >= max
         {
@@ -203,7 +203,7 @@ impl Pipeline {
                 item.event.raw_message = None;
             }
         }
-        let store = self.deliveries.store();
+        let store = self.deliveries.events();
         let archiving = wanted.is_some();
         let stored = if index.is_empty() {
             store.ingest_archived(items, wanted)?

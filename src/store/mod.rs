@@ -1,6 +1,10 @@
-//! The store behind the event log and the delivery queues. The rest of the code knows
-//! only this trait; which backend runs is chosen at start-up. Depends on `event` and
-//! `crypto` only.
+//! The store behind the event log and the delivery queues, as one trait per consumer:
+//! `EventLog` (sources), `MailboxIndex` (the IMAP reconciler and the journal), `Archive`
+//! (raw messages), `Queue` (delivery shards), `History` (attempts and dead letters) and
+//! `Backend` (health, volume, sharing, secrets). A backend implements every part; `Store`
+//! is all of them, and each consumer is handed the part it uses. Which backend runs is
+//! chosen at start-up; `conformance` is the behaviour every backend must show. Depends on
+//! `event`, `crypto` and `memory` only.
 
 pub mod durable;
 pub mod paged;
@@ -399,12 +403,9 @@ pub trait Sharing: Send + Sync {
     fn fenced_writes(&self) -> u64;
 }
 
-pub trait Store: Send + Sync + 'static {
-    /// Set when several replicas share this store: the part of the work that is this
-    /// replica's is decided outside it.
-    fn sharing(&self) -> Option<&dyn Sharing> {
-        None
-    }
+/// The event log, as the sources use it: events stored with their deliveries in one
+/// durable write (producer ids de-duplicated), and read back by id.
+pub trait EventLog: Send + Sync {
     /// Stores events with their deliveries, atomically and durably before it returns;
     /// an event whose producer id was seen before is skipped, deliveries and all.
     fn ingest(&self, items: Vec<Ingest>) -> Result<Vec<Appended>, StoreError> {
@@ -415,6 +416,22 @@ pub trait Store: Send + Sync + 'static {
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError>;
     /// As `ingest`, applying `index` changes to the mailbox index in the same commit.
     fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError>;
+    fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError>;
+    /// The event if it is in memory (no disk or database read): async callers try this
+    /// first and read with `event` off the runtime only when it misses.
+    fn cached_event(&self, _id: &str) -> Option<Arc<MailboxEvent>> {
+        None
+    }
+    /// Forgets producer event ids first seen before `before`: a later event with one of
+    /// them is new again.
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
+    /// Events stored, for tests and figures.
+    fn event_count(&self) -> Result<u64, StoreError>;
+}
+
+/// The mailbox index the IMAP reconciler and the journal keep: what each user's folders
+/// held when last looked at, so a change is told from a repeat.
+pub trait MailboxIndex: Send + Sync {
     /// What the mailbox index knows of `user`'s mailbox (one folder, or all of them).
     fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError>;
     /// One message of the mailbox index.
@@ -423,19 +440,19 @@ pub trait Store: Send + Sync + 'static {
     fn indexed_users(&self) -> Result<Vec<String>, StoreError>;
     /// Forgets indexed messages indexed before `before`; returns how many.
     fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
+}
+
+/// Raw messages archived with the events that refer to them.
+pub trait Archive: Send + Sync {
     /// An archived raw message by its SHA-256, with when it was archived.
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError>;
     /// Deletes raw messages archived before `before`; returns how many.
     fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
-    /// A 32-byte secret kept with the data (created on first use), so what it signs stays
-    /// valid across restarts and dies with the store.
-    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
-    fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError>;
-    /// The event if it is in memory (no disk or database read): async callers try this
-    /// first and read with `event` off the runtime only when it misses.
-    fn cached_event(&self, _id: &str) -> Option<Arc<MailboxEvent>> {
-        None
-    }
+}
+
+/// The delivery queues, as the shards use them: take what is due, then complete, retry or
+/// give up each delivery; counts and caps per subscription.
+pub trait Queue: Send + Sync {
     /// Takes up to `max` deliveries of `subscription` that are due at `now` and marks
     /// them in flight. With `ordered`, a key with a delivery in flight or not yet due
     /// holds back every later delivery of that key.
@@ -455,18 +472,6 @@ pub trait Store: Send + Sync + 'static {
     fn retry(&self, delivery: PendingDelivery) -> Result<(), StoreError>;
     /// The delivery will not be tried again; keep it for replay.
     fn dead_letter(&self, delivery: PendingDelivery, reason: String) -> Result<(), StoreError>;
-    /// Adds an attempt to the subscription's audit log; it is committed no later than a
-    /// completion recorded after it.
-    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError>;
-    /// The subscription's attempts made at or after `since`, newest first.
-    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError>;
-    /// The subscription's dead letters given up at or after `since`, newest first.
-    fn dead_letters(
-        &self,
-        subscription: &str,
-        since: jiff::Timestamp,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError>;
     /// Queues again every dead letter given up at or after `since`, due at `now` with a
     /// fresh attempt count and age; returns how many. Durable when it returns.
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError>;
@@ -478,11 +483,6 @@ pub trait Store: Send + Sync + 'static {
         accepted_before: jiff::Timestamp,
         reason: &str,
     ) -> Result<Vec<PendingDelivery>, StoreError>;
-    /// Deletes dead letters and attempts older than `retention` allows.
-    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError>;
-    /// Forgets producer event ids first seen before `before`: a later event with one of
-    /// them is new again.
-    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
     fn counts(&self, subscription: &str) -> QueueCounts;
     /// Sets (or lifts, with None) the cap on a subscription's backlog, applied to the
     /// deliveries ingested from now on.
@@ -495,6 +495,45 @@ pub trait Store: Send + Sync + 'static {
     /// Records the namespace of a subscription that is about to get deliveries (kept until
     /// `forget_subscription`).
     fn note_subscription(&self, uid: &str, namespace: &str) -> Result<(), StoreError>;
+    /// Drops every delivery, dead letter and attempt of a deleted subscription.
+    fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError>;
+    /// Queued deliveries read from the store since start, for backends that page their
+    /// queues (a start reads each queue's head only, not the backlog).
+    fn queue_rows_read(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The delivery history: every attempt and every dead letter, for the history API and
+/// retention.
+pub trait History: Send + Sync {
+    /// Adds an attempt to the subscription's audit log; it is committed no later than a
+    /// completion recorded after it.
+    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError>;
+    /// The subscription's attempts made at or after `since`, newest first.
+    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError>;
+    /// The subscription's dead letters given up at or after `since`, newest first.
+    fn dead_letters(
+        &self,
+        subscription: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Deletes dead letters and attempts older than `retention` allows.
+    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError>;
+}
+
+/// The backend itself: whether it can commit, how full its volume is, whether replicas
+/// share it, and the secrets kept with the data.
+pub trait Backend: Send + Sync {
+    /// Set when several replicas share this store: the part of the work that is this
+    /// replica's is decided outside it.
+    fn sharing(&self) -> Option<&dyn Sharing> {
+        None
+    }
+    /// A 32-byte secret kept with the data (created on first use), so what it signs stays
+    /// valid across restarts and dies with the store.
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
     /// Commits that failed since start (writes nobody waits for included).
     fn commit_failures(&self) -> u64 {
         0
@@ -515,10 +554,6 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Drops every delivery, dead letter and attempt of a deleted subscription.
-    fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError>;
-    /// Events stored, for tests and figures.
-    fn event_count(&self) -> Result<u64, StoreError>;
     /// Bytes on disk, for backends that have a disk.
     fn disk_bytes(&self) -> Option<u64> {
         None
@@ -528,12 +563,13 @@ pub trait Store: Send + Sync + 'static {
     fn volume(&self) -> Option<(u64, u64)> {
         None
     }
-    /// Queued deliveries read from the store since start, for backends that page their
-    /// queues (a start reads each queue's head only, not the backlog).
-    fn queue_rows_read(&self) -> Option<u64> {
-        None
-    }
 }
+
+/// Every part of a store: what a backend implements and start-up wires. Each consumer
+/// is handed only the part it uses (`Deliveries::events`, `history`, ...).
+pub trait Store: EventLog + MailboxIndex + Archive + Queue + History + Backend + 'static {}
+
+impl<T: EventLog + MailboxIndex + Archive + Queue + History + Backend + 'static> Store for T {}
 
 /// The behaviour every backend must show; each backend's tests run it (the PostgreSQL
 /// backend's from `tests/postgres`, against a real server). Test support, not API.
@@ -584,17 +620,24 @@ pub mod conformance {
         store.ingest(items).expect("ingest");
     }
 
+    /// Every part's checks, each on a fresh store (most need events in to see anything out).
     pub fn run(make: &dyn Fn() -> Box<dyn Store>) {
+        // Queue
         unordered_takes_due_in_time_order_and_counts_backlog(make().as_ref());
         ordered_holds_back_later_events_of_a_busy_or_waiting_key(make().as_ref());
-        producer_ids_deduplicate_with_their_deliveries(make().as_ref());
         a_forgotten_subscription_leaves_nothing_behind(make().as_ref());
+        waiting_deliveries_past_their_age_become_dead_letters(make().as_ref());
+        // EventLog
+        producer_ids_deduplicate_with_their_deliveries(make().as_ref());
+        producer_ids_expire(make().as_ref());
+        // History (and the Queue's replay of dead letters)
         dead_letters_are_listed_replayed_and_purged_with_their_events(make().as_ref());
         attempts_are_logged_newest_first_and_purged_by_age_and_count(make().as_ref());
-        waiting_deliveries_past_their_age_become_dead_letters(make().as_ref());
-        producer_ids_expire(make().as_ref());
+        // Archive
         raw_messages_are_archived_with_their_events_only_and_purged_by_age(make().as_ref());
+        // Backend
         secrets_are_created_once(make().as_ref());
+        // MailboxIndex
         the_mailbox_index_follows_changes_and_is_purged_by_age(make().as_ref());
     }
 

@@ -9,7 +9,10 @@ use mailhook::store::postgres::{self, engine::Postgres, migrations};
 
 #[path = "../common/pg.rs"]
 mod pg;
-use mailhook::store::{DurableStore, Ingest, PagedStore, QueueCounts, Store, conformance};
+use mailhook::store::{
+    Archive, Backend, DurableStore, EventLog, History, Ingest, MailboxIndex, PagedStore, Queue, QueueCounts, Store,
+    conformance,
+};
 use pg::database;
 
 fn mailhook(args: &[&str]) -> (bool, String, String) {
@@ -476,7 +479,7 @@ impl Sole {
     }
 }
 
-impl Store for Sole {
+impl EventLog for Sole {
     fn ingest_archived(
         &self,
         items: Vec<Ingest>,
@@ -486,6 +489,7 @@ impl Store for Sole {
         self.sharing().claim_arrivals()?;
         Ok(out)
     }
+
     fn ingest_indexed(
         &self,
         items: Vec<Ingest>,
@@ -495,6 +499,22 @@ impl Store for Sole {
         self.sharing().claim_arrivals()?;
         Ok(out)
     }
+
+    fn event(&self, id: &str) -> Result<Option<Arc<mailhook::event::MailboxEvent>>, mailhook::store::StoreError> {
+        self.store.event(id)
+    }
+
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
+        self.store.purge_producer_ids(before)
+    }
+
+    fn event_count(&self) -> Result<u64, mailhook::store::StoreError> {
+        self.store.flush()?;
+        self.store.event_count()
+    }
+}
+
+impl MailboxIndex for Sole {
     fn indexed(
         &self,
         user: &str,
@@ -502,30 +522,34 @@ impl Store for Sole {
     ) -> Result<mailhook::store::IndexedMailbox, mailhook::store::StoreError> {
         self.store.indexed(user, folder)
     }
+
     fn indexed_message(
         &self,
         key: &mailhook::store::MessageKey,
     ) -> Result<Option<mailhook::store::IndexedMessage>, mailhook::store::StoreError> {
         self.store.indexed_message(key)
     }
+
     fn indexed_users(&self) -> Result<Vec<String>, mailhook::store::StoreError> {
         self.store.indexed_users()
     }
+
     fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
         self.store.purge_index(before)
     }
+}
+
+impl Archive for Sole {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, mailhook::store::StoreError> {
         self.store.raw_message(sha256)
     }
+
     fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
         self.store.purge_raw_messages(before)
     }
-    fn secret(&self, name: &str) -> Result<[u8; 32], mailhook::store::StoreError> {
-        self.store.secret(name)
-    }
-    fn event(&self, id: &str) -> Result<Option<Arc<mailhook::event::MailboxEvent>>, mailhook::store::StoreError> {
-        self.store.event(id)
-    }
+}
+
+impl Queue for Sole {
     fn take_due(
         &self,
         subscription: &str,
@@ -535,18 +559,22 @@ impl Store for Sole {
     ) -> Result<Vec<mailhook::store::PendingDelivery>, mailhook::store::StoreError> {
         self.store.take_due(subscription, now, max, ordered)
     }
+
     fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
         self.store.next_due(subscription)
     }
+
     fn complete(
         &self,
         d: &mailhook::store::PendingDelivery,
     ) -> Result<mailhook::store::Durable, mailhook::store::StoreError> {
         self.store.complete(d)
     }
+
     fn retry(&self, d: mailhook::store::PendingDelivery) -> Result<(), mailhook::store::StoreError> {
         self.store.retry(d)
     }
+
     fn dead_letter(
         &self,
         d: mailhook::store::PendingDelivery,
@@ -554,25 +582,7 @@ impl Store for Sole {
     ) -> Result<(), mailhook::store::StoreError> {
         self.store.dead_letter(d, reason)
     }
-    fn record_attempt(&self, a: mailhook::store::Attempt) -> Result<(), mailhook::store::StoreError> {
-        self.store.record_attempt(a)
-    }
-    fn attempts(
-        &self,
-        s: &str,
-        since: jiff::Timestamp,
-        limit: usize,
-    ) -> Result<Vec<mailhook::store::Attempt>, mailhook::store::StoreError> {
-        self.store.attempts(s, since, limit)
-    }
-    fn dead_letters(
-        &self,
-        s: &str,
-        since: jiff::Timestamp,
-        limit: usize,
-    ) -> Result<Vec<mailhook::store::DeadLetter>, mailhook::store::StoreError> {
-        self.store.dead_letters(s, since, limit)
-    }
+
     fn replay(
         &self,
         s: &str,
@@ -581,6 +591,7 @@ impl Store for Sole {
     ) -> Result<u64, mailhook::store::StoreError> {
         self.store.replay(s, since, now)
     }
+
     fn expire(
         &self,
         s: &str,
@@ -589,6 +600,55 @@ impl Store for Sole {
     ) -> Result<Vec<mailhook::store::PendingDelivery>, mailhook::store::StoreError> {
         self.store.expire(s, before, reason)
     }
+
+    fn counts(&self, s: &str) -> QueueCounts {
+        self.store.counts(s)
+    }
+
+    fn limit_backlog(&self, s: &str, cap: Option<mailhook::store::BacklogCap>) {
+        self.store.limit_backlog(s, cap)
+    }
+
+    fn total_backlog(&self) -> u64 {
+        self.sharing().refresh_backlog().unwrap_or(0)
+    }
+
+    fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, mailhook::store::StoreError> {
+        self.store.subscriptions()
+    }
+
+    fn note_subscription(&self, uid: &str, ns: &str) -> Result<(), mailhook::store::StoreError> {
+        self.store.note_subscription(uid, ns)
+    }
+
+    fn forget_subscription(&self, s: &str) -> Result<(), mailhook::store::StoreError> {
+        self.store.forget_subscription(s)
+    }
+}
+
+impl History for Sole {
+    fn record_attempt(&self, a: mailhook::store::Attempt) -> Result<(), mailhook::store::StoreError> {
+        self.store.record_attempt(a)
+    }
+
+    fn attempts(
+        &self,
+        s: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<mailhook::store::Attempt>, mailhook::store::StoreError> {
+        self.store.attempts(s, since, limit)
+    }
+
+    fn dead_letters(
+        &self,
+        s: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<mailhook::store::DeadLetter>, mailhook::store::StoreError> {
+        self.store.dead_letters(s, since, limit)
+    }
+
     fn purge(
         &self,
         s: &str,
@@ -596,33 +656,15 @@ impl Store for Sole {
     ) -> Result<mailhook::store::Purged, mailhook::store::StoreError> {
         self.store.purge(s, retention)
     }
-    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
-        self.store.purge_producer_ids(before)
+}
+
+impl Backend for Sole {
+    fn secret(&self, name: &str) -> Result<[u8; 32], mailhook::store::StoreError> {
+        self.store.secret(name)
     }
-    fn counts(&self, s: &str) -> QueueCounts {
-        self.store.counts(s)
-    }
-    fn limit_backlog(&self, s: &str, cap: Option<mailhook::store::BacklogCap>) {
-        self.store.limit_backlog(s, cap)
-    }
-    fn total_backlog(&self) -> u64 {
-        self.sharing().refresh_backlog().unwrap_or(0)
-    }
-    fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, mailhook::store::StoreError> {
-        self.store.subscriptions()
-    }
-    fn note_subscription(&self, uid: &str, ns: &str) -> Result<(), mailhook::store::StoreError> {
-        self.store.note_subscription(uid, ns)
-    }
+
     fn flush(&self) -> Result<(), mailhook::store::StoreError> {
         self.store.flush()
-    }
-    fn forget_subscription(&self, s: &str) -> Result<(), mailhook::store::StoreError> {
-        self.store.forget_subscription(s)
-    }
-    fn event_count(&self) -> Result<u64, mailhook::store::StoreError> {
-        self.store.flush()?;
-        self.store.event_count()
     }
 }
 

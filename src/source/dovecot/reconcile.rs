@@ -409,7 +409,7 @@ impl Reconciler {
     /// time, until `stop`.
     pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
         let mut first_seen = self.shared.first_seen();
-        let store = self.pipeline.deliveries.store().clone();
+        let store = self.pipeline.deliveries.index();
         let users = match tokio::task::spawn_blocking(move || store.indexed_users()).await {
             Ok(Ok(users)) => users,
             Ok(Err(err)) => {
@@ -490,7 +490,7 @@ impl Reconciler {
         let indexed_before = jiff::Timestamp::now().as_second().saturating_sub(1);
         let mut session = self.login(user).await?;
         let snapshot = snapshot(&mut session).await?;
-        let store = self.pipeline.deliveries.store().clone();
+        let store = self.pipeline.deliveries.index();
         let who = user.to_string();
         let index = tokio::task::spawn_blocking(move || store.indexed(&who, None)).await??;
         let plan = plan(user, &snapshot, &index, indexed_before);

@@ -37,8 +37,9 @@ use self::schema::{StoredDelivery, create_tables, io, json, nanos};
 use self::state::{Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
-    Appended, Attempt, DeadLetter, Durable, IndexChange, IndexedFolder, IndexedMailbox, IndexedMessage, Ingest,
-    MessageKey, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store, StoreError, index_key,
+    Appended, Archive, Attempt, Backend, DeadLetter, Durable, EventLog, History, IndexChange, IndexedFolder,
+    IndexedMailbox, IndexedMessage, Ingest, MailboxIndex, MessageKey, PendingDelivery, Purged, Queue, QueueCounts,
+    RawMessage, Retention, StoreError, index_key,
 };
 use crate::event::MailboxEvent;
 
@@ -351,16 +352,7 @@ impl DurableStore {
     }
 }
 
-impl Store for DurableStore {
-    fn flush(&self) -> Result<(), StoreError> {
-        // Jobs commit in order: an empty one that is durable means all before it are.
-        self.send(Vec::new(), true)
-    }
-
-    fn sharing(&self) -> Option<&dyn super::Sharing> {
-        self.shared.as_ref().map(|_| self as &dyn super::Sharing)
-    }
-
+impl EventLog for DurableStore {
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
         self.ingest_with(items, raw, Vec::new())
     }
@@ -370,6 +362,48 @@ impl Store for DurableStore {
         self.ingest_with(items, None, ops)
     }
 
+    fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
+        lock(&self.state).cache.get(id).cloned()
+    }
+
+    fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
+        if let Some(e) = self.cached_event(id) {
+            return Ok(Some(e));
+        }
+        match self.engine.event(id)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(Arc::new(serde_json::from_slice(&bytes).map_err(io)?))),
+        }
+    }
+
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.engine.purge_producers(before.as_second());
+        }
+        let mut ops = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            while state.producer_order.front().is_some_and(|(at, _)| *at < before) {
+                let Some((_, pid)) = state.producer_order.pop_front() else {
+                    break;
+                };
+                state.producer_ids.remove(&pid);
+                ops.push(Op::DeleteProducer(pid));
+            }
+        }
+        let n = ops.len() as u64;
+        if n > 0 {
+            self.send(ops, false)?;
+        }
+        Ok(n)
+    }
+
+    fn event_count(&self) -> Result<u64, StoreError> {
+        self.engine.event_count()
+    }
+}
+
+impl MailboxIndex for DurableStore {
     fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
         indexed(self.engine.as_ref(), user, folder)
     }
@@ -392,7 +426,9 @@ impl Store for DurableStore {
         }
         Ok(n)
     }
+}
 
+impl Archive for DurableStore {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
         raw_message(self.engine.as_ref(), sha256)
     }
@@ -405,25 +441,9 @@ impl Store for DurableStore {
         }
         Ok(n)
     }
+}
 
-    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
-        self.engine.secret(name)
-    }
-
-    fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
-        lock(&self.state).cache.get(id).cloned()
-    }
-
-    fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
-        if let Some(e) = self.cached_event(id) {
-            return Ok(Some(e));
-        }
-        match self.engine.event(id)? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(Arc::new(serde_json::from_slice(&bytes).map_err(io)?))),
-        }
-    }
-
+impl Queue for DurableStore {
     fn take_due(
         &self,
         subscription: &str,
@@ -506,74 +526,6 @@ impl Store for DurableStore {
         Ok(())
     }
 
-    fn commit_failures(&self) -> u64 {
-        self.commit_failures.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn unavailable(&self) -> Option<String> {
-        self.outage.reason()
-    }
-
-    fn commits_fail(&self) -> Option<String> {
-        self.outage.failing()
-    }
-
-    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
-        let bytes = json(&attempt)?;
-        let key = {
-            let mut state = lock(&self.state);
-            // Per delivery: no key allocation once the subscription has a count.
-            match state.attempts.get_mut(&attempt.subscription) {
-                Some(n) => *n += 1,
-                None => {
-                    state.attempts.insert(attempt.subscription.clone(), 1);
-                }
-            }
-            state.attempt_key(attempt.at)
-        };
-        self.send(vec![Op::PutAttempt(attempt.subscription, key, bytes)], false)
-    }
-
-    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
-        self.flush()?;
-        let mut out = Vec::new();
-        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
-            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
-            attempt.subscription = subscription.to_string();
-            out.push(attempt);
-        }
-        Ok(out)
-    }
-
-    fn dead_letters(
-        &self,
-        subscription: &str,
-        since: jiff::Timestamp,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.flush()?;
-        // Another replica's shard: its dead letters are read from the database.
-        if let Some(shared) = self.shared.as_ref().filter(|s| !s.owns_subscription(subscription)) {
-            let rows = shared
-                .engine
-                .dead_letters_of(shared.shard(subscription), subscription)?;
-            let mut out: Vec<(u64, DeadLetter)> = rows
-                .into_iter()
-                .filter_map(|(seq, bytes)| parse_row(seq, &bytes).map(|d| (seq, d)))
-                .map(|(seq, d)| (seq, d.into_dead_letter()))
-                .filter(|(_, d)| d.dead_at >= since)
-                .collect();
-            out.sort_by(|a, b| b.1.dead_at.cmp(&a.1.dead_at).then(b.0.cmp(&a.0)));
-            out.truncate(limit);
-            return Ok(out.into_iter().map(|(_, d)| d).collect());
-        }
-        let mut seqs: Vec<(u64, Dead)> = lock(&self.state).queues.dead(subscription, since, true);
-        seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
-        seqs.truncate(limit);
-        let stored = self.read_deliveries(engine::Deliveries::Dead, seqs.into_iter().map(|(s, _)| s))?;
-        Ok(stored.into_iter().map(|(_, d)| d.into_dead_letter()).collect())
-    }
-
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
         self.flush()?;
         let seqs: Vec<u64> = lock(&self.state)
@@ -647,63 +599,6 @@ impl Store for DurableStore {
         Ok(expired)
     }
 
-    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
-        let mut ops = Vec::new();
-        let mut purged = Purged::default();
-        // Attempts: the expired ones plus any beyond the cap are the oldest `n` in the range.
-        // No flush first (it would cost a commit per subscription per round): attempts still
-        // queued are the newest, so at worst an expired one waits for the next round, and the
-        // trim runs after them in commit order.
-        let expired = self
-            .engine
-            .attempts_before(subscription, nanos(retention.attempts_before))?;
-        let mut state = lock(&self.state);
-        let logged = state.attempts.get(subscription).copied().unwrap_or(0);
-        let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
-        purged.attempts = (expired + over).min(logged);
-        if purged.attempts > 0 {
-            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
-            if let Some(n) = state.attempts.get_mut(subscription) {
-                *n -= purged.attempts;
-            }
-        }
-        for (seq, dead) in state.queues.dead(subscription, retention.dead_letters_before, false) {
-            state.queues.remove_dead(subscription, seq);
-            ops.push(Op::DeleteDead(seq));
-            if state.release(&dead.event_id, Ref::Dead) {
-                ops.push(Op::DeleteEvent(dead.event_id));
-            }
-            purged.dead_letters += 1;
-        }
-        drop(state);
-        if !ops.is_empty() {
-            self.send(ops, false)?;
-        }
-        Ok(purged)
-    }
-
-    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        if let Some(shared) = &self.shared {
-            return shared.engine.purge_producers(before.as_second());
-        }
-        let mut ops = Vec::new();
-        {
-            let mut state = lock(&self.state);
-            while state.producer_order.front().is_some_and(|(at, _)| *at < before) {
-                let Some((_, pid)) = state.producer_order.pop_front() else {
-                    break;
-                };
-                state.producer_ids.remove(&pid);
-                ops.push(Op::DeleteProducer(pid));
-            }
-        }
-        let n = ops.len() as u64;
-        if n > 0 {
-            self.send(ops, false)?;
-        }
-        Ok(n)
-    }
-
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
         let mut ops: Vec<Op> = Vec::new();
         {
@@ -773,9 +668,125 @@ impl Store for DurableStore {
             None => state.caps.remove(subscription),
         };
     }
+}
 
-    fn event_count(&self) -> Result<u64, StoreError> {
-        self.engine.event_count()
+impl History for DurableStore {
+    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
+        let bytes = json(&attempt)?;
+        let key = {
+            let mut state = lock(&self.state);
+            // Per delivery: no key allocation once the subscription has a count.
+            match state.attempts.get_mut(&attempt.subscription) {
+                Some(n) => *n += 1,
+                None => {
+                    state.attempts.insert(attempt.subscription.clone(), 1);
+                }
+            }
+            state.attempt_key(attempt.at)
+        };
+        self.send(vec![Op::PutAttempt(attempt.subscription, key, bytes)], false)
+    }
+
+    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
+        self.flush()?;
+        let mut out = Vec::new();
+        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
+            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
+            attempt.subscription = subscription.to_string();
+            out.push(attempt);
+        }
+        Ok(out)
+    }
+
+    fn dead_letters(
+        &self,
+        subscription: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.flush()?;
+        // Another replica's shard: its dead letters are read from the database.
+        if let Some(shared) = self.shared.as_ref().filter(|s| !s.owns_subscription(subscription)) {
+            let rows = shared
+                .engine
+                .dead_letters_of(shared.shard(subscription), subscription)?;
+            let mut out: Vec<(u64, DeadLetter)> = rows
+                .into_iter()
+                .filter_map(|(seq, bytes)| parse_row(seq, &bytes).map(|d| (seq, d)))
+                .map(|(seq, d)| (seq, d.into_dead_letter()))
+                .filter(|(_, d)| d.dead_at >= since)
+                .collect();
+            out.sort_by(|a, b| b.1.dead_at.cmp(&a.1.dead_at).then(b.0.cmp(&a.0)));
+            out.truncate(limit);
+            return Ok(out.into_iter().map(|(_, d)| d).collect());
+        }
+        let mut seqs: Vec<(u64, Dead)> = lock(&self.state).queues.dead(subscription, since, true);
+        seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
+        seqs.truncate(limit);
+        let stored = self.read_deliveries(engine::Deliveries::Dead, seqs.into_iter().map(|(s, _)| s))?;
+        Ok(stored.into_iter().map(|(_, d)| d.into_dead_letter()).collect())
+    }
+
+    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
+        let mut ops = Vec::new();
+        let mut purged = Purged::default();
+        // Attempts: the expired ones plus any beyond the cap are the oldest `n` in the range.
+        // No flush first (it would cost a commit per subscription per round): attempts still
+        // queued are the newest, so at worst an expired one waits for the next round, and the
+        // trim runs after them in commit order.
+        let expired = self
+            .engine
+            .attempts_before(subscription, nanos(retention.attempts_before))?;
+        let mut state = lock(&self.state);
+        let logged = state.attempts.get(subscription).copied().unwrap_or(0);
+        let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
+        purged.attempts = (expired + over).min(logged);
+        if purged.attempts > 0 {
+            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
+            if let Some(n) = state.attempts.get_mut(subscription) {
+                *n -= purged.attempts;
+            }
+        }
+        for (seq, dead) in state.queues.dead(subscription, retention.dead_letters_before, false) {
+            state.queues.remove_dead(subscription, seq);
+            ops.push(Op::DeleteDead(seq));
+            if state.release(&dead.event_id, Ref::Dead) {
+                ops.push(Op::DeleteEvent(dead.event_id));
+            }
+            purged.dead_letters += 1;
+        }
+        drop(state);
+        if !ops.is_empty() {
+            self.send(ops, false)?;
+        }
+        Ok(purged)
+    }
+}
+
+impl Backend for DurableStore {
+    fn flush(&self) -> Result<(), StoreError> {
+        // Jobs commit in order: an empty one that is durable means all before it are.
+        self.send(Vec::new(), true)
+    }
+
+    fn sharing(&self) -> Option<&dyn super::Sharing> {
+        self.shared.as_ref().map(|_| self as &dyn super::Sharing)
+    }
+
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        self.engine.secret(name)
+    }
+
+    fn commit_failures(&self) -> u64 {
+        self.commit_failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.outage.reason()
+    }
+
+    fn commits_fail(&self) -> Option<String> {
+        self.outage.failing()
     }
 
     fn disk_bytes(&self) -> Option<u64> {

@@ -26,8 +26,9 @@ use super::durable::committer::{self, Job, Op, Outage, Reply, commit_loop};
 use super::durable::engine::{Engine, PagedEngine, Redb, redb_cache_bytes};
 use super::durable::schema::{StoredDelivery, create_tables, io, json};
 use super::{
-    Appended, Attempt, BacklogCap, DeadLetter, Durable, IndexChange, IndexedMailbox, IndexedMessage, Ingest,
-    MessageKey, PendingDelivery, Purged, QueueCounts, RawMessage, Retention, Store, StoreError,
+    Appended, Archive, Attempt, Backend, BacklogCap, DeadLetter, Durable, EventLog, History, IndexChange,
+    IndexedMailbox, IndexedMessage, Ingest, MailboxIndex, MessageKey, PendingDelivery, Purged, Queue, QueueCounts,
+    RawMessage, Retention, StoreError,
 };
 use crate::event::MailboxEvent;
 
@@ -478,11 +479,7 @@ impl PagedStore {
     }
 }
 
-impl Store for PagedStore {
-    fn flush(&self) -> Result<(), StoreError> {
-        self.wait_for(Vec::new(), false)
-    }
-
+impl EventLog for PagedStore {
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError> {
         self.ingest_with(items, raw, Vec::new())
     }
@@ -492,6 +489,48 @@ impl Store for PagedStore {
         self.ingest_with(items, None, ops)
     }
 
+    fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
+        self.state.lock().cache.get(id).cloned()
+    }
+
+    fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
+        if let Some(e) = self.cached_event(id) {
+            return Ok(Some(e));
+        }
+        match self.engine.event(id)? {
+            None => Ok(None),
+            Some(bytes) => {
+                let event = Arc::new(serde_json::from_slice::<MailboxEvent>(&bytes).map_err(io)?);
+                self.state.lock().cache(event.clone());
+                Ok(Some(event))
+            }
+        }
+    }
+
+    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
+        let mut n = 0;
+        loop {
+            let old = self.engine.producers_before(before.as_second(), SWEEP)?;
+            if old.is_empty() {
+                break;
+            }
+            let more = old.len() == SWEEP;
+            n += old.len() as u64;
+            let ops = old.into_iter().map(|(at, p)| Op::DeleteAgedProducer(p, at)).collect();
+            self.wait_for(ops, false)?;
+            if !more {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    fn event_count(&self) -> Result<u64, StoreError> {
+        self.engine.event_count()
+    }
+}
+
+impl MailboxIndex for PagedStore {
     fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
         super::durable::indexed(self.engine.as_ref() as &dyn Engine, user, folder)
     }
@@ -514,7 +553,9 @@ impl Store for PagedStore {
         }
         Ok(n)
     }
+}
 
+impl Archive for PagedStore {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
         super::durable::raw_message(self.engine.as_ref() as &dyn Engine, sha256)
     }
@@ -527,29 +568,9 @@ impl Store for PagedStore {
         }
         Ok(n)
     }
+}
 
-    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
-        self.engine.secret(name)
-    }
-
-    fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
-        self.state.lock().cache.get(id).cloned()
-    }
-
-    fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError> {
-        if let Some(e) = self.cached_event(id) {
-            return Ok(Some(e));
-        }
-        match self.engine.event(id)? {
-            None => Ok(None),
-            Some(bytes) => {
-                let event = Arc::new(serde_json::from_slice::<MailboxEvent>(&bytes).map_err(io)?);
-                self.state.lock().cache(event.clone());
-                Ok(Some(event))
-            }
-        }
-    }
-
+impl Queue for PagedStore {
     fn take_due(
         &self,
         subscription: &str,
@@ -673,45 +694,6 @@ impl Store for PagedStore {
         f.dead += 1;
         f.oldest = None;
         Ok(())
-    }
-
-    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
-        let bytes = json(&attempt)?;
-        let key = self.state.lock().attempt_key(attempt.at);
-        self.submit(
-            vec![Op::PutAttempt(attempt.subscription, key, bytes)],
-            Reply::None,
-            true,
-        )?;
-        Ok(())
-    }
-
-    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
-        self.settle()?;
-        let mut out = Vec::new();
-        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
-            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
-            attempt.subscription = subscription.to_string();
-            out.push(attempt);
-        }
-        Ok(out)
-    }
-
-    fn dead_letters(
-        &self,
-        subscription: &str,
-        since: jiff::Timestamp,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.settle()?;
-        let rows = self
-            .engine
-            .dead_range(subscription, nanos(since), u64::MAX, true, limit)?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(_, _, body)| serde_json::from_slice::<StoredDelivery>(&body).ok())
-            .map(StoredDelivery::into_dead_letter)
-            .collect())
     }
 
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
@@ -852,62 +834,6 @@ impl Store for PagedStore {
         Ok(expired)
     }
 
-    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
-        let _sweep = self.sweeps.lock();
-        // Reads below see every write queued before (a dead letter just made).
-        self.settle()?;
-        let mut ops = Vec::new();
-        let mut purged = Purged::default();
-        let expired = self
-            .engine
-            .attempts_before(subscription, nanos(retention.attempts_before))?;
-        let logged = self.engine.attempts_before(subscription, u64::MAX)?;
-        let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
-        purged.attempts = (expired + over).min(logged);
-        if purged.attempts > 0 {
-            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
-        }
-        let old = self
-            .engine
-            .dead_range(subscription, 0, nanos(retention.dead_letters_before), false, SWEEP)?;
-        for (at, seq, body) in &old {
-            ops.push(Op::Unbury(subscription.to_string(), *seq, *at));
-            if let Ok(stored) = serde_json::from_slice::<StoredDelivery>(body) {
-                ops.push(Op::ReleaseEvent(stored.event_id));
-            }
-        }
-        purged.dead_letters = old.len() as u64;
-        if purged.dead_letters > 0 {
-            let n = i64::try_from(purged.dead_letters).unwrap_or(i64::MAX);
-            ops.push(Op::Stats(subscription.to_string(), 0, 0, -n));
-        }
-        if !ops.is_empty() {
-            self.wait_for(ops, false)?;
-            let mut state = self.state.lock();
-            let f = state.figures.entry(subscription.to_string()).or_default();
-            f.dead = f.dead.saturating_sub(purged.dead_letters);
-        }
-        Ok(purged)
-    }
-
-    fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let mut n = 0;
-        loop {
-            let old = self.engine.producers_before(before.as_second(), SWEEP)?;
-            if old.is_empty() {
-                break;
-            }
-            let more = old.len() == SWEEP;
-            n += old.len() as u64;
-            let ops = old.into_iter().map(|(at, p)| Op::DeleteAgedProducer(p, at)).collect();
-            self.wait_for(ops, false)?;
-            if !more {
-                break;
-            }
-        }
-        Ok(n)
-    }
-
     fn counts(&self, subscription: &str) -> QueueCounts {
         let mut state = self.state.lock();
         let in_flight = state
@@ -993,18 +919,6 @@ impl Store for PagedStore {
         Ok(())
     }
 
-    fn commit_failures(&self) -> u64 {
-        self.commit_failures.load(Ordering::Relaxed)
-    }
-
-    fn unavailable(&self) -> Option<String> {
-        self.outage.reason()
-    }
-
-    fn commits_fail(&self) -> Option<String> {
-        self.outage.failing()
-    }
-
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
         {
             let mut state = self.state.lock();
@@ -1023,8 +937,109 @@ impl Store for PagedStore {
         )
     }
 
-    fn event_count(&self) -> Result<u64, StoreError> {
-        self.engine.event_count()
+    fn queue_rows_read(&self) -> Option<u64> {
+        Some(self.rows_read())
+    }
+}
+
+impl History for PagedStore {
+    fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
+        let bytes = json(&attempt)?;
+        let key = self.state.lock().attempt_key(attempt.at);
+        self.submit(
+            vec![Op::PutAttempt(attempt.subscription, key, bytes)],
+            Reply::None,
+            true,
+        )?;
+        Ok(())
+    }
+
+    fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
+        self.settle()?;
+        let mut out = Vec::new();
+        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
+            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
+            attempt.subscription = subscription.to_string();
+            out.push(attempt);
+        }
+        Ok(out)
+    }
+
+    fn dead_letters(
+        &self,
+        subscription: &str,
+        since: jiff::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.settle()?;
+        let rows = self
+            .engine
+            .dead_range(subscription, nanos(since), u64::MAX, true, limit)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, _, body)| serde_json::from_slice::<StoredDelivery>(&body).ok())
+            .map(StoredDelivery::into_dead_letter)
+            .collect())
+    }
+
+    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
+        let _sweep = self.sweeps.lock();
+        // Reads below see every write queued before (a dead letter just made).
+        self.settle()?;
+        let mut ops = Vec::new();
+        let mut purged = Purged::default();
+        let expired = self
+            .engine
+            .attempts_before(subscription, nanos(retention.attempts_before))?;
+        let logged = self.engine.attempts_before(subscription, u64::MAX)?;
+        let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
+        purged.attempts = (expired + over).min(logged);
+        if purged.attempts > 0 {
+            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
+        }
+        let old = self
+            .engine
+            .dead_range(subscription, 0, nanos(retention.dead_letters_before), false, SWEEP)?;
+        for (at, seq, body) in &old {
+            ops.push(Op::Unbury(subscription.to_string(), *seq, *at));
+            if let Ok(stored) = serde_json::from_slice::<StoredDelivery>(body) {
+                ops.push(Op::ReleaseEvent(stored.event_id));
+            }
+        }
+        purged.dead_letters = old.len() as u64;
+        if purged.dead_letters > 0 {
+            let n = i64::try_from(purged.dead_letters).unwrap_or(i64::MAX);
+            ops.push(Op::Stats(subscription.to_string(), 0, 0, -n));
+        }
+        if !ops.is_empty() {
+            self.wait_for(ops, false)?;
+            let mut state = self.state.lock();
+            let f = state.figures.entry(subscription.to_string()).or_default();
+            f.dead = f.dead.saturating_sub(purged.dead_letters);
+        }
+        Ok(purged)
+    }
+}
+
+impl Backend for PagedStore {
+    fn flush(&self) -> Result<(), StoreError> {
+        self.wait_for(Vec::new(), false)
+    }
+
+    fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        self.engine.secret(name)
+    }
+
+    fn commit_failures(&self) -> u64 {
+        self.commit_failures.load(Ordering::Relaxed)
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.outage.reason()
+    }
+
+    fn commits_fail(&self) -> Option<String> {
+        self.outage.failing()
     }
 
     fn disk_bytes(&self) -> Option<u64> {
@@ -1033,10 +1048,6 @@ impl Store for PagedStore {
 
     fn volume(&self) -> Option<(u64, u64)> {
         self.engine.volume()
-    }
-
-    fn queue_rows_read(&self) -> Option<u64> {
-        Some(self.rows_read())
     }
 }
 
