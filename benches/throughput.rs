@@ -120,6 +120,8 @@ async fn rig(subscriptions: usize) -> Rig {
         mailhook::handles::Leadership::sole(),
         router.clone(),
     );
+    // No controllers here to end the start: every request slot at once.
+    deliveries.warmed_up();
     // The receiver is on loopback, which the egress guard refuses unless allowed.
     let egress = Arc::new(mailhook::delivery::egress::EgressPolicy {
         allow: vec!["127.0.0.0/8".parse().expect("net")],

@@ -499,7 +499,8 @@ pub struct DeliveryArgs {
     /// The most delivery requests in flight at once over every subscription (a batch is
     /// one). Each holds its events, its body and a connection: this bounds what many
     /// subscriptions draining together cost in memory. Subscriptions waiting for a slot
-    /// take turns; each still has its own `delivery.concurrency`.
+    /// take turns; each still has its own `delivery.concurrency`. Until the start is over
+    /// (every resource reconciled, or 30 s) at most 4 are in flight: the start goes first.
     #[arg(long, env = "MAILHOOK_MAX_DELIVERIES_IN_FLIGHT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_deliveries_in_flight: u32,
 

@@ -306,7 +306,7 @@ impl Metrics {
             )?,
             requests_in_flight_limit: prometheus::IntGauge::new(
                 "mailhook_delivery_requests_in_flight_limit",
-                "The most delivery requests in flight at once over every subscription (--max-deliveries-in-flight); while the first metric is at it, subscriptions take turns for free slots.",
+                "The most delivery requests in flight at once over every subscription (--max-deliveries-in-flight; 4 until the start is over); while the first metric is at it, subscriptions take turns for free slots.",
             )?,
             registry,
         };

@@ -52,6 +52,7 @@ fn world() -> &'static World {
                 router.clone(),
             )
         });
+        deliveries.warmed_up();
         // Mail to one non-ASCII domain is routed and stored; the rest is parsed and dropped.
         let spec = MailboxFilterSpec {
             criteria: MatchCriteria {

@@ -1,6 +1,7 @@
 //! The status writer: the one place that writes status. It composes what the reconcilers
 //! decided (Ready) with what delivery measured (Healthy, counters) and patches the status
-//! subresource at a bounded rate: at once when a condition changes, otherwise at most
+//! subresource at a bounded rate: within a pass (passes are at least `PASS_SPACING`, 250 ms,
+//! apart) when a condition changes, otherwise at most
 //! every `COUNTER_INTERVAL` per resource, however many events flow. Writes run in the
 //! background, `WRITE_CONCURRENCY` at a time and within the client-side API budget
 //! (`ApiLimiter`), condition changes before counter refreshes: a slow write holds up only
@@ -367,7 +368,8 @@ impl Writer {
     }
 }
 
-/// Writes status until `shutdown`: a pass every TICK or when woken, whatever is in flight;
+/// Writes status until `shutdown`: a pass every TICK or when woken (PASS_SPACING apart),
+/// whatever is in flight;
 /// a write's slot is refilled as soon as it finishes.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut writer = Writer::default();

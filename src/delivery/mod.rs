@@ -128,7 +128,8 @@ pub struct Deliveries {
     store: Arc<dyn Store>,
     health: Mutex<HashMap<String, Arc<Health>>>,
     metrics: Metrics,
-    /// Notified when a subscription's health class changes: status is written at once.
+    /// Notified when a subscription's health class changes: status is written within a
+    /// status pass (at most 250 ms).
     pub health_changed: Arc<Notify>,
     /// Endpoint verification handshakes, by subscription UID.
     handshakes: Mutex<HashMap<String, verification::Handshake>>,
@@ -213,6 +214,7 @@ impl Deliveries {
             && held > 0
         {
             *deliveries.warmup.lock() = deliveries.in_flight.clone().try_acquire_many_owned(held).ok();
+            deliveries.metrics.requests_in_flight_limit.set(WARMUP_IN_FLIGHT as i64);
             let weak = Arc::downgrade(&deliveries);
             tokio::spawn(async move {
                 tokio::time::sleep(WARMUP_GRACE).await;
@@ -245,7 +247,10 @@ impl Deliveries {
     /// The start is over (every resource reconciled): deliveries may use every request
     /// slot. Idempotent.
     pub fn warmed_up(&self) {
-        if self.warmup.lock().take().is_some() {
+        if let Some(held) = self.warmup.lock().take() {
+            let limit = held.num_permits() + WARMUP_IN_FLIGHT;
+            drop(held);
+            self.metrics.requests_in_flight_limit.set(limit as i64);
             tracing::debug!("started: deliveries use every request slot");
         }
     }
@@ -680,7 +685,8 @@ impl Deliveries {
         self.store.clone()
     }
 
-    /// The queues' figures (counts, backlog, rows read), for status and metrics.
+    /// The queues, for status and metrics, which read their figures (counts, backlog,
+    /// rows read) and nothing else.
     pub fn queues(&self) -> Arc<dyn Queue> {
         self.store.clone()
     }
@@ -719,8 +725,10 @@ mod tests {
     async fn deliveries_hold_to_a_few_requests_until_the_start_is_over() {
         let d = started(512);
         assert_eq!(d.in_flight.available_permits(), WARMUP_IN_FLIGHT, "while starting");
+        assert_eq!(d.metrics.requests_in_flight_limit.get(), WARMUP_IN_FLIGHT as i64);
         d.warmed_up();
         assert_eq!(d.in_flight.available_permits(), 512, "started: every slot");
+        assert_eq!(d.metrics.requests_in_flight_limit.get(), 512);
         d.warmed_up();
         assert_eq!(d.in_flight.available_permits(), 512, "idempotent");
         // A limit below the start's share is the limit from the start.

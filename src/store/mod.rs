@@ -4,7 +4,7 @@
 //! `Backend` (health, volume, sharing, secrets). A backend implements every part; `Store`
 //! is all of them, and each consumer is handed the part it uses. Which backend runs is
 //! chosen at start-up; `conformance` is the behaviour every backend must show. Depends on
-//! `event`, `crypto` and `memory` only.
+//! `event`, `crypto` and `memory` only (and the crate root's `error_chain`).
 
 pub mod durable;
 pub mod paged;
