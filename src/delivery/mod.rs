@@ -209,6 +209,10 @@ impl Deliveries {
             in_flight: Arc::new(Semaphore::new(capacity.max_in_flight.max(1))),
             warmup: Mutex::default(),
         });
+        deliveries
+            .metrics
+            .requests_in_flight_limit
+            .set(capacity.max_in_flight.max(1) as i64);
         let held = capacity.max_in_flight.saturating_sub(WARMUP_IN_FLIGHT);
         if let Ok(held) = u32::try_from(held)
             && held > 0
@@ -223,10 +227,6 @@ impl Deliveries {
                 }
             });
         }
-        deliveries
-            .metrics
-            .requests_in_flight_limit
-            .set(capacity.max_in_flight.max(1) as i64);
         for (i, shard) in deliveries.shards.iter().enumerate() {
             let stop = lifecycle.token(Stage::Delivery);
             lifecycle.spawn(
