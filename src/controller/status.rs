@@ -343,6 +343,12 @@ impl Writer {
         }
     }
 
+    /// A write finished: records it and starts what waits for its slot.
+    fn refill(&mut self, finished: Result<(tokio::task::Id, Done), tokio::task::JoinError>, ctx: &Context) {
+        self.finish(finished, ctx.leadership.is_leader());
+        self.start(&ctx.api_limiter);
+    }
+
     /// Frees a finished write's slot and records what it wrote, while this replica leads.
     fn finish(&mut self, finished: Result<(tokio::task::Id, Done), tokio::task::JoinError>, leader: bool) {
         let (id, done) = match finished {
@@ -380,8 +386,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             Some(finished) = writer.tasks.join_next_with_id() => {
-                writer.finish(finished, ctx.leadership.is_leader());
-                writer.start(&ctx.api_limiter);
+                writer.refill(finished, &ctx);
                 continue;
             }
             () = ctx.status_changed.notified() => {}
@@ -395,10 +400,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    Some(finished) = writer.tasks.join_next_with_id() => {
-                        writer.finish(finished, ctx.leadership.is_leader());
-                        writer.start(&ctx.api_limiter);
-                    }
+                    Some(finished) = writer.tasks.join_next_with_id() => writer.refill(finished, &ctx),
                     () = &mut until => break,
                 }
             }
