@@ -122,7 +122,7 @@ fuzz_target!(
         let _ = result;
     });
     // Nothing delivers here: keep the stored queue (and the process's memory) bounded.
-    let store = w.pipeline.deliveries.store();
+    let store = w.pipeline.deliveries.queues();
     if store.total_backlog() > 1000 {
         store.forget_subscription("sub").expect("forget the fuzz queue");
     }
