@@ -689,13 +689,7 @@ impl History for DurableStore {
 
     fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
         self.flush()?;
-        let mut out = Vec::new();
-        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
-            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
-            attempt.subscription = subscription.to_string();
-            out.push(attempt);
-        }
-        Ok(out)
+        schema::read_attempts(self.engine.as_ref(), subscription, since, limit)
     }
 
     fn dead_letters(

@@ -155,3 +155,20 @@ pub(crate) fn nanos(t: jiff::Timestamp) -> u64 {
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 }
+
+/// A subscription's attempts at or after `since` as the engine keeps them, newest first
+/// (the subscription is not stored in each row). Both stores read the log this way.
+pub(crate) fn read_attempts(
+    engine: &dyn super::engine::Engine,
+    subscription: &str,
+    since: jiff::Timestamp,
+    limit: usize,
+) -> Result<Vec<crate::store::Attempt>, StoreError> {
+    let mut out = Vec::new();
+    for bytes in engine.attempts(subscription, nanos(since), limit)? {
+        let mut attempt: crate::store::Attempt = serde_json::from_slice(&bytes).map_err(io)?;
+        attempt.subscription = subscription.to_string();
+        out.push(attempt);
+    }
+    Ok(out)
+}

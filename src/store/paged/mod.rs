@@ -956,13 +956,7 @@ impl History for PagedStore {
 
     fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {
         self.settle()?;
-        let mut out = Vec::new();
-        for bytes in self.engine.attempts(subscription, nanos(since), limit)? {
-            let mut attempt: Attempt = serde_json::from_slice(&bytes).map_err(io)?;
-            attempt.subscription = subscription.to_string();
-            out.push(attempt);
-        }
-        Ok(out)
+        super::durable::schema::read_attempts(self.engine.as_ref(), subscription, since, limit)
     }
 
     fn dead_letters(
