@@ -344,27 +344,56 @@ fn decide(
     }
 }
 
+/// A delivery, with its event when the shard read it already.
+pub(super) type Taken = (PendingDelivery, Option<Arc<crate::event::MailboxEvent>>);
+
 /// Reads the events of `batch`: those found, in order; a delivery whose event is gone is
-/// dead-lettered, one whose read failed is tried again in a second.
+/// dead-lettered, one whose read failed is tried again in a second. What neither the shard
+/// nor memory holds is read in one go, off the async workers (a slow or unreachable
+/// database holds up this request only).
 async fn read_events(
     deliveries: &Deliveries,
     name: &str,
-    batch: Vec<PendingDelivery>,
+    batch: Vec<Taken>,
 ) -> Vec<(PendingDelivery, Arc<crate::event::MailboxEvent>)> {
     let (store, metrics) = (&deliveries.store, &deliveries.metrics);
+    let (batch, read): (Vec<PendingDelivery>, Vec<_>) = batch
+        .into_iter()
+        .map(|(d, e)| {
+            let e = e.or_else(|| store.cached_event(&d.event_id));
+            (d, e)
+        })
+        .unzip();
+    let mut read: Vec<Result<Option<Arc<crate::event::MailboxEvent>>, StoreError>> = read.into_iter().map(Ok).collect();
+    let missing: Vec<String> = batch
+        .iter()
+        .zip(&read)
+        .filter(|(_, e)| matches!(e, Ok(None)))
+        .map(|(d, _)| d.event_id.clone())
+        .collect();
+    if !missing.is_empty() {
+        let store = store.clone();
+        let found = tokio::task::spawn_blocking(move || store.events(&missing))
+            .await
+            .unwrap_or_else(|e| vec![Err(StoreError::Io(format!("reading the events stopped: {e}")))]);
+        let mut found = found.into_iter();
+        let mut last_err = None;
+        for slot in read.iter_mut().filter(|e| matches!(e, Ok(None))) {
+            *slot = match found.next() {
+                Some(Err(err)) => {
+                    last_err = Some(err.to_string());
+                    Err(err)
+                }
+                Some(ok) => ok,
+                // The read stopped short (its thread failed): as its error says.
+                None => Err(StoreError::Io(
+                    last_err.clone().unwrap_or_else(|| "the event was not read".into()),
+                )),
+            };
+        }
+    }
     let mut ready = Vec::with_capacity(batch.len());
-    for mut d in batch {
-        // A cache miss reads the database (or the file): off the async workers, so a slow
-        // or unreachable server holds up this delivery only.
-        let read = match store.cached_event(&d.event_id) {
-            Some(e) => Ok(Some(e)),
-            None => {
-                let (store, id) = (store.clone(), d.event_id.clone());
-                tokio::task::spawn_blocking(move || store.event(&id))
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Io(format!("reading the event stopped: {e}"))))
-            }
-        };
+    for (mut d, read) in batch.into_iter().zip(read) {
         match read {
             Ok(Some(e)) => ready.push((d, e)),
             Ok(None) => {
@@ -412,6 +441,7 @@ async fn granted(
                     break;
                 }
             };
+            let due = due.into_iter().map(|d| (d, None)).collect();
             let read = read_events(deliveries, &config.name, due).await;
             let (granted, withheld) = withhold_ungranted(deliveries, config, table.grants(), read).await;
             for (d, _, _) in granted {
@@ -489,7 +519,7 @@ pub(super) async fn deliver(
     deliveries: Arc<Deliveries>,
     shard: Arc<Shard>,
     sub: Arc<Subscription>,
-    batch: Vec<PendingDelivery>,
+    batch: Vec<Taken>,
     slot: super::shard::Slot,
 ) {
     let config = &sub.config;

@@ -13,10 +13,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::lifecycle::Stage;
-
+use super::attempt::{Taken, deliver};
 use super::health::Health;
-use super::{Deliveries, DeliveryConfig, attempt::deliver};
+use super::{Deliveries, DeliveryConfig};
 
 pub(super) struct Subscription {
     pub(super) config: Arc<DeliveryConfig>,
@@ -162,9 +161,118 @@ fn probe_slots(
     free.min(1)
 }
 
+/// Queue heads a round is about to take from and memory does not hold (at a start, or a
+/// window run low): read first, a few at once, on blocking threads and without the store's
+/// lock, so a cold read of a large store holds up neither the runtime nor other queues.
+async fn read_heads(deliveries: &Arc<Deliveries>, subs: &[Arc<Subscription>]) {
+    use futures::StreamExt as _;
+    let store = &deliveries.store;
+    let reads: Vec<(String, bool)> = subs
+        .iter()
+        .filter(|s| !s.config.paused && !s.health.is_disabled())
+        .filter(|s| store.wants_read(&s.config.uid, s.config.ordered))
+        .map(|s| (s.config.uid.clone(), s.config.ordered))
+        .collect();
+    if reads.is_empty() {
+        return;
+    }
+    futures::stream::iter(reads)
+        .map(|(uid, ordered)| {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.read_ahead(&uid, ordered))
+        })
+        .buffer_unordered(HEAD_READS)
+        .for_each(|read| async move {
+            // A failed read is the take's to report: it reads again, under the lock.
+            if let Ok(Err(err)) = read {
+                tracing::debug!(%err, "cannot read a queue's head ahead of its take");
+            }
+        })
+        .await;
+}
+
+/// `taken` with their events: what memory does not hold is read in one go off the
+/// runtime, so that the attempts need not read one each. One that is not found here is
+/// left to its attempt (which reads again, and says why it cannot).
+async fn with_events(deliveries: &Arc<Deliveries>, taken: Vec<crate::store::PendingDelivery>) -> Vec<Taken> {
+    let store = &deliveries.store;
+    let mut out: Vec<Taken> = taken
+        .into_iter()
+        .map(|d| {
+            let e = store.cached_event(&d.event_id);
+            (d, e)
+        })
+        .collect();
+    let missing: Vec<String> = out
+        .iter()
+        .filter(|(_, e)| e.is_none())
+        .map(|(d, _)| d.event_id.clone())
+        .collect();
+    if missing.len() < 2 {
+        return out;
+    }
+    let store = store.clone();
+    let Ok(read) = tokio::task::spawn_blocking(move || store.events(&missing)).await else {
+        return out;
+    };
+    let mut read = read.into_iter();
+    for (_, e) in out.iter_mut().filter(|(_, e)| e.is_none()) {
+        *e = read.next().and_then(Result::ok).flatten();
+    }
+    out
+}
+
+/// Queue heads a shard reads at once (each on a blocking thread).
+const HEAD_READS: usize = 4;
+
+/// A delivery attempt the shard runs (boxed: the shard holds many at once).
+type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Takes due deliveries until `stop`; then takes none, and the attempts already started
-/// finish (the lifecycle waits for them up to its deadline).
+/// finish (the lifecycle waits for the shard up to its deadline). The attempts run inside
+/// the shard's own task, not one task each: the loop that takes hands them over, and the
+/// shard polls them beside it, so the attempts that finish between two rounds cost one
+/// wake-up of the loop, not one each.
 pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, stop: CancellationToken) {
+    let (started, mut new) = tokio::sync::mpsc::unbounded_channel::<Attempt>();
+    let run_attempts = async move {
+        use futures::StreamExt as _;
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                attempt = new.recv() => match attempt {
+                    Some(attempt) => running.push(attempt),
+                    // The loop that takes stopped: what was started finishes.
+                    None => break,
+                },
+                Some(()) = running.next(), if !running.is_empty() => {}
+            }
+        }
+        while running.next().await.is_some() {}
+    };
+    tokio::join!(take_rounds(deliveries, shard, stop, started), run_attempts);
+}
+
+/// Wraps an attempt so that a panic in it (a bug) is counted and ends that attempt only,
+/// as it did when each attempt was a task of its own.
+fn guarded(
+    metrics: crate::metrics::Metrics,
+    attempt: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Attempt {
+    use futures::FutureExt as _;
+    Box::pin(async move {
+        if std::panic::AssertUnwindSafe(attempt).catch_unwind().await.is_err() {
+            crate::panics::record(&metrics, "delivery");
+        }
+    })
+}
+
+async fn take_rounds(
+    deliveries: Arc<Deliveries>,
+    shard: Arc<Shard>,
+    stop: CancellationToken,
+    started: tokio::sync::mpsc::UnboundedSender<Attempt>,
+) {
     // Where the next round starts when process-wide slots ran out, and the slot this shard
     // waited its turn for.
     let mut first: Option<String> = None;
@@ -198,6 +306,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
         // By UID (the map's key is the subscription's UID).
         let subs: Vec<Arc<Subscription>> = shard.subscriptions.lock().values().cloned().collect();
         let subs = in_turn(subs, first.take().as_deref(), |s| s.config.uid.as_str());
+        read_heads(&deliveries, &subs).await;
         let now = jiff::Timestamp::now();
         let clock = std::time::Instant::now();
         let mut wake_at = now + Duration::from_secs(1);
@@ -310,10 +419,16 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     && slots_short
                     && taken.len() == got
                     && deliveries.store.next_due(&config.uid).is_some_and(|due| due <= now);
-                let requests: Vec<Vec<crate::store::PendingDelivery>> = if config.batch.is_some() {
-                    vec![taken]
+                // Unbatched, each request would read its one event: what memory lacks is
+                // read here for all of them in one go instead (a batch reads its own).
+                let requests: Vec<Vec<Taken>> = if config.batch.is_some() {
+                    vec![taken.into_iter().map(|d| (d, None)).collect()]
                 } else {
-                    taken.into_iter().map(|d| vec![d]).collect()
+                    with_events(&deliveries, taken)
+                        .await
+                        .into_iter()
+                        .map(|t| vec![t])
+                        .collect()
                 };
                 let mut sent_now = 0;
                 for request in requests {
@@ -322,7 +437,7 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                         // Only this loop takes slots, so they cannot run out: should it happen,
                         // what was taken goes back rather than stay in flight.
                         free = 0;
-                        for d in request {
+                        for (d, _) in request {
                             if let Err(err) = deliveries.store.retry(d) {
                                 warn!(%err, subscription = config.name, "cannot put a delivery back; it is due again after a restart");
                             }
@@ -332,17 +447,15 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
                     free = free.saturating_sub(1);
                     sent = true;
                     sent_now += 1;
-                    deliveries.lifecycle.spawn_short(
-                        Stage::Delivery,
-                        "delivery attempt",
-                        deliver(
-                            deliveries.clone(),
-                            shard.clone(),
-                            sub.clone(),
-                            request,
-                            Slot::new(permit, process, &deliveries.metrics.requests_in_flight),
-                        ),
+                    let attempt = deliver(
+                        deliveries.clone(),
+                        shard.clone(),
+                        sub.clone(),
+                        request,
+                        Slot::new(permit, process, &deliveries.metrics.requests_in_flight),
                     );
+                    // The receiving half lives as long as this loop (they are joined).
+                    let _ = started.send(guarded(deliveries.metrics.clone(), attempt));
                 }
                 if let Some(bucket) = &sub.limiter {
                     bucket.spend(sent_now, clock);

@@ -422,6 +422,12 @@ pub trait EventLog: Send + Sync {
     fn cached_event(&self, _id: &str) -> Option<Arc<MailboxEvent>> {
         None
     }
+    /// Events by id, in the order asked for, each as `event` answers it: one read for all
+    /// the events a request carries, not one each, and an event that cannot be read fails
+    /// alone.
+    fn events(&self, ids: &[String]) -> Vec<Result<Option<Arc<MailboxEvent>>, StoreError>> {
+        ids.iter().map(|id| self.event(id)).collect()
+    }
     /// Forgets producer event ids first seen before `before`: a later event with one of
     /// them is new again.
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
@@ -501,6 +507,17 @@ pub trait Queue: Send + Sync {
     /// queues (a start reads each queue's head only, not the backlog).
     fn queue_rows_read(&self) -> Option<u64> {
         None
+    }
+    /// Whether the next `take_due` of `subscription` would read the disk first (cheap).
+    /// Backends that page their queues say so, and the shard makes that read with
+    /// `read_ahead` on a blocking thread, so the take itself finds memory ready.
+    fn wants_read(&self, _subscription: &str, _ordered: bool) -> bool {
+        false
+    }
+    /// Reads the head of `subscription`'s queue that the next `take_due` needs, without
+    /// holding up anything else meanwhile. Blocks on the disk: call it off the runtime.
+    fn read_ahead(&self, _subscription: &str, _ordered: bool) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 
@@ -630,6 +647,7 @@ pub mod conformance {
         // EventLog
         producer_ids_deduplicate_with_their_deliveries(make().as_ref());
         producer_ids_expire(make().as_ref());
+        events_are_read_by_id_in_the_order_asked(make().as_ref());
         // History (and the Queue's replay of dead letters)
         dead_letters_are_listed_replayed_and_purged_with_their_events(make().as_ref());
         attempts_are_logged_newest_first_and_purged_by_age_and_count(make().as_ref());
@@ -639,6 +657,24 @@ pub mod conformance {
         secrets_are_created_once(make().as_ref());
         // MailboxIndex
         the_mailbox_index_follows_changes_and_is_purged_by_age(make().as_ref());
+    }
+
+    fn events_are_read_by_id_in_the_order_asked(s: &dyn Store) {
+        ingest(s, vec![pending("evt_r1", None, 0), pending("evt_r2", None, 0)]);
+        let ids: Vec<String> = ["evt_r2", "evt_gone", "evt_r1", "evt_r2"]
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        let read: Vec<Option<String>> = s
+            .events(&ids)
+            .into_iter()
+            .map(|e| e.expect("read").map(|e| e.id.clone()))
+            .collect();
+        assert_eq!(
+            read,
+            [Some("evt_r2"), None, Some("evt_r1"), Some("evt_r2")].map(|i| i.map(String::from))
+        );
+        assert!(s.events(&[]).is_empty());
     }
 
     fn the_mailbox_index_follows_changes_and_is_purged_by_age(s: &dyn Store) {

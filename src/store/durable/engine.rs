@@ -49,6 +49,16 @@ pub trait Engine: Send + Sync + 'static {
     fn load(&self) -> Result<Loaded, StoreError>;
     /// An event's JSON.
     fn event(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Events' JSON by id, in one read (absent ones skipped).
+    fn events_by_id(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(body) = self.event(id)? {
+                found.push((id.clone(), body));
+            }
+        }
+        Ok(found)
+    }
     fn event_count(&self) -> Result<u64, StoreError>;
     /// Stored deliveries by seq (absent ones skipped).
     fn deliveries(&self, table: Deliveries, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
@@ -545,6 +555,18 @@ impl Engine for Redb {
         let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(EVENTS).map_err(io)?;
         Ok(table.get(id).map_err(io)?.map(|v| v.value().to_vec()))
+    }
+
+    fn events_by_id(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(EVENTS).map_err(io)?;
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = table.get(id.as_str()).map_err(io)? {
+                found.push((id.clone(), v.value().to_vec()));
+            }
+        }
+        Ok(found)
     }
 
     fn event_count(&self) -> Result<u64, StoreError> {

@@ -64,6 +64,9 @@ struct State {
     incoming: HashSet<u64>,
     next_seq: u64,
     last_attempt_key: u64,
+    /// Subscriptions forgotten so far: a read planned before one may not go into a
+    /// window made after it.
+    forgotten: u64,
 }
 
 impl State {
@@ -507,6 +510,59 @@ impl EventLog for PagedStore {
         }
     }
 
+    fn events(&self, ids: &[String]) -> Vec<Result<Option<Arc<MailboxEvent>>, StoreError>> {
+        let mut out: Vec<Result<Option<Arc<MailboxEvent>>, StoreError>> = {
+            let state = self.state.lock();
+            ids.iter().map(|id| Ok(state.cache.get(id).cloned())).collect()
+        };
+        let missing: Vec<String> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, e)| matches!(e, Ok(None)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if missing.is_empty() {
+            return out;
+        }
+        let read = match self.engine.events_by_id(&missing) {
+            Ok(read) => read,
+            Err(err) => {
+                let message = err.to_string();
+                for slot in &mut out {
+                    if matches!(slot, Ok(None)) {
+                        *slot = Err(StoreError::Io(message.clone()));
+                    }
+                }
+                return out;
+            }
+        };
+        let read: HashMap<String, Result<Arc<MailboxEvent>, String>> = read
+            .into_iter()
+            .map(|(id, bytes)| {
+                let parsed = serde_json::from_slice::<MailboxEvent>(&bytes)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string());
+                (id, parsed)
+            })
+            .collect();
+        let mut state = self.state.lock();
+        for (id, slot) in ids.iter().zip(out.iter_mut()) {
+            if !matches!(slot, Ok(None)) {
+                continue;
+            }
+            match read.get(id) {
+                // Absent: stays None.
+                None => {}
+                Some(Ok(e)) => {
+                    state.cache(e.clone());
+                    *slot = Ok(Some(e.clone()));
+                }
+                Some(Err(e)) => *slot = Err(StoreError::Io(e.clone())),
+            }
+        }
+        out
+    }
+
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
         let mut n = 0;
         loop {
@@ -587,6 +643,42 @@ impl Queue for PagedStore {
         // Never less than one take needs (a batch over the concurrency).
         window.resize(size.max(max.min(window::WINDOW)));
         window.take_due(&mut page, committed, incoming, now, max, ordered)
+    }
+
+    fn wants_read(&self, subscription: &str, ordered: bool) -> bool {
+        let state = self.state.lock();
+        match state.windows.get(subscription) {
+            Some(w) => w.wants_read(ordered),
+            None => state.figures.get(subscription).is_some_and(|f| f.queued > 0),
+        }
+    }
+
+    fn read_ahead(&self, subscription: &str, ordered: bool) -> Result<(), StoreError> {
+        let committed = self.committed();
+        let (planned, forgotten) = {
+            let mut state = self.state.lock();
+            let State { windows, forgotten, .. } = &mut *state;
+            let size = window::size_for(windows.len() + usize::from(!windows.contains_key(subscription)));
+            let window = windows.entry(subscription.to_string()).or_default();
+            window.resize(size);
+            (window.plan(committed, ordered), *forgotten)
+        };
+        let Some(planned) = planned else { return Ok(()) };
+        // The read, without the lock: a cold page of a large file takes milliseconds.
+        let rows = (self.page(subscription))(planned.ordered, planned.after, planned.limit)?;
+        let mut state = self.state.lock();
+        let State {
+            windows,
+            incoming,
+            forgotten: now_forgotten,
+            ..
+        } = &mut *state;
+        if *now_forgotten == forgotten
+            && let Some(window) = windows.get_mut(subscription)
+        {
+            window.apply(planned, rows, incoming);
+        }
+        Ok(())
     }
 
     fn next_due(&self, subscription: &str) -> Option<jiff::Timestamp> {
@@ -779,14 +871,18 @@ impl Queue for PagedStore {
         let now = jiff::Timestamp::now();
         let mut expired = Vec::new();
         let mut after = None;
+        // The first page is small: usually the head is young and nothing expires, and this
+        // read holds the lock.
+        let mut limit = 16;
         // In the order of acceptance from the head, a page at a time under the lock (so no
         // completion or retry slips between the read and the write), until one is young
         // enough.
         while expired.len() < SWEEP {
             let mut state = self.state.lock();
             let committed = self.committed();
-            let rows = self.engine.queue_page(subscription, true, after, 1_000)?;
-            let full = rows.len() == 1_000;
+            let rows = self.engine.queue_page(subscription, true, after, limit)?;
+            let full = rows.len() == limit;
+            limit = 1_000;
             let State { windows, figures, .. } = &mut *state;
             let window = windows.entry(subscription.to_string()).or_default();
             let mut ops = Vec::new();
@@ -835,12 +931,15 @@ impl Queue for PagedStore {
     }
 
     fn counts(&self, subscription: &str) -> QueueCounts {
-        let mut state = self.state.lock();
-        let in_flight = state
-            .windows
-            .get(subscription)
-            .map_or(0, |w| w.in_flight_count() as u64);
-        let Some(f) = state.figures.get(subscription).copied() else {
+        let (in_flight, figures) = {
+            let state = self.state.lock();
+            let in_flight = state
+                .windows
+                .get(subscription)
+                .map_or(0, |w| w.in_flight_count() as u64);
+            (in_flight, state.figures.get(subscription).copied())
+        };
+        let Some(f) = figures else {
             return QueueCounts {
                 in_flight,
                 ..QueueCounts::default()
@@ -850,6 +949,8 @@ impl Queue for PagedStore {
             Some((at, oldest)) if at.elapsed() < OLDEST_TTL => oldest,
             _ if f.queued == 0 => None,
             _ => {
+                // Read without the lock (the status writer asks for every subscription; a
+                // cold head takes a disk read each).
                 let oldest = self
                     .engine
                     .queue_head(subscription)
@@ -857,7 +958,7 @@ impl Queue for PagedStore {
                     .flatten()
                     .and_then(|body| serde_json::from_slice::<StoredDelivery>(&body).ok())
                     .map(|s| s.accepted_at);
-                if let Some(f) = state.figures.get_mut(subscription) {
+                if let Some(f) = self.state.lock().figures.get_mut(subscription) {
                     f.oldest = Some((std::time::Instant::now(), oldest));
                 }
                 oldest
@@ -923,6 +1024,7 @@ impl Queue for PagedStore {
         {
             let mut state = self.state.lock();
             state.windows.remove(subscription);
+            state.forgotten += 1;
             state.figures.remove(subscription);
             state.namespaces.remove(subscription);
             state.caps.remove(subscription);
@@ -1078,6 +1180,76 @@ mod tests {
         for d in dirs.into_inner() {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+
+    #[test]
+    fn events_not_in_memory_are_read_in_one_go() {
+        let dir = std::env::temp_dir().join(format!("mailhook-paged-test-{}", uuid::Uuid::now_v7().simple()));
+        {
+            let s = PagedStore::open(&dir).expect("open");
+            s.ingest(one_delivery_each(0..3)).expect("ingest");
+        }
+        let s = PagedStore::open(&dir).expect("reopen");
+        assert!(s.cached_event("e1").is_none(), "a fresh start holds no event");
+        let ids: Vec<String> = ["e2", "nope", "e0"].iter().map(|i| i.to_string()).collect();
+        let read: Vec<Option<String>> = s
+            .events(&ids)
+            .into_iter()
+            .map(|e| e.expect("read").map(|e| e.id.clone()))
+            .collect();
+        assert_eq!(read, [Some("e2".to_string()), None, Some("e0".to_string())]);
+        assert!(s.cached_event("e2").is_some(), "kept for the next request");
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn heads_read_ahead_while_ingest_takes_and_retries_run_hand_out_each_delivery_once() {
+        let dir = std::env::temp_dir().join(format!("mailhook-paged-test-{}", uuid::Uuid::now_v7().simple()));
+        let s = Arc::new(PagedStore::open(&dir).expect("open"));
+        let n = 6_000u64;
+        s.ingest(one_delivery_each(0..2_000)).expect("ingest");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if s.wants_read("sub", false) {
+                        s.read_ahead("sub", false).expect("read ahead");
+                    }
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let ingest = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for chunk in one_delivery_each(2_000..n).chunks(100) {
+                    s.ingest(chunk.to_vec()).expect("ingest");
+                }
+            })
+        };
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut retried: HashSet<String> = HashSet::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while (seen.len() as u64) < n && std::time::Instant::now() < deadline {
+            for mut d in s.take_due("sub", jiff::Timestamp::now(), 64, false).expect("take") {
+                // Every tenth is retried once, at once: it moves within the queue.
+                if d.seq % 10 == 0 && retried.insert(d.event_id.clone()) {
+                    d.attempts += 1;
+                    s.retry(d).expect("retry");
+                    continue;
+                }
+                assert!(seen.insert(d.event_id.clone()), "{} handed out twice", d.event_id);
+                drop(s.complete(&d).expect("complete"));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        ingest.join().expect("ingest thread");
+        reader.join().expect("reader thread");
+        assert_eq!(seen.len() as u64, n, "every delivery, once");
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -87,6 +87,24 @@ pub struct Window {
     pub rows_read: u64,
     /// How many deliveries it reads ahead (0: `WINDOW`).
     size: usize,
+    /// Committed deliveries `insert` left to a later read (counted: a read made before
+    /// their commit would not show them, see `Planned`).
+    left: u64,
+    /// The newest generation `settle` forgot a write of: a read older than it may show
+    /// what the write changed.
+    forgot: u64,
+}
+
+/// A read of the disk the window needs, planned under the store's lock and made outside
+/// it (a cold page can take milliseconds; nothing else should wait for it).
+#[derive(Debug, Clone, Copy)]
+pub struct Planned {
+    pub ordered: bool,
+    pub after: Option<Key>,
+    pub limit: usize,
+    /// The committed generation when planned: the read shows at least this.
+    committed: u64,
+    left: u64,
 }
 
 impl Window {
@@ -118,6 +136,8 @@ impl Window {
             self.trim();
         } else if q.written > 0 {
             self.unsettled.insert(seq, (q.written, Unsettled::Moved(Box::new(q))));
+        } else {
+            self.left += 1;
         }
     }
 
@@ -145,10 +165,12 @@ impl Window {
         let cursor = self.cursor;
         let covers = |key: Key| exhausted || cursor.is_some_and(|c| key <= c);
         let mut back = Vec::new();
+        let mut forgot = self.forgot;
         self.unsettled.retain(|_, (written, u)| {
             if *written > committed {
                 return true;
             }
+            forgot = forgot.max(*written);
             if let Unsettled::Moved(q) = u
                 && covers(key_of(&q.delivery, ordered))
             {
@@ -156,6 +178,7 @@ impl Window {
             }
             false
         });
+        self.forgot = forgot;
         for q in back {
             let key = key_of(&q.delivery, ordered);
             self.waiting.insert(key, Queued { written: 0, ..q });
@@ -174,28 +197,42 @@ impl Window {
         while !self.exhausted && self.waiting.len() < reach {
             let want = (reach - self.waiting.len()).max(32);
             let rows = page(self.ordered, self.cursor, want)?;
-            self.rows_read += rows.len() as u64;
-            if rows.len() < want {
-                self.exhausted = true;
-            }
-            let Some((last, _)) = rows.last() else {
+            if !self.absorb(rows, want, incoming) {
                 break;
-            };
-            let last = *last;
-            for (key, q) in rows {
-                let seq = key.1;
-                // In flight, changed by a write not yet committed, or being written by an
-                // ingest or replay that puts it here itself once committed.
-                if self.in_flight.contains_key(&seq) || self.unsettled.contains_key(&seq) || incoming.contains(&seq) {
-                    continue;
-                }
-                if let Some(q) = q {
-                    self.waiting.insert(key, q);
-                }
             }
-            self.cursor = Some(self.cursor.map_or(last, |c| c.max(last)));
         }
-        // Moved deliveries whose new place the read passed before their write was committed.
+        self.take_passed();
+        Ok(())
+    }
+
+    /// Puts a page read after the cursor into the window (`want`: what was asked; fewer
+    /// means the end). False when the page was empty.
+    fn absorb(&mut self, rows: Vec<(Key, Option<Queued>)>, want: usize, incoming: &HashSet<u64>) -> bool {
+        self.rows_read += rows.len() as u64;
+        if rows.len() < want {
+            self.exhausted = true;
+        }
+        let Some((last, _)) = rows.last() else {
+            return false;
+        };
+        let last = *last;
+        for (key, q) in rows {
+            let seq = key.1;
+            // In flight, changed by a write not yet committed, or being written by an
+            // ingest or replay that puts it here itself once committed.
+            if self.in_flight.contains_key(&seq) || self.unsettled.contains_key(&seq) || incoming.contains(&seq) {
+                continue;
+            }
+            if let Some(q) = q {
+                self.waiting.insert(key, q);
+            }
+        }
+        self.cursor = Some(self.cursor.map_or(last, |c| c.max(last)));
+        true
+    }
+
+    /// Moved deliveries whose new place a read passed before their write was committed.
+    fn take_passed(&mut self) {
         let passed: Vec<u64> = self
             .unsettled
             .iter()
@@ -210,7 +247,54 @@ impl Window {
                 self.waiting.insert(key, Queued { written, ..*q });
             }
         }
-        Ok(())
+    }
+
+    /// Whether the next `take_due` in this order would read the disk first.
+    fn wants_page(&self) -> bool {
+        !self.exhausted && (self.waiting.len() < self.size() / 2 || self.cursor.is_none())
+    }
+
+    /// Whether a take in `ordered` order would read the disk first (cheap: no settling).
+    pub fn wants_read(&self, ordered: bool) -> bool {
+        if self.ordered != ordered {
+            return true;
+        }
+        self.wants_page()
+    }
+
+    /// The read the next `take_due` would make first, to be made without the store's lock
+    /// and handed to `apply`; None when the window has enough.
+    pub fn plan(&mut self, committed: u64, ordered: bool) -> Option<Planned> {
+        self.reorder(ordered);
+        self.settle(committed);
+        if !self.wants_page() {
+            return None;
+        }
+        Some(Planned {
+            ordered: self.ordered,
+            after: self.cursor,
+            limit: (self.size() - self.waiting.len().min(self.size())).max(32),
+            committed,
+            left: self.left,
+        })
+    }
+
+    /// Puts a page read as `planned` into the window, unless the window changed since in
+    /// a way the read may not show: it moved on, or a write the read may predate was
+    /// forgotten or left to a later read. False when the page was not used (the next take
+    /// reads again).
+    pub fn apply(&mut self, planned: Planned, rows: Vec<(Key, Option<Queued>)>, incoming: &HashSet<u64>) -> bool {
+        let unchanged = self.ordered == planned.ordered
+            && self.cursor == planned.after
+            && !self.exhausted
+            && self.left == planned.left
+            && self.forgot <= planned.committed;
+        if !unchanged {
+            return false;
+        }
+        self.absorb(rows, planned.limit, incoming);
+        self.take_passed();
+        true
     }
 
     /// Starts over in the other order (the subscription's ordering changed).
@@ -246,7 +330,7 @@ impl Window {
         self.settle(committed);
         let size = self.size();
         let furthest = ORDERED_REACH.max(size);
-        if self.waiting.len() < size / 2 || (self.cursor.is_none() && !self.exhausted) {
+        if self.wants_page() {
             self.fill(page, committed, incoming, size)?;
         }
         let mut reach = size;
@@ -651,5 +735,94 @@ mod tests {
             128
         );
         assert!(w.next_due().is_some(), "44 still queued on disk");
+    }
+
+    #[test]
+    fn a_page_read_outside_the_lock_fills_the_window_as_a_take_would() {
+        let disk = Disk((0..1_000).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let planned = w.plan(0, false).expect("a cold window wants a page");
+        assert!(w.apply(
+            planned,
+            disk.page(planned.ordered, planned.after, planned.limit),
+            &HashSet::new()
+        ));
+        assert!(!w.wants_read(false), "filled");
+        let read = w.rows_read;
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let taken = w
+            .take_due(&mut page, 0, &HashSet::new(), at(1), 10, false)
+            .expect("take");
+        assert_eq!(
+            taken.iter().map(|t| t.seq).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
+        assert_eq!(w.rows_read, read, "the take read nothing more");
+    }
+
+    #[test]
+    fn a_page_planned_before_the_window_moved_on_is_not_used() {
+        let mut disk = Disk((0..1_000).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let planned = w.plan(0, false).expect("page");
+        let stale = disk.page(planned.ordered, planned.after, planned.limit);
+        // Meanwhile a take read the same page itself, and its deliveries were delivered
+        // and committed.
+        {
+            let mut page = |o, a, l| Ok(disk.page(o, a, l));
+            for t in w
+                .take_due(&mut page, 0, &HashSet::new(), at(1), 100, false)
+                .expect("take")
+            {
+                w.finish(t.seq, 1);
+                disk.0.remove(&t.seq);
+            }
+        }
+        w.settle(1);
+        assert!(!w.apply(planned, stale, &HashSet::new()), "the cursor moved on");
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let next = w
+            .take_due(&mut page, 1, &HashSet::new(), at(1), 1_000, false)
+            .expect("take");
+        assert!(next.iter().all(|t| t.seq >= 100), "nothing delivered comes back");
+    }
+
+    #[test]
+    fn a_page_read_before_a_commit_it_cannot_show_is_not_used() {
+        let mut disk = Disk((0..1_000).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        // A committed delivery past the cursor is left to a later read meanwhile: a page
+        // read before its commit would pass it by.
+        let planned = w.plan(0, false).expect("page");
+        let stale = disk.page(planned.ordered, planned.after, planned.limit);
+        w.insert(Queued {
+            delivery: d(5_000, 0, None),
+            size: 1,
+            written: 0,
+        });
+        assert!(!w.apply(planned, stale, &HashSet::new()), "left to a later read since");
+
+        // Settling forgets a write newer than what the read shows: not used either.
+        let mut w = Window::default();
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let first = w
+            .take_due(&mut page, 0, &HashSet::new(), at(1), 200, false)
+            .expect("take");
+        for t in &first {
+            w.finish(t.seq, 7);
+        }
+        let planned = w.plan(0, false).expect("low: a page");
+        let stale = disk.page(planned.ordered, planned.after, planned.limit);
+        for t in &first {
+            disk.0.remove(&t.seq);
+        }
+        w.settle(7);
+        assert!(!w.apply(planned, stale, &HashSet::new()), "forgot generation 7 since");
+        // The take reads again and hands out each delivery once.
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        let next = w
+            .take_due(&mut page, 7, &HashSet::new(), at(1), 1_000, false)
+            .expect("take");
+        assert!(next.iter().all(|t| t.seq >= 200), "nothing delivered comes back");
     }
 }

@@ -781,6 +781,17 @@ impl Engine for Postgres {
         Ok(rows.first().map(|r| r.get(0)))
     }
 
+    fn events_by_id(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT id, body FROM events WHERE id = ANY($1)",
+                vec![Box::new(ids.to_vec())],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
     fn event_count(&self) -> Result<u64, StoreError> {
         let rows = self.query("SELECT count(*) FROM events", vec![])?;
         Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))

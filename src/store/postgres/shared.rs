@@ -418,14 +418,7 @@ impl SharedEngine for Postgres {
     }
 
     fn events(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self
-            .query(
-                "SELECT id, body FROM events WHERE id = ANY($1)",
-                vec![Box::new(ids.to_vec())],
-            )?
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+        crate::store::durable::engine::Engine::events_by_id(self, ids)
     }
 
     fn attempt_counts(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
