@@ -229,28 +229,39 @@ const HEAD_READS: usize = 4;
 type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Takes due deliveries until `stop`; then takes none, and the attempts already started
-/// finish (the lifecycle waits for the shard up to its deadline). The attempts run inside
-/// the shard's own task, not one task each: the loop that takes hands them over, and the
-/// shard polls them beside it, so the attempts that finish between two rounds cost one
-/// wake-up of the loop, not one each.
+/// finish (the lifecycle waits for the shard up to its deadline). Attempts do not get a
+/// task each: the loop that takes hands them to a few runners, one per runtime worker, each
+/// polling its attempts together — so a shard with one busy subscription still uses every
+/// core, and the attempts that finish between two polls cost one wake-up, not one each.
 pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, stop: CancellationToken) {
-    let (started, mut new) = tokio::sync::mpsc::unbounded_channel::<Attempt>();
-    let run_attempts = async move {
-        use futures::StreamExt as _;
-        let mut running = futures::stream::FuturesUnordered::new();
-        loop {
-            tokio::select! {
-                attempt = new.recv() => match attempt {
-                    Some(attempt) => running.push(attempt),
-                    // The loop that takes stopped: what was started finishes.
-                    None => break,
-                },
-                Some(()) = running.next(), if !running.is_empty() => {}
-            }
+    use tracing::Instrument as _;
+    let workers = tokio::runtime::Handle::current().metrics().num_workers().max(1);
+    let mut runners = tokio::task::JoinSet::new();
+    let mut started = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Attempt>();
+        started.push(tx);
+        runners.spawn(run_attempts(rx).in_current_span());
+    }
+    take_rounds(deliveries, shard, stop, started).await;
+    // The senders are gone with the loop: each runner finishes what it was handed.
+    while runners.join_next().await.is_some() {}
+}
+
+/// Polls the attempts it is handed until the sender is gone and they are all done.
+async fn run_attempts(mut new: tokio::sync::mpsc::UnboundedReceiver<Attempt>) {
+    use futures::StreamExt as _;
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            attempt = new.recv() => match attempt {
+                Some(attempt) => running.push(attempt),
+                None => break,
+            },
+            Some(()) = running.next(), if !running.is_empty() => {}
         }
-        while running.next().await.is_some() {}
-    };
-    tokio::join!(take_rounds(deliveries, shard, stop, started), run_attempts);
+    }
+    while running.next().await.is_some() {}
 }
 
 /// Wraps an attempt so that a panic in it (a bug) is counted and ends that attempt only,
@@ -271,8 +282,10 @@ async fn take_rounds(
     deliveries: Arc<Deliveries>,
     shard: Arc<Shard>,
     stop: CancellationToken,
-    started: tokio::sync::mpsc::UnboundedSender<Attempt>,
+    started: Vec<tokio::sync::mpsc::UnboundedSender<Attempt>>,
 ) {
+    // The runner the next attempt goes to (in turn).
+    let mut next_runner = 0usize;
     // Where the next round starts when process-wide slots ran out, and the slot this shard
     // waited its turn for.
     let mut first: Option<String> = None;
@@ -454,8 +467,11 @@ async fn take_rounds(
                         request,
                         Slot::new(permit, process, &deliveries.metrics.requests_in_flight),
                     );
-                    // The receiving half lives as long as this loop (they are joined).
-                    let _ = started.send(guarded(deliveries.metrics.clone(), attempt));
+                    // Runners live until this loop ends (they stop when their sender goes).
+                    next_runner = next_runner.wrapping_add(1);
+                    if let Some(runner) = started.get(next_runner % started.len().max(1)) {
+                        let _ = runner.send(guarded(deliveries.metrics.clone(), attempt));
+                    }
                 }
                 if let Some(bucket) = &sub.limiter {
                     bucket.spend(sent_now, clock);
