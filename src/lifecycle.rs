@@ -116,8 +116,8 @@ impl Lifecycle {
         self.part(stage).token.clone()
     }
 
-    /// The tracker of `stage`, for a part that spawns many short tasks of its own (the
-    /// delivery attempts) and wants the drain to wait for them too.
+    /// The tracker of `stage`, for a part that spawns many short tasks of its own and
+    /// wants the drain to wait for them too.
     pub fn tracker(&self, stage: Stage) -> TaskTracker {
         self.part(stage).tracker.clone()
     }
@@ -131,7 +131,7 @@ impl Lifecycle {
         self.start(stage, name, task, true);
     }
 
-    /// Starts a short task in `stage` (one delivery attempt, one SMTP session); the
+    /// Starts a short task in `stage` (a verification handshake, one SMTP session); the
     /// shutdown waits for it like for any other.
     pub fn spawn_short<F>(&self, stage: Stage, name: &'static str, task: F)
     where

@@ -28,7 +28,7 @@ pub fn record(metrics: &Metrics, component: &'static str) {
     metrics.panics.with_label_values(&[component]).inc();
     tracing::error!(
         component,
-        "caught a panic; that request got an error and the listener goes on"
+        "caught a panic (a bug): the request or delivery attempt it happened in failed; everything else goes on"
     );
 }
 

@@ -349,8 +349,7 @@ pub(super) type Taken = (PendingDelivery, Option<Arc<crate::event::MailboxEvent>
 
 /// Reads the events of `batch`: those found, in order; a delivery whose event is gone is
 /// dead-lettered, one whose read failed is tried again in a second. What neither the shard
-/// nor memory holds is read in one go, off the async workers (a slow or unreachable
-/// database holds up this request only).
+/// nor memory holds is read in one go, off the async workers.
 async fn read_events(
     deliveries: &Deliveries,
     name: &str,

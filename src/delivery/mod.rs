@@ -133,7 +133,8 @@ pub struct Deliveries {
     pub health_changed: Arc<Notify>,
     /// Endpoint verification handshakes, by subscription UID.
     handshakes: Mutex<HashMap<String, verification::Handshake>>,
-    /// Starts delivery attempts and handshakes, so that the drain waits for them.
+    /// Starts the shards (which run their attempts) and handshakes, so that the drain
+    /// waits for them.
     lifecycle: Lifecycle,
     /// Notified when new deliveries were committed here: a shared store claims them now
     /// rather than at its next poll.

@@ -1,8 +1,9 @@
 //! A shard: the subscriptions that hash to it and the loop that takes their due
-//! deliveries and spawns one `attempt::deliver` per free slot — a slot of the subscription
+//! deliveries and starts one `attempt::deliver` per free slot — a slot of the subscription
 //! (`delivery.concurrency`) and one of the process (`--max-deliveries-in-flight`, shared by
-//! every shard, handed out in turn while they run short). Depends on the registry
-//! (`super::Deliveries`, the store behind it) and `attempt`; owns no policy of its own.
+//! every shard, handed out in turn while they run short) — on the shard's runners (one per
+//! runtime worker), not a task each. Depends on the registry (`super::Deliveries`, the
+//! store behind it) and `attempt`; owns no policy of its own.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -169,7 +170,7 @@ async fn read_heads(deliveries: &Arc<Deliveries>, subs: &[Arc<Subscription>]) {
     let store = &deliveries.store;
     let reads: Vec<(String, bool)> = subs
         .iter()
-        .filter(|s| !s.config.paused && !s.health.is_disabled())
+        .filter(|s| !s.config.paused && !s.health.is_disabled() && s.slots.available_permits() > 0)
         .filter(|s| store.wants_read(&s.config.uid, s.config.ordered))
         .map(|s| (s.config.uid.clone(), s.config.ordered))
         .collect();
@@ -245,7 +246,11 @@ pub(super) async fn run_shard(deliveries: Arc<Deliveries>, shard: Arc<Shard>, st
     }
     take_rounds(deliveries, shard, stop, started).await;
     // The senders are gone with the loop: each runner finishes what it was handed.
-    while runners.join_next().await.is_some() {}
+    while let Some(ended) = runners.join_next().await {
+        if let Err(err) = ended {
+            warn!(%err, "a delivery runner ended abnormally");
+        }
+    }
 }
 
 /// Polls the attempts it is handed until the sender is gone and they are all done.
@@ -265,7 +270,8 @@ async fn run_attempts(mut new: tokio::sync::mpsc::UnboundedReceiver<Attempt>) {
 }
 
 /// Wraps an attempt so that a panic in it (a bug) is counted and ends that attempt only,
-/// as it did when each attempt was a task of its own.
+/// not its runner and the other attempts on it. (Its deliveries stay in flight until a
+/// restart: the attempt's own `catch_unwind` around the request is what retries them.)
 fn guarded(
     metrics: crate::metrics::Metrics,
     attempt: impl std::future::Future<Output = ()> + Send + 'static,
@@ -467,10 +473,17 @@ async fn take_rounds(
                         request,
                         Slot::new(permit, process, &deliveries.metrics.requests_in_flight),
                     );
-                    // Runners live until this loop ends (they stop when their sender goes).
                     next_runner = next_runner.wrapping_add(1);
-                    if let Some(runner) = started.get(next_runner % started.len().max(1)) {
-                        let _ = runner.send(guarded(deliveries.metrics.clone(), attempt));
+                    let attempt = guarded(deliveries.metrics.clone(), attempt);
+                    // Runners live until this loop ends; should one be gone all the same,
+                    // the attempt runs as a task of its own rather than stay in flight.
+                    let unsent = match started.get(next_runner % started.len().max(1)) {
+                        Some(runner) => runner.send(attempt).err().map(|e| e.0),
+                        None => Some(attempt),
+                    };
+                    if let Some(attempt) = unsent {
+                        warn!("a delivery runner of this shard is gone; the attempt runs on its own");
+                        tokio::spawn(attempt);
                     }
                 }
                 if let Some(bucket) = &sub.limiter {

@@ -47,6 +47,17 @@ struct Figures {
     overflowed: u64,
     /// (read at, oldest accepted).
     oldest: Option<(std::time::Instant, Option<jiff::Timestamp>)>,
+    /// Bumped whenever `oldest` is dropped: a head read outside the lock is kept only if
+    /// nothing dropped it meanwhile.
+    oldest_version: u64,
+}
+
+impl Figures {
+    /// The queue's head may have changed: read it again when asked.
+    fn head_changed(&mut self) {
+        self.oldest = None;
+        self.oldest_version = self.oldest_version.wrapping_add(1);
+    }
 }
 
 #[derive(Default)]
@@ -458,7 +469,7 @@ impl PagedStore {
             f.dead = f.dead.saturating_add_signed(d);
             f.overflowed += overflowed;
             if f.oldest.is_some_and(|(_, o)| o.is_none()) {
-                f.oldest = None;
+                f.head_changed();
             }
         }
         for event in cached {
@@ -657,10 +668,23 @@ impl Queue for PagedStore {
         let committed = self.committed();
         let (planned, forgotten) = {
             let mut state = self.state.lock();
-            let State { windows, forgotten, .. } = &mut *state;
+            let State {
+                windows,
+                figures,
+                forgotten,
+                ..
+            } = &mut *state;
+            // Forgotten since the shard asked: no window for it.
+            if !windows.contains_key(subscription) && !figures.contains_key(subscription) {
+                return Ok(());
+            }
             let size = window::size_for(windows.len() + usize::from(!windows.contains_key(subscription)));
-            let window = windows.entry(subscription.to_string()).or_default();
-            window.resize(size);
+            let window = windows.entry(subscription.to_string()).or_insert_with(|| {
+                let mut w = Window::default();
+                // A new window's size; a take sets it to what the take needs.
+                w.resize(size);
+                w
+            });
             (window.plan(committed, ordered), *forgotten)
         };
         let Some(planned) = planned else { return Ok(()) };
@@ -723,7 +747,7 @@ impl Queue for PagedStore {
         let f = state.figures.entry(d.subscription.clone()).or_default();
         f.queued = f.queued.saturating_sub(1);
         f.bytes = f.bytes.saturating_sub(size);
-        f.oldest = None;
+        f.head_changed();
         Ok(Durable(Some(rx)))
     }
 
@@ -784,7 +808,7 @@ impl Queue for PagedStore {
         f.queued = f.queued.saturating_sub(1);
         f.bytes = f.bytes.saturating_sub(size);
         f.dead += 1;
-        f.oldest = None;
+        f.head_changed();
         Ok(())
     }
 
@@ -846,7 +870,7 @@ impl Queue for PagedStore {
             f.queued += count as u64;
             f.bytes = f.bytes.saturating_add_signed(bytes);
             f.dead = f.dead.saturating_sub(count as u64);
-            f.oldest = None;
+            f.head_changed();
             if let Some(w) = state.windows.get_mut(subscription) {
                 for q in replayed {
                     w.insert(q);
@@ -920,7 +944,7 @@ impl Queue for PagedStore {
                 f.queued = f.queued.saturating_sub(page.len() as u64);
                 f.bytes = f.bytes.saturating_sub(bytes);
                 f.dead += page.len() as u64;
-                f.oldest = None;
+                f.head_changed();
                 expired.extend(page);
             }
             if young || !full {
@@ -958,8 +982,10 @@ impl Queue for PagedStore {
                     .flatten()
                     .and_then(|body| serde_json::from_slice::<StoredDelivery>(&body).ok())
                     .map(|s| s.accepted_at);
-                if let Some(f) = self.state.lock().figures.get_mut(subscription) {
-                    f.oldest = Some((std::time::Instant::now(), oldest));
+                if let Some(now) = self.state.lock().figures.get_mut(subscription)
+                    && now.oldest_version == f.oldest_version
+                {
+                    now.oldest = Some((std::time::Instant::now(), oldest));
                 }
                 oldest
             }

@@ -93,6 +93,10 @@ pub struct Window {
     /// The newest generation `settle` forgot a write of: a read older than it may show
     /// what the write changed.
     forgot: u64,
+    /// Bumped whenever the cursor moves or the order changes (a read, a trim, a reorder):
+    /// a page planned before may not fit any more, even where the cursor is back at the
+    /// same key.
+    moves: u64,
 }
 
 /// A read of the disk the window needs, planned under the store's lock and made outside
@@ -105,6 +109,7 @@ pub struct Planned {
     /// The committed generation when planned: the read shows at least this.
     committed: u64,
     left: u64,
+    moves: u64,
 }
 
 impl Window {
@@ -146,6 +151,7 @@ impl Window {
     fn trim(&mut self) {
         while self.waiting.len() > 2 * self.size() {
             let Some((key, q)) = self.waiting.pop_last() else { break };
+            self.moves += 1;
             self.exhausted = false;
             self.cursor = self.waiting.last_key_value().map(|(k, _)| *k).or(Some((0, 0)));
             if q.written > 0 {
@@ -209,6 +215,7 @@ impl Window {
     /// means the end). False when the page was empty.
     fn absorb(&mut self, rows: Vec<(Key, Option<Queued>)>, want: usize, incoming: &HashSet<u64>) -> bool {
         self.rows_read += rows.len() as u64;
+        self.moves += 1;
         if rows.len() < want {
             self.exhausted = true;
         }
@@ -276,6 +283,7 @@ impl Window {
             limit: (self.size() - self.waiting.len().min(self.size())).max(32),
             committed,
             left: self.left,
+            moves: self.moves,
         })
     }
 
@@ -284,7 +292,8 @@ impl Window {
     /// forgotten or left to a later read. False when the page was not used (the next take
     /// reads again).
     pub fn apply(&mut self, planned: Planned, rows: Vec<(Key, Option<Queued>)>, incoming: &HashSet<u64>) -> bool {
-        let unchanged = self.ordered == planned.ordered
+        let unchanged = self.moves == planned.moves
+            && self.ordered == planned.ordered
             && self.cursor == planned.after
             && !self.exhausted
             && self.left == planned.left
@@ -305,6 +314,7 @@ impl Window {
         self.ordered = ordered;
         self.cursor = None;
         self.exhausted = false;
+        self.moves += 1;
         // What waits unsettled moves with the window; the rest is read again.
         let waiting = std::mem::take(&mut self.waiting);
         for (_, q) in waiting {
@@ -785,6 +795,23 @@ mod tests {
             .take_due(&mut page, 1, &HashSet::new(), at(1), 1_000, false)
             .expect("take");
         assert!(next.iter().all(|t| t.seq >= 100), "nothing delivered comes back");
+    }
+
+    #[test]
+    fn a_page_planned_before_the_order_flipped_twice_is_not_used() {
+        let disk = Disk((0..1_000).map(|s| (s, d(s, 0, None))).collect());
+        let mut w = Window::default();
+        let planned = w.plan(0, false).expect("page");
+        let stale = disk.page(planned.ordered, planned.after, planned.limit);
+        // The subscription's ordering changed and changed back meanwhile: the cursor is
+        // where it was (nothing read), but the window started over twice.
+        let mut page = |o, a, l| Ok(disk.page(o, a, l));
+        w.take_due(&mut page, 0, &HashSet::new(), at(1), 0, true).expect("take");
+        w.take_due(&mut page, 0, &HashSet::new(), at(1), 0, false)
+            .expect("take");
+        w.cursor = planned.after;
+        w.exhausted = false;
+        assert!(!w.apply(planned, stale, &HashSet::new()), "it moved since");
     }
 
     #[test]
