@@ -571,6 +571,22 @@ async fn subscription_writes(
         }
     };
     let objects = ctx.subscriptions.state();
+    // This replica's queue figures, read off the runtime: each queue's oldest event is a
+    // read of the store, a cold one at a start with a large backlog.
+    let mut counted: HashMap<String, QueueCounts> = HashMap::new();
+    if published.is_none() {
+        let uids: Vec<String> = objects.iter().filter_map(|w| w.uid()).collect();
+        let q = queues.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            uids.into_iter()
+                .map(|uid| {
+                    let counts = q.counts(&uid);
+                    (uid, counts)
+                })
+                .collect::<HashMap<_, _>>()
+        });
+        counted = read.await.unwrap_or_default();
+    }
     let (states, filters) = {
         let state = ctx.state.lock();
         (state.subscriptions.clone(), state.filters.clone())
@@ -590,7 +606,7 @@ async fn subscription_writes(
             None if published.is_some() => (HealthSnapshot::default(), QueueCounts::default(), None),
             None => (
                 ctx.deliveries.health(&uid).unwrap_or_default(),
-                queues.counts(&uid),
+                counted.remove(&uid).unwrap_or_else(|| queues.counts(&uid)),
                 None,
             ),
         };
