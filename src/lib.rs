@@ -37,8 +37,8 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The module graph this crate keeps (README, "Layout"): checked over the sources, so an
-/// import that breaks it fails `cargo test`, not a review.
+/// The module graph this crate keeps (docs/development.md, "Layout"): checked over the
+/// sources, so an import that breaks it fails `cargo test`, not a review.
 #[cfg(test)]
 mod layout {
     use std::collections::{BTreeMap, BTreeSet};

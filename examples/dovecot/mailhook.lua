@@ -5,7 +5,7 @@
 -- as one JSON batch, to mailhook's Dovecot source once the transaction has committed.
 -- mailhook answers as soon as the batch is durable (a few milliseconds). When it does
 -- not answer, the batch waits in a spool file and is sent, in order, before the user's
--- next batch. Batch format: version 1 (see README, "Monitoring a Dovecot server").
+-- next batch. Batch format: version 1 (see docs/sources.md, "Monitoring a Dovecot server").
 --
 -- Settings (plugin section of dovecot.conf):
 --   mailhook_url         http://mailhook-ingest.mailhook-system:8080/v1/sources/dovecot
