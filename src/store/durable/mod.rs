@@ -377,38 +377,13 @@ impl EventLog for DurableStore {
     }
 
     fn events(&self, ids: &[String]) -> Vec<Result<Option<Arc<MailboxEvent>>, StoreError>> {
-        let mut out: Vec<Result<Option<Arc<MailboxEvent>>, StoreError>> =
-            ids.iter().map(|id| Ok(self.cached_event(id))).collect();
-        let missing: Vec<String> = ids
-            .iter()
-            .zip(&out)
-            .filter(|(_, e)| matches!(e, Ok(None)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        if missing.is_empty() {
-            return out;
-        }
-        // One query (or one read transaction) for all of them.
-        let read: std::collections::HashMap<String, Vec<u8>> = match self.engine.events_by_id(&missing) {
-            Ok(read) => read.into_iter().collect(),
-            Err(err) => {
-                let message = err.to_string();
-                for slot in out.iter_mut().filter(|e| matches!(e, Ok(None))) {
-                    *slot = Err(StoreError::Io(message.clone()));
-                }
-                return out;
-            }
-        };
-        for (id, slot) in ids.iter().zip(out.iter_mut()) {
-            if matches!(slot, Ok(None))
-                && let Some(bytes) = read.get(id)
-            {
-                *slot = serde_json::from_slice::<MailboxEvent>(bytes)
-                    .map(|e| Some(Arc::new(e)))
-                    .map_err(io);
-            }
-        }
-        out
+        // Shared mode's cache holds what this replica ingested; a read is not kept.
+        schema::events_by_id(
+            self.engine.as_ref(),
+            ids,
+            |ids| ids.iter().map(|id| self.cached_event(id)).collect(),
+            |_| {},
+        )
     }
 
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {

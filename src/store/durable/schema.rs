@@ -172,3 +172,53 @@ pub(crate) fn read_attempts(
     }
     Ok(out)
 }
+
+/// What `EventLog::events` answers, for both stores: the events `cached` finds, the rest in
+/// one read of `engine`, each parsed on its own (one that does not parse fails alone, one
+/// the engine lacks stays None); `keep` is handed the events read (a store caches them).
+pub(crate) fn events_by_id(
+    engine: &dyn super::engine::Engine,
+    ids: &[String],
+    cached: impl FnOnce(&[String]) -> Vec<Option<std::sync::Arc<crate::event::MailboxEvent>>>,
+    keep: impl FnOnce(&[std::sync::Arc<crate::event::MailboxEvent>]),
+) -> Vec<Result<Option<std::sync::Arc<crate::event::MailboxEvent>>, StoreError>> {
+    let mut out: Vec<Result<Option<std::sync::Arc<crate::event::MailboxEvent>>, StoreError>> =
+        cached(ids).into_iter().map(Ok).collect();
+    out.resize_with(ids.len(), || Ok(None));
+    let missing: Vec<String> = ids
+        .iter()
+        .zip(&out)
+        .filter(|(_, e)| matches!(e, Ok(None)))
+        .map(|(id, _)| id.clone())
+        .collect();
+    if missing.is_empty() {
+        return out;
+    }
+    let read: std::collections::HashMap<String, Vec<u8>> = match engine.events_by_id(&missing) {
+        Ok(read) => read.into_iter().collect(),
+        Err(err) => {
+            let message = err.to_string();
+            for slot in out.iter_mut().filter(|e| matches!(e, Ok(None))) {
+                *slot = Err(StoreError::Io(message.clone()));
+            }
+            return out;
+        }
+    };
+    let mut kept = Vec::with_capacity(read.len());
+    for (id, slot) in ids.iter().zip(out.iter_mut()) {
+        if !matches!(slot, Ok(None)) {
+            continue;
+        }
+        let Some(bytes) = read.get(id) else { continue };
+        *slot = match serde_json::from_slice::<crate::event::MailboxEvent>(bytes) {
+            Ok(e) => {
+                let e = std::sync::Arc::new(e);
+                kept.push(e.clone());
+                Ok(Some(e))
+            }
+            Err(err) => Err(io(err)),
+        };
+    }
+    keep(&kept);
+    out
+}

@@ -522,56 +522,20 @@ impl EventLog for PagedStore {
     }
 
     fn events(&self, ids: &[String]) -> Vec<Result<Option<Arc<MailboxEvent>>, StoreError>> {
-        let mut out: Vec<Result<Option<Arc<MailboxEvent>>, StoreError>> = {
-            let state = self.state.lock();
-            ids.iter().map(|id| Ok(state.cache.get(id).cloned())).collect()
-        };
-        let missing: Vec<String> = ids
-            .iter()
-            .zip(&out)
-            .filter(|(_, e)| matches!(e, Ok(None)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        if missing.is_empty() {
-            return out;
-        }
-        let read = match self.engine.events_by_id(&missing) {
-            Ok(read) => read,
-            Err(err) => {
-                let message = err.to_string();
-                for slot in &mut out {
-                    if matches!(slot, Ok(None)) {
-                        *slot = Err(StoreError::Io(message.clone()));
-                    }
-                }
-                return out;
-            }
-        };
-        let read: HashMap<String, Result<Arc<MailboxEvent>, String>> = read
-            .into_iter()
-            .map(|(id, bytes)| {
-                let parsed = serde_json::from_slice::<MailboxEvent>(&bytes)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string());
-                (id, parsed)
-            })
-            .collect();
-        let mut state = self.state.lock();
-        for (id, slot) in ids.iter().zip(out.iter_mut()) {
-            if !matches!(slot, Ok(None)) {
-                continue;
-            }
-            match read.get(id) {
-                // Absent: stays None.
-                None => {}
-                Some(Ok(e)) => {
+        super::durable::schema::events_by_id(
+            self.engine.as_ref(),
+            ids,
+            |ids| {
+                let state = self.state.lock();
+                ids.iter().map(|id| state.cache.get(id).cloned()).collect()
+            },
+            |read| {
+                let mut state = self.state.lock();
+                for e in read {
                     state.cache(e.clone());
-                    *slot = Ok(Some(e.clone()));
                 }
-                Some(Err(e)) => *slot = Err(StoreError::Io(e.clone())),
-            }
-        }
-        out
+            },
+        )
     }
 
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
