@@ -73,7 +73,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         max_attempts: config.store.max_attempts_per_subscription,
         dedup_window: config.store.dedup_window,
         raw_message_retention: config.store.raw_message_retention,
-        index_retention: config.dovecot.dovecot_index_retention,
     };
     let router = Arc::new(Router::default());
     let deliveries = Deliveries::start(
@@ -232,6 +231,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         internal_domains: pipeline.internal_domains.clone(),
         separator: Some(config.dovecot.dovecot_hierarchy_separator),
     };
+    {
+        // The index is kept whether or not Dovecot reports now: what it reported before ages out.
+        let retention = source::dovecot::index::Retention {
+            keep: config.dovecot.dovecot_index_retention,
+            first: config.store.housekeeping_interval,
+        };
+        let stop = lifecycle.token(Stage::Storage);
+        lifecycle.spawn(
+            Stage::Storage,
+            "mailbox index retention",
+            source::dovecot::index::keep(deliveries.clone(), retention, metrics.store_purged.clone(), stop),
+        );
+    }
     let dovecot_shared = Arc::new(source::dovecot::Shared::default());
     if let Some(reconciler) = dovecot_reconciler(&config, &dovecot_cfg, &pipeline, &dovecot_shared)? {
         let (stop, readiness) = (lifecycle.token(Stage::Intake), readiness.clone());

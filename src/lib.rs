@@ -25,13 +25,17 @@ pub mod store;
 pub mod telemetry;
 
 /// `err` and its sources, `: `-separated: what a log line or an answer should say about an
-/// error whose Display names only the outermost step.
+/// error whose Display names only the outermost step. A source whose text the error's own
+/// already ends with (one that shows its cause as well as keeping it) is not said twice.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let said = s.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         source = s.source();
     }
     text

@@ -374,7 +374,7 @@ async fn read_events(
         let store = store.clone();
         let found = tokio::task::spawn_blocking(move || store.events(&missing))
             .await
-            .unwrap_or_else(|e| vec![Err(StoreError::Io(format!("reading the events stopped: {e}")))]);
+            .unwrap_or_else(|e| vec![Err(StoreError::Failed(format!("reading the events stopped: {e}")))]);
         let mut found = found.into_iter();
         let mut last_err = None;
         for slot in read.iter_mut().filter(|e| matches!(e, Ok(None))) {
@@ -385,7 +385,7 @@ async fn read_events(
                 }
                 Some(ok) => ok,
                 // The read stopped short (its thread failed): as its error says.
-                None => Err(StoreError::Io(
+                None => Err(StoreError::Failed(
                     last_err.clone().unwrap_or_else(|| "the event was not read".into()),
                 )),
             };
@@ -952,7 +952,7 @@ mod tests {
         let got = store_write(&metrics, "retry", "siem", || {
             calls += 1;
             if calls < 3 {
-                Err(StoreError::Io("disk full".into()))
+                Err(StoreError::Failed("disk full".into()))
             } else {
                 Ok(calls)
             }

@@ -156,7 +156,7 @@ impl Deliveries {
             let (this, config, event, d, why) = (self.clone(), origin.clone(), event.clone(), d.clone(), why.clone());
             let result = tokio::task::spawn_blocking(move || this.queue_dead_letter_copy(&config, &event, &d, why))
                 .await
-                .unwrap_or_else(|e| Err(crate::store::StoreError::Io(format!("the sink copy stopped: {e}"))));
+                .unwrap_or_else(|e| Err(crate::store::StoreError::Failed(format!("the sink copy stopped: {e}"))));
             match result {
                 Ok(()) => return,
                 Err(err) if tries < 5 => {

@@ -23,12 +23,7 @@ pub struct Housekeeping {
     pub dedup_window: Duration,
     /// How long raw messages stay archived.
     pub raw_message_retention: Duration,
-    /// How long the mailbox index (Dovecot source) remembers a message.
-    pub index_retention: Duration,
 }
-
-/// The mailbox index is purged this often: its age is read off every entry.
-const INDEX_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Default for Housekeeping {
     fn default() -> Self {
@@ -38,7 +33,6 @@ impl Default for Housekeeping {
             max_attempts: 10_000,
             dedup_window: Duration::from_secs(24 * 3600),
             raw_message_retention: Duration::from_secs(7 * 24 * 3600),
-            index_retention: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -57,19 +51,14 @@ pub(super) async fn run_housekeeping(
     settings: Housekeeping,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut index_purged: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(settings.interval) => {}
         }
         let d = deliveries.clone();
-        let purge_index = index_purged.is_none_or(|at| at.elapsed() >= INDEX_PURGE_INTERVAL);
-        if purge_index {
-            index_purged = Some(std::time::Instant::now());
-        }
         // The store's purges wait for commits: off the async workers.
-        match tokio::task::spawn_blocking(move || housekeep(&d, settings, purge_index)).await {
+        match tokio::task::spawn_blocking(move || housekeep(&d, settings)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => warn!(%err, "housekeeping failed; will retry"),
             Err(err) => warn!(%err, "housekeeping stopped unexpectedly; will retry"),
@@ -77,7 +66,7 @@ pub(super) async fn run_housekeeping(
     }
 }
 
-fn housekeep(deliveries: &Deliveries, settings: Housekeeping, purge_index: bool) -> Result<(), StoreError> {
+fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), StoreError> {
     let store = &deliveries.store;
     let now = jiff::Timestamp::now();
     let purged = &deliveries.metrics.store_purged;
@@ -149,9 +138,5 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping, purge_index: bool)
     purged.with_label_values(&["producer_id"]).inc_by(producers);
     let raw = store.purge_raw_messages(since(now, settings.raw_message_retention))?;
     purged.with_label_values(&["raw_message"]).inc_by(raw);
-    if purge_index {
-        let indexed = store.purge_index(since(now, settings.index_retention))?;
-        purged.with_label_values(&["indexed_message"]).inc_by(indexed);
-    }
     Ok(())
 }

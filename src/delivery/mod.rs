@@ -35,9 +35,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
 use crate::route::Target;
-use crate::store::{
-    Archive, Backend, BacklogCap, EventLog, History, MailboxIndex, PendingDelivery, Queue, Store, StoreError,
-};
+use crate::store::{Archive, Backend, BacklogCap, EventLog, History, PendingDelivery, Queue, Rows, Store, StoreError};
 use health::{Health, HealthSnapshot};
 pub use housekeeping::Housekeeping;
 use housekeeping::run_housekeeping;
@@ -671,8 +669,8 @@ impl Deliveries {
         self.store.clone()
     }
 
-    /// The mailbox index (IMAP reconciler, Dovecot push, journal).
-    pub fn index(&self) -> Arc<dyn MailboxIndex> {
+    /// The keyed rows sources keep beside their events (the Dovecot mailbox index).
+    pub fn rows(&self) -> Arc<dyn Rows> {
         self.store.clone()
     }
 

@@ -788,9 +788,9 @@ async fn dovecot_batch(
             let user_lock = intake.shared.locks.lock(&user).await;
             blocking(&state, held, move || {
                 let _user = user_lock;
-                let store = pipeline.deliveries.index();
+                let rows = pipeline.deliveries.rows();
                 let mut failed = None;
-                let mut lookup = |key: &crate::store::MessageKey| match store.indexed_message(key) {
+                let mut lookup = |key: &dovecot::index::MessageKey| match dovecot::index::message(rows.as_ref(), key) {
                     Ok(found) => found,
                     Err(e) => {
                         failed = Some(e);
@@ -807,8 +807,7 @@ async fn dovecot_batch(
                     intake.shared.seen(&user);
                     return Ok(Vec::new());
                 }
-                let outcomes = pipeline
-                    .accept_indexed(mapped.events, mapped.index)
+                let outcomes = dovecot::index::accept(&pipeline, mapped.events, mapped.index)
                     .map_err(|e| stored_refusal(e, |index| format!("event {} of the batch", index + 1)))?;
                 intake.shared.seen(&user);
                 Ok(outcomes)

@@ -16,7 +16,7 @@ use crate::delivery::Deliveries;
 use crate::event::{MailboxEvent, domain_of};
 use crate::metrics::Metrics;
 use crate::route::Router;
-use crate::store::{Appended, IndexChange, Ingest, RawMessage, StoreError};
+use crate::store::{Appended, Ingest, RawMessage, RowWrite, StoreError};
 
 /// Store → route → enqueue, shared by every source.
 pub struct Pipeline {
@@ -132,20 +132,20 @@ impl Pipeline {
         self.accept_with(events, archive, Vec::new())
     }
 
-    /// As `accept`, applying `index` changes to the mailbox index in the same commit.
-    pub fn accept_indexed(
+    /// As `accept`, writing the source's keyed `rows` in the same commit.
+    pub fn accept_with_rows(
         &self,
         events: Vec<MailboxEvent>,
-        index: Vec<IndexChange>,
+        rows: Vec<RowWrite>,
     ) -> Result<Vec<Appended>, AcceptError> {
-        self.accept_with(events, &mut RawArchive::new(None), index)
+        self.accept_with(events, &mut RawArchive::new(None), rows)
     }
 
     fn accept_with(
         &self,
         events: Vec<MailboxEvent>,
         raw: &mut RawArchive,
-        index: Vec<IndexChange>,
+        rows: Vec<RowWrite>,
     ) -> Result<Vec<Appended>, AcceptError> {
         let table = self.router.current();
         // Routing is pure CPU over user-supplied strings: a panic there is a bug, and must
@@ -205,10 +205,10 @@ impl Pipeline {
         }
         let store = self.deliveries.events();
         let archiving = wanted.is_some();
-        let stored = if index.is_empty() {
+        let stored = if rows.is_empty() {
             store.ingest_archived(items, wanted)?
         } else {
-            store.ingest_indexed(items, index)?
+            store.ingest_with_rows(items, rows)?
         };
         raw.archived |= archiving;
 

@@ -1,7 +1,7 @@
 //! The store behind the event log and the delivery queues, as one trait per consumer:
-//! `EventLog` (sources), `MailboxIndex` (the IMAP reconciler and the journal), `Archive`
-//! (raw messages), `Queue` (delivery shards), `History` (attempts and dead letters) and
-//! `Backend` (health, volume, sharing, secrets). A backend implements every part; `Store`
+//! `EventLog` (sources), `Rows` (keyed rows a source keeps beside its events, opaque to
+//! the store), `Archive` (raw messages), `Queue` (delivery shards), `History` (attempts
+//! and dead letters) and `Backend` (health, volume, sharing, secrets). A backend implements every part; `Store`
 //! is all of them, and each consumer is handed the part it uses. Which backend runs is
 //! chosen at start-up; `conformance` is the behaviour every backend must show. Depends on
 //! `event`, `crypto` and `memory` only (and the crate root's `error_chain`).
@@ -10,6 +10,7 @@ pub mod durable;
 pub mod paged;
 pub mod postgres;
 mod queue;
+pub mod rows;
 
 use std::sync::Arc;
 
@@ -17,15 +18,33 @@ use serde::{Deserialize, Serialize};
 
 pub use durable::DurableStore;
 pub use paged::PagedStore;
+pub use rows::{Row, RowWrite, Rows};
 
 use crate::event::MailboxEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Nothing can be committed now (the commit thread stopped, the database is gone).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The database beneath failed (redb, PostgreSQL, the file system), or what it holds
+    /// could not be decoded: the error it gave is the source.
     #[error("store I/O: {0}")]
-    Io(String),
+    Io(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A failure reported as text: a commit's outcome shared by every writer waiting on
+    /// it, or a state the store never writes.
+    #[error("store I/O: {0}")]
+    Failed(String),
+    /// A write the store refuses as asked (a name it cannot key).
+    #[error("refused by the store: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// The database's own error, kept as the source.
+    pub fn io(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        StoreError::Io(Box::new(err))
+    }
 }
 
 /// How many parsed events a store keeps in memory, oldest out first: fan-out and retries
@@ -72,7 +91,7 @@ impl Durable {
             Some(rx) => rx
                 .await
                 .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
-                .map_err(StoreError::Io),
+                .map_err(StoreError::Failed),
         }
     }
 }
@@ -232,136 +251,6 @@ pub struct PublishedHealth {
     pub body: serde_json::Value,
 }
 
-/// A message's place in a mailbox: (user, folder, UIDVALIDITY, UID), as IMAP names it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageKey {
-    pub user: String,
-    pub folder: String,
-    pub uid_validity: u32,
-    pub uid: u32,
-}
-
-/// What the mailbox index keeps of one message, so that later changes (a deletion, a
-/// move, a flag) can name it and join with its journaled copy.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct IndexedMessage {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub to: Vec<String>,
-    /// Unix seconds it was indexed: retention counts from here.
-    pub seen_at: i64,
-}
-
-/// A change to the mailbox index, stored in the same commit as the events it came with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IndexChange {
-    Put(MessageKey, IndexedMessage),
-    Remove(MessageKey),
-    /// The folder exists (kept even while it holds no known message), with its
-    /// UIDVALIDITY when known.
-    PutFolder {
-        user: String,
-        folder: String,
-        uid_validity: Option<u32>,
-        /// Every message below this UID was known when it was written (the reconciler's
-        /// watermark).
-        uid_next: Option<u32>,
-    },
-    /// The folder and every message known in it are gone.
-    RemoveFolder {
-        user: String,
-        folder: String,
-    },
-    /// The folder and its messages now go by another name; with the hierarchy
-    /// `separator`, so do its subfolders (`from/x` becomes `to/x`), as IMAP renames them.
-    RenameFolder {
-        user: String,
-        from: String,
-        to: String,
-        separator: Option<char>,
-    },
-}
-
-/// What the index knows of one user's mailbox.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct IndexedMailbox {
-    /// Every known folder, with what is known of it.
-    pub folders: std::collections::BTreeMap<String, IndexedFolder>,
-    pub messages: std::collections::BTreeMap<MessageKey, IndexedMessage>,
-}
-
-/// What the index keeps of a folder.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct IndexedFolder {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid_validity: Option<u32>,
-    /// The reconciler's watermark: every message below this UID was known when it looked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid_next: Option<u32>,
-}
-
-/// Index keys are bytes that sort by (user, folder, UIDVALIDITY, UID): a NUL after the
-/// user and after the folder (neither may hold one), then both numbers big-endian. A
-/// folder's own entry is its prefix alone. Pure.
-pub mod index_key {
-    use super::MessageKey;
-
-    pub fn user(user: &str) -> Vec<u8> {
-        let mut k = user.as_bytes().to_vec();
-        k.push(0);
-        k
-    }
-
-    pub fn folder(user: &str, folder: &str) -> Vec<u8> {
-        let mut k = self::user(user);
-        k.extend_from_slice(folder.as_bytes());
-        k.push(0);
-        k
-    }
-
-    pub fn message(m: &MessageKey) -> Vec<u8> {
-        let mut k = folder(&m.user, &m.folder);
-        k.extend_from_slice(&m.uid_validity.to_be_bytes());
-        k.extend_from_slice(&m.uid.to_be_bytes());
-        k
-    }
-
-    /// Whether a name can be part of a key.
-    pub fn valid(name: &str) -> bool {
-        !name.is_empty() && !name.contains('\0')
-    }
-
-    /// A key read back: (user, folder, (UIDVALIDITY, UID)); no message for a folder's
-    /// own entry.
-    pub type Parsed = (String, String, Option<(u32, u32)>);
-
-    pub fn parse(key: &[u8]) -> Option<Parsed> {
-        let mut parts = key.splitn(3, |b| *b == 0);
-        let user = std::str::from_utf8(parts.next()?).ok()?.to_string();
-        let folder = std::str::from_utf8(parts.next()?).ok()?.to_string();
-        let rest = parts.next()?;
-        let message = match rest.len() {
-            0 => None,
-            8 => {
-                let (v, u) = rest.split_at(4);
-                Some((
-                    u32::from_be_bytes(v.try_into().ok()?),
-                    u32::from_be_bytes(u.try_into().ok()?),
-                ))
-            }
-            _ => return None,
-        };
-        Some((user, folder, message))
-    }
-}
-
 /// A store several replicas share (PostgreSQL): each replica loads and delivers only the
 /// shards it owns. Ownership itself is decided outside the store (`replica::ownership`);
 /// the store is told, and fences its writes with the epoch of each claim.
@@ -414,8 +303,8 @@ pub trait EventLog: Send + Sync {
     /// As `ingest`, archiving `raw` in the same write when a stored event refers to it
     /// (`MailboxEvent::raw_message`).
     fn ingest_archived(&self, items: Vec<Ingest>, raw: Option<RawMessage>) -> Result<Vec<Appended>, StoreError>;
-    /// As `ingest`, applying `index` changes to the mailbox index in the same commit.
-    fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError>;
+    /// As `ingest`, writing a source's keyed `rows` (`rows`) in the same commit.
+    fn ingest_with_rows(&self, items: Vec<Ingest>, rows: Vec<RowWrite>) -> Result<Vec<Appended>, StoreError>;
     fn event(&self, id: &str) -> Result<Option<Arc<MailboxEvent>>, StoreError>;
     /// The event if it is in memory (no disk or database read): async callers try this
     /// first and read with `event` off the runtime only when it misses.
@@ -433,19 +322,6 @@ pub trait EventLog: Send + Sync {
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
     /// Events stored, for tests and figures.
     fn event_count(&self) -> Result<u64, StoreError>;
-}
-
-/// The mailbox index the IMAP reconciler and the journal keep: what each user's folders
-/// held when last looked at, so a change is told from a repeat.
-pub trait MailboxIndex: Send + Sync {
-    /// What the mailbox index knows of `user`'s mailbox (one folder, or all of them).
-    fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError>;
-    /// One message of the mailbox index.
-    fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError>;
-    /// Every user the mailbox index knows.
-    fn indexed_users(&self) -> Result<Vec<String>, StoreError>;
-    /// Forgets indexed messages indexed before `before`; returns how many.
-    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
 }
 
 /// Raw messages archived with the events that refer to them.
@@ -584,9 +460,23 @@ pub trait Backend: Send + Sync {
 
 /// Every part of a store: what a backend implements and start-up wires. Each consumer
 /// is handed only the part it uses (`Deliveries::events`, `history`, ...).
-pub trait Store: EventLog + MailboxIndex + Archive + Queue + History + Backend + 'static {}
+pub trait Store: EventLog + Rows + Archive + Queue + History + Backend + 'static {}
 
-impl<T: EventLog + MailboxIndex + Archive + Queue + History + Backend + 'static> Store for T {}
+impl<T: EventLog + Rows + Archive + Queue + History + Backend + 'static> Store for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_keeps_the_database_error_as_its_source() {
+        let err = StoreError::io(std::io::Error::from_raw_os_error(28));
+        let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(source.and_then(std::io::Error::raw_os_error), Some(28));
+        assert!(out_of_space(&err.to_string()), "{err}");
+        assert_eq!(crate::error_chain(&err), err.to_string(), "the cause is said once");
+    }
+}
 
 /// The behaviour every backend must show; each backend's tests run it (the PostgreSQL
 /// backend's from `tests/postgres`, against a real server). Test support, not API.
@@ -655,8 +545,8 @@ pub mod conformance {
         raw_messages_are_archived_with_their_events_only_and_purged_by_age(make().as_ref());
         // Backend
         secrets_are_created_once(make().as_ref());
-        // MailboxIndex
-        the_mailbox_index_follows_changes_and_is_purged_by_age(make().as_ref());
+        // Rows
+        rows_are_written_with_events_and_read_by_group_prefix_and_age(make().as_ref());
     }
 
     fn events_are_read_by_id_in_the_order_asked(s: &dyn Store) {
@@ -677,153 +567,89 @@ pub mod conformance {
         assert!(s.events(&[]).is_empty());
     }
 
-    fn the_mailbox_index_follows_changes_and_is_purged_by_age(s: &dyn Store) {
-        let key = |folder: &str, uid: u32| MessageKey {
-            user: "zoë@example.com".into(),
-            folder: folder.into(),
-            uid_validity: 7,
-            uid,
-        };
-        let msg = |id: &str, seen_at: i64| IndexedMessage {
-            message_id: Some(id.into()),
-            subject: Some("Grüße".into()),
-            seen_at,
-            ..Default::default()
-        };
-        let user = "zoë@example.com";
-        let folder = |f: &str| IndexChange::PutFolder {
-            user: user.into(),
-            folder: f.into(),
-            uid_validity: (f == "Projekte").then_some(7),
-            uid_next: (f == "Projekte").then_some(2),
+    fn rows_are_written_with_events_and_read_by_group_prefix_and_age(s: &dyn Store) {
+        let put = |group: &str, key: &[u8], at: i64| RowWrite::Put {
+            group: group.into(),
+            row: Row {
+                key: key.to_vec(),
+                at,
+                body: format!("{group}:{at}").into_bytes(),
+            },
         };
         let first = s
-            .ingest_indexed(
+            .ingest_with_rows(
                 vec![Ingest {
-                    event: event("evt_i1", Some("dovecot:1")),
+                    event: event("evt_w1", Some("rows:1")),
                     deliveries: vec![],
                 }],
                 vec![
-                    folder("INBOX"),
-                    folder("Projekte"),
-                    folder("Projekte/Ä"),
-                    IndexChange::Put(key("INBOX", 1), msg("<a@x>", 10)),
-                    IndexChange::Put(key("INBOX", 300), msg("<b@x>", 20)),
-                    IndexChange::Put(key("Projekte", 1), msg("<c@x>", 30)),
-                    IndexChange::Put(key("Projekte/Ä", 2), msg("<d@x>", 40)),
+                    put("zoë", b"a\0\x01", 10),
+                    put("zoë", b"a\0\xff", 20),
+                    put("zoë", b"a/b\0", 30),
+                    put("zoë", b"\xff\xff", 40),
+                    put("z", b"a\0\x01", 50),
                 ],
             )
             .expect("ingest");
         assert!(!first[0].duplicate);
-        let all = s.indexed(user, None).expect("read");
-        assert_eq!(all.folders.len(), 3);
-        assert_eq!(all.messages.len(), 4);
-        let projekte = s.indexed(user, Some("Projekte")).expect("read");
+        let keys = |group: &str, prefix: &[u8]| -> Vec<Vec<u8>> {
+            s.rows(group, prefix)
+                .expect("scan")
+                .into_iter()
+                .map(|r| r.key)
+                .collect()
+        };
+        assert_eq!(keys("zoë", b"a\0"), vec![b"a\0\x01".to_vec(), b"a\0\xff".to_vec()]);
         assert_eq!(
-            projekte.messages.keys().cloned().collect::<Vec<_>>(),
-            vec![key("Projekte", 1)],
-            "a folder is not its subfolders"
+            keys("zoë", b"a"),
+            vec![b"a\0\x01".to_vec(), b"a\0\xff".to_vec(), b"a/b\0".to_vec()]
         );
-        assert_eq!(s.indexed_users().expect("users"), vec![user.to_string()]);
         assert_eq!(
-            s.indexed_message(&key("INBOX", 300)).expect("read"),
-            Some(msg("<b@x>", 20))
+            keys("zoë", b"\xff"),
+            vec![b"\xff\xff".to_vec()],
+            "a prefix of 0xff bytes"
         );
-        assert_eq!(s.indexed_message(&key("INBOX", 3)).expect("read"), None);
-        // A UID whose last byte is 0xff (a range scan ending at "the next key" misses it).
-        s.ingest_indexed(vec![], vec![IndexChange::Put(key("INBOX", 255), msg("<ff@x>", 20))])
-            .expect("put");
+        assert_eq!(keys("zoë", b"").len(), 4, "a group is not another that starts like it");
+        assert_eq!(keys("z", b"").len(), 1);
+        assert!(keys("nobody", b"").is_empty());
         assert_eq!(
-            s.indexed_message(&key("INBOX", 255)).expect("read"),
-            Some(msg("<ff@x>", 20))
+            s.row("zoë", b"a\0\xff").expect("get"),
+            Some(Row {
+                key: b"a\0\xff".to_vec(),
+                at: 20,
+                body: b"zo\xc3\xab:20".to_vec(),
+            })
         );
-        s.ingest_indexed(vec![], vec![IndexChange::Remove(key("INBOX", 255))])
-            .expect("remove");
-
-        s.ingest_indexed(
-            vec![],
+        assert_eq!(s.row("zoë", b"a\0").expect("get"), None);
+        assert_eq!(
+            s.row_groups().expect("groups"),
+            vec!["z".to_string(), "zoë".to_string()]
+        );
+        let mut old = s.rows_before(25).expect("old");
+        old.sort();
+        assert_eq!(
+            old,
             vec![
-                IndexChange::Remove(key("INBOX", 1)),
-                IndexChange::RenameFolder {
-                    user: user.into(),
-                    from: "Projekte".into(),
-                    to: "Archiv".into(),
-                    separator: None,
-                },
-                IndexChange::RemoveFolder {
-                    user: user.into(),
-                    folder: "Projekte/Ä".into(),
-                },
-            ],
-        )
-        .expect("changes");
-        let all = s.indexed(user, None).expect("read");
-        assert_eq!(
-            all.folders
-                .iter()
-                .map(|(f, v)| (f.as_str(), v.uid_validity))
-                .collect::<Vec<_>>(),
-            vec![("Archiv", Some(7)), ("INBOX", Some(7))],
-            "a renamed folder keeps its UIDVALIDITY; a folder known by its messages has theirs"
+                ("zoë".to_string(), b"a\0\x01".to_vec()),
+                ("zoë".to_string(), b"a\0\xff".to_vec())
+            ]
         );
-        assert_eq!(
-            all.messages.keys().cloned().collect::<Vec<_>>(),
-            vec![key("Archiv", 1), key("INBOX", 300)]
-        );
-        assert_eq!(all.messages[&key("Archiv", 1)], msg("<c@x>", 30));
-        assert_eq!(
-            all.folders["Archiv"].uid_next,
-            Some(2),
-            "the watermark moves with the folder"
-        );
-
-        // A parent renamed with the hierarchy separator takes its subfolders along.
-        s.ingest_indexed(
-            vec![],
-            vec![
-                IndexChange::Put(key("Kunden/Acme", 1), msg("<k@x>", 40)),
-                IndexChange::Put(key("Kunden.Alt", 1), msg("<l@x>", 40)),
-                IndexChange::RenameFolder {
-                    user: user.into(),
-                    from: "Kunden".into(),
-                    to: "Partner".into(),
-                    separator: Some('/'),
-                },
-            ],
-        )
-        .expect("rename a parent");
-        let after = s.indexed(user, None).expect("read");
-        assert!(after.messages.contains_key(&key("Partner/Acme", 1)), "{after:?}");
+        s.write_rows(vec![
+            RowWrite::Delete {
+                group: "zoë".into(),
+                key: b"a\0\x01".to_vec(),
+            },
+            put("zoë", b"a\0\xff", 60),
+        ])
+        .expect("write");
+        assert_eq!(keys("zoë", b"a\0"), vec![b"a\0\xff".to_vec()]);
         assert!(
-            after.messages.contains_key(&key("Kunden.Alt", 1)),
-            "not a subfolder: another separator"
+            s.rows_before(25).expect("old").is_empty(),
+            "a row put again is as new as its write"
         );
-        s.ingest_indexed(
-            vec![],
-            vec![
-                IndexChange::RemoveFolder {
-                    user: user.into(),
-                    folder: "Partner/Acme".into(),
-                },
-                IndexChange::RemoveFolder {
-                    user: user.into(),
-                    folder: "Kunden.Alt".into(),
-                },
-            ],
-        )
-        .expect("clean up");
-
-        assert_eq!(s.purge_index(at(25)).expect("purge"), 1, "the message seen at 20");
-        let left = s.indexed(user, None).expect("read");
-        assert_eq!(left.messages.len(), 1);
-        assert_eq!(
-            left.folders["INBOX"].uid_next,
-            Some(301),
-            "the watermark rises past the forgotten message"
-        );
-        assert_eq!(
-            s.indexed("nobody@example.com", None).expect("read"),
-            IndexedMailbox::default()
+        assert!(
+            s.write_rows(vec![put("a\0b", b"k", 1)]).is_err(),
+            "a group holding a NUL is refused"
         );
     }
 

@@ -10,8 +10,7 @@ use mailhook::store::postgres::{self, engine::Postgres, migrations};
 #[path = "../common/pg.rs"]
 mod pg;
 use mailhook::store::{
-    Archive, Backend, DurableStore, EventLog, History, Ingest, MailboxIndex, PagedStore, Queue, QueueCounts, Store,
-    conformance,
+    Archive, Backend, DurableStore, EventLog, History, Ingest, PagedStore, Queue, QueueCounts, Rows, Store, conformance,
 };
 use pg::database;
 
@@ -221,6 +220,10 @@ fn a_queue_an_older_release_left_is_moved_into_the_paged_tables_and_delivered_on
 #[test]
 fn the_store_contract_holds_on_postgresql() {
     conformance::run(&|| fresh_store("contract").1);
+    // The Dovecot source's mailbox index, on the store's keyed rows.
+    mailhook::source::dovecot::index::conformance::the_index_follows_changes_and_is_purged_by_age(
+        fresh_store("index").1.as_ref(),
+    );
 }
 
 #[test]
@@ -490,12 +493,12 @@ impl EventLog for Sole {
         Ok(out)
     }
 
-    fn ingest_indexed(
+    fn ingest_with_rows(
         &self,
         items: Vec<Ingest>,
-        index: Vec<mailhook::store::IndexChange>,
+        rows: Vec<mailhook::store::RowWrite>,
     ) -> Result<Vec<mailhook::store::Appended>, mailhook::store::StoreError> {
-        let out = self.store.ingest_indexed(items, index)?;
+        let out = self.store.ingest_with_rows(items, rows)?;
         self.sharing().claim_arrivals()?;
         Ok(out)
     }
@@ -514,28 +517,25 @@ impl EventLog for Sole {
     }
 }
 
-impl MailboxIndex for Sole {
-    fn indexed(
-        &self,
-        user: &str,
-        folder: Option<&str>,
-    ) -> Result<mailhook::store::IndexedMailbox, mailhook::store::StoreError> {
-        self.store.indexed(user, folder)
+impl Rows for Sole {
+    fn rows(&self, group: &str, prefix: &[u8]) -> Result<Vec<mailhook::store::Row>, mailhook::store::StoreError> {
+        self.store.rows(group, prefix)
     }
 
-    fn indexed_message(
-        &self,
-        key: &mailhook::store::MessageKey,
-    ) -> Result<Option<mailhook::store::IndexedMessage>, mailhook::store::StoreError> {
-        self.store.indexed_message(key)
+    fn row(&self, group: &str, key: &[u8]) -> Result<Option<mailhook::store::Row>, mailhook::store::StoreError> {
+        self.store.row(group, key)
     }
 
-    fn indexed_users(&self) -> Result<Vec<String>, mailhook::store::StoreError> {
-        self.store.indexed_users()
+    fn row_groups(&self) -> Result<Vec<String>, mailhook::store::StoreError> {
+        self.store.row_groups()
     }
 
-    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
-        self.store.purge_index(before)
+    fn rows_before(&self, before: i64) -> Result<Vec<(String, Vec<u8>)>, mailhook::store::StoreError> {
+        self.store.rows_before(before)
+    }
+
+    fn write_rows(&self, writes: Vec<mailhook::store::RowWrite>) -> Result<(), mailhook::store::StoreError> {
+        self.store.write_rows(writes)
     }
 }
 
@@ -673,6 +673,9 @@ impl Backend for Sole {
 #[test]
 fn the_store_contract_holds_on_a_shared_store() {
     conformance::run(&|| Box::new(Sole::new("shared_contract")));
+    mailhook::source::dovecot::index::conformance::the_index_follows_changes_and_is_purged_by_age(&Sole::new(
+        "shared_index",
+    ));
 }
 
 /// Two replicas of one shared store, by hand: either one ingests and producer ids

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::store::{IndexedMessage, MessageKey};
+use super::index::{IndexedMessage, MessageKey};
 
 /// Most folder names the renames of one batch may move, subfolders included. Each rename
 /// moves at least one; a legitimate batch moves a handful. The bound keeps a batch that

@@ -25,13 +25,13 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use tracing::{info, warn};
 
+use super::index::{self, IndexChange, IndexedMailbox, IndexedMessage, MessageKey};
 use super::{
     DovecotConfig, Made, Mapped, Shared, Side, folder_producer_id, mailbox_of, message_producer_id, with_message,
 };
 use crate::api::EventType;
 use crate::event::{Activity, DeleteStage, FolderAction};
 use crate::source::{Pipeline, normalize_address};
-use crate::store::{IndexChange, IndexedMailbox, IndexedMessage, MessageKey};
 
 pub mod connect;
 
@@ -409,8 +409,8 @@ impl Reconciler {
     /// time, until `stop`.
     pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
         let mut first_seen = self.shared.first_seen();
-        let store = self.pipeline.deliveries.index();
-        let users = match tokio::task::spawn_blocking(move || store.indexed_users()).await {
+        let rows = self.pipeline.deliveries.rows();
+        let users = match tokio::task::spawn_blocking(move || index::users(rows.as_ref())).await {
             Ok(Ok(users)) => users,
             Ok(Err(err)) => {
                 warn!(%err, "the Dovecot reconciler cannot list the mailboxes it knows; it starts with none");
@@ -490,10 +490,10 @@ impl Reconciler {
         let indexed_before = jiff::Timestamp::now().as_second().saturating_sub(1);
         let mut session = self.login(user).await?;
         let snapshot = snapshot(&mut session).await?;
-        let store = self.pipeline.deliveries.index();
+        let rows = self.pipeline.deliveries.rows();
         let who = user.to_string();
-        let index = tokio::task::spawn_blocking(move || store.indexed(&who, None)).await??;
-        let plan = plan(user, &snapshot, &index, indexed_before);
+        let known = tokio::task::spawn_blocking(move || index::mailbox(rows.as_ref(), &who, None)).await??;
+        let plan = plan(user, &snapshot, &known, indexed_before);
         let first_look = plan.first_look;
         let headers = read_headers(&mut session, &plan.arrived).await?;
         // What was read is complete; a failed goodbye changes nothing.
@@ -501,7 +501,7 @@ impl Reconciler {
         let mapped = findings(user, plan, &headers, &self.dovecot, jiff::Timestamp::now());
         let events = mapped.events.len();
         let pipeline = self.pipeline.clone();
-        tokio::task::spawn_blocking(move || pipeline.accept_indexed(mapped.events, mapped.index)).await??;
+        tokio::task::spawn_blocking(move || index::accept(&pipeline, mapped.events, mapped.index)).await??;
         Ok((events, first_look))
     }
 

@@ -31,9 +31,9 @@ pub enum Op {
     DeleteRaw(i64, String),
     PutSubscription(String, String),
     DeleteSubscription(String),
-    /// Mailbox index entry: (key, user, unix seconds indexed, body).
-    PutIndex(Vec<u8>, String, i64, Vec<u8>),
-    DeleteIndex(Vec<u8>),
+    /// A keyed row (`store::rows`): (stored key, group, unix seconds written, body).
+    PutRow(Vec<u8>, String, i64, Vec<u8>),
+    DeleteRow(Vec<u8>),
     // Shared mode only (PostgreSQL, several replicas): see `store::durable::shared`.
     /// New events and their deliveries: producer ids de-duplicated by the database, seqs
     /// from its sequence; the outcome is left in the op's slot once committed.
@@ -89,7 +89,7 @@ impl Op {
                 | Op::PutCountedEvent(..)
                 | Op::Ingest(_)
                 | Op::PutRaw(..)
-                | Op::PutIndex(..)
+                | Op::PutRow(..)
                 | Op::PutClaimed(..)
                 | Op::PutProducer(..)
                 | Op::PutAgedProducer(..)
@@ -103,7 +103,7 @@ impl Op {
             Op::PutEvent(id, b) | Op::PutCountedEvent(id, b, _) => id.len() + b.len(),
             Op::PutPending(_, b) | Op::PutDead(_, b) | Op::PutClaimed(_, _, _, b) => 8 + b.len(),
             Op::PutAttempt(s, _, b) | Op::PutRaw(s, _, b) | Op::Bury(s, _, _, b) => s.len() + 16 + b.len(),
-            Op::PutIndex(k, u, _, b) => k.len() + u.len() + b.len(),
+            Op::PutRow(k, u, _, b) => k.len() + u.len() + b.len(),
             Op::Enqueue(q) => q.subscription.len() + q.body.len() + 32,
             Op::Ingest(_) | Op::Fenced(..) => 1024,
             _ => 64,

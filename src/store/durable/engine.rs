@@ -34,8 +34,8 @@ pub struct Loaded {
     pub attempt_keys: Vec<(String, u64)>,
 }
 
-/// A mailbox index entry: (key, unix seconds indexed, body).
-pub type IndexRow = (Vec<u8>, i64, Vec<u8>);
+/// A keyed row as stored: (`group NUL key`, unix seconds written, body).
+pub type StoredRow = (Vec<u8>, i64, Vec<u8>);
 
 pub trait Engine: Send + Sync + 'static {
     /// Applies `ops`, in order, in one durable transaction.
@@ -89,24 +89,29 @@ pub trait Engine: Send + Sync + 'static {
     fn restore_reserve(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Mailbox index entries whose key starts with `prefix` (which ends in a NUL, see
-    /// `store::index_key`): (key, unix seconds indexed, body), in key order.
-    fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError>;
-    /// One mailbox index entry's body.
-    fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Every user with a mailbox index entry.
-    fn index_users(&self) -> Result<Vec<String>, StoreError>;
-    /// Keys of mailbox index entries indexed before `before` (unix seconds).
-    fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Keyed rows (`store::rows`, stored as `group NUL key`) from `from` up to `to`
+    /// (exclusive): (stored key, unix seconds written, body), in key order.
+    fn rows_scan(&self, from: &[u8], to: &[u8]) -> Result<Vec<StoredRow>, StoreError>;
+    /// One keyed row: (unix seconds written, body).
+    fn row_get(&self, key: &[u8]) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
+    /// Every group with a keyed row, in order.
+    fn row_groups(&self) -> Result<Vec<String>, StoreError>;
+    /// Stored keys of keyed rows written before `before` (unix seconds).
+    fn rows_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError>;
 }
 
-/// The keys that start with `prefix`, when it ends in a NUL: from the prefix up to the
-/// same bytes with the NUL raised to 1.
+/// The end (exclusive) of the keys that start with `prefix`: the prefix without its
+/// trailing 0xff bytes, its last byte raised by one. A prefix of 0xff bytes only has no
+/// such end; none is asked for (a row's stored key starts with UTF-8, which never holds
+/// 0xff), and it gets one that covers keys up to 64 bytes past it.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
+    while end.last() == Some(&0xff) {
+        end.pop();
+    }
     match end.last_mut() {
-        Some(last) => *last = last.saturating_add(1),
-        None => end.push(0xff),
+        Some(last) => *last += 1,
+        None => end = vec![0xff; prefix.len() + 64],
     }
     end
 }
@@ -153,7 +158,7 @@ impl Redb {
     /// The open database, for one transaction.
     fn db(&self) -> Result<parking_lot::MappedRwLockReadGuard<'_, Database>, StoreError> {
         parking_lot::RwLockReadGuard::try_map(self.db.read(), Option::as_ref)
-            .map_err(|_| StoreError::Io("the store file is being opened again".into()))
+            .map_err(|_| StoreError::Failed("the store file is being opened again".into()))
     }
 
     /// Closes the file and opens it again (no-op in memory).
@@ -282,10 +287,10 @@ impl Redb {
                     Op::DeleteSubscription(uid) => {
                         subscriptions.remove(uid.as_str()).map_err(io)?;
                     }
-                    Op::PutIndex(key, _, at, body) => {
+                    Op::PutRow(key, _, at, body) => {
                         index.insert(key.as_slice(), (*at, body.as_slice())).map_err(io)?;
                     }
-                    Op::DeleteIndex(key) => {
+                    Op::DeleteRow(key) => {
                         index.remove(key.as_slice()).map_err(io)?;
                     }
                     Op::PutCountedEvent(id, bytes, n) => {
@@ -362,7 +367,7 @@ impl Redb {
                     | Op::DeleteEventIfUnused(_)
                     | Op::DropDead(_)
                     | Op::DeleteDeliveriesOf(_) => {
-                        return Err(StoreError::Io(
+                        return Err(StoreError::Failed(
                             "a shared-store write reached the embedded store (a bug)".into(),
                         ));
                     }
@@ -704,19 +709,18 @@ impl Engine for Redb {
         };
         write().map_err(|e| {
             let _ = std::fs::remove_file(&path);
-            StoreError::Io(format!(
+            StoreError::Failed(format!(
                 "cannot hold the space reserve {} ({want} bytes): {e}",
                 path.display()
             ))
         })
     }
 
-    fn index_scan(&self, prefix: &[u8]) -> Result<Vec<IndexRow>, StoreError> {
+    fn rows_scan(&self, from: &[u8], to: &[u8]) -> Result<Vec<StoredRow>, StoreError> {
         let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
-        let end = prefix_end(prefix);
         let mut out = Vec::new();
-        for row in table.range(prefix..end.as_slice()).map_err(io)? {
+        for row in table.range(from..to).map_err(io)? {
             let (key, value) = row.map_err(io)?;
             let (at, body) = value.value();
             out.push((key.value().to_vec(), at, body.to_vec()));
@@ -724,17 +728,20 @@ impl Engine for Redb {
         Ok(out)
     }
 
-    fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    fn row_get(&self, key: &[u8]) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
         let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
-        Ok(table.get(key).map_err(io)?.map(|v| v.value().1.to_vec()))
+        Ok(table.get(key).map_err(io)?.map(|v| {
+            let (at, body) = v.value();
+            (at, body.to_vec())
+        }))
     }
 
-    fn index_users(&self) -> Result<Vec<String>, StoreError> {
+    fn row_groups(&self) -> Result<Vec<String>, StoreError> {
         let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
         let mut users = Vec::new();
-        // One seek per user: past a user's entries to the next one.
+        // One seek per group: past a group's rows to the next one.
         let mut from: Vec<u8> = Vec::new();
         loop {
             let next = table.range(from.as_slice()..).map_err(io)?.next();
@@ -750,7 +757,7 @@ impl Engine for Redb {
         Ok(users)
     }
 
-    fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn rows_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
         let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(MAILBOX_INDEX).map_err(io)?;
         let mut old = Vec::new();

@@ -20,7 +20,6 @@ pub(crate) mod schema;
 pub mod shared;
 mod state;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Sender, channel, sync_channel};
@@ -37,14 +36,10 @@ use self::schema::{StoredDelivery, create_tables, io, json, nanos};
 use self::state::{Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
-    Appended, Archive, Attempt, Backend, DeadLetter, Durable, EventLog, History, IndexChange, IndexedFolder,
-    IndexedMailbox, IndexedMessage, Ingest, MailboxIndex, MessageKey, PendingDelivery, Purged, Queue, QueueCounts,
-    RawMessage, Retention, StoreError, index_key,
+    Appended, Archive, Attempt, Backend, DeadLetter, Durable, EventLog, History, Ingest, PendingDelivery, Purged,
+    Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
 };
 use crate::event::MailboxEvent;
-
-/// Mailbox index writes by key: (user, seen at, body), or deleted.
-type IndexNet = BTreeMap<Vec<u8>, Option<(String, i64, Vec<u8>)>>;
 
 /// Locks a store mutex. The crate's rule for locks: parking_lot's, which are never
 /// poisoned — a panic is a bug that is caught and counted where it happens, and every
@@ -194,7 +189,7 @@ impl DurableStore {
         self.submit(ops, Reply::Blocking(tx), kept)?;
         rx.recv()
             .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
-            .map_err(StoreError::Io)
+            .map_err(StoreError::Failed)
     }
 
     /// Waits until every write queued before it is committed, so a read sees them.
@@ -246,10 +241,10 @@ impl DurableStore {
         outcome
             .lock()
             .take()
-            .ok_or_else(|| StoreError::Io("the shared ingest committed without an outcome".into()))
+            .ok_or_else(|| StoreError::Failed("the shared ingest committed without an outcome".into()))
     }
 
-    /// Ingest, with `extra` writes (the mailbox index) in the same commit.
+    /// Ingest, with `extra` writes (a source's keyed rows) in the same commit.
     fn ingest_with(
         &self,
         items: Vec<Ingest>,
@@ -325,10 +320,6 @@ impl DurableStore {
         Ok(out)
     }
 
-    fn index_ops(&self, changes: Vec<IndexChange>) -> Result<Vec<Op>, StoreError> {
-        index_ops(self.engine.as_ref(), changes)
-    }
-
     /// Reads stored deliveries from `table` by seq.
     fn read_deliveries(
         &self,
@@ -357,9 +348,8 @@ impl EventLog for DurableStore {
         self.ingest_with(items, raw, Vec::new())
     }
 
-    fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError> {
-        let ops = self.index_ops(index)?;
-        self.ingest_with(items, None, ops)
+    fn ingest_with_rows(&self, items: Vec<Ingest>, rows: Vec<RowWrite>) -> Result<Vec<Appended>, StoreError> {
+        self.ingest_with(items, None, super::rows::ops(rows)?)
     }
 
     fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
@@ -413,30 +403,7 @@ impl EventLog for DurableStore {
     }
 }
 
-impl MailboxIndex for DurableStore {
-    fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
-        indexed(self.engine.as_ref(), user, folder)
-    }
-
-    fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
-        Ok(self
-            .engine
-            .index_get(&index_key::message(key))?
-            .and_then(|body| serde_json::from_slice(&body).ok()))
-    }
-
-    fn indexed_users(&self) -> Result<Vec<String>, StoreError> {
-        self.engine.index_users()
-    }
-
-    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let (ops, n) = purge_index_ops(self.engine.as_ref(), before)?;
-        if n > 0 {
-            self.send(ops, true)?;
-        }
-        Ok(n)
-    }
-}
+super::rows::rows_on_engine!(DurableStore);
 
 impl Archive for DurableStore {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
@@ -802,173 +769,6 @@ impl Backend for DurableStore {
     }
 }
 
-/// The writes that apply `changes` to the mailbox index, net: later changes see
-/// earlier ones of the same list (a folder renamed after a message was put in it).
-pub(crate) fn index_ops(engine: &dyn Engine, changes: Vec<IndexChange>) -> Result<Vec<Op>, StoreError> {
-    // key → (user, seen at, body), or deleted.
-    let mut net: IndexNet = BTreeMap::new();
-    let scan = |net: &IndexNet, prefix: &[u8]| {
-        let mut found: BTreeMap<Vec<u8>, (i64, Vec<u8>)> = BTreeMap::new();
-        for (key, at, body) in engine.index_scan(prefix)? {
-            found.insert(key, (at, body));
-        }
-        let end = engine::prefix_end(prefix);
-        for (key, value) in net.range(prefix.to_vec()..end) {
-            match value {
-                Some((_, at, body)) => found.insert(key.clone(), (*at, body.clone())),
-                None => found.remove(key),
-            };
-        }
-        Ok::<_, StoreError>(found)
-    };
-    let now = jiff::Timestamp::now().as_second();
-    for change in changes {
-        match change {
-            IndexChange::Put(key, message) => {
-                if !index_key::valid(&key.user) || !index_key::valid(&key.folder) {
-                    continue;
-                }
-                // The folder is known by its messages: no entry of its own is needed.
-                let body = json(&message)?;
-                net.insert(index_key::message(&key), Some((key.user, message.seen_at, body)));
-            }
-            IndexChange::Remove(key) => {
-                net.insert(index_key::message(&key), None);
-            }
-            IndexChange::PutFolder {
-                user,
-                folder,
-                uid_validity,
-                uid_next,
-            } => {
-                if index_key::valid(&user) && index_key::valid(&folder) {
-                    let marker = json(&IndexedFolder { uid_validity, uid_next })?;
-                    net.insert(index_key::folder(&user, &folder), Some((user, now, marker)));
-                }
-            }
-            IndexChange::RemoveFolder { user, folder } => {
-                for key in scan(&net, &index_key::folder(&user, &folder))?.into_keys() {
-                    net.insert(key, None);
-                }
-            }
-            IndexChange::RenameFolder {
-                user,
-                from,
-                to,
-                separator,
-            } => {
-                if !index_key::valid(&to) {
-                    continue;
-                }
-                // (prefix scanned, the bytes it becomes): the folder's own entries, and
-                // with a separator every `from<sep>…` subfolder's (not NUL-ended: the
-                // rest of the subfolder's name follows).
-                let mut moves = vec![(index_key::folder(&user, &from), index_key::folder(&user, &to))];
-                if let Some(sep) = separator {
-                    let child = |name: &str| {
-                        let mut k = index_key::user(&user);
-                        k.extend_from_slice(name.as_bytes());
-                        k.extend_from_slice(sep.to_string().as_bytes());
-                        k
-                    };
-                    moves.push((child(&from), child(&to)));
-                }
-                for (old, new) in moves {
-                    for (key, (at, body)) in scan(&net, &old)? {
-                        let mut moved = new.clone();
-                        moved.extend_from_slice(key.get(old.len()..).unwrap_or_default());
-                        net.insert(key, None);
-                        net.insert(moved, Some((user.clone(), at, body)));
-                    }
-                }
-            }
-        }
-    }
-    Ok(net
-        .into_iter()
-        .map(|(key, value)| match value {
-            Some((user, at, body)) => Op::PutIndex(key, user, at, body),
-            None => Op::DeleteIndex(key),
-        })
-        .collect())
-}
-
-/// What the mailbox index knows of `user`'s mailbox (one folder, or all of them).
-pub(crate) fn indexed(engine: &dyn Engine, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
-    let prefix = match folder {
-        Some(f) => index_key::folder(user, f),
-        None => index_key::user(user),
-    };
-    let mut mailbox = IndexedMailbox::default();
-    for (key, _, body) in engine.index_scan(&prefix)? {
-        let Some((user, folder, message)) = index_key::parse(&key) else {
-            continue;
-        };
-        match message {
-            Some((uid_validity, uid)) => {
-                let Ok(indexed) = serde_json::from_slice::<IndexedMessage>(&body) else {
-                    continue;
-                };
-                let key = MessageKey {
-                    user,
-                    folder: folder.clone(),
-                    uid_validity,
-                    uid,
-                };
-                mailbox.messages.insert(key, indexed);
-                let known = mailbox.folders.entry(folder).or_default();
-                if known.uid_validity.is_none() {
-                    known.uid_validity = Some(uid_validity);
-                }
-            }
-            None => {
-                let marker: IndexedFolder = serde_json::from_slice(&body).unwrap_or_default();
-                let entry = mailbox.folders.entry(folder).or_default();
-                if marker.uid_validity.is_some() {
-                    entry.uid_validity = marker.uid_validity;
-                }
-                entry.uid_next = marker.uid_next;
-            }
-        }
-    }
-    Ok(mailbox)
-}
-
-/// The writes that forget indexed messages indexed before `before`, and how many.
-pub(crate) fn purge_index_ops(engine: &dyn Engine, before: jiff::Timestamp) -> Result<(Vec<Op>, u64), StoreError> {
-    // Messages only: a folder's own entry stays while the folder does, and its
-    // watermark rises past what is forgotten, so the reconciler never takes a purged
-    // message for one that arrived while it was away.
-    let mut ops = Vec::new();
-    let mut watermarks: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
-    for key in engine.index_before(before.as_second())? {
-        let Some((user, folder, Some((uid_validity, uid)))) = index_key::parse(&key) else {
-            continue;
-        };
-        let mark = watermarks.entry((user, folder)).or_insert((uid_validity, 0));
-        if mark.0 == uid_validity {
-            mark.1 = mark.1.max(uid.saturating_add(1));
-        }
-        ops.push(Op::DeleteIndex(key));
-    }
-    let n = ops.len() as u64;
-    let now = jiff::Timestamp::now().as_second();
-    for ((user, folder), (uid_validity, above)) in watermarks {
-        let key = index_key::folder(&user, &folder);
-        let mut marker: IndexedFolder = engine
-            .index_get(&key)?
-            .and_then(|body| serde_json::from_slice(&body).ok())
-            .unwrap_or_default();
-        if marker.uid_validity.is_some_and(|v| v != uid_validity) {
-            continue;
-        }
-        marker.uid_validity = Some(uid_validity);
-        marker.uid_next = Some(marker.uid_next.unwrap_or(0).max(above));
-        ops.push(Op::PutIndex(key, user, now, json(&marker)?));
-    }
-    Ok((ops, n))
-}
-
 /// An archived raw message with when it was archived.
 pub(crate) fn raw_message(engine: &dyn Engine, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
     Ok(engine.raw(sha256)?.map(|(at, bytes)| {
@@ -1308,17 +1108,21 @@ mod tests {
         fn disk_bytes(&self) -> Option<u64> {
             None
         }
-        fn index_scan(&self, prefix: &[u8]) -> Result<Vec<crate::store::durable::engine::IndexRow>, StoreError> {
-            self.inner.index_scan(prefix)
+        fn rows_scan(
+            &self,
+            from: &[u8],
+            to: &[u8],
+        ) -> Result<Vec<crate::store::durable::engine::StoredRow>, StoreError> {
+            self.inner.rows_scan(from, to)
         }
-        fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.index_get(key)
+        fn row_get(&self, key: &[u8]) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+            self.inner.row_get(key)
         }
-        fn index_users(&self) -> Result<Vec<String>, StoreError> {
-            self.inner.index_users()
+        fn row_groups(&self) -> Result<Vec<String>, StoreError> {
+            self.inner.row_groups()
         }
-        fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
-            self.inner.index_before(before)
+        fn rows_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+            self.inner.rows_before(before)
         }
     }
 

@@ -23,7 +23,8 @@ pub(super) const RAW_BY_AGE: TableDefinition<(i64, &str), ()> = TableDefinition:
 /// Subscription UID → its namespace, for every subscription that had deliveries: tells
 /// at start-up which stored work belongs to a watched namespace.
 pub(super) const SUBSCRIPTIONS: TableDefinition<&str, &str> = TableDefinition::new("subscriptions");
-/// The mailbox index (`store::index_key` layout) → (unix seconds indexed, body).
+/// Keyed rows (`store::rows`: `group NUL key`) → (unix seconds written, body). Named for
+/// its first user, the Dovecot source's mailbox index; the name is kept for stores on disk.
 pub(super) const MAILBOX_INDEX: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("mailbox_index");
 /// The paged store's queues: (subscription, seq) → stored delivery. One subscription's
 /// queue is one key range in the order of acceptance.
@@ -136,8 +137,8 @@ impl StoredDelivery {
     }
 }
 
-pub(crate) fn io(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Io(e.to_string())
+pub(crate) fn io(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::io(e)
 }
 
 pub(crate) fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -199,7 +200,7 @@ pub(crate) fn events_by_id(
         Err(err) => {
             let message = err.to_string();
             for slot in out.iter_mut().filter(|e| matches!(e, Ok(None))) {
-                *slot = Err(StoreError::Io(message.clone()));
+                *slot = Err(StoreError::Failed(message.clone()));
             }
             return out;
         }

@@ -26,9 +26,8 @@ use super::durable::committer::{self, Job, Op, Outage, Reply, commit_loop};
 use super::durable::engine::{Engine, PagedEngine, Redb, redb_cache_bytes};
 use super::durable::schema::{StoredDelivery, create_tables, io, json};
 use super::{
-    Appended, Archive, Attempt, Backend, BacklogCap, DeadLetter, Durable, EventLog, History, IndexChange,
-    IndexedMailbox, IndexedMessage, Ingest, MailboxIndex, MessageKey, PendingDelivery, Purged, Queue, QueueCounts,
-    RawMessage, Retention, StoreError,
+    Appended, Archive, Attempt, Backend, BacklogCap, DeadLetter, Durable, EventLog, History, Ingest, PendingDelivery,
+    Purged, Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
 };
 use crate::event::MailboxEvent;
 
@@ -233,7 +232,7 @@ impl PagedStore {
         self.submit(ops, Reply::Blocking(tx), kept)?;
         rx.recv()
             .map_err(|_| StoreError::Unavailable("the store's commit thread stopped".into()))?
-            .map_err(StoreError::Io)
+            .map_err(StoreError::Failed)
     }
 
     /// Waits until every write queued so far is committed, when one is not yet.
@@ -498,9 +497,8 @@ impl EventLog for PagedStore {
         self.ingest_with(items, raw, Vec::new())
     }
 
-    fn ingest_indexed(&self, items: Vec<Ingest>, index: Vec<IndexChange>) -> Result<Vec<Appended>, StoreError> {
-        let ops = super::durable::index_ops(self.engine.as_ref() as &dyn Engine, index)?;
-        self.ingest_with(items, None, ops)
+    fn ingest_with_rows(&self, items: Vec<Ingest>, rows: Vec<RowWrite>) -> Result<Vec<Appended>, StoreError> {
+        self.ingest_with(items, None, super::rows::ops(rows)?)
     }
 
     fn cached_event(&self, id: &str) -> Option<Arc<MailboxEvent>> {
@@ -561,30 +559,7 @@ impl EventLog for PagedStore {
     }
 }
 
-impl MailboxIndex for PagedStore {
-    fn indexed(&self, user: &str, folder: Option<&str>) -> Result<IndexedMailbox, StoreError> {
-        super::durable::indexed(self.engine.as_ref() as &dyn Engine, user, folder)
-    }
-
-    fn indexed_message(&self, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
-        Ok(self
-            .engine
-            .index_get(&super::index_key::message(key))?
-            .and_then(|body| serde_json::from_slice(&body).ok()))
-    }
-
-    fn indexed_users(&self) -> Result<Vec<String>, StoreError> {
-        self.engine.index_users()
-    }
-
-    fn purge_index(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let (ops, n) = super::durable::purge_index_ops(self.engine.as_ref() as &dyn Engine, before)?;
-        if n > 0 {
-            self.wait_for(ops, false)?;
-        }
-        Ok(n)
-    }
-}
+super::rows::rows_on_engine!(PagedStore);
 
 impl Archive for PagedStore {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {

@@ -63,7 +63,7 @@ pub(super) fn unavailable(e: tokio_postgres::Error) -> StoreError {
 /// Keys are unsigned in the store and signed in PostgreSQL; every key the store makes
 /// (counters, nanoseconds since 1970) fits.
 pub(super) fn signed(n: u64) -> Result<i64, StoreError> {
-    i64::try_from(n).map_err(|_| StoreError::Io(format!("{n} does not fit a PostgreSQL bigint")))
+    i64::try_from(n).map_err(|_| StoreError::Failed(format!("{n} does not fit a PostgreSQL bigint")))
 }
 
 /// The engine: a handle on the connection thread.
@@ -98,7 +98,7 @@ impl Postgres {
                 let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(StoreError::Io(e.to_string())));
+                        let _ = ready_tx.send(Err(StoreError::io(e)));
                         return;
                     }
                 };
@@ -115,7 +115,7 @@ impl Postgres {
                     serve(connection, rx);
                 }
             })
-            .map_err(|e| StoreError::Io(e.to_string()))?;
+            .map_err(StoreError::io)?;
         ready_rx
             .recv()
             .map_err(|_| StoreError::Unavailable("the PostgreSQL connection thread stopped".into()))??;
@@ -187,8 +187,8 @@ fn range_statement(op: &Op) -> Result<Option<(&'static str, Params)>, StoreError
     })
 }
 
-/// A mailbox index entry written: (user, seen at, body).
-type IndexPut = (String, i64, Vec<u8>);
+/// A keyed row written: (group, unix seconds written, body).
+type RowPut = (String, i64, Vec<u8>);
 
 /// The net effect of a batch of writes, by table and key: the last write of a key wins
 /// (a put, or a delete). Range writes (trimming a subscription's attempts) are ordered
@@ -202,8 +202,9 @@ struct Net {
     attempts: std::collections::HashMap<(String, i64), Vec<u8>>,
     raw: std::collections::HashMap<String, Option<(i64, Vec<u8>)>>,
     subscriptions: std::collections::HashMap<String, Option<String>>,
-    /// Mailbox index key → (user, seen at, body), or deleted.
-    index: std::collections::HashMap<Vec<u8>, Option<IndexPut>>,
+    /// Keyed row (`store::rows`; the table is named for the mailbox index, its first
+    /// user) → (group, written at, body), or deleted.
+    index: std::collections::HashMap<Vec<u8>, Option<RowPut>>,
 }
 
 /// The columns a stored delivery's JSON gives its row (the shard is set by shared mode).
@@ -442,10 +443,10 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             Op::DeleteSubscription(uid) => {
                 net.subscriptions.insert(uid.clone(), None);
             }
-            Op::PutIndex(key, user, at, body) => {
-                net.index.insert(key.clone(), Some((user.clone(), *at, body.clone())));
+            Op::PutRow(key, group, at, body) => {
+                net.index.insert(key.clone(), Some((group.clone(), *at, body.clone())));
             }
-            Op::DeleteIndex(key) => {
+            Op::DeleteRow(key) => {
                 net.index.insert(key.clone(), None);
             }
             Op::Ingest(_) => {} // run first, by `commit` (its statements depend on answers)
@@ -453,7 +454,8 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
                 shared.fenced(signed(*seq)?, signed(*epoch)?, write);
             }
             Op::PutClaimed(seq, epoch, shard, body) => {
-                let shard = i32::try_from(*shard).map_err(|_| StoreError::Io(format!("shard {shard} out of range")))?;
+                let shard =
+                    i32::try_from(*shard).map_err(|_| StoreError::Failed(format!("shard {shard} out of range")))?;
                 shared.claimed(signed(*seq)?, signed(*epoch)?, shard, body.clone());
             }
             Op::DeleteEventIfUnused(id) => shared.unused_events.push(id.clone()),
@@ -847,9 +849,9 @@ impl Engine for Postgres {
         let value: Vec<u8> = rows
             .first()
             .map(|r| r.get(0))
-            .ok_or_else(|| StoreError::Io(format!("the secret {name} was neither found nor created")))?;
+            .ok_or_else(|| StoreError::Failed(format!("the secret {name} was neither found nor created")))?;
         <[u8; 32]>::try_from(value.as_slice())
-            .map_err(|_| StoreError::Io(format!("the secret {name} in the database is not 32 bytes")))
+            .map_err(|_| StoreError::Failed(format!("the secret {name} in the database is not 32 bytes")))
     }
 
     fn attempts(&self, subscription: &str, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
@@ -898,29 +900,28 @@ impl Engine for Postgres {
         known
     }
 
-    fn index_scan(&self, prefix: &[u8]) -> Result<Vec<crate::store::durable::engine::IndexRow>, StoreError> {
-        let end = crate::store::durable::engine::prefix_end(prefix);
+    fn rows_scan(&self, from: &[u8], to: &[u8]) -> Result<Vec<crate::store::durable::engine::StoredRow>, StoreError> {
         Ok(self
             .query(
                 "SELECT key, seen_at, body FROM mailbox_index WHERE key >= $1 AND key < $2 ORDER BY key",
-                vec![Box::new(prefix.to_vec()), Box::new(end)],
+                vec![Box::new(from.to_vec()), Box::new(to.to_vec())],
             )?
             .into_iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
     }
 
-    fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    fn row_get(&self, key: &[u8]) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
         Ok(self
             .query(
-                "SELECT body FROM mailbox_index WHERE key = $1",
+                "SELECT seen_at, body FROM mailbox_index WHERE key = $1",
                 vec![Box::new(key.to_vec())],
             )?
             .first()
-            .map(|r| r.get(0)))
+            .map(|r| (r.get(0), r.get(1))))
     }
 
-    fn index_users(&self) -> Result<Vec<String>, StoreError> {
+    fn row_groups(&self) -> Result<Vec<String>, StoreError> {
         Ok(self
             .query(
                 "SELECT DISTINCT user_name FROM mailbox_index ORDER BY user_name",
@@ -931,7 +932,7 @@ impl Engine for Postgres {
             .collect())
     }
 
-    fn index_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn rows_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .query(
                 "SELECT key FROM mailbox_index WHERE seen_at < $1",

@@ -361,7 +361,7 @@ fn rows_of(rows: Vec<tokio_postgres::Row>) -> Vec<(u64, Vec<u8>)> {
 
 impl SharedEngine for Postgres {
     fn claim_shard(&self, shard: u32, epoch: u64) -> Result<Claimed, StoreError> {
-        let shard = i32::try_from(shard).map_err(|_| StoreError::Io(format!("shard {shard} out of range")))?;
+        let shard = i32::try_from(shard).map_err(|_| StoreError::Failed(format!("shard {shard} out of range")))?;
         let epoch = signed(epoch)?;
         // Only under the shard's current epoch (a replica whose session died while it was
         // taking the shard must not overwrite the claims of the one that took it since),
@@ -396,7 +396,7 @@ impl SharedEngine for Postgres {
         let mut shards = Vec::with_capacity(owned.len());
         let mut epochs = Vec::with_capacity(owned.len());
         for (s, e) in owned {
-            shards.push(i32::try_from(*s).map_err(|_| StoreError::Io(format!("shard {s} out of range")))?);
+            shards.push(i32::try_from(*s).map_err(|_| StoreError::Failed(format!("shard {s} out of range")))?);
             epochs.push(signed(*e)?);
         }
         // Only under the shard's current epoch: a replica that lost a shard claims nothing
@@ -519,7 +519,7 @@ impl SharedEngine for Postgres {
     }
 
     fn dead_letters_of(&self, shard: u32, subscription: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let shard = i32::try_from(shard).map_err(|_| StoreError::Io(format!("shard {shard} out of range")))?;
+        let shard = i32::try_from(shard).map_err(|_| StoreError::Failed(format!("shard {shard} out of range")))?;
         Ok(rows_of(self.query(
             "SELECT seq, body FROM dead_letters WHERE shard = $1 AND shard IS NOT NULL AND subscription = $2",
             vec![Box::new(shard), Box::new(subscription.to_string())],

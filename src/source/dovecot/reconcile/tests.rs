@@ -30,8 +30,8 @@ fn folder(v: u32, next: u32, uids: &[u32]) -> FolderNow {
     }
 }
 
-fn watermarked(v: u32, next: Option<u32>) -> crate::store::IndexedFolder {
-    crate::store::IndexedFolder {
+fn watermarked(v: u32, next: Option<u32>) -> crate::source::dovecot::index::IndexedFolder {
+    crate::source::dovecot::index::IndexedFolder {
         uid_validity: Some(v),
         uid_next: next,
     }

@@ -16,10 +16,10 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use self::index::{IndexChange, IndexedMessage, MessageKey};
 use super::{is_internal, normalize_address};
 use crate::api::{Direction, EventType};
 use crate::event::{Activity, ConfigChange, ConfigKind, DeleteStage, FolderAction, MailboxEvent, Source};
-use crate::store::{IndexChange, IndexedMessage, MessageKey};
 
 /// The batch format this binary reads; the script sends it as `version`.
 pub const WIRE_VERSION: u32 = 1;
@@ -817,6 +817,7 @@ pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
 }
 
 mod batch_index;
+pub mod index;
 pub mod reconcile;
 #[cfg(test)]
 mod tests;
