@@ -37,8 +37,17 @@ pub struct IndexedMessage {
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<String>,
-    /// Unix seconds it was indexed: retention counts from here.
+    /// Unix seconds it was indexed: retention counts from here. Stored as the row's time
+    /// alone (bodies written before kept it too; it is the same figure).
+    #[serde(default, skip_serializing)]
     pub seen_at: i64,
+}
+
+/// A message's row read back: its body, indexed at the row's time.
+fn indexed(row: &Row) -> Option<IndexedMessage> {
+    let mut message: IndexedMessage = serde_json::from_slice(&row.body).ok()?;
+    message.seen_at = row.at;
+    Some(message)
 }
 
 /// A change to the index, stored in the same commit as the events it came with.
@@ -141,9 +150,7 @@ pub fn message(rows: &dyn Rows, key: &MessageKey) -> Result<Option<IndexedMessag
     if !valid_group(&key.user) {
         return Ok(None);
     }
-    Ok(rows
-        .row(&key.user, &key::message(key))?
-        .and_then(|row| serde_json::from_slice(&row.body).ok()))
+    Ok(rows.row(&key.user, &key::message(key))?.as_ref().and_then(indexed))
 }
 
 /// Every user the index knows.
@@ -164,7 +171,7 @@ pub fn mailbox(rows: &dyn Rows, user: &str, folder: Option<&str>) -> Result<Inde
         };
         match message {
             Some((uid_validity, uid)) => {
-                let Ok(indexed) = serde_json::from_slice::<IndexedMessage>(&row.body) else {
+                let Some(indexed) = indexed(&row) else {
                     continue;
                 };
                 let key = MessageKey {
@@ -599,6 +606,29 @@ mod tests {
         );
         assert_eq!(key::parse(&key::folder("INBOX")), Some(("INBOX".into(), None)));
         assert_eq!(key::parse(b"INBOX\0abc"), None);
+    }
+
+    #[test]
+    fn a_message_is_indexed_at_its_row_time_and_older_bodies_still_read() {
+        let stored = serde_json::to_vec(&IndexedMessage {
+            message_id: Some("<a@x>".into()),
+            seen_at: 42,
+            ..Default::default()
+        })
+        .expect("json");
+        assert_eq!(
+            stored, br#"{"messageId":"<a@x>"}"#,
+            "the time is the row's, not the body's"
+        );
+        let row = |body: &[u8]| Row {
+            key: vec![],
+            at: 42,
+            body: body.to_vec(),
+        };
+        let read = indexed(&row(&stored)).expect("read");
+        assert_eq!((read.message_id.as_deref(), read.seen_at), (Some("<a@x>"), 42));
+        let older = indexed(&row(br#"{"messageId":"<a@x>","seenAt":42}"#)).expect("read");
+        assert_eq!(older, read);
     }
 
     #[test]
