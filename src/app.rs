@@ -22,7 +22,7 @@ use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::source::{self, Pipeline, http::IngestConfig};
-use crate::store::{DurableStore, PagedStore, Store};
+use crate::store::open::{Location, Opened};
 
 /// Exit code after a second signal cut the drain short (128 + SIGINT, as shells do).
 pub const FORCED_EXIT: i32 = 130;
@@ -58,10 +58,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin.http_addr).await?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let (store, database) = open_store(&config, &metrics).await?;
+    let Opened { store, kind, joined } = crate::store::open::open(&store_location(&config)?).await?;
+    metrics.store_kind.with_label_values(&[kind]).set(1);
     let identity = replica_name(&config);
     // With a shared store, the holder of the Lease leads; otherwise this process does.
-    let leadership = match &database {
+    let leadership = match &joined {
         Some(_) => Leadership::default(),
         None => Leadership::sole(),
     };
@@ -87,14 +88,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         leadership.clone(),
         router.clone(),
     );
-    if let Some((database, session)) = database {
-        start_replica(
+    if let Some(joined) = joined {
+        crate::replica::start(
             &lifecycle,
-            &config,
             &client,
-            Replica {
-                database,
-                session,
+            crate::replica::Settings {
+                lease: config.store.leader_lease.clone(),
+                lease_namespace: lease_namespace(&config),
+                drain: config.delivery.shutdown_timeout,
+            },
+            crate::replica::Replica {
+                joined,
                 identity: identity.clone(),
                 store: store.clone(),
                 deliveries: deliveries.clone(),
@@ -386,41 +390,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
 /// `mailhook store migrate | status`: what an admin applying migrations by hand sees.
 pub async fn store(action: crate::cli::StoreAction, database: &crate::cli::DatabaseArgs) -> anyhow::Result<String> {
-    use crate::store::postgres::{self, migrations};
-    let config = postgres::with_ca(
-        &database.store_url,
-        database.postgres.store_password_file.as_deref(),
-        database.postgres.store_password.as_deref(),
-        database.postgres.store_ca_file.as_deref(),
-    )?;
-    let mut client = postgres::connect(&config).await?;
-    let mut out = String::new();
-    if action == crate::cli::StoreAction::Migrate {
-        let ran = migrations::migrate(&mut client).await?;
-        if ran.is_empty() {
-            out.push_str("nothing to apply\n");
-        }
-        for version in ran {
-            out.push_str(&format!("applied migration {version}\n"));
-        }
-    }
-    let status = migrations::status(&client).await?;
-    out.push_str(&format!(
-        "schema version {} (this binary knows up to {})\n",
-        status.current(),
-        status.known
-    ));
-    for a in &status.applied {
-        out.push_str(&format!(
-            "  applied  {:>4}  {:<24} {}\n",
-            a.version, a.name, a.applied_at
-        ));
-    }
-    for (version, name) in &status.pending {
-        out.push_str(&format!("  pending  {version:>4}  {name}\n"));
-    }
-    migrations::check(&status)?;
-    Ok(out)
+    let location = postgres_location(&database.store_url, &database.postgres, false, 1);
+    Ok(crate::store::open::schema_report(&location, action == crate::cli::StoreAction::Migrate).await?)
 }
 
 /// Re-reads a token file for as long as the operator runs.
@@ -433,95 +404,36 @@ fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
     );
 }
 
-/// The store, and when several replicas share it, the database their shard locks live in.
-async fn open_store(
-    config: &RunConfig,
-    metrics: &Metrics,
-) -> anyhow::Result<(
-    Arc<dyn Store>,
-    Option<(
-        crate::store::postgres::Database,
-        crate::store::postgres::shared::Session,
-    )>,
-)> {
-    let mut shared_db = None;
-    info!(
-        memory_limit_mib = crate::memory::limit().map(|l| l >> 20),
-        page_cache_mib = crate::store::page_cache_bytes() >> 20,
-        events_cached = crate::store::event_cache(),
-        "caches sized from the memory limit (the page cache applies to the embedded store)"
-    );
-    let (kind, store): (&str, Arc<dyn Store>) = match (&config.store.store_dir, &config.store.store_url) {
-        (_, Some(url)) => {
-            use crate::store::postgres::{self, engine::Postgres, migrations};
-            let db = postgres::with_ca(
-                url,
-                config.store.postgres.store_password_file.as_deref(),
-                config.store.postgres.store_password.as_deref(),
-                config.store.postgres.store_ca_file.as_deref(),
-            )?;
-            let mut client = postgres::connect(&db).await?;
-            let applied = migrations::migrate(&mut client).await?;
-            let status = migrations::status(&client).await?;
-            info!(
-                hosts = ?db.config.get_hosts(),
-                database = db.config.get_dbname().unwrap_or_default(),
-                tls = db.tls(),
-                schema = status.current(),
-                ?applied,
-                "PostgreSQL store: schema current"
-            );
-            let store = if config.store.shared_store {
-                let shards = config.delivery.shards;
-                // Joined first: it holds the shared lock, so no single owner starts (or runs)
-                // beside this replica, and nothing is changed if one does.
-                let session = crate::store::postgres::shared::Session::open(&db).await.map_err(|e| {
-                    anyhow::anyhow!("cannot join the replicas sharing the store: {}", crate::error_chain(&e))
-                })?;
-                crate::store::postgres::shared::prepare(&mut client, shards, true)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot share the PostgreSQL store: {}", crate::error_chain(&e)))?;
-                shared_db = Some((db.clone(), session));
-                let store = tokio::task::spawn_blocking(move || {
-                    let engine = Arc::new(Postgres::connect(db)?);
-                    DurableStore::shared(engine.clone(), engine, shards)
-                })
-                .await?
-                .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
-                info!(
-                    shards,
-                    "PostgreSQL store open, shared: this replica delivers the shards it takes"
-                );
-                Arc::new(store) as Arc<dyn Store>
-            } else {
-                // The engine and the queue index load from the database: off the async workers.
-                let store =
-                    tokio::task::spawn_blocking(move || PagedStore::on(Arc::new(Postgres::connect_exclusive(db)?)))
-                        .await?
-                        .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
-                info!("PostgreSQL store open (queues are read from it as they are delivered)");
-                Arc::new(store) as Arc<dyn Store>
-            };
-            ("postgres", store)
-        }
-        (Some(dir), None) => {
-            let store = PagedStore::open(dir)
-                .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", dir.display()))?;
-            info!(dir = %dir.display(), "durable store open (queues are read from it as they are delivered)");
-            ("redb", Arc::new(store))
-        }
-        (None, None) if !config.store.store_memory => anyhow::bail!("{NO_STORE}"),
-        (None, None) => {
-            tracing::warn!(
-                "--store-memory: events are kept in memory only; every event acknowledged is lost when the process stops"
-            );
-            let store =
-                PagedStore::in_memory().map_err(|e| anyhow::anyhow!("cannot create the in-memory store: {e}"))?;
-            ("memory", Arc::new(store))
-        }
-    };
-    metrics.store_kind.with_label_values(&[kind]).set(1);
-    Ok((store, shared_db))
+/// Where the command line put the store.
+fn store_location(config: &RunConfig) -> anyhow::Result<Location> {
+    let store = &config.store;
+    Ok(match (&store.store_dir, &store.store_url) {
+        (_, Some(url)) => Location::Postgres(postgres_location(
+            url,
+            &store.postgres,
+            store.shared_store,
+            config.delivery.shards,
+        )),
+        (Some(dir), None) => Location::Dir(dir.clone()),
+        (None, None) if store.store_memory => Location::Memory,
+        (None, None) => anyhow::bail!("{NO_STORE}"),
+    })
+}
+
+fn postgres_location(
+    url: &str,
+    args: &crate::cli::PostgresArgs,
+    shared: bool,
+    shards: usize,
+) -> crate::store::open::PostgresLocation {
+    crate::store::open::PostgresLocation {
+        url: url.to_string(),
+        password_file: args.store_password_file.clone(),
+        password: args.store_password.clone(),
+        ca_file: args.store_ca_file.clone(),
+        shared,
+        shards,
+    }
 }
 
 /// The first of `candidates` that is set and not blank, trimmed.
@@ -552,61 +464,6 @@ fn lease_namespace(config: &RunConfig) -> String {
         std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok(),
     ])
     .unwrap_or_else(|| "default".to_string())
-}
-
-/// What one replica of a shared store runs besides the rest.
-struct Replica {
-    database: crate::store::postgres::Database,
-    /// The session opened at start (it holds the shared lock); the ownership loop goes on with it.
-    session: crate::store::postgres::shared::Session,
-    identity: String,
-    store: Arc<dyn crate::store::Backend>,
-    deliveries: Arc<Deliveries>,
-    metrics: Metrics,
-    leadership: Leadership,
-    ready: ReadinessPart,
-}
-
-/// Shard ownership (stops after the deliveries, so their completions land first), the
-/// health publisher and the leader election (stop with the controllers: the Lease is
-/// given up once status writes have stopped).
-fn start_replica(lifecycle: &Lifecycle, config: &RunConfig, client: &kube::Client, r: Replica) {
-    use crate::replica::{health, leader, ownership};
-    let namespace = lease_namespace(config);
-    info!(
-        identity = r.identity,
-        lease = %format!("{namespace}/{}", config.store.leader_lease),
-        "replica of a shared store: shards are shared out, the Lease holder writes status"
-    );
-    let owning = ownership::Ownership {
-        database: r.database,
-        identity: r.identity.clone(),
-        store: r.store,
-        deliveries: r.deliveries.clone(),
-        metrics: r.metrics.clone(),
-        drain: config.delivery.shutdown_timeout,
-    };
-    let (stop, ready) = (lifecycle.token(Stage::Storage), r.ready);
-    lifecycle.spawn(
-        Stage::Storage,
-        "shard ownership",
-        owning.run(Some(r.session), stop, ready),
-    );
-    let stop = lifecycle.token(Stage::Control);
-    lifecycle.spawn(
-        Stage::Control,
-        "health publisher",
-        health::run(r.deliveries, r.identity.clone(), stop),
-    );
-    let election = leader::Election {
-        api: kube::Api::namespaced(client.clone(), &namespace),
-        name: config.store.leader_lease.clone(),
-        identity: r.identity,
-        leadership: r.leadership,
-        metrics: r.metrics,
-    };
-    let stop = lifecycle.token(Stage::Control);
-    lifecycle.spawn(Stage::Control, "leader election", election.run(stop));
 }
 
 /// Follows whether the store commits: readiness part `store`, `mailhook_store_up`, a log

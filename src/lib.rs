@@ -162,4 +162,24 @@ mod layout {
         }
         assert!(broken.is_empty(), "imports against the layout: {broken:?}");
     }
+
+    /// Start-up opens the store through `store::open` and hands a shared one's session to
+    /// `replica`: which engine runs is not `app`'s business.
+    #[test]
+    fn app_names_no_store_engine() {
+        let app = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/app.rs"))
+            .expect("read app.rs");
+        let named: Vec<&str> = [
+            "store::postgres",
+            "tokio_postgres",
+            "DurableStore",
+            "PagedStore",
+            "redb",
+            "Session",
+        ]
+        .into_iter()
+        .filter(|name| app.contains(name))
+        .collect();
+        assert!(named.is_empty(), "app.rs names store engine types: {named:?}");
+    }
 }

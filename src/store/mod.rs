@@ -7,6 +7,7 @@
 //! `event`, `crypto` and `memory` only (and the crate root's `error_chain`).
 
 pub mod durable;
+pub mod open;
 pub mod paged;
 pub mod postgres;
 mod queue;
