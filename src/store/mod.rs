@@ -18,6 +18,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use durable::DurableStore;
+pub use durable::shared::SharedStore;
 pub use paged::PagedStore;
 pub use rows::{Row, RowWrite, Rows};
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::postgres::{self, ConnectError, Database, engine::Postgres, migrations};
-use super::{PagedStore, Store, StoreError, durable::DurableStore};
+use super::{PagedStore, SharedStore, Store, StoreError};
 
 /// Where the store is.
 #[derive(Debug, Clone)]
@@ -168,7 +168,7 @@ async fn open_postgres(pg: &PostgresLocation) -> Result<Opened, OpenError> {
     let engine_db = db.clone();
     let store = tokio::task::spawn_blocking(move || {
         let engine = Arc::new(Postgres::connect(engine_db)?);
-        DurableStore::shared(engine.clone(), engine, shards)
+        SharedStore::new(engine.clone(), engine, shards)
     })
     .await?
     .map_err(engine_error)?;

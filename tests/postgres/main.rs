@@ -10,7 +10,8 @@ use mailhook::store::postgres::{self, engine::Postgres, migrations};
 #[path = "../common/pg.rs"]
 mod pg;
 use mailhook::store::{
-    Archive, Backend, DurableStore, EventLog, History, Ingest, PagedStore, Queue, QueueCounts, Rows, Store, conformance,
+    Archive, Backend, DurableStore, EventLog, History, Ingest, PagedStore, Queue, QueueCounts, Rows, SharedStore,
+    Store, conformance,
 };
 use pg::database;
 
@@ -430,7 +431,7 @@ fn a_crashed_server_refuses_new_events_and_gets_the_kept_writes_once_back() {
 /// same contract as a store of one's own, with new deliveries claimed after each ingest
 /// as the ownership loop does.
 struct Sole {
-    store: DurableStore,
+    store: SharedStore,
     _session: postgres::shared::Session,
     _runtime: tokio::runtime::Runtime,
 }
@@ -451,9 +452,9 @@ fn shared_database(test: &str, runtime: &tokio::runtime::Runtime) -> (String, po
     })
 }
 
-fn replica(config: &postgres::Database) -> DurableStore {
+fn replica(config: &postgres::Database) -> SharedStore {
     let engine = Arc::new(Postgres::connect(config.clone()).expect("connect the engine"));
-    DurableStore::shared(engine.clone(), engine, SHARDS).expect("open the shared store")
+    SharedStore::new(engine.clone(), engine, SHARDS).expect("open the shared store")
 }
 
 impl Sole {

@@ -11,8 +11,11 @@
 //!
 //! This file owns `DurableStore` (opening, closing) and its `Store` impl, which ties
 //! the other three together: `schema` (tables and encoding), `committer` (the commit
-//! thread) and `state` (the in-memory indexes). Only this file locks the state (the
-//! commit thread keeps its own outage flag).
+//! thread) and `state` (the in-memory indexes). `shared` builds `SharedStore` on it (a
+//! replica of a shared PostgreSQL store): the one hook it needs here is `Fence`, which
+//! every write passes, and a few steps that let a delivery go or put it back under a
+//! claim. Only this file and `shared` lock the state (the commit thread keeps its own
+//! outage flag).
 
 pub(crate) mod committer;
 pub mod engine;
@@ -59,10 +62,14 @@ pub struct DurableStore {
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Commits that failed (counted by the commit thread; nobody waits for some writes).
     commit_failures: Arc<std::sync::atomic::AtomicU64>,
-    /// Set when several replicas share the database (`shared`).
-    shared: Option<shared::Shared>,
-    /// Shared mode: waiting deliveries over every shard, as last counted.
-    backlog: std::sync::atomic::AtomicU64,
+    /// What every write passes through before it is queued: set by `SharedStore`,
+    /// which fences writes to deliveries by the claim they were loaded under.
+    fence: Option<Arc<dyn Fence>>,
+}
+
+/// A rewrite of the store's writes before they are queued for commit.
+pub(super) trait Fence: Send + Sync {
+    fn fence(&self, ops: Vec<Op>) -> Vec<Op>;
 }
 
 impl Drop for DurableStore {
@@ -108,23 +115,8 @@ impl DurableStore {
         DurableStore::with(engine, state, None)
     }
 
-    /// The store on a database several replicas share, sharded `shards` ways: memory
-    /// starts empty and holds the shards this replica is told it owns (`Sharing`).
-    pub fn shared(
-        engine: Arc<dyn Engine>,
-        shared_engine: Arc<dyn shared::SharedEngine>,
-        shards: usize,
-    ) -> Result<DurableStore, StoreError> {
-        let shared = shared::Shared {
-            engine: shared_engine,
-            shards: shards.max(1),
-            owned: Mutex::default(),
-            claims: Mutex::default(),
-        };
-        DurableStore::with(engine, State::default(), Some(shared))
-    }
-
-    fn with(engine: Arc<dyn Engine>, state: State, shared: Option<shared::Shared>) -> Result<DurableStore, StoreError> {
+    /// The store on `engine` with `state` in memory; its writes pass `fence` first.
+    fn with(engine: Arc<dyn Engine>, state: State, fence: Option<Arc<dyn Fence>>) -> Result<DurableStore, StoreError> {
         let (tx, rx) = channel();
         let writer_db = engine.clone();
         let commit_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -145,8 +137,7 @@ impl DurableStore {
             writer: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
             commit_failures,
-            shared,
-            backlog: std::sync::atomic::AtomicU64::new(0),
+            fence,
         })
     }
 
@@ -157,8 +148,8 @@ impl DurableStore {
 
     /// Queues `ops` for the commit thread; `kept`: memory shows them already (see `Job`).
     fn submit(&self, ops: Vec<Op>, done: Reply, kept: bool) -> Result<(), StoreError> {
-        let ops = match &self.shared {
-            Some(shared) => shared.fence(ops),
+        let ops = match &self.fence {
+            Some(fence) => fence.fence(ops),
             None => ops,
         };
         lock(&self.writer)
@@ -197,53 +188,6 @@ impl DurableStore {
         self.send(Vec::new(), true)
     }
 
-    /// Shared mode's ingest: the database de-duplicates producer ids and numbers the
-    /// deliveries; memory learns of them when their shard's owner claims them.
-    fn ingest_shared(
-        &self,
-        shared: &shared::Shared,
-        items: Vec<Ingest>,
-        raw: Option<RawMessage>,
-        index: Vec<Op>,
-    ) -> Result<Vec<Appended>, StoreError> {
-        let now = jiff::Timestamp::now();
-        let mut archive = false;
-        let mut batch = Vec::with_capacity(items.len());
-        for item in items {
-            let event = if item.deliveries.is_empty() {
-                None
-            } else {
-                archive |= item.event.raw_message.is_some();
-                Some(json(&item.event)?)
-            };
-            let mut deliveries = Vec::with_capacity(item.deliveries.len());
-            for d in &item.deliveries {
-                let shard = i32::try_from(shared.shard(&d.subscription)).unwrap_or(0);
-                deliveries.push((d.subscription.clone(), shard, json(&StoredDelivery::from(d))?));
-            }
-            batch.push(shared::IngestItem {
-                producer: item.event.dedup_key(),
-                event_id: item.event.id.clone(),
-                event,
-                deliveries,
-            });
-        }
-        let outcome = Arc::new(Mutex::new(None));
-        let ingest = shared::IngestBatch {
-            items: batch,
-            seen_at: now.as_second(),
-            raw: raw.filter(|_| archive).map(|r| (r.sha256, now.as_second(), r.bytes)),
-            outcome: outcome.clone(),
-        };
-        let mut ops = vec![Op::Ingest(Box::new(ingest))];
-        ops.extend(index);
-        self.send(ops, true)?;
-        outcome
-            .lock()
-            .take()
-            .ok_or_else(|| StoreError::Failed("the shared ingest committed without an outcome".into()))
-    }
-
     /// Ingest, with `extra` writes (a source's keyed rows) in the same commit.
     fn ingest_with(
         &self,
@@ -251,9 +195,6 @@ impl DurableStore {
         raw: Option<RawMessage>,
         extra: Vec<Op>,
     ) -> Result<Vec<Appended>, StoreError> {
-        if let Some(shared) = &self.shared {
-            return self.ingest_shared(shared, items, raw, extra);
-        }
         let mut ops = Vec::new();
 
         let mut archive = false;
@@ -334,6 +275,132 @@ impl DurableStore {
             .collect()
     }
 
+    /// Queues a retry of `d`. When `let_go(&d)` says its subscription is no longer this
+    /// store's to deliver (a shared store's shard moved on while it was in flight), memory
+    /// lets it go instead: the write is the last this replica makes to it.
+    pub(super) fn retry_unless(
+        &self,
+        d: PendingDelivery,
+        let_go: impl FnOnce(&PendingDelivery) -> bool,
+    ) -> Result<(), StoreError> {
+        let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
+        let mut state = lock(&self.state);
+        // The disk write is queued before memory changes: on an error nothing changed (the
+        // delivery is still in flight), so the caller may try again without putting a
+        // delivery back twice.
+        self.submit(vec![op], Reply::None, true)?;
+        if let_go(&d) {
+            state.queues.complete(&d);
+            state.release(&d.event_id, Ref::Pending);
+            return Ok(());
+        }
+        state.queues.retry(d);
+        Ok(())
+    }
+
+    /// Moves `d` to the dead letters; as `retry_unless` when it is no longer this store's.
+    pub(super) fn dead_letter_unless(
+        &self,
+        d: PendingDelivery,
+        reason: String,
+        let_go: impl FnOnce(&PendingDelivery) -> bool,
+    ) -> Result<(), StoreError> {
+        let now = jiff::Timestamp::now();
+        let deliveries = [d];
+        let ops = dead_ops(&deliveries, &reason, now)?;
+        let mut state = lock(&self.state);
+        self.submit(ops, Reply::None, true)?;
+        if let_go(&deliveries[0]) {
+            state.queues.complete(&deliveries[0]);
+            state.release(&deliveries[0].event_id, Ref::Pending);
+            return Ok(());
+        }
+        bury_in(&mut state, &deliveries, now);
+        Ok(())
+    }
+
+    /// Puts `subscription`'s dead letters since `since` back in its queue, due `now`:
+    /// as waiting, or with `claim` (epoch, shard) as claimed by this replica, `claimed`
+    /// told of each before it can be taken.
+    pub(super) fn replay_as(
+        &self,
+        subscription: &str,
+        since: jiff::Timestamp,
+        now: jiff::Timestamp,
+        claim: Option<(u64, u32)>,
+        claimed: impl Fn(u64),
+    ) -> Result<u64, StoreError> {
+        self.flush()?;
+        let seqs: Vec<u64> = lock(&self.state)
+            .queues
+            .dead(subscription, since, true)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let stored = self.read_deliveries(engine::Deliveries::Dead, seqs)?;
+        let mut ops = Vec::with_capacity(stored.len() * 2);
+        let mut replayed = Vec::with_capacity(stored.len());
+        for (seq, mut d) in stored {
+            d.attempts = 0;
+            d.not_before = now;
+            // The event's age starts again: replaying is a decision to deliver it.
+            d.accepted_at = now;
+            d.reason = None;
+            d.dead_at = None;
+            ops.push(Op::DeleteDead(seq));
+            ops.push(match claim {
+                Some((epoch, shard)) => Op::PutClaimed(seq, epoch, shard, json(&d)?),
+                None => Op::PutPending(seq, json(&d)?),
+            });
+            replayed.push(d.into_pending(seq));
+        }
+        // On disk first, so a replay never shows deliveries a crash could lose.
+        self.send(ops, true)?;
+        let mut state = lock(&self.state);
+        let mut n = 0;
+        for d in replayed {
+            // A purge or forget may have run meanwhile: replay only what is still dead.
+            if state.queues.remove_dead(subscription, d.seq).is_none() {
+                continue;
+            }
+            state.hold(&d.event_id, Ref::Pending);
+            state.release(&d.event_id, Ref::Dead);
+            claimed(d.seq);
+            state.queues.restore(d);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Forgets `subscription`: its queue, dead letters, attempts and namespace, with
+    /// `extra` writes in the same commit.
+    pub(super) fn forget_with(&self, subscription: &str, extra: Vec<Op>) -> Result<(), StoreError> {
+        let mut ops: Vec<Op> = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            let (pending, dead) = state.queues.forget(subscription);
+            for d in pending {
+                ops.push(Op::DeletePending(d.seq));
+                if state.release(&d.event_id, Ref::Pending) {
+                    ops.push(Op::DeleteEvent(d.event_id.clone()));
+                }
+            }
+            for (seq, d) in dead {
+                ops.push(Op::DeleteDead(seq));
+                if state.release(&d.event_id, Ref::Dead) {
+                    ops.push(Op::DeleteEvent(d.event_id));
+                }
+            }
+            state.attempts.remove(subscription);
+            state.namespaces.remove(subscription);
+        }
+        ops.extend(extra);
+        ops.push(Op::DeleteAttemptsOf(subscription.to_string()));
+        ops.push(Op::DeleteSubscription(subscription.to_string()));
+        // Memory has forgotten it already: the deletes are kept until they commit.
+        self.wait_for(ops, true)
+    }
+
     /// Moves deliveries to the dead letters (state and ops), releasing their pending refs.
     fn bury(&self, state: &mut State, deliveries: Vec<PendingDelivery>, reason: &str) -> Result<Vec<Op>, StoreError> {
         let now = jiff::Timestamp::now();
@@ -377,9 +444,6 @@ impl EventLog for DurableStore {
     }
 
     fn purge_producer_ids(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        if let Some(shared) = &self.shared {
-            return shared.engine.purge_producers(before.as_second());
-        }
         let mut ops = Vec::new();
         {
             let mut state = lock(&self.state);
@@ -451,42 +515,12 @@ impl Queue for DurableStore {
         Ok(Durable(Some(rx)))
     }
 
-    // retry and dead_letter queue their disk write before memory changes: on an error
-    // nothing changed (the delivery is still in flight), so the caller may try again
-    // without putting a delivery back twice.
     fn retry(&self, d: PendingDelivery) -> Result<(), StoreError> {
-        let op = Op::PutPending(d.seq, json(&StoredDelivery::from(&d))?);
-        let mut state = lock(&self.state);
-        self.submit(vec![op], Reply::None, true)?;
-        if let Some(shared) = self.shared.as_ref().filter(|s| !s.owns_subscription(&d.subscription)) {
-            // Its shard moved on while it was in flight: the write above (if still ours)
-            // is the last this replica makes to it.
-            shared.claims.lock().remove(&d.seq);
-            state.queues.complete(&d);
-            state.release(&d.event_id, Ref::Pending);
-            return Ok(());
-        }
-        state.queues.retry(d);
-        Ok(())
+        self.retry_unless(d, |_| false)
     }
 
     fn dead_letter(&self, d: PendingDelivery, reason: String) -> Result<(), StoreError> {
-        let now = jiff::Timestamp::now();
-        let deliveries = [d];
-        let ops = dead_ops(&deliveries, &reason, now)?;
-        let mut state = lock(&self.state);
-        self.submit(ops, Reply::None, true)?;
-        if self
-            .shared
-            .as_ref()
-            .is_some_and(|s| !s.owns_subscription(&deliveries[0].subscription))
-        {
-            state.queues.complete(&deliveries[0]);
-            state.release(&deliveries[0].event_id, Ref::Pending);
-            return Ok(());
-        }
-        bury_in(&mut state, &deliveries, now);
-        Ok(())
+        self.dead_letter_unless(d, reason, |_| false)
     }
 
     fn note_subscription(&self, uid: &str, namespace: &str) -> Result<(), StoreError> {
@@ -504,59 +538,7 @@ impl Queue for DurableStore {
     }
 
     fn replay(&self, subscription: &str, since: jiff::Timestamp, now: jiff::Timestamp) -> Result<u64, StoreError> {
-        self.flush()?;
-        let seqs: Vec<u64> = lock(&self.state)
-            .queues
-            .dead(subscription, since, true)
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
-        let stored = self.read_deliveries(engine::Deliveries::Dead, seqs)?;
-        // Shared: back as waiting under this replica's claim (None: the shard is not ours).
-        let claim = match &self.shared {
-            None => None,
-            Some(shared) => {
-                let shard = shared.shard(subscription);
-                match shared.owned.lock().get(&shard) {
-                    Some(epoch) => Some((*epoch, shard)),
-                    None => return Ok(0),
-                }
-            }
-        };
-        let mut ops = Vec::with_capacity(stored.len() * 2);
-        let mut replayed = Vec::with_capacity(stored.len());
-        for (seq, mut d) in stored {
-            d.attempts = 0;
-            d.not_before = now;
-            // The event's age starts again: replaying is a decision to deliver it.
-            d.accepted_at = now;
-            d.reason = None;
-            d.dead_at = None;
-            ops.push(Op::DeleteDead(seq));
-            ops.push(match claim {
-                Some((epoch, shard)) => Op::PutClaimed(seq, epoch, shard, json(&d)?),
-                None => Op::PutPending(seq, json(&d)?),
-            });
-            replayed.push(d.into_pending(seq));
-        }
-        // On disk first, so a replay never shows deliveries a crash could lose.
-        self.send(ops, true)?;
-        let mut state = lock(&self.state);
-        let mut n = 0;
-        for d in replayed {
-            // A purge or forget may have run meanwhile: replay only what is still dead.
-            if state.queues.remove_dead(subscription, d.seq).is_none() {
-                continue;
-            }
-            state.hold(&d.event_id, Ref::Pending);
-            state.release(&d.event_id, Ref::Dead);
-            if let (Some(shared), Some((epoch, _))) = (&self.shared, claim) {
-                shared.claims.lock().insert(d.seq, epoch);
-            }
-            state.queues.restore(d);
-            n += 1;
-        }
-        Ok(n)
+        self.replay_as(subscription, since, now, None, |_| {})
     }
 
     fn expire(
@@ -577,40 +559,10 @@ impl Queue for DurableStore {
     }
 
     fn forget_subscription(&self, subscription: &str) -> Result<(), StoreError> {
-        let mut ops: Vec<Op> = Vec::new();
-        {
-            let mut state = lock(&self.state);
-            let (pending, dead) = state.queues.forget(subscription);
-            for d in pending {
-                ops.push(Op::DeletePending(d.seq));
-                if state.release(&d.event_id, Ref::Pending) {
-                    ops.push(Op::DeleteEvent(d.event_id.clone()));
-                }
-            }
-            for (seq, d) in dead {
-                ops.push(Op::DeleteDead(seq));
-                if state.release(&d.event_id, Ref::Dead) {
-                    ops.push(Op::DeleteEvent(d.event_id));
-                }
-            }
-            state.attempts.remove(subscription);
-            state.namespaces.remove(subscription);
-        }
-        if self.shared.is_some() {
-            // Its work on shards this replica does not own too.
-            ops.push(Op::DeleteDeliveriesOf(subscription.to_string()));
-        }
-        ops.push(Op::DeleteAttemptsOf(subscription.to_string()));
-        ops.push(Op::DeleteSubscription(subscription.to_string()));
-        // Memory has forgotten it already: the deletes are kept until they commit.
-        self.wait_for(ops, true)
+        self.forget_with(subscription, Vec::new())
     }
 
     fn subscriptions(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
-        if let Some(shared) = &self.shared {
-            self.flush()?;
-            return shared.engine.subscriptions();
-        }
         let state = lock(&self.state);
         let mut all: Vec<&str> = state
             .queues
@@ -627,10 +579,6 @@ impl Queue for DurableStore {
     }
 
     fn total_backlog(&self) -> u64 {
-        if self.shared.is_some() {
-            // Every replica's: backpressure holds for the whole store.
-            return self.backlog.load(std::sync::atomic::Ordering::Relaxed);
-        }
         lock(&self.state).queues.total_backlog()
     }
 
@@ -676,21 +624,6 @@ impl History for DurableStore {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         self.flush()?;
-        // Another replica's shard: its dead letters are read from the database.
-        if let Some(shared) = self.shared.as_ref().filter(|s| !s.owns_subscription(subscription)) {
-            let rows = shared
-                .engine
-                .dead_letters_of(shared.shard(subscription), subscription)?;
-            let mut out: Vec<(u64, DeadLetter)> = rows
-                .into_iter()
-                .filter_map(|(seq, bytes)| parse_row(seq, &bytes).map(|d| (seq, d)))
-                .map(|(seq, d)| (seq, d.into_dead_letter()))
-                .filter(|(_, d)| d.dead_at >= since)
-                .collect();
-            out.sort_by(|a, b| b.1.dead_at.cmp(&a.1.dead_at).then(b.0.cmp(&a.0)));
-            out.truncate(limit);
-            return Ok(out.into_iter().map(|(_, d)| d).collect());
-        }
         let mut seqs: Vec<(u64, Dead)> = lock(&self.state).queues.dead(subscription, since, true);
         seqs.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
         seqs.truncate(limit);
@@ -738,10 +671,6 @@ impl Backend for DurableStore {
     fn flush(&self) -> Result<(), StoreError> {
         // Jobs commit in order: an empty one that is durable means all before it are.
         self.send(Vec::new(), true)
-    }
-
-    fn sharing(&self) -> Option<&dyn super::Sharing> {
-        self.shared.as_ref().map(|_| self as &dyn super::Sharing)
     }
 
     fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
@@ -797,224 +726,6 @@ fn parse_row(seq: u64, bytes: &[u8]) -> Option<StoredDelivery> {
             tracing::error!(seq, %err, "a stored delivery does not parse; it is skipped");
             None
         }
-    }
-}
-
-impl DurableStore {
-    /// Puts a shard's claimed rows in memory under `epoch` and notes it owned.
-    fn load_shard(
-        &self,
-        shared: &shared::Shared,
-        shard: u32,
-        epoch: u64,
-        claimed: shared::Claimed,
-        counts: &[(String, u64, u64)],
-        subscriptions: &mut std::collections::BTreeSet<String>,
-    ) {
-        let mut state = lock(&self.state);
-        let mut claims = shared.claims.lock();
-        for (seq, bytes) in claimed.pending {
-            let Some(stored) = parse_row(seq, &bytes) else { continue };
-            // Filed under the wrong shard (written by something that did not know the
-            // shards): its own shard's owner loads it, not this one.
-            if shared.shard(&stored.subscription) != shard {
-                continue;
-            }
-            claims.insert(seq, epoch);
-            if state.queues.knows(&stored.subscription, seq) {
-                // In flight here from before (the shard came back): it finishes as it is.
-                continue;
-            }
-            state.hold(&stored.event_id, Ref::Pending);
-            subscriptions.insert(stored.subscription.clone());
-            state.queues.restore(stored.into_pending(seq));
-        }
-        for (seq, bytes) in claimed.dead {
-            let Some(stored) = parse_row(seq, &bytes) else { continue };
-            if shared.shard(&stored.subscription) != shard || state.queues.knows_dead(&stored.subscription, seq) {
-                continue;
-            }
-            state.hold(&stored.event_id, Ref::Dead);
-            let dead = Dead {
-                at: stored.dead_at.unwrap_or(stored.not_before),
-                event_id: stored.event_id,
-            };
-            state.queues.restore_dead(&stored.subscription, seq, dead);
-        }
-        for (subscription, n, newest) in counts {
-            if shared.shard(subscription) == shard {
-                state.note_attempts(subscription.clone(), *n, *newest);
-            }
-        }
-        shared.owned.lock().insert(shard, epoch);
-    }
-}
-
-impl super::Sharing for DurableStore {
-    fn shards(&self) -> usize {
-        self.shared.as_ref().map_or(1, |s| s.shards)
-    }
-
-    fn acquire(&self, taken: &[(u32, u64)]) -> Result<Vec<String>, StoreError> {
-        let Some(shared) = &self.shared else {
-            return Ok(vec![]);
-        };
-        if taken.is_empty() {
-            return Ok(vec![]);
-        }
-        // The attempt log's counts are one read for all the shards taken at once.
-        let counts = shared.engine.attempt_counts()?;
-        let mut subscriptions = std::collections::BTreeSet::new();
-        for &(shard, epoch) in taken {
-            let claimed = shared.engine.claim_shard(shard, epoch)?;
-            self.load_shard(shared, shard, epoch, claimed, &counts, &mut subscriptions);
-        }
-        Ok(subscriptions.into_iter().collect())
-    }
-
-    fn release(&self, shard: u32) {
-        let Some(shared) = &self.shared else { return };
-        shared.owned.lock().remove(&shard);
-        let mut state = lock(&self.state);
-        let mine: Vec<String> = state
-            .queues
-            .subscriptions()
-            .chain(state.attempts.keys().map(String::as_str))
-            .filter(|s| shared.shard(s) == shard)
-            .map(String::from)
-            .collect();
-        let mut claims = shared.claims.lock();
-        for subscription in mine {
-            let (waiting, dead) = state.queues.release(&subscription);
-            for d in waiting {
-                claims.remove(&d.seq);
-                state.release(&d.event_id, Ref::Pending);
-            }
-            for (_, d) in dead {
-                state.release(&d.event_id, Ref::Dead);
-            }
-            state.attempts.remove(&subscription);
-        }
-    }
-
-    fn in_flight(&self, shard: u32) -> usize {
-        let Some(shared) = &self.shared else { return 0 };
-        lock(&self.state).queues.in_flight(|s| shared.shard(s) == shard)
-    }
-
-    fn owns(&self, shard: u32) -> bool {
-        self.shared.as_ref().is_none_or(|s| s.owned.lock().contains_key(&shard))
-    }
-
-    fn owned(&self) -> Vec<(u32, u64)> {
-        let Some(shared) = &self.shared else { return vec![] };
-        let mut owned: Vec<(u32, u64)> = shared.owned.lock().iter().map(|(s, e)| (*s, *e)).collect();
-        owned.sort_unstable();
-        owned
-    }
-
-    fn claim_arrivals(&self) -> Result<Vec<String>, StoreError> {
-        let Some(shared) = &self.shared else {
-            return Ok(vec![]);
-        };
-        let owned = self.owned();
-        if owned.is_empty() {
-            return Ok(vec![]);
-        }
-        let rows = shared.engine.claim_arrivals(&owned)?;
-        if rows.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut subscriptions = std::collections::BTreeSet::new();
-        let mut uncached = Vec::new();
-        {
-            let mut state = lock(&self.state);
-            let mut claims = shared.claims.lock();
-            for (seq, epoch, bytes) in rows {
-                let Some(stored) = parse_row(seq, &bytes) else { continue };
-                // Let go meanwhile: its next owner claims it again.
-                if !shared.owns_subscription(&stored.subscription) {
-                    continue;
-                }
-                if state.queues.knows(&stored.subscription, seq) {
-                    // Already here (a replay): its writes go under the claim it has now.
-                    claims.insert(seq, epoch);
-                    continue;
-                }
-                claims.insert(seq, epoch);
-                state.hold(&stored.event_id, Ref::Pending);
-                if !state.cache.contains_key(&stored.event_id) {
-                    uncached.push(stored.event_id.clone());
-                }
-                subscriptions.insert(stored.subscription.clone());
-                state.queues.restore(stored.into_pending(seq));
-            }
-        }
-        // Parsed once here for every delivery of the event, not read per delivery.
-        uncached.sort_unstable();
-        uncached.dedup();
-        if !uncached.is_empty() {
-            let events = shared.engine.events(&uncached)?;
-            let mut state = lock(&self.state);
-            for (id, bytes) in events {
-                if state.cache.len() >= super::event_cache() {
-                    break;
-                }
-                // Completed meanwhile: nothing to cache it for.
-                if !state.holds(&id) {
-                    continue;
-                }
-                let event: MailboxEvent = serde_json::from_slice(&bytes).map_err(io)?;
-                state.cache.insert(id, Arc::new(event));
-            }
-        }
-        Ok(subscriptions.into_iter().collect())
-    }
-
-    fn reload(&self) -> Result<Vec<String>, StoreError> {
-        // What is queued reaches the database first, so that what it holds is current.
-        self.flush()?;
-        self.acquire(&self.owned())
-    }
-
-    fn refresh_backlog(&self) -> Result<u64, StoreError> {
-        let Some(shared) = &self.shared else {
-            return Ok(self.total_backlog());
-        };
-        let n = shared.engine.pending_count()?;
-        self.backlog.store(n, std::sync::atomic::Ordering::Relaxed);
-        Ok(n)
-    }
-
-    fn collect_events(&self) -> Result<u64, StoreError> {
-        match &self.shared {
-            Some(shared) => shared.engine.collect_events(),
-            None => Ok(0),
-        }
-    }
-
-    fn publish_health(&self, owner: &str, rows: Vec<(String, serde_json::Value)>) -> Result<(), StoreError> {
-        let Some(shared) = &self.shared else { return Ok(()) };
-        let rows = rows.into_iter().map(|(uid, v)| (uid, v.to_string())).collect();
-        shared.engine.publish_health(owner, rows)
-    }
-
-    fn published_health(&self) -> Result<Vec<super::PublishedHealth>, StoreError> {
-        match &self.shared {
-            Some(shared) => shared.engine.published_health(),
-            None => Ok(vec![]),
-        }
-    }
-
-    fn forget_health(&self, uids: &[String]) -> Result<(), StoreError> {
-        match &self.shared {
-            Some(shared) => shared.engine.forget_health(uids),
-            None => Ok(()),
-        }
-    }
-
-    fn fenced_writes(&self) -> u64 {
-        self.shared.as_ref().map_or(0, |s| s.engine.fenced_writes())
     }
 }
 
