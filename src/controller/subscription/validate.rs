@@ -6,8 +6,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::{Selector, SelectorExt};
 
+use super::Reason;
 use super::dereference::{FilterRef, References};
-use super::reason;
 use crate::api::{WebhookSubscriptionSpec, parse_bytes, parse_duration};
 use crate::delivery::encryption::EncryptionKeys;
 use crate::delivery::signing::SigningKey;
@@ -17,7 +17,7 @@ use crate::store::BacklogCap;
 /// One thing wrong with a subscription, phrased for the person who has to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -56,7 +56,7 @@ pub fn authorize(
     grants: &[std::sync::Arc<crate::route::CompiledGrant>],
 ) -> Result<Vec<String>, Problem> {
     let not_granted = |message: String| Problem {
-        reason: reason::NOT_GRANTED,
+        reason: Reason::NotGranted,
         message,
     };
     if grants.is_empty() {
@@ -106,13 +106,13 @@ pub fn authorize(
 /// the first one's reason going on the condition.
 pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<ValidSubscription, Vec<Problem>> {
     let mut problems = Vec::new();
-    let mut problem = |reason: &'static str, message: String| problems.push(Problem { reason, message });
+    let mut problem = |reason: Reason, message: String| problems.push(Problem { reason, message });
 
     let endpoint_host = match url::Url::parse(&spec.endpoint.url) {
         Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => endpoint_host(&url),
         Ok(_) | Err(_) => {
             problem(
-                reason::INVALID_ENDPOINT,
+                Reason::InvalidEndpoint,
                 format!(
                     "spec.endpoint.url {:?} is not an absolute http(s) URL with a host; use one such as https://siem.example.com/hooks",
                     spec.endpoint.url
@@ -125,7 +125,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     let mut duration = |field: &str, text: &str| match parse_duration(text) {
         Ok(d) => Some(d),
         Err(e) => {
-            problem(reason::INVALID_SPEC, format!("{field}: {e}"));
+            problem(Reason::InvalidSpec, format!("{field}: {e}"));
             None
         }
     };
@@ -149,7 +149,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     let signing_keys = match refs.secrets.get(signing_name) {
         None => {
             problem(
-                reason::SECRET_NOT_FOUND,
+                Reason::SecretNotFound,
                 format!(
                     "Secret {signing_name:?} (spec.signing.secretRef) does not exist in this namespace; create it with a Standard Webhooks key, e.g. `kubectl create secret generic {signing_name} --from-literal=key=whsec_$(openssl rand -base64 32)`"
                 ),
@@ -160,7 +160,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
             Ok(keys) => keys,
             Err(message) => {
                 problem(
-                    reason::INVALID_SECRET,
+                    Reason::InvalidSecret,
                     format!("Secret {signing_name:?} (spec.signing.secretRef) {message}"),
                 );
                 vec![]
@@ -177,7 +177,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
             let field = format!("spec.endpoint.headers[{i}].valueFrom");
             match refs.secrets.get(&r.name) {
                 None => problem(
-                    reason::SECRET_NOT_FOUND,
+                    Reason::SecretNotFound,
                     format!(
                         "Secret {:?} ({field}) does not exist in this namespace; create it or fix the name",
                         r.name
@@ -185,7 +185,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
                 ),
                 Some(s) => match secret_value(s, &r.key) {
                     None => problem(
-                        reason::INVALID_SECRET,
+                        Reason::InvalidSecret,
                         format!(
                             "Secret {:?} ({field}) has no key {:?}; add it or fix valueFrom.key",
                             r.name, r.key
@@ -201,7 +201,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     if let Some(r) = &spec.endpoint.client_cert_secret_ref {
         match refs.secrets.get(&r.name) {
             None => problem(
-                reason::SECRET_NOT_FOUND,
+                Reason::SecretNotFound,
                 format!(
                     "Secret {:?} (spec.endpoint.clientCertSecretRef) does not exist in this namespace; create a kubernetes.io/tls Secret with tls.crt and tls.key",
                     r.name
@@ -214,7 +214,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
                     .collect();
                 if !missing.is_empty() {
                     problem(
-                        reason::INVALID_SECRET,
+                        Reason::InvalidSecret,
                         format!(
                             "Secret {:?} (spec.endpoint.clientCertSecretRef) lacks a PEM {}; it must hold tls.crt and tls.key",
                             r.name,
@@ -232,7 +232,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         && !bundle.contains("-----BEGIN CERTIFICATE-----")
     {
         problem(
-            reason::INVALID_ENDPOINT,
+            Reason::InvalidEndpoint,
             "spec.endpoint.caBundle holds no PEM certificate (-----BEGIN CERTIFICATE-----); paste the CA's PEM text"
                 .to_string(),
         );
@@ -242,13 +242,13 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     for name in &spec.filter_refs {
         match refs.filters.iter().find(|f| &f.name == name) {
             None => problem(
-                reason::FILTER_NOT_FOUND,
+                Reason::FilterNotFound,
                 format!(
                     "MailboxFilter {name:?} (spec.filterRefs) does not exist in this namespace; create it or remove the reference"
                 ),
             ),
             Some(FilterRef { invalid: Some(e), .. }) => problem(
-                reason::INVALID_FILTER,
+                Reason::InvalidFilter,
                 format!("MailboxFilter {name:?} is invalid ({e}); fix the filter"),
             ),
             Some(_) => filters.push(name.clone()),
@@ -257,14 +257,14 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     if let Some(selector) = &spec.filter_selector {
         match Selector::try_from(selector.clone()) {
             Err(e) => problem(
-                reason::INVALID_SPEC,
+                Reason::InvalidSpec,
                 format!("spec.filterSelector is not a valid label selector: {e}"),
             ),
             Ok(selector) => {
                 let selected: Vec<&FilterRef> = refs.filters.iter().filter(|f| selector.matches(&f.labels)).collect();
                 if selected.is_empty() {
                     problem(
-                        reason::FILTER_NOT_FOUND,
+                        Reason::FilterNotFound,
                         "spec.filterSelector matches no MailboxFilter in this namespace; label a filter to match it or change the selector".to_string(),
                     );
                 }
@@ -272,7 +272,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
                     match &f.invalid {
                         None => filters.push(f.name.clone()),
                         Some(e) => problem(
-                            reason::INVALID_FILTER,
+                            Reason::InvalidFilter,
                             format!(
                                 "MailboxFilter {:?} (selected by spec.filterSelector) is invalid ({e}); fix the filter",
                                 f.name
@@ -289,7 +289,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     for field in &spec.payload.redact {
         if crate::delivery::payload::UNREDACTABLE.contains(&field.as_str()) {
             problem(
-                reason::INVALID_SPEC,
+                Reason::InvalidSpec,
                 format!(
                     "spec.payload.redact cannot remove {field:?}: receivers need eventId, source and occurredAt to tell events apart; remove it from the list"
                 ),
@@ -302,7 +302,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         let name = &e.public_key_secret_ref.name;
         match refs.secrets.get(name) {
             None => problem(
-                reason::SECRET_NOT_FOUND,
+                Reason::SecretNotFound,
                 format!(
                     "Secret {name:?} (spec.payload.encryption.publicKeySecretRef) does not exist in this namespace; create it with the receiver's public JWK, e.g. `kubectl create secret generic {name} --from-file=2026-12.jwk=public.jwk`"
                 ),
@@ -318,7 +318,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
                 match EncryptionKeys::from_secret_data(&data) {
                     Ok(keys) => encryption = Some(keys),
                     Err(e) => problem(
-                        reason::INVALID_SECRET,
+                        Reason::InvalidSecret,
                         format!("Secret {name:?} (spec.payload.encryption.publicKeySecretRef): {e}"),
                     ),
                 }
@@ -330,13 +330,13 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         let max_wait = match parse_duration(&b.max_wait) {
             Ok(d) => d,
             Err(e) => {
-                problem(reason::INVALID_SPEC, format!("spec.delivery.batch.maxWait: {e}"));
+                problem(Reason::InvalidSpec, format!("spec.delivery.batch.maxWait: {e}"));
                 return None;
             }
         };
         if max_event_age.is_some_and(|age| max_wait >= age) {
             problem(
-                reason::INVALID_SPEC,
+                Reason::InvalidSpec,
                 format!(
                     "spec.delivery.batch.maxWait ({}) is not shorter than spec.delivery.maxEventAge ({}): events would expire waiting for their batch; shorten maxWait",
                     b.max_wait, spec.delivery.max_event_age
@@ -359,7 +359,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
                 Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => Some(Sink::Uri(url)),
                 _ => {
                     problem(
-                        reason::INVALID_SPEC,
+                        Reason::InvalidSpec,
                         format!(
                             "spec.delivery.deadLetterSink.uri {uri:?} is not an absolute http(s) URL with a host; use one such as https://dlq.example.com/hooks"
                         ),
@@ -369,7 +369,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
             },
             _ => {
                 problem(
-                    reason::INVALID_SPEC,
+                    Reason::InvalidSpec,
                     "spec.delivery.deadLetterSink needs exactly one of ref or uri".to_string(),
                 );
                 None
@@ -382,7 +382,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         // not turn them into a cap that dead-letters every event.
         if m.events == Some(0) {
             problem(
-                reason::INVALID_SPEC,
+                Reason::InvalidSpec,
                 "spec.delivery.maxBacklog.events must be at least 1; leave it out for the operator's default"
                     .to_string(),
             );
@@ -390,7 +390,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         let bytes = m.bytes.as_deref().and_then(|text| match parse_bytes(text) {
             Ok(n) => Some(n),
             Err(e) => {
-                problem(reason::INVALID_SPEC, format!("spec.delivery.maxBacklog.bytes: {e}"));
+                problem(Reason::InvalidSpec, format!("spec.delivery.maxBacklog.bytes: {e}"));
                 None
             }
         });
@@ -406,7 +406,7 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     // Checked last: a refused host matters only once nothing else is wrong.
     if let Some(refused) = &refs.egress_refused {
         return Err(vec![Problem {
-            reason: reason::EGRESS_REFUSED,
+            reason: Reason::EgressRefused,
             message: format!("{refused}. Deliveries are not attempted."),
         }]);
     }
@@ -468,6 +468,41 @@ mod tests {
     };
     use crate::controller::conditions::READY;
     use k8s_openapi::ByteString;
+
+    #[test]
+    fn reasons_on_the_wire() {
+        use Reason::*;
+        let wire = [
+            Valid,
+            Paused,
+            SecretNotFound,
+            InvalidSecret,
+            FilterNotFound,
+            InvalidFilter,
+            InvalidEndpoint,
+            InvalidSpec,
+            EgressRefused,
+            EndpointNotVerified,
+            NotGranted,
+        ]
+        .map(|r| r.as_str());
+        assert_eq!(
+            wire,
+            [
+                "Valid",
+                "Paused",
+                "SecretNotFound",
+                "InvalidSecret",
+                "FilterNotFound",
+                "InvalidFilter",
+                "InvalidEndpoint",
+                "InvalidSpec",
+                "EgressRefused",
+                "EndpointNotVerified",
+                "NotGranted",
+            ]
+        );
+    }
 
     fn spec() -> WebhookSubscriptionSpec {
         WebhookSubscriptionSpec {
@@ -562,7 +597,7 @@ mod tests {
                 .any(|m| m.starts_with("spec.delivery.maxBacklog.bytes: \"2GB\" is not a quantity of bytes")),
             "{text:?}"
         );
-        assert!(problems.iter().all(|p| p.reason == reason::INVALID_SPEC));
+        assert!(problems.iter().all(|p| p.reason == Reason::InvalidSpec));
     }
 
     #[test]
@@ -605,14 +640,14 @@ mod tests {
             public_key_secret_ref: SecretRef { name: "keys".into() },
         });
         let problems = validate(&s, &refs).unwrap_err();
-        assert_eq!(problems[0].reason, reason::INVALID_SECRET);
+        assert_eq!(problems[0].reason, Reason::InvalidSecret);
         assert!(problems[0].message.contains("private key"), "{}", problems[0].message);
     }
 
     #[test]
     fn missing_secret_says_how_to_create_it() {
         let problems = validate(&spec(), &References::default()).unwrap_err();
-        assert_eq!(problems[0].reason, reason::SECRET_NOT_FOUND);
+        assert_eq!(problems[0].reason, Reason::SecretNotFound);
         assert!(problems[0].message.contains("kubectl create secret generic signing"));
     }
 
@@ -624,7 +659,7 @@ mod tests {
             ("whsec_c2hvcnQ=", "decodes to 5 bytes"),
         ] {
             let problems = validate(&spec(), &refs_with_signing(value)).unwrap_err();
-            assert_eq!(problems[0].reason, reason::INVALID_SECRET, "{value}");
+            assert_eq!(problems[0].reason, Reason::InvalidSecret, "{value}");
             assert!(problems[0].message.contains(hint), "{}", problems[0].message);
         }
     }
@@ -651,7 +686,7 @@ mod tests {
         refs.filters = vec![FilterRef::compile(&good), FilterRef::compile(&bad)];
         let problems = validate(&s, &refs).unwrap_err();
         let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
-        assert_eq!(reasons, vec![reason::FILTER_NOT_FOUND, reason::INVALID_FILTER]);
+        assert_eq!(reasons, vec![Reason::FilterNotFound, Reason::InvalidFilter]);
 
         s.filter_refs = vec!["finance".into()];
         assert_eq!(validate(&s, &refs).expect("valid").filters, vec!["finance"]);
@@ -667,31 +702,31 @@ mod tests {
         };
         let kind = |reason| progress(&ready(reason)).map(|p| p.type_);
         for stalled in [
-            reason::SECRET_NOT_FOUND,
-            reason::INVALID_SECRET,
-            reason::FILTER_NOT_FOUND,
-            reason::INVALID_FILTER,
-            reason::INVALID_ENDPOINT,
-            reason::INVALID_SPEC,
-            reason::EGRESS_REFUSED,
+            Reason::SecretNotFound,
+            Reason::InvalidSecret,
+            Reason::FilterNotFound,
+            Reason::InvalidFilter,
+            Reason::InvalidEndpoint,
+            Reason::InvalidSpec,
+            Reason::EgressRefused,
         ] {
-            assert_eq!(kind(stalled), Some(conditions::STALLED), "{stalled}");
+            assert_eq!(kind(stalled), Some(conditions::STALLED), "{stalled:?}");
         }
-        assert_eq!(kind(reason::PAUSED), None);
-        assert_eq!(kind(reason::ENDPOINT_NOT_VERIFIED), Some(conditions::RECONCILING));
+        assert_eq!(kind(Reason::Paused), None);
+        assert_eq!(kind(Reason::EndpointNotVerified), Some(conditions::RECONCILING));
     }
 
     #[test]
     fn ready_reports_first_reason_and_paused() {
         let ready = ready_condition(&spec(), &validate(&spec(), &References::default()));
-        assert_eq!((ready.status, ready.reason), (Status::False, reason::SECRET_NOT_FOUND));
+        assert_eq!((ready.status, ready.reason), (Status::False, Reason::SecretNotFound));
 
         let mut paused = spec();
         paused.paused = true;
         let ready = ready_condition(&paused, &validate(&paused, &refs_with_signing(KEY)));
-        assert_eq!((ready.status, ready.reason), (Status::False, reason::PAUSED));
+        assert_eq!((ready.status, ready.reason), (Status::False, Reason::Paused));
         let ready = ready_condition(&spec(), &validate(&spec(), &refs_with_signing(KEY)));
-        assert_eq!((ready.status, ready.reason), (Status::True, reason::VALID));
+        assert_eq!((ready.status, ready.reason), (Status::True, Reason::Valid));
     }
 
     fn grant(name: &str, mode: crate::api::PayloadMode, raw: bool) -> std::sync::Arc<crate::route::CompiledGrant> {
@@ -708,7 +743,7 @@ mod tests {
     fn authorize_names_the_field_that_asks_too_much() {
         use crate::api::PayloadMode;
         let none = authorize(&spec(), "team", &[]).expect_err("no grant");
-        assert_eq!(none.reason, reason::NOT_GRANTED);
+        assert_eq!(none.reason, Reason::NotGranted);
         assert!(
             none.message.contains("No MailboxGrant covers namespace team"),
             "{}",
