@@ -10,12 +10,19 @@ pub const HEALTHY: &str = "Healthy";
 pub const STALLED: &str = "Stalled";
 pub const RECONCILING: &str = "Reconciling";
 
-/// The desired state of one condition; `set` turns it into a `Condition`.
+/// The reasons one condition can give, as an enum; `as_str` is the reason on the wire,
+/// which users, alerts and GitOps tools match on, so a variant's string never changes.
+pub trait Reason: std::fmt::Debug + Clone + Copy + PartialEq + Eq {
+    fn as_str(&self) -> &'static str;
+}
+
+/// The desired state of one condition, with its reasons `R`; `set` turns it into a
+/// `Condition`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Desired {
+pub struct Desired<R> {
     pub type_: &'static str,
     pub status: Status,
-    pub reason: &'static str,
+    pub reason: R,
     pub message: String,
 }
 
@@ -38,7 +45,12 @@ impl Status {
 
 /// Sets `Ready` and what it implies of `Stalled`/`Reconciling`, for a resource that is
 /// either valid or waits for an edit (a filter, a grant). Returns whether `Ready` changed.
-pub fn set_ready(conditions: &mut Vec<Condition>, ready: &Desired, generation: Option<i64>, now: &Time) -> bool {
+pub fn set_ready<R: Reason>(
+    conditions: &mut Vec<Condition>,
+    ready: &Desired<R>,
+    generation: Option<i64>,
+    now: &Time,
+) -> bool {
     let changed = set(conditions, ready.clone(), generation, now);
     set_progress(conditions, progress(ready, false, true), generation, now);
     changed
@@ -46,7 +58,12 @@ pub fn set_ready(conditions: &mut Vec<Condition>, ready: &Desired, generation: O
 
 /// Sets `desired` in `conditions`, keeping `lastTransitionTime` when the status is
 /// unchanged. Returns true when the status changed (a transition).
-pub fn set(conditions: &mut Vec<Condition>, desired: Desired, generation: Option<i64>, now: &Time) -> bool {
+pub fn set<R: Reason>(
+    conditions: &mut Vec<Condition>,
+    desired: Desired<R>,
+    generation: Option<i64>,
+    now: &Time,
+) -> bool {
     let status = desired.status.as_str();
     match conditions.iter_mut().find(|c| c.type_ == desired.type_) {
         Some(existing) => {
@@ -55,7 +72,7 @@ pub fn set(conditions: &mut Vec<Condition>, desired: Desired, generation: Option
                 existing.last_transition_time = now.clone();
             }
             existing.status = status.to_string();
-            existing.reason = desired.reason.to_string();
+            existing.reason = desired.reason.as_str().to_string();
             existing.message = desired.message;
             existing.observed_generation = generation;
             transition
@@ -64,7 +81,7 @@ pub fn set(conditions: &mut Vec<Condition>, desired: Desired, generation: Option
             conditions.push(Condition {
                 type_: desired.type_.to_string(),
                 status: status.to_string(),
-                reason: desired.reason.to_string(),
+                reason: desired.reason.as_str().to_string(),
                 message: desired.message,
                 last_transition_time: now.clone(),
                 observed_generation: generation,
@@ -84,7 +101,7 @@ pub fn remove(conditions: &mut Vec<Condition>, type_: &str) -> bool {
 /// What `Ready` means for kstatus readers: `Stalled` when the resource cannot become
 /// ready until someone changes it (`waiting_on_change`), `Reconciling` while it is on its
 /// way (`in_progress`), neither when it is ready or deliberately held (paused). Pure.
-pub fn progress(ready: &Desired, in_progress: bool, waiting_on_change: bool) -> Option<Desired> {
+pub fn progress<R: Reason>(ready: &Desired<R>, in_progress: bool, waiting_on_change: bool) -> Option<Desired<R>> {
     let (type_, status) = if in_progress {
         (RECONCILING, Status::True)
     } else if waiting_on_change && ready.status == Status::False {
@@ -101,7 +118,12 @@ pub fn progress(ready: &Desired, in_progress: bool, waiting_on_change: bool) -> 
 }
 
 /// Sets the kstatus conditions `progress` decided, removing the other (or both).
-pub fn set_progress(conditions: &mut Vec<Condition>, progress: Option<Desired>, generation: Option<i64>, now: &Time) {
+pub fn set_progress<R: Reason>(
+    conditions: &mut Vec<Condition>,
+    progress: Option<Desired<R>>,
+    generation: Option<i64>,
+    now: &Time,
+) {
     let keep = progress.as_ref().map(|p| p.type_);
     for type_ in [STALLED, RECONCILING] {
         if keep != Some(type_) {
@@ -121,33 +143,32 @@ pub fn status_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::subscription::{
+        self,
+        Reason::{EndpointNotVerified, FilterNotFound, Paused, SecretNotFound, Valid},
+    };
 
     fn at(secs: i64) -> Time {
         Time(jiff::Timestamp::from_second(secs).expect("valid"))
     }
 
-    fn ready(status: Status, reason: &'static str) -> Desired {
+    fn ready(status: Status, reason: subscription::Reason) -> Desired<subscription::Reason> {
         Desired {
             type_: READY,
             status,
             reason,
-            message: format!("{reason} message"),
+            message: format!("{} message", reason.as_str()),
         }
     }
 
     #[test]
     fn transition_time_moves_only_on_status_change() {
         let mut conds = vec![];
-        assert!(set(
-            &mut conds,
-            ready(Status::False, "SecretNotFound"),
-            Some(1),
-            &at(100)
-        ));
+        assert!(set(&mut conds, ready(Status::False, SecretNotFound), Some(1), &at(100)));
         // Same status, new reason and generation: no transition, time kept.
         assert!(!set(
             &mut conds,
-            ready(Status::False, "FilterNotFound"),
+            ready(Status::False, FilterNotFound),
             Some(2),
             &at(200)
         ));
@@ -155,7 +176,7 @@ mod tests {
         assert_eq!(conds[0].reason, "FilterNotFound");
         assert_eq!(conds[0].observed_generation, Some(2));
         // Status flips: time moves.
-        assert!(set(&mut conds, ready(Status::True, "Valid"), Some(2), &at(300)));
+        assert!(set(&mut conds, ready(Status::True, Valid), Some(2), &at(300)));
         assert_eq!(conds[0].last_transition_time, at(300));
         assert_eq!(conds.len(), 1);
         assert_eq!(status_of(&conds, READY), Some("True"));
@@ -164,7 +185,7 @@ mod tests {
     #[test]
     fn stalled_and_reconciling_are_present_only_while_true() {
         let mut conds = vec![];
-        let broken = ready(Status::False, "FilterNotFound");
+        let broken = ready(Status::False, FilterNotFound);
         set(&mut conds, broken.clone(), Some(1), &at(100));
         set_progress(&mut conds, progress(&broken, false, true), Some(1), &at(100));
         assert_eq!(status_of(&conds, STALLED), Some("True"));
@@ -174,14 +195,14 @@ mod tests {
         set_progress(&mut conds, progress(&broken, false, true), Some(2), &at(200));
         assert_eq!(conds[1].last_transition_time, at(100));
         // On its way: Reconciling replaces Stalled.
-        let verifying = ready(Status::False, "EndpointNotVerified");
+        let verifying = ready(Status::False, EndpointNotVerified);
         set_progress(&mut conds, progress(&verifying, true, true), Some(2), &at(300));
         assert_eq!(status_of(&conds, STALLED), None);
         assert_eq!(status_of(&conds, RECONCILING), Some("True"));
         // Ready, or deliberately held: neither.
         set_progress(
             &mut conds,
-            progress(&ready(Status::True, "Valid"), false, true),
+            progress(&ready(Status::True, Valid), false, true),
             Some(3),
             &at(400),
         );
@@ -189,6 +210,6 @@ mod tests {
             (status_of(&conds, STALLED), status_of(&conds, RECONCILING)),
             (None, None)
         );
-        assert_eq!(progress(&ready(Status::False, "Paused"), false, false), None);
+        assert_eq!(progress(&ready(Status::False, Paused), false, false), None);
     }
 }

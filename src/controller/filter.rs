@@ -11,17 +11,35 @@ use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
 use tracing::instrument;
 
-use super::conditions::{Desired, READY, Status};
+use super::conditions::{self, Desired, READY, Status};
 use super::{Context, Error, FilterState};
 
 use crate::api::{MailboxFilter, WebhookSubscriptionSpec};
 use crate::route::{CompiledFilter, FilterError, Problem};
 
-pub mod reason {
-    pub const VALID: &str = "Valid";
-    pub const INVALID_PATTERN: &str = "InvalidPattern";
+/// Reasons on the `Ready` condition of a MailboxFilter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Valid,
+    InvalidPattern,
     /// Valid, but over a limit of `mailhook run` (`--filter-max-*`).
-    pub const OVER_BUDGET: &str = "OverBudget";
+    OverBudget,
+}
+
+impl Reason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Valid => "Valid",
+            Reason::InvalidPattern => "InvalidPattern",
+            Reason::OverBudget => "OverBudget",
+        }
+    }
+}
+
+impl conditions::Reason for Reason {
+    fn as_str(&self) -> &'static str {
+        Reason::as_str(self)
+    }
 }
 
 /// Why a filter beyond its namespace's count is refused, and what to do. Pure.
@@ -43,18 +61,18 @@ pub fn uses(spec: &WebhookSubscriptionSpec, name: &str, labels: &BTreeMap<String
 }
 
 /// The `Ready` condition of a filter and its compiled form. Pure.
-pub fn compile(filter: &MailboxFilter) -> (Desired, Option<Arc<CompiledFilter>>) {
+pub fn compile(filter: &MailboxFilter) -> (Desired<Reason>, Option<Arc<CompiledFilter>>) {
     condition(CompiledFilter::compile(&filter.spec).map(Arc::new))
 }
 
 /// The `Ready` condition for a compile outcome. Pure.
-pub fn condition(compiled: Result<Arc<CompiledFilter>, FilterError>) -> (Desired, Option<Arc<CompiledFilter>>) {
+pub fn condition(compiled: Result<Arc<CompiledFilter>, FilterError>) -> (Desired<Reason>, Option<Arc<CompiledFilter>>) {
     match compiled {
         Ok(compiled) => (
             Desired {
                 type_: READY,
                 status: Status::True,
-                reason: reason::VALID,
+                reason: Reason::Valid,
                 message: "Every pattern compiled; the filter is in use for routing.".to_string(),
             },
             Some(compiled),
@@ -64,7 +82,7 @@ pub fn condition(compiled: Result<Arc<CompiledFilter>, FilterError>) -> (Desired
             Desired {
                 type_: READY,
                 status: Status::False,
-                reason: reason::INVALID_PATTERN,
+                reason: Reason::InvalidPattern,
                 message: format!("{e}. Subscriptions using this filter are not Ready until it is fixed."),
             },
             None,
@@ -73,11 +91,11 @@ pub fn condition(compiled: Result<Arc<CompiledFilter>, FilterError>) -> (Desired
 }
 
 /// `Ready=False/OverBudget` with `why` (field, limit, what to do). Pure.
-pub fn over_budget(why: String) -> Desired {
+pub fn over_budget(why: String) -> Desired<Reason> {
     Desired {
         type_: READY,
         status: Status::False,
-        reason: reason::OVER_BUDGET,
+        reason: Reason::OverBudget,
         message: format!(
             "{why}. The filter is not used for routing and matches nothing until it is within the limits; subscriptions using it are not Ready."
         ),
@@ -128,6 +146,12 @@ mod tests {
     use crate::api::{MailboxFilterSpec, MatchCriteria};
 
     #[test]
+    fn reasons_on_the_wire() {
+        let wire = [Reason::Valid, Reason::InvalidPattern, Reason::OverBudget].map(|r| r.as_str());
+        assert_eq!(wire, ["Valid", "InvalidPattern", "OverBudget"]);
+    }
+
+    #[test]
     fn invalid_pattern_names_field_and_consequence() {
         let f = MailboxFilter::new(
             "f",
@@ -140,7 +164,7 @@ mod tests {
             },
         );
         let (ready, compiled) = compile(&f);
-        assert_eq!((ready.status, ready.reason), (Status::False, reason::INVALID_PATTERN));
+        assert_eq!((ready.status, ready.reason), (Status::False, Reason::InvalidPattern));
         assert!(ready.message.starts_with("spec.domains[0]:"), "{}", ready.message);
         assert!(compiled.is_none());
     }
@@ -164,7 +188,7 @@ mod tests {
             },
         );
         let (ready, compiled) = compile(&f);
-        assert_eq!((ready.status, ready.reason), (Status::False, reason::OVER_BUDGET));
+        assert_eq!((ready.status, ready.reason), (Status::False, Reason::OverBudget));
         assert!(
             ready.message.starts_with("spec.headers[16].regex:"),
             "{}",

@@ -23,9 +23,26 @@ use super::{Context, FIELD_MANAGER};
 use crate::api::{MailboxGrant, MailboxGrantSpec, MailboxGrantStatus, WebhookSubscription};
 use crate::route::CompiledGrant;
 
-pub mod reason {
-    pub const VALID: &str = "Valid";
-    pub const INVALID_PATTERN: &str = "InvalidPattern";
+/// Reasons on the `Ready` condition of a MailboxGrant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Valid,
+    InvalidPattern,
+}
+
+impl Reason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Valid => "Valid",
+            Reason::InvalidPattern => "InvalidPattern",
+        }
+    }
+}
+
+impl conditions::Reason for Reason {
+    fn as_str(&self) -> &'static str {
+        Reason::as_str(self)
+    }
 }
 
 /// What the operator knows of one grant.
@@ -35,7 +52,7 @@ pub struct GrantState {
     pub uid: Option<String>,
     pub spec: MailboxGrantSpec,
     pub generation: Option<i64>,
-    pub ready: Desired,
+    pub ready: Desired<Reason>,
     /// None while invalid: an invalid grant grants nothing.
     pub compiled: Option<Arc<CompiledGrant>>,
     /// The namespaces it covers now, sorted.
@@ -66,7 +83,7 @@ pub fn evaluate(
                 ready: Desired {
                     type_: READY,
                     status: Status::False,
-                    reason: reason::INVALID_PATTERN,
+                    reason: Reason::InvalidPattern,
                     message: format!("{e}. An invalid grant grants nothing until it is fixed."),
                 },
                 compiled: None,
@@ -91,7 +108,7 @@ pub fn evaluate(
         ready: Desired {
             type_: READY,
             status: Status::True,
-            reason: reason::VALID,
+            reason: Reason::Valid,
             message: format!(
                 "Routing applies this grant to {} namespace(s); events go out at most as {}{}.",
                 covered.len(),
@@ -361,6 +378,14 @@ mod tests {
     use crate::api::PayloadMode;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+    #[test]
+    fn reasons_on_the_wire() {
+        assert_eq!(
+            [Reason::Valid, Reason::InvalidPattern].map(|r| r.as_str()),
+            ["Valid", "InvalidPattern"]
+        );
+    }
+
     fn namespaces() -> BTreeMap<String, BTreeMap<String, String>> {
         let mut all = BTreeMap::new();
         all.insert(
@@ -407,7 +432,7 @@ mod tests {
         };
         let state = evaluate("g", (None, None), &spec, &namespaces());
         assert!(state.compiled.is_none());
-        assert_eq!(state.ready.reason, reason::INVALID_PATTERN);
+        assert_eq!(state.ready.reason, Reason::InvalidPattern);
         assert!(
             state.ready.message.starts_with("spec.domains[0]"),
             "{}",

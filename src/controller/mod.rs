@@ -123,7 +123,7 @@ pub struct SubscriptionState {
     pub generation: Option<i64>,
     /// Host (and port) of the endpoint, for the status column; None if the URL is unusable.
     pub endpoint_host: Option<String>,
-    pub ready: Desired,
+    pub ready: Desired<subscription::Reason>,
     pub route: Option<SubscriptionRoute>,
     pub shard: u32,
     pub paused: bool,
@@ -149,7 +149,7 @@ pub struct SubscriptionState {
 #[derive(Clone)]
 pub struct FilterState {
     pub generation: Option<i64>,
-    pub ready: Desired,
+    pub ready: Desired<filter::Reason>,
     pub compiled: Option<Arc<CompiledFilter>>,
     /// Refused, uncompiled, as one of the newest beyond `--filter-max-per-namespace`.
     pub counted_out: bool,

@@ -44,15 +44,43 @@ async fn bounded<T>(what: &str, call: impl std::future::Future<Output = Result<T
     }
 }
 
-/// Reasons on the `Healthy` condition.
-pub mod reason {
-    pub const AWAITING_DELIVERY: &str = "AwaitingDelivery";
-    pub const ENDPOINT_HEALTHY: &str = "EndpointHealthy";
-    pub const ENDPOINT_FAILING: &str = "EndpointFailing";
-    pub const ENDPOINT_DISABLED: &str = "EndpointDisabled";
-    pub const PAUSED: &str = "Paused";
-    pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
-    pub const BACKLOG_FULL: &str = "BacklogFull";
+/// Reasons on the `Healthy` condition of a WebhookSubscription: how delivery is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthReason {
+    AwaitingDelivery,
+    EndpointHealthy,
+    EndpointFailing,
+    EndpointDisabled,
+    Paused,
+    StoreUnavailable,
+    BacklogFull,
+}
+
+impl HealthReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthReason::AwaitingDelivery => "AwaitingDelivery",
+            HealthReason::EndpointHealthy => "EndpointHealthy",
+            HealthReason::EndpointFailing => "EndpointFailing",
+            HealthReason::EndpointDisabled => "EndpointDisabled",
+            HealthReason::Paused => "Paused",
+            HealthReason::StoreUnavailable => "StoreUnavailable",
+            HealthReason::BacklogFull => "BacklogFull",
+        }
+    }
+}
+
+impl conditions::Reason for HealthReason {
+    fn as_str(&self) -> &'static str {
+        HealthReason::as_str(self)
+    }
+}
+
+/// Whether `conditions` (as written to the API) have `Healthy` with `reason`.
+fn healthy_is(conditions: &[Condition], reason: HealthReason) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == HEALTHY && c.reason == reason.as_str())
 }
 
 fn time(t: jiff::Timestamp) -> Time {
@@ -82,7 +110,7 @@ pub fn healthy_condition(
     paused: bool,
     full: Option<&str>,
     store_down: Option<&str>,
-) -> Desired {
+) -> Desired<HealthReason> {
     let last_error = || {
         health
             .last_failure
@@ -112,7 +140,7 @@ pub fn healthy_condition(
         // Every delivery waits on it, whatever the endpoint does.
         _ if store_down.is_some() => (
             Status::False,
-            reason::STORE_UNAVAILABLE,
+            HealthReason::StoreUnavailable,
             format!(
                 "Deliveries are paused: the store cannot commit ({}). New events are refused (HTTP 503, SMTP 451; 507 and 452 when its volume is full) until it can; nothing acknowledged is lost, and deliveries resume by themselves. Check the database (or the store volume).",
                 store_down.unwrap_or_default()
@@ -121,7 +149,7 @@ pub fn healthy_condition(
         // Said before the endpoint's state, which it includes: events are being set aside.
         _ if full.is_some() => (
             Status::False,
-            reason::BACKLOG_FULL,
+            HealthReason::BacklogFull,
             format!(
                 "The backlog is at {}: new events for this subscription go straight to its dead letters instead of waiting (other subscriptions are not affected). {} Fix the endpoint or raise delivery.maxBacklog, then replay the dead letters (annotation mailhook.io/replay-requested-at).",
                 full.unwrap_or_default(),
@@ -130,7 +158,7 @@ pub fn healthy_condition(
         ),
         HealthClass::Disabled => (
             Status::False,
-            reason::ENDPOINT_DISABLED,
+            HealthReason::EndpointDisabled,
             format!(
                 "Deliveries stopped: {}. Last error: {}. Events keep queueing; fix the endpoint, then edit the subscription to resume.",
                 health.disabled.as_deref().unwrap_or("disabled"),
@@ -139,12 +167,12 @@ pub fn healthy_condition(
         ),
         _ if paused => (
             Status::Unknown,
-            reason::PAUSED,
+            HealthReason::Paused,
             "Deliveries are paused (spec.paused: true).".to_string(),
         ),
         HealthClass::Failing => (
             Status::False,
-            reason::ENDPOINT_FAILING,
+            HealthReason::EndpointFailing,
             format!(
                 "{} consecutive failed attempt(s); last: {}. Deliveries are retried on delivery.retrySchedule, one request at a time until one succeeds; check that the endpoint is up and answers 2xx.",
                 health.consecutive_failures,
@@ -153,7 +181,7 @@ pub fn healthy_condition(
         ),
         HealthClass::Healthy => (
             Status::True,
-            reason::ENDPOINT_HEALTHY,
+            HealthReason::EndpointHealthy,
             format!(
                 "The endpoint accepts deliveries (median latency {} ms).",
                 health.latency_p50_ms.unwrap_or_default()
@@ -161,7 +189,7 @@ pub fn healthy_condition(
         ),
         HealthClass::Unknown => (
             Status::Unknown,
-            reason::AWAITING_DELIVERY,
+            HealthReason::AwaitingDelivery,
             "No delivery has been attempted yet.".to_string(),
         ),
     };
@@ -187,10 +215,7 @@ pub fn subscription_status(
     status.observed_generation = generation;
     let ready = super::subscription::with_verification(state.ready.clone(), health.verification.as_ref());
     conditions::set(&mut status.conditions, ready.clone(), generation, now);
-    let was_full = previous
-        .conditions
-        .iter()
-        .any(|c| c.type_ == HEALTHY && c.reason == reason::BACKLOG_FULL);
+    let was_full = healthy_is(&previous.conditions, HealthReason::BacklogFull);
     let full = backlog_full(state.backlog_cap.as_ref(), &counts, was_full);
     conditions::set(
         &mut status.conditions,
@@ -663,10 +688,7 @@ async fn subscription_writes(
             .or_else(|| whs.status.clone())
             .unwrap_or_default();
         let mut desired = subscription_status(&previous, state, &health, counts, store_down.as_deref(), &now);
-        let full = desired
-            .conditions
-            .iter()
-            .any(|c| c.type_ == HEALTHY && c.reason == reason::BACKLOG_FULL);
+        let full = healthy_is(&desired.conditions, HealthReason::BacklogFull);
         ctx.metrics.backlog_full.with_label_values(&labels).set(i64::from(full));
         if published.is_some() {
             desired.shard_owner = owner;
@@ -860,6 +882,33 @@ mod tests {
     use crate::delivery::health::Failure;
 
     #[test]
+    fn health_reasons_on_the_wire() {
+        use HealthReason::*;
+        let wire = [
+            AwaitingDelivery,
+            EndpointHealthy,
+            EndpointFailing,
+            EndpointDisabled,
+            Paused,
+            StoreUnavailable,
+            BacklogFull,
+        ]
+        .map(|r| r.as_str());
+        assert_eq!(
+            wire,
+            [
+                "AwaitingDelivery",
+                "EndpointHealthy",
+                "EndpointFailing",
+                "EndpointDisabled",
+                "Paused",
+                "StoreUnavailable",
+                "BacklogFull",
+            ]
+        );
+    }
+
+    #[test]
     fn events_announce_changes_but_not_a_first_unknown() {
         let cond = |type_: &str, status: &str| Condition {
             type_: type_.into(),
@@ -892,9 +941,9 @@ mod tests {
         let mut h = HealthSnapshot::default();
         assert_eq!(
             healthy_condition(&h, false, None, None).reason,
-            reason::AWAITING_DELIVERY
+            HealthReason::AwaitingDelivery
         );
-        assert_eq!(healthy_condition(&h, true, None, None).reason, reason::PAUSED);
+        assert_eq!(healthy_condition(&h, true, None, None).reason, HealthReason::Paused);
         h.last_success = Some(jiff::Timestamp::UNIX_EPOCH);
         assert_eq!(healthy_condition(&h, false, None, None).status, Status::True);
         h.consecutive_failures = 2;
@@ -907,17 +956,20 @@ mod tests {
         let failing = healthy_condition(&h, false, None, None);
         assert_eq!(
             (failing.status, failing.reason),
-            (Status::False, reason::ENDPOINT_FAILING)
+            (Status::False, HealthReason::EndpointFailing)
         );
         assert!(failing.message.contains("HTTP 500"), "{}", failing.message);
         h.disabled = Some("the endpoint answered 410 Gone".into());
         assert_eq!(
             healthy_condition(&h, true, None, None).reason,
-            reason::ENDPOINT_DISABLED,
+            HealthReason::EndpointDisabled,
             "disabled outranks paused"
         );
         let down = healthy_condition(&h, true, None, Some("PostgreSQL: connection refused"));
-        assert_eq!((down.status, down.reason), (Status::False, reason::STORE_UNAVAILABLE));
+        assert_eq!(
+            (down.status, down.reason),
+            (Status::False, HealthReason::StoreUnavailable)
+        );
         assert!(
             down.message.contains("connection refused") && down.message.contains("resume by themselves"),
             "says why and what happens next: {}",
@@ -976,7 +1028,7 @@ mod tests {
             ..Default::default()
         };
         let full = healthy_condition(&h, false, Some("delivery.maxBacklog.events (5)"), None);
-        assert_eq!((full.status, full.reason), (Status::False, reason::BACKLOG_FULL));
+        assert_eq!((full.status, full.reason), (Status::False, HealthReason::BacklogFull));
         for part in [
             "delivery.maxBacklog.events (5)",
             "go straight to its dead letters",
@@ -994,7 +1046,7 @@ mod tests {
         );
         assert_eq!(
             healthy_condition(&h, false, Some("x"), Some("disk full")).reason,
-            reason::STORE_UNAVAILABLE,
+            HealthReason::StoreUnavailable,
             "the store outage outranks it"
         );
 
@@ -1012,7 +1064,7 @@ mod tests {
         };
         let first = subscription_status(&Default::default(), &state, &h, counts(5), None, &at(10));
         let healthy = first.conditions.iter().find(|c| c.type_ == HEALTHY).expect("Healthy");
-        assert_eq!(healthy.reason, reason::BACKLOG_FULL);
+        assert_eq!(healthy.reason, HealthReason::BacklogFull.as_str());
         assert_eq!((first.backlog, first.backlog_bytes), (5, 500));
         assert_eq!(
             first.oldest_pending_time,
@@ -1027,7 +1079,7 @@ mod tests {
         let failing = drained.conditions.iter().find(|c| c.type_ == HEALTHY).expect("Healthy");
         assert_eq!(
             (failing.reason.as_str(), &failing.last_transition_time),
-            (reason::ENDPOINT_FAILING, &at(10)),
+            (HealthReason::EndpointFailing.as_str(), &at(10)),
             "still False, for the endpoint now"
         );
         assert_eq!(drained.oldest_pending_time, None, "nothing waits");
@@ -1173,7 +1225,7 @@ mod tests {
         );
     }
 
-    fn state(ready: Desired) -> SubscriptionState {
+    fn state(ready: Desired<crate::controller::subscription::Reason>) -> SubscriptionState {
         SubscriptionState {
             generation: Some(3),
             endpoint_host: Some("siem.example.com".into()),
@@ -1192,11 +1244,11 @@ mod tests {
         }
     }
 
-    fn valid() -> Desired {
+    fn valid() -> Desired<crate::controller::subscription::Reason> {
         Desired {
             type_: READY,
             status: Status::True,
-            reason: "Valid",
+            reason: crate::controller::subscription::Reason::Valid,
             message: "Configuration is valid".into(),
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 
-use super::reason;
+use super::Reason;
 use super::validate::{Problem, ValidSubscription};
 use crate::api::WebhookSubscription;
 use crate::api::{CloudEventsMode, PayloadFormat};
@@ -53,9 +53,9 @@ pub enum BuildError {
 impl BuildError {
     pub fn problem(&self) -> Problem {
         let reason = match self {
-            BuildError::Client(ClientError::Identity(_)) => reason::INVALID_SECRET,
+            BuildError::Client(ClientError::Identity(_)) => Reason::InvalidSecret,
             BuildError::Client(ClientError::Header(_) | ClientError::CaBundle(_) | ClientError::Build(_)) => {
-                reason::INVALID_ENDPOINT
+                Reason::InvalidEndpoint
             }
         };
         Problem {
@@ -146,14 +146,14 @@ mod tests {
     #[test]
     fn a_bad_client_certificate_is_the_secret_and_a_bad_ca_the_endpoint() {
         let identity = BuildError::Client(ClientError::Identity("no key".into())).problem();
-        assert_eq!(identity.reason, reason::INVALID_SECRET);
+        assert_eq!(identity.reason, Reason::InvalidSecret);
         assert!(identity.message.contains("clientCertSecretRef"), "{}", identity.message);
         for e in [
             ClientError::CaBundle("bad".into()),
             ClientError::Header("header Host is set by mailhook".into()),
             ClientError::Build("tls".into()),
         ] {
-            assert_eq!(BuildError::Client(e).problem().reason, reason::INVALID_ENDPOINT);
+            assert_eq!(BuildError::Client(e).problem().reason, Reason::InvalidEndpoint);
         }
     }
 }

@@ -31,35 +31,63 @@ pub use replay::{ReplayError, ReplayRequest, replay_request};
 pub use validate::{Problem, ValidSubscription, authorize, endpoint_host, validate};
 
 /// Reasons on the `Ready` condition of a WebhookSubscription.
-pub mod reason {
-    pub const VALID: &str = "Valid";
-    pub const PAUSED: &str = "Paused";
-    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
-    pub const INVALID_SECRET: &str = "InvalidSecret";
-    pub const FILTER_NOT_FOUND: &str = "FilterNotFound";
-    pub const INVALID_FILTER: &str = "InvalidFilter";
-    pub const INVALID_ENDPOINT: &str = "InvalidEndpoint";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const EGRESS_REFUSED: &str = "EgressRefused";
-    pub const ENDPOINT_NOT_VERIFIED: &str = "EndpointNotVerified";
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Valid,
+    Paused,
+    SecretNotFound,
+    InvalidSecret,
+    FilterNotFound,
+    InvalidFilter,
+    InvalidEndpoint,
+    InvalidSpec,
+    EgressRefused,
+    EndpointNotVerified,
     /// No MailboxGrant covers the namespace, or the subscription asks for more than its
     /// grants allow.
-    pub const NOT_GRANTED: &str = "NotGranted";
+    NotGranted,
+}
+
+impl Reason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Valid => "Valid",
+            Reason::Paused => "Paused",
+            Reason::SecretNotFound => "SecretNotFound",
+            Reason::InvalidSecret => "InvalidSecret",
+            Reason::FilterNotFound => "FilterNotFound",
+            Reason::InvalidFilter => "InvalidFilter",
+            Reason::InvalidEndpoint => "InvalidEndpoint",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::EgressRefused => "EgressRefused",
+            Reason::EndpointNotVerified => "EndpointNotVerified",
+            Reason::NotGranted => "NotGranted",
+        }
+    }
+}
+
+impl conditions::Reason for Reason {
+    fn as_str(&self) -> &'static str {
+        Reason::as_str(self)
+    }
 }
 
 /// `Stalled` or `Reconciling` for a subscription's `Ready` (kstatus). Paused is a choice,
 /// not a failure; an unverified endpoint is on its way; every other `Ready=False` waits
 /// for a change to the subscription or what it references. Pure.
-pub fn progress(ready: &Desired) -> Option<Desired> {
+pub fn progress(ready: &Desired<Reason>) -> Option<Desired<Reason>> {
     conditions::progress(
         ready,
-        ready.reason == reason::ENDPOINT_NOT_VERIFIED,
-        ready.reason != reason::PAUSED,
+        ready.reason == Reason::EndpointNotVerified,
+        ready.reason != Reason::Paused,
     )
 }
 
 /// The `Ready` condition for a validation outcome. Pure.
-pub fn ready_condition(spec: &WebhookSubscriptionSpec, outcome: &Result<ValidSubscription, Vec<Problem>>) -> Desired {
+pub fn ready_condition(
+    spec: &WebhookSubscriptionSpec,
+    outcome: &Result<ValidSubscription, Vec<Problem>>,
+) -> Desired<Reason> {
     match outcome {
         Err(problems) => {
             let message = match problems.as_slice() {
@@ -70,19 +98,19 @@ pub fn ready_condition(spec: &WebhookSubscriptionSpec, outcome: &Result<ValidSub
                     many.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ")
                 ),
             };
-            let reason = problems.first().map_or(reason::INVALID_SPEC, |p| p.reason);
+            let reason = problems.first().map_or(Reason::InvalidSpec, |p| p.reason);
             Desired { type_: READY, status: Status::False, reason, message }
         }
         Ok(_) if spec.paused => Desired {
             type_: READY,
             status: Status::False,
-            reason: reason::PAUSED,
+            reason: Reason::Paused,
             message: "Deliveries are paused (spec.paused: true); matching events keep queueing. Set spec.paused to false to resume.".to_string(),
         },
         Ok(valid) => Desired {
             type_: READY,
             status: Status::True,
-            reason: reason::VALID,
+            reason: Reason::Valid,
             message: format!(
                 "Configuration is valid and routed: {} signing key(s), {} filter(s).{}",
                 valid.signing_keys.len(),
@@ -100,7 +128,7 @@ pub fn ready_condition(spec: &WebhookSubscriptionSpec, outcome: &Result<ValidSub
 /// `Ready` once the data path has tried the endpoint verification handshake
 /// (`endpoint.verify`): a valid subscription is Ready only once its endpoint echoed the
 /// challenge. Pure.
-pub fn with_verification(ready: Desired, verification: Option<&Verification>) -> Desired {
+pub fn with_verification(ready: Desired<Reason>, verification: Option<&Verification>) -> Desired<Reason> {
     if ready.status != Status::True {
         return ready;
     }
@@ -109,7 +137,7 @@ pub fn with_verification(ready: Desired, verification: Option<&Verification>) ->
         Some(Verification::Pending) => Desired {
             type_: READY,
             status: Status::Unknown,
-            reason: reason::ENDPOINT_NOT_VERIFIED,
+            reason: Reason::EndpointNotVerified,
             message:
                 "Sending the verification challenge to the endpoint (spec.endpoint.verify); events queue meanwhile."
                     .to_string(),
@@ -117,7 +145,7 @@ pub fn with_verification(ready: Desired, verification: Option<&Verification>) ->
         Some(Verification::Failed(why)) => Desired {
             type_: READY,
             status: Status::False,
-            reason: reason::ENDPOINT_NOT_VERIFIED,
+            reason: Reason::EndpointNotVerified,
             message: format!(
                 "{why}. spec.endpoint.verify is set: the endpoint must answer the signed POST of type endpoint.verification with {{\"challenge\": <data.challenge>}}. Events queue meanwhile; retrying every {}s.",
                 crate::delivery::verification::RETRY.as_secs()
@@ -145,9 +173,9 @@ fn apply(ctx: &Context, uid: &str, built: Option<Built>) -> Option<SubscriptionR
 /// Secret or a filter does, and each of those is watched — except DNS, which is not, so
 /// an egress refusal is checked again. Otherwise a periodic re-check catches what no
 /// watch reports.
-fn next(ready: &Desired) -> Action {
+fn next(ready: &Desired<Reason>) -> Action {
     let stalled = progress(ready).is_some_and(|p| p.type_ == conditions::STALLED);
-    if stalled && ready.reason != reason::EGRESS_REFUSED {
+    if stalled && ready.reason != Reason::EgressRefused {
         return Action::await_change();
     }
     Action::requeue(Duration::from_secs(300))
@@ -187,7 +215,7 @@ pub async fn reconcile(whs: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
         Err(_) => None,
     };
     let ready = ready_condition(&whs.spec, &outcome);
-    debug!(ready = ?ready.status, reason = ready.reason, "validated");
+    debug!(ready = ?ready.status, reason = ready.reason.as_str(), "validated");
 
     ctx.directory.set(&ns, &whs.name_any(), &uid);
     let backlog_cap = built.as_ref().and_then(|b| b.config.max_backlog);

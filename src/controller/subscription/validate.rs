@@ -6,8 +6,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::{Selector, SelectorExt};
 
+use super::Reason;
 use super::dereference::{FilterRef, References};
-use super::reason;
 use crate::api::{WebhookSubscriptionSpec, parse_bytes, parse_duration};
 use crate::delivery::encryption::EncryptionKeys;
 use crate::delivery::signing::SigningKey;
@@ -17,7 +17,7 @@ use crate::store::BacklogCap;
 /// One thing wrong with a subscription, phrased for the person who has to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -56,7 +56,7 @@ pub fn authorize(
     grants: &[std::sync::Arc<crate::route::CompiledGrant>],
 ) -> Result<Vec<String>, Problem> {
     let not_granted = |message: String| Problem {
-        reason: reason::NOT_GRANTED,
+        reason: Reason::NotGranted,
         message,
     };
     if grants.is_empty() {
@@ -105,14 +105,68 @@ pub fn authorize(
 /// Checks a subscription against what it references. Pure: every problem is returned,
 /// the first one's reason going on the condition.
 pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<ValidSubscription, Vec<Problem>> {
-    let mut problems = Vec::new();
-    let mut problem = |reason: &'static str, message: String| problems.push(Problem { reason, message });
+    // The steps run in this order because the first problem found names the condition's
+    // reason.
+    let mut problems = Problems::default();
+    let endpoint_host = endpoint_url(spec, &mut problems);
+    let durations = durations(spec, &mut problems);
+    let signing_keys = signing(spec, refs, &mut problems);
+    let headers = headers(spec, refs, &mut problems);
+    let client_identity = client_identity(spec, refs, &mut problems);
+    ca_bundle(spec, &mut problems);
+    let filters = filters(spec, refs, &mut problems);
+    redactions(spec, &mut problems);
+    let encryption = encryption(spec, refs, &mut problems);
+    let batch = batch(spec, durations.max_event_age, &mut problems);
+    let dead_letter_sink = dead_letter_sink(spec, &mut problems);
+    let max_backlog = max_backlog(spec, &mut problems);
 
-    let endpoint_host = match url::Url::parse(&spec.endpoint.url) {
+    if !problems.0.is_empty() {
+        return Err(problems.0);
+    }
+    // Checked last: a refused host matters only once nothing else is wrong.
+    if let Some(refused) = &refs.egress_refused {
+        return Err(vec![Problem {
+            reason: Reason::EgressRefused,
+            message: format!("{refused}. Deliveries are not attempted."),
+        }]);
+    }
+    Ok(ValidSubscription {
+        endpoint_host,
+        timeout: durations.timeout.unwrap_or_default(),
+        signing_keys,
+        filters,
+        retry_schedule: durations.retry_schedule,
+        max_event_age: durations.max_event_age.unwrap_or_default(),
+        max_retry_after: durations.max_retry_after.unwrap_or_default(),
+        dead_letter_retention: durations.dead_letter_retention.unwrap_or_default(),
+        disable_after: durations.disable_after.unwrap_or_default(),
+        headers,
+        client_identity,
+        encryption,
+        batch,
+        dead_letter_sink,
+        max_backlog,
+    })
+}
+
+/// The problems found so far, in the order found.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, reason: Reason, message: String) {
+        self.0.push(Problem { reason, message });
+    }
+}
+
+/// `spec.endpoint.url`: its host (and port), empty when it is not usable.
+fn endpoint_url(spec: &WebhookSubscriptionSpec, problems: &mut Problems) -> String {
+    match url::Url::parse(&spec.endpoint.url) {
         Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => endpoint_host(&url),
         Ok(_) | Err(_) => {
-            problem(
-                reason::INVALID_ENDPOINT,
+            problems.push(
+                Reason::InvalidEndpoint,
                 format!(
                     "spec.endpoint.url {:?} is not an absolute http(s) URL with a host; use one such as https://siem.example.com/hooks",
                     spec.endpoint.url
@@ -120,36 +174,57 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
             );
             String::new()
         }
-    };
+    }
+}
 
+/// The durations of the spec, each None when it does not parse (the retry schedule
+/// keeps the ones that do).
+struct Durations {
+    timeout: Option<Duration>,
+    max_event_age: Option<Duration>,
+    max_retry_after: Option<Duration>,
+    retry_schedule: Vec<Duration>,
+    dead_letter_retention: Option<Duration>,
+    disable_after: Option<Duration>,
+}
+
+fn durations(spec: &WebhookSubscriptionSpec, problems: &mut Problems) -> Durations {
     let mut duration = |field: &str, text: &str| match parse_duration(text) {
         Ok(d) => Some(d),
         Err(e) => {
-            problem(reason::INVALID_SPEC, format!("{field}: {e}"));
+            problems.push(Reason::InvalidSpec, format!("{field}: {e}"));
             None
         }
     };
+    let delivery = &spec.delivery;
     let timeout = duration("spec.endpoint.timeout", &spec.endpoint.timeout);
-    let max_event_age = duration("spec.delivery.maxEventAge", &spec.delivery.max_event_age);
-    let max_retry_after = duration("spec.delivery.maxRetryAfter", &spec.delivery.max_retry_after);
-    let retry_schedule: Vec<Option<Duration>> = spec
-        .delivery
+    let max_event_age = duration("spec.delivery.maxEventAge", &delivery.max_event_age);
+    let max_retry_after = duration("spec.delivery.maxRetryAfter", &delivery.max_retry_after);
+    let retry_schedule = delivery
         .retry_schedule
         .iter()
         .enumerate()
-        .map(|(i, d)| duration(&format!("spec.delivery.retrySchedule[{i}]"), d))
+        .filter_map(|(i, d)| duration(&format!("spec.delivery.retrySchedule[{i}]"), d))
         .collect();
-    let dead_letter_retention = duration(
-        "spec.delivery.deadLetterRetention",
-        &spec.delivery.dead_letter_retention,
-    );
-    let disable_after = duration("spec.delivery.disableAfter", &spec.delivery.disable_after);
+    let dead_letter_retention = duration("spec.delivery.deadLetterRetention", &delivery.dead_letter_retention);
+    let disable_after = duration("spec.delivery.disableAfter", &delivery.disable_after);
+    Durations {
+        timeout,
+        max_event_age,
+        max_retry_after,
+        retry_schedule,
+        dead_letter_retention,
+        disable_after,
+    }
+}
 
+/// `spec.signing.secretRef`: the signing keys, none when the Secret is missing or bad.
+fn signing(spec: &WebhookSubscriptionSpec, refs: &References, problems: &mut Problems) -> Vec<SigningKey> {
     let signing_name = &spec.signing.secret_ref.name;
-    let signing_keys = match refs.secrets.get(signing_name) {
+    match refs.secrets.get(signing_name) {
         None => {
-            problem(
-                reason::SECRET_NOT_FOUND,
+            problems.push(
+                Reason::SecretNotFound,
                 format!(
                     "Secret {signing_name:?} (spec.signing.secretRef) does not exist in this namespace; create it with a Standard Webhooks key, e.g. `kubectl create secret generic {signing_name} --from-literal=key=whsec_$(openssl rand -base64 32)`"
                 ),
@@ -159,15 +234,18 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         Some(secret) => match signing_keys(secret) {
             Ok(keys) => keys,
             Err(message) => {
-                problem(
-                    reason::INVALID_SECRET,
+                problems.push(
+                    Reason::InvalidSecret,
                     format!("Secret {signing_name:?} (spec.signing.secretRef) {message}"),
                 );
                 vec![]
             }
         },
-    };
+    }
+}
 
+/// `spec.endpoint.headers`: name and value of each, values from Secrets resolved.
+fn headers(spec: &WebhookSubscriptionSpec, refs: &References, problems: &mut Problems) -> Vec<(String, String)> {
     let mut headers = Vec::new();
     for (i, header) in spec.endpoint.headers.iter().enumerate() {
         if let Some(value) = &header.value {
@@ -176,16 +254,16 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
         if let Some(r) = &header.value_from {
             let field = format!("spec.endpoint.headers[{i}].valueFrom");
             match refs.secrets.get(&r.name) {
-                None => problem(
-                    reason::SECRET_NOT_FOUND,
+                None => problems.push(
+                    Reason::SecretNotFound,
                     format!(
                         "Secret {:?} ({field}) does not exist in this namespace; create it or fix the name",
                         r.name
                     ),
                 ),
                 Some(s) => match secret_value(s, &r.key) {
-                    None => problem(
-                        reason::INVALID_SECRET,
+                    None => problems.push(
+                        Reason::InvalidSecret,
                         format!(
                             "Secret {:?} ({field}) has no key {:?}; add it or fix valueFrom.key",
                             r.name, r.key
@@ -196,59 +274,68 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
             }
         }
     }
+    headers
+}
 
-    let mut client_identity = None;
-    if let Some(r) = &spec.endpoint.client_cert_secret_ref {
-        match refs.secrets.get(&r.name) {
-            None => problem(
-                reason::SECRET_NOT_FOUND,
-                format!(
-                    "Secret {:?} (spec.endpoint.clientCertSecretRef) does not exist in this namespace; create a kubernetes.io/tls Secret with tls.crt and tls.key",
-                    r.name
-                ),
+/// `spec.endpoint.clientCertSecretRef`: the PEM chain and key for mutual TLS.
+fn client_identity(spec: &WebhookSubscriptionSpec, refs: &References, problems: &mut Problems) -> Option<Vec<u8>> {
+    let r = spec.endpoint.client_cert_secret_ref.as_ref()?;
+    let Some(s) = refs.secrets.get(&r.name) else {
+        problems.push(
+            Reason::SecretNotFound,
+            format!(
+                "Secret {:?} (spec.endpoint.clientCertSecretRef) does not exist in this namespace; create a kubernetes.io/tls Secret with tls.crt and tls.key",
+                r.name
             ),
-            Some(s) => {
-                let missing: Vec<&str> = ["tls.crt", "tls.key"]
-                    .into_iter()
-                    .filter(|k| secret_value(s, k).is_none_or(|v| !v.contains("-----BEGIN")))
-                    .collect();
-                if !missing.is_empty() {
-                    problem(
-                        reason::INVALID_SECRET,
-                        format!(
-                            "Secret {:?} (spec.endpoint.clientCertSecretRef) lacks a PEM {}; it must hold tls.crt and tls.key",
-                            r.name,
-                            missing.join(" and ")
-                        ),
-                    );
-                } else if let (Some(crt), Some(key)) = (secret_value(s, "tls.crt"), secret_value(s, "tls.key")) {
-                    client_identity = Some(format!("{}\n{}", crt.trim_end(), key).into_bytes());
-                }
-            }
-        }
+        );
+        return None;
+    };
+    let missing: Vec<&str> = ["tls.crt", "tls.key"]
+        .into_iter()
+        .filter(|k| secret_value(s, k).is_none_or(|v| !v.contains("-----BEGIN")))
+        .collect();
+    if !missing.is_empty() {
+        problems.push(
+            Reason::InvalidSecret,
+            format!(
+                "Secret {:?} (spec.endpoint.clientCertSecretRef) lacks a PEM {}; it must hold tls.crt and tls.key",
+                r.name,
+                missing.join(" and ")
+            ),
+        );
+        return None;
     }
+    let (crt, key) = (secret_value(s, "tls.crt")?, secret_value(s, "tls.key")?);
+    Some(format!("{}\n{}", crt.trim_end(), key).into_bytes())
+}
 
+/// `spec.endpoint.caBundle` must hold a PEM certificate; the client checks the rest.
+fn ca_bundle(spec: &WebhookSubscriptionSpec, problems: &mut Problems) {
     if let Some(bundle) = &spec.endpoint.ca_bundle
         && !bundle.contains("-----BEGIN CERTIFICATE-----")
     {
-        problem(
-            reason::INVALID_ENDPOINT,
+        problems.push(
+            Reason::InvalidEndpoint,
             "spec.endpoint.caBundle holds no PEM certificate (-----BEGIN CERTIFICATE-----); paste the CA's PEM text"
                 .to_string(),
         );
     }
+}
 
+/// `spec.filterRefs` and `spec.filterSelector`: the names of the valid filters they
+/// reach, sorted.
+fn filters(spec: &WebhookSubscriptionSpec, refs: &References, problems: &mut Problems) -> Vec<String> {
     let mut filters = Vec::new();
     for name in &spec.filter_refs {
         match refs.filters.iter().find(|f| &f.name == name) {
-            None => problem(
-                reason::FILTER_NOT_FOUND,
+            None => problems.push(
+                Reason::FilterNotFound,
                 format!(
                     "MailboxFilter {name:?} (spec.filterRefs) does not exist in this namespace; create it or remove the reference"
                 ),
             ),
-            Some(FilterRef { invalid: Some(e), .. }) => problem(
-                reason::INVALID_FILTER,
+            Some(FilterRef { invalid: Some(e), .. }) => problems.push(
+                Reason::InvalidFilter,
                 format!("MailboxFilter {name:?} is invalid ({e}); fix the filter"),
             ),
             Some(_) => filters.push(name.clone()),
@@ -256,23 +343,23 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     }
     if let Some(selector) = &spec.filter_selector {
         match Selector::try_from(selector.clone()) {
-            Err(e) => problem(
-                reason::INVALID_SPEC,
+            Err(e) => problems.push(
+                Reason::InvalidSpec,
                 format!("spec.filterSelector is not a valid label selector: {e}"),
             ),
             Ok(selector) => {
                 let selected: Vec<&FilterRef> = refs.filters.iter().filter(|f| selector.matches(&f.labels)).collect();
                 if selected.is_empty() {
-                    problem(
-                        reason::FILTER_NOT_FOUND,
+                    problems.push(
+                        Reason::FilterNotFound,
                         "spec.filterSelector matches no MailboxFilter in this namespace; label a filter to match it or change the selector".to_string(),
                     );
                 }
                 for f in selected {
                     match &f.invalid {
                         None => filters.push(f.name.clone()),
-                        Some(e) => problem(
-                            reason::INVALID_FILTER,
+                        Some(e) => problems.push(
+                            Reason::InvalidFilter,
                             format!(
                                 "MailboxFilter {:?} (selected by spec.filterSelector) is invalid ({e}); fix the filter",
                                 f.name
@@ -285,148 +372,137 @@ pub fn validate(spec: &WebhookSubscriptionSpec, refs: &References) -> Result<Val
     }
     filters.sort();
     filters.dedup();
+    filters
+}
 
+/// `spec.payload.redact` may not remove what tells events apart.
+fn redactions(spec: &WebhookSubscriptionSpec, problems: &mut Problems) {
     for field in &spec.payload.redact {
         if crate::delivery::payload::UNREDACTABLE.contains(&field.as_str()) {
-            problem(
-                reason::INVALID_SPEC,
+            problems.push(
+                Reason::InvalidSpec,
                 format!(
                     "spec.payload.redact cannot remove {field:?}: receivers need eventId, source and occurredAt to tell events apart; remove it from the list"
                 ),
             );
         }
     }
+}
 
-    let mut encryption = None;
-    if let Some(e) = &spec.payload.encryption {
-        let name = &e.public_key_secret_ref.name;
-        match refs.secrets.get(name) {
-            None => problem(
-                reason::SECRET_NOT_FOUND,
-                format!(
-                    "Secret {name:?} (spec.payload.encryption.publicKeySecretRef) does not exist in this namespace; create it with the receiver's public JWK, e.g. `kubectl create secret generic {name} --from-file=2026-12.jwk=public.jwk`"
-                ),
+/// `spec.payload.encryption`: the receiver's public keys.
+fn encryption(spec: &WebhookSubscriptionSpec, refs: &References, problems: &mut Problems) -> Option<EncryptionKeys> {
+    let name = &spec.payload.encryption.as_ref()?.public_key_secret_ref.name;
+    let Some(secret) = refs.secrets.get(name) else {
+        problems.push(
+            Reason::SecretNotFound,
+            format!(
+                "Secret {name:?} (spec.payload.encryption.publicKeySecretRef) does not exist in this namespace; create it with the receiver's public JWK, e.g. `kubectl create secret generic {name} --from-file=2026-12.jwk=public.jwk`"
             ),
-            Some(secret) => {
-                let data: std::collections::BTreeMap<String, Vec<u8>> = secret
-                    .data
-                    .clone()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0))
-                    .collect();
-                match EncryptionKeys::from_secret_data(&data) {
-                    Ok(keys) => encryption = Some(keys),
-                    Err(e) => problem(
-                        reason::INVALID_SECRET,
-                        format!("Secret {name:?} (spec.payload.encryption.publicKeySecretRef): {e}"),
-                    ),
-                }
-            }
+        );
+        return None;
+    };
+    let data: std::collections::BTreeMap<String, Vec<u8>> = secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    match EncryptionKeys::from_secret_data(&data) {
+        Ok(keys) => Some(keys),
+        Err(e) => {
+            problems.push(
+                Reason::InvalidSecret,
+                format!("Secret {name:?} (spec.payload.encryption.publicKeySecretRef): {e}"),
+            );
+            None
         }
     }
+}
 
-    let batch = spec.delivery.batch.as_ref().and_then(|b| {
-        let max_wait = match parse_duration(&b.max_wait) {
-            Ok(d) => d,
-            Err(e) => {
-                problem(reason::INVALID_SPEC, format!("spec.delivery.batch.maxWait: {e}"));
-                return None;
-            }
-        };
-        if max_event_age.is_some_and(|age| max_wait >= age) {
-            problem(
-                reason::INVALID_SPEC,
-                format!(
-                    "spec.delivery.batch.maxWait ({}) is not shorter than spec.delivery.maxEventAge ({}): events would expire waiting for their batch; shorten maxWait",
-                    b.max_wait, spec.delivery.max_event_age
-                ),
-            );
+/// `spec.delivery.batch`, whose wait must be shorter than `max_event_age` (when that
+/// parsed).
+fn batch(
+    spec: &WebhookSubscriptionSpec,
+    max_event_age: Option<Duration>,
+    problems: &mut Problems,
+) -> Option<BatchSettings> {
+    let b = spec.delivery.batch.as_ref()?;
+    let max_wait = match parse_duration(&b.max_wait) {
+        Ok(d) => d,
+        Err(e) => {
+            problems.push(Reason::InvalidSpec, format!("spec.delivery.batch.maxWait: {e}"));
             return None;
         }
-        Some(BatchSettings {
-            max_events: b.max_events.clamp(1, 1000) as usize,
-            max_bytes: b.max_bytes.max(1024) as usize,
-            max_wait,
-        })
-    });
+    };
+    if max_event_age.is_some_and(|age| max_wait >= age) {
+        problems.push(
+            Reason::InvalidSpec,
+            format!(
+                "spec.delivery.batch.maxWait ({}) is not shorter than spec.delivery.maxEventAge ({}): events would expire waiting for their batch; shorten maxWait",
+                b.max_wait, spec.delivery.max_event_age
+            ),
+        );
+        return None;
+    }
+    Some(BatchSettings {
+        max_events: b.max_events.clamp(1, 1000) as usize,
+        max_bytes: b.max_bytes.max(1024) as usize,
+        max_wait,
+    })
+}
 
-    let dead_letter_sink = match &spec.delivery.dead_letter_sink {
-        None => None,
-        Some(sink) => match (&sink.subscription_ref, &sink.uri) {
-            (Some(r), None) => Some(Sink::Subscription(r.name.clone())),
-            (None, Some(uri)) => match url::Url::parse(uri) {
-                Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => Some(Sink::Uri(url)),
-                _ => {
-                    problem(
-                        reason::INVALID_SPEC,
-                        format!(
-                            "spec.delivery.deadLetterSink.uri {uri:?} is not an absolute http(s) URL with a host; use one such as https://dlq.example.com/hooks"
-                        ),
-                    );
-                    None
-                }
-            },
+/// `spec.delivery.deadLetterSink`: another subscription or a URL.
+fn dead_letter_sink(spec: &WebhookSubscriptionSpec, problems: &mut Problems) -> Option<Sink> {
+    let sink = spec.delivery.dead_letter_sink.as_ref()?;
+    match (&sink.subscription_ref, &sink.uri) {
+        (Some(r), None) => Some(Sink::Subscription(r.name.clone())),
+        (None, Some(uri)) => match url::Url::parse(uri) {
+            Ok(url) if url.host_str().is_some() && matches!(url.scheme(), "https" | "http") => Some(Sink::Uri(url)),
             _ => {
-                problem(
-                    reason::INVALID_SPEC,
-                    "spec.delivery.deadLetterSink needs exactly one of ref or uri".to_string(),
+                problems.push(
+                    Reason::InvalidSpec,
+                    format!(
+                        "spec.delivery.deadLetterSink.uri {uri:?} is not an absolute http(s) URL with a host; use one such as https://dlq.example.com/hooks"
+                    ),
                 );
                 None
             }
         },
-    };
-
-    let max_backlog = spec.delivery.max_backlog.as_ref().map_or(BacklogCap::default(), |m| {
-        // The CRD refuses 0 and malformed quantities; an apiserver without its rules must
-        // not turn them into a cap that dead-letters every event.
-        if m.events == Some(0) {
-            problem(
-                reason::INVALID_SPEC,
-                "spec.delivery.maxBacklog.events must be at least 1; leave it out for the operator's default"
-                    .to_string(),
+        _ => {
+            problems.push(
+                Reason::InvalidSpec,
+                "spec.delivery.deadLetterSink needs exactly one of ref or uri".to_string(),
             );
+            None
         }
-        let bytes = m.bytes.as_deref().and_then(|text| match parse_bytes(text) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                problem(reason::INVALID_SPEC, format!("spec.delivery.maxBacklog.bytes: {e}"));
-                None
-            }
-        });
-        BacklogCap {
-            events: m.events.filter(|n| *n > 0),
-            bytes,
+    }
+}
+
+/// `spec.delivery.maxBacklog` as given: a figure left out (or refused) is None.
+fn max_backlog(spec: &WebhookSubscriptionSpec, problems: &mut Problems) -> BacklogCap {
+    let Some(m) = &spec.delivery.max_backlog else {
+        return BacklogCap::default();
+    };
+    // The CRD refuses 0 and malformed quantities; an apiserver without its rules must
+    // not turn them into a cap that dead-letters every event.
+    if m.events == Some(0) {
+        problems.push(
+            Reason::InvalidSpec,
+            "spec.delivery.maxBacklog.events must be at least 1; leave it out for the operator's default".to_string(),
+        );
+    }
+    let bytes = m.bytes.as_deref().and_then(|text| match parse_bytes(text) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            problems.push(Reason::InvalidSpec, format!("spec.delivery.maxBacklog.bytes: {e}"));
+            None
         }
     });
-
-    if !problems.is_empty() {
-        return Err(problems);
+    BacklogCap {
+        events: m.events.filter(|n| *n > 0),
+        bytes,
     }
-    // Checked last: a refused host matters only once nothing else is wrong.
-    if let Some(refused) = &refs.egress_refused {
-        return Err(vec![Problem {
-            reason: reason::EGRESS_REFUSED,
-            message: format!("{refused}. Deliveries are not attempted."),
-        }]);
-    }
-    Ok(ValidSubscription {
-        endpoint_host,
-        timeout: timeout.unwrap_or_default(),
-        signing_keys,
-        filters,
-        retry_schedule: retry_schedule.into_iter().flatten().collect(),
-        max_event_age: max_event_age.unwrap_or_default(),
-        max_retry_after: max_retry_after.unwrap_or_default(),
-        dead_letter_retention: dead_letter_retention.unwrap_or_default(),
-        disable_after: disable_after.unwrap_or_default(),
-        headers,
-        client_identity,
-        encryption,
-        batch,
-        dead_letter_sink,
-        max_backlog,
-    })
 }
 
 pub fn endpoint_host(url: &url::Url) -> String {
@@ -468,6 +544,41 @@ mod tests {
     };
     use crate::controller::conditions::READY;
     use k8s_openapi::ByteString;
+
+    #[test]
+    fn reasons_on_the_wire() {
+        use Reason::*;
+        let wire = [
+            Valid,
+            Paused,
+            SecretNotFound,
+            InvalidSecret,
+            FilterNotFound,
+            InvalidFilter,
+            InvalidEndpoint,
+            InvalidSpec,
+            EgressRefused,
+            EndpointNotVerified,
+            NotGranted,
+        ]
+        .map(|r| r.as_str());
+        assert_eq!(
+            wire,
+            [
+                "Valid",
+                "Paused",
+                "SecretNotFound",
+                "InvalidSecret",
+                "FilterNotFound",
+                "InvalidFilter",
+                "InvalidEndpoint",
+                "InvalidSpec",
+                "EgressRefused",
+                "EndpointNotVerified",
+                "NotGranted",
+            ]
+        );
+    }
 
     fn spec() -> WebhookSubscriptionSpec {
         WebhookSubscriptionSpec {
@@ -562,7 +673,7 @@ mod tests {
                 .any(|m| m.starts_with("spec.delivery.maxBacklog.bytes: \"2GB\" is not a quantity of bytes")),
             "{text:?}"
         );
-        assert!(problems.iter().all(|p| p.reason == reason::INVALID_SPEC));
+        assert!(problems.iter().all(|p| p.reason == Reason::InvalidSpec));
     }
 
     #[test]
@@ -605,14 +716,14 @@ mod tests {
             public_key_secret_ref: SecretRef { name: "keys".into() },
         });
         let problems = validate(&s, &refs).unwrap_err();
-        assert_eq!(problems[0].reason, reason::INVALID_SECRET);
+        assert_eq!(problems[0].reason, Reason::InvalidSecret);
         assert!(problems[0].message.contains("private key"), "{}", problems[0].message);
     }
 
     #[test]
     fn missing_secret_says_how_to_create_it() {
         let problems = validate(&spec(), &References::default()).unwrap_err();
-        assert_eq!(problems[0].reason, reason::SECRET_NOT_FOUND);
+        assert_eq!(problems[0].reason, Reason::SecretNotFound);
         assert!(problems[0].message.contains("kubectl create secret generic signing"));
     }
 
@@ -624,7 +735,7 @@ mod tests {
             ("whsec_c2hvcnQ=", "decodes to 5 bytes"),
         ] {
             let problems = validate(&spec(), &refs_with_signing(value)).unwrap_err();
-            assert_eq!(problems[0].reason, reason::INVALID_SECRET, "{value}");
+            assert_eq!(problems[0].reason, Reason::InvalidSecret, "{value}");
             assert!(problems[0].message.contains(hint), "{}", problems[0].message);
         }
     }
@@ -651,7 +762,7 @@ mod tests {
         refs.filters = vec![FilterRef::compile(&good), FilterRef::compile(&bad)];
         let problems = validate(&s, &refs).unwrap_err();
         let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
-        assert_eq!(reasons, vec![reason::FILTER_NOT_FOUND, reason::INVALID_FILTER]);
+        assert_eq!(reasons, vec![Reason::FilterNotFound, Reason::InvalidFilter]);
 
         s.filter_refs = vec!["finance".into()];
         assert_eq!(validate(&s, &refs).expect("valid").filters, vec!["finance"]);
@@ -667,31 +778,31 @@ mod tests {
         };
         let kind = |reason| progress(&ready(reason)).map(|p| p.type_);
         for stalled in [
-            reason::SECRET_NOT_FOUND,
-            reason::INVALID_SECRET,
-            reason::FILTER_NOT_FOUND,
-            reason::INVALID_FILTER,
-            reason::INVALID_ENDPOINT,
-            reason::INVALID_SPEC,
-            reason::EGRESS_REFUSED,
+            Reason::SecretNotFound,
+            Reason::InvalidSecret,
+            Reason::FilterNotFound,
+            Reason::InvalidFilter,
+            Reason::InvalidEndpoint,
+            Reason::InvalidSpec,
+            Reason::EgressRefused,
         ] {
-            assert_eq!(kind(stalled), Some(conditions::STALLED), "{stalled}");
+            assert_eq!(kind(stalled), Some(conditions::STALLED), "{stalled:?}");
         }
-        assert_eq!(kind(reason::PAUSED), None);
-        assert_eq!(kind(reason::ENDPOINT_NOT_VERIFIED), Some(conditions::RECONCILING));
+        assert_eq!(kind(Reason::Paused), None);
+        assert_eq!(kind(Reason::EndpointNotVerified), Some(conditions::RECONCILING));
     }
 
     #[test]
     fn ready_reports_first_reason_and_paused() {
         let ready = ready_condition(&spec(), &validate(&spec(), &References::default()));
-        assert_eq!((ready.status, ready.reason), (Status::False, reason::SECRET_NOT_FOUND));
+        assert_eq!((ready.status, ready.reason), (Status::False, Reason::SecretNotFound));
 
         let mut paused = spec();
         paused.paused = true;
         let ready = ready_condition(&paused, &validate(&paused, &refs_with_signing(KEY)));
-        assert_eq!((ready.status, ready.reason), (Status::False, reason::PAUSED));
+        assert_eq!((ready.status, ready.reason), (Status::False, Reason::Paused));
         let ready = ready_condition(&spec(), &validate(&spec(), &refs_with_signing(KEY)));
-        assert_eq!((ready.status, ready.reason), (Status::True, reason::VALID));
+        assert_eq!((ready.status, ready.reason), (Status::True, Reason::Valid));
     }
 
     fn grant(name: &str, mode: crate::api::PayloadMode, raw: bool) -> std::sync::Arc<crate::route::CompiledGrant> {
@@ -708,7 +819,7 @@ mod tests {
     fn authorize_names_the_field_that_asks_too_much() {
         use crate::api::PayloadMode;
         let none = authorize(&spec(), "team", &[]).expect_err("no grant");
-        assert_eq!(none.reason, reason::NOT_GRANTED);
+        assert_eq!(none.reason, Reason::NotGranted);
         assert!(
             none.message.contains("No MailboxGrant covers namespace team"),
             "{}",
