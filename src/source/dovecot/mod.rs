@@ -348,6 +348,16 @@ pub fn map_batch(
     cfg: &DovecotConfig,
     now: jiff::Timestamp,
 ) -> Result<Mapped, BatchError> {
+    let (session, notifications) = checked(batch, now)?;
+    let mut mapping = Mapping::new(&session, cfg, lookup);
+    for (position, n) in notifications.into_iter().enumerate() {
+        mapping.notification(position, n)?;
+    }
+    Ok(mapping.finish())
+}
+
+/// The batch's envelope checked, as the session its notifications share.
+fn checked(batch: Batch, now: jiff::Timestamp) -> Result<(Session, Vec<Notification>), BatchError> {
     if batch.version != WIRE_VERSION {
         return Err(refuse(
             "version",
@@ -378,7 +388,7 @@ pub fn map_batch(
     let session = Session {
         mailbox: mailbox_of(&user),
         activity: Activity {
-            user: user.clone(),
+            user,
             admin_session: auth_user.is_some(),
             auth_user,
             service: clean(batch.service),
@@ -393,239 +403,270 @@ pub fn map_batch(
         now,
         batch: batch.batch,
     };
-    let key_of = |n: &Notification, folder: &str| -> Option<MessageKey> {
+    Ok((session, batch.events))
+}
+
+/// One batch being mapped: the events so far (by the position of the notification they
+/// came from), the index changes, and the appends and expunges left to pair into moves.
+struct Mapping<'a> {
+    session: &'a Session,
+    cfg: &'a DovecotConfig,
+    lookup: &'a mut dyn FnMut(&MessageKey) -> Option<IndexedMessage>,
+    out: Vec<(usize, MailboxEvent)>,
+    index: Vec<IndexChange>,
+    /// Messages indexed by this batch, for later notifications of the same batch.
+    indexed: batch_index::BatchIndex,
+    appends: Vec<Placed>,
+    expunges: Vec<Placed>,
+    soft_deleted: std::collections::HashSet<MessageKey>,
+}
+
+impl<'a> Mapping<'a> {
+    fn new(
+        session: &'a Session,
+        cfg: &'a DovecotConfig,
+        lookup: &'a mut dyn FnMut(&MessageKey) -> Option<IndexedMessage>,
+    ) -> Self {
+        Mapping {
+            session,
+            cfg,
+            lookup,
+            out: Vec::new(),
+            index: Vec::new(),
+            indexed: batch_index::BatchIndex::new(cfg.separator),
+            appends: Vec::new(),
+            expunges: Vec::new(),
+            soft_deleted: std::collections::HashSet::new(),
+        }
+    }
+
+    fn user(&self) -> &str {
+        &self.session.activity.user
+    }
+
+    fn key_of(&self, n: &Notification, folder: &str) -> Option<MessageKey> {
         Some(MessageKey {
-            user: user.clone(),
+            user: self.user().to_string(),
             folder: folder.to_string(),
             uid_validity: n.uid_validity?,
             uid: n.uid?,
         })
-    };
+    }
 
-    let mut out: Vec<(usize, MailboxEvent)> = Vec::new();
-    let mut index = Vec::new();
-    // Messages indexed by this batch, for later notifications of the same batch.
-    let mut indexed = batch_index::BatchIndex::new(cfg.separator);
-    let mut find = |key: &Option<MessageKey>, indexed: &batch_index::BatchIndex| {
-        key.as_ref().and_then(|k| indexed.get(k).cloned().or_else(|| lookup(k)))
-    };
-    let mut appends: Vec<Placed> = Vec::new();
-    let mut expunges: Vec<Placed> = Vec::new();
-    let mut soft_deleted: std::collections::HashSet<MessageKey> = std::collections::HashSet::new();
+    /// What is known of a message: indexed earlier in this batch, or before it.
+    fn find(&mut self, key: &Option<MessageKey>) -> Option<IndexedMessage> {
+        let key = key.as_ref()?;
+        self.indexed.get(key).cloned().or_else(|| (self.lookup)(key))
+    }
 
-    for (position, n) in batch.events.into_iter().enumerate() {
+    fn notification(&mut self, position: usize, n: Notification) -> Result<(), BatchError> {
         let folder = clean(n.mailbox.clone());
-        let at = |field: &str| format!("events[{position}].{field}");
-        let soft_delete = |out: &mut Vec<(usize, MailboxEvent)>,
-                           soft_deleted: &mut std::collections::HashSet<MessageKey>,
-                           key: Option<MessageKey>,
-                           folder: &str,
-                           known: Option<IndexedMessage>| {
-            if key.as_ref().is_some_and(|k| soft_deleted.contains(k)) {
-                return;
-            }
-            let mut activity = session.activity();
-            activity.stage = Some(DeleteStage::Soft);
-            let mut event = session.event(position, EventType::MessageDeleted, Some(folder.to_string()), activity);
-            // A flag change in the same notification has the notification's id: this one
-            // needs its own.
-            event.producer_event_id = event.producer_event_id.map(|p| format!("{p}:soft"));
-            out.push((position, with_message(event, key.as_ref(), known.as_ref())));
-            soft_deleted.extend(key);
+        let named = |what: &str| {
+            folder.clone().ok_or_else(|| {
+                refuse(
+                    format!("events[{position}].mailbox"),
+                    format!("a {what} notification names its folder"),
+                )
+            })
         };
         match n.event.as_str() {
-            "MessageNew" | "MessageAppend" => {
-                let Some(folder) = folder else {
-                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
-                };
-                let key = key_of(&n, &folder);
-                let message = IndexedMessage {
-                    message_id: clean(n.message_id.clone()),
-                    subject: clean(n.subject.clone()),
-                    from: n.from.as_deref().and_then(normalize_address),
-                    to: n.to.as_deref().and_then(normalize_address).into_iter().collect(),
-                    seen_at: now.as_second(),
-                };
-                if let Some(k) = &key {
-                    indexed.insert(k, message.clone());
-                    index.push(IndexChange::Put(k.clone(), message.clone()));
-                }
-                if n.event == "MessageAppend" {
-                    appends.push(Placed {
-                        position,
-                        key,
-                        folder,
-                        known: Some(message),
-                    });
-                    continue;
-                }
-                let direction = cfg.received_direction(Some(&message));
-                let mut event = session.event(position, EventType::MessageReceived, Some(folder), session.activity());
-                event.direction = Some(direction);
-                let event = placed(event, key.as_ref(), Side::In);
-                out.push((position, with_message(event, key.as_ref(), Some(&message))));
-            }
-            "MessageExpunge" => {
-                let Some(folder) = folder else {
-                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
-                };
-                let key = key_of(&n, &folder);
-                let known = find(&key, &indexed);
-                if let Some(k) = &key {
-                    indexed.remove(k);
-                    index.push(IndexChange::Remove(k.clone()));
-                }
-                expunges.push(Placed {
-                    position,
-                    key,
-                    folder,
-                    known,
-                });
-            }
+            "MessageNew" | "MessageAppend" => self.arrived(position, &n, named("message")?),
+            "MessageExpunge" => self.expunged(position, &n, named("message")?),
             "MessageTrash" => {
-                let Some(folder) = folder else {
-                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
-                };
-                let key = key_of(&n, &folder);
-                let known = find(&key, &indexed);
-                soft_delete(&mut out, &mut soft_deleted, key, &folder, known);
+                let folder = named("message")?;
+                let key = self.key_of(&n, &folder);
+                let known = self.find(&key);
+                self.soft_delete(position, key, &folder, known);
             }
-            "FlagsSet" | "FlagsClear" => {
-                let Some(folder) = folder else {
-                    return Err(refuse(at("mailbox"), "a message notification names its folder"));
-                };
-                let key = key_of(&n, &folder);
-                let set = n.event == "FlagsSet";
-                let mut flags = meaningful(&n.flags, &n.keywords);
-                if set && flags.iter().any(|f| f.eq_ignore_ascii_case("\\Deleted")) {
-                    flags.retain(|f| !f.eq_ignore_ascii_case("\\Deleted"));
-                    let known = find(&key, &indexed);
-                    soft_delete(&mut out, &mut soft_deleted, key.clone(), &folder, known);
-                }
-                if flags.is_empty() {
-                    continue;
-                }
-                let known = find(&key, &indexed);
-                let mut activity = session.activity();
-                activity.imap_flags = flags;
-                let kind = if set {
-                    EventType::MessageFlagged
-                } else {
-                    EventType::MessageUnflagged
-                };
-                let event = session.event(position, kind, Some(folder), activity);
-                out.push((position, with_message(event, key.as_ref(), known.as_ref())));
-            }
+            "FlagsSet" | "FlagsClear" => self.flagged(position, &n, named("message")?),
             // Reported as FlagsSet \Seen as well: one event for one act.
             "MessageRead" => {}
             "MailboxCreate" | "MailboxDelete" | "MailboxRename" | "MailboxSubscribe" | "MailboxUnsubscribe" => {
-                let Some(folder) = folder else {
-                    return Err(refuse(at("mailbox"), "a folder notification names its folder"));
-                };
-                let mut activity = session.activity();
-                activity.action = Some(match n.event.as_str() {
-                    "MailboxCreate" => {
-                        // INBOX always exists for IMAP: the server creating it on first
-                        // delivery is not anyone's act.
-                        if folder.eq_ignore_ascii_case("INBOX") {
-                            continue;
-                        }
-                        index.push(IndexChange::PutFolder {
-                            user: user.clone(),
-                            folder: folder.clone(),
-                            uid_validity: n.uid_validity,
-                            uid_next: None,
-                        });
-                        FolderAction::Created
-                    }
-                    "MailboxDelete" => {
-                        index.push(IndexChange::RemoveFolder {
-                            user: user.clone(),
-                            folder: folder.clone(),
-                        });
-                        indexed.clear_folder(&folder);
-                        FolderAction::Deleted
-                    }
-                    "MailboxRename" => {
-                        let Some(old) = clean(n.mailbox_old.clone()) else {
-                            return Err(refuse(at("mailboxOld"), "a rename names the old folder"));
-                        };
-                        index.push(IndexChange::RenameFolder {
-                            user: user.clone(),
-                            from: old.clone(),
-                            to: folder.clone(),
-                            separator: cfg.separator,
-                        });
-                        if let Err(e) = indexed.rename(&old, &folder) {
-                            return Err(refuse(at("mailboxOld"), format!("{e}; send them in smaller batches")));
-                        }
-                        activity.previous_folder = Some(old);
-                        FolderAction::Renamed
-                    }
-                    "MailboxSubscribe" => FolderAction::Subscribed,
-                    _ => FolderAction::Unsubscribed,
-                });
-                let action = activity.action;
-                let mut event = session.event(position, EventType::FolderChanged, Some(folder.clone()), activity);
-                if let (Some(uid_validity), Some(action @ (FolderAction::Created | FolderAction::Renamed))) =
-                    (n.uid_validity, action)
-                {
-                    event.producer_event_id = Some(folder_producer_id(&user, &folder, uid_validity, action));
-                }
-                out.push((position, event));
+                self.folder_changed(position, &n, named("folder")?)?;
             }
             // A newer server or script may report more: ignored, not refused.
             _ => {}
         }
+        Ok(())
     }
 
-    // A MOVE is an append in the destination and an expunge in the source, in one batch:
-    // paired by Message-ID, or, for a source message the index never saw, in order.
-    let mut paired: Vec<(usize, usize)> = Vec::new();
-    let mut append_used = vec![false; appends.len()];
-    let mut expunge_used = vec![false; expunges.len()];
-    // Appends by Message-ID, in order: a MOVE of a whole folder pairs in linear time.
-    let mut by_id: HashMap<&str, std::collections::VecDeque<usize>> = HashMap::new();
-    for (a, append) in appends.iter().enumerate() {
-        if let Some(id) = append.known.as_ref().and_then(|k| k.message_id.as_deref()) {
-            by_id.entry(id).or_default().push_back(a);
-        }
-    }
-    for (e, expunge) in expunges.iter().enumerate() {
-        let Some(id) = expunge.known.as_ref().and_then(|k| k.message_id.as_deref()) else {
-            continue;
+    /// A delivery (reported now) or an append (paired with an expunge into a move, or
+    /// reported as sent, at the end).
+    fn arrived(&mut self, position: usize, n: &Notification, folder: String) {
+        let key = self.key_of(n, &folder);
+        let message = IndexedMessage {
+            message_id: clean(n.message_id.clone()),
+            subject: clean(n.subject.clone()),
+            from: n.from.as_deref().and_then(normalize_address),
+            to: n.to.as_deref().and_then(normalize_address).into_iter().collect(),
+            seen_at: self.session.now.as_second(),
         };
-        let Some(queue) = by_id.get_mut(id) else { continue };
-        if let Some(at) = queue.iter().position(|a| appends[*a].folder != expunge.folder)
-            && let Some(a) = queue.remove(at)
+        if let Some(k) = &key {
+            self.indexed.insert(k, message.clone());
+            self.index.push(IndexChange::Put(k.clone(), message.clone()));
+        }
+        if n.event == "MessageAppend" {
+            self.appends.push(Placed {
+                position,
+                key,
+                folder,
+                known: Some(message),
+            });
+            return;
+        }
+        let direction = self.cfg.received_direction(Some(&message));
+        let session = self.session;
+        let mut event = session.event(position, EventType::MessageReceived, Some(folder), session.activity());
+        event.direction = Some(direction);
+        let event = placed(event, key.as_ref(), Side::In);
+        self.out
+            .push((position, with_message(event, key.as_ref(), Some(&message))));
+    }
+
+    /// An expunge: the source half of a move, or a hard delete (at the end).
+    fn expunged(&mut self, position: usize, n: &Notification, folder: String) {
+        let key = self.key_of(n, &folder);
+        let known = self.find(&key);
+        if let Some(k) = &key {
+            self.indexed.remove(k);
+            self.index.push(IndexChange::Remove(k.clone()));
+        }
+        self.expunges.push(Placed {
+            position,
+            key,
+            folder,
+            known,
+        });
+    }
+
+    /// Flags set or cleared; `\Deleted` set is a soft delete of its own.
+    fn flagged(&mut self, position: usize, n: &Notification, folder: String) {
+        let key = self.key_of(n, &folder);
+        let set = n.event == "FlagsSet";
+        let mut flags = meaningful(&n.flags, &n.keywords);
+        if set && flags.iter().any(|f| f.eq_ignore_ascii_case("\\Deleted")) {
+            flags.retain(|f| !f.eq_ignore_ascii_case("\\Deleted"));
+            let known = self.find(&key);
+            self.soft_delete(position, key.clone(), &folder, known);
+        }
+        if flags.is_empty() {
+            return;
+        }
+        let known = self.find(&key);
+        let mut activity = self.session.activity();
+        activity.imap_flags = flags;
+        let kind = if set {
+            EventType::MessageFlagged
+        } else {
+            EventType::MessageUnflagged
+        };
+        let event = self.session.event(position, kind, Some(folder), activity);
+        self.out
+            .push((position, with_message(event, key.as_ref(), known.as_ref())));
+    }
+
+    /// A message marked deleted (trashed, or `\Deleted` set), once per message.
+    fn soft_delete(&mut self, position: usize, key: Option<MessageKey>, folder: &str, known: Option<IndexedMessage>) {
+        if key.as_ref().is_some_and(|k| self.soft_deleted.contains(k)) {
+            return;
+        }
+        let mut activity = self.session.activity();
+        activity.stage = Some(DeleteStage::Soft);
+        let mut event = self
+            .session
+            .event(position, EventType::MessageDeleted, Some(folder.to_string()), activity);
+        // A flag change in the same notification has the notification's id: this one
+        // needs its own.
+        event.producer_event_id = event.producer_event_id.map(|p| format!("{p}:soft"));
+        self.out
+            .push((position, with_message(event, key.as_ref(), known.as_ref())));
+        self.soft_deleted.extend(key);
+    }
+
+    /// A folder created, deleted, renamed or (un)subscribed.
+    fn folder_changed(&mut self, position: usize, n: &Notification, folder: String) -> Result<(), BatchError> {
+        let user = self.user().to_string();
+        let mut activity = self.session.activity();
+        activity.action = Some(match n.event.as_str() {
+            "MailboxCreate" => {
+                // INBOX always exists for IMAP: the server creating it on first delivery
+                // is not anyone's act.
+                if folder.eq_ignore_ascii_case("INBOX") {
+                    return Ok(());
+                }
+                self.index.push(IndexChange::PutFolder {
+                    user: user.clone(),
+                    folder: folder.clone(),
+                    uid_validity: n.uid_validity,
+                    uid_next: None,
+                });
+                FolderAction::Created
+            }
+            "MailboxDelete" => {
+                self.index.push(IndexChange::RemoveFolder {
+                    user: user.clone(),
+                    folder: folder.clone(),
+                });
+                self.indexed.clear_folder(&folder);
+                FolderAction::Deleted
+            }
+            "MailboxRename" => {
+                let field = format!("events[{position}].mailboxOld");
+                let Some(old) = clean(n.mailbox_old.clone()) else {
+                    return Err(refuse(field, "a rename names the old folder"));
+                };
+                self.index.push(IndexChange::RenameFolder {
+                    user: user.clone(),
+                    from: old.clone(),
+                    to: folder.clone(),
+                    separator: self.cfg.separator,
+                });
+                if let Err(e) = self.indexed.rename(&old, &folder) {
+                    return Err(refuse(field, format!("{e}; send them in smaller batches")));
+                }
+                activity.previous_folder = Some(old);
+                FolderAction::Renamed
+            }
+            "MailboxSubscribe" => FolderAction::Subscribed,
+            _ => FolderAction::Unsubscribed,
+        });
+        let action = activity.action;
+        let mut event = self
+            .session
+            .event(position, EventType::FolderChanged, Some(folder.clone()), activity);
+        if let (Some(uid_validity), Some(action @ (FolderAction::Created | FolderAction::Renamed))) =
+            (n.uid_validity, action)
         {
-            append_used[a] = true;
-            expunge_used[e] = true;
-            paired.push((a, e));
+            event.producer_event_id = Some(folder_producer_id(&user, &folder, uid_validity, action));
+        }
+        self.out.push((position, event));
+        Ok(())
+    }
+
+    /// The events left at the end: moves, sent messages, hard deletes; all in the order
+    /// of the notifications they came from.
+    fn finish(mut self) -> Mapped {
+        let pairs = pair_moves(&self.appends, &self.expunges);
+        for &(a, e) in &pairs.paired {
+            self.moved(a, e);
+        }
+        self.sent(&pairs.append_used);
+        self.hard_deleted(&pairs.expunge_used);
+        self.out.sort_by_key(|(position, _)| *position);
+        Mapped {
+            events: self.out.into_iter().map(|(_, e)| e).collect(),
+            index: self.index,
         }
     }
-    let mut next_unpaired = 0;
-    for (e, expunge) in expunges.iter().enumerate() {
-        if expunge_used[e] || expunge.known.as_ref().is_some_and(|k| k.message_id.is_some()) {
-            continue;
-        }
-        while next_unpaired < appends.len()
-            && (append_used[next_unpaired] || appends[next_unpaired].folder == expunge.folder)
-        {
-            next_unpaired += 1;
-        }
-        if next_unpaired < appends.len() {
-            append_used[next_unpaired] = true;
-            expunge_used[e] = true;
-            paired.push((next_unpaired, e));
-            next_unpaired += 1;
-        }
-    }
-    for (a, e) in paired {
-        let (append, expunge) = (&appends[a], &expunges[e]);
-        let mut activity = session.activity();
+
+    /// An append paired with an expunge: a move (a soft delete when into the trash).
+    fn moved(&mut self, a: usize, e: usize) {
+        let (Some(append), Some(expunge)) = (self.appends.get(a), self.expunges.get(e)) else {
+            return;
+        };
+        let mut activity = self.session.activity();
         activity.previous_folder = Some(expunge.folder.clone());
-        let kind = if cfg.is_trash(&append.folder) && !cfg.is_trash(&expunge.folder) {
+        let kind = if self.cfg.is_trash(&append.folder) && !self.cfg.is_trash(&expunge.folder) {
             activity.stage = Some(DeleteStage::Soft);
             EventType::MessageDeleted
         } else {
@@ -649,56 +690,117 @@ pub fn map_batch(
         };
         let position = append.position.min(expunge.position);
         let event = placed(
-            session.event(position, kind, Some(append.folder.clone()), activity),
+            self.session
+                .event(position, kind, Some(append.folder.clone()), activity),
             append.key.as_ref(),
             Side::In,
         );
-        out.push((position, with_message(event, append.key.as_ref(), known.as_ref())));
+        self.out
+            .push((position, with_message(event, append.key.as_ref(), known.as_ref())));
     }
-    for (a, append) in appends.iter().enumerate() {
-        // A copy or a client's upload to another folder is indexed, not reported.
-        if append_used[a] || !cfg.is_sent(&append.folder) {
-            continue;
+
+    /// Appends to a sent folder that were not moves. A copy or a client's upload to
+    /// another folder is indexed, not reported.
+    fn sent(&mut self, used: &[bool]) {
+        for (a, append) in self.appends.iter().enumerate() {
+            if used.get(a).copied().unwrap_or(false) || !self.cfg.is_sent(&append.folder) {
+                continue;
+            }
+            let mut event = self.session.event(
+                append.position,
+                EventType::MessageSent,
+                Some(append.folder.clone()),
+                self.session.activity(),
+            );
+            event.direction = Some(self.cfg.sent_direction(append.known.as_ref()));
+            let event = placed(event, append.key.as_ref(), Side::In);
+            self.out.push((
+                append.position,
+                with_message(event, append.key.as_ref(), append.known.as_ref()),
+            ));
         }
-        let mut event = session.event(
-            append.position,
-            EventType::MessageSent,
-            Some(append.folder.clone()),
-            session.activity(),
-        );
-        event.direction = Some(cfg.sent_direction(append.known.as_ref()));
-        let event = placed(event, append.key.as_ref(), Side::In);
-        out.push((
-            append.position,
-            with_message(event, append.key.as_ref(), append.known.as_ref()),
-        ));
+    }
+
+    /// Expunges that were not moves: hard deletes.
+    fn hard_deleted(&mut self, used: &[bool]) {
+        for (e, expunge) in self.expunges.iter().enumerate() {
+            if used.get(e).copied().unwrap_or(false) {
+                continue;
+            }
+            let mut activity = self.session.activity();
+            activity.stage = Some(DeleteStage::Hard);
+            let event = placed(
+                self.session.event(
+                    expunge.position,
+                    EventType::MessageDeleted,
+                    Some(expunge.folder.clone()),
+                    activity,
+                ),
+                expunge.key.as_ref(),
+                Side::Out,
+            );
+            self.out.push((
+                expunge.position,
+                with_message(event, expunge.key.as_ref(), expunge.known.as_ref()),
+            ));
+        }
+    }
+}
+
+/// Which appends and expunges of a batch are the two halves of one move.
+struct Pairs {
+    /// (append, expunge), by index.
+    paired: Vec<(usize, usize)>,
+    append_used: Vec<bool>,
+    expunge_used: Vec<bool>,
+}
+
+/// A MOVE is an append in the destination and an expunge in the source, in one batch:
+/// paired by Message-ID, or, for a source message the index never saw, in order. Pure.
+fn pair_moves(appends: &[Placed], expunges: &[Placed]) -> Pairs {
+    let mut pairs = Pairs {
+        paired: Vec::new(),
+        append_used: vec![false; appends.len()],
+        expunge_used: vec![false; expunges.len()],
+    };
+    // Appends by Message-ID, in order: a MOVE of a whole folder pairs in linear time.
+    let mut by_id: HashMap<&str, std::collections::VecDeque<usize>> = HashMap::new();
+    for (a, append) in appends.iter().enumerate() {
+        if let Some(id) = append.known.as_ref().and_then(|k| k.message_id.as_deref()) {
+            by_id.entry(id).or_default().push_back(a);
+        }
     }
     for (e, expunge) in expunges.iter().enumerate() {
-        if expunge_used[e] {
+        let Some(id) = expunge.known.as_ref().and_then(|k| k.message_id.as_deref()) else {
+            continue;
+        };
+        let Some(queue) = by_id.get_mut(id) else { continue };
+        if let Some(at) = queue
+            .iter()
+            .position(|a| appends.get(*a).is_some_and(|append| append.folder != expunge.folder))
+            && let Some(a) = queue.remove(at)
+        {
+            pairs.append_used[a] = true;
+            pairs.expunge_used[e] = true;
+            pairs.paired.push((a, e));
+        }
+    }
+    let mut next = 0;
+    for (e, expunge) in expunges.iter().enumerate() {
+        if pairs.expunge_used[e] || expunge.known.as_ref().is_some_and(|k| k.message_id.is_some()) {
             continue;
         }
-        let mut activity = session.activity();
-        activity.stage = Some(DeleteStage::Hard);
-        let event = placed(
-            session.event(
-                expunge.position,
-                EventType::MessageDeleted,
-                Some(expunge.folder.clone()),
-                activity,
-            ),
-            expunge.key.as_ref(),
-            Side::Out,
-        );
-        out.push((
-            expunge.position,
-            with_message(event, expunge.key.as_ref(), expunge.known.as_ref()),
-        ));
+        while next < appends.len() && (pairs.append_used[next] || appends[next].folder == expunge.folder) {
+            next += 1;
+        }
+        if next < appends.len() {
+            pairs.append_used[next] = true;
+            pairs.expunge_used[e] = true;
+            pairs.paired.push((next, e));
+            next += 1;
+        }
     }
-    out.sort_by_key(|(position, _)| *position);
-    Ok(Mapped {
-        events: out.into_iter().map(|(_, e)| e).collect(),
-        index,
-    })
+    pairs
 }
 
 /// One event of Dovecot's event exporter (`format = json`).
