@@ -43,31 +43,87 @@ fn preflight(config: &RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What every part of the running operator is started with.
+struct Base {
+    config: RunConfig,
+    client: kube::Client,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    readiness: Readiness,
+}
+
+impl Base {
+    /// Re-reads a token file for as long as the operator runs.
+    fn watch_tokens(&self, tokens: Tokens) {
+        let stop = self.lifecycle.token(Stage::Control);
+        self.lifecycle.spawn(
+            Stage::Control,
+            "token file watcher",
+            tokens.watch(Tokens::WATCH_INTERVAL, stop),
+        );
+    }
+}
+
+/// The delivery core, once the store is open: what the sources, the admin server and the
+/// controllers share.
+struct Core {
+    deliveries: Arc<Deliveries>,
+    router: Arc<Router>,
+    leadership: Leadership,
+    raw_links: Option<Arc<RawLinks>>,
+    matches: Arc<MatchCounters>,
+    directory: Arc<Directory>,
+}
+
 /// Runs the operator until SIGTERM or Ctrl-C, then drains.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     preflight(&config)?;
     let client = kube::Client::try_default().await?;
     let version = client.apiserver_version().await?;
     info!(apiserver = %version.git_version, "connected to Kubernetes");
-
-    let lifecycle = Lifecycle::new();
-    let metrics = Metrics::new()?;
-    let readiness = Readiness::default();
-    let running = readiness.part("shutdown", "starting");
-    let caches = readiness.part("controllers", "waiting for the initial list of every watched resource");
-    let admin_listener = TcpListener::bind(config.admin.http_addr).await?;
+    let base = Base {
+        config,
+        client,
+        lifecycle: Lifecycle::new(),
+        metrics: Metrics::new()?,
+        readiness: Readiness::default(),
+    };
+    let running = base.readiness.part("shutdown", "starting");
+    let caches = base
+        .readiness
+        .part("controllers", "waiting for the initial list of every watched resource");
+    let admin_listener = TcpListener::bind(base.config.admin.http_addr).await?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let Opened { store, kind, joined } = crate::store::open::open(&store_location(&config)?).await?;
+    let core = start_core(&base, admin_addr).await?;
+    start_admin(&base, &core, admin_listener)?;
+    let wiring = wiring(&base, &core)?;
+    let pipeline = pipeline(&base, &core);
+    let dovecot = start_dovecot(&base, &core, &pipeline)?;
+    start_ingest(&base, &pipeline, dovecot).await?;
+    start_smtp(&base, &pipeline).await?;
+    start_controllers(&base, wiring, caches);
+    running.ready();
+
+    crate::lifecycle::signal().await;
+    running.not_ready("shutting down");
+    drain(&base).await;
+    Ok(())
+}
+
+/// Opens the store and starts what keeps it: the deliveries (with housekeeping), a shared
+/// store's replica tasks, the last flush, and the watch on whether it commits.
+async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core> {
+    let (config, lifecycle, metrics) = (&base.config, &base.lifecycle, &base.metrics);
+    let Opened { store, kind, joined } = crate::store::open::open(&store_location(config)?).await?;
     metrics.store_kind.with_label_values(&[kind]).set(1);
-    let identity = replica_name(&config);
     // With a shared store, the holder of the Lease leads; otherwise this process does.
     let leadership = match &joined {
         Some(_) => Leadership::default(),
         None => Leadership::sole(),
     };
     metrics.leader.set(i64::from(leadership.is_leader()));
-    let raw_links = raw_links(&config, store.as_ref(), admin_addr)?;
+    let raw_links = raw_links(config, store.as_ref(), admin_addr)?;
     let housekeeping = Housekeeping {
         interval: config.store.housekeeping_interval,
         attempt_retention: config.store.attempt_retention,
@@ -84,27 +140,29 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         store.clone(),
         metrics.clone(),
         housekeeping,
-        &lifecycle,
+        lifecycle,
         leadership.clone(),
         router.clone(),
     );
     if let Some(joined) = joined {
         crate::replica::start(
-            &lifecycle,
-            &client,
+            lifecycle,
+            &base.client,
             crate::replica::Settings {
                 lease: config.store.leader_lease.clone(),
-                lease_namespace: lease_namespace(&config),
+                lease_namespace: lease_namespace(config),
                 drain: config.delivery.shutdown_timeout,
             },
             crate::replica::Replica {
                 joined,
-                identity: identity.clone(),
+                identity: replica_name(config),
                 store: store.clone(),
                 deliveries: deliveries.clone(),
                 metrics: metrics.clone(),
                 leadership: leadership.clone(),
-                ready: readiness.part("shards", "joining the replicas that share the store"),
+                ready: base
+                    .readiness
+                    .part("shards", "joining the replicas that share the store"),
             },
         );
     }
@@ -121,18 +179,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         });
     }
     watch_store(
-        &lifecycle,
-        store.clone(),
-        readiness.part(handles::STORE, "opening"),
+        lifecycle,
+        store,
+        base.readiness.part(handles::STORE, "opening"),
         metrics.clone(),
     );
-    let matches = Arc::new(MatchCounters::default());
-    let directory = Arc::new(Directory::default());
+    Ok(Core {
+        deliveries,
+        router,
+        leadership,
+        raw_links,
+        matches: Arc::new(MatchCounters::default()),
+        directory: Arc::new(Directory::default()),
+    })
+}
 
+/// The admin server: probes, metrics and the history API.
+fn start_admin(base: &Base, core: &Core, listener: TcpListener) -> anyhow::Result<()> {
+    let config = &base.config;
     let admin_tokens = match &config.admin.admin_token_file {
         Some(path) => {
             let tokens = Tokens::load_named(path, "admin")?;
-            watch_tokens(&lifecycle, tokens.clone());
+            base.watch_tokens(tokens.clone());
             Some(tokens)
         }
         None => {
@@ -142,10 +210,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             None
         }
     };
-    let kubernetes_access = Arc::new(crate::auth::kubernetes::KubernetesAccess::new(client.clone()));
+    let kubernetes_access = Arc::new(crate::auth::kubernetes::KubernetesAccess::new(base.client.clone()));
     let history = History {
-        deliveries: deliveries.clone(),
-        directory: directory.clone(),
+        deliveries: core.deliveries.clone(),
+        directory: core.directory.clone(),
         tokens: admin_tokens,
         kubernetes: Some(kubernetes_access.clone()),
         failures: Arc::default(),
@@ -154,17 +222,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         crate::cli::MetricsAuth::None => None,
         crate::cli::MetricsAuth::Kubernetes => {
             info!("--metrics-auth kubernetes: /metrics answers tokens allowed to get the non-resource URL /metrics");
-            Some(kubernetes_access.clone())
+            Some(kubernetes_access)
         }
     };
     let admin = crate::admin::router(
-        metrics.clone(),
-        readiness.clone(),
+        base.metrics.clone(),
+        base.readiness.clone(),
         scrapers,
-        crate::history::router(history, raw_links.clone()),
+        crate::history::router(history, core.raw_links.clone()),
     );
-    info!(addr = %admin_addr, "admin server listening");
-    let stop = lifecycle.token(Stage::Admin);
+    info!(addr = %listener.local_addr()?, "admin server listening");
+    let stop = base.lifecycle.token(Stage::Admin);
     // Probes and scrapes are few; the cap keeps a flood of connections from starving them.
     let bounds = crate::serve::Bounds {
         max_connections: 256,
@@ -172,13 +240,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         header_timeout: std::time::Duration::from_secs(10),
         write_timeout: crate::serve::WRITE_TIMEOUT,
     };
-    let refused = metrics.refused.clone();
-    lifecycle.spawn(
+    let refused = base.metrics.refused.clone();
+    base.lifecycle.spawn(
         Stage::Admin,
         "admin server",
-        crate::serve::serve(admin_listener, admin, bounds, stop, refused, "admin"),
+        crate::serve::serve(listener, admin, bounds, stop, refused, "admin"),
     );
+    Ok(())
+}
 
+/// What the controllers are given: the core, and how subscriptions are built.
+fn wiring(base: &Base, core: &Core) -> anyhow::Result<controller::Wiring> {
+    let config = &base.config;
     let egress = Arc::new(EgressPolicy::new(
         config.egress.egress_allow.clone(),
         config.egress.egress_deny.clone(),
@@ -189,18 +262,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     if let Some(warning) = deprecated {
         tracing::warn!("{warning}");
     }
-    let wiring = controller::Wiring {
-        leadership: leadership.clone(),
-        deliveries: deliveries.clone(),
-        router: router.clone(),
-        matches: matches.clone(),
-        metrics: metrics.clone(),
-        directory,
+    Ok(controller::Wiring {
+        leadership: core.leadership.clone(),
+        deliveries: core.deliveries.clone(),
+        router: core.router.clone(),
+        matches: core.matches.clone(),
+        metrics: base.metrics.clone(),
+        directory: core.directory.clone(),
         build: controller::subscription::BuildSettings {
             pseudonym_secret: crate::delivery::signing::pseudonym_secret(
                 config.delivery.pseudonym_key_file.as_deref(),
             )?,
-            raw_links,
+            raw_links: core.raw_links.clone(),
             clients: Arc::new(Clients::new(egress.clone())),
             egress,
             instance: Arc::from(config.delivery.instance.as_str()),
@@ -216,25 +289,33 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             max_compiled_bytes: config.filters.filter_max_compiled_bytes,
             max_per_namespace: config.filters.filter_max_per_namespace,
         },
-    };
+    })
+}
 
-    let pipeline = Arc::new(Pipeline {
-        deliveries: deliveries.clone(),
-        router,
-        metrics: metrics.clone(),
-        internal_domains: source::internal_domains(&config.ingest.internal_domains),
-        matches,
+/// Where every source's events go: stored, routed, enqueued.
+fn pipeline(base: &Base, core: &Core) -> Arc<Pipeline> {
+    Arc::new(Pipeline {
+        deliveries: core.deliveries.clone(),
+        router: core.router.clone(),
+        metrics: base.metrics.clone(),
+        internal_domains: source::internal_domains(&base.config.ingest.internal_domains),
+        matches: core.matches.clone(),
         limits: source::Limits {
-            max_store_bytes: config.store.max_store_bytes,
+            max_store_bytes: base.config.store.max_store_bytes,
         },
-    });
+    })
+}
 
-    let dovecot_cfg = source::dovecot::DovecotConfig {
-        sent_folders: config.dovecot.sent_folders.clone(),
-        trash_folders: config.dovecot.trash_folders.clone(),
-        internal_domains: pipeline.internal_domains.clone(),
-        separator: Some(config.dovecot.dovecot_hierarchy_separator),
-    };
+/// What the Dovecot routes of the ingest API share with the reconciler.
+struct Dovecot {
+    config: source::dovecot::DovecotConfig,
+    shared: Arc<source::dovecot::Shared>,
+}
+
+/// The Dovecot source's own tasks: the mailbox index's retention, and the reconciler when
+/// `--dovecot-imap-addr` asks for one.
+fn start_dovecot(base: &Base, core: &Core, pipeline: &Arc<Pipeline>) -> anyhow::Result<Dovecot> {
+    let (config, lifecycle) = (&base.config, &base.lifecycle);
     {
         // The index is kept whether or not Dovecot reports now: what it reported before ages out.
         let retention = source::dovecot::index::Retention {
@@ -245,12 +326,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         lifecycle.spawn(
             Stage::Storage,
             "mailbox index retention",
-            source::dovecot::index::keep(deliveries.clone(), retention, metrics.store_purged.clone(), stop),
+            source::dovecot::index::keep(
+                core.deliveries.clone(),
+                retention,
+                base.metrics.store_purged.clone(),
+                stop,
+            ),
         );
     }
-    let dovecot_shared = Arc::new(source::dovecot::Shared::default());
-    if let Some(reconciler) = dovecot_reconciler(&config, &dovecot_cfg, &pipeline, &dovecot_shared)? {
-        let (stop, readiness) = (lifecycle.token(Stage::Intake), readiness.clone());
+    let dovecot = Dovecot {
+        config: source::dovecot::DovecotConfig {
+            sent_folders: config.dovecot.sent_folders.clone(),
+            trash_folders: config.dovecot.trash_folders.clone(),
+            internal_domains: pipeline.internal_domains.clone(),
+            separator: Some(config.dovecot.dovecot_hierarchy_separator),
+        },
+        shared: Arc::new(source::dovecot::Shared::default()),
+    };
+    if let Some(reconciler) = dovecot_reconciler(config, &dovecot.config, pipeline, &dovecot.shared)? {
+        let (stop, readiness) = (lifecycle.token(Stage::Intake), base.readiness.clone());
         lifecycle.spawn(Stage::Intake, "Dovecot reconciler", async move {
             // Findings are routed like live events: not before every resource is routed.
             while !readiness.is_ready_apart_from(crate::handles::STORE) {
@@ -262,119 +356,135 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             reconciler.run(stop).await;
         });
     }
+    Ok(dovecot)
+}
 
-    if let Some(addr) = config.ingest.ingest_addr {
-        let Some(token_file) = config.ingest.ingest_token_file.clone() else {
-            anyhow::bail!("--ingest-addr needs --ingest-token-file: the ingest API never runs without authentication");
-        };
-        let tokens = Tokens::for_ingest(&client, &token_file, config.ingest.ingest_token_secret.as_deref()).await?;
-        watch_tokens(&lifecycle, tokens.clone());
-        let dovecot_tokens = match &config.dovecot.dovecot_token_file {
-            Some(path) => {
-                let tokens = Tokens::load_named(path, "Dovecot")?;
-                watch_tokens(&lifecycle, tokens.clone());
-                Some(tokens)
-            }
-            // Said at start: Dovecot servers set up with the ingest token are refused now.
-            None if config.dovecot.dovecot_imap_addr.is_some() => {
-                tracing::warn!(
-                    "no --dovecot-token-file: the Dovecot routes answer 401, so Dovecot's push notifications and exported events are refused; give the Dovecot servers a token of their own file (the ingest token is refused there)"
-                );
-                None
-            }
-            None => {
-                info!("no --dovecot-token-file: the Dovecot routes (/v1/sources/dovecot) answer 401");
-                None
-            }
-        };
-        let ingest = IngestConfig {
-            token_file,
-            max_body_bytes: config.ingest.ingest_max_body_bytes,
-            max_batch_events: config.ingest.ingest_max_batch_events,
-            body_timeout: config.ingest.ingest_body_timeout,
-            max_inflight_body_bytes: config.ingest.ingest_max_inflight_bytes,
-            max_requests_per_credential: config.ingest.ingest_max_requests_per_token,
-            dovecot: dovecot_cfg.clone(),
-            dovecot_tokens,
-        };
-        let listener = TcpListener::bind(addr).await?;
-        info!(addr = %listener.local_addr()?, "ingest API listening");
-        let app = source::http::router_with(
-            &ingest,
-            pipeline.clone(),
-            tokens,
-            readiness.clone(),
-            dovecot_shared.clone(),
-        );
-        let stop = lifecycle.token(Stage::Intake);
-        let bounds = crate::serve::Bounds {
-            max_connections: config.ingest.ingest_max_connections,
-            max_per_address: config.ingest.ingest_max_connections_per_address,
-            header_timeout: config.ingest.ingest_header_timeout,
-            write_timeout: crate::serve::WRITE_TIMEOUT,
-        };
-        let refused = metrics.refused.clone();
-        // In-flight requests finish (their events are committed) before this returns.
-        lifecycle.spawn(
-            Stage::Intake,
-            "ingest API",
-            crate::serve::serve(listener, app, bounds, stop, refused, "ingest"),
-        );
-    }
-
-    if let Some(addr) = config.smtp.smtp_addr {
-        let smtp = source::smtp::SmtpConfig {
-            hostname: config.smtp.smtp_hostname.clone(),
-            max_message_bytes: config.smtp.smtp_max_message_bytes,
-            max_recipients: config.smtp.smtp_max_recipients,
-            max_connections: config.smtp.smtp_max_connections,
-            max_connections_per_address: config.smtp.smtp_max_connections_per_address,
-            idle_timeout: config.smtp.smtp_idle_timeout,
-            handshake_timeout: config.smtp.smtp_handshake_timeout,
-            session_timeout: config.smtp.smtp_session_timeout,
-            auth: source::smtp::auth_tokens(
-                config.smtp.smtp_auth_token_file.as_deref(),
-                config.smtp.smtp_tls_cert_file.as_deref(),
-            )?,
-            tls: source::smtp::TlsFiles::from_flags(
-                config.smtp.smtp_tls_cert_file.as_deref(),
-                config.smtp.smtp_tls_key_file.as_deref(),
-            )?,
-        };
-        if let Some(tokens) = &smtp.auth {
-            watch_tokens(&lifecycle, tokens.clone());
+/// The ingest API (with the Dovecot routes), when `--ingest-addr` asks for it.
+async fn start_ingest(base: &Base, pipeline: &Arc<Pipeline>, dovecot: Dovecot) -> anyhow::Result<()> {
+    let config = &base.config;
+    let Some(addr) = config.ingest.ingest_addr else {
+        return Ok(());
+    };
+    let Some(token_file) = config.ingest.ingest_token_file.clone() else {
+        anyhow::bail!("--ingest-addr needs --ingest-token-file: the ingest API never runs without authentication");
+    };
+    let tokens = Tokens::for_ingest(&base.client, &token_file, config.ingest.ingest_token_secret.as_deref()).await?;
+    base.watch_tokens(tokens.clone());
+    let dovecot_tokens = match &config.dovecot.dovecot_token_file {
+        Some(path) => {
+            let tokens = Tokens::load_named(path, "Dovecot")?;
+            base.watch_tokens(tokens.clone());
+            Some(tokens)
         }
-        let listener = TcpListener::bind(addr).await?;
-        info!(addr = %listener.local_addr()?, "SMTP journal receiver listening");
-        let (pipeline, readiness) = (pipeline.clone(), readiness.clone());
-        let (stop, sessions) = (lifecycle.token(Stage::Intake), lifecycle.tracker(Stage::Intake));
-        lifecycle.spawn(Stage::Intake, "SMTP receiver", async move {
-            source::smtp::serve(listener, smtp, pipeline, readiness, stop, sessions).await;
-        });
-    }
+        // Said at start: Dovecot servers set up with the ingest token are refused now.
+        None if config.dovecot.dovecot_imap_addr.is_some() => {
+            tracing::warn!(
+                "no --dovecot-token-file: the Dovecot routes answer 401, so Dovecot's push notifications and exported events are refused; give the Dovecot servers a token of their own file (the ingest token is refused there)"
+            );
+            None
+        }
+        None => {
+            info!("no --dovecot-token-file: the Dovecot routes (/v1/sources/dovecot) answer 401");
+            None
+        }
+    };
+    let ingest = IngestConfig {
+        token_file,
+        max_body_bytes: config.ingest.ingest_max_body_bytes,
+        max_batch_events: config.ingest.ingest_max_batch_events,
+        body_timeout: config.ingest.ingest_body_timeout,
+        max_inflight_body_bytes: config.ingest.ingest_max_inflight_bytes,
+        max_requests_per_credential: config.ingest.ingest_max_requests_per_token,
+        dovecot: dovecot.config,
+        dovecot_tokens,
+    };
+    let listener = TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "ingest API listening");
+    let app = source::http::router_with(
+        &ingest,
+        pipeline.clone(),
+        tokens,
+        base.readiness.clone(),
+        dovecot.shared,
+    );
+    let stop = base.lifecycle.token(Stage::Intake);
+    let bounds = crate::serve::Bounds {
+        max_connections: config.ingest.ingest_max_connections,
+        max_per_address: config.ingest.ingest_max_connections_per_address,
+        header_timeout: config.ingest.ingest_header_timeout,
+        write_timeout: crate::serve::WRITE_TIMEOUT,
+    };
+    let refused = base.metrics.refused.clone();
+    // In-flight requests finish (their events are committed) before this returns.
+    base.lifecycle.spawn(
+        Stage::Intake,
+        "ingest API",
+        crate::serve::serve(listener, app, bounds, stop, refused, "ingest"),
+    );
+    Ok(())
+}
 
-    let scopes = scopes(&config.kube.watch_namespaces);
+/// The SMTP journal receiver, when `--smtp-addr` asks for it.
+async fn start_smtp(base: &Base, pipeline: &Arc<Pipeline>) -> anyhow::Result<()> {
+    let config = &base.config;
+    let Some(addr) = config.smtp.smtp_addr else {
+        return Ok(());
+    };
+    let smtp = source::smtp::SmtpConfig {
+        hostname: config.smtp.smtp_hostname.clone(),
+        max_message_bytes: config.smtp.smtp_max_message_bytes,
+        max_recipients: config.smtp.smtp_max_recipients,
+        max_connections: config.smtp.smtp_max_connections,
+        max_connections_per_address: config.smtp.smtp_max_connections_per_address,
+        idle_timeout: config.smtp.smtp_idle_timeout,
+        handshake_timeout: config.smtp.smtp_handshake_timeout,
+        session_timeout: config.smtp.smtp_session_timeout,
+        auth: source::smtp::auth_tokens(
+            config.smtp.smtp_auth_token_file.as_deref(),
+            config.smtp.smtp_tls_cert_file.as_deref(),
+        )?,
+        tls: source::smtp::TlsFiles::from_flags(
+            config.smtp.smtp_tls_cert_file.as_deref(),
+            config.smtp.smtp_tls_key_file.as_deref(),
+        )?,
+    };
+    if let Some(tokens) = &smtp.auth {
+        base.watch_tokens(tokens.clone());
+    }
+    let listener = TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "SMTP journal receiver listening");
+    let (pipeline, readiness) = (pipeline.clone(), base.readiness.clone());
+    let (stop, sessions) = (
+        base.lifecycle.token(Stage::Intake),
+        base.lifecycle.tracker(Stage::Intake),
+    );
+    base.lifecycle.spawn(Stage::Intake, "SMTP receiver", async move {
+        source::smtp::serve(listener, smtp, pipeline, readiness, stop, sessions).await;
+    });
+    Ok(())
+}
+
+/// The controllers, on every watched namespace.
+fn start_controllers(base: &Base, wiring: controller::Wiring, caches: ReadinessPart) {
+    let scopes = scopes(&base.config.kube.watch_namespaces);
     info!(
         namespaces = ?scopes.iter().map(|s| s.as_deref().unwrap_or("<all>")).collect::<Vec<_>>(),
         "starting controllers"
     );
-    let stop = lifecycle.token(Stage::Control);
-    lifecycle.spawn(
+    let stop = base.lifecycle.token(Stage::Control);
+    base.lifecycle.spawn(
         Stage::Control,
         "controllers",
-        controller::run(client, scopes, wiring, stop, caches),
+        controller::run(base.client.clone(), scopes, wiring, stop, caches),
     );
-    running.ready();
+}
 
-    crate::lifecycle::signal().await;
-    info!(
-        deadline_s = config.delivery.shutdown_timeout.as_secs(),
-        "shutdown requested; draining"
-    );
-    running.not_ready("shutting down");
-    let drain = lifecycle.shutdown(config.delivery.shutdown_timeout);
+/// Stops every task in order, within `--shutdown-timeout`; a second signal exits at once.
+async fn drain(base: &Base) {
+    let deadline = base.config.delivery.shutdown_timeout;
+    info!(deadline_s = deadline.as_secs(), "shutdown requested; draining");
     let stopped = tokio::select! {
-        stopped = drain => stopped,
+        stopped = base.lifecycle.shutdown(deadline) => stopped,
         () = crate::lifecycle::signal() => {
             tracing::warn!("second signal: exiting at once; deliveries in flight are due again after the restart");
             std::process::exit(FORCED_EXIT);
@@ -385,23 +495,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     } else {
         tracing::warn!(left_running = ?stopped.left_running, "shut down at the deadline; tasks were still running");
     }
-    Ok(())
 }
 
 /// `mailhook store migrate | status`: what an admin applying migrations by hand sees.
 pub async fn store(action: crate::cli::StoreAction, database: &crate::cli::DatabaseArgs) -> anyhow::Result<String> {
     let location = postgres_location(&database.store_url, &database.postgres, false, 1);
     Ok(crate::store::open::schema_report(&location, action == crate::cli::StoreAction::Migrate).await?)
-}
-
-/// Re-reads a token file for as long as the operator runs.
-fn watch_tokens(lifecycle: &Lifecycle, tokens: Tokens) {
-    let stop = lifecycle.token(Stage::Control);
-    lifecycle.spawn(
-        Stage::Control,
-        "token file watcher",
-        tokens.watch(Tokens::WATCH_INTERVAL, stop),
-    );
 }
 
 /// Where the command line put the store.
