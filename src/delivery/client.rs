@@ -41,12 +41,14 @@ pub struct ClientSettings<'a> {
 pub enum ClientError {
     #[error("{0}")]
     Header(String),
+    // The cause is said in the message (it becomes a condition's message) and kept as
+    // the source.
     #[error("endpoint.caBundle cannot be read as PEM certificates: {0}")]
-    CaBundle(String),
+    CaBundle(#[source] std::sync::Arc<reqwest::Error>),
     #[error("the client certificate (endpoint.clientCertSecretRef) cannot be used: {0}")]
-    Identity(String),
+    Identity(#[source] std::sync::Arc<reqwest::Error>),
     #[error("cannot build the HTTP client: {0}")]
-    Build(String),
+    Build(#[source] std::sync::Arc<reqwest::Error>),
 }
 
 /// Checks an extra header: a valid name that mailhook does not set itself, and a value
@@ -144,17 +146,17 @@ fn build(settings: &ClientSettings<'_>, egress: Arc<EgressPolicy>) -> Result<req
         .tls_version_min(reqwest::tls::Version::TLS_1_2);
     if let Some(pem) = settings.ca_bundle {
         let certs =
-            reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| ClientError::CaBundle(e.to_string()))?;
+            reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| ClientError::CaBundle(e.into()))?;
         builder = builder.tls_certs_merge(certs);
     }
     if let Some(pem) = settings.identity {
-        let identity = reqwest::Identity::from_pem(pem).map_err(|e| ClientError::Identity(e.to_string()))?;
+        let identity = reqwest::Identity::from_pem(pem).map_err(|e| ClientError::Identity(e.into()))?;
         builder = builder.identity(identity);
     }
     if settings.insecure_skip_verify {
         builder = builder.tls_danger_accept_invalid_certs(true);
     }
-    builder.build().map_err(|e| ClientError::Build(e.to_string()))
+    builder.build().map_err(|e| ClientError::Build(e.into()))
 }
 
 #[cfg(test)]

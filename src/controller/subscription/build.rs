@@ -145,13 +145,20 @@ mod tests {
 
     #[test]
     fn a_bad_client_certificate_is_the_secret_and_a_bad_ca_the_endpoint() {
-        let identity = BuildError::Client(ClientError::Identity("no key".into())).problem();
+        // A real reqwest error: the PEM holds no key.
+        let cause = || std::sync::Arc::new(reqwest::Identity::from_pem(b"no key").expect_err("refused"));
+        let identity = BuildError::Client(ClientError::Identity(cause())).problem();
         assert_eq!(identity.reason, Reason::InvalidSecret);
         assert!(identity.message.contains("clientCertSecretRef"), "{}", identity.message);
+        assert!(
+            identity.message.ends_with(&cause().to_string()),
+            "the cause is said: {}",
+            identity.message
+        );
         for e in [
-            ClientError::CaBundle("bad".into()),
+            ClientError::CaBundle(cause()),
             ClientError::Header("header Host is set by mailhook".into()),
-            ClientError::Build("tls".into()),
+            ClientError::Build(cause()),
         ] {
             assert_eq!(BuildError::Client(e).problem().reason, Reason::InvalidEndpoint);
         }

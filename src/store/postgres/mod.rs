@@ -33,6 +33,8 @@ pub enum ConnectError {
     Ca { path: String, reason: String },
     #[error("cannot set up TLS to PostgreSQL: {0}")]
     Tls(String),
+    #[error("cannot set up TLS to PostgreSQL")]
+    TlsConfig(#[source] rustls::Error),
     #[error("cannot connect to PostgreSQL")]
     Connect(#[source] tokio_postgres::Error),
 }
@@ -189,7 +191,7 @@ fn tls(root: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, 
     let config =
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConnectError::Tls(e.to_string()))?
+            .map_err(ConnectError::TlsConfig)?
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
