@@ -37,9 +37,10 @@ pub struct IndexedMessage {
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<String>,
-    /// Unix seconds it was indexed: retention counts from here. Stored as the row's time
-    /// alone (bodies written before kept it too; it is the same figure).
-    #[serde(default, skip_serializing)]
+    /// Unix seconds it was indexed: retention counts from here. Read from the row's time
+    /// (the same figure); still written in the body, which a replica of the release before
+    /// this one needs to read the row during a rolling upgrade.
+    #[serde(default)]
     pub seen_at: i64,
 }
 
@@ -609,7 +610,7 @@ mod tests {
     }
 
     #[test]
-    fn a_message_is_indexed_at_its_row_time_and_older_bodies_still_read() {
+    fn a_message_is_indexed_at_its_row_time_and_its_body_still_reads_in_older_releases() {
         let stored = serde_json::to_vec(&IndexedMessage {
             message_id: Some("<a@x>".into()),
             seen_at: 42,
@@ -617,8 +618,8 @@ mod tests {
         })
         .expect("json");
         assert_eq!(
-            stored, br#"{"messageId":"<a@x>"}"#,
-            "the time is the row's, not the body's"
+            stored, br#"{"messageId":"<a@x>","seenAt":42}"#,
+            "an older release reads the time from the body"
         );
         let row = |body: &[u8]| Row {
             key: vec![],
@@ -627,8 +628,8 @@ mod tests {
         };
         let read = indexed(&row(&stored)).expect("read");
         assert_eq!((read.message_id.as_deref(), read.seen_at), (Some("<a@x>"), 42));
-        let older = indexed(&row(br#"{"messageId":"<a@x>","seenAt":42}"#)).expect("read");
-        assert_eq!(older, read);
+        let other = indexed(&row(br#"{"messageId":"<a@x>","seenAt":7}"#)).expect("read");
+        assert_eq!(other, read, "the row's time is the message's");
     }
 
     #[test]
