@@ -64,9 +64,10 @@ pub struct Opened {
 /// Why the store cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot reach the PostgreSQL store")]
+    // Each says what is wrong and with which flag.
+    #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("cannot bring the PostgreSQL store's schema up to date")]
+    #[error(transparent)]
     Migrate(#[from] migrations::MigrateError),
     #[error("cannot join the replicas sharing the store")]
     Join(#[source] postgres::shared::SharedError),
