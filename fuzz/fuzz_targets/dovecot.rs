@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use libfuzzer_sys::fuzz_target;
 use mailhook::source::dovecot::reconcile::{decode_folder, encode_folder, parse_headers};
 use mailhook::source::dovecot::{Batch, DovecotConfig, Exported, map_batch, map_exported};
-use mailhook::store::{IndexedMessage, MessageKey};
+use mailhook::source::dovecot::index::{IndexedMessage, MessageKey};
 
 fuzz_target!(|data: &[u8]| {
     let cfg = DovecotConfig {
