@@ -921,6 +921,7 @@ pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
 mod batch_index;
 pub mod index;
 pub mod reconcile;
+pub mod sieve;
 #[cfg(test)]
 mod tests;
 
