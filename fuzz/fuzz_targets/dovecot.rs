@@ -55,6 +55,12 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(decode_folder(&encode_folder(&folder)).as_deref(), Some(folder.as_str()));
         }
         assert_eq!(decode_folder(&encode_folder(text)).as_deref(), Some(text), "every name round-trips");
+        // The arguments of an exported SETACL: a change whose rights are sorted and once
+        // each, or an error.
+        if let Ok(change) = mailhook::source::dovecot::acl::parse("SETACL", text) {
+            assert!(change.rights.windows(2).all(|w| w[0] < w[1]));
+            assert!(!change.identifier.is_empty() || !change.negative);
+        }
     }
     let _ = parse_headers(data, 0);
 });

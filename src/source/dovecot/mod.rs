@@ -918,6 +918,7 @@ pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
     )
 }
 
+pub mod acl;
 mod batch_index;
 pub mod index;
 pub mod reconcile;
