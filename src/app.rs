@@ -53,6 +53,25 @@ struct Base {
 }
 
 impl Base {
+    /// Serves `app` on `listener` within `bounds` as a task of `stage`, until it stops;
+    /// refused connections are counted under `label`.
+    fn serve(
+        &self,
+        stage: Stage,
+        task: &'static str,
+        label: &'static str,
+        listener: TcpListener,
+        app: axum::Router,
+        bounds: crate::serve::Bounds,
+    ) {
+        let (stop, refused) = (self.lifecycle.token(stage), self.metrics.refused.clone());
+        self.lifecycle.spawn(
+            stage,
+            task,
+            crate::serve::serve(listener, app, bounds, stop, refused, label),
+        );
+    }
+
     /// Re-reads a token file for as long as the operator runs.
     fn watch_tokens(&self, tokens: Tokens) {
         let stop = self.lifecycle.token(Stage::Control);
@@ -232,7 +251,6 @@ fn start_admin(base: &Base, core: &Core, listener: TcpListener) -> anyhow::Resul
         crate::history::router(history, core.raw_links.clone()),
     );
     info!(addr = %listener.local_addr()?, "admin server listening");
-    let stop = base.lifecycle.token(Stage::Admin);
     // Probes and scrapes are few; the cap keeps a flood of connections from starving them.
     let bounds = crate::serve::Bounds {
         max_connections: 256,
@@ -240,12 +258,7 @@ fn start_admin(base: &Base, core: &Core, listener: TcpListener) -> anyhow::Resul
         header_timeout: std::time::Duration::from_secs(10),
         write_timeout: crate::serve::WRITE_TIMEOUT,
     };
-    let refused = base.metrics.refused.clone();
-    base.lifecycle.spawn(
-        Stage::Admin,
-        "admin server",
-        crate::serve::serve(listener, admin, bounds, stop, refused, "admin"),
-    );
+    base.serve(Stage::Admin, "admin server", "admin", listener, admin, bounds);
     Ok(())
 }
 
@@ -407,20 +420,14 @@ async fn start_ingest(base: &Base, pipeline: &Arc<Pipeline>, dovecot: Dovecot) -
         base.readiness.clone(),
         dovecot.shared,
     );
-    let stop = base.lifecycle.token(Stage::Intake);
     let bounds = crate::serve::Bounds {
         max_connections: config.ingest.ingest_max_connections,
         max_per_address: config.ingest.ingest_max_connections_per_address,
         header_timeout: config.ingest.ingest_header_timeout,
         write_timeout: crate::serve::WRITE_TIMEOUT,
     };
-    let refused = base.metrics.refused.clone();
-    // In-flight requests finish (their events are committed) before this returns.
-    base.lifecycle.spawn(
-        Stage::Intake,
-        "ingest API",
-        crate::serve::serve(listener, app, bounds, stop, refused, "ingest"),
-    );
+    // In-flight requests finish (their events are committed) before the task ends.
+    base.serve(Stage::Intake, "ingest API", "ingest", listener, app, bounds);
     Ok(())
 }
 
