@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A throw-away Dovecot (IMAP, LMTP, ManageSieve) on loopback for tests and benchmarks.
+"""A throw-away Dovecot (IMAP, POP3, LMTP, ManageSieve) on loopback for tests and benchmarks.
 
     env.py up [--mailhook URL --token TOKEN] [--tls]   prints one JSON line, then returns
     env.py down DIR                                     stops it and removes DIR
@@ -10,14 +10,15 @@ login as `user*mailhook-admin`), Maildir mailboxes with Sent and Trash, Sieve an
 ManageSieve, IMAP ACL and METADATA, listeners on free loopback ports. With --mailhook it
 installs mailhook's Dovecot source exactly as shipped: examples/dovecot/90-mailhook.conf
 (only its file paths and URL replaced) and examples/dovecot/mailhook.lua. It prints
-{"dir", "host", "imap", "lmtp", "sieve", "spool"}. Mail processes run as `nobody`; the master
-process as whoever runs this (root in CI).
+{"dir", "host", "imap", "pop3", "lmtp", "sieve", "spool"}. Mail processes run as `nobody`;
+the master process as whoever runs this (root in CI).
 
 With --tls, a test CA made with the openssl CLI signs the server's certificate (for
 127.0.0.2 and localhost), `ssl = required` (no login without TLS: IMAP on "imap" needs
-STARTTLS), an implicit-TLS listener is added, and everything listens on 127.0.0.2; the
-JSON adds "imaps" and "ca" (the CA's PEM file). "host" is where the listeners are. act.py
-then speaks STARTTLS; its ManageSieve action stays plain and is refused.
+STARTTLS, POP3 on "pop3" needs STLS), an implicit-TLS IMAP listener is added, and
+everything listens on 127.0.0.2; the JSON adds "imaps" and "ca" (the CA's PEM file).
+"host" is where the listeners are. act.py then speaks STARTTLS (STLS for POP3); its
+ManageSieve action stays plain and is refused.
 """
 
 import argparse
@@ -96,7 +97,7 @@ def up(args):
     # (mailhook's reconciler needs l and r; the tests' admin also writes).
     with open(os.path.join(d, "global-acl"), "w") as f:
         f.write("* owner lrwstipekxa\n* user=mailhook-admin lrwstipekxa\n")
-    ports = {"imap": free_port(), "lmtp": free_port(), "sieve": free_port()}
+    ports = {"imap": free_port(), "pop3": free_port(), "lmtp": free_port(), "sieve": free_port()}
     # Dovecot takes a connection whose two ends share an address as secure, TLS or not:
     # with --tls it listens on 127.0.0.2, which clients reach from 127.0.0.1.
     listen = "127.0.0.2" if args.tls else "127.0.0.1"
@@ -111,7 +112,7 @@ def up(args):
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
-protocols = imap lmtp sieve
+protocols = imap pop3 lmtp sieve
 listen = {listen}
 {ssl}disable_plaintext_auth = no
 auth_mechanisms = plain
@@ -145,7 +146,7 @@ namespace inbox {{
     special_use = \\Trash
   }}
 }}
-{listener(listen, "imap-login", *imap_listeners)}{listener(listen, "lmtp", ("lmtp", ports["lmtp"], False))}{listener(listen, "managesieve-login", ("sieve", ports["sieve"], False))}
+{listener(listen, "imap-login", *imap_listeners)}{listener(listen, "pop3-login", ("pop3", ports["pop3"], False))}{listener(listen, "lmtp", ("lmtp", ports["lmtp"], False))}{listener(listen, "managesieve-login", ("sieve", ports["sieve"], False))}
 service imap {{
   process_limit = 64
 }}
