@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What a mail user (or an admin) does to a mailbox, against tests/dovecot/env.py's Dovecot,
-with Python's own imaplib and smtplib (LMTP) and a plain ManageSieve exchange.
+with Python's own imaplib, poplib and smtplib (LMTP) and a plain ManageSieve exchange.
 
-    act.py --ports '{"imap": P, "lmtp": P, "sieve": P}' ACTION ARGS...
+    act.py --ports '{"imap": P, "pop3": P, "lmtp": P, "sieve": P}' ACTION ARGS...
 
 Messages are found by Message-ID (UID SEARCH HEADER Message-ID), so tests name them the
 way events do. Each action logs in, does one thing, and logs out. Actions:
@@ -19,17 +19,39 @@ way events do. Each action logs in, does one thing, and logs out. Actions:
     rename USER FROM TO
     setacl USER FOLDER IDENTIFIER RIGHTS
     setmetadata USER FOLDER ENTRY VALUE
-    putscript USER NAME                       ManageSieve PUTSCRIPT (a forwarding rule)
+    putscript USER NAME [SCRIPT]              ManageSieve PUTSCRIPT; without SCRIPT a forwarding
+                                              rule (redirect :copy to archive@outside.example)
+                                              and nothing else; with SCRIPT (Sieve text, e.g.
+                                              'redirect "x@outside.example";') that script,
+                                              then SETACTIVE NAME
+    read USER FOLDER MESSAGE-ID               UID FETCH uid (BODY[]): sets \\Seen
+    peek USER FOLDER MESSAGE-ID               UID FETCH uid (BODY.PEEK[]): leaves the flags
+    fetch USER FOLDER MESSAGE-ID ITEMS        UID FETCH uid ITEMS, e.g. '(ENVELOPE)' or
+                                              '(BODY.PEEK[HEADER])'
+    bulkread USER FOLDER                      UID FETCH 1:* (BODY.PEEK[]), one command; prints
+                                              {"fetched": N} (messages whose body came back)
+    appendmany USER FOLDER N PREFIX           appends N small messages (Message-ID
+                                              <PREFIX-i@example.test>, i = 1..N) over one
+                                              connection: one MULTIAPPEND command (one
+                                              transaction) per 100 messages, about 4 times
+                                              faster than an APPEND each; prints {"appended": N}
+    login USER                                LOGIN, then LOGOUT
+    loginfail USER                            LOGIN with a wrong password: succeeds (exit 0)
+                                              when Dovecot answers NO, fails if it lets in
+    pop3read USER N                           POP3 USER/PASS (STLS with --tls), RETR N, QUIT
+                                              (Dovecot sets \\Seen on the message at QUIT)
     latency USER N                            N rounds of SELECT, FETCH, STORE, NOOP; prints
                                               per-command latency percentiles (ms) as JSON
 
-USER may be `alice@example.test*mailhook-admin`: the master user's login into alice's mailbox.
+USER may be `alice@example.test*mailhook-admin`: the master user's login into alice's mailbox
+(IMAP, POP3 and ManageSieve actions alike).
 """
 
 import argparse
 import base64
 import imaplib
 import json
+import poplib
 import smtplib
 import socket
 import ssl
@@ -47,11 +69,16 @@ def password(user):
     return PASSWORDS[user.split("*", 1)[1] if "*" in user else user]
 
 
-def imap(ports, user):
+def imap_connect(ports):
     i = imaplib.IMAP4(ports.get("host", "127.0.0.1"), ports["imap"])
     if ports.get("ca"):
         # env.py --tls: no login without TLS.
         i.starttls(ssl.create_default_context(cafile=ports["ca"]))
+    return i
+
+
+def imap(ports, user):
+    i = imap_connect(ports)
     i.login(user, password(user))
     return i
 
@@ -110,8 +137,20 @@ def act(ports, action, args):
         lmtp.quit()
         return
     if action == "putscript":
-        user, name = args
-        sieve(ports, user, name, f'require ["copy"];\r\nredirect :copy "archive@outside.example";\r\n')
+        if len(args) == 2:
+            user, name = args
+            sieve(ports, user, name, 'require ["copy"];\r\nredirect :copy "archive@outside.example";\r\n')
+        elif len(args) == 3:
+            user, name, script = args
+            sieve(ports, user, name, script, activate=True)
+        else:
+            raise SystemExit("putscript USER NAME [SCRIPT]")
+        return
+    if action == "loginfail":
+        loginfail(ports, args[0])
+        return
+    if action == "pop3read":
+        pop3read(ports, args[0], int(args[1]))
         return
     user = args[0]
     i = imap(ports, user)
@@ -153,6 +192,24 @@ def act(ports, action, args):
             ok(i._simple_command("SETMETADATA", quote(utf7(folder)), f"({entry} {quote(value)})"), "SETMETADATA")
         elif action == "latency":
             print(json.dumps(latency(i, int(args[1]))))
+        elif action in ("read", "peek", "fetch"):
+            folder, message_id = args[1:3]
+            items = {"read": "(BODY[])", "peek": "(BODY.PEEK[])"}.get(action) or args[3]
+            uid = uid_of(i, utf7(folder), message_id)
+            data = ok(i.uid("FETCH", uid, items), f"UID FETCH {uid} {items}")
+            if not data or data[0] is None:
+                raise SystemExit(f"UID FETCH {uid} {items}: nothing came back")
+        elif action == "bulkread":
+            ok(i.select(quote(utf7(args[1]))), f"SELECT {args[1]}")
+            data = ok(i.uid("FETCH", "1:*", "(BODY.PEEK[])"), "UID FETCH 1:* (BODY.PEEK[])")
+            # One (envelope, literal) pair per message, a closing b")" after each.
+            print(json.dumps({"fetched": sum(1 for part in data if isinstance(part, tuple))}))
+        elif action == "appendmany":
+            folder, n, prefix = args[1], int(args[2]), args[3]
+            appendmany(i, utf7(folder), n, prefix, user.split("*")[0])
+            print(json.dumps({"appended": n}))
+        elif action == "login":
+            pass
         else:
             raise SystemExit(f"unknown action {action}")
     finally:
@@ -160,6 +217,65 @@ def act(ports, action, args):
             i.logout()
         except (imaplib.IMAP4.error, OSError):
             pass
+
+
+def loginfail(ports, user):
+    """LOGIN with a wrong password; Dovecot answers NO (after its auth failure delay)."""
+    i = imap_connect(ports)
+    try:
+        i.login(user, "wrong-" + PASSWORDS.get(user.split("*")[-1], "password"))
+    except imaplib.IMAP4.error as refused:
+        print(json.dumps({"refused": str(refused)}))
+        try:
+            i.logout()
+        except (imaplib.IMAP4.error, OSError):
+            pass
+        return
+    i.logout()
+    raise SystemExit(f"LOGIN {user} with a wrong password was let in")
+
+
+def appendmany(i, folder, n, prefix, sender, per_command=100):
+    """N messages in MULTIAPPEND commands (RFC 3502) of `per_command` each, literals sent
+    whole with LITERAL+ (RFC 7888); both are Dovecot capabilities. Each command is one
+    transaction: a separate APPEND per message costs a mailbox sync each (~15 ms here)."""
+    # imaplib keeps the greeting's capabilities; after login Dovecot names more.
+    offered = ok(i.capability(), "CAPABILITY")[0].decode().upper().split()
+    missing = {"MULTIAPPEND", "LITERAL+"} - set(offered)
+    if missing:
+        raise SystemExit(f"appendmany needs {sorted(missing)}; the server offers {offered}")
+    for start in range(0, n, per_command):
+        tag = f"M{start + 1}"
+        out = bytearray(f"{tag} APPEND {quote(folder)}".encode())
+        for k in range(start + 1, min(n, start + per_command) + 1):
+            msg = (f"From: {sender}\r\nTo: {sender}\r\nSubject: bulk {k}\r\n"
+                   f"Message-ID: <{prefix}-{k}@example.test>\r\n\r\nmessage {k}\r\n").encode()
+            out += f" {{{len(msg)}+}}\r\n".encode() + msg
+        i.send(bytes(out) + b"\r\n")
+        while True:
+            line = i.readline()
+            if not line:
+                raise SystemExit("APPEND: connection closed")
+            if line.startswith(tag.encode() + b" "):
+                if not line.startswith(tag.encode() + b" OK"):
+                    raise SystemExit(f"APPEND of messages {start + 1}..: {line.decode(errors='replace').strip()}")
+                break
+
+
+def pop3read(ports, user, n):
+    """POP3: log in, RETR message N (1-based, as LIST numbers them), QUIT."""
+    p = poplib.POP3(ports.get("host", "127.0.0.1"), ports["pop3"], timeout=10)
+    try:
+        if ports.get("ca"):
+            p.stls(ssl.create_default_context(cafile=ports["ca"]))
+        p.user(user)
+        p.pass_(password(user))
+        resp, lines, _ = p.retr(n)
+        if not resp.startswith(b"+OK"):
+            raise SystemExit(f"RETR {n}: {resp!r}")
+        p.quit()
+    except poplib.error_proto as e:
+        raise SystemExit(f"POP3 {user}: {e}")
 
 
 def latency(i, rounds):
@@ -189,8 +305,9 @@ def latency(i, rounds):
     }
 
 
-def sieve(ports, user, name, script):
-    """ManageSieve (RFC 5804) PUTSCRIPT, spoken directly: Python has no client for it."""
+def sieve(ports, user, name, script, activate=False):
+    """ManageSieve (RFC 5804) PUTSCRIPT (then SETACTIVE if `activate`), spoken directly:
+    Python has no client for it."""
     s = socket.create_connection((ports.get("host", "127.0.0.1"), ports["sieve"]), timeout=10)
     f = s.makefile("rwb")
 
@@ -215,6 +332,10 @@ def sieve(ports, user, name, script):
     f.write(f'PUTSCRIPT "{name}" {{{len(body)}+}}\r\n'.encode() + body + b"\r\n")
     f.flush()
     answer()
+    if activate:
+        f.write(f'SETACTIVE "{name}"\r\n'.encode())
+        f.flush()
+        answer()
     f.write(b"LOGOUT\r\n")
     f.flush()
     s.close()
