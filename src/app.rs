@@ -353,10 +353,40 @@ fn start_dovecot(base: &Base, core: &Core, pipeline: &Arc<Pipeline>) -> anyhow::
             trash_folders: config.dovecot.trash_folders.clone(),
             internal_domains: pipeline.internal_domains.clone(),
             separator: Some(config.dovecot.dovecot_hierarchy_separator),
+            own_master_user: config.dovecot.dovecot_master_user.clone(),
+            sieve: None,
         },
         shared: Arc::new(source::dovecot::Shared::default()),
     };
-    if let Some(reconciler) = dovecot_reconciler(config, &dovecot.config, pipeline, &dovecot.shared)? {
+    let mut dovecot = dovecot;
+    {
+        let windows = source::dovecot::held::Windows {
+            window: config.dovecot.dovecot_access_window,
+            bulk_threshold: config.dovecot.dovecot_bulk_threshold,
+            longest: config
+                .dovecot
+                .dovecot_hold_longest
+                .max(config.dovecot.dovecot_access_window),
+        };
+        let stop = lifecycle.token(Stage::Intake);
+        lifecycle.spawn(
+            Stage::Intake,
+            "Dovecot held reads and logins",
+            source::dovecot::held::release(pipeline.clone(), windows, stop),
+        );
+    }
+    let reconciler = dovecot_reconciler(config, &dovecot.config, pipeline, &dovecot.shared)?;
+    if let (Some(addr), Some(r)) = (&config.dovecot.dovecot_managesieve_addr, &reconciler) {
+        dovecot.config.sieve = Some(source::dovecot::managesieve::SieveServer {
+            addr: addr.clone(),
+            security: r.config.transport.security.clone(),
+            master_user: r.config.master_user.clone(),
+            master_password: r.config.master_password.clone(),
+            timeout: std::time::Duration::from_millis(1500),
+        });
+        info!(%addr, "Sieve scripts are read over ManageSieve");
+    }
+    if let Some(reconciler) = reconciler {
         let (stop, readiness) = (lifecycle.token(Stage::Intake), base.readiness.clone());
         lifecycle.spawn(Stage::Intake, "Dovecot reconciler", async move {
             // Findings are routed like live events: not before every resource is routed.

@@ -341,6 +341,31 @@ pub struct DovecotArgs {
     /// --dovecot-imap-addr (e.g. an IP address or a Service name the certificate lacks).
     #[arg(long, env = "MAILHOOK_DOVECOT_IMAP_SERVER_NAME", requires = "dovecot_imap_addr")]
     pub dovecot_imap_server_name: Option<String>,
+
+    /// ManageSieve address (host:port, Pigeonhole's 4190) of the Dovecot server: when a
+    /// Sieve script is uploaded or activated, mailhook reads it there as the master user
+    /// (TLS as --dovecot-imap-tls, STARTTLS for `implicit`) to say where it forwards mail.
+    /// Without it such changes are reported with `forwarding.unreadable` (and count as
+    /// external).
+    #[arg(long, env = "MAILHOOK_DOVECOT_MANAGESIEVE_ADDR", requires = "dovecot_master_user")]
+    pub dovecot_managesieve_addr: Option<String>,
+
+    /// Reads and failed logins are held this long before they are delivered, so that a
+    /// burst is one event: reads of a session that stay under --dovecot-bulk-threshold
+    /// become `message.accessed` events once the first is this old; a bulk read or
+    /// repeated failed logins become one event once quiet this long.
+    #[arg(long, env = "MAILHOOK_DOVECOT_ACCESS_WINDOW", default_value = "10s", value_parser = duration_arg)]
+    pub dovecot_access_window: std::time::Duration,
+
+    /// More reads than this by one session within --dovecot-access-window are one
+    /// `mailbox.bulk_access` event.
+    #[arg(long, env = "MAILHOOK_DOVECOT_BULK_THRESHOLD", default_value_t = 50)]
+    pub dovecot_bulk_threshold: u64,
+
+    /// A bulk read or a run of failed logins that never goes quiet is reported at least
+    /// this often.
+    #[arg(long, env = "MAILHOOK_DOVECOT_HOLD_LONGEST", default_value = "15m", value_parser = duration_arg)]
+    pub dovecot_hold_longest: std::time::Duration,
 }
 
 /// The SMTP journal receiver.

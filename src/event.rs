@@ -210,6 +210,12 @@ pub struct ConfigChange {
     /// rights); shown in `full` payloads only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Sieve: where the active script sends mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<Forwarding>,
+    /// ACL: the entry that changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<AclGrant>,
 }
 
 /// Who did what inside the mailbox store, as the mail server reported it.
@@ -256,6 +262,153 @@ pub struct Activity {
     /// Found by the reconciler after a gap, not heard live: the time is when it was found.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reconciled: bool,
+    /// Done in one of mailhook's own sessions (its reconciler's master user): labelled so
+    /// that filters leave it out unless they ask for it (`mailhookSessions`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mailhook_session: bool,
+    /// message.accessed: how the message was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+    /// mailbox.bulk_access: how many reads one session made in a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<BulkAccess>,
+    /// mailbox.login: who tried to log in, how, and how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<Login>,
+}
+
+/// How a message was read (`message.accessed`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Access {
+    /// The protocol command that read it: `FETCH`, `UID FETCH`, `RETR`, `TOP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Why the server opened the message, as it says (e.g. `imap:fetch_body`,
+    /// `pop3:cmd_retr`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+}
+
+/// Many reads by one session, reported once (`mailbox.bulk_access`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkAccess {
+    /// Message reads counted in the window.
+    pub reads: u64,
+    /// Folders read from (at most 64 listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folders: Vec<String>,
+    /// First and last read of the window.
+    #[schemars(with = "String")]
+    pub first_at: jiff::Timestamp,
+    #[schemars(with = "String")]
+    pub last_at: jiff::Timestamp,
+}
+
+/// A login attempt (`mailbox.login`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Login {
+    pub outcome: LoginOutcome,
+    /// The SASL mechanism, e.g. `PLAIN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<String>,
+    /// Why it failed, as the server says: `password_mismatch`, `user_unknown`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Failed attempts of the same user from the same address reported by this one event
+    /// (1 unless repeated failures were aggregated), and the window they fell in.
+    pub attempts: u64,
+    #[schemars(with = "String")]
+    pub first_at: jiff::Timestamp,
+    #[schemars(with = "String")]
+    pub last_at: jiff::Timestamp,
+}
+
+impl AclGrant {
+    /// Whether an ACL identifier names a person (a user), not everyone, every
+    /// authenticated user, the owner, or a group (RFC 4314; Dovecot's `$group`, `group=`).
+    pub fn names_person(identifier: &str) -> bool {
+        let id = identifier.trim_start_matches('-');
+        !(matches!(id, "anyone" | "authenticated" | "owner" | "")
+            || id.starts_with('$')
+            || id.starts_with("group=")
+            || id.starts_with("group-override="))
+    }
+}
+
+/// How a login ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LoginOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// Where a Sieve script sends mail (`mailbox.config_changed` of kind `sieve`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Forwarding {
+    /// Addresses the script sends to: redirects, vacation `:from`, `mailto:` notifications.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<ForwardTarget>,
+    /// Actions whose target the script does not name (a variable, an included script, a
+    /// pipe): they may leave the organisation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unresolved: Vec<String>,
+    /// True when a target is outside `--internal-domains`, or a target is unresolved.
+    pub external: bool,
+    /// The script could not be read (too large, not Sieve, not fetched): nothing above is
+    /// known, and `external` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
+}
+
+/// One address a Sieve script sends to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardTarget {
+    /// The address (left out of `metadata` payloads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Its domain, lower-cased.
+    pub domain: String,
+    /// `redirect`, `vacationFrom` or `notify`.
+    pub action: ForwardAction,
+    pub external: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ForwardAction {
+    Redirect,
+    VacationFrom,
+    Notify,
+}
+
+/// Who was granted or lost which rights on which folder (`mailbox.config_changed` of kind
+/// `acl`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AclGrant {
+    pub folder: String,
+    /// A user, `anyone`, `authenticated`, `owner` or `$group` (a user is left out of
+    /// `metadata` payloads and pseudonymised in `anonymized` ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identifier: Option<String>,
+    /// `add`, `remove`, `replace` or `delete` (the entry removed).
+    pub mode: String,
+    /// RFC 4314 rights by name, e.g. `read`, `lookup`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rights: Vec<String>,
+    /// A negative entry: rights denied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub negative: bool,
+    /// Someone may now do something they could not.
+    pub granted: bool,
+    /// Someone may now read the folder's mail.
+    pub read_granted: bool,
 }
 
 impl MailboxEvent {

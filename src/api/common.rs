@@ -39,10 +39,23 @@ pub enum EventType {
     /// A MailboxFilter with a `flag` matched a message.
     #[serde(rename = "compliance.flagged")]
     ComplianceFlagged,
+    /// A message was read: its body opened over IMAP (a first read, a re-read, a
+    /// `BODY.PEEK`) or POP3, by the owner, a delegate or a master/admin session
+    /// (`activity.access`).
+    #[serde(rename = "message.accessed")]
+    MessageAccessed,
+    /// One session read many messages in a short window: one event with the count
+    /// (`activity.bulk`) instead of one per message.
+    #[serde(rename = "mailbox.bulk_access")]
+    MailboxBulkAccess,
+    /// A login succeeded or failed (`activity.login`); repeated failures of one user from
+    /// one address are one event with a count.
+    #[serde(rename = "mailbox.login")]
+    MailboxLogin,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 13] = [
         EventType::MessageReceived,
         EventType::MessageSent,
         EventType::MessageInternal,
@@ -53,6 +66,9 @@ impl EventType {
         EventType::FolderChanged,
         EventType::MailboxConfigChanged,
         EventType::ComplianceFlagged,
+        EventType::MessageAccessed,
+        EventType::MailboxBulkAccess,
+        EventType::MailboxLogin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +83,9 @@ impl EventType {
             EventType::FolderChanged => "folder.changed",
             EventType::MailboxConfigChanged => "mailbox.config_changed",
             EventType::ComplianceFlagged => "compliance.flagged",
+            EventType::MessageAccessed => "message.accessed",
+            EventType::MailboxBulkAccess => "mailbox.bulk_access",
+            EventType::MailboxLogin => "mailbox.login",
         }
     }
 }

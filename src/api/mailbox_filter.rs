@@ -107,6 +107,45 @@ pub struct MatchCriteria {
     /// Events that carry no session (journaled or ingested mail) match neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_session: Option<bool>,
+
+    /// Selects Sieve changes by where the active script sends mail: `external` when it
+    /// redirects, answers (`vacation :from`) or notifies outside `--internal-domains`, or
+    /// to a target it does not name (a variable, an included script, a pipe); `any` when it
+    /// sends mail anywhere. Other events never match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<ForwardingMatch>,
+
+    /// Selects ACL changes: `granted` when someone may now do something they could not,
+    /// `readGranted` when someone may now read the folder's mail. Other events never match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<AclMatch>,
+
+    /// `true` selects only what mailhook's own sessions did (its reconciler logs in as a
+    /// master user), `false` leaves them out. Not given: a filter leaves them out (they
+    /// stay labelled `activity.mailhookSession` for subscriptions without filters), so set
+    /// `true` to audit mailhook's own access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailhook_sessions: Option<bool>,
+}
+
+/// Which Sieve changes `forwarding` selects.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ForwardingMatch {
+    /// The script sends mail outside the organisation, or to a target it does not name.
+    External,
+    /// The script sends mail anywhere.
+    Any,
+}
+
+/// Which ACL changes `acl` selects.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AclMatch {
+    /// Rights were added or set on an entry that grants.
+    Granted,
+    /// The read right was granted.
+    ReadGranted,
 }
 
 /// Conditions on the subject line. When both are given, either may match.

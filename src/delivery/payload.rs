@@ -11,7 +11,11 @@ use serde_json::Value;
 
 use crate::api::{Direction, EventType, PayloadMode};
 use crate::archive::{Link, LinkTo, RawLinks};
-use crate::event::{Activity, Attachment, ConfigChange, DeleteStage, Flag, FolderAction, MailboxEvent, domain_of};
+use crate::event::{Access, Login};
+use crate::event::{
+    AclGrant, Activity, Attachment, BulkAccess, ConfigChange, DeleteStage, Flag, FolderAction, ForwardTarget,
+    Forwarding, MailboxEvent, domain_of,
+};
 
 use super::signing::pseudonym;
 
@@ -142,6 +146,18 @@ pub struct ActivityView<'a> {
     /// Found by the reconciler (the live notification was missed), not reported live.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     reconciled: bool,
+    /// Done in one of mailhook's own sessions (its reconciler).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    mailhook_session: bool,
+    /// message.accessed: how it was read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access: Option<Access>,
+    /// mailbox.bulk_access: how many reads, when, and in which folders.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bulk: Option<BulkAccess>,
+    /// mailbox.login: how the login went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    login: Option<Login>,
 }
 
 /// Free text from the mail system as a mode other than `full` may show it: left out when
@@ -185,11 +201,53 @@ fn activity_view<'a>(a: &'a Activity, mode: PayloadMode, anon: &dyn Fn(&str) -> 
             detail: c.detail.clone().filter(|_| full),
             target: c.target.clone().filter(|t| impersonal(t, mode).is_some()),
             command: impersonal(&c.command, mode).unwrap_or("?").to_string(),
+            forwarding: c.forwarding.as_ref().map(|f| Forwarding {
+                targets: f
+                    .targets
+                    .iter()
+                    .map(|t| ForwardTarget {
+                        address: t.address.as_deref().and_then(person),
+                        ..t.clone()
+                    })
+                    .collect(),
+                unresolved: f
+                    .unresolved
+                    .iter()
+                    .filter(|u| full || impersonal(u, mode).is_some())
+                    .cloned()
+                    .collect(),
+                unreadable: f.unreadable.clone().filter(|u| full || impersonal(u, mode).is_some()),
+                external: f.external,
+            }),
+            acl: c.acl.as_ref().map(|g| AclGrant {
+                // `anyone`, `owner`, `$group`... name nobody; a user is a person.
+                identifier: g.identifier.as_deref().and_then(|id| {
+                    if AclGrant::names_person(id) {
+                        person(id)
+                    } else {
+                        impersonal(id, mode).map(String::from)
+                    }
+                }),
+                folder: impersonal(&g.folder, mode).unwrap_or("?").to_string(),
+                ..g.clone()
+            }),
             ..c.clone()
         }),
         uid: a.uid,
         uid_validity: a.uid_validity,
         reconciled: a.reconciled,
+        mailhook_session: a.mailhook_session,
+        access: a.access.clone(),
+        bulk: a.bulk.as_ref().map(|b| BulkAccess {
+            folders: b
+                .folders
+                .iter()
+                .filter(|f| impersonal(f, mode).is_some())
+                .cloned()
+                .collect(),
+            ..b.clone()
+        }),
+        login: a.login.clone(),
     }
 }
 
@@ -563,6 +621,8 @@ mod tests {
                 command: "SETACL".into(),
                 target: Some("INBOX".into()),
                 detail: Some("INBOX bob@partner.org lr".into()),
+                forwarding: None,
+                acl: None,
             }),
             reconciled: true,
             ..Default::default()

@@ -8,8 +8,9 @@ use super::wire::{Request, header_value};
 use crate::event::MailboxEvent;
 
 /// The strings of `event` that name a person or a message: its addresses (mailbox, sender,
-/// recipients, the users of an activity), Message-ID, producer id, and the arguments of a
-/// configuration change (an ACL names its grantee).
+/// recipients, the users of an activity, forwarding targets), Message-ID, producer id, the
+/// client's address and session, and the arguments of a configuration change (an ACL
+/// names its grantee, also without a domain).
 pub fn identifiers(event: &MailboxEvent) -> Vec<&str> {
     let mut all: Vec<&str> = vec![event.mailbox.as_str()];
     all.extend(event.from.as_deref());
@@ -19,7 +20,20 @@ pub fn identifiers(event: &MailboxEvent) -> Vec<&str> {
     if let Some(a) = &event.activity {
         all.push(&a.user);
         all.extend(a.auth_user.as_deref());
-        all.extend(a.change.as_ref().and_then(|c| c.detail.as_deref()));
+        all.extend(a.remote_ip.as_deref());
+        all.extend(a.session.as_deref());
+        if let Some(c) = &a.change {
+            all.extend(c.detail.as_deref());
+            if let Some(f) = &c.forwarding {
+                all.extend(f.targets.iter().filter_map(|t| t.address.as_deref()));
+            }
+            all.extend(
+                c.acl
+                    .as_ref()
+                    .and_then(|g| g.identifier.as_deref())
+                    .filter(|id| crate::event::AclGrant::names_person(id)),
+            );
+        }
     }
     all.retain(|s| !s.is_empty());
     all
@@ -48,7 +62,10 @@ mod tests {
     use crate::delivery::encryption::tests::{decrypt, receiver_keys};
     use crate::delivery::payload::PayloadConfig;
     use crate::delivery::wire::{self, Format, Item, WireConfig};
-    use crate::event::{Activity, Attachment, ConfigChange, ConfigKind, DeadLetterNote, Flag, Source};
+    use crate::event::{
+        Access, AclGrant, Activity, Attachment, BulkAccess, ConfigChange, ConfigKind, DeadLetterNote, Flag,
+        ForwardAction, ForwardTarget, Forwarding, Login, LoginOutcome, Source,
+    };
     use crate::route::Ceiling;
 
     /// A small deterministic generator (xorshift): the same cases on every run.
@@ -123,7 +140,12 @@ mod tests {
                 auth_user: Some(rng.address()),
                 admin_session: true,
                 service: Some("imap".into()),
-                remote_ip: Some("192.0.2.7".into()),
+                // Each event its own: a companion sent in full shows its own address.
+                remote_ip: Some(format!(
+                    "2001:db8:{:x}:{:x}::7",
+                    rng.next() & 0xffff,
+                    rng.next() & 0xffff
+                )),
                 session: Some(format!("<{}>", rng.token())),
                 previous_folder: Some(format!("shared/{mailbox}/Archive")),
                 imap_flags: vec!["\\Seen".into(), format!("$fwd-{mailbox}")],
@@ -132,6 +154,45 @@ mod tests {
                     command: "SETACL".into(),
                     target: Some(format!("Other Users/{mailbox}")),
                     detail: Some(format!("{} lrs", rng.address())),
+                    forwarding: Some(Forwarding {
+                        targets: vec![ForwardTarget {
+                            address: Some(rng.address()),
+                            domain: "partner.org".into(),
+                            action: ForwardAction::Redirect,
+                            external: true,
+                        }],
+                        unresolved: vec![format!("include \"{mailbox}\"")],
+                        external: true,
+                        unreadable: Some(format!("not fetched for {mailbox}")),
+                    }),
+                    acl: Some(AclGrant {
+                        folder: format!("Other Users/{mailbox}/INBOX"),
+                        // A user name without a domain: only its kind tells it is a person.
+                        identifier: Some(rng.token()),
+                        mode: "add".into(),
+                        rights: vec!["read".into()],
+                        negative: false,
+                        granted: true,
+                        read_granted: true,
+                    }),
+                }),
+                access: Some(Access {
+                    command: Some("UID FETCH".into()),
+                    reasons: vec!["imap:fetch_body".into()],
+                }),
+                bulk: Some(BulkAccess {
+                    reads: 2000,
+                    folders: vec!["INBOX".into(), format!("Other Users/{mailbox}/INBOX")],
+                    first_at: jiff::Timestamp::UNIX_EPOCH,
+                    last_at: jiff::Timestamp::UNIX_EPOCH,
+                }),
+                login: Some(Login {
+                    outcome: LoginOutcome::Failed,
+                    mechanism: Some("PLAIN".into()),
+                    reason: Some("password_mismatch".into()),
+                    attempts: 3,
+                    first_at: jiff::Timestamp::UNIX_EPOCH,
+                    last_at: jiff::Timestamp::UNIX_EPOCH,
                 }),
                 uid: Some(7),
                 uid_validity: Some(1),
@@ -281,7 +342,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 10 * 4 * 2 * 4 * 3 * 4);
+        assert_eq!(checked, EventType::ALL.len() * 4 * 2 * 4 * 3 * 4);
     }
 
     /// The check itself finds what `full` shows, in the body and in a percent-encoded

@@ -63,6 +63,15 @@ fn describe(kind: EventType) -> &'static str {
         }
         EventType::MailboxConfigChanged => "Sieve scripts, ACLs or metadata of a mailbox changed (activity.change).",
         EventType::ComplianceFlagged => "MailboxFilters with a flag matched a message (flags, flaggedEventId).",
+        EventType::MessageAccessed => {
+            "A message's body was read (IMAP FETCH including BODY.PEEK and re-reads, POP3 RETR), by the owner, a delegate or a master/admin session (activity.access, activity.authUser)."
+        }
+        EventType::MailboxBulkAccess => {
+            "One session read more messages than the bulk threshold within the window: one event with the count (activity.bulk) instead of one per message."
+        }
+        EventType::MailboxLogin => {
+            "A login succeeded or failed (activity.login); repeated failures of one user from one address are one event (activity.login.attempts)."
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 use regex_automata::meta::Regex;
 use wildmatch::WildMatch;
 
-use crate::api::{Direction, EventType, HeaderMatch, MailboxFilterSpec, MatchCriteria, Severity};
+use crate::api::{
+    AclMatch, Direction, EventType, ForwardingMatch, HeaderMatch, MailboxFilterSpec, MatchCriteria, Severity,
+};
 use crate::event::{MailboxEvent, domain_of};
 
 /// Why a filter cannot be compiled: the field at fault and what is wrong with it.
@@ -104,6 +106,11 @@ pub struct CompiledCriteria {
     pub headers: Vec<CompiledHeader>,
     pub folders: Vec<WildMatch>,
     pub admin_session: Option<bool>,
+    pub forwarding: Option<ForwardingMatch>,
+    pub acl: Option<AclMatch>,
+    /// In a filter's own criteria, absent means `false` (mailhook's own sessions are left
+    /// out); in `exclude`, absent removes nothing.
+    pub mailhook_sessions: Option<bool>,
     /// When every `mailboxes` pattern ends in a literal ASCII domain (`*@example.com`,
     /// `alice@example.com`): those domains. A matching mailbox has one of them after its
     /// last `@`, which lets the router skip this filter for mailboxes of other domains.
@@ -148,7 +155,11 @@ impl CompiledFilter {
         }
         let mut meter = Meter { budget, used: 0 };
         Ok(CompiledFilter {
-            include: CompiledCriteria::compile(&spec.criteria, "spec", &mut meter)?,
+            include: {
+                let mut include = CompiledCriteria::compile(&spec.criteria, "spec", &mut meter)?;
+                include.mailhook_sessions = Some(include.mailhook_sessions.unwrap_or(false));
+                include
+            },
             exclude: spec
                 .exclude
                 .as_ref()
@@ -237,6 +248,9 @@ impl CompiledCriteria {
                 .collect::<Result<_, _>>()?,
             folders: folder_globs(&c.folders, &format!("{at}.folders"))?,
             admin_session: c.admin_session,
+            forwarding: c.forwarding,
+            acl: c.acl,
+            mailhook_sessions: c.mailhook_sessions,
         })
     }
 }
@@ -294,6 +308,9 @@ impl CompiledCriteria {
             && self.headers.is_empty()
             && self.folders.is_empty()
             && self.admin_session.is_none()
+            && self.forwarding.is_none()
+            && self.acl.is_none()
+            && self.mailhook_sessions.is_none()
     }
 
     /// Every criterion given holds (AND); within a list any entry may match (OR).
@@ -315,6 +332,23 @@ impl CompiledCriteria {
             && self
                 .admin_session
                 .is_none_or(|admin| e.activity.as_ref().is_some_and(|a| a.admin_session == admin))
+            && self
+                .mailhook_sessions
+                .is_none_or(|ours| e.activity.as_ref().is_some_and(|a| a.mailhook_session) == ours)
+            && self.forwarding.is_none_or(|want| {
+                let forwarding = e.activity.as_ref().and_then(|a| a.change.as_ref()?.forwarding.as_ref());
+                forwarding.is_some_and(|f| match want {
+                    ForwardingMatch::External => f.external,
+                    ForwardingMatch::Any => f.external || !f.targets.is_empty() || !f.unresolved.is_empty(),
+                })
+            })
+            && self.acl.is_none_or(|want| {
+                let acl = e.activity.as_ref().and_then(|a| a.change.as_ref()?.acl.as_ref());
+                acl.is_some_and(|g| match want {
+                    AclMatch::Granted => g.granted,
+                    AclMatch::ReadGranted => g.read_granted,
+                })
+            })
     }
 
     fn folder_matches(&self, e: &MailboxEvent) -> bool {

@@ -818,8 +818,9 @@ async fn dovecot_batch(
     .await
 }
 
-/// `POST /v1/sources/dovecot/events`: one event of Dovecot's event exporter. Events that
-/// report no configuration change are acknowledged and dropped.
+/// `POST /v1/sources/dovecot/events`: one event of Dovecot's event exporter. A
+/// configuration change or a login is stored; a read or a failed login is held (see
+/// `dovecot::held`); anything else is acknowledged and dropped.
 async fn dovecot_exported(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -832,19 +833,88 @@ async fn dovecot_exported(
         headers,
         body,
         |state, exported: dovecot::Exported, held| async move {
-            let Some(event) = dovecot::map_exported(exported, jiff::Timestamp::now()) else {
+            let now = jiff::Timestamp::now();
+            let config = &state.dovecot.config;
+            let Some(reported) = dovecot::exported::read(&exported, config, now) else {
                 return Ok(Vec::new());
             };
+            let (event, rows) = match reported {
+                dovecot::exported::Reported::Event { event, session } => {
+                    let rows = match session {
+                        Some((id, info)) => vec![
+                            dovecot::held::remember(&id, &info, now)
+                                .map_err(|e| stored_refusal(AcceptError::Store(e), |_| "body".into()))?,
+                        ],
+                        None => vec![],
+                    };
+                    (Some(*event), rows)
+                }
+                dovecot::exported::Reported::Sieve {
+                    mut event,
+                    user,
+                    script,
+                } => {
+                    let forwarding = sieve_forwarding(config, &user, script.as_deref()).await;
+                    if let Some(change) = event.activity.as_mut().and_then(|a| a.change.as_mut()) {
+                        change.forwarding = Some(forwarding);
+                    }
+                    (Some(*event), vec![])
+                }
+                dovecot::exported::Reported::Held(item) => (
+                    None,
+                    vec![
+                        dovecot::held::hold(&item)
+                            .map_err(|e| stored_refusal(AcceptError::Store(e), |_| "body".into()))?,
+                    ],
+                ),
+            };
             let pipeline = state.pipeline.clone();
-            blocking(&state, held, move || {
-                pipeline
-                    .accept(vec![event])
-                    .map_err(|e| stored_refusal(e, |_| "body".into()))
+            blocking(&state, held, move || match event {
+                Some(event) => pipeline
+                    .accept_with_rows(vec![event], rows)
+                    .map_err(|e| stored_refusal(e, |_| "body".into())),
+                None => pipeline
+                    .deliveries
+                    .rows()
+                    .write_rows(rows)
+                    .map(|()| Vec::new())
+                    .map_err(|e| stored_refusal(AcceptError::Store(e), |_| "body".into())),
             })
             .await
         },
     )
     .await
+}
+
+/// Where the script a Sieve change names sends mail: read over ManageSieve when
+/// `--dovecot-managesieve-addr` is set; otherwise, or when it cannot be read, unknown,
+/// which counts as external (a compliance filter must not miss a forward it could not
+/// read). The read runs on a task of its own, so an exporter that stops waiting does not
+/// cut it short.
+async fn sieve_forwarding(config: &DovecotConfig, user: &str, script: Option<&str>) -> crate::event::Forwarding {
+    let summary = match (&config.sieve, script) {
+        (None, _) => Err(
+            "the script was not read: set --dovecot-managesieve-addr so mailhook can read Sieve scripts".to_string(),
+        ),
+        // SETACTIVE "": every script deactivated, nothing is sent anywhere.
+        (Some(_), Some("")) => Ok(dovecot::sieve::Summary::default()),
+        (Some(server), name) => {
+            let (server, user, name) = (server.clone(), user.to_string(), name.map(String::from));
+            let read = tokio::spawn(async move { server.script(&user, name.as_deref()).await });
+            match read.await {
+                Ok(Ok(Some(found))) => {
+                    dovecot::sieve::summarize(&found.text).map_err(|e| format!("the script is not readable Sieve: {e}"))
+                }
+                Ok(Ok(None)) => Err("the script is gone (changed again before mailhook read it)".to_string()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot read a Sieve script over ManageSieve");
+                    Err(format!("the script could not be read: {e}"))
+                }
+                Err(e) => Err(format!("reading the script stopped: {e}")),
+            }
+        }
+    };
+    dovecot::exported::forwarding(summary, &config.internal_domains)
 }
 
 fn json_only(headers: &HeaderMap) -> Result<(), Refusal> {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use durable::DurableStore;
 pub use durable::shared::SharedStore;
 pub use paged::PagedStore;
-pub use rows::{Row, RowWrite, Rows};
+pub use rows::{Row, RowWrite, Rows, is_reserved, reserved_group};
 
 use crate::event::MailboxEvent;
 

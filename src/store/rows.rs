@@ -43,6 +43,20 @@ pub trait Rows: Send + Sync {
     fn write_rows(&self, writes: Vec<RowWrite>) -> Result<(), StoreError>;
 }
 
+/// Groups mailhook keeps for itself, beside those its sources name after a mailbox, begin
+/// with this character, which no mailbox name holds (sources drop control characters).
+const RESERVED: char = '\u{1}';
+
+/// The group `name` of mailhook's own (see `is_reserved`).
+pub fn reserved_group(name: &str) -> String {
+    format!("{RESERVED}{name}")
+}
+
+/// Whether `group` is one of mailhook's own, not a mailbox's.
+pub fn is_reserved(group: &str) -> bool {
+    group.starts_with(RESERVED)
+}
+
 /// Whether `group` can name a group: not empty, no NUL (the stored key's separator).
 pub fn valid_group(group: &str) -> bool {
     !group.is_empty() && !group.contains('\0')

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoreError;
-use crate::store::rows::{Row, RowWrite, Rows, valid_group};
+use crate::store::rows::{Row, RowWrite, Rows, is_reserved};
 
 /// A message's place in a mailbox: (user, folder, UIDVALIDITY, UID), as IMAP names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -146,6 +146,12 @@ fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(StoreError::io)
 }
 
+/// Whether `user` can name a mailbox's group: a valid group that is not one of
+/// mailhook's own (a user name made up to look like one writes nothing).
+fn valid_group(user: &str) -> bool {
+    crate::store::rows::valid_group(user) && !is_reserved(user)
+}
+
 /// One message, if the index knows it.
 pub fn message(rows: &dyn Rows, key: &MessageKey) -> Result<Option<IndexedMessage>, StoreError> {
     if !valid_group(&key.user) {
@@ -154,9 +160,27 @@ pub fn message(rows: &dyn Rows, key: &MessageKey) -> Result<Option<IndexedMessag
     Ok(rows.row(&key.user, &key::message(key))?.as_ref().and_then(indexed))
 }
 
-/// Every user the index knows.
+/// Every user the index knows (groups that are not a mailbox's are left out).
 pub fn users(rows: &dyn Rows) -> Result<Vec<String>, StoreError> {
-    rows.row_groups()
+    Ok(rows.row_groups()?.into_iter().filter(|g| !is_reserved(g)).collect())
+}
+
+/// A folder's UIDVALIDITY as the index last knew it: its own row's, else that of the
+/// messages indexed in it.
+pub fn folder_validity(rows: &dyn Rows, user: &str, folder: &str) -> Result<Option<u32>, StoreError> {
+    if !valid_group(user) || !key::valid(folder) {
+        return Ok(None);
+    }
+    let marker = rows
+        .row(user, &key::folder(folder))?
+        .and_then(|row| serde_json::from_slice::<IndexedFolder>(&row.body).ok());
+    if let Some(v) = marker.and_then(|m| m.uid_validity) {
+        return Ok(Some(v));
+    }
+    Ok(mailbox(rows, user, Some(folder))?
+        .folders
+        .get(folder)
+        .and_then(|f| f.uid_validity))
 }
 
 /// What the index knows of `user`'s mailbox (one folder, or all of them).
@@ -322,6 +346,9 @@ pub fn purge(rows: &dyn Rows, before: jiff::Timestamp) -> Result<u64, StoreError
     let mut writes = Vec::new();
     let mut watermarks: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
     for (user, k) in rows.rows_before(before.as_second())? {
+        if is_reserved(&user) {
+            continue;
+        }
         let Some((folder, Some((uid_validity, uid)))) = key::parse(&k) else {
             continue;
         };

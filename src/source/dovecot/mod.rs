@@ -19,7 +19,7 @@ use serde::Deserialize;
 use self::index::{IndexChange, IndexedMessage, MessageKey};
 use super::{is_internal, normalize_address};
 use crate::api::{Direction, EventType};
-use crate::event::{Activity, ConfigChange, ConfigKind, DeleteStage, FolderAction, MailboxEvent, Source};
+use crate::event::{Activity, DeleteStage, FolderAction, MailboxEvent, Source};
 
 /// The batch format this binary reads; the script sends it as `version`.
 pub const WIRE_VERSION: u32 = 1;
@@ -40,6 +40,12 @@ pub struct DovecotConfig {
     pub internal_domains: Vec<String>,
     /// The namespace's hierarchy separator: a renamed folder's subfolders are renamed too.
     pub separator: Option<char>,
+    /// The master user mailhook's reconciler logs in as: its sessions are labelled
+    /// `mailhookSession`.
+    pub own_master_user: Option<String>,
+    /// Where Sieve scripts are read (`--dovecot-managesieve-addr`), to say where a
+    /// changed script forwards mail.
+    pub sieve: Option<managesieve::SieveServer>,
 }
 
 impl DovecotConfig {
@@ -803,124 +809,13 @@ fn pair_moves(appends: &[Placed], expunges: &[Placed]) -> Pairs {
     pairs
 }
 
-/// One event of Dovecot's event exporter (`format = json`).
-#[derive(Debug, Deserialize)]
-pub struct Exported {
-    pub event: String,
-    #[serde(default)]
-    pub start_time: Option<String>,
-    #[serde(default)]
-    pub end_time: Option<String>,
-    #[serde(default)]
-    pub fields: serde_json::Map<String, serde_json::Value>,
-}
-
-/// The first argument of an IMAP command line: a quoted string (with `\` escapes) or
-/// an atom. Pure.
-pub fn first_imap_argument(args: &str) -> Option<String> {
-    let args = args.trim_start();
-    let mut chars = args.chars();
-    if chars.next()? != '"' {
-        return args.split_whitespace().next().map(String::from);
-    }
-    let mut out = String::new();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => out.push(chars.next()?),
-            '"' => return Some(out),
-            c => out.push(c),
-        }
-    }
-    None
-}
-
-/// The configuration change an exported event reports, if it reports one; other events
-/// (the exporter's filter may let more through) are ignored.
-pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
-    let field = |name: &str| clean(e.fields.get(name).and_then(|v| v.as_str()).map(String::from));
-    let command = field("cmd_name")?.to_ascii_uppercase();
-    let args = field("cmd_args");
-    let first_arg = || args.as_deref().and_then(first_imap_argument);
-    let (kind, target) = match e.event.as_str() {
-        "imap_command_finished" => {
-            if field("tagged_reply_state").as_deref() != Some("OK") {
-                return None;
-            }
-            match command.as_str() {
-                "SETACL" | "DELETEACL" => (ConfigKind::Acl, first_arg()),
-                "SETMETADATA" => (ConfigKind::Metadata, field("mailbox").or_else(first_arg)),
-                _ => return None,
-            }
-        }
-        "managesieve_command_finished" => {
-            if e.fields.contains_key("error") {
-                return None;
-            }
-            match command.as_str() {
-                "PUTSCRIPT" | "SETACTIVE" | "DELETESCRIPT" | "RENAMESCRIPT" => {
-                    (ConfigKind::Sieve, field("script_name").or_else(first_arg))
-                }
-                _ => return None,
-            }
-        }
-        _ => return None,
-    };
-    let user = field("user")?;
-    if user.len() > 320 {
-        return None;
-    }
-    let at = e
-        .end_time
-        .as_deref()
-        .or(e.start_time.as_deref())
-        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-        .unwrap_or(now);
-    let session = field("session");
-    let producer = format!(
-        "dovecot-export:{}:{}:{}:{command}",
-        session.as_deref().unwrap_or(""),
-        field("cmd_tag").unwrap_or_default(),
-        e.start_time.as_deref().unwrap_or("")
-    )
-    .chars()
-    .filter(|c| !c.is_control())
-    .collect();
-    let activity = Activity {
-        user: user.clone(),
-        service: Some(
-            match kind {
-                ConfigKind::Sieve => "managesieve",
-                _ => "imap",
-            }
-            .to_string(),
-        ),
-        remote_ip: field("remote_ip"),
-        session,
-        change: Some(ConfigChange {
-            kind,
-            command,
-            target,
-            detail: args,
-        }),
-        ..Default::default()
-    };
-    Some(
-        Made {
-            event_type: EventType::MailboxConfigChanged,
-            mailbox: mailbox_of(&user),
-            folder: None,
-            occurred_at: at,
-            received_at: now,
-            producer,
-            activity,
-        }
-        .event(),
-    )
-}
-
 pub mod acl;
 mod batch_index;
+pub mod exported;
+pub use exported::{Exported, first_imap_argument, map_exported};
+pub mod held;
 pub mod index;
+pub mod managesieve;
 pub mod reconcile;
 pub mod sieve;
 #[cfg(test)]

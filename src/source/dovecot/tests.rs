@@ -1,3 +1,4 @@
+use crate::event::ConfigKind;
 use std::collections::HashMap;
 
 use serde_json::json;
@@ -10,6 +11,7 @@ fn cfg() -> DovecotConfig {
         trash_folders: vec!["Trash".into()],
         internal_domains: vec!["example.test".into()],
         separator: Some('/'),
+        ..Default::default()
     }
 }
 

@@ -149,6 +149,17 @@ impl TlsClient {
     fn server_name(&self) -> String {
         self.server_name.to_str().into_owned()
     }
+
+    /// TLS over `tcp`, the certificate checked (other protocols of the same server, e.g.
+    /// ManageSieve, use the same trust).
+    pub async fn handshake(&self, tcp: TcpStream) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.connector.connect(self.server_name.clone(), tcp).await
+    }
+
+    /// What the certificate is checked against, for error messages.
+    pub fn trust(&self) -> &str {
+        &self.trust
+    }
 }
 
 /// The host of `host:port` or `[v6]:port`. Pure.

@@ -43,6 +43,7 @@ fn cfg() -> DovecotConfig {
         trash_folders: vec!["Trash".into()],
         internal_domains: vec!["example.test".into()],
         separator: Some('/'),
+        ..Default::default()
     }
 }
 
