@@ -20,10 +20,10 @@ way events do. Each action logs in, does one thing, and logs out. Actions:
     setacl USER FOLDER IDENTIFIER RIGHTS
     setmetadata USER FOLDER ENTRY VALUE
     putscript USER NAME [SCRIPT]              ManageSieve PUTSCRIPT; without SCRIPT a forwarding
-                                              rule (redirect :copy to archive@outside.example)
-                                              and nothing else; with SCRIPT (Sieve text, e.g.
-                                              'redirect "x@outside.example";') that script,
-                                              then SETACTIVE NAME
+                                              rule (redirect :copy to archive@outside.example);
+                                              with SCRIPT (Sieve text, e.g.
+                                              'redirect "x@outside.example";') that script
+    setactive USER NAME                       ManageSieve SETACTIVE NAME
     read USER FOLDER MESSAGE-ID               UID FETCH uid (BODY[]): sets \\Seen
     peek USER FOLDER MESSAGE-ID               UID FETCH uid (BODY.PEEK[]): leaves the flags
     fetch USER FOLDER MESSAGE-ID ITEMS        UID FETCH uid ITEMS, e.g. '(ENVELOPE)' or
@@ -58,7 +58,12 @@ import ssl
 import statistics
 import time
 
-PASSWORDS = {"alice@example.test": "alicepw", "bob@example.test": "bobpw", "mailhook-admin": "masterpw"}
+PASSWORDS = {
+    "alice@example.test": "alicepw",
+    "bob@example.test": "bobpw",
+    "mailhook-admin": "masterpw",
+    "helpdesk-admin": "helpdeskpw",
+}
 
 imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
 imaplib.Commands.setdefault("SETACL", ("AUTH", "SELECTED"))
@@ -142,9 +147,13 @@ def act(ports, action, args):
             sieve(ports, user, name, 'require ["copy"];\r\nredirect :copy "archive@outside.example";\r\n')
         elif len(args) == 3:
             user, name, script = args
-            sieve(ports, user, name, script, activate=True)
+            sieve(ports, user, name, script)
         else:
             raise SystemExit("putscript USER NAME [SCRIPT]")
+        return
+    if action == "setactive":
+        user, name = args
+        sieve(ports, user, name, None, activate=True)
         return
     if action == "loginfail":
         loginfail(ports, args[0])
@@ -306,8 +315,8 @@ def latency(i, rounds):
 
 
 def sieve(ports, user, name, script, activate=False):
-    """ManageSieve (RFC 5804) PUTSCRIPT (then SETACTIVE if `activate`), spoken directly:
-    Python has no client for it."""
+    """ManageSieve (RFC 5804) PUTSCRIPT of `script` (unless None), then SETACTIVE if
+    `activate`, spoken directly: Python has no client for it."""
     s = socket.create_connection((ports.get("host", "127.0.0.1"), ports["sieve"]), timeout=10)
     f = s.makefile("rwb")
 
@@ -328,10 +337,11 @@ def sieve(ports, user, name, script, activate=False):
     f.write(f'AUTHENTICATE "PLAIN" "{creds}"\r\n'.encode())
     f.flush()
     answer()
-    body = script.encode()
-    f.write(f'PUTSCRIPT "{name}" {{{len(body)}+}}\r\n'.encode() + body + b"\r\n")
-    f.flush()
-    answer()
+    if script is not None:
+        body = script.encode()
+        f.write(f'PUTSCRIPT "{name}" {{{len(body)}+}}\r\n'.encode() + body + b"\r\n")
+        f.flush()
+        answer()
     if activate:
         f.write(f'SETACTIVE "{name}"\r\n'.encode())
         f.flush()

@@ -5,8 +5,8 @@
     env.py down DIR                                     stops it and removes DIR
 
 `up` writes a private configuration in a new directory: users alice@example.test and
-bob@example.test (passwords alicepw, bobpw), the master user mailhook-admin (masterpw,
-login as `user*mailhook-admin`), Maildir mailboxes with Sent and Trash, Sieve and
+bob@example.test (passwords alicepw, bobpw), the master users mailhook-admin (masterpw,
+login as `user*mailhook-admin`) and helpdesk-admin (helpdeskpw), Maildir mailboxes with Sent and Trash, Sieve and
 ManageSieve, IMAP ACL and METADATA, listeners on free loopback ports. With --mailhook it
 installs mailhook's Dovecot source exactly as shipped: examples/dovecot/90-mailhook.conf
 (only its file paths and URL replaced) and examples/dovecot/mailhook.lua. It prints
@@ -92,11 +92,12 @@ def up(args):
     with open(os.path.join(d, "passwd"), "w") as f:
         f.write("alice@example.test:{PLAIN}alicepw::::::\nbob@example.test:{PLAIN}bobpw::::::\n")
     with open(os.path.join(d, "masters"), "w") as f:
-        f.write("mailhook-admin:{PLAIN}masterpw::::::\n")
+        # A second master user: an administrator's, not mailhook's.
+        f.write("mailhook-admin:{PLAIN}masterpw::::::\nhelpdesk-admin:{PLAIN}helpdeskpw::::::\n")
     # With the ACL plugin a master user gets the rights its own name has: give them
     # (mailhook's reconciler needs l and r; the tests' admin also writes).
     with open(os.path.join(d, "global-acl"), "w") as f:
-        f.write("* owner lrwstipekxa\n* user=mailhook-admin lrwstipekxa\n")
+        f.write("* owner lrwstipekxa\n* user=mailhook-admin lrwstipekxa\n* user=helpdesk-admin lrwstipekxa\n")
     ports = {"imap": free_port(), "pop3": free_port(), "lmtp": free_port(), "sieve": free_port()}
     # Dovecot takes a connection whose two ends share an address as secure, TLS or not:
     # with --tls it listens on 127.0.0.2, which clients reach from 127.0.0.1.

@@ -883,3 +883,312 @@ async fn dovecot_routes_refuse_bad_requests_naming_the_field() {
         .expect("request");
     assert_eq!(r.status().as_u16(), 415);
 }
+
+const HELPDESK: &str = "alice@example.test*helpdesk-admin";
+
+/// Reads, logins, forwarding rules and ACL grants against a real Dovecot with the shipped
+/// exporter configuration: each user action is exactly one event of its type at the
+/// receiver, through MailboxFilters — a first read, a BODY.PEEK re-read, a read by another
+/// administrator's master session, a POP3 RETR, a failed and a successful login; a
+/// 2,000-message FETCH is one `mailbox.bulk_access`; a Sieve upload with an external
+/// redirect is flagged by a `forwarding: external` filter and an internal one is not; an
+/// ACL grant is selected by `acl: granted`; mailhook's own reconciler sessions are
+/// labelled and left out unless a filter asks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_logins_forwarding_and_grants_in_a_real_dovecot_are_one_event_each() {
+    let ns = TestNamespace::new("dovecot-access").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let master_password = std::env::temp_dir().join(format!("mailhook-dovecot-master-{}", ns.name));
+    std::fs::write(&master_password, "masterpw\n").expect("write the master password file");
+    let password_flag = master_password.display().to_string();
+    let store = std::env::temp_dir().join(format!("mailhook-dovecot-store-{}", ns.name));
+    let store_flag = store.display().to_string();
+    let mut operator =
+        Operator::start_with(&ns, &["--internal-domains", "example.test", "--store-dir", &store_flag]).await;
+    let sub = |name: &str, path: &str, filter: &str, types: &str| {
+        format!(
+            "apiVersion: mailhook.io/v1alpha1\nkind: WebhookSubscription\nmetadata: {{name: {name}}}\nspec:\n  \
+             endpoint: {{url: '{}', allowInsecureHttp: true}}\n  signing: {{secretRef: {{name: signing}}}}\n  \
+             filterRefs: [{filter}]\n  eventTypes: {types}\n---\n",
+            receiver.url(path)
+        )
+    };
+    apply(
+        &ns,
+        &format!(
+            "{}apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: alice}}\nspec:\n  \
+             mailboxes: ['alice@example.test']\n---\n\
+             apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: external-forwarding}}\nspec:\n  \
+             forwarding: external\n  flag: {{name: external-forwarding, severity: high}}\n---\n\
+             apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: acl-grants}}\nspec:\n  \
+             acl: granted\n---\n\
+             apiVersion: mailhook.io/v1alpha1\nkind: MailboxFilter\nmetadata: {{name: mailhook-own}}\nspec:\n  \
+             mailhookSessions: true\n---\n{}{}{}{}{}{}",
+            signing_secret(SIEM_SECRET),
+            sub("received", "/received", "alice", "[message.received]"),
+            sub(
+                "access",
+                "/access",
+                "alice",
+                "[message.accessed, mailbox.bulk_access, mailbox.login]"
+            ),
+            sub("config", "/config", "alice", "[mailbox.config_changed]"),
+            sub(
+                "compliance",
+                "/compliance",
+                "external-forwarding",
+                "[compliance.flagged]"
+            ),
+            sub("grants", "/grants", "acl-grants", "[mailbox.config_changed]"),
+            sub("own", "/own", "mailhook-own", "[]"),
+        ),
+    );
+    for name in ["received", "access", "config", "compliance", "grants", "own"] {
+        wait_ready(&ns, name).await;
+    }
+    let dovecot = Dovecot::start(operator.ingest, DOVECOT_TOKEN);
+    let (imap, sieve) = (dovecot.imap().to_string(), dovecot.sieve().to_string());
+    operator.kill();
+    operator
+        .restart_with(&[
+            "--dovecot-imap-addr",
+            &imap,
+            "--dovecot-master-user",
+            "mailhook-admin",
+            "--dovecot-master-password-file",
+            &password_flag,
+            "--dovecot-imap-tls",
+            "none",
+            "--dovecot-managesieve-addr",
+            &sieve,
+            "--dovecot-access-window",
+            "2s",
+            "--dovecot-bulk-threshold",
+            "100",
+        ])
+        .await;
+    let expect = |path: &'static str| Expectations {
+        receiver: &receiver,
+        path,
+        seen: 0,
+    };
+    let (mut received, mut access, mut config, mut compliance, mut grants) = (
+        expect("/received"),
+        expect("/access"),
+        expect("/config"),
+        expect("/compliance"),
+        expect("/grants"),
+    );
+    let m1 = "<read-me@outside.example>";
+    dovecot.act(
+        "deliver",
+        &[ALICE, m1, "Quartalszahlen", "Émile <emile@outside.example>"],
+    );
+    received
+        .next("delivery", &[event("message.received", json!({"messageId": m1}))])
+        .await;
+    let login = |service: &str| {
+        event(
+            "mailbox.login",
+            json!({"mailbox": ALICE, "activity": {"user": ALICE, "service": service, "remoteIp": "127.0.0.1",
+                   "login": {"outcome": "succeeded", "mechanism": "PLAIN", "attempts": 1}}}),
+        )
+    };
+    let read = |service: &str, reasons: Value| {
+        event(
+            "message.accessed",
+            json!({"mailbox": ALICE, "folder": "INBOX", "messageId": m1, "subject": "Quartalszahlen",
+                   "activity": {"user": ALICE, "service": service, "remoteIp": "127.0.0.1", "uid": 1,
+                                "access": {"reasons": reasons}}}),
+        )
+    };
+
+    dovecot.act("read", &[ALICE, "INBOX", m1]);
+    let got = access
+        .next(
+            "a first read",
+            &[
+                login("imap"),
+                read("imap", json!(["imap:cmd_uid_fetch", "imap:fetch_body"])),
+            ],
+        )
+        .await;
+    let accessed = got.iter().find(|g| g["type"] == "message.accessed").expect("read");
+    assert_eq!(accessed["data"]["activity"]["access"]["command"], "UID FETCH");
+    assert!(accessed["data"]["activity"].get("adminSession").is_none());
+    dovecot.act("peek", &[ALICE, "INBOX", m1]);
+    access
+        .next(
+            "a BODY.PEEK re-read",
+            &[
+                login("imap"),
+                read("imap", json!(["imap:cmd_uid_fetch", "imap:fetch_body"])),
+            ],
+        )
+        .await;
+    dovecot.act("read", &[HELPDESK, "INBOX", m1]);
+    let got = access
+        .next(
+            "a read by another administrator's master session",
+            &[
+                event(
+                    "mailbox.login",
+                    json!({"activity": {"user": ALICE, "authUser": "helpdesk-admin", "adminSession": true}}),
+                ),
+                event(
+                    "message.accessed",
+                    json!({"messageId": m1, "activity": {"user": ALICE, "authUser": "helpdesk-admin", "adminSession": true}}),
+                ),
+            ],
+        )
+        .await;
+    assert!(
+        got.iter()
+            .all(|g| g["data"]["activity"].get("mailhookSession").is_none())
+    );
+    dovecot.act("pop3read", &[ALICE, "1"]);
+    // POP3's reads carry no client address: the session's login gives it.
+    access
+        .next("a POP3 RETR", &[login("pop3"), read("pop3", json!(["pop3:cmd_retr"]))])
+        .await;
+    dovecot.act("loginfail", &[ALICE]);
+    access
+        .next(
+            "a failed login",
+            &[event(
+                "mailbox.login",
+                json!({"activity": {"user": ALICE, "service": "imap", "remoteIp": "127.0.0.1",
+                       "login": {"outcome": "failed", "reason": "password_mismatch", "attempts": 1}}}),
+            )],
+        )
+        .await;
+    dovecot.act("login", &[ALICE]);
+    access.next("a successful login", &[login("imap")]).await;
+    access.no_more("logins and reads").await;
+
+    // Bulk: 2,000 messages appended (one login), then fetched in one command.
+    dovecot.act("create", &[ALICE, "Archiv"]);
+    dovecot.act("appendmany", &[ALICE, "Archiv", "2000", "bulk"]);
+    access
+        .next(
+            "the creating and the appending sessions' logins",
+            &[login("imap"), login("imap")],
+        )
+        .await;
+    let fetched = dovecot.act("bulkread", &[ALICE, "Archiv"]);
+    assert!(fetched.contains("2000"), "bulkread fetched: {fetched}");
+    let got = access
+        .next(
+            "a 2,000-message FETCH",
+            &[
+                login("imap"),
+                event(
+                    "mailbox.bulk_access",
+                    json!({"folder": "Archiv", "activity": {"user": ALICE, "service": "imap",
+                           "bulk": {"reads": 2000, "folders": ["Archiv"]}}}),
+                ),
+            ],
+        )
+        .await;
+    let bulk = got.iter().find(|g| g["type"] == "mailbox.bulk_access").expect("bulk");
+    assert!(
+        bulk["data"]["activity"]["bulk"]["firstAt"].as_str() <= bulk["data"]["activity"]["bulk"]["lastAt"].as_str()
+    );
+    access.no_more("one bulk event, no single reads").await;
+
+    // Sieve: an internal redirect uploaded and activated is not flagged; replacing the
+    // active script with an external redirect is, once.
+    dovecot.act("putscript", &[ALICE, "rules", "redirect \"bob@example.test\";\r\n"]);
+    dovecot.act("setactive", &[ALICE, "rules"]);
+    let internal = json!({"kind": "sieve", "target": "rules",
+                          "forwarding": {"external": false, "targets": [{"address": "bob@example.test", "domain": "example.test", "action": "redirect", "external": false}]}});
+    let mut put = internal.clone();
+    put["command"] = json!("PUTSCRIPT");
+    let mut activated = internal.clone();
+    activated["command"] = json!("SETACTIVE");
+    config
+        .next(
+            "an internal redirect uploaded, then activated",
+            &[
+                event(
+                    "mailbox.config_changed",
+                    json!({"activity": {"service": "managesieve", "change": put}}),
+                ),
+                event("mailbox.config_changed", json!({"activity": {"change": activated}})),
+            ],
+        )
+        .await;
+    dovecot.act(
+        "putscript",
+        &[
+            ALICE,
+            "rules",
+            "require [\"copy\"];\r\nredirect :copy \"boss@outside.example\";\r\n",
+        ],
+    );
+    config
+        .next(
+            "an external redirect uploaded over the active script",
+            &[event(
+                "mailbox.config_changed",
+                json!({"activity": {"change": {"command": "PUTSCRIPT", "forwarding": {"external": true,
+                       "targets": [{"address": "boss@outside.example", "domain": "outside.example", "action": "redirect",
+                       "external": true}]}}}}),
+            )],
+        )
+        .await;
+    let flagged = compliance
+        .next(
+            "the external redirect flagged",
+            &[event(
+                "compliance.flagged",
+                json!({"flags": [{"name": "external-forwarding", "severity": "high", "filter": "external-forwarding"}],
+                       "activity": {"change": {"forwarding": {"external": true}}}}),
+            )],
+        )
+        .await;
+    assert_eq!(flagged.len(), 1);
+    compliance.no_more("the internal redirect is not flagged").await;
+
+    // ACL: a grant of read rights to bob.
+    dovecot.act("setacl", &[ALICE, "INBOX", "bob@example.test", "lr"]);
+    let grant = json!({"activity": {"change": {"kind": "acl", "command": "SETACL", "acl": {"folder": "INBOX",
+                       "identifier": "bob@example.test", "mode": "replace", "rights": ["lookup", "read"],
+                       "granted": true, "readGranted": true}}}});
+    grants
+        .next("an ACL grant", &[event("mailbox.config_changed", grant.clone())])
+        .await;
+    config
+        .next("the ACL change", &[event("mailbox.config_changed", grant)])
+        .await;
+    grants.no_more("Sieve changes are not ACL grants").await;
+    config.no_more("one event per change").await;
+
+    // The users' own ManageSieve and IMAP sessions above logged in; mailhook's own reads
+    // of the script (as its master user) did too, and are left out.
+    access
+        .next(
+            "the Sieve and ACL sessions' logins",
+            &[login("sieve"), login("sieve"), login("sieve"), login("imap")],
+        )
+        .await;
+
+    // mailhook's own reconciler logged in to look at alice's mailbox: labelled, left out
+    // of every filter above, and there for a filter that asks.
+    let own = eventually(
+        "the reconciler's login",
+        || receiver.deliveries(),
+        |d| !verified_at(d, "/own").is_empty(),
+    )
+    .await;
+    for r in verified_at(&own, "/own") {
+        let body = r.json();
+        assert_eq!(body["type"], "mailbox.login", "{body:#}");
+        assert_eq!(body["data"]["activity"]["mailhookSession"], true, "{body:#}");
+        assert_eq!(body["data"]["activity"]["authUser"], "mailhook-admin", "{body:#}");
+    }
+    access.no_more("mailhook's own sessions left out").await;
+    drop(operator);
+    let _ = std::fs::remove_file(&master_password);
+    let _ = std::fs::remove_dir_all(&store);
+}

@@ -486,6 +486,16 @@ pub fn release_due(
         let Some(release) = plan(*kind, group, windows, now) else {
             continue;
         };
+        if let Release::Counted(kind, s) = &release {
+            tracing::info!(
+                ?kind,
+                user = %s.first.user,
+                count = s.count,
+                first = %s.first.received_at,
+                last = %s.last_received,
+                "held Dovecot items released as one event"
+            );
+        }
         let events = events(&release, &lookups);
         let writes = writes(*kind, name, group, &release, now)?;
         released += events.len();

@@ -47,6 +47,11 @@ impl Dovecot {
         SocketAddr::new(self.host(), self.port("imap"))
     }
 
+    /// The ManageSieve listener.
+    pub fn sieve(&self) -> SocketAddr {
+        SocketAddr::new(self.host(), self.port("sieve"))
+    }
+
     /// The implicit-TLS listener ([`Dovecot::start_tls`] only).
     pub fn imaps(&self) -> SocketAddr {
         SocketAddr::new(self.host(), self.port("imaps"))
