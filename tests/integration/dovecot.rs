@@ -961,8 +961,10 @@ async fn reads_logins_forwarding_and_grants_in_a_real_dovecot_are_one_event_each
             "none",
             "--dovecot-managesieve-addr",
             &sieve,
+            // Long enough that a loaded machine's pause in the exporter's stream does not
+            // split the bulk read in two.
             "--dovecot-access-window",
-            "2s",
+            "5s",
             "--dovecot-bulk-threshold",
             "100",
         ])
