@@ -363,6 +363,7 @@ fn start_dovecot(base: &Base, core: &Core, pipeline: &Arc<Pipeline>) -> anyhow::
         let windows = source::dovecot::held::Windows {
             window: config.dovecot.dovecot_access_window,
             bulk_threshold: config.dovecot.dovecot_bulk_threshold,
+            bulk_quiet: config.dovecot.dovecot_bulk_quiet,
             longest: config
                 .dovecot
                 .dovecot_hold_longest

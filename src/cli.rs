@@ -352,8 +352,8 @@ pub struct DovecotArgs {
 
     /// Reads and failed logins are held this long before they are delivered, so that a
     /// burst is one event: reads of a session that stay under --dovecot-bulk-threshold
-    /// become `message.accessed` events once the first is this old; a bulk read or
-    /// repeated failed logins become one event once quiet this long.
+    /// become `message.accessed` events once the first is this old; repeated failed logins
+    /// become one event once quiet this long (a bulk read: --dovecot-bulk-quiet).
     #[arg(long, env = "MAILHOOK_DOVECOT_ACCESS_WINDOW", default_value = "10s", value_parser = duration_arg)]
     pub dovecot_access_window: std::time::Duration,
 
@@ -361,6 +361,12 @@ pub struct DovecotArgs {
     /// `mailbox.bulk_access` event.
     #[arg(long, env = "MAILHOOK_DOVECOT_BULK_THRESHOLD", default_value_t = 50)]
     pub dovecot_bulk_threshold: u64,
+
+    /// A bulk read is one event once no read of its session arrived for this long. Set it
+    /// to the exporter's `transport_timeout` (30 s in the shipped configuration): Dovecot
+    /// sends a burst's events in pieces, and drops only what waited longer than that.
+    #[arg(long, env = "MAILHOOK_DOVECOT_BULK_QUIET", default_value = "30s", value_parser = duration_arg)]
+    pub dovecot_bulk_quiet: std::time::Duration,
 
     /// A bulk read or a run of failed logins that never goes quiet is reported at least
     /// this often.

@@ -653,6 +653,7 @@ fn accepted(outcomes: &[crate::store::Appended]) -> Response {
 /// Counts a refusal other than throttling as a rejected request of `source` (an
 /// unavailable store counts as both).
 fn counted(state: &IngestState, source: &str, refusal: Refusal) -> Response {
+    tracing::debug!(source, status = %refusal.status, message = %refusal.message, "request refused");
     if refusal.status != StatusCode::TOO_MANY_REQUESTS {
         state
             .pipeline

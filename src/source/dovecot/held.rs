@@ -12,9 +12,12 @@
 //!
 //! When a group is released (`plan`, pure): reads as single events once the first of
 //! them is `window` old while they are no more than `bulk_threshold`; past the threshold,
-//! as one bulk event once the session was quiet for `window`, or `longest` after its
-//! first read. Failed logins (one group per user and client address) as one event once
-//! quiet for `window` or `longest` after the first.
+//! as one bulk event once no read of the session arrived for `bulk_quiet`, or `longest`
+//! after its first read. Dovecot's exporter sends a burst's events in pieces, seconds
+//! apart, and drops what waited longer than its `transport_timeout`: with `bulk_quiet` at
+//! least that long, no later piece of the burst can still come. Failed logins (one group
+//! per user and client address) as one event once quiet for `window` or `longest` after
+//! the first.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -117,6 +120,8 @@ pub struct Summary {
 pub struct Windows {
     pub window: Duration,
     pub bulk_threshold: u64,
+    /// `--dovecot-bulk-quiet`: the exporter's `transport_timeout`.
+    pub bulk_quiet: Duration,
     pub longest: Duration,
 }
 
@@ -125,6 +130,7 @@ impl Default for Windows {
         Windows {
             window: Duration::from_secs(10),
             bulk_threshold: 50,
+            bulk_quiet: Duration::from_secs(30),
             longest: Duration::from_secs(15 * 60),
         }
     }
@@ -297,7 +303,11 @@ pub fn groups(rows: Vec<Row>) -> (Groups, Vec<Vec<u8>>) {
 pub fn plan(kind: Kind, group: &Group, windows: &Windows, now: jiff::Timestamp) -> Option<Release> {
     let (first, last) = (group.first_at()?, group.last_received()?);
     let age = |t: jiff::Timestamp| now.duration_since(t).try_into().unwrap_or(Duration::ZERO);
-    let quiet = age(last) >= windows.window;
+    let quiet = age(last)
+        >= match kind {
+            Kind::Read => windows.bulk_quiet,
+            Kind::LoginFailed => windows.window,
+        };
     let too_long = age(first) >= windows.longest;
     match kind {
         Kind::Read if group.count() <= windows.bulk_threshold && group.summary.is_none() => (age(first)
@@ -493,6 +503,8 @@ pub fn release_due(
                 count = s.count,
                 first = %s.first.received_at,
                 last = %s.last_received,
+                first_at = %s.first.at,
+                last_at = %s.last_at,
                 "held Dovecot items released as one event"
             );
         }
@@ -604,6 +616,7 @@ mod tests {
         Windows {
             window: Duration::from_secs(10),
             bulk_threshold: 3,
+            bulk_quiet: Duration::from_secs(10),
             longest: Duration::from_secs(60),
         }
     }
