@@ -156,7 +156,13 @@ pub fn message(rows: &dyn Rows, key: &MessageKey) -> Result<Option<IndexedMessag
 
 /// Every user the index knows.
 pub fn users(rows: &dyn Rows) -> Result<Vec<String>, StoreError> {
-    rows.row_groups()
+    // A group starting with a control character is no user's (names hold none): another
+    // part's rows (`source::seen`).
+    Ok(rows
+        .row_groups()?
+        .into_iter()
+        .filter(|g| !g.starts_with(char::is_control))
+        .collect())
 }
 
 /// What the index knows of `user`'s mailbox (one folder, or all of them).
