@@ -299,6 +299,8 @@ fn wiring(base: &Base, core: &Core) -> anyhow::Result<controller::Wiring> {
         matches: core.matches.clone(),
         metrics: base.metrics.clone(),
         directory: core.directory.clone(),
+        activity: core.activity.clone(),
+        mail_source_selector: config.kube.mail_source_selector.clone(),
         build: controller::subscription::BuildSettings {
             pseudonym_secret: crate::delivery::signing::pseudonym_secret(
                 config.delivery.pseudonym_key_file.as_deref(),
