@@ -8,7 +8,7 @@ use kube::Api;
 use mailhook::api::MailSource;
 
 use crate::smtp::swaks_mail;
-use crate::support::{Operator, TestNamespace, eventually, free_port, kubectl_run};
+use crate::support::{DOVECOT_TOKEN, Operator, TestNamespace, eventually, free_port, kubectl_run, siem_event};
 
 /// (status, reason, message) of the Ready condition.
 fn ready(s: &MailSource) -> Option<(String, String, String)> {
@@ -146,5 +146,68 @@ async fn a_journal_feed_that_stops_turns_its_mail_source_silent_naming_it() {
     eventually("Ready=True/Reporting again", get, |s| {
         ready(s).is_some_and(|(status, reason, _)| status == "True" && reason == "Reporting")
     })
+    .await;
+}
+
+/// The value of the series of (`source`, `producer`) in an exposition, if there is one.
+fn last_event(metrics: &str, source: &str, producer: &str) -> Option<i64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("mailhook_source_last_event_timestamp_seconds{"))
+        .find(|l| l.contains(&format!("source=\"{source}\"")) && l.contains(&format!("producer=\"{producer}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_and_dovecot_producers_are_named_by_their_credentials() {
+    let ns = TestNamespace::new("source-producers").await;
+    let operator = Operator::start(&ns).await;
+    let name = format!("{}-ingest", ns.name);
+    let _declared = Declared(name.clone());
+    let yaml = format!(
+        "apiVersion: mailhook.io/v1alpha1\nkind: MailSource\nmetadata:\n  name: {name}\n  labels: {{mailhook.io/test-namespace: {}}}\n\
+         spec: {{source: http, producer: ingest, silentAfter: 1h}}\n",
+        ns.name
+    );
+    let (ok, _, err) = kubectl_run(&["apply", "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}");
+
+    // The test token file's bare token is the credential `ingest`; the Dovecot file's is
+    // `dovecot-test`.
+    let (status, body) = operator.ingest(&[siem_event("p-1")]).await;
+    assert_eq!(status, 202, "{body}");
+    let batch = serde_json::json!({"version": 1, "batch": "s:1", "user": "alice@example.test", "events": [
+        {"event": "MailboxCreate", "mailbox": "Projects"}]});
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/sources/dovecot", operator.ingest))
+        .bearer_auth(DOVECOT_TOKEN)
+        .header("content-type", "application/json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .expect("Dovecot batch");
+    assert_eq!(r.status().as_u16(), 202);
+    let metrics = eventually(
+        "both producers on /metrics",
+        || operator.metrics(),
+        |m| last_event(m, "http", "ingest").is_some() && last_event(m, "dovecot", "dovecot-test").is_some(),
+    )
+    .await;
+    let now = jiff::Timestamp::now().as_second();
+    for (source, producer) in [("http", "ingest"), ("dovecot", "dovecot-test")] {
+        let at = last_event(&metrics, source, producer).unwrap_or_default();
+        assert!((now - 60..=now).contains(&at), "{source}/{producer}: {at}, now {now}");
+    }
+
+    let api: Api<MailSource> = Api::all(ns.client.clone());
+    eventually(
+        "the ingest credential's MailSource Ready=True/Reporting",
+        || {
+            let (api, name) = (api.clone(), name.clone());
+            async move { api.get(&name).await.expect("get MailSource") }
+        },
+        |s| ready(s).is_some_and(|(status, reason, _)| status == "True" && reason == "Reporting"),
+    )
     .await;
 }
