@@ -152,7 +152,13 @@ pub async fn keep(
         }
     }
     // What came in since the last sync is not lost to a restart.
-    let _ = tokio::task::spawn_blocking(move || sync(&activity, rows.as_ref())).await;
+    match tokio::task::spawn_blocking(move || sync(&activity, rows.as_ref())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(%err, "cannot keep the sources' last event times at shutdown; they are as of the last sync")
+        }
+        Err(err) => tracing::warn!(%err, "keeping the sources' last event times at shutdown stopped unexpectedly"),
+    }
 }
 
 #[cfg(test)]
