@@ -161,6 +161,39 @@ pub async fn keep(
     }
 }
 
+/// The times' behaviour on a real store; run on every backend (the PostgreSQL ones from
+/// `tests/postgres`). Test support, not API.
+#[doc(hidden)]
+pub mod conformance {
+    use super::*;
+    use crate::store::Store;
+
+    /// Two replicas share their times through the store, the newest wins, a restart reads
+    /// them back, and the rows stay apart from the Dovecot mailbox index (not a mailbox to
+    /// reconcile, never purged by its retention).
+    pub fn times_are_shared_kept_and_apart_from_the_index(s: &dyn Store) {
+        let (a, b) = (SourceActivity::default(), SourceActivity::default());
+        a.producer("smtp", JOURNAL).heard(1_000);
+        b.producer("smtp", JOURNAL).heard(1_500);
+        b.producer("dovecot", "imap-eu").heard(1_200);
+        assert_eq!(sync(&a, s).expect("sync"), 1);
+        assert_eq!(sync(&b, s).expect("sync"), 2);
+        assert_eq!(sync(&a, s).expect("sync"), 0, "nothing newer to write");
+        assert_eq!(a.last("smtp", JOURNAL), Some(1_500));
+        assert_eq!(a.last("dovecot", "imap-eu"), Some(1_200));
+
+        let restarted = SourceActivity::default();
+        assert_eq!(sync(&restarted, s).expect("sync"), 0);
+        assert_eq!(restarted.snapshot().len(), 2);
+        assert_eq!(restarted.last("smtp", JOURNAL), Some(1_500));
+
+        let users = crate::source::dovecot::index::users(s).expect("users");
+        assert!(!users.iter().any(|u| u == GROUP), "{users:?}");
+        crate::source::dovecot::index::purge(s, jiff::Timestamp::now()).expect("purge");
+        assert_eq!(s.rows(GROUP, b"").expect("rows").len(), 2, "not the index's to purge");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +260,16 @@ mod tests {
         assert_eq!(activity.last("smtp", JOURNAL), Some(3_000));
         assert_eq!(activity.last("http", "crm"), Some(2_500));
         assert_eq!(activity.last("dovecot", "x"), None);
+    }
+
+    #[test]
+    fn times_on_the_embedded_stores() {
+        conformance::times_are_shared_kept_and_apart_from_the_index(
+            &crate::store::DurableStore::in_memory().expect("store"),
+        );
+        conformance::times_are_shared_kept_and_apart_from_the_index(
+            &crate::store::PagedStore::in_memory().expect("store"),
+        );
     }
 
     #[test]
