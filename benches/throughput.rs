@@ -214,6 +214,7 @@ async fn rig(subscriptions: usize) -> Rig {
         metrics,
         internal_domains: vec![],
         matches: Arc::new(MatchCounters::default()),
+        activity: Arc::default(),
         limits: Default::default(),
     });
     let readiness = Readiness::default();

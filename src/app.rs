@@ -16,7 +16,7 @@ use crate::controller;
 use crate::delivery::client::Clients;
 use crate::delivery::egress::EgressPolicy;
 use crate::delivery::{Capacity, Deliveries, Housekeeping};
-use crate::handles::{self, Directory, Leadership, MatchCounters, Readiness, ReadinessPart};
+use crate::handles::{self, Directory, Leadership, MatchCounters, Readiness, ReadinessPart, SourceActivity};
 use crate::history::History;
 use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
@@ -92,6 +92,7 @@ struct Core {
     raw_links: Option<Arc<RawLinks>>,
     matches: Arc<MatchCounters>,
     directory: Arc<Directory>,
+    activity: Arc<SourceActivity>,
 }
 
 /// Runs the operator until SIGTERM or Ctrl-C, then drains.
@@ -203,6 +204,21 @@ async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core>
         base.readiness.part(handles::STORE, "opening"),
         metrics.clone(),
     );
+    let activity = Arc::new(SourceActivity::default());
+    {
+        // In Control: stopped once intake has, so its last write holds every event taken.
+        let stop = lifecycle.token(Stage::Control);
+        lifecycle.spawn(
+            Stage::Control,
+            "source activity",
+            source::seen::keep(
+                activity.clone(),
+                deliveries.rows(),
+                metrics.source_last_event.clone(),
+                stop,
+            ),
+        );
+    }
     Ok(Core {
         deliveries,
         router,
@@ -210,6 +226,7 @@ async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core>
         raw_links,
         matches: Arc::new(MatchCounters::default()),
         directory: Arc::new(Directory::default()),
+        activity,
     })
 }
 
@@ -282,6 +299,8 @@ fn wiring(base: &Base, core: &Core) -> anyhow::Result<controller::Wiring> {
         matches: core.matches.clone(),
         metrics: base.metrics.clone(),
         directory: core.directory.clone(),
+        activity: core.activity.clone(),
+        mail_source_selector: config.kube.mail_source_selector.clone(),
         build: controller::subscription::BuildSettings {
             pseudonym_secret: crate::delivery::signing::pseudonym_secret(
                 config.delivery.pseudonym_key_file.as_deref(),
@@ -313,6 +332,7 @@ fn pipeline(base: &Base, core: &Core) -> Arc<Pipeline> {
         metrics: base.metrics.clone(),
         internal_domains: source::internal_domains(&base.config.ingest.internal_domains),
         matches: core.matches.clone(),
+        activity: core.activity.clone(),
         limits: source::Limits {
             max_store_bytes: base.config.store.max_store_bytes,
         },

@@ -185,6 +185,12 @@ pub struct KubeArgs {
     #[arg(long = "watch-namespace", env = "MAILHOOK_WATCH_NAMESPACE", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
 
+    /// Label selector of the MailSources (cluster-scoped) this operator judges and writes
+    /// status on, e.g. `mailhook.io/release=mail-eu`; all when absent. Set it when several
+    /// mailhook installations share a cluster, so each judges only its own feeds.
+    #[arg(long, env = "MAILHOOK_MAIL_SOURCE_SELECTOR")]
+    pub mail_source_selector: Option<String>,
+
     /// Status writes and Events sent to the Kubernetes API per second, on average
     /// (client-side, like client-go's QPS). Condition changes go before counter refreshes.
     #[arg(long, env = "MAILHOOK_KUBE_API_QPS", default_value = "100")]

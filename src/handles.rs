@@ -161,6 +161,91 @@ impl Directory {
     }
 }
 
+/// When each source (and producer within it: a credential, or `journal` for the SMTP
+/// feed) last had events committed: written by the pipeline, read by the MailSource
+/// status loop and the task that exports and persists it (`source::seen`). Producers are
+/// bounded by the configured credentials.
+#[derive(Default)]
+pub struct SourceActivity {
+    /// Source (`smtp`, `http`, `dovecot`) → producer → its times.
+    sources: RwLock<HashMap<&'static str, HashMap<String, Arc<Heard>>>>,
+}
+
+/// One producer's times, in unix seconds (0: never).
+#[derive(Default, Debug)]
+pub struct Heard {
+    /// The last commit of its events, here or (merged from the store) on another replica.
+    pub last: std::sync::atomic::AtomicI64,
+    /// The newest time the store is known to hold for it.
+    pub stored: std::sync::atomic::AtomicI64,
+}
+
+impl Heard {
+    /// Events of this producer were committed at `at`.
+    pub fn heard(&self, at: i64) {
+        self.last.fetch_max(at, Ordering::Relaxed);
+    }
+}
+
+/// One producer's times, as `SourceActivity::snapshot` reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeardFrom {
+    pub source: &'static str,
+    pub producer: String,
+    pub last: i64,
+    pub stored: i64,
+}
+
+impl SourceActivity {
+    /// The times of (`source`, `producer`), made on first use. Allocates only then: the
+    /// ingest path calls it for every batch.
+    pub fn producer(&self, source: &'static str, producer: &str) -> Arc<Heard> {
+        if let Some(heard) = self.sources.read().get(source).and_then(|p| p.get(producer)) {
+            return heard.clone();
+        }
+        self.sources
+            .write()
+            .entry(source)
+            .or_default()
+            .entry(producer.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// A time another replica (or an earlier run) stored: counts as heard and as stored.
+    pub fn merge_stored(&self, source: &'static str, producer: &str, at: i64) {
+        let heard = self.producer(source, producer);
+        heard.last.fetch_max(at, Ordering::Relaxed);
+        heard.stored.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// When (`source`, `producer`) was last heard from, if ever.
+    pub fn last(&self, source: &str, producer: &str) -> Option<i64> {
+        let sources = self.sources.read();
+        let last = sources.get(source)?.get(producer)?.last.load(Ordering::Relaxed);
+        (last > 0).then_some(last)
+    }
+
+    /// Every producer heard from, sorted.
+    pub fn snapshot(&self) -> Vec<HeardFrom> {
+        let mut all: Vec<HeardFrom> = self
+            .sources
+            .read()
+            .iter()
+            .flat_map(|(source, producers)| {
+                producers.iter().map(|(producer, heard)| HeardFrom {
+                    source,
+                    producer: producer.clone(),
+                    last: heard.last.load(Ordering::Relaxed),
+                    stored: heard.stored.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| (a.source, &a.producer).cmp(&(b.source, &b.producer)));
+        all
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

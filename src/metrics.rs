@@ -15,6 +15,9 @@ pub struct Metrics {
     registry: Registry,
     pub events_ingested: IntCounterVec,
     pub events_routed: IntCounterVec,
+    /// Unix seconds of each source's (and producer's) last committed events; a feed that
+    /// goes silent shows here first (`MailhookSourceSilent`).
+    pub source_last_event: IntGaugeVec,
     deliveries: IntCounterVec,
     delivery_duration: HistogramVec,
     pub backlog: IntGaugeVec,
@@ -81,6 +84,7 @@ impl Metrics {
         let Ingest {
             events_ingested,
             events_routed,
+            source_last_event,
             refused,
         } = ingest(&r)?;
         let Delivery {
@@ -131,6 +135,7 @@ impl Metrics {
             registry: r.0,
             events_ingested,
             events_routed,
+            source_last_event,
             deliveries,
             delivery_duration,
             backlog,
@@ -283,6 +288,7 @@ fn process(r: &Registrar) -> Result<IntCounterVec, prometheus::Error> {
 struct Ingest {
     events_ingested: IntCounterVec,
     events_routed: IntCounterVec,
+    source_last_event: IntGaugeVec,
     refused: IntCounterVec,
 }
 
@@ -297,6 +303,11 @@ fn ingest(r: &Registrar) -> Result<Ingest, prometheus::Error> {
             "mailhook_events_routed_total",
             "Accepted events by whether they matched at least one subscription (matched, unmatched).",
             &["result"],
+        )?,
+        source_last_event: r.gauge_vec(
+            "mailhook_source_last_event_timestamp_seconds",
+            "Unix time of the last events committed from each source (smtp, http, dovecot) and producer (the ingest or Dovecot credential's name; journal for the SMTP feed), on any replica sharing the store (updated within seconds here, within ~15 s from other replicas; kept across restarts). A producer appears once it has been heard from.",
+            &["source", "producer"],
         )?,
         refused: r.counter_vec(
             "mailhook_listener_refused_total",

@@ -71,6 +71,7 @@ fn world() -> &'static World {
             metrics,
             internal_domains: vec!["contoso.com".into()],
             matches: Arc::default(),
+            activity: Arc::default(),
             limits: Limits::default(),
         });
         let config = SmtpConfig {

@@ -3,6 +3,7 @@
 
 mod common;
 mod duration;
+mod mail_source;
 mod mailbox_filter;
 mod mailbox_grant;
 mod quantity;
@@ -10,6 +11,7 @@ mod webhook_subscription;
 
 pub use common::*;
 pub use duration::{DurationError, parse_duration, parse_since};
+pub use mail_source::*;
 pub use mailbox_filter::*;
 pub use mailbox_grant::*;
 pub use quantity::{QUANTITY_PATTERN, QuantityError, parse_bytes};
@@ -24,6 +26,7 @@ pub const GROUP: &str = "mailhook.io";
 /// Every CRD this operator serves, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
+        kubernetes_formats(MailSource::crd()),
         kubernetes_formats(MailboxFilter::crd()),
         kubernetes_formats(MailboxGrant::crd()),
         kubernetes_formats(WebhookSubscription::crd()),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::common::{EventType, SecretKeyRef, SecretRef};
 
 /// A Go-style duration such as `5s`, `1m30s` or `2h`: CEL that accepts it when positive.
-const POSITIVE_DURATION: &str =
+pub(super) const POSITIVE_DURATION: &str =
     "self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) > duration('0s')";
 /// Every entry a duration, zero allowed (`0s` means "immediately" in a retry schedule).
 const DURATION_LIST: &str = "self.all(d, d.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$'))";

@@ -6,6 +6,7 @@
 pub mod conditions;
 pub mod filter;
 pub mod grant;
+pub mod mail_source;
 pub mod status;
 pub mod subscription;
 
@@ -787,6 +788,10 @@ pub struct Wiring {
     pub matches: Arc<MatchCounters>,
     pub metrics: Metrics,
     pub directory: Arc<Directory>,
+    /// When each source and producer was last heard from (MailSource status).
+    pub activity: Arc<crate::handles::SourceActivity>,
+    /// `--mail-source-selector`: the MailSources this operator judges.
+    pub mail_source_selector: Option<String>,
     pub build: subscription::BuildSettings,
     pub api_budget: ApiBudget,
     pub filter_budget: FilterBudget,
@@ -830,6 +835,7 @@ pub async fn run(
         })
         .collect();
 
+    let (activity, mail_source_selector) = (wiring.activity.clone(), wiring.mail_source_selector.clone());
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
         instance: std::env::var("POD_NAME").ok(),
@@ -905,6 +911,13 @@ pub async fn run(
     }
     let writer = status::run(ctx.clone(), shutdown.clone());
     let grants = grant::run(ctx.clone(), client.clone(), shutdown.clone());
+    let mail_sources = mail_source::run(
+        ctx.clone(),
+        client.clone(),
+        activity,
+        mail_source_selector,
+        shutdown.clone(),
+    );
     let routes = run_routes(ctx.clone(), shutdown.clone());
 
     // Ready (and ingest open) only once every cached object has been reconciled into the
@@ -946,6 +959,7 @@ pub async fn run(
     tasks.spawn(writer);
     tasks.spawn(routes);
     tasks.spawn(grants);
+    tasks.spawn(mail_sources);
     while let Some(done) = tasks.join_next().await {
         // A panic goes on up as it did when the parts were joined in one task.
         if let Err(err) = done

@@ -755,6 +755,7 @@ where
         Ok(read) => read,
         Err(response) => return response,
     };
+    let credential = admitted.credential.clone();
     let work = async {
         json_only(&headers)?;
         let request: T = parse(&body, "body")?;
@@ -762,7 +763,10 @@ where
         handle(state.clone(), request, Arc::new(admitted)).await
     };
     match work.await {
-        Ok(outcomes) => accepted(&outcomes),
+        Ok(outcomes) => {
+            state.pipeline.heard_from(crate::event::Source::Dovecot, &credential);
+            accepted(&outcomes)
+        }
         Err(refusal) => counted(&state, "dovecot", refusal),
     }
 }

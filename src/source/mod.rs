@@ -6,6 +6,7 @@
 pub mod dovecot;
 pub mod http;
 pub mod journal;
+pub mod seen;
 pub mod smtp;
 
 use std::collections::BTreeSet;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use crate::api::Direction;
 use crate::delivery::Deliveries;
 use crate::event::{MailboxEvent, domain_of};
+use crate::handles::Heard;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::store::{Appended, Ingest, RawMessage, RowWrite, StoreError};
@@ -27,6 +29,8 @@ pub struct Pipeline {
     pub internal_domains: Vec<String>,
     /// Per-filter match counters, read by the status writer.
     pub matches: Arc<crate::handles::MatchCounters>,
+    /// When each source and producer last had events committed (`seen`).
+    pub activity: Arc<crate::handles::SourceActivity>,
     pub limits: Limits,
 }
 
@@ -156,6 +160,7 @@ impl Pipeline {
                 AcceptError::RoutingPanicked { index }
             })
         };
+        let heard = self.producers(&events);
         let mut items = Vec::with_capacity(events.len());
         // Per source event: its index in `items`, the filters it matched, whether anyone gets it.
         let mut routing = Vec::with_capacity(events.len());
@@ -211,6 +216,8 @@ impl Pipeline {
             store.ingest_with_rows(items, rows)?
         };
         raw.archived |= archiving;
+        let now = jiff::Timestamp::now().as_second();
+        heard.0.iter().chain(&heard.1).for_each(|h| h.heard(now));
 
         let mut answers = Vec::with_capacity(routing.len());
         for (index, matched, any, source, at) in routing {
@@ -235,6 +242,39 @@ impl Pipeline {
         }
         self.deliveries.wake(woken.iter().map(String::as_str));
         Ok(answers)
+    }
+}
+
+impl Pipeline {
+    /// A producer was heard from outside `accept` (a Dovecot request acknowledged, with or
+    /// without events to store: an idle mailbox server still reports).
+    pub fn heard_from(&self, source: crate::event::Source, producer: &str) {
+        self.activity
+            .producer(source.as_str(), producer)
+            .heard(jiff::Timestamp::now().as_second());
+    }
+
+    /// The producers of `events`, looked up once per run of events from the same one (a
+    /// batch has one): the first apart, so that the usual batch allocates nothing.
+    fn producers(&self, events: &[MailboxEvent]) -> (Option<Arc<Heard>>, Vec<Arc<Heard>>) {
+        let (mut first, mut more): (Option<Arc<Heard>>, Vec<Arc<Heard>>) = (None, Vec::new());
+        let mut previous = None;
+        for producer in events.iter().filter_map(seen::producer_of) {
+            if previous == Some(producer) {
+                continue;
+            }
+            previous = Some(producer);
+            let heard = self.activity.producer(producer.0, producer.1);
+            let known = |h: &Arc<Heard>| Arc::ptr_eq(h, &heard);
+            if first.as_ref().is_some_and(known) || more.iter().any(known) {
+                continue;
+            }
+            match first {
+                None => first = Some(heard),
+                Some(_) => more.push(heard),
+            }
+        }
+        (first, more)
     }
 }
 

@@ -18,5 +18,6 @@ mod replicas;
 mod scale;
 mod security;
 mod smtp;
+mod sources;
 mod support;
 mod topology;

@@ -74,7 +74,7 @@ fn swaks_data(server: std::net::SocketAddr, from: &str, to: &str, data: &str) ->
 
 /// swaks sending a short message with `subject` and `body`, plus the flags in `extra`
 /// (TLS, AUTH, attachments).
-fn swaks_mail(
+pub(crate) fn swaks_mail(
     server: std::net::SocketAddr,
     from: &str,
     to: &str,

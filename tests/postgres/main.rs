@@ -225,6 +225,8 @@ fn the_store_contract_holds_on_postgresql() {
     mailhook::source::dovecot::index::conformance::the_index_follows_changes_and_is_purged_by_age(
         fresh_store("index").1.as_ref(),
     );
+    // When each source was last heard from, on the same rows.
+    mailhook::source::seen::conformance::times_are_shared_kept_and_apart_from_the_index(fresh_store("seen").1.as_ref());
 }
 
 #[test]
@@ -677,6 +679,7 @@ fn the_store_contract_holds_on_a_shared_store() {
     mailhook::source::dovecot::index::conformance::the_index_follows_changes_and_is_purged_by_age(&Sole::new(
         "shared_index",
     ));
+    mailhook::source::seen::conformance::times_are_shared_kept_and_apart_from_the_index(&Sole::new("shared_seen"));
 }
 
 /// Two replicas of one shared store, by hand: either one ingests and producer ids

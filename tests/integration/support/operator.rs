@@ -71,7 +71,9 @@ impl Operator {
         let dovecot_tokens = std::env::temp_dir().join(format!("mailhook-dovecot-tokens-{who}"));
         std::fs::write(&dovecot_tokens, format!("dovecot-test {DOVECOT_TOKEN}\n")).expect("write token file");
         let (admin, ingest) = (free_port(), free_port());
-        let mut args: Vec<String> = ["run", "--watch-namespace", &ns.name]
+        // MailSources are cluster-scoped: each test's operator judges only its own.
+        let sources = format!("mailhook.io/test-namespace={}", ns.name);
+        let mut args: Vec<String> = ["run", "--watch-namespace", &ns.name, "--mail-source-selector", &sources]
             .iter()
             .map(|s| s.to_string())
             .collect();
