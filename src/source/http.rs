@@ -177,6 +177,103 @@ struct IngestEvent {
     folder: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// Who did what in the mailbox store: reads, logins, configuration changes (the shape
+    /// the Dovecot source gives them, so receivers see one format).
+    activity: Option<IngestActivity>,
+}
+
+/// What a producer may say of an activity; mailhook's own marks (`reconciled`,
+/// `mailhookSession`) are not taken from producers.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IngestActivity {
+    user: String,
+    auth_user: Option<String>,
+    service: Option<String>,
+    remote_ip: Option<String>,
+    session: Option<String>,
+    uid: Option<u32>,
+    uid_validity: Option<u32>,
+    access: Option<crate::event::Access>,
+    bulk: Option<crate::event::BulkAccess>,
+    login: Option<crate::event::Login>,
+    change: Option<crate::event::ConfigChange>,
+}
+
+/// Most entries of a list inside an activity (reasons, folders, forwarding targets).
+const MAX_ACTIVITY_LIST: usize = 64;
+
+/// An activity as stored, or the refusal naming the field.
+fn activity(a: IngestActivity, at: &str) -> Result<crate::event::Activity, Refusal> {
+    let bad = |field: &str, problem: &str| {
+        Refusal::bad(
+            format!("{at}: activity.{field}"),
+            format!("{at}: activity.{field}: {problem}"),
+        )
+    };
+    let short = |field: &str, value: &Option<String>, max: usize| match value {
+        Some(v) if v.is_empty() || v.len() > max || v.chars().any(char::is_control) => {
+            Err(bad(field, &format!("must be 1 to {max} bytes, no control characters")))
+        }
+        _ => Ok(()),
+    };
+    short("user", &Some(a.user.clone()), 320)?;
+    short("authUser", &a.auth_user, 320)?;
+    short("service", &a.service, 64)?;
+    short("remoteIp", &a.remote_ip, 64)?;
+    short("session", &a.session, 256)?;
+    if let Some(access) = &a.access
+        && (access.reasons.len() > MAX_ACTIVITY_LIST || access.reasons.iter().any(|r| r.len() > 128))
+    {
+        return Err(bad(
+            "access.reasons",
+            &format!("at most {MAX_ACTIVITY_LIST} reasons of 128 bytes"),
+        ));
+    }
+    if let Some(bulk) = &a.bulk
+        && (bulk.folders.len() > MAX_ACTIVITY_LIST || bulk.folders.iter().any(|f| f.len() > MAX_TEXT))
+    {
+        return Err(bad("bulk.folders", &format!("at most {MAX_ACTIVITY_LIST} folders")));
+    }
+    if let Some(change) = &a.change {
+        let forwarding = change.forwarding.as_ref();
+        if forwarding.is_some_and(|f| f.targets.len() > MAX_ACTIVITY_LIST * 4 || f.unresolved.len() > MAX_ACTIVITY_LIST)
+        {
+            return Err(bad("change.forwarding", "too many targets"));
+        }
+        let texts = [
+            change.target.as_deref(),
+            change.detail.as_deref(),
+            Some(change.command.as_str()),
+        ];
+        if texts.into_iter().flatten().any(|t| t.len() > MAX_TEXT)
+            || change
+                .acl
+                .as_ref()
+                .is_some_and(|g| g.rights.len() > 32 || g.folder.len() > MAX_TEXT)
+        {
+            return Err(bad(
+                "change",
+                &format!("a text longer than {MAX_TEXT} bytes, or more than 32 rights"),
+            ));
+        }
+    }
+    let auth_user = a.auth_user.filter(|u| !u.eq_ignore_ascii_case(&a.user));
+    Ok(crate::event::Activity {
+        admin_session: auth_user.is_some(),
+        user: a.user,
+        auth_user,
+        service: a.service,
+        remote_ip: a.remote_ip,
+        session: a.session,
+        uid: a.uid,
+        uid_validity: a.uid_validity,
+        access: a.access,
+        bulk: a.bulk,
+        login: a.login,
+        change: a.change,
+        ..Default::default()
+    })
 }
 
 #[derive(Deserialize)]
@@ -1089,7 +1186,7 @@ fn normalize(
         flagged_event_id: None,
         flag_namespace: None,
         raw_message: None,
-        activity: None,
+        activity: e.activity.map(|a| activity(a, at)).transpose()?.map(Box::new),
         dead_letter: None,
         producer_scope: None,
     })
@@ -1120,6 +1217,45 @@ mod tests {
 
     fn reason<T>(r: Result<T, (Refusal, &'static str)>) -> Option<(u16, &'static str)> {
         r.err().map(|(refusal, reason)| (refusal.status.as_u16(), reason))
+    }
+
+    #[test]
+    fn producers_post_reads_logins_and_changes_with_their_activity() {
+        let now = jiff::Timestamp::now();
+        let body = br#"{"type": "message.accessed", "mailbox": "alice@example.com", "messageId": "<m@x>",
+            "activity": {"user": "alice@example.com", "authUser": "helpdesk", "service": "owa",
+                         "remoteIp": "192.0.2.9", "access": {"command": "GetItem", "reasons": ["owa:read"]}}}"#;
+        let e = read_events(body, false, 10, &[], now).expect("accepted");
+        let a = e[0].activity.as_deref().expect("activity");
+        assert!(a.admin_session && !a.mailhook_session && !a.reconciled);
+        assert_eq!(a.access.as_ref().and_then(|x| x.command.as_deref()), Some("GetItem"));
+        let login = br#"{"type": "mailbox.login", "mailbox": "bob@example.com", "activity": {"user": "bob@example.com",
+            "login": {"outcome": "failed", "reason": "bad password", "attempts": 12,
+                      "firstAt": "2026-12-07T10:00:00Z", "lastAt": "2026-12-07T10:05:00Z"}}}"#;
+        assert!(read_events(login, false, 10, &[], now).is_ok());
+        for (body, field) in [
+            (
+                r#"{"type": "mailbox.login", "mailbox": "b@example.com", "activity": {"user": "b@example.com", "mailhookSession": true}}"#
+                    .to_string(),
+                "body",
+            ),
+            (
+                format!(
+                    r#"{{"type": "message.accessed", "mailbox": "b@example.com", "activity": {{"user": "{}"}}}}"#,
+                    "u".repeat(321)
+                ),
+                "body: activity.user",
+            ),
+            (
+                r#"{"type": "message.accessed", "mailbox": "b@example.com", "activity": {"user": "b", "remoteIp": "a"}}"#
+                    .to_string(),
+                "body: activity.remoteIp",
+            ),
+        ] {
+            let refused = read_events(body.as_bytes(), false, 10, &[], now).err().expect("refused");
+            assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{body}");
+            assert!(refused.field.as_deref().is_some_and(|f| f.starts_with(field)), "{body}: {:?}", refused.field);
+        }
     }
 
     #[test]
