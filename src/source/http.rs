@@ -1252,7 +1252,7 @@ mod tests {
                 "body: activity.remoteIp",
             ),
         ] {
-            let refused = read_events(body.as_bytes(), false, 10, &[], now).err().expect("refused");
+            let refused = read_events(body.as_bytes(), false, 10, &[], now).expect_err("refused");
             assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{body}");
             assert!(refused.field.as_deref().is_some_and(|f| f.starts_with(field)), "{body}: {:?}", refused.field);
         }
