@@ -210,7 +210,7 @@ pub struct ConfigChange {
     /// rights); shown in `full` payloads only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    /// Sieve: where the active script sends mail.
+    /// Sieve: where the script the command names sends mail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarding: Option<Forwarding>,
     /// ACL: the entry that changed.
@@ -346,7 +346,8 @@ pub enum LoginOutcome {
     Failed,
 }
 
-/// Where a Sieve script sends mail (`mailbox.config_changed` of kind `sieve`).
+/// Where the Sieve script a change names sends mail (`mailbox.config_changed` of kind
+/// `sieve`): the uploaded script for `PUTSCRIPT`, the activated one for `SETACTIVE`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Forwarding {
@@ -360,9 +361,13 @@ pub struct Forwarding {
     /// True when a target is outside `--internal-domains`, or a target is unresolved.
     pub external: bool,
     /// The script could not be read (too large, not Sieve, not fetched): nothing above is
-    /// known, and `external` is true.
+    /// known, and `external` is true. The reason in `full` payloads only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<String>,
+    /// Whether the script is the one that runs on delivery (an uploaded script that is
+    /// not active forwards nothing until it is activated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
 }
 
 /// One address a Sieve script sends to.

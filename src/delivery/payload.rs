@@ -216,8 +216,13 @@ fn activity_view<'a>(a: &'a Activity, mode: PayloadMode, anon: &dyn Fn(&str) -> 
                     .filter(|u| full || impersonal(u, mode).is_some())
                     .cloned()
                     .collect(),
-                unreadable: f.unreadable.clone().filter(|u| full || impersonal(u, mode).is_some()),
+                // The reason quotes the server and the script: a fixed word outside `full`.
+                unreadable: f
+                    .unreadable
+                    .as_ref()
+                    .map(|u| if full { u.clone() } else { "unreadable".to_string() }),
                 external: f.external,
+                active: f.active,
             }),
             acl: c.acl.as_ref().map(|g| AclGrant {
                 // `anyone`, `owner`, `$group`... name nobody; a user is a person.

@@ -26,6 +26,7 @@ pub fn identifiers(event: &MailboxEvent) -> Vec<&str> {
             all.extend(c.detail.as_deref());
             if let Some(f) = &c.forwarding {
                 all.extend(f.targets.iter().filter_map(|t| t.address.as_deref()));
+                all.extend(f.unreadable.as_deref());
             }
             all.extend(
                 c.acl
@@ -163,7 +164,8 @@ mod tests {
                         }],
                         unresolved: vec![format!("include \"{mailbox}\"")],
                         external: true,
-                        unreadable: Some(format!("not fetched for {mailbox}")),
+                        unreadable: Some(format!("not fetched for {mailbox} from dovecot.{}", rng.token())),
+                        active: Some(true),
                     }),
                     acl: Some(AclGrant {
                         folder: format!("Other Users/{mailbox}/INBOX"),

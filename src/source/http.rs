@@ -999,14 +999,14 @@ async fn sieve_forwarding(config: &DovecotConfig, user: &str, script: Option<&st
             "the script was not read: set --dovecot-managesieve-addr so mailhook can read Sieve scripts".to_string(),
         ),
         // SETACTIVE "": every script deactivated, nothing is sent anywhere.
-        (Some(_), Some("")) => Ok(dovecot::sieve::Summary::default()),
+        (Some(_), Some("")) => Ok((dovecot::sieve::Summary::default(), Some(false))),
         (Some(server), name) => {
             let (server, user, name) = (server.clone(), user.to_string(), name.map(String::from));
             let read = tokio::spawn(async move { server.script(&user, name.as_deref()).await });
             match read.await {
-                Ok(Ok(Some(found))) => {
-                    dovecot::sieve::summarize(&found.text).map_err(|e| format!("the script is not readable Sieve: {e}"))
-                }
+                Ok(Ok(Some(found))) => dovecot::sieve::summarize(&found.text)
+                    .map(|summary| (summary, Some(found.active)))
+                    .map_err(|e| format!("the script is not readable Sieve: {e}")),
                 Ok(Ok(None)) => Err("the script is gone (changed again before mailhook read it)".to_string()),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %crate::error_chain(&e), "cannot read a Sieve script over ManageSieve");

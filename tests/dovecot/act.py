@@ -40,8 +40,9 @@ way events do. Each action logs in, does one thing, and logs out. Actions:
                                               when Dovecot answers NO, fails if it lets in
     pop3read USER N                           POP3 USER/PASS (STLS with --tls), RETR N, QUIT
                                               (Dovecot sets \\Seen on the message at QUIT)
-    latency USER N                            N rounds of SELECT, FETCH, STORE, NOOP; prints
-                                              per-command latency percentiles (ms) as JSON
+    latency USER N                            N rounds of SELECT, FETCH (FLAGS), BODY (a
+                                              BODY.PEEK[] read), STORE, NOOP; prints per-command
+                                              latency percentiles (ms) as JSON
 
 USER may be `alice@example.test*mailhook-admin`: the master user's login into alice's mailbox
 (IMAP, POP3 and ManageSieve actions alike).
@@ -300,6 +301,7 @@ def latency(i, rounds):
     for n in range(rounds):
         timed("SELECT", lambda: i.select("INBOX"))
         timed("FETCH", lambda: i.fetch("1:*", "(FLAGS)"))
+        timed("BODY", lambda: i.fetch("1", "(BODY.PEEK[])"))
         flag = "+FLAGS" if n % 2 == 0 else "-FLAGS"
         timed("STORE", lambda: i.store("1", flag, "(\\Flagged)"))
         timed("NOOP", lambda: i.noop())

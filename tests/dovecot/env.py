@@ -185,6 +185,10 @@ plugin {{
             .replace("/var/spool/mailhook", os.path.join(d, "spool"))
             .replace("http://mailhook-ingest.mailhook-system.svc:8080", args.mailhook.rstrip("/"))
         )
+        if args.changes_only:
+            for metric in ("mailhook_reads", "mailhook_logins"):
+                start = snippet.index(f"metric {metric} {{")
+                snippet = snippet[:start] + snippet[snippet.index("}", start) + 1:]
         conf += "\n" + snippet
     path = os.path.join(d, "dovecot.conf")
     with open(path, "w") as f:
@@ -230,6 +234,9 @@ def main():
     u.add_argument("--mailhook", help="mailhook's ingest base URL, e.g. http://127.0.0.1:8080")
     u.add_argument("--token", default="", help="a token of that mailhook's Dovecot token file (--dovecot-token-file)")
     u.add_argument("--tls", action="store_true", help="TLS required, a test CA, an implicit-TLS listener")
+    u.add_argument("--changes-only", action="store_true",
+                   help="install the shipped configuration without its reads and logins metrics (the exporter as "
+                        "it was before mailhook took them: configuration changes only), for comparisons")
     u.set_defaults(func=up)
     dn = sub.add_parser("down")
     dn.add_argument("dir")

@@ -738,9 +738,10 @@ fn exits_within(args: &[&str], within: Duration) -> (bool, String, String) {
 }
 
 /// What the script costs an IMAP user: per-command latency of one IMAP session (SELECT,
-/// FETCH, STORE of a flag, NOOP; 200 rounds) against Dovecot without mailhook's source,
-/// with it posting to a running operator (durable store), and with the operator down
-/// (every batch spooled). Prints figures; asserts nothing about time. Run it with
+/// FETCH of flags, a BODY.PEEK read, STORE of a flag, NOOP; 200 rounds) against Dovecot
+/// without mailhook's source, with it posting to a running operator (durable store) with
+/// the exporter sending configuration changes only and with reads and logins too, and with
+/// the operator down (every batch spooled). Prints figures; asserts nothing about time. Run it with
 /// `cargo test --test integration dovecot_imap_latency -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: prints figures (BENCHMARKS.md)"]
@@ -771,16 +772,20 @@ async fn dovecot_imap_latency() {
     let plain = Dovecot::start_plain();
     let without = run(&plain);
     drop(plain);
+    let changes_only = Dovecot::start_changes_only(operator.ingest, DOVECOT_TOKEN);
+    let before = run(&changes_only);
+    drop(changes_only);
     let dovecot = Dovecot::start(operator.ingest, DOVECOT_TOKEN);
     let with = run(&dovecot);
     operator.kill();
     let down = run(&dovecot);
     println!("IMAP per-command latency, ms ({rounds} rounds; p50 / p99 / max):");
-    for command in ["SELECT", "FETCH", "STORE", "NOOP"] {
+    for command in ["SELECT", "FETCH", "BODY", "STORE", "NOOP"] {
         let f = |v: &Value| format!("{} / {} / {}", v[command]["p50"], v[command]["p99"], v[command]["max"]);
         println!(
-            "  {command:<6}  without the script: {:<22} with it: {:<22} mailhook down (spooled): {}",
+            "  {command:<6}  without the script: {:<22} changes only: {:<22} reads and logins too: {:<22} mailhook down (spooled): {}",
             f(&without),
+            f(&before),
             f(&with),
             f(&down)
         );

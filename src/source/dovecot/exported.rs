@@ -75,7 +75,7 @@ impl Exported {
             .unwrap_or(now)
     }
 
-    /// The parts of a producer id, without control characters.
+    /// The parts of a producer id, without control characters, bounded (`bounded_id`).
     fn producer(&self, kind: &str, parts: &[&str]) -> String {
         let mut id = format!("dovecot-{kind}");
         for part in parts {
@@ -84,8 +84,28 @@ impl Exported {
         }
         id.push(':');
         id.push_str(self.start_time.as_deref().unwrap_or(""));
-        id.chars().filter(|c| !c.is_control()).take(2048).collect()
+        bounded_id(id.chars().filter(|c| !c.is_control()).collect())
     }
+}
+
+/// Longest producer id or held-group name kept as it is; a longer one (a long folder name)
+/// is replaced by its digest, since store keys are bounded (PostgreSQL's index rows).
+const MAX_ID: usize = 200;
+
+/// `id`, or a digest of it when longer than `MAX_ID` bytes.
+pub fn bounded_id(id: String) -> String {
+    if id.len() <= MAX_ID {
+        return id;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// A session id as Dovecot writes them (16 to 22 characters); anything longer is no id.
+fn session_of(e: &Exported) -> Option<String> {
+    e.text("session").filter(|s| s.len() <= 64)
 }
 
 /// What one exported event is.
@@ -160,7 +180,7 @@ fn config_change(e: &Exported, now: jiff::Timestamp) -> Option<Reported> {
         }
     };
     let user = e.user()?;
-    let session = e.text("session");
+    let session = session_of(e);
     let producer = e.producer(
         "export",
         &[
@@ -282,14 +302,14 @@ fn opened(e: &Exported, now: jiff::Timestamp) -> Option<Reported> {
     if reasons.iter().any(|r| r.starts_with("lmtp:") || r.starts_with("lda:")) {
         return None;
     }
-    let session = e.text("session");
-    let remote_ip = e.text("remote_ip");
+    let session = session_of(e);
+    let remote_ip = e.text("remote_ip").filter(|ip| ip.len() <= 64);
     let at = e.at(now);
     // One session's reads are counted together; without a session id, one client's.
-    let group = match &session {
-        Some(s) => format!("{user}\u{1f}{s}"),
-        None => format!("{user}\u{1f}{}", remote_ip.as_deref().unwrap_or("")),
-    };
+    let group = bounded_id(match &session {
+        Some(s) => format!("{user} {s}"),
+        None => format!("{user} {}", remote_ip.as_deref().unwrap_or("")),
+    });
     let producer = e.producer("read", &[session.as_deref().unwrap_or(""), &folder, &uid.to_string()]);
     Some(Reported::Held(super::held::Item {
         kind: super::held::Kind::Read,
@@ -317,8 +337,9 @@ fn opened(e: &Exported, now: jiff::Timestamp) -> Option<Reported> {
 /// ignored). The shipped filter sends just those.
 fn login(e: &Exported, config: &DovecotConfig, now: jiff::Timestamp) -> Option<Reported> {
     let service = e.text("service");
-    // doveadm looks users up for itself (and for mailhook's own tools): not a login.
-    if service.as_deref() == Some("doveadm") {
+    // doveadm looks users up for itself, LMTP and LDA for the recipients of a delivery:
+    // not logins.
+    if matches!(service.as_deref(), Some("doveadm" | "lmtp" | "lda")) {
         return None;
     }
     let succeeded = if e.event == "auth_request_finished" {
@@ -346,9 +367,9 @@ fn login(e: &Exported, config: &DovecotConfig, now: jiff::Timestamp) -> Option<R
             .as_deref()
             .is_some_and(|own| own.eq_ignore_ascii_case(a))
     });
-    let session = e.text("session");
-    let remote_ip = e.text("remote_ip");
-    let mechanism = e.text("mechanism").map(|m| m.to_ascii_uppercase());
+    let session = session_of(e);
+    let remote_ip = e.text("remote_ip").filter(|ip| ip.len() <= 64);
+    let mechanism = e.text("mechanism").filter(|m| m.len() <= 64).map(|m| m.to_ascii_uppercase());
     let at = e.at(now);
     if !succeeded {
         let reason = e
@@ -358,7 +379,7 @@ fn login(e: &Exported, config: &DovecotConfig, now: jiff::Timestamp) -> Option<R
         let producer = e.producer("login", &[session.as_deref().unwrap_or(""), &user]);
         return Some(Reported::Held(super::held::Item {
             kind: super::held::Kind::LoginFailed,
-            group: format!("{user}\u{1f}{}", remote_ip.as_deref().unwrap_or("")),
+            group: bounded_id(format!("{user} {}", remote_ip.as_deref().unwrap_or(""))),
             at,
             received_at: now,
             producer,
@@ -444,11 +465,11 @@ pub fn map_exported(e: Exported, now: jiff::Timestamp) -> Option<MailboxEvent> {
 /// Where a Sieve script sends mail, as events carry it: each target judged against the
 /// internal domains; what cannot be judged counts as external. Pure.
 pub fn forwarding(
-    summary: Result<super::sieve::Summary, String>,
+    summary: Result<(super::sieve::Summary, Option<bool>), String>,
     internal_domains: &[String],
 ) -> crate::event::Forwarding {
     use crate::event::{ForwardAction, ForwardTarget, Forwarding};
-    let summary = match summary {
+    let (summary, active) = match summary {
         Ok(s) => s,
         Err(why) => {
             return Forwarding {
@@ -458,17 +479,26 @@ pub fn forwarding(
             };
         }
     };
-    let target = |address: &String, action| {
-        let normalized = crate::source::normalize_address(address);
-        let domain = normalized
-            .as_deref()
-            .and_then(crate::event::domain_of)
-            .unwrap_or_default()
-            .to_string();
+    let target = |written: &String, action| {
+        let address = plain_address(written);
+        let normalized = crate::source::normalize_address(&address);
+        // What does not parse but names a domain is judged by it; what names none is a
+        // local user (`redirect "bob"`), delivered by the server itself.
+        let domain = match &normalized {
+            Some(a) => crate::event::domain_of(a).unwrap_or_default().to_string(),
+            None => address
+                .rsplit_once('@')
+                .map(|(_, d)| d.trim().trim_end_matches('>').to_lowercase())
+                .unwrap_or_default(),
+        };
+        let external = match &normalized {
+            Some(_) => !domain.is_empty() && !crate::source::is_internal(&domain_address(&domain), internal_domains),
+            // An address mailhook cannot read, with a domain: it may leave; say so.
+            None => address.contains('@') && !crate::source::is_internal(&domain_address(&domain), internal_domains),
+        };
         ForwardTarget {
-            // Not an address (`redirect "bob"`): delivered by the server to a local user.
-            external: !domain.is_empty() && !crate::source::is_internal(&domain_address(&domain), internal_domains),
-            address: Some(normalized.unwrap_or_else(|| address.clone())),
+            external,
+            address: Some(normalized.unwrap_or(address)),
             domain,
             action,
         }
@@ -489,7 +519,34 @@ pub fn forwarding(
         unresolved: summary.unresolved.into_iter().take(64).collect(),
         external,
         unreadable: None,
+        active,
     }
+}
+
+/// The address in what a script wrote: `Name <a@b>` → `a@b`, `mailto:` percent-encoding
+/// decoded (`a%40b` → `a@b`).
+fn plain_address(written: &str) -> String {
+    let inner = match (written.rfind('<'), written.rfind('>')) {
+        (Some(open), Some(close)) if open < close => written.get(open + 1..close).unwrap_or(written),
+        _ => written,
+    };
+    let bytes = inner.trim().as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `is_internal` judges addresses: a domain as one.
@@ -671,7 +728,7 @@ mod tests {
         let summary = crate::source::dovecot::sieve::summarize(
             "require [\"vacation\", \"variables\"]; redirect \"Boss@Example.TEST\"; redirect \"x@outside.example\"; vacation :from \"me@example.test\" \"away\"; set \"t\" \"a@b.c\"; redirect \"${t}\";",
         );
-        let f = forwarding(summary.map_err(|e| e.to_string()), &["example.test".into()]);
+        let f = forwarding(summary.map(|s| (s, Some(true))).map_err(|e| e.to_string()), &["example.test".into()]);
         let judged: Vec<_> = f
             .targets
             .iter()
@@ -688,7 +745,9 @@ mod tests {
         assert_eq!(f.unresolved.len(), 1);
         assert!(f.external);
         let internal = forwarding(
-            crate::source::dovecot::sieve::summarize("redirect \"bob@example.test\";").map_err(|e| e.to_string()),
+            crate::source::dovecot::sieve::summarize("redirect \"bob@example.test\";")
+                .map(|s| (s, None))
+                .map_err(|e| e.to_string()),
             &["example.test".into()],
         );
         assert!(!internal.external);

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::exported::SessionInfo;
+use super::exported::{SessionInfo, bounded_id};
 use super::index;
 use crate::api::EventType;
 use crate::event::{Access, Activity, BulkAccess, Login, LoginOutcome, MailboxEvent};
@@ -104,8 +104,10 @@ pub struct Item {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
-    /// The first item, as it came (who, from where).
+    /// The earliest item (by when it happened), as it came (who, from where).
     pub first: Item,
+    /// When the earliest item arrived (`longest` is counted from here).
+    pub first_received: jiff::Timestamp,
     pub count: u64,
     pub last_at: jiff::Timestamp,
     /// When the last item arrived (quiet is counted from here).
@@ -196,35 +198,29 @@ impl Group {
         self.summary.as_ref().map_or(0, |s| s.count) + self.items.len() as u64
     }
 
-    fn first_at(&self) -> Option<jiff::Timestamp> {
+    fn first_received(&self) -> Option<jiff::Timestamp> {
         let items = self.items.iter().map(|(_, i)| i.received_at);
-        self.summary
-            .as_ref()
-            .map(|s| s.first.received_at)
-            .into_iter()
-            .chain(items)
-            .min()
+        self.summary.as_ref().map(|s| s.first_received).into_iter().chain(items).min()
     }
 
     fn last_received(&self) -> Option<jiff::Timestamp> {
         let items = self.items.iter().map(|(_, i)| i.received_at);
-        self.summary
-            .as_ref()
-            .map(|s| s.last_received)
-            .into_iter()
-            .chain(items)
-            .max()
+        self.summary.as_ref().map(|s| s.last_received).into_iter().chain(items).max()
     }
 
-    /// Everything folded into one summary.
+    /// Everything folded into one summary; its `first` is the earliest item by when it
+    /// happened (rows are in key order, which is not time order).
     fn folded(&self) -> Option<Summary> {
-        let mut items = self.items.iter().map(|(_, i)| i);
+        let mut items: Vec<&Item> = self.items.iter().map(|(_, i)| i).collect();
+        items.sort_by_key(|i| (i.at, i.received_at));
+        let mut items = items.into_iter();
         let mut summary = match self.summary.clone() {
             Some(s) => s,
             None => {
                 let first = items.next()?;
                 Summary {
                     first: first.clone(),
+                    first_received: first.received_at,
                     count: 1,
                     last_at: first.at,
                     last_received: first.received_at,
@@ -234,6 +230,10 @@ impl Group {
         };
         for item in items {
             summary.count += 1;
+            if item.at < summary.first.at {
+                summary.first = item.clone();
+            }
+            summary.first_received = summary.first_received.min(item.received_at);
             summary.last_at = summary.last_at.max(item.at);
             summary.last_received = summary.last_received.max(item.received_at);
             if let Some(f) = &item.folder
@@ -301,7 +301,7 @@ pub fn groups(rows: Vec<Row>) -> (Groups, Vec<Vec<u8>>) {
 
 /// What to do with `group` at `now`, if anything. Pure.
 pub fn plan(kind: Kind, group: &Group, windows: &Windows, now: jiff::Timestamp) -> Option<Release> {
-    let (first, last) = (group.first_at()?, group.last_received()?);
+    let (first, last) = (group.first_received()?, group.last_received()?);
     let age = |t: jiff::Timestamp| now.duration_since(t).try_into().unwrap_or(Duration::ZERO);
     let quiet = age(last)
         >= match kind {
@@ -315,25 +315,43 @@ pub fn plan(kind: Kind, group: &Group, windows: &Windows, now: jiff::Timestamp) 
             .then(|| Release::Singles(group.items.iter().map(|(_, i)| i.clone()).collect())),
         _ if quiet || too_long => group.folded().map(|s| Release::Counted(kind, s)),
         // Open, and counted: fold the new items in so that rows stay few.
-        Kind::Read if !group.items.is_empty() => group.folded().map(|s| Release::Fold(kind, s)),
+        _ if !group.items.is_empty() => group.folded().map(|s| Release::Fold(kind, s)),
         _ => None,
     }
 }
 
-/// The context a released item is told in: the index (Message-ID) and the sessions.
+/// The context a released item is told in: the index (Message-ID) and the sessions, with
+/// each folder's UIDVALIDITY looked up once per look at the held items.
 pub struct Lookups<'a> {
     pub rows: &'a dyn Rows,
+    validity: std::cell::RefCell<BTreeMap<(String, String), Option<u32>>>,
 }
 
-impl Lookups<'_> {
+impl<'a> Lookups<'a> {
     fn session(&self, session: Option<&str>) -> Option<SessionInfo> {
         let row = self.rows.row(&sessions_group(), session?.as_bytes()).ok()??;
         serde_json::from_slice(&row.body).ok()
     }
 
+    pub fn new(rows: &'a dyn Rows) -> Lookups<'a> {
+        Lookups {
+            rows,
+            validity: Default::default(),
+        }
+    }
+
     /// The indexed message at `folder`/`uid` under the folder's current UIDVALIDITY.
     fn message(&self, user: &str, folder: &str, uid: u32) -> Option<(u32, index::IndexedMessage)> {
-        let uid_validity = index::folder_validity(self.rows, user, folder).ok()??;
+        let key = (user.to_string(), folder.to_string());
+        let known = self.validity.borrow().get(&key).copied();
+        let uid_validity = match known {
+            Some(v) => v,
+            None => {
+                let v = index::folder_validity(self.rows, user, folder).ok().flatten();
+                self.validity.borrow_mut().insert(key, v);
+                v
+            }
+        }?;
         let key = index::MessageKey {
             user: user.to_string(),
             folder: folder.to_string(),
@@ -415,7 +433,7 @@ pub fn events(release: &Release, lookups: &Lookups<'_>) -> Vec<MailboxEvent> {
                 first_at: s.first.at,
                 last_at: s.last_at,
             });
-            let producer = format!("dovecot-bulk:{}:{}", s.first.group, s.first.producer);
+            let producer = bounded_id(format!("dovecot-bulk:{}:{}", s.first.group, s.first.producer));
             let mut e = made(EventType::MailboxBulkAccess, &s.first, producer, a, s.last_at);
             e.folder = (s.folders.len() == 1).then(|| s.folders[0].clone());
             vec![e]
@@ -430,7 +448,7 @@ pub fn events(release: &Release, lookups: &Lookups<'_>) -> Vec<MailboxEvent> {
                 first_at: s.first.at,
                 last_at: s.last_at,
             });
-            let producer = format!("dovecot-login-failed:{}:{}", s.first.group, s.first.producer);
+            let producer = bounded_id(format!("dovecot-login-failed:{}:{}", s.first.group, s.first.producer));
             vec![made(EventType::MailboxLogin, &s.first, producer, a, s.last_at)]
         }
     }
@@ -479,7 +497,7 @@ pub fn release_due(
 ) -> Result<usize, crate::source::AcceptError> {
     let rows = pipeline.deliveries.rows();
     let (groups, unreadable) = groups(rows.rows(&held_group(), b"")?);
-    let mut released = 0;
+    let (mut released, mut failed) = (0, 0);
     if !unreadable.is_empty() {
         rows.write_rows(
             unreadable
@@ -491,31 +509,44 @@ pub fn release_due(
                 .collect(),
         )?;
     }
-    let lookups = Lookups { rows: rows.as_ref() };
+    let lookups = Lookups::new(rows.as_ref());
     for ((kind, name), group) in &groups {
         let Some(release) = plan(*kind, group, windows, now) else {
             continue;
         };
         if let Release::Counted(kind, s) = &release {
-            tracing::info!(
+            tracing::debug!(
                 ?kind,
-                user = %s.first.user,
                 count = s.count,
-                first = %s.first.received_at,
+                first = %s.first_received,
                 last = %s.last_received,
                 first_at = %s.first.at,
                 last_at = %s.last_at,
                 "held Dovecot items released as one event"
             );
         }
-        let events = events(&release, &lookups);
-        let writes = writes(*kind, name, group, &release, now)?;
-        released += events.len();
-        if events.is_empty() {
-            rows.write_rows(writes)?;
-        } else {
-            pipeline.accept_with_rows(events, writes)?;
+        // One group that cannot be stored (a routing bug, a refused row) must not hold up
+        // the others: it is logged and tried again on the next look.
+        let stored = writes(*kind, name, group, &release, now).map_err(crate::source::AcceptError::from).and_then(|writes| {
+            let events = events(&release, &lookups);
+            let n = events.len();
+            if events.is_empty() {
+                rows.write_rows(writes)?;
+            } else {
+                pipeline.accept_with_rows(events, writes)?;
+            }
+            Ok(n)
+        });
+        match stored {
+            Ok(n) => released += n,
+            Err(err) => {
+                failed += 1;
+                tracing::warn!(%err, ?kind, "cannot release a group of held Dovecot reads or logins; will retry");
+            }
         }
+    }
+    if failed > 0 {
+        tracing::debug!(failed, released, "some held Dovecot groups wait for the next look");
     }
     Ok(released)
 }
@@ -670,6 +701,14 @@ mod tests {
     }
 
     #[test]
+    fn the_first_item_is_the_earliest_by_time_not_by_key() {
+        // UID 10 sorts before 9 as a key, and happened later.
+        let g = group(vec![read(10, 5), read(9, 2), read(11, 3)]);
+        let s = g.folded().expect("summary");
+        assert_eq!((s.first.uid, s.first.at, s.last_at, s.first_received), (Some(9), at(2), at(5), at(2)));
+    }
+
+    #[test]
     fn a_read_that_never_goes_quiet_is_reported_after_the_longest_hold() {
         let g = Group {
             summary: group((1..=5).map(|n| read(n, 0)).collect()).folded(),
@@ -689,7 +728,10 @@ mod tests {
             ..read(0, s)
         };
         let g = group(vec![fail(0), fail(3), fail(6)]);
-        assert_eq!(plan(Kind::LoginFailed, &g, &windows(), at(15)), None);
+        assert!(
+            matches!(plan(Kind::LoginFailed, &g, &windows(), at(15)), Some(Release::Fold(Kind::LoginFailed, _))),
+            "a run still going is folded into one row"
+        );
         let Some(Release::Counted(Kind::LoginFailed, s)) = plan(Kind::LoginFailed, &g, &windows(), at(16)) else {
             panic!("quiet: released");
         };

@@ -21,6 +21,10 @@ use super::sieve::MAX_SCRIPT;
 const MAX_LINE: usize = 16 * 1024;
 /// Most lines one answer may have (capabilities, one per script).
 const MAX_LINES: usize = 4096;
+/// Most bytes one answer may carry in all (a script and its status line).
+const MAX_ANSWER: usize = MAX_SCRIPT + 64 * 1024;
+/// Most tokens one line may have.
+const MAX_TOKENS: usize = 64;
 
 /// Where the ManageSieve service is and how to log in.
 #[derive(Clone)]
@@ -97,6 +101,10 @@ pub enum ReadError {
     LineTooLong,
     #[error("more than {MAX_LINES} lines")]
     TooManyLines,
+    #[error("an answer larger than {MAX_ANSWER} bytes")]
+    AnswerTooLarge,
+    #[error("a line of more than {MAX_TOKENS} items")]
+    TooManyTokens,
     #[error("a literal of {0} bytes, more than a script may have")]
     LiteralTooLarge(u64),
     #[error("an unterminated quoted string")]
@@ -126,14 +134,24 @@ pub struct Answer {
     pub text: String,
 }
 
-/// Reads answers off a buffered stream.
+/// Reads answers off a buffered stream, each within `MAX_ANSWER` bytes.
 pub struct Reader<R> {
     inner: R,
+    /// What the answer being read may still take.
+    left: usize,
 }
 
 impl<R: AsyncBufRead + Unpin> Reader<R> {
     pub fn new(inner: R) -> Self {
-        Reader { inner }
+        Reader {
+            inner,
+            left: MAX_ANSWER,
+        }
+    }
+
+    fn spend(&mut self, n: usize) -> Result<(), ReadError> {
+        self.left = self.left.checked_sub(n).ok_or(ReadError::AnswerTooLarge)?;
+        Ok(())
     }
 
     pub fn into_inner(self) -> R {
@@ -159,6 +177,7 @@ impl<R: AsyncBufRead + Unpin> Reader<R> {
                 ReadError::Closed
             });
         }
+        self.spend(line.len())?;
         line.pop();
         if line.last() == Some(&b'\r') {
             line.pop();
@@ -171,13 +190,19 @@ impl<R: AsyncBufRead + Unpin> Reader<R> {
         let mut tokens = Vec::new();
         loop {
             let raw = self.raw_line().await?;
-            match tokenize(&raw, &mut tokens)? {
+            let found = tokenize(&raw, &mut tokens)?;
+            if tokens.len() > MAX_TOKENS {
+                return Err(ReadError::TooManyTokens);
+            }
+            match found {
                 None => return Ok(tokens),
                 Some(len) => {
                     if len > MAX_SCRIPT as u64 + 1 {
                         return Err(ReadError::LiteralTooLarge(len));
                     }
-                    let mut text = vec![0; len as usize];
+                    let len = usize::try_from(len).map_err(|_| ReadError::LiteralTooLarge(len))?;
+                    self.spend(len)?;
+                    let mut text = vec![0; len];
                     self.inner
                         .read_exact(&mut text)
                         .await
@@ -190,6 +215,7 @@ impl<R: AsyncBufRead + Unpin> Reader<R> {
 
     /// Lines up to and including the status line (OK, NO or BYE).
     pub async fn answer(&mut self) -> Result<Answer, ReadError> {
+        self.left = MAX_ANSWER;
         let mut lines = Vec::new();
         loop {
             let line = self.line().await?;
@@ -455,5 +481,11 @@ mod tests {
         assert_eq!(answer(b"").await, Err(ReadError::Closed));
         let many = "\"x\"\r\n".repeat(MAX_LINES + 1);
         assert_eq!(answer(many.as_bytes()).await, Err(ReadError::TooManyLines));
+        let atoms = "a ".repeat(MAX_TOKENS + 1) + "\r\n";
+        assert_eq!(answer(atoms.as_bytes()).await, Err(ReadError::TooManyTokens));
+        // Literals chained on one line count against one answer's budget.
+        let chunk = format!("{{{}}}\r\n{}", 512 * 1024, "x".repeat(512 * 1024));
+        let chained = format!("\"a\" {}{}{}\r\nOK\r\n", chunk, chunk, chunk);
+        assert_eq!(answer(chained.as_bytes()).await, Err(ReadError::AnswerTooLarge));
     }
 }

@@ -18,6 +18,18 @@ impl Dovecot {
         Self::up(&["--mailhook", &format!("http://{ingest}"), "--token", token])
     }
 
+    /// [`Dovecot::start`] with the exporter sending configuration changes only, not reads
+    /// and logins (a baseline for figures).
+    pub fn start_changes_only(ingest: SocketAddr, token: &str) -> Dovecot {
+        Self::up(&[
+            "--mailhook",
+            &format!("http://{ingest}"),
+            "--token",
+            token,
+            "--changes-only",
+        ])
+    }
+
     /// [`Dovecot::start`] with TLS required: a test CA, STARTTLS on `imap`, implicit TLS
     /// on `imaps` (env.py --tls).
     pub fn start_tls(ingest: SocketAddr, token: &str) -> Dovecot {
