@@ -369,7 +369,10 @@ fn login(e: &Exported, config: &DovecotConfig, now: jiff::Timestamp) -> Option<R
     });
     let session = session_of(e);
     let remote_ip = e.text("remote_ip").filter(|ip| ip.len() <= 64);
-    let mechanism = e.text("mechanism").filter(|m| m.len() <= 64).map(|m| m.to_ascii_uppercase());
+    let mechanism = e
+        .text("mechanism")
+        .filter(|m| m.len() <= 64)
+        .map(|m| m.to_ascii_uppercase());
     let at = e.at(now);
     if !succeeded {
         let reason = e
@@ -535,7 +538,11 @@ fn plain_address(written: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -728,7 +735,10 @@ mod tests {
         let summary = crate::source::dovecot::sieve::summarize(
             "require [\"vacation\", \"variables\"]; redirect \"Boss@Example.TEST\"; redirect \"x@outside.example\"; vacation :from \"me@example.test\" \"away\"; set \"t\" \"a@b.c\"; redirect \"${t}\";",
         );
-        let f = forwarding(summary.map(|s| (s, Some(true))).map_err(|e| e.to_string()), &["example.test".into()]);
+        let f = forwarding(
+            summary.map(|s| (s, Some(true))).map_err(|e| e.to_string()),
+            &["example.test".into()],
+        );
         let judged: Vec<_> = f
             .targets
             .iter()
@@ -751,6 +761,33 @@ mod tests {
             &["example.test".into()],
         );
         assert!(!internal.external);
+        let disguised = forwarding(
+            Ok((
+                crate::source::dovecot::sieve::Summary {
+                    notify: vec!["spy%40evil.example".into()],
+                    vacation_from: vec!["Boss <boss@Evil.Example>".into()],
+                    redirects: vec!["bob".into(), "not an address@evil.example".into()],
+                    unresolved: vec![],
+                },
+                Some(true),
+            )),
+            &["example.test".into()],
+        );
+        let judged: Vec<_> = disguised
+            .targets
+            .iter()
+            .map(|t| (t.domain.as_str(), t.external))
+            .collect();
+        assert_eq!(
+            judged,
+            vec![
+                ("", false),
+                ("evil.example", true),
+                ("evil.example", true),
+                ("evil.example", true)
+            ],
+            "a local user stays inside; what names an outside domain does not, parsed or not"
+        );
         let unknown = forwarding(Err("not read".into()), &[]);
         assert!(unknown.external && unknown.unreadable.is_some());
     }

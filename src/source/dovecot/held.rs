@@ -200,12 +200,22 @@ impl Group {
 
     fn first_received(&self) -> Option<jiff::Timestamp> {
         let items = self.items.iter().map(|(_, i)| i.received_at);
-        self.summary.as_ref().map(|s| s.first_received).into_iter().chain(items).min()
+        self.summary
+            .as_ref()
+            .map(|s| s.first_received)
+            .into_iter()
+            .chain(items)
+            .min()
     }
 
     fn last_received(&self) -> Option<jiff::Timestamp> {
         let items = self.items.iter().map(|(_, i)| i.received_at);
-        self.summary.as_ref().map(|s| s.last_received).into_iter().chain(items).max()
+        self.summary
+            .as_ref()
+            .map(|s| s.last_received)
+            .into_iter()
+            .chain(items)
+            .max()
     }
 
     /// Everything folded into one summary; its `first` is the earliest item by when it
@@ -527,16 +537,18 @@ pub fn release_due(
         }
         // One group that cannot be stored (a routing bug, a refused row) must not hold up
         // the others: it is logged and tried again on the next look.
-        let stored = writes(*kind, name, group, &release, now).map_err(crate::source::AcceptError::from).and_then(|writes| {
-            let events = events(&release, &lookups);
-            let n = events.len();
-            if events.is_empty() {
-                rows.write_rows(writes)?;
-            } else {
-                pipeline.accept_with_rows(events, writes)?;
-            }
-            Ok(n)
-        });
+        let stored = writes(*kind, name, group, &release, now)
+            .map_err(crate::source::AcceptError::from)
+            .and_then(|writes| {
+                let events = events(&release, &lookups);
+                let n = events.len();
+                if events.is_empty() {
+                    rows.write_rows(writes)?;
+                } else {
+                    pipeline.accept_with_rows(events, writes)?;
+                }
+                Ok(n)
+            });
         match stored {
             Ok(n) => released += n,
             Err(err) => {
@@ -705,7 +717,10 @@ mod tests {
         // UID 10 sorts before 9 as a key, and happened later.
         let g = group(vec![read(10, 5), read(9, 2), read(11, 3)]);
         let s = g.folded().expect("summary");
-        assert_eq!((s.first.uid, s.first.at, s.last_at, s.first_received), (Some(9), at(2), at(5), at(2)));
+        assert_eq!(
+            (s.first.uid, s.first.at, s.last_at, s.first_received),
+            (Some(9), at(2), at(5), at(2))
+        );
     }
 
     #[test]
@@ -729,7 +744,10 @@ mod tests {
         };
         let g = group(vec![fail(0), fail(3), fail(6)]);
         assert!(
-            matches!(plan(Kind::LoginFailed, &g, &windows(), at(15)), Some(Release::Fold(Kind::LoginFailed, _))),
+            matches!(
+                plan(Kind::LoginFailed, &g, &windows(), at(15)),
+                Some(Release::Fold(Kind::LoginFailed, _))
+            ),
             "a run still going is folded into one row"
         );
         let Some(Release::Counted(Kind::LoginFailed, s)) = plan(Kind::LoginFailed, &g, &windows(), at(16)) else {

@@ -177,10 +177,14 @@ pub fn folder_validity(rows: &dyn Rows, user: &str, folder: &str) -> Result<Opti
     if let Some(v) = marker.and_then(|m| m.uid_validity) {
         return Ok(Some(v));
     }
+    // No marker (the live path writes none): the newest UIDVALIDITY among its messages,
+    // so a recreated folder's stale rows do not name a read.
     Ok(mailbox(rows, user, Some(folder))?
-        .folders
-        .get(folder)
-        .and_then(|f| f.uid_validity))
+        .messages
+        .keys()
+        .filter(|k| k.folder == folder)
+        .map(|k| k.uid_validity)
+        .max())
 }
 
 /// What the index knows of `user`'s mailbox (one folder, or all of them).
