@@ -18,8 +18,8 @@ use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::Context;
 use super::conditions::{self, Desired, READY, Status};
-use super::{Context, FIELD_MANAGER};
 use crate::api::{MailboxGrant, MailboxGrantSpec, MailboxGrantStatus, WebhookSubscription};
 use crate::route::CompiledGrant;
 
@@ -352,24 +352,9 @@ pub fn log_ungranted(ctx: &Context) {
     }
 }
 
-/// Writes a grant's status with server-side apply (cluster-scoped).
+/// Writes a MailboxGrant's status (cluster-scoped).
 async fn write_status(client: &Client, name: &str, status: &MailboxGrantStatus) -> Result<(), kube::Error> {
-    use kube::Resource;
-    let api: Api<MailboxGrant> = Api::all(client.clone());
-    let patch = serde_json::json!({
-        "apiVersion": MailboxGrant::api_version(&()),
-        "kind": MailboxGrant::kind(&()),
-        "status": status,
-    });
-    let (params, patch) = (
-        kube::api::PatchParams::apply(FIELD_MANAGER).force(),
-        kube::api::Patch::Apply(&patch),
-    );
-    let call = api.patch_status(name, &params, &patch);
-    match tokio::time::timeout(Duration::from_secs(10), call).await {
-        Ok(result) => result.map(|_| ()),
-        Err(_) => Err(kube::Error::Service("status write timed out after 10 s".into())),
-    }
+    super::apply_cluster_status::<MailboxGrant>(client, name, status).await
 }
 
 #[cfg(test)]

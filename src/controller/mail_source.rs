@@ -16,8 +16,8 @@ use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::Context;
 use super::conditions::{self, Desired, READY, Status};
-use super::{Context, FIELD_MANAGER};
 use crate::api::{MailSource, MailSourceSpec, MailSourceStatus, SourceKind, parse_duration};
 use crate::handles::SourceActivity;
 
@@ -336,24 +336,9 @@ async fn pass(
     next
 }
 
-/// Writes a MailSource's status with server-side apply (cluster-scoped).
+/// Writes a MailSource's status (cluster-scoped).
 async fn write_status(client: &Client, name: &str, status: &MailSourceStatus) -> Result<(), kube::Error> {
-    use kube::Resource;
-    let api: Api<MailSource> = Api::all(client.clone());
-    let patch = serde_json::json!({
-        "apiVersion": MailSource::api_version(&()),
-        "kind": MailSource::kind(&()),
-        "status": status,
-    });
-    let (params, patch) = (
-        kube::api::PatchParams::apply(FIELD_MANAGER).force(),
-        kube::api::Patch::Apply(&patch),
-    );
-    let call = api.patch_status(name, &params, &patch);
-    match tokio::time::timeout(Duration::from_secs(10), call).await {
-        Ok(result) => result.map(|_| ()),
-        Err(_) => Err(kube::Error::Service("status write timed out after 10 s".into())),
-    }
+    super::apply_cluster_status::<MailSource>(client, name, status).await
 }
 
 #[cfg(test)]

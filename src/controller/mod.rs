@@ -98,6 +98,35 @@ where
 /// The one field manager under which the operator writes status (server-side apply).
 pub const FIELD_MANAGER: &str = "mailhook";
 
+/// Writes the status of a cluster-scoped object with server-side apply, within 10 s.
+pub(crate) async fn apply_cluster_status<K>(
+    client: &Client,
+    name: &str,
+    status: &impl Serialize,
+) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let (params, patch) = (
+        kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        kube::api::Patch::Apply(&patch),
+    );
+    let call = api.patch_status(name, &params, &patch);
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(result) => result.map(|_| ()),
+        Err(_) => Err(kube::Error::Service("status write timed out after 10 s".into())),
+    }
+}
+
 /// Why a reconcile failed and is retried (what is wrong with a resource is not an error:
 /// it goes on the resource's status).
 #[derive(Debug, thiserror::Error)]

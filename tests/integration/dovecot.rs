@@ -86,6 +86,14 @@ impl Expectations<'_> {
     }
 }
 
+/// The master password file the reconciler reads, and a store directory, for `ns`.
+fn scratch(ns: &TestNamespace) -> (std::path::PathBuf, std::path::PathBuf) {
+    let master_password = std::env::temp_dir().join(format!("mailhook-dovecot-master-{}", ns.name));
+    std::fs::write(&master_password, "masterpw\n").expect("write the master password file");
+    let store = std::env::temp_dir().join(format!("mailhook-dovecot-store-{}", ns.name));
+    (master_password, store)
+}
+
 fn event(kind: &str, data: Value) -> Value {
     json!({"type": kind, "data": data})
 }
@@ -94,11 +102,8 @@ fn event(kind: &str, data: Value) -> Value {
 async fn every_mailbox_action_in_a_real_dovecot_is_one_event_and_changes_made_while_down_are_reconciled() {
     let ns = TestNamespace::new("dovecot").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let master_password = std::env::temp_dir().join(format!("mailhook-dovecot-master-{}", ns.name));
-    std::fs::write(&master_password, "masterpw\n").expect("write the master password file");
-    let password_flag = master_password.display().to_string();
-    let store = std::env::temp_dir().join(format!("mailhook-dovecot-store-{}", ns.name));
-    let store_flag = store.display().to_string();
+    let (master_password, store) = scratch(&ns);
+    let (password_flag, store_flag) = (master_password.display().to_string(), store.display().to_string());
     // The reconciler's flags point at a Dovecot that starts after the operator (its ports
     // are known then): the first start runs without them.
     let mut operator =
@@ -903,11 +908,8 @@ const HELPDESK: &str = "alice@example.test*helpdesk-admin";
 async fn reads_logins_forwarding_and_grants_in_a_real_dovecot_are_one_event_each() {
     let ns = TestNamespace::new("dovecot-access").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let master_password = std::env::temp_dir().join(format!("mailhook-dovecot-master-{}", ns.name));
-    std::fs::write(&master_password, "masterpw\n").expect("write the master password file");
-    let password_flag = master_password.display().to_string();
-    let store = std::env::temp_dir().join(format!("mailhook-dovecot-store-{}", ns.name));
-    let store_flag = store.display().to_string();
+    let (master_password, store) = scratch(&ns);
+    let (password_flag, store_flag) = (master_password.display().to_string(), store.display().to_string());
     let mut operator =
         Operator::start_with(&ns, &["--internal-domains", "example.test", "--store-dir", &store_flag]).await;
     let sub = |name: &str, path: &str, filter: &str, types: &str| {
