@@ -11,7 +11,8 @@
 //! one row, not one per message.
 //!
 //! When a group is released (`plan`, pure): reads as single events once the first of
-//! them is `window` old while they are no more than `bulk_threshold`; past the threshold,
+//! them is `window` old while they, with the session's reads already reported (its tally),
+//! are no more than `bulk_threshold` — so a slow download also turns bulk; past it,
 //! as one bulk event once no read of the session arrived for `bulk_quiet`, or `longest`
 //! after its first read. Dovecot's exporter sends a burst's events in pieces, seconds
 //! apart, and drops what waited longer than its `transport_timeout`: with `bulk_quiet` at
@@ -116,6 +117,16 @@ pub struct Summary {
     pub folders: Vec<String>,
 }
 
+/// How many of a session's reads were already reported, so that a slow download (never
+/// more than the threshold within one window) still turns into bulk events once it has
+/// read more than the threshold in all. Forgotten once the session was quiet for `longest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tally {
+    pub reads: u64,
+    pub updated: jiff::Timestamp,
+}
+
 /// The windows (`--dovecot-access-window`, `--dovecot-bulk-threshold`,
 /// `--dovecot-hold-longest`).
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +172,12 @@ fn summary_key(kind: Kind, group: &str) -> Vec<u8> {
     k
 }
 
+fn tally_key(kind: Kind, group: &str) -> Vec<u8> {
+    let mut k = group_prefix(kind, group);
+    k.push(b't');
+    k
+}
+
 /// The row that holds `item`.
 pub fn hold(item: &Item) -> Result<RowWrite, StoreError> {
     Ok(RowWrite::Put {
@@ -189,6 +206,7 @@ pub fn remember(session: &str, info: &SessionInfo, now: jiff::Timestamp) -> Resu
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Group {
     pub summary: Option<Summary>,
+    pub tally: Option<Tally>,
     /// (row key, item), in key order.
     pub items: Vec<(Vec<u8>, Item)>,
 }
@@ -266,6 +284,8 @@ pub enum Release {
     Counted(Kind, Summary),
     /// Still open but past the threshold: folded into its summary row.
     Fold(Kind, Summary),
+    /// Only a tally is left, of a session quiet for `longest`: forgotten.
+    Forget,
 }
 
 /// Held groups by kind and name.
@@ -299,6 +319,10 @@ pub fn groups(rows: Vec<Row>) -> (Groups, Vec<Vec<u8>>) {
                 Ok(s) => groups.entry(key).or_default().summary = Some(s),
                 Err(_) => unreadable.push(row.key),
             },
+            Some(b't') => match serde_json::from_slice::<Tally>(&row.body) {
+                Ok(t) => groups.entry(key).or_default().tally = Some(t),
+                Err(_) => unreadable.push(row.key),
+            },
             Some(b'i') => match serde_json::from_slice::<Item>(&row.body) {
                 Ok(i) => groups.entry(key).or_default().items.push((row.key, i)),
                 Err(_) => unreadable.push(row.key),
@@ -311,8 +335,15 @@ pub fn groups(rows: Vec<Row>) -> (Groups, Vec<Vec<u8>>) {
 
 /// What to do with `group` at `now`, if anything. Pure.
 pub fn plan(kind: Kind, group: &Group, windows: &Windows, now: jiff::Timestamp) -> Option<Release> {
-    let (first, last) = (group.first_received()?, group.last_received()?);
     let age = |t: jiff::Timestamp| now.duration_since(t).try_into().unwrap_or(Duration::ZERO);
+    if group.items.is_empty() && group.summary.is_none() {
+        return group
+            .tally
+            .filter(|t| age(t.updated) >= windows.longest)
+            .map(|_| Release::Forget);
+    }
+    let (first, last) = (group.first_received()?, group.last_received()?);
+    let tallied = group.tally.map_or(0, |t| t.reads);
     let quiet = age(last)
         >= match kind {
             Kind::Read => windows.bulk_quiet,
@@ -320,9 +351,10 @@ pub fn plan(kind: Kind, group: &Group, windows: &Windows, now: jiff::Timestamp) 
         };
     let too_long = age(first) >= windows.longest;
     match kind {
-        Kind::Read if group.count() <= windows.bulk_threshold && group.summary.is_none() => (age(first)
-            >= windows.window)
-            .then(|| Release::Singles(group.items.iter().map(|(_, i)| i.clone()).collect())),
+        Kind::Read if group.count().saturating_add(tallied) <= windows.bulk_threshold && group.summary.is_none() => {
+            (age(first) >= windows.window)
+                .then(|| Release::Singles(group.items.iter().map(|(_, i)| i.clone()).collect()))
+        }
         _ if quiet || too_long => group.folded().map(|s| Release::Counted(kind, s)),
         // Open, and counted: fold the new items in so that rows stay few.
         _ if !group.items.is_empty() => group.folded().map(|s| Release::Fold(kind, s)),
@@ -406,7 +438,7 @@ fn made(event_type: EventType, item: &Item, producer: String, activity: Activity
 /// The events a release stores.
 pub fn events(release: &Release, lookups: &Lookups<'_>) -> Vec<MailboxEvent> {
     match release {
-        Release::Fold(..) => vec![],
+        Release::Fold(..) | Release::Forget => vec![],
         Release::Singles(items) => items
             .iter()
             .map(|item| {
@@ -481,6 +513,26 @@ pub fn writes(
             key: k.clone(),
         })
         .collect();
+    let tallied = group.tally.map_or(0, |t| t.reads);
+    let tally = |reads: u64| -> Result<RowWrite, StoreError> {
+        Ok(RowWrite::Put {
+            group: held_group(),
+            row: Row {
+                key: tally_key(kind, group_name),
+                at: now.as_second(),
+                body: serde_json::to_vec(&Tally { reads, updated: now }).map_err(StoreError::io)?,
+            },
+        })
+    };
+    match release {
+        Release::Singles(items) => writes.push(tally(tallied.saturating_add(items.len() as u64))?),
+        Release::Counted(Kind::Read, summary) => writes.push(tally(tallied.saturating_add(summary.count))?),
+        Release::Forget => writes.push(RowWrite::Delete {
+            group: held_group(),
+            key: tally_key(kind, group_name),
+        }),
+        _ => {}
+    }
     match release {
         Release::Fold(_, summary) => writes.push(RowWrite::Put {
             group: held_group(),
@@ -651,6 +703,7 @@ mod tests {
     fn group(items: Vec<Item>) -> Group {
         Group {
             summary: None,
+            tally: None,
             items: items.into_iter().map(|i| (item_key(&i), i)).collect(),
         }
     }
@@ -684,6 +737,7 @@ mod tests {
         // The fold as stored, with one more read since.
         let later = Group {
             summary: Some(summary),
+            tally: None,
             items: vec![(item_key(&read(6, 8)), read(6, 8))],
         };
         assert_eq!(
@@ -704,12 +758,52 @@ mod tests {
             at(18),
         )
         .expect("writes");
-        assert_eq!(writes.len(), 2, "the new item and the summary are deleted");
-        assert!(writes.iter().all(|w| matches!(w, RowWrite::Delete { .. })));
+        assert_eq!(
+            writes.len(),
+            3,
+            "the new item and the summary deleted, the tally written"
+        );
+        assert_eq!(
+            writes.iter().filter(|w| matches!(w, RowWrite::Delete { .. })).count(),
+            2
+        );
     }
 
     fn later_name() -> String {
         "alice@example.test\u{1f}sess".into()
+    }
+
+    #[test]
+    fn a_slow_download_turns_into_bulk_events_once_past_the_threshold_in_all() {
+        // Two reads a window, never more than the threshold (3) at once.
+        let first = group(vec![read(1, 0), read(2, 1)]);
+        let release = plan(Kind::Read, &first, &windows(), at(10)).expect("due");
+        assert!(matches!(&release, Release::Singles(items) if items.len() == 2));
+        let w = writes(Kind::Read, "g", &first, &release, at(10)).expect("writes");
+        let tallied = w.iter().find_map(|w| match w {
+            RowWrite::Put { row, .. } if row.key.ends_with(b"t") => serde_json::from_slice::<Tally>(&row.body).ok(),
+            _ => None,
+        });
+        assert_eq!(tallied.map(|t| t.reads), Some(2));
+        // The next two: 4 in all, past the threshold: held as bulk, not released one by one.
+        let second = Group {
+            tally: tallied,
+            ..group(vec![read(3, 11), read(4, 12)])
+        };
+        assert!(matches!(
+            plan(Kind::Read, &second, &windows(), at(21)),
+            Some(Release::Fold(..))
+        ));
+        assert!(
+            matches!(plan(Kind::Read, &second, &windows(), at(22)), Some(Release::Counted(Kind::Read, s)) if s.count == 2)
+        );
+        // A tally alone is forgotten once the session was quiet for `longest`.
+        let idle = Group {
+            tally: tallied,
+            ..Group::default()
+        };
+        assert_eq!(plan(Kind::Read, &idle, &windows(), at(69)), None);
+        assert_eq!(plan(Kind::Read, &idle, &windows(), at(70)), Some(Release::Forget));
     }
 
     #[test]
@@ -727,6 +821,7 @@ mod tests {
     fn a_read_that_never_goes_quiet_is_reported_after_the_longest_hold() {
         let g = Group {
             summary: group((1..=5).map(|n| read(n, 0)).collect()).folded(),
+            tally: None,
             items: vec![(item_key(&read(9, 59)), read(9, 59))],
         };
         assert!(matches!(
