@@ -396,6 +396,15 @@ fn start_dovecot(base: &Base, core: &Core, pipeline: &Arc<Pipeline>) -> anyhow::
             source::dovecot::held::release(pipeline.clone(), windows, stop),
         );
     }
+    {
+        // After the ingest API has drained (the storage stage stops last), a last flush.
+        let stop = lifecycle.token(Stage::Storage);
+        lifecycle.spawn(
+            Stage::Storage,
+            "Dovecot held rows",
+            source::dovecot::held::flush(dovecot.shared.clone(), core.deliveries.rows(), stop),
+        );
+    }
     let reconciler = dovecot_reconciler(config, &dovecot.config, pipeline, &dovecot.shared)?;
     if let (Some(addr), Some(r)) = (&config.dovecot.dovecot_managesieve_addr, &reconciler) {
         dovecot.config.sieve = Some(source::dovecot::managesieve::SieveServer {

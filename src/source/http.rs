@@ -962,13 +962,16 @@ async fn dovecot_exported(
                     }
                     (Some(*event), vec![])
                 }
-                dovecot::exported::Reported::Held(item) => (
-                    None,
-                    vec![
-                        dovecot::held::hold(&item)
-                            .map_err(|e| stored_refusal(AcceptError::Store(e), |_| "body".into()))?,
-                    ],
-                ),
+                dovecot::exported::Reported::Held(item) => {
+                    let row = dovecot::held::hold(&item)
+                        .map_err(|e| stored_refusal(AcceptError::Store(e), |_| "body".into()))?;
+                    // Answered once buffered (see `held::Buffer`); written here only when
+                    // the buffer is full.
+                    if state.dovecot.shared.held.push(row.clone()) {
+                        return Ok(Vec::new());
+                    }
+                    (None, vec![row])
+                }
             };
             let pipeline = state.pipeline.clone();
             blocking(&state, held, move || match event {

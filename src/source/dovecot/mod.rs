@@ -829,6 +829,8 @@ const KEPT_LOCKS: usize = 4096;
 /// interleave), and the users seen live, so the reconciler takes a first look at each.
 pub struct Shared {
     pub locks: UserLocks,
+    /// Held reads and failed logins on their way to the store.
+    pub held: held::Buffer,
     seen: parking_lot::Mutex<std::collections::HashSet<String>>,
     first_seen: tokio::sync::mpsc::UnboundedSender<String>,
     first_seen_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
@@ -839,6 +841,7 @@ impl Default for Shared {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Shared {
             locks: UserLocks::default(),
+            held: held::Buffer::default(),
             seen: Default::default(),
             first_seen: tx,
             first_seen_rx: parking_lot::Mutex::new(Some(rx)),
