@@ -3,9 +3,10 @@
 //! `mailbox.bulk_access` with a count, not thousands of `message.accessed`; a password
 //! guessed again and again is one `mailbox.login` with the attempts counted.
 //!
-//! Held items are keyed rows of the store (group `HELD`), written when the exporter's
-//! POST is answered, so nothing acknowledged is lost to a restart, and every replica's
-//! items are seen by the one that releases them (the leader, once a second). A release
+//! Held items are keyed rows of the store (`held_group`), written together every 20 ms
+//! (`Buffer`: a crash loses at most the last 20 ms of them), so a restart keeps the rest
+//! and every replica's items are seen by the one that releases them (the leader, once a
+//! second). A release
 //! stores its events and deletes the rows it read in one commit. A group that has turned
 //! into a bulk read is folded into one summary row as it grows, so a long download holds
 //! one row, not one per message.
