@@ -956,24 +956,18 @@ async fn reads_logins_forwarding_and_grants_in_a_real_dovecot_are_one_event_each
     let dovecot = Dovecot::start(operator.ingest, DOVECOT_TOKEN);
     let (imap, sieve) = (dovecot.imap().to_string(), dovecot.sieve().to_string());
     operator.kill();
-    operator
-        .restart_with(&[
-            "--dovecot-imap-addr",
-            &imap,
-            "--dovecot-master-user",
-            "mailhook-admin",
-            "--dovecot-master-password-file",
-            &password_flag,
-            "--dovecot-imap-tls",
-            "none",
-            "--dovecot-managesieve-addr",
-            &sieve,
-            "--dovecot-access-window",
-            "3s",
-            "--dovecot-bulk-threshold",
-            "100",
-        ])
-        .await;
+    let mut flags = reconciler_flags(&imap, &password_flag).to_vec();
+    flags.extend([
+        "--dovecot-imap-tls",
+        "none",
+        "--dovecot-managesieve-addr",
+        &sieve,
+        "--dovecot-access-window",
+        "3s",
+        "--dovecot-bulk-threshold",
+        "100",
+    ]);
+    operator.restart_with(&flags).await;
     let expect = |path: &'static str| Expectations {
         receiver: &receiver,
         path,
