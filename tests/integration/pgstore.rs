@@ -354,3 +354,36 @@ async fn max_store_bytes_is_the_database_size_on_postgresql() {
     )
     .await;
 }
+
+/// A process killed with SIGKILL leaves its PostgreSQL session, and the store's lock with
+/// it, until the server notices (after the statement it was running, or after the
+/// keepalives when its node vanished). The restarted operator waits for it rather than
+/// exiting; here a session of the test's own holds the lock, as a killed predecessor's
+/// does, for a few seconds, then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_waits_for_its_killed_predecessors_session_to_end() {
+    let ns = TestNamespace::new("pg-successor").await;
+    let url = crate::pg::database("successor").await;
+    let db = mailhook::store::postgres::config(&url, None, None).expect("url");
+    let mut client = mailhook::store::postgres::connect(&db).await.expect("connect");
+    mailhook::store::postgres::migrations::migrate(&mut client)
+        .await
+        .expect("migrate");
+    mailhook::store::postgres::shared::hold_exclusive(&client, Duration::ZERO)
+        .await
+        .expect("the lock is free");
+    let predecessor = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        drop(client);
+    });
+    let operator = Operator::start_with(&ns, &["--store-url", &url]).await;
+    predecessor.await.expect("predecessor");
+    let log = operator.log();
+    assert!(
+        log.contains("another session holds the store's lock; waiting for it to end"),
+        "the wait is told: {log}"
+    );
+    assert!(log.contains("holders=pid "), "the holder is named: {log}");
+    let (status, body) = operator.ingest(&[siem_event("after-predecessor")]).await;
+    assert_eq!(status, 202, "{body}");
+}

@@ -28,6 +28,8 @@ pub struct Connection {
     /// Holds the store-wide lock that says one operator owns this database (taken again
     /// on every new connection: a reconnect must not let a second owner in).
     exclusive: bool,
+    /// How long the next connection waits for the lock (see `PREDECESSOR_GRACE`).
+    patience: std::time::Duration,
 }
 
 impl Connection {
@@ -45,9 +47,12 @@ impl Connection {
             let client = self.runtime.block_on(self.database.connect()).map_err(unavailable)?;
             if self.exclusive {
                 self.runtime
-                    .block_on(super::shared::hold_exclusive(&client))
+                    .block_on(super::shared::hold_exclusive(&client, self.patience))
                     .map_err(|e| StoreError::Unavailable(crate::error_chain(&e)))?;
             }
+            // Only the first connection waits out a predecessor's session; a reconnect
+            // that finds the lock taken reports the store unavailable at once.
+            self.patience = std::time::Duration::ZERO;
             self.client = Some(client);
         }
         self.client
@@ -107,6 +112,7 @@ impl Postgres {
                     database,
                     client: None,
                     exclusive,
+                    patience: super::shared::PREDECESSOR_GRACE,
                 };
                 let first = connection.client().map(|_| ());
                 let ok = first.is_ok();

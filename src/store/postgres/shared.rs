@@ -7,6 +7,7 @@
 //! A write made under an older epoch matches no row: the new owner's work stands.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use super::engine::{DeliveryKeys, Params, Postgres, signed, u64_of};
 use crate::store::durable::Op;
@@ -722,13 +723,7 @@ impl Session {
                  SET application_name = 'mailhook-shards'",
             )
             .await?;
-        let shared: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock_shared($1, $2)",
-                &[&MODE_LOCK.0, &MODE_LOCK.1],
-            )
-            .await?
-            .get(0);
+        let shared = patiently(&client, PREDECESSOR_GRACE, "SELECT pg_try_advisory_lock_shared($1, $2)").await?;
         if !shared {
             return Err(SharedError::ExclusiveElsewhere);
         }
@@ -859,12 +854,77 @@ impl Session {
 }
 
 /// Single-owner mode on PostgreSQL: held exclusively for as long as `client` lives.
-pub async fn hold_exclusive(client: &tokio_postgres::Client) -> Result<(), SharedError> {
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&MODE_LOCK.0, &MODE_LOCK.1])
-        .await?
-        .get(0);
+pub async fn hold_exclusive(client: &tokio_postgres::Client, patience: Duration) -> Result<(), SharedError> {
+    // The server notices a vanished owner within seconds, so that its successor (a pod
+    // rescheduled from a lost node) is not refused for the kernel's default two hours.
+    client
+        .batch_execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3")
+        .await?;
+    let got = patiently(client, patience, "SELECT pg_try_advisory_lock($1, $2)").await?;
     if got { Ok(()) } else { Err(SharedError::InUse) }
+}
+
+/// How long a starting operator waits for the store's mode lock. A process killed with
+/// SIGKILL (an OOM kill, a crash) leaves its session on the server until the backend
+/// notices: at once when idle, but only after the statement it runs when busy, or after
+/// the keepalives when its node vanished. A restart must not fail on its predecessor.
+pub const PREDECESSOR_GRACE: Duration = Duration::from_secs(30);
+
+/// Tries `try_lock` (one of the `pg_try_advisory_lock*` calls on the mode lock) until it
+/// succeeds or `patience` is spent, saying once who holds the lock.
+async fn patiently(client: &tokio_postgres::Client, patience: Duration, try_lock: &str) -> Result<bool, SharedError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut told = false;
+    loop {
+        let got: bool = client.query_one(try_lock, &[&MODE_LOCK.0, &MODE_LOCK.1]).await?.get(0);
+        if got || tokio::time::Instant::now() >= deadline {
+            return Ok(got);
+        }
+        if !told {
+            told = true;
+            let holders = mode_holders(client).await;
+            tracing::warn!(
+                %holders,
+                waiting_s = patience.as_secs(),
+                "another session holds the store's lock; waiting for it to end (a killed predecessor's session ends within seconds)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The sessions holding the mode lock, as far as this role may see them.
+async fn mode_holders(client: &tokio_postgres::Client) -> String {
+    let rows = client
+        .query(
+            "SELECT l.pid, l.mode, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), \
+               coalesce(a.state, ''), coalesce(extract(epoch FROM now() - a.backend_start)::bigint, 0) \
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid = $1::int4::oid AND l.objid = $2::int4::oid AND l.objsubid = 2 AND l.granted \
+               AND l.pid <> pg_backend_pid()",
+            &[&MODE_LOCK.0, &MODE_LOCK.1],
+        )
+        .await;
+    match rows {
+        Ok(rows) if !rows.is_empty() => rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "pid {} ({}, {} from {}, {}, connected {} s)",
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3),
+                    r.get::<_, String>(4),
+                    r.get::<_, i64>(5)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Ok(_) => "none visible".into(),
+        Err(e) => format!("not visible: {e}"),
+    }
 }
 
 #[cfg(test)]

@@ -148,7 +148,13 @@ impl Operator {
                 if self.log().contains("Address already in use") {
                     return Err(PortTaken);
                 }
-                panic!("the operator exited ({status}) before it was ready");
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "the operator exited ({status}) before it was ready; the end of its log:\n{}",
+                    tail.join("\n")
+                );
             }
             let ready = http.get(&readyz).send().await.is_ok_and(|r| r.status().is_success());
             if ready && listens_on(self.child.id(), self.admin) && self.ports_accept().await {
