@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod archive;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod controller;
