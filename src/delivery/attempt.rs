@@ -145,11 +145,18 @@ pub(super) fn webhook_id(event_id: &str, subscription: &str) -> String {
 /// One signed POST of the events and what came of it (with its latency and end time).
 /// One signed POST of the first `items` that fit the subscription's batch size, what came
 /// of it (with its latency and end time), and how many of `items` it carried.
+/// What a request carried, for the audit log: its `webhook-id` and the SHA-256 of its body.
+#[derive(Debug, Clone, Default)]
+struct Sent {
+    webhook_id: Option<String>,
+    body_sha256: Option<String>,
+}
+
 async fn attempt_once(
     config: &DeliveryConfig,
     url: &reqwest::Url,
     items: &[wire::Item<'_>],
-) -> (Outcome, Duration, jiff::Timestamp, usize) {
+) -> (Outcome, Duration, jiff::Timestamp, usize, Sent) {
     // An IP literal never reaches the guarded resolver: checked here, for the endpoint and
     // a dead-letter sink alike.
     if let Err(refused) = config.egress.check_url(url) {
@@ -158,7 +165,13 @@ async fn attempt_once(
             message: format!("not sent: {refused}"),
             retry_after: None,
         };
-        return (failed, Duration::ZERO, jiff::Timestamp::now(), items.len());
+        return (
+            failed,
+            Duration::ZERO,
+            jiff::Timestamp::now(),
+            items.len(),
+            Sent::default(),
+        );
     }
     let max_bytes = config.batch.map_or(usize::MAX, |b| b.max_bytes);
     let (request, carried) = match wire::build(&config.wire, &config.payload, items, max_bytes) {
@@ -169,8 +182,18 @@ async fn attempt_once(
                 message: format!("{err}: {}", root_cause(&err)),
                 retry_after: None,
             };
-            return (failed, Duration::ZERO, jiff::Timestamp::now(), items.len());
+            return (
+                failed,
+                Duration::ZERO,
+                jiff::Timestamp::now(),
+                items.len(),
+                Sent::default(),
+            );
         }
+    };
+    let sent = Sent {
+        webhook_id: Some(request.id.clone()),
+        body_sha256: Some(crate::audit::sha256_hex(&request.body)),
     };
     let started = Instant::now();
     let response = signed_post(config, url.clone(), request).send().await;
@@ -200,7 +223,7 @@ async fn attempt_once(
             retry_after: None,
         },
     };
-    (outcome, elapsed, now, carried)
+    (outcome, elapsed, now, carried, sent)
 }
 
 /// How often a store write on the delivery path is tried before it is given up.
@@ -556,14 +579,20 @@ pub(super) async fn deliver(
         .catch_unwind()
         .await;
     drop(items);
-    let (mut outcome, elapsed, now, carried) = tried.unwrap_or_else(|_| {
+    let (mut outcome, elapsed, now, carried, sent) = tried.unwrap_or_else(|_| {
         crate::panics::record(&deliveries.metrics, "delivery");
         let failed = Outcome::Failed {
             status: None,
             message: crate::panics::ANSWER.into(),
             retry_after: Some(Duration::from_secs(60)),
         };
-        (failed, Duration::ZERO, jiff::Timestamp::now(), ready.len())
+        (
+            failed,
+            Duration::ZERO,
+            jiff::Timestamp::now(),
+            ready.len(),
+            Sent::default(),
+        )
     });
     for (d, _, _) in ready.split_off(carried.clamp(1, ready.len().max(1))) {
         store_write(metrics, "retry", name, || store.retry(d.clone())).await;
@@ -611,6 +640,8 @@ pub(super) async fn deliver(
             http_status: decision.http_status,
             error: decision.error.clone(),
             latency_ms: elapsed.as_millis() as u64,
+            webhook_id: sent.webhook_id.clone(),
+            body_sha256: sent.body_sha256.clone(),
         };
         // Queued before the completion below, so it is on disk no later than it.
         // The audit log is not worth holding the delivery up for: one try, counted.

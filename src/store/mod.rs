@@ -6,6 +6,7 @@
 //! chosen at start-up; `conformance` is the behaviour every backend must show. Depends on
 //! `event`, `crypto` and `memory` only (and the crate root's `error_chain`).
 
+pub mod audit;
 pub mod durable;
 pub mod open;
 pub mod paged;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use audit::AuditTrail;
 pub use durable::DurableStore;
 pub use durable::shared::SharedStore;
 pub use paged::PagedStore;
@@ -212,6 +214,27 @@ pub struct Attempt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub latency_ms: u64,
+    /// The request's `webhook-id` (a batch's own), when one was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_id: Option<String>,
+    /// The SHA-256 (hex) of the exact body sent, when one was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
+}
+
+impl Attempt {
+    /// The audit log's record of this attempt.
+    pub fn audit_record(&self) -> crate::audit::Record {
+        crate::audit::Record::Delivery {
+            event_id: self.event_id.clone(),
+            subscription: self.subscription.clone(),
+            webhook_id: self.webhook_id.clone(),
+            attempt: self.attempt,
+            http_status: self.http_status,
+            at: self.at,
+            body_sha256: self.body_sha256.clone(),
+        }
+    }
 }
 
 /// A delivery that was given up, kept for replay.
@@ -462,9 +485,9 @@ pub trait Backend: Send + Sync {
 
 /// Every part of a store: what a backend implements and start-up wires. Each consumer
 /// is handed only the part it uses (`Deliveries::events`, `history`, ...).
-pub trait Store: EventLog + Rows + Archive + Queue + History + Backend + 'static {}
+pub trait Store: EventLog + Rows + Archive + Queue + History + AuditTrail + Backend + 'static {}
 
-impl<T: EventLog + Rows + Archive + Queue + History + Backend + 'static> Store for T {}
+impl<T: EventLog + Rows + Archive + Queue + History + AuditTrail + Backend + 'static> Store for T {}
 
 #[cfg(test)]
 mod tests {
@@ -549,6 +572,53 @@ pub mod conformance {
         secrets_are_created_once(make().as_ref());
         // Rows
         rows_are_written_with_events_and_read_by_group_prefix_and_age(make().as_ref());
+        // AuditTrail
+        accepted_events_attempts_and_custody_grow_one_verifiable_tree(make().as_ref());
+    }
+
+    fn accepted_events_attempts_and_custody_grow_one_verifiable_tree(s: &dyn Store) {
+        use crate::audit::{Record, leaf_hash, prove_consistency, prove_leaf, root};
+        ingest(s, vec![pending("evt_a1", None, 0), pending("evt_a2", None, 0)]);
+        // Accepted without subscribers: logged too; a duplicate producer id is not.
+        let lone = || Ingest {
+            event: event("evt_a3", Some("p-a3")),
+            deliveries: vec![],
+        };
+        s.ingest(vec![lone()]).expect("ingest");
+        let mut again = lone();
+        again.event.id = "evt_a3b".into();
+        s.ingest(vec![again]).expect("ingest");
+        s.record_attempt(attempt(20, 1)).expect("attempt");
+        s.flush().expect("flush");
+        let custody = Record::Custody {
+            action: "export".into(),
+            subject: "evt_a1".into(),
+            by: "auditor".into(),
+            at: at(30),
+            detail: String::new(),
+        };
+        s.audit_append(&custody).expect("custody");
+        let size = s.audit_size().expect("size");
+        assert_eq!(size, 5, "three events, one attempt, one act of custody");
+        let records = s.audit_records(0, size).expect("records");
+        let kinds: Vec<String> = records
+            .iter()
+            .map(|(_, b)| serde_json::from_slice::<serde_json::Value>(b).expect("json")["kind"].to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["\"event\"", "\"event\"", "\"event\"", "\"delivery\"", "\"custody\""]
+        );
+        assert_eq!(s.audit_event("evt_a3").expect("index"), Some(2));
+        assert_eq!(s.audit_event("evt_a3b").expect("index"), None);
+        let hashes = crate::store::audit::Hashes(s);
+        let top = root(size, &hashes).expect("root");
+        for (i, body) in &records {
+            let proof = prove_leaf(size, *i, &hashes).expect("prove");
+            tlog_tiles::check_record(&proof, size, top, *i, leaf_hash(body)).expect("included");
+        }
+        let proof = prove_consistency(size, 2, &hashes).expect("prove");
+        tlog_tiles::check_tree(&proof, size, top, 2, root(2, &hashes).expect("old root")).expect("consistent");
     }
 
     fn events_are_read_by_id_in_the_order_asked(s: &dyn Store) {
@@ -664,6 +734,8 @@ pub mod conformance {
             http_status: Some(500),
             error: Some("HTTP 500".into()),
             latency_ms: 3,
+            webhook_id: Some(format!("msg_{n}")),
+            body_sha256: None,
         }
     }
 

@@ -542,6 +542,28 @@ impl Rows for Sole {
     }
 }
 
+impl mailhook::store::AuditTrail for Sole {
+    fn audit_size(&self) -> Result<u64, mailhook::store::StoreError> {
+        self.store.audit_size()
+    }
+
+    fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, mailhook::store::StoreError> {
+        self.store.audit_hashes(indexes)
+    }
+
+    fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, mailhook::store::StoreError> {
+        self.store.audit_records(from, to)
+    }
+
+    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, mailhook::store::StoreError> {
+        self.store.audit_event(event_id)
+    }
+
+    fn audit_append(&self, record: &mailhook::audit::Record) -> Result<(), mailhook::store::StoreError> {
+        self.store.audit_append(record)
+    }
+}
+
 impl Archive for Sole {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, mailhook::store::StoreError> {
         self.store.raw_message(sha256)

@@ -77,6 +77,8 @@ pub enum Op {
     DeleteAgedProducer(String, i64),
     /// The next seq to hand out, when higher than the stored one.
     NextSeq(u64),
+    /// A leaf appended to the audit log, in commit order (`audit`).
+    Audit(Box<crate::audit::Leaf>),
 }
 
 impl Op {
@@ -93,6 +95,7 @@ impl Op {
                 | Op::PutClaimed(..)
                 | Op::PutProducer(..)
                 | Op::PutAgedProducer(..)
+                | Op::Audit(_)
         )
     }
 
@@ -105,6 +108,7 @@ impl Op {
             Op::PutAttempt(s, _, b) | Op::PutRaw(s, _, b) | Op::Bury(s, _, _, b) => s.len() + 16 + b.len(),
             Op::PutRow(k, u, _, b) => k.len() + u.len() + b.len(),
             Op::Enqueue(q) => q.subscription.len() + q.body.len() + 32,
+            Op::Audit(leaf) => leaf.bytes.len() + 96,
             Op::Ingest(_) | Op::Fenced(..) => 1024,
             _ => 64,
         }

@@ -7,8 +7,9 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 
 use super::committer::Op;
 use super::schema::{
-    ATTEMPTS, DEAD, DEAD_BY_TIME, DEAD_QUEUE, EVENT_REFS, EVENTS, MAILBOX_INDEX, META, PENDING, PRODUCERS,
-    PRODUCERS_BY_AGE, QUEUE, QUEUE_DUE, QUEUE_STATS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io,
+    ATTEMPTS, AUDIT_EVENTS, AUDIT_HASHES, AUDIT_RECORDS, DEAD, DEAD_BY_TIME, DEAD_QUEUE, EVENT_REFS, EVENTS,
+    MAILBOX_INDEX, META, PENDING, PRODUCERS, PRODUCERS_BY_AGE, QUEUE, QUEUE_DUE, QUEUE_STATS, RAW, RAW_BY_AGE,
+    SUBSCRIPTIONS, io,
 };
 use crate::store::StoreError;
 
@@ -98,6 +99,22 @@ pub trait Engine: Send + Sync + 'static {
     fn row_groups(&self) -> Result<Vec<String>, StoreError>;
     /// Stored keys of keyed rows written before `before` (unix seconds).
     fn rows_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Leaves in the audit log.
+    fn audit_size(&self) -> Result<u64, StoreError> {
+        Err(StoreError::Failed("this engine keeps no audit log".into()))
+    }
+    /// The audit log's stored hashes at `indexes`, in that order (None where missing).
+    fn audit_hashes(&self, _indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+        Err(StoreError::Failed("this engine keeps no audit log".into()))
+    }
+    /// The audit log's leaves with index in `from..to`, in order.
+    fn audit_records(&self, _from: u64, _to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Err(StoreError::Failed("this engine keeps no audit log".into()))
+    }
+    /// The leaf that records an event's acceptance.
+    fn audit_event(&self, _event_id: &str) -> Result<Option<u64>, StoreError> {
+        Err(StoreError::Failed("this engine keeps no audit log".into()))
+    }
 }
 
 /// The end (exclusive) of the keys that start with `prefix`: the prefix without its
@@ -220,6 +237,7 @@ impl Redb {
                 next_seq: None,
                 forgotten: Vec::new(),
             };
+            let mut audit: Vec<crate::audit::Leaf> = Vec::new();
             for op in ops {
                 match op {
                     Op::PutEvent(id, bytes) => {
@@ -361,6 +379,7 @@ impl Redb {
                         paged.producers_by_age.remove((*at, p.as_str())).map_err(io)?;
                     }
                     Op::NextSeq(n) => paged.seq(n.saturating_sub(1)),
+                    Op::Audit(leaf) => audit.push(leaf.as_ref().clone()),
                     Op::Ingest(_)
                     | Op::Fenced(..)
                     | Op::PutClaimed(..)
@@ -374,6 +393,9 @@ impl Redb {
                 }
             }
             paged.finish(&mut events)?;
+            if !audit.is_empty() {
+                append_audit(&txn, &audit)?;
+            }
             if let Some(next) = paged.next_seq {
                 let mut meta = txn.open_table(META).map_err(io)?;
                 let stored = meta
@@ -492,6 +514,55 @@ impl Paged<'_> {
         }
         Ok(())
     }
+}
+
+/// The META key of the audit log's size (leaves appended).
+const AUDIT_SIZE: &str = "audit_size";
+
+fn meta_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<u64, StoreError> {
+    Ok(meta
+        .get(key)
+        .map_err(io)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+fn hash_of(bytes: &[u8]) -> Result<crate::audit::Hash, StoreError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(crate::audit::Hash)
+        .map_err(|_| StoreError::Failed("an audit log hash is not 32 bytes".into()))
+}
+
+/// Appends leaves to the audit log inside the write `txn`: the tree grows from the hashes
+/// of its frontier, in this commit's order.
+fn append_audit(txn: &redb::WriteTransaction, leaves: &[crate::audit::Leaf]) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META).map_err(io)?;
+    let mut hashes = txn.open_table(AUDIT_HASHES).map_err(io)?;
+    let mut records = txn.open_table(AUDIT_RECORDS).map_err(io)?;
+    let mut by_event = txn.open_table(AUDIT_EVENTS).map_err(io)?;
+    let size = meta_u64(&meta, AUDIT_SIZE)?;
+    let mut frontier = std::collections::HashMap::new();
+    for index in crate::audit::frontier(size) {
+        let hash = hashes
+            .get(index)
+            .map_err(io)?
+            .ok_or_else(|| StoreError::Failed(format!("the audit log lacks stored hash {index}")))?;
+        frontier.insert(index, hash_of(hash.value())?);
+    }
+    let stored = crate::audit::append(size, frontier, leaves).map_err(|e| StoreError::Failed(e.to_string()))?;
+    for (index, hash) in stored {
+        hashes.insert(index, hash.0.as_slice()).map_err(io)?;
+    }
+    for (i, leaf) in leaves.iter().enumerate() {
+        let n = size + i as u64;
+        records.insert(n, leaf.bytes.as_slice()).map_err(io)?;
+        if let Some(id) = &leaf.event_id {
+            by_event.insert(id.as_str(), n).map_err(io)?;
+        }
+    }
+    let grown = size + leaves.len() as u64;
+    meta.insert(AUDIT_SIZE, grown.to_be_bytes().as_slice()).map_err(io)?;
+    Ok(())
 }
 
 /// The META key a probe writes and deletes.
@@ -755,6 +826,42 @@ impl Engine for Redb {
             from = prefix_end(&prefix);
         }
         Ok(users)
+    }
+
+    fn audit_size(&self) -> Result<u64, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        meta_u64(&txn.open_table(META).map_err(io)?, AUDIT_SIZE)
+    }
+
+    fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(AUDIT_HASHES).map_err(io)?;
+        indexes
+            .iter()
+            .map(|i| {
+                Ok(table
+                    .get(*i)
+                    .map_err(io)?
+                    .and_then(|v| <[u8; 32]>::try_from(v.value()).ok()))
+            })
+            .collect()
+    }
+
+    fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(AUDIT_RECORDS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table.range(from..to).map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(AUDIT_EVENTS).map_err(io)?;
+        Ok(table.get(event_id).map_err(io)?.map(|v| v.value()))
     }
 
     fn rows_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {

@@ -221,11 +221,15 @@ impl DurableStore {
                     ops.push(Op::PutProducer(pid.clone(), item.event.id.clone(), now.as_second()));
                 }
                 let id = item.event.id.clone();
-                // An event nobody subscribed to is done at once: nothing to keep but its
-                // producer id.
+                // Every accepted event is logged; one nobody subscribed to is done at once:
+                // nothing else to keep but its producer id.
+                let body = json(&item.event)?;
+                ops.push(Op::Audit(Box::new(
+                    crate::audit::Record::event(&item.event, &body, now).to_leaf(),
+                )));
                 if !item.deliveries.is_empty() {
                     archive |= item.event.raw_message.is_some();
-                    ops.push(Op::PutEvent(id.clone(), json(&item.event)?));
+                    ops.push(Op::PutEvent(id.clone(), body));
                     cached.push(Arc::new(item.event));
                 }
                 for mut d in item.deliveries {
@@ -468,6 +472,7 @@ impl EventLog for DurableStore {
 }
 
 super::rows::rows_on_engine!(DurableStore);
+super::audit::audit_on_engine!(DurableStore);
 
 impl Archive for DurableStore {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
@@ -609,7 +614,11 @@ impl History for DurableStore {
             }
             state.attempt_key(attempt.at)
         };
-        self.send(vec![Op::PutAttempt(attempt.subscription, key, bytes)], false)
+        let leaf = Box::new(attempt.audit_record().to_leaf());
+        self.send(
+            vec![Op::PutAttempt(attempt.subscription, key, bytes), Op::Audit(leaf)],
+            false,
+        )
     }
 
     fn attempts(&self, subscription: &str, since: jiff::Timestamp, limit: usize) -> Result<Vec<Attempt>, StoreError> {

@@ -45,6 +45,13 @@ pub(crate) const QUEUE_STATS: TableDefinition<&str, (u64, u64, u64)> = TableDefi
 /// Secrets kept with the data (name → 32 bytes).
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// The audit log's stored hashes (`audit`: stored index → 32 bytes).
+pub(crate) const AUDIT_HASHES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_hashes");
+/// The audit log's leaves (leaf index → record bytes).
+pub(crate) const AUDIT_RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_records");
+/// An accepted event's leaf (event id → leaf index).
+pub(crate) const AUDIT_EVENTS: TableDefinition<&str, u64> = TableDefinition::new("audit_events");
+
 /// Creates every table that does not exist yet, so reads never meet a missing one.
 pub(crate) fn create_tables(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io)?;
@@ -65,6 +72,9 @@ pub(crate) fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(EVENT_REFS).map_err(io)?;
     txn.open_table(PRODUCERS_BY_AGE).map_err(io)?;
     txn.open_table(QUEUE_STATS).map_err(io)?;
+    txn.open_table(AUDIT_HASHES).map_err(io)?;
+    txn.open_table(AUDIT_RECORDS).map_err(io)?;
+    txn.open_table(AUDIT_EVENTS).map_err(io)?;
     txn.commit().map_err(io)
 }
 

@@ -36,6 +36,8 @@ pub struct IngestItem {
     pub event: Option<Vec<u8>>,
     /// (subscription, shard, stored delivery JSON), in the order enqueued.
     pub deliveries: Vec<(String, i32, Vec<u8>)>,
+    /// The audit log's record of its acceptance, appended when the event is new.
+    pub audit: Option<crate::audit::Leaf>,
 }
 
 /// The events of one `ingest` call, and where the outcome goes once committed.
@@ -204,11 +206,14 @@ impl SharedStore {
         let mut archive = false;
         let mut batch = Vec::with_capacity(items.len());
         for item in items {
+            // Every accepted event is logged, stored or not (nobody subscribed).
+            let body = json(&item.event)?;
+            let audit = Some(crate::audit::Record::event(&item.event, &body, now).to_leaf());
             let event = if item.deliveries.is_empty() {
                 None
             } else {
                 archive |= item.event.raw_message.is_some();
-                Some(json(&item.event)?)
+                Some(body)
             };
             let mut deliveries = Vec::with_capacity(item.deliveries.len());
             for d in &item.deliveries {
@@ -220,6 +225,7 @@ impl SharedStore {
                 event_id: item.event.id.clone(),
                 event,
                 deliveries,
+                audit,
             });
         }
         let outcome = Arc::new(Mutex::new(None));
@@ -345,6 +351,28 @@ impl Rows for SharedStore {
 
     fn write_rows(&self, writes: Vec<RowWrite>) -> Result<(), StoreError> {
         self.core.write_rows(writes)
+    }
+}
+
+impl crate::store::AuditTrail for SharedStore {
+    fn audit_size(&self) -> Result<u64, StoreError> {
+        self.core.audit_size()
+    }
+
+    fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+        self.core.audit_hashes(indexes)
+    }
+
+    fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.core.audit_records(from, to)
+    }
+
+    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+        self.core.audit_event(event_id)
+    }
+
+    fn audit_append(&self, record: &crate::audit::Record) -> Result<(), StoreError> {
+        self.core.audit_append(record)
     }
 }
 

@@ -381,11 +381,15 @@ impl PagedStore {
                     id: id.clone(),
                     duplicate: false,
                 });
+                // Every accepted event is logged, stored or not (nobody subscribed).
+                let body = json(&item.event)?;
+                ops.push(Op::Audit(Box::new(
+                    crate::audit::Record::event(&item.event, &body, now).to_leaf(),
+                )));
                 if item.deliveries.is_empty() {
                     continue;
                 }
                 archive |= item.event.raw_message.is_some();
-                let body = json(&item.event)?;
                 let size = body.len() as u64;
                 ops.push(Op::PutCountedEvent(
                     id.clone(),
@@ -560,6 +564,7 @@ impl EventLog for PagedStore {
 }
 
 super::rows::rows_on_engine!(PagedStore);
+super::audit::audit_on_engine!(PagedStore);
 
 impl Archive for PagedStore {
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError> {
@@ -1013,8 +1018,9 @@ impl History for PagedStore {
     fn record_attempt(&self, attempt: Attempt) -> Result<(), StoreError> {
         let bytes = json(&attempt)?;
         let key = self.state.lock().attempt_key(attempt.at);
+        let leaf = Box::new(attempt.audit_record().to_leaf());
         self.submit(
-            vec![Op::PutAttempt(attempt.subscription, key, bytes)],
+            vec![Op::PutAttempt(attempt.subscription, key, bytes), Op::Audit(leaf)],
             Reply::None,
             true,
         )?;

@@ -518,6 +518,8 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
                 net.producers.insert(p.clone(), None);
             }
             Op::NextSeq(n) => paged.seq(n.saturating_sub(1)),
+            // Appended last in the transaction (`append_audit`), in the order given.
+            Op::Audit(_) => {}
         }
     }
     net.statements(&mut out);
@@ -700,6 +702,56 @@ impl PagedWrites {
     }
 }
 
+/// Appends leaves to the audit log inside `txn`, last in it: the head row's lock is held
+/// only until the commit, and orders the appends of every replica.
+async fn append_audit(
+    txn: &tokio_postgres::Transaction<'_>,
+    leaves: &[crate::audit::Leaf],
+) -> Result<Result<(), crate::audit::TreeError>, tokio_postgres::Error> {
+    let size = u64_of(
+        txn.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+            .await?
+            .get(0),
+    );
+    let wanted: Vec<i64> = crate::audit::frontier(size).into_iter().map(clamp).collect();
+    let mut frontier = std::collections::HashMap::new();
+    for row in txn
+        .query("SELECT idx, hash FROM audit_hashes WHERE idx = ANY($1)", &[&wanted])
+        .await?
+    {
+        let hash: Vec<u8> = row.get(1);
+        if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+            frontier.insert(u64_of(row.get(0)), crate::audit::Hash(hash));
+        }
+    }
+    // A frontier hash missing (an edited store) fails the append, and with it the commit:
+    // the log does not grow on a history it cannot vouch for.
+    let stored = match crate::audit::append(size, frontier, leaves) {
+        Ok(stored) => stored,
+        Err(e) => return Ok(Err(e)),
+    };
+    let (idx, hashes): (Vec<i64>, Vec<Vec<u8>>) = stored.into_iter().map(|(i, h)| (clamp(i), h.0.to_vec())).unzip();
+    txn.execute(
+        "INSERT INTO audit_hashes (idx, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+        &[&idx, &hashes],
+    )
+    .await?;
+    let n: Vec<i64> = (0..leaves.len() as u64).map(|i| clamp(size + i)).collect();
+    let bodies: Vec<&[u8]> = leaves.iter().map(|l| l.bytes.as_slice()).collect();
+    let events: Vec<Option<&str>> = leaves.iter().map(|l| l.event_id.as_deref()).collect();
+    txn.execute(
+        "INSERT INTO audit_records (idx, body, event_id) SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[])",
+        &[&n, &bodies, &events],
+    )
+    .await?;
+    txn.execute(
+        "UPDATE audit_head SET size = $1 WHERE id = 1",
+        &[&clamp(size + leaves.len() as u64)],
+    )
+    .await?;
+    Ok(Ok(()))
+}
+
 pub(super) fn u64_of(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
@@ -707,6 +759,13 @@ pub(super) fn u64_of(n: i64) -> u64 {
 impl Engine for Postgres {
     fn commit(&self, ops: &[&Op]) -> Result<(), StoreError> {
         let (statements, fenced) = batched(ops)?;
+        let leaves: Vec<crate::audit::Leaf> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Audit(leaf) => Some(leaf.as_ref().clone()),
+                _ => None,
+            })
+            .collect();
         let ingests = super::shared::ingests(ops);
         let answered = ingests.iter().map(|b| b.outcome.clone()).collect::<Vec<_>>();
         let (outcomes, matched) = self.call(move |c| {
@@ -719,7 +778,10 @@ impl Engine for Postgres {
                         Ok(txn) => txn,
                         Err(e) => return Err((true, e)),
                     };
-                    let outcomes = super::shared::ingest(&txn, &ingests).await.map_err(|e| (false, e))?;
+                    let mut audit = Vec::new();
+                    let outcomes = super::shared::ingest(&txn, &ingests, &mut audit)
+                        .await
+                        .map_err(|e| (false, e))?;
                     let mut matched = 0;
                     // One after the other: a handful of statements per commit, in order.
                     for (sql, params) in &statements {
@@ -736,11 +798,18 @@ impl Engine for Postgres {
                             matched += n;
                         }
                     }
+                    audit.extend(leaves.iter().cloned());
+                    if !audit.is_empty()
+                        && let Err(broken) = append_audit(&txn, &audit).await.map_err(|e| (false, e))?
+                    {
+                        // Rolled back as the transaction drops.
+                        return Ok(Err(StoreError::Failed(broken.to_string())));
+                    }
                     txn.commit().await.map_err(|e| (false, e))?;
-                    Ok((outcomes, matched))
+                    Ok(Ok((outcomes, matched)))
                 });
                 match result {
-                    Ok(done) => return Ok(done),
+                    Ok(done) => return done,
                     Err((true, _)) if attempt == 0 => {
                         c.client = None;
                     }
@@ -947,6 +1016,49 @@ impl Engine for Postgres {
             .into_iter()
             .map(|r| r.get(0))
             .collect())
+    }
+
+    fn audit_size(&self) -> Result<u64, StoreError> {
+        let rows = self.query("SELECT size FROM audit_head WHERE id = 1", vec![])?;
+        Ok(rows.first().map_or(0, |r| u64_of(r.get(0))))
+    }
+
+    fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+        let wanted: Vec<i64> = indexes.iter().map(|i| clamp(*i)).collect();
+        let found: std::collections::HashMap<u64, [u8; 32]> = self
+            .query(
+                "SELECT idx, hash FROM audit_hashes WHERE idx = ANY($1)",
+                vec![Box::new(wanted)],
+            )?
+            .into_iter()
+            .filter_map(|r| {
+                let hash: Vec<u8> = r.get(1);
+                Some((u64_of(r.get(0)), <[u8; 32]>::try_from(hash.as_slice()).ok()?))
+            })
+            .collect();
+        Ok(indexes.iter().map(|i| found.get(i).copied()).collect())
+    }
+
+    fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT idx, body FROM audit_records WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                vec![Box::new(clamp(from)), Box::new(clamp(to))],
+            )?
+            .into_iter()
+            .map(|r| (u64_of(r.get(0)), r.get(1)))
+            .collect())
+    }
+
+    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT min(idx) FROM audit_records WHERE event_id = $1",
+                vec![Box::new(event_id.to_string())],
+            )?
+            .first()
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(u64_of))
     }
 }
 

@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "shared", include_str!("migrations/0002_shared.sql")),
     (3, "mailbox_index", include_str!("migrations/0003_mailbox_index.sql")),
     (4, "paged", include_str!("migrations/0004_paged.sql")),
+    (5, "audit", include_str!("migrations/0005_audit.sql")),
 ];
 
 /// The advisory lock key every mailhook migration takes ("mailhook" in ASCII, 8 bytes).

@@ -234,6 +234,7 @@ pub(super) fn ingests(ops: &[&Op]) -> Vec<IngestBatch> {
 pub(super) async fn ingest(
     txn: &tokio_postgres::Transaction<'_>,
     batches: &[IngestBatch],
+    audit: &mut Vec<crate::audit::Leaf>,
 ) -> Result<Vec<Vec<Appended>>, tokio_postgres::Error> {
     if batches.is_empty() {
         return Ok(vec![]);
@@ -305,6 +306,10 @@ pub(super) async fn ingest(
                     out.push(Appended { id, duplicate: true });
                     continue;
                 }
+            }
+            // Only an event new to the store is logged as accepted.
+            if let Some(leaf) = &item.audit {
+                audit.push(leaf.clone());
             }
             if let Some(body) = &item.event {
                 stored_any = true;

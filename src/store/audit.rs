@@ -1,0 +1,67 @@
+//! The audit log as the store keeps it (`crate::audit` says what it is): leaves appended
+//! in the commits of what they record, read back with the tree's stored hashes for tree
+//! heads and proofs. Every engine keeps it; replicas sharing a database grow one tree.
+
+use super::StoreError;
+use crate::audit::{Hash, HashSource, Record, TreeError};
+
+/// The audit log of a store.
+pub trait AuditTrail: Send + Sync {
+    /// Leaves appended so far.
+    fn audit_size(&self) -> Result<u64, StoreError>;
+    /// Stored hashes by index, in that order (None where missing).
+    fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, StoreError>;
+    /// Leaves with index in `from..to`, in order.
+    fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The leaf recording an event's acceptance.
+    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError>;
+    /// Appends a record of its own (custody), durably before it returns.
+    fn audit_append(&self, record: &Record) -> Result<(), StoreError>;
+}
+
+/// A store's audit log as a source of stored hashes for the tree functions.
+pub struct Hashes<'a>(pub &'a dyn AuditTrail);
+
+impl HashSource for Hashes<'_> {
+    fn hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, TreeError> {
+        let got = self
+            .0
+            .audit_hashes(indexes)
+            .map_err(|e| TreeError::Tlog(e.to_string()))?;
+        indexes
+            .iter()
+            .zip(got)
+            .map(|(i, h)| h.map(Hash).ok_or(TreeError::Missing(*i)))
+            .collect()
+    }
+}
+
+/// Implements `AuditTrail` for a store with an `engine` field and a `wait_for(ops, kept)`
+/// that commits and waits.
+macro_rules! audit_on_engine {
+    ($store:ty) => {
+        impl $crate::store::audit::AuditTrail for $store {
+            fn audit_size(&self) -> Result<u64, StoreError> {
+                self.engine.audit_size()
+            }
+
+            fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+                self.engine.audit_hashes(indexes)
+            }
+
+            fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+                self.engine.audit_records(from, to)
+            }
+
+            fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+                self.engine.audit_event(event_id)
+            }
+
+            fn audit_append(&self, record: &$crate::audit::Record) -> Result<(), StoreError> {
+                let leaf = Box::new(record.to_leaf());
+                self.wait_for(vec![$crate::store::durable::committer::Op::Audit(leaf)], false)
+            }
+        }
+    };
+}
+pub(crate) use audit_on_engine;

@@ -1,0 +1,23 @@
+-- mailhook store, schema version 5: the audit log, an append-only Merkle tree (RFC 6962
+-- hashing). Leaves are appended in commit order: a commit that appends takes the head
+-- row's lock, so replicas sharing the database grow one tree.
+
+CREATE TABLE audit_head (
+    id   smallint PRIMARY KEY CHECK (id = 1),
+    size bigint   NOT NULL -- leaves appended
+);
+INSERT INTO audit_head (id, size) VALUES (1, 0);
+
+-- The tree's stored hashes (tlog's layout: a leaf's hash and the subtrees it completes).
+CREATE TABLE audit_hashes (
+    idx  bigint PRIMARY KEY,
+    hash bytea  NOT NULL
+);
+
+-- The leaves: each record's exact bytes, and the event whose acceptance it records.
+CREATE TABLE audit_records (
+    idx      bigint PRIMARY KEY,
+    body     bytea  NOT NULL,
+    event_id text
+);
+CREATE INDEX audit_records_by_event ON audit_records (event_id) WHERE event_id IS NOT NULL;
