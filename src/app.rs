@@ -87,6 +87,7 @@ impl Base {
 /// controllers share.
 struct Core {
     deliveries: Arc<Deliveries>,
+    audit: crate::history::audit::Audit,
     router: Arc<Router>,
     leadership: Leadership,
     raw_links: Option<Arc<RawLinks>>,
@@ -144,6 +145,7 @@ async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core>
     };
     metrics.leader.set(i64::from(leadership.is_leader()));
     let raw_links = raw_links(config, store.as_ref(), admin_addr)?;
+    let audit_key = audit_key(config, store.as_ref())?;
     let housekeeping = Housekeeping {
         interval: config.store.housekeeping_interval,
         attempt_retention: config.store.attempt_retention,
@@ -204,6 +206,23 @@ async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core>
         base.readiness.part(handles::STORE, "opening"),
         metrics.clone(),
     );
+    let audit = crate::history::audit::Audit::new(deliveries.audit(), deliveries.rows(), audit_key);
+    info!(
+        origin = audit.key().origin(),
+        vkey = audit.key().vkey(),
+        "audit log: checkpoints are signed with this key"
+    );
+    lifecycle.spawn(
+        Stage::Control,
+        "audit checkpoints",
+        crate::history::audit::keep_signing(
+            audit.clone(),
+            config.audit.audit_checkpoint_interval,
+            leadership.clone(),
+            metrics.clone(),
+            lifecycle.token(Stage::Control),
+        ),
+    );
     let activity = Arc::new(SourceActivity::default());
     {
         // In Control: stopped once intake has, so its last write holds every event taken.
@@ -221,12 +240,25 @@ async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core>
     }
     Ok(Core {
         deliveries,
+        audit,
         router,
         leadership,
         raw_links,
         matches: Arc::new(MatchCounters::default()),
         directory: Arc::new(Directory::default()),
         activity,
+    })
+}
+
+/// The audit checkpoint key: the file's, or one derived from a secret kept in the store
+/// (every replica sharing it derives the same).
+fn audit_key(config: &RunConfig, store: &dyn crate::store::Store) -> anyhow::Result<crate::audit::key::Key> {
+    Ok(match &config.audit.audit_key_file {
+        Some(path) => crate::audit::key::Key::from_file(path)?,
+        None => {
+            let seed = store.secret("audit-checkpoint-key")?;
+            crate::audit::key::Key::from_seed(&config.audit.audit_origin, &seed)?
+        }
     })
 }
 
@@ -265,7 +297,7 @@ fn start_admin(base: &Base, core: &Core, listener: TcpListener) -> anyhow::Resul
         base.metrics.clone(),
         base.readiness.clone(),
         scrapers,
-        crate::history::router(history, core.raw_links.clone()),
+        crate::history::router(history, core.raw_links.clone(), Some(core.audit.clone())),
     );
     info!(addr = %listener.local_addr()?, "admin server listening");
     // Probes and scrapes are few; the cap keeps a flood of connections from starving them.

@@ -49,6 +49,11 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// The audit log: its verifier key, proofs, and offline verification of evidence.
+    Audit {
+        #[command(subcommand)]
+        action: crate::history::audit::client::Action,
+    },
     /// Print a new signing key for a subscription's signing Secret: `ed25519` prints a
     /// `whsk_` key on stdout and its `whpk_` public key on stderr; `hmac` a `whsec_` secret.
     Keygen {
@@ -173,6 +178,8 @@ pub struct RunConfig {
     pub egress: EgressArgs,
     #[command(flatten, next_help_heading = "Admin port")]
     pub admin: AdminArgs,
+    #[command(flatten, next_help_heading = "Audit log")]
+    pub audit: AuditArgs,
     #[command(flatten, next_help_heading = "Telemetry")]
     pub telemetry: TelemetryArgs,
 }
@@ -627,6 +634,28 @@ pub struct AdminArgs {
     /// `http://` and the listening address, which suits only local runs.
     #[arg(long, env = "MAILHOOK_PUBLIC_URL")]
     pub public_url: Option<url::Url>,
+}
+
+/// The audit log: every event accepted and every delivery attempt, in a Merkle tree whose
+/// signed checkpoints an auditor verifies offline.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// File holding the checkpoint signing key, a signed-note signer key
+    /// (`PRIVATE+KEY+<origin>+<keyid>+<base64>`; make one with `mailhook audit keygen`),
+    /// whose name is the log's origin. Without it the key is derived from a secret kept in
+    /// the store, named --audit-origin: checkpoints are still signed, but whoever can read
+    /// the store can sign them too.
+    #[arg(long, env = "MAILHOOK_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<std::path::PathBuf>,
+
+    /// The log's origin when no --audit-key-file is given: a name unique to this log
+    /// (e.g. your cluster's domain and `/mailhook`), the first line of every checkpoint.
+    #[arg(long, env = "MAILHOOK_AUDIT_ORIGIN", default_value = "mailhook.local/audit")]
+    pub audit_origin: String,
+
+    /// How often a checkpoint of the log is signed, when the log grew.
+    #[arg(long, env = "MAILHOOK_AUDIT_CHECKPOINT_INTERVAL", default_value = "60s", value_parser = duration_arg)]
+    pub audit_checkpoint_interval: std::time::Duration,
 }
 
 /// Logging.

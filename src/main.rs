@@ -92,6 +92,11 @@ async fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Audit { action } => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            print!("{}", mailhook::history::audit::client::run(action).await?);
+            Ok(())
+        }
         Command::Attempts(args) => history(Request::Attempts(args)).await,
         Command::DeadLetters(args) => history(Request::DeadLetters(args)).await,
         Command::Replay(args) => history(Request::Replay(args)).await,

@@ -67,6 +67,13 @@ pub struct Metrics {
     pub leader_transitions: prometheus::IntCounter,
     /// Shared store: writes the database refused because their shard's claim had moved on.
     pub fenced_writes: prometheus::IntCounter,
+    /// Leaves in the audit log, as the last checkpoint pass read it.
+    pub audit_log_size: IntGauge,
+    /// The size of the newest signed checkpoint of the audit log.
+    pub audit_checkpoint_size: IntGauge,
+    /// Checkpoint passes that could not sign (the log no longer extends the last
+    /// checkpoint, or the store failed).
+    pub audit_checkpoint_failures: IntCounter,
     /// Dead-lettered events copied to the subscription's dead-letter sink, by outcome.
     pub dead_letter_forwards: IntCounterVec,
     /// Delivery requests in flight over every subscription, and the process-wide cap on them.
@@ -131,6 +138,7 @@ impl Metrics {
             leader_transitions,
             fenced_writes,
         } = replicas(&r)?;
+        let (audit_log_size, audit_checkpoint_size, audit_checkpoint_failures) = audit(&r)?;
         Ok(Metrics {
             registry: r.0,
             events_ingested,
@@ -169,6 +177,9 @@ impl Metrics {
             leader,
             leader_transitions,
             fenced_writes,
+            audit_log_size,
+            audit_checkpoint_size,
+            audit_checkpoint_failures,
             dead_letter_forwards,
             requests_in_flight,
             requests_in_flight_limit,
@@ -525,6 +536,24 @@ fn controller(r: &Registrar) -> Result<Controller, prometheus::Error> {
 }
 
 /// Replicas: the shards of a shared store, and the leader Lease.
+/// The audit log and its checkpoints.
+fn audit(r: &Registrar) -> Result<(IntGauge, IntGauge, IntCounter), prometheus::Error> {
+    Ok((
+        r.gauge(
+            "mailhook_audit_log_size",
+            "Leaves in the audit log (events accepted, delivery attempts, acts of custody), as the last checkpoint pass read it.",
+        )?,
+        r.gauge(
+            "mailhook_audit_checkpoint_size",
+            "The tree size of the newest signed checkpoint of the audit log.",
+        )?,
+        r.counter(
+            "mailhook_audit_checkpoint_failures_total",
+            "Checkpoint passes that signed nothing because the log no longer extends the newest checkpoint (history rewritten, or a restore not recorded) or the store failed.",
+        )?,
+    ))
+}
+
 struct Replicas {
     shard_owned: IntGaugeVec,
     shard_handovers: IntCounterVec,

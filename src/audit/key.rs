@@ -71,12 +71,22 @@ impl Key {
 
     /// A new key for the log `origin`: (signer key, verifier key).
     pub fn generate(origin: &str) -> Result<(String, String), KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Sign(e.to_string()))?;
+        Key::encode(origin, &seed)
+    }
+
+    /// The key of the log `origin` whose ed25519 seed is `seed`.
+    pub fn from_seed(origin: &str, seed: &[u8; 32]) -> Result<Key, KeyError> {
+        let (skey, _) = Key::encode(origin, seed)?;
+        Key::parse(&skey)
+    }
+
+    fn encode(origin: &str, seed: &[u8; 32]) -> Result<(String, String), KeyError> {
         if !signed_note::is_key_name_valid(origin) {
             return Err(KeyError::Origin(origin.into()));
         }
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| KeyError::Sign(e.to_string()))?;
-        let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let signing = ed25519_dalek::SigningKey::from_bytes(seed);
         let public = [&[ALG_ED25519][..], signing.verifying_key().as_bytes()].concat();
         let private = [&[ALG_ED25519][..], &seed[..]].concat();
         let skey = format!(

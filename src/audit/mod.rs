@@ -80,15 +80,15 @@ impl Record {
         // A record of strings, numbers and timestamps always serializes.
         let bytes = serde_json::to_vec(self).unwrap_or_default();
         let event_id = match self {
-            Record::Event { event_id, .. } => Some(event_id.clone()),
-            _ => None,
+            Record::Event { event_id, .. } | Record::Delivery { event_id, .. } => Some(event_id.clone()),
+            Record::Custody { .. } => None,
         };
         Leaf { bytes, event_id }
     }
 }
 
-/// A leaf to append: its bytes, and the event it is the acceptance of (indexed, so that
-/// an event's leaf is found by its id).
+/// A leaf to append: its bytes, and the event it is about (indexed, so that an event's
+/// leaves, its acceptance first, are found by its id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leaf {
     pub bytes: Vec<u8>,

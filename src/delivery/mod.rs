@@ -679,6 +679,11 @@ impl Deliveries {
         self.store.clone()
     }
 
+    /// The audit log.
+    pub fn audit(&self) -> Arc<dyn crate::store::AuditTrail> {
+        self.store.clone()
+    }
+
     /// The attempt log and dead letters.
     pub fn history(&self) -> Arc<dyn History> {
         self.store.clone()

@@ -13,6 +13,7 @@
 //!
 //! `since` is an RFC 3339 time or a duration back from now (`2h`).
 
+pub mod audit;
 pub mod client;
 pub mod raw;
 
@@ -87,9 +88,16 @@ pub struct Replayed {
 
 /// Every route of the history API: the token-guarded part, and the raw message links when
 /// the archive is on.
-pub fn router(history: History, raw_links: Option<Arc<crate::archive::RawLinks>>) -> Router {
+pub fn router(
+    history: History,
+    raw_links: Option<Arc<crate::archive::RawLinks>>,
+    audit: Option<audit::Audit>,
+) -> Router {
     let deliveries = history.deliveries.clone();
-    let app = api_router(history);
+    let mut app = api_router(history.clone());
+    if let Some(audit) = audit {
+        app = app.merge(audit::router(audit::AuditApi { audit, history }));
+    }
     match raw_links {
         Some(links) => app.merge(raw::router(links, deliveries)),
         None => app,
@@ -126,6 +134,35 @@ impl IntoResponse for Refusal {
         }
         response
     }
+}
+
+/// Whether the caller holds a token from `--admin-token-file`, the only kind `what` takes;
+/// unknown tokens count towards the address's lockout.
+fn admin_only(history: &History, headers: &HeaderMap, peer: std::net::IpAddr, what: &str) -> Result<(), Refusal> {
+    let now = std::time::Instant::now();
+    let presented = bearer(headers).filter(|t| !t.is_empty());
+    if let (Some(token), Some(tokens)) = (presented, &history.tokens)
+        && tokens.accepts(token)
+    {
+        return Ok(());
+    }
+    if let Some(left) = history.failures.locked(peer, now) {
+        return Err(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed authentications from this address; try again in {} s",
+                left.as_secs().max(1)
+            ),
+        ));
+    }
+    if presented.is_some() {
+        history.failures.failed(peer, now);
+    }
+    tracing::info!(%peer, "{what}: authentication failed");
+    Err(refuse(
+        StatusCode::UNAUTHORIZED,
+        format!("{what} takes only a token from --admin-token-file: send Authorization: Bearer <token>"),
+    ))
 }
 
 /// Whether the caller may `verb` the subscription `namespace/name`: an admin token may

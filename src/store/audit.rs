@@ -13,8 +13,8 @@ pub trait AuditTrail: Send + Sync {
     fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<Option<[u8; 32]>>, StoreError>;
     /// Leaves with index in `from..to`, in order.
     fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
-    /// The leaf recording an event's acceptance.
-    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError>;
+    /// The leaves about an event, in order: its acceptance first, then its deliveries.
+    fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError>;
     /// Appends a record of its own (custody), durably before it returns.
     fn audit_append(&self, record: &Record) -> Result<(), StoreError>;
 }
@@ -53,8 +53,8 @@ macro_rules! audit_on_engine {
                 self.engine.audit_records(from, to)
             }
 
-            fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
-                self.engine.audit_event(event_id)
+            fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError> {
+                self.engine.audit_leaves_of(event_id)
             }
 
             fn audit_append(&self, record: &$crate::audit::Record) -> Result<(), StoreError> {

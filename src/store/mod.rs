@@ -609,8 +609,13 @@ pub mod conformance {
             kinds,
             ["\"event\"", "\"event\"", "\"event\"", "\"delivery\"", "\"custody\""]
         );
-        assert_eq!(s.audit_event("evt_a3").expect("index"), Some(2));
-        assert_eq!(s.audit_event("evt_a3b").expect("index"), None);
+        assert_eq!(s.audit_leaves_of("evt_a3").expect("index"), [2]);
+        assert_eq!(
+            s.audit_leaves_of("e1").expect("index"),
+            [3],
+            "the attempt names its event"
+        );
+        assert!(s.audit_leaves_of("evt_a3b").expect("index").is_empty());
         let hashes = crate::store::audit::Hashes(s);
         let top = root(size, &hashes).expect("root");
         for (i, body) in &records {

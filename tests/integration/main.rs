@@ -1,6 +1,7 @@
 //! Integration tests against a real kube-apiserver and etcd (see tests/testenv). Run them
 //! with tests/run, or after `eval "$(tests/testenv/up)"` with `cargo test`.
 
+mod audit;
 mod backlog;
 mod controller;
 mod crd;

@@ -555,8 +555,8 @@ impl mailhook::store::AuditTrail for Sole {
         self.store.audit_records(from, to)
     }
 
-    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, mailhook::store::StoreError> {
-        self.store.audit_event(event_id)
+    fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, mailhook::store::StoreError> {
+        self.store.audit_leaves_of(event_id)
     }
 
     fn audit_append(&self, record: &mailhook::audit::Record) -> Result<(), mailhook::store::StoreError> {

@@ -111,8 +111,8 @@ pub trait Engine: Send + Sync + 'static {
     fn audit_records(&self, _from: u64, _to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Err(StoreError::Failed("this engine keeps no audit log".into()))
     }
-    /// The leaf that records an event's acceptance.
-    fn audit_event(&self, _event_id: &str) -> Result<Option<u64>, StoreError> {
+    /// The leaves about an event, in order (its acceptance first).
+    fn audit_leaves_of(&self, _event_id: &str) -> Result<Vec<u64>, StoreError> {
         Err(StoreError::Failed("this engine keeps no audit log".into()))
     }
 }
@@ -557,7 +557,7 @@ fn append_audit(txn: &redb::WriteTransaction, leaves: &[crate::audit::Leaf]) -> 
         let n = size + i as u64;
         records.insert(n, leaf.bytes.as_slice()).map_err(io)?;
         if let Some(id) = &leaf.event_id {
-            by_event.insert(id.as_str(), n).map_err(io)?;
+            by_event.insert((id.as_str(), n), ()).map_err(io)?;
         }
     }
     let grown = size + leaves.len() as u64;
@@ -858,10 +858,14 @@ impl Engine for Redb {
         Ok(out)
     }
 
-    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+    fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError> {
         let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(AUDIT_EVENTS).map_err(io)?;
-        Ok(table.get(event_id).map_err(io)?.map(|v| v.value()))
+        let mut out = Vec::new();
+        for row in table.range((event_id, 0u64)..=(event_id, u64::MAX)).map_err(io)? {
+            out.push(row.map_err(io)?.0.value().1);
+        }
+        Ok(out)
     }
 
     fn rows_before(&self, before: i64) -> Result<Vec<Vec<u8>>, StoreError> {

@@ -49,8 +49,8 @@ pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const AUDIT_HASHES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_hashes");
 /// The audit log's leaves (leaf index → record bytes).
 pub(crate) const AUDIT_RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_records");
-/// An accepted event's leaf (event id → leaf index).
-pub(crate) const AUDIT_EVENTS: TableDefinition<&str, u64> = TableDefinition::new("audit_events");
+/// The leaves about an event, its acceptance first: (event id, leaf index).
+pub(crate) const AUDIT_EVENTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_events");
 
 /// Creates every table that does not exist yet, so reads never meet a missing one.
 pub(crate) fn create_tables(db: &Database) -> Result<(), StoreError> {

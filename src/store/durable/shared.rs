@@ -367,8 +367,8 @@ impl crate::store::AuditTrail for SharedStore {
         self.core.audit_records(from, to)
     }
 
-    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
-        self.core.audit_event(event_id)
+    fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError> {
+        self.core.audit_leaves_of(event_id)
     }
 
     fn audit_append(&self, record: &crate::audit::Record) -> Result<(), StoreError> {

@@ -1050,15 +1050,15 @@ impl Engine for Postgres {
             .collect())
     }
 
-    fn audit_event(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+    fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError> {
         Ok(self
             .query(
-                "SELECT min(idx) FROM audit_records WHERE event_id = $1",
+                "SELECT idx FROM audit_records WHERE event_id = $1 ORDER BY idx",
                 vec![Box::new(event_id.to_string())],
             )?
-            .first()
-            .and_then(|r| r.get::<_, Option<i64>>(0))
-            .map(u64_of))
+            .into_iter()
+            .map(|r| u64_of(r.get(0)))
+            .collect())
     }
 }
 

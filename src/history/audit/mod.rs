@@ -1,0 +1,392 @@
+//! The audit API on the admin port, and the checkpoints it serves (`crate::audit` says
+//! what the log is; `client` is `mailhook audit`).
+//!
+//! - `GET /v1/audit/key`: the checkpoint verifier key (public, no token).
+//! - `GET /v1/audit/checkpoint[?size=N]`: the newest signed checkpoint, or the one of size N.
+//! - `GET /v1/audit/prove?event=ID | index=N | from=SIZE`: evidence (`audit::proof`)
+//!   against the newest checkpoint: the leaves about an event (its acceptance, then its
+//!   delivery attempts), one leaf, or the consistency of an older checkpoint with it.
+//!
+//! Everything but the key takes only a token from `--admin-token-file`: the log spans every
+//! namespace, and its size is the organisation's mail volume.
+//!
+//! Checkpoints are rows of the store (a reserved group, kept past every retention): one
+//! per signed size and the newest under `latest`, shared by every replica. The leader signs
+//! one every `--audit-checkpoint-interval` when the log grew; a proof asked for a leaf no
+//! checkpoint covers yet signs one at once, on whichever replica is asked.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::audit::key::{Checkpoint, CheckpointError, Key, KeyError};
+use crate::audit::proof::{Consistency, Evidence, Inclusion, encode};
+use crate::audit::{TreeError, prove_consistency, prove_leaf, root};
+use crate::store::audit::Hashes;
+use crate::store::{AuditTrail, Row, RowWrite, Rows, StoreError, reserved_group};
+
+/// The reserved row group of the signed checkpoints.
+pub const CHECKPOINTS: &str = "audit-checkpoints";
+const LATEST: &[u8] = b"latest";
+
+/// Why the log cannot be signed, read or proven; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the store")]
+    Store(#[from] StoreError),
+    #[error("the audit log's tree")]
+    Tree(#[from] TreeError),
+    #[error("the checkpoint key")]
+    Key(#[from] KeyError),
+    #[error("a stored checkpoint does not open with this operator's key (was the key changed?)")]
+    Stored(#[source] CheckpointError),
+    #[error(
+        "the audit log no longer extends its checkpoint of size {old}: its history was rewritten, or the store was restored from a backup. No checkpoint is signed until this is looked into (docs/audit.md: recording a restore)"
+    )]
+    Rewritten { old: u64 },
+    #[error("the audit log has {size} leaves; there is no leaf {index}")]
+    NoLeaf { index: u64, size: u64 },
+    #[error("no checkpoint of size {0} was signed")]
+    NoCheckpoint(u64),
+    #[error("event {0} is not in the audit log")]
+    NoEvent(String),
+}
+
+/// The audit log of a store, with the key that signs its checkpoints.
+#[derive(Clone)]
+pub struct Audit {
+    trail: Arc<dyn AuditTrail>,
+    rows: Arc<dyn Rows>,
+    key: Key,
+    /// One signer at a time in this process.
+    signing: Arc<parking_lot::Mutex<()>>,
+}
+
+/// A signed checkpoint: its size and its note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    pub size: u64,
+    pub note: String,
+}
+
+fn size_key(size: u64) -> Vec<u8> {
+    size.to_be_bytes().to_vec()
+}
+
+impl Audit {
+    pub fn new(trail: Arc<dyn AuditTrail>, rows: Arc<dyn Rows>, key: Key) -> Audit {
+        Audit {
+            trail,
+            rows,
+            key,
+            signing: Arc::default(),
+        }
+    }
+
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    fn note(&self, key: &[u8]) -> Result<Option<String>, AuditError> {
+        Ok(self
+            .rows
+            .row(&reserved_group(CHECKPOINTS), key)?
+            .map(|row| String::from_utf8_lossy(&row.body).into_owned()))
+    }
+
+    fn open(&self, note: &str) -> Result<Checkpoint, AuditError> {
+        crate::audit::key::open(note, self.key.vkey()).map_err(AuditError::Stored)
+    }
+
+    /// The newest signed checkpoint.
+    pub fn latest(&self) -> Result<Option<(Checkpoint, String)>, AuditError> {
+        match self.note(LATEST)? {
+            Some(note) => Ok(Some((self.open(&note)?, note))),
+            None => Ok(None),
+        }
+    }
+
+    /// The checkpoint signed at `size`.
+    pub fn checkpoint(&self, size: u64) -> Result<Option<String>, AuditError> {
+        self.note(&size_key(size))
+    }
+
+    /// Signs a checkpoint of the log as it is now, when it grew since the newest one and
+    /// still extends it. Blocks on the store.
+    pub fn sign(&self) -> Result<Option<Signed>, AuditError> {
+        let _one = self.signing.lock();
+        let size = self.trail.audit_size()?;
+        let latest = self.latest()?;
+        if latest.as_ref().is_some_and(|(c, _)| c.size >= size) || size == 0 {
+            return Ok(None);
+        }
+        let hashes = Hashes(self.trail.as_ref());
+        let top = root(size, &hashes)?;
+        if let Some((old, _)) = &latest {
+            // The log only grows: a tree that does not extend what was signed is refused
+            // here, before a witness would have to find out.
+            let consistent = prove_consistency(size, old.size, &hashes)
+                .ok()
+                .is_some_and(|proof| tlog_tiles::check_tree(&proof, size, top, old.size, old.root).is_ok());
+            if !consistent {
+                return Err(AuditError::Rewritten { old: old.size });
+            }
+        }
+        let note = self.key.sign(size, top)?;
+        let at = jiff::Timestamp::now().as_second();
+        let group = reserved_group(CHECKPOINTS);
+        let put = |key: Vec<u8>| RowWrite::Put {
+            group: group.clone(),
+            row: Row {
+                key,
+                at,
+                body: note.clone().into_bytes(),
+            },
+        };
+        self.rows.write_rows(vec![put(size_key(size)), put(LATEST.to_vec())])?;
+        Ok(Some(Signed { size, note }))
+    }
+
+    /// The newest checkpoint covering leaf `index` (signed now if none does yet).
+    fn covering(&self, index: u64) -> Result<(Checkpoint, String), AuditError> {
+        if let Some((c, note)) = self.latest()?
+            && c.size > index
+        {
+            return Ok((c, note));
+        }
+        self.sign()?;
+        match self.latest()? {
+            Some((c, note)) if c.size > index => Ok((c, note)),
+            _ => Err(AuditError::NoLeaf {
+                index,
+                size: self.trail.audit_size()?,
+            }),
+        }
+    }
+
+    /// Evidence that the leaves `indexes` are in the log.
+    pub fn prove_leaves(&self, indexes: &[u64]) -> Result<Evidence, AuditError> {
+        let highest = indexes.iter().copied().max().unwrap_or(0);
+        let (head, note) = self.covering(highest)?;
+        let hashes = Hashes(self.trail.as_ref());
+        let mut inclusion = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            let record = self
+                .trail
+                .audit_records(index, index + 1)?
+                .into_iter()
+                .next()
+                .ok_or(AuditError::NoLeaf { index, size: head.size })?
+                .1;
+            use base64::Engine as _;
+            inclusion.push(Inclusion {
+                index,
+                record: base64::engine::general_purpose::STANDARD.encode(record),
+                proof: encode(&prove_leaf(head.size, index, &hashes)?),
+            });
+        }
+        Ok(Evidence {
+            checkpoint: note,
+            inclusion,
+            consistency: vec![],
+        })
+    }
+
+    /// Evidence of an event: its acceptance and every delivery attempt logged for it.
+    pub fn prove_event(&self, event_id: &str) -> Result<Evidence, AuditError> {
+        let leaves = self.trail.audit_leaves_of(event_id)?;
+        if leaves.is_empty() {
+            return Err(AuditError::NoEvent(event_id.into()));
+        }
+        self.prove_leaves(&leaves)
+    }
+
+    /// Evidence that the newest checkpoint extends the one signed at `old`.
+    pub fn prove_from(&self, old: u64) -> Result<Evidence, AuditError> {
+        let old_note = self.checkpoint(old)?.ok_or(AuditError::NoCheckpoint(old))?;
+        let (head, note) = self.latest()?.ok_or(AuditError::NoCheckpoint(old))?;
+        let proof = prove_consistency(head.size, old, &Hashes(self.trail.as_ref()))?;
+        Ok(Evidence {
+            checkpoint: note,
+            inclusion: vec![],
+            consistency: vec![Consistency {
+                old: old_note,
+                proof: encode(&proof),
+            }],
+        })
+    }
+}
+
+/// Signs a checkpoint every `interval` while this replica leads, until `stop`.
+pub async fn keep_signing(
+    audit: Audit,
+    interval: std::time::Duration,
+    leadership: crate::handles::Leadership,
+    metrics: crate::metrics::Metrics,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !leadership.is_leader() {
+            continue;
+        }
+        let (a, m) = (audit.clone(), metrics.clone());
+        let pass = tokio::task::spawn_blocking(move || {
+            let signed = a.sign();
+            if let Ok(size) = a.trail.audit_size() {
+                m.audit_log_size.set(i64::try_from(size).unwrap_or(i64::MAX));
+            }
+            signed
+        })
+        .await;
+        match pass {
+            Ok(Ok(Some(signed))) => {
+                metrics
+                    .audit_checkpoint_size
+                    .set(i64::try_from(signed.size).unwrap_or(i64::MAX));
+                tracing::debug!(size = signed.size, "audit log checkpoint signed");
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => {
+                metrics.audit_checkpoint_failures.inc();
+                tracing::error!(err = %crate::error_chain(&err), "cannot sign an audit log checkpoint");
+            }
+            Err(err) => {
+                metrics.audit_checkpoint_failures.inc();
+                tracing::error!(%err, "the audit checkpoint pass stopped unexpectedly");
+            }
+        }
+    }
+}
+
+/// What the audit API reads, and who may ask.
+#[derive(Clone)]
+pub struct AuditApi {
+    pub audit: Audit,
+    pub history: super::History,
+}
+
+pub fn router(api: AuditApi) -> Router {
+    Router::new()
+        .route("/v1/audit/key", get(key))
+        .route("/v1/audit/checkpoint", get(checkpoint))
+        .route("/v1/audit/prove", get(prove))
+        .with_state(api)
+}
+
+async fn key(State(api): State<AuditApi>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{}\n", api.audit.key().vkey()),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointParams {
+    size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProveParams {
+    event: Option<String>,
+    index: Option<u64>,
+    from: Option<u64>,
+}
+
+fn answer(err: AuditError) -> Response {
+    let status = match &err {
+        AuditError::NoLeaf { .. } | AuditError::NoCheckpoint(_) | AuditError::NoEvent(_) => StatusCode::NOT_FOUND,
+        AuditError::Rewritten { .. } | AuditError::Stored(_) => StatusCode::CONFLICT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": crate::error_chain(&err) })),
+    )
+        .into_response()
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, AuditError> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(err)) => Err(answer(err)),
+        Err(_) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the audit request stopped unexpectedly",
+        )
+            .into_response()),
+    }
+}
+
+async fn checkpoint(
+    State(api): State<AuditApi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    params: Result<Query<CheckpointParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(refused) = super::admin_only(&api.history, &headers, peer.ip(), "the audit API") {
+        return refused.into_response();
+    }
+    let Ok(Query(params)) = params else {
+        return (StatusCode::BAD_REQUEST, "the only parameter is size=<tree size>").into_response();
+    };
+    let audit = api.audit.clone();
+    let note = blocking(move || match params.size {
+        Some(size) => audit.checkpoint(size)?.ok_or(AuditError::NoCheckpoint(size)),
+        None => {
+            if audit.latest()?.is_none() {
+                audit.sign()?;
+            }
+            Ok(audit.latest()?.ok_or(AuditError::NoCheckpoint(0))?.1)
+        }
+    })
+    .await;
+    match note {
+        Ok(note) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn prove(
+    State(api): State<AuditApi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    params: Result<Query<ProveParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(refused) = super::admin_only(&api.history, &headers, peer.ip(), "the audit API") {
+        return refused.into_response();
+    }
+    let usage = "ask for one of event=<event id>, index=<leaf index>, from=<size of an older checkpoint>";
+    let Ok(Query(params)) = params else {
+        return (StatusCode::BAD_REQUEST, usage).into_response();
+    };
+    let audit = api.audit.clone();
+    let evidence = match (params.event, params.index, params.from) {
+        (Some(event), None, None) => blocking(move || audit.prove_event(&event)).await,
+        (None, Some(index), None) => blocking(move || audit.prove_leaves(&[index])).await,
+        (None, None, Some(from)) => blocking(move || audit.prove_from(from)).await,
+        _ => return (StatusCode::BAD_REQUEST, usage).into_response(),
+    };
+    match evidence {
+        Ok(evidence) => axum::Json(evidence).into_response(),
+        Err(response) => response,
+    }
+}
