@@ -95,7 +95,8 @@ pub fn verify(evidence: &Evidence, vkey: &str) -> Result<Verified, VerifyError> 
     }
     let mut extends = Vec::new();
     for item in &evidence.consistency {
-        let old = key::open(&item.old, vkey).map_err(|source| VerifyError::OldCheckpoint { old: 0, source })?;
+        let size = item.old.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0);
+        let old = key::open(&item.old, vkey).map_err(|source| VerifyError::OldCheckpoint { old: size, source })?;
         let proof = decode(&item.proof).ok_or(VerifyError::Encoding("a proof hash"))?;
         if old.origin != head.origin {
             return Err(VerifyError::Consistency { old: old.size });

@@ -229,3 +229,348 @@ impl Key {
         (out, err.rsplit(": ").next().expect("verifier key").trim().to_string())
     }
 }
+
+/// An operator with an audit key, an admin token and a checkpoint every second, and what
+/// the tests ask it with.
+struct Audited {
+    operator: Operator,
+    dir: std::path::PathBuf,
+    tokens: String,
+    vkey: String,
+}
+
+impl Audited {
+    async fn start(ns: &TestNamespace, store: &[&str]) -> Audited {
+        let dir = std::env::temp_dir().join(format!("mailhook-audit-{}", ns.name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let tokens = write(&dir, "admin-token", &format!("{ADMIN_TOKEN}\n"))
+            .display()
+            .to_string();
+        let (skey, vkey) = Key::generate();
+        let key_file = write(&dir, "audit-key", &skey).display().to_string();
+        let mut flags = store.to_vec();
+        flags.extend([
+            "--admin-token-file",
+            &tokens,
+            "--audit-key-file",
+            &key_file,
+            "--audit-checkpoint-interval",
+            "1s",
+        ]);
+        let operator = Operator::start_with(ns, &flags).await;
+        Audited {
+            operator,
+            dir,
+            tokens,
+            vkey,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let admin = format!("http://{}", self.operator.admin);
+        let mut all = vec!["audit"];
+        all.extend(args);
+        all.extend(["--admin-url", &admin, "--token-file", &self.tokens]);
+        mailhook(&all)
+    }
+
+    /// Evidence for an event once both its acceptance and a delivery are logged.
+    async fn event_evidence(&self, event_id: &str) -> String {
+        eventually(
+            "the event's acceptance and delivery logged",
+            || async { self.cli(&["prove", "--event", event_id]) },
+            |(ok, out, _)| {
+                *ok && serde_json::from_str::<Value>(out)
+                    .is_ok_and(|e| e["inclusion"].as_array().is_some_and(|a| a.len() >= 2))
+            },
+        )
+        .await
+        .1
+    }
+
+    /// The newest checkpoint once it covers at least `size` leaves.
+    async fn checkpoint_of_at_least(&self, size: u64) -> String {
+        eventually(
+            "a checkpoint of the grown log",
+            || async { self.cli(&["checkpoint"]) },
+            |(ok, out, _)| {
+                *ok && out
+                    .lines()
+                    .nth(1)
+                    .and_then(|l| l.parse::<u64>().ok())
+                    .is_some_and(|s| s >= size)
+            },
+        )
+        .await
+        .1
+    }
+}
+
+fn size_of(checkpoint: &str) -> u64 {
+    checkpoint
+        .lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .expect("a checkpoint's second line is its size")
+}
+
+/// The index of the first delivery leaf in evidence.
+fn delivery_leaf(evidence: &str) -> u64 {
+    let parsed: Value = serde_json::from_str(evidence).expect("evidence");
+    parsed["inclusion"][1]["index"].as_u64().expect("index")
+}
+
+async fn deliver_some(audited: &Audited, receiver: &Receiver, ns: &TestNamespace, ids: &[&str]) -> Vec<String> {
+    apply_siem(ns, &receiver.url("/hooks"), "");
+    wait_ready(ns, "siem").await;
+    let events: Vec<Value> = ids.iter().map(|id| siem_event(id)).collect();
+    let (status, body) = audited.operator.ingest(&events).await;
+    assert_eq!(status, 202, "{body}");
+    eventually("delivered", || receiver.deliveries(), |got| got.len() >= ids.len()).await;
+    body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// A record edited in the embedded store, after the fact: the evidence the operator then
+/// gives fails verification, naming the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_edited_in_the_embedded_store_fails_verification_naming_it() {
+    let ns = TestNamespace::new("audit-edit").await;
+    let store = std::env::temp_dir().join(format!("mailhook-audit-store-{}", ns.name));
+    let _ = std::fs::remove_dir_all(&store);
+    let receiver = Receiver::start(SIEM_SECRET);
+    let mut audited = Audited::start(&ns, &["--store-dir", &store.display().to_string()]).await;
+    let ids = deliver_some(&audited, &receiver, &ns, &["edit-1"]).await;
+    let evidence = audited.event_evidence(&ids[0]).await;
+    let leaf = delivery_leaf(&evidence);
+    // The operator holds the store's lock: stopped, edited, started again.
+    audited.operator.kill();
+    {
+        let db = redb::Database::open(store.join("mailhook.redb")).expect("open the store");
+        let txn = db.begin_write().expect("write");
+        {
+            const RECORDS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit_records");
+            use redb::ReadableTable as _;
+            let mut records = txn.open_table(RECORDS).expect("audit_records");
+            let body = records.get(leaf).expect("read").expect("the leaf").value().to_vec();
+            let edited = String::from_utf8(body)
+                .expect("utf8")
+                .replace("\"httpStatus\":200", "\"httpStatus\":503");
+            records.insert(leaf, edited.as_bytes()).expect("edit");
+        }
+        txn.commit().expect("commit");
+    }
+    audited.operator.restart().await;
+    let after = audited.event_evidence(&ids[0]).await;
+    // The edited record is what the store now serves.
+    let parsed: Value = serde_json::from_str(&after).expect("evidence");
+    let record = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(parsed["inclusion"][1]["record"].as_str().expect("record"))
+            .expect("base64")
+    };
+    assert!(String::from_utf8_lossy(&record).contains("\"httpStatus\":503"));
+    let file = write(&audited.dir, "after-edit.json", &after);
+    let (go, ours, said) = both(&audited.vkey, &file);
+    assert!(!go && !ours, "{said}");
+    assert!(said.contains(&format!("index {leaf}")), "the record is named: {said}");
+    drop(audited);
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+/// On PostgreSQL: a record edited in the database fails verification naming it; and the
+/// threat that matters, a history rewritten and re-signed with the operator's own key, is
+/// caught by a witness's older checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_an_edit_is_named_and_a_rewrite_resigned_with_the_key_fails_the_witness() {
+    let ns = TestNamespace::new("audit-pg").await;
+    let url = crate::pg::database("audit").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let mut audited = Audited::start(&ns, &["--store-url", &url]).await;
+    let ids = deliver_some(&audited, &receiver, &ns, &["pg-1", "pg-2"]).await;
+    let evidence = audited.event_evidence(&ids[0]).await;
+    let file = write(&audited.dir, "before.json", &evidence);
+    let (go, ours, said) = both(&audited.vkey, &file);
+    assert!(go && ours, "{said}");
+
+    let db = mailhook::store::postgres::config(&url, None, None).expect("url");
+    let client = mailhook::store::postgres::connect(&db).await.expect("connect");
+    let leaf = delivery_leaf(&evidence);
+    client
+        .execute(
+            "UPDATE audit_records SET body = convert_to(replace(convert_from(body, 'UTF8'), '\"httpStatus\":200', '\"httpStatus\":503'), 'UTF8') WHERE idx = $1",
+            &[&i64::try_from(leaf).expect("index")],
+        )
+        .await
+        .expect("edit");
+    let after = audited.event_evidence(&ids[0]).await;
+    let file = write(&audited.dir, "after-edit.json", &after);
+    let (go, ours, said) = both(&audited.vkey, &file);
+    assert!(!go && !ours, "{said}");
+    assert!(said.contains(&format!("index {leaf}")), "the record is named: {said}");
+
+    // A witness keeps a checkpoint.
+    let witness = audited.checkpoint_of_at_least(4).await;
+    let witnessed = size_of(&witness);
+    let witness_file = write(&audited.dir, "witness", &witness);
+    // Someone with the database rewrites the history from the start, checkpoints and all,
+    // and lets the operator sign the new one with its own key.
+    audited.operator.kill();
+    client
+        .batch_execute(
+            "DELETE FROM audit_records; DELETE FROM audit_hashes; UPDATE audit_head SET size = 0; \
+             DELETE FROM mailbox_index WHERE user_name = E'\\x01audit-checkpoints';",
+        )
+        .await
+        .expect("rewrite");
+    audited.operator.restart().await;
+    let more: Vec<Value> = (0..witnessed).map(|i| siem_event(&format!("rewritten-{i}"))).collect();
+    let (status, body) = audited.operator.ingest(&more).await;
+    assert_eq!(status, 202, "{body}");
+    audited.checkpoint_of_at_least(witnessed + 1).await;
+    let (ok, evidence, err) = audited.cli(&["prove", "--from", &witnessed.to_string()]);
+    assert!(ok, "{err}");
+    let file = write(&audited.dir, "rewritten.json", &evidence);
+    // The witness's checkpoint, not the log's, is where the proof must lead.
+    let (ours, out, err) = mailhook(&[
+        "audit",
+        "verify",
+        "--key",
+        &audited.vkey,
+        "--witness",
+        &witness_file.display().to_string(),
+        &file.display().to_string(),
+    ]);
+    assert!(!ours, "the rewrite passed the witness: {out}");
+    assert!(err.contains("history was rewritten"), "{err}");
+    let mut parsed: Value = serde_json::from_str(&evidence).expect("evidence");
+    parsed["consistency"][0]["old"] = witness.clone().into();
+    let file = write(&audited.dir, "rewritten-for-go.json", &parsed.to_string());
+    let (go, out, err) = go_verify(&audited.vkey, &file);
+    assert!(!go, "Go's tlog accepted the rewrite: {out}");
+    assert!(err.contains("consistency"), "{err}");
+}
+
+/// Three replicas on PostgreSQL grow one tree; one is SIGKILLed, and the checkpoints on
+/// both sides of the kill are consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_grow_one_tree_and_it_stays_consistent_across_a_sigkill() {
+    let ns = TestNamespace::new("audit-replicas").await;
+    let url = crate::pg::database("audit_replicas").await;
+    let receiver = Receiver::start(SIEM_SECRET);
+    let dir = std::env::temp_dir().join(format!("mailhook-audit-{}", ns.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let tokens = write(&dir, "admin-token", &format!("{ADMIN_TOKEN}\n"))
+        .display()
+        .to_string();
+    let (skey, vkey) = Key::generate();
+    let key_file = write(&dir, "audit-key", &skey).display().to_string();
+    let mut replicas = Vec::new();
+    for name in ["audit-a", "audit-b", "audit-c"] {
+        replicas.push(
+            Operator::start_with(
+                &ns,
+                &[
+                    "--store-url",
+                    &url,
+                    "--shared-store",
+                    "--shards",
+                    "8",
+                    "--replica-name",
+                    name,
+                    "--leader-lease-namespace",
+                    &ns.name,
+                    "--admin-token-file",
+                    &tokens,
+                    "--audit-key-file",
+                    &key_file,
+                    "--audit-checkpoint-interval",
+                    "1s",
+                ],
+            )
+            .await,
+        );
+    }
+    apply_siem(&ns, &receiver.url("/hooks"), "");
+    wait_ready(&ns, "siem").await;
+    let cli = |operator: &Operator, args: &[&str]| {
+        let admin = format!("http://{}", operator.admin);
+        let mut all = vec!["audit"];
+        all.extend(args);
+        all.extend(["--admin-url", &admin, "--token-file", &tokens]);
+        mailhook(&all)
+    };
+    // Events through every replica.
+    for (i, r) in replicas.iter().enumerate() {
+        let (status, body) = r.ingest(&[siem_event(&format!("replica-{i}"))]).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    eventually("three delivered", || receiver.deliveries(), |got| got.len() >= 3).await;
+    // Every replica serves the same tree.
+    let before = eventually(
+        "a checkpoint of all three events",
+        || async { cli(&replicas[2], &["checkpoint"]) },
+        |(ok, out, _)| {
+            *ok && out
+                .lines()
+                .nth(1)
+                .and_then(|l| l.parse::<u64>().ok())
+                .is_some_and(|s| s >= 3)
+        },
+    )
+    .await
+    .1;
+    let old = size_of(&before);
+    replicas[0].kill();
+    for (i, r) in replicas.iter().enumerate().skip(1) {
+        let (status, body) = r.ingest(&[siem_event(&format!("after-kill-{i}"))]).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    eventually("five delivered", || receiver.deliveries(), |got| got.len() >= 5).await;
+    let (ok, evidence, err) = eventually(
+        "a checkpoint past the kill, from another replica",
+        || async { cli(&replicas[1], &["prove", "--from", &old.to_string()]) },
+        |(ok, out, _)| {
+            *ok && serde_json::from_str::<Value>(out).is_ok_and(|e| {
+                e["checkpoint"]
+                    .as_str()
+                    .and_then(|c| c.lines().nth(1)?.parse::<u64>().ok())
+                    .is_some_and(|size| size >= old + 2)
+            })
+        },
+    )
+    .await;
+    assert!(ok, "{err}");
+    let file = write(&dir, "consistency.json", &evidence);
+    let witness = write(&dir, "witness", &before);
+    let (ours, out, err) = mailhook(&[
+        "audit",
+        "verify",
+        "--key",
+        &vkey,
+        "--witness",
+        &witness.display().to_string(),
+        &file.display().to_string(),
+    ]);
+    assert!(ours, "{out}{err}");
+    let mut parsed: Value = serde_json::from_str(&evidence).expect("evidence");
+    parsed["consistency"][0]["old"] = before.clone().into();
+    let file = write(&dir, "consistency-go.json", &parsed.to_string());
+    let (go, out, err) = go_verify(&vkey, &file);
+    assert!(go, "{out}{err}");
+    // Each event was logged once, whichever replica took it.
+    let last: Value = serde_json::from_str(&evidence).expect("evidence");
+    let size = last["checkpoint"]
+        .as_str()
+        .and_then(|c| c.lines().nth(1)?.parse::<u64>().ok())
+        .expect("size");
+    assert!(size >= 10, "five events and five deliveries: {size}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

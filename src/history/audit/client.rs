@@ -64,6 +64,10 @@ pub enum Action {
         /// The verifier key (`mailhook audit key`), or a file holding it.
         #[arg(long)]
         key: String,
+        /// A checkpoint a witness kept (a file): the evidence's consistency proof is checked
+        /// from it, whatever older checkpoint the evidence carries.
+        #[arg(long)]
+        witness: Option<PathBuf>,
         /// The evidence file (`-` for stdin).
         file: PathBuf,
     },
@@ -140,7 +144,7 @@ pub async fn run(action: Action) -> anyhow::Result<String> {
             let evidence: Evidence = serde_json::from_str(&body).context("the operator's evidence does not parse")?;
             Ok(format!("{}\n", serde_json::to_string_pretty(&evidence)?))
         }
-        Action::Verify { key, file } => {
+        Action::Verify { key, witness, file } => {
             let vkey = match std::fs::read_to_string(&key) {
                 Ok(text) => text.trim().to_string(),
                 Err(_) => key.trim().to_string(),
@@ -150,8 +154,18 @@ pub async fn run(action: Action) -> anyhow::Result<String> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
             };
-            let evidence: Evidence =
+            let mut evidence: Evidence =
                 serde_json::from_str(&text).with_context(|| format!("{} is not audit evidence", file.display()))?;
+            if let Some(path) = &witness {
+                // The witness's own copy of the older checkpoint is what the proof must
+                // reach: the log's copy could have been rewritten with it.
+                let [check] = evidence.consistency.as_mut_slice() else {
+                    bail!(
+                        "--witness checks one consistency proof: give it the evidence of `mailhook audit prove --from <the witness checkpoint's size>`"
+                    );
+                };
+                check.old = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            }
             let verified =
                 verify(&evidence, &vkey).map_err(|e| anyhow::anyhow!("FAILED: {}", crate::error_chain(&e)))?;
             let mut out = format!(

@@ -209,10 +209,24 @@ impl Audit {
         self.prove_leaves(&leaves)
     }
 
-    /// Evidence that the newest checkpoint extends the one signed at `old`.
+    /// Evidence that the newest checkpoint extends the tree of `old` leaves: with the
+    /// checkpoint this log signed at that size, when it has one (a witness checks against
+    /// its own copy instead: `mailhook audit verify --witness`).
     pub fn prove_from(&self, old: u64) -> Result<Evidence, AuditError> {
-        let old_note = self.checkpoint(old)?.ok_or(AuditError::NoCheckpoint(old))?;
-        let (head, note) = self.latest()?.ok_or(AuditError::NoCheckpoint(old))?;
+        let old_note = self.checkpoint(old)?.unwrap_or_default();
+        let (head, note) = match self.latest()? {
+            Some((head, note)) if head.size >= old => (head, note),
+            _ => {
+                self.sign()?;
+                self.latest()?.ok_or(AuditError::NoCheckpoint(old))?
+            }
+        };
+        if head.size < old {
+            return Err(AuditError::NoLeaf {
+                index: old.saturating_sub(1),
+                size: head.size,
+            });
+        }
         let proof = prove_consistency(head.size, old, &Hashes(self.trail.as_ref()))?;
         Ok(Evidence {
             checkpoint: note,
