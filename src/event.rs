@@ -123,6 +123,40 @@ pub struct MailboxEvent {
     /// [`MailboxEvent::dedup_key`]); never stored or sent.
     #[serde(skip)]
     pub producer_scope: Option<String>,
+    /// Where its acceptance is in the audit log, once the commit that stored it said so
+    /// (or the store, when it is read back). Not part of the event: never stored with it,
+    /// and deliveries carry it apart (a header, a CloudEvents extension).
+    #[serde(skip)]
+    pub log_index: LogIndex,
+}
+
+/// The audit log index of an event's acceptance, set once by the commit that appended it.
+/// Shared by the copies of one event; ignored when events are compared.
+#[derive(Clone, Default)]
+pub struct LogIndex(std::sync::Arc<std::sync::OnceLock<u64>>);
+
+impl LogIndex {
+    pub fn get(&self) -> Option<u64> {
+        self.0.get().copied()
+    }
+
+    pub fn set(&self, index: u64) {
+        let _ = self.0.set(index);
+    }
+}
+
+impl PartialEq for LogIndex {
+    fn eq(&self, _: &LogIndex) -> bool {
+        true
+    }
+}
+
+impl Eq for LogIndex {}
+
+impl std::fmt::Debug for LogIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogIndex({:?})", self.get())
+    }
 }
 
 impl MailboxEvent {

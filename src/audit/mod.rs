@@ -75,6 +75,13 @@ impl Record {
         }
     }
 
+    /// The leaf of an accepted event, which learns its index once committed.
+    pub fn event_leaf(event: &crate::event::MailboxEvent, stored: &[u8], accepted_at: jiff::Timestamp) -> Leaf {
+        let mut leaf = Record::event(event, stored, accepted_at).to_leaf();
+        leaf.assigned = Some(event.log_index.clone());
+        leaf
+    }
+
     /// The leaf bytes.
     pub fn to_leaf(&self) -> Leaf {
         // A record of strings, numbers and timestamps always serializes.
@@ -83,7 +90,11 @@ impl Record {
             Record::Event { event_id, .. } | Record::Delivery { event_id, .. } => Some(event_id.clone()),
             Record::Custody { .. } => None,
         };
-        Leaf { bytes, event_id }
+        Leaf {
+            bytes,
+            event_id,
+            assigned: None,
+        }
     }
 }
 
@@ -93,6 +104,17 @@ impl Record {
 pub struct Leaf {
     pub bytes: Vec<u8>,
     pub event_id: Option<String>,
+    /// Told the leaf's index once the commit that appended it succeeded.
+    pub assigned: Option<crate::event::LogIndex>,
+}
+
+impl Leaf {
+    /// Tells the leaf's index to whoever waits for it (after the commit).
+    pub fn committed_at(&self, index: u64) {
+        if let Some(slot) = &self.assigned {
+            slot.set(index);
+        }
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -229,6 +251,7 @@ mod tests {
         Leaf {
             bytes: format!("leaf {n}").into_bytes(),
             event_id: None,
+            assigned: None,
         }
     }
 

@@ -202,6 +202,7 @@ mod tests {
             })),
             dead_letter: None,
             producer_scope: None,
+            log_index: Default::default(),
         }
     }
 

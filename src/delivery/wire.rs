@@ -135,6 +135,15 @@ pub fn build(
     if cfg.batched {
         headers.push(("mailhook-batch-size".to_string(), kept.to_string()));
     }
+    // The audit log index of each event's acceptance, in the order of the body, when every
+    // one is known (an event committed moments ago may not be yet).
+    let indexes: Option<Vec<String>> = sent
+        .iter()
+        .map(|i| i.event.log_index.get().map(|n| n.to_string()))
+        .collect();
+    if let Some(indexes) = indexes {
+        headers.push(("mailhook-log-index".to_string(), indexes.join(",")));
+    }
     let request = match (cfg.format, single) {
         (_, Some((attrs, data, sealed))) => {
             let structured = cfg.format == Format::CloudEvents { structured: true };
@@ -264,6 +273,10 @@ fn attributes(cfg: &WireConfig, payload: &PayloadConfig, item: &Item<'_>, sealed
     if shown("flags") && !event.flags.is_empty() {
         let names: Vec<&str> = event.flags.iter().map(|f| f.name.as_str()).collect();
         attrs.push(("mailhookflags", names.join(",")));
+    }
+    // Where to ask for the proof that the event was accepted (`mailhook audit prove`).
+    if let Some(index) = event.log_index.get() {
+        attrs.push(("mailhooklogindex", index.to_string()));
     }
     if let Some(note) = &event.dead_letter {
         use base64::Engine;

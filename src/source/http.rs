@@ -1192,6 +1192,7 @@ fn normalize(
         activity: e.activity.map(|a| activity(a, at)).transpose()?.map(Box::new),
         dead_letter: None,
         producer_scope: None,
+        log_index: Default::default(),
     })
 }
 

@@ -329,6 +329,7 @@ fn event(facts: &Facts, planned: &Planned, now: jiff::Timestamp) -> MailboxEvent
         dead_letter: None,
         // Not `raw_message`, which the pipeline clears when no one links to the message.
         producer_scope: Some(facts.sha256.clone()),
+        log_index: Default::default(),
     }
 }
 

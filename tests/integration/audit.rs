@@ -145,6 +145,19 @@ async fn deliveries_are_proven_to_go_verifiers_and_the_log_stays_consistent_acro
     let (go, ours, said) = both(&vkey, &file);
     assert!(go && ours, "{said}");
     assert!(said.contains("inclusion ok"), "{said}");
+    // The delivery carried the index of the event's acceptance, where the proof starts.
+    let accepted = parsed["inclusion"][0]["index"].as_u64().expect("index");
+    let delivered = receiver.deliveries().await;
+    let delivery = delivered
+        .iter()
+        .find(|r| r.body.contains(&event_id))
+        .expect("the event's delivery");
+    assert_eq!(
+        delivery.headers.get("mailhook-log-index").map(String::as_str),
+        Some(accepted.to_string().as_str()),
+        "{:?}",
+        delivery.headers
+    );
 
     // A record altered after the fact fails both, naming it.
     let mut forged = parsed.clone();

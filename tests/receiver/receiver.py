@@ -727,7 +727,7 @@ def make_handler(state, quiet):
                         "verified": verified,
                         "answered": status,
                         "body": body.decode("utf-8", "replace"),
-                        "headers": {k: v for k, v in headers.items() if k.startswith("x-")},
+                        "headers": {k: v for k, v in headers.items() if k.startswith(("x-", "mailhook-"))},
                         "signatures": headers.get("webhook-signature", ""),
                         "clientCert": client_cert(self.connection),
                         "path": self.path,

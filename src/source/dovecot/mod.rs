@@ -235,6 +235,7 @@ impl Made {
             activity: Some(Box::new(self.activity)),
             dead_letter: None,
             producer_scope: None,
+            log_index: Default::default(),
         }
     }
 }

@@ -115,6 +115,12 @@ pub trait Engine: Send + Sync + 'static {
     fn audit_leaves_of(&self, _event_id: &str) -> Result<Vec<u64>, StoreError> {
         Err(StoreError::Failed("this engine keeps no audit log".into()))
     }
+    /// The leaf of each event's acceptance, in the order asked.
+    fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        ids.iter()
+            .map(|id| Ok(self.audit_leaves_of(id)?.first().copied()))
+            .collect()
+    }
 }
 
 /// The end (exclusive) of the keys that start with `prefix`: the prefix without its
@@ -213,6 +219,8 @@ impl Redb {
     fn write(&self, ops: &[&Op]) -> Result<(), StoreError> {
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(io)?;
+        // The audit leaves appended, with their indexes: told once committed.
+        let mut appended: Vec<(crate::audit::Leaf, u64)> = Vec::new();
 
         txn.set_durability(Durability::Immediate).map_err(io)?;
         {
@@ -394,7 +402,7 @@ impl Redb {
             }
             paged.finish(&mut events)?;
             if !audit.is_empty() {
-                append_audit(&txn, &audit)?;
+                appended = append_audit(&txn, &audit)?;
             }
             if let Some(next) = paged.next_seq {
                 let mut meta = txn.open_table(META).map_err(io)?;
@@ -425,7 +433,11 @@ impl Redb {
                 }
             }
         }
-        txn.commit().map_err(io)
+        txn.commit().map_err(io)?;
+        for (leaf, index) in appended {
+            leaf.committed_at(index);
+        }
+        Ok(())
     }
 }
 
@@ -534,8 +546,11 @@ fn hash_of(bytes: &[u8]) -> Result<crate::audit::Hash, StoreError> {
 }
 
 /// Appends leaves to the audit log inside the write `txn`: the tree grows from the hashes
-/// of its frontier, in this commit's order.
-fn append_audit(txn: &redb::WriteTransaction, leaves: &[crate::audit::Leaf]) -> Result<(), StoreError> {
+/// of its frontier, in this commit's order. Returns each leaf with its index.
+fn append_audit(
+    txn: &redb::WriteTransaction,
+    leaves: &[crate::audit::Leaf],
+) -> Result<Vec<(crate::audit::Leaf, u64)>, StoreError> {
     let mut meta = txn.open_table(META).map_err(io)?;
     let mut hashes = txn.open_table(AUDIT_HASHES).map_err(io)?;
     let mut records = txn.open_table(AUDIT_RECORDS).map_err(io)?;
@@ -562,7 +577,7 @@ fn append_audit(txn: &redb::WriteTransaction, leaves: &[crate::audit::Leaf]) -> 
     }
     let grown = size + leaves.len() as u64;
     meta.insert(AUDIT_SIZE, grown.to_be_bytes().as_slice()).map_err(io)?;
-    Ok(())
+    Ok(leaves.iter().cloned().zip(size..).collect())
 }
 
 /// The META key a probe writes and deletes.
@@ -854,6 +869,23 @@ impl Engine for Redb {
         for row in table.range(from..to).map_err(io)? {
             let (k, v) = row.map_err(io)?;
             out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(AUDIT_EVENTS).map_err(io)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let first = table
+                .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
+                .map_err(io)?
+                .next()
+                .transpose()
+                .map_err(io)?
+                .map(|(k, _)| k.value().1);
+            out.push(first);
         }
         Ok(out)
     }

@@ -224,9 +224,11 @@ impl DurableStore {
                 // Every accepted event is logged; one nobody subscribed to is done at once:
                 // nothing else to keep but its producer id.
                 let body = json(&item.event)?;
-                ops.push(Op::Audit(Box::new(
-                    crate::audit::Record::event(&item.event, &body, now).to_leaf(),
-                )));
+                ops.push(Op::Audit(Box::new(crate::audit::Record::event_leaf(
+                    &item.event,
+                    &body,
+                    now,
+                ))));
                 if !item.deliveries.is_empty() {
                     archive |= item.event.raw_message.is_some();
                     ops.push(Op::PutEvent(id.clone(), body));
@@ -433,7 +435,11 @@ impl EventLog for DurableStore {
         }
         match self.engine.event(id)? {
             None => Ok(None),
-            Some(bytes) => Ok(Some(Arc::new(serde_json::from_slice(&bytes).map_err(io)?))),
+            Some(bytes) => {
+                let event = Arc::new(serde_json::from_slice(&bytes).map_err(io)?);
+                schema::indexed(self.engine.as_ref(), std::slice::from_ref(&event));
+                Ok(Some(event))
+            }
         }
     }
 

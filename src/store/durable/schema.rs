@@ -230,6 +230,26 @@ pub(crate) fn events_by_id(
             Err(err) => Err(io(err)),
         };
     }
+    indexed(engine, &kept);
     keep(&kept);
     out
+}
+
+/// Tells events read back from the engine where their acceptance is in the audit log.
+/// Without it a delivery only lacks its log index header: a failed read is not an error.
+pub(crate) fn indexed(engine: &dyn super::engine::Engine, events: &[std::sync::Arc<crate::event::MailboxEvent>]) {
+    if events.is_empty() {
+        return;
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    match engine.audit_accepted(&ids) {
+        Ok(found) => {
+            for (event, index) in events.iter().zip(found) {
+                if let Some(index) = index {
+                    event.log_index.set(index);
+                }
+            }
+        }
+        Err(err) => tracing::debug!(%err, "cannot read the events' audit log indexes"),
+    }
 }

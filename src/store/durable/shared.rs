@@ -208,7 +208,7 @@ impl SharedStore {
         for item in items {
             // Every accepted event is logged, stored or not (nobody subscribed).
             let body = json(&item.event)?;
-            let audit = Some(crate::audit::Record::event(&item.event, &body, now).to_leaf());
+            let audit = Some(crate::audit::Record::event_leaf(&item.event, &body, now));
             let event = if item.deliveries.is_empty() {
                 None
             } else {

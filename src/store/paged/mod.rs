@@ -383,9 +383,11 @@ impl PagedStore {
                 });
                 // Every accepted event is logged, stored or not (nobody subscribed).
                 let body = json(&item.event)?;
-                ops.push(Op::Audit(Box::new(
-                    crate::audit::Record::event(&item.event, &body, now).to_leaf(),
-                )));
+                ops.push(Op::Audit(Box::new(crate::audit::Record::event_leaf(
+                    &item.event,
+                    &body,
+                    now,
+                ))));
                 if item.deliveries.is_empty() {
                     continue;
                 }
@@ -517,6 +519,7 @@ impl EventLog for PagedStore {
             None => Ok(None),
             Some(bytes) => {
                 let event = Arc::new(serde_json::from_slice::<MailboxEvent>(&bytes).map_err(io)?);
+                super::durable::schema::indexed(self.engine.as_ref(), std::slice::from_ref(&event));
                 self.state.lock().cache(event.clone());
                 Ok(Some(event))
             }

@@ -707,7 +707,7 @@ impl PagedWrites {
 async fn append_audit(
     txn: &tokio_postgres::Transaction<'_>,
     leaves: &[crate::audit::Leaf],
-) -> Result<Result<(), crate::audit::TreeError>, tokio_postgres::Error> {
+) -> Result<Result<u64, crate::audit::TreeError>, tokio_postgres::Error> {
     let size = u64_of(
         txn.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
             .await?
@@ -749,7 +749,7 @@ async fn append_audit(
         &[&clamp(size + leaves.len() as u64)],
     )
     .await?;
-    Ok(Ok(()))
+    Ok(Ok(size))
 }
 
 pub(super) fn u64_of(n: i64) -> u64 {
@@ -799,13 +799,20 @@ impl Engine for Postgres {
                         }
                     }
                     audit.extend(leaves.iter().cloned());
-                    if !audit.is_empty()
-                        && let Err(broken) = append_audit(&txn, &audit).await.map_err(|e| (false, e))?
-                    {
-                        // Rolled back as the transaction drops.
-                        return Ok(Err(StoreError::Failed(broken.to_string())));
+                    let mut first = None;
+                    if !audit.is_empty() {
+                        match append_audit(&txn, &audit).await.map_err(|e| (false, e))? {
+                            Ok(at) => first = Some(at),
+                            // Rolled back as the transaction drops.
+                            Err(broken) => return Ok(Err(StoreError::Failed(broken.to_string()))),
+                        }
                     }
                     txn.commit().await.map_err(|e| (false, e))?;
+                    if let Some(first) = first {
+                        for (leaf, index) in audit.iter().zip(first..) {
+                            leaf.committed_at(index);
+                        }
+                    }
                     Ok(Ok((outcomes, matched)))
                 });
                 match result {
@@ -1048,6 +1055,18 @@ impl Engine for Postgres {
             .into_iter()
             .map(|r| (u64_of(r.get(0)), r.get(1)))
             .collect())
+    }
+
+    fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        let found: std::collections::HashMap<String, u64> = self
+            .query(
+                "SELECT event_id, min(idx) FROM audit_records WHERE event_id = ANY($1) GROUP BY event_id",
+                vec![Box::new(ids.to_vec())],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), u64_of(r.get(1))))
+            .collect();
+        Ok(ids.iter().map(|id| found.get(id).copied()).collect())
     }
 
     fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError> {

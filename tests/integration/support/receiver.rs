@@ -29,7 +29,7 @@ pub struct Received {
     pub verified: bool,
     pub answered: u16,
     pub body: String,
-    /// The `x-` headers it carried (extra endpoint headers).
+    /// The `x-` headers (extra endpoint headers) and the `mailhook-` ones it carried.
     pub headers: std::collections::BTreeMap<String, String>,
     /// The `webhook-signature` header.
     #[serde(default)]
