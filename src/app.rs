@@ -206,7 +206,7 @@ async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core>
         base.readiness.part(handles::STORE, "opening"),
         metrics.clone(),
     );
-    let audit = crate::history::audit::Audit::new(deliveries.audit(), deliveries.rows(), audit_key);
+    let audit = crate::history::audit::Audit::new(deliveries.audit(), audit_key);
     info!(
         origin = audit.key().origin(),
         vkey = audit.key().vkey(),

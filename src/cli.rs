@@ -126,6 +126,16 @@ fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
     parse_duration(text).map_err(|e| e.to_string())
 }
 
+/// A duration flag that must be above zero (a period).
+fn period_arg(text: &str) -> Result<std::time::Duration, String> {
+    match duration_arg(text)? {
+        d if d.is_zero() => Err(format!(
+            "{text:?} is no period: give a duration above zero, such as 60s"
+        )),
+        d => Ok(d),
+    }
+}
+
 /// A byte count flag, as a Kubernetes quantity (`2Gi`, `500M`).
 fn bytes_arg(text: &str) -> Result<u64, String> {
     parse_bytes(text).map_err(|e| e.to_string())
@@ -654,7 +664,7 @@ pub struct AuditArgs {
     pub audit_origin: String,
 
     /// How often a checkpoint of the log is signed, when the log grew.
-    #[arg(long, env = "MAILHOOK_AUDIT_CHECKPOINT_INTERVAL", default_value = "60s", value_parser = duration_arg)]
+    #[arg(long, env = "MAILHOOK_AUDIT_CHECKPOINT_INTERVAL", default_value = "60s", value_parser = period_arg)]
     pub audit_checkpoint_interval: std::time::Duration,
 }
 

@@ -184,35 +184,55 @@ pub trait HashSource {
     fn hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, TreeError>;
 }
 
-struct Reader<'a>(&'a dyn HashSource);
+/// A `tlog` reader over a source, keeping the source's own error (tlog's has no room for
+/// it) so that a store that cannot be read is told apart from a tree that is wrong.
+struct Reader<'a> {
+    source: &'a dyn HashSource,
+    failed: std::cell::RefCell<Option<TreeError>>,
+}
 
 impl tlog_tiles::HashReader for Reader<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        let got = self
-            .0
-            .hashes(indexes)
-            .map_err(|_| tlog_tiles::Error::IndexesNotInTree)?;
-        if got.len() == indexes.len() {
-            Ok(got)
-        } else {
-            Err(tlog_tiles::Error::IndexesNotInTree)
+        match self.source.hashes(indexes) {
+            Ok(got) if got.len() == indexes.len() => Ok(got),
+            Ok(_) => Err(tlog_tiles::Error::IndexesNotInTree),
+            Err(e) => {
+                *self.failed.borrow_mut() = Some(e);
+                Err(tlog_tiles::Error::IndexesNotInTree)
+            }
         }
+    }
+}
+
+fn read<T>(
+    source: &dyn HashSource,
+    f: impl FnOnce(&Reader<'_>) -> Result<T, tlog_tiles::Error>,
+) -> Result<T, TreeError> {
+    let reader = Reader {
+        source,
+        failed: std::cell::RefCell::new(None),
+    };
+    let result = f(&reader);
+    match (result, reader.failed.into_inner()) {
+        (Ok(v), _) => Ok(v),
+        (Err(_), Some(source_error)) => Err(source_error),
+        (Err(e), None) => Err(e.into()),
     }
 }
 
 /// The root hash of the tree's first `size` leaves.
 pub fn root(size: u64, source: &dyn HashSource) -> Result<Hash, TreeError> {
-    Ok(tlog_tiles::tree_hash(size, &Reader(source))?)
+    read(source, |r| tlog_tiles::tree_hash(size, r))
 }
 
 /// The inclusion proof of leaf `index` in the tree of `size` leaves.
 pub fn prove_leaf(size: u64, index: u64, source: &dyn HashSource) -> Result<Vec<Hash>, TreeError> {
-    Ok(tlog_tiles::prove_record(size, index, &Reader(source))?)
+    read(source, |r| tlog_tiles::prove_record(size, index, r))
 }
 
 /// The consistency proof from the tree of `old` leaves to the tree of `size` leaves.
 pub fn prove_consistency(size: u64, old: u64, source: &dyn HashSource) -> Result<Vec<Hash>, TreeError> {
-    Ok(tlog_tiles::prove_tree(size, old, &Reader(source))?)
+    read(source, |r| tlog_tiles::prove_tree(size, old, r))
 }
 
 /// The RFC 6962 hash of a leaf's bytes.

@@ -98,7 +98,7 @@ impl Ownership {
                 Some(s) => Ok(s),
                 None => tokio::select! {
                     () = stop.cancelled() => break,
-                    s = bounded(Session::open(&self.database)) => s,
+                    s = bounded(Session::open(&self.database, std::time::Duration::ZERO)) => s,
                 },
             };
             let session = match session {

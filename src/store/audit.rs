@@ -17,6 +17,10 @@ pub trait AuditTrail: Send + Sync {
     fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError>;
     /// Appends a record of its own (custody), durably before it returns.
     fn audit_append(&self, record: &Record) -> Result<(), StoreError>;
+    /// The signed checkpoint of tree size `size`, or the newest: (size, note).
+    fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Keeps a signed checkpoint (one already kept for that size stays), durably.
+    fn audit_keep_checkpoint(&self, size: u64, note: Vec<u8>) -> Result<(), StoreError>;
 }
 
 /// A store's audit log as a source of stored hashes for the tree functions.
@@ -60,6 +64,17 @@ macro_rules! audit_on_engine {
             fn audit_append(&self, record: &$crate::audit::Record) -> Result<(), StoreError> {
                 let leaf = Box::new(record.to_leaf());
                 self.wait_for(vec![$crate::store::durable::committer::Op::Audit(leaf)], false)
+            }
+
+            fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+                self.engine.audit_checkpoint(size)
+            }
+
+            fn audit_keep_checkpoint(&self, size: u64, note: Vec<u8>) -> Result<(), StoreError> {
+                self.wait_for(
+                    vec![$crate::store::durable::committer::Op::AuditCheckpoint(size, note)],
+                    false,
+                )
             }
         }
     };

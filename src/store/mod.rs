@@ -624,6 +624,14 @@ pub mod conformance {
         }
         let proof = prove_consistency(size, 2, &hashes).expect("prove");
         tlog_tiles::check_tree(&proof, size, top, 2, root(2, &hashes).expect("old root")).expect("consistent");
+        // Checkpoints: one per size (the first kept), the newest is the largest.
+        assert_eq!(s.audit_checkpoint(None).expect("none yet"), None);
+        s.audit_keep_checkpoint(5, b"five".to_vec()).expect("keep");
+        s.audit_keep_checkpoint(3, b"three".to_vec()).expect("keep");
+        s.audit_keep_checkpoint(5, b"another five".to_vec()).expect("keep");
+        assert_eq!(s.audit_checkpoint(None).expect("read"), Some((5, b"five".to_vec())));
+        assert_eq!(s.audit_checkpoint(Some(3)).expect("read"), Some((3, b"three".to_vec())));
+        assert_eq!(s.audit_checkpoint(Some(4)).expect("read"), None);
     }
 
     fn events_are_read_by_id_in_the_order_asked(s: &dyn Store) {

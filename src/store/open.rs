@@ -162,7 +162,9 @@ async fn open_postgres(pg: &PostgresLocation) -> Result<Opened, OpenError> {
     let shards = pg.shards;
     // Joined first: it holds the shared lock, so no single owner starts (or runs) beside
     // this replica, and nothing is changed if one does.
-    let session = postgres::shared::Session::open(&db).await.map_err(OpenError::Join)?;
+    let session = postgres::shared::Session::open(&db, postgres::shared::PREDECESSOR_GRACE)
+        .await
+        .map_err(OpenError::Join)?;
     postgres::shared::prepare(&mut client, shards, true)
         .await
         .map_err(OpenError::Share)?;

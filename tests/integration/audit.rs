@@ -438,7 +438,7 @@ async fn on_postgresql_an_edit_is_named_and_a_rewrite_resigned_with_the_key_fail
     client
         .batch_execute(
             "DELETE FROM audit_records; DELETE FROM audit_hashes; UPDATE audit_head SET size = 0; \
-             DELETE FROM mailbox_index WHERE user_name = E'\\x01audit-checkpoints';",
+             DELETE FROM audit_checkpoints;",
         )
         .await
         .expect("rewrite");

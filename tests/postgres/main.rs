@@ -465,7 +465,9 @@ impl Sole {
         let (_, config) = shared_database(test, &runtime);
         let store = replica(&config);
         let session = runtime.block_on(async {
-            let session = postgres::shared::Session::open(&config).await.expect("session");
+            let session = postgres::shared::Session::open(&config, std::time::Duration::ZERO)
+                .await
+                .expect("session");
             let mut taken = Vec::new();
             for shard in 0..SHARDS as u32 {
                 taken.push((shard, session.take(shard, "sole").await.expect("take").expect("free")));
@@ -561,6 +563,14 @@ impl mailhook::store::AuditTrail for Sole {
 
     fn audit_append(&self, record: &mailhook::audit::Record) -> Result<(), mailhook::store::StoreError> {
         self.store.audit_append(record)
+    }
+
+    fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, mailhook::store::StoreError> {
+        self.store.audit_checkpoint(size)
+    }
+
+    fn audit_keep_checkpoint(&self, size: u64, note: Vec<u8>) -> Result<(), mailhook::store::StoreError> {
+        self.store.audit_keep_checkpoint(size, note)
     }
 }
 
@@ -716,7 +726,7 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
     let (a, b) = (replica(&config), replica(&config));
     let shard = mailhook::store::shard_of("sub", SHARDS) as u32;
     let session_a = runtime
-        .block_on(postgres::shared::Session::open(&config))
+        .block_on(postgres::shared::Session::open(&config, std::time::Duration::ZERO))
         .expect("session a");
     let epoch_a = runtime
         .block_on(session_a.take(shard, "replica-a"))
@@ -752,7 +762,7 @@ fn a_shard_moves_between_replicas_and_the_old_owner_is_fenced_out() {
     // A's session dies: its lock is free at once, and B takes the shard.
     drop(session_a);
     let session_b = runtime
-        .block_on(postgres::shared::Session::open(&config))
+        .block_on(postgres::shared::Session::open(&config, std::time::Duration::ZERO))
         .expect("session b");
     let epoch_b = runtime.block_on(async {
         for _ in 0..50 {
@@ -812,7 +822,7 @@ fn a_single_owner_and_shared_replicas_exclude_each_other() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (_, config) = shared_database("modes", &runtime);
     let session = runtime
-        .block_on(postgres::shared::Session::open(&config))
+        .block_on(postgres::shared::Session::open(&config, std::time::Duration::ZERO))
         .expect("session");
     let refused = Postgres::connect_exclusive(config.clone()).err().expect("refused");
     assert!(refused.to_string().contains("--shared-store"), "{refused}");
@@ -820,7 +830,7 @@ fn a_single_owner_and_shared_replicas_exclude_each_other() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let sole = Postgres::connect_exclusive(config.clone()).expect("free once the replica left");
     let refused = runtime
-        .block_on(postgres::shared::Session::open(&config))
+        .block_on(postgres::shared::Session::open(&config, std::time::Duration::ZERO))
         .err()
         .expect("refused");
     assert!(refused.to_string().contains("only owner"), "{refused}");
@@ -835,9 +845,13 @@ fn replicas_of_another_database_on_the_server_are_not_counted() {
     let (_, one) = shared_database("members_one", &runtime);
     let (_, two) = shared_database("members_two", &runtime);
     runtime.block_on(async {
-        let a = postgres::shared::Session::open(&one).await.expect("session");
+        let a = postgres::shared::Session::open(&one, std::time::Duration::ZERO)
+            .await
+            .expect("session");
         assert!(a.take(0, "a").await.expect("take").is_some());
-        let b = postgres::shared::Session::open(&two).await.expect("session");
+        let b = postgres::shared::Session::open(&two, std::time::Duration::ZERO)
+            .await
+            .expect("session");
         assert_eq!(b.members().await.expect("members"), 1);
         assert!(
             b.locked().await.expect("locked").is_empty(),
@@ -859,7 +873,7 @@ fn dead_letters_are_listed_on_a_replica_that_does_not_own_the_shard() {
     let (a, b) = (replica(&config), replica(&config));
     let shard = mailhook::store::shard_of("sub", SHARDS) as u32;
     let session = runtime
-        .block_on(postgres::shared::Session::open(&config))
+        .block_on(postgres::shared::Session::open(&config, std::time::Duration::ZERO))
         .expect("session");
     let epoch = runtime.block_on(session.take(shard, "a")).expect("take").expect("free");
     a.acquire(&[(shard, epoch)]).expect("acquire");
@@ -894,11 +908,15 @@ fn the_shard_count_changes_only_while_no_other_replica_runs() {
         let mut client = postgres::connect(&postgres::config(&url, None, None).expect("url"))
             .await
             .expect("connect");
-        let me = postgres::shared::Session::open(&config).await.expect("session");
+        let me = postgres::shared::Session::open(&config, std::time::Duration::ZERO)
+            .await
+            .expect("session");
         postgres::shared::prepare(&mut client, SHARDS * 2, true)
             .await
             .expect("alone (joined): re-sharded");
-        let other = postgres::shared::Session::open(&config).await.expect("another replica");
+        let other = postgres::shared::Session::open(&config, std::time::Duration::ZERO)
+            .await
+            .expect("another replica");
         let refused = postgres::shared::prepare(&mut client, SHARDS, true)
             .await
             .expect_err("refused beside another replica");
@@ -927,7 +945,9 @@ fn a_single_owners_waiting_deliveries_are_delivered_once_the_store_is_shared() {
         postgres::shared::prepare(&mut client, SHARDS, false)
             .await
             .expect("prepare");
-        postgres::shared::Session::open(&config).await.expect("session")
+        postgres::shared::Session::open(&config, std::time::Duration::ZERO)
+            .await
+            .expect("session")
     });
     let shared = replica(&config);
     let shard = mailhook::store::shard_of("sub", SHARDS) as u32;

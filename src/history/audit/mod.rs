@@ -10,10 +10,11 @@
 //! Everything but the key takes only a token from `--admin-token-file`: the log spans every
 //! namespace, and its size is the organisation's mail volume.
 //!
-//! Checkpoints are rows of the store (a reserved group, kept past every retention): one
-//! per signed size and the newest under `latest`, shared by every replica. The leader signs
-//! one every `--audit-checkpoint-interval` when the log grew; a proof asked for a leaf no
-//! checkpoint covers yet signs one at once, on whichever replica is asked.
+//! Checkpoints are kept in the store, one per signed size (the newest is the largest),
+//! shared by every replica. The leader signs one every `--audit-checkpoint-interval` when
+//! the log grew; a proof asked for a leaf no checkpoint covers yet signs one at once, on
+//! whichever replica is asked. Signatures are deterministic: two replicas signing one size
+//! sign the same note.
 
 pub mod client;
 
@@ -31,11 +32,7 @@ use crate::audit::key::{Checkpoint, CheckpointError, Key, KeyError};
 use crate::audit::proof::{Consistency, Evidence, Inclusion, encode};
 use crate::audit::{TreeError, prove_consistency, prove_leaf, root};
 use crate::store::audit::Hashes;
-use crate::store::{AuditTrail, Row, RowWrite, Rows, StoreError, reserved_group};
-
-/// The reserved row group of the signed checkpoints.
-pub const CHECKPOINTS: &str = "audit-checkpoints";
-const LATEST: &[u8] = b"latest";
+use crate::store::{AuditTrail, StoreError};
 
 /// Why the log cannot be signed, read or proven; each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +61,6 @@ pub enum AuditError {
 #[derive(Clone)]
 pub struct Audit {
     trail: Arc<dyn AuditTrail>,
-    rows: Arc<dyn Rows>,
     key: Key,
     /// One signer at a time in this process.
     signing: Arc<parking_lot::Mutex<()>>,
@@ -77,15 +73,10 @@ pub struct Signed {
     pub note: String,
 }
 
-fn size_key(size: u64) -> Vec<u8> {
-    size.to_be_bytes().to_vec()
-}
-
 impl Audit {
-    pub fn new(trail: Arc<dyn AuditTrail>, rows: Arc<dyn Rows>, key: Key) -> Audit {
+    pub fn new(trail: Arc<dyn AuditTrail>, key: Key) -> Audit {
         Audit {
             trail,
-            rows,
             key,
             signing: Arc::default(),
         }
@@ -95,11 +86,11 @@ impl Audit {
         &self.key
     }
 
-    fn note(&self, key: &[u8]) -> Result<Option<String>, AuditError> {
+    fn note(&self, size: Option<u64>) -> Result<Option<String>, AuditError> {
         Ok(self
-            .rows
-            .row(&reserved_group(CHECKPOINTS), key)?
-            .map(|row| String::from_utf8_lossy(&row.body).into_owned()))
+            .trail
+            .audit_checkpoint(size)?
+            .map(|(_, note)| String::from_utf8_lossy(&note).into_owned()))
     }
 
     fn open(&self, note: &str) -> Result<Checkpoint, AuditError> {
@@ -108,7 +99,7 @@ impl Audit {
 
     /// The newest signed checkpoint.
     pub fn latest(&self) -> Result<Option<(Checkpoint, String)>, AuditError> {
-        match self.note(LATEST)? {
+        match self.note(None)? {
             Some(note) => Ok(Some((self.open(&note)?, note))),
             None => Ok(None),
         }
@@ -116,7 +107,7 @@ impl Audit {
 
     /// The checkpoint signed at `size`.
     pub fn checkpoint(&self, size: u64) -> Result<Option<String>, AuditError> {
-        self.note(&size_key(size))
+        self.note(Some(size))
     }
 
     /// Signs a checkpoint of the log as it is now, when it grew since the newest one and
@@ -125,33 +116,28 @@ impl Audit {
         let _one = self.signing.lock();
         let size = self.trail.audit_size()?;
         let latest = self.latest()?;
-        if latest.as_ref().is_some_and(|(c, _)| c.size >= size) || size == 0 {
+        if let Some((old, _)) = &latest
+            && old.size > size
+        {
+            // Leaves signed for are gone: truncated, or restored from an older backup.
+            return Err(AuditError::Rewritten { old: old.size });
+        }
+        if latest.as_ref().is_some_and(|(c, _)| c.size == size) || size == 0 {
             return Ok(None);
         }
         let hashes = Hashes(self.trail.as_ref());
         let top = root(size, &hashes)?;
         if let Some((old, _)) = &latest {
             // The log only grows: a tree that does not extend what was signed is refused
-            // here, before a witness would have to find out.
-            let consistent = prove_consistency(size, old.size, &hashes)
-                .ok()
-                .is_some_and(|proof| tlog_tiles::check_tree(&proof, size, top, old.size, old.root).is_ok());
-            if !consistent {
+            // here, before a witness would have to find out. (A store that cannot be read
+            // is an error of its own, not a rewrite.)
+            let proof = prove_consistency(size, old.size, &hashes)?;
+            if tlog_tiles::check_tree(&proof, size, top, old.size, old.root).is_err() {
                 return Err(AuditError::Rewritten { old: old.size });
             }
         }
         let note = self.key.sign(size, top)?;
-        let at = jiff::Timestamp::now().as_second();
-        let group = reserved_group(CHECKPOINTS);
-        let put = |key: Vec<u8>| RowWrite::Put {
-            group: group.clone(),
-            row: Row {
-                key,
-                at,
-                body: note.clone().into_bytes(),
-            },
-        };
-        self.rows.write_rows(vec![put(size_key(size)), put(LATEST.to_vec())])?;
+        self.trail.audit_keep_checkpoint(size, note.clone().into_bytes())?;
         Ok(Some(Signed { size, note }))
     }
 
@@ -396,6 +382,13 @@ async fn prove(
     let evidence = match (params.event, params.index, params.from) {
         (Some(event), None, None) => blocking(move || audit.prove_event(&event)).await,
         (None, Some(index), None) => blocking(move || audit.prove_leaves(&[index])).await,
+        (None, None, Some(0)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "from=0: an empty tree needs no proof; give the size of an older checkpoint",
+            )
+                .into_response();
+        }
         (None, None, Some(from)) => blocking(move || audit.prove_from(from)).await,
         _ => return (StatusCode::BAD_REQUEST, usage).into_response(),
     };

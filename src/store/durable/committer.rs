@@ -79,6 +79,8 @@ pub enum Op {
     NextSeq(u64),
     /// A leaf appended to the audit log, in commit order (`audit`).
     Audit(Box<crate::audit::Leaf>),
+    /// A signed checkpoint of the audit log: (tree size, note); kept when one exists.
+    AuditCheckpoint(u64, Vec<u8>),
 }
 
 impl Op {
@@ -96,6 +98,7 @@ impl Op {
                 | Op::PutProducer(..)
                 | Op::PutAgedProducer(..)
                 | Op::Audit(_)
+                | Op::AuditCheckpoint(..)
         )
     }
 

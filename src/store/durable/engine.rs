@@ -7,8 +7,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 
 use super::committer::Op;
 use super::schema::{
-    ATTEMPTS, AUDIT_EVENTS, AUDIT_HASHES, AUDIT_RECORDS, DEAD, DEAD_BY_TIME, DEAD_QUEUE, EVENT_REFS, EVENTS,
-    MAILBOX_INDEX, META, PENDING, PRODUCERS, PRODUCERS_BY_AGE, QUEUE, QUEUE_DUE, QUEUE_STATS, RAW, RAW_BY_AGE,
+    ATTEMPTS, AUDIT_CHECKPOINTS, AUDIT_EVENTS, AUDIT_HASHES, AUDIT_RECORDS, DEAD, DEAD_BY_TIME, DEAD_QUEUE, EVENT_REFS,
+    EVENTS, MAILBOX_INDEX, META, PENDING, PRODUCERS, PRODUCERS_BY_AGE, QUEUE, QUEUE_DUE, QUEUE_STATS, RAW, RAW_BY_AGE,
     SUBSCRIPTIONS, io,
 };
 use crate::store::StoreError;
@@ -113,6 +113,10 @@ pub trait Engine: Send + Sync + 'static {
     }
     /// The leaves about an event, in order (its acceptance first).
     fn audit_leaves_of(&self, _event_id: &str) -> Result<Vec<u64>, StoreError> {
+        Err(StoreError::Failed("this engine keeps no audit log".into()))
+    }
+    /// The signed checkpoint of `size`, or the newest one: (size, note).
+    fn audit_checkpoint(&self, _size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         Err(StoreError::Failed("this engine keeps no audit log".into()))
     }
     /// The leaf of each event's acceptance, in the order asked.
@@ -388,6 +392,12 @@ impl Redb {
                     }
                     Op::NextSeq(n) => paged.seq(n.saturating_sub(1)),
                     Op::Audit(leaf) => audit.push(leaf.as_ref().clone()),
+                    Op::AuditCheckpoint(size, note) => {
+                        let mut checkpoints = txn.open_table(AUDIT_CHECKPOINTS).map_err(io)?;
+                        if checkpoints.get(*size).map_err(io)?.is_none() {
+                            checkpoints.insert(*size, note.as_slice()).map_err(io)?;
+                        }
+                    }
                     Op::Ingest(_)
                     | Op::Fenced(..)
                     | Op::PutClaimed(..)
@@ -871,6 +881,15 @@ impl Engine for Redb {
             out.push((k.value(), v.value().to_vec()));
         }
         Ok(out)
+    }
+
+    fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(AUDIT_CHECKPOINTS).map_err(io)?;
+        Ok(match size {
+            Some(size) => table.get(size).map_err(io)?.map(|v| (size, v.value().to_vec())),
+            None => table.last().map_err(io)?.map(|(k, v)| (k.value(), v.value().to_vec())),
+        })
     }
 
     fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {

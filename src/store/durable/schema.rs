@@ -49,6 +49,8 @@ pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const AUDIT_HASHES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_hashes");
 /// The audit log's leaves (leaf index → record bytes).
 pub(crate) const AUDIT_RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_records");
+/// Signed checkpoints of the audit log (tree size → note); the newest is the last.
+pub(crate) const AUDIT_CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
 /// The leaves about an event, its acceptance first: (event id, leaf index).
 pub(crate) const AUDIT_EVENTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_events");
 
@@ -75,6 +77,7 @@ pub(crate) fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(AUDIT_HASHES).map_err(io)?;
     txn.open_table(AUDIT_RECORDS).map_err(io)?;
     txn.open_table(AUDIT_EVENTS).map_err(io)?;
+    txn.open_table(AUDIT_CHECKPOINTS).map_err(io)?;
     txn.commit().map_err(io)
 }
 

@@ -374,6 +374,14 @@ impl crate::store::AuditTrail for SharedStore {
     fn audit_append(&self, record: &crate::audit::Record) -> Result<(), StoreError> {
         self.core.audit_append(record)
     }
+
+    fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.core.audit_checkpoint(size)
+    }
+
+    fn audit_keep_checkpoint(&self, size: u64, note: Vec<u8>) -> Result<(), StoreError> {
+        self.core.audit_keep_checkpoint(size, note)
+    }
 }
 
 impl Archive for SharedStore {

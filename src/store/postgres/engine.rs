@@ -403,6 +403,7 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
     let mut paged = PagedWrites::default();
     let mut shared = super::shared::SharedWrites::default();
     let mut out = Vec::new();
+    let mut checkpoints: Vec<Statement> = Vec::new();
     for op in ops {
         match op {
             Op::PutEvent(id, body) => {
@@ -520,8 +521,13 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             Op::NextSeq(n) => paged.seq(n.saturating_sub(1)),
             // Appended last in the transaction (`append_audit`), in the order given.
             Op::Audit(_) => {}
+            Op::AuditCheckpoint(size, note) => checkpoints.push((
+                "INSERT INTO audit_checkpoints (size, note) VALUES ($1, $2) ON CONFLICT (size) DO NOTHING",
+                vec![Box::new(signed(*size)?), Box::new(note.clone())],
+            )),
         }
     }
+    out.append(&mut checkpoints);
     net.statements(&mut out);
     paged.statements(&mut out);
     shared.statements(&mut out);
@@ -703,16 +709,23 @@ impl PagedWrites {
 }
 
 /// Appends leaves to the audit log inside `txn`, last in it: the head row's lock is held
-/// only until the commit, and orders the appends of every replica.
+/// only until the commit, and orders the appends of every replica. Returns the first
+/// leaf's index and the transaction's id (to ask whether a COMMIT whose answer was lost
+/// went through).
 async fn append_audit(
     txn: &tokio_postgres::Transaction<'_>,
     leaves: &[crate::audit::Leaf],
-) -> Result<Result<u64, crate::audit::TreeError>, tokio_postgres::Error> {
-    let size = u64_of(
-        txn.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
-            .await?
-            .get(0),
-    );
+) -> Result<Result<(u64, i64), crate::audit::TreeError>, tokio_postgres::Error> {
+    // A commit that cannot have the head within 10 s fails (and is retried) rather than
+    // wait on a stuck transaction.
+    txn.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
+    let head = txn
+        .query_one(
+            "SELECT size, txid_current() FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await?;
+    let (size, xid): (u64, i64) = (u64_of(head.get(0)), head.get(1));
     let wanted: Vec<i64> = crate::audit::frontier(size).into_iter().map(clamp).collect();
     let mut frontier = std::collections::HashMap::new();
     for row in txn
@@ -749,7 +762,22 @@ async fn append_audit(
         &[&clamp(size + leaves.len() as u64)],
     )
     .await?;
-    Ok(Ok(size))
+    Ok(Ok((size, xid)))
+}
+
+/// How a commit's transaction ended.
+enum Ended {
+    Done((Vec<Vec<crate::store::Appended>>, u64)),
+    Failed(StoreError),
+    /// COMMIT was sent and its answer lost, after appending audit leaves from `first` in
+    /// the transaction `xid`.
+    Unsure {
+        xid: i64,
+        error: StoreError,
+        first: u64,
+        audit: Vec<crate::audit::Leaf>,
+        done: (Vec<Vec<crate::store::Appended>>, u64),
+    },
 }
 
 pub(super) fn u64_of(n: i64) -> u64 {
@@ -799,24 +827,61 @@ impl Engine for Postgres {
                         }
                     }
                     audit.extend(leaves.iter().cloned());
-                    let mut first = None;
+                    let mut appended = None;
                     if !audit.is_empty() {
                         match append_audit(&txn, &audit).await.map_err(|e| (false, e))? {
-                            Ok(at) => first = Some(at),
+                            Ok(at) => appended = Some(at),
                             // Rolled back as the transaction drops.
-                            Err(broken) => return Ok(Err(StoreError::Failed(broken.to_string()))),
+                            Err(broken) => return Ok(Ended::Failed(StoreError::Failed(broken.to_string()))),
                         }
                     }
-                    txn.commit().await.map_err(|e| (false, e))?;
-                    if let Some(first) = first {
+                    if let Err(e) = txn.commit().await {
+                        return Ok(match appended {
+                            // Sent, but no answer: it may have committed, and a retry of
+                            // one that did would log its leaves twice. Asked below.
+                            Some((first, xid)) => Ended::Unsure {
+                                xid,
+                                error: unavailable(e),
+                                first,
+                                audit,
+                                done: (outcomes, matched),
+                            },
+                            None => Ended::Failed(unavailable(e)),
+                        });
+                    }
+                    if let Some((first, _)) = appended {
                         for (leaf, index) in audit.iter().zip(first..) {
                             leaf.committed_at(index);
                         }
                     }
-                    Ok(Ok((outcomes, matched)))
+                    Ok(Ended::Done((outcomes, matched)))
                 });
                 match result {
-                    Ok(done) => return done,
+                    Ok(Ended::Done(done)) => return Ok(done),
+                    Ok(Ended::Failed(error)) => return Err(error),
+                    Ok(Ended::Unsure {
+                        xid,
+                        error,
+                        first,
+                        audit,
+                        done,
+                    }) => {
+                        c.client = None;
+                        let committed = c.parts().ok().and_then(|(runtime, client)| {
+                            runtime
+                                .block_on(client.query_one("SELECT txid_status($1)", &[&xid]))
+                                .ok()
+                                .and_then(|row| row.get::<_, Option<String>>(0))
+                        });
+                        if committed.as_deref() != Some("committed") {
+                            return Err(error);
+                        }
+                        tracing::warn!("PostgreSQL's answer to a COMMIT was lost, but it committed");
+                        for (leaf, index) in audit.iter().zip(first..) {
+                            leaf.committed_at(index);
+                        }
+                        return Ok(done);
+                    }
                     Err((true, _)) if attempt == 0 => {
                         c.client = None;
                     }
@@ -1055,6 +1120,20 @@ impl Engine for Postgres {
             .into_iter()
             .map(|r| (u64_of(r.get(0)), r.get(1)))
             .collect())
+    }
+
+    fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let rows = match size {
+            Some(size) => self.query(
+                "SELECT size, note FROM audit_checkpoints WHERE size = $1",
+                vec![Box::new(clamp(size))],
+            )?,
+            None => self.query(
+                "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                vec![],
+            )?,
+        };
+        Ok(rows.first().map(|r| (u64_of(r.get(0)), r.get(1))))
     }
 
     fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {

@@ -113,8 +113,14 @@ pub fn with_ca(
     config.keepalives_interval(std::time::Duration::from_secs(5));
     config.keepalives_retries(3);
     config.tcp_user_timeout(std::time::Duration::from_secs(30));
-    // An acknowledged event is on disk, whatever the server's or role's default.
-    config.options("-c synchronous_commit=on");
+    // An acknowledged event is on disk, whatever the server's or role's default. The server
+    // notices a vanished operator within seconds (its keepalives), and ends a transaction
+    // left open (a process stopped mid-commit): either would otherwise hold the audit log's
+    // head lock, which every replica's commits wait for, for the kernel's two hours.
+    config.options(
+        "-c synchronous_commit=on -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=1 \
+         -c tcp_keepalives_count=3 -c idle_in_transaction_session_timeout=30s",
+    );
     Ok(Database { config, tls })
 }
 

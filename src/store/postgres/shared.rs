@@ -720,7 +720,7 @@ impl Session {
     /// Connects, tunes the server's keepalives for this session (a replica that vanished
     /// without closing its connection loses its locks within seconds, not hours) and
     /// joins as a member.
-    pub async fn open(database: &super::Database) -> Result<Session, SharedError> {
+    pub async fn open(database: &super::Database, patience: Duration) -> Result<Session, SharedError> {
         let client = database.connect().await?;
         client
             .batch_execute(
@@ -728,7 +728,7 @@ impl Session {
                  SET application_name = 'mailhook-shards'",
             )
             .await?;
-        let shared = patiently(&client, PREDECESSOR_GRACE, "SELECT pg_try_advisory_lock_shared($1, $2)").await?;
+        let shared = patiently(&client, patience, "SELECT pg_try_advisory_lock_shared($1, $2)").await?;
         if !shared {
             return Err(SharedError::ExclusiveElsewhere);
         }
@@ -891,7 +891,7 @@ async fn patiently(client: &tokio_postgres::Client, patience: Duration, try_lock
             tracing::warn!(
                 %holders,
                 waiting_s = patience.as_secs(),
-                "another session holds the store's lock; waiting for it to end (a killed predecessor's session ends within seconds)"
+                "another session holds the store's lock; waiting for it to end (the session of a killed predecessor ends within seconds; a live operator's does not)"
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -917,7 +917,7 @@ async fn mode_holders(client: &tokio_postgres::Client) -> String {
             .map(|r| {
                 format!(
                     "pid {} ({}, {} from {}, {}, connected {} s)",
-                    r.get::<_, i32>(0),
+                    r.try_get::<_, i32>(0).unwrap_or(0),
                     r.get::<_, String>(1),
                     r.get::<_, String>(2),
                     r.get::<_, String>(3),

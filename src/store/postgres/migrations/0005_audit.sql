@@ -21,3 +21,9 @@ CREATE TABLE audit_records (
     event_id text
 );
 CREATE INDEX audit_records_by_event ON audit_records (event_id) WHERE event_id IS NOT NULL;
+
+-- Signed checkpoints (C2SP signed notes), one per tree size; the newest is the largest.
+CREATE TABLE audit_checkpoints (
+    size bigint PRIMARY KEY,
+    note bytea  NOT NULL
+);
