@@ -52,7 +52,9 @@ mod layout {
     /// the core to several processes sharing one store).
     const ADAPTERS: [&str; 5] = ["source", "admin", "history", "controller", "replica"];
     /// The core: may use the leaves and each other, never an adapter.
-    const CORE: [&str; 8] = ["event", "audit", "route", "store", "delivery", "archive", "panics", "auth"];
+    const CORE: [&str; 8] = [
+        "event", "audit", "route", "store", "delivery", "archive", "panics", "auth",
+    ];
     /// Modules that use nothing else of the crate.
     const LEAVES: [&str; 8] = [
         "handles",

@@ -291,6 +291,11 @@ impl Tokens {
         self.credential(presented).is_some()
     }
 
+    /// The name of the credential `presented` belongs to, if it is one of the tokens.
+    pub fn name_of(&self, presented: &str) -> Option<Arc<str>> {
+        self.credential(presented)
+    }
+
     /// The credential `presented` belongs to, if any. Every token is compared in full, so
     /// timing tells nothing about a near miss.
     fn credential(&self, presented: &str) -> Option<Arc<str>> {

@@ -136,15 +136,15 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Whether the caller holds a token from `--admin-token-file`, the only kind `what` takes;
-/// unknown tokens count towards the address's lockout.
-fn admin_only(history: &History, headers: &HeaderMap, peer: std::net::IpAddr, what: &str) -> Result<(), Refusal> {
+/// The name of the caller's token when it is one from `--admin-token-file`, the only kind
+/// `what` takes; unknown tokens count towards the address's lockout.
+fn admin_only(history: &History, headers: &HeaderMap, peer: std::net::IpAddr, what: &str) -> Result<Arc<str>, Refusal> {
     let now = std::time::Instant::now();
     let presented = bearer(headers).filter(|t| !t.is_empty());
     if let (Some(token), Some(tokens)) = (presented, &history.tokens)
-        && tokens.accepts(token)
+        && let Some(name) = tokens.name_of(token)
     {
-        return Ok(());
+        return Ok(name);
     }
     if let Some(left) = history.failures.locked(peer, now) {
         return Err(refuse(

@@ -15,8 +15,8 @@ pub trait AuditTrail: Send + Sync {
     fn audit_records(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// The leaves about an event, in order: its acceptance first, then its deliveries.
     fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError>;
-    /// Appends a record of its own (custody), durably before it returns.
-    fn audit_append(&self, record: &Record) -> Result<(), StoreError>;
+    /// Appends a record of its own (custody), durably before it returns; its index.
+    fn audit_append(&self, record: &Record) -> Result<Option<u64>, StoreError>;
     /// The signed checkpoint of tree size `size`, or the newest: (size, note).
     fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Keeps a signed checkpoint (one already kept for that size stays), durably.
@@ -61,9 +61,15 @@ macro_rules! audit_on_engine {
                 self.engine.audit_leaves_of(event_id)
             }
 
-            fn audit_append(&self, record: &$crate::audit::Record) -> Result<(), StoreError> {
-                let leaf = Box::new(record.to_leaf());
-                self.wait_for(vec![$crate::store::durable::committer::Op::Audit(leaf)], false)
+            fn audit_append(&self, record: &$crate::audit::Record) -> Result<Option<u64>, StoreError> {
+                let mut leaf = record.to_leaf();
+                let index = $crate::event::LogIndex::default();
+                leaf.assigned = Some(index.clone());
+                self.wait_for(
+                    vec![$crate::store::durable::committer::Op::Audit(Box::new(leaf))],
+                    false,
+                )?;
+                Ok(index.get())
             }
 
             fn audit_checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, Vec<u8>)>, StoreError> {

@@ -597,7 +597,11 @@ pub mod conformance {
             at: at(30),
             detail: String::new(),
         };
-        s.audit_append(&custody).expect("custody");
+        assert_eq!(
+            s.audit_append(&custody).expect("custody"),
+            Some(4),
+            "its index, once committed"
+        );
         let size = s.audit_size().expect("size");
         assert_eq!(size, 5, "three events, one attempt, one act of custody");
         let records = s.audit_records(0, size).expect("records");

@@ -215,6 +215,43 @@ async fn deliveries_are_proven_to_go_verifiers_and_the_log_stays_consistent_acro
     assert!(said.contains(&format!("consistency ok: {old_size} ->")), "{said}");
     eprintln!("{said}");
 
+    // An act of custody (a restore, here) is recorded by the token's name and proven
+    // like any leaf; a bad one is refused naming the field.
+    let (ok, out, err) = run(base(&[
+        "audit",
+        "record",
+        "--action",
+        "restore",
+        "--subject",
+        "backup of 2026-03-01",
+        "--detail",
+        "checkpoints after size 3 are lost",
+    ]));
+    assert!(ok, "{err}");
+    let index: u64 = out
+        .trim()
+        .strip_prefix("recorded at index ")
+        .and_then(|n| n.parse().ok())
+        .expect("the record's index");
+    let (ok, evidence, err) = run(base(&["audit", "prove", "--index", &index.to_string()]));
+    assert!(ok, "{err}");
+    let file = write(&dir, "custody.json", &evidence);
+    let (go, ours, said) = both(&vkey, &file);
+    assert!(go && ours, "{said}");
+    let custody: Value = {
+        use base64::Engine as _;
+        let parsed: Value = serde_json::from_str(&evidence).expect("evidence");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(parsed["inclusion"][0]["record"].as_str().expect("record"))
+            .expect("base64");
+        serde_json::from_slice(&bytes).expect("record")
+    };
+    assert_eq!(custody["kind"], "custody");
+    assert_eq!(custody["action"], "restore");
+    assert_eq!(custody["by"], "admin-token:admin", "{custody}");
+    let (ok, _, err) = run(base(&["audit", "record", "--action", "Restore!", "--subject", "x"]));
+    assert!(!ok && err.contains("400") && err.contains("action"), "{err}");
+
     // The audit API takes the admin token only.
     let (ok, _, err) = mailhook(&["audit", "checkpoint", "--admin-url", &admin]);
     assert!(!ok && err.contains("--token-file"), "{err}");

@@ -561,7 +561,7 @@ impl mailhook::store::AuditTrail for Sole {
         self.store.audit_leaves_of(event_id)
     }
 
-    fn audit_append(&self, record: &mailhook::audit::Record) -> Result<(), mailhook::store::StoreError> {
+    fn audit_append(&self, record: &mailhook::audit::Record) -> Result<Option<u64>, mailhook::store::StoreError> {
         self.store.audit_append(record)
     }
 

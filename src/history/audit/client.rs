@@ -57,6 +57,21 @@ pub enum Action {
         #[arg(long, group = "what")]
         from: Option<u64>,
     },
+    /// Append an act of custody to the log (a restore from a backup, say), by the admin
+    /// token's name; prints the record's index.
+    Record {
+        #[command(flatten)]
+        operator: Operator,
+        /// What was done: a-z, 0-9 and '-', such as `restore`.
+        #[arg(long)]
+        action: String,
+        /// What it was done to or from (a backup's name and time).
+        #[arg(long)]
+        subject: String,
+        /// What a later reader needs to know (what was lost, who asked).
+        #[arg(long, default_value = "")]
+        detail: String,
+    },
     /// Check evidence offline with the verifier key only: the checkpoint's signature, each
     /// record's inclusion, each older checkpoint's consistency. Exits non-zero on the
     /// first failure, naming it.
@@ -88,17 +103,26 @@ fn token(operator: &Operator) -> anyhow::Result<String> {
         .with_context(|| format!("{} holds no token", path.display()))
 }
 
-async fn get(operator: &Operator, path: &str, query: &[(&str, String)], authenticated: bool) -> anyhow::Result<String> {
+fn url(operator: &Operator, path: &str) -> anyhow::Result<reqwest::Url> {
     let mut url = reqwest::Url::parse(&operator.admin_url)
         .with_context(|| format!("--admin-url {:?} is not a URL", operator.admin_url))?;
     url.path_segments_mut()
         .map_err(|()| anyhow::anyhow!("--admin-url {:?} cannot take a path", operator.admin_url))?
         .pop_if_empty()
         .extend(["v1", "audit", path]);
+    Ok(url)
+}
+
+async fn get(operator: &Operator, path: &str, query: &[(&str, String)], authenticated: bool) -> anyhow::Result<String> {
+    let url = url(operator, path)?;
     let mut request = reqwest::Client::new().get(url.clone()).query(query);
     if authenticated {
         request = request.bearer_auth(token(operator)?);
     }
+    send(request, &url).await
+}
+
+async fn send(request: reqwest::RequestBuilder, url: &reqwest::Url) -> anyhow::Result<String> {
     let response = request
         .send()
         .await
@@ -124,6 +148,29 @@ pub async fn run(action: Action) -> anyhow::Result<String> {
             Ok(format!("{skey}\n"))
         }
         Action::Key { operator } => get(&operator, "key", &[], false).await,
+        Action::Record {
+            operator,
+            action,
+            subject,
+            detail,
+        } => {
+            let url = url(&operator, "custody")?;
+            let request = reqwest::Client::new()
+                .post(url.clone())
+                .bearer_auth(token(&operator)?)
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(
+                    &serde_json::json!({ "action": action, "subject": subject, "detail": detail }),
+                )?);
+            let body = send(request, &url).await?;
+            let index = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["index"].as_u64());
+            Ok(match index {
+                Some(index) => format!("recorded at index {index}\n"),
+                None => "recorded\n".into(),
+            })
+        }
         Action::Checkpoint { operator, size } => {
             let query: Vec<(&str, String)> = size.map(|s| ("size", s.to_string())).into_iter().collect();
             get(&operator, "checkpoint", &query, true).await

@@ -6,6 +6,8 @@
 //! - `GET /v1/audit/prove?event=ID | index=N | from=SIZE`: evidence (`audit::proof`)
 //!   against the newest checkpoint: the leaves about an event (its acceptance, then its
 //!   delivery attempts), one leaf, or the consistency of an older checkpoint with it.
+//! - `POST /v1/audit/custody` `{action, subject, detail}`: appends an act of custody (a
+//!   restore, say), by the admin token's name.
 //!
 //! Everything but the key takes only a token from `--admin-token-file`: the log spans every
 //! namespace, and its size is the organisation's mail volume.
@@ -284,6 +286,7 @@ pub fn router(api: AuditApi) -> Router {
         .route("/v1/audit/key", get(key))
         .route("/v1/audit/checkpoint", get(checkpoint))
         .route("/v1/audit/prove", get(prove))
+        .route("/v1/audit/custody", axum::routing::post(custody))
         .with_state(api)
 }
 
@@ -394,6 +397,82 @@ async fn prove(
     };
     match evidence {
         Ok(evidence) => axum::Json(evidence).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// An act of custody to record.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustodyRequest {
+    pub action: String,
+    pub subject: String,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// Most characters of a custody record's subject, and of its detail.
+const MAX_SUBJECT: usize = 512;
+const MAX_DETAIL: usize = 4096;
+
+impl CustodyRequest {
+    /// What is wrong with it, for the person who sent it.
+    fn invalid(&self) -> Option<String> {
+        let action_ok = (1..=64).contains(&self.action.len())
+            && self
+                .action
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !action_ok {
+            return Some("action: 1 to 64 of a-z, 0-9 and '-', such as restore".into());
+        }
+        if self.subject.trim().is_empty() || self.subject.chars().count() > MAX_SUBJECT {
+            return Some(format!(
+                "subject: say what it is about, at most {MAX_SUBJECT} characters"
+            ));
+        }
+        if self.detail.chars().count() > MAX_DETAIL {
+            return Some(format!("detail: at most {MAX_DETAIL} characters"));
+        }
+        None
+    }
+}
+
+async fn custody(
+    State(api): State<AuditApi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<axum::Json<CustodyRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let by = match super::admin_only(&api.history, &headers, peer.ip(), "the audit API") {
+        Ok(name) => name,
+        Err(refused) => return refused.into_response(),
+    };
+    let request = match body {
+        Ok(axum::Json(request)) => request,
+        Err(rejected) => {
+            let message = format!("send JSON {{\"action\", \"subject\", \"detail\"}}: {rejected}");
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({ "error": message })),
+            )
+                .into_response();
+        }
+    };
+    if let Some(why) = request.invalid() {
+        return (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({ "error": why }))).into_response();
+    }
+    let record = crate::audit::Record::Custody {
+        action: request.action,
+        subject: request.subject,
+        by: format!("admin-token:{by}"),
+        at: jiff::Timestamp::now(),
+        detail: request.detail,
+    };
+    tracing::info!(by = %by, "audit log: an act of custody recorded");
+    let trail = api.audit.trail.clone();
+    match blocking(move || Ok(trail.audit_append(&record)?)).await {
+        Ok(index) => (StatusCode::CREATED, axum::Json(serde_json::json!({ "index": index }))).into_response(),
         Err(response) => response,
     }
 }

@@ -549,10 +549,22 @@ fn meta_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -
         .map_or(0, u64::from_be_bytes))
 }
 
-fn hash_of(bytes: &[u8]) -> Result<crate::audit::Hash, StoreError> {
-    <[u8; 32]>::try_from(bytes)
-        .map(crate::audit::Hash)
-        .map_err(|_| StoreError::Failed("an audit log hash is not 32 bytes".into()))
+/// The stored hash at `index`, from the run that holds it (None when no run does).
+fn stored_hash(
+    runs: &impl ReadableTable<u64, &'static [u8]>,
+    index: u64,
+) -> Result<Option<crate::audit::Hash>, StoreError> {
+    let Some(row) = runs.range(..=index).map_err(io)?.next_back() else {
+        return Ok(None);
+    };
+    let (start, run) = row.map_err(io)?;
+    let at = usize::try_from(index - start.value())
+        .ok()
+        .and_then(|n| n.checked_mul(32));
+    Ok(at
+        .and_then(|at| run.value().get(at..at.checked_add(32)?))
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .map(crate::audit::Hash))
 }
 
 /// Appends leaves to the audit log inside the write `txn`: the tree grows from the hashes
@@ -568,15 +580,15 @@ fn append_audit(
     let size = meta_u64(&meta, AUDIT_SIZE)?;
     let mut frontier = std::collections::HashMap::new();
     for index in crate::audit::frontier(size) {
-        let hash = hashes
-            .get(index)
-            .map_err(io)?
+        let hash = stored_hash(&hashes, index)?
             .ok_or_else(|| StoreError::Failed(format!("the audit log lacks stored hash {index}")))?;
-        frontier.insert(index, hash_of(hash.value())?);
+        frontier.insert(index, hash);
     }
     let stored = crate::audit::append(size, frontier, leaves).map_err(|e| StoreError::Failed(e.to_string()))?;
-    for (index, hash) in stored {
-        hashes.insert(index, hash.0.as_slice()).map_err(io)?;
+    // The new stored hashes are one run of consecutive indexes.
+    if let Some((first, _)) = stored.first() {
+        let run: Vec<u8> = stored.iter().flat_map(|(_, h)| h.0).collect();
+        hashes.insert(*first, run.as_slice()).map_err(io)?;
     }
     for (i, leaf) in leaves.iter().enumerate() {
         let n = size + i as u64;
@@ -863,12 +875,7 @@ impl Engine for Redb {
         let table = txn.open_table(AUDIT_HASHES).map_err(io)?;
         indexes
             .iter()
-            .map(|i| {
-                Ok(table
-                    .get(*i)
-                    .map_err(io)?
-                    .and_then(|v| <[u8; 32]>::try_from(v.value()).ok()))
-            })
+            .map(|i| Ok(stored_hash(&table, *i)?.map(|h| h.0)))
             .collect()
     }
 

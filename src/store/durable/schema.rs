@@ -45,7 +45,8 @@ pub(crate) const QUEUE_STATS: TableDefinition<&str, (u64, u64, u64)> = TableDefi
 /// Secrets kept with the data (name → 32 bytes).
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-/// The audit log's stored hashes (`audit`: stored index → 32 bytes).
+/// The audit log's stored hashes, a run per commit (`audit`: the run's first stored index
+/// → its hashes, 32 bytes each): one write per commit, not one per hash.
 pub(crate) const AUDIT_HASHES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_hashes");
 /// The audit log's leaves (leaf index → record bytes).
 pub(crate) const AUDIT_RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_records");

@@ -371,7 +371,7 @@ impl crate::store::AuditTrail for SharedStore {
         self.core.audit_leaves_of(event_id)
     }
 
-    fn audit_append(&self, record: &crate::audit::Record) -> Result<(), StoreError> {
+    fn audit_append(&self, record: &crate::audit::Record) -> Result<Option<u64>, StoreError> {
         self.core.audit_append(record)
     }
 
