@@ -35,10 +35,13 @@ pub enum Record {
         producer_id: Option<String>,
         accepted_at: jiff::Timestamp,
     },
-    /// A delivery attempt and its outcome: the SHA-256 of the exact bytes sent.
+    /// A delivery attempt and its outcome: the SHA-256 of the exact bytes sent, and the
+    /// index of the event's acceptance when the delivery knew it.
     #[serde(rename_all = "camelCase")]
     Delivery {
         event_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event_index: Option<u64>,
         subscription: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         webhook_id: Option<String>,
@@ -332,6 +335,7 @@ mod tests {
         let at: jiff::Timestamp = "2026-01-02T03:04:05Z".parse().expect("time");
         let r = Record::Delivery {
             event_id: "evt_1".into(),
+            event_index: Some(7),
             subscription: "uid-1".into(),
             webhook_id: Some("msg_1".into()),
             attempt: 2,
@@ -342,7 +346,7 @@ mod tests {
         let leaf = r.to_leaf();
         assert_eq!(
             String::from_utf8(leaf.bytes.clone()).expect("utf8"),
-            r#"{"kind":"delivery","eventId":"evt_1","subscription":"uid-1","webhookId":"msg_1","attempt":2,"httpStatus":200,"at":"2026-01-02T03:04:05Z","bodySha256":"ab"}"#
+            r#"{"kind":"delivery","eventId":"evt_1","eventIndex":7,"subscription":"uid-1","webhookId":"msg_1","attempt":2,"httpStatus":200,"at":"2026-01-02T03:04:05Z","bodySha256":"ab"}"#
         );
         assert_eq!(serde_json::from_slice::<Record>(&leaf.bytes).expect("parse"), r);
     }

@@ -640,6 +640,7 @@ pub(super) async fn deliver(
             http_status: decision.http_status,
             error: decision.error.clone(),
             latency_ms: elapsed.as_millis() as u64,
+            log_index: event.log_index.get(),
             webhook_id: sent.webhook_id.clone(),
             body_sha256: sent.body_sha256.clone(),
         };

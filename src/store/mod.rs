@@ -214,6 +214,9 @@ pub struct Attempt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub latency_ms: u64,
+    /// The audit log index of the event's acceptance, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_index: Option<u64>,
     /// The request's `webhook-id` (a batch's own), when one was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_id: Option<String>,
@@ -227,6 +230,7 @@ impl Attempt {
     pub fn audit_record(&self) -> crate::audit::Record {
         crate::audit::Record::Delivery {
             event_id: self.event_id.clone(),
+            event_index: self.log_index,
             subscription: self.subscription.clone(),
             webhook_id: self.webhook_id.clone(),
             attempt: self.attempt,
@@ -751,6 +755,7 @@ pub mod conformance {
             http_status: Some(500),
             error: Some("HTTP 500".into()),
             latency_ms: 3,
+            log_index: None,
             webhook_id: Some(format!("msg_{n}")),
             body_sha256: None,
         }

@@ -145,8 +145,10 @@ async fn deliveries_are_proven_to_go_verifiers_and_the_log_stays_consistent_acro
     let (go, ours, said) = both(&vkey, &file);
     assert!(go && ours, "{said}");
     assert!(said.contains("inclusion ok"), "{said}");
-    // The delivery carried the index of the event's acceptance, where the proof starts.
+    // The delivery carried the index of the event's acceptance, where the proof starts,
+    // and its leaf names that acceptance.
     let accepted = parsed["inclusion"][0]["index"].as_u64().expect("index");
+    assert_eq!(records[1]["eventIndex"], accepted, "{records:?}");
     let delivered = receiver.deliveries().await;
     let delivery = delivered
         .iter()
