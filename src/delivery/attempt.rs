@@ -159,37 +159,28 @@ async fn attempt_once(
 ) -> (Outcome, Duration, jiff::Timestamp, usize, Sent) {
     // An IP literal never reaches the guarded resolver: checked here, for the endpoint and
     // a dead-letter sink alike.
-    if let Err(refused) = config.egress.check_url(url) {
+    // Nothing was sent: every item fails with `message`, as a transport error would.
+    let unsent = |message: String| {
         let failed = Outcome::Failed {
             status: None,
-            message: format!("not sent: {refused}"),
+            message,
             retry_after: None,
         };
-        return (
+        (
             failed,
             Duration::ZERO,
             jiff::Timestamp::now(),
             items.len(),
             Sent::default(),
-        );
+        )
+    };
+    if let Err(refused) = config.egress.check_url(url) {
+        return unsent(format!("not sent: {refused}"));
     }
     let max_bytes = config.batch.map_or(usize::MAX, |b| b.max_bytes);
     let (request, carried) = match wire::build(&config.wire, &config.payload, items, max_bytes) {
         Ok(built) => built,
-        Err(err) => {
-            let failed = Outcome::Failed {
-                status: None,
-                message: format!("{err}: {}", root_cause(&err)),
-                retry_after: None,
-            };
-            return (
-                failed,
-                Duration::ZERO,
-                jiff::Timestamp::now(),
-                items.len(),
-                Sent::default(),
-            );
-        }
+        Err(err) => return unsent(format!("{err}: {}", root_cause(&err))),
     };
     let sent = Sent {
         webhook_id: Some(request.id.clone()),

@@ -136,6 +136,18 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// The refusal of an address that sent too many unknown tokens lately.
+fn locked_out(history: &History, peer: std::net::IpAddr, now: std::time::Instant) -> Option<Refusal> {
+    let left = history.failures.locked(peer, now)?;
+    Some(refuse(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "too many failed authentications from this address; try again in {} s",
+            left.as_secs().max(1)
+        ),
+    ))
+}
+
 /// The name of the caller's token when it is one from `--admin-token-file`, the only kind
 /// `what` takes; unknown tokens count towards the address's lockout.
 fn admin_only(history: &History, headers: &HeaderMap, peer: std::net::IpAddr, what: &str) -> Result<Arc<str>, Refusal> {
@@ -146,14 +158,8 @@ fn admin_only(history: &History, headers: &HeaderMap, peer: std::net::IpAddr, wh
     {
         return Ok(name);
     }
-    if let Some(left) = history.failures.locked(peer, now) {
-        return Err(refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many failed authentications from this address; try again in {} s",
-                left.as_secs().max(1)
-            ),
-        ));
+    if let Some(locked) = locked_out(history, peer, now) {
+        return Err(locked);
     }
     if presented.is_some() {
         history.failures.failed(peer, now);
@@ -199,14 +205,8 @@ async fn authorize(
     };
     // Each Kubernetes token costs a TokenReview: an address that sent many unknown ones
     // waits before the apiserver is asked again.
-    if let Some(left) = history.failures.locked(peer, now) {
-        return Err(refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many failed authentications from this address; try again in {} s",
-                left.as_secs().max(1)
-            ),
-        ));
+    if let Some(locked) = locked_out(history, peer, now) {
+        return Err(locked);
     }
     let Some(kubernetes) = &history.kubernetes else {
         return Err(unauthenticated(true));

@@ -282,6 +282,33 @@ impl Key {
     }
 }
 
+/// A test's scratch folder with an admin token file and a new audit key.
+struct Keyed {
+    dir: std::path::PathBuf,
+    tokens: String,
+    vkey: String,
+    key_file: String,
+}
+
+impl Keyed {
+    fn new(ns: &TestNamespace) -> Keyed {
+        let dir = std::env::temp_dir().join(format!("mailhook-audit-{}", ns.name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let tokens = write(&dir, "admin-token", &format!("{ADMIN_TOKEN}\n"))
+            .display()
+            .to_string();
+        let (skey, vkey) = Key::generate();
+        let key_file = write(&dir, "audit-key", &skey).display().to_string();
+        Keyed {
+            dir,
+            tokens,
+            vkey,
+            key_file,
+        }
+    }
+}
+
 /// An operator with an audit key, an admin token and a checkpoint every second, and what
 /// the tests ask it with.
 struct Audited {
@@ -293,14 +320,12 @@ struct Audited {
 
 impl Audited {
     async fn start(ns: &TestNamespace, store: &[&str]) -> Audited {
-        let dir = std::env::temp_dir().join(format!("mailhook-audit-{}", ns.name));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let tokens = write(&dir, "admin-token", &format!("{ADMIN_TOKEN}\n"))
-            .display()
-            .to_string();
-        let (skey, vkey) = Key::generate();
-        let key_file = write(&dir, "audit-key", &skey).display().to_string();
+        let Keyed {
+            dir,
+            tokens,
+            vkey,
+            key_file,
+        } = Keyed::new(ns);
         let mut flags = store.to_vec();
         flags.extend([
             "--admin-token-file",
@@ -516,14 +541,12 @@ async fn three_replicas_grow_one_tree_and_it_stays_consistent_across_a_sigkill()
     let ns = TestNamespace::new("audit-replicas").await;
     let url = crate::pg::database("audit_replicas").await;
     let receiver = Receiver::start(SIEM_SECRET);
-    let dir = std::env::temp_dir().join(format!("mailhook-audit-{}", ns.name));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let tokens = write(&dir, "admin-token", &format!("{ADMIN_TOKEN}\n"))
-        .display()
-        .to_string();
-    let (skey, vkey) = Key::generate();
-    let key_file = write(&dir, "audit-key", &skey).display().to_string();
+    let Keyed {
+        dir,
+        tokens,
+        vkey,
+        key_file,
+    } = Keyed::new(&ns);
     let mut replicas = Vec::new();
     for name in ["audit-a", "audit-b", "audit-c"] {
         replicas.push(
