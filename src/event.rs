@@ -131,9 +131,21 @@ pub struct MailboxEvent {
 }
 
 /// The audit log index of an event's acceptance, set once by the commit that appended it.
-/// Shared by the copies of one event; ignored when events are compared.
-#[derive(Clone, Default)]
+/// Ignored when events are compared. A clone is a copy of what is known then, not shared:
+/// an event cloned into another (a flag, a dead-letter copy) has a leaf of its own, whose
+/// index must not land in the original. Only `share` gives a handle to the same slot.
+#[derive(Default)]
 pub struct LogIndex(std::sync::Arc<std::sync::OnceLock<u64>>);
+
+impl Clone for LogIndex {
+    fn clone(&self) -> LogIndex {
+        let copy = LogIndex::default();
+        if let Some(index) = self.get() {
+            copy.set(index);
+        }
+        copy
+    }
+}
 
 impl LogIndex {
     pub fn get(&self) -> Option<u64> {
@@ -142,6 +154,11 @@ impl LogIndex {
 
     pub fn set(&self, index: u64) {
         let _ = self.0.set(index);
+    }
+
+    /// The same slot: what is set through one is seen through the other.
+    pub fn share(&self) -> LogIndex {
+        LogIndex(self.0.clone())
     }
 }
 
@@ -451,6 +468,15 @@ pub struct AclGrant {
 }
 
 impl MailboxEvent {
+    /// A new event made from this one (a flag, a dead-letter copy): a new id, and no log
+    /// index until its own acceptance is logged.
+    pub fn derive(&self) -> MailboxEvent {
+        let mut derived = self.clone();
+        derived.id = MailboxEvent::new_id();
+        derived.log_index = LogIndex::default();
+        derived
+    }
+
     pub fn new_id() -> String {
         format!("evt_{}", uuid::Uuid::now_v7().simple())
     }

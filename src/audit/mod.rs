@@ -81,8 +81,13 @@ impl Record {
     /// The leaf of an accepted event, which learns its index once committed.
     pub fn event_leaf(event: &crate::event::MailboxEvent, stored: &[u8], accepted_at: jiff::Timestamp) -> Leaf {
         let mut leaf = Record::event(event, stored, accepted_at).to_leaf();
-        leaf.assigned = Some(event.log_index.clone());
+        leaf.assigned = Some(event.log_index.share());
         leaf
+    }
+
+    /// Whether leaf bytes record an event's acceptance (the tag is serialized first).
+    pub fn is_acceptance(leaf: &[u8]) -> bool {
+        leaf.starts_with(br#"{"kind":"event""#)
     }
 
     /// The leaf bytes.
@@ -93,9 +98,14 @@ impl Record {
             Record::Event { event_id, .. } | Record::Delivery { event_id, .. } => Some(event_id.clone()),
             Record::Custody { .. } => None,
         };
+        let accepted_at_index = match self {
+            Record::Delivery { event_index, .. } => *event_index,
+            _ => None,
+        };
         Leaf {
             bytes,
             event_id,
+            accepted_at_index,
             assigned: None,
         }
     }
@@ -103,12 +113,27 @@ impl Record {
 
 /// A leaf to append: its bytes, and the event it is about (indexed, so that an event's
 /// leaves, its acceptance first, are found by its id).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Leaf {
     pub bytes: Vec<u8>,
     pub event_id: Option<String>,
+    /// For a delivery: the index of its event's acceptance, when known (what the embedded
+    /// store indexes it by: a small, fixed-width key).
+    pub accepted_at_index: Option<u64>,
     /// Told the leaf's index once the commit that appended it succeeded.
     pub assigned: Option<crate::event::LogIndex>,
+}
+
+/// A copy of a leaf tells the same waiter (the engines copy leaves into their commits).
+impl Clone for Leaf {
+    fn clone(&self) -> Leaf {
+        Leaf {
+            bytes: self.bytes.clone(),
+            event_id: self.event_id.clone(),
+            accepted_at_index: self.accepted_at_index,
+            assigned: self.assigned.as_ref().map(crate::event::LogIndex::share),
+        }
+    }
 }
 
 impl Leaf {
@@ -274,6 +299,7 @@ mod tests {
         Leaf {
             bytes: format!("leaf {n}").into_bytes(),
             event_id: None,
+            accepted_at_index: None,
             assigned: None,
         }
     }
@@ -349,5 +375,12 @@ mod tests {
             r#"{"kind":"delivery","eventId":"evt_1","eventIndex":7,"subscription":"uid-1","webhookId":"msg_1","attempt":2,"httpStatus":200,"at":"2026-01-02T03:04:05Z","bodySha256":"ab"}"#
         );
         assert_eq!(serde_json::from_slice::<Record>(&leaf.bytes).expect("parse"), r);
+        assert!(!Record::is_acceptance(&leaf.bytes));
+        let event: crate::event::MailboxEvent = serde_json::from_value(serde_json::json!({
+            "id": "evt_1", "type": "message.received", "occurredAt": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z", "source": "http", "mailbox": "a@b.example"
+        }))
+        .expect("event");
+        assert!(Record::is_acceptance(&Record::event(&event, b"{}", at).to_leaf().bytes));
     }
 }

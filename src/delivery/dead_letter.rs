@@ -48,8 +48,7 @@ pub fn copy_for_sink(
     now: jiff::Timestamp,
 ) -> Ingest {
     let original = webhook_id(&event.id, &origin.uid);
-    let mut copy = event.clone();
-    copy.id = MailboxEvent::new_id();
+    let mut copy = event.derive();
     copy.received_at = now;
     // Dead-lettered twice (a crash between the copy and the dead letter): one copy. A
     // replay starts the delivery's age again, so dying again after one is a new copy.

@@ -422,8 +422,7 @@ impl RoutingTable {
                 }
             }
             for (namespace, flags) in by_namespace {
-                let mut derived = event.clone();
-                derived.id = MailboxEvent::new_id();
+                let mut derived = event.derive();
                 derived.event_type = EventType::ComplianceFlagged;
                 derived.source = Source::Router;
                 // A repeat of the message repeats its flag: both are de-duplicated.

@@ -64,7 +64,7 @@ macro_rules! audit_on_engine {
             fn audit_append(&self, record: &$crate::audit::Record) -> Result<Option<u64>, StoreError> {
                 let mut leaf = record.to_leaf();
                 let index = $crate::event::LogIndex::default();
-                leaf.assigned = Some(index.clone());
+                leaf.assigned = Some(index.share());
                 self.wait_for(
                     vec![$crate::store::durable::committer::Op::Audit(Box::new(leaf))],
                     false,

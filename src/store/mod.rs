@@ -592,7 +592,10 @@ pub mod conformance {
         let mut again = lone();
         again.event.id = "evt_a3b".into();
         s.ingest(vec![again]).expect("ingest");
-        s.record_attempt(attempt(20, 1)).expect("attempt");
+        let mut tried = attempt(20, 1);
+        tried.event_id = "evt_a1".into();
+        tried.log_index = Some(0);
+        s.record_attempt(tried).expect("attempt");
         s.flush().expect("flush");
         let custody = Record::Custody {
             action: "export".into(),
@@ -619,9 +622,9 @@ pub mod conformance {
         );
         assert_eq!(s.audit_leaves_of("evt_a3").expect("index"), [2]);
         assert_eq!(
-            s.audit_leaves_of("e1").expect("index"),
-            [3],
-            "the attempt names its event"
+            s.audit_leaves_of("evt_a1").expect("index"),
+            [0, 3],
+            "the event's acceptance, then its attempt"
         );
         assert!(s.audit_leaves_of("evt_a3b").expect("index").is_empty());
         let hashes = crate::store::audit::Hashes(s);
@@ -632,6 +635,30 @@ pub mod conformance {
         }
         let proof = prove_consistency(size, 2, &hashes).expect("prove");
         tlog_tiles::check_tree(&proof, size, top, 2, root(2, &hashes).expect("old root")).expect("consistent");
+        // Each event is told its own acceptance's index once committed, a derived one
+        // (a flag made from it) included, and events read back learn theirs.
+        let original = event("evt_a6", None);
+        let derived = original.derive();
+        let (told, told_derived) = (original.log_index.share(), derived.log_index.share());
+        let (clone, derived_id) = (original.clone(), derived.id.clone());
+        let item = |e: MailboxEvent| Ingest {
+            event: e,
+            deliveries: vec![],
+        };
+        s.ingest(vec![item(original), item(derived)]).expect("ingest");
+        let index_of = |id: &str| s.audit_leaves_of(id).expect("leaves").first().copied();
+        assert!(told.get().is_some());
+        assert_eq!(told.get(), index_of("evt_a6"), "told its own index");
+        assert_eq!(told_derived.get(), index_of(&derived_id));
+        assert_ne!(told.get(), told_derived.get());
+        assert_eq!(clone.log_index.get(), None, "a clone made before is not told");
+        let read = s.events(&["evt_a1".to_string()]);
+        let read = read
+            .first()
+            .and_then(|r| r.as_ref().ok())
+            .and_then(|e| e.clone())
+            .expect("stored");
+        assert_eq!(read.log_index.get(), Some(0), "the stored event knows its index");
         // Checkpoints: one per size (the first kept), the newest is the largest.
         assert_eq!(s.audit_checkpoint(None).expect("none yet"), None);
         s.audit_keep_checkpoint(5, b"five".to_vec()).expect("keep");

@@ -116,8 +116,10 @@ impl Audit {
     /// still extends it. Blocks on the store.
     pub fn sign(&self) -> Result<Option<Signed>, AuditError> {
         let _one = self.signing.lock();
-        let size = self.trail.audit_size()?;
+        // The newest checkpoint first: another replica may sign a larger one meanwhile,
+        // and the log only grows, so the size read after it is at least as large.
         let latest = self.latest()?;
+        let size = self.trail.audit_size()?;
         if let Some((old, _)) = &latest
             && old.size > size
         {

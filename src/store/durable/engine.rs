@@ -7,9 +7,9 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 
 use super::committer::Op;
 use super::schema::{
-    ATTEMPTS, AUDIT_CHECKPOINTS, AUDIT_EVENTS, AUDIT_HASHES, AUDIT_RECORDS, DEAD, DEAD_BY_TIME, DEAD_QUEUE, EVENT_REFS,
-    EVENTS, MAILBOX_INDEX, META, PENDING, PRODUCERS, PRODUCERS_BY_AGE, QUEUE, QUEUE_DUE, QUEUE_STATS, RAW, RAW_BY_AGE,
-    SUBSCRIPTIONS, io,
+    ATTEMPTS, AUDIT_CHECKPOINTS, AUDIT_DELIVERIES, AUDIT_EVENTS, AUDIT_HASHES, AUDIT_RECORDS, DEAD, DEAD_BY_TIME,
+    DEAD_QUEUE, EVENT_REFS, EVENTS, MAILBOX_INDEX, META, PENDING, PRODUCERS, PRODUCERS_BY_AGE, QUEUE, QUEUE_DUE,
+    QUEUE_STATS, RAW, RAW_BY_AGE, SUBSCRIPTIONS, io,
 };
 use crate::store::StoreError;
 
@@ -577,6 +577,7 @@ fn append_audit(
     let mut hashes = txn.open_table(AUDIT_HASHES).map_err(io)?;
     let mut records = txn.open_table(AUDIT_RECORDS).map_err(io)?;
     let mut by_event = txn.open_table(AUDIT_EVENTS).map_err(io)?;
+    let mut by_acceptance = txn.open_table(AUDIT_DELIVERIES).map_err(io)?;
     let size = meta_u64(&meta, AUDIT_SIZE)?;
     let mut frontier = std::collections::HashMap::new();
     for index in crate::audit::frontier(size) {
@@ -585,16 +586,29 @@ fn append_audit(
         frontier.insert(index, hash);
     }
     let stored = crate::audit::append(size, frontier, leaves).map_err(|e| StoreError::Failed(e.to_string()))?;
-    // The new stored hashes are one run of consecutive indexes.
+    // The new stored hashes are one run of consecutive indexes, after every other run: a
+    // run beyond it means the recorded size went back (an edited store), and reading
+    // hashes would mix the two.
     if let Some((first, _)) = stored.first() {
+        if hashes.range(*first..).map_err(io)?.next().is_some() {
+            return Err(StoreError::Failed(format!(
+                "the audit log's size says {size} leaves, but it holds hashes past them: the store was edited"
+            )));
+        }
         let run: Vec<u8> = stored.iter().flat_map(|(_, h)| h.0).collect();
         hashes.insert(*first, run.as_slice()).map_err(io)?;
     }
     for (i, leaf) in leaves.iter().enumerate() {
         let n = size + i as u64;
         records.insert(n, leaf.bytes.as_slice()).map_err(io)?;
-        if let Some(id) = &leaf.event_id {
-            by_event.insert((id.as_str(), n), ()).map_err(io)?;
+        match (&leaf.event_id, leaf.accepted_at_index) {
+            (_, Some(accepted)) => {
+                by_acceptance.insert((accepted, n), ()).map_err(io)?;
+            }
+            (Some(id), None) if crate::audit::Record::is_acceptance(&leaf.bytes) => {
+                by_event.insert(id.as_str(), n).map_err(io)?;
+            }
+            _ => {}
         }
     }
     let grown = size + leaves.len() as u64;
@@ -902,25 +916,25 @@ impl Engine for Redb {
     fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
         let txn = self.db()?.begin_read().map_err(io)?;
         let table = txn.open_table(AUDIT_EVENTS).map_err(io)?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let first = table
-                .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
-                .map_err(io)?
-                .next()
-                .transpose()
-                .map_err(io)?
-                .map(|(k, _)| k.value().1);
-            out.push(first);
-        }
-        Ok(out)
+        ids.iter()
+            .map(|id| Ok(table.get(id.as_str()).map_err(io)?.map(|v| v.value())))
+            .collect()
     }
 
     fn audit_leaves_of(&self, event_id: &str) -> Result<Vec<u64>, StoreError> {
         let txn = self.db()?.begin_read().map_err(io)?;
-        let table = txn.open_table(AUDIT_EVENTS).map_err(io)?;
-        let mut out = Vec::new();
-        for row in table.range((event_id, 0u64)..=(event_id, u64::MAX)).map_err(io)? {
+        let Some(accepted) = txn
+            .open_table(AUDIT_EVENTS)
+            .map_err(io)?
+            .get(event_id)
+            .map_err(io)?
+            .map(|v| v.value())
+        else {
+            return Ok(Vec::new());
+        };
+        let mut out = vec![accepted];
+        let deliveries = txn.open_table(AUDIT_DELIVERIES).map_err(io)?;
+        for row in deliveries.range((accepted, 0u64)..=(accepted, u64::MAX)).map_err(io)? {
             out.push(row.map_err(io)?.0.value().1);
         }
         Ok(out)

@@ -52,8 +52,13 @@ pub(crate) const AUDIT_HASHES: TableDefinition<u64, &[u8]> = TableDefinition::ne
 pub(crate) const AUDIT_RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_records");
 /// Signed checkpoints of the audit log (tree size → note); the newest is the last.
 pub(crate) const AUDIT_CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
-/// The leaves about an event, its acceptance first: (event id, leaf index).
-pub(crate) const AUDIT_EVENTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_events");
+/// An event's acceptance leaf (event id → leaf index); event ids are time-ordered, so
+/// these are appended.
+pub(crate) const AUDIT_EVENTS: TableDefinition<&str, u64> = TableDefinition::new("audit_events");
+/// Delivery leaves by their event's acceptance: (acceptance index, leaf index). A retry
+/// of an old event inserts in the middle: the key is kept small (16 bytes), since each
+/// page such an insert touches is held until its commit.
+pub(crate) const AUDIT_DELIVERIES: TableDefinition<(u64, u64), ()> = TableDefinition::new("audit_deliveries");
 
 /// Creates every table that does not exist yet, so reads never meet a missing one.
 pub(crate) fn create_tables(db: &Database) -> Result<(), StoreError> {
@@ -78,6 +83,7 @@ pub(crate) fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(AUDIT_HASHES).map_err(io)?;
     txn.open_table(AUDIT_RECORDS).map_err(io)?;
     txn.open_table(AUDIT_EVENTS).map_err(io)?;
+    txn.open_table(AUDIT_DELIVERIES).map_err(io)?;
     txn.open_table(AUDIT_CHECKPOINTS).map_err(io)?;
     txn.commit().map_err(io)
 }

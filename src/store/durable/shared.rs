@@ -646,9 +646,16 @@ impl Sharing for SharedStore {
         uncached.sort_unstable();
         uncached.dedup();
         if !uncached.is_empty() {
-            let events = shared.engine.events(&uncached)?;
+            let mut events = Vec::new();
+            for (id, bytes) in shared.engine.events(&uncached)? {
+                let event: MailboxEvent = serde_json::from_slice(&bytes).map_err(io)?;
+                events.push((id, Arc::new(event)));
+            }
+            // Another replica took them in: their log indexes are in the database.
+            let read: Vec<Arc<MailboxEvent>> = events.iter().map(|(_, e)| e.clone()).collect();
+            super::schema::indexed(self.core.engine.as_ref(), &read);
             let mut state = self.core.state.lock();
-            for (id, bytes) in events {
+            for (id, event) in events {
                 if state.cache.len() >= crate::store::event_cache() {
                     break;
                 }
@@ -656,8 +663,7 @@ impl Sharing for SharedStore {
                 if !state.holds(&id) {
                     continue;
                 }
-                let event: MailboxEvent = serde_json::from_slice(&bytes).map_err(io)?;
-                state.cache.insert(id, Arc::new(event));
+                state.cache.insert(id, event);
             }
         }
         Ok(subscriptions.into_iter().collect())

@@ -765,6 +765,34 @@ async fn append_audit(
     Ok(Ok((size, xid)))
 }
 
+/// Whether the transaction that appended audit leaves from `first` committed, for a
+/// COMMIT whose answer was lost: asked on a connection of its own (it takes no store lock),
+/// once the log's head is free, i.e. once that transaction has ended either way, by
+/// reading back the leaf at `first` (the data, not the transaction id: an id can be
+/// handed out again after a failover). None when it cannot be told within ~45 s.
+fn landed(c: &Connection, first: u64, bytes: &[u8]) -> Option<bool> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        let answer = c.runtime.block_on(async {
+            let mut client = c.database.connect().await.ok()?;
+            let txn = client.transaction().await.ok()?;
+            txn.batch_execute("SET LOCAL lock_timeout = '30s'").await.ok()?;
+            txn.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+                .await
+                .ok()?;
+            let row = txn
+                .query_opt("SELECT body FROM audit_records WHERE idx = $1", &[&clamp(first)])
+                .await
+                .ok()?;
+            Some(row.is_some_and(|r| r.get::<_, Vec<u8>>(0) == bytes))
+        });
+        if answer.is_some() || std::time::Instant::now() > deadline {
+            return answer;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 /// How a commit's transaction ended.
 enum Ended {
     Done((Vec<Vec<crate::store::Appended>>, u64)),
@@ -867,13 +895,12 @@ impl Engine for Postgres {
                         done,
                     }) => {
                         c.client = None;
-                        let committed = c.parts().ok().and_then(|(runtime, client)| {
-                            runtime
-                                .block_on(client.query_one("SELECT txid_status($1)", &[&xid]))
-                                .ok()
-                                .and_then(|row| row.get::<_, Option<String>>(0))
-                        });
-                        if committed.as_deref() != Some("committed") {
+                        let first_leaf = audit.first().map(|l| l.bytes.as_slice()).unwrap_or_default();
+                        if landed(c, first, first_leaf) != Some(true) {
+                            tracing::warn!(
+                                xid,
+                                "a COMMIT's answer was lost and it did not land (or cannot be told): it is retried"
+                            );
                             return Err(error);
                         }
                         tracing::warn!("PostgreSQL's answer to a COMMIT was lost, but it committed");
@@ -1139,7 +1166,9 @@ impl Engine for Postgres {
     fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
         let found: std::collections::HashMap<String, u64> = self
             .query(
-                "SELECT event_id, min(idx) FROM audit_records WHERE event_id = ANY($1) GROUP BY event_id",
+                // An event stored before the log existed has delivery leaves only.
+                "SELECT event_id, min(idx) FROM audit_records WHERE event_id = ANY($1) \
+                 AND substring(body from 1 for 15) = convert_to('{\"kind\":\"event\"', 'UTF8') GROUP BY event_id",
                 vec![Box::new(ids.to_vec())],
             )?
             .into_iter()
