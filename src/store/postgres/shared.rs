@@ -912,7 +912,7 @@ async fn mode_holders(client: &tokio_postgres::Client) -> String {
             .map(|r| {
                 format!(
                     "pid {} ({}, {} from {}, {}, connected {} s)",
-                    r.get::<_, i32>(0),
+                    r.try_get::<_, i32>(0).unwrap_or(0),
                     r.get::<_, String>(1),
                     r.get::<_, String>(2),
                     r.get::<_, String>(3),
