@@ -176,6 +176,35 @@ pub fn frontier(size: u64) -> Vec<u64> {
     out
 }
 
+/// The frontier of a tree of `size` leaves packed as its hashes in [`frontier`] order, 32
+/// bytes each: what an engine keeps beside the size so that an append reads one row.
+pub fn pack_frontier(size: u64, known: &HashMap<u64, Hash>) -> Result<Vec<u8>, TreeError> {
+    let mut out = Vec::new();
+    for index in frontier(size) {
+        let hash = known.get(&index).ok_or(TreeError::Missing(index))?;
+        out.extend_from_slice(&hash.0);
+    }
+    Ok(out)
+}
+
+/// [`pack_frontier`]'s bytes back as hashes by stored index; bytes of the wrong length (an
+/// edited head) are refused.
+pub fn unpack_frontier(size: u64, packed: &[u8]) -> Result<HashMap<u64, Hash>, TreeError> {
+    let indexes = frontier(size);
+    if packed.len() != indexes.len() * 32 {
+        return Err(TreeError::Tlog(format!(
+            "the log's head holds {} bytes of frontier for {size} leaves, not {}",
+            packed.len(),
+            indexes.len() * 32
+        )));
+    }
+    Ok(indexes
+        .into_iter()
+        .zip(packed.chunks_exact(32))
+        .filter_map(|(i, c)| <[u8; 32]>::try_from(c).ok().map(|h| (i, Hash(h))))
+        .collect())
+}
+
 /// Hashes by stored index, as a `tlog` reader.
 struct Known<'a>(&'a HashMap<u64, Hash>);
 
@@ -190,7 +219,7 @@ impl tlog_tiles::HashReader for Known<'_> {
 
 /// Appends `leaves` to a tree of `size` leaves whose [`frontier`] hashes are `frontier`:
 /// the stored hashes to write, as (stored index, hash), in order.
-pub fn append(size: u64, frontier: HashMap<u64, Hash>, leaves: &[Leaf]) -> Result<Vec<(u64, Hash)>, TreeError> {
+pub fn append(size: u64, frontier: HashMap<u64, Hash>, leaves: &[Leaf]) -> Result<Stored, TreeError> {
     let mut known = frontier;
     let mut out = Vec::with_capacity(leaves.len() * 2);
     let mut next = tlog_tiles::stored_hash_count(size);
@@ -204,6 +233,19 @@ pub fn append(size: u64, frontier: HashMap<u64, Hash>, leaves: &[Leaf]) -> Resul
         }
     }
     Ok(out)
+}
+
+/// What an append writes: the new stored hashes as (stored index, hash), in order.
+pub type Stored = Vec<(u64, Hash)>;
+
+/// [`append`] for an engine that keeps the frontier packed ([`pack_frontier`]): the stored
+/// hashes to write and the packed frontier of the grown tree.
+pub fn append_packed(size: u64, packed: &[u8], leaves: &[Leaf]) -> Result<(Stored, Vec<u8>), TreeError> {
+    let mut known = unpack_frontier(size, packed)?;
+    let stored = append(size, known.clone(), leaves)?;
+    known.extend(stored.iter().copied());
+    let grown = pack_frontier(size + leaves.len() as u64, &known)?;
+    Ok((stored, grown))
 }
 
 /// Where stored hashes are read from (a store, a bundle).
@@ -293,6 +335,25 @@ mod tests {
             }
             self.1 += leaves.len() as u64;
         }
+    }
+
+    #[test]
+    fn a_packed_frontier_grows_the_same_tree_as_stored_hashes() {
+        let mut tree = Memory::default();
+        let mut packed = Vec::new();
+        let mut n = 0;
+        for batch in [1u64, 1, 2, 3, 7, 1, 16, 33] {
+            let leaves: Vec<Leaf> = (n..n + batch).map(leaf).collect();
+            let (stored, grown) = append_packed(n, &packed, &leaves).expect("append");
+            let before: HashMap<u64, Hash> = frontier(n).into_iter().map(|i| (i, tree.0[&i])).collect();
+            assert_eq!(stored, append(n, before, &leaves).expect("append"), "size {n}");
+            tree.add(&leaves);
+            n += batch;
+            assert_eq!(grown, pack_frontier(n, &tree.0).expect("pack"), "size {n}");
+            packed = grown;
+        }
+        // A head whose frontier was cut is refused, not read short.
+        assert!(append_packed(n, &packed[..packed.len() - 1], &[leaf(n)]).is_err());
     }
 
     fn leaf(n: u64) -> Leaf {

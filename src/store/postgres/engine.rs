@@ -708,58 +708,48 @@ impl PagedWrites {
     }
 }
 
-/// Appends leaves to the audit log inside `txn`, last in it: the head row's lock is held
-/// only until the commit, and orders the appends of every replica. Returns the first
-/// leaf's index and the transaction's id (to ask whether a COMMIT whose answer was lost
-/// went through).
+/// Appends leaves to the audit log inside `txn`, last in it: the head row's lock orders the
+/// appends of every replica and is held until the commit, so it is held across two
+/// statements only (lock and read the head with its frontier; write hashes, records and
+/// the new head in one). Returns the first leaf's index and the transaction's id.
 async fn append_audit(
     txn: &tokio_postgres::Transaction<'_>,
     leaves: &[crate::audit::Leaf],
 ) -> Result<Result<(u64, i64), crate::audit::TreeError>, tokio_postgres::Error> {
     // A commit that cannot have the head within 10 s fails (and is retried) rather than
-    // wait on a stuck transaction.
-    txn.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
-    let head = txn
-        .query_one(
-            "SELECT size, txid_current() FROM audit_head WHERE id = 1 FOR UPDATE",
+    // wait on a stuck transaction. Sent with the lock's statement, in one round trip.
+    let (_, head) = tokio::try_join!(
+        txn.batch_execute("SET LOCAL lock_timeout = '10s'"),
+        txn.query_one(
+            "SELECT size, frontier, txid_current() FROM audit_head WHERE id = 1 FOR UPDATE",
             &[],
         )
-        .await?;
-    let (size, xid): (u64, i64) = (u64_of(head.get(0)), head.get(1));
-    let wanted: Vec<i64> = crate::audit::frontier(size).into_iter().map(clamp).collect();
-    let mut frontier = std::collections::HashMap::new();
-    for row in txn
-        .query("SELECT idx, hash FROM audit_hashes WHERE idx = ANY($1)", &[&wanted])
-        .await?
-    {
-        let hash: Vec<u8> = row.get(1);
-        if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-            frontier.insert(u64_of(row.get(0)), crate::audit::Hash(hash));
-        }
-    }
-    // A frontier hash missing (an edited store) fails the append, and with it the commit:
-    // the log does not grow on a history it cannot vouch for.
-    let stored = match crate::audit::append(size, frontier, leaves) {
-        Ok(stored) => stored,
+    )?;
+    let (size, packed, xid): (u64, Vec<u8>, i64) = (u64_of(head.get(0)), head.get(1), head.get(2));
+    // A head that does not hold the tree's frontier (an edited store) fails the append, and
+    // with it the commit: the log does not grow on a history it cannot vouch for.
+    let (stored, grown) = match crate::audit::append_packed(size, &packed, leaves) {
+        Ok(appended) => appended,
         Err(e) => return Ok(Err(e)),
     };
     let (idx, hashes): (Vec<i64>, Vec<Vec<u8>>) = stored.into_iter().map(|(i, h)| (clamp(i), h.0.to_vec())).unzip();
-    txn.execute(
-        "INSERT INTO audit_hashes (idx, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-        &[&idx, &hashes],
-    )
-    .await?;
     let n: Vec<i64> = (0..leaves.len() as u64).map(|i| clamp(size + i)).collect();
     let bodies: Vec<&[u8]> = leaves.iter().map(|l| l.bytes.as_slice()).collect();
     let events: Vec<Option<&str>> = leaves.iter().map(|l| l.event_id.as_deref()).collect();
     txn.execute(
-        "INSERT INTO audit_records (idx, body, event_id) SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[])",
-        &[&n, &bodies, &events],
-    )
-    .await?;
-    txn.execute(
-        "UPDATE audit_head SET size = $1 WHERE id = 1",
-        &[&clamp(size + leaves.len() as u64)],
+        "WITH h AS (INSERT INTO audit_hashes (idx, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])), \
+              r AS (INSERT INTO audit_records (idx, body, event_id) \
+                    SELECT * FROM unnest($3::bigint[], $4::bytea[], $5::text[])) \
+         UPDATE audit_head SET size = $6, frontier = $7 WHERE id = 1",
+        &[
+            &idx,
+            &hashes,
+            &n,
+            &bodies,
+            &events,
+            &clamp(size + leaves.len() as u64),
+            &grown,
+        ],
     )
     .await?;
     Ok(Ok((size, xid)))

@@ -717,17 +717,12 @@ pub struct ShardOwner {
 }
 
 impl Session {
-    /// Connects, tunes the server's keepalives for this session (a replica that vanished
-    /// without closing its connection loses its locks within seconds, not hours) and
-    /// joins as a member.
+    /// Connects (with the server-side keepalives every store connection sets, so a
+    /// replica that vanished without closing its connection loses its locks within
+    /// seconds, not hours) and joins as a member.
     pub async fn open(database: &super::Database, patience: Duration) -> Result<Session, SharedError> {
         let client = database.connect().await?;
-        client
-            .batch_execute(
-                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3; \
-                 SET application_name = 'mailhook-shards'",
-            )
-            .await?;
+        client.batch_execute("SET application_name = 'mailhook-shards'").await?;
         let shared = patiently(&client, patience, "SELECT pg_try_advisory_lock_shared($1, $2)").await?;
         if !shared {
             return Err(SharedError::ExclusiveElsewhere);
@@ -860,11 +855,9 @@ impl Session {
 
 /// Single-owner mode on PostgreSQL: held exclusively for as long as `client` lives.
 pub async fn hold_exclusive(client: &tokio_postgres::Client, patience: Duration) -> Result<(), SharedError> {
-    // The server notices a vanished owner within seconds, so that its successor (a pod
-    // rescheduled from a lost node) is not refused for the kernel's default two hours.
-    client
-        .batch_execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3")
-        .await?;
+    // The connection's server-side keepalives (set for every store connection) end a
+    // vanished owner's session within seconds, so that its successor (a pod rescheduled
+    // from a lost node) is not refused for the kernel's default two hours.
     let got = patiently(client, patience, "SELECT pg_try_advisory_lock($1, $2)").await?;
     if got { Ok(()) } else { Err(SharedError::InUse) }
 }

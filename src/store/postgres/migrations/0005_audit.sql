@@ -3,10 +3,13 @@
 -- row's lock, so replicas sharing the database grow one tree.
 
 CREATE TABLE audit_head (
-    id   smallint PRIMARY KEY CHECK (id = 1),
-    size bigint   NOT NULL -- leaves appended
+    id       smallint PRIMARY KEY CHECK (id = 1),
+    size     bigint   NOT NULL, -- leaves appended
+    -- The hashes of the complete subtrees making up the tree, 32 bytes each, largest
+    -- first: all an append reads, in the row it locks, so the lock is held briefly.
+    frontier bytea    NOT NULL
 );
-INSERT INTO audit_head (id, size) VALUES (1, 0);
+INSERT INTO audit_head (id, size, frontier) VALUES (1, 0, ''::bytea);
 
 -- The tree's stored hashes (tlog's layout: a leaf's hash and the subtrees it completes).
 CREATE TABLE audit_hashes (
