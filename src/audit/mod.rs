@@ -31,8 +31,10 @@ pub enum Record {
         #[serde(rename = "type")]
         event_type: String,
         source: String,
+        /// The SHA-256 of the producer id (which can hold a mailbox address and a
+        /// Message-ID): a log that is never rewritten keeps no personal data in clear.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        producer_id: Option<String>,
+        producer_id_sha256: Option<String>,
         accepted_at: jiff::Timestamp,
     },
     /// A delivery attempt and its outcome: the SHA-256 of the exact bytes sent, and the
@@ -73,7 +75,7 @@ impl Record {
             sha256: sha256_hex(stored),
             event_type: event.event_type.as_str().to_string(),
             source: event.source.as_str().to_string(),
-            producer_id: event.dedup_key(),
+            producer_id_sha256: event.dedup_key().map(|k| sha256_hex(k.as_bytes())),
             accepted_at,
         }
     }

@@ -70,6 +70,10 @@ pub enum VerifyError {
     },
     #[error("{0} is not base64")]
     Encoding(&'static str),
+    #[error(
+        "a consistency proof carries no older checkpoint (the log kept none of that size): give the witness's with --witness"
+    )]
+    NoOldCheckpoint,
 }
 
 /// What a verification established.
@@ -95,6 +99,9 @@ pub fn verify(evidence: &Evidence, vkey: &str) -> Result<Verified, VerifyError> 
     }
     let mut extends = Vec::new();
     for item in &evidence.consistency {
+        if item.old.trim().is_empty() {
+            return Err(VerifyError::NoOldCheckpoint);
+        }
         let size = item.old.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0);
         let old = key::open(&item.old, vkey).map_err(|source| VerifyError::OldCheckpoint { old: size, source })?;
         let proof = decode(&item.proof).ok_or(VerifyError::Encoding("a proof hash"))?;

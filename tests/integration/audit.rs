@@ -422,9 +422,56 @@ async fn a_record_edited_in_the_embedded_store_fails_verification_naming_it() {
     let _ = std::fs::remove_dir_all(&store);
     let receiver = Receiver::start(SIEM_SECRET);
     let mut audited = Audited::start(&ns, &["--store-dir", &store.display().to_string()]).await;
-    let ids = deliver_some(&audited, &receiver, &ns, &["edit-1"]).await;
+    let ids = deliver_some(&audited, &receiver, &ns, &["edit-1", "edit-2"]).await;
     let evidence = audited.event_evidence(&ids[0]).await;
+    audited.event_evidence(&ids[1]).await;
     let leaf = delivery_leaf(&evidence);
+    // An investigation bundle of both events verifies offline, and its export is logged.
+    let before = audited.dir.join("bundle-before");
+    let (ok, out, err) = audited.cli(&[
+        "export",
+        "--event",
+        &ids[0],
+        "--event",
+        &ids[1],
+        "--output",
+        &before.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("records at checkpoint size"), "{out}");
+    let exported = out;
+    let records = std::fs::read_dir(before.join("records")).expect("records").count();
+    assert!(records >= 4, "two acceptances and two deliveries: {records}");
+    let (ours, out, err) = mailhook(&["audit", "verify", "--key", &audited.vkey, &before.display().to_string()]);
+    assert!(ours, "{out}{err}");
+    assert!(out.contains(&format!("inclusion ok: index={leaf}")), "{out}");
+    let custody: u64 = exported
+        .split("the log's record ")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the export names its record");
+    let (ok, proof, err) = audited.cli(&["prove", "--index", &custody.to_string()]);
+    assert!(ok, "{err}");
+    let record = {
+        use base64::Engine as _;
+        let parsed: Value = serde_json::from_str(&proof).expect("evidence");
+        base64::engine::general_purpose::STANDARD
+            .decode(parsed["inclusion"][0]["record"].as_str().expect("record"))
+            .expect("base64")
+    };
+    let record = String::from_utf8_lossy(&record);
+    assert!(
+        record.contains("\"action\":\"export\"") && record.contains("admin-token:"),
+        "{record}"
+    );
+    // A record's copy edited in the bundle is named.
+    let copy = before.join("records").join(format!("{leaf}.json"));
+    let text = std::fs::read_to_string(&copy).expect("copy");
+    std::fs::write(&copy, text.replace("\"httpStatus\":200", "\"httpStatus\":503")).expect("edit the copy");
+    let (ours, out, err) = mailhook(&["audit", "verify", "--key", &audited.vkey, &before.display().to_string()]);
+    assert!(!ours, "an edited copy passed: {out}");
+    assert!(err.contains(&format!("records/{leaf}.json differs")), "{err}");
     // The operator holds the store's lock: stopped, edited, started again.
     audited.operator.kill();
     {
@@ -457,6 +504,25 @@ async fn a_record_edited_in_the_embedded_store_fails_verification_naming_it() {
     let (go, ours, said) = both(&audited.vkey, &file);
     assert!(!go && !ours, "{said}");
     assert!(said.contains(&format!("index {leaf}")), "the record is named: {said}");
+    // A bundle exported after the edit fails too, naming the record.
+    let after_dir = audited.dir.join("bundle-after");
+    let (ok, _, err) = audited.cli(&[
+        "export",
+        "--event",
+        &ids[0],
+        "--output",
+        &after_dir.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let (ours, out, err) = mailhook(&[
+        "audit",
+        "verify",
+        "--key",
+        &audited.vkey,
+        &after_dir.display().to_string(),
+    ]);
+    assert!(!ours, "the edited store's bundle passed: {out}");
+    assert!(err.contains(&format!("index {leaf}")), "the record is named: {err}");
     drop(audited);
     let _ = std::fs::remove_dir_all(&store);
 }

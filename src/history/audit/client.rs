@@ -1,7 +1,7 @@
-//! `mailhook audit`: the audit API's client (`key`, `checkpoint`, `prove`, asking a
-//! running operator's admin port like `mailhook attempts` does), and what needs no
-//! operator: `keygen`, and `verify`, which checks evidence offline with only the
-//! verifier key.
+//! `mailhook audit`: the audit API's client (`key`, `checkpoint`, `prove`, `record`,
+//! `export`, asking a running operator's admin port like `mailhook attempts` does), and
+//! what needs no operator: `keygen`, and `verify`, which checks evidence or an exported
+//! bundle offline with only the verifier key.
 
 use std::path::PathBuf;
 
@@ -72,8 +72,27 @@ pub enum Action {
         #[arg(long, default_value = "")]
         detail: String,
     },
-    /// Check evidence offline with the verifier key only: the checkpoint's signature, each
-    /// record's inclusion, each older checkpoint's consistency. Exits non-zero on the
+    /// Write an investigation bundle to a new directory: every record about the events,
+    /// with their inclusion proofs against one signed checkpoint (and its consistency with
+    /// an older one, given --from), for `verify` to check offline. The export is itself
+    /// recorded in the log, by the admin token's name.
+    Export {
+        #[command(flatten)]
+        operator: Operator,
+        /// An event id (repeat it for more): its acceptance and every delivery attempt.
+        #[arg(long = "event", required = true)]
+        events: Vec<String>,
+        /// The size of an older checkpoint (a witness's, the last bundle's) to prove the
+        /// bundle's checkpoint extends.
+        #[arg(long)]
+        from: Option<u64>,
+        /// The directory to create (it must not exist, or be empty).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Check evidence or an exported bundle offline with the verifier key only: the
+    /// checkpoint's signature, each record's inclusion, each older checkpoint's
+    /// consistency, and that a bundle's files are the records proven. Exits non-zero on the
     /// first failure, naming it.
     Verify {
         /// The verifier key (`mailhook audit key`), or a file holding it.
@@ -83,7 +102,7 @@ pub enum Action {
         /// from it, whatever older checkpoint the evidence carries.
         #[arg(long)]
         witness: Option<PathBuf>,
-        /// The evidence file (`-` for stdin).
+        /// The evidence file (`-` for stdin), or a bundle's directory.
         file: PathBuf,
     },
 }
@@ -191,18 +210,30 @@ pub async fn run(action: Action) -> anyhow::Result<String> {
             let evidence: Evidence = serde_json::from_str(&body).context("the operator's evidence does not parse")?;
             Ok(format!("{}\n", serde_json::to_string_pretty(&evidence)?))
         }
+        Action::Export {
+            operator,
+            events,
+            from,
+            output,
+        } => export(&operator, &events, from, &output).await,
         Action::Verify { key, witness, file } => {
             let vkey = match std::fs::read_to_string(&key) {
                 Ok(text) => text.trim().to_string(),
                 Err(_) => key.trim().to_string(),
             };
+            let bundle = file.is_dir();
+            let evidence_file = if bundle { file.join(EVIDENCE) } else { file.clone() };
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading stdin")?
             } else {
-                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+                std::fs::read_to_string(&evidence_file)
+                    .with_context(|| format!("cannot read {}", evidence_file.display()))?
             };
-            let mut evidence: Evidence =
-                serde_json::from_str(&text).with_context(|| format!("{} is not audit evidence", file.display()))?;
+            let mut evidence: Evidence = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not audit evidence", evidence_file.display()))?;
+            if bundle {
+                check_bundle(&file, &evidence).map_err(|e| anyhow::anyhow!("FAILED: {e}"))?;
+            }
             if let Some(path) = &witness {
                 // The witness's own copy of the older checkpoint is what the proof must
                 // reach: the log's copy could have been rewritten with it.
@@ -227,5 +258,229 @@ pub async fn run(action: Action) -> anyhow::Result<String> {
             }
             Ok(out)
         }
+    }
+}
+
+/// A bundle's files: the evidence, its checkpoint as a note of its own, and each record.
+const EVIDENCE: &str = "evidence.json";
+const CHECKPOINT: &str = "checkpoint";
+const RECORDS: &str = "records";
+
+/// Most characters of a custody record's detail (the API's limit).
+const MAX_DETAIL: usize = 4096;
+
+/// Most events in one bundle (the API's limit).
+const MAX_BUNDLE_EVENTS: usize = 1000;
+
+async fn export(
+    operator: &Operator,
+    events: &[String],
+    from: Option<u64>,
+    output: &std::path::Path,
+) -> anyhow::Result<String> {
+    if events.iter().any(|e| e.is_empty() || e.contains(',')) {
+        bail!("--event takes one event id, without commas");
+    }
+    if events.len() > MAX_BUNDLE_EVENTS {
+        bail!("one bundle holds at most {MAX_BUNDLE_EVENTS} events: export them in several");
+    }
+    let created = !output.exists();
+    if !created
+        && std::fs::read_dir(output)
+            .with_context(|| format!("--output {} is not a directory", output.display()))?
+            .next()
+            .is_some()
+    {
+        bail!("--output {} is not empty: name a new directory", output.display());
+    }
+    let mut query = vec![("events", events.join(","))];
+    if let Some(from) = from {
+        query.push(("from", from.to_string()));
+    }
+    let body = get(operator, "prove", &query, true).await?;
+    let evidence: Evidence = serde_json::from_str(&body).context("the operator's evidence does not parse")?;
+    let records =
+        std::fs::create_dir_all(output.join(RECORDS)).with_context(|| format!("cannot create {}", output.display()));
+    records?;
+    let write = |name: &std::path::Path, bytes: &[u8]| -> anyhow::Result<()> {
+        std::fs::write(output.join(name), bytes)
+            .with_context(|| format!("cannot write {}", output.join(name).display()))
+    };
+    write(
+        EVIDENCE.as_ref(),
+        format!("{}\n", serde_json::to_string_pretty(&evidence)?).as_bytes(),
+    )?;
+    write(CHECKPOINT.as_ref(), evidence.checkpoint.as_bytes())?;
+    for inclusion in &evidence.inclusion {
+        use base64::Engine as _;
+        let record = base64::engine::general_purpose::STANDARD
+            .decode(&inclusion.record)
+            .context("the operator's evidence holds a record that is not base64")?;
+        write(
+            &std::path::Path::new(RECORDS).join(format!("{}.json", inclusion.index)),
+            &record,
+        )?;
+    }
+    let size = evidence
+        .checkpoint
+        .lines()
+        .nth(1)
+        .and_then(|l| l.parse::<u64>().ok())
+        .unwrap_or(0);
+    // The export is an act of custody: recorded, or the bundle is not handed out.
+    let mut detail = String::new();
+    for (n, id) in events.iter().enumerate() {
+        let more = format!(" …and {} more", events.len() - n);
+        if detail.chars().count() + id.chars().count() + 1 + more.chars().count() > MAX_DETAIL {
+            detail.push_str(&more);
+            break;
+        }
+        if !detail.is_empty() {
+            detail.push(' ');
+        }
+        detail.push_str(id);
+    }
+    let url = url(operator, "custody")?;
+    let request = reqwest::Client::new()
+        .post(url.clone())
+        .bearer_auth(token(operator)?)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&serde_json::json!({
+            "action": "export",
+            "subject": format!("a bundle of {} events ({} records) at checkpoint size {size}", events.len(), evidence.inclusion.len()),
+            "detail": detail,
+        }))?);
+    let recorded = match send(request, &url).await {
+        Ok(body) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["index"].as_u64()),
+        Err(e) => {
+            // What this export wrote goes; a directory the user made stays.
+            if created {
+                let _ = std::fs::remove_dir_all(output);
+            } else {
+                let _ = std::fs::remove_dir_all(output.join(RECORDS));
+                let _ = std::fs::remove_file(output.join(EVIDENCE));
+                let _ = std::fs::remove_file(output.join(CHECKPOINT));
+            }
+            return Err(e.context("the export could not be recorded in the audit log, so no bundle was written"));
+        }
+    };
+    let recorded = recorded.map_or_else(String::new, |i| format!(" (the export is the log's record {i})"));
+    Ok(format!(
+        "wrote {}: {} records at checkpoint size {size}{recorded}; check it with `mailhook audit verify --key <verifier key> {}`\n",
+        output.display(),
+        evidence.inclusion.len(),
+        output.display()
+    ))
+}
+
+/// That a bundle's files are what its evidence proves: its checkpoint file is the
+/// evidence's, and its records directory holds exactly the records proven, byte for byte
+/// (the evidence is checked by `verify`; these are the copies a reader opens).
+fn check_bundle(dir: &std::path::Path, evidence: &Evidence) -> Result<(), String> {
+    let checkpoint = std::fs::read_to_string(dir.join(CHECKPOINT))
+        .map_err(|e| format!("the bundle's {CHECKPOINT} file cannot be read: {e}"))?;
+    if checkpoint != evidence.checkpoint {
+        return Err(format!(
+            "the bundle's {CHECKPOINT} file is not the checkpoint its evidence is proven against"
+        ));
+    }
+    let mut proven = std::collections::BTreeMap::new();
+    for inclusion in &evidence.inclusion {
+        use base64::Engine as _;
+        let record = base64::engine::general_purpose::STANDARD
+            .decode(&inclusion.record)
+            .map_err(|_| format!("the record of index {} is not base64", inclusion.index))?;
+        proven.insert(format!("{}.json", inclusion.index), (inclusion.index, record));
+    }
+    let listing = std::fs::read_dir(dir.join(RECORDS))
+        .map_err(|e| format!("the bundle's {RECORDS} directory cannot be read: {e}"))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| format!("the bundle's {RECORDS} directory cannot be read: {e}"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((index, record)) = proven.get(&name) else {
+            return Err(format!("{RECORDS}/{name} is not a record the evidence proves"));
+        };
+        let bytes = std::fs::read(entry.path()).map_err(|e| format!("{RECORDS}/{name} cannot be read: {e}"))?;
+        if &bytes != record {
+            return Err(format!(
+                "{RECORDS}/{name} differs from the record of index {index} that the evidence proves"
+            ));
+        }
+        seen.insert(name);
+    }
+    if let Some((name, (index, _))) = proven.iter().find(|(name, _)| !seen.contains(*name)) {
+        return Err(format!("{RECORDS}/{name} (the record of index {index}) is missing"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch directory, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn bundle(records: &[(u64, &[u8])]) -> (Scratch, Evidence) {
+        use base64::Engine as _;
+        let dir = Scratch(std::env::temp_dir().join(format!("mailhook-bundle-test-{}", uuid::Uuid::now_v7().simple())));
+        std::fs::create_dir_all(dir.path().join(RECORDS)).expect("records");
+        std::fs::write(dir.path().join(CHECKPOINT), "note\n").expect("checkpoint");
+        let mut inclusion = Vec::new();
+        for (index, bytes) in records {
+            std::fs::write(dir.path().join(RECORDS).join(format!("{index}.json")), bytes).expect("record");
+            inclusion.push(crate::audit::proof::Inclusion {
+                index: *index,
+                record: base64::engine::general_purpose::STANDARD.encode(bytes),
+                proof: vec![],
+            });
+        }
+        let evidence = Evidence {
+            checkpoint: "note\n".into(),
+            inclusion,
+            consistency: vec![],
+        };
+        (dir, evidence)
+    }
+
+    #[test]
+    fn a_bundle_whose_files_are_its_records_passes_and_any_change_is_named() {
+        let (dir, evidence) = bundle(&[(3, b"{\"a\":1}"), (7, b"{\"b\":2}")]);
+        assert_eq!(check_bundle(dir.path(), &evidence), Ok(()));
+
+        std::fs::write(dir.path().join(RECORDS).join("7.json"), b"{\"b\":3}").expect("edit");
+        let err = check_bundle(dir.path(), &evidence).expect_err("edited");
+        assert!(err.contains("records/7.json differs"), "{err}");
+
+        std::fs::remove_file(dir.path().join(RECORDS).join("7.json")).expect("remove");
+        let err = check_bundle(dir.path(), &evidence).expect_err("missing");
+        assert!(
+            err.contains("records/7.json (the record of index 7) is missing"),
+            "{err}"
+        );
+
+        std::fs::write(dir.path().join(RECORDS).join("9.json"), b"{}").expect("add");
+        let err = check_bundle(dir.path(), &evidence).expect_err("added");
+        assert!(err.contains("records/9.json is not a record"), "{err}");
+
+        let (dir, evidence) = bundle(&[(1, b"{}")]);
+        std::fs::write(dir.path().join(CHECKPOINT), "other\n").expect("swap");
+        let err = check_bundle(dir.path(), &evidence).expect_err("checkpoint");
+        assert!(err.contains("checkpoint file is not"), "{err}");
     }
 }

@@ -5,7 +5,9 @@
 //! - `GET /v1/audit/checkpoint[?size=N]`: the newest signed checkpoint, or the one of size N.
 //! - `GET /v1/audit/prove?event=ID | index=N | from=SIZE`: evidence (`audit::proof`)
 //!   against the newest checkpoint: the leaves about an event (its acceptance, then its
-//!   delivery attempts), one leaf, or the consistency of an older checkpoint with it.
+//!   delivery attempts), one leaf, or the consistency of an older checkpoint with it;
+//!   `events=ID,ID,…[&from=SIZE]`: the evidence of an investigation bundle, all against
+//!   one checkpoint (`mailhook audit export`).
 //! - `POST /v1/audit/custody` `{action, subject, detail}`: appends an act of custody (a
 //!   restore, say), by the admin token's name.
 //!
@@ -199,6 +201,38 @@ impl Audit {
         self.prove_leaves(&leaves)
     }
 
+    /// Evidence for an investigation bundle: the leaves of every event in `ids` against
+    /// one checkpoint, and, given `from`, that checkpoint's consistency with the older one
+    /// of `from` leaves (a witness's or the auditor's last).
+    pub fn prove_events(&self, ids: &[String], from: Option<u64>) -> Result<Evidence, AuditError> {
+        let mut leaves = Vec::new();
+        for id in ids {
+            let of = self.trail.audit_leaves_of(id)?;
+            if of.is_empty() {
+                return Err(AuditError::NoEvent(id.clone()));
+            }
+            leaves.extend(of);
+        }
+        leaves.sort_unstable();
+        leaves.dedup();
+        let mut evidence = self.prove_leaves(&leaves)?;
+        if let Some(old) = from {
+            let head = self.open(&evidence.checkpoint)?;
+            if old > head.size {
+                return Err(AuditError::NoLeaf {
+                    index: old.saturating_sub(1),
+                    size: head.size,
+                });
+            }
+            let proof = prove_consistency(head.size, old, &Hashes(self.trail.as_ref()))?;
+            evidence.consistency.push(Consistency {
+                old: self.checkpoint(old)?.unwrap_or_default(),
+                proof: encode(&proof),
+            });
+        }
+        Ok(evidence)
+    }
+
     /// Evidence that the newest checkpoint extends the tree of `old` leaves: with the
     /// checkpoint this log signed at that size, when it has one (a witness checks against
     /// its own copy instead: `mailhook audit verify --witness`).
@@ -254,8 +288,12 @@ pub async fn keep_signing(
                 m.audit_log_size.set(i64::try_from(size).unwrap_or(i64::MAX));
             }
             signed
-        })
-        .await;
+        });
+        // A store that hangs must not hold the shutdown up: the pass is left to end alone.
+        let pass = tokio::select! {
+            _ = stop.cancelled() => return,
+            pass = pass => pass,
+        };
         match pass {
             Ok(Ok(Some(signed))) => {
                 metrics
@@ -310,9 +348,14 @@ struct CheckpointParams {
 #[serde(deny_unknown_fields)]
 struct ProveParams {
     event: Option<String>,
+    /// Event ids, comma-separated: an investigation bundle's evidence (with `from`, if given).
+    events: Option<String>,
     index: Option<u64>,
     from: Option<u64>,
 }
+
+/// Most events one bundle's evidence is asked for.
+const MAX_BUNDLE_EVENTS: usize = 1000;
 
 fn answer(err: AuditError) -> Response {
     let status = match &err {
@@ -379,22 +422,39 @@ async fn prove(
     if let Err(refused) = super::admin_only(&api.history, &headers, peer.ip(), "the audit API") {
         return refused.into_response();
     }
-    let usage = "ask for one of event=<event id>, index=<leaf index>, from=<size of an older checkpoint>";
+    let usage = "ask for one of event=<event id>, index=<leaf index>, from=<size of an older checkpoint>, \
+                 or events=<id>,<id>,… (with from= if wanted)";
     let Ok(Query(params)) = params else {
         return (StatusCode::BAD_REQUEST, usage).into_response();
     };
+    if params.from == Some(0) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "from=0: an empty tree needs no proof; give the size of an older checkpoint",
+        )
+            .into_response();
+    }
     let audit = api.audit.clone();
-    let evidence = match (params.event, params.index, params.from) {
-        (Some(event), None, None) => blocking(move || audit.prove_event(&event)).await,
-        (None, Some(index), None) => blocking(move || audit.prove_leaves(&[index])).await,
-        (None, None, Some(0)) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "from=0: an empty tree needs no proof; give the size of an older checkpoint",
-            )
-                .into_response();
+    let evidence = match (params.event, params.events, params.index, params.from) {
+        (Some(event), None, None, None) => blocking(move || audit.prove_event(&event)).await,
+        (None, Some(events), None, from) => {
+            let ids: Vec<String> = events
+                .split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(String::from)
+                .collect();
+            if ids.is_empty() || ids.len() > MAX_BUNDLE_EVENTS {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("events=: 1 to {MAX_BUNDLE_EVENTS} event ids, comma-separated"),
+                )
+                    .into_response();
+            }
+            blocking(move || audit.prove_events(&ids, from)).await
         }
-        (None, None, Some(from)) => blocking(move || audit.prove_from(from)).await,
+        (None, None, Some(index), None) => blocking(move || audit.prove_leaves(&[index])).await,
+        (None, None, None, Some(from)) => blocking(move || audit.prove_from(from)).await,
         _ => return (StatusCode::BAD_REQUEST, usage).into_response(),
     };
     match evidence {

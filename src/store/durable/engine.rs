@@ -608,6 +608,14 @@ fn append_audit(
             (Some(id), None) if crate::audit::Record::is_acceptance(&leaf.bytes) => {
                 by_event.insert(id.as_str(), n).map_err(io)?;
             }
+            // A delivery whose event did not know its acceptance's index (read back before
+            // it was told): found by its id here, so that the event's evidence lists it.
+            (Some(id), None) => {
+                let accepted = by_event.get(id.as_str()).map_err(io)?.map(|v| v.value());
+                if let Some(accepted) = accepted {
+                    by_acceptance.insert((accepted, n), ()).map_err(io)?;
+                }
+            }
             _ => {}
         }
     }

@@ -30,6 +30,8 @@ pub struct Connection {
     exclusive: bool,
     /// How long the next connection waits for the lock (see `PREDECESSOR_GRACE`).
     patience: std::time::Duration,
+    /// A commit whose outcome is not known yet (see `settle`).
+    unsure: Option<Unsure>,
 }
 
 impl Connection {
@@ -113,6 +115,7 @@ impl Postgres {
                     client: None,
                     exclusive,
                     patience: super::shared::PREDECESSOR_GRACE,
+                    unsure: None,
                 };
                 let first = connection.client().map(|_| ());
                 let ok = first.is_ok();
@@ -761,12 +764,14 @@ async fn append_audit(
 /// reading back the leaf at `first` (the data, not the transaction id: an id can be
 /// handed out again after a failover). None when it cannot be told within ~45 s.
 fn landed(c: &Connection, first: u64, bytes: &[u8]) -> Option<bool> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(45);
     loop {
-        let answer = c.runtime.block_on(async {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ask = async {
             let mut client = c.database.connect().await.ok()?;
             let txn = client.transaction().await.ok()?;
-            txn.batch_execute("SET LOCAL lock_timeout = '30s'").await.ok()?;
+            let wait = format!("SET LOCAL lock_timeout = '{}ms'", left.as_millis().max(1));
+            txn.batch_execute(&wait).await.ok()?;
             txn.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
                 .await
                 .ok()?;
@@ -774,12 +779,36 @@ fn landed(c: &Connection, first: u64, bytes: &[u8]) -> Option<bool> {
                 .query_opt("SELECT body FROM audit_records WHERE idx = $1", &[&clamp(first)])
                 .await
                 .ok()?;
+            // Ended now, not whenever this runtime next runs: every replica's commits wait
+            // for the head.
+            let _ = txn.rollback().await;
             Some(row.is_some_and(|r| r.get::<_, Vec<u8>>(0) == bytes))
-        });
-        if answer.is_some() || std::time::Instant::now() > deadline {
+        };
+        let answer = c
+            .runtime
+            .block_on(async { tokio::time::timeout(left, ask).await.ok().flatten() });
+        if answer.is_some() || tokio::time::Instant::now() >= deadline {
             return answer;
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// Audit leaves a commit appended whose COMMIT's answer was lost, when it could not be told
+/// whether it landed: asked again before the next commit, whose retried leaves are not
+/// appended twice if it did.
+pub(super) struct Unsure {
+    first: u64,
+    leaves: Vec<Vec<u8>>,
+}
+
+/// Settles an earlier commit whose outcome was unknown: None while it still cannot be
+/// told; otherwise the leaves it appended (bytes → index), empty when it did not land.
+fn settle(c: &Connection, unsure: &Unsure) -> Option<std::collections::HashMap<Vec<u8>, u64>> {
+    let first_leaf = unsure.leaves.first()?;
+    match landed(c, unsure.first, first_leaf)? {
+        true => Some(unsure.leaves.iter().cloned().zip(unsure.first..).collect()),
+        false => Some(std::collections::HashMap::new()),
     }
 }
 
@@ -796,6 +825,15 @@ enum Ended {
         audit: Vec<crate::audit::Leaf>,
         done: (Vec<Vec<crate::store::Appended>>, u64),
     },
+}
+
+/// Rolls `txn` back within 5 s; false when the server did not answer (the caller drops the
+/// connection, which ends the transaction on the server).
+async fn rolled_back(txn: tokio_postgres::Transaction<'_>) -> bool {
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), txn.rollback()).await,
+        Ok(Ok(()))
+    )
 }
 
 pub(super) fn u64_of(n: i64) -> u64 {
@@ -815,44 +853,75 @@ impl Engine for Postgres {
         let ingests = super::shared::ingests(ops);
         let answered = ingests.iter().map(|b| b.outcome.clone()).collect::<Vec<_>>();
         let (outcomes, matched) = self.call(move |c| {
+            // Leaves of an earlier commit whose outcome was unknown are not appended again
+            // when it landed (the committer retries what it keeps, leaves and all).
+            let mut leaves = leaves;
+            if let Some(unsure) = c.unsure.take() {
+                let Some(landed) = settle(c, &unsure) else {
+                    c.unsure = Some(unsure);
+                    return Err(StoreError::Unavailable(
+                        "PostgreSQL: cannot yet tell whether an earlier commit landed".into(),
+                    ));
+                };
+                leaves.retain(|leaf| match landed.get(&leaf.bytes) {
+                    Some(index) => {
+                        leaf.committed_at(*index);
+                        false
+                    }
+                    None => true,
+                });
+            }
             // A connection that died while idle fails at BEGIN: nothing was applied, so
             // connect again and try once more. A failure later rolls back and is reported.
             for attempt in 0..2 {
                 let (runtime, client) = c.parts()?;
+                let mut unheard = false;
                 let result = runtime.block_on(async {
                     let txn = match client.transaction().await {
                         Ok(txn) => txn,
                         Err(e) => return Err((true, e)),
                     };
                     let mut audit = Vec::new();
-                    let outcomes = super::shared::ingest(&txn, &ingests, &mut audit)
-                        .await
-                        .map_err(|e| (false, e))?;
-                    let mut matched = 0;
-                    // One after the other: a handful of statements per commit, in order.
-                    for (sql, params) in &statements {
-                        let refs: Vec<&(dyn ToSql + Sync)> =
-                            params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-                        if *sql == super::shared::FENCED_COMPLETE {
-                            // Counts what it deleted in its one row.
-                            let row = txn.query_one(*sql, &refs).await.map_err(|e| (false, e))?;
-                            matched += u64_of(row.get(0));
-                            continue;
+                    let staged = async {
+                        let outcomes = super::shared::ingest(&txn, &ingests, &mut audit).await?;
+                        let mut matched = 0;
+                        // One after the other: a handful of statements per commit, in order.
+                        for (sql, params) in &statements {
+                            let refs: Vec<&(dyn ToSql + Sync)> =
+                                params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+                            if *sql == super::shared::FENCED_COMPLETE {
+                                // Counts what it deleted in its one row.
+                                let row = txn.query_one(*sql, &refs).await?;
+                                matched += u64_of(row.get(0));
+                                continue;
+                            }
+                            let n = txn.execute(*sql, &refs).await?;
+                            if *sql == super::shared::FENCED_DELETE || *sql == super::shared::FENCED_UPDATE {
+                                matched += n;
+                            }
                         }
-                        let n = txn.execute(*sql, &refs).await.map_err(|e| (false, e))?;
-                        if *sql == super::shared::FENCED_DELETE || *sql == super::shared::FENCED_UPDATE {
-                            matched += n;
-                        }
+                        audit.extend(leaves.iter().cloned());
+                        let appended = if audit.is_empty() {
+                            Ok(None)
+                        } else {
+                            append_audit(&txn, &audit).await?.map(Some)
+                        };
+                        Ok::<_, tokio_postgres::Error>(appended.map(|a| (outcomes, matched, a)))
                     }
-                    audit.extend(leaves.iter().cloned());
-                    let mut appended = None;
-                    if !audit.is_empty() {
-                        match append_audit(&txn, &audit).await.map_err(|e| (false, e))? {
-                            Ok(at) => appended = Some(at),
-                            // Rolled back as the transaction drops.
-                            Err(broken) => return Ok(Ended::Failed(StoreError::Failed(broken.to_string()))),
+                    .await;
+                    let (outcomes, matched, appended) = match staged {
+                        Ok(Ok(staged)) => staged,
+                        // Rolled back now, not when this runtime next runs: the head's lock
+                        // may be held, and every replica's commits wait for it.
+                        Ok(Err(broken)) => {
+                            unheard = !rolled_back(txn).await;
+                            return Ok(Ended::Failed(StoreError::Failed(broken.to_string())));
                         }
-                    }
+                        Err(e) => {
+                            unheard = !rolled_back(txn).await;
+                            return Err((false, e));
+                        }
+                    };
                     if let Err(e) = txn.commit().await {
                         return Ok(match appended {
                             // Sent, but no answer: it may have committed, and a retry of
@@ -874,6 +943,10 @@ impl Engine for Postgres {
                     }
                     Ok(Ended::Done((outcomes, matched)))
                 });
+                if unheard {
+                    // The server ends the transaction when the connection goes.
+                    c.client = None;
+                }
                 match result {
                     Ok(Ended::Done(done)) => return Ok(done),
                     Ok(Ended::Failed(error)) => return Err(error),
@@ -885,19 +958,30 @@ impl Engine for Postgres {
                         done,
                     }) => {
                         c.client = None;
-                        let first_leaf = audit.first().map(|l| l.bytes.as_slice()).unwrap_or_default();
-                        if landed(c, first, first_leaf) != Some(true) {
-                            tracing::warn!(
-                                xid,
-                                "a COMMIT's answer was lost and it did not land (or cannot be told): it is retried"
-                            );
-                            return Err(error);
+                        let unsure = Unsure {
+                            first,
+                            leaves: audit.iter().map(|l| l.bytes.clone()).collect(),
+                        };
+                        match settle(c, &unsure) {
+                            Some(landed) if !landed.is_empty() => {
+                                tracing::warn!("PostgreSQL's answer to a COMMIT was lost, but it committed");
+                                for (leaf, index) in audit.iter().zip(first..) {
+                                    leaf.committed_at(index);
+                                }
+                                return Ok(done);
+                            }
+                            Some(_) => {
+                                tracing::warn!(xid, "a COMMIT's answer was lost and it did not land: it is retried");
+                            }
+                            None => {
+                                tracing::warn!(
+                                    xid,
+                                    "a COMMIT's answer was lost and whether it landed cannot be told yet: it is asked again before the next commit, which does not log its leaves twice"
+                                );
+                                c.unsure = Some(unsure);
+                            }
                         }
-                        tracing::warn!("PostgreSQL's answer to a COMMIT was lost, but it committed");
-                        for (leaf, index) in audit.iter().zip(first..) {
-                            leaf.committed_at(index);
-                        }
-                        return Ok(done);
+                        return Err(error);
                     }
                     Err((true, _)) if attempt == 0 => {
                         c.client = None;
@@ -1156,13 +1240,17 @@ impl Engine for Postgres {
     fn audit_accepted(&self, ids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
         let found: std::collections::HashMap<String, u64> = self
             .query(
-                // An event stored before the log existed has delivery leaves only.
-                "SELECT event_id, min(idx) FROM audit_records WHERE event_id = ANY($1) \
-                 AND substring(body from 1 for 15) = convert_to('{\"kind\":\"event\"', 'UTF8') GROUP BY event_id",
+                // One index probe per id, whatever the planner's statistics say of a log
+                // that grows fast (`event_id = ANY(…)` was planned as a scan of the whole
+                // log early in a run). An event stored before the log existed has delivery
+                // leaves only.
+                "SELECT u.id, (SELECT min(r.idx) FROM audit_records r WHERE r.event_id = u.id \
+                   AND substring(r.body from 1 for 15) = convert_to('{\"kind\":\"event\"', 'UTF8')) \
+                 FROM unnest($1::text[]) AS u(id)",
                 vec![Box::new(ids.to_vec())],
             )?
             .into_iter()
-            .map(|r| (r.get(0), u64_of(r.get(1))))
+            .filter_map(|r| Some((r.get(0), u64_of(r.get::<_, Option<i64>>(1)?))))
             .collect();
         Ok(ids.iter().map(|id| found.get(id).copied()).collect())
     }
