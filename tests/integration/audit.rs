@@ -567,7 +567,8 @@ async fn on_postgresql_an_edit_is_named_and_a_rewrite_resigned_with_the_key_fail
     audited.operator.kill();
     client
         .batch_execute(
-            "DELETE FROM audit_records; DELETE FROM audit_hashes; UPDATE audit_head SET size = 0, frontier = ''; \
+            "DELETE FROM audit_records; DELETE FROM audit_hashes; DELETE FROM audit_accepted; \
+             UPDATE audit_head SET size = 0, frontier = ''; \
              DELETE FROM audit_checkpoints;",
         )
         .await

@@ -25,6 +25,13 @@ CREATE TABLE audit_records (
 );
 CREATE INDEX audit_records_by_event ON audit_records (event_id) WHERE event_id IS NOT NULL;
 
+-- Each event's acceptance leaf, looked up for every event read back for delivery: a narrow
+-- table of its own, so the lookup is one probe of a small index.
+CREATE TABLE audit_accepted (
+    event_id text   PRIMARY KEY,
+    idx      bigint NOT NULL
+);
+
 -- Signed checkpoints (C2SP signed notes), one per tree size; the newest is the largest.
 CREATE TABLE audit_checkpoints (
     size bigint PRIMARY KEY,
