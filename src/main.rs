@@ -49,11 +49,15 @@ const BLOCKING_THREADS: usize = 8;
 
 fn main() -> anyhow::Result<()> {
     with_allocator_env();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(BLOCKING_THREADS)
-        .build()?
-        .block_on(run())
+        .build()?;
+    let result = runtime.block_on(run());
+    // Every task has drained by now; a blocking store call stuck on a dead peer does not
+    // hold the exit up (dropping the runtime would wait for it without end).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 async fn run() -> anyhow::Result<()> {

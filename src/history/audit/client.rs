@@ -146,6 +146,11 @@ async fn send(request: reqwest::RequestBuilder, url: &reqwest::Url) -> anyhow::R
         .send()
         .await
         .with_context(|| format!("cannot reach the operator at {url}"))?;
+    answered(response).await
+}
+
+/// The body of a successful answer; otherwise the operator's error.
+async fn answered(response: reqwest::Response) -> anyhow::Result<String> {
     let status = response.status();
     let body = response.text().await.context("reading the answer")?;
     if !status.is_success() {
@@ -266,9 +271,6 @@ const EVIDENCE: &str = "evidence.json";
 const CHECKPOINT: &str = "checkpoint";
 const RECORDS: &str = "records";
 
-/// Most characters of a custody record's detail (the API's limit).
-const MAX_DETAIL: usize = 4096;
-
 /// Most events in one bundle (the API's limit).
 const MAX_BUNDLE_EVENTS: usize = 1000;
 
@@ -284,8 +286,7 @@ async fn export(
     if events.len() > MAX_BUNDLE_EVENTS {
         bail!("one bundle holds at most {MAX_BUNDLE_EVENTS} events: export them in several");
     }
-    let created = !output.exists();
-    if !created
+    if output.exists()
         && std::fs::read_dir(output)
             .with_context(|| format!("--output {} is not a directory", output.display()))?
             .next()
@@ -297,18 +298,59 @@ async fn export(
     if let Some(from) = from {
         query.push(("from", from.to_string()));
     }
-    let body = get(operator, "prove", &query, true).await?;
+    // The operator records the export as an act of custody before it answers.
+    let url = url(operator, "prove")?;
+    let response = reqwest::Client::new()
+        .get(url.clone())
+        .query(&query)
+        .bearer_auth(token(operator)?)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the operator at {url}"))?;
+    let recorded = response
+        .headers()
+        .get(super::CUSTODY_INDEX)
+        .and_then(|v| v.to_str().ok())
+        .map(|i| format!(" (the export is the log's record {i})"))
+        .unwrap_or_default();
+    let body = answered(response).await?;
     let evidence: Evidence = serde_json::from_str(&body).context("the operator's evidence does not parse")?;
-    let records =
-        std::fs::create_dir_all(output.join(RECORDS)).with_context(|| format!("cannot create {}", output.display()));
-    records?;
+    // Written beside the output and renamed into place whole: a bundle that is there is
+    // complete.
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    let staging = output.with_file_name(format!(".{name}.partial-{}", uuid::Uuid::now_v7().simple()));
+    let written = write_bundle(&staging, &evidence).and_then(|()| {
+        std::fs::rename(&staging, output).with_context(|| format!("cannot move the bundle to {}", output.display()))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    let size = evidence
+        .checkpoint
+        .lines()
+        .nth(1)
+        .and_then(|l| l.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(format!(
+        "wrote {}: {} records at checkpoint size {size}{recorded}; check it with `mailhook audit verify --key <verifier key> {}`\n",
+        output.display(),
+        evidence.inclusion.len(),
+        output.display()
+    ))
+}
+
+fn write_bundle(dir: &std::path::Path, evidence: &Evidence) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join(RECORDS)).with_context(|| format!("cannot create {}", dir.display()))?;
     let write = |name: &std::path::Path, bytes: &[u8]| -> anyhow::Result<()> {
-        std::fs::write(output.join(name), bytes)
-            .with_context(|| format!("cannot write {}", output.join(name).display()))
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("cannot write {}", dir.join(name).display()))
     };
     write(
         EVIDENCE.as_ref(),
-        format!("{}\n", serde_json::to_string_pretty(&evidence)?).as_bytes(),
+        format!("{}\n", serde_json::to_string_pretty(evidence)?).as_bytes(),
     )?;
     write(CHECKPOINT.as_ref(), evidence.checkpoint.as_bytes())?;
     for inclusion in &evidence.inclusion {
@@ -321,67 +363,36 @@ async fn export(
             &record,
         )?;
     }
-    let size = evidence
-        .checkpoint
-        .lines()
-        .nth(1)
-        .and_then(|l| l.parse::<u64>().ok())
-        .unwrap_or(0);
-    // The export is an act of custody: recorded, or the bundle is not handed out.
-    let mut detail = String::new();
-    for (n, id) in events.iter().enumerate() {
-        let more = format!(" …and {} more", events.len() - n);
-        if detail.chars().count() + id.chars().count() + 1 + more.chars().count() > MAX_DETAIL {
-            detail.push_str(&more);
-            break;
-        }
-        if !detail.is_empty() {
-            detail.push(' ');
-        }
-        detail.push_str(id);
-    }
-    let url = url(operator, "custody")?;
-    let request = reqwest::Client::new()
-        .post(url.clone())
-        .bearer_auth(token(operator)?)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&serde_json::json!({
-            "action": "export",
-            "subject": format!("a bundle of {} events ({} records) at checkpoint size {size}", events.len(), evidence.inclusion.len()),
-            "detail": detail,
-        }))?);
-    let recorded = match send(request, &url).await {
-        Ok(body) => serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["index"].as_u64()),
-        Err(e) => {
-            // What this export wrote goes; a directory the user made stays.
-            if created {
-                let _ = std::fs::remove_dir_all(output);
-            } else {
-                let _ = std::fs::remove_dir_all(output.join(RECORDS));
-                let _ = std::fs::remove_file(output.join(EVIDENCE));
-                let _ = std::fs::remove_file(output.join(CHECKPOINT));
-            }
-            return Err(e.context("the export could not be recorded in the audit log, so no bundle was written"));
-        }
-    };
-    let recorded = recorded.map_or_else(String::new, |i| format!(" (the export is the log's record {i})"));
-    Ok(format!(
-        "wrote {}: {} records at checkpoint size {size}{recorded}; check it with `mailhook audit verify --key <verifier key> {}`\n",
-        output.display(),
-        evidence.inclusion.len(),
-        output.display()
-    ))
+    Ok(())
 }
 
 /// That a bundle's files are what its evidence proves: its checkpoint file is the
 /// evidence's, and its records directory holds exactly the records proven, byte for byte
 /// (the evidence is checked by `verify`; these are the copies a reader opens).
 fn check_bundle(dir: &std::path::Path, evidence: &Evidence) -> Result<(), String> {
-    let checkpoint = std::fs::read_to_string(dir.join(CHECKPOINT))
+    // Only the bundle's own entries, each a plain file (or the records directory): a link
+    // or a device in a bundle from elsewhere is not followed.
+    let top = std::fs::read_dir(dir).map_err(|e| format!("the bundle cannot be read: {e}"))?;
+    for entry in top {
+        let entry = entry.map_err(|e| format!("the bundle cannot be read: {e}"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kind = entry.file_type().map_err(|e| format!("{name} cannot be read: {e}"))?;
+        let expected = match name.as_str() {
+            EVIDENCE | CHECKPOINT => kind.is_file(),
+            RECORDS => kind.is_dir(),
+            _ => {
+                return Err(format!(
+                    "{name} is not part of a bundle (evidence.json, checkpoint, records/)"
+                ));
+            }
+        };
+        if !expected {
+            return Err(format!("{name} is not a plain file or directory"));
+        }
+    }
+    let checkpoint = read_at_most(&dir.join(CHECKPOINT), evidence.checkpoint.len())
         .map_err(|e| format!("the bundle's {CHECKPOINT} file cannot be read: {e}"))?;
-    if checkpoint != evidence.checkpoint {
+    if checkpoint != evidence.checkpoint.as_bytes() {
         return Err(format!(
             "the bundle's {CHECKPOINT} file is not the checkpoint its evidence is proven against"
         ));
@@ -403,7 +414,11 @@ fn check_bundle(dir: &std::path::Path, evidence: &Evidence) -> Result<(), String
         let Some((index, record)) = proven.get(&name) else {
             return Err(format!("{RECORDS}/{name} is not a record the evidence proves"));
         };
-        let bytes = std::fs::read(entry.path()).map_err(|e| format!("{RECORDS}/{name} cannot be read: {e}"))?;
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            return Err(format!("{RECORDS}/{name} is not a plain file"));
+        }
+        let bytes =
+            read_at_most(&entry.path(), record.len()).map_err(|e| format!("{RECORDS}/{name} cannot be read: {e}"))?;
         if &bytes != record {
             return Err(format!(
                 "{RECORDS}/{name} differs from the record of index {index} that the evidence proves"
@@ -415,6 +430,16 @@ fn check_bundle(dir: &std::path::Path, evidence: &Evidence) -> Result<(), String
         return Err(format!("{RECORDS}/{name} (the record of index {index}) is missing"));
     }
     Ok(())
+}
+
+/// A file's bytes, at most one more than `len`: enough to tell it differs from `len` bytes.
+fn read_at_most(path: &std::path::Path, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::with_capacity(len + 1);
+    std::fs::File::open(path)?
+        .take(u64::try_from(len).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -477,6 +502,16 @@ mod tests {
         std::fs::write(dir.path().join(RECORDS).join("9.json"), b"{}").expect("add");
         let err = check_bundle(dir.path(), &evidence).expect_err("added");
         assert!(err.contains("records/9.json is not a record"), "{err}");
+
+        let (dir, evidence) = bundle(&[(1, b"{}")]);
+        std::fs::write(dir.path().join("notes.txt"), "x").expect("extra");
+        let err = check_bundle(dir.path(), &evidence).expect_err("extra file");
+        assert!(err.contains("notes.txt is not part of a bundle"), "{err}");
+        std::fs::remove_file(dir.path().join("notes.txt")).expect("remove");
+        std::fs::remove_file(dir.path().join(RECORDS).join("1.json")).expect("remove");
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join(RECORDS).join("1.json")).expect("link");
+        let err = check_bundle(dir.path(), &evidence).expect_err("a link");
+        assert!(err.contains("records/1.json is not a plain file"), "{err}");
 
         let (dir, evidence) = bundle(&[(1, b"{}")]);
         std::fs::write(dir.path().join(CHECKPOINT), "other\n").expect("swap");

@@ -419,9 +419,10 @@ async fn prove(
     headers: HeaderMap,
     params: Result<Query<ProveParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(refused) = super::admin_only(&api.history, &headers, peer.ip(), "the audit API") {
-        return refused.into_response();
-    }
+    let by = match super::admin_only(&api.history, &headers, peer.ip(), "the audit API") {
+        Ok(name) => name,
+        Err(refused) => return refused.into_response(),
+    };
     let usage = "ask for one of event=<event id>, index=<leaf index>, from=<size of an older checkpoint>, \
                  or events=<id>,<id>,… (with from= if wanted)";
     let Ok(Query(params)) = params else {
@@ -451,7 +452,36 @@ async fn prove(
                 )
                     .into_response();
             }
-            blocking(move || audit.prove_events(&ids, from)).await
+            // A bundle's evidence is an act of custody, recorded before it is handed out.
+            let answer = blocking(move || {
+                let evidence = audit.prove_events(&ids, from)?;
+                let record = crate::audit::Record::Custody {
+                    action: "export".into(),
+                    subject: format!(
+                        "evidence for {} events ({} records) at checkpoint size {}",
+                        ids.len(),
+                        evidence.inclusion.len(),
+                        audit.open(&evidence.checkpoint)?.size
+                    ),
+                    by: format!("admin-token:{by}"),
+                    at: jiff::Timestamp::now(),
+                    detail: listed(&ids, MAX_DETAIL),
+                };
+                let index = audit.trail.audit_append(&record)?;
+                Ok((evidence, index))
+            })
+            .await;
+            return match answer {
+                Ok((evidence, index)) => {
+                    tracing::info!(index, "audit log: evidence exported, recorded as an act of custody");
+                    let mut response = axum::Json(evidence).into_response();
+                    if let Some(index) = index.and_then(|i| header::HeaderValue::from_str(&i.to_string()).ok()) {
+                        response.headers_mut().insert(CUSTODY_INDEX, index);
+                    }
+                    response
+                }
+                Err(response) => response,
+            };
         }
         (None, None, Some(index), None) => blocking(move || audit.prove_leaves(&[index])).await,
         (None, None, None, Some(from)) => blocking(move || audit.prove_from(from)).await,
@@ -471,6 +501,26 @@ pub struct CustodyRequest {
     pub subject: String,
     #[serde(default)]
     pub detail: String,
+}
+
+/// The response header naming the custody record of an export.
+pub const CUSTODY_INDEX: &str = "mailhook-custody-index";
+
+/// `ids` space-separated in at most `max` characters, the rest counted.
+fn listed(ids: &[String], max: usize) -> String {
+    let mut out = String::new();
+    for (n, id) in ids.iter().enumerate() {
+        let more = format!(" …and {} more", ids.len() - n);
+        if out.chars().count() + id.chars().count() + 1 + more.chars().count() > max {
+            out.push_str(&more);
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(id);
+    }
+    out
 }
 
 /// Most characters of a custody record's subject, and of its detail.

@@ -32,6 +32,8 @@ pub struct Connection {
     patience: std::time::Duration,
     /// A commit whose outcome is not known yet (see `settle`).
     unsure: Option<Unsure>,
+    /// Leaves of commits reported failed that did land (see `Landed`).
+    landed: Landed,
 }
 
 impl Connection {
@@ -116,6 +118,7 @@ impl Postgres {
                     exclusive,
                     patience: super::shared::PREDECESSOR_GRACE,
                     unsure: None,
+                    landed: Landed::default(),
                 };
                 let first = connection.client().map(|_| ());
                 let ok = first.is_ok();
@@ -712,22 +715,23 @@ impl PagedWrites {
 }
 
 /// Appends leaves to the audit log inside `txn`, last in it: the head row's lock orders the
-/// appends of every replica and is held until the commit, so it is held across two
-/// statements only (lock and read the head with its frontier; write hashes, records and
-/// the new head in one). Returns the first leaf's index and the transaction's id.
+/// appends of every replica and is held until the commit. Both statements are prepared
+/// before the lock is taken (with the lock timeout, in one round trip), so it is held for
+/// two round trips and the COMMIT: one locks and reads the head with its frontier, one
+/// writes hashes, records, acceptances and the new head. Returns the first leaf's index
+/// and the transaction's id.
 async fn append_audit(
     txn: &tokio_postgres::Transaction<'_>,
     leaves: &[crate::audit::Leaf],
 ) -> Result<Result<(u64, i64), crate::audit::TreeError>, tokio_postgres::Error> {
     // A commit that cannot have the head within 10 s fails (and is retried) rather than
-    // wait on a stuck transaction. Sent with the lock's statement, in one round trip.
-    let (_, head) = tokio::try_join!(
+    // wait on a stuck transaction.
+    let (_, lock, write) = tokio::try_join!(
         txn.batch_execute("SET LOCAL lock_timeout = '10s'"),
-        txn.query_one(
-            "SELECT size, frontier, txid_current() FROM audit_head WHERE id = 1 FOR UPDATE",
-            &[],
-        )
+        txn.prepare("SELECT size, frontier, txid_current() FROM audit_head WHERE id = 1 FOR UPDATE"),
+        txn.prepare(APPEND),
     )?;
+    let head = txn.query_one(&lock, &[]).await?;
     let (size, packed, xid): (u64, Vec<u8>, i64) = (u64_of(head.get(0)), head.get(1), head.get(2));
     // A head that does not hold the tree's frontier (an edited store) fails the append, and
     // with it the commit: the log does not grow on a history it cannot vouch for.
@@ -746,12 +750,7 @@ async fn append_audit(
         .filter_map(|(l, i)| Some((l.event_id.as_deref()?, *i)))
         .unzip();
     txn.execute(
-        "WITH h AS (INSERT INTO audit_hashes (idx, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])), \
-              r AS (INSERT INTO audit_records (idx, body, event_id) \
-                    SELECT * FROM unnest($3::bigint[], $4::bytea[], $5::text[])), \
-              a AS (INSERT INTO audit_accepted (event_id, idx) \
-                    SELECT * FROM unnest($8::text[], $9::bigint[]) ON CONFLICT (event_id) DO NOTHING) \
-         UPDATE audit_head SET size = $6, frontier = $7 WHERE id = 1",
+        &write,
         &[
             &idx,
             &hashes,
@@ -768,57 +767,129 @@ async fn append_audit(
     Ok(Ok((size, xid)))
 }
 
+/// Writes an append: the new stored hashes, the records, each acceptance's index, and the
+/// head (the new size and frontier).
+const APPEND: &str = "WITH h AS (INSERT INTO audit_hashes (idx, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])), \
+      r AS (INSERT INTO audit_records (idx, body, event_id) \
+            SELECT * FROM unnest($3::bigint[], $4::bytea[], $5::text[])), \
+      a AS (INSERT INTO audit_accepted (event_id, idx) \
+            SELECT * FROM unnest($8::text[], $9::bigint[]) ON CONFLICT (event_id) DO NOTHING) \
+ UPDATE audit_head SET size = $6, frontier = $7 WHERE id = 1";
+
 /// Whether the transaction that appended audit leaves from `first` committed, for a
 /// COMMIT whose answer was lost: asked on a connection of its own (it takes no store lock),
 /// once the log's head is free, i.e. once that transaction has ended either way, by
 /// reading back the leaf at `first` (the data, not the transaction id: an id can be
-/// handed out again after a failover). None when it cannot be told within ~45 s.
-fn landed(c: &Connection, first: u64, bytes: &[u8]) -> Option<bool> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(45);
+/// handed out again after a failover). None when it cannot be told within `patience`.
+fn landed(c: &Connection, first: u64, bytes: &[u8], patience: std::time::Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let ask = async {
             let mut client = c.database.connect().await.ok()?;
             let txn = client.transaction().await.ok()?;
-            let wait = format!("SET LOCAL lock_timeout = '{}ms'", left.as_millis().max(1));
-            txn.batch_execute(&wait).await.ok()?;
-            txn.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
-                .await
-                .ok()?;
-            let row = txn
-                .query_opt("SELECT body FROM audit_records WHERE idx = $1", &[&clamp(first)])
-                .await
-                .ok()?;
-            // Ended now, not whenever this runtime next runs: every replica's commits wait
-            // for the head.
+            let read = async {
+                let wait = format!("SET LOCAL lock_timeout = '{}ms'", left.as_millis().max(1));
+                txn.batch_execute(&wait).await.ok()?;
+                txn.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+                    .await
+                    .ok()?;
+                txn.query_opt("SELECT body FROM audit_records WHERE idx = $1", &[&clamp(first)])
+                    .await
+                    .ok()
+            }
+            .await;
+            // Ended now, whatever was read, not whenever this runtime next runs: every
+            // replica's commits wait for the head.
             let _ = txn.rollback().await;
-            Some(row.is_some_and(|r| r.get::<_, Vec<u8>>(0) == bytes))
+            Some(read?.is_some_and(|r| r.get::<_, Vec<u8>>(0) == bytes))
         };
-        let answer = c
-            .runtime
-            .block_on(async { tokio::time::timeout(left, ask).await.ok().flatten() });
+        let answer = c.runtime.block_on(async {
+            let answer = tokio::time::timeout(left, ask).await.ok().flatten();
+            // A connection given up on mid-way closes now: its task runs on this runtime.
+            tokio::task::yield_now().await;
+            answer
+        });
         if answer.is_some() || tokio::time::Instant::now() >= deadline {
             return answer;
         }
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
 
 /// Audit leaves a commit appended whose COMMIT's answer was lost, when it could not be told
-/// whether it landed: asked again before the next commit, whose retried leaves are not
-/// appended twice if it did.
+/// whether it landed: asked again before the next commit (see `Connection::landed`).
 pub(super) struct Unsure {
     first: u64,
     leaves: Vec<Vec<u8>>,
 }
 
-/// Settles an earlier commit whose outcome was unknown: None while it still cannot be
-/// told; otherwise the leaves it appended (bytes → index), empty when it did not land.
-fn settle(c: &Connection, unsure: &Unsure) -> Option<std::collections::HashMap<Vec<u8>, u64>> {
-    let first_leaf = unsure.leaves.first()?;
-    match landed(c, unsure.first, first_leaf)? {
-        true => Some(unsure.leaves.iter().cloned().zip(unsure.first..).collect()),
-        false => Some(std::collections::HashMap::new()),
+/// Leaves known to be in the log though their commit was reported failed: the committer
+/// retries what it keeps, leaves and all, and a retried leaf is not appended again. Each is
+/// dropped once it came back; all are forgotten after an hour (their jobs were given up).
+#[derive(Default)]
+pub(super) struct Landed {
+    leaves: std::collections::HashMap<Vec<u8>, u64>,
+    since: Option<Instant>,
+}
+
+impl Landed {
+    fn add(&mut self, unsure: &Unsure) {
+        self.leaves.extend(unsure.leaves.iter().cloned().zip(unsure.first..));
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Removes from `leaves` those already in the log, telling each its index; returns
+    /// them, to be forgotten once the commit that carried them again is done (if it fails,
+    /// they come back once more).
+    fn skip(&mut self, leaves: &mut Vec<crate::audit::Leaf>) -> Vec<Vec<u8>> {
+        if self
+            .since
+            .is_some_and(|t| t.elapsed() > std::time::Duration::from_secs(3600))
+        {
+            *self = Landed::default();
+        }
+        let mut skipped = Vec::new();
+        if self.leaves.is_empty() {
+            return skipped;
+        }
+        leaves.retain(|leaf| match self.leaves.get(&leaf.bytes) {
+            Some(index) => {
+                leaf.committed_at(*index);
+                skipped.push(leaf.bytes.clone());
+                false
+            }
+            None => true,
+        });
+        skipped
+    }
+
+    fn forget(&mut self, skipped: &[Vec<u8>]) {
+        for bytes in skipped {
+            self.leaves.remove(bytes);
+        }
+        if self.leaves.is_empty() {
+            self.since = None;
+        }
+    }
+}
+
+/// Settles an earlier commit whose outcome was unknown, into `c.landed` when it landed:
+/// false while it still cannot be told.
+fn settle(c: &mut Connection, unsure: Unsure, patience: std::time::Duration) -> bool {
+    let Some(first_leaf) = unsure.leaves.first() else {
+        return true;
+    };
+    match landed(c, unsure.first, first_leaf, patience) {
+        Some(true) => {
+            c.landed.add(&unsure);
+            true
+        }
+        Some(false) => true,
+        None => {
+            c.unsure = Some(unsure);
+            false
+        }
     }
 }
 
@@ -864,23 +935,16 @@ impl Engine for Postgres {
         let answered = ingests.iter().map(|b| b.outcome.clone()).collect::<Vec<_>>();
         let (outcomes, matched) = self.call(move |c| {
             // Leaves of an earlier commit whose outcome was unknown are not appended again
-            // when it landed (the committer retries what it keeps, leaves and all).
+            // when it landed. Asked briefly: every store call waits on this thread.
             let mut leaves = leaves;
-            if let Some(unsure) = c.unsure.take() {
-                let Some(landed) = settle(c, &unsure) else {
-                    c.unsure = Some(unsure);
-                    return Err(StoreError::Unavailable(
-                        "PostgreSQL: cannot yet tell whether an earlier commit landed".into(),
-                    ));
-                };
-                leaves.retain(|leaf| match landed.get(&leaf.bytes) {
-                    Some(index) => {
-                        leaf.committed_at(*index);
-                        false
-                    }
-                    None => true,
-                });
+            if let Some(unsure) = c.unsure.take()
+                && !settle(c, unsure, std::time::Duration::from_secs(5))
+            {
+                return Err(StoreError::Unavailable(
+                    "PostgreSQL: cannot yet tell whether an earlier commit landed".into(),
+                ));
             }
+            let skipped = c.landed.skip(&mut leaves);
             // A connection that died while idle fails at BEGIN: nothing was applied, so
             // connect again and try once more. A failure later rolls back and is reported.
             for attempt in 0..2 {
@@ -954,11 +1018,16 @@ impl Engine for Postgres {
                     Ok(Ended::Done((outcomes, matched)))
                 });
                 if unheard {
-                    // The server ends the transaction when the connection goes.
+                    // The server ends the transaction when the connection goes, and it goes
+                    // now: its task runs on this runtime.
                     c.client = None;
+                    c.runtime.block_on(tokio::task::yield_now());
                 }
                 match result {
-                    Ok(Ended::Done(done)) => return Ok(done),
+                    Ok(Ended::Done(done)) => {
+                        c.landed.forget(&skipped);
+                        return Ok(done);
+                    }
                     Ok(Ended::Failed(error)) => return Err(error),
                     Ok(Ended::Unsure {
                         xid,
@@ -968,19 +1037,18 @@ impl Engine for Postgres {
                         done,
                     }) => {
                         c.client = None;
-                        let unsure = Unsure {
-                            first,
-                            leaves: audit.iter().map(|l| l.bytes.clone()).collect(),
-                        };
-                        match settle(c, &unsure) {
-                            Some(landed) if !landed.is_empty() => {
+                        let leaves_bytes: Vec<Vec<u8>> = audit.iter().map(|l| l.bytes.clone()).collect();
+                        let first_leaf = leaves_bytes.first().cloned().unwrap_or_default();
+                        match landed(c, first, &first_leaf, std::time::Duration::from_secs(15)) {
+                            Some(true) => {
                                 tracing::warn!("PostgreSQL's answer to a COMMIT was lost, but it committed");
                                 for (leaf, index) in audit.iter().zip(first..) {
                                     leaf.committed_at(index);
                                 }
+                                c.landed.forget(&skipped);
                                 return Ok(done);
                             }
-                            Some(_) => {
+                            Some(false) => {
                                 tracing::warn!(xid, "a COMMIT's answer was lost and it did not land: it is retried");
                             }
                             None => {
@@ -988,7 +1056,10 @@ impl Engine for Postgres {
                                     xid,
                                     "a COMMIT's answer was lost and whether it landed cannot be told yet: it is asked again before the next commit, which does not log its leaves twice"
                                 );
-                                c.unsure = Some(unsure);
+                                c.unsure = Some(Unsure {
+                                    first,
+                                    leaves: leaves_bytes,
+                                });
                             }
                         }
                         return Err(error);
@@ -1411,5 +1482,45 @@ impl crate::store::durable::engine::PagedEngine for Postgres {
                 Ok(moved)
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(bytes: &str) -> crate::audit::Leaf {
+        crate::audit::Leaf {
+            bytes: bytes.as_bytes().to_vec(),
+            event_id: None,
+            accepted_at_index: None,
+            assigned: Some(crate::event::LogIndex::default()),
+        }
+    }
+
+    #[test]
+    fn leaves_that_landed_are_skipped_until_a_commit_carrying_them_is_done() {
+        let mut landed = Landed::default();
+        landed.add(&Unsure {
+            first: 40,
+            leaves: vec![b"a".to_vec(), b"b".to_vec()],
+        });
+        // The retry carries "b" and a new leaf: "b" is not appended again, and learns its index.
+        let mut leaves = vec![leaf("b"), leaf("c")];
+        let skipped = landed.skip(&mut leaves);
+        assert_eq!(leaves.len(), 1);
+        assert_eq!(leaves[0].bytes, b"c");
+        assert_eq!(skipped, vec![b"b".to_vec()]);
+        // That commit failed: the next retry still skips "b".
+        let retried = leaf("b");
+        let slot = retried.assigned.as_ref().map(crate::event::LogIndex::share);
+        let mut leaves = vec![retried];
+        let skipped = landed.skip(&mut leaves);
+        assert!(leaves.is_empty());
+        assert_eq!(slot.and_then(|s| s.get()), Some(41));
+        // Once a commit carrying it is done, it is forgotten; "a" is kept.
+        landed.forget(&skipped);
+        assert_eq!(landed.leaves.len(), 1);
+        assert!(landed.leaves.contains_key(b"a".as_slice()));
     }
 }
