@@ -147,6 +147,7 @@ async fn start_core(base: &Base, admin_addr: SocketAddr) -> anyhow::Result<Core>
     let raw_links = raw_links(config, store.as_ref(), admin_addr)?;
     let audit_key = audit_key(config, store.as_ref())?;
     let housekeeping = Housekeeping {
+        replica: replica_name(config),
         interval: config.store.housekeeping_interval,
         attempt_retention: config.store.attempt_retention,
         max_attempts: config.store.max_attempts_per_subscription,

@@ -74,6 +74,9 @@ pub struct Metrics {
     /// Checkpoint passes that could not sign (the log no longer extends the last
     /// checkpoint, or the store failed).
     pub audit_checkpoint_failures: IntCounter,
+    /// Records past their retention that a LegalHold kept from this replica's last round
+    /// of purges, by hold and kind.
+    pub legal_hold_kept: IntGaugeVec,
     /// Dead-lettered events copied to the subscription's dead-letter sink, by outcome.
     pub dead_letter_forwards: IntCounterVec,
     /// Delivery requests in flight over every subscription, and the process-wide cap on them.
@@ -139,6 +142,11 @@ impl Metrics {
             fenced_writes,
         } = replicas(&r)?;
         let (audit_log_size, audit_checkpoint_size, audit_checkpoint_failures) = audit(&r)?;
+        let legal_hold_kept = r.gauge_vec(
+            "mailhook_legal_hold_kept",
+            "Records past their retention that a LegalHold kept from this replica's last round of purges (kind: raw_message, raw_message_bytes, attempt, dead_letter).",
+            &["hold", "kind"],
+        )?;
         Ok(Metrics {
             registry: r.0,
             events_ingested,
@@ -180,6 +188,7 @@ impl Metrics {
             audit_log_size,
             audit_checkpoint_size,
             audit_checkpoint_failures,
+            legal_hold_kept,
             dead_letter_forwards,
             requests_in_flight,
             requests_in_flight_limit,

@@ -3,6 +3,7 @@
 
 mod common;
 mod duration;
+mod legal_hold;
 mod mail_source;
 mod mailbox_filter;
 mod mailbox_grant;
@@ -11,6 +12,7 @@ mod webhook_subscription;
 
 pub use common::*;
 pub use duration::{DurationError, parse_duration, parse_since};
+pub use legal_hold::*;
 pub use mail_source::*;
 pub use mailbox_filter::*;
 pub use mailbox_grant::*;
@@ -26,6 +28,7 @@ pub const GROUP: &str = "mailhook.io";
 /// Every CRD this operator serves, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
+        kubernetes_formats(LegalHold::crd()),
         kubernetes_formats(MailSource::crd()),
         kubernetes_formats(MailboxFilter::crd()),
         kubernetes_formats(MailboxGrant::crd()),

@@ -634,6 +634,7 @@ pub(super) async fn deliver(
             log_index: event.log_index.get(),
             webhook_id: sent.webhook_id.clone(),
             body_sha256: sent.body_sha256.clone(),
+            mailbox: Some(event.mailbox.clone()),
         };
         // Queued before the completion below, so it is on disk no later than it.
         // The audit log is not worth holding the delivery up for: one try, counted.

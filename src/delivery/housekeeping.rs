@@ -8,11 +8,36 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::Deliveries;
-use crate::store::{Retention, StoreError};
+use crate::store::{Kept, Retention, RowWrite, StoreError};
+
+/// The reserved row group where each replica leaves what the LegalHolds kept from its
+/// last round of purges (key: the replica's name; body: `Kept` as JSON), which the hold
+/// controller adds up for status.
+pub fn kept_group() -> String {
+    crate::store::reserved_group("legal-hold-kept")
+}
+
+/// A replica's figures older than this are not counted (it stopped).
+pub const KEPT_FRESH: Duration = Duration::from_secs(600);
+
+/// The store asks the LegalHolds in force through the routing table's set.
+struct HoldsInForce(std::sync::Arc<crate::route::HoldSet>);
+
+impl crate::store::Holds for HoldsInForce {
+    fn any(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    fn holding(&self, mailbox: &str, at: jiff::Timestamp) -> Vec<String> {
+        self.0.holding(mailbox, at).map(String::from).collect()
+    }
+}
 
 /// Operator-wide retention of delivery history, applied by the housekeeping loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Housekeeping {
+    /// This replica's name, under which it reports what holds kept.
+    pub replica: String,
     /// How often expiry and purges run.
     pub interval: Duration,
     /// Attempts older than this leave the audit log.
@@ -28,6 +53,7 @@ pub struct Housekeeping {
 impl Default for Housekeeping {
     fn default() -> Self {
         Housekeeping {
+            replica: "mailhook".into(),
             interval: Duration::from_secs(30),
             attempt_retention: Duration::from_secs(72 * 3600),
             max_attempts: 10_000,
@@ -56,9 +82,9 @@ pub(super) async fn run_housekeeping(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(settings.interval) => {}
         }
-        let d = deliveries.clone();
+        let (d, s) = (deliveries.clone(), settings.clone());
         // The store's purges wait for commits: off the async workers.
-        match tokio::task::spawn_blocking(move || housekeep(&d, settings)).await {
+        match tokio::task::spawn_blocking(move || housekeep(&d, &s)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => warn!(%err, "housekeeping failed; will retry"),
             Err(err) => warn!(%err, "housekeeping stopped unexpectedly; will retry"),
@@ -66,10 +92,12 @@ pub(super) async fn run_housekeeping(
     }
 }
 
-fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), StoreError> {
+fn housekeep(deliveries: &Deliveries, settings: &Housekeeping) -> Result<(), StoreError> {
     let store = &deliveries.store;
     let now = jiff::Timestamp::now();
     let purged = &deliveries.metrics.store_purged;
+    let holds = HoldsInForce(deliveries.router.holds());
+    let mut kept = Kept::new();
     let sharing = store.sharing();
     for config in deliveries.configs() {
         // A shared store's subscriptions are kept by the owner of their shard.
@@ -122,13 +150,15 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), Stor
                 attempts_before: since(now, settings.attempt_retention),
                 max_attempts: settings.max_attempts,
             },
+            &holds,
         )?;
         purged.with_label_values(&["dead_letter"]).inc_by(p.dead_letters);
         purged.with_label_values(&["attempt"]).inc_by(p.attempts);
+        crate::store::hold::add_kept(&mut kept, &p.kept);
     }
     // The store-wide part runs once: on the leader.
     if !deliveries.is_leader() {
-        return Ok(());
+        return report_kept(deliveries, settings, &holds, kept, now);
     }
     if let Some(sharing) = sharing {
         let collected = sharing.collect_events()?;
@@ -136,7 +166,62 @@ fn housekeep(deliveries: &Deliveries, settings: Housekeeping) -> Result<(), Stor
     }
     let producers = store.purge_producer_ids(since(now, settings.dedup_window))?;
     purged.with_label_values(&["producer_id"]).inc_by(producers);
-    let raw = store.purge_raw_messages(since(now, settings.raw_message_retention))?;
-    purged.with_label_values(&["raw_message"]).inc_by(raw);
-    Ok(())
+    let raw = store.purge_raw_messages(since(now, settings.raw_message_retention), &holds)?;
+    purged.with_label_values(&["raw_message"]).inc_by(raw.raw_messages);
+    crate::store::hold::add_kept(&mut kept, &raw.kept);
+    report_kept(deliveries, settings, &holds, kept, now)
+}
+
+/// Leaves what the holds kept this round in the store (for the hold controller's status)
+/// and in `mailhook_legal_hold_kept`. Every hold in force is reported, with zeros for one
+/// that kept nothing, so a figure drops once its records are released.
+fn report_kept(
+    deliveries: &Deliveries,
+    settings: &Housekeeping,
+    holds: &HoldsInForce,
+    mut kept: Kept,
+    now: jiff::Timestamp,
+) -> Result<(), StoreError> {
+    for name in holds.0.names() {
+        kept.entry(name.to_string()).or_default();
+    }
+    let gauge = &deliveries.metrics.legal_hold_kept;
+    gauge.reset();
+    for (hold, k) in &kept {
+        for (kind, n) in [
+            ("raw_message", k.raw_messages),
+            ("raw_message_bytes", k.raw_message_bytes),
+            ("attempt", k.attempts),
+            ("dead_letter", k.dead_letters),
+        ] {
+            gauge.with_label_values(&[hold.as_str(), kind]).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    let body = serde_json::to_vec(&kept_json(&kept)).map_err(|e| StoreError::Failed(e.to_string()))?;
+    deliveries.store.write_rows(vec![RowWrite::Put {
+        group: kept_group(),
+        row: crate::store::Row {
+            key: settings.replica.as_bytes().to_vec(),
+            at: now.as_second(),
+            body,
+        },
+    }])
+}
+
+/// `Kept` as the JSON the hold controller reads back.
+pub fn kept_json(kept: &Kept) -> serde_json::Value {
+    kept.iter()
+        .map(|(hold, k)| {
+            (
+                hold.clone(),
+                serde_json::json!({
+                    "rawMessages": k.raw_messages,
+                    "rawMessageBytes": k.raw_message_bytes,
+                    "attempts": k.attempts,
+                    "deadLetters": k.dead_letters,
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }

@@ -14,6 +14,35 @@ use crate::event::{MailboxEvent, domain_of};
 use super::FilterError;
 use super::filter::{ascii_domain, covers, domains, globs};
 
+/// Mailboxes named by globs and whole domains, as grants and legal holds name them.
+#[derive(Debug)]
+pub struct MailboxSet {
+    mailboxes: Vec<WildMatch>,
+    /// ASCII form, as filters keep them.
+    domains: Vec<String>,
+}
+
+impl MailboxSet {
+    /// From `spec.mailboxes` and `spec.domains`; an error names the field.
+    pub fn compile(mailboxes: &[String], domain_list: &[String]) -> Result<MailboxSet, FilterError> {
+        Ok(MailboxSet {
+            mailboxes: globs(mailboxes, "spec.mailboxes")?,
+            domains: domains(domain_list, "spec.domains")?,
+        })
+    }
+
+    pub fn contains(&self, mailbox: &str) -> bool {
+        if self.mailboxes.iter().any(|g| g.matches(mailbox)) {
+            return true;
+        }
+        !self.domains.is_empty()
+            && domain_of(mailbox).is_some_and(|d| {
+                let d = ascii_domain(d);
+                self.domains.iter().any(|g| covers(g, &d))
+            })
+    }
+}
+
 /// The most a grant lets a namespace see of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ceiling {
@@ -45,9 +74,7 @@ impl Ceiling {
 #[derive(Debug)]
 pub struct CompiledGrant {
     pub name: String,
-    mailboxes: Vec<WildMatch>,
-    /// ASCII form, as filters keep them.
-    domains: Vec<String>,
+    mailboxes: MailboxSet,
     /// Empty: every type.
     event_types: Vec<EventType>,
     pub ceiling: Ceiling,
@@ -57,8 +84,7 @@ impl CompiledGrant {
     pub fn compile(name: &str, spec: &MailboxGrantSpec) -> Result<CompiledGrant, FilterError> {
         Ok(CompiledGrant {
             name: name.to_string(),
-            mailboxes: globs(&spec.mailboxes, "spec.mailboxes")?,
-            domains: domains(&spec.domains, "spec.domains")?,
+            mailboxes: MailboxSet::compile(&spec.mailboxes, &spec.domains)?,
             event_types: spec.event_types.clone(),
             ceiling: Ceiling {
                 mode: spec.max_payload_mode,
@@ -78,14 +104,7 @@ impl CompiledGrant {
         if !self.event_types.is_empty() && !self.event_types.contains(&event_type) {
             return false;
         }
-        if self.mailboxes.iter().any(|g| g.matches(mailbox)) {
-            return true;
-        }
-        !self.domains.is_empty()
-            && domain_of(mailbox).is_some_and(|d| {
-                let d = ascii_domain(d);
-                self.domains.iter().any(|g| covers(g, &d))
-            })
+        self.mailboxes.contains(mailbox)
     }
 }
 
@@ -116,8 +135,10 @@ impl Grants {
     pub fn unrestricted<'n>(namespaces: impl IntoIterator<Item = &'n str>) -> Grants {
         let everything = Arc::new(CompiledGrant {
             name: "unrestricted".into(),
-            mailboxes: vec![WildMatch::new("*")],
-            domains: Vec::new(),
+            mailboxes: MailboxSet {
+                mailboxes: vec![WildMatch::new("*")],
+                domains: Vec::new(),
+            },
             event_types: Vec::new(),
             ceiling: Ceiling::NONE,
         });

@@ -4,8 +4,10 @@
 
 mod filter;
 mod grant;
+mod hold;
 mod table;
 
 pub use filter::{CompiledFilter, FilterBudget, FilterError, MAX_MATCHED_TEXT, Problem};
-pub use grant::{Ceiling, CompiledGrant, Grants};
+pub use grant::{Ceiling, CompiledGrant, Grants, MailboxSet};
+pub use hold::{CompiledHold, HoldSet};
 pub use table::{FilterEntry, Routed, Router, RoutingTable, SubscriptionRoute, Target};

@@ -450,11 +450,22 @@ impl RoutingTable {
 #[derive(Default)]
 pub struct Router {
     table: RwLock<Arc<RoutingTable>>,
+    /// The LegalHolds in force: the ingest path archives what they hold, and the purges
+    /// skip it.
+    holds: RwLock<Arc<super::HoldSet>>,
 }
 
 impl Router {
     pub fn current(&self) -> Arc<RoutingTable> {
         self.table.read().clone()
+    }
+
+    pub fn holds(&self) -> Arc<super::HoldSet> {
+        self.holds.read().clone()
+    }
+
+    pub fn set_holds(&self, holds: super::HoldSet) {
+        *self.holds.write() = Arc::new(holds);
     }
 
     pub fn swap(&self, table: RoutingTable) {

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod durable;
+pub mod hold;
 pub mod open;
 pub mod paged;
 pub mod postgres;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use audit::AuditTrail;
 pub use durable::DurableStore;
+pub use hold::{Holds, Kept, KeptRecords, NoHolds};
 pub use durable::shared::SharedStore;
 pub use paged::PagedStore;
 pub use rows::{Row, RowWrite, Rows, is_reserved, reserved_group};
@@ -223,6 +225,9 @@ pub struct Attempt {
     /// The SHA-256 (hex) of the exact body sent, when one was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_sha256: Option<String>,
+    /// The mailbox of the event: what a LegalHold keeps attempts by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailbox: Option<String>,
 }
 
 impl Attempt {
@@ -263,11 +268,13 @@ pub struct Retention {
     pub max_attempts: u64,
 }
 
-/// What a purge removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a purge removed, and what LegalHolds kept from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Purged {
     pub dead_letters: u64,
     pub attempts: u64,
+    pub raw_messages: u64,
+    pub kept: Kept,
 }
 
 /// A subscription's delivery health as its shard's owner last published it.
@@ -357,8 +364,9 @@ pub trait EventLog: Send + Sync {
 pub trait Archive: Send + Sync {
     /// An archived raw message by its SHA-256, with when it was archived.
     fn raw_message(&self, sha256: &str) -> Result<Option<(jiff::Timestamp, Vec<u8>)>, StoreError>;
-    /// Deletes raw messages archived before `before`; returns how many.
-    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError>;
+    /// Deletes the raw messages archived before `before` that no hold keeps (with their
+    /// mailbox index); returns how many, and what `holds` kept.
+    fn purge_raw_messages(&self, before: jiff::Timestamp, holds: &dyn Holds) -> Result<Purged, StoreError>;
 }
 
 /// The delivery queues, as the shards use them: take what is due, then complete, retry or
@@ -441,8 +449,9 @@ pub trait History: Send + Sync {
         since: jiff::Timestamp,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError>;
-    /// Deletes dead letters and attempts older than `retention` allows.
-    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError>;
+    /// Deletes dead letters and attempts older than `retention` allows, but those a hold
+    /// keeps; returns how many, and what `holds` kept.
+    fn purge(&self, subscription: &str, retention: Retention, holds: &dyn Holds) -> Result<Purged, StoreError>;
 }
 
 /// The backend itself: whether it can commit, how full its volume is, whether replicas
@@ -572,6 +581,7 @@ pub mod conformance {
         attempts_are_logged_newest_first_and_purged_by_age_and_count(make().as_ref());
         // Archive
         raw_messages_are_archived_with_their_events_only_and_purged_by_age(make().as_ref());
+        legal_holds_keep_records_past_retention_until_released(make().as_ref());
         // Backend
         secrets_are_created_once(make().as_ref());
         // Rows
@@ -785,6 +795,7 @@ pub mod conformance {
             log_index: None,
             webhook_id: Some(format!("msg_{n}")),
             body_sha256: None,
+            mailbox: Some("a@b.c".into()),
         }
     }
 
@@ -822,7 +833,7 @@ pub mod conformance {
             attempts_before: at(0),
             max_attempts: 10,
         };
-        assert_eq!(s.purge("sub", retention).expect("purge").dead_letters, 2);
+        assert_eq!(s.purge("sub", retention, &NoHolds).expect("purge").dead_letters, 2);
         assert_eq!(figures(s.counts("sub")), (0, 0, 0));
         s.ingest(vec![]).expect("flush");
         assert_eq!(
@@ -849,12 +860,12 @@ pub mod conformance {
             attempts_before: at(25),
             max_attempts: 2,
         };
-        assert_eq!(s.purge("sub", retention).expect("purge").attempts, 3);
+        assert_eq!(s.purge("sub", retention, &NoHolds).expect("purge").attempts, 3);
         s.ingest(vec![]).expect("flush");
         let left = s.attempts("sub", at(0), 100).expect("list");
         assert_eq!(left.iter().map(|a| a.attempt).collect::<Vec<_>>(), vec![5, 4]);
         assert_eq!(
-            s.purge("sub", retention).expect("purge"),
+            s.purge("sub", retention, &NoHolds).expect("purge"),
             Purged::default(),
             "nothing more"
         );
@@ -884,17 +895,145 @@ pub mod conformance {
             e.raw_message = Some(raw.sha256.clone());
             Ingest { event: e, deliveries }
         };
-        // Nobody gets the event: nothing is kept, raw message included.
-        s.ingest_archived(vec![with_raw("e0", vec![])], Some(raw.clone()))
-            .expect("ingest");
+        // No event refers to it (the pipeline drops the reference when nobody links to
+        // the message and no hold keeps it): nothing is kept.
+        let mut e0 = with_raw("e0", vec![pending("e0", None, 0)]);
+        e0.event.raw_message = None;
+        s.ingest_archived(vec![e0], Some(raw.clone())).expect("ingest");
         assert_eq!(s.raw_message(&raw.sha256).expect("read"), None);
         s.ingest_archived(vec![with_raw("e1", vec![pending("e1", None, 0)])], Some(raw.clone()))
             .expect("ingest");
         let (at, bytes) = s.raw_message(&raw.sha256).expect("read").expect("archived");
         assert_eq!(bytes, raw.bytes);
-        assert_eq!(s.purge_raw_messages(at).expect("purge"), 0, "not older than itself");
+        assert_eq!(
+            s.purge_raw_messages(at, &NoHolds).expect("purge").raw_messages,
+            0,
+            "not older than itself"
+        );
         let later = at.checked_add(jiff::SignedDuration::from_secs(1)).expect("time");
-        assert_eq!(s.purge_raw_messages(later).expect("purge"), 1);
+        assert_eq!(s.purge_raw_messages(later, &NoHolds).expect("purge").raw_messages, 1);
+        assert_eq!(s.raw_message(&raw.sha256).expect("read"), None);
+        assert!(
+            s.rows(&hold::raw_mailboxes_group(), b"").expect("rows").is_empty(),
+            "the mailbox index goes with the message"
+        );
+    }
+
+    /// Holds `held@example.com` as hold `matter-1`.
+    struct OneHold;
+
+    impl Holds for OneHold {
+        fn any(&self) -> bool {
+            true
+        }
+
+        fn holding(&self, mailbox: &str, _at: jiff::Timestamp) -> Vec<String> {
+            if mailbox == "held@example.com" {
+                vec!["matter-1".into()]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
+    fn legal_holds_keep_records_past_retention_until_released(s: &dyn Store) {
+        let of = |id: &str, mailbox: &str| {
+            let mut e = event(id, None);
+            e.mailbox = mailbox.into();
+            e
+        };
+        // A raw message of a held mailbox is archived with no delivery at all.
+        let raw = RawMessage::new("From: zoë@example.com\r\n\r\nheld\r\n".as_bytes().to_vec());
+        let mut held = of("h1", "held@example.com");
+        held.raw_message = Some(raw.sha256.clone());
+        s.ingest_archived(
+            vec![Ingest {
+                event: held,
+                deliveries: vec![],
+            }],
+            Some(raw.clone()),
+        )
+        .expect("ingest");
+        let free_raw = RawMessage::new(b"From: a@b.c\r\n\r\nfree\r\n".to_vec());
+        let mut free = of("f1", "a@b.c");
+        free.raw_message = Some(free_raw.sha256.clone());
+        s.ingest_archived(
+            vec![Ingest {
+                event: free,
+                deliveries: vec![pending("f1", None, 0)],
+            }],
+            Some(free_raw.clone()),
+        )
+        .expect("ingest");
+        // Dead letters and attempts of both mailboxes.
+        s.ingest(vec![
+            Ingest {
+                event: of("h2", "held@example.com"),
+                deliveries: vec![pending("h2", None, 0)],
+            },
+            Ingest {
+                event: of("f2", "a@b.c"),
+                deliveries: vec![pending("f2", None, 0)],
+            },
+        ])
+        .expect("ingest");
+        for d in s.take_due("sub", at(10), 10, false).expect("take") {
+            s.dead_letter(d, "gave up".into()).expect("dead letter");
+        }
+        for (i, mailbox) in [(1, "held@example.com"), (2, "a@b.c"), (3, "held@example.com")] {
+            let mut a = attempt(i64::from(i) * 10, i);
+            a.mailbox = Some(mailbox.into());
+            s.record_attempt(a).expect("record");
+        }
+        s.ingest(vec![]).expect("flush");
+
+        // Everything is past its retention; the hold keeps its mailbox's records.
+        let all_gone = Retention {
+            dead_letters_before: jiff::Timestamp::MAX,
+            attempts_before: jiff::Timestamp::MAX,
+            max_attempts: 0,
+        };
+        let p = s.purge("sub", all_gone, &OneHold).expect("purge");
+        assert_eq!((p.attempts, p.dead_letters), (1, 2), "f1 and f2 dead, attempt 2");
+        let k = p.kept.get("matter-1").copied().expect("kept by the hold");
+        assert_eq!((k.attempts, k.dead_letters), (2, 1));
+        let raw_purged = s.purge_raw_messages(jiff::Timestamp::MAX, &OneHold).expect("purge");
+        assert_eq!(raw_purged.raw_messages, 1, "the free message goes");
+        let k = raw_purged.kept.get("matter-1").copied().expect("kept by the hold");
+        assert_eq!((k.raw_messages, k.raw_message_bytes), (1, raw.bytes.len() as u64));
+        s.ingest(vec![]).expect("flush");
+        assert_eq!(
+            s.attempts("sub", at(0), 100)
+                .expect("list")
+                .iter()
+                .map(|a| a.attempt)
+                .collect::<Vec<_>>(),
+            vec![3, 1]
+        );
+        assert_eq!(
+            s.dead_letters("sub", at(0), 10)
+                .expect("list")
+                .iter()
+                .map(|d| d.event_id.as_str())
+                .collect::<Vec<_>>(),
+            ["h2"]
+        );
+        assert!(s.event("h2").expect("read").is_some(), "a held dead letter keeps its event");
+        assert!(s.raw_message(&raw.sha256).expect("read").is_some());
+        assert_eq!(s.raw_message(&free_raw.sha256).expect("read"), None);
+
+        // Released: the next purge takes them.
+        let p = s.purge("sub", all_gone, &NoHolds).expect("purge");
+        assert_eq!((p.attempts, p.dead_letters), (2, 1));
+        assert_eq!(
+            s.purge_raw_messages(jiff::Timestamp::MAX, &NoHolds)
+                .expect("purge")
+                .raw_messages,
+            1
+        );
+        s.ingest(vec![]).expect("flush");
+        assert!(s.attempts("sub", at(0), 100).expect("list").is_empty());
+        assert!(s.dead_letters("sub", at(0), 10).expect("list").is_empty());
         assert_eq!(s.raw_message(&raw.sha256).expect("read"), None);
     }
 

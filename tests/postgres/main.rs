@@ -579,8 +579,12 @@ impl Archive for Sole {
         self.store.raw_message(sha256)
     }
 
-    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, mailhook::store::StoreError> {
-        self.store.purge_raw_messages(before)
+    fn purge_raw_messages(
+        &self,
+        before: jiff::Timestamp,
+        holds: &dyn mailhook::store::Holds,
+    ) -> Result<mailhook::store::Purged, mailhook::store::StoreError> {
+        self.store.purge_raw_messages(before, holds)
     }
 }
 
@@ -688,8 +692,9 @@ impl History for Sole {
         &self,
         s: &str,
         retention: mailhook::store::Retention,
+        holds: &dyn mailhook::store::Holds,
     ) -> Result<mailhook::store::Purged, mailhook::store::StoreError> {
-        self.store.purge(s, retention)
+        self.store.purge(s, retention, holds)
     }
 }
 

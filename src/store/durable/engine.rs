@@ -73,6 +73,8 @@ pub trait Engine: Send + Sync + 'static {
     fn attempts(&self, subscription: &str, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
     /// How many of a subscription's attempts have keys below `before`.
     fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError>;
+    /// The subscription's oldest `limit` attempts, oldest first, with their keys.
+    fn oldest_attempts(&self, subscription: &str, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Bytes the data occupies, when it can tell.
     fn disk_bytes(&self) -> Option<u64>;
     /// The store's volume: (size, bytes available), for backends on a local volume.
@@ -281,16 +283,16 @@ impl Redb {
                             .insert((subscription.as_str(), *key), bytes.as_slice())
                             .map_err(io)?;
                     }
-                    Op::TrimAttempts(subscription, n) => {
+                    Op::TrimAttempts(subscription, n, keep) => {
                         let mut left = *n;
                         let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
                         attempts
-                            .retain_in(range, |_, _| {
+                            .retain_in(range, |(_, key), _| {
                                 if left == 0 {
                                     return true;
                                 }
                                 left -= 1;
-                                false
+                                keep.contains(&key)
                             })
                             .map_err(io)?;
                     }
@@ -781,6 +783,21 @@ impl Engine for Redb {
         {
             let (_, bytes) = row.map_err(io)?;
             out.push(bytes.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    fn oldest_attempts(&self, subscription: &str, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(io)?;
+        let table = txn.open_table(ATTEMPTS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table
+            .range((subscription, 0u64)..=(subscription, u64::MAX))
+            .map_err(io)?
+            .take(limit)
+        {
+            let (key, bytes) = row.map_err(io)?;
+            out.push((key.value().1, bytes.value().to_vec()));
         }
         Ok(out)
     }

@@ -39,7 +39,7 @@ use self::schema::{StoredDelivery, create_tables, io, json, nanos};
 use self::state::{Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
-    Appended, Archive, Attempt, Backend, DeadLetter, Durable, EventLog, History, Ingest, PendingDelivery, Purged,
+    Appended, Archive, Attempt, Backend, DeadLetter, Durable, EventLog, History, Holds, Ingest, PendingDelivery, Purged,
     Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
 };
 use crate::event::MailboxEvent;
@@ -198,6 +198,7 @@ impl DurableStore {
         let mut ops = Vec::new();
 
         let mut archive = false;
+        let mut mailboxes = Vec::new();
         let mut out = Vec::with_capacity(items.len());
         let mut queued = Vec::new();
         let mut cached = Vec::new();
@@ -229,8 +230,14 @@ impl DurableStore {
                     &body,
                     now,
                 ))));
+                // A raw message is archived for the events that refer to it: the pipeline
+                // leaves the reference only where a subscription links to it or a hold
+                // keeps it (then with no delivery at all, maybe).
+                if item.event.raw_message.is_some() {
+                    archive = true;
+                    mailboxes.push(item.event.mailbox.clone());
+                }
                 if !item.deliveries.is_empty() {
-                    archive |= item.event.raw_message.is_some();
                     ops.push(Op::PutEvent(id.clone(), body));
                     cached.push(Arc::new(item.event));
                 }
@@ -243,6 +250,7 @@ impl DurableStore {
             }
         }
         if let Some(raw) = raw.filter(|_| archive) {
+            ops.extend(super::hold::raw_index_ops(&raw.sha256, raw.bytes.len(), now.as_second(), &mailboxes)?);
             ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
         ops.extend(extra);
@@ -485,13 +493,14 @@ impl Archive for DurableStore {
         raw_message(self.engine.as_ref(), sha256)
     }
 
-    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let old = purge_raw_ops(self.engine.as_ref(), before)?;
-        let n = old.len() as u64;
-        if n > 0 {
+    fn purge_raw_messages(&self, before: jiff::Timestamp, holds: &dyn Holds) -> Result<Purged, StoreError> {
+        let mut purged = Purged::default();
+        let old = super::hold::purge_raw_ops(self.engine.as_ref(), before, holds, &mut purged.kept)?;
+        purged.raw_messages = super::hold::raw_deletes(&old);
+        if !old.is_empty() {
             self.send(old, true)?;
         }
-        Ok(n)
+        Ok(purged)
     }
 }
 
@@ -646,28 +655,40 @@ impl History for DurableStore {
         Ok(stored.into_iter().map(|(_, d)| d.into_dead_letter()).collect())
     }
 
-    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
+    fn purge(&self, subscription: &str, retention: Retention, holds: &dyn Holds) -> Result<Purged, StoreError> {
         let mut ops = Vec::new();
         let mut purged = Purged::default();
-        // Attempts: the expired ones plus any beyond the cap are the oldest `n` in the range.
-        // No flush first (it would cost a commit per subscription per round): attempts still
-        // queued are the newest, so at worst an expired one waits for the next round, and the
-        // trim runs after them in commit order.
+        // Attempts: the expired ones plus any beyond the cap are the oldest `n` in the range,
+        // but those a hold keeps. No flush first (it would cost a commit per subscription
+        // per round): attempts still queued are the newest, so at worst an expired one
+        // waits for the next round, and the trim runs after them in commit order.
         let expired = self
             .engine
             .attempts_before(subscription, nanos(retention.attempts_before))?;
-        let mut state = lock(&self.state);
-        let logged = state.attempts.get(subscription).copied().unwrap_or(0);
+        let logged = lock(&self.state).attempts.get(subscription).copied().unwrap_or(0);
         let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
-        purged.attempts = (expired + over).min(logged);
+        let n = (expired + over).min(logged);
+        let keep = super::hold::held_attempts(self.engine.as_ref(), subscription, n, holds, &mut purged.kept)?;
+        purged.attempts = n.saturating_sub(keep.len() as u64);
+        // Dead letters a hold keeps stay, with their events.
+        let old = lock(&self.state).queues.dead(subscription, retention.dead_letters_before, false);
+        let ids: Vec<String> = if holds.any() {
+            old.iter().map(|(_, d)| d.event_id.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let held = super::hold::held_events(self.engine.as_ref(), &ids, holds, &mut purged.kept)?;
+        let mut state = lock(&self.state);
         if purged.attempts > 0 {
-            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
-            if let Some(n) = state.attempts.get_mut(subscription) {
-                *n -= purged.attempts;
+            ops.push(Op::TrimAttempts(subscription.to_string(), n, keep));
+            if let Some(count) = state.attempts.get_mut(subscription) {
+                *count = count.saturating_sub(purged.attempts);
             }
         }
-        for (seq, dead) in state.queues.dead(subscription, retention.dead_letters_before, false) {
-            state.queues.remove_dead(subscription, seq);
+        for (seq, dead) in old {
+            if held.contains(&dead.event_id) || state.queues.remove_dead(subscription, seq).is_none() {
+                continue;
+            }
             ops.push(Op::DeleteDead(seq));
             if state.release(&dead.event_id, Ref::Dead) {
                 ops.push(Op::DeleteEvent(dead.event_id));
@@ -721,15 +742,6 @@ pub(crate) fn raw_message(engine: &dyn Engine, sha256: &str) -> Result<Option<(j
             bytes,
         )
     }))
-}
-
-/// The writes that delete raw messages archived before `before`.
-pub(crate) fn purge_raw_ops(engine: &dyn Engine, before: jiff::Timestamp) -> Result<Vec<Op>, StoreError> {
-    Ok(engine
-        .raw_before(before.as_second())?
-        .into_iter()
-        .map(|(at, sha256)| Op::DeleteRaw(at, sha256))
-        .collect())
 }
 
 /// A stored delivery's JSON; one that does not parse (never written by this store) is
@@ -830,6 +842,9 @@ mod tests {
         }
         fn attempts_before(&self, subscription: &str, before: u64) -> Result<u64, StoreError> {
             self.inner.attempts_before(subscription, before)
+        }
+        fn oldest_attempts(&self, subscription: &str, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+            self.inner.oldest_attempts(subscription, limit)
         }
         fn disk_bytes(&self) -> Option<u64> {
             None

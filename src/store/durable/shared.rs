@@ -204,17 +204,18 @@ impl SharedStore {
     ) -> Result<Vec<Appended>, StoreError> {
         let now = jiff::Timestamp::now();
         let mut archive = false;
+        let mut mailboxes = Vec::new();
         let mut batch = Vec::with_capacity(items.len());
         for item in items {
             // Every accepted event is logged, stored or not (nobody subscribed).
             let body = json(&item.event)?;
             let audit = Some(crate::audit::Record::event_leaf(&item.event, &body, now));
-            let event = if item.deliveries.is_empty() {
-                None
-            } else {
-                archive |= item.event.raw_message.is_some();
-                Some(body)
-            };
+            // Archived for the events that refer to it (see `DurableStore`'s ingest).
+            if item.event.raw_message.is_some() {
+                archive = true;
+                mailboxes.push(item.event.mailbox.clone());
+            }
+            let event = if item.deliveries.is_empty() { None } else { Some(body) };
             let mut deliveries = Vec::with_capacity(item.deliveries.len());
             for d in &item.deliveries {
                 let shard = i32::try_from(self.shared.shard(&d.subscription)).unwrap_or(0);
@@ -229,13 +230,19 @@ impl SharedStore {
             });
         }
         let outcome = Arc::new(Mutex::new(None));
+        let raw = raw.filter(|_| archive);
+        let index = match &raw {
+            Some(r) => crate::store::hold::raw_index_ops(&r.sha256, r.bytes.len(), now.as_second(), &mailboxes)?,
+            None => Vec::new(),
+        };
         let ingest = IngestBatch {
             items: batch,
             seen_at: now.as_second(),
-            raw: raw.filter(|_| archive).map(|r| (r.sha256, now.as_second(), r.bytes)),
+            raw: raw.map(|r| (r.sha256, now.as_second(), r.bytes)),
             outcome: outcome.clone(),
         };
         let mut ops = vec![Op::Ingest(Box::new(ingest))];
+        ops.extend(index);
         ops.extend(extra);
         self.core.send(ops, true)?;
         outcome
@@ -389,8 +396,8 @@ impl Archive for SharedStore {
         self.core.raw_message(sha256)
     }
 
-    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        self.core.purge_raw_messages(before)
+    fn purge_raw_messages(&self, before: jiff::Timestamp, holds: &dyn crate::store::Holds) -> Result<Purged, StoreError> {
+        self.core.purge_raw_messages(before, holds)
     }
 }
 
@@ -506,8 +513,8 @@ impl History for SharedStore {
         Ok(out.into_iter().map(|(_, d)| d).collect())
     }
 
-    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
-        self.core.purge(subscription, retention)
+    fn purge(&self, subscription: &str, retention: Retention, holds: &dyn crate::store::Holds) -> Result<Purged, StoreError> {
+        self.core.purge(subscription, retention, holds)
     }
 }
 

@@ -26,7 +26,7 @@ use super::durable::committer::{self, Job, Op, Outage, Reply, commit_loop};
 use super::durable::engine::{Engine, PagedEngine, Redb, redb_cache_bytes};
 use super::durable::schema::{StoredDelivery, create_tables, io, json};
 use super::{
-    Appended, Archive, Attempt, Backend, BacklogCap, DeadLetter, Durable, EventLog, History, Ingest, PendingDelivery,
+    Appended, Archive, Attempt, Backend, BacklogCap, DeadLetter, Durable, EventLog, History, Holds, Ingest, PendingDelivery,
     Purged, Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
 };
 use crate::event::MailboxEvent;
@@ -356,6 +356,7 @@ impl PagedStore {
         };
         let mut ops = Vec::new();
         let mut archive = false;
+        let mut mailboxes = Vec::new();
         let mut queued: Vec<Queued> = Vec::new();
         let mut cached = Vec::new();
         let mut figures: HashMap<String, (i64, i64, i64, u64)> = HashMap::new();
@@ -388,10 +389,14 @@ impl PagedStore {
                     &body,
                     now,
                 ))));
+                // Archived for the events that refer to it (see `DurableStore`'s ingest).
+                if item.event.raw_message.is_some() {
+                    archive = true;
+                    mailboxes.push(item.event.mailbox.clone());
+                }
                 if item.deliveries.is_empty() {
                     continue;
                 }
-                archive |= item.event.raw_message.is_some();
                 let size = body.len() as u64;
                 ops.push(Op::PutCountedEvent(
                     id.clone(),
@@ -453,6 +458,7 @@ impl PagedStore {
             return Err(err);
         }
         if let Some(raw) = raw.filter(|_| archive) {
+            ops.extend(super::hold::raw_index_ops(&raw.sha256, raw.bytes.len(), now.as_second(), &mailboxes)?);
             ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
         ops.extend(extra);
@@ -574,13 +580,14 @@ impl Archive for PagedStore {
         super::durable::raw_message(self.engine.as_ref() as &dyn Engine, sha256)
     }
 
-    fn purge_raw_messages(&self, before: jiff::Timestamp) -> Result<u64, StoreError> {
-        let old = super::durable::purge_raw_ops(self.engine.as_ref() as &dyn Engine, before)?;
-        let n = old.len() as u64;
-        if n > 0 {
+    fn purge_raw_messages(&self, before: jiff::Timestamp, holds: &dyn Holds) -> Result<Purged, StoreError> {
+        let mut purged = Purged::default();
+        let old = super::hold::purge_raw_ops(self.engine.as_ref() as &dyn Engine, before, holds, &mut purged.kept)?;
+        purged.raw_messages = super::hold::raw_deletes(&old);
+        if !old.is_empty() {
             self.wait_for(old, false)?;
         }
-        Ok(n)
+        Ok(purged)
     }
 }
 
@@ -1052,31 +1059,47 @@ impl History for PagedStore {
             .collect())
     }
 
-    fn purge(&self, subscription: &str, retention: Retention) -> Result<Purged, StoreError> {
+    fn purge(&self, subscription: &str, retention: Retention, holds: &dyn Holds) -> Result<Purged, StoreError> {
         let _sweep = self.sweeps.lock();
         // Reads below see every write queued before (a dead letter just made).
         self.settle()?;
         let mut ops = Vec::new();
         let mut purged = Purged::default();
+        let engine = self.engine.as_ref() as &dyn Engine;
         let expired = self
             .engine
             .attempts_before(subscription, nanos(retention.attempts_before))?;
         let logged = self.engine.attempts_before(subscription, u64::MAX)?;
         let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
-        purged.attempts = (expired + over).min(logged);
+        let n = (expired + over).min(logged);
+        let keep = super::hold::held_attempts(engine, subscription, n, holds, &mut purged.kept)?;
+        purged.attempts = n.saturating_sub(keep.len() as u64);
         if purged.attempts > 0 {
-            ops.push(Op::TrimAttempts(subscription.to_string(), purged.attempts));
+            ops.push(Op::TrimAttempts(subscription.to_string(), n, keep));
         }
-        let old = self
+        let old: Vec<(u64, u64, Option<StoredDelivery>)> = self
             .engine
-            .dead_range(subscription, 0, nanos(retention.dead_letters_before), false, SWEEP)?;
-        for (at, seq, body) in &old {
-            ops.push(Op::Unbury(subscription.to_string(), *seq, *at));
-            if let Ok(stored) = serde_json::from_slice::<StoredDelivery>(body) {
+            .dead_range(subscription, 0, nanos(retention.dead_letters_before), false, SWEEP)?
+            .into_iter()
+            .map(|(at, seq, body)| (at, seq, serde_json::from_slice::<StoredDelivery>(&body).ok()))
+            .collect();
+        let ids: Vec<String> = if holds.any() {
+            old.iter().filter_map(|(_, _, d)| d.as_ref().map(|d| d.event_id.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        // Dead letters a hold keeps stay, with their events.
+        let held = super::hold::held_events(engine, &ids, holds, &mut purged.kept)?;
+        for (at, seq, stored) in old {
+            if stored.as_ref().is_some_and(|d| held.contains(&d.event_id)) {
+                continue;
+            }
+            ops.push(Op::Unbury(subscription.to_string(), seq, at));
+            if let Some(stored) = stored {
                 ops.push(Op::ReleaseEvent(stored.event_id));
             }
+            purged.dead_letters += 1;
         }
-        purged.dead_letters = old.len() as u64;
         if purged.dead_letters > 0 {
             let n = i64::try_from(purged.dead_letters).unwrap_or(i64::MAX);
             ops.push(Op::Stats(subscription.to_string(), 0, 0, -n));

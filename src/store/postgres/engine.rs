@@ -186,10 +186,15 @@ fn serve(mut connection: Connection, rx: Receiver<Call>) {
 /// `Net`, by table and key).
 fn range_statement(op: &Op) -> Result<Option<(&'static str, Params)>, StoreError> {
     Ok(match op {
-        Op::TrimAttempts(subscription, n) => Some((
+        Op::TrimAttempts(subscription, n, keep) => Some((
             "DELETE FROM attempts WHERE subscription = $1 AND at_nanos IN \
-             (SELECT at_nanos FROM attempts WHERE subscription = $1 ORDER BY at_nanos LIMIT $2)",
-            vec![Box::new(subscription.clone()), Box::new(signed(*n)?)],
+             (SELECT at_nanos FROM attempts WHERE subscription = $1 ORDER BY at_nanos LIMIT $2) \
+             AND at_nanos <> ALL($3)",
+            vec![
+                Box::new(subscription.clone()),
+                Box::new(signed(*n)?),
+                Box::new(keep.iter().map(|k| signed(*k)).collect::<Result<Vec<i64>, _>>()?),
+            ],
         )),
         Op::DeleteAttemptsOf(subscription) => Some((
             "DELETE FROM attempts WHERE subscription = $1",
@@ -1195,6 +1200,20 @@ impl Engine for Postgres {
             )?
             .into_iter()
             .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn oldest_attempts(&self, subscription: &str, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT at_nanos, body FROM attempts WHERE subscription = $1 ORDER BY at_nanos LIMIT $2",
+                vec![
+                    Box::new(subscription.to_string()),
+                    Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )?
+            .into_iter()
+            .map(|r| (u64_of(r.get(0)), r.get(1)))
             .collect())
     }
 

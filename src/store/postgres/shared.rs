@@ -289,7 +289,7 @@ pub(super) async fn ingest(
     let mut raws = Vec::new();
     for (b, batch) in batches.iter().enumerate() {
         let mut out = Vec::with_capacity(batch.items.len());
-        let mut stored_any = false;
+        let mut new_any = false;
         for (i, item) in batch.items.iter().enumerate() {
             if let Some(p) = &item.producer {
                 let new = first.get(p.as_str()) == Some(&(b, i)) && inserted.contains(p);
@@ -311,8 +311,8 @@ pub(super) async fn ingest(
             if let Some(leaf) = &item.audit {
                 audit.push(leaf.clone());
             }
+            new_any = true;
             if let Some(body) = &item.event {
-                stored_any = true;
                 event_ids.push(item.event_id.as_str());
                 event_bodies.push(body.as_slice());
                 for (subscription, shard, delivery) in &item.deliveries {
@@ -327,7 +327,9 @@ pub(super) async fn ingest(
                 duplicate: false,
             });
         }
-        if stored_any && let Some(raw) = &batch.raw {
+        // The batch carries a raw message only when an event of it refers to it (and its
+        // mailbox index rows come with it): archived unless every event was a duplicate.
+        if new_any && let Some(raw) = &batch.raw {
             raws.push(raw);
         }
         outcomes.push(out);
