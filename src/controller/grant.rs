@@ -126,7 +126,7 @@ pub fn evaluate(
 }
 
 /// A short list for a printer column: the first few entries and how many more.
-fn summary<'a>(items: impl Iterator<Item = &'a str>) -> Option<String> {
+pub(super) fn summary<'a>(items: impl Iterator<Item = &'a str>) -> Option<String> {
     let items: Vec<&str> = items.collect();
     if items.is_empty() {
         return None;

@@ -6,6 +6,7 @@
 pub mod conditions;
 pub mod filter;
 pub mod grant;
+pub mod hold;
 pub mod mail_source;
 pub mod status;
 pub mod subscription;
@@ -940,6 +941,7 @@ pub async fn run(
     }
     let writer = status::run(ctx.clone(), shutdown.clone());
     let grants = grant::run(ctx.clone(), client.clone(), shutdown.clone());
+    let holds = hold::run(ctx.clone(), client.clone(), shutdown.clone());
     let mail_sources = mail_source::run(
         ctx.clone(),
         client.clone(),
@@ -988,6 +990,7 @@ pub async fn run(
     tasks.spawn(writer);
     tasks.spawn(routes);
     tasks.spawn(grants);
+    tasks.spawn(holds);
     tasks.spawn(mail_sources);
     while let Some(done) = tasks.join_next().await {
         // A panic goes on up as it did when the parts were joined in one task.

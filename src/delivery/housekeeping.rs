@@ -194,7 +194,9 @@ fn report_kept(
             ("attempt", k.attempts),
             ("dead_letter", k.dead_letters),
         ] {
-            gauge.with_label_values(&[hold.as_str(), kind]).set(i64::try_from(n).unwrap_or(i64::MAX));
+            gauge
+                .with_label_values(&[hold.as_str(), kind])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
     let body = serde_json::to_vec(&kept_json(&kept)).map_err(|e| StoreError::Failed(e.to_string()))?;

@@ -72,8 +72,23 @@ async fn raw_message(
         };
         return refuse(status, err.to_string());
     }
-    let (store, id) = (state.deliveries.archive(), sha256.clone());
-    let found = tokio::task::spawn_blocking(move || store.raw_message(&id)).await;
+    let (store, trail, id) = (state.deliveries.archive(), state.deliveries.audit(), sha256.clone());
+    let subscription = q.subscription.clone();
+    // Every fetch is an act of custody, logged before a byte is sent.
+    let found = tokio::task::spawn_blocking(move || {
+        let Some(found) = store.raw_message(&id)? else {
+            return Ok(None);
+        };
+        trail.audit_append(&crate::audit::Record::Custody {
+            action: "raw-message.fetch".into(),
+            subject: format!("raw-message/{id}"),
+            by: format!("subscription:{subscription}"),
+            at: jiff::Timestamp::now(),
+            detail: format!("{} bytes, by its link", found.1.len()),
+        })?;
+        Ok::<_, crate::store::StoreError>(Some(found))
+    })
+    .await;
     match found {
         Ok(Ok(Some((_, bytes)))) => (
             StatusCode::OK,

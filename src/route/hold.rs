@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use crate::api::LegalHoldSpec;
 
-use super::{FilterError, Problem};
 use super::grant::MailboxSet;
+use super::{FilterError, Problem};
 
 /// One LegalHold, compiled.
 #[derive(Debug)]
@@ -51,7 +51,9 @@ impl CompiledHold {
 
     /// Whether the hold keeps a record of `mailbox` made at `at`.
     pub fn holds(&self, mailbox: &str, at: jiff::Timestamp) -> bool {
-        self.from.is_none_or(|from| at >= from) && self.until.is_none_or(|until| at < until) && self.mailboxes.contains(mailbox)
+        self.from.is_none_or(|from| at >= from)
+            && self.until.is_none_or(|until| at < until)
+            && self.mailboxes.contains(mailbox)
     }
 }
 
@@ -112,7 +114,10 @@ mod tests {
         assert!(hold.holds("bob@team.legal.example.org", inside));
         assert!(!hold.holds("bob@example.com", inside));
         assert!(!hold.holds("zoë@example.com", at("2025-12-31T23:59:59Z")));
-        assert!(!hold.holds("zoë@example.com", at("2026-02-01T00:00:00Z")), "until is exclusive");
+        assert!(
+            !hold.holds("zoë@example.com", at("2026-02-01T00:00:00Z")),
+            "until is exclusive"
+        );
         let set = HoldSet::new(vec![Arc::new(hold)]);
         assert_eq!(set.holding("zoë@example.com", inside).collect::<Vec<_>>(), ["h"]);
     }

@@ -192,14 +192,17 @@ impl Pipeline {
             .into_iter()
             .map(String::from)
             .collect();
-        // Archived only for a subscription that will get a link to it: one that asks, under
-        // a grant that allows raw messages of the event.
+        // Archived only for a subscription that will get a link to it (one that asks, under
+        // a grant that allows raw messages of the event), or for a LegalHold that holds
+        // the event's mailbox (whether or not anyone gets the event).
+        let holds = self.router.holds();
+        let now = jiff::Timestamp::now();
         let wants = (raw.message.is_some() || raw.archived)
             && items.iter().any(|i| {
                 i.deliveries.iter().any(|d| {
                     self.deliveries
                         .links_raw_message(&d.subscription, &i.event, table.grants())
-                })
+                }) || (!holds.is_empty() && holds.holding(&i.event.mailbox, now).next().is_some())
             });
         let wanted = if wants { raw.message.take() } else { None };
         // Events refer to the message only where it is (or is now being) archived.

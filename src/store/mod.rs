@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 pub use audit::AuditTrail;
 pub use durable::DurableStore;
-pub use hold::{Holds, Kept, KeptRecords, NoHolds};
 pub use durable::shared::SharedStore;
+pub use hold::{Holds, Kept, KeptRecords, NoHolds};
 pub use paged::PagedStore;
 pub use rows::{Row, RowWrite, Rows, is_reserved, reserved_group};
 
@@ -1018,7 +1018,10 @@ pub mod conformance {
                 .collect::<Vec<_>>(),
             ["h2"]
         );
-        assert!(s.event("h2").expect("read").is_some(), "a held dead letter keeps its event");
+        assert!(
+            s.event("h2").expect("read").is_some(),
+            "a held dead letter keeps its event"
+        );
         assert!(s.raw_message(&raw.sha256).expect("read").is_some());
         assert_eq!(s.raw_message(&free_raw.sha256).expect("read"), None);
 

@@ -12,6 +12,7 @@ mod filter;
 mod formats;
 mod grants;
 mod history;
+mod hold;
 #[path = "../common/pg.rs"]
 mod pg;
 mod pgstore;

@@ -327,6 +327,7 @@ pub fn router(api: AuditApi) -> Router {
         .route("/v1/audit/checkpoint", get(checkpoint))
         .route("/v1/audit/prove", get(prove))
         .route("/v1/audit/custody", axum::routing::post(custody))
+        .route("/v1/audit/raw-messages/{sha256}", get(raw_message))
         .with_state(api)
 }
 
@@ -585,6 +586,69 @@ async fn custody(
     let trail = api.audit.trail.clone();
     match blocking(move || Ok(trail.audit_append(&record)?)).await {
         Ok(index) => (StatusCode::CREATED, axum::Json(serde_json::json!({ "index": index }))).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// An archived raw message for a holder of an admin token (legal, compliance): any message
+/// still archived, held or not, with no link needed. The fetch is recorded in the audit
+/// log as an act of custody before a byte is sent (`mailhook-custody-index`).
+async fn raw_message(
+    State(api): State<AuditApi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Path(sha256): axum::extract::Path<String>,
+) -> Response {
+    let by = match super::admin_only(&api.history, &headers, peer.ip(), "the audit API") {
+        Ok(name) => name,
+        Err(refused) => return refused.into_response(),
+    };
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({ "error": "name the message by its SHA-256: 64 lower-case hex digits" })),
+        )
+            .into_response();
+    }
+    let archive = api.history.deliveries.archive();
+    let trail = api.audit.trail.clone();
+    let fetched = blocking(move || {
+        let Some((_, bytes)) = archive.raw_message(&sha256)? else {
+            return Ok(None);
+        };
+        let record = crate::audit::Record::Custody {
+            action: "raw-message.fetch".into(),
+            subject: format!("raw-message/{sha256}"),
+            by: format!("admin-token:{by}"),
+            at: jiff::Timestamp::now(),
+            detail: format!("{} bytes", bytes.len()),
+        };
+        let index = trail.audit_append(&record)?;
+        Ok(Some((sha256, index, bytes)))
+    })
+    .await;
+    match fetched {
+        Ok(Some((sha256, index, bytes))) => {
+            let mut response = (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, "message/rfc822".to_string()),
+                    (header::CACHE_CONTROL, "no-store".to_string()),
+                    (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{sha256}.eml\"")),
+                ],
+                bytes,
+            )
+                .into_response();
+            if let Some(value) = index.and_then(|i| header::HeaderValue::from_str(&i.to_string()).ok()) {
+                response.headers_mut().insert("mailhook-custody-index", value);
+            }
+            response
+        }
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({ "error": "no such raw message is archived (never archived, or past --raw-message-retention and held by no LegalHold)" })),
+        )
+            .into_response(),
         Err(response) => response,
     }
 }

@@ -39,8 +39,8 @@ use self::schema::{StoredDelivery, create_tables, io, json, nanos};
 use self::state::{Ref, State, build, bury_in, dead_ops};
 use super::queue::Dead;
 use super::{
-    Appended, Archive, Attempt, Backend, DeadLetter, Durable, EventLog, History, Holds, Ingest, PendingDelivery, Purged,
-    Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
+    Appended, Archive, Attempt, Backend, DeadLetter, Durable, EventLog, History, Holds, Ingest, PendingDelivery,
+    Purged, Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
 };
 use crate::event::MailboxEvent;
 
@@ -250,7 +250,12 @@ impl DurableStore {
             }
         }
         if let Some(raw) = raw.filter(|_| archive) {
-            ops.extend(super::hold::raw_index_ops(&raw.sha256, raw.bytes.len(), now.as_second(), &mailboxes)?);
+            ops.extend(super::hold::raw_index_ops(
+                &raw.sha256,
+                raw.bytes.len(),
+                now.as_second(),
+                &mailboxes,
+            )?);
             ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
         ops.extend(extra);
@@ -671,7 +676,9 @@ impl History for DurableStore {
         let keep = super::hold::held_attempts(self.engine.as_ref(), subscription, n, holds, &mut purged.kept)?;
         purged.attempts = n.saturating_sub(keep.len() as u64);
         // Dead letters a hold keeps stay, with their events.
-        let old = lock(&self.state).queues.dead(subscription, retention.dead_letters_before, false);
+        let old = lock(&self.state)
+            .queues
+            .dead(subscription, retention.dead_letters_before, false);
         let ids: Vec<String> = if holds.any() {
             old.iter().map(|(_, d)| d.event_id.clone()).collect()
         } else {

@@ -396,7 +396,11 @@ impl Archive for SharedStore {
         self.core.raw_message(sha256)
     }
 
-    fn purge_raw_messages(&self, before: jiff::Timestamp, holds: &dyn crate::store::Holds) -> Result<Purged, StoreError> {
+    fn purge_raw_messages(
+        &self,
+        before: jiff::Timestamp,
+        holds: &dyn crate::store::Holds,
+    ) -> Result<Purged, StoreError> {
         self.core.purge_raw_messages(before, holds)
     }
 }
@@ -513,7 +517,12 @@ impl History for SharedStore {
         Ok(out.into_iter().map(|(_, d)| d).collect())
     }
 
-    fn purge(&self, subscription: &str, retention: Retention, holds: &dyn crate::store::Holds) -> Result<Purged, StoreError> {
+    fn purge(
+        &self,
+        subscription: &str,
+        retention: Retention,
+        holds: &dyn crate::store::Holds,
+    ) -> Result<Purged, StoreError> {
         self.core.purge(subscription, retention, holds)
     }
 }

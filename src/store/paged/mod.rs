@@ -26,8 +26,8 @@ use super::durable::committer::{self, Job, Op, Outage, Reply, commit_loop};
 use super::durable::engine::{Engine, PagedEngine, Redb, redb_cache_bytes};
 use super::durable::schema::{StoredDelivery, create_tables, io, json};
 use super::{
-    Appended, Archive, Attempt, Backend, BacklogCap, DeadLetter, Durable, EventLog, History, Holds, Ingest, PendingDelivery,
-    Purged, Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
+    Appended, Archive, Attempt, Backend, BacklogCap, DeadLetter, Durable, EventLog, History, Holds, Ingest,
+    PendingDelivery, Purged, Queue, QueueCounts, RawMessage, Retention, RowWrite, StoreError,
 };
 use crate::event::MailboxEvent;
 
@@ -458,7 +458,12 @@ impl PagedStore {
             return Err(err);
         }
         if let Some(raw) = raw.filter(|_| archive) {
-            ops.extend(super::hold::raw_index_ops(&raw.sha256, raw.bytes.len(), now.as_second(), &mailboxes)?);
+            ops.extend(super::hold::raw_index_ops(
+                &raw.sha256,
+                raw.bytes.len(),
+                now.as_second(),
+                &mailboxes,
+            )?);
             ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
         }
         ops.extend(extra);
@@ -1084,7 +1089,9 @@ impl History for PagedStore {
             .map(|(at, seq, body)| (at, seq, serde_json::from_slice::<StoredDelivery>(&body).ok()))
             .collect();
         let ids: Vec<String> = if holds.any() {
-            old.iter().filter_map(|(_, _, d)| d.as_ref().map(|d| d.event_id.clone())).collect()
+            old.iter()
+                .filter_map(|(_, _, d)| d.as_ref().map(|d| d.event_id.clone()))
+                .collect()
         } else {
             Vec::new()
         };

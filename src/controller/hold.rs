@@ -1,0 +1,448 @@
+//! LegalHold: what legal or compliance staff keep past every retention setting. Holds are
+//! few and cluster-scoped, so one loop keeps them all: every replica compiles them into the
+//! routing table's hold set (its ingest archives what they hold, its purges skip it), and
+//! the leader records each placement, change and release in the audit log, keeps the
+//! finalizer that makes a deletion wait for its confirmation, and writes status with what
+//! the purges of every replica reported kept.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::reflector;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Context;
+use super::conditions::{self, Desired, READY, Status};
+use crate::api::{CONFIRM_RELEASE, HOLD_FINALIZER, HeldRecords, LegalHold, LegalHoldSpec, LegalHoldStatus};
+use crate::route::{CompiledHold, HoldSet};
+
+/// The annotation naming who released a hold, written to the audit log with the release.
+pub const RELEASED_BY: &str = "mailhook.io/released-by";
+
+/// Reasons on the `Ready` condition of a LegalHold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Holding,
+    InvalidSpec,
+    ReleaseNotConfirmed,
+}
+
+impl conditions::Reason for Reason {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Holding => "Holding",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::ReleaseNotConfirmed => "ReleaseNotConfirmed",
+        }
+    }
+}
+
+/// What a deletion of a hold may do now. Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Release {
+    /// Not being deleted.
+    No,
+    /// Deleted and confirmed (or it never held anything): record it and let it go.
+    Go,
+    /// Deleted without the confirmation: it stays in force.
+    Refused,
+}
+
+/// Whether a hold's deletion may proceed. A hold whose spec never compiled holds nothing
+/// and goes at once; any other needs the confirmation annotation naming it, whatever the
+/// purges counted so far: what it covers that retention has not reached yet is held too.
+pub fn release(hold: &LegalHold, valid: bool) -> Release {
+    if hold.metadata.deletion_timestamp.is_none() {
+        return Release::No;
+    }
+    let confirmed = hold.annotations().get(CONFIRM_RELEASE) == Some(&hold.name_any());
+    if confirmed || !valid {
+        Release::Go
+    } else {
+        Release::Refused
+    }
+}
+
+/// The status a hold should have. Pure.
+pub fn hold_status(
+    previous: &LegalHoldStatus,
+    hold: &LegalHold,
+    invalid: Option<&str>,
+    held: HeldRecords,
+    log_index: Option<u64>,
+    now: &Time,
+) -> LegalHoldStatus {
+    let name = hold.name_any();
+    let generation = hold.metadata.generation;
+    let ready = match (invalid, release(hold, invalid.is_none())) {
+        (Some(message), _) => Desired {
+            type_: READY,
+            status: Status::False,
+            reason: Reason::InvalidSpec,
+            message: format!("{message}; the hold keeps nothing until it is fixed"),
+        },
+        (None, Release::Refused) => Desired {
+            type_: READY,
+            status: Status::False,
+            reason: Reason::ReleaseNotConfirmed,
+            message: format!(
+                "deletion waits for confirmation and the hold is still in force (it keeps {} raw messages, {} attempts and {} dead letters past retention so far); to release them to retention run `kubectl annotate legalhold {name} {CONFIRM_RELEASE}={name} {RELEASED_BY}=<who>`",
+                held.raw_messages, held.attempts, held.dead_letters
+            ),
+        },
+        (None, _) => Desired {
+            type_: READY,
+            status: Status::True,
+            reason: Reason::Holding,
+            message: "purges keep what the hold matches, and its mailboxes' raw messages are archived".into(),
+        },
+    };
+    let mut status = previous.clone();
+    status.observed_generation = generation;
+    conditions::set_ready(&mut status.conditions, &ready, generation, now);
+    status.mailbox_summary = super::grant::summary(
+        hold.spec
+            .mailboxes
+            .iter()
+            .map(String::as_str)
+            .chain(hold.spec.domains.iter().map(String::as_str)),
+    );
+    if status.held != held {
+        status.held = held;
+        status.last_counted = Some(now.clone());
+    } else if status.last_counted.is_none() {
+        status.last_counted = Some(now.clone());
+    }
+    if log_index.is_some() {
+        status.log_index = log_index;
+    }
+    status
+}
+
+/// What the audit log says of a hold placed or changed.
+fn custody_detail(spec: &LegalHoldSpec) -> String {
+    format!(
+        "reason={:?} mailboxes={:?} domains={:?} from={} until={}",
+        spec.reason,
+        spec.mailboxes,
+        spec.domains,
+        spec.from.as_deref().unwrap_or("-"),
+        spec.until.as_deref().unwrap_or("-")
+    )
+}
+
+/// Adds up the figures each replica left (`delivery::housekeeping::report_kept`), skipping
+/// those of replicas that stopped reporting.
+fn kept_by_hold(ctx: &Context, now: jiff::Timestamp) -> BTreeMap<String, HeldRecords> {
+    let mut total: BTreeMap<String, HeldRecords> = BTreeMap::new();
+    let store = ctx.deliveries.rows();
+    let rows = match store.rows(&crate::delivery::kept_group(), b"") {
+        Ok(rows) => rows,
+        Err(err) => {
+            warn!(%err, "cannot read what legal holds kept; status keeps the last figures");
+            return total;
+        }
+    };
+    let fresh = now.as_second() - crate::delivery::KEPT_FRESH.as_secs() as i64;
+    for row in rows.into_iter().filter(|r| r.at >= fresh) {
+        let Ok(kept) = serde_json::from_slice::<BTreeMap<String, HeldRecords>>(&row.body) else {
+            continue;
+        };
+        for (hold, k) in kept {
+            total.entry(hold).or_default().add(&k);
+        }
+    }
+    total
+}
+
+/// Runs the hold loop until `shutdown`: a pass on every change to a hold, and every 15 s
+/// for the figures.
+pub async fn run(ctx: Arc<Context>, client: Client, shutdown: CancellationToken) {
+    let (holds, writer) = reflector::store::<LegalHold>();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let watch = {
+        let wake = wake.clone();
+        watcher(Api::<LegalHold>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(|h: &mut LegalHold| h.metadata.managed_fields = None)
+            .reflect(writer)
+            .for_each(move |event| {
+                if let Err(err) = &event {
+                    warn!(%err, "watching LegalHolds failed (the operator needs list/watch on legalholds); retrying");
+                }
+                wake.notify_one();
+                async {}
+            })
+    };
+    let passes = async {
+        if super::synced(&holds).await.is_err() {
+            return;
+        }
+        // Custody already recorded here, by (uid, generation): the status write that
+        // carries its index may fail, and the next pass must not record it twice.
+        let mut recorded: HashMap<(String, i64), u64> = HashMap::new();
+        let mut written: HashMap<String, LegalHoldStatus> = HashMap::new();
+        loop {
+            pass(&ctx, &client, &holds, &mut recorded, &mut written).await;
+            tokio::select! {
+                () = wake.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
+                () = tokio::time::sleep(Duration::from_secs(15)) => {}
+            }
+        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = watch => tracing::error!("the LegalHold watch ended; holds no longer follow changes"),
+        () = passes => {}
+    }
+}
+
+/// A hold compiled, or why its spec does not compile.
+type Compiled = Result<Arc<CompiledHold>, String>;
+
+async fn pass(
+    ctx: &Arc<Context>,
+    client: &Client,
+    holds: &reflector::Store<LegalHold>,
+    recorded: &mut HashMap<(String, i64), u64>,
+    written: &mut HashMap<String, LegalHoldStatus>,
+) {
+    let all = holds.state();
+    let compiled: Vec<(Arc<LegalHold>, Compiled)> = all
+        .iter()
+        .map(|h| {
+            let c = CompiledHold::compile(&h.name_any(), &h.spec)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            (h.clone(), c)
+        })
+        .collect();
+    // Every replica holds; a hold waiting for its release confirmation still holds.
+    let set: Vec<Arc<CompiledHold>> = compiled.iter().filter_map(|(_, c)| c.clone().ok()).collect();
+    ctx.router.set_holds(HoldSet::new(set));
+    if !ctx.leadership.is_leader() {
+        written.clear();
+        return;
+    }
+    let now = jiff::Timestamp::now();
+    let kept = kept_by_hold(ctx, now);
+    let trail = ctx.deliveries.audit();
+    for (hold, compiled) in &compiled {
+        let name = hold.name_any();
+        let uid = hold.uid().unwrap_or_default();
+        let generation = hold.metadata.generation.unwrap_or(0);
+        let held = kept.get(&name).copied().unwrap_or_default();
+        // Placed or changed: an act of custody, once per generation.
+        let mut log_index = None;
+        let known = hold.status.as_ref().and_then(|s| s.observed_generation) == Some(generation)
+            && hold.status.as_ref().is_some_and(|s| s.log_index.is_some());
+        if !known && hold.metadata.deletion_timestamp.is_none() {
+            log_index = match recorded.get(&(uid.clone(), generation)) {
+                Some(index) => Some(*index),
+                None => {
+                    let action = if hold.status.as_ref().and_then(|s| s.log_index).is_some() {
+                        "legal-hold.changed"
+                    } else {
+                        "legal-hold.placed"
+                    };
+                    let record = crate::audit::Record::Custody {
+                        action: action.into(),
+                        subject: format!("LegalHold/{name}"),
+                        by: hold.spec.requested_by.clone(),
+                        at: now,
+                        detail: custody_detail(&hold.spec),
+                    };
+                    match append(&trail, record).await {
+                        Ok(index) => {
+                            info!(hold = name, index, action, "audit log: legal hold recorded");
+                            recorded.insert((uid.clone(), generation), index);
+                            Some(index)
+                        }
+                        Err(err) => {
+                            warn!(hold = name, %err, "cannot record the legal hold in the audit log; will retry");
+                            None
+                        }
+                    }
+                }
+            };
+        }
+        match release(hold, compiled.is_ok()) {
+            Release::Go => {
+                let by = hold
+                    .annotations()
+                    .get(RELEASED_BY)
+                    .cloned()
+                    .unwrap_or_else(|| format!("not named (no {RELEASED_BY} annotation)"));
+                let record = crate::audit::Record::Custody {
+                    action: "legal-hold.released".into(),
+                    subject: format!("LegalHold/{name}"),
+                    by,
+                    at: now,
+                    detail: format!(
+                        "kept past retention at release: {} raw messages ({} bytes), {} attempts, {} dead letters",
+                        held.raw_messages, held.raw_message_bytes, held.attempts, held.dead_letters
+                    ),
+                };
+                // Recorded before the finalizer goes: a release is never unlogged.
+                match append(&trail, record).await {
+                    Ok(index) => {
+                        info!(hold = name, index, "audit log: legal hold released");
+                        if let Err(err) = remove_finalizer(client, hold).await {
+                            warn!(hold = name, %err, "cannot remove the LegalHold's finalizer; will retry");
+                        }
+                    }
+                    Err(err) => warn!(hold = name, %err, "cannot record the release in the audit log; will retry"),
+                }
+                continue;
+            }
+            Release::No if !hold.finalizers().iter().any(|f| f == HOLD_FINALIZER) => {
+                if let Err(err) = add_finalizer(client, hold).await {
+                    warn!(hold = name, %err, "cannot add the LegalHold's finalizer; will retry");
+                }
+            }
+            _ => {}
+        }
+        let previous = written
+            .get(&name)
+            .cloned()
+            .or_else(|| hold.status.clone())
+            .unwrap_or_default();
+        let desired = hold_status(
+            &previous,
+            hold,
+            compiled.as_ref().err().map(String::as_str),
+            held,
+            log_index,
+            &Time(now),
+        );
+        if hold.status.as_ref() == Some(&desired) || written.get(&name) == Some(&desired) {
+            continue;
+        }
+        ctx.api_limiter.until_ready().await;
+        match super::apply_cluster_status::<LegalHold>(&ctx.client, &name, &desired).await {
+            Ok(()) => {
+                written.insert(name, desired);
+            }
+            Err(err) => warn!(hold = name, %err, "cannot write LegalHold status; will retry"),
+        }
+    }
+    written.retain(|name, _| all.iter().any(|h| &h.name_any() == name));
+}
+
+async fn append(trail: &Arc<dyn crate::store::AuditTrail>, record: crate::audit::Record) -> Result<u64, String> {
+    let trail = trail.clone();
+    match tokio::task::spawn_blocking(move || trail.audit_append(&record)).await {
+        Ok(Ok(Some(index))) => Ok(index),
+        Ok(Ok(None)) => Err("the store keeps no audit log".into()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+async fn add_finalizer(client: &Client, hold: &LegalHold) -> Result<(), kube::Error> {
+    let mut finalizers = hold.finalizers().to_vec();
+    finalizers.push(HOLD_FINALIZER.to_string());
+    patch_finalizers(client, hold, finalizers).await
+}
+
+async fn remove_finalizer(client: &Client, hold: &LegalHold) -> Result<(), kube::Error> {
+    let finalizers = hold
+        .finalizers()
+        .iter()
+        .filter(|f| *f != HOLD_FINALIZER)
+        .cloned()
+        .collect();
+    patch_finalizers(client, hold, finalizers).await
+}
+
+/// A merge patch of the finalizers, conditional on the object being as read.
+async fn patch_finalizers(client: &Client, hold: &LegalHold, finalizers: Vec<String>) -> Result<(), kube::Error> {
+    let api: Api<LegalHold> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "metadata": { "finalizers": finalizers, "resourceVersion": hold.resource_version() }
+    });
+    api.patch(
+        &hold.name_any(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn hold(deleting: bool, confirm: Option<&str>) -> LegalHold {
+        let mut annotations = BTreeMap::new();
+        if let Some(c) = confirm {
+            annotations.insert(CONFIRM_RELEASE.to_string(), c.to_string());
+        }
+        LegalHold {
+            metadata: ObjectMeta {
+                name: Some("matter-7".into()),
+                generation: Some(2),
+                annotations: Some(annotations),
+                deletion_timestamp: deleting.then_some(Time(jiff::Timestamp::UNIX_EPOCH)),
+                ..Default::default()
+            },
+            spec: LegalHoldSpec {
+                mailboxes: vec!["zoë@example.com".into()],
+                reason: "matter 7".into(),
+                requested_by: "legal@example.com".into(),
+                ..Default::default()
+            },
+            status: None,
+        }
+    }
+
+    #[test]
+    fn a_deletion_needs_the_confirmation_naming_the_hold() {
+        assert_eq!(release(&hold(false, None), true), Release::No);
+        assert_eq!(release(&hold(true, None), true), Release::Refused);
+        assert_eq!(release(&hold(true, Some("other")), true), Release::Refused);
+        assert_eq!(release(&hold(true, Some("matter-7")), true), Release::Go);
+        assert_eq!(
+            release(&hold(true, None), false),
+            Release::Go,
+            "an invalid hold holds nothing"
+        );
+    }
+
+    #[test]
+    fn status_says_what_is_held_and_how_to_release_it() {
+        let h = hold(true, None);
+        let held = HeldRecords {
+            raw_messages: 3,
+            raw_message_bytes: 900,
+            attempts: 5,
+            dead_letters: 1,
+        };
+        let now = Time(jiff::Timestamp::UNIX_EPOCH);
+        let s = hold_status(&LegalHoldStatus::default(), &h, None, held, Some(12), &now);
+        assert_eq!((s.held, s.log_index, s.observed_generation), (held, Some(12), Some(2)));
+        let ready = s.conditions.iter().find(|c| c.type_ == READY).expect("ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ReleaseNotConfirmed")
+        );
+        assert!(
+            ready
+                .message
+                .contains("kubectl annotate legalhold matter-7 mailhook.io/confirm-release=matter-7")
+        );
+        assert_eq!(conditions::status_of(&s.conditions, conditions::STALLED), Some("True"));
+        let s = hold_status(&s, &hold(false, None), None, held, None, &now);
+        assert_eq!(conditions::status_of(&s.conditions, READY), Some("True"));
+        assert_eq!(s.log_index, Some(12), "kept until a new generation is recorded");
+        assert_eq!(conditions::status_of(&s.conditions, conditions::STALLED), None);
+    }
+}
