@@ -60,6 +60,22 @@ pub trait Engine: Send + Sync + 'static {
         }
         Ok(found)
     }
+    /// As `events_by_id`, with each event's acceptance index in the audit log, when it
+    /// has one.
+    fn events_indexed(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>, Option<u64>)>, StoreError> {
+        let read = self.events_by_id(ids)?;
+        let read_ids: Vec<String> = read.iter().map(|(id, _)| id.clone()).collect();
+        // Without its index a delivery only lacks its log index header.
+        let indexes = self.audit_accepted(&read_ids).unwrap_or_else(|err| {
+            tracing::debug!(%err, "cannot read the events' audit log indexes");
+            vec![None; read_ids.len()]
+        });
+        Ok(read
+            .into_iter()
+            .zip(indexes)
+            .map(|((id, body), index)| (id, body, index))
+            .collect())
+    }
     fn event_count(&self) -> Result<u64, StoreError>;
     /// Stored deliveries by seq (absent ones skipped).
     fn deliveries(&self, table: Deliveries, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;

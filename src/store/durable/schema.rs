@@ -215,8 +215,8 @@ pub(crate) fn events_by_id(
     if missing.is_empty() {
         return out;
     }
-    let read: std::collections::HashMap<String, Vec<u8>> = match engine.events_by_id(&missing) {
-        Ok(read) => read.into_iter().collect(),
+    let read: std::collections::HashMap<String, (Vec<u8>, Option<u64>)> = match engine.events_indexed(&missing) {
+        Ok(read) => read.into_iter().map(|(id, body, index)| (id, (body, index))).collect(),
         Err(err) => {
             let message = err.to_string();
             for slot in out.iter_mut().filter(|e| matches!(e, Ok(None))) {
@@ -230,9 +230,12 @@ pub(crate) fn events_by_id(
         if !matches!(slot, Ok(None)) {
             continue;
         }
-        let Some(bytes) = read.get(id) else { continue };
+        let Some((bytes, index)) = read.get(id) else { continue };
         *slot = match serde_json::from_slice::<crate::event::MailboxEvent>(bytes) {
             Ok(e) => {
+                if let Some(index) = index {
+                    e.log_index.set(*index);
+                }
                 let e = std::sync::Arc::new(e);
                 kept.push(e.clone());
                 Ok(Some(e))
@@ -240,7 +243,6 @@ pub(crate) fn events_by_id(
             Err(err) => Err(io(err)),
         };
     }
-    indexed(engine, &kept);
     keep(&kept);
     out
 }

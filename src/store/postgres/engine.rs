@@ -34,6 +34,13 @@ pub struct Connection {
     unsure: Option<Unsure>,
     /// Leaves of commits reported failed that did land (see `Landed`).
     landed: Landed,
+    /// The sole owner's view of the log's head (size, packed frontier) after its last
+    /// commit: no other process appends to the log while it holds the store-wide lock, so
+    /// its appends need not lock and read the head first (see `append_audit`). Forgotten
+    /// on any failure, and read again.
+    head: Option<(u64, Vec<u8>)>,
+    /// `APPEND_AT`, prepared on the current client.
+    append_at: Option<tokio_postgres::Statement>,
 }
 
 impl Connection {
@@ -58,6 +65,8 @@ impl Connection {
             // that finds the lock taken reports the store unavailable at once.
             self.patience = std::time::Duration::ZERO;
             self.client = Some(client);
+            self.append_at = None;
+            self.head = None;
         }
         self.client
             .as_mut()
@@ -119,6 +128,8 @@ impl Postgres {
                     patience: super::shared::PREDECESSOR_GRACE,
                     unsure: None,
                     landed: Landed::default(),
+                    head: None,
+                    append_at: None,
                 };
                 let first = connection.client().map(|_| ());
                 let ok = first.is_ok();
@@ -719,25 +730,51 @@ impl PagedWrites {
     }
 }
 
-/// Appends leaves to the audit log inside `txn`, last in it: the head row's lock orders the
-/// appends of every replica and is held until the commit. Both statements are prepared
-/// before the lock is taken (with the lock timeout, in one round trip), so it is held for
-/// two round trips and the COMMIT: one locks and reads the head with its frontier, one
-/// writes hashes, records, acceptances and the new head. Returns the first leaf's index
-/// and the transaction's id.
+/// Where an append starts and what it leaves: the first leaf's index, the transaction's
+/// id (0 when not asked), and the new head (size, packed frontier).
+struct Appended {
+    first: u64,
+    xid: i64,
+    head: (u64, Vec<u8>),
+}
+
+/// Appends leaves to the audit log inside `txn`, last in it.
+///
+/// Shared by several replicas (`sole` None), the head row's lock orders every replica's
+/// appends and is held until the commit. Both statements are prepared before the lock is
+/// taken (with the lock timeout, in one round trip), so it is held for two round trips and
+/// the COMMIT: one locks and reads the head with its frontier, one writes hashes, records,
+/// acceptances and the new head.
+///
+/// The sole owner (`sole`: `APPEND_AT` prepared, and the head after its last commit when
+/// known) is the only writer while it holds the store-wide lock: it appends from the head
+/// it knows, in one round trip, on the condition that the head is still there (an edited
+/// or restored store fails the commit, and the head is read again).
 async fn append_audit(
     txn: &tokio_postgres::Transaction<'_>,
     leaves: &[crate::audit::Leaf],
-) -> Result<Result<(u64, i64), crate::audit::TreeError>, tokio_postgres::Error> {
-    // A commit that cannot have the head within 10 s fails (and is retried) rather than
-    // wait on a stuck transaction.
-    let (_, lock, write) = tokio::try_join!(
-        txn.batch_execute("SET LOCAL lock_timeout = '10s'"),
-        txn.prepare("SELECT size, frontier, txid_current() FROM audit_head WHERE id = 1 FOR UPDATE"),
-        txn.prepare(APPEND),
-    )?;
-    let head = txn.query_one(&lock, &[]).await?;
-    let (size, packed, xid): (u64, Vec<u8>, i64) = (u64_of(head.get(0)), head.get(1), head.get(2));
+    sole: Option<(&tokio_postgres::Statement, Option<(u64, Vec<u8>)>)>,
+) -> Result<Result<Appended, crate::audit::TreeError>, tokio_postgres::Error> {
+    let (size, packed, xid, write) = match sole {
+        Some((write, Some((size, packed)))) => (size, packed, 0, write.clone()),
+        Some((write, None)) => {
+            let head = txn
+                .query_one("SELECT size, frontier FROM audit_head WHERE id = 1", &[])
+                .await?;
+            (u64_of(head.get(0)), head.get(1), 0, write.clone())
+        }
+        None => {
+            // A commit that cannot have the head within 10 s fails (and is retried)
+            // rather than wait on a stuck transaction.
+            let (_, lock, write) = tokio::try_join!(
+                txn.batch_execute("SET LOCAL lock_timeout = '10s'"),
+                txn.prepare("SELECT size, frontier, txid_current() FROM audit_head WHERE id = 1 FOR UPDATE"),
+                txn.prepare(APPEND_AT),
+            )?;
+            let head = txn.query_one(&lock, &[]).await?;
+            (u64_of(head.get(0)), head.get(1), head.get(2), write)
+        }
+    };
     // A head that does not hold the tree's frontier (an edited store) fails the append, and
     // with it the commit: the log does not grow on a history it cannot vouch for.
     let (stored, grown) = match crate::audit::append_packed(size, &packed, leaves) {
@@ -754,32 +791,45 @@ async fn append_audit(
         .filter(|(l, _)| crate::audit::Record::is_acceptance(&l.bytes))
         .filter_map(|(l, i)| Some((l.event_id.as_deref()?, *i)))
         .unzip();
-    txn.execute(
-        &write,
-        &[
-            &idx,
-            &hashes,
-            &n,
-            &bodies,
-            &events,
-            &clamp(size + leaves.len() as u64),
-            &grown,
-            &accepted,
-            &accepted_at,
-        ],
-    )
-    .await?;
-    Ok(Ok((size, xid)))
+    let new_size = size + leaves.len() as u64;
+    let written = txn
+        .execute(
+            &write,
+            &[
+                &idx,
+                &hashes,
+                &n,
+                &bodies,
+                &events,
+                &clamp(new_size),
+                &grown,
+                &accepted,
+                &accepted_at,
+                &clamp(size),
+            ],
+        )
+        .await?;
+    if written != 1 {
+        return Ok(Err(crate::audit::TreeError::Tlog(format!(
+            "the log's head is no longer at size {size}: another writer, or an edited store"
+        ))));
+    }
+    Ok(Ok(Appended {
+        first: size,
+        xid,
+        head: (new_size, grown),
+    }))
 }
 
 /// Writes an append: the new stored hashes, the records, each acceptance's index, and the
-/// head (the new size and frontier).
-const APPEND: &str = "WITH h AS (INSERT INTO audit_hashes (idx, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])), \
+/// head (the new size and frontier), if the head is still at the size the append grew
+/// from ($10); the count of heads updated tells.
+const APPEND_AT: &str = "WITH h AS (INSERT INTO audit_hashes (idx, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])), \
       r AS (INSERT INTO audit_records (idx, body, event_id) \
             SELECT * FROM unnest($3::bigint[], $4::bytea[], $5::text[])), \
       a AS (INSERT INTO audit_accepted (event_id, idx) \
             SELECT * FROM unnest($8::text[], $9::bigint[]) ON CONFLICT (event_id) DO NOTHING) \
- UPDATE audit_head SET size = $6, frontier = $7 WHERE id = 1";
+ UPDATE audit_head SET size = $6, frontier = $7 WHERE id = 1 AND size = $10";
 
 /// Whether the transaction that appended audit leaves from `first` committed, for a
 /// COMMIT whose answer was lost: asked on a connection of its own (it takes no store lock),
@@ -900,7 +950,8 @@ fn settle(c: &mut Connection, unsure: Unsure, patience: std::time::Duration) -> 
 
 /// How a commit's transaction ended.
 enum Ended {
-    Done((Vec<Vec<crate::store::Appended>>, u64)),
+    /// Committed; with the log's head after it, when known.
+    Done((Vec<Vec<crate::store::Appended>>, u64), Option<(u64, Vec<u8>)>),
     Failed(StoreError),
     /// COMMIT was sent and its answer lost, after appending audit leaves from `first` in
     /// the transaction `xid`.
@@ -953,6 +1004,28 @@ impl Engine for Postgres {
             // A connection that died while idle fails at BEGIN: nothing was applied, so
             // connect again and try once more. A failure later rolls back and is reported.
             for attempt in 0..2 {
+                // The sole owner appends from the head it knows, with its statement
+                // prepared once per connection.
+                let sole = if c.exclusive {
+                    c.client()?;
+                    if c.append_at.is_none() {
+                        let (runtime, client) = c.parts()?;
+                        match runtime.block_on(client.prepare(APPEND_AT)) {
+                            Ok(statement) => c.append_at = Some(statement),
+                            Err(e) if attempt == 0 => {
+                                c.client = None;
+                                tracing::debug!(err = %e, "cannot prepare the audit append; connecting again");
+                                continue;
+                            }
+                            Err(e) => return Err(unavailable(e)),
+                        }
+                    }
+                    c.append_at.clone().map(|statement| (statement, c.head.clone()))
+                } else {
+                    None
+                };
+                // Known again only once this commit is done.
+                c.head = None;
                 let (runtime, client) = c.parts()?;
                 let mut unheard = false;
                 let result = runtime.block_on(async {
@@ -983,7 +1056,8 @@ impl Engine for Postgres {
                         let appended = if audit.is_empty() {
                             Ok(None)
                         } else {
-                            append_audit(&txn, &audit).await?.map(Some)
+                            let sole = sole.as_ref().map(|(statement, head)| (statement, head.clone()));
+                            append_audit(&txn, &audit, sole).await?.map(Some)
                         };
                         Ok::<_, tokio_postgres::Error>(appended.map(|a| (outcomes, matched, a)))
                     }
@@ -1005,22 +1079,27 @@ impl Engine for Postgres {
                         return Ok(match appended {
                             // Sent, but no answer: it may have committed, and a retry of
                             // one that did would log its leaves twice. Asked below.
-                            Some((first, xid)) => Ended::Unsure {
-                                xid,
+                            Some(a) => Ended::Unsure {
+                                xid: a.xid,
                                 error: unavailable(e),
-                                first,
+                                first: a.first,
                                 audit,
                                 done: (outcomes, matched),
                             },
                             None => Ended::Failed(unavailable(e)),
                         });
                     }
-                    if let Some((first, _)) = appended {
-                        for (leaf, index) in audit.iter().zip(first..) {
-                            leaf.committed_at(index);
+                    let head = match appended {
+                        Some(a) => {
+                            for (leaf, index) in audit.iter().zip(a.first..) {
+                                leaf.committed_at(index);
+                            }
+                            Some(a.head)
                         }
-                    }
-                    Ok(Ended::Done((outcomes, matched)))
+                        // Nothing appended: the head is where it was.
+                        None => sole.and_then(|(_, head)| head),
+                    };
+                    Ok(Ended::Done((outcomes, matched), head))
                 });
                 if unheard {
                     // The server ends the transaction when the connection goes, and it goes
@@ -1029,7 +1108,10 @@ impl Engine for Postgres {
                     c.runtime.block_on(tokio::task::yield_now());
                 }
                 match result {
-                    Ok(Ended::Done(done)) => {
+                    Ok(Ended::Done(done, head)) => {
+                        if c.exclusive {
+                            c.head = head;
+                        }
                         c.landed.forget(&skipped);
                         return Ok(done);
                     }
@@ -1125,6 +1207,19 @@ impl Engine for Postgres {
             )?
             .into_iter()
             .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    fn events_indexed(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>, Option<u64>)>, StoreError> {
+        // The acceptance index in the same read: one probe of each small index per id.
+        Ok(self
+            .query(
+                "SELECT e.id, e.body, a.idx FROM events e LEFT JOIN audit_accepted a ON a.event_id = e.id \
+                 WHERE e.id = ANY($1)",
+                vec![Box::new(ids.to_vec())],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get::<_, Option<i64>>(2).map(u64_of)))
             .collect())
     }
 
