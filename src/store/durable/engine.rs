@@ -62,7 +62,7 @@ pub trait Engine: Send + Sync + 'static {
     }
     /// As `events_by_id`, with each event's acceptance index in the audit log, when it
     /// has one.
-    fn events_indexed(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>, Option<u64>)>, StoreError> {
+    fn events_indexed(&self, ids: &[String]) -> Result<Vec<IndexedEvent>, StoreError> {
         let read = self.events_by_id(ids)?;
         let read_ids: Vec<String> = read.iter().map(|(id, _)| id.clone()).collect();
         // Without its index a delivery only lacks its log index header.
@@ -149,6 +149,9 @@ pub trait Engine: Send + Sync + 'static {
 /// trailing 0xff bytes, its last byte raised by one. A prefix of 0xff bytes only has no
 /// such end; none is asked for (a row's stored key starts with UTF-8, which never holds
 /// 0xff), and it gets one that covers keys up to 64 bytes past it.
+/// An event read back: its id, its stored JSON, and its acceptance index in the audit log.
+pub type IndexedEvent = (String, Vec<u8>, Option<u64>);
+
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while end.last() == Some(&0xff) {

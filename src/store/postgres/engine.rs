@@ -730,6 +730,9 @@ impl PagedWrites {
     }
 }
 
+/// The audit log's head: its size and packed frontier.
+type Head = (u64, Vec<u8>);
+
 /// Where an append starts and what it leaves: the first leaf's index, the transaction's
 /// id (0 when not asked), and the new head (size, packed frontier).
 struct Appended {
@@ -753,7 +756,7 @@ struct Appended {
 async fn append_audit(
     txn: &tokio_postgres::Transaction<'_>,
     leaves: &[crate::audit::Leaf],
-    sole: Option<(&tokio_postgres::Statement, Option<(u64, Vec<u8>)>)>,
+    sole: Option<(&tokio_postgres::Statement, Option<Head>)>,
 ) -> Result<Result<Appended, crate::audit::TreeError>, tokio_postgres::Error> {
     let (size, packed, xid, write) = match sole {
         Some((write, Some((size, packed)))) => (size, packed, 0, write.clone()),
@@ -1210,7 +1213,7 @@ impl Engine for Postgres {
             .collect())
     }
 
-    fn events_indexed(&self, ids: &[String]) -> Result<Vec<(String, Vec<u8>, Option<u64>)>, StoreError> {
+    fn events_indexed(&self, ids: &[String]) -> Result<Vec<crate::store::durable::engine::IndexedEvent>, StoreError> {
         // The acceptance index in the same read: one probe of each small index per id.
         Ok(self
             .query(
