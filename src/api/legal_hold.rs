@@ -91,10 +91,14 @@ pub struct LegalHoldStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_counted: Option<Time>,
 
-    /// The audit log index of the act of custody that recorded this generation of the
-    /// hold (placed or changed).
+    /// The audit log index of the act of custody that recorded the hold as it is in force
+    /// (placed, or last changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_index: Option<u64>,
+
+    /// The `metadata.generation` that `logIndex` recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logged_generation: Option<i64>,
 }
 
 /// Records past their retention that a hold keeps.

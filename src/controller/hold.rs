@@ -54,15 +54,16 @@ pub enum Release {
     Refused,
 }
 
-/// Whether a hold's deletion may proceed. A hold whose spec never compiled holds nothing
-/// and goes at once; any other needs the confirmation annotation naming it, whatever the
-/// purges counted so far: what it covers that retention has not reached yet is held too.
-pub fn release(hold: &LegalHold, valid: bool) -> Release {
+/// Whether a hold's deletion may proceed. A hold that was never in force (its spec never
+/// compiled, nothing recorded) held nothing and goes at once; any other needs the
+/// confirmation annotation naming it, whatever the purges counted so far: what it covers
+/// that retention has not reached yet is held too.
+pub fn release(hold: &LegalHold, placed: bool) -> Release {
     if hold.metadata.deletion_timestamp.is_none() {
         return Release::No;
     }
     let confirmed = hold.annotations().get(CONFIRM_RELEASE) == Some(&hold.name_any());
-    if confirmed || !valid {
+    if confirmed || !placed {
         Release::Go
     } else {
         Release::Refused
@@ -73,14 +74,20 @@ pub fn release(hold: &LegalHold, valid: bool) -> Release {
 pub fn hold_status(
     previous: &LegalHoldStatus,
     hold: &LegalHold,
-    invalid: Option<&str>,
-    held: HeldRecords,
-    log_index: Option<u64>,
+    state: &HoldState<'_>,
+    held: Option<HeldRecords>,
     now: &Time,
 ) -> LegalHoldStatus {
     let name = hold.name_any();
     let generation = hold.metadata.generation;
-    let ready = match (invalid, release(hold, invalid.is_none())) {
+    let held = held.unwrap_or(previous.held);
+    let ready = match (state.invalid, release(hold, state.placed)) {
+        (Some(message), _) if state.placed => Desired {
+            type_: READY,
+            status: Status::False,
+            reason: Reason::InvalidSpec,
+            message: format!("{message}; the hold stays in force as it was when last valid until the spec is fixed"),
+        },
         (Some(message), _) => Desired {
             type_: READY,
             status: Status::False,
@@ -119,10 +126,22 @@ pub fn hold_status(
     } else if status.last_counted.is_none() {
         status.last_counted = Some(now.clone());
     }
-    if log_index.is_some() {
-        status.log_index = log_index;
+    if let Some((index, logged)) = state.logged {
+        status.log_index = Some(index);
+        status.logged_generation = Some(logged);
     }
     status
+}
+
+/// What the loop knows of one hold beyond its object.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HoldState<'a> {
+    /// Why the current spec does not compile, if it does not.
+    pub invalid: Option<&'a str>,
+    /// Whether the hold was ever in force (a spec compiled, or its placement recorded).
+    pub placed: bool,
+    /// The custody record of the generation in force: (log index, generation).
+    pub logged: Option<(u64, i64)>,
 }
 
 /// What the audit log says of a hold placed or changed.
@@ -138,19 +157,37 @@ fn custody_detail(spec: &LegalHoldSpec) -> String {
 }
 
 /// Adds up the figures each replica left (`delivery::housekeeping::report_kept`), skipping
-/// those of replicas that stopped reporting.
-fn kept_by_hold(ctx: &Context, now: jiff::Timestamp) -> BTreeMap<String, HeldRecords> {
-    let mut total: BTreeMap<String, HeldRecords> = BTreeMap::new();
+/// (and deleting) those of replicas that stopped reporting. None when they cannot be read
+/// or none is fresh yet: status keeps the last figures.
+fn kept_by_hold(ctx: &Context, now: jiff::Timestamp) -> Option<BTreeMap<String, HeldRecords>> {
     let store = ctx.deliveries.rows();
-    let rows = match store.rows(&crate::delivery::kept_group(), b"") {
+    let group = crate::delivery::kept_group();
+    let rows = match store.rows(&group, b"") {
         Ok(rows) => rows,
         Err(err) => {
             warn!(%err, "cannot read what legal holds kept; status keeps the last figures");
-            return total;
+            return None;
         }
     };
     let fresh = now.as_second() - crate::delivery::KEPT_FRESH.as_secs() as i64;
-    for row in rows.into_iter().filter(|r| r.at >= fresh) {
+    let (rows, stale): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.at >= fresh);
+    if !stale.is_empty() {
+        let gone = stale
+            .into_iter()
+            .map(|r| crate::store::RowWrite::Delete {
+                group: group.clone(),
+                key: r.key,
+            })
+            .collect();
+        if let Err(err) = store.write_rows(gone) {
+            warn!(%err, "cannot delete the legal hold figures of replicas that stopped");
+        }
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    let mut total: BTreeMap<String, HeldRecords> = BTreeMap::new();
+    for row in rows {
         let Ok(kept) = serde_json::from_slice::<BTreeMap<String, HeldRecords>>(&row.body) else {
             continue;
         };
@@ -158,7 +195,24 @@ fn kept_by_hold(ctx: &Context, now: jiff::Timestamp) -> BTreeMap<String, HeldRec
             total.entry(hold).or_default().add(&k);
         }
     }
-    total
+    Some(total)
+}
+
+/// What the loop remembers between passes (the leader's, but for `last_valid`).
+#[derive(Default)]
+struct Memory {
+    /// The last spec of each hold (by uid) that compiled: an edit that does not compile
+    /// leaves it in force.
+    last_valid: HashMap<String, Arc<CompiledHold>>,
+    /// Custody recorded here, by (uid, generation): the status write that carries its
+    /// index may fail, and the next pass must not record it twice.
+    recorded: HashMap<(String, i64), u64>,
+    /// Releases recorded here, by uid: the finalizer's removal may fail and be retried.
+    released: HashMap<String, u64>,
+    /// Holds in force seen by this leader, by uid: one that disappears without a
+    /// recorded release is recorded as removed.
+    seen: HashMap<String, String>,
+    written: HashMap<String, LegalHoldStatus>,
 }
 
 /// Runs the hold loop until `shutdown`: a pass on every change to a hold, and every 15 s
@@ -184,12 +238,9 @@ pub async fn run(ctx: Arc<Context>, client: Client, shutdown: CancellationToken)
         if super::synced(&holds).await.is_err() {
             return;
         }
-        // Custody already recorded here, by (uid, generation): the status write that
-        // carries its index may fail, and the next pass must not record it twice.
-        let mut recorded: HashMap<(String, i64), u64> = HashMap::new();
-        let mut written: HashMap<String, LegalHoldStatus> = HashMap::new();
+        let mut memory = Memory::default();
         loop {
-            pass(&ctx, &client, &holds, &mut recorded, &mut written).await;
+            pass(&ctx, &client, &holds, &mut memory).await;
             tokio::select! {
                 () = wake.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
                 () = tokio::time::sleep(Duration::from_secs(15)) => {}
@@ -203,50 +254,56 @@ pub async fn run(ctx: Arc<Context>, client: Client, shutdown: CancellationToken)
     }
 }
 
-/// A hold compiled, or why its spec does not compile.
-type Compiled = Result<Arc<CompiledHold>, String>;
-
-async fn pass(
-    ctx: &Arc<Context>,
-    client: &Client,
-    holds: &reflector::Store<LegalHold>,
-    recorded: &mut HashMap<(String, i64), u64>,
-    written: &mut HashMap<String, LegalHoldStatus>,
-) {
+async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<LegalHold>, memory: &mut Memory) {
     let all = holds.state();
-    let compiled: Vec<(Arc<LegalHold>, Compiled)> = all
-        .iter()
-        .map(|h| {
-            let c = CompiledHold::compile(&h.name_any(), &h.spec)
-                .map(Arc::new)
-                .map_err(|e| e.to_string());
-            (h.clone(), c)
-        })
-        .collect();
-    // Every replica holds; a hold waiting for its release confirmation still holds.
-    let set: Vec<Arc<CompiledHold>> = compiled.iter().filter_map(|(_, c)| c.clone().ok()).collect();
+    // Every replica holds: the current spec of each hold, or the last one that compiled.
+    // A hold waiting for its release confirmation still holds.
+    let mut invalid: HashMap<String, String> = HashMap::new();
+    let mut set = Vec::new();
+    for h in &all {
+        let uid = h.uid().unwrap_or_default();
+        match CompiledHold::compile(&h.name_any(), &h.spec) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                memory.last_valid.insert(uid, c.clone());
+                set.push(c);
+            }
+            Err(e) => {
+                invalid.insert(uid.clone(), e.to_string());
+                if let Some(c) = memory.last_valid.get(&uid) {
+                    set.push(c.clone());
+                }
+            }
+        }
+    }
+    memory
+        .last_valid
+        .retain(|uid, _| all.iter().any(|h| h.uid().as_deref() == Some(uid)));
     ctx.router.set_holds(HoldSet::new(set));
     if !ctx.leadership.is_leader() {
-        written.clear();
+        memory.written.clear();
+        memory.seen.clear();
         return;
     }
     let now = jiff::Timestamp::now();
     let kept = kept_by_hold(ctx, now);
     let trail = ctx.deliveries.audit();
-    for (hold, compiled) in &compiled {
+    for hold in &all {
         let name = hold.name_any();
         let uid = hold.uid().unwrap_or_default();
         let generation = hold.metadata.generation.unwrap_or(0);
-        let held = kept.get(&name).copied().unwrap_or_default();
-        // Placed or changed: an act of custody, once per generation.
-        let mut log_index = None;
-        let known = hold.status.as_ref().and_then(|s| s.observed_generation) == Some(generation)
-            && hold.status.as_ref().is_some_and(|s| s.log_index.is_some());
-        if !known && hold.metadata.deletion_timestamp.is_none() {
-            log_index = match recorded.get(&(uid.clone(), generation)) {
+        let status = hold.status.clone().unwrap_or_default();
+        let held = kept.as_ref().map(|k| k.get(&name).copied().unwrap_or_default());
+        let valid = !invalid.contains_key(&uid);
+        let placed = status.log_index.is_some() || memory.last_valid.contains_key(&uid);
+        // Placed or changed: an act of custody, once per generation in force (an edit that
+        // does not compile changes nothing that is held).
+        let mut logged = status.log_index.zip(status.logged_generation);
+        if valid && status.logged_generation != Some(generation) {
+            let index = match memory.recorded.get(&(uid.clone(), generation)) {
                 Some(index) => Some(*index),
                 None => {
-                    let action = if hold.status.as_ref().and_then(|s| s.log_index).is_some() {
+                    let action = if status.log_index.is_some() {
                         "legal-hold.changed"
                     } else {
                         "legal-hold.placed"
@@ -261,7 +318,7 @@ async fn pass(
                     match append(&trail, record).await {
                         Ok(index) => {
                             info!(hold = name, index, action, "audit log: legal hold recorded");
-                            recorded.insert((uid.clone(), generation), index);
+                            memory.recorded.insert((uid.clone(), generation), index);
                             Some(index)
                         }
                         Err(err) => {
@@ -271,30 +328,50 @@ async fn pass(
                     }
                 }
             };
+            if let Some(index) = index {
+                logged = Some((index, generation));
+            }
         }
-        match release(hold, compiled.is_ok()) {
+        if placed {
+            memory.seen.insert(uid.clone(), name.clone());
+        }
+        match release(hold, placed) {
             Release::Go => {
-                let by = hold
-                    .annotations()
-                    .get(RELEASED_BY)
-                    .cloned()
-                    .unwrap_or_else(|| format!("not named (no {RELEASED_BY} annotation)"));
-                let record = crate::audit::Record::Custody {
-                    action: "legal-hold.released".into(),
-                    subject: format!("LegalHold/{name}"),
-                    by,
-                    at: now,
-                    detail: format!(
-                        "kept past retention at release: {} raw messages ({} bytes), {} attempts, {} dead letters",
-                        held.raw_messages, held.raw_message_bytes, held.attempts, held.dead_letters
-                    ),
+                let recorded = match memory.released.get(&uid) {
+                    Some(index) => Ok(*index),
+                    None if !placed => Ok(0),
+                    None => {
+                        let by = hold
+                            .annotations()
+                            .get(RELEASED_BY)
+                            .cloned()
+                            .unwrap_or_else(|| format!("not named (no {RELEASED_BY} annotation)"));
+                        let held = held.unwrap_or(status.held);
+                        let record = crate::audit::Record::Custody {
+                            action: "legal-hold.released".into(),
+                            subject: format!("LegalHold/{name}"),
+                            by,
+                            at: now,
+                            detail: format!(
+                                "kept past retention at release: {} raw messages ({} bytes), {} attempts, {} dead letters",
+                                held.raw_messages, held.raw_message_bytes, held.attempts, held.dead_letters
+                            ),
+                        };
+                        append(&trail, record).await
+                    }
                 };
                 // Recorded before the finalizer goes: a release is never unlogged.
-                match append(&trail, record).await {
+                match recorded {
                     Ok(index) => {
-                        info!(hold = name, index, "audit log: legal hold released");
-                        if let Err(err) = remove_finalizer(client, hold).await {
-                            warn!(hold = name, %err, "cannot remove the LegalHold's finalizer; will retry");
+                        if placed && !memory.released.contains_key(&uid) {
+                            info!(hold = name, index, "audit log: legal hold released");
+                            memory.released.insert(uid.clone(), index);
+                        }
+                        match remove_finalizer(client, hold).await {
+                            Ok(()) => {}
+                            // Gone already: released.
+                            Err(kube::Error::Api(status)) if status.code == 404 => {}
+                            Err(err) => warn!(hold = name, %err, "cannot remove the LegalHold's finalizer; will retry"),
                         }
                     }
                     Err(err) => warn!(hold = name, %err, "cannot record the release in the audit log; will retry"),
@@ -308,31 +385,61 @@ async fn pass(
             }
             _ => {}
         }
-        let previous = written
-            .get(&name)
-            .cloned()
-            .or_else(|| hold.status.clone())
-            .unwrap_or_default();
-        let desired = hold_status(
-            &previous,
-            hold,
-            compiled.as_ref().err().map(String::as_str),
-            held,
-            log_index,
-            &Time(now),
-        );
-        if hold.status.as_ref() == Some(&desired) || written.get(&name) == Some(&desired) {
+        let previous = memory.written.get(&name).cloned().unwrap_or_else(|| status.clone());
+        let state = HoldState {
+            invalid: invalid.get(&uid).map(String::as_str),
+            placed,
+            logged,
+        };
+        let desired = hold_status(&previous, hold, &state, held, &Time(now));
+        if hold.status.as_ref() == Some(&desired) || memory.written.get(&name) == Some(&desired) {
             continue;
         }
         ctx.api_limiter.until_ready().await;
         match super::apply_cluster_status::<LegalHold>(&ctx.client, &name, &desired).await {
             Ok(()) => {
-                written.insert(name, desired);
+                memory.written.insert(name, desired);
             }
             Err(err) => warn!(hold = name, %err, "cannot write LegalHold status; will retry"),
         }
     }
-    written.retain(|name, _| all.iter().any(|h| &h.name_any() == name));
+    // A hold in force that went without a recorded release: its finalizer was removed by
+    // someone else, or it was deleted before this leader put one on. Said in the log.
+    let present: std::collections::HashSet<String> = all.iter().filter_map(|h| h.uid()).collect();
+    let vanished: Vec<(String, String)> = memory
+        .seen
+        .iter()
+        .filter(|(uid, _)| !present.contains(*uid) && !memory.released.contains_key(*uid))
+        .map(|(u, n)| (u.clone(), n.clone()))
+        .collect();
+    for (uid, name) in vanished {
+        let record = crate::audit::Record::Custody {
+            action: "legal-hold.removed".into(),
+            subject: format!("LegalHold/{name}"),
+            by: "unknown".into(),
+            at: now,
+            detail: "removed without a confirmed release: its finalizer was taken off by someone other than mailhook"
+                .into(),
+        };
+        match append(&trail, record).await {
+            Ok(index) => {
+                warn!(
+                    hold = name,
+                    index, "a LegalHold was removed without a confirmed release; recorded in the audit log"
+                );
+                memory.seen.remove(&uid);
+            }
+            Err(err) => warn!(hold = name, %err, "cannot record the removal of a legal hold; will retry"),
+        }
+    }
+    memory.released.retain(|uid, _| present.contains(uid));
+    memory
+        .seen
+        .retain(|uid, _| present.contains(uid) || !memory.released.contains_key(uid));
+    memory.recorded.retain(|(uid, _), _| present.contains(uid));
+    memory
+        .written
+        .retain(|name, _| all.iter().any(|h| &h.name_any() == name));
 }
 
 async fn append(trail: &Arc<dyn crate::store::AuditTrail>, record: crate::audit::Record) -> Result<u64, String> {
@@ -427,7 +534,12 @@ mod tests {
             dead_letters: 1,
         };
         let now = Time(jiff::Timestamp::UNIX_EPOCH);
-        let s = hold_status(&LegalHoldStatus::default(), &h, None, held, Some(12), &now);
+        let state = HoldState {
+            invalid: None,
+            placed: true,
+            logged: Some((12, 2)),
+        };
+        let s = hold_status(&LegalHoldStatus::default(), &h, &state, Some(held), &now);
         assert_eq!((s.held, s.log_index, s.observed_generation), (held, Some(12), Some(2)));
         let ready = s.conditions.iter().find(|c| c.type_ == READY).expect("ready");
         assert_eq!(
@@ -440,9 +552,20 @@ mod tests {
                 .contains("kubectl annotate legalhold matter-7 mailhook.io/confirm-release=matter-7")
         );
         assert_eq!(conditions::status_of(&s.conditions, conditions::STALLED), Some("True"));
-        let s = hold_status(&s, &hold(false, None), None, held, None, &now);
+        let state = HoldState { logged: None, ..state };
+        let s = hold_status(&s, &hold(false, None), &state, None, &now);
         assert_eq!(conditions::status_of(&s.conditions, READY), Some("True"));
         assert_eq!(s.log_index, Some(12), "kept until a new generation is recorded");
+        assert_eq!(s.held, held, "figures that cannot be read leave the last ones");
         assert_eq!(conditions::status_of(&s.conditions, conditions::STALLED), None);
+        // An edit that does not compile leaves the hold in force, and says so.
+        let state = HoldState {
+            invalid: Some("spec.domains[0]: not a domain"),
+            ..state
+        };
+        let s = hold_status(&s, &hold(false, None), &state, None, &now);
+        let ready = s.conditions.iter().find(|c| c.type_ == READY).expect("ready");
+        assert_eq!(ready.reason, "InvalidSpec");
+        assert!(ready.message.contains("stays in force"), "{}", ready.message);
     }
 }

@@ -960,11 +960,14 @@ pub async fn run(
             if routed_ctx.subscriptions.synced().await.is_err() || routed_ctx.filters.synced().await.is_err() {
                 return;
             }
-            while !routed_ctx.all_reconciled() {
-                ready.not_ready(if *routed_ctx.grants_synced.borrow() {
-                    "the caches are synced; reconciling every resource into the routing table"
-                } else {
+            // Held mail must be archived from the first event on: the LegalHolds first.
+            while !routed_ctx.all_reconciled() || routed_ctx.router.holds().is_none() {
+                ready.not_ready(if !*routed_ctx.grants_synced.borrow() {
                     GRANTS_NOT_LISTED
+                } else if routed_ctx.router.holds().is_none() {
+                    "the LegalHolds are not listed yet (the operator needs list and watch on legalholds, cluster-wide)"
+                } else {
+                    "the caches are synced; reconciling every resource into the routing table"
                 });
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -21,7 +21,7 @@ pub fn kept_group() -> String {
 pub const KEPT_FRESH: Duration = Duration::from_secs(600);
 
 /// The store asks the LegalHolds in force through the routing table's set.
-struct HoldsInForce(std::sync::Arc<crate::route::HoldSet>);
+pub(super) struct HoldsInForce(pub(super) std::sync::Arc<crate::route::HoldSet>);
 
 impl crate::store::Holds for HoldsInForce {
     fn any(&self) -> bool {
@@ -96,7 +96,10 @@ fn housekeep(deliveries: &Deliveries, settings: &Housekeeping) -> Result<(), Sto
     let store = &deliveries.store;
     let now = jiff::Timestamp::now();
     let purged = &deliveries.metrics.store_purged;
-    let holds = HoldsInForce(deliveries.router.holds());
+    // Until the LegalHolds are listed, nothing a hold could keep is purged (expiry into the
+    // dead letters goes on: it deletes nothing).
+    let known = deliveries.router.holds();
+    let holds = HoldsInForce(known.clone().unwrap_or_default());
     let mut kept = Kept::new();
     let sharing = store.sharing();
     for config in deliveries.configs() {
@@ -143,6 +146,9 @@ fn housekeep(deliveries: &Deliveries, settings: &Housekeeping) -> Result<(), Sto
                 }
             }
         }
+        if known.is_none() {
+            continue;
+        }
         let p = store.purge(
             &config.uid,
             Retention {
@@ -155,6 +161,15 @@ fn housekeep(deliveries: &Deliveries, settings: &Housekeeping) -> Result<(), Sto
         purged.with_label_values(&["dead_letter"]).inc_by(p.dead_letters);
         purged.with_label_values(&["attempt"]).inc_by(p.attempts);
         crate::store::hold::add_kept(&mut kept, &p.kept);
+    }
+    if known.is_none() {
+        return Ok(());
+    }
+    // Deleted subscriptions whose records a hold kept: forgotten once it no longer does.
+    for uid in deliveries.kept_orphans() {
+        if let Some(still) = deliveries.forget_unless_held(&uid)? {
+            crate::store::hold::add_kept(&mut kept, &still);
+        }
     }
     // The store-wide part runs once: on the leader.
     if !deliveries.is_leader() {

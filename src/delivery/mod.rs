@@ -149,6 +149,8 @@ pub struct Deliveries {
     in_flight: Arc<Semaphore>,
     /// The request slots held back while the operator starts (`warmed_up`).
     warmup: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// Deleted subscriptions whose records a LegalHold keeps (`forget_unless_held`).
+    kept_orphans: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Requests in flight, over every subscription, until the controllers have reconciled
@@ -207,6 +209,7 @@ impl Deliveries {
             lifecycle: lifecycle.clone(),
             in_flight: Arc::new(Semaphore::new(capacity.max_in_flight.max(1))),
             warmup: Mutex::default(),
+            kept_orphans: Mutex::default(),
         });
         deliveries
             .metrics
@@ -510,9 +513,46 @@ impl Deliveries {
         self.health.lock().remove(uid);
         self.handshakes.lock().remove(uid);
         self.store.limit_backlog(uid, None);
-        if let Err(err) = self.store.forget_subscription(uid) {
+        if let Err(err) = self.forget_unless_held(uid) {
             warn!(%err, "cannot drop the queue of a deleted subscription");
         }
+    }
+
+    /// Forgets what the store holds for a subscription that no longer exists, but for the
+    /// attempts and dead letters a LegalHold keeps: then the rest goes, the subscription is
+    /// kept in `kept_orphans`, and housekeeping asks again each round. Returns None when it
+    /// was forgotten, else what the holds kept. While the holds are not known yet nothing
+    /// is forgotten.
+    pub fn forget_unless_held(&self, uid: &str) -> Result<Option<crate::store::Kept>, StoreError> {
+        let Some(holds) = self.router.holds() else {
+            self.kept_orphans.lock().insert(uid.to_string());
+            return Ok(Some(crate::store::Kept::new()));
+        };
+        if !holds.is_empty() {
+            let everything = crate::store::Retention {
+                dead_letters_before: jiff::Timestamp::MAX,
+                attempts_before: jiff::Timestamp::MAX,
+                max_attempts: 0,
+            };
+            let purged = self.store.purge(uid, everything, &housekeeping::HoldsInForce(holds))?;
+            if purged.kept.values().any(|k| k.attempts > 0 || k.dead_letters > 0) {
+                self.kept_orphans.lock().insert(uid.to_string());
+                return Ok(Some(purged.kept));
+            }
+        }
+        self.store.forget_subscription(uid)?;
+        if self.kept_orphans.lock().remove(uid) {
+            tracing::info!(
+                subscription_uid = uid,
+                "forgot the attempts and dead letters of a deleted subscription: no LegalHold keeps them any more"
+            );
+        }
+        Ok(None)
+    }
+
+    /// Deleted subscriptions whose records a hold still keeps (see `forget_unless_held`).
+    pub fn kept_orphans(&self) -> Vec<String> {
+        self.kept_orphans.lock().iter().cloned().collect()
     }
 
     /// Drops what the store holds for subscriptions that are not in `live` (deleted while
@@ -551,7 +591,13 @@ impl Deliveries {
                 continue;
             }
             let counts = self.store.counts(&uid);
-            self.store.forget_subscription(&uid)?;
+            if self.forget_unless_held(&uid)?.is_some() {
+                tracing::info!(
+                    subscription_uid = uid,
+                    "kept the attempts and dead letters a LegalHold keeps of a subscription that no longer exists"
+                );
+                continue;
+            }
             warn!(
                 subscription_uid = uid,
                 backlog = counts.backlog,

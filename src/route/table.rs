@@ -451,8 +451,9 @@ impl RoutingTable {
 pub struct Router {
     table: RwLock<Arc<RoutingTable>>,
     /// The LegalHolds in force: the ingest path archives what they hold, and the purges
-    /// skip it.
-    holds: RwLock<Arc<super::HoldSet>>,
+    /// skip it. None until the holds were first listed: nothing that a hold could keep is
+    /// purged before then.
+    holds: RwLock<Option<Arc<super::HoldSet>>>,
 }
 
 impl Router {
@@ -460,12 +461,13 @@ impl Router {
         self.table.read().clone()
     }
 
-    pub fn holds(&self) -> Arc<super::HoldSet> {
+    /// The holds in force; None while they are not known yet.
+    pub fn holds(&self) -> Option<Arc<super::HoldSet>> {
         self.holds.read().clone()
     }
 
     pub fn set_holds(&self, holds: super::HoldSet) {
-        *self.holds.write() = Arc::new(holds);
+        *self.holds.write() = Some(Arc::new(holds));
     }
 
     pub fn swap(&self, table: RoutingTable) {

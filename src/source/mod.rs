@@ -60,13 +60,18 @@ pub fn internal_domains(flags: &[String]) -> Vec<String> {
 pub struct RawArchive {
     message: Option<RawMessage>,
     archived: bool,
+    /// (SHA-256, size) of the message: a later chunk's events that refer to it add their
+    /// mailboxes to its index.
+    named: Option<(String, usize)>,
 }
 
 impl RawArchive {
     pub fn new(message: Option<RawMessage>) -> RawArchive {
+        let named = message.as_ref().map(|m| (m.sha256.clone(), m.bytes.len()));
         RawArchive {
             message,
             archived: false,
+            named,
         }
     }
 }
@@ -195,7 +200,8 @@ impl Pipeline {
         // Archived only for a subscription that will get a link to it (one that asks, under
         // a grant that allows raw messages of the event), or for a LegalHold that holds
         // the event's mailbox (whether or not anyone gets the event).
-        let holds = self.router.holds();
+        // Ingest opens once the holds are known; were they not, none would be archived for.
+        let holds = self.router.holds().unwrap_or_default();
         let now = jiff::Timestamp::now();
         let wants = (raw.message.is_some() || raw.archived)
             && items.iter().any(|i| {
@@ -213,6 +219,26 @@ impl Pipeline {
         }
         let store = self.deliveries.events();
         let archiving = wanted.is_some();
+        // A later chunk of a message archived with an earlier one: its events' mailboxes
+        // join the message's index (what LegalHolds find it by).
+        let mut rows = rows;
+        if wants
+            && wanted.is_none()
+            && raw.archived
+            && let Some((sha256, size)) = &raw.named
+        {
+            let mailboxes: Vec<String> = items
+                .iter()
+                .filter(|i| i.event.raw_message.is_some())
+                .map(|i| i.event.mailbox.clone())
+                .collect();
+            rows.extend(crate::store::hold::raw_index_rows(
+                sha256,
+                *size,
+                now.as_second(),
+                &mailboxes,
+            ));
+        }
         let stored = if rows.is_empty() {
             store.ingest_archived(items, wanted)?
         } else {

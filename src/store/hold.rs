@@ -62,14 +62,14 @@ pub fn raw_mailboxes_group() -> String {
     super::rows::reserved_group("raw-mailboxes")
 }
 
-/// The index rows of a raw message archived at `at` for events of `mailboxes`.
-pub(crate) fn raw_index_ops(sha256: &str, size: usize, at: i64, mailboxes: &[String]) -> Result<Vec<Op>, StoreError> {
+/// The index rows of a raw message of `size` bytes archived at `at` (unix seconds) for
+/// events of `mailboxes`.
+pub fn raw_index_rows(sha256: &str, size: usize, at: i64, mailboxes: &[String]) -> Vec<super::RowWrite> {
     let group = raw_mailboxes_group();
     let mut seen: Vec<&str> = mailboxes.iter().map(String::as_str).collect();
     seen.sort_unstable();
     seen.dedup();
-    let writes = seen
-        .into_iter()
+    seen.into_iter()
         .map(|mailbox| super::RowWrite::Put {
             group: group.clone(),
             row: super::rows::Row {
@@ -78,8 +78,12 @@ pub(crate) fn raw_index_ops(sha256: &str, size: usize, at: i64, mailboxes: &[Str
                 body: (size as u64).to_le_bytes().to_vec(),
             },
         })
-        .collect();
-    super::rows::ops(writes)
+        .collect()
+}
+
+/// `raw_index_rows` as the engine's writes.
+pub(crate) fn raw_index_ops(sha256: &str, size: usize, at: i64, mailboxes: &[String]) -> Result<Vec<Op>, StoreError> {
+    super::rows::ops(raw_index_rows(sha256, size, at, mailboxes))
 }
 
 /// The writes that delete the raw messages archived before `before` that no hold keeps
@@ -133,21 +137,25 @@ pub(crate) fn raw_deletes(ops: &[Op]) -> u64 {
     ops.iter().filter(|op| matches!(op, Op::DeleteRaw(..))).count() as u64
 }
 
-/// Of a subscription's oldest `n` attempts, the keys of those a hold keeps (counted in
-/// `kept`): a trim of the oldest `n` leaves them.
-pub(crate) fn held_attempts(
+/// The write that trims a subscription's oldest `n` attempts (`n` > 0): all of them when
+/// no hold is in force; otherwise those read and judged, up to the last one's key, but the
+/// keys of those a hold keeps (counted in `kept`). Returns the write and how many it
+/// deletes.
+pub(crate) fn trim_attempts(
     engine: &dyn Engine,
     subscription: &str,
     n: u64,
     holds: &dyn Holds,
     kept: &mut Kept,
-) -> Result<Vec<u64>, StoreError> {
-    if n == 0 || !holds.any() {
-        return Ok(Vec::new());
+) -> Result<(Op, u64), StoreError> {
+    if !holds.any() {
+        return Ok((Op::TrimAttempts(subscription.to_string(), n), n));
     }
+    let oldest = engine.oldest_attempts(subscription, usize::try_from(n).unwrap_or(usize::MAX))?;
+    let through = oldest.last().map_or(0, |(key, _)| *key);
     let mut keep = Vec::new();
-    for (key, body) in engine.oldest_attempts(subscription, usize::try_from(n).unwrap_or(usize::MAX))? {
-        let Ok(attempt) = serde_json::from_slice::<super::Attempt>(&body) else {
+    for (key, body) in &oldest {
+        let Ok(attempt) = serde_json::from_slice::<super::Attempt>(body) else {
             continue;
         };
         let Some(mailbox) = attempt.mailbox.as_deref() else {
@@ -158,10 +166,14 @@ pub(crate) fn held_attempts(
             for hold in holding {
                 kept.entry(hold).or_default().attempts += 1;
             }
-            keep.push(key);
+            keep.push(*key);
         }
     }
-    Ok(keep)
+    let deleted = (oldest.len() - keep.len()) as u64;
+    Ok((
+        Op::TrimAttemptsThrough(subscription.to_string(), through, keep),
+        deleted,
+    ))
 }
 
 /// Of dead letters' events, the ids a hold keeps (counted in `kept`). An event that can

@@ -23,9 +23,11 @@ pub enum Op {
     PutDead(u64, Vec<u8>),
     DeleteDead(u64),
     PutAttempt(String, u64, Vec<u8>),
-    /// Deletes the subscription's oldest `n` attempts, but those of the keys listed (what
-    /// a LegalHold keeps).
-    TrimAttempts(String, u64, Vec<u64>),
+    /// Deletes the subscription's oldest `n` attempts.
+    TrimAttempts(String, u64),
+    /// Deletes the subscription's attempts up to the key given, but those of the keys
+    /// listed (what a LegalHold keeps): the range a purge read and judged.
+    TrimAttemptsThrough(String, u64, Vec<u64>),
     DeleteAttemptsOf(String),
     PutRaw(String, i64, Vec<u8>),
     /// (archived at, SHA-256).

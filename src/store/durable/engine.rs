@@ -302,17 +302,23 @@ impl Redb {
                             .insert((subscription.as_str(), *key), bytes.as_slice())
                             .map_err(io)?;
                     }
-                    Op::TrimAttempts(subscription, n, keep) => {
+                    Op::TrimAttempts(subscription, n) => {
                         let mut left = *n;
                         let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), u64::MAX);
                         attempts
-                            .retain_in(range, |(_, key), _| {
+                            .retain_in(range, |_, _| {
                                 if left == 0 {
                                     return true;
                                 }
                                 left -= 1;
-                                keep.contains(&key)
+                                false
                             })
+                            .map_err(io)?;
+                    }
+                    Op::TrimAttemptsThrough(subscription, through, keep) => {
+                        let range = (subscription.as_str(), 0u64)..=(subscription.as_str(), *through);
+                        attempts
+                            .retain_in(range, |(_, key), _| keep.contains(&key))
                             .map_err(io)?;
                     }
                     Op::DeleteAttemptsOf(subscription) => {
@@ -329,7 +335,12 @@ impl Redb {
                         raw_by_age.insert((*at, sha256.as_str()), ()).map_err(io)?;
                     }
                     Op::DeleteRaw(at, sha256) => {
-                        raw.remove(sha256.as_str()).map_err(io)?;
+                        // Only the archive the purge read: one archived again since is
+                        // newer, and stays.
+                        let current = raw.get(sha256.as_str()).map_err(io)?.map(|v| v.value().0);
+                        if current == Some(*at) {
+                            raw.remove(sha256.as_str()).map_err(io)?;
+                        }
                         raw_by_age.remove((*at, sha256.as_str())).map_err(io)?;
                     }
                     Op::PutSubscription(uid, namespace) => {

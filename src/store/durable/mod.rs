@@ -673,8 +673,14 @@ impl History for DurableStore {
         let logged = lock(&self.state).attempts.get(subscription).copied().unwrap_or(0);
         let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
         let n = (expired + over).min(logged);
-        let keep = super::hold::held_attempts(self.engine.as_ref(), subscription, n, holds, &mut purged.kept)?;
-        purged.attempts = n.saturating_sub(keep.len() as u64);
+        let trim = if n > 0 {
+            let (op, deleted) =
+                super::hold::trim_attempts(self.engine.as_ref(), subscription, n, holds, &mut purged.kept)?;
+            purged.attempts = deleted;
+            Some(op)
+        } else {
+            None
+        };
         // Dead letters a hold keeps stay, with their events.
         let old = lock(&self.state)
             .queues
@@ -686,8 +692,8 @@ impl History for DurableStore {
         };
         let held = super::hold::held_events(self.engine.as_ref(), &ids, holds, &mut purged.kept)?;
         let mut state = lock(&self.state);
-        if purged.attempts > 0 {
-            ops.push(Op::TrimAttempts(subscription.to_string(), n, keep));
+        if let Some(trim) = trim.filter(|_| purged.attempts > 0) {
+            ops.push(trim);
             if let Some(count) = state.attempts.get_mut(subscription) {
                 *count = count.saturating_sub(purged.attempts);
             }

@@ -1077,35 +1077,53 @@ impl History for PagedStore {
         let logged = self.engine.attempts_before(subscription, u64::MAX)?;
         let over = logged.saturating_sub(expired).saturating_sub(retention.max_attempts);
         let n = (expired + over).min(logged);
-        let keep = super::hold::held_attempts(engine, subscription, n, holds, &mut purged.kept)?;
-        purged.attempts = n.saturating_sub(keep.len() as u64);
-        if purged.attempts > 0 {
-            ops.push(Op::TrimAttempts(subscription.to_string(), n, keep));
+        if n > 0 {
+            let (trim, deleted) = super::hold::trim_attempts(engine, subscription, n, holds, &mut purged.kept)?;
+            purged.attempts = deleted;
+            if deleted > 0 {
+                ops.push(trim);
+            }
         }
-        let old: Vec<(u64, u64, Option<StoredDelivery>)> = self
-            .engine
-            .dead_range(subscription, 0, nanos(retention.dead_letters_before), false, SWEEP)?
-            .into_iter()
-            .map(|(at, seq, body)| (at, seq, serde_json::from_slice::<StoredDelivery>(&body).ok()))
-            .collect();
-        let ids: Vec<String> = if holds.any() {
-            old.iter()
-                .filter_map(|(_, _, d)| d.as_ref().map(|d| d.event_id.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        // Dead letters a hold keeps stay, with their events.
-        let held = super::hold::held_events(engine, &ids, holds, &mut purged.kept)?;
-        for (at, seq, stored) in old {
-            if stored.as_ref().is_some_and(|d| held.contains(&d.event_id)) {
-                continue;
+        // Dead letters a hold keeps stay, with their events; a sweep reads on past them
+        // (a page of held ones must not stop the purge of those after it).
+        let before = nanos(retention.dead_letters_before);
+        let mut from = 0u64;
+        let mut seen: HashSet<u64> = HashSet::new();
+        loop {
+            let page = self.engine.dead_range(subscription, from, before, false, SWEEP)?;
+            let full = page.len() == SWEEP;
+            let last_at = page.last().map(|(at, _, _)| *at);
+            let page: Vec<(u64, u64, Option<StoredDelivery>)> = page
+                .into_iter()
+                .filter(|(_, seq, _)| seen.insert(*seq))
+                .map(|(at, seq, body)| (at, seq, serde_json::from_slice::<StoredDelivery>(&body).ok()))
+                .collect();
+            let ids: Vec<String> = if holds.any() {
+                page.iter()
+                    .filter_map(|(_, _, d)| d.as_ref().map(|d| d.event_id.clone()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let held = super::hold::held_events(engine, &ids, holds, &mut purged.kept)?;
+            let mut kept_here = 0;
+            for (at, seq, stored) in page {
+                if stored.as_ref().is_some_and(|d| held.contains(&d.event_id)) {
+                    kept_here += 1;
+                    continue;
+                }
+                ops.push(Op::Unbury(subscription.to_string(), seq, at));
+                if let Some(stored) = stored {
+                    ops.push(Op::ReleaseEvent(stored.event_id));
+                }
+                purged.dead_letters += 1;
             }
-            ops.push(Op::Unbury(subscription.to_string(), seq, at));
-            if let Some(stored) = stored {
-                ops.push(Op::ReleaseEvent(stored.event_id));
+            // Another page only past a full one that holds kept from the purge, and while
+            // the sweep's budget lasts.
+            match last_at {
+                Some(at) if full && kept_here > 0 && at != from && purged.dead_letters < SWEEP as u64 => from = at,
+                _ => break,
             }
-            purged.dead_letters += 1;
         }
         if purged.dead_letters > 0 {
             let n = i64::try_from(purged.dead_letters).unwrap_or(i64::MAX);

@@ -197,13 +197,16 @@ fn serve(mut connection: Connection, rx: Receiver<Call>) {
 /// `Net`, by table and key).
 fn range_statement(op: &Op) -> Result<Option<(&'static str, Params)>, StoreError> {
     Ok(match op {
-        Op::TrimAttempts(subscription, n, keep) => Some((
+        Op::TrimAttempts(subscription, n) => Some((
             "DELETE FROM attempts WHERE subscription = $1 AND at_nanos IN \
-             (SELECT at_nanos FROM attempts WHERE subscription = $1 ORDER BY at_nanos LIMIT $2) \
-             AND at_nanos <> ALL($3)",
+             (SELECT at_nanos FROM attempts WHERE subscription = $1 ORDER BY at_nanos LIMIT $2)",
+            vec![Box::new(subscription.clone()), Box::new(signed(*n)?)],
+        )),
+        Op::TrimAttemptsThrough(subscription, through, keep) => Some((
+            "DELETE FROM attempts WHERE subscription = $1 AND at_nanos <= $2 AND at_nanos <> ALL($3)",
             vec![
                 Box::new(subscription.clone()),
-                Box::new(signed(*n)?),
+                Box::new(clamp(*through)),
                 Box::new(keep.iter().map(|k| signed(*k)).collect::<Result<Vec<i64>, _>>()?),
             ],
         )),
@@ -229,6 +232,8 @@ struct Net {
     dead: std::collections::HashMap<i64, Option<Vec<u8>>>,
     attempts: std::collections::HashMap<(String, i64), Vec<u8>>,
     raw: std::collections::HashMap<String, Option<(i64, Vec<u8>)>>,
+    /// The archive time each raw message deleted was read at: only that archive goes.
+    raw_deleted_at: std::collections::HashMap<String, i64>,
     subscriptions: std::collections::HashMap<String, Option<String>>,
     /// Keyed row (`store::rows`; the table is named for the mailbox index, its first
     /// user) → (group, written at, body), or deleted.
@@ -336,9 +341,16 @@ impl Net {
         self.flush_attempts(out);
         let (puts, deletes) = split(std::mem::take(&mut self.raw));
         if !deletes.is_empty() {
+            let deleted_at = std::mem::take(&mut self.raw_deleted_at);
+            let at: Vec<i64> = deletes
+                .iter()
+                .map(|sha| deleted_at.get(sha).copied().unwrap_or(0))
+                .collect();
+            // A message archived again since the purge read it is newer, and stays.
             out.push((
-                "DELETE FROM raw_messages WHERE sha256 = ANY($1)",
-                vec![Box::new(deletes)],
+                "DELETE FROM raw_messages r USING unnest($1::text[], $2::bigint[]) AS x(s, a) \
+                 WHERE r.sha256 = x.s AND r.archived_at = x.a",
+                vec![Box::new(deletes), Box::new(at)],
             ));
         }
         if !puts.is_empty() {
@@ -455,7 +467,7 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             Op::PutAttempt(subscription, key, body) => {
                 net.attempts.insert((subscription.clone(), signed(*key)?), body.clone());
             }
-            Op::TrimAttempts(..) | Op::DeleteAttemptsOf(_) => {
+            Op::TrimAttempts(..) | Op::TrimAttemptsThrough(..) | Op::DeleteAttemptsOf(_) => {
                 // Range writes see every attempt put before them, and none after.
                 net.flush_attempts(&mut out);
                 out.extend(range_statement(op)?);
@@ -463,9 +475,14 @@ fn batched(ops: &[&Op]) -> Result<(Vec<Statement>, u64), StoreError> {
             Op::PutRaw(sha256, at, message) => {
                 net.raw.insert(sha256.clone(), Some((*at, message.clone())));
             }
-            Op::DeleteRaw(_, sha256) => {
-                net.raw.insert(sha256.clone(), None);
-            }
+            Op::DeleteRaw(at, sha256) => match net.raw.get(sha256) {
+                // Archived again in this commit: it stays.
+                Some(Some((put_at, _))) if put_at != at => {}
+                _ => {
+                    net.raw.insert(sha256.clone(), None);
+                    net.raw_deleted_at.insert(sha256.clone(), *at);
+                }
+            },
             Op::PutSubscription(uid, namespace) => {
                 net.subscriptions.insert(uid.clone(), Some(namespace.clone()));
             }

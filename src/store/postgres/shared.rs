@@ -289,7 +289,6 @@ pub(super) async fn ingest(
     let mut raws = Vec::new();
     for (b, batch) in batches.iter().enumerate() {
         let mut out = Vec::with_capacity(batch.items.len());
-        let mut new_any = false;
         for (i, item) in batch.items.iter().enumerate() {
             if let Some(p) = &item.producer {
                 let new = first.get(p.as_str()) == Some(&(b, i)) && inserted.contains(p);
@@ -311,7 +310,6 @@ pub(super) async fn ingest(
             if let Some(leaf) = &item.audit {
                 audit.push(leaf.clone());
             }
-            new_any = true;
             if let Some(body) = &item.event {
                 event_ids.push(item.event_id.as_str());
                 event_bodies.push(body.as_slice());
@@ -327,9 +325,10 @@ pub(super) async fn ingest(
                 duplicate: false,
             });
         }
-        // The batch carries a raw message only when an event of it refers to it (and its
-        // mailbox index rows come with it): archived unless every event was a duplicate.
-        if new_any && let Some(raw) = &batch.raw {
+        // The batch carries a raw message only when an event of it refers to it, and its
+        // mailbox index rows come with it: archived (again) even when every event was a
+        // duplicate, so that the index never names a message that is not there.
+        if let Some(raw) = &batch.raw {
             raws.push(raw);
         }
         outcomes.push(out);
