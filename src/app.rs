@@ -348,6 +348,16 @@ fn wiring(base: &Base, core: &Core) -> anyhow::Result<controller::Wiring> {
             qps: config.kube.kube_api_qps,
             burst: config.kube.kube_api_burst,
         },
+        audit_key: config
+            .audit
+            .audit_key_configmap
+            .clone()
+            .map(|name| controller::audit_key::Published {
+                namespace: lease_namespace(config),
+                name,
+                vkey: core.audit.key().vkey().to_string(),
+                origin: core.audit.key().origin().to_string(),
+            }),
         filter_budget: crate::route::FilterBudget {
             max_regexes: config.filters.filter_max_regexes,
             max_regex_bytes: config.filters.filter_max_regex_bytes,

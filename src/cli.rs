@@ -666,6 +666,12 @@ pub struct AuditArgs {
     /// How often a checkpoint of the log is signed, when the log grew.
     #[arg(long, env = "MAILHOOK_AUDIT_CHECKPOINT_INTERVAL", default_value = "60s", value_parser = period_arg)]
     pub audit_checkpoint_interval: std::time::Duration,
+
+    /// A ConfigMap (in the operator's namespace, that of the leader Lease) on which the
+    /// leader publishes the checkpoints' verifier key (`data.vkey`) and the log's origin
+    /// (`data.origin`); none when not given.
+    #[arg(long, env = "MAILHOOK_AUDIT_KEY_CONFIGMAP")]
+    pub audit_key_configmap: Option<String>,
 }
 
 /// Logging.

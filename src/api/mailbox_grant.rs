@@ -116,6 +116,15 @@ pub struct MailboxGrantStatus {
     /// WebhookSubscriptions that receive events through this grant.
     #[serde(default)]
     pub subscriptions: u32,
+
+    /// The audit log index of the act of custody that recorded the grant as it is now
+    /// (created, or last changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_index: Option<u64>,
+
+    /// The `metadata.generation` that `logIndex` recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logged_generation: Option<i64>,
 }
 
 impl PayloadMode {

@@ -221,9 +221,11 @@ pub async fn run(ctx: Arc<Context>, client: Client, shutdown: CancellationToken)
     };
     let writes = async {
         let mut written: HashMap<String, MailboxGrantStatus> = HashMap::new();
+        let mut custody = Custody::default();
         loop {
             statuses.notified().await;
-            write_statuses(&ctx, &grants, &mut written).await;
+            record_custody(&ctx, &grants, &mut custody).await;
+            write_statuses(&ctx, &grants, &mut written, &custody).await;
         }
     };
     tokio::select! {
@@ -260,12 +262,110 @@ fn pass(ctx: &Arc<Context>, grants: &reflector::Store<MailboxGrant>, namespaces:
     ctx.grants_synced.send_replace(true);
 }
 
+/// What the leader recorded of grants in the audit log, for status.
+#[derive(Default)]
+struct Custody {
+    /// By (uid, generation): the log index of its record.
+    recorded: HashMap<(String, i64), u64>,
+}
+
+/// What the audit log says of a grant created or changed.
+fn custody_detail(spec: &MailboxGrantSpec) -> String {
+    serde_json::json!({
+        "namespaces": spec.namespaces,
+        "namespaceSelector": spec.namespace_selector,
+        "mailboxes": spec.mailboxes,
+        "domains": spec.domains,
+        "eventTypes": spec.event_types,
+        "maxPayloadMode": spec.max_payload_mode,
+        "rawMessageLinks": spec.raw_message_links,
+    })
+    .to_string()
+}
+
+/// Records in the audit log, on the leader, each grant created or changed (once per
+/// generation, as the store remembers) and each deleted: who may see which mail is part
+/// of the chain of custody. Kubernetes does not tell the operator who made a change: the
+/// record names the grant, and the apiserver's audit log names the user.
+async fn record_custody(ctx: &Context, grants: &reflector::Store<MailboxGrant>, custody: &mut Custody) {
+    const KIND: &str = "mailboxgrants";
+    if !ctx.leadership.is_leader() {
+        return;
+    }
+    let Some(known) = super::custody::logged(ctx, KIND).await else {
+        return;
+    };
+    let all = grants.state();
+    let now = jiff::Timestamp::now();
+    let trail = ctx.deliveries.audit();
+    let mut records = Vec::new();
+    for grant in &all {
+        let (name, uid) = (grant.name_any(), grant.uid().unwrap_or_default());
+        let generation = grant.metadata.generation.unwrap_or(0);
+        match known.get(&uid) {
+            Some(l) if l.generation == generation => {
+                custody.recorded.insert((uid, generation), l.index);
+            }
+            last => {
+                let action = if last.is_some() {
+                    "mailbox-grant.changed"
+                } else {
+                    "mailbox-grant.created"
+                };
+                records.push((uid, Some(generation), name, action, custody_detail(&grant.spec)));
+            }
+        }
+    }
+    let present: std::collections::HashSet<String> = all.iter().filter_map(|g| g.uid()).collect();
+    for (uid, l) in &known {
+        if !present.contains(uid) {
+            records.push((
+                uid.clone(),
+                None,
+                l.name.clone(),
+                "mailbox-grant.deleted",
+                String::new(),
+            ));
+        }
+    }
+    for (uid, generation, name, action, detail) in records {
+        let record = crate::audit::Record::Custody {
+            action: action.into(),
+            subject: format!("MailboxGrant/{name}"),
+            by: "kubernetes (the apiserver's audit log names the user)".into(),
+            at: now,
+            detail,
+        };
+        let index = match super::custody::append(&trail, record).await {
+            Ok(index) => index,
+            Err(err) => {
+                warn!(grant = name, %err, "cannot record the grant in the audit log; will retry");
+                continue;
+            }
+        };
+        info!(grant = name, index, action, "audit log: grant recorded");
+        let last = generation.map(|generation| super::custody::Logged {
+            generation,
+            index,
+            name: name.clone(),
+        });
+        if let Err(err) = super::custody::remember(ctx, KIND, &uid, last.as_ref()).await {
+            warn!(grant = name, %err, "cannot remember the grant's record; it may be recorded again");
+        }
+        if let Some(generation) = generation {
+            custody.recorded.insert((uid, generation), index);
+        }
+    }
+    custody.recorded.retain(|(uid, _), _| present.contains(uid));
+}
+
 /// Writes the statuses that changed: what each grant covers and how many subscriptions
 /// receive through it.
 async fn write_statuses(
     ctx: &Context,
     grants: &reflector::Store<MailboxGrant>,
     written: &mut HashMap<String, MailboxGrantStatus>,
+    custody: &Custody,
 ) {
     let recorded = ctx.state.lock().grants.clone();
     let counts = ctx.grant_users();
@@ -285,13 +385,18 @@ async fn write_statuses(
             .cloned()
             .or_else(|| grant.status.clone())
             .unwrap_or_default();
-        let desired = grant_status(
+        let mut desired = grant_status(
             &previous,
             &grant.spec,
             state,
             counts.get(&name).copied().unwrap_or(0),
             &now,
         );
+        let generation = grant.metadata.generation.unwrap_or(0);
+        if let Some(index) = custody.recorded.get(&(grant.uid().unwrap_or_default(), generation)) {
+            desired.log_index = Some(*index);
+            desired.logged_generation = Some(generation);
+        }
         if grant.status.as_ref() == Some(&desired) || written.get(&name) == Some(&desired) {
             continue;
         }

@@ -22,6 +22,9 @@ use super::conditions::{self, Desired, READY, Status};
 use crate::api::{CONFIRM_RELEASE, HOLD_FINALIZER, HeldRecords, LegalHold, LegalHoldSpec, LegalHoldStatus};
 use crate::route::{CompiledHold, HoldSet};
 
+/// The custody records of holds are kept under this kind (`custody`).
+const KIND: &str = "legalholds";
+
 /// The annotation naming who released a hold, written to the audit log with the release.
 pub const RELEASED_BY: &str = "mailhook.io/released-by";
 
@@ -204,14 +207,12 @@ struct Memory {
     /// The last spec of each hold (by uid) that compiled: an edit that does not compile
     /// leaves it in force.
     last_valid: HashMap<String, Arc<CompiledHold>>,
-    /// Custody recorded here, by (uid, generation): the status write that carries its
-    /// index may fail, and the next pass must not record it twice.
-    recorded: HashMap<(String, i64), u64>,
     /// Releases recorded here, by uid: the finalizer's removal may fail and be retried.
     released: HashMap<String, u64>,
-    /// Holds in force seen by this leader, by uid: one that disappears without a
-    /// recorded release is recorded as removed.
-    seen: HashMap<String, String>,
+    /// Who released each hold whose confirmed release this leader saw, by uid: one that
+    /// goes before its release is recorded here was let go by another operator sharing
+    /// the cluster.
+    confirmed: HashMap<String, String>,
     written: HashMap<String, LegalHoldStatus>,
 }
 
@@ -282,9 +283,13 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
     ctx.router.set_holds(HoldSet::new(set));
     if !ctx.leadership.is_leader() {
         memory.written.clear();
-        memory.seen.clear();
+        memory.confirmed.clear();
         return;
     }
+    // What this operator's log recorded of each hold, kept in its store.
+    let Some(mut known) = super::custody::logged(ctx, KIND).await else {
+        return;
+    };
     let now = jiff::Timestamp::now();
     let kept = kept_by_hold(ctx, now);
     let trail = ctx.deliveries.audit();
@@ -295,57 +300,56 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
         let status = hold.status.clone().unwrap_or_default();
         let held = kept.as_ref().map(|k| k.get(&name).copied().unwrap_or_default());
         let valid = !invalid.contains_key(&uid);
-        let placed = status.log_index.is_some() || memory.last_valid.contains_key(&uid);
+        let placed = known.contains_key(&uid) || status.log_index.is_some() || memory.last_valid.contains_key(&uid);
         // Placed or changed: an act of custody, once per generation in force (an edit that
         // does not compile changes nothing that is held).
-        let mut logged = status.log_index.zip(status.logged_generation);
-        if valid && status.logged_generation != Some(generation) {
-            let index = match memory.recorded.get(&(uid.clone(), generation)) {
-                Some(index) => Some(*index),
-                None => {
-                    let action = if status.log_index.is_some() {
-                        "legal-hold.changed"
-                    } else {
-                        "legal-hold.placed"
-                    };
-                    let record = crate::audit::Record::Custody {
-                        action: action.into(),
-                        subject: format!("LegalHold/{name}"),
-                        by: hold.spec.requested_by.clone(),
-                        at: now,
-                        detail: custody_detail(&hold.spec),
-                    };
-                    match append(&trail, record).await {
-                        Ok(index) => {
-                            info!(hold = name, index, action, "audit log: legal hold recorded");
-                            memory.recorded.insert((uid.clone(), generation), index);
-                            Some(index)
-                        }
-                        Err(err) => {
-                            warn!(hold = name, %err, "cannot record the legal hold in the audit log; will retry");
-                            None
-                        }
-                    }
-                }
+        let mut logged = known.get(&uid).map(|l| (l.index, l.generation));
+        if valid && known.get(&uid).map(|l| l.generation) != Some(generation) {
+            let action = if known.contains_key(&uid) {
+                "legal-hold.changed"
+            } else {
+                "legal-hold.placed"
             };
-            if let Some(index) = index {
-                logged = Some((index, generation));
+            let record = crate::audit::Record::Custody {
+                action: action.into(),
+                subject: format!("LegalHold/{name}"),
+                by: hold.spec.requested_by.clone(),
+                at: now,
+                detail: custody_detail(&hold.spec),
+            };
+            match super::custody::append(&trail, record).await {
+                Ok(index) => {
+                    info!(hold = name, index, action, "audit log: legal hold recorded");
+                    let last = super::custody::Logged {
+                        generation,
+                        index,
+                        name: name.clone(),
+                    };
+                    if let Err(err) = super::custody::remember(ctx, KIND, &uid, Some(&last)).await {
+                        warn!(hold = name, %err, "cannot remember the hold's record; it may be recorded again");
+                    }
+                    known.insert(uid.clone(), last);
+                    logged = Some((index, generation));
+                }
+                Err(err) => warn!(hold = name, %err, "cannot record the legal hold in the audit log; will retry"),
             }
         }
-        if placed {
-            memory.seen.insert(uid.clone(), name.clone());
+        let released_by = hold
+            .annotations()
+            .get(RELEASED_BY)
+            .cloned()
+            .unwrap_or_else(|| format!("not named (no {RELEASED_BY} annotation)"));
+        let going = release(hold, placed);
+        if placed && going == Release::Go {
+            memory.confirmed.insert(uid.clone(), released_by.clone());
         }
-        match release(hold, placed) {
+        match going {
             Release::Go => {
                 let recorded = match memory.released.get(&uid) {
                     Some(index) => Ok(*index),
                     None if !placed => Ok(0),
                     None => {
-                        let by = hold
-                            .annotations()
-                            .get(RELEASED_BY)
-                            .cloned()
-                            .unwrap_or_else(|| format!("not named (no {RELEASED_BY} annotation)"));
+                        let by = released_by.clone();
                         let held = held.unwrap_or(status.held);
                         let record = crate::audit::Record::Custody {
                             action: "legal-hold.released".into(),
@@ -357,7 +361,7 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
                                 held.raw_messages, held.raw_message_bytes, held.attempts, held.dead_letters
                             ),
                         };
-                        append(&trail, record).await
+                        super::custody::append(&trail, record).await
                     }
                 };
                 // Recorded before the finalizer goes: a release is never unlogged.
@@ -366,6 +370,10 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
                         if placed && !memory.released.contains_key(&uid) {
                             info!(hold = name, index, "audit log: legal hold released");
                             memory.released.insert(uid.clone(), index);
+                            if let Err(err) = super::custody::remember(ctx, KIND, &uid, None).await {
+                                warn!(hold = name, %err, "cannot forget the released hold's record");
+                            }
+                            known.remove(&uid);
                         }
                         match remove_finalizer(client, hold).await {
                             Ok(()) => {}
@@ -403,53 +411,59 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
             Err(err) => warn!(hold = name, %err, "cannot write LegalHold status; will retry"),
         }
     }
-    // A hold in force that went without a recorded release: its finalizer was removed by
-    // someone else, or it was deleted before this leader put one on. Said in the log.
+    // A hold this log recorded that went before its release was recorded here: let go by
+    // another operator sharing the cluster once confirmed, or removed without a confirmed
+    // release (its finalizer taken off by hand). Said in the log.
     let present: std::collections::HashSet<String> = all.iter().filter_map(|h| h.uid()).collect();
-    let vanished: Vec<(String, String)> = memory
-        .seen
+    let vanished: Vec<(String, String)> = known
         .iter()
         .filter(|(uid, _)| !present.contains(*uid) && !memory.released.contains_key(*uid))
-        .map(|(u, n)| (u.clone(), n.clone()))
+        .map(|(u, l)| (u.clone(), l.name.clone()))
         .collect();
     for (uid, name) in vanished {
-        let record = crate::audit::Record::Custody {
-            action: "legal-hold.removed".into(),
-            subject: format!("LegalHold/{name}"),
-            by: "unknown".into(),
-            at: now,
-            detail: "removed without a confirmed release: its finalizer was taken off by someone other than mailhook"
-                .into(),
+        let confirmed = memory.confirmed.get(&uid).cloned();
+        let record = match confirmed.clone() {
+            Some(by) => crate::audit::Record::Custody {
+                action: "legal-hold.released".into(),
+                subject: format!("LegalHold/{name}"),
+                by,
+                at: now,
+                detail: "confirmed, and let go by another operator sharing the cluster".into(),
+            },
+            None => crate::audit::Record::Custody {
+                action: "legal-hold.removed".into(),
+                subject: format!("LegalHold/{name}"),
+                by: "unknown".into(),
+                at: now,
+                detail:
+                    "removed without a release confirmed to this operator: its finalizer was taken off by someone else"
+                        .into(),
+            },
         };
-        match append(&trail, record).await {
+        match super::custody::append(&trail, record).await {
             Ok(index) => {
-                warn!(
-                    hold = name,
-                    index, "a LegalHold was removed without a confirmed release; recorded in the audit log"
-                );
-                memory.seen.remove(&uid);
+                if confirmed.is_some() {
+                    info!(hold = name, index, "audit log: legal hold released");
+                } else {
+                    warn!(
+                        hold = name,
+                        index, "a LegalHold was removed without a confirmed release; recorded in the audit log"
+                    );
+                }
+                if let Err(err) = super::custody::remember(ctx, KIND, &uid, None).await {
+                    warn!(hold = name, %err, "cannot forget the removed hold's record");
+                }
             }
-            Err(err) => warn!(hold = name, %err, "cannot record the removal of a legal hold; will retry"),
+            Err(err) => warn!(hold = name, %err, "cannot record the end of a legal hold; will retry"),
         }
     }
     memory.released.retain(|uid, _| present.contains(uid));
     memory
-        .seen
-        .retain(|uid, _| present.contains(uid) || !memory.released.contains_key(uid));
-    memory.recorded.retain(|(uid, _), _| present.contains(uid));
+        .confirmed
+        .retain(|uid, _| present.contains(uid) || known.contains_key(uid));
     memory
         .written
         .retain(|name, _| all.iter().any(|h| &h.name_any() == name));
-}
-
-async fn append(trail: &Arc<dyn crate::store::AuditTrail>, record: crate::audit::Record) -> Result<u64, String> {
-    let trail = trail.clone();
-    match tokio::task::spawn_blocking(move || trail.audit_append(&record)).await {
-        Ok(Ok(Some(index))) => Ok(index),
-        Ok(Ok(None)) => Err("the store keeps no audit log".into()),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(err) => Err(err.to_string()),
-    }
 }
 
 async fn add_finalizer(client: &Client, hold: &LegalHold) -> Result<(), kube::Error> {

@@ -3,7 +3,9 @@
 //! inbound adapter (from Kubernetes): depends on the core and the shared `handles`, never
 //! on another adapter.
 
+pub mod audit_key;
 pub mod conditions;
+pub mod custody;
 pub mod filter;
 pub mod grant;
 pub mod hold;
@@ -825,6 +827,8 @@ pub struct Wiring {
     pub build: subscription::BuildSettings,
     pub api_budget: ApiBudget,
     pub filter_budget: FilterBudget,
+    /// Where the leader publishes the audit log's verifier key, if anywhere.
+    pub audit_key: Option<audit_key::Published>,
 }
 
 /// Runs both controllers for every scope in `scopes` (a namespace, or None for all
@@ -866,6 +870,7 @@ pub async fn run(
         .collect();
 
     let (activity, mail_source_selector) = (wiring.activity.clone(), wiring.mail_source_selector.clone());
+    let audit_key = wiring.audit_key.clone();
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
         instance: std::env::var("POD_NAME").ok(),
@@ -942,6 +947,7 @@ pub async fn run(
     let writer = status::run(ctx.clone(), shutdown.clone());
     let grants = grant::run(ctx.clone(), client.clone(), shutdown.clone());
     let holds = hold::run(ctx.clone(), client.clone(), shutdown.clone());
+    let published = audit_key.map(|key| audit_key::run(client.clone(), ctx.leadership.clone(), key, shutdown.clone()));
     let mail_sources = mail_source::run(
         ctx.clone(),
         client.clone(),
@@ -994,6 +1000,9 @@ pub async fn run(
     tasks.spawn(routes);
     tasks.spawn(grants);
     tasks.spawn(holds);
+    if let Some(published) = published {
+        tasks.spawn(published);
+    }
     tasks.spawn(mail_sources);
     while let Some(done) = tasks.join_next().await {
         // A panic goes on up as it did when the parts were joined in one task.

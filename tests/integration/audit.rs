@@ -74,10 +74,34 @@ async fn deliveries_are_proven_to_go_verifiers_and_the_log_stays_consistent_acro
             &key_file.display().to_string(),
             "--audit-checkpoint-interval",
             "1s",
+            "--audit-key-configmap",
+            "mailhook-audit-key",
+            "--leader-lease-namespace",
+            &ns.name,
         ],
     )
     .await;
     apply_siem(&ns, &receiver.url("/hooks"), "");
+    // The verifier key is where cluster users look, too.
+    let published = eventually(
+        "the verifier key is published on its ConfigMap",
+        || async {
+            ns.api::<k8s_openapi::api::core::v1::ConfigMap>()
+                .get_opt("mailhook-audit-key")
+                .await
+                .ok()
+                .flatten()
+        },
+        |cm| cm.is_some(),
+    )
+    .await
+    .and_then(|cm| cm.data)
+    .unwrap_or_default();
+    assert_eq!(published.get("vkey"), Some(&vkey_made), "{published:?}");
+    assert_eq!(
+        published.get("origin").map(String::as_str),
+        Some("test.mailhook.example/audit")
+    );
     wait_ready(&ns, "siem").await;
     let (status, body) = operator.ingest(&[siem_event("audit-1"), siem_event("audit-2")]).await;
     assert_eq!(status, 202, "{body}");

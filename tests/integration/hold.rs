@@ -24,16 +24,18 @@ fn sha256_hex(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_hold_is_released() {
     let ns = TestNamespace::ungranted("hold").await;
+    // Mailboxes of this run only: a hold another run left behind holds nothing here.
+    let [held, free, quiet] = ["held", "free", "quiet"].map(|m| format!("{m}.{}@contoso.com", ns.name));
     // Links for two mailboxes; the third is granted without them, so only the hold
     // archives its raw message.
     ns.grant(
         &format!("{}-links", ns.name),
-        r#"{"mailboxes": ["held@contoso.com", "free@contoso.com"], "maxPayloadMode": "full", "rawMessageLinks": true}"#,
+        &format!(r#"{{"mailboxes": ["{held}", "{free}"], "maxPayloadMode": "full", "rawMessageLinks": true}}"#),
     )
     .await;
     ns.grant(
         &format!("{}-nolinks", ns.name),
-        r#"{"mailboxes": ["quiet@contoso.com"], "maxPayloadMode": "full"}"#,
+        &format!(r#"{{"mailboxes": ["{quiet}"], "maxPayloadMode": "full"}}"#),
     )
     .await;
     let dir = std::env::temp_dir().join(format!("mailhook-hold-{}", ns.name));
@@ -78,7 +80,7 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
         "apiVersion": "mailhook.io/v1alpha1", "kind": "LegalHold",
         "metadata": {"name": hold_name},
         "spec": {
-            "mailboxes": ["held@contoso.com", "Quiet@Contoso.com"],
+            "mailboxes": [held, quiet.to_uppercase()],
             "reason": "Matter 2026-114: preserve the finance mailboxes",
             "requestedBy": "legal@contoso.com"
         }
@@ -101,7 +103,10 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     )
     .await
     .expect("hold");
-    let placed_index = placed.status.as_ref().and_then(|s| s.log_index).expect("log index");
+    assert!(placed.status.as_ref().and_then(|s| s.log_index).is_some());
+    // Every operator on the cluster records the hold in its own log (others may run beside
+    // this test): this one's index is in its own log.
+    let placed_index = logged_index(&operator.log(), "audit log: legal hold recorded", &hold_name);
 
     // A CR that names no mailbox is refused by the apiserver, naming the fix.
     let (ok, _, err) = crate::support::kubectl_run(
@@ -116,7 +121,7 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
         "{err}"
     );
 
-    for to in ["held@contoso.com", "free@contoso.com", "quiet@contoso.com"] {
+    for to in [&held, &free, &quiet] {
         let (ok, out) = crate::smtp::swaks_mail(
             smtp,
             "partner@fabrikam.com",
@@ -139,19 +144,19 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
             .find(|j| j["data"]["mailbox"] == mailbox)
             .unwrap_or_else(|| panic!("no delivery for {mailbox}"))
     };
-    let held_sha = by_mailbox("held@contoso.com")["data"]["rawMessage"]["sha256"]
+    let held_sha = by_mailbox(&held)["data"]["rawMessage"]["sha256"]
         .as_str()
         .expect("held link")
         .to_string();
-    let free_sha = by_mailbox("free@contoso.com")["data"]["rawMessage"]["sha256"]
+    let free_sha = by_mailbox(&free)["data"]["rawMessage"]["sha256"]
         .as_str()
         .expect("free link")
         .to_string();
     assert!(
-        by_mailbox("quiet@contoso.com")["data"].get("rawMessage").is_none(),
+        by_mailbox(&quiet)["data"].get("rawMessage").is_none(),
         "no link without a grant for it"
     );
-    let held_event = by_mailbox("held@contoso.com")["data"]["eventId"]
+    let held_event = by_mailbox(&held)["data"]["eventId"]
         .as_str()
         .expect("event id")
         .to_string();
@@ -223,7 +228,7 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     let (status, custody, bytes) = fetch(held_sha.clone()).await;
     assert_eq!(status, 200);
     assert_eq!(sha256_hex(&bytes), held_sha, "the archived bytes are the message's");
-    assert!(String::from_utf8_lossy(&bytes).contains("Quarterly figures for held@contoso.com"));
+    assert!(String::from_utf8_lossy(&bytes).contains(&format!("Quarterly figures for {held}")));
     let custody = custody.expect("the fetch is recorded in the audit log");
 
     // The audit records stay too: the event's acceptance and delivery, the placement and
@@ -241,7 +246,23 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     assert!(ok, "{err}");
     let evidence: Value = serde_json::from_str(&out).expect("evidence");
     assert!(evidence["inclusion"].as_array().is_some_and(|a| a.len() >= 2), "{out}");
-    for (index, action) in [(placed_index, "legal-hold.placed"), (custody, "raw-message.fetch")] {
+    // Who may see which mail is in the chain of custody too: each grant is recorded.
+    let grant_name = format!("{}-links", ns.name);
+    eventually(
+        "the grant's creation is recorded",
+        || async { operator.log() },
+        |log| {
+            log.lines()
+                .any(|l| l.contains("audit log: grant recorded") && l.contains(&grant_name))
+        },
+    )
+    .await;
+    let grant_index = logged_index(&operator.log(), "audit log: grant recorded", &grant_name);
+    for (index, action) in [
+        (placed_index, "legal-hold.placed"),
+        (custody, "raw-message.fetch"),
+        (grant_index, "mailbox-grant.created"),
+    ] {
         let record = custody_record(&admin, &tokens, index);
         assert_eq!(record["action"], action, "{record}");
     }
@@ -355,4 +376,16 @@ fn custody_record(admin: &str, tokens: &std::path::Path, index: u64) -> Value {
         .decode(record)
         .expect("base64");
     serde_json::from_slice(&bytes).expect("record json")
+}
+
+/// The `index` field of the operator's log line saying `message` about `name`.
+fn logged_index(log: &str, message: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains(message) && l.contains(name))
+        .unwrap_or_else(|| panic!("no {message:?} for {name} in the log:\n{log}"));
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("index="))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no index in {line}"))
 }
