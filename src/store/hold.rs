@@ -86,6 +86,14 @@ pub(crate) fn raw_index_ops(sha256: &str, size: usize, at: i64, mailboxes: &[Str
     super::rows::ops(raw_index_rows(sha256, size, at, mailboxes))
 }
 
+/// The writes that archive `raw` at `at` for events of `mailboxes`: the message and its
+/// mailbox index, in one commit with them.
+pub(crate) fn archive_ops(raw: super::RawMessage, at: i64, mailboxes: &[String]) -> Result<Vec<Op>, StoreError> {
+    let mut ops = raw_index_ops(&raw.sha256, raw.bytes.len(), at, mailboxes)?;
+    ops.push(Op::PutRaw(raw.sha256, at, raw.bytes));
+    Ok(ops)
+}
+
 /// The writes that delete the raw messages archived before `before` that no hold keeps
 /// (with their index rows); what holds keep is counted in `kept`.
 pub(crate) fn purge_raw_ops(

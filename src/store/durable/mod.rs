@@ -250,13 +250,7 @@ impl DurableStore {
             }
         }
         if let Some(raw) = raw.filter(|_| archive) {
-            ops.extend(super::hold::raw_index_ops(
-                &raw.sha256,
-                raw.bytes.len(),
-                now.as_second(),
-                &mailboxes,
-            )?);
-            ops.push(Op::PutRaw(raw.sha256, now.as_second(), raw.bytes));
+            ops.extend(super::hold::archive_ops(raw, now.as_second(), &mailboxes)?);
         }
         ops.extend(extra);
         if let Err(err) = self.send(ops, true) {
