@@ -16,6 +16,9 @@ pub struct Logged {
     pub generation: i64,
     pub index: u64,
     pub name: String,
+    /// The spec recorded (a LegalHold's: the one in force until another compiles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<serde_json::Value>,
 }
 
 fn group(kind: &str) -> String {

@@ -348,6 +348,7 @@ async fn record_custody(ctx: &Context, grants: &reflector::Store<MailboxGrant>, 
             generation,
             index,
             name: name.clone(),
+            spec: None,
         });
         if let Err(err) = super::custody::remember(ctx, KIND, &uid, last.as_ref()).await {
             warn!(grant = name, %err, "cannot remember the grant's record; it may be recorded again");

@@ -162,8 +162,7 @@ fn custody_detail(spec: &LegalHoldSpec) -> String {
 /// Adds up the figures each replica left (`delivery::housekeeping::report_kept`), skipping
 /// (and deleting) those of replicas that stopped reporting. None when they cannot be read
 /// or none is fresh yet: status keeps the last figures.
-fn kept_by_hold(ctx: &Context, now: jiff::Timestamp) -> Option<BTreeMap<String, HeldRecords>> {
-    let store = ctx.deliveries.rows();
+fn kept_by_hold(store: &dyn crate::store::Rows, now: jiff::Timestamp) -> Option<BTreeMap<String, HeldRecords>> {
     let group = crate::delivery::kept_group();
     let rows = match store.rows(&group, b"") {
         Ok(rows) => rows,
@@ -259,6 +258,12 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
     let all = holds.state();
     // Every replica holds: the current spec of each hold, or the last one that compiled.
     // A hold waiting for its release confirmation still holds.
+    // What this operator's log recorded of each hold, kept in its store, with the spec in
+    // force then: an edit that does not compile leaves that spec in force, on every
+    // replica and after a restart.
+    let Some(mut known) = super::custody::logged(ctx, KIND).await else {
+        return;
+    };
     let mut invalid: HashMap<String, String> = HashMap::new();
     let mut set = Vec::new();
     for h in &all {
@@ -271,8 +276,13 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
             }
             Err(e) => {
                 invalid.insert(uid.clone(), e.to_string());
-                if let Some(c) = memory.last_valid.get(&uid) {
-                    set.push(c.clone());
+                let recorded = || {
+                    let spec: LegalHoldSpec = serde_json::from_value(known.get(&uid)?.spec.clone()?).ok()?;
+                    CompiledHold::compile(&h.name_any(), &spec).ok().map(Arc::new)
+                };
+                if let Some(c) = memory.last_valid.get(&uid).cloned().or_else(recorded) {
+                    memory.last_valid.insert(uid.clone(), c.clone());
+                    set.push(c);
                 }
             }
         }
@@ -286,12 +296,13 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
         memory.confirmed.clear();
         return;
     }
-    // What this operator's log recorded of each hold, kept in its store.
-    let Some(mut known) = super::custody::logged(ctx, KIND).await else {
-        return;
-    };
     let now = jiff::Timestamp::now();
-    let kept = kept_by_hold(ctx, now);
+    // The store's reads and writes wait for commits: off the async workers.
+    let rows = ctx.deliveries.rows();
+    let kept = tokio::task::spawn_blocking(move || kept_by_hold(rows.as_ref(), now))
+        .await
+        .ok()
+        .flatten();
     let trail = ctx.deliveries.audit();
     for hold in &all {
         let name = hold.name_any();
@@ -304,7 +315,7 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
         // Placed or changed: an act of custody, once per generation in force (an edit that
         // does not compile changes nothing that is held).
         let mut logged = known.get(&uid).map(|l| (l.index, l.generation));
-        if valid && known.get(&uid).map(|l| l.generation) != Some(generation) {
+        if valid && !memory.released.contains_key(&uid) && known.get(&uid).map(|l| l.generation) != Some(generation) {
             let action = if known.contains_key(&uid) {
                 "legal-hold.changed"
             } else {
@@ -324,6 +335,7 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
                         generation,
                         index,
                         name: name.clone(),
+                        spec: serde_json::to_value(&hold.spec).ok(),
                     };
                     if let Err(err) = super::custody::remember(ctx, KIND, &uid, Some(&last)).await {
                         warn!(hold = name, %err, "cannot remember the hold's record; it may be recorded again");
@@ -369,11 +381,8 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
                     Ok(index) => {
                         if placed && !memory.released.contains_key(&uid) {
                             info!(hold = name, index, "audit log: legal hold released");
+                            // Its record is forgotten once the object is gone.
                             memory.released.insert(uid.clone(), index);
-                            if let Err(err) = super::custody::remember(ctx, KIND, &uid, None).await {
-                                warn!(hold = name, %err, "cannot forget the released hold's record");
-                            }
-                            known.remove(&uid);
                         }
                         match remove_finalizer(client, hold).await {
                             Ok(()) => {}
@@ -400,7 +409,9 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
             logged,
         };
         let desired = hold_status(&previous, hold, &state, held, &Time(now));
-        if hold.status.as_ref() == Some(&desired) || memory.written.get(&name) == Some(&desired) {
+        // Written again whenever the object shows otherwise (another operator sharing the
+        // cluster may have written its own figures).
+        if hold.status.as_ref() == Some(&desired) {
             continue;
         }
         ctx.api_limiter.until_ready().await;
@@ -417,10 +428,17 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
     let present: std::collections::HashSet<String> = all.iter().filter_map(|h| h.uid()).collect();
     let vanished: Vec<(String, String)> = known
         .iter()
-        .filter(|(uid, _)| !present.contains(*uid) && !memory.released.contains_key(*uid))
+        .filter(|(uid, _)| !present.contains(*uid))
         .map(|(u, l)| (u.clone(), l.name.clone()))
         .collect();
     for (uid, name) in vanished {
+        if memory.released.contains_key(&uid) {
+            // Released and recorded here: only its record goes.
+            if let Err(err) = super::custody::remember(ctx, KIND, &uid, None).await {
+                warn!(hold = name, %err, "cannot forget the released hold's record; will retry");
+            }
+            continue;
+        }
         let confirmed = memory.confirmed.get(&uid).cloned();
         let record = match confirmed.clone() {
             Some(by) => crate::audit::Record::Custody {
@@ -457,7 +475,9 @@ async fn pass(ctx: &Arc<Context>, client: &Client, holds: &reflector::Store<Lega
             Err(err) => warn!(hold = name, %err, "cannot record the end of a legal hold; will retry"),
         }
     }
-    memory.released.retain(|uid, _| present.contains(uid));
+    memory
+        .released
+        .retain(|uid, _| present.contains(uid) || known.contains_key(uid));
     memory
         .confirmed
         .retain(|uid, _| present.contains(uid) || known.contains_key(uid));

@@ -167,8 +167,12 @@ fn housekeep(deliveries: &Deliveries, settings: &Housekeeping) -> Result<(), Sto
     }
     // Deleted subscriptions whose records a hold kept: forgotten once it no longer does.
     for uid in deliveries.kept_orphans() {
-        if let Some(still) = deliveries.forget_unless_held(&uid)? {
-            crate::store::hold::add_kept(&mut kept, &still);
+        match deliveries.forget_unless_held(&uid) {
+            Ok(Some(still)) => crate::store::hold::add_kept(&mut kept, &still),
+            Ok(None) => {}
+            Err(err) => {
+                warn!(%err, subscription_uid = uid, "cannot purge a deleted subscription's records; will retry")
+            }
         }
     }
     // The store-wide part runs once: on the leader.

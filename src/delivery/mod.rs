@@ -529,15 +529,41 @@ impl Deliveries {
             return Ok(Some(crate::store::Kept::new()));
         };
         if !holds.is_empty() {
+            // On a shared store only the owner of the subscription's shard has its dead
+            // letters to judge: the others leave it to the owner (who is told of the
+            // deletion too).
+            if let Some(sharing) = self.store.sharing()
+                && !sharing.owns(shard_of(uid, sharing.shards()) as u32)
+            {
+                self.kept_orphans.lock().remove(uid);
+                return Ok(Some(crate::store::Kept::new()));
+            }
+            // What was waiting becomes dead letters first (held ones stay, the rest go),
+            // then everything is purged but what a hold keeps, sweep after sweep.
+            self.store
+                .expire(uid, jiff::Timestamp::MAX, "its WebhookSubscription was deleted")?;
             let everything = crate::store::Retention {
                 dead_letters_before: jiff::Timestamp::MAX,
                 attempts_before: jiff::Timestamp::MAX,
                 max_attempts: 0,
             };
-            let purged = self.store.purge(uid, everything, &housekeeping::HoldsInForce(holds))?;
-            if purged.kept.values().any(|k| k.attempts > 0 || k.dead_letters > 0) {
-                self.kept_orphans.lock().insert(uid.to_string());
-                return Ok(Some(purged.kept));
+            let holds = housekeeping::HoldsInForce(holds);
+            let mut kept = crate::store::Kept::new();
+            for _ in 0..100 {
+                let purged = self.store.purge(uid, everything, &holds)?;
+                kept = purged.kept;
+                if purged.attempts == 0 && purged.dead_letters == 0 {
+                    break;
+                }
+            }
+            if kept.values().any(|k| k.attempts > 0 || k.dead_letters > 0) {
+                if self.kept_orphans.lock().insert(uid.to_string()) {
+                    tracing::info!(
+                        subscription_uid = uid,
+                        "kept what a LegalHold keeps of a deleted subscription (its other work is gone)"
+                    );
+                }
+                return Ok(Some(kept));
             }
         }
         self.store.forget_subscription(uid)?;

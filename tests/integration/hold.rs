@@ -106,6 +106,12 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     assert!(placed.status.as_ref().and_then(|s| s.log_index).is_some());
     // Every operator on the cluster records the hold in its own log (others may run beside
     // this test): this one's index is in its own log.
+    eventually(
+        "this operator recorded the hold",
+        || async { operator.log() },
+        |log| log.lines().any(|l| l.contains("audit log: legal hold recorded") && l.contains(&hold_name)),
+    )
+    .await;
     let placed_index = logged_index(&operator.log(), "audit log: legal hold recorded", &hold_name);
 
     // A CR that names no mailbox is refused by the apiserver, naming the fix.
@@ -283,6 +289,12 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     // The subscription goes; what the hold keeps of it stays.
     let (ok, _, err) = crate::support::kubectl_run(&["delete", "whs", "siem", "-n", &ns.name], None);
     assert!(ok, "{err}");
+    eventually(
+        "the deleted subscription's held records are kept",
+        || async { operator.log() },
+        |log| log.contains("kept what a LegalHold keeps of a deleted subscription"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         operator.metric(&kept("attempt")).await,
@@ -337,10 +349,12 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
         |gone| *gone,
     )
     .await;
-    assert!(
-        operator.log().contains("audit log: legal hold released"),
-        "the release is recorded"
-    );
+    eventually(
+        "the release is recorded in this operator's log",
+        || async { operator.log() },
+        |log| log.lines().any(|l| l.contains("audit log: legal hold released") && l.contains(&hold_name)),
+    )
+    .await;
     eventually(
         "the held message is purged once released",
         || fetch(held_sha.clone()),

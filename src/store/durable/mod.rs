@@ -207,6 +207,14 @@ impl DurableStore {
         {
             let mut state = lock(&self.state);
             for item in items {
+                // A raw message is archived for the events that refer to it, a duplicate's
+                // too: the pipeline counts it archived (a later chunk's events link to
+                // it), and leaves the reference only where a subscription links to it or
+                // a hold keeps it (then with no delivery at all, maybe).
+                if item.event.raw_message.is_some() {
+                    archive = true;
+                    mailboxes.push(item.event.mailbox.clone());
+                }
                 if let Some(pid) = &item.event.dedup_key() {
                     if let Some(existing) = state.producer_ids.get(pid) {
                         out.push(Appended {
@@ -230,13 +238,6 @@ impl DurableStore {
                     &body,
                     now,
                 ))));
-                // A raw message is archived for the events that refer to it: the pipeline
-                // leaves the reference only where a subscription links to it or a hold
-                // keeps it (then with no delivery at all, maybe).
-                if item.event.raw_message.is_some() {
-                    archive = true;
-                    mailboxes.push(item.event.mailbox.clone());
-                }
                 if !item.deliveries.is_empty() {
                     ops.push(Op::PutEvent(id.clone(), body));
                     cached.push(Arc::new(item.event));

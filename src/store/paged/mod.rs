@@ -363,6 +363,12 @@ impl PagedStore {
         let prepared = (|| -> Result<(), StoreError> {
             let mut state = self.state.lock();
             for (item, slot) in items.into_iter().zip(out.iter_mut()) {
+                // Archived for the events that refer to it, duplicates too (see
+                // `DurableStore`'s ingest).
+                if item.event.raw_message.is_some() {
+                    archive = true;
+                    mailboxes.push(item.event.mailbox.clone());
+                }
                 if slot.is_some() {
                     continue;
                 }
@@ -389,11 +395,6 @@ impl PagedStore {
                     &body,
                     now,
                 ))));
-                // Archived for the events that refer to it (see `DurableStore`'s ingest).
-                if item.event.raw_message.is_some() {
-                    archive = true;
-                    mailboxes.push(item.event.mailbox.clone());
-                }
                 if item.deliveries.is_empty() {
                     continue;
                 }
