@@ -109,7 +109,10 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     eventually(
         "this operator recorded the hold",
         || async { operator.log() },
-        |log| log.lines().any(|l| l.contains("audit log: legal hold recorded") && l.contains(&hold_name)),
+        |log| {
+            log.lines()
+                .any(|l| l.contains("audit log: legal hold recorded") && l.contains(&hold_name))
+        },
     )
     .await;
     let placed_index = logged_index(&operator.log(), "audit log: legal hold recorded", &hold_name);
@@ -352,7 +355,10 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     eventually(
         "the release is recorded in this operator's log",
         || async { operator.log() },
-        |log| log.lines().any(|l| l.contains("audit log: legal hold released") && l.contains(&hold_name)),
+        |log| {
+            log.lines()
+                .any(|l| l.contains("audit log: legal hold released") && l.contains(&hold_name))
+        },
     )
     .await;
     eventually(
