@@ -218,7 +218,20 @@ fn report_kept(
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
-    let body = serde_json::to_vec(&kept_json(&kept)).map_err(|e| StoreError::Failed(e.to_string()))?;
+    // As the hold controller reads it back: the figures of each hold, as status shows them.
+    let figures: std::collections::BTreeMap<&str, crate::api::HeldRecords> = kept
+        .iter()
+        .map(|(hold, k)| {
+            let figures = crate::api::HeldRecords {
+                raw_messages: k.raw_messages,
+                raw_message_bytes: k.raw_message_bytes,
+                attempts: k.attempts,
+                dead_letters: k.dead_letters,
+            };
+            (hold.as_str(), figures)
+        })
+        .collect();
+    let body = serde_json::to_vec(&figures).map_err(|e| StoreError::Failed(e.to_string()))?;
     deliveries.store.write_rows(vec![RowWrite::Put {
         group: kept_group(),
         row: crate::store::Row {
@@ -227,22 +240,4 @@ fn report_kept(
             body,
         },
     }])
-}
-
-/// `Kept` as the JSON the hold controller reads back.
-pub fn kept_json(kept: &Kept) -> serde_json::Value {
-    kept.iter()
-        .map(|(hold, k)| {
-            (
-                hold.clone(),
-                serde_json::json!({
-                    "rawMessages": k.raw_messages,
-                    "rawMessageBytes": k.raw_message_bytes,
-                    "attempts": k.attempts,
-                    "deadLetters": k.dead_letters,
-                }),
-            )
-        })
-        .collect::<serde_json::Map<_, _>>()
-        .into()
 }

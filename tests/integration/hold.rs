@@ -106,15 +106,7 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     assert!(placed.status.as_ref().and_then(|s| s.log_index).is_some());
     // Every operator on the cluster records the hold in its own log (others may run beside
     // this test): this one's index is in its own log.
-    eventually(
-        "this operator recorded the hold",
-        || async { operator.log() },
-        |log| {
-            log.lines()
-                .any(|l| l.contains("audit log: legal hold recorded") && l.contains(&hold_name))
-        },
-    )
-    .await;
+    logs(&operator, "audit log: legal hold recorded", &hold_name).await;
     let placed_index = logged_index(&operator.log(), "audit log: legal hold recorded", &hold_name);
 
     // A CR that names no mailbox is refused by the apiserver, naming the fix.
@@ -257,15 +249,7 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     assert!(evidence["inclusion"].as_array().is_some_and(|a| a.len() >= 2), "{out}");
     // Who may see which mail is in the chain of custody too: each grant is recorded.
     let grant_name = format!("{}-links", ns.name);
-    eventually(
-        "the grant's creation is recorded",
-        || async { operator.log() },
-        |log| {
-            log.lines()
-                .any(|l| l.contains("audit log: grant recorded") && l.contains(&grant_name))
-        },
-    )
-    .await;
+    logs(&operator, "audit log: grant recorded", &grant_name).await;
     let grant_index = logged_index(&operator.log(), "audit log: grant recorded", &grant_name);
     for (index, action) in [
         (placed_index, "legal-hold.placed"),
@@ -292,10 +276,10 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
     // The subscription goes; what the hold keeps of it stays.
     let (ok, _, err) = crate::support::kubectl_run(&["delete", "whs", "siem", "-n", &ns.name], None);
     assert!(ok, "{err}");
-    eventually(
-        "the deleted subscription's held records are kept",
-        || async { operator.log() },
-        |log| log.contains("kept what a LegalHold keeps of a deleted subscription"),
+    logs(
+        &operator,
+        "kept what a LegalHold keeps of a deleted subscription",
+        "subscription_uid",
     )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -352,27 +336,14 @@ async fn a_held_mailbox_keeps_its_message_and_records_past_retention_until_the_h
         |gone| *gone,
     )
     .await;
-    eventually(
-        "the release is recorded in this operator's log",
-        || async { operator.log() },
-        |log| {
-            log.lines()
-                .any(|l| l.contains("audit log: legal hold released") && l.contains(&hold_name))
-        },
-    )
-    .await;
+    logs(&operator, "audit log: legal hold released", &hold_name).await;
     eventually(
         "the held message is purged once released",
         || fetch(held_sha.clone()),
         |(status, _, _)| *status == 404,
     )
     .await;
-    eventually(
-        "the deleted subscription's held attempts are forgotten",
-        || async { operator.log() },
-        |log| log.contains("no LegalHold keeps them any more"),
-    )
-    .await;
+    logs(&operator, "no LegalHold keeps them any more", "subscription_uid").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -408,4 +379,14 @@ fn logged_index(log: &str, message: &str, name: &str) -> u64 {
         .find_map(|field| field.strip_prefix("index="))
         .and_then(|v| v.trim_matches('"').parse().ok())
         .unwrap_or_else(|| panic!("no index in {line}"))
+}
+
+/// Waits until the operator's log has a line saying `message` about `name`.
+async fn logs(operator: &Operator, message: &str, name: &str) {
+    eventually(
+        &format!("{message:?} about {name} in the operator's log"),
+        || async { operator.log() },
+        |log| log.lines().any(|l| l.contains(message) && l.contains(name)),
+    )
+    .await;
 }

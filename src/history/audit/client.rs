@@ -326,8 +326,11 @@ async fn export(
         std::fs::rename(&staging, output).with_context(|| format!("cannot move the bundle to {}", output.display()))
     });
     if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
+        // A partial bundle that cannot be removed is named, for the user to remove.
+        return Err(match std::fs::remove_dir_all(&staging) {
+            Ok(()) => e,
+            Err(left) => e.context(format!("the partial bundle {} is left: {left}", staging.display())),
+        });
     }
     let size = evidence
         .checkpoint
